@@ -1,0 +1,33 @@
+# Every target creates .venv if needed; a fresh machine needs only python3 and make.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench chaos lint corpus clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,lint]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dwcp demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x -p no:cacheprovider
+
+chaos: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q -p no:cacheprovider -m "slow or not slow" tests
+	$(BIN)/python -m bench.chaos
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.all
+
+lint: $(STAMP)
+	$(BIN)/ruff check mesh consensus federation sim bench tests
+	$(BIN)/mypy mesh consensus federation sim
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""DWCP consensus: PBFT replica, the ledger state machine, Byzantine evidence, durable log."""

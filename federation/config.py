@@ -1,0 +1,270 @@
+"""The federation file: TOML that lists the DCs of a federation and their keys.
+
+::
+
+    [federation]
+    id = "example"                 # bound into every channel handshake
+    versions = [1, 3]              # transfer protocol versions this federation allows
+
+    [modes]                        # link mode thresholds (DESIGN.md, "Link modes")
+    datacenter_rtt_ms = 10.0
+    ...
+
+    [[dc]]
+    name = "dc1"
+    public_key = "ed25519:..."
+    control = "127.0.0.1:7101"     # websocket control listener
+    data = "127.0.0.1:7201"        # AMST bulk listener
+    api = "127.0.0.1:7301"         # HTTP API and dashboard
+
+Every error names the file and the field (``federation.toml: dc[2].control:
+...``). Unknown options are errors, not silently ignored: a typo in a
+threshold must not leave a default in force.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from mesh.identity import IdentityError, PublicKey, parse_public_key
+
+__all__ = ["ConfigError", "Endpoint", "DCConfig", "ModeThresholds", "Federation", "load", "loads"]
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class ConfigError(Exception):
+    """A federation file that cannot be used; the message names the file and field."""
+
+
+@attrs.frozen
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@attrs.frozen
+class ModeThresholds:
+    """DESIGN.md "Link modes". The defaults are DESIGN.md's table: a datacenter link is
+    what a metro fabric gives (sub-10 ms, >= 1 Gbit/s, < 0.1 % loss); an internet path
+    is what public transit between regions gives (> 50 ms, < 100 Mbit/s or > 1 % loss)."""
+
+    datacenter_rtt_ms: float = 10.0
+    datacenter_bandwidth_mbps: float = 1000.0
+    datacenter_loss: float = 0.001
+    internet_rtt_ms: float = 50.0
+    internet_bandwidth_mbps: float = 100.0
+    internet_loss: float = 0.01
+    #: A mode change must hold for this many consecutive estimates. Three is the
+    #: smallest count that rides out one outlier on either side of a true change.
+    hysteresis: int = 3
+
+
+@attrs.frozen
+class DCConfig:
+    name: str
+    public_key: PublicKey
+    control: Endpoint
+    data: Endpoint
+    api: Endpoint
+    region: str = ""
+
+
+@attrs.frozen
+class Federation:
+    id: str
+    dcs: tuple[DCConfig, ...]
+    versions: tuple[int, ...] = (1, 3)
+    modes: ModeThresholds = ModeThresholds()
+    source: str = "<memory>"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(dc.name for dc in self.dcs)
+
+    def dc(self, name: str) -> DCConfig:
+        for dc in self.dcs:
+            if dc.name == name:
+                return dc
+        raise ConfigError(f"{self.source}: no DC named {name!r} (known: {', '.join(self.names)})")
+
+    def public_keys(self) -> dict[str, PublicKey]:
+        return {dc.name: dc.public_key for dc in self.dcs}
+
+
+# --------------------------------------------------------------------------- parsing
+
+_SUPPORTED_VERSIONS = (1, 3)
+_TOP_KEYS = {"federation", "modes", "dc"}
+_FED_KEYS = {"id", "versions"}
+_DC_KEYS = {"name", "public_key", "control", "data", "api", "region"}
+
+
+def _fail(source: str, where: str, why: str) -> ConfigError:
+    return ConfigError(f"{source}: {where}: {why}")
+
+
+def _unknown(source: str, where: str, table: dict[str, Any], allowed: set[str]) -> None:
+    extra = sorted(set(table) - allowed)
+    if extra:
+        prefix = f"{where}." if where else ""
+        raise _fail(source, f"{prefix}{extra[0]}", f"unknown option (allowed: {', '.join(sorted(allowed))})")
+
+
+def _table(source: str, where: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(source, where, f"expected a table, got {type(value).__name__}")
+    return value
+
+
+def _str(source: str, where: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _fail(source, where, f"expected a string, got {value!r}")
+    return value
+
+
+def parse_endpoint(source: str, where: str, value: Any) -> Endpoint:
+    text = _str(source, where, value)
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
+    if not m:
+        raise _fail(source, where, f"expected 'host:port' or '[v6]:port', got {text!r}")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 1 <= port <= 65535:
+        raise _fail(source, where, f"port {port} is outside 1..65535")
+    if m.group(1):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise _fail(source, where, f"{host!r} is not an IPv6 address") from None
+    elif not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", host):
+        raise _fail(source, where, f"{host!r} is not a host name or address")
+    return Endpoint(host, port)
+
+
+def _modes(source: str, raw: dict[str, Any]) -> ModeThresholds:
+    defaults = ModeThresholds()
+    allowed = {a.name for a in attrs.fields(ModeThresholds)}
+    _unknown(source, "modes", raw, allowed)
+    values: dict[str, Any] = {}
+    for name in sorted(raw):
+        v = raw[name]
+        where = f"modes.{name}"
+        if name == "hysteresis":
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 100:
+                raise _fail(source, where, f"expected an integer in 1..100, got {v!r}")
+        else:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise _fail(source, where, f"expected a non-negative number, got {v!r}")
+            v = float(v)
+            if name.endswith("_loss") and v > 1:
+                raise _fail(source, where, f"a loss rate is a fraction in 0..1, got {v}")
+        values[name] = v
+    modes = attrs.evolve(defaults, **values)
+    if modes.datacenter_rtt_ms > modes.internet_rtt_ms:
+        raise _fail(source, "modes.datacenter_rtt_ms", "must not exceed modes.internet_rtt_ms")
+    if modes.datacenter_bandwidth_mbps < modes.internet_bandwidth_mbps:
+        raise _fail(source, "modes.datacenter_bandwidth_mbps", "must not be below modes.internet_bandwidth_mbps")
+    if modes.datacenter_loss > modes.internet_loss:
+        raise _fail(source, "modes.datacenter_loss", "must not exceed modes.internet_loss")
+    return modes
+
+
+def loads(text: str, source: str = "<string>") -> Federation:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    _unknown(source, "", doc, _TOP_KEYS)
+    if "federation" not in doc:
+        raise _fail(source, "federation", "missing table [federation]")
+    fed = _table(source, "federation", doc["federation"])
+    _unknown(source, "federation", fed, _FED_KEYS)
+    if "id" not in fed:
+        raise _fail(source, "federation.id", "missing")
+    fed_id = _str(source, "federation.id", fed["id"])
+    if not _NAME_RE.match(fed_id):
+        raise _fail(source, "federation.id", f"{fed_id!r} must be 1-63 of a-z, 0-9, '-'")
+    versions = fed.get("versions", list(_SUPPORTED_VERSIONS))
+    if (
+        not isinstance(versions, list)
+        or not versions
+        or any(not isinstance(v, int) or isinstance(v, bool) or v not in _SUPPORTED_VERSIONS for v in versions)
+    ):
+        raise _fail(source, "federation.versions", f"expected a non-empty list from {list(_SUPPORTED_VERSIONS)}, got {versions!r}")
+    modes = _modes(source, _table(source, "modes", doc.get("modes", {})))
+    raw_dcs = doc.get("dc")
+    if not isinstance(raw_dcs, list) or not raw_dcs:
+        raise _fail(source, "dc", "expected at least one [[dc]] table")
+    dcs: list[DCConfig] = []
+    seen_names: dict[str, int] = {}
+    seen_endpoints: dict[tuple[str, int], str] = {}
+    seen_keys: dict[bytes, str] = {}
+    for i, raw in enumerate(raw_dcs):
+        where = f"dc[{i}]"
+        entry = _table(source, where, raw)
+        _unknown(source, where, entry, _DC_KEYS)
+        for required in ("name", "public_key", "control", "data", "api"):
+            if required not in entry:
+                raise _fail(source, f"{where}.{required}", "missing")
+        name = _str(source, f"{where}.name", entry["name"])
+        if not _NAME_RE.match(name):
+            raise _fail(source, f"{where}.name", f"{name!r} must be 1-63 of a-z, 0-9, '-'")
+        if name in seen_names:
+            raise _fail(source, f"{where}.name", f"duplicate DC name {name!r} (also dc[{seen_names[name]}])")
+        seen_names[name] = i
+        try:
+            key = parse_public_key(_str(source, f"{where}.public_key", entry["public_key"]))
+        except IdentityError as exc:
+            raise _fail(source, f"{where}.public_key", str(exc)) from None
+        if key.raw in seen_keys:
+            raise _fail(source, f"{where}.public_key", f"same key as DC {seen_keys[key.raw]!r}")
+        seen_keys[key.raw] = name
+        endpoints = {}
+        for kind in ("control", "data", "api"):
+            ep = parse_endpoint(source, f"{where}.{kind}", entry[kind])
+            slot = (ep.host, ep.port)
+            if slot in seen_endpoints:
+                raise _fail(source, f"{where}.{kind}", f"{ep} is already used by {seen_endpoints[slot]}")
+            seen_endpoints[slot] = f"{name}.{kind}"
+            endpoints[kind] = ep
+        region = _str(source, f"{where}.region", entry.get("region", ""))
+        dcs.append(DCConfig(name, key, endpoints["control"], endpoints["data"], endpoints["api"], region))
+    return Federation(fed_id, tuple(dcs), tuple(sorted(set(versions))), modes, source)
+
+
+def load(path: str | Path) -> Federation:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such federation file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    return loads(text, str(path))
+
+
+def render(fed_id: str, dcs: list[dict[str, str]], modes: ModeThresholds | None = None) -> str:
+    """Write a federation file (used by ``dwcp federation init`` and the demo)."""
+    lines = ["[federation]", f'id = "{fed_id}"', "versions = [1, 3]", ""]
+    if modes is not None:
+        lines.append("[modes]")
+        for a in attrs.fields(ModeThresholds):
+            lines.append(f"{a.name} = {getattr(modes, a.name)!r}")
+        lines.append("")
+    for dc in dcs:
+        lines.append("[[dc]]")
+        for k in ("name", "public_key", "control", "data", "api", "region"):
+            if k in dc:
+                lines.append(f'{k} = "{dc[k]}"')
+        lines.append("")
+    return "\n".join(lines)

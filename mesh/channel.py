@@ -1,0 +1,405 @@
+"""The secure channel between two DCs: a sans-I/O core in the style of h11.
+
+Handshake (three frames, then encrypted data in each direction)::
+
+    I -> R  Hello    federation, I's name, R's name, I's versions,
+                     I's ephemeral X25519 key, I's nonce
+    R -> I  Welcome  body = federation, R, I, R's versions, R's ephemeral key,
+                     R's nonce, R's secretstream header;
+                     sig_R over ("dwcp/1 responder" | Hello bytes | body)
+    I -> R  Finish   body = I's secretstream header;
+                     sig_I over ("dwcp/1 initiator" | Hello bytes | Welcome body | body)
+
+Both ends derive two session keys with libsodium's ``crypto_kx`` (the
+initiator is the kx client) and run ``crypto_secretstream_xchacha20poly1305``
+in each direction. Each signature is made by the DC's identity key and covers
+the other side's fresh nonce and ephemeral key, so a recorded handshake
+replayed into a new one fails its signature check; every field of the
+transcript (federation id, both names, both version lists) is bound by both
+signatures. Signatures are checked over the bytes received.
+
+The channel works on *frames*: over a websocket a frame is one message; over a
+TCP stream use :class:`FrameReader` / :func:`frame` (4-byte big-endian length).
+After the handshake, every frame is one secretstream message; the last one a
+side sends carries ``TAG_FINAL``, so a stream cut short is told apart from a
+clean close. Any failure raises :class:`ChannelError` with a ``reason`` that
+the driver logs and counts, and the channel is dead from then on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import attrs
+import nacl.bindings as sodium
+import nacl.exceptions
+import nacl.utils
+
+from mesh import wire
+from mesh.identity import Identity, PublicKey
+from mesh.wire import Bytes, ListOf, Text, U64, field
+
+__all__ = [
+    "ChannelError",
+    "SecureChannel",
+    "HandshakeComplete",
+    "Data",
+    "Closed",
+    "FrameReader",
+    "frame",
+    "MAX_PLAINTEXT",
+]
+
+#: Largest plaintext of one data frame: a 4 MiB bulk chunk plus its header.
+MAX_PLAINTEXT = 8 * 1024 * 1024
+_ABYTES = sodium.crypto_secretstream_xchacha20poly1305_ABYTES
+_HEADERBYTES = sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES
+_TAG_MESSAGE = sodium.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
+_TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
+NONCE_BYTES = 32
+NAME_MAX = 64
+
+_RESPONDER_CONTEXT = b"dwcp/1 responder\x00"
+_INITIATOR_CONTEXT = b"dwcp/1 initiator\x00"
+
+
+class ChannelError(Exception):
+    """The channel is refused or broken. ``reason`` is a short metric label."""
+
+    REASONS = (
+        "malformed",  # a frame that does not decode, or is out of order
+        "wrong_federation",
+        "unknown_peer",  # a DC name not in the federation, or not the one we dialled
+        "bad_signature",  # includes replayed handshakes
+        "version_mismatch",
+        "tampered",  # a data frame failed authentication
+        "truncated",  # the stream ended without a final frame
+        "closed",  # use after close
+        "oversized",
+    )
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in self.REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# --------------------------------------------------------------------------- wire
+
+
+@wire.message("channel.hello", max_size=1024)
+class Hello:
+    federation: str = field(Text(NAME_MAX))
+    initiator: str = field(Text(NAME_MAX))
+    responder: str = field(Text(NAME_MAX))
+    versions: tuple[int, ...] = field(ListOf(U64(255), 16))
+    ephemeral: bytes = field(Bytes(32, exact=True))
+    nonce: bytes = field(Bytes(NONCE_BYTES, exact=True))
+
+
+@wire.message("channel.welcome-body", max_size=1024)
+class WelcomeBody:
+    federation: str = field(Text(NAME_MAX))
+    responder: str = field(Text(NAME_MAX))
+    initiator: str = field(Text(NAME_MAX))
+    versions: tuple[int, ...] = field(ListOf(U64(255), 16))
+    ephemeral: bytes = field(Bytes(32, exact=True))
+    nonce: bytes = field(Bytes(NONCE_BYTES, exact=True))
+    stream_header: bytes = field(Bytes(_HEADERBYTES, exact=True))
+
+
+@wire.message("channel.welcome", max_size=2048)
+class Welcome:
+    body: bytes = field(Bytes(1024))
+    signature: bytes = field(Bytes(64, exact=True))
+
+
+@wire.message("channel.finish-body", max_size=256)
+class FinishBody:
+    stream_header: bytes = field(Bytes(_HEADERBYTES, exact=True))
+
+
+@wire.message("channel.finish", max_size=512)
+class Finish:
+    body: bytes = field(Bytes(256))
+    signature: bytes = field(Bytes(64, exact=True))
+
+
+# --------------------------------------------------------------------------- events
+
+
+@attrs.frozen
+class HandshakeComplete:
+    peer: str
+    version: int  # the highest transfer protocol version both ends offered
+
+
+@attrs.frozen
+class Data:
+    payload: bytes
+
+
+@attrs.frozen
+class Closed:
+    """The peer closed its direction cleanly (a final frame)."""
+
+
+ChannelEvent = HandshakeComplete | Data | Closed
+
+# --------------------------------------------------------------------------- framing
+
+
+def frame(payload: bytes) -> bytes:
+    """Length-prefix a frame for a byte stream."""
+    return len(payload).to_bytes(4, "big") + payload
+
+
+class FrameReader:
+    """Splits a byte stream into frames; refuses a frame longer than ``max_frame``."""
+
+    def __init__(self, max_frame: int = MAX_PLAINTEXT + _ABYTES) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        out = []
+        while len(self._buf) >= 4:
+            n = int.from_bytes(self._buf[:4], "big")
+            if n > self._max:
+                raise ChannelError("oversized", f"frame of {n} bytes exceeds {self._max}")
+            if len(self._buf) < 4 + n:
+                break
+            out.append(bytes(self._buf[4 : 4 + n]))
+            del self._buf[: 4 + n]
+        return out
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+# --------------------------------------------------------------------------- the core
+
+_START, _SENT_HELLO, _SENT_WELCOME, _OPEN, _DEAD = range(5)
+
+
+class SecureChannel:
+    """One end of a channel. Feed frames in with :meth:`receive_frame`; send with
+    :meth:`send`; read outgoing frames with :meth:`frames_to_send`.
+
+    ``peers`` maps every DC name of the federation to its public key.
+    An initiator names the DC it dials in ``peer``; a responder learns it from
+    the Hello and checks it against ``peers``.
+    """
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        name: str,
+        federation: str,
+        peers: Mapping[str, PublicKey],
+        versions: Sequence[int],
+        initiator: bool,
+        peer: str | None = None,
+        random_bytes: Callable[[int], bytes] = nacl.utils.random,
+    ) -> None:
+        if initiator and peer is None:
+            raise ValueError("an initiator must name the peer it dials")
+        self.identity = identity
+        self.name = name
+        self.federation = federation
+        self.peers = dict(peers)
+        self.versions = tuple(sorted(set(versions)))
+        self.initiator = initiator
+        self.peer = peer
+        self.version: int | None = None
+        self._random = random_bytes
+        self._state = _START
+        self._out: list[bytes] = []
+        self._eph_pk, self._eph_sk = sodium.crypto_kx_seed_keypair(random_bytes(32))
+        self._nonce = random_bytes(NONCE_BYTES)
+        self._hello_raw = b""
+        self._welcome_body_raw = b""
+        self._tx_key = b""
+        self._rx_key = b""
+        self._push = sodium.crypto_secretstream_xchacha20poly1305_state()
+        self._pull = sodium.crypto_secretstream_xchacha20poly1305_state()
+        self._peer_closed = False
+        self._self_closed = False
+        if initiator:
+            assert peer is not None
+            if peer not in self.peers:
+                raise ValueError(f"peer {peer!r} is not in the federation")
+            hello = Hello(federation, name, peer, self.versions, self._eph_pk, self._nonce)
+            self._hello_raw = wire.encode(hello)
+            self._out.append(self._hello_raw)
+            self._state = _SENT_HELLO
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def is_open(self) -> bool:
+        return self._state == _OPEN
+
+    def frames_to_send(self) -> list[bytes]:
+        out, self._out = self._out, []
+        return out
+
+    def receive_frame(self, data: bytes) -> list[ChannelEvent]:
+        """Process one frame from the peer. Raises :class:`ChannelError` on any fault,
+        after which the channel is dead."""
+        try:
+            return self._receive(data)
+        except ChannelError:
+            self._die()
+            raise
+        except wire.WireError as exc:
+            self._die()
+            raise ChannelError("malformed", str(exc)) from exc
+
+    def send(self, payload: bytes | bytearray | memoryview) -> bytes:
+        """Encrypt ``payload`` into one frame (returned, not queued: bulk callers write it
+        themselves, possibly from a worker thread)."""
+        if self._state != _OPEN or self._self_closed:
+            raise ChannelError("closed", "send on a channel that is not open")
+        if len(payload) > MAX_PLAINTEXT:
+            raise ChannelError("oversized", f"payload of {len(payload)} bytes exceeds {MAX_PLAINTEXT}")
+        return sodium.crypto_secretstream_xchacha20poly1305_push(self._push, bytes(payload), None, _TAG_MESSAGE)
+
+    def close(self) -> bytes:
+        """The final frame of this direction."""
+        if self._state != _OPEN or self._self_closed:
+            raise ChannelError("closed", "close of a channel that is not open")
+        self._self_closed = True
+        return sodium.crypto_secretstream_xchacha20poly1305_push(self._push, b"", None, _TAG_FINAL)
+
+    def end_of_stream(self) -> None:
+        """The transport ended. Raises ``truncated`` unless the peer closed cleanly."""
+        if not self._peer_closed:
+            self._die()
+            raise ChannelError("truncated", "the stream ended without a final frame")
+
+    # ------------------------------------------------------------------ internals
+
+    def _die(self) -> None:
+        self._state = _DEAD
+        self._eph_sk = b""
+        self._out.clear()
+
+    def _peer_key(self, name: str) -> PublicKey:
+        key = self.peers.get(name)
+        if key is None or name == self.name:
+            raise ChannelError("unknown_peer", f"{name!r} is not a peer DC of federation {self.federation!r}")
+        return key
+
+    def _common_version(self, offered: Sequence[int]) -> int:
+        common = set(self.versions) & set(offered)
+        if not common:
+            raise ChannelError("version_mismatch", f"we offer {list(self.versions)}, peer offers {list(offered)}")
+        return max(common)
+
+    def _check_federation(self, federation: str) -> None:
+        if federation != self.federation:
+            raise ChannelError("wrong_federation", f"peer is in federation {federation!r}, we are in {self.federation!r}")
+
+    def _receive(self, data: bytes) -> list[ChannelEvent]:
+        if self._state == _OPEN:
+            return self._receive_data(data)
+        if self._state == _START and not self.initiator:
+            return self._on_hello(data)
+        if self._state == _SENT_HELLO:
+            return self._on_welcome(data)
+        if self._state == _SENT_WELCOME:
+            return self._on_finish(data)
+        raise ChannelError("closed", "frame on a dead channel")
+
+    def _on_hello(self, data: bytes) -> list[ChannelEvent]:
+        hello = wire.decode(data, expect=(Hello,))
+        self._check_federation(hello.federation)
+        if hello.responder != self.name:
+            raise ChannelError("unknown_peer", f"hello is addressed to {hello.responder!r}, we are {self.name!r}")
+        self._peer_key(hello.initiator)
+        self.version = self._common_version(hello.versions)
+        self.peer = hello.initiator
+        self._hello_raw = data
+        # Responder is the kx server.
+        self._rx_key, self._tx_key = sodium.crypto_kx_server_session_keys(
+            self._eph_pk, self._eph_sk, hello.ephemeral
+        )
+        header = sodium.crypto_secretstream_xchacha20poly1305_init_push(self._push, self._tx_key)
+        body = WelcomeBody(
+            self.federation, self.name, hello.initiator, self.versions, self._eph_pk, self._nonce, header
+        )
+        self._welcome_body_raw = wire.encode(body)
+        signature = self.identity.sign(_RESPONDER_CONTEXT + data + self._welcome_body_raw)
+        self._out.append(wire.encode(Welcome(self._welcome_body_raw, signature)))
+        self._state = _SENT_WELCOME
+        return []
+
+    def _on_welcome(self, data: bytes) -> list[ChannelEvent]:
+        welcome = wire.decode(data, expect=(Welcome,))
+        body = wire.decode(welcome.body, expect=(WelcomeBody,))
+        self._check_federation(body.federation)
+        if body.responder != self.peer:
+            raise ChannelError("unknown_peer", f"dialled {self.peer!r} but {body.responder!r} answered")
+        if body.initiator != self.name:
+            raise ChannelError("unknown_peer", f"welcome is addressed to {body.initiator!r}, we are {self.name!r}")
+        key = self._peer_key(body.responder)
+        if not key.verify(_RESPONDER_CONTEXT + self._hello_raw + welcome.body, welcome.signature):
+            raise ChannelError("bad_signature", f"{body.responder!r} did not sign this handshake")
+        self.version = self._common_version(body.versions)
+        self._rx_key, self._tx_key = sodium.crypto_kx_client_session_keys(
+            self._eph_pk, self._eph_sk, body.ephemeral
+        )
+        self._init_pull(body.stream_header)
+        header = sodium.crypto_secretstream_xchacha20poly1305_init_push(self._push, self._tx_key)
+        finish_body = wire.encode(FinishBody(header))
+        signature = self.identity.sign(_INITIATOR_CONTEXT + self._hello_raw + welcome.body + finish_body)
+        self._out.append(wire.encode(Finish(finish_body, signature)))
+        self._opened()
+        assert self.peer is not None and self.version is not None
+        return [HandshakeComplete(self.peer, self.version)]
+
+    def _on_finish(self, data: bytes) -> list[ChannelEvent]:
+        finish = wire.decode(data, expect=(Finish,))
+        assert self.peer is not None
+        key = self._peer_key(self.peer)
+        transcript = _INITIATOR_CONTEXT + self._hello_raw + self._welcome_body_raw + finish.body
+        if not key.verify(transcript, finish.signature):
+            raise ChannelError("bad_signature", f"{self.peer!r} did not sign this handshake")
+        body = wire.decode(finish.body, expect=(FinishBody,))
+        self._init_pull(body.stream_header)
+        self._opened()
+        assert self.version is not None
+        return [HandshakeComplete(self.peer, self.version)]
+
+    def _init_pull(self, header: bytes) -> None:
+        try:
+            sodium.crypto_secretstream_xchacha20poly1305_init_pull(self._pull, header, self._rx_key)
+        except nacl.exceptions.CryptoError as exc:
+            raise ChannelError("tampered", f"bad stream header: {exc}") from exc
+
+    def _opened(self) -> None:
+        self._state = _OPEN
+        self._eph_sk = b""  # forward secrecy: the ephemeral secret is not kept
+
+    def _receive_data(self, data: bytes) -> list[ChannelEvent]:
+        if self._peer_closed:
+            raise ChannelError("malformed", "data after the peer's final frame")
+        if len(data) < _ABYTES or len(data) > MAX_PLAINTEXT + _ABYTES:
+            raise ChannelError("tampered", f"data frame of {len(data)} bytes")
+        try:
+            payload, tag = sodium.crypto_secretstream_xchacha20poly1305_pull(self._pull, data, None)
+        except (nacl.exceptions.CryptoError, nacl.exceptions.RuntimeError, RuntimeError) as exc:
+            raise ChannelError("tampered", "a data frame failed authentication") from exc
+        if tag == _TAG_FINAL:
+            if payload:
+                raise ChannelError("malformed", "final frame carries data")
+            self._peer_closed = True
+            return [Closed()]
+        if tag != _TAG_MESSAGE:
+            raise ChannelError("malformed", f"unexpected secretstream tag {tag}")
+        return [Data(payload)]

@@ -1,0 +1,126 @@
+"""The vocabulary every sans-I/O protocol core speaks.
+
+A core is a plain object with ``handle(now, event) -> list[Action]``. ``now``
+is seconds on the driver's clock (the real monotonic clock in a node, the
+virtual clock in the simulator). Events tell the core what happened; actions
+tell the driver what to do. A core never sleeps, reads a clock, touches a
+socket or a file, or draws from the global ``random``: randomness is an
+injected ``random.Random`` and durability goes through :class:`Persist`
+actions (or an injected store object with the :class:`Store` interface).
+
+Both drivers (``mesh.runtime`` over trio, ``sim`` over the virtual world)
+execute the same actions, so whatever a core does in the simulator it does in
+a real node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any, Protocol
+
+import attrs
+
+__all__ = [
+    "Received",
+    "TimerFired",
+    "PeerUp",
+    "PeerDown",
+    "Send",
+    "SetTimer",
+    "CancelTimer",
+    "Persist",
+    "Notify",
+    "Event",
+    "Action",
+    "Core",
+    "Store",
+]
+
+# --------------------------------------------------------------------------- events
+
+
+@attrs.frozen
+class Received:
+    """A decoded message arrived from ``peer``; ``raw`` is the frame as received."""
+
+    peer: str
+    message: Any
+    raw: bytes = b""
+
+
+@attrs.frozen
+class TimerFired:
+    key: Hashable
+
+
+@attrs.frozen
+class PeerUp:
+    """An authenticated control connection to ``peer`` is open."""
+
+    peer: str
+
+
+@attrs.frozen
+class PeerDown:
+    peer: str
+
+
+Event = Received | TimerFired | PeerUp | PeerDown
+
+# --------------------------------------------------------------------------- actions
+
+
+@attrs.frozen
+class Send:
+    """Send ``message`` (a registered wire message) to ``peer``."""
+
+    peer: str
+    message: Any
+
+
+@attrs.frozen
+class SetTimer:
+    """Fire :class:`TimerFired` with ``key`` at time ``at``; replaces a timer with that key."""
+
+    key: Hashable
+    at: float
+
+
+@attrs.frozen
+class CancelTimer:
+    key: Hashable
+
+
+@attrs.frozen
+class Persist:
+    """Write ``value`` under ``key`` to the durable store; ``sync`` makes it survive a crash
+    before the core's next event is delivered."""
+
+    key: str
+    value: bytes
+    sync: bool = True
+
+
+@attrs.frozen
+class Notify:
+    """Something for the node's operators or upper layers (a log line, a metric, an event)."""
+
+    kind: str
+    detail: Any = None
+
+
+Action = Send | SetTimer | CancelTimer | Persist | Notify
+
+
+class Core(Protocol):
+    def handle(self, now: float, event: Event) -> list[Action]: ...
+
+
+class Store(Protocol):
+    """Durable key/value storage a core may read at start-up."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, value: bytes, sync: bool = True) -> None: ...
+
+    def keys(self, prefix: str = "") -> list[str]: ...

@@ -1,0 +1,2 @@
+"""DWCP simulator: deterministic event loop, simulated network and storage, nemesis,
+invariant checkers, scenarios, seed sweeps."""
