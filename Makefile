@@ -15,12 +15,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/dwcp demo
 
+# make test: everything but the long runs (marked slow), under 10 minutes on 2 cores.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
+# make chaos: every test with the long hypothesis profile, then the long runs.
 chaos: $(STAMP)
-	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q -p no:cacheprovider -m "slow or not slow" tests
-	$(BIN)/python -m bench.chaos
+	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.all

@@ -23,7 +23,9 @@ class CommandError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dwcp", description="DWCP: move running VMs between datacenters.")
+    parser = argparse.ArgumentParser(
+        prog="dwcp", description="DWCP: move running VMs between datacenters."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for ep in sorted(entry_points(group="dwcp.commands"), key=lambda e: e.name):
         ep.load()(sub)

@@ -117,7 +117,9 @@ def _unknown(source: str, where: str, table: dict[str, Any], allowed: set[str]) 
     extra = sorted(set(table) - allowed)
     if extra:
         prefix = f"{where}." if where else ""
-        raise _fail(source, f"{prefix}{extra[0]}", f"unknown option (allowed: {', '.join(sorted(allowed))})")
+        raise _fail(
+            source, f"{prefix}{extra[0]}", f"unknown option (allowed: {', '.join(sorted(allowed))})"
+        )
 
 
 def _table(source: str, where: str, value: Any) -> dict[str, Any]:
@@ -173,7 +175,11 @@ def _modes(source: str, raw: dict[str, Any]) -> ModeThresholds:
     if modes.datacenter_rtt_ms > modes.internet_rtt_ms:
         raise _fail(source, "modes.datacenter_rtt_ms", "must not exceed modes.internet_rtt_ms")
     if modes.datacenter_bandwidth_mbps < modes.internet_bandwidth_mbps:
-        raise _fail(source, "modes.datacenter_bandwidth_mbps", "must not be below modes.internet_bandwidth_mbps")
+        raise _fail(
+            source,
+            "modes.datacenter_bandwidth_mbps",
+            "must not be below modes.internet_bandwidth_mbps",
+        )
     if modes.datacenter_loss > modes.internet_loss:
         raise _fail(source, "modes.datacenter_loss", "must not exceed modes.internet_loss")
     return modes
@@ -198,9 +204,16 @@ def loads(text: str, source: str = "<string>") -> Federation:
     if (
         not isinstance(versions, list)
         or not versions
-        or any(not isinstance(v, int) or isinstance(v, bool) or v not in _SUPPORTED_VERSIONS for v in versions)
+        or any(
+            not isinstance(v, int) or isinstance(v, bool) or v not in _SUPPORTED_VERSIONS
+            for v in versions
+        )
     ):
-        raise _fail(source, "federation.versions", f"expected a non-empty list from {list(_SUPPORTED_VERSIONS)}, got {versions!r}")
+        raise _fail(
+            source,
+            "federation.versions",
+            f"expected a non-empty list from {list(_SUPPORTED_VERSIONS)}, got {versions!r}",
+        )
     modes = _modes(source, _table(source, "modes", doc.get("modes", {})))
     raw_dcs = doc.get("dc")
     if not isinstance(raw_dcs, list) or not raw_dcs:
@@ -220,7 +233,9 @@ def loads(text: str, source: str = "<string>") -> Federation:
         if not _NAME_RE.match(name):
             raise _fail(source, f"{where}.name", f"{name!r} must be 1-63 of a-z, 0-9, '-'")
         if name in seen_names:
-            raise _fail(source, f"{where}.name", f"duplicate DC name {name!r} (also dc[{seen_names[name]}])")
+            raise _fail(
+                source, f"{where}.name", f"duplicate DC name {name!r} (also dc[{seen_names[name]}])"
+            )
         seen_names[name] = i
         try:
             key = parse_public_key(_str(source, f"{where}.public_key", entry["public_key"]))
@@ -234,11 +249,15 @@ def loads(text: str, source: str = "<string>") -> Federation:
             ep = parse_endpoint(source, f"{where}.{kind}", entry[kind])
             slot = (ep.host, ep.port)
             if slot in seen_endpoints:
-                raise _fail(source, f"{where}.{kind}", f"{ep} is already used by {seen_endpoints[slot]}")
+                raise _fail(
+                    source, f"{where}.{kind}", f"{ep} is already used by {seen_endpoints[slot]}"
+                )
             seen_endpoints[slot] = f"{name}.{kind}"
             endpoints[kind] = ep
         region = _str(source, f"{where}.region", entry.get("region", ""))
-        dcs.append(DCConfig(name, key, endpoints["control"], endpoints["data"], endpoints["api"], region))
+        dcs.append(
+            DCConfig(name, key, endpoints["control"], endpoints["data"], endpoints["api"], region)
+        )
     return Federation(fed_id, tuple(dcs), tuple(sorted(set(versions))), modes, source)
 
 

@@ -12,7 +12,9 @@ from mesh import identity
 
 
 def register_keygen(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("keygen", help="create a DC identity key (mode 0600) and print its public key")
+    p = sub.add_parser(
+        "keygen", help="create a DC identity key (mode 0600) and print its public key"
+    )
     p.add_argument("--out", required=True, help="path of the new key file")
     p.add_argument("--force", action="store_true", help="overwrite an existing key file")
     p.set_defaults(func=keygen)
@@ -31,7 +33,12 @@ def keygen(args: argparse.Namespace) -> int:
 
 
 def init_federation(
-    directory: Path, count: int, *, fed_id: str = "local", host: str = "127.0.0.1", base_port: int = 7100
+    directory: Path,
+    count: int,
+    *,
+    fed_id: str = "local",
+    host: str = "127.0.0.1",
+    base_port: int = 7100,
 ) -> Path:
     """Write keys/<dc>.key and federation.toml for ``count`` DCs on ``host``.
 
@@ -81,7 +88,9 @@ def _init(args: argparse.Namespace) -> int:
         raise CommandError(f"--dcs must be in 1..64, got {args.dcs}")
     if not 1024 <= args.base_port <= 65535 - 300:
         raise CommandError(f"--base-port must be in 1024..{65535 - 300}")
-    path = init_federation(args.dir, args.dcs, fed_id=args.id, host=args.host, base_port=args.base_port)
+    path = init_federation(
+        args.dir, args.dcs, fed_id=args.id, host=args.host, base_port=args.base_port
+    )
     print(path)
     return 0
 

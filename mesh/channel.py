@@ -37,7 +37,7 @@ import nacl.utils
 
 from mesh import wire
 from mesh.identity import Identity, PublicKey
-from mesh.wire import Bytes, ListOf, Text, U64, field
+from mesh.wire import U64, Bytes, ListOf, Text, field
 
 __all__ = [
     "ChannelError",
@@ -266,8 +266,12 @@ class SecureChannel:
         if self._state != _OPEN or self._self_closed:
             raise ChannelError("closed", "send on a channel that is not open")
         if len(payload) > MAX_PLAINTEXT:
-            raise ChannelError("oversized", f"payload of {len(payload)} bytes exceeds {MAX_PLAINTEXT}")
-        return sodium.crypto_secretstream_xchacha20poly1305_push(self._push, bytes(payload), None, _TAG_MESSAGE)
+            raise ChannelError(
+                "oversized", f"payload of {len(payload)} bytes exceeds {MAX_PLAINTEXT}"
+            )
+        return sodium.crypto_secretstream_xchacha20poly1305_push(
+            self._push, bytes(payload), None, _TAG_MESSAGE
+        )
 
     def close(self) -> bytes:
         """The final frame of this direction."""
@@ -292,18 +296,25 @@ class SecureChannel:
     def _peer_key(self, name: str) -> PublicKey:
         key = self.peers.get(name)
         if key is None or name == self.name:
-            raise ChannelError("unknown_peer", f"{name!r} is not a peer DC of federation {self.federation!r}")
+            raise ChannelError(
+                "unknown_peer", f"{name!r} is not a peer DC of federation {self.federation!r}"
+            )
         return key
 
     def _common_version(self, offered: Sequence[int]) -> int:
         common = set(self.versions) & set(offered)
         if not common:
-            raise ChannelError("version_mismatch", f"we offer {list(self.versions)}, peer offers {list(offered)}")
+            raise ChannelError(
+                "version_mismatch", f"we offer {list(self.versions)}, peer offers {list(offered)}"
+            )
         return max(common)
 
     def _check_federation(self, federation: str) -> None:
         if federation != self.federation:
-            raise ChannelError("wrong_federation", f"peer is in federation {federation!r}, we are in {self.federation!r}")
+            raise ChannelError(
+                "wrong_federation",
+                f"peer is in federation {federation!r}, we are in {self.federation!r}",
+            )
 
     def _receive(self, data: bytes) -> list[ChannelEvent]:
         if self._state == _OPEN:
@@ -320,7 +331,9 @@ class SecureChannel:
         hello = wire.decode(data, expect=(Hello,))
         self._check_federation(hello.federation)
         if hello.responder != self.name:
-            raise ChannelError("unknown_peer", f"hello is addressed to {hello.responder!r}, we are {self.name!r}")
+            raise ChannelError(
+                "unknown_peer", f"hello is addressed to {hello.responder!r}, we are {self.name!r}"
+            )
         self._peer_key(hello.initiator)
         self.version = self._common_version(hello.versions)
         self.peer = hello.initiator
@@ -331,7 +344,13 @@ class SecureChannel:
         )
         header = sodium.crypto_secretstream_xchacha20poly1305_init_push(self._push, self._tx_key)
         body = WelcomeBody(
-            self.federation, self.name, hello.initiator, self.versions, self._eph_pk, self._nonce, header
+            self.federation,
+            self.name,
+            hello.initiator,
+            self.versions,
+            self._eph_pk,
+            self._nonce,
+            header,
         )
         self._welcome_body_raw = wire.encode(body)
         signature = self.identity.sign(_RESPONDER_CONTEXT + data + self._welcome_body_raw)
@@ -344,9 +363,13 @@ class SecureChannel:
         body = wire.decode(welcome.body, expect=(WelcomeBody,))
         self._check_federation(body.federation)
         if body.responder != self.peer:
-            raise ChannelError("unknown_peer", f"dialled {self.peer!r} but {body.responder!r} answered")
+            raise ChannelError(
+                "unknown_peer", f"dialled {self.peer!r} but {body.responder!r} answered"
+            )
         if body.initiator != self.name:
-            raise ChannelError("unknown_peer", f"welcome is addressed to {body.initiator!r}, we are {self.name!r}")
+            raise ChannelError(
+                "unknown_peer", f"welcome is addressed to {body.initiator!r}, we are {self.name!r}"
+            )
         key = self._peer_key(body.responder)
         if not key.verify(_RESPONDER_CONTEXT + self._hello_raw + welcome.body, welcome.signature):
             raise ChannelError("bad_signature", f"{body.responder!r} did not sign this handshake")
@@ -357,7 +380,9 @@ class SecureChannel:
         self._init_pull(body.stream_header)
         header = sodium.crypto_secretstream_xchacha20poly1305_init_push(self._push, self._tx_key)
         finish_body = wire.encode(FinishBody(header))
-        signature = self.identity.sign(_INITIATOR_CONTEXT + self._hello_raw + welcome.body + finish_body)
+        signature = self.identity.sign(
+            _INITIATOR_CONTEXT + self._hello_raw + welcome.body + finish_body
+        )
         self._out.append(wire.encode(Finish(finish_body, signature)))
         self._opened()
         assert self.peer is not None and self.version is not None

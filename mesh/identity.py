@@ -107,7 +107,9 @@ def parse_public_key(text: str) -> PublicKey:
     return PublicKey(raw)
 
 
-def write_key_file(path: str | os.PathLike[str], identity: Identity, *, overwrite: bool = False) -> None:
+def write_key_file(
+    path: str | os.PathLike[str], identity: Identity, *, overwrite: bool = False
+) -> None:
     """Write the key with mode 0600 from the start (never briefly readable by others)."""
     path = Path(path)
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
@@ -127,7 +129,9 @@ def load_key_file(path: str | os.PathLike[str]) -> Identity:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise IdentityError(f"{path}: no such key file (create one with 'dwcp keygen --out {path}')") from None
+        raise IdentityError(
+            f"{path}: no such key file (create one with 'dwcp keygen --out {path}')"
+        ) from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise IdentityError(
             f"{path}: key file mode is {stat.S_IMODE(st.st_mode):04o}; it must not be "

@@ -209,7 +209,9 @@ class MapOf(Kind):
             raise WireError(f"{path}: {len(obj)} pairs exceeds the limit of {self.max_items}")
         pairs = []
         for k, v in obj.items():
-            pairs.append((self.key.decode(k, f"{path}.key"), self.value.decode(v, f"{path}[{k!r}]")))
+            pairs.append(
+                (self.key.decode(k, f"{path}.key"), self.value.decode(v, f"{path}[{k!r}]"))
+            )
         try:
             pairs.sort(key=lambda kv: kv[0])
         except TypeError as exc:
@@ -316,7 +318,9 @@ def message(tag: str, *, max_size: int = DEFAULT_MAX_SIZE) -> Callable[[type[T]]
 
 
 def _encode_fields(obj: Any, path: str) -> list[Any]:
-    return [kind.encode(getattr(obj, name), f"{path}.{name}") for name, kind in _fields_of(type(obj))]
+    return [
+        kind.encode(getattr(obj, name), f"{path}.{name}") for name, kind in _fields_of(type(obj))
+    ]
 
 
 def _decode_fields(cls: type, obj: Any, path: str) -> Any:
@@ -325,7 +329,9 @@ def _decode_fields(cls: type, obj: Any, path: str) -> Any:
         raise WireError(f"{path}: expected the field list of {cls.__name__}, got {_short(obj)}")
     if len(obj) != len(spec):
         raise WireError(f"{path}: {cls.__name__} has {len(spec)} fields, frame has {len(obj)}")
-    values = {name: kind.decode(v, f"{path}.{name}") for (name, kind), v in zip(spec, obj)}
+    values = {
+        name: kind.decode(v, f"{path}.{name}") for (name, kind), v in zip(spec, obj, strict=True)
+    }
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
@@ -442,4 +448,3 @@ def _prescan(data: bytes) -> None:
         # ai 25/26/27: half, single, double float; NaN/inf are refused by Float.check
     if pos != end:
         raise WireError(f"{end - pos} trailing bytes after the CBOR item")
-

@@ -1,0 +1,81 @@
+"""Identity keys and `dwcp keygen`."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from federation.cli import main
+from mesh import identity
+
+
+def test_keygen_writes_a_0600_key_and_prints_the_public_key(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "dc1.key"
+    assert main(["keygen", "--out", str(path)]) == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    printed = capsys.readouterr().out.strip()
+    ident = identity.load_key_file(path)
+    assert printed == str(ident.public)
+    assert identity.parse_public_key(printed) == ident.public
+
+
+def test_keygen_refuses_to_overwrite(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "dc1.key"
+    assert main(["keygen", "--out", str(path)]) == 0
+    before = path.read_bytes()
+    assert main(["keygen", "--out", str(path)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660])
+def test_a_key_readable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "k.key"
+    identity.write_key_file(path, identity.generate())
+    os.chmod(path, mode)
+    with pytest.raises(identity.IdentityError, match="chmod 600"):
+        identity.load_key_file(path)
+
+
+def test_missing_and_malformed_key_files(tmp_path: Path) -> None:
+    with pytest.raises(identity.IdentityError, match="no such key file"):
+        identity.load_key_file(tmp_path / "none.key")
+    bad = tmp_path / "bad.key"
+    bad.write_text("hello\n")
+    os.chmod(bad, 0o600)
+    with pytest.raises(identity.IdentityError, match="not a DWCP key file"):
+        identity.load_key_file(bad)
+    bad.write_text(identity.SECRET_PREFIX + "AAAA\n")
+    with pytest.raises(identity.IdentityError, match="seed is 3 bytes"):
+        identity.load_key_file(bad)
+
+
+def test_signatures_verify_only_the_signed_bytes() -> None:
+    ident = identity.generate()
+    sig = ident.sign(b"payload")
+    assert ident.public.verify(b"payload", sig)
+    assert not ident.public.verify(b"payloae", sig)
+    assert not ident.public.verify(b"payload", sig[:-1] + bytes([sig[-1] ^ 1]))
+    assert not identity.generate().public.verify(b"payload", sig)
+
+
+@given(st.text(max_size=80))
+def test_parse_public_key_gives_only_identity_error(text: str) -> None:
+    try:
+        identity.parse_public_key(text)
+    except identity.IdentityError:
+        pass
+
+
+@given(st.binary(max_size=40))
+def test_parse_public_key_of_arbitrary_bytes(raw: bytes) -> None:
+    if len(raw) != 32:
+        with pytest.raises(identity.IdentityError, match="32 bytes"):
+            identity.parse_public_key(identity.format_public_key(raw))
+    else:
+        assert identity.parse_public_key(identity.format_public_key(raw)).raw == raw
