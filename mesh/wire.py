@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, dataclass_transform
 
 import attrs
 import cbor2
@@ -269,10 +269,14 @@ registry: dict[str, type] = {}
 _tags: dict[type, str] = {}
 
 
-def field(kind: Kind, **kwargs: Any) -> Any:
+def field(kind: Kind, *, default: Any = attrs.NOTHING, factory: Any = None, **kwargs: Any) -> Any:
     """Declare a wire field of an attrs class: ``x: int = field(U64())``."""
     metadata = dict(kwargs.pop("metadata", {}) or {})
     metadata[_FIELD_KIND] = kind
+    if factory is not None:
+        kwargs["factory"] = factory
+    else:
+        kwargs["default"] = default
     return attrs.field(metadata=metadata, converter=kind.converter, **kwargs)
 
 
@@ -291,6 +295,7 @@ def _fields_of(cls: type) -> tuple[tuple[str, Kind], ...]:
     return result
 
 
+@dataclass_transform(frozen_default=True, field_specifiers=(field, attrs.field))
 def struct_type(cls: type[T]) -> type[T]:
     """Make ``cls`` a frozen attrs class usable as a nested :class:`Struct`."""
     cls = attrs.frozen(cls)
@@ -298,6 +303,7 @@ def struct_type(cls: type[T]) -> type[T]:
     return cls
 
 
+@dataclass_transform(frozen_default=True, field_specifiers=(field, attrs.field))
 def message(tag: str, *, max_size: int = DEFAULT_MAX_SIZE) -> Callable[[type[T]], type[T]]:
     """Register ``cls`` (made a frozen attrs class) as the message type ``tag``."""
     if not 0 < max_size <= ABSOLUTE_MAX_SIZE:
