@@ -385,7 +385,12 @@ def decode(data: bytes | bytearray | memoryview, expect: Sequence[type] | None =
         raise WireError(f"unexpected message type {tag!r} here")
     if len(data) > cls.wire_max_size:  # type: ignore[attr-defined]
         raise WireError(f"{tag}: frame of {len(data)} bytes exceeds {cls.wire_max_size}")  # type: ignore[attr-defined]
-    return _decode_fields(cls, fields, tag)
+    msg = _decode_fields(cls, fields, tag)
+    # One value, one encoding: a frame in any other form (map keys out of order,
+    # a float wider than it needs) is refused, so encode(decode(raw)) == raw.
+    if cbor2.dumps([version, tag, _encode_fields(msg, tag)], canonical=True) != data:
+        raise WireError(f"{tag}: not in canonical CBOR form (RFC 8949 §4.2)")
+    return msg
 
 
 # --------------------------------------------------------------------------- prescan

@@ -3,6 +3,8 @@ raise anything but WireError or allocate beyond the frame."""
 
 from __future__ import annotations
 
+import struct
+
 import cbor2
 import pytest
 from hypothesis import given, reject
@@ -143,6 +145,25 @@ def test_length_claims_beyond_the_frame_are_refused() -> None:
 def test_errors_say_what_is_wrong(data: bytes, reason: str) -> None:
     with pytest.raises(WireError, match=reason):
         wire.decode(data)
+
+
+def test_non_canonical_frames_are_refused() -> None:
+    @wire.message("test.map")
+    class WithMap:
+        pairs: tuple[tuple[str, int], ...] = field(wire.MapOf(Text(4), U64(), 4))
+        ratio: float = field(wire.Float())
+
+    msg = WithMap({"a": 1, "b": 2}, 1.5)
+    data = wire.encode(msg)
+    assert wire.decode(data) == msg
+    swapped = data.replace(b"\x61a\x01\x61b\x02", b"\x61b\x02\x61a\x01")
+    assert swapped != data
+    with pytest.raises(WireError, match="canonical"):
+        wire.decode(swapped)
+    wide = cbor2.dumps([1, "test.map", [{"a": 1, "b": 2}, 1.5]], canonical=False)
+    wide = wide.replace(b"\xf9\x3e\x00", b"\xfb" + struct.pack(">d", 1.5))
+    with pytest.raises(WireError, match="canonical"):
+        wire.decode(wide)
 
 
 def test_per_type_size_limit() -> None:
