@@ -19,7 +19,7 @@ def main() -> int:
         print(f"bench {name} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "federation.cli", "bench", name, "--json"],
+            [sys.executable, "-m", "federation", "bench", name, "--json"],
             capture_output=True,
             text=True,
         )

@@ -22,18 +22,24 @@ class CommandError(Exception):
     """An error to print as one line and exit 2 (bad input, not a bug)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command`` only that command's module is imported, so a node
+    does not pay for (or depend on) every other command's imports at start-up."""
     parser = argparse.ArgumentParser(
         prog="dwcp", description="DWCP: move running VMs between datacenters."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for ep in sorted(entry_points(group="dwcp.commands"), key=lambda e: e.name):
+    eps = sorted(entry_points(group="dwcp.commands"), key=lambda e: e.name)
+    chosen = [ep for ep in eps if ep.name == command]
+    for ep in chosen or eps:
         ep.load()(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(first)
     args = parser.parse_args(argv)
     try:
         status = args.func(args)
@@ -43,7 +49,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return int(status or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
