@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench chaos lint corpus clean
+.PHONY: demo test bench chaos lint corpus corpus-small clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,17 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check mesh consensus federation sim bench tests
 	$(BIN)/mypy mesh consensus federation sim
+
+# make corpus: real VM state (guest RAM snapshots, ext4 images) in $$DWCP_CORPUS
+# (default ~/.cache/dwcp-corpus), see docs/CORPUS.md; corpus-small: 256 MiB guest.
+CORPUS_DEBS := qemu-system-x86 linux-image-cloud-amd64 busybox-static e2fsprogs cpio zstd
+corpus: $(STAMP)
+	apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(CORPUS_DEBS)
+	$(BIN)/python -m bench.corpus.build $(CORPUS_ARGS)
+
+corpus-small: CORPUS_ARGS = --small
+corpus-small: corpus
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,196 @@
+"""Two network namespaces joined by a veth pair shaped with tbf: a slow WAN link on
+one machine, for the ``tbf100_*`` figures of ``dwcp bench amst``.
+
+``TbfLink`` creates namespaces ``<name>a`` and ``<name>b``, the veth pair
+``<name>a`` -- ``<name>b`` (10.213.0.1 and 10.213.0.2) and a tbf qdisc on the
+egress of both ends; leaving the ``with`` block always deletes both namespaces,
+which deletes the veth pair and its qdiscs with them. Needs root (CAP_NET_ADMIN)
+and ``ip``/``tc`` from iproute2. ``python -m bench.netns send|recv`` are the two
+ends of the raw-copy measurement, run inside the namespaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ADDRESS_A = "10.213.0.1"
+ADDRESS_B = "10.213.0.2"
+# tc-tbf(8): burst must be at least rate/HZ (100 Mbit/s at HZ=100 is 125 kB) and at
+# least one packet; veth hands tbf GSO packets up to 64 KiB. 128 KiB covers both.
+BURST = "128kb"
+# tc-tbf(8) latency: the longest a packet may wait in the queue; 50 ms is a WAN-sized
+# buffer (about rate x 50 ms = 625 kB at 100 Mbit/s).
+LATENCY = "50ms"
+RAW_PORT = 5201  # iperf3's default port: a familiar number for a throughput test
+
+
+class NetnsError(Exception):
+    """A namespace, veth or qdisc could not be set up (names the command that failed)."""
+
+
+def _ip(*args: str) -> None:
+    out = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise NetnsError(f"ip {' '.join(args)}: {out.stderr.strip()}")
+
+
+def _tc(ns: str, *args: str) -> None:
+    out = subprocess.run(["ip", "netns", "exec", ns, "tc", *args], capture_output=True,
+                         text=True, check=False)  # fmt: skip
+    if out.returncode != 0:
+        raise NetnsError(f"tc {' '.join(args)} (in {ns}): {out.stderr.strip()}")
+
+
+class TbfLink:
+    """Namespaces ``a`` and ``b`` joined by veth, tbf at ``rate_mbit`` each way."""
+
+    def __init__(self, rate_mbit: int = 100, name: str | None = None) -> None:
+        # interface names are at most 15 bytes (IFNAMSIZ); "dw" + pid + side fits
+        self.name = name or f"dw{os.getpid() % 10**8}"
+        self.ns_a, self.ns_b = self.name + "a", self.name + "b"
+        self.rate_mbit = rate_mbit
+        self._created: list[str] = []
+
+    def open(self) -> TbfLink:
+        try:
+            for ns in (self.ns_a, self.ns_b):
+                _ip("netns", "add", ns)
+                self._created.append(ns)
+            _ip("link", "add", self.ns_a, "netns", self.ns_a, "type", "veth",
+                "peer", "name", self.ns_b, "netns", self.ns_b)  # fmt: skip
+            for ns, addr in ((self.ns_a, ADDRESS_A), (self.ns_b, ADDRESS_B)):
+                _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", ns)
+                _ip("-n", ns, "link", "set", ns, "up")
+                _ip("-n", ns, "link", "set", "lo", "up")
+                _tc(ns, "qdisc", "add", "dev", ns, "root", "tbf", "rate",
+                    f"{self.rate_mbit}mbit", "burst", BURST, "latency", LATENCY)  # fmt: skip
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def exec_prefix(self, side: str) -> list[str]:
+        """argv prefix that runs a command inside namespace ``a`` or ``b``."""
+        return ["ip", "netns", "exec", self.ns_a if side == "a" else self.ns_b]
+
+    def tx_bytes(self, side: str) -> int:
+        """Bytes sent by the veth end in namespace ``side`` (IP packets incl. headers)."""
+        ns = self.ns_a if side == "a" else self.ns_b
+        path = Path("/sys/class/net") / ns / "statistics" / "tx_bytes"
+        out = subprocess.run([*self.exec_prefix(side), "cat", str(path)], capture_output=True,
+                             text=True, check=False)  # fmt: skip
+        if out.returncode != 0:
+            raise NetnsError(f"{ns}: cannot read {path}: {out.stderr.strip()}")
+        return int(out.stdout)
+
+    def close(self) -> None:
+        """Delete both namespaces (and with them the veth pair); never raises."""
+        for ns in reversed(self._created):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        self._created.clear()
+
+    def __enter__(self) -> TbfLink:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def netns_missing() -> str | None:
+    """Why a TbfLink cannot be built here, or None when it can (builds one to check)."""
+    if os.geteuid() != 0:
+        return "network namespaces need root (CAP_NET_ADMIN)"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"no `{tool}` (iproute2)"
+    try:
+        with TbfLink(rate_mbit=100, name=f"dwp{os.getpid() % 10**8}"):
+            return None
+    except NetnsError as e:
+        return f"cannot build namespaces + veth + tbf: {e}"
+
+
+def time_raw_copy(link: TbfLink, path: Path, port: int = RAW_PORT) -> dict[str, Any]:
+    """Send ``path`` over one TCP stream from namespace a to b; seconds and bytes."""
+    here = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": here}
+    recv = subprocess.Popen(
+        [*link.exec_prefix("b"), sys.executable, "-m", "bench.netns", "recv", "--port", str(port)],
+        stdout=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert recv.stdout is not None
+        ready = recv.stdout.readline()
+        if ready.strip() != "ready":
+            raise NetnsError(f"raw-copy receiver did not start: {ready!r}")
+        send = subprocess.run(
+            [*link.exec_prefix("a"), sys.executable, "-m", "bench.netns", "send",
+             "--host", ADDRESS_B, "--port", str(port), str(path)],
+            capture_output=True, text=True, env=env, check=False,
+        )  # fmt: skip
+        if send.returncode != 0:
+            raise NetnsError(f"raw-copy sender failed: {send.stderr.strip()}")
+        result: dict[str, Any] = json.loads(send.stdout)
+        recv.wait(timeout=30)
+        return result
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+            recv.wait()
+
+
+def _recv(port: int) -> None:
+    with socket.create_server(("0.0.0.0", port)) as server:
+        print("ready", flush=True)
+        conn, _ = server.accept()
+        with conn:
+            total = 0
+            while data := conn.recv(1 << 20):
+                total += len(data)
+            conn.sendall(struct.pack("!Q", total))
+
+
+def _send(host: str, port: int, path: Path) -> None:
+    size = path.stat().st_size
+    started = time.monotonic()
+    with socket.create_connection((host, port)) as conn, open(path, "rb") as f:
+        conn.sendfile(f)
+        conn.shutdown(socket.SHUT_WR)
+        ack = b""
+        while len(ack) < 8 and (data := conn.recv(8 - len(ack))):
+            ack += data
+    seconds = time.monotonic() - started
+    (received,) = struct.unpack("!Q", ack)
+    if received != size:
+        raise SystemExit(f"receiver got {received} bytes of {size}")
+    print(json.dumps({"bytes": size, "seconds": round(seconds, 3)}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.netns")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("recv", help="count bytes from one TCP connection, acknowledge them")
+    r.add_argument("--port", type=int, default=RAW_PORT)
+    s = sub.add_parser("send", help="send a file over one TCP connection, print the time")
+    s.add_argument("--host", required=True)
+    s.add_argument("--port", type=int, default=RAW_PORT)
+    s.add_argument("path", type=Path)
+    args = p.parse_args(argv)
+    if args.cmd == "recv":
+        _recv(args.port)
+    else:
+        _send(args.host, args.port, args.path)
+
+
+if __name__ == "__main__":
+    main()

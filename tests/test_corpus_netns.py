@@ -1,0 +1,43 @@
+"""The network-namespace harness: veth + tbf shapes traffic and is always torn down."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bench.netns import NetnsError, TbfLink, netns_missing, time_raw_copy
+
+MISSING = netns_missing()
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"network namespaces: {MISSING}")
+
+
+def namespaces() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_tbf_link_shapes_a_raw_copy_and_is_torn_down(tmp_path: Path) -> None:
+    payload = tmp_path / "payload"
+    stdlib = sorted(Path(socket.__file__).parent.glob("*.py"))  # real bytes, never random
+    payload.write_bytes(b"".join(p.read_bytes() for p in stdlib)[: 1 << 20])
+    rate_mbit = 20
+    with TbfLink(rate_mbit=rate_mbit, name="dwtest") as link:
+        assert "dwtesta" in namespaces() and "dwtestb" in namespaces()
+        result = time_raw_copy(link, payload, port=5299)
+        sent = link.tx_bytes("a")
+    assert result["bytes"] == 1 << 20
+    ideal = (1 << 20) * 8 / (rate_mbit * 1e6)
+    # tbf lets one burst (128 KiB) through at line rate, so allow that much early
+    assert result["seconds"] >= ideal * 0.8
+    assert result["seconds"] < ideal * 10
+    assert sent >= 1 << 20  # payload plus headers went out of the a-side veth
+    assert "dwtesta" not in namespaces() and "dwtestb" not in namespaces()
+
+
+def test_a_failed_setup_leaves_no_namespace_behind() -> None:
+    name = "dwfail-name-longer-than-ifnamsiz"  # the namespaces come up, the veth cannot
+    with pytest.raises(NetnsError, match="ip link add"):
+        TbfLink(rate_mbit=100, name=name).open()
+    assert name not in namespaces()
