@@ -1,0 +1,459 @@
+"""``dwcp bench hde``: what HDE puts on the wire for real VM state, and how fast it encodes.
+
+With the corpus (``make corpus``, docs/CORPUS.md) the image is the guest RAM of
+workload A at t0+60 s (1 GiB guest, or the 256 MiB ``--small`` build); QEMU's
+own multifd+zstd migration of that snapshot is the baseline; the sibling
+case puts workload B's RAM in the target's store; the warm case puts t0 there.
+
+Without the corpus the RAM image is this process's own memory: every readable
+mapping in ``/proc/self/maps``, read through ``/proc/self/mem``, with the
+process holding a real filesystem image (an ext4 image ``mke2fs -d`` builds
+from ``/usr/lib/python3*``, or a tar of it when mke2fs is missing). The
+process then does real work (compressing and checksumming that image,
+building and sorting lists) for a few hundred ms and reads the same mappings
+again: that pair stands in for the warm case, clearly labelled. Figures that
+need the corpus or QEMU are null, and ``missing`` says why.
+
+``cold_wire_bytes`` counts every byte both directions of the transfer would put
+on the wire (diff messages and chunk frames) into an empty target, at the zstd
+level chosen for a 100 Mbit/s internet link from speeds measured on the image.
+The warm and sibling transfers use the cold transfer's level.
+``encode_MBps_*`` time the source's whole job for a cold transfer — index,
+plan, encode every chunk — at the level chosen for a 10 Gbit/s datacenter link
+(``encode_MBps_2cores_at_zstd1``: the same at level 1); ``encode_MB_per_cpu_s``
+divides by the CPU time used, which a busy shared machine does not depress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from mesh.hde.codec import ChunkPlan, encode_chunk
+from mesh.hde.image import FP_SIZE, PAGE_SIZE, UNIFORM_FP, Image, PageSource, open_image
+from mesh.hde.index import BLOCK_PAGES, PageIndex, block_digest, build_index
+from mesh.hde.level import choose_level, measure_levels
+from mesh.hde.loopback import run_transfer
+from mesh.hde.messages import CHUNK_PAGES
+from mesh.hde.store import PageStore
+
+#: The links the issue names: 100 Mbit/s for the cold figure; a datacenter link for the
+#: encode speed (DESIGN.md: datacenter means >= 1 Gbit/s; 10 GbE is the common DC port).
+COLD_LINK_BPS = 100e6 / 8
+DC_LINK_BPS = 10e9 / 8
+#: Chunks compressed per level when calibrating (8 MiB): enough to be stable to a few %.
+SAMPLE_CHUNKS = 8
+#: How long the process works between its two memory snapshots ("a few hundred ms").
+WORK_S = 0.3
+#: Cap on the process-memory image: this process maps ~150-300 MiB.
+MEMORY_CAP = 512 << 20
+
+
+# --------------------------------------------------------------------------- data
+
+
+def build_fs_image(src_dirs: list[str], workdir: Path, limit: int) -> tuple[Path, str]:
+    """A filesystem image of real files: ext4 by ``mke2fs -d`` if present, else a tar."""
+    tree = workdir / "tree"
+    tree.mkdir()
+    size = 0
+    for d in src_dirs:
+        for dirpath, _, files in os.walk(d):
+            for f in sorted(files):
+                p = os.path.join(dirpath, f)
+                if not os.path.isfile(p) or os.path.islink(p) or size >= limit:
+                    continue
+                dst = tree / os.path.relpath(p, "/")
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(p, dst)
+                size += os.path.getsize(p)
+    out = workdir / "fs.img"
+    mke2fs = shutil.which("mke2fs") or ("/usr/sbin/mke2fs" if os.path.exists("/usr/sbin/mke2fs")
+                                        else None)  # fmt: skip
+    if mke2fs:
+        mib = max(8, int(size * 1.4) >> 20)
+        subprocess.run([mke2fs, "-q", "-F", "-t", "ext4", "-d", str(tree), str(out), f"{mib}M"],
+                       check=True, capture_output=True)  # fmt: skip
+        what = f"ext4 image (mke2fs -d) of {size >> 20} MiB of files from {', '.join(src_dirs)}"
+    else:
+        bio = io.BytesIO()
+        with tarfile.open(fileobj=bio, mode="w") as tf:
+            tf.add(tree, arcname=".")
+        data = bio.getvalue()
+        out.write_bytes(data + bytes(-len(data) % PAGE_SIZE))
+        what = f"tar of {size >> 20} MiB of files from {', '.join(src_dirs)} (no mke2fs)"
+    shutil.rmtree(tree)
+    return out, what
+
+
+def memory_regions(cap: int) -> list[tuple[int, int]]:
+    """Readable mappings of this process, in address order, up to ``cap`` bytes in all."""
+    out, total = [], 0
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if not parts[1].startswith("r") or (len(parts) > 5 and parts[5] == "[vsyscall]"):
+                continue
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            n = min(hi - lo, cap - total)
+            if n <= 0:
+                break
+            out.append((lo, lo + n))
+            total += n
+    return out
+
+
+def snapshot_memory(regions: list[tuple[int, int]]) -> bytearray:
+    """The bytes of ``regions`` now; a region that cannot be read (guard pages) reads as zeros."""
+    buf = bytearray(sum(hi - lo for lo, hi in regions))
+    mv = memoryview(buf)
+    off = 0
+    with open("/proc/self/mem", "rb", buffering=0) as mem:
+        for lo, hi in regions:
+            try:
+                mem.seek(lo)
+                mem.readinto(mv[off : off + hi - lo])
+            except OSError:
+                pass  # unreadable (PROT_NONE guard, [vvar]): the zeros stay
+            off += hi - lo
+    return buf
+
+
+def real_work(data: PageSource, seconds: float) -> dict[str, Any]:
+    """Compress and checksum the filesystem image, build and sort lists, for ``seconds``."""
+    start = time.perf_counter()
+    rounds = 0
+    kept: list[list[tuple[bytes, int]]] = []
+    while time.perf_counter() - start < seconds:
+        p = (rounds * 97) % max(1, data.page_count - 64)
+        block = bytes(data.view(p, min(64, data.page_count - p)))
+        packed = zstandard.ZstdCompressor(level=3).compress(block)
+        digest = hashlib.sha256(packed).digest()
+        kept.append(sorted((digest[i : i + 4], i) for i in range(0, 32, 2)))
+        rounds += 1
+    return {"interval_s": round(time.perf_counter() - start, 3), "work_rounds": rounds,
+            "work_kept": len(kept)}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- measures
+
+
+def cold_plan(index: PageIndex) -> list[ChunkPlan]:
+    """The chunks an empty target asks for: each distinct non-uniform page, once."""
+    seen: set[bytes] = set()
+    wanted: list[int] = []
+    fps = memoryview(index.fps)
+    zero_block = block_digest(bytes(BLOCK_PAGES * PAGE_SIZE))
+    for b in range(index.block_count):
+        pages = index.block_pages(b)
+        if len(pages) == BLOCK_PAGES and index.node(0, b) == zero_block:
+            continue
+        for p in pages:
+            fp = bytes(fps[p * FP_SIZE : (p + 1) * FP_SIZE])
+            if fp in UNIFORM_FP or fp in seen:
+                continue
+            seen.add(fp)
+            wanted.append(p)
+    return [ChunkPlan.of_pages(i // CHUNK_PAGES, wanted[i : i + CHUNK_PAGES])
+            for i in range(0, len(wanted), CHUNK_PAGES)]  # fmt: skip
+
+
+def sample(image: PageSource, plans: list[ChunkPlan]) -> list[bytes]:
+    step = max(1, len(plans) // SAMPLE_CHUNKS)
+    return [b"".join(image.view(p) for p in plans[i].pages)
+            for i in range(0, len(plans), step)][:SAMPLE_CHUNKS]  # fmt: skip
+
+
+def pick_level(image: PageSource, plans: list[ChunkPlan], mode: str, link: float,
+               cores: int) -> tuple[int, list[dict[str, float]]]:  # fmt: skip
+    if not plans:
+        return 0, []
+    samples = measure_levels(sample(image, plans), mode, link, cores, time.perf_counter)
+    table = [{"level": s.level, "MBps_per_core": round(s.bytes_per_s_per_core / 1e6, 1),
+              "ratio": round(s.ratio, 4)} for s in samples]  # fmt: skip
+    return choose_level(samples, link, cores), table
+
+
+def _windowed(ex: Executor, plans: list[ChunkPlan], image: PageSource, level: int) -> Iterator[int]:
+    window = 8  # chunks in flight: keeps 2 threads busy, holds at most 8 MiB of frames
+    futs = []
+    for plan in plans:
+        futs.append(ex.submit(encode_chunk, 0, plan, image, None, level))
+        if len(futs) >= window:
+            yield len(futs.pop(0).result())
+    for f in futs:
+        yield len(f.result())
+
+
+def encode_speed(image: PageSource, cores: int, level: int | None = None) -> dict[str, Any]:
+    """Logical MB/s of the source's cold-transfer work on ``cores`` threads: index, plan and
+    encode every chunk, at the level chosen for a datacenter link (or ``level``). The level
+    calibration (8 MiB per candidate level, once per transfer) is timed apart."""
+    with ThreadPoolExecutor(cores) as ex:
+        t0 = time.perf_counter()
+        calib_ix = build_index(image, ex)
+        table: list[dict[str, float]] = []
+        if level is None:
+            level, table = pick_level(image, cold_plan(calib_ix), "datacenter", DC_LINK_BPS,
+                                      cores)  # fmt: skip
+        calibrate_s = time.perf_counter() - t0
+        cpu0 = _cpu_s()
+        t0 = time.perf_counter()
+        index = build_index(image, ex)
+        plans = cold_plan(index)
+        wire = sum(_windowed(ex, plans, image, level))
+        dt = time.perf_counter() - t0
+        cpu = _cpu_s() - cpu0
+    # CPU seconds say what the wall clock cannot on a shared machine: MB per CPU-second
+    # is what one uncontended core would do.
+    return {"MBps": round(image.nbytes / dt / 1e6, 1), "level": level, "seconds": round(dt, 3),
+            "cpu_s": round(cpu, 3), "MB_per_cpu_s": round(image.nbytes / max(cpu, 1e-9) / 1e6, 1),
+            "chunk_bytes": wire, "levels_measured": table,
+            "calibrate_s": round(calibrate_s, 3)}  # fmt: skip
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def whole_zstd(image: PageSource, level: int) -> int:
+    """The whole image through one zstd stream (2 worker threads), in 4 MiB pieces."""
+    c = zstandard.ZstdCompressor(level=level, threads=2).compressobj()
+    n = 0
+    for p in range(0, image.page_count, 1024):
+        n += len(c.compress(image.view(p, min(1024, image.page_count - p))))
+    return n + len(c.flush())
+
+
+def fingerprint_speeds(image: PageSource) -> dict[str, float]:
+    """Per-page hashing speed, XXH3-128 vs BLAKE2b-128, on up to 64 MiB of the image."""
+    import xxhash
+
+    n = min(image.page_count, 16384)
+    mv = image.view(0, n)
+    out = {}
+
+    def blake(b: memoryview) -> bytes:
+        return hashlib.blake2b(b, digest_size=16).digest()
+
+    def run(fn: Any, lo: int, hi: int) -> None:
+        for i in range(lo * PAGE_SIZE, hi * PAGE_SIZE, PAGE_SIZE):
+            fn(mv[i : i + PAGE_SIZE])
+
+    for name, fn in (("xxh3_128", xxhash.xxh3_128_digest), ("blake2b_128", blake)):
+        t0 = time.perf_counter()
+        run(fn, 0, n)
+        out[f"{name}_MBps_1core"] = round(n * PAGE_SIZE / (time.perf_counter() - t0) / 1e6, 1)
+        with ThreadPoolExecutor(2) as ex:
+            t0 = time.perf_counter()
+            halves = [ex.submit(run, fn, k * n // 2, (k + 1) * n // 2) for k in (0, 1)]
+            for h in halves:
+                h.result()
+        out[f"{name}_MBps_2threads"] = round(n * PAGE_SIZE / (time.perf_counter() - t0) / 1e6, 1)
+    return out
+
+
+def image_figures(image: PageSource, index: PageIndex) -> dict[str, Any]:
+    st = index.page_stats()
+    return {"bytes": image.nbytes, "zero_page_share": round(st["zero"] / st["pages"], 4),
+            "uniform_page_share": round(st["uniform"] / st["pages"], 4),
+            "duplicate_page_share": round(st["duplicate"] / st["pages"], 4)}  # fmt: skip
+
+
+def transfer(
+    image: Image, index: PageIndex, store: PageStore, level: int, ex: Executor,
+    refs: dict[bytes, PageSource] | None = None, name: str = "vm",
+) -> dict[str, Any]:  # fmt: skip
+    r = run_transfer(image=image, index=index, name=name, store=store, level=level,
+                     references=refs, executor=ex)  # fmt: skip
+    if not r.verified:
+        raise RuntimeError(f"HDE transfer did not verify: {r.failure}")
+    whole = image.view(0, image.page_count)
+    if r.image is None or bytes(r.image.view(0, r.image.page_count)) != bytes(whole):
+        raise RuntimeError("HDE transfer verified but the image differs")
+    return {"wire_bytes": r.wire_bytes, "control_bytes": r.control_bytes,
+            "control_by_tag": r.control_by_tag, "chunks": r.chunks_sent, **r.stats}  # fmt: skip
+
+
+def cold(
+    image: Image, index: PageIndex, ex: Executor, store: PageStore | None = None
+) -> dict[str, Any]:
+    level, table = pick_level(image, cold_plan(index), "internet", COLD_LINK_BPS, 2)
+    out = transfer(image, index, store or PageStore(), level, ex)
+    out.update(level=level, levels_measured=table)
+    return out
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def corpus_images(missing: list[str]) -> dict[str, Any] | None:
+    """Paths of the corpus images HDE needs, or None (with the reason in ``missing``)."""
+    try:
+        from bench.corpus import ManifestError, load_manifest
+    except ImportError as exc:
+        missing.append(f"corpus: bench.corpus unavailable ({exc})")
+        return None
+    try:
+        manifest = load_manifest(check_sizes=False)
+    except ManifestError as exc:
+        missing.append(f"corpus: {exc}")
+        return None
+    for mib in (1024, 256):
+        try:
+            found = {"mib": mib, "t0": manifest.ram(mib, "A", 0), "t60": manifest.ram(mib, "A", 60),
+                     "root": manifest.root}  # fmt: skip
+        except ManifestError:
+            continue
+        try:
+            found["sibling"] = manifest.ram(mib, "B", 60)
+        except ManifestError as exc:
+            missing.append(f"sibling: {exc}")
+        try:
+            found["disk_v1"] = manifest.path(manifest.one("disk", version="v1"))
+            found["disk_v2"] = manifest.path(manifest.one("disk", version="v2"))
+        except ManifestError as exc:
+            missing.append(f"disk: {exc}")
+        return found
+    missing.append("corpus: no RAM snapshots of workload A at t0 and t0+60 s in the manifest")
+    return None
+
+
+def qemu_bytes(mib: int, missing: list[str]) -> tuple[int | None, dict[str, Any]]:
+    try:
+        from bench.qemu import measure_qemu_multifd_zstd
+
+        r = measure_qemu_multifd_zstd(guest_mib=mib, workload="A", at_s=60, mode="snapshot")
+        return int(r["wire_bytes"]), {k: r[k] for k in ("qemu_version", "channels", "zstd_level")
+                                      if k in r}  # fmt: skip
+    except Exception as exc:  # QEMU missing, failed to start or migrate: say so, never guess
+        missing.append(f"qemu_multifd_zstd_bytes: {type(exc).__name__}: {exc}")
+        return None, {}
+
+
+def ratio(a: int | None, b: int | None) -> float | None:
+    return None if a is None or not b else round(a / b, 4)
+
+
+def run(use_corpus: bool, use_qemu: bool, quick: bool) -> dict[str, Any]:
+    missing: list[str] = []
+    found = corpus_images(missing) if use_corpus else None
+    if not use_corpus:
+        missing.append("corpus: not used (--no-corpus)")
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="dwcp-bench-hde-") as tmp, \
+            ThreadPoolExecutor(2) as ex:  # fmt: skip
+        if found is not None:
+            ram, ram0 = open_image(found["t60"], "t60"), open_image(found["t0"], "t0")
+            out["corpus"] = (f"{found['root']}: {found['mib']} MiB guest, workload A RAM at t0+60 s"
+                             " (warm base: t0; sibling: workload B at t0+60 s)")  # fmt: skip
+            extra: dict[str, Any] = {}
+        else:
+            dirs = sorted(str(p) for p in Path("/usr/lib").glob("python3*") if p.is_dir())
+            fs_path, fs_what = build_fs_image(dirs, Path(tmp), (4 << 20) if quick else (96 << 20))
+            fs = open_image(fs_path, "fs")
+            regions = memory_regions((16 << 20) if quick else MEMORY_CAP)
+            snap0 = snapshot_memory(regions)
+            work = real_work(fs, 0.05 if quick else WORK_S)
+            snap1 = snapshot_memory(regions)
+            ram0, ram = Image(snap0, "memory-t0"), Image(snap1, "memory-t1")
+            out["corpus"] = ("no corpus: this process's own memory (readable mappings of "
+                             f"/proc/self/maps, {ram.nbytes >> 20} MiB) while holding a {fs_what}")
+            fs_ix = build_index(fs, ex)
+            extra = {"fs_image": {
+                "what": fs_what, **image_figures(fs, fs_ix),
+                "zstd1_bytes": whole_zstd(fs, 1), "zstd3_bytes": whole_zstd(fs, 3),
+                "cold_wire_bytes": cold(fs, fs_ix, ex)["wire_bytes"]}}  # fmt: skip
+        ix = build_index(ram, ex)
+        ix0 = build_index(ram0, ex)
+        c = cold(ram, ix, ex)
+        out.update(ram_bytes=ram.nbytes, cold_wire_bytes=c["wire_bytes"], cold_level=c["level"],
+                   cold_levels_measured=c["levels_measured"],
+                   zstd1_bytes=whole_zstd(ram, 1), zstd3_bytes=whole_zstd(ram, 3))  # fmt: skip
+        qb: int | None = None
+        qinfo: dict[str, Any] = {}
+        if found is not None and use_qemu:
+            qb, qinfo = qemu_bytes(found["mib"], missing)
+        elif found is not None:
+            missing.append("qemu_multifd_zstd_bytes: not measured (--no-qemu)")
+        else:
+            missing.append("qemu_multifd_zstd_bytes: needs the corpus guest (make corpus)")
+        out.update(qemu_multifd_zstd_bytes=qb, qemu=qinfo or None,
+                   cold_ratio_vs_qemu=ratio(c["wire_bytes"], qb))  # fmt: skip
+        if found is not None and "sibling" in found:
+            sib = open_image(found["sibling"], "sibling")
+            store = PageStore()
+            store.add("sibling", sib, build_index(sib, ex))
+            s = cold(ram, ix, ex, store)
+            out.update(sibling_wire_bytes=s["wire_bytes"],
+                       sibling_ratio_vs_qemu=ratio(s["wire_bytes"], qb))  # fmt: skip
+        else:
+            if found is None:
+                missing.append("sibling_ratio_vs_qemu: needs the corpus sibling guest")
+            out.update(sibling_wire_bytes=None, sibling_ratio_vs_qemu=None)
+        store = PageStore()
+        store.add("vm", ram0, ix0)
+        w = transfer(ram, ix, store, c["level"], ex, refs={ix0.root: ram0})
+        if found is not None:
+            out["warm_wire_fraction"] = round(w["wire_bytes"] / ram.nbytes, 5)
+        else:
+            out["warm_wire_fraction"] = None
+            missing.append("warm_wire_fraction: needs corpus snapshots t0 and t0+60 s")
+            extra["process_memory_warm"] = {
+                "what": "target holds this process's memory at t0, source sends it again after "
+                        "the work below (NOT the t0 -> t0+60 s guest figure)",
+                "warm_wire_fraction": round(w["wire_bytes"] / ram.nbytes, 5), **work}  # fmt: skip
+        out["warm_detail"] = w
+        e1, e2 = encode_speed(ram, 1), encode_speed(ram, 2)
+        z2 = encode_speed(ram, 2, level=1)
+        out.update(encode_MBps_1core=e1["MBps"], encode_MBps_2cores=e2["MBps"],
+                   encode_level=e2["level"], encode_levels_measured=e2["levels_measured"],
+                   encode_link="datacenter, 10 Gbit/s",
+                   encode_calibrate_s=e2["calibrate_s"],
+                   encode_MB_per_cpu_s=e1["MB_per_cpu_s"],
+                   encode_MBps_2cores_at_zstd1=z2["MBps"])  # fmt: skip
+        out.update(image_figures(ram, ix))
+        out.pop("bytes")
+        out["fingerprint"] = fingerprint_speeds(ram)
+        if found is not None and "disk_v1" in found:
+            v1, v2 = open_image(found["disk_v1"], "v1"), open_image(found["disk_v2"], "v2")
+            i1, i2 = build_index(v1, ex), build_index(v2, ex)
+            dstore = PageStore()
+            dstore.add("disk", v1, i1)
+            d = transfer(v2, i2, dstore, c["level"], ex, refs={i1.root: v1}, name="disk")
+            extra["disk_v1_to_v2"] = {"wire_bytes": d["wire_bytes"], "v2_bytes": v2.nbytes,
+                                      "zstd1_bytes": whole_zstd(v2, 1)}  # fmt: skip
+        out.update(extra)
+    out["missing"] = missing
+    return out
+
+
+def _main(args: argparse.Namespace) -> int:
+    result = run(not args.no_corpus, not args.no_qemu, args.quick)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("hde", help="HDE wire bytes and encode speed on real VM state")
+    p.add_argument("--json", action="store_true", help="one JSON object on one line")
+    p.add_argument("--no-corpus", action="store_true", help="ignore the corpus even if present")
+    p.add_argument("--no-qemu", action="store_true", help="skip QEMU's own migration baseline")
+    p.add_argument("--quick", action="store_true", help="small corpus-free data (test smoke)")
+    p.set_defaults(func=_main)

@@ -1,0 +1,132 @@
+"""An in-process driver that runs one HDE transfer between a source and a target core.
+
+It is the glue a node's runtime does over a channel and AMST, minus the
+network: every message is encoded and decoded with the real codec (and its
+bytes counted), chunks are encoded on an executor's threads, and the target's
+image is re-indexed when the target asks. Tests and ``dwcp bench hde`` use
+it; a fault hook may corrupt chunk frames in transit.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+
+import attrs
+
+from mesh import wire
+from mesh.core import Notify, Received, Send
+from mesh.hde.codec import encode_chunk
+from mesh.hde.events import ChunkArrived, EncodeChunk, RecomputeRoot, RootRecomputed
+from mesh.hde.image import ImageWriter, PageSource
+from mesh.hde.index import PageIndex, build_index
+from mesh.hde.source import HdeSource
+from mesh.hde.store import PageStore
+from mesh.hde.target import HdeTarget
+
+__all__ = ["TransferResult", "run_transfer", "memory_sink"]
+
+SOURCE, TARGET = "source", "target"
+
+
+@attrs.define
+class TransferResult:
+    verified: bool
+    failure: str | None
+    control_bytes: int
+    chunk_bytes: int
+    chunks_sent: int
+    image: ImageWriter | None
+    notes: list[Notify]
+    stats: dict[str, int]
+    #: bytes of diff messages by wire tag
+    control_by_tag: dict[str, int] = attrs.field(factory=dict)
+
+    @property
+    def wire_bytes(self) -> int:
+        return self.control_bytes + self.chunk_bytes
+
+
+def memory_sink(page_count: int) -> ImageWriter:
+    return ImageWriter(bytearray(page_count * 4096), "target")
+
+
+def run_transfer(
+    *,
+    image: PageSource,
+    index: PageIndex,
+    name: str,
+    store: PageStore,
+    level: int,
+    references: Mapping[bytes, PageSource] | None = None,
+    executor: Executor | None = None,
+    make_sink: Callable[[int], ImageWriter] = memory_sink,
+    corrupt: Callable[[int, int, bytes | bytearray], bytes | bytearray] | None = None,
+    transfer: int = 1,
+) -> TransferResult:
+    """Move ``image`` into a new image at the target holding ``store`` (which holds the new
+    image too once it is verified). ``corrupt(chunk_id, attempt, frame)`` may alter a chunk
+    frame on its way."""
+    refs = dict(references or {})
+    src = HdeSource(transfer, TARGET, name, index, refs)
+    dst = HdeTarget(transfer, SOURCE, store, make_sink)
+    work: deque[tuple[str, object]] = deque((SOURCE, a) for a in src.start())
+    encodes: list[EncodeChunk] = []
+    attempts: dict[int, int] = {}
+    control = chunk_bytes = chunks = 0
+    notes: list[Notify] = []
+    by_tag: dict[str, int] = {}
+
+    def deliver(who: str, event: object) -> None:
+        core = src if who == SOURCE else dst
+        work.extend((who, a) for a in core.handle(0.0, event))  # type: ignore[arg-type]
+
+    while work or encodes:
+        if not work:
+            # Encode every chunk planned so far in parallel, then deliver them in order.
+            batch, encodes = encodes, []
+
+            def enc(a: EncodeChunk) -> bytes | bytearray:
+                ref = refs[a.reference_root] if a.reference_root is not None else None
+                return encode_chunk(a.transfer, a.plan, image, ref, level)
+
+            frames = list(executor.map(enc, batch)) if executor else [enc(a) for a in batch]
+            for a, frame in zip(batch, frames, strict=True):
+                cid = a.plan.chunk_id
+                attempts[cid] = attempts.get(cid, 0) + 1
+                chunk_bytes += len(frame)
+                chunks += 1
+                if corrupt is not None:
+                    frame = corrupt(cid, attempts[cid], frame)
+                deliver(TARGET, ChunkArrived(transfer, cid, frame))
+            continue
+        who, action = work.popleft()
+        if isinstance(action, Send):
+            frame = wire.encode(action.message)
+            control += len(frame)
+            tag = action.message.wire_tag
+            by_tag[tag] = by_tag.get(tag, 0) + len(frame)
+            deliver(TARGET if who == SOURCE else SOURCE, Received(who, wire.decode(frame), frame))
+        elif isinstance(action, EncodeChunk):
+            encodes.append(action)
+        elif isinstance(action, RecomputeRoot):
+            assert dst.sink is not None
+            ix = build_index(dst.sink, executor)
+            deliver(TARGET, RootRecomputed(transfer, bytes(ix.levels[0]), ix.root))
+            if dst.verified:
+                # The verified copy now serves dedup and is this image's base next time.
+                store.add(name, dst.sink, ix)
+        elif isinstance(action, Notify):
+            notes.append(action)
+    return TransferResult(
+        verified=dst.verified and bool(src.verified),
+        failure=dst.failed or src.failed,
+        control_bytes=control,
+        chunk_bytes=chunk_bytes,
+        chunks_sent=chunks,
+        image=dst.sink,
+        notes=notes,
+        stats=dict(dst.stats),
+        control_by_tag=by_tag,
+    )

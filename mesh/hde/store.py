@@ -1,0 +1,70 @@
+"""The target's content-addressed page store.
+
+Every image a DC holds — an earlier copy of the VM being migrated, other VMs,
+images that finished arriving — is registered with its index. The store then
+answers two questions during a transfer: "which copy of this VM do I hold?"
+(the *base*, compared position by position in the tree diff) and "do I hold a
+page with this fingerprint anywhere?" (dedup across versions and across VMs).
+
+Only pages that would be sent are indexed: zero and uniform pages are never
+sent, so they are not worth a dictionary entry. Memory is about 100 bytes
+per distinct page (a Python dict entry); a 1 GiB guest of typical content
+costs a few MiB.
+"""
+
+from __future__ import annotations
+
+from mesh.hde.image import FP_SIZE, UNIFORM_FP, PageSource
+from mesh.hde.index import PageIndex
+
+__all__ = ["PageStore", "StoredImage"]
+
+
+class StoredImage:
+    """One image the store holds, with its index."""
+
+    def __init__(self, name: str, image: PageSource, index: PageIndex) -> None:
+        if image.page_count != index.page_count:
+            raise ValueError(f"image {name!r}: index has {index.page_count} pages, "
+                             f"image has {image.page_count}")
+        self.name = name
+        self.image = image
+        self.index = index
+
+
+class PageStore:
+    """Images by name (newest last) and every sendable page by fingerprint."""
+
+    def __init__(self) -> None:
+        self._images: list[StoredImage] = []
+        self._by_name: dict[str, StoredImage] = {}
+        self._pages: dict[bytes, tuple[int, int]] = {}
+
+    def add(self, name: str, image: PageSource, index: PageIndex) -> StoredImage:
+        """Register an image; a later image under the same name becomes that name's base."""
+        stored = StoredImage(name, image, index)
+        slot = len(self._images)
+        self._images.append(stored)
+        self._by_name[name] = stored
+        pages = self._pages
+        fps = memoryview(index.fps)
+        for p in range(index.page_count):
+            fp = bytes(fps[p * FP_SIZE : (p + 1) * FP_SIZE])
+            if fp not in pages and fp not in UNIFORM_FP:
+                pages[fp] = (slot, p)
+        return stored
+
+    def base(self, name: str) -> StoredImage | None:
+        """The newest image stored under ``name``."""
+        return self._by_name.get(name)
+
+    def lookup(self, fp: bytes) -> tuple[PageSource, int] | None:
+        """An image and page number holding a page with fingerprint ``fp``."""
+        hit = self._pages.get(fp)
+        if hit is None:
+            return None
+        slot, page = hit
+        return self._images[slot].image, page
+
+    def __len__(self) -> int:
+        return len(self._pages)
