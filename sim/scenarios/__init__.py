@@ -7,3 +7,4 @@ any order: the file is exempt from import sorting so appending never breaks the 
 # ruff: noqa: I001
 
 from sim.scenarios import counter  # noqa: F401
+from sim.scenarios import amst_streams  # noqa: F401
