@@ -278,10 +278,13 @@ def image_figures(image: PageSource, index: PageIndex) -> dict[str, Any]:
 
 def transfer(
     image: Image, index: PageIndex, store: PageStore, level: int, ex: Executor,
-    refs: dict[bytes, PageSource] | None = None, name: str = "vm",
+    refs: dict[bytes, tuple[PageSource, PageIndex]] | None = None, name: str = "vm",
 ) -> dict[str, Any]:  # fmt: skip
+    refs = refs or {}
     r = run_transfer(image=image, index=index, name=name, store=store, level=level,
-                     references=refs, executor=ex)  # fmt: skip
+                     references={k: v[0] for k, v in refs.items()},
+                     reference_indexes={k: v[1] for k, v in refs.items()},
+                     executor=ex)  # fmt: skip
     if not r.verified:
         raise RuntimeError(f"HDE transfer did not verify: {r.failure}")
     whole = image.view(0, image.page_count)
@@ -409,7 +412,7 @@ def run(use_corpus: bool, use_qemu: bool, quick: bool) -> dict[str, Any]:
             out.update(sibling_wire_bytes=None, sibling_ratio_vs_qemu=None)
         store = PageStore()
         store.add("vm", ram0, ix0)
-        w = transfer(ram, ix, store, c["level"], ex, refs={ix0.root: ram0})
+        w = transfer(ram, ix, store, c["level"], ex, refs={ix0.root: (ram0, ix0)})
         if found is not None:
             out["warm_wire_fraction"] = round(w["wire_bytes"] / ram.nbytes, 5)
         else:
@@ -436,7 +439,7 @@ def run(use_corpus: bool, use_qemu: bool, quick: bool) -> dict[str, Any]:
             i1, i2 = build_index(v1, ex), build_index(v2, ex)
             dstore = PageStore()
             dstore.add("disk", v1, i1)
-            d = transfer(v2, i2, dstore, c["level"], ex, refs={i1.root: v1}, name="disk")
+            d = transfer(v2, i2, dstore, c["level"], ex, refs={i1.root: (v1, i1)}, name="disk")
             extra["disk_v1_to_v2"] = {"wire_bytes": d["wire_bytes"], "v2_bytes": v2.nbytes,
                                       "zstd1_bytes": whole_zstd(v2, 1)}  # fmt: skip
         out.update(extra)

@@ -59,6 +59,9 @@ def image_of(pages: list[tuple[int, int]]) -> bytes:
 pages_st = st.tuples(st.integers(0, 3), st.integers(0, 40))
 edit_st = st.one_of(
     st.tuples(st.just("page"), st.integers(0, 10**6), pages_st),
+    # a run of pages copied from elsewhere in the image (page cache, heap copies)
+    st.tuples(st.just("copy"), st.integers(0, 10**6),
+              st.tuples(st.integers(0, 10**6), st.integers(1, 20))),
     st.tuples(
         st.just("bytes"),
         st.integers(0, 10**6),
@@ -74,6 +77,9 @@ def apply_edits(base: bytes, edits: list) -> bytes:
         p = at % n
         if what == "page":
             out[p * P : (p + 1) * P] = page_of(*arg)
+        elif what == "copy":
+            src, count = arg[0] % n, min(arg[1], n - p, n - arg[0] % n)
+            out[p * P : (p + count) * P] = base[src * P : (src + count) * P]
         else:
             off, data = arg
             out[p * P + off : p * P + off + len(data)] = data
@@ -144,7 +150,7 @@ def test_image_errors_name_the_problem(tmp_path) -> None:
     edits=st.lists(edit_st, max_size=30),
     grow=st.lists(pages_st, max_size=3),
     holds=st.sampled_from(["nothing", "base", "base-elsewhere", "other-vm"]),
-    with_reference=st.booleans(),
+    with_reference=st.sampled_from(["none", "image", "image+index"]),
 )
 def test_any_image_any_store_round_trips(base, edits, grow, holds, with_reference) -> None:
     old = image_of(base)
@@ -159,8 +165,9 @@ def test_any_image_any_store_round_trips(base, edits, grow, holds, with_referenc
     elif holds == "other-vm":
         other = Image(image_of([(3, 1000 + i) for i in range(5)]))
         store.add("vm", other, build_index(other))
-    refs = {old_ix.root: old_img} if with_reference else None
-    assert transfer(new, store, refs) == new
+    refs = {old_ix.root: old_img} if with_reference != "none" else None
+    indexes = {old_ix.root: old_ix} if with_reference == "image+index" else None
+    assert transfer(new, store, refs, reference_indexes=indexes) == new
 
 
 def test_multi_level_descent_sends_only_the_changed_block() -> None:

@@ -38,6 +38,10 @@ __all__ = [
     "to_ranges",
     "from_ranges",
     "check_ranges",
+    "pack_ranges",
+    "unpack_ranges",
+    "varints",
+    "read_varint",
     "xor_pages",
     "compress",
 ]
@@ -132,20 +136,71 @@ def compress(data: bytes | memoryview, level: int) -> bytes:
 
 
 #: Chunk frame layout (little-endian): magic, transfer, chunk id, flags, number of ranges;
-#: then each range as (start u64, count u32); the XOR bitmap; the payload length; the
-#: 16-byte digest; the payload. Not CBOR: cbor2 copies a 1 MiB payload at 0.4-1.5 GB/s,
-#: a tenth of memcpy, and chunks are the bulk of every transfer.
-MAGIC = b"HDE\x01"
+#: then each range as two LEB128 varints, its gap from the previous range's end and its
+#: count - 1; the XOR bitmap; the payload length; the 16-byte digest; the payload. Not
+#: CBOR: cbor2 copies a 1 MiB payload at 0.4-1.5 GB/s, a tenth of memcpy, and chunks are
+#: the bulk of every transfer. Varints, not (u64, u32) pairs: a warm transfer's wants are
+#: scattered (1,114 ranges in 34 chunks for a 1 GiB guest's t0 -> t0+60 s), and its
+#: ranges then take 3 bytes each instead of 12.
+MAGIC = b"HDE\x02"
 _HEAD = struct.Struct("<4sQQBH")
-_RANGE = struct.Struct("<QI")
 _LEN = struct.Struct("<I")
+#: A varint of a u64 takes at most 10 bytes.
+_VARINT_MAX = 10
 DIGEST = 16
 _COMPRESSED = 1
 
 
+def varints(values: Iterable[int]) -> bytes:
+    """Unsigned LEB128 varints, concatenated."""
+    out = bytearray()
+    for v in values:
+        while v >= 0x80:
+            out.append(v & 0x7F | 0x80)
+            v >>= 7
+        out.append(v)
+    return bytes(out)
+
+
+def read_varint(mv: memoryview, pos: int, what: str) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it; ``what`` names it in errors."""
+    value = shift = 0
+    for i in range(pos, min(pos + _VARINT_MAX, len(mv))):
+        byte = mv[i]
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            if value >= 1 << 64:
+                break
+            return value, i + 1
+        shift += 7
+    raise ChunkError(f"{what}: a varint is truncated or too long")
+
+
+def pack_ranges(ranges: Sequence[int]) -> bytes:
+    """Ascending flattened (start, count) pairs as varints of (gap, count - 1)."""
+    prev = 0
+    vals: list[int] = []
+    for i in range(0, len(ranges), 2):
+        vals += (ranges[i] - prev, ranges[i + 1] - 1)
+        prev = ranges[i] + ranges[i + 1]
+    return varints(vals)
+
+
+def unpack_ranges(mv: memoryview, pos: int, n: int, cid: int) -> tuple[list[int], int]:
+    """``n`` ranges packed by :func:`pack_ranges` from ``pos``; the position after them."""
+    out: list[int] = []
+    prev = 0
+    for _ in range(n):
+        gap, pos = read_varint(mv, pos, f"chunk {cid} ranges")
+        count, pos = read_varint(mv, pos, f"chunk {cid} ranges")
+        out += (prev + gap, count + 1)
+        prev += gap + count + 1
+    return out, pos
+
+
 def _digest(head: bytes | memoryview, payload: bytes | memoryview) -> bytes:
     """XXH3-128 over the header and payload: detects corruption in transit (the channel
-    authenticates peers; each page is checked against its fingerprint and each block
+    authenticates peers; each page is checked against its key and each block
     against the cryptographic tree, so the chunk digest need not resist forgery)."""
     h = xxhash.xxh3_128()
     h.update(head)
@@ -220,7 +275,7 @@ def encode_chunk(transfer: int, plan: ChunkPlan, image: PageSource,
     head = b"".join([
         _HEAD.pack(MAGIC, transfer, plan.chunk_id, _COMPRESSED if compressed else 0,
                    len(ranges) // 2),
-        *(_RANGE.pack(ranges[i], ranges[i + 1]) for i in range(0, len(ranges), 2)),
+        pack_ranges(ranges),
         xor_bits,
         _LEN.pack(plen),
     ])
@@ -250,12 +305,7 @@ def decode_chunk(
         raise ChunkError(f"chunk {cid}: belongs to transfer {xfer}")
     if flags & ~_COMPRESSED or not 0 < nranges <= CHUNK_PAGES:
         raise ChunkError(f"chunk {cid}: flags {flags:#x} or {nranges} ranges out of bounds")
-    pos = _HEAD.size + nranges * _RANGE.size
-    if len(mv) < pos:
-        raise ChunkError(f"chunk {cid}: frame ends inside its ranges")
-    ranges: list[int] = []
-    for i in range(nranges):
-        ranges.extend(_RANGE.unpack_from(mv, _HEAD.size + i * _RANGE.size))
+    ranges, pos = unpack_ranges(mv, _HEAD.size, nranges, cid)
     pages = from_ranges(ranges, page_limit, f"chunk {cid}", CHUNK_PAGES)
     nxor = (len(pages) + 7) // 8
     if len(mv) < pos + nxor + _LEN.size + DIGEST:

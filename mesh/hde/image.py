@@ -34,8 +34,11 @@ __all__ = [
     "ImageWriter",
     "PageSource",
     "fingerprint",
+    "page_key",
+    "KEY_SIZE",
     "ZERO_FP",
     "UNIFORM_FP",
+    "UNIFORM_KEY",
     "uniform_byte",
     "open_image",
     "create_image",
@@ -46,6 +49,15 @@ PAGE_SIZE = 4096
 #: 128-bit fingerprints: a birthday collision among 2**40 distinct pages (4 PiB)
 #: has probability ~2**-49.
 FP_SIZE = 16
+
+#: Bytes of a page's fingerprint the diff sends and the store looks pages up by. A
+#: wrong match needs a page's key to equal that of another page the target holds:
+#: with S distinct pages stored that is S / 2**64 per lookup, 2**-36 for a 1 TiB
+#: store (S = 2**28), so a 1 TiB transfer meets one with probability 2**-8, and
+#: it then costs one block re-sent (the cryptographic block digests catch it). The
+#: other half of the 128 bits would add 8 bytes to every changed page's entry in
+#: the diff (measured: 0.2 MB of the 11 MB of a 1 GiB guest's warm transfer).
+KEY_SIZE = 8
 
 _fp = xxhash.xxh3_128_digest
 
@@ -59,11 +71,17 @@ def fingerprint(page: bytes | memoryview) -> bytes:
     return _fp(page)
 
 
+def page_key(page: bytes | memoryview) -> bytes:
+    """The key of one page: its fingerprint's first :data:`KEY_SIZE` bytes."""
+    return _fp(page)[:KEY_SIZE]
+
+
 #: The 256 pages whose bytes are all equal, and their fingerprints. Such pages
 #: (zero pages above all) are never sent: their fingerprint says what they are.
 _UNIFORM_PAGES = tuple(bytes([b]) * PAGE_SIZE for b in range(256))
 UNIFORM_FP: dict[bytes, int] = {_fp(p): b for b, p in enumerate(_UNIFORM_PAGES)}
 ZERO_FP = _fp(_UNIFORM_PAGES[0])
+UNIFORM_KEY: dict[bytes, int] = {fp[:KEY_SIZE]: b for fp, b in UNIFORM_FP.items()}
 
 
 def uniform_byte(fp: bytes) -> int | None:

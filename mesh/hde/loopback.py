@@ -60,6 +60,7 @@ def run_transfer(
     store: PageStore,
     level: int,
     references: Mapping[bytes, PageSource] | None = None,
+    reference_indexes: Mapping[bytes, PageIndex] | None = None,
     executor: Executor | None = None,
     make_sink: Callable[[int], ImageWriter] = memory_sink,
     corrupt: Callable[[int, int, bytes | bytearray], bytes | bytearray] | None = None,
@@ -67,9 +68,10 @@ def run_transfer(
 ) -> TransferResult:
     """Move ``image`` into a new image at the target holding ``store`` (which holds the new
     image too once it is verified). ``corrupt(chunk_id, attempt, frame)`` may alter a chunk
-    frame on its way."""
+    frame on its way. ``reference_indexes``: the indexes of some ``references``, which let
+    the source name pages copied within the target's base (:mod:`mesh.hde.entries`)."""
     refs = dict(references or {})
-    src = HdeSource(transfer, TARGET, name, index, refs)
+    src = HdeSource(transfer, TARGET, name, index, refs, reference_indexes)
     dst = HdeTarget(transfer, SOURCE, store, make_sink)
     work: deque[tuple[str, object]] = deque((SOURCE, a) for a in src.start())
     encodes: list[EncodeChunk] = []

@@ -1,18 +1,19 @@
 """HDE's wire messages (tags ``hde.*``).
 
 The diff runs on the control channel: the target walks the source's tree
-top-down (``hde.nodes_want`` / ``hde.nodes``), fetches the fingerprints of the
-blocks that differ (``hde.fps_want`` / ``hde.fps``), and asks for the pages it
-cannot find in its store (``hde.want``). Pages travel in chunk frames
-(:mod:`mesh.hde.codec`, a binary format, not CBOR), which AMST carries as
-opaque bytes under their chunk id.
+top-down (``hde.nodes_want`` / ``hde.nodes``), fetches the group digests and
+then the page keys (64-bit fingerprint prefixes, :data:`mesh.hde.image.KEY_SIZE`)
+of the blocks that differ (``hde.groups_want`` / ``hde.groups``, ``hde.fps_want``
+/ ``hde.fps``), and asks for the pages it cannot find in its store (``hde.want``).
+Pages travel in chunk frames (:mod:`mesh.hde.codec`, a binary format, not CBOR),
+which AMST carries as opaque bytes under their chunk id.
 """
 
 from __future__ import annotations
 
 from mesh import wire
-from mesh.hde.image import FP_SIZE
-from mesh.hde.index import BLOCK_PAGES, DIGEST_SIZE, FANOUT, GROUPS_PER_BLOCK
+from mesh.hde.image import KEY_SIZE
+from mesh.hde.index import BLOCK_PAGES, DIGEST_SIZE, FANOUT, GROUP_DIGEST_SIZE, GROUPS_PER_BLOCK
 from mesh.wire import U64, Bool, Bytes, ListOf, Optional, Text, field
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "MAX_FP_BLOCKS",
     "MAX_WANT_RANGES",
     "CHUNK_PAGES",
+    "MAX_ENTRY",
     "HdeOffer",
     "HdeBase",
     "HdeNodesWant",
@@ -35,12 +37,14 @@ __all__ = [
 
 #: Parents per node request: the reply holds at most 1024 * 16 * 32 B = 512 KiB.
 MAX_PARENTS = 1024
-#: Blocks per fingerprint request: 64 * 4 KiB = 256 KiB of fingerprints per reply.
+#: Blocks per fingerprint request: 64 * 2 KiB = 128 KiB of page keys per reply.
 MAX_FP_BLOCKS = 64
 #: Ranges (start, count pairs) per want message; 16 KiB ranges keep a frame under 400 KiB.
 MAX_WANT_RANGES = 16384
 #: Pages per chunk: ~1 MiB of logical data, as DESIGN.md gives for HDE payload.
 CHUNK_PAGES = BLOCK_PAGES
+#: Largest entry of a page in ``hde.fps``: a tag byte and a key, or a varint (<= 10 bytes).
+MAX_ENTRY = 1 + max(KEY_SIZE, 10)
 #: Largest page number: 2**40 pages is 4 PiB, far beyond any image.
 MAX_PAGE = 2**40
 _DIGEST = Bytes(DIGEST_SIZE, exact=True)
@@ -99,22 +103,24 @@ class HdeGroupsWant:
 @wire.message("hde.groups", max_size=_BULK)
 class HdeGroups:
     """Source -> target: per block, its digest and the digests of its groups of
-    ``GROUP_PAGES`` pages (16 bytes each), concatenated in order."""
+    ``GROUP_PAGES`` pages (``GROUP_DIGEST_SIZE`` bytes each), concatenated in order."""
 
     transfer: int = field(U64())
     blocks: tuple[int, ...] = field(ListOf(U64(MAX_PAGE), MAX_FP_BLOCKS))
     digests: bytes = field(Bytes(MAX_FP_BLOCKS * DIGEST_SIZE))
-    groups: bytes = field(Bytes(MAX_FP_BLOCKS * GROUPS_PER_BLOCK * FP_SIZE))
+    groups: bytes = field(Bytes(MAX_FP_BLOCKS * GROUPS_PER_BLOCK * GROUP_DIGEST_SIZE))
 
 
 @wire.message("hde.fps_want")
 class HdeFingerprintsWant:
-    """Target -> source: the page fingerprints of these blocks, only of the groups whose
-    bit is set in the block's mask (bit g: group g)."""
+    """Target -> source: the page entries of these blocks, only of the groups whose bit is
+    set in the block's mask (bit g: group g). ``plain``: keys only, no base pages named
+    (the re-fetch of blocks that failed their check)."""
 
     transfer: int = field(U64())
     blocks: tuple[int, ...] = field(ListOf(U64(MAX_PAGE), MAX_FP_BLOCKS))
     masks: tuple[int, ...] = field(ListOf(U64(2**GROUPS_PER_BLOCK - 1), MAX_FP_BLOCKS))
+    plain: bool = field(Bool())
 
     def __attrs_post_init__(self) -> None:
         if len(self.masks) != len(self.blocks):
@@ -123,13 +129,13 @@ class HdeFingerprintsWant:
 
 @wire.message("hde.fps", max_size=_BULK)
 class HdeFingerprints:
-    """Source -> target: block digests and the page fingerprints of the groups asked for,
-    in order (zstd-compressed: runs of zero pages shrink to nothing)."""
+    """Source -> target: block digests and the page entries (:mod:`mesh.hde.entries`) of the
+    groups asked for, in order (zstd-compressed: runs of zero pages shrink to nothing)."""
 
     transfer: int = field(U64())
     blocks: tuple[int, ...] = field(ListOf(U64(MAX_PAGE), MAX_FP_BLOCKS))
     digests: bytes = field(Bytes(MAX_FP_BLOCKS * DIGEST_SIZE))
-    fps: bytes = field(Bytes(MAX_FP_BLOCKS * BLOCK_PAGES * FP_SIZE + 1024))
+    fps: bytes = field(Bytes(MAX_FP_BLOCKS * BLOCK_PAGES * MAX_ENTRY + 1024))
 
 
 @wire.message("hde.want", max_size=_BULK)

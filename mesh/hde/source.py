@@ -13,8 +13,8 @@ from collections.abc import Mapping
 
 from mesh.core import Action, Event, Notify, PeerDown, Received, Send
 from mesh.hde.codec import ChunkError, ChunkPlan, check_ranges, compress
+from mesh.hde.entries import ReferenceMap, encode_entries
 from mesh.hde.events import EncodeChunk
-from mesh.hde.image import FP_SIZE
 from mesh.hde.index import GROUP_PAGES, PageIndex
 from mesh.hde.messages import (
     CHUNK_PAGES,
@@ -37,23 +37,28 @@ __all__ = ["HdeSource", "MAX_RESENDS"]
 #: A chunk corrupted this many times in a row means a broken path or a hostile
 #: peer, not line noise: the transfer fails rather than looping.
 MAX_RESENDS = 3
-#: zstd level for fingerprint lists: they are random except for runs of equal
-#: pages, which even level 1 collapses.
+#: zstd level for page key lists: they are random except for runs of equal pages,
+#: which even level 1 collapses.
 FP_LEVEL = 1
 
 
 class HdeSource:
     """Sends image ``name`` (indexed as ``index``) to ``peer``. ``references`` are the roots
-    of earlier images this side still holds, usable as XOR bases."""
+    of earlier images this side still holds, usable as XOR bases; ``reference_indexes``
+    the indexes of some of them: when the target's base is one of those, the diff names
+    pages copied within it instead of sending their keys (:mod:`mesh.hde.entries`)."""
 
     def __init__(self, transfer: int, peer: str, name: str, index: PageIndex,
-                 references: Mapping[bytes, object] | None = None) -> None:
+                 references: Mapping[bytes, object] | None = None,
+                 reference_indexes: Mapping[bytes, PageIndex] | None = None) -> None:
         self.transfer = transfer
         self.peer = peer
         self.name = name
         self.index = index
         self._references = frozenset(references or ())
         self.reference_root: bytes | None = None
+        self._reference_indexes = dict(reference_indexes or {})
+        self._reference_map: ReferenceMap | None = None
         self._pending: list[tuple[int, int]] = []
         self._pending_count = 0
         self._plans: dict[int, ChunkPlan] = {}
@@ -107,6 +112,9 @@ class HdeSource:
     def _on_base(self, msg: HdeBase) -> list[Action | EncodeChunk]:
         if msg.base_root is not None and msg.base_root in self._references:
             self.reference_root = msg.base_root
+            rix = self._reference_indexes.get(msg.base_root)
+            if rix is not None and rix.root == msg.base_root:
+                self._reference_map = ReferenceMap(rix)
         return []
 
     def _on_nodes_want(self, msg: HdeNodesWant) -> list[Action | EncodeChunk]:
@@ -133,7 +141,8 @@ class HdeSource:
 
     def _on_fps_want(self, msg: HdeFingerprintsWant) -> list[Action | EncodeChunk]:
         ix = self.index
-        digests, fps = [], []
+        digests: list[bytes] = []
+        groups: list[range] = []
         for b, mask in zip(msg.blocks, msg.masks, strict=True):
             if b >= ix.block_count:
                 return self._fail(f"hde.fps_want: no block {b}")
@@ -141,12 +150,13 @@ class HdeSource:
             pages = ix.block_pages(b)
             for g, start in enumerate(range(pages.start, pages.stop, GROUP_PAGES)):
                 if mask >> g & 1:
-                    stop = min(start + GROUP_PAGES, pages.stop)
-                    fps.append(bytes(ix.fps[start * FP_SIZE : stop * FP_SIZE]))
+                    groups.append(range(start, min(start + GROUP_PAGES, pages.stop)))
             if mask >> -(-len(pages) // GROUP_PAGES):
                 return self._fail(f"hde.fps_want: mask {mask:#x} names groups past block {b}")
+        ref = None if msg.plain else self._reference_map
         reply = HdeFingerprints(transfer=self.transfer, blocks=msg.blocks,
-                                digests=b"".join(digests), fps=compress(b"".join(fps), FP_LEVEL))
+                                digests=b"".join(digests),
+                                fps=compress(encode_entries(ix, groups, ref), FP_LEVEL))
         return [Send(self.peer, reply)]
 
     def _on_want(self, msg: HdeWant) -> list[Action | EncodeChunk]:

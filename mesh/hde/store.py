@@ -4,7 +4,8 @@ Every image a DC holds — an earlier copy of the VM being migrated, other VMs,
 images that finished arriving — is registered with its index. The store then
 answers two questions during a transfer: "which copy of this VM do I hold?"
 (the *base*, compared position by position in the tree diff) and "do I hold a
-page with this fingerprint anywhere?" (dedup across versions and across VMs).
+page with this key anywhere?" (dedup across versions and across VMs; a key is the
+64-bit fingerprint prefix the diff carries, :data:`mesh.hde.image.KEY_SIZE`).
 
 Only pages that would be sent are indexed: zero and uniform pages are never
 sent, so they are not worth a dictionary entry. Memory is about 100 bytes
@@ -14,7 +15,7 @@ costs a few MiB.
 
 from __future__ import annotations
 
-from mesh.hde.image import FP_SIZE, UNIFORM_FP, PageSource
+from mesh.hde.image import FP_SIZE, KEY_SIZE, UNIFORM_KEY, PageSource
 from mesh.hde.index import PageIndex
 
 __all__ = ["PageStore", "StoredImage"]
@@ -33,7 +34,7 @@ class StoredImage:
 
 
 class PageStore:
-    """Images by name (newest last) and every sendable page by fingerprint."""
+    """Images by name (newest last) and every sendable page by key."""
 
     def __init__(self) -> None:
         self._images: list[StoredImage] = []
@@ -49,18 +50,18 @@ class PageStore:
         pages = self._pages
         fps = memoryview(index.fps)
         for p in range(index.page_count):
-            fp = bytes(fps[p * FP_SIZE : (p + 1) * FP_SIZE])
-            if fp not in pages and fp not in UNIFORM_FP:
-                pages[fp] = (slot, p)
+            key = bytes(fps[p * FP_SIZE : p * FP_SIZE + KEY_SIZE])
+            if key not in pages and key not in UNIFORM_KEY:
+                pages[key] = (slot, p)
         return stored
 
     def base(self, name: str) -> StoredImage | None:
         """The newest image stored under ``name``."""
         return self._by_name.get(name)
 
-    def lookup(self, fp: bytes) -> tuple[PageSource, int] | None:
-        """An image and page number holding a page with fingerprint ``fp``."""
-        hit = self._pages.get(fp)
+    def lookup(self, key: bytes) -> tuple[PageSource, int] | None:
+        """An image and page number holding a page with key ``key``."""
+        hit = self._pages.get(key)
         if hit is None:
             return None
         slot, page = hit

@@ -4,17 +4,19 @@ On an offer it picks its base (the newest copy of that image in its
 :class:`~mesh.hde.store.PageStore`, if the tree has the same shape) and walks
 the source's tree top-down, descending only into nodes whose digest differs
 from the base's. Subtrees that match are copied from the base. For blocks
-that differ it fetches the page fingerprints and resolves each page, cheapest
-first: uniform page (filled), same page at the same position in the base,
-a page already received in this transfer, any page in the store (dedup
-across versions and VMs), a page already asked for; only the rest is wanted.
+that differ it fetches the page entries (:mod:`mesh.hde.entries`): a page the
+source names as a page of the base is copied from there; a page sent by its
+key (a 64-bit fingerprint prefix) is resolved cheapest first: uniform page
+(filled), same page at the same position in the base, a page already received
+in this transfer, any page in the store (dedup across versions and VMs), a
+page already asked for; only the rest is wanted.
 
-Chunks are checked (digest, then every page against its fingerprint) before
+Chunks are checked (digest, then every page against its key) before
 a single page is written; a bad chunk is asked for again. When every page is
 in place the driver recomputes the tree over what was written
 (:class:`RecomputeRoot`); only a root equal to the offered one completes the
 transfer. Blocks whose digest is wrong are fetched once more without any
-dedup, so even a crafted fingerprint collision costs time, never correctness.
+dedup, so even a crafted key collision costs time, never correctness.
 """
 
 from __future__ import annotations
@@ -26,17 +28,20 @@ import zstandard
 
 from mesh.core import Action, Event, Notify, PeerDown, Received, Send
 from mesh.hde.codec import ChunkError, decode_chunk, to_ranges, xor_pages
+from mesh.hde.entries import iter_entries
 from mesh.hde.events import ChunkArrived, RecomputeRoot, RootRecomputed
-from mesh.hde.image import FP_SIZE, PAGE_SIZE, UNIFORM_FP, ImageWriter, fingerprint
+from mesh.hde.image import FP_SIZE, KEY_SIZE, PAGE_SIZE, UNIFORM_KEY, ImageWriter, page_key
 from mesh.hde.index import (
     BLOCK_PAGES,
     DIGEST_SIZE,
     FANOUT,
+    GROUP_DIGEST_SIZE,
     GROUP_PAGES,
     level_sizes,
     root_digest,
 )
 from mesh.hde.messages import (
+    MAX_ENTRY,
     MAX_FP_BLOCKS,
     MAX_PARENTS,
     MAX_WANT_RANGES,
@@ -185,9 +190,11 @@ class HdeTarget:
         if masks is None:
             masks = [(1 << len(self._groups_of(b))) - 1 for b in blocks]
         for i in range(0, len(blocks), MAX_FP_BLOCKS):
-            self._queue.append(HdeFingerprintsWant(transfer=self.transfer,
-                                                   blocks=tuple(blocks[i : i + MAX_FP_BLOCKS]),
-                                                   masks=tuple(masks[i : i + MAX_FP_BLOCKS])))
+            part = blocks[i : i + MAX_FP_BLOCKS]
+            self._queue.append(HdeFingerprintsWant(
+                transfer=self.transfer, blocks=tuple(part),
+                masks=tuple(masks[i : i + MAX_FP_BLOCKS]),
+                plain=any(b in self._strict for b in part)))
 
     def _pump(self) -> list[TargetAction]:
         out: list[TargetAction] = []
@@ -257,7 +264,7 @@ class HdeTarget:
         assert self.base is not None and self.sink is not None
         groups = [self._groups_of(b) for b in msg.blocks]
         if (len(msg.digests) != len(msg.blocks) * DIGEST_SIZE
-                or len(msg.groups) != sum(len(g) for g in groups) * FP_SIZE):
+                or len(msg.groups) != sum(len(g) for g in groups) * GROUP_DIGEST_SIZE):
             return self._fail("hde.groups: digests do not match the blocks")
         blocks, masks = [], []
         off = 0
@@ -267,13 +274,13 @@ class HdeTarget:
             base_groups = self.base.index.groups(b)
             mask = 0
             for g, pages in enumerate(groups[i]):
-                here = slice(g * FP_SIZE, (g + 1) * FP_SIZE)
+                here = slice(g * GROUP_DIGEST_SIZE, (g + 1) * GROUP_DIGEST_SIZE)
                 if msg.groups[off + here.start : off + here.stop] == base_groups[here]:
                     self.sink.copy(self.base.image, pages.start, pages.start, len(pages))
                     self.stats["pages_base"] += len(pages)
                 else:
                     mask |= 1 << g
-            off += len(groups[i]) * FP_SIZE
+            off += len(groups[i]) * GROUP_DIGEST_SIZE
             if mask:
                 blocks.append(b)
                 masks.append(mask)
@@ -288,23 +295,31 @@ class HdeTarget:
         assert self.sink is not None
         pages = [[p for g, r in enumerate(self._groups_of(b)) if mask >> g & 1 for p in r]
                  for b, mask in zip(msg.blocks, masks, strict=True)]
-        size = sum(len(r) for r in pages) * FP_SIZE
+        listed = [p for block_pages in pages for p in block_pages]
         try:
-            fps = zstandard.ZstdDecompressor().decompress(msg.fps, max_output_size=size)
+            data = zstandard.ZstdDecompressor().decompress(
+                msg.fps, max_output_size=len(listed) * MAX_ENTRY)
         except zstandard.ZstdError as exc:
             return self._fail(f"hde.fps: zstd: {exc}")
-        if len(fps) != size or len(msg.digests) != len(msg.blocks) * DIGEST_SIZE:
-            return self._fail("hde.fps: fingerprints or digests do not match the blocks")
+        if len(msg.digests) != len(msg.blocks) * DIGEST_SIZE:
+            return self._fail("hde.fps: digests do not match the blocks")
+        base = self.base
+        # Checked whole before any page is placed: a malformed reply changes nothing.
+        entries = list(iter_entries(data, listed, None if base is None else base.index.page_count))
+        if any(k is None and p // BLOCK_PAGES in self._strict for p, k, _ in entries):
+            return self._fail("hde.fps: a page of a re-fetched block named a base page")
         wants: list[int] = []
-        off = 0
         for i, b in enumerate(msg.blocks):
             self._expected[b * DIGEST_SIZE : (b + 1) * DIGEST_SIZE] = \
                 msg.digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
-            for p in pages[i]:
-                fp = fps[off : off + FP_SIZE]
-                off += FP_SIZE
-                if self._resolve(p, fp, strict=b in self._strict):
+        for p, k, q in entries:
+            if k is not None:
+                if self._resolve(p, k, strict=p // BLOCK_PAGES in self._strict):
                     wants.append(p)
+            else:
+                assert base is not None and self.sink is not None and q is not None
+                self.sink.copy(base.image, q, p, 1)
+                self.stats["pages_base" if p == q else "pages_dedup"] += 1
         out: list[TargetAction] = []
         ranges = to_ranges(wants)
         step = 2 * MAX_WANT_RANGES
@@ -328,13 +343,13 @@ class HdeTarget:
             self._wanted[p] = fp
             self.stats["pages_wanted"] += 1
             return True
-        byte = UNIFORM_FP.get(fp)
+        byte = UNIFORM_KEY.get(fp)
         if byte is not None:
             sink.fill(p, 1, byte)
             self.stats["pages_uniform"] += 1
             return False
         base = self.base
-        if base is not None and base.index.fps[p * FP_SIZE : (p + 1) * FP_SIZE] == fp:
+        if base is not None and base.index.fps[p * FP_SIZE : p * FP_SIZE + KEY_SIZE] == fp:
             sink.copy(base.image, p, p, 1)
             self.stats["pages_base"] += 1
             return False
@@ -371,14 +386,17 @@ class HdeTarget:
             return self._reject(ev.chunk_id, str(exc))
         for p, data in pages:
             fp = self._wanted.pop(p)
-            for q in self._inflight.pop(fp, [p]):
+            # A strict page (re-fetch after a failed block) serves no other page: its key
+            # may be the very one that collided.
+            waiting = [p] if p // BLOCK_PAGES in self._strict else self._inflight.pop(fp, [p])
+            for q in waiting:
                 self.sink.write(q, data)
             self._received[fp] = p
         return self._pump() + self._maybe_finish()
 
     def _check_pages(self, cid: int, pages: tuple[int, ...], xor: tuple[bool, ...],
                      data: bytes) -> list[tuple[int, bytes]]:
-        """Every page of a chunk, un-XORed and checked against its fingerprint; a chunk
+        """Every page of a chunk, un-XORed and checked against its key; a chunk
         with any bad page is refused whole."""
         out = []
         mv = memoryview(data)
@@ -390,8 +408,8 @@ class HdeTarget:
                 if self.base is None:
                     raise ChunkError(f"chunk {cid}: page {p} is a delta but there is no base")
                 page = xor_pages(page, self.base.image.view(p))
-            if fingerprint(page) != self._wanted[p]:
-                raise ChunkError(f"chunk {cid}: page {p} does not match its fingerprint")
+            if page_key(page) != self._wanted[p]:
+                raise ChunkError(f"chunk {cid}: page {p} does not match its key")
             out.append((p, bytes(page)))
         return out
 
