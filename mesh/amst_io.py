@@ -40,7 +40,6 @@ from mesh.amst import (
     StreamUp,
     chunk_digest,
 )
-from mesh.amst_link import HANDSHAKE_TIMEOUT_S, NET_ERRORS, Link
 from mesh.amst_sender import (
     DEFAULT_WINDOW_BYTES,
     Abort,
@@ -55,6 +54,7 @@ from mesh.amst_sender import (
     SourceDone,
     Transmit,
 )
+from mesh.amst_stream_io import HANDSHAKE_TIMEOUT_S, NET_ERRORS, Link
 from mesh.channel import ChannelError, SecureChannel
 from mesh.core import CancelTimer, Notify, SetTimer, TimerFired
 from mesh.modes import Mode

@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sim.store import SimStore
 
+#: Marks a class not yet looked up in the route cache (None is a cached "no core").
+_UNROUTED: Any = object()
+
 if TYPE_CHECKING:
     from sim.world import World
 
@@ -102,10 +105,9 @@ class SimNode:
         return self.cores[name].core
 
     def route(self, cls: type) -> HostedCore | None:
-        try:
-            return self._route_cache[cls]
-        except KeyError:
-            pass
+        cached = self._route_cache.get(cls, _UNROUTED)
+        if cached is not _UNROUTED:
+            return cached
         hosted = self._exact.get(cls)
         if hosted is None:
             tag = getattr(cls, "wire_tag", "")

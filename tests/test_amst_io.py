@@ -15,8 +15,8 @@ import trio.testing
 
 from mesh.amst import Chunk
 from mesh.amst_io import AmstServer, TransferCut, send_transfer
-from mesh.amst_link import Link
 from mesh.amst_sender import AmstSender
+from mesh.amst_stream_io import Link
 from tests.amst_loopback import channels
 
 MiB = 1024 * 1024

@@ -15,6 +15,7 @@ trio reader and the thread reader can take turns on one connection.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import socket
@@ -126,10 +127,8 @@ class Link:
         with self._guard:
             self._closing = True
             if self._raw is not None:
-                try:
+                with contextlib.suppress(OSError):  # already shut: nothing to wake
                     self._raw.shutdown(socket.SHUT_RDWR)  # wakes any worker
-                except OSError:
-                    pass
                 if self._users == 0:
                     self._raw.close()
         with trio.CancelScope(shield=True):
