@@ -17,7 +17,8 @@ def import_all_messages() -> list[type]:
     for pkg_name in ("mesh", "consensus", "federation", "sim"):
         pkg = importlib.import_module(pkg_name)
         for info in pkgutil.walk_packages(pkg.__path__, prefix=f"{pkg_name}."):
-            importlib.import_module(info.name)
+            if not info.name.endswith(".__main__"):  # that one runs the CLI
+                importlib.import_module(info.name)
     return [wire.registry[tag] for tag in sorted(wire.registry)]
 
 
