@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import errno
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -60,9 +60,10 @@ from trio_websocket import (
     HandshakeError,
     WebSocketConnection,
     WebSocketRequest,
-    WebSocketServer,
     connect_websocket,
+    wrap_server_stream,
 )
+from wsproto.utilities import LocalProtocolError
 
 from mesh import wire
 from mesh.channel import MAX_PLAINTEXT, ChannelError, SecureChannel
@@ -154,13 +155,23 @@ class Runtime:
 
     # ------------------------------------------------------------------ hosting
 
-    def add_core(self, name: str, core: Core, tags: Iterable[str]) -> None:
-        """Host ``core``; call before :meth:`run`."""
+    def add_core(
+        self,
+        name: str,
+        core: Core,
+        tags: Iterable[str],
+        effects: Callable[[object], bool] | None = None,
+    ) -> None:
+        """Host ``core``; call before :meth:`run`. ``effects(action)`` takes the host's own
+        actions, in order with the core's others (True if it took one)."""
         if self._running:
             raise RuntimeError(f"add_core({name!r}) after the runtime started")
         if name in self._cores:
             raise ValueError(f"a core named {name!r} is already hosted")
-        hosted = HostedCore(name, core, tuple(tags), send=self.send, store=self.store, log=self.log)
+        hosted = HostedCore(
+            name, core, tuple(tags), send=self.send, store=self.store, log=self.log,
+            effects=effects,
+        )
         self._routes.add(hosted.tags, hosted)
         self._cores[name] = hosted
 
@@ -237,15 +248,11 @@ class Runtime:
         async with trio.open_nursery() as nursery:
             for hosted in self._cores.values():
                 nursery.start_soon(hosted.run)
-            server = WebSocketServer(
-                self._on_request,
-                listeners,
-                max_message_size=MAX_MESSAGE,
-                connect_timeout=HANDSHAKE_TIMEOUT,
-                disconnect_timeout=CLOSE_TIMEOUT,
-            )
-            await nursery.start(server.run)
-            self.listen_port = server.port
+            # trio.serve_listeners with our own per-connection wrapper rather than
+            # trio_websocket.WebSocketServer: a wsproto error inside one connection
+            # (trio-websocket issue #184) must end that connection, not the node.
+            await nursery.start(partial(trio.serve_listeners, self._on_stream, listeners))
+            self.listen_port = listeners[0].socket.getsockname()[1]
             self.log.event(
                 "listening",
                 host=self.listen_host,
@@ -292,6 +299,42 @@ class Runtime:
 
     async def _dial(self, peer: Peer, attempt: int) -> bool:
         self._count("dials")
+        became_link = False
+        try:
+            became_link = await self._dial_once(peer, attempt)
+        except* LocalProtocolError as group:
+            self._ws_protocol_error(peer.name, group)
+        return became_link
+
+    def _ws_protocol_error(self, peer: str | None, group: BaseExceptionGroup) -> None:
+        """trio-websocket answers a ping on a connection it is closing and wsproto
+        refuses (trio-websocket issue #184, "_handle_ping_event() occasionally sends
+        to closed socket"; fix not released in 0.12.2). The connection is over either
+        way: count it and let the dial loop or the peer reconnect."""
+        self._count("ws_protocol_errors")
+        self.log.event("ws_protocol_error", peer=peer, error=_describe(group.exceptions[0]))
+
+    async def _on_stream(self, stream: trio.SocketStream) -> None:
+        """One accepted TCP connection: the websocket handshake, then :meth:`_on_request`."""
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
+                    request = await wrap_server_stream(
+                        nursery, stream, max_message_size=MAX_MESSAGE
+                    )
+                if not handshake.cancelled_caught:
+                    await self._on_request(request)
+                nursery.cancel_scope.cancel()
+        except* LocalProtocolError as group:
+            self._ws_protocol_error(None, group)
+        except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            self._count("accept_failures")
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+                scope.shield = True
+                await stream.aclose()
+
+    async def _dial_once(self, peer: Peer, attempt: int) -> bool:
         async with trio.open_nursery() as conn_nursery:
             try:
                 with trio.fail_after(HANDSHAKE_TIMEOUT):
@@ -325,7 +368,11 @@ class Runtime:
             ws = await request.accept()
         except ConnectionClosed:
             return
-        await self._serve(ws, dialled=None)
+        try:
+            await self._serve(ws, dialled=None)
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await ws.aclose()
 
     async def _serve(self, ws: WebSocketConnection, *, dialled: str | None) -> bool:
         """Handshake and carry one connection; True if it became its peer's link."""

@@ -512,3 +512,36 @@ async def test_start_hook_and_invoke_run_in_the_cores_turn(tmp_path: Path) -> No
             await rt.invoke("x", bump)
         rt.shutdown()
     assert [e["kind"] for e in mesh.events("dc1") if e["event"] == "notify"] == ["invoked"]
+
+
+async def test_a_websocket_protocol_error_ends_the_connection_not_the_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # trio-websocket issue #184: a Pong on a closing connection raises wsproto's
+    # LocalProtocolError inside the library's reader task. It must stay contained.
+    from wsproto.utilities import LocalProtocolError
+
+    mesh = Mesh(2, tmp_path)
+    victim = mesh.runtime("dc1")
+    raised = 0
+
+    async def broken_request(request: Any) -> None:
+        nonlocal raised
+        raised += 1
+        raise LocalProtocolError("Event Pong cannot be sent in state LOCAL_CLOSING")
+
+    monkeypatch.setattr(victim, "_on_request", broken_request)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(victim.run)
+        for _ in range(2):
+            stream = await trio.open_tcp_stream("127.0.0.1", mesh.ports["dc1"])
+            await stream.send_all(
+                b"GET /dwcp HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            seen = victim.counters.get("ws_protocol_errors", 0)
+            await _until(lambda seen=seen: victim.counters.get("ws_protocol_errors", 0) > seen)
+            await stream.aclose()
+        assert raised == 2 and victim.counters["ws_protocol_errors"] == 2
+        assert any(e["event"] == "ws_protocol_error" for e in mesh.events("dc1"))
+        victim.shutdown()
