@@ -1,1 +1,47 @@
-"""DWCP consensus: PBFT replica, the ledger state machine, Byzantine evidence, durable log."""
+"""DWCP consensus: PBFT replica, the ledger state machine, Byzantine evidence, durable log.
+
+- :class:`Replica` (:mod:`consensus.replica`, with :mod:`consensus.execution`,
+  :mod:`consensus.viewchange` and :mod:`consensus.transfer`): the sans-I/O PBFT
+  core, n = 3f+1;
+- :class:`LedgerClient` (:mod:`consensus.client`): submit a command, complete on
+  f+1 matching replies;
+- :class:`Ledger` (:mod:`consensus.ledger`): VM ownership, migrations, policy;
+- :class:`EvidenceBook`, :func:`check_proof` (:mod:`consensus.evidence`);
+- :class:`ReplicaLog` (:mod:`consensus.durable`): the durable log over a
+  :class:`mesh.core.Store` (SQLite in a node, the crash-consistent store in sim);
+- the signed wire messages and certificate checks (:mod:`consensus.messages`,
+  :mod:`consensus.quorum`).
+"""
+
+from consensus.client import LedgerClient
+from consensus.durable import ReplicaLog
+from consensus.evidence import EquivocationProof, EvidenceBook, check_proof
+from consensus.ledger import (
+    AbortMigration,
+    BeginMigration,
+    CommitMigration,
+    Ledger,
+    LedgerInvariantError,
+    LedgerResult,
+    RegisterVm,
+    SetPolicy,
+)
+from consensus.replica import PbftConfig, Replica
+
+__all__ = [
+    "Replica",
+    "PbftConfig",
+    "LedgerClient",
+    "Ledger",
+    "LedgerResult",
+    "LedgerInvariantError",
+    "RegisterVm",
+    "BeginMigration",
+    "CommitMigration",
+    "AbortMigration",
+    "SetPolicy",
+    "EvidenceBook",
+    "EquivocationProof",
+    "check_proof",
+    "ReplicaLog",
+]

@@ -8,3 +8,4 @@ any order: the file is exempt from import sorting so appending never breaks the 
 
 from sim.scenarios import counter  # noqa: F401
 from sim.scenarios import amst_streams  # noqa: F401
+from sim.scenarios import pbft_scenarios  # noqa: F401

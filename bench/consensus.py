@@ -1,0 +1,413 @@
+"""``dwcp bench consensus``: PBFT among real node processes on loopback.
+
+Each replica is its own OS process (``python -m bench.consensus node ...``): a
+:class:`mesh.runtime.Runtime` (websocket control links, secure channels, its
+SQLite store in WAL mode with ``synchronous=FULL``) hosting the sans-I/O
+:class:`consensus.replica.Replica`. Load comes from the nodes' own ledger
+clients (every DC is a client): each keeps ``window`` ledger commands in
+flight (``RegisterVm``, a real ledger write) and times each one from submit to
+f+1 matching signed replies.
+
+Figures (issue 5):
+
+- ``batched_commits_per_s``, ``batched_p99_ms``: n = 4, every node with a
+  window of ``--window`` commands;
+- ``unbatched_p50_ms``: n = 4, one node, one command at a time;
+- ``n16_batched_commits_per_s``: n = 16, every node loading;
+- ``view_change_recovery_ms``: n = 4, one node submitting one command at a
+  time; the primary is killed with SIGKILL; the time from the kill until the
+  first command submitted after it commits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import attrs
+
+__all__ = ["register", "Cluster", "bench_identity"]
+
+#: Seconds a node gets to link up with every peer before the run is abandoned.
+READY_TIMEOUT = 60.0
+
+
+def bench_identity(name: str) -> Any:
+    from mesh.identity import Identity
+
+    return Identity.from_seed(hashlib.sha256(b"dwcp-bench-key/" + name.encode()).digest())
+
+
+def names_for(n: int) -> list[str]:
+    return [f"n{i:02d}" for i in range(n)]
+
+
+# --------------------------------------------------------------------------- node process
+
+
+@attrs.frozen
+class _Submit:
+    command: bytes
+
+
+@attrs.frozen
+class _Start:
+    """Ask the replica for its start-up actions (the runtime does not call ``start``)."""
+
+
+class BenchCore:
+    """The replica, plus submissions from the load task and a record of completions."""
+
+    def __init__(self, replica: Any) -> None:
+        self.replica = replica
+        self.started: dict[int, float] = {}
+        self.submit_walls: dict[int, float] = {}
+        self.latencies: list[float] = []
+        self.commit_walls: list[float] = []
+        #: (submitted, committed) wall-clock times of each command
+        self.pairs: list[tuple[float, float]] = []
+        self.on_commit: Any = None
+
+    def handle(self, now: float, event: Any) -> list[Any]:
+        from mesh.core import Notify
+
+        if isinstance(event, _Submit):
+            rid, actions = self.replica.submit(now, event.command)
+            self.started[rid] = now
+            self.submit_walls[rid] = time.time()
+        elif isinstance(event, _Start):
+            actions = self.replica.start(now)
+        else:
+            actions = self.replica.handle(now, event)
+        out = []
+        for a in actions:
+            if isinstance(a, Notify):
+                if a.kind == "ledger.committed":
+                    t0 = self.started.pop(a.detail["request_id"], None)
+                    if t0 is not None:
+                        self.latencies.append(now - t0)
+                        wall = time.time()
+                        self.commit_walls.append(wall)
+                        self.pairs.append((self.submit_walls.pop(a.detail["request_id"]), wall))
+                        if self.on_commit is not None:
+                            self.on_commit()
+                    continue
+                if a.kind == "pbft.executed":
+                    continue  # one log line per batch would dominate the run
+            out.append(a)
+        return out
+
+
+async def _node_main(args: argparse.Namespace) -> None:
+    import trio
+
+    from consensus.durable import ReplicaLog
+    from consensus.ledger import RegisterVm
+    from consensus.replica import PbftConfig, Replica
+    from mesh import wire
+    from mesh.runtime import Peer, Runtime
+    from mesh.runtime_log import JsonLog
+    from mesh.runtime_store import SQLiteStore
+
+    names = names_for(args.n)
+    ports = [int(p) for p in args.ports.split(",")]
+    me = names.index(args.name)
+    ident = bench_identity(args.name)
+    keys = {m: bench_identity(m).public for m in names}
+    peers = [Peer(m, keys[m], "127.0.0.1", ports[i]) for i, m in enumerate(names) if i != me]
+    data = Path(args.dir)
+    store = SQLiteStore(data / f"{args.name}.sqlite3")
+    logfile = open(data / f"{args.name}.log", "a")  # noqa: SIM115 (open for the process life)
+    rt = Runtime(
+        name=args.name, federation="bench", identity=ident, public_key=ident.public,
+        peers=peers, listen_host="127.0.0.1", listen_port=ports[me], versions=(1,),
+        store=store, log=JsonLog(args.name, logfile),
+    )
+    replica = Replica(args.name, ident, keys, ReplicaLog(store), random.Random(),
+                      PbftConfig(view_timeout=args.view_timeout))
+    core = BenchCore(replica)
+    rt.add_core("pbft", core, tags=("pbft",))
+    # The runtime has no public way to hand a core an event from outside yet
+    # (the simulator's World.invoke); the bench uses its core host directly.
+    hosted = rt._cores["pbft"]
+
+    def write_status() -> None:
+        status = {"last_exec": replica.last_exec, "view": replica.view,
+                  "digest": replica.ledger.state_digest().hex(),
+                  "committed": len(core.latencies)}
+        tmp = data / f"{args.name}.status.tmp"
+        tmp.write_text(json.dumps(status))
+        tmp.replace(data / f"{args.name}.status")
+
+    async def load(window: int, duration: float) -> None:
+        slots = trio.Semaphore(window)
+        core.on_commit = slots.release
+        end = trio.current_time() + duration
+        i = 0
+        while trio.current_time() < end:
+            with trio.move_on_at(end):
+                await slots.acquire()
+                i += 1
+                cmd = wire.encode(RegisterVm(f"vm-{args.name}-{args.run}-{i}", args.name))
+                await hosted.deliver(_Submit(cmd))  # type: ignore[arg-type]
+        with trio.move_on_after(10.0):  # let the commands in flight complete
+            while core.started:
+                await trio.sleep(0.01)
+        tmp = data / f"{args.name}.result.tmp"
+        tmp.write_text(json.dumps({"latencies": core.latencies, "commit_walls": core.commit_walls,
+                                   "pairs": core.pairs}))
+        tmp.replace(data / f"{args.name}.result")
+
+    async def status_loop() -> None:
+        while True:
+            write_status()
+            await trio.sleep(0.2)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rt.run)
+        await hosted.deliver(_Start())  # type: ignore[arg-type]
+        while len(rt.links) < len(peers):
+            await trio.sleep(0.02)
+        print("READY", flush=True)
+        async with trio.open_nursery() as work:
+            work.start_soon(status_loop)
+            go = await trio.wrap_file(sys.stdin).readline()
+            if go.strip() == "GO" and args.window > 0:
+                work.start_soon(load, args.window, args.duration)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                async for _ in sigs:
+                    break
+            work.cancel_scope.cancel()
+        write_status()
+        rt.shutdown()
+    store.close()
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Cluster:
+    """n node processes on loopback with their data in ``directory``."""
+
+    def __init__(self, n: int, directory: Path, view_timeout: float = 2.0) -> None:
+        self.n = n
+        self.dir = directory
+        self.names = names_for(n)
+        self.ports = _free_ports(n)
+        self.view_timeout = view_timeout
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+        self.runs = 0
+
+    def start(self, name: str, window: int = 0, duration: float = 0.0) -> None:
+        self.runs += 1
+        cmd = [sys.executable, "-m", "bench.consensus", "node", "--name", name,
+               "--n", str(self.n), "--ports", ",".join(map(str, self.ports)),
+               "--dir", str(self.dir), "--window", str(window), "--duration", str(duration),
+               "--view-timeout", str(self.view_timeout), "--run", str(self.runs)]
+        err: TextIO = open(self.dir / f"{name}.stderr", "a")  # noqa: SIM115
+        self.procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=err, text=True, cwd=os.getcwd())
+
+    def start_all(self, loads: dict[str, tuple[int, float]]) -> None:
+        for name in self.names:
+            window, duration = loads.get(name, (0, 0.0))
+            self.start(name, window, duration)
+        self.wait_ready(self.names)
+
+    def wait_ready(self, names: list[str]) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        for name in names:
+            proc = self.procs[name]
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if line.strip() != "READY" or time.monotonic() > deadline:
+                raise RuntimeError(f"node {name} did not come up: see {self.dir}/{name}.stderr")
+
+    def go(self, names: list[str]) -> None:
+        for name in names:
+            stdin = self.procs[name].stdin
+            assert stdin is not None
+            stdin.write("GO\n")
+            stdin.flush()
+
+    def kill(self, name: str) -> float:
+        """SIGKILL: no shutdown path runs, only what was fsynced survives."""
+        self.procs[name].send_signal(signal.SIGKILL)
+        when = time.time()
+        self.procs[name].wait()
+        return when
+
+    def result(self, name: str, timeout: float) -> dict[str, Any]:
+        path = self.dir / f"{name}.result"
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node {name} wrote no result within {timeout} s")
+            time.sleep(0.05)
+        data: dict[str, Any] = json.loads(path.read_text())
+        path.unlink()
+        return data
+
+    def status(self, name: str) -> dict[str, Any] | None:
+        try:
+            out: dict[str, Any] = json.loads((self.dir / f"{name}.status").read_text())
+        except (OSError, ValueError):
+            return None
+        return out
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _loaded_run(n: int, window: int, duration: float, loaders: list[str] | None = None
+                ) -> tuple[float, list[float]]:
+    with tempfile.TemporaryDirectory(prefix="dwcp-bench-pbft-") as tmp:
+        c = Cluster(n, Path(tmp))
+        try:
+            loaders = loaders if loaders is not None else c.names
+            c.start_all({m: (window, duration) for m in loaders})
+            c.go(c.names)
+            results = [c.result(m, duration + 60.0) for m in loaders]
+        finally:
+            c.stop()
+    lat = [x for r in results for x in r["latencies"]]
+    walls = sorted(w for r in results for w in r["commit_walls"])
+    span = (walls[-1] - walls[0]) if len(walls) > 1 else duration
+    return len(walls) / max(span, 1e-9), lat
+
+
+def _view_change_recovery(duration: float) -> float:
+    with tempfile.TemporaryDirectory(prefix="dwcp-bench-pbft-") as tmp:
+        c = Cluster(4, Path(tmp))
+        try:
+            c.start_all({"n01": (1, duration)})
+            c.go(c.names)
+            time.sleep(duration / 3)  # steady commits before the fault (waiting, not work)
+            killed = c.kill("n00")  # the primary of view 0
+            res = c.result("n01", duration + 30.0)
+        finally:
+            c.stop()
+    # A command whose reply was already on its way completes right after the kill;
+    # recovery is when the first command submitted after the kill commits.
+    after = sorted(done for sent, done in res["pairs"] if sent > killed)
+    if not after:
+        raise RuntimeError("no command submitted after the kill completed")
+    return (after[0] - killed) * 1000.0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run every phase; a phase that fails reports ``null`` and its error (and the
+    exit status is 1), so one failure does not hide the other figures."""
+    out: dict[str, Any] = {"view_timeout_s": 2.0, "window": args.window,
+                           "duration_s": args.duration}
+    errors: dict[str, str] = {}
+
+    def phase(name: str, fn: Any) -> None:
+        try:
+            fn()
+        except (RuntimeError, OSError, ValueError) as exc:
+            errors[name] = str(exc)
+
+    def batched() -> None:
+        out["batched_commits_per_s"] = out["batched_p99_ms"] = None
+        rate, lat = _loaded_run(4, args.window, args.duration)
+        out["batched_commits_per_s"] = round(rate, 1)
+        out["batched_p99_ms"] = round(_percentile(lat, 0.99) * 1000, 2)
+
+    def unbatched() -> None:
+        out["unbatched_p50_ms"] = None
+        _, lat = _loaded_run(4, 1, args.duration / 2, loaders=["n01"])
+        out["unbatched_p50_ms"] = round(_percentile(lat, 0.50) * 1000, 2)
+
+    def n16() -> None:
+        out["n16_batched_commits_per_s"] = None
+        rate, _ = _loaded_run(16, max(1, args.window // 4), args.duration)
+        out["n16_batched_commits_per_s"] = round(rate, 1)
+
+    def recovery() -> None:
+        out["view_change_recovery_ms"] = None
+        ms = _view_change_recovery(max(6.0, args.duration))
+        out["view_change_recovery_ms"] = round(ms, 1)
+
+    phase("batched", batched)
+    phase("unbatched", unbatched)
+    if not args.skip_n16:
+        phase("n16", n16)
+    phase("view_change", recovery)
+    if errors:
+        out["errors"] = errors
+    print(json.dumps(out) if args.json else json.dumps(out, indent=2))
+    return 1 if errors else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("consensus", help="PBFT among node processes on loopback")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds of load per phase")
+    p.add_argument("--window", type=int, default=64, help="commands in flight per node")
+    p.add_argument("--skip-n16", action="store_true", help="leave out the 16-process phase")
+    p.set_defaults(func=run)
+
+
+def _node_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.consensus node")
+    p.add_argument("--name", required=True)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--ports", required=True)
+    p.add_argument("--dir", required=True)
+    p.add_argument("--window", type=int, default=0)
+    p.add_argument("--duration", type=float, default=0.0)
+    p.add_argument("--view-timeout", type=float, default=2.0)
+    p.add_argument("--run", type=int, default=0)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["node"]:
+        sys.exit("usage: python -m bench.consensus node --name N ... (run by dwcp bench consensus)")
+    import trio
+
+    node_args = _node_args(sys.argv[2:])
+    if os.environ.get("DWCP_BENCH_PROFILE"):  # where a node spends its CPU, for tuning
+        import cProfile
+
+        out = Path(node_args.dir) / f"{node_args.name}.prof"
+        cProfile.run("trio.run(_node_main, node_args)", str(out))
+    else:
+        trio.run(_node_main, node_args)

@@ -1,0 +1,362 @@
+"""PBFT wire messages and their signatures.
+
+Every protocol message is a *body* (a registered wire message: ``Request``,
+``PrePrepare``, ``Prepare``, ...) whose encoded bytes are signed by the
+sender's Ed25519 identity key. What travels is an :class:`Envelope`: the
+sender's DC name, the body bytes exactly as signed, the signature, and an
+unsigned *attachment* whose integrity is pinned by a digest inside the signed
+body (the request batch of a PRE-PREPARE, the state of a catch-up reply).
+
+A receiver checks the signature over the body bytes it received and only then
+decodes them (:func:`open_signed`); a message is never re-encoded to be
+checked. Certificates (prepared certificates, checkpoint proofs, VIEW-CHANGE
+sets in a NEW-VIEW) carry the original :class:`Signed` parts, so any DC can
+check them on its own — PBFT needs proofs that a third party can verify
+(Castro & Liskov, OSDI'99 §4.4).
+
+Signatures cover ``SIGN_CONTEXT + body`` so a PBFT signature can never be
+mistaken for a channel-handshake signature made by the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+from mesh import wire
+from mesh.identity import Identity, PublicKey
+from mesh.wire import U64, Bool, Bytes, ListOf, Optional, Struct, Text, field
+
+__all__ = [
+    "SIGN_CONTEXT",
+    "MAX_NAME",
+    "MAX_COMMAND",
+    "MAX_BATCH",
+    "Signed",
+    "Envelope",
+    "Request",
+    "Batch",
+    "PrePrepare",
+    "Prepare",
+    "Commit",
+    "Checkpoint",
+    "PreparedCert",
+    "ViewChange",
+    "NewView",
+    "Reply",
+    "Result",
+    "Status",
+    "StateRequest",
+    "CommittedEntry",
+    "CatchUp",
+    "StateReply",
+    "FetchBatch",
+    "BatchData",
+    "BODY_TYPES",
+    "SignatureError",
+    "Verifier",
+    "sign",
+    "seal",
+    "open_signed",
+    "digest",
+    "batch_bytes",
+    "NULL_BATCH",
+    "NULL_DIGEST",
+]
+
+SIGN_CONTEXT = b"dwcp/pbft/1\x00"
+#: DC names: the federation file limits them to 64 characters.
+MAX_NAME = 64
+#: One ledger command (a migration begin with a 32-byte root is ~200 bytes).
+MAX_COMMAND = 4096
+#: Requests per batch, the ``B`` of batching. BFT-SMaRt's TOMConfiguration
+#: uses maxBatchSize = 100 when system.config does not set it.
+MAX_BATCH = 100
+#: Signatures per certificate or proof: 2f+1 for the largest federation we
+#: accept (f = 21, n = 64), with room.
+MAX_SIGNERS = 64
+#: Prepared certificates in one VIEW-CHANGE: one per sequence number in the
+#: watermark window (256, see replica.WATERMARK_WINDOW).
+MAX_PREPARED = 256
+_BODY = 4 * 1024 * 1024
+_BIG = wire.ABSOLUTE_MAX_SIZE
+_DIGEST = Bytes(32, exact=True)
+
+
+class SignatureError(Exception):
+    """A signed part that may not be used; ``kind`` says why."""
+
+    def __init__(self, message: str, kind: str = "signature") -> None:
+        super().__init__(message)
+        #: "signature" (bad or unknown signer) or "malformed" (signed body does not decode)
+        self.kind = kind
+
+
+@wire.struct_type
+class Signed:
+    """A signed body as it was received (nested in certificates)."""
+
+    sender: str = field(Text(MAX_NAME))
+    body: bytes = field(Bytes(_BODY))
+    sig: bytes = field(Bytes(64, exact=True))
+
+
+@wire.message("pbft", max_size=_BIG)
+class Envelope:
+    """The one PBFT frame on a control link."""
+
+    sender: str = field(Text(MAX_NAME))
+    body: bytes = field(Bytes(_BODY))
+    sig: bytes = field(Bytes(64, exact=True))
+    attachment: bytes = field(Bytes(_BIG), default=b"")
+
+    @property
+    def signed(self) -> Signed:
+        return Signed(self.sender, self.body, self.sig)
+
+
+# --------------------------------------------------------------------------- bodies
+
+
+@wire.message("pbft.request", max_size=MAX_COMMAND + 512)
+class Request:
+    """A ledger command submitted and signed by the DC ``client``."""
+
+    client: str = field(Text(MAX_NAME))
+    request_id: int = field(U64())
+    command: bytes = field(Bytes(MAX_COMMAND))
+
+
+@wire.message("pbft.batch", max_size=_BIG)
+class Batch:
+    """The requests ordered at one sequence number; an empty batch is the null request."""
+
+    requests: tuple[Signed, ...] = field(ListOf(Struct(Signed), MAX_BATCH))
+
+
+@wire.message("pbft.pre-prepare")
+class PrePrepare:
+    view: int = field(U64())
+    seq: int = field(U64())
+    digest: bytes = field(_DIGEST)
+
+
+@wire.message("pbft.prepare")
+class Prepare:
+    view: int = field(U64())
+    seq: int = field(U64())
+    digest: bytes = field(_DIGEST)
+
+
+@wire.message("pbft.commit")
+class Commit:
+    view: int = field(U64())
+    seq: int = field(U64())
+    digest: bytes = field(_DIGEST)
+
+
+@wire.message("pbft.checkpoint")
+class Checkpoint:
+    seq: int = field(U64())
+    state_digest: bytes = field(_DIGEST)
+
+
+@wire.struct_type
+class PreparedCert:
+    """A PRE-PREPARE signed by the view's primary and 2f matching PREPAREs."""
+
+    preprepare: Signed = field(Struct(Signed))
+    prepares: tuple[Signed, ...] = field(ListOf(Struct(Signed), MAX_SIGNERS))
+
+
+@wire.message("pbft.view-change", max_size=_BODY)
+class ViewChange:
+    new_view: int = field(U64())
+    stable_seq: int = field(U64())
+    checkpoint_proof: tuple[Signed, ...] = field(ListOf(Struct(Signed), MAX_SIGNERS))
+    prepared: tuple[PreparedCert, ...] = field(ListOf(Struct(PreparedCert), MAX_PREPARED))
+
+
+@wire.message("pbft.new-view", max_size=_BODY)
+class NewView:
+    view: int = field(U64())
+    view_changes: tuple[Signed, ...] = field(ListOf(Struct(Signed), MAX_SIGNERS))
+    preprepares: tuple[Signed, ...] = field(ListOf(Struct(Signed), 2 * MAX_PREPARED))
+
+
+@wire.struct_type
+class Result:
+    request_id: int = field(U64())
+    result: bytes = field(Bytes(MAX_COMMAND))
+
+
+@wire.message("pbft.reply", max_size=_BODY)
+class Reply:
+    """The results of ``client``'s requests executed in one batch: one signature per
+    batch and client, not per request."""
+
+    view: int = field(U64())
+    client: str = field(Text(MAX_NAME))
+    results: tuple[Result, ...] = field(ListOf(Struct(Result), MAX_BATCH))
+
+
+@wire.message("pbft.status")
+class Status:
+    """Periodic progress report; peers answer with what the sender is missing."""
+
+    view: int = field(U64())
+    active: bool = field(Bool())
+    last_executed: int = field(U64())
+    stable_seq: int = field(U64())
+
+
+@wire.message("pbft.state-request")
+class StateRequest:
+    last_executed: int = field(U64())
+
+
+@wire.struct_type
+class CommittedEntry:
+    """Sequence number ``seq`` committed: 2f+1 matching signed COMMITs and the batch."""
+
+    seq: int = field(U64())
+    commits: tuple[Signed, ...] = field(ListOf(Struct(Signed), MAX_SIGNERS))
+    batch: bytes = field(Bytes(_BIG))
+
+
+@wire.message("pbft.catch-up", max_size=_BIG)
+class CatchUp:
+    """The attachment of a STATE-REPLY: an optional snapshot, then committed entries."""
+
+    snapshot: bytes | None = field(Optional(Bytes(_BIG)))
+    entries: tuple[CommittedEntry, ...] = field(ListOf(Struct(CommittedEntry), 2 * MAX_PREPARED))
+
+
+@wire.message("pbft.state-reply", max_size=_BODY)
+class StateReply:
+    """Pins a :class:`CatchUp` attachment by digest; ``checkpoint_proof`` proves its snapshot."""
+
+    checkpoint_seq: int = field(U64())
+    checkpoint_proof: tuple[Signed, ...] = field(ListOf(Struct(Signed), MAX_SIGNERS))
+    attachment_digest: bytes = field(_DIGEST)
+
+
+@wire.message("pbft.fetch-batch")
+class FetchBatch:
+    digest: bytes = field(_DIGEST)
+
+
+@wire.message("pbft.batch-data")
+class BatchData:
+    """Carries the batch with ``digest`` as attachment."""
+
+    digest: bytes = field(_DIGEST)
+
+
+BODY_TYPES: tuple[type, ...] = (
+    Request,
+    PrePrepare,
+    Prepare,
+    Commit,
+    Checkpoint,
+    ViewChange,
+    NewView,
+    Reply,
+    Status,
+    StateRequest,
+    StateReply,
+    FetchBatch,
+    BatchData,
+)
+
+
+def digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def batch_bytes(requests: tuple[Signed, ...]) -> bytes:
+    return wire.encode(Batch(requests))
+
+
+NULL_BATCH = batch_bytes(())
+NULL_DIGEST = digest(NULL_BATCH)
+
+
+def sign(identity: Identity, sender: str, body: object) -> Signed:
+    data = wire.encode(body)
+    return Signed(sender, data, identity.sign(SIGN_CONTEXT + data))
+
+
+def seal(identity: Identity, sender: str, body: object, attachment: bytes = b"") -> Envelope:
+    s = sign(identity, sender, body)
+    return Envelope(s.sender, s.body, s.sig, attachment)
+
+
+#: Signatures known to verify, keyed by (public key, signature, body): Ed25519
+#: verification is a pure function of these, so remembering a success changes
+#: no outcome; it saves the repeated check when one message reaches several
+#: replicas hosted in one process (the simulator) or returns inside a certificate.
+_GOOD: dict[tuple[bytes, bytes, bytes], None] = {}
+#: About the signed messages of a few watermark windows at n = 16.
+_GOOD_CAPACITY = 65536
+#: Only small bodies are remembered (requests, votes, checkpoints), so a faulty
+#: member signing many large VIEW-CHANGEs cannot make the memo hold gigabytes.
+_MEMO_MAX_BODY = 8192
+
+
+def open_signed(
+    signed: Signed, keys: Mapping[str, PublicKey], expect: tuple[type, ...] = BODY_TYPES
+) -> object:
+    """Check ``signed`` against its sender's key, then decode the body bytes it carries."""
+    key = keys.get(signed.sender)
+    if key is None:
+        raise SignatureError(f"signer {signed.sender!r} is not a member of the federation")
+    memo = (key.raw, signed.sig, signed.body)
+    if memo not in _GOOD:
+        if not key.verify(SIGN_CONTEXT + signed.body, signed.sig):
+            raise SignatureError(f"bad signature from {signed.sender!r}")
+        if len(signed.body) <= _MEMO_MAX_BODY:
+            if len(_GOOD) >= _GOOD_CAPACITY:
+                del _GOOD[next(iter(_GOOD))]
+            _GOOD[memo] = None
+    try:
+        return wire.decode(signed.body, expect=expect)
+    except wire.WireError as exc:
+        raise SignatureError(
+            f"body signed by {signed.sender!r} is malformed: {exc}", "malformed"
+        ) from exc
+
+
+class Verifier:
+    """:func:`open_signed` with a memory of signatures already checked.
+
+    A PREPARE is checked when it arrives and again inside every VIEW-CHANGE and
+    NEW-VIEW that carries it; the cache makes the second check a dictionary
+    lookup. The key is the whole signed part, so a hit means the same sender,
+    body and signature were verified before.
+    """
+
+    #: Entries kept: a little more than the messages of one watermark window at
+    #: n = 16 (256 seqnos x 2 phases x 16 senders = 8192).
+    CAPACITY = 8192
+
+    def __init__(self, keys: Mapping[str, PublicKey]) -> None:
+        self.keys = dict(keys)
+        self._seen: dict[tuple[str, bytes, bytes], object] = {}
+
+    def open(self, signed: Signed, expect: tuple[type, ...] = BODY_TYPES) -> object:
+        key = (signed.sender, signed.sig, signed.body)
+        body = self._seen.get(key)
+        if body is None:
+            body = open_signed(signed, self.keys, BODY_TYPES)
+            if len(signed.body) <= _MEMO_MAX_BODY:
+                if len(self._seen) >= self.CAPACITY:
+                    del self._seen[next(iter(self._seen))]
+                self._seen[key] = body
+        if not isinstance(body, expect):
+            raise SignatureError(
+                f"expected {'/'.join(t.__name__ for t in expect)} from {signed.sender!r}, "
+                f"got {type(body).__name__}",
+                "malformed",
+            )
+        return body

@@ -1,0 +1,635 @@
+"""The PBFT replica: a sans-I/O core ordering ledger commands among n = 3f+1 DCs.
+
+Castro & Liskov, "Practical Byzantine Fault Tolerance" (OSDI'99) and
+"Practical Byzantine Fault Tolerance and Proactive Recovery" (TOCS'02):
+
+- Normal case (OSDI'99 §4.2): the primary of view v assigns sequence number n
+  to a batch of client requests and multicasts PRE-PREPARE(v, n, d) with the
+  batch attached; a backup accepts it if it is in view v, n is within the
+  watermarks, d is the digest of the batch and every request in it is signed
+  by its client, and it has accepted no other digest for (v, n); then it
+  multicasts PREPARE. *Prepared* = the pre-prepare plus 2f matching PREPAREs
+  from other replicas; the replica multicasts COMMIT. *Committed-local* =
+  prepared plus 2f+1 matching COMMITs. Batches execute in sequence order and
+  every request is answered with a signed REPLY.
+- Checkpoints (§4.3): after executing n with n mod K = 0 a replica multicasts
+  CHECKPOINT(n, state digest); 2f+1 matching make it *stable*, the low
+  watermark moves to n and the log below is discarded.
+- Execution, checkpoints and crash recovery (§4.3, in :mod:`consensus.execution`),
+  view change (§4.4, in :mod:`consensus.viewchange`), retransmission and state
+  transfer (TOCS'02 §5.2, §6.2, in :mod:`consensus.transfer`).
+
+Every message is an :class:`~consensus.messages.Envelope` signed by its
+sender; signatures are verified over the received body bytes before decoding.
+
+Driving it: construct it over the node's store (it recovers from the durable
+log at once), call :meth:`Replica.start` once when the node starts, then feed
+every event to :meth:`Replica.handle` and execute the returned actions in
+order (a ``Persist`` before the ``Send`` that follows it). The DC's own ledger
+commands go through :meth:`Replica.submit`; completion is a
+``Notify("ledger.committed")`` or ``Notify("ledger.timeout")``. Other
+notifications: ``pbft.executed``, ``pbft.view-change``, ``pbft.new-view``,
+``pbft.state-transfer``, ``pbft.byzantine`` (with an
+:class:`~consensus.evidence.EquivocationProof`), ``pbft.invalid-new-view``,
+``pbft.divergence``. :meth:`Replica.status` is for ``/api/status``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+
+import attrs
+
+from consensus import execution, transfer, viewchange
+from consensus.client import LedgerClient
+from consensus.durable import ReplicaLog, SlotRecord
+from consensus.evidence import EvidenceBook
+from consensus.execution import Decided
+from consensus.ledger import CLIENT_WINDOW, Ledger
+from consensus.messages import (
+    MAX_BATCH,
+    NULL_BATCH,
+    NULL_DIGEST,
+    Batch,
+    BatchData,
+    Checkpoint,
+    Commit,
+    Envelope,
+    FetchBatch,
+    NewView,
+    Prepare,
+    PreparedCert,
+    PrePrepare,
+    Reply,
+    Request,
+    Result,
+    SignatureError,
+    Signed,
+    StateReply,
+    StateRequest,
+    Status,
+    Verifier,
+    ViewChange,
+    batch_bytes,
+    digest,
+    seal,
+)
+from consensus.quorum import Quorum, ValidViewChange
+from mesh import wire
+from mesh.core import (
+    Action,
+    CancelTimer,
+    Event,
+    Notify,
+    PeerUp,
+    Received,
+    Send,
+    SetTimer,
+    TimerFired,
+)
+from mesh.identity import Identity, PublicKey
+
+__all__ = ["PbftConfig", "Replica", "CHECKPOINT_INTERVAL", "WATERMARK_WINDOW"]
+
+#: K: checkpoint period. TOCS'02 §8.1 runs with "checkpoint period K = 128".
+CHECKPOINT_INTERVAL = 128
+#: L: log size, the distance between low and high watermark. TOCS'02 §8.1: L = 256 (2K).
+WATERMARK_WINDOW = 256
+
+#: An idle replica still sends STATUS every this many status intervals, so a
+#: replica that fell behind during a partition too short for its connections to
+#: drop (no PeerUp to trigger an exchange) learns it within a few seconds.
+IDLE_STATUS_EVERY = 8
+#: Views back from the current one in which conflicting messages are still kept
+#: as evidence: enough to convict a primary whose equivocation surfaces in the
+#: PREPAREs relayed during the view change that removes it.
+EVIDENCE_VIEWS = 2
+
+REQUEST_TIMER = ("pbft", "request")
+NEW_VIEW_TIMER = ("pbft", "new-view")
+BATCH_TIMER = ("pbft", "batch")
+STATUS_TIMER = ("pbft", "status")
+
+
+@attrs.frozen
+class PbftConfig:
+    #: Base view-change timeout. BFT-SMaRt's system.totalordermulticast.timeout
+    #: default is 2000 ms; it doubles at every view change that fails to
+    #: complete (OSDI'99 §4.5.2) and resets once requests execute again.
+    view_timeout: float = 2.0
+    #: Doublings are capped at 2^6 = 64 x the base (128 s by default), so a long
+    #: partition does not leave the federation idle for minutes after it heals.
+    max_backoff: int = 6
+    #: B: requests per batch (BFT-SMaRt's maxBatchSize default, 100).
+    batch_max: int = MAX_BATCH
+    #: T: how long the primary holds a partial batch while instances are in
+    #: flight. BFT-SMaRt's batchtimeout default is -1 (never wait); we wait at
+    #: most 1 ms, a third of the 3 ms unbatched latency target of issue 5.
+    batch_wait: float = 0.001
+    #: Batches in flight before the primary batches. TOCS'02 §5.1.4: the
+    #: primary batches requests that arrive while a bounded window of protocol
+    #: instances is running; BFT-SMaRt runs one at a time, we allow 2.
+    pipeline: int = 2
+    #: Status period (TOCS'02 §5.2: replicas multicast status periodically so
+    #: lost messages are retransmitted); a quarter of the view timeout, so a
+    #: lost message is repaired before a backup suspects the primary.
+    status_interval: float = 0.5
+    checkpoint_interval: int = CHECKPOINT_INTERVAL
+    window: int = WATERMARK_WINDOW
+    #: How long a client waits for f+1 matching replies (see consensus.client).
+    client_timeout: float = 30.0
+
+
+class Slot:
+    """Agreement state of one sequence number in the current view."""
+
+    __slots__ = ("seq", "pp", "digest", "batch", "prepares", "commits", "prepared", "sent_commit")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.pp: Signed | None = None
+        self.digest: bytes | None = None
+        self.batch: bytes | None = None
+        self.prepares: dict[str, tuple[bytes, Signed]] = {}
+        self.commits: dict[str, tuple[bytes, Signed]] = {}
+        self.prepared = False
+        self.sent_commit = False
+
+
+class Replica:
+    """One DC's PBFT replica and the ledger it orders (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        identity: Identity,
+        keys: Mapping[str, PublicKey],
+        log: ReplicaLog,
+        rng: random.Random,
+        config: PbftConfig | None = None,
+    ) -> None:
+        self.name = name
+        self.identity = identity
+        self.q = Quorum.of(keys)
+        if name not in self.q.members:
+            raise ValueError(f"{name!r} is not a member of the federation")
+        self.cfg = config or PbftConfig()
+        self.rng = rng
+        self.log = log
+        self.verifier = Verifier(keys)
+        self.evidence = EvidenceBook()
+        self.client = LedgerClient(name, identity, self.q, self.cfg.client_timeout, log.store)
+        self.genesis = Ledger(self.q.members).state_digest()
+        self.ledger = Ledger(self.q.members)
+        self.view = 0
+        self.active = True
+        self.low = 0  # h, the stable checkpoint
+        self.stable_proof: tuple[Signed, ...] = ()
+        self.stable_snapshot = self.ledger.snapshot()
+        self.last_exec = 0
+        self.next_seq = 1
+        self.slots: dict[int, Slot] = {}
+        self.decided: dict[int, Decided] = {}
+        self.prepared_certs: dict[int, tuple[int, PreparedCert]] = {}
+        self.batches: dict[bytes, bytes] = {NULL_DIGEST: NULL_BATCH}
+        #: digest -> the requests of a batch checked at pre-prepare, until it executes
+        self.decoded: dict[bytes, tuple[Signed, ...]] = {}
+        self.snapshots: dict[int, tuple[bytes, bytes]] = {}
+        self.checkpoint_votes: dict[int, dict[str, tuple[bytes, Signed]]] = {}
+        #: (client, request id) -> (signed request, arrival time): received, not executed
+        self.pending: dict[tuple[str, int], tuple[Signed, float]] = {}
+        self._pending_of: dict[str, int] = {}
+        self.proposed: dict[tuple[str, int], int] = {}
+        self.request_timer = False
+        self.nv_timer = False
+        self.backoff = 0
+        self.view_changes: dict[str, ValidViewChange] = {}
+        self.new_view_msg: Envelope | None = None
+        self.fetching: dict[bytes, float] = {}
+        self.transfer_until = 0.0
+        self.idle_status_at = 0.0
+        #: peer -> the height its last STATUS claimed
+        self.ahead: dict[str, int] = {}
+        self.served: dict[str, float] = {}
+        self.metrics: dict[str, int] = {}
+        self._out: list[Action] = []
+        execution.recover(self)
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def primary(self) -> str:
+        return self.q.primary(self.view)
+
+    @property
+    def is_primary(self) -> bool:
+        return self.primary == self.name
+
+    @property
+    def timeout(self) -> float:
+        return self.cfg.view_timeout * (2 ** min(self.backoff, self.cfg.max_backoff))
+
+    def _count(self, metric: str, by: int = 1) -> None:
+        self.metrics[metric] = self.metrics.get(metric, 0) + by
+
+    def _emit(self, *actions: Action) -> None:
+        self._out.extend(actions)
+
+    def _flush(self) -> list[Action]:
+        out, self._out = self._out, []
+        return out
+
+    def _others(self) -> list[str]:
+        return [m for m in self.q.members if m != self.name]
+
+    def _sign(self, body: object, attachment: bytes = b"") -> Envelope:
+        return seal(self.identity, self.name, body, attachment)
+
+    def _broadcast(self, env: Envelope) -> None:
+        for peer in self._others():
+            self._emit(Send(peer, env))
+
+    def _send(self, peer: str, env: Envelope) -> None:
+        if peer != self.name:
+            self._emit(Send(peer, env))
+
+    def start(self, now: float) -> list[Action]:
+        """First timers; call once when the driver starts the core."""
+        self._emit(SetTimer(STATUS_TIMER, now + self.cfg.status_interval))
+        self._broadcast(self._status())
+        viewchange.resume_view_change(self, now)
+        return self._flush()
+
+    def status(self) -> dict[str, object]:
+        """For /api/status and tests."""
+        return {
+            "view": self.view,
+            "active": self.active,
+            "primary": self.primary,
+            "last_executed": self.last_exec,
+            "stable_checkpoint": self.low,
+            "pending": len(self.pending),
+            "evidence": self.evidence.summary(),
+            "metrics": dict(sorted(self.metrics.items())),
+        }
+
+    # ------------------------------------------------------------------ events
+
+    def handle(self, now: float, event: Event) -> list[Action]:
+        if isinstance(event, Received):
+            self._on_received(now, event)
+        elif isinstance(event, TimerFired):
+            self._on_timer(now, event.key)
+        elif isinstance(event, PeerUp) and event.peer in self.q.members:
+            self._send(event.peer, self._status())
+        return self._flush()
+
+    def submit(self, now: float, command: bytes) -> tuple[int, list[Action]]:
+        """Submit a ledger command as this DC's client; completion is a
+        ``Notify("ledger.committed", {"request_id", "result"})`` (the result is an
+        encoded :class:`~consensus.ledger.LedgerResult`) or
+        ``Notify("ledger.timeout", {"request_id"})``. Raises
+        :class:`~consensus.client.ClientBusy` with ``CLIENT_WINDOW`` commands in flight."""
+        rid, env, actions = self.client.submit(now, command)
+        self._emit(*actions)
+        self._broadcast(env)
+        self._on_request(now, env.signed, self.name)
+        return rid, self._flush()
+
+    def _on_timer(self, now: float, key: object) -> None:
+        if key == STATUS_TIMER:
+            self._emit(SetTimer(STATUS_TIMER, now + self.cfg.status_interval))
+            if self._busy() or now >= self.idle_status_at:
+                self.idle_status_at = now + IDLE_STATUS_EVERY * self.cfg.status_interval
+                self._broadcast(self._status())
+                viewchange.forward_pending(self, now, self.timeout / 2)
+            execution.retry_fetches(self, now)
+        elif key == REQUEST_TIMER:
+            self.request_timer = False
+            if self.pending and self.active:
+                self._count("request_timeouts")
+                viewchange.start_view_change(self, now, self.view + 1)
+        elif key == NEW_VIEW_TIMER:
+            viewchange.on_new_view_timeout(self, now)
+        elif key == BATCH_TIMER:
+            self._maybe_propose(now, waited=True)
+        elif isinstance(key, tuple) and key and key[0] == "ledger-client":
+            self._emit(*self.client.on_timer(now, key, self._others() + [self.name]))
+            if self.client.resend:
+                for env in self.client.take_resend():
+                    self._broadcast(env)
+                    self._on_request(now, env.signed, self.name)
+
+    def _on_received(self, now: float, ev: Received) -> None:
+        env = ev.message
+        if not isinstance(env, Envelope):
+            try:
+                env = wire.decode(ev.raw, expect=(Envelope,))
+            except wire.WireError:
+                self.evidence.count_malformed(ev.peer)
+                self._count("malformed")
+                return
+        try:
+            body = self.verifier.open(env.signed)
+        except SignatureError as exc:
+            if exc.kind == "malformed":
+                self.evidence.count_malformed(ev.peer)
+                self._count("malformed")
+            else:
+                self.evidence.count_invalid_signature(ev.peer)
+                self._count("invalid_signatures")
+            return
+        self._dispatch(now, ev.peer, env, body)
+
+    def _dispatch(self, now: float, peer: str, env: Envelope, body: object) -> None:
+        if isinstance(body, Request):
+            self._on_request(now, env.signed, peer)
+        elif isinstance(body, Reply):
+            self._emit(*self.client.on_reply(now, env.sender, body))
+        elif isinstance(body, PrePrepare):
+            self._on_preprepare(now, env, body)
+        elif isinstance(body, Prepare):
+            self._on_prepare(now, env, body)
+        elif isinstance(body, Commit):
+            self._on_commit(now, env.signed, body)
+        elif isinstance(body, Checkpoint):
+            execution.on_checkpoint(self, now, env.signed, body)
+        elif isinstance(body, ViewChange):
+            viewchange.on_view_change(self, now, env.signed)
+        elif isinstance(body, NewView):
+            viewchange.on_new_view(self, now, env, body)
+        elif isinstance(body, Status):
+            transfer.on_status(self, now, env.sender, body)
+        elif isinstance(body, StateRequest):
+            transfer.on_state_request(self, now, env.sender, body)
+        elif isinstance(body, StateReply):
+            transfer.on_state_reply(self, now, env, body)
+        elif isinstance(body, FetchBatch):
+            execution.on_fetch_batch(self, env.sender, body)
+        elif isinstance(body, BatchData):
+            execution.on_batch_data(self, now, env, body)
+
+    def _observe(self, now: float, signed: Signed, body: object) -> None:
+        """Keep slotted messages as potential evidence, only within the watermark
+        window and the last few views, so a faulty peer cannot grow the book."""
+        view = getattr(body, "view", self.view)
+        seq = getattr(body, "seq", 0)
+        if not (self._in_window(seq) and self.view - EVIDENCE_VIEWS <= view <= self.view):
+            return
+        proof = self.evidence.observe(signed, body)
+        if proof is None:
+            return
+        self._count("equivocation_proofs")
+        self._emit(Notify("pbft.byzantine", {"dc": proof.dc, "proof": proof}))
+        if proof.dc == self.primary and self.active:
+            viewchange.start_view_change(self, now, self.view + 1)
+
+    # ------------------------------------------------------------------ requests
+
+    def _on_request(self, now: float, signed: Signed, peer: str) -> None:
+        try:
+            req = self.verifier.open(signed, (Request,))
+        except SignatureError:
+            self.evidence.count_malformed(peer)
+            return
+        assert isinstance(req, Request)
+        if req.client != signed.sender:
+            self.evidence.count_malformed(peer)
+            return
+        key = (req.client, req.request_id)
+        done = self.ledger.executed_result(*key)
+        if done is not None:
+            reply = Reply(self.view, req.client, (Result(req.request_id, done),))
+            self._send(req.client, self._sign(reply))
+            return
+        if key in self.pending:
+            return
+        if self._pending_of.get(req.client, 0) >= CLIENT_WINDOW:
+            self._count("requests_dropped_client_window")
+            return
+        self._add_pending(key, signed, now)
+        self._arm_request_timer(now)
+        self._maybe_propose(now)
+
+    def _add_pending(self, key: tuple[str, int], signed: Signed, now: float) -> None:
+        self.pending[key] = (signed, now)
+        self._pending_of[key[0]] = self._pending_of.get(key[0], 0) + 1
+
+    def _drop_pending(self, key: tuple[str, int]) -> None:
+        if self.pending.pop(key, None) is not None:
+            left = self._pending_of[key[0]] - 1
+            if left:
+                self._pending_of[key[0]] = left
+            else:
+                del self._pending_of[key[0]]
+
+    def _arm_request_timer(self, now: float, restart: bool = False) -> None:
+        if not self.pending or not self.active:
+            if self.request_timer:
+                self._emit(CancelTimer(REQUEST_TIMER))
+                self.request_timer = False
+            return
+        if restart or not self.request_timer:
+            self._emit(SetTimer(REQUEST_TIMER, now + self.timeout))
+            self.request_timer = True
+
+    def _in_flight(self) -> int:
+        return max(0, self.next_seq - 1 - self.last_exec)
+
+    def _maybe_propose(self, now: float, waited: bool = False) -> None:
+        """Propose while the pipeline has room: at once when nothing is in flight or a
+        batch is full, else when the oldest request has waited ``batch_wait``.
+        ``waited``: the batch timer fired, so the wait is over whatever ``now`` says
+        (comparing clock readings again could re-arm a timer that is already due, and
+        loop, when the driver's clock is shifted or rounds)."""
+        if not (self.active and self.is_primary):
+            return
+        while True:
+            queue = [k for k in self.pending if k not in self.proposed]
+            if not queue:
+                self._emit(CancelTimer(BATCH_TIMER))
+                return
+            if self.next_seq > self.low + self.cfg.window:
+                return
+            inflight = self._in_flight()
+            if inflight >= self.cfg.pipeline:
+                return
+            oldest = self.pending[queue[0]][1]
+            due = oldest + self.cfg.batch_wait
+            if inflight and len(queue) < self.cfg.batch_max and not waited and now < due:
+                self._emit(SetTimer(BATCH_TIMER, due))
+                return
+            take = queue[: self.cfg.batch_max]
+            self._propose(now, tuple(self.pending[k][0] for k in take))
+            for k in take:
+                self.proposed[k] = self.next_seq - 1
+
+    def _propose(self, now: float, requests: tuple[Signed, ...]) -> None:
+        seq = self.next_seq
+        self.next_seq += 1
+        data = batch_bytes(requests)
+        self.decoded[digest(data)] = requests
+        env = self._sign(PrePrepare(self.view, seq, digest(data)), data)
+        self._count("batches_proposed")
+        self._accept_preprepare(now, env, PrePrepare(self.view, seq, digest(data)), data)
+
+    # ------------------------------------------------------------------ normal case
+
+    def _in_window(self, seq: int) -> bool:
+        return self.low < seq <= self.low + self.cfg.window
+
+    def _slot(self, seq: int) -> Slot:
+        slot = self.slots.get(seq)
+        if slot is None:
+            slot = self.slots[seq] = Slot(seq)
+        return slot
+
+    def _batch_ok(self, data: bytes, peer: str) -> bool:
+        """Every request in a proposed batch is signed by the client it names."""
+        try:
+            batch = wire.decode(data, expect=(Batch,))
+            for s in batch.requests:
+                req = self.verifier.open(s, (Request,))
+                assert isinstance(req, Request)
+                if req.client != s.sender:
+                    raise SignatureError("request signed by another DC", "malformed")
+        except (wire.WireError, SignatureError):
+            self.evidence.count_malformed(peer)
+            self._count("bad_batches")
+            return False
+        self.decoded[digest(data)] = batch.requests  # execution need not decode it again
+        return True
+
+    def _on_preprepare(self, now: float, env: Envelope, pp: PrePrepare) -> None:
+        if env.sender != self.q.primary(pp.view):
+            self.evidence.count_malformed(env.sender)
+            return
+        self._observe(now, env.signed, pp)
+        if not (self.active and pp.view == self.view and self._in_window(pp.seq)):
+            return
+        if pp.seq <= self.last_exec and pp.seq in self.decided:
+            return
+        slot = self.slots.get(pp.seq)
+        if slot is not None and slot.pp is not None:
+            return  # duplicate, or a conflict already kept as evidence
+        data = env.attachment or self.batches.get(pp.digest)
+        if data is None or digest(data) != pp.digest or not self._batch_ok(data, env.sender):
+            return
+        self._accept_preprepare(now, env, pp, data)
+
+    def _accept_preprepare(
+        self, now: float, env: Envelope, pp: PrePrepare, data: bytes | None, announce: bool = True
+    ) -> None:
+        """Log the pre-prepare (durably, before our PREPARE goes out) and vote."""
+        slot = self._slot(pp.seq)
+        slot.pp, slot.digest, slot.batch = env.signed, pp.digest, data
+        if data is not None:
+            self.batches[pp.digest] = data
+        else:
+            execution.fetch(self, now, pp.digest)
+        self._emit(ReplicaLog.slot_action(SlotRecord(pp.seq, env.signed, data or b"", (), ())))
+        if env.sender == self.name:
+            if announce:
+                self._broadcast(env)
+        else:
+            vote = self._sign(Prepare(pp.view, pp.seq, pp.digest), relay(env))
+            self._broadcast(vote)
+            slot.prepares[self.name] = (pp.digest, vote.signed)
+        self._check_prepared(now, slot)
+
+    def _on_prepare(self, now: float, env: Envelope, p: Prepare) -> None:
+        self._observe(now, env.signed, p)
+        if env.attachment:
+            self._observe_relayed(now, env.attachment)
+        if not (self.active and p.view == self.view and self._in_window(p.seq)):
+            return
+        if env.sender == self.q.primary(p.view):
+            return
+        slot = self._slot(p.seq)
+        if env.sender not in slot.prepares:
+            slot.prepares[env.sender] = (p.digest, env.signed)
+            self._check_prepared(now, slot)
+
+    def _observe_relayed(self, now: float, data: bytes) -> None:
+        """A PREPARE carries the primary's signed PRE-PREPARE it answers, so an
+        equivocating primary is convicted by the backups' relays."""
+        try:
+            inner = wire.decode(data, expect=(Envelope,))
+            pp = self.verifier.open(inner.signed, (PrePrepare,))
+        except (wire.WireError, SignatureError):
+            return
+        assert isinstance(pp, PrePrepare)
+        if inner.sender == self.q.primary(pp.view) and self._in_window(pp.seq):
+            self._observe(now, inner.signed, pp)
+
+    def _on_commit(self, now: float, signed: Signed, c: Commit) -> None:
+        self._observe(now, signed, c)
+        if not (self.active and c.view == self.view and self._in_window(c.seq)):
+            return
+        slot = self._slot(c.seq)
+        if signed.sender not in slot.commits:
+            slot.commits[signed.sender] = (c.digest, signed)
+            self._check_committed(now, slot)
+
+    def _check_prepared(self, now: float, slot: Slot) -> None:
+        if slot.pp is None or slot.prepared:
+            return
+        good = [s for d, s in slot.prepares.values() if d == slot.digest]
+        if len(good) < 2 * self.q.f:
+            return
+        slot.prepared = True
+        cert = PreparedCert(slot.pp, tuple(good[: 2 * self.q.f]))
+        self.prepared_certs[slot.seq] = (self.view, cert)
+        record = SlotRecord(slot.seq, slot.pp, slot.batch or b"", cert.prepares, ())
+        self._emit(ReplicaLog.slot_action(record))
+        assert slot.digest is not None
+        vote = self._sign(Commit(self.view, slot.seq, slot.digest))
+        self._broadcast(vote)
+        slot.sent_commit = True
+        slot.commits[self.name] = (slot.digest, vote.signed)
+        self._check_committed(now, slot)
+
+    def _check_committed(self, now: float, slot: Slot) -> None:
+        if not slot.prepared or slot.seq in self.decided:
+            return
+        good = tuple(s for d, s in slot.commits.values() if d == slot.digest)
+        if len(good) < 2 * self.q.f + 1:
+            return
+        assert slot.digest is not None and slot.pp is not None
+        self._decide(now, slot.seq, slot.digest, good[: 2 * self.q.f + 1], slot.batch, slot.pp)
+
+    def _decide(
+        self,
+        now: float,
+        seq: int,
+        dig: bytes,
+        commits: tuple[Signed, ...],
+        batch: bytes | None,
+        pp: Signed | None,
+    ) -> None:
+        self.decided[seq] = Decided(dig, commits, batch)
+        # Not synced: a decision lost in a crash comes back from the peers (state
+        # transfer with the commit certificate), and re-executing it is deterministic.
+        record = SlotRecord(seq, pp, batch or b"", (), commits)
+        self._emit(attrs.evolve(ReplicaLog.slot_action(record), sync=False))
+        if batch is None:
+            execution.fetch(self, now, dig)
+        execution.execute_ready(self, now)
+
+    # ------------------------------------------------------------------ status
+
+    def _busy(self) -> bool:
+        """Whether a STATUS is due every interval: requests wait, a view change runs,
+        or sequence numbers are in progress. An idle federation sends one every
+        ``IDLE_STATUS_EVERY`` intervals; peers answer a STATUS that shows its sender
+        behind with their own, so the sender learns what it misses."""
+        return bool(self.pending or not self.active or self.fetching or self._in_flight()
+                    or any(s > self.last_exec for s in self.slots))
+
+    def _status(self) -> Envelope:
+        return self._sign(Status(self.view, self.active, self.last_exec, self.low))
+
+def relay(env: Envelope) -> bytes:
+    """A signed message without its attachment, as bytes to attach to another one."""
+    return wire.encode(Envelope(env.sender, env.body, env.sig))

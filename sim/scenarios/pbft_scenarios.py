@@ -1,0 +1,209 @@
+"""PBFT scenarios (issue 5): benign faults, Byzantine replicas, and a Byzantine swarm.
+
+Every scenario runs a federation of ``--nodes`` replicas (default 4, f = 1; use 7
+for f = 2) under a ledger workload from the correct DCs, with the checkers of
+:mod:`sim.scenarios.pbft_cluster` after every event, then a quiet phase in which
+every submitted request must execute everywhere within ``quiet`` seconds.
+Byzantine replicas never exceed f; they are chosen among the DCs and, where the
+attack needs it, include the primary of view 0 (``n00``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from consensus.messages import Commit, Prepare, PrePrepare
+from sim import partitions
+from sim.nemesis import BENIGN_KINDS, Byzantine
+from sim.scenario import Run, scenario
+from sim.scenarios.pbft_attacks import (
+    Combined,
+    Equivocate,
+    ForgeSignatures,
+    Silent,
+    ViewChangeAttack,
+)
+from sim.scenarios.pbft_cluster import PbftCluster, identity_for
+from sim.world import SimNode, World
+
+FAULTS = 10.0
+#: Quiet-phase bound: with the 1 s simulated base timeout, recovering from the
+#: worst fault phase takes a few doubled view changes (1 + 2 + 4 + 8 s) plus
+#: state transfer; 30 s is the bound every pending request must commit within.
+QUIET = 30.0
+PER_NODE = 5
+
+
+def _f(run: Run) -> int:
+    return (run.nodes - 1) // 3
+
+
+def _cluster(run: Run, byzantine: tuple[str, ...] = (), per_node: int = PER_NODE) -> PbftCluster:
+    c = PbftCluster(run, byzantine=byzantine)
+    c.workload(0.5, 0.8 * run.faults_until, per_node, run.rng)
+    return c
+
+
+def _pbft(name: str, description: str, faults: float = FAULTS, quiet: float = QUIET,
+          kinds: tuple[str, ...] = BENIGN_KINDS) -> Callable[[Callable[[Run], None]],
+                                                            Callable[[Run], None]]:
+    return scenario(name, nodes=4, faults_until=faults, quiet=quiet, swarm_kinds=kinds,
+                    description=description, min_nodes=4)
+
+
+@_pbft("pbft-normal", "PBFT: commits in order with no faults")
+def normal(run: Run) -> None:
+    _cluster(run)
+
+
+@_pbft("pbft-primary-crash", "PBFT: the primary crashes; a view change; it restarts and catches up")
+def primary_crash(run: Run) -> None:
+    _cluster(run)
+    run.nemesis.crash("n00", at=2.0, restart_at=7.0)
+
+
+@_pbft("pbft-minority-partition", "PBFT: f replicas cut off, then healed")
+def minority_partition(run: Run) -> None:
+    c = _cluster(run)
+    cut = run.rng.sample(c.names, _f(run))
+    pairs = set().union(*(partitions.isolate(m, c.names) for m in cut))
+    run.nemesis.partition(pairs, at=2.0, until=7.0, label="minority")
+
+
+@_pbft("pbft-majority-partition", "PBFT: no side has 2f+1 (no progress), then healed")
+def majority_partition(run: Run) -> None:
+    c = _cluster(run)
+    run.nemesis.partition(partitions.halves(c.names, run.rng), at=2.0, until=7.0,
+                          label="halves")
+
+
+def _byzantine(run: Run, name: str, hook: Callable[..., list[tuple[str, bytes, float]]]) -> None:
+    """``name`` misbehaves from the start; the quiet phase turns it honest again."""
+    run.nemesis.byzantine(name, hook, at=0.0)  # type: ignore[arg-type]
+
+
+@_pbft("pbft-equivocating-primary", "PBFT: the primary sends different batches to backups")
+def equivocating_primary(run: Run) -> None:
+    c = _cluster(run, byzantine=("n00",))
+    _byzantine(run, "n00", Equivocate(identity_for("n00"), "n00", c.names))
+    run.metric("convicted_n00", lambda w: all(
+        "n00" in r.evidence.proofs for m in c.correct() if (r := c.replica(m))))
+
+
+@_pbft("pbft-forged-signatures", "PBFT: a replica sends bad and borrowed signatures")
+def forged_signatures(run: Run) -> None:
+    bad = run.rng.choice(run.names())
+    c = _cluster(run, byzantine=(bad,))
+    _byzantine(run, bad, ForgeSignatures(run.world.rng("forge"), c.names, p=0.6))
+
+
+@_pbft("pbft-replay", "PBFT: a replica replays and duplicates old messages")
+def replay(run: Run) -> None:
+    bad = run.rng.choice(run.names())
+    _cluster(run, byzantine=(bad,))
+    _byzantine(run, bad, Byzantine(run.world.rng("replay"), replay=0.5, duplicate=0.3,
+                                   max_delay=2.0))
+
+
+@_pbft("pbft-corrupt-cbor", "PBFT: a replica's frames have flipped bits")
+def corrupt(run: Run) -> None:
+    bad = run.rng.choice(run.names())
+    _cluster(run, byzantine=(bad,))
+    _byzantine(run, bad, Byzantine(run.world.rng("corrupt"), corrupt=0.5))
+
+
+@_pbft("pbft-silent-primary", "PBFT: the primary stays silent; backups change view")
+def silent_primary(run: Run) -> None:
+    _cluster(run, byzantine=("n00",))
+    _byzantine(run, "n00", Silent())
+
+
+def _vc_attack(run: Run, mode: str, flood: bool) -> None:
+    c = _cluster(run, byzantine=("n00",))
+    attack = ViewChangeAttack(identity_for("n00"), "n00", c.names, run.world.rng("vc"),
+                              mode=mode, flood=flood)
+    # silent as primary (forcing view changes), malicious in every view change
+    _byzantine(run, "n00", Combined(Silent((PrePrepare, Prepare, Commit)), attack))
+
+
+@_pbft("pbft-forged-certificates", "PBFT: VIEW-CHANGEs carry forged prepared certificates")
+def forged_certificates(run: Run) -> None:
+    _vc_attack(run, "forged-certs", flood=False)
+
+
+@_pbft("pbft-stale-checkpoints", "PBFT: VIEW-CHANGEs carry stale or unproven checkpoints")
+def stale_checkpoints(run: Run) -> None:
+    _vc_attack(run, "stale-checkpoint", flood=False)
+
+
+@_pbft("pbft-view-flood", "PBFT: a replica floods VIEW-CHANGEs for huge views")
+def view_flood(run: Run) -> None:
+    _vc_attack(run, "forged-certs", flood=True)
+
+
+class _TwinRouter:
+    """The Twins network model: frames for ``of`` from the nodes in ``to_twin`` reach
+    the twin instead, so each twin sees a different part of the federation (and,
+    as primary, proposes different batches under the one key)."""
+
+    def __init__(self, of: str, twin: str, to_twin: set[str]) -> None:
+        self.of, self.twin, self.to_twin = of, twin, to_twin
+
+    def __call__(self, world: World, node: SimNode, dst: str, msg: object,
+                 raw: bytes) -> list[tuple[str, bytes, float]]:
+        if dst == self.of and node.name in self.to_twin:
+            return [(self.twin, raw, 0.0)]
+        return [(dst, raw, 0.0)]
+
+
+@_pbft("pbft-twins", "PBFT: two nodes run the primary's replica with one key (DiemBFT Twins)")
+def twins(run: Run) -> None:
+    c = _cluster(run)
+    c.add_twin("n00", "n00-twin")
+    others = [m for m in c.names if m != "n00"]
+    router = _TwinRouter("n00", "n00-twin", set(run.rng.sample(others, len(others) // 2)))
+    for name in others:
+        run.world.nodes[name].tamper = router
+    run.metric("convicted_n00", lambda w: sorted(
+        m for m in c.correct() if (r := c.replica(m)) and "n00" in r.evidence.proofs))
+
+
+def _random_attack(run: Run, rng: random.Random, name: str, c: PbftCluster) -> object:
+    ident = identity_for(name)
+    hooks: list[object] = []
+    if rng.random() < 0.5:
+        hooks.append(Equivocate(ident, name, c.names))
+    if rng.random() < 0.4:
+        hooks.append(ViewChangeAttack(ident, name, c.names, run.world.rng(f"vc/{name}"),
+                                      mode=rng.choice(["forged-certs", "stale-checkpoint"]),
+                                      flood=rng.random() < 0.5))
+    if rng.random() < 0.3:
+        hooks.append(ForgeSignatures(run.world.rng(f"forge/{name}"), c.names, p=0.3))
+    if rng.random() < 0.3:
+        hooks.append(Silent((PrePrepare, Prepare, Commit)))
+    hooks.append(Byzantine(run.world.rng(f"byz/{name}"), drop=rng.uniform(0, 0.2),
+                           delay=rng.uniform(0, 0.2), max_delay=2.0,
+                           duplicate=rng.uniform(0, 0.2), replay=rng.uniform(0, 0.3),
+                           corrupt=rng.uniform(0, 0.2)))
+    return Combined(*hooks)
+
+
+@scenario("pbft-swarm", nodes=4, faults_until=FAULTS, quiet=QUIET, swarm_kinds=BENIGN_KINDS,
+          min_nodes=4,
+          description="PBFT: f random Byzantine replicas plus random benign faults")
+def swarm(run: Run) -> None:
+    """f Byzantine replicas with a random mix of attacks (always the primary of view 0
+    with probability 1/2) and a random schedule of partitions, crashes, clogs, lossy
+    links and clock jumps on any node."""
+    rng = run.rng
+    names = run.names()
+    f = _f(run)
+    pool = names[1:]
+    bad = rng.sample(pool, f - 1) + ["n00"] if rng.random() < 0.5 else rng.sample(pool, f)
+    c = _cluster(run, byzantine=tuple(sorted(bad)), per_node=3)
+    for name in sorted(bad):
+        run.nemesis.byzantine(name, _random_attack(run, rng, name, c),  # type: ignore[arg-type]
+                              at=0.0)
+    if not run.swarm:
+        run.nemesis.swarm(names, run.faults_until, BENIGN_KINDS, count=rng.randint(1, 3))

@@ -1,0 +1,87 @@
+"""PBFT scenarios in the simulator: every scenario over a few seeds, the Byzantine
+swarm over 200 seeds (f = 1) here and over 10,000 seeds (f = 1 and f = 2) in
+``make chaos``. A failure names the command that replays it."""
+
+from __future__ import annotations
+
+import pytest
+
+import sim.scenarios  # noqa: F401  (registers the scenarios)
+from sim.scenario import registry, run_scenario
+
+SCENARIOS = sorted(n for n in registry if n.startswith("pbft-"))
+
+
+def _sweep(name: str, seeds: range, nodes: int | None = None) -> None:
+    failed = []
+    for seed in seeds:
+        result = run_scenario(name, seed, nodes)
+        if not result.ok:
+            failed.append(f"{result.replay()}: {[v.message for v in result.violations]}")
+    assert not failed, "\n".join(failed[:10])
+
+
+def test_every_issue_scenario_is_registered() -> None:
+    expected = {
+        "pbft-normal", "pbft-primary-crash", "pbft-minority-partition",
+        "pbft-majority-partition", "pbft-equivocating-primary", "pbft-forged-signatures",
+        "pbft-replay", "pbft-corrupt-cbor", "pbft-silent-primary", "pbft-forged-certificates",
+        "pbft-stale-checkpoints", "pbft-view-flood", "pbft-twins", "pbft-swarm",
+    }
+    assert expected <= set(SCENARIOS)
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_scenario_f1(name: str) -> None:
+    _sweep(name, range(5))
+
+
+@pytest.mark.parametrize("name", ["pbft-swarm", "pbft-equivocating-primary", "pbft-twins",
+                                  "pbft-forged-certificates"])
+def test_scenario_f2(name: str) -> None:
+    _sweep(name, range(2), nodes=7)
+
+
+def test_equivocating_primary_is_convicted_and_replaced() -> None:
+    result = run_scenario("pbft-equivocating-primary", 3)
+    assert result.ok and result.metrics["convicted_n00"] is True
+    assert all(v >= 1 for m, v in result.metrics["pbft"]["views"].items() if m != "n00")
+
+
+def test_twins_are_convicted_by_their_conflicting_proposals() -> None:
+    result = run_scenario("pbft-twins", 2)
+    assert result.ok and result.metrics["convicted_n00"]
+
+
+@pytest.mark.parametrize(("name", "counter"), [
+    ("pbft-forged-certificates", "forged_prepared_certificates"),
+    ("pbft-view-flood", "forged_prepared_certificates"),
+    ("pbft-stale-checkpoints", "invalid_view_changes"),
+    ("pbft-forged-signatures", "invalid_signatures"),
+    ("pbft-corrupt-cbor", "invalid_signatures"),
+    ("pbft-silent-primary", "view_changes_completed"),
+    ("pbft-minority-partition", "stable_checkpoints"),
+])
+def test_attacks_are_exercised_and_counted(name: str, counter: str) -> None:
+    result = run_scenario(name, 1)
+    assert result.ok and result.metrics["pbft"]["counted"][counter] > 0
+
+
+def test_runs_replay_exactly() -> None:
+    a = run_scenario("pbft-swarm", 11)
+    b = run_scenario("pbft-swarm", 11)
+    assert a.trace_hash == b.trace_hash and a.events == b.events
+
+
+def test_byzantine_swarm_200_seeds_f1() -> None:
+    _sweep("pbft-swarm", range(200))
+
+
+@pytest.mark.slow
+def test_byzantine_swarm_10000_seeds_f1() -> None:
+    _sweep("pbft-swarm", range(10_000))
+
+
+@pytest.mark.slow
+def test_byzantine_swarm_10000_seeds_f2() -> None:
+    _sweep("pbft-swarm", range(10_000), nodes=7)
