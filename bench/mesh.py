@@ -1,0 +1,171 @@
+"""``dwcp bench mesh``: the mesh control-plane scenarios of issue 4 over a range of seeds.
+
+Runs ``crash-one``, ``link-cut``, ``one-way``, ``partition-heal`` and ``flaky-node``
+(sim/scenarios/mesh_scenarios.py) for every seed, in ``--jobs`` processes, and prints
+the figures pooled over seeds: detection percentiles over all survivors and seeds,
+reroute p99 over both directions of every cut pair, the worst reconvergence,
+update-propagation p99.9 and control bandwidth of any run, false positives summed.
+
+The acceptance run of issue 4 is ``dwcp bench mesh --json --seeds 1-20
+--flaky-hours 24`` (and ``--nodes 64 --scenarios crash-one`` for the N = 64 bound);
+the defaults are shorter so that ``make bench`` stays within minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import time
+from typing import Any
+
+from federation.cli import CommandError
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-", 1))
+            if hi < lo:
+                raise ValueError
+            return list(range(lo, hi + 1))
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise CommandError(f"--seeds: expected A-B or a comma list of integers, got {text!r}") \
+            from None
+
+
+def _one(job: tuple[str, int, int, dict[str, Any]]) -> dict[str, Any]:
+    from sim.scenarios.mesh_scenarios import run_mesh
+
+    name, seed, nodes, params = job
+    result = run_mesh(name, seed, nodes, **params)
+    return {"scenario": name, "seed": seed, "ok": result.ok,
+            "violations": [v.as_json() for v in result.violations],
+            "wall_seconds": result.wall_seconds, "sim_seconds": result.sim_seconds,
+            "metrics": result.metrics, "replay": result.replay()}
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    from sim.scenarios.mesh_world import percentile
+
+    p = percentile(values, q)
+    return None if p is None else round(p, 3)
+
+
+def _pool(runs: list[dict[str, Any]], key: str) -> list[Any]:
+    out: list[Any] = []
+    for r in runs:
+        value = r["metrics"].get(key)
+        if isinstance(value, list):
+            out.extend(value)
+        elif value is not None:
+            out.append(value)
+    return out
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by.setdefault(r["scenario"], []).append(r)
+    out: dict[str, Any] = {}
+    inf = float("inf")
+    for name, rs in sorted(by.items()):
+        fig: dict[str, Any] = {"runs": len(rs), "failed": [r["replay"] for r in rs if not r["ok"]]}
+        conv = _pool(rs, "update_convergence_p999_s")
+        fig["update_convergence_p999_s_max"] = max(conv) if conv else None
+        fig["control_bps_per_node_max"] = max(_pool(rs, "control_bps_per_node"), default=None)
+        fig["false_positives"] = sum(_pool(rs, "false_positives"))
+        if name == "crash-one":
+            det = _pool(rs, "detections")
+            fig["detection_p50_s"] = _pct(det, 50)
+            fig["detection_p99_s"] = _pct(det, 99)
+            fig["undetected"] = sum(_pool(rs, "undetected"))
+        elif name == "link-cut":
+            times = [inf if x is None else x for x in _pool(rs, "reroutes")]
+            fig["reroute_p99_s"] = _pct(times, 99)
+        elif name == "one-way":
+            times = [inf if x is None else x for x in _pool(rs, "reroute_s")]
+            fig["reroute_p99_s"] = _pct(times, 99)
+            fig["routes_over_broken_direction"] = sum(_pool(rs, "routes_over_broken_direction"))
+            fig["reverse_direction_direct"] = all(_pool(rs, "reverse_direction_direct"))
+        elif name == "partition-heal":
+            fig["reconverge_s_max"] = max(_pool(rs, "reconverge_s"), default=None)
+            fig["route_changes_max_per_pair"] = max(_pool(rs, "route_changes_max_per_pair"),
+                                                    default=None)
+            fig["routes_on_best_fraction_min"] = min(_pool(rs, "routes_on_best_fraction"),
+                                                     default=None)
+        elif name == "flaky-node":
+            fig["hours_total"] = round(sum(_pool(rs, "hours")), 3)
+            fig["suspicions_of_flaky"] = sum(_pool(rs, "suspicions_of_flaky"))
+        out[name] = fig
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from sim.scenarios.mesh_scenarios import MESH_SCENARIOS
+
+    seeds = _seeds(args.seeds)
+    names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    for name in names:
+        if name not in MESH_SCENARIOS:
+            known = ", ".join(MESH_SCENARIOS)
+            raise CommandError(f"--scenarios: unknown {name!r} (known: {known})")
+    if args.jobs < 1:
+        raise CommandError("--jobs must be at least 1")
+    jobs: list[tuple[str, int, int, dict[str, Any]]] = []
+    for name in names:
+        params: dict[str, Any] = {}
+        if name == "flaky-node":
+            params["duration"] = args.flaky_hours * 3600.0
+        if name == "partition-heal" and args.partition_s is not None:
+            params["partition_s"] = args.partition_s
+        if name == "crash-one" and args.crash_at is not None:
+            params["crash_at"] = args.crash_at
+            params["faults_until"] = args.crash_at + 30.0
+        jobs += [(name, seed, args.nodes, params) for seed in seeds]
+    started = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+
+    def progress(r: dict[str, Any]) -> None:
+        runs.append(r)
+        keep = {k: v for k, v in r["metrics"].items() if k != "detections"}
+        print(json.dumps({"scenario": r["scenario"], "seed": r["seed"], "ok": r["ok"],
+                          "wall_seconds": round(r["wall_seconds"], 1), "metrics": keep}),
+              file=sys.stderr, flush=True)
+
+    if args.jobs == 1:
+        for j in jobs:
+            progress(_one(j))
+    else:
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            for r in pool.imap_unordered(_one, jobs, chunksize=1):
+                progress(r)
+    runs.sort(key=lambda r: (r["scenario"], r["seed"]))
+    figures = {"nodes": args.nodes, "seeds": args.seeds, "loss": "per scenario (1 %, flaky 5 %)",
+               "wall_seconds": round(time.perf_counter() - started, 1),
+               "scenarios": summarise(runs)}
+    if args.json:
+        print(json.dumps(figures, sort_keys=True))
+    else:
+        for name, fig in figures["scenarios"].items():
+            print(name, json.dumps(fig, sort_keys=True))
+    return 0 if all(r["ok"] for r in runs) else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("mesh", help="mesh control-plane scenarios over a range of seeds")
+    p.add_argument("--seeds", default="1-3", help="A-B or a,b,c (default 1-3; issue: 1-20)")
+    p.add_argument("--nodes", type=int, default=16, help="DCs per run (default 16)")
+    p.add_argument("--scenarios", default=",".join(
+        ["crash-one", "link-cut", "one-way", "partition-heal", "flaky-node"]))
+    p.add_argument("--flaky-hours", type=float, default=0.5,
+                   help="simulated hours of flaky-node per seed (default 0.5; issue: 24)")
+    p.add_argument("--partition-s", type=float, default=None,
+                   help="partition length of partition-heal (default: the issue's 600 s)")
+    p.add_argument("--crash-at", type=float, default=None,
+                   help="crash time in crash-one (default 60 s; the run ends 30 s later)")
+    p.add_argument("--jobs", type=int, default=2, help="parallel processes (default 2)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
