@@ -1,15 +1,16 @@
 """``dwcp node --config FILE --name DC``: run one DC's node in the foreground.
 
-Stage 1 (issue 2): the node joins the control mesh — it listens on its control
-endpoint, dials every peer, authenticates each link — and logs one JSON object
-per line on stderr. SIGINT or SIGTERM closes every link with its final frame
-and exits 0.
+The node (:class:`federation.node.Node`) joins the control mesh, runs gossip and
+routes, its PBFT replica and ledger, the migration sessions over the ``image`` VM
+backend and the data plane, and serves the HTTP API on the DC's ``api`` endpoint.
+It logs one JSON object per line on stderr. SIGINT or SIGTERM closes every link
+with its final frame and exits 0; a restart recovers the ledger and every
+in-flight migration from ``--data-dir``.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 import signal
 from pathlib import Path
 
@@ -17,12 +18,12 @@ import trio
 
 from federation import config
 from federation.cli import CommandError
-from mesh import control, identity
-from mesh.runtime import ListenError, Peer, Runtime
-from mesh.runtime_log import JsonLog
-from mesh.runtime_store import SQLiteStore, StoreError
+from federation.node import Node, NodeError
+from mesh import identity
+from mesh.runtime import ListenError
+from mesh.runtime_store import StoreError
 
-__all__ = ["register", "build_runtime", "default_key_path"]
+__all__ = ["register", "run_node", "default_key_path"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -41,38 +42,6 @@ def default_key_path(config_path: Path, name: str) -> Path:
     return config_path.parent / "keys" / f"{name}.key"
 
 
-def build_runtime(
-    fed: config.Federation, name: str, ident: identity.Identity, store: SQLiteStore | None
-) -> Runtime:
-    me = fed.dc(name)
-    if ident.public != me.public_key:
-        raise CommandError(
-            f"the key's public key {ident.public} is not {name!r}'s key "
-            f"in {fed.source} ({me.public_key})"
-        )
-    peers = [
-        Peer(dc.name, dc.public_key, dc.control.host, dc.control.port)
-        for dc in fed.dcs
-        if dc.name != name
-    ]
-    runtime = Runtime(
-        name=name,
-        federation=fed.id,
-        identity=ident,
-        public_key=me.public_key,
-        peers=peers,
-        listen_host=me.control.host,
-        listen_port=me.control.port,
-        versions=fed.versions,
-        store=store,
-        log=JsonLog(name),
-    )
-    # Issue 4: membership, link estimates and modes, routes (logs every change).
-    control.attach(runtime, name, [p.name for p in peers], random.Random(), store=store,
-                   modes=fed.modes)
-    return runtime
-
-
 def run_node(args: argparse.Namespace) -> int:
     try:
         fed = config.load(args.config)
@@ -89,34 +58,33 @@ def run_node(args: argparse.Namespace) -> int:
     data_dir: Path = args.data_dir or args.config.parent / "data" / args.name
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        store = SQLiteStore(data_dir / "node.sqlite3")
+        node = Node(fed, args.name, ident, data_dir)
     except OSError as exc:
         raise CommandError(
             f"{data_dir}: cannot create the data directory: {exc.strerror}"
         ) from None
-    except StoreError as exc:
+    except (StoreError, NodeError) as exc:
         raise CommandError(str(exc)) from None
     try:
-        runtime = build_runtime(fed, args.name, ident, store)
-        trio.run(_serve_until_signal, runtime)
-    except ListenError as exc:
+        trio.run(_serve_until_signal, node)
+    except (ListenError, NodeError) as exc:
         raise CommandError(str(exc)) from None
     finally:
-        store.close()
+        node.close()
     return 0
 
 
-async def _serve_until_signal(runtime: Runtime) -> None:
+async def _serve_until_signal(node: Node) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        await runtime.listen()  # outside the nursery: a ListenError stays a plain exception
+        await node.bind()  # outside the nursery: a busy port stays a plain exception
         async with trio.open_nursery() as nursery:
 
             async def stop_on_signal() -> None:
                 async for signum in signals:
-                    runtime.log.event("signal", signal=signal.Signals(signum).name)
-                    runtime.shutdown()
+                    node.log.event("signal", signal=signal.Signals(signum).name)
+                    node.shutdown()
                     return
 
             nursery.start_soon(stop_on_signal)
-            await runtime.run()
+            await node.run()
             nursery.cancel_scope.cancel()

@@ -77,8 +77,12 @@ class HostedCore:
         send: Callable[[str, Any], bool],
         store: Store | None,
         log: JsonLog,
+        effects: Callable[[object], bool] | None = None,
     ) -> None:
         self.name = name
+        #: the host's own actions (e.g. a node's VM work): called in action order,
+        #: returns True if it took the action
+        self._effects = effects
         self.core = core
         self.tags = tags
         self._send = send
@@ -164,6 +168,8 @@ class HostedCore:
             await trio.to_thread.run_sync(self._store.put, action.key, action.value, action.sync)
         elif isinstance(action, Notify):
             self._log.event("notify", core=self.name, kind=action.kind, detail=action.detail)
+        elif self._effects is not None and self._effects(action):
+            return
         else:
             raise CoreFailed(f"core {self.name!r} returned {action!r}, which is not an action")
 

@@ -7,5 +7,7 @@ any order: the file is exempt from import sorting so appending never breaks the 
 # ruff: noqa: I001
 
 from sim.scenarios import counter  # noqa: F401
-from sim.scenarios import amst_streams  # noqa: F401
 from sim.scenarios import pbft_scenarios  # noqa: F401
+from sim.scenarios import mesh_scenarios  # noqa: F401
+from sim.scenarios import amst_streams  # noqa: F401
+from sim.scenarios import migration_chaos  # noqa: F401

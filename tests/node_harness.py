@@ -1,0 +1,116 @@
+"""Shared by the node tests: a federation on loopback, real VM data, in-process nodes.
+
+VM data is real, never random: the disk is an ext4 filesystem built by ``mke2fs -d``
+from a directory of the Python standard library, the memory is this process's own
+readable memory pages (``/proc/self/mem``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from federation import config
+from federation.demo import free_base_port
+from federation.keys_cli import init_federation
+from federation.node import Node
+from mesh import identity
+from mesh.runtime_log import JsonLog
+
+PAGE = 4096
+#: A small stdlib package: a few hundred KiB of real files for the ext4 image.
+DISK_SOURCE = "/usr/lib/python3.11/json"
+
+
+def make_federation(directory: Path, count: int = 4) -> Path:
+    return init_federation(directory, count, base_port=free_base_port(count))
+
+
+def ext4_image(path: Path, mib: int = 4) -> Path:
+    mke2fs = shutil.which("mke2fs") or shutil.which("/usr/sbin/mke2fs")
+    if mke2fs is None or not Path(DISK_SOURCE).is_dir():
+        pytest.skip("needs mke2fs and a Python stdlib directory to build a real disk image")
+    subprocess.run([mke2fs, "-q", "-F", "-t", "ext4", "-d", DISK_SOURCE, str(path), f"{mib}M"],
+                   check=True, capture_output=True)
+    return path
+
+
+def memory_image(path: Path, limit: int = 6 << 20) -> Path:
+    """This process's readable memory, page-aligned, up to ``limit`` bytes."""
+    out = bytearray()
+    with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1] or line.rstrip().endswith(("[vvar]", "[vsyscall]")):
+                continue
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(lo)
+                out += mem.read(min(hi - lo, limit - len(out)))
+            except OSError:
+                continue
+            if len(out) >= limit:
+                break
+    path.write_bytes(bytes(out[: len(out) // PAGE * PAGE]))
+    return path
+
+
+def real_vm(directory: Path) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    return memory_image(directory / "memory.img"), ext4_image(directory / "disk.img")
+
+
+def image_hashes(vm_dir: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(vm_dir.glob("*.img"))}
+
+
+def build_node(cfg: Path, name: str, data_root: Path) -> Node:
+    fed = config.load(cfg)
+    ident = identity.load_key_file(cfg.parent / "keys" / f"{name}.key")
+    return Node(fed, name, ident, data_root / name, log=JsonLog(name, io.StringIO()))
+
+
+@asynccontextmanager
+async def running_nodes(cfg: Path, data_root: Path,
+                        names: tuple[str, ...] = ("dc1", "dc2", "dc3", "dc4"),
+                        ) -> AsyncIterator[dict[str, Node]]:
+    """Nodes in this process; yields once every link is up; shuts down cleanly."""
+    nodes = {n: build_node(cfg, n, data_root) for n in names}
+    try:
+        async with trio.open_nursery() as nursery:
+            for node in nodes.values():
+                await nursery.start(node.run)
+            with trio.fail_after(20):
+                while any(len(n.runtime.links) < len(names) - 1 for n in nodes.values()):
+                    await trio.sleep(0.05)
+            yield nodes
+            for node in nodes.values():
+                node.shutdown()
+    finally:
+        for node in nodes.values():
+            node.close()
+
+
+async def wait_outcome(node: Node, mid: str, timeout: float = 60) -> str:
+    core = node.need_core()
+    with trio.fail_after(timeout):
+        while mid not in core.outcomes:
+            await trio.sleep(0.05)
+    o = core.outcomes[mid]
+    return o.outcome if o.outcome == "committed" else f"{o.outcome}: {o.reason}"
+
+
+async def wait_vm(node: Node, vm: str, state: str, timeout: float = 30) -> None:
+    """The ledger's word is carried out by the VM worker after the outcome: wait for it."""
+    with trio.fail_after(timeout):
+        while not any(i.name == vm and i.state.value == state for i in node.backend.list_vms()):
+            await trio.sleep(0.05)

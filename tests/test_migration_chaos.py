@@ -1,0 +1,120 @@
+"""The ``migration-chaos`` scenario (issue 7): seeded runs, replay, the oracle's teeth,
+and the seed sweeps of the acceptance line (100 seeds here, 10,000 in ``make chaos``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from federation.cli import main
+from sim.scenario import RunResult, run_scenario
+
+NAME = "migration-chaos"
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[int, RunResult]:
+    """Seeds 4, 5 and 7, run once for the tests that read them."""
+    return {seed: run_scenario(NAME, seed) for seed in (4, 5, 7)}
+
+
+def _check(result: RunResult) -> dict[str, object]:
+    assert result.ok, (result.replay(), result.as_json()["violations"])
+    metrics: dict[str, object] = result.metrics["migration"]
+    return metrics
+
+
+def test_runs_commit_abort_and_recover(runs: dict[int, RunResult]) -> None:
+    """A few seeds pass the oracle, and they are not vacuous: migrations commit, crashes
+    mid-migration end in aborts, the Byzantine DC strikes, and the quiet phase ends with
+    every VM running at its owner."""
+    committed = aborted = 0
+    reasons: set[str] = set()
+    for result in runs.values():
+        m = _check(result)
+        ledger = m["ledger"]
+        assert isinstance(ledger, dict)
+        committed += ledger.get("committed", 0)
+        aborted += ledger.get("aborted", 0)
+        assert isinstance(m["aborts_by_reason"], dict)
+        reasons |= set(m["aborts_by_reason"])
+        assert result.metrics["crashes"] >= 2
+        assert result.metrics["byzantine"]
+        assert m["page_writes"] > 0 and m["vms"] >= 10
+    assert committed >= 20 and aborted >= 2
+    assert any("restarted" in r for r in reasons), reasons
+
+
+def test_same_seed_same_trace_hash(runs: dict[int, RunResult]) -> None:
+    first = runs[4]
+    again = run_scenario(NAME, 4)
+    other = runs[5]
+    assert first.trace_hash == again.trace_hash
+    assert first.events == again.events
+    assert first.metrics["migration"] == again.metrics["migration"]
+    assert other.trace_hash != first.trace_hash
+
+
+def test_the_bug_free_run_passes() -> None:
+    _check(run_scenario(NAME, 3, params={"faults": False}))
+
+
+@pytest.mark.parametrize(("bug", "needle"), [
+    ("start-before-commit", "whose ledger says"),
+    ("run-after-fence", "runs at two DCs"),
+    ("skip-final-round", "differ from what its writer last wrote before the fence"),
+])
+def test_oracle_catches_an_injected_bug(bug: str, needle: str) -> None:
+    """The host bug stops the run with the oracle's verdict (the same run without the bug
+    passes: test_the_bug_free_run_passes), and the replay command carries the bug."""
+    result = run_scenario(NAME, 3, params={"faults": False, "bug": bug})
+    assert not result.ok
+    violation = result.violations[0]
+    assert violation.checker == "migration-oracle", violation
+    assert needle in violation.message, violation.message
+    assert f'bug="{bug}"' in result.replay()
+
+
+def test_equivocating_source_is_caught_by_the_root_check() -> None:
+    """A Byzantine DC that sends its targets another root than its pages': the target's
+    verification refuses it, the migration aborts, and the oracle still holds."""
+    result = run_scenario(NAME, 4, params={"strike": "equivocate", "strike_for": 30.0})
+    reasons = _check(result)["aborts_by_reason"]
+    assert isinstance(reasons, dict)
+    assert any("does not match the source's" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("seed", [3, 7])
+def test_swarm_faults_on_top(seed: int) -> None:
+    """--swarm adds random benign faults (crashes the scenario did not aim, clock jumps,
+    clogs) to the scenario's own: the oracle still holds (these seeds once caught the
+    host forgetting that a crashed DC's VMs stop)."""
+    result = run_scenario(NAME, seed, swarm=True)
+    _check(result)
+    assert result.faults
+
+
+def test_nodes_must_be_3f_plus_1() -> None:
+    result = run_scenario(NAME, 1, nodes=8)
+    assert not result.ok
+    assert "--nodes must be 3f+1" in result.violations[0].message
+
+
+def _sweep(seeds: str, capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+    code = main(["sim", "sweep", NAME, "--seeds", seeds, "--jobs", "2", "--json"])
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and report["failed"] == 0, [f["replay"] for f in report["failures"]]
+    return report
+
+
+def test_sweep_100_seeds(capsys: pytest.CaptureFixture[str]) -> None:
+    """The acceptance line's `make test` half: 100 seeds, 0 violations."""
+    assert _sweep("1-100", capsys)["runs"] == 100
+
+
+@pytest.mark.slow
+def test_sweep_10000_seeds(capsys: pytest.CaptureFixture[str]) -> None:
+    """`dwcp sim sweep migration-chaos --seeds 1-10000`: 0 violations (make chaos)."""
+    assert _sweep("1-10000", capsys)["runs"] == 10000

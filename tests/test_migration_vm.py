@@ -1,0 +1,210 @@
+"""Both sessions, the real ledger state machine and two image backends on disk, with the
+page writer running during pre-copy. Rounds move pages in process (the v1 transfer:
+every page in round 1, the dirty set after); the network, HDE and AMST are not here.
+
+It checks what a user relies on: after the commit the target's images are the
+source's images at the fence, they equal what the writer last wrote, the target runs
+at epoch 1 and the source copy is retired; after a failed verification the VM runs
+at its source again, with its writer, and the target's copy is discarded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consensus.ledger import (
+    AbortMigration,
+    BeginMigration,
+    CommitMigration,
+    Ledger,
+    LedgerResult,
+    RegisterVm,
+)
+from federation.migration import (
+    Fence,
+    LedgerAborted,
+    LedgerBegun,
+    LedgerCommitted,
+    LedgerRefused,
+    Phase,
+    PrecopyLimits,
+    RoundSent,
+    SendRound,
+    SubmitLedger,
+    Verify,
+)
+from federation.migration_core import SessionBase
+from federation.migration_source import SourceSession
+from federation.migration_target import TargetSession
+from federation.migration_vm import VM_ACTIONS, VmActions, images_root
+from federation.vm import VmState
+from federation.vm_image import ImageBackend
+from federation.vm_image_writer import expected_pages, mismatches
+from mesh import wire
+from mesh.core import Notify, Received, Send
+from mesh.hde.image import PAGE_SIZE
+from tests.test_vm_image import real_bytes
+
+MID = "m-e2e"
+
+
+class TwoDCs:
+    def __init__(self, tmp: Path, limits: PrecopyLimits, corrupt_target: bool = False) -> None:
+        self.src = ImageBackend(tmp / "dc1")
+        self.tgt = ImageBackend(tmp / "dc2")
+        (tmp / "mem").write_bytes(real_bytes(512))
+        (tmp / "disk").write_bytes(real_bytes(64, b"disk"))
+        self.src.import_vm("vm1", tmp / "mem", [tmp / "disk"])
+        self.src.start("vm1", 0)
+        self.src.attach_writer("vm1", seed=42, rate=4000)
+        self.src_vm = VmActions(self.src)
+        self.tgt_vm = VmActions(self.tgt)
+        self.ledger = Ledger(("dc1", "dc2", "dc3"))
+        self.rids = {"dc1": 0, "dc2": 0}
+        self.execute("dc1", RegisterVm("vm1", "dc1"))
+        self.corrupt_target = corrupt_target
+        self.marks: list[int] = []
+        self.fenced_digest: str | None = None
+        self.notes: list[Notify] = []
+        info = self.src.info("vm1")
+        self.source = SourceSession.plan("dc1", MID, "vm1", "dc2", 0, info.layout, limits,
+                                         self.ledger.policy, (1,), (1, 3))
+        self.target: TargetSession | None = None
+        self.queue: deque[tuple[str, Any]] = deque()
+
+    def execute(self, client: str, command: Any) -> LedgerResult:
+        self.rids[client] += 1
+        raw = self.ledger.execute(client, self.rids[client], wire.encode(command))
+        return wire.decode(raw, expect=(LedgerResult,))
+
+    def session(self, node: str) -> SessionBase:
+        s = self.source if node == "dc1" else self.target
+        assert s is not None
+        return s
+
+    def run(self) -> None:
+        self.dispatch("dc1", self.source.start(0.0))
+        while self.queue:
+            node, event = self.queue.popleft()
+            self.dispatch(node, self.session(node).handle(time.monotonic(), event))
+
+    def dispatch(self, node: str, actions: list[Any]) -> None:
+        for a in actions:
+            if isinstance(a, SubmitLedger):
+                self.submit(node, a.command)
+            elif isinstance(a, Send):
+                frame = wire.encode(a.message)
+                self.queue.append((a.peer, Received(node, wire.decode(frame), frame)))
+            elif isinstance(a, SendRound):
+                self.queue.append((node, self.round(a)))
+            elif isinstance(a, VM_ACTIONS):
+                if isinstance(a, Verify) and self.corrupt_target:
+                    self.tgt_vm.incoming[MID]["memory"].write(3, b"\xee" * PAGE_SIZE)
+                vm = self.src_vm if node == "dc1" else self.tgt_vm
+                replies = vm.carry_out(a)
+                if isinstance(a, Fence):
+                    self.fenced_digest = self.digest(self.src)
+                self.queue.extend((node, r) for r in replies)
+            elif isinstance(a, Notify):
+                self.notes.append(a)
+
+    def submit(self, node: str, command: Any) -> None:
+        result = self.execute(node, command)
+        if not result.ok:
+            self.queue.append((node, LedgerRefused(command, result.error)))
+            return
+        if isinstance(command, BeginMigration):
+            self.queue.append(("dc1", LedgerBegun(MID, command.epoch)))
+            self.target, actions = TargetSession.from_ledger(
+                "dc2", MID, "vm1", "dc1", command.epoch, self.source.limits, time.monotonic())
+            self.dispatch("dc2", actions)
+        else:
+            fact: Any = (LedgerCommitted(MID, result.epoch, command.root)
+                         if isinstance(command, CommitMigration) else LedgerAborted(MID))
+            assert isinstance(command, (CommitMigration, AbortMigration))
+            self.queue.append(("dc1", fact))
+            self.queue.append(("dc2", fact))
+
+    def round(self, a: SendRound) -> RoundSent:
+        """Copy the round's pages from the (running) source into the incoming copy."""
+        mark = self.src.dirty_mark("vm1")
+        src_images = self.src.open_images("vm1")
+        dst = self.tgt_vm.incoming[MID]
+        t0 = time.monotonic()
+        if a.dirty:
+            pages = self.src.dirty_since("vm1", self.marks[-1])
+        else:
+            pages = {n: list(range(img.page_count)) for n, img in src_images.items()}
+        count = 0
+        for name, nums in pages.items():
+            for p in nums:
+                dst[name].write(p, src_images[name].view(p))
+                count += 1
+        seconds = time.monotonic() - t0
+        self.marks.append(mark)
+        for img in src_images.values():
+            img.close()
+        dirty = sum(len(v) for v in self.src.dirty_since("vm1", mark).values())
+        return RoundSent(a.round, count, count * PAGE_SIZE, count * PAGE_SIZE, seconds,
+                         0 if a.final else dirty)
+
+    @staticmethod
+    def digest(backend: ImageBackend) -> str:
+        images = backend.open_images("vm1")
+        h = hashlib.sha256()
+        for name in sorted(images):
+            h.update(images[name].view(0, images[name].page_count))
+            images[name].close()
+        return h.hexdigest()
+
+
+@pytest.mark.parametrize("limits", [PrecopyLimits(5, 0.5), PrecopyLimits(4, 0.0)])
+def test_migration_moves_the_vm_with_its_writer_running(tmp_path: Path,
+                                                        limits: PrecopyLimits) -> None:
+    w = TwoDCs(tmp_path, limits)
+    writer = w.src.writer("vm1")
+    assert writer is not None
+    deadline = time.monotonic() + 10
+    while writer.writer.seq < 100 and time.monotonic() < deadline:
+        time.sleep(0.005)  # let the workload dirty pages before the migration starts
+    w.run()
+    assert w.ledger.owner("vm1") == "dc2" and w.ledger.epoch("vm1") == 1
+    assert w.source.phase is Phase.COMMITTED and w.target is not None
+    assert w.target.phase is Phase.COMMITTED
+    assert 2 <= w.source.round <= limits.max_rounds  # pre-copy, then the final round
+    assert w.src.info("vm1").state is VmState.RETIRED
+    info = w.tgt.info("vm1")
+    assert info.state is VmState.RUNNING and info.epoch == 1
+    assert TwoDCs.digest(w.tgt) == w.fenced_digest == TwoDCs.digest(w.src)
+    expected = expected_pages(w.src.path("vm1") / "writer.log")
+    assert len(expected) > 50
+    images = w.tgt.open_images("vm1")
+    assert mismatches(images, expected) == []
+    assert images_root(images) == w.ledger.migrations[MID].root
+    for img in images.values():
+        img.close()
+    done = [n.detail for n in w.notes if n.kind == "migration.done"]
+    assert sorted(d.role for d in done) == ["source", "target"]
+    w.src.close()
+
+
+def test_failed_verification_returns_the_vm_to_its_source(tmp_path: Path) -> None:
+    w = TwoDCs(tmp_path, PrecopyLimits(5, 0.5), corrupt_target=True)
+    w.run()
+    assert w.ledger.owner("vm1") == "dc1" and w.ledger.epoch("vm1") == 0
+    assert w.ledger.migrations[MID].state == "aborted"
+    assert w.source.phase is Phase.ABORTED and "does not match" in w.target.reason  # type: ignore[union-attr]
+    assert w.src.info("vm1").state is VmState.RUNNING
+    assert w.src.writer("vm1") is not None  # the workload runs again
+    assert w.tgt.info("vm1").state is VmState.RETIRED
+    w.src.close()
+    images = w.src.open_images("vm1")
+    assert mismatches(images, expected_pages(w.src.path("vm1") / "writer.log")) == []
+    for img in images.values():
+        img.close()

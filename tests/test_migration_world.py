@@ -1,0 +1,473 @@
+"""A two-DC world for migration sessions: the real ledger state machine, a fake network,
+fake VM drivers and crash/restart from persisted records.
+
+The stateful test (tests/test_migration_stateful.py) drives it with random
+interleavings; the seeded runs at the bottom of this file check the plain
+paths end to end. Every driver action is checked where it is carried out:
+the final round starts only at a fenced source, the target starts only after
+the commit with the ledger's epoch, the source un-fences only after an abort.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import attrs
+import pytest
+
+from consensus.ledger import (
+    AbortMigration,
+    BeginMigration,
+    CommitMigration,
+    Ledger,
+    LedgerResult,
+    RegisterVm,
+    SetPolicy,
+)
+from federation.migration import (
+    ActionFailed,
+    CancelRound,
+    DiscardIncoming,
+    Fence,
+    LedgerAborted,
+    LedgerBegun,
+    LedgerCommitted,
+    LedgerRefused,
+    Phase,
+    PolicyChanged,
+    PrecopyLimits,
+    PrepareIncoming,
+    Retire,
+    RoundSent,
+    SendRound,
+    SourceFenced,
+    StartAtTarget,
+    SubmitLedger,
+    TargetVerified,
+    TransferProgress,
+    Unfence,
+    Verify,
+    record_key,
+)
+from federation.migration_core import SessionBase
+from federation.migration_restore import restore
+from federation.migration_source import SourceSession
+from federation.migration_target import TargetSession
+from mesh import wire
+from mesh.core import (
+    CancelTimer,
+    Notify,
+    PeerDown,
+    PeerUp,
+    Persist,
+    Received,
+    Send,
+    SetTimer,
+    TimerFired,
+)
+
+SRC, TGT = "dc1", "dc2"
+VM = "vm1"
+MID = "m-1"
+LIMITS = PrecopyLimits(max_rounds=5, downtime=0.5)
+LAYOUT = (("memory", 64), ("disk-0", 32))
+
+
+def root_of(content: int) -> bytes:
+    return hashlib.sha256(b"content %d" % content).digest()
+
+
+@attrs.define
+class Job:
+    """A round in flight: what the source held when it started."""
+
+    round: int
+    final: bool
+    content: int
+
+
+class World:
+    """One migration of ``vm1`` from dc1 to dc2 (see the module docstring)."""
+
+    def __init__(self, policy: SetPolicy | None = None) -> None:
+        self.ledger = Ledger(("dc1", "dc2", "dc3"))
+        self.rid = {"dc1": 1, "dc2": 1}
+        self._execute(SRC, RegisterVm(VM, SRC))
+        if policy is not None:
+            self._execute(SRC, policy)
+        self.now = 0.0
+        self.store: dict[str, dict[str, bytes]] = {SRC: {}, TGT: {}}
+        self.sessions: dict[str, SessionBase | None] = {SRC: None, TGT: None}
+        self.up = {SRC: True, TGT: True}
+        self.partitioned = False
+        self.timers: dict[str, dict[Any, float]] = {SRC: {}, TGT: {}}
+        self.inbox: dict[str, list[Any]] = {SRC: [], TGT: []}
+        self.net: list[tuple[str, str, Any]] = []
+        self.ledger_queue: list[tuple[str, Any]] = []
+        self.facts: list[Any] = []
+        self.cursor = {SRC: 0, TGT: 0}
+        # the VM at the source and the copy at the target
+        self.src_running = True
+        self.src_fenced = False
+        self.src_retired = False
+        self.content = 0
+        self.fenced_content: int | None = None
+        self.tgt_prepared = False
+        self.tgt_content: int | None = None
+        self.tgt_started: int | None = None
+        self.jobs: list[Job] = []
+        self.fence_pending = False
+        self.verify_pending = False
+        self.max_epoch = 0
+        self.notes: list[Notify] = []
+        session = SourceSession.plan(SRC, MID, VM, TGT, 0, LAYOUT, LIMITS,
+                                     self.ledger.policy, (1, 3), (1, 3))
+        self.sessions[SRC] = session
+        self.apply(SRC, session.start(self.now))
+
+    # ------------------------------------------------------------------ the ledger
+
+    def _execute(self, client: str, command: Any) -> LedgerResult:
+        rid = self.rid[client]
+        self.rid[client] += 1
+        raw = self.ledger.execute(client, rid, wire.encode(command))
+        return wire.decode(raw, expect=(LedgerResult,))
+
+    def execute_next(self, index: int = 0) -> None:
+        client, command = self.ledger_queue.pop(index % len(self.ledger_queue))
+        result = self._execute(client, command)
+        mig = self.ledger.migrations.get(MID)
+        if not result.ok:
+            if self.up[client]:
+                self.inbox[client].append(LedgerRefused(command, result.error))
+            return
+        if isinstance(command, BeginMigration):
+            self.facts.append(LedgerBegun(MID, command.epoch))
+        elif isinstance(command, CommitMigration):
+            assert mig is not None
+            self.facts.append(LedgerCommitted(MID, mig.epoch + 1, command.root))
+        elif isinstance(command, AbortMigration):
+            self.facts.append(LedgerAborted(MID))
+
+    def deliver_fact(self, node: str) -> None:
+        fact = self.facts[self.cursor[node]]
+        self.cursor[node] += 1
+        if node == TGT and isinstance(fact, LedgerBegun) and self.sessions[TGT] is None:
+            if self.store[TGT].get(record_key(MID)) is None:
+                session, actions = TargetSession.from_ledger(TGT, MID, VM, SRC, fact.epoch,
+                                                             LIMITS, self.now)
+                self.sessions[TGT] = session
+                self.apply(TGT, actions)
+            return
+        self.feed(node, fact)
+
+    def mig_state(self) -> str | None:
+        mig = self.ledger.migrations.get(MID)
+        return mig.state if mig else None
+
+    # ------------------------------------------------------------------ driving sessions
+
+    def feed(self, node: str, event: Any) -> None:
+        session = self.sessions[node]
+        if session is None or not self.up[node]:
+            return
+        self.apply(node, session.handle(self.now, event))
+
+    def apply(self, node: str, actions: list[Any]) -> None:
+        for a in actions:
+            self.carry_out(node, a)
+        self.check()
+
+    def carry_out(self, node: str, a: Any) -> None:
+        if isinstance(a, Persist):
+            self.store[node][a.key] = a.value
+        elif isinstance(a, SetTimer):
+            self.timers[node][a.key] = a.at
+        elif isinstance(a, CancelTimer):
+            self.timers[node].pop(a.key, None)
+        elif isinstance(a, Notify):
+            self.notes.append(a)
+        elif isinstance(a, SubmitLedger):
+            self.ledger_queue.append((node, a.command))
+        elif isinstance(a, Send):
+            self.net.append((node, a.peer, a.message))
+        elif isinstance(a, SendRound):
+            assert node == SRC
+            if a.final:
+                assert self.src_fenced and not self.src_running, "final round before the fence"
+            self.jobs.append(Job(a.round, a.final, self.content))
+        elif isinstance(a, CancelRound):
+            self.jobs.clear()
+        elif isinstance(a, Fence):
+            assert node == SRC
+            self.src_running = False
+            self.src_fenced = True
+            self.fenced_content = self.content
+            self.fence_pending = True
+        elif isinstance(a, Unfence):
+            assert node == SRC and self.mig_state() == "aborted", "un-fenced without an abort"
+            self.src_fenced = False
+            self.src_running = True
+        elif isinstance(a, Retire):
+            assert node == SRC and self.mig_state() == "committed", "retired without a commit"
+            self.src_running = False
+            self.src_retired = True
+        elif isinstance(a, PrepareIncoming):
+            assert node == TGT and self.mig_state() == "begun"
+            self.tgt_prepared = True
+            if self.tgt_content is None:
+                self.tgt_content = -1
+        elif isinstance(a, Verify):
+            assert node == TGT
+            self.verify_pending = True
+        elif isinstance(a, StartAtTarget):
+            assert node == TGT and self.mig_state() == "committed", "started before the commit"
+            assert a.epoch == self.ledger.epoch(VM), "started with another epoch than the ledger's"
+            self.tgt_started = a.epoch
+        elif isinstance(a, DiscardIncoming):
+            assert node == TGT and self.mig_state() == "aborted", "discarded without an abort"
+            self.tgt_prepared = False
+        else:
+            raise AssertionError(f"unknown action {a!r}")
+
+    # ------------------------------------------------------------------ the world moves
+
+    def deliver_message(self, index: int, duplicate: bool = False) -> None:
+        src, dst, msg = self.net[index % len(self.net)]
+        if not duplicate:
+            self.net.remove((src, dst, msg))
+        if self.partitioned or not self.up[dst]:
+            return
+        self.feed(dst, Received(src, wire.decode(wire.encode(msg))))
+
+    def finish_job(self, dirty_pages: int, seconds: float, fail: bool = False) -> None:
+        job = self.jobs.pop(0)
+        if fail or self.partitioned or not self.up[TGT] or not self.tgt_prepared:
+            self.feed(SRC, ActionFailed("send round", "the bulk transfer broke"))
+            return
+        self.tgt_content = job.content
+        pages = 96 if job.round == 1 else max(1, dirty_pages)
+        self.feed(SRC, TransferProgress(job.round, pages * 4096 // 2))
+        self.feed(SRC, RoundSent(job.round, pages, pages * 4096, pages * 1024, seconds,
+                                 0 if job.final else dirty_pages))
+
+    def finish_fence(self) -> None:
+        self.fence_pending = False
+        assert self.fenced_content is not None
+        self.feed(SRC, SourceFenced(root_of(self.fenced_content)))
+
+    def finish_verify(self) -> None:
+        self.verify_pending = False
+        content = self.tgt_content if self.tgt_content is not None else -1
+        self.feed(TGT, TargetVerified(root_of(content)))
+
+    def write(self) -> None:
+        if self.src_running:
+            self.content += 1
+
+    def fire_next_timer(self) -> bool:
+        due = sorted((at, node, repr(key), key) for node in (SRC, TGT) if self.up[node]
+                     for key, at in self.timers[node].items())
+        if not due:
+            return False
+        at, node, _, key = due[0]
+        self.now = max(self.now, at)
+        del self.timers[node][key]
+        self.feed(node, TimerFired(key))
+        return True
+
+    def crash(self, node: str) -> None:
+        if not self.up[node]:
+            return
+        self.up[node] = False
+        self.sessions[node] = None
+        self.timers[node].clear()
+        self.inbox[node].clear()
+        other = TGT if node == SRC else SRC
+        if node == SRC:
+            self.src_running = False  # the VM dies with its node
+            self.jobs.clear()
+            self.fence_pending = False
+        else:
+            self.verify_pending = False
+            self.jobs.clear()
+        self.feed(other, PeerDown(node))
+
+    def restart(self, node: str) -> None:
+        if self.up[node]:
+            return
+        self.up[node] = True
+        self.cursor[node] = len(self.facts)  # the replica catches up before sessions restore
+        data = self.store[node].get(record_key(MID))
+        mig = self.ledger.migrations.get(MID)
+        if node == SRC and self.ledger.owner(VM) == SRC and not self.src_fenced:
+            self.src_running = True  # the node boots the VMs it owns that are not fenced
+        if data is not None:
+            session, actions = restore(data, mig, self.now, self.ledger.policy)
+            self.sessions[node] = session
+            self.apply(node, actions)
+        elif node == TGT and mig is not None and mig.state == "begun":
+            session, actions = TargetSession.from_ledger(TGT, MID, VM, SRC, mig.epoch, LIMITS,
+                                                         self.now)
+            self.sessions[TGT] = session
+            self.apply(TGT, actions)
+        other = TGT if node == SRC else SRC
+        self.feed(other, PeerUp(node))
+
+    def set_partition(self, on: bool) -> None:
+        if on == self.partitioned:
+            return
+        self.partitioned = on
+        for node, other in ((SRC, TGT), (TGT, SRC)):
+            if self.up[other]:
+                self.feed(node, PeerDown(other) if on else PeerUp(other))
+
+    def change_policy(self, v3_percent: int, kill: bool) -> None:
+        policy = SetPolicy(v3_percent, (), (), kill)
+        self._execute("dc1", policy)
+        self.feed(SRC, PolicyChanged(policy))
+
+    # ------------------------------------------------------------------ invariants
+
+    def check(self) -> None:
+        owner = self.ledger.owner(VM)
+        epoch = self.ledger.epoch(VM)
+        assert owner in (SRC, TGT)
+        assert epoch is not None and epoch >= self.max_epoch, "the epoch went back"
+        self.max_epoch = epoch
+        assert not (self.src_running and self.tgt_started is not None), "two running copies"
+        if self.src_running:
+            assert owner == SRC, "the VM runs at a DC that does not own it"
+        if self.tgt_started is not None:
+            assert owner == TGT and self.tgt_started == epoch
+        state = self.mig_state()
+        for node in (SRC, TGT):
+            s = self.sessions[node]
+            if s is None:
+                continue
+            if s.phase is Phase.COMMITTED:
+                assert state == "committed"
+            if s.phase is Phase.ABORTED:
+                assert state == "aborted"
+            if s.phase is Phase.REFUSED:
+                assert state in (None, "begun", "aborted")
+
+    # ------------------------------------------------------------------ quiescence
+
+    def settle(self, max_steps: int = 5000) -> None:
+        """Heal everything, then run to the end in FIFO order; the migration must end
+        committed or aborted in the ledger, with the VM running at exactly its owner."""
+        self.set_partition(False)
+        for node in (SRC, TGT):
+            self.restart(node)
+        for _ in range(max_steps):
+            if not self.step_forward(time_passes=True):
+                break
+        self.check_final()
+
+    def step_forward(self, time_passes: bool) -> bool:
+        """The next thing that would happen with no fault: the oldest ledger command,
+        fact, reply, message or driver job; else (if ``time_passes``) the next timer."""
+        if self.ledger_queue:
+            self.execute_next(0)
+        elif any(self.up[n] and self.cursor[n] < len(self.facts) for n in (SRC, TGT)):
+            node = SRC if self.up[SRC] and self.cursor[SRC] < len(self.facts) else TGT
+            self.deliver_fact(node)
+        elif any(self.inbox.values()):
+            node = SRC if self.inbox[SRC] else TGT
+            self.feed(node, self.inbox[node].pop(0))
+        elif self.net:
+            self.deliver_message(0)
+        elif self.fence_pending:
+            self.finish_fence()
+        elif self.verify_pending:
+            self.finish_verify()
+        elif self.jobs:
+            self.finish_job(dirty_pages=2, seconds=1.0)
+        elif self.done() or not time_passes:
+            return False
+        else:
+            return self.fire_next_timer()
+        return True
+
+    def done(self) -> bool:
+        s, t = self.sessions[SRC], self.sessions[TGT]
+        return bool(s and s.done and (t is None or t.done) and self.mig_state() != "begun")
+
+    def check_final(self) -> None:
+        state = self.mig_state()
+        src = self.sessions[SRC]
+        assert src is not None and src.done, f"the source did not finish: {src and src.phase}"
+        tgt = self.sessions[TGT]
+        if state is None:
+            assert src.phase is Phase.REFUSED
+            assert self.src_running
+            return
+        assert state in ("committed", "aborted"), f"the migration ended {state} in the ledger"
+        if tgt is not None:
+            assert tgt.done
+        if state == "committed":
+            assert src.phase is Phase.COMMITTED
+            assert self.tgt_started == self.ledger.epoch(VM) == 1
+            assert not self.src_running and self.src_retired
+            assert self.tgt_content == self.fenced_content, "the target holds other content"
+        else:
+            assert src.phase is Phase.ABORTED
+            assert self.src_running and not self.src_fenced
+            assert self.tgt_started is None
+            assert self.ledger.owner(VM) == SRC and self.ledger.epoch(VM) == 0
+
+
+# --------------------------------------------------------------------------- seeded runs
+
+
+def test_happy_path_commits_and_moves_the_vm() -> None:
+    w = World()
+    w.settle()
+    assert w.mig_state() == "committed"
+    assert w.sessions[SRC].phase is Phase.COMMITTED  # type: ignore[union-attr]
+    done = [n.detail for n in w.notes if n.kind == "migration.done"]
+    assert {d.role for d in done} == {"source", "target"}
+    assert all(d.outcome == "committed" for d in done)
+
+
+def test_target_that_never_comes_back_aborts_and_vm_runs_at_source() -> None:
+    w = World()
+    for _ in range(3):  # begin executes, reaches both sides
+        if w.ledger_queue:
+            w.execute_next()
+    w.deliver_fact(SRC)
+    w.deliver_fact(TGT)
+    w.crash(TGT)
+    while w.fire_next_timer():
+        while w.ledger_queue:
+            w.execute_next()
+        while w.cursor[SRC] < len(w.facts):
+            w.deliver_fact(SRC)
+        if w.sessions[SRC].done:  # type: ignore[union-attr]
+            break
+    assert w.mig_state() == "aborted"
+    assert w.src_running and w.sessions[SRC].phase is Phase.ABORTED  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_corrupt_target_copy_never_commits(seed: int) -> None:
+    w = World()
+    for _ in range(200):
+        if w.verify_pending:
+            w.tgt_content = (w.tgt_content or 0) + 1000 + seed
+            break
+        if w.ledger_queue:
+            w.execute_next()
+        elif any(w.cursor[n] < len(w.facts) for n in (SRC, TGT)):
+            w.deliver_fact(SRC if w.cursor[SRC] < len(w.facts) else TGT)
+        elif w.net:
+            w.deliver_message(0)
+        elif w.fence_pending:
+            w.finish_fence()
+        elif w.jobs:
+            w.finish_job(dirty_pages=1, seconds=1.0)
+    assert w.verify_pending
+    w.settle()
+    assert w.mig_state() == "aborted"

@@ -1,0 +1,224 @@
+"""The v3 data plane in assembled nodes (in-process, real TCP on loopback): HDE over AMST
+on the data endpoints, with the rollout policy and the handshake choosing v3 or v1."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from consensus.ledger import SetPolicy
+from federation import config
+from federation.node import Node
+from federation.node_status import status
+from federation.vm import VmState
+from federation.vm_image_writer import expected_pages, mismatches
+from mesh import identity
+from mesh.runtime_log import JsonLog
+from tests.node_harness import image_hashes, make_federation, real_vm, wait_outcome, wait_vm
+
+NAMES = ("dc1", "dc2", "dc3", "dc4")
+
+
+@asynccontextmanager
+async def nodes_with(cfg: Path, data: Path, versions: dict[str, tuple[int, ...]],
+                     ) -> AsyncIterator[dict[str, Node]]:
+    """The four nodes in this process, ``versions[name]`` limiting what a node offers."""
+    fed = config.load(cfg)
+    nodes = {}
+    for n in NAMES:
+        ident = identity.load_key_file(cfg.parent / "keys" / f"{n}.key")
+        nodes[n] = Node(fed, n, ident, data / n, log=JsonLog(n, io.StringIO()),
+                        transfer_versions=versions.get(n, (1, 3)))
+    try:
+        async with trio.open_nursery() as nursery:
+            for node in nodes.values():
+                await nursery.start(node.run)
+            with trio.fail_after(20):
+                while any(len(n.runtime.links) < len(NAMES) - 1 for n in nodes.values()):
+                    await trio.sleep(0.05)
+            yield nodes
+            for node in nodes.values():
+                node.shutdown()
+    finally:
+        for node in nodes.values():
+            node.close()
+
+
+def _writer_pages_intact(node: Node, source: Node, vm: str) -> None:
+    log = expected_pages(source.backend.path(vm) / "writer.log")
+    assert log, "the writer wrote nothing: pre-copy rounds were not exercised"
+    images = node.backend.open_images(vm)
+    try:
+        assert mismatches(images, log) == []
+    finally:
+        for img in images.values():
+            img.close()
+
+
+def test_v3_migration_then_back_then_v1_fallback(tmp_path: Path) -> None:
+    cfg = make_federation(tmp_path / "fed")
+    memory, disk = real_vm(tmp_path / "vm")
+    logical_size = memory.stat().st_size + disk.stat().st_size
+
+    async def main() -> None:
+        # dc4 carries only v1 (a DC rolled back): links to it negotiate v1
+        async with nodes_with(cfg, tmp_path / "data", {"dc4": (1,)}) as nodes:
+            dc1, dc3, dc4 = nodes["dc1"], nodes["dc3"], nodes["dc4"]
+            assert dc1.runtime.links["dc3"].version == 3
+            assert dc1.runtime.links["dc4"].version == 1
+            result = await dc1.ledger.submit(SetPolicy(100, (), (), False))
+            assert result.ok
+            await dc1.import_vm("vm1", memory, [disk], writer_rate=300, writer_seed=3)
+            await dc1.import_vm("vm2", memory, [disk])
+            await trio.sleep(0.3)  # the writer dirties pages before the migration starts
+
+            # v3: dc1 -> dc3 with the writer running
+            mid = await dc1.migrate("vm1", "dc3")
+            assert await wait_outcome(dc1, mid) == "committed"
+            assert await wait_outcome(dc3, mid) == "committed"
+            await wait_vm(dc3, "vm1", "running")
+            await wait_vm(dc1, "vm1", "retired")
+            assert image_hashes(dc3.backend.path("vm1")) == image_hashes(dc1.backend.path("vm1"))
+            _writer_pages_intact(dc3, dc1, "vm1")
+            out = dc1.need_core().outcomes[mid]
+            assert dc1.transfer_paths[mid] == {"v3": out.rounds}
+            assert out.bytes_sent >= logical_size
+            assert 0 < out.wire_bytes < out.bytes_sent, (out.wire_bytes, out.bytes_sent)
+            ts = dc1.transfer_stats
+            assert ts["rounds_sent_v3"] == out.rounds and ts["rounds_sent_v1"] == 0
+            assert ts["wire_bytes_sent_v3"] == out.wire_bytes
+            assert dc3.transfer_stats["chunks_received"] > 0
+            doc = status(dc1)
+            mine = next(m for m in doc["migrations"] if m["id"] == mid)
+            assert mine["data_plane"] == {"v3": out.rounds} and mine["version"] == 3
+
+            # back dc3 -> dc1: dc1 still holds its retired copy, so round 1 is a diff
+            # against it and only what the writer changed crosses
+            back = await dc3.migrate("vm1", "dc1")
+            assert await wait_outcome(dc3, back) == "committed"
+            await wait_vm(dc1, "vm1", "running")
+            assert image_hashes(dc1.backend.path("vm1")) == image_hashes(dc3.backend.path("vm1"))
+            again = dc3.need_core().outcomes[back]
+            assert dc3.transfer_paths[back] == {"v3": again.rounds}
+            assert again.wire_bytes < again.bytes_sent / 10, (again.wire_bytes,
+                                                              again.bytes_sent)
+
+            # v1 fallback: dc4 offers only v1, so the handshake settles on it despite v3 100 %
+            fb = await dc1.migrate("vm2", "dc4")
+            assert await wait_outcome(dc1, fb) == "committed"
+            await wait_vm(dc4, "vm2", "running")
+            assert image_hashes(dc4.backend.path("vm2")) == image_hashes(dc1.backend.path("vm2"))
+            v1 = dc1.need_core().outcomes[fb]
+            assert dc1.transfer_paths[fb] == {"v1": v1.rounds}
+            assert v1.wire_bytes > v1.bytes_sent  # v1: every page as it is, plus framing
+            assert dc4.backend.info("vm2").state is VmState.RUNNING
+
+    trio.run(main)
+
+
+def test_kill_switch_mid_migration_falls_back_to_v1(tmp_path: Path, monkeypatch) -> None:
+    """The rollout's kill switch lands after a v3 round: the rest of the transfer goes v1,
+    on top of what v3 delivered, and the target still ends with the source's images."""
+    from federation.data_v3_source import V3RoundSender
+
+    cfg = make_federation(tmp_path / "fed")
+    memory, disk = real_vm(tmp_path / "vm")
+    switched: list[int] = []
+
+    async def main() -> None:
+        async with nodes_with(cfg, tmp_path / "data", {}) as nodes:
+            dc1, dc2 = nodes["dc1"], nodes["dc2"]
+            real_run = V3RoundSender.run
+
+            async def run_then_kill(self: V3RoundSender, progress):  # type: ignore[no-untyped-def]
+                sent = await real_run(self, progress)
+                if not switched:  # the policy changes before the session hears of round 1
+                    switched.append(self.action.round)
+                    assert (await dc1.ledger.submit(SetPolicy(100, (), (), True))).ok
+                    with trio.fail_after(10):
+                        while not dc1.need_core().replica.ledger.policy.kill_switch:
+                            await trio.sleep(0.01)
+                return sent
+
+            monkeypatch.setattr(V3RoundSender, "run", run_then_kill)
+            assert (await dc1.ledger.submit(SetPolicy(100, (), (), False))).ok
+            await dc1.import_vm("vm3", memory, [disk], writer_rate=300, writer_seed=11)
+            await trio.sleep(0.3)
+            mid = await dc1.migrate("vm3", "dc2")
+            assert await wait_outcome(dc1, mid) == "committed"
+            await wait_vm(dc2, "vm3", "running")
+            await wait_vm(dc1, "vm3", "retired")
+            assert image_hashes(dc2.backend.path("vm3")) == image_hashes(dc1.backend.path("vm3"))
+            _writer_pages_intact(dc2, dc1, "vm3")
+            out = dc1.need_core().outcomes[mid]
+            assert switched == [1]
+            assert dc1.transfer_paths[mid] == {"v3": 1, "v1": out.rounds - 1}
+            assert dc1.need_core().sessions[mid].version == 1
+            # the v3 state of the migration was dropped when it ended
+            assert mid not in dc1.v3.sources and not list((dc1.data_dir / "v3-shadow").glob("*"))
+            assert not dc2.v3.receiver.rounds and not dc2.v3.receiver.server.transfers
+
+    trio.run(main)
+
+
+def _ext4(path: Path, source: str, mib: int) -> Path:
+    import shutil
+    import subprocess
+
+    import pytest
+
+    mke2fs = shutil.which("mke2fs") or shutil.which("/usr/sbin/mke2fs")
+    if mke2fs is None or not Path(source).is_dir():
+        pytest.skip(f"needs mke2fs and {source} to build a real disk image")
+    subprocess.run([mke2fs, "-q", "-F", "-t", "ext4", "-d", source, str(path), f"{mib}M"],
+                   check=True, capture_output=True)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("percent", [100, 0], ids=["v3", "v1"])
+def test_64mib_figures(tmp_path: Path, percent: int) -> None:
+    """A 64 MiB VM (48 MiB of this process's memory, a 16 MiB ext4 of four stdlib packages)
+    migrates with its writer running, over v3 (rollout 100 %) or v1 (0 %); prints figures."""
+    from tests.node_harness import memory_image
+
+    cfg = make_federation(tmp_path / "fed")
+    (tmp_path / "vm").mkdir()
+    tree = tmp_path / "tree"
+    import shutil
+
+    for pkg in ("email", "json", "asyncio", "unittest"):
+        shutil.copytree(f"/usr/lib/python3.11/{pkg}", tree / pkg)
+    memory = memory_image(tmp_path / "vm" / "memory.img", 48 << 20)
+    disk = _ext4(tmp_path / "vm" / "disk.img", str(tree), 16)
+    logical = memory.stat().st_size + disk.stat().st_size
+
+    async def main() -> dict[str, float]:
+        async with nodes_with(cfg, tmp_path / "data", {}) as nodes:
+            dc1, dc3 = nodes["dc1"], nodes["dc3"]
+            assert (await dc1.ledger.submit(SetPolicy(percent, (), (), False))).ok
+            await dc1.import_vm("big", memory, [disk], writer_rate=2000, writer_seed=5)
+            await trio.sleep(0.5)
+            t0 = trio.current_time()
+            mid = await dc1.migrate("big", "dc3")
+            assert await wait_outcome(dc1, mid, timeout=120) == "committed"
+            total = trio.current_time() - t0
+            await wait_vm(dc3, "big", "running")
+            await wait_vm(dc1, "big", "retired")
+            assert image_hashes(dc3.backend.path("big")) == image_hashes(dc1.backend.path("big"))
+            _writer_pages_intact(dc3, dc1, "big")
+            out = dc1.need_core().outcomes[mid]
+            version = "v3" if percent else "v1"
+            assert dc1.transfer_paths[mid] == {version: out.rounds}
+            assert (out.wire_bytes < out.bytes_sent) == (version == "v3")
+            return {"version": version, "image_bytes": logical, "rounds": out.rounds,
+                    "logical_bytes": out.bytes_sent, "wire_bytes": out.wire_bytes,
+                    "wire_fraction": round(out.wire_bytes / out.bytes_sent, 4),
+                    "downtime_s": round(out.fenced_seconds, 3), "total_s": round(total, 3)}
+
+    print("64 MiB migration:", trio.run(main))
