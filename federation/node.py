@@ -389,8 +389,10 @@ class Node:
             with scope:
                 try:
                     sent = await sender.run(lambda ev: self.to_session(mid, ev))
-                except (RoundFailed, VmError, ImageError, ChunkError, AmstError,
-                        OSError) as exc:
+                except Exception as raised:
+                    exc = _round_error(raised)
+                    if exc is None:
+                        raise
                     self.transfer_stats["rounds_failed"] += 1
                     self.log.event("round_failed", migration_id=mid, round=action.round,
                                    version=action.version, error=str(exc))
@@ -565,3 +567,25 @@ class Node:
         if link is None:
             return (V1,)
         return tuple(v for v in KNOWN_VERSIONS if v <= link.version)
+
+
+_ROUND_ERRORS = (RoundFailed, VmError, ImageError, ChunkError, AmstError, OSError)
+
+
+def _round_error(exc: BaseException) -> BaseException | None:
+    """The failure of a round inside ``exc``, or None if ``exc`` is something else.
+
+    A data plane that runs its streams in a nursery raises its error wrapped in an
+    ExceptionGroup; a round that failed that way is still just a failed round (the
+    session aborts the migration), never a reason to take the node down.
+    """
+    if isinstance(exc, _ROUND_ERRORS):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        failed, other = exc.split(_ROUND_ERRORS)
+        if failed is not None and other is None:
+            leaf: BaseException = failed
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            return leaf
+    return None

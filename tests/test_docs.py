@@ -1,0 +1,146 @@
+"""The operator docs cannot silently fall behind the code.
+
+- every ``dwcp`` sub-command registered in pyproject.toml (``dwcp.commands``) and every
+  benchmark (``dwcp.benches``) is named in docs/cli.md;
+- every sub-command and option that argparse knows (walked from the real parser) is named
+  in docs/cli.md;
+- every option of the federation file (``federation.config``: the [federation] keys, every
+  ModeThresholds field, every [[dc]] key) is named in docs/federation.md;
+- every scenario of ``dwcp sim list`` is named in docs/simulator.md;
+- every metric family /metrics serves, and every log event, is named in docs/operations.md.
+
+Reads files and builds parsers; no process, no network (well under a second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+
+from federation import config
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+
+
+def _doc(name: str) -> str:
+    path = DOCS / name
+    assert path.is_file(), f"docs/{name} is missing"
+    return path.read_text(encoding="utf-8")
+
+
+def _entry_points(group: str) -> list[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    return sorted(project["project"]["entry-points"][group])
+
+
+def _mentions(text: str, word: str) -> bool:
+    """``word`` appears as a code span or a whole word (not inside a longer name)."""
+    return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text) is not None
+
+
+def test_every_registered_command_is_in_cli_md() -> None:
+    text = _doc("cli.md")
+    commands = _entry_points("dwcp.commands")
+    assert commands, "pyproject.toml registers no dwcp.commands"
+    missing = [c for c in commands if f"dwcp {c}" not in text]
+    assert not missing, f"docs/cli.md does not document: {', '.join('dwcp ' + c for c in missing)}"
+
+
+def test_every_registered_benchmark_is_in_cli_md() -> None:
+    text = _doc("cli.md")
+    benches = _entry_points("dwcp.benches")
+    missing = [b for b in benches if f"dwcp bench {b}" not in text]
+    named = ", ".join("dwcp bench " + b for b in missing)
+    assert not missing, f"docs/cli.md does not document: {named}"
+
+
+def _walk(
+    parser: argparse.ArgumentParser, path: tuple[str, ...]
+) -> Iterator[tuple[tuple[str, ...], list[str]]]:
+    """(command path, option strings) for every parser below ``parser``."""
+    options = [s for a in parser._actions for s in a.option_strings if s not in ("-h", "--help")]
+    yield path, options
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in sorted(action.choices.items()):
+                yield from _walk(sub, (*path, name))
+
+
+def test_every_subcommand_and_option_is_in_cli_md() -> None:
+    from federation.cli import build_parser
+
+    text = _doc("cli.md")
+    missing: list[str] = []
+    for path, options in _walk(build_parser(), ()):
+        if not path:
+            continue
+        if path[0] == "bench":
+            # benchmark options are shown in their --help blocks; the names are checked above
+            continue
+        command = "dwcp " + " ".join(path)
+        if command not in text:
+            missing.append(command)
+        missing += [f"{command} {o}" for o in options if not _mentions(text, o)]
+    assert not missing, "docs/cli.md does not document: " + "; ".join(missing)
+
+
+def test_every_federation_option_is_in_federation_md() -> None:
+    text = _doc("federation.md")
+    tables = {"[federation]", "[modes]", "[[dc]]"}
+    keys = set(config._FED_KEYS) | set(config._DC_KEYS)
+    keys |= {a.name for a in attrs.fields(config.ModeThresholds)}
+    assert set(config._TOP_KEYS) == {"federation", "modes", "dc"}, (
+        "federation.config grew a top-level table; document it and update this test")
+    missing = sorted(t for t in tables if t not in text)
+    missing += sorted(k for k in keys if f"`{k}`" not in text)
+    assert not missing, f"docs/federation.md does not document: {', '.join(missing)}"
+
+
+def test_federation_md_states_the_defaults_the_code_has() -> None:
+    text = _doc("federation.md")
+    for a in attrs.fields(config.ModeThresholds):
+        section = text.split(f"### `{a.name}`", 1)
+        assert len(section) == 2, f"docs/federation.md has no section for modes.{a.name}"
+        body = section[1].split("\n### ", 1)[0]
+        assert f"default `{a.default!r}`" in body, (
+            f"docs/federation.md: modes.{a.name} default is {a.default!r} in the code")
+    versions = list(attrs.fields(config.Federation).versions.default)
+    assert f"`{versions}`" in text, f"docs/federation.md: versions default is {versions}"
+
+
+def test_every_scenario_is_in_simulator_md() -> None:
+    pytest.importorskip("sim.scenarios")
+    from sim.scenario import registry
+
+    text = _doc("simulator.md")
+    missing = sorted(n for n in registry if n not in text)
+    assert not missing, f"docs/simulator.md does not list: {', '.join(missing)}"
+
+
+def test_every_metric_family_is_in_operations_md() -> None:
+    source = "\n".join(p.read_text(encoding="utf-8")
+                        for p in sorted((ROOT / "federation").glob("node*.py")))
+    families = re.findall(r'(Counter|Gauge)MetricFamily\(\s*"(dwcp_[a-z0-9_]+)"', source)
+    assert families, "found no metric families in federation/node*.py"
+    text = _doc("operations.md")
+    # prometheus_client exposes a counter family NAME as NAME_total
+    exposed = [f"{name}_total" if kind == "Counter" else name for kind, name in families]
+    missing = sorted(m for m in exposed if not _mentions(text, m))
+    assert not missing, f"docs/operations.md does not name the metrics: {', '.join(missing)}"
+
+
+def test_every_log_event_is_in_operations_md() -> None:
+    sources = sorted((ROOT / "mesh").glob("*.py")) + sorted((ROOT / "federation").glob("*.py"))
+    text = "\n".join(p.read_text(encoding="utf-8") for p in sources)
+    events = sorted(set(re.findall(r'\.log\.event\(\s*"([a-z_]+)"', text)))
+    assert events, "found no log events in mesh/ and federation/"
+    doc = _doc("operations.md")
+    missing = [e for e in events if f"`{e}`" not in doc]
+    assert not missing, f"docs/operations.md does not describe the log events: {missing}"

@@ -1,0 +1,27 @@
+"""A failed round is a failed round however the data plane raises it (node.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from federation.node import _round_error
+from federation.node_data import RoundFailed
+
+
+def test_a_round_error_wrapped_by_a_nursery_is_still_a_round_error() -> None:
+    cut = RoundFailed("AMST to dc4: transfer cut")
+    assert _round_error(cut) is cut
+    assert _round_error(ExceptionGroup("nursery", [cut])) is cut
+    assert _round_error(ExceptionGroup("outer", [ExceptionGroup("inner", [cut])])) is cut
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ValueError("a bug"),
+        ExceptionGroup("nursery", [ValueError("a bug")]),
+        ExceptionGroup("nursery", [RoundFailed("cut"), ValueError("a bug")]),
+    ],
+)
+def test_anything_else_is_not_swallowed(exc: BaseException) -> None:
+    assert _round_error(exc) is None
