@@ -119,3 +119,18 @@ def test_sweep_partition_heal_n16() -> None:
 def test_flaky_node_24h_no_false_positive() -> None:
     r = run_mesh("flaky-node", 1)
     assert r.ok and r.metrics["false_positives"] == 0, r.replay()
+
+
+def test_reroute_time_counts_a_detour_in_force_before_the_cut_as_zero() -> None:
+    # link-cut seed 11 on the geo matrix: both routes already went around the pair's
+    # direct link before it was cut; that used to read as "never rerouted".
+    from types import SimpleNamespace
+
+    from sim.scenarios.mesh_scenarios import _reroute_time
+
+    detour, direct = ("a", "c", "b"), ("a", "b")
+    log = {("a", "control", "b"): [(1.0, detour)], ("a", "bulk", "b"): [(1.0, direct), (64.0, detour)]}
+    mw = SimpleNamespace(route_log=log)
+    assert _reroute_time(mw, "a", "b", 60.0) == 4.0  # type: ignore[arg-type]
+    log[("a", "bulk", "b")] = [(1.0, direct)]
+    assert _reroute_time(mw, "a", "b", 60.0) is None  # type: ignore[arg-type]

@@ -100,6 +100,12 @@ def _reroute_time(mw: MeshWorld, a: str, b: str, since: float) -> float | None:
     times = []
     for kind in ("control", "bulk"):
         log = mw.route_log.get((a, kind, b), [])
+        # On the geo matrix a detour is often better than the direct link already (the
+        # triangle inequality does not hold between regions): then the cut costs nothing.
+        before = [hops for t, hops in log if t < since]
+        if before and before[-1] is not None and len(before[-1]) == 3:
+            times.append(0.0)
+            continue
         hit = next((t for t, hops in log if t >= since and hops is not None and len(hops) == 3),
                    None)
         if hit is None:
