@@ -129,7 +129,10 @@ def test_reroute_time_counts_a_detour_in_force_before_the_cut_as_zero() -> None:
     from sim.scenarios.mesh_scenarios import _reroute_time
 
     detour, direct = ("a", "c", "b"), ("a", "b")
-    log = {("a", "control", "b"): [(1.0, detour)], ("a", "bulk", "b"): [(1.0, direct), (64.0, detour)]}
+    log = {
+        ("a", "control", "b"): [(1.0, detour)],
+        ("a", "bulk", "b"): [(1.0, direct), (64.0, detour)],
+    }
     mw = SimpleNamespace(route_log=log)
     assert _reroute_time(mw, "a", "b", 60.0) == 4.0  # type: ignore[arg-type]
     log[("a", "bulk", "b")] = [(1.0, direct)]
