@@ -44,6 +44,7 @@ from typing import Any
 
 import zstandard
 
+from federation.real_data import memory_regions, snapshot_memory
 from mesh.hde.codec import ChunkPlan, encode_chunk
 from mesh.hde.image import FP_SIZE, PAGE_SIZE, UNIFORM_FP, Image, PageSource, open_image
 from mesh.hde.index import BLOCK_PAGES, PageIndex, block_digest, build_index
@@ -99,39 +100,6 @@ def build_fs_image(src_dirs: list[str], workdir: Path, limit: int) -> tuple[Path
         what = f"tar of {size >> 20} MiB of files from {', '.join(src_dirs)} (no mke2fs)"
     shutil.rmtree(tree)
     return out, what
-
-
-def memory_regions(cap: int) -> list[tuple[int, int]]:
-    """Readable mappings of this process, in address order, up to ``cap`` bytes in all."""
-    out, total = [], 0
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split()
-            if not parts[1].startswith("r") or (len(parts) > 5 and parts[5] == "[vsyscall]"):
-                continue
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            n = min(hi - lo, cap - total)
-            if n <= 0:
-                break
-            out.append((lo, lo + n))
-            total += n
-    return out
-
-
-def snapshot_memory(regions: list[tuple[int, int]]) -> bytearray:
-    """The bytes of ``regions`` now; a region that cannot be read (guard pages) reads as zeros."""
-    buf = bytearray(sum(hi - lo for lo, hi in regions))
-    mv = memoryview(buf)
-    off = 0
-    with open("/proc/self/mem", "rb", buffering=0) as mem:
-        for lo, hi in regions:
-            try:
-                mem.seek(lo)
-                mem.readinto(mv[off : off + hi - lo])
-            except OSError:
-                pass  # unreadable (PROT_NONE guard, [vvar]): the zeros stay
-            off += hi - lo
-    return buf
 
 
 def real_work(data: PageSource, seconds: float) -> dict[str, Any]:

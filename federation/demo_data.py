@@ -26,6 +26,7 @@ from pathlib import Path
 import attrs
 
 from bench.corpus import ManifestError, load_manifest
+from federation.real_data import write_process_memory
 
 __all__ = ["VmData", "build_vm_data", "PAGE", "SIZES"]
 
@@ -106,26 +107,6 @@ def _corpus(directory: Path, size: str) -> VmData | None:
                                  disk_what))
 
 
-def _process_memory(path: Path, limit: int) -> Path:
-    """This process's readable memory mappings, page-aligned, up to ``limit`` bytes."""
-    out = bytearray()
-    with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", 0) as mem:
-        for line in maps:
-            fields = line.split()
-            if "r" not in fields[1] or line.rstrip().endswith(("[vvar]", "[vsyscall]")):
-                continue
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            try:
-                mem.seek(lo)
-                out += mem.read(min(hi - lo, limit - len(out)))
-            except OSError:
-                continue  # a mapping the kernel does not let us read (guard pages)
-            if len(out) >= limit:
-                break
-    path.write_bytes(bytes(out[: len(out) // PAGE * PAGE]))
-    return path
-
-
 def _tree_bytes(root: Path) -> int:
     total = 0
     for dirpath, _, files in os.walk(root):
@@ -169,7 +150,7 @@ def build_vm_data(directory: Path, size: str) -> VmData:
     found = _corpus(directory, size)
     if found is not None:
         return found
-    memory = _process_memory(directory / "memory.img", PROCESS_RAM_MIB * _MIB)
+    memory = write_process_memory(directory / "memory.img", PROCESS_RAM_MIB * _MIB)
     disk, disk_what = _real_disk(directory)
     return VmData(memory, (disk,), (
         f"memory: {memory.stat().st_size // _MIB} MiB of the demo process's own memory "

@@ -22,6 +22,7 @@ from federation import config
 from federation.demo import free_base_port
 from federation.keys_cli import init_federation
 from federation.node import Node
+from federation.real_data import write_process_memory
 from mesh import identity
 from mesh.runtime_log import JsonLog
 
@@ -45,22 +46,7 @@ def ext4_image(path: Path, mib: int = 4) -> Path:
 
 def memory_image(path: Path, limit: int = 6 << 20) -> Path:
     """This process's readable memory, page-aligned, up to ``limit`` bytes."""
-    out = bytearray()
-    with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", 0) as mem:
-        for line in maps:
-            fields = line.split()
-            if "r" not in fields[1] or line.rstrip().endswith(("[vvar]", "[vsyscall]")):
-                continue
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            try:
-                mem.seek(lo)
-                out += mem.read(min(hi - lo, limit - len(out)))
-            except OSError:
-                continue
-            if len(out) >= limit:
-                break
-    path.write_bytes(bytes(out[: len(out) // PAGE * PAGE]))
-    return path
+    return write_process_memory(path, limit)
 
 
 def real_vm(directory: Path) -> tuple[Path, Path]:
