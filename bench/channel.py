@@ -3,15 +3,21 @@
 Both runs move the same bytes over a real loopback TCP connection, both ends in
 this process:
 
-* ``raw_tcp``: the sender writes 1 MiB buffers with ``send_all``; the receiver
+* ``raw_tcp``: the sender writes frame-sized buffers with ``send_all``; the receiver
   reads with ``recv_into`` into a reused buffer;
 * ``channel``: a :class:`mesh.channel.SecureChannel` pair after a real handshake
-  over the same socket type; every 1 MiB chunk becomes one length-prefixed
-  secretstream frame (:func:`mesh.channel.frame` layout). Encryption runs in a
-  worker thread on the sending side and decryption in another on the receiving
-  side (``trio.to_thread``; PyNaCl's cffi calls release the GIL), each pipelined
-  with the socket I/O through a short queue, so on two cores the two crypto
-  stages run in parallel with each other and with the kernel's copying.
+  over the same socket type; every chunk becomes one length-prefixed secretstream
+  frame (:func:`mesh.channel.frame` layout). Each side runs one long-lived crypto
+  thread (libsodium's calls release the GIL) pipelined with the trio task doing
+  its socket I/O, so on two cores the two crypto stages run in parallel with each
+  other and with the kernel's copying. Nothing is allocated per frame: the sender
+  encrypts with :meth:`~mesh.channel.SecureChannel.send_into` into a small ring of
+  buffers that leave room for the length prefix (one ``send_all`` per frame); the
+  receiver reads with ``recv_into`` into another ring and decrypts with
+  :meth:`~mesh.channel.SecureChannel.receive_frame_into` into one reused buffer.
+  Buffers go back and forth through ``queue.SimpleQueue`` (to the thread) and
+  ``TrioToken.run_sync_soon`` (to trio): one thread start per run, not two thread
+  hops per frame (``trio.to_thread`` per frame cost about 70 us of CPU each).
 
 The receiver checks that the first chunk decrypts to what was sent and that the
 stream ends with the sender's final frame, so the figure is for authenticated,
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,16 +37,27 @@ from typing import Any
 import trio
 
 from mesh import identity
-from mesh.channel import ChannelError, Closed, Data, FrameReader, SecureChannel, frame
+from mesh.channel import (
+    FRAME_OVERHEAD,
+    ChannelError,
+    Closed,
+    FrameReader,
+    SecureChannel,
+    frame,
+)
 
 __all__ = ["register", "measure"]
 
-#: 1 MiB frames: large enough that per-frame costs (two syscalls, a thread hop, a
-#: tag) are negligible, and the chunk size DESIGN.md gives AMST.
-DEFAULT_FRAME = 1024 * 1024
-#: Frames in flight between a crypto stage and its socket stage: two keeps both
-#: busy (one being transformed, one on the wire) without holding much memory.
-PIPELINE_DEPTH = 2
+#: 4 MiB frames, the bulk chunk MAX_PLAINTEXT is sized for. Measured on the 2-core
+#: loopback this bench targets (1 GiB runs): a frame still costs about 0.35 ms of CPU
+#: beyond its bytes (thread wake-ups, a length prefix, socket waits), so 1 MiB frames
+#: took 2.3 CPU s and gave 740-790 MB/s, 4 MiB frames 2.05 CPU s and 890-1060 MB/s.
+#: ``--frame-kib 1024`` measures AMST's 1 MiB chunks.
+DEFAULT_FRAME = 4 * 1024 * 1024
+#: Reused frame buffers per side, i.e. frames in flight between the crypto thread and
+#: the socket task: one being transformed, one on the wire, two queued so neither
+#: stage waits on the other's jitter, without holding much memory.
+RING = 4
 _HOST = "127.0.0.1"
 
 
@@ -103,9 +121,15 @@ async def _timed_pair(send: Sender, receive: Receiver, chunk: bytes, frames: int
     client = await trio.open_tcp_stream(_HOST, port)
     server = await listener.accept()
     await listener.aclose()
-    shared: dict[str, Any] = {}
+    # Buffers are allocated (and their pages faulted in) before the clock starts, as a
+    # long-lived connection allocates them once: the raw receiver's one buffer, the
+    # channel's two rings and plaintext buffer.
+    shared: dict[str, Any] = {"buffer": memoryview(bytearray(len(chunk)))}
     if send is _channel_send:
         await _handshake(client, server, shared)
+        shared["send_ring"] = [bytearray(4 + len(chunk) + FRAME_OVERHEAD) for _ in range(RING)]
+        shared["recv_ring"] = [bytearray(len(chunk) + FRAME_OVERHEAD) for _ in range(RING)]
+        shared["plaintext"] = bytearray(len(chunk))
     async with client, server:
         start = time.perf_counter()
         async with trio.open_nursery() as nursery:
@@ -134,11 +158,10 @@ async def _raw_send(
 
 
 async def _raw_receive(
-    stream: trio.SocketStream, chunk: bytes, frames: int, _: dict[str, Any]
+    stream: trio.SocketStream, chunk: bytes, frames: int, shared: dict[str, Any]
 ) -> None:
-    buf = memoryview(bytearray(len(chunk)))
     for _i in range(frames):
-        await _recv_exactly(stream.socket, buf)
+        await _recv_exactly(stream.socket, shared["buffer"])
 
 
 # --------------------------------------------------------------------------- secure channel
@@ -185,23 +208,59 @@ async def _handshake(
     shared["sender"], shared["receiver"] = a, b
 
 
+def _deliver(channel: trio.MemorySendChannel[Any]) -> Callable[[Any], None]:
+    """A callback for ``TrioToken.run_sync_soon`` that hands an item to a trio task; the
+    channel's capacity covers every buffer of the ring, so it never blocks. Once the
+    task has gone (it failed, the run is being torn down) the item is dropped."""
+
+    def deliver(item: Any) -> None:
+        try:
+            channel.send_nowait(item)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return
+
+    return deliver
+
+
 async def _channel_send(
     stream: trio.SocketStream, chunk: bytes, frames: int, shared: dict[str, Any]
 ) -> None:
     channel: SecureChannel = shared["sender"]
-    to_wire, from_crypto = trio.open_memory_channel[bytes](PIPELINE_DEPTH)
+    ring: list[bytearray] = shared["send_ring"]
+    # Each buffer holds one whole wire frame: the 4-byte length prefix, then the
+    # ciphertext that send_into writes after it, so a frame goes out in one send.
+    free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+    for buf in ring:
+        free.put(buf)
+    to_wire, from_crypto = trio.open_memory_channel[tuple[bytearray, int]](len(ring) + 1)
+    token = trio.lowlevel.current_trio_token()
+    deliver = _deliver(to_wire)
+
+    def encrypt_all() -> None:
+        """One long-lived crypto thread: a frame costs no thread start or wake-up while
+        free buffers are waiting, and the writer's ``put`` wakes it when none are."""
+        for _i in range(frames):
+            buf = free.get()
+            if buf is None:  # the writer gave up
+                return
+            n = channel.send_into(chunk, memoryview(buf)[4:])
+            buf[:4] = n.to_bytes(4, "big")
+            token.run_sync_soon(deliver, (buf, 4 + n))
 
     async def encrypt() -> None:
         async with to_wire:
-            for _i in range(frames):
-                await to_wire.send(await trio.to_thread.run_sync(channel.send, chunk))
-            await to_wire.send(channel.close())
+            await trio.to_thread.run_sync(encrypt_all)
+            final = bytearray(frame(channel.close()))
+            await to_wire.send((final, len(final)))
 
     async def write() -> None:
-        async with from_crypto:
-            async for ciphertext in from_crypto:
-                await stream.send_all(len(ciphertext).to_bytes(4, "big"))
-                await stream.send_all(ciphertext)
+        try:
+            async with from_crypto:
+                async for buf, n in from_crypto:
+                    await stream.send_all(memoryview(buf)[:n])
+                    free.put(buf)
+        finally:
+            free.put(None)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(encrypt)
@@ -212,35 +271,47 @@ async def _channel_receive(
     stream: trio.SocketStream, chunk: bytes, frames: int, shared: dict[str, Any]
 ) -> None:
     channel: SecureChannel = shared["receiver"]
-    to_crypto, from_wire = trio.open_memory_channel[bytearray](PIPELINE_DEPTH)
+    ring: list[bytearray] = shared["recv_ring"]
+    capacity = len(chunk) + FRAME_OVERHEAD
+    give_back, take = trio.open_memory_channel[bytearray](len(ring))
+    for buf in ring:
+        give_back.send_nowait(buf)
+    work: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
+    plaintext: bytearray = shared["plaintext"]  # reused: only the crypto thread touches it
+    token = trio.lowlevel.current_trio_token()
+    deliver = _deliver(give_back)
     sock = stream.socket
 
     async def read() -> None:
         header = memoryview(bytearray(4))
-        async with to_crypto:
+        try:
             for _i in range(frames + 1):  # the data frames and the final frame
                 await _recv_exactly(sock, header)
-                body = bytearray(int.from_bytes(header, "big"))
-                await _recv_exactly(sock, memoryview(body))
-                await to_crypto.send(body)
+                n = int.from_bytes(header, "big")
+                if n > capacity:
+                    raise ChannelError("oversized", f"frame of {n} bytes exceeds {capacity}")
+                buf = await take.receive()
+                await _recv_exactly(sock, memoryview(buf)[:n])
+                work.put((buf, n))
+        finally:
+            work.put(None)  # after the last frame, or when reading failed
 
-    def open_frame(body: bytearray) -> list[Any]:
-        return channel.receive_frame(bytes(body))
+    def decrypt_all() -> tuple[int, bool]:
+        """One long-lived crypto thread, as on the sending side."""
+        received = 0
+        while (item := work.get()) is not None:
+            buf, n = item
+            got = channel.receive_frame_into(memoryview(buf)[:n], plaintext)
+            token.run_sync_soon(deliver, buf)
+            if isinstance(got, Closed):
+                return received, True
+            if received == 0 and memoryview(plaintext)[:got] != chunk:
+                raise ChannelError("tampered", "the first chunk did not decrypt to what was sent")
+            received += got
+        return received, False
 
     async def decrypt() -> None:
-        received = 0
-        closed = False
-        async with from_wire:
-            async for body in from_wire:
-                for event in await trio.to_thread.run_sync(open_frame, body):
-                    if isinstance(event, Data):
-                        if received == 0 and event.payload != chunk:
-                            raise ChannelError(
-                                "tampered", "the first chunk did not decrypt to what was sent"
-                            )
-                        received += len(event.payload)
-                    elif isinstance(event, Closed):
-                        closed = True
+        received, closed = await trio.to_thread.run_sync(decrypt_all)
         if received != frames * len(chunk) or not closed:
             raise ChannelError("truncated", f"received {received} bytes, closed={closed}")
 

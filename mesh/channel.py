@@ -35,6 +35,16 @@ import nacl.bindings as sodium
 import nacl.exceptions
 import nacl.utils
 
+# PyNaCl's own cffi module. Its ``crypto_secretstream`` wrappers return fresh
+# ``bytes``: each push or pull allocates and zero-fills a C buffer, then copies it
+# into a new ``bytes`` object, which costs more than the cipher itself on 1 MiB
+# bulk frames. The ``*_into`` methods below call the same libsodium functions on
+# the same state objects through this module, writing straight into a buffer the
+# caller reuses; cffi releases the GIL during the call, so worker threads encrypt
+# and decrypt in parallel with the event loop.
+from nacl._sodium import ffi as _ffi
+from nacl._sodium import lib as _lib
+
 from mesh import wire
 from mesh.identity import Identity, PublicKey
 from mesh.wire import U64, Bytes, ListOf, Text, field
@@ -48,6 +58,7 @@ __all__ = [
     "FrameReader",
     "frame",
     "MAX_PLAINTEXT",
+    "FRAME_OVERHEAD",
 ]
 
 #: Largest plaintext of one data frame: a 4 MiB bulk chunk plus its header.
@@ -56,6 +67,8 @@ _ABYTES = sodium.crypto_secretstream_xchacha20poly1305_ABYTES
 _HEADERBYTES = sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES
 _TAG_MESSAGE = sodium.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
 _TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
+#: Bytes a data frame adds to its plaintext (secretstream's tag and MAC).
+FRAME_OVERHEAD = _ABYTES
 NONCE_BYTES = 32
 NAME_MAX = 64
 
@@ -263,20 +276,34 @@ class SecureChannel:
     def send(self, payload: bytes | bytearray | memoryview) -> bytes:
         """Encrypt ``payload`` into one frame (returned, not queued: bulk callers write it
         themselves, possibly from a worker thread)."""
-        if self._state != _OPEN or self._self_closed:
-            raise ChannelError("closed", "send on a channel that is not open")
-        if len(payload) > MAX_PLAINTEXT:
-            raise ChannelError(
-                "oversized", f"payload of {len(payload)} bytes exceeds {MAX_PLAINTEXT}"
-            )
+        self._check_sendable(len(payload))
         return sodium.crypto_secretstream_xchacha20poly1305_push(
             self._push, bytes(payload), None, _TAG_MESSAGE
         )
 
+    def send_into(
+        self, payload: bytes | bytearray | memoryview, out: bytearray | memoryview
+    ) -> int:
+        """Encrypt ``payload`` into the start of the writable buffer ``out``; returns the
+        frame's length, ``len(payload) + FRAME_OVERHEAD``. The frame is the same one
+        :meth:`send` would return; the caller reuses ``out`` once the frame is written.
+        A buffer too small is refused with ``ValueError`` before the stream advances."""
+        self._check_sendable(len(payload))
+        need = len(payload) + _ABYTES
+        if len(out) < need:
+            raise ValueError(f"out buffer of {len(out)} bytes, the frame needs {need}")
+        out_p = _ffi.from_buffer("unsigned char[]", out, require_writable=True)
+        m_p = _ffi.from_buffer("unsigned char[]", payload)
+        rc = _lib.crypto_secretstream_xchacha20poly1305_push(
+            self._push.statebuf, out_p, _ffi.NULL, m_p, len(payload), _ffi.NULL, 0, _TAG_MESSAGE
+        )
+        if rc != 0:
+            raise ChannelError("closed", "libsodium refused to encrypt a frame")
+        return need
+
     def close(self) -> bytes:
         """The final frame of this direction."""
-        if self._state != _OPEN or self._self_closed:
-            raise ChannelError("closed", "close of a channel that is not open")
+        self._check_sendable(0, "close")
         self._self_closed = True
         return sodium.crypto_secretstream_xchacha20poly1305_push(self._push, b"", None, _TAG_FINAL)
 
@@ -286,7 +313,32 @@ class SecureChannel:
             self._die()
             raise ChannelError("truncated", "the stream ended without a final frame")
 
+    def receive_frame_into(
+        self, data: bytes | bytearray | memoryview, out: bytearray | memoryview
+    ) -> int | Closed:
+        """Decrypt one *data* frame (the channel must be open) into the start of the
+        writable buffer ``out``: returns the plaintext length, or :class:`Closed` for
+        the peer's final frame. Faults raise :class:`ChannelError` exactly as
+        :meth:`receive_frame` does and kill the channel; an ``out`` smaller than the
+        frame's plaintext is refused with ``ValueError`` before the stream advances."""
+        if self._state == _OPEN and len(out) < len(data) - _ABYTES:
+            size = len(data) - _ABYTES
+            raise ValueError(f"out buffer of {len(out)} bytes, the frame holds {size}")
+        try:
+            if self._state != _OPEN:
+                raise ChannelError("malformed", "a data frame on a channel that is not open")
+            return self._open_into(data, out)
+        except ChannelError:
+            self._die()
+            raise
+
     # ------------------------------------------------------------------ internals
+
+    def _check_sendable(self, size: int, what: str = "send") -> None:
+        if self._state != _OPEN or self._self_closed:
+            raise ChannelError("closed", f"{what} on a channel that is not open")
+        if size > MAX_PLAINTEXT:
+            raise ChannelError("oversized", f"payload of {size} bytes exceeds {MAX_PLAINTEXT}")
 
     def _die(self) -> None:
         self._state = _DEAD
@@ -412,19 +464,38 @@ class SecureChannel:
         self._eph_sk = b""  # forward secrecy: the ephemeral secret is not kept
 
     def _receive_data(self, data: bytes) -> list[ChannelEvent]:
+        out = bytearray(max(0, len(data) - _ABYTES))
+        got = self._open_into(data, out)
+        if isinstance(got, Closed):
+            return [got]
+        return [Data(bytes(out))]
+
+    def _open_into(
+        self, data: bytes | bytearray | memoryview, out: bytearray | memoryview
+    ) -> int | Closed:
         if self._peer_closed:
             raise ChannelError("malformed", "data after the peer's final frame")
         if len(data) < _ABYTES or len(data) > MAX_PLAINTEXT + _ABYTES:
             raise ChannelError("tampered", f"data frame of {len(data)} bytes")
-        try:
-            payload, tag = sodium.crypto_secretstream_xchacha20poly1305_pull(self._pull, data, None)
-        except (nacl.exceptions.CryptoError, nacl.exceptions.RuntimeError, RuntimeError) as exc:
-            raise ChannelError("tampered", "a data frame failed authentication") from exc
-        if tag == _TAG_FINAL:
-            if payload:
+        tag = _ffi.new("unsigned char *")
+        rc = _lib.crypto_secretstream_xchacha20poly1305_pull(
+            self._pull.statebuf,
+            _ffi.from_buffer("unsigned char[]", out, require_writable=True),
+            _ffi.NULL,
+            tag,
+            _ffi.from_buffer("unsigned char[]", data),
+            len(data),
+            _ffi.NULL,
+            0,
+        )
+        if rc != 0:
+            raise ChannelError("tampered", "a data frame failed authentication")
+        size = len(data) - _ABYTES
+        if tag[0] == _TAG_FINAL:
+            if size:
                 raise ChannelError("malformed", "final frame carries data")
             self._peer_closed = True
-            return [Closed()]
-        if tag != _TAG_MESSAGE:
-            raise ChannelError("malformed", f"unexpected secretstream tag {tag}")
-        return [Data(payload)]
+            return Closed()
+        if tag[0] != _TAG_MESSAGE:
+            raise ChannelError("malformed", f"unexpected secretstream tag {tag[0]}")
+        return size

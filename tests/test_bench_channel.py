@@ -8,6 +8,7 @@ import json
 import pytest
 
 from bench import channel
+from mesh.channel import ChannelError, SecureChannel
 
 
 def test_channel_bench_prints_positive_figures(capsys: pytest.CaptureFixture[str]) -> None:
@@ -22,3 +23,24 @@ def test_channel_bench_prints_positive_figures(capsys: pytest.CaptureFixture[str
     assert result["ratio"] == pytest.approx(
         result["channel_MBps"] / result["raw_tcp_MBps"], rel=0.05
     )
+
+
+@pytest.mark.parametrize("method", ["send_into", "receive_frame_into"])
+def test_a_failing_crypto_thread_ends_the_run_with_its_error(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The long-lived crypto threads are told to stop when their trio side fails, and
+    their own failures reach the caller: a broken frame ends the run, never hangs it."""
+    original = getattr(SecureChannel, method)
+    calls = []
+
+    def failing(self: SecureChannel, data: bytes, out: bytearray) -> object:
+        calls.append(1)
+        if len(calls) == 3:
+            raise ChannelError("tampered", "injected by the test")
+        return original(self, data, out)
+
+    monkeypatch.setattr(SecureChannel, method, failing)
+    with pytest.raises(BaseExceptionGroup) as err:
+        channel.measure(16 * 1024 * 1024, 256 * 1024)
+    assert err.group_contains(ChannelError, match="injected by the test")
