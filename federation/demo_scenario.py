@@ -190,7 +190,9 @@ class Demo:
             for dc in self.apis:
                 doc = await self.get(dc, "/api/status")
                 rec = next((v for v in doc["vms"] if v["name"] == vm), None)
-                mig = next((m for m in doc["migrations"] if m["id"] == mid), {})
+                mig: dict[str, Any] = next(
+                    (m for m in doc["migrations"] if m["id"] == mid), {}
+                )
                 seen[dc] = (None, None, None) if rec is None else (
                     rec["owner"], rec["epoch"], mig.get("ledger"))
                 heights.append(doc["ledger"]["height"])
@@ -219,12 +221,12 @@ class Demo:
         if not hashes:
             raise self.fail(f"no images of {vm} in {a}")
         expected = expected_pages(a / "writer.log")
-        images = {p.stem: open_image(p, p.stem) for p in sorted(b.glob("*.img"))}
+        opened = {p.stem: open_image(p, p.stem) for p in sorted(b.glob("*.img"))}
         try:
-            bad = mismatches(images, expected)
+            bad = mismatches(opened, expected)
         finally:
-            for img in images.values():
-                img.close()
+            for image in opened.values():
+                image.close()
         if bad:
             raise self.fail(f"{dst}'s copy differs from what the writer wrote: {bad[:3]}")
         return hashes, len(expected)
