@@ -59,18 +59,23 @@ def image_hashes(vm_dir: Path) -> dict[str, str]:
             for p in sorted(vm_dir.glob("*.img"))}
 
 
-def build_node(cfg: Path, name: str, data_root: Path) -> Node:
+def build_node(cfg: Path, name: str, data_root: Path,
+               transfer_versions: tuple[int, ...] = (1, 3)) -> Node:
     fed = config.load(cfg)
     ident = identity.load_key_file(cfg.parent / "keys" / f"{name}.key")
-    return Node(fed, name, ident, data_root / name, log=JsonLog(name, io.StringIO()))
+    return Node(fed, name, ident, data_root / name, log=JsonLog(name, io.StringIO()),
+                transfer_versions=transfer_versions)
 
 
 @asynccontextmanager
 async def running_nodes(cfg: Path, data_root: Path,
                         names: tuple[str, ...] = ("dc1", "dc2", "dc3", "dc4"),
+                        versions: dict[str, tuple[int, ...]] | None = None,
                         ) -> AsyncIterator[dict[str, Node]]:
-    """Nodes in this process; yields once every link is up; shuts down cleanly."""
-    nodes = {n: build_node(cfg, n, data_root) for n in names}
+    """Nodes in this process (``versions[name]`` limits what a node offers); yields once
+    every link is up; shuts down cleanly."""
+    offered = versions or {}
+    nodes = {n: build_node(cfg, n, data_root, offered.get(n, (1, 3))) for n in names}
     try:
         async with trio.open_nursery() as nursery:
             for node in nodes.values():

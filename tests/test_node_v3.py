@@ -3,50 +3,33 @@ on the data endpoints, with the rollout policy and the handshake choosing v3 or 
 
 from __future__ import annotations
 
-import io
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
 import trio
 
 from consensus.ledger import SetPolicy
-from federation import config
 from federation.node import Node
 from federation.node_status import status
 from federation.vm import VmState
 from federation.vm_image_writer import expected_pages, mismatches
-from mesh import identity
-from mesh.runtime_log import JsonLog
-from tests.node_harness import image_hashes, make_federation, real_vm, wait_outcome, wait_vm
+from tests.node_harness import (
+    image_hashes,
+    make_federation,
+    real_vm,
+    running_nodes,
+    wait_outcome,
+    wait_vm,
+)
 
 NAMES = ("dc1", "dc2", "dc3", "dc4")
 
 
-@asynccontextmanager
-async def nodes_with(cfg: Path, data: Path, versions: dict[str, tuple[int, ...]],
-                     ) -> AsyncIterator[dict[str, Node]]:
+def nodes_with(cfg: Path, data: Path, versions: dict[str, tuple[int, ...]],
+               ) -> AbstractAsyncContextManager[dict[str, Node]]:
     """The four nodes in this process, ``versions[name]`` limiting what a node offers."""
-    fed = config.load(cfg)
-    nodes = {}
-    for n in NAMES:
-        ident = identity.load_key_file(cfg.parent / "keys" / f"{n}.key")
-        nodes[n] = Node(fed, n, ident, data / n, log=JsonLog(n, io.StringIO()),
-                        transfer_versions=versions.get(n, (1, 3)))
-    try:
-        async with trio.open_nursery() as nursery:
-            for node in nodes.values():
-                await nursery.start(node.run)
-            with trio.fail_after(20):
-                while any(len(n.runtime.links) < len(NAMES) - 1 for n in nodes.values()):
-                    await trio.sleep(0.05)
-            yield nodes
-            for node in nodes.values():
-                node.shutdown()
-    finally:
-        for node in nodes.values():
-            node.close()
+    return running_nodes(cfg, data, NAMES, versions)
 
 
 def _writer_pages_intact(node: Node, source: Node, vm: str) -> None:
