@@ -28,11 +28,13 @@ import ipaddress
 import re
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import attrs
 
 from mesh.identity import IdentityError, PublicKey, parse_public_key
+from mesh.modes import ModeLimits
 
 __all__ = ["ConfigError", "Endpoint", "DCConfig", "ModeThresholds", "Federation", "load", "loads"]
 
@@ -52,21 +54,8 @@ class Endpoint:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-@attrs.frozen
-class ModeThresholds:
-    """DESIGN.md "Link modes". The defaults are DESIGN.md's table: a datacenter link is
-    what a metro fabric gives (sub-10 ms, >= 1 Gbit/s, < 0.1 % loss); an internet path
-    is what public transit between regions gives (> 50 ms, < 100 Mbit/s or > 1 % loss)."""
-
-    datacenter_rtt_ms: float = 10.0
-    datacenter_bandwidth_mbps: float = 1000.0
-    datacenter_loss: float = 0.001
-    internet_rtt_ms: float = 50.0
-    internet_bandwidth_mbps: float = 100.0
-    internet_loss: float = 0.01
-    #: A mode change must hold for this many consecutive estimates. Three is the
-    #: smallest count that rides out one outlier on either side of a true change.
-    hysteresis: int = 3
+#: The ``[modes]`` table is the mesh's own mode limits (one class, one set of defaults).
+ModeThresholds = ModeLimits
 
 
 @attrs.frozen
@@ -171,7 +160,9 @@ def _modes(source: str, raw: dict[str, Any]) -> ModeThresholds:
             if name.endswith("_loss") and v > 1:
                 raise _fail(source, where, f"a loss rate is a fraction in 0..1, got {v}")
         values[name] = v
-    modes = attrs.evolve(defaults, **values)
+    # Check the merged values before building: the class's own checks do not name the file.
+    merged = {a.name: getattr(defaults, a.name) for a in attrs.fields(ModeThresholds)} | values
+    modes = SimpleNamespace(**merged)
     if modes.datacenter_rtt_ms > modes.internet_rtt_ms:
         raise _fail(source, "modes.datacenter_rtt_ms", "must not exceed modes.internet_rtt_ms")
     if modes.datacenter_bandwidth_mbps < modes.internet_bandwidth_mbps:
@@ -182,7 +173,7 @@ def _modes(source: str, raw: dict[str, Any]) -> ModeThresholds:
         )
     if modes.datacenter_loss > modes.internet_loss:
         raise _fail(source, "modes.datacenter_loss", "must not exceed modes.internet_loss")
-    return modes
+    return ModeThresholds(**merged)
 
 
 def loads(text: str, source: str = "<string>") -> Federation:

@@ -36,7 +36,11 @@ class Mode(enum.Enum):
 
 @attrs.frozen
 class ModeLimits:
-    """Defaults are DESIGN.md's table (and federation.config.ModeThresholds')."""
+    """DESIGN.md "Link modes"; the federation file's ``[modes]`` table
+    (``federation.config.ModeThresholds`` is this class). The defaults are DESIGN.md's
+    table: a datacenter link is what a metro fabric gives (sub-10 ms, >= 1 Gbit/s,
+    < 0.1 % loss); an internet path is what public transit between regions gives
+    (> 50 ms, < 100 Mbit/s or > 1 % loss)."""
 
     datacenter_rtt_ms: float = 10.0
     datacenter_bandwidth_mbps: float = 1000.0
@@ -44,8 +48,8 @@ class ModeLimits:
     internet_rtt_ms: float = 50.0
     internet_bandwidth_mbps: float = 100.0
     internet_loss: float = 0.01
-    #: Three consecutive estimates ride out one outlier on either side of a true change
-    #: (federation.config.ModeThresholds.hysteresis).
+    #: A mode change must hold for this many consecutive estimates. Three is the
+    #: smallest count that rides out one outlier on either side of a true change.
     hysteresis: int = 3
 
     def __attrs_post_init__(self) -> None:
