@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run.add_argument("name")
     run.add_argument("--seed", type=int, required=True)
     run.add_argument("--nodes", type=int, default=None, help="override the scenario's size")
+    run.add_argument("--federation", metavar="FILE", default=None,
+                     help="use the DCs of this federation file (names, regions, [modes])")
     run.add_argument("--swarm", action="store_true", help="add a random mix of faults")
     run.add_argument("--json", action="store_true", help="print one JSON object")
     run.add_argument("--trace", metavar="FILE", help="write every delivered event to FILE")
@@ -45,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sweep.add_argument("--seeds", required=True, metavar="A-B", help="inclusive range, or N")
     sweep.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     sweep.add_argument("--nodes", type=int, default=None)
+    sweep.add_argument("--federation", metavar="FILE", default=None,
+                       help="use the DCs of this federation file (names, regions, [modes])")
     sweep.add_argument("--swarm", action="store_true")
     sweep.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     sweep.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
@@ -65,7 +69,21 @@ def _spec(name: str) -> Any:
     return registry[name]
 
 
-def _check_nodes(spec: Any, nodes: int | None) -> None:
+def _check_nodes(spec: Any, nodes: int | None, federation: str | None = None) -> None:
+    if federation is not None:
+        from sim.federation_profile import ProfileError, load_profile
+
+        try:
+            count = len(load_profile(federation).names)
+        except ProfileError as exc:
+            raise CommandError(str(exc)) from None
+        if nodes is not None and nodes != count:
+            raise CommandError(f"--nodes {nodes} contradicts --federation {federation}, "
+                               f"which has {count} DCs")
+        if count < spec.min_nodes:
+            raise CommandError(f"--federation {federation}: scenario {spec.name} needs at "
+                               f"least {spec.min_nodes} DCs, the file has {count}")
+        return
     if nodes is not None and nodes < spec.min_nodes:
         raise CommandError(f"--nodes {nodes}: scenario {spec.name} needs at least "
                            f"{spec.min_nodes} nodes")
@@ -98,7 +116,7 @@ def _run(args: argparse.Namespace) -> int:
     from sim.scenario import run_scenario
 
     spec = _spec(args.name)
-    _check_nodes(spec, args.nodes)
+    _check_nodes(spec, args.nodes, args.federation)
     sink = None
     trace_file = None
     if args.trace:
@@ -113,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         result = run_scenario(args.name, args.seed, args.nodes, args.swarm, trace=sink,
-                              params=_params(args.param))
+                              params=_params(args.param), federation=args.federation)
     finally:
         if trace_file is not None:
             trace_file.close()
@@ -150,10 +168,10 @@ def _parse_seeds(text: str) -> range:
 
 
 def _one(name: str, seed: int, nodes: int | None, swarm: bool,
-         params: dict[str, Any]) -> dict[str, Any]:
+         params: dict[str, Any], federation: str | None = None) -> dict[str, Any]:
     from sim.scenario import run_scenario
 
-    result = run_scenario(name, seed, nodes, swarm, params=params)
+    result = run_scenario(name, seed, nodes, swarm, params=params, federation=federation)
     return {"seed": seed, "ok": result.ok, "trace_hash": result.trace_hash,
             "events": result.events, "wall_seconds": result.wall_seconds,
             "violations": [v.as_json() for v in result.violations],
@@ -162,7 +180,7 @@ def _one(name: str, seed: int, nodes: int | None, swarm: bool,
 
 def _sweep(args: argparse.Namespace) -> int:
     spec = _spec(args.name)
-    _check_nodes(spec, args.nodes)
+    _check_nodes(spec, args.nodes, args.federation)
     seeds = _parse_seeds(args.seeds)
     params = _params(args.param)
     if args.jobs < 1:
@@ -174,7 +192,8 @@ def _sweep(args: argparse.Namespace) -> int:
     tty = sys.stderr.isatty()
     step = max(1, len(seeds) // 10)
     with ProcessPoolExecutor(max_workers=min(args.jobs, len(seeds))) as pool:
-        futures = [pool.submit(_one, args.name, s, args.nodes, args.swarm, params) for s in seeds]
+        futures = [pool.submit(_one, args.name, s, args.nodes, args.swarm, params,
+                               args.federation) for s in seeds]
         for future in as_completed(futures):
             outcome = future.result()
             done += 1

@@ -51,6 +51,8 @@ from typing import Any
 
 import attrs
 
+from mesh.modes import ModeLimits
+from sim.federation_profile import FederationProfile, load_profile
 from sim.nemesis import BENIGN_KINDS, Nemesis
 from sim.world import SimError, Violation, World
 
@@ -100,8 +102,11 @@ class Run:
     """What a scenario function gets: the world, its parameters, the nemesis."""
 
     def __init__(self, spec: ScenarioSpec, seed: int, nodes: int, swarm: bool,
-                 params: dict[str, Any] | None = None) -> None:
+                 params: dict[str, Any] | None = None,
+                 federation: FederationProfile | None = None) -> None:
         self.spec = spec
+        #: the operator's federation file (``--federation``): DC names, regions, [modes]
+        self.federation = federation
         self.seed = seed
         self.nodes = nodes
         self.swarm = swarm
@@ -121,8 +126,19 @@ class Run:
         return self.params.get(key, default)
 
     def names(self) -> list[str]:
+        if self.federation is not None:
+            return list(self.federation.names)
         width = max(2, len(str(self.nodes - 1)))
         return [f"n{i:0{width}d}" for i in range(self.nodes)]
+
+    def regions(self) -> dict[str, str] | None:
+        """The federation file's DC regions on the geo preset, or None (the scenario's
+        own placement: ``geo.assign_regions`` or its own draw)."""
+        return dict(self.federation.regions) if self.federation is not None else None
+
+    def mode_limits(self) -> ModeLimits:
+        """The ``[modes]`` thresholds of the federation file, else the defaults."""
+        return self.federation.modes if self.federation is not None else ModeLimits()
 
     def add_checker(self, name: str, check: Callable[[World], str | None]) -> None:
         self.world.add_checker(name, check)
@@ -149,9 +165,11 @@ class RunResult:
     metrics: dict[str, Any]
     faults: list[str]
     params: dict[str, Any] = attrs.field(factory=dict)
+    federation: str | None = None
 
     def replay(self) -> str:
-        return replay_command(self.scenario, self.seed, self.nodes, self.swarm, self.params)
+        return replay_command(self.scenario, self.seed, self.nodes, self.swarm, self.params,
+                              self.federation)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -161,13 +179,16 @@ class RunResult:
             "trace_hash": self.trace_hash, "sim_seconds": round(self.sim_seconds, 6),
             "wall_seconds": round(self.wall_seconds, 3), "events": self.events,
             "metrics": self.metrics, "faults": self.faults, "params": self.params,
-            "replay": self.replay(),
+            "federation": self.federation, "replay": self.replay(),
         }
 
 
 def replay_command(name: str, seed: int, nodes: int, swarm: bool,
-                   params: dict[str, Any] | None = None) -> str:
-    command = f"dwcp sim run {name} --seed {seed} --nodes {nodes}" + (" --swarm" if swarm else "")
+                   params: dict[str, Any] | None = None, federation: str | None = None) -> str:
+    command = f"dwcp sim run {name} --seed {seed}"
+    command += (f" --federation {shlex.quote(federation)}" if federation is not None
+                else f" --nodes {nodes}")
+    command += " --swarm" if swarm else ""
     for key, value in sorted((params or {}).items()):
         command += f" --param {shlex.quote(f'{key}={json.dumps(value)}')}"
     return command
@@ -176,8 +197,10 @@ def replay_command(name: str, seed: int, nodes: int, swarm: bool,
 def run_scenario(name: str, seed: int, nodes: int | None = None, swarm: bool = False,
                  trace: Callable[[str], None] | None = None,
                  params: dict[str, Any] | None = None,
-                 horizon: float | None = None) -> RunResult:
+                 horizon: float | None = None, federation: str | None = None) -> RunResult:
     """Run scenario ``name`` with ``seed``. ``params`` are the scenario's overrides;
+    ``federation`` is the path of an operator's federation file whose DCs (names, so
+    their number; regions; ``[modes]``) replace the scenario's ``n00 …`` nodes;
     ``horizon`` (for tests) ends both phases by that virtual time, whatever the scenario
     asks for: a run cut short is still deterministic, but its liveness verdict is not
     meaningful."""
@@ -186,11 +209,17 @@ def run_scenario(name: str, seed: int, nodes: int | None = None, swarm: bool = F
     spec = registry.get(name)
     if spec is None:
         raise KeyError(f"no scenario named {name!r}; `dwcp sim list` shows them")
+    profile = load_profile(federation) if federation is not None else None
     count = spec.nodes if nodes is None else nodes
+    if profile is not None:
+        if nodes is not None and nodes != len(profile.names):
+            raise ValueError(f"--nodes {nodes} contradicts {federation}, which has "
+                             f"{len(profile.names)} DCs")
+        count = len(profile.names)
     if count < spec.min_nodes:
         raise ValueError(f"scenario {name} needs at least {spec.min_nodes} nodes, got {count}")
     started = time.perf_counter()
-    run = Run(spec, seed, count, swarm, params)
+    run = Run(spec, seed, count, swarm, params, profile)
     world = run.world
     world.trace_to(trace)
     faults: list[str] = []
@@ -226,7 +255,7 @@ def run_scenario(name: str, seed: int, nodes: int | None = None, swarm: bool = F
             metrics[key] = f"metric failed: {type(exc).__name__}: {exc}"[:300]
     return RunResult(name, seed, count, swarm, not violations, violations, world.trace_hash(),
                      world.now, time.perf_counter() - started, world.events, metrics, faults,
-                     dict(run.params))
+                     dict(run.params), federation)
 
 
 def _quiet_phase(run: Run) -> None:

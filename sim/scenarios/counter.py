@@ -94,7 +94,7 @@ class CounterWorld:
           description="replicated counter on the geo preset, no faults unless --swarm")
 def counter_calm(run: Run) -> None:
     cw = CounterWorld(run)
-    run.world.set_links(geo_links(cw.names))
+    run.world.set_links(geo_links(cw.names, run.regions()))
     cw.workload(run.faults_until)
 
 
@@ -104,7 +104,7 @@ def counter_calm(run: Run) -> None:
 def counter_partitions(run: Run) -> None:
     cw = CounterWorld(run)
     names, rng, nemesis = cw.names, run.rng, run.nemesis
-    run.world.set_links(geo_links(names))
+    run.world.set_links(geo_links(names, run.regions()))
     cw.workload(run.faults_until)
     nemesis.partition(partitions.halves(names, rng), 5.0, 20.0, "halves")
     nemesis.partition(partitions.isolate(rng.choice(names), names), 25.0, 40.0, "isolate")
@@ -124,7 +124,7 @@ def counter_partitions(run: Run) -> None:
 def counter_crashes(run: Run) -> None:
     cw = CounterWorld(run)
     names, rng, nemesis, world = cw.names, run.rng, run.nemesis, run.world
-    world.set_links(geo_links(names))
+    world.set_links(geo_links(names, run.regions()))
     cw.workload(run.faults_until)
     for i, name in enumerate(rng.sample(names, min(3, len(names)))):
         down = 10.0 + 30.0 * i + rng.uniform(0.0, 5.0)
@@ -161,7 +161,7 @@ def _stale_state(rng: random.Random, names: list[str]):  # type: ignore[no-untyp
 def counter_byzantine(run: Run) -> None:
     cw = CounterWorld(run)
     names, world, nemesis = cw.names, run.world, run.nemesis
-    world.set_links(geo_links(names))
+    world.set_links(geo_links(names, run.regions()))
     cw.workload(run.faults_until)
     liar = run.rng.choice(names)
     others = [n for n in names if n != liar]
@@ -177,7 +177,7 @@ def counter_byzantine(run: Run) -> None:
           description="echo over the 16-region geo preset: measured RTTs match the table")
 def echo_geo(run: Run) -> None:
     world, names = run.world, run.names()
-    regions = assign_regions(names)
+    regions = run.regions() or assign_regions(names)
     world.set_links(geo_links(names, regions))
 
     def build(node: SimNode) -> None:

@@ -52,6 +52,10 @@ class MeshWorld:
         configs = {k: params[k] for k in ("swim", "link", "routes") if k in params}
         self.run = run
         self.world: World = run.world
+        # Decoding every frame again costs a third of a long run and decides nothing here:
+        # the codec's round trip is tested on its own (tests/test_wire*), and
+        # tests/test_mesh_scenarios.py checks that both settings give the same trace.
+        self.world.decode_frames = bool(params.get("decode_frames", False))
         self.names = run.names()
         names = self.names
         self.member_events: list[tuple[float, str, str, str]] = []  # time, node, member, state
@@ -68,13 +72,14 @@ class MeshWorld:
         def build(node: SimNode) -> None:
             self._started[node.name] = self.world.now
             core = MeshControl(node.name, [n for n in names if n != node.name],
-                               node.rng("mesh"), store=node.store, **configs)
+                               node.rng("mesh"), store=node.store, modes=run.mode_limits(),
+                               **configs)
             core.table.on_adopt = lambda e, now, n=node.name: self._adopted(n, e, now)
             node.mount("mesh", core, accepts=ACCEPTS)
 
         for name in names:
             self.world.add_node(name, build)
-        self.world.set_links(geo_links(names, loss=loss))
+        self.world.set_links(geo_links(names, run.regions(), loss=loss))
         self.world.on_notify(self._notified)
         self.world.at(WARMUP, self._warm, "mesh warm-up over")
         run.metric("update_convergence_p999_s", lambda w: self.convergence(99.9))

@@ -46,7 +46,7 @@ from consensus.ledger import Ledger, RegisterVm
 from consensus.replica import Replica
 from federation.migration import MigrationError, MigrationOffer, MigrationRoundDone
 from federation.rollout import RolloutError
-from mesh.modes import Mode, ModeLimits, classify
+from mesh.modes import Mode, classify
 from sim import partitions
 from sim.geo import REGIONS, geo_links
 from sim.nemesis import Byzantine
@@ -207,14 +207,15 @@ class Federation:
 
     def links(self) -> None:
         rng = self.run.rng
-        regions = {m: rng.choice(REGIONS[:10]) for m in self.names}
+        drawn = {m: rng.choice(REGIONS[:10]) for m in self.names}
+        regions = self.run.regions() or drawn
         bandwidth = rng.choice((1e9, 200e6, 50e6))
         specs = geo_links(self.names, regions, bandwidth=bandwidth)
         for pair, spec in specs.items():
             if spec.latency.mean == 0.0:
                 specs[pair] = spec.evolve(latency=SAME_REGION)
             rtt = 2000.0 * specs[pair].latency.mean
-            self.mode[pair] = classify(ModeLimits(), rtt, bandwidth / 1e6, 0.0)
+            self.mode[pair] = classify(self.run.mode_limits(), rtt, bandwidth / 1e6, 0.0)
         self.world.set_links(specs)
 
     # ------------------------------------------------------------------ workload
