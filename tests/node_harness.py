@@ -11,7 +11,7 @@ import hashlib
 import io
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -105,3 +105,12 @@ async def wait_vm(node: Node, vm: str, state: str, timeout: float = 30) -> None:
     with trio.fail_after(timeout):
         while not any(i.name == vm and i.state.value == state for i in node.backend.list_vms()):
             await trio.sleep(0.05)
+
+
+async def wait_until(holds: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    """Clean-up that follows an outcome (state dropped, files removed) runs in the node's
+    own tasks: poll for it rather than assert the instant the outcome is seen."""
+    with trio.move_on_after(timeout):
+        while not holds():
+            await trio.sleep(0.02)
+    assert holds(), f"not within {timeout} s: {what}"

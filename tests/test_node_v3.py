@@ -20,6 +20,7 @@ from tests.node_harness import (
     real_vm,
     running_nodes,
     wait_outcome,
+    wait_until,
     wait_vm,
 )
 
@@ -143,8 +144,12 @@ def test_kill_switch_mid_migration_falls_back_to_v1(tmp_path: Path, monkeypatch)
             assert dc1.transfer_paths[mid] == {"v3": 1, "v1": out.rounds - 1}
             assert dc1.need_core().sessions[mid].version == 1
             # the v3 state of the migration was dropped when it ended
-            assert mid not in dc1.v3.sources and not list((dc1.data_dir / "v3-shadow").glob("*"))
-            assert not dc2.v3.receiver.rounds and not dc2.v3.receiver.server.transfers
+            await wait_until(lambda: mid not in dc1.v3.sources
+                             and not list((dc1.data_dir / "v3-shadow").glob("*")),
+                             "dc1 dropped the migration's v3 source state")
+            await wait_until(lambda: not dc2.v3.receiver.rounds
+                             and not dc2.v3.receiver.server.transfers,
+                             "dc2 dropped the migration's v3 receive state")
 
     trio.run(main)
 
