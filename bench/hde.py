@@ -16,8 +16,11 @@ need the corpus or QEMU are null, and ``missing`` says why.
 
 ``cold_wire_bytes`` counts every byte both directions of the transfer would put
 on the wire (diff messages and chunk frames) into an empty target, at the zstd
-level chosen for a 100 Mbit/s internet link from speeds measured on the image.
-The warm and sibling transfers use the cold transfer's level.
+level chosen for a 100 Mbit/s internet link from speeds measured on the image (per
+CPU second of the measuring thread: ``LEVEL_CLOCK``).
+The warm transfer's level is chosen the same way, for the same link, from the pages it
+sends (XORed against t0 where the encoder would), as a migration chooses its level from
+the pages of its first round; the sibling transfer uses the cold transfer's level.
 ``encode_MBps_*`` time the source's whole job for a cold transfer — index,
 plan, encode every chunk — at the level chosen for a 10 Gbit/s datacenter link
 (``encode_MBps_2cores_at_zstd1``: the same at level 1); ``encode_MB_per_cpu_s``
@@ -37,7 +40,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -45,7 +48,7 @@ from typing import Any
 import zstandard
 
 from federation.real_data import memory_regions, snapshot_memory
-from mesh.hde.codec import ChunkPlan, encode_chunk
+from mesh.hde.codec import ChunkPlan, delta_body, encode_chunk
 from mesh.hde.image import FP_SIZE, PAGE_SIZE, UNIFORM_FP, Image, PageSource, open_image
 from mesh.hde.index import BLOCK_PAGES, PageIndex, block_digest, build_index
 from mesh.hde.level import choose_level, measure_levels
@@ -59,6 +62,12 @@ COLD_LINK_BPS = 100e6 / 8
 DC_LINK_BPS = 10e9 / 8
 #: Chunks compressed per level when calibrating (8 MiB): enough to be stable to a few %.
 SAMPLE_CHUNKS = 8
+#: The clock the 100 Mbit/s levels are measured with: this thread's CPU time, so the byte
+#: figures say what two uncontended cores would choose, not how busy the machine was (on
+#: the shared build machine, wall-clock speeds halved under load and the warm level swung
+#: between 12 and 16 from run to run). A node measures with the wall clock
+#: (federation.data_v3.choose_chunk_level): there the CPU it actually gets is what counts.
+LEVEL_CLOCK = time.thread_time
 #: How long the process works between its two memory snapshots ("a few hundred ms").
 WORK_S = 0.3
 #: Cap on the process-memory image: this process maps ~150-300 MiB.
@@ -141,17 +150,37 @@ def cold_plan(index: PageIndex) -> list[ChunkPlan]:
             for i in range(0, len(wanted), CHUNK_PAGES)]  # fmt: skip
 
 
-def sample(image: PageSource, plans: list[ChunkPlan]) -> list[bytes]:
+def warm_plan(index: PageIndex, base: PageIndex) -> list[ChunkPlan]:
+    """The chunks a target holding ``base`` asks for: each distinct page it lacks, once."""
+    have = set(base.iter_fps())
+    seen: set[bytes] = set()
+    wanted: list[int] = []
+    for p, fp in enumerate(index.iter_fps()):
+        if fp in UNIFORM_FP or fp in have or fp in seen:
+            continue
+        seen.add(fp)
+        wanted.append(p)
+    return [ChunkPlan.of_pages(i // CHUNK_PAGES, wanted[i : i + CHUNK_PAGES])
+            for i in range(0, len(wanted), CHUNK_PAGES)]  # fmt: skip
+
+
+def sample(image: PageSource, plans: list[ChunkPlan],
+           reference: PageSource | None = None) -> list[bytes]:  # fmt: skip
     step = max(1, len(plans) // SAMPLE_CHUNKS)
-    return [b"".join(image.view(p) for p in plans[i].pages)
-            for i in range(0, len(plans), step)][:SAMPLE_CHUNKS]  # fmt: skip
+    picked = [plans[i] for i in range(0, len(plans), step)][:SAMPLE_CHUNKS]
+    if reference is not None:
+        return [delta_body(image, plan.pages, reference) for plan in picked]
+    return [b"".join(image.view(p) for p in plan.pages) for plan in picked]
 
 
 def pick_level(image: PageSource, plans: list[ChunkPlan], mode: str, link: float,
-               cores: int) -> tuple[int, list[dict[str, float]]]:  # fmt: skip
+               cores: int, reference: PageSource | None = None,
+               clock: Callable[[], float] = time.perf_counter,
+               ) -> tuple[int, list[dict[str, float]]]:  # fmt: skip
     if not plans:
         return 0, []
-    samples = measure_levels(sample(image, plans), mode, link, cores, time.perf_counter)
+    samples = measure_levels(sample(image, plans, reference), mode, link, cores,
+                             clock)  # fmt: skip
     table = [{"level": s.level, "MBps_per_core": round(s.bytes_per_s_per_core / 1e6, 1),
               "ratio": round(s.ratio, 4)} for s in samples]  # fmt: skip
     return choose_level(samples, link, cores), table
@@ -265,7 +294,8 @@ def transfer(
 def cold(
     image: Image, index: PageIndex, ex: Executor, store: PageStore | None = None
 ) -> dict[str, Any]:
-    level, table = pick_level(image, cold_plan(index), "internet", COLD_LINK_BPS, 2)
+    level, table = pick_level(image, cold_plan(index), "internet", COLD_LINK_BPS, 2,
+                              clock=LEVEL_CLOCK)  # fmt: skip
     out = transfer(image, index, store or PageStore(), level, ex)
     out.update(level=level, levels_measured=table)
     return out
@@ -380,7 +410,11 @@ def run(use_corpus: bool, use_qemu: bool, quick: bool) -> dict[str, Any]:
             out.update(sibling_wire_bytes=None, sibling_ratio_vs_qemu=None)
         store = PageStore()
         store.add("vm", ram0, ix0)
-        w = transfer(ram, ix, store, c["level"], ex, refs={ix0.root: (ram0, ix0)})
+        wl, wtable = pick_level(ram, warm_plan(ix, ix0), "internet", COLD_LINK_BPS, 2,
+                                reference=ram0, clock=LEVEL_CLOCK)  # fmt: skip
+        w = transfer(ram, ix, store, wl, ex, refs={ix0.root: (ram0, ix0)})
+        w.update(level=wl, levels_measured=wtable)
+        out["warm_level"] = wl
         if found is not None:
             out["warm_wire_fraction"] = round(w["wire_bytes"] / ram.nbytes, 5)
         else:

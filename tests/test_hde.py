@@ -86,9 +86,10 @@ def apply_edits(base: bytes, edits: list) -> bytes:
     return bytes(out)
 
 
-def transfer(src: bytes, store: PageStore, refs: dict | None = None, **kw) -> bytes:
+def transfer(src: bytes, store: PageStore, refs: dict | None = None, level: int = 3,
+             **kw) -> bytes:  # fmt: skip
     img = Image(src)
-    r = run_transfer(image=img, index=build_index(img), name="vm", store=store, level=3,
+    r = run_transfer(image=img, index=build_index(img), name="vm", store=store, level=level,
                      references=refs, **kw)
     assert r.verified, r.failure
     assert r.image is not None
@@ -151,8 +152,12 @@ def test_image_errors_name_the_problem(tmp_path) -> None:
     grow=st.lists(pages_st, max_size=3),
     holds=st.sampled_from(["nothing", "base", "base-elsewhere", "other-vm"]),
     with_reference=st.sampled_from(["none", "image", "image+index"]),
+    # store, zstd's own levels (both variants at the level), HDE's optimal-parser levels
+    # (variant chosen by a level-1 trial; mesh.hde.compressors)
+    level=st.sampled_from([0, 1, 3, 13]),
 )
-def test_any_image_any_store_round_trips(base, edits, grow, holds, with_reference) -> None:
+def test_any_image_any_store_round_trips(base, edits, grow, holds, with_reference,
+                                         level) -> None:  # fmt: skip
     old = image_of(base)
     new = apply_edits(old, edits) + image_of(grow)
     store = PageStore()
@@ -167,7 +172,19 @@ def test_any_image_any_store_round_trips(base, edits, grow, holds, with_referenc
         store.add("vm", other, build_index(other))
     refs = {old_ix.root: old_img} if with_reference != "none" else None
     indexes = {old_ix.root: old_ix} if with_reference == "image+index" else None
-    assert transfer(new, store, refs, reference_indexes=indexes) == new
+    assert transfer(new, store, refs, level, reference_indexes=indexes) == new
+
+
+@pytest.mark.parametrize("level", [12, 13, 14, 15, 16, 17, 18, 19])
+def test_every_internet_level_round_trips_a_warm_transfer(level: int) -> None:
+    base = image_of([(2, i) for i in range(40)] + [(3, i) for i in range(40)])
+    new = apply_edits(base, [("bytes", p, (p % 4000, b"%06d" % p)) for p in range(0, 80, 3)]
+                      + [("page", 5, (3, 999)), ("copy", 50, (10, 4))])
+    old_img = Image(base)
+    old_ix = build_index(old_img)
+    store = PageStore()
+    store.add("vm", old_img, old_ix)
+    assert transfer(new, store, {old_ix.root: old_img}, level) == new
 
 
 def test_multi_level_descent_sends_only_the_changed_block() -> None:
@@ -223,15 +240,34 @@ def test_xor_delta_pays_for_in_place_writes() -> None:
         new[p * P + 64 : p * P + 72] = b"%08d" % p
     old_img = Image(base)
     old_ix = build_index(old_img)
-    store = PageStore()
-    store.add("vm", old_img, old_ix)
     img = Image(bytes(new))
     ix = build_index(img)
-    plain = run_transfer(image=img, index=ix, name="vm", store=store, level=3)
-    delta = run_transfer(image=img, index=ix, name="vm", store=store, level=3,
-                         references={old_ix.root: old_img})
-    assert plain.verified and delta.verified
-    assert delta.chunk_bytes * 20 < plain.chunk_bytes
+
+    def holding_base() -> PageStore:  # a fresh store: a verified transfer joins its store
+        store = PageStore()
+        store.add("vm", old_img, old_ix)
+        return store
+
+    for level in (3, 13):  # both variants compressed; variant chosen by a level-1 trial
+        plain = run_transfer(image=img, index=ix, name="vm", store=holding_base(), level=level)
+        delta = run_transfer(image=img, index=ix, name="vm", store=holding_base(), level=level,
+                             references={old_ix.root: old_img})
+        assert plain.verified and delta.verified
+        assert delta.chunk_bytes * 20 < plain.chunk_bytes
+
+
+def test_the_plain_variant_wins_where_xor_does_not_pay() -> None:
+    """Text written over random pages: each XOR has more zero bytes than the text (which
+    has none), so pages are XORed, but the chunk compresses far worse that way: the
+    per-chunk choice (at level 3 both variants, at 13 a level-1 trial) keeps it plain."""
+    old_img = Image(image_of([(3, i) for i in range(64)]))
+    img = Image(image_of([(2, i) for i in range(64)]))
+    plan = ChunkPlan.of_pages(0, range(64))
+    for level in (3, 13):
+        frame = encode_chunk(1, plan, img, old_img, level)
+        chunk = decode_chunk(frame, 1, 64)
+        assert not any(chunk.xor) and chunk.data == bytes(img.view(0, 64))
+        assert len(frame) == len(encode_chunk(1, plan, img, None, level)) < 64 * P // 20
 
 
 # --------------------------------------------------------------------------- integrity
@@ -258,6 +294,15 @@ def recording(expected: bytes):
 
 @given(st.integers(0, 10**6), st.integers(1, 255))
 def test_a_corrupted_chunk_is_detected_resent_and_never_written(pos: int, flip: int) -> None:
+    check_corrupted_chunk(pos, flip, 1)
+
+
+def test_a_corrupted_chunk_at_a_high_level_is_detected_resent_and_never_written() -> None:
+    for pos in (7, 40, 5000, 700_000):  # header, ranges, digest, payload
+        check_corrupted_chunk(pos, 0x10, 13)
+
+
+def check_corrupted_chunk(pos: int, flip: int, level: int) -> None:
     data = image_of([(3, i) for i in range(300)])
 
     def corrupt(cid: int, attempt: int, frame: bytes) -> bytes:
@@ -268,8 +313,8 @@ def test_a_corrupted_chunk_is_detected_resent_and_never_written(pos: int, flip: 
         return frame
 
     img = Image(data)
-    r = run_transfer(image=img, index=build_index(img), name="vm", store=PageStore(), level=1,
-                     corrupt=corrupt, make_sink=recording(data))
+    r = run_transfer(image=img, index=build_index(img), name="vm", store=PageStore(),
+                     level=level, corrupt=corrupt, make_sink=recording(data))
     assert r.verified and bytes(r.image.view(0, img.page_count)) == data
     assert r.stats["chunks_rejected"] == 1
     assert any(n.kind == "hde.chunk_rejected" for n in r.notes)

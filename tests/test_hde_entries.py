@@ -144,7 +144,7 @@ def test_a_refetched_block_gets_keys_only_and_refuses_base_pages() -> None:
     t._strict = {0}  # as after a failed root check
     reply = HdeFingerprints(transfer=7, blocks=(0,), digests=new_ix.node(0, 0),
                             fps=compress(bytes([BASE] * 20 + [0] * 20), 1))
-    t._outstanding[("fps", 0, (0,))] = (3,)
+    t._outstanding[("fps", 0, (0,))] = ((3,), True)
     t.handle(0.0, Received("src", reply))
     assert "re-fetched block" in (t.failed or "")
 

@@ -7,6 +7,7 @@
   :mod:`mesh.hde.events`: their events and actions beyond :mod:`mesh.core`'s.
 - :mod:`mesh.hde.entries`: how a diff reply names pages (key, base page, run).
 - :mod:`mesh.hde.codec`: chunk encoding (dedup, XOR delta, zstd) and decoding.
+- :mod:`mesh.hde.compressors`: zstd per level, with HDE's own parameters for levels 13-19.
 - :mod:`mesh.hde.level`: the zstd level from link mode and measured speeds.
 - :mod:`mesh.hde.loopback`: an in-process driver (tests, benchmarks).
 """

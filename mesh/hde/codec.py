@@ -6,8 +6,9 @@ position (the source holds a copy of that base, named by its root): an
 in-place write leaves most of a page's bytes unchanged, so the XOR is mostly
 zeros and compresses to a few dozen bytes. The encoder XORs a page when that
 leaves more zero bytes than the page has, then keeps the XOR variant only if
-the whole chunk compresses smaller that way. The chunk is compressed with
-zstd at the level the driver chose (:mod:`mesh.hde.level`; level 0 stores,
+the whole chunk compresses smaller that way (above level 3, judged by a trial
+at level 1). The chunk is compressed with zstd at the level the driver chose
+(:mod:`mesh.hde.level`, :mod:`mesh.hde.compressors`; level 0 stores,
 and a stored chunk never XORs: it would not be smaller), and stored raw when
 compression would not shrink it.
 
@@ -26,6 +27,7 @@ import attrs
 import xxhash
 import zstandard
 
+from mesh.hde.compressors import compress
 from mesh.hde.image import PAGE_SIZE, PageSource
 from mesh.hde.messages import CHUNK_PAGES
 
@@ -35,6 +37,7 @@ __all__ = [
     "DecodedChunk",
     "encode_chunk",
     "decode_chunk",
+    "delta_body",
     "to_ranges",
     "from_ranges",
     "check_ranges",
@@ -124,17 +127,6 @@ def xor_pages(a: bytes | memoryview, b: bytes | memoryview) -> bytes:
 _local = threading.local()
 
 
-def compress(data: bytes | memoryview, level: int) -> bytes:
-    """zstd at ``level`` with a compressor kept per thread (they are not thread-safe)."""
-    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "compressors", None)
-    if cache is None:
-        cache = _local.compressors = {}
-    c = cache.get(level)
-    if c is None:
-        c = cache[level] = zstandard.ZstdCompressor(level=level)
-    return c.compress(data)
-
-
 #: Chunk frame layout (little-endian): magic, transfer, chunk id, flags, number of ranges;
 #: then each range as two LEB128 varints, its gap from the previous range's end and its
 #: count - 1; the XOR bitmap; the payload length; the 16-byte digest; the payload. Not
@@ -149,6 +141,13 @@ _LEN = struct.Struct("<I")
 _VARINT_MAX = 10
 DIGEST = 16
 _COMPRESSED = 1
+#: Above this level the plain and XOR variants of a chunk are compared at level 1 and only
+#: the smaller is compressed at the chosen level: at levels 13-19 (5-45 MB/s per core,
+#: mesh.hde.compressors) a second full compression doubled a warm chunk's cost, while
+#: level 1 (~450 MB/s) picked the same variant in every chunk of the corpus guest's
+#: t0 -> t0+60 s transfer as levels 3, 9, 12 and 15-19 did. Up to level 3 both
+#: variants run at the level itself: there a second pass is cheap.
+TRIAL_ABOVE = 3
 
 
 def varints(values: Iterable[int]) -> bytes:
@@ -243,6 +242,15 @@ def _delta(raw: memoryview, pages: Sequence[int], reference: PageSource,
     return b"".join(parts) if any(xor_bits) else None
 
 
+def delta_body(image: PageSource, pages: Sequence[int], reference: PageSource) -> bytes:
+    """``pages`` of ``image`` as the encoder's XOR variant would compress them (each page
+    XORed against ``reference`` where that leaves more zero bytes): what a level is
+    measured on for a transfer that has a base."""
+    raw = memoryview(b"".join(image.view(p) for p in pages))
+    body = _delta(raw, pages, reference, bytearray((len(pages) + 7) // 8))
+    return bytes(raw) if body is None else body
+
+
 def encode_chunk(transfer: int, plan: ChunkPlan, image: PageSource,
                  reference: PageSource | None, level: int) -> bytes | bytearray:
     """The frame of ``plan``'s pages from ``image``. With a ``reference`` (the source's copy
@@ -262,15 +270,23 @@ def encode_chunk(transfer: int, plan: ChunkPlan, image: PageSource,
         raw = _scratch()[:size]
         _gather_into(raw, image, ranges)
         body = _delta(raw, pages, reference, xor_bits) if reference is not None else None
+        if body is not None and level > TRIAL_ABOVE:
+            # Choose the variant by a trial at level 1, then compress only it at ``level``.
+            if len(compress(body, 1)) > len(compress(raw, 1)):
+                body, xor_bits = None, bytearray(len(xor_bits))
+            else:
+                raw = memoryview(body)
         plain = compress(raw, level)
         if len(plain) < size:
             payload, compressed = plain, True
-        if body is not None:
+        if body is not None and level <= TRIAL_ABOVE:
             delta = compress(body, level)
             if len(delta) < (size if payload is None else len(payload)):
                 payload, compressed = delta, True
             else:
                 xor_bits = bytearray(len(xor_bits))
+        elif body is not None and payload is None:
+            xor_bits = bytearray(len(xor_bits))  # the XOR variant did not compress: store
     plen = size if payload is None else len(payload)
     head = b"".join([
         _HEAD.pack(MAGIC, transfer, plan.chunk_id, _COMPRESSED if compressed else 0,

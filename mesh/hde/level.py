@@ -27,11 +27,13 @@ __all__ = ["MODE_LEVELS", "LevelSample", "choose_level", "measure_levels"]
 #: Python source (one core): store ~10 GB/s, -5 ~500 MB/s, 1 ~445 MB/s, 3 ~330 MB/s,
 #: 9 ~77 MB/s, 12 ~49 MB/s, 19 ~5 MB/s (zstd's README gives the same ordering). A datacenter
 #: link (>= 1 Gbit/s) outruns level 3 on two cores, an internet link (< 100 Mbit/s) is
-#: outrun by level 12 only on incompressible data: the bounds follow.
+#: outrun by level 12 only on incompressible data: the bounds follow. Levels 13-16 are
+#: HDE's own ladder of optimal-parser settings (mesh.hde.compressors: 12-44 MB/s per core
+#: on guest memory), the steps at which a 100 Mbit/s link and two cores meet.
 MODE_LEVELS: dict[str, tuple[int, ...]] = {
     "datacenter": (0, -5, -1, 1, 3),
     "hybrid": (0, -1, 1, 3, 6, 9),
-    "internet": (1, 3, 6, 9, 12, 15, 19),
+    "internet": (1, 3, 6, 9, 12, 13, 14, 15, 16, 19),
 }
 
 

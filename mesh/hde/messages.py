@@ -115,12 +115,14 @@ class HdeGroups:
 class HdeFingerprintsWant:
     """Target -> source: the page entries of these blocks, only of the groups whose bit is
     set in the block's mask (bit g: group g). ``plain``: keys only, no base pages named
-    (the re-fetch of blocks that failed their check)."""
+    (the re-fetch of blocks that failed their check). ``digests``: send the blocks'
+    digests too (not when an ``hde.groups`` reply already carried them)."""
 
     transfer: int = field(U64())
     blocks: tuple[int, ...] = field(ListOf(U64(MAX_PAGE), MAX_FP_BLOCKS))
     masks: tuple[int, ...] = field(ListOf(U64(2**GROUPS_PER_BLOCK - 1), MAX_FP_BLOCKS))
     plain: bool = field(Bool())
+    digests: bool = field(Bool(), default=True)
 
     def __attrs_post_init__(self) -> None:
         if len(self.masks) != len(self.blocks):
@@ -129,8 +131,9 @@ class HdeFingerprintsWant:
 
 @wire.message("hde.fps", max_size=_BULK)
 class HdeFingerprints:
-    """Source -> target: block digests and the page entries (:mod:`mesh.hde.entries`) of the
-    groups asked for, in order (zstd-compressed: runs of zero pages shrink to nothing)."""
+    """Source -> target: block digests (if asked for; else empty) and the page entries
+    (:mod:`mesh.hde.entries`) of the groups asked for, in order (zstd-compressed: runs of
+    zero pages shrink to nothing)."""
 
     transfer: int = field(U64())
     blocks: tuple[int, ...] = field(ListOf(U64(MAX_PAGE), MAX_FP_BLOCKS))

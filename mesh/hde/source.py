@@ -146,7 +146,8 @@ class HdeSource:
         for b, mask in zip(msg.blocks, msg.masks, strict=True):
             if b >= ix.block_count:
                 return self._fail(f"hde.fps_want: no block {b}")
-            digests.append(ix.node(0, b))
+            if msg.digests:
+                digests.append(ix.node(0, b))
             pages = ix.block_pages(b)
             for g, start in enumerate(range(pages.start, pages.stop, GROUP_PAGES)):
                 if mask >> g & 1:

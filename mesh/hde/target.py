@@ -91,8 +91,10 @@ class HdeTarget:
         self.stats = {"pages_wanted": 0, "pages_base": 0, "pages_dedup": 0, "pages_uniform": 0,
                       "chunks_rejected": 0, "fallback_blocks": 0}
         self._queue: deque[HdeNodesWant | HdeGroupsWant | HdeFingerprintsWant] = deque()
-        #: requests in flight -> the group masks of a fingerprint request
-        self._outstanding: dict[tuple[str, int, tuple[int, ...]], tuple[int, ...]] = {}
+        #: requests in flight -> the group masks of a fingerprint request, and whether its
+        #: reply carries the blocks' digests
+        self._outstanding: dict[tuple[str, int, tuple[int, ...]],
+                                tuple[tuple[int, ...], bool]] = {}
         self._wanted: dict[int, bytes] = {}
         self._inflight: dict[bytes, list[int]] = {}
         self._received: dict[bytes, int] = {}
@@ -184,8 +186,10 @@ class HdeTarget:
         return [range(p, min(p + GROUP_PAGES, pages.stop))
                 for p in range(pages.start, pages.stop, GROUP_PAGES)]
 
-    def _want_fps(self, blocks: range | list[int], masks: list[int] | None = None) -> None:
-        """Ask for the fingerprints of ``blocks`` (of the groups in ``masks``; default all)."""
+    def _want_fps(self, blocks: range | list[int], masks: list[int] | None = None,
+                  digests: bool = True) -> None:
+        """Ask for the fingerprints of ``blocks`` (of the groups in ``masks``; default all),
+        and for their digests unless ``hde.groups`` brought them (``digests`` False)."""
         blocks = list(blocks)
         if masks is None:
             masks = [(1 << len(self._groups_of(b))) - 1 for b in blocks]
@@ -194,7 +198,7 @@ class HdeTarget:
             self._queue.append(HdeFingerprintsWant(
                 transfer=self.transfer, blocks=tuple(part),
                 masks=tuple(masks[i : i + MAX_FP_BLOCKS]),
-                plain=any(b in self._strict for b in part)))
+                plain=any(b in self._strict for b in part), digests=digests))
 
     def _pump(self) -> list[TargetAction]:
         out: list[TargetAction] = []
@@ -204,11 +208,11 @@ class HdeTarget:
                 break
             req = self._queue.popleft()
             if isinstance(req, HdeNodesWant):
-                self._outstanding[("nodes", req.level, req.parents)] = ()
+                self._outstanding[("nodes", req.level, req.parents)] = ((), False)
             elif isinstance(req, HdeGroupsWant):
-                self._outstanding[("groups", 0, req.blocks)] = ()
+                self._outstanding[("groups", 0, req.blocks)] = ((), False)
             else:
-                self._outstanding[("fps", 0, req.blocks)] = req.masks
+                self._outstanding[("fps", 0, req.blocks)] = (req.masks, req.digests)
             out.append(Send(self.peer, req))
         if not self._queue and not self._outstanding and not self._diff_done:
             self._diff_done = True
@@ -284,14 +288,14 @@ class HdeTarget:
             if mask:
                 blocks.append(b)
                 masks.append(mask)
-        self._want_fps(blocks, masks)
+        self._want_fps(blocks, masks, digests=False)
         return self._pump()
 
     def _on_fps(self, msg: HdeFingerprints) -> list[TargetAction]:
         key = ("fps", 0, msg.blocks)
         if key not in self._outstanding:
             return self._fail("hde.fps for blocks that were not asked for")
-        masks = self._outstanding.pop(key)
+        masks, with_digests = self._outstanding.pop(key)
         assert self.sink is not None
         pages = [[p for g, r in enumerate(self._groups_of(b)) if mask >> g & 1 for p in r]
                  for b, mask in zip(msg.blocks, masks, strict=True)]
@@ -301,7 +305,7 @@ class HdeTarget:
                 msg.fps, max_output_size=len(listed) * MAX_ENTRY)
         except zstandard.ZstdError as exc:
             return self._fail(f"hde.fps: zstd: {exc}")
-        if len(msg.digests) != len(msg.blocks) * DIGEST_SIZE:
+        if len(msg.digests) != (len(msg.blocks) * DIGEST_SIZE if with_digests else 0):
             return self._fail("hde.fps: digests do not match the blocks")
         base = self.base
         # Checked whole before any page is placed: a malformed reply changes nothing.
@@ -309,7 +313,7 @@ class HdeTarget:
         if any(k is None and p // BLOCK_PAGES in self._strict for p, k, _ in entries):
             return self._fail("hde.fps: a page of a re-fetched block named a base page")
         wants: list[int] = []
-        for i, b in enumerate(msg.blocks):
+        for i, b in enumerate(msg.blocks if with_digests else ()):
             self._expected[b * DIGEST_SIZE : (b + 1) * DIGEST_SIZE] = \
                 msg.digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
         for p, k, q in entries:
