@@ -32,12 +32,13 @@ import queue
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import trio
 
 from mesh import wire
-from mesh.amst import DIGEST_BYTES, Chunk
+from mesh.amst import DIGEST_BYTES, Chunk, ChunkSet
 from mesh.hde.codec import MAGIC
 from mesh.hde.events import EncodeChunk
 from mesh.hde.image import PAGE_SIZE, PageSource
@@ -46,7 +47,8 @@ from mesh.hde.messages import CHUNK_PAGES
 from mesh.wire import U64, Bytes, ListOf, Text, field
 
 __all__ = ["V3Round", "V3Status", "V3Hde", "V3_TAGS", "ChunkFeed", "Overlay", "transfer_id",
-           "peek_chunk", "choose_chunk_level", "AMST_CHUNK_OVERHEAD", "SAMPLE_PAGES"]
+           "peek_chunk", "choose_chunk_level", "AMST_CHUNK_OVERHEAD", "SAMPLE_PAGES",
+           "connect_data", "CONNECT_TIMEOUT_S"]
 
 V3_TAGS = ("data.v3.",)
 #: An HDE diff message is at most 1 MiB + 4 KiB (mesh.hde.messages._BULK); the wrapper adds
@@ -69,6 +71,9 @@ _PEEK = struct.Struct("<4sQQ")
 #: (an abort) then ends within 0.2 s, the same period as AMST's own stream poll
 #: (mesh.amst_stream_io.POLL_MS).
 _POLL_S = 0.2
+#: Ids kept before a full sweep for acknowledged ones: 64 frames of ~1 MiB, the order of
+#: AMST's window (mesh.amst_sender.DEFAULT_WINDOW_BYTES, 64 MiB).
+_SWEEP_MIN = 64
 #: What a preparer sends when the feed closed under it: shorter than any chunk header.
 _END = b"\0"
 
@@ -101,6 +106,19 @@ class V3Hde:
     round: int = field(U64(1000))
     image: int = field(U64(63))
     body: bytes = field(Bytes(_HDE_MAX))
+
+
+#: A data connection not set up within 3 s is a path that is down for now: Linux sends the
+#: SYN again after the initial RTO of 1 s (RFC 6298 §2.1) and 2 s later, so two SYNs went
+#: unanswered; the AMST sender then backs off and tries again (mesh.amst_sender), rather
+#: than waiting out the kernel's ~2 min of SYN retries.
+CONNECT_TIMEOUT_S = 3.0
+
+
+async def connect_data(host: str, port: int) -> trio.SocketStream:
+    """A TCP connection to a data endpoint; ``trio.TooSlowError`` after CONNECT_TIMEOUT_S."""
+    with trio.fail_after(CONNECT_TIMEOUT_S):
+        return await trio.open_tcp_stream(host, port)
 
 
 def transfer_id(migration_id: str, round_: int) -> bytes:
@@ -147,7 +165,14 @@ class ChunkFeed:
     ChunkSource`): ``next_chunk`` hands AMST a placeholder while the feed is open; AMST's
     ``prepare`` (a worker thread) then waits for the next planned chunk and encodes it
     there. When the feed is closed (every image verified), a waiting preparer returns an
-    one-byte end marker, which the target ignores; at most ``preparers`` of them are sent."""
+    one-byte end marker, which the target ignores; at most ``preparers`` of them are sent.
+
+    A chunk id is bound to its frame only when a preparer encodes it, so the feed keeps
+    every frame until the receiver acknowledges it (``bind``: the running sender's
+    acknowledged set): when the transfer is cut and resumed by a new sender,
+    :meth:`resume` offers the ids not known acknowledged again, each with the frame it had
+    (or, never prepared, with the next plan), and the receiver's first Ack skips the ones
+    it holds. What is kept is what AMST holds in flight anyway: at most its window."""
 
     def __init__(self, encode: Encoder) -> None:
         self._encode = encode
@@ -157,9 +182,17 @@ class ChunkFeed:
         self._lock = threading.Lock()
         self._placeholder = memoryview(bytes(_MAX_FRAME))
         self._pending = 0  # planned chunks not yet taken by a preparer
+        self._issued: dict[int, None] = {}  # ids handed out, not known acknowledged
+        self._held: dict[int, bytes] = {}  # their frames, once prepared
+        self._replay: deque[int] = deque()
+        self._acked = ChunkSet()
+        self._sweep_at = _SWEEP_MIN
         self.frames = 0
         self.frame_bytes = 0
         self.markers = 0
+        #: frames offered again by a resumed transfer (and their bytes)
+        self.replayed = 0
+        self.replayed_bytes = 0
 
     def put(self, image: int, action: EncodeChunk) -> None:
         with self._lock:
@@ -170,15 +203,66 @@ class ChunkFeed:
         self._closed.set()
         self._queue.put(None)  # wakes one waiting preparer; it passes the word on
 
+    def bind(self, acked: ChunkSet) -> None:
+        """The chunk ids the running sender knows acknowledged (its live set)."""
+        with self._lock:
+            self._acked = acked
+            self._forget_acked()
+
+    def resume(self) -> None:
+        """A new sender takes over a cut transfer: offer again every id handed out and not
+        known acknowledged, before any new one. Those with a frame go first: an id never
+        prepared waits in its preparer for the next plan, and the plans may wait for the
+        held frames to arrive (the target asks for more as chunks land)."""
+        with self._lock:
+            self._forget_acked()
+            ids = sorted(self._issued)
+            self._replay = deque([c for c in ids if c in self._held]
+                                 + [c for c in ids if c not in self._held])
+
+    @property
+    def held(self) -> int:
+        """Frames kept for a resume (prepared, not known acknowledged)."""
+        with self._lock:
+            return len(self._held)
+
+    def _forget_acked(self, sweep: bool = True) -> None:
+        """Drop what is acknowledged: from the oldest id while they are (acks come mostly in
+        order), and everywhere on a sweep, which runs when asked and whenever the ids kept
+        doubled since the last one (so each next_chunk costs O(1) amortized)."""
+        issued = self._issued
+        while issued:
+            first = next(iter(issued))
+            if first not in self._acked:
+                break
+            del issued[first]
+            self._held.pop(first, None)
+        if sweep or len(issued) >= self._sweep_at:
+            for cid in [c for c in issued if c in self._acked]:
+                del issued[cid]
+                self._held.pop(cid, None)
+            self._sweep_at = max(_SWEEP_MIN, 2 * len(issued))
+
     def next_chunk(self, size_hint: int) -> tuple[int, memoryview] | None:
         with self._lock:
+            self._forget_acked(sweep=False)
+            if self._replay:
+                return self._replay.popleft(), self._placeholder
             if self._closed.is_set() and self._pending == 0:
                 return None
-        cid, self._next = self._next, self._next + 1
+            cid, self._next = self._next, self._next + 1
+            self._issued[cid] = None
         return cid, self._placeholder
 
     def prepare(self, chunk: int, raw: bytes | memoryview) -> bytes:
-        """Worker thread: the next planned chunk, encoded; an end marker once closed."""
+        """Worker thread: the frame ``chunk`` had (a resumed transfer), else the next planned
+        chunk, encoded; an end marker once closed."""
+        with self._lock:
+            held = self._held.get(chunk)
+            if held is not None:
+                self.replayed += 1
+                self.replayed_bytes += len(held)
+                return held
         while True:
             try:
                 item = self._queue.get(timeout=_POLL_S)
@@ -189,6 +273,7 @@ class ChunkFeed:
                 self._queue.put(None)
                 with self._lock:
                     self.markers += 1
+                    self._keep(chunk, _END)
                 return _END
             with self._lock:
                 self._pending -= 1
@@ -196,7 +281,12 @@ class ChunkFeed:
             with self._lock:
                 self.frames += 1
                 self.frame_bytes += len(frame)
+                self._keep(chunk, frame)
             return frame
+
+    def _keep(self, chunk: int, frame: bytes) -> None:
+        if chunk in self._issued:
+            self._held[chunk] = frame
 
 
 def choose_chunk_level(sample: Sequence[bytes], mode: str | None, bw_mbps: float | None,

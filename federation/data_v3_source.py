@@ -1,5 +1,15 @@
 """The source side of the v3 data plane (see :mod:`federation.data_v3`): one round of a
-migration as HDE transfers of its images, chunks over AMST to the target's data endpoint."""
+migration as HDE transfers of its images, chunks over AMST to the target's data endpoint.
+
+A cut data path does not end the round. AMST itself re-opens broken streams and re-sends
+their unacknowledged chunks, but gives up once every stream failed a few times in a row
+(:data:`mesh.amst_sender.MAX_FAILURES`); the round then resumes the transfer with a new
+sender after a backoff. The target's receiver outlives the streams and answers the new
+ones with what it already holds, and the chunk feed offers again only the frames not
+acknowledged (:class:`federation.data_v3.ChunkFeed`), so nothing the target stored
+crosses twice. Only when the path stays cut past :data:`RESUME_BUDGET_S` (or
+:data:`RESUMES` resumes in a row bring nothing through) does the round fail, and the
+session aborts in the ledger with the VM still at its source."""
 
 from __future__ import annotations
 
@@ -25,7 +35,8 @@ from federation.migration import RoundSent, SendRound, TransferProgress
 from federation.node_data import ACK_TIMEOUT, RoundFailed
 from federation.vm import VmBackend
 from mesh import wire
-from mesh.amst_io import TransferCut, send_transfer
+from mesh.amst_io import SendReport, TransferCut, send_transfer
+from mesh.amst_sender import BACKOFF_MAX_S, BACKOFF_MIN_S, AmstSender
 from mesh.channel import SecureChannel
 from mesh.core import Notify, Received, Send
 from mesh.hde.codec import encode_chunk
@@ -34,7 +45,7 @@ from mesh.hde.image import PAGE_SIZE, ImageWriter, create_image
 from mesh.hde.index import PageIndex, build_index
 from mesh.hde.source import HdeSource
 
-__all__ = ["SourceState", "V3RoundSender", "PREPARERS"]
+__all__ = ["SourceState", "V3RoundSender", "PREPARERS", "RESUME_BUDGET_S", "RESUMES"]
 
 #: Chunks encoded at once: one per core of the reference machine (2 cores); zstd
 #: releases the GIL, so both work (DESIGN.md, "Transport").
@@ -45,6 +56,16 @@ _COPY_PAGES = 4096
 #: Progress goes to the session at least this often while a round runs: the v1 sender's
 #: period (federation.node_data), far inside the session's stall timer (30 s).
 _REPORT_S = 1.0
+#: How long a round's data path may stay cut (no chunk acknowledged) before the round
+#: fails: half the sessions' stall timer (federation.migration.STALL_TIMEOUT, 30 s). The
+#: target's session hears of no chunk meanwhile, so the source gives up — and aborts with
+#: the reason — well before the target's stall timer would abort on its own.
+RESUME_BUDGET_S = 15.0
+#: Resumes in a row that bring no chunk through before the round fails. Their waits double
+#: from AMST's reconnect backoff (mesh.amst_sender: 0.2 s, RFC 6298 doubling, at most 5 s),
+#: so 8 resumes span about 21 s of waiting: the time budget, not the count, normally ends
+#: a long cut; the count bounds the attempts when every attempt fails at once.
+RESUMES = 8
 
 
 class SourceState:
@@ -108,6 +129,7 @@ class V3RoundSender:
         new_channel: Callable[[], SecureChannel],
         choose_level: Callable[[list[bytes]], tuple[str, int]],
         executor: Executor | None = None,
+        resume_budget: float = RESUME_BUDGET_S,
     ) -> None:
         self.action = action
         self.target = target
@@ -119,8 +141,15 @@ class V3RoundSender:
         self._new_channel = new_channel
         self._choose_level = choose_level
         self._executor = executor
+        self.resume_budget = resume_budget
         self._inbox_send, self._inbox = trio.open_memory_channel[Any](1024)
         self.control_bytes = 0
+        #: AMST transfers resumed after a cut, and chunks re-sent by AMST over all of them
+        self.resumes = 0
+        self.resent = 0
+        self.streams = 0
+        #: bytes of the chunk frames written whole to AMST streams, every copy counted
+        self.chunk_bytes = 0
         #: figures of the round, for the node's log
         self.figures: dict[str, Any] = {}
 
@@ -198,38 +227,65 @@ class V3RoundSender:
         tid = transfer_id(a.migration_id, a.round)
         self._send_control(V3Round(a.migration_id, a.round, tid, tuple(names)))
         await self._expect_ready()
-        report: list[Any] = []
-
-        async def amst() -> None:
-            try:
-                report.append(await send_transfer(
-                    tid, feed, connect=self._connect, new_channel=self._new_channel,
-                    mode=st.mode, prepare=feed.prepare, preparers=PREPARERS))
-            except TransferCut as exc:
-                raise RoundFailed(f"AMST to {self.target}: {exc}") from None
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(amst)
+            nursery.start_soon(self._transfer, tid, feed,
+                               lambda: all(s.verified for s in sources))
             for i, s in enumerate(sources):
                 self._apply(i, s.start(), feed)
             await self._drive(sources, feed, progress)
             feed.close()
         for name, s in zip(names, sources, strict=True):
             st.verified[name] = (s.index.root, s.index)
-        resent = report[0].resent if report else 0
-        chunks = feed.frames + feed.markers
-        avg = feed.frame_bytes / feed.frames if feed.frames else 0
-        wire_bytes = (self.control_bytes + feed.frame_bytes + feed.markers
-                      + (chunks + resent) * AMST_CHUNK_OVERHEAD + int(resent * avg))
+        wire_bytes = self.control_bytes + self.chunk_bytes
         mark = self.marks[a.migration_id]
         dirty = await trio.to_thread.run_sync(self.backend.dirty_since, a.vm, mark)
         seconds = trio.current_time() - started
         self.figures = {"level": level, "mode": st.mode, "chunks": feed.frames,
                         "chunk_bytes": feed.frame_bytes, "control_bytes": self.control_bytes,
-                        "resent": resent,
-                        "streams": report[0].streams_max_up if report else 0}
+                        "resent": self.resent, "resumes": self.resumes,
+                        "replayed": feed.replayed, "streams": self.streams}
         return RoundSent(a.round, covered, covered * PAGE_SIZE, wire_bytes, seconds,
                          sum(len(p) for p in dirty.values()))
+
+    async def _transfer(self, tid: bytes, feed: ChunkFeed, verified: Callable[[], bool],
+                        ) -> SendReport | None:
+        """The round's AMST transfer, resumed after every cut until it completes, the
+        images are verified (what is left is end markers), or the cut outlasts the budget."""
+        cut_since: float | None = None
+        delay = BACKOFF_MIN_S
+        in_a_row = 0
+        while True:
+            core = AmstSender(tid, mode=self.state.mode)
+            feed.bind(core.acked)
+            report: SendReport | None = None
+            try:
+                report = await send_transfer(
+                    tid, feed, connect=self._connect, new_channel=self._new_channel,
+                    prepare=feed.prepare, preparers=PREPARERS, core=core)
+            except TransferCut as exc:
+                reason = str(exc)
+                written = (exc.written_chunks, exc.written_bytes)
+            else:
+                written = (report.written_chunks, report.written_bytes)
+            self.chunk_bytes += written[0] * AMST_CHUNK_OVERHEAD + written[1]
+            self.resent += core.resent
+            self.streams = max(self.streams, core.max_streams_up)
+            if report is not None:
+                return report
+            now = trio.current_time()
+            if verified():
+                return None
+            if cut_since is None or core.acked_bytes > 0:  # chunks got through: a new cut
+                cut_since, delay, in_a_row = now, BACKOFF_MIN_S, 0
+            in_a_row += 1
+            if now - cut_since >= self.resume_budget or in_a_row > RESUMES:
+                raise RoundFailed(f"AMST to {self.target} cut for {now - cut_since:.1f} s "
+                                  f"({in_a_row - 1} resumes): {reason}")
+            await trio.sleep(min(delay, max(0.0, cut_since + self.resume_budget - now)))
+            delay = min(BACKOFF_MAX_S, 2 * delay)
+            self.resumes += 1
+            feed.resume()
 
     def _send_control(self, msg: Any) -> None:
         raw = wire.encode(msg)

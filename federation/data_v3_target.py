@@ -88,6 +88,7 @@ class _Round:
             return
         stats["chunks_received"] += 1
         stats["wire_bytes_received"] += len(payload)
+        self.receiver.note_chunk(self.mid, self.round)
         await self.step(ids[0] - 1, ChunkArrived(ids[0], ids[1], payload))
 
     async def step(self, i: int, event: Any) -> None:
@@ -134,7 +135,9 @@ class _Round:
 
 class V3Receiver:
     """A node's v3 target side. ``session_ok(mid, peer)`` says whether a migration from
-    ``peer`` runs here as target; ``incoming(mid)`` gives its prepared incoming images."""
+    ``peer`` runs here as target; ``incoming(mid)`` gives its prepared incoming images;
+    ``note_chunk(mid, round)`` hears of every chunk that arrived (the session's stall timer
+    runs from the last one, so a long round, or one riding out a cut, is not a stall)."""
 
     def __init__(
         self,
@@ -148,6 +151,7 @@ class V3Receiver:
         log: JsonLog,
         stats: dict[str, int],
         executor: Executor | None = None,
+        note_chunk: Callable[[str, int], None] = lambda mid, round_: None,
     ) -> None:
         self.backend = backend
         self.server = AmstServer(new_channel)
@@ -155,6 +159,7 @@ class V3Receiver:
         self.session_ok = session_ok
         self.incoming = incoming
         self.note_pages = note_pages
+        self.note_chunk = note_chunk
         self.log = log
         self.stats = stats
         self.executor = executor

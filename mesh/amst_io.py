@@ -78,7 +78,13 @@ READ_AHEAD = 2
 
 class TransferCut(Exception):
     """The transfer could not continue (no stream reaches the receiver). Running
-    :func:`send_transfer` again with the same transfer id resumes it."""
+    :func:`send_transfer` again with the same transfer id resumes it. ``written_chunks``
+    and ``written_bytes`` (payload) count the chunk frames written before the cut."""
+
+    def __init__(self, reason: str, written_chunks: int = 0, written_bytes: int = 0) -> None:
+        super().__init__(reason)
+        self.written_chunks = written_chunks
+        self.written_bytes = written_bytes
 
 
 @runtime_checkable
@@ -111,6 +117,9 @@ class SendReport:
     window: int
     stream_history: tuple[tuple[int, float], ...]
     sends: tuple[tuple[int, int], ...]  # (chunk, times transmitted)
+    #: chunk frames written whole to a stream, and their payload bytes (re-sends included)
+    written_chunks: int = 0
+    written_bytes: int = 0
 
 
 # --------------------------------------------------------------------------- timers
@@ -174,6 +183,8 @@ class _SenderRun:
         self.changed = trio.Event()
         self.finished = trio.Event()
         self.abort: str | None = None
+        self.written_chunks = 0
+        self.written_bytes = 0
         self.notes: dict[str, int] = {}
         self.nursery: trio.Nursery | None = None
         self.timers = _Timers(self.feed)
@@ -325,6 +336,8 @@ class _SenderRun:
             if held is not None:
                 payload, digest = held
                 await link.send_chunk(Chunk(chunk, digest, payload))
+                self.written_chunks += 1
+                self.written_bytes += len(payload)
             self.feed(ChunkWritten(s, chunk))
 
 
@@ -378,7 +391,7 @@ async def send_transfer(
         await run.finished.wait()
         nursery.cancel_scope.cancel()
     if run.abort is not None:
-        raise TransferCut(run.abort)
+        raise TransferCut(run.abort, run.written_chunks, run.written_bytes)
     return SendReport(
         chunks=core.acked.floor,
         acked_bytes=core.acked_bytes,
@@ -391,6 +404,8 @@ async def send_transfer(
         window=core.window,
         stream_history=tuple(core.controller.history),
         sends=tuple(sorted(core.sends.items())),
+        written_chunks=run.written_chunks,
+        written_bytes=run.written_bytes,
     )
 
 
@@ -407,13 +422,22 @@ class _Incoming:
         self.complete = trio.Event()
 
 
+#: Serves a connection whose first message (after the channel handshake) is not Open.
+Opener = Callable[[Link, Any], Awaitable[None]]
+
+
 class AmstServer:
     """Accepts AMST streams (pass :meth:`handle_stream` to ``trio.serve_tcp``) for the
     transfers announced with :meth:`expect`. A transfer's receiver core outlives its
-    streams, so a sender that reconnects resumes where it was."""
+    streams, so a sender that reconnects resumes where it was.
 
-    def __init__(self, new_channel: Callable[[], SecureChannel]) -> None:
+    ``openers`` maps other first messages to their handlers, which take over the
+    connection (e.g. a relay request): one listener, one handshake, then either."""
+
+    def __init__(self, new_channel: Callable[[], SecureChannel],
+                 openers: dict[type, Opener] | None = None) -> None:
         self.new_channel = new_channel
+        self.openers = dict(openers or {})
         self.transfers: dict[bytes, _Incoming] = {}
         self.notes: dict[str, int] = {}
         self._next_stream = 0
@@ -439,8 +463,11 @@ class AmstServer:
         incoming: _Incoming | None = None
         try:
             await link.handshake()
-            opening = await link.next_message((Open,))
+            opening = await link.next_message((Open, *self.openers))
             if opening is None:
+                return
+            if not isinstance(opening, Open):
+                await self.openers[type(opening)](link, opening)
                 return
             incoming = self.transfers.get(opening.transfer)
             if incoming is None:
@@ -489,7 +516,10 @@ class AmstServer:
     async def _apply(self, incoming: _Incoming, link: Link, stream: int, event: Any) -> None:
         for a in incoming.core.handle(trio.current_time(), event):
             if isinstance(a, Deliver):
-                await incoming.sink(a.chunk, a.payload)
+                # The core counts the chunk received from here on (its Acks on the other
+                # streams say so), so the sink must take it even if this stream breaks now.
+                with trio.CancelScope(shield=True):
+                    await incoming.sink(a.chunk, a.payload)
             elif isinstance(a, Reply):
                 assert a.stream == stream, "a receiver answers on the stream it heard from"
                 await link.send_message(a.message)

@@ -134,6 +134,19 @@ class Link:
         with trio.CancelScope(shield=True):
             await self.sock.aclose()
 
+    def detach(self) -> trio.abc.Stream:
+        """Leave the connection to another protocol (a relayed stream runs its own channel
+        over it once the relay accepted): returns the TCP stream, still open. Only the
+        event-loop side may have been used."""
+        with self._guard:
+            if self._users:
+                raise RuntimeError("a worker still uses the link")
+            self._closing = True
+            if self._raw is not None:
+                self._raw.close()  # the duplicate descriptor only: the connection stays up
+                self._raw = None
+        return self.sock
+
     # ------------------------------------------------------------------ bulk, in workers
 
     async def send_chunk(self, message: Chunk) -> None:

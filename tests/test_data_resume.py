@@ -1,0 +1,287 @@
+"""A cut v3 data path: the source resumes the round's AMST transfer instead of aborting the
+migration, re-sending nothing the target already stored, and aborts (the VM stays at its
+source) only when the cut outlasts the resume budget.
+
+Nodes run in this process on loopback (tests.node_harness). The source's federation file
+places the target's data endpoint at a relay this test controls (:class:`CutRelay`), as a
+port forward would: the relay splices TCP, counts the bytes it carries and, at set byte
+counts, resets every connection and refuses new ones for a while.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from consensus.ledger import SetPolicy
+from federation.data_v3 import ChunkFeed
+from federation.node import Node
+from federation.vm import VmState
+from mesh.amst import ChunkSet
+from mesh.hde.codec import ChunkPlan
+from mesh.hde.events import EncodeChunk
+from tests.node_harness import (
+    build_node,
+    ext4_image,
+    image_hashes,
+    make_federation,
+    memory_image,
+    wait_outcome,
+    wait_vm,
+)
+
+NAMES = ("dc1", "dc2", "dc3", "dc4")
+
+
+class CutRelay:
+    """A loopback TCP relay to ``port`` that counts the bytes it forwards (both ways) and
+    cuts: at each byte count in ``cuts`` it resets every connection and resets new ones
+    for ``down_for`` seconds (forever if None)."""
+
+    def __init__(self, port: int, cuts: tuple[int, ...] = (), down_for: float | None = 1.0,
+                 ) -> None:
+        self.port = port
+        self.cuts = list(cuts)
+        self.down_for = down_for
+        self.bytes = 0
+        self.connections = 0
+        self.resets = 0  # connections refused (reset) while down
+        self.killed = 0  # live connections reset by a cut
+        self.down = False
+        self.listen_port = 0
+        self._scopes: list[trio.CancelScope] = []
+        self._nursery: trio.Nursery | None = None
+
+    async def start(self, nursery: trio.Nursery) -> int:
+        self._nursery = nursery
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.listen_port = listeners[0].socket.getsockname()[1]
+        nursery.start_soon(trio.serve_listeners, self._handle, listeners)
+        return self.listen_port
+
+    def cut(self) -> None:
+        self.down = True
+        self.killed += len(self._scopes)
+        for scope in self._scopes:
+            scope.cancel()
+        if self.down_for is not None and self._nursery is not None:
+            self._nursery.start_soon(self._come_back, self.down_for)
+
+    async def _come_back(self, after: float) -> None:
+        await trio.sleep(after)
+        self.down = False
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        if self.down:
+            self.resets += 1
+            await _reset(client)
+            return
+        self.connections += 1
+        upstream = await trio.open_tcp_stream("127.0.0.1", self.port)
+        with trio.CancelScope() as scope:
+            self._scopes.append(scope)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, upstream)
+                nursery.start_soon(self._pump, upstream, client)
+        self._scopes.remove(scope)
+        await _reset(client)
+        await _reset(upstream)
+
+    async def _pump(self, src: trio.SocketStream, dst: trio.SocketStream) -> None:
+        try:
+            while data := await src.receive_some(1 << 16):
+                await dst.send_all(data)
+                self.bytes += len(data)
+                if self.cuts and self.bytes >= self.cuts[0]:
+                    self.cuts.pop(0)
+                    self.cut()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the other side went away: its pump ends the splice
+        with trio.CancelScope(shield=True):
+            await dst.send_eof()  # type: ignore[attr-defined]
+
+
+async def _reset(stream: trio.SocketStream) -> None:
+    """Close with an RST, as a crashed or rebooted peer does (SO_LINGER with time 0)."""
+    try:
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass  # already closed
+    with trio.CancelScope(shield=True):
+        await stream.aclose()
+
+
+def redirect(cfg: Path, name: str, data_ports: dict[str, int]) -> Path:
+    """A copy of the federation file as ``name`` sees it: the data endpoints of the DCs in
+    ``data_ports`` are at those loopback ports (the keys stay next to it)."""
+    text = cfg.read_text()
+    for dc, port in data_ports.items():
+        block = re.compile(rf'(name = "{dc}"\n(?:.*\n)*?data = "127\.0\.0\.1:)(\d+)(")')
+        text, n = block.subn(rf"\g<1>{port}\g<3>", text, count=1)
+        assert n == 1, f"no data endpoint for {dc} in {cfg}"
+    out = cfg.with_name(f"federation-{name}.toml")
+    out.write_text(text)
+    return out
+
+
+def data_port(cfg: Path, dc: str) -> int:
+    m = re.search(rf'name = "{dc}"\n(?:.*\n)*?data = "127\.0\.0\.1:(\d+)"', cfg.read_text())
+    assert m is not None
+    return int(m.group(1))
+
+
+@asynccontextmanager
+async def nodes_seeing(cfg: Path, data_root: Path, views: dict[str, Path],
+                       ) -> AsyncIterator[dict[str, Node]]:
+    """The four nodes in this process, node ``n`` reading ``views.get(n, cfg)``; yields once
+    every control link is up, shuts down cleanly."""
+    nodes = {n: build_node(views.get(n, cfg), n, data_root) for n in NAMES}
+    try:
+        async with trio.open_nursery() as nursery:
+            for node in nodes.values():
+                await nursery.start(node.run)
+            with trio.fail_after(20):
+                while any(len(n.runtime.links) < len(NAMES) - 1 for n in nodes.values()):
+                    await trio.sleep(0.05)
+            yield nodes
+            for node in nodes.values():
+                node.shutdown()
+    finally:
+        for node in nodes.values():
+            node.close()
+
+
+def test_cut_data_path_resumes_without_resending_what_the_target_stored(tmp_path: Path,
+                                                                         ) -> None:
+    cfg = make_federation(tmp_path / "fed")
+    memory = memory_image(tmp_path / "memory.img", 40 << 20)
+    disk = ext4_image(tmp_path / "disk.img")
+
+    async def main() -> None:
+        async with trio.open_nursery() as relays:
+            clean = CutRelay(data_port(cfg, "dc3"))
+            cut = CutRelay(data_port(cfg, "dc4"), down_for=1.0)
+            view = redirect(cfg, "dc1", {"dc3": await clean.start(relays),
+                                         "dc4": await cut.start(relays)})
+            async with nodes_seeing(cfg, tmp_path / "data", {"dc1": view}) as nodes:
+                dc1, dc3, dc4 = nodes["dc1"], nodes["dc3"], nodes["dc4"]
+                assert (await dc1.ledger.submit(SetPolicy(100, (), (), False))).ok
+                await dc1.import_vm("vm1", memory, [disk])
+                await dc1.import_vm("vm2", memory, [disk])
+
+                # a clean run through a relay that never cuts: the yardstick
+                mid = await dc1.migrate("vm1", "dc3")
+                assert await wait_outcome(dc1, mid) == "committed"
+                await wait_vm(dc3, "vm1", "running")
+                assert image_hashes(dc3.backend.path("vm1")) == image_hashes(
+                    dc1.backend.path("vm1"))
+                base = dc1.need_core().outcomes[mid]
+                assert clean.bytes > 0 and clean.killed == clean.resets == 0
+
+                # the same images to a DC that holds nothing of them, the data path reset
+                # twice in the middle of round 1 and unreachable for a second each time
+                cut.cuts = [clean.bytes * 3 // 10, clean.bytes * 6 // 10]
+                rounds_before = dc1.transfer_stats["rounds_failed"]
+                mid2 = await dc1.migrate("vm2", "dc4")
+                assert await wait_outcome(dc1, mid2) == "committed"
+                assert await wait_outcome(dc4, mid2) == "committed"
+                await wait_vm(dc4, "vm2", "running")
+                await wait_vm(dc1, "vm2", "retired")
+                assert image_hashes(dc4.backend.path("vm2")) == image_hashes(
+                    dc1.backend.path("vm2"))
+                out = dc1.need_core().outcomes[mid2]
+                print("clean run:", clean.bytes, "relayed bytes,", base.wire_bytes,
+                      "wire bytes; cut twice:", cut.bytes, "relayed,", out.wire_bytes, "wire")
+                assert cut.cuts == [] and cut.killed > 0, "both cuts happened mid-transfer"
+                assert dc1.transfer_stats["rounds_failed"] == rounds_before
+                # what crossed: the clean run's bytes plus the chunks cut in half, no more
+                assert cut.bytes < 2 * clean.bytes, (cut.bytes, clean.bytes)
+                assert out.wire_bytes < 2 * base.wire_bytes, (out.wire_bytes, base.wire_bytes)
+            relays.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_cut_that_outlasts_the_budget_aborts_and_the_vm_stays(tmp_path: Path) -> None:
+    cfg = make_federation(tmp_path / "fed")
+    memory = memory_image(tmp_path / "memory.img", 16 << 20)
+    disk = ext4_image(tmp_path / "disk.img")
+
+    async def main() -> None:
+        async with trio.open_nursery() as relays:
+            dead = CutRelay(data_port(cfg, "dc2"), down_for=None)
+            view = redirect(cfg, "dc1", {"dc2": await dead.start(relays)})
+            async with nodes_seeing(cfg, tmp_path / "data", {"dc1": view}) as nodes:
+                dc1, dc2 = nodes["dc1"], nodes["dc2"]
+                dc1.v3.resume_budget = 2.0  # the default (15 s) is too long for a unit test
+                assert (await dc1.ledger.submit(SetPolicy(100, (), (), False))).ok
+                await dc1.import_vm("vm1", memory, [disk])
+                before = image_hashes(dc1.backend.path("vm1"))
+                dead.cuts = [64 << 10]  # after the first 64 KiB, never again
+                t0 = trio.current_time()
+                mid = await dc1.migrate("vm1", "dc2")
+                outcome = await wait_outcome(dc1, mid)
+                assert outcome.startswith("aborted") and "cut for" in outcome, outcome
+                assert trio.current_time() - t0 < 30  # the budget ended it, not a stall timer
+                assert (await wait_outcome(dc2, mid)).startswith("aborted")
+                await wait_vm(dc1, "vm1", "running")
+                assert dc1.backend.info("vm1").state is VmState.RUNNING
+                assert image_hashes(dc1.backend.path("vm1")) == before
+                assert all(i.name != "vm1" or i.state is not VmState.RUNNING
+                           for i in dc2.backend.list_vms())
+                assert dc1.transfer_stats["rounds_failed"] == 1
+            relays.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_feed_resumes_with_the_frames_not_acknowledged_held_ones_first() -> None:
+    """A cut sender prepared chunks 0-3 (0 and 2 acknowledged) and handed out 4 without
+    preparing it; the resumed sender gets 1 and 3 with their very frames, then 4 (the next
+    plan), then new ids; acknowledged frames are let go."""
+    encoded: list[int] = []
+
+    def encode(image: int, e: EncodeChunk) -> bytes:
+        encoded.append(e.plan.chunk_id)
+        return b"HDE frame %d" % e.plan.chunk_id
+
+    feed = ChunkFeed(encode)
+    for c in range(6):
+        feed.put(0, EncodeChunk(1, ChunkPlan(c, (c, 1)), None))
+    first = ChunkSet()
+    feed.bind(first)
+
+    async def main() -> dict[int, bytes]:
+        frames = {}
+        for _ in range(4):
+            got = feed.next_chunk(1 << 20)
+            assert got is not None
+            frames[got[0]] = await trio.to_thread.run_sync(feed.prepare, got[0], got[1])
+        assert feed.next_chunk(1 << 20) is not None  # id 4: handed out, never prepared
+        first.add(0)
+        first.add(2)
+        feed.resume()
+        assert feed.held == 2  # 1 and 3: 0 and 2 are acknowledged, 4 was never prepared
+        again = ChunkSet()
+        feed.bind(again)
+        order = []
+        for _ in range(4):
+            got = feed.next_chunk(1 << 20)
+            assert got is not None
+            order.append(got[0])
+            frames[got[0]] = await trio.to_thread.run_sync(feed.prepare, got[0], got[1])
+        assert order == [1, 3, 4, 5]
+        return frames
+
+    frames = trio.run(main)
+    assert encoded == [0, 1, 2, 3, 4, 5]  # nothing encoded twice
+    assert frames[1] == b"HDE frame 1" and frames[3] == b"HDE frame 3"
+    assert frames[4] == b"HDE frame 4" and frames[5] == b"HDE frame 5"
+    assert feed.replayed == 2 and feed.replayed_bytes == 2 * len(b"HDE frame 1")
+    assert feed.frames == 6
