@@ -1,6 +1,8 @@
 """The node's HTTP API, on the DC's ``api`` endpoint.
 
 =======================  ==================================================================
+``GET /``                the dashboard: one self-contained HTML page that polls
+                         ``/api/status`` (:mod:`federation.dashboard`)
 ``GET /health``          200 while the process serves (liveness)
 ``GET /ready``           200 once the control mesh runs and a PBFT quorum (2f+1 with this
                          DC) is connected; else 503 with the reason
@@ -12,6 +14,10 @@
                          "writer_seed"}``; paths are on the node's machine
 ``POST /api/migrations`` ``{"vm", "to"}`` -> 202 ``{"id"}``
 ``GET /api/migrations/ID``  one migration (404 if neither a session nor the ledger knows it)
+``POST /api/migrations/ID/cancel``  an operator's cancel -> 202 with the migration; taken
+                         by the source's session (aborts through the ledger); a node that
+                         is not the source forwards the request to the source's API
+``GET /api/policy``      the rollout policy in this node's ledger replica
 ``POST /api/policy``     rollout: ``{"v3_percent", "target_dcs", "target_vms",
                          "kill_switch"}`` -> 200, once the ledger recorded it
 =======================  ==================================================================
@@ -26,6 +32,7 @@ this API uses. Errors are JSON ``{"error": "..."}`` with a 4xx/5xx status.
 from __future__ import annotations
 
 import json
+import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +40,8 @@ import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from federation.node_status import NodeCollector, migration_status, status
+from federation.dashboard import PAGE
+from federation.node_status import NodeCollector, migration_status, policy_doc, status
 
 if TYPE_CHECKING:
     from federation.node import Node
@@ -49,7 +57,12 @@ REQUEST_TIMEOUT = 10.0
 #: An operation (an import copies the images and waits for the ledger) may take this
 #: long; the ledger client gives up after 30 s (consensus.replica.PbftConfig).
 OPERATION_TIMEOUT = 600.0
+#: A cancel forwarded to the source's API must be answered within this: the source takes
+#: it in one turn of its core without waiting for the ledger, so REQUEST_TIMEOUT's bound
+#: for a whole request is ample.
+FORWARD_TIMEOUT = REQUEST_TIMEOUT
 _READ = 64 * 1024
+_CANCEL = "/cancel"
 
 
 class ApiError(Exception):
@@ -94,9 +107,11 @@ def _ready(node: Node) -> tuple[bool, str]:
 async def handle_request(node: Node, method: str, path: str,
                          body: bytes) -> tuple[int, str, bytes]:
     """(status, content type, body) for one request."""
-    from federation.node import LedgerTimeout, NodeError
+    from federation.node import LedgerTimeout, NodeError, UnknownMigration
 
     js = "application/json"
+    if method == "GET" and path == "/":
+        return 200, "text/html; charset=utf-8", PAGE
     if method == "GET" and path == "/health":
         return 200, js, b'{"status":"ok"}'
     if method == "GET" and path == "/ready":
@@ -134,26 +149,86 @@ async def handle_request(node: Node, method: str, path: str,
                 raise ApiError(400, "target_dcs, target_vms: expected lists of names")
             policy = await node.set_policy(_field(doc, "v3_percent", int), **lists,
                                            kill_switch=_field(doc, "kill_switch", bool, False))
-            return 200, js, json.dumps({"v3_percent": policy.v3_percent,
-                                        "target_dcs": list(policy.target_dcs),
-                                        "target_vms": list(policy.target_vms),
-                                        "kill_switch": policy.kill_switch}).encode()
+            return 200, js, json.dumps(policy_doc(policy)).encode()
+        if method == "GET" and path == "/api/policy":
+            return 200, js, json.dumps(policy_doc(node.need_core().replica.ledger.policy)).encode()
+        if method == "POST" and path.startswith("/api/migrations/") and path.endswith(_CANCEL):
+            mid = urllib.parse.unquote(path[len("/api/migrations/"):-len(_CANCEL)])
+            return await _cancel(node, mid, _json_body(body))
         if method == "GET" and path.startswith("/api/migrations/"):
-            found = migration_status(node, path[len("/api/migrations/"):])
+            mid = urllib.parse.unquote(path[len("/api/migrations/"):])
+            found = migration_status(node, mid)
             if found is None:
-                raise ApiError(404, f"no migration {path[len('/api/migrations/'):]!r}")
+                raise ApiError(404, f"no migration {mid!r}")
             return 200, js, json.dumps(found).encode()
     except LedgerTimeout as exc:
         return 504, js, json.dumps({"error": str(exc)}).encode()
+    except UnknownMigration as exc:
+        return 404, js, json.dumps({"error": str(exc)}).encode()
     except NodeError as exc:
         return 409, js, json.dumps({"error": str(exc)}).encode()
     except ApiError as exc:
         return exc.status, js, json.dumps({"error": str(exc)}).encode()
-    known = ("/health", "/ready", "/metrics", "/api/status", "/api/vms", "/api/migrations",
+    known = ("/", "/health", "/ready", "/metrics", "/api/status", "/api/vms", "/api/migrations",
              "/api/policy")
     if path in known or path.startswith("/api/migrations/"):
         return 405, js, json.dumps({"error": f"{method} is not allowed on {path}"}).encode()
     return 404, js, json.dumps({"error": f"no route {path}"}).encode()
+
+
+async def _cancel(node: Node, mid: str, doc: dict[str, Any]) -> tuple[int, str, bytes]:
+    """Cancel at the source, or forward to it once (``forwarded_by`` marks a forwarded
+    request, so two nodes that disagree about the source never bounce it forever)."""
+    from federation.node import NotTheSource
+
+    forwarded_by = doc.get("forwarded_by")
+    if forwarded_by is not None and not isinstance(forwarded_by, str):
+        raise ApiError(400, "forwarded_by: expected str")
+    try:
+        await node.cancel_migration(mid)
+    except NotTheSource as exc:
+        if forwarded_by is not None:
+            raise ApiError(409, f"{exc} (forwarded here by {forwarded_by})") from None
+        dc = node.fed.dc(exc.source)
+        path = f"/api/migrations/{urllib.parse.quote(mid, safe='')}{_CANCEL}"
+        body = json.dumps({"forwarded_by": node.name}).encode()
+        try:
+            with trio.fail_after(FORWARD_TIMEOUT):
+                code, payload = await _post(dc.api.host, dc.api.port, path, body)
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError, h11.ProtocolError) as err:
+            why = "no answer in time" if isinstance(err, trio.TooSlowError) else str(err)
+            raise ApiError(502, f"cannot reach {exc.source}, the source of migration "
+                                f"{mid!r}, at {dc.api.host}:{dc.api.port}: {why}") from None
+        return code, "application/json", payload
+    return 202, "application/json", json.dumps(migration_status(node, mid)).encode()
+
+
+async def _post(host: str, port: int, path: str, body: bytes) -> tuple[int, bytes]:
+    """One JSON POST to another node's API: (status, body)."""
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        conn = h11.Connection(h11.CLIENT)
+        headers = [("host", f"{host}:{port}"), ("content-type", "application/json"),
+                   ("content-length", str(len(body))), ("connection", "close")]
+        request: list[Any] = [h11.Request(method="POST", target=path, headers=headers),
+                              h11.Data(data=body), h11.EndOfMessage()]
+        for out in request:
+            await _send(stream, conn, out)
+        code, payload = 0, bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(_READ))
+            elif isinstance(event, h11.Response):
+                code = event.status_code
+            elif isinstance(event, h11.Data):
+                payload += event.data
+                if len(payload) > MAX_BODY:
+                    raise h11.RemoteProtocolError(f"an answer over {MAX_BODY} bytes")
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                if not code:
+                    raise h11.RemoteProtocolError("the connection closed without an answer")
+                return code, bytes(payload)
 
 
 async def _send(stream: trio.SocketStream, conn: h11.Connection, event: Any) -> None:

@@ -57,6 +57,8 @@ __all__ = [
     "LedgerAborted",
     "LedgerRefused",
     "PolicyChanged",
+    "CancelRequested",
+    "CANCEL_REASON",
     "RoundSent",
     "TransferProgress",
     "SourceFenced",
@@ -203,6 +205,23 @@ class PolicyChanged:
     """The ledger's rollout policy changed (a v3 rollback applies to the next round)."""
 
     policy: SetPolicy
+
+
+#: The abort reason of an operator's cancel (``dwcp cancel``, ``POST
+#: /api/migrations/ID/cancel``), as the ledger-abort outcome and the runbook name it.
+CANCEL_REASON = "cancelled by operator"
+
+
+@attrs.frozen
+class CancelRequested:
+    """Source: an operator asked to abort this migration. It takes the ordinary abort path
+    (an abort submitted to the ledger; the VM resumes at the source once the ledger has
+    it). Before the ledger recorded the begin, the wish is kept and acted on when it does;
+    once the final round is delivered, the target's commit may still win the race, which
+    the ledger settles. Only the source session takes it (the node forwards a cancel
+    asked of any other DC to the source)."""
+
+    reason: str = CANCEL_REASON
 
 
 @attrs.frozen

@@ -149,6 +149,9 @@ def restore(
     # PLANNED, BEGUN, PRECOPY, FENCED or FINAL at the source; BEGUN or PRECOPY at the
     # target; REFUSED at a source whose begin got in after all: abort.
     side = "source" if source else "target"
+    reason = f"the {side} restarted in {rec.phase}"
+    if s.phase is Phase.PLANNED and s.reason:
+        reason = s.reason  # an operator's cancel, kept while the begin was on its way
     if s.phase is Phase.REFUSED or s.phase is Phase.PLANNED:
         s.phase = Phase.BEGUN
-    return s, s.abort(now, f"the {side} restarted in {rec.phase}")
+    return s, s.abort(now, reason)

@@ -27,6 +27,7 @@ from federation.migration import (
     STALL_TIMEOUT,
     VERIFY_RATE,
     ActionFailed,
+    CancelRequested,
     CancelRound,
     Fence,
     ImageSize,
@@ -103,14 +104,31 @@ class SourceSession(SessionBase):
         begin = BeginMigration(self.vm, self.source, self.target, self.epoch, self.migration_id)
         return [self.persist(), *self.submit(now, begin), self.progress()]
 
-    def cancel_migration(self, now: float, reason: str) -> list[Action]:
-        """An operator's cancel. Before the ledger recorded the begin, the wish is kept and
-        acted on when it does; after the fence is final-sent it is still an abort race
-        the ledger settles."""
+    def cancel_refusal(self) -> str:
+        """Why an operator's cancel cannot be taken now, or "" if it can (the node asks
+        before it hands over :class:`CancelRequested`, so the API can say why)."""
+        mid = self.migration_id
+        if self.phase is Phase.COMMITTED:
+            return f"migration {mid!r} has already committed; nothing to cancel"
+        if self.phase is Phase.ABORTED:
+            return f"migration {mid!r} has already aborted: {self.reason}"
+        if self.phase is Phase.REFUSED:
+            return f"migration {mid!r} was refused by the ledger; nothing to cancel"
+        if self.phase is Phase.ABORTING:
+            return f"migration {mid!r} is already aborting ({self.reason}); the ledger decides"
+        return ""
+
+    def _on_cancel(self, now: float, ev: CancelRequested) -> list[Action]:
+        if self.cancel_refusal():
+            return []
+        note = Notify("migration.cancel-requested", {"migration_id": self.migration_id,
+                                                     "phase": self.phase.value})
         if self.phase is Phase.PLANNED:
-            self.reason = reason
-            return [self.persist()]
-        return self.abort(now, reason)
+            # The begin is on its way to the ledger: keep the wish (persisted, so a restart
+            # keeps it too) and abort as soon as the ledger records the begin.
+            self.reason = ev.reason
+            return [note, self.persist(), self.progress()]
+        return [note, *self.abort(now, ev.reason), self.progress()]
 
     # ------------------------------------------------------------------ decisions
 
@@ -198,6 +216,8 @@ class SourceSession(SessionBase):
         if isinstance(ev, PolicyChanged):
             self.policy = ev.policy
             return []
+        if isinstance(ev, CancelRequested):
+            return self._on_cancel(now, ev)
         if isinstance(ev, Received):
             return self._on_message(now, ev)
         if isinstance(ev, RoundSent):

@@ -47,6 +47,7 @@ from federation.data_v3 import V3_TAGS, V3Hde, V3Round, V3Status
 from federation.data_v3_source import V3RoundSender
 from federation.migration import (
     ActionFailed,
+    CancelRequested,
     CancelRound,
     DiscardIncoming,
     MigrationError,
@@ -58,6 +59,7 @@ from federation.migration import (
     Unfence,
     record_key,
 )
+from federation.migration_source import SourceSession
 from federation.migration_vm import VM_ACTIONS, VmActions
 from federation.node_core import TAGS, NodeCore
 from federation.node_data import (
@@ -81,7 +83,8 @@ from mesh.runtime import Peer, Runtime
 from mesh.runtime_log import JsonLog
 from mesh.runtime_store import SQLiteStore
 
-__all__ = ["Node", "Ledger", "LedgerTimeout", "NodeError", "DATA_PLANE", "TRANSFER_VERSIONS"]
+__all__ = ["Node", "Ledger", "LedgerTimeout", "NodeError", "UnknownMigration", "NotTheSource",
+           "DATA_PLANE", "TRANSFER_VERSIONS"]
 
 #: What this node's data plane is (reported in /api/status; each migration's rounds by
 #: version are in its own status, ``data_plane``).
@@ -103,6 +106,18 @@ class NodeError(Exception):
 
 class LedgerTimeout(NodeError):
     """No f+1 matching replies within the ledger client's timeout."""
+
+
+class UnknownMigration(NodeError):
+    """Neither a session here nor the ledger knows the migration id."""
+
+
+class NotTheSource(NodeError):
+    """Only the migration's source can act on it; ``source`` names that DC."""
+
+    def __init__(self, message: str, source: str) -> None:
+        super().__init__(message)
+        self.source = source
 
 
 class Ledger:
@@ -337,7 +352,10 @@ class Node:
             self._start_round(action)
             return True
         if isinstance(action, CancelRound):
-            running = self._rounds.pop(action.migration_id, None)
+            # The round stays registered until its task has ended (its worker thread may
+            # still be reading the shadow images): _data_done defers the data plane's
+            # cleanup until then, so a cancel or an abort never pulls state from under it.
+            running = self._rounds.get(action.migration_id)
             if running is not None:
                 running[1].cancel()
             return True
@@ -537,6 +555,41 @@ class Node:
         if failure:
             raise NodeError(failure[0])
         return mid
+
+    async def cancel_migration(self, mid: str) -> None:
+        """An operator's cancel of migration ``mid``: the source session takes
+        :class:`CancelRequested` and aborts through the ledger. Raises
+        :class:`NotTheSource` at any other DC (the API forwards), :class:`UnknownMigration`,
+        or :class:`NodeError` saying why it cannot be cancelled (e.g. already committed)."""
+        self.need_core()
+        failure: list[NodeError] = []
+
+        def cancel(core: NodeCore, now: float) -> list[Any]:
+            session = core.sessions.get(mid)
+            rec = core.replica.ledger.migrations.get(mid)
+            if isinstance(session, SourceSession):
+                why = session.cancel_refusal()
+                if not why:
+                    return core.to_session(now, mid, CancelRequested())
+                failure.append(NodeError(why))
+                return []
+            source = session.source if session is not None else rec.source if rec else None
+            if source is None:
+                failure.append(UnknownMigration(f"no migration {mid!r}"))
+            elif source != self.name:
+                failure.append(NotTheSource(f"{source} is the source of migration {mid!r}, "
+                                            f"not {self.name}", source))
+            elif rec is not None and rec.state != "begun":
+                failure.append(NodeError(f"migration {mid!r} has already {rec.state}; "
+                                         "nothing to cancel"))
+            else:  # our record, not restored yet (the replica is catching up)
+                failure.append(NodeError(f"migration {mid!r} is being restored here; "
+                                         "try again once the ledger has caught up"))
+            return []
+
+        await self.runtime.invoke("node", cancel, "cancel-migration")
+        if failure:
+            raise failure[0]
 
     async def set_policy(self, v3_percent: int, target_dcs: Sequence[str] = (),
                          target_vms: Sequence[str] = (), kill_switch: bool = False) -> SetPolicy:

@@ -17,6 +17,7 @@ import attrs
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from consensus.ledger import SetPolicy
 from mesh.membership import State
 from mesh.modes import Mode
 from mesh.routing import BULK, CONTROL
@@ -25,11 +26,18 @@ if TYPE_CHECKING:
     from federation.node import Node
     from federation.node_core import NodeCore
 
-__all__ = ["status", "migration_status", "NodeCollector"]
+__all__ = ["status", "migration_status", "policy_doc", "NodeCollector"]
 
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
+
+def policy_doc(policy: SetPolicy) -> dict[str, Any]:
+    """The rollout policy as JSON (``GET``/``POST /api/policy``, ``policy`` in the status),
+    its lists sorted and without repeats, as the ledger records them."""
+    return {"v3_percent": policy.v3_percent, "target_dcs": sorted(set(policy.target_dcs)),
+            "target_vms": sorted(set(policy.target_vms)), "kill_switch": policy.kill_switch}
 
 
 def migration_status(node: Node, mid: str) -> dict[str, Any] | None:
@@ -107,11 +115,16 @@ def status(node: Node) -> dict[str, Any]:
     if core is None:
         ledger_doc: dict[str, Any] = {"unavailable": node.no_ledger}
         migrations: list[Any] = []
+        policy = None
     else:
         rstat = core.replica.status()
+        # byzantine: DCs convicted by a signed equivocation proof, and per peer the
+        # messages refused for a bad signature or as malformed (consensus.evidence)
         ledger_doc = {"height": rstat["last_executed"], "view": rstat["view"],
                       "primary": rstat["primary"], "active": rstat["active"],
-                      "stable_checkpoint": rstat["stable_checkpoint"]}
+                      "stable_checkpoint": rstat["stable_checkpoint"],
+                      "byzantine": rstat["evidence"]}
+        policy = policy_doc(core.replica.ledger.policy)
         mids = sorted(set(core.sessions) | set(core.replica.ledger.migrations))
         migrations = [migration_status(node, m) for m in mids]
     return {
@@ -122,6 +135,7 @@ def status(node: Node) -> dict[str, Any]:
         "links": estimates,
         "routes": routes,
         "ledger": ledger_doc,
+        "policy": policy,
         "vms": vms,
         "migrations": migrations,
         "restoring": sorted(core.unrestored) if core is not None else [],
@@ -210,6 +224,7 @@ class NodeCollector(Collector):
         for state, count in sorted(held.items()):
             vms.add_metric([state], count)
         yield vms
+        yield from n.v3.metrics()
 
 
 def _ledger_metrics(core: NodeCore) -> Iterator[Metric]:

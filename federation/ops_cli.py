@@ -5,7 +5,10 @@
     dwcp vm import NAME --memory FILE [--disk FILE ...] [--writer-rate PAGES/S]
     dwcp vms [--json]
     dwcp migrate NAME --to DC          # progress bar on stderr; non-zero exit on abort
+    dwcp cancel MIGRATION_ID           # an operator's abort, through the ledger
     dwcp status [--json]
+
+(``dwcp policy`` is :mod:`federation.policy_cli`.)
 
 Which node: ``--api URL`` (``--node`` is the same), else the ``api`` endpoint of the DC
 named by ``--config FILE --name DC``.
@@ -25,9 +28,11 @@ from typing import Any, TextIO
 
 from federation import config
 from federation.cli import CommandError
+from federation.migration import CANCEL_REASON
 
-__all__ = ["register_vm", "register_vms", "register_migrate", "register_status", "Api",
-           "render_status", "render_progress"]
+__all__ = ["register_vm", "register_vms", "register_migrate", "register_cancel",
+           "register_status", "Api", "node_api", "add_node_options", "table", "render_status",
+           "render_progress"]
 
 #: How often ``dwcp migrate`` polls the migration (the bar's refresh rate).
 POLL_INTERVAL = 0.25
@@ -72,13 +77,15 @@ class Api:
         return doc
 
 
-def _add_target(p: argparse.ArgumentParser) -> None:
+def add_node_options(p: argparse.ArgumentParser) -> None:
+    """``--api URL`` (``--node``), or ``--config FILE --name DC``: which node to ask."""
     p.add_argument("--api", "--node", dest="api", help="the node's API, http://HOST:PORT")
     p.add_argument("--config", type=Path, help="the federation file (with --name)")
     p.add_argument("--name", help="the DC whose node to ask (with --config)")
 
 
-def _api(args: argparse.Namespace) -> Api:
+def node_api(args: argparse.Namespace) -> Api:
+    """The API of the node the options of :func:`add_node_options` name."""
     if args.api:
         return Api(args.api)
     if args.config is None or args.name is None:
@@ -104,12 +111,12 @@ def register_vm(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     imp.add_argument("--writer-rate", type=float, default=0.0,
                      help="pages per second a writer dirties while the VM runs (0: none)")
     imp.add_argument("--writer-seed", type=int, default=0)
-    _add_target(imp)
+    add_node_options(imp)
     imp.set_defaults(func=run_import)
 
 
 def run_import(args: argparse.Namespace) -> int:
-    api = _api(args)
+    api = node_api(args)
     files = [args.memory, *args.disk]
     for f in files:
         if not f.is_file():
@@ -127,12 +134,12 @@ def run_import(args: argparse.Namespace) -> int:
 def register_vms(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("vms", help="list the VMs the ledger and the node know")
     p.add_argument("--json", action="store_true")
-    _add_target(p)
+    add_node_options(p)
     p.set_defaults(func=run_vms)
 
 
 def run_vms(args: argparse.Namespace) -> int:
-    vms = _api(args).ok("GET", "/api/vms")
+    vms = node_api(args).ok("GET", "/api/vms")
     if args.json:
         print(json.dumps(vms, indent=2))
         return 0
@@ -140,7 +147,7 @@ def run_vms(args: argparse.Namespace) -> int:
     for v in vms:
         rows.append([v["name"], _s(v["owner"]), _s(v["epoch"]), _s(v["here"]),
                      _s(v["pages"]), _s(v["migrating"])])
-    print(_table(rows))
+    print(table(rows))
     return 0
 
 
@@ -152,7 +159,7 @@ def register_migrate(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     p.add_argument("vm", metavar="NAME")
     p.add_argument("--to", required=True, metavar="DC", help="the target DC")
     p.add_argument("--json", action="store_true", help="print the final migration as JSON")
-    _add_target(p)
+    add_node_options(p)
     p.set_defaults(func=run_migrate)
 
 
@@ -178,20 +185,25 @@ def render_progress(m: dict[str, Any], width: int = 24) -> str:
 
 
 def run_migrate(args: argparse.Namespace) -> int:
-    api = _api(args)
+    api = node_api(args)
     mid = api.ok("POST", "/api/migrations", {"vm": args.vm, "to": args.to})["id"]
     tty = sys.stderr.isatty()
     last = ""
-    while True:
-        m = api.ok("GET", f"/api/migrations/{urllib.parse.quote(mid)}")
-        line = render_progress(m)
-        if line != last:
-            _progress_line(sys.stderr, line, tty)
-            last = line
-        outcome = m.get("outcome")
-        if outcome is not None:
-            break
-        time.sleep(POLL_INTERVAL)
+    try:
+        while True:
+            m = api.ok("GET", _migration_path(mid))
+            line = render_progress(m)
+            if line != last:
+                _progress_line(sys.stderr, line, tty)
+                last = line
+            outcome = m.get("outcome")
+            if outcome is not None:
+                break
+            time.sleep(POLL_INTERVAL)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\nmigration {mid} goes on at the node; `dwcp cancel {mid}` "
+                         "aborts it\n")
+        raise
     if tty:
         sys.stderr.write("\n")
     if args.json:
@@ -209,18 +221,72 @@ def _progress_line(stream: TextIO, line: str, tty: bool) -> None:
     stream.flush()
 
 
+def _migration_path(mid: str, action: str = "") -> str:
+    return f"/api/migrations/{urllib.parse.quote(mid, safe='')}{action}"
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+def register_cancel(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("cancel", help="cancel a running migration (an abort in the ledger)")
+    p.add_argument("migration", metavar="MIGRATION_ID")
+    p.add_argument("--no-wait", action="store_true",
+                   help="return once the source took the cancel, not when the ledger decided")
+    p.add_argument("--json", action="store_true", help="print the final migration as JSON")
+    add_node_options(p)
+    p.set_defaults(func=run_cancel)
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    api = node_api(args)
+    mid = args.migration
+    m = api.ok("POST", _migration_path(mid, "/cancel"), {})
+    # the answer is the source's session (the node forwards a cancel to the source); a
+    # node that is not the source may know only the ledger's record while we poll it
+    asked = m.get("reason") or CANCEL_REASON
+    while not args.no_wait and _decided(m) is None:
+        time.sleep(POLL_INTERVAL)
+        m = api.ok("GET", _migration_path(mid))
+    if args.json:
+        print(json.dumps(m, indent=2))
+    decided = _decided(m)
+    if decided is None:
+        print(f"cancelling {mid}: the source is {m.get('phase', '?')}; the ledger decides "
+              f"(follow it with `dwcp status`)")
+        return 0
+    if decided == "committed":
+        raise CommandError(f"migration {mid} committed before the cancel took effect: "
+                           f"{m.get('vm')} now runs at {m.get('target')}")
+    reason = (m.get("outcome") or {}).get("reason") if m.get("role") == "source" else asked
+    print(f"cancelled {mid}: aborted in the ledger ({reason}); "
+          f"{m.get('vm')} stays at {m.get('source')}")
+    return 0
+
+
+def _decided(m: dict[str, Any]) -> str | None:
+    """The ledger's final word on a migration document, or None while it is open. A node
+    with no session of the migration has only the ledger's record to go by."""
+    outcome = m.get("outcome")
+    if outcome is not None and outcome.get("outcome") in ("committed", "aborted"):
+        return str(outcome["outcome"])
+    if m.get("ledger") in ("committed", "aborted") and "role" not in m:
+        return str(m["ledger"])
+    return None
+
+
 # --------------------------------------------------------------------------- status
 
 
 def register_status(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("status", help="the node's view: members, links, routes, ledger, VMs")
     p.add_argument("--json", action="store_true")
-    _add_target(p)
+    add_node_options(p)
     p.set_defaults(func=run_status)
 
 
 def run_status(args: argparse.Namespace) -> int:
-    doc = _api(args).ok("GET", "/api/status")
+    doc = node_api(args).ok("GET", "/api/status")
     print(json.dumps(doc, indent=2) if args.json else render_status(doc))
     return 0
 
@@ -229,7 +295,8 @@ def _s(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-def _table(rows: list[list[str]]) -> str:
+def table(rows: list[list[str]]) -> str:
+    """Left-aligned columns, two spaces apart; the first row is the header."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                      for r in rows)
@@ -257,14 +324,14 @@ def render_status(doc: dict[str, Any]) -> str:
             _s(link["mode"]),
             *("-" if r is None else ">".join(r[1:]) for r in routes),
         ])
-    out += [_table(rows), ""]
+    out += [table(rows), ""]
     vms = [["VM", "OWNER", "EPOCH", "HERE", "MIGRATING"]]
     vms += [[v["name"], _s(v["owner"]), _s(v["epoch"]), _s(v["here"]), _s(v["migrating"])]
             for v in doc["vms"]]
-    out += [_table(vms) if len(vms) > 1 else "no VMs", ""]
+    out += [table(vms) if len(vms) > 1 else "no VMs", ""]
     migs = [["MIGRATION", "VM", "FROM", "TO", "LEDGER", "PHASE", "ROUND", "SENT"]]
     migs += [[m["id"], _s(m.get("vm")), _s(m.get("source")), _s(m.get("target")),
               _s(m.get("ledger")), _s(m.get("phase")), _s(m.get("round")),
               _human(m.get("bytes_sent") or 0)] for m in doc["migrations"]]
-    out.append(_table(migs) if len(migs) > 1 else "no migrations")
+    out.append(table(migs) if len(migs) > 1 else "no migrations")
     return "\n".join(out)

@@ -13,6 +13,7 @@ from federation.migration import (
     RETRANSMIT,
     STALL_TIMEOUT,
     ActionFailed,
+    CancelRequested,
     CancelRound,
     Fence,
     LedgerAborted,
@@ -333,7 +334,7 @@ def test_abort_is_resubmitted_until_the_ledger_answers() -> None:
 def test_cancel_before_the_begin_is_acted_on_when_it_lands() -> None:
     s = session()
     s.start(0.0)
-    s.cancel_migration(0.05, "operator cancelled")
+    s.handle(0.05, CancelRequested("operator cancelled"))
     actions = s.handle(0.1, LedgerBegun("m1", 3))
     assert one(actions, SubmitLedger).command == AbortMigration("m1")
     assert of(actions, Send) == []

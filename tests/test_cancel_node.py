@@ -1,0 +1,211 @@
+"""An operator's cancel through real nodes (tests/node_harness.py) and the real CLI:
+``POST /api/migrations/ID/cancel`` at the source and at another DC (forwarded to the
+source), ``dwcp cancel`` while ``dwcp migrate`` follows the migration, and the errors
+for a finished, an unknown and an unreachable migration."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from federation.data_v3_source import V3RoundSender
+from federation.migration import CANCEL_REASON, Phase, SendRound
+from federation.node import Node
+from tests.node_harness import make_federation, real_vm, running_nodes, wait_outcome, wait_vm
+from tests.test_node_api import call
+
+_MAIN = "import sys; from federation.cli import main; sys.exit(main())"
+
+
+async def dwcp(*args: str) -> tuple[int, str, str]:
+    done = await trio.run_process([sys.executable, "-c", _MAIN, *args], capture_stdout=True,
+                                  capture_stderr=True, check=False)
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
+def api(node: Node) -> str:
+    return f"http://{node.api_host}:{node.api_port}"
+
+
+async def until(what: str, check: Any, timeout: float = 20) -> None:
+    with trio.fail_after(timeout):
+        while not check():
+            await trio.sleep(0.02)
+
+
+async def import_web(node: Node, tmp_path: Path) -> None:
+    memory, disk = real_vm(tmp_path / "vm")
+    code, doc = await call(node, "POST", "/api/vms", {
+        "name": "web", "memory": str(memory), "disks": [str(disk)]})
+    assert code == 201, doc
+
+
+def ledgers_agree(nodes: dict[str, Node], mid: str, state: str) -> bool:
+    return all((m := n.need_core().replica.ledger.migrations.get(mid)) is not None
+               and m.state == state for n in nodes.values())
+
+
+def test_cancel_while_the_target_never_answers_forwarded_from_another_dc(
+        tmp_path: Path) -> None:
+    """dc2 is down: the source waits in ``begun``; a cancel asked of dc3 reaches dc1."""
+    cfg = make_federation(tmp_path / "fed")
+
+    async def main() -> None:
+        async with running_nodes(cfg, tmp_path / "data", names=("dc1", "dc3", "dc4")) as nodes:
+            dc1, dc3 = nodes["dc1"], nodes["dc3"]
+            await import_web(dc1, tmp_path)
+            # the operator starts the migration, then gives up following it (Ctrl-C)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _MAIN, "migrate", "web", "--to", "dc2", "--api",
+                 api(dc1)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                await until("the begin", lambda: any(
+                    m.state == "begun" for m in dc1.need_core().replica.ledger.migrations.values()))
+                await trio.sleep(0.3)  # at least one poll of dwcp migrate
+                proc.send_signal(signal.SIGINT)
+                _, err = await trio.to_thread.run_sync(proc.communicate, None, 20)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+            (mid,) = dc1.need_core().sessions
+            assert proc.returncode == 130
+            assert f"migration {mid} goes on at the node; `dwcp cancel {mid}` aborts it" in err
+            await until("dc3 knows the begin", lambda: ledgers_agree(nodes, mid, "begun"))
+            assert dc1.need_core().sessions[mid].phase is Phase.BEGUN
+
+            code, doc = await call(dc3, "POST", f"/api/migrations/{mid}/cancel", {})
+            assert code == 202, doc
+            assert doc["role"] == "source" and doc["phase"] == "aborting"
+            assert doc["reason"] == CANCEL_REASON
+            assert await wait_outcome(dc1, mid) == "aborted: cancelled by operator"
+            await until("every ledger aborted", lambda: ledgers_agree(nodes, mid, "aborted"))
+            await wait_vm(dc1, "web", "running")
+            assert dc1.need_core().replica.ledger.owner("web") == "dc1"
+            assert dc1.need_core().replica.ledger.epoch("web") == 0
+
+            # a second cancel, again through dc3: the source's clear refusal comes back
+            code, doc = await call(dc3, "POST", f"/api/migrations/{mid}/cancel", {})
+            assert code == 409 and doc["error"] == (
+                f"migration {mid!r} has already aborted: cancelled by operator")
+            code, doc = await call(dc3, "POST", "/api/migrations/nope/cancel", {})
+            assert (code, doc["error"]) == (404, "no migration 'nope'")
+            code, doc = await call(dc3, "POST", f"/api/migrations/{mid}/cancel",
+                                   {"forwarded_by": "dc4"})
+            assert code == 409 and "dc1 is the source" in doc["error"] and "dc4" in doc["error"]
+
+            # the source goes away: a forwarded cancel says it cannot reach it
+            dc1.shutdown()
+            await until("dc1's API is closed", lambda: dc3.runtime.links.get("dc1") is None)
+            code, doc = await call(dc3, "POST", f"/api/migrations/{mid}/cancel", {})
+            assert code == 502 and doc["error"].startswith(
+                f"cannot reach dc1, the source of migration {mid!r}, at ")
+
+    trio.run(main)
+
+
+def test_dwcp_cancel_stops_dwcp_migrate_then_a_finished_one_is_refused(
+        tmp_path: Path) -> None:
+    """A migration held in its first pre-copy round (the round is not started) is
+    cancelled with ``dwcp cancel``; ``dwcp migrate`` exits non-zero with the reason; the
+    target discards its copy; the VM runs at the source. Then a real migration commits
+    and cancelling it is refused."""
+    cfg = make_federation(tmp_path / "fed")
+
+    async def main() -> None:
+        async with running_nodes(cfg, tmp_path / "data") as nodes:
+            dc1, dc4 = nodes["dc1"], nodes["dc4"]
+            await import_web(dc1, tmp_path)
+            held: list[SendRound] = []
+            dc1._start_round = held.append  # type: ignore[method-assign,assignment]
+            async with trio.open_nursery() as nursery:
+                migrate: dict[str, Any] = {}
+
+                async def run_migrate() -> None:
+                    migrate["result"] = await dwcp("migrate", "web", "--to", "dc4",
+                                                   "--api", api(dc1))
+
+                nursery.start_soon(run_migrate)
+                await until("round 1 is asked for", lambda: bool(held))
+                mid = held[0].migration_id
+                assert dc1.need_core().sessions[mid].phase is Phase.PRECOPY
+                await wait_vm(dc4, "web", "incoming")
+                rc, out, err = await dwcp("cancel", mid, "--api", api(dc1))
+                assert (rc, err) == (0, ""), err
+                assert out.strip() == (f"cancelled {mid}: aborted in the ledger "
+                                       "(cancelled by operator); web stays at dc1")
+            rc, out, err = migrate["result"]
+            assert rc == 2 and out == ""
+            assert err.strip().endswith(
+                f"dwcp migrate: migration {mid} aborted: cancelled by operator")
+            await wait_vm(dc1, "web", "running")
+            await wait_vm(dc4, "web", "retired")
+            await until("every ledger aborted", lambda: ledgers_agree(nodes, mid, "aborted"))
+
+            del dc1._start_round  # rounds run again
+            code, doc = await call(dc1, "POST", "/api/migrations", {"vm": "web", "to": "dc4"})
+            assert code == 202
+            done = doc["id"]
+            assert await wait_outcome(dc1, done) == "committed"
+            rc, out, err = await dwcp("cancel", done, "--json", "--api", api(dc4))
+            assert rc == 2 and out == "", out
+            assert err.strip() == (f"dwcp cancel: migration {done!r} has already committed; "
+                                   "nothing to cancel (HTTP 409)")
+            rc, out, err = await dwcp("cancel", mid, "--no-wait", "--api", api(dc4))
+            assert rc == 2 and "has already aborted: cancelled by operator" in err
+            status = json.loads((await dwcp("status", "--json", "--api", api(dc4)))[1])
+            assert {m["id"]: m["ledger"] for m in status["migrations"]} == {
+                mid: "aborted", done: "committed"}
+
+    trio.run(main)
+
+
+def test_cancel_during_a_v3_round_waits_for_its_worker_thread(tmp_path: Path,
+                                                               monkeypatch: Any) -> None:
+    """A v3 round's worker thread is still copying the shadow images when the cancel's
+    abort is in the ledger and the VM resumes: the data plane's state of the migration is
+    dropped only after that thread is done, never from under it (which would take the
+    node down)."""
+    cfg = make_federation(tmp_path / "fed")
+    entered, release = threading.Event(), threading.Event()
+    original = V3RoundSender._refresh
+
+    def held_refresh(self: V3RoundSender) -> Any:
+        entered.set()
+        release.wait(30)
+        return original(self)
+
+    monkeypatch.setattr(V3RoundSender, "_refresh", held_refresh)
+
+    async def main() -> None:
+        async with running_nodes(cfg, tmp_path / "data") as nodes:
+            dc1 = nodes["dc1"]
+            await import_web(dc1, tmp_path)
+            assert (await call(dc1, "POST", "/api/policy", {"v3_percent": 100}))[0] == 200
+            code, doc = await call(dc1, "POST", "/api/migrations", {"vm": "web", "to": "dc3"})
+            assert code == 202
+            mid = doc["id"]
+            await trio.to_thread.run_sync(entered.wait, 20)
+            assert dc1.need_core().sessions[mid].version == 3
+            code, doc = await call(dc1, "POST", f"/api/migrations/{mid}/cancel", {})
+            assert code == 202, doc
+            assert await wait_outcome(dc1, mid) == "aborted: cancelled by operator"
+            await wait_vm(dc1, "web", "running")
+            assert mid in dc1.v3.sources, "dropped while its round's thread still runs"
+            release.set()
+            await until("the round's state is dropped", lambda: mid not in dc1.v3.sources)
+            assert (await call(dc1, "GET", "/health"))[0] == 200
+            code, doc = await call(dc1, "POST", "/api/migrations", {"vm": "web", "to": "dc3"})
+            assert code == 202
+            assert await wait_outcome(dc1, doc["id"]) == "committed"
+
+    try:
+        trio.run(main)
+    finally:
+        release.set()
