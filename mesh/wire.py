@@ -17,6 +17,14 @@ more than the frame's size, never recurses without bound, and never builds
 an object other than int, bytes, str, list, dict, bool, None or float. Then
 every field is checked against its kind. Whatever is wrong, the caller gets
 :class:`WireError` and nothing else.
+
+Speed: every message class gets a compiled encoder and decoder (closures per
+field kind, built once) that check the same limits without building error
+paths; when one declines, the generic checked code runs again and raises the
+:class:`WireError` that names the field. A frame is refused unless it is the
+canonical encoding of what it decodes to: the prescan already refuses every
+non-minimal head and indefinite length, so only frames holding a map (key
+order) or a float (width) are re-encoded to compare.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ __all__ = [
     "field",
     "encode",
     "decode",
+    "peek_tag",
+    "struct_fields",
     "registry",
     "Kind",
     "U64",
@@ -351,10 +361,136 @@ def tag_of(obj: Any) -> str:
         raise WireError(f"{type(obj).__name__} is not a registered message type") from None
 
 
+# --------------------------------------------------------------------------- compiled codecs
+
+
+_new = object.__new__
+_set = object.__setattr__
+
+
+class _Decline(Exception):
+    """The compiled codec will not take a value; the checked code says why."""
+
+
+def _decline() -> Any:
+    raise _Decline
+
+
+def _kind_decoder(kind: Kind) -> Callable[[Any], Any]:  # noqa: C901 - one branch per kind
+    """A checker of a decoded CBOR value for ``kind``: the same checks as
+    ``kind.decode``, without error paths (raises :class:`_Decline`)."""
+    t = type(kind)
+    if t is U64:
+        hi = kind.max  # type: ignore[attr-defined]
+        return lambda v: v if type(v) is int and 0 <= v <= hi else _decline()
+    if t is Bytes:
+        n = kind.max_len  # type: ignore[attr-defined]
+        if kind.exact:  # type: ignore[attr-defined]
+            return lambda v: v if type(v) is bytes and len(v) == n else _decline()
+        return lambda v: v if type(v) is bytes and len(v) <= n else _decline()
+    if t is Text:
+        n = kind.max_len  # type: ignore[attr-defined]
+        return lambda v: v if type(v) is str and len(v) <= n else _decline()
+    if t is Bool:
+        return lambda v: v if type(v) is bool else _decline()
+    if t is ListOf:
+        item, n = _kind_decoder(kind.item), kind.max_items  # type: ignore[attr-defined]
+        return lambda v: (
+            tuple([item(x) for x in v]) if type(v) is list and len(v) <= n else _decline()
+        )
+    if t is Optional:
+        inner = _kind_decoder(kind.item)  # type: ignore[attr-defined]
+        return lambda v: None if v is None else inner(v)
+    if t is Struct:
+        return _class_decoder(kind.cls)  # type: ignore[attr-defined]
+    return lambda v: kind.decode(v, "")  # the rest (I64, Float, MapOf): checked code
+
+
+def _kind_encoder(kind: Kind) -> Callable[[Any], Any]:
+    t = type(kind)
+    if t in (U64, Bytes, Text, Bool):
+        dec = _kind_decoder(kind)  # the same type and limit checks, values pass unchanged
+        return dec
+    if t is ListOf:
+        item, n = _kind_encoder(kind.item), kind.max_items  # type: ignore[attr-defined]
+        return lambda v: (
+            [item(x) for x in v] if type(v) is tuple and len(v) <= n else _decline()
+        )
+    if t is Optional:
+        inner = _kind_encoder(kind.item)  # type: ignore[attr-defined]
+        return lambda v: None if v is None else inner(v)
+    if t is Struct:
+        cls = kind.cls  # type: ignore[attr-defined]
+        fields = _class_encoder(cls)
+        return lambda v: fields(v) if type(v) is cls else _decline()
+    return lambda v: kind.encode(v, "")
+
+
+def _class_decoder(cls: type) -> Callable[[Any], Any]:
+    cached: Callable[[Any], Any] | None = cls.__dict__.get("_wire_decoder")
+    if cached is not None:
+        return cached
+    spec = _fields_of(cls)
+    checks = [_kind_decoder(kind) for _, kind in spec]
+    named = [(name, check) for (name, _), check in zip(spec, checks, strict=True)]
+    n = len(spec)
+
+    def decode_fields(v: Any) -> Any:
+        if type(v) is not list or len(v) != n:
+            raise _Decline
+        return cls(*[check(x) for check, x in zip(checks, v, strict=True)])
+
+    def build(v: Any) -> Any:
+        # The converters of every kind leave a checked decoded value as it is, so a
+        # class without validators or a post-init hook is filled in directly.
+        if type(v) is not list or len(v) != n:
+            raise _Decline
+        obj: Any = _new(cls)
+        for (name, check), x in zip(named, v, strict=True):
+            _set(obj, name, check(x))
+        return obj
+
+    fields = attrs.fields(cls)
+    positional = all(a.init and not a.kw_only for a in fields)
+    plain = positional and not hasattr(cls, "__attrs_post_init__") and all(
+        a.validator is None for a in fields
+    )
+    result = build if plain else decode_fields if positional else (lambda v: _decline())
+    cls._wire_decoder = result  # type: ignore[attr-defined]
+    return result
+
+
+def _class_encoder(cls: type) -> Callable[[Any], list[Any]]:
+    cached: Callable[[Any], list[Any]] | None = cls.__dict__.get("_wire_encoder")
+    if cached is not None:
+        return cached
+    spec = _fields_of(cls)
+    parts = [(name, _kind_encoder(kind)) for name, kind in spec]
+
+    def encode_fields(obj: Any) -> list[Any]:
+        return [enc(getattr(obj, name)) for name, enc in parts]
+
+    cls._wire_encoder = encode_fields  # type: ignore[attr-defined]
+    return encode_fields
+
+
+def _fields_list(msg: Any, tag: str) -> list[Any]:
+    try:
+        return _class_encoder(type(msg))(msg)
+    except (_Decline, WireError, TypeError, ValueError):
+        return _encode_fields(msg, tag)  # raises the WireError that names the field
+
+
+def struct_fields(obj: Any) -> list[Any]:
+    """The field list of a message or struct as it goes into CBOR, checked as
+    :func:`encode` checks it (for callers that assemble canonical CBOR from parts)."""
+    return _fields_list(obj, type(obj).__name__)
+
+
 def encode(msg: Any, version: int = PROTOCOL_VERSION) -> bytes:
     """The canonical frame of a registered message."""
     tag = tag_of(msg)
-    body = [version, tag, _encode_fields(msg, tag)]
+    body = [version, tag, _fields_list(msg, tag)]
     data: bytes = cbor2.dumps(body, canonical=True)
     if len(data) > msg.wire_max_size:
         raise WireError(f"{tag}: encoded frame of {len(data)} bytes exceeds {msg.wire_max_size}")
@@ -366,7 +502,7 @@ def decode(data: bytes | bytearray | memoryview, expect: Sequence[type] | None =
     data = bytes(data)
     if len(data) > ABSOLUTE_MAX_SIZE:
         raise WireError(f"frame of {len(data)} bytes exceeds {ABSOLUTE_MAX_SIZE}")
-    _prescan(data)
+    recheck = _prescan(data)
     try:
         obj = cbor2.loads(data)
     except Exception as exc:  # the prescan should make this unreachable; never leak it
@@ -385,12 +521,35 @@ def decode(data: bytes | bytearray | memoryview, expect: Sequence[type] | None =
         raise WireError(f"unexpected message type {tag!r} here")
     if len(data) > cls.wire_max_size:  # type: ignore[attr-defined]
         raise WireError(f"{tag}: frame of {len(data)} bytes exceeds {cls.wire_max_size}")  # type: ignore[attr-defined]
-    msg = _decode_fields(cls, fields, tag)
-    # One value, one encoding: a frame in any other form (map keys out of order,
-    # a float wider than it needs) is refused, so encode(decode(raw)) == raw.
-    if cbor2.dumps([version, tag, _encode_fields(msg, tag)], canonical=True) != data:
+    try:
+        msg = _class_decoder(cls)(fields)
+    except (_Decline, WireError, TypeError, ValueError):
+        msg = _decode_fields(cls, fields, tag)  # raises the WireError that names the field
+    # One value, one encoding: a frame in any other form is refused, so
+    # encode(decode(raw)) == raw. The prescan refused non-minimal heads and
+    # indefinite lengths; what is left to compare is map key order and float width.
+    if recheck and cbor2.dumps([version, tag, _fields_list(msg, tag)], canonical=True) != data:
         raise WireError(f"{tag}: not in canonical CBOR form (RFC 8949 §4.2)")
     return msg
+
+
+def peek_tag(data: bytes) -> str | None:
+    """The type tag of a frame, read from its first bytes without decoding it; None if
+    they do not start a frame of our version. A hint only: :func:`decode` decides."""
+    if len(data) < 3 or data[0] != 0x83 or data[1] != PROTOCOL_VERSION:
+        return None
+    head = data[2]
+    if head >> 5 != 3:
+        return None
+    n, start = head & 0x1F, 3
+    if n == 24 and len(data) > 3:
+        n, start = data[3], 4
+    elif n > 23:
+        return None
+    try:
+        return data[start : start + n].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 # --------------------------------------------------------------------------- prescan
@@ -399,25 +558,33 @@ _SIMPLE_OK = {20, 21, 22}  # false, true, null (RFC 8949 §3.3)
 _MIN_FOR_AI = {24: 24, 25: 256, 26: 65536, 27: 2**32}
 
 
-def _prescan(data: bytes) -> None:
-    """Check that ``data`` is exactly one well-formed CBOR item we accept."""
+def _prescan(data: bytes) -> bool:  # noqa: C901 - one loop over item heads, kept flat for speed
+    """Check that ``data`` is exactly one well-formed CBOR item we accept, with
+    minimal heads and definite lengths; True if it holds a map or a float (whose
+    canonical form the prescan does not check)."""
     end = len(data)
     pos = 0
-    # Stack of the number of items still expected at each open level.
-    remaining = [1]
-    while remaining:
-        if remaining[-1] == 0:
-            remaining.pop()
+    recheck = False
+    # Items still expected at the open level (``left``) and at the levels around it.
+    outer: list[int] = []
+    left = 1
+    while True:
+        if not left:
+            if not outer:
+                break
+            left = outer.pop()
             continue
-        remaining[-1] -= 1
+        left -= 1
         if pos >= end:
             raise WireError("truncated CBOR")
         head = data[pos]
         pos += 1
-        major, ai = head >> 5, head & 0x1F
-        if ai < 24:
-            arg = ai
-        elif ai <= 27:
+        major = head >> 5
+        arg = head & 0x1F
+        if arg >= 24:
+            if arg > 27:
+                raise WireError("indefinite-length or reserved CBOR item")
+            ai = arg
             n = 1 << (ai - 24)
             if pos + n > end:
                 raise WireError("truncated CBOR")
@@ -425,11 +592,19 @@ def _prescan(data: bytes) -> None:
             pos += n
             if major != 7 and arg < _MIN_FOR_AI[ai]:
                 raise WireError("non-canonical CBOR integer head")
-        else:
-            raise WireError("indefinite-length or reserved CBOR item")
-        if major in (0, 1):
+            if major == 7:
+                if ai == 24:
+                    raise WireError("CBOR simple value is not accepted")
+                # half, single, double float; NaN/inf are refused by Float.check
+                recheck = True
+                continue
+        elif major == 7:
+            if arg not in _SIMPLE_OK:
+                raise WireError(f"CBOR simple value {arg} is not accepted")
             continue
-        if major in (2, 3):
+        if major < 2:
+            continue
+        if major < 4:
             if arg > end - pos:
                 raise WireError("CBOR string runs past the end of the frame")
             if major == 3:
@@ -439,23 +614,18 @@ def _prescan(data: bytes) -> None:
                     raise WireError("invalid UTF-8 in CBOR text") from exc
             pos += arg
             continue
-        if major in (4, 5):
-            count = arg * (2 if major == 5 else 1)
-            # Every item takes at least one byte: a count beyond what is left is a lie.
-            if count > end - pos:
-                raise WireError("CBOR container claims more items than the frame holds")
-            if len(remaining) >= MAX_DEPTH:
-                raise WireError(f"CBOR nesting deeper than {MAX_DEPTH}")
-            remaining.append(count)
-            continue
         if major == 6:
             raise WireError("CBOR tags are not accepted")
-        # major 7
-        if ai < 24:
-            if ai not in _SIMPLE_OK:
-                raise WireError(f"CBOR simple value {ai} is not accepted")
-        elif ai == 24:
-            raise WireError("CBOR simple value is not accepted")
-        # ai 25/26/27: half, single, double float; NaN/inf are refused by Float.check
+        if major == 5:
+            recheck = True
+            arg *= 2
+        # Every item takes at least one byte: a count beyond what is left is a lie.
+        if arg > end - pos:
+            raise WireError("CBOR container claims more items than the frame holds")
+        if len(outer) + 1 >= MAX_DEPTH:
+            raise WireError(f"CBOR nesting deeper than {MAX_DEPTH}")
+        outer.append(left)
+        left = arg
     if pos != end:
         raise WireError(f"{end - pos} trailing bytes after the CBOR item")
+    return recheck
