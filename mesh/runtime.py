@@ -70,7 +70,14 @@ from mesh.channel import MAX_PLAINTEXT, ChannelError, SecureChannel
 from mesh.core import Core, Event, Received, Store
 from mesh.identity import Identity, PublicKey
 from mesh.runtime_cores import Handler, HostedCore, Invocation, Routes
-from mesh.runtime_link import Link, LinkHello, LinkSuperseded, new_incarnation, open_link
+from mesh.runtime_link import (
+    Link,
+    LinkBundle,
+    LinkHello,
+    LinkSuperseded,
+    new_incarnation,
+    open_link,
+)
 from mesh.runtime_log import JsonLog
 from mesh.runtime_peers import LinkInfo, PeerTable
 from mesh.runtime_policy import Backoff
@@ -150,6 +157,8 @@ class Runtime:
         self._stop = trio.Event()
         self._stopping = False
         self._unrouted_logged: set[str] = set()
+        #: the last message encoded by send() and its bytes (messages are immutable)
+        self._last_sent: tuple[object, bytes] = (None, b"")
         self._listeners: list[trio.SocketListener] = []
         self._running = False
 
@@ -205,7 +214,11 @@ class Runtime:
             self._count("send_no_link")
             return False
         try:
-            payload = wire.encode(message)
+            if message is self._last_sent[0]:  # a broadcast: the same message to each peer
+                payload = self._last_sent[1]
+            else:
+                payload = wire.encode(message)
+                self._last_sent = (message, payload)
             if len(payload) > MAX_PLAINTEXT:  # would end the link as "oversized"
                 raise wire.WireError(f"{len(payload)} bytes exceeds a frame's {MAX_PLAINTEXT}")
         except wire.WireError as exc:
@@ -455,13 +468,31 @@ class Runtime:
             await hosted.deliver(event)
 
     async def _on_payload(self, link: Link, payload: bytes) -> None:
-        self._count("messages_in")
         try:
             message = wire.decode(payload)
         except wire.WireError as exc:
+            self._count("messages_in")
             self._count("bad_messages")
             self.log.event("bad_message", peer=link.peer, error=str(exc))
             return
+        if not isinstance(message, LinkBundle):
+            await self._on_message(link, message, payload)
+            return
+        self._count("bundles_in")
+        for inner in message.messages:
+            try:
+                one = wire.decode(inner)
+                if isinstance(one, LinkBundle):
+                    raise wire.WireError("a bundle inside a bundle")
+            except wire.WireError as exc:
+                self._count("messages_in")
+                self._count("bad_messages")
+                self.log.event("bad_message", peer=link.peer, error=str(exc))
+                continue
+            await self._on_message(link, one, inner)
+
+    async def _on_message(self, link: Link, message: Any, payload: bytes) -> None:
+        self._count("messages_in")
         if isinstance(message, LinkSuperseded):
             link.superseded = True
             return

@@ -8,6 +8,9 @@ the WAL after each transaction). A ``put(..., sync=False)`` commits with
 lose the last transactions on power loss; that is what ``Persist.sync=False``
 promises.
 
+``put_many`` writes several records in one transaction, so a burst of writes
+costs one fsync (the runtime's group commit, :mod:`mesh.runtime_cores`).
+
 The runtime calls ``put`` from worker threads (``trio.to_thread``) so an fsync
 never stalls the event loop; one lock serialises the connection.
 """
@@ -62,6 +65,32 @@ class SQLiteStore:
                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                     (key, bytes(value)),
                 )
+            finally:
+                if not sync:
+                    self._db.execute("PRAGMA synchronous=FULL")
+
+    def put_many(self, items: list[tuple[str, bytes]], sync: bool = True) -> None:
+        """Write every (key, value) of ``items`` in order in one transaction: one
+        WAL commit, so one fsync with ``sync`` (group commit), all or nothing."""
+        for key, value in items:
+            if not isinstance(key, str) or not isinstance(value, (bytes, bytearray)):
+                raise TypeError(f"store keys are str and values bytes, got {type(key)}, "
+                                f"{type(value)}")
+        with self._lock:
+            if not sync:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany(
+                        "INSERT INTO kv (key, value) VALUES (?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                        [(key, bytes(value)) for key, value in items],
+                    )
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
             finally:
                 if not sync:
                     self._db.execute("PRAGMA synchronous=FULL")
