@@ -5,7 +5,8 @@
   core, n = 3f+1;
 - :class:`LedgerClient` (:mod:`consensus.client`): submit a command, complete on
   f+1 matching replies;
-- :class:`Ledger` (:mod:`consensus.ledger`): VM ownership, migrations, policy;
+- :class:`Ledger` (:mod:`consensus.ledger`): VM ownership, migrations, policy
+  (its snapshot bytes built from cached record encodings, :mod:`consensus.ledger_encoding`);
 - :class:`EvidenceBook`, :func:`check_proof` (:mod:`consensus.evidence`);
 - :class:`ReplicaLog` (:mod:`consensus.durable`): the durable log over a
   :class:`mesh.core.Store` (SQLite in a node, the crash-consistent store in sim);

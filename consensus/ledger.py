@@ -35,6 +35,7 @@ import hashlib
 import heapq
 from collections.abc import Iterable
 
+from consensus.ledger_encoding import SnapshotEncoder
 from mesh import wire
 from mesh.wire import U64, Bool, Bytes, ListOf, Optional, Struct, Text, field
 
@@ -153,12 +154,18 @@ class ClientRecord:
     results: tuple[ClientResult, ...] = field(ListOf(Struct(ClientResult), CLIENT_WINDOW))
 
 
+#: The item limits of LedgerSnapshot's lists (vms, migrations, clients).
+_SNAPSHOT_LIMITS = (1_000_000, 1_000_000, 64)
+
+
 @wire.message("ledger.snapshot", max_size=wire.ABSOLUTE_MAX_SIZE)
 class LedgerSnapshot:
-    vms: tuple[VmRecord, ...] = field(ListOf(Struct(VmRecord), 1_000_000))
-    migrations: tuple[MigrationRecord, ...] = field(ListOf(Struct(MigrationRecord), 1_000_000))
+    vms: tuple[VmRecord, ...] = field(ListOf(Struct(VmRecord), _SNAPSHOT_LIMITS[0]))
+    migrations: tuple[MigrationRecord, ...] = field(
+        ListOf(Struct(MigrationRecord), _SNAPSHOT_LIMITS[1])
+    )
     policy: SetPolicy = field(Struct(SetPolicy))
-    clients: tuple[ClientRecord, ...] = field(ListOf(Struct(ClientRecord), 64))
+    clients: tuple[ClientRecord, ...] = field(ListOf(Struct(ClientRecord), _SNAPSHOT_LIMITS[2]))
 
 
 def v3_allowed(policy: SetPolicy, vm: str, source: str, target: str) -> bool:
@@ -174,6 +181,22 @@ def v3_allowed(policy: SetPolicy, vm: str, source: str, target: str) -> bool:
 
 def _finished(mig: MigrationRecord, state: str, root: bytes) -> MigrationRecord:
     return MigrationRecord(mig.migration_id, mig.vm, mig.source, mig.target, mig.epoch, state, root)
+
+
+#: Encoded results by value: most commands answer the same few results (a
+#: register is "ok, epoch 0"), so the encoding is looked up, not redone.
+_RESULT_BYTES: dict[LedgerResult, bytes] = {}
+_RESULT_MEMO = 1024
+
+
+def _encoded(result: LedgerResult) -> bytes:
+    data = _RESULT_BYTES.get(result)
+    if data is None:
+        data = wire.encode(result)
+        if len(_RESULT_BYTES) >= _RESULT_MEMO:
+            del _RESULT_BYTES[next(iter(_RESULT_BYTES))]
+        _RESULT_BYTES[result] = data
+    return data
 
 
 _REJECT_DUPLICATE_EXPIRED = wire.encode(
@@ -196,6 +219,7 @@ class Ledger:
         self._ids: dict[str, list[int]] = {}
         self._touched: list[str] = []
         self._touched_migrations: list[str] = []
+        self._encoder = SnapshotEncoder(LedgerSnapshot, _SNAPSHOT_LIMITS)
 
     # ------------------------------------------------------------------ queries
 
@@ -224,7 +248,7 @@ class Ledger:
         if known is not None:
             return known
         self._touched, self._touched_migrations = [], []
-        result = wire.encode(self._apply(client, command))
+        result = _encoded(self._apply(client, command))
         floor, results = self._clients.setdefault(client, (0, {}))
         results[request_id] = result
         ids = self._ids.setdefault(client, [])
@@ -364,7 +388,12 @@ class Ledger:
     # ------------------------------------------------------------------ snapshots
 
     def snapshot(self) -> bytes:
-        """The canonical bytes of the whole state (sorted, so replicas agree byte for byte)."""
+        """The canonical bytes of the whole state (sorted, so replicas agree byte for byte):
+        ``wire.encode`` of :meth:`snapshot_message`, from cached record encodings."""
+        return self._encoder.encode(self.vms, self.migrations, self.policy, self._clients)
+
+    def snapshot_message(self) -> LedgerSnapshot:
+        """The whole state as one wire message (what :meth:`snapshot` encodes)."""
         clients = tuple(
             ClientRecord(c, floor, tuple(ClientResult(rid, res[rid]) for rid in sorted(res)))
             for c, (floor, res) in sorted(self._clients.items())
@@ -375,7 +404,7 @@ class Ledger:
             self.policy,
             clients,
         )
-        return wire.encode(snap)
+        return snap
 
     def state_digest(self) -> bytes:
         return hashlib.sha256(self.snapshot()).digest()

@@ -305,9 +305,13 @@ _MEMO_MAX_BODY = 8192
 
 
 def open_signed(
-    signed: Signed, keys: Mapping[str, PublicKey], expect: tuple[type, ...] = BODY_TYPES
+    signed: Signed,
+    keys: Mapping[str, PublicKey],
+    expect: tuple[type, ...] = BODY_TYPES,
+    decoded: object = None,
 ) -> object:
-    """Check ``signed`` against its sender's key, then decode the body bytes it carries."""
+    """Check ``signed`` against its sender's key, then decode the body bytes it carries
+    (``decoded``: the caller already decoded exactly ``signed.body``)."""
     key = keys.get(signed.sender)
     if key is None:
         raise SignatureError(f"signer {signed.sender!r} is not a member of the federation")
@@ -319,6 +323,8 @@ def open_signed(
             if len(_GOOD) >= _GOOD_CAPACITY:
                 del _GOOD[next(iter(_GOOD))]
             _GOOD[memo] = None
+    if decoded is not None and isinstance(decoded, expect):
+        return decoded
     try:
         return wire.decode(signed.body, expect=expect)
     except wire.WireError as exc:
@@ -344,15 +350,16 @@ class Verifier:
         self.keys = dict(keys)
         self._seen: dict[tuple[str, bytes, bytes], object] = {}
 
-    def open(self, signed: Signed, expect: tuple[type, ...] = BODY_TYPES) -> object:
+    def open(
+        self, signed: Signed, expect: tuple[type, ...] = BODY_TYPES, decoded: object = None
+    ) -> object:
+        """``decoded``: the caller already decoded exactly ``signed.body`` (to see
+        whether the message is of any use before paying for its signature check)."""
         key = (signed.sender, signed.sig, signed.body)
         body = self._seen.get(key)
         if body is None:
-            body = open_signed(signed, self.keys, BODY_TYPES)
-            if len(signed.body) <= _MEMO_MAX_BODY:
-                if len(self._seen) >= self.CAPACITY:
-                    del self._seen[next(iter(self._seen))]
-                self._seen[key] = body
+            body = open_signed(signed, self.keys, BODY_TYPES, decoded)
+            self._keep(key, body)
         if not isinstance(body, expect):
             raise SignatureError(
                 f"expected {'/'.join(t.__name__ for t in expect)} from {signed.sender!r}, "
@@ -360,3 +367,15 @@ class Verifier:
                 "malformed",
             )
         return body
+
+    def remember(self, signed: Signed, body: object) -> None:
+        """``signed`` was just made by this replica's own key over ``body``: when it
+        comes back (our REQUEST through :meth:`open`, our votes inside certificates)
+        it needs no signature check."""
+        self._keep((signed.sender, signed.sig, signed.body), body)
+
+    def _keep(self, key: tuple[str, bytes, bytes], body: object) -> None:
+        if len(key[2]) <= _MEMO_MAX_BODY:
+            if len(self._seen) >= self.CAPACITY:
+                del self._seen[next(iter(self._seen))]
+            self._seen[key] = body

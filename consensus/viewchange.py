@@ -43,6 +43,7 @@ __all__ = [
     "resend_view_change",
     "resume_view_change",
     "forward_pending",
+    "relay_own_pending",
 ]
 
 #: Views at or above this are refused: a view number is a U64 on the wire and
@@ -246,11 +247,36 @@ def resend_view_change(r: Replica, peer: str) -> None:
 def forward_pending(r: Replica, now: float, older_than: float) -> None:
     """As a backup, hand the primary the requests that have waited ``older_than``
     seconds (all of them on entering a view): PBFT backups relay requests so a
-    primary that lost or never got one still proposes it (OSDI'99 §4.1)."""
+    primary that lost or never got one still proposes it (OSDI'99 §4.1). Once per
+    request and view: a loaded federation, where every request waits long, must
+    not spend its capacity on copies the primary already holds."""
     if not r.active or r.is_primary:
         return
     sent = 0
-    for signed, since in r.pending.values():
-        if now - since >= older_than and sent < FORWARD_MAX:
+    for key, (signed, since) in r.pending.items():
+        if sent >= FORWARD_MAX:
+            break
+        if now - since >= older_than and r.forwarded.get(key) != r.view:
             r._send(r.primary, Envelope(signed.sender, signed.body, signed.sig))
+            r.forwarded[key] = r.view
+            sent += 1
+
+
+def relay_own_pending(r: Replica, now: float, older_than: float) -> None:
+    """Send every replica, once, the requests of our own client that have waited
+    ``older_than`` seconds. A request goes first to the primary alone (OSDI'99
+    §4.1), so the backups cannot suspect a primary that ignores it until they
+    hold it too; then each runs its request timer, and 2f+1 of them can change
+    the view. Once only: repeating is the client's retransmission (every
+    ``consensus.client.RETRANSMIT`` seconds, to all), so an overloaded federation,
+    where every request is old, is not flooded with copies on every status tick."""
+    if not r.active:
+        return
+    sent = 0
+    for key, (signed, since) in r.pending.items():
+        if sent >= FORWARD_MAX:
+            break
+        if key[0] == r.name and key not in r.relayed and now - since >= older_than:
+            r._broadcast(Envelope(signed.sender, signed.body, signed.sig))
+            r.relayed[key] = None
             sent += 1

@@ -15,7 +15,7 @@ def _settle(c: Cluster, timeout: float) -> dict[str, dict[str, object]]:
     deadline = time.monotonic() + timeout
     while True:
         states = {m: c.status(m) for m in c.names}
-        done = all(s is not None for s in states.values()) and len(
+        done = all(s is not None and s["digest"] is not None for s in states.values()) and len(
             {(s["last_exec"], s["digest"]) for s in states.values() if s is not None}) == 1
         if done or time.monotonic() > deadline:
             return {m: s or {} for m, s in states.items()}
@@ -42,5 +42,6 @@ def test_kill_9_replica_restarts_catches_up_and_ledgers_agree(tmp_path: Path) ->
     finally:
         c.stop()
     assert all(r["latencies"] for r in results)
+    assert all(s.get("digest") for s in states.values()), states  # every ledger quiet
     assert len({(s["last_exec"], s["digest"]) for s in states.values()}) == 1, states
     assert int(states["n02"]["last_exec"]) > int(before["last_exec"])  # it kept up after
