@@ -1,11 +1,18 @@
 """The client side of PBFT: a DC submitting ledger commands (OSDI'99 §4.1).
 
-The client signs a REQUEST, multicasts it to every replica and waits for f+1
+The client signs a REQUEST, sends it to the primary (``Replica.submit``) and waits for f+1
 REPLYs from distinct replicas with the same result: at least one of them is
 from a correct replica, so the result is the one the ledger computed. Until
-then it retransmits the request every ``RETRANSMIT`` seconds (the replicas
-answer a request they already executed with its remembered result); after
-``timeout`` seconds it gives up.
+then it retransmits the request to every replica (the replicas answer a
+request they already executed with its remembered result); after ``timeout``
+seconds it gives up. The retransmission timeout follows TCP's (RFC 6298):
+the smoothed commit latency plus four times its variation, at least
+``RETRANSMIT`` and at most ``RETRANSMIT_MAX`` (not doubled per retransmission as
+in §5.5: a request lost in a long partition must go out again soon after it
+heals, there is no congestion to back off from). A federation that commits
+slowly because it is loaded (16 DCs sharing two cores: 1-2 s per command) then
+does not add a copy of every request to every replica on top of its load,
+while a lost request is still sent again within ``RETRANSMIT`` on an idle one.
 
 Sans-I/O: completion is reported as ``Notify("ledger.committed",
 {"request_id", "result"})`` or ``Notify("ledger.timeout", {"request_id"})``.
@@ -28,12 +35,16 @@ from consensus.quorum import Quorum
 from mesh.core import Action, CancelTimer, Notify, Persist, SetTimer, Store
 from mesh.identity import Identity
 
-__all__ = ["LedgerClient", "ClientBusy", "RETRANSMIT", "ID_BLOCK"]
+__all__ = ["LedgerClient", "ClientBusy", "RETRANSMIT", "RETRANSMIT_MAX", "ID_BLOCK"]
 
 #: Retransmission period: BFT-SMaRt's request timeout default (2000 ms); long
 #: enough that a normal commit never triggers it, short enough that a request
 #: lost in a partition is sent again soon after it heals.
 RETRANSMIT = 2.0
+#: Most a retransmission waits, however slow commits were: 4 x RETRANSMIT, so
+#: a request lost in a partition goes out again within 8 s of the heal (the
+#: simulator's PBFT quiet phase requires every request done within 30 s).
+RETRANSMIT_MAX = 4 * RETRANSMIT
 #: Ids reserved per persisted block (one synced write per 1024 submissions).
 ID_BLOCK = 1024
 _NEXT_KEY = "pbft-client/next-block"
@@ -47,7 +58,10 @@ class ClientBusy(Exception):
 class _Outstanding:
     envelope: Envelope
     deadline: float
+    submitted: float
     replies: dict[str, bytes] = attrs.Factory(dict)
+    #: sent again at least once (its latency is then no sample, RFC 6298 §3)
+    resent: bool = False
     #: the armed timer is the deadline itself (decided when arming it, not by
     #: comparing clock readings when it fires, which a shifted clock can fool)
     at_deadline: bool = False
@@ -66,6 +80,10 @@ class LedgerClient:
         self._block_end = self._next
         self.outstanding: dict[int, _Outstanding] = {}
         self.resend: list[Envelope] = []
+        #: smoothed commit latency and its mean deviation (RFC 6298 §2), None before
+        #: the first commit
+        self.srtt: float | None = None
+        self.rttvar = 0.0
 
     def submit(self, now: float, command: bytes) -> tuple[int, Envelope, list[Action]]:
         if len(self.outstanding) >= CLIENT_WINDOW:
@@ -77,15 +95,29 @@ class LedgerClient:
         rid = self._next
         self._next += 1
         env = seal(self.identity, self.name, Request(self.name, rid, command))
-        out = self.outstanding[rid] = _Outstanding(env, now + self.timeout)
+        out = self.outstanding[rid] = _Outstanding(env, now + self.timeout, now)
         actions.append(self._arm(now, rid, out))
         return rid, env, actions
 
-    @staticmethod
-    def _arm(now: float, rid: int, out: _Outstanding) -> SetTimer:
-        out.at_deadline = now + RETRANSMIT >= out.deadline
-        at = out.deadline if out.at_deadline else now + RETRANSMIT
-        return SetTimer(("ledger-client", rid), at)
+    def retransmit_timeout(self) -> float:
+        """RFC 6298 §2.3: RTO = SRTT + 4 RTTVAR, within [RETRANSMIT, RETRANSMIT_MAX]."""
+        if self.srtt is None:
+            return RETRANSMIT
+        return min(RETRANSMIT_MAX, max(RETRANSMIT, self.srtt + 4 * self.rttvar))
+
+    def _arm(self, now: float, rid: int, out: _Outstanding) -> SetTimer:
+        at = now + self.retransmit_timeout()
+        out.at_deadline = at >= out.deadline
+        return SetTimer(("ledger-client", rid), out.deadline if out.at_deadline else at)
+
+    def _sample(self, latency: float) -> None:
+        """RFC 6298 §2.2-2.3 with alpha = 1/8, beta = 1/4. Only requests never
+        retransmitted are sampled (Karn's algorithm, RFC 6298 §3)."""
+        if self.srtt is None:
+            self.srtt, self.rttvar = latency, latency / 2
+        else:
+            self.rttvar += (abs(self.srtt - latency) - self.rttvar) / 4
+            self.srtt += (latency - self.srtt) / 8
 
     def on_reply(self, now: float, sender: str, reply: Reply) -> list[Action]:
         """Count ``sender``'s results; complete each request with f+1 matching ones."""
@@ -101,6 +133,8 @@ class LedgerClient:
             if matching < self.q.f + 1:
                 continue
             del self.outstanding[res.request_id]
+            if not out.resent:
+                self._sample(now - out.submitted)
             actions.append(CancelTimer(("ledger-client", res.request_id)))
             actions.append(Notify("ledger.committed",
                                   {"request_id": res.request_id, "result": res.result}))
@@ -116,6 +150,7 @@ class LedgerClient:
             del self.outstanding[rid]
             return [Notify("ledger.timeout", {"request_id": rid})]
         self.resend.append(out.envelope)
+        out.resent = True
         return [self._arm(now, rid, out)]
 
     def take_resend(self) -> list[Envelope]:

@@ -91,6 +91,7 @@ def execute_ready(r: Replica, now: float) -> None:
         execute(r, now, seq, data)
         progressed = True
     if progressed:
+        r.progress_at = now
         r.backoff = 0
         r._arm_request_timer(now, restart=True)
         r._maybe_propose(now)

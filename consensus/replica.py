@@ -36,6 +36,7 @@ notifications: ``pbft.executed``, ``pbft.view-change``, ``pbft.new-view``,
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Mapping
 
@@ -133,8 +134,15 @@ class PbftConfig:
     batch_wait: float = 0.001
     #: Batches in flight before the primary batches. TOCS'02 §5.1.4: the
     #: primary batches requests that arrive while a bounded window of protocol
-    #: instances is running; BFT-SMaRt runs one at a time, we allow 2.
-    pipeline: int = 2
+    #: instances is running; BFT-SMaRt runs one at a time, and so do we: on the
+    #: 2-core test machine (bench, n = 4, 16 commands in flight per node, three
+    #: alternating runs each) one instance at a time took 1,000-1,065 us of CPU
+    #: per command and committed 970-1,045/s, two took 1,190-1,245 us and
+    #: 844-872/s at the same p99: with twice the batches in flight each is half
+    #: as large, and the votes, frames and reply signatures are paid per batch.
+    #: The batch then holds what arrived while the previous instance ran, so its
+    #: size follows the load (up to ``batch_max``).
+    pipeline: int = 1
     #: Status period (TOCS'02 §5.2: replicas multicast status periodically so
     #: lost messages are retransmitted); a quarter of the view timeout, so a
     #: lost message is repaired before a backup suspects the primary.
@@ -208,6 +216,8 @@ class Replica:
         self.request_timer = False
         self.nv_timer = False
         self.backoff = 0
+        #: when a batch last executed here (see the STATUS timer's relays)
+        self.progress_at = 0.0
         self.view_changes: dict[str, ValidViewChange] = {}
         self.new_view_msg: Envelope | None = None
         self.fetching: dict[bytes, float] = {}
@@ -332,8 +342,16 @@ class Replica:
             if self._busy() or now >= self.idle_status_at:
                 self.idle_status_at = now + IDLE_STATUS_EVERY * self.cfg.status_interval
                 self._broadcast(self._status())
-                viewchange.forward_pending(self, now, self.timeout / 2)
-                viewchange.relay_own_pending(self, now, self.timeout / 2)
+                if now - self.progress_at >= self.timeout / 2:
+                    # Relay requests waiting half a view timeout only while execution
+                    # stands still: with batches executing, an old request is queued
+                    # behind others, not lost or ignored by a faulty primary, and
+                    # copies of every request to every replica (n - 1 signature
+                    # checks each) are what a loaded federation can least afford:
+                    # at n = 16 with 1-2 s commits a node received 576 copies in a
+                    # 5 s bench run, 146-203 with this rule (docs/BENCHMARKS.md).
+                    viewchange.forward_pending(self, now, self.timeout / 2)
+                    viewchange.relay_own_pending(self, now, self.timeout / 2)
             execution.retry_fetches(self, now)
         elif key == REQUEST_TIMER:
             self.request_timer = False
@@ -509,23 +527,27 @@ class Replica:
         if not (self.active and self.is_primary):
             return
         while True:
-            queue = [k for k in self.pending if k not in self.proposed]
-            if not queue:
-                self._emit(CancelTimer(BATCH_TIMER))
-                return
+            # Full pipeline or window: nothing to do until a batch executes (execute_ready
+            # proposes again), so the waiting requests are not even listed: this runs
+            # for every request that arrives, and listing them all each time was
+            # quadratic in the requests waiting.
             if self.next_seq > self.low + self.cfg.window:
                 return
             inflight = self._in_flight()
             if inflight >= self.cfg.pipeline:
+                return
+            unproposed = (k for k in self.pending if k not in self.proposed)
+            queue = list(itertools.islice(unproposed, self.cfg.batch_max))
+            if not queue:
+                self._emit(CancelTimer(BATCH_TIMER))
                 return
             oldest = self.pending[queue[0]][1]
             due = oldest + self.cfg.batch_wait
             if inflight and len(queue) < self.cfg.batch_max and not waited and now < due:
                 self._emit(SetTimer(BATCH_TIMER, due))
                 return
-            take = queue[: self.cfg.batch_max]
-            self._propose(now, tuple(self.pending[k][0] for k in take))
-            for k in take:
+            self._propose(now, tuple(self.pending[k][0] for k in queue))
+            for k in queue:
                 self.proposed[k] = self.next_seq - 1
 
     def _propose(self, now: float, requests: tuple[Signed, ...]) -> None:

@@ -98,6 +98,11 @@ CLOSE_TIMEOUT = 2.0
 #: Largest websocket message: the channel's largest frame (MAX_PLAINTEXT plus the
 #: 17-byte secretstream tag, rounded up).
 MAX_MESSAGE = MAX_PLAINTEXT + 64
+#: Bytes asked of the socket per read. trio-websocket's default is 4 KiB, so a
+#: PBFT burst (a 17-request batch is ~5 KiB, a bundle up to 256 KiB) took several
+#: reads, each a trip through the event loop; 256 KiB is one bundle
+#: (runtime_link.BUNDLE_BYTES), read at once when it has arrived.
+RECEIVE_BYTES = 256 * 1024
 
 
 class ListenError(Exception):
@@ -333,7 +338,8 @@ class Runtime:
             async with trio.open_nursery() as nursery:
                 with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
                     request = await wrap_server_stream(
-                        nursery, stream, max_message_size=MAX_MESSAGE
+                        nursery, stream, max_message_size=MAX_MESSAGE,
+                        receive_buffer_size=RECEIVE_BYTES,
                     )
                 if not handshake.cancelled_caught:
                     await self._on_request(request)
@@ -358,6 +364,7 @@ class Runtime:
                         RESOURCE,
                         use_ssl=False,
                         max_message_size=MAX_MESSAGE,
+                        receive_buffer_size=RECEIVE_BYTES,
                     )
             except (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError) as exc:
                 self._count("dial_failures")

@@ -73,8 +73,9 @@ INBOX_EVENTS = 256
 #: first event's sends wait for little: PBFT events took 0.02-0.3 ms each to
 #: handle on the 2-core test machine, so a full group is 1-20 ms.
 DRAIN_EVENTS = 64
-#: A group's write runs on the event loop while the store's recent writes (an
-#: average over about the last 8) took less than this, else in a worker thread.
+#: A group's write runs on the event loop while the store's recent writes of its
+#: kind (synced or not; an average over about the last 8) took less than this,
+#: else in a worker thread.
 #: A thread hop costs two thread wake-ups: measured on the 2-core test machine
 #: under load, a hop took 1-17 ms around SQLite commits that took 0.01-0.4 ms
 #: (WAL, synchronous=FULL); a write this short stalls the loop less than the hop.
@@ -123,8 +124,11 @@ class HostedCore:
         self._heap: list[tuple[float, int, Hashable]] = []
         self._seq = itertools.count()
         self.events_handled = 0
-        #: recent duration of a store write (seconds); the first one runs in a thread
-        self._write_cost = INLINE_WRITE
+        #: recent duration of a store write (seconds), synced and unsynced apart: an
+        #: unsynced SQLite commit takes ~10 us, a synced one an fsync (4 ms on the
+        #: test machine's disk), and one average made the quick ones hop to a thread
+        #: too (1-17 ms under load). The first write of each kind runs in a thread.
+        self._write_cost = {True: INLINE_WRITE, False: INLINE_WRITE}
 
     async def deliver(self, event: Event) -> None:
         try:  # no schedule point per message of a burst while the inbox has room
@@ -252,8 +256,9 @@ class HostedCore:
                     store.put(w.key, w.value, w.sync)
             return time.perf_counter() - start
 
-        took = put() if self._write_cost < INLINE_WRITE else await trio.to_thread.run_sync(put)
-        self._write_cost += (took - self._write_cost) / 8
+        cost = self._write_cost[sync]
+        took = put() if cost < INLINE_WRITE else await trio.to_thread.run_sync(put)
+        self._write_cost[sync] = cost + (took - cost) / 8
 
     def _execute(self, action: Action) -> None:
         if isinstance(action, Send):

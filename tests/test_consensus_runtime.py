@@ -7,15 +7,17 @@ the primary's link is down)."""
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from consensus.durable import ReplicaLog
 from consensus.messages import Request
 from consensus.replica import PbftConfig, Replica
-from mesh import identity, wire
+from mesh import identity, runtime_cores, wire
 from mesh.core import Event, PeerDown, PeerUp, Persist, Send
 from mesh.runtime_cores import HostedCore
 from mesh.runtime_link import BUNDLE_BYTES, Link, LinkBundle
@@ -83,6 +85,46 @@ async def test_a_group_of_events_shares_one_synced_write_before_its_sends() -> N
 async def test_unsynced_writes_do_not_hold_back_the_sends() -> None:
     assert await _run_group(sync=False) == [
         "send a", "send b", "send c", "write ['a', 'b', 'c'] sync=False"]
+
+
+class _TimedStore:
+    """Records whether each write ran on the event loop's thread; a synced write
+    advances the runtime's clock by an fsync (4 ms), an unsynced one by 10 us."""
+
+    def __init__(self, clock: list[float]) -> None:
+        self.clock = clock
+        self.on_loop: list[tuple[bool, bool]] = []
+        self.loop_thread = threading.get_ident()
+
+    def get(self, key: str) -> bytes | None:
+        return None
+
+    def put(self, key: str, value: bytes, sync: bool = True) -> None:
+        self.put_many([(key, value)], sync)
+
+    def put_many(self, items: list[tuple[str, bytes]], sync: bool = True) -> None:
+        self.on_loop.append((sync, threading.get_ident() == self.loop_thread))
+        self.clock[0] += 0.004 if sync else 0.00001
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return []
+
+
+async def test_slow_synced_writes_go_to_a_thread_and_quick_unsynced_ones_stay_inline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(runtime_cores.time, "perf_counter", lambda: clock[0])
+    store = _TimedStore(clock)
+    hosted = HostedCore("c", _Core(True), ("x",), send=lambda p, m: True, store=store,
+                        log=JsonLog("t", None))
+    for sync in (True, True, False, False, True, False):
+        await hosted._write([Persist("k", b"v", sync)])
+    # the first of each kind runs in a thread; then synced ones (4 ms, above
+    # INLINE_WRITE) stay there, and unsynced ones (10 us) run on the loop, even
+    # right after a synced one
+    assert store.on_loop == [(True, False), (True, False), (False, False), (False, True),
+                             (True, False), (False, True)]
 
 
 def test_sqlite_put_many_is_one_transaction_in_order(tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+import attrs
+
 from consensus.messages import Commit, Prepare, PrePrepare
 from sim import partitions
 from sim.nemesis import BENIGN_KINDS, Byzantine
@@ -24,7 +26,7 @@ from sim.scenarios.pbft_attacks import (
     Silent,
     ViewChangeAttack,
 )
-from sim.scenarios.pbft_cluster import PbftCluster, identity_for
+from sim.scenarios.pbft_cluster import SIM_CONFIG, PbftCluster, identity_for
 from sim.world import SimNode, World
 
 FAULTS = 10.0
@@ -39,8 +41,9 @@ def _f(run: Run) -> int:
     return (run.nodes - 1) // 3
 
 
-def _cluster(run: Run, byzantine: tuple[str, ...] = (), per_node: int = PER_NODE) -> PbftCluster:
-    c = PbftCluster(run, byzantine=byzantine)
+def _cluster(run: Run, byzantine: tuple[str, ...] = (), per_node: int = PER_NODE,
+             pipeline: int = SIM_CONFIG.pipeline) -> PbftCluster:
+    c = PbftCluster(run, config=attrs.evolve(SIM_CONFIG, pipeline=pipeline), byzantine=byzantine)
     c.workload(0.5, 0.8 * run.faults_until, per_node, run.rng)
     return c
 
@@ -201,7 +204,11 @@ def swarm(run: Run) -> None:
     f = _f(run)
     pool = names[1:]
     bad = rng.sample(pool, f - 1) + ["n00"] if rng.random() < 0.5 else rng.sample(pool, f)
-    c = _cluster(run, byzantine=tuple(sorted(bad)), per_node=3)
+    # Replicas run one instance at a time by default (PbftConfig.pipeline); half the
+    # runs keep two in flight, for the interleavings of concurrent sequence numbers
+    # (their own random stream, so the other draws of a seed stay as they were).
+    pipeline = run.world.rng("pbft/pipeline").choice((1, 2))
+    c = _cluster(run, byzantine=tuple(sorted(bad)), per_node=3, pipeline=pipeline)
     for name in sorted(bad):
         run.nemesis.byzantine(name, _random_attack(run, rng, name, c),  # type: ignore[arg-type]
                               at=0.0)
