@@ -82,6 +82,8 @@ class MeshControl:
         self._dirty = False
         self._pending_modes: list[LinkEntry] = []
         self._started = False
+        #: directed links whose views changed since the last election (None: any)
+        self._changed: set[tuple[str, str]] | None = None
 
     # ------------------------------------------------------------------ LinkSync for SWIM
 
@@ -97,10 +99,16 @@ class MeshControl:
                   for e in entries}
         adopted = self.table.merge(now, entries)
         for e in adopted:
+            self._touch(e)
             if before[(e.origin, e.peer)] != self._usable(e):
                 self._dirty = True  # a hop appeared or broke: re-elect now, not at the tick
         self._pending_modes.extend(adopted)
         return adopted
+
+    def _touch(self, e: LinkEntry) -> None:
+        """Entry origin -> peer feeds the views of that link in both directions."""
+        if self._changed is not None:
+            self._changed.update(((e.origin, e.peer), (e.peer, e.origin)))
 
     def _peer_rtt(self, a: str, b: str) -> float | None:
         view = self.table.view(a, b)
@@ -204,6 +212,7 @@ class MeshControl:
         """Spread our new link entries, feed the mode classifier, re-elect routes."""
         if self.prober.published:
             for entry in self.prober.published:
+                self._touch(entry)
                 self.membership.broadcast_link(entry)
                 if entry.down or entry.loss > self.election.cfg.loss_limit:
                     self._dirty = True
@@ -225,7 +234,9 @@ class MeshControl:
             self._dirty = True
         if tick or self._dirty:
             self._dirty = False
-            out.extend(self.election.elect(now, self.membership.state_of, self.table.view, tick))
+            out.extend(self.election.elect(now, self.membership.state_of, self.table.view, tick,
+                                           changed=self._changed))
+            self._changed = set()
         return out
 
 

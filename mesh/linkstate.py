@@ -29,6 +29,7 @@ the entries of both of its ends.
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from collections import deque
@@ -162,9 +163,9 @@ class LinkTable:
     def entries_newer_than(self, digest: Sequence[OriginDigest]) -> list[LinkEntry]:
         theirs = {d.origin: d for d in digest}
         mine = {d.origin: d for d in self.digest()}
-        out: list[LinkEntry] = []
-        for origin in sorted(mine):
-            d, t = mine[origin], theirs.get(origin)
+        wanted: set[str] = set()
+        for origin, d in mine.items():
+            t = theirs.get(origin)
             if t is not None and (d.count, d.version_sum, d.version_max) == (
                 t.count, t.version_sum, t.version_max
             ):
@@ -172,8 +173,9 @@ class LinkTable:
             if t is not None and d.count <= t.count and d.version_sum <= t.version_sum \
                     and d.version_max <= t.version_max:
                 continue  # they are at least as far along
-            out.extend(e for (o, _), e in sorted(self.entries.items()) if o == origin)
-        return out
+            wanted.add(origin)
+        # Sorted by (origin, peer): the origins in order, each origin's entries in order.
+        return [e for key, e in sorted(self.entries.items()) if key[0] in wanted]
 
     def view(self, src: str, dst: str) -> LinkView | None:
         """src -> dst: loss, jitter and down from dst's entry, RTT and bandwidth from
@@ -189,6 +191,20 @@ class LinkTable:
             rtt_ms=rtt_src.rtt_ms, loss=rx.loss, down=rx.down, jitter_ms=rx.jitter_ms,
             bw_mbps=tx.bw_mbps if tx is not None else None,
         )
+
+
+@attrs.define(slots=True)
+class _Measured:
+    """An entry's figures before it is published (no version, no wire checks): checking
+    each peer's figures for a significant change every third of a ping interval must
+    not build a message each time."""
+
+    rtt_ms: float
+    rttvar_ms: float
+    jitter_ms: float
+    loss: float
+    down: bool
+    bw_mbps: float | None
 
 
 @attrs.define
@@ -283,7 +299,7 @@ class LinkProber:
         top = p.hi + overdue
         low = max(p.first, top - self.cfg.loss_window + 1)
         expected = top - low + 1
-        received = sum(1 for s in p.got if s >= low)
+        received = len(p.got) - bisect.bisect_left(p.got, low)  # p.got is sorted
         # Until the window fills (at start, after an outage) the count of missing pings
         # is divided by the full window: 4 losses in the first 37 pings of a 1 % link
         # (seen in partition-heal) must not read as 11 % and push routes off the link.
@@ -348,7 +364,10 @@ class LinkProber:
         if p.down:
             p.down, p.first, p.got = False, msg.seq, deque()  # a fresh window after an outage
         p.hi = max(p.hi, msg.seq)
-        p.got.append(msg.seq)
+        if p.got and msg.seq < p.got[-1]:
+            bisect.insort(p.got, msg.seq)  # a late ping: the window stays sorted
+        else:
+            p.got.append(msg.seq)
         while p.got and p.got[0] <= p.hi - self.cfg.loss_window:
             p.got.popleft()
         p.last_rx = now
@@ -377,14 +396,14 @@ class LinkProber:
         """Judge silence on every link and republish what changed."""
         out: list[Action] = [SetTimer(("link", "check"), now + self._check_every())]
         for name, p in self.peers.items():
-            _, overdue = self.loss(p, now)
+            loss, overdue = self.loss(p, now)
             if overdue == self.cfg.silent_misses and p.silent_reported != p.last_rx:
                 p.silent_reported = p.last_rx
                 self.silent.append(name)
             if overdue >= self.cfg.down_misses and not p.down:
                 p.down = True
                 out.append(Notify("link-down", {"from": name, "to": self.me}))
-            out += self._publish_if_changed(now, name)
+            out += self._publish_if_changed(now, name, loss=loss)
         return out
 
     def received_train(self, now: float, peer: str, msg: BandwidthProbe) -> list[Action]:
@@ -412,16 +431,24 @@ class LinkProber:
     # ------------------------------------------------------------------ publishing
 
     def entry(self, now: float, peer: str, version: int) -> LinkEntry:
-        p = self.peers[peer]
-        loss, _ = self.loss(p, now)
-        return LinkEntry(
-            origin=self.me, peer=peer, version=version,
+        return self._entry(self._measure(self.peers[peer], now), peer, version)
+
+    def _measure(self, p: _PeerLink, now: float, loss: float | None = None) -> _Measured:
+        """The figures an entry would publish now (``loss`` if the caller has it)."""
+        if loss is None:
+            loss, _ = self.loss(p, now)
+        return _Measured(
             rtt_ms=(p.srtt or 0.0) * 1000, rttvar_ms=p.rttvar * 1000, jitter_ms=p.jitter * 1000,
-            loss=loss if not p.down else 1.0, down=p.down,
-            bw_mbps=max(p.bw) if p.bw else None,
+            loss=loss if not p.down else 1.0, down=p.down, bw_mbps=max(p.bw) if p.bw else None,
         )
 
-    def significant(self, old: LinkEntry | None, new: LinkEntry) -> bool:
+    def _entry(self, m: _Measured, peer: str, version: int) -> LinkEntry:
+        return LinkEntry(
+            origin=self.me, peer=peer, version=version, rtt_ms=m.rtt_ms, rttvar_ms=m.rttvar_ms,
+            jitter_ms=m.jitter_ms, loss=m.loss, down=m.down, bw_mbps=m.bw_mbps,
+        )
+
+    def significant(self, old: LinkEntry | None, new: LinkEntry | _Measured) -> bool:
         if old is None:
             return new.rtt_ms > 0 or new.down or new.bw_mbps is not None
         if old.down != new.down or _loss_bucket(old.loss) != _loss_bucket(new.loss):
@@ -435,13 +462,14 @@ class LinkProber:
             return abs(new.bw_mbps - old.bw_mbps) > self.cfg.bw_change * old.bw_mbps
         return False
 
-    def _publish_if_changed(self, now: float, peer: str, force: bool = False) -> list[Action]:
+    def _publish_if_changed(self, now: float, peer: str, force: bool = False,
+                            loss: float | None = None) -> list[Action]:
         p = self.peers[peer]
-        candidate = self.entry(now, peer, 0)
-        if not force and not self.significant(p.published, candidate):
+        measured = self._measure(p, now, loss)
+        if not force and not self.significant(p.published, measured):
             return []
         out: list[Action] = []
-        entry = self.entry(now, peer, self._next_version(out))
+        entry = self._entry(measured, peer, self._next_version(out))
         p.published = entry
         self.table.put_own(now, entry)
         self.published.append(entry)

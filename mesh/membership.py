@@ -6,7 +6,8 @@ suspicion, incarnations, piggybacked dissemination); Dadgar, Phillips, Currey,
 "Lifeguard: Local Health Awareness for More Accurate Failure Detection",
 arXiv:1707.00788 (local health multiplier, nacks, suspicion timeouts that shrink with
 independent confirmations, the buddy system); HashiCorp memberlist, whose
-``DefaultLANConfig``/``DefaultWANConfig`` give the constants below.
+``DefaultLANConfig``/``DefaultWANConfig`` give the constants of
+:class:`~mesh.swim_types.SwimConfig` (the states, config and member record live there).
 
 One protocol period: ping the next member of a shuffled round; no ack within the
 probe timeout -> ask ``indirect_checks`` members to ping it (they nack if it stays
@@ -28,11 +29,10 @@ member heard from directly is sent a sync at once so it can refute (reconnect).
 
 from __future__ import annotations
 
-import enum
 import math
 import random
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 
@@ -44,94 +44,18 @@ from mesh.control_msgs import (
     LinkEntry,
     MemberUpdate,
     Nack,
-    OriginDigest,
     Ping,
     PingReq,
     Sync,
 )
 from mesh.core import Action, CancelTimer, Event, Notify, Received, Send, SetTimer, TimerFired
 from mesh.gossip_queue import TransmitQueue
+from mesh.swim_types import LinkSync, Member, MembershipError, State, SwimConfig
 
 __all__ = ["State", "SwimConfig", "Member", "Membership", "LinkSync", "MembershipError"]
 
 
-class MembershipError(Exception):
-    """A message that breaks the protocol (names the peer and what it did)."""
-
-
-class State(enum.IntEnum):
-    ALIVE = 0
-    SUSPECT = 1
-    DEAD = 2
-    LEFT = 3
-
-
-@attrs.frozen
-class SwimConfig:
-    #: memberlist DefaultLANConfig ProbeInterval = 1 s (WAN: 5 s). The WAN value gives
-    #: the ~40 s detection issue 4 calls too slow; 1 s periods cost ~100 bytes/s per DC.
-    probe_interval: float = 1.0
-    #: RFC 6298 §2.1: before any RTT sample the retransmission timeout is 1 s.
-    probe_timeout_initial: float = 1.0
-    #: Linux TCP_RTO_MIN (200 ms): the floor of an RTT-derived timeout.
-    probe_timeout_min: float = 0.2
-    #: memberlist WAN ProbeTimeout = 3 s: the ceiling of an RTT-derived timeout.
-    probe_timeout_max: float = 3.0
-    #: memberlist IndirectChecks = 3 (LAN and WAN); SWIM's k.
-    indirect_checks: int = 3
-    #: memberlist SuspicionMult = 4 (LAN; WAN 6): min timeout = mult * log10(N) * period.
-    suspicion_mult: int = 4
-    #: memberlist SuspicionMaxTimeoutMult = 6 (LAN and WAN); Lifeguard's beta.
-    suspicion_max_mult: int = 6
-    #: memberlist RetransmitMult = 4 (LAN; WAN 3): lambda in lambda * log(N+1).
-    retransmit_mult: int = 4
-    #: Floor of the retransmit limit. Measured: with memberlist's 4 sends per node at
-    #: N = 6, ~0.5 % of (update, node) pairs waited for anti-entropy (a 15 s tail in
-    #: link-cut); with 8 (the formula's value at N = 16) one pair in ~20,000 still did
-    #: in crash-one (seed 11: 10 s, over the issue's 3 s bound); 12 closes that tail for
-    #: ~3 kbit/s more per DC.
-    min_transmits: int = 12
-    #: memberlist DefaultLANConfig GossipInterval = 200 ms, GossipNodes = 3.
-    gossip_interval: float = 0.2
-    gossip_nodes: int = 3
-    #: memberlist GossipToTheDeadTime = 30 s (LAN): the dead still get gossip this long.
-    gossip_to_dead: float = 30.0
-    #: memberlist PushPullInterval = 30 s (LAN; WAN 60 s).
-    push_pull_interval: float = 30.0
-    #: memberlist AwarenessMaxMultiplier = 8 (Lifeguard's local health multiplier cap).
-    awareness_max: int = 8
-    #: Direct evidence outranks stale gossip this long: a little over two periods of the
-    #: link probes (mesh.linkstate.LinkConfig.ping_interval = 1.5 s), so one lost probe
-    #: does not void it.
-    evidence_window: float = 4.0
-    #: At most one reconnect sync to the same dead member this often (Serf's
-    #: ReconnectInterval is 30 s; a direct message is evidence, so we act sooner).
-    reconnect_interval: float = 5.0
-
-
-@attrs.define
-class Member:
-    name: str
-    incarnation: int = 0
-    state: State = State.ALIVE
-    since: float = 0.0
-    #: Lifeguard suspicion: who independently suspected this incarnation, and when it began
-    confirmations: list[str] = attrs.field(factory=list)
-    suspected_at: float = 0.0
-    probed_in_suspicion: bool = False
-
-    def update(self) -> MemberUpdate:
-        return MemberUpdate(self.name, self.incarnation, int(self.state), self.name)
-
-
-class LinkSync(Protocol):
-    """The link-state table that rides on membership dissemination (mesh.linkstate)."""
-
-    def digest(self) -> tuple[OriginDigest, ...]: ...
-
-    def entries_newer_than(self, digest: Sequence[OriginDigest]) -> list[LinkEntry]: ...
-
-    def merge(self, now: float, entries: Sequence[LinkEntry]) -> list[LinkEntry]: ...
+_DEFAULTS = SwimConfig()
 
 
 @attrs.define
@@ -150,7 +74,7 @@ class Membership:
         me: str,
         peers: Sequence[str],
         rng: random.Random,
-        config: SwimConfig = SwimConfig(),
+        config: SwimConfig = _DEFAULTS,
         links: LinkSync | None = None,
         probe_timeout: Callable[[str], float | None] | None = None,
         peer_rtt: Callable[[str, str], float | None] | None = None,

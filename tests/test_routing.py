@@ -134,3 +134,40 @@ def test_every_elected_route_is_usable(changes: list, deaths: list) -> None:
             for hop in zip(route.hops, route.hops[1:], strict=False):
                 view = net.link(*hop)
                 assert view is not None and not view.down and view.loss <= 0.1
+
+
+PEERS5 = ["b", "c", "d", "e", "f"]
+
+
+@given(st.lists(st.tuples(st.sampled_from(["a", *PEERS5]), st.sampled_from(["a", *PEERS5]),
+                          st.floats(1.0, 300.0), st.booleans(), st.sampled_from([0.0, 0.05, 0.3]),
+                          st.sampled_from([None, 50.0, 900.0])),
+                min_size=1, max_size=60),
+       st.lists(st.tuples(st.integers(0, 59), st.sampled_from(PEERS5),
+                          st.sampled_from(list(State))), max_size=6),
+       st.lists(st.booleans(), min_size=60, max_size=60))
+def test_incremental_election_matches_full_recomputation(
+        changes: list, states: list, ticks: list) -> None:
+    """Told which links changed, the election reuses the other candidates: its routes
+    and notifications are those of an election that recomputes everything each time."""
+    net = Net()
+    for x in ["a", *PEERS5]:
+        for y in ["a", *PEERS5]:
+            if x < y:
+                net.set(x, y, 20.0 + 7 * (ord(x) + ord(y)) % 90, bw=100.0 * (ord(y) - ord(x)))
+    full = RouteElection("a", PEERS5, RouteConfig(hysteresis=2))
+    incr = RouteElection("a", PEERS5, RouteConfig(hysteresis=2))
+    changed: set[tuple[str, str]] | None = None
+    for i, (x, y, rtt, down, loss, bw) in enumerate(changes):
+        if x != y:
+            net.links[(x, y)] = LinkView(rtt, loss, down, 0.0, bw)  # one direction only
+            if changed is not None:
+                changed.add((x, y))
+        for at, name, state in states:
+            if at == i:
+                net.states[name] = state
+        a = full.elect(float(i), net.state, net.link, tick=ticks[i])
+        b = incr.elect(float(i), net.state, net.link, tick=ticks[i], changed=changed)
+        changed = set()
+        assert a == b
+        assert full.routes == incr.routes

@@ -364,6 +364,29 @@ def test_corrupt_frames_are_counted_and_dropped() -> None:
     assert world.metrics["decode_errors"] == 1 and rec(world, "b").got == []
 
 
+SENT = EchoPing(7, 0.0)
+
+
+def _frames_world(decode: bool) -> World:
+    world = recorder_world(["a", "b", "liar"], decode_frames=decode)
+    world.nodes["liar"].tamper = Byzantine(
+        world.rng("byz"), equivocate=lambda dst, msg: EchoPing(99, msg.sent_at))
+    world.invoke("a", "rec", lambda core, now: [Send("b", SENT)], "send")
+    world.invoke("liar", "rec", lambda core, now: [Send("b", EchoPing(8, 0.0))], "send")
+    world.run(until=1.0)
+    return world
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_frames_without_decode_deliver_the_sent_message_and_the_same_trace(
+        decode: bool) -> None:
+    world = _frames_world(decode)
+    got = {peer: m for peer, m, _ in rec(world, "b").got}
+    assert got["a"] == SENT and (got["a"] is SENT) == (not decode)
+    assert got["liar"] == EchoPing(99, 0.0)  # a tampered frame is decoded either way
+    assert world.trace_hash() == _frames_world(True).trace_hash()
+
+
 def test_a_core_that_misbehaves_stops_the_run_with_context() -> None:
     class Broken:
         def handle(self, now: float, event: Any) -> list[Any]:

@@ -36,6 +36,7 @@ def _r(x: float | None) -> float | None:
 @scenario("crash-one", nodes=16, faults_until=150.0, quiet=90.0, min_nodes=4,
           description="one DC crashes on the lossy geo matrix: detection time by survivors")
 def crash_one(run: Run) -> None:
+    run.faults_until = _param(run, "faults_until", run.faults_until)
     mw = MeshWorld(run, loss=_param(run, "loss", 0.01))
     crash_at = _param(run, "crash_at", 60.0) + run.rng.random()
     victim = run.rng.choice(mw.names)
@@ -117,6 +118,7 @@ def _reroute_time(mw: MeshWorld, a: str, b: str, since: float) -> float | None:
 @scenario("link-cut", nodes=16, faults_until=150.0, quiet=60.0, min_nodes=4,
           description="the direct link of a pair is cut both ways: time to reroute")
 def link_cut(run: Run) -> None:
+    run.faults_until = _param(run, "faults_until", run.faults_until)
     mw = MeshWorld(run, loss=_param(run, "loss", 0.01))
     mw.is_false_positive = lambda r: run.world.nodes[r.detail["name"]].up  # type: ignore
     a, b = run.rng.sample(mw.names, 2)
@@ -179,6 +181,7 @@ def partition_heal(run: Run) -> None:
           description="one direction of a link drops everything: no false deaths, "
                       "routes avoid that direction")
 def one_way(run: Run) -> None:
+    run.faults_until = _param(run, "faults_until", run.faults_until)
     mw = MeshWorld(run, loss=_param(run, "loss", 0.01))
     mw.is_false_positive = lambda r: run.world.nodes[r.detail["name"]].up  # type: ignore
     a, b = run.rng.sample(mw.names, 2)
@@ -230,5 +233,7 @@ def run_mesh(name: str, seed: int, nodes: int | None = None, **params: Any) -> R
     metrics: dict[str, Any] = {"events": world.events}
     for key, value in run.metrics.items():
         metrics[key] = value(world)
+    # The parameters go into the replay command (``dwcp sim run NAME --param K=V``).
     return RunResult(name, seed, count, False, not violations, violations, world.trace_hash(),
-                     world.now, time.perf_counter() - started, world.events, metrics, [])
+                     world.now, time.perf_counter() - started, world.events, metrics, [],
+                     dict(params))
