@@ -71,11 +71,14 @@ def build_node(cfg: Path, name: str, data_root: Path,
 async def running_nodes(cfg: Path, data_root: Path,
                         names: tuple[str, ...] = ("dc1", "dc2", "dc3", "dc4"),
                         versions: dict[str, tuple[int, ...]] | None = None,
+                        views: dict[str, Path] | None = None,
                         ) -> AsyncIterator[dict[str, Node]]:
-    """Nodes in this process (``versions[name]`` limits what a node offers); yields once
-    every link is up; shuts down cleanly."""
-    offered = versions or {}
-    nodes = {n: build_node(cfg, n, data_root, offered.get(n, (1, 3))) for n in names}
+    """Nodes in this process (``versions[name]`` limits what a node offers; node ``n``
+    reads the federation file ``views[n]`` if given, e.g. one that sends its data to a
+    relay); yields once every link is up; shuts down cleanly."""
+    offered, seen = versions or {}, views or {}
+    nodes = {n: build_node(seen.get(n, cfg), n, data_root, offered.get(n, (1, 3)))
+             for n in names}
     try:
         async with trio.open_nursery() as nursery:
             for node in nodes.values():
@@ -114,3 +117,14 @@ async def wait_until(holds: Callable[[], bool], what: str, timeout: float = 10) 
         while not holds():
             await trio.sleep(0.02)
     assert holds(), f"not within {timeout} s: {what}"
+
+
+async def migrate_checked(src: Node, dst: Node, vm: str) -> str:
+    """Migrate ``vm`` from ``src`` to ``dst``; it commits, runs at ``dst`` with the images
+    ``src`` held at the fence, and is retired at ``src``. Returns the migration id."""
+    mid = await src.migrate(vm, dst.name)
+    assert await wait_outcome(src, mid) == "committed"
+    await wait_vm(dst, vm, "running")
+    await wait_vm(src, vm, "retired")
+    assert image_hashes(dst.backend.path(vm)) == image_hashes(src.backend.path(vm))
+    return mid

@@ -13,25 +13,23 @@ from __future__ import annotations
 import re
 import socket
 import struct
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
 
 from consensus.ledger import SetPolicy
 from federation.data_v3 import ChunkFeed
-from federation.node import Node
 from federation.vm import VmState
 from mesh.amst import ChunkSet
 from mesh.hde.codec import ChunkPlan
 from mesh.hde.events import EncodeChunk
 from tests.node_harness import (
-    build_node,
     ext4_image,
     image_hashes,
     make_federation,
     memory_image,
+    migrate_checked,
+    running_nodes,
     wait_outcome,
     wait_vm,
 )
@@ -136,27 +134,6 @@ def data_port(cfg: Path, dc: str) -> int:
     return int(m.group(1))
 
 
-@asynccontextmanager
-async def nodes_seeing(cfg: Path, data_root: Path, views: dict[str, Path],
-                       ) -> AsyncIterator[dict[str, Node]]:
-    """The four nodes in this process, node ``n`` reading ``views.get(n, cfg)``; yields once
-    every control link is up, shuts down cleanly."""
-    nodes = {n: build_node(views.get(n, cfg), n, data_root) for n in NAMES}
-    try:
-        async with trio.open_nursery() as nursery:
-            for node in nodes.values():
-                await nursery.start(node.run)
-            with trio.fail_after(20):
-                while any(len(n.runtime.links) < len(NAMES) - 1 for n in nodes.values()):
-                    await trio.sleep(0.05)
-            yield nodes
-            for node in nodes.values():
-                node.shutdown()
-    finally:
-        for node in nodes.values():
-            node.close()
-
-
 def test_cut_data_path_resumes_without_resending_what_the_target_stored(tmp_path: Path,
                                                                          ) -> None:
     cfg = make_federation(tmp_path / "fed")
@@ -169,18 +146,14 @@ def test_cut_data_path_resumes_without_resending_what_the_target_stored(tmp_path
             cut = CutRelay(data_port(cfg, "dc4"), down_for=1.0)
             view = redirect(cfg, "dc1", {"dc3": await clean.start(relays),
                                          "dc4": await cut.start(relays)})
-            async with nodes_seeing(cfg, tmp_path / "data", {"dc1": view}) as nodes:
+            async with running_nodes(cfg, tmp_path / "data", views={"dc1": view}) as nodes:
                 dc1, dc3, dc4 = nodes["dc1"], nodes["dc3"], nodes["dc4"]
                 assert (await dc1.ledger.submit(SetPolicy(100, (), (), False))).ok
                 await dc1.import_vm("vm1", memory, [disk])
                 await dc1.import_vm("vm2", memory, [disk])
 
                 # a clean run through a relay that never cuts: the yardstick
-                mid = await dc1.migrate("vm1", "dc3")
-                assert await wait_outcome(dc1, mid) == "committed"
-                await wait_vm(dc3, "vm1", "running")
-                assert image_hashes(dc3.backend.path("vm1")) == image_hashes(
-                    dc1.backend.path("vm1"))
+                mid = await migrate_checked(dc1, dc3, "vm1")
                 base = dc1.need_core().outcomes[mid]
                 assert clean.bytes > 0 and clean.killed == clean.resets == 0
 
@@ -188,13 +161,8 @@ def test_cut_data_path_resumes_without_resending_what_the_target_stored(tmp_path
                 # twice in the middle of round 1 and unreachable for a second each time
                 cut.cuts = [clean.bytes * 3 // 10, clean.bytes * 6 // 10]
                 rounds_before = dc1.transfer_stats["rounds_failed"]
-                mid2 = await dc1.migrate("vm2", "dc4")
-                assert await wait_outcome(dc1, mid2) == "committed"
+                mid2 = await migrate_checked(dc1, dc4, "vm2")
                 assert await wait_outcome(dc4, mid2) == "committed"
-                await wait_vm(dc4, "vm2", "running")
-                await wait_vm(dc1, "vm2", "retired")
-                assert image_hashes(dc4.backend.path("vm2")) == image_hashes(
-                    dc1.backend.path("vm2"))
                 out = dc1.need_core().outcomes[mid2]
                 print("clean run:", clean.bytes, "relayed bytes,", base.wire_bytes,
                       "wire bytes; cut twice:", cut.bytes, "relayed,", out.wire_bytes, "wire")
@@ -217,7 +185,7 @@ def test_a_cut_that_outlasts_the_budget_aborts_and_the_vm_stays(tmp_path: Path) 
         async with trio.open_nursery() as relays:
             dead = CutRelay(data_port(cfg, "dc2"), down_for=None)
             view = redirect(cfg, "dc1", {"dc2": await dead.start(relays)})
-            async with nodes_seeing(cfg, tmp_path / "data", {"dc1": view}) as nodes:
+            async with running_nodes(cfg, tmp_path / "data", views={"dc1": view}) as nodes:
                 dc1, dc2 = nodes["dc1"], nodes["dc2"]
                 dc1.v3.resume_budget = 2.0  # the default (15 s) is too long for a unit test
                 assert (await dc1.ledger.submit(SetPolicy(100, (), (), False))).ok

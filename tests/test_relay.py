@@ -31,11 +31,13 @@ from tests.node_harness import (
     image_hashes,
     make_federation,
     memory_image,
+    migrate_checked,
+    running_nodes,
     wait_outcome,
     wait_vm,
 )
 from tests.test_amst_io import chunked, real_bytes
-from tests.test_data_resume import nodes_seeing, redirect
+from tests.test_data_resume import redirect
 
 MiB = 1024 * 1024
 TRANSFER = b"relay-test-00001"
@@ -185,7 +187,7 @@ def test_migration_follows_a_bulk_route_through_the_third_dc(tmp_path: Path) -> 
     view = redirect(cfg, "dc1", {"dc3": _dead_port()})
 
     async def main() -> None:
-        async with nodes_seeing(cfg, tmp_path / "data", {"dc1": view}) as nodes:
+        async with running_nodes(cfg, tmp_path / "data", views={"dc1": view}) as nodes:
             dc1, dc2, dc3, dc4 = (nodes[n] for n in ("dc1", "dc2", "dc3", "dc4"))
             # the round reads the elected bulk route: a detour names its intermediate DC
             election = dc1.control.election
@@ -201,12 +203,7 @@ def test_migration_follows_a_bulk_route_through_the_third_dc(tmp_path: Path) -> 
             await dc1.import_vm("vm1", memory, [disk])
             await dc1.import_vm("vm2", memory, [disk])
 
-            mid = await dc1.migrate("vm1", "dc3")
-            assert await wait_outcome(dc1, mid) == "committed"
-            await wait_vm(dc3, "vm1", "running")
-            await wait_vm(dc1, "vm1", "retired")
-            assert image_hashes(dc3.backend.path("vm1")) == image_hashes(
-                dc1.backend.path("vm1"))
+            mid = await migrate_checked(dc1, dc3, "vm1")
             out = dc1.need_core().outcomes[mid]
             assert dc2.v3.relay.relayed_bytes >= out.wire_bytes - out.rounds * 64 * 1024
             assert dc1.v3.path_stats["relayed_streams"] >= 1
