@@ -233,7 +233,6 @@ def test_kill_source_mid_migration(tmp_path: Path) -> None:
     assert _kill_mid_migration(tmp_path, "dc1", random.Random(1)) == "dc1"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("run", range(10))
 def test_kill_source_or_target_at_random_moments(tmp_path: Path, run: int) -> None:
     rng = random.Random(int(os.environ.get("DWCP_KILL_SEED", "0")) * 100 + run)
