@@ -94,7 +94,10 @@ class CancelTimer:
 @attrs.frozen
 class Persist:
     """Write ``value`` under ``key`` to the durable store; ``sync`` makes it survive a crash
-    before the core's next event is delivered."""
+    before anything the core sends after it leaves the node. The runtime may hand the core
+    more events first (group commit: one transaction for the events waiting together), but
+    no Send of those events goes out before the write is durable; the simulator writes it
+    at once."""
 
     key: str
     value: bytes
