@@ -23,7 +23,7 @@ import attrs
 from mesh.modes import ModeLimits
 from sim.geo import REGIONS
 
-__all__ = ["FederationProfile", "ProfileError", "load_profile"]
+__all__ = ["FederationProfile", "ProfileError", "load_profile", "node_count"]
 
 
 class ProfileError(Exception):
@@ -66,3 +66,11 @@ def load_profile(path: str) -> FederationProfile:
                                f"{', '.join(REGIONS)}")
         regions[dc.name] = known
     return FederationProfile(str(path), names, regions, fed.modes)
+
+
+def node_count(profile: FederationProfile, nodes: int | None) -> int:
+    """The run's size: the file's DCs; a ``--nodes`` that disagrees is an error."""
+    if nodes is not None and nodes != len(profile.names):
+        raise ProfileError(f"--nodes {nodes} contradicts --federation {profile.path}, "
+                           f"which has {len(profile.names)} DCs")
+    return len(profile.names)

@@ -52,7 +52,7 @@ from typing import Any
 import attrs
 
 from mesh.modes import ModeLimits
-from sim.federation_profile import FederationProfile, load_profile
+from sim.federation_profile import FederationProfile, load_profile, node_count
 from sim.nemesis import BENIGN_KINDS, Nemesis
 from sim.world import SimError, Violation, World
 
@@ -212,10 +212,7 @@ def run_scenario(name: str, seed: int, nodes: int | None = None, swarm: bool = F
     profile = load_profile(federation) if federation is not None else None
     count = spec.nodes if nodes is None else nodes
     if profile is not None:
-        if nodes is not None and nodes != len(profile.names):
-            raise ValueError(f"--nodes {nodes} contradicts {federation}, which has "
-                             f"{len(profile.names)} DCs")
-        count = len(profile.names)
+        count = node_count(profile, nodes)
     if count < spec.min_nodes:
         raise ValueError(f"scenario {name} needs at least {spec.min_nodes} nodes, got {count}")
     started = time.perf_counter()
