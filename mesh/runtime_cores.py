@@ -9,8 +9,9 @@ one *group* before their actions are executed:
 * ``Persist`` -> the group's writes go to the store in one transaction
   (``store.put_many`` where the store has it), synced if any of them asks for
   it: on the event loop while the store's recent writes were quick (under
-  ``INLINE_WRITE``), else in a worker thread so a slow fsync never stalls the
-  event loop. Such a write completes before any other action of the group is
+  ``INLINE_WRITE``, or under ``IDLE_INLINE_WRITE`` when no other task is ready
+  to run), else in a worker thread so a slow fsync never stalls the event
+  loop. Such a write completes before any other action of the group is
   executed, so a synced ``Persist`` is durable before every ``Send`` that
   follows it, as ``Persist.sync`` promises (a group whose writes are all
   unsynced sends first and writes after: those writes promise nothing to a
@@ -61,6 +62,7 @@ __all__ = [
     "HostedCore", "CoreFailed", "Routes", "Handler", "Invocation", "INBOX_EVENTS",
     "DRAIN_EVENTS",
     "INLINE_WRITE",
+    "IDLE_INLINE_WRITE",
 ]
 
 #: Events waiting for one core. When full, the link readers feeding it wait, so
@@ -80,6 +82,14 @@ DRAIN_EVENTS = 64
 #: under load, a hop took 1-17 ms around SQLite commits that took 0.01-0.4 ms
 #: (WAL, synchronous=FULL); a write this short stalls the loop less than the hop.
 INLINE_WRITE = 0.0005
+#: ... unless no other task is ready to run: then nothing waits behind the loop
+#: but the I/O it would poll, and a write up to this long runs inline too (a hop
+#: costs two wake-ups with nothing to overlap). Measured with
+#: ``dwcp bench consensus`` on the 2-core test machine, one command at a time
+#: (three alternating runs each): p50 10.4-11.0 ms with every synced write in a
+#: thread, 9.5-9.7 ms with this rule. Bounded so a congested disk (a fsync of
+#: tens of milliseconds) never stalls the loop's keepalives and SWIM acks.
+IDLE_INLINE_WRITE = 0.005
 
 
 Handler = Callable[[str, Any], None]
@@ -92,6 +102,11 @@ class _Invoke:
     fn: Invocation
     label: str
     done: trio.Event
+
+
+def _loop_idle() -> bool:
+    """No other task is ready to run (it would wait behind an inline write)."""
+    return trio.lowlevel.current_statistics().tasks_runnable == 0
 
 
 class CoreFailed(Exception):
@@ -127,7 +142,8 @@ class HostedCore:
         #: recent duration of a store write (seconds), synced and unsynced apart: an
         #: unsynced SQLite commit takes ~10 us, a synced one an fsync (4 ms on the
         #: test machine's disk), and one average made the quick ones hop to a thread
-        #: too (1-17 ms under load). The first write of each kind runs in a thread.
+        #: too (1-17 ms under load). The first write of each kind runs in a thread
+        #: unless the loop is idle.
         self._write_cost = {True: INLINE_WRITE, False: INLINE_WRITE}
 
     async def deliver(self, event: Event) -> None:
@@ -257,7 +273,8 @@ class HostedCore:
             return time.perf_counter() - start
 
         cost = self._write_cost[sync]
-        took = put() if cost < INLINE_WRITE else await trio.to_thread.run_sync(put)
+        inline = cost < INLINE_WRITE or (cost < IDLE_INLINE_WRITE and _loop_idle())
+        took = put() if inline else await trio.to_thread.run_sync(put)
         self._write_cost[sync] = cost + (took - cost) / 8
 
     def _execute(self, action: Action) -> None:

@@ -115,6 +115,7 @@ async def test_slow_synced_writes_go_to_a_thread_and_quick_unsynced_ones_stay_in
 ) -> None:
     clock = [0.0]
     monkeypatch.setattr(runtime_cores.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(runtime_cores, "_loop_idle", lambda: False)  # other tasks are ready
     store = _TimedStore(clock)
     hosted = HostedCore("c", _Core(True), ("x",), send=lambda p, m: True, store=store,
                         log=JsonLog("t", None))
@@ -125,6 +126,24 @@ async def test_slow_synced_writes_go_to_a_thread_and_quick_unsynced_ones_stay_in
     # right after a synced one
     assert store.on_loop == [(True, False), (True, False), (False, False), (False, True),
                              (True, False), (False, True)]
+
+
+async def test_on_an_idle_loop_writes_under_the_idle_bound_run_inline_and_slower_ones_do_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(runtime_cores.time, "perf_counter", lambda: clock[0])
+    store = _TimedStore(clock)
+    hosted = HostedCore("c", _Core(True), ("x",), send=lambda p, m: True, store=store,
+                        log=JsonLog("t", None))
+    assert runtime_cores._loop_idle()  # this test's task is the only one
+    for _ in range(3):  # 4 ms synced writes: under IDLE_INLINE_WRITE, nothing to overlap
+        await hosted._write([Persist("k", b"v", True)])
+    assert store.on_loop == [(True, True)] * 3
+    store.on_loop.clear()
+    hosted._write_cost[True] = runtime_cores.IDLE_INLINE_WRITE  # a congested disk
+    await hosted._write([Persist("k", b"v", True)])
+    assert store.on_loop == [(True, False)]  # never stalls the loop's keepalives
 
 
 def test_sqlite_put_many_is_one_transaction_in_order(tmp_path: Path) -> None:
