@@ -22,6 +22,17 @@ Figures (issue 5):
 - ``view_change_recovery_ms``: n = 4, one node submitting one command at a
   time; the primary is killed with SIGKILL; the time from the kill until the
   first command submitted after it commits.
+
+Where the time goes (diagnostics, not targets):
+
+- ``batched_cpu_us_per_commit``, ``unbatched_cpu_us_per_commit``: user + system
+  CPU of all node processes during the loaded run (``/proc``), per commit; on
+  two cores 3,000 commits/s leave at most 667 us each;
+- ``batched_mean_batch``: commits per executed sequence number;
+- ``link_one_way_ms``, ``link_cpu_us_per_message``: two node processes (the same
+  runtime: websocket link, secure channel, hosted core) bouncing one message
+  back and forth; one hop's latency and the CPU both processes spend per
+  message. Every PBFT phase is at least one such hop.
 """
 
 from __future__ import annotations
@@ -230,6 +241,111 @@ async def _node_main(args: argparse.Namespace) -> None:
     store.close()
 
 
+# --------------------------------------------------------------------------- link hop
+
+
+#: The two processes of the link phase.
+PING_NAMES = ("pa", "pb")
+
+
+def _ping_type() -> type:
+    """The one message of the link phase, registered only in the processes that use it."""
+    from mesh import wire
+    from mesh.wire import U64, field
+
+    @wire.message("bench.ping", max_size=64)
+    class Ping:
+        n: int = field(U64())
+
+    return Ping
+
+
+async def _ping_main(args: argparse.Namespace) -> None:
+    """One end of the link phase: answer every ping at once; ``pa`` serves the first."""
+    import trio
+
+    from mesh.core import Received, Send
+    from mesh.runtime import Peer, Runtime
+    from mesh.runtime_log import JsonLog
+
+    ping = _ping_type()
+    me = PING_NAMES.index(args.name)
+    other = PING_NAMES[1 - me]
+    ports = [int(p) for p in args.ports.split(",")]
+    ident = bench_identity(args.name)
+    data = Path(args.dir)
+
+    class Echo:
+        count = 0
+
+        def handle(self, now: float, event: Any) -> list[Any]:
+            if isinstance(event, Received) and isinstance(event.message, ping):
+                self.count += 1
+                return [Send(event.peer, ping(event.message.n + 1))]
+            return []
+
+    core = Echo()
+    with open(data / f"{args.name}.log", "a") as logfile:
+        rt = Runtime(name=args.name, federation="bench", identity=ident, public_key=ident.public,
+                     peers=[Peer(other, bench_identity(other).public, "127.0.0.1", ports[1 - me])],
+                     listen_host="127.0.0.1", listen_port=ports[me], versions=(1,),
+                     log=JsonLog(args.name, logfile))
+        rt.add_core("echo", core, tags=("bench.",))  # type: ignore[arg-type]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rt.run)
+            while not rt.links:
+                await trio.sleep(0.02)
+            print("READY", flush=True)
+            await trio.wrap_file(sys.stdin).readline()
+            cpu0 = time.process_time()
+            if me == 0:
+                rt.send(other, ping(0))
+            await trio.sleep(args.duration)  # the measured span: the link works meanwhile
+            cpu, count = time.process_time() - cpu0, core.count
+            rt.shutdown()
+    tmp = data / f"{args.name}.result.tmp"
+    tmp.write_text(json.dumps({"count": count, "cpu": cpu}))
+    tmp.replace(data / f"{args.name}.result")
+
+
+def _link_hop(duration: float) -> tuple[float, float]:
+    """(one-way seconds, CPU microseconds per message) of one message bouncing between
+    two node processes for ``duration`` seconds."""
+    with tempfile.TemporaryDirectory(prefix="dwcp-bench-link-") as tmp:
+        ports = _free_ports(2)
+        procs = []
+        try:
+            for name in PING_NAMES:
+                cmd = [sys.executable, "-m", "bench.consensus", "ping", "--name", name,
+                       "--ports", ",".join(map(str, ports)), "--dir", tmp,
+                       "--duration", str(duration)]
+                err = open(Path(tmp) / f"{name}.stderr", "a")  # noqa: SIM115
+                procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                              stderr=err, text=True, cwd=os.getcwd()))
+            for name, proc in zip(PING_NAMES, procs, strict=True):
+                assert proc.stdout is not None
+                if proc.stdout.readline().strip() != "READY":
+                    raise RuntimeError(f"link process {name} did not come up")
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write("GO\n")
+                proc.stdin.flush()
+            for proc in procs:
+                proc.wait(timeout=duration + 30.0)
+            results = [json.loads((Path(tmp) / f"{m}.result").read_text()) for m in PING_NAMES]
+        except (subprocess.TimeoutExpired, OSError, ValueError) as exc:
+            raise RuntimeError(f"link phase failed: {exc}") from exc
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    messages = sum(r["count"] for r in results)
+    if messages == 0:
+        raise RuntimeError("no message crossed the link")
+    return duration / messages, sum(r["cpu"] for r in results) / messages * 1e6
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -326,26 +442,54 @@ class Cluster:
                 proc.wait()
 
 
+def _cpu_seconds(pids: list[int]) -> float | None:
+    """User + system CPU of ``pids`` so far (Linux ``/proc``); None where there is none."""
+    total = 0
+    try:
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (proc(5))
+    except (OSError, IndexError, ValueError):
+        return None
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+@attrs.frozen
+class LoadResult:
+    rate: float
+    latencies: list[float]
+    cpu_us_per_commit: float | None
+    mean_batch: float | None
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _loaded_run(n: int, window: int, duration: float, loaders: list[str] | None = None
-                ) -> tuple[float, list[float]]:
+                ) -> LoadResult:
     with tempfile.TemporaryDirectory(prefix="dwcp-bench-pbft-") as tmp:
         c = Cluster(n, Path(tmp))
         try:
             loaders = loaders if loaders is not None else c.names
             c.start_all({m: (window, duration) for m in loaders})
+            pids = [p.pid for p in c.procs.values()]
+            cpu0 = _cpu_seconds(pids)
             c.go(c.names)
             results = [c.result(m, duration + 60.0) for m in loaders]
+            cpu1 = _cpu_seconds(pids)
         finally:
             c.stop()
+        executed = [s["metrics"].get("executed_batches", 0) for m in c.names
+                    if (s := c.status(m)) is not None]
     lat = [x for r in results for x in r["latencies"]]
     walls = sorted(w for r in results for w in r["commit_walls"])
     span = (walls[-1] - walls[0]) if len(walls) > 1 else duration
-    return len(walls) / max(span, 1e-9), lat
+    cpu = None if cpu0 is None or cpu1 is None or not walls else (cpu1 - cpu0) / len(walls) * 1e6
+    batches = max(executed, default=0)
+    return LoadResult(len(walls) / max(span, 1e-9), lat, cpu,
+                      len(walls) / batches if batches else None)
 
 
 def _view_change_recovery(duration: float) -> float:
@@ -380,21 +524,33 @@ def run(args: argparse.Namespace) -> int:
         except (RuntimeError, OSError, ValueError) as exc:
             errors[name] = str(exc)
 
+    def rounded(x: float | None, digits: int) -> float | None:
+        return None if x is None else round(x, digits)
+
     def batched() -> None:
         out["batched_commits_per_s"] = out["batched_p99_ms"] = None
-        rate, lat = _loaded_run(4, args.window, args.duration)
-        out["batched_commits_per_s"] = round(rate, 1)
-        out["batched_p99_ms"] = round(_percentile(lat, 0.99) * 1000, 2)
+        r = _loaded_run(4, args.window, args.duration)
+        out["batched_commits_per_s"] = round(r.rate, 1)
+        out["batched_p99_ms"] = round(_percentile(r.latencies, 0.99) * 1000, 2)
+        out["batched_cpu_us_per_commit"] = rounded(r.cpu_us_per_commit, 0)
+        out["batched_mean_batch"] = rounded(r.mean_batch, 1)
 
     def unbatched() -> None:
         out["unbatched_p50_ms"] = None
-        _, lat = _loaded_run(4, 1, args.duration / 2, loaders=["n01"])
-        out["unbatched_p50_ms"] = round(_percentile(lat, 0.50) * 1000, 2)
+        r = _loaded_run(4, 1, args.duration / 2, loaders=["n01"])
+        out["unbatched_p50_ms"] = round(_percentile(r.latencies, 0.50) * 1000, 2)
+        out["unbatched_cpu_us_per_commit"] = rounded(r.cpu_us_per_commit, 0)
 
     def n16() -> None:
         out["n16_batched_commits_per_s"] = None
-        rate, _ = _loaded_run(16, args.n16_window, args.duration)
-        out["n16_batched_commits_per_s"] = round(rate, 1)
+        r = _loaded_run(16, args.n16_window, args.duration)
+        out["n16_batched_commits_per_s"] = round(r.rate, 1)
+
+    def link() -> None:
+        out["link_one_way_ms"] = out["link_cpu_us_per_message"] = None
+        hop, cpu = _link_hop(min(args.duration, 4.0))
+        out["link_one_way_ms"] = round(hop * 1000, 3)
+        out["link_cpu_us_per_message"] = rounded(cpu, 0)
 
     def recovery() -> None:
         out["view_change_recovery_ms"] = None
@@ -406,6 +562,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.skip_n16:
         phase("n16", n16)
     phase("view_change", recovery)
+    phase("link", link)
     if errors:
         out["errors"] = errors
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))
@@ -436,11 +593,24 @@ def _node_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _ping_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.consensus ping")
+    p.add_argument("--name", required=True, choices=PING_NAMES)
+    p.add_argument("--ports", required=True)
+    p.add_argument("--dir", required=True)
+    p.add_argument("--duration", type=float, required=True)
+    return p.parse_args(argv)
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["node"]:
-        sys.exit("usage: python -m bench.consensus node --name N ... (run by dwcp bench consensus)")
+    if sys.argv[1:2] not in (["node"], ["ping"]):
+        sys.exit("usage: python -m bench.consensus node|ping --name N ... "
+                 "(run by dwcp bench consensus)")
     import trio
 
+    if sys.argv[1] == "ping":
+        trio.run(_ping_main, _ping_args(sys.argv[2:]))
+        sys.exit(0)
     node_args = _node_args(sys.argv[2:])
     if os.environ.get("DWCP_BENCH_PROFILE"):  # where a node spends its CPU, for tuning
         import cProfile

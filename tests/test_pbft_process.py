@@ -45,3 +45,16 @@ def test_kill_9_replica_restarts_catches_up_and_ledgers_agree(tmp_path: Path) ->
     assert all(s.get("digest") for s in states.values()), states  # every ledger quiet
     assert len({(s["last_exec"], s["digest"]) for s in states.values()}) == 1, states
     assert int(states["n02"]["last_exec"]) > int(before["last_exec"])  # it kept up after
+
+
+@pytest.mark.processes
+def test_bench_smoke_a_short_loaded_run_and_the_link_phase_report_real_figures() -> None:
+    from bench.consensus import _link_hop, _loaded_run
+
+    r = _loaded_run(4, 4, 1.0)
+    assert r.rate > 0 and r.latencies
+    if r.cpu_us_per_commit is not None:  # None only without /proc
+        assert r.cpu_us_per_commit > 0
+    assert r.mean_batch is not None and r.mean_batch >= 1.0
+    hop, cpu = _link_hop(0.5)
+    assert 0 < hop < 0.5 and cpu > 0
