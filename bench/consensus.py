@@ -74,7 +74,9 @@ def names_for(n: int) -> list[str]:
 
 @attrs.frozen
 class _Submit:
-    """Commands the load task has ready at once (each is its own signed request)."""
+    """Commands the load task has ready at once: signed together, up to
+    ``MAX_REQUEST_COMMANDS`` per request (each command still has its own request
+    id, exactly-once execution, result and latency)."""
 
     commands: tuple[bytes, ...]
 
@@ -101,12 +103,16 @@ class BenchCore:
         from mesh.core import Notify
 
         if isinstance(event, _Submit):
+            from consensus.messages import MAX_REQUEST_COMMANDS
+
             actions = []
-            for command in event.commands:
-                rid, more = self.replica.submit(now, command)
+            for i in range(0, len(event.commands), MAX_REQUEST_COMMANDS):
+                rids, more = self.replica.submit_many(
+                    now, event.commands[i:i + MAX_REQUEST_COMMANDS])
                 actions.extend(more)
-                self.started[rid] = now
-                self.submit_walls[rid] = time.time()
+                for rid in rids:
+                    self.started[rid] = now
+                    self.submit_walls[rid] = time.time()
         elif isinstance(event, _Start):
             actions = self.replica.start(now)
         else:

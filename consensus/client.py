@@ -1,6 +1,8 @@
 """The client side of PBFT: a DC submitting ledger commands (OSDI'99 §4.1).
 
-The client signs a REQUEST, sends it to the primary (``Replica.submit``) and waits for f+1
+The client signs a REQUEST (one to ``MAX_REQUEST_COMMANDS`` commands submitted
+together, each with its own request id), sends it to the primary
+(``Replica.submit``) and waits, per command, for f+1
 REPLYs from distinct replicas with the same result: at least one of them is
 from a correct replica, so the result is the one the ledger computed. Until
 then it retransmits the request to every replica (the replicas answer a
@@ -30,7 +32,7 @@ from collections.abc import Hashable
 import attrs
 
 from consensus.ledger import CLIENT_WINDOW
-from consensus.messages import Envelope, Reply, Request, seal
+from consensus.messages import MAX_REQUEST_COMMANDS, Envelope, Reply, Request, seal
 from consensus.quorum import Quorum
 from mesh.core import Action, CancelTimer, Notify, Persist, SetTimer, Store
 from mesh.identity import Identity
@@ -85,19 +87,28 @@ class LedgerClient:
         self.srtt: float | None = None
         self.rttvar = 0.0
 
-    def submit(self, now: float, command: bytes) -> tuple[int, Envelope, list[Action]]:
-        if len(self.outstanding) >= CLIENT_WINDOW:
+    def submit(
+        self, now: float, commands: tuple[bytes, ...]
+    ) -> tuple[range, Request, Envelope, list[Action]]:
+        """Sign ``commands`` (1 to ``MAX_REQUEST_COMMANDS``) as one REQUEST; each
+        command gets its own request id and completes on its own."""
+        if not 1 <= len(commands) <= MAX_REQUEST_COMMANDS:
+            raise ValueError(f"a request carries 1 to {MAX_REQUEST_COMMANDS} commands, "
+                             f"got {len(commands)}")
+        if len(self.outstanding) + len(commands) > CLIENT_WINDOW:
             raise ClientBusy(f"{CLIENT_WINDOW} ledger commands are already in flight")
         actions: list[Action] = []
-        if self._next >= self._block_end:
-            self._block_end = self._next + ID_BLOCK
+        if self._next + len(commands) > self._block_end:
+            self._block_end = self._next + len(commands) + ID_BLOCK
             actions.append(Persist(_NEXT_KEY, self._block_end.to_bytes(8, "big")))
-        rid = self._next
-        self._next += 1
-        env = seal(self.identity, self.name, Request(self.name, rid, command))
-        out = self.outstanding[rid] = _Outstanding(env, now + self.timeout, now)
-        actions.append(self._arm(now, rid, out))
-        return rid, env, actions
+        rids = range(self._next, self._next + len(commands))
+        self._next = rids.stop
+        req = Request(self.name, rids.start, tuple(commands))
+        env = seal(self.identity, self.name, req)
+        for rid in rids:
+            out = self.outstanding[rid] = _Outstanding(env, now + self.timeout, now)
+            actions.append(self._arm(now, rid, out))
+        return rids, req, env, actions
 
     def retransmit_timeout(self) -> float:
         """RFC 6298 §2.3: RTO = SRTT + 4 RTTVAR, within [RETRANSMIT, RETRANSMIT_MAX]."""
@@ -149,7 +160,8 @@ class LedgerClient:
         if out.at_deadline:
             del self.outstanding[rid]
             return [Notify("ledger.timeout", {"request_id": rid})]
-        self.resend.append(out.envelope)
+        if all(env is not out.envelope for env in self.resend):  # once per request
+            self.resend.append(out.envelope)
         out.resent = True
         return [self._arm(now, rid, out)]
 

@@ -1,8 +1,9 @@
 """Execution, checkpoints, batch fetching and crash recovery of the PBFT replica.
 
 - Batches execute strictly in sequence order (OSDI'99 §4.2); each request of a
-  batch is checked again (signed by the client it names), applied exactly once
-  by the ledger, and answered with one signed REPLY per client and batch.
+  batch is checked again (signed by the client it names), each of its commands
+  applied exactly once by the ledger under its own request id, and answered
+  with one signed REPLY per client and batch.
 - After seq n with n mod K = 0 the replica signs CHECKPOINT(n, state digest);
   2f+1 matching ones make it stable: the low watermark moves to n and the log,
   batches and evidence at or below it are discarded (§4.3).
@@ -37,6 +38,7 @@ from consensus.messages import (
     SignatureError,
     Signed,
     digest,
+    request_ids,
 )
 from consensus.quorum import check_checkpoint_proof
 from mesh import wire
@@ -108,18 +110,20 @@ def execute(r: Replica, now: float, seq: int, data: bytes) -> None:
     for s in requests:
         try:
             req = r.verifier.open(s, (Request,))
+            assert isinstance(req, Request)
+            ids = request_ids(req)
         except SignatureError:
             continue
-        assert isinstance(req, Request)
         if req.client != s.sender:
             continue
+        results = replies.setdefault(req.client, [])
+        for rid, command in zip(ids, req.commands, strict=True):
+            if r.ledger.executed_result(req.client, rid) is None:
+                executed.append((req.client, rid))
+            results.append(Result(rid, r.ledger.execute(req.client, rid, command)))
         key = (req.client, req.request_id)
-        if r.ledger.executed_result(*key) is None:
-            executed.append(key)
-        result = r.ledger.execute(req.client, req.request_id, req.command)
         r._drop_pending(key)
         r.proposed.pop(key, None)
-        replies.setdefault(req.client, []).append(Result(req.request_id, result))
     for client, results in replies.items():
         reply = Reply(r.view, client, tuple(results))
         if client == r.name:

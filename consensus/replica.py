@@ -74,6 +74,7 @@ from consensus.messages import (
     ViewChange,
     batch_bytes,
     digest,
+    request_ids,
     seal,
 )
 from consensus.quorum import Quorum, ValidViewChange
@@ -321,8 +322,15 @@ class Replica:
         encoded :class:`~consensus.ledger.LedgerResult`) or
         ``Notify("ledger.timeout", {"request_id"})``. Raises
         :class:`~consensus.client.ClientBusy` with ``CLIENT_WINDOW`` commands in flight."""
-        rid, env, actions = self.client.submit(now, command)
-        self.verifier.remember(env.signed, Request(self.name, rid, command))
+        rids, actions = self.submit_many(now, (command,))
+        return rids.start, actions
+
+    def submit_many(self, now: float, commands: tuple[bytes, ...]) -> tuple[range, list[Action]]:
+        """Submit 1 to ``MAX_REQUEST_COMMANDS`` commands that are ready together as one
+        signed REQUEST (one signature, one check of it per replica); each command has
+        its own request id (in order) and completes on its own, as with :meth:`submit`."""
+        rids, req, env, actions = self.client.submit(now, commands)
+        self.verifier.remember(env.signed, req)
         self._emit(*actions)
         # OSDI'99 §4.1: the client sends its request to the primary; the backups get
         # it inside the PRE-PREPARE. They learn of it earlier only if it is stuck:
@@ -334,7 +342,7 @@ class Replica:
         else:
             self._broadcast(env)
         self._on_request(now, env.signed, self.name)
-        return rid, self._flush()
+        return rids, self._flush()
 
     def _on_timer(self, now: float, key: object) -> None:
         if key == STATUS_TIMER:
@@ -473,14 +481,19 @@ class Replica:
             self.evidence.count_malformed(peer)
             return
         assert isinstance(req, Request)
-        if req.client != signed.sender:
+        try:
+            ids = request_ids(req)
+        except SignatureError:
+            ids = range(0)
+        if req.client != signed.sender or not ids:
             self.evidence.count_malformed(peer)
             return
         key = (req.client, req.request_id)
-        done = self.ledger.executed_result(*key)
-        if done is not None:
-            reply = Reply(self.view, req.client, (Result(req.request_id, done),))
-            self._send(req.client, self._sign(reply))
+        if self.ledger.executed_result(*key) is not None:
+            # Its commands executed together, in one batch: answer with their results.
+            done = [Result(rid, res) for rid in ids
+                    if (res := self.ledger.executed_result(req.client, rid)) is not None]
+            self._send(req.client, self._sign(Reply(self.view, req.client, tuple(done))))
             return
         if key in self.pending:
             return
@@ -577,6 +590,7 @@ class Replica:
             for s in batch.requests:
                 req = self.verifier.open(s, (Request,))
                 assert isinstance(req, Request)
+                request_ids(req)
                 if req.client != s.sender:
                     raise SignatureError("request signed by another DC", "malformed")
         except (wire.WireError, SignatureError):

@@ -166,7 +166,7 @@ def _link() -> Link:
 
 def test_a_burst_on_a_link_leaves_as_one_bundle_and_a_lone_message_as_itself() -> None:
     link = _link()
-    msgs = [wire.encode(Request("a", i, b"x" * 10)) for i in range(3)]
+    msgs = [wire.encode(Request("a", i, (b"x" * 10,))) for i in range(3)]
     for m in msgs[1:]:
         assert link.enqueue(m)
     frame, carry = link._take_burst(msgs[0])

@@ -45,7 +45,7 @@ def timer_at(actions: Sequence[object]) -> float:
 
 def test_first_requests_retransmit_after_the_floor() -> None:
     c = client()
-    _rid, _env, actions = c.submit(10.0, b"cmd")
+    _rids, _req, _env, actions = c.submit(10.0, (b"cmd",))
     assert timer_at(actions) == 10.0 + RETRANSMIT
 
 
@@ -53,15 +53,17 @@ def test_slow_commits_stretch_the_timeout_and_fast_ones_shrink_it_to_the_floor()
     c = client()
     now = 0.0
     for _ in range(20):  # a loaded federation: 1.5 s per command, +-0.5 s
-        rid, _env, _ = c.submit(now, b"cmd")
+        rids, _req, _env, _ = c.submit(now, (b"cmd",))
+        rid = rids.start
         commit(c, rid, now + 1.5 + (0.5 if rid % 2 else -0.5))
         now += 3.0
     slow = c.retransmit_timeout()
     assert RETRANSMIT < slow <= RETRANSMIT_MAX
-    _rid, _env, actions = c.submit(now, b"cmd")
+    _rids, _req, _env, actions = c.submit(now, (b"cmd",))
     assert timer_at(actions) == now + slow
     for _ in range(60):  # quiet again: 5 ms per command
-        rid, _env, _ = c.submit(now, b"cmd")
+        rids, _req, _env, _ = c.submit(now, (b"cmd",))
+        rid = rids.start
         commit(c, rid, now + 0.005)
         now += 1.0
     assert c.retransmit_timeout() == RETRANSMIT
@@ -69,11 +71,13 @@ def test_slow_commits_stretch_the_timeout_and_fast_ones_shrink_it_to_the_floor()
 
 def test_timeout_is_capped_and_retransmitted_requests_are_no_sample() -> None:
     c = client()
-    rid, _env, _ = c.submit(0.0, b"cmd")
+    rids, _req, _env, _ = c.submit(0.0, (b"cmd",))
+    rid = rids.start
     commit(c, rid, 100.0)
     assert c.retransmit_timeout() == RETRANSMIT_MAX
     srtt = c.srtt
-    rid, _env, _ = c.submit(200.0, b"cmd")
+    rids, _req, _env, _ = c.submit(200.0, (b"cmd",))
+    rid = rids.start
     actions = c.on_timer(200.0 + RETRANSMIT_MAX, ("ledger-client", rid), NAMES)
     assert [e.body for e in c.take_resend()] == [c.outstanding[rid].envelope.body]
     assert timer_at(actions) == 200.0 + 2 * RETRANSMIT_MAX

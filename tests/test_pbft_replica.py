@@ -199,7 +199,7 @@ def test_duplicate_request_executes_once_and_is_answered_again() -> None:
     run_until_settled(c)
     rep = c.replica("n01")
     env = seal(identity_for("n01"), "n01", __import__("consensus.messages", fromlist=["Request"])
-               .Request("n01", rid, wire.encode(RegisterVm("vm-x", "n01"))))
+               .Request("n01", rid, (wire.encode(RegisterVm("vm-x", "n01")),)))
     actions = c.replica("n00").handle(c.world.now, Received("n01", env))
     assert [a.peer for a in actions if hasattr(a, "peer")] == ["n01"]  # the reply again
     assert len([k for k in c.request_seq if k == ("n01", rid)]) == 1
@@ -218,7 +218,8 @@ def test_client_needs_f_plus_one_matching_replies_and_times_out() -> None:
     client = c.replica("n01").client
     from consensus.messages import Reply, Result
 
-    rid2, _env, _ = client.submit(6.0, b"cmd")
+    rid2s, _req, _env, _ = client.submit(6.0, (b"cmd",))
+    rid2 = rid2s.start
     assert client.on_reply(6.1, "n00", Reply(0, "n01", (Result(rid2, b"A"),))) == []
     assert client.on_reply(6.1, "n02", Reply(0, "n01", (Result(rid2, b"B"),))) == []
     assert client.on_reply(6.1, "n00", Reply(0, "n01", (Result(rid2, b"A"),))) == []  # same DC

@@ -33,7 +33,7 @@ from consensus.ledger import (
     Ledger,
     RegisterVm,
 )
-from consensus.messages import Envelope
+from consensus.messages import MAX_REQUEST_COMMANDS, Envelope
 from consensus.replica import PbftConfig, Replica
 from mesh import wire
 from mesh.identity import Identity, PublicKey
@@ -196,11 +196,16 @@ class PbftCluster:
                 self.world.at(t, self._submitter(name, rng.random()), f"submit {name}")
 
     def _submitter(self, name: str, draw: float) -> Callable[[World], None]:
+        # Most submissions are one command; one in four signs several together
+        # (Replica.submit_many), as a DC does with commands that are ready at once.
+        count = 1 if draw < 0.75 else 2 + int(draw * 10_000) % (MAX_REQUEST_COMMANDS - 1)
+
         def submit(world: World) -> None:
             def go(replica: Replica, now: float) -> list[Any]:
-                cmd = self.command(name, replica.ledger, draw)
-                rid, actions = replica.submit(now, wire.encode(cmd))
-                self.submitted[name].add(rid)
+                cmds = tuple(wire.encode(self.command(name, replica.ledger, (draw + i / 7) % 1.0))
+                             for i in range(count))
+                rids, actions = replica.submit_many(now, cmds)
+                self.submitted[name].update(rids)
                 return actions
 
             world.invoke(name, "pbft", go, f"submit {name}")
