@@ -210,7 +210,12 @@ def _enter_view(
             execution.make_stable(r, min_s, own[0], best.body.checkpoint_proof)
         else:
             transfer.request_state(r, now)
-    r.next_seq = max(r.next_seq, r.low + 1, min_s + 1, (plan[-1][0] + 1) if plan else 0)
+    # The new view numbers on from the last sequence number in O (OSDI'99 §4.4):
+    # numbers a primary of an earlier view assigned beyond it never prepared at
+    # 2f+1 (else one of the 2f+1 VIEW-CHANGEs would carry them), so they are free
+    # again. Keeping the larger number of an earlier view left a gap that no
+    # primary would ever fill, and execution stopped (pbft-swarm seed 1453).
+    r.next_seq = max(r.low + 1, r.last_exec + 1, min_s + 1, (plan[-1][0] + 1) if plan else 0)
     for (seq, d), spp in zip(plan, pps, strict=True):
         if r._in_window(seq):
             pp_env = Envelope(spp.sender, spp.body, spp.sig)

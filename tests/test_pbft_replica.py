@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from consensus import viewchange
 from consensus.durable import ReplicaLog
 from consensus.ledger import LedgerResult, RegisterVm
 from consensus.messages import (
@@ -109,6 +110,32 @@ def test_silent_primary_is_replaced_by_a_view_change() -> None:
         assert r.view == 1 and r.active and r.primary == "n01"
         assert r.metrics["view_changes_completed"] == 1
     assert len(c.request_seq) == 6 - 2  # n00's own requests never left it
+
+
+def test_a_new_primary_numbers_on_from_the_new_view_not_from_its_own_old_proposals() -> None:
+    # n01 proposed sequence numbers in an earlier view that never prepared (here: its
+    # next number is set ahead by hand). When it becomes primary again it must start
+    # right after what NEW-VIEW carries, or the gap is never filled and nothing more
+    # executes (pbft-swarm seed 1453 stalled at 35 views this way).
+    c = cluster()
+    register_many(c, 4)
+    run_until_settled(c)
+    n01 = c.replica("n01")
+    executed = n01.last_exec
+    n01.next_seq = executed + 3  # two numbers of an old view that never prepared
+    def to_view_1(rep: Replica, now: float) -> list[object]:
+        viewchange.start_view_change(rep, now, 1)
+        return rep._flush()  # type: ignore[return-value]
+
+    for m in c.names:
+        c.world.invoke(m, "pbft", to_view_1, "view change")
+    c.world.run(until=c.world.now + 2.0)
+    assert n01.view == 1 and n01.active and n01.is_primary
+    assert n01.next_seq == executed + 1
+    submit(c, "n02", RegisterVm("vm-after", "n02"))
+    c.workload_end = c.world.now  # type: ignore[attr-defined]
+    run_until_settled(c, until=c.world.now + 30.0)
+    assert "vm-after" in n01.ledger.vms and n01.last_exec == executed + 1
 
 
 def test_view_change_timeout_doubles_while_no_new_view_arrives() -> None:
