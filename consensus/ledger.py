@@ -253,12 +253,17 @@ class Ledger:
         results[request_id] = result
         ids = self._ids.setdefault(client, [])
         heapq.heappush(ids, request_id)
+        changed = [request_id]
         while len(results) > CLIENT_WINDOW:
             oldest = heapq.heappop(ids)
             del results[oldest]
+            changed.append(oldest)
             floor = max(floor, oldest + 1)
         self._clients[client] = (floor, results)
         self.check_invariants(self._touched)
+        # every change goes to the snapshot encoder as it happens (see snapshot())
+        self._encoder.touched(self.vms, self._touched, self.migrations, self._touched_migrations)
+        self._encoder.touched_results(client, results, changed)
         return result
 
     def _apply(self, client: str, command: bytes) -> LedgerResult:
@@ -390,7 +395,8 @@ class Ledger:
     def snapshot(self) -> bytes:
         """The canonical bytes of the whole state (sorted, so replicas agree byte for byte):
         ``wire.encode`` of :meth:`snapshot_message`, from cached record encodings."""
-        return self._encoder.encode(self.vms, self.migrations, self.policy, self._clients)
+        return self._encoder.encode(self.vms, self.migrations, self.policy, self._clients,
+                                    touched=True)
 
     def snapshot_message(self) -> LedgerSnapshot:
         """The whole state as one wire message (what :meth:`snapshot` encodes)."""
