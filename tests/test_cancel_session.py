@@ -230,3 +230,29 @@ def test_world_cancel_in_precopy_ends_with_the_vm_at_its_source() -> None:
     assert w.sessions[SRC].reason == CANCEL_REASON  # type: ignore[union-attr]
     assert w.ledger.migrations[MID].state == "aborted"
 
+
+
+def test_world_an_offer_that_arrives_after_the_abort_is_prepared_then_discarded() -> None:
+    """The source cancels while its offer is on the way; the abort is decided before
+    the offer reaches the target, which has not heard of the abort yet: it prepares
+    (it cannot know better), and discards when the abort reaches it."""
+    from tests.test_migration_world import World
+
+    w = World(SetPolicy(0, (), (), False))
+    for _ in range(200):
+        if any(type(m).__name__ == "MigrationOffer" for _, _, m in w.net):
+            break
+        assert w.step_forward(time_passes=False)
+    offer = next(i for i, (_, _, m) in enumerate(w.net) if type(m).__name__ == "MigrationOffer")
+    while w.cursor[TGT] < len(w.facts):  # the target has heard of the begin
+        w.deliver_fact(TGT)
+    assert isinstance(w.sessions[TGT], TargetSession)
+    w.feed(SRC, CancelRequested())
+    while w.ledger_queue:
+        w.execute_next(0)
+    assert w.mig_state() == "aborted" and not w.tgt_prepared
+    w.deliver_message(offer)
+    assert w.tgt_prepared  # the target's ledger has not told it yet
+    w.settle()
+    assert not w.tgt_prepared and w.tgt_started is None, "the target discarded its copy"
+    assert w.ledger.owner("vm1") == SRC and w.src_running

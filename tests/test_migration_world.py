@@ -214,7 +214,12 @@ class World:
             self.src_running = False
             self.src_retired = True
         elif isinstance(a, PrepareIncoming):
-            assert node == TGT and self.mig_state() == "begun"
+            # The target prepares only while, as far as it has been told, the migration
+            # is begun: an abort it has not heard of yet (the source cancelled while its
+            # offer was on the way) is answered by DiscardIncoming when it arrives.
+            told = self.facts[: self.cursor[TGT]]
+            assert node == TGT and self.mig_state() in ("begun", "aborted")
+            assert not any(isinstance(f, (LedgerAborted, LedgerCommitted)) for f in told)
             self.tgt_prepared = True
             if self.tgt_content is None:
                 self.tgt_content = -1
@@ -416,6 +421,7 @@ class World:
             assert src.phase is Phase.ABORTED
             assert self.src_running and not self.src_fenced
             assert self.tgt_started is None
+            assert not self.tgt_prepared, "the target kept its incoming copy after the abort"
             assert self.ledger.owner(VM) == SRC and self.ledger.epoch(VM) == 0
 
 
