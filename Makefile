@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench chaos lint corpus corpus-small clean
+.PHONY: demo test bench chaos lint browser-check corpus corpus-small clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,12 @@ chaos: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.all
+
+# make browser-check: the dashboard of a running node, loaded in a real (headless)
+# Chromium; make test runs the same test only where a Chromium is installed.
+browser-check: $(STAMP)
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium-headless-shell
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_dashboard.py -k real_browser
 
 lint: $(STAMP)
 	$(BIN)/ruff check mesh consensus federation sim bench tests

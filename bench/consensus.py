@@ -15,8 +15,9 @@ Figures (issue 5):
   the window is the offered load at which they are read: by Little's law the
   commands in flight are throughput x latency, so 3,000/s with p99 <= 50 ms
   leaves room for at most ~150 in flight over the four nodes. On the 2-core
-  test machine (docs/BENCHMARKS.md) 4 x 16 in flight gave ~2,940/s at p99
-  31-35 ms, 4 x 24 ~3,980/s at 39-41 ms and 4 x 32 ~4,770/s at 45-49 ms:
+  test machine (docs/BENCHMARKS.md) 4 x 16 in flight gave 2,911-2,956/s at
+  p99 31-35 ms, 4 x 24 3,483-3,982/s at 39-45 ms and 4 x 32 4,734-4,817/s at
+  45-49 ms:
   the batch holds what arrived while the previous one ran, so more in flight
   means larger batches and fewer messages per command, until the wait
   dominates; 24 sits in the middle of the range where both hold;

@@ -1,7 +1,9 @@
 """The dashboard page (``GET /``, federation/dashboard.py): served self-contained; every
 /api/status field its script reads is declared and exists in real status documents (of
-a source, a target, a bystander and a node without a ledger); and, where Node.js is
-installed, the script itself renders those documents against a minimal DOM."""
+a source, a target, a bystander and a node without a ledger); where Node.js is
+installed, the script itself renders those documents against a minimal DOM; and where
+a headless Chromium is installed (``make browser-check`` installs Debian's
+chromium-headless-shell), a real browser loads the page from a running node."""
 
 from __future__ import annotations
 
@@ -195,3 +197,58 @@ def test_every_field_exists_in_real_status_documents_and_renders(tmp_path: Path)
     assert mid in bystander["migrations"]
     alone = _render(script(), docs["no-ledger"], tmp_path)
     assert "PBFT needs" in alone["ledger"] and alone["policy"] == "-"
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium-headless-shell") or shutil.which("chromium")
+
+
+def test_a_real_browser_renders_the_page_of_a_running_node(tmp_path: Path) -> None:
+    """Chromium loads GET / from dc1 after a committed migration, runs the page's script
+    against the live /api/status, and the DOM it leaves shows the migration, the VM,
+    the peers and the ledger, with no script error on the console."""
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("needs a headless Chromium (`make browser-check` installs "
+                    "chromium-headless-shell)")
+    cfg = make_federation(tmp_path / "fed")
+    memory, disk = real_vm(tmp_path / "vm")
+    seen: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with running_nodes(cfg, tmp_path / "data") as nodes:
+            dc1 = nodes["dc1"]
+            code, doc = await call(dc1, "POST", "/api/vms", {
+                "name": "web", "memory": str(memory), "disks": [str(disk)]})
+            assert code == 201, doc
+            code, doc = await call(dc1, "POST", "/api/migrations", {"vm": "web", "to": "dc2"})
+            assert code == 202
+            seen["mid"] = doc["id"]
+            assert await wait_outcome(dc1, doc["id"]) == "committed"
+            url = f"http://{dc1.api_host}:{dc1.api_port}/"
+            # Virtual time stands still while a fetch is pending, so the budget covers
+            # the first poll and its redraw however slow the machine is.
+            run = await trio.run_process(
+                [chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000",
+                 "--enable-logging=stderr", "--v=0", "--dump-dom", url],
+                capture_stdout=True, capture_stderr=True, check=False)
+            seen["dom"], seen["log"] = run.stdout.decode(), run.stderr.decode()
+            assert run.returncode == 0, seen["log"][-2000:]
+
+    trio.run(main)
+    dom, log = seen["dom"], seen["log"]
+    console = [ln for ln in log.splitlines() if ":CONSOLE" in ln]
+    assert not [ln for ln in console if "Uncaught" in ln or "Error" in ln], console
+
+    def text_of(element_id: str) -> str:
+        match = re.search(rf'<[^>]+id="{element_id}"[^>]*>(.*?)</(?:div|table|section|p|h1|'
+                          rf'span|svg|tbody|ul)>', dom, re.DOTALL)
+        assert match is not None, f"no element {element_id!r} in the DOM"
+        return re.sub(r"<[^>]+>", " ", match.group(1))
+
+    assert "DC dc1 of federation local" in text_of("title")
+    assert seen["mid"] in dom and "committed" in dom
+    assert "web" in dom and "dc2" in dom
+    assert dom.count("alive") >= 3
+    assert 'id="banner"' in dom and re.search(r'id="banner"[^>]*display:\s*none', dom)
