@@ -17,6 +17,10 @@ ledger's word comes first:
   idempotent by migration id); anything else means the replica is behind the record,
   and restoring must wait until it has caught up.
 
+A record already COMMITTED or ABORTED is final whatever the replica says: a session
+only gets there on the ledger's decision, and a replica replaying its log after the
+restart may still show the migration begun.
+
 Every action a restored session emits is idempotent at the driver (fence, un-fence,
 retire, start with the same epoch, discard), so a crash in the middle of carrying
 them out is repaired by restoring again.
@@ -101,6 +105,12 @@ def restore(
     ):
         raise MigrationError(f"migration {rec.migration_id!r}: ledger record does not match")
     source = s.role is Role.SOURCE
+    if s.phase in (Phase.COMMITTED, Phase.ABORTED):
+        # A session reaches these only on the ledger's word, so the outcome was decided
+        # before the crash; a replica still replaying its log may show the migration
+        # begun, and acting on that would re-run an old migration's end: a source
+        # retiring a VM that has since come back to it (migration-chaos seed 5651).
+        return s, []
     if ledger is not None and ledger.state == "committed":
         if s.phase is Phase.COMMITTED:
             return s, []

@@ -237,6 +237,26 @@ def test_source_restart_after_the_final_round_waits_for_the_commit() -> None:
     assert one(r.handle(51.0, LedgerCommitted("m1", 4, ROOT)), Retire)
 
 
+@pytest.mark.parametrize("outcome", ["committed", "aborted"])
+@pytest.mark.parametrize("replica_shows", ["begun", None])
+def test_a_finished_session_stays_finished_whatever_a_replaying_replica_shows(
+    outcome: str, replica_shows: str | None,
+) -> None:
+    # The source committed (or aborted) before the crash; at the restart its replica,
+    # still replaying its log, shows the migration begun (or not yet recorded). The VM
+    # may have moved again since (back to this DC): nothing may be retired, un-fenced
+    # or submitted again (migration-chaos seed 5651 retired a VM at its owner).
+    s = session()
+    verifying(s)
+    event = (LedgerCommitted("m1", 4, ROOT) if outcome == "committed"
+             else LedgerAborted("m1"))
+    data = saved(s.handle(10.0, event))
+    rec = ledger_rec(replica_shows) if replica_shows else None
+    r, actions = restore(data, rec, 50.0)
+    assert r.phase.value == outcome and r.done and actions == []
+    assert r.handle(51.0, event) == []  # the replay's decision, when it comes, is no news
+
+
 def test_source_planned_resubmits_begin_when_the_ledger_has_nothing() -> None:
     s = session()
     r, actions = restore(saved(s.start(0.0)), None, 5.0)
