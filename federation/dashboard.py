@@ -115,8 +115,9 @@ function table(id, head, rows, empty) {
   });
   box.appendChild(t);
 }
-function route(hops) {
-  if (!hops) return el("span", "none", "bad");
+function route(hops, lk) {
+  // No route yet while the link has no estimate (the first seconds after a start).
+  if (!hops) return lk.mode === null ? el("span", "measuring", "muted") : el("span", "none", "bad");
   return el("span", hops.length <= 2 ? "direct" : "via " + hops.slice(1, -1).join(", "));
 }
 function bar(fraction) {
@@ -173,7 +174,7 @@ function render(st) {
                   lk.rtt_ms === null ? null : lk.rtt_ms.toFixed(1),
                   lk.loss === null ? null : (100 * lk.loss).toFixed(2) + "%",
                   lk.bandwidth_mbps === null ? null : lk.bandwidth_mbps.toFixed(0),
-                  lk.mode, route(rt.control[p]), route(rt.bulk[p])];
+                  lk.mode, route(rt.control[p], lk), route(rt.bulk[p], lk)];
         }), "no peers");
 
   const led = st.ledger;

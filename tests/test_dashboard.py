@@ -180,9 +180,19 @@ def test_every_field_exists_in_real_status_documents_and_renders(tmp_path: Path)
     assert "web" in src["vms"] and "dc2" in src["vms"]
     assert src["peers"].count("alive") == 3 and src["peers"].count(" up ") == 3
     for kind in ("control", "bulk"):
-        for hops in docs["dc1"]["routes"][kind].values():
-            shown = "none" if hops is None else "direct" if len(hops) == 2 else "via " + hops[1]
+        for peer, hops in docs["dc1"]["routes"][kind].items():
+            unmeasured = docs["dc1"]["links"][peer]["mode"] is None
+            shown = (("measuring" if unmeasured else "none") if hops is None
+                     else "direct" if len(hops) == 2 else "via " + hops[1])
             assert shown in src["peers"]
+    # No route: "measuring" while the link has no estimate yet, "none" once it has one.
+    fresh = json.loads(json.dumps(docs["dc1"]))
+    for peer in fresh["links"]:
+        fresh["links"][peer]["mode"] = None
+        fresh["routes"]["control"][peer] = fresh["routes"]["bulk"][peer] = None
+    fresh["links"]["dc4"]["mode"] = "datacenter"
+    shown = _render(script(), fresh, tmp_path)["peers"]
+    assert shown.count("measuring") == 2 * (len(fresh["links"]) - 1) and shown.count("none") == 2
     detour = json.loads(json.dumps(docs["dc1"]))
     detour["routes"]["bulk"]["dc3"] = ["dc1", "dc4", "dc3"]
     detour["routes"]["control"]["dc3"] = ["dc1", "dc3"]
