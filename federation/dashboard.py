@@ -57,7 +57,7 @@ STATUS_FIELDS: frozenset[str] = frozenset({
     "migrations[].role", "migrations[].ledger", "migrations[].phase", "migrations[].round",
     "migrations[].bytes_sent", "migrations[].received_bytes", "migrations[].total_bytes",
     "migrations[].wire_bytes", "migrations[].dirty_rate", "migrations[].eta",
-    "migrations[].version", "migrations[].outcome",
+    "migrations[].version", "migrations[].streams", "migrations[].outcome",
     "migrations[].outcome.outcome", "migrations[].outcome.reason",
     "migrations[].outcome.fenced_seconds",
 })
@@ -119,6 +119,12 @@ function route(hops, lk) {
   // No route yet while the link has no estimate (the first seconds after a start).
   if (!hops) return lk.mode === null ? el("span", "measuring", "muted") : el("span", "none", "bad");
   return el("span", hops.length <= 2 ? "direct" : "via " + hops.slice(1, -1).join(", "));
+}
+function dataPath(mg) {
+  // Only the source knows: its v3 streams by the DC that relayed them, or v1's control link.
+  if (mg.streams === undefined) return null;
+  const via = Object.keys(mg.streams).map(k => k === "direct" ? "direct" : "via " + k);
+  return via.length ? via.join(", ") : mg.version === 1 ? "control link" : null;
 }
 function bar(fraction) {
   const outer = el("span", null, "bar"), inner = el("div");
@@ -208,7 +214,7 @@ function render(st) {
         "no VMs");
   table("migrations", ["migration", "VM", "from", "to", "role", "ledger", "phase", "round",
                        "progress", "sent (wire)", "dirty pages/s", "ETA", "version",
-                       "outcome"],
+                       "data path", "outcome"],
         st.migrations.map(mg => {
           const moved = mg.role === "target" ? mg.received_bytes : mg.bytes_sent;
           const total = mg.total_bytes || 0;
@@ -223,7 +229,7 @@ function render(st) {
                   total ? bar((moved || 0) / total) : null,
                   moved === undefined ? null : bytes(moved) + " (" + bytes(mg.wire_bytes) + ")",
                   mg.dirty_rate === undefined ? null : mg.dirty_rate.toFixed(0), eta,
-                  mg.version === undefined ? null : "v" + mg.version, end];
+                  mg.version === undefined ? null : "v" + mg.version, dataPath(mg), end];
         }), "no migrations");
 }
 

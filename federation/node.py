@@ -240,6 +240,9 @@ class Node:
         }
         #: migration id -> rounds delivered per version ("v1"/"v3") from this source
         self.transfer_paths: dict[str, dict[str, int]] = {}
+        #: migration id -> bulk streams opened from this source, by the DC that relayed
+        #: them ("direct" for none): the path its v3 data took (federation.node_v3)
+        self.stream_paths: dict[str, dict[str, int]] = {}
         self.v3 = NodeV3(self)
         #: migrations whose data-plane state is dropped once their running round ends
         self._finish_after_round: set[str] = set()

@@ -61,8 +61,10 @@ def migration_status(node: Node, mid: str) -> dict[str, Any] | None:
                    version=session.version, reason=session.reason)
         if session.target == node.name:
             out["received_bytes"] = node.received_bytes.get(mid, 0)
-        else:  # rounds delivered per data-plane version ("v1", "v3")
+        else:  # rounds delivered per data-plane version ("v1", "v3"), and the v3
+            # bulk streams opened per DC that relayed them ("direct" for none)
             out["data_plane"] = dict(node.transfer_paths.get(mid, {}))
+            out["streams"] = dict(node.stream_paths.get(mid, {}))
     progress = core.progress.get(mid)
     if progress is not None:
         out["progress"] = attrs.asdict(progress)

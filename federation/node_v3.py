@@ -136,6 +136,7 @@ class NodeV3:
         direct = self._address(target)
         assert direct is not None, f"{target} is a DC of the federation"
         state = {"via": via}
+        paths = self.node.stream_paths.setdefault(mid, {})
 
         async def connect() -> trio.abc.Stream:
             hop = state["via"]
@@ -150,8 +151,11 @@ class NodeV3:
                                         target=target, error=str(exc))
                 else:
                     self.path_stats["relayed_streams"] += 1
+                    paths[hop] = paths.get(hop, 0) + 1
                     return stream
-            return await connect_data(*direct)
+            stream = await connect_data(*direct)
+            paths["direct"] = paths.get("direct", 0) + 1
+            return stream
 
         return connect
 

@@ -302,6 +302,17 @@ def table(rows: list[list[str]]) -> str:
                      for r in rows)
 
 
+def data_path(migration: dict[str, Any]) -> str:
+    """Where a migration's data went, as its source saw it: the DCs that relayed its v3
+    streams ("direct" for none), or v1's control link; "-" elsewhere or before a stream."""
+    streams = migration.get("streams")
+    if streams is None:
+        return "-"
+    if streams:
+        return ", ".join("direct" if k == "direct" else f"via {k}" for k in streams)
+    return "control link" if migration.get("version") == 1 else "-"
+
+
 def render_status(doc: dict[str, Any]) -> str:
     led = doc["ledger"]
     if "unavailable" in led:
@@ -329,9 +340,9 @@ def render_status(doc: dict[str, Any]) -> str:
     vms += [[v["name"], _s(v["owner"]), _s(v["epoch"]), _s(v["here"]), _s(v["migrating"])]
             for v in doc["vms"]]
     out += [table(vms) if len(vms) > 1 else "no VMs", ""]
-    migs = [["MIGRATION", "VM", "FROM", "TO", "LEDGER", "PHASE", "ROUND", "SENT"]]
+    migs = [["MIGRATION", "VM", "FROM", "TO", "LEDGER", "PHASE", "ROUND", "SENT", "PATH"]]
     migs += [[m["id"], _s(m.get("vm")), _s(m.get("source")), _s(m.get("target")),
               _s(m.get("ledger")), _s(m.get("phase")), _s(m.get("round")),
-              _human(m.get("bytes_sent") or 0)] for m in doc["migrations"]]
+              _human(m.get("bytes_sent") or 0), data_path(m)] for m in doc["migrations"]]
     out.append(table(migs) if len(migs) > 1 else "no migrations")
     return "\n".join(out)

@@ -177,6 +177,10 @@ def test_every_field_exists_in_real_status_documents_and_renders(tmp_path: Path)
     assert "DC dc1 of federation local" in src["title"]
     mid = docs["dc1"]["migrations"][0]["id"]
     assert mid in src["migrations"] and "committed" in src["migrations"]
+    assert "control link" in src["migrations"]  # a v1 migration, seen at its source
+    relayed = json.loads(json.dumps(docs["dc1"]))
+    relayed["migrations"][0].update(version=3, streams={"dc4": 6, "direct": 2})
+    assert "via dc4, direct" in _render(script(), relayed, tmp_path)["migrations"]
     assert "web" in src["vms"] and "dc2" in src["vms"]
     assert src["peers"].count("alive") == 3 and src["peers"].count(" up ") == 3
     for kind in ("control", "bulk"):

@@ -80,6 +80,8 @@ def test_v3_migration_then_back_then_v1_fallback(tmp_path: Path) -> None:
             doc = status(dc1)
             mine = next(m for m in doc["migrations"] if m["id"] == mid)
             assert mine["data_plane"] == {"v3": out.rounds} and mine["version"] == 3
+            # every bulk stream of the rounds went straight to dc3 (no relay on the route)
+            assert list(mine["streams"]) == ["direct"] and mine["streams"]["direct"] >= out.rounds
 
             # back dc3 -> dc1: dc1 still holds its retired copy, so round 1 is a diff
             # against it and only what the writer changed crosses

@@ -255,3 +255,14 @@ def test_progress_and_status_rendering() -> None:
     text = render_status(doc)
     assert "dc2   alive   up    1.2" in text and "datacenter  dc2" in text
     assert "no VMs" in text and "no migrations" in text
+    base = {"vm": "web", "source": "dc1", "target": "dc3", "ledger": "begun",
+            "phase": "precopy", "round": 1, "bytes_sent": 1 << 20}
+    doc["migrations"] = [
+        {"id": "m-relayed", **base, "version": 3, "streams": {"dc2": 4, "direct": 1}},
+        {"id": "m-v1", **base, "version": 1, "streams": {}},
+        {"id": "m-target", **base, "role": "target"},
+    ]
+    rows = {line.split()[0]: line for line in render_status(doc).splitlines()
+            if line.startswith("m-")}
+    assert rows["m-relayed"].endswith("1.0 MiB  via dc2, direct")
+    assert rows["m-v1"].endswith("control link") and rows["m-target"].endswith("-")

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from consensus.ledger import SetPolicy
-from federation.node_status import NodeCollector
+from federation.node_status import NodeCollector, status
 from federation.relay import DataRelay, RelayOpen, RelayRefused, open_relayed
 from mesh import identity
 from mesh.amst_io import AmstServer, TransferCut, send_transfer
@@ -208,6 +208,9 @@ def test_migration_follows_a_bulk_route_through_the_third_dc(tmp_path: Path) -> 
             assert dc2.v3.relay.relayed_bytes >= out.wire_bytes - out.rounds * 64 * 1024
             assert dc1.v3.path_stats["relayed_streams"] >= 1
             assert dc1.v3.path_stats["relay_fallbacks"] == 0
+            # the source's status says which DC carried the migration's streams
+            mine = next(m for m in status(dc1)["migrations"] if m["id"] == mid)
+            assert list(mine["streams"]) == ["dc2"] and mine["streams"]["dc2"] >= out.rounds
             registry = CollectorRegistry(auto_describe=False)
             registry.register(NodeCollector(dc2))
             families = {m.name: m for m in text_string_to_metric_families(
@@ -225,6 +228,9 @@ def test_migration_follows_a_bulk_route_through_the_third_dc(tmp_path: Path) -> 
                 dc1.backend.path("vm2"))
             assert dc1.v3.path_stats["relay_fallbacks"] >= 1
             assert dc2.v3.relay.refused.get("busy", 0) >= 1
+            # refused by the relay, every stream of this migration went direct
+            streams = next(m for m in status(dc1)["migrations"] if m["id"] == mid2)["streams"]
+            assert list(streams) == ["direct"], streams
             assert dc2.v3.relay.relayed_bytes == before
 
     trio.run(main)
