@@ -57,7 +57,8 @@ STATUS_FIELDS: frozenset[str] = frozenset({
     "migrations[].role", "migrations[].ledger", "migrations[].phase", "migrations[].round",
     "migrations[].bytes_sent", "migrations[].received_bytes", "migrations[].total_bytes",
     "migrations[].wire_bytes", "migrations[].dirty_rate", "migrations[].eta",
-    "migrations[].version", "migrations[].streams", "migrations[].outcome",
+    "migrations[].version", "migrations[].streams", "migrations[].data_plane",
+    "migrations[].outcome",
     "migrations[].outcome.outcome", "migrations[].outcome.reason",
     "migrations[].outcome.fenced_seconds",
 })
@@ -121,10 +122,12 @@ function route(hops, lk) {
   return el("span", hops.length <= 2 ? "direct" : "via " + hops.slice(1, -1).join(", "));
 }
 function dataPath(mg) {
-  // Only the source knows: its v3 streams by the DC that relayed them, or v1's control link.
+  // Only the source knows: its v3 streams by the DC that relayed them, v1 rounds on the
+  // control link.
   if (mg.streams === undefined) return null;
   const via = Object.keys(mg.streams).map(k => k === "direct" ? "direct" : "via " + k);
-  return via.length ? via.join(", ") : mg.version === 1 ? "control link" : null;
+  if (mg.data_plane.v1) via.push("control link");
+  return via.length ? via.join(", ") : null;
 }
 function bar(fraction) {
   const outer = el("span", null, "bar"), inner = el("div");

@@ -304,13 +304,15 @@ def table(rows: list[list[str]]) -> str:
 
 def data_path(migration: dict[str, Any]) -> str:
     """Where a migration's data went, as its source saw it: the DCs that relayed its v3
-    streams ("direct" for none), or v1's control link; "-" elsewhere or before a stream."""
+    streams ("direct" for none), or the control link for v1 rounds; "-" elsewhere and
+    before any data went."""
     streams = migration.get("streams")
     if streams is None:
         return "-"
-    if streams:
-        return ", ".join("direct" if k == "direct" else f"via {k}" for k in streams)
-    return "control link" if migration.get("version") == 1 else "-"
+    via = ["direct" if k == "direct" else f"via {k}" for k in streams]
+    if (migration.get("data_plane") or {}).get("v1"):
+        via.append("control link")
+    return ", ".join(via) or "-"
 
 
 def render_status(doc: dict[str, Any]) -> str:

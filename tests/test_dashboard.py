@@ -179,7 +179,8 @@ def test_every_field_exists_in_real_status_documents_and_renders(tmp_path: Path)
     assert mid in src["migrations"] and "committed" in src["migrations"]
     assert "control link" in src["migrations"]  # a v1 migration, seen at its source
     relayed = json.loads(json.dumps(docs["dc1"]))
-    relayed["migrations"][0].update(version=3, streams={"dc4": 6, "direct": 2})
+    relayed["migrations"][0].update(version=3, streams={"dc4": 6, "direct": 2},
+                                    data_plane={"v3": 2})
     assert "via dc4, direct" in _render(script(), relayed, tmp_path)["migrations"]
     assert "web" in src["vms"] and "dc2" in src["vms"]
     assert src["peers"].count("alive") == 3 and src["peers"].count(" up ") == 3

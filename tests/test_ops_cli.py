@@ -258,11 +258,16 @@ def test_progress_and_status_rendering() -> None:
     base = {"vm": "web", "source": "dc1", "target": "dc3", "ledger": "begun",
             "phase": "precopy", "round": 1, "bytes_sent": 1 << 20}
     doc["migrations"] = [
-        {"id": "m-relayed", **base, "version": 3, "streams": {"dc2": 4, "direct": 1}},
-        {"id": "m-v1", **base, "version": 1, "streams": {}},
+        {"id": "m-relayed", **base, "version": 3, "streams": {"dc2": 4, "direct": 1},
+         "data_plane": {"v3": 2}},
+        {"id": "m-v1", **base, "version": 1, "streams": {}, "data_plane": {"v1": 2}},
+        {"id": "m-fallback", **base, "version": 3, "streams": {"direct": 4},
+         "data_plane": {"v3": 1, "v1": 1}},
+        {"id": "m-none", **base, "version": 1, "streams": {}, "data_plane": {}},
         {"id": "m-target", **base, "role": "target"},
     ]
     rows = {line.split()[0]: line for line in render_status(doc).splitlines()
             if line.startswith("m-")}
     assert rows["m-relayed"].endswith("1.0 MiB  via dc2, direct")
     assert rows["m-v1"].endswith("control link") and rows["m-target"].endswith("-")
+    assert rows["m-fallback"].endswith("direct, control link") and rows["m-none"].endswith("-")
