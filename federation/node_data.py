@@ -8,9 +8,9 @@ number. The sender keeps at most ``WINDOW`` chunks unacknowledged, so a round
 never overfills the link's outbox (``mesh.runtime_link.OUTBOX_MESSAGES``).
 
 This is DESIGN.md's v1 ("one stream, no delta, no compression"): every page of
-round 1 and every dirtied page of later rounds crosses the link as it is. The
-AMST/HDE data plane (v3) is not wired into the node yet; the node offers only
-version 1 for its transfers.
+round 1 and every dirtied page of later rounds crosses the link as it is. A
+migration uses it when the rollout policy or a peer rules out v3 (HDE over AMST,
+:mod:`federation.node_v3`), and when v3 falls back mid-migration.
 """
 
 from __future__ import annotations
