@@ -52,6 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sweep.add_argument("--swarm", action="store_true")
     sweep.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     sweep.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    # No bound by default: runs differ by four orders of magnitude (a PBFT run ~0.2 s,
+    # a 24-hour flaky-node run 35 min on the 2-core test machine).
+    sweep.add_argument("--run-timeout", type=float, default=0.0, metavar="SECONDS",
+                       help="a run still going after this much wall-clock time fails as "
+                            "wall-clock and the sweep goes on (default 0: no bound)")
     sweep.set_defaults(func=_sweep)
 
 
@@ -165,10 +170,12 @@ def _parse_seeds(text: str) -> range:
 
 
 def _one(name: str, seed: int, nodes: int | None, swarm: bool,
-         params: dict[str, Any], federation: str | None = None) -> dict[str, Any]:
+         params: dict[str, Any], federation: str | None = None,
+         wall_limit: float | None = None) -> dict[str, Any]:
     from sim.scenario import run_scenario
 
-    result = run_scenario(name, seed, nodes, swarm, params=params, federation=federation)
+    result = run_scenario(name, seed, nodes, swarm, params=params, federation=federation,
+                          wall_limit=wall_limit)
     return {"seed": seed, "ok": result.ok, "trace_hash": result.trace_hash,
             "events": result.events, "wall_seconds": result.wall_seconds,
             "violations": [v.as_json() for v in result.violations],
@@ -182,6 +189,9 @@ def _sweep(args: argparse.Namespace) -> int:
     params = _params(args.param)
     if args.jobs < 1:
         raise CommandError(f"--jobs {args.jobs}: must be at least 1")
+    if not args.run_timeout >= 0:  # also refuses nan
+        raise CommandError(f"--run-timeout {args.run_timeout}: must be 0 (no bound) or more")
+    wall_limit = args.run_timeout or None
     started = time.perf_counter()
     failures: list[dict[str, Any]] = []
     events = 0
@@ -190,7 +200,7 @@ def _sweep(args: argparse.Namespace) -> int:
     step = max(1, len(seeds) // 10)
     with ProcessPoolExecutor(max_workers=min(args.jobs, len(seeds))) as pool:
         futures = [pool.submit(_one, args.name, s, args.nodes, args.swarm, params,
-                               args.federation) for s in seeds]
+                               args.federation, wall_limit) for s in seeds]
         for future in as_completed(futures):
             outcome = future.result()
             done += 1

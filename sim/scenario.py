@@ -54,7 +54,7 @@ import attrs
 from mesh.modes import ModeLimits
 from sim.federation_profile import FederationProfile, load_profile, node_count
 from sim.nemesis import BENIGN_KINDS, Nemesis
-from sim.world import SimError, Violation, World
+from sim.world import SimError, Violation, WallClockExceeded, World
 
 __all__ = ["scenario", "Run", "ScenarioSpec", "RunResult", "run_scenario", "registry",
            "replay_command", "LIVENESS_STEP"]
@@ -197,13 +197,15 @@ def replay_command(name: str, seed: int, nodes: int, swarm: bool,
 def run_scenario(name: str, seed: int, nodes: int | None = None, swarm: bool = False,
                  trace: Callable[[str], None] | None = None,
                  params: dict[str, Any] | None = None,
-                 horizon: float | None = None, federation: str | None = None) -> RunResult:
+                 horizon: float | None = None, federation: str | None = None,
+                 wall_limit: float | None = None) -> RunResult:
     """Run scenario ``name`` with ``seed``. ``params`` are the scenario's overrides;
     ``federation`` is the path of an operator's federation file whose DCs (names, so
     their number; regions; ``[modes]``) replace the scenario's ``n00 …`` nodes;
     ``horizon`` (for tests) ends both phases by that virtual time, whatever the scenario
     asks for: a run cut short is still deterministic, but its liveness verdict is not
-    meaningful."""
+    meaningful. ``wall_limit``: seconds of wall-clock time after which the run fails
+    with a ``wall-clock`` violation (a sweep's guard against a run that never ends)."""
     import sim.scenarios  # noqa: F401  (registers every scenario)
 
     spec = registry.get(name)
@@ -219,6 +221,8 @@ def run_scenario(name: str, seed: int, nodes: int | None = None, swarm: bool = F
     run = Run(spec, seed, count, swarm, params, profile)
     world = run.world
     world.trace_to(trace)
+    if wall_limit is not None:
+        world.wall_deadline = time.monotonic() + wall_limit
     faults: list[str] = []
     violations: list[Violation] = []
     try:
@@ -232,6 +236,8 @@ def run_scenario(name: str, seed: int, nodes: int | None = None, swarm: bool = F
         if world.violation is None:
             run.nemesis.heal_all()
             _quiet_phase(run)
+    except WallClockExceeded as exc:
+        violations.append(Violation(world.now, "wall-clock", str(exc), world.describe_event()))
     except SimError as exc:
         violations.append(Violation(world.now, "exception", str(exc), world.describe_event()))
     except Exception as exc:  # a bug in the scenario or a checker: still a replayable failure

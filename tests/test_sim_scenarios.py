@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from sim import partitions
 from sim.cli import register
 from sim.counter import CounterCore
 from sim.scenario import Run, registry, run_scenario, scenario
+from sim.world import WALL_CHECK_EVENTS, World
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = sorted(registry)
@@ -173,6 +175,38 @@ def stuck_scenario() -> Iterator[str]:
     del registry["test-stuck"]
 
 
+@pytest.fixture
+def storm_scenario() -> Iterator[str]:
+    """A run that never ends: a callback that schedules itself again at the same
+    virtual time, so virtual time never reaches the end of the fault phase."""
+
+    @scenario("test-storm", nodes=2, faults_until=10.0, quiet=5.0)
+    def storm(run: Run) -> None:
+        def again(world: World) -> None:
+            world.at(world.now, again, "again")
+
+        run.world.at(1.0, again, "again")
+
+    yield "test-storm"
+    del registry["test-storm"]
+
+
+def test_a_run_past_its_wall_clock_bound_fails_and_says_so(storm_scenario: str) -> None:
+    started = time.monotonic()
+    result = run_scenario(storm_scenario, 1, wall_limit=0.3)
+    assert time.monotonic() - started < 5.0
+    assert not result.ok
+    v = result.violations[0]
+    assert v.checker == "wall-clock" and "longer than its wall-clock bound" in v.message
+    assert v.time == pytest.approx(1.0) and result.events > WALL_CHECK_EVENTS
+
+
+def test_a_wall_clock_bound_that_does_not_fire_changes_nothing() -> None:
+    free = run_scenario("counter-partitions", 3)
+    bounded = run_scenario("counter-partitions", 3, wall_limit=600.0)
+    assert free.ok and bounded.ok and free.trace_hash == bounded.trace_hash
+
+
 def test_liveness_is_checked_within_the_quiet_bound(stuck_scenario: str) -> None:
     result = run_scenario(stuck_scenario, 1)
     assert not result.ok
@@ -223,6 +257,15 @@ def test_cli_sweep_reports_failures_with_replay(stuck_scenario: str,
     assert "2/2 runs, 2 failed" in captured.err
 
 
+def test_cli_sweep_goes_on_past_a_run_that_never_ends(storm_scenario: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli(["sim", "sweep", storm_scenario, "--seeds", "1-2", "--jobs", "2",
+                 "--run-timeout", "0.3"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("[wall-clock]") == 2 and "2/2 runs, 2 failed" in captured.err
+    assert "replay: dwcp sim run test-storm --seed 1 --nodes 2" in captured.out
+
+
 def test_cli_errors_name_the_option() -> None:
     from federation.cli import CommandError
 
@@ -230,6 +273,8 @@ def test_cli_errors_name_the_option() -> None:
         _cli(["sim", "run", "nope", "--seed", "1"])
     with pytest.raises(CommandError, match="--seeds"):
         _cli(["sim", "sweep", "counter-calm", "--seeds", "5-x"])
+    with pytest.raises(CommandError, match="--run-timeout -1"):
+        _cli(["sim", "sweep", "counter-calm", "--seeds", "1", "--run-timeout", "-1"])
     with pytest.raises(CommandError, match="--nodes 1"):
         _cli(["sim", "run", "counter-partitions", "--seed", "1", "--nodes", "1"])
 
