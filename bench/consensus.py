@@ -44,6 +44,7 @@ Where the time goes (diagnostics, not targets):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -54,12 +55,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import attrs
 
-__all__ = ["register", "Cluster", "bench_identity"]
+__all__ = ["register", "Cluster", "bench_identity", "spawn", "tell", "process_group"]
 
 #: Seconds a node gets to link up with every peer before the run is abandoned.
 READY_TIMEOUT = 60.0
@@ -320,38 +322,57 @@ async def _ping_main(args: argparse.Namespace) -> None:
     tmp.replace(data / f"{args.name}.result")
 
 
+def spawn(args: list[str], stderr: Path) -> subprocess.Popen[str]:
+    """``python args...`` with pipes for stdin and stdout (text) and its stderr appended
+    to ``stderr``."""
+    err = open(stderr, "a")  # noqa: SIM115 (the child holds it; closed with the process)
+    return subprocess.Popen([sys.executable, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=err, text=True, cwd=os.getcwd())
+
+
+def tell(procs: list[subprocess.Popen[str]], line: str) -> None:
+    """Write ``line`` to the stdin of every process in ``procs``."""
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write(line + "\n")
+        proc.stdin.flush()
+
+
+@contextlib.contextmanager
+def process_group(what: str) -> Iterator[list[subprocess.Popen[str]]]:
+    """A list to put started processes in: whatever is still running at the end is
+    killed, and a timeout, OS or JSON error on the way becomes a RuntimeError that
+    says ``what`` failed."""
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        yield procs
+    except (subprocess.TimeoutExpired, OSError, ValueError) as exc:
+        raise RuntimeError(f"{what} failed: {exc}") from exc
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def _link_hop(duration: float) -> tuple[float, float]:
     """(one-way seconds, CPU microseconds per message) of one message bouncing between
     two node processes for ``duration`` seconds."""
-    with tempfile.TemporaryDirectory(prefix="dwcp-bench-link-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="dwcp-bench-link-") as tmp, \
+            process_group("link phase") as procs:
         ports = _free_ports(2)
-        procs = []
-        try:
-            for name in PING_NAMES:
-                cmd = [sys.executable, "-m", "bench.consensus", "ping", "--name", name,
-                       "--ports", ",".join(map(str, ports)), "--dir", tmp,
-                       "--duration", str(duration)]
-                err = open(Path(tmp) / f"{name}.stderr", "a")  # noqa: SIM115
-                procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                              stderr=err, text=True, cwd=os.getcwd()))
-            for name, proc in zip(PING_NAMES, procs, strict=True):
-                assert proc.stdout is not None
-                if proc.stdout.readline().strip() != "READY":
-                    raise RuntimeError(f"link process {name} did not come up")
-            for proc in procs:
-                assert proc.stdin is not None
-                proc.stdin.write("GO\n")
-                proc.stdin.flush()
-            for proc in procs:
-                proc.wait(timeout=duration + 30.0)
-            results = [json.loads((Path(tmp) / f"{m}.result").read_text()) for m in PING_NAMES]
-        except (subprocess.TimeoutExpired, OSError, ValueError) as exc:
-            raise RuntimeError(f"link phase failed: {exc}") from exc
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        for name in PING_NAMES:
+            procs.append(spawn(["-m", "bench.consensus", "ping", "--name", name,
+                                "--ports", ",".join(map(str, ports)), "--dir", tmp,
+                                "--duration", str(duration)], Path(tmp) / f"{name}.stderr"))
+        for name, proc in zip(PING_NAMES, procs, strict=True):
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "READY":
+                raise RuntimeError(f"link process {name} did not come up")
+        tell(procs, "GO")
+        for proc in procs:
+            proc.wait(timeout=duration + 30.0)
+        results = [json.loads((Path(tmp) / f"{m}.result").read_text()) for m in PING_NAMES]
     messages = sum(r["count"] for r in results)
     if messages == 0:
         raise RuntimeError("no message crossed the link")
@@ -387,13 +408,12 @@ class Cluster:
 
     def start(self, name: str, window: int = 0, duration: float = 0.0) -> None:
         self.runs += 1
-        cmd = [sys.executable, "-m", "bench.consensus", "node", "--name", name,
-               "--n", str(self.n), "--ports", ",".join(map(str, self.ports)),
-               "--dir", str(self.dir), "--window", str(window), "--duration", str(duration),
-               "--view-timeout", str(self.view_timeout), "--run", str(self.runs)]
-        err: TextIO = open(self.dir / f"{name}.stderr", "a")  # noqa: SIM115
-        self.procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                            stderr=err, text=True, cwd=os.getcwd())
+        self.procs[name] = spawn(
+            ["-m", "bench.consensus", "node", "--name", name,
+             "--n", str(self.n), "--ports", ",".join(map(str, self.ports)),
+             "--dir", str(self.dir), "--window", str(window), "--duration", str(duration),
+             "--view-timeout", str(self.view_timeout), "--run", str(self.runs)],
+            self.dir / f"{name}.stderr")
 
     def start_all(self, loads: dict[str, tuple[int, float]]) -> None:
         for name in self.names:
@@ -411,11 +431,7 @@ class Cluster:
                 raise RuntimeError(f"node {name} did not come up: see {self.dir}/{name}.stderr")
 
     def go(self, names: list[str]) -> None:
-        for name in names:
-            stdin = self.procs[name].stdin
-            assert stdin is not None
-            stdin.write("GO\n")
-            stdin.flush()
+        tell([self.procs[name] for name in names], "GO")
 
     def kill(self, name: str) -> float:
         """SIGKILL: no shutdown path runs, only what was fsynced survives."""

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -259,59 +257,42 @@ class FloorResult:
 
 def floor_run(commands: int, signed: bool, synced: bool) -> FloorResult:
     """Run ``commands`` measured commands (after ``WARMUP``) among four processes."""
-    from bench.consensus import _cpu_seconds, _free_ports
+    from bench.consensus import _cpu_seconds, _free_ports, process_group, spawn, tell
 
-    with tempfile.TemporaryDirectory(prefix="dwcp-bench-floor-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="dwcp-bench-floor-") as tmp, \
+            process_group("floor run") as procs:
         ports = _free_ports(N)
-        procs: list[subprocess.Popen[str]] = []
-        try:
-            for i in range(N):
-                cmd = [sys.executable, "-m", "bench.pbft_floor", "--index", str(i),
-                       "--ports", ",".join(map(str, ports)), "--dir", tmp,
-                       "--commands", str(commands)]
-                cmd += ["--signed"] if signed else []
-                cmd += ["--synced"] if synced else []
-                err = open(Path(tmp) / f"floor{i}.stderr", "a")  # noqa: SIM115
-                procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                              stderr=err, text=True, cwd=os.getcwd()))
-            for i, proc in enumerate(procs):
-                assert proc.stdout is not None
-                if proc.stdout.readline().strip() != "READY":
-                    stderr = (Path(tmp) / f"floor{i}.stderr").read_text()[-2000:]
-                    raise RuntimeError(f"floor process {i} did not come up: {stderr}")
-            cpu0 = _cpu_seconds([p.pid for p in procs])
-            _tell(procs, "GO")
-            client = Path(tmp) / f"floor{CLIENT}.result"
-            deadline = time.monotonic() + 60.0 + commands * 0.1
-            while not client.exists():  # waiting for the processes, not standing in for work
-                if time.monotonic() > deadline or procs[CLIENT].poll() is not None:
-                    stderr = (Path(tmp) / f"floor{CLIENT}.stderr").read_text()[-2000:]
-                    raise RuntimeError(f"the floor client finished no run: {stderr}")
-                time.sleep(0.05)
-            cpu1 = _cpu_seconds([p.pid for p in procs])
-            _tell(procs, "STOP")
-            for proc in procs:
-                proc.wait(timeout=30.0)
-            results = [json.loads((Path(tmp) / f"floor{i}.result").read_text())
-                       for i in range(N)]
-        except (subprocess.TimeoutExpired, OSError, ValueError) as exc:
-            raise RuntimeError(f"floor run failed: {exc}") from exc
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        for i in range(N):
+            args = ["-m", "bench.pbft_floor", "--index", str(i),
+                    "--ports", ",".join(map(str, ports)), "--dir", tmp,
+                    "--commands", str(commands)]
+            args += ["--signed"] if signed else []
+            args += ["--synced"] if synced else []
+            procs.append(spawn(args, Path(tmp) / f"floor{i}.stderr"))
+        for i, proc in enumerate(procs):
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "READY":
+                stderr = (Path(tmp) / f"floor{i}.stderr").read_text()[-2000:]
+                raise RuntimeError(f"floor process {i} did not come up: {stderr}")
+        cpu0 = _cpu_seconds([p.pid for p in procs])
+        tell(procs, "GO")
+        client = Path(tmp) / f"floor{CLIENT}.result"
+        deadline = time.monotonic() + 60.0 + commands * 0.1
+        while not client.exists():  # waiting for the processes, not standing in for work
+            if time.monotonic() > deadline or procs[CLIENT].poll() is not None:
+                stderr = (Path(tmp) / f"floor{CLIENT}.stderr").read_text()[-2000:]
+                raise RuntimeError(f"the floor client finished no run: {stderr}")
+            time.sleep(0.05)
+        cpu1 = _cpu_seconds([p.pid for p in procs])
+        tell(procs, "STOP")
+        for proc in procs:
+            proc.wait(timeout=30.0)
+        results = [json.loads((Path(tmp) / f"floor{i}.result").read_text()) for i in range(N)]
     latencies = results[CLIENT]["latencies"]
-    cpu = None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) / commands * 1e6
+    # the CPU window holds the warm-up commands too
+    cpu = None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) / (WARMUP + commands) * 1e6
     sent = sum(r["sent"] for r in results)
     return FloorResult(latencies, cpu, sent / (WARMUP + commands))
-
-
-def _tell(procs: list[subprocess.Popen[str]], line: str) -> None:
-    for proc in procs:
-        assert proc.stdin is not None
-        proc.stdin.write(line + "\n")
-        proc.stdin.flush()
 
 
 def run(args: argparse.Namespace) -> int:
