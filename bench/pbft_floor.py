@@ -42,8 +42,10 @@ F = 1
 PRIMARY = 0
 #: The submitting node: a backup, as in ``dwcp bench consensus``'s unbatched phase.
 CLIENT = 1
-#: Size of every message before its signature: a signed PREPARE or COMMIT of the
-#: replica is 150-200 bytes on the wire (consensus/messages.py).
+#: Size of every message before its signature (64 bytes more when signed). The
+#: replica's messages of one unbatched command, as encoded for the wire (signature
+#: included): REQUEST 140-142, PRE-PREPARE 285-288, PREPARE 271-273, COMMIT 132-133,
+#: REPLY 124-125 bytes, 193 on average over the 28.
 FRAME_BYTES = 160
 #: Commands run before the measured ones (connections warm, caches filled).
 WARMUP = 50
