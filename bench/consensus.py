@@ -94,11 +94,32 @@ class _Start:
     """Ask the replica for its start-up actions (the runtime does not call ``start``)."""
 
 
+class PeersUp:
+    """The peers whose link is up, from the ``PeerUp``/``PeerDown`` events the runtime
+    gives every core; ``all_up`` is set once all ``expected`` are."""
+
+    def __init__(self, expected: int, all_up: Any) -> None:
+        self.expected = expected
+        self.all_up = all_up  # a trio.Event
+        self.up: set[str] = set()
+
+    def see(self, event: Any) -> None:
+        from mesh.core import PeerDown, PeerUp
+
+        if isinstance(event, PeerUp):
+            self.up.add(event.peer)
+            if len(self.up) >= self.expected:
+                self.all_up.set()
+        elif isinstance(event, PeerDown):
+            self.up.discard(event.peer)
+
+
 class BenchCore:
     """The replica, plus submissions from the load task and a record of completions."""
 
-    def __init__(self, replica: Any) -> None:
+    def __init__(self, replica: Any, peers: PeersUp) -> None:
         self.replica = replica
+        self.peers = peers
         self.started: dict[int, float] = {}
         self.submit_walls: dict[int, float] = {}
         self.latencies: list[float] = []
@@ -106,10 +127,13 @@ class BenchCore:
         #: (submitted, committed) wall-clock times of each command
         self.pairs: list[tuple[float, float]] = []
         self.on_commit: Any = None
+        #: called when a commit leaves no command of this node in flight
+        self.on_idle: Any = None
 
     def handle(self, now: float, event: Any) -> list[Any]:
         from mesh.core import Notify
 
+        self.peers.see(event)
         if isinstance(event, _Submit):
             from consensus.messages import MAX_REQUEST_COMMANDS
 
@@ -137,6 +161,8 @@ class BenchCore:
                         self.pairs.append((self.submit_walls.pop(a.detail["request_id"]), wall))
                         if self.on_commit is not None:
                             self.on_commit()
+                        if not self.started and self.on_idle is not None:
+                            self.on_idle()
                     continue
                 if a.kind == "pbft.executed":
                     continue  # one log line per batch would dominate the run
@@ -171,7 +197,8 @@ async def _node_main(args: argparse.Namespace) -> None:
     )
     replica = Replica(args.name, ident, keys, ReplicaLog(store), random.Random(),
                       PbftConfig(view_timeout=args.view_timeout))
-    core = BenchCore(replica)
+    linked = trio.Event()
+    core = BenchCore(replica, PeersUp(len(peers), linked))
     rt.add_core("pbft", core, tags=("pbft",))
     # The runtime has no public way to hand a core an event from outside yet
     # (the simulator's World.invoke); the bench uses its core host directly.
@@ -222,9 +249,11 @@ async def _node_main(args: argparse.Namespace) -> None:
                     cmds.append(wire.encode(RegisterVm(f"vm-{args.name}-{args.run}-{i}",
                                                        args.name)))
                 await hosted.deliver(_Submit(tuple(cmds)))  # type: ignore[arg-type]
-        with trio.move_on_after(10.0):  # let the commands in flight complete
-            while core.started:
-                await trio.sleep(0.01)
+        if core.started:  # let the commands in flight complete
+            drained = trio.Event()
+            core.on_idle = drained.set
+            with trio.move_on_after(10.0):
+                await drained.wait()
         tmp = data / f"{args.name}.result.tmp"
         tmp.write_text(json.dumps({"latencies": core.latencies, "commit_walls": core.commit_walls,
                                    "pairs": core.pairs}))
@@ -238,8 +267,7 @@ async def _node_main(args: argparse.Namespace) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
         await hosted.deliver(_Start())  # type: ignore[arg-type]
-        while len(rt.links) < len(peers):
-            await trio.sleep(0.02)
+        await linked.wait()
         print("READY", flush=True)
         async with trio.open_nursery() as work:
             work.start_soon(status_loop)
@@ -289,10 +317,14 @@ async def _ping_main(args: argparse.Namespace) -> None:
     ident = bench_identity(args.name)
     data = Path(args.dir)
 
+    linked = trio.Event()
+    peers = PeersUp(1, linked)
+
     class Echo:
         count = 0
 
         def handle(self, now: float, event: Any) -> list[Any]:
+            peers.see(event)
             if isinstance(event, Received) and isinstance(event.message, ping):
                 self.count += 1
                 return [Send(event.peer, ping(event.message.n + 1))]
@@ -307,8 +339,7 @@ async def _ping_main(args: argparse.Namespace) -> None:
         rt.add_core("echo", core, tags=("bench.",))  # type: ignore[arg-type]
         async with trio.open_nursery() as nursery:
             await nursery.start(rt.run)
-            while not rt.links:
-                await trio.sleep(0.02)
+            await linked.wait()
             print("READY", flush=True)
             await trio.wrap_file(sys.stdin).readline()
             cpu0 = time.process_time()
