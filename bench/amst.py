@@ -43,9 +43,9 @@ import trio
 import zstandard
 
 from mesh import identity
-from mesh.amst_io import AmstServer, send_transfer
-from mesh.amst_policy import CHUNK_MAX
+from mesh.amst.policy import CHUNK_MAX
 from mesh.channel import SecureChannel
+from mesh.runtime.amst_transfer import AmstServer, send_transfer
 
 __all__ = ["register", "measure"]
 
@@ -222,7 +222,7 @@ class ImageSource:
     chunk is ``offset (8 bytes) + one zstd frame``; ``prepare`` compresses it in a worker."""
 
     #: The most image one chunk carries: even incompressible, 3 MiB + zstd's bound stays
-    #: inside AMST's 4 MiB chunk limit (mesh.amst.MAX_CHUNK_BYTES).
+    #: inside AMST's 4 MiB chunk limit (mesh.amst.receiver.MAX_CHUNK_BYTES).
     MAX_LOGICAL = 3 * 1024 * 1024
     PAGE = 4096
 

@@ -1,9 +1,9 @@
 """``dwcp bench consensus``: PBFT among real node processes on loopback.
 
 Each replica is its own OS process (``python -m bench.consensus node ...``): a
-:class:`mesh.runtime.Runtime` (websocket control links, secure channels, its
+:class:`mesh.runtime.node_runtime.Runtime` (websocket control links, secure channels, its
 SQLite store in WAL mode with ``synchronous=FULL``) hosting the sans-I/O
-:class:`consensus.replica.Replica`. Load comes from the nodes' own ledger
+:class:`consensus.pbft.replica.Replica`. Load comes from the nodes' own ledger
 clients (every DC is a client): each keeps ``window`` ledger commands in
 flight (``RegisterVm``, a real ledger write) and times each one from submit to
 f+1 matching signed replies.
@@ -135,7 +135,7 @@ class BenchCore:
 
         self.peers.see(event)
         if isinstance(event, _Submit):
-            from consensus.messages import MAX_REQUEST_COMMANDS
+            from consensus.pbft.messages import MAX_REQUEST_COMMANDS
 
             actions = []
             for i in range(0, len(event.commands), MAX_REQUEST_COMMANDS):
@@ -175,11 +175,11 @@ async def _node_main(args: argparse.Namespace) -> None:
 
     from consensus.durable import ReplicaLog
     from consensus.ledger import RegisterVm
-    from consensus.replica import PbftConfig, Replica
+    from consensus.pbft.replica import PbftConfig, Replica
     from mesh import wire
-    from mesh.runtime import Peer, Runtime
-    from mesh.runtime_log import JsonLog
-    from mesh.runtime_store import SQLiteStore
+    from mesh.runtime.log import JsonLog
+    from mesh.runtime.node_runtime import Peer, Runtime
+    from mesh.runtime.sqlite_store import SQLiteStore
 
     names = names_for(args.n)
     ports = [int(p) for p in args.ports.split(",")]
@@ -307,8 +307,8 @@ async def _ping_main(args: argparse.Namespace) -> None:
     import trio
 
     from mesh.core import Received, Send
-    from mesh.runtime import Peer, Runtime
-    from mesh.runtime_log import JsonLog
+    from mesh.runtime.log import JsonLog
+    from mesh.runtime.node_runtime import Peer, Runtime
 
     ping = _ping_type()
     me = PING_NAMES.index(args.name)

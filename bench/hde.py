@@ -47,7 +47,7 @@ from typing import Any
 
 import zstandard
 
-from federation.real_data import memory_regions, snapshot_memory
+from federation.demo.real_data import memory_regions, snapshot_memory
 from mesh.hde.codec import ChunkPlan, delta_body, encode_chunk
 from mesh.hde.image import FP_SIZE, PAGE_SIZE, UNIFORM_FP, Image, PageSource, open_image
 from mesh.hde.index import BLOCK_PAGES, PageIndex, block_digest, build_index
@@ -66,7 +66,8 @@ SAMPLE_CHUNKS = 8
 #: figures say what two uncontended cores would choose, not how busy the machine was (on
 #: the shared build machine, wall-clock speeds halved under load and the warm level swung
 #: between 12 and 16 from run to run). A node measures with the wall clock
-#: (federation.data_v3.choose_chunk_level): there the CPU it actually gets is what counts.
+#: (federation.dataplane.v3_protocol.choose_chunk_level): there the CPU it actually gets
+#: is what counts.
 LEVEL_CLOCK = time.thread_time
 #: How long the process works between its two memory snapshots ("a few hundred ms").
 WORK_S = 0.3

@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-from federation.cli import CommandError
+from federation.cli.main import CommandError
 
 
 def _seeds(text: str) -> list[int]:
@@ -51,7 +51,7 @@ def _one(job: tuple[str, int, int, dict[str, Any]]) -> dict[str, Any]:
 
 
 def _pct(values: list[float], q: float) -> float | None:
-    from sim.scenarios.mesh_world import percentile
+    from sim.hosts.mesh_world import percentile
 
     p = percentile(values, q)
     return None if p is None else round(p, 3)

@@ -15,7 +15,7 @@ requirements can be switched on:
 - ``synced``: the three writes PBFT makes durable before it speaks on the
   critical path (the primary's PRE-PREPARE, a backup's PRE-PREPARE before its
   PREPARE, the prepared certificate before COMMIT) go to the node store
-  (:class:`mesh.runtime_store.SQLiteStore`: WAL, ``synchronous=FULL``) on the
+  (:class:`mesh.runtime.sqlite_store.SQLiteStore`: WAL, ``synchronous=FULL``) on the
   event loop before the send.
 
 The figures are floors: the full system cannot be faster than the configuration
@@ -152,7 +152,7 @@ async def _replica_main(args: argparse.Namespace) -> None:
     from trio_websocket import connect_websocket_url, serve_websocket
 
     from bench.consensus import bench_identity
-    from mesh.runtime_store import SQLiteStore
+    from mesh.runtime.sqlite_store import SQLiteStore
 
     me = args.index
     ports = [int(p) for p in args.ports.split(",")]

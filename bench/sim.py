@@ -1,7 +1,7 @@
 """``dwcp bench sim``: how much faster than real time the simulator runs a federation.
 
 16 DCs on the geo preset (sim/geo.py) run the real SWIM membership core
-(mesh/membership.py) for ``--seconds`` of virtual time; every message is encoded,
+(mesh/gossip/membership.py) for ``--seconds`` of virtual time; every message is encoded,
 crosses a simulated link and is decoded, every timer and event goes through the
 event heap. ``speedup`` is virtual seconds per wall second. If the membership core
 cannot be imported or raises under the simulator, the bench runs the simulator's
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _membership_build(names: list[str]) -> Callable[[SimNode], None]:
-    from mesh.membership import Membership
+    from mesh.gossip.membership import Membership
 
     def build(node: SimNode) -> None:
         peers = [n for n in names if n != node.name]
@@ -56,7 +56,7 @@ def _membership_build(names: list[str]) -> Callable[[SimNode], None]:
 
 
 def _counter_build(names: list[str]) -> Callable[[SimNode], None]:
-    from sim.counter import CounterCore, CounterState
+    from sim.hosts.counter_cores import CounterCore, CounterState
 
     def build(node: SimNode) -> None:
         node.mount("counter", CounterCore(node.name, names, node.rng("counter"), node.store),
@@ -79,13 +79,13 @@ def _timed(build: Callable[[SimNode], None], names: list[str], seconds: float,
 def measure(nodes: int = DEFAULT_NODES, seconds: float = DEFAULT_SECONDS,
             seed: int = 1) -> dict[str, Any]:
     names = [f"dc{i:02d}" for i in range(nodes)]
-    core = "mesh.membership.Membership (SWIM + Lifeguard)"
+    core = "mesh.gossip.membership.Membership (SWIM + Lifeguard)"
     fallback = None
     try:
         world, wall, cpu = _timed(_membership_build(names), names, seconds, seed)
     except (ImportError, SimError) as exc:
         fallback = f"{type(exc).__name__}: {exc}"[:300]
-        core = "sim.counter.CounterCore (G-Counter gossip + heartbeats)"
+        core = "sim.hosts.counter_cores.CounterCore (G-Counter gossip + heartbeats)"
         world, wall, cpu = _timed(_counter_build(names), names, seconds, seed)
     result: dict[str, Any] = {
         "nodes": nodes,

@@ -1,20 +1,19 @@
 """DWCP consensus: PBFT replica, the ledger state machine, Byzantine evidence, durable log.
 
-- :class:`Replica` (:mod:`consensus.replica`, with :mod:`consensus.execution`,
-  :mod:`consensus.viewchange` and :mod:`consensus.transfer`): the sans-I/O PBFT
+- :class:`Replica` (:mod:`consensus.pbft.replica`, with :mod:`consensus.pbft.execution`,
+  :mod:`consensus.pbft.viewchange` and :mod:`consensus.pbft.transfer`): the sans-I/O PBFT
   core, n = 3f+1;
-- :class:`LedgerClient` (:mod:`consensus.client`): submit a command, complete on
+- :class:`LedgerClient` (:mod:`consensus.pbft.client`): submit a command, complete on
   f+1 matching replies;
 - :class:`Ledger` (:mod:`consensus.ledger`): VM ownership, migrations, policy
   (its snapshot bytes built from cached record encodings, :mod:`consensus.ledger_encoding`);
 - :class:`EvidenceBook`, :func:`check_proof` (:mod:`consensus.evidence`);
 - :class:`ReplicaLog` (:mod:`consensus.durable`): the durable log over a
   :class:`mesh.core.Store` (SQLite in a node, the crash-consistent store in sim);
-- the signed wire messages and certificate checks (:mod:`consensus.messages`,
-  :mod:`consensus.quorum`).
+- the signed wire messages and certificate checks (:mod:`consensus.pbft.messages`,
+  :mod:`consensus.pbft.quorum`).
 """
 
-from consensus.client import LedgerClient
 from consensus.durable import ReplicaLog
 from consensus.evidence import EquivocationProof, EvidenceBook, check_proof
 from consensus.ledger import (
@@ -27,7 +26,8 @@ from consensus.ledger import (
     RegisterVm,
     SetPolicy,
 )
-from consensus.replica import PbftConfig, Replica
+from consensus.pbft.client import LedgerClient
+from consensus.pbft.replica import PbftConfig, Replica
 
 __all__ = [
     "Replica",

@@ -17,7 +17,7 @@ log once at start-up through :meth:`ReplicaLog.load`. Slots live in a ring of
 ``SLOT_RING`` keys, so the log never grows and needs no deletes: a slot key is
 reused only after its old sequence number fell below the stable checkpoint.
 
-A real node passes its SQLite store (:class:`mesh.runtime_store.SQLiteStore`:
+A real node passes its SQLite store (:class:`mesh.runtime.sqlite_store.SQLiteStore`:
 WAL journal, ``synchronous=FULL``, so a synced ``Persist`` survives kill -9 and
 power loss); the simulator passes its crash-consistent
 :class:`sim.store.SimStore`. Both implement :class:`mesh.core.Store`.
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import attrs
 
-from consensus.messages import Signed
+from consensus.pbft.messages import Signed
 from mesh import wire
 from mesh.core import Persist, Store
 from mesh.wire import U64, Bool, Bytes, ListOf, Optional, Struct, field

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 
 import attrs
 
-from consensus.messages import (
+from consensus.pbft.messages import (
     Checkpoint,
     Commit,
     Prepare,

@@ -34,7 +34,7 @@ from typing import Any
 import attrs
 
 from mesh.identity import IdentityError, PublicKey, parse_public_key
-from mesh.modes import ModeLimits
+from mesh.links.modes import ModeLimits
 
 __all__ = ["ConfigError", "Endpoint", "DCConfig", "ModeThresholds", "Federation", "load", "loads"]
 

@@ -8,7 +8,7 @@ socket or a file, or draws from the global ``random``: randomness is an
 injected ``random.Random`` and durability goes through :class:`Persist`
 actions (or an injected store object with the :class:`Store` interface).
 
-Both drivers (``mesh.runtime`` over trio, ``sim`` over the virtual world)
+Both drivers (``mesh.runtime.node_runtime`` over trio, ``sim`` over the virtual world)
 execute the same actions, so whatever a core does in the simulator it does in
 a real node.
 """

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
-from federation.cli import CommandError
+from federation.cli.main import CommandError
 
 __all__ = ["register"]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import attrs
 
-from mesh.modes import ModeLimits
+from mesh.links.modes import ModeLimits
 from sim.geo import REGIONS
 
 __all__ = ["FederationProfile", "ProfileError", "load_profile", "node_count"]

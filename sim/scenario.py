@@ -51,7 +51,7 @@ from typing import Any
 
 import attrs
 
-from mesh.modes import ModeLimits
+from mesh.links.modes import ModeLimits
 from sim.federation_profile import FederationProfile, load_profile, node_count
 from sim.nemesis import BENIGN_KINDS, Nemesis
 from sim.world import SimError, Violation, WallClockExceeded, World

@@ -7,8 +7,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh import amst, wire
-from mesh.amst import (
+from mesh import wire
+from mesh.amst import receiver as amst
+from mesh.amst.policy import (
+    STREAM_BOUNDS,
+    StreamController,
+    chunk_bytes_for_loss,
+    streams_for_bdp,
+)
+from mesh.amst.receiver import (
     Ack,
     AckArrived,
     AmstError,
@@ -27,13 +34,7 @@ from mesh.amst import (
     check_ack,
     chunk_digest,
 )
-from mesh.amst_policy import (
-    STREAM_BOUNDS,
-    StreamController,
-    chunk_bytes_for_loss,
-    streams_for_bdp,
-)
-from mesh.amst_sender import (
+from mesh.amst.sender import (
     STALL_S,
     AmstSender,
     ChunkOffered,
@@ -47,8 +48,8 @@ from mesh.amst_sender import (
     Transmit,
 )
 from mesh.core import TimerFired
-from mesh.modes import Mode
-from tests.amst_harness import TRANSFER, Pair, payload_of
+from mesh.links.modes import Mode
+from tests.harness.amst import TRANSFER, Pair, payload_of
 
 MiB = 1024 * 1024
 

@@ -13,11 +13,11 @@ import pytest
 import trio
 import trio.testing
 
-from mesh.amst import Chunk
-from mesh.amst_io import AmstServer, TransferCut, send_transfer
-from mesh.amst_sender import AmstSender
-from mesh.amst_stream_io import Link
-from tests.amst_loopback import channels
+from mesh.amst.receiver import Chunk
+from mesh.amst.sender import AmstSender
+from mesh.runtime.amst_stream import Link
+from mesh.runtime.amst_transfer import AmstServer, TransferCut, send_transfer
+from tests.harness.channels import channels
 
 MiB = 1024 * 1024
 TRANSFER = b"loopback-test-01"

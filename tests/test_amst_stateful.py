@@ -8,9 +8,9 @@ from __future__ import annotations
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from mesh.amst import Chunk
-from mesh.amst_sender import STALL_S
-from tests.amst_harness import Pair
+from mesh.amst.receiver import Chunk
+from mesh.amst.sender import STALL_S
+from tests.harness.amst import Pair
 
 TOTAL = 24
 

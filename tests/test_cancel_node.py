@@ -1,4 +1,4 @@
-"""An operator's cancel through real nodes (tests/node_harness.py) and the real CLI:
+"""An operator's cancel through real nodes (tests/harness/node.py) and the real CLI:
 ``POST /api/migrations/ID/cancel`` at the source and at another DC (forwarded to the
 source), ``dwcp cancel`` while ``dwcp migrate`` follows the migration, and the errors
 for a finished, an unknown and an unreachable migration."""
@@ -15,13 +15,13 @@ from typing import Any
 
 import trio
 
-from federation.data_v3_source import V3RoundSender
-from federation.migration import CANCEL_REASON, Phase, SendRound
-from federation.node import Node
-from tests.node_harness import make_federation, real_vm, running_nodes, wait_outcome, wait_vm
+from federation.dataplane.v3_source import V3RoundSender
+from federation.migration.vocabulary import CANCEL_REASON, Phase, SendRound
+from federation.node.assembly import Node
+from tests.harness.node import make_federation, real_vm, running_nodes, wait_outcome, wait_vm
 from tests.test_node_api import call
 
-_MAIN = "import sys; from federation.cli import main; sys.exit(main())"
+_MAIN = "import sys; from federation.cli.main import main; sys.exit(main())"
 
 
 async def dwcp(*args: str) -> tuple[int, str, str]:

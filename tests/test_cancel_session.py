@@ -11,7 +11,10 @@ from hypothesis import settings
 from hypothesis.stateful import rule
 
 from consensus.ledger import AbortMigration, BeginMigration, MigrationRecord, SetPolicy
-from federation.migration import (
+from federation.migration.restore import restore
+from federation.migration.source import SourceSession
+from federation.migration.target import TargetSession
+from federation.migration.vocabulary import (
     CANCEL_REASON,
     CancelRequested,
     CancelRound,
@@ -31,9 +34,6 @@ from federation.migration import (
     Unfence,
     record_key,
 )
-from federation.migration_restore import restore
-from federation.migration_source import SourceSession
-from federation.migration_target import TargetSession
 from mesh.core import Notify, Persist, Received, Send
 from tests.test_migration_stateful import MigrationMachine
 from tests.test_migration_world import MID, SRC, TGT

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from federation import config
-from federation.keys_cli import init_federation
+from federation.cli.keys import init_federation
 from mesh import identity
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "federation.toml"

@@ -15,14 +15,15 @@ import pytest
 import trio
 
 from consensus.durable import ReplicaLog
-from consensus.messages import Request
-from consensus.replica import PbftConfig, Replica
-from mesh import identity, runtime_cores, wire
+from consensus.pbft.messages import Request
+from consensus.pbft.replica import PbftConfig, Replica
+from mesh import identity, wire
 from mesh.core import Event, PeerDown, PeerUp, Persist, Send
-from mesh.runtime_cores import HostedCore
-from mesh.runtime_link import BUNDLE_BYTES, Link, LinkBundle
-from mesh.runtime_log import JsonLog
-from mesh.runtime_store import SQLiteStore
+from mesh.runtime import hosting as runtime_cores
+from mesh.runtime.hosting import HostedCore
+from mesh.runtime.link import BUNDLE_BYTES, Link, LinkBundle
+from mesh.runtime.log import JsonLog
+from mesh.runtime.sqlite_store import SQLiteStore
 
 
 class _Store:

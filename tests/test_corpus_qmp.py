@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from bench.corpus import sources
-from bench.corpus.qmp import QMPClient, QMPError
+from federation.vms.qmp import QMPClient, QMPError
 
 Reply = dict[str, Any]
 

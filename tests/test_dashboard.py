@@ -1,4 +1,4 @@
-"""The dashboard page (``GET /``, federation/dashboard.py): served self-contained; every
+"""The dashboard page (``GET /``, federation/api/dashboard.py): served self-contained; every
 /api/status field its script reads is declared and exists in real status documents (of
 a source, a target, a bystander and a node without a ledger); where Node.js is
 installed, the script itself renders those documents against a minimal DOM; and where
@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import trio
 
-from federation.dashboard import BINDINGS, PAGE, STATUS_FIELDS, script
-from federation.node_status import status
-from tests.node_harness import (
+from federation.api.dashboard import BINDINGS, PAGE, STATUS_FIELDS, script
+from federation.node.status import status
+from tests.harness.node import (
     build_node,
     make_federation,
     real_vm,

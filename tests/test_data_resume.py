@@ -2,7 +2,7 @@
 migration, re-sending nothing the target already stored, and aborts (the VM stays at its
 source) only when the cut outlasts the resume budget.
 
-Nodes run in this process on loopback (tests.node_harness). The source's federation file
+Nodes run in this process on loopback (tests.harness.node). The source's federation file
 places the target's data endpoint at a relay this test controls (:class:`CutRelay`), as a
 port forward would: the relay splices TCP, counts the bytes it carries and, at set byte
 counts, resets every connection and refuses new ones for a while.
@@ -18,12 +18,12 @@ from pathlib import Path
 import trio
 
 from consensus.ledger import SetPolicy
-from federation.data_v3 import ChunkFeed
-from federation.vm import VmState
-from mesh.amst import ChunkSet
+from federation.dataplane.v3_protocol import ChunkFeed
+from federation.vms.backend import VmState
+from mesh.amst.receiver import ChunkSet
 from mesh.hde.codec import ChunkPlan
 from mesh.hde.events import EncodeChunk
-from tests.node_harness import (
+from tests.harness.node import (
     ext4_image,
     image_hashes,
     make_federation,

@@ -1,5 +1,6 @@
-"""Unit tests of the v3 data plane's pieces (federation.data_v3): the chunk feed that adapts
-HDE's plans to AMST's pull model, the XOR reference overlay, the frame peek, the level."""
+"""Unit tests of the v3 data plane's pieces (federation.dataplane.v3_protocol): the chunk
+feed that adapts HDE's plans to AMST's pull model, the XOR reference overlay, the frame
+peek, the level."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from federation.data_v3 import (
+from federation.dataplane.v3_protocol import (
     ChunkFeed,
     Overlay,
     V3Hde,

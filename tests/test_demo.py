@@ -15,10 +15,10 @@ from types import SimpleNamespace
 import pytest
 
 from bench.corpus import ManifestError, load_manifest
-from federation import demo_data
-from federation.demo import DemoFailed
-from federation.demo_data import PAGE, SMALL_RAM_MIB, build_vm_data
-from federation.demo_scenario import Demo
+from federation.demo import vm_data as demo_data
+from federation.demo.processes import DemoFailed
+from federation.demo.scenario import Demo
+from federation.demo.vm_data import PAGE, SMALL_RAM_MIB, build_vm_data
 
 #: The summary lines the demo must print, each with its figure (issue 7, item 5).
 SUMMARY = [

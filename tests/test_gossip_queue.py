@@ -1,4 +1,4 @@
-"""The retransmit-limited gossip queue (mesh.gossip_queue) against a plain model: sort
+"""The retransmit-limited gossip queue (mesh.gossip.transmit_queue) against a plain model: sort
 everything queued by (times sent, newest first) for every packet, as memberlist's
 TransmitLimitedQueue orders it."""
 
@@ -10,8 +10,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.control_msgs import LinkEntry, MemberUpdate
-from mesh.gossip_queue import TransmitQueue
+from mesh.gossip.transmit_queue import TransmitQueue
+from mesh.links.control_msgs import LinkEntry, MemberUpdate
 
 
 class ModelQueue:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from federation.cli import main
+from federation.cli.main import main
 from mesh import identity
 
 

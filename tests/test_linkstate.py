@@ -1,4 +1,4 @@
-"""Link estimates and the link-state table (mesh.linkstate)."""
+"""Link estimates and the link-state table (mesh.links.estimates)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.control_msgs import BandwidthProbe, BandwidthReport, LinkEntry, LinkPing
 from mesh.core import Notify, Persist, Send
-from mesh.linkstate import LinkConfig, LinkProber, LinkTable
+from mesh.links.control_msgs import BandwidthProbe, BandwidthReport, LinkEntry, LinkPing
+from mesh.links.estimates import LinkConfig, LinkProber, LinkTable
 from sim.store import SimStore
 
 CFG = LinkConfig()

@@ -10,8 +10,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from mesh.control_msgs import LinkPing
-from mesh.linkstate import LinkConfig, LinkProber, LinkTable
+from mesh.links.control_msgs import LinkPing
+from mesh.links.estimates import LinkConfig, LinkProber, LinkTable
 
 CFG = LinkConfig()
 

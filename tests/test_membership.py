@@ -1,4 +1,4 @@
-"""SWIM + Lifeguard membership core (mesh.membership): unit tests of each rule."""
+"""SWIM + Lifeguard membership core (mesh.gossip.membership): unit tests of each rule."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import random
 import pytest
 
 from mesh import wire
-from mesh.control_msgs import Ack, Gossip, MemberUpdate, Nack, Ping, PingReq, Sync
 from mesh.core import CancelTimer, Notify, Received, Send, SetTimer, TimerFired
-from mesh.membership import Membership, MembershipError, State, SwimConfig
+from mesh.gossip.membership import Membership, MembershipError, State, SwimConfig
+from mesh.links.control_msgs import Ack, Gossip, MemberUpdate, Nack, Ping, PingReq, Sync
 
 PEERS = ["b", "c", "d", "e"]
 
@@ -265,7 +265,7 @@ class _BigTable:
     """A LinkSync with more entries than one sync message carries."""
 
     def __init__(self, n: int) -> None:
-        from mesh.control_msgs import LinkEntry
+        from mesh.links.control_msgs import LinkEntry
 
         self.entries = [LinkEntry("b", "c", v, 1.0, 0.0, 0.0, 0.0, False, None)
                         for v in range(1, n + 1)]
@@ -281,7 +281,7 @@ class _BigTable:
 
 
 def test_a_large_table_is_synced_in_chunks_that_fit_a_frame() -> None:
-    from mesh.control_msgs import SYNC_MAX
+    from mesh.links.control_msgs import SYNC_MAX
 
     m = Membership("a", PEERS, random.Random(1), links=_BigTable(2 * SYNC_MAX + 5))
     out = m.handle(1.0, Received("b", Sync(True, (), (), ())))

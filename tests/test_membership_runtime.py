@@ -1,4 +1,4 @@
-"""The control plane over real runtimes on loopback (mesh.control.attach): members see
+"""The control plane over real runtimes on loopback (mesh.links.control_plane.attach): members see
 each other alive, routes appear, a stopped DC is declared dead, all of it in the logs."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import trio
 
-from mesh.control import MeshControl, attach
-from mesh.membership import State
-from mesh.routing import CONTROL
+from mesh.gossip.membership import State
+from mesh.links.control_plane import MeshControl, attach
+from mesh.links.routes import CONTROL
 from tests.test_runtime import Mesh, _until
 
 

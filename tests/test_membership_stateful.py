@@ -12,7 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from mesh import wire
 from mesh.core import CancelTimer, Received, Send, SetTimer, TimerFired
-from mesh.membership import Membership, State
+from mesh.gossip.membership import Membership, State
 
 NAMES = ["a", "b", "c", "d"]
 

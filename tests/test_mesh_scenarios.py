@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
+from sim.hosts.mesh_world import percentile
 from sim.scenario import registry
 from sim.scenarios.mesh_scenarios import MESH_SCENARIOS, run_mesh
-from sim.scenarios.mesh_world import percentile
 
 SMALL = 6
 

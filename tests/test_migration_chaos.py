@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from federation.cli import main
+from federation.cli.main import main
 from sim.scenario import RunResult, run_scenario
 
 NAME = "migration-chaos"

@@ -7,7 +7,9 @@ from typing import Any
 import pytest
 
 from consensus.ledger import AbortMigration, BeginMigration, SetPolicy
-from federation.migration import (
+from federation.migration.rollout import RolloutError
+from federation.migration.source import SourceSession
+from federation.migration.vocabulary import (
     LIMITS,
     PEER_DOWN_GRACE,
     RETRANSMIT,
@@ -39,10 +41,8 @@ from federation.migration import (
     limits_for,
     timer_key,
 )
-from federation.migration_source import SourceSession
-from federation.rollout import RolloutError
 from mesh.core import Notify, PeerDown, PeerUp, Persist, Received, Send, SetTimer, TimerFired
-from mesh.modes import Mode
+from mesh.links.modes import Mode
 
 LAYOUT = (("memory", 1000), ("disk-0", 500))
 V3_ALL = SetPolicy(100, (), (), False)

@@ -16,7 +16,9 @@ from consensus.ledger import (
     MigrationRecord,
     SetPolicy,
 )
-from federation.migration import (
+from federation.migration.restore import decode_record, restore
+from federation.migration.target import TargetSession
+from federation.migration.vocabulary import (
     PEER_DOWN_GRACE,
     ActionFailed,
     DiscardIncoming,
@@ -41,8 +43,6 @@ from federation.migration import (
     record_key,
     timer_key,
 )
-from federation.migration_restore import decode_record, restore
-from federation.migration_target import TargetSession
 from mesh import wire
 from mesh.core import PeerDown, Persist, Received, Send, SetTimer, TimerFired
 from tests.test_migration_source import fenced, final, of, one, precopy, session, verifying

@@ -26,7 +26,11 @@ from consensus.ledger import (
     LedgerResult,
     RegisterVm,
 )
-from federation.migration import (
+from federation.demo.guest_writer import expected_pages, mismatches
+from federation.migration.session import SessionBase
+from federation.migration.source import SourceSession
+from federation.migration.target import TargetSession
+from federation.migration.vocabulary import (
     Fence,
     LedgerAborted,
     LedgerBegun,
@@ -39,13 +43,9 @@ from federation.migration import (
     SubmitLedger,
     Verify,
 )
-from federation.migration_core import SessionBase
-from federation.migration_source import SourceSession
-from federation.migration_target import TargetSession
-from federation.migration_vm import VM_ACTIONS, VmActions, images_root
-from federation.vm import VmState
-from federation.vm_image import ImageBackend
-from federation.vm_image_writer import expected_pages, mismatches
+from federation.vms.actions import VM_ACTIONS, VmActions, images_root
+from federation.vms.backend import VmState
+from federation.vms.image_backend import ImageBackend
 from mesh import wire
 from mesh.core import Notify, Received, Send
 from mesh.hde.image import PAGE_SIZE

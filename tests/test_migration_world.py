@@ -25,7 +25,11 @@ from consensus.ledger import (
     RegisterVm,
     SetPolicy,
 )
-from federation.migration import (
+from federation.migration.restore import restore
+from federation.migration.session import SessionBase
+from federation.migration.source import SourceSession
+from federation.migration.target import TargetSession
+from federation.migration.vocabulary import (
     ActionFailed,
     CancelRound,
     DiscardIncoming,
@@ -50,10 +54,6 @@ from federation.migration import (
     Verify,
     record_key,
 )
-from federation.migration_core import SessionBase
-from federation.migration_restore import restore
-from federation.migration_source import SourceSession
-from federation.migration_target import TargetSession
 from mesh import wire
 from mesh.core import (
     CancelTimer,

@@ -1,4 +1,4 @@
-"""Link modes (mesh.modes): the DESIGN.md table and hysteresis."""
+"""Link modes (mesh.links.modes): the DESIGN.md table and hysteresis."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from federation.config import ModeThresholds
-from mesh.modes import Mode, ModeClassifier, ModeLimits, classify
+from mesh.links.modes import Mode, ModeClassifier, ModeLimits, classify
 
 L = ModeLimits()
 

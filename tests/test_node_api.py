@@ -1,4 +1,4 @@
-"""The node's HTTP API (federation.api) over real sockets: every route, its errors, and
+"""The node's HTTP API (federation.api.http) over real sockets: every route, its errors, and
 /metrics as Prometheus text that prometheus_client's own parser reads."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from federation.api import MAX_BODY, ApiError, _field, _json_body
-from federation.node import Node
-from mesh.runtime_log import JsonLog
-from tests.node_harness import make_federation, real_vm, running_nodes, wait_vm
+from federation.api.http import MAX_BODY, ApiError, _field, _json_body
+from federation.node.assembly import Node
+from mesh.runtime.log import JsonLog
+from tests.harness.node import make_federation, real_vm, running_nodes, wait_vm
 
 
 async def http(node: Node, raw: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -237,7 +237,7 @@ class _RefusingNode:
         raise RuntimeError(f"the test node has no {name}")
 
     async def import_vm(self, *args: Any) -> Any:
-        from federation.node import NodeError
+        from federation.node.assembly import NodeError
 
         raise NodeError("refused by the test node")
 
@@ -247,7 +247,7 @@ class _RefusingNode:
 async def _exchange(raw: bytes) -> bytes:
     from trio.testing import memory_stream_pair
 
-    from federation.api import _serve_connection
+    from federation.api.http import _serve_connection
 
     client, server = memory_stream_pair()
     out = b""

@@ -1,4 +1,4 @@
-"""The assembled node (federation.node) in-process: four DCs on loopback import a VM made
+"""The assembled node (federation.node.assembly) in-process: four DCs on loopback import a VM made
 of real data, migrate it with its writer running, and recover everything after a restart."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import trio
 
-from federation.vm import VmState
-from federation.vm_image_writer import expected_pages, mismatches
-from tests.node_harness import image_hashes, real_vm, running_nodes, wait_outcome, wait_vm
+from federation.demo.guest_writer import expected_pages, mismatches
+from federation.vms.backend import VmState
+from tests.harness.node import image_hashes, real_vm, running_nodes, wait_outcome, wait_vm
 
 NAMES = ("dc1", "dc2", "dc3", "dc4")
 
@@ -31,7 +31,7 @@ async def _settle(nodes: dict, height: int) -> None:
 
 
 def test_migrate_with_writer_then_restart_and_migrate_back(tmp_path: Path) -> None:
-    from tests.node_harness import make_federation
+    from tests.harness.node import make_federation
 
     cfg = make_federation(tmp_path / "fed")
     memory, disk = real_vm(tmp_path / "vm")

@@ -1,4 +1,4 @@
-"""The node core (federation.node_core) driven deterministically, without I/O: four DCs'
+"""The node core (federation.migration.dc_core) driven deterministically, without I/O: four DCs'
 real PBFT replicas and migration sessions over an in-memory network and a virtual clock.
 The driver plays the node's part for the VM effects (fence, rounds, verification), so
 every wiring rule is checked: ledger submissions, ledger changes -> session events,
@@ -15,8 +15,9 @@ import pytest
 
 from consensus.durable import ReplicaLog
 from consensus.ledger import RegisterVm
-from consensus.replica import Replica
-from federation.migration import (
+from consensus.pbft.replica import Replica
+from federation.migration.dc_core import NodeCore
+from federation.migration.vocabulary import (
     Fence,
     MigrationError,
     PrepareIncoming,
@@ -28,10 +29,9 @@ from federation.migration import (
     TargetVerified,
     Verify,
 )
-from federation.node_core import NodeCore
 from mesh import identity, wire
 from mesh.core import CancelTimer, Notify, Persist, Received, Send, SetTimer, TimerFired
-from mesh.modes import Mode
+from mesh.links.modes import Mode
 
 NAMES = ("dc1", "dc2", "dc3", "dc4")
 ROOT = b"\x07" * 32

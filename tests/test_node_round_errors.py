@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from federation.node import _round_error
-from federation.node_data import RoundFailed
+from federation.dataplane.v1 import RoundFailed
+from federation.node.assembly import _round_error
 
 
 def test_a_round_error_wrapped_by_a_nursery_is_still_a_round_error() -> None:

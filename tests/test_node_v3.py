@@ -10,11 +10,11 @@ import pytest
 import trio
 
 from consensus.ledger import SetPolicy
-from federation.node import Node
-from federation.node_status import status
-from federation.vm import VmState
-from federation.vm_image_writer import expected_pages, mismatches
-from tests.node_harness import (
+from federation.demo.guest_writer import expected_pages, mismatches
+from federation.node.assembly import Node
+from federation.node.status import status
+from federation.vms.backend import VmState
+from tests.harness.node import (
     image_hashes,
     make_federation,
     real_vm,
@@ -110,7 +110,7 @@ def test_v3_migration_then_back_then_v1_fallback(tmp_path: Path) -> None:
 def test_kill_switch_mid_migration_falls_back_to_v1(tmp_path: Path, monkeypatch) -> None:
     """The rollout's kill switch lands after a v3 round: the rest of the transfer goes v1,
     on top of what v3 delivered, and the target still ends with the source's images."""
-    from federation.data_v3_source import V3RoundSender
+    from federation.dataplane.v3_source import V3RoundSender
 
     cfg = make_federation(tmp_path / "fed")
     memory, disk = real_vm(tmp_path / "vm")
@@ -175,7 +175,7 @@ def _ext4(path: Path, source: str, mib: int) -> Path:
 def test_64mib_figures(tmp_path: Path, percent: int) -> None:
     """A 64 MiB VM (48 MiB of this process's memory, a 16 MiB ext4 of four stdlib packages)
     migrates with its writer running, over v3 (rollout 100 %) or v1 (0 %); prints figures."""
-    from tests.node_harness import memory_image
+    from tests.harness.node import memory_image
 
     cfg = make_federation(tmp_path / "fed")
     (tmp_path / "vm").mkdir()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.node_harness import ext4_image, image_hashes, memory_image
+from tests.harness.node import ext4_image, image_hashes, memory_image
 from tests.test_ops_cli import _intact, _vm_dir, federation
 
 

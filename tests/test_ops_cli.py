@@ -23,13 +23,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from federation import config
-from federation.ops_cli import Api, render_progress, render_status
-from federation.vm_image_writer import expected_pages, mismatches
+from federation.cli.ops import Api, render_progress, render_status
+from federation.demo.guest_writer import expected_pages, mismatches
 from mesh.hde.image import open_image
-from tests.node_harness import ext4_image, image_hashes, make_federation, memory_image
+from tests.harness.node import ext4_image, image_hashes, make_federation, memory_image
 
 NAMES = ("dc1", "dc2", "dc3", "dc4")
-_MAIN = "import sys; from federation.cli import main; sys.exit(main())"
+_MAIN = "import sys; from federation.cli.main import main; sys.exit(main())"
 
 
 def dwcp(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -6,15 +6,15 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from consensus.client import RETRANSMIT, RETRANSMIT_MAX, LedgerClient
 from consensus.durable import ReplicaLog
 from consensus.ledger import RegisterVm
-from consensus.messages import Envelope, Reply, Request, Result
-from consensus.quorum import Quorum
-from consensus.replica import STATUS_TIMER, Replica
+from consensus.pbft.client import RETRANSMIT, RETRANSMIT_MAX, LedgerClient
+from consensus.pbft.messages import Envelope, Reply, Request, Result
+from consensus.pbft.quorum import Quorum
+from consensus.pbft.replica import STATUS_TIMER, Replica
 from mesh import wire
 from mesh.core import Send, SetTimer, TimerFired
-from sim.scenarios.pbft_cluster import identity_for
+from sim.hosts.pbft_cluster import identity_for
 
 NAMES = ["n00", "n01", "n02", "n03"]
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from consensus.evidence import EquivocationProof, EvidenceBook, check_proof
-from consensus.messages import (
+from consensus.pbft.messages import (
     NULL_DIGEST,
     Commit,
     Envelope,
@@ -24,7 +24,7 @@ from consensus.messages import (
     seal,
     sign,
 )
-from consensus.quorum import (
+from consensus.pbft.quorum import (
     CertificateError,
     Quorum,
     check_checkpoint_proof,
@@ -107,7 +107,7 @@ def test_prepared_certificate_checks() -> None:
 
 
 def test_checkpoint_and_commit_certificates() -> None:
-    from consensus.messages import Checkpoint
+    from consensus.pbft.messages import Checkpoint
 
     v = Verifier(KEYS)
     proof = tuple(s(n, Checkpoint(8, D1)) for n in "abc")

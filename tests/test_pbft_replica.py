@@ -7,22 +7,22 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consensus import viewchange
 from consensus.durable import ReplicaLog
 from consensus.ledger import LedgerResult, RegisterVm
-from consensus.messages import (
+from consensus.pbft import viewchange
+from consensus.pbft.messages import (
     NewView,
     PrePrepare,
     ViewChange,
     seal,
 )
-from consensus.quorum import check_checkpoint_proof
-from consensus.replica import Replica
+from consensus.pbft.quorum import check_checkpoint_proof
+from consensus.pbft.replica import Replica
 from mesh import wire
 from mesh.core import Notify, Received
+from sim.hosts.byzantine import Silent
+from sim.hosts.pbft_cluster import SIM_CONFIG, PbftCluster, identity_for
 from sim.scenario import Run, ScenarioSpec
-from sim.scenarios.pbft_attacks import Silent
-from sim.scenarios.pbft_cluster import SIM_CONFIG, PbftCluster, identity_for
 from sim.world import World
 
 SMALL = attrs.evolve(SIM_CONFIG, checkpoint_interval=4, window=8)
@@ -225,8 +225,9 @@ def test_duplicate_request_executes_once_and_is_answered_again() -> None:
     rid = submit(c, "n01", RegisterVm("vm-x", "n01"))
     run_until_settled(c)
     rep = c.replica("n01")
-    env = seal(identity_for("n01"), "n01", __import__("consensus.messages", fromlist=["Request"])
-               .Request("n01", rid, (wire.encode(RegisterVm("vm-x", "n01")),)))
+    env = seal(identity_for("n01"), "n01", __import__(
+        "consensus.pbft.messages", fromlist=["Request"]).Request(
+            "n01", rid, (wire.encode(RegisterVm("vm-x", "n01")),)))
     actions = c.replica("n00").handle(c.world.now, Received("n01", env))
     assert [a.peer for a in actions if hasattr(a, "peer")] == ["n01"]  # the reply again
     assert len([k for k in c.request_seq if k == ("n01", rid)]) == 1
@@ -243,7 +244,7 @@ def test_client_needs_f_plus_one_matching_replies_and_times_out() -> None:
     timeouts = [n for n in c.world.notifications if n.kind == "ledger.timeout"]
     assert [(n.node, n.detail["request_id"]) for n in timeouts] == [("n01", rid)]
     client = c.replica("n01").client
-    from consensus.messages import Reply, Result
+    from consensus.pbft.messages import Reply, Result
 
     rid2s, _req, _env, _ = client.submit(6.0, (b"cmd",))
     rid2 = rid2s.start
@@ -269,7 +270,7 @@ def test_garbage_frames_are_counted_per_peer_and_change_nothing() -> None:
 
 
 def test_replica_restarts_from_a_log_in_sqlite(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from mesh.runtime_store import SQLiteStore as SqliteStore
+    from mesh.runtime.sqlite_store import SQLiteStore as SqliteStore
 
     c = cluster()
     register_many(c, 12, step=0.05)

@@ -1,4 +1,4 @@
-"""``dwcp policy show|set`` against real nodes (tests/node_harness.py): the policy goes
+"""``dwcp policy show|set`` against real nodes (tests/harness/node.py): the policy goes
 through the node API into the ledger of every DC; bad values and an unreachable node
 are one-line errors; and the per-VM rendering of the rollout rule."""
 
@@ -14,11 +14,11 @@ from typing import Any
 import trio
 
 from consensus.ledger import SetPolicy, v3_allowed
-from federation.api import handle_request
-from federation.cli import main
-from federation.policy_cli import render_policy
-from federation.rollout import rollout_bucket
-from tests.node_harness import build_node, make_federation, real_vm, running_nodes
+from federation.api.http import handle_request
+from federation.cli.main import main
+from federation.cli.policy import render_policy
+from federation.migration.rollout import rollout_bucket
+from tests.harness.node import build_node, make_federation, real_vm, running_nodes
 from tests.test_node_api import call
 
 

@@ -1,4 +1,4 @@
-"""Bulk data through a third DC (federation.relay): the relay splices AMST streams it can
+"""Bulk data through a third DC (federation.dataplane.relay): the relay splices AMST streams it can
 neither read nor alter undetected, refuses what it should, and a node's v3 migration
 follows a bulk route through it, falling back to the direct path when it refuses."""
 
@@ -18,15 +18,15 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from consensus.ledger import SetPolicy
-from federation.node_status import NodeCollector, status
-from federation.relay import DataRelay, RelayOpen, RelayRefused, open_relayed
+from federation.dataplane.relay import DataRelay, RelayOpen, RelayRefused, open_relayed
+from federation.node.status import NodeCollector, status
 from mesh import identity
-from mesh.amst_io import AmstServer, TransferCut, send_transfer
-from mesh.amst_stream_io import NET_ERRORS
 from mesh.channel import SecureChannel
-from mesh.routing import BULK, Route
-from mesh.runtime_log import JsonLog
-from tests.node_harness import (
+from mesh.links.routes import BULK, Route
+from mesh.runtime.amst_stream import NET_ERRORS
+from mesh.runtime.amst_transfer import AmstServer, TransferCut, send_transfer
+from mesh.runtime.log import JsonLog
+from tests.harness.node import (
     ext4_image,
     image_hashes,
     make_federation,

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from consensus.ledger import SetPolicy, v3_allowed
-from federation.rollout import (
+from federation.migration.rollout import (
     DEFAULT_POLICY,
     V1,
     V3,

@@ -1,13 +1,13 @@
-"""Route election (mesh.routing)."""
+"""Route election (mesh.links.routes)."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.linkstate import LinkView
-from mesh.membership import State
-from mesh.routing import BULK, CONTROL, Route, RouteConfig, RouteElection
+from mesh.gossip.membership import State
+from mesh.links.estimates import LinkView
+from mesh.links.routes import BULK, CONTROL, Route, RouteConfig, RouteElection
 
 PEERS = ["b", "c", "d"]
 

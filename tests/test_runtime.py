@@ -32,11 +32,11 @@ from mesh.core import (
     SetTimer,
     TimerFired,
 )
-from mesh.runtime import RESOURCE, ListenError, Peer, Runtime
-from mesh.runtime_link import LinkHello, LinkSuperseded, open_link
-from mesh.runtime_log import JsonLog
-from mesh.runtime_policy import BACKOFF_CAP, Backoff, LinkClaim, keep_new_link
-from mesh.runtime_store import SQLiteStore
+from mesh.runtime.link import LinkHello, LinkSuperseded, open_link
+from mesh.runtime.link_policy import BACKOFF_CAP, Backoff, LinkClaim, keep_new_link
+from mesh.runtime.log import JsonLog
+from mesh.runtime.node_runtime import RESOURCE, ListenError, Peer, Runtime
+from mesh.runtime.sqlite_store import SQLiteStore
 from mesh.wire import U64, Text, field
 
 # --------------------------------------------------------------------------- backoff

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from federation import node_cli
-from federation.cli import CommandError
+from federation.cli import run_node as node_cli
+from federation.cli.keys import init_federation
+from federation.cli.main import CommandError
 from federation.config import load
-from federation.keys_cli import init_federation
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -30,7 +30,7 @@ def federation_dir(tmp_path: Path) -> Path:
 
 
 def _free_block() -> int:
-    from federation.demo import free_base_port
+    from federation.demo.processes import free_base_port
 
     return free_base_port(2)
 
@@ -84,7 +84,7 @@ def test_port_in_use(federation_dir: Path) -> None:
 
 
 def test_the_dwcp_command_prints_one_line_and_exits_2(tmp_path: Path) -> None:
-    code = "import sys; from federation.cli import main; sys.exit(main())"
+    code = "import sys; from federation.cli.main import main; sys.exit(main())"
     args = ["node", "--config", str(tmp_path / "missing.toml"), "--name", "dc1"]
     proc = subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60

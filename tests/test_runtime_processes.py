@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from federation.demo import LocalFederation
+from federation.demo.processes import LocalFederation
 
 pytestmark = pytest.mark.processes
 

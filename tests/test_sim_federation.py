@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from federation.keys_cli import init_federation
+from federation.cli.keys import init_federation
 from sim.federation_profile import ProfileError, load_profile
 from sim.geo import REGIONS
 from sim.scenario import run_scenario

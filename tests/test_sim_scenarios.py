@@ -18,7 +18,7 @@ import pytest
 import sim.scenarios  # noqa: F401
 from sim import partitions
 from sim.cli import register
-from sim.counter import CounterCore
+from sim.hosts.counter_cores import CounterCore
 from sim.scenario import Run, registry, run_scenario, scenario
 from sim.world import WALL_CHECK_EVENTS, World
 
@@ -140,7 +140,7 @@ def test_unsynced_acknowledgement_is_caught(monkeypatch: pytest.MonkeyPatch) -> 
 def test_corrupt_frames_that_still_decode_are_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without its digest check the counter believes bit-flipped frames that still decode;
     the Byzantine corrupter in counter-byzantine must make the checker see that."""
-    from sim import counter
+    from sim.hosts import counter_cores as counter
 
     original = counter.CounterCore._on_state
 
@@ -267,7 +267,7 @@ def test_cli_sweep_goes_on_past_a_run_that_never_ends(storm_scenario: str,
 
 
 def test_cli_errors_name_the_option() -> None:
-    from federation.cli import CommandError
+    from federation.cli.main import CommandError
 
     with pytest.raises(CommandError, match="no scenario named 'nope'"):
         _cli(["sim", "run", "nope", "--seed", "1"])

@@ -22,7 +22,7 @@ from mesh.core import (
     TimerFired,
 )
 from sim import partitions
-from sim.counter import CounterState, EchoPing, EchoPong
+from sim.hosts.counter_cores import CounterState, EchoPing, EchoPong
 from sim.nemesis import Byzantine, Nemesis
 from sim.network import Constant, LinkSpec, LogNormal, Normal, Uniform
 from sim.rng import child_rng, child_seed

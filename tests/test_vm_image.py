@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from federation import vm_image
-from federation.vm import (
+from federation.vms import image_backend as vm_image
+from federation.vms.backend import (
     FencedError,
     StaleEpochError,
     VmError,
@@ -20,13 +20,13 @@ from federation.vm import (
     check_vm_name,
     combined_root,
 )
-from federation.vm_image import ImageBackend, atomic_write
+from federation.vms.image_backend import ImageBackend, atomic_write
 from mesh.hde.image import PAGE_SIZE
 
 
 def real_bytes(n_pages: int, salt: bytes = b"") -> bytes:
     """Page content from this repository's own source text (real data, not noise)."""
-    text = b"".join(p.read_bytes() for p in sorted(Path("federation").glob("*.py"))) + salt
+    text = b"".join(p.read_bytes() for p in sorted(Path("federation").rglob("*.py"))) + salt
     out = (text * (n_pages * PAGE_SIZE // len(text) + 1))[: n_pages * PAGE_SIZE]
     return out
 

@@ -13,9 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from federation.vm import VmError, VmState
-from federation.vm_image import ImageBackend
-from federation.vm_image_writer import (
+from federation.demo.guest_writer import (
     HOT_FRACTION,
     RECORD_BYTES,
     PageWriter,
@@ -26,6 +24,8 @@ from federation.vm_image_writer import (
     mismatches,
     read_log,
 )
+from federation.vms.backend import VmError, VmState
+from federation.vms.image_backend import ImageBackend
 from mesh.hde.image import PAGE_SIZE
 from tests.test_vm_image import real_bytes
 

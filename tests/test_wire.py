@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mesh import wire
 from mesh.wire import U64, Bytes, ListOf, Optional, Struct, Text, WireError, field
-from tests.wire_strategies import for_class, import_all_messages
+from tests.harness.wire_strategies import for_class, import_all_messages
 
 
 @wire.struct_type

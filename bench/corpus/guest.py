@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import attrs
 
-from bench.corpus.qmp import QMPClient
+from federation.vms.qmp import QMPClient
 
 QEMU = "qemu-system-x86_64"
 # A copy moves 1 MiB at a time: large enough for memcmp-speed zero detection,

@@ -24,7 +24,8 @@ import heapq
 import itertools
 from typing import Any
 
-from mesh.amst import (
+from mesh.amst.policy import STREAM_WINDOW_BYTES
+from mesh.amst.receiver import (
     AckArrived,
     AmstReceiver,
     Chunk,
@@ -34,8 +35,7 @@ from mesh.amst import (
     StreamDown,
     StreamUp,
 )
-from mesh.amst_policy import STREAM_WINDOW_BYTES
-from mesh.amst_sender import (
+from mesh.amst.sender import (
     AmstSender,
     ChunkOffered,
     ChunkWritten,

@@ -1,4 +1,4 @@
-"""Scenarios of the simulator's own cores (sim/counter.py): a replicated counter with a
+"""Scenarios of the simulator's own cores (sim/hosts/counter_cores.py): a replicated counter with a
 heartbeat detector, and an echo protocol measuring the geo preset. Between them they use
 every fault the nemesis has, so they are the simulator's own end-to-end tests."""
 
@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 from sim import partitions
 from sim.checkers import notify_checker
-from sim.counter import CounterCore, CounterState, EchoCore
 from sim.geo import assign_regions, geo_links, rtt_ms
+from sim.hosts.counter_cores import CounterCore, CounterState, EchoCore
 from sim.nemesis import SWARM_KINDS, Byzantine
 from sim.network import LinkSpec, LogNormal
 from sim.scenario import Run, scenario
@@ -143,7 +143,7 @@ def counter_crashes(run: Run) -> None:
 
 def _stale_state(rng: random.Random, names: list[str]):  # type: ignore[no-untyped-def]
     """Equivocation: half the peers get a stale view (the empty one), half the truth."""
-    from sim.counter import counts_digest
+    from sim.hosts.counter_cores import counts_digest
     fooled = set(rng.sample(names, len(names) // 2))
 
     def rewrite(dst: str, msg: object) -> object:

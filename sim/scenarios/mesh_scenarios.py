@@ -12,8 +12,8 @@ import time
 from typing import Any
 
 from sim import partitions
+from sim.hosts.mesh_world import WARMUP, MeshWorld, percentile
 from sim.scenario import Run, RunResult, _quiet_phase, registry, scenario
-from sim.scenarios.mesh_world import WARMUP, MeshWorld, percentile
 from sim.world import NotifyRecord, SimError, Violation, World
 
 __all__ = ["run_mesh", "MESH_SCENARIOS"]

@@ -1,10 +1,10 @@
 """``migration-chaos`` (issue 7): many VMs migrating across 7 DCs under partitions,
 crashes and a Byzantine DC, with an oracle on every step.
 
-Every DC runs the real node core (:class:`federation.node_core.NodeCore`: the PBFT
+Every DC runs the real node core (:class:`federation.migration.dc_core.NodeCore`: the PBFT
 replica over a crash-consistent store and the migration sessions) hosted by
-:class:`sim.scenarios.migration_host.DcHost`, with VMs modelled as pages
-(:mod:`sim.scenarios.migration_vms`) that a seeded writer keeps dirtying, and rounds
+:class:`sim.hosts.migration_dc.DcHost`, with VMs modelled as pages
+(:mod:`sim.hosts.migration_vms`) that a seeded writer keeps dirtying, and rounds
 carried as page chunks over the simulated WAN (so bandwidth decides round times).
 
 Workload (from the seed): ``vms`` VMs registered at random DCs, then ``migrations``
@@ -43,19 +43,19 @@ from typing import Any
 
 from consensus.durable import ReplicaLog
 from consensus.ledger import Ledger, RegisterVm
-from consensus.replica import Replica
-from federation.migration import MigrationError, MigrationOffer, MigrationRoundDone
-from federation.rollout import RolloutError
-from mesh.modes import Mode, classify
+from consensus.pbft.replica import Replica
+from federation.migration.rollout import RolloutError
+from federation.migration.vocabulary import MigrationError, MigrationOffer, MigrationRoundDone
+from mesh.links.modes import Mode, classify
 from sim import partitions
 from sim.geo import REGIONS, geo_links
+from sim.hosts.byzantine import Combined, Equivocate, Silent
+from sim.hosts.migration_dc import HOST_TAGS, DcHost
+from sim.hosts.migration_vms import LAYOUT, VmWorld, Writer
+from sim.hosts.pbft_cluster import SIM_CONFIG, identity_for
 from sim.nemesis import Byzantine
 from sim.network import Normal
 from sim.scenario import Run, scenario
-from sim.scenarios.migration_host import HOST_TAGS, DcHost
-from sim.scenarios.migration_vms import LAYOUT, VmWorld, Writer
-from sim.scenarios.pbft_attacks import Combined, Equivocate, Silent
-from sim.scenarios.pbft_cluster import SIM_CONFIG, identity_for
 from sim.world import NotifyRecord, SimNode, World
 
 __all__ = ["Oracle", "FAULTS", "QUIET", "STRIKES"]
@@ -67,7 +67,7 @@ FAULTS = 30.0
 #: (1 + 2 + 4 s with SIM_CONFIG) and LEDGER_RESUBMIT (10 s); 90 s covers that twice over.
 QUIET = 90.0
 #: Seconds between two writer ticks (the guests' writes are batched per tick): under the
-#: datacenter downtime target (0.5 s, federation.migration.LIMITS), so every pre-copy
+#: datacenter downtime target (0.5 s, federation.migration.vocabulary.LIMITS), so every pre-copy
 #: decision sees fresh writes; finer ticks only cost events.
 WRITE_TICK = 0.2
 #: Page writes per second per VM: a guest dirtying ~0.4 MB/s, a light database load.
@@ -80,7 +80,7 @@ _VERSIONS = (1,)
 #: What the Byzantine DC does in its strike (``--param strike=...`` picks one).
 STRIKES = ("equivocate", "corrupt", "replay", "silent")
 #: (role, phase) pairs one crash per run is aimed at: the moments the restore rules of
-#: federation.migration_restore treat differently.
+#: federation.migration.restore treat differently.
 _AIMED = (("source", "begun"), ("source", "precopy"), ("source", "fenced"),
           ("source", "final"), ("source", "verifying"), ("target", "precopy"),
           ("target", "final"), ("target", "verified"))

@@ -2,7 +2,7 @@
 
 Every scenario runs a federation of ``--nodes`` replicas (default 4, f = 1; use 7
 for f = 2) under a ledger workload from the correct DCs, with the checkers of
-:mod:`sim.scenarios.pbft_cluster` after every event, then a quiet phase in which
+:mod:`sim.hosts.pbft_cluster` after every event, then a quiet phase in which
 every submitted request must execute everywhere within ``quiet`` seconds.
 Byzantine replicas never exceed f; they are chosen among the DCs and, where the
 attack needs it, include the primary of view 0 (``n00``).
@@ -15,18 +15,18 @@ from collections.abc import Callable
 
 import attrs
 
-from consensus.messages import Commit, Prepare, PrePrepare
+from consensus.pbft.messages import Commit, Prepare, PrePrepare
 from sim import partitions
-from sim.nemesis import BENIGN_KINDS, Byzantine
-from sim.scenario import Run, scenario
-from sim.scenarios.pbft_attacks import (
+from sim.hosts.byzantine import (
     Combined,
     Equivocate,
     ForgeSignatures,
     Silent,
     ViewChangeAttack,
 )
-from sim.scenarios.pbft_cluster import SIM_CONFIG, PbftCluster, identity_for
+from sim.hosts.pbft_cluster import SIM_CONFIG, PbftCluster, identity_for
+from sim.nemesis import BENIGN_KINDS, Byzantine
+from sim.scenario import Run, scenario
 from sim.world import SimNode, World
 
 FAULTS = 10.0

@@ -1,0 +1,1 @@
+"""The ``dwcp`` command line: one module per group of sub-commands."""

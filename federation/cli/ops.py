@@ -1,0 +1,350 @@
+"""The operator's commands; each talks to a node's HTTP API (:mod:`federation.api.http`).
+
+::
+
+    dwcp vm import NAME --memory FILE [--disk FILE ...] [--writer-rate PAGES/S]
+    dwcp vms [--json]
+    dwcp migrate NAME --to DC          # progress bar on stderr; non-zero exit on abort
+    dwcp cancel MIGRATION_ID           # an operator's abort, through the ledger
+    dwcp status [--json]
+
+(``dwcp policy`` is :mod:`federation.cli.policy`.)
+
+Which node: ``--api URL`` (``--node`` is the same), else the ``api`` endpoint of the DC
+named by ``--config FILE --name DC``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import math
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, TextIO
+
+from federation import config
+from federation.cli.main import CommandError
+from federation.migration.vocabulary import CANCEL_REASON
+
+__all__ = ["register_vm", "register_vms", "register_migrate", "register_cancel",
+           "register_status", "Api", "node_api", "add_node_options", "table", "render_status",
+           "render_progress"]
+
+#: How often ``dwcp migrate`` polls the migration (the bar's refresh rate).
+POLL_INTERVAL = 0.25
+#: An HTTP request that gets no answer in this long fails (an import copies images
+#: and waits for the ledger: the API's own bound is 600 s).
+HTTP_TIMEOUT = 660.0
+
+
+class Api:
+    """A small JSON client of one node's API."""
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme != "http" or not parts.hostname or not parts.port:
+            raise CommandError(f"--api {url!r}: expected http://HOST:PORT")
+        self.url = f"http://{parts.hostname}:{parts.port}"
+        self.host, self.port = parts.hostname, parts.port
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=HTTP_TIMEOUT)
+        try:
+            data = None if body is None else json.dumps(body).encode()
+            headers = {"content-type": "application/json"} if data is not None else {}
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise CommandError(f"cannot reach the node at {self.url}: {exc}") from None
+        finally:
+            conn.close()
+        try:
+            return resp.status, json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CommandError(f"{self.url}{path}: the node answered {resp.status} "
+                               "with a body that is not JSON") from None
+
+    def ok(self, method: str, path: str, body: Any = None) -> Any:
+        code, doc = self.call(method, path, body)
+        if code >= 400:
+            why = doc.get("error", doc) if isinstance(doc, dict) else doc
+            raise CommandError(f"{why} (HTTP {code})")
+        return doc
+
+
+def add_node_options(p: argparse.ArgumentParser) -> None:
+    """``--api URL`` (``--node``), or ``--config FILE --name DC``: which node to ask."""
+    p.add_argument("--api", "--node", dest="api", help="the node's API, http://HOST:PORT")
+    p.add_argument("--config", type=Path, help="the federation file (with --name)")
+    p.add_argument("--name", help="the DC whose node to ask (with --config)")
+
+
+def node_api(args: argparse.Namespace) -> Api:
+    """The API of the node the options of :func:`add_node_options` name."""
+    if args.api:
+        return Api(args.api)
+    if args.config is None or args.name is None:
+        raise CommandError("say which node: --api URL, or --config FILE --name DC")
+    try:
+        dc = config.load(args.config).dc(args.name)
+    except config.ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    return Api(f"http://{dc.api.host}:{dc.api.port}")
+
+
+# --------------------------------------------------------------------------- vm import / vms
+
+
+def register_vm(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("vm", help="manage VMs (import)")
+    vsub = p.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
+    imp = vsub.add_parser("import", help="import a VM at the node and register it as its own")
+    imp.add_argument("vm", metavar="NAME")
+    imp.add_argument("--memory", required=True, type=Path, help="memory image (4 KiB pages)")
+    imp.add_argument("--disk", action="append", default=[], type=Path,
+                     help="a disk image (repeat for more disks)")
+    imp.add_argument("--writer-rate", type=float, default=0.0,
+                     help="pages per second a writer dirties while the VM runs (0: none)")
+    imp.add_argument("--writer-seed", type=int, default=0)
+    add_node_options(imp)
+    imp.set_defaults(func=run_import)
+
+
+def run_import(args: argparse.Namespace) -> int:
+    api = node_api(args)
+    files = [args.memory, *args.disk]
+    for f in files:
+        if not f.is_file():
+            raise CommandError(f"{f}: no such file")
+    doc = api.ok("POST", "/api/vms", {
+        "name": args.vm, "memory": str(args.memory.resolve()),
+        "disks": [str(d.resolve()) for d in args.disk],
+        "writer_rate": args.writer_rate, "writer_seed": args.writer_seed,
+    })
+    pages = sum(n for _, n in doc["layout"])
+    print(f"imported {doc['name']}: {pages} pages, epoch {doc['epoch']}, {doc['state']}")
+    return 0
+
+
+def register_vms(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("vms", help="list the VMs the ledger and the node know")
+    p.add_argument("--json", action="store_true")
+    add_node_options(p)
+    p.set_defaults(func=run_vms)
+
+
+def run_vms(args: argparse.Namespace) -> int:
+    vms = node_api(args).ok("GET", "/api/vms")
+    if args.json:
+        print(json.dumps(vms, indent=2))
+        return 0
+    rows = [["VM", "OWNER", "EPOCH", "HERE", "PAGES", "MIGRATING"]]
+    for v in vms:
+        rows.append([v["name"], _s(v["owner"]), _s(v["epoch"]), _s(v["here"]),
+                     _s(v["pages"]), _s(v["migrating"])])
+    print(table(rows))
+    return 0
+
+
+# --------------------------------------------------------------------------- migrate
+
+
+def register_migrate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("migrate", help="live-migrate a VM to another DC (progress on stderr)")
+    p.add_argument("vm", metavar="NAME")
+    p.add_argument("--to", required=True, metavar="DC", help="the target DC")
+    p.add_argument("--json", action="store_true", help="print the final migration as JSON")
+    add_node_options(p)
+    p.set_defaults(func=run_migrate)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def render_progress(m: dict[str, Any], width: int = 24) -> str:
+    """One line: phase, round, a bar of bytes sent over the VM's size, dirty rate, ETA."""
+    total = m.get("total_bytes") or 0
+    sent = m.get("bytes_sent") or 0
+    frac = min(1.0, sent / total) if total else 0.0
+    bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+    eta = m.get("eta")
+    eta_s = "?" if eta is None or not math.isfinite(eta) else f"{eta:.1f}s"
+    return (f"{m.get('phase', m.get('ledger', '?')):<9} round {m.get('round', 0):>2} "
+            f"[{bar}] {_human(sent)} (wire {_human(m.get('wire_bytes') or 0)}) "
+            f"dirty {m.get('dirty_rate', 0.0):.0f} pages/s  eta {eta_s}")
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    api = node_api(args)
+    mid = api.ok("POST", "/api/migrations", {"vm": args.vm, "to": args.to})["id"]
+    tty = sys.stderr.isatty()
+    last = ""
+    try:
+        while True:
+            m = api.ok("GET", _migration_path(mid))
+            line = render_progress(m)
+            if line != last:
+                _progress_line(sys.stderr, line, tty)
+                last = line
+            outcome = m.get("outcome")
+            if outcome is not None:
+                break
+            time.sleep(POLL_INTERVAL)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\nmigration {mid} goes on at the node; `dwcp cancel {mid}` "
+                         "aborts it\n")
+        raise
+    if tty:
+        sys.stderr.write("\n")
+    if args.json:
+        print(json.dumps(m, indent=2))
+    if outcome["outcome"] != "committed":
+        raise CommandError(f"migration {mid} {outcome['outcome']}: {outcome['reason']}")
+    print(f"migrated {args.vm} to {args.to}: {mid} committed in {outcome['rounds']} rounds, "
+          f"{_human(outcome['bytes_sent'])} sent ({_human(outcome['wire_bytes'])} on the wire), "
+          f"fenced {outcome['fenced_seconds'] * 1000:.0f} ms")
+    return 0
+
+
+def _progress_line(stream: TextIO, line: str, tty: bool) -> None:
+    stream.write(("\r\x1b[K" + line) if tty else line + "\n")
+    stream.flush()
+
+
+def _migration_path(mid: str, action: str = "") -> str:
+    return f"/api/migrations/{urllib.parse.quote(mid, safe='')}{action}"
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+def register_cancel(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("cancel", help="cancel a running migration (an abort in the ledger)")
+    p.add_argument("migration", metavar="MIGRATION_ID")
+    p.add_argument("--no-wait", action="store_true",
+                   help="return once the source took the cancel, not when the ledger decided")
+    p.add_argument("--json", action="store_true", help="print the final migration as JSON")
+    add_node_options(p)
+    p.set_defaults(func=run_cancel)
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    api = node_api(args)
+    mid = args.migration
+    m = api.ok("POST", _migration_path(mid, "/cancel"), {})
+    # the answer is the source's session (the node forwards a cancel to the source); a
+    # node that is not the source may know only the ledger's record while we poll it
+    asked = m.get("reason") or CANCEL_REASON
+    while not args.no_wait and _decided(m) is None:
+        time.sleep(POLL_INTERVAL)
+        m = api.ok("GET", _migration_path(mid))
+    if args.json:
+        print(json.dumps(m, indent=2))
+    decided = _decided(m)
+    if decided is None:
+        print(f"cancelling {mid}: the source is {m.get('phase', '?')}; the ledger decides "
+              f"(follow it with `dwcp status`)")
+        return 0
+    if decided == "committed":
+        raise CommandError(f"migration {mid} committed before the cancel took effect: "
+                           f"{m.get('vm')} now runs at {m.get('target')}")
+    reason = (m.get("outcome") or {}).get("reason") if m.get("role") == "source" else asked
+    print(f"cancelled {mid}: aborted in the ledger ({reason}); "
+          f"{m.get('vm')} stays at {m.get('source')}")
+    return 0
+
+
+def _decided(m: dict[str, Any]) -> str | None:
+    """The ledger's final word on a migration document, or None while it is open. A node
+    with no session of the migration has only the ledger's record to go by."""
+    outcome = m.get("outcome")
+    if outcome is not None and outcome.get("outcome") in ("committed", "aborted"):
+        return str(outcome["outcome"])
+    if m.get("ledger") in ("committed", "aborted") and "role" not in m:
+        return str(m["ledger"])
+    return None
+
+
+# --------------------------------------------------------------------------- status
+
+
+def register_status(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("status", help="the node's view: members, links, routes, ledger, VMs")
+    p.add_argument("--json", action="store_true")
+    add_node_options(p)
+    p.set_defaults(func=run_status)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    doc = node_api(args).ok("GET", "/api/status")
+    print(json.dumps(doc, indent=2) if args.json else render_status(doc))
+    return 0
+
+
+def _s(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
+def table(rows: list[list[str]]) -> str:
+    """Left-aligned columns, two spaces apart; the first row is the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def data_path(migration: dict[str, Any]) -> str:
+    """Where a migration's data went, as its source saw it: the DCs that relayed its v3
+    streams ("direct" for none), or the control link for v1 rounds; "-" elsewhere and
+    before any data went."""
+    streams = migration.get("streams")
+    if streams is None:
+        return "-"
+    via = ["direct" if k == "direct" else f"via {k}" for k in streams]
+    if (migration.get("data_plane") or {}).get("v1"):
+        via.append("control link")
+    return ", ".join(via) or "-"
+
+
+def render_status(doc: dict[str, Any]) -> str:
+    led = doc["ledger"]
+    if "unavailable" in led:
+        ledger = led["unavailable"]
+    else:
+        ledger = (f"height {led['height']}, view {led['view']} (primary {led['primary']}), "
+                  f"checkpoint {led['stable_checkpoint']}")
+    out = [f"DC {doc['dc']} of federation {doc['federation']}", f"ledger: {ledger}",
+           f"data plane: {doc['data_plane']}", ""]
+    rows = [["PEER", "MEMBER", "LINK", "RTT ms", "LOSS", "Mbit/s", "MODE", "CONTROL", "BULK"]]
+    for peer, state in doc["members"].items():
+        link = doc["links"][peer]
+        rtt = link["rtt_ms"]
+        routes = [doc["routes"].get(kind, {}).get(peer) for kind in ("control", "bulk")]
+        rows.append([
+            peer, state, "up" if link["connected"] else "down",
+            "-" if rtt is None else f"{rtt:.1f}",
+            "-" if link["loss"] is None else f"{link['loss']:.2%}",
+            "-" if link["bandwidth_mbps"] is None else f"{link['bandwidth_mbps']:.0f}",
+            _s(link["mode"]),
+            *("-" if r is None else ">".join(r[1:]) for r in routes),
+        ])
+    out += [table(rows), ""]
+    vms = [["VM", "OWNER", "EPOCH", "HERE", "MIGRATING"]]
+    vms += [[v["name"], _s(v["owner"]), _s(v["epoch"]), _s(v["here"]), _s(v["migrating"])]
+            for v in doc["vms"]]
+    out += [table(vms) if len(vms) > 1 else "no VMs", ""]
+    migs = [["MIGRATION", "VM", "FROM", "TO", "LEDGER", "PHASE", "ROUND", "SENT", "PATH"]]
+    migs += [[m["id"], _s(m.get("vm")), _s(m.get("source")), _s(m.get("target")),
+              _s(m.get("ledger")), _s(m.get("phase")), _s(m.get("round")),
+              _human(m.get("bytes_sent") or 0), data_path(m)] for m in doc["migrations"]]
+    out.append(table(migs) if len(migs) > 1 else "no migrations")
+    return "\n".join(out)

@@ -1,0 +1,123 @@
+"""``dwcp policy show|set``: the rollout policy (v1/v3) in the ledger, through a node's API.
+
+::
+
+    dwcp policy show [--json]
+    dwcp policy set [--v3-percent N] [--target-dcs A,B] [--target-vms X,Y]
+                    [--kill-switch on|off] [--json]
+
+``set`` reads the ledger's policy (``GET /api/policy``), changes the fields given and
+records the whole policy (``POST /api/policy``); see :mod:`federation.migration.rollout` for the
+rule every DC applies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from federation.cli.main import CommandError
+from federation.cli.ops import add_node_options, node_api, table
+
+__all__ = ["register_policy", "render_policy"]
+
+
+def _percent(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer 0..100, got {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"expected an integer 0..100, got {value}")
+    return value
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")] if text.strip() else []
+    if any(not n for n in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def register_policy(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("policy", help="show or set the rollout policy (v1/v3) in the ledger")
+    psub = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    show = psub.add_parser("show", help="the policy in the node's ledger, and per VM its bucket")
+    show.add_argument("--json", action="store_true", help="print GET /api/policy's document")
+    add_node_options(show)
+    show.set_defaults(func=run_policy_show)
+    put = psub.add_parser("set", help="change the policy (fields not given are kept)")
+    put.add_argument("--v3-percent", type=_percent, metavar="N",
+                     help="v3 for VMs whose bucket (hash of the name mod 100) is below N")
+    put.add_argument("--target-dcs", type=_names, metavar="DC,DC",
+                     help="v3 for every migration from or to these DCs ('' clears)")
+    put.add_argument("--target-vms", type=_names, metavar="VM,VM",
+                     help="v3 for these VMs ('' clears)")
+    put.add_argument("--kill-switch", choices=("on", "off"),
+                     help="on: v1 for every migration, whatever the rest says")
+    put.add_argument("--json", action="store_true", help="print the recorded policy as JSON")
+    add_node_options(put)
+    put.set_defaults(func=run_policy_set)
+
+
+def render_policy(policy: dict[str, Any], vms: list[dict[str, Any]]) -> str:
+    """The policy, then per VM of the ledger its bucket and whether its migrations get v3
+    (:func:`consensus.ledger.v3_allowed`; both DCs must also offer v3)."""
+    from federation.migration.rollout import rollout_bucket
+
+    pct = policy["v3_percent"]
+    lines = [f"v3_percent   {pct}",
+             f"target_dcs   {', '.join(policy['target_dcs']) or '-'}",
+             f"target_vms   {', '.join(policy['target_vms']) or '-'}",
+             f"kill_switch  {'on' if policy['kill_switch'] else 'off'}", ""]
+    rows = [["VM", "OWNER", "BUCKET", "V3"]]
+    for v in vms:
+        if v["owner"] is None:
+            continue
+        bucket = rollout_bucket(v["name"])
+        if policy["kill_switch"]:
+            why = "no (kill switch)"
+        elif v["name"] in policy["target_vms"]:
+            why = "yes (target_vms)"
+        elif v["owner"] in policy["target_dcs"]:
+            why = "yes (its owner is in target_dcs)"
+        elif bucket < pct:
+            why = f"yes (bucket {bucket} < {pct})"
+        elif policy["target_dcs"]:
+            why = "only to a DC in target_dcs"
+        else:
+            why = "no"
+        rows.append([v["name"], v["owner"], str(bucket), why])
+    lines.append(table(rows) if len(rows) > 1 else "no VMs in the ledger")
+    return "\n".join(lines)
+
+
+def run_policy_show(args: argparse.Namespace) -> int:
+    api = node_api(args)
+    policy = api.ok("GET", "/api/policy")
+    if args.json:
+        print(json.dumps(policy, indent=2))
+        return 0
+    print(render_policy(policy, api.ok("GET", "/api/vms")))
+    return 0
+
+
+def run_policy_set(args: argparse.Namespace) -> int:
+    changes = {k: v for k, v in (("v3_percent", args.v3_percent),
+                                 ("target_dcs", args.target_dcs),
+                                 ("target_vms", args.target_vms)) if v is not None}
+    if args.kill_switch is not None:
+        changes["kill_switch"] = args.kill_switch == "on"
+    if not changes:
+        raise CommandError("nothing to set: give --v3-percent, --target-dcs, --target-vms "
+                           "or --kill-switch")
+    api = node_api(args)
+    # The API records a whole policy: start from the ledger's, change what was asked.
+    policy = {**api.ok("GET", "/api/policy"), **changes}
+    recorded = api.ok("POST", "/api/policy", policy)
+    if args.json:
+        print(json.dumps(recorded, indent=2))
+        return 0
+    print(render_policy(recorded, api.ok("GET", "/api/vms")))
+    return 0

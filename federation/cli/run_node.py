@@ -1,0 +1,90 @@
+"""``dwcp node --config FILE --name DC``: run one DC's node in the foreground.
+
+The node (:class:`federation.node.assembly.Node`) joins the control mesh, runs gossip and
+routes, its PBFT replica and ledger, the migration sessions over the ``image`` VM
+backend and the data plane, and serves the HTTP API on the DC's ``api`` endpoint.
+It logs one JSON object per line on stderr. SIGINT or SIGTERM closes every link
+with its final frame and exits 0; a restart recovers the ledger and every
+in-flight migration from ``--data-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from pathlib import Path
+
+import trio
+
+from federation import config
+from federation.cli.main import CommandError
+from federation.node.assembly import Node, NodeError
+from mesh import identity
+from mesh.runtime.node_runtime import ListenError
+from mesh.runtime.sqlite_store import StoreError
+
+__all__ = ["register", "run_node", "default_key_path"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("node", help="run a DC node (logs JSON lines on stderr)")
+    p.add_argument("--config", required=True, type=Path, help="the federation file")
+    p.add_argument("--name", required=True, help="this node's DC name in the federation file")
+    p.add_argument(
+        "--key", type=Path, help="identity key file (default: <config dir>/keys/<DC>.key)"
+    )
+    p.add_argument("--data-dir", type=Path, help="durable state (default: <config dir>/data/<DC>)")
+    p.set_defaults(func=run_node)
+
+
+def default_key_path(config_path: Path, name: str) -> Path:
+    """Where ``dwcp federation init`` writes the key of ``name``."""
+    return config_path.parent / "keys" / f"{name}.key"
+
+
+def run_node(args: argparse.Namespace) -> int:
+    try:
+        fed = config.load(args.config)
+        fed.dc(args.name)
+    except config.ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    key_path = args.key or default_key_path(args.config, args.name)
+    try:
+        ident = identity.load_key_file(key_path)
+    except identity.IdentityError as exc:
+        raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(f"{key_path}: {exc.strerror}") from None
+    data_dir: Path = args.data_dir or args.config.parent / "data" / args.name
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        node = Node(fed, args.name, ident, data_dir)
+    except OSError as exc:
+        raise CommandError(
+            f"{data_dir}: cannot create the data directory: {exc.strerror}"
+        ) from None
+    except (StoreError, NodeError) as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        trio.run(_serve_until_signal, node)
+    except (ListenError, NodeError) as exc:
+        raise CommandError(str(exc)) from None
+    finally:
+        node.close()
+    return 0
+
+
+async def _serve_until_signal(node: Node) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        await node.bind()  # outside the nursery: a busy port stays a plain exception
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    node.log.event("signal", signal=signal.Signals(signum).name)
+                    node.shutdown()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            await node.run()
+            nursery.cancel_scope.cancel()

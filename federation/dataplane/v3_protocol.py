@@ -1,0 +1,304 @@
+"""The node's data plane, version 3: HDE over AMST (DESIGN.md, "HDE", "AMST").
+
+A pre-copy round of a v3 migration is one HDE transfer per VM image, all of them
+in one AMST transfer:
+
+- the *diff* (HDE's tree walk: offers, node/group/fingerprint requests, wants,
+  resend requests, the verdict) goes over the control link wrapped in
+  :class:`V3Hde` (a few KiB per round);
+- the *chunks* (dedup, XOR delta, zstd; :func:`mesh.hde.codec.encode_chunk`) go
+  over N AMST streams to the target's ``data`` endpoint, each its own secure
+  channel. Chunks are encoded in AMST's preparer worker threads
+  (:class:`ChunkFeed`).
+
+The source sends from a *shadow* copy of the images, refreshed at the start of
+each round with the pages dirtied since the last one, so the pages HDE indexed
+are the pages it encodes while the VM keeps writing. The target writes into the
+incoming images; its page store holds the other VMs' images on that node and the
+incoming copy as of the last verified round, so round 1 is a diff against an
+earlier copy of this VM and any other VM, and round k a diff against round k-1,
+its changed pages XORed against the target's old page. Each image's root is
+recomputed and checked by the target before the round is reported.
+
+This module holds the wire messages and the pieces both sides share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import queue
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import trio
+
+from mesh import wire
+from mesh.amst.receiver import DIGEST_BYTES, Chunk, ChunkSet
+from mesh.hde.codec import MAGIC
+from mesh.hde.events import EncodeChunk
+from mesh.hde.image import PAGE_SIZE, PageSource
+from mesh.hde.level import MODE_LEVELS, choose_level, measure_levels
+from mesh.hde.messages import CHUNK_PAGES
+from mesh.wire import U64, Bytes, ListOf, Text, field
+
+__all__ = ["V3Round", "V3Status", "V3Hde", "V3_TAGS", "ChunkFeed", "Overlay", "transfer_id",
+           "peek_chunk", "choose_chunk_level", "AMST_CHUNK_OVERHEAD", "SAMPLE_PAGES",
+           "connect_data", "CONNECT_TIMEOUT_S"]
+
+V3_TAGS = ("data.v3.",)
+#: An HDE diff message is at most 1 MiB + 4 KiB (mesh.hde.messages._BULK); the wrapper adds
+#: its ids and CBOR framing.
+_HDE_MAX = 1024 * 1024 + 4096
+_ID = Text(128)
+
+#: AMST bytes a chunk costs beyond its payload: the amst.chunk CBOR envelope with its
+#: SHA-256 digest, the secretstream tag (17 bytes) and the 4-byte frame length.
+AMST_CHUNK_OVERHEAD = len(wire.encode(Chunk(2**32, b"\0" * DIGEST_BYTES, b""))) + 17 + 4
+#: Pages compressed to choose the zstd level (1 MiB): level 19 of DESIGN's internet range
+#: takes ~0.2 s on it at ~5 MB/s (mesh.hde.level's measurements), an acceptable one-off
+#: cost per migration, while a smaller sample makes the ratios noisy.
+SAMPLE_PAGES = 256
+#: A chunk frame is at most CHUNK_PAGES pages stored, its header (23 bytes), up to
+#: CHUNK_PAGES ranges of two 10-byte varints, the XOR bitmap, the length and the digest.
+_MAX_FRAME = CHUNK_PAGES * PAGE_SIZE + 23 + CHUNK_PAGES * 20 + CHUNK_PAGES // 8 + 4 + 16
+_PEEK = struct.Struct("<4sQQ")
+#: How often a waiting preparer checks whether its round was cancelled: a cancelled round
+#: (an abort) then ends within 0.2 s, the same period as AMST's own stream poll
+#: (mesh.runtime.amst_stream.POLL_MS).
+_POLL_S = 0.2
+#: Ids kept before a full sweep for acknowledged ones: 64 frames of ~1 MiB, the order of
+#: AMST's window (mesh.amst.sender.DEFAULT_WINDOW_BYTES, 64 MiB).
+_SWEEP_MIN = 64
+#: What a preparer sends when the feed closed under it: shorter than any chunk header.
+_END = b"\0"
+
+
+@wire.message("data.v3.round")
+class V3Round:
+    """Source -> target: round ``round`` of ``migration_id`` starts; its chunks come as
+    AMST transfer ``transfer``; HDE transfer ``i + 1`` carries ``images[i]``."""
+
+    migration_id: str = field(_ID)
+    round: int = field(U64(1000))
+    transfer: bytes = field(Bytes(16, exact=True))
+    images: tuple[str, ...] = field(ListOf(Text(16), 64))
+
+
+@wire.message("data.v3.status")
+class V3Status:
+    """Target -> source: ready for the round (``error`` empty), or why it cannot go on."""
+
+    migration_id: str = field(_ID)
+    round: int = field(U64(1000))
+    error: str = field(Text(512), default="")
+
+
+@wire.message("data.v3.hde", max_size=_HDE_MAX + 1024)
+class V3Hde:
+    """Either way: one HDE diff message (``wire.encode``d) of image ``image`` of a round."""
+
+    migration_id: str = field(_ID)
+    round: int = field(U64(1000))
+    image: int = field(U64(63))
+    body: bytes = field(Bytes(_HDE_MAX))
+
+
+#: A data connection not set up within 3 s is a path that is down for now: Linux sends the
+#: SYN again after the initial RTO of 1 s (RFC 6298 §2.1) and 2 s later, so two SYNs went
+#: unanswered; the AMST sender then backs off and tries again (mesh.amst.sender), rather
+#: than waiting out the kernel's ~2 min of SYN retries.
+CONNECT_TIMEOUT_S = 3.0
+
+
+async def connect_data(host: str, port: int) -> trio.SocketStream:
+    """A TCP connection to a data endpoint; ``trio.TooSlowError`` after CONNECT_TIMEOUT_S."""
+    with trio.fail_after(CONNECT_TIMEOUT_S):
+        return await trio.open_tcp_stream(host, port)
+
+
+def transfer_id(migration_id: str, round_: int) -> bytes:
+    """The AMST transfer id of a round: the same on both sides, distinct per round."""
+    return hashlib.sha256(f"{migration_id}/{round_}".encode()).digest()[:16]
+
+
+def peek_chunk(payload: bytes | memoryview) -> tuple[int, int] | None:
+    """(HDE transfer, chunk id) of a chunk frame; None for a feed's end marker or junk
+    (the HDE target checks the whole frame itself)."""
+    if len(payload) < _PEEK.size:
+        return None
+    magic, xfer, cid = _PEEK.unpack_from(payload)
+    if magic != MAGIC:
+        return None
+    return xfer, cid
+
+
+class Overlay:
+    """A page source: ``image`` except the pages in ``old`` (page -> bytes), i.e. the
+    source's shadow as it was before this round refreshed those pages: what the target's
+    base holds, the reference XOR deltas are taken against."""
+
+    def __init__(self, image: PageSource, old: dict[int, bytes]) -> None:
+        self.image = image
+        self.old = old
+        self.page_count = image.page_count
+        self.nbytes = image.nbytes
+
+    def view(self, page: int, count: int = 1) -> memoryview:
+        if count == 1:
+            held = self.old.get(page)
+            return memoryview(held) if held is not None else self.image.view(page)
+        if not any(p in self.old for p in range(page, page + count)):
+            return self.image.view(page, count)
+        return memoryview(b"".join(bytes(self.view(p)) for p in range(page, page + count)))
+
+
+Encoder = Callable[[int, EncodeChunk], bytes | bytearray]
+
+
+class ChunkFeed:
+    """Adapts HDE's interactive chunk plans to AMST's pull model (:class:`mesh.runtime.amst_transfer
+    .ChunkSource`): ``next_chunk`` hands AMST a placeholder while the feed is open; AMST's
+    ``prepare`` (a worker thread) then waits for the next planned chunk and encodes it
+    there. When the feed is closed (every image verified), a waiting preparer returns an
+    one-byte end marker, which the target ignores; at most ``preparers`` of them are sent.
+
+    A chunk id is bound to its frame only when a preparer encodes it, so the feed keeps
+    every frame until the receiver acknowledges it (``bind``: the running sender's
+    acknowledged set): when the transfer is cut and resumed by a new sender,
+    :meth:`resume` offers the ids not known acknowledged again, each with the frame it had
+    (or, never prepared, with the next plan), and the receiver's first Ack skips the ones
+    it holds. What is kept is what AMST holds in flight anyway: at most its window."""
+
+    def __init__(self, encode: Encoder) -> None:
+        self._encode = encode
+        self._queue: queue.Queue[tuple[int, EncodeChunk] | None] = queue.Queue()
+        self._closed = threading.Event()
+        self._next = 0
+        self._lock = threading.Lock()
+        self._placeholder = memoryview(bytes(_MAX_FRAME))
+        self._pending = 0  # planned chunks not yet taken by a preparer
+        self._issued: dict[int, None] = {}  # ids handed out, not known acknowledged
+        self._held: dict[int, bytes] = {}  # their frames, once prepared
+        self._replay: deque[int] = deque()
+        self._acked = ChunkSet()
+        self._sweep_at = _SWEEP_MIN
+        self.frames = 0
+        self.frame_bytes = 0
+        self.markers = 0
+        #: frames offered again by a resumed transfer (and their bytes)
+        self.replayed = 0
+        self.replayed_bytes = 0
+
+    def put(self, image: int, action: EncodeChunk) -> None:
+        with self._lock:
+            self._pending += 1
+        self._queue.put((image, action))
+
+    def close(self) -> None:
+        self._closed.set()
+        self._queue.put(None)  # wakes one waiting preparer; it passes the word on
+
+    def bind(self, acked: ChunkSet) -> None:
+        """The chunk ids the running sender knows acknowledged (its live set)."""
+        with self._lock:
+            self._acked = acked
+            self._forget_acked()
+
+    def resume(self) -> None:
+        """A new sender takes over a cut transfer: offer again every id handed out and not
+        known acknowledged, before any new one. Those with a frame go first: an id never
+        prepared waits in its preparer for the next plan, and the plans may wait for the
+        held frames to arrive (the target asks for more as chunks land)."""
+        with self._lock:
+            self._forget_acked()
+            ids = sorted(self._issued)
+            self._replay = deque([c for c in ids if c in self._held]
+                                 + [c for c in ids if c not in self._held])
+
+    @property
+    def held(self) -> int:
+        """Frames kept for a resume (prepared, not known acknowledged)."""
+        with self._lock:
+            return len(self._held)
+
+    def _forget_acked(self, sweep: bool = True) -> None:
+        """Drop what is acknowledged: from the oldest id while they are (acks come mostly in
+        order), and everywhere on a sweep, which runs when asked and whenever the ids kept
+        doubled since the last one (so each next_chunk costs O(1) amortized)."""
+        issued = self._issued
+        while issued:
+            first = next(iter(issued))
+            if first not in self._acked:
+                break
+            del issued[first]
+            self._held.pop(first, None)
+        if sweep or len(issued) >= self._sweep_at:
+            for cid in [c for c in issued if c in self._acked]:
+                del issued[cid]
+                self._held.pop(cid, None)
+            self._sweep_at = max(_SWEEP_MIN, 2 * len(issued))
+
+    def next_chunk(self, size_hint: int) -> tuple[int, memoryview] | None:
+        with self._lock:
+            self._forget_acked(sweep=False)
+            if self._replay:
+                return self._replay.popleft(), self._placeholder
+            if self._closed.is_set() and self._pending == 0:
+                return None
+            cid, self._next = self._next, self._next + 1
+            self._issued[cid] = None
+        return cid, self._placeholder
+
+    def prepare(self, chunk: int, raw: bytes | memoryview) -> bytes:
+        """Worker thread: the frame ``chunk`` had (a resumed transfer), else the next planned
+        chunk, encoded; an end marker once closed."""
+        with self._lock:
+            held = self._held.get(chunk)
+            if held is not None:
+                self.replayed += 1
+                self.replayed_bytes += len(held)
+                return held
+        while True:
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                trio.from_thread.check_cancelled()  # the round was cancelled: stop waiting
+                continue
+            if item is None:
+                self._queue.put(None)
+                with self._lock:
+                    self.markers += 1
+                    self._keep(chunk, _END)
+                return _END
+            with self._lock:
+                self._pending -= 1
+            frame = bytes(self._encode(*item))
+            with self._lock:
+                self.frames += 1
+                self.frame_bytes += len(frame)
+                self._keep(chunk, frame)
+            return frame
+
+    def _keep(self, chunk: int, frame: bytes) -> None:
+        if chunk in self._issued:
+            self._held[chunk] = frame
+
+
+def choose_chunk_level(sample: Sequence[bytes], mode: str | None, bw_mbps: float | None,
+                       default_mbps: float) -> tuple[str, int]:
+    """(mode used, zstd level) for a migration's chunks, measured on ``sample`` (page data
+    that will be sent) as :mod:`mesh.hde.level` prescribes. An unclassified link is taken
+    as hybrid — DESIGN's "anything between" — at ``default_mbps`` until it is measured."""
+    used = mode if mode in MODE_LEVELS else "hybrid"
+    mbps = bw_mbps if bw_mbps is not None and bw_mbps > 0 else default_mbps
+    link = mbps * 1e6 / 8
+    cores = os.cpu_count() or 1
+    if not sample or math.fsum(len(s) for s in sample) == 0:
+        return used, MODE_LEVELS[used][0]
+    samples = measure_levels(sample, used, link, cores, time.perf_counter)
+    return used, choose_level(samples, link, cores)

@@ -1,0 +1,3 @@
+"""Live migration of one VM as sans-I/O cores: the vocabulary (states, events,
+actions), the source and target sessions, restore after a restart, the rollout
+rule, and the DC core that runs the sessions beside the ledger replica."""

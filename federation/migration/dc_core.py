@@ -1,0 +1,255 @@
+"""The node's consensus-and-migration core: the PBFT replica and the migration sessions
+of one DC in one sans-I/O core, so the sessions see the ledger exactly as it executes.
+
+Wiring (what :mod:`federation.migration.vocabulary` asks of a node):
+
+- every ``pbft``/``pbft.*`` message, ``pbft``/``ledger-client`` timer and peer event
+  goes to the replica; ``migration.*`` messages and ``("migration", id, what)``
+  timers go to the session of that migration id;
+- after every replica step the ledger's migration records are compared with the
+  last ones seen: a new ``begun`` becomes :class:`LedgerBegun` for the source
+  session (and creates the target session at the target), ``committed`` and
+  ``aborted`` become :class:`LedgerCommitted` / :class:`LedgerAborted`, a policy
+  change :class:`PolicyChanged` — whatever way the ledger got there (normal
+  execution or state transfer);
+- a session's :class:`SubmitLedger` becomes ``replica.submit``; the request's
+  completion comes back as :class:`LedgerRefused` if the ledger rejected it;
+- the node's own submissions (``submit``) complete through ``on_ledger_done``;
+- the sessions' other actions (VM work, rounds) are handed to the host's effects
+  hook, in order with the ``Persist`` actions that must precede them.
+
+Records of sessions that cannot be restored yet (the replica is behind them) are
+retried after every ledger change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from consensus.ledger import LedgerResult, MigrationRecord, SetPolicy
+from consensus.pbft.client import ClientBusy
+from consensus.pbft.replica import Replica
+from federation.migration.restore import restore
+from federation.migration.session import SessionBase
+from federation.migration.source import SourceSession
+from federation.migration.target import TargetSession
+from federation.migration.vocabulary import (
+    LedgerAborted,
+    LedgerBegun,
+    LedgerCommitted,
+    LedgerRefused,
+    MigrationError,
+    Outcome,
+    PolicyChanged,
+    Progress,
+    SubmitLedger,
+    limits_for,
+)
+from mesh import wire
+from mesh.core import Action, Event, Notify, PeerDown, PeerUp, Received, TimerFired
+from mesh.links.modes import Mode
+
+__all__ = ["NodeCore", "TAGS", "LedgerDone"]
+
+#: Wire tags this core consumes.
+TAGS = ("pbft", "pbft.", "migration.")
+
+#: ``on_ledger_done(request_id, result)``: ``result`` is None on a timeout.
+LedgerDone = Callable[[int, LedgerResult | None], None]
+
+
+class NodeCore:
+    def __init__(
+        self,
+        me: str,
+        replica: Replica,
+        *,
+        on_ledger_done: LedgerDone,
+        mode_of: Callable[[str], Mode | None],
+    ) -> None:
+        self.me = me
+        self.replica = replica
+        self.on_ledger_done = on_ledger_done
+        self.mode_of = mode_of
+        self.sessions: dict[str, SessionBase] = {}
+        #: last Progress / Outcome of every session, for the API
+        self.progress: dict[str, Progress] = {}
+        self.outcomes: dict[str, Outcome] = {}
+        self.counters: dict[str, int] = {}
+        self._seen: dict[str, str] = dict(
+            (mid, rec.state) for mid, rec in replica.ledger.migrations.items()
+        )
+        self._policy: SetPolicy = replica.ledger.policy
+        #: request id -> the session that submitted it
+        self._requests: dict[int, str] = {}
+        #: node-level requests (not from a session) awaiting completion
+        self.node_requests: set[int] = set()
+        #: persisted records waiting for the replica to catch up
+        self.unrestored: dict[str, bytes] = {}
+
+    # ------------------------------------------------------------------ core API
+
+    def start(self, now: float) -> list[Action]:
+        out = self.replica.start(now)
+        return self._after_replica(now, out) + self._retry_restore(now)
+
+    def handle(self, now: float, event: Event) -> list[Action]:
+        if isinstance(event, Received):
+            tag: str = event.message.wire_tag
+            if tag.startswith("migration."):
+                return self.to_session(now, event.message.migration_id, event)
+            return self._after_replica(now, self.replica.handle(now, event))
+        if isinstance(event, TimerFired):
+            key = event.key
+            if isinstance(key, tuple) and len(key) == 3 and key[0] == "migration":
+                return self.to_session(now, str(key[1]), event)
+            return self._after_replica(now, self.replica.handle(now, event))
+        if isinstance(event, (PeerUp, PeerDown)):
+            out = self._after_replica(now, self.replica.handle(now, event))
+            for mid in list(self.sessions):
+                out += self.to_session(now, mid, event)
+            return out
+        return []
+
+    # ------------------------------------------------------------------ node requests
+
+    def submit(self, now: float, command: Any) -> tuple[int, list[Action]]:
+        """Submit ``command`` for the node; completion comes through ``on_ledger_done``."""
+        rid, out = self.replica.submit(now, wire.encode(command))
+        self.node_requests.add(rid)
+        return rid, self._after_replica(now, out)
+
+    def plan_migration(
+        self, now: float, migration_id: str, vm: str, target: str,
+        layout: tuple[tuple[str, int], ...], local_versions: tuple[int, ...],
+        peer_versions: tuple[int, ...],
+    ) -> list[Action]:
+        """Start migrating ``vm`` (owned here per the ledger) to ``target``."""
+        ledger = self.replica.ledger
+        owner, epoch = ledger.owner(vm), ledger.epoch(vm)
+        if owner != self.me or epoch is None:
+            raise MigrationError(f"VM {vm!r} is owned by {owner!r} in the ledger, not {self.me}")
+        busy = ledger.vms[vm].migration_id
+        if busy is not None and ledger.migrations[busy].state == "begun":
+            raise MigrationError(f"VM {vm!r} is already migrating ({busy})")
+        if migration_id in self.sessions:
+            raise MigrationError(f"migration {migration_id!r} exists")
+        session = SourceSession.plan(
+            self.me, migration_id, vm, target, epoch, layout, limits_for(self.mode_of(target)),
+            ledger.policy, local_versions, peer_versions,
+        )
+        self.sessions[migration_id] = session
+        return self._session_out(now, session, session.start(now))
+
+    def restore_records(self, now: float, records: dict[str, bytes]) -> list[Action]:
+        self.unrestored.update(records)
+        return self._retry_restore(now)
+
+    def to_session(self, now: float, migration_id: str, event: object) -> list[Action]:
+        session = self.sessions.get(migration_id)
+        if session is None:
+            self._count("events_without_session")
+            return []
+        return self._session_out(now, session, session.handle(now, event))
+
+    # ------------------------------------------------------------------ internals
+
+    def _count(self, key: str) -> None:
+        self.counters[key] = self.counters.get(key, 0) + 1
+
+    def _session_out(self, now: float, s: SessionBase, actions: list[Any]) -> list[Action]:
+        out: list[Action] = []
+        for a in actions:
+            if isinstance(a, SubmitLedger):
+                try:
+                    rid, acts = self.replica.submit(now, wire.encode(a.command))
+                except ClientBusy:
+                    # the session's own resubmission timer (LEDGER_RESUBMIT) tries again
+                    self._count("submit_busy")
+                    continue
+                self._requests[rid] = s.migration_id
+                out += self._after_replica(now, acts)
+                continue
+            if isinstance(a, Notify) and a.kind == "migration.progress":
+                self.progress[s.migration_id] = a.detail
+            elif isinstance(a, Notify) and a.kind == "migration.done":
+                self.outcomes[s.migration_id] = a.detail
+            out.append(a)
+        return out
+
+    def _after_replica(self, now: float, actions: list[Action]) -> list[Action]:
+        out: list[Action] = []
+        for a in actions:
+            out.append(a)
+            if isinstance(a, Notify) and a.kind in ("ledger.committed", "ledger.timeout"):
+                out += self._request_done(now, a.detail)
+        return out + self._ledger_changes(now)
+
+    def _request_done(self, now: float, detail: dict[str, Any]) -> list[Action]:
+        rid = int(detail["request_id"])
+        raw = detail.get("result")
+        result = None if raw is None else wire.decode(raw, expect=(LedgerResult,))
+        if rid in self.node_requests:
+            self.node_requests.discard(rid)
+            self.on_ledger_done(rid, result)
+            return []
+        mid = self._requests.pop(rid, None)
+        session = self.sessions.get(mid) if mid is not None else None
+        if session is None or result is None or result.ok:
+            return []  # a timeout is the session's own resubmission timer's business
+        command = session.pending
+        return self.to_session(now, session.migration_id, LedgerRefused(command, result.error))
+
+    def _ledger_changes(self, now: float) -> list[Action]:
+        ledger = self.replica.ledger
+        out: list[Action] = []
+        if ledger.policy != self._policy:
+            self._policy = ledger.policy
+            for mid in list(self.sessions):
+                out += self.to_session(now, mid, PolicyChanged(ledger.policy))
+        changed = [(mid, rec) for mid, rec in ledger.migrations.items()
+                   if self._seen.get(mid) != rec.state]
+        for mid, rec in changed:
+            self._seen[mid] = rec.state
+            out += self._on_record(now, rec)
+        if changed and self.unrestored:
+            out += self._retry_restore(now)
+        return out
+
+    def _on_record(self, now: float, rec: MigrationRecord) -> list[Action]:
+        mid = rec.migration_id
+        if mid not in self.sessions and rec.target == self.me and rec.state == "begun":
+            if mid in self.unrestored:
+                return []
+            limits = limits_for(self.mode_of(rec.source))
+            session, acts = TargetSession.from_ledger(
+                self.me, mid, rec.vm, rec.source, rec.epoch, limits, now)
+            self.sessions[mid] = session
+            return self._session_out(now, session, acts)
+        if mid not in self.sessions:
+            return []
+        if rec.state == "begun":
+            return self.to_session(now, mid, LedgerBegun(mid, rec.epoch))
+        if rec.state == "committed":
+            return self.to_session(now, mid, LedgerCommitted(mid, rec.epoch + 1, rec.root))
+        return self.to_session(now, mid, LedgerAborted(mid))
+
+    def _retry_restore(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        for mid, data in list(self.unrestored.items()):
+            rec = self.replica.ledger.migrations.get(mid)
+            try:
+                session, acts = restore(data, rec, now, self.replica.ledger.policy)
+            except MigrationError as exc:
+                if rec is None:
+                    continue  # the replica is behind this record: try after the next change
+                del self.unrestored[mid]
+                out.append(Notify("migration.unrestorable", {"migration_id": mid,
+                                                             "error": str(exc)}))
+                continue
+            del self.unrestored[mid]
+            self.sessions[mid] = session
+            out += self._session_out(now, session, [*acts, session.progress()])
+        return out
+

@@ -1,0 +1,299 @@
+"""The source side of a migration: it drives (see :mod:`federation.migration.vocabulary`).
+
+PLANNED: the begin is submitted. BEGUN: the ledger recorded it; the offer is
+re-sent until the target answers ready. PRECOPY: round 1 sends the diff
+against the target's store, round k the pages dirtied while round k-1 ran.
+After each round the final round's time is estimated as the dirty bytes over
+the round's measured throughput — QEMU's rule (migration/migration.c: stop
+when the pending bytes fit in ``bandwidth * downtime_limit``); pre-copy stops
+when that is under the mode's downtime target or when the next round would be
+the last one the mode allows. FENCED: the VM is stopped (the fence is
+persisted *before* it is requested, so a crash never forgets it). FINAL: the
+remaining dirty pages go; then VERIFYING: the root is sent to the target and
+the source waits for the ledger. Only a ledger abort un-fences; a ledger
+commit retires the source copy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from consensus.ledger import BeginMigration, SetPolicy
+from federation.migration.rollout import choose_version, round_version
+from federation.migration.session import SessionBase
+from federation.migration.vocabulary import (
+    FENCE_SLACK,
+    PEER_DOWN_GRACE,
+    RETRANSMIT,
+    STALL_TIMEOUT,
+    VERIFY_RATE,
+    ActionFailed,
+    CancelRequested,
+    CancelRound,
+    Fence,
+    ImageSize,
+    LedgerAborted,
+    LedgerBegun,
+    LedgerCommitted,
+    LedgerRefused,
+    MigrationError,
+    MigrationOffer,
+    MigrationReady,
+    MigrationRoundDone,
+    Phase,
+    PolicyChanged,
+    PrecopyLimits,
+    Retire,
+    Role,
+    RoundSent,
+    SendRound,
+    SourceFenced,
+    TransferProgress,
+    Unfence,
+)
+from federation.migration.vocabulary import (
+    MigrationAction as Action,
+)
+from mesh.core import Notify, Received, Send, TimerFired
+from mesh.hde.image import PAGE_SIZE
+
+__all__ = ["SourceSession"]
+
+#: Phases in which a round may be in flight (an abort cancels it).
+_SENDING = (Phase.PRECOPY, Phase.FINAL)
+#: Phases from which the source may still decide to abort.
+_ABORTABLE = (Phase.BEGUN, Phase.PRECOPY, Phase.FENCED, Phase.FINAL, Phase.VERIFYING)
+
+
+class SourceSession(SessionBase):
+    role = Role.SOURCE
+
+    def __init__(self, *args: object, policy: SetPolicy, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.policy = policy
+
+    @classmethod
+    def plan(
+        cls,
+        me: str,
+        migration_id: str,
+        vm: str,
+        target: str,
+        epoch: int,
+        layout: Sequence[tuple[str, int]],
+        limits: PrecopyLimits,
+        policy: SetPolicy,
+        local_versions: Sequence[int],
+        peer_versions: Sequence[int],
+    ) -> SourceSession:
+        """A new migration of ``vm`` (owned here at ``epoch``) to ``target``. Raises
+        :class:`federation.migration.rollout.RolloutError` when the DCs share no version."""
+        if target == me:
+            raise MigrationError(f"VM {vm!r}: the target {target!r} is this DC")
+        if not layout:
+            raise MigrationError(f"VM {vm!r}: no images to migrate")
+        version = choose_version(policy, vm, me, target, local_versions, peer_versions)
+        common = set(local_versions) & set(peer_versions)
+        return cls(me, migration_id, vm, me, target, epoch, limits, version, sorted(common),
+                   layout, policy=policy)
+
+    def start(self, now: float) -> list[Action]:
+        if self.phase is not Phase.PLANNED or self.pending is not None:
+            raise MigrationError(f"migration {self.migration_id!r} was already started")
+        begin = BeginMigration(self.vm, self.source, self.target, self.epoch, self.migration_id)
+        return [self.persist(), *self.submit(now, begin), self.progress()]
+
+    def cancel_refusal(self) -> str:
+        """Why an operator's cancel cannot be taken now, or "" if it can (the node asks
+        before it hands over :class:`CancelRequested`, so the API can say why)."""
+        mid = self.migration_id
+        if self.phase is Phase.COMMITTED:
+            return f"migration {mid!r} has already committed; nothing to cancel"
+        if self.phase is Phase.ABORTED:
+            return f"migration {mid!r} has already aborted: {self.reason}"
+        if self.phase is Phase.REFUSED:
+            return f"migration {mid!r} was refused by the ledger; nothing to cancel"
+        if self.phase is Phase.ABORTING:
+            return f"migration {mid!r} is already aborting ({self.reason}); the ledger decides"
+        return ""
+
+    def _on_cancel(self, now: float, ev: CancelRequested) -> list[Action]:
+        if self.cancel_refusal():
+            return []
+        note = Notify("migration.cancel-requested", {"migration_id": self.migration_id,
+                                                     "phase": self.phase.value})
+        if self.phase is Phase.PLANNED:
+            # The begin is on its way to the ledger: keep the wish (persisted, so a restart
+            # keeps it too) and abort as soon as the ledger records the begin.
+            self.reason = ev.reason
+            return [note, self.persist(), self.progress()]
+        return [note, *self.abort(now, ev.reason), self.progress()]
+
+    # ------------------------------------------------------------------ decisions
+
+    def _may_abort(self) -> bool:
+        return self.phase in _ABORTABLE
+
+    def _abort_side_effects(self) -> list[Action]:
+        return [CancelRound(self.migration_id)] if self.round else []
+
+    def _offer(self) -> Send:
+        layout = tuple(ImageSize(n, c) for n, c in self.layout)
+        return Send(self.target, MigrationOffer(
+            self.migration_id, self.vm, self.source, self.target, self.epoch, layout,
+            self.version,
+        ))
+
+    def _round_done(self, final: bool) -> Send:
+        return Send(self.target, MigrationRoundDone(self.migration_id, self.round, final,
+                                                    self.root if final else b""))
+
+    def _send_round(self, now: float, final: bool) -> list[Action]:
+        self.round += 1
+        self.version = round_version(self.version, self.common, self.policy, self.vm,
+                                     self.source, self.target)
+        return [
+            self.persist(),
+            SendRound(self.migration_id, self.vm, self.round, self.round > 1, final,
+                      self.version),
+            self.timer("stall", now + STALL_TIMEOUT),
+            self.progress(),
+        ]
+
+    def _fence_deadline(self) -> float:
+        """How long a fenced VM waits for the commit (see FENCE_SLACK)."""
+        # With no measured throughput the estimate is unknown; the stall timer then
+        # bounds the final round, and this bound covers verification and the commit.
+        final = self.eta if math.isfinite(self.eta) else 0.0
+        return FENCE_SLACK * (final + self.total_bytes / VERIFY_RATE) + PEER_DOWN_GRACE
+
+    def _after_round(self, now: float, ev: RoundSent) -> list[Action]:
+        self.bytes_sent += ev.bytes
+        self.wire_bytes += ev.wire_bytes
+        seconds = max(ev.seconds, 1e-9)
+        self.throughput = ev.bytes / seconds if ev.bytes else self.throughput
+        self.dirty_rate = ev.dirty_pages / seconds
+        pending = ev.dirty_pages * PAGE_SIZE
+        if self.throughput > 0:
+            self.eta = pending / self.throughput
+        else:
+            self.eta = 0.0 if pending == 0 else math.inf
+        if self.phase is Phase.FINAL:
+            self.final_sent = True
+            self.phase = Phase.VERIFYING
+            self.eta = 0.0
+            return [self.persist(), *self.cancel("stall"), self._round_done(True),
+                    self.timer("retransmit", now + RETRANSMIT), self.progress()]
+        out: list[Action] = [self._round_done(False)]
+        if self.eta <= self.limits.downtime or self.round + 1 >= self.limits.max_rounds:
+            self.fenced = True
+            self.phase = Phase.FENCED
+            # the fence includes hashing the stopped images for the root
+            out += [self.persist(), Fence(self.vm, self.migration_id),
+                    self.timer("stall", now + self.hash_bound()), self.progress()]
+            return out
+        return out + self._send_round(now, final=False)
+
+    # ------------------------------------------------------------------ events
+
+    def _handle(self, now: float, ev: object) -> list[Action]:
+        if isinstance(ev, LedgerBegun):
+            return self._on_begun(now)
+        if isinstance(ev, LedgerCommitted):
+            return self._on_committed(now, ev)
+        if isinstance(ev, LedgerAborted):
+            if self.done:
+                return []
+            out: list[Action] = [CancelRound(self.migration_id)] if self.round else []
+            out.append(Unfence(self.vm, self.migration_id))
+            return out + self.finish(now, Phase.ABORTED, self.reason or "aborted in the ledger")
+        if isinstance(ev, LedgerRefused):
+            if isinstance(ev.command, BeginMigration) and self.phase is Phase.PLANNED:
+                return self.finish(now, Phase.REFUSED, f"ledger refused the begin: {ev.reason}")
+            return [Notify("migration.ledger-refused",
+                           {"migration_id": self.migration_id, "reason": ev.reason})]
+        if isinstance(ev, PolicyChanged):
+            self.policy = ev.policy
+            return []
+        if isinstance(ev, CancelRequested):
+            return self._on_cancel(now, ev)
+        if isinstance(ev, Received):
+            return self._on_message(now, ev)
+        if isinstance(ev, RoundSent):
+            if self.phase not in _SENDING or ev.round != self.round:
+                return []  # a round cancelled by an abort, or a stale report
+            return self._after_round(now, ev)
+        if isinstance(ev, TransferProgress):
+            if self.phase in _SENDING and ev.round == self.round:
+                return [self.timer("stall", now + STALL_TIMEOUT)]
+            return []
+        if isinstance(ev, SourceFenced):
+            if self.phase is not Phase.FENCED:
+                return []
+            self.root = ev.root
+            self.phase = Phase.FINAL
+            self.fenced_at = now
+            return [*self._send_round(now, final=True),
+                    self.timer("fence", now + self._fence_deadline())]
+        if isinstance(ev, ActionFailed):
+            if self._may_abort():
+                return self.abort(now, f"{ev.action} failed: {ev.reason}")
+            return [Notify("migration.error", {"migration_id": self.migration_id,
+                                               "action": ev.action, "reason": ev.reason})]
+        if isinstance(ev, TimerFired):
+            return self._on_timer(now, str(ev.key[2]))  # type: ignore[index]
+        raise MigrationError(f"source session got an event it does not take: {ev!r}")
+
+    def _on_begun(self, now: float) -> list[Action]:
+        if self.phase is Phase.REFUSED:
+            # a resubmitted begin was refused, but an earlier copy of it did get in
+            self.phase = Phase.BEGUN
+            return self.abort(now, self.reason or "begin recorded after it was refused")
+        if self.phase is not Phase.PLANNED:
+            return []
+        self.pending = None
+        self.phase = Phase.BEGUN
+        out: list[Action] = [*self.cancel("ledger")]
+        if self.reason:  # cancelled while the begin was on its way
+            return out + self.abort(now, self.reason)
+        return out + [self.persist(), self._offer(), self.timer("retransmit", now + RETRANSMIT),
+                      self.timer("stall", now + STALL_TIMEOUT), self.progress()]
+
+    def _on_committed(self, now: float, ev: LedgerCommitted) -> list[Action]:
+        if self.done:
+            return []
+        out: list[Action] = [CancelRound(self.migration_id)] if self.phase in _SENDING else []
+        if not self.fenced:
+            # Only the target commits (consensus.ledger), normally after checking our root.
+            # Whatever it did, the ledger is the authority: stop this copy before retiring.
+            self.fenced = True
+            out += [self.persist(), Fence(self.vm, self.migration_id),
+                    Notify("migration.error", {"migration_id": self.migration_id,
+                                               "reason": "committed before the fence"})]
+        self.epoch = ev.epoch
+        out.append(Retire(self.vm, self.migration_id))
+        return out + self.finish(now, Phase.COMMITTED)
+
+    def _on_message(self, now: float, ev: Received) -> list[Action]:
+        msg = ev.message
+        if ev.peer != self.target or not isinstance(msg, MigrationReady):
+            return [Notify("migration.ignored", {"migration_id": self.migration_id,
+                                                 "peer": ev.peer, "message": type(msg).__name__})]
+        if self.phase is not Phase.BEGUN:
+            return []
+        self.phase = Phase.PRECOPY
+        return [*self.cancel("retransmit"), *self._send_round(now, final=False)]
+
+    def _on_timer(self, now: float, what: str) -> list[Action]:
+        if what == "retransmit":
+            if self.phase is Phase.BEGUN:
+                return [self._offer(), self.timer("retransmit", now + RETRANSMIT)]
+            if self.phase is Phase.VERIFYING:
+                return [self._round_done(True), self.timer("retransmit", now + RETRANSMIT)]
+            return []
+        if what == "stall":
+            return self.abort(now, f"no progress in {self.phase.value} within its bound")
+        if what == "fence":
+            return self.abort(now, "the VM stayed fenced longer than its bound without a commit")
+        raise MigrationError(f"source session got unknown timer {what!r}")

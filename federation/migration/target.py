@@ -1,0 +1,161 @@
+"""The target side of a migration (see :mod:`federation.migration.vocabulary`).
+
+The node creates a target session when its ledger replica records a begin
+that names this DC as the target (:meth:`TargetSession.from_ledger`); offers
+for a migration the local ledger has not recorded are dropped, and the
+source re-sends them. BEGUN: waiting for the offer, which says the layout and
+the version. PRECOPY: the incoming images are prepared and rounds arrive
+through the data plane. FINAL: the source's final round is delivered with
+the root of the fenced source; the target recomputes the root of what it
+wrote. VERIFIED: the roots match and the commit is submitted — from here on
+the target never aborts: the ledger orders its commit against any abort of
+the source. COMMITTED: the ledger recorded the commit; the VM starts here
+with the new epoch, never earlier.
+"""
+
+from __future__ import annotations
+
+from consensus.ledger import CommitMigration
+from federation.migration.session import SessionBase
+from federation.migration.vocabulary import (
+    STALL_TIMEOUT,
+    ActionFailed,
+    DiscardIncoming,
+    LedgerAborted,
+    LedgerBegun,
+    LedgerCommitted,
+    LedgerRefused,
+    MigrationError,
+    MigrationOffer,
+    MigrationReady,
+    MigrationRoundDone,
+    Phase,
+    PolicyChanged,
+    PrecopyLimits,
+    PrepareIncoming,
+    Role,
+    StartAtTarget,
+    TargetVerified,
+    TransferProgress,
+    Verify,
+)
+from federation.migration.vocabulary import (
+    MigrationAction as Action,
+)
+from mesh.core import Notify, Received, Send, TimerFired
+
+__all__ = ["TargetSession"]
+
+_ABORTABLE = (Phase.BEGUN, Phase.PRECOPY, Phase.FINAL)
+
+
+class TargetSession(SessionBase):
+    role = Role.TARGET
+
+    @classmethod
+    def from_ledger(
+        cls, me: str, migration_id: str, vm: str, source: str, epoch: int,
+        limits: PrecopyLimits, now: float,
+    ) -> tuple[TargetSession, list[Action]]:
+        """A session for a begin the ledger recorded with this DC as the target."""
+        if source == me:
+            raise MigrationError(f"migration {migration_id!r}: the source is this DC")
+        s = cls(me, migration_id, vm, source, me, epoch, limits, 0, ())
+        s.phase = Phase.BEGUN
+        return s, [s.persist(), s.timer("stall", now + STALL_TIMEOUT), s.progress()]
+
+    def _may_abort(self) -> bool:
+        return self.phase in _ABORTABLE
+
+    def _abort_side_effects(self) -> list[Action]:
+        return []
+
+    # ------------------------------------------------------------------ events
+
+    def _handle(self, now: float, ev: object) -> list[Action]:
+        if isinstance(ev, LedgerCommitted):
+            if self.done:
+                return []
+            self.epoch = ev.epoch
+            return [StartAtTarget(self.vm, self.migration_id, ev.epoch),
+                    *self.finish(now, Phase.COMMITTED)]
+        if isinstance(ev, LedgerAborted):
+            if self.done:
+                return []
+            out: list[Action] = []
+            if self.layout:
+                out.append(DiscardIncoming(self.vm, self.migration_id))
+            return out + self.finish(now, Phase.ABORTED, self.reason or "aborted in the ledger")
+        if isinstance(ev, (LedgerBegun, PolicyChanged)):
+            return []
+        if isinstance(ev, LedgerRefused):
+            return [Notify("migration.ledger-refused",
+                           {"migration_id": self.migration_id, "reason": ev.reason})]
+        if isinstance(ev, Received):
+            return self._on_message(now, ev)
+        if isinstance(ev, TransferProgress):
+            if self.phase is Phase.PRECOPY:
+                self.bytes_sent += ev.bytes
+                return [self.timer("stall", now + STALL_TIMEOUT)]
+            return []
+        if isinstance(ev, TargetVerified):
+            if self.phase is not Phase.FINAL:
+                return []
+            if ev.root != self.root:
+                return self.abort(now, "the root of the received images does not match "
+                                       "the source's")
+            self.phase = Phase.VERIFIED
+            return [self.persist(), *self.cancel("stall", "peer"),
+                    *self.submit(now, CommitMigration(self.migration_id, self.root)),
+                    self.progress()]
+        if isinstance(ev, ActionFailed):
+            if self._may_abort():
+                return self.abort(now, f"{ev.action} failed: {ev.reason}")
+            return [Notify("migration.error", {"migration_id": self.migration_id,
+                                               "action": ev.action, "reason": ev.reason})]
+        if isinstance(ev, TimerFired):
+            what = ev.key[2]  # type: ignore[index]
+            if what == "stall":
+                return self.abort(now, f"no progress in {self.phase.value} within its bound")
+            raise MigrationError(f"target session got unknown timer {what!r}")
+        raise MigrationError(f"target session got an event it does not take: {ev!r}")
+
+    def _on_message(self, now: float, ev: Received) -> list[Action]:
+        msg = ev.message
+        if ev.peer != self.source or not isinstance(msg, (MigrationOffer, MigrationRoundDone)):
+            return [Notify("migration.ignored", {"migration_id": self.migration_id,
+                                                 "peer": ev.peer, "message": type(msg).__name__})]
+        if isinstance(msg, MigrationOffer):
+            return self._on_offer(now, msg)
+        if self.phase is not Phase.PRECOPY or msg.round < self.round:
+            return []  # a duplicate, or a round report from before a restart
+        self.round = msg.round
+        if not msg.final:
+            return [self.timer("stall", now + STALL_TIMEOUT), self.progress()]
+        self.root = msg.root
+        self.phase = Phase.FINAL
+        return [self.persist(), Verify(self.vm, self.migration_id),
+                self.timer("stall", now + self.hash_bound()), self.progress()]
+
+    def _on_offer(self, now: float, offer: MigrationOffer) -> list[Action]:
+        expected = (self.vm, self.source, self.target, self.epoch)
+        got = (offer.vm, offer.source, offer.target, offer.epoch)
+        if got != expected:
+            return [Notify("migration.ignored", {
+                "migration_id": self.migration_id, "peer": self.source,
+                "message": f"offer {got!r} does not match the ledger's {expected!r}"})]
+        ready = Send(self.source, MigrationReady(self.migration_id))
+        if self.phase is Phase.PRECOPY:
+            return [ready]  # our answer was lost; the source asks again
+        if self.phase is not Phase.BEGUN:
+            return []
+        names = [i.name for i in offer.layout]
+        if not names or any(i.pages == 0 for i in offer.layout) or len(set(names)) != len(names):
+            return self.abort(now, f"the offer's image layout {names!r} is empty or repeats "
+                                   "an image")
+        self.layout = tuple((i.name, i.pages) for i in offer.layout)
+        self.version = offer.version
+        self.phase = Phase.PRECOPY
+        return [self.persist(), PrepareIncoming(self.vm, self.migration_id, self.layout,
+                                                self.version),
+                ready, self.timer("stall", now + STALL_TIMEOUT), self.progress()]

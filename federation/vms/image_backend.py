@@ -1,0 +1,345 @@
+"""The ``image`` VM backend: a VM is a directory of page images and its metadata.
+
+::
+
+    ROOT/NAME/meta.json     {"name", "epoch", "state", "page_size", "layout", "migration_id",
+                             "writer"}   -- replaced atomically (temp + fsync + rename + dir fsync)
+    ROOT/NAME/memory.img    guest RAM, a whole number of 4 KiB pages
+    ROOT/NAME/disk-N.img    disks
+    ROOT/NAME/writer.log    what the page writer wrote (see :mod:`federation.demo.guest_writer`)
+
+"Running" means the DC owns the VM and, if a writer is attached, the writer
+dirties its pages. Images are only ever mapped (``mmap``), never read whole.
+The page writer that stands in for a guest's workload lives in
+:mod:`federation.demo.guest_writer`; this module owns its thread's life cycle, so that
+``fence`` stops every write before it returns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from federation.demo.guest_writer import PageWriter, WriterThread, map_writable
+from federation.vms.backend import (
+    MEMORY,
+    FencedError,
+    StaleEpochError,
+    VmError,
+    VmInfo,
+    VmState,
+    check_image_name,
+    check_vm_name,
+    disk_name,
+)
+from mesh.hde.image import PAGE_SIZE, Image, ImageError, ImageWriter, open_image
+
+__all__ = ["ImageBackend", "atomic_write"]
+
+META = "meta.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, never a
+    mix: write a temp file, fsync it, rename over, fsync the directory (POSIX rename(2))."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+
+class ImageBackend:
+    """VMs as directories under ``root`` (implements :class:`federation.vms.backend.VmBackend`)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # guards _generation and _dirty
+        self._generation: dict[str, int] = {}
+        self._dirty: dict[str, dict[tuple[str, int], int]] = {}
+        self._writers: dict[str, WriterThread] = {}
+        #: VM name -> why its writer stopped on its own
+        self.writer_errors: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ metadata
+
+    def _dir(self, name: str) -> Path:
+        return self.root / check_vm_name(name)
+
+    def _read_meta(self, name: str) -> dict[str, Any]:
+        path = self._dir(name) / META
+        try:
+            meta = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise VmError(f"no VM {name!r} in {self.root}") from None
+        except (OSError, ValueError) as exc:
+            raise VmError(f"VM {name!r}: unreadable {path}: {exc}") from exc
+        if not isinstance(meta, dict) or meta.get("name") != name:
+            raise VmError(f"VM {name!r}: {path} does not describe this VM")
+        return meta
+
+    def _write_meta(self, name: str, meta: dict[str, Any]) -> None:
+        atomic_write(self._dir(name) / META, json.dumps(meta, sort_keys=True).encode() + b"\n")
+
+    @staticmethod
+    def _info(meta: dict[str, Any]) -> VmInfo:
+        try:
+            layout = tuple((check_image_name(n), int(c)) for n, c in meta["layout"])
+            return VmInfo(
+                name=meta["name"],
+                epoch=int(meta["epoch"]),
+                state=VmState(meta["state"]),
+                layout=layout,
+                migration_id=str(meta.get("migration_id", "")),
+                page_size=int(meta["page_size"]),
+            )
+        except (KeyError, TypeError, ValueError, VmError) as exc:
+            raise VmError(f"VM {meta.get('name')!r}: bad meta.json: {exc}") from exc
+
+    def _new_meta(self, name: str, layout: Sequence[tuple[str, int]], state: VmState,
+                  epoch: int, migration_id: str = "") -> dict[str, Any]:
+        return {"name": name, "epoch": epoch, "state": state.value, "page_size": PAGE_SIZE,
+                "layout": [[n, c] for n, c in layout], "migration_id": migration_id,
+                "writer": None}
+
+    # ------------------------------------------------------------------ queries
+
+    def list_vms(self) -> list[VmInfo]:
+        out = []
+        for d in sorted(self.root.iterdir()):
+            if d.is_dir() and (d / META).exists():
+                out.append(self.info(d.name))
+        return out
+
+    def info(self, name: str) -> VmInfo:
+        return self._info(self._read_meta(name))
+
+    def path(self, name: str) -> Path:
+        return self._dir(name)
+
+    def open_images(self, name: str) -> dict[str, Image]:
+        info = self.info(name)
+        return {img: open_image(self._dir(name) / f"{img}.img", f"{name}/{img}")
+                for img, _ in info.layout}
+
+    # ------------------------------------------------------------------ creating VMs
+
+    def import_vm(self, name: str, memory: Path, disks: Sequence[Path] = (),
+                  epoch: int = 0) -> VmInfo:
+        final = self._dir(name)
+        if final.exists():
+            raise VmError(f"VM {name!r} already exists in {self.root}")
+        sources = [(MEMORY, Path(memory))] + [(disk_name(i), Path(d)) for i, d in enumerate(disks)]
+        layout = []
+        for img, src in sources:
+            try:
+                size = src.stat().st_size
+            except OSError as exc:
+                raise VmError(f"VM {name!r}: {img} file {src}: {exc}") from exc
+            if size == 0 or size % PAGE_SIZE:
+                raise VmError(f"VM {name!r}: {img} file {src} is {size} bytes, "
+                              f"not a positive multiple of {PAGE_SIZE}")
+            layout.append((img, size // PAGE_SIZE))
+        staging = self.root / f".{name}.importing"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for img, src in sources:
+            dst = staging / f"{img}.img"
+            shutil.copyfile(src, dst)  # copy_file_range/sendfile: never the whole file in memory
+            with open(dst, "rb") as f:
+                os.fsync(f.fileno())
+        meta = self._new_meta(name, layout, VmState.STOPPED, epoch)
+        atomic_write(staging / META, json.dumps(meta, sort_keys=True).encode() + b"\n")
+        os.replace(staging, final)
+        _fsync_dir(self.root)
+        return self._info(meta)
+
+    def prepare_incoming(self, name: str, layout: Sequence[tuple[str, int]],
+                         migration_id: str) -> dict[str, ImageWriter]:
+        for img, count in layout:
+            check_image_name(img)
+            if count <= 0:
+                raise VmError(f"VM {name!r}: image {img} needs a positive page count")
+        d = self._dir(name)
+        if (d / META).exists():
+            meta = self._read_meta(name)
+            state = self._info(meta).state
+            if state not in (VmState.RETIRED, VmState.INCOMING):
+                raise VmError(f"VM {name!r} is {state.value} here; cannot receive it")
+            meta.update(state=VmState.INCOMING.value, migration_id=migration_id,
+                        layout=[[n, c] for n, c in layout], writer=None)
+            # the old copy's writer log describes content the migration replaces
+            log = d / "writer.log"
+            if log.exists():
+                safe = re.sub(r"[^A-Za-z0-9_.-]", "_", migration_id)  # one path component
+                os.replace(log, d / f"writer.log.before-{safe}")
+        else:
+            d.mkdir()
+            meta = self._new_meta(name, layout, VmState.INCOMING, 0, migration_id)
+        writers: dict[str, ImageWriter] = {
+            img: map_writable(d / f"{img}.img", count, f"{name}/{img}") for img, count in layout
+        }
+        self._write_meta(name, meta)
+        return writers
+
+    def discard_incoming(self, name: str, migration_id: str) -> None:
+        if not (self._dir(name) / META).exists():
+            return  # the copy was never prepared: nothing to discard
+        meta = self._read_meta(name)
+        if meta["state"] == VmState.RETIRED.value:
+            return
+        if meta["state"] != VmState.INCOMING.value or meta["migration_id"] != migration_id:
+            raise VmError(f"VM {name!r} is not incoming for migration {migration_id!r}")
+        meta["state"] = VmState.RETIRED.value
+        self._write_meta(name, meta)
+
+    # ------------------------------------------------------------------ dirty tracking
+
+    def dirty_mark(self, name: str) -> int:
+        with self._lock:
+            gen = self._generation.get(name, 0) + 1
+            self._generation[name] = gen
+            return gen
+
+    def dirty_since(self, name: str, mark: int) -> dict[str, list[int]]:
+        with self._lock:
+            pages = [k for k, g in self._dirty.get(name, {}).items() if g >= mark]
+        out: dict[str, list[int]] = {}
+        for img, page in sorted(pages):
+            out.setdefault(img, []).append(page)
+        return out
+
+    def note_write(self, name: str, image: str, page: int) -> None:
+        """Called by a writer *after* the page holds its new bytes, so a round that took
+        its mark before this call re-sends the page in the next round."""
+        with self._lock:
+            self._dirty.setdefault(name, {})[(image, page)] = self._generation.get(name, 0)
+
+    # ------------------------------------------------------------------ running
+
+    def start(self, name: str, epoch: int) -> VmInfo:
+        meta = self._read_meta(name)
+        info = self._info(meta)
+        if info.state is VmState.FENCED:
+            raise FencedError(f"VM {name!r} is fenced by migration {info.migration_id!r}; "
+                              "it resumes only after the ledger aborts that migration")
+        if info.state is VmState.RETIRED:
+            raise VmError(f"VM {name!r} was migrated away ({info.migration_id!r}); "
+                          "only a migration brings it back")
+        if epoch < info.epoch:
+            raise StaleEpochError(f"VM {name!r}: start with epoch {epoch}, "
+                                  f"but it last ran with epoch {info.epoch}")
+        meta.update(state=VmState.RUNNING.value, epoch=epoch, migration_id="")
+        self._write_meta(name, meta)
+        self._resume_writer(name, meta)
+        return self._info(meta)
+
+    def fence(self, name: str, migration_id: str) -> VmInfo:
+        meta = self._read_meta(name)
+        info = self._info(meta)
+        if info.state is VmState.FENCED:
+            if info.migration_id != migration_id:
+                raise FencedError(f"VM {name!r} is fenced by migration {info.migration_id!r}")
+            return info
+        if info.state not in (VmState.RUNNING, VmState.STOPPED):
+            raise VmError(f"VM {name!r} is {info.state.value}; only a running VM is fenced")
+        self._stop_writer(name)  # every write is on disk and logged before the fence is
+        meta.update(state=VmState.FENCED.value, migration_id=migration_id)
+        self._write_meta(name, meta)
+        return self._info(meta)
+
+    def release_fence(self, name: str, migration_id: str) -> VmInfo:
+        meta = self._read_meta(name)
+        info = self._info(meta)
+        if info.state is not VmState.FENCED:
+            return info  # nothing of this migration to lift (it aborted before the fence)
+        if info.migration_id != migration_id:
+            raise VmError(f"VM {name!r} is fenced by migration {info.migration_id!r}, "
+                          f"not {migration_id!r}")
+        meta.update(state=VmState.RUNNING.value, migration_id="")
+        self._write_meta(name, meta)
+        self._resume_writer(name, meta)
+        return self._info(meta)
+
+    def retire(self, name: str, migration_id: str) -> VmInfo:
+        meta = self._read_meta(name)
+        info = self._info(meta)
+        if info.state is VmState.RETIRED and info.migration_id == migration_id:
+            return info
+        if info.state is not VmState.FENCED or info.migration_id != migration_id:
+            raise VmError(f"VM {name!r} is not fenced by migration {migration_id!r}")
+        meta["state"] = VmState.RETIRED.value
+        self._write_meta(name, meta)
+        return self._info(meta)
+
+    # ------------------------------------------------------------------ the writer
+
+    def attach_writer(self, name: str, seed: int, rate: float) -> None:
+        """Dirty ``rate`` pages per second with content derived from ``seed`` while the VM
+        runs here (also after a restart: the setting is in meta.json)."""
+        if rate <= 0:
+            raise VmError(f"VM {name!r}: writer rate must be positive, got {rate}")
+        meta = self._read_meta(name)
+        meta["writer"] = {"seed": seed, "rate": rate}
+        self._write_meta(name, meta)
+        self._stop_writer(name)
+        if meta["state"] == VmState.RUNNING.value:
+            self._resume_writer(name, meta)
+
+    def detach_writer(self, name: str) -> None:
+        self._stop_writer(name)
+        meta = self._read_meta(name)
+        meta["writer"] = None
+        self._write_meta(name, meta)
+
+    def writer(self, name: str) -> WriterThread | None:
+        return self._writers.get(name)
+
+    def _resume_writer(self, name: str, meta: dict[str, Any]) -> None:
+        cfg = meta.get("writer")
+        if not cfg or name in self._writers:
+            return
+        d = self._dir(name)
+        images = {img: map_writable(d / f"{img}.img", count, f"{name}/{img}")
+                  for img, count in meta["layout"]}
+        try:
+            writer = PageWriter(images, d / "writer.log", int(cfg["seed"]),
+                                on_write=lambda img, page: self.note_write(name, img, page))
+        except (ImageError, OSError, ValueError) as exc:
+            raise VmError(f"VM {name!r}: cannot start its writer: {exc}") from exc
+        thread = WriterThread(writer, float(cfg["rate"]))
+        self._writers[name] = thread
+        thread.start()
+
+    def _stop_writer(self, name: str) -> None:
+        thread = self._writers.pop(name, None)
+        if thread is None:
+            return
+        try:
+            thread.stop()
+        except RuntimeError as exc:
+            # The workload died on its own (a full disk under its log, say): the VM is
+            # stopped either way, and a fence must still succeed. Kept for the operator.
+            self.writer_errors[name] = str(exc)
+
+    def close(self) -> None:
+        for name in sorted(self._writers):
+            self._stop_writer(name)

@@ -1,0 +1,566 @@
+"""SWIM membership with the Lifeguard refinements, as a sans-I/O core.
+
+Sources: Das, Gupta, Motivala, "SWIM: Scalable Weakly-consistent Infection-style
+Process Group Membership Protocol", DSN 2002 (probe, ping-req through k members,
+suspicion, incarnations, piggybacked dissemination); Dadgar, Phillips, Currey,
+"Lifeguard: Local Health Awareness for More Accurate Failure Detection",
+arXiv:1707.00788 (local health multiplier, nacks, suspicion timeouts that shrink with
+independent confirmations, the buddy system); HashiCorp memberlist, whose
+``DefaultLANConfig``/``DefaultWANConfig`` give the constants of
+:class:`~mesh.gossip.members.SwimConfig` (the states, config and member record live there).
+
+One protocol period: ping the next member of a shuffled round; no ack within the
+probe timeout -> ask ``indirect_checks`` members to ping it (they nack if it stays
+silent); nothing by the end of the round -> suspect it. A suspicion becomes a death
+after a timeout that starts at ``suspicion_max_mult`` times the minimum and falls
+towards the minimum as other members independently suspect the same incarnation.
+A member that hears it is suspected or dead refutes with a higher incarnation.
+Updates ride on every ping, ack and gossip packet, each retransmitted
+``retransmit_mult * ceil(log10(N + 1))`` times; a full-state sync with a random member
+every ``push_pull_interval`` repairs whatever gossip missed.
+
+Departures from memberlist, each for a reason stated where it is made: a member
+probes suspects before its round-robin (faster independent confirmations, and the
+buddy system reaches the suspect sooner); an ack straight from a suspect carrying a
+higher incarnation clears the suspicion; a member heard from directly in the last
+``evidence_window`` seconds is not suspected on the word of a stale sync, and a dead
+member heard from directly is sent a sync at once so it can refute (reconnect).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+from mesh.core import Action, CancelTimer, Event, Notify, Received, Send, SetTimer, TimerFired
+from mesh.gossip.members import LinkSync, Member, MembershipError, State, SwimConfig
+from mesh.gossip.transmit_queue import TransmitQueue
+from mesh.links.control_msgs import (
+    PIGGYBACK_MAX,
+    SYNC_MAX,
+    Ack,
+    Gossip,
+    LinkEntry,
+    MemberUpdate,
+    Nack,
+    Ping,
+    PingReq,
+    Sync,
+)
+
+__all__ = ["State", "SwimConfig", "Member", "Membership", "LinkSync", "MembershipError"]
+
+
+_DEFAULTS = SwimConfig()
+
+
+@attrs.define
+class _Round:
+    target: str
+    started: float
+    helpers: int = 0
+    nacks: int = 0
+
+
+class Membership:
+    """The SWIM core of DC ``me`` among ``peers`` (the federation's other DCs)."""
+
+    def __init__(
+        self,
+        me: str,
+        peers: Sequence[str],
+        rng: random.Random,
+        config: SwimConfig = _DEFAULTS,
+        links: LinkSync | None = None,
+        probe_timeout: Callable[[str], float | None] | None = None,
+        peer_rtt: Callable[[str, str], float | None] | None = None,
+    ) -> None:
+        if me in peers:
+            raise ValueError(f"membership of {me!r}: the peer list contains itself")
+        self.me = me
+        self.cfg = config
+        self.rng = rng
+        self.links = links
+        self._rto = probe_timeout
+        self._peer_rtt = peer_rtt
+        self.incarnation = 0
+        self.leaving = False
+        self.members: dict[str, Member] = {p: Member(p) for p in sorted(peers)}
+        self.awareness = 0
+        self.queue = TransmitQueue()
+        self.counters: dict[str, int] = {
+            "probes": 0, "probe_failures": 0, "suspicions": 0, "deaths": 0, "refutes": 0,
+        }
+        self._seq = 0
+        self._order: list[str] = []
+        self._rounds: dict[int, _Round] = {}
+        # my seq -> (requester, its seq, target, since)
+        self._relays: dict[int, tuple[str, int, str, float]] = {}
+        self._heard: dict[str, float] = {}
+        self._soon: list[str] = []
+        self._reconnect: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ queries
+
+    def state_of(self, name: str) -> State:
+        if name == self.me:
+            return State.LEFT if self.leaving else State.ALIVE
+        return self.members[name].state
+
+    def live(self) -> list[str]:
+        """Members alive or suspect (a suspect may be alive: SWIM keeps talking to it)."""
+        return [m.name for m in self.members.values() if m.state <= State.SUSPECT]
+
+    def n_estimate(self) -> int:
+        return 1 + len(self.live())
+
+    def transmit_limit(self) -> int:
+        """memberlist retransmitLimit: RetransmitMult * ceil(log10(N + 1))."""
+        limit = self.cfg.retransmit_mult * math.ceil(math.log10(self.n_estimate() + 1))
+        return max(limit, self.cfg.min_transmits)
+
+    # ------------------------------------------------------------------ driver entry
+
+    def start(self, now: float) -> list[Action]:
+        """Join: announce ourselves and sync with every configured peer."""
+        self._broadcast_self()
+        out: list[Action] = [
+            SetTimer(("swim", "probe"), now + self.rng.uniform(0, self.cfg.probe_interval)),
+            SetTimer(("swim", "gossip"), now + self.rng.uniform(0, self.cfg.gossip_interval)),
+            SetTimer(("swim", "sync"), now + self._push_pull_interval()),
+        ]
+        for name in self.members:
+            out.append(Send(name, self._sync_message(reply=True)))
+        return out
+
+    def leave(self, now: float) -> list[Action]:
+        """Graceful leave: a higher incarnation in state LEFT, gossiped to everyone."""
+        self.leaving = True
+        self.incarnation += 1
+        self.queue.put(("m", self.me), self._self_update(), prio=True)
+        out: list[Action] = [Notify("member", {"name": self.me, "state": "left"})]
+        for name in self.live():
+            out.append(Send(name, self._gossip_for(name)))
+        return out
+
+    def handle(self, now: float, event: Event) -> list[Action]:
+        if isinstance(event, TimerFired):
+            key = event.key
+            if not (isinstance(key, tuple) and key and key[0] == "swim"):
+                return []
+            return self._timer(now, key)
+        if isinstance(event, Received):
+            return self._received(now, event.peer, event.message)
+        return []
+
+    def note_heard(self, now: float, peer: str) -> list[Action]:
+        """Any message straight from ``peer`` (also a link probe) is evidence it lives."""
+        member = self.members.get(peer)
+        if member is None:
+            return []
+        self._heard[peer] = now
+        if member.state >= State.DEAD and not self.leaving:
+            last = self._reconnect.get(peer)
+            if last is None or now - last >= self.cfg.reconnect_interval:
+                self._reconnect[peer] = now
+                return [Send(peer, self._sync_message(reply=True))]
+        return []
+
+    def probe_soon(self, name: str) -> None:
+        """Probe ``name`` at the next protocol period, before the round-robin: other
+        evidence (its link probes fell silent) says it may have failed. An early probe
+        only moves SWIM's own check forward; the verdict is still SWIM's."""
+        member = self.members.get(name)
+        if member is not None and member.state == State.ALIVE and name not in self._soon:
+            self._soon.append(name)
+
+    def broadcast_link(self, entry: LinkEntry) -> None:
+        self.queue.put(("l", entry.origin, entry.peer), entry)
+
+    # ------------------------------------------------------------------ timers
+
+    def _timer(self, now: float, key: tuple[Any, ...]) -> list[Action]:
+        kind = key[1]
+        if kind == "probe":
+            return self._probe(now)
+        if kind == "gossip":
+            return self._gossip(now)
+        if kind == "sync":
+            return self._push_pull(now)
+        if kind == "direct":
+            return self._indirect(now, key[2])
+        if kind == "round":
+            return self._round_end(now, key[2])
+        if kind == "nack":
+            relay = self._relays.get(key[2])
+            return [] if relay is None else [Send(relay[0], Nack(relay[1]))]
+        if kind == "suspect":
+            return self._suspicion_expired(now, key[2], key[3])
+        return []
+
+    def _scale(self) -> int:
+        """Lifeguard local health multiplier: timeouts and periods grow with awareness."""
+        return self.awareness + 1
+
+    def _timeout(self, target: str) -> float:
+        value = self._rto(target) if self._rto is not None else None
+        if value is None:
+            value = self.cfg.probe_timeout_initial
+        value = min(max(value, self.cfg.probe_timeout_min), self.cfg.probe_timeout_max)
+        return value * self._scale()
+
+    def _prune_relays(self, now: float) -> None:
+        # No requester waits longer than two maximal probe timeouts at full awareness.
+        horizon = 2 * self.cfg.probe_timeout_max * self.cfg.awareness_max
+        for seq in [s for s, r in self._relays.items() if now - r[3] > horizon]:
+            del self._relays[seq]
+
+    def _relay_time(self, helper: str, target: str) -> float:
+        """How long ``helper``'s probe of ``target`` may take: its RTT there (from the
+        link table) with RFC 6298's initial-RTO floor of safety, else our own timeout."""
+        rtt = self._peer_rtt(helper, target) if self._peer_rtt is not None else None
+        if rtt is None:
+            return self._timeout(target)
+        value = min(max(2 * rtt, self.cfg.probe_timeout_min), self.cfg.probe_timeout_max)
+        return value * self._scale()
+
+    def _next_target(self) -> str | None:
+        # Suspects first: each such probe is an independent confirmation or a chance for
+        # the suspect to refute (Lifeguard's buddy system), instead of waiting N periods.
+        for m in self.members.values():
+            if m.state == State.SUSPECT and not m.probed_in_suspicion:
+                m.probed_in_suspicion = True
+                return m.name
+        while self._soon:
+            name = self._soon.pop(0)
+            if self.members[name].state <= State.SUSPECT:
+                return name
+        for _ in range(2):
+            while self._order:
+                name = self._order.pop()
+                if self.members[name].state <= State.SUSPECT:
+                    return name
+            # SWIM §4.3: a new round-robin over a fresh random permutation.
+            self._order = sorted(self.members)
+            self.rng.shuffle(self._order)
+        return None
+
+    def _probe(self, now: float) -> list[Action]:
+        out: list[Action] = [
+            SetTimer(("swim", "probe"), now + self.cfg.probe_interval * self._scale())
+        ]
+        if self.leaving:
+            return out
+        target = self._next_target()
+        if target is None:
+            return out
+        self._seq += 1
+        seq = self._seq
+        self.counters["probes"] += 1
+        self._rounds[seq] = _Round(target, now)
+        members, links = self._piggyback(target)
+        if self.members[target].state == State.SUSPECT:
+            # Lifeguard buddy system: tell the suspect first, so it can refute.
+            buddy = self.members[target].update()
+            buddy = MemberUpdate(buddy.name, buddy.incarnation, buddy.state, self.me)
+            members = (buddy, *[u for u in members if u.name != target])[:PIGGYBACK_MAX]
+        out.append(Send(target, Ping(seq, target, members, links)))
+        out.append(SetTimer(("swim", "direct", seq), now + self._timeout(target)))
+        return out
+
+    def _indirect(self, now: float, seq: int) -> list[Action]:
+        rnd = self._rounds.get(seq)
+        if rnd is None:
+            return []
+        helpers = [n for n in self.live()
+                   if n != rnd.target and self.members[n].state == State.ALIVE]
+        self.rng.shuffle(helpers)
+        helpers = helpers[: self.cfg.indirect_checks]
+        rnd.helpers = len(helpers)
+        out: list[Action] = [Send(h, PingReq(seq, rnd.target)) for h in helpers]
+        # Wait for the slowest helper: our round trip to it plus its probe of the target.
+        wait = max([self._timeout(h) + self._relay_time(h, rnd.target) for h in helpers],
+                   default=0.0)
+        end = max(now + wait, rnd.started + self.cfg.probe_interval * self._scale())
+        out.append(SetTimer(("swim", "round", seq), end))
+        return out
+
+    def _round_end(self, now: float, seq: int) -> list[Action]:
+        rnd = self._rounds.pop(seq, None)
+        if rnd is None:
+            return []
+        self.counters["probe_failures"] += 1
+        # memberlist probeNode: missed nacks point at our own health, else +1.
+        delta = max(rnd.helpers - rnd.nacks, 0) if rnd.helpers else 1
+        self._set_awareness(self.awareness + delta)
+        member = self.members[rnd.target]
+        if member.state != State.ALIVE and member.state != State.SUSPECT:
+            return []
+        upd = MemberUpdate(rnd.target, member.incarnation, int(State.SUSPECT), self.me)
+        return self._apply(now, upd, via=self.me)
+
+    def _gossip(self, now: float) -> list[Action]:
+        out: list[Action] = [SetTimer(("swim", "gossip"), now + self.cfg.gossip_interval)]
+        if not len(self.queue):
+            return out
+        targets = [
+            m.name for m in self.members.values()
+            if m.state <= State.SUSPECT
+            or (m.state == State.DEAD and now - m.since < self.cfg.gossip_to_dead)
+        ]
+        self.rng.shuffle(targets)
+        for name in targets[: self.cfg.gossip_nodes]:
+            msg = self._gossip_for(name)
+            if msg.members or msg.links:
+                out.append(Send(name, msg))
+        return out
+
+    def _push_pull_interval(self) -> float:
+        # memberlist pushPullScale: beyond 32 members the interval grows with log2(N/32).
+        n = self.n_estimate()
+        scale = 1 if n <= 32 else math.ceil(math.log2(n) - math.log2(32)) + 1
+        return self.cfg.push_pull_interval * scale
+
+    def _push_pull(self, now: float) -> list[Action]:
+        out: list[Action] = [SetTimer(("swim", "sync"), now + self._push_pull_interval())]
+        live = self.live()
+        if live and not self.leaving:
+            out.append(Send(self.rng.choice(live), self._sync_message(reply=True)))
+        return out
+
+    def _suspicion_expired(self, now: float, name: str, incarnation: int) -> list[Action]:
+        member = self.members.get(name)
+        if member is None or member.state != State.SUSPECT or member.incarnation != incarnation:
+            return []
+        upd = MemberUpdate(name, incarnation, int(State.DEAD), self.me)
+        return self._apply(now, upd, via=self.me)
+
+    # ------------------------------------------------------------------ messages
+
+    def _received(self, now: float, peer: str, msg: Any) -> list[Action]:
+        if peer not in self.members:
+            return [Notify("swim-refused", {"peer": peer, "why": "not a federation member"})]
+        out = self.note_heard(now, peer)
+        if isinstance(msg, Ping):
+            if msg.target != self.me:
+                return out + [Notify("swim-refused", {"peer": peer, "why": "ping for another"})]
+            out += self._absorb(now, peer, msg.members, msg.links)
+            members, links = self._piggyback(peer)
+            out.append(Send(peer, Ack(msg.seq, self.me, self.incarnation, members, links)))
+        elif isinstance(msg, PingReq):
+            if msg.target not in self.members or msg.target == peer:
+                return out + [Notify("swim-refused", {"peer": peer, "why": "bad ping-req target"})]
+            self._seq += 1
+            self._relays[self._seq] = (peer, msg.seq, msg.target, now)
+            out.append(Send(msg.target, Ping(self._seq, msg.target, (), ())))
+            # memberlist handleIndirectPing: nack when our own probe times out; an ack
+            # that comes later is still relayed (until the relay is pruned).
+            self._prune_relays(now)
+            out.append(SetTimer(("swim", "nack", self._seq), now + self._timeout(msg.target)))
+        elif isinstance(msg, Ack):
+            out += self._absorb(now, peer, msg.members, msg.links)
+            out += self._ack(now, peer, msg)
+        elif isinstance(msg, Nack):
+            rnd = self._rounds.get(msg.seq)
+            if rnd is not None:
+                rnd.nacks += 1
+        elif isinstance(msg, Gossip):
+            out += self._absorb(now, peer, msg.members, msg.links)
+        elif isinstance(msg, Sync):
+            out += self._sync(now, peer, msg)
+        return out
+
+    def _ack(self, now: float, peer: str, msg: Ack) -> list[Action]:
+        relay = self._relays.pop(msg.seq, None)
+        if relay is not None:
+            requester, seq, target, _ = relay
+            if peer != target:
+                return [Notify("swim-refused", {"peer": peer, "why": "ack for another target"})]
+            return [
+                CancelTimer(("swim", "nack", msg.seq)),
+                Send(requester, Ack(seq, target, msg.incarnation, (), ())),
+            ]
+        rnd = self._rounds.get(msg.seq)
+        if rnd is None or msg.target != rnd.target:
+            return []
+        del self._rounds[msg.seq]
+        self._set_awareness(self.awareness - 1)
+        out: list[Action] = [CancelTimer(("swim", "direct", msg.seq)),
+                             CancelTimer(("swim", "round", msg.seq))]
+        member = self.members[rnd.target]
+        if peer == rnd.target and msg.incarnation > member.incarnation:
+            # Straight from the member itself: only it raises its incarnation.
+            upd = MemberUpdate(rnd.target, msg.incarnation, int(State.ALIVE), rnd.target)
+            out += self._apply(now, upd, via=peer)
+        return out
+
+    def _absorb(
+        self, now: float, peer: str, members: Sequence[MemberUpdate], links: Sequence[LinkEntry]
+    ) -> list[Action]:
+        out: list[Action] = []
+        for upd in members:
+            out += self._apply(now, upd, via=peer)
+        if links and self.links is not None:
+            for entry in self.links.merge(now, links):
+                self.broadcast_link(entry)
+        return out
+
+    def _sync(self, now: float, peer: str, msg: Sync) -> list[Action]:
+        out: list[Action] = []
+        for upd in msg.members:
+            if upd.name == self.me or upd.name not in self.members:
+                out += self._apply(now, upd, via=peer)
+                continue
+            state = State(upd.state)
+            if state >= State.DEAD and state != State.LEFT:
+                # memberlist mergeState: a remote "dead" only makes us suspect...
+                if now - self._heard.get(upd.name, -math.inf) < self.cfg.evidence_window:
+                    continue  # ...and not even that if we heard from it just now.
+                upd = MemberUpdate(upd.name, upd.incarnation, int(State.SUSPECT), peer)
+            out += self._apply(now, upd, via=peer)
+        if self.links is not None:
+            for entry in self.links.merge(now, msg.links):
+                self.broadcast_link(entry)
+        if msg.reply:
+            reply = self._sync_message(reply=False)
+            links = self.links.entries_newer_than(msg.digest) if self.links is not None else []
+            out.append(Send(peer, Sync(False, reply.members, reply.digest,
+                                       tuple(links[:SYNC_MAX]))))
+            # The rest of a large table follows without a digest (which ends the exchange).
+            for i in range(SYNC_MAX, len(links), SYNC_MAX):
+                out.append(Send(peer, Sync(False, (), (), tuple(links[i : i + SYNC_MAX]))))
+        elif self.links is not None and msg.digest:
+            # The reply to our sync: send back what the replier lacks (a message without
+            # a digest ends the exchange).
+            extra = self.links.entries_newer_than(msg.digest)
+            for i in range(0, len(extra), SYNC_MAX):
+                out.append(Send(peer, Sync(False, (), (), tuple(extra[i : i + SYNC_MAX]))))
+        return out
+
+    def _sync_message(self, reply: bool) -> Sync:
+        members = (self._self_update(), *[m.update() for m in self.members.values()])
+        digest = self.links.digest() if self.links is not None else ()
+        return Sync(reply, members[:SYNC_MAX], digest[:SYNC_MAX], ())
+
+    # ------------------------------------------------------------------ state machine
+
+    def _self_update(self) -> MemberUpdate:
+        state = State.LEFT if self.leaving else State.ALIVE
+        return MemberUpdate(self.me, self.incarnation, int(state), self.me)
+
+    def _broadcast_self(self) -> None:
+        self.queue.put(("m", self.me), self._self_update())
+
+    def _set_awareness(self, value: int) -> None:
+        self.awareness = min(max(value, 0), self.cfg.awareness_max - 1)
+
+    def _apply(self, now: float, upd: MemberUpdate, via: str) -> list[Action]:
+        """SWIM/memberlist precedence rules for one update; returns what follows."""
+        try:
+            state = State(upd.state)
+        except ValueError:
+            raise MembershipError(f"peer {via}: unknown member state {upd.state}") from None
+        if upd.name == self.me:
+            return self._about_me(upd, state)
+        member = self.members.get(upd.name)
+        if member is None:
+            return [Notify("swim-refused", {"peer": via, "why": f"unknown member {upd.name!r}"})]
+        if state == State.ALIVE:
+            if upd.incarnation <= member.incarnation:
+                return []
+            return self._transition(now, member, State.ALIVE, upd.incarnation)
+        if state == State.SUSPECT:
+            if upd.incarnation < member.incarnation or member.state >= State.DEAD:
+                return []
+            if member.state == State.SUSPECT and upd.incarnation == member.incarnation:
+                return self._confirm(now, member, upd.source)
+            out = self._transition(now, member, State.SUSPECT, upd.incarnation)
+            member.confirmations = [upd.source]
+            member.suspected_at = now
+            member.probed_in_suspicion = upd.source == self.me
+            self.counters["suspicions"] += 1
+            self.queue.put(("m", member.name), MemberUpdate(
+                member.name, member.incarnation, int(State.SUSPECT), upd.source))
+            out.append(self._suspicion_timer(member))
+            return out
+        # DEAD or LEFT; a dead member may still be learned to have left.
+        if upd.incarnation < member.incarnation or member.state == State.LEFT:
+            return []
+        if member.state == State.DEAD and state == State.DEAD:
+            return []
+        return self._transition(now, member, state, upd.incarnation)
+
+    def _about_me(self, upd: MemberUpdate, state: State) -> list[Action]:
+        if state == State.ALIVE or self.leaving or upd.incarnation < self.incarnation:
+            return []
+        # SWIM §4.2: refute with a higher incarnation. Lifeguard: a suspicion of us is a
+        # hint that we are the slow one, so raise our local health multiplier.
+        self.incarnation = upd.incarnation + 1
+        self.counters["refutes"] += 1
+        self._set_awareness(self.awareness + 1)
+        self.queue.put(("m", self.me), self._self_update(), prio=True)
+        was = State(state).name.lower()
+        return [Notify("refute", {"incarnation": self.incarnation, "was": was})]
+
+    def _transition(self, now: float, member: Member, state: State, inc: int) -> list[Action]:
+        old, old_inc = member.state, member.incarnation
+        member.incarnation = inc
+        member.state = state
+        out: list[Action] = []
+        if old == State.SUSPECT:
+            out.append(CancelTimer(("swim", "suspect", member.name, old_inc)))
+        if old != state:
+            member.since = now
+        if state != State.SUSPECT:
+            source = member.name if state == State.ALIVE else self.me
+            self.queue.put(("m", member.name), MemberUpdate(member.name, inc, int(state), source))
+        if state == State.DEAD and old != State.DEAD:
+            self.counters["deaths"] += 1
+        if old != state:
+            out.append(Notify("member", {"name": member.name, "state": state.name.lower(),
+                                         "incarnation": inc}))
+        return out
+
+    def _suspicion_bounds(self) -> tuple[float, float, int]:
+        n = self.n_estimate()
+        # memberlist suspicionTimeout: SuspicionMult * max(1, log10(N)) * ProbeInterval.
+        lo = self.cfg.suspicion_mult * max(1.0, math.log10(max(1, n))) * self.cfg.probe_interval
+        hi = self.cfg.suspicion_max_mult * lo
+        # memberlist: k = SuspicionMult - 2 confirmations expected, none in tiny clusters.
+        k = self.cfg.suspicion_mult - 2
+        return lo, hi, (k if n - 2 >= k else 0)
+
+    def suspicion_timeout(self, confirmations: int) -> float:
+        """Lifeguard §IV-B: max - (max - min) * log(C + 1) / log(K + 1), floored at min."""
+        lo, hi, k = self._suspicion_bounds()
+        if k < 1:
+            return lo
+        frac = math.log(confirmations + 1) / math.log(k + 1)
+        return max(lo, hi - (hi - lo) * frac)
+
+    def _suspicion_timer(self, member: Member) -> SetTimer:
+        extra = len(member.confirmations) - 1  # the first suspector is not a confirmation
+        at = member.suspected_at + self.suspicion_timeout(extra)
+        return SetTimer(("swim", "suspect", member.name, member.incarnation), at)
+
+    def _confirm(self, now: float, member: Member, source: str) -> list[Action]:
+        if source in member.confirmations:
+            return []
+        member.confirmations.append(source)
+        self.queue.put(("m", member.name, source), MemberUpdate(
+            member.name, member.incarnation, int(State.SUSPECT), source))
+        return [self._suspicion_timer(member)]
+
+    # ------------------------------------------------------------------ dissemination
+
+    def _piggyback(self, peer: str) -> tuple[tuple[MemberUpdate, ...], tuple[LinkEntry, ...]]:
+        members, links = self.queue.take(PIGGYBACK_MAX, self.transmit_limit())
+        return tuple(members), tuple(links)
+
+    def _gossip_for(self, peer: str) -> Gossip:
+        members, links = self._piggyback(peer)
+        return Gossip(members, links)

@@ -1,0 +1,319 @@
+"""Hosting one sans-I/O core under trio: its inbox, its timers, its actions.
+
+A :class:`HostedCore` first calls the core's optional ``start(now)`` hook (as the
+simulator does), then runs one task that takes events from a bounded inbox and
+calls ``core.handle(trio.current_time(), event)`` for each, one at a time. The
+events already waiting in the inbox (at most ``DRAIN_EVENTS``) are handled as
+one *group* before their actions are executed:
+
+* ``Persist`` -> the group's writes go to the store in one transaction
+  (``store.put_many`` where the store has it), synced if any of them asks for
+  it: on the event loop while the store's recent writes were quick (under
+  ``INLINE_WRITE``, or under ``IDLE_INLINE_WRITE`` when no other task is ready
+  to run), else in a worker thread so a slow fsync never stalls the event
+  loop. Such a write completes before any other action of the group is
+  executed, so a synced ``Persist`` is durable before every ``Send`` that
+  follows it, as ``Persist.sync`` promises (a group whose writes are all
+  unsynced sends first and writes after: those writes promise nothing to a
+  crash). This is group commit (DeWitt et al., SIGMOD'84): one fsync for a
+  burst of events instead of one per write. A write may become durable earlier
+  than it would one event at a time, never later, and nothing the core does
+  after it is seen outside before it is durable;
+* ``Send`` -> ``send(peer, message)`` of the runtime (encode, queue on the peer's
+  link; never blocks the core, a drop is counted by the runtime). The sends of a
+  group reach a link's outbox together, so its writer can put them in one frame;
+* ``SetTimer`` / ``CancelTimer`` -> a per-core timer table; a due timer is
+  delivered as ``TimerFired(key)`` through the same loop, so a core sees one
+  event at a time;
+* ``Notify`` -> a ``notify`` log line;
+* the host's own actions (``effects``) are barriers: the writes before one are
+  durable and the actions before it executed before it runs.
+
+:class:`Routes` maps wire message tags to the core or callback that consumes them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+import attrs
+import trio
+
+from mesh.core import (
+    Action,
+    CancelTimer,
+    Core,
+    Event,
+    Notify,
+    Persist,
+    Send,
+    SetTimer,
+    Store,
+    TimerFired,
+)
+from mesh.runtime.log import JsonLog
+
+__all__ = [
+    "HostedCore", "CoreFailed", "Routes", "Handler", "Invocation", "INBOX_EVENTS",
+    "DRAIN_EVENTS",
+    "INLINE_WRITE",
+    "IDLE_INLINE_WRITE",
+]
+
+#: Events waiting for one core. When full, the link readers feeding it wait, so
+#: a core that falls behind slows its peers' TCP windows instead of growing
+#: memory; 256 is several gossip rounds of a 64-DC federation.
+INBOX_EVENTS = 256
+#: Most events handled as one group before its actions run (see the module
+#: docstring). A quarter of the inbox: large enough that a burst of PBFT votes
+#: and requests shares one fsync and one frame per link, small enough that the
+#: first event's sends wait for little: PBFT events took 0.02-0.3 ms each to
+#: handle on the 2-core test machine, so a full group is 1-20 ms.
+DRAIN_EVENTS = 64
+#: A group's write runs on the event loop while the store's recent writes of its
+#: kind (synced or not; an average over about the last 8) took less than this,
+#: else in a worker thread.
+#: A thread hop costs two thread wake-ups: measured on the 2-core test machine
+#: under load, a hop took 1-17 ms around SQLite commits that took 0.01-0.4 ms
+#: (WAL, synchronous=FULL); a write this short stalls the loop less than the hop.
+INLINE_WRITE = 0.0005
+#: ... unless no other task is ready to run: then nothing waits behind the loop
+#: but the I/O it would poll, and a write up to this long runs inline too (a hop
+#: costs two wake-ups with nothing to overlap). Measured with
+#: ``dwcp bench consensus`` on the 2-core test machine, one command at a time
+#: (three alternating runs each): p50 10.4-11.0 ms with every synced write in a
+#: thread, 9.5-9.7 ms with this rule. Bounded so a congested disk (a fsync of
+#: tens of milliseconds) never stalls the loop's keepalives and SWIM acks.
+IDLE_INLINE_WRITE = 0.005
+
+
+Handler = Callable[[str, Any], None]
+#: ``fn(core, now) -> actions``: work done in a core's turn on behalf of the node.
+Invocation = Callable[[Any, float], Iterable[Action] | None]
+
+
+@attrs.frozen
+class _Invoke:
+    fn: Invocation
+    label: str
+    done: trio.Event
+
+
+def _loop_idle() -> bool:
+    """No other task is ready to run (it would wait behind an inline write)."""
+    return trio.lowlevel.current_statistics().tasks_runnable == 0
+
+
+class CoreFailed(Exception):
+    """A core raised, or returned something that is not an action: a bug in the core."""
+
+
+class HostedCore:
+    def __init__(
+        self,
+        name: str,
+        core: Core,
+        tags: tuple[str, ...],
+        *,
+        send: Callable[[str, Any], bool],
+        store: Store | None,
+        log: JsonLog,
+        effects: Callable[[object], bool] | None = None,
+    ) -> None:
+        self.name = name
+        #: the host's own actions (e.g. a node's VM work): called in action order,
+        #: returns True if it took the action
+        self._effects = effects
+        self.core = core
+        self.tags = tags
+        self._send = send
+        self._store = store
+        self._log = log
+        self._inbox_send, self._inbox_recv = trio.open_memory_channel[Event | _Invoke](INBOX_EVENTS)
+        self._timers: dict[Hashable, int] = {}  # key -> sequence of its live entry
+        self._heap: list[tuple[float, int, Hashable]] = []
+        self._seq = itertools.count()
+        self.events_handled = 0
+        #: recent duration of a store write (seconds), synced and unsynced apart: an
+        #: unsynced SQLite commit takes ~10 us, a synced one an fsync (4 ms on the
+        #: test machine's disk), and one average made the quick ones hop to a thread
+        #: too (1-17 ms under load). The first write of each kind runs in a thread
+        #: unless the loop is idle.
+        self._write_cost = {True: INLINE_WRITE, False: INLINE_WRITE}
+
+    async def deliver(self, event: Event) -> None:
+        try:  # no schedule point per message of a burst while the inbox has room
+            self._inbox_send.send_nowait(event)
+        except trio.WouldBlock:
+            await self._inbox_send.send(event)
+
+    async def invoke(self, fn: Invocation, label: str) -> None:
+        """Run ``fn(core, now)`` in this core's turn (between two events, like the
+        simulator's ``World.invoke``), execute the actions it returns, then return."""
+        call = _Invoke(fn, label, trio.Event())
+        await self._inbox_send.send(call)
+        await call.done.wait()
+
+    def next_deadline(self) -> float:
+        while self._heap and self._timers.get(self._heap[0][2]) != self._heap[0][1]:
+            heapq.heappop(self._heap)  # a cancelled or replaced timer
+        return self._heap[0][0] if self._heap else math.inf
+
+    async def run(self) -> None:
+        start = getattr(self.core, "start", None)
+        if callable(start):  # the optional start hook the simulator calls too
+            await self._call(lambda core, now: start(now), "start")
+        while True:
+            item: Event | _Invoke | None = None
+            with trio.move_on_at(self.next_deadline()):
+                item = await self._inbox_recv.receive()
+            if isinstance(item, _Invoke):
+                try:
+                    await self._call(item.fn, item.label)
+                finally:
+                    item.done.set()
+                continue
+            if item is not None:
+                await self._steps(item)
+                continue
+            # Fire due timers one at a time: each may cancel or re-arm others.
+            while self.next_deadline() <= trio.current_time():
+                _, _, key = heapq.heappop(self._heap)
+                del self._timers[key]
+                await self._execute_group(self._handle(TimerFired(key)))
+
+    async def _call(self, fn: Invocation, label: str) -> None:
+        try:
+            actions = fn(self.core, trio.current_time())
+        except Exception as exc:
+            self._log.event("core_failed", core=self.name, error=repr(exc), on=label)
+            raise CoreFailed(f"core {self.name!r} raised in {label}: {exc!r}") from exc
+        await self._execute_group(list(actions or ()))
+
+    def _handle(self, event: Event) -> list[Action]:
+        try:
+            actions = self.core.handle(trio.current_time(), event)
+        except Exception as exc:
+            self._log.event("core_failed", core=self.name, error=repr(exc), on=repr(event))
+            raise CoreFailed(f"core {self.name!r} raised on {event!r}: {exc!r}") from exc
+        self.events_handled += 1
+        return actions
+
+    async def _steps(self, first: Event) -> None:
+        """Handle ``first`` and the events already waiting behind it, then execute
+        their actions as one group (an invocation waiting in between ends the group
+        and runs after it)."""
+        actions = list(self._handle(first))
+        invoke: _Invoke | None = None
+        for _ in range(DRAIN_EVENTS - 1):
+            try:
+                item = self._inbox_recv.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if isinstance(item, _Invoke):
+                invoke = item
+                break
+            actions.extend(self._handle(item))
+        await self._execute_group(actions)
+        if invoke is not None:
+            try:
+                await self._call(invoke.fn, invoke.label)
+            finally:
+                invoke.done.set()
+
+    async def _execute_group(self, actions: list[Action]) -> None:
+        """Execute ``actions``: the writes up to each barrier (a host effect, or the
+        end) first, in one transaction, then the other actions in their order."""
+        writes: list[Persist] = []
+        deferred: list[Action] = []
+        for action in actions:
+            if isinstance(action, Persist):
+                writes.append(action)
+            elif isinstance(action, (Send, SetTimer, CancelTimer, Notify)):
+                deferred.append(action)
+            else:
+                await self._flush(writes, deferred)
+                writes, deferred = [], []
+                self._execute_effect(action)
+        await self._flush(writes, deferred)
+
+    async def _flush(self, writes: list[Persist], deferred: list[Action]) -> None:
+        """Writes then actions; when no write asks for a sync (so none promises to be
+        durable before what follows), the actions go first and the writes after."""
+        if writes and any(w.sync for w in writes):
+            await self._write(writes)
+            writes = []
+        for action in deferred:
+            self._execute(action)
+        if writes:
+            await self._write(writes)
+
+    async def _write(self, writes: list[Persist]) -> None:
+        store = self._store
+        if store is None:
+            raise CoreFailed(
+                f"core {self.name!r} persisted {writes[0].key!r} but the node has no store"
+            )
+        items = [(w.key, w.value) for w in writes]
+        sync = any(w.sync for w in writes)
+        put_many = getattr(store, "put_many", None)
+
+        def put() -> float:
+            start = time.perf_counter()
+            if put_many is not None:
+                put_many(items, sync)
+            else:
+                for w in writes:
+                    store.put(w.key, w.value, w.sync)
+            return time.perf_counter() - start
+
+        cost = self._write_cost[sync]
+        inline = cost < INLINE_WRITE or (cost < IDLE_INLINE_WRITE and _loop_idle())
+        took = put() if inline else await trio.to_thread.run_sync(put)
+        self._write_cost[sync] = cost + (took - cost) / 8
+
+    def _execute(self, action: Action) -> None:
+        if isinstance(action, Send):
+            self._send(action.peer, action.message)
+        elif isinstance(action, SetTimer):
+            seq = next(self._seq)
+            self._timers[action.key] = seq
+            heapq.heappush(self._heap, (action.at, seq, action.key))
+        elif isinstance(action, CancelTimer):
+            self._timers.pop(action.key, None)
+        elif isinstance(action, Notify):
+            self._log.event("notify", core=self.name, kind=action.kind, detail=action.detail)
+
+    def _execute_effect(self, action: object) -> None:
+        if self._effects is not None and self._effects(action):
+            return
+        raise CoreFailed(f"core {self.name!r} returned {action!r}, which is not an action")
+
+
+class Routes:
+    """Message tag -> consumer. A pattern ending in ``.`` is a prefix; the longest wins."""
+
+    def __init__(self) -> None:
+        self._routes: dict[str, HostedCore | Handler] = {}
+
+    def add(self, tags: tuple[str, ...], target: HostedCore | Handler) -> None:
+        for tag in tags:
+            if tag in self._routes:
+                raise ValueError(f"message tag {tag!r} already has a consumer")
+        for tag in tags:
+            self._routes[tag] = target
+
+    def lookup(self, tag: str) -> HostedCore | Handler | None:
+        target = self._routes.get(tag)
+        if target is not None:
+            return target
+        best = ""
+        for pattern in self._routes:
+            if pattern.endswith(".") and tag.startswith(pattern) and len(pattern) > len(best):
+                best = pattern
+        return self._routes.get(best) if best else None

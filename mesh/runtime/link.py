@@ -1,0 +1,283 @@
+"""One authenticated control connection: a trio-websocket connection carrying a
+:class:`mesh.channel.SecureChannel`, one websocket message per channel frame.
+
+:func:`open_link` runs the channel handshake and then exchanges
+:class:`LinkHello` (the sender's *incarnation*, random per process start, which
+the duplicate-link tie-break uses to tell a restarted peer from a simultaneous
+dial). :meth:`Link.run` then carries data until either side closes:
+
+* ``retire()`` closes the outbox; the writer sends what is queued, then the
+  channel's final frame, and waits (at most ``DRAIN_TIMEOUT``) for the peer's
+  final frame, delivering what still arrives;
+* a final frame from the peer retires our side in turn, so a close is always
+  final frame for final frame, and the peer can tell it from a crash;
+* a connection that loses the duplicate tie-break is retired with
+  :class:`LinkSuperseded` before its final frame, so the far end waits for the
+  winning connection instead of reporting the peer down and up again;
+* a websocket ping every ``KEEPALIVE_INTERVAL`` must be answered within
+  ``KEEPALIVE_TIMEOUT``, so a peer that vanished without a FIN (power loss,
+  partition) is noticed and redialled.
+
+Messages queued together leave together: the writer takes every message already
+waiting in the outbox (up to ``BUNDLE_MESSAGES`` and ``BUNDLE_BYTES``) and sends
+them as one :class:`LinkBundle` in one channel frame, so a burst costs one
+websocket message, one encryption and one socket write instead of one each
+(the coalescing of Nagle's algorithm, RFC 896, without its wait: a message
+alone in the outbox goes out at once, unwrapped). The receiver unpacks a
+bundle and handles its messages in order, as if they had come one by one.
+
+Any channel fault ends the link with the :class:`ChannelError` reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from mesh import wire
+from mesh.channel import ChannelError, Closed, Data, SecureChannel
+from mesh.runtime.link_policy import LinkClaim
+from mesh.wire import Bytes, ListOf, field
+
+__all__ = [
+    "Link",
+    "LinkBundle",
+    "BUNDLE_MESSAGES",
+    "BUNDLE_BYTES",
+    "LinkHello",
+    "LinkSuperseded",
+    "open_link",
+    "new_incarnation",
+    "INCARNATION_BYTES",
+]
+
+INCARNATION_BYTES = 16
+#: Control messages queued for one peer before further sends are dropped (and
+#: counted). 1024 messages of at most 64 KiB bound a stalled peer's backlog to
+#: 64 MiB; cores never block on a slow peer, they see the drop as message loss,
+#: which every protocol above (gossip, PBFT retransmission) already tolerates.
+OUTBOX_MESSAGES = 1024
+#: How long a retiring link waits for the peer's final frame. A peer answers as
+#: soon as its reader sees ours (one RTT); 5 s covers a loaded machine.
+DRAIN_TIMEOUT = 5.0
+#: Keepalive: a ping every 2.5 s that must be answered within 5 s notices a dead
+#: peer within 7.5 s, inside issue 2's 10 s reconnect bound.
+KEEPALIVE_INTERVAL = 2.5
+KEEPALIVE_TIMEOUT = 5.0
+
+
+#: Most messages coalesced into one frame: a PBFT burst (a batch's votes and the
+#: requests of one client window, 64 by default) fits with room.
+BUNDLE_MESSAGES = 256
+#: Most message bytes coalesced into one frame. 256 KiB keeps one frame's
+#: encryption and send under a millisecond, so a bundle never holds up the link
+#: noticeably; a larger message goes alone.
+BUNDLE_BYTES = 256 * 1024
+
+
+def new_incarnation() -> bytes:
+    return os.urandom(INCARNATION_BYTES)
+
+
+@wire.message("runtime.link-hello", max_size=128)
+class LinkHello:
+    """First data message in each direction of a control connection."""
+
+    incarnation: bytes = field(Bytes(INCARNATION_BYTES, exact=True))
+
+
+@wire.message("runtime.bundle", max_size=BUNDLE_BYTES + 9 * BUNDLE_MESSAGES + 64)
+class LinkBundle:
+    """Several messages sent as one frame; each is a complete encoded message (never
+    itself a bundle)."""
+
+    messages: tuple[bytes, ...] = field(ListOf(Bytes(BUNDLE_BYTES), BUNDLE_MESSAGES))
+
+
+@wire.message("runtime.link-superseded", max_size=64)
+class LinkSuperseded:
+    """Sent just before the final frame of a connection that lost the tie-break: the
+    peer keeps the peer "up" until the winning connection reaches it too, instead of
+    reporting a PeerDown and a PeerUp a moment later."""
+
+
+async def _send_frames(ws: WebSocketConnection, channel: SecureChannel) -> None:
+    for data in channel.frames_to_send():
+        await ws.send_message(data)
+
+
+async def _next_frame(ws: WebSocketConnection) -> bytes:
+    message = await ws.get_message()
+    if not isinstance(message, bytes):
+        raise ChannelError("malformed", "a text websocket message on a control connection")
+    return message
+
+
+async def open_link(
+    ws: WebSocketConnection, channel: SecureChannel, incarnation: bytes
+) -> tuple[str, int, bytes]:
+    """Handshake on ``ws``; returns (peer name, negotiated version, peer incarnation).
+
+    Raises :class:`ChannelError` for a refused channel and ``ConnectionClosed``
+    if the websocket goes away; the caller bounds the time.
+    """
+    await _send_frames(ws, channel)
+    while not channel.is_open:
+        channel.receive_frame(await _next_frame(ws))
+        await _send_frames(ws, channel)
+    await ws.send_message(channel.send(wire.encode(LinkHello(incarnation))))
+    events = channel.receive_frame(await _next_frame(ws))
+    if len(events) != 1 or not isinstance(events[0], Data):
+        raise ChannelError("malformed", "the peer closed before its link hello")
+    try:
+        hello = wire.decode(events[0].payload, expect=(LinkHello,))
+    except wire.WireError as exc:
+        raise ChannelError("malformed", f"expected a link hello: {exc}") from exc
+    assert channel.peer is not None and channel.version is not None
+    return channel.peer, channel.version, hello.incarnation
+
+
+class Link:
+    """An open control connection to ``peer``. Send with :meth:`enqueue`."""
+
+    def __init__(
+        self,
+        *,
+        link_id: int,
+        ws: WebSocketConnection,
+        channel: SecureChannel,
+        peer: str,
+        version: int,
+        initiator: str,
+        peer_incarnation: bytes,
+    ) -> None:
+        self.link_id = link_id
+        self.ws = ws
+        self.channel = channel
+        self.peer = peer
+        self.version = version
+        self.claim = LinkClaim(initiator, peer_incarnation)
+        self.retiring = False
+        #: The peer said another connection replaces this one (:class:`LinkSuperseded`).
+        self.superseded = False
+        #: How the link ended: "clean" for final frame for final frame, else a
+        #: ChannelError reason, "keepalive_timeout" or "connection_lost".
+        self.end_reason: str | None = None
+        self.end_detail = ""
+        self._out_send, self._out_recv = trio.open_memory_channel[bytes](OUTBOX_MESSAGES)
+        self._reader_done = trio.Event()
+        self._writer_done = trio.Event()
+        self._cancel: trio.CancelScope | None = None
+
+    def enqueue(self, payload: bytes) -> bool:
+        """Queue one plaintext message; False when the link is retiring or its outbox is full."""
+        try:
+            self._out_send.send_nowait(payload)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            return False
+        return True
+
+    def retire(self, *, superseded: bool = False) -> None:
+        """Close gracefully: flush the outbox, send the final frame, drain the peer's.
+        ``superseded``: another connection to the same peer process replaces this one."""
+        if not self.retiring:
+            if superseded:
+                self.enqueue(wire.encode(LinkSuperseded()))
+            self.retiring = True
+            self._out_send.close()
+
+    async def run(self, on_payload: Callable[[bytes], Awaitable[None]]) -> None:
+        """Carry data until the link ends; ``end_reason`` says how. Never raises for
+        anything the peer or the network does."""
+        async with trio.open_nursery() as nursery:
+            self._cancel = nursery.cancel_scope
+            nursery.start_soon(self._reader, on_payload)
+            nursery.start_soon(self._writer)
+            nursery.start_soon(self._keepalive)
+
+    def _end(self, reason: str, detail: str = "") -> None:
+        if self.end_reason is None:
+            self.end_reason = reason
+            self.end_detail = detail
+        assert self._cancel is not None
+        self._cancel.cancel()
+
+    async def _reader(self, on_payload: Callable[[bytes], Awaitable[None]]) -> None:
+        try:
+            while True:
+                try:
+                    frame = await _next_frame(self.ws)
+                except ConnectionClosed:
+                    self.channel.end_of_stream()  # raises "truncated" unless the peer closed
+                    return
+                for event in self.channel.receive_frame(frame):
+                    if isinstance(event, Data):
+                        await on_payload(event.payload)
+                    elif isinstance(event, Closed):
+                        self._reader_done.set()
+                        self.retire()
+                        return
+        except ChannelError as exc:
+            self._end(exc.reason, exc.detail)
+
+    def _take_burst(self, first: bytes) -> tuple[bytes, bytes | None]:
+        """``first`` and what waits behind it, as one frame's plaintext; and the
+        message that did not fit, if one was taken out of the outbox."""
+        burst = [first]
+        size = len(first)
+        while len(burst) < BUNDLE_MESSAGES and size < BUNDLE_BYTES:
+            try:
+                more = self._out_recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            if size + len(more) > BUNDLE_BYTES:
+                return _frame_of(burst), more
+            burst.append(more)
+            size += len(more)
+        return _frame_of(burst), None
+
+    async def _writer(self) -> None:
+        try:
+            carry: bytes | None = None
+            while True:
+                if carry is None:
+                    try:
+                        carry = await self._out_recv.receive()
+                    except trio.EndOfChannel:
+                        break
+                plaintext, carry = self._take_burst(carry)
+                await self.ws.send_message(self.channel.send(plaintext))
+            await self.ws.send_message(self.channel.close())
+        except ConnectionClosed:
+            self._end("connection_lost", "the websocket closed while sending")
+            return
+        except ChannelError as exc:
+            self._end(exc.reason, exc.detail)
+            return
+        with trio.move_on_after(DRAIN_TIMEOUT):
+            await self._reader_done.wait()
+        if self._reader_done.is_set():
+            self._end("clean")
+        else:
+            self._end("truncated", f"no final frame within {DRAIN_TIMEOUT} s of ours")
+
+    async def _keepalive(self) -> None:
+        while True:
+            await trio.sleep(KEEPALIVE_INTERVAL)
+            with trio.move_on_after(KEEPALIVE_TIMEOUT) as scope:
+                try:
+                    await self.ws.ping()
+                except ConnectionClosed:
+                    # The reader sees the same closure and says whether it was clean.
+                    return
+            if scope.cancelled_caught:
+                self._end("keepalive_timeout", f"no pong within {KEEPALIVE_TIMEOUT} s")
+                return
+
+
+def _frame_of(burst: list[bytes]) -> bytes:
+    """A message alone goes unwrapped (also one too large for a bundle)."""
+    return burst[0] if len(burst) == 1 else wire.encode(LinkBundle(tuple(burst)))

@@ -1,0 +1,532 @@
+"""The trio runtime of a node: the control mesh, and the host of sans-I/O cores.
+
+A :class:`Runtime` listens with trio-websocket on its DC's control endpoint,
+dials every peer, and runs a :class:`mesh.channel.SecureChannel` over each
+websocket (one websocket message = one channel frame). It keeps exactly one
+authenticated control connection per pair of DCs (tie-break:
+:func:`mesh.runtime.link_policy.keep_new_link`), redials a lost peer with
+exponential backoff and full jitter (:class:`mesh.runtime.link_policy.Backoff`),
+and shuts down cleanly: every task lives in one nursery tree, every link ends
+with its final frame in each direction.
+
+Hosting cores — the interface later layers (gossip, PBFT, migration) use, and
+that ``sim/`` mirrors over its virtual network::
+
+    runtime.add_core("gossip", core, tags=("gossip.",))
+
+``core`` is anything with ``handle(now, event) -> list[Action]``
+(:mod:`mesh.core`). ``tags`` are wire message tags; one ending in ``.`` is a
+prefix. The runtime delivers to the core, one event at a time, with ``now =
+trio.current_time()``:
+
+* ``Received(peer, message, raw)`` for each message whose tag it registered
+  (``raw`` is the decrypted frame, for signature checks over received bytes);
+* ``TimerFired(key)`` for its own timers;
+* ``PeerUp(peer)`` / ``PeerDown(peer)`` for every peer (a restarted peer gives
+  ``PeerDown`` then ``PeerUp``; a tie-break swap of connections gives neither,
+  also when the losing connection closes before the winner arrives).
+
+A core may also have ``start(now) -> list[Action]``, called once when the
+runtime starts, and the node can run work in a core's turn with ``await
+runtime.invoke(name, fn)`` (``fn(core, now) -> actions``), both as in the
+simulator. The runtime executes the returned actions (:mod:`mesh.runtime.hosting`): ``Send`` ->
+encode, encrypt, send on the peer's link (dropped and counted if the peer is
+down or its outbox is full: cores treat the network as lossy), ``SetTimer`` /
+``CancelTimer``, ``Persist`` -> the store given to the runtime (durable before
+the core's next event), ``Notify`` -> a log line. Plain callbacks can take
+messages too: ``runtime.add_handler(tags, fn)`` calls ``fn(peer, message)``.
+
+Observability: ``runtime.links`` (the open links), ``runtime.refused`` (channel
+faults counted per :class:`ChannelError` reason), ``runtime.counters``, and
+one JSON log line per event (:mod:`mesh.runtime.log`).
+
+Message order: messages on one link arrive in order. When a tie-break swaps
+links, a message sent just before the swap on the old link may arrive after
+one sent on the new link; cores never rely on cross-link order.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from typing import Any
+
+import attrs
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    WebSocketRequest,
+    connect_websocket,
+    wrap_server_stream,
+)
+from wsproto.utilities import LocalProtocolError
+
+from mesh import wire
+from mesh.channel import MAX_PLAINTEXT, ChannelError, SecureChannel
+from mesh.core import Core, Event, Received, Store
+from mesh.identity import Identity, PublicKey
+from mesh.runtime.hosting import Handler, HostedCore, Invocation, Routes
+from mesh.runtime.link import (
+    Link,
+    LinkBundle,
+    LinkHello,
+    LinkSuperseded,
+    new_incarnation,
+    open_link,
+)
+from mesh.runtime.link_policy import Backoff
+from mesh.runtime.log import JsonLog
+from mesh.runtime.peers import LinkInfo, PeerTable
+
+__all__ = ["Runtime", "Peer", "LinkInfo", "ListenError", "RESOURCE"]
+
+#: The websocket path of the control plane.
+RESOURCE = "/dwcp/control/1"
+#: TCP connect + websocket upgrade + channel handshake must finish within this.
+#: Three round trips and two signatures take milliseconds; 5 s bounds what a
+#: stalled or hostile peer can hold open, and stays inside the 10 s reconnect bound.
+HANDSHAKE_TIMEOUT = 5.0
+#: On SIGTERM, links get this long to exchange final frames before being cut
+#: (one RTT each; 3 s is ample on a loaded machine and keeps shutdown quick).
+SHUTDOWN_GRACE = 3.0
+#: Websocket closing handshake bound (trio-websocket's default is 60 s).
+CLOSE_TIMEOUT = 2.0
+#: Largest websocket message: the channel's largest frame (MAX_PLAINTEXT plus the
+#: 17-byte secretstream tag, rounded up).
+MAX_MESSAGE = MAX_PLAINTEXT + 64
+#: Bytes asked of the socket per read. trio-websocket's default is 4 KiB, so a
+#: PBFT burst (a 17-request batch is ~5 KiB, a bundle up to 256 KiB) took several
+#: reads, each a trip through the event loop; 256 KiB is one bundle
+#: (runtime_link.BUNDLE_BYTES), read at once when it has arrived.
+RECEIVE_BYTES = 256 * 1024
+
+
+class ListenError(Exception):
+    """The control endpoint cannot be bound (address in use, not local, ...)."""
+
+
+@attrs.frozen
+class Peer:
+    name: str
+    public_key: PublicKey
+    host: str
+    port: int
+
+
+class Runtime:
+    def __init__(
+        self,
+        *,
+        name: str,
+        federation: str,
+        identity: Identity,
+        public_key: PublicKey,
+        peers: Sequence[Peer],
+        listen_host: str,
+        listen_port: int,
+        versions: Sequence[int],
+        store: Store | None = None,
+        log: JsonLog | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        names = [p.name for p in peers]
+        if name in names or len(set(names)) != len(names):
+            raise ValueError(f"peers must be distinct and exclude {name!r} itself: {names}")
+        if identity.public != public_key:
+            raise ValueError(f"the identity key is not {name!r}'s public key {public_key}")
+        self.name = name
+        self.federation = federation
+        self.identity = identity
+        self.peers = {p.name: p for p in sorted(peers, key=lambda p: p.name)}
+        self.keys = {p.name: p.public_key for p in self.peers.values()}
+        self.keys[name] = public_key
+        self.versions = tuple(versions)
+        self.listen_host = listen_host
+        self.listen_port = listen_port
+        self.store = store
+        self.log = log if log is not None else JsonLog(name)
+        self.incarnation = new_incarnation()
+        self.refused: dict[str, int] = {}
+        self.counters: dict[str, int] = {}
+        self._backoff = Backoff(rng if rng is not None else random.Random())
+        self._cores: dict[str, HostedCore] = {}
+        self._routes = Routes()
+        self._peers = PeerTable(name, len(self.peers), log=self.log, deliver=self._deliver_all)
+        self._connections: dict[int, Link] = {}
+        self._next_link_id = 1
+        self._closed_one = trio.Event()
+        self._stop = trio.Event()
+        self._stopping = False
+        self._unrouted_logged: set[str] = set()
+        #: the last message encoded by send() and its bytes (messages are immutable)
+        self._last_sent: tuple[object, bytes] = (None, b"")
+        self._listeners: list[trio.SocketListener] = []
+        self._running = False
+
+    # ------------------------------------------------------------------ hosting
+
+    def add_core(
+        self,
+        name: str,
+        core: Core,
+        tags: Iterable[str],
+        effects: Callable[[object], bool] | None = None,
+    ) -> None:
+        """Host ``core``; call before :meth:`run`. ``effects(action)`` takes the host's own
+        actions, in order with the core's others (True if it took one)."""
+        if self._running:
+            raise RuntimeError(f"add_core({name!r}) after the runtime started")
+        if name in self._cores:
+            raise ValueError(f"a core named {name!r} is already hosted")
+        hosted = HostedCore(
+            name, core, tuple(tags), send=self.send, store=self.store, log=self.log,
+            effects=effects,
+        )
+        self._routes.add(hosted.tags, hosted)
+        self._cores[name] = hosted
+
+    def add_handler(self, tags: Iterable[str], handler: Handler) -> None:
+        """Call ``handler(peer, message)`` for every message with one of ``tags``."""
+        self._routes.add(tuple(tags), handler)
+
+    async def invoke(self, core: str, fn: Invocation, label: str = "invoke") -> None:
+        """Run ``fn(core_object, now)`` in ``core``'s turn and execute the actions it
+        returns (the simulator's ``World.invoke``): how the node's API hands work to a
+        core. Returns when that is done."""
+        hosted = self._cores.get(core)
+        if hosted is None:
+            raise KeyError(f"no core named {core!r} (hosted: {', '.join(self._cores)})")
+        await hosted.invoke(fn, label)
+
+    def _count(self, key: str) -> None:
+        self.counters[key] = self.counters.get(key, 0) + 1
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def links(self) -> dict[str, LinkInfo]:
+        """The peers with an open link, by name."""
+        return self._peers.info()
+
+    def send(self, peer: str, message: Any) -> bool:
+        """Queue ``message`` for ``peer``; False (and counted) if it cannot be sent now."""
+        link = self._peers.link(peer)
+        if link is None:
+            self._count("send_no_link")
+            return False
+        try:
+            if message is self._last_sent[0]:  # a broadcast: the same message to each peer
+                payload = self._last_sent[1]
+            else:
+                payload = wire.encode(message)
+                self._last_sent = (message, payload)
+            if len(payload) > MAX_PLAINTEXT:  # would end the link as "oversized"
+                raise wire.WireError(f"{len(payload)} bytes exceeds a frame's {MAX_PLAINTEXT}")
+        except wire.WireError as exc:
+            self._count("send_invalid")
+            self.log.event("send_invalid", peer=peer, error=str(exc))
+            return False
+        if not link.enqueue(payload):
+            self._count("send_dropped")
+            return False
+        self._count("messages_out")
+        return True
+
+    def shutdown(self) -> None:
+        """Ask :meth:`run` to close every link with its final frame and return."""
+        self._stop.set()
+
+    async def listen(self) -> None:
+        """Bind the control endpoint; raises :class:`ListenError`. :meth:`run` calls it
+        if the caller has not (the CLI binds first, so the error is not wrapped in a
+        nursery's exception group)."""
+        if self._listeners:
+            return
+        where = f"{self.listen_host}:{self.listen_port}"
+        try:
+            self._listeners = await trio.open_tcp_listeners(self.listen_port, host=self.listen_host)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ListenError(f"control endpoint {where} is already in use") from None
+            reason = exc.strerror or str(exc)
+            raise ListenError(f"cannot listen on control endpoint {where}: {reason}") from None
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        if self._running:
+            raise RuntimeError("Runtime.run() is already running")
+        self._running = True
+        await self.listen()
+        listeners, self._listeners = self._listeners, []
+        async with trio.open_nursery() as nursery:
+            for hosted in self._cores.values():
+                nursery.start_soon(hosted.run)
+            # trio.serve_listeners with our own per-connection wrapper rather than
+            # trio_websocket.WebSocketServer: a wsproto error inside one connection
+            # (trio-websocket issue #184) must end that connection, not the node.
+            await nursery.start(partial(trio.serve_listeners, self._on_stream, listeners))
+            self.listen_port = listeners[0].socket.getsockname()[1]
+            self.log.event(
+                "listening",
+                host=self.listen_host,
+                port=self.listen_port,
+                incarnation=self.incarnation.hex(),
+                peers=list(self.peers),
+            )
+            for peer in self.peers.values():
+                nursery.start_soon(self._dial_loop, peer)
+            task_status.started(self)
+            await self._stop.wait()
+            await self._close_all()
+            nursery.cancel_scope.cancel()
+        self.log.event("stopped", refused=self.refused, counters=self.counters)
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def _close_all(self) -> None:
+        self._stopping = True
+        self.log.event("stopping", links=len(self._connections))
+        self._peers.wake()  # dialers waiting for a link change see that we stop
+        for link in list(self._connections.values()):
+            link.retire()
+        with trio.move_on_after(SHUTDOWN_GRACE):
+            while self._connections:
+                await self._closed_one.wait()
+
+    # ------------------------------------------------------------------ connections
+
+    async def _dial_loop(self, peer: Peer) -> None:
+        attempt = 0
+        while not self._stopping:
+            while self._peers.link(peer.name) is not None and not self._stopping:
+                await self._peers.changed.wait()
+            if self._stopping:
+                return
+            await trio.sleep(self._backoff.delay(attempt))
+            if self._stopping:
+                return
+            if self._peers.link(peer.name) is not None:
+                attempt = 0
+                continue
+            attempt = 0 if await self._dial(peer, attempt) else attempt + 1
+
+    async def _dial(self, peer: Peer, attempt: int) -> bool:
+        self._count("dials")
+        became_link = False
+        try:
+            became_link = await self._dial_once(peer, attempt)
+        except* LocalProtocolError as group:
+            self._ws_protocol_error(peer.name, group)
+        return became_link
+
+    def _ws_protocol_error(self, peer: str | None, group: BaseExceptionGroup) -> None:
+        """trio-websocket answers a ping on a connection it is closing and wsproto
+        refuses (trio-websocket issue #184, "_handle_ping_event() occasionally sends
+        to closed socket"; fix not released in 0.12.2). The connection is over either
+        way: count it and let the dial loop or the peer reconnect."""
+        self._count("ws_protocol_errors")
+        self.log.event("ws_protocol_error", peer=peer, error=_describe(group.exceptions[0]))
+
+    async def _on_stream(self, stream: trio.SocketStream) -> None:
+        """One accepted TCP connection: the websocket handshake, then :meth:`_on_request`."""
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
+                    request = await wrap_server_stream(
+                        nursery, stream, max_message_size=MAX_MESSAGE,
+                        receive_buffer_size=RECEIVE_BYTES,
+                    )
+                if not handshake.cancelled_caught:
+                    await self._on_request(request)
+                nursery.cancel_scope.cancel()
+        except* LocalProtocolError as group:
+            self._ws_protocol_error(None, group)
+        except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            self._count("accept_failures")
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+                scope.shield = True
+                await stream.aclose()
+
+    async def _dial_once(self, peer: Peer, attempt: int) -> bool:
+        async with trio.open_nursery() as conn_nursery:
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    ws = await connect_websocket(
+                        conn_nursery,
+                        peer.host,
+                        peer.port,
+                        RESOURCE,
+                        use_ssl=False,
+                        max_message_size=MAX_MESSAGE,
+                        receive_buffer_size=RECEIVE_BYTES,
+                    )
+            except (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError) as exc:
+                self._count("dial_failures")
+                self.log.event("dial_failed", peer=peer.name, attempt=attempt, error=_describe(exc))
+                conn_nursery.cancel_scope.cancel()
+                return False
+            try:
+                return await self._serve(ws, dialled=peer.name)
+            finally:
+                # Not shielded: when the node is cut off (cancelled), aclose still
+                # closes the socket before it re-raises the cancellation.
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await ws.aclose()
+                conn_nursery.cancel_scope.cancel()
+
+    async def _on_request(self, request: WebSocketRequest) -> None:
+        try:
+            if request.path != RESOURCE or self._stopping:
+                await request.reject(404 if request.path != RESOURCE else 503)
+                return
+            ws = await request.accept()
+        except ConnectionClosed:
+            return
+        try:
+            await self._serve(ws, dialled=None)
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await ws.aclose()
+
+    async def _serve(self, ws: WebSocketConnection, *, dialled: str | None) -> bool:
+        """Handshake and carry one connection; True if it became its peer's link."""
+        channel = SecureChannel(
+            identity=self.identity,
+            name=self.name,
+            federation=self.federation,
+            peers=self.keys,
+            versions=self.versions,
+            initiator=dialled is not None,
+            peer=dialled,
+        )
+        direction = "out" if dialled else "in"
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                peer, version, incarnation = await open_link(ws, channel, self.incarnation)
+        except ChannelError as exc:
+            self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+            self.log.event(
+                "channel_refused",
+                peer=dialled or channel.peer,
+                direction=direction,
+                remote=_remote(ws),
+                reason=exc.reason,
+                detail=exc.detail,
+            )
+            return False
+        except (ConnectionClosed, trio.TooSlowError) as exc:
+            self._count("handshake_failures")
+            self.log.event(
+                "handshake_failed",
+                peer=dialled or channel.peer,
+                direction=direction,
+                remote=_remote(ws),
+                error=_describe(exc),
+            )
+            return False
+        link_id, self._next_link_id = self._next_link_id, self._next_link_id + 1
+        initiator = self.name if dialled else peer
+        link = Link(
+            link_id=link_id,
+            ws=ws,
+            channel=channel,
+            peer=peer,
+            version=version,
+            initiator=initiator,
+            peer_incarnation=incarnation,
+        )
+        self._connections[link_id] = link
+        try:
+            if self._stopping:
+                link.retire()
+                became_active = False
+            else:
+                became_active = await self._peers.adopt(link)
+                if became_active:
+                    self._count("links_adopted")
+            await link.run(partial(self._on_payload, link))
+        finally:
+            del self._connections[link_id]
+            self._closed_one.set()
+            self._closed_one = trio.Event()
+        if link.superseded and link.end_reason == "clean":
+            # The peer kept another connection that has not reached us yet (it was
+            # dialled at the same time as this one): wait for it rather than flap.
+            with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                while self._peers.link(peer) is link:
+                    await self._peers.changed.wait()
+        reason = link.end_reason or "cancelled"
+        if reason in ChannelError.REASONS:
+            self.refused[reason] = self.refused.get(reason, 0) + 1
+        self.log.event(
+            "link_closed", peer=peer, link=link_id, reason=reason, detail=link.end_detail
+        )
+        await self._peers.ended(link, reason)
+        return became_active
+
+    async def _deliver_all(self, event: Event) -> None:
+        for hosted in self._cores.values():
+            await hosted.deliver(event)
+
+    async def _on_payload(self, link: Link, payload: bytes) -> None:
+        try:
+            message = wire.decode(payload)
+        except wire.WireError as exc:
+            self._count("messages_in")
+            self._count("bad_messages")
+            self.log.event("bad_message", peer=link.peer, error=str(exc))
+            return
+        if not isinstance(message, LinkBundle):
+            await self._on_message(link, message, payload)
+            return
+        self._count("bundles_in")
+        for inner in message.messages:
+            try:
+                one = wire.decode(inner)
+                if isinstance(one, LinkBundle):
+                    raise wire.WireError("a bundle inside a bundle")
+            except wire.WireError as exc:
+                self._count("messages_in")
+                self._count("bad_messages")
+                self.log.event("bad_message", peer=link.peer, error=str(exc))
+                continue
+            await self._on_message(link, one, inner)
+
+    async def _on_message(self, link: Link, message: Any, payload: bytes) -> None:
+        self._count("messages_in")
+        if isinstance(message, LinkSuperseded):
+            link.superseded = True
+            return
+        if isinstance(message, LinkHello):
+            self._count("bad_messages")
+            self.log.event("bad_message", peer=link.peer, error="a second link hello")
+            return
+        tag: str = message.wire_tag
+        target = self._routes.lookup(tag)
+        if target is None:
+            self._count("unrouted")
+            if tag not in self._unrouted_logged:  # once per tag: a newer peer's types
+                self._unrouted_logged.add(tag)
+                self.log.event("unrouted", peer=link.peer, tag=tag)
+        elif isinstance(target, HostedCore):
+            await target.deliver(Received(link.peer, message, payload))
+        else:
+            target(link.peer, message)
+
+
+def _remote(ws: WebSocketConnection) -> str:
+    try:
+        return str(ws.remote)
+    except OSError:  # getpeername() after the peer went away
+        return "?"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -1,0 +1,115 @@
+"""A durable key/value store for a node: SQLite, implementing :class:`mesh.core.Store`.
+
+The database runs in WAL mode with ``synchronous=FULL``: a ``put(..., sync=True)``
+returns only after the write-ahead log is fsynced, so it survives a crash or a
+power loss (SQLite documentation, "PRAGMA synchronous": in WAL mode FULL syncs
+the WAL after each transaction). A ``put(..., sync=False)`` commits with
+``synchronous=NORMAL``, which in WAL mode is consistent after a crash but may
+lose the last transactions on power loss; that is what ``Persist.sync=False``
+promises.
+
+``put_many`` writes several records in one transaction, so a burst of writes
+costs one fsync (the runtime's group commit, :mod:`mesh.runtime.hosting`).
+
+The runtime calls ``put`` from worker threads (``trio.to_thread``) so an fsync
+never stalls the event loop; one lock serialises the connection.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+__all__ = ["SQLiteStore", "StoreError"]
+
+_SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID"
+
+
+class StoreError(Exception):
+    """The store file cannot be opened or used."""
+
+
+class SQLiteStore:
+    """Key/value records in one SQLite file (``<data dir>/node.sqlite3`` in a node)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=5.0
+            )
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot open the store: {exc}") from exc
+        if str(mode).lower() != "wal":
+            raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def put(self, key: str, value: bytes, sync: bool = True) -> None:
+        if not isinstance(key, str) or not isinstance(value, (bytes, bytearray)):
+            raise TypeError(f"store keys are str and values bytes, got {type(key)}, {type(value)}")
+        with self._lock:
+            if not sync:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._db.execute(
+                    "INSERT INTO kv (key, value) VALUES (?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, bytes(value)),
+                )
+            finally:
+                if not sync:
+                    self._db.execute("PRAGMA synchronous=FULL")
+
+    def put_many(self, items: list[tuple[str, bytes]], sync: bool = True) -> None:
+        """Write every (key, value) of ``items`` in order in one transaction: one
+        WAL commit, so one fsync with ``sync`` (group commit), all or nothing."""
+        for key, value in items:
+            if not isinstance(key, str) or not isinstance(value, (bytes, bytearray)):
+                raise TypeError(f"store keys are str and values bytes, got {type(key)}, "
+                                f"{type(value)}")
+        with self._lock:
+            if not sync:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany(
+                        "INSERT INTO kv (key, value) VALUES (?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                        [(key, bytes(value)) for key, value in items],
+                    )
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not sync:
+                    self._db.execute("PRAGMA synchronous=FULL")
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM kv WHERE key = ?", (key,))
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every key that starts with ``prefix``, in sorted order."""
+        out: list[str] = []
+        with self._lock:
+            rows = self._db.execute("SELECT key FROM kv WHERE key >= ? ORDER BY key", (prefix,))
+            for (key,) in rows:
+                if not key.startswith(prefix):
+                    break
+                out.append(key)
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

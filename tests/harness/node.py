@@ -1,0 +1,130 @@
+"""Shared by the node tests: a federation on loopback, real VM data, in-process nodes.
+
+VM data is real, never random: the disk is an ext4 filesystem built by ``mke2fs -d``
+from a directory of the Python standard library, the memory is this process's own
+readable memory pages (``/proc/self/mem``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from federation import config
+from federation.cli.keys import init_federation
+from federation.demo.processes import free_base_port
+from federation.demo.real_data import write_process_memory
+from federation.node.assembly import Node
+from mesh import identity
+from mesh.runtime.log import JsonLog
+
+PAGE = 4096
+#: A small stdlib package: a few hundred KiB of real files for the ext4 image.
+DISK_SOURCE = "/usr/lib/python3.11/json"
+
+
+def make_federation(directory: Path, count: int = 4) -> Path:
+    return init_federation(directory, count, base_port=free_base_port(count))
+
+
+def ext4_image(path: Path, mib: int = 4) -> Path:
+    mke2fs = shutil.which("mke2fs") or shutil.which("/usr/sbin/mke2fs")
+    if mke2fs is None or not Path(DISK_SOURCE).is_dir():
+        pytest.skip("needs mke2fs and a Python stdlib directory to build a real disk image")
+    subprocess.run([mke2fs, "-q", "-F", "-t", "ext4", "-d", DISK_SOURCE, str(path), f"{mib}M"],
+                   check=True, capture_output=True)
+    return path
+
+
+def memory_image(path: Path, limit: int = 6 << 20) -> Path:
+    """This process's readable memory, page-aligned, up to ``limit`` bytes."""
+    return write_process_memory(path, limit)
+
+
+def real_vm(directory: Path) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    return memory_image(directory / "memory.img"), ext4_image(directory / "disk.img")
+
+
+def image_hashes(vm_dir: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(vm_dir.glob("*.img"))}
+
+
+def build_node(cfg: Path, name: str, data_root: Path,
+               transfer_versions: tuple[int, ...] = (1, 3)) -> Node:
+    fed = config.load(cfg)
+    ident = identity.load_key_file(cfg.parent / "keys" / f"{name}.key")
+    return Node(fed, name, ident, data_root / name, log=JsonLog(name, io.StringIO()),
+                transfer_versions=transfer_versions)
+
+
+@asynccontextmanager
+async def running_nodes(cfg: Path, data_root: Path,
+                        names: tuple[str, ...] = ("dc1", "dc2", "dc3", "dc4"),
+                        versions: dict[str, tuple[int, ...]] | None = None,
+                        views: dict[str, Path] | None = None,
+                        ) -> AsyncIterator[dict[str, Node]]:
+    """Nodes in this process (``versions[name]`` limits what a node offers; node ``n``
+    reads the federation file ``views[n]`` if given, e.g. one that sends its data to a
+    relay); yields once every link is up; shuts down cleanly."""
+    offered, seen = versions or {}, views or {}
+    nodes = {n: build_node(seen.get(n, cfg), n, data_root, offered.get(n, (1, 3)))
+             for n in names}
+    try:
+        async with trio.open_nursery() as nursery:
+            for node in nodes.values():
+                await nursery.start(node.run)
+            with trio.fail_after(20):
+                while any(len(n.runtime.links) < len(names) - 1 for n in nodes.values()):
+                    await trio.sleep(0.05)
+            yield nodes
+            for node in nodes.values():
+                node.shutdown()
+    finally:
+        for node in nodes.values():
+            node.close()
+
+
+async def wait_outcome(node: Node, mid: str, timeout: float = 60) -> str:
+    core = node.need_core()
+    with trio.fail_after(timeout):
+        while mid not in core.outcomes:
+            await trio.sleep(0.05)
+    o = core.outcomes[mid]
+    return o.outcome if o.outcome == "committed" else f"{o.outcome}: {o.reason}"
+
+
+async def wait_vm(node: Node, vm: str, state: str, timeout: float = 30) -> None:
+    """The ledger's word is carried out by the VM worker after the outcome: wait for it."""
+    with trio.fail_after(timeout):
+        while not any(i.name == vm and i.state.value == state for i in node.backend.list_vms()):
+            await trio.sleep(0.05)
+
+
+async def wait_until(holds: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    """Clean-up that follows an outcome (state dropped, files removed) runs in the node's
+    own tasks: poll for it rather than assert the instant the outcome is seen."""
+    with trio.move_on_after(timeout):
+        while not holds():
+            await trio.sleep(0.02)
+    assert holds(), f"not within {timeout} s: {what}"
+
+
+async def migrate_checked(src: Node, dst: Node, vm: str) -> str:
+    """Migrate ``vm`` from ``src`` to ``dst``; it commits, runs at ``dst`` with the images
+    ``src`` held at the fence, and is retired at ``src``. Returns the migration id."""
+    mid = await src.migrate(vm, dst.name)
+    assert await wait_outcome(src, mid) == "committed"
+    await wait_vm(dst, vm, "running")
+    await wait_vm(src, vm, "retired")
+    assert image_hashes(dst.backend.path(vm)) == image_hashes(src.backend.path(vm))
+    return mid
