@@ -7,7 +7,7 @@ that says how the value is encoded and what a decoder accepts.
 
 A frame is the canonical CBOR (RFC 8949 §4.2.1, via cbor2) of the array::
 
-    [protocol_version, tag, [field_1, field_2, ...]]
+    [frame_version, tag, [field_1, field_2, ...]]
 
 Decoding is strict. Before cbor2 sees a byte, :func:`_prescan` walks the CBOR
 item headers and refuses tags, indefinite lengths, unknown simple values,
@@ -37,8 +37,8 @@ import attrs
 import cbor2
 
 __all__ = [
-    "PROTOCOL_VERSION",
-    "SUPPORTED_VERSIONS",
+    "FRAME_VERSION",
+    "FRAME_VERSIONS_READ",
     "WireError",
     "message",
     "struct_type",
@@ -61,10 +61,11 @@ __all__ = [
     "MapOf",
 ]
 
-#: The frame format version this code writes. Channels negotiate the
-#: *transfer* protocol (v1 baseline, v3 HDE+AMST) separately in the handshake.
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+#: The frame format version this code writes, and the ones it reads. This is the
+#: layout of a frame only; how VM state moves (the *transfer* versions, v1 baseline and
+#: v3 HDE+AMST) is offered in the channel handshake (:mod:`mesh.versions`).
+FRAME_VERSION = 1
+FRAME_VERSIONS_READ = (1,)
 
 #: Nesting beyond this is refused. Our deepest message (a PBFT NEW-VIEW with
 #: VIEW-CHANGEs holding prepared certificates) nests 7 levels; 32 leaves room
@@ -487,7 +488,7 @@ def struct_fields(obj: Any) -> list[Any]:
     return _fields_list(obj, type(obj).__name__)
 
 
-def encode(msg: Any, version: int = PROTOCOL_VERSION) -> bytes:
+def encode(msg: Any, version: int = FRAME_VERSION) -> bytes:
     """The canonical frame of a registered message."""
     tag = tag_of(msg)
     body = [version, tag, _fields_list(msg, tag)]
@@ -510,8 +511,8 @@ def decode(data: bytes | bytearray | memoryview, expect: Sequence[type] | None =
     if type(obj) is not list or len(obj) != 3:
         raise WireError("a frame is the array [version, tag, fields]")
     version, tag, fields = obj
-    if type(version) is not int or version not in SUPPORTED_VERSIONS:
-        raise WireError(f"unsupported protocol version {_short(version)}")
+    if type(version) is not int or version not in FRAME_VERSIONS_READ:
+        raise WireError(f"unsupported frame version {_short(version)}")
     if type(tag) is not str:
         raise WireError(f"message tag must be text, got {_short(tag)}")
     cls = registry.get(tag)
@@ -536,7 +537,7 @@ def decode(data: bytes | bytearray | memoryview, expect: Sequence[type] | None =
 def peek_tag(data: bytes) -> str | None:
     """The type tag of a frame, read from its first bytes without decoding it; None if
     they do not start a frame of our version. A hint only: :func:`decode` decides."""
-    if len(data) < 3 or data[0] != 0x83 or data[1] != PROTOCOL_VERSION:
+    if len(data) < 3 or data[0] != 0x83 or data[1] != FRAME_VERSION:
         return None
     head = data[2]
     if head >> 5 != 3:

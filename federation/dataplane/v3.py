@@ -89,7 +89,7 @@ class NodeV3:
         await self.bind()
         self.receiver.nursery = nursery
         listeners, self._listeners = self._listeners, []
-        nursery.start_soon(trio.serve_listeners, self.receiver.server.handle_stream, listeners)
+        nursery.start_soon(self.receiver.server.serve, listeners, self.node.log)
 
     # ------------------------------------------------------------------ target side
 
