@@ -432,10 +432,10 @@ Opener = Callable[[Link, Any], Awaitable[None]]
 
 #: Unauthenticated data connections (admission.StartupGate). A transfer opens up to 16
 #: streams at once (AMST's internet bound, mesh.amst.policy.STREAM_BOUNDS), each with a
-#: handshake, and two transfers may start together from one DC: 32 per source and start
-#: at 32 keep honest bursts clear of early drop; OpenSSH's rate (30 %) and full = 4 x start
-#: (its default 10:30:100 scaled to the burst) bound a flood.
-DATA_STARTUPS = StartupLimits(start=32, rate=30, full=128, per_source=32)
+#: handshake, and two transfers may start together from one DC: 32 per source. ``start``
+#: is twice that, so one address alone never pushes the listener into early drop;
+#: OpenSSH's rate (30 %) and full = 4 x start (its default 10:30:100 scaled) bound a flood.
+DATA_STARTUPS = StartupLimits(start=64, rate=30, full=256, per_source=32)
 
 
 class AmstServer:

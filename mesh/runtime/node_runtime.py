@@ -111,9 +111,10 @@ SHUTDOWN_GRACE = 3.0
 CLOSE_TIMEOUT = 2.0
 #: Unauthenticated control connections: OpenSSH's default MaxStartups 10:30:100
 #: (sshd_config(5)). A DC dials each peer once at a time and a handshake takes
-#: milliseconds, so honest startups rarely overlap; 10 per source address leaves room
+#: milliseconds, so honest startups rarely overlap. Per source address: half of
+#: ``start``, so one address alone never pushes the listener into early drop, and room
 #: for a host that runs several DCs (the demo and the tests run four on loopback).
-CONTROL_STARTUPS = StartupLimits(start=10, rate=30, full=100, per_source=10)
+CONTROL_STARTUPS = StartupLimits(start=10, rate=30, full=100, per_source=5)
 
 
 class ListenError(Exception):
