@@ -45,6 +45,8 @@ __all__ = [
     "field",
     "encode",
     "decode",
+    "encode_struct",
+    "decode_struct",
     "peek_tag",
     "struct_fields",
     "registry",
@@ -498,16 +500,29 @@ def encode(msg: Any, version: int = FRAME_VERSION) -> bytes:
     return data
 
 
-def decode(data: bytes | bytearray | memoryview, expect: Sequence[type] | None = None) -> Any:
-    """Decode one frame, or raise :class:`WireError` saying what is wrong."""
-    data = bytes(data)
+def _load(data: bytes) -> tuple[Any, bool]:
+    """One CBOR item of ``data``, prescanned; and whether its canonical form must be
+    checked by re-encoding (it holds a map or a float)."""
     if len(data) > ABSOLUTE_MAX_SIZE:
         raise WireError(f"frame of {len(data)} bytes exceeds {ABSOLUTE_MAX_SIZE}")
     recheck = _prescan(data)
     try:
-        obj = cbor2.loads(data)
+        return cbor2.loads(data), recheck
     except Exception as exc:  # the prescan should make this unreachable; never leak it
         raise WireError(f"malformed CBOR: {exc}") from exc
+
+
+def _fields_of_frame(cls: type, fields: Any, path: str) -> Any:
+    try:
+        return _class_decoder(cls)(fields)
+    except (_Decline, WireError, TypeError, ValueError):
+        return _decode_fields(cls, fields, path)  # raises the WireError that names the field
+
+
+def decode(data: bytes | bytearray | memoryview, expect: Sequence[type] | None = None) -> Any:
+    """Decode one frame, or raise :class:`WireError` saying what is wrong."""
+    data = bytes(data)
+    obj, recheck = _load(data)
     if type(obj) is not list or len(obj) != 3:
         raise WireError("a frame is the array [version, tag, fields]")
     version, tag, fields = obj
@@ -522,16 +537,32 @@ def decode(data: bytes | bytearray | memoryview, expect: Sequence[type] | None =
         raise WireError(f"unexpected message type {tag!r} here")
     if len(data) > cls.wire_max_size:  # type: ignore[attr-defined]
         raise WireError(f"{tag}: frame of {len(data)} bytes exceeds {cls.wire_max_size}")  # type: ignore[attr-defined]
-    try:
-        msg = _class_decoder(cls)(fields)
-    except (_Decline, WireError, TypeError, ValueError):
-        msg = _decode_fields(cls, fields, tag)  # raises the WireError that names the field
+    msg = _fields_of_frame(cls, fields, tag)
     # One value, one encoding: a frame in any other form is refused, so
     # encode(decode(raw)) == raw. The prescan refused non-minimal heads and
     # indefinite lengths; what is left to compare is map key order and float width.
     if recheck and cbor2.dumps([version, tag, _fields_list(msg, tag)], canonical=True) != data:
         raise WireError(f"{tag}: not in canonical CBOR form (RFC 8949 §4.2)")
     return msg
+
+
+def encode_struct(obj: Any) -> bytes:
+    """The canonical CBOR of a struct's field list alone (no version, no tag): the body of
+    something signed whose kind the signature's context names (e.g. a gossip statement)."""
+    return cbor2.dumps(struct_fields(obj), canonical=True)
+
+
+def decode_struct(data: bytes | bytearray | memoryview, cls: type, max_size: int) -> Any:
+    """The struct ``cls`` from :func:`encode_struct`'s bytes, checked as strictly as a frame
+    (at most ``max_size`` bytes, canonical, every field of its kind); else WireError."""
+    data = bytes(data)
+    if len(data) > max_size:
+        raise WireError(f"{cls.__name__}: {len(data)} bytes exceeds {max_size}")
+    fields, recheck = _load(data)
+    obj = _fields_of_frame(cls, fields, cls.__name__)
+    if recheck and encode_struct(obj) != data:
+        raise WireError(f"{cls.__name__}: not in canonical CBOR form (RFC 8949 §4.2)")
+    return obj
 
 
 def peek_tag(data: bytes) -> str | None:

@@ -9,7 +9,9 @@ Like memberlist's (a B-tree ordered by transmits, then newest), the queue stays
 ordered as it changes rather than being sorted for every packet: at N = 64 a DC holds
 thousands of queued link entries and builds a packet several times a second. Member
 updates and link entries fill separate halves of a packet, so each kind has its own
-lane; a lane keeps, per transmit count, its items sorted by insertion number.
+lane (the first element of an item's key: ``"m"`` member, ``"l"`` link); a lane keeps,
+per transmit count, its items sorted by insertion number. Items are the signed
+statements (mesh.links.control_msgs.Signed) as their speakers signed them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import bisect
 from collections.abc import Hashable
 from typing import Any
 
-from mesh.links.control_msgs import LinkEntry, MemberUpdate
+from mesh.links.control_msgs import Signed
 
 __all__ = ["TransmitQueue"]
 
@@ -83,16 +85,22 @@ class TransmitQueue:
     def __len__(self) -> int:
         return len(self._members.items) + len(self._links.items)
 
-    def put(self, key: Hashable, item: MemberUpdate | LinkEntry, prio: bool = False) -> None:
-        """Queue ``item``; ``prio`` puts it before everything queued (a refutation)."""
+    def put(self, key: tuple[Hashable, ...], item: Signed, prio: bool = False) -> None:
+        """Queue ``item`` under ``key`` (``("m", ...)`` a member statement, ``("l", ...)`` a
+        link entry); ``prio`` puts it before everything queued (a refutation)."""
+        if key[0] not in ("m", "l"):
+            raise ValueError(f"a transmit key starts with 'm' or 'l', got {key!r}")
         self._counter += 1
         self._members.remove(key)
         self._links.remove(key)
-        lane = self._members if isinstance(item, MemberUpdate) else self._links
+        lane = self._members if key[0] == "m" else self._links
         lane.add(key, item, -1 if prio else 0, self._counter)
 
     def take(
-        self, max_each: int, limit: int
-    ) -> tuple[list[MemberUpdate], list[LinkEntry]]:
-        """Up to ``max_each`` member updates and link entries for one packet."""
-        return self._members.take(max_each, limit), self._links.take(max_each, limit)
+        self, max_each: int, limit: int, link_limit: int | None = None
+    ) -> tuple[list[Signed], list[Signed]]:
+        """Up to ``max_each`` member updates and link entries for one packet; a member
+        update is sent at most ``limit`` times, a link entry ``link_limit`` (default the
+        same)."""
+        links = self._links.take(max_each, limit if link_limit is None else link_limit)
+        return self._members.take(max_each, limit), links
