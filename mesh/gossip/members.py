@@ -53,12 +53,6 @@ class SwimConfig:
     #: in crash-one (seed 11: 10 s, over the issue's 3 s bound); 12 closes that tail for
     #: ~3 kbit/s more per DC.
     min_transmits: int = 12
-    #: ... for link entries: 8, the formula's own value at N = 16. A link entry travels
-    #: signed by its origin (mesh.links.statements), ~100 bytes where it was 48, and
-    #: entries are nine tenths of gossip's bytes: with 12 sends flaky-node measured
-    #: 65 kbit/s per DC (issue 4's bound is 50), with 8 46 kbit/s, update convergence
-    #: p99.9 1.6 s (bound 3 s); the member updates that detection waits for keep 12.
-    link_min_transmits: int = 8
     #: memberlist DefaultLANConfig GossipInterval = 200 ms, GossipNodes = 3.
     gossip_interval: float = 0.2
     gossip_nodes: int = 3

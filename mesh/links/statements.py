@@ -160,6 +160,11 @@ class Statements:
         assert reason in REFUSALS, reason
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
+    def known(self, signed: Signed) -> MemberUpdate | LinkEntry | None:
+        """The statement in ``signed`` if it was verified (or made) here and is still
+        remembered; None otherwise. Checks nothing and costs no budget."""
+        return self._cache.get((signed.body, signed.signature))
+
     def open_member(self, now: float, peer: str, signed: Signed) -> MemberUpdate | None:
         """The member update in ``signed`` if its speaker signed it and may say it (else
         None, counted); ``peer`` is the DC that passed it on, charged for a verification."""

@@ -25,8 +25,8 @@ from typing import Any
 from mesh.links.control_msgs import LinkEntry
 from mesh.links.control_plane import ACCEPTS, MeshControl
 from mesh.links.statements import Statements
-from sim.hosts.pbft_cluster import identity_for
 from sim.geo import geo_links
+from sim.hosts.pbft_cluster import identity_for
 from sim.scenario import Run
 from sim.world import NotifyRecord, SimNode, World
 
