@@ -21,7 +21,8 @@ class Prober(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.now = 0.0
-        self.p = LinkProber("a", ["b"], random.Random(5), LinkTable("a", ["a", "b"], statements_for("a", "ab")))
+        table = LinkTable("a", ["a", "b"], statements_for("a", "ab"))
+        self.p = LinkProber("a", ["b"], random.Random(5), table)
         self.p.start(0.0)
         self.session = 1
         self.seq = 0

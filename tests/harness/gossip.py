@@ -51,7 +51,3 @@ def member_of(signed: Signed) -> MemberUpdate:
     got: MemberUpdate = wire.decode_struct(signed.body, MemberUpdate, STATEMENT_MAX)
     return got
 
-
-def link_of(signed: Signed) -> LinkEntry:
-    got: LinkEntry = wire.decode_struct(signed.body, LinkEntry, STATEMENT_MAX)
-    return got
