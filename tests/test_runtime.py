@@ -38,6 +38,7 @@ from mesh.runtime.log import JsonLog
 from mesh.runtime.node_runtime import RESOURCE, ListenError, Peer, Runtime
 from mesh.runtime.sqlite_store import SQLiteStore
 from mesh.wire import U64, Text, field
+from tests.harness.hostile import free_ports
 
 # --------------------------------------------------------------------------- backoff
 
@@ -183,22 +184,11 @@ class EchoCore:
         return [e.key for _, e in self.events if isinstance(e, TimerFired)]
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 class Mesh:
     def __init__(self, count: int, tmp: Path, federation: str = "t") -> None:
         self.names = [f"dc{i}" for i in range(1, count + 1)]
         self.ids = {n: identity.generate() for n in self.names}
-        self.ports = dict(zip(self.names, _free_ports(count), strict=True))
+        self.ports = dict(zip(self.names, free_ports(count), strict=True))
         self.federation = federation
         self.tmp = tmp
         self.logs: dict[str, io.StringIO] = {}
