@@ -20,10 +20,13 @@ import pytest
 
 from consensus.ledger import (
     AbortMigration,
+    AnnounceRoot,
     BeginMigration,
     CommitMigration,
+    ImportVm,
     Ledger,
     LedgerResult,
+    MigrateVm,
     RegisterVm,
 )
 from federation.demo.guest_writer import expected_pages, mismatches
@@ -36,6 +39,7 @@ from federation.migration.vocabulary import (
     LedgerBegun,
     LedgerCommitted,
     LedgerRefused,
+    LedgerRootAnnounced,
     Phase,
     PrecopyLimits,
     RoundSent,
@@ -49,6 +53,7 @@ from federation.vms.image_backend import ImageBackend
 from mesh import wire
 from mesh.core import Notify, Received, Send
 from mesh.hde.image import PAGE_SIZE
+from sim.hosts.operators import SIM_OPERATORS, OperatorSigner
 from tests.test_vm_image import real_bytes
 
 MID = "m-e2e"
@@ -65,16 +70,19 @@ class TwoDCs:
         self.src.attach_writer("vm1", seed=42, rate=4000)
         self.src_vm = VmActions(self.src)
         self.tgt_vm = VmActions(self.tgt)
-        self.ledger = Ledger(("dc1", "dc2", "dc3"))
+        self.ledger = Ledger(("dc1", "dc2", "dc3"), SIM_OPERATORS)
         self.rids = {"dc1": 0, "dc2": 0}
-        self.execute("dc1", RegisterVm("vm1", "dc1"))
+        ops = OperatorSigner("ops", prefix="e2e")
+        self.execute("dc1", RegisterVm("vm1", "dc1", ops.authorize(
+            ImportVm("vm1", "dc1", str(tmp / "mem"), (str(tmp / "disk"),)), 1.0)))
         self.corrupt_target = corrupt_target
         self.marks: list[int] = []
         self.fenced_digest: str | None = None
         self.notes: list[Notify] = []
         info = self.src.info("vm1")
         self.source = SourceSession.plan("dc1", MID, "vm1", "dc2", 0, info.layout, limits,
-                                         self.ledger.policy, (1,), (1, 3))
+                                         self.ledger.policy, (1,), (1, 3),
+                                         ops.authorize(MigrateVm("vm1", "dc2"), 2.0))
         self.target: TargetSession | None = None
         self.queue: deque[tuple[str, Any]] = deque()
 
@@ -124,6 +132,9 @@ class TwoDCs:
             self.target, actions = TargetSession.from_ledger(
                 "dc2", MID, "vm1", "dc1", command.epoch, self.source.limits, time.monotonic())
             self.dispatch("dc2", actions)
+        elif isinstance(command, AnnounceRoot):
+            self.queue.append(("dc1", LedgerRootAnnounced(MID, command.root)))
+            self.queue.append(("dc2", LedgerRootAnnounced(MID, command.root)))
         else:
             fact: Any = (LedgerCommitted(MID, result.epoch, command.root)
                          if isinstance(command, CommitMigration) else LedgerAborted(MID))

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from consensus.ledger import SetPolicy
 from federation.demo.guest_writer import expected_pages, mismatches
 from federation.node.assembly import Node
 from federation.node.status import status
@@ -55,8 +54,7 @@ def test_v3_migration_then_back_then_v1_fallback(tmp_path: Path) -> None:
             dc1, dc3, dc4 = nodes["dc1"], nodes["dc3"], nodes["dc4"]
             assert dc1.runtime.links["dc3"].version == 3
             assert dc1.runtime.links["dc4"].version == 1
-            result = await dc1.ledger.submit(SetPolicy(100, (), (), False))
-            assert result.ok
+            await dc1.set_policy(100)
             await dc1.import_vm("vm1", memory, [disk], writer_rate=300, writer_seed=3)
             await dc1.import_vm("vm2", memory, [disk])
             await trio.sleep(0.3)  # the writer dirties pages before the migration starts
@@ -125,14 +123,14 @@ def test_kill_switch_mid_migration_falls_back_to_v1(tmp_path: Path, monkeypatch)
                 sent = await real_run(self, progress)
                 if not switched:  # the policy changes before the session hears of round 1
                     switched.append(self.action.round)
-                    assert (await dc1.ledger.submit(SetPolicy(100, (), (), True))).ok
+                    await dc1.set_policy(100, kill_switch=True)
                     with trio.fail_after(10):
                         while not dc1.need_core().replica.ledger.policy.kill_switch:
                             await trio.sleep(0.01)
                 return sent
 
             monkeypatch.setattr(V3RoundSender, "run", run_then_kill)
-            assert (await dc1.ledger.submit(SetPolicy(100, (), (), False))).ok
+            await dc1.set_policy(100, kill_switch=False)
             await dc1.import_vm("vm3", memory, [disk], writer_rate=300, writer_seed=11)
             await trio.sleep(0.3)
             mid = await dc1.migrate("vm3", "dc2")
@@ -191,7 +189,7 @@ def test_64mib_figures(tmp_path: Path, percent: int) -> None:
     async def main() -> dict[str, float]:
         async with nodes_with(cfg, tmp_path / "data", {}) as nodes:
             dc1, dc3 = nodes["dc1"], nodes["dc3"]
-            assert (await dc1.ledger.submit(SetPolicy(percent, (), (), False))).ok
+            await dc1.set_policy(percent, kill_switch=False)
             await dc1.import_vm("big", memory, [disk], writer_rate=2000, writer_seed=5)
             await trio.sleep(0.5)
             t0 = trio.current_time()

@@ -51,7 +51,8 @@ class Nodes:
     def start(self, name: str) -> None:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-c", _MAIN, "node", "--config", str(self.cfg), "--name", name],
+            [sys.executable, "-c", _MAIN, "node", "--config", str(self.cfg), "--name", name,
+             "--operator-key", str(self.cfg.parent / "keys" / "admin.key")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
         log.close()
 

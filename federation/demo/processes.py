@@ -31,7 +31,7 @@ from typing import Any
 import trio
 
 from federation import config
-from federation.cli.keys import init_federation
+from federation.cli.keys import INIT_OPERATOR, init_federation
 from federation.cli.ops import _human
 from federation.demo.scenario import Demo, ms
 from federation.demo.vm_data import build_vm_data
@@ -122,6 +122,10 @@ class NodeProcess:
             str(self.config_path),
             "--name",
             self.name,
+            # the operator `federation init` made: the node signs its API's operations
+            # with it until the API checks operators' own signatures
+            "--operator-key",
+            str(self.config_path.parent / "keys" / f"{INIT_OPERATOR}.key"),
         ]
         self.started_at = trio.current_time()
         self.process = await trio.lowlevel.open_process(

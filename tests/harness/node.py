@@ -19,7 +19,8 @@ import pytest
 import trio
 
 from federation import config
-from federation.cli.keys import init_federation
+from federation.api.auth import load_operator_key
+from federation.cli.keys import INIT_OPERATOR, init_federation
 from federation.demo.processes import free_base_port
 from federation.demo.real_data import write_process_memory
 from federation.node.assembly import Node
@@ -63,8 +64,9 @@ def build_node(cfg: Path, name: str, data_root: Path,
                transfer_versions: tuple[int, ...] = (1, 3)) -> Node:
     fed = config.load(cfg)
     ident = identity.load_key_file(cfg.parent / "keys" / f"{name}.key")
+    operator = load_operator_key(cfg.parent / "keys" / f"{INIT_OPERATOR}.key", fed)
     return Node(fed, name, ident, data_root / name, log=JsonLog(name, io.StringIO()),
-                transfer_versions=transfer_versions)
+                transfer_versions=transfer_versions, operator=operator)
 
 
 @asynccontextmanager
