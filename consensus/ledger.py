@@ -256,8 +256,10 @@ class Ledger(LedgerState):
     def _as_operator(self, opened: Opened, intent: Any, need: Role, subject: str,
                      apply: Callable[[], LedgerResult]) -> LedgerResult:
         """Replay, freshness, role, then ``apply``; the outcome is remembered under the
-        request id. A replay of the same request returns its first outcome; a request
-        that is expired, or that finds the book full, is refused without being recorded."""
+        request id. A replay of the same request returns its first outcome. A request
+        that fails a check of its own (expired, a role too low, the book full) is
+        refused without touching the state: neither recorded nor moving the clock, so
+        that no one below ``need`` can move ledger time."""
         head = opened.head
         seen = self.requests.get(head.operator, head.nonce)
         if seen is not None:
@@ -265,19 +267,16 @@ class Ledger(LedgerState):
                 return wire.decode(seen.result, expect=(LedgerResult,))  # type: ignore[no-any-return]
             return self._refuse("authorization", f"operator request: request id {head.nonce} "
                                 f"of {head.operator!r} was already used by another request")
+        clock = self.clock if self._trusted_now else max(self.clock, head.created)
         try:
             check_fresh(head, self.clock, future=self._trusted_now)
-            if not self._trusted_now:
-                self._advance(head.created)  # a fresh, genuine request: its time has come
-            self._touched_requests += self.requests.make_room(self.clock)
+            check_role(opened.operator, need)
+            gone = self.requests.make_room(clock)
         except AuthError as exc:
             return self._refuse("authorization", f"operator request: {exc}")
-        try:
-            check_role(opened.operator, need)
-        except AuthError as exc:
-            result = self._refuse("authorization", f"operator request: {exc}")
-        else:
-            result = apply()
+        self._touched_requests += gone
+        self._advance(clock)  # a fresh request of the right role: its time has come
+        result = apply()
         rec = RequestRecord(head.operator, head.nonce, head.created, opened.digest,
                             wire.tag_of(intent), subject[:128], _encoded(result))
         self._touched_requests.append(self.requests.add(rec))

@@ -43,11 +43,12 @@ def test_ledger_time_follows_operator_requests_and_never_goes_back() -> None:
     assert not res.ok and "requests older than 300 s are refused" in res.error
     assert "vm3" not in d.ledger.vms
     # an expired request is not remembered: its id stays unknown
-    assert d.ledger.request_status("ops", stale_nonce(d)).state == "unknown"
+    assert d.ledger.request_status("ops", last_nonce(d)).state == "unknown"
 
 
-def stale_nonce(d: LedgerDriver) -> str:
-    return f"t-ops-{d.signers['ops'].count:08d}"
+def last_nonce(d: LedgerDriver, who: str = "ops") -> str:
+    """The request id of operator ``who``'s last request."""
+    return f"t-{who}-{d.signers[who].count:08d}"
 
 
 def test_a_trusted_time_bounds_both_ways() -> None:
@@ -77,9 +78,9 @@ def test_resubmitting_a_request_returns_its_first_outcome_and_applies_once() -> 
 def test_the_query_by_request_id_tells_committed_refused_unknown() -> None:
     d = LedgerDriver()
     d.register("vm1", "dc-a")
-    ok_id = stale_nonce(d)
+    ok_id = last_nonce(d)
     d.register("vm1", "dc-b")
-    refused_id = stale_nonce(d)
+    refused_id = last_nonce(d)
     done = d.ledger.request_status("ops", ok_id)
     assert (done.state, done.command, done.subject) == ("committed", "operator.import-vm", "vm1")
     no = d.ledger.request_status("ops", refused_id)
@@ -94,7 +95,7 @@ def test_the_query_by_request_id_tells_committed_refused_unknown() -> None:
 def test_outcomes_are_forgotten_after_the_retention_in_ledger_time() -> None:
     d = LedgerDriver()
     d.register("vm1", "dc-a")
-    first = stale_nonce(d)
+    first = last_nonce(d)
     d.clock += RETENTION + 1
     d.register("vm2", "dc-a")
     assert d.ledger.request_status("ops", first).state == "unknown"
@@ -165,3 +166,14 @@ def test_a_trusted_time_passes_the_deadline_without_operator_requests() -> None:
     assert not d.run("dc-b", AbortMigration("m1"), now=deadline - 1.0).ok
     assert d.run("dc-b", AbortMigration("m1"), now=deadline).ok
     assert d.ledger.migrations["m1"].state == "aborted"
+
+
+def test_a_request_refused_for_its_role_changes_nothing_not_even_the_clock() -> None:
+    d = LedgerDriver()
+    d.register("vm1", "dc-a")
+    clock, book = d.ledger.clock, len(d.ledger.requests)
+    ahead = d.auth(SetPolicy(100, (), (), True), who="watcher", at=clock + 10_000.0)
+    res = d.run("dc-c", ChangePolicy(ahead))
+    assert not res.ok and "has role viewer; this needs admin" in res.error
+    assert (d.ledger.clock, len(d.ledger.requests)) == (clock, book)
+    assert d.ledger.request_status("watcher", last_nonce(d, "watcher")).state == "unknown"
