@@ -93,3 +93,12 @@ class LedgerDriver:
 #: An operator's request to move vm1 to dc2, for session tests (sessions carry it to
 #: the ledger; they never check it).
 AUTH = OperatorSigner("ops", prefix="t-session").authorize(MigrateVm("vm1", "dc2"), 0.0)
+
+
+_REGISTRAR = OperatorSigner("ops", prefix="t-register")
+
+
+def register(vm: str, owner: str, at: float = 0.0) -> RegisterVm:
+    """A ``RegisterVm`` of ``vm`` at ``owner`` carrying an operator's import request signed
+    at ``at`` (a new request id each call), for tests that drive replicas."""
+    return RegisterVm(vm, owner, _REGISTRAR.authorize(ImportVm(vm, owner, "/m"), at))
