@@ -1,8 +1,11 @@
-"""The corpus of real VM state the data-plane benchmarks run on (docs/CORPUS.md).
+"""The corpus of real VM state (docs/CORPUS.md): ``dwcp demo`` migrates a corpus guest
+when one is built, and the data-plane benchmarks run on it.
 
 ``make corpus`` builds it outside git, in ``$DWCP_CORPUS`` (default
 ``~/.cache/dwcp-corpus``), and lists every file in ``manifest.json``. This module
-finds the corpus and reads its manifest; ``bench.corpus.build`` writes both.
+finds the corpus and reads its manifest; ``bench.corpus.build`` writes both (the reader
+is here, in the product, because the demo needs it: nothing in the product imports
+``bench``).
 """
 
 from __future__ import annotations
