@@ -180,7 +180,8 @@ def test_every_relative_link_points_at_a_file() -> None:
 
 _TOPS = ("mesh", "consensus", "federation", "sim", "bench", "tests", "docs", "examples")
 _CODE_PATH = re.compile(rf"`((?:{'|'.join(_TOPS)})/[^`\s]*|(?:\.\./)+[^`\s]+)`")
-_PLANNED = re.compile(r"^### Where the next features go\n.*?(?=^#)", re.MULTILINE | re.DOTALL)
+_PLANNED = re.compile(r"^### Where the next features go\n.*?(?=^#|\Z)",
+                      re.MULTILINE | re.DOTALL)
 
 
 def _expand(path: str) -> list[str]:

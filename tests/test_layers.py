@@ -1,9 +1,9 @@
 """The import rules of docs/architecture.md, as a test over the source tree.
 
-The rules are a function of a root directory (:func:`breaches`): the repository must
-keep them, and a deliberately bad tree in a temp directory shows each rule catches its
-breach. Imports are read with ``ast`` (tests/harness/imports.py), function-local and
-``TYPE_CHECKING`` imports included.
+The rules are a function of a root directory (``breaches(read_tree(root))``): the
+repository must keep them, and a deliberately bad tree in a temp directory shows each
+rule catching its breach. Imports are read with ``ast`` (tests/harness/imports.py),
+function-local and ``TYPE_CHECKING`` imports included.
 
 A few breaches exist on main while other branches fix them (:data:`KNOWN`): each is
 tolerated by its rule's test and has a strict xfail of its own that turns red the day
@@ -151,8 +151,8 @@ def _top(module: str) -> str | None:
 def unit_of(graph: ImportGraph, module: str) -> str | None:
     """A module's unit for the circle rule: its sub-package (``mesh.gossip``,
     ``sim.hosts``), or the module itself when it sits loose in a top-level package
-    (``sim.world``, ``federation.config``: LAYOUT puts modules of different layers
-    there, so each is a unit of its own)."""
+    (``sim.world``, ``federation.config``: the layout puts modules of different layers
+    there, so each is a unit of its own; docs/architecture.md)."""
     if _top(module) is None:
         return None
     package = graph.package_of(module)
