@@ -10,7 +10,6 @@ counts, resets every connection and refuses new ones for a while.
 
 from __future__ import annotations
 
-import re
 import socket
 import struct
 from pathlib import Path
@@ -24,11 +23,13 @@ from mesh.amst.receiver import ChunkSet
 from mesh.hde.codec import ChunkPlan
 from mesh.hde.events import EncodeChunk
 from tests.harness.node import (
+    data_port,
     ext4_image,
     image_hashes,
     make_federation,
     memory_image,
     migrate_checked,
+    redirect,
     running_nodes,
     wait_outcome,
     wait_vm,
@@ -113,25 +114,6 @@ async def _reset(stream: trio.SocketStream) -> None:
         pass  # already closed
     with trio.CancelScope(shield=True):
         await stream.aclose()
-
-
-def redirect(cfg: Path, name: str, data_ports: dict[str, int]) -> Path:
-    """A copy of the federation file as ``name`` sees it: the data endpoints of the DCs in
-    ``data_ports`` are at those loopback ports (the keys stay next to it)."""
-    text = cfg.read_text()
-    for dc, port in data_ports.items():
-        block = re.compile(rf'(name = "{dc}"\n(?:.*\n)*?data = "127\.0\.0\.1:)(\d+)(")')
-        text, n = block.subn(rf"\g<1>{port}\g<3>", text, count=1)
-        assert n == 1, f"no data endpoint for {dc} in {cfg}"
-    out = cfg.with_name(f"federation-{name}.toml")
-    out.write_text(text)
-    return out
-
-
-def data_port(cfg: Path, dc: str) -> int:
-    m = re.search(rf'name = "{dc}"\n(?:.*\n)*?data = "127\.0\.0\.1:(\d+)"', cfg.read_text())
-    assert m is not None
-    return int(m.group(1))
 
 
 def test_cut_data_path_resumes_without_resending_what_the_target_stored(tmp_path: Path,

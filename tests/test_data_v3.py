@@ -4,6 +4,10 @@ peek, the level."""
 
 from __future__ import annotations
 
+import queue
+import threading
+from typing import Any
+
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
@@ -72,8 +76,21 @@ def test_feed_encodes_in_order_then_ends() -> None:
     assert feed.frames == 3 and feed.frame_bytes == sum(len(f) for f in frames)
 
 
+class _WatchedQueue(queue.Queue):  # type: ignore[type-arg]
+    """The feed's queue of plans, telling when a preparer starts waiting on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited = threading.Event()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        self.waited.set()
+        return super().get(block, timeout)
+
+
 def test_feed_ends_a_waiting_preparer_when_closed() -> None:
     feed = ChunkFeed(lambda i, e: b"never")
+    plans = feed._queue = _WatchedQueue()  # watched, so the test closes a waiting preparer
 
     async def main() -> bytes:
         cid, raw = feed.next_chunk(1 << 20)
@@ -84,7 +101,8 @@ def test_feed_ends_a_waiting_preparer_when_closed() -> None:
                 got.append(await trio.to_thread.run_sync(feed.prepare, cid, raw))
 
             nursery.start_soon(prep)
-            await trio.sleep(0.05)  # the preparer is waiting for a plan
+            with trio.fail_after(10):
+                await trio.to_thread.run_sync(plans.waited.wait, abandon_on_cancel=True)
             feed.close()
         return got[0]
 

@@ -49,7 +49,8 @@ from federation.vms.image_backend import ImageBackend
 from mesh import wire
 from mesh.core import Notify, Received, Send
 from mesh.hde.image import PAGE_SIZE
-from tests.test_vm_image import real_bytes
+from tests.harness.data import real_pages
+from tests.harness.waiting import poll_until
 
 MID = "m-e2e"
 
@@ -58,8 +59,8 @@ class TwoDCs:
     def __init__(self, tmp: Path, limits: PrecopyLimits, corrupt_target: bool = False) -> None:
         self.src = ImageBackend(tmp / "dc1")
         self.tgt = ImageBackend(tmp / "dc2")
-        (tmp / "mem").write_bytes(real_bytes(512))
-        (tmp / "disk").write_bytes(real_bytes(64, b"disk"))
+        (tmp / "mem").write_bytes(real_pages(512))
+        (tmp / "disk").write_bytes(real_pages(64, b"disk"))
         self.src.import_vm("vm1", tmp / "mem", [tmp / "disk"])
         self.src.start("vm1", 0)
         self.src.attach_writer("vm1", seed=42, rate=4000)
@@ -170,9 +171,8 @@ def test_migration_moves_the_vm_with_its_writer_running(tmp_path: Path,
     w = TwoDCs(tmp_path, limits)
     writer = w.src.writer("vm1")
     assert writer is not None
-    deadline = time.monotonic() + 10
-    while writer.writer.seq < 100 and time.monotonic() < deadline:
-        time.sleep(0.005)  # let the workload dirty pages before the migration starts
+    # the workload has dirtied pages before the migration starts
+    poll_until(lambda: writer.writer.seq >= 100, "100 writes by the page writer")
     w.run()
     assert w.ledger.owner("vm1") == "dc2" and w.ledger.epoch("vm1") == 1
     assert w.source.phase is Phase.COMMITTED and w.target is not None

@@ -20,9 +20,10 @@ from tests.harness.node import (
     real_vm,
     running_nodes,
     wait_outcome,
-    wait_until,
     wait_vm,
+    wait_writes,
 )
+from tests.harness.waiting import wait_until
 
 NAMES = ("dc1", "dc2", "dc3", "dc4")
 
@@ -59,7 +60,7 @@ def test_v3_migration_then_back_then_v1_fallback(tmp_path: Path) -> None:
             assert result.ok
             await dc1.import_vm("vm1", memory, [disk], writer_rate=300, writer_seed=3)
             await dc1.import_vm("vm2", memory, [disk])
-            await trio.sleep(0.3)  # the writer dirties pages before the migration starts
+            await wait_writes(dc1, "vm1")  # dirty pages before the migration starts
 
             # v3: dc1 -> dc3 with the writer running
             mid = await dc1.migrate("vm1", "dc3")
@@ -126,15 +127,15 @@ def test_kill_switch_mid_migration_falls_back_to_v1(tmp_path: Path, monkeypatch)
                 if not switched:  # the policy changes before the session hears of round 1
                     switched.append(self.action.round)
                     assert (await dc1.ledger.submit(SetPolicy(100, (), (), True))).ok
-                    with trio.fail_after(10):
-                        while not dc1.need_core().replica.ledger.policy.kill_switch:
-                            await trio.sleep(0.01)
+                    await wait_until(
+                        lambda: dc1.need_core().replica.ledger.policy.kill_switch,
+                        "the kill switch in dc1's ledger")
                 return sent
 
             monkeypatch.setattr(V3RoundSender, "run", run_then_kill)
             assert (await dc1.ledger.submit(SetPolicy(100, (), (), False))).ok
             await dc1.import_vm("vm3", memory, [disk], writer_rate=300, writer_seed=11)
-            await trio.sleep(0.3)
+            await wait_writes(dc1, "vm3")
             mid = await dc1.migrate("vm3", "dc2")
             assert await wait_outcome(dc1, mid) == "committed"
             await wait_vm(dc2, "vm3", "running")
@@ -193,7 +194,7 @@ def test_64mib_figures(tmp_path: Path, percent: int) -> None:
             dc1, dc3 = nodes["dc1"], nodes["dc3"]
             assert (await dc1.ledger.submit(SetPolicy(percent, (), (), False))).ok
             await dc1.import_vm("big", memory, [disk], writer_rate=2000, writer_seed=5)
-            await trio.sleep(0.5)
+            await wait_writes(dc1, "big", 1000)
             t0 = trio.current_time()
             mid = await dc1.migrate("big", "dc3")
             assert await wait_outcome(dc1, mid, timeout=120) == "committed"

@@ -26,20 +26,19 @@ from mesh.links.routes import BULK, Route
 from mesh.runtime.amst_stream import NET_ERRORS
 from mesh.runtime.amst_transfer import AmstServer, TransferCut, send_transfer
 from mesh.runtime.log import JsonLog
+from tests.harness.data import MiB, chunked, real_bytes
 from tests.harness.node import (
     ext4_image,
     image_hashes,
     make_federation,
     memory_image,
     migrate_checked,
+    redirect,
     running_nodes,
     wait_outcome,
     wait_vm,
 )
-from tests.test_amst_io import chunked, real_bytes
-from tests.test_data_resume import redirect
 
-MiB = 1024 * 1024
 TRANSFER = b"relay-test-00001"
 KEYS = {n: identity.Identity.from_seed(bytes([i + 31]) * 32) for i, n in enumerate("sxt")}
 PEERS = {n: k.public for n, k in KEYS.items()}

@@ -22,13 +22,7 @@ from federation.vms.backend import (
 )
 from federation.vms.image_backend import ImageBackend, atomic_write
 from mesh.hde.image import PAGE_SIZE
-
-
-def real_bytes(n_pages: int, salt: bytes = b"") -> bytes:
-    """Page content from this repository's own source text (real data, not noise)."""
-    text = b"".join(p.read_bytes() for p in sorted(Path("federation").rglob("*.py"))) + salt
-    out = (text * (n_pages * PAGE_SIZE // len(text) + 1))[: n_pages * PAGE_SIZE]
-    return out
+from tests.harness.data import real_pages
 
 
 @pytest.fixture
@@ -40,8 +34,8 @@ def backend(tmp_path: Path) -> ImageBackend:
 def files(tmp_path: Path) -> tuple[Path, Path]:
     mem = tmp_path / "mem.raw"
     disk = tmp_path / "disk.raw"
-    mem.write_bytes(real_bytes(64))
-    disk.write_bytes(real_bytes(16, b"disk"))
+    mem.write_bytes(real_pages(64))
+    disk.write_bytes(real_pages(16, b"disk"))
     return mem, disk
 
 

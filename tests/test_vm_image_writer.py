@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,8 @@ from federation.demo.guest_writer import (
 from federation.vms.backend import VmError, VmState
 from federation.vms.image_backend import ImageBackend
 from mesh.hde.image import PAGE_SIZE
-from tests.test_vm_image import real_bytes
+from tests.harness.data import real_pages
+from tests.harness.waiting import poll_until
 
 LAYOUT = {"memory": 1024, "disk-0": 64}
 
@@ -59,7 +59,7 @@ def make_images(tmp_path: Path) -> dict[str, object]:
     out = {}
     for name, pages in LAYOUT.items():
         path = tmp_path / f"{name}.img"
-        path.write_bytes(real_bytes(pages, name.encode()))
+        path.write_bytes(real_pages(pages, name.encode()))
         out[name] = map_writable(path, pages, name)
     return out
 
@@ -139,7 +139,7 @@ def test_log_replays_after_a_crash_between_log_and_image(tmp_path: Path) -> None
 
 def test_backend_writer_runs_until_the_fence(tmp_path: Path) -> None:
     mem = tmp_path / "mem.raw"
-    mem.write_bytes(real_bytes(256))
+    mem.write_bytes(real_pages(256))
     b = ImageBackend(tmp_path / "vms")
     b.import_vm("a", mem)
     with pytest.raises(VmError, match="positive"):
@@ -150,10 +150,7 @@ def test_backend_writer_runs_until_the_fence(tmp_path: Path) -> None:
     b.start("a", 0)
     thread = b.writer("a")
     assert thread is not None
-    deadline = time.monotonic() + 10
-    while thread.writer.seq < 200 and time.monotonic() < deadline:
-        time.sleep(0.01)  # waiting for the writer thread's progress, not imitating work
-    assert thread.writer.seq >= 200
+    poll_until(lambda: thread.writer.seq >= 200, "200 writes by the writer thread")
     b.fence("a", "m1")
     assert b.writer("a") is None and b.info("a").state is VmState.FENCED
     log = b.path("a") / "writer.log"
@@ -187,7 +184,7 @@ def test_a_corrupt_log_line_is_named(tmp_path: Path) -> None:
 def test_a_dead_writer_does_not_block_the_fence(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     mem = tmp_path / "mem.raw"
-    mem.write_bytes(real_bytes(32))
+    mem.write_bytes(real_pages(32))
     b = ImageBackend(tmp_path / "vms")
     b.import_vm("a", mem)
 
@@ -199,8 +196,6 @@ def test_a_dead_writer_does_not_block_the_fence(tmp_path: Path,
     b.start("a", 0)
     thread = b.writer("a")
     assert thread is not None
-    deadline = time.monotonic() + 10
-    while thread.error is None and time.monotonic() < deadline:
-        time.sleep(0.01)  # waiting for the writer thread to hit the fault
+    poll_until(lambda: thread.error is not None, "the writer thread hitting the full disk")
     assert b.fence("a", "m1").state is VmState.FENCED
     assert "No space left" in b.writer_errors["a"]
