@@ -1,7 +1,10 @@
 """The operator's CLI against real ``dwcp node`` processes on loopback: import a VM of
 real data at dc1, migrate it to dc3 with its writer running, check the target's images
 against the source's at the fence and every ledger; kill -9 a node mid-migration and
-check the migration ends with one owner everywhere and that owner's image intact."""
+check the migration ends with one owner everywhere and that owner's image intact.
+
+The writer is a test tool, not an API field: dc1's node runs as the demo's writer node
+(:mod:`federation.demo.writer_node`), which gives the named VMs a page writer."""
 
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from tests.harness.node import ext4_image, image_hashes, make_federation, memory
 
 NAMES = ("dc1", "dc2", "dc3", "dc4")
 _MAIN = "import sys; from federation.cli.main import main; sys.exit(main())"
+_WRITER_NODE = "import sys; from federation.demo.writer_node import main; sys.exit(main())"
 
 
 def dwcp(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -38,10 +42,14 @@ def dwcp(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 
 class Nodes:
-    def __init__(self, cfg: Path, logs: Path) -> None:
+    """``writers[dc]``: ``VM=RATE:SEED`` page writers of DC ``dc``'s VMs."""
+
+    def __init__(self, cfg: Path, logs: Path, writers: dict[str, list[str]] | None = None,
+                 ) -> None:
         self.cfg = cfg
         self.logs = logs
         self.fed = config.load(cfg)
+        self.writers = writers or {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def api(self, name: str) -> Api:
@@ -50,9 +58,12 @@ class Nodes:
 
     def start(self, name: str) -> None:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-c", _MAIN, "node", "--config", str(self.cfg), "--name", name],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+        node = ["--config", str(self.cfg), "--name", name]
+        writers = [f"--writer={w}" for w in self.writers.get(name, [])]
+        argv = ([sys.executable, "-c", _WRITER_NODE, *node, *writers] if writers
+                else [sys.executable, "-c", _MAIN, "node", *node])
+        self.procs[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL, stderr=log)
         log.close()
 
     def wait(self, what: str, check: Any, timeout: float = 60) -> Any:
@@ -108,11 +119,11 @@ class Nodes:
 
 
 @contextmanager
-def federation(tmp_path: Path) -> Iterator[Nodes]:
+def federation(tmp_path: Path, writers: dict[str, list[str]] | None = None) -> Iterator[Nodes]:
     cfg = make_federation(tmp_path / "fed")
     logs = tmp_path / "logs"
     logs.mkdir()
-    nodes = Nodes(cfg, logs)
+    nodes = Nodes(cfg, logs, writers)
     try:
         for name in NAMES:
             nodes.start(name)
@@ -140,10 +151,9 @@ def _intact(vm_dir: Path, writer_log: Path) -> list[str]:
 def test_import_migrate_status_through_the_cli(tmp_path: Path) -> None:
     memory = memory_image(tmp_path / "memory.img", 8 << 20)
     disk = ext4_image(tmp_path / "disk.img")
-    with federation(tmp_path) as nodes:
+    with federation(tmp_path, {"dc1": ["vm1=300"]}) as nodes:
         at = ("--config", str(nodes.cfg), "--name", "dc1")
-        r = dwcp("vm", "import", "vm1", "--memory", str(memory), "--disk", str(disk),
-                 "--writer-rate", "300", *at)
+        r = dwcp("vm", "import", "vm1", "--memory", str(memory), "--disk", str(disk), *at)
         assert r.returncode == 0, r.stderr
         assert r.stdout.startswith("imported vm1: ")
         r = dwcp("migrate", "vm1", "--to", "dc3", *at)
@@ -188,10 +198,9 @@ def _kill_mid_migration(tmp_path: Path, victim: str, rng: random.Random) -> str:
     """Returns the owner the ledgers agree on afterwards."""
     memory = memory_image(tmp_path / "memory.img", 48 << 20)
     disk = ext4_image(tmp_path / "disk.img")
-    with federation(tmp_path) as nodes:
+    with federation(tmp_path, {"dc1": ["vm1=300:3"]}) as nodes:
         dc1 = nodes.api("dc1")
-        dc1.ok("POST", "/api/vms", {"name": "vm1", "memory": str(memory), "disks": [str(disk)],
-                                    "writer_rate": 300.0, "writer_seed": 3})
+        dc1.ok("POST", "/api/vms", {"name": "vm1", "memory": str(memory), "disks": [str(disk)]})
         mid = dc1.ok("POST", "/api/migrations", {"vm": "vm1", "to": "dc3"})["id"]
         # a random moment of pre-copy: after some bytes, before the end
         total = (memory.stat().st_size + disk.stat().st_size)
