@@ -150,15 +150,22 @@ class WritingBackend(ImageBackend):
 
     def prepare_incoming(self, name: str, layout: Sequence[tuple[str, int]],
                          migration_id: str) -> dict[str, ImageWriter]:
-        writers = super().prepare_incoming(name, layout, migration_id)
+        """An older copy reused in place loses its writer first: its setting is removed and
+        its log set aside (they describe content the migration replaces), then the copy
+        becomes incoming. A crash in between leaves a retired copy without a writer, which
+        it never runs anyway; never an incoming copy that would resume the old writer."""
         d = self.path(name)
-        # the old copy's writer describes content the migration replaces
-        (d / WRITER_FILE).unlink(missing_ok=True)
-        log = d / WRITER_LOG
-        if log.exists():
-            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", migration_id)  # one path component
-            os.replace(log, d / f"{WRITER_LOG}.before-{safe}")
-        return writers
+        try:
+            reused = self.info(name).state in (VmState.RETIRED, VmState.INCOMING)
+        except VmError:
+            reused = False  # no copy here (or none the backend can read: it refuses below)
+        if reused:
+            (d / WRITER_FILE).unlink(missing_ok=True)
+            log = d / WRITER_LOG
+            if log.exists():
+                safe = re.sub(r"[^A-Za-z0-9_.-]", "_", migration_id)  # one path component
+                os.replace(log, d / f"{WRITER_LOG}.before-{safe}")
+        return super().prepare_incoming(name, layout, migration_id)
 
     def close(self) -> None:
         for name in sorted(self._threads):
