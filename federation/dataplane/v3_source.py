@@ -21,20 +21,15 @@ session aborts in the ledger with the VM still at its source."""
 from __future__ import annotations
 
 import re
-import shutil
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from federation.dataplane.v3_protocol import (
-    AMST_CHUNK_OVERHEAD,
-    SAMPLE_PAGES,
-    ChunkFeed,
-    Overlay,
-)
+from federation.dataplane.v3_protocol import AMST_CHUNK_OVERHEAD, ChunkFeed, Overlay
+from federation.dataplane.v3_shadow import COPY_PAGES, SourceState, sample_pages
 from federation.migration.round_events import (
     V3Cut,
     V3Failed,
@@ -52,20 +47,16 @@ from mesh.channel import SecureChannel
 from mesh.core import Notify, Received, Send
 from mesh.hde.codec import ChunkError, encode_chunk
 from mesh.hde.events import EncodeChunk
-from mesh.hde.image import PAGE_SIZE, ImageError, ImageWriter, create_image
+from mesh.hde.image import ImageError
 from mesh.hde.index import PageIndex, build_index
 from mesh.hde.source import HdeSource
 from mesh.runtime.amst_transfer import TransferCut, send_transfer
 
-__all__ = ["SourceState", "V3RoundSender", "V3Sender", "RoundFailed", "round_error",
-           "PREPARERS"]
+__all__ = ["V3RoundSender", "V3Sender", "RoundFailed", "round_error", "PREPARERS"]
 
 #: Chunks encoded at once: one per core of the reference machine (2 cores); zstd
 #: releases the GIL, so both work (DESIGN.md, "Transport").
 PREPARERS = 2
-#: Pages copied into the shadow per slice: 16 MiB, so a huge image is copied without a
-#: huge temporary and the worker thread stays responsive to cancellation.
-_COPY_PAGES = 4096
 #: What moved is reported to the rounds core this often while a transfer runs: the
 #: period at which a session hears of a round's progress
 #: (federation.migration.round_source.PROGRESS_EVERY), far inside the round's quiet bound.
@@ -99,49 +90,6 @@ def round_error(exc: BaseException) -> BaseException | None:
                 leaf = leaf.exceptions[0]
             return leaf
     return None
-
-
-class SourceState:
-    """What a migration's source keeps between v3 rounds: the shadow images (the content
-    the target verified last round, refreshed at each round start), their last verified
-    roots and indexes (the XOR reference), and the chunk level chosen in round 1."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.shadows: dict[str, ImageWriter] = {}
-        self.verified: dict[str, tuple[bytes, PageIndex]] = {}
-        self.level: int | None = None
-        self.mode = ""
-
-    def reset(self, layout: Sequence[tuple[str, int]]) -> None:
-        self.close()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.shadows = {n: create_image(self.directory / f"{n}.img", c, f"shadow/{n}")
-                        for n, c in layout}
-
-    def close(self) -> None:
-        for img in self.shadows.values():
-            img.close()
-        self.shadows = {}
-        self.verified = {}
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def _sample(images: Sequence[ImageWriter]) -> list[bytes]:
-    """Up to SAMPLE_PAGES non-uniform pages spread over the images, in 64-page pieces."""
-    total = sum(i.page_count for i in images)
-    stride = max(1, total // (4 * SAMPLE_PAGES))
-    pages: list[bytes] = []
-    for img in images:
-        for p in range(0, img.page_count, stride):
-            page = bytes(img.view(p))
-            if page.count(page[0]) != PAGE_SIZE:
-                pages.append(page)
-                if len(pages) == SAMPLE_PAGES:
-                    break
-        if len(pages) == SAMPLE_PAGES:
-            break
-    return [b"".join(pages[i : i + 64]) for i in range(0, len(pages), 64)]
 
 
 class V3RoundSender:
@@ -221,8 +169,8 @@ class V3RoundSender:
             if a.since is None or set(st.shadows) != {n for n, _ in layout}:
                 st.reset(layout)
                 for name, count in layout:
-                    for p in range(0, count, _COPY_PAGES):
-                        n = min(_COPY_PAGES, count - p)
+                    for p in range(0, count, COPY_PAGES):
+                        n = min(COPY_PAGES, count - p)
                         st.shadows[name].copy(live[name], p, p, n)
                 return sum(c for _, c in layout), {}, mark
             olds: dict[str, dict[int, bytes]] = {}
@@ -262,7 +210,7 @@ class V3RoundSender:
         indexes = await trio.to_thread.run_sync(self._indexes)
         names = sorted(indexes)
         if st.level is None:
-            sample = await trio.to_thread.run_sync(_sample, [st.shadows[n] for n in names])
+            sample = await trio.to_thread.run_sync(sample_pages, [st.shadows[n] for n in names])
             st.mode, st.level = await trio.to_thread.run_sync(self._choose_level, sample)
         level = st.level
         assert level is not None, "the level is chosen in the migration's first v3 round"
