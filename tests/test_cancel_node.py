@@ -125,7 +125,15 @@ def test_dwcp_cancel_stops_dwcp_migrate_then_a_finished_one_is_refused(
             dc1, dc4 = nodes["dc1"], nodes["dc4"]
             await import_web(dc1, tmp_path)
             held: list[SendRound] = []
-            dc1._start_round = held.append  # type: ignore[method-assign,assignment]
+            submit = dc1.rounds.submit
+
+            def hold_rounds(action: object) -> None:  # the session's SendRound waits here
+                if isinstance(action, SendRound):
+                    held.append(action)
+                else:
+                    submit(action)
+
+            dc1.rounds.submit = hold_rounds  # type: ignore[method-assign]
             async with trio.open_nursery() as nursery:
                 migrate: dict[str, Any] = {}
 
@@ -151,7 +159,7 @@ def test_dwcp_cancel_stops_dwcp_migrate_then_a_finished_one_is_refused(
             await wait_until(lambda: ledgers_agree(nodes, mid, "aborted"),
                              "every ledger aborted", 20)
 
-            del dc1._start_round  # rounds run again
+            del dc1.rounds.submit  # rounds run again
             code, doc = await call(dc1, "POST", "/api/migrations", {"vm": "web", "to": "dc4"})
             assert code == 202
             done = doc["id"]
@@ -200,9 +208,10 @@ def test_cancel_during_a_v3_round_waits_for_its_worker_thread(tmp_path: Path,
             assert code == 202, doc
             assert await wait_outcome(dc1, mid) == "aborted: cancelled by operator"
             await wait_vm(dc1, "web", "running")
-            assert mid in dc1.v3.sources, "dropped while its round's thread still runs"
+            assert mid in dc1.v3.sender.sources, "dropped while its round's thread still runs"
             release.set()
-            await wait_until(lambda: mid not in dc1.v3.sources, "the round's state is dropped", 20)
+            await wait_until(lambda: mid not in dc1.v3.sender.sources,
+                             "the round's state is dropped", 20)
             assert (await call(dc1, "GET", "/health"))[0] == 200
             code, doc = await call(dc1, "POST", "/api/migrations", {"vm": "web", "to": "dc3"})
             assert code == 202

@@ -1,6 +1,6 @@
 """Unit tests of the v3 data plane's pieces (federation.dataplane.v3_protocol): the chunk
 feed that adapts HDE's plans to AMST's pull model, the XOR reference overlay, the frame
-peek, the level."""
+peek, the level; and the v3 round messages (federation.migration.round_messages)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,8 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from federation.dataplane.v3_protocol import (
-    ChunkFeed,
-    Overlay,
-    V3Hde,
-    V3Round,
-    V3Status,
-    choose_chunk_level,
-    peek_chunk,
-    transfer_id,
-)
+from federation.dataplane.v3_protocol import ChunkFeed, Overlay, choose_chunk_level, peek_chunk
+from federation.migration.round_messages import V3Hde, V3Round, V3Status, transfer_id
 from mesh import wire
 from mesh.hde.codec import ChunkPlan, decode_chunk, encode_chunk
 from mesh.hde.events import EncodeChunk

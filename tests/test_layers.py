@@ -240,14 +240,7 @@ def still_breached(graph: ImportGraph, key: tuple[str, str, str]) -> bool:
 
 #: Breaches on main that other branches are removing (issue 13). When a fix merges, the
 #: breach's strict xfail below reports XPASS as a failure: drop its entry then.
-_WRITER = "issue 13 item 6: the demo's page writer leaves the VM backend (branch rounds/qemu)"
 KNOWN: dict[tuple[str, str, str], str] = {
-    ("demo-is-a-leaf", "federation.vms.image_backend", "federation.demo.guest_writer"): _WRITER,
-    ("no-sub-package-circles", "federation.vms", "federation.demo"): _WRITER,
-    ("no-sub-package-circles", "federation.api", "federation.node"):
-        "issue 13 item 3: the API reads a narrow status interface, not Node (branch rounds)",
-    ("no-sub-package-circles", "federation.dataplane", "federation.node"):
-        "issue 13 item 3: the data plane does not know Node (branch rounds)",
     ("no-sub-package-circles", "consensus.durable", "consensus.pbft"):
         "issue 13 item 4: the durable log and the replica's phases (branch pbft)",
     ("no-sub-package-circles", "consensus.evidence", "consensus.pbft"):

@@ -178,10 +178,10 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | s
                      max_leaves=8)
 
 
-@given(st.dictionaries(st.sampled_from(["vm", "to", "disks", "writer_rate"]), _json),
+@given(st.dictionaries(st.sampled_from(["vm", "to", "disks", "v3_percent"]), _json),
        st.sampled_from([str, list, float, int]))
 def test_field_checker_names_the_field(doc: dict[str, Any], kind: type) -> None:
-    for name in ("vm", "to", "disks", "writer_rate"):
+    for name in ("vm", "to", "disks", "v3_percent"):
         try:
             value = _field(doc, name, kind)
         except ApiError as exc:
@@ -203,7 +203,7 @@ class _RefusingNode:
         raise RuntimeError(f"the test node has no {name}")
 
     async def import_vm(self, *args: Any) -> Any:
-        from federation.node.assembly import NodeError
+        from federation.node.errors import NodeError
 
         raise NodeError("refused by the test node")
 

@@ -11,6 +11,7 @@ from federation.demo.guest_writer import expected_pages, mismatches
 from federation.vms.backend import VmState
 from tests.harness.node import (
     image_hashes,
+    import_with_writer,
     real_vm,
     running_nodes,
     wait_outcome,
@@ -48,7 +49,7 @@ def test_migrate_with_writer_then_restart_and_migrate_back(tmp_path: Path) -> No
     async def first_run() -> tuple[str, int]:
         async with running_nodes(cfg, data, NAMES) as nodes:
             dc1, dc3 = nodes["dc1"], nodes["dc3"]
-            info = await dc1.import_vm("vm1", memory, [disk], writer_rate=400, writer_seed=7)
+            info = await import_with_writer(dc1, "vm1", memory, [disk], rate=400, seed=7)
             assert info.state is VmState.RUNNING and info.epoch == 0
             await wait_writes(dc1, "vm1")  # dirty pages before the migration starts
             mid = await dc1.migrate("vm1", "dc3")
@@ -72,7 +73,7 @@ def test_migrate_with_writer_then_restart_and_migrate_back(tmp_path: Path) -> No
                     img.close()
             outcome = dc1.need_core().outcomes[mid]
             assert outcome.bytes_sent >= sum(p.stat().st_size for p in (memory, disk))
-            assert dc3.received_bytes[mid] == outcome.bytes_sent
+            assert dc3.rounds.counters.received[mid] == outcome.bytes_sent
             height = max(n.need_core().replica.last_exec for n in nodes.values())
             await _settle(nodes, height)
             _ledgers_agree(nodes, "vm1", "dc3", 1)

@@ -17,15 +17,14 @@ def test_v3_between_processes_then_kill_the_target_mid_round(tmp_path: Path) -> 
     memory = memory_image(tmp_path / "memory.img", 24 << 20)
     disk = ext4_image(tmp_path / "disk.img")
     logical = memory.stat().st_size + disk.stat().st_size
-    with node_processes(tmp_path) as nodes:
+    with node_processes(tmp_path, {"dc1": ["vm1=300:3", "vm2=300:3"]}) as nodes:
         dc1 = nodes.api("dc1")
         code, bad = dc1.call("POST", "/api/policy", {"v3_percent": 101})
         assert code == 409 and "v3_percent" in bad["error"]
         policy = dc1.ok("POST", "/api/policy", {"v3_percent": 100})
         assert policy["v3_percent"] == 100 and policy["kill_switch"] is False
         for vm in ("vm1", "vm2"):
-            dc1.ok("POST", "/api/vms", {"name": vm, "memory": str(memory), "disks": [str(disk)],
-                                        "writer_rate": 300.0, "writer_seed": 3})
+            dc1.ok("POST", "/api/vms", {"name": vm, "memory": str(memory), "disks": [str(disk)]})
 
         mid = dc1.ok("POST", "/api/migrations", {"vm": "vm1", "to": "dc3"})["id"]
         done = nodes.wait("vm1 committed", lambda: (

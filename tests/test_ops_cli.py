@@ -1,7 +1,10 @@
 """The operator's CLI against real ``dwcp node`` processes on loopback: import a VM of
 real data at dc1, migrate it to dc3 with its writer running, check the target's images
 against the source's at the fence and every ledger; kill -9 a node mid-migration and
-check the migration ends with one owner everywhere and that owner's image intact."""
+check the migration ends with one owner everywhere and that owner's image intact.
+
+The writer is a test tool, not an API field: dc1's node runs as the demo's writer node
+(:mod:`federation.demo.writer_node`), which gives the named VMs a page writer."""
 
 from __future__ import annotations
 
@@ -37,10 +40,9 @@ def dwcp(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 def test_import_migrate_status_through_the_cli(tmp_path: Path) -> None:
     memory = memory_image(tmp_path / "memory.img", 8 << 20)
     disk = ext4_image(tmp_path / "disk.img")
-    with node_processes(tmp_path) as nodes:
+    with node_processes(tmp_path, {"dc1": ["vm1=300"]}) as nodes:
         at = ("--config", str(nodes.cfg), "--name", "dc1")
-        r = dwcp("vm", "import", "vm1", "--memory", str(memory), "--disk", str(disk),
-                 "--writer-rate", "300", *at)
+        r = dwcp("vm", "import", "vm1", "--memory", str(memory), "--disk", str(disk), *at)
         assert r.returncode == 0, r.stderr
         assert r.stdout.startswith("imported vm1: ")
         r = dwcp("migrate", "vm1", "--to", "dc3", *at)
@@ -85,10 +87,9 @@ def _kill_mid_migration(tmp_path: Path, victim: str, rng: random.Random) -> str:
     """Returns the owner the ledgers agree on afterwards."""
     memory = memory_image(tmp_path / "memory.img", 48 << 20)
     disk = ext4_image(tmp_path / "disk.img")
-    with node_processes(tmp_path) as nodes:
+    with node_processes(tmp_path, {"dc1": ["vm1=300:3"]}) as nodes:
         dc1 = nodes.api("dc1")
-        dc1.ok("POST", "/api/vms", {"name": "vm1", "memory": str(memory), "disks": [str(disk)],
-                                    "writer_rate": 300.0, "writer_seed": 3})
+        dc1.ok("POST", "/api/vms", {"name": "vm1", "memory": str(memory), "disks": [str(disk)]})
         mid = dc1.ok("POST", "/api/migrations", {"vm": "vm1", "to": "dc3"})["id"]
         # a random moment of pre-copy: after some bytes, before the end
         total = (memory.stat().st_size + disk.stat().st_size)

@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consensus.ledger import SetPolicy
 from federation.dataplane.relay import DataRelay, RelayOpen, RelayRefused, open_relayed
-from federation.node.status import NodeCollector, status
+from federation.node.metrics import NodeCollector
+from federation.node.status import status
 from mesh import identity
 from mesh.channel import SecureChannel
 from mesh.links.routes import BULK, Route
@@ -205,8 +206,8 @@ def test_migration_follows_a_bulk_route_through_the_third_dc(tmp_path: Path) -> 
             mid = await migrate_checked(dc1, dc3, "vm1")
             out = dc1.need_core().outcomes[mid]
             assert dc2.v3.relay.relayed_bytes >= out.wire_bytes - out.rounds * 64 * 1024
-            assert dc1.v3.path_stats["relayed_streams"] >= 1
-            assert dc1.v3.path_stats["relay_fallbacks"] == 0
+            assert dc1.rounds.counters.relayed_streams >= 1
+            assert dc1.rounds.counters.relay_fallbacks == 0
             # the source's status says which DC carried the migration's streams
             mine = next(m for m in status(dc1)["migrations"] if m["id"] == mid)
             assert list(mine["streams"]) == ["dc2"] and mine["streams"]["dc2"] >= out.rounds
@@ -225,7 +226,7 @@ def test_migration_follows_a_bulk_route_through_the_third_dc(tmp_path: Path) -> 
             await wait_vm(dc4, "vm2", "running")
             assert image_hashes(dc4.backend.path("vm2")) == image_hashes(
                 dc1.backend.path("vm2"))
-            assert dc1.v3.path_stats["relay_fallbacks"] >= 1
+            assert dc1.rounds.counters.relay_fallbacks >= 1
             assert dc2.v3.relay.refused.get("busy", 0) >= 1
             # refused by the relay, every stream of this migration went direct
             streams = next(m for m in status(dc1)["migrations"] if m["id"] == mid2)["streams"]

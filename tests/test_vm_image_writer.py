@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from federation.demo.guest_backend import WriterSetting, WritingBackend
 from federation.demo.guest_writer import (
     HOT_FRACTION,
     RECORD_BYTES,
@@ -19,12 +20,11 @@ from federation.demo.guest_writer import (
     WritePlan,
     WriterLogError,
     expected_pages,
-    map_writable,
     mismatches,
     read_log,
 )
 from federation.vms.backend import VmError, VmState
-from federation.vms.image_backend import ImageBackend
+from federation.vms.image_backend import map_writable
 from mesh.hde.image import PAGE_SIZE
 from tests.harness.data import real_pages
 from tests.harness.waiting import poll_until
@@ -140,7 +140,7 @@ def test_log_replays_after_a_crash_between_log_and_image(tmp_path: Path) -> None
 def test_backend_writer_runs_until_the_fence(tmp_path: Path) -> None:
     mem = tmp_path / "mem.raw"
     mem.write_bytes(real_pages(256))
-    b = ImageBackend(tmp_path / "vms")
+    b = WritingBackend(tmp_path / "vms")
     b.import_vm("a", mem)
     with pytest.raises(VmError, match="positive"):
         b.attach_writer("a", seed=1, rate=0)
@@ -171,6 +171,30 @@ def test_backend_writer_runs_until_the_fence(tmp_path: Path) -> None:
     assert mismatches(b.open_images("a"), expected_pages(log)) == []
 
 
+def test_an_incoming_copy_forgets_the_old_copys_writer(tmp_path: Path) -> None:
+    """A VM that comes back reuses its retired copy in place: the old writer's log is set
+    aside (it describes content the migration replaces) and the writer is not resumed."""
+    mem = tmp_path / "mem.raw"
+    mem.write_bytes(real_pages(64))
+    b = WritingBackend(tmp_path / "vms")
+    b.import_vm("a", mem)
+    b.attach_writer("a", seed=3, rate=500)
+    b.start("a", 0)
+    b.fence("a", "m1")
+    b.retire("a", "m1")
+    assert (b.path("a") / "writer.log").exists()
+    writers = b.prepare_incoming("a", [("memory", 64)], "m/9")
+    for w in writers.values():
+        w.close()
+    assert (b.path("a") / "writer.log.before-m_9").exists()
+    assert not (b.path("a") / "writer.log").exists()
+    b.start("a", 2)
+    assert b.writer("a") is None
+    with pytest.raises(VmError, match="positive"):
+        WritingBackend(tmp_path / "other", {"a": WriterSetting(1, 0.0)})
+    b.close()
+
+
 def test_a_corrupt_log_line_is_named(tmp_path: Path) -> None:
     log = tmp_path / "writer.log"
     log.write_bytes(b'{"applied": 3}\n[1, 2]\n')
@@ -185,7 +209,7 @@ def test_a_dead_writer_does_not_block_the_fence(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     mem = tmp_path / "mem.raw"
     mem.write_bytes(real_pages(32))
-    b = ImageBackend(tmp_path / "vms")
+    b = WritingBackend(tmp_path / "vms")
     b.import_vm("a", mem)
 
     def full_disk(self: PageWriter, count: int) -> int:

@@ -20,10 +20,13 @@ import pytest
 import trio
 
 from federation import config
+from federation.api.http import serve_node
 from federation.cli.keys import init_federation
+from federation.demo.guest_backend import WritingBackend
 from federation.demo.processes import free_base_port
 from federation.demo.real_data import write_process_memory
 from federation.node.assembly import Node
+from federation.vms.backend import VmInfo
 from mesh import identity
 from mesh.runtime.log import JsonLog
 from tests.harness.waiting import wait_until
@@ -63,10 +66,24 @@ def image_hashes(vm_dir: Path) -> dict[str, str]:
 
 def build_node(cfg: Path, name: str, data_root: Path,
                transfer_versions: tuple[int, ...] = (1, 3)) -> Node:
+    """A node over the image backend with the demo's page writer available
+    (:func:`import_with_writer`)."""
     fed = config.load(cfg)
     ident = identity.load_key_file(cfg.parent / "keys" / f"{name}.key")
     return Node(fed, name, ident, data_root / name, log=JsonLog(name, io.StringIO()),
+                backend=WritingBackend(data_root / name / "vms"),
                 transfer_versions=transfer_versions)
+
+
+async def import_with_writer(node: Node, vm: str, memory: Path, disks: list[Path], *,
+                             rate: float, seed: int) -> VmInfo:
+    """Import ``vm`` at ``node`` as an operator does, then run the demo's page writer on it
+    (the writer is a test tool, not part of the node's API)."""
+    info = await node.import_vm(vm, memory, disks)
+    backend = node.backend
+    assert isinstance(backend, WritingBackend), "build_node gives nodes a WritingBackend"
+    await trio.to_thread.run_sync(backend.attach_writer, vm, seed, rate)
+    return info
 
 
 @asynccontextmanager
@@ -84,7 +101,7 @@ async def running_nodes(cfg: Path, data_root: Path,
     try:
         async with trio.open_nursery() as nursery:
             for node in nodes.values():
-                await nursery.start(node.run)
+                await nursery.start(serve_node, node)
             await wait_until(lambda: all(len(n.runtime.links) == len(names) - 1
                                          for n in nodes.values()), "every link up", 20)
             yield nodes

@@ -22,17 +22,23 @@ from tests.harness.waiting import poll_until
 NAMES = ("dc1", "dc2", "dc3", "dc4")
 #: ``dwcp`` without depending on the console script being on PATH.
 DWCP_MAIN = "import sys; from federation.cli.main import main; sys.exit(main())"
+#: A node with the demo's page writer on named VMs (:mod:`federation.demo.writer_node`).
+WRITER_NODE_MAIN = "import sys; from federation.demo.writer_node import main; sys.exit(main())"
 #: A node process answers over HTTP: looking every 0.1 s keeps the API calls few.
 NODE_LOOK_EVERY = 0.1
 
 
 class NodeProcesses:
-    """``dwcp node`` processes of the federation ``cfg``, each logging to ``logs/<dc>.log``."""
+    """``dwcp node`` processes of the federation ``cfg``, each logging to ``logs/<dc>.log``;
+    ``writers[dc]``: ``VM=RATE[:SEED]`` page writers of DC ``dc``'s VMs (the writer is a
+    test tool, not an API field: such a DC runs as the demo's writer node)."""
 
-    def __init__(self, cfg: Path, logs: Path) -> None:
+    def __init__(self, cfg: Path, logs: Path,
+                 writers: dict[str, list[str]] | None = None) -> None:
         self.cfg = cfg
         self.logs = logs
         self.fed = config.load(cfg)
+        self.writers = writers or {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def api(self, name: str) -> Api:
@@ -41,9 +47,12 @@ class NodeProcesses:
 
     def start(self, name: str) -> None:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-c", DWCP_MAIN, "node", "--config", str(self.cfg), "--name", name],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+        node = ["--config", str(self.cfg), "--name", name]
+        writers = [f"--writer={w}" for w in self.writers.get(name, [])]
+        argv = ([sys.executable, "-c", WRITER_NODE_MAIN, *node, *writers] if writers
+                else [sys.executable, "-c", DWCP_MAIN, "node", *node])
+        self.procs[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL, stderr=log)
         log.close()
 
     def wait(self, what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
@@ -100,12 +109,13 @@ class NodeProcesses:
 
 
 @contextmanager
-def node_processes(tmp_path: Path) -> Iterator[NodeProcesses]:
+def node_processes(tmp_path: Path, writers: dict[str, list[str]] | None = None,
+                   ) -> Iterator[NodeProcesses]:
     """A fresh four-DC federation in ``tmp_path``, every node a process, all ready."""
     cfg = make_federation(tmp_path / "fed")
     logs = tmp_path / "logs"
     logs.mkdir()
-    nodes = NodeProcesses(cfg, logs)
+    nodes = NodeProcesses(cfg, logs, writers)
     try:
         for name in NAMES:
             nodes.start(name)
