@@ -37,6 +37,7 @@ import enum
 import hashlib
 import math
 import re
+import secrets
 from collections.abc import Iterable
 
 import attrs
@@ -50,6 +51,7 @@ __all__ = [
     "Role",
     "parse_role",
     "Operator",
+    "OperatorKey",
     "OperatorTable",
     "RequestHead",
     "SignedRequest",
@@ -58,6 +60,7 @@ __all__ = [
     "SIGN_CONTEXT",
     "FRESHNESS_WINDOW",
     "NONCE_RE",
+    "new_nonce",
     "sign",
     "authorize",
     "open_request",
@@ -121,6 +124,14 @@ class Operator:
     name: str
     public_key: PublicKey
     role: Role
+
+
+@attrs.frozen
+class OperatorKey:
+    """An operator's signing key and the name the federation file gives it."""
+
+    name: str
+    identity: Identity
 
 
 @attrs.frozen
@@ -199,6 +210,12 @@ class Opened:
 
 
 # --------------------------------------------------------------------------- signing
+
+
+def new_nonce() -> str:
+    """A fresh request id: 128 random bits (RFC 9421 §7.2.2: a nonce the verifier has
+    not seen; at 2^-64 collision odds after 2^32 requests)."""
+    return secrets.token_hex(16)
 
 
 def body_digest(body: bytes) -> bytes:

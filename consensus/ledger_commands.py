@@ -61,14 +61,12 @@ MAX_REMEMBERED = 16_384
 @wire.message("operator.import-vm")
 class ImportVm:
     """Import the images at these paths (on ``dc``'s machine) as VM ``vm``, owned by
-    ``dc``; ``writer_rate``/``writer_seed`` attach the demo's guest writer."""
+    ``dc``."""
 
     vm: str = field(_VM)
     dc: str = field(_NAME)
     memory: str = field(_PATH)
     disks: tuple[str, ...] = field(ListOf(_PATH, 16), default=())
-    writer_rate: float = field(Float(), default=0.0)
-    writer_seed: int = field(U64(), default=0)
 
 
 @wire.message("operator.migrate-vm")

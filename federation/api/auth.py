@@ -28,7 +28,6 @@ import base64
 import binascii
 import heapq
 import os
-import secrets
 from pathlib import Path
 
 import attrs
@@ -37,10 +36,12 @@ from consensus.authz import (
     FRESHNESS_WINDOW,
     AuthError,
     Authorization,
+    OperatorKey,
     Role,
     body_digest,
     check_fresh,
     check_role,
+    new_nonce,
     open_request,
     sign,
 )
@@ -75,14 +76,6 @@ OPERATOR_KEY_PREFIX = "dwcp-operator-ed25519-secret:"
 REPLAY_CAPACITY = 65_536
 #: Base64 text of the largest SignedRequest (consensus.authz.MAX_SIGNED is 2 KiB).
 _MAX_HEADER = 4 * 2048 // 3 + 4
-
-
-@attrs.frozen
-class OperatorKey:
-    """An operator's signing key and the name the federation file gives it."""
-
-    name: str
-    identity: Identity
 
 
 @attrs.frozen
@@ -127,12 +120,6 @@ def load_operator_key(path: str | os.PathLike[str], fed: config.Federation) -> O
 
 
 # --------------------------------------------------------------------------- signing
-
-
-def new_nonce() -> str:
-    """A fresh request id: 128 random bits (RFC 9421 §7.2.2: a nonce the verifier has
-    not seen; at 2^-64 collision odds after 2^32 requests)."""
-    return secrets.token_hex(16)
 
 
 def sign_request(key: OperatorKey, fed: config.Federation | str, method: str, target: str,
