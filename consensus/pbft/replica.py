@@ -42,6 +42,7 @@ from collections.abc import Mapping
 
 import attrs
 
+from consensus.authz import OperatorTable
 from consensus.durable import ReplicaLog, SlotRecord
 from consensus.evidence import EvidenceBook
 from consensus.ledger import CLIENT_WINDOW, Ledger
@@ -78,6 +79,7 @@ from consensus.pbft.messages import (
     seal,
 )
 from consensus.pbft.quorum import Quorum, ValidViewChange
+from consensus.pbft.replica_status import ReplicaStatus
 from mesh import wire
 from mesh.core import (
     Action,
@@ -181,6 +183,7 @@ class Replica:
         log: ReplicaLog,
         rng: random.Random,
         config: PbftConfig | None = None,
+        operators: OperatorTable | None = None,
     ) -> None:
         self.name = name
         self.identity = identity
@@ -193,8 +196,10 @@ class Replica:
         self.verifier = Verifier(keys)
         self.evidence = EvidenceBook()
         self.client = LedgerClient(name, identity, self.q, self.cfg.client_timeout, log.store)
+        #: who may sign operator requests, for the ledger's checks (the federation file)
+        self.operators = operators
         self.genesis = Ledger(self.q.members).state_digest()
-        self.ledger = Ledger(self.q.members)
+        self.ledger = Ledger(self.q.members, operators)
         self.view = 0
         self.active = True
         self.low = 0  # h, the stable checkpoint
@@ -728,6 +733,15 @@ class Replica:
 
     def _status(self) -> Envelope:
         return self._sign(Status(self.view, self.active, self.last_exec, self.low))
+
+    def status_record(self) -> ReplicaStatus:
+        """What this replica reports to status pages and metrics (read-only)."""
+        return ReplicaStatus(
+            view=self.view, active=self.active, primary=self.primary,
+            last_executed=self.last_exec, stable_checkpoint=self.low,
+            members=self.q.members, f=self.q.f, evidence=self.evidence.summary(),
+            view_changes_started=self.metrics.get("view_changes_started", 0),
+            view_changes_completed=self.metrics.get("view_changes_completed", 0))
 
 def relay(env: Envelope) -> bytes:
     """A signed message without its attachment, as bytes to attach to another one."""

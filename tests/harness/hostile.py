@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,21 +16,11 @@ from mesh import identity
 from mesh.channel import SecureChannel
 from mesh.runtime.log import JsonLog
 from mesh.runtime.node_runtime import Peer, Runtime
+from tests.harness.runtime import free_ports
 
 #: Source addresses of an attacker on loopback (Linux routes all of 127.0.0.0/8 to lo),
 #: apart from 127.0.0.1 where the federation's own DCs dial from.
 ATTACKER_HOSTS = tuple(f"127.0.0.{i}" for i in range(2, 10))
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Federation:
