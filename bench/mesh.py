@@ -102,6 +102,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         elif name == "flaky-node":
             fig["hours_total"] = round(sum(_pool(rs, "hours")), 3)
             fig["suspicions_of_flaky"] = sum(_pool(rs, "suspicions_of_flaky"))
+        elif name == "byzantine-gossip":
+            fig["lies_sent"] = sum(_pool(rs, "lies_sent"))
+            fig["gossip_refused_total"] = sum(_pool(rs, "gossip_refused_total"))
         out[name] = fig
     return out
 

@@ -46,10 +46,17 @@ def run(args: argparse.Namespace) -> int:
 
 def _membership_build(names: list[str]) -> Callable[[SimNode], None]:
     from mesh.gossip.membership import Membership
+    from mesh.links.statements import Statements
+    from sim.hosts.pbft_cluster import identity_for
+
+    identities = {n: identity_for(n) for n in names}
+    keys = {n: i.public for n, i in identities.items()}
 
     def build(node: SimNode) -> None:
         peers = [n for n in names if n != node.name]
-        node.mount("membership", Membership(node.name, peers, node.rng("membership")),
+        statements = Statements(node.name, identities[node.name], keys)
+        node.mount("membership", Membership(node.name, peers, node.rng("membership"),
+                                            statements=statements),
                    accepts=("swim.",))
 
     return build

@@ -121,7 +121,7 @@ class SnapshotEncoder:
 
     def __init__(self, snapshot_cls: type, limits: tuple[int, int, int, int, int]) -> None:
         self._prefix = (
-            cbor_head(4, 3) + cbor2.dumps(wire.PROTOCOL_VERSION)
+            cbor_head(4, 3) + cbor2.dumps(wire.FRAME_VERSION)
             + cbor2.dumps(snapshot_cls.wire_tag)  # type: ignore[attr-defined]
             + cbor_head(4, 7)
         )

@@ -39,6 +39,7 @@ from typing import Any
 import attrs
 
 from consensus.authz import Operator, OperatorTable, Role, parse_role
+from mesh import versions as transfer_versions
 from mesh.identity import IdentityError, PublicKey, parse_public_key
 from mesh.links.modes import ModeLimits
 
@@ -79,7 +80,7 @@ class DCConfig:
 class Federation:
     id: str
     dcs: tuple[DCConfig, ...]
-    versions: tuple[int, ...] = (1, 3)
+    versions: tuple[int, ...] = transfer_versions.KNOWN
     modes: ModeThresholds = ModeThresholds()
     source: str = "<memory>"
     #: the people who may sign requests (consensus.authz); none: no state can change
@@ -105,7 +106,6 @@ class Federation:
 
 # --------------------------------------------------------------------------- parsing
 
-_SUPPORTED_VERSIONS = (1, 3)
 _TOP_KEYS = {"federation", "modes", "dc", "operators"}
 _FED_KEYS = {"id", "versions"}
 _DC_KEYS = {"name", "public_key", "control", "data", "api", "region"}
@@ -237,19 +237,19 @@ def loads(text: str, source: str = "<string>") -> Federation:
     fed_id = _str(source, "federation.id", fed["id"])
     if not _NAME_RE.match(fed_id):
         raise _fail(source, "federation.id", f"{fed_id!r} must be 1-63 of a-z, 0-9, '-'")
-    versions = fed.get("versions", list(_SUPPORTED_VERSIONS))
+    versions = fed.get("versions", list(transfer_versions.KNOWN))
     if (
         not isinstance(versions, list)
         or not versions
         or any(
-            not isinstance(v, int) or isinstance(v, bool) or v not in _SUPPORTED_VERSIONS
+            not isinstance(v, int) or isinstance(v, bool) or v not in transfer_versions.KNOWN
             for v in versions
         )
     ):
         raise _fail(
             source,
             "federation.versions",
-            f"expected a non-empty list from {list(_SUPPORTED_VERSIONS)}, got {versions!r}",
+            f"expected a non-empty list from {list(transfer_versions.KNOWN)}, got {versions!r}",
         )
     modes = _modes(source, _table(source, "modes", doc.get("modes", {})))
     raw_dcs = doc.get("dc")

@@ -24,6 +24,14 @@ After the handshake, every frame is one secretstream message; the last one a
 side sends carries ``TAG_FINAL``, so a stream cut short is told apart from a
 clean close. Any failure raises :class:`ChannelError` with a ``reason`` that
 the driver logs and counts, and the channel is dead from then on.
+
+Before authentication a peer is nobody, so every input of the handshake is checked
+before it is used: :attr:`SecureChannel.max_frame` is the largest frame the current
+state accepts (a Hello is at most 1 KiB), for the driver to check a frame's declared
+length before it reads or buffers a byte of it; an ephemeral X25519 key of small order
+(or all zeros) is refused by name (:func:`small_order`), since its shared secret is
+known to everyone; and any error of libsodium becomes a :class:`ChannelError`, never
+another exception.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import nacl.utils
 from nacl._sodium import ffi as _ffi
 from nacl._sodium import lib as _lib
 
+from mesh import versions as transfer_versions
 from mesh import wire
 from mesh.identity import Identity, PublicKey
 from mesh.wire import U64, Bytes, ListOf, Text, field
@@ -59,6 +68,7 @@ __all__ = [
     "frame",
     "MAX_PLAINTEXT",
     "FRAME_OVERHEAD",
+    "small_order",
 ]
 
 #: Largest plaintext of one data frame: a 4 MiB bulk chunk plus its header.
@@ -89,6 +99,7 @@ class ChannelError(Exception):
         "truncated",  # the stream ended without a final frame
         "closed",  # use after close
         "oversized",
+        "weak_key",  # an ephemeral key of small order: no secret would be shared
     )
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -145,7 +156,8 @@ class Finish:
 @attrs.frozen
 class HandshakeComplete:
     peer: str
-    version: int  # the highest transfer protocol version both ends offered
+    version: int  # the highest transfer version both ends offered (mesh.versions)
+    peer_versions: tuple[int, ...]  # the peer's whole offer, as it signed it
 
 
 @attrs.frozen
@@ -159,6 +171,29 @@ class Closed:
 
 
 ChannelEvent = HandshakeComplete | Data | Closed
+
+# --------------------------------------------------------------------------- small order
+
+_P25519 = 2**255 - 19
+#: The u-coordinates of the points of small order on Curve25519 and its twist (orders 1,
+#: 2, 4 and 8): libsodium's ``has_small_order`` blocklist (x25519_ref10.c), reduced mod p.
+#: X25519 with any of them gives an all-zero secret whatever our scalar (RFC 7748 §6.1).
+_SMALL_ORDER_U = frozenset({
+    0,
+    1,
+    _P25519 - 1,
+    325606250916557431795983626356110631294008115727848805560023387167927233504,
+    39382357235489614581723060781553021112529911719440698176882885853963445705823,
+})
+
+
+def small_order(key: bytes) -> bool:
+    """True when the X25519 public key ``key`` is a point of small order (all zeros
+    included) in any of its encodings: the top bit is ignored and u is taken mod p, as
+    X25519 itself does (RFC 7748 §5)."""
+    u = int.from_bytes(key, "little") & ((1 << 255) - 1)
+    return u % _P25519 in _SMALL_ORDER_U
+
 
 # --------------------------------------------------------------------------- framing
 
@@ -196,6 +231,14 @@ class FrameReader:
 # --------------------------------------------------------------------------- the core
 
 _START, _SENT_HELLO, _SENT_WELCOME, _OPEN, _DEAD = range(5)
+#: Per state, the largest frame the next expected message may have (its wire limit).
+_FRAME_LIMITS = {
+    _START: Hello.wire_max_size,  # type: ignore[attr-defined]
+    _SENT_HELLO: Welcome.wire_max_size,  # type: ignore[attr-defined]
+    _SENT_WELCOME: Finish.wire_max_size,  # type: ignore[attr-defined]
+    _OPEN: MAX_PLAINTEXT + _ABYTES,
+    _DEAD: 0,
+}
 
 
 class SecureChannel:
@@ -225,10 +268,13 @@ class SecureChannel:
         self.name = name
         self.federation = federation
         self.peers = dict(peers)
-        self.versions = tuple(sorted(set(versions)))
+        self.versions = transfer_versions.offer(versions, who="our transfer versions")
         self.initiator = initiator
         self.peer = peer
+        #: the highest transfer version both offer, and the peer's whole offer (set by
+        #: the handshake)
         self.version: int | None = None
+        self.peer_versions: tuple[int, ...] = ()
         self._random = random_bytes
         self._state = _START
         self._out: list[bytes] = []
@@ -257,6 +303,14 @@ class SecureChannel:
     def is_open(self) -> bool:
         return self._state == _OPEN
 
+    @property
+    def max_frame(self) -> int:
+        """The largest frame this end accepts next: the size limit of the handshake
+        message it waits for (a responder's first frame is a Hello of at most 1 KiB), a
+        data frame once open, 0 on a dead channel. A driver checks a frame's declared
+        length against it before reading or buffering the frame."""
+        return _FRAME_LIMITS[self._state]
+
     def frames_to_send(self) -> list[bytes]:
         out, self._out = self._out, []
         return out
@@ -265,6 +319,9 @@ class SecureChannel:
         """Process one frame from the peer. Raises :class:`ChannelError` on any fault,
         after which the channel is dead."""
         try:
+            limit = self.max_frame
+            if len(data) > limit:
+                raise ChannelError("oversized", f"frame of {len(data)} bytes, at most {limit} here")
             return self._receive(data)
         except ChannelError:
             self._die()
@@ -272,6 +329,9 @@ class SecureChannel:
         except wire.WireError as exc:
             self._die()
             raise ChannelError("malformed", str(exc)) from exc
+        except nacl.exceptions.CryptoError as exc:  # every libsodium call is wrapped; a guard
+            self._die()
+            raise ChannelError("malformed", f"libsodium refused: {exc}") from exc
 
     def send(self, payload: bytes | bytearray | memoryview) -> bytes:
         """Encrypt ``payload`` into one frame (returned, not queued: bulk callers write it
@@ -353,13 +413,35 @@ class SecureChannel:
             )
         return key
 
-    def _common_version(self, offered: Sequence[int]) -> int:
-        common = set(self.versions) & set(offered)
-        if not common:
-            raise ChannelError(
-                "version_mismatch", f"we offer {list(self.versions)}, peer offers {list(offered)}"
+    def _agree_versions(self, offered: Sequence[int]) -> None:
+        """Keep the peer's offer and the highest version common to both."""
+        try:
+            self.peer_versions = transfer_versions.offer(offered, who="the peer's offer")
+            self.version = transfer_versions.highest_common(self.versions, self.peer_versions)
+        except transfer_versions.VersionError as exc:
+            raise ChannelError("version_mismatch", str(exc)) from None
+
+    def _session_keys(self, peer_ephemeral: bytes) -> None:
+        """Derive both session keys from the peer's ephemeral key (initiator: kx client)."""
+        if small_order(peer_ephemeral):
+            raise ChannelError("weak_key", "the peer's ephemeral X25519 key has small order")
+        derive = (
+            sodium.crypto_kx_client_session_keys
+            if self.initiator
+            else sodium.crypto_kx_server_session_keys
+        )
+        try:
+            self._rx_key, self._tx_key = derive(self._eph_pk, self._eph_sk, peer_ephemeral)
+        except nacl.exceptions.CryptoError as exc:  # libsodium's own refusal of the key
+            raise ChannelError("weak_key", f"key exchange refused: {exc}") from exc
+
+    def _init_push(self) -> bytes:
+        try:
+            return sodium.crypto_secretstream_xchacha20poly1305_init_push(
+                self._push, self._tx_key
             )
-        return max(common)
+        except nacl.exceptions.CryptoError as exc:
+            raise ChannelError("weak_key", f"cannot start the stream: {exc}") from exc
 
     def _check_federation(self, federation: str) -> None:
         if federation != self.federation:
@@ -387,14 +469,11 @@ class SecureChannel:
                 "unknown_peer", f"hello is addressed to {hello.responder!r}, we are {self.name!r}"
             )
         self._peer_key(hello.initiator)
-        self.version = self._common_version(hello.versions)
+        self._agree_versions(hello.versions)
+        self._session_keys(hello.ephemeral)
         self.peer = hello.initiator
         self._hello_raw = data
-        # Responder is the kx server.
-        self._rx_key, self._tx_key = sodium.crypto_kx_server_session_keys(
-            self._eph_pk, self._eph_sk, hello.ephemeral
-        )
-        header = sodium.crypto_secretstream_xchacha20poly1305_init_push(self._push, self._tx_key)
+        header = self._init_push()
         body = WelcomeBody(
             self.federation,
             self.name,
@@ -425,12 +504,10 @@ class SecureChannel:
         key = self._peer_key(body.responder)
         if not key.verify(_RESPONDER_CONTEXT + self._hello_raw + welcome.body, welcome.signature):
             raise ChannelError("bad_signature", f"{body.responder!r} did not sign this handshake")
-        self.version = self._common_version(body.versions)
-        self._rx_key, self._tx_key = sodium.crypto_kx_client_session_keys(
-            self._eph_pk, self._eph_sk, body.ephemeral
-        )
+        self._agree_versions(body.versions)
+        self._session_keys(body.ephemeral)
         self._init_pull(body.stream_header)
-        header = sodium.crypto_secretstream_xchacha20poly1305_init_push(self._push, self._tx_key)
+        header = self._init_push()
         finish_body = wire.encode(FinishBody(header))
         signature = self.identity.sign(
             _INITIATOR_CONTEXT + self._hello_raw + welcome.body + finish_body
@@ -438,7 +515,7 @@ class SecureChannel:
         self._out.append(wire.encode(Finish(finish_body, signature)))
         self._opened()
         assert self.peer is not None and self.version is not None
-        return [HandshakeComplete(self.peer, self.version)]
+        return [HandshakeComplete(self.peer, self.version, self.peer_versions)]
 
     def _on_finish(self, data: bytes) -> list[ChannelEvent]:
         finish = wire.decode(data, expect=(Finish,))
@@ -451,7 +528,7 @@ class SecureChannel:
         self._init_pull(body.stream_header)
         self._opened()
         assert self.version is not None
-        return [HandshakeComplete(self.peer, self.version)]
+        return [HandshakeComplete(self.peer, self.version, self.peer_versions)]
 
     def _init_pull(self, header: bytes) -> None:
         try:
@@ -464,7 +541,9 @@ class SecureChannel:
         self._eph_sk = b""  # forward secrecy: the ephemeral secret is not kept
 
     def _receive_data(self, data: bytes) -> list[ChannelEvent]:
-        out = bytearray(max(0, len(data) - _ABYTES))
+        if len(data) < _ABYTES:  # a longer frame was refused by receive_frame
+            raise ChannelError("tampered", f"data frame of {len(data)} bytes")
+        out = bytearray(len(data) - _ABYTES)
         got = self._open_into(data, out)
         if isinstance(got, Closed):
             return [got]

@@ -49,7 +49,7 @@ class PublicKey:
             return False
         try:
             nacl.signing.VerifyKey(self.raw).verify(data, signature)
-        except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError):
+        except (nacl.exceptions.CryptoError, ValueError):  # BadSignatureError and the rest
             return False
         return True
 

@@ -7,7 +7,7 @@ that says how the value is encoded and what a decoder accepts.
 
 A frame is the canonical CBOR (RFC 8949 §4.2.1, via cbor2) of the array::
 
-    [protocol_version, tag, [field_1, field_2, ...]]
+    [frame_version, tag, [field_1, field_2, ...]]
 
 Decoding is strict. Before cbor2 sees a byte, :func:`_prescan` walks the CBOR
 item headers and refuses tags, indefinite lengths, unknown simple values,
@@ -37,14 +37,16 @@ import attrs
 import cbor2
 
 __all__ = [
-    "PROTOCOL_VERSION",
-    "SUPPORTED_VERSIONS",
+    "FRAME_VERSION",
+    "FRAME_VERSIONS_READ",
     "WireError",
     "message",
     "struct_type",
     "field",
     "encode",
     "decode",
+    "encode_struct",
+    "decode_struct",
     "peek_tag",
     "struct_fields",
     "registry",
@@ -61,10 +63,11 @@ __all__ = [
     "MapOf",
 ]
 
-#: The frame format version this code writes. Channels negotiate the
-#: *transfer* protocol (v1 baseline, v3 HDE+AMST) separately in the handshake.
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+#: The frame format version this code writes, and the ones it reads. This is the
+#: layout of a frame only; how VM state moves (the *transfer* versions, v1 baseline and
+#: v3 HDE+AMST) is offered in the channel handshake (:mod:`mesh.versions`).
+FRAME_VERSION = 1
+FRAME_VERSIONS_READ = (1,)
 
 #: Nesting beyond this is refused. Our deepest message (a PBFT NEW-VIEW with
 #: VIEW-CHANGEs holding prepared certificates) nests 7 levels; 32 leaves room
@@ -487,7 +490,7 @@ def struct_fields(obj: Any) -> list[Any]:
     return _fields_list(obj, type(obj).__name__)
 
 
-def encode(msg: Any, version: int = PROTOCOL_VERSION) -> bytes:
+def encode(msg: Any, version: int = FRAME_VERSION) -> bytes:
     """The canonical frame of a registered message."""
     tag = tag_of(msg)
     body = [version, tag, _fields_list(msg, tag)]
@@ -497,21 +500,34 @@ def encode(msg: Any, version: int = PROTOCOL_VERSION) -> bytes:
     return data
 
 
-def decode(data: bytes | bytearray | memoryview, expect: Sequence[type] | None = None) -> Any:
-    """Decode one frame, or raise :class:`WireError` saying what is wrong."""
-    data = bytes(data)
+def _load(data: bytes) -> tuple[Any, bool]:
+    """One CBOR item of ``data``, prescanned; and whether its canonical form must be
+    checked by re-encoding (it holds a map or a float)."""
     if len(data) > ABSOLUTE_MAX_SIZE:
         raise WireError(f"frame of {len(data)} bytes exceeds {ABSOLUTE_MAX_SIZE}")
     recheck = _prescan(data)
     try:
-        obj = cbor2.loads(data)
+        return cbor2.loads(data), recheck
     except Exception as exc:  # the prescan should make this unreachable; never leak it
         raise WireError(f"malformed CBOR: {exc}") from exc
+
+
+def _fields_of_frame(cls: type, fields: Any, path: str) -> Any:
+    try:
+        return _class_decoder(cls)(fields)
+    except (_Decline, WireError, TypeError, ValueError):
+        return _decode_fields(cls, fields, path)  # raises the WireError that names the field
+
+
+def decode(data: bytes | bytearray | memoryview, expect: Sequence[type] | None = None) -> Any:
+    """Decode one frame, or raise :class:`WireError` saying what is wrong."""
+    data = bytes(data)
+    obj, recheck = _load(data)
     if type(obj) is not list or len(obj) != 3:
         raise WireError("a frame is the array [version, tag, fields]")
     version, tag, fields = obj
-    if type(version) is not int or version not in SUPPORTED_VERSIONS:
-        raise WireError(f"unsupported protocol version {_short(version)}")
+    if type(version) is not int or version not in FRAME_VERSIONS_READ:
+        raise WireError(f"unsupported frame version {_short(version)}")
     if type(tag) is not str:
         raise WireError(f"message tag must be text, got {_short(tag)}")
     cls = registry.get(tag)
@@ -521,10 +537,7 @@ def decode(data: bytes | bytearray | memoryview, expect: Sequence[type] | None =
         raise WireError(f"unexpected message type {tag!r} here")
     if len(data) > cls.wire_max_size:  # type: ignore[attr-defined]
         raise WireError(f"{tag}: frame of {len(data)} bytes exceeds {cls.wire_max_size}")  # type: ignore[attr-defined]
-    try:
-        msg = _class_decoder(cls)(fields)
-    except (_Decline, WireError, TypeError, ValueError):
-        msg = _decode_fields(cls, fields, tag)  # raises the WireError that names the field
+    msg = _fields_of_frame(cls, fields, tag)
     # One value, one encoding: a frame in any other form is refused, so
     # encode(decode(raw)) == raw. The prescan refused non-minimal heads and
     # indefinite lengths; what is left to compare is map key order and float width.
@@ -533,10 +546,29 @@ def decode(data: bytes | bytearray | memoryview, expect: Sequence[type] | None =
     return msg
 
 
+def encode_struct(obj: Any) -> bytes:
+    """The canonical CBOR of a struct's field list alone (no version, no tag): the body of
+    something signed whose kind the signature's context names (e.g. a gossip statement)."""
+    return cbor2.dumps(struct_fields(obj), canonical=True)
+
+
+def decode_struct(data: bytes | bytearray | memoryview, cls: type, max_size: int) -> Any:
+    """The struct ``cls`` from :func:`encode_struct`'s bytes, checked as strictly as a frame
+    (at most ``max_size`` bytes, canonical, every field of its kind); else WireError."""
+    data = bytes(data)
+    if len(data) > max_size:
+        raise WireError(f"{cls.__name__}: {len(data)} bytes exceeds {max_size}")
+    fields, recheck = _load(data)
+    obj = _fields_of_frame(cls, fields, cls.__name__)
+    if recheck and encode_struct(obj) != data:
+        raise WireError(f"{cls.__name__}: not in canonical CBOR form (RFC 8949 §4.2)")
+    return obj
+
+
 def peek_tag(data: bytes) -> str | None:
     """The type tag of a frame, read from its first bytes without decoding it; None if
     they do not start a frame of our version. A hint only: :func:`decode` decides."""
-    if len(data) < 3 or data[0] != 0x83 or data[1] != PROTOCOL_VERSION:
+    if len(data) < 3 or data[0] != 0x83 or data[1] != FRAME_VERSION:
         return None
     head = data[2]
     if head >> 5 != 3:

@@ -22,7 +22,7 @@ from tests.harness.channels import KEYS, PEERS, handshake, open_pair, pair
 def test_handshake_opens_both_ways_with_the_highest_common_version() -> None:
     a, b = pair(versions_a=(1, 3), versions_b=(1, 3))
     ea, eb = handshake(a, b)
-    assert ea == [HandshakeComplete("b", 3)] and eb == [HandshakeComplete("a", 3)]
+    assert ea == [HandshakeComplete("b", 3, (1, 3))] and eb == [HandshakeComplete("a", 3, (1, 3))]
     for payload in (b"", b"x", bytes(range(256)) * 100):
         assert b.receive_frame(a.send(payload)) == [Data(payload)]
         assert a.receive_frame(b.send(payload)) == [Data(payload)]
@@ -32,8 +32,14 @@ def test_handshake_opens_both_ways_with_the_highest_common_version() -> None:
 
 def test_version_negotiation() -> None:
     a, b = pair(versions_a=(1,), versions_b=(1, 3))
+    ea, eb = handshake(a, b)
+    # each end keeps the other's whole offer, not only the version they agreed on
+    assert ea == [HandshakeComplete("b", 1, (1, 3))] and eb == [HandshakeComplete("a", 1, (1,))]
+    assert a.peer_versions == (1, 3) and b.peer_versions == (1,)
+    # a version neither end knows is kept in the offer and never chosen
+    a, b = pair(versions_a=(1, 3, 200), versions_b=(1, 3, 200))
     ea, _ = handshake(a, b)
-    assert ea == [HandshakeComplete("b", 1)]
+    assert ea == [HandshakeComplete("b", 3, (1, 3, 200))]
     a, b = pair(versions_a=(3,), versions_b=(1,))
     with pytest.raises(ChannelError) as err:
         handshake(a, b)

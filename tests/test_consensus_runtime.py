@@ -160,7 +160,7 @@ def test_sqlite_put_many_is_one_transaction_in_order(tmp_path: Path) -> None:
 
 
 def _link() -> Link:
-    return Link(link_id=1, ws=None, channel=None, peer="p", version=1,  # type: ignore[arg-type]
+    return Link(link_id=1, ws=None, channel=None, peer="p",  # type: ignore[arg-type]
                 initiator="me", peer_incarnation=b"\0" * 16)
 
 

@@ -84,3 +84,82 @@ def test_least_sent_first_then_newest_and_spent_items_leave() -> None:
     assert len(q) == 1  # b was sent twice: gone
     assert [u.name for u in q.take(2, 2)[0]] == ["a"]
     assert len(q) == 0 and q.take(2, 2) == ([], [])
+
+
+class HoldersModel(ModelQueue):
+    """The plain model with the holder rule for link entries: a link item is not taken
+    for a peer known to hold it; the peer it goes to holds it; an item every peer holds
+    leaves the queue."""
+
+    def __init__(self, everyone: int) -> None:
+        super().__init__()
+        self.everyone = everyone
+        self.holders: dict[Hashable, set[str]] = {}
+
+    def put(self, key: Hashable, item: Any, prio: bool, holder: str | None = None) -> None:
+        super().put(key, item, prio)
+        self.holders.pop(key, None)
+        if holder is not None and not isinstance(item, MemberUpdate):
+            self.holders[key] = {holder}
+
+    def held_by(self, key: Hashable, item: Any, holder: str) -> None:
+        slot = self.items.get(key)
+        if slot is None or slot[0] != item or isinstance(item, MemberUpdate):
+            return
+        self.holders.setdefault(key, set()).add(holder)
+        if len(self.holders[key]) >= self.everyone:
+            del self.items[key]
+            del self.holders[key]
+
+    def take_to(self, max_each: int, limit: int, to: str) -> tuple[list[Any], list[Any]]:
+        order = sorted(self.items.items(), key=lambda kv: (kv[1][1], -kv[1][2]))
+        members: list[Any] = []
+        links: list[Any] = []
+        for key, slot in order:
+            is_member = isinstance(slot[0], MemberUpdate)
+            bucket = members if is_member else links
+            if len(bucket) >= max_each or (not is_member and to in self.holders.get(key, ())):
+                continue
+            bucket.append(slot[0])
+            slot[1] = max(slot[1], 0) + 1
+            done = slot[1] >= limit
+            if not is_member:
+                self.holders.setdefault(key, set()).add(to)
+                done = done or len(self.holders[key]) >= self.everyone
+            if done:
+                del self.items[key]
+                self.holders.pop(key, None)
+        return members, links
+
+
+PEER_NAMES = ["p", "q", "r"]
+put_from = st.tuples(st.just("put"), st.booleans(), st.sampled_from(NAMES), st.sampled_from(NAMES),
+                     st.booleans(), st.none() | st.sampled_from(PEER_NAMES))
+take_to = st.tuples(st.just("take"), st.integers(0, 4), st.integers(1, 5),
+                    st.sampled_from(PEER_NAMES))
+held = st.tuples(st.just("held"), st.sampled_from(NAMES), st.sampled_from(NAMES),
+                 st.sampled_from(PEER_NAMES))
+
+
+@given(st.lists(st.one_of(put_from, take_to, held), max_size=120))
+def test_holders_rule_matches_the_model(ops: list) -> None:
+    queue, model = TransmitQueue(), HoldersModel(len(PEER_NAMES))
+    version = 0
+    for op in ops:
+        if op[0] == "put":
+            _, is_member, x, y, prio, holder = op
+            version += 1
+            key: Any = ("m", x) if is_member else ("l", x, y)
+            item: Any = _member(x, version) if is_member else _link(x, y, version)
+            queue.put(key, item, prio=prio, holder=holder)
+            model.put(key, item, prio, holder)
+        elif op[0] == "take":
+            _, each, limit, to = op
+            assert queue.take(each, limit, to, len(PEER_NAMES)) == model.take_to(each, limit, to)
+        else:
+            _, x, y, holder = op
+            slot = model.items.get(("l", x, y))
+            if slot is not None:
+                queue.held_by(("l", x, y), slot[0], holder, len(PEER_NAMES))
+                model.held_by(("l", x, y), slot[0], holder)
+        assert len(queue) == len(model.items)

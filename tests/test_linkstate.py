@@ -12,6 +12,7 @@ from mesh.core import Notify, Persist, Send
 from mesh.links.control_msgs import BandwidthProbe, BandwidthReport, LinkEntry, LinkPing
 from mesh.links.estimates import LinkConfig, LinkProber, LinkTable
 from sim.store import SimStore
+from tests.harness.gossip import said_link, statements_for
 
 CFG = LinkConfig()
 PERIOD = CFG.ping_interval
@@ -20,9 +21,19 @@ PERIOD = CFG.ping_interval
 def prober(me: str = "a", peers: tuple[str, ...] = ("b", "c"), store: SimStore | None = None
            ) -> LinkProber:
     names = [me, *peers]
-    p = LinkProber(me, list(peers), random.Random(3), LinkTable(me, names), store=store)
+    p = LinkProber(me, list(peers), random.Random(3), table(me, names), store=store)
     p.start(0.0)
     return p
+
+
+def table(me: str, names: list[str]) -> LinkTable:
+    return LinkTable(me, names, statements_for(me, names))
+
+
+def merged(t: LinkTable, batch: list[LinkEntry], peer: str = "b") -> list[LinkEntry]:
+    """Pass ``batch``, each entry signed by its origin, to ``t`` from ``peer``; the
+    entries adopted."""
+    return [e for e, _ in t.merge(0.0, t.open(0.0, peer, [said_link(e) for e in batch]))]
 
 
 def ping(seq: int, sent_at: float, echo: int | None = None, hold: float = 0.0,
@@ -161,37 +172,37 @@ def entry(origin: str, peer: str, version: int, loss: float = 0.0, rtt: float = 
 
 
 def test_table_merges_by_version_and_reads_links_from_both_ends() -> None:
-    t = LinkTable("a", ["a", "b", "c"])
-    assert t.merge(0.0, [entry("b", "c", 2), entry("b", "c", 1)]) == [entry("b", "c", 2)]
-    assert t.merge(0.0, [entry("b", "c", 2)]) == []
+    t = table("a", ["a", "b", "c"])
+    assert merged(t, [entry("b", "c", 2), entry("b", "c", 1)]) == [entry("b", "c", 2)]
+    assert merged(t, [entry("b", "c", 2)]) == []
     assert t.view("b", "c") is None  # b -> c needs c's report (the receiver's)
     v = t.view("c", "b")  # b reported what it receives from c
     assert v is not None and v.rtt_ms == 50.0 and v.bw_mbps is None
-    t.merge(0.0, [entry("c", "b", 1, rtt=60.0, bw=900.0)])
+    merged(t, [entry("c", "b", 1, rtt=60.0, bw=900.0)])
     v = t.view("c", "b")
     assert v is not None and v.rtt_ms == 60.0 and v.bw_mbps == 900.0  # sender's RTT and bw
     assert t.view("b", "c") is not None
-    t.merge(0.0, [entry("b", "c", 3, loss=0.2, down=True)])
+    merged(t, [entry("b", "c", 3, loss=0.2, down=True)])
     v = t.view("c", "b")
     assert v is not None and v.down and v.loss == 0.2
 
 
 def test_table_refuses_bad_entries_and_our_own_from_others() -> None:
-    t = LinkTable("a", ["a", "b", "c"])
+    t = table("a", ["a", "b", "c"])
     bad = [entry("b", "zz", 1), entry("b", "b", 1), entry("b", "c", 1, loss=1.5),
            entry("b", "c", 1, rtt=-1.0), entry("a", "b", 9)]
-    assert t.merge(0.0, bad) == []
+    assert merged(t, bad) == []
     assert t.refused == 4 and t.entries == {}
 
 
 def test_digest_exchange_finds_what_the_other_lacks() -> None:
-    x, y = LinkTable("a", ["a", "b", "c"]), LinkTable("c", ["a", "b", "c"])
-    x.merge(0.0, [entry("b", "a", 3), entry("b", "c", 1)])
-    y.merge(0.0, [entry("b", "a", 1)])
+    x, y = table("a", ["a", "b", "c"]), table("c", ["a", "b", "c"])
+    merged(x, [entry("b", "a", 3), entry("b", "c", 1)])
+    merged(y, [entry("b", "a", 1)])
     missing = x.entries_newer_than(y.digest())
-    assert missing == [entry("b", "a", 3), entry("b", "c", 1)]
+    assert missing == [said_link(entry("b", "a", 3)), said_link(entry("b", "c", 1))]
     assert y.entries_newer_than(x.digest()) == []
-    y.merge(0.0, missing)
+    y.merge(0.0, y.open(0.0, "a", missing))  # passed on as b signed them
     assert x.digest() == y.digest()
 
 
@@ -205,11 +216,11 @@ def test_merge_is_order_independent(batch: list[LinkEntry], rnd: random.Random) 
     # Entries with equal key and version carry equal contents (one origin wrote them).
     canon = {(e.origin, e.peer, e.version): e for e in batch}
     batch = [canon[(e.origin, e.peer, e.version)] for e in batch]
-    one, two = LinkTable("z", ["a", "b", "c"]), LinkTable("z", ["a", "b", "c"])
-    one.merge(0.0, batch)
+    one, two = table("z", ["a", "b", "c"]), table("z", ["a", "b", "c"])
+    merged(one, batch)
     shuffled = list(batch)
     rnd.shuffle(shuffled)
     for e in shuffled:
-        two.merge(0.0, [e])
+        merged(two, [e])
     assert one.entries == two.entries
     assert one.digest() == two.digest()

@@ -12,6 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from mesh.links.control_msgs import LinkPing
 from mesh.links.estimates import LinkConfig, LinkProber, LinkTable
+from tests.harness.gossip import statements_for
 
 CFG = LinkConfig()
 
@@ -20,7 +21,8 @@ class Prober(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.now = 0.0
-        self.p = LinkProber("a", ["b"], random.Random(5), LinkTable("a", ["a", "b"]))
+        table = LinkTable("a", ["a", "b"], statements_for("a", "ab"))
+        self.p = LinkProber("a", ["b"], random.Random(5), table)
         self.p.start(0.0)
         self.session = 1
         self.seq = 0
@@ -28,7 +30,7 @@ class Prober(RuleBasedStateMachine):
         self.last_arrival = 0.0
 
     def _collect(self) -> None:
-        self.versions += [e.version for e in self.p.published]
+        self.versions += [e.version for e, _ in self.p.published]
         self.p.published = []
 
     @rule(gap=st.floats(0.0, 3 * CFG.ping_interval), skip=st.integers(0, 4))

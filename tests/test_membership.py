@@ -9,14 +9,16 @@ import pytest
 from mesh import wire
 from mesh.core import CancelTimer, Notify, Received, Send, SetTimer, TimerFired
 from mesh.gossip.membership import Membership, MembershipError, State, SwimConfig
-from mesh.links.control_msgs import Ack, Gossip, MemberUpdate, Nack, Ping, PingReq, Sync
+from mesh.links.control_msgs import Ack, Gossip, MemberUpdate, Nack, Ping, PingReq, Signed, Sync
+from tests.harness.gossip import member_of, said, said_link, statements_for
 
 PEERS = ["b", "c", "d", "e"]
 
 
 def make(me: str = "a", peers: list[str] | None = None, **kw: object) -> Membership:
     names = peers if peers is not None else PEERS
-    return Membership(me, names, random.Random(1), **kw)  # type: ignore[arg-type]
+    return Membership(me, names, random.Random(1), statements=statements_for(me, names),
+                      **kw)  # type: ignore[arg-type]
 
 
 def sends(actions: list, cls: type | None = None) -> list[Send]:
@@ -32,8 +34,9 @@ def notes(actions: list, kind: str) -> list:
     return [a.detail for a in actions if isinstance(a, Notify) and a.kind == kind]
 
 
-def upd(name: str, inc: int, state: State, source: str) -> MemberUpdate:
-    return MemberUpdate(name, inc, int(state), source)
+def upd(name: str, inc: int, state: State, source: str) -> Signed:
+    """The update, signed by ``source`` (its speaker)."""
+    return said(MemberUpdate(name, inc, int(state), source))
 
 
 def probe_once(m: Membership, now: float = 10.0) -> tuple[int, str, list]:
@@ -143,8 +146,18 @@ def test_ack_from_the_suspect_itself_refutes() -> None:
     (ping,) = sends(out, Ping)
     assert ping.peer == "c"  # suspects are probed first
     assert ping.message.members[0] == upd("c", 0, State.SUSPECT, "a")  # buddy system
-    m.handle(2.1, Received("c", Ack(ping.message.seq, "c", 1, (), ())))
+    # the refutation rides first on the suspect's ack
+    refute = upd("c", 1, State.ALIVE, "c")
+    m.handle(2.1, Received("c", Ack(ping.message.seq, "c", 1, (refute,), ())))
     assert m.state_of("c") == State.ALIVE and m.members["c"].incarnation == 1
+
+
+def test_an_ack_with_a_bare_higher_incarnation_asks_for_the_signed_state() -> None:
+    m = make()
+    seq, target, _ = probe_once(m, 1.0)
+    out = m.handle(1.1, Received(target, Ack(seq, target, 7, (), ())))
+    assert m.members[target].incarnation == 0  # an unsigned number changes nothing...
+    assert [s.peer for s in sends(out, Sync)] == [target]  # ...but asks the member
 
 
 def test_dead_is_final_until_a_higher_incarnation() -> None:
@@ -202,11 +215,14 @@ def test_sync_softens_remote_deaths_and_heeds_direct_evidence() -> None:
 
 def test_sync_reply_and_reconnect_to_dead_member() -> None:
     m = make()
-    out = m.handle(1.0, Received("b", Sync(True, (), (), ())))
+    heard = tuple(upd(p, 1, State.ALIVE, p) for p in PEERS)
+    out = m.handle(1.0, Received("b", Sync(True, heard, (), ())))
     (reply,) = sends(out, Sync)
     assert reply.peer == "b" and not reply.message.reply
-    assert {u.name for u in reply.message.members} == {"a", *PEERS}
-    m.handle(2.0, Received("c", Gossip((upd("d", 0, State.DEAD, "c"),), ())))
+    # each member's own statement, passed on as it signed it
+    assert {member_of(u).name for u in reply.message.members} == {"a", *PEERS}
+    assert set(heard) <= set(reply.message.members)
+    m.handle(2.0, Received("c", Gossip((upd("d", 1, State.DEAD, "c"),), ())))
     out = m.note_heard(3.0, "d")
     assert [s.peer for s in sends(out, Sync)] == ["d"]
     assert m.note_heard(4.0, "d") == []  # at most once per reconnect_interval
@@ -220,7 +236,7 @@ def test_transmit_limit_bounds_retransmissions() -> None:
     seen = 0
     for _ in range(limit + 3):
         members, _ = m.queue.take(16, limit)
-        seen += sum(1 for u in members if u.name == "c")
+        seen += sum(1 for u in members if member_of(u).name == "c")
     assert seen == limit
 
 
@@ -228,30 +244,28 @@ def test_bad_input_is_refused_with_the_peer_named() -> None:
     m = make()
     out = m.handle(1.0, Received("zz", Gossip((), ())))
     assert notes(out, "swim-refused")[0]["peer"] == "zz"
-    out = m.handle(1.0, Received("b", Gossip((upd("nobody", 1, State.ALIVE, "b"),), ())))
-    assert "nobody" in notes(out, "swim-refused")[0]["why"]
+    # b speaking for another, and a DC outside the federation: refused and counted
+    assert m.handle(1.0, Received("b", Gossip((upd("nobody", 1, State.ALIVE, "b"),), ()))) == []
+    assert m.handle(1.0, Received("b", Gossip((upd("nobody", 1, State.ALIVE, "nobody"),),
+                                              ()))) == []
+    assert m.statements.refused == {"wrong_speaker": 1, "unknown_speaker": 1}
     with pytest.raises(ValueError, match="itself"):
-        Membership("a", ["a", "b"], random.Random(1))
+        Membership("a", ["a", "b"], random.Random(1), statements=statements_for("a", "ab"))
     with pytest.raises(wire.WireError):
         wire.decode(wire.encode(Gossip((upd("b", 1, State.ALIVE, "b"),), ()))[:-1])
 
 
-def test_unknown_state_raises_a_protocol_error() -> None:
+def test_an_unknown_state_is_refused_as_malformed() -> None:
+    import cbor2
+
+    from tests.harness.gossip import identity_of
+
     m = make()
-    bad = MemberUpdate.__new__(MemberUpdate)
-    object.__setattr__(bad, "name", "b")
-    object.__setattr__(bad, "incarnation", 1)
-    object.__setattr__(bad, "state", 9)
-    object.__setattr__(bad, "source", "b")
-    with pytest.raises(MembershipError, match="peer c"):
-        m.handle(1.0, Received("c", _gossip_of(bad)))
-
-
-def _gossip_of(u: MemberUpdate) -> Gossip:
-    g = Gossip.__new__(Gossip)
-    object.__setattr__(g, "members", (u,))
-    object.__setattr__(g, "links", ())
-    return g
+    body = cbor2.dumps(["b", 1, 9, "b"], canonical=True)  # state 9 does not exist
+    sig = identity_of("b").sign(b"dwcp/1 member statement\x00" + body)
+    assert m.handle(1.0, Received("c", Gossip((Signed(body, sig),), ()))) == []
+    assert m.statements.refused == {"malformed": 1} and m.state_of("b") == State.ALIVE
+    assert MembershipError  # still raised by _apply for a state no decoder lets through
 
 
 def test_config_constants_are_memberlist_lan_defaults() -> None:
@@ -267,7 +281,7 @@ class _BigTable:
     def __init__(self, n: int) -> None:
         from mesh.links.control_msgs import LinkEntry
 
-        self.entries = [LinkEntry("b", "c", v, 1.0, 0.0, 0.0, 0.0, False, None)
+        self.entries = [said_link(LinkEntry("b", "c", v, 1.0, 0.0, 0.0, 0.0, False, None))
                         for v in range(1, n + 1)]
 
     def digest(self) -> tuple:
@@ -276,14 +290,15 @@ class _BigTable:
     def entries_newer_than(self, digest: object) -> list:
         return list(self.entries)
 
-    def merge(self, now: float, entries: object) -> list:
+    def merge(self, now: float, peer: str, entries: object) -> list:
         return []
 
 
 def test_a_large_table_is_synced_in_chunks_that_fit_a_frame() -> None:
     from mesh.links.control_msgs import SYNC_MAX
 
-    m = Membership("a", PEERS, random.Random(1), links=_BigTable(2 * SYNC_MAX + 5))
+    m = Membership("a", PEERS, random.Random(1), links=_BigTable(2 * SYNC_MAX + 5),
+                   statements=statements_for("a", PEERS))
     out = m.handle(1.0, Received("b", Sync(True, (), (), ())))
     syncs = sends(out, Sync)
     assert [len(s.message.links) for s in syncs] == [SYNC_MAX, SYNC_MAX, 5]

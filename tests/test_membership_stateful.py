@@ -13,6 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from mesh import wire
 from mesh.core import CancelTimer, Received, Send, SetTimer, TimerFired
 from mesh.gossip.membership import Membership, State
+from tests.harness.gossip import statements_for
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -21,7 +22,8 @@ class Cluster(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.now = 0.0
-        self.nodes = {n: Membership(n, [p for p in NAMES if p != n], random.Random(i))
+        self.nodes = {n: Membership(n, [p for p in NAMES if p != n], random.Random(i),
+                                    statements=statements_for(n, NAMES))
                       for i, n in enumerate(NAMES)}
         self.timers: dict[str, dict] = {n: {} for n in NAMES}
         self.inflight: list[tuple[str, str, bytes]] = []

@@ -384,7 +384,8 @@ def test_the_link_hello_is_the_first_message_or_the_link_is_refused(payload: byt
     except ChannelError as exc:
         assert expected is None and exc.reason == "malformed"
     else:
-        assert expected is not None and result == ("dc2", 3, expected.incarnation)
+        assert expected is not None and result == ("dc2", expected.incarnation)
+        assert me.version == 3 and me.peer_versions == (1, 3)
 
 
 async def test_a_superseded_connection_hands_over_without_peer_down(tmp_path: Path) -> None:
@@ -476,7 +477,7 @@ async def test_a_websocket_protocol_error_ends_the_connection_not_the_node(
     victim = mesh.runtime("dc1")
     raised = 0
 
-    async def broken_request(request: Any) -> None:
+    async def broken_request(request: Any, *_: Any) -> None:
         nonlocal raised
         raised += 1
         raise LocalProtocolError("Event Pong cannot be sent in state LOCAL_CLOSING")

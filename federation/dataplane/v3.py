@@ -109,7 +109,7 @@ class V3DataPlane:
         await self.bind()
         self.receiver.nursery = self.sender.nursery = nursery
         listeners, self._listeners = self._listeners, []
-        nursery.start_soon(trio.serve_listeners, self.receiver.server.handle_stream, listeners)
+        nursery.start_soon(self.receiver.server.serve, listeners, self.log)
 
     # ------------------------------------------------------------------ the rounds core
 

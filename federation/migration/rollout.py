@@ -2,8 +2,9 @@
 rollout").
 
 v1 is the baseline transfer: one stream, no delta, no compression. v3 is HDE
-over AMST. A transfer uses the highest version that both DCs offered in their
-channel handshake *and* the rollout policy allows. The policy lives in the
+over AMST (the versions and their sets: :mod:`mesh.versions`). A transfer uses the
+highest version that both DCs offered in their channel handshake *and* the rollout
+policy allows. The policy lives in the
 ledger (``SetPolicy``), so every DC computes the same answer for a VM:
 
 - the kill switch forbids v3 everywhere;
@@ -24,6 +25,9 @@ import hashlib
 from collections.abc import Iterable
 
 from consensus.ledger import SetPolicy, v3_allowed
+from mesh import versions
+from mesh.versions import KNOWN as KNOWN_VERSIONS
+from mesh.versions import V1, V3
 
 __all__ = [
     "V1",
@@ -36,9 +40,6 @@ __all__ = [
     "DEFAULT_POLICY",
 ]
 
-V1 = 1
-V3 = 3
-KNOWN_VERSIONS = (V1, V3)
 #: The ledger's policy before any SetPolicy: v3 for nobody, no kill switch. A new
 #: federation opts in explicitly (a percentage or target lists).
 DEFAULT_POLICY = SetPolicy(0, (), (), False)
@@ -63,7 +64,7 @@ def choose_version(
 ) -> int:
     """The version for a new transfer of ``vm`` from ``source`` to ``target``, given the
     versions this DC and its peer offered. Raises :class:`RolloutError` if none is common."""
-    common = set(local) & set(peer) & set(KNOWN_VERSIONS)
+    common = versions.common(local, peer)
     if not common:
         raise RolloutError(
             f"VM {vm!r}: {source} offers {sorted(set(local))}, {target} offers "

@@ -60,7 +60,7 @@ from federation import config
 from federation.dataplane.scheduler import RoundEvents, RoundScheduler
 from federation.dataplane.v3 import V3DataPlane
 from federation.migration.dc_core import TAGS, NodeCore
-from federation.migration.rollout import KNOWN_VERSIONS, V1, V3, RolloutError
+from federation.migration.rollout import V1, V3, RolloutError
 from federation.migration.round_events import SessionView
 from federation.migration.rounds import RoundsCore
 from federation.migration.source import SourceSession
@@ -414,10 +414,9 @@ class Node:
         return policy
 
     def peer_versions(self, target: str) -> tuple[int, ...]:
-        """The versions ``target`` offers, as far as the handshake tells: the channel
-        negotiates the highest common one, and every DC carries each lower known version
-        (v1 is everyone's baseline). With no link yet, only the baseline is assumed."""
+        """The transfer versions ``target`` offered in its handshake (the channel keeps
+        the peer's whole offer); with no link yet, only the baseline is assumed."""
         link = self.runtime.links.get(target)
         if link is None:
-            return (V1,)
-        return tuple(v for v in KNOWN_VERSIONS if v <= link.version)
+            return (V1,)  # the baseline (mesh.versions.BASELINE)
+        return link.peer_versions

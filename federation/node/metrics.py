@@ -60,6 +60,18 @@ class NodeCollector(Collector):
         for reason, count in sorted(n.runtime.refused.items()):
             refused.add_metric([reason], count)
         yield refused
+        data_refused = CounterMetricFamily(
+            "dwcp_data_connections_refused", "Data endpoint connections dropped or refused "
+            "before or during their handshake, by reason", labels=["reason"])
+        for reason, count in sorted(n.v3.receiver.server.refused.items()):
+            data_refused.add_metric([reason], count)
+        yield data_refused
+        gossip = CounterMetricFamily("dwcp_gossip_refused", "Gossip statements refused "
+                                     "(forged, out of range, over budget), by reason",
+                                     labels=["reason"])
+        for reason, count in mesh.gossip_refused:
+            gossip.add_metric([reason], count)
+        yield gossip
         vms = GaugeMetricFamily("dwcp_vms", "VMs held here, by state", labels=["state"])
         held: dict[str, int] = {}
         for info in n.backend.list_vms():

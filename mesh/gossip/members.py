@@ -12,7 +12,7 @@ from typing import Protocol
 
 import attrs
 
-from mesh.links.control_msgs import LinkEntry, MemberUpdate, OriginDigest
+from mesh.links.control_msgs import LinkEntry, OriginDigest, Signed
 
 __all__ = ["State", "SwimConfig", "Member", "LinkSync", "MembershipError"]
 
@@ -81,9 +81,18 @@ class Member:
     confirmations: list[str] = attrs.field(factory=list)
     suspected_at: float = 0.0
     probed_in_suspicion: bool = False
+    #: the member's own latest statement (ALIVE or LEFT at its incarnation), signed by it
+    said: Signed | None = None
+    #: the accusation behind a SUSPECT or DEAD state, signed by its accuser
+    charge: Signed | None = None
 
-    def update(self) -> MemberUpdate:
-        return MemberUpdate(self.name, self.incarnation, int(self.state), self.name)
+    def statements(self) -> tuple[Signed, ...]:
+        """What an anti-entropy sync says of this member: its own latest statement, then
+        the accusation it stands under (if any), each as its speaker signed it."""
+        out: list[Signed] = [] if self.said is None else [self.said]
+        if self.charge is not None and self.state in (State.SUSPECT, State.DEAD):
+            out.append(self.charge)
+        return tuple(out)
 
 
 class LinkSync(Protocol):
@@ -91,6 +100,11 @@ class LinkSync(Protocol):
 
     def digest(self) -> tuple[OriginDigest, ...]: ...
 
-    def entries_newer_than(self, digest: Sequence[OriginDigest]) -> list[LinkEntry]: ...
+    def entries_newer_than(self, digest: Sequence[OriginDigest]) -> list[Signed]: ...
 
-    def merge(self, now: float, entries: Sequence[LinkEntry]) -> list[LinkEntry]: ...
+    def merge(
+        self, now: float, peer: str, statements: Sequence[Signed]
+    ) -> list[tuple[LinkEntry, Signed]]:
+        """Check and adopt the signed link entries ``peer`` passed on; returns those
+        adopted (to pass on in turn)."""
+        ...

@@ -21,10 +21,20 @@ every ``push_pull_interval`` repairs whatever gossip missed.
 
 Departures from memberlist, each for a reason stated where it is made: a member
 probes suspects before its round-robin (faster independent confirmations, and the
-buddy system reaches the suspect sooner); an ack straight from a suspect carrying a
-higher incarnation clears the suspicion; a member heard from directly in the last
-``evidence_window`` seconds is not suspected on the word of a stale sync, and a dead
-member heard from directly is sent a sync at once so it can refute (reconnect).
+buddy system reaches the suspect sooner); an ack straight from a member carrying a
+higher incarnation than we hold asks it for its signed state (a sync); a member heard
+from directly in the last ``evidence_window`` seconds is not suspected on the word of a
+stale sync, and a dead member heard from directly is sent a sync at once so it can
+refute (reconnect).
+
+Gossip speaks only for its origin (:mod:`mesh.links.statements`): every update is a
+statement signed by its speaker and passed on unchanged: a member's ``ALIVE``/``LEFT``
+by the member, an accusation by its accuser (named in ``source``). A DC raises only its
+own incarnation; an accusation may name at most ``ACCUSATION_STEP`` above the accused's
+incarnation and the refutation (one above the accusation) always fits the range and
+always wins. A ``DEAD`` heard in a sync only makes us suspect, credited to the DC that
+signed it, and is not gossiped on. A peer's sync requests are answered at most
+``SYNC_REPLY_BURST`` at once and one per ``SYNC_REPLY_EVERY`` seconds after that.
 """
 
 from __future__ import annotations
@@ -49,13 +59,28 @@ from mesh.links.control_msgs import (
     Nack,
     Ping,
     PingReq,
+    Signed,
     Sync,
+)
+from mesh.links.statements import (
+    ACCUSATION_STEP,
+    COUNTER_MAX,
+    SELF_STEP,
+    Statements,
+    TokenBucket,
 )
 
 __all__ = ["State", "SwimConfig", "Member", "Membership", "LinkSync", "MembershipError"]
 
 
 _DEFAULTS = SwimConfig()
+#: Sync replies a peer gets at once, then one per SYNC_REPLY_EVERY seconds. An honest
+#: peer asks when it starts, every push_pull_interval (30 s, one random member), and
+#: when it hears from a member it holds dead (at most every reconnect_interval, 5 s): a
+#: burst of 4 and one every 2 s never holds it back, and bounds what a liar's requests
+#: make us send (a sync reply can be several messages of up to 1 MiB).
+SYNC_REPLY_BURST = 4
+SYNC_REPLY_EVERY = 2.0
 
 
 @attrs.define
@@ -78,10 +103,15 @@ class Membership:
         links: LinkSync | None = None,
         probe_timeout: Callable[[str], float | None] | None = None,
         peer_rtt: Callable[[str, str], float | None] | None = None,
+        *,
+        statements: Statements,
     ) -> None:
         if me in peers:
             raise ValueError(f"membership of {me!r}: the peer list contains itself")
+        if statements.me != me:
+            raise ValueError(f"membership of {me!r} with the statements of {statements.me!r}")
         self.me = me
+        self.statements = statements
         self.cfg = config
         self.rng = rng
         self.links = links
@@ -103,6 +133,8 @@ class Membership:
         self._heard: dict[str, float] = {}
         self._soon: list[str] = []
         self._reconnect: dict[str, float] = {}
+        self._sync_replies: dict[str, TokenBucket] = {}
+        self._said: tuple[tuple[int, bool], Signed] | None = None
 
     # ------------------------------------------------------------------ queries
 
@@ -141,7 +173,7 @@ class Membership:
         """Graceful leave: a higher incarnation in state LEFT, gossiped to everyone."""
         self.leaving = True
         self.incarnation += 1
-        self.queue.put(("m", self.me), self._self_update(), prio=True)
+        self.queue.put(("m", self.me), self._own_statement(), prio=True)
         out: list[Action] = [Notify("member", {"name": self.me, "state": "left"})]
         for name in self.live():
             out.append(Send(name, self._gossip_for(name)))
@@ -178,8 +210,11 @@ class Membership:
         if member is not None and member.state == State.ALIVE and name not in self._soon:
             self._soon.append(name)
 
-    def broadcast_link(self, entry: LinkEntry) -> None:
-        self.queue.put(("l", entry.origin, entry.peer), entry)
+    def broadcast_link(self, entry: LinkEntry, signed: Signed, holder: str | None = None
+                       ) -> None:
+        """Pass on ``signed`` (``entry`` as its origin signed it) by gossip; ``holder`` is
+        the peer it came from."""
+        self.queue.put(("l", entry.origin, entry.peer), signed, holder=holder)
 
     # ------------------------------------------------------------------ timers
 
@@ -265,9 +300,10 @@ class Membership:
         members, links = self._piggyback(target)
         if self.members[target].state == State.SUSPECT:
             # Lifeguard buddy system: tell the suspect first, so it can refute.
-            buddy = self.members[target].update()
-            buddy = MemberUpdate(buddy.name, buddy.incarnation, buddy.state, self.me)
-            members = (buddy, *[u for u in members if u.name != target])[:PIGGYBACK_MAX]
+            suspect = self.members[target]
+            buddy = self.statements.sign_member(
+                MemberUpdate(target, suspect.incarnation, int(State.SUSPECT), self.me))
+            members = (buddy, *members)[:PIGGYBACK_MAX]
         out.append(Send(target, Ping(seq, target, members, links)))
         out.append(SetTimer(("swim", "direct", seq), now + self._timeout(target)))
         return out
@@ -300,8 +336,8 @@ class Membership:
         member = self.members[rnd.target]
         if member.state != State.ALIVE and member.state != State.SUSPECT:
             return []
-        upd = MemberUpdate(rnd.target, member.incarnation, int(State.SUSPECT), self.me)
-        return self._apply(now, upd, via=self.me)
+        return self._say(now, MemberUpdate(rnd.target, member.incarnation, int(State.SUSPECT),
+                                           self.me))
 
     def _gossip(self, now: float) -> list[Action]:
         out: list[Action] = [SetTimer(("swim", "gossip"), now + self.cfg.gossip_interval)]
@@ -336,8 +372,7 @@ class Membership:
         member = self.members.get(name)
         if member is None or member.state != State.SUSPECT or member.incarnation != incarnation:
             return []
-        upd = MemberUpdate(name, incarnation, int(State.DEAD), self.me)
-        return self._apply(now, upd, via=self.me)
+        return self._say(now, MemberUpdate(name, incarnation, int(State.DEAD), self.me))
 
     # ------------------------------------------------------------------ messages
 
@@ -393,39 +428,62 @@ class Membership:
                              CancelTimer(("swim", "round", msg.seq))]
         member = self.members[rnd.target]
         if peer == rnd.target and msg.incarnation > member.incarnation:
-            # Straight from the member itself: only it raises its incarnation.
-            upd = MemberUpdate(rnd.target, msg.incarnation, int(State.ALIVE), rnd.target)
-            out += self._apply(now, upd, via=peer)
+            # The member is further along than we know, and its signed word on that did
+            # not come with this ack (a refutation rides first on it): ask for its state.
+            last = self._reconnect.get(peer)
+            if last is None or now - last >= self.cfg.reconnect_interval:
+                self._reconnect[peer] = now
+                out.append(Send(peer, self._sync_message(reply=True)))
         return out
 
     def _absorb(
-        self, now: float, peer: str, members: Sequence[MemberUpdate], links: Sequence[LinkEntry]
+        self, now: float, peer: str, members: Sequence[Signed], links: Sequence[Signed]
     ) -> list[Action]:
         out: list[Action] = []
-        for upd in members:
-            out += self._apply(now, upd, via=peer)
-        if links and self.links is not None:
-            for entry in self.links.merge(now, links):
-                self.broadcast_link(entry)
+        for signed in members:
+            upd = self.statements.open_member(now, peer, signed)
+            if upd is not None:
+                out += self._apply(now, upd, signed, via=peer)
+        self._merge_links(now, peer, links)
         return out
+
+    def _merge_links(self, now: float, peer: str, links: Sequence[Signed]) -> None:
+        if not links or self.links is None:
+            return
+        adopted = self.links.merge(now, peer, links)
+        for entry, signed in adopted:
+            self.broadcast_link(entry, signed, holder=peer)
+        if len(adopted) < len(links):  # the others ``peer`` holds too: no need to send them
+            for signed in links:
+                known = self.statements.known(signed)
+                if isinstance(known, LinkEntry):
+                    self.queue.held_by(("l", known.origin, known.peer), signed, peer,
+                                       len(self.members))
 
     def _sync(self, now: float, peer: str, msg: Sync) -> list[Action]:
         out: list[Action] = []
-        for upd in msg.members:
+        for signed in msg.members:
+            upd = self.statements.open_member(now, peer, signed)
+            if upd is None:
+                continue
             if upd.name == self.me or upd.name not in self.members:
-                out += self._apply(now, upd, via=peer)
+                out += self._apply(now, upd, signed, via=peer)
                 continue
             state = State(upd.state)
             if state >= State.DEAD and state != State.LEFT:
                 # memberlist mergeState: a remote "dead" only makes us suspect...
                 if now - self._heard.get(upd.name, -math.inf) < self.cfg.evidence_window:
                     continue  # ...and not even that if we heard from it just now.
-                upd = MemberUpdate(upd.name, upd.incarnation, int(State.SUSPECT), peer)
-            out += self._apply(now, upd, via=peer)
-        if self.links is not None:
-            for entry in self.links.merge(now, msg.links):
-                self.broadcast_link(entry)
-        if msg.reply:
+                # ...credited to the DC that signed the death; not gossiped on (we hold
+                # no signed suspicion to pass), but said in our own syncs as it was said.
+                upd = MemberUpdate(upd.name, upd.incarnation, int(State.SUSPECT), upd.source)
+                out += self._apply(now, upd, signed, via=peer, forward=False)
+                continue
+            out += self._apply(now, upd, signed, via=peer)
+        self._merge_links(now, peer, msg.links)
+        if msg.reply and not self._may_reply(now, peer):
+            self.statements.refuse("rate_limited")
+        elif msg.reply:
             reply = self._sync_message(reply=False)
             links = self.links.entries_newer_than(msg.digest) if self.links is not None else []
             out.append(Send(peer, Sync(False, reply.members, reply.digest,
@@ -441,50 +499,86 @@ class Membership:
                 out.append(Send(peer, Sync(False, (), (), tuple(extra[i : i + SYNC_MAX]))))
         return out
 
+    def _may_reply(self, now: float, peer: str) -> bool:
+        bucket = self._sync_replies.get(peer)
+        if bucket is None:
+            bucket = self._sync_replies[peer] = TokenBucket(
+                SYNC_REPLY_BURST, 1 / SYNC_REPLY_EVERY, at=now)
+        return bucket.take(now)
+
     def _sync_message(self, reply: bool) -> Sync:
-        members = (self._self_update(), *[m.update() for m in self.members.values()])
+        members = [self._own_statement()]
+        for m in self.members.values():
+            members.extend(m.statements())
         digest = self.links.digest() if self.links is not None else ()
-        return Sync(reply, members[:SYNC_MAX], digest[:SYNC_MAX], ())
+        return Sync(reply, tuple(members[:SYNC_MAX]), digest[:SYNC_MAX], ())
 
     # ------------------------------------------------------------------ state machine
 
-    def _self_update(self) -> MemberUpdate:
-        state = State.LEFT if self.leaving else State.ALIVE
-        return MemberUpdate(self.me, self.incarnation, int(state), self.me)
+    def _own_statement(self) -> Signed:
+        """Our own ALIVE (or LEFT) at our incarnation, signed once per change."""
+        key = (self.incarnation, self.leaving)
+        if self._said is None or self._said[0] != key:
+            state = State.LEFT if self.leaving else State.ALIVE
+            update = MemberUpdate(self.me, self.incarnation, int(state), self.me)
+            self._said = (key, self.statements.sign_member(update))
+        return self._said[1]
 
     def _broadcast_self(self) -> None:
-        self.queue.put(("m", self.me), self._self_update())
+        self.queue.put(("m", self.me), self._own_statement())
+
+    def _say(self, now: float, update: MemberUpdate) -> list[Action]:
+        """Sign an accusation of our own and act on it as on anyone's."""
+        return self._apply(now, update, self.statements.sign_member(update), via=self.me)
+
+    def _in_range(self, upd: MemberUpdate, state: State, known: int) -> bool:
+        """The bounds of mesh.links.statements: a member's own statement steps at most
+        SELF_STEP above what we hold, an accusation ACCUSATION_STEP; nothing reaches the
+        top of the range, and an accusation stays below it so its refutation fits."""
+        own = state in (State.ALIVE, State.LEFT)
+        step, top = (SELF_STEP, COUNTER_MAX) if own else (ACCUSATION_STEP, COUNTER_MAX - 1)
+        if upd.incarnation > min(known + step, top):
+            self.statements.refuse("out_of_range")
+            return False
+        return True
 
     def _set_awareness(self, value: int) -> None:
         self.awareness = min(max(value, 0), self.cfg.awareness_max - 1)
 
-    def _apply(self, now: float, upd: MemberUpdate, via: str) -> list[Action]:
-        """SWIM/memberlist precedence rules for one update; returns what follows."""
+    def _apply(
+        self, now: float, upd: MemberUpdate, signed: Signed, via: str, forward: bool = True
+    ) -> list[Action]:
+        """SWIM/memberlist precedence rules for one update (``signed`` is it as its speaker
+        signed it, checked); returns what follows. ``forward``: pass it on by gossip."""
         try:
             state = State(upd.state)
         except ValueError:
             raise MembershipError(f"peer {via}: unknown member state {upd.state}") from None
         if upd.name == self.me:
+            if not self._in_range(upd, state, self.incarnation):
+                return [Notify("swim-refused", {"peer": via, "why": "incarnation out of range"})]
             return self._about_me(upd, state)
         member = self.members.get(upd.name)
         if member is None:
             return [Notify("swim-refused", {"peer": via, "why": f"unknown member {upd.name!r}"})]
+        if not self._in_range(upd, state, member.incarnation):
+            return [Notify("swim-refused", {"peer": via, "why": "incarnation out of range"})]
         if state == State.ALIVE:
             if upd.incarnation <= member.incarnation:
                 return []
-            return self._transition(now, member, State.ALIVE, upd.incarnation)
+            return self._transition(now, member, State.ALIVE, upd.incarnation, signed)
         if state == State.SUSPECT:
             if upd.incarnation < member.incarnation or member.state >= State.DEAD:
                 return []
             if member.state == State.SUSPECT and upd.incarnation == member.incarnation:
-                return self._confirm(now, member, upd.source)
-            out = self._transition(now, member, State.SUSPECT, upd.incarnation)
+                return self._confirm(now, member, upd.source, signed if forward else None)
+            out = self._transition(now, member, State.SUSPECT, upd.incarnation, signed)
             member.confirmations = [upd.source]
             member.suspected_at = now
             member.probed_in_suspicion = upd.source == self.me
             self.counters["suspicions"] += 1
-            self.queue.put(("m", member.name), MemberUpdate(
-                member.name, member.incarnation, int(State.SUSPECT), upd.source))
+            if forward:
+                self.queue.put(("m", member.name), signed)
             out.append(self._suspicion_timer(member))
             return out
         # DEAD or LEFT; a dead member may still be learned to have left.
@@ -492,32 +586,43 @@ class Membership:
             return []
         if member.state == State.DEAD and state == State.DEAD:
             return []
-        return self._transition(now, member, state, upd.incarnation)
+        return self._transition(now, member, state, upd.incarnation, signed)
 
     def _about_me(self, upd: MemberUpdate, state: State) -> list[Action]:
-        if state == State.ALIVE or self.leaving or upd.incarnation < self.incarnation:
+        if upd.source == self.me:
+            # Our own word from before a restart (others kept it): continue above it.
+            if upd.incarnation > self.incarnation:
+                self.incarnation = upd.incarnation
+            if state != State.LEFT or self.leaving or upd.incarnation < self.incarnation:
+                return []
+        elif self.leaving or upd.incarnation < self.incarnation:
             return []
         # SWIM §4.2: refute with a higher incarnation. Lifeguard: a suspicion of us is a
         # hint that we are the slow one, so raise our local health multiplier.
         self.incarnation = upd.incarnation + 1
         self.counters["refutes"] += 1
         self._set_awareness(self.awareness + 1)
-        self.queue.put(("m", self.me), self._self_update(), prio=True)
+        self.queue.put(("m", self.me), self._own_statement(), prio=True)
         was = State(state).name.lower()
         return [Notify("refute", {"incarnation": self.incarnation, "was": was})]
 
-    def _transition(self, now: float, member: Member, state: State, inc: int) -> list[Action]:
+    def _transition(
+        self, now: float, member: Member, state: State, inc: int, signed: Signed
+    ) -> list[Action]:
         old, old_inc = member.state, member.incarnation
         member.incarnation = inc
         member.state = state
+        if state in (State.ALIVE, State.LEFT):
+            member.said, member.charge = signed, None
+        else:
+            member.charge = signed
         out: list[Action] = []
         if old == State.SUSPECT:
             out.append(CancelTimer(("swim", "suspect", member.name, old_inc)))
         if old != state:
             member.since = now
         if state != State.SUSPECT:
-            source = member.name if state == State.ALIVE else self.me
-            self.queue.put(("m", member.name), MemberUpdate(member.name, inc, int(state), source))
+            self.queue.put(("m", member.name), signed)
         if state == State.DEAD and old != State.DEAD:
             self.counters["deaths"] += 1
         if old != state:
@@ -547,18 +652,23 @@ class Membership:
         at = member.suspected_at + self.suspicion_timeout(extra)
         return SetTimer(("swim", "suspect", member.name, member.incarnation), at)
 
-    def _confirm(self, now: float, member: Member, source: str) -> list[Action]:
+    def _confirm(
+        self, now: float, member: Member, source: str, signed: Signed | None
+    ) -> list[Action]:
+        """Another accuser of the same incarnation (``signed``: its accusation, to pass
+        on; None for one heard in a sync)."""
         if source in member.confirmations:
             return []
         member.confirmations.append(source)
-        self.queue.put(("m", member.name, source), MemberUpdate(
-            member.name, member.incarnation, int(State.SUSPECT), source))
+        if signed is not None:
+            self.queue.put(("m", member.name, source), signed)
         return [self._suspicion_timer(member)]
 
     # ------------------------------------------------------------------ dissemination
 
-    def _piggyback(self, peer: str) -> tuple[tuple[MemberUpdate, ...], tuple[LinkEntry, ...]]:
-        members, links = self.queue.take(PIGGYBACK_MAX, self.transmit_limit())
+    def _piggyback(self, peer: str) -> tuple[tuple[Signed, ...], tuple[Signed, ...]]:
+        members, links = self.queue.take(PIGGYBACK_MAX, self.transmit_limit(), peer,
+                                         len(self.members))
         return tuple(members), tuple(links)
 
     def _gossip_for(self, peer: str) -> Gossip:

@@ -3,6 +3,10 @@
 Tags share prefixes so a host can hand them to one core: ``swim.`` (membership and the
 dissemination of link estimates), ``link.`` (per-link probes) and ``route.`` (control
 messages forwarded along an elected route).
+
+Membership updates and link entries travel as :class:`Signed` statements: the encoded
+statement and its speaker's signature (:mod:`mesh.links.statements`), so a DC that
+forwards one can neither forge nor alter it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ __all__ = [
     "MemberUpdate",
     "LinkEntry",
     "OriginDigest",
+    "Signed",
+    "STATEMENT_MAX",
     "Ping",
     "PingReq",
     "Ack",
@@ -41,6 +47,9 @@ PIGGYBACK_MAX = 16
 SYNC_MAX = 1024
 #: Control messages travel direct or through at most one intermediate DC (issue 4).
 ROUTED_TTL = 2
+#: Largest encoded statement: a link entry between two 63-character names with every
+#: float at 9 bytes is 187 bytes.
+STATEMENT_MAX = 256
 
 
 @wire.struct_type
@@ -74,6 +83,16 @@ class LinkEntry:
 
 
 @wire.struct_type
+class Signed:
+    """A statement (the :func:`mesh.wire.encode_struct` bytes of a :class:`MemberUpdate`
+    or a :class:`LinkEntry`) and its speaker's Ed25519 signature over a context naming
+    the kind, then ``body``; checked over the bytes received."""
+
+    body: bytes = field(Bytes(STATEMENT_MAX))
+    signature: bytes = field(Bytes(64, exact=True))
+
+
+@wire.struct_type
 class OriginDigest:
     """Summary of the entries of one origin a DC holds: equal digests, equal entries
     (versions only grow, so equal count and sum of versions with equal max means the
@@ -90,8 +109,8 @@ class OriginDigest:
 class Ping:
     seq: int = field(U64())
     target: str = field(Text(NAME_MAX))
-    members: tuple[MemberUpdate, ...] = field(ListOf(Struct(MemberUpdate), PIGGYBACK_MAX))
-    links: tuple[LinkEntry, ...] = field(ListOf(Struct(LinkEntry), PIGGYBACK_MAX))
+    members: tuple[Signed, ...] = field(ListOf(Struct(Signed), PIGGYBACK_MAX))
+    links: tuple[Signed, ...] = field(ListOf(Struct(Signed), PIGGYBACK_MAX))
 
 
 @wire.message("swim.ping-req")
@@ -108,8 +127,8 @@ class Ack:
     seq: int = field(U64())
     target: str = field(Text(NAME_MAX))
     incarnation: int = field(U64())
-    members: tuple[MemberUpdate, ...] = field(ListOf(Struct(MemberUpdate), PIGGYBACK_MAX))
-    links: tuple[LinkEntry, ...] = field(ListOf(Struct(LinkEntry), PIGGYBACK_MAX))
+    members: tuple[Signed, ...] = field(ListOf(Struct(Signed), PIGGYBACK_MAX))
+    links: tuple[Signed, ...] = field(ListOf(Struct(Signed), PIGGYBACK_MAX))
 
 
 @wire.message("swim.nack")
@@ -119,19 +138,21 @@ class Nack:
 
 @wire.message("swim.gossip")
 class Gossip:
-    members: tuple[MemberUpdate, ...] = field(ListOf(Struct(MemberUpdate), PIGGYBACK_MAX))
-    links: tuple[LinkEntry, ...] = field(ListOf(Struct(LinkEntry), PIGGYBACK_MAX))
+    members: tuple[Signed, ...] = field(ListOf(Struct(Signed), PIGGYBACK_MAX))
+    links: tuple[Signed, ...] = field(ListOf(Struct(Signed), PIGGYBACK_MAX))
 
 
-@wire.message("swim.sync", max_size=256 * 1024)
+@wire.message("swim.sync", max_size=1024 * 1024)
 class Sync:
     """Full-state anti-entropy (memberlist push/pull). ``reply`` asks for the receiver's
-    state back; ``links`` carries entries the sender believes the receiver lacks."""
+    state back; ``links`` carries entries the sender believes the receiver lacks.
+    (1 MiB: SYNC_MAX signed statements of each kind at their largest, ~0.5 MiB, and the
+    digest.)"""
 
     reply: bool = field(Bool())
-    members: tuple[MemberUpdate, ...] = field(ListOf(Struct(MemberUpdate), SYNC_MAX))
+    members: tuple[Signed, ...] = field(ListOf(Struct(Signed), SYNC_MAX))
     digest: tuple[OriginDigest, ...] = field(ListOf(Struct(OriginDigest), SYNC_MAX))
-    links: tuple[LinkEntry, ...] = field(ListOf(Struct(LinkEntry), SYNC_MAX))
+    links: tuple[Signed, ...] = field(ListOf(Struct(Signed), SYNC_MAX))
 
 
 @wire.message("link.ping")

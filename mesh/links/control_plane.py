@@ -8,6 +8,10 @@ messages. A host mounts it for the tag prefixes in :data:`ACCEPTS` (:func:`attac
 event start it;
 it emits ``Notify`` for every member, link-mode and route change (the runtime logs each).
 
+Membership updates and link entries are statements signed by the DC they speak for
+(:mod:`mesh.links.statements`): ``statements`` holds this DC's identity and the
+federation's keys; its ``refused`` counts every statement refused, by reason.
+
 Routed control messages (:class:`~mesh.links.control_msgs.Routed`) carry src, dst and a TTL
 of at most 2: the source sends to the next hop of its control route; an intermediate
 forwards straight to the destination; the destination hands the inner message to the
@@ -36,12 +40,14 @@ from mesh.links.control_msgs import (
     Ping,
     PingReq,
     Routed,
+    Signed,
     Sync,
 )
 from mesh.links.control_status import MeshStatus, PeerStatus
 from mesh.links.estimates import LinkConfig, LinkProber, LinkTable
 from mesh.links.modes import ModeClassifier, ModeLimits
 from mesh.links.routes import BULK, CONTROL, Route, RouteConfig, RouteElection
+from mesh.links.statements import Statements
 
 __all__ = ["MeshControl", "ACCEPTS", "attach"]
 
@@ -61,6 +67,7 @@ class MeshControl:
         peers: Sequence[str],
         rng: random.Random,
         *,
+        statements: Statements,
         store: Store | None = None,
         swim: SwimConfig = _SWIM_DEFAULTS,
         link: LinkConfig = _LINK_DEFAULTS,
@@ -70,12 +77,13 @@ class MeshControl:
     ) -> None:
         self.me = me
         self.peers = sorted(peers)
-        self.table = LinkTable(me, self.peers)
+        self.statements = statements
+        self.table = LinkTable(me, self.peers, statements)
         self.prober = LinkProber(me, self.peers, random.Random(rng.getrandbits(64)), self.table,
                                  link, store)
         self.membership = Membership(me, self.peers, random.Random(rng.getrandbits(64)), swim,
                                      links=self, probe_timeout=self.prober.rto,
-                                     peer_rtt=self._peer_rtt)
+                                     peer_rtt=self._peer_rtt, statements=statements)
         self.modes = ModeClassifier(modes)
         self.election = RouteElection(me, self.peers, routes)
         self.deliver = deliver
@@ -92,19 +100,22 @@ class MeshControl:
     def digest(self) -> tuple[OriginDigest, ...]:
         return self.table.digest()
 
-    def entries_newer_than(self, digest: Sequence[OriginDigest]) -> list[LinkEntry]:
+    def entries_newer_than(self, digest: Sequence[OriginDigest]) -> list[Signed]:
         return self.table.entries_newer_than(digest)
 
-    def merge(self, now: float, entries: Sequence[LinkEntry]) -> list[LinkEntry]:
-        self.prober.adopt_own(entries)
+    def merge(
+        self, now: float, peer: str, statements: Sequence[Signed]
+    ) -> list[tuple[LinkEntry, Signed]]:
+        opened = self.table.open(now, peer, statements)
+        self.prober.adopt_own([e for e, _ in opened])
         before = {(e.origin, e.peer): self._usable(self.table.entries.get((e.origin, e.peer)))
-                  for e in entries}
-        adopted = self.table.merge(now, entries)
-        for e in adopted:
+                  for e, _ in opened}
+        adopted = self.table.merge(now, opened)
+        for e, _ in adopted:
             self._touch(e)
             if before[(e.origin, e.peer)] != self._usable(e):
                 self._dirty = True  # a hop appeared or broke: re-elect now, not at the tick
-        self._pending_modes.extend(adopted)
+        self._pending_modes.extend(e for e, _ in adopted)
         return adopted
 
     def _touch(self, e: LinkEntry) -> None:
@@ -213,12 +224,12 @@ class MeshControl:
     def _settle(self, now: float, out: list[Action], tick: bool) -> list[Action]:
         """Spread our new link entries, feed the mode classifier, re-elect routes."""
         if self.prober.published:
-            for entry in self.prober.published:
+            for entry, signed in self.prober.published:
                 self._touch(entry)
-                self.membership.broadcast_link(entry)
+                self.membership.broadcast_link(entry, signed)
                 if entry.down or entry.loss > self.election.cfg.loss_limit:
                     self._dirty = True
-            self._pending_modes.extend(self.prober.published)
+                self._pending_modes.append(entry)
             self.prober.published = []
         if self._pending_modes:
             seen: set[tuple[str, str]] = set()
@@ -256,17 +267,20 @@ class MeshControl:
                 bandwidth_mbps=view.bw_mbps if view else own.bw_mbps if own else None,
                 down=None if view is None else view.down,
                 mode=self.modes.mode(self.me, p), routes=routes))
-        return MeshStatus(self.me, tuple(peers))
+        return MeshStatus(self.me, tuple(peers),
+                          tuple(sorted(self.statements.refused.items())))
 
 
 def attach(runtime: Any, me: str, peers: Sequence[str], rng: random.Random, *,
            store: Store | None = None, modes: Any = None) -> MeshControl:
     """Host the control plane on a ``mesh.runtime.node_runtime.Runtime`` (anything with
-    ``add_core(name, core, tags)``): membership, link estimates, modes and routes run over
-    its real links, and every member, mode and route change becomes a log line.
-    ``modes`` is the federation's ``[modes]`` table (``federation.config.ModeThresholds``
-    or anything with its attribute names)."""
+    ``add_core(name, core, tags)``, ``identity`` and ``keys``): membership, link
+    estimates, modes and routes run over its real links, its statements are signed with
+    the runtime's identity and checked against the federation's keys, and every member,
+    mode and route change becomes a log line. ``modes`` is the federation's ``[modes]``
+    table (``federation.config.ModeThresholds`` or anything with its attribute names)."""
     limits = ModeLimits.from_thresholds(modes) if modes is not None else ModeLimits()
-    core = MeshControl(me, peers, rng, store=store, modes=limits)
+    statements = Statements(me, runtime.identity, runtime.keys)
+    core = MeshControl(me, peers, rng, statements=statements, store=store, modes=limits)
     runtime.add_core("mesh", core, ACCEPTS)
     return core

@@ -35,3 +35,5 @@ class MeshStatus:
     me: str
     #: one per peer, in name order
     peers: tuple[PeerStatus, ...]
+    #: gossip statements refused so far, by reason (mesh.links.statements.REFUSALS)
+    gossip_refused: tuple[tuple[str, int], ...] = ()

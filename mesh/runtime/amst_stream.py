@@ -10,7 +10,9 @@ non-blocking mode like trio's own, waiting with ``poll``; closing the link shuts
 connection down, which wakes them.
 
 Frames are read exactly (header, then body), never past the end of a frame, so the
-trio reader and the thread reader can take turns on one connection.
+trio reader and the thread reader can take turns on one connection. A frame's declared
+length is checked against what the channel accepts next (:attr:`SecureChannel.max_frame`:
+a Hello is at most 1 KiB) before a byte of its body is read.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import trio
 
 from mesh import wire
 from mesh.amst.receiver import Chunk, End, chunk_digest
-from mesh.channel import MAX_PLAINTEXT, ChannelError, Closed, Data, SecureChannel
+from mesh.channel import ChannelError, Closed, Data, SecureChannel
 
 __all__ = ["Link", "NET_ERRORS", "HANDSHAKE_TIMEOUT_S"]
 
@@ -38,7 +40,6 @@ log = logging.getLogger("dwcp.amst")
 HANDSHAKE_TIMEOUT_S = 10.0
 #: How often a worker blocked on a quiet socket checks whether its link was closed.
 POLL_MS = 200
-_MAX_FRAME = MAX_PLAINTEXT + 17  # secretstream adds 17 bytes (ABYTES)
 
 NET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ChannelError)
 
@@ -54,10 +55,21 @@ class Link:
         self._users = 0
         self._closing = False
         self._guard = threading.Lock()
-        if isinstance(sock, trio.SocketStream):
-            s = sock.socket
-            self._raw = socket.fromfd(s.fileno(), s.family, s.type)
-            self._raw.setblocking(False)
+        #: the workers' duplicate descriptor is made at the first bulk frame, so a
+        #: connection that never gets past its handshake holds one descriptor, not two
+        self._can_dup = isinstance(sock, trio.SocketStream)
+
+    def _bulk_socket(self) -> socket.socket | None:
+        """The duplicate of the connection's descriptor that the workers use (made now if
+        it is not yet); None when the stream is not a socket. Out of descriptors, this
+        raises OSError (EMFILE), which ends this stream only."""
+        with self._guard:
+            if self._raw is None and self._can_dup and not self._closing:
+                s = self.sock.socket  # type: ignore[attr-defined]
+                raw = socket.fromfd(s.fileno(), s.family, s.type)
+                raw.setblocking(False)
+                self._raw = raw
+            return self._raw
 
     # ------------------------------------------------------------------ event-loop side
 
@@ -90,7 +102,7 @@ class Link:
         head = await self._read_exactly(4)
         if head is None:
             return None
-        n = _frame_length(head)
+        n = _frame_length(head, self.channel.max_frame)
         body = await self._read_exactly(n)
         if body is None:
             raise ChannelError("truncated", "stream ended after a frame header")
@@ -142,6 +154,7 @@ class Link:
             if self._users:
                 raise RuntimeError("a worker still uses the link")
             self._closing = True
+            self._can_dup = False
             if self._raw is not None:
                 self._raw.close()  # the duplicate descriptor only: the connection stays up
                 self._raw = None
@@ -151,7 +164,7 @@ class Link:
 
     async def send_chunk(self, message: Chunk) -> None:
         async with self.send_lock:
-            if self._raw is not None:
+            if self._bulk_socket() is not None:
                 await self._in_worker(self._seal_and_send, message)
             else:  # not a socket (a test stream, a wrapper): seal in a worker, write here
                 data = await trio.to_thread.run_sync(self._seal, message)
@@ -160,7 +173,7 @@ class Link:
     async def receive_bulk(self) -> tuple[Any, bool] | None:
         """The next frame, decrypted, decoded and (a Chunk) checked against its digest:
         ``(message, digest_ok)``; ``(None, False)`` for the peer's final frame; None at EOF."""
-        if self._raw is not None:
+        if self._bulk_socket() is not None:
             return await self._in_worker(self._read_and_open)  # type: ignore[no-any-return]
         raw = await self._read_frame()
         if raw is None:
@@ -210,7 +223,7 @@ class Link:
         if head is None:
             self.channel.end_of_stream()
             return None
-        body = self._recv_exactly(_frame_length(head))
+        body = self._recv_exactly(_frame_length(head, self.channel.max_frame))
         if body is None:
             raise ChannelError("truncated", "stream ended after a frame header")
         return self._open(body)
@@ -250,8 +263,10 @@ class Link:
                 raise trio.ClosedResourceError("link closed")
 
 
-def _frame_length(head: bytes) -> int:
+def _frame_length(head: bytes, limit: int) -> int:
+    """The declared length of the frame whose 4-byte header is ``head``, refused when it
+    exceeds ``limit`` (what the channel accepts next)."""
     n = int.from_bytes(head, "big")
-    if n > _MAX_FRAME:
-        raise ChannelError("oversized", f"frame of {n} bytes exceeds {_MAX_FRAME}")
+    if n > limit:
+        raise ChannelError("oversized", f"frame of {n} bytes, at most {limit} here")
     return n

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
@@ -57,7 +58,10 @@ from mesh.amst.sender import (
 from mesh.channel import ChannelError, SecureChannel
 from mesh.core import CancelTimer, Notify, SetTimer, TimerFired
 from mesh.links.modes import Mode
+from mesh.runtime import admission
+from mesh.runtime.admission import Startup, StartupGate, StartupLimits
 from mesh.runtime.amst_stream import HANDSHAKE_TIMEOUT_S, NET_ERRORS, Link
+from mesh.runtime.log import JsonLog
 
 __all__ = [
     "ChunkSource",
@@ -65,6 +69,7 @@ __all__ = [
     "SendReport",
     "send_transfer",
     "AmstServer",
+    "DATA_STARTUPS",
 ]
 
 log = logging.getLogger("dwcp.amst")
@@ -425,6 +430,13 @@ class _Incoming:
 #: Serves a connection whose first message (after the channel handshake) is not Open.
 Opener = Callable[[Link, Any], Awaitable[None]]
 
+#: Unauthenticated data connections (admission.StartupGate). A transfer opens up to 16
+#: streams at once (AMST's internet bound, mesh.amst.policy.STREAM_BOUNDS), each with a
+#: handshake, and two transfers may start together from one DC: 32 per source. ``start``
+#: is twice that, so one address alone never pushes the listener into early drop;
+#: OpenSSH's rate (30 %) and full = 4 x start (its default 10:30:100 scaled) bound a flood.
+DATA_STARTUPS = StartupLimits(start=64, rate=30, full=256, per_source=32)
+
 
 class AmstServer:
     """Accepts AMST streams (pass :meth:`handle_stream` to ``trio.serve_tcp``) for the
@@ -435,12 +447,30 @@ class AmstServer:
     connection (e.g. a relay request): one listener, one handshake, then either."""
 
     def __init__(self, new_channel: Callable[[], SecureChannel],
-                 openers: dict[type, Opener] | None = None) -> None:
+                 openers: dict[type, Opener] | None = None,
+                 rng: random.Random | None = None) -> None:
         self.new_channel = new_channel
         self.openers = dict(openers or {})
         self.transfers: dict[bytes, _Incoming] = {}
         self.notes: dict[str, int] = {}
+        #: connections dropped before their handshake completed, by reason (admission's
+        #: "source_limit", "early_drop", "startups_full"; "handshake_deadline", a
+        #: ChannelError reason, "connection_failed"), and accept back-offs
+        self.refused: dict[str, int] = {}
+        self.gate = StartupGate(DATA_STARTUPS, rng if rng is not None else random.Random())
         self._next_stream = 0
+
+    def _refuse(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    async def serve(self, listeners: list[trio.SocketListener], log: JsonLog,
+                    *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept AMST streams on ``listeners`` until cancelled: unauthenticated
+        connections are capped (:data:`DATA_STARTUPS`), one connection's fault ends that
+        connection only, and running out of descriptors backs off."""
+        await admission.serve_listeners(self.handle_stream, listeners, self.gate, log=log,
+                                        count=self._refuse, what="data",
+                                        task_status=task_status)
 
     def expect(self, transfer: bytes, sink: Sink) -> AmstReceiver:
         """Accept streams of ``transfer``; verified chunks go to ``sink(chunk_id, payload)``,
@@ -456,13 +486,25 @@ class AmstServer:
         await incoming.complete.wait()
         return incoming.core
 
-    async def handle_stream(self, sock: trio.abc.Stream) -> None:
+    async def handle_stream(self, sock: trio.abc.Stream, startup: Startup | None = None) -> None:
+        """Serve one accepted connection: the handshake (within HANDSHAKE_TIMEOUT_S), then
+        a transfer's stream or an opener's protocol. Nothing the peer does escapes as an
+        exception: every fault ends this connection, noted and counted."""
         link = Link(sock, self.new_channel())
         stream = self._next_stream
         self._next_stream += 1
         incoming: _Incoming | None = None
         try:
-            await link.handshake()
+            try:
+                await link.handshake()
+            except ChannelError as exc:
+                self._refuse(exc.reason)
+                raise
+            except trio.TooSlowError:
+                self._refuse("handshake_deadline")
+                raise
+            if startup is not None:
+                startup.authenticated()
             opening = await link.next_message((Open, *self.openers))
             if opening is None:
                 return
@@ -479,6 +521,11 @@ class AmstServer:
             self._note("amst.stream_error", f"stream {stream}: {group.exceptions[0]}")
         except* AmstError as group:
             self._note("amst.protocol_error", f"stream {stream}: {group.exceptions[0]}")
+        except* Exception as group:  # a fault of this connection ends it, not the listener
+            self._refuse("connection_failed")
+            fault = group.exceptions[0]
+            self._note("amst.connection_failed",
+                       f"stream {stream}: {type(fault).__name__}: {fault}")
         finally:
             if incoming is not None:
                 incoming.core.handle(trio.current_time(), StreamDown(stream))

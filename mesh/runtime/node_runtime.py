@@ -37,8 +37,19 @@ the core's next event), ``Notify`` -> a log line. Plain callbacks can take
 messages too: ``runtime.add_handler(tags, fn)`` calls ``fn(peer, message)``.
 
 Observability: ``runtime.links`` (the open links), ``runtime.refused`` (channel
-faults counted per :class:`ChannelError` reason), ``runtime.counters``, and
-one JSON log line per event (:mod:`mesh.runtime.log`).
+faults counted per :class:`ChannelError` reason, and connections dropped before their
+handshake: "source_limit", "early_drop", "startups_full", "handshake_deadline"),
+``runtime.counters``, and one JSON log line per event (:mod:`mesh.runtime.log`).
+
+Before its handshake completes a connection is from nobody, and costs the node only
+bounded memory, descriptors and time: the control listener admits unauthenticated
+connections through a :class:`mesh.runtime.admission.StartupGate` (OpenSSH's
+MaxStartups, :data:`CONTROL_STARTUPS`), each must finish the websocket upgrade, the
+channel handshake and the link hello within :data:`HANDSHAKE_TIMEOUT` of its accept,
+the websocket buffers no message longer than the handshake frame expected
+(:func:`mesh.runtime.link.bound_messages`), and whatever one connection raises ends
+that connection only. Running out of descriptors makes the accept loop back off
+(:func:`mesh.runtime.admission.serve_listeners`).
 
 Message order: messages on one link arrive in order. When a tie-break swaps
 links, a message sent just before the swap on the old link may arrive after
@@ -66,11 +77,14 @@ from trio_websocket import (
 from wsproto.utilities import LocalProtocolError
 
 from mesh import wire
-from mesh.channel import MAX_PLAINTEXT, ChannelError, SecureChannel
+from mesh.channel import MAX_PLAINTEXT, ChannelError, Hello, SecureChannel, Welcome
 from mesh.core import Core, Event, Received, Store
 from mesh.identity import Identity, PublicKey
+from mesh.runtime import admission
+from mesh.runtime.admission import Startup, StartupGate, StartupLimits
 from mesh.runtime.hosting import Handler, HostedCore, Invocation, Routes
 from mesh.runtime.link import (
+    HANDSHAKE_READ_BYTES,
     Link,
     LinkBundle,
     LinkHello,
@@ -82,7 +96,7 @@ from mesh.runtime.link_policy import Backoff
 from mesh.runtime.log import JsonLog
 from mesh.runtime.peers import LinkInfo, PeerTable
 
-__all__ = ["Runtime", "Peer", "LinkInfo", "ListenError", "RESOURCE"]
+__all__ = ["Runtime", "Peer", "LinkInfo", "ListenError", "RESOURCE", "CONTROL_STARTUPS"]
 
 #: The websocket path of the control plane.
 RESOURCE = "/dwcp/control/1"
@@ -95,14 +109,12 @@ HANDSHAKE_TIMEOUT = 5.0
 SHUTDOWN_GRACE = 3.0
 #: Websocket closing handshake bound (trio-websocket's default is 60 s).
 CLOSE_TIMEOUT = 2.0
-#: Largest websocket message: the channel's largest frame (MAX_PLAINTEXT plus the
-#: 17-byte secretstream tag, rounded up).
-MAX_MESSAGE = MAX_PLAINTEXT + 64
-#: Bytes asked of the socket per read. trio-websocket's default is 4 KiB, so a
-#: PBFT burst (a 17-request batch is ~5 KiB, a bundle up to 256 KiB) took several
-#: reads, each a trip through the event loop; 256 KiB is one bundle
-#: (runtime_link.BUNDLE_BYTES), read at once when it has arrived.
-RECEIVE_BYTES = 256 * 1024
+#: Unauthenticated control connections: OpenSSH's default MaxStartups 10:30:100
+#: (sshd_config(5)). A DC dials each peer once at a time and a handshake takes
+#: milliseconds, so honest startups rarely overlap. Per source address: half of
+#: ``start``, so one address alone never pushes the listener into early drop, and room
+#: for a host that runs several DCs (the demo and the tests run four on loopback).
+CONTROL_STARTUPS = StartupLimits(start=10, rate=30, full=100, per_source=5)
 
 
 class ListenError(Exception):
@@ -152,7 +164,9 @@ class Runtime:
         self.incarnation = new_incarnation()
         self.refused: dict[str, int] = {}
         self.counters: dict[str, int] = {}
-        self._backoff = Backoff(rng if rng is not None else random.Random())
+        rng = rng if rng is not None else random.Random()
+        self._backoff = Backoff(rng)
+        self._gate = StartupGate(CONTROL_STARTUPS, random.Random(rng.getrandbits(64)))
         self._cores: dict[str, HostedCore] = {}
         self._routes = Routes()
         self._peers = PeerTable(name, len(self.peers), log=self.log, deliver=self._deliver_all)
@@ -204,6 +218,16 @@ class Runtime:
 
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
+
+    def _refuse(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def _count_admission(self, what: str) -> None:
+        """A connection the listener dropped or lost (admission.serve_listeners)."""
+        if what in ("connection_failed", "accept_backoff"):
+            self._count(what)
+        else:
+            self._refuse(what)
 
     # ------------------------------------------------------------------ public API
 
@@ -266,10 +290,13 @@ class Runtime:
         async with trio.open_nursery() as nursery:
             for hosted in self._cores.values():
                 nursery.start_soon(hosted.run)
-            # trio.serve_listeners with our own per-connection wrapper rather than
-            # trio_websocket.WebSocketServer: a wsproto error inside one connection
-            # (trio-websocket issue #184) must end that connection, not the node.
-            await nursery.start(partial(trio.serve_listeners, self._on_stream, listeners))
+            # Our own accept loop and per-connection wrapper rather than
+            # trio_websocket.WebSocketServer: any error inside one connection (a wsproto
+            # error, trio-websocket issue #184, or anything a peer provokes) must end that
+            # connection, not the node; and startups are capped before a handler runs.
+            await nursery.start(partial(
+                admission.serve_listeners, self._on_stream, listeners, self._gate,
+                log=self.log, count=self._count_admission, what="control"))
             self.listen_port = listeners[0].socket.getsockname()[1]
             self.log.event(
                 "listening",
@@ -322,6 +349,11 @@ class Runtime:
             became_link = await self._dial_once(peer, attempt)
         except* LocalProtocolError as group:
             self._ws_protocol_error(peer.name, group)
+        except* Exception as group:  # whatever the peer provoked ends this connection only
+            self._count("connection_failed")
+            exc = group.exceptions[0]
+            self.log.event("connection_failed", peer=peer.name, direction="out",
+                           error=f"{type(exc).__name__}: {exc}"[:300])
         return became_link
 
     def _ws_protocol_error(self, peer: str | None, group: BaseExceptionGroup) -> None:
@@ -332,17 +364,25 @@ class Runtime:
         self._count("ws_protocol_errors")
         self.log.event("ws_protocol_error", peer=peer, error=_describe(group.exceptions[0]))
 
-    async def _on_stream(self, stream: trio.SocketStream) -> None:
-        """One accepted TCP connection: the websocket handshake, then :meth:`_on_request`."""
+    async def _on_stream(self, stream: trio.SocketStream, startup: Startup) -> None:
+        """One accepted TCP connection: the websocket upgrade, the channel handshake and
+        the link hello, all within HANDSHAKE_TIMEOUT of the accept, then the link. Until
+        the handshake completes the websocket takes no message longer than a Hello."""
+        deadline = trio.current_time() + HANDSHAKE_TIMEOUT
         try:
             async with trio.open_nursery() as nursery:
-                with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
+                request: WebSocketRequest | None = None
+                with trio.move_on_at(deadline):
                     request = await wrap_server_stream(
-                        nursery, stream, max_message_size=MAX_MESSAGE,
-                        receive_buffer_size=RECEIVE_BYTES,
+                        nursery, stream, max_message_size=Hello.wire_max_size,  # type: ignore[attr-defined]
+                        receive_buffer_size=HANDSHAKE_READ_BYTES,
                     )
-                if not handshake.cancelled_caught:
-                    await self._on_request(request)
+                if request is None:
+                    self._refuse("handshake_deadline")
+                    self.log.event("handshake_failed", peer=None, direction="in",
+                                   remote=startup.source, error="no websocket upgrade in time")
+                else:
+                    await self._on_request(request, startup, deadline)
                 nursery.cancel_scope.cancel()
         except* LocalProtocolError as group:
             self._ws_protocol_error(None, group)
@@ -354,17 +394,19 @@ class Runtime:
                 await stream.aclose()
 
     async def _dial_once(self, peer: Peer, attempt: int) -> bool:
+        deadline = trio.current_time() + HANDSHAKE_TIMEOUT
         async with trio.open_nursery() as conn_nursery:
             try:
-                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                with trio.fail_at(deadline):
                     ws = await connect_websocket(
                         conn_nursery,
                         peer.host,
                         peer.port,
                         RESOURCE,
                         use_ssl=False,
-                        max_message_size=MAX_MESSAGE,
-                        receive_buffer_size=RECEIVE_BYTES,
+                        # the first message we take is the peer's Welcome
+                        max_message_size=Welcome.wire_max_size,  # type: ignore[attr-defined]
+                        receive_buffer_size=HANDSHAKE_READ_BYTES,
                     )
             except (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError) as exc:
                 self._count("dial_failures")
@@ -372,7 +414,7 @@ class Runtime:
                 conn_nursery.cancel_scope.cancel()
                 return False
             try:
-                return await self._serve(ws, dialled=peer.name)
+                return await self._serve(ws, dialled=peer.name, deadline=deadline)
             finally:
                 # Not shielded: when the node is cut off (cancelled), aclose still
                 # closes the socket before it re-raises the cancellation.
@@ -380,22 +422,37 @@ class Runtime:
                     await ws.aclose()
                 conn_nursery.cancel_scope.cancel()
 
-    async def _on_request(self, request: WebSocketRequest) -> None:
+    async def _on_request(
+        self, request: WebSocketRequest, startup: Startup, deadline: float
+    ) -> None:
         try:
-            if request.path != RESOURCE or self._stopping:
-                await request.reject(404 if request.path != RESOURCE else 503)
+            with trio.move_on_at(deadline):
+                if request.path != RESOURCE or self._stopping:
+                    await request.reject(404 if request.path != RESOURCE else 503)
+                    return
+                ws = await request.accept()
+            if trio.current_time() >= deadline:
+                self._refuse("handshake_deadline")
                 return
-            ws = await request.accept()
         except ConnectionClosed:
             return
         try:
-            await self._serve(ws, dialled=None)
+            await self._serve(ws, dialled=None, deadline=deadline, startup=startup)
         finally:
             with trio.move_on_after(CLOSE_TIMEOUT):
                 await ws.aclose()
 
-    async def _serve(self, ws: WebSocketConnection, *, dialled: str | None) -> bool:
-        """Handshake and carry one connection; True if it became its peer's link."""
+    async def _serve(
+        self,
+        ws: WebSocketConnection,
+        *,
+        dialled: str | None,
+        deadline: float,
+        startup: Startup | None = None,
+    ) -> bool:
+        """Handshake (by ``deadline``) and carry one connection; True if it became its
+        peer's link. ``startup`` is an accepted connection's place among the
+        unauthenticated ones, given up once the peer proved who it is."""
         channel = SecureChannel(
             identity=self.identity,
             name=self.name,
@@ -407,10 +464,10 @@ class Runtime:
         )
         direction = "out" if dialled else "in"
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                peer, version, incarnation = await open_link(ws, channel, self.incarnation)
+            with trio.fail_at(deadline):
+                peer, incarnation = await open_link(ws, channel, self.incarnation)
         except ChannelError as exc:
-            self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+            self._refuse(exc.reason)
             self.log.event(
                 "channel_refused",
                 peer=dialled or channel.peer,
@@ -421,7 +478,10 @@ class Runtime:
             )
             return False
         except (ConnectionClosed, trio.TooSlowError) as exc:
-            self._count("handshake_failures")
+            if dialled is None and isinstance(exc, trio.TooSlowError):
+                self._refuse("handshake_deadline")
+            else:
+                self._count("handshake_failures")
             self.log.event(
                 "handshake_failed",
                 peer=dialled or channel.peer,
@@ -430,6 +490,20 @@ class Runtime:
                 error=_describe(exc),
             )
             return False
+        if startup is not None:
+            startup.authenticated()
+        return await self._carry(ws, channel, peer, incarnation, dialled)
+
+    async def _carry(
+        self,
+        ws: WebSocketConnection,
+        channel: SecureChannel,
+        peer: str,
+        incarnation: bytes,
+        dialled: str | None,
+    ) -> bool:
+        """Run an authenticated connection as a link until it ends; whatever ends it,
+        the peer table hears of it (a handler that raised ends this link, not the node)."""
         link_id, self._next_link_id = self._next_link_id, self._next_link_id + 1
         initiator = self.name if dialled else peer
         link = Link(
@@ -437,20 +511,24 @@ class Runtime:
             ws=ws,
             channel=channel,
             peer=peer,
-            version=version,
             initiator=initiator,
             peer_incarnation=incarnation,
         )
         self._connections[link_id] = link
+        became_active = False
         try:
             if self._stopping:
                 link.retire()
-                became_active = False
             else:
                 became_active = await self._peers.adopt(link)
                 if became_active:
                     self._count("links_adopted")
             await link.run(partial(self._on_payload, link))
+        except* Exception as group:
+            exc = group.exceptions[0]
+            link.end_reason = link.end_reason or "handler_failed"
+            link.end_detail = f"{type(exc).__name__}: {exc}"[:300]
+            self._count("handler_failures")
         finally:
             del self._connections[link_id]
             self._closed_one.set()
@@ -463,7 +541,7 @@ class Runtime:
                     await self._peers.changed.wait()
         reason = link.end_reason or "cancelled"
         if reason in ChannelError.REASONS:
-            self.refused[reason] = self.refused.get(reason, 0) + 1
+            self._refuse(reason)
         self.log.event(
             "link_closed", peer=peer, link=link_id, reason=reason, detail=link.end_detail
         )

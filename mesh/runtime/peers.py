@@ -26,7 +26,8 @@ __all__ = ["PeerTable", "LinkInfo"]
 @attrs.frozen
 class LinkInfo:
     peer: str
-    version: int
+    version: int  # the highest transfer version both offer (mesh.versions)
+    peer_versions: tuple[int, ...]  # the peer's whole offer, from its handshake
     initiator: str
     link_id: int
     since: float  # trio.current_time() when it became the peer's link
@@ -61,7 +62,8 @@ class PeerTable:
     def info(self) -> dict[str, LinkInfo]:
         return {
             peer: LinkInfo(
-                peer, link.version, link.claim.initiator, link.link_id, self._since[peer]
+                peer, link.version, link.peer_versions, link.claim.initiator, link.link_id,
+                self._since[peer],
             )
             for peer, link in sorted(self._active.items())
         }
@@ -102,6 +104,7 @@ class PeerTable:
             "peer_up",
             peer=link.peer,
             version=link.version,
+            peer_versions=list(link.peer_versions),
             initiator=link.claim.initiator,
             link=link.link_id,
             up=len(self._active),

@@ -24,7 +24,9 @@ from typing import Any
 
 from mesh.links.control_msgs import LinkEntry
 from mesh.links.control_plane import ACCEPTS, MeshControl
+from mesh.links.statements import Statements
 from sim.geo import geo_links
+from sim.hosts.pbft_cluster import identity_for
 from sim.scenario import Run
 from sim.world import NotifyRecord, SimNode, World
 
@@ -69,12 +71,15 @@ class MeshWorld:
         self.false_positives = 0
 
         self._started: dict[str, float] = {}
+        self.identities = {n: identity_for(n) for n in names}
+        keys = {n: i.public for n, i in self.identities.items()}
 
         def build(node: SimNode) -> None:
             self._started[node.name] = self.world.now
+            statements = Statements(node.name, self.identities[node.name], keys)
             core = MeshControl(node.name, [n for n in names if n != node.name],
-                               node.rng("mesh"), store=node.store, modes=run.mode_limits(),
-                               **configs)
+                               node.rng("mesh"), statements=statements, store=node.store,
+                               modes=run.mode_limits(), **configs)
             core.table.on_adopt = lambda e, now, n=node.name: self._adopted(n, e, now)
             node.mount("mesh", core, accepts=ACCEPTS)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from mesh import wire
+from mesh.links.control_msgs import Gossip, LinkEntry, MemberUpdate, Signed
 from sim import partitions
 from sim.hosts.mesh_world import WARMUP, MeshWorld, percentile
 from sim.scenario import Run, RunResult, _quiet_phase, registry, scenario
@@ -18,7 +20,8 @@ from sim.world import NotifyRecord, SimError, Violation, World
 
 __all__ = ["run_mesh", "MESH_SCENARIOS"]
 
-MESH_SCENARIOS = ("crash-one", "flaky-node", "link-cut", "partition-heal", "one-way")
+MESH_SCENARIOS = ("crash-one", "flaky-node", "link-cut", "partition-heal", "one-way",
+                  "byzantine-gossip")
 
 
 def _param(run: Run, key: str, default: Any) -> Any:
@@ -204,6 +207,82 @@ def one_way(run: Run) -> None:
     run.metric("reroute_s", lambda w: _r(_reroute_time(mw, a, b, cut_at)))
     run.metric("routes_over_broken_direction", users_of_broken)
     run.metric("reverse_direction_direct", reverse_direct)
+
+
+# --------------------------------------------------------------------------- byzantine-gossip
+
+#: The top of a U64 (issue 15: one forged update at 2**64-1 buried a DC for good).
+_TOP = 2**64 - 1
+#: Statements in each of the liar's volleys (:func:`_lies`), and the volley interval.
+LIES_PER_VOLLEY = 7
+LIE_EVERY_S = 1.0
+
+
+def _lies(mw: MeshWorld, liar: str, victim: str, other: str, seq: int) -> list[Signed]:
+    """What one insider ``liar`` (a DC with a valid key) says about others: each is
+    signed with the liar's own key, whoever it claims to speak for."""
+    key = mw.identities[liar]
+
+    def sign(statement: MemberUpdate | LinkEntry) -> Signed:
+        context = b"dwcp/1 link statement\x00" if isinstance(statement, LinkEntry) else (
+            b"dwcp/1 member statement\x00")
+        body = wire.encode_struct(statement)
+        return Signed(body, key.sign(context + body))
+
+    dead, alive, left = 2, 0, 3
+    return [
+        sign(MemberUpdate(victim, _TOP, dead, liar)),  # an accusation at the top
+        sign(MemberUpdate(victim, seq, left, victim)),  # the victim's own word, forged
+        sign(MemberUpdate(victim, seq, dead, other)),  # another DC's accusation, forged
+        sign(MemberUpdate(liar, _TOP, alive, liar)),  # its own incarnation at the top
+        sign(LinkEntry(victim, other, _TOP, 1e6, 0.0, 0.0, 1.0, True, None)),  # not its link
+        sign(LinkEntry(other, victim, seq, 1e6, 0.0, 0.0, 1.0, True, None)),  # nor this one
+        sign(LinkEntry(liar, victim, _TOP, 0.1, 0.0, 0.0, 0.0, False, 1e5)),  # its own, at top
+    ]
+
+
+@scenario("byzantine-gossip", nodes=16, faults_until=150.0, quiet=60.0, min_nodes=4,
+          description="an insider forges membership and link entries for others and "
+                      "pushes counters to 2**64-1: all refused, the victim stays alive")
+def byzantine_gossip(run: Run) -> None:
+    run.faults_until = _param(run, "faults_until", run.faults_until)
+    mw = MeshWorld(run, loss=_param(run, "loss", 0.01))
+    liar, victim, other = run.rng.sample(mw.names, 3)
+    honest = [n for n in mw.names if n != liar]
+    volleys = [0]
+
+    def volley(world: World) -> None:
+        volleys[0] += 1
+        lies = _lies(mw, liar, victim, other, volleys[0])
+        gossip = Gossip(tuple(s for s in lies[:4]), tuple(lies[4:]))
+        raw = wire.encode(gossip)
+        for dst in honest:
+            world.transmit(liar, dst, raw, 0.0, None if world.decode_frames else gossip)
+        if world.now + LIE_EVERY_S < run.faults_until:
+            world.after(LIE_EVERY_S, volley, f"lies of {liar}")
+
+    run.world.at(WARMUP, volley, f"lies of {liar}")
+
+    def refused(world: World) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for n in honest:
+            if world.nodes[n].up:
+                for reason, count in mw.core(n).statements.refused.items():
+                    total[reason] = total.get(reason, 0) + count
+        return dict(sorted(total.items()))
+
+    def victim_deaths(world: World) -> int:
+        return sum(1 for _, _, member, state in mw.member_events
+                   if member == victim and state in ("dead", "left"))
+
+    run.add_checker("victim-never-buried", lambda w: (
+        f"{victim} was declared dead or gone {victim_deaths(w)} times" if victim_deaths(w)
+        else None))
+    run.metric("liar", lambda w: liar)
+    run.metric("victim", lambda w: victim)
+    run.metric("lies_sent", lambda w: volleys[0] * LIES_PER_VOLLEY * len(honest))
+    run.metric("gossip_refused", refused)
+    run.metric("gossip_refused_total", lambda w: sum(refused(w).values()))
 
 
 # --------------------------------------------------------------------------- runner

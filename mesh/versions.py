@@ -1,0 +1,83 @@
+"""Transfer protocol versions: what a DC offers, and what two offers have in common.
+
+"Version" means two things in DWCP, each with its own name:
+
+* the **frame version** (:data:`mesh.wire.FRAME_VERSION`): the layout of every wire
+  frame, checked by the decoder; one value today;
+* the **transfer versions** (this module): how VM state moves between two DCs. v1 is
+  the baseline (one stream, no delta, no compression), v3 is HDE over AMST
+  (DESIGN.md, "Protocol versions and rollout").
+
+Each DC *offers* a set of transfer versions in its channel handshake (the federation's
+``versions`` intersected with what its data plane carries); both offers are signed into
+the handshake transcript (:mod:`mesh.channel`), and each end keeps the peer's whole
+offer. A migration then uses the highest version of the intersection that the rollout
+policy allows (:mod:`federation.migration.rollout`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = [
+    "V1",
+    "V3",
+    "KNOWN",
+    "BASELINE",
+    "OFFER_MAX",
+    "VERSION_MAX",
+    "VersionError",
+    "offer",
+    "common",
+    "highest_common",
+]
+
+V1 = 1
+V3 = 3
+#: Every transfer version this code can carry, ascending.
+KNOWN = (V1, V3)
+#: The version every DC of a federation is assumed to carry when nothing else is known
+#: (before a channel told the peer's offer): the simplest transfer.
+BASELINE = V1
+#: Most versions one offer may list, and the largest version number (the handshake's
+#: wire limits, :class:`mesh.channel.Hello`): room for versions this code does not know.
+OFFER_MAX = 16
+VERSION_MAX = 255
+
+
+class VersionError(Exception):
+    """An offer that is not a set of version numbers, or two offers with nothing in
+    common; the message names both sides."""
+
+
+def offer(versions: Iterable[int], *, who: str = "an offer") -> tuple[int, ...]:
+    """``versions`` as an offer: distinct, ascending, each in 1..VERSION_MAX, at most
+    OFFER_MAX of them, at least one. Unknown versions are kept (a newer peer may offer
+    them; :func:`common` drops them)."""
+    out = tuple(sorted(set(versions)))
+    if not out:
+        raise VersionError(f"{who} lists no transfer version")
+    if len(out) > OFFER_MAX:
+        raise VersionError(f"{who} lists {len(out)} transfer versions, at most {OFFER_MAX}")
+    bad = [v for v in out if type(v) is not int or not 1 <= v <= VERSION_MAX]
+    if bad:
+        raise VersionError(f"{who}: {bad} are not transfer versions (1..{VERSION_MAX})")
+    return out
+
+
+def common(local: Iterable[int], peer: Iterable[int]) -> tuple[int, ...]:
+    """The known versions both offers list, ascending."""
+    both = set(local) & set(peer)
+    return tuple(v for v in KNOWN if v in both)
+
+
+def highest_common(local: Iterable[int], peer: Iterable[int]) -> int:
+    """The highest known version both offers list; :class:`VersionError` if none."""
+    local, peer = tuple(local), tuple(peer)
+    both = common(local, peer)
+    if not both:
+        raise VersionError(
+            f"no common transfer version: we offer {sorted(set(local))}, "
+            f"the peer offers {sorted(set(peer))}"
+        )
+    return both[-1]
