@@ -221,6 +221,12 @@ class QemuBackend:
         if not layout or layout[0][0] != MEMORY:
             raise VmError(f"VM {name!r}: a qemu VM's layout starts with its memory")
         d = self._dir(name)
+        spec = VmSpec.from_json(machine) if machine else None
+        if spec is not None and spec.memory_mib * (1 << 20) // PAGE_SIZE != layout[0][1]:
+            raise VmError(f"VM {name!r}: the spec's {spec.memory_mib} MiB of RAM "
+                          f"is not the layout's {layout[0][1]} pages")
+        if spec is None and not (d / SPEC).exists():
+            raise VmError(f"VM {name!r}: a qemu target needs the source's machine spec")
         with self._lock:
             if (d / META).exists():
                 meta = self._meta(name)
@@ -232,16 +238,10 @@ class QemuBackend:
                 meta.update(state=VmState.INCOMING.value, migration_id=migration_id,
                             layout=[[n, c] for n, c in layout])
             else:
-                d.mkdir()
+                d.mkdir(exist_ok=True)
                 meta = new_meta(name, layout, VmState.INCOMING, 0, migration_id)
-            if machine:
-                spec = VmSpec.from_json(machine)
-                if spec.memory_mib * (1 << 20) // PAGE_SIZE != layout[0][1]:
-                    raise VmError(f"VM {name!r}: the spec's {spec.memory_mib} MiB of RAM "
-                                  f"is not the layout's {layout[0][1]} pages")
+            if spec is not None:
                 atomic_write(d / SPEC, spec.to_json() + b"\n")
-            elif not (d / SPEC).exists():
-                raise VmError(f"VM {name!r}: a qemu target needs the source's machine spec")
             self.ram_path(name).parent.mkdir(parents=True, exist_ok=True)
             writers: dict[str, ImageWriter] = {
                 img: map_writable(self._image_path(name, img), count, f"{name}/{img}")

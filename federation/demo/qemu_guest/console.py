@@ -57,7 +57,8 @@ def read_console(logs: Sequence[Path], offsets: Sequence[int] = ()) -> Console:
     checks: list[int] = []
     errors: list[str] = []
     boots = 0
-    for line in text.splitlines():
+    # only whole lines: the last one may still be being written
+    for line in text[: text.rfind("\n") + 1].splitlines():
         word = line.split()
         if not word:
             continue
