@@ -122,3 +122,21 @@ def test_console_joins_source_and_target_and_finds_reboots(tmp_path: Path) -> No
     dst.write_bytes(b"DWCP-T0 fill=0\nDWCP-HB 1\nDWCP-ERROR check 3 memory slot 2 differs\n")
     con = read_console([src, dst], [0, 0])
     assert con.counter_gaps() == [(3, 1)] and con.boots == 2 and len(con.errors) == 1
+
+
+@given(st.integers(1, 300), st.lists(st.integers(0, 299), max_size=30), st.integers(0, 99))
+def test_sent_digests_report_exactly_what_differs_from_the_copy(
+        n: int, writes: list[int], seed: int) -> None:
+    rng = random.Random(seed)
+    live = _image(n, rng)
+    shadow = ImageWriter(bytearray(live.view(0, n)))
+    sent = SentDigests(shadow)
+    pages = sorted({w % n for w in writes})
+    for p in pages:
+        live.write(p, rng.randbytes(PAGE_SIZE))
+    assert sent.changed(live) == pages
+    half = pages[: len(pages) // 2]
+    for p in half:
+        shadow.write(p, live.view(p))
+    sent.copied(shadow, half)
+    assert sent.changed(live) == pages[len(pages) // 2 :]

@@ -76,21 +76,52 @@ def changed_pages(old: bytes, new: bytes) -> list[int]:
     return out
 
 
+#: Pages per group digest of :class:`SentDigests`: one XXH3 call per 16 KiB runs at
+#: memory speed (14 ms per 144 MiB here, where one call per 4 KiB page took 41 ms: the
+#: per-call cost dominates), and only the groups that differ are hashed page by page.
+GROUP_PAGES = 4
+
+
+def _group_digests(image: PageSource) -> bytes:
+    out = []
+    step = GROUP_PAGES * PAGE_SIZE
+    for first in range(0, image.page_count, _RUN * GROUP_PAGES):
+        n = min(_RUN * GROUP_PAGES, image.page_count - first)
+        mv = image.view(first, n)
+        out.append(b"".join([_xxh64(mv[i : i + step]) for i in range(0, n * PAGE_SIZE, step)]))
+    return b"".join(out)
+
+
 class SentDigests:
     """The digests of what a migration copied of one image (its shadow): ``changed(live)``
-    is every page whose live content differs from the copy, ``copied(shadow, pages)``
-    records new copies."""
+    is every page whose live content differs from the copy (a scan of 16 KiB groups, then
+    the pages of the groups that differ), ``copied(shadow, pages)`` records new copies."""
 
     def __init__(self, shadow: PageSource) -> None:
-        self.digests = bytearray(scan_digests(shadow))
+        self.page_count = shadow.page_count
+        self.groups = bytearray(_group_digests(shadow))
+        self.pages = bytearray(scan_digests(shadow))
 
     def changed(self, live: PageSource) -> list[int]:
-        return changed_pages(bytes(self.digests), scan_digests(live))
+        if live.page_count != self.page_count:
+            raise ValueError(f"{live.page_count} pages live, {self.page_count} sent")
+        out: list[int] = []
+        pages = memoryview(self.pages)
+        for g in changed_pages(bytes(self.groups), _group_digests(live)):
+            first = g * GROUP_PAGES
+            for p in range(first, min(first + GROUP_PAGES, self.page_count)):
+                if _xxh64(live.view(p)) != pages[p * DIGEST : (p + 1) * DIGEST]:
+                    out.append(p)
+        return out
 
     def copied(self, shadow: PageSource, pages: list[int]) -> None:
-        d = self.digests
+        d, gd = self.pages, self.groups
         for p in pages:
             d[p * DIGEST : (p + 1) * DIGEST] = _xxh64(shadow.view(p))
+        for g in sorted({p // GROUP_PAGES for p in pages}):
+            first = g * GROUP_PAGES
+            n = min(GROUP_PAGES, self.page_count - first)
+            gd[g * DIGEST : (g + 1) * DIGEST] = _xxh64(shadow.view(first, n))
 
 
 class PageScan:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import attrs
 
@@ -117,7 +117,10 @@ class LiveMigration:
         self.level = level
         self.downtime_limit = downtime_limit
         self.max_rounds = max_rounds
-        self.executor = executor
+        #: indexing, block digests and HDE encoding: one thread per core of the reference
+        #: machine (2), as the v3 data plane's preparers (federation.dataplane.v3_source)
+        self._own_executor = executor is None
+        self.executor: Executor = executor or ThreadPoolExecutor(2)
         self.link = link
         self.report = MigrationReport()
         self._shadow: dict[str, ImageWriter] = {}
@@ -246,21 +249,25 @@ class LiveMigration:
                     old[p] = bytes(shadow.view(p))
                     shadow.write(p, live[img].view(p))
                 self._sent[img].copied(shadow, pages)
-                self._src_ix[img].refresh(shadow, pages)
+                self._src_ix[img].refresh(shadow, pages, self.executor)
                 reference = Overlay(shadow, old)
                 writer = self._writers[img]
-                for i in range(0, len(pages), CHUNK_PAGES):
-                    self._transfer += 1
-                    plan = ChunkPlan.of_pages(i // CHUNK_PAGES, pages[i : i + CHUNK_PAGES])
-                    frame = self.link(encode_chunk(self._transfer, plan, shadow, reference,
-                                                   self.level))
+                self._transfer += 1
+                tid = self._transfer
+                plans = [ChunkPlan.of_pages(i // CHUNK_PAGES, pages[i : i + CHUNK_PAGES])
+                         for i in range(0, len(pages), CHUNK_PAGES)]
+                n = len(plans)
+                frames = self.executor.map(encode_chunk, [tid] * n, plans, [shadow] * n,
+                                           [reference] * n, [self.level] * n)
+                for encoded in frames:
+                    frame = self.link(encoded)
                     wire += len(frame)
-                    chunk = decode_chunk(frame, self._transfer, writer.page_count)
+                    chunk = decode_chunk(frame, tid, writer.page_count)
                     for j, p in enumerate(chunk.pages):
                         data = chunk.data[j * PAGE_SIZE : (j + 1) * PAGE_SIZE]
                         writer.write(p, xor_pages(data, writer.view(p)) if chunk.xor[j]
                                      else data)
-                blocks = self._dst_ix[img].refresh(writer, pages)
+                blocks = self._dst_ix[img].refresh(writer, pages, self.executor)
                 self.report.verified_blocks += len(blocks)
                 if self._dst_ix[img].root != self._src_ix[img].root:
                     raise VmError(f"VM {self.name!r}: {img} differs at the target after "
@@ -315,3 +322,5 @@ class LiveMigration:
         self._writers = {}
         self._shadow = {}
         self._sent = {}
+        if self._own_executor:
+            self.executor.shutdown()
