@@ -83,6 +83,8 @@ class MigrationReport:
     #: stop window, phase -> seconds
     stop_window: dict[str, float] = attrs.field(factory=dict)
     verified_blocks: int = 0
+    #: seconds spent refreshing the two indexes (hashing changed blocks), all rounds
+    verify_s: float = 0.0
     total_s: float = 0.0
     root: dict[str, bytes] = attrs.field(factory=dict)
 
@@ -249,7 +251,9 @@ class LiveMigration:
                     old[p] = bytes(shadow.view(p))
                     shadow.write(p, live[img].view(p))
                 self._sent[img].copied(shadow, pages)
+                t = time.monotonic()
                 self._src_ix[img].refresh(shadow, pages, self.executor)
+                self.report.verify_s += time.monotonic() - t
                 reference = Overlay(shadow, old)
                 writer = self._writers[img]
                 self._transfer += 1
@@ -267,7 +271,9 @@ class LiveMigration:
                         data = chunk.data[j * PAGE_SIZE : (j + 1) * PAGE_SIZE]
                         writer.write(p, xor_pages(data, writer.view(p)) if chunk.xor[j]
                                      else data)
+                t = time.monotonic()
                 blocks = self._dst_ix[img].refresh(writer, pages, self.executor)
+                self.report.verify_s += time.monotonic() - t
                 self.report.verified_blocks += len(blocks)
                 if self._dst_ix[img].root != self._src_ix[img].root:
                     raise VmError(f"VM {self.name!r}: {img} differs at the target after "
@@ -292,14 +298,17 @@ class LiveMigration:
         t2 = time.monotonic()
         dirty = self.changed()
         t3 = time.monotonic()
+        verify_before = rep.verify_s
         rep.final_pages, rep.final_wire_bytes = self._send_changed(dirty)
         t4 = time.monotonic()
+        final_verify = rep.verify_s - verify_before
         # No flush: the target QEMU maps the same files, so it sees the page cache we wrote.
         dst.start(name, epoch, state)
         t5 = time.monotonic()
         rep.downtime_s = t5 - t0
         window.update(stop=t1 - t0, device_state=t2 - t1, dirty_scan=t3 - t2,
-                      final_round=t4 - t3, load_and_cont=t5 - t4)
+                      final_round=t4 - t3 - final_verify, final_verify=final_verify,
+                      load_and_cont=t5 - t4)
         rep.root = {img: ix.root for img, ix in sorted(self._dst_ix.items())}
         src.retire(name, self.migration_id)
         self._close()
