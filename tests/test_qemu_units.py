@@ -3,7 +3,9 @@ tracking by rescan, incremental index refresh, the guest console parser."""
 
 from __future__ import annotations
 
+import hashlib
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 from federation.demo.qemu_guest.build import guest_cmdline
 from federation.demo.qemu_guest.console import read_console
 from federation.vms.backend import VmError
+from federation.vms import qemu_machine
 from federation.vms.dirty_scan import PageScan, SentDigests, changed_pages, scan_digests
 from federation.vms.qemu_machine import VmSpec, qemu_argv, socket_path
 from mesh.hde.image import PAGE_SIZE, ImageWriter
@@ -140,3 +143,24 @@ def test_sent_digests_report_exactly_what_differs_from_the_copy(
         shadow.write(p, live.view(p))
     sent.copied(shadow, half)
     assert sent.changed(live) == pages[len(pages) // 2 :]
+
+
+def test_the_accelerator_probe_answers_tcg_without_kvm_and_keeps_its_answer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qemu_machine, "_probed", {})
+    monkeypatch.setattr(qemu_machine.os, "access", lambda *_: False)
+    assert qemu_machine.probe_accel("qemu", "/k", "/i", tmp_path) == "tcg"
+    monkeypatch.undo()
+    monkeypatch.setattr(qemu_machine, "_probed", {})
+    if not Path("/dev/kvm").exists():
+        return
+    # with /dev/kvm: a file kept from an earlier probe answers without booting
+    k, i = tmp_path / "k", tmp_path / "i"
+    k.write_bytes(b"k")
+    i.write_bytes(b"i")
+    stamp = [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in (k, i)]
+    qemu = shutil.which("true") or "/bin/true"
+    st = Path(qemu).stat()
+    key = "\n".join([f"{qemu}:{st.st_size}:{st.st_mtime_ns}", *stamp])
+    (tmp_path / f"accel-{hashlib.sha256(key.encode()).hexdigest()[:16]}").write_text("kvm\n")
+    assert qemu_machine.probe_accel(qemu, str(k), str(i), tmp_path) == "kvm"

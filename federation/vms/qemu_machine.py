@@ -18,11 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import threading
+import time
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -329,14 +331,32 @@ def probe_accel(qemu: str, kernel: str, initrd: str, workdir: Path,
     """``kvm`` if this kernel really boots under KVM here, else ``tcg``: boots it with
     ``accel=kvm`` (no disk, a throwaway RAM) until the kernel starts init or ``timeout``.
     A ``/dev/kvm`` that exists is not enough: guests hit KVM emulation failures or hang on
-    some hosts. The answer is kept per (qemu, kernel, initrd) for this process."""
+    some hosts. The answer is kept for this process and in ``workdir`` (keyed by the
+    QEMU binary and the kernel and initramfs files), since a hang costs the whole timeout.
+    """
     key = (qemu, kernel, initrd)
     if key in _probed:
         return _probed[key]
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         _probed[key] = "tcg"
         return "tcg"
+    stamp = []
+    for f in (shutil.which(qemu) or qemu, kernel, initrd):
+        try:
+            st = os.stat(f)
+        except OSError:
+            raise VmError(f"cannot probe the accelerator: {f} is missing") from None
+        stamp.append(f"{os.path.abspath(f)}:{st.st_size}:{st.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
     workdir.mkdir(parents=True, exist_ok=True)
+    cached = workdir / f"accel-{digest}"
+    try:
+        accel = cached.read_text().strip()
+        if accel in ("kvm", "tcg"):
+            _probed[key] = accel
+            return accel
+    except OSError:
+        pass  # not probed yet on this root
     console = workdir / "kvm-probe-console.log"
     console.unlink(missing_ok=True)
     argv = [qemu, "-nodefaults", "-no-user-config", "-no-reboot", "-machine", "pc,accel=kvm",
@@ -348,13 +368,13 @@ def probe_accel(qemu: str, kernel: str, initrd: str, workdir: Path,
                             stderr=subprocess.DEVNULL)
     accel = "tcg"
     try:
-        deadline = timeout
-        while deadline > 0:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             try:
                 proc.wait(0.25)
                 break  # QEMU exited: KVM refused or the guest died
             except subprocess.TimeoutExpired:
-                deadline -= 0.25
+                pass  # still booting (or hung): look at the console again
             if console.exists() and _PROBE_MARK in console.read_bytes():
                 accel = "kvm"
                 break
@@ -362,5 +382,6 @@ def probe_accel(qemu: str, kernel: str, initrd: str, workdir: Path,
         proc.kill()
         proc.wait()
         console.unlink(missing_ok=True)
+    cached.write_text(accel + "\n")
     _probed[key] = accel
     return accel
