@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from federation.demo.qemu_guest.build import guest_cmdline
 from federation.demo.qemu_guest.console import read_console
-from federation.vms.backend import VmError
 from federation.vms import qemu_machine
+from federation.vms.backend import VmError
 from federation.vms.dirty_scan import PageScan, SentDigests, changed_pages, scan_digests
 from federation.vms.qemu_machine import VmSpec, qemu_argv, socket_path
 from mesh.hde.image import PAGE_SIZE, ImageWriter
