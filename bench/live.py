@@ -8,6 +8,9 @@ Contenders (:data:`CONTENDERS`), each a function ``(Setup, Path) -> dict``:
 - ``qemu_precopy``: QEMU's plain pre-copy (one stream, no compression);
 - ``qemu_multifd_zstd1`` and ``qemu_multifd_zstd<N>``: multifd (2 channels) with zstd at
   level 1 (QEMU's default) and at ``--level`` (default 3, zstd's own default);
+- ``dirty_tracking``: on the same booted guest, what a rescan of page digests costs (per
+  page, and per 16 KiB group as the migration does) and whether the kernel offers
+  soft-dirty bits; the guest's share of zero pages;
 - ``dwcp_inprocess``: :class:`federation.vms.live_migration.LiveMigration` between two
   qemu backends in this process, loopback only: its bytes are HDE frames, diff messages
   and device state counted in process, not on a wire. The node-to-node DWCP run (AMST over
@@ -15,11 +18,11 @@ Contenders (:data:`CONTENDERS`), each a function ``(Setup, Path) -> dict``:
   once the node drives the qemu backend.
 
 Per run: boot a fresh guest (``--fill`` percent of its free RAM in ballast, no disk: QEMU's
-migration moves no disk), wait until its heartbeat counter reaches ``--at`` seconds of guest
-time, migrate, resume the target and check that the counter continued and the checks passed
-(``ok``). Wire bytes: the relay's forward bytes (loopback) or the source veth's tx bytes
-(tbf, IP packets with headers). Needs QEMU and ``make qemu-guest``; the tbf runs need root
-and iproute2 (``missing`` says what was skipped and why).
+migration moves no disk), wait until it wrote its ballast and its heartbeat counter reached
+``--at`` seconds of guest time, migrate, resume the target and check that the counter
+continued and the checks passed (``ok``). Wire bytes: the relay's forward bytes (loopback)
+or the source veth's tx bytes (tbf, IP packets with headers). Needs QEMU and ``make
+qemu-guest``; the tbf runs need root and iproute2 (``missing`` says what was skipped).
 """
 
 from __future__ import annotations
@@ -40,10 +43,12 @@ from bench.corpus.relay import CountingRelay
 from bench.netns import ADDRESS_B, TbfLink, netns_missing
 from bench.qemu import MAX_BANDWIDTH, MIGRATION_TIMEOUT_S, MigrationError, qemu_version
 from federation.demo.qemu_guest.build import GuestAssetsMissing, guest_cmdline, load_assets
-from federation.demo.qemu_guest.console import read_console, wait_console
+from federation.demo.qemu_guest.console import Console, read_console, wait_console
+from federation.vms.dirty_scan import SentDigests, scan_digests, soft_dirty_available
 from federation.vms.live_migration import LiveMigration
 from federation.vms.qemu_backend import QemuBackend
 from federation.vms.qemu_machine import QEMU, QemuProcess, VmSpec, probe_accel, qemu_argv
+from mesh.hde.image import PAGE_SIZE, ImageWriter
 
 __all__ = ["register", "measure", "Setup", "CONTENDERS"]
 
@@ -74,6 +79,12 @@ class Setup:
 
 def _heartbeat_at(at_s: int) -> int:
     return at_s * 10  # the guest prints DWCP-HB every 0.1 s of guest time
+
+
+def _ready(at_s: int) -> Callable[[Console], bool]:
+    """The moment every contender migrates: the ballast is written and the heartbeat
+    counter reached ``at_s`` seconds of guest time."""
+    return lambda c: c.filled and c.last_heartbeat >= _heartbeat_at(at_s)
 
 
 class _Guest:
@@ -139,8 +150,8 @@ def _guest_ok(logs: list[Path], offsets: list[int], before: int,
 
 def _boot_source(setup: Setup, work: Path, prefix: Sequence[str]) -> _Guest:
     src = _Guest(setup, work / "src", False, prefix)
-    wait_console([src.console], lambda c: c.last_heartbeat >= _heartbeat_at(setup.at_s),
-                 BOOT_TIMEOUT, f"{setup.at_s} s of guest time", alive=src.proc.alive)
+    wait_console([src.console], _ready(setup.at_s), BOOT_TIMEOUT,
+                 f"the ballast and {setup.at_s} s of guest time", alive=src.proc.alive)
     return src
 
 
@@ -212,9 +223,9 @@ def _dwcp_inprocess(setup: Setup, work: Path) -> dict[str, Any]:
     try:
         a.create("g", setup.spec)
         a.start("g", 1)
-        wait_console([a.console_path("g")],
-                     lambda c: c.last_heartbeat >= _heartbeat_at(setup.at_s), BOOT_TIMEOUT,
-                     f"{setup.at_s} s of guest time", alive=lambda: a.qemu_pid("g") is not None)
+        wait_console([a.console_path("g")], _ready(setup.at_s), BOOT_TIMEOUT,
+                     f"the ballast and {setup.at_s} s of guest time",
+                     alive=lambda: a.qemu_pid("g") is not None)
         src_offset = a.console_path("g").stat().st_size
         rep = LiveMigration(a, b, "g", "bench-1", level=1).run(2)
         before = read_console([a.console_path("g")]).last_heartbeat
@@ -230,6 +241,45 @@ def _dwcp_inprocess(setup: Setup, work: Path) -> dict[str, Any]:
     finally:
         a.close(stop_guests=True)
         b.close(stop_guests=True)
+
+
+def _dirty_tracking(setup: Setup, work: Path) -> dict[str, Any]:
+    """The two ways to find the pages a running guest changed, on the booted guest:
+    rescanning digests (per page, and per 16 KiB group as SentDigests does) and the
+    kernel's soft-dirty bits (probed; measured only where the kernel has them)."""
+    a = QemuBackend(work / "a", accel=setup.accel)
+    try:
+        a.create("g", setup.spec)
+        a.start("g", 1)
+        con = wait_console([a.console_path("g")], _ready(setup.at_s), BOOT_TIMEOUT,
+                           f"the ballast and {setup.at_s} s of guest time",
+                           alive=lambda: a.qemu_pid("g") is not None)
+        at = con.last_heartbeat
+        live = a.open_images("g")["memory"]
+        try:
+            pages = live.page_count
+            zero = bytes(PAGE_SIZE)
+            zero_pages = sum(1 for p in range(pages) if live.view(p) == zero)
+            t = time.monotonic()
+            scan_digests(live)
+            per_page_s = time.monotonic() - t
+            shadow = ImageWriter(bytearray(live.view(0, pages)), "shadow")
+            sent = SentDigests(shadow)
+            wait_console([a.console_path("g")], lambda c: c.last_heartbeat >= at + 10, 60.0,
+                         "1 s more of guest time")
+            t = time.monotonic()
+            changed = sent.changed(live)
+            group_s = time.monotonic() - t
+        finally:
+            live.close()
+        mib = pages * PAGE_SIZE / (1 << 20)
+        return {"guest_mib": round(mib), "zero_page_percent": round(100 * zero_pages / pages, 1),
+                "rescan_per_page_ms": round(per_page_s * 1000, 1),
+                "rescan_grouped_ms": round(group_s * 1000, 1),
+                "changed_pages_in_1s_guest_time": len(changed),
+                "soft_dirty": soft_dirty_available() or "available (not measured by this run)"}
+    finally:
+        a.close(stop_guests=True)
 
 
 def _contenders(level: int) -> dict[str, Callable[[Setup, Path, bool], dict[str, Any]]]:
@@ -273,6 +323,7 @@ def measure(mib: int = GUEST_MIB, fill: int = FILL_PERCENT, at_s: int = AT_S,
                 result[f"{name}_{link}"] = run(setup, work / f"{name}-{link}", link == "tbf100")
         if dwcp:
             result["dwcp_inprocess_loopback"] = _dwcp_inprocess(setup, work / "dwcp")
+            result["dirty_tracking"] = _dirty_tracking(setup, work / "dirty")
         best = min((v for k, v in result.items() if k.startswith("qemu_") and
                     k.endswith("_loopback")), key=lambda r: r["wire_bytes"])
         result.update(qemu_wire_bytes=best["wire_bytes"], qemu_total_s=best["total_s"],

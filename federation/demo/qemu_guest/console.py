@@ -1,6 +1,7 @@
 """What the self-checking guest prints, read back from its serial console log(s).
 
-Lines (:file:`selfcheck.sh`): ``DWCP-T0`` once at boot, ``DWCP-HB N`` every 0.1 s of
+Lines (:file:`selfcheck.sh`): ``DWCP-T0`` once at boot, ``DWCP-FILL`` once the ballast is
+written (with ``dwcp.fill`` > 0), ``DWCP-HB N`` every 0.1 s of
 guest time with N counting up from 1, ``DWCP-CHECK R ok`` after each verified round,
 ``DWCP-ERROR ...`` for any slot that differs. A migrated guest writes to the source's
 console until the fence and to the target's after ``cont``: :func:`read_console` joins
@@ -29,6 +30,8 @@ class Console:
     errors: tuple[str, ...]
     boots: int
     text: str
+    #: the guest finished writing its ballast (DWCP-FILL), or had none to write
+    filled: bool = False
 
     @property
     def last_heartbeat(self) -> int:
@@ -57,6 +60,7 @@ def read_console(logs: Sequence[Path], offsets: Sequence[int] = ()) -> Console:
     checks: list[int] = []
     errors: list[str] = []
     boots = 0
+    filled = False
     # only whole lines: the last one may still be being written
     for line in text[: text.rfind("\n") + 1].splitlines():
         word = line.split()
@@ -70,7 +74,10 @@ def read_console(logs: Sequence[Path], offsets: Sequence[int] = ()) -> Console:
             errors.append(line)
         elif word[0] == "DWCP-T0":
             boots += 1
-    return Console(tuple(hbs), tuple(checks), tuple(errors), boots, text)
+            filled = "fill=0" in word
+        elif word[0] == "DWCP-FILL":
+            filled = True
+    return Console(tuple(hbs), tuple(checks), tuple(errors), boots, text, filled)
 
 
 def wait_console(logs: Sequence[Path], until: Callable[[Console], bool], timeout: float,
