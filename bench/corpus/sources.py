@@ -102,19 +102,12 @@ def kernel_package() -> tuple[str, str, Path]:
 
 def build_initramfs(data_debs: list[Path], out: Path, work: Path) -> None:
     """A newc cpio (gzip) with static busybox, /init, the workloads and /data."""
+    stage = work / "initramfs"
+    files = {("init" if n == "init.sh" else n): HERE / n for n in GUEST_FILES}
     try:
-        busybox = guest_build.static_busybox()
+        guest_build.stage_initramfs(stage, ("proc", "sys", "dev", "work", "tmp"), files)
     except guest_build.GuestAssetsMissing as e:
         raise SourceError(str(e)) from None
-    stage = work / "initramfs"
-    shutil.rmtree(stage, ignore_errors=True)
-    for d in ("bin", "proc", "sys", "dev", "work", "tmp"):
-        (stage / d).mkdir(parents=True)
-    shutil.copy2(busybox, stage / "bin" / "busybox")
-    for name in GUEST_FILES:
-        target = stage / ("init" if name == "init.sh" else name)
-        shutil.copyfile(HERE / name, target)
-        target.chmod(0o755)
     unpack(data_debs, stage / "data")
     try:
         guest_build.pack_initramfs(stage, out)

@@ -114,20 +114,13 @@ class QMPClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise QMPError(f"no {name} event with {data} within {timeout} s")
-            self._sock.settimeout(remaining)
             try:
-                line = self._file.readline()
-            except TimeoutError:
-                self.close()  # a line may have been cut by the timeout: the stream is lost
-                raise QMPError(f"no {name} event with {data} within {timeout} s") from None
-            except OSError as exc:
-                self.close()
-                raise QMPError(f"{self.path}: {exc}") from None
-            if not line:
-                self.close()
-                raise QMPError("QMP monitor closed the connection")
-            msg = json.loads(line)
-            if isinstance(msg, dict) and "event" in msg:
+                msg = self._read(remaining)
+            except QMPError:
+                if deadline - time.monotonic() <= 0:
+                    raise QMPError(f"no {name} event with {data} within {timeout} s") from None
+                raise
+            if "event" in msg:
                 self.events.append(msg)
 
     def close(self) -> None:

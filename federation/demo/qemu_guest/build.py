@@ -21,7 +21,7 @@ from pathlib import Path
 import attrs
 
 __all__ = ["GuestAssets", "GuestAssetsMissing", "guest_dir", "load_assets", "guest_cmdline",
-           "kernel_package", "static_busybox", "pack_initramfs", "build"]
+           "kernel_package", "static_busybox", "stage_initramfs", "pack_initramfs", "build"]
 
 HERE = Path(__file__).resolve().parent
 GUEST_FILES = ("init.sh", "selfcheck.sh")
@@ -99,6 +99,20 @@ def static_busybox() -> Path:
     return busybox
 
 
+def stage_initramfs(stage: Path, dirs: tuple[str, ...], files: dict[str, Path]) -> None:
+    """A fresh tree at ``stage``: the static busybox in ``bin/``, directories ``dirs``, and
+    ``files`` (path in the initramfs -> source), executable."""
+    busybox = static_busybox()
+    shutil.rmtree(stage, ignore_errors=True)
+    for d in ("bin", *dirs):
+        (stage / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(busybox, stage / "bin" / "busybox")
+    for name, src in files.items():
+        target = stage / name
+        shutil.copyfile(src, target)
+        target.chmod(0o755)
+
+
 def pack_initramfs(stage: Path, out: Path) -> None:
     """A gzip'd newc cpio of the tree ``stage`` (owner root, reproducible), written to
     ``out`` by atomic rename."""
@@ -120,7 +134,6 @@ def build(root: Path) -> GuestAssets:
         if shutil.which(tool) is None:
             raise GuestAssetsMissing(f"no `{tool}` (run `make qemu-guest`, it apt-get installs)")
     pkg, version, vmlinuz = kernel_package()
-    busybox = static_busybox()
     modules = Path("/lib/modules") / vmlinuz.name.removeprefix("vmlinuz-")
     found = {p.name.removesuffix(".ko"): p for p in modules.rglob("*.ko")}
     missing = [m for m in MODULES if m not in found]
@@ -128,22 +141,15 @@ def build(root: Path) -> GuestAssets:
         raise GuestAssetsMissing(f"{modules}: no modules {missing} (uncompressed .ko)")
     root.mkdir(parents=True, exist_ok=True)
     stage = root / "initramfs.stage"
-    shutil.rmtree(stage, ignore_errors=True)
-    for d in ("bin", "proc", "sys", "dev", "work", "lib/modules"):
-        (stage / d).mkdir(parents=True)
-    shutil.copy2(busybox, stage / "bin" / "busybox")
-    for m in MODULES:
-        shutil.copyfile(found[m], stage / "lib" / "modules" / f"{m}.ko")
-    for name in GUEST_FILES:
-        target = stage / ("init" if name == "init.sh" else name)
-        shutil.copyfile(HERE / name, target)
-        target.chmod(0o755)
+    files = {("init" if n == "init.sh" else n): HERE / n for n in GUEST_FILES}
+    files.update({f"lib/modules/{m}.ko": found[m] for m in MODULES})
+    stage_initramfs(stage, ("proc", "sys", "dev", "work", "lib/modules"), files)
     pack_initramfs(stage, root / INITRD)
     shutil.rmtree(stage)
     tmp = root / (KERNEL + ".part")
     shutil.copyfile(vmlinuz, tmp)
     os.replace(tmp, root / KERNEL)
-    busybox_version = _run([str(busybox)]).splitlines()[0]
+    busybox_version = _run([str(static_busybox())]).splitlines()[0]
     info = {"kernel": {"package": pkg, "version": version, "file": KERNEL},
             "initramfs": INITRD, "busybox": busybox_version, "modules": list(MODULES)}
     tmp = root / (INFO + ".part")
