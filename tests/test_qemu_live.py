@@ -65,10 +65,9 @@ def test_an_abort_resumes_the_source_as_it_was(lab: QemuLab, stage: str) -> None
     m.precopy()
     if stage == "final_round":
         # everything of the switch-over but the target's start: fenced, device state saved
-        a.fence("g", "m1")
-        m._fenced = True
-        a.device_state("g", "m1")
-        m._send_changed(m.changed())
+        m.fence()
+        m.final_round()
+        assert a.info("g").state is VmState.FENCED and not a.guest_running("g")
     hb = lab.read([a.console_path("g")]).last_heartbeat
     m.abort()
     assert a.info("g").state is VmState.RUNNING and a.guest_running("g")

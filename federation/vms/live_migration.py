@@ -287,33 +287,47 @@ class LiveMigration:
     # ------------------------------------------------------------------ switch-over
 
     def switch_over(self, epoch: int) -> MigrationReport:
-        src, dst, name, rep = self.source, self.target, self.name, self.report
-        window = rep.stop_window
+        """Fence, final round, start at the target, retire the source; the downtime is
+        from the fence's ``stop`` to the target's ``cont``."""
+        rep = self.report
         t0 = time.monotonic()
-        src.fence(name, self.migration_id)
-        self._fenced = True
+        state = self.fence()
         t1 = time.monotonic()
-        state = src.device_state(name, self.migration_id)
-        rep.device_state_bytes = len(state)
-        t2 = time.monotonic()
-        dirty = self.changed()
-        t3 = time.monotonic()
         verify_before = rep.verify_s
-        rep.final_pages, rep.final_wire_bytes = self._send_changed(dirty)
-        t4 = time.monotonic()
+        self.final_round()
+        t2 = time.monotonic()
+        self.target.start(self.name, epoch, state)
+        t3 = time.monotonic()
+        rep.downtime_s = t3 - t0
         final_verify = rep.verify_s - verify_before
-        # No flush: the target QEMU maps the same files, so it sees the page cache we wrote.
-        dst.start(name, epoch, state)
-        t5 = time.monotonic()
-        rep.downtime_s = t5 - t0
-        window.update(stop=t1 - t0, device_state=t2 - t1, dirty_scan=t3 - t2,
-                      final_round=t4 - t3 - final_verify, final_verify=final_verify,
-                      load_and_cont=t5 - t4)
+        rep.stop_window.update(final_round=t2 - t1 - rep.stop_window["dirty_scan"]
+                               - final_verify, final_verify=final_verify,
+                               load_and_cont=t3 - t2)
         rep.root = {img: ix.root for img, ix in sorted(self._dst_ix.items())}
-        src.retire(name, self.migration_id)
+        self.source.retire(self.name, self.migration_id)
         self._close()
         rep.total_s = time.monotonic() - self._started
         return rep
+
+    def fence(self) -> bytes:
+        """Stop the source guest (QMP ``stop``) and save its device state."""
+        t0 = time.monotonic()
+        self.source.fence(self.name, self.migration_id)
+        self._fenced = True
+        t1 = time.monotonic()
+        state = self.source.device_state(self.name, self.migration_id)
+        self.report.device_state_bytes = len(state)
+        self.report.stop_window.update(stop=t1 - t0, device_state=time.monotonic() - t1)
+        return state
+
+    def final_round(self) -> None:
+        """With the source stopped: send what differs from what was sent, verify."""
+        rep = self.report
+        t0 = time.monotonic()
+        dirty = self.changed()
+        rep.stop_window["dirty_scan"] = time.monotonic() - t0
+        # No flush afterwards: the target QEMU maps the same files and sees the page cache.
+        rep.final_pages, rep.final_wire_bytes = self._send_changed(dirty)
 
     def abort(self) -> None:
         """Discard the target's copy and resume the source exactly as it was."""

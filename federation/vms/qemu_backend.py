@@ -227,6 +227,12 @@ class QemuBackend:
                           f"is not the layout's {layout[0][1]} pages")
         if spec is None and not (d / SPEC).exists():
             raise VmError(f"VM {name!r}: a qemu target needs the source's machine spec")
+        for what in () if spec is None else (spec.kernel, spec.initrd):
+            # The spec names files of this host: the target boots nothing it does not hold.
+            # (Which files and QEMU arguments a peer may ask for is the node's policy, issue
+            # 17 second part: docs/qemu.md.)
+            if not Path(what).is_file():
+                raise VmError(f"VM {name!r}: the spec's {what} is not a file here")
         with self._lock:
             if (d / META).exists():
                 meta = self._meta(name)
