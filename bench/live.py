@@ -44,10 +44,12 @@ from bench.netns import ADDRESS_B, TbfLink, netns_missing
 from bench.qemu import MAX_BANDWIDTH, MIGRATION_TIMEOUT_S, MigrationError, qemu_version
 from federation.demo.qemu_guest.build import GuestAssetsMissing, guest_cmdline, load_assets
 from federation.demo.qemu_guest.console import Console, read_console, wait_console
+from federation.vms.accel import probe_accel
 from federation.vms.dirty_scan import SentDigests, scan_digests, soft_dirty_available
 from federation.vms.live_migration import LiveMigration
 from federation.vms.qemu_backend import QemuBackend
-from federation.vms.qemu_machine import QEMU, QemuProcess, VmSpec, probe_accel, qemu_argv
+from federation.vms.qemu_machine import QemuProcess
+from federation.vms.qemu_spec import QEMU, VmSpec, qemu_argv
 from mesh.hde.image import PAGE_SIZE, ImageWriter
 
 __all__ = ["register", "measure", "Setup", "CONTENDERS"]

@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 
 from federation.demo.qemu_guest.build import guest_cmdline
 from federation.demo.qemu_guest.console import read_console
-from federation.vms import qemu_machine
+from federation.vms import accel
 from federation.vms.backend import VmError
 from federation.vms.dirty_scan import PageScan, SentDigests, changed_pages, scan_digests
-from federation.vms.qemu_machine import VmSpec, qemu_argv, socket_path
+from federation.vms.qemu_machine import socket_path
+from federation.vms.qemu_spec import VmSpec, qemu_argv
 from mesh.hde.image import PAGE_SIZE, ImageWriter
 from mesh.hde.index import BLOCK_PAGES, build_index
 
@@ -147,11 +148,11 @@ def test_sent_digests_report_exactly_what_differs_from_the_copy(
 
 def test_the_accelerator_probe_answers_tcg_without_kvm_and_keeps_its_answer(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(qemu_machine, "_probed", {})
-    monkeypatch.setattr(qemu_machine.os, "access", lambda *_: False)
-    assert qemu_machine.probe_accel("qemu", "/k", "/i", tmp_path) == "tcg"
+    monkeypatch.setattr(accel, "_probed", {})
+    monkeypatch.setattr(accel.os, "access", lambda *_: False)
+    assert accel.probe_accel("qemu", "/k", "/i", tmp_path) == "tcg"
     monkeypatch.undo()
-    monkeypatch.setattr(qemu_machine, "_probed", {})
+    monkeypatch.setattr(accel, "_probed", {})
     if not Path("/dev/kvm").exists():
         return
     # with /dev/kvm: a file kept from an earlier probe answers without booting
@@ -163,4 +164,4 @@ def test_the_accelerator_probe_answers_tcg_without_kvm_and_keeps_its_answer(
     st = Path(qemu).stat()
     key = "\n".join([f"{qemu}:{st.st_size}:{st.st_mtime_ns}", *stamp])
     (tmp_path / f"accel-{hashlib.sha256(key.encode()).hexdigest()[:16]}").write_text("kvm\n")
-    assert qemu_machine.probe_accel(qemu, str(k), str(i), tmp_path) == "kvm"
+    assert accel.probe_accel(qemu, str(k), str(i), tmp_path) == "kvm"

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from federation.demo.guest_writer import map_writable
+from federation.vms.accel import probe_accel
 from federation.vms.backend import (
     MEMORY,
     FencedError,
@@ -46,14 +47,8 @@ from federation.vms.backend import (
     disk_name,
 )
 from federation.vms.dirty_scan import PageScan
-from federation.vms.qemu_machine import (
-    QEMU,
-    QemuProcess,
-    VmSpec,
-    probe_accel,
-    qemu_argv,
-    socket_path,
-)
+from federation.vms.qemu_machine import QemuProcess, socket_path
+from federation.vms.qemu_spec import QEMU, VmSpec, qemu_argv
 from federation.vms.qmp import QMPError
 from federation.vms.vm_dir import (
     META,
@@ -82,7 +77,7 @@ class QemuBackend:
     """VMs as QEMU processes under ``root`` (implements :class:`federation.vms.backend.VmBackend`).
 
     ``accel``: ``"auto"`` (KVM where a guest boots under it, else TCG:
-    :func:`federation.vms.qemu_machine.probe_accel`), ``"kvm"`` or ``"tcg"``."""
+    :func:`federation.vms.accel.probe_accel`), ``"kvm"`` or ``"tcg"``."""
 
     def __init__(self, root: Path | str, ram_root: Path | str | None = None,
                  accel: str = "auto", qemu: str = QEMU) -> None:

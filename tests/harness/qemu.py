@@ -14,7 +14,7 @@ from pathlib import Path
 from federation.demo.qemu_guest.build import GuestAssetsMissing, guest_cmdline, load_assets
 from federation.demo.qemu_guest.console import Console, read_console, wait_console
 from federation.vms.qemu_backend import QemuBackend, VmSpec
-from federation.vms.qemu_machine import QEMU
+from federation.vms.qemu_spec import QEMU
 
 __all__ = ["qemu_missing", "QemuLab", "BOOT_TIMEOUT"]
 
