@@ -58,8 +58,9 @@ MAX_ROUNDS = 5
 #: zstd level 1: QEMU's multifd-zstd default (DEFAULT_MIGRATE_MULTIFD_ZSTD_LEVEL), so the
 #: first comparison is at the same level.
 LEVEL = 1
-#: What the stop window costs besides the pages, measured on the self-checking guest
-#: (device-state save 20 ms, load and cont ~20 ms, the dirty scan ~25 ms per 128 MiB).
+#: What the stop window costs besides the scan and the pages, measured on the
+#: self-checking guest (dwcp bench live, shared machine): stop 1-7 ms, device-state save
+#: 12-20 ms, load and cont 15-42 ms.
 FIXED_STOP_S = 0.07
 
 
@@ -130,6 +131,8 @@ class LiveMigration:
         self._dst_ix: dict[str, PageIndex] = {}
         self._writers: dict[str, ImageWriter] = {}
         self._sent: dict[str, SentDigests] = {}
+        #: how long the last dirty scan took (a pass over every image)
+        self._scan_s = 0.0
         self._fenced = False
         self._started = 0.0
         self._transfer = 0
@@ -146,21 +149,25 @@ class LiveMigration:
             raise
 
     def precopy(self) -> None:
+        """Round 1, then incremental rounds until the estimated stop window fits the
+        downtime limit (at least one incremental round: the final round runs that path,
+        so its cost per page is measured there) or ``max_rounds`` have run."""
         self._started = time.monotonic()
         self.first_round()
         while len(self.report.rounds) < self.max_rounds:
             last = self.report.rounds[-1]
-            if self.estimate_stop_s(last.dirty_after) <= self.downtime_limit:
+            if last.round > 1 and self.estimate_stop_s(last.dirty_after) <= self.downtime_limit:
                 break
             self.next_round()
 
     def estimate_stop_s(self, pages: int) -> float:
-        """The final round's expected stop window for ``pages`` changed pages, at the
-        throughput pre-copy measured."""
-        moved = sum(r.pages for r in self.report.rounds)
-        spent = sum(r.seconds for r in self.report.rounds)
-        rate = moved / spent if spent > 0 else 0.0
-        return FIXED_STOP_S + (pages / rate if rate > 0 else float("inf"))
+        """The final round's expected stop window for ``pages`` changed pages: the fixed
+        costs, one dirty scan as long as the last one took, and the pages at the cost per
+        page of the last incremental round (copy, encode, apply, verify)."""
+        last = self.report.rounds[-1]
+        per_page = (max(0.0, last.seconds - 2 * self._scan_s) / last.pages
+                    if last.round > 1 and last.pages else 0.0)
+        return FIXED_STOP_S + self._scan_s + pages * per_page
 
     # ------------------------------------------------------------------ rounds
 
@@ -206,6 +213,7 @@ class LiveMigration:
 
     def changed(self) -> dict[str, list[int]]:
         """Per image, the pages whose live content differs from what the target holds."""
+        started = time.monotonic()
         live = self.source.open_images(self.name)
         try:
             return {img: pages for img, sent in sorted(self._sent.items())
@@ -213,6 +221,7 @@ class LiveMigration:
         finally:
             for image in live.values():
                 image.close()
+            self._scan_s = time.monotonic() - started
 
     def _target_base(self, layout: tuple[tuple[str, int], ...]) -> dict[str, Image]:
         """A copy of the target's older copy of the VM (a RETIRED one), the diff's base:
