@@ -20,9 +20,9 @@ tests and ``dwcp bench live`` run. It uses HDE as the product does:
    retires. Downtime is ``stop`` to ``cont``.
 
 Between ``stop`` and ``cont`` nothing hashes, copies or sends the whole image except the
-dirty scan (:mod:`federation.vms.dirty_scan`: a pass of XXH3 over RAM, 21-25 ms per
-128 MiB, because these kernels have no soft-dirty bits); verification is
-:meth:`mesh.hde.index.PageIndex.refresh` over the changed blocks.
+dirty scan (:mod:`federation.vms.dirty_scan`: a pass of XXH3 over RAM, because these
+kernels have no soft-dirty bits); verification is :meth:`mesh.hde.index.PageIndex.refresh`
+over the changed blocks (1 MiB of SHA-256 each, on both sides).
 
 Any failure before the target runs aborts: the target's copy is discarded (its QEMU
 powered off) and the source resumes with ``cont``, exactly as it was.
