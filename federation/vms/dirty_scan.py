@@ -18,13 +18,14 @@ can miss:
 Why a rescan and not the kernel's soft-dirty bits (``/proc/PID/clear_refs`` 4, then bit
 55 of ``/proc/PID/pagemap`` over QEMU's mapping of the RAM file), measured on a booted
 guest (docs/qemu.md): the rescan costs one pass of XXH3 over RAM (46 ms per 256 MiB in
-16 KiB groups on the shared 2-core machine) and works for disks (written by ``pwrite``, which leaves no PTE bit)
-as for RAM; soft-dirty would cost a read of 8 bytes per page, but (1) the kernels of
-these machines are built without it (``CONFIG_MEM_SOFT_DIRTY`` is not set: the bit never
-appears, :func:`soft_dirty_available` probes it), and (2) on a shared file mapping the bit
-lives only in the PTE: when reclaim or swap-out zaps the PTE of a written page the bit is
-lost, so it is only sound with the RAM file on tmpfs with no swap (or mlocked). A false
-"clean" would put a stale page in the target guest; a rescan cannot miss a change.
+16 KiB groups on the shared 2-core machine) and works for disks (written by ``pwrite``,
+which leaves no PTE bit) as for RAM; soft-dirty would cost a read of 8 bytes per page,
+but (1) the kernels of these machines are built without it (``CONFIG_MEM_SOFT_DIRTY`` is
+not set: the bit never appears, :func:`soft_dirty_available` probes it), and (2) on a
+shared file mapping the bit lives only in the PTE: when reclaim or swap-out zaps the PTE
+of a written page the bit is lost, so it is only sound with the RAM file on tmpfs with
+no swap (or mlocked). A false "clean" would put a stale page in the target guest; a
+rescan cannot miss a change.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def changed_pages(old: bytes, new: bytes) -> list[int]:
 
 #: Pages per group digest of :class:`SentDigests`: one XXH3 call per 16 KiB runs at
 #: memory speed (14 ms per 144 MiB on the shared machine, where one call per 4 KiB page
-#: took 41 ms: the per-call cost dominates), and only the groups that differ are hashed page by page.
+#: took 41 ms: the per-call cost dominates), and only the groups that differ are hashed
+#: page by page.
 GROUP_PAGES = 4
 
 
