@@ -263,10 +263,10 @@ class LiveMigration:
         moved = wire = 0
         try:
             for img, pages in sorted(dirty.items()):
-                shadow, old = self._shadow[img], {}
+                shadow, src = self._shadow[img], live[img]
+                old = {p: bytes(shadow.view(p)) for p in pages} if xor else {}
                 for p in pages:
-                    old[p] = bytes(shadow.view(p))
-                    shadow.write(p, live[img].view(p))
+                    shadow.write(p, src.view(p))
                 self._sent[img].copied(shadow, pages)
                 t = time.monotonic()
                 self._src_ix[img].refresh(shadow, pages, self.executor)
