@@ -371,8 +371,11 @@ class QemuBackend:
             meta = self._meta(name)
             meta.update(state=VmState.RUNNING.value, epoch=epoch, migration_id="")
             write_meta(self._dir(name), meta)
-            if proc.status() not in _RUNNING:
-                proc.qmp.execute("cont")
+            try:
+                if proc.status() not in _RUNNING:
+                    proc.qmp.execute("cont")
+            except QMPError as exc:
+                raise VmError(f"VM {name!r}: QMP cont failed: {exc}") from exc
             return info_of(meta)
 
     def prepare_machine(self, name: str) -> None:

@@ -137,6 +137,12 @@ class QemuProcess:
         self.qmp.execute("migrate-set-capabilities", capabilities=caps)
 
     def _migration_done(self, what: str) -> None:
+        try:
+            self._wait_migration(what)
+        except QMPError as exc:  # QEMU 7.2 exits when an incoming migration fails
+            raise VmError(f"{what}: {exc}") from None
+
+    def _wait_migration(self, what: str) -> None:
         while True:
             ev = self.qmp.wait_event("MIGRATION", MIGRATION_TIMEOUT)
             status = ev.get("data", {}).get("status")
@@ -176,6 +182,8 @@ class QemuProcess:
             self.qmp.execute("migrate", uri=f"unix:{sock_path}")
             self._migration_done("saving the device state")
             reader.join(MIGRATION_TIMEOUT)
+        except QMPError as exc:
+            raise VmError(f"saving the device state: {exc}") from None
         finally:
             server.close()
             sock_path.unlink(missing_ok=True)
@@ -186,8 +194,11 @@ class QemuProcess:
     def load_device_state(self, sock_path: Path, state: bytes) -> None:
         """Feed ``state`` to this ``-incoming defer`` QEMU; it stays paused until ``cont``."""
         sock_path.unlink(missing_ok=True)
-        self._capabilities()
-        self.qmp.execute("migrate-incoming", uri=f"unix:{sock_path}")
+        try:
+            self._capabilities()
+            self.qmp.execute("migrate-incoming", uri=f"unix:{sock_path}")
+        except QMPError as exc:
+            raise VmError(f"loading the device state: {exc}") from None
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
                 conn.settimeout(MIGRATION_TIMEOUT)
