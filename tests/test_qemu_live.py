@@ -57,27 +57,29 @@ def test_a_booted_guest_migrates_there_and_back_and_keeps_counting(lab: QemuLab)
     _migrate_and_check(lab, "b", "a", "m2", 3)
 
 
-@pytest.mark.parametrize("stage", ["precopy", "final_round", "target_load"])
-def test_an_abort_resumes_the_source_as_it_was(lab: QemuLab, stage: str) -> None:
+def test_an_abort_at_any_stage_resumes_the_source_as_it_was(lab: QemuLab) -> None:
     lab.boot("a", "g")
     a, b = lab.backend("a"), lab.backend("b")
-    m = LiveMigration(a, b, "g", "m1")
-    m.precopy()
-    if stage != "precopy":
-        # everything of the switch-over but the target's start: fenced, device state saved
-        state = m.fence()
-        m.final_round()
-        assert a.info("g").state is VmState.FENCED and not a.guest_running("g")
-        if stage == "target_load":
-            # the target's QEMU refuses a truncated device state: nothing runs there
-            with pytest.raises(VmError, match="device state"):
-                b.start("g", 2, state[: len(state) // 2])
-            assert not b.guest_running("g")
-    hb = lab.read([a.console_path("g")]).last_heartbeat
-    m.abort()
-    assert a.info("g").state is VmState.RUNNING and a.guest_running("g")
-    assert b.info("g").state is VmState.RETIRED and b.qemu_pid("g") is None
-    con = wait_console([a.console_path("g")],
-                       lambda c: c.last_heartbeat >= hb + 10 and len(c.checks) >= 4, 120,
-                       "10 heartbeats after the abort")
-    assert con.boots == 1 and con.counter_gaps() == [] and not con.errors
+    for stage in ("precopy", "final_round", "target_load"):
+        m = LiveMigration(a, b, "g", f"m-{stage}")
+        m.precopy()
+        if stage != "precopy":
+            # the switch-over up to the target's start: fenced, device state saved
+            state = m.fence()
+            m.final_round()
+            assert a.info("g").state is VmState.FENCED and not a.guest_running("g")
+            if stage == "target_load":
+                # the target's QEMU refuses a truncated device state: nothing runs there
+                with pytest.raises(VmError, match="device state"):
+                    b.start("g", 2, state[: len(state) // 2])
+                assert not b.guest_running("g")
+        hb = lab.read([a.console_path("g")]).last_heartbeat
+        checks = len(lab.read([a.console_path("g")]).checks)
+        m.abort()
+        assert a.info("g").state is VmState.RUNNING and a.guest_running("g"), stage
+        assert b.info("g").state is VmState.RETIRED and b.qemu_pid("g") is None, stage
+        con = wait_console([a.console_path("g")],
+                           lambda c, hb=hb, n=checks: c.last_heartbeat >= hb + 10
+                           and len(c.checks) >= n + 1, 120,
+                           f"10 heartbeats and a verified round after the abort at {stage}")
+        assert con.boots == 1 and con.counter_gaps() == [] and not con.errors, stage
