@@ -15,7 +15,9 @@ Contenders (:data:`CONTENDERS`), each a function ``(Setup, Path) -> dict``:
   qemu backends in this process, loopback only: its bytes are HDE frames, diff messages
   and device state counted in process, not on a wire. The node-to-node DWCP run (AMST over
   the mesh, ``dwcp_wire_bytes`` and the ratios of issue 17) plugs in as another contender
-  once the node drives the qemu backend.
+  once the node drives the qemu backend. It migrates there and, ``--return-after`` seconds
+  of guest time later, back to the first backend, which still holds its earlier copy
+  (``return_bytes_ratio_vs_there``; QEMU sends everything again on a return).
 
 Per run: boot a fresh guest (``--fill`` percent of its free RAM in ballast, no disk: QEMU's
 migration moves no disk), wait until it wrote its ballast and its heartbeat counter reached
@@ -65,6 +67,8 @@ AT_S = 20
 CHANNELS = 2
 #: The second level: zstd's own default (ZSTD_CLEVEL_DEFAULT).
 SECOND_LEVEL = 3
+#: The return trip waits this long at the target (issue 17: "run 60 s, migrate back").
+RETURN_AFTER_S = 60
 #: Heartbeats and verified rounds the target must print after the migration to count as ok.
 AFTER_HEARTBEATS, AFTER_CHECKS = 20, 2
 BOOT_TIMEOUT = 300.0
@@ -219,7 +223,26 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _dwcp_inprocess(setup: Setup, work: Path) -> dict[str, Any]:
+def _inprocess_leg(src: QemuBackend, dst: QemuBackend, mid: str, epoch: int) -> dict[str, Any]:
+    """One in-process migration of ``g`` from ``src`` to ``dst``, its figures and whether
+    the target kept the counter and the checks."""
+    logs = [src.console_path("g"), dst.console_path("g")]
+    offsets = [p.stat().st_size if p.exists() else 0 for p in logs]
+    rep = LiveMigration(src, dst, "g", mid, level=1).run(epoch)
+    before = read_console([logs[0]], [offsets[0]]).last_heartbeat
+    guest = _guest_ok(logs, offsets, before, lambda: dst.qemu_pid("g") is not None)
+    return {"wire_bytes": rep.wire_bytes, "total_s": round(rep.total_s, 3),
+            "downtime_ms": round(rep.downtime_s * 1000, 1),
+            "stop_window_ms": {k: round(v * 1000, 1) for k, v in rep.stop_window.items()},
+            "rounds": [attrs.asdict(r) for r in rep.rounds], "final_pages": rep.final_pages,
+            "device_state_bytes": rep.device_state_bytes, "zstd_level": 1,
+            "wire": "not on a wire: HDE frames, diff and device state counted in process",
+            "guest": guest}
+
+
+def _dwcp_inprocess(setup: Setup, work: Path, return_after_s: int) -> dict[str, Any]:
+    """A -> B once the guest is ready; then, ``return_after_s`` seconds of guest time
+    later, B -> A, where A still holds its earlier copy (the diff's base)."""
     a = QemuBackend(work / "a", accel=setup.accel)
     b = QemuBackend(work / "b", accel=setup.accel)
     try:
@@ -228,18 +251,17 @@ def _dwcp_inprocess(setup: Setup, work: Path) -> dict[str, Any]:
         wait_console([a.console_path("g")], _ready(setup.at_s), BOOT_TIMEOUT,
                      f"the ballast and {setup.at_s} s of guest time",
                      alive=lambda: a.qemu_pid("g") is not None)
-        src_offset = a.console_path("g").stat().st_size
-        rep = LiveMigration(a, b, "g", "bench-1", level=1).run(2)
-        before = read_console([a.console_path("g")]).last_heartbeat
-        guest = _guest_ok([a.console_path("g"), b.console_path("g")], [src_offset, 0], before,
-                          lambda: b.qemu_pid("g") is not None)
-        return {"wire_bytes": rep.wire_bytes, "total_s": round(rep.total_s, 3),
-                "downtime_ms": round(rep.downtime_s * 1000, 1),
-                "stop_window_ms": {k: round(v * 1000, 1) for k, v in rep.stop_window.items()},
-                "rounds": [attrs.asdict(r) for r in rep.rounds], "final_pages": rep.final_pages,
-                "device_state_bytes": rep.device_state_bytes, "zstd_level": 1,
-                "wire": "not on a wire: HDE frames, diff and device state counted in process",
-                "guest": guest}
+        there = _inprocess_leg(a, b, "bench-there", 2)
+        if return_after_s <= 0 or not there["guest"]["ok"]:
+            return {"there": there}
+        at = read_console([b.console_path("g")]).last_heartbeat + _heartbeat_at(return_after_s)
+        wait_console([b.console_path("g")], lambda c: c.last_heartbeat >= at, BOOT_TIMEOUT,
+                     f"{return_after_s} s of guest time at the target",
+                     alive=lambda: b.qemu_pid("g") is not None)
+        back = _inprocess_leg(b, a, "bench-back", 3)
+        return {"there": there, "back": back, "return_after_s": return_after_s,
+                "return_bytes_ratio_vs_there": round(back["wire_bytes"] / there["wire_bytes"],
+                                                     4)}
     finally:
         a.close(stop_guests=True)
         b.close(stop_guests=True)
@@ -296,7 +318,8 @@ CONTENDERS = _contenders(SECOND_LEVEL)
 
 
 def measure(mib: int = GUEST_MIB, fill: int = FILL_PERCENT, at_s: int = AT_S,
-            level: int = SECOND_LEVEL, tbf: bool = True, dwcp: bool = True) -> dict[str, Any]:
+            level: int = SECOND_LEVEL, tbf: bool = True, dwcp: bool = True,
+            return_after_s: int = RETURN_AFTER_S) -> dict[str, Any]:
     """Every contender on loopback, then (with ``tbf``) over the 100 Mbit/s link."""
     result: dict[str, Any] = {"bench": "live", "missing": []}
     if shutil.which(QEMU) is None:
@@ -324,14 +347,17 @@ def measure(mib: int = GUEST_MIB, fill: int = FILL_PERCENT, at_s: int = AT_S,
             for link in links:
                 result[f"{name}_{link}"] = run(setup, work / f"{name}-{link}", link == "tbf100")
         if dwcp:
-            result["dwcp_inprocess_loopback"] = _dwcp_inprocess(setup, work / "dwcp")
+            result["dwcp_inprocess_loopback"] = _dwcp_inprocess(setup, work / "dwcp",
+                                                                return_after_s)
             result["dirty_tracking"] = _dirty_tracking(setup, work / "dirty")
         best = min((v for k, v in result.items() if k.startswith("qemu_") and
                     k.endswith("_loopback")), key=lambda r: r["wire_bytes"])
         result.update(qemu_wire_bytes=best["wire_bytes"], qemu_total_s=best["total_s"],
                       qemu_downtime_ms=best["downtime_ms"])
-        result["guests_ok"] = all(v["guest"]["ok"] for v in result.values()
-                                  if isinstance(v, dict) and "guest" in v)
+        runs = [v for v in result.values() if isinstance(v, dict) and "guest" in v]
+        dwcp_runs = result.get("dwcp_inprocess_loopback", {})
+        runs += [dwcp_runs[k] for k in ("there", "back") if k in dwcp_runs]
+        result["guests_ok"] = all(r["guest"]["ok"] for r in runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
@@ -349,10 +375,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="the second multifd-zstd level (the first is 1)")
     p.add_argument("--no-tbf", action="store_true", help="loopback only")
     p.add_argument("--no-dwcp", action="store_true", help="QEMU's contenders only")
+    p.add_argument("--return-after", type=int, default=RETURN_AFTER_S,
+                   help="the in-process DWCP run migrates back after this guest time (s; "
+                        "0: no return trip)")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    r = measure(args.mib, args.fill, args.at, args.level, not args.no_tbf, not args.no_dwcp)
+    r = measure(args.mib, args.fill, args.at, args.level, not args.no_tbf, not args.no_dwcp,
+                args.return_after)
     print(json.dumps(r) if args.json else json.dumps(r, indent=1))
     return 0 if not r["missing"] or "guests_ok" in r else 1

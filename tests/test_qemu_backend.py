@@ -9,6 +9,9 @@ import pytest
 
 from federation.demo.qemu_guest.console import wait_console
 from federation.vms.backend import FencedError, StaleEpochError, VmError, VmState
+from federation.vms.qemu_backend import QemuBackend
+from federation.vms.qemu_machine import QemuProcess, socket_path
+from federation.vms.vm_dir import read_meta, write_meta
 from tests.harness.qemu import QemuLab, qemu_missing
 
 pytestmark = pytest.mark.skipif(qemu_missing() is not None, reason=str(qemu_missing()))
@@ -73,10 +76,28 @@ def test_a_new_backend_attaches_to_running_guests(lab: QemuLab) -> None:
     c = lab.backend("c")
     pid = c.qemu_pid("g2")
     c.close()  # the node goes away; the guest keeps running
-    again = type(c)(c.root, accel="tcg")
+    again = QemuBackend(c.root, accel="tcg")
     lab.backends["c"] = again
     assert again.qemu_pid("g2") == pid and again.guest_running("g2")
-    again.stop("g2")
+
+    # a crash between a RUNNING meta.json and `cont` leaves a paused QEMU: resumed
+    again.qmp("g2").execute("stop")
+    assert not again.guest_running("g2")
+    again.close()
+    again = QemuBackend(c.root, accel="tcg")
+    lab.backends["c"] = again
+    assert again.qemu_pid("g2") == pid and again.guest_running("g2")
+
+    # a crash between a RETIRED meta.json and `quit` leaves a fenced QEMU: powered off
+    again.fence("g2", "m1")
+    meta = read_meta(c.root / "g2", "g2")
+    write_meta(c.root / "g2", {**meta, "state": VmState.RETIRED.value})
+    again.close()
+    again = QemuBackend(c.root, accel="tcg")
+    lab.backends["c"] = again
+    assert again.qemu_pid("g2") is None
+    assert QemuProcess.attach(c.root / "g2" / "qemu.pid", again.ram_path("g2"),
+                              socket_path(c.root / "g2", "qmp")) is None
 
 
 def test_bad_requests_name_the_vm_and_change_nothing(lab: QemuLab) -> None:

@@ -49,7 +49,7 @@ from federation.vms.backend import (
 from federation.vms.dirty_scan import PageScan
 from federation.vms.qemu_machine import QemuProcess, socket_path
 from federation.vms.qemu_spec import QEMU, VmSpec, qemu_argv
-from federation.vms.qmp import QMPError
+from federation.vms.qmp import QMPClient, QMPError
 from federation.vms.vm_dir import (
     META,
     atomic_write,
@@ -142,6 +142,14 @@ class QemuBackend:
                 return proc.status() in _RUNNING
             except QMPError:
                 return False
+
+    def qmp(self, name: str) -> QMPClient:
+        """The QMP session to the VM's QEMU (a monitor takes one client: tools that drive
+        QEMU directly use this one)."""
+        proc = self._proc(name)
+        if proc is None:
+            raise VmError(f"VM {name!r}: no QEMU runs it here")
+        return proc.qmp
 
     def qemu_pid(self, name: str) -> int | None:
         proc = self._procs.get(name)

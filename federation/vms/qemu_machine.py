@@ -21,6 +21,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from federation.vms.backend import VmError
@@ -128,6 +129,16 @@ class QemuProcess:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
+        else:
+            # attached, not our child: wait for it to leave its RAM file, then make sure
+            deadline = time.monotonic() + timeout
+            while _alive(self.pid, self.ram) and time.monotonic() < deadline:
+                time.sleep(0.05)  # a QEMU exits within milliseconds of `quit`
+            if _alive(self.pid, self.ram):
+                try:
+                    os.kill(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass  # it exited just now
         self.qmp.close()
 
     # ------------------------------------------------------------------ device state
