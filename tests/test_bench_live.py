@@ -20,6 +20,7 @@ def test_without_the_guest_it_names_what_is_missing(tmp_path: Path,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # five boots and migrations under TCG on 2 shared cores
 @pytest.mark.skipif(qemu_missing() is not None, reason=str(qemu_missing()))
 def test_loopback_contenders_migrate_and_every_guest_keeps_counting() -> None:
     r = live.measure(mib=128, fill=60, at_s=5, tbf=False, return_after_s=5)

@@ -171,7 +171,11 @@ class QemuBackend:
 
     def create(self, name: str, spec: VmSpec, disks: Sequence[Path] = (),
                epoch: int = 0) -> VmInfo:
-        """A new STOPPED VM: its spec, copies of ``disks`` and a zeroed (sparse) RAM file."""
+        """A new STOPPED VM: its spec, copies of ``disks`` and a zeroed (sparse) RAM file.
+
+        Built in ``ROOT/.NAME.creating`` and renamed into place: a crash leaves no VM or the
+        whole VM (a leftover staging directory is removed by the next create; a RAM file
+        under RAM_ROOT without its VM is overwritten by it)."""
         final = self._dir(name)
         if final.exists():
             raise VmError(f"VM {name!r} already exists in {self.root}")
@@ -217,6 +221,8 @@ class QemuBackend:
 
     def prepare_incoming(self, name: str, layout: Sequence[tuple[str, int]],
                          migration_id: str, machine: bytes = b"") -> dict[str, ImageWriter]:
+        """The spec is written before meta.json: a crash between the two leaves a directory
+        without meta.json, which no listing shows and the next prepare reuses."""
         for img, count in layout:
             check_image_name(img)
             if count <= 0:
@@ -268,6 +274,8 @@ class QemuBackend:
             if meta["state"] != VmState.INCOMING.value or meta["migration_id"] != migration_id:
                 raise VmError(f"VM {name!r} is not incoming for migration {migration_id!r}")
             self._power_off(name)
+            # A crash right before this write leaves INCOMING with no QEMU: the session's
+            # restore discards it again (idempotent); after it, a RETIRED store.
             meta["state"] = VmState.RETIRED.value
             write_meta(self._dir(name), meta)
 
@@ -478,6 +486,8 @@ class QemuBackend:
             if info.state not in (VmState.RUNNING, VmState.STOPPED):
                 raise VmError(f"VM {name!r} is {info.state.value}; only a running VM stops")
             self._power_off(name)
+            # A crash right before this write leaves RUNNING with no QEMU: the next start
+            # boots it, as after this write.
             meta.update(state=VmState.STOPPED.value)
             write_meta(self._dir(name), meta)
             return info_of(meta)
