@@ -1,6 +1,6 @@
 """An operator's cancel in the sans-I/O source session: every phase, the restore of a
 cancel made before the begin landed, and random interleavings with cancels (the
-migration world of tests/test_migration_world.py checks safety after every step)."""
+migration world of tests/harness/migration_world.py checks safety after every step)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,7 @@ from federation.migration.vocabulary import (
     record_key,
 )
 from mesh.core import Notify, Persist, Received, Send
-from tests.test_migration_stateful import MigrationMachine
-from tests.test_migration_world import MID, SRC, TGT
+from tests.harness.migration_world import MID, SRC, TGT, MigrationMachine, World
 
 LAYOUT = (("memory", 1000), ("disk-0", 500))
 
@@ -213,8 +212,6 @@ TestCancelInterleavings = CancelMachine.TestCase
 
 
 def test_world_cancel_in_precopy_ends_with_the_vm_at_its_source() -> None:
-    from tests.test_migration_world import World
-
     w = World(SetPolicy(100, (), (), False))
     for _ in range(200):
         s = w.sessions[SRC]
@@ -236,8 +233,6 @@ def test_world_an_offer_that_arrives_after_the_abort_is_prepared_then_discarded(
     """The source cancels while its offer is on the way; the abort is decided before
     the offer reaches the target, which has not heard of the abort yet: it prepares
     (it cannot know better), and discards when the abort reaches it."""
-    from tests.test_migration_world import World
-
     w = World(SetPolicy(0, (), (), False))
     for _ in range(200):
         if any(type(m).__name__ == "MigrationOffer" for _, _, m in w.net):

@@ -43,52 +43,19 @@ from federation.migration.vocabulary import (
 )
 from mesh.core import Notify, PeerDown, PeerUp, Persist, Received, Send, SetTimer, TimerFired
 from mesh.links.modes import Mode
-
-LAYOUT = (("memory", 1000), ("disk-0", 500))
-V3_ALL = SetPolicy(100, (), (), False)
-
-
-def of(actions: list[Any], cls: type) -> list[Any]:
-    return [a for a in actions if isinstance(a, cls)]
-
-
-def one(actions: list[Any], cls: type) -> Any:
-    found = of(actions, cls)
-    assert len(found) == 1, f"expected one {cls.__name__} in {actions}"
-    return found[0]
-
-
-DC_LIMITS = PrecopyLimits(5, 0.5)
-
-
-def session(limits: PrecopyLimits = DC_LIMITS, policy: SetPolicy = V3_ALL) -> SourceSession:
-    return SourceSession.plan("dc1", "m1", "vm1", "dc2", 3, LAYOUT, limits, policy,
-                              (1, 3), (1, 3))
-
-
-def begun(s: SourceSession) -> list[Any]:
-    s.start(0.0)
-    return s.handle(0.1, LedgerBegun("m1", 3))
-
-
-def precopy(s: SourceSession) -> list[Any]:
-    begun(s)
-    return s.handle(0.2, Received("dc2", MigrationReady("m1")))
-
-
-def fenced(s: SourceSession, t: float = 1.0) -> list[Any]:
-    precopy(s)
-    return s.handle(t, RoundSent(1, 1500, 1500 * 4096, 1000, 1.0, dirty_pages=1))
-
-
-def final(s: SourceSession) -> list[Any]:
-    fenced(s)
-    return s.handle(1.1, SourceFenced(b"R" * 32))
-
-
-def verifying(s: SourceSession) -> list[Any]:
-    final(s)
-    return s.handle(1.2, RoundSent(2, 1, 4096, 100, 0.01, 0))
+from tests.harness.migration_session import (
+    DC_LIMITS,
+    LAYOUT,
+    V3_ALL,
+    begun,
+    fenced,
+    final,
+    of,
+    one,
+    precopy,
+    session,
+    verifying,
+)
 
 
 def test_limits_follow_the_mode() -> None:

@@ -45,7 +45,15 @@ from federation.migration.vocabulary import (
 )
 from mesh import wire
 from mesh.core import PeerDown, Persist, Received, Send, SetTimer, TimerFired
-from tests.test_migration_source import fenced, final, of, one, precopy, session, verifying
+from tests.harness.migration_session import (
+    fenced,
+    final,
+    of,
+    one,
+    precopy,
+    session,
+    verifying,
+)
 
 LIMITS = PrecopyLimits(5, 0.5)
 ROOT = b"R" * 32

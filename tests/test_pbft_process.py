@@ -3,23 +3,30 @@ its SQLite log, catches up, and every ledger agrees."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
 from bench.consensus import Cluster
+from tests.harness.waiting import poll_until
+
+#: The replicas rewrite their status file every 0.2 s (bench/consensus.py).
+STATUS_EVERY = 0.2
 
 
 def _settle(c: Cluster, timeout: float) -> dict[str, dict[str, object]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        states = {m: c.status(m) for m in c.names}
-        done = all(s is not None and s["digest"] is not None for s in states.values()) and len(
-            {(s["last_exec"], s["digest"]) for s in states.values() if s is not None}) == 1
-        if done or time.monotonic() > deadline:
-            return {m: s or {} for m, s in states.items()}
-        time.sleep(0.1)
+    """Every replica's status once all show the same ledger, quiet (a digest is only
+    reported once execution stood still for a status period)."""
+
+    def quiet_and_equal() -> dict[str, dict[str, object]] | None:
+        states = {m: c.status(m) or {} for m in c.names}
+        if all(s.get("digest") for s in states.values()) and len(
+                {(s["last_exec"], s["digest"]) for s in states.values()}) == 1:
+            return states
+        return None
+
+    return poll_until(quiet_and_equal, "every ledger quiet and the same", timeout,
+                      every=STATUS_EVERY / 2)
 
 
 @pytest.mark.processes
@@ -28,10 +35,8 @@ def test_kill_9_replica_restarts_catches_up_and_ledgers_agree(tmp_path: Path) ->
     try:
         c.start_all({"n01": (8, 3.0), "n03": (8, 3.0)})
         c.go(c.names)
-        deadline = time.monotonic() + 30
-        while (c.status("n02") or {}).get("last_exec", 0) < 5:  # n02 has executed some
-            assert time.monotonic() < deadline, "no progress before the kill"
-            time.sleep(0.05)
+        poll_until(lambda: (c.status("n02") or {}).get("last_exec", 0) >= 5,
+                   "n02 executing some commands before the kill", 30, every=STATUS_EVERY / 2)
         c.kill("n02")
         before = c.status("n02") or {}
         c.start("n02")  # same data directory: it recovers from its SQLite log

@@ -78,6 +78,7 @@ from consensus.pbft.messages import (
     seal,
 )
 from consensus.pbft.quorum import Quorum, ValidViewChange
+from consensus.pbft.replica_status import ReplicaStatus
 from mesh import wire
 from mesh.core import (
     Action,
@@ -728,6 +729,15 @@ class Replica:
 
     def _status(self) -> Envelope:
         return self._sign(Status(self.view, self.active, self.last_exec, self.low))
+
+    def status_record(self) -> ReplicaStatus:
+        """What this replica reports to status pages and metrics (read-only)."""
+        return ReplicaStatus(
+            view=self.view, active=self.active, primary=self.primary,
+            last_executed=self.last_exec, stable_checkpoint=self.low,
+            members=self.q.members, f=self.q.f, evidence=self.evidence.summary(),
+            view_changes_started=self.metrics.get("view_changes_started", 0),
+            view_changes_completed=self.metrics.get("view_changes_completed", 0))
 
 def relay(env: Envelope) -> bytes:
     """A signed message without its attachment, as bytes to attach to another one."""

@@ -27,10 +27,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from consensus.ledger import LedgerResult, MigrationRecord, SetPolicy
+from consensus.ledger import Ledger, LedgerResult, MigrationRecord, SetPolicy
 from consensus.pbft.client import ClientBusy
 from consensus.pbft.replica import Replica
+from federation.migration.dc_status import MigrationView, SessionStatus
 from federation.migration.restore import restore
+from federation.migration.round_events import SessionView
 from federation.migration.session import SessionBase
 from federation.migration.source import SourceSession
 from federation.migration.target import TargetSession
@@ -152,6 +154,45 @@ class NodeCore:
             self._count("events_without_session")
             return []
         return self._session_out(now, session, session.handle(now, event))
+
+    # ------------------------------------------------------------------ status (read-only)
+
+    @property
+    def ledger(self) -> Ledger:
+        """The ledger as this DC's replica executed it."""
+        return self.replica.ledger
+
+    def migration_ids(self) -> list[str]:
+        """Every migration with a session here or a record in the ledger, sorted."""
+        return sorted(set(self.sessions) | set(self.replica.ledger.migrations))
+
+    def migration(self, migration_id: str) -> MigrationView | None:
+        session = self.sessions.get(migration_id)
+        rec = self.replica.ledger.migrations.get(migration_id)
+        if session is None and rec is None:
+            return None
+        return MigrationView(migration_id, rec,
+                             None if session is None else SessionStatus.of(session),
+                             self.progress.get(migration_id), self.outcomes.get(migration_id))
+
+    def session_view(self, migration_id: str) -> SessionView | None:
+        """What the rounds core needs to know of the session (None: no session here)."""
+        s = self.sessions.get(migration_id)
+        return None if s is None else SessionView(s.vm, s.source, s.target, s.done)
+
+    def outcome_counts(self) -> dict[tuple[str, str], int]:
+        """(role, outcome) -> migrations that ended so at this DC."""
+        ended: dict[tuple[str, str], int] = {}
+        for o in self.outcomes.values():
+            ended[(o.role, o.outcome)] = ended.get((o.role, o.outcome), 0) + 1
+        return ended
+
+    def active_sessions(self) -> int:
+        return sum(1 for s in self.sessions.values() if not s.done)
+
+    def restoring(self) -> list[str]:
+        """Persisted migration records waiting for the replica to catch up."""
+        return sorted(self.unrestored)
 
     # ------------------------------------------------------------------ internals
 

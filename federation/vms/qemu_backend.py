@@ -34,7 +34,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from federation.demo.guest_writer import map_writable
 from federation.vms.accel import probe_accel
 from federation.vms.backend import (
     MEMORY,
@@ -47,6 +46,7 @@ from federation.vms.backend import (
     disk_name,
 )
 from federation.vms.dirty_scan import PageScan
+from federation.vms.image_backend import map_writable
 from federation.vms.qemu_machine import QemuProcess, socket_path
 from federation.vms.qemu_spec import QEMU, VmSpec, qemu_argv
 from federation.vms.qmp import QMPClient, QMPError
