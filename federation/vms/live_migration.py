@@ -36,12 +36,11 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 
 import attrs
 
-from federation.dataplane.v3_protocol import Overlay
 from federation.vms.backend import VmError
 from federation.vms.dirty_scan import SentDigests
 from federation.vms.qemu_backend import QemuBackend
 from mesh.hde.codec import ChunkPlan, decode_chunk, encode_chunk, xor_pages
-from mesh.hde.image import PAGE_SIZE, Image, ImageWriter
+from mesh.hde.image import PAGE_SIZE, Image, ImageWriter, Overlay
 from mesh.hde.index import PageIndex, build_index
 from mesh.hde.loopback import run_transfer
 from mesh.hde.messages import CHUNK_PAGES
