@@ -350,8 +350,15 @@ class QemuBackend:
             self._procs[d.name] = proc
             if info.state in (VmState.RETIRED, VmState.STOPPED):
                 self._power_off(d.name)
-            elif info.state is VmState.RUNNING and proc.status() not in _RUNNING:
-                proc.qmp.execute("cont")
+                continue
+            try:
+                if info.state is VmState.RUNNING and proc.status() not in _RUNNING:
+                    proc.qmp.execute("cont")
+            except QMPError:
+                # a QEMU that does not answer is not ours to drive: the VM's next start
+                # or fence finds no QEMU and says so
+                del self._procs[d.name]
+                proc.qmp.close()
 
     # ------------------------------------------------------------------ running
 
