@@ -47,7 +47,7 @@ from federation.vms.backend import (
 )
 from federation.vms.dirty_scan import PageScan
 from federation.vms.image_backend import map_writable
-from federation.vms.qemu_machine import QemuProcess, socket_path
+from federation.vms.qemu_machine import QemuProcess, pid_on, socket_path
 from federation.vms.qemu_spec import QEMU, VmSpec, qemu_argv
 from federation.vms.qmp import QMPClient, QMPError
 from federation.vms.vm_dir import (
@@ -306,7 +306,14 @@ class QemuBackend:
 
     def _spawn(self, name: str, incoming: bool) -> QemuProcess:
         d = self._dir(name)
+        other = pid_on(d / "qemu.pid", self.ram_path(name))
+        if other is not None:
+            # never a second QEMU (or a zeroed RAM file) under a guest that still runs
+            raise VmError(f"VM {name!r}: QEMU pid {other} still runs on its RAM file and "
+                          "does not answer QMP; stop it first")
         info, spec = self.info(name), self.spec(name)
+        if not incoming:
+            self._zero_ram(name, info.layout[0][1])  # power-on: RAM starts zeroed
         accel = self._resolve_accel(spec)
         argv = qemu_argv(self.qemu, spec, accel, self.ram_path(name), self._disks(info),
                          self.console_path(name), socket_path(d, "qmp"), d / "qemu.pid",
@@ -387,7 +394,6 @@ class QemuBackend:
             else:
                 if proc is not None:
                     self._power_off(name)
-                self._zero_ram(name, info.layout[0][1])  # power-on: RAM starts zeroed
                 proc = self._spawn(name, incoming=False)
             # Durable before the guest runs: a crash right after this write leaves a paused
             # QEMU that the next backend resumes (_attach_all), or a cold VM it boots again.

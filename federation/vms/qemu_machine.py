@@ -27,7 +27,7 @@ from pathlib import Path
 from federation.vms.backend import VmError
 from federation.vms.qmp import QMPClient, QMPError
 
-__all__ = ["QemuProcess", "socket_path", "MIGRATION_TIMEOUT"]
+__all__ = ["QemuProcess", "socket_path", "pid_on", "MIGRATION_TIMEOUT"]
 
 #: A device-state save or load moves well under a MiB (CPU, devices, BIOS and option ROM
 #: blocks); 60 s bounds it on a host under load without hanging a migration forever.
@@ -42,6 +42,15 @@ def socket_path(directory: Path, what: str) -> Path:
     base = Path(tempfile.gettempdir()) / f"dwcp-qemu-{os.getuid()}"
     base.mkdir(mode=0o700, exist_ok=True)
     return base / f"{digest}-{what}.sock"
+
+
+def pid_on(pidfile: Path, ram: Path) -> int | None:
+    """The pid of the QEMU of ``pidfile`` if it still runs on the RAM file ``ram``."""
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid, ram) else None
 
 
 def _alive(pid: int, ram: Path) -> bool:
@@ -88,11 +97,8 @@ class QemuProcess:
     @classmethod
     def attach(cls, pidfile: Path, ram: Path, qmp_path: Path) -> QemuProcess | None:
         """The QEMU of ``pidfile`` if it still runs on ``ram``, else None."""
-        try:
-            pid = int(pidfile.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        if not _alive(pid, ram):
+        pid = pid_on(pidfile, ram)
+        if pid is None:
             return None
         try:
             return cls(pid, ram, qmp_path)
