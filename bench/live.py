@@ -142,16 +142,35 @@ def _completed(g: _Guest, what: str) -> None:
 
 def _guest_ok(logs: list[Path], offsets: list[int], before: int,
               alive: Callable[[], bool]) -> dict[str, Any]:
-    """Did the target keep the counter and the checks (no reboot, no error, no gap)?"""
+    """Did the target keep the counter and the checks (no reboot, no error, no gap)? A
+    guest that did not keeps its console logs in :data:`FAILED_LOGS` (named in ``logs``)."""
     try:
         con = wait_console(logs, lambda c: c.last_heartbeat >= before + AFTER_HEARTBEATS
                            and len(c.checks) >= AFTER_CHECKS, 120.0,
                            "heartbeats and checks after the migration", offsets, alive)
+        ok = con.boots == 0 and not con.errors and not con.counter_gaps()
+        out: dict[str, Any] = {"ok": ok, "counter_at_fence": before,
+                               "counter_gaps": con.counter_gaps()[:5],
+                               "errors": list(con.errors)[:5]}
     except Exception as exc:  # noqa: BLE001 - a failed guest is a figure, not a crash
-        return {"ok": False, "why": str(exc)[:300]}
-    ok = con.boots == 0 and not con.errors and not con.counter_gaps()
-    return {"ok": ok, "counter_at_fence": before, "counter_gaps": con.counter_gaps()[:5],
-            "errors": list(con.errors)[:5]}
+        out = {"ok": False, "why": str(exc)[:300], "counter_at_fence": before}
+    if not out["ok"]:
+        kept = Path(tempfile.mkdtemp(prefix="guest-", dir=_failed_logs()))
+        for i, log in enumerate(logs):
+            if log.exists():
+                shutil.copyfile(log, kept / f"{i}-{log.parent.name}-{log.name}")
+        out["logs"] = str(kept)
+    return out
+
+
+#: Where the console logs of a guest that failed its checks are kept (the run's scratch
+#: directory is removed): the evidence of what went wrong.
+FAILED_LOGS = Path(tempfile.gettempdir()) / "dwcp-bench-live-failures"
+
+
+def _failed_logs() -> Path:
+    FAILED_LOGS.mkdir(parents=True, exist_ok=True)
+    return FAILED_LOGS
 
 
 def _boot_source(setup: Setup, work: Path, prefix: Sequence[str]) -> _Guest:
