@@ -12,18 +12,15 @@ from federation.vms.backend import FencedError, StaleEpochError, VmError, VmStat
 from federation.vms.qemu_backend import QemuBackend
 from federation.vms.qemu_machine import QemuProcess, socket_path
 from federation.vms.vm_dir import read_meta, write_meta
-from tests.harness.qemu import QemuLab, qemu_missing
+from tests.harness.qemu import QemuLab, qemu_lab, qemu_missing
 
 pytestmark = pytest.mark.skipif(qemu_missing() is not None, reason=str(qemu_missing()))
 
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[QemuLab]:
-    lab = QemuLab()
-    try:
-        yield lab
-    finally:
-        lab.close()
+    with qemu_lab() as running:
+        yield running
 
 
 def test_boot_fence_unfence_and_power_cycle(lab: QemuLab) -> None:

@@ -12,18 +12,15 @@ import pytest
 from federation.demo.qemu_guest.console import wait_console
 from federation.vms.backend import VmError, VmState
 from federation.vms.live_migration import LiveMigration
-from tests.harness.qemu import QemuLab, qemu_missing
+from tests.harness.qemu import QemuLab, qemu_lab, qemu_missing
 
 pytestmark = pytest.mark.skipif(qemu_missing() is not None, reason=str(qemu_missing()))
 
 
 @pytest.fixture
 def lab() -> Iterator[QemuLab]:
-    lab = QemuLab()
-    try:
-        yield lab
-    finally:
-        lab.close()
+    with qemu_lab() as running:
+        yield running
 
 
 def _migrate_and_check(lab: QemuLab, src: str, dst: str, mid: str, epoch: int) -> None:

@@ -7,8 +7,10 @@ backends whose guests it powers off at the end.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from federation.demo.qemu_guest.build import GuestAssetsMissing, guest_cmdline, load_assets
@@ -16,7 +18,7 @@ from federation.demo.qemu_guest.console import Console, read_console, wait_conso
 from federation.vms.qemu_backend import QemuBackend, VmSpec
 from federation.vms.qemu_spec import QEMU
 
-__all__ = ["qemu_missing", "QemuLab", "BOOT_TIMEOUT"]
+__all__ = ["qemu_missing", "QemuLab", "qemu_lab", "BOOT_TIMEOUT"]
 
 #: Booting the cloud kernel under TCG took 8-25 s on the 2-core machine while other jobs
 #: ran (bench.corpus.guest); 180 s covers a heavily shared host.
@@ -81,3 +83,13 @@ class QemuLab:
         for b in self.backends.values():
             b.close(stop_guests=True)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def qemu_lab() -> Iterator[QemuLab]:
+    """A :class:`QemuLab` whose guests are powered off and files removed at the end."""
+    lab = QemuLab()
+    try:
+        yield lab
+    finally:
+        lab.close()
