@@ -73,7 +73,8 @@ class QemuProcess:
         try:
             self.qmp = QMPClient(qmp_path, connect_timeout=30.0)
         except QMPError:
-            self.kill()
+            if popen is not None:
+                self.kill()  # ours and useless without its monitor; a found one is left be
             raise
 
     @classmethod
@@ -145,7 +146,10 @@ class QemuProcess:
                     os.kill(self.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass  # it exited just now
-        self.qmp.close()
+        qmp = getattr(self, "qmp", None)  # None: QEMU never answered (killed in __init__)
+        if qmp is not None:
+            qmp.close()
+            qmp.path.unlink(missing_ok=True)  # QEMU leaves its listening socket behind
 
     # ------------------------------------------------------------------ device state
 
