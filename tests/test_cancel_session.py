@@ -35,6 +35,7 @@ from federation.migration.vocabulary import (
     record_key,
 )
 from mesh.core import Notify, Persist, Received, Send
+from tests.harness.ledger import AUTH
 from tests.harness.migration_world import MID, SRC, TGT, MigrationMachine, World
 
 LAYOUT = (("memory", 1000), ("disk-0", 500))
@@ -42,7 +43,7 @@ LAYOUT = (("memory", 1000), ("disk-0", 500))
 
 def session() -> SourceSession:
     return SourceSession.plan("dc1", "m1", "vm1", "dc2", 3, LAYOUT, PrecopyLimits(5, 0.5),
-                              SetPolicy(100, (), (), False), (1, 3), (1, 3))
+                              SetPolicy(100, (), (), False), (1, 3), (1, 3), AUTH)
 
 
 def of(actions: list[Any], cls: type) -> list[Any]:
@@ -123,7 +124,7 @@ def test_a_cancel_before_the_begin_survives_a_restart(ledger: str | None) -> Non
     assert isinstance(rebuilt, SourceSession)
     if ledger is None:  # the begin is submitted again; the wish is acted on when it lands
         assert [a.command for a in of(actions, SubmitLedger)] == [
-            BeginMigration("vm1", "dc1", "dc2", 3, "m1")]
+            BeginMigration("vm1", "dc1", "dc2", 3, "m1", AUTH)]
         actions = rebuilt.handle(1.1, LedgerBegun("m1", 3))
     if ledger != "aborted":
         assert [a.command for a in of(actions, SubmitLedger)] == [AbortMigration("m1")]
@@ -148,7 +149,7 @@ def test_cancel_is_refused_with_a_reason_once_decided(end: str) -> None:
     s = session()
     if end == "refused":
         s.start(0.0)
-        s.handle(0.1, LedgerRefused(BeginMigration("vm1", "dc1", "dc2", 3, "m1"), "stale"))
+        s.handle(0.1, LedgerRefused(BeginMigration("vm1", "dc1", "dc2", 3, "m1", AUTH), "stale"))
     else:
         to_phase(s, Phase.PRECOPY)
         if end == "committed":

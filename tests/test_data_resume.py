@@ -16,7 +16,6 @@ from pathlib import Path
 
 import trio
 
-from consensus.ledger import SetPolicy
 from federation.dataplane.v3_protocol import ChunkFeed
 from federation.vms.backend import VmState
 from mesh.amst.receiver import ChunkSet
@@ -130,7 +129,7 @@ def test_cut_data_path_resumes_without_resending_what_the_target_stored(tmp_path
                                          "dc4": await cut.start(relays)})
             async with running_nodes(cfg, tmp_path / "data", views={"dc1": view}) as nodes:
                 dc1, dc3, dc4 = nodes["dc1"], nodes["dc3"], nodes["dc4"]
-                assert (await dc1.ledger.submit(SetPolicy(100, (), (), False))).ok
+                await dc1.set_policy(100, kill_switch=False)
                 await dc1.import_vm("vm1", memory, [disk])
                 await dc1.import_vm("vm2", memory, [disk])
 
@@ -170,7 +169,7 @@ def test_a_cut_that_outlasts_the_budget_aborts_and_the_vm_stays(tmp_path: Path) 
             async with running_nodes(cfg, tmp_path / "data", views={"dc1": view}) as nodes:
                 dc1, dc2 = nodes["dc1"], nodes["dc2"]
                 dc1.rounds.core.resume_budget = 2.0  # the default (15 s) is too long for a test
-                assert (await dc1.ledger.submit(SetPolicy(100, (), (), False))).ok
+                await dc1.set_policy(100, kill_switch=False)
                 await dc1.import_vm("vm1", memory, [disk])
                 before = image_hashes(dc1.backend.path("vm1"))
                 dead.cuts = [64 << 10]  # after the first 64 KiB, never again

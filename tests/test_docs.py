@@ -97,10 +97,11 @@ def test_every_subcommand_and_option_is_in_cli_md() -> None:
 
 def test_every_federation_option_is_in_federation_md() -> None:
     text = _doc("federation.md")
-    tables = {"[federation]", "[modes]", "[[dc]]"}
-    keys = set(config._FED_KEYS) | set(config._DC_KEYS)
+    tables = {"[federation]", "[modes]", "[[dc]]", "[[operators]]"}
+    keys = set(config._FED_KEYS) | set(config._DC_KEYS) | set(config._OPERATOR_KEYS)
     keys |= {a.name for a in attrs.fields(config.ModeThresholds)}
-    assert set(config._TOP_KEYS) == {"federation", "modes", "dc"}, (
+    keys |= {f"{r.label}" for r in config.Role}
+    assert set(config._TOP_KEYS) == {"federation", "modes", "dc", "operators"}, (
         "federation.config grew a top-level table; document it and update this test")
     missing = sorted(t for t in tables if t not in text)
     missing += sorted(k for k in keys if f"`{k}`" not in text)

@@ -22,10 +22,13 @@ import pytest
 
 from consensus.ledger import (
     AbortMigration,
+    AnnounceRoot,
     BeginMigration,
     CommitMigration,
+    ImportVm,
     Ledger,
     LedgerResult,
+    MigrateVm,
     RegisterVm,
 )
 from federation.demo.guest_backend import WritingBackend
@@ -42,6 +45,7 @@ from federation.migration.vocabulary import (
     LedgerBegun,
     LedgerCommitted,
     LedgerRefused,
+    LedgerRootAnnounced,
     Phase,
     PrecopyLimits,
     SendRound,
@@ -53,6 +57,7 @@ from federation.vms.backend import VmState
 from mesh import wire
 from mesh.core import Notify, Received, Send
 from mesh.hde.image import PAGE_SIZE
+from sim.hosts.operators import SIM_OPERATORS, OperatorSigner
 from tests.harness.data import real_pages
 from tests.harness.waiting import poll_until
 
@@ -71,15 +76,18 @@ class TwoDCs:
         self.src_vm = VmActions(self.src)
         self.tgt_vm = VmActions(self.tgt)
         self.rounds = {n: RoundsCore(n, lambda mid, n=n: self.view(n, mid)) for n in ("dc1", "dc2")}
-        self.ledger = Ledger(("dc1", "dc2", "dc3"))
+        self.ledger = Ledger(("dc1", "dc2", "dc3"), SIM_OPERATORS)
         self.rids = {"dc1": 0, "dc2": 0}
-        self.execute("dc1", RegisterVm("vm1", "dc1"))
+        ops = OperatorSigner("ops", prefix="e2e")
+        self.execute("dc1", RegisterVm("vm1", "dc1", ops.authorize(
+            ImportVm("vm1", "dc1", str(tmp / "mem"), (str(tmp / "disk"),)), 1.0)))
         self.corrupt_target = corrupt_target
         self.fenced_digest: str | None = None
         self.notes: list[Notify] = []
         info = self.src.info("vm1")
         self.source = SourceSession.plan("dc1", MID, "vm1", "dc2", 0, info.layout, limits,
-                                         self.ledger.policy, (1,), (1, 3))
+                                         self.ledger.policy, (1,), (1, 3),
+                                         ops.authorize(MigrateVm("vm1", "dc2"), 2.0))
         self.target: TargetSession | None = None
         self.queue: deque[tuple[str, Any]] = deque()
 
@@ -151,6 +159,9 @@ class TwoDCs:
             self.target, actions = TargetSession.from_ledger(
                 "dc2", MID, "vm1", "dc1", command.epoch, self.source.limits, time.monotonic())
             self.dispatch("dc2", actions)
+        elif isinstance(command, AnnounceRoot):
+            self.queue.append(("dc1", LedgerRootAnnounced(MID, command.root)))
+            self.queue.append(("dc2", LedgerRootAnnounced(MID, command.root)))
         else:
             fact: Any = (LedgerCommitted(MID, result.epoch, command.root)
                          if isinstance(command, CommitMigration) else LedgerAborted(MID))

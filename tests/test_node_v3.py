@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from consensus.ledger import SetPolicy
 from federation.demo.guest_writer import expected_pages, mismatches
 from federation.node.assembly import Node
 from federation.node.status import status
@@ -57,8 +56,7 @@ def test_v3_migration_then_back_then_v1_fallback(tmp_path: Path) -> None:
             dc1, dc3, dc4 = nodes["dc1"], nodes["dc3"], nodes["dc4"]
             assert dc1.runtime.links["dc3"].version == 3
             assert dc1.runtime.links["dc4"].version == 1
-            result = await dc1.ledger.submit(SetPolicy(100, (), (), False))
-            assert result.ok
+            await dc1.set_policy(100)
             await import_with_writer(dc1, "vm1", memory, [disk], rate=300, seed=3)
             await dc1.import_vm("vm2", memory, [disk])
             await wait_writes(dc1, "vm1")  # dirty pages before the migration starts
@@ -127,13 +125,13 @@ def test_kill_switch_mid_migration_falls_back_to_v1(tmp_path: Path, monkeypatch)
                 await real_drive(self, sources, feed)
                 if not switched:  # the policy changes before the session hears of round 1
                     switched.append(self.round)
-                    assert (await dc1.ledger.submit(SetPolicy(100, (), (), True))).ok
+                    await dc1.set_policy(100, kill_switch=True)
                     await wait_until(
                         lambda: dc1.need_core().ledger.policy.kill_switch,
                         "the kill switch in dc1's ledger")
 
             monkeypatch.setattr(V3RoundSender, "_drive", drive_then_kill)
-            assert (await dc1.ledger.submit(SetPolicy(100, (), (), False))).ok
+            await dc1.set_policy(100, kill_switch=False)
             await import_with_writer(dc1, "vm3", memory, [disk], rate=300, seed=11)
             await wait_writes(dc1, "vm3")
             mid = await dc1.migrate("vm3", "dc2")
@@ -192,7 +190,7 @@ def test_64mib_figures(tmp_path: Path, percent: int) -> None:
     async def main() -> dict[str, float]:
         async with nodes_with(cfg, tmp_path / "data", {}) as nodes:
             dc1, dc3 = nodes["dc1"], nodes["dc3"]
-            assert (await dc1.ledger.submit(SetPolicy(percent, (), (), False))).ok
+            await dc1.set_policy(percent, kill_switch=False)
             await import_with_writer(dc1, "big", memory, [disk], rate=2000, seed=5)
             await wait_writes(dc1, "big", 1000)
             t0 = trio.current_time()

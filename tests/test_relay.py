@@ -17,7 +17,6 @@ import trio
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from consensus.ledger import SetPolicy
 from federation.dataplane.relay import DataRelay, RelayOpen, RelayRefused, open_relayed
 from federation.node.metrics import NodeCollector
 from federation.node.status import status
@@ -199,7 +198,7 @@ def test_migration_follows_a_bulk_route_through_the_third_dc(tmp_path: Path) -> 
             election.routes[(BULK, "dc3")] = held
             # and for this test the detour holds whatever the mesh elects meanwhile
             dc1.v3.bulk_via = lambda target: "dc2"  # type: ignore[method-assign]
-            assert (await dc1.ledger.submit(SetPolicy(100, (), (), False))).ok
+            await dc1.set_policy(100, kill_switch=False)
             await dc1.import_vm("vm1", memory, [disk])
             await dc1.import_vm("vm2", memory, [disk])
 

@@ -224,7 +224,7 @@ def recover(r: Replica) -> None:
     r.view, r.active = rec.view.view, rec.view.active
     if rec.checkpoint is not None:
         ck = rec.checkpoint
-        r.ledger = Ledger.restore(r.q.members, ck.snapshot)
+        r.ledger = Ledger.restore(r.q.members, ck.snapshot, r.operators)
         r.low = r.last_exec = ck.seq
         r.stable_proof, r.stable_snapshot = ck.proof, ck.snapshot
     for slot in rec.slots:

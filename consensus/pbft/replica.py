@@ -42,6 +42,7 @@ from collections.abc import Mapping
 
 import attrs
 
+from consensus.authz import OperatorTable
 from consensus.durable import ReplicaLog, SlotRecord
 from consensus.evidence import EvidenceBook
 from consensus.ledger import CLIENT_WINDOW, Ledger
@@ -182,6 +183,7 @@ class Replica:
         log: ReplicaLog,
         rng: random.Random,
         config: PbftConfig | None = None,
+        operators: OperatorTable | None = None,
     ) -> None:
         self.name = name
         self.identity = identity
@@ -194,8 +196,10 @@ class Replica:
         self.verifier = Verifier(keys)
         self.evidence = EvidenceBook()
         self.client = LedgerClient(name, identity, self.q, self.cfg.client_timeout, log.store)
+        #: who may sign operator requests, for the ledger's checks (the federation file)
+        self.operators = operators
         self.genesis = Ledger(self.q.members).state_digest()
-        self.ledger = Ledger(self.q.members)
+        self.ledger = Ledger(self.q.members, operators)
         self.view = 0
         self.active = True
         self.low = 0  # h, the stable checkpoint

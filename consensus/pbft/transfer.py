@@ -134,7 +134,7 @@ def on_state_reply(r: Replica, now: float, env: Envelope, sr: StateReply) -> Non
             state_digest = execution.check_stable_proof(r, sr.checkpoint_seq, sr.checkpoint_proof)
             if digest(cu.snapshot) != state_digest:
                 raise CertificateError("snapshot does not match the proven digest")
-            ledger = Ledger.restore(r.q.members, cu.snapshot)
+            ledger = Ledger.restore(r.q.members, cu.snapshot, r.operators)
         except (CertificateError, wire.WireError, LedgerInvariantError):
             r.evidence.count_malformed(env.sender)
             r._count("bad_state_replies")

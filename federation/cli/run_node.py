@@ -18,6 +18,7 @@ from pathlib import Path
 import trio
 
 from federation import config
+from federation.api.auth import OperatorKey, load_operator_key
 from federation.api.http import open_api, serve_node
 from federation.cli.main import CommandError
 from federation.node.assembly import Node
@@ -43,6 +44,11 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
         "--key", type=Path, help="identity key file (default: <config dir>/keys/<DC>.key)"
     )
     p.add_argument("--data-dir", type=Path, help="durable state (default: <config dir>/data/<DC>)")
+    p.add_argument(
+        "--operator-key", type=Path,
+        help="an operator's key (dwcp keygen --operator) the node signs its API's imports, "
+             "migrations and policy changes with, until the API checks operators' own "
+             "signatures; without it the node refuses them")
 
 
 def default_key_path(config_path: Path, name: str) -> Path:
@@ -66,11 +72,19 @@ def run_node(args: argparse.Namespace,
         raise CommandError(str(exc)) from None
     except OSError as exc:
         raise CommandError(f"{key_path}: {exc.strerror}") from None
+    operator: OperatorKey | None = None
+    if args.operator_key is not None:
+        try:
+            operator = load_operator_key(args.operator_key, fed)
+        except identity.IdentityError as exc:
+            raise CommandError(str(exc)) from None
+        except OSError as exc:
+            raise CommandError(f"{args.operator_key}: {exc.strerror}") from None
     data_dir: Path = args.data_dir or args.config.parent / "data" / args.name
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         vms = backend(data_dir) if backend is not None else None
-        node = Node(fed, args.name, ident, data_dir, backend=vms)
+        node = Node(fed, args.name, ident, data_dir, backend=vms, operator=operator)
     except OSError as exc:
         raise CommandError(
             f"{data_dir}: cannot create the data directory: {exc.strerror}"

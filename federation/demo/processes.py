@@ -33,7 +33,7 @@ from typing import Any
 import trio
 
 from federation import config
-from federation.cli.keys import init_federation
+from federation.cli.keys import INIT_OPERATOR, init_federation
 from federation.cli.ops import _human
 from federation.demo.guest_backend import WriterSetting
 from federation.demo.scenario import Demo, ms
@@ -122,7 +122,11 @@ class NodeProcess:
         self.initiators.clear()
         self.returncode = None
         self.stop_requested = False
-        node = ["--config", str(self.config_path), "--name", self.name]
+        # the operator `federation init` made: the node signs its API's operations with it
+        # until the API checks operators' own signatures
+        key = self.config_path.parent / "keys" / f"{INIT_OPERATOR}.key"
+        operator = ["--operator-key", str(key)]
+        node = ["--config", str(self.config_path), "--name", self.name, *operator]
         if self.writers:
             args = [sys.executable, "-c", _WRITER_NODE_MAIN, *node, *writer_args(self.writers)]
         else:

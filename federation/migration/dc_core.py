@@ -8,10 +8,11 @@ Wiring (what :mod:`federation.migration.vocabulary` asks of a node):
   timers go to the session of that migration id;
 - after every replica step the ledger's migration records are compared with the
   last ones seen: a new ``begun`` becomes :class:`LedgerBegun` for the source
-  session (and creates the target session at the target), ``committed`` and
-  ``aborted`` become :class:`LedgerCommitted` / :class:`LedgerAborted`, a policy
-  change :class:`PolicyChanged` — whatever way the ledger got there (normal
-  execution or state transfer);
+  session (and creates the target session at the target), the source's announced
+  root :class:`LedgerRootAnnounced`, ``committed`` and ``aborted`` become
+  :class:`LedgerCommitted` / :class:`LedgerAborted`, a policy change
+  :class:`PolicyChanged` — whatever way the ledger got there (normal execution or
+  state transfer);
 - a session's :class:`SubmitLedger` becomes ``replica.submit``; the request's
   completion comes back as :class:`LedgerRefused` if the ledger rejected it;
 - the node's own submissions (``submit``) complete through ``on_ledger_done``;
@@ -27,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from consensus.authz import Authorization
 from consensus.ledger import Ledger, LedgerResult, MigrationRecord, SetPolicy
 from consensus.pbft.client import ClientBusy
 from consensus.pbft.replica import Replica
@@ -41,6 +43,7 @@ from federation.migration.vocabulary import (
     LedgerBegun,
     LedgerCommitted,
     LedgerRefused,
+    LedgerRootAnnounced,
     MigrationError,
     Outcome,
     PolicyChanged,
@@ -79,9 +82,9 @@ class NodeCore:
         self.progress: dict[str, Progress] = {}
         self.outcomes: dict[str, Outcome] = {}
         self.counters: dict[str, int] = {}
-        self._seen: dict[str, str] = dict(
-            (mid, rec.state) for mid, rec in replica.ledger.migrations.items()
-        )
+        self._seen: dict[str, tuple[str, bool]] = {
+            mid: _seen(rec) for mid, rec in replica.ledger.migrations.items()
+        }
         self._policy: SetPolicy = replica.ledger.policy
         #: request id -> the session that submitted it
         self._requests: dict[int, str] = {}
@@ -125,9 +128,10 @@ class NodeCore:
     def plan_migration(
         self, now: float, migration_id: str, vm: str, target: str,
         layout: tuple[tuple[str, int], ...], local_versions: tuple[int, ...],
-        peer_versions: tuple[int, ...],
+        peer_versions: tuple[int, ...], authorization: Authorization,
     ) -> list[Action]:
-        """Start migrating ``vm`` (owned here per the ledger) to ``target``."""
+        """Start migrating ``vm`` (owned here per the ledger) to ``target``, on the
+        operator's signed request ``authorization`` (a ``MigrateVm`` intent)."""
         ledger = self.replica.ledger
         owner, epoch = ledger.owner(vm), ledger.epoch(vm)
         if owner != self.me or epoch is None:
@@ -139,7 +143,7 @@ class NodeCore:
             raise MigrationError(f"migration {migration_id!r} exists")
         session = SourceSession.plan(
             self.me, migration_id, vm, target, epoch, layout, limits_for(self.mode_of(target)),
-            ledger.policy, local_versions, peer_versions,
+            ledger.policy, local_versions, peer_versions, authorization,
         )
         self.sessions[migration_id] = session
         return self._session_out(now, session, session.start(now))
@@ -250,9 +254,9 @@ class NodeCore:
             for mid in list(self.sessions):
                 out += self.to_session(now, mid, PolicyChanged(ledger.policy))
         changed = [(mid, rec) for mid, rec in ledger.migrations.items()
-                   if self._seen.get(mid) != rec.state]
+                   if self._seen.get(mid) != _seen(rec)]
         for mid, rec in changed:
-            self._seen[mid] = rec.state
+            self._seen[mid] = _seen(rec)
             out += self._on_record(now, rec)
         if changed and self.unrestored:
             out += self._retry_restore(now)
@@ -267,11 +271,17 @@ class NodeCore:
             session, acts = TargetSession.from_ledger(
                 self.me, mid, rec.vm, rec.source, rec.epoch, limits, now)
             self.sessions[mid] = session
-            return self._session_out(now, session, acts)
+            out = self._session_out(now, session, acts)
+            if rec.announced:
+                out += self.to_session(now, mid, LedgerRootAnnounced(mid, rec.announced))
+            return out
         if mid not in self.sessions:
             return []
         if rec.state == "begun":
-            return self.to_session(now, mid, LedgerBegun(mid, rec.epoch))
+            out = self.to_session(now, mid, LedgerBegun(mid, rec.epoch))
+            if rec.announced:
+                out += self.to_session(now, mid, LedgerRootAnnounced(mid, rec.announced))
+            return out
         if rec.state == "committed":
             return self.to_session(now, mid, LedgerCommitted(mid, rec.epoch + 1, rec.root))
         return self.to_session(now, mid, LedgerAborted(mid))
@@ -294,3 +304,8 @@ class NodeCore:
             out += self._session_out(now, session, [*acts, session.progress()])
         return out
 
+
+def _seen(rec: MigrationRecord) -> tuple[str, bool]:
+    """What of a migration record the sessions hear about: its state, and whether the
+    source's root is announced."""
+    return rec.state, bool(rec.announced)

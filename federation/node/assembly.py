@@ -22,6 +22,13 @@ control mesh's runtime (:class:`mesh.runtime.node_runtime.Runtime`):
 The HTTP API (:mod:`federation.api.http`) is a front end over the node:
 :func:`federation.api.http.serve_node` runs both.
 
+State-changing operations (import, migrate, policy) carry an operator's signed request
+into the ledger, which every replica checks (consensus.ledger). Each operation takes
+that request as ``authorization`` (what the API will pass once it verifies operators'
+signatures, federation.api.auth); until then a node started with an operator key
+(``dwcp node --operator-key``) signs what its API asks for with that key, and a node
+without one refuses the operations.
+
 ``await node.ledger.submit(command)`` returns once f+1 replicas sent the same result
 (:class:`consensus.ledger.LedgerResult`) and raises :class:`LedgerTimeout` when the
 client gives up. After a restart the replica recovers from its durable log, every VM
@@ -37,14 +44,17 @@ from __future__ import annotations
 
 import random
 import secrets
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from consensus.authz import Authorization, OperatorKey, new_nonce, sign
 from consensus.durable import ReplicaLog
-from consensus.ledger import RegisterVm, SetPolicy
+from consensus.ledger import ChangePolicy, ImportVm, MigrateVm, RegisterVm, SetPolicy
+from consensus.pbft.messages import MAX_COMMAND
 from consensus.pbft.replica import Replica
 from federation import config
 from federation.dataplane.scheduler import RoundEvents, RoundScheduler
@@ -98,6 +108,7 @@ class Node:
         log: JsonLog | None = None,
         rng: random.Random | None = None,
         transfer_versions: Sequence[int] = TRANSFER_VERSIONS,
+        operator: OperatorKey | None = None,
     ) -> None:
         me = fed.dc(name)
         if ident.public != me.public_key:
@@ -105,6 +116,9 @@ class Node:
                             f"in {fed.source} ({me.public_key})")
         self.fed = fed
         self.name = name
+        #: the operator key this node signs its API's operations with, until the API
+        #: checks operators' own signatures (see the module docstring); None: refuse them
+        self.operator = operator
         #: what this node offers in its channel handshakes: the federation's versions that
         #: its data plane carries (a DC may be configured down to v1 for a rollback)
         self.transfer_versions = tuple(sorted(set(fed.versions) & set(transfer_versions)))
@@ -136,7 +150,8 @@ class Node:
         replica: Replica | None = None
         try:
             replica = Replica(name, ident, self.runtime.keys, ReplicaLog(self.store),
-                              random.Random(self.rng.getrandbits(64)))
+                              random.Random(self.rng.getrandbits(64)),
+                              operators=fed.operator_table())
         except ValueError as exc:
             self.no_ledger = f"no ledger in this federation: {exc}"
         self.ledger = NodeLedger(self.runtime, self.no_ledger)
@@ -257,8 +272,38 @@ class Node:
 
     # ------------------------------------------------------------------ operations
 
-    async def import_vm(self, name: str, memory: Path, disks: list[Path]) -> VmInfo:
+    def authorize(self, method: str, target: str, intent: Any,
+                  authorization: Authorization | None) -> Authorization:
+        """The operator's signed request for ``intent``: ``authorization`` as given, or
+        signed now with this node's operator key; NodeError if there is neither."""
+        if authorization is not None:
+            return authorization
+        if self.operator is None:
+            raise NodeError("no operator request: this node holds no operator key to sign "
+                            "its API's operations with (dwcp node --operator-key FILE)")
+        body = wire.encode(intent)
+        raw = sign(self.operator.identity, self.fed.id, self.operator.name, method, target,
+                   body, time.time(), new_nonce())
+        return Authorization(raw, body)
+
+    @staticmethod
+    def _fits(command: Any) -> Any:
+        """``command`` if it fits a ledger command (consensus.pbft.messages.MAX_COMMAND)."""
+        try:
+            size = len(wire.encode(command))
+        except wire.WireError as exc:
+            raise NodeError(str(exc)) from None
+        if size > MAX_COMMAND:
+            raise NodeError(f"the request is {size} bytes as a ledger command; the limit is "
+                            f"{MAX_COMMAND}")
+        return command
+
+    async def import_vm(self, name: str, memory: Path, disks: list[Path],
+                        authorization: Authorization | None = None) -> VmInfo:
         """Copy the images in, register the VM in the ledger as ours, run it."""
+        intent = ImportVm(name, self.name, str(memory), tuple(str(d) for d in disks))
+        register = self._fits(RegisterVm(name, self.name, self.authorize(
+            "POST", "/api/vms", intent, authorization)))
         owner = self.need_core().ledger.owner(name)
         if owner is not None:
             raise NodeError(f"VM {name!r} is already registered in the ledger (owner {owner})")
@@ -268,19 +313,24 @@ class Node:
             raise NodeError(str(exc)) from None
         except OSError as exc:
             raise NodeError(f"{exc.filename or name}: {exc.strerror or exc}") from None
-        result = await self.ledger.submit(RegisterVm(name, self.name))
+        if authorization is None:  # signed here: sign again now that the copy is done
+            register = RegisterVm(name, self.name, self.authorize("POST", "/api/vms", intent,
+                                                                  None))
+        result = await self.ledger.submit(register)
         if not result.ok:
             raise NodeError(f"the ledger refused to register {name!r}: {result.error}")
         info = await trio.to_thread.run_sync(self.backend.start, name, result.epoch)
         self.log.event("vm_imported", vm=name, layout=info.layout)
         return info
 
-    async def migrate(self, vm: str, target: str) -> str:
+    async def migrate(self, vm: str, target: str,
+                      authorization: Authorization | None = None) -> str:
         """Start migrating ``vm`` to DC ``target``; returns the migration id."""
         self.need_core()
         if target == self.name or target not in self.runtime.peers:
             raise NodeError(f"{target!r} is not another DC of the federation "
                             f"({', '.join(self.runtime.peers)})")
+        auth = self.authorize("POST", "/api/migrations", MigrateVm(vm, target), authorization)
         try:
             info = self.backend.info(vm)
         except VmError as exc:
@@ -294,7 +344,7 @@ class Node:
         def plan(core: NodeCore, now: float) -> list[Any]:
             try:
                 return core.plan_migration(now, mid, vm, target, info.layout,
-                                           self.transfer_versions, peer)
+                                           self.transfer_versions, peer, auth)
             except (MigrationError, RolloutError) as exc:
                 failure.append(str(exc))
                 return []
@@ -340,7 +390,8 @@ class Node:
             raise failure[0]
 
     async def set_policy(self, v3_percent: int, target_dcs: Sequence[str] = (),
-                         target_vms: Sequence[str] = (), kill_switch: bool = False) -> SetPolicy:
+                         target_vms: Sequence[str] = (), kill_switch: bool = False,
+                         authorization: Authorization | None = None) -> SetPolicy:
         """Record a rollout policy in the ledger (DESIGN.md, "Protocol versions and
         rollout"); every DC's sessions apply it from their next round on."""
         if not 0 <= v3_percent <= 100:
@@ -353,7 +404,9 @@ class Node:
             wire.encode(policy)
         except wire.WireError as exc:
             raise NodeError(f"policy: {exc}") from None
-        result = await self.ledger.submit(policy)
+        change = self._fits(ChangePolicy(self.authorize("POST", "/api/policy", policy,
+                                                        authorization)))
+        result = await self.ledger.submit(change)
         if not result.ok:
             raise NodeError(f"the ledger refused the policy: {result.error}")
         self.log.event("policy_set", v3_percent=v3_percent, target_dcs=list(target_dcs),

@@ -15,6 +15,7 @@ from federation.migration.vocabulary import (
     SourceFenced,
 )
 from mesh.core import Received
+from tests.harness.ledger import AUTH
 
 LAYOUT = (("memory", 1000), ("disk-0", 500))
 V3_ALL = SetPolicy(100, (), (), False)
@@ -34,7 +35,7 @@ def one(actions: list[Any], cls: type) -> Any:
 
 def session(limits: PrecopyLimits = DC_LIMITS, policy: SetPolicy = V3_ALL) -> SourceSession:
     return SourceSession.plan("dc1", "m1", "vm1", "dc2", 3, LAYOUT, limits, policy,
-                              (1, 3), (1, 3))
+                              (1, 3), (1, 3), AUTH)
 
 
 def begun(s: SourceSession) -> list[Any]:

@@ -26,10 +26,14 @@ from hypothesis.stateful import (
 
 from consensus.ledger import (
     AbortMigration,
+    AnnounceRoot,
     BeginMigration,
+    ChangePolicy,
     CommitMigration,
+    ImportVm,
     Ledger,
     LedgerResult,
+    MigrateVm,
     RegisterVm,
     SetPolicy,
 )
@@ -46,6 +50,7 @@ from federation.migration.vocabulary import (
     LedgerBegun,
     LedgerCommitted,
     LedgerRefused,
+    LedgerRootAnnounced,
     Phase,
     PolicyChanged,
     PrecopyLimits,
@@ -74,6 +79,7 @@ from mesh.core import (
     SetTimer,
     TimerFired,
 )
+from sim.hosts.operators import SIM_OPERATORS, OperatorSigner
 
 SRC, TGT = "dc1", "dc2"
 VM = "vm1"
@@ -99,12 +105,14 @@ class World:
     """One migration of ``vm1`` from dc1 to dc2 (see the module docstring)."""
 
     def __init__(self, policy: SetPolicy | None = None) -> None:
-        self.ledger = Ledger(("dc1", "dc2", "dc3"))
+        self.ledger = Ledger(("dc1", "dc2", "dc3"), SIM_OPERATORS)
         self.rid = {"dc1": 1, "dc2": 1}
-        self._execute(SRC, RegisterVm(VM, SRC))
-        if policy is not None:
-            self._execute(SRC, policy)
         self.now = 0.0
+        #: the operators, signing at the world's time
+        self.ops = OperatorSigner("admin", prefix="world")
+        self._execute(SRC, RegisterVm(VM, SRC, self.ops.authorize(ImportVm(VM, SRC, "/m"), 0.0)))
+        if policy is not None:
+            self._execute(SRC, ChangePolicy(self.ops.authorize(policy, 0.0)))
         self.store: dict[str, dict[str, bytes]] = {SRC: {}, TGT: {}}
         self.sessions: dict[str, SessionBase | None] = {SRC: None, TGT: None}
         self.up = {SRC: True, TGT: True}
@@ -130,7 +138,8 @@ class World:
         self.max_epoch = 0
         self.notes: list[Notify] = []
         session = SourceSession.plan(SRC, MID, VM, TGT, 0, LAYOUT, LIMITS,
-                                     self.ledger.policy, (1, 3), (1, 3))
+                                     self.ledger.policy, (1, 3), (1, 3),
+                                     self.ops.authorize(MigrateVm(VM, TGT), self.now))
         self.sessions[SRC] = session
         self.apply(SRC, session.start(self.now))
 
@@ -152,6 +161,8 @@ class World:
             return
         if isinstance(command, BeginMigration):
             self.facts.append(LedgerBegun(MID, command.epoch))
+        elif isinstance(command, AnnounceRoot):
+            self.facts.append(LedgerRootAnnounced(MID, command.root))
         elif isinstance(command, CommitMigration):
             assert mig is not None
             self.facts.append(LedgerCommitted(MID, mig.epoch + 1, command.root))
@@ -325,6 +336,8 @@ class World:
                                                          self.now)
             self.sessions[TGT] = session
             self.apply(TGT, actions)
+            if mig.announced:
+                self.feed(TGT, LedgerRootAnnounced(MID, mig.announced))
         other = TGT if node == SRC else SRC
         self.feed(other, PeerUp(node))
 
@@ -338,7 +351,7 @@ class World:
 
     def change_policy(self, v3_percent: int, kill: bool) -> None:
         policy = SetPolicy(v3_percent, (), (), kill)
-        self._execute("dc1", policy)
+        self._execute("dc1", ChangePolicy(self.ops.authorize(policy, self.now)))
         self.feed(SRC, PolicyChanged(policy))
 
     # ------------------------------------------------------------------ invariants

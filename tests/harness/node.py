@@ -20,8 +20,9 @@ import pytest
 import trio
 
 from federation import config
+from federation.api.auth import load_operator_key
 from federation.api.http import serve_node
-from federation.cli.keys import init_federation
+from federation.cli.keys import INIT_OPERATOR, init_federation
 from federation.demo.guest_backend import WritingBackend
 from federation.demo.processes import free_base_port
 from federation.demo.real_data import write_process_memory
@@ -70,9 +71,10 @@ def build_node(cfg: Path, name: str, data_root: Path,
     (:func:`import_with_writer`)."""
     fed = config.load(cfg)
     ident = identity.load_key_file(cfg.parent / "keys" / f"{name}.key")
+    operator = load_operator_key(cfg.parent / "keys" / f"{INIT_OPERATOR}.key", fed)
     return Node(fed, name, ident, data_root / name, log=JsonLog(name, io.StringIO()),
                 backend=WritingBackend(data_root / name / "vms"),
-                transfer_versions=transfer_versions)
+                transfer_versions=transfer_versions, operator=operator)
 
 
 async def import_with_writer(node: Node, vm: str, memory: Path, disks: list[Path], *,

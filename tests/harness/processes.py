@@ -47,7 +47,10 @@ class NodeProcesses:
 
     def start(self, name: str) -> None:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        node = ["--config", str(self.cfg), "--name", name]
+        # the operator `federation init` made: the node signs its API's operations with it
+        # until the API checks operators' own signatures
+        operator = ["--operator-key", str(self.cfg.parent / "keys" / "admin.key")]
+        node = ["--config", str(self.cfg), "--name", name, *operator]
         writers = [f"--writer={w}" for w in self.writers.get(name, [])]
         argv = ([sys.executable, "-c", WRITER_NODE_MAIN, *node, *writers] if writers
                 else [sys.executable, "-c", DWCP_MAIN, "node", *node])
