@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench chaos lint browser-check corpus corpus-small clean
+.PHONY: demo test bench chaos lint browser-check corpus corpus-small qemu-guest clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -46,6 +46,15 @@ corpus: $(STAMP)
 
 corpus-small: CORPUS_ARGS = --small
 corpus-small: corpus
+
+# make qemu-guest: the self-checking guest (kernel + busybox initramfs) the qemu backend's
+# tests, `dwcp bench live` and the qemu demo boot, in $$DWCP_GUEST (default
+# ~/.cache/dwcp-guest), see docs/qemu.md.
+QEMU_GUEST_DEBS := qemu-system-x86 linux-image-cloud-amd64 busybox-static cpio iproute2
+qemu-guest: $(STAMP)
+	apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(QEMU_GUEST_DEBS)
+	$(BIN)/python -m federation.demo.qemu_guest.build
 
 clean:
 	rm -rf $(VENV) build *.egg-info

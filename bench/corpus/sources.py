@@ -8,13 +8,14 @@ versions (docs/CORPUS.md).
 from __future__ import annotations
 
 import functools
-import gzip
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from federation.demo.qemu_guest import build as guest_build
 
 # The data set: the Python 3.11 standard library, Perl's core modules and the time
 # zone database. Each has a newer version in bookworm-security/-updates than in
@@ -93,48 +94,26 @@ def unpack(debs: list[Path], dest: Path) -> None:
 
 def kernel_package() -> tuple[str, str, Path]:
     """(package, version, vmlinuz) of the kernel linux-image-cloud-amd64 depends on."""
-    dep = run(["dpkg-query", "-W", "-f=${Depends}", "linux-image-cloud-amd64"]).strip()
-    pkg = dep.split()[0].rstrip(",")
-    version = run(["dpkg-query", "-W", "-f=${Version}", pkg]).strip()
-    vmlinuz = Path("/boot") / ("vmlinuz-" + pkg.removeprefix("linux-image-"))
-    if not vmlinuz.exists():
-        raise SourceError(f"{vmlinuz}: missing although {pkg} is installed")
-    return pkg, version, vmlinuz
+    try:
+        return guest_build.kernel_package()
+    except guest_build.GuestAssetsMissing as e:
+        raise SourceError(str(e)) from None
 
 
 def build_initramfs(data_debs: list[Path], out: Path, work: Path) -> None:
     """A newc cpio (gzip) with static busybox, /init, the workloads and /data."""
-    busybox = Path("/bin/busybox")
-    if not busybox.exists() or b"ld-linux" in busybox.read_bytes()[:4096]:
-        # a dynamic binary names its loader (PT_INTERP) in the first page
-        raise SourceError(f"{busybox} is not the static busybox (apt-get install busybox-static)")
     stage = work / "initramfs"
-    shutil.rmtree(stage, ignore_errors=True)
-    for d in ("bin", "proc", "sys", "dev", "work", "tmp"):
-        (stage / d).mkdir(parents=True)
-    shutil.copy2(busybox, stage / "bin" / "busybox")
-    for name in GUEST_FILES:
-        target = stage / ("init" if name == "init.sh" else name)
-        shutil.copyfile(HERE / name, target)
-        target.chmod(0o755)
+    files = {("init" if n == "init.sh" else n): HERE / n for n in GUEST_FILES}
+    try:
+        guest_build.stage_initramfs(stage, ("proc", "sys", "dev", "work", "tmp"), files)
+    except guest_build.GuestAssetsMissing as e:
+        raise SourceError(str(e)) from None
     unpack(data_debs, stage / "data")
-    names = sorted(str(p.relative_to(stage)) for p in stage.rglob("*"))
-    cpio = run_bytes(
-        ["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0", "--reproducible"],
-        cwd=stage, data="\n".join(["."] + names).encode() + b"\n",
-    )
-    tmp = out.with_name(out.name + ".part")
-    with open(tmp, "wb") as f:
-        f.write(gzip.compress(cpio, compresslevel=6, mtime=0))
-    os.replace(tmp, out)
+    try:
+        guest_build.pack_initramfs(stage, out)
+    except guest_build.GuestAssetsMissing as e:
+        raise SourceError(str(e)) from None
     shutil.rmtree(stage)
-
-
-def run_bytes(argv: list[str], cwd: Path, data: bytes) -> bytes:
-    out = subprocess.run(argv, cwd=cwd, input=data, capture_output=True, check=False)
-    if out.returncode != 0:
-        raise SourceError(f"{' '.join(argv)}: exit {out.returncode}: {out.stderr.decode()}")
-    return out.stdout
 
 
 def build_disk_v1(debs: list[Path], out: Path, work: Path) -> None:

@@ -3,6 +3,7 @@
 ::
 
     dwcp vm import NAME --memory FILE [--disk FILE ...]
+    dwcp vm create|start|stop|console ...   # qemu VMs: federation.cli.vm
     dwcp vms [--json]
     dwcp migrate NAME --to DC          # progress bar on stderr; non-zero exit on abort
     dwcp cancel MIGRATION_ID           # an operator's abort, through the ledger
@@ -28,6 +29,7 @@ from typing import Any, TextIO
 
 from federation import config
 from federation.cli.main import CommandError
+from federation.cli.vm import add_qemu_commands
 from federation.migration.vocabulary import CANCEL_REASON
 
 __all__ = ["register_vm", "register_vms", "register_migrate", "register_cancel",
@@ -101,7 +103,7 @@ def node_api(args: argparse.Namespace) -> Api:
 
 
 def register_vm(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("vm", help="manage VMs (import)")
+    p = sub.add_parser("vm", help="manage VMs (import; create, start, stop, console for qemu)")
     vsub = p.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
     imp = vsub.add_parser("import", help="import a VM at the node and register it as its own")
     imp.add_argument("vm", metavar="NAME")
@@ -110,6 +112,7 @@ def register_vm(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                      help="a disk image (repeat for more disks)")
     add_node_options(imp)
     imp.set_defaults(func=run_import)
+    add_qemu_commands(vsub)
 
 
 def run_import(args: argparse.Namespace) -> int:

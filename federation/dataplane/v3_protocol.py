@@ -45,7 +45,7 @@ from mesh import wire
 from mesh.amst.receiver import DIGEST_BYTES, Chunk, ChunkSet
 from mesh.hde.codec import MAGIC
 from mesh.hde.events import EncodeChunk
-from mesh.hde.image import PAGE_SIZE, PageSource
+from mesh.hde.image import PAGE_SIZE, Overlay
 from mesh.hde.level import MODE_LEVELS, choose_level, measure_levels
 from mesh.hde.messages import CHUNK_PAGES
 
@@ -96,26 +96,6 @@ def peek_chunk(payload: bytes | memoryview) -> tuple[int, int] | None:
     if magic != MAGIC:
         return None
     return xfer, cid
-
-
-class Overlay:
-    """A page source: ``image`` except the pages in ``old`` (page -> bytes), i.e. the
-    source's shadow as it was before this round refreshed those pages: what the target's
-    base holds, the reference XOR deltas are taken against."""
-
-    def __init__(self, image: PageSource, old: dict[int, bytes]) -> None:
-        self.image = image
-        self.old = old
-        self.page_count = image.page_count
-        self.nbytes = image.nbytes
-
-    def view(self, page: int, count: int = 1) -> memoryview:
-        if count == 1:
-            held = self.old.get(page)
-            return memoryview(held) if held is not None else self.image.view(page)
-        if not any(p in self.old for p in range(page, page + count)):
-            return self.image.view(page, count)
-        return memoryview(b"".join(bytes(self.view(p)) for p in range(page, page + count)))
 
 
 Encoder = Callable[[int, EncodeChunk], bytes | bytearray]

@@ -129,8 +129,8 @@ class WritingBackend(ImageBackend):
 
     # ------------------------------------------------------------------ the life cycle
 
-    def start(self, name: str, epoch: int) -> VmInfo:
-        info = super().start(name, epoch)
+    def start(self, name: str, epoch: int, device_state: bytes = b"") -> VmInfo:
+        info = super().start(name, epoch, device_state)
         configured = self._configured.get(name)
         if configured is not None and self._setting(name) is None:
             self.attach_writer(name, configured.seed, configured.rate)
@@ -149,7 +149,7 @@ class WritingBackend(ImageBackend):
         return super().fence(name, migration_id)
 
     def prepare_incoming(self, name: str, layout: Sequence[tuple[str, int]],
-                         migration_id: str) -> dict[str, ImageWriter]:
+                         migration_id: str, machine: bytes = b"") -> dict[str, ImageWriter]:
         """An older copy reused in place loses its writer first: its setting is removed and
         its log set aside (they describe content the migration replaces), then the copy
         becomes incoming. A crash in between leaves a retired copy without a writer, which
@@ -165,7 +165,7 @@ class WritingBackend(ImageBackend):
             if log.exists():
                 safe = re.sub(r"[^A-Za-z0-9_.-]", "_", migration_id)  # one path component
                 os.replace(log, d / f"{WRITER_LOG}.before-{safe}")
-        return super().prepare_incoming(name, layout, migration_id)
+        return super().prepare_incoming(name, layout, migration_id, machine)
 
     def close(self) -> None:
         for name in sorted(self._threads):

@@ -23,9 +23,14 @@ Life cycle of a VM at one DC, as the migration protocol needs it::
   set of pages written in that generation or later. Pre-copy round k sends
   ``dirty_since(mark taken when round k-1 started)``.
 
-The ``image`` backend (:mod:`federation.vms.image_backend`) is the first implementation;
-a QEMU backend implements the same :class:`VmBackend` protocol over QMP
-(``stop``/``cont``, dirty bitmaps, ``migrate`` to a file).
+- A VM may carry more than its images: ``machine_spec`` is what a target needs to run it
+  (the qemu backend's VM spec), handed to the target's ``prepare_incoming``;
+  ``device_state`` is the fenced VM's device state (QEMU's migration stream without RAM),
+  handed to the target's ``start``. Both are ``b""`` for the image backend.
+
+The ``image`` backend (:mod:`federation.vms.image_backend`) keeps VMs as files and a page
+writer; the ``qemu`` backend (:mod:`federation.vms.qemu_backend`) runs each VM in its own
+QEMU process over QMP.
 """
 
 from __future__ import annotations
@@ -152,11 +157,17 @@ class VmBackend(Protocol):
         """Read-only page views of every image, keyed by image name (caller closes)."""
         ...
 
+    def machine_spec(self, name: str) -> bytes:
+        """What a target needs besides the images to run the VM (``b""``: nothing)."""
+        ...
+
     def prepare_incoming(
-        self, name: str, layout: Sequence[tuple[str, int]], migration_id: str
+        self, name: str, layout: Sequence[tuple[str, int]], migration_id: str,
+        machine: bytes = b"",
     ) -> dict[str, ImageWriter]:
         """Writable images of ``layout`` for a migration target. An older copy of the VM
-        (RETIRED or a previous INCOMING) is reused in place, so it serves as the diff base."""
+        (RETIRED or a previous INCOMING) is reused in place, so it serves as the diff base.
+        ``machine`` is the source's :meth:`machine_spec`."""
         ...
 
     def discard_incoming(self, name: str, migration_id: str) -> None:
@@ -171,14 +182,20 @@ class VmBackend(Protocol):
         """Pages written since generation ``mark`` opened, per image, sorted."""
         ...
 
-    def start(self, name: str, epoch: int) -> VmInfo:
+    def start(self, name: str, epoch: int, device_state: bytes = b"") -> VmInfo:
         """Run the VM with ledger epoch ``epoch``. Raises :class:`StaleEpochError` for an
-        epoch below the VM's, :class:`FencedError` while fenced."""
+        epoch below the VM's, :class:`FencedError` while fenced. An INCOMING VM resumes
+        from ``device_state``, the source's :meth:`device_state` (``b""``: none)."""
         ...
 
     def fence(self, name: str, migration_id: str) -> VmInfo:
         """Stop the VM for ``migration_id`` and make the stop durable. Idempotent for the
         same migration; a VM fenced by another migration raises :class:`FencedError`."""
+        ...
+
+    def device_state(self, name: str, migration_id: str) -> bytes:
+        """The device state of the VM ``migration_id`` fenced, for the target's ``start``
+        (``b""``: the VM has none beyond its images). Idempotent: the same bytes again."""
         ...
 
     def release_fence(self, name: str, migration_id: str) -> VmInfo:

@@ -26,8 +26,6 @@ from typing import Any
 
 from federation.vms.backend import (
     MEMORY,
-    FencedError,
-    StaleEpochError,
     VmError,
     VmInfo,
     VmState,
@@ -35,32 +33,22 @@ from federation.vms.backend import (
     check_vm_name,
     disk_name,
 )
+from federation.vms.vm_dir import (
+    META,
+    atomic_write,
+    check_start,
+    fence_needed,
+    fsync_dir,
+    info_of,
+    new_meta,
+    read_meta,
+    release_needed,
+    retire_needed,
+    write_meta,
+)
 from mesh.hde.image import PAGE_SIZE, Image, ImageWriter, open_image
 
 __all__ = ["ImageBackend", "atomic_write", "MappedImage", "map_writable"]
-
-META = "meta.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, never a
-    mix: write a temp file, fsync it, rename over, fsync the directory (POSIX rename(2))."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
 
 class MappedImage(ImageWriter):
     """A writable image over a shared file mapping, which :meth:`flush` makes durable."""
@@ -99,39 +87,17 @@ class ImageBackend:
         return self.root / check_vm_name(name)
 
     def _read_meta(self, name: str) -> dict[str, Any]:
-        path = self._dir(name) / META
-        try:
-            meta = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            raise VmError(f"no VM {name!r} in {self.root}") from None
-        except (OSError, ValueError) as exc:
-            raise VmError(f"VM {name!r}: unreadable {path}: {exc}") from exc
-        if not isinstance(meta, dict) or meta.get("name") != name:
-            raise VmError(f"VM {name!r}: {path} does not describe this VM")
-        return meta
+        return read_meta(self._dir(name), name)
 
     def _write_meta(self, name: str, meta: dict[str, Any]) -> None:
-        atomic_write(self._dir(name) / META, json.dumps(meta, sort_keys=True).encode() + b"\n")
+        write_meta(self._dir(name), meta)
+
+    _info = staticmethod(info_of)
 
     @staticmethod
-    def _info(meta: dict[str, Any]) -> VmInfo:
-        try:
-            layout = tuple((check_image_name(n), int(c)) for n, c in meta["layout"])
-            return VmInfo(
-                name=meta["name"],
-                epoch=int(meta["epoch"]),
-                state=VmState(meta["state"]),
-                layout=layout,
-                migration_id=str(meta.get("migration_id", "")),
-                page_size=int(meta["page_size"]),
-            )
-        except (KeyError, TypeError, ValueError, VmError) as exc:
-            raise VmError(f"VM {meta.get('name')!r}: bad meta.json: {exc}") from exc
-
-    def _new_meta(self, name: str, layout: Sequence[tuple[str, int]], state: VmState,
+    def _new_meta(name: str, layout: Sequence[tuple[str, int]], state: VmState,
                   epoch: int, migration_id: str = "") -> dict[str, Any]:
-        return {"name": name, "epoch": epoch, "state": state.value, "page_size": PAGE_SIZE,
-                "layout": [[n, c] for n, c in layout], "migration_id": migration_id}
+        return new_meta(name, layout, state, epoch, migration_id)
 
     # ------------------------------------------------------------------ queries
 
@@ -182,11 +148,24 @@ class ImageBackend:
         meta = self._new_meta(name, layout, VmState.STOPPED, epoch)
         atomic_write(staging / META, json.dumps(meta, sort_keys=True).encode() + b"\n")
         os.replace(staging, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return self._info(meta)
 
+    def machine_spec(self, name: str) -> bytes:
+        self.info(name)  # an unknown VM is an error here too
+        return b""  # an image VM is its images
+
+    def device_state(self, name: str, migration_id: str) -> bytes:
+        info = self.info(name)
+        if info.state is not VmState.FENCED or info.migration_id != migration_id:
+            raise VmError(f"VM {name!r} is not fenced by migration {migration_id!r}")
+        return b""  # the page writer's state is in the images and its log
+
     def prepare_incoming(self, name: str, layout: Sequence[tuple[str, int]],
-                         migration_id: str) -> dict[str, ImageWriter]:
+                         migration_id: str, machine: bytes = b"") -> dict[str, ImageWriter]:
+        if machine:
+            raise VmError(f"VM {name!r}: the image backend runs no machine spec "
+                          f"({len(machine)} bytes came from a different backend)")
         for img, count in layout:
             check_image_name(img)
             if count <= 0:
@@ -243,18 +222,12 @@ class ImageBackend:
 
     # ------------------------------------------------------------------ running
 
-    def start(self, name: str, epoch: int) -> VmInfo:
+    def start(self, name: str, epoch: int, device_state: bytes = b"") -> VmInfo:
+        if device_state:
+            raise VmError(f"VM {name!r}: the image backend has no device state to load "
+                          f"({len(device_state)} bytes came from a different backend)")
         meta = self._read_meta(name)
-        info = self._info(meta)
-        if info.state is VmState.FENCED:
-            raise FencedError(f"VM {name!r} is fenced by migration {info.migration_id!r}; "
-                              "it resumes only after the ledger aborts that migration")
-        if info.state is VmState.RETIRED:
-            raise VmError(f"VM {name!r} was migrated away ({info.migration_id!r}); "
-                          "only a migration brings it back")
-        if epoch < info.epoch:
-            raise StaleEpochError(f"VM {name!r}: start with epoch {epoch}, "
-                                  f"but it last ran with epoch {info.epoch}")
+        check_start(self._info(meta), epoch)
         meta.update(state=VmState.RUNNING.value, epoch=epoch, migration_id="")
         self._write_meta(name, meta)
         return self._info(meta)
@@ -262,12 +235,8 @@ class ImageBackend:
     def fence(self, name: str, migration_id: str) -> VmInfo:
         meta = self._read_meta(name)
         info = self._info(meta)
-        if info.state is VmState.FENCED:
-            if info.migration_id != migration_id:
-                raise FencedError(f"VM {name!r} is fenced by migration {info.migration_id!r}")
+        if not fence_needed(info, migration_id):
             return info
-        if info.state not in (VmState.RUNNING, VmState.STOPPED):
-            raise VmError(f"VM {name!r} is {info.state.value}; only a running VM is fenced")
         meta.update(state=VmState.FENCED.value, migration_id=migration_id)
         self._write_meta(name, meta)
         return self._info(meta)
@@ -275,11 +244,8 @@ class ImageBackend:
     def release_fence(self, name: str, migration_id: str) -> VmInfo:
         meta = self._read_meta(name)
         info = self._info(meta)
-        if info.state is not VmState.FENCED:
+        if not release_needed(info, migration_id):
             return info  # nothing of this migration to lift (it aborted before the fence)
-        if info.migration_id != migration_id:
-            raise VmError(f"VM {name!r} is fenced by migration {info.migration_id!r}, "
-                          f"not {migration_id!r}")
         meta.update(state=VmState.RUNNING.value, migration_id="")
         self._write_meta(name, meta)
         return self._info(meta)
@@ -287,10 +253,8 @@ class ImageBackend:
     def retire(self, name: str, migration_id: str) -> VmInfo:
         meta = self._read_meta(name)
         info = self._info(meta)
-        if info.state is VmState.RETIRED and info.migration_id == migration_id:
+        if not retire_needed(info, migration_id):
             return info
-        if info.state is not VmState.FENCED or info.migration_id != migration_id:
-            raise VmError(f"VM {name!r} is not fenced by migration {migration_id!r}")
         meta["state"] = VmState.RETIRED.value
         self._write_meta(name, meta)
         return self._info(meta)

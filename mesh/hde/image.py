@@ -32,6 +32,7 @@ __all__ = [
     "ImageError",
     "Image",
     "ImageWriter",
+    "Overlay",
     "PageSource",
     "fingerprint",
     "page_key",
@@ -153,6 +154,26 @@ class ImageWriter(Image):
 
     def copy(self, src: PageSource, src_page: int, page: int, count: int) -> None:
         self.view(page, count)[:] = src.view(src_page, count)
+
+
+class Overlay:
+    """A page source: ``image`` except the pages in ``old`` (page -> bytes). A migration's
+    source uses it as the XOR reference of a round: its shadow as it was before the round
+    refreshed those pages, i.e. what the target's base holds."""
+
+    def __init__(self, image: PageSource, old: dict[int, bytes]) -> None:
+        self.image = image
+        self.old = old
+        self.page_count = image.page_count
+        self.nbytes = image.nbytes
+
+    def view(self, page: int, count: int = 1) -> memoryview:
+        if count == 1:
+            held = self.old.get(page)
+            return memoryview(held) if held is not None else self.image.view(page)
+        if not any(p in self.old for p in range(page, page + count)):
+            return self.image.view(page, count)
+        return memoryview(b"".join(bytes(self.view(p)) for p in range(page, page + count)))
 
 
 def open_image(path: str | os.PathLike[str], name: str = "") -> Image:

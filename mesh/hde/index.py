@@ -19,7 +19,7 @@ threads index about twice as fast as one (see ``dwcp bench hde``).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor
 
 import xxhash
@@ -118,6 +118,48 @@ class PageIndex:
             )
         self.top = bytes(self.levels[-1][:DIGEST_SIZE])
         self.root = root_digest(page_count, self.top)
+
+    def refresh(self, image: PageSource, pages: Iterable[int],
+                executor: Executor | None = None) -> list[int]:
+        """Bring the index up to ``image`` after ``pages`` (and only they) changed: their
+        fingerprints, the digests of their blocks and the nodes above them, and the root.
+        Costs the changed blocks plus one digest per inner node on their paths, never a
+        pass over the image: verification after a pre-copy round or a final round is
+        incremental (DESIGN.md, "VM backends"). Block digests run on ``executor``'s
+        threads when given (SHA-256 over 1 MiB releases the GIL). Returns the blocks
+        recomputed, ascending."""
+        if image.page_count != self.page_count:
+            raise ValueError(f"image has {image.page_count} pages, the index {self.page_count}")
+        pages = sorted(set(pages))
+        blocks = sorted({p // BLOCK_PAGES for p in pages})
+        for p in pages:
+            self.fps[p * FP_SIZE : (p + 1) * FP_SIZE] = _xxh(image.view(p))
+        level0 = self.levels[0]
+        if not isinstance(level0, bytearray):
+            level0 = self.levels[0] = bytearray(level0)
+
+        def digest(b: int) -> bytes:
+            span = self.block_pages(b)
+            return block_digest(image.view(span.start, len(span)))
+
+        digests = (executor.map(digest, blocks) if executor is not None and len(blocks) > 1
+                   else map(digest, blocks))
+        for b, d in zip(blocks, digests, strict=True):
+            level0[b * DIGEST_SIZE : (b + 1) * DIGEST_SIZE] = d
+        changed = blocks
+        step = FANOUT * DIGEST_SIZE
+        for level in range(1, len(self.levels)):
+            below = memoryview(self.levels[level - 1])
+            nodes = bytearray(self.levels[level])
+            changed = sorted({i // FANOUT for i in changed})
+            for i in changed:
+                nodes[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] = node_digest(
+                    below[i * step : (i + 1) * step])
+            below.release()
+            self.levels[level] = nodes
+        self.top = bytes(self.levels[-1][:DIGEST_SIZE])
+        self.root = root_digest(self.page_count, self.top)
+        return blocks
 
     @property
     def height(self) -> int:

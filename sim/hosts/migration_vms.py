@@ -255,8 +255,19 @@ class SimBackend:
 
     # ------------------------------------------------------------------ incoming
 
+    def machine_spec(self, name: str) -> bytes:
+        self._copy(name)  # an unknown VM is an error here too
+        return b""  # a simulated VM is its pages
+
+    def device_state(self, name: str, migration_id: str) -> bytes:
+        if self._copy(name).fence != migration_id:
+            raise VmError(f"VM {name!r} is not fenced by migration {migration_id!r}")
+        return b""  # its writer's state is in the world, not in a device
+
     def prepare_incoming(self, name: str, layout: Sequence[tuple[str, int]],
-                         migration_id: str) -> dict[str, ImageWriter]:
+                         migration_id: str, machine: bytes = b"") -> dict[str, ImageWriter]:
+        if machine:
+            raise VmError(f"VM {name!r}: the simulator runs no machine spec")
         if tuple(layout) != LAYOUT:
             raise VmError(f"VM {name!r}: layout {list(layout)} is not the simulator's "
                           f"{list(LAYOUT)}")
@@ -293,7 +304,9 @@ class SimBackend:
 
     # ------------------------------------------------------------------ running
 
-    def start(self, name: str, epoch: int) -> VmInfo:
+    def start(self, name: str, epoch: int, device_state: bytes = b"") -> VmInfo:
+        if device_state:
+            raise VmError(f"VM {name!r}: the simulator has no device state to load")
         world = self.world
         incoming = world.incoming.get((self.dc, name))
         copy = world.copies.get((self.dc, name))

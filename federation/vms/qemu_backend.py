@@ -1,0 +1,516 @@
+"""The ``qemu`` VM backend: each VM runs in its own ``qemu-system-x86_64`` (docs/qemu.md).
+
+::
+
+    ROOT/NAME/meta.json      state, epoch, layout, migration id (federation.vms.vm_dir)
+    ROOT/NAME/vm.json        the VmSpec: kernel, initramfs, command line, RAM, QEMU args
+    ROOT/NAME/disk-N.img     raw disks, attached as virtio disks in order
+    ROOT/NAME/console.log    the serial console, appended across runs
+    ROOT/NAME/qemu.log       QEMU's stderr;  qemu.pid  its pid file
+    ROOT/NAME/device-state.bin   the device state saved at the last fence
+    RAM_ROOT/NAME/memory.img guest RAM: QEMU's memory-backend-file (share=on);
+                             RAM_ROOT defaults to ROOT/.ram
+
+Guest RAM is a file QEMU maps shared, so the node reads the memory image while the guest
+runs (``open_images``) and a migration target writes the image QEMU will run on before
+QEMU loads anything. ``RAM_ROOT`` belongs on tmpfs: with the RAM file on a disk, the
+kernel's writeback of guest pages stalled QMP ``stop`` for 12 s (bench.corpus.build).
+
+State machine (federation.vms.backend): ``start`` boots a STOPPED VM from its kernel (RAM
+zeroed, as at power-on) or resumes an INCOMING one from the source's device state;
+``fence`` is QMP ``stop`` (QEMU drains and flushes its disks before it answers);
+``release_fence`` is ``cont``; ``retire`` powers the fenced QEMU off; ``stop`` powers a
+running guest off. Dirty pages are found by rescanning (:mod:`federation.vms.dirty_scan`).
+QEMU runs in its own session, so a guest outlives its node; a new backend on the same
+root attaches to it again through its pid file and QMP socket.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from federation.vms.accel import probe_accel
+from federation.vms.backend import (
+    MEMORY,
+    FencedError,
+    VmError,
+    VmInfo,
+    VmState,
+    check_image_name,
+    check_vm_name,
+    disk_name,
+)
+from federation.vms.dirty_scan import PageScan
+from federation.vms.image_backend import map_writable
+from federation.vms.qemu_machine import QemuProcess, pid_on, socket_path
+from federation.vms.qemu_spec import QEMU, VmSpec, qemu_argv
+from federation.vms.qmp import QMPClient, QMPError
+from federation.vms.vm_dir import (
+    META,
+    atomic_write,
+    check_start,
+    fence_needed,
+    fsync_dir,
+    info_of,
+    new_meta,
+    read_meta,
+    release_needed,
+    retire_needed,
+    write_meta,
+)
+from mesh.hde.image import PAGE_SIZE, Image, ImageWriter, open_image
+
+__all__ = ["QemuBackend", "VmSpec"]
+
+SPEC = "vm.json"
+DEVICE_STATE = "device-state.bin"
+#: QEMU runstates in which the guest executes or will on its own.
+_RUNNING = ("running", "debug")
+
+
+class QemuBackend:
+    """VMs as QEMU processes under ``root`` (implements :class:`federation.vms.backend.VmBackend`).
+
+    ``accel``: ``"auto"`` (KVM where a guest boots under it, else TCG:
+    :func:`federation.vms.accel.probe_accel`), ``"kvm"`` or ``"tcg"``."""
+
+    def __init__(self, root: Path | str, ram_root: Path | str | None = None,
+                 accel: str = "auto", qemu: str = QEMU) -> None:
+        if accel not in ("auto", "kvm", "tcg"):
+            raise VmError(f"accel: expected auto, kvm or tcg, got {accel!r}")
+        self.root = Path(root)
+        self.ram_root = self.root / ".ram" if ram_root is None else Path(ram_root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.ram_root.mkdir(parents=True, exist_ok=True)
+        self.accel = accel
+        self.qemu = qemu
+        self._lock = threading.RLock()
+        self._procs: dict[str, QemuProcess] = {}
+        self._scans: dict[str, PageScan] = {}
+        self._attach_all()
+
+    # ------------------------------------------------------------------ files
+
+    def _dir(self, name: str) -> Path:
+        return self.root / check_vm_name(name)
+
+    def ram_path(self, name: str) -> Path:
+        return self.ram_root / check_vm_name(name) / "memory.img"
+
+    def console_path(self, name: str) -> Path:
+        return self._dir(name) / "console.log"
+
+    def _disks(self, info: VmInfo) -> list[Path]:
+        d = self._dir(info.name)
+        return [d / f"{img}.img" for img, _ in info.layout if img != MEMORY]
+
+    def _meta(self, name: str) -> dict[str, Any]:
+        return read_meta(self._dir(name), name)
+
+    def spec(self, name: str) -> VmSpec:
+        path = self._dir(name) / SPEC
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise VmError(f"VM {name!r}: no spec at {path}: {exc}") from None
+        return VmSpec.from_json(raw, str(path))
+
+    def _image_path(self, name: str, img: str) -> Path:
+        return self.ram_path(name) if img == MEMORY else self._dir(name) / f"{img}.img"
+
+    # ------------------------------------------------------------------ queries
+
+    def list_vms(self) -> list[VmInfo]:
+        return [self.info(d.name) for d in sorted(self.root.iterdir())
+                if d.is_dir() and (d / META).exists()]
+
+    def info(self, name: str) -> VmInfo:
+        return info_of(self._meta(name))
+
+    def guest_running(self, name: str) -> bool:
+        """Does the VM's QEMU run and execute the guest (not stopped, not paused)?"""
+        with self._lock:
+            proc = self._procs.get(name)
+            if proc is None or not proc.alive():
+                return False
+            try:
+                return proc.status() in _RUNNING
+            except QMPError:
+                return False
+
+    def qmp(self, name: str) -> QMPClient:
+        """The QMP session to the VM's QEMU (a monitor takes one client: tools that drive
+        QEMU directly use this one)."""
+        proc = self._proc(name)
+        if proc is None:
+            raise VmError(f"VM {name!r}: no QEMU runs it here")
+        return proc.qmp
+
+    def qemu_pid(self, name: str) -> int | None:
+        proc = self._procs.get(name)
+        return proc.pid if proc is not None and proc.alive() else None
+
+    def accel_of(self, name: str) -> str:
+        """The accelerator the VM's QEMU runs with (``kvm``/``tcg``), "" if never started."""
+        return str(self._meta(name).get("accel", ""))
+
+    def open_images(self, name: str) -> dict[str, Image]:
+        info = self.info(name)
+        return {img: open_image(self._image_path(name, img), f"{name}/{img}")
+                for img, _ in info.layout}
+
+    def machine_spec(self, name: str) -> bytes:
+        return self.spec(name).to_json()
+
+    # ------------------------------------------------------------------ creating VMs
+
+    def create(self, name: str, spec: VmSpec, disks: Sequence[Path] = (),
+               epoch: int = 0) -> VmInfo:
+        """A new STOPPED VM: its spec, copies of ``disks`` and a zeroed (sparse) RAM file.
+
+        Built in ``ROOT/.NAME.creating`` and renamed into place: a crash leaves no VM or the
+        whole VM (a leftover staging directory is removed by the next create; a RAM file
+        under RAM_ROOT without its VM is overwritten by it)."""
+        final = self._dir(name)
+        if final.exists():
+            raise VmError(f"VM {name!r} already exists in {self.root}")
+        for what in (spec.kernel, spec.initrd):
+            if not Path(what).is_file():
+                raise VmError(f"VM {name!r}: {what} is not a file")
+        layout = [(MEMORY, spec.memory_mib * (1 << 20) // PAGE_SIZE)]
+        for i, src in enumerate(disks):
+            try:
+                size = Path(src).stat().st_size
+            except OSError as exc:
+                raise VmError(f"VM {name!r}: disk {src}: {exc}") from exc
+            if size == 0 or size % PAGE_SIZE:
+                raise VmError(f"VM {name!r}: disk {src} is {size} bytes, "
+                              f"not a positive multiple of {PAGE_SIZE}")
+            layout.append((disk_name(i), size // PAGE_SIZE))
+        staging = self.root / f".{name}.creating"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for i, src in enumerate(disks):
+            dst = staging / f"{disk_name(i)}.img"
+            shutil.copyfile(src, dst)  # copy_file_range: never the whole file in memory
+            with open(dst, "rb") as f:
+                os.fsync(f.fileno())
+        atomic_write(staging / SPEC, spec.to_json() + b"\n")
+        write_meta(staging, new_meta(name, layout, VmState.STOPPED, epoch))
+        self._zero_ram(name, layout[0][1])
+        os.replace(staging, final)
+        fsync_dir(self.root)
+        return self.info(name)
+
+    def _zero_ram(self, name: str, pages: int) -> None:
+        """A RAM file of ``pages`` zero pages (a hole: nothing allocated until written)."""
+        ram = self.ram_path(name)
+        ram.parent.mkdir(parents=True, exist_ok=True)
+        with open(ram, "w+b") as f:
+            f.truncate(pages * PAGE_SIZE)
+
+    def import_vm(self, name: str, memory: Path, disks: Sequence[Path] = (),
+                  epoch: int = 0) -> VmInfo:
+        raise VmError(f"VM {name!r}: a qemu VM is created from a spec (dwcp vm create) or "
+                      "arrives by migration; a memory image alone cannot run")
+
+    def prepare_incoming(self, name: str, layout: Sequence[tuple[str, int]],
+                         migration_id: str, machine: bytes = b"") -> dict[str, ImageWriter]:
+        """The spec is written before meta.json: a crash between the two leaves a directory
+        without meta.json, which no listing shows and the next prepare reuses."""
+        for img, count in layout:
+            check_image_name(img)
+            if count <= 0:
+                raise VmError(f"VM {name!r}: image {img} needs a positive page count")
+        if not layout or layout[0][0] != MEMORY:
+            raise VmError(f"VM {name!r}: a qemu VM's layout starts with its memory")
+        d = self._dir(name)
+        spec = VmSpec.from_json(machine) if machine else None
+        if spec is not None and spec.memory_mib * (1 << 20) // PAGE_SIZE != layout[0][1]:
+            raise VmError(f"VM {name!r}: the spec's {spec.memory_mib} MiB of RAM "
+                          f"is not the layout's {layout[0][1]} pages")
+        if spec is None and not (d / SPEC).exists():
+            raise VmError(f"VM {name!r}: a qemu target needs the source's machine spec")
+        for what in () if spec is None else (spec.kernel, spec.initrd):
+            # The spec names files of this host: the target boots nothing it does not hold.
+            # (Which files and QEMU arguments a peer may ask for is the node's policy, issue
+            # 17 second part: docs/qemu.md.)
+            if not Path(what).is_file():
+                raise VmError(f"VM {name!r}: the spec's {what} is not a file here")
+        with self._lock:
+            if (d / META).exists():
+                meta = self._meta(name)
+                state = info_of(meta).state
+                if state not in (VmState.RETIRED, VmState.INCOMING):
+                    raise VmError(f"VM {name!r} is {state.value} here; cannot receive it")
+                if state is VmState.INCOMING and meta["migration_id"] != migration_id:
+                    self._power_off(name)  # an older attempt's QEMU runs the old layout
+                meta.update(state=VmState.INCOMING.value, migration_id=migration_id,
+                            layout=[[n, c] for n, c in layout])
+            else:
+                d.mkdir(exist_ok=True)
+                meta = new_meta(name, layout, VmState.INCOMING, 0, migration_id)
+            if spec is not None:
+                atomic_write(d / SPEC, spec.to_json() + b"\n")
+            self.ram_path(name).parent.mkdir(parents=True, exist_ok=True)
+            writers: dict[str, ImageWriter] = {
+                img: map_writable(self._image_path(name, img), count, f"{name}/{img}")
+                for img, count in layout}
+            write_meta(d, meta)
+            return writers
+
+    def discard_incoming(self, name: str, migration_id: str) -> None:
+        if not (self._dir(name) / META).exists():
+            return  # the copy was never prepared: nothing to discard
+        with self._lock:
+            meta = self._meta(name)
+            if meta["state"] == VmState.RETIRED.value:
+                return
+            if meta["state"] != VmState.INCOMING.value or meta["migration_id"] != migration_id:
+                raise VmError(f"VM {name!r} is not incoming for migration {migration_id!r}")
+            self._power_off(name)
+            # A crash right before this write leaves INCOMING with no QEMU: the session's
+            # restore discards it again (idempotent); after it, a RETIRED store.
+            meta["state"] = VmState.RETIRED.value
+            write_meta(self._dir(name), meta)
+
+    # ------------------------------------------------------------------ dirty tracking
+
+    def dirty_mark(self, name: str) -> int:
+        images = self.open_images(name)
+        try:
+            return self._scans.setdefault(name, PageScan()).mark(images)
+        finally:
+            for img in images.values():
+                img.close()
+
+    def dirty_since(self, name: str, mark: int) -> dict[str, list[int]]:
+        images = self.open_images(name)
+        try:
+            return self._scans.setdefault(name, PageScan()).since(images, mark)
+        finally:
+            for img in images.values():
+                img.close()
+
+    # ------------------------------------------------------------------ processes
+
+    def _resolve_accel(self, spec: VmSpec) -> str:
+        if self.accel != "auto":
+            return self.accel
+        return probe_accel(self.qemu, spec.kernel, spec.initrd, self.root / ".probe")
+
+    def _spawn(self, name: str, incoming: bool) -> QemuProcess:
+        d = self._dir(name)
+        other = pid_on(d / "qemu.pid", self.ram_path(name))
+        if other is not None:
+            # never a second QEMU (or a zeroed RAM file) under a guest that still runs
+            raise VmError(f"VM {name!r}: QEMU pid {other} still runs on its RAM file and "
+                          "does not answer QMP; stop it first")
+        info, spec = self.info(name), self.spec(name)
+        if not incoming:
+            self._zero_ram(name, info.layout[0][1])  # power-on: RAM starts zeroed
+        accel = self._resolve_accel(spec)
+        argv = qemu_argv(self.qemu, spec, accel, self.ram_path(name), self._disks(info),
+                         self.console_path(name), socket_path(d, "qmp"), d / "qemu.pid",
+                         incoming)
+        proc = QemuProcess.spawn(argv, d / "qemu.log", self.ram_path(name),
+                                 socket_path(d, "qmp"), d / "qemu.pid")
+        self._procs[name] = proc
+        meta = self._meta(name)
+        meta["accel"] = accel
+        write_meta(d, meta)
+        return proc
+
+    def _proc(self, name: str) -> QemuProcess | None:
+        proc = self._procs.get(name)
+        if proc is not None and not proc.alive():
+            proc.kill()  # reap it and close its QMP session
+            del self._procs[name]
+            return None
+        return proc
+
+    def _power_off(self, name: str) -> None:
+        proc = self._procs.pop(name, None)
+        if proc is not None:
+            proc.quit()
+
+    def _attach_all(self) -> None:
+        """Find the QEMUs a previous backend on this root left running, and finish what a
+        crash interrupted: a RETIRED VM's QEMU is powered off; a RUNNING VM's QEMU that is
+        paused (a crash between loading the device state and ``cont``) is resumed."""
+        for d in sorted(self.root.iterdir()):
+            if not (d.is_dir() and (d / META).exists()):
+                continue
+            try:
+                info = self.info(d.name)
+            except VmError:
+                continue  # listed by list_vms with its error; nothing to attach
+            proc = QemuProcess.attach(d / "qemu.pid", self.ram_path(d.name),
+                                      socket_path(d, "qmp"))
+            if proc is None:
+                continue
+            self._procs[d.name] = proc
+            if info.state in (VmState.RETIRED, VmState.STOPPED):
+                self._power_off(d.name)
+                continue
+            try:
+                if info.state is VmState.RUNNING and proc.status() not in _RUNNING:
+                    proc.qmp.execute("cont")
+            except QMPError:
+                # a QEMU that does not answer is not ours to drive: the VM's next start
+                # or fence finds no QEMU and says so
+                del self._procs[d.name]
+                proc.qmp.close()
+
+    # ------------------------------------------------------------------ running
+
+    def start(self, name: str, epoch: int, device_state: bytes = b"") -> VmInfo:
+        with self._lock:
+            meta = self._meta(name)
+            info = info_of(meta)
+            check_start(info, epoch)
+            proc = self._proc(name)
+            if info.state is VmState.RUNNING and proc is not None:
+                if device_state:
+                    raise VmError(f"VM {name!r} already runs here; device state refused")
+                meta["epoch"] = epoch
+                write_meta(self._dir(name), meta)
+                return info_of(meta)
+            if info.state is VmState.INCOMING:
+                if not device_state:
+                    raise VmError(f"VM {name!r} is incoming: it starts from the source's "
+                                  "device state")
+                if proc is None:
+                    proc = self._spawn(name, incoming=True)
+                proc.load_device_state(socket_path(self._dir(name), "incoming"), device_state)
+            elif device_state:
+                raise VmError(f"VM {name!r} is {info.state.value}: device state is for an "
+                              "incoming VM only")
+            else:
+                if proc is not None:
+                    self._power_off(name)
+                proc = self._spawn(name, incoming=False)
+            # Durable before the guest runs: a crash right after this write leaves a paused
+            # QEMU that the next backend resumes (_attach_all), or a cold VM it boots again.
+            meta = self._meta(name)
+            meta.update(state=VmState.RUNNING.value, epoch=epoch, migration_id="")
+            write_meta(self._dir(name), meta)
+            try:
+                if proc.status() not in _RUNNING:
+                    proc.qmp.execute("cont")
+            except QMPError as exc:
+                raise VmError(f"VM {name!r}: QMP cont failed: {exc}") from exc
+            return info_of(meta)
+
+    def prepare_machine(self, name: str) -> None:
+        """Start the INCOMING VM's QEMU (``-incoming defer``, paused) ahead of its device
+        state, so QEMU's start-up stays out of the downtime. It maps the RAM file the
+        migration is writing; with ``-incoming`` QEMU writes nothing into guest RAM."""
+        with self._lock:
+            info = self.info(name)
+            if info.state is not VmState.INCOMING:
+                raise VmError(f"VM {name!r} is {info.state.value}, not incoming")
+            if self._proc(name) is None:
+                self._spawn(name, incoming=True)
+
+    def fence(self, name: str, migration_id: str) -> VmInfo:
+        with self._lock:
+            meta = self._meta(name)
+            info = info_of(meta)
+            if not fence_needed(info, migration_id):
+                return info
+            proc = self._proc(name)
+            if proc is not None:
+                try:
+                    proc.qmp.execute("stop")  # QEMU drains and flushes the disks first
+                except QMPError as exc:
+                    raise VmError(f"VM {name!r}: QMP stop failed: {exc}") from exc
+            # A crash right after this write leaves the guest stopped and fenced: only the
+            # ledger's abort (release_fence) or commit (retire) moves it on.
+            meta.update(state=VmState.FENCED.value, migration_id=migration_id)
+            write_meta(self._dir(name), meta)
+            return info_of(meta)
+
+    def device_state(self, name: str, migration_id: str) -> bytes:
+        with self._lock:
+            meta = self._meta(name)
+            info = info_of(meta)
+            if info.state is not VmState.FENCED or info.migration_id != migration_id:
+                raise VmError(f"VM {name!r} is not fenced by migration {migration_id!r}")
+            saved = self._dir(name) / DEVICE_STATE
+            if meta.get("device_state_of") == migration_id and saved.exists():
+                return saved.read_bytes()  # saved once: QEMU is past its migration now
+            proc = self._proc(name)
+            if proc is None:
+                raise VmError(f"VM {name!r}: its QEMU is gone; no device state to save")
+            state = proc.save_device_state(socket_path(self._dir(name), "save"))
+            # A crash right after these writes leaves the state saved for this migration:
+            # a retry returns the same bytes instead of migrating QEMU a second time.
+            atomic_write(saved, state)
+            meta["device_state_of"] = migration_id
+            write_meta(self._dir(name), meta)
+            return state
+
+    def release_fence(self, name: str, migration_id: str) -> VmInfo:
+        with self._lock:
+            meta = self._meta(name)
+            info = info_of(meta)
+            if not release_needed(info, migration_id):
+                return info
+            proc = self._proc(name)
+            if proc is None:
+                raise VmError(f"VM {name!r}: its QEMU is gone while fenced; it cannot resume "
+                              "as it was (start it again to boot it)")
+            # Durable first: a crash right after leaves meta RUNNING and the QEMU paused,
+            # which the next backend resumes (_attach_all).
+            meta.update(state=VmState.RUNNING.value, migration_id="")
+            write_meta(self._dir(name), meta)
+            try:
+                proc.qmp.execute("cont")  # from paused or postmigrate: exactly as it was
+            except QMPError as exc:
+                raise VmError(f"VM {name!r}: QMP cont failed: {exc}") from exc
+            return info_of(meta)
+
+    def retire(self, name: str, migration_id: str) -> VmInfo:
+        with self._lock:
+            meta = self._meta(name)
+            info = info_of(meta)
+            if not retire_needed(info, migration_id):
+                return info
+            # A crash right after this write leaves a paused QEMU of a RETIRED VM, which
+            # the next backend powers off (_attach_all): it can never run here again.
+            meta["state"] = VmState.RETIRED.value
+            write_meta(self._dir(name), meta)
+            self._power_off(name)
+            return info_of(meta)
+
+    def stop(self, name: str) -> VmInfo:
+        """Power a running guest off (``dwcp vm stop``): STOPPED; its next start boots."""
+        with self._lock:
+            meta = self._meta(name)
+            info = info_of(meta)
+            if info.state is VmState.FENCED:
+                raise FencedError(f"VM {name!r} is fenced by migration {info.migration_id!r}")
+            if info.state not in (VmState.RUNNING, VmState.STOPPED):
+                raise VmError(f"VM {name!r} is {info.state.value}; only a running VM stops")
+            self._power_off(name)
+            # A crash right before this write leaves RUNNING with no QEMU: the next start
+            # boots it, as after this write.
+            meta.update(state=VmState.STOPPED.value)
+            write_meta(self._dir(name), meta)
+            return info_of(meta)
+
+    def close(self, stop_guests: bool = False) -> None:
+        """Let go of every QEMU (they keep running), or power them all off."""
+        with self._lock:
+            for name in sorted(self._procs):
+                proc = self._procs.pop(name)
+                if stop_guests:
+                    proc.quit()
+                else:
+                    proc.qmp.close()

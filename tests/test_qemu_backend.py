@@ -1,0 +1,119 @@
+"""The qemu backend on a booted self-checking guest: boot, QMP, fence and unfence, device
+state, power-off and cold boot (skips where QEMU or the guest is missing)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from federation.demo.qemu_guest.console import wait_console
+from federation.vms.backend import FencedError, StaleEpochError, VmError, VmState
+from federation.vms.qemu_backend import QemuBackend
+from federation.vms.qemu_machine import QemuProcess, socket_path
+from federation.vms.vm_dir import read_meta, write_meta
+from tests.harness.qemu import QemuLab, qemu_lab, qemu_missing
+
+pytestmark = pytest.mark.skipif(qemu_missing() is not None, reason=str(qemu_missing()))
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[QemuLab]:
+    with qemu_lab() as running:
+        yield running
+
+
+def test_boot_fence_unfence_and_power_cycle(lab: QemuLab) -> None:
+    booted = lab.boot("a", "g1")
+    a = lab.backend("a")
+    assert booted.boots == 1 and not booted.errors
+    assert a.info("g1").state is VmState.RUNNING and a.info("g1").epoch == 1
+    assert a.guest_running("g1") and a.accel_of("g1") == "tcg"
+    layout = dict(a.info("g1").layout)
+    assert layout == {"memory": 128 * 256, "disk-0": 16 * 256}
+    # The node reads guest RAM while the guest runs: the heartbeat line is in it.
+    images = a.open_images("g1")
+    try:
+        assert images["memory"].page_count == 128 * 256
+    finally:
+        for img in images.values():
+            img.close()
+
+    a.fence("g1", "m1")
+    assert not a.guest_running("g1")  # QMP says paused
+    assert a.fence("g1", "m1").state is VmState.FENCED  # idempotent
+    with pytest.raises(FencedError):
+        a.fence("g1", "m2")
+    with pytest.raises(FencedError):
+        a.start("g1", 2)
+    state = a.device_state("g1", "m1")
+    assert len(state) > 0 and a.device_state("g1", "m1") == state  # saved once
+    hb = lab.read([lab.console("a", "g1")]).last_heartbeat
+
+    a.release_fence("g1", "m1")  # cont from postmigrate: as it was
+    con = wait_console([lab.console("a", "g1")],
+                       lambda c: c.last_heartbeat >= hb + 10 and len(c.checks) >= 3, 120,
+                       "10 more heartbeats after the fence was lifted")
+    assert con.boots == 1 and con.counter_gaps() == [] and not con.errors
+    assert a.release_fence("g1", "m1").state is VmState.RUNNING  # idempotent
+
+    with pytest.raises(StaleEpochError):
+        a.start("g1", 0)
+    a.stop("g1")
+    assert a.info("g1").state is VmState.STOPPED and a.qemu_pid("g1") is None
+    offset = lab.console("a", "g1").stat().st_size
+    a.start("g1", 3)  # a cold boot: the counter starts again at 1
+    con = wait_console([lab.console("a", "g1")], lambda c: len(c.checks) >= 1, 180,
+                       "a verified round after the second boot", offsets=[offset])
+    assert con.boots == 1 and con.heartbeats[0] == 1 and not con.errors
+    a.stop("g1")
+
+
+def test_a_new_backend_attaches_to_running_guests(lab: QemuLab) -> None:
+    lab.boot("c", "g2", checks=1)
+    c = lab.backend("c")
+    pid = c.qemu_pid("g2")
+    c.close()  # the node goes away; the guest keeps running
+    again = QemuBackend(c.root, accel="tcg")
+    lab.backends["c"] = again
+    assert again.qemu_pid("g2") == pid and again.guest_running("g2")
+
+    # a crash between a RUNNING meta.json and `cont` leaves a paused QEMU: resumed
+    again.qmp("g2").execute("stop")
+    assert not again.guest_running("g2")
+    again.close()
+    again = QemuBackend(c.root, accel="tcg")
+    lab.backends["c"] = again
+    assert again.qemu_pid("g2") == pid and again.guest_running("g2")
+
+    # a crash between a RETIRED meta.json and `quit` leaves a fenced QEMU: powered off
+    again.fence("g2", "m1")
+    meta = read_meta(c.root / "g2", "g2")
+    write_meta(c.root / "g2", {**meta, "state": VmState.RETIRED.value})
+    again.close()
+    again = QemuBackend(c.root, accel="tcg")
+    lab.backends["c"] = again
+    assert again.qemu_pid("g2") is None
+    assert QemuProcess.attach(c.root / "g2" / "qemu.pid", again.ram_path("g2"),
+                              socket_path(c.root / "g2", "qmp")) is None
+
+
+def test_bad_requests_name_the_vm_and_change_nothing(lab: QemuLab) -> None:
+    a = lab.backend("a")
+    with pytest.raises(VmError, match="no VM 'ghost'"):
+        a.info("ghost")
+    with pytest.raises(VmError, match="created from a spec"):
+        a.import_vm("x", lab.dir / "nothing")
+    with pytest.raises(VmError, match="machine spec"):
+        lab.backend("d").prepare_incoming("y", [("memory", 256)], "m9")
+    assert lab.backend("d").list_vms() == []
+    with pytest.raises(VmError, match="is not the layout"):
+        lab.backend("d").prepare_incoming("y", [("memory", 256)], "m9", lab.spec().to_json())
+    assert lab.backend("d").list_vms() == []
+    writers = lab.backend("d").prepare_incoming("y", [("memory", 128 * 256)], "m9",
+                                                lab.spec().to_json())
+    for w in writers.values():
+        w.close()
+    assert lab.backend("d").info("y").state is VmState.INCOMING
+    lab.backend("d").discard_incoming("y", "m9")
+    assert lab.backend("d").info("y").state is VmState.RETIRED
