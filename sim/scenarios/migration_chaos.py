@@ -253,7 +253,7 @@ class Federation:
             others = [m for m in self.names if m != owner]
             target = others[draw % len(others)]
             mid = f"m{k:03d}-{vm}"
-            auth = self.operator.authorize(MigrateVm(vm, target), world.now)
+            auth = self.operator.authorize(MigrateVm(vm, target, owner, ledger.epoch(vm) or 0), world.now)
 
             def plan(h: DcHost, now: float) -> list[Any]:
                 try:
