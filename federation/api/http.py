@@ -7,7 +7,7 @@ need no framework. Per connection, in order:
 - :class:`~federation.api.limits.ConnectionCap`: at most 64 connections, 16 per source
   address; one over is closed at once;
 - the request (head and body) must arrive within ``REQUEST_DEADLINE`` (slowloris: 408),
-  with a head of at most ``MAX_HEAD`` and a body of at most ``MAX_BODY`` (413, refused
+  with a head of at most ``MAX_HEAD`` (431) and a body of at most ``MAX_BODY`` (413, refused
   on its Content-Length before a byte of it is read); whatever h11 cannot parse, a
   repeated security header, a target that is not ASCII: 400 — never 500;
 - :class:`~federation.api.door.Door`: Host, Origin and content type, then the
@@ -229,6 +229,9 @@ def _parts(request: h11.Request) -> tuple[str, str, dict[str, str]]:
         target = request.target.decode("ascii")
     except UnicodeDecodeError:
         raise ApiError(400, "the request line is not ASCII") from None
+    size = len(request.target) + sum(len(n) + len(v) for n, v in request.headers)
+    if size > MAX_HEAD:  # h11 bounds only a head that arrives in pieces
+        raise ApiError(431, f"the request head is {size} bytes; the limit is {MAX_HEAD}")
     headers: dict[str, str] = {}
     for raw_name, raw_value in request.headers:
         name = raw_name.decode("ascii", "replace")

@@ -24,7 +24,7 @@ import trio
 from consensus.authz import Authorization
 from consensus.ledger import ImportVm, MigrateVm, SetPolicy
 from federation import config
-from federation.api.auth import load_operator_key, sign_request
+from federation.api.auth import load_operator_key, sign_request, write_operator_key
 from federation.api.client import CONFIG_ENV, KEY_ENV
 from federation.api.http import serve_node
 from federation.cli.keys import INIT_OPERATOR, init_federation
@@ -86,6 +86,19 @@ def build_node(cfg: Path, name: str, data_root: Path,
     return Node(fed, name, ident, data_root / name, log=JsonLog(name, io.StringIO()),
                 backend=WritingBackend(data_root / name / "vms"),
                 transfer_versions=transfer_versions, import_dirs=(cfg.parent.parent,))
+
+
+def add_operator(cfg: Path, name: str, role: str) -> Path:
+    """Add operator ``name`` of ``role`` to the federation file ``cfg``; its key goes to
+    keys/<name>.key beside it (returned)."""
+    ident = identity.generate()
+    key = cfg.parent / "keys" / f"{name}.key"
+    write_operator_key(key, ident)
+    with cfg.open("a") as f:
+        f.write(f'\n[[operators]]\nname = "{name}"\npublic_key = "{ident.public}"\n'
+                f'role = "{role}"\n')
+    config.load(cfg)
+    return key
 
 
 def signed(node: Node, method: str, target: str, intent: object,
