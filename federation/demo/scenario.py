@@ -7,6 +7,7 @@ check that fails raises :class:`federation.demo.processes.DemoFailed` naming it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -83,10 +84,15 @@ class Demo:
         self.fed = fed
         self.directory = directory
         self.fail = fail
+
+    @functools.cached_property
+    def apis(self) -> dict[str, Api]:
+        """Each DC's API, signing as the admin `federation init` made."""
+        fed = self.fed
         key = load_operator_key(fed.config_path.parent / "keys" / f"{INIT_OPERATOR}.key",
                                 fed.federation)
-        signer = Signer(key, fed.federation.id)  # the admin `federation init` made
-        self.apis = {dc.name: Api(f"http://{dc.api}", signer) for dc in fed.federation.dcs}
+        signer = Signer(key, fed.federation.id)
+        return {dc.name: Api(f"http://{dc.api}", signer) for dc in fed.federation.dcs}
 
     async def get(self, dc: str, path: str) -> Any:
         return await self._call(dc, "GET", path)
