@@ -13,8 +13,9 @@ before execution), and what a DC may ask for depends on the command
   to import ``vm`` at ``owner``, and ``owner`` submits it. Epoch 0, or one above
   the epoch of a deleted VM of that name.
 - ``BeginMigration(vm, source, target, epoch, migration_id, authorization)``: an
-  operator asked to move ``vm`` to ``target``; only the source, which owns the VM
-  at exactly ``epoch``, submits it; no other migration of the VM may be in
+  operator asked to move ``vm`` from ``source`` at ``epoch`` to ``target`` (the
+  intent names all four); only the source, which owns the VM at exactly ``epoch``,
+  submits it; no other migration of the VM may be in
   progress. The migration's deadline is ledger time + ``MIGRATION_DEADLINE``.
 - ``AnnounceRoot(migration_id, root)``: only the source, while begun, once.
 - ``CommitMigration(migration_id, root)``: only the target, while begun, and only
@@ -235,7 +236,7 @@ class Ledger(LedgerState):
     # ------------------------------------------------------------------ operator requests
 
     def _open(self, auth: Authorization, intent: type,
-              **expect: str) -> tuple[Opened, Any] | LedgerResult:
+              **expect: object) -> tuple[Opened, Any] | LedgerResult:
         """The operator's signed request and its body, which must be an ``intent`` whose
         fields ``expect`` names say what the command says."""
         try:
@@ -311,7 +312,8 @@ class Ledger(LedgerState):
         rec = self.vms.get(cmd.vm)
         if rec is None:
             return self._refuse("rule", f"VM {cmd.vm!r} is not registered")
-        got = self._open(cmd.authorization, MigrateVm, vm=cmd.vm, target=cmd.target)
+        got = self._open(cmd.authorization, MigrateVm, vm=cmd.vm, target=cmd.target,
+                         source=cmd.source, epoch=cmd.epoch)
         if isinstance(got, LedgerResult):
             return got
         opened, intent = got

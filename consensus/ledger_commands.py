@@ -71,10 +71,14 @@ class ImportVm:
 
 @wire.message("operator.migrate-vm")
 class MigrateVm:
-    """Move ``vm`` from whichever DC owns it to ``target``."""
+    """Move ``vm`` from ``source``, which owns it at ``epoch``, to ``target``. Binding the
+    source and the epoch means the request moves the VM the operator saw, once: after the
+    VM moved on (a higher epoch), or from another DC, it is refused."""
 
     vm: str = field(_VM)
     target: str = field(_NAME)
+    source: str = field(_NAME)
+    epoch: int = field(U64())
 
 
 @wire.message("operator.cancel-migration")

@@ -9,10 +9,22 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+from federation.api.client import CONFIG_ENV, KEY_ENV
 
 settings.register_profile("default", max_examples=200, deadline=None)
 settings.register_profile(
     "long", max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(autouse=True)
+def _operator_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``make_federation`` (tests/harness/node.py) exports the federation file and the
+    admin's key for the ``dwcp`` processes a test runs (``$DWCP_CONFIG``,
+    ``$DWCP_OPERATOR_KEY``); whatever a test sets is undone after it."""
+    monkeypatch.setenv(CONFIG_ENV, "")
+    monkeypatch.setenv(KEY_ENV, "")

@@ -1,7 +1,7 @@
 """An operator's cancel through real nodes (tests/harness/node.py) and the real CLI:
-``POST /api/migrations/ID/cancel`` at the source and at another DC (forwarded to the
-source), ``dwcp cancel`` while ``dwcp migrate`` follows the migration, and the errors
-for a finished, an unknown and an unreachable migration."""
+``POST /api/migrations/ID/cancel`` at the source and at another DC (which submits the
+operator's signed abort to the ledger itself), ``dwcp cancel`` while ``dwcp migrate``
+follows the migration, and the errors for a finished and an unknown migration."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from typing import Any
 
 import trio
 
+from consensus.ledger import CancelMigration, SetPolicy
 from federation.dataplane.v3_source import V3RoundSender
-from federation.migration.vocabulary import CANCEL_REASON, Phase, SendRound
+from federation.migration.vocabulary import Phase, SendRound
 from federation.node.assembly import Node
-from tests.harness.api import call
+from tests.harness.api import api_import, api_migrate, call
 from tests.harness.node import make_federation, real_vm, running_nodes, wait_outcome, wait_vm
 from tests.harness.waiting import wait_until
 
@@ -37,8 +38,7 @@ def api(node: Node) -> str:
 
 async def import_web(node: Node, tmp_path: Path) -> None:
     memory, disk = real_vm(tmp_path / "vm")
-    code, doc = await call(node, "POST", "/api/vms", {
-        "name": "web", "memory": str(memory), "disks": [str(disk)]})
+    code, doc = await api_import(node, "web", memory, [disk])
     assert code == 201, doc
 
 
@@ -47,9 +47,10 @@ def ledgers_agree(nodes: dict[str, Node], mid: str, state: str) -> bool:
                and m.state == state for n in nodes.values())
 
 
-def test_cancel_while_the_target_never_answers_forwarded_from_another_dc(
+def test_cancel_while_the_target_never_answers_asked_of_another_dc(
         tmp_path: Path) -> None:
-    """dc2 is down: the source waits in ``begun``; a cancel asked of dc3 reaches dc1."""
+    """dc2 is down: the source waits in ``begun``; a cancel asked of dc3 goes to the
+    ledger with the operator's signature, and dc1's session ends with the ledger."""
     cfg = make_federation(tmp_path / "fed")
 
     async def main() -> None:
@@ -80,34 +81,32 @@ def test_cancel_while_the_target_never_answers_forwarded_from_another_dc(
             await wait_until(lambda: ledgers_agree(nodes, mid, "begun"), "dc3 knows the begin", 20)
             assert dc1.need_core().sessions[mid].phase is Phase.BEGUN
 
-            code, doc = await call(dc3, "POST", f"/api/migrations/{mid}/cancel", {})
+            code, doc = await call(dc3, "POST", f"/api/migrations/{mid}/cancel",
+                                   CancelMigration(mid))
             assert code == 202, doc
-            assert doc["role"] == "source" and doc["phase"] == "aborting"
-            assert doc["reason"] == CANCEL_REASON
-            assert await wait_outcome(dc1, mid) == "aborted: cancelled by operator"
+            assert doc["ledger"] == "aborted" and "role" not in doc
+            assert (await wait_outcome(dc1, mid)).startswith("aborted")
             await wait_until(lambda: ledgers_agree(nodes, mid, "aborted"),
                              "every ledger aborted", 20)
             await wait_vm(dc1, "web", "running")
             assert dc1.need_core().replica.ledger.owner("web") == "dc1"
             assert dc1.need_core().replica.ledger.epoch("web") == 0
 
-            # a second cancel, again through dc3: the source's clear refusal comes back
-            code, doc = await call(dc3, "POST", f"/api/migrations/{mid}/cancel", {})
-            assert code == 409 and doc["error"] == (
-                f"migration {mid!r} has already aborted: cancelled by operator")
-            code, doc = await call(dc3, "POST", "/api/migrations/nope/cancel", {})
-            assert (code, doc["error"]) == (404, "no migration 'nope'")
+            # a second cancel, again through dc3: the ledger's clear refusal comes back
             code, doc = await call(dc3, "POST", f"/api/migrations/{mid}/cancel",
-                                   {"forwarded_by": "dc4"})
-            assert code == 409 and "dc1 is the source" in doc["error"] and "dc4" in doc["error"]
-
-            # the source goes away: a forwarded cancel says it cannot reach it
-            dc1.shutdown()
-            await wait_until(lambda: dc3.runtime.links.get("dc1") is None,
-                             "dc1's link down at dc3", 20)
-            code, doc = await call(dc3, "POST", f"/api/migrations/{mid}/cancel", {})
-            assert code == 502 and doc["error"].startswith(
-                f"cannot reach dc1, the source of migration {mid!r}, at ")
+                                   CancelMigration(mid))
+            assert code == 409 and doc["error"] == (
+                f"the ledger refused to cancel {mid!r}: migration {mid!r} is already aborted")
+            code, doc = await call(dc1, "POST", f"/api/migrations/{mid}/cancel",
+                                   CancelMigration(mid))
+            assert code == 409 and "has already aborted" in doc["error"]
+            code, doc = await call(dc3, "POST", "/api/migrations/nope/cancel",
+                                   CancelMigration("nope"))
+            assert (code, doc["error"]) == (404, "no migration 'nope'")
+            # a signed cancel of another migration is no cancel of this one
+            code, doc = await call(dc3, "POST", f"/api/migrations/{mid}/cancel",
+                                   CancelMigration("other"))
+            assert code == 409 and "signed migration_id='other'" in doc["error"]
 
     trio.run(main)
 
@@ -160,16 +159,17 @@ def test_dwcp_cancel_stops_dwcp_migrate_then_a_finished_one_is_refused(
                              "every ledger aborted", 20)
 
             del dc1.rounds.submit  # rounds run again
-            code, doc = await call(dc1, "POST", "/api/migrations", {"vm": "web", "to": "dc4"})
+            code, doc = await api_migrate(dc1, "web", "dc4")
             assert code == 202
             done = doc["id"]
             assert await wait_outcome(dc1, done) == "committed"
             rc, out, err = await dwcp("cancel", done, "--json", "--api", api(dc4))
             assert rc == 2 and out == "", out
-            assert err.strip() == (f"dwcp cancel: migration {done!r} has already committed; "
-                                   "nothing to cancel (HTTP 409)")
+            # dc4 is not the source: it asks the ledger, which says why not
+            assert err.strip() == (f"dwcp cancel: the ledger refused to cancel {done!r}: "
+                                   f"migration {done!r} is already committed (HTTP 409)")
             rc, out, err = await dwcp("cancel", mid, "--no-wait", "--api", api(dc4))
-            assert rc == 2 and "has already aborted: cancelled by operator" in err
+            assert rc == 2 and f"migration {mid!r} is already aborted" in err
             status = json.loads((await dwcp("status", "--json", "--api", api(dc4)))[1])
             assert {m["id"]: m["ledger"] for m in status["migrations"]} == {
                 mid: "aborted", done: "committed"}
@@ -198,13 +198,15 @@ def test_cancel_during_a_v3_round_waits_for_its_worker_thread(tmp_path: Path,
         async with running_nodes(cfg, tmp_path / "data") as nodes:
             dc1 = nodes["dc1"]
             await import_web(dc1, tmp_path)
-            assert (await call(dc1, "POST", "/api/policy", {"v3_percent": 100}))[0] == 200
-            code, doc = await call(dc1, "POST", "/api/migrations", {"vm": "web", "to": "dc3"})
+            policy = SetPolicy(100, (), (), False)
+            assert (await call(dc1, "POST", "/api/policy", policy))[0] == 200
+            code, doc = await api_migrate(dc1, "web", "dc3")
             assert code == 202
             mid = doc["id"]
             await trio.to_thread.run_sync(entered.wait, 20)
             assert dc1.need_core().sessions[mid].version == 3
-            code, doc = await call(dc1, "POST", f"/api/migrations/{mid}/cancel", {})
+            code, doc = await call(dc1, "POST", f"/api/migrations/{mid}/cancel",
+                                   CancelMigration(mid))
             assert code == 202, doc
             assert await wait_outcome(dc1, mid) == "aborted: cancelled by operator"
             await wait_vm(dc1, "web", "running")
@@ -213,7 +215,7 @@ def test_cancel_during_a_v3_round_waits_for_its_worker_thread(tmp_path: Path,
             await wait_until(lambda: mid not in dc1.v3.sender.sources,
                              "the round's state is dropped", 20)
             assert (await call(dc1, "GET", "/health"))[0] == 200
-            code, doc = await call(dc1, "POST", "/api/migrations", {"vm": "web", "to": "dc3"})
+            code, doc = await api_migrate(dc1, "web", "dc3")
             assert code == 202
             assert await wait_outcome(dc1, doc["id"]) == "committed"
 

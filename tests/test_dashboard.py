@@ -19,7 +19,7 @@ import trio
 
 from federation.api.dashboard import BINDINGS, PAGE, STATUS_FIELDS, script
 from federation.node.status import status
-from tests.harness.api import call, http
+from tests.harness.api import api_import, api_migrate, call, dashboard_link, http, request
 from tests.harness.node import (
     build_node,
     make_federation,
@@ -95,14 +95,12 @@ def _docs(tmp_path: Path) -> dict[str, dict[str, Any]]:
     async def main() -> None:
         async with running_nodes(cfg, tmp_path / "data") as nodes:
             dc1 = nodes["dc1"]
-            code, headers, body = await http(
-                dc1, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            code, headers, body = await http(dc1, request(dc1, "GET", "/"))
             assert (code, headers["content-type"]) == (200, "text/html; charset=utf-8")
             assert body == PAGE
-            code, doc = await call(dc1, "POST", "/api/vms", {
-                "name": "web", "memory": str(memory), "disks": [str(disk)]})
+            code, doc = await api_import(dc1, "web", memory, [disk])
             assert code == 201, doc
-            code, doc = await call(dc1, "POST", "/api/migrations", {"vm": "web", "to": "dc2"})
+            code, doc = await api_migrate(dc1, "web", "dc2")
             assert code == 202
             assert await wait_outcome(dc1, doc["id"]) == "committed"
             assert await wait_outcome(nodes["dc2"], doc["id"]) == "committed"
@@ -233,14 +231,13 @@ def test_a_real_browser_renders_the_page_of_a_running_node(tmp_path: Path) -> No
     async def main() -> None:
         async with running_nodes(cfg, tmp_path / "data") as nodes:
             dc1 = nodes["dc1"]
-            code, doc = await call(dc1, "POST", "/api/vms", {
-                "name": "web", "memory": str(memory), "disks": [str(disk)]})
+            code, doc = await api_import(dc1, "web", memory, [disk])
             assert code == 201, doc
-            code, doc = await call(dc1, "POST", "/api/migrations", {"vm": "web", "to": "dc2"})
+            code, doc = await api_migrate(dc1, "web", "dc2")
             assert code == 202
             seen["mid"] = doc["id"]
             assert await wait_outcome(dc1, doc["id"]) == "committed"
-            url = f"http://{dc1.api_host}:{dc1.api_port}/"
+            url = dashboard_link(dc1)
             # Virtual time stands still while a fetch is pending, so the budget covers
             # the first poll and its redraw however slow the machine is.
             run = await trio.run_process(

@@ -25,11 +25,14 @@ from tests.harness.node import (
     data_port,
     ext4_image,
     image_hashes,
+    import_vm,
     make_federation,
     memory_image,
+    migrate,
     migrate_checked,
     redirect,
     running_nodes,
+    set_policy,
     wait_outcome,
     wait_vm,
 )
@@ -129,9 +132,9 @@ def test_cut_data_path_resumes_without_resending_what_the_target_stored(tmp_path
                                          "dc4": await cut.start(relays)})
             async with running_nodes(cfg, tmp_path / "data", views={"dc1": view}) as nodes:
                 dc1, dc3, dc4 = nodes["dc1"], nodes["dc3"], nodes["dc4"]
-                await dc1.set_policy(100, kill_switch=False)
-                await dc1.import_vm("vm1", memory, [disk])
-                await dc1.import_vm("vm2", memory, [disk])
+                await set_policy(dc1, 100, kill_switch=False)
+                await import_vm(dc1, "vm1", memory, [disk])
+                await import_vm(dc1, "vm2", memory, [disk])
 
                 # a clean run through a relay that never cuts: the yardstick
                 mid = await migrate_checked(dc1, dc3, "vm1")
@@ -169,12 +172,12 @@ def test_a_cut_that_outlasts_the_budget_aborts_and_the_vm_stays(tmp_path: Path) 
             async with running_nodes(cfg, tmp_path / "data", views={"dc1": view}) as nodes:
                 dc1, dc2 = nodes["dc1"], nodes["dc2"]
                 dc1.rounds.core.resume_budget = 2.0  # the default (15 s) is too long for a test
-                await dc1.set_policy(100, kill_switch=False)
-                await dc1.import_vm("vm1", memory, [disk])
+                await set_policy(dc1, 100, kill_switch=False)
+                await import_vm(dc1, "vm1", memory, [disk])
                 before = image_hashes(dc1.backend.path("vm1"))
                 dead.cuts = [64 << 10]  # after the first 64 KiB, never again
                 t0 = trio.current_time()
-                mid = await dc1.migrate("vm1", "dc2")
+                mid = await migrate(dc1, "vm1", "dc2")
                 outcome = await wait_outcome(dc1, mid)
                 assert outcome.startswith("aborted") and "cut for" in outcome, outcome
                 assert trio.current_time() - t0 < 30  # the budget ended it, not a stall timer

@@ -53,7 +53,8 @@ def test_a_repeated_begin_returns_the_first_outcome_and_changes_nothing() -> Non
     d = LedgerDriver()
     led = d.ledger
     d.register("vm1", "dc-a")
-    begin = BeginMigration("vm1", "dc-a", "dc-b", 0, "m1", d.auth(MigrateVm("vm1", "dc-b")))
+    begin = BeginMigration("vm1", "dc-a", "dc-b", 0, "m1",
+                           d.auth(MigrateVm("vm1", "dc-b", "dc-a", 0)))
     assert d.run("dc-a", begin).ok
     before = (dict(led.vms), dict(led.migrations))
     assert d.run("dc-a", begin).ok
@@ -104,13 +105,13 @@ def test_rejected_commands_change_nothing(client: str, kind: str, why: str) -> N
         "register-other": RegisterVm("vm2", "dc-a", d.auth(ImportVm("vm2", "dc-a", "/m"))),
         "register-again": RegisterVm("vm1", "dc-a", d.auth(ImportVm("vm1", "dc-a", "/m"))),
         "begin-not-owner": BeginMigration("vm1", "dc-c", "dc-b", 0, "x",
-                                          d.auth(MigrateVm("vm1", "dc-b"))),
+                                          d.auth(MigrateVm("vm1", "dc-b", "dc-c", 0))),
         "begin-stale": BeginMigration("vm1", "dc-a", "dc-b", 7, "x",
-                                      d.auth(MigrateVm("vm1", "dc-b"))),
+                                      d.auth(MigrateVm("vm1", "dc-b", "dc-a", 7))),
         "begin-self": BeginMigration("vm1", "dc-a", "dc-a", 0, "x",
-                                     d.auth(MigrateVm("vm1", "dc-a"))),
+                                     d.auth(MigrateVm("vm1", "dc-a", "dc-a", 0))),
         "begin-unknown": BeginMigration("nope", "dc-a", "dc-b", 0, "x",
-                                        d.auth(MigrateVm("nope", "dc-b"))),
+                                        d.auth(MigrateVm("nope", "dc-b", "dc-a", 0))),
         "commit-ghost": CommitMigration("ghost", ROOT),
     }
     vms, migrations = dict(d.ledger.vms), dict(d.ledger.migrations)
@@ -239,7 +240,7 @@ def _commands(seq: list[tuple]) -> list[tuple[str, bytes]]:  # type: ignore[type
         if kind == "register":
             cmd = RegisterVm(vm, other, auth(ImportVm(vm, other, "/m")))
         elif kind == "begin":
-            cmd = BeginMigration(vm, dc, other, epoch, mid, auth(MigrateVm(vm, other)))
+            cmd = BeginMigration(vm, dc, other, epoch, mid, auth(MigrateVm(vm, other, dc, epoch)))
         elif kind == "announce":
             cmd = AnnounceRoot(mid, root)
         elif kind == "commit":

@@ -66,11 +66,18 @@ def test_a_target_cannot_begin_and_commit_on_its_own_to_take_a_vm() -> None:
     to dc-b, it may not begin (only the owner does), and without the source's
     announced root no commit is taken."""
     d = _federation()
-    asked = d.auth(MigrateVm("vm1", BAD))
+    asked = d.auth(MigrateVm("vm1", BAD, "dc-a", 0))
     _refused_and_unchanged(d, BeginMigration("vm1", "dc-a", BAD, 0, "steal", asked),
                            "only its owner begins")
+    # naming itself the source: the operator's request names dc-a (the binding of issue 15)
     _refused_and_unchanged(d, BeginMigration("vm1", BAD, BAD, 0, "steal", asked),
+                           "source='dc-a', epoch=0, not vm='vm1', target='dc-b', source='dc-b'")
+    own = d.auth(MigrateVm("vm1", BAD, BAD, 0))  # a request naming dc-b as the source
+    _refused_and_unchanged(d, BeginMigration("vm1", BAD, BAD, 0, "steal", own),
                            "only its owner begins")
+    later = d.auth(MigrateVm("vm1", BAD, "dc-a", 3))  # signed for another epoch
+    _refused_and_unchanged(d, BeginMigration("vm1", "dc-a", BAD, 0, "steal", later),
+                           "epoch=3, not")
     _refused_and_unchanged(d, CommitMigration("steal", b"\x00" * 32), "no migration")
     assert (d.ledger.owner("vm1"), d.ledger.epoch("vm1")) == ("dc-a", 0)
 
@@ -162,7 +169,7 @@ def test_every_replica_refuses_the_same_and_counts_it() -> None:
 
     both("dc-a", RegisterVm("vm1", "dc-a", script.auth(ImportVm("vm1", "dc-a", "/m"))))
     attacks = [
-        BeginMigration("vm1", "dc-a", BAD, 0, "x", script.auth(MigrateVm("vm1", BAD))),
+        BeginMigration("vm1", "dc-a", BAD, 0, "x", script.auth(MigrateVm("vm1", BAD, "dc-a", 0))),
         CommitMigration("x", ROOT),
         AbortMigration("x"),
         ChangePolicy(script.auth(SetPolicy(100, (), (), True), who="ops")),

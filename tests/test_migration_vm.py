@@ -87,7 +87,7 @@ class TwoDCs:
         info = self.src.info("vm1")
         self.source = SourceSession.plan("dc1", MID, "vm1", "dc2", 0, info.layout, limits,
                                          self.ledger.policy, (1,), (1, 3),
-                                         ops.authorize(MigrateVm("vm1", "dc2"), 2.0))
+                                         ops.authorize(MigrateVm("vm1", "dc2", "dc1", 0), 2.0))
         self.target: TargetSession | None = None
         self.queue: deque[tuple[str, Any]] = deque()
 

@@ -12,6 +12,7 @@ from federation.vms.backend import VmState
 from tests.harness.node import (
     image_hashes,
     import_with_writer,
+    migrate,
     real_vm,
     running_nodes,
     wait_outcome,
@@ -52,7 +53,7 @@ def test_migrate_with_writer_then_restart_and_migrate_back(tmp_path: Path) -> No
             info = await import_with_writer(dc1, "vm1", memory, [disk], rate=400, seed=7)
             assert info.state is VmState.RUNNING and info.epoch == 0
             await wait_writes(dc1, "vm1")  # dirty pages before the migration starts
-            mid = await dc1.migrate("vm1", "dc3")
+            mid = await migrate(dc1, "vm1", "dc3")
             assert await wait_outcome(dc1, mid) == "committed"
             assert await wait_outcome(dc3, mid) == "committed"
             await wait_vm(dc1, "vm1", "retired")
@@ -89,7 +90,7 @@ def test_migrate_with_writer_then_restart_and_migrate_back(tmp_path: Path) -> No
             dc1, dc3 = nodes["dc1"], nodes["dc3"]
             assert dc1.need_core().sessions[mid].phase.value == "committed"
             assert dc3.backend.info("vm1").state is VmState.RUNNING
-            back = await dc3.migrate("vm1", "dc1")
+            back = await migrate(dc3, "vm1", "dc1")
             assert await wait_outcome(dc3, back) == "committed"
             assert await wait_outcome(dc1, back) == "committed"
             await wait_vm(dc1, "vm1", "running")

@@ -127,7 +127,7 @@ class World:
         self.call(name, lambda c, now: c.to_session(now, mid, event))
 
     def plan(self, name: str, mid: str, vm: str, target: str) -> Any:
-        auth = self.ops.authorize(MigrateVm(vm, target), self.now)
+        auth = self.ops.authorize(MigrateVm(vm, target, name, 0), self.now)
         return self.call(name, lambda c, now: c.plan_migration(now, mid, vm, target, LAYOUT,
                                                                (1,), (1,), auth))
 

@@ -15,10 +15,13 @@ from federation.node.status import status
 from federation.vms.backend import VmState
 from tests.harness.node import (
     image_hashes,
+    import_vm,
     import_with_writer,
     make_federation,
+    migrate,
     real_vm,
     running_nodes,
+    set_policy,
     wait_outcome,
     wait_vm,
     wait_writes,
@@ -56,13 +59,13 @@ def test_v3_migration_then_back_then_v1_fallback(tmp_path: Path) -> None:
             dc1, dc3, dc4 = nodes["dc1"], nodes["dc3"], nodes["dc4"]
             assert dc1.runtime.links["dc3"].version == 3
             assert dc1.runtime.links["dc4"].version == 1
-            await dc1.set_policy(100)
+            await set_policy(dc1, 100)
             await import_with_writer(dc1, "vm1", memory, [disk], rate=300, seed=3)
-            await dc1.import_vm("vm2", memory, [disk])
+            await import_vm(dc1, "vm2", memory, [disk])
             await wait_writes(dc1, "vm1")  # dirty pages before the migration starts
 
             # v3: dc1 -> dc3 with the writer running
-            mid = await dc1.migrate("vm1", "dc3")
+            mid = await migrate(dc1, "vm1", "dc3")
             assert await wait_outcome(dc1, mid) == "committed"
             assert await wait_outcome(dc3, mid) == "committed"
             await wait_vm(dc3, "vm1", "running")
@@ -85,7 +88,7 @@ def test_v3_migration_then_back_then_v1_fallback(tmp_path: Path) -> None:
 
             # back dc3 -> dc1: dc1 still holds its retired copy, so round 1 is a diff
             # against it and only what the writer changed crosses
-            back = await dc3.migrate("vm1", "dc1")
+            back = await migrate(dc3, "vm1", "dc1")
             assert await wait_outcome(dc3, back) == "committed"
             await wait_vm(dc1, "vm1", "running")
             assert image_hashes(dc1.backend.path("vm1")) == image_hashes(dc3.backend.path("vm1"))
@@ -95,7 +98,7 @@ def test_v3_migration_then_back_then_v1_fallback(tmp_path: Path) -> None:
                                                               again.bytes_sent)
 
             # v1 fallback: dc4 offers only v1, so the handshake settles on it despite v3 100 %
-            fb = await dc1.migrate("vm2", "dc4")
+            fb = await migrate(dc1, "vm2", "dc4")
             assert await wait_outcome(dc1, fb) == "committed"
             await wait_vm(dc4, "vm2", "running")
             assert image_hashes(dc4.backend.path("vm2")) == image_hashes(dc1.backend.path("vm2"))
@@ -125,16 +128,16 @@ def test_kill_switch_mid_migration_falls_back_to_v1(tmp_path: Path, monkeypatch)
                 await real_drive(self, sources, feed)
                 if not switched:  # the policy changes before the session hears of round 1
                     switched.append(self.round)
-                    await dc1.set_policy(100, kill_switch=True)
+                    await set_policy(dc1, 100, kill_switch=True)
                     await wait_until(
                         lambda: dc1.need_core().ledger.policy.kill_switch,
                         "the kill switch in dc1's ledger")
 
             monkeypatch.setattr(V3RoundSender, "_drive", drive_then_kill)
-            await dc1.set_policy(100, kill_switch=False)
+            await set_policy(dc1, 100, kill_switch=False)
             await import_with_writer(dc1, "vm3", memory, [disk], rate=300, seed=11)
             await wait_writes(dc1, "vm3")
-            mid = await dc1.migrate("vm3", "dc2")
+            mid = await migrate(dc1, "vm3", "dc2")
             assert await wait_outcome(dc1, mid) == "committed"
             await wait_vm(dc2, "vm3", "running")
             await wait_vm(dc1, "vm3", "retired")
@@ -190,11 +193,11 @@ def test_64mib_figures(tmp_path: Path, percent: int) -> None:
     async def main() -> dict[str, float]:
         async with nodes_with(cfg, tmp_path / "data", {}) as nodes:
             dc1, dc3 = nodes["dc1"], nodes["dc3"]
-            await dc1.set_policy(percent, kill_switch=False)
+            await set_policy(dc1, percent, kill_switch=False)
             await import_with_writer(dc1, "big", memory, [disk], rate=2000, seed=5)
             await wait_writes(dc1, "big", 1000)
             t0 = trio.current_time()
-            mid = await dc1.migrate("big", "dc3")
+            mid = await migrate(dc1, "big", "dc3")
             assert await wait_outcome(dc1, mid, timeout=120) == "committed"
             total = trio.current_time() - t0
             await wait_vm(dc3, "big", "running")

@@ -4,11 +4,12 @@ source's at the fence, and a kill -9 of the target in the middle of a v3 round."
 
 from __future__ import annotations
 
-import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from consensus.ledger import DeleteVm, SetPolicy
+from federation.api.client import import_vm, migrate_request
 from tests.harness.node import ext4_image, image_hashes, memory_image
 from tests.harness.processes import node_processes, vm_dir, writer_mismatches
 
@@ -19,14 +20,14 @@ def test_v3_between_processes_then_kill_the_target_mid_round(tmp_path: Path) -> 
     logical = memory.stat().st_size + disk.stat().st_size
     with node_processes(tmp_path, {"dc1": ["vm1=300:3", "vm2=300:3"]}) as nodes:
         dc1 = nodes.api("dc1")
-        code, bad = dc1.call("POST", "/api/policy", {"v3_percent": 101})
-        assert code == 409 and "v3_percent" in bad["error"]
-        policy = dc1.ok("POST", "/api/policy", {"v3_percent": 100})
+        code, bad = dc1.call("POST", "/api/policy", DeleteVm("vm1"))
+        assert code == 400 and "not a SetPolicy intent" in bad["error"]
+        policy = dc1.ok("POST", "/api/policy", SetPolicy(100, (), (), False))
         assert policy["v3_percent"] == 100 and policy["kill_switch"] is False
         for vm in ("vm1", "vm2"):
-            dc1.ok("POST", "/api/vms", {"name": vm, "memory": str(memory), "disks": [str(disk)]})
+            import_vm(dc1, vm, str(memory), (str(disk),))
 
-        mid = dc1.ok("POST", "/api/migrations", {"vm": "vm1", "to": "dc3"})["id"]
+        mid = dc1.ok("POST", "/api/migrations", migrate_request(dc1, "vm1", "dc3"))["id"]
         done = nodes.wait("vm1 committed", lambda: (
             (m := dc1.ok("GET", f"/api/migrations/{mid}")).get("outcome") and m))
         out = done["outcome"]
@@ -37,14 +38,15 @@ def test_v3_between_processes_then_kill_the_target_mid_round(tmp_path: Path) -> 
         src, dst = vm_dir(nodes, "dc1", "vm1"), vm_dir(nodes, "dc3", "vm1")
         assert image_hashes(dst) == image_hashes(src)
         assert writer_mismatches(dst, src / "writer.log") == []
-        with urllib.request.urlopen(f"{dc1.url}/metrics", timeout=30) as f:
-            families = {m.name: m for m in text_string_to_metric_families(f.read().decode())}
+        code, text = dc1.request("GET", "/metrics")
+        assert code == 200
+        families = {m.name: m for m in text_string_to_metric_families(text.decode())}
         rounds = {s.labels["version"]: s.value
                   for s in families["dwcp_transfer_version_rounds"].samples}
         assert rounds == {"v1": 0, "v3": out["rounds"]}
 
         # kill -9 the target while a v3 round is under way: one owner, its image intact
-        mid2 = dc1.ok("POST", "/api/migrations", {"vm": "vm2", "to": "dc4"})["id"]
+        mid2 = dc1.ok("POST", "/api/migrations", migrate_request(dc1, "vm2", "dc4"))["id"]
         nodes.wait("a v3 round under way", lambda: dc1.ok(
             "GET", f"/api/migrations/{mid2}").get("phase") in ("precopy", "fenced", "final"))
         nodes.procs["dc4"].kill()

@@ -14,12 +14,12 @@ import random
 import shutil
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from federation.api.client import KEY_ENV, import_vm, migrate_request
 from federation.cli.ops import render_progress, render_status
 from tests.harness.node import ext4_image, image_hashes, memory_image
 from tests.harness.processes import (
@@ -32,9 +32,10 @@ from tests.harness.processes import (
 )
 
 
-def dwcp(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def dwcp(*args: str, timeout: float = 120,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", DWCP_MAIN, *args], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=os.environ | (env or {}))
 
 
 def test_import_migrate_status_through_the_cli(tmp_path: Path) -> None:
@@ -65,13 +66,18 @@ def test_import_migrate_status_through_the_cli(tmp_path: Path) -> None:
         r = dwcp("vms", "--api", nodes.api("dc4").url)
         assert r.returncode == 0 and "vm1  dc3    1" in r.stdout
 
-        url = f"{nodes.api('dc3').url}/metrics"
+        code, raw = nodes.api("dc3").request("GET", "/metrics")
+        assert code == 200
+        text = raw.decode()
+        # without a key the CLI says what is missing, and an unsigned request is refused
+        r = dwcp("vms", "--api", nodes.api("dc4").url, env={KEY_ENV: ""})
+        assert r.returncode == 2 and "no operator key: give --key FILE or set " \
+            "DWCP_OPERATOR_KEY" in r.stderr
         if shutil.which("curl"):
-            text = subprocess.run(["curl", "-sf", url], capture_output=True, text=True,
-                                  timeout=30, check=True).stdout
-        else:  # the same bytes without curl
-            with urllib.request.urlopen(url, timeout=30) as f:
-                text = f.read().decode()
+            r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                f"{nodes.api('dc3').url}/metrics"], capture_output=True,
+                               text=True, timeout=30)
+            assert r.stdout == "401"
         families = {f.name: f for f in text_string_to_metric_families(text)}
         migs = {tuple(sorted(s.labels.items())): s.value
                 for s in families["dwcp_migrations"].samples}
@@ -89,8 +95,8 @@ def _kill_mid_migration(tmp_path: Path, victim: str, rng: random.Random) -> str:
     disk = ext4_image(tmp_path / "disk.img")
     with node_processes(tmp_path, {"dc1": ["vm1=300:3"]}) as nodes:
         dc1 = nodes.api("dc1")
-        dc1.ok("POST", "/api/vms", {"name": "vm1", "memory": str(memory), "disks": [str(disk)]})
-        mid = dc1.ok("POST", "/api/migrations", {"vm": "vm1", "to": "dc3"})["id"]
+        import_vm(dc1, "vm1", str(memory), (str(disk),))
+        mid = dc1.ok("POST", "/api/migrations", migrate_request(dc1, "vm1", "dc3"))["id"]
         # a random moment of pre-copy: after some bytes, before the end
         total = (memory.stat().st_size + disk.stat().st_size)
         cut = rng.uniform(0.05, 0.8) * total

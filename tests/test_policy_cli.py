@@ -13,12 +13,14 @@ from typing import Any
 
 import trio
 
+from consensus.authz import Role
 from consensus.ledger import SetPolicy, v3_allowed
-from federation.api.http import handle_request
+from federation.api.door import Caller
+from federation.api.routes import handle_request
 from federation.cli.main import main
 from federation.cli.policy import render_policy
 from federation.migration.rollout import rollout_bucket
-from tests.harness.api import call
+from tests.harness.api import api_import, call
 from tests.harness.node import build_node, make_federation, real_vm, running_nodes
 from tests.harness.waiting import wait_until
 
@@ -57,8 +59,7 @@ def test_policy_show_and_set_through_the_ledger(tmp_path: Path) -> None:
             assert out.splitlines()[:4] == ["v3_percent   0", "target_dcs   -",
                                             "target_vms   -", "kill_switch  off"]
             assert "no VMs in the ledger" in out
-            code, doc = await call(dc1, "POST", "/api/vms", {
-                "name": "web", "memory": str(memory), "disks": [str(disk)]})
+            code, doc = await api_import(dc1, "web", memory, [disk])
             assert code == 201, doc
 
             rc, out, err = await dwcp("policy", "set", "--v3-percent", "50",
@@ -108,10 +109,10 @@ def test_policy_show_and_set_through_the_ledger(tmp_path: Path) -> None:
             rc, _, err = await dwcp("policy", "show")
             assert err.strip() == ("dwcp policy: say which node: --api URL, "
                                    "or --config FILE --name DC")
-            code, doc = await call(dc1, "POST", "/api/policy", {"v3_percent": "50"})
-            assert (code, doc["error"]) == (400, "v3_percent: expected int, got str")
+            code, doc = await call(dc1, "POST", "/api/policy", raw=b"\xa1av")
+            assert code == 400 and "not a SetPolicy intent" in doc["error"]
             assert dc1.need_core().replica.ledger.policy == before
-            code, doc = await call(dc1, "PUT", "/api/policy", {})
+            code, doc = await call(dc1, "PUT", "/api/policy", raw=b"x")
             assert code == 405
 
     trio.run(main_)
@@ -120,10 +121,11 @@ def test_policy_show_and_set_through_the_ledger(tmp_path: Path) -> None:
 def test_policy_needs_a_ledger(tmp_path: Path) -> None:
     node = build_node(make_federation(tmp_path / "fed", count=2), "dc1", tmp_path / "data")
     try:
-        code, _, body = trio.run(handle_request, node, "GET", "/api/policy", b"")
+        viewer = Caller("admin", Role.ADMIN, "signature")
+        answer = trio.run(handle_request, node, viewer, "GET", "/api/policy", None)
     finally:
         node.close()
-    assert code == 409 and b"PBFT needs" in body
+    assert answer.status == 409 and b"PBFT needs" in answer.body
 
 
 def test_render_policy_says_why_each_vm_gets_its_version() -> None:

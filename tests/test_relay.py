@@ -30,11 +30,14 @@ from tests.harness.data import MiB, chunked, real_bytes
 from tests.harness.node import (
     ext4_image,
     image_hashes,
+    import_vm,
     make_federation,
     memory_image,
+    migrate,
     migrate_checked,
     redirect,
     running_nodes,
+    set_policy,
     wait_outcome,
     wait_vm,
 )
@@ -198,9 +201,9 @@ def test_migration_follows_a_bulk_route_through_the_third_dc(tmp_path: Path) -> 
             election.routes[(BULK, "dc3")] = held
             # and for this test the detour holds whatever the mesh elects meanwhile
             dc1.v3.bulk_via = lambda target: "dc2"  # type: ignore[method-assign]
-            await dc1.set_policy(100, kill_switch=False)
-            await dc1.import_vm("vm1", memory, [disk])
-            await dc1.import_vm("vm2", memory, [disk])
+            await set_policy(dc1, 100, kill_switch=False)
+            await import_vm(dc1, "vm1", memory, [disk])
+            await import_vm(dc1, "vm2", memory, [disk])
 
             mid = await migrate_checked(dc1, dc3, "vm1")
             out = dc1.need_core().outcomes[mid]
@@ -220,7 +223,7 @@ def test_migration_follows_a_bulk_route_through_the_third_dc(tmp_path: Path) -> 
             # the relay refuses (full): the streams go direct, the migration does not mind
             dc2.v3.relay.limit = 0
             before = dc2.v3.relay.relayed_bytes
-            mid2 = await dc1.migrate("vm2", "dc4")
+            mid2 = await migrate(dc1, "vm2", "dc4")
             assert await wait_outcome(dc1, mid2) == "committed"
             await wait_vm(dc4, "vm2", "running")
             assert image_hashes(dc4.backend.path("vm2")) == image_hashes(

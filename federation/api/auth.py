@@ -1,8 +1,8 @@
 """Operator requests at the node's door: the signed envelope, its check, the replay
 window and operator key files (issue 15 item 2).
 
-Pure functions over bytes and the federation file; the HTTP server does not call
-them yet (that wiring follows the node's refactor). The contract for it:
+Pure functions over bytes and the federation file; the API's door
+(:mod:`federation.api.door`) applies them to every request. The contract:
 
 - the client (``dwcp`` with ``--key`` / ``DWCP_OPERATOR_KEY``) signs every request:
   ``raw = sign_request(key, federation, method, path, body, now)`` and sends
@@ -204,8 +204,8 @@ def verify_request(fed: config.Federation, raw: bytes, now: float,
                            Authorization(raw, body))
 
 
-#: Path prefixes of the VM operations (import, delete, migrate, cancel): role operator.
-_OPERATIONS = ("/api/vms", "/api/migrations")
+#: Path prefixes of the VM operations (stage, import, delete, migrate, cancel): role operator.
+_OPERATIONS = ("/api/imports", "/api/vms", "/api/migrations")
 
 
 def required_role(method: str, path: str) -> Role | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from federation import config
 from federation.api.auth import write_operator_key
 from federation.cli.main import CommandError
+from federation.node.node_config import render_node_config
 from mesh import identity
 
 #: The operator ``federation init`` makes (role admin), its key in keys/<name>.key.
@@ -51,7 +52,8 @@ def init_federation(
     base_port: int = 7100,
 ) -> Path:
     """Write keys/<dc>.key and federation.toml for ``count`` DCs on ``host``, and one
-    operator, ``admin`` (role admin), with its key in keys/admin.key.
+    operator, ``admin`` (role admin), with its key in keys/admin.key; and for each DC a
+    node config, nodes/<dc>.toml, whose import directory is ``images/`` (mode 0700).
 
     Ports: control base+i, data base+100+i, api base+200+i (i from 1).
     """
@@ -79,6 +81,12 @@ def init_federation(
     path = directory / "federation.toml"
     path.write_text(config.render(fed_id, dcs, operators=operators))
     config.load(path)  # what we wrote must load
+    images = directory / "images"
+    images.mkdir(mode=0o700, exist_ok=True)
+    nodes = directory / "nodes"
+    nodes.mkdir(exist_ok=True)
+    for dc in dcs:
+        (nodes / f"{dc['name']}.toml").write_text(render_node_config(["../images"]))
     return path
 
 

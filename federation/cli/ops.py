@@ -18,16 +18,26 @@ named by ``--config FILE --name DC``.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import math
+import os
 import sys
 import time
 import urllib.parse
 from pathlib import Path
 from typing import Any, TextIO
 
+from consensus.ledger import CancelMigration
 from federation import config
+from federation.api.client import (
+    CONFIG_ENV,
+    KEY_ENV,
+    ApiClient,
+    ClientError,
+    import_vm,
+    load_signer,
+    migrate_request,
+)
 from federation.cli.main import CommandError
 from federation.cli.vm import add_qemu_commands
 from federation.migration.vocabulary import CANCEL_REASON
@@ -38,65 +48,55 @@ __all__ = ["register_vm", "register_vms", "register_migrate", "register_cancel",
 
 #: How often ``dwcp migrate`` polls the migration (the bar's refresh rate).
 POLL_INTERVAL = 0.25
-#: An HTTP request that gets no answer in this long fails (an import copies images
-#: and waits for the ledger: the API's own bound is 600 s).
-HTTP_TIMEOUT = 660.0
 
 
-class Api:
-    """A small JSON client of one node's API."""
+class Api(ApiClient):
+    """The API client of the commands: a failure is a :class:`CommandError`."""
 
-    def __init__(self, url: str) -> None:
-        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
-        if parts.scheme != "http" or not parts.hostname or not parts.port:
-            raise CommandError(f"--api {url!r}: expected http://HOST:PORT")
-        self.url = f"http://{parts.hostname}:{parts.port}"
-        self.host, self.port = parts.hostname, parts.port
-
-    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=HTTP_TIMEOUT)
+    def call(self, method: str, path: str, intent: object = None) -> tuple[int, Any]:
         try:
-            data = None if body is None else json.dumps(body).encode()
-            headers = {"content-type": "application/json"} if data is not None else {}
-            conn.request(method, path, body=data, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise CommandError(f"cannot reach the node at {self.url}: {exc}") from None
-        finally:
-            conn.close()
-        try:
-            return resp.status, json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CommandError(f"{self.url}{path}: the node answered {resp.status} "
-                               "with a body that is not JSON") from None
+            return super().call(method, path, intent)
+        except ClientError as exc:
+            raise CommandError(str(exc)) from None
 
-    def ok(self, method: str, path: str, body: Any = None) -> Any:
-        code, doc = self.call(method, path, body)
-        if code >= 400:
-            why = doc.get("error", doc) if isinstance(doc, dict) else doc
-            raise CommandError(f"{why} (HTTP {code})")
-        return doc
+    def ok(self, method: str, path: str, intent: object = None) -> Any:
+        try:
+            return super().ok(method, path, intent)
+        except ClientError as exc:
+            raise CommandError(str(exc)) from None
 
 
 def add_node_options(p: argparse.ArgumentParser) -> None:
-    """``--api URL`` (``--node``), or ``--config FILE --name DC``: which node to ask."""
+    """``--api URL`` (``--node``), or ``--config FILE --name DC``: which node to ask;
+    ``--key FILE`` (or ``$DWCP_OPERATOR_KEY``): the operator key every request is signed
+    with, of an operator of the federation file (``--config`` or ``$DWCP_CONFIG``)."""
     p.add_argument("--api", "--node", dest="api", help="the node's API, http://HOST:PORT")
-    p.add_argument("--config", type=Path, help="the federation file (with --name)")
+    p.add_argument("--config", type=Path, default=os.environ.get(CONFIG_ENV) or None,
+                   help=f"the federation file (default ${CONFIG_ENV})")
     p.add_argument("--name", help="the DC whose node to ask (with --config)")
+    p.add_argument("--key", type=Path, default=None,
+                   help=f"your operator key file (default ${KEY_ENV})")
 
 
 def node_api(args: argparse.Namespace) -> Api:
-    """The API of the node the options of :func:`add_node_options` name."""
+    """The API of the node the options of :func:`add_node_options` name, signing as the
+    operator of ``--key``."""
+    try:
+        signer = load_signer(args.key, args.config)
+    except ClientError as exc:
+        raise CommandError(str(exc)) from None
     if args.api:
-        return Api(args.api)
+        try:
+            return Api(args.api, signer)
+        except ClientError as exc:
+            raise CommandError(str(exc)) from None
     if args.config is None or args.name is None:
         raise CommandError("say which node: --api URL, or --config FILE --name DC")
     try:
         dc = config.load(args.config).dc(args.name)
     except config.ConfigError as exc:
         raise CommandError(str(exc)) from None
-    return Api(f"http://{dc.api.host}:{dc.api.port}")
+    return Api(f"http://{dc.api}", signer)
 
 
 # --------------------------------------------------------------------------- vm import / vms
@@ -116,15 +116,14 @@ def register_vm(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def run_import(args: argparse.Namespace) -> int:
+    """Stage (the node copies the images from its import directories), wait for the copy,
+    then register with a request signed now (federation.node.imports)."""
     api = node_api(args)
-    files = [args.memory, *args.disk]
-    for f in files:
-        if not f.is_file():
-            raise CommandError(f"{f}: no such file")
-    doc = api.ok("POST", "/api/vms", {
-        "name": args.vm, "memory": str(args.memory.resolve()),
-        "disks": [str(d.resolve()) for d in args.disk],
-    })
+    try:
+        doc = import_vm(api, args.vm, os.path.abspath(args.memory),
+                        tuple(os.path.abspath(d) for d in args.disk), POLL_INTERVAL)
+    except ClientError as exc:
+        raise CommandError(str(exc)) from None
     pages = sum(n for _, n in doc["layout"])
     print(f"imported {doc['name']}: {pages} pages, epoch {doc['epoch']}, {doc['state']}")
     return 0
@@ -185,7 +184,11 @@ def render_progress(m: dict[str, Any], width: int = 24) -> str:
 
 def run_migrate(args: argparse.Namespace) -> int:
     api = node_api(args)
-    mid = api.ok("POST", "/api/migrations", {"vm": args.vm, "to": args.to})["id"]
+    try:  # the request names the owner and the epoch the operator moves the VM from
+        intent = migrate_request(api, args.vm, args.to)
+    except ClientError as exc:
+        raise CommandError(str(exc)) from None
+    mid = api.ok("POST", "/api/migrations", intent)["id"]
     tty = sys.stderr.isatty()
     last = ""
     try:
@@ -240,7 +243,7 @@ def register_cancel(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def run_cancel(args: argparse.Namespace) -> int:
     api = node_api(args)
     mid = args.migration
-    m = api.ok("POST", _migration_path(mid, "/cancel"), {})
+    m = api.ok("POST", _migration_path(mid, "/cancel"), CancelMigration(mid))
     # the answer is the source's session (the node forwards a cancel to the source); a
     # node that is not the source may know only the ledger's record while we poll it
     asked = m.get("reason") or CANCEL_REASON

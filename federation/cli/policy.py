@@ -17,6 +17,7 @@ import argparse
 import json
 from typing import Any
 
+from consensus.ledger import SetPolicy
 from federation.cli.main import CommandError
 from federation.cli.ops import add_node_options, node_api, table
 
@@ -115,7 +116,9 @@ def run_policy_set(args: argparse.Namespace) -> int:
     api = node_api(args)
     # The API records a whole policy: start from the ledger's, change what was asked.
     policy = {**api.ok("GET", "/api/policy"), **changes}
-    recorded = api.ok("POST", "/api/policy", policy)
+    recorded = api.ok("POST", "/api/policy", SetPolicy(
+        policy["v3_percent"], tuple(policy["target_dcs"]), tuple(policy["target_vms"]),
+        policy["kill_switch"]))
     if args.json:
         print(json.dumps(recorded, indent=2))
         return 0

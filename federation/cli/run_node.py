@@ -2,7 +2,10 @@
 
 The node (:class:`federation.node.assembly.Node`) joins the control mesh, runs gossip and
 routes, its PBFT replica and ledger, the migration sessions over the ``image`` VM
-backend and the data plane, and serves the HTTP API on the DC's ``api`` endpoint.
+backend and the data plane, and serves the HTTP API on the DC's ``api`` endpoint, where
+every request is an operator's signed request (federation.api.door). Its own settings
+(import directories, the metrics token) are in its node config
+(:mod:`federation.node.node_config`).
 It logs one JSON object per line on stderr. SIGINT or SIGTERM closes every link
 with its final frame and exits 0; a restart recovers the ledger and every
 in-flight migration from ``--data-dir``.
@@ -11,6 +14,7 @@ in-flight migration from ``--data-dir``.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -18,11 +22,17 @@ from pathlib import Path
 import trio
 
 from federation import config
-from federation.api.auth import OperatorKey, load_operator_key
 from federation.api.http import open_api, serve_node
 from federation.cli.main import CommandError
 from federation.node.assembly import Node
 from federation.node.errors import NodeError
+from federation.node.node_config import (
+    NodeConfig,
+    NodeConfigError,
+    default_node_config,
+    load_node_config,
+)
+from federation.node.private_dir import private_dir
 from federation.vms.backend import VmBackend
 from mesh import identity
 from mesh.runtime.node_runtime import ListenError
@@ -44,11 +54,9 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
         "--key", type=Path, help="identity key file (default: <config dir>/keys/<DC>.key)"
     )
     p.add_argument("--data-dir", type=Path, help="durable state (default: <config dir>/data/<DC>)")
-    p.add_argument(
-        "--operator-key", type=Path,
-        help="an operator's key (dwcp keygen --operator) the node signs its API's imports, "
-             "migrations and policy changes with, until the API checks operators' own "
-             "signatures; without it the node refuses them")
+    p.add_argument("--node-config", type=Path,
+                   help="this node's own settings: import directories, the metrics token "
+                        "(default: <config dir>/nodes/<DC>.toml if it exists)")
 
 
 def default_key_path(config_path: Path, name: str) -> Path:
@@ -72,19 +80,15 @@ def run_node(args: argparse.Namespace,
         raise CommandError(str(exc)) from None
     except OSError as exc:
         raise CommandError(f"{key_path}: {exc.strerror}") from None
-    operator: OperatorKey | None = None
-    if args.operator_key is not None:
-        try:
-            operator = load_operator_key(args.operator_key, fed)
-        except identity.IdentityError as exc:
-            raise CommandError(str(exc)) from None
-        except OSError as exc:
-            raise CommandError(f"{args.operator_key}: {exc.strerror}") from None
+    settings = _node_config(args)
+    # everything the node creates (ledger, images, logs of its VMs) is its own alone
+    os.umask(0o077)
     data_dir: Path = args.data_dir or args.config.parent / "data" / args.name
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(data_dir)
         vms = backend(data_dir) if backend is not None else None
-        node = Node(fed, args.name, ident, data_dir, backend=vms, operator=operator)
+        node = Node(fed, args.name, ident, data_dir, backend=vms,
+                    import_dirs=settings.import_dirs)
     except OSError as exc:
         raise CommandError(
             f"{data_dir}: cannot create the data directory: {exc.strerror}"
@@ -92,7 +96,7 @@ def run_node(args: argparse.Namespace,
     except (StoreError, NodeError) as exc:
         raise CommandError(str(exc)) from None
     try:
-        trio.run(_serve_until_signal, node)
+        trio.run(_serve_until_signal, node, settings.metrics_token)
     except (ListenError, NodeError) as exc:
         raise CommandError(str(exc)) from None
     finally:
@@ -100,7 +104,19 @@ def run_node(args: argparse.Namespace,
     return 0
 
 
-async def _serve_until_signal(node: Node) -> None:
+def _node_config(args: argparse.Namespace) -> NodeConfig:
+    path = args.node_config
+    if path is None:
+        path = default_node_config(args.config, args.name)
+        if not path.exists():
+            return NodeConfig()
+    try:
+        return load_node_config(path)
+    except NodeConfigError as exc:
+        raise CommandError(str(exc)) from None
+
+
+async def _serve_until_signal(node: Node, metrics_token: str = "") -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         # outside the nursery: a busy port stays a plain exception
         await node.bind()
@@ -114,5 +130,5 @@ async def _serve_until_signal(node: Node) -> None:
                     return
 
             nursery.start_soon(stop_on_signal)
-            await serve_node(node, api)
+            await serve_node(node, api, metrics_token=metrics_token)
             nursery.cancel_scope.cancel()

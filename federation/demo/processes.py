@@ -32,13 +32,16 @@ from typing import Any
 
 import trio
 
+from consensus.ledger import SetPolicy
 from federation import config
-from federation.cli.keys import INIT_OPERATOR, init_federation
+from federation.cli.keys import init_federation
 from federation.cli.ops import _human
+from federation.demo.corpus import corpus_dir
 from federation.demo.guest_backend import WriterSetting
 from federation.demo.scenario import Demo, ms
 from federation.demo.vm_data import build_vm_data
 from federation.demo.writer_node import writer_args
+from federation.node.node_config import render_node_config
 
 __all__ = ["register", "NodeProcess", "LocalFederation", "free_base_port", "DemoFailed"]
 
@@ -122,11 +125,7 @@ class NodeProcess:
         self.initiators.clear()
         self.returncode = None
         self.stop_requested = False
-        # the operator `federation init` made: the node signs its API's operations with it
-        # until the API checks operators' own signatures
-        key = self.config_path.parent / "keys" / f"{INIT_OPERATOR}.key"
-        operator = ["--operator-key", str(key)]
-        node = ["--config", str(self.config_path), "--name", self.name, *operator]
+        node = ["--config", str(self.config_path), "--name", self.name]
         if self.writers:
             args = [sys.executable, "-c", _WRITER_NODE_MAIN, *node, *writer_args(self.writers)]
         else:
@@ -358,11 +357,17 @@ async def _scenario(fed: LocalFederation, directory: Path, size: str, rate: floa
     vm = DEMO_VM
     # the source runs the VM with the demo's page writer as its guest
     fed.nodes[src].writers[vm] = WriterSetting(WRITER_SEED, rate)
+    # the source may read the VM's images from the demo's images/ and, where the corpus
+    # is installed, from the corpus in place (its node config's import directories)
+    imports = [str(directory / "images")] + ([str(corpus_dir())] if corpus_dir().is_dir()
+                                             else [])
+    (directory / "nodes" / f"{src}.toml").write_text(render_node_config(imports))
     print(f"\n1. starting {len(names)} `dwcp node` processes; building the VM meanwhile ...",
           flush=True)
     t0 = trio.current_time()
     await fed.start_all(nursery)
-    data = await trio.to_thread.run_sync(build_vm_data, directory / "vm-source", size)
+    # under the import directory `federation init` gave every node (nodes/<dc>.toml)
+    data = await trio.to_thread.run_sync(build_vm_data, directory / "images" / vm, size)
     for line in data.sources:
         print(f"   {line}")
     await fed.wait_full_mesh(t0 + START_BUDGET)
@@ -375,7 +380,7 @@ async def _scenario(fed: LocalFederation, directory: Path, size: str, rate: floa
     # The ledger's default rollout gives v3 to no VM (DESIGN.md "Protocol versions and
     # rollout": v3 is rolled out by policy). The demo rolls it out to every VM, through
     # PBFT like any operator's policy change.
-    policy = await demo.post(src, "/api/policy", {"v3_percent": 100})
+    policy = await demo.post(src, "/api/policy", SetPolicy(100, (), (), False))
     print(f"   rollout policy in the ledger: v3 for {policy['v3_percent']}% of VMs")
 
     print(f"\n2. importing {vm} at {src} with its writer running ...", flush=True)

@@ -7,6 +7,7 @@ check that fails raises :class:`federation.demo.processes.DemoFailed` naming it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -18,6 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from federation.api.auth import load_operator_key
+from federation.api.client import ClientError, Signer, import_vm, migrate_request
+from federation.cli.keys import INIT_OPERATOR
 from federation.cli.main import CommandError
 from federation.cli.ops import Api, _human, render_progress
 from federation.demo.guest_writer import expected_pages, mismatches
@@ -80,18 +84,25 @@ class Demo:
         self.fed = fed
         self.directory = directory
         self.fail = fail
-        self.apis = {dc.name: Api(f"http://{dc.api.host}:{dc.api.port}")
-                     for dc in fed.federation.dcs}
+
+    @functools.cached_property
+    def apis(self) -> dict[str, Api]:
+        """Each DC's API, signing as the admin `federation init` made."""
+        fed = self.fed
+        key = load_operator_key(fed.config_path.parent / "keys" / f"{INIT_OPERATOR}.key",
+                                fed.federation)
+        signer = Signer(key, fed.federation.id)
+        return {dc.name: Api(f"http://{dc.api}", signer) for dc in fed.federation.dcs}
 
     async def get(self, dc: str, path: str) -> Any:
         return await self._call(dc, "GET", path)
 
-    async def post(self, dc: str, path: str, body: Any) -> Any:
-        return await self._call(dc, "POST", path, body)
+    async def post(self, dc: str, path: str, intent: object) -> Any:
+        return await self._call(dc, "POST", path, intent)
 
-    async def _call(self, dc: str, method: str, path: str, body: Any = None) -> Any:
+    async def _call(self, dc: str, method: str, path: str, intent: object = None) -> Any:
         try:
-            return await trio.to_thread.run_sync(self.apis[dc].ok, method, path, body)
+            return await trio.to_thread.run_sync(self.apis[dc].ok, method, path, intent)
         except CommandError as exc:
             raise self.fail(f"{dc} {method} {path}: {exc}") from None
 
@@ -118,17 +129,24 @@ class Demo:
         """Import ``vm`` at ``dc`` through the API; ``dc``'s node runs it with the page
         writer (``rate`` pages per second) it was started with for that VM."""
         t0 = trio.current_time()
-        doc = await self._call(dc, "POST", "/api/vms", {
-            "name": vm, "memory": str(data.memory), "disks": [str(d) for d in data.disks]})
+        try:
+            doc = await trio.to_thread.run_sync(
+                import_vm, self.apis[dc], vm, str(data.memory), tuple(str(d) for d in data.disks))
+        except (ClientError, CommandError) as exc:
+            raise self.fail(f"{dc}: importing {vm}: {exc}") from None
         pages = sum(n for _, n in doc["layout"])
         print(f"   {dc} imported {vm}: {pages} pages ({_human(pages * 4096)}), ledger epoch "
               f"{doc['epoch']}, {doc['state']}, writer dirtying {rate:.0f} pages/s "
-              f"({ms(trio.current_time() - t0)}: copy in + PBFT register)")
+              f"({ms(trio.current_time() - t0)}: staged copy + PBFT register)")
         return doc
 
     async def migrate(self, vm: str, src: str, dst: str) -> dict[str, Any]:
         began = trio.current_time()
-        mid = (await self._call(src, "POST", "/api/migrations", {"vm": vm, "to": dst}))["id"]
+        try:
+            intent = await trio.to_thread.run_sync(migrate_request, self.apis[src], vm, dst)
+        except (ClientError, CommandError) as exc:
+            raise self.fail(f"{src}: migrating {vm}: {exc}") from None
+        mid = (await self._call(src, "POST", "/api/migrations", intent))["id"]
         print(f"   migration {mid} accepted by {src}")
         path = f"/api/migrations/{urllib.parse.quote(mid)}"
         last, shown, doc = "", 0, {}

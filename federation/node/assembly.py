@@ -22,12 +22,13 @@ control mesh's runtime (:class:`mesh.runtime.node_runtime.Runtime`):
 The HTTP API (:mod:`federation.api.http`) is a front end over the node:
 :func:`federation.api.http.serve_node` runs both.
 
-State-changing operations (import, migrate, policy) carry an operator's signed request
-into the ledger, which every replica checks (consensus.ledger). Each operation takes
-that request as ``authorization`` (what the API will pass once it verifies operators'
-signatures, federation.api.auth); until then a node started with an operator key
-(``dwcp node --operator-key``) signs what its API asks for with that key, and a node
-without one refuses the operations.
+State-changing operations (import, migrate, cancel, delete, policy) carry an
+operator's signed request into the ledger, which every replica checks
+(consensus.ledger): each operation takes the request the API verified at its door
+(federation.api.door) as ``authorization``, and checks that its intent says what the
+operation does. The node holds no operator key and signs nothing for anyone. An import
+is staged first (the copy, confined to the node config's import directories,
+:mod:`federation.node.imports`), then registered on a request signed after the copy.
 
 ``await node.ledger.submit(command)`` returns once f+1 replicas sent the same result
 (:class:`consensus.ledger.LedgerResult`) and raises :class:`LedgerTimeout` when the
@@ -44,16 +45,26 @@ from __future__ import annotations
 
 import random
 import secrets
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from consensus.authz import Authorization, OperatorKey, new_nonce, sign
+from consensus.authz import Authorization
 from consensus.durable import ReplicaLog
-from consensus.ledger import ChangePolicy, ImportVm, MigrateVm, RegisterVm, SetPolicy
+from consensus.ledger import (
+    AbortMigration,
+    CancelMigration,
+    ChangePolicy,
+    DeleteVm,
+    ImportVm,
+    LedgerResult,
+    MigrateVm,
+    RegisterVm,
+    SetPolicy,
+    UnregisterVm,
+)
 from consensus.pbft.messages import MAX_COMMAND
 from consensus.pbft.replica import Replica
 from federation import config
@@ -72,7 +83,9 @@ from federation.migration.vocabulary import (
     record_key,
 )
 from federation.node.errors import LedgerTimeout, NodeError, NotTheSource, UnknownMigration
+from federation.node.imports import ImportDirs, ImportStaging
 from federation.node.ledger_client import NodeLedger
+from federation.node.private_dir import private_dir
 from federation.node.vm_worker import VmWorker
 from federation.vms.actions import VM_ACTIONS, VmActions
 from federation.vms.backend import VmBackend, VmError, VmInfo, VmState
@@ -108,7 +121,7 @@ class Node:
         log: JsonLog | None = None,
         rng: random.Random | None = None,
         transfer_versions: Sequence[int] = TRANSFER_VERSIONS,
-        operator: OperatorKey | None = None,
+        import_dirs: Sequence[Path] = (),
     ) -> None:
         me = fed.dc(name)
         if ident.public != me.public_key:
@@ -116,9 +129,6 @@ class Node:
                             f"in {fed.source} ({me.public_key})")
         self.fed = fed
         self.name = name
-        #: the operator key this node signs its API's operations with, until the API
-        #: checks operators' own signatures (see the module docstring); None: refuse them
-        self.operator = operator
         #: what this node offers in its channel handshakes: the federation's versions that
         #: its data plane carries (a DC may be configured down to v1 for a rollback)
         self.transfer_versions = tuple(sorted(set(fed.versions) & set(transfer_versions)))
@@ -128,7 +138,7 @@ class Node:
         self.data_dir = data_dir
         self.rng = rng if rng is not None else random.Random()
         self.log = log if log is not None else JsonLog(name)
-        data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(data_dir, self.log)
         self.store = SQLiteStore(data_dir / "node.sqlite3")
         peers = [Peer(dc.name, dc.public_key, dc.control.host, dc.control.port)
                  for dc in fed.dcs if dc.name != name]
@@ -144,6 +154,8 @@ class Node:
         self.backend: VmBackend = (backend if backend is not None
                                    else ImageBackend(data_dir / "vms"))
         self.vm_actions = VmActions(self.backend)
+        #: imports: the copy from the import directories, before the register
+        self.imports = ImportStaging(self.backend, ImportDirs(import_dirs), self.log)
         #: None when the federation cannot run PBFT (n != 3f+1 >= 4); ``no_ledger`` says why
         self.core: NodeCore | None = None
         self.no_ledger = ""
@@ -272,19 +284,20 @@ class Node:
 
     # ------------------------------------------------------------------ operations
 
-    def authorize(self, method: str, target: str, intent: Any,
-                  authorization: Authorization | None) -> Authorization:
-        """The operator's signed request for ``intent``: ``authorization`` as given, or
-        signed now with this node's operator key; NodeError if there is neither."""
-        if authorization is not None:
-            return authorization
-        if self.operator is None:
-            raise NodeError("no operator request: this node holds no operator key to sign "
-                            "its API's operations with (dwcp node --operator-key FILE)")
-        body = wire.encode(intent)
-        raw = sign(self.operator.identity, self.fed.id, self.operator.name, method, target,
-                   body, time.time(), new_nonce())
-        return Authorization(raw, body)
+    @staticmethod
+    def intent(authorization: Authorization, kind: type, **fields: object) -> Any:
+        """The operator's intent in ``authorization``: a ``kind`` whose ``fields`` are what
+        the operation does (NodeError otherwise; the ledger checks the same again)."""
+        try:
+            intent = wire.decode(authorization.body, expect=(kind,))
+        except wire.WireError as exc:
+            raise NodeError(f"the operator's request is not a {kind.__name__}: {exc}") from None
+        asked = {k: getattr(intent, k) for k in fields}
+        if asked != fields:
+            said = ", ".join(f"{k}={v!r}" for k, v in asked.items())
+            here = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+            raise NodeError(f"the operator signed {said}; this operation is {here}")
+        return intent
 
     @staticmethod
     def _fits(command: Any) -> Any:
@@ -298,39 +311,41 @@ class Node:
                             f"{MAX_COMMAND}")
         return command
 
-    async def import_vm(self, name: str, memory: Path, disks: list[Path],
-                        authorization: Authorization | None = None) -> VmInfo:
-        """Copy the images in, register the VM in the ledger as ours, run it."""
-        intent = ImportVm(name, self.name, str(memory), tuple(str(d) for d in disks))
-        register = self._fits(RegisterVm(name, self.name, self.authorize(
-            "POST", "/api/vms", intent, authorization)))
+    async def import_vm(self, name: str, authorization: Authorization) -> VmInfo:
+        """Register the staged VM ``name`` (:mod:`federation.node.imports`) in the ledger
+        as ours, on the operator's ``ImportVm``, and run it."""
+        self.intent(authorization, ImportVm, vm=name, dc=self.name)
+        register = self._fits(RegisterVm(name, self.name, authorization))
         owner = self.need_core().ledger.owner(name)
         if owner is not None:
             raise NodeError(f"VM {name!r} is already registered in the ledger (owner {owner})")
-        try:
-            info = await trio.to_thread.run_sync(self.backend.import_vm, name, memory, disks)
-        except VmError as exc:
-            raise NodeError(str(exc)) from None
-        except OSError as exc:
-            raise NodeError(f"{exc.filename or name}: {exc.strerror or exc}") from None
-        if authorization is None:  # signed here: sign again now that the copy is done
-            register = RegisterVm(name, self.name, self.authorize("POST", "/api/vms", intent,
-                                                                  None))
+        staged = self.imports.status(name)
+        if staged is None or staged.state != "staged":
+            why = "not staged here" if staged is None else f"{staged.state}: {staged.error}" \
+                if staged.error else staged.state
+            raise NodeError(f"VM {name!r} is {why}; stage its images first (POST /api/imports)")
         result = await self.ledger.submit(register)
         if not result.ok:
             raise NodeError(f"the ledger refused to register {name!r}: {result.error}")
+        self.imports.copies.pop(name, None)
         info = await trio.to_thread.run_sync(self.backend.start, name, result.epoch)
         self.log.event("vm_imported", vm=name, layout=info.layout)
         return info
 
-    async def migrate(self, vm: str, target: str,
-                      authorization: Authorization | None = None) -> str:
-        """Start migrating ``vm`` to DC ``target``; returns the migration id."""
-        self.need_core()
+    async def migrate(self, vm: str, target: str, authorization: Authorization) -> str:
+        """Start migrating ``vm`` to DC ``target`` on the operator's ``MigrateVm``, which
+        names this DC as the source and the VM's epoch here; returns the migration id."""
+        core = self.need_core()
         if target == self.name or target not in self.runtime.peers:
             raise NodeError(f"{target!r} is not another DC of the federation "
                             f"({', '.join(self.runtime.peers)})")
-        auth = self.authorize("POST", "/api/migrations", MigrateVm(vm, target), authorization)
+        asked = self.intent(authorization, MigrateVm, vm=vm, target=target)
+        epoch = core.ledger.epoch(vm)
+        if (asked.source, asked.epoch) != (self.name, epoch):
+            raise NodeError(f"the operator signed the migration of {vm!r} from "
+                            f"{asked.source} at epoch {asked.epoch}; the ledger has it at "
+                            f"{core.ledger.owner(vm)} epoch {epoch}")
+        auth = authorization
         try:
             info = self.backend.info(vm)
         except VmError as exc:
@@ -354,12 +369,33 @@ class Node:
             raise NodeError(failure[0])
         return mid
 
-    async def cancel_migration(self, mid: str) -> None:
-        """An operator's cancel of migration ``mid``: the source session takes
-        :class:`CancelRequested` and aborts through the ledger. Raises
-        :class:`NotTheSource` at any other DC (the API forwards), :class:`UnknownMigration`,
-        or :class:`NodeError` saying why it cannot be cancelled (e.g. already committed)."""
+    async def cancel_migration(self, mid: str, authorization: Authorization) -> None:
+        """An operator's cancel of migration ``mid`` (a ``CancelMigration``): the source
+        session takes :class:`CancelRequested` and aborts through the ledger; any other DC
+        submits the operator's abort to the ledger itself (so a cancel works while the
+        source is unreachable). Raises :class:`UnknownMigration`, or :class:`NodeError`
+        saying why it cannot be cancelled (e.g. already committed)."""
         self.need_core()
+        self.intent(authorization, CancelMigration, migration_id=mid)
+        try:
+            await self._cancel_at_source(mid)
+        except NotTheSource:
+            result = await self.ledger.submit(self._fits(AbortMigration(mid, authorization)))
+            if not result.ok:
+                raise NodeError(f"the ledger refused to cancel {mid!r}: {result.error}") from None
+
+    async def delete_vm(self, vm: str, authorization: Authorization) -> LedgerResult:
+        """An operator's ``DeleteVm``: unregister ``vm`` in the ledger (refused while it
+        migrates)."""
+        self.need_core()
+        self.intent(authorization, DeleteVm, vm=vm)
+        result = await self.ledger.submit(self._fits(UnregisterVm(vm, authorization)))
+        if not result.ok:
+            raise NodeError(f"the ledger refused to delete {vm!r}: {result.error}")
+        self.log.event("vm_deleted", vm=vm, epoch=result.epoch)
+        return result
+
+    async def _cancel_at_source(self, mid: str) -> None:
         failure: list[NodeError] = []
 
         def cancel(core: NodeCore, now: float) -> list[Any]:
@@ -390,10 +426,11 @@ class Node:
             raise failure[0]
 
     async def set_policy(self, v3_percent: int, target_dcs: Sequence[str] = (),
-                         target_vms: Sequence[str] = (), kill_switch: bool = False,
-                         authorization: Authorization | None = None) -> SetPolicy:
+                         target_vms: Sequence[str] = (), kill_switch: bool = False, *,
+                         authorization: Authorization) -> SetPolicy:
         """Record a rollout policy in the ledger (DESIGN.md, "Protocol versions and
-        rollout"); every DC's sessions apply it from their next round on."""
+        rollout") on an admin's signed ``SetPolicy`` of exactly this policy; every DC's
+        sessions apply it from their next round on."""
         if not 0 <= v3_percent <= 100:
             raise NodeError(f"v3_percent: expected 0..100, got {v3_percent}")
         unknown = sorted(set(target_dcs) - set(self.fed.names))
@@ -404,8 +441,10 @@ class Node:
             wire.encode(policy)
         except wire.WireError as exc:
             raise NodeError(f"policy: {exc}") from None
-        change = self._fits(ChangePolicy(self.authorize("POST", "/api/policy", policy,
-                                                        authorization)))
+        signed = self.intent(authorization, SetPolicy)
+        if signed != policy:
+            raise NodeError("the operator signed another policy than the one asked for")
+        change = self._fits(ChangePolicy(authorization))
         result = await self.ledger.submit(change)
         if not result.ok:
             raise NodeError(f"the ledger refused the policy: {result.error}")

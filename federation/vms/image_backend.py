@@ -7,6 +7,9 @@
     ROOT/NAME/memory.img    guest RAM, a whole number of 4 KiB pages
     ROOT/NAME/disk-N.img    disks
 
+Every directory is created 0700 and every file 0600 (a VM's images are its guest's
+memory and disks: nobody else on the machine reads them).
+
 "Running" means the DC owns the VM. Images are only ever mapped (``mmap``), never read
 whole. The backend has no guest of its own: whatever writes a VM's pages in this
 process reports each write with :meth:`ImageBackend.note_write`, which is its dirty
@@ -34,6 +37,8 @@ from federation.vms.backend import (
     disk_name,
 )
 from federation.vms.vm_dir import (
+    DIR_MODE,
+    FILE_MODE,
     META,
     atomic_write,
     check_start,
@@ -64,7 +69,7 @@ class MappedImage(ImageWriter):
 def map_writable(path: Path, page_count: int, name: str) -> MappedImage:
     """Map ``path`` writable at exactly ``page_count`` pages, keeping what it holds (a file
     that grows gets sparse zero pages). Never reads the file into memory."""
-    with open(path, "r+b" if path.exists() else "w+b") as f:
+    with open(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE), "r+b") as f:
         if os.fstat(f.fileno()).st_size != page_count * PAGE_SIZE:
             f.truncate(page_count * PAGE_SIZE)
         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE)
@@ -76,7 +81,7 @@ class ImageBackend:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         self._lock = threading.Lock()  # guards _generation and _dirty
         self._generation: dict[str, int] = {}
         self._dirty: dict[str, dict[tuple[str, int], int]] = {}
@@ -139,10 +144,11 @@ class ImageBackend:
             layout.append((img, size // PAGE_SIZE))
         staging = self.root / f".{name}.importing"
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        staging.mkdir(mode=DIR_MODE)
         for img, src in sources:
             dst = staging / f"{img}.img"
             shutil.copyfile(src, dst)  # copy_file_range/sendfile: never the whole file in memory
+            os.chmod(dst, FILE_MODE)  # (inside the 0700 staging directory meanwhile)
             with open(dst, "rb") as f:
                 os.fsync(f.fileno())
         meta = self._new_meta(name, layout, VmState.STOPPED, epoch)
@@ -179,7 +185,7 @@ class ImageBackend:
             meta.update(state=VmState.INCOMING.value, migration_id=migration_id,
                         layout=[[n, c] for n, c in layout])
         else:
-            d.mkdir()
+            d.mkdir(mode=DIR_MODE)
             meta = self._new_meta(name, layout, VmState.INCOMING, 0, migration_id)
         writers: dict[str, ImageWriter] = {
             img: map_writable(d / f"{img}.img", count, f"{name}/{img}") for img, count in layout

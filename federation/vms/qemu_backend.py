@@ -51,6 +51,8 @@ from federation.vms.qemu_machine import QemuProcess, pid_on, socket_path
 from federation.vms.qemu_spec import QEMU, VmSpec, qemu_argv
 from federation.vms.qmp import QMPClient, QMPError
 from federation.vms.vm_dir import (
+    DIR_MODE,
+    FILE_MODE,
     META,
     atomic_write,
     check_start,
@@ -85,8 +87,8 @@ class QemuBackend:
             raise VmError(f"accel: expected auto, kvm or tcg, got {accel!r}")
         self.root = Path(root)
         self.ram_root = self.root / ".ram" if ram_root is None else Path(ram_root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.ram_root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        self.ram_root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         self.accel = accel
         self.qemu = qemu
         self._lock = threading.RLock()
@@ -194,10 +196,11 @@ class QemuBackend:
             layout.append((disk_name(i), size // PAGE_SIZE))
         staging = self.root / f".{name}.creating"
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        staging.mkdir(mode=DIR_MODE)
         for i, src in enumerate(disks):
             dst = staging / f"{disk_name(i)}.img"
             shutil.copyfile(src, dst)  # copy_file_range: never the whole file in memory
+            os.chmod(dst, FILE_MODE)  # (inside the 0700 staging directory meanwhile)
             with open(dst, "rb") as f:
                 os.fsync(f.fileno())
         atomic_write(staging / SPEC, spec.to_json() + b"\n")
@@ -210,8 +213,8 @@ class QemuBackend:
     def _zero_ram(self, name: str, pages: int) -> None:
         """A RAM file of ``pages`` zero pages (a hole: nothing allocated until written)."""
         ram = self.ram_path(name)
-        ram.parent.mkdir(parents=True, exist_ok=True)
-        with open(ram, "w+b") as f:
+        ram.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        with open(os.open(ram, os.O_RDWR | os.O_CREAT | os.O_TRUNC, FILE_MODE), "w+b") as f:
             f.truncate(pages * PAGE_SIZE)
 
     def import_vm(self, name: str, memory: Path, disks: Sequence[Path] = (),
@@ -253,11 +256,11 @@ class QemuBackend:
                 meta.update(state=VmState.INCOMING.value, migration_id=migration_id,
                             layout=[[n, c] for n, c in layout])
             else:
-                d.mkdir(exist_ok=True)
+                d.mkdir(mode=DIR_MODE, exist_ok=True)
                 meta = new_meta(name, layout, VmState.INCOMING, 0, migration_id)
             if spec is not None:
                 atomic_write(d / SPEC, spec.to_json() + b"\n")
-            self.ram_path(name).parent.mkdir(parents=True, exist_ok=True)
+            self.ram_path(name).parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             writers: dict[str, ImageWriter] = {
                 img: map_writable(self._image_path(name, img), count, f"{name}/{img}")
                 for img, count in layout}

@@ -24,10 +24,13 @@ from federation.vms.backend import (
 )
 from mesh.hde.image import PAGE_SIZE
 
-__all__ = ["META", "atomic_write", "fsync_dir", "read_meta", "write_meta", "info_of",
-           "new_meta", "check_start", "fence_needed", "release_needed", "retire_needed"]
+__all__ = ["META", "DIR_MODE", "FILE_MODE", "atomic_write", "fsync_dir", "read_meta",
+           "write_meta", "info_of", "new_meta", "check_start", "fence_needed", "release_needed", "retire_needed"]
 
 META = "meta.json"
+#: Modes of what a file-based backend creates: owner only (a VM's images are its guest's
+#: memory and disks: nobody else on the machine reads them).
+DIR_MODE, FILE_MODE = 0o700, 0o600
 
 
 def fsync_dir(path: Path) -> None:
@@ -42,7 +45,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, never a
     mix: write a temp file, fsync it, rename over, fsync the directory (POSIX rename(2))."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -250,6 +250,7 @@ class PbftCluster:
             vm = rng.choice(idle)
             target = rng.choice([m for m in self.names if m != name and m not in self.idle])
             return BeginMigration(vm, name, target, ledger.vms[vm].epoch, f"mig-{draw:.12f}",
-                                  sign.authorize(MigrateVm(vm, target), now))
+                                  sign.authorize(
+                                      MigrateVm(vm, target, name, ledger.vms[vm].epoch), now))
         vm = f"vm-{name}-{draw:.9f}"
         return RegisterVm(vm, name, sign.authorize(ImportVm(vm, name, "/sim"), now))

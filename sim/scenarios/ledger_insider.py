@@ -125,7 +125,9 @@ class Insider:
             vm = rng.choice(others) if others else ghost
             rec = ledger.vms.get(vm)
             begins = [c.authorization for c in seen if isinstance(c, BeginMigration)]
-            auth = rng.choice(begins) if begins else self.forged(MigrateVm(vm, self.name), now)
+            auth = rng.choice(begins) if begins else self.forged(
+                MigrateVm(vm, self.name, rec.owner if rec else self.name, rec.epoch if rec else 0),
+                now)
             return BeginMigration(vm, rec.owner if rec else self.name, self.name,
                                   rec.epoch if rec else 0, f"steal-{self.count:06d}", auth)
         if kind == "commit-not-target":

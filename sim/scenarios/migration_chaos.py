@@ -247,13 +247,15 @@ class Federation:
         def go(world: World) -> None:
             ledger = self.reference()
             owner = ledger.owner(vm) if ledger is not None else None
-            if owner is None:
+            if ledger is None or owner is None:
                 self.refused += 1
                 return
             others = [m for m in self.names if m != owner]
             target = others[draw % len(others)]
             mid = f"m{k:03d}-{vm}"
-            auth = self.operator.authorize(MigrateVm(vm, target), world.now)
+            # the operator moves the VM from where the ledger has it (source and epoch)
+            intent = MigrateVm(vm, target, owner, ledger.epoch(vm) or 0)
+            auth = self.operator.authorize(intent, world.now)
 
             def plan(h: DcHost, now: float) -> list[Any]:
                 try:

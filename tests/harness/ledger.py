@@ -64,7 +64,7 @@ class LedgerDriver:
               client: str | None = None, who: str = "ops") -> LedgerResult:
         if epoch is None:
             epoch = self.ledger.epoch(vm) or 0
-        auth = self.auth(MigrateVm(vm, target), who)
+        auth = self.auth(MigrateVm(vm, target, source, epoch), who)
         return self.run(client or source, BeginMigration(vm, source, target, epoch, mid, auth))
 
     def announce(self, mid: str, root: bytes = ROOT, client: str | None = None) -> LedgerResult:
@@ -92,7 +92,7 @@ class LedgerDriver:
 
 #: An operator's request to move vm1 to dc2, for session tests (sessions carry it to
 #: the ledger; they never check it).
-AUTH = OperatorSigner("ops", prefix="t-session").authorize(MigrateVm("vm1", "dc2"), 0.0)
+AUTH = OperatorSigner("ops", prefix="t-session").authorize(MigrateVm("vm1", "dc2", "dc1", 0), 0.0)
 
 
 _REGISTRAR = OperatorSigner("ops", prefix="t-register")

@@ -139,7 +139,7 @@ class World:
         self.notes: list[Notify] = []
         session = SourceSession.plan(SRC, MID, VM, TGT, 0, LAYOUT, LIMITS,
                                      self.ledger.policy, (1, 3), (1, 3),
-                                     self.ops.authorize(MigrateVm(VM, TGT), self.now))
+                                     self.ops.authorize(MigrateVm(VM, TGT, SRC, 0), self.now))
         self.sessions[SRC] = session
         self.apply(SRC, session.start(self.now))
 

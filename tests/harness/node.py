@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,8 +21,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from consensus.authz import Authorization
+from consensus.ledger import ImportVm, MigrateVm, SetPolicy
 from federation import config
-from federation.api.auth import load_operator_key
+from federation.api.auth import load_operator_key, sign_request, write_operator_key
+from federation.api.client import CONFIG_ENV, KEY_ENV
 from federation.api.http import serve_node
 from federation.cli.keys import INIT_OPERATOR, init_federation
 from federation.demo.guest_backend import WritingBackend
@@ -28,7 +33,7 @@ from federation.demo.processes import free_base_port
 from federation.demo.real_data import write_process_memory
 from federation.node.assembly import Node
 from federation.vms.backend import VmInfo
-from mesh import identity
+from mesh import identity, wire
 from mesh.runtime.log import JsonLog
 from tests.harness.waiting import wait_until
 
@@ -38,7 +43,13 @@ DISK_SOURCE = "/usr/lib/python3.11/json"
 
 
 def make_federation(directory: Path, count: int = 4) -> Path:
-    return init_federation(directory, count, base_port=free_base_port(count))
+    """A federation of ``count`` DCs on free loopback ports; the ``dwcp`` processes the test
+    runs sign as its admin (``$DWCP_CONFIG``, ``$DWCP_OPERATOR_KEY``, reset after each test
+    by tests/conftest.py)."""
+    cfg = init_federation(directory, count, base_port=free_base_port(count))
+    os.environ[CONFIG_ENV] = str(cfg)
+    os.environ[KEY_ENV] = str(directory / "keys" / f"{INIT_OPERATOR}.key")
+    return cfg
 
 
 def ext4_image(path: Path, mib: int = 4) -> Path:
@@ -68,20 +79,68 @@ def image_hashes(vm_dir: Path) -> dict[str, str]:
 def build_node(cfg: Path, name: str, data_root: Path,
                transfer_versions: tuple[int, ...] = (1, 3)) -> Node:
     """A node over the image backend with the demo's page writer available
-    (:func:`import_with_writer`)."""
+    (:func:`import_with_writer`); it imports VM images from anywhere under the test's
+    directory (the federation file's parent's parent: pytest's ``tmp_path``)."""
     fed = config.load(cfg)
     ident = identity.load_key_file(cfg.parent / "keys" / f"{name}.key")
-    operator = load_operator_key(cfg.parent / "keys" / f"{INIT_OPERATOR}.key", fed)
     return Node(fed, name, ident, data_root / name, log=JsonLog(name, io.StringIO()),
                 backend=WritingBackend(data_root / name / "vms"),
-                transfer_versions=transfer_versions, operator=operator)
+                transfer_versions=transfer_versions, import_dirs=(cfg.parent.parent,))
+
+
+def add_operator(cfg: Path, name: str, role: str) -> Path:
+    """Add operator ``name`` of ``role`` to the federation file ``cfg``; its key goes to
+    keys/<name>.key beside it (returned)."""
+    ident = identity.generate()
+    key = cfg.parent / "keys" / f"{name}.key"
+    write_operator_key(key, ident)
+    with cfg.open("a") as f:
+        f.write(f'\n[[operators]]\nname = "{name}"\npublic_key = "{ident.public}"\n'
+                f'role = "{role}"\n')
+    config.load(cfg)
+    return key
+
+
+def signed(node: Node, method: str, target: str, intent: object,
+           operator: str = INIT_OPERATOR) -> Authorization:
+    """``intent`` signed now by ``operator`` (its key next to ``node``'s federation file),
+    as the API's door hands it to the node."""
+    keys = Path(node.fed.source).parent / "keys"
+    key = load_operator_key(keys / f"{operator}.key", node.fed)
+    body = wire.encode(intent)
+    return Authorization(sign_request(key, node.fed, method, target, body, time.time()), body)
+
+
+async def import_vm(node: Node, vm: str, memory: Path, disks: list[Path]) -> VmInfo:
+    """Import ``vm`` at ``node`` as ``dwcp vm import`` does: stage the copy, then register
+    it on a request signed after the copy."""
+    intent = ImportVm(vm, node.name, str(memory), tuple(str(d) for d in disks))
+    staged, fds = node.imports.begin(vm, intent.memory, intent.disks)
+    await node.imports.copy(staged, fds)
+    assert staged.state == "staged", staged.error
+    return await node.import_vm(vm, signed(node, "POST", "/api/vms", intent))
+
+
+async def migrate(node: Node, vm: str, target: str) -> str:
+    """Migrate ``vm`` from ``node`` (its owner) to ``target`` on the admin's request."""
+    epoch = node.need_core().ledger.epoch(vm)
+    intent = MigrateVm(vm, target, node.name, 0 if epoch is None else epoch)
+    return await node.migrate(vm, target, signed(node, "POST", "/api/migrations", intent))
+
+
+async def set_policy(node: Node, v3_percent: int, *, kill_switch: bool = False,
+                     target_dcs: tuple[str, ...] = (), target_vms: tuple[str, ...] = ()
+                     ) -> SetPolicy:
+    policy = SetPolicy(v3_percent, target_dcs, target_vms, kill_switch)
+    return await node.set_policy(v3_percent, target_dcs, target_vms, kill_switch,
+                                 authorization=signed(node, "POST", "/api/policy", policy))
 
 
 async def import_with_writer(node: Node, vm: str, memory: Path, disks: list[Path], *,
                              rate: float, seed: int) -> VmInfo:
     """Import ``vm`` at ``node`` as an operator does, then run the demo's page writer on it
     (the writer is a test tool, not part of the node's API)."""
-    info = await node.import_vm(vm, memory, disks)
+    info = await import_vm(node, vm, memory, disks)
     backend = node.backend
     assert isinstance(backend, WritingBackend), "build_node gives nodes a WritingBackend"
     await trio.to_thread.run_sync(backend.attach_writer, vm, seed, rate)
@@ -144,7 +203,7 @@ async def wait_writes(node: Node, vm: str, writes: int = 100, timeout: float = 3
 async def migrate_checked(src: Node, dst: Node, vm: str) -> str:
     """Migrate ``vm`` from ``src`` to ``dst``; it commits, runs at ``dst`` with the images
     ``src`` held at the fence, and is retired at ``src``. Returns the migration id."""
-    mid = await src.migrate(vm, dst.name)
+    mid = await migrate(src, vm, dst.name)
     assert await wait_outcome(src, mid) == "committed"
     await wait_vm(dst, vm, "running")
     await wait_vm(src, vm, "retired")

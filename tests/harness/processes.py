@@ -13,8 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from federation import config
+from federation.api.auth import load_operator_key
+from federation.api.client import Signer
+from federation.cli.keys import INIT_OPERATOR
 from federation.cli.ops import Api
 from federation.demo.guest_writer import expected_pages, mismatches
+from federation.node.node_config import render_node_config
 from mesh.hde.image import open_image
 from tests.harness.node import make_federation
 from tests.harness.waiting import poll_until
@@ -42,15 +46,13 @@ class NodeProcesses:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def api(self, name: str) -> Api:
-        dc = self.fed.dc(name)
-        return Api(f"http://{dc.api.host}:{dc.api.port}")
+        """The API of ``name``, signing as the admin ``federation init`` made."""
+        key = load_operator_key(self.cfg.parent / "keys" / f"{INIT_OPERATOR}.key", self.fed)
+        return Api(f"http://{self.fed.dc(name).api}", Signer(key, self.fed.id))
 
     def start(self, name: str) -> None:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        # the operator `federation init` made: the node signs its API's operations with it
-        # until the API checks operators' own signatures
-        operator = ["--operator-key", str(self.cfg.parent / "keys" / "admin.key")]
-        node = ["--config", str(self.cfg), "--name", name, *operator]
+        node = ["--config", str(self.cfg), "--name", name]
         writers = [f"--writer={w}" for w in self.writers.get(name, [])]
         argv = ([sys.executable, "-c", WRITER_NODE_MAIN, *node, *writers] if writers
                 else [sys.executable, "-c", DWCP_MAIN, "node", *node])
@@ -114,8 +116,11 @@ class NodeProcesses:
 @contextmanager
 def node_processes(tmp_path: Path, writers: dict[str, list[str]] | None = None,
                    ) -> Iterator[NodeProcesses]:
-    """A fresh four-DC federation in ``tmp_path``, every node a process, all ready."""
+    """A fresh four-DC federation in ``tmp_path``, every node a process, all ready; each
+    node imports VM images from anywhere under ``tmp_path`` (its node config)."""
     cfg = make_federation(tmp_path / "fed")
+    for name in NAMES:
+        (cfg.parent / "nodes" / f"{name}.toml").write_text(render_node_config([str(tmp_path)]))
     logs = tmp_path / "logs"
     logs.mkdir()
     nodes = NodeProcesses(cfg, logs, writers)

@@ -1,0 +1,104 @@
+"""A node's own settings: what concerns one machine, not the federation.
+
+::
+
+    [storage]
+    import_dirs = ["/srv/dwcp/images"]    # the only places VM images are imported from
+
+    [api]
+    metrics_token_file = "/etc/dwcp/metrics.token"   # Prometheus' bearer token, 0600
+
+``dwcp node --node-config FILE`` (default ``<federation file's dir>/nodes/<DC>.toml``
+when it exists, which ``dwcp federation init`` writes). The federation file is the same
+at every DC; these settings are a machine's file-system paths, so they live apart from
+it. Relative paths are relative to this file. Unknown options are errors, and every
+error names the file and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from pathlib import Path
+
+import attrs
+
+__all__ = ["NodeConfig", "NodeConfigError", "load_node_config", "render_node_config",
+           "default_node_config"]
+
+
+class NodeConfigError(Exception):
+    """A node config that cannot be used; the message names the file and the field."""
+
+
+@attrs.frozen
+class NodeConfig:
+    source: str = "<none>"
+    #: directories VM images may be imported from (none: imports are refused)
+    import_dirs: tuple[Path, ...] = ()
+    #: the bearer token that lets Prometheus read /metrics ("" : only signed requests)
+    metrics_token: str = ""
+
+
+_KEYS = {"storage": {"import_dirs"}, "api": {"metrics_token_file"}}
+
+
+def default_node_config(federation_file: Path, name: str) -> Path:
+    return federation_file.parent / "nodes" / f"{name}.toml"
+
+
+def load_node_config(path: Path) -> NodeConfig:
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NodeConfigError(f"{path}: no such node config") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise NodeConfigError(f"{path}: cannot read: {exc}") from None
+    for table, value in doc.items():
+        if table not in _KEYS:
+            raise NodeConfigError(f"{path}: {table}: unknown table (allowed: "
+                                  f"{', '.join(sorted(_KEYS))})")
+        if not isinstance(value, dict):
+            raise NodeConfigError(f"{path}: {table}: expected a table")
+        extra = sorted(set(value) - _KEYS[table])
+        if extra:
+            raise NodeConfigError(f"{path}: {table}.{extra[0]}: unknown option (allowed: "
+                                  f"{', '.join(sorted(_KEYS[table]))})")
+    here = path.parent
+    raw_dirs = doc.get("storage", {}).get("import_dirs", [])
+    if not isinstance(raw_dirs, list) or not all(isinstance(d, str) and d for d in raw_dirs):
+        raise NodeConfigError(f"{path}: storage.import_dirs: expected a list of paths")
+    dirs = tuple(here / d for d in raw_dirs)
+    token = ""
+    token_file = doc.get("api", {}).get("metrics_token_file")
+    if token_file is not None:
+        if not isinstance(token_file, str) or not token_file:
+            raise NodeConfigError(f"{path}: api.metrics_token_file: expected a path")
+        token = _read_token(path, here / token_file)
+    return NodeConfig(str(path), dirs, token)
+
+
+def _read_token(path: Path, token_path: Path) -> str:
+    where = f"{path}: api.metrics_token_file"
+    try:
+        st = os.stat(token_path)
+        text = token_path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NodeConfigError(f"{where}: {token_path}: cannot read: {exc}") from None
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise NodeConfigError(f"{where}: {token_path} is readable by others (mode "
+                              f"{stat.S_IMODE(st.st_mode):o}); chmod 600")
+    if len(text) < 32 or not text.isprintable() or " " in text:
+        raise NodeConfigError(f"{where}: {token_path}: expected one token of at least 32 "
+                              "printable characters (e.g. from 'openssl rand -hex 32')")
+    return text
+
+
+def render_node_config(import_dirs: list[str]) -> str:
+    """A node config that names these import directories (``dwcp federation init``)."""
+    listed = ", ".join(f'"{d}"' for d in import_dirs)
+    return ("# this node's own settings (docs/operations.md, \"The node config\")\n"
+            "[storage]\n"
+            "# VM images are imported only from under these directories\n"
+            f"import_dirs = [{listed}]\n")
