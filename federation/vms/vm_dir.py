@@ -25,7 +25,8 @@ from federation.vms.backend import (
 from mesh.hde.image import PAGE_SIZE
 
 __all__ = ["META", "DIR_MODE", "FILE_MODE", "atomic_write", "fsync_dir", "read_meta",
-           "write_meta", "info_of", "new_meta", "check_start", "fence_needed", "release_needed", "retire_needed"]
+           "write_meta", "info_of", "new_meta", "check_start", "fence_needed", "release_needed",
+           "retire_needed"]
 
 META = "meta.json"
 #: Modes of what a file-based backend creates: owner only (a VM's images are its guest's
