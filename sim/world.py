@@ -61,7 +61,10 @@ Nodes and cores
   to the receiver (same bytes, sizes and trace; the decode is skipped). A send
   to a name that is not a node is counted (``unknown_peer``) and dropped.
 * ``Persist(key, value, sync)`` writes to ``node.store``; only synced writes (and
-  every write before a synced one) survive a crash.
+  every write before a synced one) survive a crash. A crash may come right after a
+  synced write, in the middle of a step (``SimStore.after_sync``, the crash-point
+  search): the actions after that write are then not executed, as on a real node
+  whose process dies as its fsync returns.
 * ``PeerUp(peer)`` / ``PeerDown(peer)`` model the authenticated control
   connection: up ``peer_up_after`` seconds after both ends are up and no
   direction between them is blocked, down ``peer_down_after`` seconds after that
@@ -359,6 +362,7 @@ class World:
             self._execute(node, hosted, actions)
 
     def _execute(self, node: SimNode, hosted: HostedCore, actions: Iterable[Any]) -> None:
+        incarnation = node.incarnation
         last_msg: Any = None
         last_raw = b""
         for action in actions:
@@ -384,6 +388,8 @@ class World:
                 hosted.timers.pop(action.key, None)
             elif kind is Persist:
                 node.store.put(action.key, action.value, action.sync)
+                if node.incarnation != incarnation:
+                    return  # crashed right after this write (SimStore.after_sync)
             elif kind is Notify:
                 record = NotifyRecord(self.now, node.name, hosted.name, action.kind, action.detail)
                 self.notifications.append(record)
@@ -425,7 +431,10 @@ class World:
         if not node.up:
             return
         self._record(node.name, "S", b"%d" % node.incarnation)
+        incarnation = node.incarnation
         for hosted in list(node.cores.values()):
+            if node.incarnation != incarnation:
+                break  # crashed during an earlier core's start (SimStore.after_sync)
             start = getattr(hosted.core, "start", None)
             if start is not None:
                 self._current = (node.name, hosted.name, "start")

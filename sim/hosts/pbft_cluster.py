@@ -37,7 +37,7 @@ from consensus.pbft.messages import MAX_REQUEST_COMMANDS, Envelope
 from consensus.pbft.replica import PbftConfig, Replica
 from mesh import wire
 from mesh.identity import Identity, PublicKey
-from sim.scenario import Run
+from sim.scenario import Run, ScenarioSpec
 from sim.world import NotifyRecord, SimNode, World
 
 __all__ = ["SIM_CONFIG", "PbftCluster", "identity_for"]
@@ -93,6 +93,26 @@ class PbftCluster:
         run.add_checker("pbft-safety", lambda w: self.problem)
         run.liveness("every pending request executed at every correct replica", self.settled)
         run.metric("pbft", self.summary)
+
+    @classmethod
+    def standalone(cls, seed: int, n: int = 4, config: PbftConfig = SIM_CONFIG) -> PbftCluster:
+        """A cluster in a world of its own, outside any registered scenario (for tests that
+        script their own faults and drive ``world.run`` themselves)."""
+        spec = ScenarioSpec("pbft-standalone", lambda run: None, n, 0.0, 0.0, (), "", 4)
+        return cls(Run(spec, seed, n, False), config=config)
+
+    def submit(self, name: str, command: Any) -> int | None:
+        """DC ``name`` submits ``command`` now; its request id, or None if the node is down."""
+        out: list[int] = []
+
+        def go(replica: Replica, now: float) -> list[Any]:
+            rid, actions = replica.submit(now, wire.encode(command))
+            self.submitted[name].add(rid)
+            out.append(rid)
+            return actions
+
+        self.world.invoke(name, "pbft", go, f"submit {name}")
+        return out[0] if out else None
 
     def _build(self, node_name: str, replica_name: str) -> Callable[[SimNode], None]:
         def build(node: SimNode) -> None:
