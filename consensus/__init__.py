@@ -1,8 +1,9 @@
 """DWCP consensus: PBFT replica, the ledger state machine, Byzantine evidence, durable log.
 
-- :class:`Replica` (:mod:`consensus.pbft.replica`, with :mod:`consensus.pbft.execution`,
-  :mod:`consensus.pbft.viewchange` and :mod:`consensus.pbft.transfer`): the sans-I/O PBFT
-  core, n = 3f+1;
+- :class:`Replica` (:mod:`consensus.pbft.replica`): the sans-I/O PBFT core, n = 3f+1;
+  its phases (``ordering``, ``agreement``, ``execution``, ``checkpoint``, ``viewchange``,
+  ``status``, ``transfer``, ``recovery`` in :mod:`consensus.pbft`) are functions over
+  its :class:`~consensus.pbft.state.ReplicaState` and :class:`~consensus.pbft.outbox.Outbox`;
 - :class:`LedgerClient` (:mod:`consensus.pbft.client`): submit a command, complete on
   f+1 matching replies;
 - :class:`Ledger` (:mod:`consensus.ledger`): VM ownership, migrations, policy
