@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import attrs
-import pytest
 
 from consensus.ledger import RegisterVm
 from mesh import wire
@@ -68,8 +67,6 @@ def executed(world: World, node: str) -> int:
                 if n.node == node and n.kind == "pbft.executed"), default=0)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: a NEW-VIEW's pre-prepare overwrites the "
-                   "certificates logged for the same sequence number")
 def test_a_decided_sequence_number_survives_crashes_right_after_a_new_view() -> None:
     """Issue 14's schedule, crash faults only. The primary n00, n01 and n02 commit seq 1
     (n03 is cut off) and the client sees f+1 replies; n00 crashes. n03 hears nothing from
@@ -103,7 +100,6 @@ def test_a_decided_sequence_number_survives_crashes_right_after_a_new_view() -> 
     assert {"vm-1", "vm-3"} <= set(c.replica(a).ledger.vms)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: the NEW-VIEW lives in memory only")
 def test_a_replica_that_missed_the_new_view_gets_it_from_restarted_peers() -> None:
     """n03 asks for view 1 but hears nothing back (one way), so it misses the NEW-VIEW;
     then n01 and n02, the replicas in view 1, crash and restart. The NEW-VIEW must

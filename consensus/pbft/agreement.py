@@ -14,9 +14,6 @@
 
 from __future__ import annotations
 
-import attrs
-
-from consensus.durable import ReplicaLog, SlotRecord
 from consensus.pbft import execution
 from consensus.pbft.messages import (
     Batch,
@@ -74,18 +71,20 @@ def on_preprepare(st: ReplicaState, out: Outbox, now: float, env: Envelope,
 
 
 def accept_preprepare(st: ReplicaState, out: Outbox, now: float, env: Envelope,
-                      pp: PrePrepare, data: bytes | None, announce: bool = True) -> None:
-    """Log the pre-prepare (durably, before our PREPARE goes out) and vote; as the
-    primary, ``announce`` multicasts it (False: it went out inside a NEW-VIEW)."""
+                      pp: PrePrepare, data: bytes | None, in_new_view: bool = False) -> None:
+    """Log the pre-prepare (durably, before our PREPARE goes out; as the primary, before
+    it goes out itself) and vote. ``in_new_view``: it came in the NEW-VIEW this replica
+    just logged, which already holds it (and, as primary, sent it)."""
     slot = st.slot(pp.seq)
     slot.pp, slot.digest, slot.batch = env.signed, pp.digest, data
     if data is not None:
         st.batches[pp.digest] = data
     else:
         execution.fetch(st, out, now, pp.digest)
-    out.persist(ReplicaLog.slot_action(SlotRecord(pp.seq, env.signed, data or b"", (), ())))
+    if not in_new_view:
+        out.persist(st.log.preprepare(pp.seq, env.signed, data))
     if env.sender == st.name:
-        if announce:
+        if not in_new_view:
             out.broadcast(env)
     else:
         vote = out.sign(Prepare(pp.view, pp.seq, pp.digest), relay(env))
@@ -123,8 +122,7 @@ def _check_prepared(st: ReplicaState, out: Outbox, now: float, slot: Slot) -> No
     slot.prepared = True
     cert = PreparedCert(slot.pp, tuple(good[: 2 * st.q.f]))
     st.prepared_certs[slot.seq] = (st.view, cert)
-    record = SlotRecord(slot.seq, slot.pp, slot.batch or b"", cert.prepares, ())
-    out.persist(ReplicaLog.slot_action(record))
+    out.persist(st.log.prepared(slot.seq, cert, slot.batch))  # P, before our COMMIT goes out
     assert slot.digest is not None
     vote = out.sign(Commit(st.view, slot.seq, slot.digest))
     out.broadcast(vote)
@@ -140,18 +138,18 @@ def _check_committed(st: ReplicaState, out: Outbox, now: float, slot: Slot) -> N
     if len(good) < 2 * st.q.f + 1:
         return
     assert slot.digest is not None and slot.pp is not None
-    decide(st, out, now, slot.seq, slot.digest, good[: 2 * st.q.f + 1], slot.batch, slot.pp)
+    decide(st, out, now, slot.seq, slot.digest, good[: 2 * st.q.f + 1], slot.batch)
 
 
 def decide(st: ReplicaState, out: Outbox, now: float, seq: int, dig: bytes,
-           commits: tuple[Signed, ...], batch: bytes | None, pp: Signed | None) -> None:
+           commits: tuple[Signed, ...], batch: bytes | None) -> None:
     """``seq`` committed with ``dig`` (proven by ``commits``): log it and execute what is
     next in order."""
     st.decided[seq] = Decided(dig, commits, batch)
-    # Not synced: a decision lost in a crash comes back from the peers (state
-    # transfer with the commit certificate), and re-executing it is deterministic.
-    record = SlotRecord(seq, pp, batch or b"", (), commits)
-    out.persist(attrs.evolve(ReplicaLog.slot_action(record), sync=False))
+    # Not synced (consensus.durable): a decision lost in a crash comes back from the
+    # peers, and the prepared certificate logged before our COMMIT keeps it safe.
+    if st.log.fits(seq):
+        out.persist(st.log.committed(seq, commits, batch))
     if batch is None:
         execution.fetch(st, out, now, dig)
     execution.execute_ready(st, out, now)

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from consensus.durable import CheckpointRecord, ReplicaLog
+from consensus.durable import CheckpointRecord
 from consensus.pbft.messages import (
     NULL_DIGEST,
     Checkpoint,
@@ -62,7 +62,7 @@ def make_stable(st: ReplicaState, out: Outbox, seq: int, snapshot: bytes,
     if seq <= st.low:
         return
     st.low, st.stable_proof, st.stable_snapshot = seq, proof, snapshot
-    out.persist(ReplicaLog.checkpoint_action(CheckpointRecord(seq, snapshot, proof)))
+    out.persist(st.log.checkpoint(CheckpointRecord(seq, snapshot, proof)))
     st.count("stable_checkpoints")
     for d in (st.slots, st.decided, st.prepared_certs, st.checkpoint_votes):
         for k in [k for k in d if k <= seq]:

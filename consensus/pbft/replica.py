@@ -48,7 +48,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 
-from consensus.durable import ReplicaLog
+from consensus.durable import SLOT_RING, ReplicaLog
 from consensus.evidence import EvidenceBook
 from consensus.ledger import Ledger
 from consensus.pbft import (
@@ -128,6 +128,9 @@ class Replica:
         if name not in q.members:
             raise ValueError(f"{name!r} is not a member of the federation")
         cfg = config or PbftConfig()
+        if not 0 < cfg.window <= SLOT_RING:
+            raise ValueError(f"PbftConfig.window {cfg.window}: the durable log holds "
+                             f"1..{SLOT_RING} sequence numbers above its checkpoint")
         verifier = Verifier(keys)
         client = LedgerClient(name, identity, q, cfg.client_timeout, log.store)
         self.state = ReplicaState(name, q, verifier, log, client, rng, cfg)
@@ -203,10 +206,15 @@ class Replica:
     # ------------------------------------------------------------------ driving
 
     def start(self, now: float) -> list[Action]:
-        """First timers; call once when the driver starts the core."""
+        """First timers; call once when the driver starts the core. After a restart it
+        also sends again what recovery restored: our messages for the sequence numbers in
+        progress, or our VIEW-CHANGE if a view change was under way."""
         st, out = self.state, self._out
         out.set_timer(STATUS_TIMER, now + st.cfg.status_interval)
         out.broadcast(status.status_message(st, out))
+        if st.active:
+            for peer in st.others():
+                status.retransmit_slots(st, out, peer)
         viewchange.resume_view_change(st, out, now)
         return self._finish(now)
 

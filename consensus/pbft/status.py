@@ -5,7 +5,9 @@ checkpoint) every ``status_interval`` while it is busy, and now and then when
 idle. A peer that learns from it that the sender is behind helps:
 
 - a sender in an older view (or still changing view) gets the NEW-VIEW that
-  brought this replica into its view, or this replica's own VIEW-CHANGE;
+  brought this replica into its view (kept in the durable log, so also after a
+  restart) and this replica's messages of the view so far, or, while this
+  replica changes view itself, its own VIEW-CHANGE;
 - a sender in the same view at the same height gets this replica's messages
   for the sequence numbers still in progress (lost PRE-PREPAREs, PREPAREs,
   COMMITs are repaired without a view change);
@@ -20,7 +22,7 @@ from consensus.pbft.messages import Envelope, Status, relay
 from consensus.pbft.outbox import Outbox
 from consensus.pbft.state import ReplicaState
 
-__all__ = ["status_message", "busy", "on_status"]
+__all__ = ["status_message", "busy", "on_status", "retransmit_slots"]
 
 
 def status_message(st: ReplicaState, out: Outbox) -> Envelope:
@@ -49,14 +51,17 @@ def on_status(st: ReplicaState, out: Outbox, now: float, peer: str, sts: Status)
     if behind:
         if st.active and st.new_view_msg is not None:
             out.send(peer, st.new_view_msg)
+            retransmit_slots(st, out, peer)  # what it missed of this view so far
         elif not st.active:
             viewchange.resend_view_change(st, out, peer)
     elif sts.view == st.view and sts.active and st.active:
         if sts.last_executed == st.last_exec:
-            _retransmit_slots(st, out, peer)
+            retransmit_slots(st, out, peer)
 
 
-def _retransmit_slots(st: ReplicaState, out: Outbox, peer: str) -> None:
+def retransmit_slots(st: ReplicaState, out: Outbox, peer: str) -> None:
+    """Our messages for the sequence numbers in progress: the PRE-PREPAREs we proposed,
+    our PREPAREs and COMMITs (to a peer at our height, or to all after a restart)."""
     for seq in sorted(st.slots):
         slot = st.slots[seq]
         if seq <= st.last_exec or slot.pp is None:

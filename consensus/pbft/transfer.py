@@ -104,5 +104,5 @@ def on_state_reply(st: ReplicaState, out: Outbox, now: float, env: Envelope,
             st.evidence.count_malformed(env.sender)
             break
         st.batches[d] = e.batch
-        agreement.decide(st, out, now, e.seq, d, e.commits, e.batch, None)
+        agreement.decide(st, out, now, e.seq, d, e.commits, e.batch)
     execution.execute_ready(st, out, now)

@@ -23,7 +23,6 @@
 
 from __future__ import annotations
 
-from consensus.durable import ReplicaLog
 from consensus.pbft import agreement, checkpoint, ordering
 from consensus.pbft.messages import (
     Envelope,
@@ -67,7 +66,7 @@ def start_view_change(st: ReplicaState, out: Outbox, now: float, new_view: int) 
     for key in (REQUEST_TIMER, BATCH_TIMER, NEW_VIEW_TIMER):
         out.cancel_timer(key)
     st.nv_timer = False
-    out.persist(ReplicaLog.view_action(new_view, False))
+    out.persist(st.log.view(new_view, False))
     _send_view_change(st, out)
     st.count("view_changes_started")
     out.notify("pbft.view-change", {"view": new_view})
@@ -142,8 +141,7 @@ def _send_new_view(st: ReplicaState, out: Outbox, now: float,
     min_s, plan = new_view_plan(chosen)
     pps = tuple(out.sign(PrePrepare(st.view, seq, d)).signed for seq, d in plan)
     env = out.sign(NewView(st.view, tuple(v.signed for v in chosen), pps))
-    out.broadcast(env)
-    _enter_view(st, out, now, env, chosen, min_s, plan, pps)
+    _enter_view(st, out, now, env, chosen, min_s, plan, pps)  # logs it, then sends it
 
 
 def on_new_view(st: ReplicaState, out: Outbox, now: float, env: Envelope, nv: NewView) -> None:
@@ -204,7 +202,12 @@ def _enter_view(
     w = vvcs[0].body.new_view
     st.view, st.active = w, True
     st.new_view_msg = env
-    out.persist(ReplicaLog.view_action(w, True))
+    # Logged before anything of view w goes out (the primary's NEW-VIEW included, so it
+    # never makes a second one): its pre-prepares are our Q for their sequence numbers,
+    # and a replica that missed it gets it from us, also after a restart.
+    out.persist(st.log.view(w, True, env))
+    if env.sender == st.name:
+        out.broadcast(env)
     out.cancel_timer(NEW_VIEW_TIMER)
     st.nv_timer = False
     st.view_changes = {s: v for s, v in st.view_changes.items() if v.body.new_view > w}
@@ -227,7 +230,7 @@ def _enter_view(
         if st.in_window(seq):
             pp_env = Envelope(spp.sender, spp.body, spp.sig)
             agreement.accept_preprepare(st, out, now, pp_env, PrePrepare(w, seq, d),
-                                       st.batches.get(d), announce=False)
+                                       st.batches.get(d), in_new_view=True)
     st.count("view_changes_completed")
     out.notify("pbft.new-view", {"view": w, "primary": st.primary})
     ordering.forward_pending(st, out, now, 0.0)

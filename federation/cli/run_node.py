@@ -16,6 +16,7 @@ from pathlib import Path
 
 import trio
 
+from consensus.durable import LogFormatError
 from federation import config
 from federation.cli.main import CommandError
 from federation.node.assembly import Node, NodeError
@@ -65,6 +66,8 @@ def run_node(args: argparse.Namespace) -> int:
         ) from None
     except (StoreError, NodeError) as exc:
         raise CommandError(str(exc)) from None
+    except LogFormatError as exc:
+        raise CommandError(f"{data_dir}: {exc}") from None
     try:
         trio.run(_serve_until_signal, node)
     except (ListenError, NodeError) as exc:
