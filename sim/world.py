@@ -93,7 +93,8 @@ Observing
 ---------
 * ``Notify(kind, detail)`` actions are appended to ``world.notifications`` as
   :class:`NotifyRecord` ``(time, node, core, kind, detail)`` and passed to every
-  listener added with ``world.on_notify(fn)``.
+  listener added with ``world.on_notify(fn)``; ``world.on_send(fn)`` sees every
+  ``Send`` as ``fn(node, peer, message)`` (what a node said, e.g. what it signed).
 * ``world.add_checker(name, fn)``: ``fn(world) -> str | None`` runs after every
   event; the first non-None return stops the run and is kept in
   ``world.violation`` (:class:`Violation`, with the event that broke it).
@@ -210,6 +211,7 @@ class World:
         self._conn: dict[tuple[str, str], bool] = {}
         self._conn_pending: set[tuple[str, str]] = set()
         self._listeners: list[Callable[[NotifyRecord], None]] = []
+        self._send_listeners: list[Callable[[str, str, Any], None]] = []
         self._checkers: list[tuple[str, Callable[[World], str | None]]] = []
         self._trace = hashlib.blake2b(digest_size=16)
         self._trace_buf = bytearray()
@@ -255,6 +257,11 @@ class World:
 
     def on_notify(self, listener: Callable[[NotifyRecord], None]) -> None:
         self._listeners.append(listener)
+
+    def on_send(self, listener: Callable[[str, str, Any], None]) -> None:
+        """Call ``listener(node, peer, message)`` for every ``Send`` a core returns, as the
+        world executes it (before any Byzantine hook rewrites the frame)."""
+        self._send_listeners.append(listener)
 
     def add_checker(self, name: str, check: Callable[[World], str | None]) -> None:
         self._checkers.append((name, check))
@@ -376,6 +383,8 @@ class World:
                         raise SimError(f"core {hosted.name!r} on {node.name} sent a message "
                                        f"that does not encode: {exc}") from exc
                     last_msg = msg
+                for send_listener in self._send_listeners:
+                    send_listener(node.name, action.peer, msg)
                 self._send(node, action.peer, msg, last_raw)
             elif kind is SetTimer:
                 self._timer_token += 1

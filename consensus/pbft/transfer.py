@@ -85,11 +85,13 @@ def on_state_reply(st: ReplicaState, out: Outbox, now: float, env: Envelope,
             return
         st.ledger = ledger
         st.last_exec = sr.checkpoint_seq
+        st.count("state_transfers")
+        # Reported before the checkpoint is logged: a crash right after that write
+        # restarts the replica from it, and whoever follows its executions must know.
+        out.notify("pbft.state-transfer", {"seq": sr.checkpoint_seq})
         checkpoint.make_stable(st, out, sr.checkpoint_seq, cu.snapshot, sr.checkpoint_proof)
         for key in [k for k in st.pending if ledger.executed_result(*k) is not None]:
             st.drop_pending(key)
-        st.count("state_transfers")
-        out.notify("pbft.state-transfer", {"seq": sr.checkpoint_seq})
     for e in cu.entries:
         if e.seq <= st.last_exec:
             continue
