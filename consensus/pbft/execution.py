@@ -68,7 +68,12 @@ def execute_ready(st: ReplicaState, out: Outbox, now: float) -> None:
         st.progressed = True
 
 
-def execute(st: ReplicaState, out: Outbox, now: float, seq: int, data: bytes) -> None:
+def execute(st: ReplicaState, out: Outbox, now: float, seq: int, data: bytes,
+            replay: bool = False) -> None:
+    """Apply batch ``seq`` to the ledger and answer its clients. ``replay``: the replica
+    rebuilds after a restart; it sends no replies (they went out before the crash, or
+    the client asks again and gets the remembered results), and still reports the
+    execution and signs its checkpoint."""
     requests = st.decoded.pop(digest(data), None)
     if requests is None:
         try:
@@ -94,7 +99,7 @@ def execute(st: ReplicaState, out: Outbox, now: float, seq: int, data: bytes) ->
         key = (req.client, req.request_id)
         st.drop_pending(key)
         st.proposed.pop(key, None)
-    for client, results in replies.items():
+    for client, results in ({} if replay else replies).items():
         reply = Reply(st.view, client, tuple(results))
         if client == st.name:
             out.extend(st.client.on_reply(now, st.name, reply))

@@ -64,7 +64,3 @@ class Outbox:
     def flush(self) -> list[Action]:
         out, self._actions = self._actions, []
         return out
-
-    def discard(self) -> None:
-        """Forget the actions so far (a replay at start-up re-makes what was sent before)."""
-        self._actions.clear()

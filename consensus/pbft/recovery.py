@@ -13,8 +13,10 @@ and rebuilds what it must not contradict:
   bytes it sent before) for retransmission;
 - P, the prepared certificates, for every later VIEW-CHANGE; one of the current
   view also marks its slot prepared, with our COMMIT signed again;
-- the decisions above the checkpoint, executed again in order. Replies and
-  checkpoints the replay makes were sent before the crash and are not sent again.
+- the decisions above the checkpoint, executed again in order, without replies
+  (:func:`consensus.pbft.execution.execute`); the executions are reported and the
+  checkpoints signed again when the replica starts (some of these batches may
+  have been decided but not executed before the crash).
 """
 
 from __future__ import annotations
@@ -74,8 +76,7 @@ def recover(st: ReplicaState, out: Outbox) -> None:
         data = st.decided[seq].batch
         if data is None:
             break
-        execution.execute(st, out, 0.0, seq, data)
-    out.discard()  # replies and checkpoints of the replay were sent before the crash
+        execution.execute(st, out, 0.0, seq, data, replay=True)
 
 
 def _preprepare(st: ReplicaState, signed: Signed) -> PrePrepare:

@@ -207,8 +207,9 @@ class Replica:
 
     def start(self, now: float) -> list[Action]:
         """First timers; call once when the driver starts the core. After a restart it
-        also sends again what recovery restored: our messages for the sequence numbers in
-        progress, or our VIEW-CHANGE if a view change was under way."""
+        also reports what recovery executed again and sends what it restored: our
+        checkpoints, our messages for the sequence numbers in progress, or our
+        VIEW-CHANGE if a view change was under way."""
         st, out = self.state, self._out
         out.set_timer(STATUS_TIMER, now + st.cfg.status_interval)
         out.broadcast(status.status_message(st, out))
