@@ -19,6 +19,7 @@ import random
 from collections.abc import Hashable
 
 import attrs
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -224,5 +225,10 @@ class CrashRecovery(RuleBasedStateMachine):
         assert self.problem is None, self.problem
 
 
-CrashRecovery.TestCase.settings = settings(settings.default, stateful_step_count=60)
+#: make test: 200 runs of up to 60 steps (~20 s); make chaos (the long profile): 2,500.
+CrashRecovery.TestCase.settings = settings(
+    settings.default, stateful_step_count=60,
+    max_examples=max(200, settings().max_examples // 4))
 test_crash_recovery = CrashRecovery.TestCase
+#: the long profile's 2,500 runs take several minutes
+pytestmark = pytest.mark.timeout(1800)
