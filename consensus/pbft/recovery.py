@@ -89,9 +89,8 @@ def _restore_accepted(st: ReplicaState, out: Outbox, rec: Recovered) -> None:
     """Q of the current view: the NEW-VIEW's pre-prepares, then the logged ones."""
     nv = rec.new_view
     accepted: list[Signed] = []
-    if nv is not None:
-        body = wire.decode(nv.body, expect=(NewView,))
-        assert isinstance(body, NewView)
+    body = None if nv is None else wire.decode(nv.body, expect=(NewView,))
+    if nv is not None and isinstance(body, NewView) and body.view == st.view:
         accepted.extend(body.preprepares)
         # The new view numbers on from its checkpoint and its O (viewchange._enter_view).
         stable = max(_stable_seq(s) for s in body.view_changes)

@@ -151,7 +151,7 @@ class CrashPoints:
 
 @scenario("pbft-crashpoints", nodes=4, faults_until=FAULTS, quiet=QUIET, min_nodes=4,
           description="PBFT: replicas crash right after their k-th synced write (by seed: "
-                      "normal case, view change, checkpoint, state transfer)")
+                      "normal case, view change, new view, checkpoint, state transfer)")
 def crashpoints(run: Run) -> None:
     seed_focus, seed_k = crash_point(run.seed)
     focus = run.param("focus", seed_focus)
