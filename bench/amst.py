@@ -42,6 +42,7 @@ from typing import Any
 import trio
 import zstandard
 
+from federation.demo.corpus import ManifestError, load_manifest
 from mesh import identity
 from mesh.amst.policy import CHUNK_MAX
 from mesh.channel import SecureChannel
@@ -85,12 +86,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _corpus_image() -> tuple[Path | None, str]:
     try:
-        from bench.corpus import ManifestError, load_manifest
-
         manifest = load_manifest()
         what = "corpus RAM snapshot, 1 GiB guest, workload A, t0 + 60 s"
         return manifest.ram(GUEST_MIB, "A", AT_S), what
-    except (ImportError, ManifestError, OSError) as exc:
+    except (ManifestError, OSError) as exc:
         return None, f"no corpus ({exc})"
 
 

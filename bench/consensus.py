@@ -83,6 +83,18 @@ def bench_identity(name: str) -> Any:
     return Identity.from_seed(hashlib.sha256(b"dwcp-bench-key/" + name.encode()).digest())
 
 
+#: The operator whose signed request every benchmark register carries (the ledger checks
+#: it at every replica: the cost of authorization is part of what is measured).
+BENCH_OPERATOR = "bench-ops"
+
+
+def bench_operators() -> Any:
+    from consensus.authz import Operator, OperatorTable, Role
+
+    key = bench_identity("operator/" + BENCH_OPERATOR).public
+    return OperatorTable.of("bench", [Operator(BENCH_OPERATOR, key, Role.OPERATOR)])
+
+
 def names_for(n: int) -> list[str]:
     return [f"n{i:02d}" for i in range(n)]
 
@@ -183,8 +195,9 @@ class BenchCore:
 async def _node_main(args: argparse.Namespace) -> None:
     import trio
 
+    from consensus.authz import authorize
     from consensus.durable import ReplicaLog
-    from consensus.ledger import RegisterVm
+    from consensus.ledger import ImportVm, RegisterVm
     from consensus.pbft.replica import PbftConfig, Replica
     from mesh import wire
     from mesh.runtime.log import JsonLog
@@ -206,7 +219,8 @@ async def _node_main(args: argparse.Namespace) -> None:
         store=store, log=JsonLog(args.name, logfile),
     )
     replica = Replica(args.name, ident, keys, ReplicaLog(store), random.Random(),
-                      PbftConfig(view_timeout=args.view_timeout))
+                      PbftConfig(view_timeout=args.view_timeout), bench_operators())
+    operator = bench_identity("operator/" + BENCH_OPERATOR)
     linked = trio.Event()
     core = BenchCore(replica, PeersUp(len(peers), linked))
     rt.add_core("pbft", core, tags=("pbft",))
@@ -256,8 +270,11 @@ async def _node_main(args: argparse.Namespace) -> None:
                 cmds = []
                 for _ in range(ready):
                     i += 1
-                    cmds.append(wire.encode(RegisterVm(f"vm-{args.name}-{args.run}-{i}",
-                                                       args.name)))
+                    vm = f"vm-{args.name}-{args.run}-{i}"
+                    auth = authorize(operator, "bench", BENCH_OPERATOR,
+                                     ImportVm(vm, args.name, "/bench"), time.time(),
+                                     f"{args.name}-{args.run}-{i:08d}")
+                    cmds.append(wire.encode(RegisterVm(vm, args.name, auth)))
                 await hosted.deliver(_Submit(tuple(cmds)))  # type: ignore[arg-type]
         if core.started:  # let the commands in flight complete
             drained = trio.Event()

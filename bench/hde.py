@@ -47,6 +47,7 @@ from typing import Any
 
 import zstandard
 
+from federation.demo.corpus import ManifestError, load_manifest
 from federation.demo.real_data import memory_regions, snapshot_memory
 from mesh.hde.codec import ChunkPlan, delta_body, encode_chunk
 from mesh.hde.image import FP_SIZE, PAGE_SIZE, UNIFORM_FP, Image, PageSource, open_image
@@ -307,11 +308,6 @@ def cold(
 
 def corpus_images(missing: list[str]) -> dict[str, Any] | None:
     """Paths of the corpus images HDE needs, or None (with the reason in ``missing``)."""
-    try:
-        from bench.corpus import ManifestError, load_manifest
-    except ImportError as exc:
-        missing.append(f"corpus: bench.corpus unavailable ({exc})")
-        return None
     try:
         manifest = load_manifest(check_sizes=False)
     except ManifestError as exc:

@@ -30,11 +30,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.corpus import Manifest, load_manifest
 from bench.corpus.build import ram_dir
 from bench.corpus.guest import QEMU, GuestSpec, RunningGuest, copy_sparse
 from bench.corpus.relay import CountingRelay
 from bench.netns import ADDRESS_B, TbfLink, time_raw_copy
+from federation.demo.corpus import Manifest, load_manifest
 
 # QEMU's default max-bandwidth is 128 MiB/s (MAX_THROTTLE, migration/migration.c);
 # the baseline must not be throttled below what the link carries, so: 1 TiB/s.

@@ -6,8 +6,12 @@
   its :class:`~consensus.pbft.state.ReplicaState` and :class:`~consensus.pbft.outbox.Outbox`;
 - :class:`LedgerClient` (:mod:`consensus.pbft.client`): submit a command, complete on
   f+1 matching replies;
-- :class:`Ledger` (:mod:`consensus.ledger`): VM ownership, migrations, policy
-  (its snapshot bytes built from cached record encodings, :mod:`consensus.ledger_encoding`);
+- :class:`Ledger` (:mod:`consensus.ledger`): VM ownership, migrations, policy, and who
+  may change them (its commands in :mod:`consensus.ledger_commands`, its state and
+  snapshot in :mod:`consensus.ledger_state` with bytes built from cached record
+  encodings, :mod:`consensus.ledger_encoding`, the operator requests it remembers in
+  :mod:`consensus.operator_requests`);
+- operators, roles and their signed requests (:mod:`consensus.authz`);
 - :class:`EvidenceBook`, :func:`check_proof` (:mod:`consensus.evidence`);
 - :class:`ReplicaLog` (:mod:`consensus.durable`): the durable log over a
   :class:`mesh.core.Store` (SQLite in a node, the crash-consistent store in sim);
@@ -19,13 +23,16 @@ from consensus.durable import ReplicaLog
 from consensus.evidence import EquivocationProof, EvidenceBook, check_proof
 from consensus.ledger import (
     AbortMigration,
+    AnnounceRoot,
     BeginMigration,
+    ChangePolicy,
     CommitMigration,
     Ledger,
     LedgerInvariantError,
     LedgerResult,
     RegisterVm,
     SetPolicy,
+    UnregisterVm,
 )
 from consensus.pbft.client import LedgerClient
 from consensus.pbft.replica import PbftConfig, Replica
@@ -39,9 +46,12 @@ __all__ = [
     "LedgerInvariantError",
     "RegisterVm",
     "BeginMigration",
+    "AnnounceRoot",
     "CommitMigration",
     "AbortMigration",
     "SetPolicy",
+    "ChangePolicy",
+    "UnregisterVm",
     "EvidenceBook",
     "EquivocationProof",
     "check_proof",

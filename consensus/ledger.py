@@ -1,186 +1,145 @@
-"""The replicated ledger: who owns each VM, migrations, and the rollout policy.
+"""The replicated ledger: who owns each VM, migrations, the rollout policy — and who may
+change them.
 
 A deterministic state machine. PBFT orders the commands; every replica applies
 them in the same order through :meth:`Ledger.execute` and so holds the same
-state, summarised by :meth:`Ledger.state_digest` in checkpoints.
+state, summarised by :meth:`Ledger.state_digest` in checkpoints. The ledger
+authorizes as well as orders (DESIGN.md, "Operators and authorization"): a
+command comes from a DC (its PBFT request is signed by the DC's key and checked
+before execution), and what a DC may ask for depends on the command
+(:mod:`consensus.ledger_commands`):
 
-Commands (wire messages, submitted by a DC and signed by it):
+- ``RegisterVm(vm, owner, authorization)``: an operator (role ``operator``) asked
+  to import ``vm`` at ``owner``, and ``owner`` submits it. Epoch 0, or one above
+  the epoch of a deleted VM of that name.
+- ``BeginMigration(vm, source, target, epoch, migration_id, authorization)``: an
+  operator asked to move ``vm`` to ``target``; only the source, which owns the VM
+  at exactly ``epoch``, submits it; no other migration of the VM may be in
+  progress. The migration's deadline is ledger time + ``MIGRATION_DEADLINE``.
+- ``AnnounceRoot(migration_id, root)``: only the source, while begun, once.
+- ``CommitMigration(migration_id, root)``: only the target, while begun, and only
+  with the root the source announced; the target becomes the owner, epoch + 1.
+- ``AbortMigration(migration_id, authorization?)``: the source; any DC carrying
+  an operator's cancel; the target only once the deadline has passed (timeout).
+  Ownership stays at the source.
+- ``ChangePolicy(authorization)``: an admin's policy, submitted by any DC.
+- ``UnregisterVm(vm, authorization)``: an operator's delete, by any DC, only with
+  no migration in flight (also how a stuck import is cleaned up).
 
-- ``RegisterVm(vm, owner)``: a new VM owned by ``owner`` at epoch 0. Only the
-  owner may register it.
-- ``BeginMigration(vm, source, target, epoch, migration_id)``: the source must
-  own the VM at exactly ``epoch`` and no other migration may be in progress;
-  submitted by the source or the target.
-- ``CommitMigration(migration_id, root)``: only from BEGUN with that id; the
-  target becomes the owner and the epoch grows by one. Only the target, which
-  verified the tree root, commits.
-- ``AbortMigration(migration_id)``: only from BEGUN; ownership stays at the
-  source (it never left). Source or target.
-- ``SetPolicy(v3_percent, target_dcs, target_vms, kill_switch)``: any member.
+So a DC on its own can neither import, migrate, cancel, change the policy nor
+delete, and a Byzantine DC cannot take a VM it does not own: it can neither
+begin a migration of it nor commit without the owner's announced root.
 
-A command that breaks a rule is *rejected*: the state does not change and the
-result says why. The invariants (one owner per VM, epochs only grow, commit
-only from begun with a matching id) are checked after every command by
-:meth:`check_invariants`; a violation raises :class:`LedgerInvariantError`,
-which is a bug, never a user error.
+Operator requests are checked by every replica in execution: signature, role,
+freshness and replay (:mod:`consensus.authz`, :mod:`consensus.operator_requests`).
+
+**Ledger time** is what freshness and the migration deadline are measured
+against, and it must be the same at every replica. :meth:`Ledger.execute`
+takes it as ``now``: a value every replica was given with the ordered batch
+(the PBFT primary's batch timestamp, checked by the backups, is meant to feed
+it). Without ``now`` (what the replica passes today) the ledger's clock is the
+largest ``created`` of the operator requests it executed: a request is fresh
+when it is at most ``FRESHNESS_WINDOW`` older than that, and a deadline passes
+only as operator requests move the clock. Either way the clock never goes back.
+
+A command that breaks a rule is *refused*: the state does not change and the
+result says why; :attr:`Ledger.refusals` counts refusals by kind. The invariants
+(one owner per VM, epochs only grow, commit only from begun with a matching id)
+are checked after every command by :meth:`check_invariants`; a violation raises
+:class:`LedgerInvariantError`, which is a bug, never a user error.
 
 Exactly-once: the ledger remembers, per client, the results of its last
-``CLIENT_WINDOW`` request ids; a duplicate returns the remembered result
-without executing again, and an id older than the window is refused.
+``CLIENT_WINDOW`` request ids; a duplicate returns the remembered result without
+executing again, and an id older than the window is refused. Operator requests
+are exactly-once by their own request id as well (``request_status``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import heapq
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from consensus.ledger_encoding import SnapshotEncoder
+from consensus.authz import (
+    AuthError,
+    Authorization,
+    Opened,
+    OperatorTable,
+    Role,
+    check_fresh,
+    check_role,
+    open_authorization,
+)
+from consensus.ledger_commands import (
+    CLIENT_WINDOW,
+    COMMAND_TYPES,
+    INTENT_TYPES,
+    AbortMigration,
+    AnnounceRoot,
+    BeginMigration,
+    CancelMigration,
+    ChangePolicy,
+    CommitMigration,
+    DeleteVm,
+    ImportVm,
+    LedgerResult,
+    MigrateVm,
+    MigrationRecord,
+    RegisterVm,
+    RequestRecord,
+    SetPolicy,
+    UnregisterVm,
+    VmRecord,
+    v3_allowed,
+)
+from consensus.ledger_state import LedgerInvariantError, LedgerState, RequestStatus
 from mesh import wire
-from mesh.wire import U64, Bool, Bytes, ListOf, Optional, Struct, Text, field
 
 __all__ = [
     "CLIENT_WINDOW",
+    "MIGRATION_DEADLINE",
     "LedgerInvariantError",
     "RegisterVm",
     "BeginMigration",
+    "AnnounceRoot",
     "CommitMigration",
     "AbortMigration",
+    "ChangePolicy",
+    "UnregisterVm",
+    "ImportVm",
+    "MigrateVm",
+    "CancelMigration",
+    "DeleteVm",
     "SetPolicy",
     "LedgerResult",
+    "MigrationRecord",
+    "VmRecord",
+    "RequestStatus",
     "Ledger",
     "COMMAND_TYPES",
+    "INTENT_TYPES",
     "v3_allowed",
 ]
 
-#: Request ids remembered per client for exactly-once execution. It bounds the
-#: requests one client may have outstanding (PBFT keeps only the last reply per
-#: client, OSDI'99 §4.1, i.e. a window of one; a node pipelines, so we keep
-#: more): 1024 covers the ~150 in flight at 3,000 commits/s and 50 ms latency.
-CLIENT_WINDOW = 1024
-_NAME = Text(64)
-_VM = Text(128)
-_ID = Text(128)
+#: Ledger seconds after its begin from which the target may abort a migration on its
+#: own (the timeout). Ten times the slowest honest ending of a session in
+#: migration-chaos (a fenced source waits PEER_DOWN_GRACE, 30 s, plus its fence slack,
+#: then a view change and LEDGER_RESUBMIT: under 60 s, sim.scenarios.migration_chaos
+#: QUIET): before it, only the source or an operator ends a migration.
+MIGRATION_DEADLINE = 600.0
 
 
-class LedgerInvariantError(AssertionError):
-    """The ledger reached a state its rules forbid: a bug, reported loudly."""
+def _migration(mig: MigrationRecord, *, state: str | None = None, root: bytes | None = None,
+               announced: bytes | None = None) -> MigrationRecord:
+    """``mig`` with some fields replaced (records are frozen and replaced on change)."""
+    return MigrationRecord(
+        mig.migration_id, mig.vm, mig.source, mig.target, mig.epoch,
+        mig.state if state is None else state, mig.root if root is None else root,
+        mig.announced if announced is None else announced, mig.deadline)
 
 
-@wire.message("ledger.register-vm")
-class RegisterVm:
-    vm: str = field(_VM)
-    owner: str = field(_NAME)
-
-
-@wire.message("ledger.begin-migration")
-class BeginMigration:
-    vm: str = field(_VM)
-    source: str = field(_NAME)
-    target: str = field(_NAME)
-    epoch: int = field(U64())
-    migration_id: str = field(_ID)
-
-
-@wire.message("ledger.commit-migration")
-class CommitMigration:
-    migration_id: str = field(_ID)
-    root: bytes = field(Bytes(64))
-
-
-@wire.message("ledger.abort-migration")
-class AbortMigration:
-    migration_id: str = field(_ID)
-
-
-@wire.message("ledger.set-policy")
-class SetPolicy:
-    v3_percent: int = field(U64(100))
-    target_dcs: tuple[str, ...] = field(ListOf(_NAME, 64))
-    target_vms: tuple[str, ...] = field(ListOf(_VM, 4096))
-    kill_switch: bool = field(Bool())
-
-
-COMMAND_TYPES: tuple[type, ...] = (
-    RegisterVm,
-    BeginMigration,
-    CommitMigration,
-    AbortMigration,
-    SetPolicy,
-)
-
-
-@wire.message("ledger.result")
-class LedgerResult:
-    ok: bool = field(Bool())
-    error: str = field(Text(256), default="")
-    epoch: int = field(U64(), default=0)
-
-
-# --------------------------------------------------------------------------- state
-
-
-@wire.struct_type
-class VmRecord:
-    vm: str = field(_VM)
-    owner: str = field(_NAME)
-    epoch: int = field(U64())
-    migration_id: str | None = field(Optional(_ID))
-
-
-@wire.struct_type
-class MigrationRecord:
-    migration_id: str = field(_ID)
-    vm: str = field(_VM)
-    source: str = field(_NAME)
-    target: str = field(_NAME)
-    epoch: int = field(U64())
-    state: str = field(Text(16))  # "begun" | "committed" | "aborted"
-    root: bytes = field(Bytes(64))
-
-
-@wire.struct_type
-class ClientResult:
-    request_id: int = field(U64())
-    result: bytes = field(Bytes(4096))
-
-
-@wire.struct_type
-class ClientRecord:
-    """Ids below ``floor`` are expired; ``results`` holds the executed ids at or above it."""
-
-    client: str = field(_NAME)
-    floor: int = field(U64())
-    results: tuple[ClientResult, ...] = field(ListOf(Struct(ClientResult), CLIENT_WINDOW))
-
-
-#: The item limits of LedgerSnapshot's lists (vms, migrations, clients).
-_SNAPSHOT_LIMITS = (1_000_000, 1_000_000, 64)
-
-
-@wire.message("ledger.snapshot", max_size=wire.ABSOLUTE_MAX_SIZE)
-class LedgerSnapshot:
-    vms: tuple[VmRecord, ...] = field(ListOf(Struct(VmRecord), _SNAPSHOT_LIMITS[0]))
-    migrations: tuple[MigrationRecord, ...] = field(
-        ListOf(Struct(MigrationRecord), _SNAPSHOT_LIMITS[1])
-    )
-    policy: SetPolicy = field(Struct(SetPolicy))
-    clients: tuple[ClientRecord, ...] = field(ListOf(Struct(ClientRecord), _SNAPSHOT_LIMITS[2]))
-
-
-def v3_allowed(policy: SetPolicy, vm: str, source: str, target: str) -> bool:
-    """The rollout decision: never under the kill switch; always for targeted VMs or
-    DCs; otherwise a stable hash of the VM id modulo 100 below the percentage."""
-    if policy.kill_switch:
-        return False
-    if vm in policy.target_vms or source in policy.target_dcs or target in policy.target_dcs:
-        return True
-    bucket = int.from_bytes(hashlib.sha256(vm.encode()).digest()[:8], "big") % 100
-    return bucket < policy.v3_percent
-
-
-def _finished(mig: MigrationRecord, state: str, root: bytes) -> MigrationRecord:
-    return MigrationRecord(mig.migration_id, mig.vm, mig.source, mig.target, mig.epoch, state, root)
+def _vm(rec: VmRecord, migration_id: str | None) -> VmRecord:
+    return VmRecord(rec.vm, rec.owner, rec.epoch, migration_id)
 
 
 #: Encoded results by value: most commands answer the same few results (a
@@ -199,55 +158,32 @@ def _encoded(result: LedgerResult) -> bytes:
     return data
 
 
-_REJECT_DUPLICATE_EXPIRED = wire.encode(
-    LedgerResult(False, "request id is older than the client's exactly-once window")
-)
-
-
-class Ledger:
+class Ledger(LedgerState):
     """The deterministic ledger state machine (see the module docstring)."""
 
-    def __init__(self, members: Iterable[str]) -> None:
-        self.members = tuple(sorted(members))
-        self.vms: dict[str, VmRecord] = {}
-        self.migrations: dict[str, MigrationRecord] = {}
-        self.policy = SetPolicy(0, (), (), False)
-        # client -> (floor, {request_id: result}); ids below floor are expired
-        self._clients: dict[str, tuple[int, dict[int, bytes]]] = {}
-        self._epoch_seen: dict[str, int] = {}
-        # per client, a min-heap of its remembered request ids (evicted smallest first)
-        self._ids: dict[str, list[int]] = {}
+    def __init__(self, members: Iterable[str], operators: OperatorTable | None = None) -> None:
+        super().__init__(members, operators)
+        self._trusted_now = False
         self._touched: list[str] = []
-        self._touched_migrations: list[str] = []
-        self._encoder = SnapshotEncoder(LedgerSnapshot, _SNAPSHOT_LIMITS)
-
-    # ------------------------------------------------------------------ queries
-
-    def owner(self, vm: str) -> str | None:
-        rec = self.vms.get(vm)
-        return rec.owner if rec else None
-
-    def epoch(self, vm: str) -> int | None:
-        rec = self.vms.get(vm)
-        return rec.epoch if rec else None
-
-    def executed_result(self, client: str, request_id: int) -> bytes | None:
-        entry = self._clients.get(client)
-        if entry is None:
-            return None
-        floor, results = entry
-        if request_id < floor:
-            return _REJECT_DUPLICATE_EXPIRED
-        return results.get(request_id)
+        self._touched_requests: list[tuple[str, str]] = []
+        self._touched_deleted: list[str] = []
 
     # ------------------------------------------------------------------ execution
 
-    def execute(self, client: str, request_id: int, command: bytes) -> bytes:
-        """Apply one ordered request exactly once and return its encoded result."""
+    def execute(self, client: str, request_id: int, command: bytes,
+                now: float | None = None) -> bytes:
+        """Apply one ordered request exactly once and return its encoded result.
+
+        ``now``: the ledger time of the batch this request was ordered in, the same at
+        every replica (module docstring); None: the clock follows operator requests."""
         known = self.executed_result(client, request_id)
         if known is not None:
             return known
         self._touched, self._touched_migrations = [], []
+        self._touched_requests, self._touched_deleted = [], []
+        self._trusted_now = now is not None
+        if now is not None:
+            self._advance(now)
         result = _encoded(self._apply(client, command))
         floor, results = self._clients.setdefault(client, (0, {}))
         results[request_id] = result
@@ -264,168 +200,263 @@ class Ledger:
         # every change goes to the snapshot encoder as it happens (see snapshot())
         self._encoder.touched(self.vms, self._touched, self.migrations, self._touched_migrations)
         self._encoder.touched_results(client, results, changed)
+        self._encoder.touched_rest(self.requests.records, self._touched_requests,
+                                   self.deleted, self._touched_deleted)
         return result
+
+    def _advance(self, now: float) -> None:
+        if now > self.clock:
+            self.clock = now
+            self._touched_requests += self.requests.expire(now)
 
     def _apply(self, client: str, command: bytes) -> LedgerResult:
         try:
             cmd = wire.decode(command, expect=COMMAND_TYPES)
         except wire.WireError as exc:
-            return LedgerResult(False, f"malformed command: {exc}"[:256])
+            return self._refuse("rule", f"malformed command: {exc}")
         if isinstance(cmd, RegisterVm):
             return self._register(client, cmd)
         if isinstance(cmd, BeginMigration):
             return self._begin(client, cmd)
+        if isinstance(cmd, AnnounceRoot):
+            return self._announce(client, cmd)
         if isinstance(cmd, CommitMigration):
-            return self._finish(client, cmd.migration_id, cmd.root, commit=True)
+            return self._commit(client, cmd)
         if isinstance(cmd, AbortMigration):
-            return self._finish(client, cmd.migration_id, b"", commit=False)
-        return self._set_policy(client, cmd)
+            return self._abort(client, cmd)
+        if isinstance(cmd, ChangePolicy):
+            return self._change_policy(cmd)
+        return self._unregister(cmd)
+
+    def _refuse(self, kind: str, error: str, epoch: int = 0) -> LedgerResult:
+        self.refusals[kind] = self.refusals.get(kind, 0) + 1
+        return LedgerResult(False, error[:256], epoch)
+
+    # ------------------------------------------------------------------ operator requests
+
+    def _open(self, auth: Authorization, intent: type,
+              **expect: str) -> tuple[Opened, Any] | LedgerResult:
+        """The operator's signed request and its body, which must be an ``intent`` whose
+        fields ``expect`` names say what the command says."""
+        try:
+            opened, body = open_authorization(self.operators, auth)
+        except AuthError as exc:
+            return self._refuse("authorization", f"operator request: {exc}")
+        if not isinstance(body, intent):
+            return self._refuse("authorization", f"operator request: the signed body is "
+                                f"{wire.tag_of(body)}, this command needs {intent.wire_tag}")  # type: ignore[attr-defined]
+        asked = {k: getattr(body, k) for k in expect}
+        if asked != expect:
+            said = ", ".join(f"{k}={v!r}" for k, v in asked.items())
+            here = ", ".join(f"{k}={v!r}" for k, v in expect.items())
+            return self._refuse("authorization", f"the operator asked for {said}, "
+                                f"not {here}")
+        return opened, body
+
+    def _as_operator(self, opened: Opened, intent: Any, need: Role, subject: str,
+                     apply: Callable[[], LedgerResult]) -> LedgerResult:
+        """Replay, freshness, role, then ``apply``; the outcome is remembered under the
+        request id. A replay of the same request returns its first outcome. A request
+        that fails a check of its own (expired, a role too low, the book full) is
+        refused without touching the state: neither recorded nor moving the clock, so
+        that no one below ``need`` can move ledger time."""
+        head = opened.head
+        seen = self.requests.get(head.operator, head.nonce)
+        if seen is not None:
+            if seen.digest == opened.digest:
+                return wire.decode(seen.result, expect=(LedgerResult,))  # type: ignore[no-any-return]
+            return self._refuse("authorization", f"operator request: request id {head.nonce} "
+                                f"of {head.operator!r} was already used by another request")
+        clock = self.clock if self._trusted_now else max(self.clock, head.created)
+        try:
+            check_fresh(head, self.clock, future=self._trusted_now)
+            check_role(opened.operator, need)
+            gone = self.requests.make_room(clock)
+        except AuthError as exc:
+            return self._refuse("authorization", f"operator request: {exc}")
+        self._touched_requests += gone
+        self._advance(clock)  # a fresh request of the right role: its time has come
+        result = apply()
+        rec = RequestRecord(head.operator, head.nonce, head.created, opened.digest,
+                            wire.tag_of(intent), subject[:128], _encoded(result))
+        self._touched_requests.append(self.requests.add(rec))
+        return result
+
+    # ------------------------------------------------------------------ commands
 
     def _register(self, client: str, cmd: RegisterVm) -> LedgerResult:
-        if cmd.owner not in self.members:
-            return LedgerResult(False, f"owner {cmd.owner!r} is not a member")
+        got = self._open(cmd.authorization, ImportVm, vm=cmd.vm, dc=cmd.owner)
+        if isinstance(got, LedgerResult):
+            return got
+        opened, intent = got
         if client != cmd.owner:
-            return LedgerResult(False, "only the owner registers a VM")
-        if cmd.vm in self.vms:
-            return LedgerResult(False, f"VM {cmd.vm!r} is already registered")
-        self.vms[cmd.vm] = VmRecord(cmd.vm, cmd.owner, 0, None)
-        self._touched.append(cmd.vm)
-        return LedgerResult(True, epoch=0)
+            return self._refuse("authorization", f"only {cmd.owner!r}, the DC the operator "
+                                f"named, registers {cmd.vm!r}; not {client!r}")
+
+        def apply() -> LedgerResult:
+            if cmd.owner not in self.members:
+                return self._refuse("rule", f"owner {cmd.owner!r} is not a member")
+            if cmd.vm in self.vms:
+                return self._refuse("rule", f"VM {cmd.vm!r} is already registered")
+            epoch = self.deleted.pop(cmd.vm, -1) + 1
+            if epoch:
+                self._touched_deleted.append(cmd.vm)
+            self.vms[cmd.vm] = VmRecord(cmd.vm, cmd.owner, epoch, None)
+            self._touched.append(cmd.vm)
+            return LedgerResult(True, epoch=epoch)
+
+        return self._as_operator(opened, intent, Role.OPERATOR, cmd.vm, apply)
 
     def _begin(self, client: str, cmd: BeginMigration) -> LedgerResult:
         rec = self.vms.get(cmd.vm)
         if rec is None:
-            return LedgerResult(False, f"VM {cmd.vm!r} is not registered")
-        if client not in (cmd.source, cmd.target):
-            return LedgerResult(False, "only the source or the target begins a migration")
-        if cmd.target not in self.members or cmd.target == cmd.source:
-            return LedgerResult(False, f"target {cmd.target!r} is not another member")
-        if rec.owner != cmd.source:
-            return LedgerResult(False, f"VM {cmd.vm!r} is owned by {rec.owner!r}", rec.epoch)
-        if rec.epoch != cmd.epoch:
-            return LedgerResult(False, f"stale epoch {cmd.epoch}, VM is at {rec.epoch}", rec.epoch)
-        if rec.migration_id is not None:
-            begun = self.migrations[rec.migration_id]
-            if (begun.migration_id, begun.source, begun.target, begun.epoch) == (
-                cmd.migration_id, cmd.source, cmd.target, cmd.epoch
-            ):
-                # The same begin again (a session restored after a crash resubmits it
-                # as a new request): idempotent by migration id, changes nothing.
-                return LedgerResult(True, epoch=rec.epoch)
-            return LedgerResult(False, f"migration {rec.migration_id!r} is in progress", rec.epoch)
-        if cmd.migration_id in self.migrations:
-            return LedgerResult(False, f"migration id {cmd.migration_id!r} was used before")
-        self.migrations[cmd.migration_id] = MigrationRecord(
-            cmd.migration_id, cmd.vm, cmd.source, cmd.target, cmd.epoch, "begun", b""
-        )
-        self.vms[cmd.vm] = VmRecord(rec.vm, rec.owner, rec.epoch, cmd.migration_id)
-        self._touched.append(cmd.vm)
-        self._touched_migrations.append(cmd.migration_id)
-        return LedgerResult(True, epoch=rec.epoch)
+            return self._refuse("rule", f"VM {cmd.vm!r} is not registered")
+        got = self._open(cmd.authorization, MigrateVm, vm=cmd.vm, target=cmd.target)
+        if isinstance(got, LedgerResult):
+            return got
+        opened, intent = got
+        if client != cmd.source or rec.owner != client:
+            return self._refuse("authorization", f"VM {cmd.vm!r} is owned by {rec.owner!r}: "
+                                f"only its owner begins its migration, not {client!r}",
+                                rec.epoch)
 
-    def _finish(self, client: str, mid: str, root: bytes, *, commit: bool) -> LedgerResult:
+        def apply() -> LedgerResult:
+            if cmd.target not in self.members or cmd.target == cmd.source:
+                return self._refuse("rule", f"target {cmd.target!r} is not another member")
+            if rec.epoch != cmd.epoch:
+                return self._refuse("rule", f"stale epoch {cmd.epoch}, VM is at {rec.epoch}",
+                                    rec.epoch)
+            if rec.migration_id is not None:
+                return self._refuse("rule", f"migration {rec.migration_id!r} is in progress",
+                                    rec.epoch)
+            if cmd.migration_id in self.migrations:
+                return self._refuse("rule", f"migration id {cmd.migration_id!r} was used before")
+            self.migrations[cmd.migration_id] = MigrationRecord(
+                cmd.migration_id, cmd.vm, cmd.source, cmd.target, cmd.epoch, "begun", b"",
+                b"", self.clock + MIGRATION_DEADLINE)
+            self.vms[cmd.vm] = _vm(rec, cmd.migration_id)
+            self._touched.append(cmd.vm)
+            self._touched_migrations.append(cmd.migration_id)
+            return LedgerResult(True, epoch=rec.epoch)
+
+        return self._as_operator(opened, intent, Role.OPERATOR, cmd.migration_id, apply)
+
+    def _begun(self, mid: str) -> MigrationRecord | LedgerResult:
         mig = self.migrations.get(mid)
         if mig is None:
-            return LedgerResult(False, f"no migration {mid!r}")
+            return self._refuse("rule", f"no migration {mid!r}")
         if mig.state != "begun":
-            return LedgerResult(False, f"migration {mid!r} is already {mig.state}")
-        allowed = (mig.target,) if commit else (mig.source, mig.target)
-        if client not in allowed:
-            return LedgerResult(False, f"{client!r} may not finish migration {mid!r}")
-        rec = self.vms[mig.vm]
-        if rec.migration_id != mid:
+            return self._refuse("rule", f"migration {mid!r} is already {mig.state}")
+        if self.vms[mig.vm].migration_id != mid:
             raise LedgerInvariantError(f"VM {mig.vm!r} does not point at begun migration {mid!r}")
-        if commit:
-            if not root:
-                return LedgerResult(False, "a commit carries the verified tree root")
-            self.vms[mig.vm] = VmRecord(mig.vm, mig.target, rec.epoch + 1, None)
-            self.migrations[mid] = _finished(mig, "committed", root)
-        else:
-            self.vms[mig.vm] = VmRecord(rec.vm, rec.owner, rec.epoch, None)
-            self.migrations[mid] = _finished(mig, "aborted", b"")
+        return mig
+
+    def _announce(self, client: str, cmd: AnnounceRoot) -> LedgerResult:
+        mig = self._begun(cmd.migration_id)
+        if isinstance(mig, LedgerResult):
+            return mig
+        if client != mig.source:
+            return self._refuse("authorization", f"only {mig.source!r}, the source, announces "
+                                f"the root of migration {mig.migration_id!r}; not {client!r}")
+        if not cmd.root:
+            return self._refuse("rule", "an announcement carries the root")
+        if mig.announced:
+            if mig.announced == cmd.root:
+                return LedgerResult(True, epoch=mig.epoch)  # the same statement again
+            return self._refuse("rule", f"migration {mig.migration_id!r}: the source already "
+                                "announced another root")
+        self.migrations[mig.migration_id] = _migration(mig, announced=cmd.root)
+        self._touched_migrations.append(mig.migration_id)
+        return LedgerResult(True, epoch=mig.epoch)
+
+    def _commit(self, client: str, cmd: CommitMigration) -> LedgerResult:
+        mig = self._begun(cmd.migration_id)
+        if isinstance(mig, LedgerResult):
+            return mig
+        mid = mig.migration_id
+        if client != mig.target:
+            return self._refuse("authorization", f"only {mig.target!r}, the target, commits "
+                                f"migration {mid!r}; not {client!r}")
+        if not mig.announced:
+            return self._refuse("rule", f"migration {mid!r}: the source has not announced "
+                                "the root of its fenced images")
+        if cmd.root != mig.announced:
+            return self._refuse("rule", f"migration {mid!r}: the target's root is not the "
+                                "root the source announced")
+        rec = self.vms[mig.vm]
+        self.vms[mig.vm] = VmRecord(mig.vm, mig.target, rec.epoch + 1, None)
+        self.migrations[mid] = _migration(mig, state="committed", root=cmd.root)
         self._touched.append(mig.vm)
         self._touched_migrations.append(mid)
-        return LedgerResult(True, epoch=self.vms[mig.vm].epoch)
+        return LedgerResult(True, epoch=rec.epoch + 1)
 
-    def _set_policy(self, client: str, cmd: SetPolicy) -> LedgerResult:
-        if client not in self.members:
-            return LedgerResult(False, f"{client!r} is not a member")
-        self.policy = SetPolicy(
-            cmd.v3_percent, tuple(sorted(set(cmd.target_dcs))), tuple(sorted(set(cmd.target_vms))),
-            cmd.kill_switch,
-        )
-        return LedgerResult(True)
+    def _end(self, mig: MigrationRecord) -> LedgerResult:
+        rec = self.vms[mig.vm]
+        self.vms[mig.vm] = _vm(rec, None)
+        self.migrations[mig.migration_id] = _migration(mig, state="aborted", root=b"")
+        self._touched.append(mig.vm)
+        self._touched_migrations.append(mig.migration_id)
+        return LedgerResult(True, epoch=rec.epoch)
 
-    # ------------------------------------------------------------------ invariants
+    def _abort(self, client: str, cmd: AbortMigration) -> LedgerResult:
+        mid = cmd.migration_id
+        if cmd.authorization is not None:
+            if mid not in self.migrations:
+                return self._refuse("rule", f"no migration {mid!r}")
+            got = self._open(cmd.authorization, CancelMigration, migration_id=mid)
+            if isinstance(got, LedgerResult):
+                return got
+            opened, intent = got
 
-    def check_invariants(self, touched: Iterable[str] | None = None) -> None:
-        """One owner per VM (a member), epochs only grow, begun migrations match.
+            def apply() -> LedgerResult:
+                mig = self._begun(mid)
+                return mig if isinstance(mig, LedgerResult) else self._end(mig)
 
-        With ``touched`` (the VMs the last command changed) only those are checked:
-        a command changes nothing else, and a full check per command would make
-        execution quadratic in the number of VMs."""
-        if touched is not None:
-            for vm in touched:
-                self._check_vm(vm, self.vms[vm])
-            for mid in self._touched_migrations:
-                self._check_migration(self.migrations[mid])
-            return
-        for vm, rec in self.vms.items():
-            self._check_vm(vm, rec)
-        for mig in self.migrations.values():
-            self._check_migration(mig)
+            return self._as_operator(opened, intent, Role.OPERATOR, mid, apply)
+        mig = self._begun(mid)
+        if isinstance(mig, LedgerResult):
+            return mig
+        if client == mig.source:
+            return self._end(mig)
+        if client == mig.target:
+            if self.clock >= mig.deadline:
+                return self._end(mig)
+            return self._refuse("authorization", f"the target aborts migration {mid!r} only "
+                                f"by timeout: its deadline is ledger time {mig.deadline:.3f}, "
+                                f"now {self.clock:.3f}")
+        return self._refuse("authorization", f"{client!r} is neither the source nor the "
+                            f"target of migration {mid!r}; cancelling it takes an operator")
 
-    def _check_migration(self, mig: MigrationRecord) -> None:
-        if mig.state == "begun" and self.vms[mig.vm].migration_id != mig.migration_id:
-            raise LedgerInvariantError(f"begun migration {mig.migration_id!r} is orphaned")
+    def _change_policy(self, cmd: ChangePolicy) -> LedgerResult:
+        got = self._open(cmd.authorization, SetPolicy)
+        if isinstance(got, LedgerResult):
+            return got
+        opened, policy = got
 
-    def _check_vm(self, vm: str, rec: VmRecord) -> None:
-        if rec.owner not in self.members:
-            raise LedgerInvariantError(f"VM {vm!r} owned by non-member {rec.owner!r}")
-        if rec.epoch < self._epoch_seen.get(vm, 0):
-            raise LedgerInvariantError(f"epoch of VM {vm!r} went backwards")
-        self._epoch_seen[vm] = rec.epoch
-        if rec.migration_id is not None:
-            mig = self.migrations.get(rec.migration_id)
-            if mig is None or mig.state != "begun" or mig.vm != vm or mig.source != rec.owner:
-                raise LedgerInvariantError(f"VM {vm!r} points at a migration not begun by it")
+        def apply() -> LedgerResult:
+            self.policy = SetPolicy(policy.v3_percent, tuple(sorted(set(policy.target_dcs))),
+                                    tuple(sorted(set(policy.target_vms))), policy.kill_switch)
+            return LedgerResult(True)
 
-    # ------------------------------------------------------------------ snapshots
+        return self._as_operator(opened, policy, Role.ADMIN, "policy", apply)
 
-    def snapshot(self) -> bytes:
-        """The canonical bytes of the whole state (sorted, so replicas agree byte for byte):
-        ``wire.encode`` of :meth:`snapshot_message`, from cached record encodings."""
-        return self._encoder.encode(self.vms, self.migrations, self.policy, self._clients,
-                                    touched=True)
+    def _unregister(self, cmd: UnregisterVm) -> LedgerResult:
+        got = self._open(cmd.authorization, DeleteVm, vm=cmd.vm)
+        if isinstance(got, LedgerResult):
+            return got
+        opened, intent = got
 
-    def snapshot_message(self) -> LedgerSnapshot:
-        """The whole state as one wire message (what :meth:`snapshot` encodes)."""
-        clients = tuple(
-            ClientRecord(c, floor, tuple(ClientResult(rid, res[rid]) for rid in sorted(res)))
-            for c, (floor, res) in sorted(self._clients.items())
-        )
-        snap = LedgerSnapshot(
-            tuple(self.vms[v] for v in sorted(self.vms)),
-            tuple(self.migrations[m] for m in sorted(self.migrations)),
-            self.policy,
-            clients,
-        )
-        return snap
+        def apply() -> LedgerResult:
+            rec = self.vms.get(cmd.vm)
+            if rec is None:
+                return self._refuse("rule", f"VM {cmd.vm!r} is not registered")
+            if rec.migration_id is not None:
+                return self._refuse("rule", f"VM {cmd.vm!r} is migrating "
+                                    f"({rec.migration_id}); cancel it first", rec.epoch)
+            del self.vms[cmd.vm]
+            self.deleted[cmd.vm] = rec.epoch
+            self._touched.append(cmd.vm)
+            self._touched_deleted.append(cmd.vm)
+            return LedgerResult(True, epoch=rec.epoch)
 
-    def state_digest(self) -> bytes:
-        return hashlib.sha256(self.snapshot()).digest()
-
-    @classmethod
-    def restore(cls, members: Iterable[str], data: bytes) -> Ledger:
-        """Rebuild from :meth:`snapshot` bytes; raises ``wire.WireError`` or
-        :class:`LedgerInvariantError` for bytes that are not a valid state."""
-        snap = wire.decode(data, expect=(LedgerSnapshot,))
-        ledger = cls(members)
-        ledger.vms = {r.vm: r for r in snap.vms}
-        ledger.migrations = {m.migration_id: m for m in snap.migrations}
-        ledger.policy = snap.policy
-        for rec in snap.clients:
-            ledger._clients[rec.client] = (rec.floor, {r.request_id: r.result for r in rec.results})
-            ledger._ids[rec.client] = sorted(r.request_id for r in rec.results)
-        ledger.check_invariants()
-        return ledger
+        return self._as_operator(opened, intent, Role.OPERATOR, cmd.vm, apply)

@@ -15,6 +15,7 @@ The bytes are exactly ``wire.encode(LedgerSnapshot(...))`` of the same state
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
@@ -114,20 +115,23 @@ class _Cache:
 
 
 class SnapshotEncoder:
-    """Builds ``wire.encode(LedgerSnapshot(vms, migrations, policy, clients))`` of a
-    ledger's state without re-encoding the records that did not change."""
+    """Builds ``wire.encode(LedgerSnapshot(vms, migrations, policy, clients, clock,
+    requests, deleted))`` of a ledger's state without re-encoding the records that did
+    not change."""
 
-    def __init__(self, snapshot_cls: type, limits: tuple[int, int, int]) -> None:
+    def __init__(self, snapshot_cls: type, limits: tuple[int, int, int, int, int]) -> None:
         self._prefix = (
             cbor_head(4, 3) + cbor2.dumps(wire.PROTOCOL_VERSION)
             + cbor2.dumps(snapshot_cls.wire_tag)  # type: ignore[attr-defined]
-            + cbor_head(4, 4)
+            + cbor_head(4, 7)
         )
         self._max_size: int = snapshot_cls.wire_max_size  # type: ignore[attr-defined]
         self._limits = limits
         self._vms = _Cache(_record)
         self._migrations = _Cache(_record)
         self._results: dict[str, _Cache] = {}
+        self._requests = _Cache(_record)
+        self._deleted = _Cache(_deleted)
 
     def touched(self, vms: Mapping[str, Any], vm_keys: Iterable[str],
                 migrations: Mapping[str, Any], migration_keys: Iterable[str]) -> None:
@@ -145,19 +149,33 @@ class SnapshotEncoder:
             for rid in request_ids:
                 cache.touch(results, rid)
 
+    def touched_rest(self, requests: Mapping[Any, Any], request_keys: Iterable[Any],
+                     deleted: Mapping[str, int], deleted_keys: Iterable[str]) -> None:
+        """These operator-request records and deleted VMs were just set or removed."""
+        for key in request_keys:
+            self._requests.touch(requests, key)
+        for vm in deleted_keys:
+            self._deleted.touch(deleted, vm)
+
     def encode(
         self,
         vms: Mapping[str, Any],
         migrations: Mapping[str, Any],
         policy: Any,
         clients: Mapping[str, tuple[int, Mapping[int, bytes]]],
+        clock: float,
+        requests: Mapping[Any, Any],
+        deleted: Mapping[str, int],
         touched: bool = False,
     ) -> bytes:
         """``touched``: every change since the last call was reported through
-        :meth:`touched` and :meth:`touched_results` (else every record is checked)."""
-        max_vms, max_migrations, max_clients = self._limits
-        if len(vms) > max_vms or len(migrations) > max_migrations or len(clients) > max_clients:
+        :meth:`touched`, :meth:`touched_results` and :meth:`touched_rest` (else every
+        record is checked)."""
+        sizes = (len(vms), len(migrations), len(clients), len(requests), len(deleted))
+        if any(n > limit for n, limit in zip(sizes, self._limits, strict=True)):
             raise wire.WireError("ledger.snapshot: more records than a snapshot may hold")
+        if type(clock) is not float or not math.isfinite(clock):
+            raise wire.WireError(f"ledger.snapshot: clock {clock!r} is not a finite float")
         parts = [
             self._prefix,
             self._vms.array(vms, touched),
@@ -170,6 +188,8 @@ class SnapshotEncoder:
             cache = self._results.setdefault(client, _Cache(_result))
             parts.append(cbor_head(4, 3) + cbor2.dumps(client) + cbor2.dumps(floor))
             parts.append(cache.array(results, touched))
+        parts += [cbor2.dumps(clock, canonical=True), self._requests.array(requests, touched),
+                  self._deleted.array(deleted, touched)]
         data = b"".join(parts)
         if len(data) > self._max_size:
             raise wire.WireError(
@@ -180,6 +200,13 @@ class SnapshotEncoder:
 
 def _record(key: Any, record: Any) -> bytes:
     return _fields(record)
+
+
+def _deleted(vm: str, epoch: int) -> bytes:
+    """A ``DeletedVm(vm, epoch)``, with the limits of its fields."""
+    if type(vm) is not str or len(vm) > 128 or type(epoch) is not int or not 0 <= epoch < 2**64:
+        raise wire.WireError(f"ledger.snapshot: deleted VM {vm!r} is out of range")
+    return cbor2.dumps([vm, epoch], canonical=True)
 
 
 def _result(request_id: int, result: bytes) -> bytes:

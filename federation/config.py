@@ -17,6 +17,11 @@
     data = "127.0.0.1:7201"        # AMST bulk listener
     api = "127.0.0.1:7301"         # HTTP API and dashboard
 
+    [[operators]]                  # people: their keys sign every state-changing request
+    name = "alice"
+    public_key = "ed25519:..."     # made with 'dwcp keygen --operator'; never a DC's key
+    role = "admin"                 # viewer < operator < admin
+
 Every error names the file and the field (``federation.toml: dc[2].control:
 ...``). Unknown options are errors, not silently ignored: a typo in a
 threshold must not leave a default in force.
@@ -33,10 +38,12 @@ from typing import Any
 
 import attrs
 
+from consensus.authz import Operator, OperatorTable, Role, parse_role
 from mesh.identity import IdentityError, PublicKey, parse_public_key
 from mesh.links.modes import ModeLimits
 
-__all__ = ["ConfigError", "Endpoint", "DCConfig", "ModeThresholds", "Federation", "load", "loads"]
+__all__ = ["ConfigError", "Endpoint", "DCConfig", "ModeThresholds", "Federation", "Operator",
+           "Role", "load", "loads"]
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -75,10 +82,16 @@ class Federation:
     versions: tuple[int, ...] = (1, 3)
     modes: ModeThresholds = ModeThresholds()
     source: str = "<memory>"
+    #: the people who may sign requests (consensus.authz); none: no state can change
+    operators: tuple[Operator, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(dc.name for dc in self.dcs)
+
+    def operator_table(self) -> OperatorTable:
+        """The operators as every replica's ledger checks them."""
+        return OperatorTable.of(self.id, self.operators)
 
     def dc(self, name: str) -> DCConfig:
         for dc in self.dcs:
@@ -93,9 +106,10 @@ class Federation:
 # --------------------------------------------------------------------------- parsing
 
 _SUPPORTED_VERSIONS = (1, 3)
-_TOP_KEYS = {"federation", "modes", "dc"}
+_TOP_KEYS = {"federation", "modes", "dc", "operators"}
 _FED_KEYS = {"id", "versions"}
 _DC_KEYS = {"name", "public_key", "control", "data", "api", "region"}
+_OPERATOR_KEYS = {"name", "public_key", "role"}
 
 
 def _fail(source: str, where: str, why: str) -> ConfigError:
@@ -121,6 +135,38 @@ def _str(source: str, where: str, value: Any) -> str:
     if not isinstance(value, str):
         raise _fail(source, where, f"expected a string, got {value!r}")
     return value
+
+
+def _entry(source: str, where: str, raw: Any, allowed: set[str],
+           required: tuple[str, ...]) -> dict[str, Any]:
+    """One ``[[dc]]`` or ``[[operators]]`` table: no unknown option, none missing."""
+    entry = _table(source, where, raw)
+    _unknown(source, where, entry, allowed)
+    for name in required:
+        if name not in entry:
+            raise _fail(source, f"{where}.{name}", "missing")
+    return entry
+
+
+def _unique_name(source: str, where: str, entry: dict[str, Any], seen: dict[str, int],
+                 what: str) -> str:
+    """``entry``'s name: a valid name not used by an earlier table of ``what``."""
+    name = _str(source, f"{where}.name", entry["name"])
+    if not _NAME_RE.match(name):
+        raise _fail(source, f"{where}.name", f"{name!r} must be 1-63 of a-z, 0-9, '-'")
+    if name in seen:
+        kind = "DC" if what == "dc" else "operator"
+        raise _fail(source, f"{where}.name",
+                    f"duplicate {kind} name {name!r} (also {what}[{seen[name]}])")
+    seen[name] = len(seen)
+    return name
+
+
+def _public_key(source: str, where: str, entry: dict[str, Any]) -> PublicKey:
+    try:
+        return parse_public_key(_str(source, f"{where}.public_key", entry["public_key"]))
+    except IdentityError as exc:
+        raise _fail(source, f"{where}.public_key", str(exc)) from None
 
 
 def parse_endpoint(source: str, where: str, value: Any) -> Endpoint:
@@ -215,23 +261,10 @@ def loads(text: str, source: str = "<string>") -> Federation:
     seen_keys: dict[bytes, str] = {}
     for i, raw in enumerate(raw_dcs):
         where = f"dc[{i}]"
-        entry = _table(source, where, raw)
-        _unknown(source, where, entry, _DC_KEYS)
-        for required in ("name", "public_key", "control", "data", "api"):
-            if required not in entry:
-                raise _fail(source, f"{where}.{required}", "missing")
-        name = _str(source, f"{where}.name", entry["name"])
-        if not _NAME_RE.match(name):
-            raise _fail(source, f"{where}.name", f"{name!r} must be 1-63 of a-z, 0-9, '-'")
-        if name in seen_names:
-            raise _fail(
-                source, f"{where}.name", f"duplicate DC name {name!r} (also dc[{seen_names[name]}])"
-            )
-        seen_names[name] = i
-        try:
-            key = parse_public_key(_str(source, f"{where}.public_key", entry["public_key"]))
-        except IdentityError as exc:
-            raise _fail(source, f"{where}.public_key", str(exc)) from None
+        entry = _entry(source, where, raw, _DC_KEYS, ("name", "public_key", "control", "data",
+                                                         "api"))
+        name = _unique_name(source, where, entry, seen_names, "dc")
+        key = _public_key(source, where, entry)
         if key.raw in seen_keys:
             raise _fail(source, f"{where}.public_key", f"same key as DC {seen_keys[key.raw]!r}")
         seen_keys[key.raw] = name
@@ -249,7 +282,37 @@ def loads(text: str, source: str = "<string>") -> Federation:
         dcs.append(
             DCConfig(name, key, endpoints["control"], endpoints["data"], endpoints["api"], region)
         )
-    return Federation(fed_id, tuple(dcs), tuple(sorted(set(versions))), modes, source)
+    operators = _operators(source, doc.get("operators", []), seen_keys)
+    return Federation(fed_id, tuple(dcs), tuple(sorted(set(versions))), modes, source,
+                      operators)
+
+
+def _operators(source: str, raw: Any, dc_keys: dict[bytes, str]) -> tuple[Operator, ...]:
+    """The ``[[operators]]`` tables; a key may belong to one party only (a DC holding an
+    operator's key could act alone, which is what operators are there to prevent)."""
+    if not isinstance(raw, list):
+        raise _fail(source, "operators", "expected [[operators]] tables")
+    out: list[Operator] = []
+    seen: dict[str, int] = {}
+    keys: dict[bytes, str] = {}
+    for i, item in enumerate(raw):
+        where = f"operators[{i}]"
+        entry = _entry(source, where, item, _OPERATOR_KEYS, ("name", "public_key", "role"))
+        name = _unique_name(source, where, entry, seen, "operators")
+        key = _public_key(source, where, entry)
+        if key.raw in dc_keys:
+            raise _fail(source, f"{where}.public_key",
+                        f"is DC {dc_keys[key.raw]!r}'s key; an operator has a key of its own "
+                        "('dwcp keygen --operator')")
+        if key.raw in keys:
+            raise _fail(source, f"{where}.public_key", f"same key as operator {keys[key.raw]!r}")
+        keys[key.raw] = name
+        try:
+            role = parse_role(_str(source, f"{where}.role", entry["role"]))
+        except ValueError as exc:
+            raise _fail(source, f"{where}.role", str(exc)) from None
+        out.append(Operator(name, key, role))
+    return tuple(out)
 
 
 def load(path: str | Path) -> Federation:
@@ -263,7 +326,8 @@ def load(path: str | Path) -> Federation:
     return loads(text, str(path))
 
 
-def render(fed_id: str, dcs: list[dict[str, str]], modes: ModeThresholds | None = None) -> str:
+def render(fed_id: str, dcs: list[dict[str, str]], modes: ModeThresholds | None = None,
+           operators: list[dict[str, str]] | None = None) -> str:
     """Write a federation file (used by ``dwcp federation init`` and the demo)."""
     lines = ["[federation]", f'id = "{fed_id}"', "versions = [1, 3]", ""]
     if modes is not None:
@@ -276,5 +340,10 @@ def render(fed_id: str, dcs: list[dict[str, str]], modes: ModeThresholds | None 
         for k in ("name", "public_key", "control", "data", "api", "region"):
             if k in dc:
                 lines.append(f'{k} = "{dc[k]}"')
+        lines.append("")
+    for op in operators or []:
+        lines.append("[[operators]]")
+        for k in ("name", "public_key", "role"):
+            lines.append(f'{k} = "{op[k]}"')
         lines.append("")
     return "\n".join(lines)

@@ -108,9 +108,11 @@ def parse_public_key(text: str) -> PublicKey:
 
 
 def write_key_file(
-    path: str | os.PathLike[str], identity: Identity, *, overwrite: bool = False
+    path: str | os.PathLike[str], identity: Identity, *, overwrite: bool = False,
+    prefix: str = SECRET_PREFIX,
 ) -> None:
-    """Write the key with mode 0600 from the start (never briefly readable by others)."""
+    """Write the key with mode 0600 from the start (never briefly readable by others).
+    ``prefix`` names the kind of key (an operator's key has its own, federation.api.auth)."""
     path = Path(path)
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
     try:
@@ -119,12 +121,12 @@ def write_key_file(
         raise IdentityError(f"{path}: already exists; refusing to overwrite a key") from None
     with os.fdopen(fd, "w") as f:
         os.fchmod(f.fileno(), 0o600)
-        f.write(SECRET_PREFIX + base64.b64encode(identity.seed).decode("ascii") + "\n")
+        f.write(prefix + base64.b64encode(identity.seed).decode("ascii") + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def load_key_file(path: str | os.PathLike[str]) -> Identity:
+def load_key_file(path: str | os.PathLike[str], *, prefix: str = SECRET_PREFIX) -> Identity:
     path = Path(path)
     try:
         st = path.stat()
@@ -138,10 +140,10 @@ def load_key_file(path: str | os.PathLike[str]) -> Identity:
             f"accessible by group or others (run 'chmod 600 {path}')"
         )
     text = path.read_text(encoding="ascii", errors="replace").strip()
-    if not text.startswith(SECRET_PREFIX):
-        raise IdentityError(f"{path}: not a DWCP key file (expected '{SECRET_PREFIX}...')")
+    if not text.startswith(prefix):
+        raise IdentityError(f"{path}: not a DWCP key file (expected '{prefix}...')")
     try:
-        seed = base64.b64decode(text[len(SECRET_PREFIX) :], validate=True)
+        seed = base64.b64decode(text[len(prefix) :], validate=True)
     except (binascii.Error, ValueError) as exc:
         raise IdentityError(f"{path}: key is not valid base64: {exc}") from exc
     if len(seed) != 32:

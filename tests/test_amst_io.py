@@ -4,10 +4,8 @@ corrupted chunk, a transfer cut and resumed, and the window bounding memory."""
 from __future__ import annotations
 
 import functools
-import os
 import socket
 import struct
-from pathlib import Path
 
 import pytest
 import trio
@@ -18,27 +16,10 @@ from mesh.amst.sender import AmstSender
 from mesh.runtime.amst_stream import Link
 from mesh.runtime.amst_transfer import AmstServer, TransferCut, send_transfer
 from tests.harness.channels import channels
+from tests.harness.data import MiB, chunked, real_bytes
+from tests.harness.waiting import wait_until
 
-MiB = 1024 * 1024
 TRANSFER = b"loopback-test-01"
-
-
-@functools.cache
-def real_bytes(size: int) -> bytes:
-    """Real data, not random bytes: the machine's shared libraries (then the Python
-    standard library's sources), in a fixed order."""
-    out = bytearray()
-    libs = sorted(Path("/usr/lib/x86_64-linux-gnu").glob("*.so*"))
-    for path in libs + sorted(Path(os.__file__).parent.rglob("*.py")):
-        if path.is_file() and not path.is_symlink():
-            out += path.read_bytes()
-        if len(out) >= size:
-            return bytes(out[:size])
-    raise AssertionError(f"found only {len(out)} bytes of real data")
-
-
-def chunked(data: bytes, size: int = MiB) -> list[tuple[int, bytes]]:
-    return [(i, data[o : o + size]) for i, o in enumerate(range(0, len(data), size))]
 
 
 def reset(sock: trio.SocketStream) -> None:
@@ -98,12 +79,10 @@ async def test_stream_killed_mid_transfer_is_recovered_exactly_once() -> None:
             rx.gate = gate
 
     async def kill_a_stream_when_the_window_is_full() -> None:
-        # (polling a test condition; nothing here stands in for work)
-        while core.room() > MiB or len(core.up_streams()) < 2:  # (no room for 1 more)
-            await trio.sleep(0.005)
+        await wait_until(lambda: core.room() <= MiB and len(core.up_streams()) >= 2,
+                         "the window full (no room for one more chunk) on two streams")
         reset(rx.dialled[0])  # a stream dies holding chunks nobody acknowledged
-        while core.resent == 0:
-            await trio.sleep(0.005)
+        await wait_until(lambda: core.resent > 0, "the dead stream's chunks re-sent")
         gate.set()
 
     rx.on_chunk = hold

@@ -18,8 +18,9 @@ import trio
 from federation.dataplane.v3_source import V3RoundSender
 from federation.migration.vocabulary import CANCEL_REASON, Phase, SendRound
 from federation.node.assembly import Node
+from tests.harness.api import call
 from tests.harness.node import make_federation, real_vm, running_nodes, wait_outcome, wait_vm
-from tests.test_node_api import call
+from tests.harness.waiting import wait_until
 
 _MAIN = "import sys; from federation.cli.main import main; sys.exit(main())"
 
@@ -32,12 +33,6 @@ async def dwcp(*args: str) -> tuple[int, str, str]:
 
 def api(node: Node) -> str:
     return f"http://{node.api_host}:{node.api_port}"
-
-
-async def until(what: str, check: Any, timeout: float = 20) -> None:
-    with trio.fail_after(timeout):
-        while not check():
-            await trio.sleep(0.02)
 
 
 async def import_web(node: Node, tmp_path: Path) -> None:
@@ -66,9 +61,14 @@ def test_cancel_while_the_target_never_answers_forwarded_from_another_dc(
                 [sys.executable, "-c", _MAIN, "migrate", "web", "--to", "dc2", "--api",
                  api(dc1)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
-                await until("the begin", lambda: any(
-                    m.state == "begun" for m in dc1.need_core().replica.ledger.migrations.values()))
-                await trio.sleep(0.3)  # at least one poll of dwcp migrate
+                await wait_until(lambda: any(
+                    m.state == "begun" for m in dc1.need_core().replica.ledger.migrations.values()),
+                    "the begin", 20)
+                assert proc.stderr is not None  # dwcp migrate prints a line at every poll
+                with trio.fail_after(20):
+                    first = await trio.to_thread.run_sync(proc.stderr.readline,
+                                                          abandon_on_cancel=True)
+                assert " round " in first, first  # it has polled the migration once
                 proc.send_signal(signal.SIGINT)
                 _, err = await trio.to_thread.run_sync(proc.communicate, None, 20)
             finally:
@@ -77,7 +77,7 @@ def test_cancel_while_the_target_never_answers_forwarded_from_another_dc(
             (mid,) = dc1.need_core().sessions
             assert proc.returncode == 130
             assert f"migration {mid} goes on at the node; `dwcp cancel {mid}` aborts it" in err
-            await until("dc3 knows the begin", lambda: ledgers_agree(nodes, mid, "begun"))
+            await wait_until(lambda: ledgers_agree(nodes, mid, "begun"), "dc3 knows the begin", 20)
             assert dc1.need_core().sessions[mid].phase is Phase.BEGUN
 
             code, doc = await call(dc3, "POST", f"/api/migrations/{mid}/cancel", {})
@@ -85,7 +85,8 @@ def test_cancel_while_the_target_never_answers_forwarded_from_another_dc(
             assert doc["role"] == "source" and doc["phase"] == "aborting"
             assert doc["reason"] == CANCEL_REASON
             assert await wait_outcome(dc1, mid) == "aborted: cancelled by operator"
-            await until("every ledger aborted", lambda: ledgers_agree(nodes, mid, "aborted"))
+            await wait_until(lambda: ledgers_agree(nodes, mid, "aborted"),
+                             "every ledger aborted", 20)
             await wait_vm(dc1, "web", "running")
             assert dc1.need_core().replica.ledger.owner("web") == "dc1"
             assert dc1.need_core().replica.ledger.epoch("web") == 0
@@ -102,7 +103,8 @@ def test_cancel_while_the_target_never_answers_forwarded_from_another_dc(
 
             # the source goes away: a forwarded cancel says it cannot reach it
             dc1.shutdown()
-            await until("dc1's API is closed", lambda: dc3.runtime.links.get("dc1") is None)
+            await wait_until(lambda: dc3.runtime.links.get("dc1") is None,
+                             "dc1's link down at dc3", 20)
             code, doc = await call(dc3, "POST", f"/api/migrations/{mid}/cancel", {})
             assert code == 502 and doc["error"].startswith(
                 f"cannot reach dc1, the source of migration {mid!r}, at ")
@@ -123,7 +125,15 @@ def test_dwcp_cancel_stops_dwcp_migrate_then_a_finished_one_is_refused(
             dc1, dc4 = nodes["dc1"], nodes["dc4"]
             await import_web(dc1, tmp_path)
             held: list[SendRound] = []
-            dc1._start_round = held.append  # type: ignore[method-assign,assignment]
+            submit = dc1.rounds.submit
+
+            def hold_rounds(action: object) -> None:  # the session's SendRound waits here
+                if isinstance(action, SendRound):
+                    held.append(action)
+                else:
+                    submit(action)
+
+            dc1.rounds.submit = hold_rounds  # type: ignore[method-assign]
             async with trio.open_nursery() as nursery:
                 migrate: dict[str, Any] = {}
 
@@ -132,7 +142,7 @@ def test_dwcp_cancel_stops_dwcp_migrate_then_a_finished_one_is_refused(
                                                    "--api", api(dc1))
 
                 nursery.start_soon(run_migrate)
-                await until("round 1 is asked for", lambda: bool(held))
+                await wait_until(lambda: bool(held), "round 1 is asked for", 20)
                 mid = held[0].migration_id
                 assert dc1.need_core().sessions[mid].phase is Phase.PRECOPY
                 await wait_vm(dc4, "web", "incoming")
@@ -146,9 +156,10 @@ def test_dwcp_cancel_stops_dwcp_migrate_then_a_finished_one_is_refused(
                 f"dwcp migrate: migration {mid} aborted: cancelled by operator")
             await wait_vm(dc1, "web", "running")
             await wait_vm(dc4, "web", "retired")
-            await until("every ledger aborted", lambda: ledgers_agree(nodes, mid, "aborted"))
+            await wait_until(lambda: ledgers_agree(nodes, mid, "aborted"),
+                             "every ledger aborted", 20)
 
-            del dc1._start_round  # rounds run again
+            del dc1.rounds.submit  # rounds run again
             code, doc = await call(dc1, "POST", "/api/migrations", {"vm": "web", "to": "dc4"})
             assert code == 202
             done = doc["id"]
@@ -197,9 +208,10 @@ def test_cancel_during_a_v3_round_waits_for_its_worker_thread(tmp_path: Path,
             assert code == 202, doc
             assert await wait_outcome(dc1, mid) == "aborted: cancelled by operator"
             await wait_vm(dc1, "web", "running")
-            assert mid in dc1.v3.sources, "dropped while its round's thread still runs"
+            assert mid in dc1.v3.sender.sources, "dropped while its round's thread still runs"
             release.set()
-            await until("the round's state is dropped", lambda: mid not in dc1.v3.sources)
+            await wait_until(lambda: mid not in dc1.v3.sender.sources,
+                             "the round's state is dropped", 20)
             assert (await call(dc1, "GET", "/health"))[0] == 200
             code, doc = await call(dc1, "POST", "/api/migrations", {"vm": "web", "to": "dc3"})
             assert code == 202

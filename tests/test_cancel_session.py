@@ -1,6 +1,6 @@
 """An operator's cancel in the sans-I/O source session: every phase, the restore of a
 cancel made before the begin landed, and random interleavings with cancels (the
-migration world of tests/test_migration_world.py checks safety after every step)."""
+migration world of tests/harness/migration_world.py checks safety after every step)."""
 
 from __future__ import annotations
 
@@ -35,15 +35,15 @@ from federation.migration.vocabulary import (
     record_key,
 )
 from mesh.core import Notify, Persist, Received, Send
-from tests.test_migration_stateful import MigrationMachine
-from tests.test_migration_world import MID, SRC, TGT
+from tests.harness.ledger import AUTH
+from tests.harness.migration_world import MID, SRC, TGT, MigrationMachine, World
 
 LAYOUT = (("memory", 1000), ("disk-0", 500))
 
 
 def session() -> SourceSession:
     return SourceSession.plan("dc1", "m1", "vm1", "dc2", 3, LAYOUT, PrecopyLimits(5, 0.5),
-                              SetPolicy(100, (), (), False), (1, 3), (1, 3))
+                              SetPolicy(100, (), (), False), (1, 3), (1, 3), AUTH)
 
 
 def of(actions: list[Any], cls: type) -> list[Any]:
@@ -124,7 +124,7 @@ def test_a_cancel_before_the_begin_survives_a_restart(ledger: str | None) -> Non
     assert isinstance(rebuilt, SourceSession)
     if ledger is None:  # the begin is submitted again; the wish is acted on when it lands
         assert [a.command for a in of(actions, SubmitLedger)] == [
-            BeginMigration("vm1", "dc1", "dc2", 3, "m1")]
+            BeginMigration("vm1", "dc1", "dc2", 3, "m1", AUTH)]
         actions = rebuilt.handle(1.1, LedgerBegun("m1", 3))
     if ledger != "aborted":
         assert [a.command for a in of(actions, SubmitLedger)] == [AbortMigration("m1")]
@@ -149,7 +149,7 @@ def test_cancel_is_refused_with_a_reason_once_decided(end: str) -> None:
     s = session()
     if end == "refused":
         s.start(0.0)
-        s.handle(0.1, LedgerRefused(BeginMigration("vm1", "dc1", "dc2", 3, "m1"), "stale"))
+        s.handle(0.1, LedgerRefused(BeginMigration("vm1", "dc1", "dc2", 3, "m1", AUTH), "stale"))
     else:
         to_phase(s, Phase.PRECOPY)
         if end == "committed":
@@ -213,8 +213,6 @@ TestCancelInterleavings = CancelMachine.TestCase
 
 
 def test_world_cancel_in_precopy_ends_with_the_vm_at_its_source() -> None:
-    from tests.test_migration_world import World
-
     w = World(SetPolicy(100, (), (), False))
     for _ in range(200):
         s = w.sessions[SRC]
@@ -236,8 +234,6 @@ def test_world_an_offer_that_arrives_after_the_abort_is_prepared_then_discarded(
     """The source cancels while its offer is on the way; the abort is decided before
     the offer reaches the target, which has not heard of the abort yet: it prepares
     (it cannot know better), and discards when the abort reaches it."""
-    from tests.test_migration_world import World
-
     w = World(SetPolicy(0, (), (), False))
     for _ in range(200):
         if any(type(m).__name__ == "MigrationOffer" for _, _, m in w.net):

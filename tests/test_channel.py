@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,63 +16,7 @@ from mesh.channel import (
     SecureChannel,
     frame,
 )
-
-KEYS = {
-    name: identity.Identity.from_seed(bytes([i + 1]) * 32) for i, name in enumerate(["a", "b", "c"])
-}
-PEERS = {name: ident.public for name, ident in KEYS.items()}
-
-
-def seeded(seed: int):  # deterministic ephemeral keys and nonces, so recordings replay
-    rng = random.Random(seed)
-    return lambda n: rng.randbytes(n)
-
-
-def pair(
-    seed: int = 1,
-    *,
-    fed_a: str = "fed",
-    fed_b: str = "fed",
-    versions_a: tuple[int, ...] = (1, 3),
-    versions_b: tuple[int, ...] = (1, 3),
-    peers_b: dict | None = None,
-    ident_a: identity.Identity | None = None,
-) -> tuple[SecureChannel, SecureChannel]:
-    a = SecureChannel(
-        identity=ident_a or KEYS["a"],
-        name="a",
-        federation=fed_a,
-        peers=PEERS,
-        versions=versions_a,
-        initiator=True,
-        peer="b",
-        random_bytes=seeded(seed),
-    )
-    b = SecureChannel(
-        identity=KEYS["b"],
-        name="b",
-        federation=fed_b,
-        peers=peers_b or PEERS,
-        versions=versions_b,
-        initiator=False,
-        random_bytes=seeded(seed + 1000),
-    )
-    return a, b
-
-
-def handshake(a: SecureChannel, b: SecureChannel, mutate=None) -> tuple[list, list]:
-    """Run the handshake, passing every frame through ``mutate(index, frame)``."""
-    events_a: list = []
-    events_b: list = []
-    index = 0
-    for _ in range(3):
-        for f in a.frames_to_send():
-            events_b += b.receive_frame(mutate(index, f) if mutate else f)
-            index += 1
-        for f in b.frames_to_send():
-            events_a += a.receive_frame(mutate(index, f) if mutate else f)
-            index += 1
-    return events_a, events_b
+from tests.harness.channels import KEYS, PEERS, handshake, open_pair, pair
 
 
 def test_handshake_opens_both_ways_with_the_highest_common_version() -> None:
@@ -193,12 +135,6 @@ def test_every_flipped_byte_of_a_handshake_is_refused() -> None:
             assert not (a.is_open and b.is_open)
             flips += 1
     assert flips > 400
-
-
-def open_pair(seed: int = 5) -> tuple[SecureChannel, SecureChannel]:
-    a, b = pair(seed)
-    handshake(a, b)
-    return a, b
 
 
 def fresh_stream() -> tuple[SecureChannel, list[bytes]]:

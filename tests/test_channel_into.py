@@ -18,7 +18,7 @@ from mesh.channel import (
     SecureChannel,
     frame,
 )
-from tests.test_channel import open_pair, pair
+from tests.harness.channels import open_pair, pair
 
 PAYLOADS = (b"first message", b"", b"third" * 20, bytes(range(256)) * 100)
 

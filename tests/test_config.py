@@ -146,3 +146,60 @@ def test_arbitrary_dc_tables_give_only_config_error(table: dict) -> None:
         config.loads(body, "fuzz.toml")
     except config.ConfigError as exc:
         assert str(exc).startswith("fuzz.toml: ")
+
+
+# --------------------------------------------------------------------------- operators
+
+OP_KEY = str(identity.Identity.from_seed(b"\x03" * 32).public)
+OP_KEY2 = str(identity.Identity.from_seed(b"\x04" * 32).public)
+
+
+def operator(name: str, key: str, role: str) -> str:
+    return f'[[operators]]\nname = "{name}"\npublic_key = "{key}"\nrole = "{role}"\n'
+
+
+def test_operators_load_with_their_roles() -> None:
+    fed = config.loads(HEAD + dc("a", KEY, 1000) + operator("alice", OP_KEY, "admin")
+                       + operator("bob", OP_KEY2, "viewer"))
+    assert [(o.name, o.role) for o in fed.operators] == [
+        ("alice", config.Role.ADMIN), ("bob", config.Role.VIEWER)]
+    table = fed.operator_table()
+    assert table.federation == "f" and table.get("bob") is not None
+    assert config.Role.VIEWER < config.Role.OPERATOR < config.Role.ADMIN
+    assert config.loads(HEAD + dc("a", KEY, 1000)).operators == ()
+
+
+@pytest.mark.parametrize(
+    "extra, where",
+    [
+        (operator("alice", OP_KEY, "root"),
+         "operators[0].role: expected one of viewer, operator, admin, got 'root'"),
+        (operator("Alice", OP_KEY, "admin"), "operators[0].name: 'Alice' must be"),
+        (operator("alice", KEY, "admin"),
+         "operators[0].public_key: is DC 'a''s key; an operator has a key of its own"),
+        (operator("alice", "ed25519:AAAA", "admin"), "operators[0].public_key"),
+        (operator("alice", OP_KEY, "admin") + operator("alice", OP_KEY2, "viewer"),
+         "operators[1].name: duplicate operator name 'alice' (also operators[0])"),
+        (operator("alice", OP_KEY, "admin") + operator("bob", OP_KEY, "viewer"),
+         "operators[1].public_key: same key as operator 'alice'"),
+        ('[[operators]]\nname = "alice"\nrole = "admin"\n', "operators[0].public_key: missing"),
+        (operator("alice", OP_KEY, "admin").replace('role = "admin"', 'role = "admin"\nx = 1'),
+         "operators[0].x: unknown option"),
+        ('operators = "alice"\n', "operators: expected [[operators]] tables"),
+    ],
+)
+def test_operator_mistakes_name_the_field(extra: str, where: str) -> None:
+    text = (extra + HEAD + dc("a", KEY, 1000)) if extra.startswith("operators =") else (
+        HEAD + dc("a", KEY, 1000) + extra)
+    with pytest.raises(config.ConfigError) as err:
+        config.loads(text, "fed.toml")
+    assert f"fed.toml: {where}" in str(err.value)
+
+
+def test_init_makes_an_admin_operator_key(tmp_path: Path) -> None:
+    from federation.api.auth import load_operator_key
+
+    fed = config.load(init_federation(tmp_path, 4, base_port=20400))
+    key = load_operator_key(tmp_path / "keys" / "admin.key", fed)
+    assert key.name == "admin" and fed.operator_table().get("admin").role is config.Role.ADMIN  # type: ignore[union-attr]
+    assert (tmp_path / "keys" / "admin.key").stat().st_mode & 0o777 == 0o600

@@ -24,6 +24,7 @@ from mesh.runtime.hosting import HostedCore
 from mesh.runtime.link import BUNDLE_BYTES, Link, LinkBundle
 from mesh.runtime.log import JsonLog
 from mesh.runtime.sqlite_store import SQLiteStore
+from tests.harness.waiting import wait_until
 
 
 class _Store:
@@ -71,9 +72,7 @@ async def _run_group(sync: bool) -> list[str]:
         for n in ("a", "b", "c"):  # waiting before the core runs: one group
             await hosted.deliver(n)  # type: ignore[arg-type]
         nursery.start_soon(hosted.run)
-        with trio.fail_after(5):
-            while len(log) < 4:
-                await trio.sleep(0.01)
+        await wait_until(lambda: len(log) >= 4, "the group's write and its three sends")
         nursery.cancel_scope.cancel()
     return log
 

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bench.corpus import ManifestError, corpus_dir, load_manifest, parse_manifest
 from bench.corpus.build import describe, write_manifest
 from bench.corpus.guest import COPY_BLOCK, copy_sparse
 from bench.corpus.relay import CountingRelay
+from federation.demo.corpus import ManifestError, corpus_dir, load_manifest, parse_manifest
 
 REAL_FILE = Path(socket.__file__)  # real bytes (this Python's socket.py), never random
 

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from bench.corpus import ManifestError, load_manifest
 from bench.corpus.guest import QEMU, GuestSpec, qemu_argv
+from federation.demo.corpus import ManifestError, load_manifest
 
 
 def _corpus_missing() -> str | None:

@@ -19,6 +19,7 @@ import trio
 
 from federation.api.dashboard import BINDINGS, PAGE, STATUS_FIELDS, script
 from federation.node.status import status
+from tests.harness.api import call, http
 from tests.harness.node import (
     build_node,
     make_federation,
@@ -27,7 +28,6 @@ from tests.harness.node import (
     wait_outcome,
     wait_vm,
 )
-from tests.test_node_api import call, http
 
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"
 

@@ -10,25 +10,25 @@ counts, resets every connection and refuses new ones for a while.
 
 from __future__ import annotations
 
-import re
 import socket
 import struct
 from pathlib import Path
 
 import trio
 
-from consensus.ledger import SetPolicy
 from federation.dataplane.v3_protocol import ChunkFeed
 from federation.vms.backend import VmState
 from mesh.amst.receiver import ChunkSet
 from mesh.hde.codec import ChunkPlan
 from mesh.hde.events import EncodeChunk
 from tests.harness.node import (
+    data_port,
     ext4_image,
     image_hashes,
     make_federation,
     memory_image,
     migrate_checked,
+    redirect,
     running_nodes,
     wait_outcome,
     wait_vm,
@@ -115,25 +115,6 @@ async def _reset(stream: trio.SocketStream) -> None:
         await stream.aclose()
 
 
-def redirect(cfg: Path, name: str, data_ports: dict[str, int]) -> Path:
-    """A copy of the federation file as ``name`` sees it: the data endpoints of the DCs in
-    ``data_ports`` are at those loopback ports (the keys stay next to it)."""
-    text = cfg.read_text()
-    for dc, port in data_ports.items():
-        block = re.compile(rf'(name = "{dc}"\n(?:.*\n)*?data = "127\.0\.0\.1:)(\d+)(")')
-        text, n = block.subn(rf"\g<1>{port}\g<3>", text, count=1)
-        assert n == 1, f"no data endpoint for {dc} in {cfg}"
-    out = cfg.with_name(f"federation-{name}.toml")
-    out.write_text(text)
-    return out
-
-
-def data_port(cfg: Path, dc: str) -> int:
-    m = re.search(rf'name = "{dc}"\n(?:.*\n)*?data = "127\.0\.0\.1:(\d+)"', cfg.read_text())
-    assert m is not None
-    return int(m.group(1))
-
-
 def test_cut_data_path_resumes_without_resending_what_the_target_stored(tmp_path: Path,
                                                                          ) -> None:
     cfg = make_federation(tmp_path / "fed")
@@ -148,7 +129,7 @@ def test_cut_data_path_resumes_without_resending_what_the_target_stored(tmp_path
                                          "dc4": await cut.start(relays)})
             async with running_nodes(cfg, tmp_path / "data", views={"dc1": view}) as nodes:
                 dc1, dc3, dc4 = nodes["dc1"], nodes["dc3"], nodes["dc4"]
-                assert (await dc1.ledger.submit(SetPolicy(100, (), (), False))).ok
+                await dc1.set_policy(100, kill_switch=False)
                 await dc1.import_vm("vm1", memory, [disk])
                 await dc1.import_vm("vm2", memory, [disk])
 
@@ -160,14 +141,14 @@ def test_cut_data_path_resumes_without_resending_what_the_target_stored(tmp_path
                 # the same images to a DC that holds nothing of them, the data path reset
                 # twice in the middle of round 1 and unreachable for a second each time
                 cut.cuts = [clean.bytes * 3 // 10, clean.bytes * 6 // 10]
-                rounds_before = dc1.transfer_stats["rounds_failed"]
+                rounds_before = dc1.rounds.counters.rounds_failed
                 mid2 = await migrate_checked(dc1, dc4, "vm2")
                 assert await wait_outcome(dc4, mid2) == "committed"
                 out = dc1.need_core().outcomes[mid2]
                 print("clean run:", clean.bytes, "relayed bytes,", base.wire_bytes,
                       "wire bytes; cut twice:", cut.bytes, "relayed,", out.wire_bytes, "wire")
                 assert cut.cuts == [] and cut.killed > 0, "both cuts happened mid-transfer"
-                assert dc1.transfer_stats["rounds_failed"] == rounds_before
+                assert dc1.rounds.counters.rounds_failed == rounds_before
                 # what crossed: the clean run's bytes plus the chunks cut in half, no more
                 assert cut.bytes < 2 * clean.bytes, (cut.bytes, clean.bytes)
                 assert out.wire_bytes < 2 * base.wire_bytes, (out.wire_bytes, base.wire_bytes)
@@ -187,8 +168,8 @@ def test_a_cut_that_outlasts_the_budget_aborts_and_the_vm_stays(tmp_path: Path) 
             view = redirect(cfg, "dc1", {"dc2": await dead.start(relays)})
             async with running_nodes(cfg, tmp_path / "data", views={"dc1": view}) as nodes:
                 dc1, dc2 = nodes["dc1"], nodes["dc2"]
-                dc1.v3.resume_budget = 2.0  # the default (15 s) is too long for a unit test
-                assert (await dc1.ledger.submit(SetPolicy(100, (), (), False))).ok
+                dc1.rounds.core.resume_budget = 2.0  # the default (15 s) is too long for a test
+                await dc1.set_policy(100, kill_switch=False)
                 await dc1.import_vm("vm1", memory, [disk])
                 before = image_hashes(dc1.backend.path("vm1"))
                 dead.cuts = [64 << 10]  # after the first 64 KiB, never again
@@ -203,7 +184,7 @@ def test_a_cut_that_outlasts_the_budget_aborts_and_the_vm_stays(tmp_path: Path) 
                 assert image_hashes(dc1.backend.path("vm1")) == before
                 assert all(i.name != "vm1" or i.state is not VmState.RUNNING
                            for i in dc2.backend.list_vms())
-                assert dc1.transfer_stats["rounds_failed"] == 1
+                assert dc1.rounds.counters.rounds_failed == 1
             relays.cancel_scope.cancel()
 
     trio.run(main)

@@ -1,23 +1,19 @@
 """Unit tests of the v3 data plane's pieces (federation.dataplane.v3_protocol): the chunk
 feed that adapts HDE's plans to AMST's pull model, the XOR reference overlay, the frame
-peek, the level."""
+peek, the level; and the v3 round messages (federation.migration.round_messages)."""
 
 from __future__ import annotations
+
+import queue
+import threading
+from typing import Any
 
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from federation.dataplane.v3_protocol import (
-    ChunkFeed,
-    Overlay,
-    V3Hde,
-    V3Round,
-    V3Status,
-    choose_chunk_level,
-    peek_chunk,
-    transfer_id,
-)
+from federation.dataplane.v3_protocol import ChunkFeed, Overlay, choose_chunk_level, peek_chunk
+from federation.migration.round_messages import V3Hde, V3Round, V3Status, transfer_id
 from mesh import wire
 from mesh.hde.codec import ChunkPlan, decode_chunk, encode_chunk
 from mesh.hde.events import EncodeChunk
@@ -72,8 +68,21 @@ def test_feed_encodes_in_order_then_ends() -> None:
     assert feed.frames == 3 and feed.frame_bytes == sum(len(f) for f in frames)
 
 
+class _WatchedQueue(queue.Queue):  # type: ignore[type-arg]
+    """The feed's queue of plans, telling when a preparer starts waiting on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited = threading.Event()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        self.waited.set()
+        return super().get(block, timeout)
+
+
 def test_feed_ends_a_waiting_preparer_when_closed() -> None:
     feed = ChunkFeed(lambda i, e: b"never")
+    plans = feed._queue = _WatchedQueue()  # watched, so the test closes a waiting preparer
 
     async def main() -> bytes:
         cid, raw = feed.next_chunk(1 << 20)
@@ -84,7 +93,8 @@ def test_feed_ends_a_waiting_preparer_when_closed() -> None:
                 got.append(await trio.to_thread.run_sync(feed.prepare, cid, raw))
 
             nursery.start_soon(prep)
-            await trio.sleep(0.05)  # the preparer is waiting for a plan
+            with trio.fail_after(10):
+                await trio.to_thread.run_sync(plans.waited.wait, abandon_on_cancel=True)
             feed.close()
         return got[0]
 

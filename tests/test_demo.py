@@ -14,8 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from bench.corpus import ManifestError, load_manifest
 from federation.demo import vm_data as demo_data
+from federation.demo.corpus import ManifestError, load_manifest
 from federation.demo.processes import DemoFailed
 from federation.demo.scenario import Demo
 from federation.demo.vm_data import PAGE, SMALL_RAM_MIB, build_vm_data

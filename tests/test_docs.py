@@ -7,7 +7,11 @@
 - every option of the federation file (``federation.config``: the [federation] keys, every
   ModeThresholds field, every [[dc]] key) is named in docs/federation.md;
 - every scenario of ``dwcp sim list`` is named in docs/simulator.md;
-- every metric family /metrics serves, and every log event, is named in docs/operations.md.
+- every metric family /metrics serves, and every log event, is named in docs/operations.md;
+- every relative link in README.md and docs/*.md points at a file that exists, and every
+  repository path they name in a code span (``mesh/runtime/``, ``federation/api/http.py``,
+  globs too) exists, but the homes of features not built yet ("Where the next features
+  go" in docs/architecture.md).
 
 Reads files and builds parsers; no process, no network (well under a second).
 """
@@ -93,10 +97,11 @@ def test_every_subcommand_and_option_is_in_cli_md() -> None:
 
 def test_every_federation_option_is_in_federation_md() -> None:
     text = _doc("federation.md")
-    tables = {"[federation]", "[modes]", "[[dc]]"}
-    keys = set(config._FED_KEYS) | set(config._DC_KEYS)
+    tables = {"[federation]", "[modes]", "[[dc]]", "[[operators]]"}
+    keys = set(config._FED_KEYS) | set(config._DC_KEYS) | set(config._OPERATOR_KEYS)
     keys |= {a.name for a in attrs.fields(config.ModeThresholds)}
-    assert set(config._TOP_KEYS) == {"federation", "modes", "dc"}, (
+    keys |= {f"{r.label}" for r in config.Role}
+    assert set(config._TOP_KEYS) == {"federation", "modes", "dc", "operators"}, (
         "federation.config grew a top-level table; document it and update this test")
     missing = sorted(t for t in tables if t not in text)
     missing += sorted(k for k in keys if f"`{k}`" not in text)
@@ -144,3 +149,64 @@ def test_every_log_event_is_in_operations_md() -> None:
     doc = _doc("operations.md")
     missing = [e for e in events if f"`{e}`" not in doc]
     assert not missing, f"docs/operations.md does not describe the log events: {missing}"
+
+
+def _markdown() -> list[Path]:
+    return [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
+#: ``[text](target)`` and ``[label]: target`` (a reference definition).
+_LINK = re.compile(r"\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)|^\s*\[[^\]]+\]:\s*(\S+)",
+                   re.MULTILINE)
+
+
+def _inside(doc: Path, target: str) -> Path | None:
+    """``target`` (relative to ``doc``) as a path in the repository, None if it leaves it."""
+    path = (doc.parent / target).resolve()
+    return path if path.is_relative_to(ROOT) else None
+
+
+def test_every_relative_link_points_at_a_file() -> None:
+    broken = []
+    for doc in _markdown():
+        for m in _LINK.finditer(doc.read_text(encoding="utf-8")):
+            target = (m.group(1) or m.group(2)).split("#", 1)[0]
+            if not target or re.match(r"[a-z][a-z0-9+.-]*:", target):
+                continue  # an anchor in the page, or a URL (http:, mailto:)
+            path = _inside(doc, target)
+            if path is None or not path.exists():
+                broken.append(f"{doc.relative_to(ROOT)}: {target}")
+    assert not broken, "links to nothing in the repository: " + "; ".join(broken)
+
+
+_TOPS = ("mesh", "consensus", "federation", "sim", "bench", "tests", "docs", "examples")
+_CODE_PATH = re.compile(rf"`((?:{'|'.join(_TOPS)})/[^`\s]*|(?:\.\./)+[^`\s]+)`")
+_PLANNED = re.compile(r"^### Where the next features go\n.*?(?=^#|\Z)",
+                      re.MULTILINE | re.DOTALL)
+
+
+def _expand(path: str) -> list[str]:
+    """``a/{b,c}/d`` as ``a/b/d`` and ``a/c/d`` (one brace group at a time)."""
+    m = re.search(r"\{([^{}]*)\}", path)
+    if m is None:
+        return [path]
+    return [e for alt in m.group(1).split(",")
+            for e in _expand(path[:m.start()] + alt + path[m.end():])]
+
+
+def test_every_repository_path_in_the_docs_exists() -> None:
+    missing = []
+    for doc in _markdown():
+        text = _PLANNED.sub("", doc.read_text(encoding="utf-8"))
+        for m in _CODE_PATH.finditer(text):
+            named = m.group(1).split("::", 1)[0].rstrip(".,:;")
+            for path in _expand(named):
+                if path.startswith("../"):
+                    found = _inside(doc, path)
+                    ok = found is not None and found.exists()
+                else:
+                    ok = any(ROOT.glob(path.rstrip("/")))
+                if not ok:
+                    missing.append(f"{doc.relative_to(ROOT)}: {path}")
+    assert not missing, "the docs name paths that are not in the repository: " + "; ".join(
+        missing)

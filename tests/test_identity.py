@@ -10,6 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from federation import config
+from federation.api.auth import OPERATOR_KEY_PREFIX, load_operator_key
+from federation.cli.keys import init_federation
 from federation.cli.main import main
 from mesh import identity
 
@@ -79,3 +82,18 @@ def test_parse_public_key_of_arbitrary_bytes(raw: bytes) -> None:
             identity.parse_public_key(identity.format_public_key(raw))
     else:
         assert identity.parse_public_key(identity.format_public_key(raw)).raw == raw
+
+
+def test_keygen_operator_makes_an_operator_key_a_dc_cannot_use(tmp_path: Path) -> None:
+    path = tmp_path / "alice.key"
+    assert main(["keygen", "--operator", "--out", str(path)]) == 0
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.read_text().startswith(OPERATOR_KEY_PREFIX)
+    with pytest.raises(identity.IdentityError, match="not a DWCP key file"):
+        identity.load_key_file(path)  # not a DC key
+    fed = config.load(init_federation(tmp_path / "fed", 4, base_port=20500))
+    with pytest.raises(identity.IdentityError, match="is not an operator in"):
+        load_operator_key(path, fed)  # not listed
+    with pytest.raises(identity.IdentityError, match="is a DC key, not an operator key"):
+        load_operator_key(tmp_path / "fed" / "keys" / "dc1.key", fed)
+    assert main(["keygen", "--operator", "--out", str(path)]) == 2  # never overwritten

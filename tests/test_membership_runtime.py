@@ -11,7 +11,8 @@ import trio
 from mesh.gossip.membership import State
 from mesh.links.control_plane import MeshControl, attach
 from mesh.links.routes import CONTROL
-from tests.test_runtime import Mesh, _until
+from tests.harness.runtime import Mesh
+from tests.harness.waiting import wait_until
 
 
 async def test_control_plane_runs_over_real_links(tmp_path: Path) -> None:
@@ -29,12 +30,13 @@ async def test_control_plane_runs_over_real_links(tmp_path: Path) -> None:
             return all(c.route(CONTROL, p) is not None for c in cores.values() for p in c.peers)
 
         # RTT samples after one ping period, routes after K = 3 elections of 1.5 s each.
-        await _until(routed, timeout=20.0)
+        await wait_until(routed, "a control route between every pair", timeout=20.0)
         assert all(c.membership.state_of(p) == State.ALIVE
                    for c in cores.values() for p in c.peers)
         runtimes["dc3"].shutdown()
-        await _until(lambda: all(cores[n].membership.state_of("dc3") >= State.DEAD
-                                 for n in ("dc1", "dc2")), timeout=30.0)
+        await wait_until(lambda: all(cores[n].membership.state_of("dc3") >= State.DEAD
+                                     for n in ("dc1", "dc2")), "dc3 dead at dc1 and dc2",
+                         timeout=30.0)
         assert cores["dc1"].route(CONTROL, "dc3") is None
         for n in ("dc1", "dc2"):
             runtimes[n].shutdown()

@@ -4,11 +4,15 @@ and the seed sweeps of the acceptance line (100 seeds here, 10,000 in ``make cha
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
 from federation.cli.main import main
+from federation.migration.vocabulary import MigrationRoundDone
 from sim.scenario import RunResult, run_scenario
+from sim.scenarios import migration_chaos
+from sim.world import NotifyRecord
 
 NAME = "migration-chaos"
 
@@ -76,13 +80,36 @@ def test_oracle_catches_an_injected_bug(bug: str, needle: str) -> None:
     assert f'bug="{bug}"' in result.replay()
 
 
-def test_equivocating_source_is_caught_by_the_root_check() -> None:
-    """A Byzantine DC that sends its targets another root than its pages': the target's
-    verification refuses it, the migration aborts, and the oracle still holds."""
+def test_an_equivocating_source_lies_about_its_root_to_no_effect(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Byzantine DC that sends its targets another root than its pages': the root that
+    counts is the one its replica announced in the ledger, so a target compares what it
+    wrote with that, commits, and the oracle (the pages at the target are the pages at
+    the fence) holds."""
+    lied: set[str] = set()
+    committed: set[str] = set()
+    lie, on_notify = migration_chaos._lie, migration_chaos.Oracle.on_notify
+
+    def lying(dst: str, msg: Any) -> Any:
+        out = lie(dst, msg)
+        if isinstance(out, MigrationRoundDone):
+            lied.add(out.migration_id)
+        return out
+
+    def noting(self: migration_chaos.Oracle, rec: NotifyRecord) -> None:
+        if rec.kind == "migration.done" and rec.detail.role == "target" and (
+                rec.detail.outcome == "committed"):
+            committed.add(rec.detail.migration_id)
+        on_notify(self, rec)
+
+    monkeypatch.setattr(migration_chaos, "_lie", lying)
+    monkeypatch.setattr(migration_chaos.Oracle, "on_notify", noting)
     result = run_scenario(NAME, 4, params={"strike": "equivocate", "strike_for": 30.0})
     reasons = _check(result)["aborts_by_reason"]
     assert isinstance(reasons, dict)
-    assert any("does not match the source's" in r for r in reasons), reasons
+    assert not any("does not match" in r for r in reasons), reasons
+    assert lied & committed, (lied, committed)
 
 
 @pytest.mark.parametrize("seed", [3, 7])

@@ -43,52 +43,20 @@ from federation.migration.vocabulary import (
 )
 from mesh.core import Notify, PeerDown, PeerUp, Persist, Received, Send, SetTimer, TimerFired
 from mesh.links.modes import Mode
-
-LAYOUT = (("memory", 1000), ("disk-0", 500))
-V3_ALL = SetPolicy(100, (), (), False)
-
-
-def of(actions: list[Any], cls: type) -> list[Any]:
-    return [a for a in actions if isinstance(a, cls)]
-
-
-def one(actions: list[Any], cls: type) -> Any:
-    found = of(actions, cls)
-    assert len(found) == 1, f"expected one {cls.__name__} in {actions}"
-    return found[0]
-
-
-DC_LIMITS = PrecopyLimits(5, 0.5)
-
-
-def session(limits: PrecopyLimits = DC_LIMITS, policy: SetPolicy = V3_ALL) -> SourceSession:
-    return SourceSession.plan("dc1", "m1", "vm1", "dc2", 3, LAYOUT, limits, policy,
-                              (1, 3), (1, 3))
-
-
-def begun(s: SourceSession) -> list[Any]:
-    s.start(0.0)
-    return s.handle(0.1, LedgerBegun("m1", 3))
-
-
-def precopy(s: SourceSession) -> list[Any]:
-    begun(s)
-    return s.handle(0.2, Received("dc2", MigrationReady("m1")))
-
-
-def fenced(s: SourceSession, t: float = 1.0) -> list[Any]:
-    precopy(s)
-    return s.handle(t, RoundSent(1, 1500, 1500 * 4096, 1000, 1.0, dirty_pages=1))
-
-
-def final(s: SourceSession) -> list[Any]:
-    fenced(s)
-    return s.handle(1.1, SourceFenced(b"R" * 32))
-
-
-def verifying(s: SourceSession) -> list[Any]:
-    final(s)
-    return s.handle(1.2, RoundSent(2, 1, 4096, 100, 0.01, 0))
+from tests.harness.ledger import AUTH
+from tests.harness.migration_session import (
+    DC_LIMITS,
+    LAYOUT,
+    V3_ALL,
+    begun,
+    fenced,
+    final,
+    of,
+    one,
+    precopy,
+    session,
+    verifying,
+)
 
 
 def test_limits_follow_the_mode() -> None:
@@ -101,20 +69,20 @@ def test_limits_follow_the_mode() -> None:
 def test_plan_refuses_self_target_empty_layout_and_no_common_version() -> None:
     with pytest.raises(MigrationError, match="target"):
         SourceSession.plan("dc1", "m", "vm", "dc1", 0, LAYOUT, LIMITS[Mode.HYBRID], V3_ALL,
-                           (1, 3), (1, 3))
+                           (1, 3), (1, 3), AUTH)
     with pytest.raises(MigrationError, match="no images"):
         SourceSession.plan("dc1", "m", "vm", "dc2", 0, (), LIMITS[Mode.HYBRID], V3_ALL,
-                           (1, 3), (1, 3))
+                           (1, 3), (1, 3), AUTH)
     with pytest.raises(RolloutError):
         SourceSession.plan("dc1", "m", "vm", "dc2", 0, LAYOUT, LIMITS[Mode.HYBRID], V3_ALL,
-                           (1,), (3,))
+                           (1,), (3,), AUTH)
 
 
 def test_start_persists_then_submits_begin() -> None:
     s = session()
     actions = s.start(0.0)
     assert isinstance(actions[0], Persist)
-    assert one(actions, SubmitLedger).command == BeginMigration("vm1", "dc1", "dc2", 3, "m1")
+    assert one(actions, SubmitLedger).command == BeginMigration("vm1", "dc1", "dc2", 3, "m1", AUTH)
     assert s.phase is Phase.PLANNED
     with pytest.raises(MigrationError, match="already started"):
         s.start(0.0)
@@ -142,7 +110,7 @@ def test_begun_sends_offer_and_retransmits_it() -> None:
 def test_refused_begin_ends_without_a_ledger_entry() -> None:
     s = session()
     s.start(0.0)
-    cmd = BeginMigration("vm1", "dc1", "dc2", 3, "m1")
+    cmd = BeginMigration("vm1", "dc1", "dc2", 3, "m1", AUTH)
     actions = s.handle(0.1, LedgerRefused(cmd, "stale epoch 3, VM is at 4"))
     assert s.phase is Phase.REFUSED
     done = [a.detail for a in of(actions, Notify) if a.kind == "migration.done"]
@@ -152,7 +120,7 @@ def test_refused_begin_ends_without_a_ledger_entry() -> None:
 def test_begin_recorded_after_a_refusal_is_aborted() -> None:
     s = session()
     s.start(0.0)
-    s.handle(0.1, LedgerRefused(BeginMigration("vm1", "dc1", "dc2", 3, "m1"), "in progress"))
+    s.handle(0.1, LedgerRefused(BeginMigration("vm1", "dc1", "dc2", 3, "m1", AUTH), "in progress"))
     actions = s.handle(0.2, LedgerBegun("m1", 3))
     assert s.phase is Phase.ABORTING
     assert one(actions, SubmitLedger).command == AbortMigration("m1")
@@ -371,7 +339,8 @@ def test_message_about_another_migration_is_a_routing_bug() -> None:
 
 def test_fence_waits_as_long_as_hashing_the_images_takes() -> None:
     big = (("memory", 64 * 1024 * 1024),)  # 256 GiB: ~180 s of hashing at VERIFY_RATE
-    s = SourceSession.plan("dc1", "m1", "vm1", "dc2", 3, big, DC_LIMITS, V3_ALL, (1, 3), (1, 3))
+    s = SourceSession.plan("dc1", "m1", "vm1", "dc2", 3, big, DC_LIMITS, V3_ALL, (1, 3), (1, 3),
+                           AUTH)
     precopy(s)
     actions = s.handle(1.0, RoundSent(1, 10, 40960, 40960, 1.0, dirty_pages=0))
     stall = [a for a in actions if isinstance(a, SetTimer) and a.key == timer_key("m1", "stall")]

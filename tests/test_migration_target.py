@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from consensus.ledger import (
+    MIGRATION_DEADLINE,
     AbortMigration,
     BeginMigration,
     CommitMigration,
@@ -20,12 +21,15 @@ from federation.migration.restore import decode_record, restore
 from federation.migration.target import TargetSession
 from federation.migration.vocabulary import (
     PEER_DOWN_GRACE,
+    RETRANSMIT,
     ActionFailed,
     DiscardIncoming,
     ImageSize,
     LedgerAborted,
     LedgerCommitted,
     LedgerRefused,
+    LedgerRootAnnounced,
+    MigrationDecline,
     MigrationError,
     MigrationOffer,
     MigrationReady,
@@ -45,7 +49,16 @@ from federation.migration.vocabulary import (
 )
 from mesh import wire
 from mesh.core import PeerDown, Persist, Received, Send, SetTimer, TimerFired
-from tests.test_migration_source import fenced, final, of, one, precopy, session, verifying
+from tests.harness.ledger import AUTH
+from tests.harness.migration_session import (
+    fenced,
+    final,
+    of,
+    one,
+    precopy,
+    session,
+    verifying,
+)
 
 LIMITS = PrecopyLimits(5, 0.5)
 ROOT = b"R" * 32
@@ -70,7 +83,18 @@ def verifying_t(t: TargetSession) -> list[Any]:
 
 def verified(t: TargetSession) -> list[Any]:
     verifying_t(t)
+    t.handle(2.5, LedgerRootAnnounced("m1", ROOT))
     return t.handle(3.0, TargetVerified(ROOT))
+
+
+def declined(t: TargetSession, actions: list[Any]) -> None:
+    """The target gave up: it asks the source (its own abort waits for the deadline)."""
+    assert of(actions, SubmitLedger) == []
+    ask = one(actions, Send)
+    assert ask.peer == "dc1" and ask.message == MigrationDecline("m1", t.reason)
+    assert t.phase is Phase.ABORTING and t.pending == AbortMigration("m1")
+    ledger_timer = [a for a in of(actions, SetTimer) if a.key == timer_key("m1", "ledger")]
+    assert ledger_timer and ledger_timer[0].at == t.timeout_at
 
 
 def test_from_ledger_refuses_itself_as_source() -> None:
@@ -110,7 +134,7 @@ def test_bad_layout_aborts(layout: tuple[ImageSize, ...]) -> None:
     t = target()
     bad = MigrationOffer("m1", "vm1", "dc1", "dc2", 3, layout, 3)
     actions = t.handle(0.1, Received("dc1", bad))
-    assert one(actions, SubmitLedger).command == AbortMigration("m1")
+    declined(t, actions)
     assert of(actions, PrepareIncoming) == []
 
 
@@ -133,12 +157,30 @@ def test_matching_root_commits_and_never_aborts_after() -> None:
         CommitMigration("m1", ROOT))
 
 
-def test_mismatching_root_aborts() -> None:
+def test_mismatching_root_gives_up() -> None:
     t = target()
     verifying_t(t)
+    t.handle(2.5, LedgerRootAnnounced("m1", ROOT))
     actions = t.handle(3.0, TargetVerified(b"X" * 32))
-    assert one(actions, SubmitLedger).command == AbortMigration("m1")
-    assert "does not match" in t.reason
+    declined(t, actions)
+    assert "does not match the root the source announced" in t.reason
+    again = t.handle(3.0 + RETRANSMIT, TimerFired(timer_key("m1", "retransmit")))
+    assert one(again, Send).message == MigrationDecline("m1", t.reason)
+    late = t.handle(t.timeout_at, TimerFired(timer_key("m1", "ledger")))
+    assert one(late, SubmitLedger).command == AbortMigration("m1")  # the timeout abort
+
+
+def test_the_root_that_counts_is_the_one_announced_in_the_ledger() -> None:
+    # The source's message says X (a lying or corrupted message); the ledger has ROOT,
+    # and what the target wrote has ROOT: the target commits ROOT.
+    t = target()
+    offered(t)
+    t.handle(2.0, Received("dc1", MigrationRoundDone("m1", 1, True, b"X" * 32)))
+    assert one(t.handle(3.0, TargetVerified(ROOT)), SetTimer).key == timer_key("m1", "stall")
+    assert t.phase is Phase.FINAL  # verified, waiting for the announcement
+    actions = t.handle(3.5, LedgerRootAnnounced("m1", ROOT))
+    assert one(actions, SubmitLedger).command == CommitMigration("m1", ROOT)
+    assert t.phase is Phase.VERIFIED and t.root == ROOT
 
 
 def test_start_only_after_the_commit_with_its_epoch() -> None:
@@ -162,14 +204,12 @@ def test_abort_in_the_ledger_discards_what_arrived(stage: Any) -> None:
 def test_stall_and_source_down_abort_before_verification(stage: Any) -> None:
     t = target()
     stage(t)
-    down = one(t.handle(3.0, TimerFired(timer_key("m1", "stall"))), SubmitLedger)
-    assert down.command == AbortMigration("m1")
+    declined(t, t.handle(3.0, TimerFired(timer_key("m1", "stall"))))
     t2 = target()
     stage(t2)
     timer = one(t2.handle(3.0, PeerDown("dc1")), SetTimer)
     assert timer.at == 3.0 + PEER_DOWN_GRACE
-    assert one(t2.handle(timer.at, TimerFired(timer.key)), SubmitLedger).command == (
-        AbortMigration("m1"))
+    declined(t2, t2.handle(timer.at, TimerFired(timer.key)))
 
 
 def test_source_down_after_verification_does_not_abort() -> None:
@@ -190,9 +230,9 @@ def test_progress_and_refusals() -> None:
 # --------------------------------------------------------------------------- restore
 
 
-def ledger_rec(state: str) -> MigrationRecord:
+def ledger_rec(state: str, announced: bytes = ROOT) -> MigrationRecord:
     return MigrationRecord("m1", "vm1", "dc1", "dc2", 3, state, ROOT if state == "committed"
-                           else b"")
+                           else b"", announced)
 
 
 def saved(actions: list[Any]) -> bytes:
@@ -260,7 +300,7 @@ def test_a_finished_session_stays_finished_whatever_a_replaying_replica_shows(
 def test_source_planned_resubmits_begin_when_the_ledger_has_nothing() -> None:
     s = session()
     r, actions = restore(saved(s.start(0.0)), None, 5.0)
-    assert one(actions, SubmitLedger).command == BeginMigration("vm1", "dc1", "dc2", 3, "m1")
+    assert one(actions, SubmitLedger).command == BeginMigration("vm1", "dc1", "dc2", 3, "m1", AUTH)
     assert r.phase is Phase.PLANNED
 
 
@@ -295,9 +335,14 @@ def test_target_restore_paths() -> None:
     t2 = target()
     r, actions = restore(saved(verifying_t(t2)), ledger_rec("begun"), 5.0)
     assert r.phase is Phase.FINAL and one(actions, Verify)
+    assert one(r.handle(6.0, TargetVerified(ROOT)), SubmitLedger).command == CommitMigration(
+        "m1", ROOT)  # the announced root came with the ledger's record
     t3 = target()
     r, actions = restore(saved(offered(t3)), ledger_rec("begun"), 5.0)
     assert r.phase is Phase.ABORTING and "target restarted" in r.reason
+    assert isinstance(r, TargetSession)
+    declined(r, actions)
+    assert r.timeout_at == 5.0 + MIGRATION_DEADLINE
     with pytest.raises(MigrationError, match="caught up"):
         restore(saved(offered(target())), None, 5.0)
 

@@ -1,6 +1,8 @@
-"""Both sessions, the real ledger state machine and two image backends on disk, with the
-page writer running during pre-copy. Rounds move pages in process (the v1 transfer:
-every page in round 1, the dirty set after); the network, HDE and AMST are not here.
+"""Both sessions, the real ledger state machine, the real rounds core of each DC and two
+image backends on disk, with the page writer running during pre-copy. Rounds are the v1
+window/ack protocol (every page in round 1, the dirty set after), its messages passed in
+process and its page actions carried out by VmActions on the backends; the network, HDE
+and AMST are not here.
 
 It checks what a user relies on: after the commit the target's images are the
 source's images at the fence, they equal what the writer last wrote, the target runs
@@ -20,61 +22,72 @@ import pytest
 
 from consensus.ledger import (
     AbortMigration,
+    AnnounceRoot,
     BeginMigration,
     CommitMigration,
+    ImportVm,
     Ledger,
     LedgerResult,
+    MigrateVm,
     RegisterVm,
 )
+from federation.demo.guest_backend import WritingBackend
 from federation.demo.guest_writer import expected_pages, mismatches
+from federation.migration.round_events import PAGE_ACTIONS, SessionView, ToSession
+from federation.migration.rounds import RoundsCore, after_vm_action
 from federation.migration.session import SessionBase
 from federation.migration.source import SourceSession
 from federation.migration.target import TargetSession
 from federation.migration.vocabulary import (
+    CancelRound,
     Fence,
     LedgerAborted,
     LedgerBegun,
     LedgerCommitted,
     LedgerRefused,
+    LedgerRootAnnounced,
     Phase,
     PrecopyLimits,
-    RoundSent,
     SendRound,
     SubmitLedger,
     Verify,
 )
 from federation.vms.actions import VM_ACTIONS, VmActions, images_root
 from federation.vms.backend import VmState
-from federation.vms.image_backend import ImageBackend
 from mesh import wire
 from mesh.core import Notify, Received, Send
 from mesh.hde.image import PAGE_SIZE
-from tests.test_vm_image import real_bytes
+from sim.hosts.operators import SIM_OPERATORS, OperatorSigner
+from tests.harness.data import real_pages
+from tests.harness.waiting import poll_until
 
 MID = "m-e2e"
 
 
 class TwoDCs:
     def __init__(self, tmp: Path, limits: PrecopyLimits, corrupt_target: bool = False) -> None:
-        self.src = ImageBackend(tmp / "dc1")
-        self.tgt = ImageBackend(tmp / "dc2")
-        (tmp / "mem").write_bytes(real_bytes(512))
-        (tmp / "disk").write_bytes(real_bytes(64, b"disk"))
+        self.src = WritingBackend(tmp / "dc1")
+        self.tgt = WritingBackend(tmp / "dc2")
+        (tmp / "mem").write_bytes(real_pages(512))
+        (tmp / "disk").write_bytes(real_pages(64, b"disk"))
         self.src.import_vm("vm1", tmp / "mem", [tmp / "disk"])
         self.src.start("vm1", 0)
         self.src.attach_writer("vm1", seed=42, rate=4000)
         self.src_vm = VmActions(self.src)
         self.tgt_vm = VmActions(self.tgt)
-        self.ledger = Ledger(("dc1", "dc2", "dc3"))
+        self.rounds = {n: RoundsCore(n, lambda mid, n=n: self.view(n, mid)) for n in ("dc1", "dc2")}
+        self.ledger = Ledger(("dc1", "dc2", "dc3"), SIM_OPERATORS)
         self.rids = {"dc1": 0, "dc2": 0}
-        self.execute("dc1", RegisterVm("vm1", "dc1"))
+        ops = OperatorSigner("ops", prefix="e2e")
+        self.execute("dc1", RegisterVm("vm1", "dc1", ops.authorize(
+            ImportVm("vm1", "dc1", str(tmp / "mem"), (str(tmp / "disk"),)), 1.0)))
         self.corrupt_target = corrupt_target
-        self.marks: list[int] = []
         self.fenced_digest: str | None = None
         self.notes: list[Notify] = []
         info = self.src.info("vm1")
         self.source = SourceSession.plan("dc1", MID, "vm1", "dc2", 0, info.layout, limits,
-                                         self.ledger.policy, (1,), (1, 3))
+                                         self.ledger.policy, (1,), (1, 3),
+                                         ops.authorize(MigrateVm("vm1", "dc2"), 2.0))
         self.target: TargetSession | None = None
         self.queue: deque[tuple[str, Any]] = deque()
 
@@ -88,6 +101,13 @@ class TwoDCs:
         assert s is not None
         return s
 
+    def view(self, node: str, mid: str) -> SessionView | None:
+        """What each DC's rounds core knows of its own session."""
+        s = self.source if node == "dc1" else self.target
+        if s is None or mid != MID:
+            return None
+        return SessionView(s.vm, s.source, s.target, s.done)
+
     def run(self) -> None:
         self.dispatch("dc1", self.source.start(0.0))
         while self.queue:
@@ -95,24 +115,39 @@ class TwoDCs:
             self.dispatch(node, self.session(node).handle(time.monotonic(), event))
 
     def dispatch(self, node: str, actions: list[Any]) -> None:
+        vm = self.src_vm if node == "dc1" else self.tgt_vm
+        rounds = self.rounds[node]
         for a in actions:
             if isinstance(a, SubmitLedger):
                 self.submit(node, a.command)
             elif isinstance(a, Send):
                 frame = wire.encode(a.message)
-                self.queue.append((a.peer, Received(node, wire.decode(frame), frame)))
-            elif isinstance(a, SendRound):
-                self.queue.append((node, self.round(a)))
+                received = Received(node, wire.decode(frame), frame)
+                if a.message.wire_tag.startswith("data."):  # a round's chunk or ack
+                    self.dispatch(a.peer, self.rounds[a.peer].handle(time.monotonic(),
+                                                                     received))
+                else:
+                    self.queue.append((a.peer, received))
+            elif isinstance(a, (SendRound, CancelRound)):
+                self.dispatch(node, rounds.handle(time.monotonic(), a))
+            elif isinstance(a, ToSession):
+                self.queue.append((node, a.event))
+            elif isinstance(a, PAGE_ACTIONS):
+                for reply in vm.carry_out_pages(a):
+                    self.dispatch(node, rounds.handle(time.monotonic(), reply))
             elif isinstance(a, VM_ACTIONS):
                 if isinstance(a, Verify) and self.corrupt_target:
                     self.tgt_vm.incoming[MID]["memory"].write(3, b"\xee" * PAGE_SIZE)
-                vm = self.src_vm if node == "dc1" else self.tgt_vm
                 replies = vm.carry_out(a)
                 if isinstance(a, Fence):
                     self.fenced_digest = self.digest(self.src)
+                for news in after_vm_action(a, replies):
+                    self.dispatch(node, rounds.handle(time.monotonic(), news))
                 self.queue.extend((node, r) for r in replies)
             elif isinstance(a, Notify):
                 self.notes.append(a)
+            # SetTimer/CancelTimer: nothing is lost in process, so no timer ever fires;
+            # RoundReport: a node's log line
 
     def submit(self, node: str, command: Any) -> None:
         result = self.execute(node, command)
@@ -124,6 +159,9 @@ class TwoDCs:
             self.target, actions = TargetSession.from_ledger(
                 "dc2", MID, "vm1", "dc1", command.epoch, self.source.limits, time.monotonic())
             self.dispatch("dc2", actions)
+        elif isinstance(command, AnnounceRoot):
+            self.queue.append(("dc1", LedgerRootAnnounced(MID, command.root)))
+            self.queue.append(("dc2", LedgerRootAnnounced(MID, command.root)))
         else:
             fact: Any = (LedgerCommitted(MID, result.epoch, command.root)
                          if isinstance(command, CommitMigration) else LedgerAborted(MID))
@@ -131,31 +169,8 @@ class TwoDCs:
             self.queue.append(("dc1", fact))
             self.queue.append(("dc2", fact))
 
-    def round(self, a: SendRound) -> RoundSent:
-        """Copy the round's pages from the (running) source into the incoming copy."""
-        mark = self.src.dirty_mark("vm1")
-        src_images = self.src.open_images("vm1")
-        dst = self.tgt_vm.incoming[MID]
-        t0 = time.monotonic()
-        if a.dirty:
-            pages = self.src.dirty_since("vm1", self.marks[-1])
-        else:
-            pages = {n: list(range(img.page_count)) for n, img in src_images.items()}
-        count = 0
-        for name, nums in pages.items():
-            for p in nums:
-                dst[name].write(p, src_images[name].view(p))
-                count += 1
-        seconds = time.monotonic() - t0
-        self.marks.append(mark)
-        for img in src_images.values():
-            img.close()
-        dirty = sum(len(v) for v in self.src.dirty_since("vm1", mark).values())
-        return RoundSent(a.round, count, count * PAGE_SIZE, count * PAGE_SIZE, seconds,
-                         0 if a.final else dirty)
-
     @staticmethod
-    def digest(backend: ImageBackend) -> str:
+    def digest(backend: WritingBackend) -> str:
         images = backend.open_images("vm1")
         h = hashlib.sha256()
         for name in sorted(images):
@@ -170,9 +185,8 @@ def test_migration_moves_the_vm_with_its_writer_running(tmp_path: Path,
     w = TwoDCs(tmp_path, limits)
     writer = w.src.writer("vm1")
     assert writer is not None
-    deadline = time.monotonic() + 10
-    while writer.writer.seq < 100 and time.monotonic() < deadline:
-        time.sleep(0.005)  # let the workload dirty pages before the migration starts
+    # the workload has dirtied pages before the migration starts
+    poll_until(lambda: writer.writer.seq >= 100, "100 writes by the page writer")
     w.run()
     assert w.ledger.owner("vm1") == "dc2" and w.ledger.epoch("vm1") == 1
     assert w.source.phase is Phase.COMMITTED and w.target is not None

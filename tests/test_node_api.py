@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,39 +14,9 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from federation.api.http import MAX_BODY, ApiError, _field, _json_body
-from federation.node.assembly import Node
 from mesh.runtime.log import JsonLog
-from tests.harness.node import make_federation, real_vm, running_nodes, wait_vm
-
-
-async def http(node: Node, raw: bytes) -> tuple[int, dict[str, str], bytes]:
-    """One raw request; returns (status, headers, body) of the first response."""
-    stream = await trio.open_tcp_stream(node.api_host, node.api_port)
-    async with stream:
-        await stream.send_all(raw)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(65536)
-            assert chunk, f"connection closed after {data!r}"
-            data += chunk
-        head, body = data.split(b"\r\n\r\n", 1)
-        lines = head.decode().split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {k.lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
-        while len(body) < int(headers["content-length"]):
-            chunk = await stream.receive_some(65536)
-            assert chunk
-            body += chunk
-        return status, headers, body
-
-
-async def call(node: Node, method: str, path: str, doc: Any = None,
-               raw: bytes | None = None) -> tuple[int, Any]:
-    body = raw if raw is not None else (b"" if doc is None else json.dumps(doc).encode())
-    req = (f"{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\n"
-           "connection: close\r\n\r\n").encode() + body
-    status, headers, payload = await http(node, req)
-    return status, (payload.decode() if path == "/metrics" else json.loads(payload))
+from tests.harness.api import call, http
+from tests.harness.node import make_federation, real_vm, running_nodes, wait_outcome, wait_vm
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -77,14 +46,11 @@ def test_routes_metrics_and_a_migration(tmp_path: Path) -> None:
 
             code, mig = await call(dc1, "POST", "/api/migrations", {"vm": "web", "to": "dc2"})
             assert code == 202
-            with trio.fail_after(60):
-                while True:
-                    code, m = await call(dc1, "GET", f"/api/migrations/{mig['id']}")
-                    assert code == 200 and m["vm"] == "web" and m["target"] == "dc2"
-                    if "outcome" in m:
-                        break
-                    await trio.sleep(0.05)
-            assert m["outcome"]["outcome"] == "committed", m
+            code, m = await call(dc1, "GET", f"/api/migrations/{mig['id']}")
+            assert code == 200 and m["vm"] == "web" and m["target"] == "dc2"
+            await wait_outcome(dc1, mig["id"])  # the API answers from the node's own record
+            code, m = await call(dc1, "GET", f"/api/migrations/{mig['id']}")
+            assert code == 200 and m["outcome"]["outcome"] == "committed", m
             assert m["ledger"] == "committed" and m["bytes_sent"] == m["total_bytes"]
             await wait_vm(dc2, "web", "running")
             await wait_vm(dc1, "web", "retired")
@@ -212,10 +178,10 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | s
                      max_leaves=8)
 
 
-@given(st.dictionaries(st.sampled_from(["vm", "to", "disks", "writer_rate"]), _json),
+@given(st.dictionaries(st.sampled_from(["vm", "to", "disks", "v3_percent"]), _json),
        st.sampled_from([str, list, float, int]))
 def test_field_checker_names_the_field(doc: dict[str, Any], kind: type) -> None:
-    for name in ("vm", "to", "disks", "writer_rate"):
+    for name in ("vm", "to", "disks", "v3_percent"):
         try:
             value = _field(doc, name, kind)
         except ApiError as exc:
@@ -237,7 +203,7 @@ class _RefusingNode:
         raise RuntimeError(f"the test node has no {name}")
 
     async def import_vm(self, *args: Any) -> Any:
-        from federation.node.assembly import NodeError
+        from federation.node.errors import NodeError
 
         raise NodeError("refused by the test node")
 

@@ -9,7 +9,16 @@ import trio
 
 from federation.demo.guest_writer import expected_pages, mismatches
 from federation.vms.backend import VmState
-from tests.harness.node import image_hashes, real_vm, running_nodes, wait_outcome, wait_vm
+from tests.harness.node import (
+    image_hashes,
+    import_with_writer,
+    real_vm,
+    running_nodes,
+    wait_outcome,
+    wait_vm,
+    wait_writes,
+)
+from tests.harness.waiting import wait_until
 
 NAMES = ("dc1", "dc2", "dc3", "dc4")
 
@@ -25,9 +34,9 @@ def _ledgers_agree(nodes: dict, vm: str, owner: str, epoch: int) -> None:
 
 
 async def _settle(nodes: dict, height: int) -> None:
-    with trio.fail_after(20):
-        while any(n.need_core().replica.last_exec < height for n in nodes.values()):
-            await trio.sleep(0.05)
+    await wait_until(lambda: all(n.need_core().replica.last_exec >= height
+                                 for n in nodes.values()),
+                     f"every replica executed up to {height}", 20)
 
 
 def test_migrate_with_writer_then_restart_and_migrate_back(tmp_path: Path) -> None:
@@ -40,9 +49,9 @@ def test_migrate_with_writer_then_restart_and_migrate_back(tmp_path: Path) -> No
     async def first_run() -> tuple[str, int]:
         async with running_nodes(cfg, data, NAMES) as nodes:
             dc1, dc3 = nodes["dc1"], nodes["dc3"]
-            info = await dc1.import_vm("vm1", memory, [disk], writer_rate=400, writer_seed=7)
+            info = await import_with_writer(dc1, "vm1", memory, [disk], rate=400, seed=7)
             assert info.state is VmState.RUNNING and info.epoch == 0
-            await trio.sleep(0.3)  # let the writer dirty pages before the migration starts
+            await wait_writes(dc1, "vm1")  # dirty pages before the migration starts
             mid = await dc1.migrate("vm1", "dc3")
             assert await wait_outcome(dc1, mid) == "committed"
             assert await wait_outcome(dc3, mid) == "committed"
@@ -64,7 +73,7 @@ def test_migrate_with_writer_then_restart_and_migrate_back(tmp_path: Path) -> No
                     img.close()
             outcome = dc1.need_core().outcomes[mid]
             assert outcome.bytes_sent >= sum(p.stat().st_size for p in (memory, disk))
-            assert dc3.received_bytes[mid] == outcome.bytes_sent
+            assert dc3.rounds.counters.received[mid] == outcome.bytes_sent
             height = max(n.need_core().replica.last_exec for n in nodes.values())
             await _settle(nodes, height)
             _ledgers_agree(nodes, "vm1", "dc3", 1)

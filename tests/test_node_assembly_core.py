@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from consensus.durable import ReplicaLog
-from consensus.ledger import RegisterVm
+from consensus.ledger import ImportVm, MigrateVm, RegisterVm
 from consensus.pbft.replica import Replica
 from federation.migration.dc_core import NodeCore
 from federation.migration.vocabulary import (
@@ -32,6 +32,7 @@ from federation.migration.vocabulary import (
 from mesh import identity, wire
 from mesh.core import CancelTimer, Notify, Persist, Received, Send, SetTimer, TimerFired
 from mesh.links.modes import Mode
+from sim.hosts.operators import SIM_OPERATORS, OperatorSigner
 
 NAMES = ("dc1", "dc2", "dc3", "dc4")
 ROOT = b"\x07" * 32
@@ -64,11 +65,12 @@ class World:
         self.queue: list[tuple[float, int, str, Any]] = []
         self.timers: dict[tuple[str, Hashable], float] = {}
         self.seq = 0
+        self.ops = OperatorSigner("ops", prefix=f"core{seed}")
         self.cores = {n: self.boot(n) for n in NAMES}
 
     def boot(self, name: str) -> NodeCore:
         replica = Replica(name, self.ids[name], self.keys, ReplicaLog(self.stores[name]),
-                          random.Random(self.rng.getrandbits(64)))
+                          random.Random(self.rng.getrandbits(64)), operators=SIM_OPERATORS)
         core = NodeCore(name, replica,
                         on_ledger_done=lambda rid, res: self.done[name].append((rid, res)),
                         mode_of=lambda dst: Mode.DATACENTER)
@@ -124,9 +126,15 @@ class World:
     def feed(self, name: str, mid: str, event: Any) -> None:
         self.call(name, lambda c, now: c.to_session(now, mid, event))
 
+    def plan(self, name: str, mid: str, vm: str, target: str) -> Any:
+        auth = self.ops.authorize(MigrateVm(vm, target), self.now)
+        return self.call(name, lambda c, now: c.plan_migration(now, mid, vm, target, LAYOUT,
+                                                               (1,), (1,), auth))
+
 
 def _register(w: World) -> None:
-    rid, _ = w.call("dc1", lambda c, now: c.submit(now, RegisterVm("vm1", "dc1")))
+    auth = w.ops.authorize(ImportVm("vm1", "dc1", "/m"), w.now)
+    rid, _ = w.call("dc1", lambda c, now: c.submit(now, RegisterVm("vm1", "dc1", auth)))
     w.run(w.now + 1)
     assert [(r, res.ok) for r, res in w.done["dc1"]] == [(rid, True)]
 
@@ -135,7 +143,7 @@ def test_a_migration_through_the_cores_and_the_ledger() -> None:
     w = World()
     _register(w)
     mid = "m-1"
-    w.call("dc1", lambda c, now: c.plan_migration(now, mid, "vm1", "dc3", LAYOUT, (1,), (1,)))
+    w.plan("dc1", mid, "vm1", "dc3")
     w.run(w.now + 1)
     # the ledger's begin created the target session at dc3 (only there)
     assert mid in w.cores["dc3"].sessions and mid not in w.cores["dc2"].sessions
@@ -167,7 +175,7 @@ def test_a_wrong_root_aborts_and_the_source_runs_again() -> None:
     w = World(2)
     _register(w)
     mid = "m-2"
-    w.call("dc1", lambda c, now: c.plan_migration(now, mid, "vm1", "dc2", LAYOUT, (1,), (1,)))
+    w.plan("dc1", mid, "vm1", "dc2")
     w.run(w.now + 1)
     w.take("dc1", SendRound)
     w.feed("dc1", mid, RoundSent(1, 24, 24 * 4096, 24 * 4096, 0.5, 0))
@@ -189,12 +197,11 @@ def test_a_restarted_source_aborts_its_precopy_and_a_second_plan_is_refused() ->
     w = World(3)
     _register(w)
     mid = "m-3"
-    w.call("dc1", lambda c, now: c.plan_migration(now, mid, "vm1", "dc4", LAYOUT, (1,), (1,)))
+    w.plan("dc1", mid, "vm1", "dc4")
     w.run(w.now + 1)
     w.take("dc1", SendRound)
     with pytest.raises(MigrationError, match="already migrating"):
-        w.call("dc1", lambda c, now: c.plan_migration(now, "m-x", "vm1", "dc2", LAYOUT,
-                                                      (1,), (1,)))
+        w.plan("dc1", "m-x", "vm1", "dc2")
     # dc1 crashes in pre-copy and restarts from its store
     w.cores["dc1"] = core = w.boot("dc1")
     stored = {k.split("/", 1)[1]: v for k, v in w.stores["dc1"].data.items()

@@ -1,11 +1,11 @@
-"""A failed round is a failed round however the data plane raises it (node.py)."""
+"""A failed round is a failed round however the v3 data plane raises it."""
 
 from __future__ import annotations
 
 import pytest
 
-from federation.dataplane.v1 import RoundFailed
-from federation.node.assembly import _round_error
+from federation.dataplane.v3_source import RoundFailed
+from federation.dataplane.v3_source import round_error as _round_error
 
 
 def test_a_round_error_wrapped_by_a_nursery_is_still_a_round_error() -> None:

@@ -9,20 +9,21 @@ from pathlib import Path
 import pytest
 import trio
 
-from consensus.ledger import SetPolicy
 from federation.demo.guest_writer import expected_pages, mismatches
 from federation.node.assembly import Node
 from federation.node.status import status
 from federation.vms.backend import VmState
 from tests.harness.node import (
     image_hashes,
+    import_with_writer,
     make_federation,
     real_vm,
     running_nodes,
     wait_outcome,
-    wait_until,
     wait_vm,
+    wait_writes,
 )
+from tests.harness.waiting import wait_until
 
 NAMES = ("dc1", "dc2", "dc3", "dc4")
 
@@ -55,11 +56,10 @@ def test_v3_migration_then_back_then_v1_fallback(tmp_path: Path) -> None:
             dc1, dc3, dc4 = nodes["dc1"], nodes["dc3"], nodes["dc4"]
             assert dc1.runtime.links["dc3"].version == 3
             assert dc1.runtime.links["dc4"].version == 1
-            result = await dc1.ledger.submit(SetPolicy(100, (), (), False))
-            assert result.ok
-            await dc1.import_vm("vm1", memory, [disk], writer_rate=300, writer_seed=3)
+            await dc1.set_policy(100)
+            await import_with_writer(dc1, "vm1", memory, [disk], rate=300, seed=3)
             await dc1.import_vm("vm2", memory, [disk])
-            await trio.sleep(0.3)  # the writer dirties pages before the migration starts
+            await wait_writes(dc1, "vm1")  # dirty pages before the migration starts
 
             # v3: dc1 -> dc3 with the writer running
             mid = await dc1.migrate("vm1", "dc3")
@@ -70,13 +70,13 @@ def test_v3_migration_then_back_then_v1_fallback(tmp_path: Path) -> None:
             assert image_hashes(dc3.backend.path("vm1")) == image_hashes(dc1.backend.path("vm1"))
             _writer_pages_intact(dc3, dc1, "vm1")
             out = dc1.need_core().outcomes[mid]
-            assert dc1.transfer_paths[mid] == {"v3": out.rounds}
+            assert dc1.rounds.counters.paths[mid] == {"v3": out.rounds}
             assert out.bytes_sent >= logical_size
             assert 0 < out.wire_bytes < out.bytes_sent, (out.wire_bytes, out.bytes_sent)
-            ts = dc1.transfer_stats
-            assert ts["rounds_sent_v3"] == out.rounds and ts["rounds_sent_v1"] == 0
-            assert ts["wire_bytes_sent_v3"] == out.wire_bytes
-            assert dc3.transfer_stats["chunks_received"] > 0
+            counters = dc1.rounds.counters
+            assert counters.version(3).rounds == out.rounds and counters.version(1).rounds == 0
+            assert counters.version(3).wire_bytes == out.wire_bytes
+            assert dc3.rounds.counters.chunks_received > 0
             doc = status(dc1)
             mine = next(m for m in doc["migrations"] if m["id"] == mid)
             assert mine["data_plane"] == {"v3": out.rounds} and mine["version"] == 3
@@ -90,7 +90,7 @@ def test_v3_migration_then_back_then_v1_fallback(tmp_path: Path) -> None:
             await wait_vm(dc1, "vm1", "running")
             assert image_hashes(dc1.backend.path("vm1")) == image_hashes(dc3.backend.path("vm1"))
             again = dc3.need_core().outcomes[back]
-            assert dc3.transfer_paths[back] == {"v3": again.rounds}
+            assert dc3.rounds.counters.paths[back] == {"v3": again.rounds}
             assert again.wire_bytes < again.bytes_sent / 10, (again.wire_bytes,
                                                               again.bytes_sent)
 
@@ -100,7 +100,7 @@ def test_v3_migration_then_back_then_v1_fallback(tmp_path: Path) -> None:
             await wait_vm(dc4, "vm2", "running")
             assert image_hashes(dc4.backend.path("vm2")) == image_hashes(dc1.backend.path("vm2"))
             v1 = dc1.need_core().outcomes[fb]
-            assert dc1.transfer_paths[fb] == {"v1": v1.rounds}
+            assert dc1.rounds.counters.paths[fb] == {"v1": v1.rounds}
             assert v1.wire_bytes > v1.bytes_sent  # v1: every page as it is, plus framing
             assert dc4.backend.info("vm2").state is VmState.RUNNING
 
@@ -119,22 +119,21 @@ def test_kill_switch_mid_migration_falls_back_to_v1(tmp_path: Path, monkeypatch)
     async def main() -> None:
         async with nodes_with(cfg, tmp_path / "data", {}) as nodes:
             dc1, dc2 = nodes["dc1"], nodes["dc2"]
-            real_run = V3RoundSender.run
+            real_drive = V3RoundSender._drive
 
-            async def run_then_kill(self: V3RoundSender, progress):  # type: ignore[no-untyped-def]
-                sent = await real_run(self, progress)
+            async def drive_then_kill(self: V3RoundSender, sources, feed):  # type: ignore[no-untyped-def]
+                await real_drive(self, sources, feed)
                 if not switched:  # the policy changes before the session hears of round 1
-                    switched.append(self.action.round)
-                    assert (await dc1.ledger.submit(SetPolicy(100, (), (), True))).ok
-                    with trio.fail_after(10):
-                        while not dc1.need_core().replica.ledger.policy.kill_switch:
-                            await trio.sleep(0.01)
-                return sent
+                    switched.append(self.round)
+                    await dc1.set_policy(100, kill_switch=True)
+                    await wait_until(
+                        lambda: dc1.need_core().ledger.policy.kill_switch,
+                        "the kill switch in dc1's ledger")
 
-            monkeypatch.setattr(V3RoundSender, "run", run_then_kill)
-            assert (await dc1.ledger.submit(SetPolicy(100, (), (), False))).ok
-            await dc1.import_vm("vm3", memory, [disk], writer_rate=300, writer_seed=11)
-            await trio.sleep(0.3)
+            monkeypatch.setattr(V3RoundSender, "_drive", drive_then_kill)
+            await dc1.set_policy(100, kill_switch=False)
+            await import_with_writer(dc1, "vm3", memory, [disk], rate=300, seed=11)
+            await wait_writes(dc1, "vm3")
             mid = await dc1.migrate("vm3", "dc2")
             assert await wait_outcome(dc1, mid) == "committed"
             await wait_vm(dc2, "vm3", "running")
@@ -143,10 +142,10 @@ def test_kill_switch_mid_migration_falls_back_to_v1(tmp_path: Path, monkeypatch)
             _writer_pages_intact(dc2, dc1, "vm3")
             out = dc1.need_core().outcomes[mid]
             assert switched == [1]
-            assert dc1.transfer_paths[mid] == {"v3": 1, "v1": out.rounds - 1}
+            assert dc1.rounds.counters.paths[mid] == {"v3": 1, "v1": out.rounds - 1}
             assert dc1.need_core().sessions[mid].version == 1
             # the v3 state of the migration was dropped when it ended
-            await wait_until(lambda: mid not in dc1.v3.sources
+            await wait_until(lambda: mid not in dc1.v3.sender.sources
                              and not list((dc1.data_dir / "v3-shadow").glob("*")),
                              "dc1 dropped the migration's v3 source state")
             await wait_until(lambda: not dc2.v3.receiver.rounds
@@ -191,9 +190,9 @@ def test_64mib_figures(tmp_path: Path, percent: int) -> None:
     async def main() -> dict[str, float]:
         async with nodes_with(cfg, tmp_path / "data", {}) as nodes:
             dc1, dc3 = nodes["dc1"], nodes["dc3"]
-            assert (await dc1.ledger.submit(SetPolicy(percent, (), (), False))).ok
-            await dc1.import_vm("big", memory, [disk], writer_rate=2000, writer_seed=5)
-            await trio.sleep(0.5)
+            await dc1.set_policy(percent, kill_switch=False)
+            await import_with_writer(dc1, "big", memory, [disk], rate=2000, seed=5)
+            await wait_writes(dc1, "big", 1000)
             t0 = trio.current_time()
             mid = await dc1.migrate("big", "dc3")
             assert await wait_outcome(dc1, mid, timeout=120) == "committed"
@@ -204,7 +203,7 @@ def test_64mib_figures(tmp_path: Path, percent: int) -> None:
             _writer_pages_intact(dc3, dc1, "big")
             out = dc1.need_core().outcomes[mid]
             version = "v3" if percent else "v1"
-            assert dc1.transfer_paths[mid] == {version: out.rounds}
+            assert dc1.rounds.counters.paths[mid] == {version: out.rounds}
             assert (out.wire_bytes < out.bytes_sent) == (version == "v3")
             return {"version": version, "image_bytes": logical, "rounds": out.rounds,
                     "logical_bytes": out.bytes_sent, "wire_bytes": out.wire_bytes,

@@ -10,22 +10,21 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness.node import ext4_image, image_hashes, memory_image
-from tests.test_ops_cli import _intact, _vm_dir, federation
+from tests.harness.processes import node_processes, vm_dir, writer_mismatches
 
 
 def test_v3_between_processes_then_kill_the_target_mid_round(tmp_path: Path) -> None:
     memory = memory_image(tmp_path / "memory.img", 24 << 20)
     disk = ext4_image(tmp_path / "disk.img")
     logical = memory.stat().st_size + disk.stat().st_size
-    with federation(tmp_path) as nodes:
+    with node_processes(tmp_path, {"dc1": ["vm1=300:3", "vm2=300:3"]}) as nodes:
         dc1 = nodes.api("dc1")
         code, bad = dc1.call("POST", "/api/policy", {"v3_percent": 101})
         assert code == 409 and "v3_percent" in bad["error"]
         policy = dc1.ok("POST", "/api/policy", {"v3_percent": 100})
         assert policy["v3_percent"] == 100 and policy["kill_switch"] is False
         for vm in ("vm1", "vm2"):
-            dc1.ok("POST", "/api/vms", {"name": vm, "memory": str(memory), "disks": [str(disk)],
-                                        "writer_rate": 300.0, "writer_seed": 3})
+            dc1.ok("POST", "/api/vms", {"name": vm, "memory": str(memory), "disks": [str(disk)]})
 
         mid = dc1.ok("POST", "/api/migrations", {"vm": "vm1", "to": "dc3"})["id"]
         done = nodes.wait("vm1 committed", lambda: (
@@ -35,9 +34,9 @@ def test_v3_between_processes_then_kill_the_target_mid_round(tmp_path: Path) -> 
         assert done["version"] == 3 and done["data_plane"] == {"v3": out["rounds"]}
         assert out["bytes_sent"] >= logical and 0 < out["wire_bytes"] < out["bytes_sent"]
         nodes.wait("vm1 running at dc3", lambda: nodes.vm_here("dc3", "vm1") == "running")
-        src, dst = _vm_dir(nodes, "dc1", "vm1"), _vm_dir(nodes, "dc3", "vm1")
+        src, dst = vm_dir(nodes, "dc1", "vm1"), vm_dir(nodes, "dc3", "vm1")
         assert image_hashes(dst) == image_hashes(src)
-        assert _intact(dst, src / "writer.log") == []
+        assert writer_mismatches(dst, src / "writer.log") == []
         with urllib.request.urlopen(f"{dc1.url}/metrics", timeout=30) as f:
             families = {m.name: m for m in text_string_to_metric_families(f.read().decode())}
         rounds = {s.labels["version"]: s.value
@@ -57,6 +56,6 @@ def test_v3_between_processes_then_kill_the_target_mid_round(tmp_path: Path) -> 
             and "outcome" in dc1.ok("GET", f"/api/migrations/{mid2}") and a), timeout=120)
         owner = agreed["owner_epoch"][0]
         nodes.wait(f"vm2 running at {owner}", lambda: nodes.vm_here(owner, "vm2") == "running")
-        writer_log = _vm_dir(nodes, "dc1", "vm2") / "writer.log"
+        writer_log = vm_dir(nodes, "dc1", "vm2") / "writer.log"
         nodes.stop_all()
-        assert _intact(_vm_dir(nodes, owner, "vm2"), writer_log) == []
+        assert writer_mismatches(vm_dir(nodes, owner, "vm2"), writer_log) == []

@@ -1,7 +1,10 @@
 """The operator's CLI against real ``dwcp node`` processes on loopback: import a VM of
 real data at dc1, migrate it to dc3 with its writer running, check the target's images
 against the source's at the fence and every ledger; kill -9 a node mid-migration and
-check the migration ends with one owner everywhere and that owner's image intact."""
+check the migration ends with one owner everywhere and that owner's image intact.
+
+The writer is a test tool, not an API field: dc1's node runs as the demo's writer node
+(:mod:`federation.demo.writer_node`), which gives the named VMs a page writer."""
 
 from __future__ import annotations
 
@@ -9,141 +12,37 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from federation import config
-from federation.cli.ops import Api, render_progress, render_status
-from federation.demo.guest_writer import expected_pages, mismatches
-from mesh.hde.image import open_image
-from tests.harness.node import ext4_image, image_hashes, make_federation, memory_image
-
-NAMES = ("dc1", "dc2", "dc3", "dc4")
-_MAIN = "import sys; from federation.cli.main import main; sys.exit(main())"
+from federation.cli.ops import render_progress, render_status
+from tests.harness.node import ext4_image, image_hashes, memory_image
+from tests.harness.processes import (
+    DWCP_MAIN,
+    NAMES,
+    NodeProcesses,
+    node_processes,
+    vm_dir,
+    writer_mismatches,
+)
 
 
 def dwcp(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", _MAIN, *args], capture_output=True,
+    return subprocess.run([sys.executable, "-c", DWCP_MAIN, *args], capture_output=True,
                           text=True, timeout=timeout)
-
-
-class Nodes:
-    def __init__(self, cfg: Path, logs: Path) -> None:
-        self.cfg = cfg
-        self.logs = logs
-        self.fed = config.load(cfg)
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def api(self, name: str) -> Api:
-        dc = self.fed.dc(name)
-        return Api(f"http://{dc.api.host}:{dc.api.port}")
-
-    def start(self, name: str) -> None:
-        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-c", _MAIN, "node", "--config", str(self.cfg), "--name", name],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
-        log.close()
-
-    def wait(self, what: str, check: Any, timeout: float = 60) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                got = check()
-            except Exception:  # noqa: BLE001 - a node not up yet; retried until the deadline
-                got = None
-            if got:
-                return got
-            dead = [n for n, p in self.procs.items() if p.poll() is not None]
-            if dead:
-                raise AssertionError(f"{dead} exited while waiting for {what}; logs in "
-                                     f"{self.logs}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; logs in {self.logs}")
-            time.sleep(0.1)
-
-    def ready(self, name: str) -> bool:
-        return self.api(name).call("GET", "/ready")[0] == 200
-
-    def status(self, name: str) -> dict[str, Any]:
-        return self.api(name).ok("GET", "/api/status")
-
-    def vm_here(self, name: str, vm: str) -> str | None:
-        for v in self.api(name).ok("GET", "/api/vms"):
-            if v["name"] == vm:
-                return v["here"]
-        return None
-
-    def agreed(self, vm: str) -> dict[str, Any] | None:
-        """The (owner, epoch) every ledger holds for ``vm`` once all heights are equal."""
-        docs = [self.status(n) for n in NAMES]
-        heights = {d["ledger"]["height"] for d in docs}
-        owners = {next((v["owner"], v["epoch"]) for v in d["vms"] if v["name"] == vm)
-                  for d in docs}
-        if len(heights) == 1 and len(owners) == 1:
-            return {"owner_epoch": owners.pop(), "height": heights.pop()}
-        return None
-
-    def stop_all(self) -> dict[str, int]:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        return {n: p.wait(timeout=30) for n, p in self.procs.items()}
-
-    def kill_all(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-
-
-@contextmanager
-def federation(tmp_path: Path) -> Iterator[Nodes]:
-    cfg = make_federation(tmp_path / "fed")
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    nodes = Nodes(cfg, logs)
-    try:
-        for name in NAMES:
-            nodes.start(name)
-        for name in NAMES:
-            nodes.wait(f"{name} ready", lambda name=name: nodes.ready(name))
-        yield nodes
-    finally:
-        nodes.kill_all()
-
-
-def _vm_dir(nodes: Nodes, dc: str, vm: str) -> Path:
-    return nodes.cfg.parent / "data" / dc / "vms" / vm
-
-
-def _intact(vm_dir: Path, writer_log: Path) -> list[str]:
-    layout = json.loads((vm_dir / "meta.json").read_text())["layout"]
-    images = {name: open_image(vm_dir / f"{name}.img", name) for name, _ in layout}
-    try:
-        return mismatches(images, expected_pages(writer_log))
-    finally:
-        for img in images.values():
-            img.close()
 
 
 def test_import_migrate_status_through_the_cli(tmp_path: Path) -> None:
     memory = memory_image(tmp_path / "memory.img", 8 << 20)
     disk = ext4_image(tmp_path / "disk.img")
-    with federation(tmp_path) as nodes:
+    with node_processes(tmp_path, {"dc1": ["vm1=300"]}) as nodes:
         at = ("--config", str(nodes.cfg), "--name", "dc1")
-        r = dwcp("vm", "import", "vm1", "--memory", str(memory), "--disk", str(disk),
-                 "--writer-rate", "300", *at)
+        r = dwcp("vm", "import", "vm1", "--memory", str(memory), "--disk", str(disk), *at)
         assert r.returncode == 0, r.stderr
         assert r.stdout.startswith("imported vm1: ")
         r = dwcp("migrate", "vm1", "--to", "dc3", *at)
@@ -152,9 +51,9 @@ def test_import_migrate_status_through_the_cli(tmp_path: Path) -> None:
         progress = r.stderr.splitlines()
         assert progress and all(" round " in line for line in progress), r.stderr
         nodes.wait("vm1 running at dc3", lambda: nodes.vm_here("dc3", "vm1") == "running")
-        src, dst = _vm_dir(nodes, "dc1", "vm1"), _vm_dir(nodes, "dc3", "vm1")
+        src, dst = vm_dir(nodes, "dc1", "vm1"), vm_dir(nodes, "dc3", "vm1")
         assert image_hashes(dst) == image_hashes(src)  # the source's images at the fence
-        assert _intact(dst, src / "writer.log") == []
+        assert writer_mismatches(dst, src / "writer.log") == []
         agreed = nodes.wait("ledgers agree", lambda: nodes.agreed("vm1"))
         assert agreed["owner_epoch"] == ("dc3", 1)
 
@@ -188,10 +87,9 @@ def _kill_mid_migration(tmp_path: Path, victim: str, rng: random.Random) -> str:
     """Returns the owner the ledgers agree on afterwards."""
     memory = memory_image(tmp_path / "memory.img", 48 << 20)
     disk = ext4_image(tmp_path / "disk.img")
-    with federation(tmp_path) as nodes:
+    with node_processes(tmp_path, {"dc1": ["vm1=300:3"]}) as nodes:
         dc1 = nodes.api("dc1")
-        dc1.ok("POST", "/api/vms", {"name": "vm1", "memory": str(memory), "disks": [str(disk)],
-                                    "writer_rate": 300.0, "writer_seed": 3})
+        dc1.ok("POST", "/api/vms", {"name": "vm1", "memory": str(memory), "disks": [str(disk)]})
         mid = dc1.ok("POST", "/api/migrations", {"vm": "vm1", "to": "dc3"})["id"]
         # a random moment of pre-copy: after some bytes, before the end
         total = (memory.stat().st_size + disk.stat().st_size)
@@ -207,15 +105,15 @@ def _kill_mid_migration(tmp_path: Path, victim: str, rng: random.Random) -> str:
             and all(_ended(nodes, n, mid) for n in ("dc1", "dc3")) and a), timeout=120)
         owner = agreed["owner_epoch"][0]
         nodes.wait(f"vm1 running at {owner}", lambda: nodes.vm_here(owner, "vm1") == "running")
-        src = _vm_dir(nodes, "dc1", "vm1")
+        src = vm_dir(nodes, "dc1", "vm1")
         # the owner's image holds every page the writer wrote (until the fence, if any)
         nodes.stop_all()
-        assert _intact(_vm_dir(nodes, owner, "vm1"), src / "writer.log") == []
+        assert writer_mismatches(vm_dir(nodes, owner, "vm1"), src / "writer.log") == []
         assert in_flight or owner == "dc3", "the migration ended before the kill"
         return owner
 
 
-def _received(nodes: Nodes, mid: str) -> float:
+def _received(nodes: NodeProcesses, mid: str) -> float:
     """Bytes dc3 wrote for ``mid`` so far (infinite once the migration ended)."""
     code, m = nodes.api("dc3").call("GET", f"/api/migrations/{mid}")
     if code != 200:
@@ -223,7 +121,7 @@ def _received(nodes: Nodes, mid: str) -> float:
     return float("inf") if "outcome" in m else m.get("received_bytes", 0)
 
 
-def _ended(nodes: Nodes, dc: str, mid: str) -> bool:
+def _ended(nodes: NodeProcesses, dc: str, mid: str) -> bool:
     code, m = nodes.api(dc).call("GET", f"/api/migrations/{mid}")
     return code == 200 and m.get("ledger") in ("committed", "aborted") and "outcome" in m
 

@@ -7,7 +7,6 @@ import random
 from collections.abc import Sequence
 
 from consensus.durable import ReplicaLog
-from consensus.ledger import RegisterVm
 from consensus.pbft.client import RETRANSMIT, RETRANSMIT_MAX, LedgerClient
 from consensus.pbft.messages import Envelope, Reply, Request, Result
 from consensus.pbft.quorum import Quorum
@@ -16,6 +15,7 @@ from consensus.pbft.state import STATUS_TIMER
 from mesh import wire
 from mesh.core import Send, SetTimer, TimerFired
 from sim.hosts.pbft_cluster import identity_for
+from tests.harness.ledger import register
 
 NAMES = ["n00", "n01", "n02", "n03"]
 
@@ -114,7 +114,7 @@ def _requests_sent(actions: Sequence[object]) -> list[str]:
 def test_waiting_requests_are_relayed_to_all_only_while_execution_stands_still() -> None:
     r = _replica("n01")
     r.start(0.0)
-    _rid, actions = r.submit(0.1, wire.encode(RegisterVm("vm-1", "n01")))
+    _rid, actions = r.submit(0.1, wire.encode(register("vm-1", "n01")))
     assert _requests_sent(actions) == ["n00"]  # to the primary only (OSDI'99 §4.1)
     half = r.state.timeout / 2
     r.state.progress_at = 0.2 + half  # a batch executed just now: the request is queued

@@ -5,24 +5,30 @@ their SQLite logs, catch up, and every ledger agrees."""
 from __future__ import annotations
 
 import random
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from bench.consensus import Cluster
+from tests.harness.waiting import poll_until
+
+#: The replicas rewrite their status file every 0.2 s (bench/consensus.py).
+STATUS_EVERY = 0.2
 
 
 def _settle(c: Cluster, timeout: float) -> dict[str, dict[str, object]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        states = {m: c.status(m) for m in c.names}
-        done = all(s is not None and s["digest"] is not None for s in states.values()) and len(
-            {(s["last_exec"], s["digest"]) for s in states.values() if s is not None}) == 1
-        if done or time.monotonic() > deadline:
-            return {m: s or {} for m, s in states.items()}
-        time.sleep(0.1)
+    """Every replica's status once all show the same ledger, quiet (a digest is only
+    reported once execution stood still for a status period)."""
+
+    def quiet_and_equal() -> dict[str, dict[str, object]] | None:
+        states = {m: c.status(m) or {} for m in c.names}
+        if all(s.get("digest") for s in states.values()) and len(
+                {(s["last_exec"], s["digest"]) for s in states.values()}) == 1:
+            return states
+        return None
+
+    return poll_until(quiet_and_equal, "every ledger quiet and the same", timeout,
+                      every=STATUS_EVERY / 2)
 
 
 @pytest.mark.processes
@@ -31,10 +37,8 @@ def test_kill_9_replica_restarts_catches_up_and_ledgers_agree(tmp_path: Path) ->
     try:
         c.start_all({"n01": (8, 3.0), "n03": (8, 3.0)})
         c.go(c.names)
-        deadline = time.monotonic() + 30
-        while (c.status("n02") or {}).get("last_exec", 0) < 5:  # n02 has executed some
-            assert time.monotonic() < deadline, "no progress before the kill"
-            time.sleep(0.05)
+        poll_until(lambda: (c.status("n02") or {}).get("last_exec", 0) >= 5,
+                   "n02 executing some commands before the kill", 30, every=STATUS_EVERY / 2)
         c.kill("n02")
         before = c.status("n02") or {}
         c.start("n02")  # same data directory: it recovers from its SQLite log
@@ -63,16 +67,12 @@ def test_bench_smoke_a_short_loaded_run_and_the_link_phase_report_real_figures()
     assert 0 < hop < 0.5 and cpu > 0
 
 
-def _wait(what: str, holds: Callable[[], bool], timeout: float) -> None:
-    """Poll the status files (rewritten every 0.2 s by each node) until ``holds``."""
-    deadline = time.monotonic() + timeout
-    while not holds():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.05)
-
-
 def _view(c: Cluster, name: str) -> int:
     return int((c.status(name) or {}).get("view", 0))
+
+
+def _executed(c: Cluster, name: str) -> int:
+    return int((c.status(name) or {}).get("last_exec", 0))
 
 
 def _started_view_changes(c: Cluster, name: str) -> int:
@@ -83,35 +83,36 @@ def _started_view_changes(c: Cluster, name: str) -> int:
 @pytest.mark.parametrize("seed", [1, 2])
 def test_kill_9_primary_under_load_then_backups_during_the_view_change(
         tmp_path: Path, seed: int) -> None:
-    """The primary n00 is killed while every backup loads the ledger; while the backups
-    change view, one of them (the new primary n01 half the time) is killed at a random
-    moment and n00 comes back; then another backup is killed and restarted. Every node
-    restarts from its own data directory; at the end all four ledgers agree."""
+    """The primary n00 is killed at a random point of the load every backup puts on the
+    ledger; as soon as a backup starts the view change, one of them (the new primary n01
+    half the time) is killed and n00 and it come back; at a random point after the view
+    change another backup is killed and restarted. Every node restarts from its own data
+    directory; at the end all four ledgers agree."""
     rng = random.Random(seed)
     c = Cluster(4, tmp_path, view_timeout=0.5)
-    load = 10.0
+    look = STATUS_EVERY / 4
     try:
-        c.start_all({m: (8, load) for m in ("n01", "n02", "n03")})
+        # 20 s of load: the kills below all come while commands still flow
+        c.start_all({m: (8, 20.0) for m in ("n01", "n02", "n03")})
         c.go(c.names)
-        _wait("n01 executed some commands", lambda: int(
-            (c.status("n01") or {}).get("last_exec", 0)) >= 5, 30.0)
-        time.sleep(rng.uniform(0.0, 0.5))  # a random moment of the load (waiting, not work)
+        at = rng.randint(5, 20)
+        poll_until(lambda: _executed(c, "n01") >= at, f"n01 executing {at} batches", 30,
+                   every=look)
         c.kill("n00")
-        _wait("a backup started a view change",
-              lambda: any(_started_view_changes(c, m) for m in ("n01", "n02", "n03")), 30.0)
-        time.sleep(rng.uniform(0.0, 0.3))  # somewhere inside the view change
+        poll_until(lambda: any(_started_view_changes(c, m) for m in ("n01", "n02", "n03")),
+                   "a backup starting a view change", 30, every=look)
         first = "n01" if rng.random() < 0.5 else rng.choice(["n02", "n03"])
         c.kill(first)
         c.start("n00")
-        time.sleep(rng.uniform(0.0, 0.5))
         c.start(first)
         c.wait_ready(["n00", first])  # READY once linked to every peer
-        _wait("the federation moved past view 0", lambda: max(
-            _view(c, m) for m in c.names) >= 1, 30.0)
+        poll_until(lambda: max(_view(c, m) for m in c.names) >= 1,
+                   "the federation past view 0", 30, every=look)
         second = rng.choice([m for m in ("n01", "n02", "n03") if m != first])
-        time.sleep(rng.uniform(0.0, 0.5))
+        at = _executed(c, second) + rng.randint(1, 5)
+        poll_until(lambda: _executed(c, second) >= at, f"{second} executing batch {at}", 30,
+                   every=look)
         c.kill(second)
-        time.sleep(rng.uniform(0.0, 0.5))
         c.start(second)
         c.wait_ready([second])
         c.go(["n00", first, second])  # the restarted nodes load nothing (window 0)

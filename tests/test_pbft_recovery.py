@@ -12,11 +12,11 @@ from collections.abc import Callable
 
 import attrs
 
-from consensus.ledger import RegisterVm
 from mesh import wire
 from sim import partitions
 from sim.hosts.pbft_cluster import SIM_CONFIG, PbftCluster
 from sim.world import World
+from tests.harness.ledger import register
 
 CONFIG = attrs.evolve(SIM_CONFIG, checkpoint_interval=4, window=8)
 
@@ -78,7 +78,7 @@ def test_a_decided_sequence_number_survives_crashes_right_after_a_new_view() -> 
     c = PbftCluster.standalone(seed=3, config=CONFIG)
     a, b, cc, d = c.names
     cut = c.world.block(partitions.isolate(d, c.names))
-    c.world.at(0.1, lambda w: c.submit(b, RegisterVm("vm-1", b)), "submit vm-1")
+    c.world.at(0.1, lambda w: c.submit(b, register("vm-1", b)), "submit vm-1")
     assert c.world.run(until=5.0, predicate=lambda w: all(
         executed(w, m) >= 1 for m in (a, b, cc)) and acknowledged(w) == [b])
 
@@ -86,8 +86,8 @@ def test_a_decided_sequence_number_survives_crashes_right_after_a_new_view() -> 
     c.world.unblock(cut)
     deaf = c.world.block(partitions.one_way([b, cc], [d]))
     hits = {m: crash_after(c, m, after_entering_view(1), down_for=0.5) for m in (b, cc)}
-    c.submit(b, RegisterVm("vm-2", b))  # pending, so the backups time out the primary
-    c.submit(d, RegisterVm("vm-3", d))
+    c.submit(b, register("vm-2", b))  # pending, so the backups time out the primary
+    c.submit(d, register("vm-3", d))
     assert c.world.run(until=c.world.now + 20.0, predicate=lambda w: bool(
         hits[b] and hits[cc] and w.nodes[b].up and w.nodes[cc].up))
     c.world.unblock(deaf)
@@ -110,7 +110,7 @@ def test_a_replica_that_missed_the_new_view_gets_it_from_restarted_peers() -> No
     c.world.crash(a)
     deaf = c.world.block(partitions.one_way([b, cc], [d]))
     for m in (b, cc, d):
-        c.submit(m, RegisterVm(f"vm-{m}", m))  # each waits on n00, so each asks for view 1
+        c.submit(m, register(f"vm-{m}", m))  # each waits on n00, so each asks for view 1
     assert c.world.run(until=20.0, predicate=lambda w: all(
         (r := c.replica(m)) is not None and r.view == 1 and r.active for m in (b, cc)))
     for m in (b, cc):
@@ -119,7 +119,7 @@ def test_a_replica_that_missed_the_new_view_gets_it_from_restarted_peers() -> No
     c.world.unblock(deaf)
     assert c.world.run(until=c.world.now + 10.0, predicate=lambda w: (
         (r := c.replica(d)) is not None and r.view == 1 and r.active))
-    c.submit(b, RegisterVm("vm-after", b))
+    c.submit(b, register("vm-after", b))
     assert c.world.run(until=c.world.now + 10.0, predicate=lambda w: all(
         "vm-after" in r.ledger.vms for m in (b, cc, d) if (r := c.replica(m)) is not None))
     assert c.problem is None, c.problem

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from consensus.durable import ReplicaLog
-from consensus.ledger import LedgerResult, RegisterVm
+from consensus.ledger import LedgerResult
 from consensus.pbft import viewchange
 from consensus.pbft.messages import (
     NewView,
@@ -24,6 +24,7 @@ from sim.hosts.byzantine import Silent
 from sim.hosts.pbft_cluster import SIM_CONFIG, PbftCluster, identity_for
 from sim.scenario import Run, ScenarioSpec
 from sim.world import World
+from tests.harness.ledger import register
 
 SMALL = attrs.evolve(SIM_CONFIG, checkpoint_interval=4, window=8)
 
@@ -50,7 +51,7 @@ def register_many(c: PbftCluster, count: int, at: float = 0.1, step: float = 0.0
     c.workload_end = max(getattr(c, "workload_end", 0.0), at + count * step)  # type: ignore[attr-defined]
     for i in range(count):
         name = c.names[i % len(c.names)]
-        c.world.at(at + i * step, lambda w, i=i, name=name: submit(c, name, RegisterVm(
+        c.world.at(at + i * step, lambda w, i=i, name=name: submit(c, name, register(
             f"vm{i}", name)), f"submit {i}")
 
 
@@ -135,7 +136,7 @@ def test_a_new_primary_numbers_on_from_the_new_view_not_from_its_own_old_proposa
     c.world.run(until=c.world.now + 2.0)
     assert n01.view == 1 and n01.active and n01.primary == "n01"
     assert n01.state.next_seq == executed + 1
-    submit(c, "n02", RegisterVm("vm-after", "n02"))
+    submit(c, "n02", register("vm-after", "n02"))
     c.workload_end = c.world.now  # type: ignore[attr-defined]
     run_until_settled(c, until=c.world.now + 30.0)
     assert "vm-after" in n01.ledger.vms and n01.last_exec == executed + 1
@@ -225,12 +226,13 @@ def test_restarted_replica_recovers_from_its_durable_log() -> None:
 
 def test_duplicate_request_executes_once_and_is_answered_again() -> None:
     c = cluster()
-    rid = submit(c, "n01", RegisterVm("vm-x", "n01"))
+    cmd = register("vm-x", "n01")
+    rid = submit(c, "n01", cmd)
     run_until_settled(c)
     rep = c.replica("n01")
     env = seal(identity_for("n01"), "n01", __import__(
         "consensus.pbft.messages", fromlist=["Request"]).Request(
-            "n01", rid, (wire.encode(RegisterVm("vm-x", "n01")),)))
+            "n01", rid, (wire.encode(cmd),)))
     actions = c.replica("n00").handle(c.world.now, Received("n01", env))
     assert [a.peer for a in actions if hasattr(a, "peer")] == ["n01"]  # the reply again
     assert len([k for k in c.request_seq if k == ("n01", rid)]) == 1
@@ -242,7 +244,7 @@ def test_client_needs_f_plus_one_matching_replies_and_times_out() -> None:
     from sim import partitions
 
     c.world.block(partitions.isolate("n01", c.names))
-    rid = submit(c, "n01", RegisterVm("vm-y", "n01"))
+    rid = submit(c, "n01", register("vm-y", "n01"))
     c.world.run(until=5.0)
     timeouts = [n for n in c.world.notifications if n.kind == "ledger.timeout"]
     assert [(n.node, n.detail["request_id"]) for n in timeouts] == [("n01", rid)]

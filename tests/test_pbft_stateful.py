@@ -31,7 +31,6 @@ from hypothesis.stateful import (
 )
 
 from consensus.durable import ReplicaLog
-from consensus.ledger import RegisterVm
 from consensus.pbft.messages import Envelope
 from consensus.pbft.replica import Replica
 from mesh import wire
@@ -39,6 +38,7 @@ from mesh.core import Action, CancelTimer, Notify, Persist, Received, Send, SetT
 from sim.hosts.pbft_cluster import SIM_CONFIG, identity_for
 from sim.hosts.pbft_promises import SignedPromises
 from sim.store import SimStore
+from tests.harness.ledger import register
 
 NAMES = ("n00", "n01", "n02", "n03")
 KEYS = {m: identity_for(m).public for m in NAMES}
@@ -136,7 +136,7 @@ class CrashRecovery(RuleBasedStateMachine):
         cmds = []
         for _ in range(count):
             self.commands += 1
-            cmds.append(wire.encode(RegisterVm(f"vm-{self.commands}", m)))
+            cmds.append(wire.encode(register(f"vm-{self.commands}", m)))
         _rids, actions = replica.submit_many(self.now, tuple(cmds))
         self._do(m, actions, None)
 

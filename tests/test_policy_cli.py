@@ -18,8 +18,9 @@ from federation.api.http import handle_request
 from federation.cli.main import main
 from federation.cli.policy import render_policy
 from federation.migration.rollout import rollout_bucket
+from tests.harness.api import call
 from tests.harness.node import build_node, make_federation, real_vm, running_nodes
-from tests.test_node_api import call
+from tests.harness.waiting import wait_until
 
 
 def _dwcp(*args: str) -> tuple[int, str, str]:
@@ -67,9 +68,8 @@ def test_policy_show_and_set_through_the_ledger(tmp_path: Path) -> None:
             assert "web  dc1    " in out and "yes (target_vms)" in out
             want = SetPolicy(50, (), ("db", "web"), False)
             for node in nodes.values():  # every DC's ledger has it
-                with trio.fail_after(10):
-                    while node.need_core().replica.ledger.policy != want:
-                        await trio.sleep(0.02)
+                await wait_until(lambda node=node: node.need_core().replica.ledger.policy == want,
+                                 f"the policy in {node.name}'s ledger")
 
             # fields not given are kept; the answer is the ledger's policy, from any node
             dc3 = nodes["dc3"]

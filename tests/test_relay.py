@@ -17,29 +17,28 @@ import trio
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from consensus.ledger import SetPolicy
 from federation.dataplane.relay import DataRelay, RelayOpen, RelayRefused, open_relayed
-from federation.node.status import NodeCollector, status
+from federation.node.metrics import NodeCollector
+from federation.node.status import status
 from mesh import identity
 from mesh.channel import SecureChannel
 from mesh.links.routes import BULK, Route
 from mesh.runtime.amst_stream import NET_ERRORS
 from mesh.runtime.amst_transfer import AmstServer, TransferCut, send_transfer
 from mesh.runtime.log import JsonLog
+from tests.harness.data import MiB, chunked, real_bytes
 from tests.harness.node import (
     ext4_image,
     image_hashes,
     make_federation,
     memory_image,
     migrate_checked,
+    redirect,
     running_nodes,
     wait_outcome,
     wait_vm,
 )
-from tests.test_amst_io import chunked, real_bytes
-from tests.test_data_resume import redirect
 
-MiB = 1024 * 1024
 TRANSFER = b"relay-test-00001"
 KEYS = {n: identity.Identity.from_seed(bytes([i + 31]) * 32) for i, n in enumerate("sxt")}
 PEERS = {n: k.public for n, k in KEYS.items()}
@@ -199,15 +198,15 @@ def test_migration_follows_a_bulk_route_through_the_third_dc(tmp_path: Path) -> 
             election.routes[(BULK, "dc3")] = held
             # and for this test the detour holds whatever the mesh elects meanwhile
             dc1.v3.bulk_via = lambda target: "dc2"  # type: ignore[method-assign]
-            assert (await dc1.ledger.submit(SetPolicy(100, (), (), False))).ok
+            await dc1.set_policy(100, kill_switch=False)
             await dc1.import_vm("vm1", memory, [disk])
             await dc1.import_vm("vm2", memory, [disk])
 
             mid = await migrate_checked(dc1, dc3, "vm1")
             out = dc1.need_core().outcomes[mid]
             assert dc2.v3.relay.relayed_bytes >= out.wire_bytes - out.rounds * 64 * 1024
-            assert dc1.v3.path_stats["relayed_streams"] >= 1
-            assert dc1.v3.path_stats["relay_fallbacks"] == 0
+            assert dc1.rounds.counters.relayed_streams >= 1
+            assert dc1.rounds.counters.relay_fallbacks == 0
             # the source's status says which DC carried the migration's streams
             mine = next(m for m in status(dc1)["migrations"] if m["id"] == mid)
             assert list(mine["streams"]) == ["dc2"] and mine["streams"]["dc2"] >= out.rounds
@@ -226,7 +225,7 @@ def test_migration_follows_a_bulk_route_through_the_third_dc(tmp_path: Path) -> 
             await wait_vm(dc4, "vm2", "running")
             assert image_hashes(dc4.backend.path("vm2")) == image_hashes(
                 dc1.backend.path("vm2"))
-            assert dc1.v3.path_stats["relay_fallbacks"] >= 1
+            assert dc1.rounds.counters.relay_fallbacks >= 1
             assert dc2.v3.relay.refused.get("busy", 0) >= 1
             # refused by the relay, every stream of this migration went direct
             streams = next(m for m in status(dc1)["migrations"] if m["id"] == mid2)["streams"]

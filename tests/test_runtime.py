@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import json
 import random
 import socket
 import sqlite3
@@ -34,10 +32,11 @@ from mesh.core import (
 )
 from mesh.runtime.link import LinkHello, LinkSuperseded, open_link
 from mesh.runtime.link_policy import BACKOFF_CAP, Backoff, LinkClaim, keep_new_link
-from mesh.runtime.log import JsonLog
-from mesh.runtime.node_runtime import RESOURCE, ListenError, Peer, Runtime
+from mesh.runtime.node_runtime import RESOURCE, ListenError, Runtime
 from mesh.runtime.sqlite_store import SQLiteStore
 from mesh.wire import U64, Text, field
+from tests.harness.runtime import Mesh
+from tests.harness.waiting import wait_until
 
 # --------------------------------------------------------------------------- backoff
 
@@ -183,58 +182,6 @@ class EchoCore:
         return [e.key for _, e in self.events if isinstance(e, TimerFired)]
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-class Mesh:
-    def __init__(self, count: int, tmp: Path, federation: str = "t") -> None:
-        self.names = [f"dc{i}" for i in range(1, count + 1)]
-        self.ids = {n: identity.generate() for n in self.names}
-        self.ports = dict(zip(self.names, _free_ports(count), strict=True))
-        self.federation = federation
-        self.tmp = tmp
-        self.logs: dict[str, io.StringIO] = {}
-
-    def runtime(self, name: str, *, federation: str | None = None, seed: int = 0) -> Runtime:
-        peers = [
-            Peer(n, self.ids[n].public, "127.0.0.1", self.ports[n]) for n in self.names if n != name
-        ]
-        self.logs[name] = io.StringIO()
-        return Runtime(
-            name=name,
-            federation=federation or self.federation,
-            identity=self.ids[name],
-            public_key=self.ids[name].public,
-            peers=peers,
-            listen_host="127.0.0.1",
-            listen_port=self.ports[name],
-            versions=(1, 3),
-            store=SQLiteStore(self.tmp / f"{name}.sqlite3"),
-            log=JsonLog(name, self.logs[name]),
-            rng=random.Random(seed),
-        )
-
-    def keys(self) -> dict[str, identity.PublicKey]:
-        return {n: i.public for n, i in self.ids.items()}
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.logs[name].getvalue().splitlines()]
-
-
-async def _until(predicate: Any, timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
-
-
 async def test_runtimes_form_one_link_per_pair_and_host_cores(tmp_path: Path) -> None:
     mesh = Mesh(3, tmp_path)
     runtimes = {n: mesh.runtime(n, seed=i) for i, n in enumerate(mesh.names)}
@@ -250,8 +197,9 @@ async def test_runtimes_form_one_link_per_pair_and_host_cores(tmp_path: Path) ->
                 len(c.pongs) == 2 and len(c.timers_fired()) == 2 for c in cores.values()
             )
 
-        await _until(settled)
-        # Settled means settled: no link comes or goes while nothing fails.
+        await wait_until(settled, "every link up, every ping answered, every timer fired")
+        # Settled means settled: no link comes or goes while nothing fails. The window is
+        # what is tested (no event may happen in it), so it is a fixed time on purpose.
         link_events = ("peer_up", "peer_down", "link_replaced", "link_duplicate")
         before = {n: sum(e["event"] in link_events for e in mesh.events(n)) for n in mesh.names}
         await trio.sleep(0.3)
@@ -287,7 +235,8 @@ async def test_a_peer_of_another_federation_is_refused_and_counted(tmp_path: Pat
     async with trio.open_nursery() as nursery:
         await nursery.start(good.run)
         await nursery.start(stranger.run)
-        await _until(lambda: good.refused.get("wrong_federation", 0) >= 1)
+        await wait_until(lambda: good.refused.get("wrong_federation", 0) >= 1,
+                         "the stranger refused")
         assert good.links == {} and stranger.links == {}
         refused = [e for e in mesh.events("dc1") if e["event"] == "channel_refused"]
         assert refused[0]["reason"] == "wrong_federation"
@@ -304,12 +253,12 @@ async def test_a_restarted_peer_is_redialled_and_seen_down_then_up(tmp_path: Pat
         await nursery.start(a.run)
         crash = trio.CancelScope()  # a hard stop of dc2: no final frames
         nursery.start_soon(_run_in, crash, mesh.runtime("dc2"))
-        await _until(lambda: "dc2" in a.links)
+        await wait_until(lambda: "dc2" in a.links, "dc2 up at dc1")
         crash.cancel()
-        await _until(lambda: "dc2" not in a.links)
+        await wait_until(lambda: "dc2" not in a.links, "dc2 down at dc1")
         b2 = mesh.runtime("dc2", seed=1)
         await nursery.start(b2.run)
-        await _until(lambda: "dc2" in a.links and "dc1" in b2.links)
+        await wait_until(lambda: "dc2" in a.links and "dc1" in b2.links, "the link back up")
         kinds = [type(e).__name__ for _, e in core.events if isinstance(e, (PeerUp, PeerDown))]
         assert kinds == ["PeerUp", "PeerDown", "PeerUp"]
         a.shutdown()
@@ -355,10 +304,11 @@ async def test_handlers_get_their_tags_and_other_messages_are_counted(tmp_path: 
     async with trio.open_nursery() as nursery:
         await nursery.start(a.run)
         await nursery.start(b.run)
-        await _until(lambda: "dc2" in a.links and "dc1" in b.links)
+        await wait_until(lambda: "dc2" in a.links and "dc1" in b.links, "the link up")
         assert b.send("dc1", Pong(7)) and b.send("dc1", Ping(1, "dc2"))
         assert not b.send("dc9", Pong(1))
-        await _until(lambda: a.counters.get("unrouted") == 1 and len(got) == 1)
+        await wait_until(lambda: a.counters.get("unrouted") == 1 and len(got) == 1,
+                         "the pong handled and the ping counted unrouted")
         assert got == [("dc2", Pong(7))]
         assert b.counters["send_no_link"] == 1
         with pytest.raises(RuntimeError, match="after the runtime started"):
@@ -460,7 +410,7 @@ async def test_a_superseded_connection_hands_over_without_peer_down(tmp_path: Pa
             nursery, "127.0.0.1", mesh.ports["dc2"], RESOURCE, use_ssl=False
         )
         await open_link(first, first_ch, incarnation)
-        await _until(lambda: "dc1" in b.links)
+        await wait_until(lambda: "dc1" in b.links, "dc1 up at dc2")
         await first.send_message(first_ch.send(wire.encode(LinkSuperseded())))
         await first.send_message(first_ch.close())
         while not isinstance(first_ch.receive_frame(await first.get_message())[-1:][0], Closed):
@@ -470,7 +420,8 @@ async def test_a_superseded_connection_hands_over_without_peer_down(tmp_path: Pa
             nursery, "127.0.0.1", mesh.ports["dc2"], RESOURCE, use_ssl=False
         )
         await open_link(second, second_ch, incarnation)
-        await _until(lambda: b.links.get("dc1") is not None and b.links["dc1"].link_id == 2)
+        await wait_until(lambda: b.links.get("dc1") is not None and b.links["dc1"].link_id == 2,
+                         "the second connection in place")
         kinds = [type(e).__name__ for _, e in core.events if isinstance(e, (PeerUp, PeerDown))]
         assert kinds == ["PeerUp"]
         assert not [e for e in mesh.events("dc2") if e["event"] == "peer_down"]
@@ -507,7 +458,7 @@ async def test_start_hook_and_invoke_run_in_the_cores_turn(tmp_path: Path) -> No
         await rt.invoke("c", bump, "bump")
         assert core.calls[0] == "start" and core.calls[-1] == "invoked"
         assert rt.store is not None and rt.store.get("k") == b"v"  # done before invoke returns
-        await _until(lambda: "TimerFired" in core.calls)
+        await wait_until(lambda: "TimerFired" in core.calls, "the start timer fired")
         with pytest.raises(KeyError, match="no core named 'x'"):
             await rt.invoke("x", bump)
         rt.shutdown()
@@ -540,7 +491,8 @@ async def test_a_websocket_protocol_error_ends_the_connection_not_the_node(
                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
             )
             seen = victim.counters.get("ws_protocol_errors", 0)
-            await _until(lambda seen=seen: victim.counters.get("ws_protocol_errors", 0) > seen)
+            await wait_until(lambda seen=seen: victim.counters.get("ws_protocol_errors", 0) > seen,
+                             "the protocol error counted")
             await stream.aclose()
         assert raised == 2 and victim.counters["ws_protocol_errors"] == 2
         assert any(e["event"] == "ws_protocol_error" for e in mesh.events("dc1"))

@@ -22,13 +22,7 @@ from federation.vms.backend import (
 )
 from federation.vms.image_backend import ImageBackend, atomic_write
 from mesh.hde.image import PAGE_SIZE
-
-
-def real_bytes(n_pages: int, salt: bytes = b"") -> bytes:
-    """Page content from this repository's own source text (real data, not noise)."""
-    text = b"".join(p.read_bytes() for p in sorted(Path("federation").rglob("*.py"))) + salt
-    out = (text * (n_pages * PAGE_SIZE // len(text) + 1))[: n_pages * PAGE_SIZE]
-    return out
+from tests.harness.data import real_pages
 
 
 @pytest.fixture
@@ -40,8 +34,8 @@ def backend(tmp_path: Path) -> ImageBackend:
 def files(tmp_path: Path) -> tuple[Path, Path]:
     mem = tmp_path / "mem.raw"
     disk = tmp_path / "disk.raw"
-    mem.write_bytes(real_bytes(64))
-    disk.write_bytes(real_bytes(16, b"disk"))
+    mem.write_bytes(real_pages(64))
+    disk.write_bytes(real_pages(16, b"disk"))
     return mem, disk
 
 
@@ -149,11 +143,8 @@ def test_retired_copy_never_runs_but_serves_as_the_next_base(
     assert backend.retire("a", "m1").state is VmState.RETIRED
     with pytest.raises(VmError, match="migrated away"):
         backend.start("a", 1)
-    # the VM comes back: the old copy is reused in place (its writer log set aside)
-    (backend.path("a") / "writer.log").write_bytes(b"")
+    # the VM comes back: the old copy is reused in place
     writers = backend.prepare_incoming("a", [("memory", 80)], "m9")
-    assert (backend.path("a") / "writer.log.before-m9").exists()
-    assert not (backend.path("a") / "writer.log").exists()
     assert bytes(writers["memory"].view(5)) == files[0].read_bytes()[5 * 4096 : 6 * 4096]
     assert not any(writers["memory"].view(70))  # grown pages are zero
     for w in writers.values():

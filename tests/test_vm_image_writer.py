@@ -6,13 +6,13 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from federation.demo.guest_backend import WriterSetting, WritingBackend
 from federation.demo.guest_writer import (
     HOT_FRACTION,
     RECORD_BYTES,
@@ -20,14 +20,14 @@ from federation.demo.guest_writer import (
     WritePlan,
     WriterLogError,
     expected_pages,
-    map_writable,
     mismatches,
     read_log,
 )
 from federation.vms.backend import VmError, VmState
-from federation.vms.image_backend import ImageBackend
+from federation.vms.image_backend import map_writable
 from mesh.hde.image import PAGE_SIZE
-from tests.test_vm_image import real_bytes
+from tests.harness.data import real_pages
+from tests.harness.waiting import poll_until
 
 LAYOUT = {"memory": 1024, "disk-0": 64}
 
@@ -59,7 +59,7 @@ def make_images(tmp_path: Path) -> dict[str, object]:
     out = {}
     for name, pages in LAYOUT.items():
         path = tmp_path / f"{name}.img"
-        path.write_bytes(real_bytes(pages, name.encode()))
+        path.write_bytes(real_pages(pages, name.encode()))
         out[name] = map_writable(path, pages, name)
     return out
 
@@ -139,8 +139,8 @@ def test_log_replays_after_a_crash_between_log_and_image(tmp_path: Path) -> None
 
 def test_backend_writer_runs_until_the_fence(tmp_path: Path) -> None:
     mem = tmp_path / "mem.raw"
-    mem.write_bytes(real_bytes(256))
-    b = ImageBackend(tmp_path / "vms")
+    mem.write_bytes(real_pages(256))
+    b = WritingBackend(tmp_path / "vms")
     b.import_vm("a", mem)
     with pytest.raises(VmError, match="positive"):
         b.attach_writer("a", seed=1, rate=0)
@@ -150,10 +150,7 @@ def test_backend_writer_runs_until_the_fence(tmp_path: Path) -> None:
     b.start("a", 0)
     thread = b.writer("a")
     assert thread is not None
-    deadline = time.monotonic() + 10
-    while thread.writer.seq < 200 and time.monotonic() < deadline:
-        time.sleep(0.01)  # waiting for the writer thread's progress, not imitating work
-    assert thread.writer.seq >= 200
+    poll_until(lambda: thread.writer.seq >= 200, "200 writes by the writer thread")
     b.fence("a", "m1")
     assert b.writer("a") is None and b.info("a").state is VmState.FENCED
     log = b.path("a") / "writer.log"
@@ -174,6 +171,30 @@ def test_backend_writer_runs_until_the_fence(tmp_path: Path) -> None:
     assert mismatches(b.open_images("a"), expected_pages(log)) == []
 
 
+def test_an_incoming_copy_forgets_the_old_copys_writer(tmp_path: Path) -> None:
+    """A VM that comes back reuses its retired copy in place: the old writer's log is set
+    aside (it describes content the migration replaces) and the writer is not resumed."""
+    mem = tmp_path / "mem.raw"
+    mem.write_bytes(real_pages(64))
+    b = WritingBackend(tmp_path / "vms")
+    b.import_vm("a", mem)
+    b.attach_writer("a", seed=3, rate=500)
+    b.start("a", 0)
+    b.fence("a", "m1")
+    b.retire("a", "m1")
+    assert (b.path("a") / "writer.log").exists()
+    writers = b.prepare_incoming("a", [("memory", 64)], "m/9")
+    for w in writers.values():
+        w.close()
+    assert (b.path("a") / "writer.log.before-m_9").exists()
+    assert not (b.path("a") / "writer.log").exists()
+    b.start("a", 2)
+    assert b.writer("a") is None
+    with pytest.raises(VmError, match="positive"):
+        WritingBackend(tmp_path / "other", {"a": WriterSetting(1, 0.0)})
+    b.close()
+
+
 def test_a_corrupt_log_line_is_named(tmp_path: Path) -> None:
     log = tmp_path / "writer.log"
     log.write_bytes(b'{"applied": 3}\n[1, 2]\n')
@@ -187,8 +208,8 @@ def test_a_corrupt_log_line_is_named(tmp_path: Path) -> None:
 def test_a_dead_writer_does_not_block_the_fence(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     mem = tmp_path / "mem.raw"
-    mem.write_bytes(real_bytes(32))
-    b = ImageBackend(tmp_path / "vms")
+    mem.write_bytes(real_pages(32))
+    b = WritingBackend(tmp_path / "vms")
     b.import_vm("a", mem)
 
     def full_disk(self: PageWriter, count: int) -> int:
@@ -199,8 +220,6 @@ def test_a_dead_writer_does_not_block_the_fence(tmp_path: Path,
     b.start("a", 0)
     thread = b.writer("a")
     assert thread is not None
-    deadline = time.monotonic() + 10
-    while thread.error is None and time.monotonic() < deadline:
-        time.sleep(0.01)  # waiting for the writer thread to hit the fault
+    poll_until(lambda: thread.error is not None, "the writer thread hitting the full disk")
     assert b.fence("a", "m1").state is VmState.FENCED
     assert "No space left" in b.writer_errors["a"]

@@ -20,9 +20,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.corpus import MANIFEST_FORMAT, MANIFEST_NAME, corpus_dir
 from bench.corpus import sources as src
 from bench.corpus.guest import GuestSpec, RunningGuest
+from federation.demo.corpus import MANIFEST_FORMAT, MANIFEST_NAME, corpus_dir
 
 # Snapshot offsets from t0 in seconds of guest running time, as issue 6 asks.
 MAIN_OFFSETS = (0, 6, 60, 600)

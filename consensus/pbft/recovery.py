@@ -48,7 +48,7 @@ def recover(st: ReplicaState, out: Outbox) -> None:
     st.view, st.active = rec.view.view, rec.view.active
     if rec.checkpoint is not None:
         ck = rec.checkpoint
-        st.ledger = Ledger.restore(st.q.members, ck.snapshot)
+        st.ledger = Ledger.restore(st.q.members, ck.snapshot, st.operators)
         st.low = st.last_exec = ck.seq
         st.stable_proof, st.stable_snapshot = ck.proof, ck.snapshot
     for batch in [r.batch for r in rec.committed] + [r.batch for r in rec.prepared] + [

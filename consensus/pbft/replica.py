@@ -48,6 +48,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 
+from consensus.authz import OperatorTable
 from consensus.durable import SLOT_RING, ReplicaLog
 from consensus.evidence import EvidenceBook
 from consensus.ledger import Ledger
@@ -83,6 +84,7 @@ from consensus.pbft.messages import (
 )
 from consensus.pbft.outbox import Outbox
 from consensus.pbft.quorum import Quorum
+from consensus.pbft.replica_status import ReplicaStatus
 from consensus.pbft.state import (
     BATCH_TIMER,
     CHECKPOINT_INTERVAL,
@@ -123,6 +125,7 @@ class Replica:
         log: ReplicaLog,
         rng: random.Random,
         config: PbftConfig | None = None,
+        operators: OperatorTable | None = None,
     ) -> None:
         q = Quorum.of(keys)
         if name not in q.members:
@@ -133,7 +136,7 @@ class Replica:
                              f"1..{SLOT_RING} sequence numbers above its checkpoint")
         verifier = Verifier(keys)
         client = LedgerClient(name, identity, q, cfg.client_timeout, log.store)
-        self.state = ReplicaState(name, q, verifier, log, client, rng, cfg)
+        self.state = ReplicaState(name, q, verifier, log, client, rng, cfg, operators)
         self._out = Outbox(name, identity, q.members, verifier)
         recovery.recover(self.state, self._out)
 
@@ -202,6 +205,16 @@ class Replica:
             "evidence": st.evidence.summary(),
             "metrics": dict(sorted(st.metrics.items())),
         }
+
+    def status_record(self) -> ReplicaStatus:
+        """What this replica reports to status pages and metrics (read-only)."""
+        st = self.state
+        return ReplicaStatus(
+            view=st.view, active=st.active, primary=st.primary,
+            last_executed=st.last_exec, stable_checkpoint=st.low,
+            members=st.q.members, f=st.q.f, evidence=st.evidence.summary(),
+            view_changes_started=st.metrics.get("view_changes_started", 0),
+            view_changes_completed=st.metrics.get("view_changes_completed", 0))
 
     # ------------------------------------------------------------------ driving
 

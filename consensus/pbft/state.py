@@ -15,6 +15,7 @@ import random
 
 import attrs
 
+from consensus.authz import OperatorTable
 from consensus.durable import ReplicaLog
 from consensus.evidence import EvidenceBook
 from consensus.ledger import Ledger
@@ -119,10 +120,13 @@ class ReplicaState:
     """One replica's view, log, certificates, checkpoints, requests and keys."""
 
     def __init__(self, name: str, quorum: Quorum, verifier: Verifier, log: ReplicaLog,
-                 client: LedgerClient, rng: random.Random, config: PbftConfig) -> None:
+                 client: LedgerClient, rng: random.Random, config: PbftConfig,
+                 operators: OperatorTable | None = None) -> None:
         # who we are and what we check against
         self.name = name
         self.q = quorum
+        #: who may sign operator requests, for the ledger's checks (the federation file)
+        self.operators = operators
         self.verifier = verifier
         self.cfg = config
         self.rng = rng
@@ -142,7 +146,7 @@ class ReplicaState:
         # the log and its certificates
         self.low = 0  # h, the stable checkpoint
         self.stable_proof: tuple[Signed, ...] = ()
-        self.ledger = Ledger(quorum.members)
+        self.ledger = Ledger(quorum.members, operators)
         self.stable_snapshot = self.ledger.snapshot()
         self.last_exec = 0
         self.next_seq = 1

@@ -78,7 +78,7 @@ def on_state_reply(st: ReplicaState, out: Outbox, now: float, env: Envelope,
                                                          sr.checkpoint_proof)
             if digest(cu.snapshot) != state_digest:
                 raise CertificateError("snapshot does not match the proven digest")
-            ledger = Ledger.restore(st.q.members, cu.snapshot)
+            ledger = Ledger.restore(st.q.members, cu.snapshot, st.operators)
         except (CertificateError, wire.WireError, LedgerInvariantError):
             st.evidence.count_malformed(env.sender)
             st.count("bad_state_replies")

@@ -6,12 +6,12 @@
 ``GET /health``          200 while the process serves (liveness)
 ``GET /ready``           200 once the control mesh runs and a PBFT quorum (2f+1 with this
                          DC) is connected; else 503 with the reason
-``GET /metrics``         Prometheus text exposition (:class:`federation.node.status.NodeCollector`)
+``GET /metrics``         Prometheus text exposition (:class:`federation.node.metrics.NodeCollector`)
 ``GET /api/status``      JSON: members, links (estimates and modes), routes, ledger height
                          and view, VMs and owners, migrations with progress
 ``GET /api/vms``         JSON: the ``vms`` part of the status
-``POST /api/vms``        import: ``{"name", "memory": PATH, "disks": [PATH], "writer_rate",
-                         "writer_seed"}``; paths are on the node's machine
+``POST /api/vms``        import: ``{"name", "memory": PATH, "disks": [PATH]}``; paths are on
+                         the node's machine
 ``POST /api/migrations`` ``{"vm", "to"}`` -> 202 ``{"id"}``
 ``GET /api/migrations/ID``  one migration (404 if neither a session nor the ledger knows it)
 ``POST /api/migrations/ID/cancel``  an operator's cancel -> 202 with the migration; taken
@@ -27,6 +27,9 @@ trio-websocket): a handful of JSON routes need no framework, and h11 does the
 parsing and framing correctly (keep-alive, Content-Length, chunked bodies).
 Hypercorn's trio worker would add an ASGI stack and a dozen packages for nothing
 this API uses. Errors are JSON ``{"error": "..."}`` with a 4xx/5xx status.
+
+The API is a front end over a :class:`federation.node.assembly.Node`: :func:`serve_node`
+runs the two together (what ``dwcp node`` runs); the node knows nothing of it.
 """
 
 from __future__ import annotations
@@ -41,12 +44,14 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from federation.api.dashboard import PAGE
-from federation.node.status import NodeCollector, migration_status, policy_doc, status
+from federation.node.errors import LedgerTimeout, NodeError, NotTheSource, UnknownMigration
+from federation.node.metrics import NodeCollector
+from federation.node.status import migration_status, policy_doc, status
 
 if TYPE_CHECKING:
     from federation.node.assembly import Node
 
-__all__ = ["serve_api", "open_api", "handle_request", "ApiError", "MAX_BODY"]
+__all__ = ["serve_node", "serve_api", "open_api", "handle_request", "ApiError", "MAX_BODY"]
 
 #: Largest request body: an import names files, it does not carry them; 64 KiB is
 #: a thousand times what a request needs.
@@ -97,18 +102,17 @@ def _ready(node: Node) -> tuple[bool, str]:
         return False, "starting"
     if node.core is None:
         return False, node.no_ledger
-    q = node.core.replica.q
+    replica = node.core.replica.status_record()
     connected = len(node.runtime.links) + 1
-    if connected < 2 * q.f + 1:
-        return False, f"{connected} of {len(q.members)} DCs connected, a quorum is {2 * q.f + 1}"
+    if connected < replica.quorum:
+        return False, (f"{connected} of {len(replica.members)} DCs connected, a quorum is "
+                       f"{replica.quorum}")
     return True, "ready"
 
 
 async def handle_request(node: Node, method: str, path: str,
                          body: bytes) -> tuple[int, str, bytes]:
     """(status, content type, body) for one request."""
-    from federation.node.assembly import LedgerTimeout, NodeError, UnknownMigration
-
     js = "application/json"
     if method == "GET" and path == "/":
         return 200, "text/html; charset=utf-8", PAGE
@@ -131,10 +135,9 @@ async def handle_request(node: Node, method: str, path: str,
             disks = _field(doc, "disks", list, [])
             if not all(isinstance(d, str) for d in disks):
                 raise ApiError(400, "disks: expected a list of paths")
-            info = await node.import_vm(
-                _field(doc, "name", str), Path(_field(doc, "memory", str)),
-                [Path(d) for d in disks], _field(doc, "writer_rate", float, 0.0),
-                _field(doc, "writer_seed", int, 0))
+            info = await node.import_vm(_field(doc, "name", str),
+                                        Path(_field(doc, "memory", str)),
+                                        [Path(d) for d in disks])
             return 201, js, json.dumps({"name": info.name, "epoch": info.epoch,
                                         "state": info.state.value,
                                         "layout": info.layout}).encode()
@@ -151,7 +154,7 @@ async def handle_request(node: Node, method: str, path: str,
                                            kill_switch=_field(doc, "kill_switch", bool, False))
             return 200, js, json.dumps(policy_doc(policy)).encode()
         if method == "GET" and path == "/api/policy":
-            return 200, js, json.dumps(policy_doc(node.need_core().replica.ledger.policy)).encode()
+            return 200, js, json.dumps(policy_doc(node.need_core().ledger.policy)).encode()
         if method == "POST" and path.startswith("/api/migrations/") and path.endswith(_CANCEL):
             mid = urllib.parse.unquote(path[len("/api/migrations/"):-len(_CANCEL)])
             return await _cancel(node, mid, _json_body(body))
@@ -179,8 +182,6 @@ async def handle_request(node: Node, method: str, path: str,
 async def _cancel(node: Node, mid: str, doc: dict[str, Any]) -> tuple[int, str, bytes]:
     """Cancel at the source, or forward to it once (``forwarded_by`` marks a forwarded
     request, so two nodes that disagree about the source never bounce it forever)."""
-    from federation.node.assembly import NotTheSource
-
     forwarded_by = doc.get("forwarded_by")
     if forwarded_by is not None and not isinstance(forwarded_by, str):
         raise ApiError(400, "forwarded_by: expected str")
@@ -307,9 +308,7 @@ async def _respond(stream: trio.SocketStream, conn: h11.Connection, code: int, c
 
 
 async def open_api(host: str, port: int) -> list[trio.SocketListener]:
-    """Bind the API endpoint; raises :class:`federation.node.assembly.NodeError` naming it."""
-    from federation.node.assembly import NodeError
-
+    """Bind the API endpoint; raises :class:`federation.node.errors.NodeError` naming it."""
     try:
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
@@ -332,3 +331,24 @@ async def serve_api(node: Node, listeners: list[trio.SocketListener],
         await nursery.start(trio.serve_listeners, handler, listeners)
         node.log.event("api_listening", host=node.api_host, port=bound)
         task_status.started(bound)
+
+
+async def serve_node(node: Node, listeners: list[trio.SocketListener] | None = None, *,
+                     task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run ``node`` with its API (on ``listeners``, else bound here) until the node shuts
+    down. The node's endpoints and the API's are bound first, so a busy port is a plain
+    exception (:class:`mesh.runtime.node_runtime.ListenError`, :class:`NodeError`); the API
+    listens before the node reports itself ready."""
+    await node.bind()
+    if listeners is None:
+        listeners = await open_api(node.api_host, node.api_port)
+    async with trio.open_nursery() as nursery:
+        node.api_port = await nursery.start(serve_api, node, listeners)
+
+        async def run_node(task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
+                           ) -> None:
+            await node.run(task_status=task_status)
+            nursery.cancel_scope.cancel()  # the node shut down: the API ends too
+
+        await nursery.start(run_node)
+        task_status.started(node)

@@ -1,4 +1,5 @@
-"""``dwcp keygen`` and ``dwcp federation init``."""
+"""``dwcp keygen`` (a DC's key, or with ``--operator`` a person's) and ``dwcp federation
+init``."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import os
 from pathlib import Path
 
 from federation import config
+from federation.api.auth import write_operator_key
 from federation.cli.main import CommandError
 from mesh import identity
+
+#: The operator ``federation init`` makes (role admin), its key in keys/<name>.key.
+INIT_OPERATOR = "admin"
 
 
 def register_keygen(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -17,13 +22,18 @@ def register_keygen(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     p.add_argument("--out", required=True, help="path of the new key file")
     p.add_argument("--force", action="store_true", help="overwrite an existing key file")
+    p.add_argument("--operator", action="store_true",
+                   help="an operator's key (a person's, for [[operators]]), not a DC's")
     p.set_defaults(func=keygen)
 
 
 def keygen(args: argparse.Namespace) -> int:
     ident = identity.generate()
     try:
-        identity.write_key_file(args.out, ident, overwrite=args.force)
+        if args.operator:
+            write_operator_key(args.out, ident, overwrite=args.force)
+        else:
+            identity.write_key_file(args.out, ident, overwrite=args.force)
     except identity.IdentityError as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:
@@ -40,7 +50,8 @@ def init_federation(
     host: str = "127.0.0.1",
     base_port: int = 7100,
 ) -> Path:
-    """Write keys/<dc>.key and federation.toml for ``count`` DCs on ``host``.
+    """Write keys/<dc>.key and federation.toml for ``count`` DCs on ``host``, and one
+    operator, ``admin`` (role admin), with its key in keys/admin.key.
 
     Ports: control base+i, data base+100+i, api base+200+i (i from 1).
     """
@@ -62,8 +73,11 @@ def init_federation(
                 "api": f"{host}:{base_port + 200 + i}",
             }
         )
+    admin = identity.generate()
+    write_operator_key(keys / f"{INIT_OPERATOR}.key", admin, overwrite=True)
+    operators = [{"name": INIT_OPERATOR, "public_key": str(admin.public), "role": "admin"}]
     path = directory / "federation.toml"
-    path.write_text(config.render(fed_id, dcs))
+    path.write_text(config.render(fed_id, dcs, operators=operators))
     config.load(path)  # what we wrote must load
     return path
 
@@ -100,5 +114,7 @@ def _check(args: argparse.Namespace) -> int:
         fed = config.load(args.path)
     except config.ConfigError as exc:
         raise CommandError(str(exc)) from None
-    print(f"{args.path}: federation {fed.id!r}, {len(fed.dcs)} DCs: {', '.join(fed.names)}")
+    ops = ", ".join(f"{o.name} ({o.role.label})" for o in fed.operators) or "none"
+    print(f"{args.path}: federation {fed.id!r}, {len(fed.dcs)} DCs: {', '.join(fed.names)}; "
+          f"operators: {ops}")
     return 0

@@ -2,7 +2,7 @@
 
 ::
 
-    dwcp vm import NAME --memory FILE [--disk FILE ...] [--writer-rate PAGES/S]
+    dwcp vm import NAME --memory FILE [--disk FILE ...]
     dwcp vms [--json]
     dwcp migrate NAME --to DC          # progress bar on stderr; non-zero exit on abort
     dwcp cancel MIGRATION_ID           # an operator's abort, through the ledger
@@ -108,9 +108,6 @@ def register_vm(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     imp.add_argument("--memory", required=True, type=Path, help="memory image (4 KiB pages)")
     imp.add_argument("--disk", action="append", default=[], type=Path,
                      help="a disk image (repeat for more disks)")
-    imp.add_argument("--writer-rate", type=float, default=0.0,
-                     help="pages per second a writer dirties while the VM runs (0: none)")
-    imp.add_argument("--writer-seed", type=int, default=0)
     add_node_options(imp)
     imp.set_defaults(func=run_import)
 
@@ -124,7 +121,6 @@ def run_import(args: argparse.Namespace) -> int:
     doc = api.ok("POST", "/api/vms", {
         "name": args.vm, "memory": str(args.memory.resolve()),
         "disks": [str(d.resolve()) for d in args.disk],
-        "writer_rate": args.writer_rate, "writer_seed": args.writer_seed,
     })
     pages = sum(n for _, n in doc["layout"])
     print(f"imported {doc['name']}: {pages} pages, epoch {doc['epoch']}, {doc['state']}")

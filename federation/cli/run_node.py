@@ -12,30 +12,44 @@ from __future__ import annotations
 
 import argparse
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
 from consensus.durable import LogFormatError
 from federation import config
+from federation.api.auth import OperatorKey, load_operator_key
+from federation.api.http import open_api, serve_node
 from federation.cli.main import CommandError
-from federation.node.assembly import Node, NodeError
+from federation.node.assembly import Node
+from federation.node.errors import NodeError
+from federation.vms.backend import VmBackend
 from mesh import identity
 from mesh.runtime.node_runtime import ListenError
 from mesh.runtime.sqlite_store import StoreError
 
-__all__ = ["register", "run_node", "default_key_path"]
+__all__ = ["register", "add_node_arguments", "run_node", "default_key_path"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("node", help="run a DC node (logs JSON lines on stderr)")
+    add_node_arguments(p)
+    p.set_defaults(func=run_node)
+
+
+def add_node_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path, help="the federation file")
     p.add_argument("--name", required=True, help="this node's DC name in the federation file")
     p.add_argument(
         "--key", type=Path, help="identity key file (default: <config dir>/keys/<DC>.key)"
     )
     p.add_argument("--data-dir", type=Path, help="durable state (default: <config dir>/data/<DC>)")
-    p.set_defaults(func=run_node)
+    p.add_argument(
+        "--operator-key", type=Path,
+        help="an operator's key (dwcp keygen --operator) the node signs its API's imports, "
+             "migrations and policy changes with, until the API checks operators' own "
+             "signatures; without it the node refuses them")
 
 
 def default_key_path(config_path: Path, name: str) -> Path:
@@ -43,7 +57,10 @@ def default_key_path(config_path: Path, name: str) -> Path:
     return config_path.parent / "keys" / f"{name}.key"
 
 
-def run_node(args: argparse.Namespace) -> int:
+def run_node(args: argparse.Namespace,
+             backend: Callable[[Path], VmBackend] | None = None) -> int:
+    """Run the node of ``args`` until a signal; ``backend(data_dir)`` makes its VM backend
+    (default: the image backend under ``<data dir>/vms``)."""
     try:
         fed = config.load(args.config)
         fed.dc(args.name)
@@ -56,10 +73,19 @@ def run_node(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     except OSError as exc:
         raise CommandError(f"{key_path}: {exc.strerror}") from None
+    operator: OperatorKey | None = None
+    if args.operator_key is not None:
+        try:
+            operator = load_operator_key(args.operator_key, fed)
+        except identity.IdentityError as exc:
+            raise CommandError(str(exc)) from None
+        except OSError as exc:
+            raise CommandError(f"{args.operator_key}: {exc.strerror}") from None
     data_dir: Path = args.data_dir or args.config.parent / "data" / args.name
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        node = Node(fed, args.name, ident, data_dir)
+        vms = backend(data_dir) if backend is not None else None
+        node = Node(fed, args.name, ident, data_dir, backend=vms, operator=operator)
     except OSError as exc:
         raise CommandError(
             f"{data_dir}: cannot create the data directory: {exc.strerror}"
@@ -79,7 +105,9 @@ def run_node(args: argparse.Namespace) -> int:
 
 async def _serve_until_signal(node: Node) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        await node.bind()  # outside the nursery: a busy port stays a plain exception
+        # outside the nursery: a busy port stays a plain exception
+        await node.bind()
+        api = await open_api(node.api_host, node.api_port)
         async with trio.open_nursery() as nursery:
 
             async def stop_on_signal() -> None:
@@ -89,5 +117,5 @@ async def _serve_until_signal(node: Node) -> None:
                     return
 
             nursery.start_soon(stop_on_signal)
-            await node.run()
+            await serve_node(node, api)
             nursery.cancel_scope.cancel()

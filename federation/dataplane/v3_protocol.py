@@ -11,6 +11,11 @@ in one AMST transfer:
   channel. Chunks are encoded in AMST's preparer worker threads
   (:class:`ChunkFeed`).
 
+The round itself — its start (:class:`~federation.migration.round_messages.V3Round`), the
+target's answer (:class:`~federation.migration.round_messages.V3Status`), the resumes of
+a cut transfer — is controlled by the rounds core (:mod:`federation.migration.rounds`);
+the wire messages are in :mod:`federation.migration.round_messages`.
+
 The source sends from a *shadow* copy of the images, refreshed at the start of
 each round with the pages dirtied since the last one, so the pages HDE indexed
 are the pages it encodes while the VM keeps writing. The target writes into the
@@ -20,12 +25,11 @@ earlier copy of this VM and any other VM, and round k a diff against round k-1,
 its changed pages XORed against the target's old page. Each image's root is
 recomputed and checked by the target before the round is reported.
 
-This module holds the wire messages and the pieces both sides share.
+This module holds the pieces both sides of the data plane share.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import queue
@@ -44,17 +48,9 @@ from mesh.hde.events import EncodeChunk
 from mesh.hde.image import PAGE_SIZE, PageSource
 from mesh.hde.level import MODE_LEVELS, choose_level, measure_levels
 from mesh.hde.messages import CHUNK_PAGES
-from mesh.wire import U64, Bytes, ListOf, Text, field
 
-__all__ = ["V3Round", "V3Status", "V3Hde", "V3_TAGS", "ChunkFeed", "Overlay", "transfer_id",
-           "peek_chunk", "choose_chunk_level", "AMST_CHUNK_OVERHEAD", "SAMPLE_PAGES",
-           "connect_data", "CONNECT_TIMEOUT_S"]
-
-V3_TAGS = ("data.v3.",)
-#: An HDE diff message is at most 1 MiB + 4 KiB (mesh.hde.messages._BULK); the wrapper adds
-#: its ids and CBOR framing.
-_HDE_MAX = 1024 * 1024 + 4096
-_ID = Text(128)
+__all__ = ["ChunkFeed", "Overlay", "peek_chunk", "choose_chunk_level", "AMST_CHUNK_OVERHEAD",
+           "SAMPLE_PAGES", "connect_data", "CONNECT_TIMEOUT_S"]
 
 #: AMST bytes a chunk costs beyond its payload: the amst.chunk CBOR envelope with its
 #: SHA-256 digest, the secretstream tag (17 bytes) and the 4-byte frame length.
@@ -78,36 +74,6 @@ _SWEEP_MIN = 64
 _END = b"\0"
 
 
-@wire.message("data.v3.round")
-class V3Round:
-    """Source -> target: round ``round`` of ``migration_id`` starts; its chunks come as
-    AMST transfer ``transfer``; HDE transfer ``i + 1`` carries ``images[i]``."""
-
-    migration_id: str = field(_ID)
-    round: int = field(U64(1000))
-    transfer: bytes = field(Bytes(16, exact=True))
-    images: tuple[str, ...] = field(ListOf(Text(16), 64))
-
-
-@wire.message("data.v3.status")
-class V3Status:
-    """Target -> source: ready for the round (``error`` empty), or why it cannot go on."""
-
-    migration_id: str = field(_ID)
-    round: int = field(U64(1000))
-    error: str = field(Text(512), default="")
-
-
-@wire.message("data.v3.hde", max_size=_HDE_MAX + 1024)
-class V3Hde:
-    """Either way: one HDE diff message (``wire.encode``d) of image ``image`` of a round."""
-
-    migration_id: str = field(_ID)
-    round: int = field(U64(1000))
-    image: int = field(U64(63))
-    body: bytes = field(Bytes(_HDE_MAX))
-
-
 #: A data connection not set up within 3 s is a path that is down for now: Linux sends the
 #: SYN again after the initial RTO of 1 s (RFC 6298 §2.1) and 2 s later, so two SYNs went
 #: unanswered; the AMST sender then backs off and tries again (mesh.amst.sender), rather
@@ -119,11 +85,6 @@ async def connect_data(host: str, port: int) -> trio.SocketStream:
     """A TCP connection to a data endpoint; ``trio.TooSlowError`` after CONNECT_TIMEOUT_S."""
     with trio.fail_after(CONNECT_TIMEOUT_S):
         return await trio.open_tcp_stream(host, port)
-
-
-def transfer_id(migration_id: str, round_: int) -> bytes:
-    """The AMST transfer id of a round: the same on both sides, distinct per round."""
-    return hashlib.sha256(f"{migration_id}/{round_}".encode()).digest()[:16]
 
 
 def peek_chunk(payload: bytes | memoryview) -> tuple[int, int] | None:

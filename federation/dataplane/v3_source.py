@@ -1,194 +1,188 @@
-"""The source side of the v3 data plane (see :mod:`federation.dataplane.v3_protocol`): one
-round of a migration as HDE transfers of its images, chunks over AMST to the target's data endpoint.
+"""The source side of the v3 data plane (see :mod:`federation.dataplane.v3_protocol`): a
+round's images as HDE transfers, their chunks over AMST to the target's data endpoint.
 
-A cut data path does not end the round. AMST itself re-opens broken streams and re-sends
-their unacknowledged chunks, but gives up once every stream failed a few times in a row
-(:data:`mesh.amst.sender.MAX_FAILURES`); the round then resumes the transfer with a new
-sender after a backoff. The target's receiver outlives the streams and answers the new
-ones with what it already holds, and the chunk feed offers again only the frames not
-acknowledged (:class:`federation.dataplane.v3_protocol.ChunkFeed`), so nothing the target stored
-crosses twice. Only when the path stays cut past :data:`RESUME_BUDGET_S` (or
-:data:`RESUMES` resumes in a row bring nothing through) does the round fail, and the
+This is the trio driver of a round the rounds core controls
+(:class:`federation.migration.round_source.V3Sending`): on
+:class:`~federation.migration.round_events.V3Prepare` it refreshes the migration's
+shadow images and indexes them (worker threads) and reports
+:class:`~federation.migration.round_events.V3Prepared`; the core announces the round
+and, once the target is ready, says :class:`~federation.migration.round_events.V3Transfer`:
+the diff runs over the control link (:class:`V3Hde`) and the chunks over AMST, and
+the driver reports what moved about once a second. When every AMST stream failed a
+few times in a row (:data:`mesh.amst.sender.MAX_FAILURES`) it reports the cut and waits
+for the core's :class:`~federation.migration.round_events.V3Resume` (or a cancel): the
+target's receiver outlives the streams and answers the new ones with what it already
+holds, and the chunk feed offers again only the frames not acknowledged
+(:class:`federation.dataplane.v3_protocol.ChunkFeed`), so nothing the target stored
+crosses twice. A round that cannot go on reports
+:class:`~federation.migration.round_events.V3Failed`; the core fails it, and the
 session aborts in the ledger with the VM still at its source."""
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Awaitable, Callable, Sequence
+import re
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from federation.dataplane.v1 import ACK_TIMEOUT, RoundFailed
-from federation.dataplane.v3_protocol import (
-    AMST_CHUNK_OVERHEAD,
-    SAMPLE_PAGES,
-    ChunkFeed,
-    Overlay,
-    V3Hde,
-    V3Round,
-    V3Status,
-    transfer_id,
+from federation.dataplane.v3_protocol import AMST_CHUNK_OVERHEAD, ChunkFeed, Overlay
+from federation.dataplane.v3_shadow import COPY_PAGES, SourceState, sample_pages
+from federation.migration.round_events import (
+    V3Cut,
+    V3Failed,
+    V3Moved,
+    V3Prepare,
+    V3Prepared,
+    V3Verified,
 )
-from federation.migration.vocabulary import RoundSent, SendRound, TransferProgress
-from federation.vms.backend import VmBackend
+from federation.migration.round_messages import V3Hde, transfer_id
+from federation.vms.backend import VmBackend, VmError
 from mesh import wire
-from mesh.amst.sender import BACKOFF_MAX_S, BACKOFF_MIN_S, AmstSender
+from mesh.amst.receiver import AmstError
+from mesh.amst.sender import AmstSender
 from mesh.channel import SecureChannel
 from mesh.core import Notify, Received, Send
-from mesh.hde.codec import encode_chunk
+from mesh.hde.codec import ChunkError, encode_chunk
 from mesh.hde.events import EncodeChunk
-from mesh.hde.image import PAGE_SIZE, ImageWriter, create_image
+from mesh.hde.image import ImageError
 from mesh.hde.index import PageIndex, build_index
 from mesh.hde.source import HdeSource
-from mesh.runtime.amst_transfer import SendReport, TransferCut, send_transfer
+from mesh.runtime.amst_transfer import TransferCut, send_transfer
 
-__all__ = ["SourceState", "V3RoundSender", "PREPARERS", "RESUME_BUDGET_S", "RESUMES"]
+__all__ = ["V3RoundSender", "V3Sender", "RoundFailed", "round_error", "PREPARERS"]
 
 #: Chunks encoded at once: one per core of the reference machine (2 cores); zstd
 #: releases the GIL, so both work (DESIGN.md, "Transport").
 PREPARERS = 2
-#: Pages copied into the shadow per slice: 16 MiB, so a huge image is copied without a
-#: huge temporary and the worker thread stays responsive to cancellation.
-_COPY_PAGES = 4096
-#: Progress goes to the session at least this often while a round runs: the v1 sender's
-#: period (federation.dataplane.v1), far inside the session's stall timer (30 s).
+#: What moved is reported to the rounds core this often while a transfer runs: the
+#: period at which a session hears of a round's progress
+#: (federation.migration.round_source.PROGRESS_EVERY), far inside the round's quiet bound.
 _REPORT_S = 1.0
-#: How long a round's data path may stay cut (no chunk acknowledged) before the round
-#: fails: half the sessions' stall timer (federation.migration.vocabulary.STALL_TIMEOUT, 30 s). The
-#: target's session hears of no chunk meanwhile, so the source gives up — and aborts with
-#: the reason — well before the target's stall timer would abort on its own.
-RESUME_BUDGET_S = 15.0
-#: Resumes in a row that bring no chunk through before the round fails. Their waits double
-#: from AMST's reconnect backoff (mesh.amst.sender: 0.2 s, RFC 6298 doubling, at most 5 s),
-#: so 8 resumes span about 21 s of waiting: the time budget, not the count, normally ends
-#: a long cut; the count bounds the attempts when every attempt fails at once.
-RESUMES = 8
+
+Report = Callable[[object], None]
+Connect = Callable[[], Awaitable[trio.abc.Stream]]
 
 
-class SourceState:
-    """What a migration's source keeps between v3 rounds: the shadow images (the content
-    the target verified last round, refreshed at each round start), their last verified
-    roots and indexes (the XOR reference), and the chunk level chosen in round 1."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.shadows: dict[str, ImageWriter] = {}
-        self.verified: dict[str, tuple[bytes, PageIndex]] = {}
-        self.level: int | None = None
-        self.mode = ""
-
-    def reset(self, layout: Sequence[tuple[str, int]]) -> None:
-        self.close()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.shadows = {n: create_image(self.directory / f"{n}.img", c, f"shadow/{n}")
-                        for n, c in layout}
-
-    def close(self) -> None:
-        for img in self.shadows.values():
-            img.close()
-        self.shadows = {}
-        self.verified = {}
-        shutil.rmtree(self.directory, ignore_errors=True)
+class RoundFailed(Exception):
+    """A round cannot go on (the target refused it, a bad diff message, a root differs)."""
 
 
-def _sample(images: Sequence[ImageWriter]) -> list[bytes]:
-    """Up to SAMPLE_PAGES non-uniform pages spread over the images, in 64-page pieces."""
-    total = sum(i.page_count for i in images)
-    stride = max(1, total // (4 * SAMPLE_PAGES))
-    pages: list[bytes] = []
-    for img in images:
-        for p in range(0, img.page_count, stride):
-            page = bytes(img.view(p))
-            if page.count(page[0]) != PAGE_SIZE:
-                pages.append(page)
-                if len(pages) == SAMPLE_PAGES:
-                    break
-        if len(pages) == SAMPLE_PAGES:
-            break
-    return [b"".join(pages[i : i + 64]) for i in range(0, len(pages), 64)]
+_ROUND_ERRORS = (RoundFailed, VmError, ImageError, ChunkError, AmstError, OSError)
+
+
+def round_error(exc: BaseException) -> BaseException | None:
+    """The failure of a round inside ``exc``, or None if ``exc`` is something else.
+
+    A round runs its streams in a nursery, which raises its error wrapped in an
+    ExceptionGroup; a round that failed that way is still just a failed round (the
+    session aborts the migration), never a reason to take the node down.
+    """
+    if isinstance(exc, _ROUND_ERRORS):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        failed, other = exc.split(_ROUND_ERRORS)
+        if failed is not None and other is None:
+            leaf: BaseException = failed
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            return leaf
+    return None
 
 
 class V3RoundSender:
-    """Sends one v3 round; ``deliver`` is fed the target's :class:`V3Hde`/:class:`V3Status`."""
+    """One v3 round of one migration (see the module docstring); ``deliver`` is fed the
+    target's :class:`V3Hde`, ``go``/``resume`` the rounds core's word."""
 
     version = 3
 
     def __init__(
         self,
-        action: SendRound,
-        target: str,
+        action: V3Prepare,
         backend: VmBackend,
         state: SourceState,
-        marks: dict[str, int],
         *,
         send: Callable[[str, Any], bool],
-        connect: Callable[[], Awaitable[trio.abc.Stream]],
+        connect: Connect,
         new_channel: Callable[[], SecureChannel],
         choose_level: Callable[[list[bytes]], tuple[str, int]],
+        report: Report,
         executor: Executor | None = None,
-        resume_budget: float = RESUME_BUDGET_S,
     ) -> None:
         self.action = action
-        self.target = target
+        self.target = action.target
         self.backend = backend
         self.state = state
-        self.marks = marks
         self._send = send
         self._connect = connect
         self._new_channel = new_channel
         self._choose_level = choose_level
+        self._report = report
         self._executor = executor
-        self.resume_budget = resume_budget
-        self._inbox_send, self._inbox = trio.open_memory_channel[Any](1024)
+        self._inbox_send, self._inbox = trio.open_memory_channel[V3Hde](1024)
+        self._go = trio.Event()
+        self._resume = trio.Event()
+        self.scope = trio.CancelScope()
         self.control_bytes = 0
-        #: AMST transfers resumed after a cut, and chunks re-sent by AMST over all of them
-        self.resumes = 0
+        #: chunks re-sent by AMST over every (re)start of the transfer
         self.resent = 0
         self.streams = 0
         #: bytes of the chunk frames written whole to AMST streams, every copy counted
         self.chunk_bytes = 0
-        #: figures of the round, for the node's log
-        self.figures: dict[str, Any] = {}
 
-    def deliver(self, msg: V3Hde | V3Status) -> None:
-        if msg.migration_id == self.action.migration_id and msg.round == self.action.round:
+    @property
+    def migration_id(self) -> str:
+        return self.action.migration_id
+
+    @property
+    def round(self) -> int:
+        return self.action.round
+
+    def deliver(self, msg: V3Hde) -> None:
+        if msg.migration_id == self.migration_id and msg.round == self.round:
             try:
                 self._inbox_send.send_nowait(msg)
-            except trio.WouldBlock:  # a flooding peer: the round fails on its own stall
+            except trio.WouldBlock:  # a flooding peer: the round fails on its own quiet bound
                 pass
+
+    def go(self) -> None:
+        """The target is ready: start the transfer."""
+        self._go.set()
+
+    def resume(self) -> None:
+        """Resume the cut transfer."""
+        self._resume.set()
 
     # ------------------------------------------------------------------ the shadow
 
-    def _refresh(self) -> tuple[int, dict[str, dict[int, bytes]]]:
+    def _refresh(self) -> tuple[int, dict[str, dict[int, bytes]], int]:
         """Worker thread: bring the shadow up to the live images. Returns the logical pages
-        the round covers and, per image, the old bytes of the pages that changed."""
+        the round covers, per image the old bytes of the pages that changed, and the new
+        dirty generation."""
         a, b, st = self.action, self.backend, self.state
-        previous = self.marks.get(a.migration_id)
         mark = b.dirty_mark(a.vm)  # before reading: a later write shows in the next round
-        self.marks[a.migration_id] = mark
         layout = b.info(a.vm).layout
         live = b.open_images(a.vm)
         try:
-            if not a.dirty or previous is None or set(st.shadows) != {n for n, _ in layout}:
+            if a.since is None or set(st.shadows) != {n for n, _ in layout}:
                 st.reset(layout)
                 for name, count in layout:
-                    for p in range(0, count, _COPY_PAGES):
-                        n = min(_COPY_PAGES, count - p)
+                    for p in range(0, count, COPY_PAGES):
+                        n = min(COPY_PAGES, count - p)
                         st.shadows[name].copy(live[name], p, p, n)
-                return sum(c for _, c in layout), {}
+                return sum(c for _, c in layout), {}, mark
             olds: dict[str, dict[int, bytes]] = {}
             covered = 0
-            for name, pages in b.dirty_since(a.vm, previous).items():
+            for name, pages in b.dirty_since(a.vm, a.since).items():
                 shadow, src, old = st.shadows[name], live[name], olds.setdefault(name, {})
                 for p in pages:
                     covered += 1
                     if shadow.view(p) != src.view(p):
                         old[p] = bytes(shadow.view(p))
                         shadow.write(p, src.view(p))
-            return covered, olds
+            return covered, olds, mark
         finally:
             for img in live.values():
                 img.close()
@@ -198,14 +192,25 @@ class V3RoundSender:
 
     # ------------------------------------------------------------------ the round
 
-    async def run(self, progress: Callable[[TransferProgress], Awaitable[None]]) -> RoundSent:
+    async def run(self) -> None:
+        """The round, from the shadow's refresh to the verified images, within ``scope``
+        (a cancel ends it); a failure is reported, never raised."""
+        with self.scope:
+            try:
+                await self._run()
+            except Exception as raised:
+                exc = round_error(raised)
+                if exc is None:
+                    raise
+                self._report(V3Failed(self.migration_id, self.round, str(exc)))
+
+    async def _run(self) -> None:
         a, st = self.action, self.state
-        started = trio.current_time()
-        covered, olds = await trio.to_thread.run_sync(self._refresh)
+        covered, olds, mark = await trio.to_thread.run_sync(self._refresh)
         indexes = await trio.to_thread.run_sync(self._indexes)
         names = sorted(indexes)
         if st.level is None:
-            sample = await trio.to_thread.run_sync(_sample, [st.shadows[n] for n in names])
+            sample = await trio.to_thread.run_sync(sample_pages, [st.shadows[n] for n in names])
             st.mode, st.level = await trio.to_thread.run_sync(self._choose_level, sample)
         level = st.level
         assert level is not None, "the level is chosen in the migration's first v3 round"
@@ -224,67 +229,48 @@ class V3RoundSender:
             return encode_chunk(e.transfer, e.plan, st.shadows[names[i]], ref, level)
 
         feed = ChunkFeed(encode)
-        tid = transfer_id(a.migration_id, a.round)
-        self._send_control(V3Round(a.migration_id, a.round, tid, tuple(names)))
-        await self._expect_ready()
-
+        self._report(V3Prepared(a.migration_id, a.round, mark, covered, tuple(names)))
+        await self._go.wait()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._transfer, tid, feed,
+            nursery.start_soon(self._transfer, transfer_id(a.migration_id, a.round), feed,
                                lambda: all(s.verified for s in sources))
             for i, s in enumerate(sources):
                 self._apply(i, s.start(), feed)
-            await self._drive(sources, feed, progress)
+            await self._drive(sources, feed)
             feed.close()
         for name, s in zip(names, sources, strict=True):
             st.verified[name] = (s.index.root, s.index)
-        wire_bytes = self.control_bytes + self.chunk_bytes
-        mark = self.marks[a.migration_id]
-        dirty = await trio.to_thread.run_sync(self.backend.dirty_since, a.vm, mark)
-        seconds = trio.current_time() - started
-        self.figures = {"level": level, "mode": st.mode, "chunks": feed.frames,
-                        "chunk_bytes": feed.frame_bytes, "control_bytes": self.control_bytes,
-                        "resent": self.resent, "resumes": self.resumes,
-                        "replayed": feed.replayed, "streams": self.streams}
-        return RoundSent(a.round, covered, covered * PAGE_SIZE, wire_bytes, seconds,
-                         sum(len(p) for p in dirty.values()))
+        figures = {"level": level, "mode": st.mode, "chunks": feed.frames,
+                   "chunk_bytes": feed.frame_bytes, "control_bytes": self.control_bytes,
+                   "resent": self.resent, "replayed": feed.replayed, "streams": self.streams}
+        self._report(V3Verified(a.migration_id, a.round, self.control_bytes + self.chunk_bytes,
+                                figures))
 
-    async def _transfer(self, tid: bytes, feed: ChunkFeed, verified: Callable[[], bool],
-                        ) -> SendReport | None:
-        """The round's AMST transfer, resumed after every cut until it completes, the
-        images are verified (what is left is end markers), or the cut outlasts the budget."""
-        cut_since: float | None = None
-        delay = BACKOFF_MIN_S
-        in_a_row = 0
+    async def _transfer(self, tid: bytes, feed: ChunkFeed, verified: Callable[[], bool]) -> None:
+        """The round's AMST transfer, started again after every cut the rounds core
+        resumes, until it completes or the images are verified (what is left is end
+        markers)."""
         while True:
             core = AmstSender(tid, mode=self.state.mode)
             feed.bind(core.acked)
-            report: SendReport | None = None
+            done = True
             try:
-                report = await send_transfer(
+                sent = await send_transfer(
                     tid, feed, connect=self._connect, new_channel=self._new_channel,
                     prepare=feed.prepare, preparers=PREPARERS, core=core)
             except TransferCut as exc:
-                reason = str(exc)
+                reason, done = str(exc), False
                 written = (exc.written_chunks, exc.written_bytes)
             else:
-                written = (report.written_chunks, report.written_bytes)
+                written = (sent.written_chunks, sent.written_bytes)
             self.chunk_bytes += written[0] * AMST_CHUNK_OVERHEAD + written[1]
             self.resent += core.resent
             self.streams = max(self.streams, core.max_streams_up)
-            if report is not None:
-                return report
-            now = trio.current_time()
-            if verified():
-                return None
-            if cut_since is None or core.acked_bytes > 0:  # chunks got through: a new cut
-                cut_since, delay, in_a_row = now, BACKOFF_MIN_S, 0
-            in_a_row += 1
-            if now - cut_since >= self.resume_budget or in_a_row > RESUMES:
-                raise RoundFailed(f"AMST to {self.target} cut for {now - cut_since:.1f} s "
-                                  f"({in_a_row - 1} resumes): {reason}")
-            await trio.sleep(min(delay, max(0.0, cut_since + self.resume_budget - now)))
-            delay = min(BACKOFF_MAX_S, 2 * delay)
-            self.resumes += 1
+            if done or verified():
+                return
+            self._resume = trio.Event()
+            self._report(V3Cut(self.migration_id, self.round, core.acked_bytes, reason))
+            await self._resume.wait()
             feed.resume()
 
     def _send_control(self, msg: Any) -> None:
@@ -292,17 +278,6 @@ class V3RoundSender:
         if not self._send(self.target, msg):
             raise RoundFailed(f"the control link to {self.target} is down or full")
         self.control_bytes += len(raw)
-
-    async def _expect_ready(self) -> None:
-        with trio.move_on_after(ACK_TIMEOUT):
-            async for msg in self._inbox:
-                if isinstance(msg, V3Status):
-                    if msg.error:
-                        raise RoundFailed(f"{self.target} refused round {msg.round}: "
-                                          f"{msg.error}")
-                    return
-        raise RoundFailed(f"{self.target} did not get ready for round {self.action.round} "
-                          f"in {ACK_TIMEOUT:.0f} s")
 
     def _apply(self, i: int, actions: list[Any], feed: ChunkFeed) -> None:
         a = self.action
@@ -314,39 +289,146 @@ class V3RoundSender:
             elif isinstance(act, Notify) and act.kind == "hde.failed":
                 raise RoundFailed(f"HDE image {i}: {act.detail['reason']}")
 
-    async def _drive(self, sources: list[HdeSource], feed: ChunkFeed,
-                     progress: Callable[[TransferProgress], Awaitable[None]]) -> None:
-        """Answer the target's diff until every image is verified (or fail the round when
-        nothing moves for ACK_TIMEOUT)."""
-        a = self.action
-        quiet_since = trio.current_time()
-        moved = feed.frames
+    async def _drive(self, sources: list[HdeSource], feed: ChunkFeed) -> None:
+        """Answer the target's diff until every image is verified, reporting what moved
+        every _REPORT_S (the rounds core bounds a round where nothing moves)."""
+        next_report = trio.current_time() + _REPORT_S
+        moved, frames = False, feed.frames
         while not all(s.verified for s in sources):
             if any(s.verified is False for s in sources):
                 raise RoundFailed(f"{self.target} assembled an image whose root differs")
             msg = None
-            with trio.move_on_after(_REPORT_S):
+            with trio.move_on_at(next_report):
                 msg = await self._inbox.receive()
             now = trio.current_time()
-            if msg is None:
-                if feed.frames != moved:
-                    moved, quiet_since = feed.frames, now
-                elif now - quiet_since > ACK_TIMEOUT:
-                    raise RoundFailed(f"round {a.round}: no progress with {self.target} in "
-                                      f"{ACK_TIMEOUT:.0f} s")
-                await progress(TransferProgress(a.round, feed.frame_bytes))
-                continue
-            quiet_since = now
-            if isinstance(msg, V3Status):
-                if msg.error:
-                    raise RoundFailed(f"{self.target}: {msg.error}")
-                continue
-            self.control_bytes += len(wire.encode(msg))
-            if msg.image >= len(sources):
-                raise RoundFailed(f"{self.target} named image {msg.image} of {len(sources)}")
-            try:
-                inner = wire.decode(msg.body)
-            except wire.WireError as exc:
-                raise RoundFailed(f"{self.target} sent a bad HDE message: {exc}") from None
-            self._apply(msg.image, sources[msg.image].handle(
-                now, Received(self.target, inner, msg.body)), feed)
+            if msg is not None:
+                moved = True
+                self._on_diff(now, msg, sources, feed)
+            if now >= next_report:
+                moved = moved or feed.frames != frames
+                self._report(V3Moved(self.migration_id, self.round, moved, feed.frame_bytes))
+                moved, frames, next_report = False, feed.frames, now + _REPORT_S
+
+    def _on_diff(self, now: float, msg: V3Hde, sources: list[HdeSource],
+                 feed: ChunkFeed) -> None:
+        self.control_bytes += len(wire.encode(msg))
+        if msg.image >= len(sources):
+            raise RoundFailed(f"{self.target} named image {msg.image} of {len(sources)}")
+        try:
+            inner = wire.decode(msg.body)
+        except wire.WireError as exc:
+            raise RoundFailed(f"{self.target} sent a bad HDE message: {exc}") from None
+        self._apply(msg.image, sources[msg.image].handle(
+            now, Received(self.target, inner, msg.body)), feed)
+
+
+class V3Sender:
+    """A node's v3 source side: each migration's shadow state, and the round it sends
+    now. ``connector(migration_id, target)`` says how a round's streams reach the
+    target (direct, or through a relay); ``level_for(target)`` how its chunk level is
+    chosen."""
+
+    def __init__(
+        self,
+        *,
+        shadow_dir: Path,
+        backend: VmBackend,
+        send: Callable[[str, Any], bool],
+        connector: Callable[[str, str], Connect],
+        new_channel: Callable[[str], SecureChannel],
+        level_for: Callable[[str], Callable[[list[bytes]], tuple[str, int]]],
+        report: Report,
+        executor: Executor | None = None,
+    ) -> None:
+        self.shadow_dir = shadow_dir
+        self.backend = backend
+        self._send = send
+        self._connector = connector
+        self._new_channel = new_channel
+        self._level_for = level_for
+        self._report = report
+        self._executor = executor
+        #: migration id -> its shadow state (kept until the migration ends here)
+        self.sources: dict[str, SourceState] = {}
+        #: migration id -> the round it sends now
+        self.rounds: dict[str, V3RoundSender] = {}
+        #: migrations whose state is dropped once their running round's task ends
+        self._drop_after: set[str] = set()
+        self.nursery: trio.Nursery | None = None
+
+    def prepare(self, action: V3Prepare) -> None:
+        assert self.nursery is not None, "rounds start only while the node runs"
+        mid = action.migration_id
+        state = self.sources.get(mid)
+        if state is None:
+            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", mid)  # one path component
+            state = self.sources[mid] = SourceState(self.shadow_dir / safe)
+        target = action.target
+        sender = V3RoundSender(
+            action, self.backend, state, send=self._send,
+            connect=self._connector(mid, target), new_channel=lambda: self._new_channel(target),
+            choose_level=self._level_for(target), report=self._report, executor=self._executor)
+        old = self.rounds.get(mid)
+        if old is not None:
+            old.scope.cancel()
+        self.rounds[mid] = sender
+        self.nursery.start_soon(self._run, sender)
+
+    async def _run(self, sender: V3RoundSender) -> None:
+        mid = sender.migration_id
+        try:
+            await sender.run()
+        finally:
+            if self.rounds.get(mid) is sender:
+                del self.rounds[mid]
+            if mid in self._drop_after and mid not in self.rounds:
+                self._drop_after.discard(mid)
+                self._close(mid)
+
+    def _round(self, mid: str, round_: int | None = None) -> V3RoundSender | None:
+        sender = self.rounds.get(mid)
+        if sender is None or (round_ is not None and sender.round != round_):
+            return None
+        return sender
+
+    def go(self, mid: str, round_: int) -> None:
+        sender = self._round(mid, round_)
+        if sender is not None:
+            sender.go()
+
+    def resume(self, mid: str, round_: int) -> None:
+        sender = self._round(mid, round_)
+        if sender is not None:
+            sender.resume()
+
+    def cancel(self, mid: str) -> None:
+        """Stop the round: its task ends at its next checkpoint (a worker thread it waits
+        for finishes first; the state stays until :meth:`drop`)."""
+        sender = self.rounds.get(mid)
+        if sender is not None:
+            sender.scope.cancel()
+
+    def deliver(self, peer: str, msg: V3Hde) -> bool:
+        """A diff message for a round this DC sends to ``peer``, if there is one."""
+        sender = self.rounds.get(msg.migration_id)
+        if sender is None or sender.target != peer:
+            return False
+        sender.deliver(msg)
+        return True
+
+    def drop(self, mid: str) -> None:
+        """The migration ended here: drop its shadow state (after its running round)."""
+        if mid in self.rounds:
+            self._drop_after.add(mid)
+            self.cancel(mid)
+        else:
+            self._close(mid)
+
+    def _close(self, mid: str) -> None:
+        state = self.sources.pop(mid, None)
+        if state is not None:
+            state.close()
+
+    def close(self) -> None:
+        for mid in list(self.sources):
+            self._close(mid)

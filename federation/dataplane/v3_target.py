@@ -1,6 +1,14 @@
 """The target side of the v3 data plane (see :mod:`federation.dataplane.v3_protocol`): the
-AMST server on the node's data endpoint, and per round one HDE target per image writing the incoming
-images, each image's root recomputed and checked before the source hears it is done."""
+AMST server on the node's data endpoint, and per round one HDE target per image writing the
+incoming images, each image's root recomputed and checked before the source hears it is done.
+
+The rounds core (:mod:`federation.migration.round_target`) decides whether a round is
+taken — from the migration's source, once the incoming images are prepared — and says
+:class:`~federation.migration.round_events.V3Accept`; this driver checks the images,
+opens the page store, registers the round's AMST transfer and reports
+:class:`~federation.migration.round_events.V3Accepted` (the core answers the source).
+It reports every chunk that lands, every image verified and a round that cannot go on
+(the core counts them, keeps the session's stall timer quiet, tells the source)."""
 
 from __future__ import annotations
 
@@ -11,8 +19,15 @@ from typing import Any
 
 import trio
 
-from federation.dataplane.v1 import ACK_TIMEOUT
-from federation.dataplane.v3_protocol import V3Hde, V3Round, V3Status, peek_chunk
+from federation.dataplane.v3_protocol import peek_chunk
+from federation.migration.round_events import (
+    V3Accept,
+    V3Accepted,
+    V3ChunkLanded,
+    V3ImageVerified,
+    V3ReceiveFailed,
+)
+from federation.migration.round_messages import V3Hde
 from federation.vms.backend import VmBackend, VmError, VmState
 from mesh import wire
 from mesh.channel import SecureChannel
@@ -46,18 +61,18 @@ class _Store:
 
 
 class _Round:
-    def __init__(self, receiver: V3Receiver, peer: str, msg: V3Round, vm: str,
-                 writers: list[ImageWriter], store: _Store) -> None:
+    def __init__(self, receiver: V3Receiver, accept: V3Accept, writers: list[ImageWriter],
+                 store: _Store) -> None:
         self.receiver = receiver
-        self.peer = peer
-        self.mid = msg.migration_id
-        self.round = msg.round
-        self.vm = vm
-        self.names = msg.images
+        self.peer = accept.peer
+        self.mid = accept.migration_id
+        self.round = accept.round
+        self.vm = accept.vm
+        self.names = accept.images
         self.writers = writers
         self.store = store
         self.targets = [
-            HdeTarget(i + 1, peer, store.pages, self._sink(w)) for i, w in enumerate(writers)
+            HdeTarget(i + 1, self.peer, store.pages, self._sink(w)) for i, w in enumerate(writers)
         ]
         self.locks = [trio.Lock() for _ in writers]
         self.indexes: list[PageIndex | None] = [None] * len(writers)
@@ -83,12 +98,9 @@ class _Round:
     async def chunk(self, chunk: int, payload: bytes) -> None:
         """AMST sink: a verified chunk frame (or a feed's end marker)."""
         ids = peek_chunk(payload)
-        stats = self.receiver.stats
         if ids is None or not 1 <= ids[0] <= len(self.targets):
             return
-        stats["chunks_received"] += 1
-        stats["wire_bytes_received"] += len(payload)
-        self.receiver.note_chunk(self.mid, self.round)
+        self.receiver.report(V3ChunkLanded(self.mid, self.round, len(payload)))
         await self.step(ids[0] - 1, ChunkArrived(ids[0], ids[1], payload))
 
     async def step(self, i: int, event: Any) -> None:
@@ -121,7 +133,7 @@ class _Round:
         await trio.to_thread.run_sync(self.store.pages.add, f"{self.vm}/{self.names[i]}",
                                       self.writers[i], ix)
         wanted = target.stats["pages_wanted"]
-        self.receiver.note_pages(self.mid, self.round, wanted * PAGE_SIZE)
+        self.receiver.report(V3ImageVerified(self.mid, self.round, wanted * PAGE_SIZE))
         self.receiver.log.event("v3_image_verified", migration_id=self.mid, round=self.round,
                                 image=self.names[i], **target.stats)
 
@@ -130,14 +142,13 @@ class _Round:
             self.failed = reason
             self.receiver.log.event("v3_round_failed", migration_id=self.mid,
                                     round=self.round, error=reason)
-            self.receiver.send(self.peer, V3Status(self.mid, self.round, reason[:512]))
+            self.receiver.report(V3ReceiveFailed(self.peer, self.mid, self.round, reason))
 
 
 class V3Receiver:
-    """A node's v3 target side. ``session_ok(mid, peer)`` says whether a migration from
-    ``peer`` runs here as target; ``incoming(mid)`` gives its prepared incoming images;
-    ``note_chunk(mid, round)`` hears of every chunk that arrived (the session's stall timer
-    runs from the last one, so a long round, or one riding out a cut, is not a stall)."""
+    """A node's v3 target side (see the module docstring). ``incoming(mid)`` gives a
+    migration's prepared incoming images; ``report`` takes the driver's reports for the
+    rounds core."""
 
     def __init__(
         self,
@@ -145,75 +156,55 @@ class V3Receiver:
         backend: VmBackend,
         new_channel: Callable[[], SecureChannel],
         send: Callable[[str, Any], bool],
-        session_ok: Callable[[str, str], str | None],
         incoming: Callable[[str], dict[str, ImageWriter] | None],
-        note_pages: Callable[[str, int, int], None],
+        report: Callable[[object], None],
         log: JsonLog,
-        stats: dict[str, int],
         executor: Executor | None = None,
-        note_chunk: Callable[[str, int], None] = lambda mid, round_: None,
     ) -> None:
         self.backend = backend
         self.server = AmstServer(new_channel)
         self.send = send
-        self.session_ok = session_ok
         self.incoming = incoming
-        self.note_pages = note_pages
-        self.note_chunk = note_chunk
+        self.report = report
         self.log = log
-        self.stats = stats
         self.executor = executor
         self.rounds: dict[tuple[str, int], _Round] = {}
         self.stores: dict[str, _Store] = {}
-        self._prepared: dict[str, trio.Event] = {}
         self._transfers: dict[tuple[str, int], bytes] = {}
         self.nursery: trio.Nursery | None = None
 
-    def prepared(self, mid: str) -> None:
-        self._prepared.setdefault(mid, trio.Event()).set()
+    def on_diff(self, peer: str, msg: V3Hde) -> None:
+        r = self.rounds.get((msg.migration_id, msg.round))
+        if r is not None and r.peer == peer and not r.failed:
+            try:
+                r.inbox_send.send_nowait(msg)
+            except trio.WouldBlock:
+                r.fail("the diff inbox overflowed")
 
-    def on_message(self, peer: str, msg: V3Round | V3Hde) -> None:
-        if isinstance(msg, V3Hde):
-            r = self.rounds.get((msg.migration_id, msg.round))
-            if r is not None and r.peer == peer and not r.failed:
-                try:
-                    r.inbox_send.send_nowait(msg)
-                except trio.WouldBlock:
-                    r.fail("the diff inbox overflowed")
-            return
+    def accept(self, accept: V3Accept) -> None:
         assert self.nursery is not None, "rounds arrive only while the node runs"
-        self.nursery.start_soon(self._start_round, peer, msg)
+        self.nursery.start_soon(self._accept, accept)
 
-    async def _start_round(self, peer: str, msg: V3Round) -> None:
-        mid = msg.migration_id
-        vm = self.session_ok(mid, peer)
-        if vm is None:
-            self.send(peer, V3Status(mid, msg.round, f"no migration {mid!r} from {peer} "
-                                                     "is running here"))
-            return
+    async def _accept(self, a: V3Accept) -> None:
+        mid = a.migration_id
         writers = self.incoming(mid)
-        if writers is None:
-            with trio.move_on_after(ACK_TIMEOUT):
-                await self._prepared.setdefault(mid, trio.Event()).wait()
-            writers = self.incoming(mid)
-        if writers is None or set(msg.images) != set(writers):
-            self.send(peer, V3Status(mid, msg.round, f"the incoming images of {mid!r} are not "
-                                                     f"prepared as {list(msg.images)}"))
+        if writers is None or set(a.images) != set(writers):
+            self.report(V3Accepted(a.peer, mid, a.round, f"the incoming images of {mid!r} "
+                                                         f"are not prepared as {list(a.images)}"))
             return
         store = self.stores.get(mid)
         if store is None:
-            store = self.stores[mid] = await trio.to_thread.run_sync(self._new_store, vm,
+            store = self.stores[mid] = await trio.to_thread.run_sync(self._new_store, a.vm,
                                                                      writers)
-        r = _Round(self, peer, msg, vm, [writers[n] for n in msg.images], store)
+        r = _Round(self, a, [writers[n] for n in a.images], store)
         for old in [k for k in self.rounds if k[0] == mid]:  # an earlier round is over
             self._drop(old)
-        self.rounds[(mid, msg.round)] = r
-        self.server.expect(msg.transfer, r.chunk)
-        self._transfers[(mid, msg.round)] = msg.transfer
+        self.rounds[(mid, a.round)] = r
+        self.server.expect(a.transfer, r.chunk)
+        self._transfers[(mid, a.round)] = a.transfer
         assert self.nursery is not None
         self.nursery.start_soon(r.consume)
-        self.send(peer, V3Status(mid, msg.round))
-
+        self.report(V3Accepted(a.peer, mid, a.round))
     def _new_store(self, vm: str, writers: dict[str, ImageWriter]) -> _Store:
         """Worker thread: index every other VM held here and the copy of ``vm`` already in
         the incoming images (an earlier copy of it, or nothing), for dedup and as bases."""
@@ -248,4 +239,3 @@ class V3Receiver:
         store = self.stores.pop(mid, None)
         if store is not None:
             store.close()
-        self._prepared.pop(mid, None)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import threading
 import time
@@ -35,7 +34,8 @@ from pathlib import Path
 
 import attrs
 
-from mesh.hde.image import PAGE_SIZE, Image, ImageWriter
+from federation.vms.image_backend import MappedImage
+from mesh.hde.image import PAGE_SIZE, Image
 
 __all__ = [
     "RECORD_BYTES",
@@ -45,8 +45,6 @@ __all__ = [
     "WriterLogError",
     "PageWrite",
     "WritePlan",
-    "MappedImage",
-    "map_writable",
     "PageWriter",
     "WriterThread",
     "read_log",
@@ -164,27 +162,6 @@ def mismatches(images: Mapping[str, Image], expected: Mapping[tuple[str, int], s
         elif hashlib.sha256(image.view(page)).hexdigest() != sha:
             bad.append(f"{img}:{page} differs")
     return bad
-
-
-class MappedImage(ImageWriter):
-    """A writable image over a shared file mapping, which :meth:`flush` makes durable."""
-
-    def __init__(self, mapping: mmap.mmap, name: str) -> None:
-        super().__init__(mapping, name)
-        self._mapping = mapping
-
-    def flush(self) -> None:
-        self._mapping.flush()
-
-
-def map_writable(path: Path, page_count: int, name: str) -> MappedImage:
-    """Map ``path`` writable at exactly ``page_count`` pages, keeping what it holds (a file
-    that grows gets sparse zero pages). Never reads the file into memory."""
-    with open(path, "r+b" if path.exists() else "w+b") as f:
-        if os.fstat(f.fileno()).st_size != page_count * PAGE_SIZE:
-            f.truncate(page_count * PAGE_SIZE)
-        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE)
-    return MappedImage(m, name)
 
 
 class PageWriter:

@@ -2,7 +2,9 @@
 
 Four ``dwcp node`` processes on loopback, from a federation file generated in a
 temporary directory; a VM made of real data (:mod:`federation.demo.vm_data`) is imported
-at dc1 with its writer dirtying pages and live-migrated to dc3 through the API, with
+at dc1 through the API and runs there with the demo's page writer dirtying its pages
+(dc1's node is started with a writer for that VM, :mod:`federation.demo.writer_node`: a
+demo tool, not an API field), and is live-migrated to dc3 through the API, with
 progress; the summary's claims are checked (:mod:`federation.demo.scenario`): image
 hashes, every ledger's owner and epoch. Then dc2 is killed with SIGKILL and the others
 detect it and route around it; SIGTERM stops the rest with exit status 0. Exit status 0
@@ -31,10 +33,12 @@ from typing import Any
 import trio
 
 from federation import config
-from federation.cli.keys import init_federation
+from federation.cli.keys import INIT_OPERATOR, init_federation
 from federation.cli.ops import _human
+from federation.demo.guest_backend import WriterSetting
 from federation.demo.scenario import Demo, ms
 from federation.demo.vm_data import build_vm_data
+from federation.demo.writer_node import writer_args
 
 __all__ = ["register", "NodeProcess", "LocalFederation", "free_base_port", "DemoFailed"]
 
@@ -42,6 +46,8 @@ __all__ = ["register", "NodeProcess", "LocalFederation", "free_base_port", "Demo
 #: so a listener never collides with the source port of an outgoing connection.
 _PORT_LOW, _PORT_HIGH = 20000, 32000
 _NODE_MAIN = "import sys; from federation.cli.main import main; sys.exit(main())"
+#: A node whose VMs may run the demo's page writer (federation.demo.writer_node).
+_WRITER_NODE_MAIN = "import sys; from federation.demo.writer_node import main; sys.exit(main())"
 
 
 class DemoFailed(Exception):
@@ -94,10 +100,13 @@ class NodeProcess:
         config_path: Path,
         changes: Changes | None = None,
         log_path: Path | None = None,
+        writers: dict[str, WriterSetting] | None = None,
     ) -> None:
         self.name = name
         self.config_path = config_path
         self.log_path = log_path  # every stderr line is also appended here
+        #: VM name -> the page writer it runs here (none: a plain ``dwcp node``)
+        self.writers = dict(writers or {})
         self.process: trio.Process | None = None
         self.up: dict[str, int] = {}  # peer -> negotiated version
         self.initiators: dict[str, str] = {}
@@ -113,16 +122,15 @@ class NodeProcess:
         self.initiators.clear()
         self.returncode = None
         self.stop_requested = False
-        args = [
-            sys.executable,
-            "-c",
-            _NODE_MAIN,
-            "node",
-            "--config",
-            str(self.config_path),
-            "--name",
-            self.name,
-        ]
+        # the operator `federation init` made: the node signs its API's operations with it
+        # until the API checks operators' own signatures
+        key = self.config_path.parent / "keys" / f"{INIT_OPERATOR}.key"
+        operator = ["--operator-key", str(key)]
+        node = ["--config", str(self.config_path), "--name", self.name, *operator]
+        if self.writers:
+            args = [sys.executable, "-c", _WRITER_NODE_MAIN, *node, *writer_args(self.writers)]
+        else:
+            args = [sys.executable, "-c", _NODE_MAIN, "node", *node]
         self.started_at = trio.current_time()
         self.process = await trio.lowlevel.open_process(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -277,6 +285,8 @@ class LocalFederation:
 #: The writer's default rate: 2,000 pages/s (8 MiB/s) keeps pre-copy honest (every round
 #: has dirty pages to resend) and still converges over a loopback link.
 WRITER_RATE = 2000.0
+#: The demo's VM, and the seed of its writer's content.
+DEMO_VM, WRITER_SEED = "demo-vm", 1
 #: Start-up of four interpreters on a loaded 2-core machine took up to ~12 s (measured).
 START_BUDGET = 30.0
 
@@ -345,6 +355,9 @@ async def _scenario(fed: LocalFederation, directory: Path, size: str, rate: floa
     demo = Demo(fed, directory, DemoFailed)
     names = list(fed.nodes)
     src, dst, victim = names[0], names[2], names[1]
+    vm = DEMO_VM
+    # the source runs the VM with the demo's page writer as its guest
+    fed.nodes[src].writers[vm] = WriterSetting(WRITER_SEED, rate)
     print(f"\n1. starting {len(names)} `dwcp node` processes; building the VM meanwhile ...",
           flush=True)
     t0 = trio.current_time()
@@ -365,7 +378,6 @@ async def _scenario(fed: LocalFederation, directory: Path, size: str, rate: floa
     policy = await demo.post(src, "/api/policy", {"v3_percent": 100})
     print(f"   rollout policy in the ledger: v3 for {policy['v3_percent']}% of VMs")
 
-    vm = "demo-vm"
     print(f"\n2. importing {vm} at {src} with its writer running ...", flush=True)
     await demo.import_vm(src, vm, data, rate)
 

@@ -115,10 +115,11 @@ class Demo:
     # ------------------------------------------------------------------ migration
 
     async def import_vm(self, dc: str, vm: str, data: VmData, rate: float) -> dict[str, Any]:
+        """Import ``vm`` at ``dc`` through the API; ``dc``'s node runs it with the page
+        writer (``rate`` pages per second) it was started with for that VM."""
         t0 = trio.current_time()
         doc = await self._call(dc, "POST", "/api/vms", {
-            "name": vm, "memory": str(data.memory), "disks": [str(d) for d in data.disks],
-            "writer_rate": rate, "writer_seed": 1})
+            "name": vm, "memory": str(data.memory), "disks": [str(d) for d in data.disks]})
         pages = sum(n for _, n in doc["layout"])
         print(f"   {dc} imported {vm}: {pages} pages ({_human(pages * 4096)}), ledger epoch "
               f"{doc['epoch']}, {doc['state']}, writer dirtying {rate:.0f} pages/s "

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import attrs
 
-from bench.corpus import ManifestError, load_manifest
+from federation.demo.corpus import ManifestError, load_manifest
 from federation.demo.real_data import write_process_memory
 
 __all__ = ["VmData", "build_vm_data", "PAGE", "SIZES"]

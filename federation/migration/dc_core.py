@@ -8,10 +8,11 @@ Wiring (what :mod:`federation.migration.vocabulary` asks of a node):
   timers go to the session of that migration id;
 - after every replica step the ledger's migration records are compared with the
   last ones seen: a new ``begun`` becomes :class:`LedgerBegun` for the source
-  session (and creates the target session at the target), ``committed`` and
-  ``aborted`` become :class:`LedgerCommitted` / :class:`LedgerAborted`, a policy
-  change :class:`PolicyChanged` — whatever way the ledger got there (normal
-  execution or state transfer);
+  session (and creates the target session at the target), the source's announced
+  root :class:`LedgerRootAnnounced`, ``committed`` and ``aborted`` become
+  :class:`LedgerCommitted` / :class:`LedgerAborted`, a policy change
+  :class:`PolicyChanged` — whatever way the ledger got there (normal execution or
+  state transfer);
 - a session's :class:`SubmitLedger` becomes ``replica.submit``; the request's
   completion comes back as :class:`LedgerRefused` if the ledger rejected it;
 - the node's own submissions (``submit``) complete through ``on_ledger_done``;
@@ -27,10 +28,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from consensus.ledger import LedgerResult, MigrationRecord, SetPolicy
+from consensus.authz import Authorization
+from consensus.ledger import Ledger, LedgerResult, MigrationRecord, SetPolicy
 from consensus.pbft.client import ClientBusy
 from consensus.pbft.replica import Replica
+from federation.migration.dc_status import MigrationView, SessionStatus
 from federation.migration.restore import restore
+from federation.migration.round_events import SessionView
 from federation.migration.session import SessionBase
 from federation.migration.source import SourceSession
 from federation.migration.target import TargetSession
@@ -39,6 +43,7 @@ from federation.migration.vocabulary import (
     LedgerBegun,
     LedgerCommitted,
     LedgerRefused,
+    LedgerRootAnnounced,
     MigrationError,
     Outcome,
     PolicyChanged,
@@ -77,9 +82,9 @@ class NodeCore:
         self.progress: dict[str, Progress] = {}
         self.outcomes: dict[str, Outcome] = {}
         self.counters: dict[str, int] = {}
-        self._seen: dict[str, str] = dict(
-            (mid, rec.state) for mid, rec in replica.ledger.migrations.items()
-        )
+        self._seen: dict[str, tuple[str, bool]] = {
+            mid: _seen(rec) for mid, rec in replica.ledger.migrations.items()
+        }
         self._policy: SetPolicy = replica.ledger.policy
         #: request id -> the session that submitted it
         self._requests: dict[int, str] = {}
@@ -123,9 +128,10 @@ class NodeCore:
     def plan_migration(
         self, now: float, migration_id: str, vm: str, target: str,
         layout: tuple[tuple[str, int], ...], local_versions: tuple[int, ...],
-        peer_versions: tuple[int, ...],
+        peer_versions: tuple[int, ...], authorization: Authorization,
     ) -> list[Action]:
-        """Start migrating ``vm`` (owned here per the ledger) to ``target``."""
+        """Start migrating ``vm`` (owned here per the ledger) to ``target``, on the
+        operator's signed request ``authorization`` (a ``MigrateVm`` intent)."""
         ledger = self.replica.ledger
         owner, epoch = ledger.owner(vm), ledger.epoch(vm)
         if owner != self.me or epoch is None:
@@ -137,7 +143,7 @@ class NodeCore:
             raise MigrationError(f"migration {migration_id!r} exists")
         session = SourceSession.plan(
             self.me, migration_id, vm, target, epoch, layout, limits_for(self.mode_of(target)),
-            ledger.policy, local_versions, peer_versions,
+            ledger.policy, local_versions, peer_versions, authorization,
         )
         self.sessions[migration_id] = session
         return self._session_out(now, session, session.start(now))
@@ -152,6 +158,45 @@ class NodeCore:
             self._count("events_without_session")
             return []
         return self._session_out(now, session, session.handle(now, event))
+
+    # ------------------------------------------------------------------ status (read-only)
+
+    @property
+    def ledger(self) -> Ledger:
+        """The ledger as this DC's replica executed it."""
+        return self.replica.ledger
+
+    def migration_ids(self) -> list[str]:
+        """Every migration with a session here or a record in the ledger, sorted."""
+        return sorted(set(self.sessions) | set(self.replica.ledger.migrations))
+
+    def migration(self, migration_id: str) -> MigrationView | None:
+        session = self.sessions.get(migration_id)
+        rec = self.replica.ledger.migrations.get(migration_id)
+        if session is None and rec is None:
+            return None
+        return MigrationView(migration_id, rec,
+                             None if session is None else SessionStatus.of(session),
+                             self.progress.get(migration_id), self.outcomes.get(migration_id))
+
+    def session_view(self, migration_id: str) -> SessionView | None:
+        """What the rounds core needs to know of the session (None: no session here)."""
+        s = self.sessions.get(migration_id)
+        return None if s is None else SessionView(s.vm, s.source, s.target, s.done)
+
+    def outcome_counts(self) -> dict[tuple[str, str], int]:
+        """(role, outcome) -> migrations that ended so at this DC."""
+        ended: dict[tuple[str, str], int] = {}
+        for o in self.outcomes.values():
+            ended[(o.role, o.outcome)] = ended.get((o.role, o.outcome), 0) + 1
+        return ended
+
+    def active_sessions(self) -> int:
+        return sum(1 for s in self.sessions.values() if not s.done)
+
+    def restoring(self) -> list[str]:
+        """Persisted migration records waiting for the replica to catch up."""
+        return sorted(self.unrestored)
 
     # ------------------------------------------------------------------ internals
 
@@ -209,9 +254,9 @@ class NodeCore:
             for mid in list(self.sessions):
                 out += self.to_session(now, mid, PolicyChanged(ledger.policy))
         changed = [(mid, rec) for mid, rec in ledger.migrations.items()
-                   if self._seen.get(mid) != rec.state]
+                   if self._seen.get(mid) != _seen(rec)]
         for mid, rec in changed:
-            self._seen[mid] = rec.state
+            self._seen[mid] = _seen(rec)
             out += self._on_record(now, rec)
         if changed and self.unrestored:
             out += self._retry_restore(now)
@@ -226,11 +271,17 @@ class NodeCore:
             session, acts = TargetSession.from_ledger(
                 self.me, mid, rec.vm, rec.source, rec.epoch, limits, now)
             self.sessions[mid] = session
-            return self._session_out(now, session, acts)
+            out = self._session_out(now, session, acts)
+            if rec.announced:
+                out += self.to_session(now, mid, LedgerRootAnnounced(mid, rec.announced))
+            return out
         if mid not in self.sessions:
             return []
         if rec.state == "begun":
-            return self.to_session(now, mid, LedgerBegun(mid, rec.epoch))
+            out = self.to_session(now, mid, LedgerBegun(mid, rec.epoch))
+            if rec.announced:
+                out += self.to_session(now, mid, LedgerRootAnnounced(mid, rec.announced))
+            return out
         if rec.state == "committed":
             return self.to_session(now, mid, LedgerCommitted(mid, rec.epoch + 1, rec.root))
         return self.to_session(now, mid, LedgerAborted(mid))
@@ -253,3 +304,8 @@ class NodeCore:
             out += self._session_out(now, session, [*acts, session.progress()])
         return out
 
+
+def _seen(rec: MigrationRecord) -> tuple[str, bool]:
+    """What of a migration record the sessions hear about: its state, and whether the
+    source's root is announced."""
+    return rec.state, bool(rec.announced)

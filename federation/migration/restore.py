@@ -13,9 +13,15 @@ ledger's word comes first:
   everything else aborts: a source crash loses the dirty tracking and kills the VM's
   run, and a target crash loses the data plane state, so a fresh migration is the
   clean way on (DESIGN.md: source or target crash ends in a ledger abort);
-- not recorded: a source that was still PLANNED submits its begin again (begin is
-  idempotent by migration id); anything else means the replica is behind the record,
-  and restoring must wait until it has caught up.
+- not recorded: a source that was still PLANNED submits its begin again, with the
+  operator's request it kept (the ledger answers a request it executed with its first
+  outcome); anything else means the replica is behind the record, and restoring must
+  wait until it has caught up.
+
+A source restored after its final round announces its fenced root again if the
+ledger has not recorded it; a target takes the announced root from the ledger's
+record. An abort in progress is asked for again the role's way (the source
+submits it, the target asks the source and waits for the deadline).
 
 A record already COMMITTED or ABORTED is final whatever the replica says: a session
 only gets there on the ledger's decision, and a replica replaying its log after the
@@ -28,13 +34,7 @@ them out is repaired by restoring again.
 
 from __future__ import annotations
 
-from consensus.ledger import (
-    AbortMigration,
-    BeginMigration,
-    CommitMigration,
-    MigrationRecord,
-    SetPolicy,
-)
+from consensus.ledger import CommitMigration, MigrationRecord, SetPolicy
 from federation.migration.rollout import DEFAULT_POLICY
 from federation.migration.session import SessionBase
 from federation.migration.source import SourceSession
@@ -105,6 +105,9 @@ def restore(
     ):
         raise MigrationError(f"migration {rec.migration_id!r}: ledger record does not match")
     source = s.role is Role.SOURCE
+    if isinstance(s, TargetSession):
+        s.arm_timeout(now)
+        s.announced = ledger.announced if ledger is not None else b""
     if s.phase in (Phase.COMMITTED, Phase.ABORTED):
         # A session reaches these only on the ledger's word, so the outcome was decided
         # before the crash; a replica still replaying its log may show the migration
@@ -132,7 +135,11 @@ def restore(
         if source and s.phase in (Phase.PLANNED, Phase.REFUSED):
             if s.phase is Phase.REFUSED:
                 return s, []
-            begin = BeginMigration(s.vm, s.source, s.target, s.epoch, s.migration_id)
+            assert isinstance(s, SourceSession)
+            try:
+                begin = s.begin_command()
+            except MigrationError as exc:
+                return s, s.finish(now, Phase.REFUSED, str(exc))
             return s, [s.persist(), *s.submit(now, begin)]
         raise MigrationError(
             f"migration {rec.migration_id!r} is {rec.phase} here but not in the ledger: "
@@ -140,13 +147,15 @@ def restore(
         )
     # The ledger has the migration begun.
     if s.phase is Phase.ABORTING:
-        return s, [s.persist(), *s.submit(now, AbortMigration(s.migration_id))]
+        return s, [s.persist(), *s.request_abort(now)]
     if source and s.final_sent:
+        assert isinstance(s, SourceSession)
         s.phase = Phase.VERIFYING
         s.fenced_at = now
         return s, [
             s.persist(),
             Send(s.target, MigrationRoundDone(s.migration_id, s.round, True, s.root)),
+            *(s.announce(now) if not ledger.announced else []),
             s.timer("retransmit", now + RETRANSMIT),
             # the fence bound restarts: the estimate it was made from died with the process
             s.timer("fence", now + PEER_DOWN_GRACE + STALL_TIMEOUT),

@@ -12,7 +12,8 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 
-from consensus.ledger import AbortMigration, BeginMigration, CommitMigration
+from consensus.authz import Authorization
+from consensus.ledger import AbortMigration, AnnounceRoot, BeginMigration, CommitMigration
 from federation.migration.vocabulary import (
     FENCE_SLACK,
     LEDGER_RESUBMIT,
@@ -54,7 +55,7 @@ from mesh.hde.image import PAGE_SIZE
 __all__ = ["SessionBase", "TIMERS"]
 
 TIMERS = ("ledger", "retransmit", "peer", "stall", "fence")
-_LedgerCommand = BeginMigration | CommitMigration | AbortMigration
+_LedgerCommand = BeginMigration | AnnounceRoot | CommitMigration | AbortMigration
 
 
 class SessionBase(abc.ABC):
@@ -99,6 +100,8 @@ class SessionBase(abc.ABC):
         self.eta = 0.0
         self.fenced_at: float | None = None
         self.fenced_seconds = 0.0
+        #: source: the operator's signed request the begin carries
+        self.authorization: Authorization | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -128,6 +131,7 @@ class SessionBase(abc.ABC):
             final_sent=self.final_sent, root=self.root, max_rounds=self.limits.max_rounds,
             downtime=float(self.limits.downtime), reason=self.reason[:256],
             bytes_sent=self.bytes_sent, wire_bytes=self.wire_bytes,
+            authorization=self.authorization,
         )
 
     def load(self, rec: SessionRecord) -> None:
@@ -140,6 +144,7 @@ class SessionBase(abc.ABC):
         self.reason = rec.reason
         self.bytes_sent = rec.bytes_sent
         self.wire_bytes = rec.wire_bytes
+        self.authorization = rec.authorization
 
     def persist(self) -> Persist:
         return Persist(record_key(self.migration_id), wire.encode(self.record()), sync=True)
@@ -176,8 +181,8 @@ class SessionBase(abc.ABC):
         return [self.persist(), *self.cancel(*TIMERS), Notify("migration.done", outcome)]
 
     def abort(self, now: float, reason: str) -> list[Action]:
-        """Give up: submit the abort and wait for the ledger's word. Returns [] where an
-        abort is no longer this side's to make (see ``_may_abort``)."""
+        """Give up: ask for the abort (``request_abort``) and wait for the ledger's word.
+        Returns [] where an abort is no longer this side's to make (see ``_may_abort``)."""
         if not self._may_abort():
             return []
         self.phase = Phase.ABORTING
@@ -186,7 +191,7 @@ class SessionBase(abc.ABC):
             self.persist(),
             *self.cancel("retransmit", "peer", "stall", "fence"),
             *self._abort_side_effects(),
-            *self.submit(now, AbortMigration(self.migration_id)),
+            *self.request_abort(now),
             Notify("migration.aborting", {"migration_id": self.migration_id, "reason": reason}),
         ]
 
@@ -237,6 +242,12 @@ class SessionBase(abc.ABC):
     @abc.abstractmethod
     def _may_abort(self) -> bool:
         """Whether this side may still submit an abort in its current phase."""
+
+    @abc.abstractmethod
+    def request_abort(self, now: float) -> list[Action]:
+        """How this side asks for the abort once it gave up (also after a restart in
+        ABORTING): the source submits it; the target asks the source (consensus.ledger
+        takes the target's own abort only by timeout)."""
 
     @abc.abstractmethod
     def _abort_side_effects(self) -> list[Action]:

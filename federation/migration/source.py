@@ -1,6 +1,8 @@
 """The source side of a migration: it drives (see :mod:`federation.migration.vocabulary`).
 
-PLANNED: the begin is submitted. BEGUN: the ledger recorded it; the offer is
+PLANNED: the begin is submitted, carrying the operator's signed request for the
+migration (the ledger takes a begin only from the VM's owner, on an operator's
+request). BEGUN: the ledger recorded it; the offer is
 re-sent until the target answers ready. PRECOPY: round 1 sends the diff
 against the target's store, round k the pages dirtied while round k-1 ran.
 After each round the final round's time is estimated as the dirty bytes over
@@ -9,9 +11,11 @@ when the pending bytes fit in ``bandwidth * downtime_limit``); pre-copy stops
 when that is under the mode's downtime target or when the next round would be
 the last one the mode allows. FENCED: the VM is stopped (the fence is
 persisted *before* it is requested, so a crash never forgets it). FINAL: the
-remaining dirty pages go; then VERIFYING: the root is sent to the target and
-the source waits for the ledger. Only a ledger abort un-fences; a ledger
-commit retires the source copy.
+root of the fenced images is announced in the ledger (the target may commit
+only with it) while the remaining dirty pages go; then VERIFYING: the root is
+sent to the target and the source waits for the ledger. A target that gives up
+asks the source to abort (MigrationDecline). Only a ledger abort un-fences; a
+ledger commit retires the source copy.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from consensus.ledger import BeginMigration, SetPolicy
+from consensus.authz import Authorization
+from consensus.ledger import AbortMigration, AnnounceRoot, BeginMigration, SetPolicy
 from federation.migration.rollout import choose_version, round_version
 from federation.migration.session import SessionBase
 from federation.migration.vocabulary import (
@@ -37,6 +42,8 @@ from federation.migration.vocabulary import (
     LedgerBegun,
     LedgerCommitted,
     LedgerRefused,
+    LedgerRootAnnounced,
+    MigrationDecline,
     MigrationError,
     MigrationOffer,
     MigrationReady,
@@ -86,8 +93,10 @@ class SourceSession(SessionBase):
         policy: SetPolicy,
         local_versions: Sequence[int],
         peer_versions: Sequence[int],
+        authorization: Authorization,
     ) -> SourceSession:
-        """A new migration of ``vm`` (owned here at ``epoch``) to ``target``. Raises
+        """A new migration of ``vm`` (owned here at ``epoch``) to ``target``, on the
+        operator's signed request ``authorization``. Raises
         :class:`federation.migration.rollout.RolloutError` when the DCs share no version."""
         if target == me:
             raise MigrationError(f"VM {vm!r}: the target {target!r} is this DC")
@@ -95,14 +104,24 @@ class SourceSession(SessionBase):
             raise MigrationError(f"VM {vm!r}: no images to migrate")
         version = choose_version(policy, vm, me, target, local_versions, peer_versions)
         common = set(local_versions) & set(peer_versions)
-        return cls(me, migration_id, vm, me, target, epoch, limits, version, sorted(common),
-                   layout, policy=policy)
+        session = cls(me, migration_id, vm, me, target, epoch, limits, version, sorted(common),
+                      layout, policy=policy)
+        session.authorization = authorization
+        return session
+
+    def begin_command(self) -> BeginMigration:
+        """The begin this session submits (raises MigrationError without an operator's
+        request: a record from before operators signed migrations)."""
+        if self.authorization is None:
+            raise MigrationError(f"migration {self.migration_id!r} has no operator request "
+                                 "to begin with")
+        return BeginMigration(self.vm, self.source, self.target, self.epoch, self.migration_id,
+                              self.authorization)
 
     def start(self, now: float) -> list[Action]:
         if self.phase is not Phase.PLANNED or self.pending is not None:
             raise MigrationError(f"migration {self.migration_id!r} was already started")
-        begin = BeginMigration(self.vm, self.source, self.target, self.epoch, self.migration_id)
-        return [self.persist(), *self.submit(now, begin), self.progress()]
+        return [self.persist(), *self.submit(now, self.begin_command()), self.progress()]
 
     def cancel_refusal(self) -> str:
         """Why an operator's cancel cannot be taken now, or "" if it can (the node asks
@@ -134,6 +153,13 @@ class SourceSession(SessionBase):
 
     def _may_abort(self) -> bool:
         return self.phase in _ABORTABLE
+
+    def request_abort(self, now: float) -> list[Action]:
+        return self.submit(now, AbortMigration(self.migration_id))
+
+    def announce(self, now: float) -> list[Action]:
+        """Announce the fenced root in the ledger (resubmitted until it is recorded)."""
+        return self.submit(now, AnnounceRoot(self.migration_id, self.root))
 
     def _abort_side_effects(self) -> list[Action]:
         return [CancelRound(self.migration_id)] if self.round else []
@@ -216,6 +242,11 @@ class SourceSession(SessionBase):
         if isinstance(ev, PolicyChanged):
             self.policy = ev.policy
             return []
+        if isinstance(ev, LedgerRootAnnounced):
+            if isinstance(self.pending, AnnounceRoot):
+                self.pending = None
+                return self.cancel("ledger")
+            return []
         if isinstance(ev, CancelRequested):
             return self._on_cancel(now, ev)
         if isinstance(ev, Received):
@@ -234,7 +265,7 @@ class SourceSession(SessionBase):
             self.root = ev.root
             self.phase = Phase.FINAL
             self.fenced_at = now
-            return [*self._send_round(now, final=True),
+            return [*self._send_round(now, final=True), *self.announce(now),
                     self.timer("fence", now + self._fence_deadline())]
         if isinstance(ev, ActionFailed):
             if self._may_abort():
@@ -277,9 +308,12 @@ class SourceSession(SessionBase):
 
     def _on_message(self, now: float, ev: Received) -> list[Action]:
         msg = ev.message
-        if ev.peer != self.target or not isinstance(msg, MigrationReady):
+        if ev.peer != self.target or not isinstance(msg, (MigrationReady, MigrationDecline)):
             return [Notify("migration.ignored", {"migration_id": self.migration_id,
                                                  "peer": ev.peer, "message": type(msg).__name__})]
+        if isinstance(msg, MigrationDecline):
+            out = self.abort(now, f"the target {self.target} gave up: {msg.reason}")
+            return [*out, self.progress()] if out else []
         if self.phase is not Phase.BEGUN:
             return []
         self.phase = Phase.PRECOPY

@@ -5,19 +5,28 @@ that names this DC as the target (:meth:`TargetSession.from_ledger`); offers
 for a migration the local ledger has not recorded are dropped, and the
 source re-sends them. BEGUN: waiting for the offer, which says the layout and
 the version. PRECOPY: the incoming images are prepared and rounds arrive
-through the data plane. FINAL: the source's final round is delivered with
-the root of the fenced source; the target recomputes the root of what it
-wrote. VERIFIED: the roots match and the commit is submitted — from here on
-the target never aborts: the ledger orders its commit against any abort of
-the source. COMMITTED: the ledger recorded the commit; the VM starts here
-with the new epoch, never earlier.
+through the data plane. FINAL: the source's final round is delivered; the
+target recomputes the root of what it wrote and compares it with the root the
+source announced *in the ledger* (what the source's message says is not
+evidence: the ledger takes a commit only with the announced root). VERIFIED:
+the roots match and the commit is submitted — from here on the target never
+aborts: the ledger orders its commit against any abort of the source.
+COMMITTED: the ledger recorded the commit; the VM starts here with the new
+epoch, never earlier.
+
+A target that gives up (a stall, its peer down, a root that does not match)
+does not abort on its own: it asks the source to (``MigrationDecline``, re-sent
+until the ledger decides), and submits its own abort only once the migration's
+deadline has passed (``MIGRATION_DEADLINE`` after the begin; the ledger checks
+it in ledger time).
 """
 
 from __future__ import annotations
 
-from consensus.ledger import CommitMigration
+from consensus.ledger import MIGRATION_DEADLINE, AbortMigration, CommitMigration
 from federation.migration.session import SessionBase
 from federation.migration.vocabulary import (
+    RETRANSMIT,
     STALL_TIMEOUT,
     ActionFailed,
     DiscardIncoming,
@@ -25,6 +34,8 @@ from federation.migration.vocabulary import (
     LedgerBegun,
     LedgerCommitted,
     LedgerRefused,
+    LedgerRootAnnounced,
+    MigrationDecline,
     MigrationError,
     MigrationOffer,
     MigrationReady,
@@ -52,6 +63,17 @@ _ABORTABLE = (Phase.BEGUN, Phase.PRECOPY, Phase.FINAL)
 class TargetSession(SessionBase):
     role = Role.TARGET
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        #: the root the source announced in the ledger, and the root recomputed here
+        self.announced = b""
+        self.verified = b""
+        #: local time after which the ledger should take this target's own abort
+        self.timeout_at = 0.0
+
+    def arm_timeout(self, now: float) -> None:
+        self.timeout_at = now + MIGRATION_DEADLINE
+
     @classmethod
     def from_ledger(
         cls, me: str, migration_id: str, vm: str, source: str, epoch: int,
@@ -62,10 +84,34 @@ class TargetSession(SessionBase):
             raise MigrationError(f"migration {migration_id!r}: the source is this DC")
         s = cls(me, migration_id, vm, source, me, epoch, limits, 0, ())
         s.phase = Phase.BEGUN
+        s.arm_timeout(now)
         return s, [s.persist(), s.timer("stall", now + STALL_TIMEOUT), s.progress()]
 
     def _may_abort(self) -> bool:
         return self.phase in _ABORTABLE
+
+    def _decline(self) -> Send:
+        return Send(self.source, MigrationDecline(self.migration_id, self.reason[:256]))
+
+    def request_abort(self, now: float) -> list[Action]:
+        # The abort waits for the deadline (the ledger's timeout); until then the source
+        # is asked, and an honest source aborts at once.
+        self.pending = AbortMigration(self.migration_id)
+        return [self._decline(), self.timer("retransmit", now + RETRANSMIT),
+                self.timer("ledger", max(now, self.timeout_at))]
+
+    def _decide(self, now: float) -> list[Action]:
+        """Both roots known: commit with the announced one if they match, else give up."""
+        if self.phase is not Phase.FINAL or not (self.announced and self.verified):
+            return []
+        if self.verified != self.announced:
+            return self.abort(now, "the root of the received images does not match the "
+                                   "root the source announced")
+        self.root = self.announced
+        self.phase = Phase.VERIFIED
+        return [self.persist(), *self.cancel("stall", "peer"),
+                *self.submit(now, CommitMigration(self.migration_id, self.root)),
+                self.progress()]
 
     def _abort_side_effects(self) -> list[Action]:
         return []
@@ -88,6 +134,9 @@ class TargetSession(SessionBase):
             return out + self.finish(now, Phase.ABORTED, self.reason or "aborted in the ledger")
         if isinstance(ev, (LedgerBegun, PolicyChanged)):
             return []
+        if isinstance(ev, LedgerRootAnnounced):
+            self.announced = ev.root
+            return self._decide(now)
         if isinstance(ev, LedgerRefused):
             return [Notify("migration.ledger-refused",
                            {"migration_id": self.migration_id, "reason": ev.reason})]
@@ -101,13 +150,10 @@ class TargetSession(SessionBase):
         if isinstance(ev, TargetVerified):
             if self.phase is not Phase.FINAL:
                 return []
-            if ev.root != self.root:
-                return self.abort(now, "the root of the received images does not match "
-                                       "the source's")
-            self.phase = Phase.VERIFIED
-            return [self.persist(), *self.cancel("stall", "peer"),
-                    *self.submit(now, CommitMigration(self.migration_id, self.root)),
-                    self.progress()]
+            self.verified = ev.root
+            if not self.announced:  # the announcement is on its way through the ledger
+                return [self.timer("stall", now + STALL_TIMEOUT)]
+            return self._decide(now)
         if isinstance(ev, ActionFailed):
             if self._may_abort():
                 return self.abort(now, f"{ev.action} failed: {ev.reason}")
@@ -117,6 +163,10 @@ class TargetSession(SessionBase):
             what = ev.key[2]  # type: ignore[index]
             if what == "stall":
                 return self.abort(now, f"no progress in {self.phase.value} within its bound")
+            if what == "retransmit":
+                if self.phase is Phase.ABORTING:
+                    return [self._decline(), self.timer("retransmit", now + RETRANSMIT)]
+                return []
             raise MigrationError(f"target session got unknown timer {what!r}")
         raise MigrationError(f"target session got an event it does not take: {ev!r}")
 

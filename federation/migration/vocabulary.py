@@ -6,14 +6,19 @@ DESIGN.md, "The ledger and a migration"::
             -> VERIFYING/VERIFIED -> COMMITTED (ledger, epoch+1) | ABORTED (ledger)
 
 Two sessions run one migration: the *source* (:mod:`federation.migration.source`)
-drives it — begin in the ledger, pre-copy rounds, fence, final round — and the
-*target* (:mod:`federation.migration.target`) prepares the incoming copy,
-checks the tree root after the final round and commits. Both obey one rule:
-**only the ledger decides**. Each side acts on what the ledger recorded
-(:class:`LedgerBegun`, :class:`LedgerCommitted`, :class:`LedgerAborted`, fed by
-the node from its ledger replica), never on what the other side said. So the
-source un-fences only after an abort is in the ledger, and the target starts
-the VM only after the commit is, with the new epoch.
+drives it — begin in the ledger on an operator's signed request, pre-copy rounds,
+fence, the fenced root announced in the ledger, final round — and the *target*
+(:mod:`federation.migration.target`) prepares the incoming copy, checks after the
+final round that what it wrote has the root the source announced, and commits.
+Both obey one rule: **only the ledger decides**. Each side acts on what the
+ledger recorded (:class:`LedgerBegun`, :class:`LedgerRootAnnounced`,
+:class:`LedgerCommitted`, :class:`LedgerAborted`, fed by the node from its
+ledger replica), never on what the other side said. So the source un-fences
+only after an abort is in the ledger, and the target starts the VM only after
+the commit is, with the new epoch. Who may write what is the ledger's rule
+(consensus.ledger): the source begins, announces and aborts; the target
+commits, and gives up by asking the source to abort (:class:`MigrationDecline`)
+— its own abort counts only once the migration's deadline has passed.
 
 Like every core here, a session is ``handle(now, event) -> list[action]``.
 Its inputs are this module's events plus :mod:`mesh.core`'s ``Received``,
@@ -33,10 +38,17 @@ from typing import Any
 
 import attrs
 
-from consensus.ledger import AbortMigration, BeginMigration, CommitMigration, SetPolicy
+from consensus.authz import Authorization
+from consensus.ledger import (
+    AbortMigration,
+    AnnounceRoot,
+    BeginMigration,
+    CommitMigration,
+    SetPolicy,
+)
 from mesh import core, wire
 from mesh.links.modes import Mode
-from mesh.wire import U64, Bool, Bytes, Float, ListOf, Struct, Text, field
+from mesh.wire import U64, Bool, Bytes, Float, ListOf, Optional, Struct, Text, field
 
 __all__ = [
     "MigrationError",
@@ -53,6 +65,7 @@ __all__ = [
     "VERIFY_RATE",
     "FENCE_SLACK",
     "LedgerBegun",
+    "LedgerRootAnnounced",
     "LedgerCommitted",
     "LedgerAborted",
     "LedgerRefused",
@@ -81,6 +94,7 @@ __all__ = [
     "MigrationOffer",
     "MigrationReady",
     "MigrationRoundDone",
+    "MigrationDecline",
     "SessionRecord",
     "record_key",
     "timer_key",
@@ -155,7 +169,8 @@ PEER_DOWN_GRACE = 30.0
 #: a healthy transfer acknowledges chunks every round trip, even on an internet link.
 STALL_TIMEOUT = 30.0
 #: A ledger command with no recorded outcome after this long is submitted again (a new
-#: request; begin, commit and abort are idempotent by migration id). Five times the
+#: request; a begin is idempotent by its operator request id, an announcement by its
+#: root, commit and abort by the migration's state). Five times the
 #: ledger client's own retransmission period (consensus.pbft.client.RETRANSMIT, 2 s).
 LEDGER_RESUBMIT = 10.0
 #: Bytes per second the target hashes while verifying the root: SHA-256 over 1 MiB blocks
@@ -176,6 +191,15 @@ class LedgerBegun:
 
     migration_id: str
     epoch: int
+
+
+@attrs.frozen
+class LedgerRootAnnounced:
+    """The ledger recorded the source's announcement: its fenced images have ``root``.
+    The target commits only with this root (consensus.ledger)."""
+
+    migration_id: str
+    root: bytes
 
 
 @attrs.frozen
@@ -275,7 +299,7 @@ class ActionFailed:
 class SubmitLedger:
     """Submit ``command`` (a consensus.ledger command) through the node's ledger client."""
 
-    command: BeginMigration | CommitMigration | AbortMigration
+    command: BeginMigration | AnnounceRoot | CommitMigration | AbortMigration
 
 
 @attrs.frozen
@@ -423,6 +447,16 @@ class MigrationRoundDone:
     root: bytes = field(Bytes(64))
 
 
+@wire.message("migration.decline")
+class MigrationDecline:
+    """Target -> source, re-sent until the ledger decides: the target gives up on the
+    migration and asks the source to abort it (the ledger takes a target's own abort
+    only after the migration's deadline, consensus.ledger.MIGRATION_DEADLINE)."""
+
+    migration_id: str = field(_ID)
+    reason: str = field(Text(256))
+
+
 @wire.message("migration.record", max_size=16 * 1024)
 class SessionRecord:
     """What a session persists; with the ledger's word it rebuilds the session."""
@@ -447,6 +481,8 @@ class SessionRecord:
     reason: str = field(Text(256))
     bytes_sent: int = field(U64())
     wire_bytes: int = field(U64())
+    #: source: the operator's signed request for this migration (the begin carries it)
+    authorization: Authorization | None = field(Optional(Struct(Authorization)), default=None)
 
 
 def record_key(migration_id: str) -> str:

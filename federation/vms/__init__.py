@@ -1,2 +1,3 @@
 """VM backends: the :class:`~federation.vms.backend.VmBackend` interface, the
-``image`` backend, the QMP client, and the interpreter of a session's VM actions."""
+``image`` backend, the QMP client, and the one interpreter of a migration's VM
+actions (the sessions' and the rounds core's page actions)."""

@@ -1,10 +1,14 @@
-"""Carrying out a migration session's VM actions on a :class:`~federation.vms.backend.VmBackend`.
+"""Carrying out a migration's VM actions on a :class:`~federation.vms.backend.VmBackend`:
+the one interpreter of them, used by a node and by the simulator alike.
 
-The session (:mod:`federation.migration.vocabulary`) says *what* happens to the VM; this
-module does it and answers with the session's events. It blocks (fsync,
-hashing every page for a root), so a node runs :meth:`VmActions.carry_out` in a
-worker thread (``trio.to_thread.run_sync``); the simulator calls it directly
-on its simulated backend, or models it.
+The session (:mod:`federation.migration.vocabulary`) says *what* happens to the VM, and
+the rounds core (:mod:`federation.migration.rounds`) which pages a round reads and
+writes (its page actions, :data:`federation.migration.round_events.PAGE_ACTIONS`); this
+module does it and answers with their events. The session's actions block (fsync,
+hashing every page for a root), so a node runs them in a worker thread
+(``trio.to_thread.run_sync``); a page action copies at most one chunk between an image
+and a message. The simulator calls :meth:`VmActions.carry_out` directly on its
+simulated backend and schedules the replies after the time the work would take.
 
 Roots: a VM's root is :func:`federation.vms.backend.combined_root` over the HDE root
 (:func:`mesh.hde.index.build_index`) of each image, so the source's root at
@@ -17,9 +21,21 @@ retired copy, a start with the epoch it already runs at.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 
+from federation.migration.round_events import (
+    ChunkRead,
+    ChunkWritten,
+    CloseRound,
+    CountDirty,
+    DirtyCounted,
+    PlanRound,
+    ReadChunk,
+    RoundIoFailed,
+    RoundPlanned,
+    WriteChunk,
+)
 from federation.migration.vocabulary import (
     ActionFailed,
     DiscardIncoming,
@@ -33,14 +49,19 @@ from federation.migration.vocabulary import (
     Verify,
 )
 from federation.vms.backend import VmBackend, VmError, combined_root
-from mesh.hde.image import ImageError, ImageWriter, PageSource
+from mesh.hde.image import Image, ImageError, ImageWriter, PageSource
 from mesh.hde.index import build_index
 
-__all__ = ["VmActions", "images_root", "VM_ACTIONS"]
+__all__ = ["VmActions", "images_root", "VM_ACTIONS", "VmAction", "PageAction", "PageReply"]
 
 VM_ACTIONS = (Fence, Unfence, Retire, PrepareIncoming, Verify, StartAtTarget, DiscardIncoming)
-_VmAction = Fence | Unfence | Retire | PrepareIncoming | Verify | StartAtTarget | DiscardIncoming
+VmAction = Fence | Unfence | Retire | PrepareIncoming | Verify | StartAtTarget | DiscardIncoming
 _Reply = SourceFenced | TargetVerified | ActionFailed
+PageAction = PlanRound | ReadChunk | WriteChunk | CountDirty | CloseRound
+PageReply = RoundPlanned | ChunkRead | ChunkWritten | DirtyCounted | RoundIoFailed
+#: What a page action meets when the images under it are gone: a closed mapping raises
+#: ValueError (the migration ended while a chunk was on its way).
+_PAGE_ERRORS = (VmError, ImageError, OSError, ValueError)
 
 
 def images_root(images: Mapping[str, PageSource], executor: Executor | None = None) -> bytes:
@@ -56,6 +77,8 @@ class VmActions:
         self.executor = executor
         #: migration id -> the writable incoming images the data plane writes into
         self.incoming: dict[str, dict[str, ImageWriter]] = {}
+        #: migration id -> the images its running round reads (source)
+        self.outgoing: dict[str, dict[str, Image]] = {}
 
     def root(self, vm: str) -> bytes:
         images = self.backend.open_images(vm)
@@ -65,7 +88,7 @@ class VmActions:
             for img in images.values():
                 img.close()
 
-    def carry_out(self, action: _VmAction) -> list[_Reply]:
+    def carry_out(self, action: VmAction) -> list[_Reply]:
         """Do ``action``; the events to hand back to its session (a failure is reported
         as :class:`ActionFailed`, never raised)."""
         what = type(action).__name__
@@ -78,7 +101,65 @@ class VmActions:
         for img in self.incoming.pop(migration_id, {}).values():
             img.close()
 
-    def _do(self, a: _VmAction) -> list[_Reply]:
+    def _close_outgoing(self, migration_id: str) -> None:
+        for img in self.outgoing.pop(migration_id, {}).values():
+            img.close()
+
+    # ------------------------------------------------------------------ page actions
+
+    def carry_out_pages(self, action: PageAction) -> list[PageReply]:
+        """Do a page action of the rounds core; its reply (a write the target cannot do is
+        refused in :class:`ChunkWritten`, any other failure is :class:`RoundIoFailed`)."""
+        if isinstance(action, WriteChunk):
+            return [ChunkWritten(action.peer, action.migration_id, action.round, action.seq,
+                                 len(action.data), self._write(action))]
+        if isinstance(action, CloseRound):
+            self._close_outgoing(action.migration_id)
+            return []
+        try:
+            return [self._pages(action)]
+        except _PAGE_ERRORS as exc:
+            return [RoundIoFailed(action.migration_id, action.round, str(exc))]
+
+    def _pages(self, a: PlanRound | ReadChunk | CountDirty) -> PageReply:
+        b = self.backend
+        if isinstance(a, PlanRound):
+            mark = b.dirty_mark(a.vm)  # before reading: a later write shows in the next round
+            pages: dict[str, Sequence[int]]
+            if a.since is None:
+                pages = {name: range(count) for name, count in b.info(a.vm).layout}
+            else:
+                pages = dict(b.dirty_since(a.vm, a.since))
+            self._close_outgoing(a.migration_id)
+            self.outgoing[a.migration_id] = b.open_images(a.vm)
+            return RoundPlanned(a.migration_id, a.round, mark,
+                                tuple((n, tuple(pages[n])) for n in sorted(pages)))
+        if isinstance(a, ReadChunk):
+            images = self.outgoing.get(a.migration_id)
+            if images is None or a.image not in images:
+                raise VmError(f"migration {a.migration_id!r}: image {a.image!r} is not open "
+                              "for its round")
+            return ChunkRead(a.migration_id, a.round, a.seq,
+                             bytes(images[a.image].view(a.first, a.count)))
+        self._close_outgoing(a.migration_id)
+        dirty = b.dirty_since(a.vm, a.mark)
+        return DirtyCounted(a.migration_id, a.round, sum(len(p) for p in dirty.values()))
+
+    def _write(self, a: WriteChunk) -> str:
+        """Write a chunk into the incoming images; "" or why it was refused."""
+        writers = self.incoming.get(a.migration_id)
+        if writers is None:
+            return f"migration {a.migration_id!r}: no incoming images"
+        img = writers.get(a.image)
+        if img is None:
+            return f"no incoming image {a.image!r}"
+        try:
+            img.write(a.page, a.data)
+        except (ImageError, ValueError) as exc:
+            return str(exc)
+        return ""
+
+    def _do(self, a: VmAction) -> list[_Reply]:
         b = self.backend
         if isinstance(a, Fence):
             b.fence(a.vm, a.migration_id)

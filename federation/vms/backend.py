@@ -190,3 +190,7 @@ class VmBackend(Protocol):
         """The ledger committed ``migration_id``: this copy will never run again here
         (until a later migration brings the VM back with a higher epoch)."""
         ...
+
+    def close(self) -> None:
+        """The node stops: release what the backend holds (guest processes, mappings)."""
+        ...

@@ -2,31 +2,28 @@
 
 ::
 
-    ROOT/NAME/meta.json     {"name", "epoch", "state", "page_size", "layout", "migration_id",
-                             "writer"}   -- replaced atomically (temp + fsync + rename + dir fsync)
+    ROOT/NAME/meta.json     {"name", "epoch", "state", "page_size", "layout", "migration_id"}
+                            -- replaced atomically (temp + fsync + rename + dir fsync)
     ROOT/NAME/memory.img    guest RAM, a whole number of 4 KiB pages
     ROOT/NAME/disk-N.img    disks
-    ROOT/NAME/writer.log    what the page writer wrote (see :mod:`federation.demo.guest_writer`)
 
-"Running" means the DC owns the VM and, if a writer is attached, the writer
-dirties its pages. Images are only ever mapped (``mmap``), never read whole.
-The page writer that stands in for a guest's workload lives in
-:mod:`federation.demo.guest_writer`; this module owns its thread's life cycle, so that
-``fence`` stops every write before it returns.
+"Running" means the DC owns the VM. Images are only ever mapped (``mmap``), never read
+whole. The backend has no guest of its own: whatever writes a VM's pages in this
+process reports each write with :meth:`ImageBackend.note_write`, which is its dirty
+tracking (the demo's page writer, :mod:`federation.demo.guest_backend`, does).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
-import re
 import shutil
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from federation.demo.guest_writer import PageWriter, WriterThread, map_writable
 from federation.vms.backend import (
     MEMORY,
     FencedError,
@@ -38,9 +35,9 @@ from federation.vms.backend import (
     check_vm_name,
     disk_name,
 )
-from mesh.hde.image import PAGE_SIZE, Image, ImageError, ImageWriter, open_image
+from mesh.hde.image import PAGE_SIZE, Image, ImageWriter, open_image
 
-__all__ = ["ImageBackend", "atomic_write"]
+__all__ = ["ImageBackend", "atomic_write", "MappedImage", "map_writable"]
 
 META = "meta.json"
 
@@ -65,6 +62,26 @@ def atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+class MappedImage(ImageWriter):
+    """A writable image over a shared file mapping, which :meth:`flush` makes durable."""
+
+    def __init__(self, mapping: mmap.mmap, name: str) -> None:
+        super().__init__(mapping, name)
+        self._mapping = mapping
+
+    def flush(self) -> None:
+        self._mapping.flush()
+
+
+def map_writable(path: Path, page_count: int, name: str) -> MappedImage:
+    """Map ``path`` writable at exactly ``page_count`` pages, keeping what it holds (a file
+    that grows gets sparse zero pages). Never reads the file into memory."""
+    with open(path, "r+b" if path.exists() else "w+b") as f:
+        if os.fstat(f.fileno()).st_size != page_count * PAGE_SIZE:
+            f.truncate(page_count * PAGE_SIZE)
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE)
+    return MappedImage(m, name)
+
 
 class ImageBackend:
     """VMs as directories under ``root`` (implements :class:`federation.vms.backend.VmBackend`)."""
@@ -75,9 +92,6 @@ class ImageBackend:
         self._lock = threading.Lock()  # guards _generation and _dirty
         self._generation: dict[str, int] = {}
         self._dirty: dict[str, dict[tuple[str, int], int]] = {}
-        self._writers: dict[str, WriterThread] = {}
-        #: VM name -> why its writer stopped on its own
-        self.writer_errors: dict[str, str] = {}
 
     # ------------------------------------------------------------------ metadata
 
@@ -117,8 +131,7 @@ class ImageBackend:
     def _new_meta(self, name: str, layout: Sequence[tuple[str, int]], state: VmState,
                   epoch: int, migration_id: str = "") -> dict[str, Any]:
         return {"name": name, "epoch": epoch, "state": state.value, "page_size": PAGE_SIZE,
-                "layout": [[n, c] for n, c in layout], "migration_id": migration_id,
-                "writer": None}
+                "layout": [[n, c] for n, c in layout], "migration_id": migration_id}
 
     # ------------------------------------------------------------------ queries
 
@@ -185,12 +198,7 @@ class ImageBackend:
             if state not in (VmState.RETIRED, VmState.INCOMING):
                 raise VmError(f"VM {name!r} is {state.value} here; cannot receive it")
             meta.update(state=VmState.INCOMING.value, migration_id=migration_id,
-                        layout=[[n, c] for n, c in layout], writer=None)
-            # the old copy's writer log describes content the migration replaces
-            log = d / "writer.log"
-            if log.exists():
-                safe = re.sub(r"[^A-Za-z0-9_.-]", "_", migration_id)  # one path component
-                os.replace(log, d / f"writer.log.before-{safe}")
+                        layout=[[n, c] for n, c in layout])
         else:
             d.mkdir()
             meta = self._new_meta(name, layout, VmState.INCOMING, 0, migration_id)
@@ -249,7 +257,6 @@ class ImageBackend:
                                   f"but it last ran with epoch {info.epoch}")
         meta.update(state=VmState.RUNNING.value, epoch=epoch, migration_id="")
         self._write_meta(name, meta)
-        self._resume_writer(name, meta)
         return self._info(meta)
 
     def fence(self, name: str, migration_id: str) -> VmInfo:
@@ -261,7 +268,6 @@ class ImageBackend:
             return info
         if info.state not in (VmState.RUNNING, VmState.STOPPED):
             raise VmError(f"VM {name!r} is {info.state.value}; only a running VM is fenced")
-        self._stop_writer(name)  # every write is on disk and logged before the fence is
         meta.update(state=VmState.FENCED.value, migration_id=migration_id)
         self._write_meta(name, meta)
         return self._info(meta)
@@ -276,7 +282,6 @@ class ImageBackend:
                           f"not {migration_id!r}")
         meta.update(state=VmState.RUNNING.value, migration_id="")
         self._write_meta(name, meta)
-        self._resume_writer(name, meta)
         return self._info(meta)
 
     def retire(self, name: str, migration_id: str) -> VmInfo:
@@ -290,56 +295,6 @@ class ImageBackend:
         self._write_meta(name, meta)
         return self._info(meta)
 
-    # ------------------------------------------------------------------ the writer
-
-    def attach_writer(self, name: str, seed: int, rate: float) -> None:
-        """Dirty ``rate`` pages per second with content derived from ``seed`` while the VM
-        runs here (also after a restart: the setting is in meta.json)."""
-        if rate <= 0:
-            raise VmError(f"VM {name!r}: writer rate must be positive, got {rate}")
-        meta = self._read_meta(name)
-        meta["writer"] = {"seed": seed, "rate": rate}
-        self._write_meta(name, meta)
-        self._stop_writer(name)
-        if meta["state"] == VmState.RUNNING.value:
-            self._resume_writer(name, meta)
-
-    def detach_writer(self, name: str) -> None:
-        self._stop_writer(name)
-        meta = self._read_meta(name)
-        meta["writer"] = None
-        self._write_meta(name, meta)
-
-    def writer(self, name: str) -> WriterThread | None:
-        return self._writers.get(name)
-
-    def _resume_writer(self, name: str, meta: dict[str, Any]) -> None:
-        cfg = meta.get("writer")
-        if not cfg or name in self._writers:
-            return
-        d = self._dir(name)
-        images = {img: map_writable(d / f"{img}.img", count, f"{name}/{img}")
-                  for img, count in meta["layout"]}
-        try:
-            writer = PageWriter(images, d / "writer.log", int(cfg["seed"]),
-                                on_write=lambda img, page: self.note_write(name, img, page))
-        except (ImageError, OSError, ValueError) as exc:
-            raise VmError(f"VM {name!r}: cannot start its writer: {exc}") from exc
-        thread = WriterThread(writer, float(cfg["rate"]))
-        self._writers[name] = thread
-        thread.start()
-
-    def _stop_writer(self, name: str) -> None:
-        thread = self._writers.pop(name, None)
-        if thread is None:
-            return
-        try:
-            thread.stop()
-        except RuntimeError as exc:
-            # The workload died on its own (a full disk under its log, say): the VM is
-            # stopped either way, and a fence must still succeed. Kept for the operator.
-            self.writer_errors[name] = str(exc)
-
     def close(self) -> None:
-        for name in sorted(self._writers):
-            self._stop_writer(name)
+        """Nothing to release: every image this backend hands out is the caller's to close,
+        and it keeps no file open between calls."""

@@ -38,9 +38,10 @@ from mesh.links.control_msgs import (
     Routed,
     Sync,
 )
+from mesh.links.control_status import MeshStatus, PeerStatus
 from mesh.links.estimates import LinkConfig, LinkProber, LinkTable
 from mesh.links.modes import ModeClassifier, ModeLimits
-from mesh.links.routes import CONTROL, Route, RouteConfig, RouteElection
+from mesh.links.routes import BULK, CONTROL, Route, RouteConfig, RouteElection
 
 __all__ = ["MeshControl", "ACCEPTS", "attach"]
 
@@ -239,6 +240,23 @@ class MeshControl:
                                            changed=self._changed))
             self._changed = set()
         return out
+
+    def status(self) -> MeshStatus:
+        """What this DC knows of every peer and its links (read-only, see control_status)."""
+        peers = []
+        for p in self.peers:
+            view = self.table.view(self.me, p)
+            own = self.table.entries.get((self.me, p))  # ours, before the peer reported
+            routes = tuple((kind, None if (r := self.route(kind, p)) is None else r.hops)
+                           for kind in (CONTROL, BULK))
+            peers.append(PeerStatus(
+                peer=p, member=self.membership.state_of(p),
+                rtt_ms=view.rtt_ms if view else (own.rtt_ms or None) if own else None,
+                loss=None if view is None else view.loss,
+                bandwidth_mbps=view.bw_mbps if view else own.bw_mbps if own else None,
+                down=None if view is None else view.down,
+                mode=self.modes.mode(self.me, p), routes=routes))
+        return MeshStatus(self.me, tuple(peers))
 
 
 def attach(runtime: Any, me: str, peers: Sequence[str], rng: random.Random, *,

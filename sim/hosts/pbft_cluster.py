@@ -30,15 +30,19 @@ from typing import Any
 from consensus.durable import ReplicaLog
 from consensus.ledger import (
     AbortMigration,
+    AnnounceRoot,
     BeginMigration,
     CommitMigration,
+    ImportVm,
     Ledger,
+    MigrateVm,
     RegisterVm,
 )
 from consensus.pbft.messages import MAX_REQUEST_COMMANDS, Envelope
 from consensus.pbft.replica import PbftConfig, Replica
 from mesh import wire
 from mesh.identity import Identity, PublicKey
+from sim.hosts.operators import SIM_OPERATORS, OperatorSigner
 from sim.hosts.pbft_promises import SignedPromises
 from sim.scenario import Run, ScenarioSpec
 from sim.world import NotifyRecord, SimNode, World
@@ -95,6 +99,11 @@ class PbftCluster:
         self.next_seq: dict[str, int] = {}
         self.request_seq: dict[tuple[str, int], int] = {}
         self.submitted: dict[str, set[int]] = {m: set() for m in self.names}
+        #: correct DCs left out of the workload (neither submitting nor a migration's
+        #: target): a scenario drives their clients itself (sim.scenarios.ledger_insider)
+        self.idle: set[str] = set()
+        #: the operator whose requests each DC's workload carries (nonces per DC)
+        self.signers = {m: OperatorSigner("ops", prefix=m) for m in self.names}
         self.problem: str | None = None
         self.promises = SignedPromises()
         for name in self.names:
@@ -129,7 +138,7 @@ class PbftCluster:
         def build(node: SimNode) -> None:
             replica = Replica(
                 replica_name, identity_for(replica_name), self.keys, ReplicaLog(node.store),
-                node.rng("pbft"), self.config,
+                node.rng("pbft"), self.config, SIM_OPERATORS,
             )
             node.mount("pbft", replica, accepts=(Envelope,))
 
@@ -225,8 +234,11 @@ class PbftCluster:
     # ------------------------------------------------------------------ workload
 
     def workload(self, start: float, end: float, per_node: int, rng: random.Random) -> None:
-        """Each correct DC submits ``per_node`` commands at random times in [start, end)."""
+        """Each correct DC (but the idle ones) submits ``per_node`` commands at random
+        times in [start, end)."""
         for name in self.correct():
+            if name in self.idle:
+                continue
             for t in sorted(rng.uniform(start, end) for _ in range(per_node)):
                 self.world.at(t, self._submitter(name, rng.random()), f"submit {name}")
 
@@ -237,7 +249,8 @@ class PbftCluster:
 
         def submit(world: World) -> None:
             def go(replica: Replica, now: float) -> list[Any]:
-                cmds = tuple(wire.encode(self.command(name, replica.ledger, (draw + i / 7) % 1.0))
+                cmds = tuple(wire.encode(self.command(name, replica.ledger, (draw + i / 7) % 1.0,
+                                                      now))
                              for i in range(count))
                 rids, actions = replica.submit_many(now, cmds)
                 self.submitted[name].update(rids)
@@ -247,8 +260,9 @@ class PbftCluster:
 
         return submit
 
-    def command(self, name: str, ledger: Ledger, draw: float) -> Any:
-        """A plausible next command for DC ``name`` given its view of the ledger."""
+    def command(self, name: str, ledger: Ledger, draw: float, now: float) -> Any:
+        """A plausible next command for DC ``name`` given its view of the ledger; the
+        operator commands carry an operator's request signed at ``now``."""
         rng = random.Random(draw)
         mine = [v for v in sorted(ledger.vms) if ledger.vms[v].owner == name]
         incoming = sorted(m.migration_id for m in ledger.migrations.values()
@@ -256,12 +270,21 @@ class PbftCluster:
         outgoing = sorted(m.migration_id for m in ledger.migrations.values()
                           if m.state == "begun" and m.source == name)
         if incoming and draw < 0.4:
-            return CommitMigration(rng.choice(incoming), hashlib.sha256(b"%f" % draw).digest())
+            # the root the source announced (a commit without one is refused, as it must be)
+            mid = rng.choice(incoming)
+            root = ledger.migrations[mid].announced or hashlib.sha256(b"%f" % draw).digest()
+            return CommitMigration(mid, root)
         if outgoing and draw < 0.5:
-            return AbortMigration(rng.choice(outgoing))
+            mid = rng.choice(outgoing)
+            if draw < 0.45 and not ledger.migrations[mid].announced:
+                return AnnounceRoot(mid, hashlib.sha256(mid.encode()).digest())
+            return AbortMigration(mid)
+        sign = self.signers[name]
         idle = [v for v in mine if ledger.vms[v].migration_id is None]
         if idle and draw < 0.8:
             vm = rng.choice(idle)
-            target = rng.choice([m for m in self.names if m != name])
-            return BeginMigration(vm, name, target, ledger.vms[vm].epoch, f"mig-{draw:.12f}")
-        return RegisterVm(f"vm-{name}-{draw:.9f}", name)
+            target = rng.choice([m for m in self.names if m != name and m not in self.idle])
+            return BeginMigration(vm, name, target, ledger.vms[vm].epoch, f"mig-{draw:.12f}",
+                                  sign.authorize(MigrateVm(vm, target), now))
+        vm = f"vm-{name}-{draw:.9f}"
+        return RegisterVm(vm, name, sign.authorize(ImportVm(vm, name, "/sim"), now))

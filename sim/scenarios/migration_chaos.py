@@ -42,7 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 from consensus.durable import ReplicaLog
-from consensus.ledger import Ledger, RegisterVm
+from consensus.ledger import ImportVm, Ledger, MigrateVm, RegisterVm
 from consensus.pbft.replica import Replica
 from federation.migration.rollout import RolloutError
 from federation.migration.vocabulary import MigrationError, MigrationOffer, MigrationRoundDone
@@ -52,6 +52,7 @@ from sim.geo import REGIONS, geo_links
 from sim.hosts.byzantine import Combined, Equivocate, Silent
 from sim.hosts.migration_dc import HOST_TAGS, DcHost
 from sim.hosts.migration_vms import LAYOUT, VmWorld, Writer
+from sim.hosts.operators import SIM_OPERATORS, OperatorSigner
 from sim.hosts.pbft_cluster import SIM_CONFIG, identity_for
 from sim.nemesis import Byzantine
 from sim.network import Normal
@@ -184,6 +185,8 @@ class Federation:
         self.vm_names: list[str] = []
         self.planned = 0
         self.refused = 0
+        #: the operator who imports and migrates (the scenario plays the people)
+        self.operator = OperatorSigner("ops", prefix="chaos")
 
     def host(self, name: str) -> DcHost | None:
         node = self.world.nodes[name]
@@ -193,7 +196,7 @@ class Federation:
         # a restart (after any crash, ours or the swarm's): the DC's VM processes died
         self.vms.crash(node.name)
         replica = Replica(node.name, identity_for(node.name), self.keys, ReplicaLog(node.store),
-                          node.rng("pbft"), SIM_CONFIG)
+                          node.rng("pbft"), SIM_CONFIG, SIM_OPERATORS)
         me = node.name
 
         def mode_of(dst: str) -> Mode | None:
@@ -234,8 +237,9 @@ class Federation:
         self.vms.create(owner, vm)
 
         def go(world: World) -> None:
+            auth = self.operator.authorize(ImportVm(vm, owner, f"/images/{vm}"), world.now)
             world.invoke(owner, "node", lambda h, now: h.invoke(
-                now, lambda c, t: c.submit(t, RegisterVm(vm, owner))[1]), f"register {vm}")
+                now, lambda c, t: c.submit(t, RegisterVm(vm, owner, auth))[1]), f"register {vm}")
 
         self.world.at(0.05, go, f"register {vm}")
 
@@ -249,11 +253,12 @@ class Federation:
             others = [m for m in self.names if m != owner]
             target = others[draw % len(others)]
             mid = f"m{k:03d}-{vm}"
+            auth = self.operator.authorize(MigrateVm(vm, target), world.now)
 
             def plan(h: DcHost, now: float) -> list[Any]:
                 try:
                     return h.invoke(now, lambda c, t: c.plan_migration(
-                        t, mid, vm, target, LAYOUT, _VERSIONS, _VERSIONS))
+                        t, mid, vm, target, LAYOUT, _VERSIONS, _VERSIONS, auth))
                 except (MigrationError, RolloutError):
                     self.refused += 1
                     return []

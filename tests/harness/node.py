@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -19,12 +20,17 @@ import pytest
 import trio
 
 from federation import config
-from federation.cli.keys import init_federation
+from federation.api.auth import load_operator_key
+from federation.api.http import serve_node
+from federation.cli.keys import INIT_OPERATOR, init_federation
+from federation.demo.guest_backend import WritingBackend
 from federation.demo.processes import free_base_port
 from federation.demo.real_data import write_process_memory
 from federation.node.assembly import Node
+from federation.vms.backend import VmInfo
 from mesh import identity
 from mesh.runtime.log import JsonLog
+from tests.harness.waiting import wait_until
 
 PAGE = 4096
 #: A small stdlib package: a few hundred KiB of real files for the ext4 image.
@@ -61,10 +67,25 @@ def image_hashes(vm_dir: Path) -> dict[str, str]:
 
 def build_node(cfg: Path, name: str, data_root: Path,
                transfer_versions: tuple[int, ...] = (1, 3)) -> Node:
+    """A node over the image backend with the demo's page writer available
+    (:func:`import_with_writer`)."""
     fed = config.load(cfg)
     ident = identity.load_key_file(cfg.parent / "keys" / f"{name}.key")
+    operator = load_operator_key(cfg.parent / "keys" / f"{INIT_OPERATOR}.key", fed)
     return Node(fed, name, ident, data_root / name, log=JsonLog(name, io.StringIO()),
-                transfer_versions=transfer_versions)
+                backend=WritingBackend(data_root / name / "vms"),
+                transfer_versions=transfer_versions, operator=operator)
+
+
+async def import_with_writer(node: Node, vm: str, memory: Path, disks: list[Path], *,
+                             rate: float, seed: int) -> VmInfo:
+    """Import ``vm`` at ``node`` as an operator does, then run the demo's page writer on it
+    (the writer is a test tool, not part of the node's API)."""
+    info = await node.import_vm(vm, memory, disks)
+    backend = node.backend
+    assert isinstance(backend, WritingBackend), "build_node gives nodes a WritingBackend"
+    await trio.to_thread.run_sync(backend.attach_writer, vm, seed, rate)
+    return info
 
 
 @asynccontextmanager
@@ -82,10 +103,9 @@ async def running_nodes(cfg: Path, data_root: Path,
     try:
         async with trio.open_nursery() as nursery:
             for node in nodes.values():
-                await nursery.start(node.run)
-            with trio.fail_after(20):
-                while any(len(n.runtime.links) < len(names) - 1 for n in nodes.values()):
-                    await trio.sleep(0.05)
+                await nursery.start(serve_node, node)
+            await wait_until(lambda: all(len(n.runtime.links) == len(names) - 1
+                                         for n in nodes.values()), "every link up", 20)
             yield nodes
             for node in nodes.values():
                 node.shutdown()
@@ -95,28 +115,30 @@ async def running_nodes(cfg: Path, data_root: Path,
 
 
 async def wait_outcome(node: Node, mid: str, timeout: float = 60) -> str:
+    """``committed``, or ``aborted: <reason>``, once ``node`` knows how ``mid`` ended."""
     core = node.need_core()
-    with trio.fail_after(timeout):
-        while mid not in core.outcomes:
-            await trio.sleep(0.05)
-    o = core.outcomes[mid]
+    o = await wait_until(lambda: core.outcomes.get(mid), f"the outcome of {mid} at {node.name}",
+                         timeout)
     return o.outcome if o.outcome == "committed" else f"{o.outcome}: {o.reason}"
 
 
 async def wait_vm(node: Node, vm: str, state: str, timeout: float = 30) -> None:
     """The ledger's word is carried out by the VM worker after the outcome: wait for it."""
-    with trio.fail_after(timeout):
-        while not any(i.name == vm and i.state.value == state for i in node.backend.list_vms()):
-            await trio.sleep(0.05)
+    await wait_until(lambda: any(i.name == vm and i.state.value == state
+                                 for i in node.backend.list_vms()),
+                     f"{vm} {state} at {node.name}", timeout)
 
 
-async def wait_until(holds: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    """Clean-up that follows an outcome (state dropped, files removed) runs in the node's
-    own tasks: poll for it rather than assert the instant the outcome is seen."""
-    with trio.move_on_after(timeout):
-        while not holds():
-            await trio.sleep(0.02)
-    assert holds(), f"not within {timeout} s: {what}"
+async def wait_writes(node: Node, vm: str, writes: int = 100, timeout: float = 30) -> None:
+    """Until the page writer of running ``vm`` has made ``writes`` writes: a migration
+    started then has dirty pages to chase in its pre-copy rounds."""
+
+    def written() -> bool:
+        thread = node.backend.writer(vm)
+        return thread is not None and thread.writer.seq >= writes
+
+    await wait_until(written, f"{writes} writes by the page writer of {vm} at {node.name}",
+                     timeout)
 
 
 async def migrate_checked(src: Node, dst: Node, vm: str) -> str:
@@ -128,3 +150,23 @@ async def migrate_checked(src: Node, dst: Node, vm: str) -> str:
     await wait_vm(src, vm, "retired")
     assert image_hashes(dst.backend.path(vm)) == image_hashes(src.backend.path(vm))
     return mid
+
+
+def redirect(cfg: Path, name: str, data_ports: dict[str, int]) -> Path:
+    """A copy of the federation file as ``name`` sees it: the data endpoints of the DCs in
+    ``data_ports`` are at those loopback ports (the keys stay next to it)."""
+    text = cfg.read_text()
+    for dc, port in data_ports.items():
+        block = re.compile(rf'(name = "{dc}"\n(?:.*\n)*?data = "127\.0\.0\.1:)(\d+)(")')
+        text, n = block.subn(rf"\g<1>{port}\g<3>", text, count=1)
+        assert n == 1, f"no data endpoint for {dc} in {cfg}"
+    out = cfg.with_name(f"federation-{name}.toml")
+    out.write_text(text)
+    return out
+
+
+def data_port(cfg: Path, dc: str) -> int:
+    """The loopback port of ``dc``'s data endpoint in the federation file ``cfg``."""
+    m = re.search(rf'name = "{dc}"\n(?:.*\n)*?data = "127\.0\.0\.1:(\d+)"', cfg.read_text())
+    assert m is not None
+    return int(m.group(1))

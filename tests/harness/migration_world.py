@@ -1,11 +1,12 @@
 """A two-DC world for migration sessions: the real ledger state machine, a fake network,
-fake VM drivers and crash/restart from persisted records.
+fake VM drivers and crash/restart from persisted records; and :class:`MigrationMachine`,
+which drives it with random interleavings (hypothesis).
 
-The stateful test (tests/test_migration_stateful.py) drives it with random
-interleavings; the seeded runs at the bottom of this file check the plain
-paths end to end. Every driver action is checked where it is carried out:
-the final round starts only at a fenced source, the target starts only after
-the commit with the ledger's epoch, the source un-fences only after an abort.
+tests/test_migration_stateful.py runs the seeded plain paths and the machine;
+tests/test_cancel_session.py adds an operator's cancel to the machine. Every driver
+action is checked where it is carried out: the final round starts only at a fenced
+source, the target starts only after the commit with the ledger's epoch, the source
+un-fences only after an abort.
 """
 
 from __future__ import annotations
@@ -14,14 +15,25 @@ import hashlib
 from typing import Any
 
 import attrs
-import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from consensus.ledger import (
     AbortMigration,
+    AnnounceRoot,
     BeginMigration,
+    ChangePolicy,
     CommitMigration,
+    ImportVm,
     Ledger,
     LedgerResult,
+    MigrateVm,
     RegisterVm,
     SetPolicy,
 )
@@ -38,6 +50,7 @@ from federation.migration.vocabulary import (
     LedgerBegun,
     LedgerCommitted,
     LedgerRefused,
+    LedgerRootAnnounced,
     Phase,
     PolicyChanged,
     PrecopyLimits,
@@ -66,6 +79,7 @@ from mesh.core import (
     SetTimer,
     TimerFired,
 )
+from sim.hosts.operators import SIM_OPERATORS, OperatorSigner
 
 SRC, TGT = "dc1", "dc2"
 VM = "vm1"
@@ -91,12 +105,14 @@ class World:
     """One migration of ``vm1`` from dc1 to dc2 (see the module docstring)."""
 
     def __init__(self, policy: SetPolicy | None = None) -> None:
-        self.ledger = Ledger(("dc1", "dc2", "dc3"))
+        self.ledger = Ledger(("dc1", "dc2", "dc3"), SIM_OPERATORS)
         self.rid = {"dc1": 1, "dc2": 1}
-        self._execute(SRC, RegisterVm(VM, SRC))
-        if policy is not None:
-            self._execute(SRC, policy)
         self.now = 0.0
+        #: the operators, signing at the world's time
+        self.ops = OperatorSigner("admin", prefix="world")
+        self._execute(SRC, RegisterVm(VM, SRC, self.ops.authorize(ImportVm(VM, SRC, "/m"), 0.0)))
+        if policy is not None:
+            self._execute(SRC, ChangePolicy(self.ops.authorize(policy, 0.0)))
         self.store: dict[str, dict[str, bytes]] = {SRC: {}, TGT: {}}
         self.sessions: dict[str, SessionBase | None] = {SRC: None, TGT: None}
         self.up = {SRC: True, TGT: True}
@@ -122,7 +138,8 @@ class World:
         self.max_epoch = 0
         self.notes: list[Notify] = []
         session = SourceSession.plan(SRC, MID, VM, TGT, 0, LAYOUT, LIMITS,
-                                     self.ledger.policy, (1, 3), (1, 3))
+                                     self.ledger.policy, (1, 3), (1, 3),
+                                     self.ops.authorize(MigrateVm(VM, TGT), self.now))
         self.sessions[SRC] = session
         self.apply(SRC, session.start(self.now))
 
@@ -144,6 +161,8 @@ class World:
             return
         if isinstance(command, BeginMigration):
             self.facts.append(LedgerBegun(MID, command.epoch))
+        elif isinstance(command, AnnounceRoot):
+            self.facts.append(LedgerRootAnnounced(MID, command.root))
         elif isinstance(command, CommitMigration):
             assert mig is not None
             self.facts.append(LedgerCommitted(MID, mig.epoch + 1, command.root))
@@ -317,6 +336,8 @@ class World:
                                                          self.now)
             self.sessions[TGT] = session
             self.apply(TGT, actions)
+            if mig.announced:
+                self.feed(TGT, LedgerRootAnnounced(MID, mig.announced))
         other = TGT if node == SRC else SRC
         self.feed(other, PeerUp(node))
 
@@ -330,7 +351,7 @@ class World:
 
     def change_policy(self, v3_percent: int, kill: bool) -> None:
         policy = SetPolicy(v3_percent, (), (), kill)
-        self._execute("dc1", policy)
+        self._execute("dc1", ChangePolicy(self.ops.authorize(policy, self.now)))
         self.feed(SRC, PolicyChanged(policy))
 
     # ------------------------------------------------------------------ invariants
@@ -425,55 +446,103 @@ class World:
             assert self.ledger.owner(VM) == SRC and self.ledger.epoch(VM) == 0
 
 
-# --------------------------------------------------------------------------- seeded runs
+# --------------------------------------------------------------------------- interleavings
+
+NODES = st.sampled_from([SRC, TGT])
 
 
-def test_happy_path_commits_and_moves_the_vm() -> None:
-    w = World()
-    w.settle()
-    assert w.mig_state() == "committed"
-    assert w.sessions[SRC].phase is Phase.COMMITTED  # type: ignore[union-attr]
-    done = [n.detail for n in w.notes if n.kind == "migration.done"]
-    assert {d.role for d in done} == {"source", "target"}
-    assert all(d.outcome == "committed" for d in done)
+class MigrationMachine(RuleBasedStateMachine):
+    """Hypothesis picks the world's next move, faults included; the world checks its
+    invariants after every step and, at teardown, heals and runs to the end."""
 
+    w: World
 
-def test_target_that_never_comes_back_aborts_and_vm_runs_at_source() -> None:
-    w = World()
-    for _ in range(3):  # begin executes, reaches both sides
-        if w.ledger_queue:
-            w.execute_next()
-    w.deliver_fact(SRC)
-    w.deliver_fact(TGT)
-    w.crash(TGT)
-    while w.fire_next_timer():
-        while w.ledger_queue:
-            w.execute_next()
-        while w.cursor[SRC] < len(w.facts):
-            w.deliver_fact(SRC)
-        if w.sessions[SRC].done:  # type: ignore[union-attr]
-            break
-    assert w.mig_state() == "aborted"
-    assert w.src_running and w.sessions[SRC].phase is Phase.ABORTED  # type: ignore[union-attr]
+    @initialize(v3=st.booleans())
+    def start(self, v3: bool) -> None:
+        self.w = World(SetPolicy(100, (), (), False) if v3 else None)
 
+    @precondition(lambda self: bool(self.w.ledger_queue))
+    @rule(i=st.integers(0, 7))
+    def execute_ledger_command(self, i: int) -> None:
+        self.w.execute_next(i)
 
-@pytest.mark.parametrize("seed", range(3))
-def test_corrupt_target_copy_never_commits(seed: int) -> None:
-    w = World()
-    for _ in range(200):
-        if w.verify_pending:
-            w.tgt_content = (w.tgt_content or 0) + 1000 + seed
-            break
-        if w.ledger_queue:
-            w.execute_next()
-        elif any(w.cursor[n] < len(w.facts) for n in (SRC, TGT)):
-            w.deliver_fact(SRC if w.cursor[SRC] < len(w.facts) else TGT)
-        elif w.net:
-            w.deliver_message(0)
-        elif w.fence_pending:
-            w.finish_fence()
-        elif w.jobs:
-            w.finish_job(dirty_pages=1, seconds=1.0)
-    assert w.verify_pending
-    w.settle()
-    assert w.mig_state() == "aborted"
+    @precondition(lambda self: bool(self.w.ledger_queue))
+    @rule(i=st.integers(0, 7))
+    def lose_ledger_request(self, i: int) -> None:
+        self.w.ledger_queue.pop(i % len(self.w.ledger_queue))
+
+    @rule(node=NODES)
+    def deliver_ledger_fact(self, node: str) -> None:
+        if self.w.up[node] and self.w.cursor[node] < len(self.w.facts):
+            self.w.deliver_fact(node)
+
+    @precondition(lambda self: bool(self.w.net))
+    @rule(i=st.integers(0, 7), duplicate=st.booleans())
+    def deliver_message(self, i: int, duplicate: bool) -> None:
+        self.w.deliver_message(i, duplicate)
+
+    @precondition(lambda self: bool(self.w.net))
+    @rule(i=st.integers(0, 7))
+    def drop_message(self, i: int) -> None:
+        self.w.net.pop(i % len(self.w.net))
+
+    @rule(node=NODES)
+    def deliver_refusal(self, node: str) -> None:
+        if self.w.inbox[node]:
+            self.w.feed(node, self.w.inbox[node].pop(0))
+
+    @precondition(lambda self: bool(self.w.jobs))
+    @rule(dirty=st.integers(0, 400), seconds=st.floats(0.001, 20.0), breaks=st.integers(0, 9))
+    def finish_round(self, dirty: int, seconds: float, breaks: int) -> None:
+        self.w.finish_job(dirty, seconds, fail=breaks == 0)
+
+    @precondition(lambda self: self.w.fence_pending)
+    @rule()
+    def finish_fence(self) -> None:
+        self.w.finish_fence()
+
+    @precondition(lambda self: self.w.verify_pending)
+    @rule(corrupt=st.integers(0, 5))
+    def finish_verify(self, corrupt: int) -> None:
+        if corrupt == 0 and self.w.tgt_content is not None:
+            self.w.tgt_content += 1000
+        self.w.finish_verify()
+
+    @rule(n=st.integers(1, 5))
+    def workload_writes(self, n: int) -> None:
+        for _ in range(n):
+            self.w.write()
+
+    @rule(n=st.integers(1, 6))
+    def things_go_right(self, n: int) -> None:
+        for _ in range(n):
+            self.w.step_forward(time_passes=False)
+
+    @rule()
+    def fire_timer(self) -> None:
+        self.w.fire_next_timer()
+
+    @rule(node=NODES)
+    def crash(self, node: str) -> None:
+        self.w.crash(node)
+
+    @rule(node=NODES)
+    def restart(self, node: str) -> None:
+        self.w.restart(node)
+
+    @rule(on=st.booleans())
+    def partition(self, on: bool) -> None:
+        self.w.set_partition(on)
+
+    @rule(pct=st.sampled_from([0, 50, 100]), kill=st.booleans())
+    def change_policy(self, pct: int, kill: bool) -> None:
+        self.w.change_policy(pct, kill)
+
+    @invariant()
+    def safe(self) -> None:
+        if hasattr(self, "w"):
+            self.w.check()
+
+    def teardown(self) -> None:
+        if hasattr(self, "w"):
+            self.w.settle()

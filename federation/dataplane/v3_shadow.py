@@ -1,0 +1,62 @@
+"""What the source of a v3 migration keeps between rounds (see
+:mod:`federation.dataplane.v3_source`): the shadow images a round sends from, their last
+verified roots and indexes, and the chunk level chosen in round 1."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from federation.dataplane.v3_protocol import SAMPLE_PAGES
+from mesh.hde.image import PAGE_SIZE, ImageWriter, create_image
+from mesh.hde.index import PageIndex
+
+__all__ = ["SourceState", "sample_pages", "COPY_PAGES"]
+
+#: Pages copied into the shadow per slice: 16 MiB, so a huge image is copied without a
+#: huge temporary and the worker thread stays responsive to cancellation.
+COPY_PAGES = 4096
+
+
+class SourceState:
+    """What a migration's source keeps between v3 rounds: the shadow images (the content
+    the target verified last round, refreshed at each round start), their last verified
+    roots and indexes (the XOR reference), and the chunk level chosen in round 1."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.shadows: dict[str, ImageWriter] = {}
+        self.verified: dict[str, tuple[bytes, PageIndex]] = {}
+        self.level: int | None = None
+        self.mode = ""
+
+    def reset(self, layout: Sequence[tuple[str, int]]) -> None:
+        self.close()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.shadows = {n: create_image(self.directory / f"{n}.img", c, f"shadow/{n}")
+                        for n, c in layout}
+
+    def close(self) -> None:
+        for img in self.shadows.values():
+            img.close()
+        self.shadows = {}
+        self.verified = {}
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def sample_pages(images: Sequence[ImageWriter]) -> list[bytes]:
+    """Up to SAMPLE_PAGES non-uniform pages spread over the images, in 64-page pieces."""
+    total = sum(i.page_count for i in images)
+    stride = max(1, total // (4 * SAMPLE_PAGES))
+    pages: list[bytes] = []
+    for img in images:
+        for p in range(0, img.page_count, stride):
+            page = bytes(img.view(p))
+            if page.count(page[0]) != PAGE_SIZE:
+                pages.append(page)
+                if len(pages) == SAMPLE_PAGES:
+                    break
+        if len(pages) == SAMPLE_PAGES:
+            break
+    return [b"".join(pages[i : i + 64]) for i in range(0, len(pages), 64)]

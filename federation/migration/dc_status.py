@@ -1,0 +1,51 @@
+"""What the node core (:mod:`federation.migration.dc_core`) reports about its migrations:
+read-only records for status pages and metrics, so readers need neither its sessions'
+internals nor the replica's."""
+
+from __future__ import annotations
+
+import attrs
+
+from consensus.ledger import MigrationRecord
+from federation.migration.session import SessionBase
+from federation.migration.vocabulary import Outcome, Progress
+
+__all__ = ["SessionStatus", "MigrationView"]
+
+
+@attrs.frozen
+class SessionStatus:
+    """A migration session at this DC, as it stands."""
+
+    vm: str
+    source: str
+    target: str
+    role: str
+    phase: str
+    round: int
+    bytes_sent: int
+    wire_bytes: int
+    total_bytes: int
+    dirty_rate: float
+    throughput: float
+    eta: float
+    version: int
+    reason: str
+
+    @classmethod
+    def of(cls, s: SessionBase) -> SessionStatus:
+        return cls(s.vm, s.source, s.target, s.role.value, s.phase.value, s.round,
+                   s.bytes_sent, s.wire_bytes, s.total_bytes, s.dirty_rate, s.throughput,
+                   s.eta, s.version, s.reason)
+
+
+@attrs.frozen
+class MigrationView:
+    """One migration as this DC knows it: the ledger's record, the session here, its last
+    progress report and its outcome (each None where there is none)."""
+
+    migration_id: str
+    ledger: MigrationRecord | None
+    session: SessionStatus | None
+    progress: Progress | None
+    outcome: Outcome | None

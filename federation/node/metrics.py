@@ -1,0 +1,163 @@
+"""The node's ``/metrics`` families (Prometheus), computed at scrape time from the same
+read-only interfaces as the status (:mod:`federation.node.status`): the data plane's
+:class:`~federation.migration.round_counters.TransferCounters`, the node core's
+outcomes, the mesh control core's :meth:`~mesh.links.control_plane.MeshControl.status`,
+the replica's :meth:`~consensus.pbft.replica.Replica.status_record`, the runtime's
+refusals, the VM backend's list and the relay's own counters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from federation.dataplane.relay import DataRelay
+from federation.migration.dc_core import NodeCore
+from federation.migration.rollout import KNOWN_VERSIONS
+from federation.migration.round_counters import TransferCounters, version_label
+from mesh.gossip.members import State
+from mesh.links.modes import Mode
+
+if TYPE_CHECKING:
+    from federation.node.assembly import Node
+
+__all__ = ["NodeCollector"]
+
+
+class NodeCollector(Collector):
+    """The node's Prometheus metrics, computed at scrape time."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        n = self.node
+        yield from _transfer_metrics(n.rounds.counters)
+        core = n.core
+        yield from _migration_metrics(core)
+        mesh = n.control.status()
+        members = GaugeMetricFamily("dwcp_members", "Peers by membership state",
+                                    labels=["state"])
+        states = [p.member for p in mesh.peers]
+        for st in State:
+            members.add_metric([st.name.lower()], sum(1 for s in states if s is st))
+        yield members
+        modes = GaugeMetricFamily("dwcp_links", "Links from this DC by mode", labels=["mode"])
+        seen = [p.mode for p in mesh.peers]
+        for m in Mode:
+            modes.add_metric([m.value], sum(1 for s in seen if s is m))
+        modes.add_metric(["unclassified"], sum(1 for s in seen if s is None))
+        yield modes
+        connected = GaugeMetricFamily("dwcp_links_connected", "Peers with an open control link")
+        connected.add_metric([], len(n.runtime.links))
+        yield connected
+        if core is not None:  # no ledger, no ledger figures (rather than made-up zeros)
+            yield from _ledger_metrics(core)
+        refused = CounterMetricFamily("dwcp_channels_refused", "Control channels refused or "
+                                      "ended by a channel fault, by reason", labels=["reason"])
+        for reason, count in sorted(n.runtime.refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
+        vms = GaugeMetricFamily("dwcp_vms", "VMs held here, by state", labels=["state"])
+        held: dict[str, int] = {}
+        for info in n.backend.list_vms():
+            held[info.state.value] = held.get(info.state.value, 0) + 1
+        for state, count in sorted(held.items()):
+            vms.add_metric([state], count)
+        yield vms
+        yield from _relay_metrics(n.v3.relay, n.rounds.counters)
+
+
+def _transfer_metrics(c: TransferCounters) -> Iterator[Metric]:
+    rounds = CounterMetricFamily("dwcp_transfer_rounds", "Pre-copy rounds sent, by result",
+                                 labels=["result"])
+    rounds.add_metric(["delivered"], c.rounds_sent)
+    rounds.add_metric(["failed"], c.rounds_failed)
+    yield rounds
+    sent = CounterMetricFamily("dwcp_transfer_bytes", "VM state bytes moved by the data "
+                               "plane (logical: page bytes; wire: encoded messages)",
+                               labels=["direction", "kind"])
+    sent.add_metric(["out", "logical"], c.bytes_sent)
+    sent.add_metric(["out", "wire"], c.wire_bytes_sent)
+    sent.add_metric(["in", "logical"], c.bytes_received)
+    yield sent
+    by_version = CounterMetricFamily(
+        "dwcp_transfer_version_bytes", "VM state bytes sent by data-plane version "
+        "(v1: one stream over the control link; v3: HDE over AMST)",
+        labels=["version", "kind"])
+    versioned = CounterMetricFamily("dwcp_transfer_version_rounds",
+                                    "Pre-copy rounds delivered by data-plane version",
+                                    labels=["version"])
+    for v in KNOWN_VERSIONS:
+        counts, label = c.version(v), version_label(v)
+        by_version.add_metric([label, "logical"], counts.bytes)
+        by_version.add_metric([label, "wire"], counts.wire_bytes)
+        versioned.add_metric([label], counts.rounds)
+    yield by_version
+    yield versioned
+    chunks = CounterMetricFamily("dwcp_transfer_chunks_received", "Page chunks received, "
+                                 "by result", labels=["result"])
+    chunks.add_metric(["written"], c.chunks_received)
+    chunks.add_metric(["refused"], c.chunks_refused)
+    yield chunks
+
+
+def _migration_metrics(core: NodeCore | None) -> Iterator[Metric]:
+    migs = CounterMetricFamily("dwcp_migrations", "Migrations ended, by role and outcome",
+                               labels=["role", "outcome"])
+    ended = core.outcome_counts() if core is not None else {}
+    for role in ("source", "target"):
+        for outcome in ("committed", "aborted", "refused"):
+            migs.add_metric([role, outcome], ended.get((role, outcome), 0))
+    yield migs
+    active = GaugeMetricFamily("dwcp_migrations_active", "Migration sessions not ended")
+    active.add_metric([], core.active_sessions() if core is not None else 0)
+    yield active
+
+
+def _ledger_metrics(core: NodeCore) -> Iterator[Metric]:
+    rstat = core.replica.status_record()
+    vc = CounterMetricFamily("dwcp_view_changes", "PBFT view changes", labels=["event"])
+    vc.add_metric(["started"], rstat.view_changes_started)
+    vc.add_metric(["completed"], rstat.view_changes_completed)
+    yield vc
+    view = GaugeMetricFamily("dwcp_ledger_view", "PBFT view of this replica")
+    view.add_metric([], rstat.view)
+    yield view
+    height = GaugeMetricFamily("dwcp_ledger_height", "Last executed ledger sequence number")
+    height.add_metric([], rstat.last_executed)
+    yield height
+    owned = GaugeMetricFamily("dwcp_ledger_vms", "VMs in the ledger, by owner", labels=["owner"])
+    owners: dict[str, int] = {}
+    for rec in core.ledger.vms.values():
+        owners[rec.owner] = owners.get(rec.owner, 0) + 1
+    for owner in rstat.members:
+        owned.add_metric([owner], owners.get(owner, 0))
+    yield owned
+
+
+def _relay_metrics(relay: DataRelay, c: TransferCounters) -> Iterator[Metric]:
+    """The v3 data plane's relay (what this DC spliced for others) and the bulk paths its
+    own streams took."""
+    relayed = CounterMetricFamily("dwcp_relayed_bytes", "Bytes this DC spliced between "
+                                  "other DCs' AMST streams (both ways; end-to-end "
+                                  "encrypted, never decrypted here)")
+    relayed.add_metric([], relay.relayed_bytes)
+    yield relayed
+    active = GaugeMetricFamily("dwcp_relays_active", "Connections this DC relays now")
+    active.add_metric([], relay.active)
+    yield active
+    asked = CounterMetricFamily("dwcp_relay_requests", "Relay requests to this DC, by "
+                                "answer", labels=["answer"])
+    asked.add_metric(["accepted"], relay.accepted)
+    for kind, count in sorted(relay.refused.items()):
+        asked.add_metric([kind], count)
+    yield asked
+    paths = CounterMetricFamily("dwcp_bulk_streams", "AMST streams this DC opened "
+                                "through a relay, and relay attempts that fell back to "
+                                "the direct path", labels=["path"])
+    paths.add_metric(["relayed"], c.relayed_streams)
+    paths.add_metric(["fallback_direct"], c.relay_fallbacks)
+    yield paths

@@ -1,0 +1,47 @@
+"""The node's VM worker: the migration sessions' VM actions, carried out one at a time in a
+worker thread by :class:`federation.vms.actions.VmActions` (fsync, hashing every page for
+a root: blocking work), their replies handed back to the sessions.
+
+One at a time: a fence, a verification and a start of one VM stay in order. The rounds
+core hears when a target's incoming images are prepared (the chunks that arrived before
+them are written then) and when a migration ended here (its round state goes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from federation.migration.rounds import after_vm_action
+from federation.vms.actions import VmAction, VmActions
+from mesh.runtime.log import JsonLog
+
+__all__ = ["VmWorker"]
+
+
+class VmWorker:
+    def __init__(self, vm_actions: VmActions, log: JsonLog,
+                 to_session: Callable[[str, object], Awaitable[None]],
+                 to_rounds: Callable[[object], None]) -> None:
+        self.vm_actions = vm_actions
+        self.log = log
+        self._to_session = to_session
+        self._to_rounds = to_rounds
+        self._send, self._receive = trio.open_memory_channel[VmAction](math.inf)
+
+    def submit(self, action: VmAction) -> None:
+        """A session's VM action (from the node core's effects; in order)."""
+        self._send.send_nowait(action)
+
+    async def run(self) -> None:
+        async for action in self._receive:
+            replies = await trio.to_thread.run_sync(self.vm_actions.carry_out, action)
+            mid = action.migration_id
+            self.log.event("vm_action", action=type(action).__name__, vm=action.vm,
+                           migration_id=mid, replies=[type(r).__name__ for r in replies])
+            for news in after_vm_action(action, replies):
+                self._to_rounds(news)
+            for reply in replies:
+                await self._to_session(mid, reply)

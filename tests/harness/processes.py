@@ -1,0 +1,145 @@
+"""Real ``dwcp node`` processes on loopback, driven through their HTTP API, and the
+checks made on their data directories afterwards."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from federation import config
+from federation.cli.ops import Api
+from federation.demo.guest_writer import expected_pages, mismatches
+from mesh.hde.image import open_image
+from tests.harness.node import make_federation
+from tests.harness.waiting import poll_until
+
+NAMES = ("dc1", "dc2", "dc3", "dc4")
+#: ``dwcp`` without depending on the console script being on PATH.
+DWCP_MAIN = "import sys; from federation.cli.main import main; sys.exit(main())"
+#: A node with the demo's page writer on named VMs (:mod:`federation.demo.writer_node`).
+WRITER_NODE_MAIN = "import sys; from federation.demo.writer_node import main; sys.exit(main())"
+#: A node process answers over HTTP: looking every 0.1 s keeps the API calls few.
+NODE_LOOK_EVERY = 0.1
+
+
+class NodeProcesses:
+    """``dwcp node`` processes of the federation ``cfg``, each logging to ``logs/<dc>.log``;
+    ``writers[dc]``: ``VM=RATE[:SEED]`` page writers of DC ``dc``'s VMs (the writer is a
+    test tool, not an API field: such a DC runs as the demo's writer node)."""
+
+    def __init__(self, cfg: Path, logs: Path,
+                 writers: dict[str, list[str]] | None = None) -> None:
+        self.cfg = cfg
+        self.logs = logs
+        self.fed = config.load(cfg)
+        self.writers = writers or {}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def api(self, name: str) -> Api:
+        dc = self.fed.dc(name)
+        return Api(f"http://{dc.api.host}:{dc.api.port}")
+
+    def start(self, name: str) -> None:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        # the operator `federation init` made: the node signs its API's operations with it
+        # until the API checks operators' own signatures
+        operator = ["--operator-key", str(self.cfg.parent / "keys" / "admin.key")]
+        node = ["--config", str(self.cfg), "--name", name, *operator]
+        writers = [f"--writer={w}" for w in self.writers.get(name, [])]
+        argv = ([sys.executable, "-c", WRITER_NODE_MAIN, *node, *writers] if writers
+                else [sys.executable, "-c", DWCP_MAIN, "node", *node])
+        self.procs[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL, stderr=log)
+        log.close()
+
+    def wait(self, what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
+        """Until ``check()`` is true (a node not answering yet counts as false); fails at
+        once, pointing at the logs, if a node process exits meanwhile."""
+
+        def holds() -> Any:
+            try:
+                got = check()
+            except Exception:  # noqa: BLE001 - a node not up yet; retried until the deadline
+                got = None
+            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            if not got and dead:
+                raise AssertionError(f"{dead} exited while waiting for {what}; logs in "
+                                     f"{self.logs}")
+            return got
+
+        return poll_until(holds, f"{what} (logs in {self.logs})", timeout,
+                          every=NODE_LOOK_EVERY)
+
+    def ready(self, name: str) -> bool:
+        return self.api(name).call("GET", "/ready")[0] == 200
+
+    def status(self, name: str) -> dict[str, Any]:
+        return self.api(name).ok("GET", "/api/status")
+
+    def vm_here(self, name: str, vm: str) -> str | None:
+        for v in self.api(name).ok("GET", "/api/vms"):
+            if v["name"] == vm:
+                return v["here"]
+        return None
+
+    def agreed(self, vm: str) -> dict[str, Any] | None:
+        """The (owner, epoch) every ledger holds for ``vm`` once all heights are equal."""
+        docs = [self.status(n) for n in NAMES]
+        heights = {d["ledger"]["height"] for d in docs}
+        owners = {next((v["owner"], v["epoch"]) for v in d["vms"] if v["name"] == vm)
+                  for d in docs}
+        if len(heights) == 1 and len(owners) == 1:
+            return {"owner_epoch": owners.pop(), "height": heights.pop()}
+        return None
+
+    def stop_all(self) -> dict[str, int]:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        return {n: p.wait(timeout=30) for n, p in self.procs.items()}
+
+    def kill_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@contextmanager
+def node_processes(tmp_path: Path, writers: dict[str, list[str]] | None = None,
+                   ) -> Iterator[NodeProcesses]:
+    """A fresh four-DC federation in ``tmp_path``, every node a process, all ready."""
+    cfg = make_federation(tmp_path / "fed")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    nodes = NodeProcesses(cfg, logs, writers)
+    try:
+        for name in NAMES:
+            nodes.start(name)
+        for name in NAMES:
+            nodes.wait(f"{name} ready", lambda name=name: nodes.ready(name))
+        yield nodes
+    finally:
+        nodes.kill_all()
+
+
+def vm_dir(nodes: NodeProcesses, dc: str, vm: str) -> Path:
+    return nodes.cfg.parent / "data" / dc / "vms" / vm
+
+
+def writer_mismatches(directory: Path, writer_log: Path) -> list[str]:
+    """The pages the writer's log says were written and the VM's images in ``directory``
+    do not hold (empty: intact)."""
+    layout = json.loads((directory / "meta.json").read_text())["layout"]
+    images = {name: open_image(directory / f"{name}.img", name) for name, _ in layout}
+    try:
+        return mismatches(images, expected_pages(writer_log))
+    finally:
+        for img in images.values():
+            img.close()
