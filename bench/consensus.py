@@ -196,8 +196,8 @@ async def _node_main(args: argparse.Namespace) -> None:
     import trio
 
     from consensus.authz import authorize
-    from consensus.durable import ReplicaLog
     from consensus.ledger import ImportVm, RegisterVm
+    from consensus.pbft.durable import ReplicaLog
     from consensus.pbft.replica import PbftConfig, Replica
     from mesh import wire
     from mesh.runtime.log import JsonLog

@@ -12,15 +12,13 @@
   encodings, :mod:`consensus.ledger_encoding`, the operator requests it remembers in
   :mod:`consensus.operator_requests`);
 - operators, roles and their signed requests (:mod:`consensus.authz`);
-- :class:`EvidenceBook`, :func:`check_proof` (:mod:`consensus.evidence`);
-- :class:`ReplicaLog` (:mod:`consensus.durable`): the durable log over a
+- :class:`EvidenceBook`, :func:`check_proof` (:mod:`consensus.pbft.evidence`);
+- :class:`ReplicaLog` (:mod:`consensus.pbft.durable`): the durable log over a
   :class:`mesh.core.Store` (SQLite in a node, the crash-consistent store in sim);
 - the signed wire messages and certificate checks (:mod:`consensus.pbft.messages`,
   :mod:`consensus.pbft.quorum`).
 """
 
-from consensus.durable import ReplicaLog
-from consensus.evidence import EquivocationProof, EvidenceBook, check_proof
 from consensus.ledger import (
     AbortMigration,
     AnnounceRoot,
@@ -35,6 +33,8 @@ from consensus.ledger import (
     UnregisterVm,
 )
 from consensus.pbft.client import LedgerClient
+from consensus.pbft.durable import ReplicaLog
+from consensus.pbft.evidence import EquivocationProof, EvidenceBook, check_proof
 from consensus.pbft.replica import PbftConfig, Replica
 
 __all__ = [

@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from consensus.durable import ReplicaLog
 from consensus.pbft.client import RETRANSMIT, RETRANSMIT_MAX, LedgerClient
+from consensus.pbft.durable import ReplicaLog
 from consensus.pbft.messages import Envelope, Reply, Request, Result
 from consensus.pbft.quorum import Quorum
 from consensus.pbft.replica import Replica

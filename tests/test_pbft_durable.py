@@ -1,4 +1,4 @@
-"""The replica's durable log (consensus.durable): each kind of fact has keys of its own,
+"""The replica's durable log (consensus.pbft.durable): each kind of fact has keys of its own,
 a later view's PRE-PREPARE never replaces a certificate, the ring never reuses a live
 key, a log of the old format or a corrupt record is refused with a clear error."""
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consensus.durable import SLOT_RING, CheckpointRecord, LogFormatError, ReplicaLog
+from consensus.pbft.durable import SLOT_RING, CheckpointRecord, LogFormatError, ReplicaLog
 from consensus.pbft.messages import (
     Commit,
     NewView,

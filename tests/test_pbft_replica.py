@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consensus.durable import ReplicaLog
 from consensus.ledger import LedgerResult
 from consensus.pbft import viewchange
+from consensus.pbft.durable import ReplicaLog
 from consensus.pbft.messages import (
     NewView,
     PrePrepare,

@@ -30,7 +30,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from consensus.durable import ReplicaLog
+from consensus.pbft.durable import ReplicaLog
 from consensus.pbft.messages import Envelope
 from consensus.pbft.replica import Replica
 from mesh import wire

@@ -146,7 +146,7 @@ def decide(st: ReplicaState, out: Outbox, now: float, seq: int, dig: bytes,
     """``seq`` committed with ``dig`` (proven by ``commits``): log it and execute what is
     next in order."""
     st.decided[seq] = Decided(dig, commits, batch)
-    # Not synced (consensus.durable): a decision lost in a crash comes back from the
+    # Not synced (consensus.pbft.durable): a decision lost in a crash comes back from the
     # peers, and the prepared certificate logged before our COMMIT keeps it safe.
     if st.log.fits(seq):
         out.persist(st.log.committed(seq, commits, batch))

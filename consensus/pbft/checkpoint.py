@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from consensus.durable import CheckpointRecord
+from consensus.pbft.durable import CheckpointRecord
 from consensus.pbft.messages import (
     NULL_DIGEST,
     Checkpoint,

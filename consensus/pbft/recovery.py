@@ -1,6 +1,6 @@
 """Crash recovery of the PBFT replica: rebuild from the durable log (TOCS'02 §4.3-4.5).
 
-On start-up the replica reads what survived (:meth:`consensus.durable.ReplicaLog.load`)
+On start-up the replica reads what survived (:meth:`consensus.pbft.durable.ReplicaLog.load`)
 and rebuilds what it must not contradict:
 
 - the view, whether it is active, and the NEW-VIEW that started it (handed to
@@ -21,9 +21,9 @@ and rebuilds what it must not contradict:
 
 from __future__ import annotations
 
-from consensus.durable import Recovered
 from consensus.ledger import Ledger
 from consensus.pbft import execution
+from consensus.pbft.durable import Recovered
 from consensus.pbft.messages import (
     Commit,
     Envelope,

@@ -39,7 +39,7 @@ commands go through :meth:`Replica.submit`; completion is a
 ``Notify("ledger.committed")`` or ``Notify("ledger.timeout")``. Other
 notifications: ``pbft.executed``, ``pbft.view-change``, ``pbft.new-view``,
 ``pbft.state-transfer``, ``pbft.byzantine`` (with an
-:class:`~consensus.evidence.EquivocationProof`), ``pbft.invalid-new-view``,
+:class:`~consensus.pbft.evidence.EquivocationProof`), ``pbft.invalid-new-view``,
 ``pbft.divergence``. :meth:`Replica.status` is for ``/api/status``.
 """
 
@@ -49,8 +49,6 @@ import random
 from collections.abc import Mapping
 
 from consensus.authz import OperatorTable
-from consensus.durable import SLOT_RING, ReplicaLog
-from consensus.evidence import EvidenceBook
 from consensus.ledger import Ledger
 from consensus.pbft import (
     agreement,
@@ -63,6 +61,8 @@ from consensus.pbft import (
     viewchange,
 )
 from consensus.pbft.client import LedgerClient
+from consensus.pbft.durable import SLOT_RING, ReplicaLog
+from consensus.pbft.evidence import EvidenceBook
 from consensus.pbft.messages import (
     BatchData,
     Checkpoint,

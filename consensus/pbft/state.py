@@ -16,10 +16,10 @@ import random
 import attrs
 
 from consensus.authz import OperatorTable
-from consensus.durable import ReplicaLog
-from consensus.evidence import EvidenceBook
 from consensus.ledger import Ledger
 from consensus.pbft.client import LedgerClient
+from consensus.pbft.durable import ReplicaLog
+from consensus.pbft.evidence import EvidenceBook
 from consensus.pbft.messages import (
     MAX_BATCH,
     NULL_BATCH,

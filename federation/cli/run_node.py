@@ -17,7 +17,7 @@ from pathlib import Path
 
 import trio
 
-from consensus.durable import LogFormatError
+from consensus.pbft.durable import LogFormatError
 from federation import config
 from federation.api.auth import OperatorKey, load_operator_key
 from federation.api.http import open_api, serve_node

@@ -52,8 +52,8 @@ from typing import Any
 import trio
 
 from consensus.authz import Authorization, OperatorKey, new_nonce, sign
-from consensus.durable import ReplicaLog
 from consensus.ledger import ChangePolicy, ImportVm, MigrateVm, RegisterVm, SetPolicy
+from consensus.pbft.durable import ReplicaLog
 from consensus.pbft.messages import MAX_COMMAND
 from consensus.pbft.replica import Replica
 from federation import config

@@ -27,7 +27,6 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from consensus.durable import ReplicaLog
 from consensus.ledger import (
     AbortMigration,
     AnnounceRoot,
@@ -38,6 +37,7 @@ from consensus.ledger import (
     MigrateVm,
     RegisterVm,
 )
+from consensus.pbft.durable import ReplicaLog
 from consensus.pbft.messages import MAX_REQUEST_COMMANDS, Envelope
 from consensus.pbft.replica import PbftConfig, Replica
 from mesh import wire

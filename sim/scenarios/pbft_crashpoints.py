@@ -33,7 +33,7 @@ import random
 
 import attrs
 
-from consensus.durable import ReplicaLog, ViewRecord
+from consensus.pbft.durable import ReplicaLog, ViewRecord
 from mesh import wire
 from sim import partitions
 from sim.hosts.pbft_cluster import SIM_CONFIG, PbftCluster
