@@ -19,9 +19,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
-# make chaos: every test with the long hypothesis profile, then the long runs.
+# make chaos: every test with the long hypothesis profile, then the long runs: the PBFT
+# sweeps of issue 14 (10,000 seeds each, f = 1 and f = 2, on every core).
 chaos: $(STAMP)
 	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/dwcp sim sweep pbft-crashpoints --seeds 0-9999 --run-timeout 600
+	$(BIN)/dwcp sim sweep pbft-crashpoints --seeds 0-9999 --nodes 7 --run-timeout 600
+	$(BIN)/dwcp sim sweep pbft-swarm --seeds 0-9999 --run-timeout 600
+	$(BIN)/dwcp sim sweep pbft-swarm --seeds 0-9999 --nodes 7 --run-timeout 600
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.all

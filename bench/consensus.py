@@ -22,6 +22,11 @@ Figures (issue 5):
   means larger batches and fewer messages per command, until the wait
   dominates; 24 sits in the middle of the range where both hold;
 - ``unbatched_p50_ms``: n = 4, one node, one command at a time;
+- ``unbatched_floor_p50_ms``: in the same run, PBFT's bare message pattern of that
+  phase with Ed25519 signatures and the three synced log writes
+  (:mod:`bench.pbft_floor`, its ``signed_synced`` configuration), and
+  ``unbatched_vs_floor``, the ratio of the two: what our replica and runtime add
+  to what the protocol's own requirements cost (issue 14: at most 1.3);
 - ``n16_batched_commits_per_s``: n = 16, every node loading with a window of
   ``--n16-window`` commands (16: no latency target, so enough in flight that
   the primary fills its batches);
@@ -61,10 +66,15 @@ from typing import Any
 
 import attrs
 
+from bench.pbft_floor import floor_run
+
 __all__ = ["register", "Cluster", "bench_identity", "spawn", "tell", "process_group"]
 
 #: Seconds a node gets to link up with every peer before the run is abandoned.
 READY_TIMEOUT = 60.0
+#: Commands of the floor phase: about what the unbatched phase commits in its
+#: 2.5 s at 4-9 ms each (docs/BENCHMARKS.md), so both medians rest on as many.
+FLOOR_COMMANDS = 500
 
 
 def bench_identity(name: str) -> Any:
@@ -186,8 +196,8 @@ async def _node_main(args: argparse.Namespace) -> None:
     import trio
 
     from consensus.authz import authorize
-    from consensus.durable import ReplicaLog
     from consensus.ledger import ImportVm, RegisterVm
+    from consensus.pbft.durable import ReplicaLog
     from consensus.pbft.replica import PbftConfig, Replica
     from mesh import wire
     from mesh.runtime.log import JsonLog
@@ -617,6 +627,14 @@ def run(args: argparse.Namespace) -> int:
         out["unbatched_p50_ms"] = round(_percentile(r.latencies, 0.50) * 1000, 2)
         out["unbatched_cpu_us_per_commit"] = rounded(r.cpu_us_per_commit, 0)
 
+    def floor() -> None:
+        out["unbatched_floor_p50_ms"] = out["unbatched_vs_floor"] = None
+        r = floor_run(FLOOR_COMMANDS, signed=True, synced=True)
+        floor_ms = _percentile(r.latencies, 0.50) * 1000
+        out["unbatched_floor_p50_ms"] = round(floor_ms, 2)
+        if out.get("unbatched_p50_ms") is not None:
+            out["unbatched_vs_floor"] = round(out["unbatched_p50_ms"] / floor_ms, 2)
+
     def n16() -> None:
         out["n16_batched_commits_per_s"] = None
         r = _loaded_run(16, args.n16_window, args.duration)
@@ -635,6 +653,7 @@ def run(args: argparse.Namespace) -> int:
 
     phase("batched", batched)
     phase("unbatched", unbatched)
+    phase("unbatched_floor", floor)
     if not args.skip_n16:
         phase("n16", n16)
     phase("view_change", recovery)

@@ -1,8 +1,9 @@
 """DWCP consensus: PBFT replica, the ledger state machine, Byzantine evidence, durable log.
 
-- :class:`Replica` (:mod:`consensus.pbft.replica`, with :mod:`consensus.pbft.execution`,
-  :mod:`consensus.pbft.viewchange` and :mod:`consensus.pbft.transfer`): the sans-I/O PBFT
-  core, n = 3f+1;
+- :class:`Replica` (:mod:`consensus.pbft.replica`): the sans-I/O PBFT core, n = 3f+1;
+  its phases (``ordering``, ``agreement``, ``execution``, ``checkpoint``, ``viewchange``,
+  ``status``, ``transfer``, ``recovery`` in :mod:`consensus.pbft`) are functions over
+  its :class:`~consensus.pbft.state.ReplicaState` and :class:`~consensus.pbft.outbox.Outbox`;
 - :class:`LedgerClient` (:mod:`consensus.pbft.client`): submit a command, complete on
   f+1 matching replies;
 - :class:`Ledger` (:mod:`consensus.ledger`): VM ownership, migrations, policy, and who
@@ -11,15 +12,13 @@
   encodings, :mod:`consensus.ledger_encoding`, the operator requests it remembers in
   :mod:`consensus.operator_requests`);
 - operators, roles and their signed requests (:mod:`consensus.authz`);
-- :class:`EvidenceBook`, :func:`check_proof` (:mod:`consensus.evidence`);
-- :class:`ReplicaLog` (:mod:`consensus.durable`): the durable log over a
+- :class:`EvidenceBook`, :func:`check_proof` (:mod:`consensus.pbft.evidence`);
+- :class:`ReplicaLog` (:mod:`consensus.pbft.durable`): the durable log over a
   :class:`mesh.core.Store` (SQLite in a node, the crash-consistent store in sim);
 - the signed wire messages and certificate checks (:mod:`consensus.pbft.messages`,
   :mod:`consensus.pbft.quorum`).
 """
 
-from consensus.durable import ReplicaLog
-from consensus.evidence import EquivocationProof, EvidenceBook, check_proof
 from consensus.ledger import (
     AbortMigration,
     AnnounceRoot,
@@ -34,6 +33,8 @@ from consensus.ledger import (
     UnregisterVm,
 )
 from consensus.pbft.client import LedgerClient
+from consensus.pbft.durable import ReplicaLog
+from consensus.pbft.evidence import EquivocationProof, EvidenceBook, check_proof
 from consensus.pbft.replica import PbftConfig, Replica
 
 __all__ = [

@@ -5,9 +5,17 @@ a crash only once it is synced. ``put(..., sync=True)`` is a barrier, like an
 fsync of a write-ahead log: it makes that write *and every earlier write* of
 the node durable. A crash keeps the durable state and loses exactly the
 writes made after the last barrier.
+
+The crash-point search (:mod:`sim.scenarios.pbft_crashpoints`) hooks
+:attr:`SimStore.after_sync`: it is called right after every synced write, and
+may crash the node there (``World.crash``), so a run can stop a node exactly at
+its k-th persist boundary; the world then executes none of the actions that
+followed the write in the same step.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 __all__ = ["SimStore"]
 
@@ -20,6 +28,10 @@ class SimStore:
         self.writes = 0
         self.synced_writes = 0
         self.lost_writes = 0
+        #: synced ``put`` calls over the node's whole life (crashes included)
+        self.barriers = 0
+        #: called as ``after_sync(key, barriers)`` right after each synced ``put``
+        self.after_sync: Callable[[str, int], None] | None = None
 
     def get(self, key: str) -> bytes | None:
         if key in self._pending:
@@ -36,6 +48,9 @@ class SimStore:
         self._pending[key] = value
         if sync:
             self.sync()
+            self.barriers += 1
+            if self.after_sync is not None:
+                self.after_sync(key, self.barriers)
 
     def sync(self) -> None:
         """Make every write so far durable."""

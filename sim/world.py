@@ -61,7 +61,10 @@ Nodes and cores
   to the receiver (same bytes, sizes and trace; the decode is skipped). A send
   to a name that is not a node is counted (``unknown_peer``) and dropped.
 * ``Persist(key, value, sync)`` writes to ``node.store``; only synced writes (and
-  every write before a synced one) survive a crash.
+  every write before a synced one) survive a crash. A crash may come right after a
+  synced write, in the middle of a step (``SimStore.after_sync``, the crash-point
+  search): the actions after that write are then not executed, as on a real node
+  whose process dies as its fsync returns.
 * ``PeerUp(peer)`` / ``PeerDown(peer)`` model the authenticated control
   connection: up ``peer_up_after`` seconds after both ends are up and no
   direction between them is blocked, down ``peer_down_after`` seconds after that
@@ -90,7 +93,8 @@ Observing
 ---------
 * ``Notify(kind, detail)`` actions are appended to ``world.notifications`` as
   :class:`NotifyRecord` ``(time, node, core, kind, detail)`` and passed to every
-  listener added with ``world.on_notify(fn)``.
+  listener added with ``world.on_notify(fn)``; ``world.on_send(fn)`` sees every
+  ``Send`` as ``fn(node, peer, message)`` (what a node said, e.g. what it signed).
 * ``world.add_checker(name, fn)``: ``fn(world) -> str | None`` runs after every
   event; the first non-None return stops the run and is kept in
   ``world.violation`` (:class:`Violation`, with the event that broke it).
@@ -207,6 +211,7 @@ class World:
         self._conn: dict[tuple[str, str], bool] = {}
         self._conn_pending: set[tuple[str, str]] = set()
         self._listeners: list[Callable[[NotifyRecord], None]] = []
+        self._send_listeners: list[Callable[[str, str, Any], None]] = []
         self._checkers: list[tuple[str, Callable[[World], str | None]]] = []
         self._trace = hashlib.blake2b(digest_size=16)
         self._trace_buf = bytearray()
@@ -252,6 +257,11 @@ class World:
 
     def on_notify(self, listener: Callable[[NotifyRecord], None]) -> None:
         self._listeners.append(listener)
+
+    def on_send(self, listener: Callable[[str, str, Any], None]) -> None:
+        """Call ``listener(node, peer, message)`` for every ``Send`` a core returns, as the
+        world executes it (before any Byzantine hook rewrites the frame)."""
+        self._send_listeners.append(listener)
 
     def add_checker(self, name: str, check: Callable[[World], str | None]) -> None:
         self._checkers.append((name, check))
@@ -359,6 +369,7 @@ class World:
             self._execute(node, hosted, actions)
 
     def _execute(self, node: SimNode, hosted: HostedCore, actions: Iterable[Any]) -> None:
+        incarnation = node.incarnation
         last_msg: Any = None
         last_raw = b""
         for action in actions:
@@ -372,6 +383,8 @@ class World:
                         raise SimError(f"core {hosted.name!r} on {node.name} sent a message "
                                        f"that does not encode: {exc}") from exc
                     last_msg = msg
+                for send_listener in self._send_listeners:
+                    send_listener(node.name, action.peer, msg)
                 self._send(node, action.peer, msg, last_raw)
             elif kind is SetTimer:
                 self._timer_token += 1
@@ -384,6 +397,8 @@ class World:
                 hosted.timers.pop(action.key, None)
             elif kind is Persist:
                 node.store.put(action.key, action.value, action.sync)
+                if node.incarnation != incarnation:
+                    return  # crashed right after this write (SimStore.after_sync)
             elif kind is Notify:
                 record = NotifyRecord(self.now, node.name, hosted.name, action.kind, action.detail)
                 self.notifications.append(record)
@@ -425,7 +440,10 @@ class World:
         if not node.up:
             return
         self._record(node.name, "S", b"%d" % node.incarnation)
+        incarnation = node.incarnation
         for hosted in list(node.cores.values()):
+            if node.incarnation != incarnation:
+                break  # crashed during an earlier core's start (SimStore.after_sync)
             start = getattr(hosted.core, "start", None)
             if start is not None:
                 self._current = (node.name, hosted.name, "start")

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 
-from consensus.durable import ReplicaLog
+from consensus.pbft.durable import ReplicaLog
 from consensus.pbft.messages import Request
 from consensus.pbft.replica import PbftConfig, Replica
 from mesh import identity, wire

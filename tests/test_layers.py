@@ -241,10 +241,6 @@ def still_breached(graph: ImportGraph, key: tuple[str, str, str]) -> bool:
 #: Breaches on main that other branches are removing (issue 13). When a fix merges, the
 #: breach's strict xfail below reports XPASS as a failure: drop its entry then.
 KNOWN: dict[tuple[str, str, str], str] = {
-    ("no-sub-package-circles", "consensus.durable", "consensus.pbft"):
-        "issue 13 item 4: the durable log and the replica's phases (branch pbft)",
-    ("no-sub-package-circles", "consensus.evidence", "consensus.pbft"):
-        "issue 13 item 4: evidence and the replica's phases (branch pbft)",
     ("no-sub-package-circles", "mesh.gossip", "mesh.links"):
         "issue 13: gossip's messages sit in mesh/links/control_msgs.py (not assigned yet)",
     ("no-sub-package-circles", "sim.scenario", "sim.scenarios"):

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from consensus.durable import ReplicaLog
 from consensus.ledger import ImportVm, MigrateVm, RegisterVm
+from consensus.pbft.durable import ReplicaLog
 from consensus.pbft.replica import Replica
 from federation.migration.dc_core import NodeCore
 from federation.migration.vocabulary import (

@@ -6,11 +6,12 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from consensus.durable import ReplicaLog
 from consensus.pbft.client import RETRANSMIT, RETRANSMIT_MAX, LedgerClient
+from consensus.pbft.durable import ReplicaLog
 from consensus.pbft.messages import Envelope, Reply, Request, Result
 from consensus.pbft.quorum import Quorum
-from consensus.pbft.replica import STATUS_TIMER, Replica
+from consensus.pbft.replica import Replica
+from consensus.pbft.state import STATUS_TIMER
 from mesh import wire
 from mesh.core import Send, SetTimer, TimerFired
 from sim.hosts.pbft_cluster import identity_for
@@ -115,10 +116,10 @@ def test_waiting_requests_are_relayed_to_all_only_while_execution_stands_still()
     r.start(0.0)
     _rid, actions = r.submit(0.1, wire.encode(register("vm-1", "n01")))
     assert _requests_sent(actions) == ["n00"]  # to the primary only (OSDI'99 §4.1)
-    half = r.timeout / 2
-    r.progress_at = 0.2 + half  # a batch executed just now: the request is queued
+    half = r.state.timeout / 2
+    r.state.progress_at = 0.2 + half  # a batch executed just now: the request is queued
     assert _requests_sent(r.handle(0.3 + half, TimerFired(STATUS_TIMER))) == []
     # nothing executed for half a view timeout: every replica gets it, once
-    at = r.progress_at + half + 0.01
+    at = r.state.progress_at + half + 0.01
     assert _requests_sent(r.handle(at, TimerFired(STATUS_TIMER))) == ["n00", "n02", "n03"]
     assert _requests_sent(r.handle(at + 1.0, TimerFired(STATUS_TIMER))) == []

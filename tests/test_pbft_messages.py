@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consensus.evidence import EquivocationProof, EvidenceBook, check_proof
+from consensus.pbft.evidence import EquivocationProof, EvidenceBook, check_proof
 from consensus.pbft.messages import (
     NULL_DIGEST,
     Commit,

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consensus.durable import ReplicaLog
 from consensus.ledger import LedgerResult
 from consensus.pbft import viewchange
+from consensus.pbft.durable import ReplicaLog
 from consensus.pbft.messages import (
     NewView,
     PrePrepare,
@@ -94,10 +94,12 @@ def test_checkpoints_become_stable_and_truncate_the_log() -> None:
     for m in c.names:
         r = c.replica(m)
         assert r.low >= r.last_exec - SMALL.checkpoint_interval and r.low > 0
-        assert all(seq > r.low for seq in r.decided) and all(seq > r.low for seq in r.slots)
-        digest = check_checkpoint_proof(r.verifier, r.q, r.low, r.stable_proof, r.genesis)
-        assert len(r.stable_proof) >= 2 * r.q.f + 1
-        assert digest == __import__("hashlib").sha256(r.stable_snapshot).digest()
+        assert all(seq > r.low for seq in r.state.decided)
+        assert all(seq > r.low for seq in r.state.slots)
+        st = r.state
+        digest = check_checkpoint_proof(st.verifier, st.q, st.low, st.stable_proof, st.genesis)
+        assert len(st.stable_proof) >= 2 * st.q.f + 1
+        assert digest == __import__("hashlib").sha256(st.stable_snapshot).digest()
 
 
 def test_silent_primary_is_replaced_by_a_view_change() -> None:
@@ -123,16 +125,17 @@ def test_a_new_primary_numbers_on_from_the_new_view_not_from_its_own_old_proposa
     run_until_settled(c)
     n01 = c.replica("n01")
     executed = n01.last_exec
-    n01.next_seq = executed + 3  # two numbers of an old view that never prepared
+    n01.state.next_seq = executed + 3  # two numbers of an old view that never prepared
+
     def to_view_1(rep: Replica, now: float) -> list[object]:
-        viewchange.start_view_change(rep, now, 1)
-        return rep._flush()  # type: ignore[return-value]
+        viewchange.start_view_change(rep.state, rep._out, now, 1)
+        return rep._out.flush()  # type: ignore[return-value]
 
     for m in c.names:
         c.world.invoke(m, "pbft", to_view_1, "view change")
     c.world.run(until=c.world.now + 2.0)
-    assert n01.view == 1 and n01.active and n01.is_primary
-    assert n01.next_seq == executed + 1
+    assert n01.view == 1 and n01.active and n01.primary == "n01"
+    assert n01.state.next_seq == executed + 1
     submit(c, "n02", register("vm-after", "n02"))
     c.workload_end = c.world.now  # type: ignore[attr-defined]
     run_until_settled(c, until=c.world.now + 30.0)
@@ -328,7 +331,7 @@ def test_replica_restarted_during_a_view_change_signs_its_view_change_again() ->
     c.world.restart("n03")
     r = c.replica("n03")
     assert (r.view, r.active) == (view, False)  # from the durable log
-    assert r.view_changes[r.name].body.new_view == view
+    assert r.state.view_changes[r.name].body.new_view == view
 
 
 _FUZZ = cluster()
@@ -345,11 +348,11 @@ def test_mutated_frames_never_raise_or_change_state(flips: list[tuple[int, int]]
         data[pos] = byte
     raw = bytes(data) + tail
     r = _FUZZ.replica("n02")
-    before = (r.view, r.last_exec, r.low, len(r.slots), r.ledger.state_digest())
+    before = (r.view, r.last_exec, r.low, len(r.state.slots), r.ledger.state_digest())
     try:
         msg = wire.decode(raw)
     except wire.WireError:
         msg = None
     r.handle(1.0, Received("n01", msg, raw))
-    assert (r.view, r.last_exec, r.low, len(r.slots), r.ledger.state_digest()) == before or (
+    assert (r.view, r.last_exec, r.low, len(r.state.slots), r.ledger.state_digest()) == before or (
         msg is not None and bytes(data) == _VALID)

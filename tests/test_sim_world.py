@@ -296,6 +296,35 @@ def test_world_crash_and_restart_rebuild_from_synced_store() -> None:
     assert [r.detail for r in world.notifications] == [150.0]
 
 
+def test_a_crash_right_after_a_synced_write_stops_the_step_there() -> None:
+    """SimStore.after_sync may crash the node: the rest of that step's actions (the
+    next write, the notification) never happen; the world sees every Send before."""
+    world = World(1)
+    world.add_node("a", lambda node: node.mount("p", Persister(node.store)))
+    world.run(until=1.0)
+    store = world.nodes["a"].store
+    seen: list[tuple[str, int]] = []
+
+    def after_sync(key: str, barriers: int) -> None:
+        seen.append((key, barriers))
+        if key == "x":
+            world.crash("a")
+
+    store.after_sync = after_sync
+    sends: list[str] = []
+    world.on_send(lambda node, peer, msg: sends.append(f"{node}->{peer}"))
+    ping = EchoPing(1, 0.0)
+    world.invoke("a", "p", lambda c, now: [Persist("w", b"0", sync=True), Send("b", ping),
+                                           Persist("x", b"1", sync=True),
+                                           Persist("y", b"2", sync=True),
+                                           Notify("after", None)], "write")
+    assert seen == [("w", 1), ("x", 2)] and store.barriers == 2
+    assert sends == ["a->b"] and not world.nodes["a"].up
+    assert [r.kind for r in world.notifications] == []
+    world.restart("a")
+    assert world.nodes["a"].core("p").loaded == {"w": b"0", "x": b"1"}
+
+
 # --------------------------------------------------------------------------- timers and clocks
 
 

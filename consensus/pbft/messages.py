@@ -58,6 +58,7 @@ __all__ = [
     "Verifier",
     "sign",
     "seal",
+    "relay",
     "open_signed",
     "request_ids",
     "digest",
@@ -310,6 +311,12 @@ def sign(identity: Identity, sender: str, body: object) -> Signed:
 def seal(identity: Identity, sender: str, body: object, attachment: bytes = b"") -> Envelope:
     s = sign(identity, sender, body)
     return Envelope(s.sender, s.body, s.sig, attachment)
+
+
+def relay(env: Envelope) -> bytes:
+    """A signed message without its attachment, as bytes to attach to another one (a
+    PREPARE carries the PRE-PREPARE it answers)."""
+    return wire.encode(Envelope(env.sender, env.body, env.sig))
 
 
 #: Signatures known to verify, keyed by (public key, signature, body): Ed25519

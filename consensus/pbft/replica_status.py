@@ -24,7 +24,7 @@ class ReplicaStatus:
     #: the faults tolerated: n = 3f + 1
     f: int
     #: DCs convicted by a signed equivocation proof, and per peer the messages refused
-    #: for a bad signature or as malformed (consensus.evidence)
+    #: for a bad signature or as malformed (consensus.pbft.evidence)
     evidence: dict[str, Any]
     view_changes_started: int
     view_changes_completed: int

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import trio
 
+from consensus.pbft.durable import LogFormatError
 from federation import config
 from federation.api.http import open_api, serve_node
 from federation.cli.main import CommandError
@@ -95,6 +96,8 @@ def run_node(args: argparse.Namespace,
         ) from None
     except (StoreError, NodeError) as exc:
         raise CommandError(str(exc)) from None
+    except LogFormatError as exc:
+        raise CommandError(f"{data_dir}: {exc}") from None
     try:
         trio.run(_serve_until_signal, node, settings.metrics_token)
     except (ListenError, NodeError) as exc:

@@ -52,7 +52,6 @@ from typing import Any
 import trio
 
 from consensus.authz import Authorization
-from consensus.durable import ReplicaLog
 from consensus.ledger import (
     AbortMigration,
     CancelMigration,
@@ -65,6 +64,7 @@ from consensus.ledger import (
     SetPolicy,
     UnregisterVm,
 )
+from consensus.pbft.durable import ReplicaLog
 from consensus.pbft.messages import MAX_COMMAND
 from consensus.pbft.replica import Replica
 from federation import config

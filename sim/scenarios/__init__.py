@@ -11,4 +11,5 @@ from sim.scenarios import pbft_scenarios  # noqa: F401
 from sim.scenarios import mesh_scenarios  # noqa: F401
 from sim.scenarios import amst_streams  # noqa: F401
 from sim.scenarios import migration_chaos  # noqa: F401
+from sim.scenarios import pbft_crashpoints  # noqa: F401
 from sim.scenarios import ledger_insider  # noqa: F401

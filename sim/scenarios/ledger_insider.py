@@ -75,9 +75,10 @@ DEFAULT_POLICY = SetPolicy(0, (), (), False)
 def captured(replica: Replica) -> list[Any]:
     """The operator commands in the batches ``replica`` holds, as ordered (any DC's)."""
     out: list[Any] = []
-    for dig in sorted(replica.batches):
+    batches = replica.state.batches
+    for dig in sorted(batches):
         try:
-            batch = wire.decode(replica.batches[dig], expect=(Batch,))
+            batch = wire.decode(batches[dig], expect=(Batch,))
         except wire.WireError:
             continue
         for signed in batch.requests:

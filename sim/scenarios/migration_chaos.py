@@ -41,8 +41,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from consensus.durable import ReplicaLog
 from consensus.ledger import ImportVm, Ledger, MigrateVm, RegisterVm
+from consensus.pbft.durable import ReplicaLog
 from consensus.pbft.replica import Replica
 from federation.migration.rollout import RolloutError
 from federation.migration.vocabulary import MigrationError, MigrationOffer, MigrationRoundDone
