@@ -2,7 +2,8 @@
 
 The node (:class:`federation.node.assembly.Node`) joins the control mesh, runs gossip and
 routes, its PBFT replica and ledger, the migration sessions over the ``image`` VM
-backend and the data plane, and serves the HTTP API on the DC's ``api`` endpoint, where
+backend (and the ``qemu`` backend, per VM, when its node config has a ``[qemu]`` table)
+and the data plane, and serves the HTTP API on the DC's ``api`` endpoint, where
 every request is an operator's signed request (federation.api.door). Its own settings
 (import directories, the metrics token) are in its node config
 (:mod:`federation.node.node_config`).
@@ -14,6 +15,7 @@ in-flight migration from ``--data-dir``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import signal
 from collections.abc import Callable
@@ -34,12 +36,15 @@ from federation.node.node_config import (
     load_node_config,
 )
 from federation.node.private_dir import private_dir
-from federation.vms.backend import VmBackend
+from federation.vms.backend import VmBackend, VmError
+from federation.vms.image_backend import ImageBackend
+from federation.vms.per_vm import PerVmBackend
+from federation.vms.qemu_backend import QemuBackend
 from mesh import identity
 from mesh.runtime.node_runtime import ListenError
 from mesh.runtime.sqlite_store import StoreError
 
-__all__ = ["register", "add_node_arguments", "run_node", "default_key_path"]
+__all__ = ["register", "add_node_arguments", "run_node", "default_key_path", "node_backend"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -87,14 +92,15 @@ def run_node(args: argparse.Namespace,
     data_dir: Path = args.data_dir or args.config.parent / "data" / args.name
     try:
         private_dir(data_dir)
-        vms = backend(data_dir) if backend is not None else None
+        vms = (backend(data_dir) if backend is not None
+               else node_backend(data_dir, settings) if settings.qemu is not None else None)
         node = Node(fed, args.name, ident, data_dir, backend=vms,
                     import_dirs=settings.import_dirs)
     except OSError as exc:
         raise CommandError(
             f"{data_dir}: cannot create the data directory: {exc.strerror}"
         ) from None
-    except (StoreError, NodeError) as exc:
+    except (StoreError, NodeError, VmError) as exc:
         raise CommandError(str(exc)) from None
     except LogFormatError as exc:
         raise CommandError(f"{data_dir}: {exc}") from None
@@ -105,6 +111,22 @@ def run_node(args: argparse.Namespace,
     finally:
         node.close()
     return 0
+
+
+def node_backend(data_dir: Path, settings: NodeConfig) -> VmBackend:
+    """The VMs of a node whose config has a ``[qemu]`` table: image files under
+    ``<data dir>/vms``, qemu guests under ``<data dir>/qemu`` with their RAM on tmpfs
+    (``ram_dir``, default ``/dev/shm/dwcp-qemu-UID/<hash of the data dir>``), chosen per
+    VM (:mod:`federation.vms.per_vm`)."""
+    q = settings.qemu
+    assert q is not None, "a node config with a [qemu] table"
+    ram = q.ram_dir
+    if ram is None:
+        tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
+        ram = Path("/dev/shm") / f"dwcp-qemu-{os.getuid()}" / tag
+    qemu = QemuBackend(data_dir / "qemu", ram, accel=q.accel, guest_files=q.guest_files,
+                       allowed_args=q.allowed_args)
+    return PerVmBackend(ImageBackend(data_dir / "vms"), qemu)
 
 
 def _node_config(args: argparse.Namespace) -> NodeConfig:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from federation.dataplane.v3_protocol import SAMPLE_PAGES
+from federation.vms.dirty_scan import SentDigests
 from mesh.hde.image import PAGE_SIZE, ImageWriter, create_image
 from mesh.hde.index import PageIndex
 
@@ -28,6 +29,9 @@ class SourceState:
         self.directory = directory
         self.shadows: dict[str, ImageWriter] = {}
         self.verified: dict[str, tuple[bytes, PageIndex]] = {}
+        #: for a backend that finds dirty pages by content (``rescans_dirty``): the digests
+        #: of what the shadow holds, so a round sends every page that differs from it
+        self.sent: dict[str, SentDigests] = {}
         self.level: int | None = None
         self.mode = ""
 
@@ -42,6 +46,7 @@ class SourceState:
             img.close()
         self.shadows = {}
         self.verified = {}
+        self.sent = {}
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

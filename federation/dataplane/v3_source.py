@@ -40,6 +40,8 @@ from federation.migration.round_events import (
 )
 from federation.migration.round_messages import V3Hde, transfer_id
 from federation.vms.backend import VmBackend, VmError
+from federation.vms.dirty_scan import SentDigests
+from federation.vms.per_vm import dirty_by_content
 from mesh import wire
 from mesh.amst.receiver import AmstError
 from mesh.amst.sender import AmstSender
@@ -166,15 +168,30 @@ class V3RoundSender:
         layout = b.info(a.vm).layout
         live = b.open_images(a.vm)
         try:
+            rescans = dirty_by_content(b, a.vm)
             if a.since is None or set(st.shadows) != {n for n, _ in layout}:
                 st.reset(layout)
                 for name, count in layout:
                     for p in range(0, count, COPY_PAGES):
                         n = min(COPY_PAGES, count - p)
                         st.shadows[name].copy(live[name], p, p, n)
+                    if rescans:
+                        st.sent[name] = SentDigests(st.shadows[name])
                 return sum(c for _, c in layout), {}, mark
             olds: dict[str, dict[int, bytes]] = {}
             covered = 0
+            if rescans:
+                # what differs from the shadow, whatever the guest wrote when (an A, B, A
+                # page between two scans is found here, federation.vms.dirty_scan)
+                for name in sorted(st.shadows):
+                    shadow, src, old = st.shadows[name], live[name], olds.setdefault(name, {})
+                    pages = st.sent[name].changed(src)
+                    for p in pages:
+                        old[p] = bytes(shadow.view(p))
+                        shadow.write(p, src.view(p))
+                    st.sent[name].copied(shadow, pages)
+                    covered += len(pages)
+                return covered, olds, mark
             for name, pages in b.dirty_since(a.vm, a.since).items():
                 shadow, src, old = st.shadows[name], live[name], olds.setdefault(name, {})
                 for p in pages:

@@ -79,6 +79,9 @@ class SourceSession(SessionBase):
     def __init__(self, *args: object, policy: SetPolicy, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.policy = policy
+        #: the VM's machine spec the offer carries (not persisted: a source restored
+        #: before its offer was answered aborts, federation.migration.restore)
+        self.machine = b""
 
     @classmethod
     def plan(
@@ -94,6 +97,7 @@ class SourceSession(SessionBase):
         local_versions: Sequence[int],
         peer_versions: Sequence[int],
         authorization: Authorization,
+        machine: bytes = b"",
     ) -> SourceSession:
         """A new migration of ``vm`` (owned here at ``epoch``) to ``target``, on the
         operator's signed request ``authorization``. Raises
@@ -107,6 +111,7 @@ class SourceSession(SessionBase):
         session = cls(me, migration_id, vm, me, target, epoch, limits, version, sorted(common),
                       layout, policy=policy)
         session.authorization = authorization
+        session.machine = machine
         return session
 
     def begin_command(self) -> BeginMigration:
@@ -168,7 +173,7 @@ class SourceSession(SessionBase):
         layout = tuple(ImageSize(n, c) for n, c in self.layout)
         return Send(self.target, MigrationOffer(
             self.migration_id, self.vm, self.source, self.target, self.epoch, layout,
-            self.version,
+            self.version, self.machine,
         ))
 
     def _round_done(self, final: bool) -> Send:

@@ -76,6 +76,7 @@ from federation.migration.round_events import SessionView
 from federation.migration.rounds import RoundsCore
 from federation.migration.source import SourceSession
 from federation.migration.vocabulary import (
+    MAX_MACHINE_SPEC,
     CancelRequested,
     CancelRound,
     MigrationError,
@@ -84,6 +85,7 @@ from federation.migration.vocabulary import (
 )
 from federation.node.errors import LedgerTimeout, NodeError, NotTheSource, UnknownMigration
 from federation.node.imports import ImportDirs, ImportStaging
+from federation.node.intents import PowerVm
 from federation.node.ledger_client import NodeLedger
 from federation.node.private_dir import private_dir
 from federation.node.vm_worker import VmWorker
@@ -332,6 +334,46 @@ class Node:
         self.log.event("vm_imported", vm=name, layout=info.layout)
         return info
 
+    async def power_vm(self, vm: str, on: bool, authorization: Authorization) -> VmInfo:
+        """Boot or power off this DC's qemu VM ``vm`` on the operator's ``PowerVm`` (a boot
+        carries the ledger's epoch; a VM the ledger gives to another DC is refused)."""
+        self.intent(authorization, PowerVm, vm=vm, dc=self.name, on=on)
+        ledger = self.need_core().ledger
+        owner = ledger.owner(vm)
+        if owner != self.name:
+            raise NodeError(f"VM {vm!r} is owned by {owner!r} in the ledger, not {self.name}")
+        stop = getattr(self.backend, "stop", None)
+        try:
+            if not on:
+                if not callable(stop):
+                    raise NodeError(f"VM {vm!r}: this node's VMs cannot be powered off")
+                info: VmInfo = await trio.to_thread.run_sync(stop, vm)
+            else:
+                epoch = ledger.epoch(vm)
+                assert epoch is not None, "an owned VM has an epoch"
+                info = await trio.to_thread.run_sync(self.backend.start, vm, epoch)
+        except VmError as exc:
+            raise NodeError(str(exc)) from None
+        self.log.event("vm_power", vm=vm, on=on, state=info.state.value)
+        return info
+
+    def console(self, vm: str, limit: int = 64 * 1024) -> str:
+        """The last ``limit`` bytes of the qemu VM's serial console."""
+        path_of = getattr(self.backend, "console_path", None)
+        try:
+            self.backend.info(vm)
+            if not callable(path_of):
+                raise NodeError(f"VM {vm!r}: this node's VMs have no console")
+            path = path_of(vm)
+        except VmError as exc:
+            raise NodeError(str(exc)) from None
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, f.seek(0, 2) - limit))
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
     async def migrate(self, vm: str, target: str, authorization: Authorization) -> str:
         """Start migrating ``vm`` to DC ``target`` on the operator's ``MigrateVm``, which
         names this DC as the source and the VM's epoch here; returns the migration id."""
@@ -352,6 +394,13 @@ class Node:
             raise NodeError(str(exc)) from None
         if info.state is not VmState.RUNNING:
             raise NodeError(f"VM {vm!r} is {info.state.value} here, not running")
+        try:
+            machine = await trio.to_thread.run_sync(self.backend.machine_spec, vm)
+        except VmError as exc:
+            raise NodeError(str(exc)) from None
+        if len(machine) > MAX_MACHINE_SPEC:
+            raise NodeError(f"VM {vm!r}: its machine spec is {len(machine)} bytes; a "
+                            f"migration offer carries at most {MAX_MACHINE_SPEC}")
         mid = f"{vm[:80]}-{self.name}-{target}-{secrets.token_hex(4)}"
         failure: list[str] = []
         peer = self.peer_versions(target)
@@ -359,7 +408,7 @@ class Node:
         def plan(core: NodeCore, now: float) -> list[Any]:
             try:
                 return core.plan_migration(now, mid, vm, target, info.layout,
-                                           self.transfer_versions, peer, auth)
+                                           self.transfer_versions, peer, auth, machine)
             except (MigrationError, RolloutError) as exc:
                 failure.append(str(exc))
                 return []

@@ -8,6 +8,18 @@
     [api]
     metrics_token_file = "/etc/dwcp/metrics.token"   # Prometheus' bearer token, 0600
 
+    [qemu]                                # present: this node runs qemu guests too
+    guest_files = ["/srv/dwcp/guests"]    # kernels and initramfs a guest may boot from
+    allowed_args = ["-cpu", "qemu64"]     # the only extra QEMU arguments a spec may carry
+    accel = "auto"                        # auto (KVM where a guest boots), kvm or tcg
+    ram_dir = "/dev/shm/dwcp-dc1"         # guest RAM files: tmpfs (default under /dev/shm)
+
+With a ``[qemu]`` table the node's VMs live in two backends, chosen per VM
+(:mod:`federation.vms.per_vm`): imported image files in the ``image`` backend, guests
+created from a spec (``dwcp vm create --node``) or arriving by migration with one in the
+``qemu`` backend. ``guest_files`` and ``allowed_args`` bound what a spec may ask of this
+host, whether an operator's or a migration source's.
+
 ``dwcp node --node-config FILE`` (default ``<federation file's dir>/nodes/<DC>.toml``
 when it exists, which ``dwcp federation init`` writes). The federation file is the same
 at every DC; these settings are a machine's file-system paths, so they live apart from
@@ -24,12 +36,23 @@ from pathlib import Path
 
 import attrs
 
-__all__ = ["NodeConfig", "NodeConfigError", "load_node_config", "render_node_config",
-           "default_node_config"]
+__all__ = ["NodeConfig", "QemuSettings", "NodeConfigError", "load_node_config",
+           "render_node_config", "default_node_config"]
 
 
 class NodeConfigError(Exception):
     """A node config that cannot be used; the message names the file and the field."""
+
+
+@attrs.frozen
+class QemuSettings:
+    #: directories a qemu VM's kernel and initramfs must lie under
+    guest_files: tuple[Path, ...] = ()
+    #: the extra QEMU arguments a spec may carry (each one must be in this list)
+    allowed_args: tuple[str, ...] = ()
+    accel: str = "auto"
+    #: where guest RAM files go (None: under /dev/shm, see federation.cli.run_node)
+    ram_dir: Path | None = None
 
 
 @attrs.frozen
@@ -39,9 +62,12 @@ class NodeConfig:
     import_dirs: tuple[Path, ...] = ()
     #: the bearer token that lets Prometheus read /metrics ("" : only signed requests)
     metrics_token: str = ""
+    #: the qemu backend's settings (None: the node runs the image backend only)
+    qemu: QemuSettings | None = None
 
 
-_KEYS = {"storage": {"import_dirs"}, "api": {"metrics_token_file"}}
+_KEYS = {"storage": {"import_dirs"}, "api": {"metrics_token_file"},
+         "qemu": {"guest_files", "allowed_args", "accel", "ram_dir"}}
 
 
 def default_node_config(federation_file: Path, name: str) -> Path:
@@ -76,7 +102,26 @@ def load_node_config(path: Path) -> NodeConfig:
         if not isinstance(token_file, str) or not token_file:
             raise NodeConfigError(f"{path}: api.metrics_token_file: expected a path")
         token = _read_token(path, here / token_file)
-    return NodeConfig(str(path), dirs, token)
+    qemu = _qemu(path, doc["qemu"]) if "qemu" in doc else None
+    return NodeConfig(str(path), dirs, token, qemu)
+
+
+def _qemu(path: Path, table: dict[str, object]) -> QemuSettings:
+    here = path.parent
+    files = table.get("guest_files", [])
+    if not isinstance(files, list) or not all(isinstance(d, str) and d for d in files):
+        raise NodeConfigError(f"{path}: qemu.guest_files: expected a list of paths")
+    args = table.get("allowed_args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) and a for a in args):
+        raise NodeConfigError(f"{path}: qemu.allowed_args: expected a list of strings")
+    accel = table.get("accel", "auto")
+    if accel not in ("auto", "kvm", "tcg"):
+        raise NodeConfigError(f"{path}: qemu.accel: expected auto, kvm or tcg, got {accel!r}")
+    ram = table.get("ram_dir")
+    if ram is not None and (not isinstance(ram, str) or not ram):
+        raise NodeConfigError(f"{path}: qemu.ram_dir: expected a path")
+    return QemuSettings(tuple(here / d for d in files), tuple(args), str(accel),
+                        None if ram is None else here / ram)
 
 
 def _read_token(path: Path, token_path: Path) -> str:

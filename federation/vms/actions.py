@@ -49,6 +49,8 @@ from federation.migration.vocabulary import (
     Verify,
 )
 from federation.vms.backend import VmBackend, VmError, combined_root
+from federation.vms.dirty_scan import SentDigests
+from federation.vms.per_vm import dirty_by_content
 from mesh.hde.image import Image, ImageError, ImageWriter, PageSource
 from mesh.hde.index import build_index
 
@@ -79,6 +81,10 @@ class VmActions:
         self.incoming: dict[str, dict[str, ImageWriter]] = {}
         #: migration id -> the images its running round reads (source)
         self.outgoing: dict[str, dict[str, Image]] = {}
+        #: migration id -> per image the digests of what its rounds read, for a VM whose
+        #: dirty pages are found by content (dirty_by_content): what differs from them is
+        #: what the target lacks (federation.vms.dirty_scan)
+        self.read_digests: dict[str, dict[str, SentDigests]] = {}
 
     def root(self, vm: str) -> bytes:
         images = self.backend.open_images(vm)
@@ -126,21 +132,30 @@ class VmActions:
         if isinstance(a, PlanRound):
             mark = b.dirty_mark(a.vm)  # before reading: a later write shows in the next round
             pages: dict[str, Sequence[int]]
+            self._close_outgoing(a.migration_id)
+            live = self.outgoing[a.migration_id] = b.open_images(a.vm)
+            held = self.read_digests.get(a.migration_id)
             if a.since is None:
                 pages = {name: range(count) for name, count in b.info(a.vm).layout}
+                if dirty_by_content(b, a.vm):
+                    self.read_digests[a.migration_id] = {
+                        n: SentDigests(img) for n, img in live.items()}
+            elif held is not None and set(held) == set(live):
+                pages = {n: got for n in sorted(held) if (got := held[n].changed(live[n]))}
             else:
                 pages = dict(b.dirty_since(a.vm, a.since))
-            self._close_outgoing(a.migration_id)
-            self.outgoing[a.migration_id] = b.open_images(a.vm)
             return RoundPlanned(a.migration_id, a.round, mark,
                                 tuple((n, tuple(pages[n])) for n in sorted(pages)))
         if isinstance(a, ReadChunk):
-            images = self.outgoing.get(a.migration_id)
-            if images is None or a.image not in images:
+            opened = self.outgoing.get(a.migration_id)
+            if opened is None or a.image not in opened:
                 raise VmError(f"migration {a.migration_id!r}: image {a.image!r} is not open "
                               "for its round")
-            return ChunkRead(a.migration_id, a.round, a.seq,
-                             bytes(images[a.image].view(a.first, a.count)))
+            data = bytes(opened[a.image].view(a.first, a.count))
+            digests = self.read_digests.get(a.migration_id, {}).get(a.image)
+            if digests is not None:
+                digests.read(a.first, data)
+            return ChunkRead(a.migration_id, a.round, a.seq, data)
         self._close_outgoing(a.migration_id)
         dirty = b.dirty_since(a.vm, a.mark)
         return DirtyCounted(a.migration_id, a.round, sum(len(p) for p in dirty.values()))
@@ -165,14 +180,22 @@ class VmActions:
             b.fence(a.vm, a.migration_id)
             return [SourceFenced(self.root(a.vm))]
         if isinstance(a, Unfence):
+            self.read_digests.pop(a.migration_id, None)
             b.release_fence(a.vm, a.migration_id)
             return []
         if isinstance(a, Retire):
+            self.read_digests.pop(a.migration_id, None)
             b.retire(a.vm, a.migration_id)
             return []
         if isinstance(a, PrepareIncoming):
             self._close_incoming(a.migration_id)
-            self.incoming[a.migration_id] = b.prepare_incoming(a.vm, a.layout, a.migration_id)
+            self.incoming[a.migration_id] = b.prepare_incoming(a.vm, a.layout, a.migration_id,
+                                                               a.machine)
+            # A hypervisor's process starts now, paused, not in the downtime (the qemu
+            # backend: QEMU with -incoming defer on the images being written)
+            prepare_machine = getattr(b, "prepare_machine", None)
+            if a.machine and prepare_machine is not None:
+                prepare_machine(a.vm)
             return []
         if isinstance(a, Verify):
             writers = self.incoming.get(a.migration_id)

@@ -82,6 +82,8 @@ def changed_pages(old: bytes, new: bytes) -> list[int]:
 #: took 41 ms: the per-call cost dominates), and only the groups that differ are hashed
 #: page by page.
 GROUP_PAGES = 4
+#: A group digest that stands for "compare page by page" (see SentDigests.read).
+_UNKNOWN = b"\xa5" * DIGEST
 
 
 def _group_digests(image: PageSource) -> bytes:
@@ -115,6 +117,26 @@ class SentDigests:
                 if _xxh64(live.view(p)) != pages[p * DIGEST : (p + 1) * DIGEST]:
                     out.append(p)
         return out
+
+    def read(self, first: int, data: bytes | bytearray | memoryview) -> None:
+        """Record pages ``first``.. as sent with the bytes ``data`` (read from the live
+        image by a round that sends straight from it, without a shadow). A group only
+        partly in ``data`` gets a digest no scan yields (2^-64 odds), so the next
+        ``changed`` compares its pages one by one."""
+        mv = memoryview(data)
+        n = len(mv) // PAGE_SIZE
+        d, gd = self.pages, self.groups
+        for i in range(n):
+            p = first + i
+            d[p * DIGEST : (p + 1) * DIGEST] = _xxh64(mv[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+        for g in range(first // GROUP_PAGES, (first + n - 1) // GROUP_PAGES + 1):
+            lo = g * GROUP_PAGES
+            hi = min(lo + GROUP_PAGES, self.page_count)
+            if lo >= first and hi <= first + n:
+                digest = _xxh64(mv[(lo - first) * PAGE_SIZE : (hi - first) * PAGE_SIZE])
+            else:
+                digest = _UNKNOWN
+            gd[g * DIGEST : (g + 1) * DIGEST] = digest
 
     def copied(self, shadow: PageSource, pages: list[int]) -> None:
         d, gd = self.pages, self.groups

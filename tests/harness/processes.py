@@ -115,12 +115,16 @@ class NodeProcesses:
 
 @contextmanager
 def node_processes(tmp_path: Path, writers: dict[str, list[str]] | None = None,
+                   node_config: Callable[[str], str] | None = None,
                    ) -> Iterator[NodeProcesses]:
     """A fresh four-DC federation in ``tmp_path``, every node a process, all ready; each
-    node imports VM images from anywhere under ``tmp_path`` (its node config)."""
+    node imports VM images from anywhere under ``tmp_path`` (its node config, with
+    ``node_config(dc)`` appended)."""
     cfg = make_federation(tmp_path / "fed")
     for name in NAMES:
-        (cfg.parent / "nodes" / f"{name}.toml").write_text(render_node_config([str(tmp_path)]))
+        extra = node_config(name) if node_config is not None else ""
+        (cfg.parent / "nodes" / f"{name}.toml").write_text(
+            render_node_config([str(tmp_path)]) + extra)
     logs = tmp_path / "logs"
     logs.mkdir()
     nodes = NodeProcesses(cfg, logs, writers)
