@@ -12,6 +12,7 @@ import pytest
 
 from consensus.ledger import SetPolicy
 from federation.api.client import migrate_request
+from federation.cli.ops import render_status
 from federation.node.intents import PowerVm
 from tests.harness.processes import NodeProcesses
 from tests.harness.qemu import qemu_missing
@@ -37,6 +38,10 @@ def _migrate(nodes: NodeProcesses, vm: str, src: str, dst: str) -> dict:
         (m := api.ok("GET", f"/api/migrations/{mid}")).get("outcome") and m), MIGRATE_S)
     assert done["outcome"]["outcome"] == "committed", done
     nodes.wait(f"{vm} running at {dst}", lambda: nodes.vm_here(dst, vm) == "running")
+    # the target measured the guest's downtime (the source's stop to its cont)
+    at_target = nodes.api(dst).ok("GET", f"/api/migrations/{mid}")
+    assert at_target["downtime_ms"] is not None and at_target["downtime_ms"] > 0, at_target
+    assert "ms" in render_status(nodes.status(dst))
     return done
 
 

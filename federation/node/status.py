@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from consensus.ledger import SetPolicy
+from federation.vms.backend import VmError
 from mesh.links.routes import BULK, CONTROL
 
 if TYPE_CHECKING:
@@ -33,6 +34,21 @@ def policy_doc(policy: SetPolicy) -> dict[str, Any]:
     its lists sorted and without repeats, as the ledger records them."""
     return {"v3_percent": policy.v3_percent, "target_dcs": sorted(set(policy.target_dcs)),
             "target_vms": sorted(set(policy.target_vms)), "kill_switch": policy.kill_switch}
+
+
+def downtime_ms(node: Node, vm: str, mid: str) -> float | None:
+    """The guest's downtime in migration ``mid`` as this target measured it (the source's
+    QMP ``stop`` to this node's ``cont``), where the VM backend measures one (qemu)."""
+    arrival = getattr(node.backend, "arrival", None)
+    if not callable(arrival):
+        return None
+    try:
+        got = arrival(vm)
+    except VmError:
+        return None
+    if not got or got.get("migration_id") != mid:
+        return None
+    return float(got["downtime_ms"])
 
 
 def migration_status(node: Node, mid: str) -> dict[str, Any] | None:
@@ -55,6 +71,7 @@ def migration_status(node: Node, mid: str) -> dict[str, Any] | None:
         counters = node.rounds.counters
         if session.target == node.name:
             out["received_bytes"] = counters.received.get(mid, 0)
+            out["downtime_ms"] = downtime_ms(node, session.vm, mid)
         else:  # rounds delivered per data-plane version ("v1", "v3"), and the v3
             # bulk streams opened per DC that relayed them ("direct" for none)
             out["data_plane"] = dict(counters.paths.get(mid, {}))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from federation.vms.backend import VmBackend, VmError, VmInfo
 from federation.vms.qemu_backend import QemuBackend
@@ -133,6 +134,10 @@ class PerVmBackend:
             self.image.info(name)
             raise VmError(f"VM {name!r} is an image VM; it has no console")
         return self.qemu.console_path(name)
+
+    def arrival(self, name: str) -> dict[str, Any] | None:
+        """How the qemu VM's last incoming migration ended (:meth:`QemuBackend.arrival`)."""
+        return self.qemu.arrival(name) if self._holds(self.qemu, name) else None
 
     def close(self) -> None:
         try:

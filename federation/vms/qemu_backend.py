@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -79,9 +81,11 @@ DEVICE_STATE = "device-state.bin"
 #: blocks, which are not in the shared memory backend); the rest is zero pages, which HDE
 #: marks and never sends.
 DEVICE_PAGES = 1024
-#: The device image starts with this magic and the state's length (8 bytes, big-endian).
-_DEVICE_MAGIC = b"DWCPDEV1"
-_DEVICE_HEADER = 16
+#: The device image starts with this magic, the state's length (8 bytes, big-endian) and
+#: the wall-clock time of the source's QMP ``stop`` (a big-endian double), from which the
+#: target measures the downtime when it sends ``cont``.
+_DEVICE_MAGIC = b"DWCPDEV2"
+_DEVICE_HEADER = 24
 #: QEMU runstates in which the guest executes or will on its own.
 _RUNNING = ("running", "debug")
 
@@ -428,9 +432,10 @@ class QemuBackend:
                 meta["epoch"] = epoch
                 write_meta(self._dir(name), meta)
                 return info_of(meta)
+            stopped_at = 0.0
             if info.state is VmState.INCOMING:
                 if not device_state:
-                    device_state = self._read_device_image(name, info)
+                    device_state, stopped_at = self._read_device_image(name, info)
                 if not device_state:
                     raise VmError(f"VM {name!r} is incoming: it starts from the source's "
                                   "device state")
@@ -447,6 +452,7 @@ class QemuBackend:
             # Durable before the guest runs: a crash right after this write leaves a paused
             # QEMU that the next backend resumes (_attach_all), or a cold VM it boots again.
             meta = self._meta(name)
+            arrived = meta["migration_id"] if info.state is VmState.INCOMING else ""
             meta.update(state=VmState.RUNNING.value, epoch=epoch, migration_id="")
             write_meta(self._dir(name), meta)
             try:
@@ -454,6 +460,11 @@ class QemuBackend:
                     proc.qmp.execute("cont")
             except QMPError as exc:
                 raise VmError(f"VM {name!r}: QMP cont failed: {exc}") from exc
+            if arrived and stopped_at > 0:
+                downtime = max(0.0, time.time() - stopped_at)
+                meta["arrival"] = {"migration_id": arrived,
+                                   "downtime_ms": round(downtime * 1000, 1)}
+                write_meta(self._dir(name), meta)  # a report: a crash before it loses only it
             return info_of(meta)
 
     def prepare_machine(self, name: str) -> None:
@@ -477,6 +488,8 @@ class QemuBackend:
                 return info
             proc = self._proc(name)
             if proc is not None:
+                # the guest may stop any moment from here on: the downtime starts now
+                meta["stopped_at"] = time.time()
                 try:
                     proc.qmp.execute("stop")  # QEMU drains and flushes the disks first
                 except QMPError as exc:
@@ -500,24 +513,35 @@ class QemuBackend:
         if len(state) > room:
             raise VmError(f"VM {name!r}: its device state is {len(state)} bytes; the device "
                           f"image holds {room}")
-        raw = _DEVICE_MAGIC + len(state).to_bytes(8, "big") + state
+        stopped = float(self._meta(name).get("stopped_at", 0.0))
+        raw = (_DEVICE_MAGIC + len(state).to_bytes(8, "big") + struct.pack(">d", stopped)
+               + state)
         with open(self._image_path(name, DEVICE), "r+b") as f:
             f.write(raw + bytes(pages * PAGE_SIZE - len(raw)))
 
-    def _read_device_image(self, name: str, info: VmInfo) -> bytes:
-        """The device state a migration wrote into the incoming device image (b"": none)."""
+    def _read_device_image(self, name: str, info: VmInfo) -> tuple[bytes, float]:
+        """The device state a migration wrote into the incoming device image (b"": none)
+        and the wall-clock time the source stopped the guest."""
         if DEVICE not in dict(info.layout):
-            return b""
+            return b"", 0.0
         with open(self._image_path(name, DEVICE), "rb") as f:
             head = f.read(_DEVICE_HEADER)
             if len(head) < _DEVICE_HEADER or head[:8] != _DEVICE_MAGIC:
                 raise VmError(f"VM {name!r}: its device image holds no device state")
-            size = int.from_bytes(head[8:], "big")
+            size = int.from_bytes(head[8:16], "big")
+            (stopped,) = struct.unpack(">d", head[16:24])
             state = f.read(size)
         if len(state) != size:
             raise VmError(f"VM {name!r}: its device image is cut short ({len(state)} of "
                           f"{size} bytes)")
-        return state
+        return state, stopped
+
+    def arrival(self, name: str) -> dict[str, Any] | None:
+        """How the VM's last incoming migration ended here: ``migration_id`` and
+        ``downtime_ms`` (the source's ``stop`` to this ``cont``, in wall-clock time: exact
+        on one host; across hosts their clocks' offset adds to it), or None."""
+        got = self._meta(name).get("arrival")
+        return dict(got) if isinstance(got, dict) else None
 
     def device_state(self, name: str, migration_id: str) -> bytes:
         with self._lock:
