@@ -32,6 +32,9 @@ class SourceState:
         #: for a backend that finds dirty pages by content (``rescans_dirty``): the digests
         #: of what the shadow holds, so a round sends every page that differs from it
         self.sent: dict[str, SentDigests] = {}
+        #: per image the shadow pages changed since the last verified round's index: the
+        #: next index is that one refreshed over them (never a pass over the shadow)
+        self.unindexed: dict[str, set[int]] = {}
         self.level: int | None = None
         self.mode = ""
 
@@ -47,6 +50,7 @@ class SourceState:
         self.shadows = {}
         self.verified = {}
         self.sent = {}
+        self.unindexed = {}
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

@@ -164,11 +164,13 @@ class V3RoundSender:
         the round covers, per image the old bytes of the pages that changed, and the new
         dirty generation."""
         a, b, st = self.action, self.backend, self.state
-        mark = b.dirty_mark(a.vm)  # before reading: a later write shows in the next round
+        rescans = dirty_by_content(b, a.vm)
+        # before reading: a later write shows in the next round (a VM tracked by content
+        # compares with its shadow instead, after the first round: no scan here)
+        mark = a.since if rescans and a.since is not None else b.dirty_mark(a.vm)
         layout = b.info(a.vm).layout
         live = b.open_images(a.vm)
         try:
-            rescans = dirty_by_content(b, a.vm)
             if a.since is None or set(st.shadows) != {n for n, _ in layout}:
                 st.reset(layout)
                 for name, count in layout:
@@ -190,6 +192,7 @@ class V3RoundSender:
                         old[p] = bytes(shadow.view(p))
                         shadow.write(p, src.view(p))
                     st.sent[name].copied(shadow, pages)
+                    st.unindexed.setdefault(name, set()).update(pages)
                     covered += len(pages)
                 return covered, olds, mark
             for name, pages in b.dirty_since(a.vm, a.since).items():
@@ -199,13 +202,27 @@ class V3RoundSender:
                     if shadow.view(p) != src.view(p):
                         old[p] = bytes(shadow.view(p))
                         shadow.write(p, src.view(p))
+                        st.unindexed.setdefault(name, set()).add(p)
             return covered, olds, mark
         finally:
             for img in live.values():
                 img.close()
 
     def _indexes(self) -> dict[str, PageIndex]:
-        return {n: build_index(img, self._executor) for n, img in self.state.shadows.items()}
+        """Each shadow's index: the last verified one refreshed over the pages changed
+        since (a copy: the verified one stays the round's XOR reference), or built whole
+        in a migration's first round."""
+        st = self.state
+        out = {}
+        for n, img in st.shadows.items():
+            held = st.verified.get(n)
+            if held is None:
+                out[n] = build_index(img, self._executor)
+            else:
+                ix = held[1].copy()
+                ix.refresh(img, st.unindexed.get(n, ()), self._executor)
+                out[n] = ix
+        return out
 
     # ------------------------------------------------------------------ the round
 
@@ -257,6 +274,7 @@ class V3RoundSender:
             feed.close()
         for name, s in zip(names, sources, strict=True):
             st.verified[name] = (s.index.root, s.index)
+        st.unindexed = {}
         figures = {"level": level, "mode": st.mode, "chunks": feed.frames,
                    "chunk_bytes": feed.frame_bytes, "control_bytes": self.control_bytes,
                    "resent": self.resent, "replayed": feed.replayed, "streams": self.streams}

@@ -41,7 +41,8 @@ import xxhash
 
 from mesh.hde.image import PAGE_SIZE, PageSource
 
-__all__ = ["PageScan", "SentDigests", "scan_digests", "changed_pages", "soft_dirty_available"]
+__all__ = ["PageScan", "SentDigests", "scan_digests", "changed_pages", "group_digests",
+           "soft_dirty_available", "DIGEST", "GROUP_PAGES"]
 
 DIGEST = 8
 _xxh64 = xxhash.xxh3_64_digest
@@ -86,7 +87,7 @@ GROUP_PAGES = 4
 _UNKNOWN = b"\xa5" * DIGEST
 
 
-def _group_digests(image: PageSource) -> bytes:
+def group_digests(image: PageSource) -> bytes:
     out = []
     step = GROUP_PAGES * PAGE_SIZE
     for first in range(0, image.page_count, _RUN * GROUP_PAGES):
@@ -103,7 +104,7 @@ class SentDigests:
 
     def __init__(self, shadow: PageSource) -> None:
         self.page_count = shadow.page_count
-        self.groups = bytearray(_group_digests(shadow))
+        self.groups = bytearray(group_digests(shadow))
         self.pages = bytearray(scan_digests(shadow))
 
     def changed(self, live: PageSource) -> list[int]:
@@ -111,7 +112,7 @@ class SentDigests:
             raise ValueError(f"{live.page_count} pages live, {self.page_count} sent")
         out: list[int] = []
         pages = memoryview(self.pages)
-        for g in changed_pages(bytes(self.groups), _group_digests(live)):
+        for g in changed_pages(bytes(self.groups), group_digests(live)):
             first = g * GROUP_PAGES
             for p in range(first, min(first + GROUP_PAGES, self.page_count)):
                 if _xxh64(live.view(p)) != pages[p * DIGEST : (p + 1) * DIGEST]:

@@ -135,6 +135,11 @@ class PerVmBackend:
             raise VmError(f"VM {name!r} is an image VM; it has no console")
         return self.qemu.console_path(name)
 
+    def throttle(self, name: str, percent: int) -> None:
+        """Auto-converge a qemu VM (:meth:`QemuBackend.throttle`); image VMs have no vCPU."""
+        if self._holds(self.qemu, name):
+            self.qemu.throttle(name, percent)
+
     def arrival(self, name: str) -> dict[str, Any] | None:
         """How the qemu VM's last incoming migration ended (:meth:`QemuBackend.arrival`)."""
         return self.qemu.arrival(name) if self._holds(self.qemu, name) else None

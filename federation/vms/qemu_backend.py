@@ -29,8 +29,10 @@ root attaches to it again through its pid file and QMP socket.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import struct
 import threading
 import time
@@ -55,6 +57,7 @@ from federation.vms.image_backend import map_writable
 from federation.vms.qemu_machine import QemuProcess, pid_on, socket_path
 from federation.vms.qemu_spec import QEMU, VmSpec, qemu_argv
 from federation.vms.qmp import QMPClient, QMPError
+from federation.vms.throttle import DutyCycle
 from federation.vms.vm_dir import (
     DIR_MODE,
     FILE_MODE,
@@ -119,6 +122,7 @@ class QemuBackend:
         self.qemu = qemu
         self._lock = threading.RLock()
         self._procs: dict[str, QemuProcess] = {}
+        self._throttles: dict[str, DutyCycle] = {}
         self._scans: dict[str, PageScan] = {}
         self._attach_all()
 
@@ -348,6 +352,28 @@ class QemuBackend:
             for img in images.values():
                 img.close()
 
+    # ------------------------------------------------------------------ auto-converge
+
+    def throttle(self, name: str, percent: int) -> None:
+        """Run the guest's vCPUs only ``100 - percent`` % of the time (0: not throttled),
+        by duty-cycling its QEMU (:mod:`federation.vms.throttle`). A fence, a release and a
+        retire end it."""
+        with self._lock:
+            old = self._throttles.pop(name, None)
+            if old is not None:
+                old.stop()
+            if percent <= 0:
+                return
+            proc = self._proc(name)
+            if proc is None or self.info(name).state is not VmState.RUNNING:
+                return
+            self._throttles[name] = DutyCycle(proc.pid, percent)
+
+    def throttled(self, name: str) -> int:
+        """The VM's throttle in percent (0: none)."""
+        cycle = self._throttles.get(name)
+        return 0 if cycle is None else cycle.percent
+
     # ------------------------------------------------------------------ processes
 
     def _resolve_accel(self, spec: VmSpec) -> str:
@@ -386,6 +412,9 @@ class QemuBackend:
         return proc
 
     def _power_off(self, name: str) -> None:
+        cycle = self._throttles.pop(name, None)
+        if cycle is not None:
+            cycle.stop()
         proc = self._procs.pop(name, None)
         if proc is not None:
             proc.quit()
@@ -405,6 +434,9 @@ class QemuBackend:
                                       socket_path(d, "qmp"))
             if proc is None:
                 continue
+            # a node killed while it throttled the guest may have left QEMU stopped
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
             self._procs[d.name] = proc
             if info.state in (VmState.RETIRED, VmState.STOPPED):
                 self._power_off(d.name)
@@ -486,6 +518,7 @@ class QemuBackend:
                 if info.state is VmState.FENCED and info.migration_id == migration_id:
                     self._write_device_image(name, info)  # a crash may have cut it short
                 return info
+            self.throttle(name, 0)
             proc = self._proc(name)
             if proc is not None:
                 # the guest may stop any moment from here on: the downtime starts now
@@ -569,6 +602,7 @@ class QemuBackend:
             info = info_of(meta)
             if not release_needed(info, migration_id):
                 return info
+            self.throttle(name, 0)
             proc = self._proc(name)
             if proc is None:
                 raise VmError(f"VM {name!r}: its QEMU is gone while fenced; it cannot resume "
@@ -615,6 +649,8 @@ class QemuBackend:
     def close(self, stop_guests: bool = False) -> None:
         """Let go of every QEMU (they keep running), or power them all off."""
         with self._lock:
+            for name in sorted(self._throttles):
+                self._throttles.pop(name).stop()
             for name in sorted(self._procs):
                 proc = self._procs.pop(name)
                 if stop_guests:
