@@ -27,7 +27,7 @@ from consensus.pbft.durable import LogFormatError
 from federation import config
 from federation.api.http import open_api, serve_node
 from federation.cli.main import CommandError
-from federation.node.assembly import Node
+from federation.node.assembly import DOWNTIME_LIMIT, Node
 from federation.node.errors import NodeError
 from federation.node.node_config import (
     NodeConfig,
@@ -94,8 +94,10 @@ def run_node(args: argparse.Namespace,
         private_dir(data_dir)
         vms = (backend(data_dir) if backend is not None
                else node_backend(data_dir, settings) if settings.qemu is not None else None)
+        limit = (DOWNTIME_LIMIT if settings.qemu is None
+                 else settings.qemu.downtime_limit_ms / 1000)
         node = Node(fed, args.name, ident, data_dir, backend=vms,
-                    import_dirs=settings.import_dirs)
+                    import_dirs=settings.import_dirs, downtime_limit=limit)
     except OSError as exc:
         raise CommandError(
             f"{data_dir}: cannot create the data directory: {exc.strerror}"

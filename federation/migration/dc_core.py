@@ -129,6 +129,7 @@ class NodeCore:
         self, now: float, migration_id: str, vm: str, target: str,
         layout: tuple[tuple[str, int], ...], local_versions: tuple[int, ...],
         peer_versions: tuple[int, ...], authorization: Authorization, machine: bytes = b"",
+        downtime_limit: float | None = None,
     ) -> list[Action]:
         """Start migrating ``vm`` (owned here per the ledger) to ``target``, on the
         operator's signed request ``authorization`` (a ``MigrateVm`` intent)."""
@@ -144,6 +145,7 @@ class NodeCore:
         session = SourceSession.plan(
             self.me, migration_id, vm, target, epoch, layout, limits_for(self.mode_of(target)),
             ledger.policy, local_versions, peer_versions, authorization, machine,
+            downtime_limit,
         )
         self.sessions[migration_id] = session
         return self._session_out(now, session, session.start(now))

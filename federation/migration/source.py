@@ -98,6 +98,7 @@ class SourceSession(SessionBase):
         peer_versions: Sequence[int],
         authorization: Authorization,
         machine: bytes = b"",
+        downtime_limit: float | None = None,
     ) -> SourceSession:
         """A new migration of ``vm`` (owned here at ``epoch``) to ``target``, on the
         operator's signed request ``authorization``. Raises
@@ -107,6 +108,10 @@ class SourceSession(SessionBase):
         if not layout:
             raise MigrationError(f"VM {vm!r}: no images to migrate")
         version = choose_version(policy, vm, me, target, local_versions, peer_versions)
+        if downtime_limit is not None:
+            # a running guest's own limit (the qemu backend: QEMU's 300 ms downtime-limit)
+            # where it is tighter than the link mode's
+            limits = PrecopyLimits(limits.max_rounds, min(limits.downtime, downtime_limit))
         common = set(local_versions) & set(peer_versions)
         session = cls(me, migration_id, vm, me, target, epoch, limits, version, sorted(common),
                       layout, policy=policy)
@@ -217,7 +222,12 @@ class SourceSession(SessionBase):
             return [self.persist(), *self.cancel("stall"), self._round_done(True),
                     self.timer("retransmit", now + RETRANSMIT), self.progress()]
         out: list[Action] = [self._round_done(False)]
-        if self.eta <= self.limits.downtime or self.round + 1 >= self.limits.max_rounds:
+        # A machine (a running guest) fences only after an incremental round: round 1's
+        # throughput counts the pages the target already held, the final round's cost per
+        # changed page is what an incremental round measures (docs/qemu.md, "Downtime").
+        first = bool(self.machine) and self.round < 2
+        if (self.eta <= self.limits.downtime and not first) \
+                or self.round + 1 >= self.limits.max_rounds:
             self.fenced = True
             self.phase = Phase.FENCED
             # the fence includes hashing the stopped images for the root

@@ -99,13 +99,17 @@ from mesh.runtime.node_runtime import Peer, Runtime
 from mesh.runtime.sqlite_store import SQLiteStore
 
 __all__ = ["Node", "NodeError", "LedgerTimeout", "UnknownMigration", "NotTheSource",
-           "DATA_PLANE", "TRANSFER_VERSIONS"]
+           "DATA_PLANE", "TRANSFER_VERSIONS", "DOWNTIME_LIMIT"]
 
 #: What this node's data plane is (reported in /api/status; each migration's rounds by
 #: version are in its own status, ``data_plane``).
 DATA_PLANE = ("v1 single stream over the control link; v3 HDE over AMST on the data "
               "endpoint; per migration the highest version both DCs offer and the rollout "
               "policy allows")
+#: The downtime a running guest's migration aims at unless its node config says otherwise
+#: (``[qemu] downtime_limit_ms``): QEMU's default downtime-limit, 300 ms
+#: (migration/options.c, DEFAULT_MIGRATE_SET_DOWNTIME), as issue 17 asks.
+DOWNTIME_LIMIT = 0.3
 #: Transfer versions the node's data plane can carry: v1 (the rounds core over the control
 #: link) and v3 (federation.dataplane.v3).
 TRANSFER_VERSIONS = (V1, V3)
@@ -124,6 +128,7 @@ class Node:
         rng: random.Random | None = None,
         transfer_versions: Sequence[int] = TRANSFER_VERSIONS,
         import_dirs: Sequence[Path] = (),
+        downtime_limit: float = DOWNTIME_LIMIT,
     ) -> None:
         me = fed.dc(name)
         if ident.public != me.public_key:
@@ -138,6 +143,8 @@ class Node:
             raise NodeError(f"none of the transfer versions {sorted(set(transfer_versions))} "
                             f"is allowed by {fed.source} ({list(fed.versions)})")
         self.data_dir = data_dir
+        #: the downtime a running guest's migration aims at (a VM with a machine spec)
+        self.downtime_limit = downtime_limit
         self.rng = rng if rng is not None else random.Random()
         self.log = log if log is not None else JsonLog(name)
         private_dir(data_dir, self.log)
@@ -409,7 +416,8 @@ class Node:
         def plan(core: NodeCore, now: float) -> list[Any]:
             try:
                 return core.plan_migration(now, mid, vm, target, info.layout,
-                                           self.transfer_versions, peer, auth, machine)
+                                           self.transfer_versions, peer, auth, machine,
+                                           self.downtime_limit if machine else None)
             except (MigrationError, RolloutError) as exc:
                 failure.append(str(exc))
                 return []

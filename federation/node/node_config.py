@@ -13,6 +13,7 @@
     allowed_args = ["-cpu", "qemu64"]     # the only extra QEMU arguments a spec may carry
     accel = "auto"                        # auto (KVM where a guest boots), kvm or tcg
     ram_dir = "/dev/shm/dwcp-dc1"         # guest RAM files: tmpfs (default under /dev/shm)
+    downtime_limit_ms = 300               # the downtime a guest's migration aims at
 
 With a ``[qemu]`` table the node's VMs live in two backends, chosen per VM
 (:mod:`federation.vms.per_vm`): imported image files in the ``image`` backend, guests
@@ -53,6 +54,8 @@ class QemuSettings:
     accel: str = "auto"
     #: where guest RAM files go (None: under /dev/shm, see federation.cli.run_node)
     ram_dir: Path | None = None
+    #: the downtime a guest's migration aims at: QEMU's default downtime-limit
+    downtime_limit_ms: int = 300
 
 
 @attrs.frozen
@@ -67,7 +70,7 @@ class NodeConfig:
 
 
 _KEYS = {"storage": {"import_dirs"}, "api": {"metrics_token_file"},
-         "qemu": {"guest_files", "allowed_args", "accel", "ram_dir"}}
+         "qemu": {"guest_files", "allowed_args", "accel", "ram_dir", "downtime_limit_ms"}}
 
 
 def default_node_config(federation_file: Path, name: str) -> Path:
@@ -120,8 +123,12 @@ def _qemu(path: Path, table: dict[str, object]) -> QemuSettings:
     ram = table.get("ram_dir")
     if ram is not None and (not isinstance(ram, str) or not ram):
         raise NodeConfigError(f"{path}: qemu.ram_dir: expected a path")
+    limit = table.get("downtime_limit_ms", 300)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 600_000:
+        raise NodeConfigError(f"{path}: qemu.downtime_limit_ms: expected 1..600000, "
+                              f"got {limit!r}")
     return QemuSettings(tuple(here / d for d in files), tuple(args), str(accel),
-                        None if ram is None else here / ram)
+                        None if ram is None else here / ram, limit)
 
 
 def _read_token(path: Path, token_path: Path) -> str:
