@@ -102,13 +102,24 @@ class LiveIndex:
         blocks = sorted({p // BLOCK_PAGES for p in changed})
         if blocks:
             snaps = _Snapshots(image.page_count, {b: _block(image, b) for b in blocks})
-            pages = [p for b in blocks for p in range(
-                b * BLOCK_PAGES, min((b + 1) * BLOCK_PAGES, image.page_count))]
+            # Within each snapshot, the groups whose digest differs from the one held get
+            # new page fingerprints; a group whose digest is the same holds the bytes its
+            # fingerprints describe. Then the block's digest is of the same snapshot.
+            pages: list[int] = []
+            for b in blocks:
+                first_group = b * BLOCK_PAGES // GROUP_PAGES
+                end = min((b + 1) * BLOCK_PAGES, image.page_count)
+                for g in range(first_group, -(-end // GROUP_PAGES)):
+                    first = g * GROUP_PAGES
+                    n = min(GROUP_PAGES, image.page_count - first)
+                    digest = _xxh64(snaps.view(first, n))
+                    if digest != self.groups[g * DIGEST : (g + 1) * DIGEST]:
+                        self.groups[g * DIGEST : (g + 1) * DIGEST] = digest
+                        pages.extend(range(first, first + n))
+            # a block can differ only through a group (2^-64 odds aside); its first page
+            # keeps it in the refresh either way, so its digest is recomputed
+            pages.extend(b * BLOCK_PAGES for b in blocks)
             self.index.refresh(snaps, pages, executor)
-            for g in sorted({p // GROUP_PAGES for p in pages}):
-                first = g * GROUP_PAGES
-                n = min(GROUP_PAGES, image.page_count - first)
-                self.groups[g * DIGEST : (g + 1) * DIGEST] = _xxh64(snaps.view(first, n))
         return len(changed)
 
 
