@@ -73,6 +73,7 @@ def _decided(nodes: NodeProcesses, mid: str, src: str, dst: str, what: str) -> s
     return str(agreed["owner_epoch"][0])  # type: ignore[index]
 
 
+@pytest.mark.timeout(7200)  # 20 migrations of a TCG guest: 20-60 min on a shared machine
 def test_twenty_migrations_with_cancels_and_kills_keep_the_guest_whole(
         tmp_path: Path) -> None:
     seed = int(os.environ.get("DWCP_ACCEPT_SEED", random.randrange(1 << 30)))
