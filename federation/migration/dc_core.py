@@ -98,6 +98,9 @@ class NodeCore:
         self.node_requests: set[int] = set()
         #: persisted records waiting for the replica to catch up
         self.unrestored: dict[str, bytes] = {}
+        #: the ledger object and height _ledger_changes last compared (it changes only
+        #: by executing a batch or by a state transfer, which installs a new object)
+        self._compared: tuple[Ledger, int] = (replica.ledger, replica.last_exec)
         #: commands made ready during the current step, submitted when it ends: the
         #: encoded command and the migration id of its session (None: the node's own)
         self._ready: list[tuple[bytes, str | None]] = []
@@ -308,6 +311,11 @@ class NodeCore:
 
     def _ledger_changes(self, now: float) -> list[Action]:
         ledger = self.replica.ledger
+        # Most replica steps execute nothing (a vote, a status): then nothing changed,
+        # and the migrations, every one the ledger ever recorded, are not compared.
+        if self._compared[0] is ledger and self._compared[1] == self.replica.last_exec:
+            return []
+        self._compared = (ledger, self.replica.last_exec)
         out: list[Action] = []
         if ledger.policy != self._policy:
             self._policy = ledger.policy
