@@ -25,7 +25,7 @@ from mesh import wire
 from mesh.core import Action, Notify, Received, Send
 from sim.hosts.operators import SIM_OPERATORS
 from sim.hosts.pbft_cluster import SIM_CONFIG, PbftCluster, identity_for
-from sim.scenario import run_scenario
+from sim.scenarios import run_scenario
 from sim.store import SimStore
 from tests.harness.ledger import register
 
