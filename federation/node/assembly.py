@@ -82,6 +82,7 @@ from federation.migration.vocabulary import (
     SendRound,
     record_key,
 )
+from federation.node.data_lock import DataDirLock
 from federation.node.errors import LedgerTimeout, NodeError, NotTheSource, UnknownMigration
 from federation.node.imports import ImportDirs, ImportStaging
 from federation.node.ledger_client import NodeLedger
@@ -122,6 +123,7 @@ class Node:
         rng: random.Random | None = None,
         transfer_versions: Sequence[int] = TRANSFER_VERSIONS,
         import_dirs: Sequence[Path] = (),
+        lock: DataDirLock | None = None,
     ) -> None:
         me = fed.dc(name)
         if ident.public != me.public_key:
@@ -139,7 +141,14 @@ class Node:
         self.rng = rng if rng is not None else random.Random()
         self.log = log if log is not None else JsonLog(name)
         private_dir(data_dir, self.log)
-        self.store = SQLiteStore(data_dir / "node.sqlite3")
+        # before anything in the directory is read: one node per data directory (a caller
+        # that reads the directory first, e.g. to make a VM backend, takes it itself)
+        self.lock = lock if lock is not None else DataDirLock(data_dir)
+        try:
+            self.store = SQLiteStore(data_dir / "node.sqlite3")
+        except BaseException:
+            self.lock.release()
+            raise
         peers = [Peer(dc.name, dc.public_key, dc.control.host, dc.control.port)
                  for dc in fed.dcs if dc.name != name]
         self.runtime = Runtime(
@@ -265,6 +274,7 @@ class Node:
         self.v3.close()
         self.backend.close()
         self.store.close()
+        self.lock.release()
 
     # ------------------------------------------------------------------ session effects
 
