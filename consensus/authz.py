@@ -285,7 +285,9 @@ def open_request(table: OperatorTable, raw: bytes) -> Opened:
 def request_digest(head: RequestHead) -> bytes:
     """What makes two signed requests the same request: everything signed but the time
     of signing (see :attr:`Opened.digest`)."""
-    return hashlib.sha256(wire.encode(attrs.evolve(head, created=0.0))).digest()
+    unsigned_time = RequestHead(head.federation, head.operator, head.method, head.target,
+                                head.body_digest, 0.0, head.nonce)
+    return hashlib.sha256(wire.encode(unsigned_time)).digest()
 
 
 def open_authorization(table: OperatorTable, auth: Authorization) -> tuple[Opened, object]:
