@@ -176,9 +176,11 @@ async def handle_request(node: Node, caller: Caller, method: str, path: str,
             known = node.request_outcome(caller.operator, caller.request.nonce)
             if known["outcome"] in ("committed", "refused"):
                 return _recorded(known, path)
-            if known["outcome"] == "pending":
+            if known["outcome"] == "pending" and not known["timed_out"]:
                 return pending_answer(node, caller, path, "this request is on its way "
                                       "to the ledger already")
+            # a pending request this node stopped waiting for goes to the ledger again:
+            # the ledger executes it once, whichever copy comes first
         answer = await _route(node, caller, method, path, nursery)
         if ledger_bound and answer.content_type == JSON and answer.status < 300:
             assert caller.request is not None

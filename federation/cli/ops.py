@@ -190,11 +190,12 @@ def run_import(args: argparse.Namespace) -> int:
 def _print_recorded(request: dict[str, Any]) -> int:
     """A request the ledger executed before: its first outcome."""
     rid = request["request_id"]
+    what = f"{_command(request['command'])} {request['subject']}"
     if request["outcome"] == "refused":
-        raise CommandError(f"request {rid} ({request['command']} {request['subject']}) was "
-                           f"refused by the ledger: {request['error']}")
-    print(f"request {rid} ({request['command']} {request['subject']}) was committed "
-          f"before (epoch {request['epoch']}); nothing applied again")
+        raise CommandError(f"request {rid} ({what}) was refused by the ledger: "
+                           f"{request['error']}")
+    print(f"request {rid} ({what}) was committed before (epoch {request['epoch']}); "
+          "nothing applied again")
     return 0
 
 
@@ -416,12 +417,17 @@ def render_request(doc: dict[str, Any]) -> str:
     if doc["outcome"] == "unknown":
         return (head + " (neither the ledger nor this node knows it: it did not apply; "
                 "sending it again under this id is safe)")
-    what = f" ({doc['command']} {doc['subject']})"
+    what = f" ({_command(doc['command'])} {doc['subject']})"
     if doc["outcome"] == "committed":
         return head + what + f", epoch {doc['epoch']}"
     if doc["outcome"] == "refused":
         return head + what + f": {doc['error']}"
     return head + what + ", not in the ledger yet"
+
+
+def _command(tag: str | None) -> str:
+    """An operator intent's wire tag as a word: ``operator.delete-vm`` -> ``delete-vm``."""
+    return "?" if tag is None else tag.removeprefix("operator.")
 
 
 def _s(v: Any) -> str:

@@ -98,7 +98,8 @@ def run_node(args: argparse.Namespace,
     try:
         vms = backend(data_dir) if backend is not None else None
         node = Node(fed, args.name, ident, data_dir, backend=vms,
-                    import_dirs=settings.import_dirs, lock=lock)
+                    import_dirs=settings.import_dirs, lock=lock,
+                    request_timeout=settings.request_timeout)
     except OSError as exc:
         lock.release()
         raise CommandError(f"{data_dir}: {exc.strerror or exc}") from None

@@ -69,6 +69,7 @@ from consensus.ledger import (
 from consensus.pbft.durable import ReplicaLog
 from consensus.pbft.messages import MAX_COMMAND
 from consensus.pbft.replica import Replica
+from consensus.pbft.state import PbftConfig
 from federation import config
 from federation.dataplane.scheduler import RoundEvents, RoundScheduler
 from federation.dataplane.v3 import V3DataPlane
@@ -89,6 +90,7 @@ from federation.node.data_lock import DataDirLock
 from federation.node.errors import LedgerTimeout, NodeError, NotTheSource, UnknownMigration
 from federation.node.imports import ImportDirs, ImportStaging
 from federation.node.ledger_client import NodeLedger
+from federation.node.node_config import DEFAULT_REQUEST_TIMEOUT
 from federation.node.private_dir import private_dir
 from federation.node.requests import OperatorRequests, request_key
 from federation.node.vm_worker import VmWorker
@@ -114,6 +116,11 @@ DATA_PLANE = ("v1 single stream over the control link; v3 HDE over AMST on the d
 TRANSFER_VERSIONS = (V1, V3)
 
 
+def _tag(intent: type) -> str:
+    """An operator intent's wire tag (what the ledger's request record names)."""
+    return str(intent.wire_tag)  # type: ignore[attr-defined]
+
+
 class Node:
     def __init__(
         self,
@@ -128,6 +135,7 @@ class Node:
         transfer_versions: Sequence[int] = TRANSFER_VERSIONS,
         import_dirs: Sequence[Path] = (),
         lock: DataDirLock | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ) -> None:
         me = fed.dc(name)
         if ident.public != me.public_key:
@@ -176,6 +184,7 @@ class Node:
         try:
             replica = Replica(name, ident, self.runtime.keys, ReplicaLog(self.store),
                               random.Random(self.rng.getrandbits(64)),
+                              PbftConfig(client_timeout=request_timeout),
                               operators=fed.operator_table())
         except ValueError as exc:
             self.no_ledger = f"no ledger in this federation: {exc}"
@@ -384,7 +393,7 @@ class Node:
             raise NodeError(f"VM {name!r} is {why}; stage its images first (POST /api/imports)")
         self._busy.add(name)
         try:
-            async with self._carrying(authorization, "import", name):
+            async with self._carrying(authorization, _tag(ImportVm), name):
                 result = await self.ledger.submit(register)
             if not result.ok:
                 raise NodeError(f"the ledger refused to register {name!r}: {result.error}")
@@ -429,7 +438,7 @@ class Node:
                 return []
 
         op, rid, created = request_key(authorization)
-        self.requests.begin(op, rid, "migrate", mid, created)
+        self.requests.begin(op, rid, _tag(MigrateVm), mid, created)
         await self.runtime.invoke("node", plan, "plan-migration")
         if failure:
             self.requests.end(op, rid)
@@ -447,7 +456,7 @@ class Node:
         try:
             await self._cancel_at_source(mid)
         except NotTheSource:
-            async with self._carrying(authorization, "cancel", mid):
+            async with self._carrying(authorization, _tag(CancelMigration), mid):
                 result = await self.ledger.submit(
                     self._fits(AbortMigration(mid, authorization)))
             if not result.ok:
@@ -469,7 +478,7 @@ class Node:
                     self.imports.copies.pop(vm, None)
                 self.log.event("vm_import_removed", vm=vm, state=staged.state)
                 return None
-        async with self._carrying(authorization, "delete", vm):
+        async with self._carrying(authorization, _tag(DeleteVm), vm):
             result = await self.ledger.submit(self._fits(UnregisterVm(vm, authorization)))
         if not result.ok:
             raise NodeError(f"the ledger refused to delete {vm!r}: {result.error}")
@@ -549,7 +558,7 @@ class Node:
         if signed != policy:
             raise NodeError("the operator signed another policy than the one asked for")
         change = self._fits(ChangePolicy(authorization))
-        async with self._carrying(authorization, "policy", "policy"):
+        async with self._carrying(authorization, _tag(SetPolicy), "policy"):
             result = await self.ledger.submit(change)
         if not result.ok:
             raise NodeError(f"the ledger refused the policy: {result.error}")

@@ -4,6 +4,7 @@ checks made on their data directories afterwards."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -100,6 +101,13 @@ class NodeProcesses:
             return {"owner_epoch": owners.pop(), "height": heights.pop()}
         return None
 
+    def stop(self, name: str) -> int:
+        """SIGTERM ``name`` and wait for it to exit; its exit status."""
+        p = self.procs[name]
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+        return p.wait(timeout=30)
+
     def stop_all(self) -> dict[str, int]:
         for p in self.procs.values():
             if p.poll() is None:
@@ -113,14 +121,25 @@ class NodeProcesses:
                 p.wait()
 
 
+def run_dwcp(*args: str, timeout: float = 120,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``dwcp ARGS`` as an operator runs it (the signing key and federation file from the
+    environment :func:`tests.harness.node.make_federation` sets)."""
+    return subprocess.run([sys.executable, "-c", DWCP_MAIN, *args], capture_output=True,
+                          text=True, timeout=timeout, env=os.environ | (env or {}),
+                          stdin=subprocess.DEVNULL)
+
+
 @contextmanager
 def node_processes(tmp_path: Path, writers: dict[str, list[str]] | None = None,
-                   ) -> Iterator[NodeProcesses]:
+                   node_settings: str = "") -> Iterator[NodeProcesses]:
     """A fresh four-DC federation in ``tmp_path``, every node a process, all ready; each
-    node imports VM images from anywhere under ``tmp_path`` (its node config)."""
+    node imports VM images from anywhere under ``tmp_path`` (its node config, with
+    ``node_settings`` added)."""
     cfg = make_federation(tmp_path / "fed")
     for name in NAMES:
-        (cfg.parent / "nodes" / f"{name}.toml").write_text(render_node_config([str(tmp_path)]))
+        (cfg.parent / "nodes" / f"{name}.toml").write_text(
+            render_node_config([str(tmp_path)]) + node_settings)
     logs = tmp_path / "logs"
     logs.mkdir()
     nodes = NodeProcesses(cfg, logs, writers)
