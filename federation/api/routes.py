@@ -65,7 +65,7 @@ from federation.api.door import Caller
 from federation.node.errors import LedgerTimeout, NodeError, UnknownMigration
 from federation.node.imports import ImportRefused
 from federation.node.metrics import NodeCollector
-from federation.node.status import migration_status, policy_doc, status
+from federation.node.status import migration_status, peer_problems, policy_doc, status
 from mesh import wire
 
 if TYPE_CHECKING:
@@ -111,15 +111,21 @@ def _intent(caller: Caller, kind: type) -> Any:
 
 
 def _ready(node: Node) -> tuple[bool, str]:
+    """Ready: the node runs, has a ledger, and reaches a PBFT quorum (itself included).
+    Peers refused for another key or another federation file are named either way."""
+    problems = peer_problems(node)
     if not node.started.is_set():
         return False, "starting"
     if node.core is None:
-        return False, node.no_ledger
+        return False, "; ".join([node.no_ledger, *problems])
     replica = node.core.replica.status_record()
     connected = len(node.runtime.links) + 1
     if connected < replica.quorum:
-        return False, (f"{connected} of {len(replica.members)} DCs connected, a quorum is "
-                       f"{replica.quorum}")
+        return False, "; ".join([
+            f"this DC cannot reach a quorum: {connected} of {len(replica.members)} DCs "
+            f"connected, a quorum is {replica.quorum}", *problems])
+    if problems:
+        return True, "; ".join(["ready (a quorum is connected), but", *problems])
     return True, "ready"
 
 
@@ -263,7 +269,8 @@ def _read(node: Node, path: str) -> Answer:
         return Answer(200, JSON, b'{"status":"ok"}')
     if path == "/ready":
         ok, why = _ready(node)
-        return _json(200 if ok else 503, {"ready": ok, "reason": why})
+        return _json(200 if ok else 503, {"ready": ok, "reason": why,
+                                          "problems": peer_problems(node)})
     if path == "/metrics":
         registry = CollectorRegistry(auto_describe=False)
         registry.register(NodeCollector(node))

@@ -462,7 +462,9 @@ def render_status(doc: dict[str, Any]) -> str:
         ledger = (f"height {led['height']}, view {led['view']} (primary {led['primary']}), "
                   f"checkpoint {led['stable_checkpoint']}")
     out = [f"DC {doc['dc']} of federation {doc['federation']}", f"ledger: {ledger}",
-           f"data plane: {doc['data_plane']}", ""]
+           f"data plane: {doc['data_plane']}"]
+    out += [f"PROBLEM: {p}" for p in doc.get("problems", [])]
+    out.append("")
     rows = [["PEER", "MEMBER", "LINK", "RTT ms", "LOSS", "Mbit/s", "MODE", "CONTROL", "BULK"]]
     for peer, state in doc["members"].items():
         link = doc["links"][peer]

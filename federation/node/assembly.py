@@ -71,6 +71,7 @@ from consensus.pbft.messages import MAX_COMMAND
 from consensus.pbft.replica import Replica
 from consensus.pbft.state import PbftConfig
 from federation import config
+from federation.config_print import federation_print
 from federation.dataplane.scheduler import RoundEvents, RoundScheduler
 from federation.dataplane.v3 import V3DataPlane
 from federation.migration.dc_core import TAGS, NodeCore
@@ -167,7 +168,7 @@ class Node:
             name=name, federation=fed.id, identity=ident, public_key=me.public_key,
             peers=peers, listen_host=me.control.host, listen_port=me.control.port,
             versions=self.transfer_versions, store=self.store, log=self.log,
-            rng=random.Random(self.rng.getrandbits(64)),
+            rng=random.Random(self.rng.getrandbits(64)), fed_print=federation_print(fed),
         )
         self.control = control.attach(
             self.runtime, name, [p.name for p in peers], random.Random(self.rng.getrandbits(64)),
