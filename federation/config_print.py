@@ -23,7 +23,8 @@ def _canonical(doc: Any) -> bytes:
 
 def dc_entry(dc: DCConfig) -> dict[str, Any]:
     return {"name": dc.name, "public_key": str(dc.public_key), "control": str(dc.control),
-            "data": str(dc.data), "api": str(dc.api), "region": dc.region}
+            "data": str(dc.data), "api": str(dc.api), "region": dc.region,
+            "previous_keys": [str(k) for k in dc.previous_keys]}
 
 
 def federation_print(fed: Federation) -> FederationPrint:

@@ -46,7 +46,7 @@ notifications: ``pbft.executed``, ``pbft.view-change``, ``pbft.new-view``,
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from consensus.authz import OperatorTable
 from consensus.ledger import Ledger
@@ -126,6 +126,7 @@ class Replica:
         rng: random.Random,
         config: PbftConfig | None = None,
         operators: OperatorTable | None = None,
+        previous_keys: Mapping[str, Sequence[PublicKey]] | None = None,
     ) -> None:
         q = Quorum.of(keys)
         if name not in q.members:
@@ -134,7 +135,7 @@ class Replica:
         if not 0 < cfg.window <= SLOT_RING:
             raise ValueError(f"PbftConfig.window {cfg.window}: the durable log holds "
                              f"1..{SLOT_RING} sequence numbers above its checkpoint")
-        verifier = Verifier(keys)
+        verifier = Verifier(keys, previous_keys)
         client = LedgerClient(name, identity, q, cfg.client_timeout, log.store)
         self.state = ReplicaState(name, q, verifier, log, client, rng, cfg, operators)
         self._out = Outbox(name, identity, q.members, verifier)

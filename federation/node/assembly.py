@@ -186,7 +186,8 @@ class Node:
             replica = Replica(name, ident, self.runtime.keys, ReplicaLog(self.store),
                               random.Random(self.rng.getrandbits(64)),
                               PbftConfig(client_timeout=request_timeout),
-                              operators=fed.operator_table())
+                              operators=fed.operator_table(),
+                              previous_keys=fed.previous_keys())
         except ValueError as exc:
             self.no_ledger = f"no ledger in this federation: {exc}"
         self.ledger = NodeLedger(self.runtime, self.no_ledger)

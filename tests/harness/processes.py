@@ -51,9 +51,11 @@ class NodeProcesses:
         key = load_operator_key(self.cfg.parent / "keys" / f"{INIT_OPERATOR}.key", self.fed)
         return Api(f"http://{self.fed.dc(name).api}", Signer(key, self.fed.id))
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, cfg: Path | None = None) -> None:
+        """Start ``name``'s node (with the federation file ``cfg`` if given, e.g. a DC
+        whose file differs from the others')."""
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        node = ["--config", str(self.cfg), "--name", name]
+        node = ["--config", str(cfg or self.cfg), "--name", name]
         writers = [f"--writer={w}" for w in self.writers.get(name, [])]
         argv = ([sys.executable, "-c", WRITER_NODE_MAIN, *node, *writers] if writers
                 else [sys.executable, "-c", DWCP_MAIN, "node", *node])
@@ -81,6 +83,22 @@ class NodeProcesses:
 
     def ready(self, name: str) -> bool:
         return self.api(name).call("GET", "/ready")[0] == 200
+
+    def ready_doc(self, name: str) -> dict[str, Any]:
+        """``GET /ready`` of ``name`` (open: no signature), whatever its status."""
+        return dict(self.api(name).call("GET", "/ready")[1])
+
+    def log_events(self, name: str, event: str) -> list[dict[str, Any]]:
+        """The JSON log lines of ``name`` with this ``event``."""
+        out = []
+        for line in (self.logs / f"{name}.log").read_text().splitlines():
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(doc, dict) and doc.get("event") == event:
+                out.append(doc)
+        return out
 
     def status(self, name: str) -> dict[str, Any]:
         return self.api(name).ok("GET", "/api/status")
@@ -132,11 +150,15 @@ def run_dwcp(*args: str, timeout: float = 120,
 
 @contextmanager
 def node_processes(tmp_path: Path, writers: dict[str, list[str]] | None = None,
-                   node_settings: str = "") -> Iterator[NodeProcesses]:
+                   node_settings: str = "",
+                   views: Callable[[Path], dict[str, Path]] | None = None,
+                   ready: tuple[str, ...] = NAMES) -> Iterator[NodeProcesses]:
     """A fresh four-DC federation in ``tmp_path``, every node a process, all ready; each
     node imports VM images from anywhere under ``tmp_path`` (its node config, with
-    ``node_settings`` added)."""
+    ``node_settings`` added). ``views(cfg)``: DCs that run another federation file than
+    ``cfg``, and that file; ``ready``: the DCs to wait for."""
     cfg = make_federation(tmp_path / "fed")
+    configs = views(cfg) if views is not None else {}
     for name in NAMES:
         (cfg.parent / "nodes" / f"{name}.toml").write_text(
             render_node_config([str(tmp_path)]) + node_settings)
@@ -145,8 +167,8 @@ def node_processes(tmp_path: Path, writers: dict[str, list[str]] | None = None,
     nodes = NodeProcesses(cfg, logs, writers)
     try:
         for name in NAMES:
-            nodes.start(name)
-        for name in NAMES:
+            nodes.start(name, configs.get(name))
+        for name in ready:
             nodes.wait(f"{name} ready", lambda name=name: nodes.ready(name))
         yield nodes
     finally:
