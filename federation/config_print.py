@@ -1,7 +1,11 @@
 """The fingerprint of a federation file that a node signs into its handshakes
 (:mod:`mesh.federation_print`): canonical JSON of what the file says, so comments,
 order of keys and layout do not count, and every replica that shares a meaning shares
-a digest."""
+a digest.
+
+``[federation] versions`` is left out: it is a DC's own offer (a DC may be taken down
+to v1 for a rollback, docs/federation.md), and the handshake already agrees on the
+versions both ends offer."""
 
 from __future__ import annotations
 
@@ -30,7 +34,6 @@ def dc_entry(dc: DCConfig) -> dict[str, Any]:
 def federation_print(fed: Federation) -> FederationPrint:
     doc = {
         "id": fed.id,
-        "versions": list(fed.versions),
         "modes": attrs.asdict(fed.modes),
         "dcs": sorted((dc_entry(dc) for dc in fed.dcs), key=lambda d: d["name"]),
         "operators": sorted(({"name": o.name, "public_key": str(o.public_key),

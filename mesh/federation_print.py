@@ -7,8 +7,9 @@ read (a DC "without a ledger" while the others report ready). Each end signs int
 handshake:
 
 - ``digest``: SHA-256 over the canonical content of the whole file (what
-  :func:`federation.config_print.federation_print` hashes: id, versions, modes, every
-  DC, every operator; comments and layout do not count);
+  :func:`federation.config_print.federation_print` hashes: id, modes, every DC,
+  every operator; not ``versions``, a DC's own offer; comments and layout do not
+  count);
 - ``entries``: per DC, 8 bytes: the first 4 of SHA-256 of its name and the first 4 of
   SHA-256 of its entry (name, key, endpoints, region), in name order. 64 DCs take
   512 bytes, within a Hello's 1 KiB (:data:`MAX_ENTRIES_BYTES`).
@@ -80,8 +81,7 @@ class FederationPrint:
         if theirs:
             parts.append(f"{len(theirs)} DC(s) only in {peer}'s")
         if not parts:
-            parts.append("the DCs agree; other settings differ (id, versions, [modes] or "
-                         "[[operators]])")
+            parts.append("the DCs agree; other settings differ ([modes] or [[operators]])")
         return (f"{peer}'s federation file has digest {their_digest.hex()[:16]}, ours "
                 f"{self.digest.hex()[:16]}: {'; '.join(parts)}")
 
