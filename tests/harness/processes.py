@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,10 +52,17 @@ class NodeProcesses:
         key = load_operator_key(self.cfg.parent / "keys" / f"{INIT_OPERATOR}.key", self.fed)
         return Api(f"http://{self.fed.dc(name).api}", Signer(key, self.fed.id))
 
-    def start(self, name: str, cfg: Path | None = None) -> None:
+    def start(self, name: str, cfg: Path | None = None,
+              argv: list[str] | None = None) -> None:
         """Start ``name``'s node (with the federation file ``cfg`` if given, e.g. a DC
-        whose file differs from the others')."""
+        whose file differs from the others'; or as ``dwcp ARGV``, a whole command line)."""
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        if argv is not None:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-c", DWCP_MAIN, *argv], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=log)
+            log.close()
+            return
         node = ["--config", str(cfg or self.cfg), "--name", name]
         writers = [f"--writer={w}" for w in self.writers.get(name, [])]
         argv = ([sys.executable, "-c", WRITER_NODE_MAIN, *node, *writers] if writers
@@ -189,3 +197,11 @@ def writer_mismatches(directory: Path, writer_log: Path) -> list[str]:
     finally:
         for img in images.values():
             img.close()
+
+
+def readme_block(root: Path, title: str) -> list[str]:
+    """The command lines of the first code block under ``## title`` in README.md."""
+    text = (root / "README.md").read_text(encoding="utf-8")
+    m = re.search(rf"^## {re.escape(title)}\n.*?```\n(.*?)```", text, re.MULTILINE | re.DOTALL)
+    assert m, f"README.md has no code block under '## {title}'"
+    return [line for line in m.group(1).splitlines() if line.strip()]
