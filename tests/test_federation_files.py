@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from consensus.ledger import SetPolicy
 from federation import config
 from federation.api.client import import_vm
@@ -69,6 +71,7 @@ def _without_dc3(cfg: Path) -> dict[str, Path]:
     return {"dc4": view}
 
 
+@pytest.mark.processes
 def test_a_dc_with_another_federation_file_is_refused_naming_what_differs(
         tmp_path: Path) -> None:
     with node_processes(tmp_path, views=_without_dc3, ready=("dc1", "dc2", "dc3")) as nodes:
@@ -97,6 +100,7 @@ def test_a_dc_with_another_federation_file_is_refused_naming_what_differs(
         assert nodes.api("dc1").call("GET", "/ready")[0] == 503
 
 
+@pytest.mark.processes
 def test_a_running_federation_survives_rotate_key(tmp_path: Path) -> None:
     memory = memory_image(tmp_path / "memory.img", 1 << 20)
     with node_processes(tmp_path) as nodes:

@@ -25,6 +25,7 @@ def _ledgers(nodes: NodeProcesses) -> dict[str, tuple[int, dict[str, Any]]]:
     return out
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("stop", ["sigterm", "kill-9"])
 def test_every_dc_stopped_and_started_in_another_order_keeps_its_ledger(
         tmp_path: Path, stop: str) -> None:

@@ -26,6 +26,7 @@ def test_a_second_lock_names_the_holder_and_a_released_one_is_free(tmp_path: Pat
     again.release()
 
 
+@pytest.mark.processes
 def test_a_second_node_process_on_one_data_dir_exits_naming_the_first(tmp_path: Path) -> None:
     cfg = make_federation(tmp_path / "fed")
     logs = tmp_path / "logs"

@@ -10,8 +10,9 @@ import json
 import shutil
 from pathlib import Path
 
-from consensus.authz import RequestHead
-from consensus.ledger import Ledger
+import pytest
+
+from consensus.ledger import ImportVm, Ledger
 from consensus.ledger_commands import VmRecord
 from federation.node import reconcile
 from federation.node.requests import OperatorRequests
@@ -52,13 +53,13 @@ def test_a_request_is_pending_until_the_ledger_knows_it_then_unknown_after_the_w
     doc = book.outcome(ledger, "admin", "id-00000001", 130.0)
     assert (doc["outcome"], doc["command"], doc["subject"]) == ("pending", "delete", "vm1")
     assert book.outcome(ledger, "admin", "id-00000001", 401.0)["outcome"] == "unknown"
-    assert RequestHead  # the id is the signed request's nonce (consensus.authz)
 
 
 def _outcome(nodes: NodeProcesses, dc: str, rid: str) -> str:
     return str(nodes.api(dc).ok("GET", f"/api/requests/{rid}")["outcome"])
 
 
+@pytest.mark.processes
 def test_pending_then_committed_once_delete_and_a_stuck_import(tmp_path: Path) -> None:
     memory = memory_image(tmp_path / "memory.img", 1 << 20)
     disk = ext4_image(tmp_path / "disk.img")
@@ -124,7 +125,8 @@ def test_pending_then_committed_once_delete_and_a_stuck_import(tmp_path: Path) -
         assert r.returncode == 0, r.stderr
         assert r.stdout.startswith("deleted vm2 at epoch 0 (request ")
         # a staged import never registered is removed at its node, without the ledger
-        staged = nodes.api("dc1").ok("POST", "/api/imports", _import_intent(memory, "vm3"))
+        staged = nodes.api("dc1").ok("POST", "/api/imports",
+                                     ImportVm("vm3", "dc1", str(memory), ()))
         nodes.wait("vm3 staged", lambda: nodes.api("dc1").ok(
             "GET", "/api/imports/vm3")["state"] == "staged")
         assert staged["vm"] == "vm3"
@@ -133,8 +135,3 @@ def test_pending_then_committed_once_delete_and_a_stuck_import(tmp_path: Path) -
         assert not vm_dir(nodes, "dc1", "vm3").exists()
         assert nodes.stop_all() == {n: 0 for n in NAMES}
 
-
-def _import_intent(memory: Path, vm: str) -> object:
-    from consensus.ledger import ImportVm
-
-    return ImportVm(vm, "dc1", str(memory), ())

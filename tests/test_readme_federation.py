@@ -14,6 +14,8 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
+
 from consensus.ledger import MigrateVm
 from federation.demo.processes import free_base_port
 from tests.harness.node import ext4_image, memory_image
@@ -166,6 +168,7 @@ class Walk:
     node_line = ""
 
 
+@pytest.mark.processes
 def test_the_readme_federation_section_end_to_end(tmp_path: Path) -> None:
     lines = [line for line in readme_block(ROOT, "Running a federation")
              if not line.startswith("dwcp sim ")]
