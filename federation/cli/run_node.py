@@ -26,6 +26,7 @@ from federation import config
 from federation.api.http import open_api, serve_node
 from federation.cli.main import CommandError
 from federation.node.assembly import Node
+from federation.node.data_lock import DataDirLock
 from federation.node.errors import NodeError
 from federation.node.node_config import (
     NodeConfig,
@@ -87,16 +88,26 @@ def run_node(args: argparse.Namespace,
     data_dir: Path = args.data_dir or args.config.parent / "data" / args.name
     try:
         private_dir(data_dir)
-        vms = backend(data_dir) if backend is not None else None
-        node = Node(fed, args.name, ident, data_dir, backend=vms,
-                    import_dirs=settings.import_dirs)
+        lock = DataDirLock(data_dir)  # before anything in it is read
     except OSError as exc:
         raise CommandError(
             f"{data_dir}: cannot create the data directory: {exc.strerror}"
         ) from None
+    except NodeError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        vms = backend(data_dir) if backend is not None else None
+        node = Node(fed, args.name, ident, data_dir, backend=vms,
+                    import_dirs=settings.import_dirs, lock=lock,
+                    request_timeout=settings.request_timeout)
+    except OSError as exc:
+        lock.release()
+        raise CommandError(f"{data_dir}: {exc.strerror or exc}") from None
     except (StoreError, NodeError) as exc:
+        lock.release()
         raise CommandError(str(exc)) from None
     except LogFormatError as exc:
+        lock.release()
         raise CommandError(f"{data_dir}: {exc}") from None
     try:
         trio.run(_serve_until_signal, node, settings.metrics_token)

@@ -78,10 +78,14 @@ class NodeCore:
         *,
         on_ledger_done: LedgerDone,
         mode_of: Callable[[str], Mode | None],
+        on_ledger_moved: Callable[[], None] | None = None,
     ) -> None:
         self.me = me
         self.replica = replica
         self.on_ledger_done = on_ledger_done
+        #: called after the replica executed something (the node reconciles its VMs)
+        self.on_ledger_moved = on_ledger_moved
+        self._executed = replica.last_exec
         self.mode_of = mode_of
         self.sessions: dict[str, SessionBase] = {}
         #: last Progress / Outcome of every session, for the API
@@ -292,6 +296,9 @@ class NodeCore:
             out.append(a)
             if isinstance(a, Notify) and a.kind in ("ledger.committed", "ledger.timeout"):
                 out += self._request_done(now, a.detail)
+        if self.on_ledger_moved is not None and self.replica.last_exec != self._executed:
+            self._executed = self.replica.last_exec
+            self.on_ledger_moved()
         return out + self._ledger_changes(now)
 
     def _request_done(self, now: float, detail: dict[str, Any]) -> list[Action]:

@@ -8,6 +8,9 @@
     [api]
     metrics_token_file = "/etc/dwcp/metrics.token"   # Prometheus' bearer token, 0600
 
+    [ledger]
+    request_timeout = 30    # seconds an operation waits for the ledger, then "pending"
+
 ``dwcp node --node-config FILE`` (default ``<federation file's dir>/nodes/<DC>.toml``
 when it exists, which ``dwcp federation init`` writes). The federation file is the same
 at every DC; these settings are a machine's file-system paths, so they live apart from
@@ -25,7 +28,15 @@ from pathlib import Path
 import attrs
 
 __all__ = ["NodeConfig", "NodeConfigError", "load_node_config", "render_node_config",
-           "default_node_config"]
+           "default_node_config", "DEFAULT_REQUEST_TIMEOUT"]
+
+#: PbftConfig's client timeout: 30 s, well above a view change (~2.1 s on loopback,
+#: docs/BENCHMARKS.md) and the WAN round trips of a commit, so a request that is merely
+#: slow is not reported pending.
+DEFAULT_REQUEST_TIMEOUT = 30.0
+#: An operation's whole budget at the API is 120 s (federation.api.http.OPERATION_TIMEOUT);
+#: a longer wait for the ledger could never be answered.
+MAX_REQUEST_TIMEOUT = 100.0
 
 
 class NodeConfigError(Exception):
@@ -39,9 +50,13 @@ class NodeConfig:
     import_dirs: tuple[Path, ...] = ()
     #: the bearer token that lets Prometheus read /metrics ("" : only signed requests)
     metrics_token: str = ""
+    #: how long an operation waits for the ledger's answer before the API says "pending,
+    #: id X" (the PBFT client's timeout, consensus.pbft.state.PbftConfig.client_timeout)
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
 
 
-_KEYS = {"storage": {"import_dirs"}, "api": {"metrics_token_file"}}
+_KEYS = {"storage": {"import_dirs"}, "api": {"metrics_token_file"},
+         "ledger": {"request_timeout"}}
 
 
 def default_node_config(federation_file: Path, name: str) -> Path:
@@ -76,7 +91,12 @@ def load_node_config(path: Path) -> NodeConfig:
         if not isinstance(token_file, str) or not token_file:
             raise NodeConfigError(f"{path}: api.metrics_token_file: expected a path")
         token = _read_token(path, here / token_file)
-    return NodeConfig(str(path), dirs, token)
+    timeout = doc.get("ledger", {}).get("request_timeout", DEFAULT_REQUEST_TIMEOUT)
+    if (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+            or not 0.5 <= timeout <= MAX_REQUEST_TIMEOUT):
+        raise NodeConfigError(f"{path}: ledger.request_timeout: expected seconds in "
+                              f"0.5..{MAX_REQUEST_TIMEOUT:.0f}, got {timeout!r}")
+    return NodeConfig(str(path), dirs, token, float(timeout))
 
 
 def _read_token(path: Path, token_path: Path) -> str:

@@ -48,6 +48,7 @@ from federation.vms.vm_dir import (
     new_meta,
     read_meta,
     release_needed,
+    remove_vm_dir,
     retire_needed,
     write_meta,
 )
@@ -264,6 +265,12 @@ class ImageBackend:
         meta["state"] = VmState.RETIRED.value
         self._write_meta(name, meta)
         return self._info(meta)
+
+    def remove(self, name: str) -> bool:
+        with self._lock:
+            self._generation.pop(name, None)
+            self._dirty.pop(name, None)
+        return remove_vm_dir(self.root, check_vm_name(name))
 
     def close(self) -> None:
         """Nothing to release: every image this backend hands out is the caller's to close,

@@ -62,6 +62,7 @@ from federation.vms.vm_dir import (
     new_meta,
     read_meta,
     release_needed,
+    remove_vm_dir,
     retire_needed,
     write_meta,
 )
@@ -507,6 +508,16 @@ class QemuBackend:
             meta.update(state=VmState.STOPPED.value)
             write_meta(self._dir(name), meta)
             return info_of(meta)
+
+    def remove(self, name: str) -> bool:
+        with self._lock:
+            self._power_off(check_vm_name(name))
+            gone = remove_vm_dir(self.root, name)
+            ram = self.ram_path(name).parent
+            if ram.exists():
+                shutil.rmtree(ram)
+                gone = True
+            return gone
 
     def close(self, stop_guests: bool = False) -> None:
         """Let go of every QEMU (they keep running), or power them all off."""
