@@ -25,7 +25,7 @@ retried after every ledger change.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from consensus.authz import Authorization
@@ -72,8 +72,11 @@ class NodeCore:
         *,
         on_ledger_done: LedgerDone,
         mode_of: Callable[[str], Mode | None],
+        regions: Mapping[str, str] | None = None,
     ) -> None:
         self.me = me
+        #: DC -> region (the federation file's), for the rollout's region targets
+        self.regions = dict(regions or {})
         self.replica = replica
         self.on_ledger_done = on_ledger_done
         self.mode_of = mode_of
@@ -143,7 +146,7 @@ class NodeCore:
             raise MigrationError(f"migration {migration_id!r} exists")
         session = SourceSession.plan(
             self.me, migration_id, vm, target, epoch, layout, limits_for(self.mode_of(target)),
-            ledger.policy, local_versions, peer_versions, authorization,
+            ledger.policy, local_versions, peer_versions, authorization, self.regions,
         )
         self.sessions[migration_id] = session
         return self._session_out(now, session, session.start(now))
@@ -291,7 +294,8 @@ class NodeCore:
         for mid, data in list(self.unrestored.items()):
             rec = self.replica.ledger.migrations.get(mid)
             try:
-                session, acts = restore(data, rec, now, self.replica.ledger.policy)
+                session, acts = restore(data, rec, now, self.replica.ledger.policy,
+                                        self.regions)
             except MigrationError as exc:
                 if rec is None:
                     continue  # the replica is behind this record: try after the next change

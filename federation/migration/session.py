@@ -33,6 +33,7 @@ from federation.migration.vocabulary import (
     Role,
     SessionRecord,
     SubmitLedger,
+    clock_text,
     record_key,
     timer_key,
 )
@@ -102,12 +103,27 @@ class SessionBase(abc.ABC):
         self.fenced_seconds = 0.0
         #: source: the operator's signed request the begin carries
         self.authorization: Authorization | None = None
+        #: when the link to the counterpart went down (None while it is up): the abort
+        #: reasons name it ("target dc3 unreachable since 12:01:07 (link down)")
+        self.peer_down_since: float | None = None
 
     # ------------------------------------------------------------------ helpers
 
     @property
     def peer(self) -> str:
         return self.target if self.role is Role.SOURCE else self.source
+
+    @property
+    def peer_role(self) -> str:
+        """What the counterpart is to this session: "target" or "source"."""
+        return "target" if self.role is Role.SOURCE else "source"
+
+    def link_state(self, now: float) -> str:
+        """The link to the counterpart, for an abort reason: "link down since HH:MM:SS"
+        or "link up"."""
+        if self.peer_down_since is None:
+            return "link up"
+        return f"link down since {clock_text(self.peer_down_since)}"
 
     @property
     def done(self) -> bool:
@@ -220,10 +236,17 @@ class SessionBase(abc.ABC):
             if key[2] == "ledger":
                 return self._resubmit(now)
             if key[2] == "peer":
-                return self.abort(now, f"{self.peer} was down for {PEER_DOWN_GRACE:.0f} s")
+                since = now - PEER_DOWN_GRACE if self.peer_down_since is None else (
+                    self.peer_down_since)
+                return self.abort(now, f"{self.peer_role} {self.peer} unreachable since "
+                                  f"{clock_text(since)} (link down for "
+                                  f"{now - since:.0f} s)")
         if isinstance(event, PeerDown) and event.peer == self.peer and not self.done:
+            if self.peer_down_since is None:
+                self.peer_down_since = now
             return [self.timer("peer", now + PEER_DOWN_GRACE)] if self._may_abort() else []
         if isinstance(event, PeerUp) and event.peer == self.peer:
+            self.peer_down_since = None
             return self.cancel("peer")
         if isinstance(event, (PeerDown, PeerUp)):
             return []

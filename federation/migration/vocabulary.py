@@ -33,6 +33,7 @@ and the rebuilt session resumes or aborts — it never loses a migration.
 
 from __future__ import annotations
 
+import datetime
 import enum
 from typing import Any
 
@@ -72,6 +73,8 @@ __all__ = [
     "PolicyChanged",
     "CancelRequested",
     "CANCEL_REASON",
+    "abort_cause",
+    "clock_text",
     "RoundSent",
     "TransferProgress",
     "SourceFenced",
@@ -234,6 +237,36 @@ class PolicyChanged:
 #: The abort reason of an operator's cancel (``dwcp cancel``, ``POST
 #: /api/migrations/ID/cancel``), as the ledger-abort outcome and the runbook name it.
 CANCEL_REASON = "cancelled by operator"
+
+
+#: The kinds of cause an abort reason names (consensus.ledger_commands.ABORT_CAUSES), by
+#: the words that open or mark each reason of docs/runbook-migration-abort.md; the first
+#: match wins. The rollout's automatic rollback counts "verification" and every cause but
+#: "operator".
+_CAUSE_MARKS = (
+    ("operator", (CANCEL_REASON,)),
+    ("verification", ("does not match the root", "root differs", "HDE image",
+                      "sent a bad HDE message")),
+    ("restart", ("restarted in",)),
+    ("peer", ("unreachable since", "was down for", "link to", "AMST to", "control link")),
+    ("stall", ("no progress", "no acknowledgement", "did not get ready", "stayed fenced")),
+    ("vm", ("failed: VM", "Fence failed", "Verify failed", "PrepareIncoming failed",
+            "refused a chunk", "refused round")),
+)
+
+
+def abort_cause(reason: str) -> str:
+    """The kind of cause of an abort ``reason`` (see _CAUSE_MARKS), "other" if none."""
+    for cause, marks in _CAUSE_MARKS:
+        if any(mark in reason for mark in marks):
+            return cause
+    return "other"
+
+
+def clock_text(t: float) -> str:
+    """``t`` (seconds since the epoch; the simulator's start is 0) as UTC HH:MM:SS, the
+    way an operator compares it with logs and dashboards."""
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%H:%M:%S")
 
 
 @attrs.frozen

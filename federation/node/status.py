@@ -32,7 +32,15 @@ def policy_doc(policy: SetPolicy) -> dict[str, Any]:
     """The rollout policy as JSON (``GET``/``POST /api/policy``, ``policy`` in the status),
     its lists sorted and without repeats, as the ledger records them."""
     return {"v3_percent": policy.v3_percent, "target_dcs": sorted(set(policy.target_dcs)),
-            "target_vms": sorted(set(policy.target_vms)), "kill_switch": policy.kill_switch}
+            "target_vms": sorted(set(policy.target_vms)),
+            "target_regions": sorted(set(policy.target_regions)),
+            "excluded_dcs": sorted(set(policy.excluded_dcs)),
+            "kill_switch": policy.kill_switch,
+            "max_abort_percent": policy.max_abort_percent, "min_ended": policy.min_ended,
+            "max_verify_failures": policy.max_verify_failures,
+            "v3_ended": policy.v3_ended, "v3_aborted": policy.v3_aborted,
+            "v3_verify_failures": policy.v3_verify_failures,
+            "rolled_back": policy.rolled_back}
 
 
 def migration_status(node: Node, mid: str) -> dict[str, Any] | None:
