@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import math
 from typing import Any
 
 import pytest
@@ -237,9 +239,40 @@ def test_target_down_past_the_grace_aborts(stage: Any) -> None:
     t = one(s.handle(3.0, PeerDown("dc2")), SetTimer)
     assert t.at == 3.0 + PEER_DOWN_GRACE
     actions = s.handle(t.at, TimerFired(t.key))
-    assert abort_of(one(actions, SubmitLedger).command) == "m1"
+    command = one(actions, SubmitLedger).command
+    assert abort_of(command) == "m1"
     assert s.phase is Phase.ABORTING
     assert of(actions, Unfence) == [], "the fence holds until the ledger aborts"
+    # the reason names the peer, its role, since when, and the kind of cause for the ledger
+    since = datetime.datetime.fromtimestamp(3.0, datetime.UTC).strftime("%H:%M:%S")
+    assert s.reason == f"target dc2 unreachable since {since} (link down for 30 s)"
+    assert (command.reason, command.cause) == (s.reason, "peer")
+
+
+def test_progress_moves_during_the_first_round() -> None:
+    """Bytes, pages and the estimate move while round 1 runs (issue 16: the first round
+    read 0 B and eta 0 until it jumped to 100 %)."""
+    s = session()
+    first = [a.detail for a in of(precopy(s), Notify) if isinstance(a.detail, Progress)][-1]
+    assert (first.round, first.bytes_sent, first.pages) == (1, 0, 0)
+    assert first.eta == math.inf, "no estimate before anything was measured"
+    total = 1500 * 4096  # LAYOUT's pages
+    seen = []
+    for k in range(1, 5):  # a report every half second, as the rounds core sends them
+        nbytes = k * total // 5
+        actions = s.handle(0.2 + k * 0.5, TransferProgress(1, nbytes, nbytes // 4096,
+                                                           nbytes // 2))
+        seen.append([a.detail for a in of(actions, Notify)][-1])
+        assert one(actions, SetTimer).key == timer_key("m1", "stall")
+    assert [p.bytes_sent for p in seen] == [k * total // 5 for k in range(1, 5)]
+    assert [p.pages for p in seen] == [k * total // 5 // 4096 for k in range(1, 5)]
+    assert [p.wire_bytes for p in seen] == [k * total // 10 for k in range(1, 5)]
+    # a fifth every half second: the rest takes (5 - k) halves of a second
+    assert [round(p.eta, 6) for p in seen] == [2.0, 1.5, 1.0, 0.5]
+    assert s.phase is Phase.PRECOPY and s.bytes_sent == 0, "the round's own tally waits"
+    # the round's end takes over from its reports (no double count)
+    s.handle(2.7, RoundSent(1, 1500, total, total // 2, 2.5, dirty_pages=400))
+    assert s.moved_bytes == total and s.round_bytes == 0
 
 
 def test_target_back_within_the_grace_cancels_the_timer() -> None:

@@ -10,6 +10,7 @@ stays down for ``PEER_DOWN_GRACE`` aborts a session that may still abort.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Sequence
 
 from consensus.authz import Authorization
@@ -99,6 +100,14 @@ class SessionBase(abc.ABC):
         self.dirty_rate = 0.0
         self.throughput = 0.0
         self.eta = 0.0
+        #: the round in flight, as its progress reports tell (the source's; zeros between
+        #: rounds): when it started, what moved of it, how many pages it is expected to
+        #: cover, and the estimate of the time left that the display shows
+        self.round_started: float | None = None
+        self.round_bytes = 0
+        self.round_wire = 0
+        self.round_pages = 0
+        self.live_eta = math.inf
         self.fenced_at: float | None = None
         self.fenced_seconds = 0.0
         #: source: the operator's signed request the begin carries
@@ -175,10 +184,30 @@ class SessionBase(abc.ABC):
         self.pending = command
         return [SubmitLedger(command), self.timer("ledger", now + LEDGER_RESUBMIT)]
 
+    @property
+    def moved_bytes(self) -> int:
+        """Page bytes sent so far, the round in flight included."""
+        return self.bytes_sent + self.round_bytes
+
+    @property
+    def moved_wire(self) -> int:
+        return self.wire_bytes + self.round_wire
+
+    @property
+    def shown_eta(self) -> float:
+        """The estimate an operator sees: unknown (inf) before the first measurement, the
+        in-round estimate while a round runs, the last round's after it."""
+        if self.round_started is not None:
+            return self.live_eta
+        if self.phase in (Phase.PLANNED, Phase.BEGUN):
+            return math.inf
+        return self.eta
+
     def progress(self) -> Notify:
         return Notify("migration.progress", Progress(
             self.migration_id, self.vm, self.role.value, self.phase.value, self.round,
-            self.bytes_sent, self.wire_bytes, self.dirty_rate, self.throughput, self.eta,
+            self.moved_bytes, self.moved_wire, self.dirty_rate, self.throughput,
+            self.shown_eta, self.moved_bytes // PAGE_SIZE,
         ))
 
     def finish(self, now: float, phase: Phase, reason: str = "") -> list[Action]:

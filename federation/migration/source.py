@@ -183,6 +183,13 @@ class SourceSession(SessionBase):
                                                     self.root if final else b""))
 
     def _send_round(self, now: float, final: bool) -> list[Action]:
+        # the pages this round is expected to cover: every page first, then the pages
+        # dirtied while the previous round ran (_after_round kept its report's count)
+        if self.round == 0:
+            self.round_pages = self.total_bytes // PAGE_SIZE
+        self.round_started, self.round_bytes, self.round_wire = now, 0, 0
+        # until this round measures its own pace, the last round's estimate stands
+        self.live_eta = self.eta if self.round else math.inf
         self.round += 1
         self.version = round_version(self.version, self.common, self.policy, self.vm,
                                      self.source, self.target, self.regions)
@@ -194,6 +201,21 @@ class SourceSession(SessionBase):
             self.progress(),
         ]
 
+    def _in_round(self, now: float, ev: TransferProgress) -> list[Action]:
+        """A round's progress report: bytes, pages and the estimate move while it runs (the
+        convergence decision still waits for the round's end, RoundSent)."""
+        if self.round_started is None:
+            return []
+        self.round_bytes = max(self.round_bytes, ev.bytes)
+        self.round_wire = max(self.round_wire, ev.wire_bytes)
+        elapsed = now - self.round_started
+        if self.round_bytes > 0 and elapsed > 0:
+            rate = self.round_bytes / elapsed
+            self.throughput = rate
+            left = max(0, self.round_pages * PAGE_SIZE - self.round_bytes)
+            self.live_eta = left / rate
+        return [self.progress()]
+
     def _fence_deadline(self) -> float:
         """How long a fenced VM waits for the commit (see FENCE_SLACK)."""
         # With no measured throughput the estimate is unknown; the stall timer then
@@ -202,6 +224,8 @@ class SourceSession(SessionBase):
         return FENCE_SLACK * (final + self.total_bytes / VERIFY_RATE) + PEER_DOWN_GRACE
 
     def _after_round(self, now: float, ev: RoundSent) -> list[Action]:
+        self.round_started, self.round_bytes, self.round_wire = None, 0, 0
+        self.round_pages = ev.dirty_pages
         self.bytes_sent += ev.bytes
         self.wire_bytes += ev.wire_bytes
         seconds = max(ev.seconds, 1e-9)
@@ -264,7 +288,7 @@ class SourceSession(SessionBase):
             return self._after_round(now, ev)
         if isinstance(ev, TransferProgress):
             if self.phase in _SENDING and ev.round == self.round:
-                return [self.timer("stall", now + STALL_TIMEOUT)]
+                return [self.timer("stall", now + STALL_TIMEOUT), *self._in_round(now, ev)]
             return []
         if isinstance(ev, SourceFenced):
             if self.phase is not Phase.FENCED:

@@ -297,10 +297,13 @@ class RoundSent:
 
 @attrs.frozen
 class TransferProgress:
-    """Bytes moved in the current round (either side); keeps the stall timer quiet."""
+    """What moved so far in the current round (either side); keeps the stall timer quiet.
+    ``bytes`` and ``pages``: page content (logical); ``wire_bytes``: on the wire."""
 
     round: int
     bytes: int
+    pages: int = 0
+    wire_bytes: int = 0
 
 
 @attrs.frozen
@@ -415,8 +418,9 @@ class Progress:
     bytes_sent: int
     wire_bytes: int
     dirty_rate: float  # pages per second during the last round
-    throughput: float  # logical bytes per second of the last round
-    eta: float  # seconds until the cut-over, estimated
+    throughput: float  # logical bytes per second of the last round (or of this one so far)
+    eta: float  # seconds until the cut-over, estimated (inf: not measured yet)
+    pages: int = 0  # pages sent so far (bytes_sent / 4 KiB), this round's included
 
 
 @attrs.frozen
