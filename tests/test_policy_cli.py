@@ -61,8 +61,11 @@ def test_policy_show_and_set_through_the_ledger(tmp_path: Path) -> None:
             url = f"http://{dc1.api_host}:{dc1.api_port}"
             rc, out, err = await dwcp("policy", "show", "--api", url)
             assert (rc, err) == (0, "")
-            assert out.splitlines()[:4] == ["v3_percent   0", "target_dcs   -",
-                                            "target_vms   -", "kill_switch  off"]
+            words = [" ".join(line.split()) for line in out.splitlines()]
+            assert words[:9] == ["v3_percent 0", "target_dcs -", "target_vms -",
+                                 "kill_switch off", "target_regions -", "excluded_dcs -",
+                                 "rollback none (only by hand)",
+                                 "v3 since set 0 ended, 0 aborted, 0 failed verification", ""]
             assert "no VMs in the ledger" in out
             code, doc = await api_import(dc1, "web", memory, [disk])
             assert code == 201, doc
@@ -70,7 +73,8 @@ def test_policy_show_and_set_through_the_ledger(tmp_path: Path) -> None:
             rc, out, err = await dwcp("policy", "set", "--v3-percent", "50",
                                       "--target-vms", "web,db", "--api", url)
             assert (rc, err) == (0, "")
-            assert "v3_percent   50" in out and "target_vms   db, web" in out
+            words = [" ".join(line.split()) for line in out.splitlines()]
+            assert "v3_percent 50" in words and "target_vms db, web" in words
             assert "web  dc1    " in out and "yes (target_vms)" in out
             want = SetPolicy(50, (), ("db", "web"), False)
             for node in nodes.values():  # every DC's ledger has it
@@ -98,6 +102,14 @@ def test_policy_show_and_set_through_the_ledger(tmp_path: Path) -> None:
             rc, _, err = await dwcp("policy", "set", "--target-dcs", "dc9", "--api", url)
             assert (rc, err.strip()) == (
                 2, "dwcp policy: target_dcs: dc9 not in the federation (HTTP 409)")
+            rc, _, err = await dwcp("policy", "set", "--exclude-dcs", "dc2,dc9", "--api", url)
+            assert (rc, err.strip()) == (
+                2, "dwcp policy: excluded_dcs: dc9 not in the federation (HTTP 409)")
+            rc, _, err = await dwcp("policy", "set", "--target-regions", "Atlantis",
+                                    "--api", url)
+            assert (rc, err.strip()) == (
+                2, "dwcp policy: target_regions: Atlantis is the region of no DC (the "
+                   "federation file's regions: none) (HTTP 409)")
             for bad, why in (("101", "got 101"), ("-1", "got -1"), ("half", "got 'half'")):
                 rc, _, err = await dwcp("policy", "set", "--v3-percent", bad, "--api", url)
                 assert rc == 2 and err.strip().endswith(

@@ -96,18 +96,21 @@ def render_policy(policy: dict[str, Any], vms: list[dict[str, Any]]) -> str:
 
     pct = policy["v3_percent"]
     excluded = policy.get("excluded_dcs", [])
-    lines = [f"v3_percent   {pct}",
-             f"target_dcs   {', '.join(policy['target_dcs']) or '-'}",
-             f"target_vms   {', '.join(policy['target_vms']) or '-'}",
-             f"kill_switch  {'on' if policy['kill_switch'] else 'off'}"]
+    fields: list[tuple[str, str]] = [("v3_percent", str(pct)),
+            ("target_dcs", ", ".join(policy["target_dcs"]) or "-"),
+            ("target_vms", ", ".join(policy["target_vms"]) or "-"),
+            ("kill_switch", "on" if policy["kill_switch"] else "off")]
     if "excluded_dcs" in policy:
-        lines += [f"target_regions  {', '.join(policy['target_regions']) or '-'}",
-                  f"excluded_dcs    {', '.join(excluded) or '-'}",
-                  f"rollback        {_rollback_rules(policy)}",
-                  f"v3 since set    {policy['v3_ended']} ended, {policy['v3_aborted']} "
-                  f"aborted, {policy['v3_verify_failures']} failed verification"]
+        fields += [("target_regions", ", ".join(policy["target_regions"]) or "-"),
+                 ("excluded_dcs", ", ".join(excluded) or "-"),
+                 ("rollback", _rollback_rules(policy)),
+                 ("v3 since set", f"{policy['v3_ended']} ended, {policy['v3_aborted']} "
+                                  f"aborted, {policy['v3_verify_failures']} failed "
+                                  "verification")]
         if policy["rolled_back"]:
-            lines.append(f"ROLLED BACK     {policy['rolled_back']}")
+            fields.append(("ROLLED BACK", policy["rolled_back"]))
+    width = max(len(k) for k, _ in fields) + 2
+    lines = [f"{k:<{width}}{v}" for k, v in fields]
     lines.append("")
     rows = [["VM", "OWNER", "BUCKET", "V3"]]
     for v in vms:
@@ -140,7 +143,8 @@ def _rollback_rules(policy: dict[str, Any]) -> str:
         rules.append(f"at {policy['max_abort_percent']} % aborted once "
                      f"{policy['min_ended']} v3 migrations ended")
     if policy["max_verify_failures"]:
-        rules.append(f"at {policy['max_verify_failures']} verification failures")
+        n = policy["max_verify_failures"]
+        rules.append(f"at {n} verification failure{'s' if n > 1 else ''}")
     return "; ".join(rules) or "none (only by hand)"
 
 

@@ -77,6 +77,9 @@ class NodeCore:
         self.me = me
         #: DC -> region (the federation file's), for the rollout's region targets
         self.regions = dict(regions or {})
+        #: wall-clock seconds minus this core's ``now`` (the node sets it once its clock
+        #: runs; 0 in the simulator): abort reasons say "since 12:01:07" in UTC
+        self.wall_offset = 0.0
         self.replica = replica
         self.on_ledger_done = on_ledger_done
         self.mode_of = mode_of
@@ -148,8 +151,19 @@ class NodeCore:
             self.me, migration_id, vm, target, epoch, layout, limits_for(self.mode_of(target)),
             ledger.policy, local_versions, peer_versions, authorization, self.regions,
         )
-        self.sessions[migration_id] = session
+        self.sessions[migration_id] = self._adopt(session)
         return self._session_out(now, session, session.start(now))
+
+    def _adopt(self, session: SessionBase) -> SessionBase:
+        session.wall_offset = self.wall_offset
+        return session
+
+    def set_wall_offset(self, offset: float) -> None:
+        """Wall-clock seconds minus ``now`` (the node's clock is trio's, with its own
+        origin): for the times in abort reasons, also of the sessions already here."""
+        self.wall_offset = offset
+        for session in self.sessions.values():
+            session.wall_offset = offset
 
     def restore_records(self, now: float, records: dict[str, bytes]) -> list[Action]:
         self.unrestored.update(records)
@@ -273,7 +287,7 @@ class NodeCore:
             limits = limits_for(self.mode_of(rec.source))
             session, acts = TargetSession.from_ledger(
                 self.me, mid, rec.vm, rec.source, rec.epoch, limits, now)
-            self.sessions[mid] = session
+            self.sessions[mid] = self._adopt(session)
             out = self._session_out(now, session, acts)
             if rec.announced:
                 out += self.to_session(now, mid, LedgerRootAnnounced(mid, rec.announced))
@@ -304,7 +318,7 @@ class NodeCore:
                                                              "error": str(exc)}))
                 continue
             del self.unrestored[mid]
-            self.sessions[mid] = session
+            self.sessions[mid] = self._adopt(session)
             out += self._session_out(now, session, [*acts, session.progress()])
         return out
 

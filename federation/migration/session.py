@@ -115,6 +115,9 @@ class SessionBase(abc.ABC):
         #: when the link to the counterpart went down (None while it is up): the abort
         #: reasons name it ("target dc3 unreachable since 12:01:07 (link down)")
         self.peer_down_since: float | None = None
+        #: wall-clock seconds minus ``now`` (its driver's; 0: ``now`` is wall-clock or
+        #: simulated), for the times abort reasons show
+        self.wall_offset = 0.0
 
     # ------------------------------------------------------------------ helpers
 
@@ -132,7 +135,7 @@ class SessionBase(abc.ABC):
         or "link up"."""
         if self.peer_down_since is None:
             return "link up"
-        return f"link down since {clock_text(self.peer_down_since)}"
+        return f"link down since {clock_text(self.peer_down_since + self.wall_offset)}"
 
     @property
     def done(self) -> bool:
@@ -268,7 +271,7 @@ class SessionBase(abc.ABC):
                 since = now - PEER_DOWN_GRACE if self.peer_down_since is None else (
                     self.peer_down_since)
                 return self.abort(now, f"{self.peer_role} {self.peer} unreachable since "
-                                  f"{clock_text(since)} (link down for "
+                                  f"{clock_text(since + self.wall_offset)} (link down for "
                                   f"{now - since:.0f} s)")
         if isinstance(event, PeerDown) and event.peer == self.peer and not self.done:
             if self.peer_down_since is None:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import random
 import secrets
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,8 @@ class Node:
                 await self.runtime.run(task_status=task_status)
                 nursery.cancel_scope.cancel()  # shut down: the data plane and workers end too
 
+            if self.core is not None:  # the cores' clock is trio's; reasons show UTC
+                self.core.set_wall_offset(time.time() - trio.current_time())
             await trio.to_thread.run_sync(self._resume_vms)
             await self.v3.serve(nursery)
             await self.rounds.run(nursery)
