@@ -342,7 +342,8 @@ def rollout_after_end(policy: SetPolicy, aborted: bool, cause: str, mid: str) ->
     verify = policy.v3_verify_failures + (aborted and cause == "verification")
     why = ""
     if policy.max_verify_failures and verify >= policy.max_verify_failures:
-        why = (f"{verify} v3 migrations failed verification (the policy allows "
+        why = (f"{verify} v3 migration{'s' if verify != 1 else ''} failed verification "
+               f"(the policy allows "
                f"{policy.max_verify_failures - 1}); the last was {mid}")
     elif (policy.max_abort_percent and ended >= max(1, policy.min_ended)
             and aborts * 100 >= policy.max_abort_percent * ended):
