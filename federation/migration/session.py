@@ -198,12 +198,14 @@ class SessionBase(abc.ABC):
 
     @property
     def shown_eta(self) -> float:
-        """The estimate an operator sees: unknown (inf) before the first measurement, the
-        in-round estimate while a round runs, the last round's after it."""
+        """The estimate an operator sees: unknown (inf) before the first measurement and
+        for a migration that is being or was given up, the in-round estimate while a round
+        runs, the last round's after it."""
+        if self.phase in (Phase.PLANNED, Phase.BEGUN, Phase.ABORTING, Phase.ABORTED,
+                          Phase.REFUSED):
+            return math.inf
         if self.round_started is not None:
             return self.live_eta
-        if self.phase in (Phase.PLANNED, Phase.BEGUN):
-            return math.inf
         return self.eta
 
     def progress(self) -> Notify:
