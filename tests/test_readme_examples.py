@@ -162,3 +162,14 @@ def test_version_prints_the_installed_version() -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"dwcp {version('dwcp')}\n"
+
+
+def test_the_license_metadata_is_pep_639() -> None:
+    """An SPDX expression and the file that carries the text (no deprecated table, so the
+    install prints no warning of ours)."""
+    from importlib.metadata import metadata
+
+    meta = metadata("dwcp")
+    assert meta.get("License-Expression") == "Apache-2.0"
+    assert meta.get_all("License-File") == ["docs/LICENSE"]
+    assert (ROOT / "docs" / "LICENSE").read_text().lstrip().startswith("Apache License")
