@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -48,7 +49,10 @@ def test_import_migrate_status_through_the_cli(tmp_path: Path) -> None:
         assert r.stdout.startswith("imported vm1: ")
         r = dwcp("migrate", "vm1", "--to", "dc3", *at)
         assert r.returncode == 0, r.stderr
-        assert r.stdout.startswith("migrated vm1 to dc3: ") and "committed" in r.stdout
+        first, last = r.stdout.splitlines()
+        assert re.fullmatch(r"migration vm1-dc1-dc3-\w+: vm1 dc1 -> dc3", first), r.stdout
+        assert last.startswith("migrated vm1 to dc3: ") and "committed" in last
+        assert first.split()[1].rstrip(":") in last, "the id printed first is the one ended"
         progress = r.stderr.splitlines()
         assert progress and all(" round " in line for line in progress), r.stderr
         nodes.wait("vm1 running at dc3", lambda: nodes.vm_here("dc3", "vm1") == "running")
@@ -149,6 +153,9 @@ def test_progress_and_status_rendering() -> None:
                             "dirty_rate": 120.0, "eta": 1.5})
     assert line.startswith("precopy   round  2 [############------------]")
     assert "512.0 KiB" in line and "dirty 120 pages/s" in line and "eta 1.5s" in line
+    assert "512.0 KiB, 128 pages (wire" in render_progress({"phase": "precopy", "round": 1,
+                                                             "bytes_sent": 512 << 10,
+                                                             "pages_sent": 128})
     assert "eta ?" in render_progress({"phase": "begun", "eta": None})
     doc = {"dc": "dc1", "federation": "f", "data_plane": "v1", "ledger": {"unavailable": "no"},
            "members": {"dc2": "alive"},
@@ -175,3 +182,9 @@ def test_progress_and_status_rendering() -> None:
     assert rows["m-relayed"].endswith("1.0 MiB  via dc2, direct")
     assert rows["m-v1"].endswith("control link") and rows["m-target"].endswith("-")
     assert rows["m-fallback"].endswith("direct, control link") and rows["m-none"].endswith("-")
+    assert "REASONS" not in render_status(doc)
+    doc["migrations"].append({"id": "m-gone", **base, "ledger": "aborted", "phase": "aborted",
+                              "reason": "target dc3 unreachable since 12:01:07 (link down "
+                                        "for 30 s)"})
+    assert render_status(doc).endswith(
+        "REASONS\n  m-gone: aborted: target dc3 unreachable since 12:01:07 (link down for 30 s)")

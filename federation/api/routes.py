@@ -255,9 +255,7 @@ async def _route(node: Node, caller: Caller, method: str, path: str,
     if method == "POST" and path == "/api/policy":
         policy = _intent(caller, SetPolicy)
         assert caller.request is not None
-        recorded = await node.set_policy(
-            policy.v3_percent, policy.target_dcs, policy.target_vms, policy.kill_switch,
-            authorization=caller.request.authorization)
+        recorded = await node.set_policy(policy, authorization=caller.request.authorization)
         return _json(200, policy_doc(recorded))
     return _not_found(method, path)
 

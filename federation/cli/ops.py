@@ -265,8 +265,10 @@ def render_progress(m: dict[str, Any], width: int = 24) -> str:
     bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
     eta = m.get("eta")
     eta_s = "?" if eta is None or not math.isfinite(eta) else f"{eta:.1f}s"
+    pages = m.get("pages_sent")
+    pages_s = "" if pages is None else f", {pages} pages"
     return (f"{m.get('phase', m.get('ledger', '?')):<9} round {m.get('round', 0):>2} "
-            f"[{bar}] {_human(sent)} (wire {_human(m.get('wire_bytes') or 0)}) "
+            f"[{bar}] {_human(sent)}{pages_s} (wire {_human(m.get('wire_bytes') or 0)}) "
             f"dirty {m.get('dirty_rate', 0.0):.0f} pages/s  eta {eta_s}")
 
 
@@ -281,6 +283,10 @@ def run_migrate(args: argparse.Namespace) -> int:
     except Pending as exc:
         return pending_exit(exc)
     mid = started["id"]
+    # the id first, before any progress: what `dwcp cancel` and `dwcp status` take (with
+    # --json, stdout is the final document alone, so the id goes to stderr)
+    print(f"migration {mid}: {args.vm} {intent.source} -> {args.to}",
+          file=sys.stderr if args.json else sys.stdout, flush=True)
     tty = sys.stderr.isatty()
     last = ""
     try:
@@ -488,4 +494,11 @@ def render_status(doc: dict[str, Any]) -> str:
               _s(m.get("ledger")), _s(m.get("phase")), _s(m.get("round")),
               _human(m.get("bytes_sent") or 0), data_path(m)] for m in doc["migrations"]]
     out.append(table(migs) if len(migs) > 1 else "no migrations")
+    # why each aborted migration aborted: the ledger's reason (the deciding DC's words),
+    # else this side's; one line each, since a reason does not fit a column
+    why = [f"  {m['id']}: aborted: {m['reason']}" for m in doc["migrations"]
+           if m.get("reason") and (m.get("ledger") == "aborted" or m.get("phase") in
+                                   ("aborted", "aborting"))]
+    if why:
+        out += ["", "REASONS", *why]
     return "\n".join(out)

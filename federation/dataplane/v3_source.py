@@ -60,7 +60,7 @@ PREPARERS = 2
 #: What moved is reported to the rounds core this often while a transfer runs: the
 #: period at which a session hears of a round's progress
 #: (federation.migration.round_source.PROGRESS_EVERY), far inside the round's quiet bound.
-_REPORT_S = 1.0
+_REPORT_S = 0.5
 
 Report = Callable[[object], None]
 Connect = Callable[[], Awaitable[trio.abc.Stream]]
@@ -306,7 +306,8 @@ class V3RoundSender:
                 self._on_diff(now, msg, sources, feed)
             if now >= next_report:
                 moved = moved or feed.frames != frames
-                self._report(V3Moved(self.migration_id, self.round, moved, feed.frame_bytes))
+                self._report(V3Moved(self.migration_id, self.round, moved, feed.frame_bytes,
+                                     feed.pages))
                 moved, frames, next_report = False, feed.frames, now + _REPORT_S
 
     def _on_diff(self, now: float, msg: V3Hde, sources: list[HdeSource],

@@ -65,6 +65,7 @@ from consensus.ledger import (
     RegisterVm,
     SetPolicy,
     UnregisterVm,
+    recorded_policy,
 )
 from consensus.pbft.durable import ReplicaLog
 from consensus.pbft.messages import MAX_COMMAND
@@ -194,7 +195,8 @@ class Node:
         if replica is not None:
             self.core = NodeCore(name, replica, on_ledger_done=self.ledger.done,
                                  mode_of=lambda dst: self.control.modes.mode(name, dst),
-                                 on_ledger_moved=self._ledger_moved)
+                                 on_ledger_moved=self._ledger_moved,
+                                 regions={dc.name: dc.region for dc in fed.dcs if dc.region})
             self.core.unrestored.update(self._stored_records())
             self.runtime.add_core("node", self.core, TAGS, effects=self._effect)
         events = RoundEvents()
@@ -251,6 +253,8 @@ class Node:
                 await self.runtime.run(task_status=task_status)
                 nursery.cancel_scope.cancel()  # shut down: the data plane and workers end too
 
+            if self.core is not None:  # the cores' clock is trio's; reasons show UTC
+                self.core.set_wall_offset(time.time() - trio.current_time())
             await trio.to_thread.run_sync(self._resume_vms)
             await self.v3.serve(nursery)
             await self.rounds.run(nursery)
@@ -540,18 +544,23 @@ class Node:
         if failure:
             raise failure[0]
 
-    async def set_policy(self, v3_percent: int, target_dcs: Sequence[str] = (),
-                         target_vms: Sequence[str] = (), kill_switch: bool = False, *,
-                         authorization: Authorization) -> SetPolicy:
+    async def set_policy(self, policy: SetPolicy, *, authorization: Authorization) -> SetPolicy:
         """Record a rollout policy in the ledger (DESIGN.md, "Protocol versions and
         rollout") on an admin's signed ``SetPolicy`` of exactly this policy; every DC's
-        sessions apply it from their next round on."""
-        if not 0 <= v3_percent <= 100:
-            raise NodeError(f"v3_percent: expected 0..100, got {v3_percent}")
-        unknown = sorted(set(target_dcs) - set(self.fed.names))
+        sessions apply it from their next round on. Returns the policy as the ledger
+        recorded it."""
+        if not 0 <= policy.v3_percent <= 100:
+            raise NodeError(f"v3_percent: expected 0..100, got {policy.v3_percent}")
+        for what, dcs in (("target_dcs", policy.target_dcs),
+                          ("excluded_dcs", policy.excluded_dcs)):
+            unknown = sorted(set(dcs) - set(self.fed.names))
+            if unknown:
+                raise NodeError(f"{what}: {', '.join(unknown)} not in the federation")
+        regions = sorted({dc.region for dc in self.fed.dcs if dc.region})
+        unknown = sorted(set(policy.target_regions) - set(regions))
         if unknown:
-            raise NodeError(f"target_dcs: {', '.join(unknown)} not in the federation")
-        policy = SetPolicy(v3_percent, tuple(target_dcs), tuple(target_vms), kill_switch)
+            raise NodeError(f"target_regions: {', '.join(unknown)} is the region of no DC "
+                            f"(the federation file's regions: {', '.join(regions) or 'none'})")
         try:
             wire.encode(policy)
         except wire.WireError as exc:
@@ -564,9 +573,17 @@ class Node:
             result = await self.ledger.submit(change)
         if not result.ok:
             raise NodeError(f"the ledger refused the policy: {result.error}")
-        self.log.event("policy_set", v3_percent=v3_percent, target_dcs=list(target_dcs),
-                       target_vms=list(target_vms), kill_switch=kill_switch)
-        return policy
+        recorded = recorded_policy(policy)
+        self.log.event("policy_set", v3_percent=recorded.v3_percent,
+                       target_dcs=list(recorded.target_dcs),
+                       target_vms=list(recorded.target_vms),
+                       target_regions=list(recorded.target_regions),
+                       excluded_dcs=list(recorded.excluded_dcs),
+                       kill_switch=recorded.kill_switch,
+                       max_abort_percent=recorded.max_abort_percent,
+                       min_ended=recorded.min_ended,
+                       max_verify_failures=recorded.max_verify_failures)
+        return recorded
 
     def peer_versions(self, target: str) -> tuple[int, ...]:
         """The transfer versions ``target`` offered in its handshake (the channel keeps

@@ -148,6 +148,37 @@ def _ledger_metrics(core: NodeCore) -> Iterator[Metric]:
     for owner in rstat.members:
         owned.add_metric([owner], owners.get(owner, 0))
     yield owned
+    yield from _rollout_metrics(core)
+
+
+def _rollout_metrics(core: NodeCore) -> Iterator[Metric]:
+    """The ledger's rollout policy and its counters (consensus.ledger_commands.SetPolicy):
+    what docs/deploy/prometheus/alerts.yml watches."""
+    p = core.ledger.policy
+    pct = GaugeMetricFamily("dwcp_rollout_v3_percent", "The policy's v3 percentage")
+    pct.add_metric([], p.v3_percent)
+    yield pct
+    kill = GaugeMetricFamily("dwcp_rollout_kill_switch", "1 while the kill switch is on "
+                             "(v1 for every migration), by an admin or an automatic rollback")
+    kill.add_metric([], int(p.kill_switch))
+    yield kill
+    rolled = GaugeMetricFamily("dwcp_rollout_rolled_back", "1 once the ledger rolled the "
+                               "policy back to v1 on its own (a threshold crossed)")
+    rolled.add_metric([], int(bool(p.rolled_back)))
+    yield rolled
+    ended = GaugeMetricFamily("dwcp_rollout_v3_migrations", "v3 migrations ended since the "
+                              "policy was recorded, by result (aborted: not counting "
+                              "operators' cancels)", labels=["result"])
+    ended.add_metric(["ended"], p.v3_ended)
+    ended.add_metric(["aborted"], p.v3_aborted)
+    ended.add_metric(["verify_failed"], p.v3_verify_failures)
+    yield ended
+    limits = GaugeMetricFamily("dwcp_rollout_threshold", "The policy's rollback thresholds "
+                               "(0: no such rule)", labels=["rule"])
+    limits.add_metric(["max_abort_percent"], p.max_abort_percent)
+    limits.add_metric(["min_ended"], p.min_ended)
+    limits.add_metric(["max_verify_failures"], p.max_verify_failures)
+    yield limits
 
 
 def _relay_metrics(relay: DataRelay, c: TransferCounters) -> Iterator[Metric]:

@@ -132,7 +132,7 @@ async def set_policy(node: Node, v3_percent: int, *, kill_switch: bool = False,
                      target_dcs: tuple[str, ...] = (), target_vms: tuple[str, ...] = ()
                      ) -> SetPolicy:
     policy = SetPolicy(v3_percent, target_dcs, target_vms, kill_switch)
-    return await node.set_policy(v3_percent, target_dcs, target_vms, kill_switch,
+    return await node.set_policy(policy,
                                  authorization=signed(node, "POST", "/api/policy", policy))
 
 
