@@ -1,0 +1,398 @@
+"""Sealed images on disk: the file side of :mod:`federation.vms.sealing`.
+
+- :class:`SealedImage` is a read-only :class:`~mesh.hde.image.Image` over a sealed file:
+  ``view`` decrypts the chunks a range covers (``pread``, a small LRU of plaintext
+  chunks), so HDE indexes, diffs and dedups against it as against an ``mmap``.
+- :class:`SealedWriter` is the :class:`~mesh.hde.image.ImageWriter` a migration target
+  writes. It never changes the published file in place: its writes go to a work copy
+  ``NAME.img.new`` (made from the published file when the first write after a publish
+  comes), and :meth:`SealedWriter.flush` publishes it (fsync, rename over, fsync the
+  directory). A crash therefore leaves the old file or the new one, never a mix; the
+  writes since the last publish are lost, and the migration's root check (the target
+  recomputes the root before it may commit) sends the VM's pages again.
+- :func:`seal_file` seals a plain file into a new sealed one (an import; a retained copy
+  of the qemu backend), :func:`create_sealed` a sealed image of zero pages.
+
+The key comes from the node (:mod:`federation.vms.at_rest_key`); every nonce from
+libsodium's random generator.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import nacl.utils
+
+from federation.vms.sealing import (
+    FILE_ID_SIZE,
+    HEADER_SIZE,
+    MAGIC,
+    NONCE_SIZE,
+    SealError,
+    SealHeader,
+    SealKey,
+    decode_header,
+    open_chunk,
+    seal_chunk,
+)
+from mesh.hde.image import PAGE_SIZE, Image, ImageError, ImageWriter, PageSource
+
+__all__ = ["SealedImage", "SealedWriter", "seal_file", "create_sealed", "is_sealed",
+           "WORK_SUFFIX", "FILE_MODE", "SealError"]
+
+FILE_MODE = 0o600
+WORK_SUFFIX = ".new"
+#: Plaintext chunks kept per image (64 KiB each): 4 MiB covers an index block (1 MiB)
+#: several times over, and the runs of nearby dedup hits.
+_CACHE_CHUNKS = 64
+#: Modified chunks held before the oldest is sealed into the work copy.
+_DIRTY_CHUNKS = 64
+#: Plain bytes read per step when sealing a file (16 MiB): bounded memory for any size.
+_STEP_PAGES = 4096
+
+
+def _nonce() -> bytes:
+    return nacl.utils.random(NONCE_SIZE)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_sealed(path: Path) -> bool:
+    """Whether ``path`` starts with the sealed format's magic."""
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+def _pread_exact(fd: int, size: int, offset: int) -> bytes:
+    out = os.pread(fd, size, offset)
+    while len(out) < size:  # short reads: only at the end of a file that shrank under us
+        more = os.pread(fd, size - len(out), offset + len(out))
+        if not more:
+            break
+        out += more
+    return out
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+class _Chunks:
+    """Decrypting reads (and, for a writer, sealed writes) of one sealed file's chunks."""
+
+    def __init__(self, fd: int, key: SealKey, header: SealHeader, where: str) -> None:
+        self.fd = fd
+        self.key = key
+        self.header = header
+        self.where = where
+        self.cache: OrderedDict[int, bytes] = OrderedDict()
+
+    def read(self, index: int) -> bytes:
+        hit = self.cache.get(index)
+        if hit is not None:
+            self.cache.move_to_end(index)
+            return hit
+        h = self.header
+        slot = _pread_exact(self.fd, h.slot_size_of(index), h.slot_offset(index))
+        plain = open_chunk(self.key, h, index, slot, self.where)
+        self.cache[index] = plain
+        if len(self.cache) > _CACHE_CHUNKS:
+            self.cache.popitem(last=False)
+        return plain
+
+    def write(self, index: int, plain: bytes) -> None:
+        h = self.header
+        _pwrite_all(self.fd, seal_chunk(self.key, h, index, plain, _nonce()),
+                    h.slot_offset(index))
+        self.cache[index] = plain
+        self.cache.move_to_end(index)
+        if len(self.cache) > _CACHE_CHUNKS:
+            self.cache.popitem(last=False)
+
+
+def _open_fd(path: Path, key: SealKey, flags: int, where: str) -> tuple[int, SealHeader]:
+    fd = os.open(path, flags)
+    try:
+        size = os.fstat(fd).st_size
+        header = decode_header(_pread_exact(fd, HEADER_SIZE, 0), key, size, where)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, header
+
+
+def _gather(read: Callable[[int], bytes], header: SealHeader, page: int,
+            count: int) -> memoryview:
+    """Pages ``page .. page+count`` from whole chunks (``read(i)`` -> plaintext)."""
+    cp = header.chunk_pages
+    first, last = page // cp, (page + count - 1) // cp
+    if first == last:
+        plain = read(first)
+        off = (page - first * cp) * PAGE_SIZE
+        return memoryview(plain)[off : off + count * PAGE_SIZE]
+    parts = [read(i) for i in range(first, last + 1)]
+    joined = b"".join(parts)
+    off = (page - first * cp) * PAGE_SIZE
+    return memoryview(joined)[off : off + count * PAGE_SIZE]
+
+
+class SealedImage(Image):
+    """A read-only page view of the sealed file ``path`` (see the module docstring)."""
+
+    def __init__(self, path: Path | str, key: SealKey, name: str = "") -> None:
+        self.path = Path(path)
+        self.name = name or str(path)
+        fd, header = _open_fd(self.path, key, os.O_RDONLY, self.name)
+        self.header = header
+        self._chunks = _Chunks(fd, key, header, self.name)
+        self._lock = threading.Lock()
+        self.page_count = header.page_count
+        self.nbytes = header.page_count * PAGE_SIZE
+
+    def view(self, page: int, count: int = 1) -> memoryview:
+        if page < 0 or count < 1 or page + count > self.page_count:
+            if count == 0 and 0 <= page <= self.page_count:
+                return memoryview(b"")
+            raise ImageError(f"image {self.name!r}: pages {page}..{page + count} outside "
+                             f"0..{self.page_count}")
+        with self._lock:
+            return _gather(self._chunks.read, self.header, page, count)
+
+    def close(self) -> None:
+        if self._chunks.fd >= 0:
+            os.close(self._chunks.fd)
+            self._chunks.fd = -1
+            self._chunks.cache.clear()
+
+
+class SealedWriter(ImageWriter):
+    """A writable sealed image of ``page_count`` pages at ``path`` (module docstring).
+
+    An existing sealed file is the starting content (pages past its end are zero, pages
+    past ``page_count`` dropped); without one the image starts as zero pages, published
+    at once so the VM's directory always holds a whole image."""
+
+    def __init__(self, path: Path | str, key: SealKey, page_count: int, name: str = "") -> None:
+        self.path = Path(path)
+        self.work = self.path.with_name(self.path.name + WORK_SUFFIX)
+        self.name = name or str(path)
+        self.key = key
+        self.page_count = page_count
+        self.nbytes = page_count * PAGE_SIZE
+        self._lock = threading.Lock()
+        self._dirty: OrderedDict[int, bytearray] = OrderedDict()
+        self._chunks: _Chunks | None = None  # over the work copy while there is one
+        self._published: _Chunks | None = None
+        if page_count <= 0:
+            raise ImageError(f"image {self.name!r}: page count must be positive")
+        try:
+            if not self.path.exists():
+                create_sealed(self.path, key, page_count)
+            fd, header = _open_fd(self.path, key, os.O_RDONLY, self.name)
+        except FileNotFoundError as exc:
+            raise ImageError(f"image {self.name!r}: {exc}") from None
+        if header.page_count != page_count:
+            os.close(fd)
+            _reseal(self.path, key, page_count, self.name)
+            fd, header = _open_fd(self.path, key, os.O_RDONLY, self.name)
+        self.header = header
+        self._published = _Chunks(fd, key, header, self.name)
+
+    # -------------------------------------------------------------- reading
+
+    def _plain(self, index: int) -> bytes:
+        held = self._dirty.get(index)
+        if held is not None:
+            return bytes(held)
+        source = self._chunks or self._published
+        assert source is not None, "a closed writer is not read"
+        return source.read(index)
+
+    def view(self, page: int, count: int = 1) -> memoryview:
+        if page < 0 or count < 1 or page + count > self.page_count:
+            if count == 0 and 0 <= page <= self.page_count:
+                return memoryview(b"")
+            raise ImageError(f"image {self.name!r}: pages {page}..{page + count} outside "
+                             f"0..{self.page_count}")
+        with self._lock:
+            return _gather(self._plain, self.header, page, count)
+
+    # -------------------------------------------------------------- writing
+
+    def _work_chunks(self) -> _Chunks:
+        """The work copy, made from the published file at the first write after a publish
+        (a leftover of a crash is overwritten: it was never published)."""
+        if self._chunks is None:
+            shutil.copyfile(self.path, self.work)  # copy_file_range: reflinks where it can
+            os.chmod(self.work, FILE_MODE)
+            fd, header = _open_fd(self.work, self.key, os.O_RDWR, self.name)
+            self._chunks = _Chunks(fd, self.key, header, self.name)
+        return self._chunks
+
+    def _chunk_for_write(self, index: int, whole: bool) -> bytearray:
+        held = self._dirty.get(index)
+        if held is None:
+            size = self.header.chunk_pages_of(index) * PAGE_SIZE
+            held = bytearray(size) if whole else bytearray(self._plain(index))
+            self._dirty[index] = held
+            while len(self._dirty) > _DIRTY_CHUNKS:
+                old, plain = self._dirty.popitem(last=False)
+                self._work_chunks().write(old, bytes(plain))
+        else:
+            self._dirty.move_to_end(index)
+        return held
+
+    def _apply(self, page: int, count: int,
+               piece: Callable[[int, int], bytes | memoryview]) -> None:
+        """Write pages ``page .. page+count``; ``piece(offset, length)`` gives their bytes
+        (``offset`` counted from ``page``)."""
+        if page < 0 or count < 0 or page + count > self.page_count:
+            raise ImageError(f"image {self.name!r}: pages {page}..{page + count} outside "
+                             f"0..{self.page_count}")
+        cp = self.header.chunk_pages
+        p = page
+        end = page + count
+        with self._lock:
+            while p < end:
+                index = p // cp
+                c0 = index * cp
+                n = min(end, c0 + self.header.chunk_pages_of(index)) - p
+                whole = p == c0 and n == self.header.chunk_pages_of(index)
+                held = self._chunk_for_write(index, whole)
+                off = (p - c0) * PAGE_SIZE
+                held[off : off + n * PAGE_SIZE] = piece((p - page) * PAGE_SIZE, n * PAGE_SIZE)
+                p += n
+
+    def write(self, page: int, data: bytes | memoryview) -> None:
+        if len(data) % PAGE_SIZE:
+            raise ImageError(f"image {self.name!r}: a write of {len(data)} bytes is not "
+                             "whole pages")
+        mv = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
+        self._apply(page, len(mv) // PAGE_SIZE, lambda off, n: mv[off : off + n])
+
+    def fill(self, page: int, count: int, byte: int) -> None:
+        one = bytes([byte]) * (self.header.chunk_pages * PAGE_SIZE)
+        self._apply(page, count, lambda off, n: one[:n])
+
+    def copy(self, src: PageSource, src_page: int, page: int, count: int) -> None:
+        data = bytes(src.view(src_page, count))
+        self.write(page, data)
+
+    # -------------------------------------------------------------- publishing
+
+    def flush(self) -> None:
+        """Publish: every write so far becomes the file at ``path``, atomically (a crash
+        right after leaves the new file; before the rename, the old one)."""
+        with self._lock:
+            if not self._dirty and self._chunks is None:
+                return
+            work = self._work_chunks()
+            for index, plain in self._dirty.items():
+                work.write(index, bytes(plain))
+            self._dirty.clear()
+            os.fsync(work.fd)
+            os.replace(self.work, self.path)
+            _fsync_dir(self.path.parent)
+            if self._published is not None:
+                os.close(self._published.fd)
+            self._published, self._chunks = work, None  # its fd now names the published file
+
+    def close(self) -> None:
+        """Publish (:meth:`flush`) and let go of the file."""
+        if self._published is None:
+            return
+        self.flush()
+        os.close(self._published.fd)
+        self._published = None
+
+
+def _write_sealed(dst: Path, key: SealKey, page_count: int,
+                  plain_of: Callable[[int, int], bytes | memoryview],
+                  file_id: bytes | None = None) -> None:
+    """Write a whole sealed file at ``dst`` from ``plain_of(first_page, count)``, atomically
+    (temp, fsync, rename, directory fsync): a crash leaves no file or the whole one."""
+    header = SealHeader(page_count, file_id or nacl.utils.random(FILE_ID_SIZE), key.key_id)
+    tmp = dst.with_name(dst.name + ".sealing")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        _pwrite_all(fd, header.encode(), 0)
+        cp = header.chunk_pages
+        step = max(cp, _STEP_PAGES - _STEP_PAGES % cp)
+        for first in range(0, page_count, step):
+            n = min(step, page_count - first)
+            plain = plain_of(first, n)
+            parts = []
+            for index in range(first // cp, (first + n - 1) // cp + 1):
+                off = (index * cp - first) * PAGE_SIZE
+                size = header.chunk_pages_of(index) * PAGE_SIZE
+                parts.append(seal_chunk(key, header, index, plain[off : off + size], _nonce()))
+            _pwrite_all(fd, b"".join(parts), header.slot_offset(first // cp))
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def create_sealed(dst: Path, key: SealKey, page_count: int) -> None:
+    """A sealed image of ``page_count`` zero pages at ``dst`` (atomic: temp and rename)."""
+    if page_count <= 0:
+        raise ImageError(f"image {str(dst)!r}: page count must be positive")
+    zeros = bytes(_STEP_PAGES * PAGE_SIZE)
+    _write_sealed(dst, key, page_count, lambda first, n: memoryview(zeros)[: n * PAGE_SIZE])
+
+
+def seal_file(src: Path, dst: Path, key: SealKey) -> int:
+    """Seal the plain image ``src`` (a whole number of pages) into ``dst``; its page count.
+    Reads ``src`` 16 MiB at a time through its descriptor; atomic at ``dst``."""
+    with open(src, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0 or size % PAGE_SIZE:
+            raise ImageError(f"{src}: {size} bytes is not a positive number of "
+                             f"{PAGE_SIZE}-byte pages")
+        pages = size // PAGE_SIZE
+
+        def plain_of(first: int, n: int) -> bytes:
+            data = _pread_exact(f.fileno(), n * PAGE_SIZE, first * PAGE_SIZE)
+            if len(data) != n * PAGE_SIZE:
+                raise ImageError(f"{src} shrank while it was sealed")
+            return data
+
+        _write_sealed(dst, key, pages, plain_of)
+    return pages
+
+
+def _reseal(path: Path, key: SealKey, page_count: int, name: str) -> None:
+    """Re-seal ``path`` at ``page_count`` pages: its pages where they fit, zeros past its
+    end (a layout that changed between two copies of a VM). Atomic."""
+    old = SealedImage(path, key, name)
+    try:
+        keep = min(old.page_count, page_count)
+
+        def plain_of(first: int, n: int) -> bytes:
+            have = max(0, min(n, keep - first))
+            data = bytes(old.view(first, have)) if have else b""
+            return data + bytes((n - have) * PAGE_SIZE)
+
+        _write_sealed(path, key, page_count, plain_of)
+    finally:
+        old.close()
+
