@@ -20,14 +20,17 @@ from federation.vms.sealed_image import (
     seal_file,
 )
 from federation.vms.sealing import (
+    ENTRY_SIZE,
     HEADER_SIZE,
     NONCE_SIZE,
     SealError,
     SealHeader,
     SealKey,
     decode_header,
+    is_zero_entry,
     open_chunk,
     seal_chunk,
+    zero_entry,
 )
 from mesh.hde.image import PAGE_SIZE, ImageError
 from mesh.hde.index import build_index
@@ -64,15 +67,28 @@ def read_all(path: Path, key: SealKey = KEY) -> bytes:
 def test_chunk_round_trip_and_position_binding() -> None:
     h = SealHeader(40, b"f" * 16, KEY.key_id)
     plain = pages(16)
-    slot = seal_chunk(KEY, h, 1, plain, b"n" * NONCE_SIZE)
-    assert open_chunk(KEY, h, 1, slot) == plain
+    entry, data = seal_chunk(KEY, h, 1, plain, b"n" * NONCE_SIZE)
+    assert len(entry) == ENTRY_SIZE and len(data) == len(plain) and data != plain
+    assert open_chunk(KEY, h, 1, entry, data) == plain
     with pytest.raises(SealError, match="chunk 0 .* fails authentication"):
-        open_chunk(KEY, h, 0, slot)  # moved to another position
+        open_chunk(KEY, h, 0, entry, data)  # moved to another position
     other_file = SealHeader(40, b"g" * 16, KEY.key_id)
     with pytest.raises(SealError, match="fails authentication"):
-        open_chunk(KEY, other_file, 1, slot)  # into another file
+        open_chunk(KEY, other_file, 1, entry, data)  # into another file
     with pytest.raises(SealError, match="expected"):
-        open_chunk(KEY, h, 2, slot)  # the last chunk is 8 pages: wrong length
+        open_chunk(KEY, h, 2, entry, data)  # the last chunk is 8 pages: wrong length
+
+
+def test_zero_entries_are_bound_like_chunks() -> None:
+    h = SealHeader(40, b"f" * 16, KEY.key_id)
+    zero = zero_entry(KEY, h, 1, b"z" * NONCE_SIZE)
+    assert is_zero_entry(KEY, h, 1, zero)
+    assert open_chunk(KEY, h, 1, zero, b"") == bytes(16 * PAGE_SIZE)
+    assert not is_zero_entry(KEY, h, 0, zero)  # another position
+    assert not is_zero_entry(KEY, SealHeader(40, b"g" * 16, KEY.key_id), 1, zero)
+    assert not is_zero_entry(KEY, h, 1, bytes(ENTRY_SIZE))  # an entry zeroed by hand
+    with pytest.raises(SealError, match="fails authentication|expected"):
+        open_chunk(KEY, h, 1, bytes(ENTRY_SIZE), bytes(16 * PAGE_SIZE))
 
 
 @settings(max_examples=300, deadline=None)
@@ -95,21 +111,24 @@ def test_header_round_trip(page_count: int, chunk_pages: int, file_id: bytes) ->
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=3 * PAGE_SIZE), st.integers(0, 3))
-def test_chunk_decoder_refuses_garbage_with_seal_error(slot: bytes, index: int) -> None:
+@given(st.binary(max_size=ENTRY_SIZE + 8), st.binary(max_size=17 * PAGE_SIZE),
+       st.integers(-2, 4))
+def test_chunk_decoder_refuses_garbage_with_seal_error(entry: bytes, data: bytes,
+                                                      index: int) -> None:
     h = SealHeader(40, b"f" * 16, KEY.key_id)
     with pytest.raises(SealError):
-        open_chunk(KEY, h, index, slot)
+        open_chunk(KEY, h, index, entry, data)
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.integers(0, 16 * PAGE_SIZE + NONCE_SIZE + 15), st.integers(1, 255))
+@given(st.integers(0, 16 * PAGE_SIZE + ENTRY_SIZE - 1), st.integers(1, 255))
 def test_every_flipped_byte_of_a_chunk_is_refused(offset: int, mask: int) -> None:
     h = SealHeader(16, b"f" * 16, KEY.key_id)
-    slot = bytearray(seal_chunk(KEY, h, 0, pages(16), b"n" * NONCE_SIZE))
-    slot[offset] ^= mask
+    entry, data = seal_chunk(KEY, h, 0, pages(16), b"n" * NONCE_SIZE)
+    raw = bytearray(entry + data)
+    raw[offset] ^= mask
     with pytest.raises(SealError, match="fails authentication"):
-        open_chunk(KEY, h, 0, slot)
+        open_chunk(KEY, h, 0, raw[:ENTRY_SIZE], raw[ENTRY_SIZE:])
 
 
 def test_header_names_a_foreign_key_and_non_sealed_files(tmp_path: Path) -> None:
@@ -150,18 +169,29 @@ def _plain_image(data: bytes):  # type: ignore[no-untyped-def]
     return Image(data)
 
 
-@pytest.mark.parametrize("damage", ["flip", "swap", "truncate", "extend", "header"])
+@pytest.mark.parametrize("damage", ["flip", "swap", "swap-entries", "zero-entry",
+                                    "truncate", "extend", "header"])
 def test_tampered_files_are_refused_with_a_clear_error(tmp_path: Path, damage: str) -> None:
     path, _ = sealed(tmp_path, 48)
     h = SealHeader(48, b"x" * 16, KEY.key_id)
     raw = bytearray(path.read_bytes())
-    slot = h.slot_size
+    c = 16 * PAGE_SIZE
+    d0, d1 = h.chunk_offset(0), h.chunk_offset(1)
+    e0, e1 = h.entry_offset(0), h.entry_offset(1)
     if damage == "flip":
-        raw[HEADER_SIZE + slot + 100] ^= 1
+        raw[d1 + 100] ^= 1
         match = "chunk 1 .*fails authentication"
-    elif damage == "swap":
-        a, b = HEADER_SIZE, HEADER_SIZE + slot
-        raw[a:a + slot], raw[b:b + slot] = raw[b:b + slot], raw[a:a + slot]
+    elif damage == "swap":  # two chunks' data and entries, exchanged
+        raw[d0:d0 + c], raw[d1:d1 + c] = raw[d1:d1 + c], raw[d0:d0 + c]
+        raw[e0:e0 + ENTRY_SIZE], raw[e1:e1 + ENTRY_SIZE] = (raw[e1:e1 + ENTRY_SIZE],
+                                                            raw[e0:e0 + ENTRY_SIZE])
+        match = "chunk 0 .*fails authentication"
+    elif damage == "swap-entries":
+        raw[e0:e0 + ENTRY_SIZE], raw[e1:e1 + ENTRY_SIZE] = (raw[e1:e1 + ENTRY_SIZE],
+                                                            raw[e0:e0 + ENTRY_SIZE])
+        match = "chunk 0 .*fails authentication"
+    elif damage == "zero-entry":  # "this chunk is zero pages", forged by zeroing
+        raw[e0:e0 + ENTRY_SIZE] = bytes(ENTRY_SIZE)
         match = "chunk 0 .*fails authentication"
     elif damage == "truncate":
         del raw[-1:]
@@ -182,8 +212,9 @@ def test_a_chunk_copied_from_another_sealed_file_is_refused(tmp_path: Path) -> N
     b, _ = sealed(tmp_path, 32, salt=2)
     h = SealHeader(32, b"x" * 16, KEY.key_id)
     raw_a, raw_b = bytearray(a.read_bytes()), b.read_bytes()
-    off = HEADER_SIZE
-    raw_a[off:off + h.slot_size] = raw_b[off:off + h.slot_size]
+    e, d, c = h.entry_offset(0), h.chunk_offset(0), 16 * PAGE_SIZE
+    raw_a[e:e + ENTRY_SIZE] = raw_b[e:e + ENTRY_SIZE]
+    raw_a[d:d + c] = raw_b[d:d + c]
     a.write_bytes(bytes(raw_a))
     with pytest.raises(SealError, match="chunk 0 .*fails authentication"):
         read_all(a)
@@ -246,7 +277,8 @@ def test_a_torn_work_copy_never_reaches_the_published_file(tmp_path: Path) -> No
     w.fill(0, n, 0x33)
     work = tmp_path / "sealed0.img.new"
     raw = bytearray(work.read_bytes())
-    raw[HEADER_SIZE + 50: HEADER_SIZE + 4000] = bytes(3950)  # torn in the middle
+    raw[HEADER_SIZE + 50: HEADER_SIZE + 4000] = bytes(3950)  # torn entries
+    raw[-5000:-100] = bytes(4900)  # and torn data
     work.write_bytes(bytes(raw))
     assert read_all(path) == plain
     w2 = SealedWriter(path, KEY, n)

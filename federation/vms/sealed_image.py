@@ -20,7 +20,6 @@ libsodium's random generator.
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -29,6 +28,8 @@ from pathlib import Path
 import nacl.utils
 
 from federation.vms.sealing import (
+    CHUNK_PAGES,
+    ENTRY_SIZE,
     FILE_ID_SIZE,
     HEADER_SIZE,
     MAGIC,
@@ -37,8 +38,10 @@ from federation.vms.sealing import (
     SealHeader,
     SealKey,
     decode_header,
+    is_zero_entry,
     open_chunk,
     seal_chunk,
+    zero_entry,
 )
 from mesh.hde.image import PAGE_SIZE, Image, ImageError, ImageWriter, PageSource
 
@@ -107,8 +110,12 @@ class _Chunks:
             self.cache.move_to_end(index)
             return hit
         h = self.header
-        slot = _pread_exact(self.fd, h.slot_size_of(index), h.slot_offset(index))
-        plain = open_chunk(self.key, h, index, slot, self.where)
+        entry = _pread_exact(self.fd, ENTRY_SIZE, h.entry_offset(index))
+        if is_zero_entry(self.key, h, index, entry, self.where):
+            plain = bytes(h.chunk_bytes(index))
+        else:
+            data = _pread_exact(self.fd, h.chunk_bytes(index), h.chunk_offset(index))
+            plain = open_chunk(self.key, h, index, entry, data, self.where)
         self.cache[index] = plain
         if len(self.cache) > _CACHE_CHUNKS:
             self.cache.popitem(last=False)
@@ -116,12 +123,64 @@ class _Chunks:
 
     def write(self, index: int, plain: bytes) -> None:
         h = self.header
-        _pwrite_all(self.fd, seal_chunk(self.key, h, index, plain, _nonce()),
-                    h.slot_offset(index))
+        entry, data = _seal(self.key, h, index, plain)
+        if data:  # the data first: the entry that names it is written after
+            _pwrite_all(self.fd, data, h.chunk_offset(index))
+        _pwrite_all(self.fd, entry, h.entry_offset(index))
         self.cache[index] = plain
         self.cache.move_to_end(index)
         if len(self.cache) > _CACHE_CHUNKS:
             self.cache.popitem(last=False)
+
+
+def _seal(key: SealKey, header: SealHeader, index: int,
+          plain: bytes | memoryview) -> tuple[bytes, bytes]:
+    """Chunk ``index``'s entry and data: a zero entry and no data for zero pages (the
+    data region keeps what it holds: a hole, or old ciphertext that no longer counts)."""
+    raw = plain if isinstance(plain, bytes) else plain.tobytes()  # bytes compare: memcmp
+    if raw == (_ZERO_CHUNK if len(raw) == len(_ZERO_CHUNK) else bytes(len(raw))):
+        return zero_entry(key, header, index, _nonce()), b""
+    return seal_chunk(key, header, index, plain, _nonce())
+
+
+_ZERO_CHUNK = bytes(CHUNK_PAGES * PAGE_SIZE)
+
+
+def _copy_sparse(src: Path, dst: Path) -> None:
+    """Copy ``src`` to a new ``dst`` (0600) extent by extent (SEEK_DATA/SEEK_HOLE and
+    copy_file_range), so a sparse sealed image stays sparse and the kernel moves the
+    bytes (or shares them, on a file system that reflinks)."""
+    with open(src, "rb") as fin:
+        fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        try:
+            os.fchmod(fd_out, FILE_MODE)
+            fd_in = fin.fileno()
+            size = os.fstat(fd_in).st_size
+            os.ftruncate(fd_out, size)
+            pos = 0
+            while pos < size:
+                try:
+                    start = os.lseek(fd_in, pos, os.SEEK_DATA)
+                except OSError:  # ENXIO: only a hole remains
+                    break
+                end = os.lseek(fd_in, start, os.SEEK_HOLE)
+                _copy_range(fd_in, fd_out, start, end - start)
+                pos = end
+        finally:
+            os.close(fd_out)
+
+
+def _copy_range(fd_in: int, fd_out: int, offset: int, count: int) -> None:
+    while count > 0:
+        try:
+            n = os.copy_file_range(fd_in, fd_out, min(count, 1 << 30), offset, offset)
+        except OSError:  # not supported between these files: copy through memory
+            data = _pread_exact(fd_in, min(count, 1 << 24), offset)
+            _pwrite_all(fd_out, data, offset)
+            n = len(data)
+        if n <= 0:
+            raise OSError(f"copy stopped at offset {offset} with {count} bytes to go")
+        offset, count = offset + n, count - n
 
 
 def _open_fd(path: Path, key: SealKey, flags: int, where: str) -> tuple[int, SealHeader]:
@@ -237,8 +296,7 @@ class SealedWriter(ImageWriter):
         """The work copy, made from the published file at the first write after a publish
         (a leftover of a crash is overwritten: it was never published)."""
         if self._chunks is None:
-            shutil.copyfile(self.path, self.work)  # copy_file_range: reflinks where it can
-            os.chmod(self.work, FILE_MODE)
+            _copy_sparse(self.path, self.work)
             fd, header = _open_fd(self.work, self.key, os.O_RDWR, self.name)
             self._chunks = _Chunks(fd, self.key, header, self.name)
         return self._chunks
@@ -321,7 +379,7 @@ class SealedWriter(ImageWriter):
 
 
 def _write_sealed(dst: Path, key: SealKey, page_count: int,
-                  plain_of: Callable[[int, int], bytes | memoryview],
+                  plain_of: Callable[[int, int], bytes | memoryview] | None,
                   file_id: bytes | None = None) -> None:
     """Write a whole sealed file at ``dst`` from ``plain_of(first_page, count)``, atomically
     (temp, fsync, rename, directory fsync): a crash leaves no file or the whole one."""
@@ -333,15 +391,24 @@ def _write_sealed(dst: Path, key: SealKey, page_count: int,
         _pwrite_all(fd, header.encode(), 0)
         cp = header.chunk_pages
         step = max(cp, _STEP_PAGES - _STEP_PAGES % cp)
-        for first in range(0, page_count, step):
+        if plain_of is None:  # zero pages: the entries alone, the data a hole
+            entries = [zero_entry(key, header, i, _nonce()) for i in range(header.chunk_count)]
+            _pwrite_all(fd, b"".join(entries), header.entry_offset(0))
+        for first in range(0, page_count if plain_of is not None else 0, step):
             n = min(step, page_count - first)
+            assert plain_of is not None
             plain = plain_of(first, n)
-            parts = []
-            for index in range(first // cp, (first + n - 1) // cp + 1):
+            entries = []
+            first_chunk = first // cp
+            for index in range(first_chunk, (first + n - 1) // cp + 1):
                 off = (index * cp - first) * PAGE_SIZE
-                size = header.chunk_pages_of(index) * PAGE_SIZE
-                parts.append(seal_chunk(key, header, index, plain[off : off + size], _nonce()))
-            _pwrite_all(fd, b"".join(parts), header.slot_offset(first // cp))
+                piece = plain[off : off + header.chunk_bytes(index)]
+                entry, data = _seal(key, header, index, piece)
+                if data:
+                    _pwrite_all(fd, data, header.chunk_offset(index))
+                entries.append(entry)
+            _pwrite_all(fd, b"".join(entries), header.entry_offset(first_chunk))
+        os.ftruncate(fd, header.file_size)  # zero chunks at the end: a hole to the end
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -356,8 +423,7 @@ def create_sealed(dst: Path, key: SealKey, page_count: int) -> None:
     """A sealed image of ``page_count`` zero pages at ``dst`` (atomic: temp and rename)."""
     if page_count <= 0:
         raise ImageError(f"image {str(dst)!r}: page count must be positive")
-    zeros = bytes(_STEP_PAGES * PAGE_SIZE)
-    _write_sealed(dst, key, page_count, lambda first, n: memoryview(zeros)[: n * PAGE_SIZE])
+    _write_sealed(dst, key, page_count, None)
 
 
 def seal_file(src: Path, dst: Path, key: SealKey) -> int:

@@ -4,27 +4,39 @@ Pure functions over bytes (no files, no clock, no randomness of its own: every n
 passed in), so the format is tested and fuzzed apart from the file code that uses it
 (:mod:`federation.vms.sealed_image`)::
 
-    header   48 bytes   magic "DWCPSEAL" | version 1 | 3 zero bytes | chunk_pages u32
-                        | page_count u64 | file_id 16 bytes | key_id 8 bytes
-    slot i   nonce (24 random bytes) | ciphertext of chunk i | Poly1305 tag (16)
+    header    48 bytes   magic "DWCPSEAL" | version 1 | 3 zero bytes | chunk_pages u32
+                         | page_count u64 | file_id 16 bytes | key_id 8 bytes
+    entries   40 bytes per chunk: nonce (24 random bytes) | Poly1305 tag (16)
+    data      from the next 4 KiB boundary: chunk i's ciphertext at data + i * chunk
+              bytes, as long as its plaintext (the last chunk holds what remains)
 
-Every chunk is ``chunk_pages`` pages except the last, which holds what remains; slots sit
-at fixed offsets (``HEADER_SIZE + i * full slot``), so a page is found without an index
-and read by decrypting one chunk. A chunk's associated data is the whole header and its
-index: a chunk moved to another position, or into another file (another ``file_id``), or
-a header changed in any byte (its page count, say) fails its tag, and a file of the
-wrong length is refused before any chunk is read. What the format cannot see is a whole
-file replaced by an older sealed copy of itself (a rollback): that needs state outside
-the file, and the HDE root the ledger records is that state for a migration's copy.
+Every chunk is ``chunk_pages`` pages except the last; a page is found without an index
+(its chunk's entry and bytes sit at fixed offsets) and read by decrypting one chunk. A
+chunk's associated data is the whole header, its index and its kind, so a chunk moved to
+another position, or into another file (another ``file_id``), or a header changed in any
+byte (its page count, say) fails its tag, and a file of the wrong length is refused
+before any chunk is read.
+
+A chunk of zero pages (an image just created, a target's never-written pages) has a
+*zero entry*: the tag of an empty message whose associated data says "zero chunk here",
+and no data (a hole), so a sealed image stays as sparse as a plain one. Without the key
+an entry cannot be made, and it is bound to its position like any chunk, so zeroing an
+entry, or copying one from another chunk or file, is refused.
+
+What the format cannot see is a whole file, or one chunk, put back as an older sealed
+version of the same file (a rollback by someone who can write the disk): that needs
+state outside the file. Integrity of what a migration moves does not rest on it: the
+target checks every block it assembled, base pages included, against the source's HDE
+digests, and the VM's root before the ledger commits (DESIGN.md, HDE).
 
 Why 16 pages (64 KiB) per chunk: HDE reads single pages at random (dedup hits in other
 VMs' images), and a read decrypts a whole chunk; the 1 MiB index block would cost 256
-pages of decryption per such page, 16 pages costs 16 while the 40 bytes of nonce and tag
-are 0.06 % of the chunk. The index reads 1 MiB blocks: 16 chunks, still sequential.
+pages of decryption per such page, 16 pages costs 16 while an entry is 0.06 % of the
+chunk. The index reads 1 MiB blocks: 16 chunks, still sequential.
 
 Why random nonces: XChaCha20's 192-bit nonce makes random nonces safe for any number of
-messages a node will ever seal (the birthday bound is 2**96), so a rewrite needs no
-counter that a crash could lose (libsodium's documentation of the construction).
+messages a node will ever seal (libsodium's documentation of the construction), so a
+rewrite needs no counter that a crash could lose.
 """
 
 from __future__ import annotations
@@ -49,7 +61,10 @@ __all__ = [
     "TAG_SIZE",
     "KEY_SIZE",
     "CHUNK_PAGES",
+    "ENTRY_SIZE",
     "seal_chunk",
+    "zero_entry",
+    "is_zero_entry",
     "open_chunk",
     "decode_header",
 ]
@@ -65,6 +80,9 @@ CHUNK_PAGES = 16
 MAX_CHUNK_PAGES = 256
 #: 2**40 pages is 4 PiB; anything above is a corrupt header, not an image.
 MAX_PAGES = 1 << 40
+#: A chunk's entry: its nonce and its tag.
+ENTRY_SIZE = NONCE_SIZE + TAG_SIZE
+_DATA, _ZERO = b"\x01", b"\x00"
 _HEADER = struct.Struct(">8sB3sIQ16s8s")
 HEADER_SIZE = _HEADER.size  # 48
 FILE_ID_SIZE = 16
@@ -120,27 +138,29 @@ class SealHeader:
     def chunk_count(self) -> int:
         return -(-self.page_count // self.chunk_pages)
 
-    @property
-    def slot_size(self) -> int:
-        """The size of a full chunk's slot; the last one may be shorter."""
-        return NONCE_SIZE + self.chunk_pages * PAGE_SIZE + TAG_SIZE
-
     def chunk_pages_of(self, index: int) -> int:
         """Pages in chunk ``index`` (the last holds what remains)."""
         if not 0 <= index < self.chunk_count:
             raise SealError(f"chunk {index} outside 0..{self.chunk_count}")
         return min(self.chunk_pages, self.page_count - index * self.chunk_pages)
 
-    def slot_offset(self, index: int) -> int:
-        return HEADER_SIZE + index * self.slot_size
+    def entry_offset(self, index: int) -> int:
+        return HEADER_SIZE + index * ENTRY_SIZE
 
-    def slot_size_of(self, index: int) -> int:
-        return NONCE_SIZE + self.chunk_pages_of(index) * PAGE_SIZE + TAG_SIZE
+    @property
+    def data_offset(self) -> int:
+        table_end = HEADER_SIZE + self.chunk_count * ENTRY_SIZE
+        return -(-table_end // PAGE_SIZE) * PAGE_SIZE
+
+    def chunk_offset(self, index: int) -> int:
+        return self.data_offset + index * self.chunk_pages * PAGE_SIZE
+
+    def chunk_bytes(self, index: int) -> int:
+        return self.chunk_pages_of(index) * PAGE_SIZE
 
     @property
     def file_size(self) -> int:
-        last = self.chunk_count - 1
-        return self.slot_offset(last) + self.slot_size_of(last)
+        return self.data_offset + self.page_count * PAGE_SIZE
 
 
 def decode_header(raw: bytes, key: SealKey, file_size: int | None = None,
@@ -169,34 +189,72 @@ def decode_header(raw: bytes, key: SealKey, file_size: int | None = None,
     return header
 
 
-def _aad(header: SealHeader, index: int) -> bytes:
-    return header.encode() + index.to_bytes(8, "big")
+def _aad(header: SealHeader, index: int, kind: bytes) -> bytes:
+    return header.encode() + index.to_bytes(8, "big") + kind
 
 
 def seal_chunk(key: SealKey, header: SealHeader, index: int, plain: bytes | memoryview,
-               nonce: bytes) -> bytes:
-    """The slot of chunk ``index`` holding ``plain`` (exactly that chunk's pages)."""
+               nonce: bytes) -> tuple[bytes, bytes]:
+    """Chunk ``index`` holding ``plain`` (exactly that chunk's pages): its entry and its
+    ciphertext."""
     if len(nonce) != NONCE_SIZE:
         raise SealError(f"a nonce is {NONCE_SIZE} bytes, got {len(nonce)}")
-    want = header.chunk_pages_of(index) * PAGE_SIZE
+    want = header.chunk_bytes(index)
     if len(plain) != want:
         raise SealError(f"chunk {index} holds {want} bytes, got {len(plain)}")
+    sealed = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        bytes(plain), _aad(header, index, _DATA), nonce, key.raw)
+    return nonce + sealed[-TAG_SIZE:], sealed[:-TAG_SIZE]
+
+
+def zero_entry(key: SealKey, header: SealHeader, index: int, nonce: bytes) -> bytes:
+    """The entry that says "chunk ``index`` is zero pages" (its data is not read)."""
+    if len(nonce) != NONCE_SIZE:
+        raise SealError(f"a nonce is {NONCE_SIZE} bytes, got {len(nonce)}")
+    header.chunk_pages_of(index)  # in range
     return nonce + sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
-        bytes(plain), _aad(header, index), nonce, key.raw)
+        b"", _aad(header, index, _ZERO), nonce, key.raw)
 
 
-def open_chunk(key: SealKey, header: SealHeader, index: int, slot: bytes | memoryview,
-               where: str = "sealed image") -> bytes:
-    """The pages of chunk ``index`` from its slot; :class:`SealError` if the slot is not
-    exactly what :func:`seal_chunk` made for this key, file and position."""
-    want = header.slot_size_of(index)
-    if len(slot) != want:
-        raise SealError(f"{where}: chunk {index} is {len(slot)} bytes, expected {want}")
-    raw = bytes(slot)
+def _check_entry(header: SealHeader, index: int, entry: bytes | memoryview,
+                 where: str) -> bytes:
+    header.chunk_pages_of(index)
+    if len(entry) != ENTRY_SIZE:
+        raise SealError(f"{where}: the entry of chunk {index} is {len(entry)} bytes, "
+                        f"expected {ENTRY_SIZE}")
+    return bytes(entry)
+
+
+def is_zero_entry(key: SealKey, header: SealHeader, index: int, entry: bytes | memoryview,
+                  where: str = "sealed image") -> bool:
+    """Whether ``entry`` is chunk ``index``'s authentic zero entry (a tag over 57 bytes
+    of associated data: far cheaper than a chunk's 64 KiB)."""
+    raw = _check_entry(header, index, entry, where)
+    try:
+        sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            raw[NONCE_SIZE:], _aad(header, index, _ZERO), raw[:NONCE_SIZE], key.raw)
+    except nacl.exceptions.CryptoError:
+        return False
+    return True
+
+
+def open_chunk(key: SealKey, header: SealHeader, index: int, entry: bytes | memoryview,
+               data: bytes | memoryview, where: str = "sealed image") -> bytes:
+    """The pages of chunk ``index`` from its entry and ciphertext; :class:`SealError` if
+    they are not exactly what :func:`seal_chunk` made for this key, file and position (a
+    zero entry gives zero pages, whatever ``data`` holds)."""
+    raw = _check_entry(header, index, entry, where)
+    want = header.chunk_bytes(index)
+    if is_zero_entry(key, header, index, raw, where):
+        return bytes(want)
+    if len(data) != want:
+        raise SealError(f"{where}: chunk {index} is {len(data)} bytes, expected {want}")
     try:
         return sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
-            raw[NONCE_SIZE:], _aad(header, index), raw[:NONCE_SIZE], key.raw)
+            bytes(data) + raw[NONCE_SIZE:], _aad(header, index, _DATA), raw[:NONCE_SIZE],
+            key.raw)
     except nacl.exceptions.CryptoError:
-        raise SealError(f"{where}: chunk {index} (pages {index * header.chunk_pages}.."
-                        f"{index * header.chunk_pages + header.chunk_pages_of(index) - 1}) "
-                        "fails authentication: tampered, swapped or torn") from None
+        first = index * header.chunk_pages
+        raise SealError(f"{where}: chunk {index} (pages {first}.."
+                        f"{first + header.chunk_pages_of(index) - 1}) fails authentication: "
+                        "tampered, swapped or torn") from None
