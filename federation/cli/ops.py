@@ -3,6 +3,7 @@
 ::
 
     dwcp vm import NAME --memory FILE [--disk FILE ...]
+    dwcp vm purge NAME [--staged]      # remove this DC's retained copy of a VM that left
     dwcp vm create|start|stop|console ...   # qemu VMs: federation.cli.vm
     dwcp vms [--json]
     dwcp migrate NAME --to DC          # progress bar on stderr; non-zero exit on abort
@@ -41,6 +42,7 @@ from federation.api.client import (
 from federation.cli.main import CommandError
 from federation.cli.vm import add_qemu_commands
 from federation.migration.vocabulary import CANCEL_REASON
+from federation.vms.retention import PurgeVm
 
 __all__ = ["register_vm", "register_vms", "register_migrate", "register_cancel",
            "register_status", "Api", "node_api", "add_node_options", "table", "render_status",
@@ -112,6 +114,13 @@ def register_vm(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                      help="a disk image (repeat for more disks)")
     add_node_options(imp)
     imp.set_defaults(func=run_import)
+    purge = vsub.add_parser("purge", help="remove the node's retained copy of a VM that "
+                                          "migrated away (frees its disk)")
+    purge.add_argument("vm", metavar="NAME")
+    purge.add_argument("--staged", action="store_true",
+                       help="also a staged import that was never registered")
+    add_node_options(purge)
+    purge.set_defaults(func=run_purge)
     add_qemu_commands(vsub)
 
 
@@ -126,6 +135,16 @@ def run_import(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     pages = sum(n for _, n in doc["layout"])
     print(f"imported {doc['name']}: {pages} pages, epoch {doc['epoch']}, {doc['state']}")
+    return 0
+
+
+def run_purge(args: argparse.Namespace) -> int:
+    """Sign a PurgeVm for this node (role operator); the node refuses a VM that runs,
+    is fenced, is arriving or that the ledger gives to its DC."""
+    api = node_api(args)
+    path = f"/api/vms/{urllib.parse.quote(args.vm, safe='')}/purge"
+    doc = api.ok("POST", path, PurgeVm(args.vm, args.staged))
+    print(f"purged {doc['name']}: freed {_human(doc['freed_bytes'])}")
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +35,11 @@ from federation.node.node_config import (
     load_node_config,
 )
 from federation.node.private_dir import private_dir
+from federation.vms.at_rest_key import AtRestKeyError, load_or_create
+from federation.vms.at_rest_key import default_key_path as default_key_path_at_rest
 from federation.vms.backend import VmBackend
+from federation.vms.sealed_image import is_sealed
+from federation.vms.sealing import SealKey
 from mesh import identity
 from mesh.runtime.node_runtime import ListenError
 from mesh.runtime.sqlite_store import StoreError
@@ -87,9 +92,11 @@ def run_node(args: argparse.Namespace,
     data_dir: Path = args.data_dir or args.config.parent / "data" / args.name
     try:
         private_dir(data_dir)
+        seal_key, budget = _at_rest(settings, key_path, data_dir)
         vms = backend(data_dir) if backend is not None else None
         node = Node(fed, args.name, ident, data_dir, backend=vms,
-                    import_dirs=settings.import_dirs)
+                    import_dirs=settings.import_dirs, at_rest_key=seal_key,
+                    retained_max=budget)
     except OSError as exc:
         raise CommandError(
             f"{data_dir}: cannot create the data directory: {exc.strerror}"
@@ -105,6 +112,28 @@ def run_node(args: argparse.Namespace,
     finally:
         node.close()
     return 0
+
+
+def _at_rest(settings: NodeConfig, identity_key: Path,
+             data_dir: Path) -> tuple[SealKey, int]:
+    """The node's at-rest key (made at the first start, federation.vms.at_rest_key) and
+    the retained copies' budget: the node config's, else a quarter of the file system
+    the data directory is on."""
+    path = settings.at_rest_key or default_key_path_at_rest(identity_key)
+    vms = data_dir / "vms"
+    held = vms.is_dir() and any(is_sealed(p) for p in vms.glob("*/*.img") if p.is_file())
+    try:
+        key, made = load_or_create(path, held)
+    except AtRestKeyError as exc:
+        raise CommandError(str(exc)) from None
+    if made:
+        print(f"made the at-rest key {path}: back it up with the identity key "
+              "(the VMs' images here cannot be read without it)", file=sys.stderr)
+    budget = settings.retained_max
+    if budget is None:
+        fs = os.statvfs(data_dir)
+        budget = fs.f_blocks * fs.f_frsize // 4
+    return key, budget
 
 
 def _node_config(args: argparse.Namespace) -> NodeConfig:

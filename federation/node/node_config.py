@@ -4,6 +4,9 @@
 
     [storage]
     import_dirs = ["/srv/dwcp/images"]    # the only places VM images are imported from
+    at_rest_key = "/etc/dwcp/dc1.at-rest" # default: beside the identity key (<DC>.at-rest)
+    retained_max = "200GiB"               # retained copies' budget (default: 1/4 of the
+                                          # data directory's file system)
 
     [api]
     metrics_token_file = "/etc/dwcp/metrics.token"   # Prometheus' bearer token, 0600
@@ -24,6 +27,8 @@ from pathlib import Path
 
 import attrs
 
+from federation.vms.retention import parse_size
+
 __all__ = ["NodeConfig", "NodeConfigError", "load_node_config", "render_node_config",
            "default_node_config"]
 
@@ -39,9 +44,14 @@ class NodeConfig:
     import_dirs: tuple[Path, ...] = ()
     #: the bearer token that lets Prometheus read /metrics ("" : only signed requests)
     metrics_token: str = ""
+    #: the at-rest key file (None: beside the identity key, federation.vms.at_rest_key)
+    at_rest_key: Path | None = None
+    #: the retained copies' budget in bytes (None: a quarter of the data file system)
+    retained_max: int | None = None
 
 
-_KEYS = {"storage": {"import_dirs"}, "api": {"metrics_token_file"}}
+_KEYS = {"storage": {"import_dirs", "at_rest_key", "retained_max"},
+         "api": {"metrics_token_file"}}
 
 
 def default_node_config(federation_file: Path, name: str) -> Path:
@@ -76,7 +86,23 @@ def load_node_config(path: Path) -> NodeConfig:
         if not isinstance(token_file, str) or not token_file:
             raise NodeConfigError(f"{path}: api.metrics_token_file: expected a path")
         token = _read_token(path, here / token_file)
-    return NodeConfig(str(path), dirs, token)
+    storage = doc.get("storage", {})
+    key_file = storage.get("at_rest_key")
+    if key_file is not None and (not isinstance(key_file, str) or not key_file):
+        raise NodeConfigError(f"{path}: storage.at_rest_key: expected a path")
+    budget = storage.get("retained_max")
+    retained: int | None = None
+    if budget is not None:
+        try:
+            if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+                raise ValueError(f"{budget!r} is not a size")
+            retained = budget if isinstance(budget, int) else parse_size(budget)
+            if retained < 0:
+                raise ValueError(f"{budget!r} is negative")
+        except ValueError as exc:
+            raise NodeConfigError(f"{path}: storage.retained_max: {exc}") from None
+    return NodeConfig(str(path), dirs, token,
+                      here / key_file if key_file is not None else None, retained)
 
 
 def _read_token(path: Path, token_path: Path) -> str:

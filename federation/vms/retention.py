@@ -8,6 +8,9 @@ the least recently used go first (a copy is used when it is retired or discarded
 last time its images were written; the oldest first, by name on a tie).
 
 :func:`evictions` is the policy (pure); :func:`dir_bytes` measures a VM's directory.
+An operator removes one copy at once with ``dwcp vm purge`` (``POST
+/api/vms/NAME/purge``, role operator), signing a :class:`PurgeVm`: a DC's own disk, not
+ledger state, so it goes to that DC's node only.
 """
 
 from __future__ import annotations
@@ -19,8 +22,19 @@ from pathlib import Path
 import attrs
 
 from federation.vms.backend import VmState
+from mesh import wire
+from mesh.wire import Bool, Text, field
 
-__all__ = ["VmUsage", "evictions", "dir_bytes", "parse_size"]
+__all__ = ["VmUsage", "PurgeVm", "evictions", "dir_bytes", "parse_size"]
+
+
+@wire.message("operator.purge-vm")
+class PurgeVm:
+    """An operator's intent: remove this DC's retained copy of ``vm`` (with ``staged``,
+    also a staged import that was never registered)."""
+
+    vm: str = field(Text(128))
+    staged: bool = field(Bool(), default=False)
 
 
 @attrs.frozen

@@ -32,6 +32,7 @@ from federation.demo.guest_backend import WritingBackend
 from federation.demo.processes import free_base_port
 from federation.demo.real_data import write_process_memory
 from federation.node.assembly import Node
+from federation.vms.at_rest_key import load_or_create
 from federation.vms.backend import VmInfo
 from mesh import identity, wire
 from mesh.runtime.log import JsonLog
@@ -77,13 +78,22 @@ def image_hashes(vm_dir: Path) -> dict[str, str]:
 
 
 def build_node(cfg: Path, name: str, data_root: Path,
-               transfer_versions: tuple[int, ...] = (1, 3)) -> Node:
+               transfer_versions: tuple[int, ...] = (1, 3), *,
+               at_rest: bool = False, retained_max: int | None = None) -> Node:
     """A node over the image backend with the demo's page writer available
     (:func:`import_with_writer`); it imports VM images from anywhere under the test's
-    directory (the federation file's parent's parent: pytest's ``tmp_path``)."""
+    directory (the federation file's parent's parent: pytest's ``tmp_path``). With
+    ``at_rest`` it runs the production image backend instead, its images sealed with an
+    at-rest key of its own (keys/<DC>.at-rest, made at the first build)."""
     fed = config.load(cfg)
     ident = identity.load_key_file(cfg.parent / "keys" / f"{name}.key")
-    return Node(fed, name, ident, data_root / name, log=JsonLog(name, io.StringIO()),
+    log = JsonLog(name, io.StringIO())
+    if at_rest:
+        key, _ = load_or_create(cfg.parent / "keys" / f"{name}.at-rest", False)
+        return Node(fed, name, ident, data_root / name, log=log, at_rest_key=key,
+                    retained_max=retained_max, transfer_versions=transfer_versions,
+                    import_dirs=(cfg.parent.parent,))
+    return Node(fed, name, ident, data_root / name, log=log,
                 backend=WritingBackend(data_root / name / "vms"),
                 transfer_versions=transfer_versions, import_dirs=(cfg.parent.parent,))
 
@@ -152,12 +162,15 @@ async def running_nodes(cfg: Path, data_root: Path,
                         names: tuple[str, ...] = ("dc1", "dc2", "dc3", "dc4"),
                         versions: dict[str, tuple[int, ...]] | None = None,
                         views: dict[str, Path] | None = None,
+                        at_rest: bool = False,
                         ) -> AsyncIterator[dict[str, Node]]:
     """Nodes in this process (``versions[name]`` limits what a node offers; node ``n``
     reads the federation file ``views[n]`` if given, e.g. one that sends its data to a
-    relay); yields once every link is up; shuts down cleanly."""
+    relay); yields once every link is up; shuts down cleanly. ``at_rest``: see
+    :func:`build_node`."""
     offered, seen = versions or {}, views or {}
-    nodes = {n: build_node(seen.get(n, cfg), n, data_root, offered.get(n, (1, 3)))
+    nodes = {n: build_node(seen.get(n, cfg), n, data_root, offered.get(n, (1, 3)),
+                           at_rest=at_rest)
              for n in names}
     try:
         async with trio.open_nursery() as nursery:
