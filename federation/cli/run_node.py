@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,11 +91,15 @@ def run_node(args: argparse.Namespace,
     data_dir: Path = args.data_dir or args.config.parent / "data" / args.name
     try:
         private_dir(data_dir)
-        seal_key, budget = _at_rest(settings, key_path, data_dir)
+        seal_key, made, budget = _at_rest(settings, key_path, data_dir)
         vms = backend(data_dir) if backend is not None else None
         node = Node(fed, args.name, ident, data_dir, backend=vms,
                     import_dirs=settings.import_dirs, at_rest_key=seal_key,
                     retained_max=budget)
+        if made is not None:
+            node.log.event("at_rest_key_made", path=str(made),
+                           note="back it up with the identity key: the VM images here "
+                                "cannot be read without it")
     except OSError as exc:
         raise CommandError(
             f"{data_dir}: cannot create the data directory: {exc.strerror}"
@@ -115,10 +118,10 @@ def run_node(args: argparse.Namespace,
 
 
 def _at_rest(settings: NodeConfig, identity_key: Path,
-             data_dir: Path) -> tuple[SealKey, int]:
-    """The node's at-rest key (made at the first start, federation.vms.at_rest_key) and
-    the retained copies' budget: the node config's, else a quarter of the file system
-    the data directory is on."""
+             data_dir: Path) -> tuple[SealKey, Path | None, int]:
+    """The node's at-rest key (made at the first start, federation.vms.at_rest_key; the
+    path if it was made now) and the retained copies' budget: the node config's, else a
+    quarter of the file system the data directory is on."""
     path = settings.at_rest_key or default_key_path_at_rest(identity_key)
     vms = data_dir / "vms"
     held = vms.is_dir() and any(is_sealed(p) for p in vms.glob("*/*.img") if p.is_file())
@@ -126,14 +129,11 @@ def _at_rest(settings: NodeConfig, identity_key: Path,
         key, made = load_or_create(path, held)
     except AtRestKeyError as exc:
         raise CommandError(str(exc)) from None
-    if made:
-        print(f"made the at-rest key {path}: back it up with the identity key "
-              "(the VMs' images here cannot be read without it)", file=sys.stderr)
     budget = settings.retained_max
     if budget is None:
         fs = os.statvfs(data_dir)
         budget = fs.f_blocks * fs.f_frsize // 4
-    return key, budget
+    return key, path if made else None, budget
 
 
 def _node_config(args: argparse.Namespace) -> NodeConfig:
