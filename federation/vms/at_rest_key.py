@@ -25,7 +25,7 @@ import nacl.utils
 from federation.vms.sealing import KEY_SIZE, SealKey
 
 __all__ = ["AtRestKeyError", "PREFIX", "load_key", "write_key", "load_or_create",
-           "default_key_path"]
+           "default_key_path", "key_if_any"]
 
 PREFIX = "dwcp-at-rest:"
 
@@ -89,3 +89,9 @@ def load_or_create(path: Path, store_has_images: bool) -> tuple[SealKey, bool]:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     write_key(path, key)
     return key, True
+
+
+def key_if_any(path: Path) -> SealKey | None:
+    """The key at ``path`` if there is one (tools that read a DC's images: the demo's
+    checks, tests); None where the DC has none."""
+    return load_key(path) if path.exists() else None

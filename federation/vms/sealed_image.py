@@ -19,6 +19,7 @@ libsodium's random generator.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections import OrderedDict
@@ -43,10 +44,10 @@ from federation.vms.sealing import (
     seal_chunk,
     zero_entry,
 )
-from mesh.hde.image import PAGE_SIZE, Image, ImageError, ImageWriter, PageSource
+from mesh.hde.image import PAGE_SIZE, Image, ImageError, ImageWriter, PageSource, open_image
 
 __all__ = ["SealedImage", "SealedWriter", "seal_file", "create_sealed", "is_sealed",
-           "WORK_SUFFIX", "FILE_MODE", "SealError"]
+           "open_stored", "content_sha256", "WORK_SUFFIX", "FILE_MODE", "SealError"]
 
 FILE_MODE = 0o600
 WORK_SUFFIX = ".new"
@@ -462,3 +463,26 @@ def _reseal(path: Path, key: SealKey, page_count: int, name: str) -> None:
     finally:
         old.close()
 
+
+
+def open_stored(path: Path, key: SealKey | None, name: str = "") -> Image:
+    """A stored image as pages, sealed (read with ``key``) or plain (mapped); a sealed one
+    without a key is a :class:`SealError` that says so."""
+    if is_sealed(path):
+        if key is None:
+            raise SealError(f"{path} is sealed at rest and no at-rest key was given")
+        return SealedImage(path, key, name or str(path))
+    return open_image(path, name or str(path))
+
+
+def content_sha256(path: Path, key: SealKey | None) -> str:
+    """SHA-256 of an image's pages (what a guest sees), sealed or plain: two DCs hold the
+    same VM when these agree, whatever their keys."""
+    h = hashlib.sha256()
+    img = open_stored(path, key)
+    try:
+        for first in range(0, img.page_count, _STEP_PAGES):
+            h.update(img.view(first, min(_STEP_PAGES, img.page_count - first)))
+    finally:
+        img.close()
+    return h.hexdigest()

@@ -7,7 +7,6 @@ readable memory pages (``/proc/self/mem``).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -32,8 +31,10 @@ from federation.demo.guest_backend import WritingBackend
 from federation.demo.processes import free_base_port
 from federation.demo.real_data import write_process_memory
 from federation.node.assembly import Node
-from federation.vms.at_rest_key import load_or_create
+from federation.vms.at_rest_key import key_if_any, load_or_create
 from federation.vms.backend import VmInfo
+from federation.vms.sealed_image import content_sha256
+from federation.vms.sealing import SealKey
 from mesh import identity, wire
 from mesh.runtime.log import JsonLog
 from tests.harness.waiting import wait_until
@@ -72,9 +73,13 @@ def real_vm(directory: Path) -> tuple[Path, Path]:
     return memory_image(directory / "memory.img"), ext4_image(directory / "disk.img")
 
 
-def image_hashes(vm_dir: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(vm_dir.glob("*.img"))}
+def image_hashes(vm_dir: Path, key: SealKey | None = None) -> dict[str, str]:
+    """SHA-256 of each image's pages; a sealed image is read with ``key``, by default the
+    key ``dwcp node`` made for the DC the directory belongs to (tests/harness/processes
+    layout: <federation dir>/data/<DC>/vms/<VM>, keys in <federation dir>/keys)."""
+    if key is None and len(vm_dir.parents) > 3:
+        key = key_if_any(vm_dir.parents[3] / "keys" / f"{vm_dir.parents[1].name}.at-rest")
+    return {p.name: content_sha256(p, key) for p in sorted(vm_dir.glob("*.img"))}
 
 
 def build_node(cfg: Path, name: str, data_root: Path,
