@@ -331,3 +331,18 @@ def test_key_file_is_made_once_0600_and_never_replaced(tmp_path: Path) -> None:
     os.chmod(path, 0o600)
     with pytest.raises(AtRestKeyError, match="3 bytes, expected 32"):
         load_key(path)
+
+
+def test_a_scratch_writer_writes_in_place_under_its_key(tmp_path: Path) -> None:
+    """A migration source's shadow: sealed under a key only the process holds, written
+    in place (no work copy), readable through the writer at once."""
+    path = tmp_path / "shadow.img"
+    w = SealedWriter(path, KEY, 16 * 70, "shadow/memory", scratch=True)
+    data = pages(16 * 70, salt=9)
+    w.write(0, data)
+    assert bytes(w.view(0, 16 * 70)) == data
+    w.flush()
+    assert not (tmp_path / "shadow.img.new").exists()
+    assert read_all(path) == data  # in place
+    assert data[:64] not in path.read_bytes()
+    w.close()

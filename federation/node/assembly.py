@@ -180,7 +180,8 @@ class Node:
         events = RoundEvents()
         self.v3 = V3DataPlane(fed=fed, name=name, runtime=self.runtime, control=self.control,
                               backend=self.backend, incoming=self.vm_actions.incoming.get,
-                              data_dir=data_dir, log=self.log, report=events.put)
+                              data_dir=data_dir, log=self.log, report=events.put,
+                              seal_shadows=at_rest_key is not None)
         self.rounds = RoundScheduler(
             runtime=self.runtime, core=RoundsCore(name, self._session_view), events=events,
             vm_actions=self.vm_actions, v3=self.v3, log=self.log, to_session=self.to_session)

@@ -244,9 +244,14 @@ class SealedWriter(ImageWriter):
 
     An existing sealed file is the starting content (pages past its end are zero, pages
     past ``page_count`` dropped); without one the image starts as zero pages, published
-    at once so the VM's directory always holds a whole image."""
+    at once so the VM's directory always holds a whole image.
 
-    def __init__(self, path: Path | str, key: SealKey, page_count: int, name: str = "") -> None:
+    ``scratch``: a working image nobody reads after a crash (a migration source's shadow,
+    under a key that lives only in the process): written in place, no work copy, no
+    publish."""
+
+    def __init__(self, path: Path | str, key: SealKey, page_count: int, name: str = "",
+                 *, scratch: bool = False) -> None:
         self.path = Path(path)
         self.work = self.path.with_name(self.path.name + WORK_SUFFIX)
         self.name = name or str(path)
@@ -259,6 +264,13 @@ class SealedWriter(ImageWriter):
         self._published: _Chunks | None = None
         if page_count <= 0:
             raise ImageError(f"image {self.name!r}: page count must be positive")
+        self.scratch = scratch
+        if scratch:
+            create_sealed(self.path, key, page_count)
+            fd, header = _open_fd(self.path, key, os.O_RDWR, self.name)
+            self.header = header
+            self._published = self._chunks = _Chunks(fd, key, header, self.name)
+            return
         try:
             if not self.path.exists():
                 create_sealed(self.path, key, page_count)
@@ -357,6 +369,12 @@ class SealedWriter(ImageWriter):
         """Publish: every write so far becomes the file at ``path``, atomically (a crash
         right after leaves the new file; before the rename, the old one)."""
         with self._lock:
+            if self.scratch:  # written in place; nothing to publish
+                assert self._chunks is not None
+                for index, plain in self._dirty.items():
+                    self._chunks.write(index, bytes(plain))
+                self._dirty.clear()
+                return
             if not self._dirty and self._chunks is None:
                 return
             work = self._work_chunks()
@@ -376,7 +394,7 @@ class SealedWriter(ImageWriter):
             return
         self.flush()
         os.close(self._published.fd)
-        self._published = None
+        self._published = self._chunks = None
 
 
 def _write_sealed(dst: Path, key: SealKey, page_count: int,
