@@ -360,6 +360,14 @@ class SealedWriter(ImageWriter):
         self._apply(page, count, lambda off, n: one[:n])
 
     def copy(self, src: PageSource, src_page: int, page: int, count: int) -> None:
+        if src is self and src_page == page:
+            # A target reusing its older copy in place copies the blocks its base already
+            # holds onto themselves: nothing to do (re-sealing them would rewrite the
+            # whole image for nothing).
+            if page < 0 or count < 0 or page + count > self.page_count:
+                raise ImageError(f"image {self.name!r}: pages {page}..{page + count} "
+                                 f"outside 0..{self.page_count}")
+            return
         data = bytes(src.view(src_page, count))
         self.write(page, data)
 
