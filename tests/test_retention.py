@@ -214,3 +214,49 @@ def test_usage_counts_allocated_bytes(tmp_path: Path) -> None:
     assert u.name == "sparse" and u.state is VmState.INCOMING
     assert u.disk_bytes < 2 << 20  # its entries and metadata, not 64 MiB of holes
     assert os.stat(tmp_path / "vms" / "sparse" / "memory.img").st_size > 64 << 20
+
+
+# --------------------------------------------------------------------- the qemu backend
+
+
+def test_qemu_retained_copies_are_sealed_and_unsealed_for_a_migration_back(
+        tmp_path: Path) -> None:
+    """No guest boots here: a qemu VM arrives (prepare_incoming), its migration aborts
+    (discard_incoming: a retained copy, QEMU off), then it comes back."""
+    from federation.vms.qemu_backend import RETAINED, QemuBackend
+    from federation.vms.qemu_spec import VmSpec
+
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd"
+    kernel.write_bytes(b"k")
+    initrd.write_bytes(b"i")
+    spec = VmSpec(str(kernel), str(initrd), 16)
+    layout = [("memory", 16 * 256), ("disk-0", 64)]
+    root = tmp_path / "qemu"
+    backend = QemuBackend(root, accel="tcg", seal_key=KEY)
+    writers = backend.prepare_incoming("g", layout, "m1", spec.to_json())
+    secret = b"guest secret page " * 228  # one page: 4,104 bytes cut to 4,096
+    writers["memory"].write(5, secret[:PAGE_SIZE])
+    writers["disk-0"].write(7, secret[:PAGE_SIZE])
+    for w in writers.values():
+        w.close()
+    backend.discard_incoming("g", "m1")
+    assert backend.info("g").state is VmState.RETIRED
+    assert not backend.ram_path("g").exists() and not (root / "g" / "disk-0.img").exists()
+    stored = b"".join(p.read_bytes() for p in root.rglob("*.img"))
+    assert secret[:64] not in stored  # the RAM and the disk are sealed
+    images = backend.open_images("g")
+    assert bytes(images["memory"].view(5)) == secret[:PAGE_SIZE]
+    assert bytes(images["disk-0"].view(7)) == secret[:PAGE_SIZE]
+    for img in images.values():
+        img.close()
+    # a crash after the seal but before the plain files went: the next backend drops them
+    backend.ram_path("g").write_bytes(bytes(PAGE_SIZE))
+    QemuBackend(root, accel="tcg", seal_key=KEY)
+    assert not backend.ram_path("g").exists()
+    # the VM comes back: plain images again for QEMU, with the retained pages in them
+    writers = backend.prepare_incoming("g", layout, "m2", spec.to_json())
+    assert not (root / "g" / RETAINED).exists()
+    assert backend.ram_path("g").read_bytes()[5 * PAGE_SIZE: 6 * PAGE_SIZE] == \
+        secret[:PAGE_SIZE]
+    for w in writers.values():
+        w.close()

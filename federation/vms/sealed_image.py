@@ -47,7 +47,8 @@ from federation.vms.sealing import (
 from mesh.hde.image import PAGE_SIZE, Image, ImageError, ImageWriter, PageSource, open_image
 
 __all__ = ["SealedImage", "SealedWriter", "seal_file", "create_sealed", "is_sealed",
-           "open_stored", "content_sha256", "WORK_SUFFIX", "FILE_MODE", "SealError"]
+           "open_stored", "content_sha256", "unseal_file", "WORK_SUFFIX", "FILE_MODE",
+           "SealError"]
 
 FILE_MODE = 0o600
 WORK_SUFFIX = ".new"
@@ -512,3 +513,33 @@ def content_sha256(path: Path, key: SealKey | None) -> str:
     finally:
         img.close()
     return h.hexdigest()
+
+
+def unseal_file(src: Path, dst: Path, key: SealKey) -> int:
+    """Write the pages of the sealed image ``src`` as a plain file at ``dst`` (a retained
+    copy a hypervisor will run again); zero chunks stay holes. Atomic at ``dst`` (temp,
+    fsync, rename, directory fsync); its page count."""
+    img = SealedImage(src, key, str(src))
+    tmp = dst.with_name(dst.name + ".unsealing")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        try:
+            os.fchmod(fd, FILE_MODE)
+            os.ftruncate(fd, img.nbytes)
+            cp = img.header.chunk_pages
+            for index in range(img.header.chunk_count):
+                plain = img._chunks.read(index)
+                if plain != bytes(len(plain)):
+                    _pwrite_all(fd, plain, index * cp * PAGE_SIZE)
+                img._chunks.cache.clear()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        img.close()
+    return img.page_count
