@@ -127,4 +127,8 @@ def render_node_config(import_dirs: list[str]) -> str:
     return ("# this node's own settings (docs/operations.md, \"The node config\")\n"
             "[storage]\n"
             "# VM images are imported only from under these directories\n"
-            f"import_dirs = [{listed}]\n")
+            f"import_dirs = [{listed}]\n"
+            "# the key that seals VM images at rest (default: beside the identity key)\n"
+            "# at_rest_key = \"../keys/<DC>.at-rest\"\n"
+            "# the budget of retained copies (default: a quarter of the data file system)\n"
+            "# retained_max = \"200GiB\"\n")

@@ -86,8 +86,13 @@ def load_or_create(path: Path, store_has_images: bool) -> tuple[SealKey, bool]:
             f"{path}: no at-rest key, but the data directory holds VM images sealed with "
             "one; restore the key file from its backup (a new key cannot open them)")
     key = SealKey(nacl.utils.random(KEY_SIZE))
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_key(path, key)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_key(path, key)
+    except OSError as exc:
+        raise AtRestKeyError(f"{path}: cannot create the at-rest key: {exc.strerror} (set "
+                             "[storage] at_rest_key in the node config to a writable "
+                             "place outside the data directory)") from None
     return key, True
 
 
