@@ -52,9 +52,10 @@ __all__ = ["SealedImage", "SealedWriter", "seal_file", "create_sealed", "is_seal
 
 FILE_MODE = 0o600
 WORK_SUFFIX = ".new"
-#: Plaintext chunks kept per image (64 KiB each): 4 MiB covers an index block (1 MiB)
-#: several times over, and the runs of nearby dedup hits.
-_CACHE_CHUNKS = 64
+#: Plaintext chunks kept per image (64 KiB each): 1 MiB, an index block. A target opens
+#: every image it holds for dedup, so this is per image held: kept small (the kernel's
+#: page cache keeps the ciphertext anyway).
+_CACHE_CHUNKS = 16
 #: Modified chunks held before the oldest is sealed into the work copy.
 _DIRTY_CHUNKS = 64
 #: Plain bytes read per step when sealing a file (16 MiB): bounded memory for any size.
@@ -105,12 +106,16 @@ class _Chunks:
         self.header = header
         self.where = where
         self.cache: OrderedDict[int, bytes] = OrderedDict()
+        #: guards ``cache`` only: reads decrypt outside it, so threads indexing spans of
+        #: one image decrypt in parallel (libsodium releases the GIL)
+        self.lock = threading.Lock()
 
     def read(self, index: int) -> bytes:
-        hit = self.cache.get(index)
-        if hit is not None:
-            self.cache.move_to_end(index)
-            return hit
+        with self.lock:
+            hit = self.cache.get(index)
+            if hit is not None:
+                self.cache.move_to_end(index)
+                return hit
         h = self.header
         entry = _pread_exact(self.fd, ENTRY_SIZE, h.entry_offset(index))
         if is_zero_entry(self.key, h, index, entry, self.where):
@@ -118,10 +123,15 @@ class _Chunks:
         else:
             data = _pread_exact(self.fd, h.chunk_bytes(index), h.chunk_offset(index))
             plain = open_chunk(self.key, h, index, entry, data, self.where)
-        self.cache[index] = plain
-        if len(self.cache) > _CACHE_CHUNKS:
-            self.cache.popitem(last=False)
+        self._keep(index, plain)
         return plain
+
+    def _keep(self, index: int, plain: bytes) -> None:
+        with self.lock:
+            self.cache[index] = plain
+            self.cache.move_to_end(index)
+            if len(self.cache) > _CACHE_CHUNKS:
+                self.cache.popitem(last=False)
 
     def write(self, index: int, plain: bytes) -> None:
         h = self.header
@@ -129,10 +139,7 @@ class _Chunks:
         if data:  # the data first: the entry that names it is written after
             _pwrite_all(self.fd, data, h.chunk_offset(index))
         _pwrite_all(self.fd, entry, h.entry_offset(index))
-        self.cache[index] = plain
-        self.cache.move_to_end(index)
-        if len(self.cache) > _CACHE_CHUNKS:
-            self.cache.popitem(last=False)
+        self._keep(index, plain)
 
 
 def _seal(key: SealKey, header: SealHeader, index: int,
@@ -220,7 +227,6 @@ class SealedImage(Image):
         fd, header = _open_fd(self.path, key, os.O_RDONLY, self.name)
         self.header = header
         self._chunks = _Chunks(fd, key, header, self.name)
-        self._lock = threading.Lock()
         self.page_count = header.page_count
         self.nbytes = header.page_count * PAGE_SIZE
 
@@ -230,8 +236,7 @@ class SealedImage(Image):
                 return memoryview(b"")
             raise ImageError(f"image {self.name!r}: pages {page}..{page + count} outside "
                              f"0..{self.page_count}")
-        with self._lock:
-            return _gather(self._chunks.read, self.header, page, count)
+        return _gather(self._chunks.read, self.header, page, count)
 
     def close(self) -> None:
         if self._chunks.fd >= 0:
