@@ -260,3 +260,30 @@ def test_qemu_retained_copies_are_sealed_and_unsealed_for_a_migration_back(
         secret[:PAGE_SIZE]
     for w in writers.values():
         w.close()
+
+
+def test_the_target_publishes_its_sealed_copy_before_it_reports_the_root(
+        tmp_path: Path) -> None:
+    """The ledger commits on the root the target reports, and the source then retires
+    its copy: the sealed incoming images must be in their files by then, not only in
+    the writer (a crash right after the report keeps the verified copy)."""
+    from federation.migration.round_events import WriteChunk
+    from federation.migration.vocabulary import PrepareIncoming, TargetVerified, Verify
+    from federation.vms.actions import VmActions
+
+    backend = ImageBackend(tmp_path / "vms", seal_key=KEY)
+    actions = VmActions(backend)
+    assert actions.carry_out(PrepareIncoming("web", "m1", (("memory", 64),), 1)) == []
+    data = real_pages(64)
+    for first in range(0, 64, 16):
+        reply = actions.carry_out_pages(WriteChunk(
+            "dc1", "m1", 1, first, "memory", first,
+            data[first * PAGE_SIZE: (first + 16) * PAGE_SIZE]))
+        assert reply[0].error == ""
+    (verified,) = actions.carry_out(Verify("web", "m1"))
+    assert isinstance(verified, TargetVerified)
+    # what a restarted node would read: the published file, opened afresh
+    fresh = ImageBackend(tmp_path / "vms", seal_key=KEY)
+    img = fresh.open_images("web")["memory"]
+    assert bytes(img.view(0, 64)) == data
+    img.close()
