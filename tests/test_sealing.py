@@ -346,3 +346,24 @@ def test_a_scratch_writer_writes_in_place_under_its_key(tmp_path: Path) -> None:
     assert read_all(path) == data  # in place
     assert data[:64] not in path.read_bytes()
     w.close()
+
+
+def test_threads_index_a_sealed_writer_as_they_index_its_plain_pages(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mesh.hde.image import Image
+
+    n = 16 * 300  # more chunks than any cache: the threads decrypt in parallel
+    data = pages(n, salt=3)
+    w = SealedWriter(tmp_path / "w.img", KEY, n, "w")
+    w.write(0, data)
+    w.fill(100, 40, 0)  # some of it still dirty, some in the work copy
+    want = bytearray(data)
+    want[100 * PAGE_SIZE: 140 * PAGE_SIZE] = bytes(40 * PAGE_SIZE)
+    with ThreadPoolExecutor(2) as ex:
+        assert build_index(w, ex).root == build_index(Image(bytes(want))).root
+    w.close()
+    with ThreadPoolExecutor(2) as ex:
+        img = SealedImage(tmp_path / "w.img", KEY)
+        assert build_index(img, ex).root == build_index(Image(bytes(want))).root
+        img.close()

@@ -300,14 +300,25 @@ class SealedWriter(ImageWriter):
         assert source is not None, "a closed writer is not read"
         return source.read(index)
 
+    def _read(self, index: int) -> bytes:
+        """Chunk ``index`` for a reader: a chunk being written is copied under the lock;
+        any other is decrypted outside it, so threads indexing spans of the image (a
+        target recomputing its root) decrypt in parallel."""
+        with self._lock:
+            held = self._dirty.get(index)
+            if held is not None:
+                return bytes(held)
+            source = self._chunks or self._published
+        assert source is not None, "a closed writer is not read"
+        return source.read(index)
+
     def view(self, page: int, count: int = 1) -> memoryview:
         if page < 0 or count < 1 or page + count > self.page_count:
             if count == 0 and 0 <= page <= self.page_count:
                 return memoryview(b"")
             raise ImageError(f"image {self.name!r}: pages {page}..{page + count} outside "
                              f"0..{self.page_count}")
-        with self._lock:
-            return _gather(self._plain, self.header, page, count)
+        return _gather(self._read, self.header, page, count)
 
     # -------------------------------------------------------------- writing
 
