@@ -287,3 +287,13 @@ def test_the_target_publishes_its_sealed_copy_before_it_reports_the_root(
     img = fresh.open_images("web")["memory"]
     assert bytes(img.view(0, 64)) == data
     img.close()
+
+
+def test_a_vm_with_an_unreadable_meta_never_stops_the_backend(tmp_path: Path) -> None:
+    backend = ImageBackend(tmp_path / "vms", seal_key=KEY, retain_bytes=0)
+    retire(backend, "gone", [("memory", 16)], b"g")  # removed at once: the budget is 0
+    (tmp_path / "vms" / "bad").mkdir()
+    (tmp_path / "vms" / "bad" / "meta.json").write_text("{not json")
+    again = ImageBackend(tmp_path / "vms", seal_key=KEY, retain_bytes=0)
+    assert [u.name for u in again.usage()] == []
+    assert (tmp_path / "vms" / "bad").exists()  # left for the operator to see

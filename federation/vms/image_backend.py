@@ -140,7 +140,7 @@ class ImageBackend:
         """Seal every plain image under the root (a data directory from before the key):
         each into a new sealed file renamed over the plain one."""
         assert self.seal_key is not None
-        for info in self.list_vms():
+        for info in self._readable():
             for img, _ in info.layout:
                 path = self._dir(info.name) / f"{img}.img"
                 if path.exists() and not is_sealed(path):
@@ -167,10 +167,22 @@ class ImageBackend:
 
     # ------------------------------------------------------------------ retention
 
+    def _readable(self) -> list[VmInfo]:
+        """Every VM whose meta.json reads (one that does not is left alone: it is listed
+        with its error where VMs are listed, and never removed or counted)."""
+        out = []
+        for d in sorted(self.root.iterdir()):
+            if d.is_dir() and (d / META).exists():
+                try:
+                    out.append(self.info(d.name))
+                except VmError:
+                    continue
+        return out
+
     def usage(self) -> list[VmUsage]:
         """Every VM's bytes on disk here, in name order."""
         out = []
-        for info in self.list_vms():
+        for info in self._readable():
             d = self._dir(info.name)
             try:
                 at = float(self._read_meta(info.name).get("retired_at", 0.0))
