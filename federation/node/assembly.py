@@ -95,7 +95,7 @@ from federation.vms.sealing import SealKey
 from mesh import identity, wire
 from mesh.links import control_plane as control
 from mesh.runtime.log import JsonLog
-from mesh.runtime.node_runtime import Peer, Runtime
+from mesh.runtime.node_runtime import Peer, Runtime, wall_clock
 from mesh.runtime.sqlite_store import SQLiteStore
 
 __all__ = ["Node", "NodeError", "LedgerTimeout", "UnknownMigration", "NotTheSource",
@@ -168,7 +168,7 @@ class Node:
         try:
             replica = Replica(name, ident, self.runtime.keys, ReplicaLog(self.store),
                               random.Random(self.rng.getrandbits(64)),
-                              operators=fed.operator_table())
+                              operators=fed.operator_table(), wall=wall_clock)
         except ValueError as exc:
             self.no_ledger = f"no ledger in this federation: {exc}"
         self.ledger = NodeLedger(self.runtime, self.no_ledger)
