@@ -4,6 +4,7 @@
 
     dwcp vm import NAME --memory FILE [--disk FILE ...]
     dwcp vm delete NAME                # through the ledger; every DC removes its copy
+    dwcp vm purge NAME [--staged]      # remove this DC's retained copy of a VM that left
     dwcp vm create|start|stop|console ...   # qemu VMs: federation.cli.vm
     dwcp vms [--json]
     dwcp migrate NAME --to DC          # progress bar on stderr; non-zero exit on abort
@@ -48,6 +49,7 @@ from federation.api.client import (
 from federation.cli.main import CommandError
 from federation.cli.vm import add_qemu_commands
 from federation.migration.vocabulary import CANCEL_REASON
+from federation.vms.retention import PurgeVm
 
 __all__ = ["PENDING_EXIT", "add_request_id", "ledger_call", "register_vm", "register_vms",
            "register_migrate", "register_cancel",
@@ -160,6 +162,13 @@ def register_vm(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     add_request_id(delete)
     add_node_options(delete)
     delete.set_defaults(func=run_delete)
+    purge = vsub.add_parser("purge", help="remove the node's retained copy of a VM that "
+                                          "migrated away (frees its disk)")
+    purge.add_argument("vm", metavar="NAME")
+    purge.add_argument("--staged", action="store_true",
+                       help="also a staged import that was never registered")
+    add_node_options(purge)
+    purge.set_defaults(func=run_purge)
     add_qemu_commands(vsub)
 
 
@@ -213,6 +222,16 @@ def run_delete(args: argparse.Namespace) -> int:
         return 0
     print(f"deleted {args.vm} at epoch {doc['epoch']} (request {doc['request_id']}): every "
           "DC removes its copy")
+    return 0
+
+
+def run_purge(args: argparse.Namespace) -> int:
+    """Sign a PurgeVm for this node (role operator); the node refuses a VM that runs,
+    is fenced, is arriving or that the ledger gives to its DC."""
+    api = node_api(args)
+    path = f"/api/vms/{urllib.parse.quote(args.vm, safe='')}/purge"
+    doc = api.ok("POST", path, PurgeVm(args.vm, args.staged))
+    print(f"purged {doc['name']}: freed {_human(doc['freed_bytes'])}")
     return 0
 
 

@@ -99,6 +99,8 @@ from federation.node.vm_worker import VmWorker
 from federation.vms.actions import VM_ACTIONS, VmActions
 from federation.vms.backend import VmBackend, VmError, VmInfo, VmState
 from federation.vms.image_backend import ImageBackend
+from federation.vms.retention import PurgeVm
+from federation.vms.sealing import SealKey
 from mesh import identity, wire
 from mesh.links import control_plane as control
 from mesh.runtime.log import JsonLog
@@ -138,6 +140,8 @@ class Node:
         import_dirs: Sequence[Path] = (),
         lock: DataDirLock | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        at_rest_key: SealKey | None = None,
+        retained_max: int | None = None,
     ) -> None:
         me = fed.dc(name)
         if ident.public != me.public_key:
@@ -174,8 +178,9 @@ class Node:
         self.control = control.attach(
             self.runtime, name, [p.name for p in peers], random.Random(self.rng.getrandbits(64)),
             store=self.store, modes=fed.modes)
-        self.backend: VmBackend = (backend if backend is not None
-                                   else ImageBackend(data_dir / "vms"))
+        self.backend: VmBackend = (
+            backend if backend is not None
+            else ImageBackend(data_dir / "vms", seal_key=at_rest_key, retain_bytes=retained_max))
         self.vm_actions = VmActions(self.backend)
         #: imports: the copy from the import directories, before the register
         self.imports = ImportStaging(self.backend, ImportDirs(import_dirs), self.log)
@@ -202,7 +207,8 @@ class Node:
         events = RoundEvents()
         self.v3 = V3DataPlane(fed=fed, name=name, runtime=self.runtime, control=self.control,
                               backend=self.backend, incoming=self.vm_actions.incoming.get,
-                              data_dir=data_dir, log=self.log, report=events.put)
+                              data_dir=data_dir, log=self.log, report=events.put,
+                              seal_shadows=at_rest_key is not None)
         self.rounds = RoundScheduler(
             runtime=self.runtime, core=RoundsCore(name, self._session_view), events=events,
             vm_actions=self.vm_actions, v3=self.v3, log=self.log, to_session=self.to_session)
@@ -402,6 +408,9 @@ class Node:
             async with self._carrying(authorization, _tag(ImportVm), name):
                 result = await self.ledger.submit(register)
             if not result.ok:
+                # refused for good: the staged copy goes, so a failed import leaves nothing
+                async with self._vm_lock:
+                    await trio.to_thread.run_sync(self._drop_staged, name)
                 raise NodeError(f"the ledger refused to register {name!r}: {result.error}")
             async with self._vm_lock:
                 self.imports.copies.pop(name, None)
@@ -513,6 +522,42 @@ class Node:
         """What is known of ``operator``'s request ``request_id`` (federation.node.requests)."""
         ledger = self.core.ledger if self.core is not None else None
         return self.requests.outcome(ledger, operator, request_id, time.time())
+
+    def _drop_staged(self, name: str) -> None:
+        purge = getattr(self.backend, "purge", None)
+        if purge is None:
+            return
+        try:
+            freed = purge(name, staged=True)
+        except VmError as exc:
+            self.log.event("vm_staged_kept", vm=name, error=str(exc))
+            return
+        self.imports.copies.pop(name, None)
+        self.log.event("vm_staged_removed", vm=name, bytes=freed)
+
+    async def purge_vm(self, vm: str, authorization: Authorization) -> int:
+        """An operator's ``PurgeVm``: remove this DC's retained copy of ``vm`` (with
+        ``staged``, a staged import the ledger never registered); the bytes freed. Refused
+        for a VM the ledger gives to this DC, and by the backend for any VM that runs,
+        is fenced or is arriving here."""
+        intent = self.intent(authorization, PurgeVm, vm=vm)
+        purge = getattr(self.backend, "purge", None)
+        if purge is None:
+            raise NodeError("this node's VM backend keeps no retained copies to purge")
+        owner = self.core.ledger.owner(vm) if self.core is not None else None
+        if owner == self.name:
+            raise NodeError(f"VM {vm!r} belongs to this DC in the ledger; it is not a "
+                            "retained copy (delete it with 'dwcp vm delete')")
+        try:
+            async with self._vm_lock:
+                freed: int = await trio.to_thread.run_sync(
+                    lambda: purge(vm, staged=intent.staged))
+        except VmError as exc:
+            raise NodeError(str(exc)) from None
+        if intent.staged:
+            self.imports.copies.pop(vm, None)
+        self.log.event("vm_purged", vm=vm, bytes=freed)  # (api_request names the operator)
+        return freed
 
     async def _cancel_at_source(self, mid: str) -> None:
         failure: list[NodeError] = []
