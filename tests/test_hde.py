@@ -419,12 +419,14 @@ def test_choose_level_follows_the_link() -> None:
 
 
 def test_measure_levels_stops_once_the_cpu_is_the_bottleneck() -> None:
-    ticks = iter([0.0, 0.001, 1.0, 1.002, 2.0, 2.5, 3.0, 4.0])
-    # Incompressible: ratio 1, so the link bounds the rate at 12.5 MB/s.
+    ticks = iter([0.0, 0.0001, 0.5, 0.501, 1.0, 1.002, 2.0, 2.5, 3.0, 4.0])
+    # Incompressible: ratio 1, so the link bounds the rate at 12.5 MB/s. Store (level 0,
+    # the uncompressed floor) is measured first whatever the mode.
     chunk = image_of([(3, i) for i in range(128)])
     out = measure_levels([chunk], "internet", 100e6 / 8, 2, lambda: next(ticks))
-    assert [s.level for s in out] == [1, 3, 6]
-    assert out[0].ratio == 1.0 and out[2].bytes_per_s_per_core == 128 * P / 0.5
+    assert [s.level for s in out] == [0, 1, 3, 6]
+    assert out[0].ratio == 1.0 and out[1].ratio == 1.0
+    assert out[3].bytes_per_s_per_core == 128 * P / 0.5
     with pytest.raises(ValueError, match="unknown link mode"):
         measure_levels([chunk], "lan", 1.0, 1, lambda: 0.0)
 
