@@ -506,3 +506,29 @@ def test_a_verified_image_serves_the_next_transfer_of_that_vm() -> None:
     t = HdeTarget(7, "src", store, lambda n: ImageWriter(bytearray(n * P)))
     out = t.handle(0.0, PeerDown("src"))
     assert "went down" in (t.failed or "") and isinstance(out[0], Notify)
+
+
+def test_a_carried_transfer_moves_every_byte_through_the_carrier() -> None:
+    """``carry``: every diff message each way and every chunk frame crosses it, and the
+    cores get what arrived — a carrier that flips a byte of the first chunk frame gets
+    that chunk re-sent, as on a real path."""
+    data = image_of([(3, i) for i in range(300)] + [(0, 0)] * 40)
+    img = Image(data)
+    seen = {True: 0, False: 0}
+    flipped = []
+
+    def carry(frames, to_target: bool) -> list:
+        out = []
+        for f in frames:
+            seen[to_target] += len(f)
+            if to_target and len(f) > 100_000 and not flipped:
+                flipped.append(1)
+                f = bytes(f[:-1]) + bytes([f[-1] ^ 1])
+            out.append(f)
+        return out
+
+    r = run_transfer(image=img, index=build_index(img), name="vm", store=PageStore(),
+                     level=1, carry=carry, make_sink=recording(data))
+    assert r.verified and bytes(r.image.view(0, img.page_count)) == data
+    assert flipped and r.stats["chunks_rejected"] == 1
+    assert seen[True] + seen[False] == r.wire_bytes and seen[False] > 0
