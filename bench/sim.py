@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _membership_build(names: list[str]) -> Callable[[SimNode], None]:
     from mesh.gossip.membership import Membership
-    from mesh.links.statements import Statements
+    from mesh.gossip.statements import Statements
     from sim.hosts.pbft_cluster import identity_for
 
     identities = {n: identity_for(n) for n in names}

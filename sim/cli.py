@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def _registry() -> dict[str, Any]:
     import sim.scenarios  # noqa: F401
-    from sim.scenario import registry
+    from sim.scenarios import registry
 
     return registry
 
@@ -115,7 +115,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sim.scenario import run_scenario
+    from sim.scenarios import run_scenario
 
     spec = _spec(args.name)
     _check_nodes(spec, args.nodes, args.federation)
@@ -172,7 +172,7 @@ def _parse_seeds(text: str) -> range:
 def _one(name: str, seed: int, nodes: int | None, swarm: bool,
          params: dict[str, Any], federation: str | None = None,
          wall_limit: float | None = None) -> dict[str, Any]:
-    from sim.scenario import run_scenario
+    from sim.scenarios import run_scenario
 
     result = run_scenario(name, seed, nodes, swarm, params=params, federation=federation,
                           wall_limit=wall_limit)

@@ -7,20 +7,29 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Hashable, Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from sim.store import SimStore
 
 #: Marks a class not yet looked up in the route cache (None is a cached "no core").
 _UNROUTED: Any = object()
 
-if TYPE_CHECKING:
-    from sim.world import World
+__all__ = ["SimNode", "HostedCore", "NotifyRecord", "Violation", "SimError", "Tamper",
+           "Clock"]
 
-__all__ = ["SimNode", "HostedCore", "NotifyRecord", "Violation", "SimError", "Tamper"]
 
-#: A Byzantine hook: (world, node, dst, message, raw) -> [(dst, raw, extra_delay), ...]
-Tamper = Callable[["World", "SimNode", str, Any, bytes], Iterable[tuple[str, bytes, float]]]
+class Clock(Protocol):
+    """What a node reads of its world (sim.world.World): virtual time and named random
+    streams. A protocol, so this module does not import the world that imports it."""
+
+    now: float
+
+    def rng(self, name: str) -> random.Random: ...
+
+
+#: A Byzantine hook: (world, node, dst, message, raw) -> [(dst, raw, extra_delay), ...];
+#: the world is a sim.world.World (typed Any here for the reason Clock gives).
+Tamper = Callable[[Any, "SimNode", str, Any, bytes], Iterable[tuple[str, bytes, float]]]
 
 
 class SimError(Exception):
@@ -61,7 +70,7 @@ class HostedCore:
 class SimNode:
     """A simulated datacenter node: cores, a store, a clock offset, an up/down state."""
 
-    def __init__(self, world: World, name: str, build: Callable[[SimNode], None]) -> None:
+    def __init__(self, world: Clock, name: str, build: Callable[[SimNode], None]) -> None:
         self.world = world
         self.name = name
         self.build = build

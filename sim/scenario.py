@@ -206,9 +206,10 @@ def run_scenario(name: str, seed: int, nodes: int | None = None, swarm: bool = F
     asks for: a run cut short is still deterministic, but its liveness verdict is not
     meaningful. ``wall_limit``: seconds of wall-clock time after which the run fails
     with a ``wall-clock`` violation (a sweep's guard against a run that never ends)."""
-    import sim.scenarios  # noqa: F401  (registers every scenario)
-
     spec = registry.get(name)
+    if spec is None and not registry:
+        raise KeyError("no scenario is registered: run scenarios through sim.scenarios (the "
+                       "catalogue imports every scenario module)")
     if spec is None:
         raise KeyError(f"no scenario named {name!r}; `dwcp sim list` shows them")
     profile = load_profile(federation) if federation is not None else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from sim.scenario import run_scenario
+from sim.scenarios import run_scenario
 from sim.scenarios.amst_streams import PathModel
 
 

@@ -122,7 +122,7 @@ def test_federation_md_states_the_defaults_the_code_has() -> None:
 
 def test_every_scenario_is_in_simulator_md() -> None:
     pytest.importorskip("sim.scenarios")
-    from sim.scenario import registry
+    from sim.scenarios import registry
 
     text = _doc("simulator.md")
     missing = sorted(n for n in registry if n not in text)

@@ -12,9 +12,7 @@ from hypothesis import strategies as st
 
 from mesh import wire
 from mesh.core import Received, Send
-from mesh.gossip.membership import SYNC_REPLY_BURST, Membership, State
-from mesh.gossip.transmit_queue import TransmitQueue
-from mesh.links.control_msgs import (
+from mesh.gossip.control_msgs import (
     STATEMENT_MAX,
     Gossip,
     LinkEntry,
@@ -22,8 +20,10 @@ from mesh.links.control_msgs import (
     Signed,
     Sync,
 )
+from mesh.gossip.membership import SYNC_REPLY_BURST, Membership, State
+from mesh.gossip.statements import ACCUSATION_STEP, COUNTER_MAX, SELF_STEP, TokenBucket
+from mesh.gossip.transmit_queue import TransmitQueue
 from mesh.links.estimates import LinkTable
-from mesh.links.statements import ACCUSATION_STEP, COUNTER_MAX, SELF_STEP, TokenBucket
 from sim.scenarios.mesh_scenarios import run_mesh
 from tests.harness.gossip import forged, member_of, said, said_link, statements_for
 from tests.harness.wire_strategies import for_class

@@ -10,8 +10,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mesh.gossip.control_msgs import LinkEntry, MemberUpdate
 from mesh.gossip.transmit_queue import TransmitQueue
-from mesh.links.control_msgs import LinkEntry, MemberUpdate
 
 
 class ModelQueue:

@@ -5,9 +5,10 @@ repository must keep them, and a deliberately bad tree in a temp directory shows
 rule catching its breach. Imports are read with ``ast`` (tests/harness/imports.py),
 function-local and ``TYPE_CHECKING`` imports included.
 
-A few breaches exist on main while other branches fix them (:data:`KNOWN`): each is
-tolerated by its rule's test and has a strict xfail of its own that turns red the day
-it is gone, so the mark is removed with the fix.
+The tree keeps every rule (the last tolerated breaches, three sub-package circles, went
+with issue 13). A breach a branch is removing can be tolerated by passing its key to
+:func:`breaches` as ``known``, with a check that it is still there
+(:func:`still_breached`); the test of that mechanism below shows how.
 """
 
 from __future__ import annotations
@@ -238,18 +239,6 @@ def still_breached(graph: ImportGraph, key: tuple[str, str, str]) -> bool:
 
 # --------------------------------------------------------------------------- this tree
 
-#: Breaches on main that other branches are removing (issue 13). When a fix merges, the
-#: breach's strict xfail below reports XPASS as a failure: drop its entry then.
-KNOWN: dict[tuple[str, str, str], str] = {
-    ("no-sub-package-circles", "mesh.gossip", "mesh.links"):
-        "issue 13: gossip's messages sit in mesh/links/control_msgs.py (not assigned yet)",
-    ("no-sub-package-circles", "sim.scenario", "sim.scenarios"):
-        "issue 13: the scenario registry imports every scenario (not assigned yet)",
-    ("no-sub-package-circles", "sim.node", "sim.world"):
-        "issue 13: sim/node.py names World for its types (not assigned yet)",
-}
-
-
 @pytest.fixture(scope="module")
 def tree() -> ImportGraph:
     return read_tree(ROOT)
@@ -257,20 +246,13 @@ def tree() -> ImportGraph:
 
 @pytest.fixture(scope="module")
 def tree_breaches(tree: ImportGraph) -> list[Breach]:
-    return breaches(tree, frozenset(KNOWN))
+    return breaches(tree, frozenset())
 
 
 @pytest.mark.parametrize("name", list(RULES))
 def test_the_tree_keeps_the_rule(name: str, tree_breaches: list[Breach]) -> None:
     found = [str(b) for b in tree_breaches if b.rule == name]
     assert not found, f"{RULES[name][0]}; broken by:\n" + "\n".join(found)
-
-
-@pytest.mark.parametrize("key", [
-    pytest.param(key, marks=pytest.mark.xfail(strict=True, reason=reason), id="|".join(key))
-    for key, reason in KNOWN.items()])
-def test_a_known_breach_is_gone(key: tuple[str, str, str], tree: ImportGraph) -> None:
-    assert not still_breached(tree, key)
 
 
 # --------------------------------------------------------------------------- a bad tree

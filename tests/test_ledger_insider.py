@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from consensus.ledger import Ledger, LedgerResult
-from sim.scenario import run_scenario
+from sim.scenarios import run_scenario
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

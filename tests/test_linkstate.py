@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh.core import Notify, Persist, Send
-from mesh.links.control_msgs import BandwidthProbe, BandwidthReport, LinkEntry, LinkPing
+from mesh.gossip.control_msgs import BandwidthProbe, BandwidthReport, LinkEntry, LinkPing
 from mesh.links.estimates import LinkConfig, LinkProber, LinkTable
 from sim.store import SimStore
 from tests.harness.gossip import said_link, statements_for

@@ -10,7 +10,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from mesh.links.control_msgs import LinkPing
+from mesh.gossip.control_msgs import LinkPing
 from mesh.links.estimates import LinkConfig, LinkProber, LinkTable
 from tests.harness.gossip import statements_for
 

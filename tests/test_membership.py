@@ -8,8 +8,8 @@ import pytest
 
 from mesh import wire
 from mesh.core import CancelTimer, Notify, Received, Send, SetTimer, TimerFired
+from mesh.gossip.control_msgs import Ack, Gossip, MemberUpdate, Nack, Ping, PingReq, Signed, Sync
 from mesh.gossip.membership import Membership, MembershipError, State, SwimConfig
-from mesh.links.control_msgs import Ack, Gossip, MemberUpdate, Nack, Ping, PingReq, Signed, Sync
 from tests.harness.gossip import member_of, said, said_link, statements_for
 
 PEERS = ["b", "c", "d", "e"]
@@ -279,7 +279,7 @@ class _BigTable:
     """A LinkSync with more entries than one sync message carries."""
 
     def __init__(self, n: int) -> None:
-        from mesh.links.control_msgs import LinkEntry
+        from mesh.gossip.control_msgs import LinkEntry
 
         self.entries = [said_link(LinkEntry("b", "c", v, 1.0, 0.0, 0.0, 0.0, False, None))
                         for v in range(1, n + 1)]
@@ -295,7 +295,7 @@ class _BigTable:
 
 
 def test_a_large_table_is_synced_in_chunks_that_fit_a_frame() -> None:
-    from mesh.links.control_msgs import SYNC_MAX
+    from mesh.gossip.control_msgs import SYNC_MAX
 
     m = Membership("a", PEERS, random.Random(1), links=_BigTable(2 * SYNC_MAX + 5),
                    statements=statements_for("a", PEERS))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from sim.hosts.mesh_world import percentile
-from sim.scenario import registry
+from sim.scenarios import registry
 from sim.scenarios.mesh_scenarios import MESH_SCENARIOS, run_mesh
 
 SMALL = 6

@@ -10,8 +10,8 @@ import pytest
 
 from federation.cli.main import main
 from federation.migration.vocabulary import MigrationRoundDone
-from sim.scenario import RunResult, run_scenario
-from sim.scenarios import migration_chaos
+from sim.scenario import RunResult
+from sim.scenarios import migration_chaos, run_scenario
 from sim.world import NotifyRecord
 
 NAME = "migration-chaos"

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 import sim.scenarios  # noqa: F401  (registers the scenarios)
-from sim.scenario import run_scenario
+from sim.scenarios import run_scenario
 from sim.scenarios.pbft_crashpoints import CRASH_POINTS, DEPTHS, crash_point
 
 

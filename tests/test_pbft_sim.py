@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 import sim.scenarios  # noqa: F401  (registers the scenarios)
-from sim.scenario import registry, run_scenario
+from sim.scenarios import registry, run_scenario
 
 SCENARIOS = sorted(n for n in registry if n.startswith("pbft-"))
 

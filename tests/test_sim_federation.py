@@ -11,7 +11,7 @@ import pytest
 from federation.cli.keys import init_federation
 from sim.federation_profile import ProfileError, load_profile
 from sim.geo import REGIONS
-from sim.scenario import run_scenario
+from sim.scenarios import run_scenario
 
 
 def _federation(tmp_path: Path, count: int = 7, regions: list[str] | None = None,

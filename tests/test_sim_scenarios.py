@@ -19,7 +19,8 @@ import sim.scenarios  # noqa: F401
 from sim import partitions
 from sim.cli import register
 from sim.hosts.counter_cores import CounterCore
-from sim.scenario import Run, registry, run_scenario, scenario
+from sim.scenario import Run, scenario
+from sim.scenarios import registry, run_scenario
 from sim.world import WALL_CHECK_EVENTS, World
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +42,7 @@ def small(name: str) -> int:
 _HASHES_SCRIPT = """
 import json, sys
 import sim.scenarios
-from sim.scenario import registry, run_scenario
+from sim.scenarios import registry, run_scenario
 sizes, horizon = json.loads(sys.argv[1]), float(sys.argv[2])
 out = {}
 for name in sorted(registry):

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import attrs
 
-from mesh.links.control_msgs import LinkEntry, OriginDigest, Signed
+from mesh.gossip.control_msgs import LinkEntry, OriginDigest, Signed
 
 __all__ = ["State", "SwimConfig", "Member", "LinkSync", "MembershipError"]
 

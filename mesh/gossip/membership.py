@@ -27,7 +27,7 @@ from directly in the last ``evidence_window`` seconds is not suspected on the wo
 stale sync, and a dead member heard from directly is sent a sync at once so it can
 refute (reconnect).
 
-Gossip speaks only for its origin (:mod:`mesh.links.statements`): every update is a
+Gossip speaks only for its origin (:mod:`mesh.gossip.statements`): every update is a
 statement signed by its speaker and passed on unchanged: a member's ``ALIVE``/``LEFT``
 by the member, an accusation by its accuser (named in ``source``). A DC raises only its
 own incarnation; an accusation may name at most ``ACCUSATION_STEP`` above the accused's
@@ -47,9 +47,7 @@ from typing import Any
 import attrs
 
 from mesh.core import Action, CancelTimer, Event, Notify, Received, Send, SetTimer, TimerFired
-from mesh.gossip.members import LinkSync, Member, MembershipError, State, SwimConfig
-from mesh.gossip.transmit_queue import TransmitQueue
-from mesh.links.control_msgs import (
+from mesh.gossip.control_msgs import (
     PIGGYBACK_MAX,
     SYNC_MAX,
     Ack,
@@ -62,13 +60,15 @@ from mesh.links.control_msgs import (
     Signed,
     Sync,
 )
-from mesh.links.statements import (
+from mesh.gossip.members import LinkSync, Member, MembershipError, State, SwimConfig
+from mesh.gossip.statements import (
     ACCUSATION_STEP,
     COUNTER_MAX,
     SELF_STEP,
     Statements,
     TokenBucket,
 )
+from mesh.gossip.transmit_queue import TransmitQueue
 
 __all__ = ["State", "SwimConfig", "Member", "Membership", "LinkSync", "MembershipError"]
 
@@ -532,7 +532,7 @@ class Membership:
         return self._apply(now, update, self.statements.sign_member(update), via=self.me)
 
     def _in_range(self, upd: MemberUpdate, state: State, known: int) -> bool:
-        """The bounds of mesh.links.statements: a member's own statement steps at most
+        """The bounds of mesh.gossip.statements: a member's own statement steps at most
         SELF_STEP above what we hold, an accusation ACCUSATION_STEP; nothing reaches the
         top of the range, and an accusation stays below it so its refutation fits."""
         own = state in (State.ALIVE, State.LEFT)

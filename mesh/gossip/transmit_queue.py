@@ -11,7 +11,7 @@ thousands of queued link entries and builds a packet several times a second. Mem
 updates and link entries fill separate halves of a packet, so each kind has its own
 lane (the first element of an item's key: ``"m"`` member, ``"l"`` link); a lane keeps,
 per transmit count, its items sorted by insertion number. Items are the signed
-statements (mesh.links.control_msgs.Signed) as their speakers signed them.
+statements (mesh.gossip.control_msgs.Signed) as their speakers signed them.
 
 Link entries are not sent to a peer known to hold them: the peers that sent us the
 same statement, and those we sent it to. A signed entry is ~100 bytes and SWIM's
@@ -28,7 +28,7 @@ import bisect
 from collections.abc import Hashable
 from typing import Any
 
-from mesh.links.control_msgs import Signed
+from mesh.gossip.control_msgs import Signed
 
 __all__ = ["TransmitQueue"]
 

@@ -9,10 +9,10 @@ event start it;
 it emits ``Notify`` for every member, link-mode and route change (the runtime logs each).
 
 Membership updates and link entries are statements signed by the DC they speak for
-(:mod:`mesh.links.statements`): ``statements`` holds this DC's identity and the
+(:mod:`mesh.gossip.statements`): ``statements`` holds this DC's identity and the
 federation's keys; its ``refused`` counts every statement refused, by reason.
 
-Routed control messages (:class:`~mesh.links.control_msgs.Routed`) carry src, dst and a TTL
+Routed control messages (:class:`~mesh.gossip.control_msgs.Routed`) carry src, dst and a TTL
 of at most 2: the source sends to the next hop of its control route; an intermediate
 forwards straight to the destination; the destination hands the inner message to the
 ``deliver`` callback (or emits ``Notify("control-message")``).
@@ -26,8 +26,7 @@ from typing import Any
 
 from mesh import wire
 from mesh.core import Action, Event, Notify, PeerUp, Received, Send, SetTimer, Store, TimerFired
-from mesh.gossip.membership import Membership, SwimConfig
-from mesh.links.control_msgs import (
+from mesh.gossip.control_msgs import (
     ROUTED_TTL,
     Ack,
     BandwidthProbe,
@@ -43,11 +42,12 @@ from mesh.links.control_msgs import (
     Signed,
     Sync,
 )
+from mesh.gossip.membership import Membership, SwimConfig
+from mesh.gossip.statements import Statements
 from mesh.links.control_status import MeshStatus, PeerStatus
 from mesh.links.estimates import LinkConfig, LinkProber, LinkTable
 from mesh.links.modes import ModeClassifier, ModeLimits
 from mesh.links.routes import BULK, CONTROL, Route, RouteConfig, RouteElection
-from mesh.links.statements import Statements
 
 __all__ = ["MeshControl", "ACCEPTS", "attach"]
 

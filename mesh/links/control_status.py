@@ -35,5 +35,5 @@ class MeshStatus:
     me: str
     #: one per peer, in name order
     peers: tuple[PeerStatus, ...]
-    #: gossip statements refused so far, by reason (mesh.links.statements.REFUSALS)
+    #: gossip statements refused so far, by reason (mesh.gossip.statements.REFUSALS)
     gossip_refused: tuple[tuple[str, int], ...] = ()

@@ -26,7 +26,7 @@ gossip (mesh.gossip.membership) and anti-entropy; every DC merges by version, so
 converge to the same table. :meth:`LinkTable.view` reads a directed link from
 the entries of both of its ends.
 
-An entry travels signed by its origin (:mod:`mesh.links.statements`): the table keeps
+An entry travels signed by its origin (:mod:`mesh.gossip.statements`): the table keeps
 each entry with its signature, passes it on unchanged, and takes an entry only from the
 DC it describes, with a version at most ``SELF_STEP`` above the one it holds and never
 above ``COUNTER_MAX``, so a liar can speak only of its own links.
@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Sequence
 import attrs
 
 from mesh.core import Action, Notify, Persist, Send, SetTimer, Store
-from mesh.links.control_msgs import (
+from mesh.gossip.control_msgs import (
     BandwidthProbe,
     BandwidthReport,
     LinkEntry,
@@ -52,7 +52,7 @@ from mesh.links.control_msgs import (
     OriginDigest,
     Signed,
 )
-from mesh.links.statements import COUNTER_MAX, SELF_STEP, Statements
+from mesh.gossip.statements import COUNTER_MAX, SELF_STEP, Statements
 
 __all__ = ["LinkConfig", "LinkView", "LinkTable", "LinkProber", "LOSS_EDGES"]
 

@@ -22,9 +22,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from mesh.links.control_msgs import LinkEntry
+from mesh.gossip.control_msgs import LinkEntry
+from mesh.gossip.statements import Statements
 from mesh.links.control_plane import ACCEPTS, MeshControl
-from mesh.links.statements import Statements
 from sim.geo import geo_links
 from sim.hosts.pbft_cluster import identity_for
 from sim.scenario import Run

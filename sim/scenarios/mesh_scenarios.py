@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from mesh import wire
-from mesh.links.control_msgs import Gossip, LinkEntry, MemberUpdate, Signed
+from mesh.gossip.control_msgs import Gossip, LinkEntry, MemberUpdate, Signed
 from sim import partitions
 from sim.hosts.mesh_world import WARMUP, MeshWorld, percentile
 from sim.scenario import Run, RunResult, _quiet_phase, registry, scenario

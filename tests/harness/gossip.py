@@ -1,5 +1,5 @@
 """Signed gossip statements for the membership and link-state tests: every DC name has
-a fixed key, so a test can say anything as anyone (mesh.links.statements)."""
+a fixed key, so a test can say anything as anyone (mesh.gossip.statements)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import hashlib
 from collections.abc import Iterable
 
 from mesh import wire
+from mesh.gossip.control_msgs import STATEMENT_MAX, LinkEntry, MemberUpdate, Signed
+from mesh.gossip.statements import Statements
 from mesh.identity import Identity
-from mesh.links.control_msgs import STATEMENT_MAX, LinkEntry, MemberUpdate, Signed
-from mesh.links.statements import Statements
 
 
 def identity_of(name: str) -> Identity:

@@ -5,7 +5,7 @@ dissemination of link estimates), ``link.`` (per-link probes) and ``route.`` (co
 messages forwarded along an elected route).
 
 Membership updates and link entries travel as :class:`Signed` statements: the encoded
-statement and its speaker's signature (:mod:`mesh.links.statements`), so a DC that
+statement and its speaker's signature (:mod:`mesh.gossip.statements`), so a DC that
 forwards one can neither forge nor alter it.
 """
 

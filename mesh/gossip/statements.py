@@ -32,8 +32,8 @@ from collections.abc import Mapping
 import attrs
 
 from mesh import wire
+from mesh.gossip.control_msgs import STATEMENT_MAX, LinkEntry, MemberUpdate, Signed
 from mesh.identity import Identity, PublicKey
-from mesh.links.control_msgs import STATEMENT_MAX, LinkEntry, MemberUpdate, Signed
 
 __all__ = [
     "Statements",
