@@ -3,14 +3,16 @@
 The corpus guest (workload A, ``make corpus``) leaves 78.6 % of its RAM zero; real guests
 run with little free memory (issue 17 item 4). This snapshot boots the self-checking guest
 of ``make qemu-guest`` (federation/demo/qemu_guest, docs/qemu.md) with ``dwcp.fill=P``:
-P % of its free memory becomes 1 MiB ballast files (three of four compressible text, no
-two pages equal; one of four random bytes) before its heartbeat and memory checks run.
+P % of its free memory becomes 1 MiB ballast files (three of four compressible text,
+whose rotation repeats every 36 files, so some pages repeat; one of four random bytes)
+before its heartbeat and memory checks run.
 Once the ballast is written and the guest ran ``at_s`` seconds, QMP ``stop`` and the RAM
 file (a ``memory-backend-file`` on tmpfs) is copied: the guest's physical memory, byte
 for byte, page 0 at offset 0, like the corpus snapshots.
 
 Measured (2026-12-07, TCG, shared machine): a 256 MiB guest at ``fill=60`` had 26.8 %
-zero pages, at ``fill=85`` (the default) 8.4 %, ready 62 s after start.
+zero pages, at ``fill=85`` (the default) 8.4-8.8 % zero and 22 % duplicate pages, ready
+62-240 s after start depending on the load.
 """
 
 from __future__ import annotations
