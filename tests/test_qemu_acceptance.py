@@ -85,10 +85,12 @@ def test_twenty_migrations_with_cancels_and_kills_keep_the_guest_whole(
     with qemu_nodes(tmp_path) as nodes:
         nodes.api("dc1").ok("POST", "/api/policy", SetPolicy(100, (), (), False))
         create_guest(nodes, "dc1", "g", tmp_path)
-        runs: list[tuple[str, int]] = [("dc1", 0)]
+        # (DC, where its stay starts in that DC's console, where it ends: None while there)
+        runs: list[tuple[str, int, int | None]] = [("dc1", 0, None)]
 
         def console() -> Console:  # the guest's one serial line across the DCs it ran at
-            return guest_console(nodes, "g", [d for d, _ in runs], [o for _, o in runs])
+            return guest_console(nodes, "g", [d for d, _, _ in runs],
+                                 [o for _, o, _ in runs], [e for _, _, e in runs])
 
         nodes.wait("the guest's first checks", lambda: len(console().checks) >= 2, BOOT_S)
         owner = "dc1"
@@ -104,8 +106,9 @@ def test_twenty_migrations_with_cancels_and_kills_keep_the_guest_whole(
             new = _decided(nodes, mid, owner, dst, what)
             nodes.wait(f"the guest running at {new}",
                        lambda n=new: nodes.vm_here(n, "g") == "running", 120)
-            if new != owner:
-                runs.append((new, offset))
+            if new != owner:  # the source's QEMU is retired: its stay there has ended
+                runs[-1] = (owner, runs[-1][1], _size(nodes, owner))
+                runs.append((new, offset, None))
             outcomes.append(f"{kind}:{'moved' if new != owner else 'stayed'}")
             owner = new
             nodes.wait(f"one QEMU of the guest, at {owner}",

@@ -28,6 +28,7 @@ from federation import config
 from federation.api.http import open_api, serve_node
 from federation.cli.main import CommandError
 from federation.node.assembly import DOWNTIME_LIMIT, Node
+from federation.node.data_lock import DataDirLock
 from federation.node.errors import NodeError
 from federation.node.node_config import (
     NodeConfig,
@@ -36,10 +37,14 @@ from federation.node.node_config import (
     load_node_config,
 )
 from federation.node.private_dir import private_dir
+from federation.vms.at_rest_key import AtRestKeyError, load_or_create
+from federation.vms.at_rest_key import default_key_path as default_key_path_at_rest
 from federation.vms.backend import VmBackend, VmError
 from federation.vms.image_backend import ImageBackend
 from federation.vms.per_vm import PerVmBackend
 from federation.vms.qemu_backend import QemuBackend
+from federation.vms.sealed_image import is_sealed
+from federation.vms.sealing import SealKey
 from mesh import identity
 from mesh.runtime.node_runtime import ListenError
 from mesh.runtime.sqlite_store import StoreError
@@ -92,19 +97,39 @@ def run_node(args: argparse.Namespace,
     data_dir: Path = args.data_dir or args.config.parent / "data" / args.name
     try:
         private_dir(data_dir)
-        vms = (backend(data_dir) if backend is not None
-               else node_backend(data_dir, settings) if settings.qemu is not None else None)
-        limit = (DOWNTIME_LIMIT if settings.qemu is None
-                 else settings.qemu.downtime_limit_ms / 1000)
-        node = Node(fed, args.name, ident, data_dir, backend=vms,
-                    import_dirs=settings.import_dirs, downtime_limit=limit)
+        lock = DataDirLock(data_dir)  # before anything in it is read
     except OSError as exc:
         raise CommandError(
             f"{data_dir}: cannot create the data directory: {exc.strerror}"
         ) from None
+    except NodeError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        seal_key, made, budget = _at_rest(settings, key_path, data_dir)
+        vms = (backend(data_dir) if backend is not None
+               else node_backend(data_dir, settings, seal_key, budget)
+               if settings.qemu is not None else None)
+        limit = (DOWNTIME_LIMIT if settings.qemu is None
+                 else settings.qemu.downtime_limit_ms / 1000)
+        node = Node(fed, args.name, ident, data_dir, backend=vms,
+                    import_dirs=settings.import_dirs, lock=lock,
+                    request_timeout=settings.request_timeout, at_rest_key=seal_key,
+                    retained_max=budget, downtime_limit=limit)
+        if made is not None:
+            node.log.event("at_rest_key_made", path=str(made),
+                           note="back it up with the identity key: the VM images here "
+                                "cannot be read without it")
+    except CommandError:
+        lock.release()
+        raise
+    except OSError as exc:
+        lock.release()
+        raise CommandError(f"{data_dir}: {exc.strerror or exc}") from None
     except (StoreError, NodeError, VmError) as exc:
+        lock.release()
         raise CommandError(str(exc)) from None
     except LogFormatError as exc:
+        lock.release()
         raise CommandError(f"{data_dir}: {exc}") from None
     try:
         trio.run(_serve_until_signal, node, settings.metrics_token)
@@ -115,20 +140,41 @@ def run_node(args: argparse.Namespace,
     return 0
 
 
-def node_backend(data_dir: Path, settings: NodeConfig) -> VmBackend:
+def node_backend(data_dir: Path, settings: NodeConfig, seal_key: SealKey | None = None,
+                 retain_bytes: int | None = None) -> VmBackend:
     """The VMs of a node whose config has a ``[qemu]`` table: image files under
     ``<data dir>/vms``, qemu guests under ``<data dir>/qemu`` with their RAM on tmpfs
     (``ram_dir``, default ``/dev/shm/dwcp-qemu-UID/<hash of the data dir>``), chosen per
-    VM (:mod:`federation.vms.per_vm`)."""
+    VM (:mod:`federation.vms.per_vm`); both seal what they retain with ``seal_key``."""
     q = settings.qemu
     assert q is not None, "a node config with a [qemu] table"
     ram = q.ram_dir
     if ram is None:
         tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
         ram = Path("/dev/shm") / f"dwcp-qemu-{os.getuid()}" / tag
-    qemu = QemuBackend(data_dir / "qemu", ram, accel=q.accel, guest_files=q.guest_files,
-                       allowed_args=q.allowed_args)
-    return PerVmBackend(ImageBackend(data_dir / "vms"), qemu)
+    qemu = QemuBackend(data_dir / "qemu", ram, accel=q.accel, seal_key=seal_key,
+                       guest_files=q.guest_files, allowed_args=q.allowed_args)
+    return PerVmBackend(ImageBackend(data_dir / "vms", seal_key=seal_key,
+                                     retain_bytes=retain_bytes), qemu)
+
+
+def _at_rest(settings: NodeConfig, identity_key: Path,
+             data_dir: Path) -> tuple[SealKey, Path | None, int]:
+    """The node's at-rest key (made at the first start, federation.vms.at_rest_key; the
+    path if it was made now) and the retained copies' budget: the node config's, else a
+    quarter of the file system the data directory is on."""
+    path = settings.at_rest_key or default_key_path_at_rest(identity_key)
+    vms = data_dir / "vms"
+    held = vms.is_dir() and any(is_sealed(p) for p in vms.glob("*/*.img") if p.is_file())
+    try:
+        key, made = load_or_create(path, held)
+    except AtRestKeyError as exc:
+        raise CommandError(str(exc)) from None
+    budget = settings.retained_max
+    if budget is None:
+        fs = os.statvfs(data_dir)
+        budget = fs.f_blocks * fs.f_frsize // 4
+    return key, path if made else None, budget
 
 
 def _node_config(args: argparse.Namespace) -> NodeConfig:

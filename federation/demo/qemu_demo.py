@@ -113,8 +113,9 @@ class GuestWatch:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        #: (dc, byte offset its run starts at) in the order the guest ran there
-        self.runs: list[tuple[str, int]] = []
+        #: (dc, byte offsets its stay starts and ends at, None while there) in the order
+        #: the guest ran there (a DC it comes back to appends to the same console)
+        self.runs: list[tuple[str, int, int | None]] = []
 
     def log(self, dc: str) -> Path:
         return _qemu_root(self.directory, dc) / VM / "console.log"
@@ -125,11 +126,16 @@ class GuestWatch:
 
     def arrive(self, dc: str, offset: int) -> None:
         """The guest runs at ``dc`` now, its lines there from byte ``offset`` (the size of
-        that console before the migration began: the target's QEMU writes from ``cont``)."""
-        self.runs.append((dc, offset))
+        that console before the migration began: the target's QEMU writes from ``cont``);
+        the stay before ends where its console is now (its QEMU is retired)."""
+        if self.runs:
+            was, start, _ = self.runs[-1]
+            self.runs[-1] = (was, start, self.size(was))
+        self.runs.append((dc, offset, None))
 
     def read(self) -> Console:
-        return read_console([self.log(dc) for dc, _ in self.runs], [o for _, o in self.runs])
+        return read_console([self.log(dc) for dc, _, _ in self.runs],
+                            [o for _, o, _ in self.runs], [e for _, _, e in self.runs])
 
     async def wait(self, what: str, holds: Any, budget: float) -> Console:
         deadline = trio.current_time() + budget

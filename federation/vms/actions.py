@@ -52,6 +52,7 @@ from federation.vms.backend import VmBackend, VmError, VmState, combined_root
 from federation.vms.dirty_scan import SentDigests
 from federation.vms.per_vm import dirty_by_content
 from federation.vms.roots import IncomingIndexes, LiveIndex
+from federation.vms.sealed_image import SealedWriter
 from federation.vms.throttle import next_throttle
 from mesh.hde.image import Image, ImageError, ImageWriter, PageSource
 from mesh.hde.index import PageIndex, build_index
@@ -293,6 +294,14 @@ class VmActions:
             if writers is None:  # restarted since: the copy is on disk
                 writers = b.prepare_incoming(a.vm, b.info(a.vm).layout, a.migration_id)
                 self.incoming[a.migration_id] = writers
+            for w in writers.values():
+                if isinstance(w, SealedWriter):
+                    # Its writes since the last publish are not in the file yet: publish
+                    # them before the root goes out, since the ledger commits on it and
+                    # the source then retires its copy (a crash after this leaves the
+                    # verified copy; before it, the old file and a root that will not
+                    # match).
+                    w.flush()
             roots = self.incoming_indexes.setdefault(a.migration_id,
                                                      IncomingIndexes(self.executor))
             return [TargetVerified(roots.root(writers))]

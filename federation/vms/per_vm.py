@@ -122,6 +122,34 @@ class PerVmBackend:
     def retire(self, name: str, migration_id: str) -> VmInfo:
         return self.of(name).retire(name, migration_id)
 
+    def remove(self, name: str) -> bool:
+        """The ledger deleted the VM: its copy here goes, whichever backend holds it."""
+        return self.qemu.remove(name) if self._holds(self.qemu, name) \
+            else self.image.remove(name)
+
+    # the image backend's retained copies (the qemu backend keeps none beyond its VMs)
+    def purge(self, name: str, staged: bool = False) -> int:
+        purge = getattr(self.of(name), "purge", None)
+        if not callable(purge):
+            raise VmError(f"VM {name!r}: its backend keeps no retained copy to purge")
+        return int(purge(name, staged=staged))
+
+    @property
+    def usage(self) -> Any:
+        return getattr(self.image, "usage", None)
+
+    @property
+    def retain_bytes(self) -> int | None:
+        return getattr(self.image, "retain_bytes", None)
+
+    @property
+    def purged(self) -> dict[str, tuple[int, int]]:
+        return dict(getattr(self.image, "purged", {}))
+
+    @property
+    def seal_key(self) -> Any:
+        return getattr(self.image, "seal_key", None)
+
     def stop(self, name: str) -> VmInfo:
         """Power a running qemu VM off (:meth:`QemuBackend.stop`)."""
         if not self._holds(self.qemu, name):

@@ -135,7 +135,7 @@ class IncomingIndexes:
         """The current index of incoming image ``name``. It is a new object each time it
         changed: an index handed out earlier (a round's base) stays as it was."""
         held = self.indexes.get(name)
-        if held is None or writer.written is None:
+        if held is None or getattr(writer, "written", None) is None:
             writer.written = set()
             ix = build_index(writer, self.executor)
         elif not writer.written:

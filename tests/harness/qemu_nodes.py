@@ -102,6 +102,8 @@ def console_logs(nodes: NodeProcesses, vm: str, order: list[str]) -> list[Path]:
 
 
 def guest_console(nodes: NodeProcesses, vm: str, order: list[str],
-                  offsets: list[int] | None = None) -> Console:
-    """The guest's console as one serial line: the DCs' logs in the order it ran there."""
-    return read_console(console_logs(nodes, vm, order), offsets or [])
+                  offsets: list[int] | None = None,
+                  ends: list[int | None] | None = None) -> Console:
+    """The guest's console as one serial line: the DCs' logs in the order it ran there,
+    each stay from its offset to its end (a DC it came back to holds both stays)."""
+    return read_console(console_logs(nodes, vm, order), offsets or [], ends or [])
