@@ -150,9 +150,16 @@ def request_ids(req: Request) -> range:
 
 @wire.message("pbft.batch", max_size=_BIG)
 class Batch:
-    """The requests ordered at one sequence number; an empty batch is the null request."""
+    """The requests ordered at one sequence number; an empty batch is the null request.
+
+    ``time_us``: the ledger time the primary stamped on the batch, in microseconds of
+    wall-clock time since the epoch (0 for the null request). The digest in the
+    PRE-PREPARE covers it, so every replica executes the batch at the same time
+    (:mod:`consensus.pbft.batch_time`). An integer, not a float: a frame holding a float
+    costs the decoder a canonical re-encode, and this one is decoded on every proposal."""
 
     requests: tuple[Signed, ...] = field(ListOf(Struct(Signed), MAX_BATCH))
+    time_us: int = field(U64(), default=0)
 
 
 @wire.message("pbft.pre-prepare")
@@ -295,8 +302,8 @@ def digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def batch_bytes(requests: tuple[Signed, ...]) -> bytes:
-    return wire.encode(Batch(requests))
+def batch_bytes(requests: tuple[Signed, ...], time_us: int = 0) -> bytes:
+    return wire.encode(Batch(requests, time_us))
 
 
 NULL_BATCH = batch_bytes(())

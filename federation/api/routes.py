@@ -20,6 +20,8 @@ route                              role   body (state-changing: a signed CBOR in
 ``DELETE /api/vms/NAME``           oper.  ``DeleteVm``: unregister it in the ledger; the
                                           copies go (a staged, unregistered import: only
                                           here, without the ledger)
+``POST /api/vms/NAME/purge``       oper.  ``PurgeVm``: remove this DC's retained copy
+                                          (a VM that left) -> 200 ``{"freed_bytes"}``
 ``POST /api/migrations``           oper.  ``MigrateVm`` (vm, target, source, epoch) ->
                                           202 ``{"id"}``
 ``GET /api/migrations/ID``         viewer one migration (404 if nobody knows it)
@@ -66,6 +68,7 @@ from federation.node.errors import LedgerTimeout, NodeError, UnknownMigration
 from federation.node.imports import ImportRefused
 from federation.node.metrics import NodeCollector
 from federation.node.status import migration_status, peer_problems, policy_doc, status
+from federation.vms.retention import PurgeVm
 from mesh import wire
 
 if TYPE_CHECKING:
@@ -233,6 +236,15 @@ async def _route(node: Node, caller: Caller, method: str, path: str,
         info = await node.import_vm(intent.vm, caller.request.authorization)
         return _json(201, {"name": info.name, "epoch": info.epoch, "state": info.state.value,
                            "layout": info.layout})
+    if method == "POST" and path.startswith("/api/vms/") and path.endswith("/purge"):
+        vm = _tail(path[:-len("/purge")], "/api/vms/")
+        intent = _intent(caller, PurgeVm)
+        if intent.vm != vm:
+            raise ApiError(400, f"vm: the operator signed the purge of {intent.vm!r}, the "
+                                f"path names {vm!r}")
+        assert caller.request is not None
+        freed = await node.purge_vm(vm, caller.request.authorization)
+        return _json(200, {"name": vm, "purged": True, "freed_bytes": freed})
     if method == "DELETE" and path.startswith("/api/vms/"):
         vm = _tail(path, "/api/vms/")
         assert caller.request is not None
@@ -255,9 +267,7 @@ async def _route(node: Node, caller: Caller, method: str, path: str,
     if method == "POST" and path == "/api/policy":
         policy = _intent(caller, SetPolicy)
         assert caller.request is not None
-        recorded = await node.set_policy(
-            policy.v3_percent, policy.target_dcs, policy.target_vms, policy.kill_switch,
-            authorization=caller.request.authorization)
+        recorded = await node.set_policy(policy, authorization=caller.request.authorization)
         return _json(200, policy_doc(recorded))
     return _not_found(method, path)
 

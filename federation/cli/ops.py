@@ -4,6 +4,7 @@
 
     dwcp vm import NAME --memory FILE [--disk FILE ...]
     dwcp vm delete NAME                # through the ledger; every DC removes its copy
+    dwcp vm purge NAME [--staged]      # remove this DC's retained copy of a VM that left
     dwcp vm create|start|stop|console ...   # qemu VMs: federation.cli.vm
     dwcp vms [--json]
     dwcp migrate NAME --to DC          # progress bar on stderr; non-zero exit on abort
@@ -48,6 +49,7 @@ from federation.api.client import (
 from federation.cli.main import CommandError
 from federation.cli.vm import add_qemu_commands
 from federation.migration.vocabulary import CANCEL_REASON
+from federation.vms.retention import PurgeVm
 
 __all__ = ["PENDING_EXIT", "add_request_id", "ledger_call", "register_vm", "register_vms",
            "register_migrate", "register_cancel",
@@ -160,6 +162,13 @@ def register_vm(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     add_request_id(delete)
     add_node_options(delete)
     delete.set_defaults(func=run_delete)
+    purge = vsub.add_parser("purge", help="remove the node's retained copy of a VM that "
+                                          "migrated away (frees its disk)")
+    purge.add_argument("vm", metavar="NAME")
+    purge.add_argument("--staged", action="store_true",
+                       help="also a staged import that was never registered")
+    add_node_options(purge)
+    purge.set_defaults(func=run_purge)
     add_qemu_commands(vsub)
 
 
@@ -216,6 +225,16 @@ def run_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_purge(args: argparse.Namespace) -> int:
+    """Sign a PurgeVm for this node (role operator); the node refuses a VM that runs,
+    is fenced, is arriving or that the ledger gives to its DC."""
+    api = node_api(args)
+    path = f"/api/vms/{urllib.parse.quote(args.vm, safe='')}/purge"
+    doc = api.ok("POST", path, PurgeVm(args.vm, args.staged))
+    print(f"purged {doc['name']}: freed {_human(doc['freed_bytes'])}")
+    return 0
+
+
 def register_vms(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("vms", help="list the VMs the ledger and the node know")
     p.add_argument("--json", action="store_true")
@@ -265,8 +284,10 @@ def render_progress(m: dict[str, Any], width: int = 24) -> str:
     bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
     eta = m.get("eta")
     eta_s = "?" if eta is None or not math.isfinite(eta) else f"{eta:.1f}s"
+    pages = m.get("pages_sent")
+    pages_s = "" if pages is None else f", {pages} pages"
     return (f"{m.get('phase', m.get('ledger', '?')):<9} round {m.get('round', 0):>2} "
-            f"[{bar}] {_human(sent)} (wire {_human(m.get('wire_bytes') or 0)}) "
+            f"[{bar}] {_human(sent)}{pages_s} (wire {_human(m.get('wire_bytes') or 0)}) "
             f"dirty {m.get('dirty_rate', 0.0):.0f} pages/s  eta {eta_s}")
 
 
@@ -281,6 +302,10 @@ def run_migrate(args: argparse.Namespace) -> int:
     except Pending as exc:
         return pending_exit(exc)
     mid = started["id"]
+    # the id first, before any progress: what `dwcp cancel` and `dwcp status` take (with
+    # --json, stdout is the final document alone, so the id goes to stderr)
+    print(f"migration {mid}: {args.vm} {intent.source} -> {args.to}",
+          file=sys.stderr if args.json else sys.stdout, flush=True)
     tty = sys.stderr.isatty()
     last = ""
     try:
@@ -488,4 +513,11 @@ def render_status(doc: dict[str, Any]) -> str:
               _s(m.get("ledger")), _s(m.get("phase")), _s(m.get("round")),
               _human(m.get("bytes_sent") or 0), data_path(m)] for m in doc["migrations"]]
     out.append(table(migs) if len(migs) > 1 else "no migrations")
+    # why each aborted migration aborted: the ledger's reason (the deciding DC's words),
+    # else this side's; one line each, since a reason does not fit a column
+    why = [f"  {m['id']}: aborted: {m['reason']}" for m in doc["migrations"]
+           if m.get("reason") and (m.get("ledger") == "aborted" or m.get("phase") in
+                                   ("aborted", "aborting"))]
+    if why:
+        out += ["", "REASONS", *why]
     return "\n".join(out)

@@ -65,6 +65,7 @@ from consensus.ledger import (
     RegisterVm,
     SetPolicy,
     UnregisterVm,
+    recorded_policy,
 )
 from consensus.pbft.durable import ReplicaLog
 from consensus.pbft.messages import MAX_COMMAND
@@ -98,10 +99,12 @@ from federation.node.vm_worker import VmWorker
 from federation.vms.actions import VM_ACTIONS, VmActions
 from federation.vms.backend import VmBackend, VmError, VmInfo, VmState
 from federation.vms.image_backend import ImageBackend
+from federation.vms.retention import PurgeVm
+from federation.vms.sealing import SealKey
 from mesh import identity, wire
 from mesh.links import control_plane as control
 from mesh.runtime.log import JsonLog
-from mesh.runtime.node_runtime import Peer, Runtime
+from mesh.runtime.node_runtime import Peer, Runtime, wall_clock
 from mesh.runtime.sqlite_store import SQLiteStore
 
 __all__ = ["Node", "NodeError", "LedgerTimeout", "UnknownMigration", "NotTheSource",
@@ -137,6 +140,8 @@ class Node:
         import_dirs: Sequence[Path] = (),
         lock: DataDirLock | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        at_rest_key: SealKey | None = None,
+        retained_max: int | None = None,
     ) -> None:
         me = fed.dc(name)
         if ident.public != me.public_key:
@@ -173,8 +178,9 @@ class Node:
         self.control = control.attach(
             self.runtime, name, [p.name for p in peers], random.Random(self.rng.getrandbits(64)),
             store=self.store, modes=fed.modes)
-        self.backend: VmBackend = (backend if backend is not None
-                                   else ImageBackend(data_dir / "vms"))
+        self.backend: VmBackend = (
+            backend if backend is not None
+            else ImageBackend(data_dir / "vms", seal_key=at_rest_key, retain_bytes=retained_max))
         self.vm_actions = VmActions(self.backend)
         #: imports: the copy from the import directories, before the register
         self.imports = ImportStaging(self.backend, ImportDirs(import_dirs), self.log)
@@ -186,7 +192,7 @@ class Node:
             replica = Replica(name, ident, self.runtime.keys, ReplicaLog(self.store),
                               random.Random(self.rng.getrandbits(64)),
                               PbftConfig(client_timeout=request_timeout),
-                              operators=fed.operator_table(),
+                              operators=fed.operator_table(), wall=wall_clock,
                               previous_keys=fed.previous_keys())
         except ValueError as exc:
             self.no_ledger = f"no ledger in this federation: {exc}"
@@ -194,13 +200,15 @@ class Node:
         if replica is not None:
             self.core = NodeCore(name, replica, on_ledger_done=self.ledger.done,
                                  mode_of=lambda dst: self.control.modes.mode(name, dst),
-                                 on_ledger_moved=self._ledger_moved)
+                                 on_ledger_moved=self._ledger_moved,
+                                 regions={dc.name: dc.region for dc in fed.dcs if dc.region})
             self.core.unrestored.update(self._stored_records())
             self.runtime.add_core("node", self.core, TAGS, effects=self._effect)
         events = RoundEvents()
         self.v3 = V3DataPlane(fed=fed, name=name, runtime=self.runtime, control=self.control,
                               backend=self.backend, incoming=self.vm_actions.incoming.get,
-                              data_dir=data_dir, log=self.log, report=events.put)
+                              data_dir=data_dir, log=self.log, report=events.put,
+                              seal_shadows=at_rest_key is not None)
         self.rounds = RoundScheduler(
             runtime=self.runtime, core=RoundsCore(name, self._session_view), events=events,
             vm_actions=self.vm_actions, v3=self.v3, log=self.log, to_session=self.to_session)
@@ -251,6 +259,8 @@ class Node:
                 await self.runtime.run(task_status=task_status)
                 nursery.cancel_scope.cancel()  # shut down: the data plane and workers end too
 
+            if self.core is not None:  # the cores' clock is trio's; reasons show UTC
+                self.core.set_wall_offset(time.time() - trio.current_time())
             await trio.to_thread.run_sync(self._resume_vms)
             await self.v3.serve(nursery)
             await self.rounds.run(nursery)
@@ -398,6 +408,9 @@ class Node:
             async with self._carrying(authorization, _tag(ImportVm), name):
                 result = await self.ledger.submit(register)
             if not result.ok:
+                # refused for good: the staged copy goes, so a failed import leaves nothing
+                async with self._vm_lock:
+                    await trio.to_thread.run_sync(self._drop_staged, name)
                 raise NodeError(f"the ledger refused to register {name!r}: {result.error}")
             async with self._vm_lock:
                 self.imports.copies.pop(name, None)
@@ -510,6 +523,42 @@ class Node:
         ledger = self.core.ledger if self.core is not None else None
         return self.requests.outcome(ledger, operator, request_id, time.time())
 
+    def _drop_staged(self, name: str) -> None:
+        purge = getattr(self.backend, "purge", None)
+        if purge is None:
+            return
+        try:
+            freed = purge(name, staged=True)
+        except VmError as exc:
+            self.log.event("vm_staged_kept", vm=name, error=str(exc))
+            return
+        self.imports.copies.pop(name, None)
+        self.log.event("vm_staged_removed", vm=name, bytes=freed)
+
+    async def purge_vm(self, vm: str, authorization: Authorization) -> int:
+        """An operator's ``PurgeVm``: remove this DC's retained copy of ``vm`` (with
+        ``staged``, a staged import the ledger never registered); the bytes freed. Refused
+        for a VM the ledger gives to this DC, and by the backend for any VM that runs,
+        is fenced or is arriving here."""
+        intent = self.intent(authorization, PurgeVm, vm=vm)
+        purge = getattr(self.backend, "purge", None)
+        if purge is None:
+            raise NodeError("this node's VM backend keeps no retained copies to purge")
+        owner = self.core.ledger.owner(vm) if self.core is not None else None
+        if owner == self.name:
+            raise NodeError(f"VM {vm!r} belongs to this DC in the ledger; it is not a "
+                            "retained copy (delete it with 'dwcp vm delete')")
+        try:
+            async with self._vm_lock:
+                freed: int = await trio.to_thread.run_sync(
+                    lambda: purge(vm, staged=intent.staged))
+        except VmError as exc:
+            raise NodeError(str(exc)) from None
+        if intent.staged:
+            self.imports.copies.pop(vm, None)
+        self.log.event("vm_purged", vm=vm, bytes=freed)  # (api_request names the operator)
+        return freed
+
     async def _cancel_at_source(self, mid: str) -> None:
         failure: list[NodeError] = []
 
@@ -540,18 +589,23 @@ class Node:
         if failure:
             raise failure[0]
 
-    async def set_policy(self, v3_percent: int, target_dcs: Sequence[str] = (),
-                         target_vms: Sequence[str] = (), kill_switch: bool = False, *,
-                         authorization: Authorization) -> SetPolicy:
+    async def set_policy(self, policy: SetPolicy, *, authorization: Authorization) -> SetPolicy:
         """Record a rollout policy in the ledger (DESIGN.md, "Protocol versions and
         rollout") on an admin's signed ``SetPolicy`` of exactly this policy; every DC's
-        sessions apply it from their next round on."""
-        if not 0 <= v3_percent <= 100:
-            raise NodeError(f"v3_percent: expected 0..100, got {v3_percent}")
-        unknown = sorted(set(target_dcs) - set(self.fed.names))
+        sessions apply it from their next round on. Returns the policy as the ledger
+        recorded it."""
+        if not 0 <= policy.v3_percent <= 100:
+            raise NodeError(f"v3_percent: expected 0..100, got {policy.v3_percent}")
+        for what, dcs in (("target_dcs", policy.target_dcs),
+                          ("excluded_dcs", policy.excluded_dcs)):
+            unknown = sorted(set(dcs) - set(self.fed.names))
+            if unknown:
+                raise NodeError(f"{what}: {', '.join(unknown)} not in the federation")
+        regions = sorted({dc.region for dc in self.fed.dcs if dc.region})
+        unknown = sorted(set(policy.target_regions) - set(regions))
         if unknown:
-            raise NodeError(f"target_dcs: {', '.join(unknown)} not in the federation")
-        policy = SetPolicy(v3_percent, tuple(target_dcs), tuple(target_vms), kill_switch)
+            raise NodeError(f"target_regions: {', '.join(unknown)} is the region of no DC "
+                            f"(the federation file's regions: {', '.join(regions) or 'none'})")
         try:
             wire.encode(policy)
         except wire.WireError as exc:
@@ -564,9 +618,17 @@ class Node:
             result = await self.ledger.submit(change)
         if not result.ok:
             raise NodeError(f"the ledger refused the policy: {result.error}")
-        self.log.event("policy_set", v3_percent=v3_percent, target_dcs=list(target_dcs),
-                       target_vms=list(target_vms), kill_switch=kill_switch)
-        return policy
+        recorded = recorded_policy(policy)
+        self.log.event("policy_set", v3_percent=recorded.v3_percent,
+                       target_dcs=list(recorded.target_dcs),
+                       target_vms=list(recorded.target_vms),
+                       target_regions=list(recorded.target_regions),
+                       excluded_dcs=list(recorded.excluded_dcs),
+                       kill_switch=recorded.kill_switch,
+                       max_abort_percent=recorded.max_abort_percent,
+                       min_ended=recorded.min_ended,
+                       max_verify_failures=recorded.max_verify_failures)
+        return recorded
 
     def peer_versions(self, target: str) -> tuple[int, ...]:
         """The transfer versions ``target`` offered in its handshake (the channel keeps

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import errno
 import random
+import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
@@ -97,7 +98,16 @@ from mesh.runtime.link_policy import Backoff
 from mesh.runtime.log import JsonLog
 from mesh.runtime.peers import LinkInfo, PeerTable
 
-__all__ = ["Runtime", "Peer", "LinkInfo", "ListenError", "RESOURCE", "CONTROL_STARTUPS"]
+__all__ = ["Runtime", "Peer", "LinkInfo", "ListenError", "RESOURCE", "CONTROL_STARTUPS",
+           "wall_clock"]
+
+
+def wall_clock(now: float) -> float:
+    """The wall clock (seconds since the epoch) for a core hosted here, whose ``now`` is
+    trio's clock: its origin is arbitrary (trio adds a random offset on purpose), so a
+    core that needs a time other hosts can compare with (PBFT's batch times,
+    consensus.pbft.batch_time) is given this instead of mapping ``now`` itself."""
+    return time.time()
 
 #: The websocket path of the control plane.
 RESOURCE = "/dwcp/control/1"

@@ -21,7 +21,9 @@ from federation.cli.keys import INIT_OPERATOR
 from federation.cli.ops import Api
 from federation.demo.guest_writer import expected_pages, mismatches
 from federation.node.node_config import render_node_config
-from mesh.hde.image import open_image
+from federation.vms.at_rest_key import key_if_any
+from federation.vms.sealed_image import open_stored
+from federation.vms.sealing import SealKey
 from tests.harness.node import make_federation
 from tests.harness.waiting import poll_until
 
@@ -187,11 +189,19 @@ def vm_dir(nodes: NodeProcesses, dc: str, vm: str) -> Path:
     return nodes.cfg.parent / "data" / dc / "vms" / vm
 
 
+def stored_key(directory: Path) -> SealKey | None:
+    """The at-rest key of the DC whose VM directory this is (``dwcp node`` makes it beside
+    the DC's identity key: <federation dir>/keys/<DC>.at-rest), or None."""
+    dc, fed_dir = directory.parents[1].name, directory.parents[3]
+    return key_if_any(fed_dir / "keys" / f"{dc}.at-rest")
+
+
 def writer_mismatches(directory: Path, writer_log: Path) -> list[str]:
     """The pages the writer's log says were written and the VM's images in ``directory``
     do not hold (empty: intact)."""
     layout = json.loads((directory / "meta.json").read_text())["layout"]
-    images = {name: open_image(directory / f"{name}.img", name) for name, _ in layout}
+    key = stored_key(directory)
+    images = {name: open_stored(directory / f"{name}.img", key, name) for name, _ in layout}
     try:
         return mismatches(images, expected_pages(writer_log))
     finally:
