@@ -100,8 +100,9 @@ class Walk:
                                 r"[0-9a-f]{32}\)\n", _ok(argv))
         elif argv[1] == "migrate":
             out = _ok(argv)
-            assert re.fullmatch(r"migrated vm1 to dc3: vm1-dc1-dc3-[0-9a-f]{8} committed in "
-                                r"\d+ rounds, .*\n", out), out
+            assert re.fullmatch(r"migration (vm1-dc1-dc3-[0-9a-f]{8}): vm1 dc1 -> dc3\n"
+                                r"migrated vm1 to dc3: \1 committed in \d+ rounds, .*\n",
+                                out), out
         elif argv[1] == "status" and "--request" not in argv:
             self.status(argv)
         elif argv[1] == "cancel":
