@@ -39,12 +39,13 @@ freshness and replay (:mod:`consensus.authz`, :mod:`consensus.operator_requests`
 
 **Ledger time** is what freshness and the migration deadline are measured
 against, and it must be the same at every replica. :meth:`Ledger.execute`
-takes it as ``now``: a value every replica was given with the ordered batch
-(the PBFT primary's batch timestamp, checked by the backups, is meant to feed
-it). Without ``now`` (what the replica passes today) the ledger's clock is the
-largest ``created`` of the operator requests it executed: a request is fresh
-when it is at most ``FRESHNESS_WINDOW`` older than that, and a deadline passes
-only as operator requests move the clock. Either way the clock never goes back.
+takes it as ``now``: the time the PBFT primary stamped on the ordered batch,
+checked by the backups against their own clocks (:mod:`consensus.pbft.batch_time`),
+so the clock advances with every batch and a deadline passes on time. A request
+is then fresh when its ``created`` lies within ``FRESHNESS_WINDOW`` of that clock,
+either way. Without ``now`` (a ledger driven outside PBFT, as in some tests) the
+clock is the largest ``created`` of the operator requests it executed. Either way
+the clock never goes back.
 
 A command that breaks a rule is *refused*: the state does not change and the
 result says why; :attr:`Ledger.refusals` counts refusals by kind. The invariants

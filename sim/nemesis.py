@@ -31,6 +31,9 @@ __all__ = ["Nemesis", "Byzantine", "SWARM_KINDS", "BENIGN_KINDS"]
 #: Every fault kind the swarm knows; BENIGN_KINDS leaves out Byzantine behaviour.
 SWARM_KINDS = ("partition", "one_way", "cut", "clog", "degrade", "crash", "clock", "byzantine")
 BENIGN_KINDS = tuple(k for k in SWARM_KINDS if k != "byzantine")
+#: The largest clock jump of the swarm's ``clock`` fault, either way (seconds); PBFT's
+#: batch-time bound (consensus.pbft.batch_time.TIME_BOUND) covers two such clocks.
+CLOCK_JUMP_MAX = 30.0
 
 #: Frames kept per destination for replay attacks.
 REPLAY_HISTORY = 32
@@ -296,7 +299,7 @@ class Nemesis:
             self.crash(a, at, end)
             return f"crash {a} {at:.2f}-{end:.2f}"
         if kind == "clock":
-            offset = rng.uniform(-30.0, 30.0)
+            offset = rng.uniform(-CLOCK_JUMP_MAX, CLOCK_JUMP_MAX)
             self.clock(a, offset, at, end)
             return f"clock {a} {offset:+.2f} {at:.2f}-{end:.2f}"
         behaviour = Byzantine(self.world.rng(f"byzantine/{a}/{at!r}"),

@@ -212,3 +212,51 @@ def test_a_restarted_source_aborts_its_precopy_and_a_second_plan_is_refused() ->
     for c in w.cores.values():
         assert c.replica.ledger.migrations[mid].state == "aborted"
         assert c.replica.ledger.owner("vm1") == "dc1"
+
+
+def test_the_target_aborts_on_its_own_once_the_deadline_passes_in_ledger_time() -> None:
+    """The source vanishes after the begin. The target may abort on its own only after
+    the migration's deadline in ledger time; the primary's batch times move that clock
+    (consensus.pbft.batch_time), so the abort passes on time with no operator request
+    in between (before, ledger time followed only operator requests and stood still)."""
+    w = World(4)
+    _register(w)
+    mid = "m-4"
+    w.plan("dc1", mid, "vm1", "dc3")
+    w.run(w.now + 1)
+    assert mid in w.cores["dc3"].sessions
+    deadline = w.cores["dc3"].ledger.migrations[mid].deadline
+    del w.cores["dc1"]  # gone for good: its messages and timers go nowhere
+    w.run(deadline - 1)
+    assert w.cores["dc3"].ledger.migrations[mid].state == "begun"
+    # the stall gave up long ago; the target's own abort waits for its timeout
+    assert w.cores["dc3"].sessions[mid].phase.value == "aborting"
+    w.run(deadline + 30)  # the dead primary dc1 costs a view change (2 s, doubling)
+    for name, core in w.cores.items():
+        rec = core.ledger.migrations[mid]
+        assert rec.state == "aborted", name
+        assert core.ledger.owner("vm1") == "dc1"
+        assert deadline <= core.ledger.clock < deadline + 30
+    assert w.cores["dc3"].outcomes[mid].outcome == "aborted"
+
+
+def test_commands_ready_together_are_signed_together_and_complete_one_by_one() -> None:
+    """The node's own commands and its sessions' ledger writes of one step go out as few
+    REQUESTs as MAX_REQUEST_COMMANDS allows (issue 14 item 5), each with its own result."""
+    w = World(5)
+    cmds = [RegisterVm(f"vm{i}", "dc2", w.ops.authorize(ImportVm(f"vm{i}", "dc2", "/m"), w.now))
+            for i in range(10)]
+    rids, _ = w.call("dc2", lambda c, now: c.submit_many(now, cmds))
+    assert len(rids) == 10 and len(set(rids)) == 10 and None not in rids
+    assert w.cores["dc2"].counters["requests_submitted"] == 2  # 8 + 2
+    assert w.cores["dc2"].counters["commands_submitted"] == 10
+    w.run(w.now + 1)
+    assert {rid for rid, _ in w.done["dc2"]} == set(rids)
+    assert all(res.ok for _, res in w.done["dc2"])
+    assert sorted(w.cores["dc3"].ledger.vms) == sorted(f"vm{i}" for i in range(10))
+    # the same operator request twice in one REQUEST: its first outcome, executed once
+    again, _ = w.call("dc2", lambda c, now: c.submit_many(now, [cmds[0], cmds[0]]))
+    w.run(w.now + 1)
+    results = dict(w.done["dc2"])
+    assert [results[r].ok for r in again] == [True, True]
+    assert len(w.cores["dc3"].ledger.vms) == 10

@@ -90,6 +90,12 @@ def test_import_migrate_status_through_the_cli(tmp_path: Path) -> None:
         r = dwcp("migrate", "ghost", "--to", "dc2", *at)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
         assert "ghost" in r.stderr
+        # dc1 keeps a retained copy of vm1; dc3 owns vm1: nothing of it to purge there
+        r = dwcp("vm", "purge", "vm1", "--config", str(nodes.cfg), "--name", "dc3")
+        assert r.returncode == 2 and "belongs to this DC in the ledger" in r.stderr
+        r = dwcp("vm", "purge", "vm1", *at)
+        assert r.returncode == 0 and r.stdout.startswith("purged vm1: freed "), r.stderr
+        assert not src.exists()
         assert nodes.stop_all() == {n: 0 for n in NAMES}
 
 

@@ -1,8 +1,10 @@
 """The normal case of PBFT (Castro & Liskov, OSDI'99 §4.2): pre-prepare, prepare, commit.
 
 - A backup accepts PRE-PREPARE(v, n, d) from the primary of v if it is in view
-  v, n is within the watermarks, d is the digest of the attached batch and
-  every request in it is signed by its client, and it accepted no other digest
+  v, n is within the watermarks, d is the digest of the attached batch,
+  every request in it is signed by its client, the batch's time is one it can
+  accept (:mod:`consensus.pbft.batch_time`; a refusal is returned to the
+  replica, which suspects the primary), and it accepted no other digest
   for (v, n); it logs the pre-prepare and multicasts PREPARE (carrying the
   primary's signed PRE-PREPARE, so an equivocating primary is convicted by the
   backups' relays).
@@ -14,7 +16,7 @@
 
 from __future__ import annotations
 
-from consensus.pbft import execution
+from consensus.pbft import batch_time, execution
 from consensus.pbft.messages import (
     Batch,
     Commit,
@@ -33,11 +35,23 @@ from consensus.pbft.outbox import Outbox
 from consensus.pbft.state import Decided, ReplicaState, Slot
 from mesh import wire
 
-__all__ = ["on_preprepare", "accept_preprepare", "on_prepare", "on_commit", "decide"]
+__all__ = ["on_preprepare", "accept_preprepare", "on_prepare", "on_commit", "decide",
+           "TimeRefused"]
 
 
-def _batch_ok(st: ReplicaState, data: bytes, peer: str) -> bool:
-    """Every request in a proposed batch is signed by the client it names."""
+class TimeRefused:
+    """A PRE-PREPARE refused for its batch's time (``kind``: see
+    :func:`consensus.pbft.batch_time.refusal`)."""
+
+    __slots__ = ("kind", "batch")
+
+    def __init__(self, kind: str, batch: Batch) -> None:
+        self.kind = kind
+        self.batch = batch
+
+
+def _batch_ok(st: ReplicaState, data: bytes, peer: str) -> Batch | None:
+    """The proposed batch, if every request in it is signed by the client it names."""
     try:
         batch = wire.decode(data, expect=(Batch,))
         for s in batch.requests:
@@ -49,25 +63,34 @@ def _batch_ok(st: ReplicaState, data: bytes, peer: str) -> bool:
     except (wire.WireError, SignatureError):
         st.evidence.count_malformed(peer)
         st.count("bad_batches")
-        return False
-    st.decoded[digest(data)] = batch.requests  # execution need not decode it again
-    return True
+        return None
+    return batch
 
 
 def on_preprepare(st: ReplicaState, out: Outbox, now: float, env: Envelope,
-                  pp: PrePrepare) -> None:
-    """A PRE-PREPARE from the primary of ``pp.view`` (the replica checked the sender)."""
+                  pp: PrePrepare) -> TimeRefused | None:
+    """A PRE-PREPARE from the primary of ``pp.view`` (the replica checked the sender).
+    Returns the refusal when the batch's time is not acceptable; the replica decides
+    what follows (it suspects the primary)."""
     if not (st.active and pp.view == st.view and st.in_window(pp.seq)):
-        return
+        return None
     if pp.seq <= st.last_exec and pp.seq in st.decided:
-        return
+        return None
     slot = st.slots.get(pp.seq)
     if slot is not None and slot.pp is not None:
-        return  # duplicate, or a conflict already kept as evidence
+        return None  # duplicate, or a conflict already kept as evidence
     data = env.attachment or st.batches.get(pp.digest)
-    if data is None or digest(data) != pp.digest or not _batch_ok(st, data, env.sender):
-        return
+    if data is None or digest(data) != pp.digest:
+        return None
+    batch = _batch_ok(st, data, env.sender)
+    if batch is None:
+        return None
+    kind = batch_time.refusal(st, now, pp.seq, batch.time_us)
+    if kind is not None:
+        return TimeRefused(kind, batch)
+    st.decoded[pp.digest] = batch  # execution need not decode it again
     accept_preprepare(st, out, now, env, pp, data)
+    return None
 
 
 def accept_preprepare(st: ReplicaState, out: Outbox, now: float, env: Envelope,
@@ -79,6 +102,7 @@ def accept_preprepare(st: ReplicaState, out: Outbox, now: float, env: Envelope,
     slot.pp, slot.digest, slot.batch = env.signed, pp.digest, data
     if data is not None:
         st.batches[pp.digest] = data
+        slot.time_us = batch_time.time_of(st, data)
     else:
         execution.fetch(st, out, now, pp.digest)
     if not in_new_view:

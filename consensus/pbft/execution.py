@@ -2,7 +2,8 @@
 
 - Batches execute strictly in sequence order (OSDI'99 §4.2); each request of a
   batch is checked again (signed by the client it names), each of its commands
-  applied exactly once by the ledger under its own request id, and answered
+  applied exactly once by the ledger under its own request id at the batch's
+  time (:mod:`consensus.pbft.batch_time`), and answered
   with one signed REPLY per client and batch.
 - After seq n with n mod K = 0 the replica signs CHECKPOINT(n, state digest)
   and counts it as its own vote (:mod:`consensus.pbft.checkpoint`).
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import attrs
 
-from consensus.pbft import checkpoint
+from consensus.pbft import batch_time, checkpoint
 from consensus.pbft.messages import (
     NULL_DIGEST,
     Batch,
@@ -74,12 +75,15 @@ def execute(st: ReplicaState, out: Outbox, now: float, seq: int, data: bytes,
     rebuilds after a restart; it sends no replies (they went out before the crash, or
     the client asks again and gets the remembered results), and still reports the
     execution and signs its checkpoint."""
-    requests = st.decoded.pop(digest(data), None)
-    if requests is None:
+    batch = st.decoded.pop(digest(data), None)
+    if batch is None:
         try:
-            requests = wire.decode(data, expect=(Batch,)).requests
+            batch = wire.decode(data, expect=(Batch,))
         except wire.WireError:
-            requests = ()  # a digest 2f+1 replicas agreed on; unreadable means null
+            batch = Batch(())  # a digest 2f+1 replicas agreed on; unreadable means null
+    requests = batch.requests
+    # Ledger time: the batch's stamp, the same at every replica (consensus.pbft.batch_time).
+    at = batch.time_us / batch_time.US
     executed: list[tuple[str, int]] = []
     replies: dict[str, list[Result]] = {}
     for s in requests:
@@ -95,7 +99,7 @@ def execute(st: ReplicaState, out: Outbox, now: float, seq: int, data: bytes,
         for rid, command in zip(ids, req.commands, strict=True):
             if st.ledger.executed_result(req.client, rid) is None:
                 executed.append((req.client, rid))
-            results.append(Result(rid, st.ledger.execute(req.client, rid, command)))
+            results.append(Result(rid, st.ledger.execute(req.client, rid, command, at)))
         key = (req.client, req.request_id)
         st.drop_pending(key)
         st.proposed.pop(key, None)
@@ -148,4 +152,5 @@ def on_batch_data(st: ReplicaState, out: Outbox, now: float, env: Envelope,
     for slot in st.slots.values():
         if slot.digest == bd.digest and slot.batch is None:
             slot.batch = env.attachment
+            slot.time_us = batch_time.time_of(st, env.attachment)
     execute_ready(st, out, now)

@@ -21,7 +21,7 @@ mistaken for a channel-handshake signature made by the same key.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from mesh import wire
 from mesh.identity import Identity, PublicKey
@@ -150,9 +150,16 @@ def request_ids(req: Request) -> range:
 
 @wire.message("pbft.batch", max_size=_BIG)
 class Batch:
-    """The requests ordered at one sequence number; an empty batch is the null request."""
+    """The requests ordered at one sequence number; an empty batch is the null request.
+
+    ``time_us``: the ledger time the primary stamped on the batch, in microseconds of
+    wall-clock time since the epoch (0 for the null request). The digest in the
+    PRE-PREPARE covers it, so every replica executes the batch at the same time
+    (:mod:`consensus.pbft.batch_time`). An integer, not a float: a frame holding a float
+    costs the decoder a canonical re-encode, and this one is decoded on every proposal."""
 
     requests: tuple[Signed, ...] = field(ListOf(Struct(Signed), MAX_BATCH))
+    time_us: int = field(U64(), default=0)
 
 
 @wire.message("pbft.pre-prepare")
@@ -295,8 +302,8 @@ def digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def batch_bytes(requests: tuple[Signed, ...]) -> bytes:
-    return wire.encode(Batch(requests))
+def batch_bytes(requests: tuple[Signed, ...], time_us: int = 0) -> bytes:
+    return wire.encode(Batch(requests, time_us))
 
 
 NULL_BATCH = batch_bytes(())
@@ -336,15 +343,19 @@ def open_signed(
     keys: Mapping[str, PublicKey],
     expect: tuple[type, ...] = BODY_TYPES,
     decoded: object = None,
+    previous: Mapping[str, Sequence[PublicKey]] | None = None,
 ) -> object:
-    """Check ``signed`` against its sender's key, then decode the body bytes it carries
-    (``decoded``: the caller already decoded exactly ``signed.body``)."""
+    """Check ``signed`` against its sender's key (or one of its ``previous`` keys, from
+    before a key rotation: the durable history is signed with them), then decode the body
+    bytes it carries (``decoded``: the caller already decoded exactly ``signed.body``)."""
     key = keys.get(signed.sender)
     if key is None:
         raise SignatureError(f"signer {signed.sender!r} is not a member of the federation")
     memo = (key.raw, signed.sig, signed.body)
     if memo not in _GOOD:
-        if not key.verify(SIGN_CONTEXT + signed.body, signed.sig):
+        if not key.verify(SIGN_CONTEXT + signed.body, signed.sig) and not any(
+                old.verify(SIGN_CONTEXT + signed.body, signed.sig)
+                for old in (previous or {}).get(signed.sender, ())):
             raise SignatureError(f"bad signature from {signed.sender!r}")
         if len(signed.body) <= _MEMO_MAX_BODY:
             if len(_GOOD) >= _GOOD_CAPACITY:
@@ -373,8 +384,11 @@ class Verifier:
     #: n = 16 (256 seqnos x 2 phases x 16 senders = 8192).
     CAPACITY = 8192
 
-    def __init__(self, keys: Mapping[str, PublicKey]) -> None:
+    def __init__(self, keys: Mapping[str, PublicKey],
+                 previous: Mapping[str, Sequence[PublicKey]] | None = None) -> None:
         self.keys = dict(keys)
+        #: members' keys before a rotation (federation file ``previous_keys``)
+        self.previous = {k: tuple(v) for k, v in (previous or {}).items()}
         self._seen: dict[tuple[str, bytes, bytes], object] = {}
 
     def open(
@@ -385,7 +399,7 @@ class Verifier:
         key = (signed.sender, signed.sig, signed.body)
         body = self._seen.get(key)
         if body is None:
-            body = open_signed(signed, self.keys, BODY_TYPES, decoded)
+            body = open_signed(signed, self.keys, BODY_TYPES, decoded, self.previous)
             self._keep(key, body)
         if not isinstance(body, expect):
             raise SignatureError(

@@ -17,8 +17,9 @@ from __future__ import annotations
 import itertools
 
 from consensus.ledger import CLIENT_WINDOW
-from consensus.pbft import agreement
+from consensus.pbft import agreement, batch_time
 from consensus.pbft.messages import (
+    Batch,
     Envelope,
     PrePrepare,
     Reply,
@@ -36,6 +37,7 @@ from consensus.pbft.state import BATCH_TIMER, REQUEST_TIMER, ReplicaState
 __all__ = [
     "FORWARD_MAX",
     "on_request",
+    "adopt_requests",
     "arm_request_timer",
     "maybe_propose",
     "forward_pending",
@@ -47,6 +49,7 @@ FORWARD_MAX = 100
 
 
 def on_request(st: ReplicaState, out: Outbox, now: float, signed: Signed, peer: str) -> None:
+    """Admit a REQUEST from ``peer`` (answer it if it executed, else keep it pending)."""
     try:
         req = st.verifier.open(signed, (Request,))
     except SignatureError:
@@ -75,6 +78,25 @@ def on_request(st: ReplicaState, out: Outbox, now: float, signed: Signed, peer: 
     st.add_pending(key, signed, now)
     arm_request_timer(st, out, now)
     maybe_propose(st, out, now)
+
+
+def adopt_requests(st: ReplicaState, out: Outbox, now: float,
+                   requests: tuple[Signed, ...]) -> None:
+    """Keep the requests of a batch this replica refused to vote for as its own pending
+    ones (those not executed yet), so its request timer suspects the primary unless
+    they execute soon (:mod:`consensus.pbft.batch_time`)."""
+    for signed in requests:
+        try:
+            req = st.verifier.open(signed, (Request,))
+        except SignatureError:
+            continue  # checked with the batch: cannot happen
+        assert isinstance(req, Request)
+        key = (req.client, req.request_id)
+        if (key in st.pending or st.ledger.executed_result(*key) is not None
+                or st.pending_of.get(req.client, 0) >= CLIENT_WINDOW):
+            continue
+        st.add_pending(key, signed, now)
+    arm_request_timer(st, out, now)
 
 
 def arm_request_timer(st: ReplicaState, out: Outbox, now: float, restart: bool = False) -> None:
@@ -124,8 +146,9 @@ def maybe_propose(st: ReplicaState, out: Outbox, now: float, waited: bool = Fals
 def _propose(st: ReplicaState, out: Outbox, now: float, requests: tuple[Signed, ...]) -> None:
     seq = st.next_seq
     st.next_seq += 1
-    data = batch_bytes(requests)
-    st.decoded[digest(data)] = requests
+    batch = Batch(requests, batch_time.stamp(st, now, seq))
+    data = batch_bytes(requests, batch.time_us)
+    st.decoded[digest(data)] = batch
     pp = PrePrepare(st.view, seq, digest(data))
     st.count("batches_proposed")
     agreement.accept_preprepare(st, out, now, out.sign(pp, data), pp, data)

@@ -22,7 +22,7 @@ and rebuilds what it must not contradict:
 from __future__ import annotations
 
 from consensus.ledger import Ledger
-from consensus.pbft import execution
+from consensus.pbft import batch_time, execution
 from consensus.pbft.durable import Recovered
 from consensus.pbft.messages import (
     Commit,
@@ -108,6 +108,8 @@ def _restore_accepted(st: ReplicaState, out: Outbox, rec: Recovered) -> None:
         slot.pp, slot.digest, slot.batch = signed, pp.digest, st.batches.get(pp.digest)
         if slot.batch is None:
             st.fetching[pp.digest] = 0.0  # the status timer asks the peers for it
+        else:
+            slot.time_us = batch_time.time_of(st, slot.batch)
         if signed.sender == st.name:
             st.next_seq = max(st.next_seq, pp.seq + 1)
         else:

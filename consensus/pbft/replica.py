@@ -46,12 +46,13 @@ notifications: ``pbft.executed``, ``pbft.view-change``, ``pbft.new-view``,
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from consensus.authz import OperatorTable
 from consensus.ledger import Ledger
 from consensus.pbft import (
     agreement,
+    batch_time,
     checkpoint,
     execution,
     ordering,
@@ -126,7 +127,12 @@ class Replica:
         rng: random.Random,
         config: PbftConfig | None = None,
         operators: OperatorTable | None = None,
+        wall: Callable[[float], float] | None = None,
+        previous_keys: Mapping[str, Sequence[PublicKey]] | None = None,
     ) -> None:
+        """``wall`` maps the driver's ``now`` to wall-clock seconds since the epoch, for
+        the times the primary stamps on batches (:mod:`consensus.pbft.batch_time`); by
+        default ``now`` is wall time (the simulator's clocks)."""
         q = Quorum.of(keys)
         if name not in q.members:
             raise ValueError(f"{name!r} is not a member of the federation")
@@ -134,9 +140,9 @@ class Replica:
         if not 0 < cfg.window <= SLOT_RING:
             raise ValueError(f"PbftConfig.window {cfg.window}: the durable log holds "
                              f"1..{SLOT_RING} sequence numbers above its checkpoint")
-        verifier = Verifier(keys)
+        verifier = Verifier(keys, previous_keys)
         client = LedgerClient(name, identity, q, cfg.client_timeout, log.store)
-        self.state = ReplicaState(name, q, verifier, log, client, rng, cfg, operators)
+        self.state = ReplicaState(name, q, verifier, log, client, rng, cfg, operators, wall)
         self._out = Outbox(name, identity, q.members, verifier)
         recovery.recover(self.state, self._out)
 
@@ -388,7 +394,9 @@ class Replica:
         elif isinstance(body, Reply):
             out.extend(st.client.on_reply(now, env.sender, body))
         elif isinstance(body, PrePrepare):
-            agreement.on_preprepare(st, out, now, env, body)
+            refused = agreement.on_preprepare(st, out, now, env, body)
+            if refused is not None:
+                self._refuse_batch_time(now, body, refused)
         elif isinstance(body, Prepare):
             agreement.on_prepare(st, out, now, env, body)
         elif isinstance(body, Commit):
@@ -409,6 +417,21 @@ class Replica:
             execution.on_fetch_batch(st, out, env.sender, body)
         elif isinstance(body, BatchData):
             execution.on_batch_data(st, out, now, env, body)
+
+    def _refuse_batch_time(self, now: float, pp: PrePrepare,
+                           refused: agreement.TimeRefused) -> None:
+        """The primary stamped a batch with a time we cannot accept
+        (:mod:`consensus.pbft.batch_time`): no PREPARE; its requests become ours to
+        watch, and a time ahead of our clock (which no delay explains) suspects the
+        primary at once."""
+        st, out = self.state, self._out
+        st.count(f"batch_time_{refused.kind}")
+        out.notify("pbft.batch-time-refused", {
+            "view": pp.view, "seq": pp.seq, "kind": refused.kind,
+            "time_us": refused.batch.time_us, "wall_us": int(st.wall(now) * batch_time.US)})
+        ordering.adopt_requests(st, out, now, refused.batch.requests)
+        if refused.kind == "ahead":
+            viewchange.start_view_change(st, out, now, st.view + 1)
 
     # ------------------------------------------------------------------ evidence
 

@@ -12,6 +12,7 @@ slots, metrics); everything a phase says to the world goes through the outbox.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import attrs
 
@@ -24,6 +25,7 @@ from consensus.pbft.messages import (
     MAX_BATCH,
     NULL_BATCH,
     NULL_DIGEST,
+    Batch,
     Envelope,
     PreparedCert,
     Signed,
@@ -94,13 +96,16 @@ class PbftConfig:
 class Slot:
     """Agreement state of one sequence number in the current view."""
 
-    __slots__ = ("seq", "pp", "digest", "batch", "prepares", "commits", "prepared", "sent_commit")
+    __slots__ = ("seq", "pp", "digest", "batch", "time_us", "prepares", "commits", "prepared",
+                 "sent_commit")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
         self.pp: Signed | None = None
         self.digest: bytes | None = None
         self.batch: bytes | None = None
+        #: the time stamped on the batch (consensus.pbft.batch_time), 0 until it is held
+        self.time_us = 0
         self.prepares: dict[str, tuple[bytes, Signed]] = {}
         self.commits: dict[str, tuple[bytes, Signed]] = {}
         self.prepared = False
@@ -121,9 +126,13 @@ class ReplicaState:
 
     def __init__(self, name: str, quorum: Quorum, verifier: Verifier, log: ReplicaLog,
                  client: LedgerClient, rng: random.Random, config: PbftConfig,
-                 operators: OperatorTable | None = None) -> None:
+                 operators: OperatorTable | None = None,
+                 wall: Callable[[float], float] | None = None) -> None:
         # who we are and what we check against
         self.name = name
+        #: the driver's ``now`` -> wall-clock seconds since the epoch, for batch times
+        #: (consensus.pbft.batch_time); the identity where ``now`` is wall time
+        self.wall: Callable[[float], float] = wall if wall is not None else _same
         self.q = quorum
         #: who may sign operator requests, for the ledger's checks (the federation file)
         self.operators = operators
@@ -154,8 +163,8 @@ class ReplicaState:
         self.decided: dict[int, Decided] = {}
         self.prepared_certs: dict[int, tuple[int, PreparedCert]] = {}
         self.batches: dict[bytes, bytes] = {NULL_DIGEST: NULL_BATCH}
-        #: digest -> the requests of a batch checked at pre-prepare, until it executes
-        self.decoded: dict[bytes, tuple[Signed, ...]] = {}
+        #: digest -> a batch checked at pre-prepare (decoded), until it executes
+        self.decoded: dict[bytes, Batch] = {}
         self.snapshots: dict[int, tuple[bytes, bytes]] = {}
         self.checkpoint_votes: dict[int, dict[str, tuple[bytes, Signed]]] = {}
         #: when a batch last executed here (see the STATUS timer's relays)
@@ -226,3 +235,7 @@ class ReplicaState:
                 self.pending_of[key[0]] = left
             else:
                 del self.pending_of[key[0]]
+
+
+def _same(now: float) -> float:
+    return now

@@ -21,7 +21,15 @@ from typing import Any
 
 from consensus.ledger import SetPolicy
 from federation.cli.main import CommandError
-from federation.cli.ops import add_node_options, node_api, table
+from federation.cli.ops import (
+    Pending,
+    add_node_options,
+    add_request_id,
+    ledger_call,
+    node_api,
+    pending_exit,
+    table,
+)
 
 __all__ = ["register_policy", "render_policy"]
 
@@ -85,6 +93,7 @@ def register_policy(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
                      help="roll back to v1 at the N-th v3 migration that fails "
                           "verification (0: no such rule)")
     put.add_argument("--json", action="store_true", help="print the recorded policy as JSON")
+    add_request_id(put)
     add_node_options(put)
     put.set_defaults(func=run_policy_set)
 
@@ -176,11 +185,18 @@ def run_policy_set(args: argparse.Namespace) -> int:
     api = node_api(args)
     # The API records a whole policy: start from the ledger's, change what was asked.
     policy = {**api.ok("GET", "/api/policy"), **changes}
-    recorded = api.ok("POST", "/api/policy", SetPolicy(
-        policy["v3_percent"], tuple(policy["target_dcs"]), tuple(policy["target_vms"]),
-        policy["kill_switch"], tuple(policy.get("target_regions", ())),
-        tuple(policy.get("excluded_dcs", ())), policy.get("max_abort_percent", 0),
-        policy.get("min_ended", 10), policy.get("max_verify_failures", 0)))
+    try:
+        recorded = ledger_call(api, "POST", "/api/policy", SetPolicy(
+            policy["v3_percent"], tuple(policy["target_dcs"]), tuple(policy["target_vms"]),
+            policy["kill_switch"], tuple(policy.get("target_regions", ())),
+            tuple(policy.get("excluded_dcs", ())), policy.get("max_abort_percent", 0),
+            policy.get("min_ended", 10), policy.get("max_verify_failures", 0)),
+            args.request_id)
+    except Pending as exc:
+        return pending_exit(exc)
+    if "request" in recorded:  # sent before under this id: the ledger's policy now
+        recorded = api.ok("GET", "/api/policy")
+    recorded.pop("request_id", None)  # the policy alone (the id is in the node's log)
     if args.json:
         print(json.dumps(recorded, indent=2))
         return 0

@@ -40,6 +40,7 @@ from federation.migration.round_events import (
 )
 from federation.migration.round_messages import V3Hde, transfer_id
 from federation.vms.backend import VmBackend, VmError
+from federation.vms.sealing import SealKey
 from mesh import wire
 from mesh.amst.receiver import AmstError
 from mesh.amst.sender import AmstSender
@@ -340,8 +341,11 @@ class V3Sender:
         level_for: Callable[[str], Callable[[list[bytes]], tuple[str, int]]],
         report: Report,
         executor: Executor | None = None,
+        scratch_key: SealKey | None = None,
     ) -> None:
         self.shadow_dir = shadow_dir
+        #: seals the shadows (federation.dataplane.v3_shadow); None: plain shadows
+        self.scratch_key = scratch_key
         self.backend = backend
         self._send = send
         self._connector = connector
@@ -363,7 +367,7 @@ class V3Sender:
         state = self.sources.get(mid)
         if state is None:
             safe = re.sub(r"[^A-Za-z0-9_.-]", "_", mid)  # one path component
-            state = self.sources[mid] = SourceState(self.shadow_dir / safe)
+            state = self.sources[mid] = SourceState(self.shadow_dir / safe, self.scratch_key)
         target = action.target
         sender = V3RoundSender(
             action, self.backend, state, send=self._send,

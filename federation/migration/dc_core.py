@@ -13,9 +13,14 @@ Wiring (what :mod:`federation.migration.vocabulary` asks of a node):
   :class:`LedgerCommitted` / :class:`LedgerAborted`, a policy change
   :class:`PolicyChanged` — whatever way the ledger got there (normal execution or
   state transfer);
-- a session's :class:`SubmitLedger` becomes ``replica.submit``; the request's
-  completion comes back as :class:`LedgerRefused` if the ledger rejected it;
-- the node's own submissions (``submit``) complete through ``on_ledger_done``;
+- a session's :class:`SubmitLedger` and the node's own submissions
+  (:meth:`NodeCore.submit_many`) are gathered over the step and signed together, up
+  to ``MAX_REQUEST_COMMANDS`` per REQUEST (``replica.submit_many``: one signature and
+  one check of it per replica for the lot, each command with its own request id and
+  result), when the step ends: what a step makes ready goes out as few requests as
+  possible, as the consensus benchmark submits (issue 14 item 5). A session's
+  completion comes back as :class:`LedgerRefused` if the ledger rejected it; the
+  node's own submissions complete through ``on_ledger_done``;
 - the sessions' other actions (VM work, rounds) are handed to the host's effects
   hook, in order with the ``Persist`` actions that must precede them.
 
@@ -25,12 +30,13 @@ retried after every ledger change.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from consensus.authz import Authorization
 from consensus.ledger import Ledger, LedgerResult, MigrationRecord, SetPolicy
 from consensus.pbft.client import ClientBusy
+from consensus.pbft.messages import MAX_REQUEST_COMMANDS
 from consensus.pbft.replica import Replica
 from federation.migration.dc_status import MigrationView, SessionStatus
 from federation.migration.restore import restore
@@ -72,6 +78,7 @@ class NodeCore:
         *,
         on_ledger_done: LedgerDone,
         mode_of: Callable[[str], Mode | None],
+        on_ledger_moved: Callable[[], None] | None = None,
         regions: Mapping[str, str] | None = None,
     ) -> None:
         self.me = me
@@ -82,6 +89,9 @@ class NodeCore:
         self.wall_offset = 0.0
         self.replica = replica
         self.on_ledger_done = on_ledger_done
+        #: called after the replica executed something (the node reconciles its VMs)
+        self.on_ledger_moved = on_ledger_moved
+        self._executed = replica.last_exec
         self.mode_of = mode_of
         self.sessions: dict[str, SessionBase] = {}
         #: last Progress / Outcome of every session, for the API
@@ -98,38 +108,60 @@ class NodeCore:
         self.node_requests: set[int] = set()
         #: persisted records waiting for the replica to catch up
         self.unrestored: dict[str, bytes] = {}
+        #: the ledger object and height _ledger_changes last compared (it changes only
+        #: by executing a batch or by a state transfer, which installs a new object)
+        self._compared: tuple[Ledger, int] = (replica.ledger, replica.last_exec)
+        #: commands made ready during the current step, submitted when it ends: the
+        #: encoded command and the migration id of its session (None: the node's own)
+        self._ready: list[tuple[bytes, str | None]] = []
 
     # ------------------------------------------------------------------ core API
 
     def start(self, now: float) -> list[Action]:
         out = self.replica.start(now)
-        return self._after_replica(now, out) + self._retry_restore(now)
+        return self._end_step(now, self._after_replica(now, out) + self._retry_restore(now))
 
     def handle(self, now: float, event: Event) -> list[Action]:
+        return self._end_step(now, self._handle(now, event))
+
+    def _handle(self, now: float, event: Event) -> list[Action]:
         if isinstance(event, Received):
             tag: str = event.message.wire_tag
             if tag.startswith("migration."):
-                return self.to_session(now, event.message.migration_id, event)
+                return self._to_session(now, event.message.migration_id, event)
             return self._after_replica(now, self.replica.handle(now, event))
         if isinstance(event, TimerFired):
             key = event.key
             if isinstance(key, tuple) and len(key) == 3 and key[0] == "migration":
-                return self.to_session(now, str(key[1]), event)
+                return self._to_session(now, str(key[1]), event)
             return self._after_replica(now, self.replica.handle(now, event))
         if isinstance(event, (PeerUp, PeerDown)):
             out = self._after_replica(now, self.replica.handle(now, event))
             for mid in list(self.sessions):
-                out += self.to_session(now, mid, event)
+                out += self._to_session(now, mid, event)
             return out
         return []
 
     # ------------------------------------------------------------------ node requests
 
     def submit(self, now: float, command: Any) -> tuple[int, list[Action]]:
-        """Submit ``command`` for the node; completion comes through ``on_ledger_done``."""
-        rid, out = self.replica.submit(now, wire.encode(command))
-        self.node_requests.add(rid)
-        return rid, self._after_replica(now, out)
+        """Submit ``command`` for the node; completion comes through ``on_ledger_done``.
+        Raises :class:`~consensus.pbft.client.ClientBusy` when the client's window is full."""
+        rids, out = self.submit_many(now, (command,))
+        if rids[0] is None:
+            raise ClientBusy("the ledger client's window is full")
+        return rids[0], out
+
+    def submit_many(self, now: float, commands: Sequence[Any]) -> tuple[list[int | None],
+                                                                       list[Action]]:
+        """Submit the node's ``commands`` (ready together) with whatever else this step
+        made ready, ``MAX_REQUEST_COMMANDS`` per signed REQUEST; each completes through
+        ``on_ledger_done`` under its request id. The ids come in the order of
+        ``commands``; None where the client's window was full (ClientBusy)."""
+        at = len(self._ready)  # nothing, unless called from inside a step
+        self._ready += [(wire.encode(c), None) for c in commands]
+        out, rids = self._submit_ready(now)
+        return rids[at:at + len(commands)], out
 
     def plan_migration(
         self, now: float, migration_id: str, vm: str, target: str,
@@ -152,7 +184,7 @@ class NodeCore:
             ledger.policy, local_versions, peer_versions, authorization, self.regions,
         )
         self.sessions[migration_id] = self._adopt(session)
-        return self._session_out(now, session, session.start(now))
+        return self._end_step(now, self._session_out(now, session, session.start(now)))
 
     def _adopt(self, session: SessionBase) -> SessionBase:
         session.wall_offset = self.wall_offset
@@ -167,9 +199,13 @@ class NodeCore:
 
     def restore_records(self, now: float, records: dict[str, bytes]) -> list[Action]:
         self.unrestored.update(records)
-        return self._retry_restore(now)
+        return self._end_step(now, self._retry_restore(now))
 
     def to_session(self, now: float, migration_id: str, event: object) -> list[Action]:
+        """Hand ``event`` to the session of ``migration_id`` (from the node's workers)."""
+        return self._end_step(now, self._to_session(now, migration_id, event))
+
+    def _to_session(self, now: float, migration_id: str, event: object) -> list[Action]:
         session = self.sessions.get(migration_id)
         if session is None:
             self._count("events_without_session")
@@ -220,18 +256,49 @@ class NodeCore:
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
 
+    def _end_step(self, now: float, out: list[Action]) -> list[Action]:
+        """The step's actions, then the submission of what it made ready."""
+        return out + self._submit_ready(now)[0]
+
+    def _submit_ready(self, now: float) -> tuple[list[Action], list[int | None]]:
+        """Sign what is ready, ``MAX_REQUEST_COMMANDS`` per REQUEST, and the commands
+        that the replica's actions make ready in turn. Returns the actions and the request
+        ids of the commands that were ready first (None: ClientBusy; a session's own
+        resubmission timer, LEDGER_RESUBMIT, tries again). A submission is never sent
+        before the step's other actions: its Send only goes later than it would one at a
+        time, never ahead of a Persist or effect before it."""
+        out: list[Action] = []
+        first: list[int | None] | None = None
+        while self._ready:
+            ready, self._ready = self._ready, []
+            ids: list[int | None] = []
+            for i in range(0, len(ready), MAX_REQUEST_COMMANDS):
+                chunk = ready[i:i + MAX_REQUEST_COMMANDS]
+                try:
+                    rids, acts = self.replica.submit_many(now, tuple(c for c, _ in chunk))
+                except ClientBusy:
+                    self._count("submit_busy")
+                    ids += [None] * len(chunk)
+                    continue
+                for (_, owner), rid in zip(chunk, rids, strict=True):
+                    if owner is None:
+                        self.node_requests.add(rid)
+                    else:
+                        self._requests[rid] = owner
+                ids += rids
+                self._count("requests_submitted")
+                self.counters["commands_submitted"] = (
+                    self.counters.get("commands_submitted", 0) + len(chunk))
+                out += self._after_replica(now, acts)
+            if first is None:
+                first = ids
+        return out, first or []
+
     def _session_out(self, now: float, s: SessionBase, actions: list[Any]) -> list[Action]:
         out: list[Action] = []
         for a in actions:
             if isinstance(a, SubmitLedger):
-                try:
-                    rid, acts = self.replica.submit(now, wire.encode(a.command))
-                except ClientBusy:
-                    # the session's own resubmission timer (LEDGER_RESUBMIT) tries again
-                    self._count("submit_busy")
-                    continue
-                self._requests[rid] = s.migration_id
-                out += self._after_replica(now, acts)
+                self._ready.append((wire.encode(a.command), s.migration_id))
                 continue
             if isinstance(a, Notify) and a.kind == "migration.progress":
                 self.progress[s.migration_id] = a.detail
@@ -246,6 +313,9 @@ class NodeCore:
             out.append(a)
             if isinstance(a, Notify) and a.kind in ("ledger.committed", "ledger.timeout"):
                 out += self._request_done(now, a.detail)
+        if self.on_ledger_moved is not None and self.replica.last_exec != self._executed:
+            self._executed = self.replica.last_exec
+            self.on_ledger_moved()
         return out + self._ledger_changes(now)
 
     def _request_done(self, now: float, detail: dict[str, Any]) -> list[Action]:
@@ -261,15 +331,20 @@ class NodeCore:
         if session is None or result is None or result.ok:
             return []  # a timeout is the session's own resubmission timer's business
         command = session.pending
-        return self.to_session(now, session.migration_id, LedgerRefused(command, result.error))
+        return self._to_session(now, session.migration_id, LedgerRefused(command, result.error))
 
     def _ledger_changes(self, now: float) -> list[Action]:
         ledger = self.replica.ledger
+        # Most replica steps execute nothing (a vote, a status): then nothing changed,
+        # and the migrations, every one the ledger ever recorded, are not compared.
+        if self._compared[0] is ledger and self._compared[1] == self.replica.last_exec:
+            return []
+        self._compared = (ledger, self.replica.last_exec)
         out: list[Action] = []
         if ledger.policy != self._policy:
             self._policy = ledger.policy
             for mid in list(self.sessions):
-                out += self.to_session(now, mid, PolicyChanged(ledger.policy))
+                out += self._to_session(now, mid, PolicyChanged(ledger.policy))
         changed = [(mid, rec) for mid, rec in ledger.migrations.items()
                    if self._seen.get(mid) != _seen(rec)]
         for mid, rec in changed:
@@ -290,18 +365,18 @@ class NodeCore:
             self.sessions[mid] = self._adopt(session)
             out = self._session_out(now, session, acts)
             if rec.announced:
-                out += self.to_session(now, mid, LedgerRootAnnounced(mid, rec.announced))
+                out += self._to_session(now, mid, LedgerRootAnnounced(mid, rec.announced))
             return out
         if mid not in self.sessions:
             return []
         if rec.state == "begun":
-            out = self.to_session(now, mid, LedgerBegun(mid, rec.epoch))
+            out = self._to_session(now, mid, LedgerBegun(mid, rec.epoch))
             if rec.announced:
-                out += self.to_session(now, mid, LedgerRootAnnounced(mid, rec.announced))
+                out += self._to_session(now, mid, LedgerRootAnnounced(mid, rec.announced))
             return out
         if rec.state == "committed":
-            return self.to_session(now, mid, LedgerCommitted(mid, rec.epoch + 1, rec.root))
-        return self.to_session(now, mid, LedgerAborted(mid))
+            return self._to_session(now, mid, LedgerCommitted(mid, rec.epoch + 1, rec.root))
+        return self._to_session(now, mid, LedgerAborted(mid))
 
     def _retry_restore(self, now: float) -> list[Action]:
         out: list[Action] = []

@@ -135,4 +135,12 @@ def status(node: Node) -> dict[str, Any]:
         "vms": vms,
         "migrations": migrations,
         "restoring": core.restoring() if core is not None else [],
+        "problems": peer_problems(node),
     }
+
+
+def peer_problems(node: Node) -> list[str]:
+    """Peers this DC refused because they present another key than its federation file,
+    or run another federation file (mesh.runtime.node_runtime.MISMATCHES), as sentences."""
+    problems = node.runtime.peer_problems
+    return [problems[p] for p in sorted(problems)]

@@ -11,7 +11,9 @@ Byzantine DC can sign anything *as itself*, and nothing as anyone else:
 - :class:`ViewChangeAttack`: VIEW-CHANGEs with forged prepared certificates
   (prepares "signed" for other DCs, certificates for views not reached yet),
   stale or unproven checkpoints, and a flood of VIEW-CHANGEs for huge views;
-- :class:`Silent`: drops every PBFT frame of given types (a silent primary).
+- :class:`Silent`: drops every PBFT frame of given types (a silent primary);
+- :class:`StampTime`: a primary stamps its batches with a time far from its
+  clock (ahead or behind), each properly signed.
 
 :class:`Combined` chains several. The swarm draws a mix from the seed.
 """
@@ -40,7 +42,8 @@ from mesh import wire
 from mesh.identity import Identity
 from sim.world import SimNode, World
 
-__all__ = ["Equivocate", "ForgeSignatures", "ViewChangeAttack", "Silent", "Combined"]
+__all__ = ["Equivocate", "ForgeSignatures", "ViewChangeAttack", "Silent", "StampTime",
+           "Combined"]
 
 Out = list[tuple[str, bytes, float]]
 
@@ -66,8 +69,9 @@ class Equivocate:
         body = _body(msg)
         if not isinstance(body, PrePrepare) or dst not in self.victims or not msg.attachment:
             return [(dst, raw, 0.0)]
-        requests = wire.decode(msg.attachment, expect=(Batch,)).requests
-        other = batch_bytes(requests[:-1] if requests else ())
+        batch = wire.decode(msg.attachment, expect=(Batch,))
+        requests = batch.requests
+        other = batch_bytes(requests[:-1] if requests else (), batch.time_us)
         if digest(other) == body.digest:
             return [(dst, raw, 0.0)]
         self.count += 1
@@ -158,6 +162,32 @@ class Silent:
         if not self.kinds:
             return []
         return [] if isinstance(_body(msg), self.kinds) else [(dst, raw, 0.0)]
+
+
+class StampTime:
+    """As primary, move the time of every batch it proposes by ``shift`` seconds (a
+    batch time never goes below 0): the same requests, re-signed, so the only fault
+    is the time (consensus.pbft.batch_time)."""
+
+    def __init__(self, identity: Identity, name: str, shift: float) -> None:
+        self.identity, self.name, self.shift = identity, name, shift
+        self.count = 0
+
+    def __call__(self, world: World, node: SimNode, dst: str, msg: Any, raw: bytes) -> Out:
+        body = _body(msg)
+        if not isinstance(body, PrePrepare) or not msg.attachment:
+            return [(dst, raw, 0.0)]
+        try:
+            batch = wire.decode(msg.attachment, expect=(Batch,))
+        except wire.WireError:
+            return [(dst, raw, 0.0)]
+        if not batch.requests:
+            return [(dst, raw, 0.0)]
+        moved = max(0, batch.time_us + int(self.shift * 1_000_000))
+        other = batch_bytes(batch.requests, moved)
+        self.count += 1
+        pp = PrePrepare(body.view, body.seq, digest(other))
+        return [(dst, wire.encode(seal(self.identity, self.name, pp, other)), 0.0)]
 
 
 class Combined:

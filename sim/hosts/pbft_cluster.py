@@ -11,6 +11,9 @@ ledger commands from the correct DCs, and checks, after every event:
 - **validity**: a request of a correct DC executes only if that DC submitted it;
 - **promises**: nothing a correct replica signs contradicts what it signed before,
   also across its crashes and restarts (:mod:`sim.hosts.pbft_promises`);
+- **ledger time**: no correct replica's ledger clock runs more than the batch-time
+  bound (plus the largest clock jump of the nemesis) ahead of virtual time, whatever
+  a Byzantine primary stamps (:mod:`consensus.pbft.batch_time`);
 - **ledger invariants**: asserted inside :class:`consensus.ledger.Ledger` itself
   (a violation raises and stops the run), and in the quiet phase every correct
   replica ends with the same ledger state digest.
@@ -37,6 +40,7 @@ from consensus.ledger import (
     MigrateVm,
     RegisterVm,
 )
+from consensus.pbft.batch_time import TIME_BOUND
 from consensus.pbft.durable import ReplicaLog
 from consensus.pbft.messages import MAX_REQUEST_COMMANDS, Envelope
 from consensus.pbft.replica import PbftConfig, Replica
@@ -44,6 +48,7 @@ from mesh import wire
 from mesh.identity import Identity, PublicKey
 from sim.hosts.operators import SIM_OPERATORS, OperatorSigner
 from sim.hosts.pbft_promises import SignedPromises
+from sim.nemesis import CLOCK_JUMP_MAX
 from sim.scenario import Run, ScenarioSpec
 from sim.world import NotifyRecord, SimNode, World
 
@@ -182,6 +187,12 @@ class PbftCluster:
         if first[0] != dig:
             self.problem = f"agreement: seq {seq} is {first[0].hex()[:12]} at {first[1]}, " \
                            f"{dig.hex()[:12]} at {node}"
+            return
+        replica = self.replica(node)
+        ahead = TIME_BOUND + CLOCK_JUMP_MAX
+        if replica is not None and replica.ledger.clock > self.world.now + ahead:
+            self.problem = (f"ledger time: {node}'s ledger clock is {replica.ledger.clock:.3f} "
+                            f"at {self.world.now:.3f}, more than {ahead:.0f} s ahead")
             return
         for key in d["requests"]:
             at = self.request_seq.setdefault(tuple(key), seq)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import attrs
 
+from consensus.pbft.batch_time import TIME_BOUND
 from consensus.pbft.messages import Commit, Prepare, PrePrepare
 from sim import partitions
 from sim.hosts.byzantine import (
@@ -22,6 +23,7 @@ from sim.hosts.byzantine import (
     Equivocate,
     ForgeSignatures,
     Silent,
+    StampTime,
     ViewChangeAttack,
 )
 from sim.hosts.pbft_cluster import SIM_CONFIG, PbftCluster, identity_for
@@ -145,6 +147,24 @@ def view_flood(run: Run) -> None:
     _vc_attack(run, "forged-certs", flood=True)
 
 
+@_pbft("pbft-far-time", "PBFT: the primary stamps its batches far from its clock "
+                       "(--param shift=SECONDS, default an hour ahead); backups refuse and "
+                       "change view", faults=100.0)
+def far_time(run: Run) -> None:
+    # The load starts after TIME_BOUND of virtual time, so that a batch stamped behind
+    # the clocks is not clamped at the epoch (0) and still within the bound.
+    c = PbftCluster(run, config=SIM_CONFIG, byzantine=("n00",))
+    c.workload(TIME_BOUND + 5.0, run.faults_until - 10.0, PER_NODE, run.rng)
+    liar = StampTime(identity_for("n00"), "n00", float(run.param("shift", 3600.0)))
+    run.nemesis.byzantine("n00", liar, at=0.0)  # type: ignore[arg-type]
+    run.metric("refused", lambda w: {
+        m: {k: r.metrics.get(f"batch_time_{k}", 0) for k in ("ahead", "behind", "backwards")}
+        for m in c.correct() if (r := c.replica(m))})
+    run.metric("stamped", lambda w: liar.count)
+    run.metric("ledger_clock", lambda w: {m: round(r.ledger.clock, 3)
+                                          for m in c.correct() if (r := c.replica(m))})
+
+
 class _TwinRouter:
     """The Twins network model: frames for ``of`` from the nodes in ``to_twin`` reach
     the twin instead, so each twin sees a different part of the federation (and,
@@ -185,6 +205,10 @@ def _random_attack(run: Run, rng: random.Random, name: str, c: PbftCluster) -> o
         hooks.append(ForgeSignatures(run.world.rng(f"forge/{name}"), c.names, p=0.3))
     if rng.random() < 0.3:
         hooks.append(Silent((PrePrepare, Prepare, Commit)))
+    # Batch times far off (their own random stream, so the other draws of a seed stay).
+    when = run.world.rng(f"time/{name}")
+    if when.random() < 0.3:
+        hooks.append(StampTime(ident, name, when.choice((-1, 1)) * when.uniform(90.0, 7200.0)))
     hooks.append(Byzantine(run.world.rng(f"byz/{name}"), drop=rng.uniform(0, 0.2),
                            delay=rng.uniform(0, 0.2), max_delay=2.0,
                            duplicate=rng.uniform(0, 0.2), replay=rng.uniform(0, 0.3),
