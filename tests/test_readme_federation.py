@@ -99,19 +99,20 @@ class Walk:
             assert re.fullmatch(r"imported vm1: \d+ pages, epoch 0, running \(request "
                                 r"[0-9a-f]{32}\)\n", _ok(argv))
         elif argv[1] == "migrate":
-            out = _ok(argv)
-            assert re.fullmatch(r"migrated vm1 to dc3: vm1-dc1-dc3-[0-9a-f]{8} committed in "
-                                r"\d+ rounds, .*\n", out), out
+            out = _ok(argv)  # the migration's id first, then the summary of its commit
+            assert re.fullmatch(r"migration (vm1-dc1-dc3-[0-9a-f]{8}): vm1 dc1 -> dc3\n"
+                                r"migrated vm1 to dc3: \1 committed in \d+ rounds, .*\n",
+                                out), out
         elif argv[1] == "status" and "--request" not in argv:
             self.status(argv)
         elif argv[1] == "cancel":
             self.cancel(line)
         elif what == "policy show":
             out = _ok(argv)
-            assert out.startswith("v3_percent   0\n"), out
+            assert re.match(r"v3_percent +0\n", out), out
         elif what == "policy set":
             out = _ok(argv)
-            assert out.startswith("v3_percent   100\n"), out
+            assert re.match(r"v3_percent +100\n", out), out
         elif what == "vm delete":
             self.delete(argv)
         elif argv[1] == "status":
