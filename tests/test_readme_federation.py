@@ -99,7 +99,8 @@ class Walk:
             assert re.fullmatch(r"imported vm1: \d+ pages, epoch 0, running \(request "
                                 r"[0-9a-f]{32}\)\n", _ok(argv))
         elif argv[1] == "migrate":
-            out = _ok(argv)  # the migration's id first, then the summary of its commit
+            out = _ok(argv)
+            # the migration id first (issue 16 item 6), then the outcome
             assert re.fullmatch(r"migration (vm1-dc1-dc3-[0-9a-f]{8}): vm1 dc1 -> dc3\n"
                                 r"migrated vm1 to dc3: \1 committed in \d+ rounds, .*\n",
                                 out), out
@@ -109,7 +110,7 @@ class Walk:
             self.cancel(line)
         elif what == "policy show":
             out = _ok(argv)
-            assert re.match(r"v3_percent +0\n", out), out
+            assert re.match(r"v3_percent +0\n", out), out  # (columns as wide as the keys)
         elif what == "policy set":
             out = _ok(argv)
             assert re.match(r"v3_percent +100\n", out), out
