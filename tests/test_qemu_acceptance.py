@@ -61,16 +61,24 @@ def _disturb(nodes: NodeProcesses, rng: random.Random, kind: str, mid: str, src:
 
 
 def _decided(nodes: NodeProcesses, mid: str, src: str, dst: str, what: str) -> str:
-    """The owner every ledger agrees on once the migration has an outcome."""
-    def holds() -> object:
-        a = nodes.agreed("g")
-        if not a or a["owner_epoch"][0] not in (src, dst):
-            return None
-        doc = nodes.api(a["owner_epoch"][0]).ok("GET", f"/api/migrations/{mid}")
-        return a if "outcome" in doc else None
+    """The owner every ledger agrees on once the migration has an outcome: the target if
+    it committed, the source if it aborted (the outcome first: a snapshot of the four
+    ledgers taken just before the commit executes still shows the source)."""
+    def outcome() -> str | None:
+        for dc in (src, dst):
+            try:
+                doc = nodes.api(dc).ok("GET", f"/api/migrations/{mid}")
+            except Exception:  # noqa: BLE001 - a node restarting; asked again
+                continue
+            if doc.get("outcome"):
+                return str(doc["outcome"]["outcome"])
+        return None
 
-    agreed = nodes.wait(f"{what} decided in every ledger", holds, DECIDE_S)
-    return str(agreed["owner_epoch"][0])  # type: ignore[index]
+    done = nodes.wait(f"{what} decided", outcome, DECIDE_S)
+    owner = dst if done == "committed" else src
+    nodes.wait(f"{what}: every ledger has {owner} as the owner", lambda: (
+        (a := nodes.agreed("g")) and a["owner_epoch"][0] == owner), DECIDE_S)
+    return owner
 
 
 @pytest.mark.timeout(7200)  # 20 migrations of a TCG guest: 20-60 min on a shared machine
