@@ -139,6 +139,11 @@ class LiveMigration:
         self._dst_ix: dict[str, PageIndex] = {}
         self._writers: dict[str, ImageWriter] = {}
         self._sent: dict[str, SentDigests] = {}
+        #: the scan that closed the last round (its ``dirty_after``): the next pre-copy
+        #: round sends these pages instead of scanning all of RAM again. Pages that change
+        #: after that scan are not lost: every scan compares the live image with what was
+        #: sent, so the next one (at the latest the final round's) finds them.
+        self._pending: dict[str, list[int]] | None = None
         #: how long the last dirty scan took (a pass over every image)
         self._scan_s = 0.0
         self._fenced = False
@@ -215,9 +220,10 @@ class LiveMigration:
             assert held is not None and held.index.root == ix.root
             self._dst_ix[img] = held.index
             wire += result.wire_bytes
+        self._pending = self.changed()
         self.report.rounds.append(RoundFigures(
             1, sum(c for _, c in layout), wire, time.monotonic() - started,
-            sum(len(p) for p in self.changed().values())))
+            sum(len(p) for p in self._pending.values())))
 
     def changed(self) -> dict[str, list[int]]:
         """Per image, the pages whose live content differs from what the target holds."""
@@ -250,11 +256,15 @@ class LiveMigration:
         return base
 
     def next_round(self) -> None:
+        """Send what the scan that closed the last round found (one scan per round: the
+        one after it is both this round's ``dirty_after`` and the next round's work)."""
         started = time.monotonic()
-        pages, wire = self._send_changed(self.changed())
+        dirty = self._pending if self._pending is not None else self.changed()
+        pages, wire = self._send_changed(dirty)
+        self._pending = self.changed()
         self.report.rounds.append(RoundFigures(
             len(self.report.rounds) + 1, pages, wire, time.monotonic() - started,
-            sum(len(p) for p in self.changed().values())))
+            sum(len(p) for p in self._pending.values())))
 
     def _send_changed(self, dirty: dict[str, list[int]], xor: bool = True) -> tuple[int, int]:
         """Copy ``dirty`` pages live -> shadow, send them as chunks (``xor``: each XORed
@@ -366,5 +376,6 @@ class LiveMigration:
         self._writers = {}
         self._shadow = {}
         self._sent = {}
+        self._pending = None
         if self._own_executor:
             self.executor.shutdown()
