@@ -196,8 +196,9 @@ class LiveMigration:
         wire = 0
         try:
             for img, count in layout:
-                shadow = ImageWriter(bytearray(count * PAGE_SIZE), f"shadow/{img}")
-                shadow.copy(live[img], 0, 0, count)
+                # one pass: bytearray(n) would zero all of it first (CPython memsets a
+                # new bytearray), a second write over the whole image before the copy
+                shadow = ImageWriter(bytearray(live[img].view(0, count)), f"shadow/{img}")
                 self._shadow[img] = shadow
                 self._sent[img] = SentDigests(shadow)
         finally:
