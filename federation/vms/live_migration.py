@@ -83,7 +83,8 @@ class MigrationReport:
     #: stop window, phase -> seconds
     stop_window: dict[str, float] = attrs.field(factory=dict)
     verified_blocks: int = 0
-    #: seconds spent refreshing the two indexes (hashing changed blocks), all rounds
+    #: seconds verification added to the rounds (hashing changed blocks): the target's
+    #: index refresh and the wait for the source's, which runs beside the transfer
     verify_s: float = 0.0
     total_s: float = 0.0
     root: dict[str, bytes] = attrs.field(factory=dict)
@@ -144,6 +145,10 @@ class LiveMigration:
         #: after that scan are not lost: every scan compares the live image with what was
         #: sent, so the next one (at the latest the final round's) finds them.
         self._pending: dict[str, list[int]] | None = None
+        #: refreshes the source's index while the same pages are encoded, carried,
+        #: applied and re-indexed at the target (its own thread: the refresh itself waits
+        #: on ``executor``, so it must not occupy one of that pool's workers)
+        self._verifier = ThreadPoolExecutor(1, thread_name_prefix="dwcp-live-verify")
         #: how long the last dirty scan took (a pass over every image)
         self._scan_s = 0.0
         self._fenced = False
@@ -280,9 +285,10 @@ class LiveMigration:
                 for p in pages:
                     shadow.write(p, src.view(p))
                 self._sent[img].copied(shadow, pages)
-                t = time.monotonic()
-                self._src_ix[img].refresh(shadow, pages, self.executor)
-                self.report.verify_s += time.monotonic() - t
+                # the source's refresh overlaps the encoding, the carry and the target's
+                # apply and refresh (it only reads the shadow, as the encoder does)
+                src_refresh = self._verifier.submit(self._src_ix[img].refresh, shadow,
+                                                    pages, self.executor)
                 reference = Overlay(shadow, old) if xor else None
                 writer = self._writers[img]
                 self._transfer += 1
@@ -301,6 +307,9 @@ class LiveMigration:
                                      else data)
                 t = time.monotonic()
                 blocks = self._dst_ix[img].refresh(writer, pages, self.executor)
+                src_refresh.result()
+                # what verification added to the round: the target's refresh and the wait
+                # for the source's (the part of it not hidden behind the transfer)
                 self.report.verify_s += time.monotonic() - t
                 self.report.verified_blocks += len(blocks)
                 # the target answers with its root: the source compares what arrived
@@ -378,5 +387,6 @@ class LiveMigration:
         self._shadow = {}
         self._sent = {}
         self._pending = None
+        self._verifier.shutdown()
         if self._own_executor:
             self.executor.shutdown()
