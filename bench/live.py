@@ -530,6 +530,12 @@ def measure(mib: int = GUEST_MIB, fill: int = FILL_PERCENT, at_s: int = AT_S,
         runs += [result[f"dwcp_{link}"]["back"] for link in links
                  if "back" in result.get(f"dwcp_{link}", {})]  # fmt: skip
         result["guests_ok"] = all(r["guest"]["ok"] for r in runs)
+        # QEMU runs whose target RAM differed from the paused source's: pages QEMU's own
+        # migration lost, whether or not the guest's checks happened to read them
+        # (seen with precopy under TCG on a loaded host: docs/BENCHMARKS.md)
+        result["qemu_ram_pages_differ"] = {
+            k: v["ram_pages_differ"] for k, v in result.items()
+            if k.startswith("qemu_") and isinstance(v, dict) and v.get("ram_pages_differ")}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
