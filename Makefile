@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench chaos lint browser-check corpus corpus-small qemu-guest clean
+.PHONY: demo test bench chaos lint browser-check alerts-check corpus corpus-small qemu-guest clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,12 @@ bench: $(STAMP)
 browser-check: $(STAMP)
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium-headless-shell
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_dashboard.py -k real_browser
+
+# make alerts-check: the Prometheus alert rules (docs/deploy/prometheus/alerts.yml) through
+# promtool (Debian's prometheus package); make test runs the same test where promtool is.
+alerts-check: $(STAMP)
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_alerts.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check mesh consensus federation sim bench tests

@@ -7,14 +7,18 @@
   receiver's copy of the image on the way in. The receiver's copy is compared with
   the source by SHA-256 after the clock stops. Chunks are packed as HDE packs them,
   about 1 MiB compressed (1 to 3 MiB of image each, see :class:`ImageSource`).
+* ``nonzero_MBps``: the same run's non-zero pages per second (a zero page is compressed
+  to almost nothing and costs the link nothing: the work figure, issue 17 item 6).
 * ``raw_single_stream_MBps``: the same image over one plain TCP stream between the
   same two processes (``sendall`` of 1 MiB slices, ``recv_into`` the receiver's copy).
 * ``tbf100_dwcp_s``, ``tbf100_raw_s``, ``tbf100_qemu_s``: the 1 GiB corpus guest
   between two network namespaces joined by veth with tbf at 100 Mbit/s (AMST in hybrid
   mode with the zstd level :func:`level_for_link` picks, one raw TCP copy, QEMU
   multifd+zstd migration). The DWCP run does not use HDE yet: zero and duplicate pages
-  are compressed, not elided (``tbf100_dwcp.encoding``). They need root, iproute2, the
-  corpus and QEMU; without them they are null and ``missing`` says why.
+  are compressed, not elided (``tbf100_dwcp.encoding``). ``tbf100_dwcp`` gives its
+  level's payload bytes beside ``wire_payload_bytes_at_zstd1``, the same chunks at zstd 1.
+  They need root, iproute2, the corpus and QEMU; without them they are null and
+  ``missing`` says why.
 
 The image is the corpus RAM snapshot of the 1 GiB guest (workload A at t0 + 60 s,
 docs/CORPUS.md) when ``$DWCP_CORPUS`` holds one; otherwise a file-tree image: the
@@ -126,6 +130,14 @@ def load_image(size_mib: int) -> tuple[memoryview, str, Any]:
     return memoryview(data), f"file-tree image of /usr/lib ({why})", data
 
 
+def nonzero_bytes(image: memoryview) -> int:
+    """Bytes of ``image`` in 4 KiB pages that are not all zero."""
+    zero = bytes(ImageSource.PAGE)
+    zeros = sum(1 for o in range(0, len(image) - ImageSource.PAGE + 1, ImageSource.PAGE)
+                if image[o : o + ImageSource.PAGE] == zero)  # fmt: skip
+    return len(image) - zeros * ImageSource.PAGE
+
+
 # --------------------------------------------------------------------------- the receiver process
 
 
@@ -231,6 +243,8 @@ class ImageSource:
         self.offset = 0
         self.next_id = 0
         self.offsets: dict[int, int] = {}
+        #: every chunk's span of the image, in order (to price the same chunks at zstd 1)
+        self.spans: list[tuple[int, int]] = []
         self.raw_bytes = 0
         self.packed_bytes = 0
         self._local = threading.local()
@@ -245,7 +259,13 @@ class ImageSource:
         self.next_id += 1
         self.offset = min(len(self.image), start + length)
         self.offsets[chunk] = start
+        self.spans.append((start, self.offset))
         return chunk, self.image[start : self.offset]
+
+    def bytes_at_level(self, level: int) -> int:
+        """What the same chunks would put on the wire at ``level`` (payload bytes)."""
+        cctx = zstandard.ZstdCompressor(level=level)
+        return sum(_OFFSET + len(cctx.compress(self.image[a:b])) for a, b in self.spans)
 
     def prepare(self, chunk: int, raw: bytes | memoryview) -> bytes:
         """Worker thread: the chunk's offset and its pages through zstd."""
@@ -260,7 +280,7 @@ class ImageSource:
 
 def _amst_copy(port: int, image: memoryview, me: identity.Identity, peers: dict[str, Any],
                transfer: bytes, level: int, host: str = _HOST,
-               mode: str = "datacenter") -> tuple[float, float, Any]:  # fmt: skip
+               mode: str = "datacenter") -> tuple[float, float, Any, ImageSource]:  # fmt: skip
     source = ImageSource(image, level)
 
     def initiator() -> SecureChannel:
@@ -275,7 +295,7 @@ def _amst_copy(port: int, image: memoryview, me: identity.Identity, peers: dict[
 
     started, cpu = time.perf_counter(), time.process_time()
     report = trio.run(main)
-    return time.perf_counter() - started, time.process_time() - cpu, report
+    return time.perf_counter() - started, time.process_time() - cpu, report, source
 
 
 def measure_loopback(image: memoryview, level: int) -> dict[str, Any]:
@@ -296,7 +316,7 @@ def measure_loopback(image: memoryview, level: int) -> dict[str, Any]:
         child.stdin.flush()
         raw_s = _raw_copy(int(child.stdout.readline()), image)
         raw_ok = child.stdout.readline().strip() == expected
-        amst_s, sender_cpu, report = _amst_copy(int(child.stdout.readline()), image, me, peers,
+        amst_s, sender_cpu, report, _ = _amst_copy(int(child.stdout.readline()), image, me, peers,
                                                 transfer, level)  # fmt: skip
         amst_ok = child.stdout.readline().strip() == expected
         receiver_cpu = float(child.stdout.readline())
@@ -308,8 +328,13 @@ def measure_loopback(image: memoryview, level: int) -> dict[str, Any]:
     if not (raw_ok and amst_ok):
         raise RuntimeError(f"receiver's copy differs from the image (raw {raw_ok}, amst {amst_ok})")
     mb = len(image) / 1e6
+    nonzero = nonzero_bytes(image)
     return {
         "logical_MBps": round(mb / amst_s, 1),
+        # zero pages cost a compression of zeros and nothing on the wire: the work figure
+        # is over the non-zero pages (issue 17 item 6)
+        "nonzero_MBps": round(nonzero / 1e6 / amst_s, 1),
+        "nonzero_bytes": nonzero,
         "raw_single_stream_MBps": round(mb / raw_s, 1),
         "logical_seconds": round(amst_s, 3),
         "raw_seconds": round(raw_s, 3),
@@ -369,7 +394,8 @@ def _tbf_figures(wanted: bool, missing: dict[str, str]) -> dict[str, Any]:
 
     with TbfLink(TBF_MBIT) as link:
         dwcp = _tbf_dwcp(link, path)
-    out["tbf100_dwcp_s"] = dwcp.pop("seconds")
+    out["tbf100_dwcp_s"] = dwcp["seconds"]
+    dwcp["nonzero_MBps"] = round(dwcp.pop("nonzero_bytes") / 1e6 / dwcp.pop("seconds"), 1)
     dwcp.pop("sha256")
     # zstd level chosen for the link, wire bytes, streams, CPU; and what the figure is:
     dwcp["encoding"] = (
@@ -463,11 +489,13 @@ def _sender_main() -> None:
     peers = {"bench-src": me.public, "bench-dst": them}
     level = level_for_link(image, cfg["link_Bps"])
     digest = hashlib.sha256(image).hexdigest()
-    seconds, cpu, report = _amst_copy(cfg["port"], image, me, peers,
+    seconds, cpu, report, source = _amst_copy(cfg["port"], image, me, peers,
                                       bytes.fromhex(cfg["transfer"]), level,
                                       host=cfg["host"], mode=cfg["mode"])  # fmt: skip
     print(json.dumps({"seconds": round(seconds, 3), "sender_cpu_seconds": round(cpu, 3),
                       "zstd_level": level, "wire_payload_bytes": report.acked_bytes,
+                      "wire_payload_bytes_at_zstd1": source.bytes_at_level(1),
+                      "nonzero_bytes": nonzero_bytes(image),
                       "streams": report.streams_final, "sha256": digest}))  # fmt: skip
 
 

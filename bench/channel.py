@@ -19,9 +19,18 @@ this process:
   ``TrioToken.run_sync_soon`` (to trio): one thread start per run, not two thread
   hops per frame (``trio.to_thread`` per frame cost about 70 us of CPU each).
 
+* ``amst_link``: the product's own send path, what an AMST stream runs
+  (:class:`mesh.runtime.amst_stream.Link`, issue 17 item 6): each chunk gets its
+  SHA-256 digest in a worker (as AMST's preparers do), becomes a CBOR ``amst.chunk``
+  message, is sealed and written by :meth:`~mesh.runtime.amst_stream.Link.send_chunk`
+  in a worker; the receiver's :meth:`~mesh.runtime.amst_stream.Link.receive_bulk` reads,
+  decrypts, decodes and checks the digest, in a worker. At AMST's chunk size
+  (``mesh.amst.policy.CHUNK_MAX``, 1 MiB) unless ``--amst-chunk-kib`` says otherwise,
+  whatever ``--frame-kib`` is: this is the figure that says what AMST's streams can do.
+
 The receiver checks that the first chunk decrypts to what was sent and that the
-stream ends with the sender's final frame, so the figure is for authenticated,
-correctly decrypted data.
+stream ends with the sender's final frame (``amst_link``: every chunk's digest), so the
+figure is for authenticated, correctly decrypted data.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ from typing import Any
 import trio
 
 from mesh import identity
+from mesh.amst.policy import CHUNK_MAX
+from mesh.amst.receiver import Chunk, chunk_digest
 from mesh.channel import (
     FRAME_OVERHEAD,
     ChannelError,
@@ -45,6 +56,7 @@ from mesh.channel import (
     SecureChannel,
     frame,
 )
+from mesh.runtime.amst_stream import Link
 
 __all__ = ["register", "measure"]
 
@@ -68,19 +80,26 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--size-mib", type=int, default=1024, help="bytes to move per run, MiB (default 1024)"
     )
     p.add_argument("--frame-kib", type=int, default=DEFAULT_FRAME // 1024, help="frame size, KiB")
+    p.add_argument("--amst-chunk-kib", type=int, default=CHUNK_MAX // 1024,
+                   help="chunk size of the amst_link run (AMST's send path), KiB (default "
+                        f"{CHUNK_MAX // 1024}: AMST's chunk size)")  # fmt: skip
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.size_mib < 1 or not 1 <= args.frame_kib <= 4096:
-        print("dwcp bench channel: --size-mib must be >= 1 and --frame-kib in 1..4096")
+    if (args.size_mib < 1 or not 1 <= args.frame_kib <= 4096
+            or not 1 <= args.amst_chunk_kib <= 3072):  # fmt: skip
+        print("dwcp bench channel: --size-mib must be >= 1, --frame-kib in 1..4096 and "
+              "--amst-chunk-kib in 1..3072")  # fmt: skip
         return 2
-    result = measure(args.size_mib * 1024 * 1024, args.frame_kib * 1024)
+    result = measure(args.size_mib * 1024 * 1024, args.frame_kib * 1024,
+                     args.amst_chunk_kib * 1024)  # fmt: skip
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
 
 
-def measure(size: int, frame_size: int = DEFAULT_FRAME) -> dict[str, Any]:
+def measure(size: int, frame_size: int = DEFAULT_FRAME,
+            amst_chunk: int = CHUNK_MAX) -> dict[str, Any]:  # fmt: skip
     chunk = os.urandom(frame_size)
     frames = max(1, size // frame_size)
     total = frames * frame_size
@@ -89,6 +108,11 @@ def measure(size: int, frame_size: int = DEFAULT_FRAME) -> dict[str, Any]:
     cpu1 = time.process_time()
     channel_s = trio.run(_timed_pair, _channel_send, _channel_receive, chunk, frames)
     cpu2 = time.process_time()
+    payload = os.urandom(amst_chunk)
+    link_chunks = max(1, size // amst_chunk)
+    link_s = trio.run(_timed_links, payload, link_chunks)
+    cpu3 = time.process_time()
+    link_mb = link_chunks * amst_chunk / 1e6
     mb = total / 1e6
     return {
         "bench": "channel",
@@ -104,6 +128,13 @@ def measure(size: int, frame_size: int = DEFAULT_FRAME) -> dict[str, Any]:
         # independent of how many cores it got on a shared machine.
         "raw_tcp_cpu_seconds": round(cpu1 - cpu0, 3),
         "channel_cpu_seconds": round(cpu2 - cpu1, 3),
+        "amst_link_MBps": round(link_mb / link_s, 1),
+        "amst_link_chunk_bytes": amst_chunk,
+        "amst_link_chunks": link_chunks,
+        "amst_link_seconds": round(link_s, 6),
+        "amst_link_cpu_seconds": round(cpu3 - cpu2, 3),
+        "amst_link_path": "mesh.runtime.amst_stream.Link: SHA-256, CBOR amst.chunk, "
+                          "secretstream, sendmsg in a worker; receive_bulk in a worker",
         "cipher": "XChaCha20-Poly1305 secretstream (libsodium via PyNaCl)",
         "cpus": os.cpu_count(),
     }
@@ -318,3 +349,55 @@ async def _channel_receive(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(read)
         nursery.start_soon(decrypt)
+
+
+# --------------------------------------------------------------------------- AMST's send path
+
+
+async def _timed_links(payload: bytes, chunks: int) -> float:
+    """``chunks`` chunks of ``payload`` from one :class:`Link` to another over loopback,
+    each as AMST's stream carries it; seconds from the first chunk to the last checked."""
+    listeners = await trio.open_tcp_listeners(0, host=_HOST)
+    listener = listeners[0]
+    port = listener.socket.getsockname()[1]
+    client = await trio.open_tcp_stream(_HOST, port)
+    server = await listener.accept()
+    await listener.aclose()
+    shared: dict[str, Any] = {}
+    await _handshake(client, server, shared)
+    sender, receiver = Link(client, shared["sender"]), Link(server, shared["receiver"])
+    digests, ready = trio.open_memory_channel[tuple[int, bytes]](2)  # preparers ahead
+
+    async def prepare() -> None:
+        async with digests:
+            for i in range(chunks):
+                digest = await trio.to_thread.run_sync(chunk_digest, payload)
+                await digests.send((i, digest))
+
+    async def write() -> None:
+        async with ready:
+            async for i, digest in ready:
+                await sender.send_chunk(Chunk(i, digest, payload))
+        await sender.send_final()
+
+    async def read() -> None:
+        for i in range(chunks):
+            got = await receiver.receive_bulk()
+            if got is None:
+                raise ChannelError("truncated", f"stream ended after {i} of {chunks} chunks")
+            msg, valid = got
+            if not valid or msg.chunk != i or (i == 0 and msg.payload != payload):
+                raise ChannelError("tampered", f"chunk {i} did not arrive as sent")
+        if await receiver.receive_bulk() != (None, False):
+            raise ChannelError("truncated", "no final frame after the last chunk")
+
+    try:
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(prepare)
+            nursery.start_soon(write)
+            nursery.start_soon(read)
+        return time.perf_counter() - start
+    finally:
+        await sender.aclose()
+        await receiver.aclose()

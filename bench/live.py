@@ -42,8 +42,10 @@ from typing import Any
 import attrs
 
 from bench.corpus.relay import CountingRelay
+from bench.frame_pipe import FramePipe, loopback, over_tbf
 from bench.netns import ADDRESS_B, TbfLink, netns_missing
 from bench.qemu import MAX_BANDWIDTH, MIGRATION_TIMEOUT_S, MigrationError, qemu_version
+from federation.dataplane.v3_protocol import choose_chunk_level
 from federation.demo.qemu_guest.build import GuestAssetsMissing, guest_cmdline, load_assets
 from federation.demo.qemu_guest.console import Console, read_console, wait_console
 from federation.vms.accel import probe_accel
@@ -53,8 +55,11 @@ from federation.vms.qemu_backend import QemuBackend
 from federation.vms.qemu_machine import QemuProcess
 from federation.vms.qemu_spec import QEMU, VmSpec, qemu_argv
 from mesh.hde.image import PAGE_SIZE, ImageWriter
+from mesh.hde.loopback import Carry
+from mesh.hde.messages import CHUNK_PAGES
+from mesh.links.modes import ModeLimits, classify
 
-__all__ = ["register", "measure", "Setup", "CONTENDERS"]
+__all__ = ["register", "measure", "compare", "Setup"]
 
 #: The guest: 256 MiB (the corpus's small guest size) filled to about 60 % of its free
 #: memory, which left 11 % zero pages in a 128 MiB guest (docs/qemu.md); issue 17 asks for
@@ -119,8 +124,10 @@ def _configure(g: _Guest, multifd: bool, level: int, source: bool) -> None:
     g.proc.qmp.execute("migrate-set-capabilities", capabilities=caps)
     params: dict[str, Any] = {}
     if multifd:
-        params.update({"multifd-channels": CHANNELS, "multifd-compression": "zstd"})
-        if source:
+        # level 0: DWCP chose to store; QEMU's equivalent is multifd without compression
+        params.update({"multifd-channels": CHANNELS,
+                       "multifd-compression": "zstd" if level > 0 else "none"})
+        if source and level > 0:
             params["multifd-zstd-level"] = level
     if source:
         # QEMU's default max-bandwidth is 128 MiB/s: never throttle the baseline below
@@ -200,7 +207,7 @@ def _qemu_run(setup: Setup, work: Path, multifd: bool, level: int, tbf: bool) ->
         else:
             dst.proc.qmp.execute("migrate-incoming", uri=f"tcp:{ADDRESS_B}:{TARGET_PORT}")
             uri = f"tcp:{ADDRESS_B}:{TARGET_PORT}"
-            sent_before = link.tx_bytes("a")
+            sent_before = link.tx_bytes("a") + link.tx_bytes("b")
         src_offset = src.console.stat().st_size
         try:
             started = time.monotonic()
@@ -208,12 +215,13 @@ def _qemu_run(setup: Setup, work: Path, multifd: bool, level: int, tbf: bool) ->
             _completed(src, "source")
             _completed(dst, "target")
             seconds = time.monotonic() - started
+            # both ways, as for DWCP (bench.frame_pipe)
             if relay is not None:
                 relay.wait_drained(60)
-                wire = relay.forward_bytes
+                wire = relay.forward_bytes + relay.backward_bytes
             else:
                 assert link is not None
-                wire = link.tx_bytes("a") - sent_before
+                wire = link.tx_bytes("a") + link.tx_bytes("b") - sent_before
         finally:
             if relay is not None:
                 relay.close()
@@ -242,48 +250,89 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _inprocess_leg(src: QemuBackend, dst: QemuBackend, mid: str, epoch: int) -> dict[str, Any]:
-    """One in-process migration of ``g`` from ``src`` to ``dst``, its figures and whether
-    the target kept the counter and the checks."""
+#: Pages sampled to choose DWCP's level: 8 chunks of 1 MiB of non-zero pages spread over
+#: the guest's RAM (what bench.hde samples per candidate level).
+LEVEL_SAMPLE_CHUNKS = 8
+
+
+def _dwcp_level(backend: QemuBackend, bw_Bps: float, rtt_s: float) -> tuple[str, int]:
+    """(link mode, zstd level) as the product picks them: the mode from the measured link
+    (mesh.links.modes.classify with DESIGN's thresholds), the level by
+    federation.dataplane.v3_protocol.choose_chunk_level on pages of the running guest."""
+    live = backend.open_images("g")["memory"]
+    try:
+        zero = bytes(PAGE_SIZE)
+        nonzero = [p for p in range(live.page_count) if live.view(p) != zero]
+        step = max(CHUNK_PAGES, len(nonzero) // LEVEL_SAMPLE_CHUNKS)
+        sample = [b"".join(bytes(live.view(p)) for p in nonzero[i : i + CHUNK_PAGES])
+                  for i in range(0, len(nonzero), step)][:LEVEL_SAMPLE_CHUNKS]  # fmt: skip
+    finally:
+        live.close()
+    mode = classify(ModeLimits(), rtt_s * 1000, bw_Bps * 8 / 1e6, 0.0)
+    return choose_chunk_level(sample, mode.value, bw_Bps * 8 / 1e6, bw_Bps * 8 / 1e6)
+
+
+def _wire_leg(src: QemuBackend, dst: QemuBackend, mid: str, epoch: int, level: int,
+              carry: Carry, counted: Callable[[], int]) -> dict[str, Any]:  # fmt: skip
+    """One migration of ``g`` from ``src`` to ``dst`` with every byte over ``carry``; its
+    figures (bytes counted on the link) and whether the target kept counter and checks."""
     logs = [src.console_path("g"), dst.console_path("g")]
     offsets = [p.stat().st_size if p.exists() else 0 for p in logs]
-    rep = LiveMigration(src, dst, "g", mid, level=1).run(epoch)
+    before_bytes = counted()
+    rep = LiveMigration(src, dst, "g", mid, level=level, carry=carry).run(epoch)
+    wire = counted() - before_bytes
     before = read_console([logs[0]], [offsets[0]]).last_heartbeat
     guest = _guest_ok(logs, offsets, before, lambda: dst.qemu_pid("g") is not None)
-    return {"wire_bytes": rep.wire_bytes, "total_s": round(rep.total_s, 3),
-            "downtime_ms": round(rep.downtime_s * 1000, 1),
+    return {"wire_bytes": wire, "payload_bytes": rep.wire_bytes,
+            "total_s": round(rep.total_s, 3), "downtime_ms": round(rep.downtime_s * 1000, 1),
             "stop_window_ms": {k: round(v * 1000, 1) for k, v in rep.stop_window.items()},
             "rounds": [attrs.asdict(r) for r in rep.rounds], "final_pages": rep.final_pages,
-            "device_state_bytes": rep.device_state_bytes, "zstd_level": 1,
-            "wire": "not on a wire: HDE frames, diff and device state counted in process",
-            "guest": guest}
+            "device_state_bytes": rep.device_state_bytes, "zstd_level": level,
+            "guest": guest}  # fmt: skip
 
 
-def _dwcp_inprocess(setup: Setup, work: Path, return_after_s: int) -> dict[str, Any]:
-    """A -> B once the guest is ready; then, ``return_after_s`` seconds of guest time
-    later, B -> A, where A still holds its earlier copy (the diff's base)."""
+def _dwcp_run(setup: Setup, work: Path, tbf: bool, return_after_s: int) -> dict[str, Any]:
+    """DWCP's live migration of the guest over the link (bench.frame_pipe: loopback through
+    the counting relay, or the 100 Mbit/s veth pair): A -> B once the guest is ready at the
+    level the product picks for the measured link; then, ``return_after_s`` seconds of
+    guest time later, B -> A, where A still holds its earlier copy (the diff's base)."""
+    link = TbfLink(100).open() if tbf else None
     a = QemuBackend(work / "a", accel=setup.accel)
     b = QemuBackend(work / "b", accel=setup.accel)
+    pipe: FramePipe | None = None
     try:
+        pipe = over_tbf(link, work / "pipe") if link is not None else loopback()
         a.create("g", setup.spec)
         a.start("g", 1)
         wait_console([a.console_path("g")], _ready(setup.at_s), BOOT_TIMEOUT,
                      f"the ballast and {setup.at_s} s of guest time",
                      alive=lambda: a.qemu_pid("g") is not None)
-        there = _inprocess_leg(a, b, "bench-there", 2)
+        bw, rtt = pipe.measure()
+        mode, level = _dwcp_level(a, bw, rtt)
+        out: dict[str, Any] = {
+            "link_measured": {"Mbit_per_s": round(bw * 8 / 1e6, 1), "rtt_ms": round(rtt * 1000, 2)},
+            "mode": mode, "zstd_level": level,
+            "wire": ("every byte (diff both ways, chunks, device state, roots) over TCP: "
+                     + ("the veth pair's tx counters, both ends" if tbf else
+                        "through the counting relay, both ways"))}  # fmt: skip
+        there = _wire_leg(a, b, "bench-there", 2, level, pipe.carry, pipe.counted)
+        out.update(there)
         if return_after_s <= 0 or not there["guest"]["ok"]:
-            return {"there": there}
+            return out
         at = read_console([b.console_path("g")]).last_heartbeat + _heartbeat_at(return_after_s)
         wait_console([b.console_path("g")], lambda c: c.last_heartbeat >= at, BOOT_TIMEOUT,
                      f"{return_after_s} s of guest time at the target",
                      alive=lambda: b.qemu_pid("g") is not None)
-        back = _inprocess_leg(b, a, "bench-back", 3)
-        return {"there": there, "back": back, "return_after_s": return_after_s,
-                "return_bytes_ratio_vs_there": round(back["wire_bytes"] / there["wire_bytes"],
-                                                     4)}
+        out["back"] = _wire_leg(b, a, "bench-back", 3, level, pipe.reversed(), pipe.counted)
+        out["return_after_s"] = return_after_s
+        return out
     finally:
         a.close(stop_guests=True)
         b.close(stop_guests=True)
+        if pipe is not None:
+            pipe.close()
+        if link is not None:
+            link.close()
 
 
 def _dirty_tracking(setup: Setup, work: Path) -> dict[str, Any]:
@@ -325,21 +374,58 @@ def _dirty_tracking(setup: Setup, work: Path) -> dict[str, Any]:
         a.close(stop_guests=True)
 
 
-def _contenders(level: int) -> dict[str, Callable[[Setup, Path, bool], dict[str, Any]]]:
-    return {
+def _qemu_contenders(level: int) -> dict[str, Callable[[Setup, Path, bool], dict[str, Any]]]:
+    """QEMU's contenders, the last at ``level`` (DWCP's choice on the link, or --level)."""
+    out: dict[str, Callable[[Setup, Path, bool], dict[str, Any]]] = {
         "qemu_precopy": lambda s, w, t: _qemu_run(s, w, False, 0, t),
         "qemu_multifd_zstd1": lambda s, w, t: _qemu_run(s, w, True, 1, t),
-        f"qemu_multifd_zstd{level}": lambda s, w, t: _qemu_run(s, w, True, level, t),
     }
+    if level != 1 and level >= 0:  # QEMU's multifd-zstd-level is 1..20; 0: no compression
+        out["qemu_multifd_dwcp_level"] = lambda s, w, t: _qemu_run(s, w, True, level, t)
+    return out
 
 
-CONTENDERS = _contenders(SECOND_LEVEL)
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else round(a / b, 4)
+
+
+def compare(result: dict[str, Any], link: str) -> dict[str, Any]:
+    """DWCP against the best QEMU on ``link``: fewest bytes, shortest time, shortest
+    downtime, each of whichever QEMU contender did best at it."""
+    qemu = {k.removesuffix(f"_{link}"): v for k, v in result.items()
+            if k.startswith("qemu_") and k.endswith(f"_{link}") and isinstance(v, dict)}
+    dwcp = result.get(f"dwcp_{link}")
+    out: dict[str, Any] = {}
+    if qemu:
+        fewest = min(qemu, key=lambda k: qemu[k]["wire_bytes"])
+        fastest = min(qemu, key=lambda k: qemu[k]["total_s"])
+        out.update(qemu_wire_bytes=qemu[fewest]["wire_bytes"], qemu_fewest_bytes=fewest,
+                   qemu_total_s=qemu[fastest]["total_s"], qemu_fastest=fastest,
+                   qemu_downtime_ms=min(v["downtime_ms"] for v in qemu.values()
+                                        if v["downtime_ms"] is not None))  # fmt: skip
+    if dwcp is not None and "wire_bytes" in dwcp:
+        out.update(dwcp_wire_bytes=dwcp["wire_bytes"], dwcp_total_s=dwcp["total_s"],
+                   dwcp_downtime_ms=dwcp["downtime_ms"], dwcp_zstd_level=dwcp["zstd_level"])
+        if qemu:
+            out.update(cold_bytes_ratio=_ratio(dwcp["wire_bytes"], out["qemu_wire_bytes"]),
+                       time_ratio=_ratio(dwcp["total_s"], out["qemu_total_s"]))
+            back = dwcp.get("back")
+            if back is not None:
+                # QEMU holds no copy at the first host: a return sends everything again,
+                # as its one-way run on this link did
+                out.update(return_bytes_ratio=_ratio(back["wire_bytes"], out["qemu_wire_bytes"]),
+                           return_time_ratio=_ratio(back["total_s"], out["qemu_total_s"]),
+                           return_bytes_ratio_vs_there=_ratio(back["wire_bytes"],
+                                                              dwcp["wire_bytes"]))  # fmt: skip
+    return out
 
 
 def measure(mib: int = GUEST_MIB, fill: int = FILL_PERCENT, at_s: int = AT_S,
             level: int = SECOND_LEVEL, tbf: bool = True, dwcp: bool = True,
             return_after_s: int = RETURN_AFTER_S) -> dict[str, Any]:
-    """Every contender on loopback, then (with ``tbf``) over the 100 Mbit/s link."""
+    """Per link (loopback, then with ``tbf`` the 100 Mbit/s veth pair): DWCP's migration
+    first (its level, chosen for the measured link, is QEMU's third level), then QEMU's
+    contenders. ``level``: QEMU's third level when DWCP does not run."""
     result: dict[str, Any] = {"bench": "live", "missing": []}
     if shutil.which(QEMU) is None:
         result["missing"].append(f"no {QEMU} (make qemu-guest installs it)")
@@ -362,20 +448,41 @@ def measure(mib: int = GUEST_MIB, fill: int = FILL_PERCENT, at_s: int = AT_S,
             links.append("tbf100")
         else:
             result["missing"].append(f"tbf100: {why}")
-        for name, run in _contenders(level).items():
-            for link in links:
-                result[f"{name}_{link}"] = run(setup, work / f"{name}-{link}", link == "tbf100")
+        for link in links:
+            third = level
+            if dwcp:
+                run = _dwcp_run(setup, work / f"dwcp-{link}", link == "tbf100", return_after_s)
+                result[f"dwcp_{link}"] = run
+                third = run["zstd_level"]
+                if third < 0:
+                    result["missing"].append(f"qemu_multifd_dwcp_level_{link}: DWCP chose zstd "
+                                             f"level {third}; QEMU's multifd-zstd-level is 1..20")
+            for name, contender in _qemu_contenders(third).items():
+                result[f"{name}_{link}"] = contender(setup, work / f"{name}-{link}",
+                                                     link == "tbf100")
+                if name == "qemu_multifd_dwcp_level":
+                    result[f"{name}_{link}"]["zstd_level"] = third
         if dwcp:
-            result["dwcp_inprocess_loopback"] = _dwcp_inprocess(setup, work / "dwcp",
-                                                                return_after_s)
             result["dirty_tracking"] = _dirty_tracking(setup, work / "dirty")
-        best = min((v for k, v in result.items() if k.startswith("qemu_") and
-                    k.endswith("_loopback")), key=lambda r: r["wire_bytes"])
-        result.update(qemu_wire_bytes=best["wire_bytes"], qemu_total_s=best["total_s"],
-                      qemu_downtime_ms=best["downtime_ms"])
+        result["comparison"] = {link: compare(result, link) for link in links}
+        loop = result["comparison"]["loopback"]
+        # bytes matter where the link is the bottleneck: the 100 Mbit/s figures when they
+        # were measured (on loopback the level picker rightly trades bytes for time)
+        bytes_link = "tbf100" if "tbf100" in links else "loopback"
+        by = result["comparison"][bytes_link]
+        result.update(bytes_link=bytes_link,
+                      qemu_wire_bytes=by.get("qemu_wire_bytes"),
+                      dwcp_wire_bytes=by.get("dwcp_wire_bytes"),
+                      cold_bytes_ratio=by.get("cold_bytes_ratio"),
+                      return_bytes_ratio=by.get("return_bytes_ratio"),
+                      return_time_ratio=by.get("return_time_ratio"),
+                      qemu_total_s=loop.get("qemu_total_s"), dwcp_total_s=loop.get("dwcp_total_s"),
+                      qemu_downtime_ms=loop.get("qemu_downtime_ms"),
+                      dwcp_downtime_ms=loop.get("dwcp_downtime_ms"),
+                      tbf100_time_ratio=result["comparison"].get("tbf100", {}).get("time_ratio"))
         runs = [v for v in result.values() if isinstance(v, dict) and "guest" in v]
-        dwcp_runs = result.get("dwcp_inprocess_loopback", {})
-        runs += [dwcp_runs[k] for k in ("there", "back") if k in dwcp_runs]
+        runs += [result[f"dwcp_{link}"]["back"] for link in links
+                 if "back" in result.get(f"dwcp_{link}", {})]  # fmt: skip
         result["guests_ok"] = all(r["guest"]["ok"] for r in runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -391,11 +498,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="percent of the guest's free RAM in ballast")
     p.add_argument("--at", type=int, default=AT_S, help="migrate at this guest time (s)")
     p.add_argument("--level", type=int, default=SECOND_LEVEL,
-                   help="the second multifd-zstd level (the first is 1)")
+                   help="QEMU's third multifd-zstd level with --no-dwcp (otherwise DWCP's "
+                        "chosen level on each link)")
     p.add_argument("--no-tbf", action="store_true", help="loopback only")
     p.add_argument("--no-dwcp", action="store_true", help="QEMU's contenders only")
     p.add_argument("--return-after", type=int, default=RETURN_AFTER_S,
-                   help="the in-process DWCP run migrates back after this guest time (s; "
+                   help="DWCP migrates back after this guest time at the target (s; "
                         "0: no return trip)")
     p.set_defaults(func=_main)
 

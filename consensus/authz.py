@@ -68,6 +68,7 @@ __all__ = [
     "check_fresh",
     "check_role",
     "body_digest",
+    "request_digest",
 ]
 
 #: Domain separation: an operator signature can never be mistaken for a PBFT or a
@@ -204,8 +205,10 @@ class Opened:
 
     operator: Operator
     head: RequestHead
-    #: SHA-256 of the SignedRequest frame: tells a re-submission of the same request
-    #: from another request that reuses its nonce
+    #: SHA-256 of the head without its ``created``: tells a re-submission of the same
+    #: request (the same intent under the same request id, perhaps signed again later
+    #: because the first answer was lost) from another request that reuses its nonce, as
+    #: an idempotency key does (Stripe: the same key with other parameters is an error)
     digest: bytes
 
 
@@ -276,7 +279,15 @@ def open_request(table: OperatorTable, raw: bytes) -> Opened:
         raise AuthError("malformed", f"nonce {head.nonce!r} is not 8-64 of A-Z a-z 0-9 . _ -")
     if not math.isfinite(head.created) or head.created < 0:
         raise AuthError("malformed", f"created {head.created!r} is not a time")
-    return Opened(op, head, hashlib.sha256(raw).digest())
+    return Opened(op, head, request_digest(head))
+
+
+def request_digest(head: RequestHead) -> bytes:
+    """What makes two signed requests the same request: everything signed but the time
+    of signing (see :attr:`Opened.digest`)."""
+    unsigned_time = RequestHead(head.federation, head.operator, head.method, head.target,
+                                head.body_digest, 0.0, head.nonce)
+    return hashlib.sha256(wire.encode(unsigned_time)).digest()
 
 
 def open_authorization(table: OperatorTable, auth: Authorization) -> tuple[Opened, object]:

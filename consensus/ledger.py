@@ -23,7 +23,10 @@ before execution), and what a DC may ask for depends on the command
 - ``AbortMigration(migration_id, authorization?)``: the source; any DC carrying
   an operator's cancel; the target only once the deadline has passed (timeout).
   Ownership stays at the source.
-- ``ChangePolicy(authorization)``: an admin's policy, submitted by any DC.
+- ``ChangePolicy(authorization)``: an admin's policy, submitted by any DC. The ledger
+  keeps the rollout's counters in the policy and rolls back to v1 on its own (the kill
+  switch, with the reason) at the commit or abort of a v3 migration that crosses a
+  threshold the policy names (``rollout_after_end``): every replica at the same entry.
 - ``UnregisterVm(vm, authorization)``: an operator's delete, by any DC, only with
   no migration in flight (also how a stuck import is cleaned up).
 
@@ -73,6 +76,7 @@ from consensus.authz import (
     open_authorization,
 )
 from consensus.ledger_commands import (
+    ABORT_CAUSES,
     CLIENT_WINDOW,
     COMMAND_TYPES,
     INTENT_TYPES,
@@ -92,10 +96,12 @@ from consensus.ledger_commands import (
     SetPolicy,
     UnregisterVm,
     VmRecord,
+    recorded_policy,
+    rollout_after_end,
     v3_allowed,
 )
 from consensus.ledger_state import LedgerInvariantError, LedgerState, RequestStatus
-from mesh import wire
+from mesh import versions, wire
 
 __all__ = [
     "CLIENT_WINDOW",
@@ -121,6 +127,9 @@ __all__ = [
     "COMMAND_TYPES",
     "INTENT_TYPES",
     "v3_allowed",
+    "recorded_policy",
+    "rollout_after_end",
+    "ABORT_CAUSES",
 ]
 
 #: Ledger seconds after its begin from which the target may abort a migration on its
@@ -132,12 +141,14 @@ MIGRATION_DEADLINE = 600.0
 
 
 def _migration(mig: MigrationRecord, *, state: str | None = None, root: bytes | None = None,
-               announced: bytes | None = None) -> MigrationRecord:
+               announced: bytes | None = None, reason: str = "",
+               cause: str = "") -> MigrationRecord:
     """``mig`` with some fields replaced (records are frozen and replaced on change)."""
     return MigrationRecord(
         mig.migration_id, mig.vm, mig.source, mig.target, mig.epoch,
         mig.state if state is None else state, mig.root if root is None else root,
-        mig.announced if announced is None else announced, mig.deadline)
+        mig.announced if announced is None else announced, mig.deadline, mig.version,
+        reason or mig.reason, cause or mig.cause)
 
 
 def _vm(rec: VmRecord, migration_id: str | None) -> VmRecord:
@@ -336,7 +347,7 @@ class Ledger(LedgerState):
                 return self._refuse("rule", f"migration id {cmd.migration_id!r} was used before")
             self.migrations[cmd.migration_id] = MigrationRecord(
                 cmd.migration_id, cmd.vm, cmd.source, cmd.target, cmd.epoch, "begun", b"",
-                b"", self.clock + MIGRATION_DEADLINE)
+                b"", self.clock + MIGRATION_DEADLINE, cmd.version)
             self.vms[cmd.vm] = _vm(rec, cmd.migration_id)
             self._touched.append(cmd.vm)
             self._touched_migrations.append(cmd.migration_id)
@@ -391,15 +402,25 @@ class Ledger(LedgerState):
         self.migrations[mid] = _migration(mig, state="committed", root=cmd.root)
         self._touched.append(mig.vm)
         self._touched_migrations.append(mid)
+        self._rollout_count(mig, aborted=False, cause="")
         return LedgerResult(True, epoch=rec.epoch + 1)
 
-    def _end(self, mig: MigrationRecord) -> LedgerResult:
+    def _end(self, mig: MigrationRecord, reason: str, cause: str) -> LedgerResult:
         rec = self.vms[mig.vm]
         self.vms[mig.vm] = _vm(rec, None)
-        self.migrations[mig.migration_id] = _migration(mig, state="aborted", root=b"")
+        cause = cause if cause in ABORT_CAUSES else "other"
+        self.migrations[mig.migration_id] = _migration(
+            mig, state="aborted", root=b"", reason=reason[:256], cause=cause)
         self._touched.append(mig.vm)
         self._touched_migrations.append(mig.migration_id)
+        self._rollout_count(mig, aborted=True, cause=cause)
         return LedgerResult(True, epoch=rec.epoch)
+
+    def _rollout_count(self, mig: MigrationRecord, aborted: bool, cause: str) -> None:
+        """A v3 migration ended: the rollout's counters, and its rollback when the policy's
+        threshold is crossed (consensus.ledger_commands.rollout_after_end)."""
+        if mig.version == versions.V3:
+            self.policy = rollout_after_end(self.policy, aborted, cause, mig.migration_id)
 
     def _abort(self, client: str, cmd: AbortMigration) -> LedgerResult:
         mid = cmd.migration_id
@@ -413,17 +434,20 @@ class Ledger(LedgerState):
 
             def apply() -> LedgerResult:
                 mig = self._begun(mid)
-                return mig if isinstance(mig, LedgerResult) else self._end(mig)
+                if isinstance(mig, LedgerResult):
+                    return mig
+                return self._end(mig, cmd.reason or "cancelled by operator", "operator")
 
             return self._as_operator(opened, intent, Role.OPERATOR, mid, apply)
         mig = self._begun(mid)
         if isinstance(mig, LedgerResult):
             return mig
         if client == mig.source:
-            return self._end(mig)
+            return self._end(mig, cmd.reason, cmd.cause)
         if client == mig.target:
             if self.clock >= mig.deadline:
-                return self._end(mig)
+                return self._end(mig, cmd.reason or f"the target {client} timed out: the "
+                                 f"deadline, ledger time {mig.deadline:.3f}, passed", "timeout")
             return self._refuse("authorization", f"the target aborts migration {mid!r} only "
                                 f"by timeout: its deadline is ledger time {mig.deadline:.3f}, "
                                 f"now {self.clock:.3f}")
@@ -437,8 +461,7 @@ class Ledger(LedgerState):
         opened, policy = got
 
         def apply() -> LedgerResult:
-            self.policy = SetPolicy(policy.v3_percent, tuple(sorted(set(policy.target_dcs))),
-                                    tuple(sorted(set(policy.target_vms))), policy.kill_switch)
+            self.policy = recorded_policy(policy)
             return LedgerResult(True)
 
         return self._as_operator(opened, policy, Role.ADMIN, "policy", apply)

@@ -23,6 +23,7 @@ one message, checked at the door and again by every replica.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 
 from consensus.authz import Authorization
 from mesh import wire
@@ -34,7 +35,7 @@ __all__ = [
     "ImportVm", "MigrateVm", "CancelMigration", "DeleteVm", "SetPolicy", "INTENT_TYPES",
     "LedgerResult", "VmRecord", "MigrationRecord", "ClientResult", "ClientRecord",
     "RequestRecord", "DeletedVm", "LedgerSnapshot", "SNAPSHOT_LIMITS", "MAX_REMEMBERED",
-    "CLIENT_WINDOW", "v3_allowed",
+    "CLIENT_WINDOW", "v3_allowed", "ABORT_CAUSES", "recorded_policy", "rollout_after_end",
 ]
 
 _NAME = Text(64)
@@ -93,12 +94,33 @@ class DeleteVm:
 
 @wire.message("ledger.set-policy")
 class SetPolicy:
-    """The rollout policy: both the state the ledger holds and the admin's intent."""
+    """The rollout policy: both the state the ledger holds and the admin's intent.
+
+    The admin names who gets v3 (``v3_percent``, ``target_dcs``, ``target_regions``,
+    ``target_vms``), who never does (``excluded_dcs``: node-level exclusion, above every
+    target; ``kill_switch``: nobody), and when the ledger rolls back to v1 on its own
+    (``max_abort_percent`` of the v3 migrations that ended since this policy was recorded,
+    judged once ``min_ended`` of them ended; ``max_verify_failures`` of them failing
+    verification; 0 switches a rule off). The last four fields are the ledger's own
+    bookkeeping (:func:`rollout_after_end`): what an admin puts there is ignored."""
 
     v3_percent: int = field(U64(100))
     target_dcs: tuple[str, ...] = field(ListOf(_NAME, 64))
     target_vms: tuple[str, ...] = field(ListOf(_VM, 4096))
     kill_switch: bool = field(Bool())
+    target_regions: tuple[str, ...] = field(ListOf(_NAME, 64), default=())
+    excluded_dcs: tuple[str, ...] = field(ListOf(_NAME, 64), default=())
+    max_abort_percent: int = field(U64(100), default=0)
+    min_ended: int = field(U64(1_000_000), default=10)
+    max_verify_failures: int = field(U64(1_000_000), default=0)
+    #: v3 migrations ended (committed or aborted) since the policy was recorded
+    v3_ended: int = field(U64(), default=0)
+    #: of those, aborted for a cause other than an operator's cancel
+    v3_aborted: int = field(U64(), default=0)
+    #: of those, aborted because the copy failed verification
+    v3_verify_failures: int = field(U64(), default=0)
+    #: why the ledger rolled back to v1 (its kill switch is then on); "" while it has not
+    rolled_back: str = field(Text(256), default="")
 
 
 INTENT_TYPES: tuple[type, ...] = (ImportVm, MigrateVm, CancelMigration, DeleteVm, SetPolicy)
@@ -125,6 +147,9 @@ class BeginMigration:
     epoch: int = field(U64())
     migration_id: str = field(_ID)
     authorization: Authorization = field(_AUTH)
+    #: the transfer version the source chose (federation.migration.rollout): the source's
+    #: statement, which the rollout's automatic rollback counts by
+    version: int = field(U64(255), default=1)
 
 
 @wire.message("ledger.announce-root")
@@ -151,6 +176,10 @@ class AbortMigration:
 
     migration_id: str = field(_ID)
     authorization: Authorization | None = field(Optional(_AUTH), default=None)
+    #: why, in the deciding DC's words (what `dwcp status` shows at every DC)
+    reason: str = field(Text(256), default="")
+    #: the reason's kind, one of ABORT_CAUSES (the rollout's rollback counts by it)
+    cause: str = field(Text(32), default="")
 
 
 @wire.message("ledger.change-policy")
@@ -205,6 +234,11 @@ class MigrationRecord:
     announced: bytes = field(_ROOT, default=b"")
     #: ledger time after which the target may abort on its own (the timeout)
     deadline: float = field(Float(), default=0.0)
+    #: the transfer version the source began with
+    version: int = field(U64(255), default=1)
+    #: why it aborted, and the kind of cause (AbortMigration's); "" otherwise
+    reason: str = field(Text(256), default="")
+    cause: str = field(Text(32), default="")
 
 
 @wire.struct_type
@@ -262,12 +296,60 @@ class LedgerSnapshot:
     deleted: tuple[DeletedVm, ...] = field(ListOf(Struct(DeletedVm), SNAPSHOT_LIMITS[4]))
 
 
-def v3_allowed(policy: SetPolicy, vm: str, source: str, target: str) -> bool:
-    """The rollout decision: never under the kill switch; always for targeted VMs or
-    DCs; otherwise a stable hash of the VM id modulo 100 below the percentage."""
-    if policy.kill_switch:
+def v3_allowed(policy: SetPolicy, vm: str, source: str, target: str,
+               regions: Mapping[str, str] | None = None) -> bool:
+    """The rollout decision: never under the kill switch, nor from or to an excluded DC;
+    always for targeted VMs, DCs or regions (``regions``: DC -> region, from the
+    federation file); otherwise a stable hash of the VM id modulo 100 below the
+    percentage."""
+    if policy.kill_switch or source in policy.excluded_dcs or target in policy.excluded_dcs:
         return False
     if vm in policy.target_vms or source in policy.target_dcs or target in policy.target_dcs:
         return True
+    if policy.target_regions and regions:
+        if (regions.get(source) in policy.target_regions
+                or regions.get(target) in policy.target_regions):
+            return True
     bucket = int.from_bytes(hashlib.sha256(vm.encode()).digest()[:8], "big") % 100
     return bucket < policy.v3_percent
+
+
+#: The kinds of abort cause (AbortMigration.cause). Only "verification" and the aborts
+#: that are not an operator's cancel count against a v3 rollout.
+ABORT_CAUSES = ("", "operator", "verification", "peer", "stall", "restart", "vm", "timeout",
+                "other")
+
+
+def recorded_policy(intent: SetPolicy) -> SetPolicy:
+    """The policy the ledger records for an admin's ``intent``: lists sorted without
+    repeats, its own bookkeeping started afresh (the rollout's counters count from here)."""
+    return SetPolicy(
+        intent.v3_percent, tuple(sorted(set(intent.target_dcs))),
+        tuple(sorted(set(intent.target_vms))), intent.kill_switch,
+        tuple(sorted(set(intent.target_regions))), tuple(sorted(set(intent.excluded_dcs))),
+        intent.max_abort_percent, intent.min_ended, intent.max_verify_failures)
+
+
+def rollout_after_end(policy: SetPolicy, aborted: bool, cause: str, mid: str) -> SetPolicy:
+    """``policy`` after a v3 migration ``mid`` ended (``aborted`` for ``cause``): its
+    counters moved on and, when a rule of the policy is crossed, the kill switch on with
+    the reason. Deterministic, so every replica rolls back at the same ledger entry."""
+    if policy.rolled_back:
+        return policy  # already rolled back: v1 until an admin records a new policy
+    counted = aborted and cause != "operator"
+    ended = policy.v3_ended + 1
+    aborts = policy.v3_aborted + counted
+    verify = policy.v3_verify_failures + (aborted and cause == "verification")
+    why = ""
+    if policy.max_verify_failures and verify >= policy.max_verify_failures:
+        why = (f"{verify} v3 migration{'s' if verify != 1 else ''} failed verification "
+               f"(the policy allows "
+               f"{policy.max_verify_failures - 1}); the last was {mid}")
+    elif (policy.max_abort_percent and ended >= max(1, policy.min_ended)
+            and aborts * 100 >= policy.max_abort_percent * ended):
+        why = (f"{aborts} of {ended} v3 migrations aborted ({aborts * 100 // ended} % >= "
+               f"max_abort_percent {policy.max_abort_percent}); the last was {mid}")
+    return SetPolicy(
+        policy.v3_percent, policy.target_dcs, policy.target_vms, policy.kill_switch or bool(why),
+        policy.target_regions, policy.excluded_dcs, policy.max_abort_percent, policy.min_ended,
+        policy.max_verify_failures, ended, aborts, verify, why[:256])

@@ -74,6 +74,9 @@ class DCConfig:
     data: Endpoint
     api: Endpoint
     region: str = ""
+    #: keys this DC signed with before ``dwcp federation rotate-key``: still accepted on
+    #: the ledger's signed messages (its durable history holds them), never on a channel
+    previous_keys: tuple[PublicKey, ...] = ()
 
 
 @attrs.frozen
@@ -103,12 +106,16 @@ class Federation:
     def public_keys(self) -> dict[str, PublicKey]:
         return {dc.name: dc.public_key for dc in self.dcs}
 
+    def previous_keys(self) -> dict[str, tuple[PublicKey, ...]]:
+        """The DCs' keys before a rotation, for the ledger's signed history."""
+        return {dc.name: dc.previous_keys for dc in self.dcs if dc.previous_keys}
+
 
 # --------------------------------------------------------------------------- parsing
 
 _TOP_KEYS = {"federation", "modes", "dc", "operators"}
 _FED_KEYS = {"id", "versions"}
-_DC_KEYS = {"name", "public_key", "control", "data", "api", "region"}
+_DC_KEYS = {"name", "public_key", "control", "data", "api", "region", "previous_keys"}
 _OPERATOR_KEYS = {"name", "public_key", "role"}
 
 
@@ -279,12 +286,31 @@ def loads(text: str, source: str = "<string>") -> Federation:
             seen_endpoints[slot] = f"{name}.{kind}"
             endpoints[kind] = ep
         region = _str(source, f"{where}.region", entry.get("region", ""))
+        previous = _previous_keys(source, f"{where}.previous_keys",
+                                  entry.get("previous_keys", []), key)
         dcs.append(
-            DCConfig(name, key, endpoints["control"], endpoints["data"], endpoints["api"], region)
+            DCConfig(name, key, endpoints["control"], endpoints["data"], endpoints["api"], region,
+                     previous)
         )
     operators = _operators(source, doc.get("operators", []), seen_keys)
     return Federation(fed_id, tuple(dcs), tuple(sorted(set(versions))), modes, source,
                       operators)
+
+
+def _previous_keys(source: str, where: str, raw: Any, current: PublicKey,
+                   ) -> tuple[PublicKey, ...]:
+    if not isinstance(raw, list):
+        raise _fail(source, where, "expected a list of keys")
+    out: list[PublicKey] = []
+    for i, text in enumerate(raw):
+        try:
+            key = parse_public_key(_str(source, f"{where}[{i}]", text))
+        except IdentityError as exc:
+            raise _fail(source, f"{where}[{i}]", str(exc)) from None
+        if key == current or key in out:
+            raise _fail(source, f"{where}[{i}]", f"{key} is listed twice")
+        out.append(key)
+    return tuple(out)
 
 
 def _operators(source: str, raw: Any, dc_keys: dict[bytes, str]) -> tuple[Operator, ...]:

@@ -37,6 +37,7 @@ another exception.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import NoReturn
 
 import attrs
 import nacl.bindings as sodium
@@ -55,6 +56,7 @@ from nacl._sodium import lib as _lib
 
 from mesh import versions as transfer_versions
 from mesh import wire
+from mesh.federation_print import DIGEST_BYTES, MAX_ENTRIES_BYTES, NO_PRINT, FederationPrint
 from mesh.identity import Identity, PublicKey
 from mesh.wire import U64, Bytes, ListOf, Text, field
 
@@ -100,6 +102,8 @@ class ChannelError(Exception):
         "closed",  # use after close
         "oversized",
         "weak_key",  # an ephemeral key of small order: no secret would be shared
+        "key_mismatch",  # the peer proved another key than our federation file lists
+        "federation_mismatch",  # the peer runs another federation file (its digest)
     )
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -120,6 +124,12 @@ class Hello:
     versions: tuple[int, ...] = field(ListOf(U64(255), 16))
     ephemeral: bytes = field(Bytes(32, exact=True))
     nonce: bytes = field(Bytes(NONCE_BYTES, exact=True))
+    #: the Ed25519 key the initiator signs with (checked against the federation file;
+    #: only used to say which key a peer presents when it is not the file's)
+    identity: bytes = field(Bytes(32, exact=True))
+    #: the initiator's federation file (mesh.federation_print)
+    fed_digest: bytes = field(Bytes(DIGEST_BYTES, exact=True))
+    fed_entries: bytes = field(Bytes(MAX_ENTRIES_BYTES))
 
 
 @wire.message("channel.welcome-body", max_size=1024)
@@ -131,6 +141,9 @@ class WelcomeBody:
     ephemeral: bytes = field(Bytes(32, exact=True))
     nonce: bytes = field(Bytes(NONCE_BYTES, exact=True))
     stream_header: bytes = field(Bytes(_HEADERBYTES, exact=True))
+    identity: bytes = field(Bytes(32, exact=True))
+    fed_digest: bytes = field(Bytes(DIGEST_BYTES, exact=True))
+    fed_entries: bytes = field(Bytes(MAX_ENTRIES_BYTES))
 
 
 @wire.message("channel.welcome", max_size=2048)
@@ -261,6 +274,7 @@ class SecureChannel:
         initiator: bool,
         peer: str | None = None,
         random_bytes: Callable[[int], bytes] = nacl.utils.random,
+        fed_print: FederationPrint = NO_PRINT,
     ) -> None:
         if initiator and peer is None:
             raise ValueError("an initiator must name the peer it dials")
@@ -268,6 +282,9 @@ class SecureChannel:
         self.name = name
         self.federation = federation
         self.peers = dict(peers)
+        self.fed_print = fed_print
+        self._fed_entries = fed_print.encoded_entries()
+        self._peer_hello: Hello | None = None
         self.versions = transfer_versions.offer(versions, who="our transfer versions")
         self.initiator = initiator
         self.peer = peer
@@ -292,7 +309,8 @@ class SecureChannel:
             assert peer is not None
             if peer not in self.peers:
                 raise ValueError(f"peer {peer!r} is not in the federation")
-            hello = Hello(federation, name, peer, self.versions, self._eph_pk, self._nonce)
+            hello = Hello(federation, name, peer, self.versions, self._eph_pk, self._nonce,
+                          identity.public.raw, fed_print.digest, self._fed_entries)
             self._hello_raw = wire.encode(hello)
             self._out.append(self._hello_raw)
             self._state = _SENT_HELLO
@@ -473,6 +491,7 @@ class SecureChannel:
         self._session_keys(hello.ephemeral)
         self.peer = hello.initiator
         self._hello_raw = data
+        self._peer_hello = hello
         header = self._init_push()
         body = WelcomeBody(
             self.federation,
@@ -482,6 +501,9 @@ class SecureChannel:
             self._eph_pk,
             self._nonce,
             header,
+            self.identity.public.raw,
+            self.fed_print.digest,
+            self._fed_entries,
         )
         self._welcome_body_raw = wire.encode(body)
         signature = self.identity.sign(_RESPONDER_CONTEXT + data + self._welcome_body_raw)
@@ -502,8 +524,10 @@ class SecureChannel:
                 "unknown_peer", f"welcome is addressed to {body.initiator!r}, we are {self.name!r}"
             )
         key = self._peer_key(body.responder)
-        if not key.verify(_RESPONDER_CONTEXT + self._hello_raw + welcome.body, welcome.signature):
-            raise ChannelError("bad_signature", f"{body.responder!r} did not sign this handshake")
+        transcript = _RESPONDER_CONTEXT + self._hello_raw + welcome.body
+        if not key.verify(transcript, welcome.signature):
+            self._not_signed(body.responder, key, body.identity, transcript, welcome.signature)
+        self._same_federation(body.responder, body.fed_digest, body.fed_entries)
         self._agree_versions(body.versions)
         self._session_keys(body.ephemeral)
         self._init_pull(body.stream_header)
@@ -522,13 +546,33 @@ class SecureChannel:
         assert self.peer is not None
         key = self._peer_key(self.peer)
         transcript = _INITIATOR_CONTEXT + self._hello_raw + self._welcome_body_raw + finish.body
+        hello = self._peer_hello
+        assert hello is not None
         if not key.verify(transcript, finish.signature):
-            raise ChannelError("bad_signature", f"{self.peer!r} did not sign this handshake")
+            self._not_signed(self.peer, key, hello.identity, transcript, finish.signature)
+        self._same_federation(self.peer, hello.fed_digest, hello.fed_entries)
         body = wire.decode(finish.body, expect=(FinishBody,))
         self._init_pull(body.stream_header)
         self._opened()
         assert self.version is not None
         return [HandshakeComplete(self.peer, self.version, self.peer_versions)]
+
+    def _not_signed(self, peer: str, key: PublicKey, presented: bytes, transcript: bytes,
+                    signature: bytes) -> NoReturn:
+        """The signature is not by ``key``, the federation file's key of ``peer``. If it
+        is by the key the peer presents, the peer holds another key than the file says
+        (a rotated key, a wrong file): say so, naming both; else a forgery."""
+        other = PublicKey(presented)
+        if presented != key.raw and other.verify(transcript, signature):
+            raise ChannelError("key_mismatch", f"{peer} presents key {other}, the federation "
+                                               f"file says {key}")
+        raise ChannelError("bad_signature", f"{peer!r} did not sign this handshake")
+
+    def _same_federation(self, peer: str, digest: bytes, entries: bytes) -> None:
+        """Refuse a peer (authenticated by now) that runs another federation file."""
+        why = self.fed_print.differences(peer, digest, entries)
+        if why:
+            raise ChannelError("federation_mismatch", why)
 
     def _init_pull(self, header: bytes) -> None:
         try:

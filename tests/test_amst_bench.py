@@ -19,6 +19,7 @@ def test_loopback_figures_on_a_small_file_tree_image() -> None:
     assert 1 <= result["streams"] <= 4  # datacenter bounds
     assert result["max_in_flight_bytes"] <= result["window_bytes"]
     assert result["cpu_bound_MBps_2cores"] > 0
+    assert 0 < result["nonzero_MBps"] <= result["logical_MBps"]
 
 
 def test_slow_links_get_higher_zstd_levels() -> None:

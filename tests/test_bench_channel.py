@@ -17,8 +17,11 @@ def test_channel_bench_prints_positive_figures(capsys: pytest.CaptureFixture[str
     args = parser.parse_args(["channel", "--json", "--size-mib", "8", "--frame-kib", "256"])
     assert args.func(args) == 0
     result = json.loads(capsys.readouterr().out)
-    for key in ("raw_tcp_MBps", "channel_MBps", "ratio", "raw_tcp_seconds", "channel_seconds"):
+    for key in ("raw_tcp_MBps", "channel_MBps", "ratio", "raw_tcp_seconds", "channel_seconds",
+                "amst_link_MBps", "amst_link_seconds"):
         assert result[key] > 0, key
+    # AMST's send path runs at AMST's chunk size whatever --frame-kib says
+    assert result["amst_link_chunk_bytes"] == 1024 * 1024 and result["amst_link_chunks"] == 8
     assert result["bytes"] == 8 * 1024 * 1024 and result["frames"] == 32
     assert result["ratio"] == pytest.approx(
         result["channel_MBps"] / result["raw_tcp_MBps"], rel=0.05

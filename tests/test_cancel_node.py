@@ -150,7 +150,7 @@ def test_dwcp_cancel_stops_dwcp_migrate_then_a_finished_one_is_refused(
                 assert out.strip() == (f"cancelled {mid}: aborted in the ledger "
                                        "(cancelled by operator); web stays at dc1")
             rc, out, err = migrate["result"]
-            assert rc == 2 and out == ""
+            assert rc == 2 and out == f"migration {mid}: web dc1 -> dc4\n", out
             assert err.strip().endswith(
                 f"dwcp migrate: migration {mid} aborted: cancelled by operator")
             await wait_vm(dc1, "web", "running")

@@ -55,11 +55,14 @@ def test_wrong_federation_is_refused() -> None:
 
 
 def test_unknown_key_is_refused() -> None:
-    # "a" signs with a key the federation does not list for it
-    a, b = pair(ident_a=identity.Identity.from_seed(b"\x99" * 32))
+    # "a" signs with a key the federation does not list for it: b names both keys
+    other = identity.Identity.from_seed(b"\x99" * 32)
+    a, b = pair(ident_a=other)
     with pytest.raises(ChannelError) as err:
         handshake(a, b)
-    assert err.value.reason == "bad_signature"
+    assert err.value.reason == "key_mismatch"
+    assert err.value.detail == (f"a presents key {other.public}, the federation file says "
+                                f"{PEERS['a']}")
     # a name that is not in the federation at all
     a, b = pair(peers_b={"b": PEERS["b"], "c": PEERS["c"]})
     with pytest.raises(ChannelError) as err:

@@ -419,12 +419,14 @@ def test_choose_level_follows_the_link() -> None:
 
 
 def test_measure_levels_stops_once_the_cpu_is_the_bottleneck() -> None:
-    ticks = iter([0.0, 0.001, 1.0, 1.002, 2.0, 2.5, 3.0, 4.0])
-    # Incompressible: ratio 1, so the link bounds the rate at 12.5 MB/s.
+    ticks = iter([0.0, 0.0001, 0.5, 0.501, 1.0, 1.002, 2.0, 2.5, 3.0, 4.0])
+    # Incompressible: ratio 1, so the link bounds the rate at 12.5 MB/s. Store (level 0,
+    # the uncompressed floor) is measured first whatever the mode.
     chunk = image_of([(3, i) for i in range(128)])
     out = measure_levels([chunk], "internet", 100e6 / 8, 2, lambda: next(ticks))
-    assert [s.level for s in out] == [1, 3, 6]
-    assert out[0].ratio == 1.0 and out[2].bytes_per_s_per_core == 128 * P / 0.5
+    assert [s.level for s in out] == [0, 1, 3, 6]
+    assert out[0].ratio == 1.0 and out[1].ratio == 1.0
+    assert out[3].bytes_per_s_per_core == 128 * P / 0.5
     with pytest.raises(ValueError, match="unknown link mode"):
         measure_levels([chunk], "lan", 1.0, 1, lambda: 0.0)
 
@@ -504,3 +506,29 @@ def test_a_verified_image_serves_the_next_transfer_of_that_vm() -> None:
     t = HdeTarget(7, "src", store, lambda n: ImageWriter(bytearray(n * P)))
     out = t.handle(0.0, PeerDown("src"))
     assert "went down" in (t.failed or "") and isinstance(out[0], Notify)
+
+
+def test_a_carried_transfer_moves_every_byte_through_the_carrier() -> None:
+    """``carry``: every diff message each way and every chunk frame crosses it, and the
+    cores get what arrived — a carrier that flips a byte of the first chunk frame gets
+    that chunk re-sent, as on a real path."""
+    data = image_of([(3, i) for i in range(300)] + [(0, 0)] * 40)
+    img = Image(data)
+    seen = {True: 0, False: 0}
+    flipped = []
+
+    def carry(frames, to_target: bool) -> list:
+        out = []
+        for f in frames:
+            seen[to_target] += len(f)
+            if to_target and len(f) > 100_000 and not flipped:
+                flipped.append(1)
+                f = bytes(f[:-1]) + bytes([f[-1] ^ 1])
+            out.append(f)
+        return out
+
+    r = run_transfer(image=img, index=build_index(img), name="vm", store=PageStore(),
+                     level=1, carry=carry, make_sink=recording(data))
+    assert r.verified and bytes(r.image.view(0, img.page_count)) == data
+    assert flipped and r.stats["chunks_rejected"] == 1
+    assert seen[True] + seen[False] == r.wire_bytes and seen[False] > 0

@@ -17,12 +17,18 @@ def test_corpus_free_bench_reports_measured_figures_and_says_what_is_missing() -
     assert 0 < out["cold_wire_bytes"] < out["zstd1_bytes"]
     assert out["zstd3_bytes"] <= out["zstd1_bytes"]
     assert out["encode_MBps_1core"] > 0 and out["encode_MBps_2cores"] > 0
+    # the work figures: MB/s over non-zero pages, never above the logical figure
+    assert 0 < out["encode_MBps_2cores_nonzero"] <= out["encode_MBps_2cores"]
+    assert 0 < out["encode_nonzero_MB_per_cpu_s"] <= out["encode_MB_per_cpu_s"]
+    # the level chosen for 100 Mbit/s sends no more than level 1 would
+    assert 0 < out["cold_wire_bytes"] <= out["cold_wire_bytes_at_zstd1"]
     assert 0 <= out["zero_page_share"] <= 1 and 0 <= out["duplicate_page_share"] <= 1
     for key in ("qemu_multifd_zstd_bytes", "cold_ratio_vs_qemu", "sibling_ratio_vs_qemu",
                 "warm_wire_fraction"):
         assert out[key] is None
     missing = " ".join(out["missing"])
     assert "qemu_multifd_zstd_bytes" in missing and "warm_wire_fraction" in missing
+    assert "fuller_guest: not asked" in missing
     warm = out["process_memory_warm"]
     assert "NOT the t0 -> t0+60 s guest figure" in warm["what"]
     assert 0 < warm["warm_wire_fraction"] < 0.5

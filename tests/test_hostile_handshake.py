@@ -69,7 +69,8 @@ def test_small_order_matches_libsodium_on_any_key(key: bytes) -> None:
 
 
 def _hello(fed: Federation, ephemeral: bytes) -> bytes:
-    return wire.encode(Hello(fed.federation, "dc1", "dc2", (1, 3), ephemeral, bytes(32)))
+    return wire.encode(Hello(fed.federation, "dc1", "dc2", (1, 3), ephemeral, bytes(32),
+                             bytes(32), bytes(32), b""))
 
 
 @pytest.mark.parametrize("key", SMALL_ORDER_KEYS[:8], ids=lambda k: k[:4].hex())
@@ -90,7 +91,7 @@ def test_a_welcome_with_a_small_order_key_is_refused(tmp_path: Path) -> None:
     initiator = fed.channel("dc1", peer="dc2")
     hello_raw = initiator.frames_to_send()[0]
     body = wire.encode(WelcomeBody(fed.federation, "dc2", "dc1", (1, 3), bytes(32), bytes(32),
-                                   bytes(24)))
+                                   bytes(24), fed.ids["dc2"].public.raw, bytes(32), b""))
     sig = fed.ids["dc2"].sign(b"dwcp/1 responder\x00" + hello_raw + body)
     with pytest.raises(ChannelError) as err:
         initiator.receive_frame(wire.encode(Welcome(body, sig)))
@@ -101,7 +102,7 @@ def test_a_welcome_with_a_small_order_key_is_refused(tmp_path: Path) -> None:
 def test_any_hello_ends_in_a_welcome_or_a_channel_error(key: bytes, nonce: bytes) -> None:
     responder = Federation(2).channel("dc2")
     try:
-        raw = wire.encode(Hello("hostile", "dc1", "dc2", (1, 3), key, nonce))
+        raw = wire.encode(Hello("hostile", "dc1", "dc2", (1, 3), key, nonce, key, bytes(32), b""))
     except wire.WireError:
         raw = key + nonce
     try:

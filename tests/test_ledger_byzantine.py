@@ -200,3 +200,20 @@ def test_any_command_a_dc_can_make_up_is_answered_and_changes_nothing_it_may_not
         after = d.ledger.snapshot_message()
         assert (after.vms, after.policy, after.deleted) == (before.vms, before.policy,
                                                            before.deleted)
+
+
+def test_the_same_request_signed_again_gets_its_first_outcome_and_applies_once() -> None:
+    """An operator whose answer was lost signs the same intent again under its request id:
+    the ledger answers the first outcome and changes nothing (issue 16 item 3)."""
+    d = _federation()
+    first = d.auth(DeleteVm("vm1"), nonce="t-ops-again-001")
+    assert d.run("dc-c", UnregisterVm("vm1", first)).ok
+    assert d.register("vm1", "dc-a").ok  # a new vm1, epoch 1: a second delete would hit it
+    again = d.auth(DeleteVm("vm1"), nonce="t-ops-again-001")  # signed later: other bytes
+    assert again.request != first.request
+    vms, deleted, requests = dict(d.ledger.vms), dict(d.ledger.deleted), len(d.ledger.requests)
+    res = d.run("dc-c", UnregisterVm("vm1", again))
+    assert res.ok and res.epoch == 0  # the first outcome (vm1 at epoch 0 deleted)
+    assert (d.ledger.vms, d.ledger.deleted, len(d.ledger.requests)) == (vms, deleted, requests)
+    assert d.ledger.owner("vm1") == "dc-a"
+    assert d.ledger.request_status("ops", "t-ops-again-001").state == "committed"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import math
 from typing import Any
 
 import pytest
@@ -48,6 +50,7 @@ from tests.harness.migration_session import (
     DC_LIMITS,
     LAYOUT,
     V3_ALL,
+    abort_of,
     begun,
     fenced,
     final,
@@ -57,6 +60,9 @@ from tests.harness.migration_session import (
     session,
     verifying,
 )
+
+#: the begin of session() (a v3 transfer: the policy gives v3 to every VM)
+BEGIN = BeginMigration("vm1", "dc1", "dc2", 3, "m1", AUTH, 3)
 
 
 def test_limits_follow_the_mode() -> None:
@@ -82,7 +88,7 @@ def test_start_persists_then_submits_begin() -> None:
     s = session()
     actions = s.start(0.0)
     assert isinstance(actions[0], Persist)
-    assert one(actions, SubmitLedger).command == BeginMigration("vm1", "dc1", "dc2", 3, "m1", AUTH)
+    assert one(actions, SubmitLedger).command == BEGIN
     assert s.phase is Phase.PLANNED
     with pytest.raises(MigrationError, match="already started"):
         s.start(0.0)
@@ -110,7 +116,7 @@ def test_begun_sends_offer_and_retransmits_it() -> None:
 def test_refused_begin_ends_without_a_ledger_entry() -> None:
     s = session()
     s.start(0.0)
-    cmd = BeginMigration("vm1", "dc1", "dc2", 3, "m1", AUTH)
+    cmd = BEGIN
     actions = s.handle(0.1, LedgerRefused(cmd, "stale epoch 3, VM is at 4"))
     assert s.phase is Phase.REFUSED
     done = [a.detail for a in of(actions, Notify) if a.kind == "migration.done"]
@@ -120,10 +126,10 @@ def test_refused_begin_ends_without_a_ledger_entry() -> None:
 def test_begin_recorded_after_a_refusal_is_aborted() -> None:
     s = session()
     s.start(0.0)
-    s.handle(0.1, LedgerRefused(BeginMigration("vm1", "dc1", "dc2", 3, "m1", AUTH), "in progress"))
+    s.handle(0.1, LedgerRefused(BEGIN, "in progress"))
     actions = s.handle(0.2, LedgerBegun("m1", 3))
     assert s.phase is Phase.ABORTING
-    assert one(actions, SubmitLedger).command == AbortMigration("m1")
+    assert abort_of(one(actions, SubmitLedger).command) == "m1"
 
 
 def test_ready_starts_round_one_against_the_target_store() -> None:
@@ -233,9 +239,40 @@ def test_target_down_past_the_grace_aborts(stage: Any) -> None:
     t = one(s.handle(3.0, PeerDown("dc2")), SetTimer)
     assert t.at == 3.0 + PEER_DOWN_GRACE
     actions = s.handle(t.at, TimerFired(t.key))
-    assert one(actions, SubmitLedger).command == AbortMigration("m1")
+    command = one(actions, SubmitLedger).command
+    assert abort_of(command) == "m1"
     assert s.phase is Phase.ABORTING
     assert of(actions, Unfence) == [], "the fence holds until the ledger aborts"
+    # the reason names the peer, its role, since when, and the kind of cause for the ledger
+    since = datetime.datetime.fromtimestamp(3.0, datetime.UTC).strftime("%H:%M:%S")
+    assert s.reason == f"target dc2 unreachable since {since} (link down for 30 s)"
+    assert (command.reason, command.cause) == (s.reason, "peer")
+
+
+def test_progress_moves_during_the_first_round() -> None:
+    """Bytes, pages and the estimate move while round 1 runs (issue 16: the first round
+    read 0 B and eta 0 until it jumped to 100 %)."""
+    s = session()
+    first = [a.detail for a in of(precopy(s), Notify) if isinstance(a.detail, Progress)][-1]
+    assert (first.round, first.bytes_sent, first.pages) == (1, 0, 0)
+    assert first.eta == math.inf, "no estimate before anything was measured"
+    total = 1500 * 4096  # LAYOUT's pages
+    seen = []
+    for k in range(1, 5):  # a report every half second, as the rounds core sends them
+        nbytes = k * total // 5
+        actions = s.handle(0.2 + k * 0.5, TransferProgress(1, nbytes, nbytes // 4096,
+                                                           nbytes // 2))
+        seen.append([a.detail for a in of(actions, Notify)][-1])
+        assert one(actions, SetTimer).key == timer_key("m1", "stall")
+    assert [p.bytes_sent for p in seen] == [k * total // 5 for k in range(1, 5)]
+    assert [p.pages for p in seen] == [k * total // 5 // 4096 for k in range(1, 5)]
+    assert [p.wire_bytes for p in seen] == [k * total // 10 for k in range(1, 5)]
+    # a fifth every half second: the rest takes (5 - k) halves of a second
+    assert [round(p.eta, 6) for p in seen] == [2.0, 1.5, 1.0, 0.5]
+    assert s.phase is Phase.PRECOPY and s.bytes_sent == 0, "the round's own tally waits"
+    # the round's end takes over from its reports (no double count)
+    s.handle(2.7, RoundSent(1, 1500, total, total // 2, 2.5, dirty_pages=400))
+    assert s.moved_bytes == total and s.round_bytes == 0
 
 
 def test_target_back_within_the_grace_cancels_the_timer() -> None:
@@ -253,7 +290,7 @@ def test_stall_aborts(stage: Any) -> None:
     stage(s)
     actions = s.handle(100.0, TimerFired(timer_key("m1", "stall")))
     assert s.phase is Phase.ABORTING and "no progress" in s.reason
-    assert one(actions, SubmitLedger).command == AbortMigration("m1")
+    assert abort_of(one(actions, SubmitLedger).command) == "m1"
 
 
 def test_transfer_progress_pushes_the_stall_timer() -> None:
@@ -296,7 +333,7 @@ def test_abort_is_resubmitted_until_the_ledger_answers() -> None:
     precopy(s)
     s.handle(1.0, ActionFailed("send round", "x"))
     again = s.handle(11.0, TimerFired(timer_key("m1", "ledger")))
-    assert one(again, SubmitLedger).command == AbortMigration("m1")
+    assert abort_of(one(again, SubmitLedger).command) == "m1"
 
 
 def test_cancel_before_the_begin_is_acted_on_when_it_lands() -> None:
@@ -304,7 +341,7 @@ def test_cancel_before_the_begin_is_acted_on_when_it_lands() -> None:
     s.start(0.0)
     s.handle(0.05, CancelRequested("operator cancelled"))
     actions = s.handle(0.1, LedgerBegun("m1", 3))
-    assert one(actions, SubmitLedger).command == AbortMigration("m1")
+    assert abort_of(one(actions, SubmitLedger).command) == "m1"
     assert of(actions, Send) == []
 
 

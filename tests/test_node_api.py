@@ -31,7 +31,8 @@ def test_routes_metrics_and_a_migration(tmp_path: Path) -> None:
         async with running_nodes(cfg, tmp_path / "data") as nodes:
             dc1, dc2 = nodes["dc1"], nodes["dc2"]
             assert await call(dc1, "GET", "/health") == (200, {"status": "ok"})
-            assert await call(dc1, "GET", "/ready") == (200, {"ready": True, "reason": "ready"})
+            assert await call(dc1, "GET", "/ready") == (
+                200, {"ready": True, "reason": "ready", "problems": []})
             code, doc = await api_import(dc1, "web", memory, [disk])
             assert code == 201 and doc["state"] == "running" and doc["epoch"] == 0
             assert [n for n, _ in doc["layout"]] == ["memory", "disk-0"]

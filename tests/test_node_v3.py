@@ -22,6 +22,7 @@ from tests.harness.node import (
     real_vm,
     running_nodes,
     set_policy,
+    signed,
     wait_outcome,
     wait_vm,
     wait_writes,
@@ -110,9 +111,40 @@ def test_v3_migration_then_back_then_v1_fallback(tmp_path: Path) -> None:
     trio.run(main)
 
 
-def test_kill_switch_mid_migration_falls_back_to_v1(tmp_path: Path, monkeypatch) -> None:
-    """The rollout's kill switch lands after a v3 round: the rest of the transfer goes v1,
-    on top of what v3 delivered, and the target still ends with the source's images."""
+async def _roll_back_by_the_ledger(dc1: Node) -> None:
+    """What a v3 verification failure elsewhere does under a policy that rolls back at the
+    first one: dc1 begins a v3 migration of another VM of its own and states its abort for
+    a failed verification; the ledger turns the kill switch on by itself."""
+    from consensus.ledger import (
+        AbortMigration,
+        BeginMigration,
+        ImportVm,
+        MigrateVm,
+        RegisterVm,
+    )
+
+    other = f"other-{len(dc1.need_core().ledger.vms)}"
+    result = await dc1.ledger.submit(RegisterVm(other, "dc1", signed(
+        dc1, "POST", "/api/vms", ImportVm(other, "dc1", "/nowhere"))))
+    assert result.ok, result.error
+    mid = f"{other}-dc1-dc3"
+    result = await dc1.ledger.submit(BeginMigration(other, "dc1", "dc3", 0, mid, signed(
+        dc1, "POST", "/api/migrations", MigrateVm(other, "dc3", "dc1", 0)), 3))
+    assert result.ok, result.error
+    result = await dc1.ledger.submit(AbortMigration(
+        mid, None, "the target dc3 gave up: the root of the received images does not "
+        "match the root the source announced", "verification"))
+    assert result.ok, result.error
+
+
+@pytest.mark.parametrize("how", ["kill_switch", "automatic_rollback"])
+def test_kill_switch_mid_migration_falls_back_to_v1(tmp_path: Path, monkeypatch,
+                                                    how: str) -> None:
+    """The rollout's kill switch lands after a v3 round — set by an admin, or by the ledger
+    itself when a v3 migration elsewhere fails verification under a policy that rolls back
+    at the first failure: the rest of the transfer goes v1, on top of what v3 delivered,
+    and the target still ends with the source's images."""
+    from consensus.ledger import SetPolicy
     from federation.dataplane.v3_source import V3RoundSender
 
     cfg = make_federation(tmp_path / "fed")
@@ -128,13 +160,21 @@ def test_kill_switch_mid_migration_falls_back_to_v1(tmp_path: Path, monkeypatch)
                 await real_drive(self, sources, feed)
                 if not switched:  # the policy changes before the session hears of round 1
                     switched.append(self.round)
-                    await set_policy(dc1, 100, kill_switch=True)
+                    if how == "kill_switch":
+                        await set_policy(dc1, 100, kill_switch=True)
+                    else:
+                        await _roll_back_by_the_ledger(dc1)
                     await wait_until(
                         lambda: dc1.need_core().ledger.policy.kill_switch,
                         "the kill switch in dc1's ledger")
 
             monkeypatch.setattr(V3RoundSender, "_drive", drive_then_kill)
-            await set_policy(dc1, 100, kill_switch=False)
+            if how == "kill_switch":
+                await set_policy(dc1, 100, kill_switch=False)
+            else:
+                policy = SetPolicy(100, (), (), False, max_verify_failures=1)
+                await dc1.set_policy(policy, authorization=signed(dc1, "POST", "/api/policy",
+                                                                  policy))
             await import_with_writer(dc1, "vm3", memory, [disk], rate=300, seed=11)
             await wait_writes(dc1, "vm3")
             mid = await migrate(dc1, "vm3", "dc2")
@@ -147,6 +187,12 @@ def test_kill_switch_mid_migration_falls_back_to_v1(tmp_path: Path, monkeypatch)
             assert switched == [1]
             assert dc1.rounds.counters.paths[mid] == {"v3": 1, "v1": out.rounds - 1}
             assert dc1.need_core().sessions[mid].version == 1
+            if how == "automatic_rollback":
+                for node in nodes.values():  # every DC's ledger rolled back at one entry
+                    await wait_until(lambda node=node: node.need_core().ledger.policy
+                                     .rolled_back.startswith("1 v3 migration failed "
+                                                             "verification"),
+                                     f"the rollback in {node.name}'s ledger")
             # the v3 state of the migration was dropped when it ended
             await wait_until(lambda: mid not in dc1.v3.sender.sources
                              and not list((dc1.data_dir / "v3-shadow").glob("*")),

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consensus.ledger import DeleteVm, SetPolicy
 from federation.api.client import import_vm, migrate_request
+from federation.vms.sealed_image import is_sealed
 from tests.harness.node import ext4_image, image_hashes, memory_image
 from tests.harness.processes import node_processes, vm_dir, writer_mismatches
 
@@ -37,6 +38,8 @@ def test_v3_between_processes_then_kill_the_target_mid_round(tmp_path: Path) -> 
         nodes.wait("vm1 running at dc3", lambda: nodes.vm_here("dc3", "vm1") == "running")
         src, dst = vm_dir(nodes, "dc1", "vm1"), vm_dir(nodes, "dc3", "vm1")
         assert image_hashes(dst) == image_hashes(src)
+        # dwcp node seals what it stores: dc3's copy is sealed, under dc3's own key
+        assert all(is_sealed(p) for p in dst.glob("*.img"))
         assert writer_mismatches(dst, src / "writer.log") == []
         code, text = dc1.request("GET", "/metrics")
         assert code == 200

@@ -86,9 +86,24 @@ def test_every_refusal_says_exactly_why() -> None:
     assert why(signed(), body=BODY + b"x").startswith("body-mismatch: the body is not the one")
     assert why(b"\x00junk").startswith("malformed: not a signed operator request")
     window = ReplayWindow()
-    raw = signed()
-    verify(raw, window=window)
-    assert why(raw, window=window).startswith("replayed: request ")
+    raw = signed(method="GET", target="/api/status", body=b"")
+    verify(raw, window=window, method="GET", target="/api/status", body=b"")
+    assert why(raw, window=window, method="GET", target="/api/status",
+               body=b"").startswith("replayed: request ")
+    # a state-changing request's id reused for another intent is a replay too
+    verify(signed(nonce="n-0000002"), window=window)
+    other = signed(nonce="n-0000002", body=BODY + b" ")
+    assert why(other, window=window, body=BODY + b" ").startswith("replayed: request ")
+
+
+def test_the_same_state_changing_request_again_is_a_resubmission() -> None:
+    """Signed again under its request id (the first answer was lost), the same intent
+    is let through and marked; the ledger gives it the first one's outcome."""
+    window = ReplayWindow()
+    first = verify(signed(nonce="n-0000003"), window=window)
+    again = verify(signed(nonce="n-0000003", at=NOW + 60), window=window, now=NOW + 60)
+    assert not first.resubmitted and again.resubmitted  # type: ignore[attr-defined]
+    assert first.nonce == again.nonce  # type: ignore[attr-defined]
 
 
 def test_a_refused_request_does_not_use_up_its_nonce() -> None:

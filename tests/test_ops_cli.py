@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -48,7 +49,10 @@ def test_import_migrate_status_through_the_cli(tmp_path: Path) -> None:
         assert r.stdout.startswith("imported vm1: ")
         r = dwcp("migrate", "vm1", "--to", "dc3", *at)
         assert r.returncode == 0, r.stderr
-        assert r.stdout.startswith("migrated vm1 to dc3: ") and "committed" in r.stdout
+        first, last = r.stdout.splitlines()
+        assert re.fullmatch(r"migration vm1-dc1-dc3-\w+: vm1 dc1 -> dc3", first), r.stdout
+        assert last.startswith("migrated vm1 to dc3: ") and "committed" in last
+        assert first.split()[1].rstrip(":") in last, "the id printed first is the one ended"
         progress = r.stderr.splitlines()
         assert progress and all(" round " in line for line in progress), r.stderr
         nodes.wait("vm1 running at dc3", lambda: nodes.vm_here("dc3", "vm1") == "running")
@@ -86,6 +90,12 @@ def test_import_migrate_status_through_the_cli(tmp_path: Path) -> None:
         r = dwcp("migrate", "ghost", "--to", "dc2", *at)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
         assert "ghost" in r.stderr
+        # dc1 keeps a retained copy of vm1; dc3 owns vm1: nothing of it to purge there
+        r = dwcp("vm", "purge", "vm1", "--config", str(nodes.cfg), "--name", "dc3")
+        assert r.returncode == 2 and "belongs to this DC in the ledger" in r.stderr
+        r = dwcp("vm", "purge", "vm1", *at)
+        assert r.returncode == 0 and r.stdout.startswith("purged vm1: freed "), r.stderr
+        assert not src.exists()
         assert nodes.stop_all() == {n: 0 for n in NAMES}
 
 
@@ -149,6 +159,9 @@ def test_progress_and_status_rendering() -> None:
                             "dirty_rate": 120.0, "eta": 1.5})
     assert line.startswith("precopy   round  2 [############------------]")
     assert "512.0 KiB" in line and "dirty 120 pages/s" in line and "eta 1.5s" in line
+    assert "512.0 KiB, 128 pages (wire" in render_progress({"phase": "precopy", "round": 1,
+                                                             "bytes_sent": 512 << 10,
+                                                             "pages_sent": 128})
     assert "eta ?" in render_progress({"phase": "begun", "eta": None})
     doc = {"dc": "dc1", "federation": "f", "data_plane": "v1", "ledger": {"unavailable": "no"},
            "members": {"dc2": "alive"},
@@ -175,3 +188,9 @@ def test_progress_and_status_rendering() -> None:
     assert rows["m-relayed"].endswith("1.0 MiB  via dc2, direct")
     assert rows["m-v1"].endswith("control link") and rows["m-target"].endswith("-")
     assert rows["m-fallback"].endswith("direct, control link") and rows["m-none"].endswith("-")
+    assert "REASONS" not in render_status(doc)
+    doc["migrations"].append({"id": "m-gone", **base, "ledger": "aborted", "phase": "aborted",
+                              "reason": "target dc3 unreachable since 12:01:07 (link down "
+                                        "for 30 s)"})
+    assert render_status(doc).endswith(
+        "REASONS\n  m-gone: aborted: target dc3 unreachable since 12:01:07 (link down for 30 s)")

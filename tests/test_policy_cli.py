@@ -40,6 +40,11 @@ async def dwcp(*args: str) -> tuple[int, str, str]:
     return await trio.to_thread.run_sync(lambda: _dwcp(*args))
 
 
+def _basic(doc: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a policy document that the older options set."""
+    return {k: doc[k] for k in ("v3_percent", "target_dcs", "target_vms", "kill_switch")}
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,8 +61,11 @@ def test_policy_show_and_set_through_the_ledger(tmp_path: Path) -> None:
             url = f"http://{dc1.api_host}:{dc1.api_port}"
             rc, out, err = await dwcp("policy", "show", "--api", url)
             assert (rc, err) == (0, "")
-            assert out.splitlines()[:4] == ["v3_percent   0", "target_dcs   -",
-                                            "target_vms   -", "kill_switch  off"]
+            words = [" ".join(line.split()) for line in out.splitlines()]
+            assert words[:9] == ["v3_percent 0", "target_dcs -", "target_vms -",
+                                 "kill_switch off", "target_regions -", "excluded_dcs -",
+                                 "rollback none (only by hand)",
+                                 "v3 since set 0 ended, 0 aborted, 0 failed verification", ""]
             assert "no VMs in the ledger" in out
             code, doc = await api_import(dc1, "web", memory, [disk])
             assert code == 201, doc
@@ -65,7 +73,8 @@ def test_policy_show_and_set_through_the_ledger(tmp_path: Path) -> None:
             rc, out, err = await dwcp("policy", "set", "--v3-percent", "50",
                                       "--target-vms", "web,db", "--api", url)
             assert (rc, err) == (0, "")
-            assert "v3_percent   50" in out and "target_vms   db, web" in out
+            words = [" ".join(line.split()) for line in out.splitlines()]
+            assert "v3_percent 50" in words and "target_vms db, web" in words
             assert "web  dc1    " in out and "yes (target_vms)" in out
             want = SetPolicy(50, (), ("db", "web"), False)
             for node in nodes.values():  # every DC's ledger has it
@@ -77,22 +86,30 @@ def test_policy_show_and_set_through_the_ledger(tmp_path: Path) -> None:
             rc, out, err = await dwcp("policy", "set", "--kill-switch", "on", "--json",
                                       "--api", f"{dc3.api_host}:{dc3.api_port}")
             assert rc == 0, err
-            assert json.loads(out) == {"v3_percent": 50, "target_dcs": [],
-                                       "target_vms": ["db", "web"], "kill_switch": True}
+            assert _basic(json.loads(out)) == {"v3_percent": 50, "target_dcs": [],
+                                               "target_vms": ["db", "web"], "kill_switch": True}
             rc, out, _ = await dwcp("policy", "show", "--json", "--api", url)
             assert rc == 0 and json.loads(out)["kill_switch"] is True
             rc, out, _ = await dwcp("policy", "show", "--api", url)
             assert "no (kill switch)" in out
             rc, out, _ = await dwcp("policy", "set", "--target-vms", "", "--kill-switch", "off",
                                     "--target-dcs", "dc2", "--json", "--api", url)
-            assert rc == 0 and json.loads(out) == {"v3_percent": 50, "target_dcs": ["dc2"],
-                                                   "target_vms": [], "kill_switch": False}
+            assert rc == 0 and _basic(json.loads(out)) == {
+                "v3_percent": 50, "target_dcs": ["dc2"], "target_vms": [], "kill_switch": False}
 
             # errors: one line each, exit 2, and the ledger is unchanged
             before = dc1.need_core().replica.ledger.policy
             rc, _, err = await dwcp("policy", "set", "--target-dcs", "dc9", "--api", url)
             assert (rc, err.strip()) == (
                 2, "dwcp policy: target_dcs: dc9 not in the federation (HTTP 409)")
+            rc, _, err = await dwcp("policy", "set", "--exclude-dcs", "dc2,dc9", "--api", url)
+            assert (rc, err.strip()) == (
+                2, "dwcp policy: excluded_dcs: dc9 not in the federation (HTTP 409)")
+            rc, _, err = await dwcp("policy", "set", "--target-regions", "Atlantis",
+                                    "--api", url)
+            assert (rc, err.strip()) == (
+                2, "dwcp policy: target_regions: Atlantis is the region of no DC (the "
+                   "federation file's regions: none) (HTTP 409)")
             for bad, why in (("101", "got 101"), ("-1", "got -1"), ("half", "got 'half'")):
                 rc, _, err = await dwcp("policy", "set", "--v3-percent", bad, "--api", url)
                 assert rc == 2 and err.strip().endswith(
@@ -101,7 +118,8 @@ def test_policy_show_and_set_through_the_ledger(tmp_path: Path) -> None:
             assert rc == 2 and "expected comma-separated names, got 'a,,b'" in err
             rc, _, err = await dwcp("policy", "set", "--api", url)
             assert (rc, err.strip()) == (2, "dwcp policy: nothing to set: give --v3-percent, "
-                                            "--target-dcs, --target-vms or --kill-switch")
+                                            "--target-dcs, --target-vms or --kill-switch (or "
+                                            "another option of `dwcp policy set -h`)")
             port = _closed_port()
             rc, _, err = await dwcp("policy", "show", "--api", f"127.0.0.1:{port}")
             assert rc == 2 and err.startswith(

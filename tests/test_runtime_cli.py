@@ -93,3 +93,28 @@ def test_the_dwcp_command_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [
         f"dwcp node: {tmp_path / 'missing.toml'}: no such federation file"
     ]
+
+
+def test_at_rest_key_and_retention_mistakes(federation_dir: Path) -> None:
+    """The at-rest key: never readable by others, never silently replaced while sealed
+    images need it; the retained copies' budget must be a size."""
+    from federation.vms.sealed_image import create_sealed
+    from federation.vms.sealing import SealKey
+
+    config = str(federation_dir / "federation.toml")
+    key = federation_dir / "keys" / "dc1.at-rest"
+    key.write_text("dwcp-at-rest:" + "A" * 44 + "\n")
+    os.chmod(key, 0o644)
+    assert "at-rest key file mode is 0644" in _error("--config", config, "--name", "dc1")
+    key.unlink()
+    vm = federation_dir / "data" / "dc1" / "vms" / "web"
+    vm.mkdir(parents=True)
+    create_sealed(vm / "memory.img", SealKey(bytes(32)), 4)
+    message = _error("--config", config, "--name", "dc1")
+    assert "no at-rest key, but the data directory holds VM images sealed" in message
+    assert not key.exists()
+    nodes = federation_dir / "nodes"
+    nodes.mkdir(exist_ok=True)
+    (nodes / "dc1.toml").write_text('[storage]\nretained_max = "lots"\n')
+    assert "storage.retained_max: 'lots' is not a size" in _error(
+        "--config", config, "--name", "dc1")

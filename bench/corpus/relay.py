@@ -63,12 +63,13 @@ class CountingRelay:
     def _pump(self, src: socket.socket, dst: socket.socket, forward: bool) -> None:
         try:
             while data := src.recv(RECV_BYTES):
-                dst.sendall(data)
+                # counted before it is passed on: once the far end has a byte, it is counted
                 with self._lock:
                     if forward:
                         self.forward_bytes += len(data)
                     else:
                         self.backward_bytes += len(data)
+                dst.sendall(data)
             dst.shutdown(socket.SHUT_WR)  # pass the end of stream on
         except OSError as e:
             if not self._closed:

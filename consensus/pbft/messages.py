@@ -21,7 +21,7 @@ mistaken for a channel-handshake signature made by the same key.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from mesh import wire
 from mesh.identity import Identity, PublicKey
@@ -343,15 +343,19 @@ def open_signed(
     keys: Mapping[str, PublicKey],
     expect: tuple[type, ...] = BODY_TYPES,
     decoded: object = None,
+    previous: Mapping[str, Sequence[PublicKey]] | None = None,
 ) -> object:
-    """Check ``signed`` against its sender's key, then decode the body bytes it carries
-    (``decoded``: the caller already decoded exactly ``signed.body``)."""
+    """Check ``signed`` against its sender's key (or one of its ``previous`` keys, from
+    before a key rotation: the durable history is signed with them), then decode the body
+    bytes it carries (``decoded``: the caller already decoded exactly ``signed.body``)."""
     key = keys.get(signed.sender)
     if key is None:
         raise SignatureError(f"signer {signed.sender!r} is not a member of the federation")
     memo = (key.raw, signed.sig, signed.body)
     if memo not in _GOOD:
-        if not key.verify(SIGN_CONTEXT + signed.body, signed.sig):
+        if not key.verify(SIGN_CONTEXT + signed.body, signed.sig) and not any(
+                old.verify(SIGN_CONTEXT + signed.body, signed.sig)
+                for old in (previous or {}).get(signed.sender, ())):
             raise SignatureError(f"bad signature from {signed.sender!r}")
         if len(signed.body) <= _MEMO_MAX_BODY:
             if len(_GOOD) >= _GOOD_CAPACITY:
@@ -380,8 +384,11 @@ class Verifier:
     #: n = 16 (256 seqnos x 2 phases x 16 senders = 8192).
     CAPACITY = 8192
 
-    def __init__(self, keys: Mapping[str, PublicKey]) -> None:
+    def __init__(self, keys: Mapping[str, PublicKey],
+                 previous: Mapping[str, Sequence[PublicKey]] | None = None) -> None:
         self.keys = dict(keys)
+        #: members' keys before a rotation (federation file ``previous_keys``)
+        self.previous = {k: tuple(v) for k, v in (previous or {}).items()}
         self._seen: dict[tuple[str, bytes, bytes], object] = {}
 
     def open(
@@ -392,7 +399,7 @@ class Verifier:
         key = (signed.sender, signed.sig, signed.body)
         body = self._seen.get(key)
         if body is None:
-            body = open_signed(signed, self.keys, BODY_TYPES, decoded)
+            body = open_signed(signed, self.keys, BODY_TYPES, decoded, self.previous)
             self._keep(key, body)
         if not isinstance(body, expect):
             raise SignatureError(

@@ -48,7 +48,7 @@ is for ``/api/status``.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from consensus.authz import OperatorTable
 from consensus.ledger import Ledger
@@ -130,6 +130,7 @@ class Replica:
         config: PbftConfig | None = None,
         operators: OperatorTable | None = None,
         wall: Callable[[float], float] | None = None,
+        previous_keys: Mapping[str, Sequence[PublicKey]] | None = None,
     ) -> None:
         """``wall`` maps the driver's ``now`` to wall-clock seconds since the epoch, for
         the times the primary stamps on batches (:mod:`consensus.pbft.batch_time`); by
@@ -141,7 +142,7 @@ class Replica:
         if not 0 < cfg.window <= SLOT_RING:
             raise ValueError(f"PbftConfig.window {cfg.window}: the durable log holds "
                              f"1..{SLOT_RING} sequence numbers above its checkpoint")
-        verifier = Verifier(keys)
+        verifier = Verifier(keys, previous_keys)
         client = LedgerClient(name, identity, q, cfg.client_timeout, log.store)
         self.state = ReplicaState(name, q, verifier, log, client, rng, cfg, operators, wall)
         self._out = Outbox(name, identity, q.members, verifier)

@@ -86,6 +86,8 @@ class VerifiedRequest:
     created: float
     #: what a ledger command carries for this request (the raw request and its body)
     authorization: Authorization
+    #: the same state-changing request came before under this request id
+    resubmitted: bool = False
 
 
 # --------------------------------------------------------------------------- keys
@@ -149,11 +151,17 @@ def decode_header(text: str) -> bytes:
 
 class ReplayWindow:
     """The (operator, nonce) pairs accepted within the freshness window; older ones are
-    refused as expired anyway, so they are forgotten as the window moves on."""
+    refused as expired anyway, so they are forgotten as the window moves on.
+
+    A state-changing request may come again under its request id (the operator's answer
+    was lost, an API timeout said "pending"): the same intent (method, target, body)
+    signed again is let through, marked as a re-submission, and the ledger gives it the
+    first one's outcome (consensus.ledger: exactly-once by request id). Anything else
+    under a nonce already seen -- a read, or another intent -- is a replay."""
 
     def __init__(self, capacity: int = REPLAY_CAPACITY) -> None:
         self.capacity = capacity
-        self._seen: dict[tuple[str, str], float] = {}
+        self._seen: dict[tuple[str, str], bytes] = {}
         self._order: list[tuple[float, str, str]] = []
 
     def __len__(self) -> int:
@@ -167,18 +175,25 @@ class ReplayWindow:
             _, op, nonce = heapq.heappop(self._order)
             self._seen.pop((op, nonce), None)
 
-    def add(self, operator: str, nonce: str, created: float, now: float) -> None:
+    def add(self, operator: str, nonce: str, created: float, now: float,
+            resubmittable: bytes = b"") -> bool:
         """Remember a request, or raise AuthError: ``replayed`` for a pair already seen,
-        ``too-many`` for a full window."""
+        ``too-many`` for a full window. ``resubmittable``: the digest of a state-changing
+        request's intent; the same again under its nonce returns True (a re-submission)
+        instead of raising."""
         self._forget(now)
-        if (operator, nonce) in self._seen:
+        seen = self._seen.get((operator, nonce))
+        if seen is not None:
+            if resubmittable and seen == resubmittable:
+                return True
             raise AuthError("replayed", f"request {nonce} of operator {operator!r} was "
                                         "already received")
         if len(self._seen) >= self.capacity:
             raise AuthError("too-many", f"{len(self._seen)} requests within the last "
                                         f"{FRESHNESS_WINDOW:.0f} s; try again later")
-        self._seen[(operator, nonce)] = created
+        self._seen[(operator, nonce)] = resubmittable or b"-"
         heapq.heappush(self._order, (created, operator, nonce))
+        return False
 
 
 def verify_request(fed: config.Federation, raw: bytes, now: float,
@@ -199,9 +214,10 @@ def verify_request(fed: config.Federation, raw: bytes, now: float,
                                          f"{head.operator!r} signed")
     check_fresh(head, now)
     check_role(opened.operator, need)
-    seen_nonces.add(head.operator, head.nonce, head.created, now)
+    again = seen_nonces.add(head.operator, head.nonce, head.created, now,
+                            opened.digest if method in ("POST", "DELETE") else b"")
     return VerifiedRequest(head.operator, opened.operator.role, head.nonce, head.created,
-                           Authorization(raw, body))
+                           Authorization(raw, body), again)
 
 
 #: Path prefixes of the VM operations (stage, import, delete, migrate, cancel): role operator.

@@ -48,9 +48,10 @@ class Signer:
         self.federation = federation
         self.clock = clock
 
-    def header(self, method: str, target: str, body: bytes) -> str:
+    def header(self, method: str, target: str, body: bytes, nonce: str | None = None) -> str:
+        """``nonce``: the request id (default: a fresh one)."""
         return encode_header(sign_request(self.key, self.federation, method, target, body,
-                                          self.clock()))
+                                          self.clock(), nonce))
 
 
 def load_signer(key_path: Path | str | None, config_path: Path | str | None) -> Signer:
@@ -84,10 +85,13 @@ def dashboard_url(api: str, signer: Signer) -> str:
 
 class ApiClient:
     """A small JSON client of one node's API, signing with ``signer`` (None: unsigned,
-    which only ``/health`` and ``/ready`` answer)."""
+    which only ``/health`` and ``/ready`` answer). ``request_id``: the id the next
+    state-changing request is signed under (then cleared), to send a request again under
+    the id an earlier answer gave; otherwise each request gets a fresh one."""
 
     def __init__(self, url: str, signer: Signer | None = None,
                  timeout: float = HTTP_TIMEOUT) -> None:
+        self.request_id: str | None = None
         parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme != "http" or not parts.hostname or not parts.port:
             raise ClientError(f"--api {url!r}: expected http://HOST:PORT")
@@ -105,7 +109,10 @@ class ApiClient:
         if intent is not None:
             sent["content-type"] = "application/cbor"
         if self.signer is not None:
-            sent[HEADER] = self.signer.header(method, path, body)
+            nonce = None
+            if method != "GET":
+                nonce, self.request_id = self.request_id, None
+            sent[HEADER] = self.signer.header(method, path, body, nonce)
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         try:
             conn.request(method, path, body=body if intent is not None else None,
@@ -140,8 +147,12 @@ def import_vm(api: ApiClient, vm: str, memory: str, disks: tuple[str, ...] = (),
     request signed now (federation.node.imports). Returns the register's answer."""
     dc = str(api.ok("GET", "/api/status")["dc"])
     intent = ImportVm(vm, dc, memory, disks)
-    staged = api.ok("POST", "/api/imports", intent)
     path = f"/api/imports/{urllib.parse.quote(vm, safe='')}"
+    code, staged = api.call("GET", path)
+    if code != 200 or staged.get("state") != "staged":  # staged already: an import again
+        rid, api.request_id = api.request_id, None  # the id is the register's
+        staged = api.ok("POST", "/api/imports", intent)
+        api.request_id = rid
     while staged["state"] == "copying":
         time.sleep(poll)
         staged = api.ok("GET", path)

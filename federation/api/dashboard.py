@@ -54,6 +54,7 @@ STATUS_FIELDS: frozenset[str] = frozenset({
     "ledger.byzantine.convicted", "ledger.byzantine.invalid_signatures",
     "ledger.byzantine.malformed",
     "policy.v3_percent", "policy.target_dcs", "policy.target_vms", "policy.kill_switch",
+    "policy.target_regions", "policy.excluded_dcs", "policy.rolled_back",
     "vms[].name", "vms[].owner", "vms[].epoch", "vms[].here", "vms[].pages",
     "vms[].migrating",
     "migrations[].id", "migrations[].vm", "migrations[].source", "migrations[].target",
@@ -61,7 +62,7 @@ STATUS_FIELDS: frozenset[str] = frozenset({
     "migrations[].bytes_sent", "migrations[].received_bytes", "migrations[].total_bytes",
     "migrations[].wire_bytes", "migrations[].dirty_rate", "migrations[].eta",
     "migrations[].version", "migrations[].streams", "migrations[].data_plane",
-    "migrations[].outcome",
+    "migrations[].outcome", "migrations[].reason", "migrations[].pages_sent",
     "migrations[].outcome.outcome", "migrations[].outcome.reason",
     "migrations[].outcome.fenced_seconds",
 })
@@ -209,9 +210,12 @@ function render(st) {
   }
   const pol = st.policy;
   document.getElementById("policy").textContent = pol === null ? "-" :
+    (pol.rolled_back ? "ROLLED BACK by the ledger: " + pol.rolled_back + ". " : "") +
     (pol.kill_switch ? "KILL SWITCH ON: v1 only. " : "") + "v3 for " + pol.v3_percent +
-    "% of VMs; target DCs: " + (pol.target_dcs.join(", ") || "-") + "; target VMs: " +
-    (pol.target_vms.join(", ") || "-");
+    "% of VMs; target DCs: " + (pol.target_dcs.join(", ") || "-") + "; target regions: " +
+    (pol.target_regions.join(", ") || "-") + "; target VMs: " +
+    (pol.target_vms.join(", ") || "-") + "; excluded DCs: " +
+    (pol.excluded_dcs.join(", ") || "-");
   document.getElementById("restoring").textContent = st.restoring.length
     ? "restoring after a restart: " + st.restoring.join(", ") : "";
 
@@ -225,15 +229,19 @@ function render(st) {
           const moved = mg.role === "target" ? mg.received_bytes : mg.bytes_sent;
           const total = mg.total_bytes || 0;
           const oc = mg.outcome;
-          const end = oc === undefined ? null : el("span", oc.outcome + (oc.reason ? ": " +
-            oc.reason : "") + (oc.fenced_seconds ? " (fenced " +
+          // an abort's reason: the ledger's (the deciding DC's words) before this side's
+          const why = mg.ledger === "aborted" && mg.reason ? mg.reason
+            : oc === undefined ? "" : oc.reason;
+          const end = oc === undefined ? (why ? el("span", "aborted: " + why, "bad") : null)
+            : el("span", oc.outcome + (why ? ": " + why : "") + (oc.fenced_seconds ? " (fenced " +
             (1000 * oc.fenced_seconds).toFixed(0) + " ms)" : ""),
             oc.outcome === "committed" ? "ok" : "bad");
           const eta = mg.eta === null ? "?" : mg.eta === undefined ? null
             : mg.eta.toFixed(1) + " s";
           return [mg.id, mg.vm, mg.source, mg.target, mg.role, mg.ledger, mg.phase, mg.round,
                   total ? bar((moved || 0) / total) : null,
-                  moved === undefined ? null : bytes(moved) + " (" + bytes(mg.wire_bytes) + ")",
+                  moved === undefined ? null : bytes(moved) + (mg.pages_sent === undefined ? ""
+                    : ", " + mg.pages_sent + " pages") + " (" + bytes(mg.wire_bytes) + ")",
                   mg.dirty_rate === undefined ? null : mg.dirty_rate.toFixed(0), eta,
                   mg.version === undefined ? null : "v" + mg.version, dataPath(mg), end];
         }), "no migrations");

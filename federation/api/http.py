@@ -48,7 +48,7 @@ from federation.api.limits import (
     ApiLimits,
     ConnectionCap,
 )
-from federation.api.routes import JSON, Answer, ApiError, handle_request
+from federation.api.routes import JSON, Answer, ApiError, handle_request, pending_answer
 from federation.api.sessions import cookie_header
 from federation.node.errors import NodeError
 
@@ -116,7 +116,12 @@ class ApiServer:
             answer = Answer(500, JSON, json.dumps({"error": f"internal error: {exc!r}"})
                             .encode())
         if scope.cancelled_caught:
-            answer = Answer(504, JSON, b'{"error":"the operation did not finish in time"}')
+            if who.request is not None and method in ("POST", "DELETE"):
+                answer = pending_answer(self.node, who, path,
+                                        f"the operation did not finish within "
+                                        f"{OPERATION_TIMEOUT:.0f} s")
+            else:
+                answer = Answer(504, JSON, b'{"error":"the operation did not finish in time"}')
         if method not in ("GET", "HEAD"):
             self._changed(who, method, path, answer.status)
         return answer

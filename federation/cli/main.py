@@ -13,13 +13,21 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 
-__all__ = ["main", "build_parser", "CommandError"]
+__all__ = ["main", "build_parser", "CommandError", "dwcp_version"]
 
 
 class CommandError(Exception):
     """An error to print as one line and exit 2 (bad input, not a bug)."""
+
+
+def dwcp_version() -> str:
+    """The installed distribution's version (pyproject.toml's ``version``)."""
+    try:
+        return version("dwcp")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed: pip install -e .)"
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -28,6 +36,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dwcp", description="DWCP: move running VMs between datacenters."
     )
+    parser.add_argument("--version", action="version", version=f"dwcp {dwcp_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     eps = sorted(entry_points(group="dwcp.commands"), key=lambda e: e.name)
     chosen = [ep for ep in eps if ep.name == command]

@@ -3,13 +3,21 @@
 ::
 
     dwcp vm import NAME --memory FILE [--disk FILE ...]
+    dwcp vm delete NAME                # through the ledger; every DC removes its copy
+    dwcp vm purge NAME [--staged]      # remove this DC's retained copy of a VM that left
     dwcp vm create|start|stop|console ...   # qemu VMs: federation.cli.vm
     dwcp vms [--json]
     dwcp migrate NAME --to DC          # progress bar on stderr; non-zero exit on abort
     dwcp cancel MIGRATION_ID           # an operator's abort, through the ledger
-    dwcp status [--json]
+    dwcp status [--json] [--request ID]
 
 (``dwcp policy`` is :mod:`federation.cli.policy`.)
+
+Every command whose request goes to the ledger (import, delete, migrate, cancel, policy
+set) takes ``--request-id ID`` and prints the id it used when the answer is "pending":
+the ledger did not answer in time, the command exits 3, and ``dwcp status --request ID``
+tells the outcome later. Running the command again with ``--request-id ID`` is safe: the
+request never applies twice (federation.node.requests).
 
 Which node: ``--api URL`` (``--node`` is the same), else the ``api`` endpoint of the DC
 named by ``--config FILE --name DC``.
@@ -27,7 +35,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, TextIO
 
-from consensus.ledger import CancelMigration
+from consensus.ledger import CancelMigration, DeleteVm
 from federation import config
 from federation.api.client import (
     CONFIG_ENV,
@@ -41,13 +49,22 @@ from federation.api.client import (
 from federation.cli.main import CommandError
 from federation.cli.vm import add_qemu_commands
 from federation.migration.vocabulary import CANCEL_REASON
+from federation.vms.retention import PurgeVm
 
-__all__ = ["register_vm", "register_vms", "register_migrate", "register_cancel",
+__all__ = ["PENDING_EXIT", "add_request_id", "ledger_call", "register_vm", "register_vms",
+           "register_migrate", "register_cancel",
            "register_status", "Api", "node_api", "add_node_options", "table", "render_status",
            "render_progress"]
 
 #: How often ``dwcp migrate`` polls the migration (the bar's refresh rate).
 POLL_INTERVAL = 0.25
+#: The exit status of a command whose request is pending in the ledger (outcome unknown
+#: yet): not 0 (it did not happen yet), not 1/2 (it may still happen).
+PENDING_EXIT = 3
+
+
+class Pending(Exception):
+    """The ledger has not answered yet; the message is the node's "pending, id X"."""
 
 
 class Api(ApiClient):
@@ -64,6 +81,32 @@ class Api(ApiClient):
             return super().ok(method, path, intent)
         except ClientError as exc:
             raise CommandError(str(exc)) from None
+
+
+def add_request_id(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--request-id", metavar="ID",
+                   help="sign the request under this id (8-64 of A-Z a-z 0-9 . _ -): to send "
+                        "again a request whose answer was 'pending' or lost; it never "
+                        "applies twice (default: a new id)")
+
+
+def ledger_call(api: ApiClient, method: str, path: str, intent: object,
+                request_id: str | None) -> Any:
+    """A request that goes to the ledger, under ``request_id`` if given; raises
+    :class:`Pending` when the node answers that the ledger has not decided yet."""
+    api.request_id = request_id
+    try:
+        doc = api.ok(method, path, intent)
+    except ClientError as exc:
+        raise CommandError(str(exc)) from None
+    if isinstance(doc, dict) and doc.get("pending"):
+        raise Pending(str(doc["message"]))
+    return doc
+
+
+def pending_exit(exc: Pending) -> int:
+    print(exc)
+    return PENDING_EXIT
 
 
 def add_node_options(p: argparse.ArgumentParser) -> None:
@@ -110,8 +153,22 @@ def register_vm(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     imp.add_argument("--memory", required=True, type=Path, help="memory image (4 KiB pages)")
     imp.add_argument("--disk", action="append", default=[], type=Path,
                      help="a disk image (repeat for more disks)")
+    add_request_id(imp)
     add_node_options(imp)
     imp.set_defaults(func=run_import)
+    delete = vsub.add_parser("delete", help="delete a VM through the ledger (every DC removes "
+                                            "its copy), or a staged import never registered")
+    delete.add_argument("vm", metavar="NAME")
+    add_request_id(delete)
+    add_node_options(delete)
+    delete.set_defaults(func=run_delete)
+    purge = vsub.add_parser("purge", help="remove the node's retained copy of a VM that "
+                                          "migrated away (frees its disk)")
+    purge.add_argument("vm", metavar="NAME")
+    purge.add_argument("--staged", action="store_true",
+                       help="also a staged import that was never registered")
+    add_node_options(purge)
+    purge.set_defaults(func=run_purge)
     add_qemu_commands(vsub)
 
 
@@ -119,13 +176,62 @@ def run_import(args: argparse.Namespace) -> int:
     """Stage (the node copies the images from its import directories), wait for the copy,
     then register with a request signed now (federation.node.imports)."""
     api = node_api(args)
+    if args.request_id:  # sent before: the ledger may have its outcome already
+        known = api.ok("GET", f"/api/requests/{urllib.parse.quote(args.request_id, safe='')}")
+        if known["outcome"] in ("committed", "refused"):
+            return _print_recorded(known)
+    api.request_id = args.request_id
     try:
         doc = import_vm(api, args.vm, os.path.abspath(args.memory),
                         tuple(os.path.abspath(d) for d in args.disk), POLL_INTERVAL)
     except ClientError as exc:
         raise CommandError(str(exc)) from None
+    if doc.get("pending"):
+        return pending_exit(Pending(doc["message"]))
+    if "request" in doc:
+        return _print_recorded(doc["request"])
     pages = sum(n for _, n in doc["layout"])
-    print(f"imported {doc['name']}: {pages} pages, epoch {doc['epoch']}, {doc['state']}")
+    print(f"imported {doc['name']}: {pages} pages, epoch {doc['epoch']}, {doc['state']} "
+          f"(request {doc['request_id']})")
+    return 0
+
+
+def _print_recorded(request: dict[str, Any]) -> int:
+    """A request the ledger executed before: its first outcome."""
+    rid = request["request_id"]
+    what = f"{_command(request['command'])} {request['subject']}"
+    if request["outcome"] == "refused":
+        raise CommandError(f"request {rid} ({what}) was refused by the ledger: "
+                           f"{request['error']}")
+    print(f"request {rid} ({what}) was committed before (epoch {request['epoch']}); "
+          "nothing applied again")
+    return 0
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    api = node_api(args)
+    path = f"/api/vms/{urllib.parse.quote(args.vm, safe='')}"
+    try:
+        doc = ledger_call(api, "DELETE", path, DeleteVm(args.vm), args.request_id)
+    except Pending as exc:
+        return pending_exit(exc)
+    if "request" in doc:
+        return _print_recorded(doc["request"])
+    if doc.get("staged_only"):
+        print(f"deleted {args.vm}: a staged import, never registered; its files are gone")
+        return 0
+    print(f"deleted {args.vm} at epoch {doc['epoch']} (request {doc['request_id']}): every "
+          "DC removes its copy")
+    return 0
+
+
+def run_purge(args: argparse.Namespace) -> int:
+    """Sign a PurgeVm for this node (role operator); the node refuses a VM that runs,
+    is fenced, is arriving or that the ledger gives to its DC."""
+    api = node_api(args)
+    path = f"/api/vms/{urllib.parse.quote(args.vm, safe='')}/purge"
+    doc = api.ok("POST", path, PurgeVm(args.vm, args.staged))
+    print(f"purged {doc['name']}: freed {_human(doc['freed_bytes'])}")
     return 0
 
 
@@ -157,6 +263,7 @@ def register_migrate(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     p.add_argument("vm", metavar="NAME")
     p.add_argument("--to", required=True, metavar="DC", help="the target DC")
     p.add_argument("--json", action="store_true", help="print the final migration as JSON")
+    add_request_id(p)
     add_node_options(p)
     p.set_defaults(func=run_migrate)
 
@@ -177,8 +284,10 @@ def render_progress(m: dict[str, Any], width: int = 24) -> str:
     bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
     eta = m.get("eta")
     eta_s = "?" if eta is None or not math.isfinite(eta) else f"{eta:.1f}s"
+    pages = m.get("pages_sent")
+    pages_s = "" if pages is None else f", {pages} pages"
     return (f"{m.get('phase', m.get('ledger', '?')):<9} round {m.get('round', 0):>2} "
-            f"[{bar}] {_human(sent)} (wire {_human(m.get('wire_bytes') or 0)}) "
+            f"[{bar}] {_human(sent)}{pages_s} (wire {_human(m.get('wire_bytes') or 0)}) "
             f"dirty {m.get('dirty_rate', 0.0):.0f} pages/s  eta {eta_s}")
 
 
@@ -188,7 +297,15 @@ def run_migrate(args: argparse.Namespace) -> int:
         intent = migrate_request(api, args.vm, args.to)
     except ClientError as exc:
         raise CommandError(str(exc)) from None
-    mid = api.ok("POST", "/api/migrations", intent)["id"]
+    try:
+        started = ledger_call(api, "POST", "/api/migrations", intent, args.request_id)
+    except Pending as exc:
+        return pending_exit(exc)
+    mid = started["id"]
+    # the id first, before any progress: what `dwcp cancel` and `dwcp status` take (with
+    # --json, stdout is the final document alone, so the id goes to stderr)
+    print(f"migration {mid}: {args.vm} {intent.source} -> {args.to}",
+          file=sys.stderr if args.json else sys.stdout, flush=True)
     tty = sys.stderr.isatty()
     last = ""
     try:
@@ -236,6 +353,7 @@ def register_cancel(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--no-wait", action="store_true",
                    help="return once the source took the cancel, not when the ledger decided")
     p.add_argument("--json", action="store_true", help="print the final migration as JSON")
+    add_request_id(p)
     add_node_options(p)
     p.set_defaults(func=run_cancel)
 
@@ -243,7 +361,13 @@ def register_cancel(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def run_cancel(args: argparse.Namespace) -> int:
     api = node_api(args)
     mid = args.migration
-    m = api.ok("POST", _migration_path(mid, "/cancel"), CancelMigration(mid))
+    try:
+        m = ledger_call(api, "POST", _migration_path(mid, "/cancel"), CancelMigration(mid),
+                        args.request_id)
+    except Pending as exc:
+        return pending_exit(exc)
+    if "request" in m:
+        m = api.ok("GET", _migration_path(mid))
     # the answer is the source's session (the node forwards a cancel to the source); a
     # node that is not the source may know only the ledger's record while we poll it
     asked = m.get("reason") or CANCEL_REASON
@@ -283,14 +407,52 @@ def _decided(m: dict[str, Any]) -> str | None:
 def register_status(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("status", help="the node's view: members, links, routes, ledger, VMs")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--request", metavar="ID",
+                   help="only the outcome of your request ID: committed, refused, pending, "
+                        "unknown")
+    p.add_argument("--operator", metavar="NAME",
+                   help="with --request: another operator's request")
     add_node_options(p)
     p.set_defaults(func=run_status)
 
 
 def run_status(args: argparse.Namespace) -> int:
+    if args.request:
+        return _request_status(args)
     doc = node_api(args).ok("GET", "/api/status")
     print(json.dumps(doc, indent=2) if args.json else render_status(doc))
     return 0
+
+
+def _request_status(args: argparse.Namespace) -> int:
+    rid = urllib.parse.quote(args.request, safe="")
+    path = (f"/api/requests/{urllib.parse.quote(args.operator, safe='')}/{rid}"
+            if args.operator else f"/api/requests/{rid}")
+    doc = node_api(args).ok("GET", path)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(render_request(doc))
+    return PENDING_EXIT if doc["outcome"] == "pending" else 0
+
+
+def render_request(doc: dict[str, Any]) -> str:
+    """One line: the outcome of an operator request."""
+    head = f"request {doc['request_id']} of {doc['operator']}: {doc['outcome']}"
+    if doc["outcome"] == "unknown":
+        return (head + " (neither the ledger nor this node knows it: it did not apply; "
+                "sending it again under this id is safe)")
+    what = f" ({_command(doc['command'])} {doc['subject']})"
+    if doc["outcome"] == "committed":
+        return head + what + f", epoch {doc['epoch']}"
+    if doc["outcome"] == "refused":
+        return head + what + f": {doc['error']}"
+    return head + what + ", not in the ledger yet"
+
+
+def _command(tag: str | None) -> str:
+    """An operator intent's wire tag as a word: ``operator.delete-vm`` -> ``delete-vm``."""
+    return "?" if tag is None else tag.removeprefix("operator.")
 
 
 def _s(v: Any) -> str:
@@ -325,7 +487,9 @@ def render_status(doc: dict[str, Any]) -> str:
         ledger = (f"height {led['height']}, view {led['view']} (primary {led['primary']}), "
                   f"checkpoint {led['stable_checkpoint']}")
     out = [f"DC {doc['dc']} of federation {doc['federation']}", f"ledger: {ledger}",
-           f"data plane: {doc['data_plane']}", ""]
+           f"data plane: {doc['data_plane']}"]
+    out += [f"PROBLEM: {p}" for p in doc.get("problems", [])]
+    out.append("")
     rows = [["PEER", "MEMBER", "LINK", "RTT ms", "LOSS", "Mbit/s", "MODE", "CONTROL", "BULK"]]
     for peer, state in doc["members"].items():
         link = doc["links"][peer]
@@ -349,4 +513,11 @@ def render_status(doc: dict[str, Any]) -> str:
               _s(m.get("ledger")), _s(m.get("phase")), _s(m.get("round")),
               _human(m.get("bytes_sent") or 0), data_path(m)] for m in doc["migrations"]]
     out.append(table(migs) if len(migs) > 1 else "no migrations")
+    # why each aborted migration aborted: the ledger's reason (the deciding DC's words),
+    # else this side's; one line each, since a reason does not fit a column
+    why = [f"  {m['id']}: aborted: {m['reason']}" for m in doc["migrations"]
+           if m.get("reason") and (m.get("ledger") == "aborted" or m.get("phase") in
+                                   ("aborted", "aborting"))]
+    if why:
+        out += ["", "REASONS", *why]
     return "\n".join(out)

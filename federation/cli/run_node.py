@@ -26,6 +26,7 @@ from federation import config
 from federation.api.http import open_api, serve_node
 from federation.cli.main import CommandError
 from federation.node.assembly import Node
+from federation.node.data_lock import DataDirLock
 from federation.node.errors import NodeError
 from federation.node.node_config import (
     NodeConfig,
@@ -34,7 +35,11 @@ from federation.node.node_config import (
     load_node_config,
 )
 from federation.node.private_dir import private_dir
+from federation.vms.at_rest_key import AtRestKeyError, load_or_create
+from federation.vms.at_rest_key import default_key_path as default_key_path_at_rest
 from federation.vms.backend import VmBackend
+from federation.vms.sealed_image import is_sealed
+from federation.vms.sealing import SealKey
 from mesh import identity
 from mesh.runtime.node_runtime import ListenError
 from mesh.runtime.sqlite_store import StoreError
@@ -87,16 +92,35 @@ def run_node(args: argparse.Namespace,
     data_dir: Path = args.data_dir or args.config.parent / "data" / args.name
     try:
         private_dir(data_dir)
-        vms = backend(data_dir) if backend is not None else None
-        node = Node(fed, args.name, ident, data_dir, backend=vms,
-                    import_dirs=settings.import_dirs)
+        lock = DataDirLock(data_dir)  # before anything in it is read
     except OSError as exc:
         raise CommandError(
             f"{data_dir}: cannot create the data directory: {exc.strerror}"
         ) from None
+    except NodeError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        seal_key, made, budget = _at_rest(settings, key_path, data_dir)
+        vms = backend(data_dir) if backend is not None else None
+        node = Node(fed, args.name, ident, data_dir, backend=vms,
+                    import_dirs=settings.import_dirs, lock=lock,
+                    request_timeout=settings.request_timeout, at_rest_key=seal_key,
+                    retained_max=budget)
+        if made is not None:
+            node.log.event("at_rest_key_made", path=str(made),
+                           note="back it up with the identity key: the VM images here "
+                                "cannot be read without it")
+    except CommandError:
+        lock.release()
+        raise
+    except OSError as exc:
+        lock.release()
+        raise CommandError(f"{data_dir}: {exc.strerror or exc}") from None
     except (StoreError, NodeError) as exc:
+        lock.release()
         raise CommandError(str(exc)) from None
     except LogFormatError as exc:
+        lock.release()
         raise CommandError(f"{data_dir}: {exc}") from None
     try:
         trio.run(_serve_until_signal, node, settings.metrics_token)
@@ -105,6 +129,25 @@ def run_node(args: argparse.Namespace,
     finally:
         node.close()
     return 0
+
+
+def _at_rest(settings: NodeConfig, identity_key: Path,
+             data_dir: Path) -> tuple[SealKey, Path | None, int]:
+    """The node's at-rest key (made at the first start, federation.vms.at_rest_key; the
+    path if it was made now) and the retained copies' budget: the node config's, else a
+    quarter of the file system the data directory is on."""
+    path = settings.at_rest_key or default_key_path_at_rest(identity_key)
+    vms = data_dir / "vms"
+    held = vms.is_dir() and any(is_sealed(p) for p in vms.glob("*/*.img") if p.is_file())
+    try:
+        key, made = load_or_create(path, held)
+    except AtRestKeyError as exc:
+        raise CommandError(str(exc)) from None
+    budget = settings.retained_max
+    if budget is None:
+        fs = os.statvfs(data_dir)
+        budget = fs.f_blocks * fs.f_frsize // 4
+    return key, path if made else None, budget
 
 
 def _node_config(args: argparse.Namespace) -> NodeConfig:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import nacl.utils
 import trio
 
 from federation import config
@@ -35,6 +36,7 @@ from federation.migration.round_events import (
 )
 from federation.migration.round_messages import V3Hde
 from federation.vms.backend import VmBackend
+from federation.vms.sealing import KEY_SIZE, SealKey
 from mesh.channel import SecureChannel
 from mesh.hde.image import ImageWriter
 from mesh.links.control_plane import MeshControl
@@ -61,6 +63,7 @@ class V3DataPlane:
         data_dir: Path,
         log: JsonLog,
         report: Callable[[object], None],
+        seal_shadows: bool = False,
     ) -> None:
         self.fed = fed
         self.name = name
@@ -77,7 +80,9 @@ class V3DataPlane:
         self.sender = V3Sender(
             shadow_dir=data_dir / "v3-shadow", backend=backend, send=runtime.send,
             connector=self._connector, new_channel=self._channel, level_for=self._level_for,
-            report=report, executor=self.executor)
+            report=report, executor=self.executor,
+            # the shadows' key lives in this process only (federation.dataplane.v3_shadow)
+            scratch_key=SealKey(nacl.utils.random(KEY_SIZE)) if seal_shadows else None)
         self.relay = DataRelay(name, self._address, log)
         self.receiver.server.openers[RelayOpen] = self.relay.serve
         self._listeners: list[trio.SocketListener] = []

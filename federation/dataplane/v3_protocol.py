@@ -130,6 +130,8 @@ class ChunkFeed:
         self._sweep_at = _SWEEP_MIN
         self.frames = 0
         self.frame_bytes = 0
+        #: pages in the chunks encoded so far (the round's progress in pages)
+        self.pages = 0
         self.markers = 0
         #: frames offered again by a resumed transfer (and their bytes)
         self.replayed = 0
@@ -222,6 +224,7 @@ class ChunkFeed:
             with self._lock:
                 self.frames += 1
                 self.frame_bytes += len(frame)
+                self.pages += item[1].plan.count
                 self._keep(chunk, frame)
             return frame
 

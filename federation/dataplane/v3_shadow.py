@@ -1,6 +1,12 @@
 """What the source of a v3 migration keeps between rounds (see
 :mod:`federation.dataplane.v3_source`): the shadow images a round sends from, their last
-verified roots and indexes, and the chunk level chosen in round 1."""
+verified roots and indexes, and the chunk level chosen in round 1.
+
+The shadows are a copy of the VM's pages in the data directory for as long as the
+migration runs. On a node that seals its images at rest they are sealed too, under a key
+made when the process started and never written anywhere (``scratch_key``): a shadow
+left behind by a crash is noise, and nothing has to be published (a scratch
+:class:`~federation.vms.sealed_image.SealedWriter`)."""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from federation.dataplane.v3_protocol import SAMPLE_PAGES
+from federation.vms.sealed_image import SealedWriter
+from federation.vms.sealing import SealKey
 from mesh.hde.image import PAGE_SIZE, ImageWriter, create_image
 from mesh.hde.index import PageIndex
 
@@ -24,8 +32,9 @@ class SourceState:
     the target verified last round, refreshed at each round start), their last verified
     roots and indexes (the XOR reference), and the chunk level chosen in round 1."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, scratch_key: SealKey | None = None) -> None:
         self.directory = directory
+        self.scratch_key = scratch_key
         self.shadows: dict[str, ImageWriter] = {}
         self.verified: dict[str, tuple[bytes, PageIndex]] = {}
         self.level: int | None = None
@@ -34,8 +43,11 @@ class SourceState:
     def reset(self, layout: Sequence[tuple[str, int]]) -> None:
         self.close()
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.shadows = {n: create_image(self.directory / f"{n}.img", c, f"shadow/{n}")
-                        for n, c in layout}
+        key = self.scratch_key
+        self.shadows = {
+            n: create_image(self.directory / f"{n}.img", c, f"shadow/{n}") if key is None
+            else SealedWriter(self.directory / f"{n}.img", key, c, f"shadow/{n}", scratch=True)
+            for n, c in layout}
 
     def close(self) -> None:
         for img in self.shadows.values():

@@ -40,6 +40,7 @@ from federation.migration.round_events import (
 )
 from federation.migration.round_messages import V3Hde, transfer_id
 from federation.vms.backend import VmBackend, VmError
+from federation.vms.sealing import SealKey
 from mesh import wire
 from mesh.amst.receiver import AmstError
 from mesh.amst.sender import AmstSender
@@ -60,7 +61,7 @@ PREPARERS = 2
 #: What moved is reported to the rounds core this often while a transfer runs: the
 #: period at which a session hears of a round's progress
 #: (federation.migration.round_source.PROGRESS_EVERY), far inside the round's quiet bound.
-_REPORT_S = 1.0
+_REPORT_S = 0.5
 
 Report = Callable[[object], None]
 Connect = Callable[[], Awaitable[trio.abc.Stream]]
@@ -306,7 +307,8 @@ class V3RoundSender:
                 self._on_diff(now, msg, sources, feed)
             if now >= next_report:
                 moved = moved or feed.frames != frames
-                self._report(V3Moved(self.migration_id, self.round, moved, feed.frame_bytes))
+                self._report(V3Moved(self.migration_id, self.round, moved, feed.frame_bytes,
+                                     feed.pages))
                 moved, frames, next_report = False, feed.frames, now + _REPORT_S
 
     def _on_diff(self, now: float, msg: V3Hde, sources: list[HdeSource],
@@ -339,8 +341,11 @@ class V3Sender:
         level_for: Callable[[str], Callable[[list[bytes]], tuple[str, int]]],
         report: Report,
         executor: Executor | None = None,
+        scratch_key: SealKey | None = None,
     ) -> None:
         self.shadow_dir = shadow_dir
+        #: seals the shadows (federation.dataplane.v3_shadow); None: plain shadows
+        self.scratch_key = scratch_key
         self.backend = backend
         self._send = send
         self._connector = connector
@@ -362,7 +367,7 @@ class V3Sender:
         state = self.sources.get(mid)
         if state is None:
             safe = re.sub(r"[^A-Za-z0-9_.-]", "_", mid)  # one path component
-            state = self.sources[mid] = SourceState(self.shadow_dir / safe)
+            state = self.sources[mid] = SourceState(self.shadow_dir / safe, self.scratch_key)
         target = action.target
         sender = V3RoundSender(
             action, self.backend, state, send=self._send,

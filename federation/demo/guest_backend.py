@@ -129,6 +129,10 @@ class WritingBackend(ImageBackend):
 
     # ------------------------------------------------------------------ the life cycle
 
+    def remove(self, name: str) -> bool:
+        self._stop_writer(name)
+        return super().remove(name)
+
     def start(self, name: str, epoch: int, device_state: bytes = b"") -> VmInfo:
         info = super().start(name, epoch, device_state)
         configured = self._configured.get(name)

@@ -8,7 +8,6 @@ check that fails raises :class:`federation.demo.processes.DemoFailed` naming it.
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import re
 import time
@@ -26,7 +25,9 @@ from federation.cli.main import CommandError
 from federation.cli.ops import Api, _human, render_progress
 from federation.demo.guest_writer import expected_pages, mismatches
 from federation.demo.vm_data import VmData
-from mesh.hde.image import open_image
+from federation.vms.at_rest_key import key_if_any
+from federation.vms.sealed_image import content_sha256, open_stored
+from federation.vms.sealing import SealKey
 
 if TYPE_CHECKING:
     from federation.demo.processes import LocalFederation
@@ -54,12 +55,6 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _progress(m: dict[str, Any], dst: str, received: int, width: int = 20) -> str:
@@ -108,6 +103,10 @@ class Demo:
 
     def vm_dir(self, dc: str, vm: str) -> Path:
         return self.fed.config_path.parent / "data" / dc / "vms" / vm
+
+    def at_rest_key(self, dc: str) -> SealKey | None:
+        """``dc``'s at-rest key where ``dwcp node`` made it (beside its identity key)."""
+        return key_if_any(self.fed.config_path.parent / "keys" / f"{dc}.at-rest")
 
     def log_ts(self, dc: str, match: Callable[[dict[str, Any]], bool]) -> float | None:
         """Wall-clock ``ts`` of the first log event of ``dc`` that matches."""
@@ -230,9 +229,11 @@ class Demo:
         retired it, the target runs it without a writer), and equal what the writer last
         wrote before the fence. Returns the hashes and the writes checked."""
         a, b = self.vm_dir(vm=vm, dc=src), self.vm_dir(vm=vm, dc=dst)
+        ka, kb = self.at_rest_key(src), self.at_rest_key(dst)
         hashes: dict[str, str] = {}
         for img in sorted(p.name for p in a.glob("*.img")):
-            ha, hb = _sha256(a / img), _sha256(b / img)
+            # the pages' hashes: each DC seals its images under its own at-rest key
+            ha, hb = content_sha256(a / img, ka), content_sha256(b / img, kb)
             if ha != hb:
                 raise self.fail(f"{img}: {dst}'s sha256 {hb[:16]} differs from {src}'s "
                                 f"copy at the fence {ha[:16]}")
@@ -240,7 +241,7 @@ class Demo:
         if not hashes:
             raise self.fail(f"no images of {vm} in {a}")
         expected = expected_pages(a / "writer.log")
-        opened = {p.stem: open_image(p, p.stem) for p in sorted(b.glob("*.img"))}
+        opened = {p.stem: open_stored(p, kb, p.stem) for p in sorted(b.glob("*.img"))}
         try:
             bad = mismatches(opened, expected)
         finally:

@@ -32,7 +32,7 @@ retried after every ledger change.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from consensus.authz import Authorization
@@ -80,10 +80,20 @@ class NodeCore:
         *,
         on_ledger_done: LedgerDone,
         mode_of: Callable[[str], Mode | None],
+        on_ledger_moved: Callable[[], None] | None = None,
+        regions: Mapping[str, str] | None = None,
     ) -> None:
         self.me = me
+        #: DC -> region (the federation file's), for the rollout's region targets
+        self.regions = dict(regions or {})
+        #: wall-clock seconds minus this core's ``now`` (the node sets it once its clock
+        #: runs; 0 in the simulator): abort reasons say "since 12:01:07" in UTC
+        self.wall_offset = 0.0
         self.replica = replica
         self.on_ledger_done = on_ledger_done
+        #: called after the replica executed something (the node reconciles its VMs)
+        self.on_ledger_moved = on_ledger_moved
+        self._executed = replica.last_exec
         self.mode_of = mode_of
         self.sessions: dict[str, SessionBase] = {}
         #: last Progress / Outcome of every session, for the API
@@ -176,10 +186,21 @@ class NodeCore:
             raise MigrationError(f"migration {migration_id!r} exists")
         session = SourceSession.plan(
             self.me, migration_id, vm, target, epoch, layout, limits_for(self.mode_of(target)),
-            ledger.policy, local_versions, peer_versions, authorization,
+            ledger.policy, local_versions, peer_versions, authorization, self.regions,
         )
-        self.sessions[migration_id] = session
+        self.sessions[migration_id] = self._adopt(session)
         return self._end_step(now, self._session_out(now, session, session.start(now)))
+
+    def _adopt(self, session: SessionBase) -> SessionBase:
+        session.wall_offset = self.wall_offset
+        return session
+
+    def set_wall_offset(self, offset: float) -> None:
+        """Wall-clock seconds minus ``now`` (the node's clock is trio's, with its own
+        origin): for the times in abort reasons, also of the sessions already here."""
+        self.wall_offset = offset
+        for session in self.sessions.values():
+            session.wall_offset = offset
 
     def restore_records(self, now: float, records: dict[str, bytes]) -> list[Action]:
         self.unrestored.update(records)
@@ -297,6 +318,9 @@ class NodeCore:
             out.append(a)
             if isinstance(a, Notify) and a.kind in ("ledger.committed", "ledger.timeout"):
                 out += self._request_done(now, a.detail)
+        if self.on_ledger_moved is not None and self.replica.last_exec != self._executed:
+            self._executed = self.replica.last_exec
+            self.on_ledger_moved()
         return out + self._ledger_changes(now)
 
     def _request_done(self, now: float, detail: dict[str, Any]) -> list[Action]:
@@ -351,7 +375,7 @@ class NodeCore:
             limits = limits_for(self.mode_of(rec.source))
             session, acts = TargetSession.from_ledger(
                 self.me, mid, rec.vm, rec.source, rec.epoch, limits, now)
-            self.sessions[mid] = session
+            self.sessions[mid] = self._adopt(session)
             out = self._session_out(now, session, acts)
             if rec.announced:
                 out += self._to_session(now, mid, LedgerRootAnnounced(mid, rec.announced))
@@ -372,7 +396,8 @@ class NodeCore:
         for mid, data in list(self.unrestored.items()):
             rec = self.replica.ledger.migrations.get(mid)
             try:
-                session, acts = restore(data, rec, now, self.replica.ledger.policy)
+                session, acts = restore(data, rec, now, self.replica.ledger.policy,
+                                        self.regions)
             except MigrationError as exc:
                 if rec is None:
                     continue  # the replica is behind this record: try after the next change
@@ -381,7 +406,7 @@ class NodeCore:
                                                              "error": str(exc)}))
                 continue
             del self.unrestored[mid]
-            self.sessions[mid] = session
+            self.sessions[mid] = self._adopt(session)
             out += self._session_out(now, session, [*acts, session.progress()])
         return out
 

@@ -15,7 +15,9 @@ __all__ = ["SessionStatus", "MigrationView"]
 
 @attrs.frozen
 class SessionStatus:
-    """A migration session at this DC, as it stands."""
+    """A migration session at this DC, as it stands: bytes and the estimate as an
+    operator sees them, the round in flight included (SessionBase.moved_bytes,
+    shown_eta)."""
 
     vm: str
     source: str
@@ -35,8 +37,8 @@ class SessionStatus:
     @classmethod
     def of(cls, s: SessionBase) -> SessionStatus:
         return cls(s.vm, s.source, s.target, s.role.value, s.phase.value, s.round,
-                   s.bytes_sent, s.wire_bytes, s.total_bytes, s.dirty_rate, s.throughput,
-                   s.eta, s.version, s.reason)
+                   s.moved_bytes, s.moved_wire, s.total_bytes, s.dirty_rate, s.throughput,
+                   s.shown_eta, s.version, s.reason)
 
 
 @attrs.frozen

@@ -34,6 +34,8 @@ them out is repaired by restoring again.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from consensus.ledger import CommitMigration, MigrationRecord, SetPolicy
 from federation.migration.rollout import DEFAULT_POLICY
 from federation.migration.session import SessionBase
@@ -80,14 +82,15 @@ def decode_record(data: bytes) -> SessionRecord:
     return rec
 
 
-def _build(rec: SessionRecord, policy: SetPolicy) -> SessionBase:
+def _build(rec: SessionRecord, policy: SetPolicy,
+           regions: Mapping[str, str] | None = None) -> SessionBase:
     limits = PrecopyLimits(rec.max_rounds, rec.downtime)
     layout = tuple((i.name, i.pages) for i in rec.layout)
     args = (rec.me, rec.migration_id, rec.vm, rec.source, rec.target, rec.epoch, limits,
             rec.version, rec.common, layout)
     session: SessionBase
     if rec.role == Role.SOURCE.value:
-        session = SourceSession(*args, policy=policy)
+        session = SourceSession(*args, policy=policy, regions=regions)
     else:
         session = TargetSession(*args)
     session.load(rec)
@@ -95,11 +98,12 @@ def _build(rec: SessionRecord, policy: SetPolicy) -> SessionBase:
 
 
 def restore(
-    data: bytes, ledger: MigrationRecord | None, now: float, policy: SetPolicy = DEFAULT_POLICY
+    data: bytes, ledger: MigrationRecord | None, now: float, policy: SetPolicy = DEFAULT_POLICY,
+    regions: Mapping[str, str] | None = None,
 ) -> tuple[SessionBase, list[Action]]:
     """The rebuilt session and the actions that put the world back in line with it."""
     rec = decode_record(data)
-    s = _build(rec, policy)
+    s = _build(rec, policy, regions)
     if ledger is not None and (ledger.migration_id, ledger.vm, ledger.source, ledger.target) != (
         rec.migration_id, rec.vm, rec.source, rec.target
     ):

@@ -239,6 +239,8 @@ class V3Moved:
     round: int
     moved: bool
     frame_bytes: int
+    #: pages in the chunks encoded so far this round
+    pages: int = 0
 
 
 @attrs.frozen

@@ -10,6 +10,7 @@ stays down for ``PEER_DOWN_GRACE`` aborts a session that may still abort.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Sequence
 
 from consensus.authz import Authorization
@@ -33,6 +34,7 @@ from federation.migration.vocabulary import (
     Role,
     SessionRecord,
     SubmitLedger,
+    clock_text,
     record_key,
     timer_key,
 )
@@ -98,16 +100,42 @@ class SessionBase(abc.ABC):
         self.dirty_rate = 0.0
         self.throughput = 0.0
         self.eta = 0.0
+        #: the round in flight, as its progress reports tell (the source's; zeros between
+        #: rounds): when it started, what moved of it, how many pages it is expected to
+        #: cover, and the estimate of the time left that the display shows
+        self.round_started: float | None = None
+        self.round_bytes = 0
+        self.round_wire = 0
+        self.round_pages = 0
+        self.live_eta = math.inf
         self.fenced_at: float | None = None
         self.fenced_seconds = 0.0
         #: source: the operator's signed request the begin carries
         self.authorization: Authorization | None = None
+        #: when the link to the counterpart went down (None while it is up): the abort
+        #: reasons name it ("target dc3 unreachable since 12:01:07 (link down)")
+        self.peer_down_since: float | None = None
+        #: wall-clock seconds minus ``now`` (its driver's; 0: ``now`` is wall-clock or
+        #: simulated), for the times abort reasons show
+        self.wall_offset = 0.0
 
     # ------------------------------------------------------------------ helpers
 
     @property
     def peer(self) -> str:
         return self.target if self.role is Role.SOURCE else self.source
+
+    @property
+    def peer_role(self) -> str:
+        """What the counterpart is to this session: "target" or "source"."""
+        return "target" if self.role is Role.SOURCE else "source"
+
+    def link_state(self, now: float) -> str:
+        """The link to the counterpart, for an abort reason: "link down since HH:MM:SS"
+        or "link up"."""
+        if self.peer_down_since is None:
+            return "link up"
+        return f"link down since {clock_text(self.peer_down_since + self.wall_offset)}"
 
     @property
     def done(self) -> bool:
@@ -159,10 +187,32 @@ class SessionBase(abc.ABC):
         self.pending = command
         return [SubmitLedger(command), self.timer("ledger", now + LEDGER_RESUBMIT)]
 
+    @property
+    def moved_bytes(self) -> int:
+        """Page bytes sent so far, the round in flight included."""
+        return self.bytes_sent + self.round_bytes
+
+    @property
+    def moved_wire(self) -> int:
+        return self.wire_bytes + self.round_wire
+
+    @property
+    def shown_eta(self) -> float:
+        """The estimate an operator sees: unknown (inf) before the first measurement and
+        for a migration that is being or was given up, the in-round estimate while a round
+        runs, the last round's after it."""
+        if self.phase in (Phase.PLANNED, Phase.BEGUN, Phase.ABORTING, Phase.ABORTED,
+                          Phase.REFUSED):
+            return math.inf
+        if self.round_started is not None:
+            return self.live_eta
+        return self.eta
+
     def progress(self) -> Notify:
         return Notify("migration.progress", Progress(
             self.migration_id, self.vm, self.role.value, self.phase.value, self.round,
-            self.bytes_sent, self.wire_bytes, self.dirty_rate, self.throughput, self.eta,
+            self.moved_bytes, self.moved_wire, self.dirty_rate, self.throughput,
+            self.shown_eta, self.moved_bytes // PAGE_SIZE,
         ))
 
     def finish(self, now: float, phase: Phase, reason: str = "") -> list[Action]:
@@ -220,10 +270,17 @@ class SessionBase(abc.ABC):
             if key[2] == "ledger":
                 return self._resubmit(now)
             if key[2] == "peer":
-                return self.abort(now, f"{self.peer} was down for {PEER_DOWN_GRACE:.0f} s")
+                since = now - PEER_DOWN_GRACE if self.peer_down_since is None else (
+                    self.peer_down_since)
+                return self.abort(now, f"{self.peer_role} {self.peer} unreachable since "
+                                  f"{clock_text(since + self.wall_offset)} (link down for "
+                                  f"{now - since:.0f} s)")
         if isinstance(event, PeerDown) and event.peer == self.peer and not self.done:
+            if self.peer_down_since is None:
+                self.peer_down_since = now
             return [self.timer("peer", now + PEER_DOWN_GRACE)] if self._may_abort() else []
         if isinstance(event, PeerUp) and event.peer == self.peer:
+            self.peer_down_since = None
             return self.cancel("peer")
         if isinstance(event, (PeerDown, PeerUp)):
             return []

@@ -21,7 +21,7 @@ ledger commit retires the source copy.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from consensus.authz import Authorization
 from consensus.ledger import AbortMigration, AnnounceRoot, BeginMigration, SetPolicy
@@ -58,6 +58,7 @@ from federation.migration.vocabulary import (
     SourceFenced,
     TransferProgress,
     Unfence,
+    abort_cause,
 )
 from federation.migration.vocabulary import (
     MigrationAction as Action,
@@ -76,9 +77,12 @@ _ABORTABLE = (Phase.BEGUN, Phase.PRECOPY, Phase.FENCED, Phase.FINAL, Phase.VERIF
 class SourceSession(SessionBase):
     role = Role.SOURCE
 
-    def __init__(self, *args: object, policy: SetPolicy, **kwargs: object) -> None:
+    def __init__(self, *args: object, policy: SetPolicy,
+                 regions: Mapping[str, str] | None = None, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.policy = policy
+        #: DC -> region, from the federation file (the policy's region targets)
+        self.regions = dict(regions or {})
 
     @classmethod
     def plan(
@@ -94,6 +98,7 @@ class SourceSession(SessionBase):
         local_versions: Sequence[int],
         peer_versions: Sequence[int],
         authorization: Authorization,
+        regions: Mapping[str, str] | None = None,
     ) -> SourceSession:
         """A new migration of ``vm`` (owned here at ``epoch``) to ``target``, on the
         operator's signed request ``authorization``. Raises
@@ -102,10 +107,11 @@ class SourceSession(SessionBase):
             raise MigrationError(f"VM {vm!r}: the target {target!r} is this DC")
         if not layout:
             raise MigrationError(f"VM {vm!r}: no images to migrate")
-        version = choose_version(policy, vm, me, target, local_versions, peer_versions)
+        version = choose_version(policy, vm, me, target, local_versions, peer_versions,
+                                 regions)
         common = set(local_versions) & set(peer_versions)
         session = cls(me, migration_id, vm, me, target, epoch, limits, version, sorted(common),
-                      layout, policy=policy)
+                      layout, policy=policy, regions=regions)
         session.authorization = authorization
         return session
 
@@ -116,7 +122,7 @@ class SourceSession(SessionBase):
             raise MigrationError(f"migration {self.migration_id!r} has no operator request "
                                  "to begin with")
         return BeginMigration(self.vm, self.source, self.target, self.epoch, self.migration_id,
-                              self.authorization)
+                              self.authorization, self.version)
 
     def start(self, now: float) -> list[Action]:
         if self.phase is not Phase.PLANNED or self.pending is not None:
@@ -155,7 +161,8 @@ class SourceSession(SessionBase):
         return self.phase in _ABORTABLE
 
     def request_abort(self, now: float) -> list[Action]:
-        return self.submit(now, AbortMigration(self.migration_id))
+        return self.submit(now, AbortMigration(self.migration_id, None, self.reason[:256],
+                                               abort_cause(self.reason)))
 
     def announce(self, now: float) -> list[Action]:
         """Announce the fenced root in the ledger (resubmitted until it is recorded)."""
@@ -176,9 +183,16 @@ class SourceSession(SessionBase):
                                                     self.root if final else b""))
 
     def _send_round(self, now: float, final: bool) -> list[Action]:
+        # the pages this round is expected to cover: every page first, then the pages
+        # dirtied while the previous round ran (_after_round kept its report's count)
+        if self.round == 0:
+            self.round_pages = self.total_bytes // PAGE_SIZE
+        self.round_started, self.round_bytes, self.round_wire = now, 0, 0
+        # until this round measures its own pace, the last round's estimate stands
+        self.live_eta = self.eta if self.round else math.inf
         self.round += 1
         self.version = round_version(self.version, self.common, self.policy, self.vm,
-                                     self.source, self.target)
+                                     self.source, self.target, self.regions)
         return [
             self.persist(),
             SendRound(self.migration_id, self.vm, self.round, self.round > 1, final,
@@ -186,6 +200,21 @@ class SourceSession(SessionBase):
             self.timer("stall", now + STALL_TIMEOUT),
             self.progress(),
         ]
+
+    def _in_round(self, now: float, ev: TransferProgress) -> list[Action]:
+        """A round's progress report: bytes, pages and the estimate move while it runs (the
+        convergence decision still waits for the round's end, RoundSent)."""
+        if self.round_started is None:
+            return []
+        self.round_bytes = max(self.round_bytes, ev.bytes)
+        self.round_wire = max(self.round_wire, ev.wire_bytes)
+        elapsed = now - self.round_started
+        if self.round_bytes > 0 and elapsed > 0:
+            rate = self.round_bytes / elapsed
+            self.throughput = rate
+            left = max(0, self.round_pages * PAGE_SIZE - self.round_bytes)
+            self.live_eta = left / rate
+        return [self.progress()]
 
     def _fence_deadline(self) -> float:
         """How long a fenced VM waits for the commit (see FENCE_SLACK)."""
@@ -195,6 +224,8 @@ class SourceSession(SessionBase):
         return FENCE_SLACK * (final + self.total_bytes / VERIFY_RATE) + PEER_DOWN_GRACE
 
     def _after_round(self, now: float, ev: RoundSent) -> list[Action]:
+        self.round_started, self.round_bytes, self.round_wire = None, 0, 0
+        self.round_pages = ev.dirty_pages
         self.bytes_sent += ev.bytes
         self.wire_bytes += ev.wire_bytes
         seconds = max(ev.seconds, 1e-9)
@@ -257,7 +288,7 @@ class SourceSession(SessionBase):
             return self._after_round(now, ev)
         if isinstance(ev, TransferProgress):
             if self.phase in _SENDING and ev.round == self.round:
-                return [self.timer("stall", now + STALL_TIMEOUT)]
+                return [self.timer("stall", now + STALL_TIMEOUT), *self._in_round(now, ev)]
             return []
         if isinstance(ev, SourceFenced):
             if self.phase is not Phase.FENCED:
@@ -327,7 +358,9 @@ class SourceSession(SessionBase):
                 return [self._round_done(True), self.timer("retransmit", now + RETRANSMIT)]
             return []
         if what == "stall":
-            return self.abort(now, f"no progress in {self.phase.value} within its bound")
+            return self.abort(now, f"no progress in {self.phase.value} within its bound: "
+                              f"target {self.target} acknowledged nothing for "
+                              f"{STALL_TIMEOUT:.0f} s ({self.link_state(now)})")
         if what == "fence":
             return self.abort(now, "the VM stayed fenced longer than its bound without a commit")
         raise MigrationError(f"source session got unknown timer {what!r}")

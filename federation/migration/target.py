@@ -49,6 +49,7 @@ from federation.migration.vocabulary import (
     TargetVerified,
     TransferProgress,
     Verify,
+    abort_cause,
 )
 from federation.migration.vocabulary import (
     MigrationAction as Action,
@@ -96,7 +97,8 @@ class TargetSession(SessionBase):
     def request_abort(self, now: float) -> list[Action]:
         # The abort waits for the deadline (the ledger's timeout); until then the source
         # is asked, and an honest source aborts at once.
-        self.pending = AbortMigration(self.migration_id)
+        self.pending = AbortMigration(self.migration_id, None, self.reason[:256],
+                                      abort_cause(self.reason))
         return [self._decline(), self.timer("retransmit", now + RETRANSMIT),
                 self.timer("ledger", max(now, self.timeout_at))]
 
@@ -162,7 +164,9 @@ class TargetSession(SessionBase):
         if isinstance(ev, TimerFired):
             what = ev.key[2]  # type: ignore[index]
             if what == "stall":
-                return self.abort(now, f"no progress in {self.phase.value} within its bound")
+                return self.abort(now, f"no progress in {self.phase.value} within its "
+                                  f"bound: source {self.source} sent nothing for "
+                                  f"{STALL_TIMEOUT:.0f} s ({self.link_state(now)})")
             if what == "retransmit":
                 if self.phase is Phase.ABORTING:
                     return [self._decline(), self.timer("retransmit", now + RETRANSMIT)]

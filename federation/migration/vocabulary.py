@@ -33,6 +33,7 @@ and the rebuilt session resumes or aborts — it never loses a migration.
 
 from __future__ import annotations
 
+import datetime
 import enum
 from typing import Any
 
@@ -72,6 +73,8 @@ __all__ = [
     "PolicyChanged",
     "CancelRequested",
     "CANCEL_REASON",
+    "abort_cause",
+    "clock_text",
     "RoundSent",
     "TransferProgress",
     "SourceFenced",
@@ -236,6 +239,36 @@ class PolicyChanged:
 CANCEL_REASON = "cancelled by operator"
 
 
+#: The kinds of cause an abort reason names (consensus.ledger_commands.ABORT_CAUSES), by
+#: the words that open or mark each reason of docs/runbook-migration-abort.md; the first
+#: match wins. The rollout's automatic rollback counts "verification" and every cause but
+#: "operator".
+_CAUSE_MARKS = (
+    ("operator", (CANCEL_REASON,)),
+    ("verification", ("does not match the root", "root differs", "HDE image",
+                      "sent a bad HDE message")),
+    ("restart", ("restarted in",)),
+    ("peer", ("unreachable since", "was down for", "link to", "AMST to", "control link")),
+    ("stall", ("no progress", "no acknowledgement", "did not get ready", "stayed fenced")),
+    ("vm", ("failed: VM", "Fence failed", "Verify failed", "PrepareIncoming failed",
+            "refused a chunk", "refused round")),
+)
+
+
+def abort_cause(reason: str) -> str:
+    """The kind of cause of an abort ``reason`` (see _CAUSE_MARKS), "other" if none."""
+    for cause, marks in _CAUSE_MARKS:
+        if any(mark in reason for mark in marks):
+            return cause
+    return "other"
+
+
+def clock_text(t: float) -> str:
+    """``t`` (seconds since the epoch; the simulator's start is 0) as UTC HH:MM:SS, the
+    way an operator compares it with logs and dashboards."""
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%H:%M:%S")
+
+
 @attrs.frozen
 class CancelRequested:
     """Source: an operator asked to abort this migration. It takes the ordinary abort path
@@ -264,10 +297,13 @@ class RoundSent:
 
 @attrs.frozen
 class TransferProgress:
-    """Bytes moved in the current round (either side); keeps the stall timer quiet."""
+    """What moved so far in the current round (either side); keeps the stall timer quiet.
+    ``bytes`` and ``pages``: page content (logical); ``wire_bytes``: on the wire."""
 
     round: int
     bytes: int
+    pages: int = 0
+    wire_bytes: int = 0
 
 
 @attrs.frozen
@@ -382,8 +418,9 @@ class Progress:
     bytes_sent: int
     wire_bytes: int
     dirty_rate: float  # pages per second during the last round
-    throughput: float  # logical bytes per second of the last round
-    eta: float  # seconds until the cut-over, estimated
+    throughput: float  # logical bytes per second of the last round (or of this one so far)
+    eta: float  # seconds until the cut-over, estimated (inf: not measured yet)
+    pages: int = 0  # pages sent so far (bytes_sent / 4 KiB), this round's included
 
 
 @attrs.frozen

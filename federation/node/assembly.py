@@ -45,7 +45,9 @@ from __future__ import annotations
 
 import random
 import secrets
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +65,14 @@ from consensus.ledger import (
     RegisterVm,
     SetPolicy,
     UnregisterVm,
+    recorded_policy,
 )
 from consensus.pbft.durable import ReplicaLog
 from consensus.pbft.messages import MAX_COMMAND
 from consensus.pbft.replica import Replica
+from consensus.pbft.state import PbftConfig
 from federation import config
+from federation.config_print import federation_print
 from federation.dataplane.scheduler import RoundEvents, RoundScheduler
 from federation.dataplane.v3 import V3DataPlane
 from federation.migration.dc_core import TAGS, NodeCore
@@ -82,14 +87,20 @@ from federation.migration.vocabulary import (
     SendRound,
     record_key,
 )
+from federation.node import reconcile
+from federation.node.data_lock import DataDirLock
 from federation.node.errors import LedgerTimeout, NodeError, NotTheSource, UnknownMigration
 from federation.node.imports import ImportDirs, ImportStaging
 from federation.node.ledger_client import NodeLedger
+from federation.node.node_config import DEFAULT_REQUEST_TIMEOUT
 from federation.node.private_dir import private_dir
+from federation.node.requests import OperatorRequests, request_key
 from federation.node.vm_worker import VmWorker
 from federation.vms.actions import VM_ACTIONS, VmActions
 from federation.vms.backend import VmBackend, VmError, VmInfo, VmState
 from federation.vms.image_backend import ImageBackend
+from federation.vms.retention import PurgeVm
+from federation.vms.sealing import SealKey
 from mesh import identity, wire
 from mesh.links import control_plane as control
 from mesh.runtime.log import JsonLog
@@ -109,6 +120,11 @@ DATA_PLANE = ("v1 single stream over the control link; v3 HDE over AMST on the d
 TRANSFER_VERSIONS = (V1, V3)
 
 
+def _tag(intent: type) -> str:
+    """An operator intent's wire tag (what the ledger's request record names)."""
+    return str(intent.wire_tag)  # type: ignore[attr-defined]
+
+
 class Node:
     def __init__(
         self,
@@ -122,6 +138,10 @@ class Node:
         rng: random.Random | None = None,
         transfer_versions: Sequence[int] = TRANSFER_VERSIONS,
         import_dirs: Sequence[Path] = (),
+        lock: DataDirLock | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        at_rest_key: SealKey | None = None,
+        retained_max: int | None = None,
     ) -> None:
         me = fed.dc(name)
         if ident.public != me.public_key:
@@ -139,20 +159,28 @@ class Node:
         self.rng = rng if rng is not None else random.Random()
         self.log = log if log is not None else JsonLog(name)
         private_dir(data_dir, self.log)
-        self.store = SQLiteStore(data_dir / "node.sqlite3")
+        # before anything in the directory is read: one node per data directory (a caller
+        # that reads the directory first, e.g. to make a VM backend, takes it itself)
+        self.lock = lock if lock is not None else DataDirLock(data_dir)
+        try:
+            self.store = SQLiteStore(data_dir / "node.sqlite3")
+        except BaseException:
+            self.lock.release()
+            raise
         peers = [Peer(dc.name, dc.public_key, dc.control.host, dc.control.port)
                  for dc in fed.dcs if dc.name != name]
         self.runtime = Runtime(
             name=name, federation=fed.id, identity=ident, public_key=me.public_key,
             peers=peers, listen_host=me.control.host, listen_port=me.control.port,
             versions=self.transfer_versions, store=self.store, log=self.log,
-            rng=random.Random(self.rng.getrandbits(64)),
+            rng=random.Random(self.rng.getrandbits(64)), fed_print=federation_print(fed),
         )
         self.control = control.attach(
             self.runtime, name, [p.name for p in peers], random.Random(self.rng.getrandbits(64)),
             store=self.store, modes=fed.modes)
-        self.backend: VmBackend = (backend if backend is not None
-                                   else ImageBackend(data_dir / "vms"))
+        self.backend: VmBackend = (
+            backend if backend is not None
+            else ImageBackend(data_dir / "vms", seal_key=at_rest_key, retain_bytes=retained_max))
         self.vm_actions = VmActions(self.backend)
         #: imports: the copy from the import directories, before the register
         self.imports = ImportStaging(self.backend, ImportDirs(import_dirs), self.log)
@@ -163,19 +191,24 @@ class Node:
         try:
             replica = Replica(name, ident, self.runtime.keys, ReplicaLog(self.store),
                               random.Random(self.rng.getrandbits(64)),
-                              operators=fed.operator_table(), wall=wall_clock)
+                              PbftConfig(client_timeout=request_timeout),
+                              operators=fed.operator_table(), wall=wall_clock,
+                              previous_keys=fed.previous_keys())
         except ValueError as exc:
             self.no_ledger = f"no ledger in this federation: {exc}"
         self.ledger = NodeLedger(self.runtime, self.no_ledger)
         if replica is not None:
             self.core = NodeCore(name, replica, on_ledger_done=self.ledger.done,
-                                 mode_of=lambda dst: self.control.modes.mode(name, dst))
+                                 mode_of=lambda dst: self.control.modes.mode(name, dst),
+                                 on_ledger_moved=self._ledger_moved,
+                                 regions={dc.name: dc.region for dc in fed.dcs if dc.region})
             self.core.unrestored.update(self._stored_records())
             self.runtime.add_core("node", self.core, TAGS, effects=self._effect)
         events = RoundEvents()
         self.v3 = V3DataPlane(fed=fed, name=name, runtime=self.runtime, control=self.control,
                               backend=self.backend, incoming=self.vm_actions.incoming.get,
-                              data_dir=data_dir, log=self.log, report=events.put)
+                              data_dir=data_dir, log=self.log, report=events.put,
+                              seal_shadows=at_rest_key is not None)
         self.rounds = RoundScheduler(
             runtime=self.runtime, core=RoundsCore(name, self._session_view), events=events,
             vm_actions=self.vm_actions, v3=self.v3, log=self.log, to_session=self.to_session)
@@ -184,6 +217,15 @@ class Node:
         self.data_plane_summary = (f"{DATA_PLANE}; offered here: "
                                    f"{', '.join(f'v{v}' for v in self.transfer_versions)}")
         self.started = trio.Event()
+        #: operator requests this node carries to the ledger (federation.node.requests)
+        self.requests = OperatorRequests()
+        #: set after the ledger executed something: the VMs are reconciled with it
+        self._ledger_changed = trio.Event()
+        self._ledger_changed.set()  # once at start, against the recovered ledger
+        #: VM starts and removals one at a time (an import's own start, the reconciler)
+        self._vm_lock = trio.Lock()
+        #: VMs an operation of this node is handling (the reconciler leaves them alone)
+        self._busy: set[str] = set()
 
     def _stored_records(self) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
@@ -217,11 +259,14 @@ class Node:
                 await self.runtime.run(task_status=task_status)
                 nursery.cancel_scope.cancel()  # shut down: the data plane and workers end too
 
+            if self.core is not None:  # the cores' clock is trio's; reasons show UTC
+                self.core.set_wall_offset(time.time() - trio.current_time())
             await trio.to_thread.run_sync(self._resume_vms)
             await self.v3.serve(nursery)
             await self.rounds.run(nursery)
             nursery.start_soon(self.vm_worker.run)
             await nursery.start(mesh)
+            nursery.start_soon(self._reconcile_loop)
             self.log.event("node_ready", api=f"{self.api_host}:{self.api_port}",
                            data_plane=self.data_plane_summary,
                            data=f"{self.v3.host}:{self.v3.port}",
@@ -257,6 +302,39 @@ class Node:
             except VmError as exc:
                 self.log.event("vm_resume_failed", vm=info.name, error=str(exc))
 
+    def _ledger_moved(self) -> None:
+        self._ledger_changed.set()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._ledger_changed.wait()
+            self._ledger_changed = trio.Event()
+            await self.reconcile()
+
+    async def reconcile(self) -> None:
+        """Bring this DC's VMs in line with the ledger (federation.node.reconcile): start
+        a staged VM whose register committed after the API stopped waiting, remove the
+        copies of a VM the ledger deleted."""
+        if self.core is None:
+            return
+        async with self._vm_lock:
+            local = await trio.to_thread.run_sync(self.backend.list_vms)
+            busy = self._busy | {v for v, st in self.imports.copies.items()
+                                 if st.state == "copying"}
+            for step in reconcile.plan(self.name, self.core.ledger, local, busy):
+                try:
+                    if isinstance(step, reconcile.StartStaged):
+                        await trio.to_thread.run_sync(self.backend.start, step.vm, step.epoch)
+                        self.imports.copies.pop(step.vm, None)
+                        self.log.event("vm_imported", vm=step.vm, epoch=step.epoch,
+                                       late=True)
+                    else:
+                        await trio.to_thread.run_sync(self.backend.remove, step.vm)
+                        self.log.event("vm_removed", vm=step.vm, deleted_at_epoch=step.epoch)
+                except (VmError, OSError) as exc:
+                    self.log.event("vm_reconcile_failed", vm=step.vm, step=type(step).__name__,
+                                   error=str(exc))
+
     def shutdown(self) -> None:
         """Close every link with its final frame and return from run()."""
         self.runtime.shutdown()
@@ -265,6 +343,7 @@ class Node:
         self.v3.close()
         self.backend.close()
         self.store.close()
+        self.lock.release()
 
     # ------------------------------------------------------------------ session effects
 
@@ -324,11 +403,20 @@ class Node:
             why = "not staged here" if staged is None else f"{staged.state}: {staged.error}" \
                 if staged.error else staged.state
             raise NodeError(f"VM {name!r} is {why}; stage its images first (POST /api/imports)")
-        result = await self.ledger.submit(register)
-        if not result.ok:
-            raise NodeError(f"the ledger refused to register {name!r}: {result.error}")
-        self.imports.copies.pop(name, None)
-        info = await trio.to_thread.run_sync(self.backend.start, name, result.epoch)
+        self._busy.add(name)
+        try:
+            async with self._carrying(authorization, _tag(ImportVm), name):
+                result = await self.ledger.submit(register)
+            if not result.ok:
+                # refused for good: the staged copy goes, so a failed import leaves nothing
+                async with self._vm_lock:
+                    await trio.to_thread.run_sync(self._drop_staged, name)
+                raise NodeError(f"the ledger refused to register {name!r}: {result.error}")
+            async with self._vm_lock:
+                self.imports.copies.pop(name, None)
+                info = await trio.to_thread.run_sync(self.backend.start, name, result.epoch)
+        finally:
+            self._busy.discard(name)
         self.log.event("vm_imported", vm=name, layout=info.layout)
         return info
 
@@ -364,8 +452,11 @@ class Node:
                 failure.append(str(exc))
                 return []
 
+        op, rid, created = request_key(authorization)
+        self.requests.begin(op, rid, _tag(MigrateVm), mid, created)
         await self.runtime.invoke("node", plan, "plan-migration")
         if failure:
+            self.requests.end(op, rid)
             raise NodeError(failure[0])
         return mid
 
@@ -380,20 +471,93 @@ class Node:
         try:
             await self._cancel_at_source(mid)
         except NotTheSource:
-            result = await self.ledger.submit(self._fits(AbortMigration(mid, authorization)))
+            async with self._carrying(authorization, _tag(CancelMigration), mid):
+                result = await self.ledger.submit(
+                    self._fits(AbortMigration(mid, authorization)))
             if not result.ok:
                 raise NodeError(f"the ledger refused to cancel {mid!r}: {result.error}") from None
 
-    async def delete_vm(self, vm: str, authorization: Authorization) -> LedgerResult:
+    async def delete_vm(self, vm: str, authorization: Authorization) -> LedgerResult | None:
         """An operator's ``DeleteVm``: unregister ``vm`` in the ledger (refused while it
-        migrates)."""
-        self.need_core()
+        migrates); this node's copy is removed at once, the other DCs' as their ledger
+        executes it (:meth:`reconcile`). A VM the ledger does not know but that is staged
+        here (an import never registered, or whose copy failed) is removed here, without
+        the ledger: returns None then."""
+        core = self.need_core()
         self.intent(authorization, DeleteVm, vm=vm)
-        result = await self.ledger.submit(self._fits(UnregisterVm(vm, authorization)))
+        if core.ledger.owner(vm) is None and vm not in self._busy:
+            staged = self.imports.status(vm)
+            if staged is not None and staged.state != "copying":
+                async with self._vm_lock:
+                    await trio.to_thread.run_sync(self.backend.remove, vm)
+                    self.imports.copies.pop(vm, None)
+                self.log.event("vm_import_removed", vm=vm, state=staged.state)
+                return None
+        async with self._carrying(authorization, _tag(DeleteVm), vm):
+            result = await self.ledger.submit(self._fits(UnregisterVm(vm, authorization)))
         if not result.ok:
             raise NodeError(f"the ledger refused to delete {vm!r}: {result.error}")
         self.log.event("vm_deleted", vm=vm, epoch=result.epoch)
+        self._ledger_changed.set()  # this node's copy goes now
         return result
+
+    @asynccontextmanager
+    async def _carrying(self, authorization: Authorization, command: str,
+                        subject: str) -> AsyncIterator[None]:
+        """The operator's request is on its way to the ledger: pending until it answers;
+        still pending (timed out) if the ledger client gives up."""
+        op, rid, created = request_key(authorization)
+        pending = self.requests.begin(op, rid, command, subject, created)
+        try:
+            yield
+        except LedgerTimeout:
+            pending.timed_out = True
+            raise
+        except BaseException:
+            self.requests.end(op, rid)
+            raise
+        self.requests.end(op, rid)
+
+    def request_outcome(self, operator: str, request_id: str) -> dict[str, Any]:
+        """What is known of ``operator``'s request ``request_id`` (federation.node.requests)."""
+        ledger = self.core.ledger if self.core is not None else None
+        return self.requests.outcome(ledger, operator, request_id, time.time())
+
+    def _drop_staged(self, name: str) -> None:
+        purge = getattr(self.backend, "purge", None)
+        if purge is None:
+            return
+        try:
+            freed = purge(name, staged=True)
+        except VmError as exc:
+            self.log.event("vm_staged_kept", vm=name, error=str(exc))
+            return
+        self.imports.copies.pop(name, None)
+        self.log.event("vm_staged_removed", vm=name, bytes=freed)
+
+    async def purge_vm(self, vm: str, authorization: Authorization) -> int:
+        """An operator's ``PurgeVm``: remove this DC's retained copy of ``vm`` (with
+        ``staged``, a staged import the ledger never registered); the bytes freed. Refused
+        for a VM the ledger gives to this DC, and by the backend for any VM that runs,
+        is fenced or is arriving here."""
+        intent = self.intent(authorization, PurgeVm, vm=vm)
+        purge = getattr(self.backend, "purge", None)
+        if purge is None:
+            raise NodeError("this node's VM backend keeps no retained copies to purge")
+        owner = self.core.ledger.owner(vm) if self.core is not None else None
+        if owner == self.name:
+            raise NodeError(f"VM {vm!r} belongs to this DC in the ledger; it is not a "
+                            "retained copy (delete it with 'dwcp vm delete')")
+        try:
+            async with self._vm_lock:
+                freed: int = await trio.to_thread.run_sync(
+                    lambda: purge(vm, staged=intent.staged))
+        except VmError as exc:
+            raise NodeError(str(exc)) from None
+        if intent.staged:
+            self.imports.copies.pop(vm, None)
+        self.log.event("vm_purged", vm=vm, bytes=freed)  # (api_request names the operator)
+        return freed
 
     async def _cancel_at_source(self, mid: str) -> None:
         failure: list[NodeError] = []
@@ -425,18 +589,23 @@ class Node:
         if failure:
             raise failure[0]
 
-    async def set_policy(self, v3_percent: int, target_dcs: Sequence[str] = (),
-                         target_vms: Sequence[str] = (), kill_switch: bool = False, *,
-                         authorization: Authorization) -> SetPolicy:
+    async def set_policy(self, policy: SetPolicy, *, authorization: Authorization) -> SetPolicy:
         """Record a rollout policy in the ledger (DESIGN.md, "Protocol versions and
         rollout") on an admin's signed ``SetPolicy`` of exactly this policy; every DC's
-        sessions apply it from their next round on."""
-        if not 0 <= v3_percent <= 100:
-            raise NodeError(f"v3_percent: expected 0..100, got {v3_percent}")
-        unknown = sorted(set(target_dcs) - set(self.fed.names))
+        sessions apply it from their next round on. Returns the policy as the ledger
+        recorded it."""
+        if not 0 <= policy.v3_percent <= 100:
+            raise NodeError(f"v3_percent: expected 0..100, got {policy.v3_percent}")
+        for what, dcs in (("target_dcs", policy.target_dcs),
+                          ("excluded_dcs", policy.excluded_dcs)):
+            unknown = sorted(set(dcs) - set(self.fed.names))
+            if unknown:
+                raise NodeError(f"{what}: {', '.join(unknown)} not in the federation")
+        regions = sorted({dc.region for dc in self.fed.dcs if dc.region})
+        unknown = sorted(set(policy.target_regions) - set(regions))
         if unknown:
-            raise NodeError(f"target_dcs: {', '.join(unknown)} not in the federation")
-        policy = SetPolicy(v3_percent, tuple(target_dcs), tuple(target_vms), kill_switch)
+            raise NodeError(f"target_regions: {', '.join(unknown)} is the region of no DC "
+                            f"(the federation file's regions: {', '.join(regions) or 'none'})")
         try:
             wire.encode(policy)
         except wire.WireError as exc:
@@ -445,12 +614,21 @@ class Node:
         if signed != policy:
             raise NodeError("the operator signed another policy than the one asked for")
         change = self._fits(ChangePolicy(authorization))
-        result = await self.ledger.submit(change)
+        async with self._carrying(authorization, _tag(SetPolicy), "policy"):
+            result = await self.ledger.submit(change)
         if not result.ok:
             raise NodeError(f"the ledger refused the policy: {result.error}")
-        self.log.event("policy_set", v3_percent=v3_percent, target_dcs=list(target_dcs),
-                       target_vms=list(target_vms), kill_switch=kill_switch)
-        return policy
+        recorded = recorded_policy(policy)
+        self.log.event("policy_set", v3_percent=recorded.v3_percent,
+                       target_dcs=list(recorded.target_dcs),
+                       target_vms=list(recorded.target_vms),
+                       target_regions=list(recorded.target_regions),
+                       excluded_dcs=list(recorded.excluded_dcs),
+                       kill_switch=recorded.kill_switch,
+                       max_abort_percent=recorded.max_abort_percent,
+                       min_ended=recorded.min_ended,
+                       max_verify_failures=recorded.max_verify_failures)
+        return recorded
 
     def peer_versions(self, target: str) -> tuple[int, ...]:
         """The transfer versions ``target`` offered in its handshake (the channel keeps

@@ -17,6 +17,7 @@ from federation.dataplane.relay import DataRelay
 from federation.migration.dc_core import NodeCore
 from federation.migration.rollout import KNOWN_VERSIONS
 from federation.migration.round_counters import TransferCounters, version_label
+from federation.vms.retention import VmUsage
 from mesh.gossip.members import State
 from mesh.links.modes import Mode
 
@@ -79,7 +80,52 @@ class NodeCollector(Collector):
         for state, count in sorted(held.items()):
             vms.add_metric([state], count)
         yield vms
+        yield from _disk_metrics(n.backend)
         yield from _relay_metrics(n.v3.relay, n.rounds.counters)
+
+
+def _disk_metrics(backend: object) -> Iterator[Metric]:
+    """What the VMs take on this DC's disk (a backend with ``usage``: the image backend),
+    the retained copies against their budget, and what the budget and operators removed."""
+    usage = getattr(backend, "usage", None)
+    if usage is None:
+        return
+    held: list[VmUsage] = usage()
+    disk = GaugeMetricFamily("dwcp_vm_disk_bytes", "Bytes allocated on disk to each VM "
+                             "held here, by state", labels=["vm", "state"])
+    for u in held:
+        disk.add_metric([u.name, u.state.value], u.disk_bytes)
+    yield disk
+    retained = [u for u in held if u.retained]
+    rbytes = GaugeMetricFamily("dwcp_retained_bytes", "Bytes of the retained copies (VMs "
+                               "that migrated away, kept as bases for later deltas)")
+    rbytes.add_metric([], sum(u.disk_bytes for u in retained))
+    yield rbytes
+    rcount = GaugeMetricFamily("dwcp_retained_copies", "Retained copies held here")
+    rcount.add_metric([], len(retained))
+    yield rcount
+    budget = getattr(backend, "retain_bytes", None)
+    if budget is not None:
+        b = GaugeMetricFamily("dwcp_retained_budget_bytes", "The retained copies' budget; "
+                              "beyond it the least recently used are removed")
+        b.add_metric([], budget)
+        yield b
+    purged: dict[str, tuple[int, int]] = getattr(backend, "purged", {})
+    removed = CounterMetricFamily("dwcp_retained_removed", "Copies removed since start, by "
+                                  "reason (budget, purge, staged)", labels=["reason"])
+    removed_bytes = CounterMetricFamily("dwcp_retained_removed_bytes", "Bytes freed by "
+                                        "removing copies since start, by reason",
+                                        labels=["reason"])
+    for reason in ("budget", "purge", "staged"):
+        count, size = purged.get(reason, (0, 0))
+        removed.add_metric([reason], count)
+        removed_bytes.add_metric([reason], size)
+    yield removed
+    yield removed_bytes
+    sealed = GaugeMetricFamily("dwcp_at_rest_sealed", "1 if this node seals VM images at "
+                               "rest with its at-rest key, else 0")
+    sealed.add_metric([], 1 if getattr(backend, "seal_key", None) is not None else 0)
+    yield sealed
 
 
 def _transfer_metrics(c: TransferCounters) -> Iterator[Metric]:
@@ -148,6 +194,37 @@ def _ledger_metrics(core: NodeCore) -> Iterator[Metric]:
     for owner in rstat.members:
         owned.add_metric([owner], owners.get(owner, 0))
     yield owned
+    yield from _rollout_metrics(core)
+
+
+def _rollout_metrics(core: NodeCore) -> Iterator[Metric]:
+    """The ledger's rollout policy and its counters (consensus.ledger_commands.SetPolicy):
+    what docs/deploy/prometheus/alerts.yml watches."""
+    p = core.ledger.policy
+    pct = GaugeMetricFamily("dwcp_rollout_v3_percent", "The policy's v3 percentage")
+    pct.add_metric([], p.v3_percent)
+    yield pct
+    kill = GaugeMetricFamily("dwcp_rollout_kill_switch", "1 while the kill switch is on "
+                             "(v1 for every migration), by an admin or an automatic rollback")
+    kill.add_metric([], int(p.kill_switch))
+    yield kill
+    rolled = GaugeMetricFamily("dwcp_rollout_rolled_back", "1 once the ledger rolled the "
+                               "policy back to v1 on its own (a threshold crossed)")
+    rolled.add_metric([], int(bool(p.rolled_back)))
+    yield rolled
+    ended = GaugeMetricFamily("dwcp_rollout_v3_migrations", "v3 migrations ended since the "
+                              "policy was recorded, by result (aborted: not counting "
+                              "operators' cancels)", labels=["result"])
+    ended.add_metric(["ended"], p.v3_ended)
+    ended.add_metric(["aborted"], p.v3_aborted)
+    ended.add_metric(["verify_failed"], p.v3_verify_failures)
+    yield ended
+    limits = GaugeMetricFamily("dwcp_rollout_threshold", "The policy's rollback thresholds "
+                               "(0: no such rule)", labels=["rule"])
+    limits.add_metric(["max_abort_percent"], p.max_abort_percent)
+    limits.add_metric(["min_ended"], p.min_ended)
+    limits.add_metric(["max_verify_failures"], p.max_verify_failures)
+    yield limits
 
 
 def _relay_metrics(relay: DataRelay, c: TransferCounters) -> Iterator[Metric]:

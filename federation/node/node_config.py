@@ -4,9 +4,15 @@
 
     [storage]
     import_dirs = ["/srv/dwcp/images"]    # the only places VM images are imported from
+    at_rest_key = "/etc/dwcp/dc1.at-rest" # default: beside the identity key (<DC>.at-rest)
+    retained_max = "200GiB"               # retained copies' budget (default: 1/4 of the
+                                          # data directory's file system)
 
     [api]
     metrics_token_file = "/etc/dwcp/metrics.token"   # Prometheus' bearer token, 0600
+
+    [ledger]
+    request_timeout = 30    # seconds an operation waits for the ledger, then "pending"
 
 ``dwcp node --node-config FILE`` (default ``<federation file's dir>/nodes/<DC>.toml``
 when it exists, which ``dwcp federation init`` writes). The federation file is the same
@@ -24,8 +30,18 @@ from pathlib import Path
 
 import attrs
 
+from federation.vms.retention import parse_size
+
 __all__ = ["NodeConfig", "NodeConfigError", "load_node_config", "render_node_config",
-           "default_node_config"]
+           "default_node_config", "DEFAULT_REQUEST_TIMEOUT"]
+
+#: PbftConfig's client timeout: 30 s, well above a view change (~2.1 s on loopback,
+#: docs/BENCHMARKS.md) and the WAN round trips of a commit, so a request that is merely
+#: slow is not reported pending.
+DEFAULT_REQUEST_TIMEOUT = 30.0
+#: An operation's whole budget at the API is 120 s (federation.api.http.OPERATION_TIMEOUT);
+#: a longer wait for the ledger could never be answered.
+MAX_REQUEST_TIMEOUT = 100.0
 
 
 class NodeConfigError(Exception):
@@ -39,9 +55,17 @@ class NodeConfig:
     import_dirs: tuple[Path, ...] = ()
     #: the bearer token that lets Prometheus read /metrics ("" : only signed requests)
     metrics_token: str = ""
+    #: how long an operation waits for the ledger's answer before the API says "pending,
+    #: id X" (the PBFT client's timeout, consensus.pbft.state.PbftConfig.client_timeout)
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    #: the at-rest key file (None: beside the identity key, federation.vms.at_rest_key)
+    at_rest_key: Path | None = None
+    #: the retained copies' budget in bytes (None: a quarter of the data file system)
+    retained_max: int | None = None
 
 
-_KEYS = {"storage": {"import_dirs"}, "api": {"metrics_token_file"}}
+_KEYS = {"storage": {"import_dirs", "at_rest_key", "retained_max"},
+         "api": {"metrics_token_file"}, "ledger": {"request_timeout"}}
 
 
 def default_node_config(federation_file: Path, name: str) -> Path:
@@ -76,7 +100,28 @@ def load_node_config(path: Path) -> NodeConfig:
         if not isinstance(token_file, str) or not token_file:
             raise NodeConfigError(f"{path}: api.metrics_token_file: expected a path")
         token = _read_token(path, here / token_file)
-    return NodeConfig(str(path), dirs, token)
+    timeout = doc.get("ledger", {}).get("request_timeout", DEFAULT_REQUEST_TIMEOUT)
+    if (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+            or not 0.5 <= timeout <= MAX_REQUEST_TIMEOUT):
+        raise NodeConfigError(f"{path}: ledger.request_timeout: expected seconds in "
+                              f"0.5..{MAX_REQUEST_TIMEOUT:.0f}, got {timeout!r}")
+    storage = doc.get("storage", {})
+    key_file = storage.get("at_rest_key")
+    if key_file is not None and (not isinstance(key_file, str) or not key_file):
+        raise NodeConfigError(f"{path}: storage.at_rest_key: expected a path")
+    budget = storage.get("retained_max")
+    retained: int | None = None
+    if budget is not None:
+        try:
+            if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+                raise ValueError(f"{budget!r} is not a size")
+            retained = budget if isinstance(budget, int) else parse_size(budget)
+            if retained < 0:
+                raise ValueError(f"{budget!r} is negative")
+        except ValueError as exc:
+            raise NodeConfigError(f"{path}: storage.retained_max: {exc}") from None
+    return NodeConfig(str(path), dirs, token, float(timeout),
+                      here / key_file if key_file is not None else None, retained)
 
 
 def _read_token(path: Path, token_path: Path) -> str:
@@ -101,4 +146,8 @@ def render_node_config(import_dirs: list[str]) -> str:
     return ("# this node's own settings (docs/operations.md, \"The node config\")\n"
             "[storage]\n"
             "# VM images are imported only from under these directories\n"
-            f"import_dirs = [{listed}]\n")
+            f"import_dirs = [{listed}]\n"
+            "# the key that seals VM images at rest (default: beside the identity key)\n"
+            "# at_rest_key = \"../keys/<DC>.at-rest\"\n"
+            "# the budget of retained copies (default: a quarter of the data file system)\n"
+            "# retained_max = \"200GiB\"\n")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from consensus.ledger import SetPolicy
+from mesh.hde.image import PAGE_SIZE
 from mesh.links.routes import BULK, CONTROL
 
 if TYPE_CHECKING:
@@ -32,7 +33,15 @@ def policy_doc(policy: SetPolicy) -> dict[str, Any]:
     """The rollout policy as JSON (``GET``/``POST /api/policy``, ``policy`` in the status),
     its lists sorted and without repeats, as the ledger records them."""
     return {"v3_percent": policy.v3_percent, "target_dcs": sorted(set(policy.target_dcs)),
-            "target_vms": sorted(set(policy.target_vms)), "kill_switch": policy.kill_switch}
+            "target_vms": sorted(set(policy.target_vms)),
+            "target_regions": sorted(set(policy.target_regions)),
+            "excluded_dcs": sorted(set(policy.excluded_dcs)),
+            "kill_switch": policy.kill_switch,
+            "max_abort_percent": policy.max_abort_percent, "min_ended": policy.min_ended,
+            "max_verify_failures": policy.max_verify_failures,
+            "v3_ended": policy.v3_ended, "v3_aborted": policy.v3_aborted,
+            "v3_verify_failures": policy.v3_verify_failures,
+            "rolled_back": policy.rolled_back}
 
 
 def migration_status(node: Node, mid: str) -> dict[str, Any] | None:
@@ -49,6 +58,7 @@ def migration_status(node: Node, mid: str) -> dict[str, Any] | None:
         out.update(vm=session.vm, source=session.source, target=session.target,
                    role=session.role, phase=session.phase, round=session.round,
                    bytes_sent=session.bytes_sent, wire_bytes=session.wire_bytes,
+                   pages_sent=session.bytes_sent // PAGE_SIZE,
                    total_bytes=session.total_bytes, dirty_rate=session.dirty_rate,
                    throughput=session.throughput, eta=_finite(session.eta),
                    version=session.version, reason=session.reason)
@@ -59,6 +69,10 @@ def migration_status(node: Node, mid: str) -> dict[str, Any] | None:
             # bulk streams opened per DC that relayed them ("direct" for none)
             out["data_plane"] = dict(counters.paths.get(mid, {}))
             out["streams"] = dict(counters.streams.get(mid, {}))
+    if rec is not None and rec.reason:
+        # why it aborted, in the words of the DC that decided, as every ledger holds it
+        # (a side that only saw the ledger's abort knows no better reason of its own)
+        out.update(reason=rec.reason, cause=rec.cause)
     if view.progress is not None:
         out["progress"] = attrs.asdict(view.progress)
         if not math.isfinite(view.progress.eta):
@@ -121,4 +135,12 @@ def status(node: Node) -> dict[str, Any]:
         "vms": vms,
         "migrations": migrations,
         "restoring": core.restoring() if core is not None else [],
+        "problems": peer_problems(node),
     }
+
+
+def peer_problems(node: Node) -> list[str]:
+    """Peers this DC refused because they present another key than its federation file,
+    or run another federation file (mesh.runtime.node_runtime.MISMATCHES), as sentences."""
+    problems = node.runtime.peer_problems
+    return [problems[p] for p in sorted(problems)]

@@ -49,6 +49,7 @@ from federation.migration.vocabulary import (
     Verify,
 )
 from federation.vms.backend import VmBackend, VmError, combined_root
+from federation.vms.sealed_image import SealedWriter
 from mesh.hde.image import Image, ImageError, ImageWriter, PageSource
 from mesh.hde.index import build_index
 
@@ -179,6 +180,14 @@ class VmActions:
             if writers is None:  # restarted since: the copy is on disk
                 writers = b.prepare_incoming(a.vm, b.info(a.vm).layout, a.migration_id)
                 self.incoming[a.migration_id] = writers
+            for w in writers.values():
+                if isinstance(w, SealedWriter):
+                    # Its writes since the last publish are not in the file yet: publish
+                    # them before the root goes out, since the ledger commits on it and
+                    # the source then retires its copy (a crash after this leaves the
+                    # verified copy; before it, the old file and a root that will not
+                    # match).
+                    w.flush()
             return [TargetVerified(images_root(writers, self.executor))]
         if isinstance(a, StartAtTarget):
             self._close_incoming(a.migration_id)

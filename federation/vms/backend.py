@@ -208,6 +208,11 @@ class VmBackend(Protocol):
         (until a later migration brings the VM back with a higher epoch)."""
         ...
 
+    def remove(self, name: str) -> bool:
+        """The ledger deleted the VM (or its import was never registered): stop it and
+        delete its files. Returns False if there was no such VM here (idempotent)."""
+        ...
+
     def close(self) -> None:
         """The node stops: release what the backend holds (guest processes, mappings)."""
         ...

@@ -10,6 +10,19 @@
 Every directory is created 0700 and every file 0600 (a VM's images are its guest's
 memory and disks: nobody else on the machine reads them).
 
+**At rest.** Given the node's at-rest key (``seal_key``), every image is a sealed file
+(:mod:`federation.vms.sealing`): imports are sealed as they are copied in, a migration
+target writes through a :class:`~federation.vms.sealed_image.SealedWriter` (published
+atomically), and reads decrypt a chunk at a time, so a stolen data directory reveals no
+page. Plain images found at start (a data directory from before the key) are sealed
+then. Without a key (the demo's page writer, some tests) images are plain, mapped
+files, as before.
+
+**Retention.** A RETIRED VM is a retained copy (:mod:`federation.vms.retention`); with a
+budget (``retain_bytes``) the least recently used copies beyond it are removed whenever
+a copy is retired or discarded, and at start. :meth:`ImageBackend.purge` removes one on
+an operator's request, or a staged import that was never registered.
+
 "Running" means the DC owns the VM. Images are only ever mapped (``mmap``), never read
 whole. The backend has no guest of its own: whatever writes a VM's pages in this
 process reports each write with :meth:`ImageBackend.note_write`, which is its dirty
@@ -23,6 +36,7 @@ import mmap
 import os
 import shutil
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +50,15 @@ from federation.vms.backend import (
     check_vm_name,
     disk_name,
 )
+from federation.vms.retention import VmUsage, dir_bytes, evictions
+from federation.vms.sealed_image import (
+    WORK_SUFFIX,
+    SealedImage,
+    SealedWriter,
+    is_sealed,
+    seal_file,
+)
+from federation.vms.sealing import SealError, SealKey
 from federation.vms.vm_dir import (
     DIR_MODE,
     FILE_MODE,
@@ -48,10 +71,11 @@ from federation.vms.vm_dir import (
     new_meta,
     read_meta,
     release_needed,
+    remove_vm_dir,
     retire_needed,
     write_meta,
 )
-from mesh.hde.image import PAGE_SIZE, Image, ImageWriter, open_image
+from mesh.hde.image import PAGE_SIZE, Image, ImageError, ImageWriter, open_image
 
 __all__ = ["ImageBackend", "atomic_write", "MappedImage", "map_writable"]
 
@@ -79,12 +103,134 @@ def map_writable(path: Path, page_count: int, name: str) -> MappedImage:
 class ImageBackend:
     """VMs as directories under ``root`` (implements :class:`federation.vms.backend.VmBackend`)."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, seal_key: SealKey | None = None,
+                 retain_bytes: int | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        self.seal_key = seal_key
+        #: the retained copies' budget in bytes (None: no budget)
+        self.retain_bytes = retain_bytes
         self._lock = threading.Lock()  # guards _generation and _dirty
+        #: held while VM directories are created, removed or change state (a purge never
+        #: removes a copy that a migration is about to reuse)
+        self._files = threading.RLock()
         self._generation: dict[str, int] = {}
         self._dirty: dict[str, dict[tuple[str, int], int]] = {}
+        #: retained copies removed: (count, bytes), by why ("budget", "purge")
+        self.purged: dict[str, tuple[int, int]] = {}
+        self._clean_leftovers()
+        if seal_key is not None:
+            self._seal_plain_images()
+        self.enforce_retention()
+
+    # ------------------------------------------------------------------ files at rest
+
+    def _clean_leftovers(self) -> None:
+        """Remove what a crash can leave: an import's staging directory, a purge under
+        way, a writer's unpublished work copy, a file half sealed (none of them was ever
+        the VM's published state)."""
+        for d in sorted(self.root.iterdir()):
+            if d.name.startswith(".") and d.name.endswith((".importing", ".purging")):
+                shutil.rmtree(d, ignore_errors=True)
+            elif d.is_dir():
+                for f in d.iterdir():
+                    if f.name.endswith((".img" + WORK_SUFFIX, ".sealing", ".tmp")):
+                        f.unlink(missing_ok=True)
+
+    def _seal_plain_images(self) -> None:
+        """Seal every plain image under the root (a data directory from before the key):
+        each into a new sealed file renamed over the plain one."""
+        assert self.seal_key is not None
+        for info in self._readable():
+            for img, _ in info.layout:
+                path = self._dir(info.name) / f"{img}.img"
+                if path.exists() and not is_sealed(path):
+                    tmp = path.with_name(path.name + ".tmp")
+                    seal_file(path, tmp, self.seal_key)
+                    os.replace(tmp, path)
+                    fsync_dir(path.parent)
+
+    def _open(self, path: Path, name: str) -> Image:
+        if self.seal_key is None:
+            return open_image(path, name)
+        try:
+            return SealedImage(path, self.seal_key, name)
+        except SealError as exc:
+            raise VmError(str(exc)) from None
+
+    def _writable(self, path: Path, count: int, name: str) -> ImageWriter:
+        if self.seal_key is None:
+            return map_writable(path, count, name)
+        try:
+            return SealedWriter(path, self.seal_key, count, name)
+        except SealError as exc:
+            raise VmError(str(exc)) from None
+
+    # ------------------------------------------------------------------ retention
+
+    def _readable(self) -> list[VmInfo]:
+        """Every VM whose meta.json reads (one that does not is left alone: it is listed
+        with its error where VMs are listed, and never removed or counted)."""
+        out = []
+        for d in sorted(self.root.iterdir()):
+            if d.is_dir() and (d / META).exists():
+                try:
+                    out.append(self.info(d.name))
+                except VmError:
+                    continue
+        return out
+
+    def usage(self) -> list[VmUsage]:
+        """Every VM's bytes on disk here, in name order."""
+        out = []
+        for info in self._readable():
+            d = self._dir(info.name)
+            try:
+                at = float(self._read_meta(info.name).get("retired_at", 0.0))
+            except (VmError, TypeError, ValueError):
+                at = 0.0
+            out.append(VmUsage(info.name, info.state, dir_bytes(d), at))
+        return out
+
+    def enforce_retention(self) -> list[str]:
+        """Remove the least recently used retained copies beyond the budget; their names."""
+        if self.retain_bytes is None:
+            return []
+        with self._files:
+            gone = evictions(self.usage(), self.retain_bytes)
+            for name in gone:
+                self._remove(name, "budget")
+        return gone
+
+    def purge(self, name: str, staged: bool = False) -> int:
+        """Remove the retained copy ``name`` (a RETIRED VM), or with ``staged`` a STOPPED
+        VM (an import that was never registered); the bytes freed. Any other state is
+        refused: a VM that runs, is fenced or is arriving here is not a copy to drop."""
+        with self._files:
+            info = self.info(name)
+            allowed = (VmState.RETIRED, VmState.STOPPED) if staged else (VmState.RETIRED,)
+            if info.state not in allowed:
+                what = "retained (migrated away)" + (" or staged" if staged else "")
+                raise VmError(f"VM {name!r} is {info.state.value} here, not {what}; only a "
+                              "retained copy is purged")
+            return self._remove(name, "purge" if info.state is VmState.RETIRED else "staged")
+
+    def _remove(self, name: str, why: str) -> int:
+        """Rename the VM's directory aside, then delete it: a crash in between leaves a
+        hidden leftover that the next start removes, never half a VM."""
+        d = self._dir(name)
+        size = dir_bytes(d)
+        gone = self.root / f".{name}.purging"
+        shutil.rmtree(gone, ignore_errors=True)
+        os.replace(d, gone)
+        fsync_dir(self.root)
+        shutil.rmtree(gone, ignore_errors=True)
+        with self._lock:
+            self._generation.pop(name, None)
+            self._dirty.pop(name, None)
+        count, total = self.purged.get(why, (0, 0))
+        self.purged[why] = (count + 1, total + size)
+        return size
 
     # ------------------------------------------------------------------ metadata
 
@@ -121,8 +267,15 @@ class ImageBackend:
 
     def open_images(self, name: str) -> dict[str, Image]:
         info = self.info(name)
-        return {img: open_image(self._dir(name) / f"{img}.img", f"{name}/{img}")
-                for img, _ in info.layout}
+        out: dict[str, Image] = {}
+        try:
+            for img, _ in info.layout:
+                out[img] = self._open(self._dir(name) / f"{img}.img", f"{name}/{img}")
+        except BaseException:
+            for opened in out.values():
+                opened.close()
+            raise
+        return out
 
     # ------------------------------------------------------------------ creating VMs
 
@@ -143,19 +296,33 @@ class ImageBackend:
                               f"not a positive multiple of {PAGE_SIZE}")
             layout.append((img, size // PAGE_SIZE))
         staging = self.root / f".{name}.importing"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(mode=DIR_MODE)
-        for img, src in sources:
-            dst = staging / f"{img}.img"
-            shutil.copyfile(src, dst)  # copy_file_range/sendfile: never the whole file in memory
-            os.chmod(dst, FILE_MODE)  # (inside the 0700 staging directory meanwhile)
-            with open(dst, "rb") as f:
-                os.fsync(f.fileno())
-        meta = self._new_meta(name, layout, VmState.STOPPED, epoch)
-        atomic_write(staging / META, json.dumps(meta, sort_keys=True).encode() + b"\n")
-        os.replace(staging, final)
-        fsync_dir(self.root)
+        with self._files:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(mode=DIR_MODE)
+            try:
+                for img, src in sources:
+                    self._copy_in(src, staging / f"{img}.img")
+                meta = self._new_meta(name, layout, VmState.STOPPED, epoch)
+                atomic_write(staging / META, json.dumps(meta, sort_keys=True).encode() + b"\n")
+                os.replace(staging, final)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)  # a failed import leaves nothing
+                raise
+            fsync_dir(self.root)
         return self._info(meta)
+
+    def _copy_in(self, src: Path, dst: Path) -> None:
+        """One image of an import: sealed as it is read, or copied plain without a key."""
+        if self.seal_key is not None:
+            try:
+                seal_file(src, dst, self.seal_key)  # 16 MiB at a time, fsynced, 0600
+            except ImageError as exc:
+                raise VmError(str(exc)) from None
+            return
+        shutil.copyfile(src, dst)  # copy_file_range/sendfile: never the whole file in memory
+        os.chmod(dst, FILE_MODE)  # (inside the 0700 staging directory meanwhile)
+        with open(dst, "rb") as f:
+            os.fsync(f.fileno())
 
     def machine_spec(self, name: str) -> bytes:
         self.info(name)  # an unknown VM is an error here too
@@ -169,6 +336,11 @@ class ImageBackend:
 
     def prepare_incoming(self, name: str, layout: Sequence[tuple[str, int]],
                          migration_id: str, machine: bytes = b"") -> dict[str, ImageWriter]:
+        with self._files:
+            return self._prepare_incoming(name, layout, migration_id, machine)
+
+    def _prepare_incoming(self, name: str, layout: Sequence[tuple[str, int]],
+                          migration_id: str, machine: bytes) -> dict[str, ImageWriter]:
         if machine:
             raise VmError(f"VM {name!r}: the image backend runs no machine spec "
                           f"({len(machine)} bytes came from a different backend)")
@@ -187,9 +359,14 @@ class ImageBackend:
         else:
             d.mkdir(mode=DIR_MODE)
             meta = self._new_meta(name, layout, VmState.INCOMING, 0, migration_id)
-        writers: dict[str, ImageWriter] = {
-            img: map_writable(d / f"{img}.img", count, f"{name}/{img}") for img, count in layout
-        }
+        writers: dict[str, ImageWriter] = {}
+        try:
+            for img, count in layout:
+                writers[img] = self._writable(d / f"{img}.img", count, f"{name}/{img}")
+        except BaseException:
+            for w in writers.values():
+                w.close()
+            raise
         self._write_meta(name, meta)
         return writers
 
@@ -201,8 +378,9 @@ class ImageBackend:
             return
         if meta["state"] != VmState.INCOMING.value or meta["migration_id"] != migration_id:
             raise VmError(f"VM {name!r} is not incoming for migration {migration_id!r}")
-        meta["state"] = VmState.RETIRED.value
+        meta.update(state=VmState.RETIRED.value, retired_at=time.time())
         self._write_meta(name, meta)
+        self.enforce_retention()
 
     # ------------------------------------------------------------------ dirty tracking
 
@@ -261,9 +439,16 @@ class ImageBackend:
         info = self._info(meta)
         if not retire_needed(info, migration_id):
             return info
-        meta["state"] = VmState.RETIRED.value
+        meta.update(state=VmState.RETIRED.value, retired_at=time.time())
         self._write_meta(name, meta)
+        self.enforce_retention()
         return self._info(meta)
+
+    def remove(self, name: str) -> bool:
+        with self._lock:
+            self._generation.pop(name, None)
+            self._dirty.pop(name, None)
+        return remove_vm_dir(self.root, check_vm_name(name))
 
     def close(self) -> None:
         """Nothing to release: every image this backend hands out is the caller's to close,

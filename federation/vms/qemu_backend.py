@@ -10,6 +10,17 @@
     ROOT/NAME/device-state.bin   the device state saved at the last fence
     RAM_ROOT/NAME/memory.img guest RAM: QEMU's memory-backend-file (share=on);
                              RAM_ROOT defaults to ROOT/.ram
+    ROOT/NAME/retained/*.img a retained copy's images, sealed (with ``seal_key``)
+
+**At rest.** QEMU maps the RAM file and reads and writes the raw disks itself, so a VM's
+images are plain while it can run here. Once it is retired (its QEMU powered off) or an
+incoming copy is discarded, a backend with the node's at-rest key (``seal_key``) seals
+every image into ``retained/`` (:mod:`federation.vms.sealing`), records ``sealed`` in
+meta.json and removes the plain files (the RAM file included); a later migration back
+unseals them into plain files before it writes. Each step is atomic and the meta write
+decides which set counts, so a crash anywhere leaves one whole copy, and the next
+backend finishes the step (plain leftovers of a sealed copy are removed, a retired copy
+not yet sealed is sealed).
 
 Guest RAM is a file QEMU maps shared, so the node reads the memory image while the guest
 runs (``open_images``) and a migration target writes the image QEMU will run on before
@@ -50,6 +61,8 @@ from federation.vms.image_backend import map_writable
 from federation.vms.qemu_machine import QemuProcess, pid_on, socket_path
 from federation.vms.qemu_spec import QEMU, VmSpec, qemu_argv
 from federation.vms.qmp import QMPClient, QMPError
+from federation.vms.sealed_image import SealedImage, seal_file, unseal_file
+from federation.vms.sealing import SealError, SealKey
 from federation.vms.vm_dir import (
     DIR_MODE,
     FILE_MODE,
@@ -62,15 +75,17 @@ from federation.vms.vm_dir import (
     new_meta,
     read_meta,
     release_needed,
+    remove_vm_dir,
     retire_needed,
     write_meta,
 )
-from mesh.hde.image import PAGE_SIZE, Image, ImageWriter, open_image
+from mesh.hde.image import PAGE_SIZE, Image, ImageError, ImageWriter, open_image
 
 __all__ = ["QemuBackend", "VmSpec"]
 
 SPEC = "vm.json"
 DEVICE_STATE = "device-state.bin"
+RETAINED = "retained"
 #: QEMU runstates in which the guest executes or will on its own.
 _RUNNING = ("running", "debug")
 
@@ -82,7 +97,8 @@ class QemuBackend:
     :func:`federation.vms.accel.probe_accel`), ``"kvm"`` or ``"tcg"``."""
 
     def __init__(self, root: Path | str, ram_root: Path | str | None = None,
-                 accel: str = "auto", qemu: str = QEMU) -> None:
+                 accel: str = "auto", qemu: str = QEMU,
+                 seal_key: SealKey | None = None) -> None:
         if accel not in ("auto", "kvm", "tcg"):
             raise VmError(f"accel: expected auto, kvm or tcg, got {accel!r}")
         self.root = Path(root)
@@ -94,7 +110,9 @@ class QemuBackend:
         self._lock = threading.RLock()
         self._procs: dict[str, QemuProcess] = {}
         self._scans: dict[str, PageScan] = {}
+        self.seal_key = seal_key
         self._attach_all()
+        self._finish_sealing()
 
     # ------------------------------------------------------------------ files
 
@@ -162,9 +180,95 @@ class QemuBackend:
         return str(self._meta(name).get("accel", ""))
 
     def open_images(self, name: str) -> dict[str, Image]:
-        info = self.info(name)
+        meta = self._meta(name)
+        info = info_of(meta)
+        if meta.get("sealed"):
+            if self.seal_key is None:
+                raise VmError(f"VM {name!r}: its retained copy is sealed and this backend "
+                              "has no at-rest key")
+            out: dict[str, Image] = {}
+            try:
+                for img, _ in info.layout:
+                    out[img] = SealedImage(self._dir(name) / RETAINED / f"{img}.img",
+                                           self.seal_key, f"{name}/{img}")
+            except (SealError, OSError) as exc:
+                for opened in out.values():
+                    opened.close()
+                raise VmError(f"VM {name!r}: {exc}") from None
+            return out
         return {img: open_image(self._image_path(name, img), f"{name}/{img}")
                 for img, _ in info.layout}
+
+    # ------------------------------------------------------------------ at rest
+
+    def _seal(self, name: str, meta: dict[str, Any]) -> None:
+        """Seal a retained copy whose QEMU is off (module docstring): each image into
+        ``retained/``, then ``sealed`` in meta.json, then the plain files go."""
+        if self.seal_key is None or meta.get("sealed"):
+            return
+        info = info_of(meta)
+        sealed = self._dir(name) / RETAINED
+        sealed.mkdir(mode=DIR_MODE, exist_ok=True)
+        for img, _ in info.layout:
+            seal_file(self._image_path(name, img), sealed / f"{img}.img", self.seal_key)
+        meta["sealed"] = True
+        write_meta(self._dir(name), meta)
+        self._drop_plain(name, info)
+
+    def _seal_now(self, name: str, meta: dict[str, Any]) -> None:
+        """:meth:`_seal` as a retirement's last step: a copy that cannot be sealed now (a
+        full disk) stays plain, the retirement stands, and the next backend on this root
+        seals it (:meth:`_finish_sealing`)."""
+        try:
+            self._seal(name, meta)
+        except (OSError, ImageError, SealError):
+            shutil.rmtree(self._dir(name) / RETAINED, ignore_errors=True)
+
+    def _drop_plain(self, name: str, info: VmInfo) -> None:
+        for img, _ in info.layout:
+            self._image_path(name, img).unlink(missing_ok=True)
+
+    def _unseal(self, name: str, meta: dict[str, Any]) -> None:
+        """A sealed retained copy becomes plain images again (a migration back will write
+        and run them): plain files first, then meta.json without ``sealed``, then
+        ``retained/`` goes."""
+        if not meta.get("sealed"):
+            return
+        if self.seal_key is None:
+            raise VmError(f"VM {name!r}: its retained copy is sealed and this backend has "
+                          "no at-rest key")
+        info = info_of(meta)
+        self.ram_path(name).parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        for img, _ in info.layout:
+            try:
+                unseal_file(self._dir(name) / RETAINED / f"{img}.img",
+                            self._image_path(name, img), self.seal_key)
+            except (SealError, OSError) as exc:
+                raise VmError(f"VM {name!r}: {exc}") from None
+        meta["sealed"] = False
+        write_meta(self._dir(name), meta)
+        shutil.rmtree(self._dir(name) / RETAINED, ignore_errors=True)
+
+    def _finish_sealing(self) -> None:
+        """After a crash: a sealed copy loses its plain leftovers, a copy no longer sealed
+        its ``retained/`` leftover, and a retired copy not sealed yet is sealed."""
+        for d in sorted(self.root.iterdir()):
+            if not (d.is_dir() and (d / META).exists()):
+                continue
+            try:
+                meta = self._meta(d.name)
+                info = info_of(meta)
+            except VmError:
+                continue
+            if meta.get("sealed"):
+                self._drop_plain(d.name, info)
+                continue
+            shutil.rmtree(d / RETAINED, ignore_errors=True)
+            if info.state is VmState.RETIRED and d.name not in self._procs:
+                try:
+                    self._seal(d.name, meta)
+                except (OSError, ImageError, SealError):
+                    continue  # the plain copy stays; its images may be gone (listed as is)
 
     def machine_spec(self, name: str) -> bytes:
         return self.spec(name).to_json()
@@ -253,6 +357,7 @@ class QemuBackend:
                     raise VmError(f"VM {name!r} is {state.value} here; cannot receive it")
                 if state is VmState.INCOMING and meta["migration_id"] != migration_id:
                     self._power_off(name)  # an older attempt's QEMU runs the old layout
+                self._unseal(name, meta)  # QEMU runs plain images
                 meta.update(state=VmState.INCOMING.value, migration_id=migration_id,
                             layout=[[n, c] for n, c in layout])
             else:
@@ -281,6 +386,7 @@ class QemuBackend:
             # restore discards it again (idempotent); after it, a RETIRED store.
             meta["state"] = VmState.RETIRED.value
             write_meta(self._dir(name), meta)
+            self._seal_now(name, meta)
 
     # ------------------------------------------------------------------ dirty tracking
 
@@ -490,6 +596,7 @@ class QemuBackend:
             meta["state"] = VmState.RETIRED.value
             write_meta(self._dir(name), meta)
             self._power_off(name)
+            self._seal_now(name, meta)  # QEMU is off: the retained copy can be sealed
             return info_of(meta)
 
     def stop(self, name: str) -> VmInfo:
@@ -507,6 +614,16 @@ class QemuBackend:
             meta.update(state=VmState.STOPPED.value)
             write_meta(self._dir(name), meta)
             return info_of(meta)
+
+    def remove(self, name: str) -> bool:
+        with self._lock:
+            self._power_off(check_vm_name(name))
+            gone = remove_vm_dir(self.root, name)
+            ram = self.ram_path(name).parent
+            if ram.exists():
+                shutil.rmtree(ram)
+                gone = True
+            return gone
 
     def close(self, stop_guests: bool = False) -> None:
         """Let go of every QEMU (they keep running), or power them all off."""

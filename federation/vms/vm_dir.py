@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,8 @@ from federation.vms.backend import (
 from mesh.hde.image import PAGE_SIZE
 
 __all__ = ["META", "DIR_MODE", "FILE_MODE", "atomic_write", "fsync_dir", "read_meta",
-           "write_meta", "info_of", "new_meta", "check_start", "fence_needed", "release_needed",
-           "retire_needed"]
+           "remove_vm_dir", "write_meta", "info_of", "new_meta", "check_start", "fence_needed",
+           "release_needed", "retire_needed"]
 
 META = "meta.json"
 #: Modes of what a file-based backend creates: owner only (a VM's images are its guest's
@@ -135,4 +136,21 @@ def retire_needed(info: VmInfo, migration_id: str) -> bool:
         return False
     if info.state is not VmState.FENCED or info.migration_id != migration_id:
         raise VmError(f"VM {info.name!r} is not fenced by migration {migration_id!r}")
+    return True
+
+
+def remove_vm_dir(root: Path, name: str) -> bool:
+    """Delete the VM directory ``root/name``: renamed to ``.name.removing`` first (one
+    atomic step, then the directory is synced), then deleted. A crash right after the
+    rename leaves a dot-directory that no listing takes for a VM and that the next
+    removal of the name deletes. False if there was none."""
+    final = root / name
+    doomed = root / f".{name}.removing"
+    try:
+        os.replace(final, doomed)
+    except FileNotFoundError:
+        shutil.rmtree(doomed, ignore_errors=True)
+        return False
+    fsync_dir(root)
+    shutil.rmtree(doomed, ignore_errors=True)
     return True

@@ -10,7 +10,12 @@ one would deliver more; among levels that deliver the same rate (all bound by
 the link), the one with the smaller output wins.
 
 Level 0 means store (no compression): on a 10 Gbit/s datacenter link with
-data that compresses poorly it is the fastest choice.
+data that compresses poorly it is the fastest choice. Whatever the mode, storing is
+the floor (issue 17 item 6): :func:`measure_levels` always measures it first, and
+:func:`choose_level` never returns a level whose rate is below what sending the
+pages uncompressed would move over the same link — level 0's measured rate, or the
+link's bandwidth when store was not measured (a copy outruns any link here: ~10 GB/s
+per core against 10 Gbit/s). A mode's first level is its cheapest *compressing* one.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import attrs
 
 from mesh.hde.codec import compress
 
-__all__ = ["MODE_LEVELS", "LevelSample", "choose_level", "measure_levels"]
+__all__ = ["MODE_LEVELS", "LevelSample", "choose_level", "measure_levels", "uncompressed_rate"]
 
 #: Candidate levels per link mode, cheapest first. Speeds measured here on 1 MiB chunks of
 #: Python source (one core): store ~10 GB/s, -5 ~500 MB/s, 1 ~445 MB/s, 3 ~330 MB/s,
@@ -48,13 +53,30 @@ class LevelSample:
         return min(cores * self.bytes_per_s_per_core, link_bytes_per_s / max(self.ratio, 1e-9))
 
 
+def uncompressed_rate(samples: Sequence[LevelSample], link_bytes_per_s: float,
+                      cores: int) -> float:
+    """Logical bytes per second that sending the pages as they are would move: level 0's
+    measured rate, else the link's bandwidth (storing is a copy, faster than any link)."""
+    stored = [s for s in samples if s.level == 0]
+    if stored:
+        return stored[0].rate(link_bytes_per_s, cores)
+    return link_bytes_per_s
+
+
 def choose_level(samples: Sequence[LevelSample], link_bytes_per_s: float, cores: int) -> int:
-    """The level that moves logical bytes fastest; ties go to the smaller output."""
+    """The level that moves logical bytes fastest; ties go to the smaller output, then to
+    the cheaper level (measured earlier). Never a level slower than sending uncompressed:
+    if no measured level reaches that rate, 0 (store)."""
     if not samples:
         raise ValueError("choose_level needs at least one measured level")
     if link_bytes_per_s <= 0 or cores <= 0:
         raise ValueError("link bandwidth and cores must be positive")
-    best = max(samples, key=lambda s: (s.rate(link_bytes_per_s, cores), -s.ratio))
+    floor = uncompressed_rate(samples, link_bytes_per_s, cores)
+    order = {id(s): i for i, s in enumerate(samples)}
+    best = max(samples, key=lambda s: (s.rate(link_bytes_per_s, cores), -s.ratio,
+                                       -order[id(s)]))
+    if best.rate(link_bytes_per_s, cores) < floor:
+        return 0
     return best.level
 
 
@@ -65,16 +87,17 @@ def measure_levels(
     cores: int,
     clock: Callable[[], float],
 ) -> list[LevelSample]:
-    """Compress ``sample`` (chunks of the pages to send) at the mode's levels, cheapest first,
-    timing each with ``clock``. Stops after the first level at which the CPU, not the link,
-    bounds the rate: every later level is slower still."""
+    """Store ``sample`` (chunks of the pages to send) as level 0, the uncompressed floor,
+    then compress it at the mode's levels, cheapest first, timing each with ``clock``.
+    Stops after the first compressing level at which the CPU, not the link, bounds the
+    rate: every later level is slower still."""
     if mode not in MODE_LEVELS:
         raise ValueError(f"unknown link mode {mode!r}; expected one of {sorted(MODE_LEVELS)}")
     total = sum(len(c) for c in sample)
     if total == 0:
         raise ValueError("measure_levels needs a non-empty sample")
     out: list[LevelSample] = []
-    for level in MODE_LEVELS[mode]:
+    for level in (0, *(lv for lv in MODE_LEVELS[mode] if lv != 0)):
         t0 = clock()
         if level == 0:
             size = sum(len(bytes(c)) for c in sample)
@@ -83,6 +106,6 @@ def measure_levels(
         elapsed = max(clock() - t0, 1e-9)
         s = LevelSample(level, total / elapsed, size / total)
         out.append(s)
-        if cores * s.bytes_per_s_per_core < link_bytes_per_s / max(s.ratio, 1e-9):
+        if level != 0 and cores * s.bytes_per_s_per_core < link_bytes_per_s / max(s.ratio, 1e-9):
             break
     return out

@@ -10,7 +10,7 @@ it; a fault hook may corrupt chunk frames in transit.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor
 
 import attrs
@@ -25,7 +25,7 @@ from mesh.hde.source import HdeSource
 from mesh.hde.store import PageStore
 from mesh.hde.target import HdeTarget
 
-__all__ = ["TransferResult", "run_transfer", "memory_sink"]
+__all__ = ["Carry", "Frame", "TransferResult", "run_transfer", "memory_sink"]
 
 SOURCE, TARGET = "source", "target"
 
@@ -48,6 +48,12 @@ class TransferResult:
         return self.control_bytes + self.chunk_bytes
 
 
+Frame = bytes | bytearray
+#: Carries frames over a real path: ``carry(frames, to_target)`` sends each frame as it
+#: comes (source -> target when ``to_target``) and returns them as they arrived.
+Carry = Callable[[Iterable[Frame], bool], list[Frame]]
+
+
 def memory_sink(page_count: int) -> ImageWriter:
     return ImageWriter(bytearray(page_count * 4096), "target")
 
@@ -65,11 +71,15 @@ def run_transfer(
     make_sink: Callable[[int], ImageWriter] = memory_sink,
     corrupt: Callable[[int, int, bytes | bytearray], bytes | bytearray] | None = None,
     transfer: int = 1,
+    carry: Carry | None = None,
 ) -> TransferResult:
     """Move ``image`` into a new image at the target holding ``store`` (which holds the new
     image too once it is verified). ``corrupt(chunk_id, attempt, frame)`` may alter a chunk
     frame on its way. ``reference_indexes``: the indexes of some ``references``, which let
-    the source name pages copied within the target's base (:mod:`mesh.hde.entries`)."""
+    the source name pages copied within the target's base (:mod:`mesh.hde.entries`).
+    ``carry``: every diff message (each way) and chunk frame crosses it, and the receiving
+    core gets the bytes that arrived; a batch of chunks is handed over as it is encoded,
+    so encoding overlaps the path's transmission."""
     refs = dict(references or {})
     src = HdeSource(transfer, TARGET, name, index, refs, reference_indexes)
     dst = HdeTarget(transfer, SOURCE, store, make_sink)
@@ -79,6 +89,16 @@ def run_transfer(
     control = chunk_bytes = chunks = 0
     notes: list[Notify] = []
     by_tag: dict[str, int] = {}
+
+    def sent(batch: list[EncodeChunk], encoded: Iterable[Frame]) -> Iterable[Frame]:
+        """The batch's frames as they are encoded, counted (and corrupted) on the way."""
+        nonlocal chunk_bytes, chunks
+        for a, frame in zip(batch, encoded, strict=True):
+            cid = a.plan.chunk_id
+            attempts[cid] = attempts.get(cid, 0) + 1
+            chunk_bytes += len(frame)
+            chunks += 1
+            yield frame if corrupt is None else corrupt(cid, attempts[cid], frame)
 
     def deliver(who: str, event: object) -> None:
         core = src if who == SOURCE else dst
@@ -93,19 +113,17 @@ def run_transfer(
                 ref = refs[a.reference_root] if a.reference_root is not None else None
                 return encode_chunk(a.transfer, a.plan, image, ref, level)
 
-            frames = list(executor.map(enc, batch)) if executor else [enc(a) for a in batch]
+            encoded = executor.map(enc, batch) if executor else map(enc, batch)
+            out = sent(batch, encoded)
+            frames = carry(out, True) if carry is not None else list(out)
             for a, frame in zip(batch, frames, strict=True):
-                cid = a.plan.chunk_id
-                attempts[cid] = attempts.get(cid, 0) + 1
-                chunk_bytes += len(frame)
-                chunks += 1
-                if corrupt is not None:
-                    frame = corrupt(cid, attempts[cid], frame)
-                deliver(TARGET, ChunkArrived(transfer, cid, frame))
+                deliver(TARGET, ChunkArrived(transfer, a.plan.chunk_id, frame))
             continue
         who, action = work.popleft()
         if isinstance(action, Send):
             frame = wire.encode(action.message)
+            if carry is not None:
+                frame = bytes(carry([frame], who == SOURCE)[0])
             control += len(frame)
             tag = action.message.wire_tag
             by_tag[tag] = by_tag.get(tag, 0) + len(frame)

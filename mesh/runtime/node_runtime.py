@@ -80,6 +80,7 @@ from wsproto.utilities import LocalProtocolError
 from mesh import wire
 from mesh.channel import MAX_PLAINTEXT, ChannelError, Hello, SecureChannel, Welcome
 from mesh.core import Core, Event, Received, Store
+from mesh.federation_print import NO_PRINT, FederationPrint
 from mesh.identity import Identity, PublicKey
 from mesh.runtime import admission
 from mesh.runtime.admission import Startup, StartupGate, StartupLimits
@@ -110,6 +111,9 @@ def wall_clock(now: float) -> float:
 
 #: The websocket path of the control plane.
 RESOURCE = "/dwcp/control/1"
+#: Channel refusals that mean this DC and the peer disagree on the federation file:
+#: kept per peer and reported (``peer_problems``: the node's /ready and status).
+MISMATCHES = ("key_mismatch", "federation_mismatch")
 #: TCP connect + websocket upgrade + channel handshake must finish within this.
 #: Three round trips and two signatures take milliseconds; 5 s bounds what a
 #: stalled or hostile peer can hold open, and stays inside the 10 s reconnect bound.
@@ -154,6 +158,7 @@ class Runtime:
         store: Store | None = None,
         log: JsonLog | None = None,
         rng: random.Random | None = None,
+        fed_print: FederationPrint = NO_PRINT,
     ) -> None:
         names = [p.name for p in peers]
         if name in names or len(set(names)) != len(names):
@@ -167,6 +172,11 @@ class Runtime:
         self.keys = {p.name: p.public_key for p in self.peers.values()}
         self.keys[name] = public_key
         self.versions = tuple(versions)
+        #: this DC's federation file, signed into every handshake (mesh.federation_print)
+        self.fed_print = fed_print
+        #: peers refused for presenting another key than the federation file's, or for
+        #: running another federation file: peer -> what differs (until a link is up)
+        self.peer_problems: dict[str, str] = {}
         self.listen_host = listen_host
         self.listen_port = listen_port
         self.store = store
@@ -471,6 +481,7 @@ class Runtime:
             versions=self.versions,
             initiator=dialled is not None,
             peer=dialled,
+            fed_print=self.fed_print,
         )
         direction = "out" if dialled else "in"
         try:
@@ -478,6 +489,12 @@ class Runtime:
                 peer, incarnation = await open_link(ws, channel, self.incarnation)
         except ChannelError as exc:
             self._refuse(exc.reason)
+            peer_name = dialled or channel.peer
+            if exc.reason in MISMATCHES and peer_name in self.peers:
+                if self.peer_problems.get(peer_name) != exc.detail:
+                    self.log.event("peer_mismatch", peer=peer_name, reason=exc.reason,
+                                   detail=exc.detail)
+                self.peer_problems[peer_name] = exc.detail
             self.log.event(
                 "channel_refused",
                 peer=dialled or channel.peer,
@@ -502,6 +519,7 @@ class Runtime:
             return False
         if startup is not None:
             startup.authenticated()
+        self.peer_problems.pop(peer, None)
         return await self._carry(ws, channel, peer, incarnation, dialled)
 
     async def _carry(

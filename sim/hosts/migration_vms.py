@@ -237,6 +237,16 @@ class SimBackend:
             state = VmState.FENCED if copy.fence is not None else VmState.STOPPED
         return VmInfo(name, copy.epoch, state, LAYOUT, copy.fence or "")
 
+    def remove(self, name: str) -> bool:
+        """The ledger deleted ``name``: this DC's copy stops and is gone."""
+        copy = self.world.copies.get((self.dc, name))
+        if copy is None:
+            return False
+        if copy.state == "running":
+            self.world.set_state(copy, "retired")
+        del self.world.copies[(self.dc, name)]
+        return True
+
     def list_vms(self) -> list[VmInfo]:
         names = {vm for (dc, vm) in self.world.copies if dc == self.dc}
         names |= {vm for (dc, vm) in self.world.incoming if dc == self.dc}

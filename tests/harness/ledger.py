@@ -61,11 +61,12 @@ class LedgerDriver:
         return self.run(client or owner, RegisterVm(vm, owner, auth))
 
     def begin(self, vm: str, source: str, target: str, mid: str, *, epoch: int | None = None,
-              client: str | None = None, who: str = "ops") -> LedgerResult:
+              client: str | None = None, who: str = "ops", version: int = 1) -> LedgerResult:
         if epoch is None:
             epoch = self.ledger.epoch(vm) or 0
         auth = self.auth(MigrateVm(vm, target, source, epoch), who)
-        return self.run(client or source, BeginMigration(vm, source, target, epoch, mid, auth))
+        return self.run(client or source,
+                        BeginMigration(vm, source, target, epoch, mid, auth, version))
 
     def announce(self, mid: str, root: bytes = ROOT, client: str | None = None) -> LedgerResult:
         return self.run(client or self.ledger.migrations[mid].source, AnnounceRoot(mid, root))
@@ -73,9 +74,10 @@ class LedgerDriver:
     def commit(self, mid: str, root: bytes = ROOT, client: str | None = None) -> LedgerResult:
         return self.run(client or self.ledger.migrations[mid].target, CommitMigration(mid, root))
 
-    def abort(self, mid: str, client: str, who: str | None = None) -> LedgerResult:
+    def abort(self, mid: str, client: str, who: str | None = None, reason: str = "",
+              cause: str = "") -> LedgerResult:
         auth = self.auth(CancelMigration(mid), who) if who else None
-        return self.run(client, AbortMigration(mid, auth))
+        return self.run(client, AbortMigration(mid, auth, reason, cause))
 
     def policy(self, policy: SetPolicy, client: str = "dc-c", who: str = "admin") -> LedgerResult:
         return self.run(client, ChangePolicy(self.auth(policy, who)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from consensus.ledger import SetPolicy
+from consensus.ledger import AbortMigration, SetPolicy
 from federation.migration.source import SourceSession
 from federation.migration.vocabulary import (
     LedgerBegun,
@@ -21,6 +21,14 @@ LAYOUT = (("memory", 1000), ("disk-0", 500))
 V3_ALL = SetPolicy(100, (), (), False)
 #: The datacenter mode's pre-copy limits (5 rounds, 0.5 s downtime).
 DC_LIMITS = PrecopyLimits(5, 0.5)
+
+
+def abort_of(command: Any) -> str | None:
+    """The migration a DC's own abort (no operator's authorization) is about, else None;
+    its reason and cause are checked where a test is about them."""
+    if isinstance(command, AbortMigration) and command.authorization is None:
+        return command.migration_id
+    return None
 
 
 def of(actions: list[Any], cls: type) -> list[Any]:

@@ -7,7 +7,6 @@ readable memory pages (``/proc/self/mem``).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -32,7 +31,10 @@ from federation.demo.guest_backend import WritingBackend
 from federation.demo.processes import free_base_port
 from federation.demo.real_data import write_process_memory
 from federation.node.assembly import Node
+from federation.vms.at_rest_key import key_if_any, load_or_create
 from federation.vms.backend import VmInfo
+from federation.vms.sealed_image import content_sha256
+from federation.vms.sealing import SealKey
 from mesh import identity, wire
 from mesh.runtime.log import JsonLog
 from tests.harness.waiting import wait_until
@@ -71,19 +73,32 @@ def real_vm(directory: Path) -> tuple[Path, Path]:
     return memory_image(directory / "memory.img"), ext4_image(directory / "disk.img")
 
 
-def image_hashes(vm_dir: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(vm_dir.glob("*.img"))}
+def image_hashes(vm_dir: Path, key: SealKey | None = None) -> dict[str, str]:
+    """SHA-256 of each image's pages; a sealed image is read with ``key``, by default the
+    key ``dwcp node`` made for the DC the directory belongs to (tests/harness/processes
+    layout: <federation dir>/data/<DC>/vms/<VM>, keys in <federation dir>/keys)."""
+    if key is None and len(vm_dir.parents) > 3:
+        key = key_if_any(vm_dir.parents[3] / "keys" / f"{vm_dir.parents[1].name}.at-rest")
+    return {p.name: content_sha256(p, key) for p in sorted(vm_dir.glob("*.img"))}
 
 
 def build_node(cfg: Path, name: str, data_root: Path,
-               transfer_versions: tuple[int, ...] = (1, 3)) -> Node:
+               transfer_versions: tuple[int, ...] = (1, 3), *,
+               at_rest: bool = False, retained_max: int | None = None) -> Node:
     """A node over the image backend with the demo's page writer available
     (:func:`import_with_writer`); it imports VM images from anywhere under the test's
-    directory (the federation file's parent's parent: pytest's ``tmp_path``)."""
+    directory (the federation file's parent's parent: pytest's ``tmp_path``). With
+    ``at_rest`` it runs the production image backend instead, its images sealed with an
+    at-rest key of its own (keys/<DC>.at-rest, made at the first build)."""
     fed = config.load(cfg)
     ident = identity.load_key_file(cfg.parent / "keys" / f"{name}.key")
-    return Node(fed, name, ident, data_root / name, log=JsonLog(name, io.StringIO()),
+    log = JsonLog(name, io.StringIO())
+    if at_rest:
+        key, _ = load_or_create(cfg.parent / "keys" / f"{name}.at-rest", False)
+        return Node(fed, name, ident, data_root / name, log=log, at_rest_key=key,
+                    retained_max=retained_max, transfer_versions=transfer_versions,
+                    import_dirs=(cfg.parent.parent,))
+    return Node(fed, name, ident, data_root / name, log=log,
                 backend=WritingBackend(data_root / name / "vms"),
                 transfer_versions=transfer_versions, import_dirs=(cfg.parent.parent,))
 
@@ -132,7 +147,7 @@ async def set_policy(node: Node, v3_percent: int, *, kill_switch: bool = False,
                      target_dcs: tuple[str, ...] = (), target_vms: tuple[str, ...] = ()
                      ) -> SetPolicy:
     policy = SetPolicy(v3_percent, target_dcs, target_vms, kill_switch)
-    return await node.set_policy(v3_percent, target_dcs, target_vms, kill_switch,
+    return await node.set_policy(policy,
                                  authorization=signed(node, "POST", "/api/policy", policy))
 
 
@@ -152,12 +167,15 @@ async def running_nodes(cfg: Path, data_root: Path,
                         names: tuple[str, ...] = ("dc1", "dc2", "dc3", "dc4"),
                         versions: dict[str, tuple[int, ...]] | None = None,
                         views: dict[str, Path] | None = None,
+                        at_rest: bool = False,
                         ) -> AsyncIterator[dict[str, Node]]:
     """Nodes in this process (``versions[name]`` limits what a node offers; node ``n``
     reads the federation file ``views[n]`` if given, e.g. one that sends its data to a
-    relay); yields once every link is up; shuts down cleanly."""
+    relay); yields once every link is up; shuts down cleanly. ``at_rest``: see
+    :func:`build_node`."""
     offered, seen = versions or {}, views or {}
-    nodes = {n: build_node(seen.get(n, cfg), n, data_root, offered.get(n, (1, 3)))
+    nodes = {n: build_node(seen.get(n, cfg), n, data_root, offered.get(n, (1, 3)),
+                           at_rest=at_rest)
              for n in names}
     try:
         async with trio.open_nursery() as nursery:

@@ -4,6 +4,8 @@ checks made on their data directories afterwards."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +21,9 @@ from federation.cli.keys import INIT_OPERATOR
 from federation.cli.ops import Api
 from federation.demo.guest_writer import expected_pages, mismatches
 from federation.node.node_config import render_node_config
-from mesh.hde.image import open_image
+from federation.vms.at_rest_key import key_if_any
+from federation.vms.sealed_image import open_stored
+from federation.vms.sealing import SealKey
 from tests.harness.node import make_federation
 from tests.harness.waiting import poll_until
 
@@ -50,9 +54,18 @@ class NodeProcesses:
         key = load_operator_key(self.cfg.parent / "keys" / f"{INIT_OPERATOR}.key", self.fed)
         return Api(f"http://{self.fed.dc(name).api}", Signer(key, self.fed.id))
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, cfg: Path | None = None,
+              argv: list[str] | None = None) -> None:
+        """Start ``name``'s node (with the federation file ``cfg`` if given, e.g. a DC
+        whose file differs from the others'; or as ``dwcp ARGV``, a whole command line)."""
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        node = ["--config", str(self.cfg), "--name", name]
+        if argv is not None:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-c", DWCP_MAIN, *argv], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=log)
+            log.close()
+            return
+        node = ["--config", str(cfg or self.cfg), "--name", name]
         writers = [f"--writer={w}" for w in self.writers.get(name, [])]
         argv = ([sys.executable, "-c", WRITER_NODE_MAIN, *node, *writers] if writers
                 else [sys.executable, "-c", DWCP_MAIN, "node", *node])
@@ -81,6 +94,22 @@ class NodeProcesses:
     def ready(self, name: str) -> bool:
         return self.api(name).call("GET", "/ready")[0] == 200
 
+    def ready_doc(self, name: str) -> dict[str, Any]:
+        """``GET /ready`` of ``name`` (open: no signature), whatever its status."""
+        return dict(self.api(name).call("GET", "/ready")[1])
+
+    def log_events(self, name: str, event: str) -> list[dict[str, Any]]:
+        """The JSON log lines of ``name`` with this ``event``."""
+        out = []
+        for line in (self.logs / f"{name}.log").read_text().splitlines():
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(doc, dict) and doc.get("event") == event:
+                out.append(doc)
+        return out
+
     def status(self, name: str) -> dict[str, Any]:
         return self.api(name).ok("GET", "/api/status")
 
@@ -100,6 +129,13 @@ class NodeProcesses:
             return {"owner_epoch": owners.pop(), "height": heights.pop()}
         return None
 
+    def stop(self, name: str) -> int:
+        """SIGTERM ``name`` and wait for it to exit; its exit status."""
+        p = self.procs[name]
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+        return p.wait(timeout=30)
+
     def stop_all(self) -> dict[str, int]:
         for p in self.procs.values():
             if p.poll() is None:
@@ -113,21 +149,36 @@ class NodeProcesses:
                 p.wait()
 
 
+def run_dwcp(*args: str, timeout: float = 120,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``dwcp ARGS`` as an operator runs it (the signing key and federation file from the
+    environment :func:`tests.harness.node.make_federation` sets)."""
+    return subprocess.run([sys.executable, "-c", DWCP_MAIN, *args], capture_output=True,
+                          text=True, timeout=timeout, env=os.environ | (env or {}),
+                          stdin=subprocess.DEVNULL)
+
+
 @contextmanager
 def node_processes(tmp_path: Path, writers: dict[str, list[str]] | None = None,
-                   ) -> Iterator[NodeProcesses]:
+                   node_settings: str = "",
+                   views: Callable[[Path], dict[str, Path]] | None = None,
+                   ready: tuple[str, ...] = NAMES) -> Iterator[NodeProcesses]:
     """A fresh four-DC federation in ``tmp_path``, every node a process, all ready; each
-    node imports VM images from anywhere under ``tmp_path`` (its node config)."""
+    node imports VM images from anywhere under ``tmp_path`` (its node config, with
+    ``node_settings`` added). ``views(cfg)``: DCs that run another federation file than
+    ``cfg``, and that file; ``ready``: the DCs to wait for."""
     cfg = make_federation(tmp_path / "fed")
+    configs = views(cfg) if views is not None else {}
     for name in NAMES:
-        (cfg.parent / "nodes" / f"{name}.toml").write_text(render_node_config([str(tmp_path)]))
+        (cfg.parent / "nodes" / f"{name}.toml").write_text(
+            render_node_config([str(tmp_path)]) + node_settings)
     logs = tmp_path / "logs"
     logs.mkdir()
     nodes = NodeProcesses(cfg, logs, writers)
     try:
         for name in NAMES:
-            nodes.start(name)
-        for name in NAMES:
+            nodes.start(name, configs.get(name))
+        for name in ready:
             nodes.wait(f"{name} ready", lambda name=name: nodes.ready(name))
         yield nodes
     finally:
@@ -138,13 +189,29 @@ def vm_dir(nodes: NodeProcesses, dc: str, vm: str) -> Path:
     return nodes.cfg.parent / "data" / dc / "vms" / vm
 
 
+def stored_key(directory: Path) -> SealKey | None:
+    """The at-rest key of the DC whose VM directory this is (``dwcp node`` makes it beside
+    the DC's identity key: <federation dir>/keys/<DC>.at-rest), or None."""
+    dc, fed_dir = directory.parents[1].name, directory.parents[3]
+    return key_if_any(fed_dir / "keys" / f"{dc}.at-rest")
+
+
 def writer_mismatches(directory: Path, writer_log: Path) -> list[str]:
     """The pages the writer's log says were written and the VM's images in ``directory``
     do not hold (empty: intact)."""
     layout = json.loads((directory / "meta.json").read_text())["layout"]
-    images = {name: open_image(directory / f"{name}.img", name) for name, _ in layout}
+    key = stored_key(directory)
+    images = {name: open_stored(directory / f"{name}.img", key, name) for name, _ in layout}
     try:
         return mismatches(images, expected_pages(writer_log))
     finally:
         for img in images.values():
             img.close()
+
+
+def readme_block(root: Path, title: str) -> list[str]:
+    """The command lines of the first code block under ``## title`` in README.md."""
+    text = (root / "README.md").read_text(encoding="utf-8")
+    m = re.search(rf"^## {re.escape(title)}\n.*?```\n(.*?)```", text, re.MULTILINE | re.DOTALL)
+    assert m, f"README.md has no code block under '## {title}'"
+    return [line for line in m.group(1).splitlines() if line.strip()]

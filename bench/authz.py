@@ -1,0 +1,118 @@
+"""``dwcp bench authz``: what the ledger's authorization costs per command.
+
+Authorization cannot be switched off: every operator command carries the operator's
+signed request, and every replica checks it in execution (consensus.ledger). So its cost
+is measured directly, on the command ``dwcp bench consensus`` loads the ledger with (a
+``RegisterVm`` whose ``ImportVm`` an operator signed):
+
+All times are CPU microseconds of the measuring thread (:data:`CLOCK`).
+
+- ``sign_us``: the operator's side, once per command (Ed25519 over the request head,
+  consensus.authz.authorize);
+- ``check_us``: one replica's checks (consensus.authz.open_authorization: decode, the
+  Ed25519 verification, the body digest; then freshness and role), which every replica
+  does for every command;
+- ``execute_us``: one replica's whole ``Ledger.execute`` of the command, checks included,
+  on a ledger that grows as the run goes (the state part is the rest);
+- ``command_bytes`` and ``authorization_bytes``: the encoded command, and how much of it
+  is the signed request and its body (what every PBFT message that carries the command
+  carries in addition).
+
+Per committed command at n replicas the federation spends ``sign_us + n * check_us`` of
+CPU on authorization: ``per_commit_cpu_us`` at n = 4 and 16, to be read against
+``batched_cpu_us_per_commit`` of ``dwcp bench consensus`` (docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Any
+
+from consensus.authz import (
+    Operator,
+    OperatorTable,
+    Role,
+    authorize,
+    check_fresh,
+    check_role,
+    open_authorization,
+)
+from consensus.ledger import ImportVm, Ledger, RegisterVm
+from mesh import identity, wire
+
+MEMBERS = ("n00", "n01", "n02", "n03")
+
+
+#: The clock: this thread's CPU time, so that a busy shared machine (which makes the
+#: thread wait, not work more) depresses the figures less than the wall clock would.
+CLOCK = time.thread_time
+
+
+def _per_call_us(fn: Any, items: list[Any], repeats: int) -> float:
+    """The median over ``repeats`` passes of the mean CPU microseconds per item."""
+    passes = []
+    for _ in range(repeats):
+        start = CLOCK()
+        for item in items:
+            fn(item)
+        passes.append((CLOCK() - start) / len(items) * 1e6)
+    return round(statistics.median(passes), 2)
+
+
+def run(commands: int = 2000, repeats: int = 5) -> dict[str, Any]:
+    key = identity.generate()
+    table = OperatorTable.of("bench", [Operator("ops", key.public, Role.OPERATOR)])
+    now = time.time()
+    intents = [ImportVm(f"vm-{i}", "n00", "/bench") for i in range(commands)]
+
+    def sign(i: int) -> Any:
+        return authorize(key, "bench", "ops", intents[i], now, f"bench-{i:08d}")
+
+    sign_us = _per_call_us(sign, list(range(commands)), repeats)
+    auths = [sign(i) for i in range(commands)]
+
+    def check(auth: Any) -> None:
+        opened, body = open_authorization(table, auth)
+        assert isinstance(body, ImportVm)
+        check_fresh(opened.head, now)
+        check_role(opened.operator, Role.OPERATOR)
+
+    check_us = _per_call_us(check, auths, repeats)
+    raws = [wire.encode(RegisterVm(f"vm-{i}", "n00", a)) for i, a in enumerate(auths)]
+    runs = []
+    for _ in range(repeats):  # a fresh ledger per pass: each command registers a new VM
+        ledger = Ledger(MEMBERS, table)
+        start = CLOCK()
+        for i, raw in enumerate(raws):
+            ledger.execute("n00", i + 1, raw)
+        runs.append((CLOCK() - start) / commands * 1e6)
+        assert len(ledger.vms) == commands, "every register executed"
+    execute_us = round(statistics.median(runs), 2)
+    auth_bytes = len(auths[0].request) + len(auths[0].body)
+    return {
+        "commands": commands, "repeats": repeats, "cores": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "sign_us": sign_us, "check_us": check_us, "execute_us": execute_us,
+        "check_share_of_execute": round(check_us / execute_us, 3),
+        "command_bytes": len(raws[0]), "authorization_bytes": auth_bytes,
+        "per_commit_cpu_us": {"n4": round(sign_us + 4 * check_us, 1),
+                              "n16": round(sign_us + 16 * check_us, 1)},
+    }
+
+
+def _main(args: argparse.Namespace) -> int:
+    result = run(args.commands, args.repeats)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("authz", help="the ledger's per-command authorization cost")
+    p.add_argument("--json", action="store_true", help="one JSON object on one line")
+    p.add_argument("--commands", type=int, default=2000, help="commands per pass")
+    p.add_argument("--repeats", type=int, default=5, help="passes (the median is reported)")
+    p.set_defaults(func=_main)

@@ -1,0 +1,122 @@
+"""The zstd level picker (mesh.hde.level): never a level that moves the pages slower than
+sending them uncompressed would on the measured link (issue 17 item 6)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mesh.hde
+from mesh.hde.level import (
+    MODE_LEVELS,
+    LevelSample,
+    choose_level,
+    measure_levels,
+    uncompressed_rate,
+)
+
+
+def test_a_slow_level_on_a_fast_link_loses_to_store_even_in_internet_mode() -> None:
+    # An "internet" link by its RTT that drains 1 Gbit/s: level 1 at 100 MB/s per core and
+    # ratio 0.9 moves 200 MB/s on two cores, sending as is moves 125 MB/s... and level 9
+    # at 20 MB/s per core moves 40. Store is the floor, level 1 beats it.
+    samples = [LevelSample(0, 5e9, 1.0), LevelSample(1, 100e6, 0.9),
+               LevelSample(9, 20e6, 0.5)]
+    assert choose_level(samples, 1e9 / 8, 2) == 1
+    # The same levels on 10 Gbit/s: nothing compresses as fast as the link drains.
+    assert choose_level(samples, 10e9 / 8, 2) == 0
+
+
+def test_without_a_store_sample_the_link_itself_is_the_floor() -> None:
+    # Only compressing levels measured, all slower than 1 Gbit/s raw: store is chosen.
+    samples = [LevelSample(3, 30e6, 0.5), LevelSample(9, 10e6, 0.4)]
+    assert uncompressed_rate(samples, 1e9 / 8, 2) == 1e9 / 8
+    assert choose_level(samples, 1e9 / 8, 2) == 0
+    # On 10 Mbit/s both outrun the link: level 9's smaller output (3.1 MB/s of logical
+    # bytes against level 3's 2.5 and raw's 1.25) wins.
+    assert choose_level(samples, 10e6 / 8, 2) == 9
+
+
+def test_a_tie_goes_to_the_smaller_output_then_to_the_cheaper_level() -> None:
+    # Both link-bound at the same rate only if their ratios are equal: then the cheaper.
+    samples = [LevelSample(0, 1e10, 1.0), LevelSample(1, 1e9, 1.0)]
+    assert choose_level(samples, 100e6 / 8, 2) == 0
+
+
+_levels = st.lists(
+    st.tuples(st.sampled_from([-5, -1, 1, 3, 6, 9, 12, 13, 14, 15, 16, 19]),
+              st.floats(1e3, 2e10), st.floats(0.01, 1.0)),
+    min_size=1, max_size=8, unique_by=lambda t: t[0])
+
+
+@given(levels=_levels, store=st.one_of(st.none(), st.floats(1e6, 5e10)),
+       link=st.floats(1e4, 1e10), cores=st.integers(1, 64))
+def test_the_chosen_level_never_moves_less_than_sending_uncompressed(
+        levels: list[tuple[int, float, float]], store: float | None, link: float,
+        cores: int) -> None:
+    samples = [LevelSample(lv, speed, ratio) for lv, speed, ratio in levels]
+    if store is not None:
+        samples.insert(0, LevelSample(0, store, 1.0))
+    chosen = choose_level(samples, link, cores)
+    floor = uncompressed_rate(samples, link, cores)
+    best = max(s.rate(link, cores) for s in samples)
+    if chosen == 0:
+        # store: measured and the fastest, or no compressing level reached the floor
+        assert best <= floor
+    else:
+        pick = next(s for s in samples if s.level == chosen)
+        assert pick.rate(link, cores) >= floor
+        # and it is the fastest measured level
+        assert pick.rate(link, cores) == max(s.rate(link, cores) for s in samples)
+
+
+@given(mode=st.sampled_from(sorted(MODE_LEVELS)),
+       durations=st.lists(st.floats(1e-6, 5.0), min_size=12, max_size=12),
+       link=st.floats(1e4, 1e10), cores=st.integers(1, 8))
+def test_measured_levels_always_include_store_and_the_pick_respects_it(
+        mode: str, durations: list[float], link: float, cores: int) -> None:
+    # Real data (this file's bytes, repeated: compressible), fake clock: each measured
+    # level takes the drawn time.
+    data = (Path(__file__).read_bytes() * 8)[: 64 * 1024]
+    ticks = iter(durations)
+    now = [0.0]
+    state = {"start": True}
+
+    def clock() -> float:
+        if not state["start"]:
+            now[0] += next(ticks)
+        state["start"] = not state["start"]
+        return now[0]
+
+    samples = measure_levels([data], mode, link, cores, clock)
+    assert samples[0].level == 0 and samples[0].ratio == 1.0
+    assert [s.level for s in samples[1:]] == [lv for lv in MODE_LEVELS[mode] if lv != 0][
+        : len(samples) - 1]
+    chosen = choose_level(samples, link, cores)
+    rate = {s.level: s.rate(link, cores) for s in samples}
+    assert rate[chosen] >= rate[0]
+
+
+def test_on_real_data_a_slow_link_compresses_and_a_fast_link_does_not_go_below_raw() -> None:
+    data = b"".join(Path(mesh.hde.__file__).parent.joinpath(name).read_bytes()
+                    for name in sorted(os.listdir(Path(mesh.hde.__file__).parent))
+                    if name.endswith(".py"))
+    slow = measure_levels([data], "internet", 10e6 / 8, 2, time.perf_counter)
+    assert choose_level(slow, 10e6 / 8, 2) >= 1  # text over 10 Mbit/s: compress
+    for link in (1e9 / 8, 100e9 / 8):
+        fast = measure_levels([data], "internet", link, 2, time.perf_counter)
+        chosen = choose_level(fast, link, 2)
+        rate = {s.level: s.rate(link, 2) for s in fast}
+        assert rate[chosen] >= rate[0]
+
+
+def test_measure_levels_names_a_bad_mode_and_an_empty_sample() -> None:
+    with pytest.raises(ValueError, match="unknown link mode 'lan'"):
+        measure_levels([b"x"], "lan", 1.0, 1, lambda: 0.0)
+    with pytest.raises(ValueError, match="non-empty sample"):
+        measure_levels([b""], "internet", 1.0, 1, lambda: 0.0)
