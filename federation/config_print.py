@@ -3,9 +3,11 @@
 order of keys and layout do not count, and every replica that shares a meaning shares
 a digest.
 
-``[federation] versions`` is left out: it is a DC's own offer (a DC may be taken down
-to v1 for a rollback, docs/federation.md), and the handshake already agrees on the
-versions both ends offer."""
+What must agree is what the ledger and the channels rest on: the federation id, each
+DC's name and keys, the operators and their roles, and ``[modes]``. Two things are a
+DC's own and are left out: ``[federation] versions`` (its offer; a DC may be taken down
+to v1 for a rollback, docs/federation.md) and the endpoints (where a DC reaches
+another may differ from where a third one does: a NAT, a relay in between)."""
 
 from __future__ import annotations
 
@@ -26,8 +28,7 @@ def _canonical(doc: Any) -> bytes:
 
 
 def dc_entry(dc: DCConfig) -> dict[str, Any]:
-    return {"name": dc.name, "public_key": str(dc.public_key), "control": str(dc.control),
-            "data": str(dc.data), "api": str(dc.api), "region": dc.region,
+    return {"name": dc.name, "public_key": str(dc.public_key),
             "previous_keys": [str(k) for k in dc.previous_keys]}
 
 

@@ -7,11 +7,11 @@ read (a DC "without a ledger" while the others report ready). Each end signs int
 handshake:
 
 - ``digest``: SHA-256 over the canonical content of the whole file (what
-  :func:`federation.config_print.federation_print` hashes: id, modes, every DC,
-  every operator; not ``versions``, a DC's own offer; comments and layout do not
-  count);
+  :func:`federation.config_print.federation_print` hashes: id, modes, every DC's
+  name and keys, every operator; not ``versions`` nor endpoints, a DC's own;
+  comments and layout do not count);
 - ``entries``: per DC, 8 bytes: the first 4 of SHA-256 of its name and the first 4 of
-  SHA-256 of its entry (name, key, endpoints, region), in name order. 64 DCs take
+  SHA-256 of its entry (name, keys), in name order. 64 DCs take
   512 bytes, within a Hello's 1 KiB (:data:`MAX_ENTRIES_BYTES`).
 
 A receiver that finds another digest names both digests and, matching the peer's
@@ -74,8 +74,7 @@ class FederationPrint:
                 differ.append(name)
         parts = []
         if differ:
-            parts.append(f"the entries of {', '.join(differ)} differ (key, endpoints or "
-                         "region)")
+            parts.append(f"the keys of {', '.join(differ)} differ")
         if only_ours:
             parts.append(f"{', '.join(only_ours)} only in ours")
         if theirs:

@@ -26,9 +26,8 @@ def test_differences_name_the_dcs_that_differ() -> None:
     ours = FederationPrint.of(b"\x01" * 32, [("dc1", b"a"), ("dc2", b"b"), ("dc3", b"c")])
     theirs = FederationPrint.of(b"\x02" * 32, [("dc1", b"a"), ("dc2", b"B"), ("dc9", b"z")])
     why = ours.differences("dc4", theirs.digest, theirs.encoded_entries())
-    assert why == (f"dc4's federation file has digest {'02' * 8}, ours {'01' * 8}: the entries "
-                   "of dc2 differ (key, endpoints or region); dc3 only in ours; 1 DC(s) only "
-                   "in dc4's")
+    assert why == (f"dc4's federation file has digest {'02' * 8}, ours {'01' * 8}: the keys "
+                   "of dc2 differ; dc3 only in ours; 1 DC(s) only in dc4's")
     same = FederationPrint.of(b"\x03" * 32, ours.entries)
     assert "the DCs agree; other settings differ" in ours.differences(
         "dc4", same.digest, same.encoded_entries())

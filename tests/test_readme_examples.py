@@ -125,7 +125,7 @@ _SHOWN = re.compile(r"(?:^\$ |^|`)dwcp ((?:[a-z][a-z0-9-]*)(?: [a-z][a-z0-9-]*)?
                     re.MULTILINE)
 #: Commands the docs name that another branch adds, each with the work that adds it; the
 #: test fails once one exists, so the entry is removed when that work is merged.
-COMING = {"dwcp federation rotate-key": "issue 16 item 4 (the operator branch)"}
+COMING: dict[str, str] = {}  # ("dwcp federation rotate-key" arrived with the operator branch)
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -100,18 +100,20 @@ class Walk:
                                 r"[0-9a-f]{32}\)\n", _ok(argv))
         elif argv[1] == "migrate":
             out = _ok(argv)
-            assert re.fullmatch(r"migrated vm1 to dc3: vm1-dc1-dc3-[0-9a-f]{8} committed in "
-                                r"\d+ rounds, .*\n", out), out
+            # the migration id first (issue 16 item 6), then the outcome
+            assert re.fullmatch(r"migration (vm1-dc1-dc3-[0-9a-f]{8}): vm1 dc1 -> dc3\n"
+                                r"migrated vm1 to dc3: \1 committed in \d+ rounds, .*\n",
+                                out), out
         elif argv[1] == "status" and "--request" not in argv:
             self.status(argv)
         elif argv[1] == "cancel":
             self.cancel(line)
         elif what == "policy show":
             out = _ok(argv)
-            assert out.startswith("v3_percent   0\n"), out
+            assert re.match(r"v3_percent +0\n", out), out  # (columns as wide as the keys)
         elif what == "policy set":
             out = _ok(argv)
-            assert out.startswith("v3_percent   100\n"), out
+            assert re.match(r"v3_percent +100\n", out), out
         elif what == "vm delete":
             self.delete(argv)
         elif argv[1] == "status":
