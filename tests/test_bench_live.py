@@ -30,6 +30,27 @@ def test_without_the_guest_it_names_what_is_missing(tmp_path: Path,
     assert "guests_ok" not in r
 
 
+def test_only_names_a_contender_it_knows() -> None:
+    with pytest.raises(ValueError, match="unknown contender 'qemu_postcopy'"):
+        live.measure(tbf=False, only=["qemu_precopy", "qemu_postcopy"])
+
+
+def test_differing_pages_finds_each_page_a_migration_did_not_deliver(tmp_path: Path) -> None:
+    pages = 600  # more than one compared piece (256 pages), and a partial last one
+    data = bytearray(os.urandom(pages * 4096))
+    (tmp_path / "src").write_bytes(data)
+    (tmp_path / "dst").write_bytes(data)
+    assert live.differing_pages(tmp_path / "src", tmp_path / "dst") == (0, [])
+    for p in (0, 255, 256, 599):
+        data[p * 4096 + 4095] ^= 1  # one bit of the page's last byte
+    (tmp_path / "dst").write_bytes(data)
+    assert live.differing_pages(tmp_path / "src", tmp_path / "dst") == (4, [0, 255, 256, 599])
+    assert live.differing_pages(tmp_path / "src", tmp_path / "dst", limit=2) == (4, [0, 255])
+    (tmp_path / "dst").write_bytes(data[:4096])
+    with pytest.raises(ValueError, match="different sizes"):
+        live.differing_pages(tmp_path / "src", tmp_path / "dst")
+
+
 def test_the_loopback_pipe_carries_frames_both_ways_and_counts_them() -> None:
     pipe = loopback()
     try:

@@ -66,6 +66,8 @@ class World:
         self.timers: dict[tuple[str, Hashable], float] = {}
         self.seq = 0
         self.ops = OperatorSigner("ops", prefix=f"core{seed}")
+        #: (destination, event) -> True to lose that delivery
+        self.drop: Any = None
         self.cores = {n: self.boot(n) for n in NAMES}
 
     def boot(self, name: str) -> NodeCore:
@@ -108,7 +110,7 @@ class World:
                 (dst, key), self.now = due  # type: ignore[misc]
                 del self.timers[(dst, key)]
                 ev = TimerFired(key)
-            if dst in self.cores:
+            if dst in self.cores and not (self.drop is not None and self.drop(dst, ev)):
                 self.apply(dst, self.cores[dst].handle(self.now, ev))
 
     def call(self, name: str, fn: Any) -> Any:
@@ -260,3 +262,26 @@ def test_commands_ready_together_are_signed_together_and_complete_one_by_one() -
     results = dict(w.done["dc2"])
     assert [results[r].ok for r in again] == [True, True]
     assert len(w.cores["dc3"].ledger.vms) == 10
+
+
+def test_the_node_hears_of_its_command_once_its_own_ledger_holds_it() -> None:
+    """f+1 replies can arrive before this DC's replica executes the command; the node
+    reports the result only once its own ledger has it (read your writes: an import is
+    followed by a migration planned against this DC's ledger)."""
+    w = World(6)
+    heard: list[tuple[int, str | None]] = []
+    core = w.cores["dc4"]
+    core.on_ledger_done = lambda rid, res: heard.append((rid, core.ledger.owner("vm9")))
+
+    def commits_to_dc4(dst: str, ev: Any) -> bool:
+        return dst == "dc4" and isinstance(ev, Received) and b"pbft.commit" in ev.message.body
+
+    w.drop = commits_to_dc4  # dc4 cannot decide: the others' REPLYs come first
+    auth = w.ops.authorize(ImportVm("vm9", "dc4", "/m"), w.now)
+    rid, _ = w.call("dc4", lambda c, now: c.submit(now, RegisterVm("vm9", "dc4", auth)))
+    w.run(w.now + 0.5)
+    assert w.cores["dc1"].ledger.owner("vm9") == "dc4"  # committed, f+1 replied
+    assert heard == [] and core.ledger.owner("vm9") is None
+    w.drop = None  # dc4 catches up (retransmission, state transfer)
+    w.run(w.now + 10)
+    assert heard == [(rid, "dc4")]

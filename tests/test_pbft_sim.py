@@ -45,13 +45,13 @@ def test_scenario_f2(name: str) -> None:
 
 def test_equivocating_primary_is_convicted_and_replaced() -> None:
     result = run_scenario("pbft-equivocating-primary", 3)
-    assert result.ok and result.metrics["convicted_n00"] is True
+    assert result.ok and result.metrics["convicted_primary0"] is True
     assert all(v >= 1 for m, v in result.metrics["pbft"]["views"].items() if m != "n00")
 
 
 def test_twins_are_convicted_by_their_conflicting_proposals() -> None:
     result = run_scenario("pbft-twins", 2)
-    assert result.ok and result.metrics["convicted_n00"]
+    assert result.ok and result.metrics["convicted_primary0"]
 
 
 @pytest.mark.parametrize(("name", "counter"), [

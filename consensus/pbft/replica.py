@@ -40,7 +40,9 @@ commands go through :meth:`Replica.submit`; completion is a
 notifications: ``pbft.executed``, ``pbft.view-change``, ``pbft.new-view``,
 ``pbft.state-transfer``, ``pbft.byzantine`` (with an
 :class:`~consensus.pbft.evidence.EquivocationProof`), ``pbft.invalid-new-view``,
-``pbft.divergence``. :meth:`Replica.status` is for ``/api/status``.
+``pbft.divergence``, ``pbft.batch-time-refused`` (a PRE-PREPARE whose batch time
+this replica did not accept, :mod:`consensus.pbft.batch_time`). :meth:`Replica.status`
+is for ``/api/status``.
 """
 
 from __future__ import annotations

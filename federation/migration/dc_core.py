@@ -20,7 +20,9 @@ Wiring (what :mod:`federation.migration.vocabulary` asks of a node):
   result), when the step ends: what a step makes ready goes out as few requests as
   possible, as the consensus benchmark submits (issue 14 item 5). A session's
   completion comes back as :class:`LedgerRefused` if the ledger rejected it; the
-  node's own submissions complete through ``on_ledger_done``;
+  node's own submissions complete through ``on_ledger_done``, once f+1 replicas
+  answered *and* this DC's replica executed them (so the caller reads its own write
+  in this DC's ledger);
 - the sessions' other actions (VM work, rounds) are handed to the host's effects
   hook, in order with the ``Persist`` actions that must precede them.
 
@@ -106,6 +108,9 @@ class NodeCore:
         self._requests: dict[int, str] = {}
         #: node-level requests (not from a session) awaiting completion
         self.node_requests: set[int] = set()
+        #: node-level requests committed (f+1 matching replies) that this DC's replica
+        #: has not executed yet: reported once it has
+        self._unseen: dict[int, LedgerResult] = {}
         #: persisted records waiting for the replica to catch up
         self.unrestored: dict[str, bytes] = {}
         #: the ledger object and height _ledger_changes last compared (it changes only
@@ -326,6 +331,12 @@ class NodeCore:
         result = None if raw is None else wire.decode(raw, expect=(LedgerResult,))
         if rid in self.node_requests:
             self.node_requests.discard(rid)
+            if result is not None and self.replica.ledger.executed_result(self.me, rid) is None:
+                # f+1 replicas executed it, this DC's not yet. The caller reads this DC's
+                # ledger next (a migration of the VM it just imported, say): it hears of
+                # the result once its own ledger holds it (read your writes).
+                self._unseen[rid] = result
+                return []
             self.on_ledger_done(rid, result)
             return []
         mid = self._requests.pop(rid, None)
@@ -342,6 +353,8 @@ class NodeCore:
         if self._compared[0] is ledger and self._compared[1] == self.replica.last_exec:
             return []
         self._compared = (ledger, self.replica.last_exec)
+        for rid in [r for r in self._unseen if ledger.executed_result(self.me, r) is not None]:
+            self.on_ledger_done(rid, self._unseen.pop(rid))
         out: list[Action] = []
         if ledger.policy != self._policy:
             self._policy = ledger.policy

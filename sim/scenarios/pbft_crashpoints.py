@@ -172,14 +172,15 @@ def crashpoints(run: Run) -> None:
     start = 1.0
     only: str | None = None
     if focus in ("view-change", "new-view"):
+        p0 = min(names)  # the primary of view 0 (consensus.pbft.quorum orders by name)
         start = rng.uniform(1.5, 4.0)
         only = ReplicaLog.VIEW_KEY if focus == "new-view" else None
         if rng.random() < 0.5:
-            run.nemesis.crash("n00", at=start, restart_at=start + rng.uniform(2.0, 6.0))
+            run.nemesis.crash(p0, at=start, restart_at=start + rng.uniform(2.0, 6.0))
         else:
-            run.nemesis.partition(partitions.isolate("n00", names), at=start,
+            run.nemesis.partition(partitions.isolate(p0, names), at=start,
                                   until=start + rng.uniform(2.0, 6.0), label="primary cut off")
-        victims = rng.sample(names[1:], rng.randint(1, f + 1))
+        victims = rng.sample([m for m in names if m != p0], rng.randint(1, f + 1))
     elif focus == "checkpoint":
         only = ReplicaLog.CHECKPOINT_KEY
     elif focus == "transfer":

@@ -5,7 +5,8 @@ for f = 2) under a ledger workload from the correct DCs, with the checkers of
 :mod:`sim.hosts.pbft_cluster` after every event, then a quiet phase in which
 every submitted request must execute everywhere within ``quiet`` seconds.
 Byzantine replicas never exceed f; they are chosen among the DCs and, where the
-attack needs it, include the primary of view 0 (``n00``).
+attack needs it, include the primary of view 0 (:func:`primary0`: ``n00``, or the first name of a
+``--federation`` file's DCs in sorted order).
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ QUIET = 30.0
 PER_NODE = 5
 
 
+def primary0(run: Run) -> str:
+    """The primary of view 0: the first member by name (consensus.pbft.quorum)."""
+    return min(run.names())
+
+
 def _f(run: Run) -> int:
     return (run.nodes - 1) // 3
 
@@ -65,7 +71,7 @@ def normal(run: Run) -> None:
 @_pbft("pbft-primary-crash", "PBFT: the primary crashes; a view change; it restarts and catches up")
 def primary_crash(run: Run) -> None:
     _cluster(run)
-    run.nemesis.crash("n00", at=2.0, restart_at=7.0)
+    run.nemesis.crash(primary0(run), at=2.0, restart_at=7.0)
 
 
 @_pbft("pbft-minority-partition", "PBFT: f replicas cut off, then healed")
@@ -90,10 +96,11 @@ def _byzantine(run: Run, name: str, hook: Callable[..., list[tuple[str, bytes, f
 
 @_pbft("pbft-equivocating-primary", "PBFT: the primary sends different batches to backups")
 def equivocating_primary(run: Run) -> None:
-    c = _cluster(run, byzantine=("n00",))
-    _byzantine(run, "n00", Equivocate(identity_for("n00"), "n00", c.names))
-    run.metric("convicted_n00", lambda w: all(
-        "n00" in r.evidence.proofs for m in c.correct() if (r := c.replica(m))))
+    p0 = primary0(run)
+    c = _cluster(run, byzantine=(p0,))
+    _byzantine(run, p0, Equivocate(identity_for(p0), p0, c.names))
+    run.metric("convicted_primary0", lambda w: all(
+        p0 in r.evidence.proofs for m in c.correct() if (r := c.replica(m))))
 
 
 @_pbft("pbft-forged-signatures", "PBFT: a replica sends bad and borrowed signatures")
@@ -120,16 +127,18 @@ def corrupt(run: Run) -> None:
 
 @_pbft("pbft-silent-primary", "PBFT: the primary stays silent; backups change view")
 def silent_primary(run: Run) -> None:
-    _cluster(run, byzantine=("n00",))
-    _byzantine(run, "n00", Silent())
+    p0 = primary0(run)
+    _cluster(run, byzantine=(p0,))
+    _byzantine(run, p0, Silent())
 
 
 def _vc_attack(run: Run, mode: str, flood: bool) -> None:
-    c = _cluster(run, byzantine=("n00",))
-    attack = ViewChangeAttack(identity_for("n00"), "n00", c.names, run.world.rng("vc"),
+    p0 = primary0(run)
+    c = _cluster(run, byzantine=(p0,))
+    attack = ViewChangeAttack(identity_for(p0), p0, c.names, run.world.rng("vc"),
                               mode=mode, flood=flood)
     # silent as primary (forcing view changes), malicious in every view change
-    _byzantine(run, "n00", Combined(Silent((PrePrepare, Prepare, Commit)), attack))
+    _byzantine(run, p0, Combined(Silent((PrePrepare, Prepare, Commit)), attack))
 
 
 @_pbft("pbft-forged-certificates", "PBFT: VIEW-CHANGEs carry forged prepared certificates")
@@ -153,10 +162,11 @@ def view_flood(run: Run) -> None:
 def far_time(run: Run) -> None:
     # The load starts after TIME_BOUND of virtual time, so that a batch stamped behind
     # the clocks is not clamped at the epoch (0) and still within the bound.
-    c = PbftCluster(run, config=SIM_CONFIG, byzantine=("n00",))
+    p0 = primary0(run)
+    c = PbftCluster(run, config=SIM_CONFIG, byzantine=(p0,))
     c.workload(TIME_BOUND + 5.0, run.faults_until - 10.0, PER_NODE, run.rng)
-    liar = StampTime(identity_for("n00"), "n00", float(run.param("shift", 3600.0)))
-    run.nemesis.byzantine("n00", liar, at=0.0)  # type: ignore[arg-type]
+    liar = StampTime(identity_for(p0), p0, float(run.param("shift", 3600.0)))
+    run.nemesis.byzantine(p0, liar, at=0.0)  # type: ignore[arg-type]
     run.metric("refused", lambda w: {
         m: {k: r.metrics.get(f"batch_time_{k}", 0) for k in ("ahead", "behind", "backwards")}
         for m in c.correct() if (r := c.replica(m))})
@@ -183,13 +193,14 @@ class _TwinRouter:
 @_pbft("pbft-twins", "PBFT: two nodes run the primary's replica with one key (DiemBFT Twins)")
 def twins(run: Run) -> None:
     c = _cluster(run)
-    c.add_twin("n00", "n00-twin")
-    others = [m for m in c.names if m != "n00"]
-    router = _TwinRouter("n00", "n00-twin", set(run.rng.sample(others, len(others) // 2)))
+    p0 = primary0(run)
+    c.add_twin(p0, f"{p0}-twin")
+    others = [m for m in c.names if m != p0]
+    router = _TwinRouter(p0, f"{p0}-twin", set(run.rng.sample(others, len(others) // 2)))
     for name in others:
         run.world.nodes[name].tamper = router
-    run.metric("convicted_n00", lambda w: sorted(
-        m for m in c.correct() if (r := c.replica(m)) and "n00" in r.evidence.proofs))
+    run.metric("convicted_primary0", lambda w: sorted(
+        m for m in c.correct() if (r := c.replica(m)) and p0 in r.evidence.proofs))
 
 
 def _random_attack(run: Run, rng: random.Random, name: str, c: PbftCluster) -> object:
@@ -226,8 +237,9 @@ def swarm(run: Run) -> None:
     rng = run.rng
     names = run.names()
     f = _f(run)
-    pool = names[1:]
-    bad = rng.sample(pool, f - 1) + ["n00"] if rng.random() < 0.5 else rng.sample(pool, f)
+    p0 = primary0(run)
+    pool = [m for m in names if m != p0]
+    bad = rng.sample(pool, f - 1) + [p0] if rng.random() < 0.5 else rng.sample(pool, f)
     # Replicas run one instance at a time by default (PbftConfig.pipeline); half the
     # runs keep two in flight, for the interleavings of concurrent sequence numbers
     # (their own random stream, so the other draws of a seed stay as they were).
