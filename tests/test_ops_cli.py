@@ -181,12 +181,12 @@ def test_progress_and_status_rendering() -> None:
         {"id": "m-fallback", **base, "version": 3, "streams": {"direct": 4},
          "data_plane": {"v3": 1, "v1": 1}},
         {"id": "m-none", **base, "version": 1, "streams": {}, "data_plane": {}},
-        {"id": "m-target", **base, "role": "target"},
+        {"id": "m-target", **base, "role": "target", "downtime_ms": 212.4},
     ]
-    rows = {line.split()[0]: line for line in render_status(doc).splitlines()
-            if line.startswith("m-")}
+    rows = {line.split()[0]: line.rsplit(None, 1)[0] if line.endswith(" -") else line
+            for line in render_status(doc).splitlines() if line.startswith("m-")}
     assert rows["m-relayed"].endswith("1.0 MiB  via dc2, direct")
-    assert rows["m-v1"].endswith("control link") and rows["m-target"].endswith("-")
+    assert rows["m-v1"].endswith("control link") and rows["m-target"].endswith(" 212 ms")
     assert rows["m-fallback"].endswith("direct, control link") and rows["m-none"].endswith("-")
     assert "REASONS" not in render_status(doc)
     doc["migrations"].append({"id": "m-gone", **base, "ledger": "aborted", "phase": "aborted",

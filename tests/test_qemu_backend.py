@@ -30,7 +30,8 @@ def test_boot_fence_unfence_and_power_cycle(lab: QemuLab) -> None:
     assert a.info("g1").state is VmState.RUNNING and a.info("g1").epoch == 1
     assert a.guest_running("g1") and a.accel_of("g1") == "tcg"
     layout = dict(a.info("g1").layout)
-    assert layout == {"memory": 128 * 256, "disk-0": 16 * 256}
+    # the device image: what the fence saves the device state into (4 MiB)
+    assert layout == {"memory": 128 * 256, "disk-0": 16 * 256, "device": 1024}
     # The node reads guest RAM while the guest runs: the heartbeat line is in it.
     images = a.open_images("g1")
     try:

@@ -49,7 +49,8 @@ def test_create_start_console_stop_a_guest(tmp_path: Path, capsys) -> None:
                     f'memory_mib = 128\nappend = "{guest_cmdline(0, False)}"\n')
     try:
         assert main(["vm", "create", "g", *d, "--spec", str(spec)]) == 0
-        assert "g: stopped, epoch 0, 32768 pages" in capsys.readouterr().out
+        # RAM and the 4 MiB device image
+        assert "g: stopped, epoch 0, 33792 pages" in capsys.readouterr().out
         assert main(["vm", "start", "g", *d, "--accel", "tcg"]) == 0
         assert "g: running" in capsys.readouterr().out
         console = tmp_path / "vms" / "g" / "console.log"

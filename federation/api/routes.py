@@ -22,6 +22,9 @@ route                              role   body (state-changing: a signed CBOR in
                                           here, without the ledger)
 ``POST /api/vms/NAME/purge``       oper.  ``PurgeVm``: remove this DC's retained copy
                                           (a VM that left) -> 200 ``{"freed_bytes"}``
+``POST /api/vms/NAME/start|stop``  oper.  ``PowerVm``: boot or power off a qemu VM this
+                                          DC owns -> 200
+``GET /api/vms/NAME/console``      viewer the tail of a qemu VM's serial console
 ``POST /api/migrations``           oper.  ``MigrateVm`` (vm, target, source, epoch) ->
                                           202 ``{"id"}``
 ``GET /api/migrations/ID``         viewer one migration (404 if nobody knows it)
@@ -66,6 +69,7 @@ from federation.api.dashboard import PAGE
 from federation.api.door import Caller
 from federation.node.errors import LedgerTimeout, NodeError, UnknownMigration
 from federation.node.imports import ImportRefused
+from federation.node.intents import PowerVm
 from federation.node.metrics import NodeCollector
 from federation.node.status import migration_status, peer_problems, policy_doc, status
 from federation.vms.retention import PurgeVm
@@ -236,6 +240,12 @@ async def _route(node: Node, caller: Caller, method: str, path: str,
         info = await node.import_vm(intent.vm, caller.request.authorization)
         return _json(201, {"name": info.name, "epoch": info.epoch, "state": info.state.value,
                            "layout": info.layout})
+    if method == "POST" and path.startswith("/api/vms/") and path.endswith(("/start", "/stop")):
+        vm, _, verb = _tail(path, "/api/vms/").rpartition("/")
+        _intent(caller, PowerVm)
+        assert caller.request is not None
+        info = await node.power_vm(vm, verb == "start", caller.request.authorization)
+        return _json(200, {"name": info.name, "epoch": info.epoch, "state": info.state.value})
     if method == "POST" and path.startswith("/api/vms/") and path.endswith("/purge"):
         vm = _tail(path[:-len("/purge")], "/api/vms/")
         intent = _intent(caller, PurgeVm)
@@ -289,6 +299,9 @@ def _read(node: Node, path: str) -> Answer:
         return _json(200, status(node))
     if path == "/api/vms":
         return _json(200, status(node)["vms"])
+    if path.startswith("/api/vms/") and path.endswith("/console"):
+        vm = _tail(path[:-len("/console")], "/api/vms/")
+        return _json(200, {"name": vm, "console": node.console(vm)})
     if path == "/api/policy":
         return _json(200, policy_doc(node.need_core().ledger.policy))
     if path.startswith("/api/imports/"):

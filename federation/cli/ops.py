@@ -479,6 +479,13 @@ def data_path(migration: dict[str, Any]) -> str:
     return ", ".join(via) or "-"
 
 
+def downtime(migration: dict[str, Any]) -> str:
+    """The guest's measured downtime (stop at the source to cont here), known at the
+    target of a qemu VM's migration; "-" elsewhere."""
+    ms = migration.get("downtime_ms")
+    return "-" if ms is None else f"{ms:.0f} ms"
+
+
 def render_status(doc: dict[str, Any]) -> str:
     led = doc["ledger"]
     if "unavailable" in led:
@@ -508,10 +515,12 @@ def render_status(doc: dict[str, Any]) -> str:
     vms += [[v["name"], _s(v["owner"]), _s(v["epoch"]), _s(v["here"]), _s(v["migrating"])]
             for v in doc["vms"]]
     out += [table(vms) if len(vms) > 1 else "no VMs", ""]
-    migs = [["MIGRATION", "VM", "FROM", "TO", "LEDGER", "PHASE", "ROUND", "SENT", "PATH"]]
+    migs = [["MIGRATION", "VM", "FROM", "TO", "LEDGER", "PHASE", "ROUND", "SENT", "PATH",
+             "DOWNTIME"]]
     migs += [[m["id"], _s(m.get("vm")), _s(m.get("source")), _s(m.get("target")),
               _s(m.get("ledger")), _s(m.get("phase")), _s(m.get("round")),
-              _human(m.get("bytes_sent") or 0), data_path(m)] for m in doc["migrations"]]
+              _human(m.get("bytes_sent") or 0), data_path(m), downtime(m)]
+             for m in doc["migrations"]]
     out.append(table(migs) if len(migs) > 1 else "no migrations")
     # why each aborted migration aborted: the ledger's reason (the deciding DC's words),
     # else this side's; one line each, since a reason does not fit a column

@@ -2,7 +2,8 @@
 
 The node (:class:`federation.node.assembly.Node`) joins the control mesh, runs gossip and
 routes, its PBFT replica and ledger, the migration sessions over the ``image`` VM
-backend and the data plane, and serves the HTTP API on the DC's ``api`` endpoint, where
+backend (and the ``qemu`` backend, per VM, when its node config has a ``[qemu]`` table)
+and the data plane, and serves the HTTP API on the DC's ``api`` endpoint, where
 every request is an operator's signed request (federation.api.door). Its own settings
 (import directories, the metrics token) are in its node config
 (:mod:`federation.node.node_config`).
@@ -14,6 +15,7 @@ in-flight migration from ``--data-dir``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import signal
 from collections.abc import Callable
@@ -25,7 +27,7 @@ from consensus.pbft.durable import LogFormatError
 from federation import config
 from federation.api.http import open_api, serve_node
 from federation.cli.main import CommandError
-from federation.node.assembly import Node
+from federation.node.assembly import DOWNTIME_LIMIT, Node
 from federation.node.data_lock import DataDirLock
 from federation.node.errors import NodeError
 from federation.node.node_config import (
@@ -37,14 +39,17 @@ from federation.node.node_config import (
 from federation.node.private_dir import private_dir
 from federation.vms.at_rest_key import AtRestKeyError, load_or_create
 from federation.vms.at_rest_key import default_key_path as default_key_path_at_rest
-from federation.vms.backend import VmBackend
+from federation.vms.backend import VmBackend, VmError
+from federation.vms.image_backend import ImageBackend
+from federation.vms.per_vm import PerVmBackend
+from federation.vms.qemu_backend import QemuBackend
 from federation.vms.sealed_image import is_sealed
 from federation.vms.sealing import SealKey
 from mesh import identity
 from mesh.runtime.node_runtime import ListenError
 from mesh.runtime.sqlite_store import StoreError
 
-__all__ = ["register", "add_node_arguments", "run_node", "default_key_path"]
+__all__ = ["register", "add_node_arguments", "run_node", "default_key_path", "node_backend"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -101,11 +106,15 @@ def run_node(args: argparse.Namespace,
         raise CommandError(str(exc)) from None
     try:
         seal_key, made, budget = _at_rest(settings, key_path, data_dir)
-        vms = backend(data_dir) if backend is not None else None
+        vms = (backend(data_dir) if backend is not None
+               else node_backend(data_dir, settings, seal_key, budget)
+               if settings.qemu is not None else None)
+        limit = (DOWNTIME_LIMIT if settings.qemu is None
+                 else settings.qemu.downtime_limit_ms / 1000)
         node = Node(fed, args.name, ident, data_dir, backend=vms,
                     import_dirs=settings.import_dirs, lock=lock,
                     request_timeout=settings.request_timeout, at_rest_key=seal_key,
-                    retained_max=budget)
+                    retained_max=budget, downtime_limit=limit)
         if made is not None:
             node.log.event("at_rest_key_made", path=str(made),
                            note="back it up with the identity key: the VM images here "
@@ -116,7 +125,7 @@ def run_node(args: argparse.Namespace,
     except OSError as exc:
         lock.release()
         raise CommandError(f"{data_dir}: {exc.strerror or exc}") from None
-    except (StoreError, NodeError) as exc:
+    except (StoreError, NodeError, VmError) as exc:
         lock.release()
         raise CommandError(str(exc)) from None
     except LogFormatError as exc:
@@ -129,6 +138,24 @@ def run_node(args: argparse.Namespace,
     finally:
         node.close()
     return 0
+
+
+def node_backend(data_dir: Path, settings: NodeConfig, seal_key: SealKey | None = None,
+                 retain_bytes: int | None = None) -> VmBackend:
+    """The VMs of a node whose config has a ``[qemu]`` table: image files under
+    ``<data dir>/vms``, qemu guests under ``<data dir>/qemu`` with their RAM on tmpfs
+    (``ram_dir``, default ``/dev/shm/dwcp-qemu-UID/<hash of the data dir>``), chosen per
+    VM (:mod:`federation.vms.per_vm`); both seal what they retain with ``seal_key``."""
+    q = settings.qemu
+    assert q is not None, "a node config with a [qemu] table"
+    ram = q.ram_dir
+    if ram is None:
+        tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
+        ram = Path("/dev/shm") / f"dwcp-qemu-{os.getuid()}" / tag
+    qemu = QemuBackend(data_dir / "qemu", ram, accel=q.accel, seal_key=seal_key,
+                       guest_files=q.guest_files, allowed_args=q.allowed_args)
+    return PerVmBackend(ImageBackend(data_dir / "vms", seal_key=seal_key,
+                                     retain_bytes=retain_bytes), qemu)
 
 
 def _at_rest(settings: NodeConfig, identity_key: Path,

@@ -39,6 +39,7 @@ from federation.vms.backend import VmBackend
 from federation.vms.sealing import KEY_SIZE, SealKey
 from mesh.channel import SecureChannel
 from mesh.hde.image import ImageWriter
+from mesh.hde.index import PageIndex
 from mesh.links.control_plane import MeshControl
 from mesh.links.routes import BULK
 from mesh.runtime.log import JsonLog
@@ -61,6 +62,7 @@ class V3DataPlane:
         backend: VmBackend,
         incoming: Callable[[str], dict[str, ImageWriter] | None],
         data_dir: Path,
+        index_of: Callable[[str, str], PageIndex] | None = None,
         log: JsonLog,
         report: Callable[[object], None],
         seal_shadows: bool = False,
@@ -76,7 +78,8 @@ class V3DataPlane:
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hde")
         self.receiver = V3Receiver(
             backend=backend, new_channel=lambda: self._channel(None), send=runtime.send,
-            incoming=incoming, report=report, log=log, executor=self.executor)
+            incoming=incoming, report=report, log=log, executor=self.executor,
+            index_of=index_of)
         self.sender = V3Sender(
             shadow_dir=data_dir / "v3-shadow", backend=backend, send=runtime.send,
             connector=self._connector, new_channel=self._channel, level_for=self._level_for,

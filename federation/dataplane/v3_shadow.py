@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from federation.dataplane.v3_protocol import SAMPLE_PAGES
+from federation.vms.dirty_scan import SentDigests
 from federation.vms.sealed_image import SealedWriter
 from federation.vms.sealing import SealKey
 from mesh.hde.image import PAGE_SIZE, ImageWriter, create_image
@@ -37,6 +38,12 @@ class SourceState:
         self.scratch_key = scratch_key
         self.shadows: dict[str, ImageWriter] = {}
         self.verified: dict[str, tuple[bytes, PageIndex]] = {}
+        #: for a backend that finds dirty pages by content (``rescans_dirty``): the digests
+        #: of what the shadow holds, so a round sends every page that differs from it
+        self.sent: dict[str, SentDigests] = {}
+        #: per image the shadow pages changed since the last verified round's index: the
+        #: next index is that one refreshed over them (never a pass over the shadow)
+        self.unindexed: dict[str, set[int]] = {}
         self.level: int | None = None
         self.mode = ""
 
@@ -54,6 +61,8 @@ class SourceState:
             img.close()
         self.shadows = {}
         self.verified = {}
+        self.sent = {}
+        self.unindexed = {}
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

@@ -40,6 +40,8 @@ from federation.migration.round_events import (
 )
 from federation.migration.round_messages import V3Hde, transfer_id
 from federation.vms.backend import VmBackend, VmError
+from federation.vms.dirty_scan import SentDigests
+from federation.vms.per_vm import dirty_by_content
 from federation.vms.sealing import SealKey
 from mesh import wire
 from mesh.amst.receiver import AmstError
@@ -163,7 +165,10 @@ class V3RoundSender:
         the round covers, per image the old bytes of the pages that changed, and the new
         dirty generation."""
         a, b, st = self.action, self.backend, self.state
-        mark = b.dirty_mark(a.vm)  # before reading: a later write shows in the next round
+        rescans = dirty_by_content(b, a.vm)
+        # before reading: a later write shows in the next round (a VM tracked by content
+        # compares with its shadow instead, after the first round: no scan here)
+        mark = a.since if rescans and a.since is not None else b.dirty_mark(a.vm)
         layout = b.info(a.vm).layout
         live = b.open_images(a.vm)
         try:
@@ -173,9 +178,24 @@ class V3RoundSender:
                     for p in range(0, count, COPY_PAGES):
                         n = min(COPY_PAGES, count - p)
                         st.shadows[name].copy(live[name], p, p, n)
+                    if rescans:
+                        st.sent[name] = SentDigests(st.shadows[name])
                 return sum(c for _, c in layout), {}, mark
             olds: dict[str, dict[int, bytes]] = {}
             covered = 0
+            if rescans:
+                # what differs from the shadow, whatever the guest wrote when (an A, B, A
+                # page between two scans is found here, federation.vms.dirty_scan)
+                for name in sorted(st.shadows):
+                    shadow, src, old = st.shadows[name], live[name], olds.setdefault(name, {})
+                    pages = st.sent[name].changed(src)
+                    for p in pages:
+                        old[p] = bytes(shadow.view(p))
+                        shadow.write(p, src.view(p))
+                    st.sent[name].copied(shadow, pages)
+                    st.unindexed.setdefault(name, set()).update(pages)
+                    covered += len(pages)
+                return covered, olds, mark
             for name, pages in b.dirty_since(a.vm, a.since).items():
                 shadow, src, old = st.shadows[name], live[name], olds.setdefault(name, {})
                 for p in pages:
@@ -183,13 +203,27 @@ class V3RoundSender:
                     if shadow.view(p) != src.view(p):
                         old[p] = bytes(shadow.view(p))
                         shadow.write(p, src.view(p))
+                        st.unindexed.setdefault(name, set()).add(p)
             return covered, olds, mark
         finally:
             for img in live.values():
                 img.close()
 
     def _indexes(self) -> dict[str, PageIndex]:
-        return {n: build_index(img, self._executor) for n, img in self.state.shadows.items()}
+        """Each shadow's index: the last verified one refreshed over the pages changed
+        since (a copy: the verified one stays the round's XOR reference), or built whole
+        in a migration's first round."""
+        st = self.state
+        out = {}
+        for n, img in st.shadows.items():
+            held = st.verified.get(n)
+            if held is None:
+                out[n] = build_index(img, self._executor)
+            else:
+                ix = held[1].copy()
+                ix.refresh(img, st.unindexed.get(n, ()), self._executor)
+                out[n] = ix
+        return out
 
     # ------------------------------------------------------------------ the round
 
@@ -241,6 +275,7 @@ class V3RoundSender:
             feed.close()
         for name, s in zip(names, sources, strict=True):
             st.verified[name] = (s.index.root, s.index)
+        st.unindexed = {}
         figures = {"level": level, "mode": st.mode, "chunks": feed.frames,
                    "chunk_bytes": feed.frame_bytes, "control_bytes": self.control_bytes,
                    "resent": self.resent, "replayed": feed.replayed, "streams": self.streams}

@@ -117,8 +117,9 @@ class _Round:
                         body = wire.encode(a.message)
                         self.receiver.send(self.peer, V3Hde(self.mid, self.round, i, body))
                     elif isinstance(a, RecomputeRoot):
-                        ix = await trio.to_thread.run_sync(build_index, self.writers[i],
-                                                           self.receiver.executor)
+                        # refreshed over what this migration wrote since (federation.vms.roots)
+                        ix = await trio.to_thread.run_sync(self.receiver.index_of, self.mid,
+                                                           self.names[i])
                         self.indexes[i] = ix
                         events.append(RootRecomputed(a.transfer, bytes(ix.levels[0]), ix.root))
                     elif isinstance(a, Notify) and a.kind == "hde.verified":
@@ -160,8 +161,11 @@ class V3Receiver:
         report: Callable[[object], None],
         log: JsonLog,
         executor: Executor | None = None,
+        index_of: Callable[[str, str], PageIndex] | None = None,
     ) -> None:
         self.backend = backend
+        #: (migration id, image) -> the incoming image's current index
+        self.index_of = index_of if index_of is not None else self._build_index
         self.server = AmstServer(new_channel)
         self.send = send
         self.incoming = incoming
@@ -195,7 +199,7 @@ class V3Receiver:
         store = self.stores.get(mid)
         if store is None:
             store = self.stores[mid] = await trio.to_thread.run_sync(self._new_store, a.vm,
-                                                                     writers)
+                                                                     mid, writers)
         r = _Round(self, a, [writers[n] for n in a.images], store)
         for old in [k for k in self.rounds if k[0] == mid]:  # an earlier round is over
             self._drop(old)
@@ -205,7 +209,14 @@ class V3Receiver:
         assert self.nursery is not None
         self.nursery.start_soon(r.consume)
         self.report(V3Accepted(a.peer, mid, a.round))
-    def _new_store(self, vm: str, writers: dict[str, ImageWriter]) -> _Store:
+    def _build_index(self, mid: str, image: str) -> PageIndex:
+        """An incoming image's index hashed whole (a receiver without a shared index)."""
+        writers = self.incoming(mid)
+        if writers is None or image not in writers:
+            raise VmError(f"migration {mid!r}: no incoming image {image!r}")
+        return build_index(writers[image], self.executor)
+
+    def _new_store(self, vm: str, mid: str, writers: dict[str, ImageWriter]) -> _Store:
         """Worker thread: index every other VM held here and the copy of ``vm`` already in
         the incoming images (an earlier copy of it, or nothing), for dedup and as bases."""
         store = _Store()
@@ -221,7 +232,7 @@ class V3Receiver:
                 store.opened.append(img)
                 store.pages.add(f"{info.name}/{name}", img, build_index(img, self.executor))
         for name, w in sorted(writers.items()):
-            store.pages.add(f"{vm}/{name}", w, build_index(w, self.executor))
+            store.pages.add(f"{vm}/{name}", w, self.index_of(mid, name))
         return store
 
     def _drop(self, key: tuple[str, int]) -> None:

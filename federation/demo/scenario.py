@@ -139,7 +139,11 @@ class Demo:
               f"({ms(trio.current_time() - t0)}: staged copy + PBFT register)")
         return doc
 
-    async def migrate(self, vm: str, src: str, dst: str) -> dict[str, Any]:
+    async def migrate(self, vm: str, src: str, dst: str,
+                      budget: float | None = None) -> dict[str, Any]:
+        """Migrate ``vm`` through ``src``'s API, printing progress, until it commits (a
+        failure if it aborts or takes longer than ``budget`` seconds, by default one
+        from the VM's size)."""
         began = trio.current_time()
         try:
             intent = await trio.to_thread.run_sync(migrate_request, self.apis[src], vm, dst)
@@ -165,9 +169,10 @@ class Demo:
                 last, shown = line, got
             if doc.get("outcome") is not None:
                 break
-            budget = BUDGET_BASE + (doc.get("total_bytes") or 0) * BUDGET_PER_BYTE
-            if trio.current_time() - began > budget:
-                raise self.fail(f"migration {mid} did not end in {budget:.0f} s "
+            bound = budget if budget is not None else (
+                BUDGET_BASE + (doc.get("total_bytes") or 0) * BUDGET_PER_BYTE)
+            if trio.current_time() - began > bound:
+                raise self.fail(f"migration {mid} did not end in {bound:.0f} s "
                                 f"(phase {doc.get('phase')}, round {doc.get('round')})")
             await trio.sleep(POLL)
         doc["elapsed"] = trio.current_time() - began

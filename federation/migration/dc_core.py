@@ -171,7 +171,8 @@ class NodeCore:
     def plan_migration(
         self, now: float, migration_id: str, vm: str, target: str,
         layout: tuple[tuple[str, int], ...], local_versions: tuple[int, ...],
-        peer_versions: tuple[int, ...], authorization: Authorization,
+        peer_versions: tuple[int, ...], authorization: Authorization, machine: bytes = b"",
+        downtime_limit: float | None = None,
     ) -> list[Action]:
         """Start migrating ``vm`` (owned here per the ledger) to ``target``, on the
         operator's signed request ``authorization`` (a ``MigrateVm`` intent)."""
@@ -186,7 +187,8 @@ class NodeCore:
             raise MigrationError(f"migration {migration_id!r} exists")
         session = SourceSession.plan(
             self.me, migration_id, vm, target, epoch, layout, limits_for(self.mode_of(target)),
-            ledger.policy, local_versions, peer_versions, authorization, self.regions,
+            ledger.policy, local_versions, peer_versions, authorization,
+            regions=self.regions, machine=machine, downtime_limit=downtime_limit,
         )
         self.sessions[migration_id] = self._adopt(session)
         return self._end_step(now, self._session_out(now, session, session.start(now)))

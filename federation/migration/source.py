@@ -81,6 +81,9 @@ class SourceSession(SessionBase):
                  regions: Mapping[str, str] | None = None, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.policy = policy
+        #: the VM's machine spec the offer carries (not persisted: a source restored
+        #: before its offer was answered aborts, federation.migration.restore)
+        self.machine = b""
         #: DC -> region, from the federation file (the policy's region targets)
         self.regions = dict(regions or {})
 
@@ -98,6 +101,8 @@ class SourceSession(SessionBase):
         local_versions: Sequence[int],
         peer_versions: Sequence[int],
         authorization: Authorization,
+        machine: bytes = b"",
+        downtime_limit: float | None = None,
         regions: Mapping[str, str] | None = None,
     ) -> SourceSession:
         """A new migration of ``vm`` (owned here at ``epoch``) to ``target``, on the
@@ -109,10 +114,15 @@ class SourceSession(SessionBase):
             raise MigrationError(f"VM {vm!r}: no images to migrate")
         version = choose_version(policy, vm, me, target, local_versions, peer_versions,
                                  regions)
+        if downtime_limit is not None:
+            # a running guest's own limit (the qemu backend: QEMU's 300 ms downtime-limit)
+            # where it is tighter than the link mode's
+            limits = PrecopyLimits(limits.max_rounds, min(limits.downtime, downtime_limit))
         common = set(local_versions) & set(peer_versions)
         session = cls(me, migration_id, vm, me, target, epoch, limits, version, sorted(common),
                       layout, policy=policy, regions=regions)
         session.authorization = authorization
+        session.machine = machine
         return session
 
     def begin_command(self) -> BeginMigration:
@@ -175,7 +185,7 @@ class SourceSession(SessionBase):
         layout = tuple(ImageSize(n, c) for n, c in self.layout)
         return Send(self.target, MigrationOffer(
             self.migration_id, self.vm, self.source, self.target, self.epoch, layout,
-            self.version,
+            self.version, self.machine,
         ))
 
     def _round_done(self, final: bool) -> Send:
@@ -243,7 +253,12 @@ class SourceSession(SessionBase):
             return [self.persist(), *self.cancel("stall"), self._round_done(True),
                     self.timer("retransmit", now + RETRANSMIT), self.progress()]
         out: list[Action] = [self._round_done(False)]
-        if self.eta <= self.limits.downtime or self.round + 1 >= self.limits.max_rounds:
+        # A machine (a running guest) fences only after an incremental round: round 1's
+        # throughput counts the pages the target already held, the final round's cost per
+        # changed page is what an incremental round measures (docs/qemu.md, "Downtime").
+        first = bool(self.machine) and self.round < 2
+        if (self.eta <= self.limits.downtime and not first) \
+                or self.round + 1 >= self.limits.max_rounds:
             self.fenced = True
             self.phase = Phase.FENCED
             # the fence includes hashing the stopped images for the root

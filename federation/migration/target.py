@@ -211,5 +211,5 @@ class TargetSession(SessionBase):
         self.version = offer.version
         self.phase = Phase.PRECOPY
         return [self.persist(), PrepareIncoming(self.vm, self.migration_id, self.layout,
-                                                self.version),
+                                                self.version, offer.machine),
                 ready, self.timer("stall", now + STALL_TIMEOUT), self.progress()]

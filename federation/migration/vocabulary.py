@@ -94,6 +94,7 @@ __all__ = [
     "Progress",
     "Outcome",
     "ImageSize",
+    "MAX_MACHINE_SPEC",
     "MigrationOffer",
     "MigrationReady",
     "MigrationRoundDone",
@@ -385,6 +386,8 @@ class PrepareIncoming:
     migration_id: str
     layout: tuple[tuple[str, int], ...]
     version: int
+    #: the source's machine spec (VmBackend.machine_spec; b"": the images are the VM)
+    machine: bytes = b""
 
 
 @attrs.frozen
@@ -445,6 +448,8 @@ MigrationAction = (
 # --------------------------------------------------------------------------- wire
 
 _ID = Text(128)
+#: A machine spec rides in the offer: a qemu VmSpec is a few hundred bytes of JSON.
+MAX_MACHINE_SPEC = 8192
 _VM = Text(128)
 _DC = Text(64)
 
@@ -466,6 +471,9 @@ class MigrationOffer:
     epoch: int = field(U64())
     layout: tuple[ImageSize, ...] = field(ListOf(Struct(ImageSize), 64))
     version: int = field(U64(255))
+    #: what the target needs besides the images to run the VM (the qemu backend's spec;
+    #: b"" for the image backend); the target's backend checks it against its own policy
+    machine: bytes = field(Bytes(MAX_MACHINE_SPEC), default=b"")
 
 
 @wire.message("migration.ready")

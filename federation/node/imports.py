@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,11 +32,12 @@ import trio
 
 from federation.node.errors import NodeError
 from federation.vms.backend import VmBackend, VmError, VmState, check_vm_name
+from federation.vms.qemu_spec import VmSpec
 from mesh.hde.image import PAGE_SIZE
 from mesh.runtime.log import JsonLog
 
 __all__ = ["ImportDirs", "ImportRefused", "Staged", "ImportStaging", "STAGED", "COPYING",
-           "FAILED"]
+           "FAILED", "is_spec"]
 
 COPYING, STAGED, FAILED = "copying", "staged", "failed"
 
@@ -71,8 +73,9 @@ class ImportDirs:
         return ImportRefused(f"{field}: {text!r} is not a file under this node's import "
                              f"directories ({self}; [storage] import_dirs of its node config)")
 
-    def open(self, field: str, text: str) -> int:
-        """A read-only descriptor of the regular file ``text`` names, or ImportRefused."""
+    def open(self, field: str, text: str, pages: bool = True) -> int:
+        """A read-only descriptor of the regular file ``text`` names, or ImportRefused
+        (``pages``: its size must be a positive multiple of the page size)."""
         if not os.path.isabs(text) or ".." in Path(text).parts or "\x00" in text:
             raise self._refuse(field, text)
         real = os.path.realpath(text)
@@ -102,7 +105,7 @@ class ImportDirs:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise self._refuse(field, text)
-        if st.st_size == 0 or st.st_size % PAGE_SIZE:
+        if pages and (st.st_size == 0 or st.st_size % PAGE_SIZE):
             os.close(fd)
             raise ImportRefused(f"{field}: {text} is {st.st_size} bytes, not a positive "
                                 f"multiple of {PAGE_SIZE}")
@@ -124,6 +127,13 @@ class Staged:
                 "state": self.state, "error": self.error or None}
 
 
+def is_spec(memory: str) -> bool:
+    """An import whose ``memory`` names a TOML file creates a qemu VM from that spec
+    (docs/qemu.md): the spec's kernel and initramfs are the node's own files, under its
+    ``[qemu] guest_files``; its disks are the import's ``disks``."""
+    return memory.endswith(".toml")
+
+
 class ImportStaging:
     """The imports of one node: the copy into the backend as a STOPPED VM, confined to
     ``dirs``; the register that follows is the node's (:meth:`Node.import_vm`)."""
@@ -134,6 +144,20 @@ class ImportStaging:
         self.log = log
         self.copies: dict[str, Staged] = {}
         self._done: dict[str, trio.Event] = {}
+
+    def _create(self, staged: Staged, spec_file: Path, disks: list[Path]) -> None:
+        """Worker thread: a qemu VM from the spec in ``spec_file`` (its ``disks`` key is
+        refused: a node copies only the disks the operator's request names)."""
+        where = f"{staged.memory}"
+        try:
+            doc = tomllib.loads(spec_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise VmError(f"{where}: {exc}") from None
+        if "disks" in doc:
+            raise VmError(f"{where}.disks: at a node the disks are the request's own "
+                          "(dwcp vm create --node sends the spec's disks as such)")
+        spec = VmSpec.from_dict(doc, where)
+        self.backend.create(staged.vm, spec, disks)  # type: ignore[attr-defined]
 
     async def changed(self, vm: str) -> None:
         """Until the copy of ``vm`` under way (if any) has ended."""
@@ -168,9 +192,12 @@ class ImportStaging:
             raise NodeError(f"VM {vm!r} already exists here")
         except VmError:
             pass
+        if is_spec(memory) and not callable(getattr(self.backend, "create", None)):
+            raise NodeError(f"VM {vm!r}: {memory} is a qemu VM spec and this node runs no "
+                            "qemu backend (a [qemu] table in its node config)")
         fds: list[int] = []
         try:
-            fds.append(self.dirs.open("memory", memory))
+            fds.append(self.dirs.open("memory", memory, pages=not is_spec(memory)))
             for i, d in enumerate(disks):
                 fds.append(self.dirs.open(f"disks[{i}]", d))
         except BaseException:
@@ -186,8 +213,11 @@ class ImportStaging:
         ``staged``. The backend's import is itself atomic (a crash leaves no VM)."""
         paths = [Path(f"/proc/self/fd/{fd}") for fd in fds]
         try:
-            await trio.to_thread.run_sync(self.backend.import_vm, staged.vm, paths[0],
-                                          paths[1:])
+            if is_spec(staged.memory):
+                await trio.to_thread.run_sync(self._create, staged, paths[0], paths[1:])
+            else:
+                await trio.to_thread.run_sync(self.backend.import_vm, staged.vm, paths[0],
+                                              paths[1:])
         except (VmError, OSError) as exc:
             staged.state, staged.error = FAILED, str(exc)
             self.log.event("vm_import_failed", vm=staged.vm, error=str(exc))

@@ -13,6 +13,18 @@
 
     [ledger]
     request_timeout = 30    # seconds an operation waits for the ledger, then "pending"
+    [qemu]                                # present: this node runs qemu guests too
+    guest_files = ["/srv/dwcp/guests"]    # kernels and initramfs a guest may boot from
+    allowed_args = ["-cpu", "qemu64"]     # the only extra QEMU arguments a spec may carry
+    accel = "auto"                        # auto (KVM where a guest boots), kvm or tcg
+    ram_dir = "/dev/shm/dwcp-dc1"         # guest RAM files: tmpfs (default under /dev/shm)
+    downtime_limit_ms = 300               # the downtime a guest's migration aims at
+
+With a ``[qemu]`` table the node's VMs live in two backends, chosen per VM
+(:mod:`federation.vms.per_vm`): imported image files in the ``image`` backend, guests
+created from a spec (``dwcp vm create --node``) or arriving by migration with one in the
+``qemu`` backend. ``guest_files`` and ``allowed_args`` bound what a spec may ask of this
+host, whether an operator's or a migration source's.
 
 ``dwcp node --node-config FILE`` (default ``<federation file's dir>/nodes/<DC>.toml``
 when it exists, which ``dwcp federation init`` writes). The federation file is the same
@@ -32,8 +44,8 @@ import attrs
 
 from federation.vms.retention import parse_size
 
-__all__ = ["NodeConfig", "NodeConfigError", "load_node_config", "render_node_config",
-           "default_node_config", "DEFAULT_REQUEST_TIMEOUT"]
+__all__ = ["NodeConfig", "QemuSettings", "NodeConfigError", "load_node_config",
+           "render_node_config", "default_node_config", "DEFAULT_REQUEST_TIMEOUT"]
 
 #: PbftConfig's client timeout: 30 s, well above a view change (~2.1 s on loopback,
 #: docs/BENCHMARKS.md) and the WAN round trips of a commit, so a request that is merely
@@ -46,6 +58,19 @@ MAX_REQUEST_TIMEOUT = 100.0
 
 class NodeConfigError(Exception):
     """A node config that cannot be used; the message names the file and the field."""
+
+
+@attrs.frozen
+class QemuSettings:
+    #: directories a qemu VM's kernel and initramfs must lie under
+    guest_files: tuple[Path, ...] = ()
+    #: the extra QEMU arguments a spec may carry (each one must be in this list)
+    allowed_args: tuple[str, ...] = ()
+    accel: str = "auto"
+    #: where guest RAM files go (None: under /dev/shm, see federation.cli.run_node)
+    ram_dir: Path | None = None
+    #: the downtime a guest's migration aims at: QEMU's default downtime-limit
+    downtime_limit_ms: int = 300
 
 
 @attrs.frozen
@@ -62,10 +87,13 @@ class NodeConfig:
     at_rest_key: Path | None = None
     #: the retained copies' budget in bytes (None: a quarter of the data file system)
     retained_max: int | None = None
+    #: the qemu backend's settings (None: the node runs the image backend only)
+    qemu: QemuSettings | None = None
 
 
 _KEYS = {"storage": {"import_dirs", "at_rest_key", "retained_max"},
-         "api": {"metrics_token_file"}, "ledger": {"request_timeout"}}
+         "api": {"metrics_token_file"}, "ledger": {"request_timeout"},
+         "qemu": {"guest_files", "allowed_args", "accel", "ram_dir", "downtime_limit_ms"}}
 
 
 def default_node_config(federation_file: Path, name: str) -> Path:
@@ -120,8 +148,31 @@ def load_node_config(path: Path) -> NodeConfig:
                 raise ValueError(f"{budget!r} is negative")
         except ValueError as exc:
             raise NodeConfigError(f"{path}: storage.retained_max: {exc}") from None
+    qemu = _qemu(path, doc["qemu"]) if "qemu" in doc else None
     return NodeConfig(str(path), dirs, token, float(timeout),
-                      here / key_file if key_file is not None else None, retained)
+                      here / key_file if key_file is not None else None, retained, qemu)
+
+
+def _qemu(path: Path, table: dict[str, object]) -> QemuSettings:
+    here = path.parent
+    files = table.get("guest_files", [])
+    if not isinstance(files, list) or not all(isinstance(d, str) and d for d in files):
+        raise NodeConfigError(f"{path}: qemu.guest_files: expected a list of paths")
+    args = table.get("allowed_args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) and a for a in args):
+        raise NodeConfigError(f"{path}: qemu.allowed_args: expected a list of strings")
+    accel = table.get("accel", "auto")
+    if accel not in ("auto", "kvm", "tcg"):
+        raise NodeConfigError(f"{path}: qemu.accel: expected auto, kvm or tcg, got {accel!r}")
+    ram = table.get("ram_dir")
+    if ram is not None and (not isinstance(ram, str) or not ram):
+        raise NodeConfigError(f"{path}: qemu.ram_dir: expected a path")
+    limit = table.get("downtime_limit_ms", 300)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 600_000:
+        raise NodeConfigError(f"{path}: qemu.downtime_limit_ms: expected 1..600000, "
+                              f"got {limit!r}")
+    return QemuSettings(tuple(here / d for d in files), tuple(args), str(accel),
+                        None if ram is None else here / ram, limit)
 
 
 def _read_token(path: Path, token_path: Path) -> str:

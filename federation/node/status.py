@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from consensus.ledger import SetPolicy
+from federation.vms.backend import VmError
 from mesh.hde.image import PAGE_SIZE
 from mesh.links.routes import BULK, CONTROL
 
@@ -44,6 +45,21 @@ def policy_doc(policy: SetPolicy) -> dict[str, Any]:
             "rolled_back": policy.rolled_back}
 
 
+def downtime_ms(node: Node, vm: str, mid: str) -> float | None:
+    """The guest's downtime in migration ``mid`` as this target measured it (the source's
+    QMP ``stop`` to this node's ``cont``), where the VM backend measures one (qemu)."""
+    arrival = getattr(node.backend, "arrival", None)
+    if not callable(arrival):
+        return None
+    try:
+        got = arrival(vm)
+    except VmError:
+        return None
+    if not got or got.get("migration_id") != mid:
+        return None
+    return float(got["downtime_ms"])
+
+
 def migration_status(node: Node, mid: str) -> dict[str, Any] | None:
     core = node.core
     view = core.migration(mid) if core is not None else None
@@ -65,6 +81,7 @@ def migration_status(node: Node, mid: str) -> dict[str, Any] | None:
         counters = node.rounds.counters
         if session.target == node.name:
             out["received_bytes"] = counters.received.get(mid, 0)
+            out["downtime_ms"] = downtime_ms(node, session.vm, mid)
         else:  # rounds delivered per data-plane version ("v1", "v3"), and the v3
             # bulk streams opened per DC that relayed them ("direct" for none)
             out["data_plane"] = dict(counters.paths.get(mid, {}))

@@ -48,10 +48,14 @@ from federation.migration.vocabulary import (
     Unfence,
     Verify,
 )
-from federation.vms.backend import VmBackend, VmError, combined_root
+from federation.vms.backend import VmBackend, VmError, VmState, combined_root
+from federation.vms.dirty_scan import SentDigests
+from federation.vms.per_vm import dirty_by_content
+from federation.vms.roots import IncomingIndexes, LiveIndex
 from federation.vms.sealed_image import SealedWriter
+from federation.vms.throttle import next_throttle
 from mesh.hde.image import Image, ImageError, ImageWriter, PageSource
-from mesh.hde.index import build_index
+from mesh.hde.index import PageIndex, build_index
 
 __all__ = ["VmActions", "images_root", "VM_ACTIONS", "VmAction", "PageAction", "PageReply"]
 
@@ -80,6 +84,91 @@ class VmActions:
         self.incoming: dict[str, dict[str, ImageWriter]] = {}
         #: migration id -> the images its running round reads (source)
         self.outgoing: dict[str, dict[str, Image]] = {}
+        #: migration id -> per image the digests of what its rounds read, for a VM whose
+        #: dirty pages are found by content (dirty_by_content): what differs from them is
+        #: what the target lacks (federation.vms.dirty_scan)
+        self.read_digests: dict[str, dict[str, SentDigests]] = {}
+        #: migration id -> per image the index of the live images kept current (a source
+        #: whose VM is tracked by content): the fence's root without hashing all of RAM
+        self.live_indexes: dict[str, dict[str, LiveIndex]] = {}
+        #: migration id -> the target's indexes of its incoming images (federation.vms.roots)
+        self.incoming_indexes: dict[str, IncomingIndexes] = {}
+        #: migration id -> (pages dirtied per round, the throttle in percent): auto-converge
+        #: of a source VM whose dirty rate does not fall (federation.vms.throttle)
+        self.converging: dict[str, tuple[list[int], int]] = {}
+
+    def incoming_index(self, migration_id: str, image: str) -> PageIndex:
+        """The current index of incoming image ``image`` of ``migration_id`` (refreshed over
+        what was written since; the v3 receiver's per-round root and Verify share it)."""
+        writers = self.incoming.get(migration_id)
+        if writers is None or image not in writers:
+            raise VmError(f"migration {migration_id!r}: no incoming image {image!r}")
+        roots = self.incoming_indexes.setdefault(migration_id, IncomingIndexes(self.executor))
+        return roots.index(image, writers[image])
+
+    def _fenced_root(self, vm: str, migration_id: str) -> bytes:
+        """The root of the fenced VM: caught up from the live index over what changed since
+        the last round (the VM is stopped: exact), else hashed whole."""
+        held = self.live_indexes.get(migration_id)
+        images = self.backend.open_images(vm)
+        try:
+            if held is None or set(held) != set(images):
+                return images_root(images, self.executor)
+            for name, img in images.items():
+                held[name].catch_up(img, self.executor)
+            return combined_root({n: held[n].index.root for n in images})
+        finally:
+            for img in images.values():
+                img.close()
+
+    def _count_dirty(self, vm: str, migration_id: str, mark: int) -> int:
+        """Pages written while the round ran: for a VM tracked by content, what changed
+        since the live index last caught up (which it does now; built at the first round's
+        end, in pre-copy), else the backend's generation."""
+        b = self.backend
+        if not dirty_by_content(b, vm):
+            return sum(len(p) for p in b.dirty_since(vm, mark).values())
+        if b.info(vm).state is VmState.FENCED:
+            return 0  # the final round's end: a stopped guest writes nothing (no scan)
+        held = self.live_indexes.get(migration_id)
+        if held is None:
+            count = sum(len(p) for p in b.dirty_since(vm, mark).values())
+            images = b.open_images(vm)
+            try:
+                self.live_indexes[migration_id] = {n: LiveIndex(img)
+                                                   for n, img in images.items()}
+            finally:
+                for img in images.values():
+                    img.close()
+            return count
+        images = b.open_images(vm)
+        try:
+            count = sum(held[n].catch_up(img, self.executor) for n, img in images.items()
+                        if n in held)
+        finally:
+            for img in images.values():
+                img.close()
+        self._converge(vm, migration_id, count)
+        return count
+
+    def _converge(self, vm: str, migration_id: str, dirtied: int) -> None:
+        """Throttle the VM more when a round dirtied about as much as the one before
+        (QEMU's auto-converge rule, federation.vms.throttle), where the backend can."""
+        throttle = getattr(self.backend, "throttle", None)
+        if not callable(throttle):
+            return
+        history, current = self.converging.get(migration_id, ([], 0))
+        history.append(dirtied)
+        wanted = next_throttle(current, history)
+        self.converging[migration_id] = (history, wanted)
+        if wanted != current:
+            throttle(vm, wanted)
+
+    def _end_converge(self, vm: str, migration_id: str) -> None:
+        _, current = self.converging.pop(migration_id, ([], 0))
+        throttle = getattr(self.backend, "throttle", None)
+        if current and callable(throttle):
+            throttle(vm, 0)
 
     def root(self, vm: str) -> bytes:
         images = self.backend.open_images(vm)
@@ -99,6 +188,7 @@ class VmActions:
             return [ActionFailed(what, f"VM {action.vm!r}: {exc}")]
 
     def _close_incoming(self, migration_id: str) -> None:
+        self.incoming_indexes.pop(migration_id, None)
         for img in self.incoming.pop(migration_id, {}).values():
             img.close()
 
@@ -125,26 +215,38 @@ class VmActions:
     def _pages(self, a: PlanRound | ReadChunk | CountDirty) -> PageReply:
         b = self.backend
         if isinstance(a, PlanRound):
-            mark = b.dirty_mark(a.vm)  # before reading: a later write shows in the next round
+            content = dirty_by_content(b, a.vm)
+            # before reading: a later write shows in the next round (a VM tracked by content
+            # compares with what was read instead, after its first round: no scan here)
+            mark = a.since if content and a.since is not None else b.dirty_mark(a.vm)
             pages: dict[str, Sequence[int]]
+            self._close_outgoing(a.migration_id)
+            live = self.outgoing[a.migration_id] = b.open_images(a.vm)
+            held = self.read_digests.get(a.migration_id)
             if a.since is None:
                 pages = {name: range(count) for name, count in b.info(a.vm).layout}
+                if content:
+                    self.read_digests[a.migration_id] = {
+                        n: SentDigests(img) for n, img in live.items()}
+            elif held is not None and set(held) == set(live):
+                pages = {n: got for n in sorted(held) if (got := held[n].changed(live[n]))}
             else:
                 pages = dict(b.dirty_since(a.vm, a.since))
-            self._close_outgoing(a.migration_id)
-            self.outgoing[a.migration_id] = b.open_images(a.vm)
             return RoundPlanned(a.migration_id, a.round, mark,
                                 tuple((n, tuple(pages[n])) for n in sorted(pages)))
         if isinstance(a, ReadChunk):
-            images = self.outgoing.get(a.migration_id)
-            if images is None or a.image not in images:
+            opened = self.outgoing.get(a.migration_id)
+            if opened is None or a.image not in opened:
                 raise VmError(f"migration {a.migration_id!r}: image {a.image!r} is not open "
                               "for its round")
-            return ChunkRead(a.migration_id, a.round, a.seq,
-                             bytes(images[a.image].view(a.first, a.count)))
+            data = bytes(opened[a.image].view(a.first, a.count))
+            digests = self.read_digests.get(a.migration_id, {}).get(a.image)
+            if digests is not None:
+                digests.read(a.first, data)
+            return ChunkRead(a.migration_id, a.round, a.seq, data)
         self._close_outgoing(a.migration_id)
-        dirty = b.dirty_since(a.vm, a.mark)
-        return DirtyCounted(a.migration_id, a.round, sum(len(p) for p in dirty.values()))
+        return DirtyCounted(a.migration_id, a.round,
+                            self._count_dirty(a.vm, a.migration_id, a.mark))
 
     def _write(self, a: WriteChunk) -> str:
         """Write a chunk into the incoming images; "" or why it was refused."""
@@ -163,17 +265,29 @@ class VmActions:
     def _do(self, a: VmAction) -> list[_Reply]:
         b = self.backend
         if isinstance(a, Fence):
+            self.converging.pop(a.migration_id, None)  # the fence ends any throttle
             b.fence(a.vm, a.migration_id)
-            return [SourceFenced(self.root(a.vm))]
+            return [SourceFenced(self._fenced_root(a.vm, a.migration_id))]
         if isinstance(a, Unfence):
+            self.read_digests.pop(a.migration_id, None)
+            self.live_indexes.pop(a.migration_id, None)
+            self._end_converge(a.vm, a.migration_id)  # aborted before its fence
             b.release_fence(a.vm, a.migration_id)
             return []
         if isinstance(a, Retire):
+            self.read_digests.pop(a.migration_id, None)
+            self.live_indexes.pop(a.migration_id, None)
             b.retire(a.vm, a.migration_id)
             return []
         if isinstance(a, PrepareIncoming):
             self._close_incoming(a.migration_id)
-            self.incoming[a.migration_id] = b.prepare_incoming(a.vm, a.layout, a.migration_id)
+            self.incoming[a.migration_id] = b.prepare_incoming(a.vm, a.layout, a.migration_id,
+                                                               a.machine)
+            # A hypervisor's process starts now, paused, not in the downtime (the qemu
+            # backend: QEMU with -incoming defer on the images being written)
+            prepare_machine = getattr(b, "prepare_machine", None)
+            if a.machine and prepare_machine is not None:
+                prepare_machine(a.vm)
             return []
         if isinstance(a, Verify):
             writers = self.incoming.get(a.migration_id)
@@ -188,7 +302,9 @@ class VmActions:
                     # verified copy; before it, the old file and a root that will not
                     # match).
                     w.flush()
-            return [TargetVerified(images_root(writers, self.executor))]
+            roots = self.incoming_indexes.setdefault(a.migration_id,
+                                                     IncomingIndexes(self.executor))
+            return [TargetVerified(roots.root(writers))]
         if isinstance(a, StartAtTarget):
             self._close_incoming(a.migration_id)
             b.start(a.vm, a.epoch)

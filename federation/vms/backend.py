@@ -55,6 +55,7 @@ __all__ = [
     "DirtySet",
     "VmBackend",
     "MEMORY",
+    "DEVICE",
     "disk_name",
     "check_vm_name",
     "check_image_name",
@@ -62,8 +63,12 @@ __all__ = [
 ]
 
 MEMORY = "memory"
+#: The image a VM's device state travels in, where a backend has one beyond its images
+#: (the qemu backend: QEMU's migration stream without RAM, saved into it at the fence), so
+#: the final round carries it and the migration's root covers it like every other byte.
+DEVICE = "device"
 _VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_IMAGE_NAME = re.compile(r"^(memory|disk-(0|[1-9][0-9]{0,3}))$")
+_IMAGE_NAME = re.compile(r"^(memory|device|disk-(0|[1-9][0-9]{0,3}))$")
 
 
 class VmError(Exception):
@@ -122,7 +127,7 @@ def check_vm_name(name: str) -> str:
 
 def check_image_name(name: str) -> str:
     if not isinstance(name, str) or not _IMAGE_NAME.match(name):
-        raise VmError(f"image name {name!r} is not 'memory' or 'disk-N'")
+        raise VmError(f"image name {name!r} is not 'memory', 'device' or 'disk-N'")
     return name
 
 

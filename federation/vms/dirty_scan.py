@@ -41,7 +41,8 @@ import xxhash
 
 from mesh.hde.image import PAGE_SIZE, PageSource
 
-__all__ = ["PageScan", "SentDigests", "scan_digests", "changed_pages", "soft_dirty_available"]
+__all__ = ["PageScan", "SentDigests", "scan_digests", "changed_pages", "group_digests",
+           "soft_dirty_available", "DIGEST", "GROUP_PAGES"]
 
 DIGEST = 8
 _xxh64 = xxhash.xxh3_64_digest
@@ -82,9 +83,11 @@ def changed_pages(old: bytes, new: bytes) -> list[int]:
 #: took 41 ms: the per-call cost dominates), and only the groups that differ are hashed
 #: page by page.
 GROUP_PAGES = 4
+#: A group digest that stands for "compare page by page" (see SentDigests.read).
+_UNKNOWN = b"\xa5" * DIGEST
 
 
-def _group_digests(image: PageSource) -> bytes:
+def group_digests(image: PageSource) -> bytes:
     out = []
     step = GROUP_PAGES * PAGE_SIZE
     for first in range(0, image.page_count, _RUN * GROUP_PAGES):
@@ -101,7 +104,7 @@ class SentDigests:
 
     def __init__(self, shadow: PageSource) -> None:
         self.page_count = shadow.page_count
-        self.groups = bytearray(_group_digests(shadow))
+        self.groups = bytearray(group_digests(shadow))
         self.pages = bytearray(scan_digests(shadow))
 
     def changed(self, live: PageSource) -> list[int]:
@@ -109,12 +112,32 @@ class SentDigests:
             raise ValueError(f"{live.page_count} pages live, {self.page_count} sent")
         out: list[int] = []
         pages = memoryview(self.pages)
-        for g in changed_pages(bytes(self.groups), _group_digests(live)):
+        for g in changed_pages(bytes(self.groups), group_digests(live)):
             first = g * GROUP_PAGES
             for p in range(first, min(first + GROUP_PAGES, self.page_count)):
                 if _xxh64(live.view(p)) != pages[p * DIGEST : (p + 1) * DIGEST]:
                     out.append(p)
         return out
+
+    def read(self, first: int, data: bytes | bytearray | memoryview) -> None:
+        """Record pages ``first``.. as sent with the bytes ``data`` (read from the live
+        image by a round that sends straight from it, without a shadow). A group only
+        partly in ``data`` gets a digest no scan yields (2^-64 odds), so the next
+        ``changed`` compares its pages one by one."""
+        mv = memoryview(data)
+        n = len(mv) // PAGE_SIZE
+        d, gd = self.pages, self.groups
+        for i in range(n):
+            p = first + i
+            d[p * DIGEST : (p + 1) * DIGEST] = _xxh64(mv[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+        for g in range(first // GROUP_PAGES, (first + n - 1) // GROUP_PAGES + 1):
+            lo = g * GROUP_PAGES
+            hi = min(lo + GROUP_PAGES, self.page_count)
+            if lo >= first and hi <= first + n:
+                digest = _xxh64(mv[(lo - first) * PAGE_SIZE : (hi - first) * PAGE_SIZE])
+            else:
+                digest = _UNKNOWN
+            gd[g * DIGEST : (g + 1) * DIGEST] = digest
 
     def copied(self, shadow: PageSource, pages: list[int]) -> None:
         d, gd = self.pages, self.groups

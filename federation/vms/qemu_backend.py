@@ -8,6 +8,8 @@
     ROOT/NAME/console.log    the serial console, appended across runs
     ROOT/NAME/qemu.log       QEMU's stderr;  qemu.pid  its pid file
     ROOT/NAME/device-state.bin   the device state saved at the last fence
+    ROOT/NAME/device.img     the image the device state travels in: the fence writes it,
+                             a migration's final round carries it, the target loads it
     RAM_ROOT/NAME/memory.img guest RAM: QEMU's memory-backend-file (share=on);
                              RAM_ROOT defaults to ROOT/.ram
     ROOT/NAME/retained/*.img a retained copy's images, sealed (with ``seal_key``)
@@ -38,15 +40,20 @@ root attaches to it again through its pid file and QMP socket.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import struct
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from federation.vms.accel import probe_accel
 from federation.vms.backend import (
+    DEVICE,
     MEMORY,
     FencedError,
     VmError,
@@ -63,6 +70,7 @@ from federation.vms.qemu_spec import QEMU, VmSpec, qemu_argv
 from federation.vms.qmp import QMPClient, QMPError
 from federation.vms.sealed_image import SealedImage, seal_file, unseal_file
 from federation.vms.sealing import SealError, SealKey
+from federation.vms.throttle import DutyCycle
 from federation.vms.vm_dir import (
     DIR_MODE,
     FILE_MODE,
@@ -85,6 +93,16 @@ __all__ = ["QemuBackend", "VmSpec"]
 
 SPEC = "vm.json"
 DEVICE_STATE = "device-state.bin"
+#: Pages of the device image: 4 MiB. QEMU's stream without RAM (x-ignore-shared) was
+#: 320-370 KB for the self-checking guest (docs/qemu.md: mostly the BIOS and option ROM
+#: blocks, which are not in the shared memory backend); the rest is zero pages, which HDE
+#: marks and never sends.
+DEVICE_PAGES = 1024
+#: The device image starts with this magic, the state's length (8 bytes, big-endian) and
+#: the wall-clock time of the source's QMP ``stop`` (a big-endian double), from which the
+#: target measures the downtime when it sends ``cont``.
+_DEVICE_MAGIC = b"DWCPDEV2"
+_DEVICE_HEADER = 24
 RETAINED = "retained"
 #: QEMU runstates in which the guest executes or will on its own.
 _RUNNING = ("running", "debug")
@@ -94,13 +112,24 @@ class QemuBackend:
     """VMs as QEMU processes under ``root`` (implements :class:`federation.vms.backend.VmBackend`).
 
     ``accel``: ``"auto"`` (KVM where a guest boots under it, else TCG:
-    :func:`federation.vms.accel.probe_accel`), ``"kvm"`` or ``"tcg"``."""
+    :func:`federation.vms.accel.probe_accel`), ``"kvm"`` or ``"tcg"``.
+
+    What a migration source's spec may ask of this host (``prepare_incoming``):
+    ``guest_files`` (None: anything) are the directories its kernel and initramfs must lie
+    in, ``allowed_args`` (None: anything) the only extra QEMU arguments it may carry. A
+    node sets both from its node config (``[qemu]``): without them a Byzantine source
+    could boot a guest on any host file and read it back."""
 
     def __init__(self, root: Path | str, ram_root: Path | str | None = None,
                  accel: str = "auto", qemu: str = QEMU,
-                 seal_key: SealKey | None = None) -> None:
+                 seal_key: SealKey | None = None, *,
+                 guest_files: Sequence[Path] | None = None,
+                 allowed_args: Sequence[str] | None = None) -> None:
         if accel not in ("auto", "kvm", "tcg"):
             raise VmError(f"accel: expected auto, kvm or tcg, got {accel!r}")
+        self.guest_files = (None if guest_files is None
+                            else tuple(os.path.realpath(d) for d in guest_files))
+        self.allowed_args = None if allowed_args is None else frozenset(allowed_args)
         self.root = Path(root)
         self.ram_root = self.root / ".ram" if ram_root is None else Path(ram_root)
         self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
@@ -109,6 +138,7 @@ class QemuBackend:
         self.qemu = qemu
         self._lock = threading.RLock()
         self._procs: dict[str, QemuProcess] = {}
+        self._throttles: dict[str, DutyCycle] = {}
         self._scans: dict[str, PageScan] = {}
         self.seal_key = seal_key
         self._attach_all()
@@ -127,7 +157,7 @@ class QemuBackend:
 
     def _disks(self, info: VmInfo) -> list[Path]:
         d = self._dir(info.name)
-        return [d / f"{img}.img" for img, _ in info.layout if img != MEMORY]
+        return [d / f"{img}.img" for img, _ in info.layout if img.startswith("disk-")]
 
     def _meta(self, name: str) -> dict[str, Any]:
         return read_meta(self._dir(name), name)
@@ -285,9 +315,7 @@ class QemuBackend:
         final = self._dir(name)
         if final.exists():
             raise VmError(f"VM {name!r} already exists in {self.root}")
-        for what in (spec.kernel, spec.initrd):
-            if not Path(what).is_file():
-                raise VmError(f"VM {name!r}: {what} is not a file")
+        self._check_spec(name, spec)
         layout = [(MEMORY, spec.memory_mib * (1 << 20) // PAGE_SIZE)]
         for i, src in enumerate(disks):
             try:
@@ -298,6 +326,7 @@ class QemuBackend:
                 raise VmError(f"VM {name!r}: disk {src} is {size} bytes, "
                               f"not a positive multiple of {PAGE_SIZE}")
             layout.append((disk_name(i), size // PAGE_SIZE))
+        layout.append((DEVICE, DEVICE_PAGES))
         staging = self.root / f".{name}.creating"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(mode=DIR_MODE)
@@ -307,6 +336,9 @@ class QemuBackend:
             os.chmod(dst, FILE_MODE)  # (inside the 0700 staging directory meanwhile)
             with open(dst, "rb") as f:
                 os.fsync(f.fileno())
+        with open(os.open(staging / f"{DEVICE}.img", os.O_RDWR | os.O_CREAT, FILE_MODE),
+                  "w+b") as f:
+            f.truncate(DEVICE_PAGES * PAGE_SIZE)
         atomic_write(staging / SPEC, spec.to_json() + b"\n")
         write_meta(staging, new_meta(name, layout, VmState.STOPPED, epoch))
         self._zero_ram(name, layout[0][1])
@@ -343,12 +375,8 @@ class QemuBackend:
                           f"is not the layout's {layout[0][1]} pages")
         if spec is None and not (d / SPEC).exists():
             raise VmError(f"VM {name!r}: a qemu target needs the source's machine spec")
-        for what in () if spec is None else (spec.kernel, spec.initrd):
-            # The spec names files of this host: the target boots nothing it does not hold.
-            # (Which files and QEMU arguments a peer may ask for is the node's policy, issue
-            # 17 second part: docs/qemu.md.)
-            if not Path(what).is_file():
-                raise VmError(f"VM {name!r}: the spec's {what} is not a file here")
+        if spec is not None:
+            self._check_spec(name, spec)
         with self._lock:
             if (d / META).exists():
                 meta = self._meta(name)
@@ -372,6 +400,24 @@ class QemuBackend:
             write_meta(d, meta)
             return writers
 
+    def _check_spec(self, name: str, spec: VmSpec) -> None:
+        """A spec (an operator's, or a migration source's) names files of this host and
+        QEMU arguments: this host boots only files under its ``guest_files`` and runs only
+        its ``allowed_args``."""
+        for field, what in (("kernel", spec.kernel), ("initrd", spec.initrd)):
+            real = os.path.realpath(what)
+            if self.guest_files is not None and not any(
+                    real != d and os.path.commonpath([real, d]) == d for d in self.guest_files):
+                raise VmError(f"VM {name!r}: the spec's {field} {what} is not under this "
+                              "node's guest file directories ([qemu] guest_files)")
+            if not Path(real).is_file():
+                raise VmError(f"VM {name!r}: the spec's {field} {what} is not a file here")
+        if self.allowed_args is not None:
+            extra = [a for a in spec.qemu_args if a not in self.allowed_args]
+            if extra:
+                raise VmError(f"VM {name!r}: the spec's qemu_args {extra} are not allowed "
+                              "here ([qemu] allowed_args)")
+
     def discard_incoming(self, name: str, migration_id: str) -> None:
         if not (self._dir(name) / META).exists():
             return  # the copy was never prepared: nothing to discard
@@ -390,6 +436,12 @@ class QemuBackend:
 
     # ------------------------------------------------------------------ dirty tracking
 
+    def dirty_by_content(self, name: str) -> bool:
+        """Dirty pages are found by comparing content (federation.vms.dirty_scan), not by
+        write events: a migration's rounds compare the live images with what they sent
+        (dirty_scan.SentDigests), not trust ``dirty_since`` (an A, B, A page looks clean)."""
+        return True
+
     def dirty_mark(self, name: str) -> int:
         images = self.open_images(name)
         try:
@@ -405,6 +457,28 @@ class QemuBackend:
         finally:
             for img in images.values():
                 img.close()
+
+    # ------------------------------------------------------------------ auto-converge
+
+    def throttle(self, name: str, percent: int) -> None:
+        """Run the guest's vCPUs only ``100 - percent`` % of the time (0: not throttled),
+        by duty-cycling its QEMU (:mod:`federation.vms.throttle`). A fence, a release and a
+        retire end it."""
+        with self._lock:
+            old = self._throttles.pop(name, None)
+            if old is not None:
+                old.stop()
+            if percent <= 0:
+                return
+            proc = self._proc(name)
+            if proc is None or self.info(name).state is not VmState.RUNNING:
+                return
+            self._throttles[name] = DutyCycle(proc.pid, percent)
+
+    def throttled(self, name: str) -> int:
+        """The VM's throttle in percent (0: none)."""
+        cycle = self._throttles.get(name)
+        return 0 if cycle is None else cycle.percent
 
     # ------------------------------------------------------------------ processes
 
@@ -444,6 +518,9 @@ class QemuBackend:
         return proc
 
     def _power_off(self, name: str) -> None:
+        cycle = self._throttles.pop(name, None)
+        if cycle is not None:
+            cycle.stop()
         proc = self._procs.pop(name, None)
         if proc is not None:
             proc.quit()
@@ -463,6 +540,9 @@ class QemuBackend:
                                       socket_path(d, "qmp"))
             if proc is None:
                 continue
+            # a node killed while it throttled the guest may have left QEMU stopped
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
             self._procs[d.name] = proc
             if info.state in (VmState.RETIRED, VmState.STOPPED):
                 self._power_off(d.name)
@@ -490,7 +570,10 @@ class QemuBackend:
                 meta["epoch"] = epoch
                 write_meta(self._dir(name), meta)
                 return info_of(meta)
+            stopped_at = 0.0
             if info.state is VmState.INCOMING:
+                if not device_state:
+                    device_state, stopped_at = self._read_device_image(name, info)
                 if not device_state:
                     raise VmError(f"VM {name!r} is incoming: it starts from the source's "
                                   "device state")
@@ -507,6 +590,7 @@ class QemuBackend:
             # Durable before the guest runs: a crash right after this write leaves a paused
             # QEMU that the next backend resumes (_attach_all), or a cold VM it boots again.
             meta = self._meta(name)
+            arrived = meta["migration_id"] if info.state is VmState.INCOMING else ""
             meta.update(state=VmState.RUNNING.value, epoch=epoch, migration_id="")
             write_meta(self._dir(name), meta)
             try:
@@ -514,6 +598,11 @@ class QemuBackend:
                     proc.qmp.execute("cont")
             except QMPError as exc:
                 raise VmError(f"VM {name!r}: QMP cont failed: {exc}") from exc
+            if arrived and stopped_at > 0:
+                downtime = max(0.0, time.time() - stopped_at)
+                meta["arrival"] = {"migration_id": arrived,
+                                   "downtime_ms": round(downtime * 1000, 1)}
+                write_meta(self._dir(name), meta)  # a report: a crash before it loses only it
             return info_of(meta)
 
     def prepare_machine(self, name: str) -> None:
@@ -532,9 +621,14 @@ class QemuBackend:
             meta = self._meta(name)
             info = info_of(meta)
             if not fence_needed(info, migration_id):
+                if info.state is VmState.FENCED and info.migration_id == migration_id:
+                    self._write_device_image(name, info)  # a crash may have cut it short
                 return info
+            self.throttle(name, 0)
             proc = self._proc(name)
             if proc is not None:
+                # the guest may stop any moment from here on: the downtime starts now
+                meta["stopped_at"] = time.time()
                 try:
                     proc.qmp.execute("stop")  # QEMU drains and flushes the disks first
                 except QMPError as exc:
@@ -543,7 +637,50 @@ class QemuBackend:
             # ledger's abort (release_fence) or commit (retire) moves it on.
             meta.update(state=VmState.FENCED.value, migration_id=migration_id)
             write_meta(self._dir(name), meta)
+            self._write_device_image(name, info_of(meta))
             return info_of(meta)
+
+    def _write_device_image(self, name: str, info: VmInfo) -> None:
+        """The fenced VM's device state into its device image (if its layout has one), so
+        the final round carries it. Idempotent: ``device_state`` saves once per migration.
+        Not synced: a crash before the final round read it fences again, which rewrites it."""
+        pages = dict(info.layout).get(DEVICE)
+        if pages is None:
+            return
+        state = self.device_state(name, info.migration_id)
+        room = pages * PAGE_SIZE - _DEVICE_HEADER
+        if len(state) > room:
+            raise VmError(f"VM {name!r}: its device state is {len(state)} bytes; the device "
+                          f"image holds {room}")
+        stopped = float(self._meta(name).get("stopped_at", 0.0))
+        raw = (_DEVICE_MAGIC + len(state).to_bytes(8, "big") + struct.pack(">d", stopped)
+               + state)
+        with open(self._image_path(name, DEVICE), "r+b") as f:
+            f.write(raw + bytes(pages * PAGE_SIZE - len(raw)))
+
+    def _read_device_image(self, name: str, info: VmInfo) -> tuple[bytes, float]:
+        """The device state a migration wrote into the incoming device image (b"": none)
+        and the wall-clock time the source stopped the guest."""
+        if DEVICE not in dict(info.layout):
+            return b"", 0.0
+        with open(self._image_path(name, DEVICE), "rb") as f:
+            head = f.read(_DEVICE_HEADER)
+            if len(head) < _DEVICE_HEADER or head[:8] != _DEVICE_MAGIC:
+                raise VmError(f"VM {name!r}: its device image holds no device state")
+            size = int.from_bytes(head[8:16], "big")
+            (stopped,) = struct.unpack(">d", head[16:24])
+            state = f.read(size)
+        if len(state) != size:
+            raise VmError(f"VM {name!r}: its device image is cut short ({len(state)} of "
+                          f"{size} bytes)")
+        return state, stopped
+
+    def arrival(self, name: str) -> dict[str, Any] | None:
+        """How the VM's last incoming migration ended here: ``migration_id`` and
+        ``downtime_ms`` (the source's ``stop`` to this ``cont``, in wall-clock time: exact
+        on one host; across hosts their clocks' offset adds to it), or None."""
+        got = self._meta(name).get("arrival")
+        return dict(got) if isinstance(got, dict) else None
 
     def device_state(self, name: str, migration_id: str) -> bytes:
         with self._lock:
@@ -571,6 +708,7 @@ class QemuBackend:
             info = info_of(meta)
             if not release_needed(info, migration_id):
                 return info
+            self.throttle(name, 0)
             proc = self._proc(name)
             if proc is None:
                 raise VmError(f"VM {name!r}: its QEMU is gone while fenced; it cannot resume "
@@ -628,6 +766,8 @@ class QemuBackend:
     def close(self, stop_guests: bool = False) -> None:
         """Let go of every QEMU (they keep running), or power them all off."""
         with self._lock:
+            for name in sorted(self._throttles):
+                self._throttles.pop(name).stop()
             for name in sorted(self._procs):
                 proc = self._procs.pop(name)
                 if stop_guests:

@@ -271,6 +271,8 @@ class SealedWriter(ImageWriter):
         if page_count <= 0:
             raise ImageError(f"image {self.name!r}: page count must be positive")
         self.scratch = scratch
+        #: pages written since the owner set it to a set (ImageWriter.written)
+        self.written: set[int] | None = None
         if scratch:
             create_sealed(self.path, key, page_count)
             fd, header = _open_fd(self.path, key, os.O_RDWR, self.name)
@@ -371,10 +373,12 @@ class SealedWriter(ImageWriter):
                              "whole pages")
         mv = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
         self._apply(page, len(mv) // PAGE_SIZE, lambda off, n: mv[off : off + n])
+        self._wrote(page, len(mv) // PAGE_SIZE)
 
     def fill(self, page: int, count: int, byte: int) -> None:
         one = bytes([byte]) * (self.header.chunk_pages * PAGE_SIZE)
         self._apply(page, count, lambda off, n: one[:n])
+        self._wrote(page, count)
 
     def copy(self, src: PageSource, src_page: int, page: int, count: int) -> None:
         if src is self and src_page == page:

@@ -136,6 +136,13 @@ class ImageWriter(Image):
         super().__init__(buffer, name)
         if self._mv.readonly:
             raise ImageError(f"image {name!r}: the buffer is read-only")
+        #: pages written through write/fill/copy since the owner set it to a set (None: not
+        #: tracked): what an index of this image must be refreshed over
+        self.written: set[int] | None = None
+
+    def _wrote(self, page: int, count: int) -> None:
+        if self.written is not None:
+            self.written.update(range(page, page + count))
 
     def write(self, page: int, data: bytes | memoryview) -> None:
         if len(data) % PAGE_SIZE:
@@ -143,6 +150,7 @@ class ImageWriter(Image):
                 f"image {self.name!r}: a write of {len(data)} bytes is not whole pages"
             )
         self.view(page, len(data) // PAGE_SIZE)[:] = data
+        self._wrote(page, len(data) // PAGE_SIZE)
 
     def fill(self, page: int, count: int, byte: int) -> None:
         # In pieces of 256 pages, so filling a huge range never allocates more than 1 MiB.
@@ -151,9 +159,11 @@ class ImageWriter(Image):
         for off in range(0, len(dst), len(piece)):
             n = min(len(piece), len(dst) - off)
             dst[off : off + n] = piece[:n]
+        self._wrote(page, count)
 
     def copy(self, src: PageSource, src_page: int, page: int, count: int) -> None:
         self.view(page, count)[:] = src.view(src_page, count)
+        self._wrote(page, count)
 
 
 class Overlay:

@@ -119,6 +119,17 @@ class PageIndex:
         self.top = bytes(self.levels[-1][:DIGEST_SIZE])
         self.root = root_digest(page_count, self.top)
 
+    def copy(self) -> PageIndex:
+        """An independent copy (a later :meth:`refresh` of either leaves the other as it
+        was): what a round refreshes while the previous round's index stays its reference."""
+        new = PageIndex.__new__(PageIndex)
+        new.page_count = self.page_count
+        new.fps = bytearray(self.fps)
+        new.levels = [bytearray(level) for level in self.levels]
+        new.top = self.top
+        new.root = self.root
+        return new
+
     def refresh(self, image: PageSource, pages: Iterable[int],
                 executor: Executor | None = None) -> list[int]:
         """Bring the index up to ``image`` after ``pages`` (and only they) changed: their

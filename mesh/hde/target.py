@@ -317,13 +317,18 @@ class HdeTarget:
             self._expected[b * DIGEST_SIZE : (b + 1) * DIGEST_SIZE] = \
                 msg.digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
         for p, k, q in entries:
-            if k is not None:
-                if self._resolve(p, k, strict=p // BLOCK_PAGES in self._strict):
-                    wants.append(p)
-            else:
+            if k is None:
                 assert base is not None and self.sink is not None and q is not None
-                self.sink.copy(base.image, q, p, 1)
-                self.stats["pages_base" if p == q else "pages_dedup"] += 1
+                k = bytes(base.index.fps[q * FP_SIZE : q * FP_SIZE + KEY_SIZE])
+                if q == p or page_key(base.image.view(q)) == k:
+                    self.sink.copy(base.image, q, p, 1)
+                    self.stats["pages_base" if p == q else "pages_dedup"] += 1
+                    continue
+                # The base is the image being written (a migration target's incoming copy
+                # is its own base) and this transfer already overwrote page q: resolve p
+                # by its key like any other page.
+            if self._resolve(p, k, strict=p // BLOCK_PAGES in self._strict):
+                wants.append(p)
         out: list[TargetAction] = []
         ranges = to_ranges(wants)
         step = 2 * MAX_WANT_RANGES
@@ -362,7 +367,10 @@ class HdeTarget:
             self.stats["pages_dedup"] += 1
             return False
         hit = self.store.lookup(fp)
-        if hit is not None:
+        # A stored image may have changed since it was indexed (the incoming copy itself,
+        # written by this transfer or an earlier round): a hit counts only if it still holds
+        # the key.
+        if hit is not None and page_key(hit[0].view(hit[1])) == fp:
             sink.copy(hit[0], hit[1], p, 1)
             self.stats["pages_dedup"] += 1
             return False

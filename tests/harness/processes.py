@@ -162,16 +162,19 @@ def run_dwcp(*args: str, timeout: float = 120,
 def node_processes(tmp_path: Path, writers: dict[str, list[str]] | None = None,
                    node_settings: str = "",
                    views: Callable[[Path], dict[str, Path]] | None = None,
-                   ready: tuple[str, ...] = NAMES) -> Iterator[NodeProcesses]:
+                   ready: tuple[str, ...] = NAMES,
+                   node_config: Callable[[str], str] | None = None,
+                   ) -> Iterator[NodeProcesses]:
     """A fresh four-DC federation in ``tmp_path``, every node a process, all ready; each
     node imports VM images from anywhere under ``tmp_path`` (its node config, with
-    ``node_settings`` added). ``views(cfg)``: DCs that run another federation file than
-    ``cfg``, and that file; ``ready``: the DCs to wait for."""
+    ``node_settings`` and ``node_config(dc)`` added). ``views(cfg)``: DCs that run another
+    federation file than ``cfg``, and that file; ``ready``: the DCs to wait for."""
     cfg = make_federation(tmp_path / "fed")
     configs = views(cfg) if views is not None else {}
     for name in NAMES:
+        extra = node_config(name) if node_config is not None else ""
         (cfg.parent / "nodes" / f"{name}.toml").write_text(
-            render_node_config([str(tmp_path)]) + node_settings)
+            render_node_config([str(tmp_path)]) + node_settings + extra)
     logs = tmp_path / "logs"
     logs.mkdir()
     nodes = NodeProcesses(cfg, logs, writers)

@@ -44,15 +44,19 @@ class Console:
         return [(a, b) for a, b in zip(hb, hb[1:], strict=False) if b != a + 1]
 
 
-def read_console(logs: Sequence[Path], offsets: Sequence[int] = ()) -> Console:
-    """Parse the concatenation of ``logs`` (each from its byte offset in ``offsets``)."""
+def read_console(logs: Sequence[Path], offsets: Sequence[int] = (),
+                 ends: Sequence[int | None] = ()) -> Console:
+    """Parse the concatenation of ``logs`` (each from its byte offset in ``offsets`` to
+    its end in ``ends``, None or missing: the end of the file). A guest that comes back
+    to a DC appends to the console it wrote there before: each stay is its own range."""
     parts = []
     for i, path in enumerate(logs):
         start = offsets[i] if i < len(offsets) else 0
+        end = ends[i] if i < len(ends) else None
         try:
             with open(path, "rb") as f:
                 f.seek(start)
-                parts.append(f.read())
+                parts.append(f.read() if end is None else f.read(max(0, end - start)))
         except FileNotFoundError:
             parts.append(b"")
     text = b"".join(parts).decode(errors="replace")

@@ -1,0 +1,109 @@
+"""Real ``dwcp node`` processes that run the self-checking guest in their qemu backend
+(docs/qemu.md, "The node"): the federation of :func:`tests.harness.processes.node_processes`
+with a ``[qemu]`` table in every node config, the guest created at a node through its API
+(``dwcp vm create --node``'s path), and the QEMUs found and powered off at the end (they
+run in their own sessions and outlive a killed node)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+from federation.api.client import import_vm
+from federation.demo.qemu_guest.build import guest_cmdline, load_assets
+from federation.demo.qemu_guest.console import Console, read_console
+from federation.vms.qemu_machine import pid_on
+from tests.harness.processes import NAMES, NodeProcesses, node_processes
+
+__all__ = ["qemu_nodes", "create_guest", "console_logs", "guest_console", "running_copies",
+           "GUEST_MIB"]
+
+#: As tests.harness.qemu: the task's 64-128 MiB guest under TCG, a 16 MiB disk.
+GUEST_MIB = 128
+DISK_MIB = 16
+
+
+def _ram_dir(tmp_path: Path, dc: str) -> Path:
+    return Path("/dev/shm") / f"dwcp-test-{os.getuid()}-{tmp_path.name}" / dc
+
+
+@contextlib.contextmanager
+def qemu_nodes(tmp_path: Path) -> Iterator[NodeProcesses]:
+    """Four node processes with the qemu backend (TCG), guest RAM on /dev/shm; every QEMU
+    they started is killed and every RAM file removed at the end."""
+    assets = load_assets()
+    guest_files = sorted({str(assets.kernel.parent), str(assets.initrd.parent)})
+
+    def extra(dc: str) -> str:
+        files = ", ".join(f'"{d}"' for d in guest_files)
+        return (f'\n[qemu]\nguest_files = [{files}]\naccel = "tcg"\n'
+                f'ram_dir = "{_ram_dir(tmp_path, dc)}"\n')
+
+    nodes: NodeProcesses | None = None
+    try:
+        with node_processes(tmp_path, node_config=extra) as nodes:
+            yield nodes
+    finally:
+        if nodes is not None:
+            nodes.kill_all()
+            for dc in NAMES:
+                kill_guests(nodes, dc)
+        shutil.rmtree(_ram_dir(tmp_path, "x").parent, ignore_errors=True)
+
+
+def qemu_dir(nodes: NodeProcesses, dc: str) -> Path:
+    return nodes.cfg.parent / "data" / dc / "qemu"
+
+
+def running_copies(nodes: NodeProcesses, vm: str) -> list[str]:
+    """The DCs where a QEMU of ``vm`` runs (in any run state)."""
+    out = []
+    for dc in NAMES:
+        d = qemu_dir(nodes, dc) / vm
+        ram = _ram_dir(nodes.cfg.parent.parent, dc) / vm / "memory.img"
+        if pid_on(d / "qemu.pid", ram) is not None:
+            out.append(dc)
+    return out
+
+
+def kill_guests(nodes: NodeProcesses, dc: str) -> None:
+    root = qemu_dir(nodes, dc)
+    if not root.is_dir():
+        return
+    for d in root.iterdir():
+        pid = pid_on(d / "qemu.pid", _ram_dir(nodes.cfg.parent.parent, dc) / d.name
+                     / "memory.img")
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def create_guest(nodes: NodeProcesses, dc: str, vm: str, tmp_path: Path,
+                 fill_percent: int = 0) -> None:
+    """Create and boot the self-checking guest ``vm`` at ``dc`` through its API: a spec
+    file and a zeroed disk under the node's import directory, staged, then registered."""
+    assets = load_assets()
+    spec = tmp_path / f"{vm}.toml"
+    spec.write_text(f'kernel = "{assets.kernel}"\ninitrd = "{assets.initrd}"\n'
+                    f'memory_mib = {GUEST_MIB}\n'
+                    f'append = "{guest_cmdline(fill_percent, True)}"\n')
+    disk = tmp_path / f"{vm}-disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(DISK_MIB << 20)
+    import_vm(nodes.api(dc), vm, str(spec), (str(disk),))
+
+
+def console_logs(nodes: NodeProcesses, vm: str, order: list[str]) -> list[Path]:
+    return [qemu_dir(nodes, dc) / vm / "console.log" for dc in order]
+
+
+def guest_console(nodes: NodeProcesses, vm: str, order: list[str],
+                  offsets: list[int] | None = None,
+                  ends: list[int | None] | None = None) -> Console:
+    """The guest's console as one serial line: the DCs' logs in the order it ran there,
+    each stay from its offset to its end (a DC it came back to holds both stays)."""
+    return read_console(console_logs(nodes, vm, order), offsets or [], ends or [])

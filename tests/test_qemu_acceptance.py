@@ -1,0 +1,133 @@
+"""Issue 17's acceptance on real node processes (slow: ``make chaos``, or ``pytest -m slow
+tests/test_qemu_acceptance.py``): 20 live migrations of the self-checking guest between
+four ``dwcp node`` processes, 5 of them cancelled mid-way and 5 with ``kill -9`` of the
+source or the target node at a random moment (restarted at once). After each the ledgers
+agree on one owner, exactly one QEMU runs the guest (there), and the guest's console,
+joined across the DCs it ran at, counts on without a reboot or a gap and its memory and
+disk checks keep passing. ``DWCP_ACCEPT_SEED`` replays a run (the seed is printed)."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from consensus.ledger import CancelMigration, SetPolicy
+from federation.api.client import migrate_request
+from federation.demo.qemu_guest.console import Console
+from tests.harness.processes import NAMES, NodeProcesses
+from tests.harness.qemu import qemu_missing
+from tests.harness.qemu_nodes import (
+    console_logs,
+    create_guest,
+    guest_console,
+    qemu_nodes,
+    running_copies,
+)
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(qemu_missing() is not None, reason=str(qemu_missing()))]
+
+MIGRATIONS, CANCELS, KILLS = 20, 5, 5
+BOOT_S, DECIDE_S = 180.0, 240.0
+
+
+def _size(nodes: NodeProcesses, dc: str) -> int:
+    path = console_logs(nodes, "g", [dc])[0]
+    return path.stat().st_size if path.exists() else 0
+
+
+def _disturb(nodes: NodeProcesses, rng: random.Random, kind: str, mid: str, src: str,
+             dst: str) -> None:
+    """Cancel the migration, or kill -9 its source or target, at a random moment of it (the
+    sleeps pick that moment; every wait for an outcome polls a condition)."""
+    api = nodes.api(src)
+    if kind == "cancel":
+        nodes.wait(f"{mid} under way", lambda: api.ok(
+            "GET", f"/api/migrations/{mid}").get("phase") in ("precopy", "fenced", "final"))
+        time.sleep(rng.uniform(0.0, 3.0))
+        code, _ = api.call("POST", f"/api/migrations/{mid}/cancel", CancelMigration(mid))
+        assert code in (202, 409), code  # 409: it had committed already
+    elif kind == "kill":
+        victim = rng.choice([src, dst])
+        time.sleep(rng.uniform(0.2, 8.0))
+        nodes.procs[victim].kill()
+        nodes.procs[victim].wait()
+        nodes.start(victim)
+        nodes.wait(f"{victim} back", lambda: nodes.ready(victim), 120)
+
+
+def _decided(nodes: NodeProcesses, mid: str, src: str, dst: str, what: str) -> str:
+    """The owner every ledger agrees on once the migration has an outcome: the target if
+    it committed, the source if it aborted (the outcome first: a snapshot of the four
+    ledgers taken just before the commit executes still shows the source)."""
+    def outcome() -> str | None:
+        for dc in (src, dst):
+            try:
+                doc = nodes.api(dc).ok("GET", f"/api/migrations/{mid}")
+            except Exception:  # noqa: BLE001 - a node restarting; asked again
+                continue
+            if doc.get("outcome"):
+                return str(doc["outcome"]["outcome"])
+        return None
+
+    done = nodes.wait(f"{what} decided", outcome, DECIDE_S)
+    owner = dst if done == "committed" else src
+    nodes.wait(f"{what}: every ledger has {owner} as the owner", lambda: (
+        (a := nodes.agreed("g")) and a["owner_epoch"][0] == owner), DECIDE_S)
+    return owner
+
+
+@pytest.mark.timeout(7200)  # 20 migrations of a TCG guest: 20-60 min on a shared machine
+def test_twenty_migrations_with_cancels_and_kills_keep_the_guest_whole(
+        tmp_path: Path) -> None:
+    seed = int(os.environ.get("DWCP_ACCEPT_SEED", random.randrange(1 << 30)))
+    print(f"replay: DWCP_ACCEPT_SEED={seed} pytest -m slow {__file__}")
+    rng = random.Random(seed)
+    kinds = ["plain"] * (MIGRATIONS - CANCELS - KILLS) + ["cancel"] * CANCELS + \
+        ["kill"] * KILLS
+    rng.shuffle(kinds)
+    with qemu_nodes(tmp_path) as nodes:
+        nodes.api("dc1").ok("POST", "/api/policy", SetPolicy(100, (), (), False))
+        create_guest(nodes, "dc1", "g", tmp_path)
+        # (DC, where its stay starts in that DC's console, where it ends: None while there)
+        runs: list[tuple[str, int, int | None]] = [("dc1", 0, None)]
+
+        def console() -> Console:  # the guest's one serial line across the DCs it ran at
+            return guest_console(nodes, "g", [d for d, _, _ in runs],
+                                 [o for _, o, _ in runs], [e for _, _, e in runs])
+
+        nodes.wait("the guest's first checks", lambda: len(console().checks) >= 2, BOOT_S)
+        owner = "dc1"
+        outcomes: list[str] = []
+        for i, kind in enumerate(kinds):
+            what = f"seed {seed}, migration {i} ({kind})"
+            dst = rng.choice([n for n in NAMES if n != owner])
+            before = console()
+            offset = _size(nodes, dst)
+            api = nodes.api(owner)
+            mid = api.ok("POST", "/api/migrations", migrate_request(api, "g", dst))["id"]
+            _disturb(nodes, rng, kind, mid, owner, dst)
+            new = _decided(nodes, mid, owner, dst, what)
+            nodes.wait(f"the guest running at {new}",
+                       lambda n=new: nodes.vm_here(n, "g") == "running", 120)
+            if new != owner:  # the source's QEMU is retired: its stay there has ended
+                runs[-1] = (owner, runs[-1][1], _size(nodes, owner))
+                runs.append((new, offset, None))
+            outcomes.append(f"{kind}:{'moved' if new != owner else 'stayed'}")
+            owner = new
+            nodes.wait(f"one QEMU of the guest, at {owner}",
+                       lambda o=owner: running_copies(nodes, "g") == [o], 60)
+            con = nodes.wait(f"the guest counting on and checking after {what}",
+                             lambda b=before: (
+                                 (c := console()).last_heartbeat >= b.last_heartbeat + 10
+                                 and len(c.checks) > len(b.checks) and c), 180)
+            assert con.boots == 1, f"{what}: a reboot"
+            assert con.counter_gaps() == [], f"{what}: counter gaps {con.counter_gaps()[:3]}"
+            assert not con.errors, f"{what}: {con.errors[:2]}"
+        print(f"seed {seed}: {outcomes}")
+        assert sum(o.endswith("moved") for o in outcomes) >= MIGRATIONS - CANCELS - KILLS
+        nodes.stop_all()
