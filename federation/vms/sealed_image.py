@@ -203,6 +203,18 @@ def _open_fd(path: Path, key: SealKey, flags: int, where: str) -> tuple[int, Sea
     return fd, header
 
 
+def _view(name: str, header: SealHeader, read: Callable[[int], bytes], page: int,
+          count: int) -> memoryview:
+    """Pages ``page`` .. ``page + count`` of a sealed image read through ``read``; a
+    range outside the image is an ImageError naming it."""
+    if page < 0 or count < 1 or page + count > header.page_count:
+        if count == 0 and 0 <= page <= header.page_count:
+            return memoryview(b"")
+        raise ImageError(f"image {name!r}: pages {page}..{page + count} outside "
+                         f"0..{header.page_count}")
+    return _gather(read, header, page, count)
+
+
 def _gather(read: Callable[[int], bytes], header: SealHeader, page: int,
             count: int) -> memoryview:
     """Pages ``page .. page+count`` from whole chunks (``read(i)`` -> plaintext)."""
@@ -231,12 +243,7 @@ class SealedImage(Image):
         self.nbytes = header.page_count * PAGE_SIZE
 
     def view(self, page: int, count: int = 1) -> memoryview:
-        if page < 0 or count < 1 or page + count > self.page_count:
-            if count == 0 and 0 <= page <= self.page_count:
-                return memoryview(b"")
-            raise ImageError(f"image {self.name!r}: pages {page}..{page + count} outside "
-                             f"0..{self.page_count}")
-        return _gather(self._chunks.read, self.header, page, count)
+        return _view(self.name, self.header, self._chunks.read, page, count)
 
     def close(self) -> None:
         if self._chunks.fd >= 0:
@@ -315,12 +322,7 @@ class SealedWriter(ImageWriter):
         return source.read(index)
 
     def view(self, page: int, count: int = 1) -> memoryview:
-        if page < 0 or count < 1 or page + count > self.page_count:
-            if count == 0 and 0 <= page <= self.page_count:
-                return memoryview(b"")
-            raise ImageError(f"image {self.name!r}: pages {page}..{page + count} outside "
-                             f"0..{self.page_count}")
-        return _gather(self._read, self.header, page, count)
+        return _view(self.name, self.header, self._read, page, count)
 
     # -------------------------------------------------------------- writing
 
