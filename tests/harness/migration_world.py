@@ -153,21 +153,29 @@ class World:
 
     def execute_next(self, index: int = 0) -> None:
         client, command = self.ledger_queue.pop(index % len(self.ledger_queue))
+        before = self.mig_state()
         result = self._execute(client, command)
         mig = self.ledger.migrations.get(MID)
         if not result.ok:
             if self.up[client]:
                 self.inbox[client].append(LedgerRefused(command, result.error))
             return
+        # A fact is what the ledger's state became, as a node learns it: a command the
+        # ledger answers ok without a change (a begin sent again after the migration
+        # ended, a second abort) tells no one anything new.
+        moved = self.mig_state() != before
         if isinstance(command, BeginMigration):
-            self.facts.append(LedgerBegun(MID, command.epoch))
+            if moved:
+                self.facts.append(LedgerBegun(MID, command.epoch))
         elif isinstance(command, AnnounceRoot):
             self.facts.append(LedgerRootAnnounced(MID, command.root))
         elif isinstance(command, CommitMigration):
             assert mig is not None
-            self.facts.append(LedgerCommitted(MID, mig.epoch + 1, command.root))
+            if moved:
+                self.facts.append(LedgerCommitted(MID, mig.epoch + 1, command.root))
         elif isinstance(command, AbortMigration):
-            self.facts.append(LedgerAborted(MID))
+            if moved:
+                self.facts.append(LedgerAborted(MID))
 
     def deliver_fact(self, node: str) -> None:
         fact = self.facts[self.cursor[node]]
