@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/dwcp demo
 
-# make test: everything but the long runs (marked slow), under 10 minutes on 2 cores.
+# make test: everything but the long runs (marked slow), under 10 minutes on 2 cores;
+# it ends with the 25 slowest tests, so the budget is watched on every run.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" --durations=25 tests
 
 # make chaos: every test with the long hypothesis profile, then the long runs: the PBFT
 # sweeps of issue 14 (10,000 seeds each, f = 1 and f = 2, on every core).
