@@ -144,14 +144,20 @@ Sender = Callable[[trio.SocketStream, bytes, int, dict[str, Any]], Awaitable[Non
 Receiver = Callable[[trio.SocketStream, bytes, int, dict[str, Any]], Awaitable[None]]
 
 
-async def _timed_pair(send: Sender, receive: Receiver, chunk: bytes, frames: int) -> float:
-    """Connect a loopback pair, run ``send`` and ``receive`` concurrently; seconds taken."""
+async def _loopback_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """A connected TCP pair on loopback (client end, server end)."""
     listeners = await trio.open_tcp_listeners(0, host=_HOST)
     listener = listeners[0]
     port = listener.socket.getsockname()[1]
     client = await trio.open_tcp_stream(_HOST, port)
     server = await listener.accept()
     await listener.aclose()
+    return client, server
+
+
+async def _timed_pair(send: Sender, receive: Receiver, chunk: bytes, frames: int) -> float:
+    """Connect a loopback pair, run ``send`` and ``receive`` concurrently; seconds taken."""
+    client, server = await _loopback_pair()
     # Buffers are allocated (and their pages faulted in) before the clock starts, as a
     # long-lived connection allocates them once: the raw receiver's one buffer, the
     # channel's two rings and plaintext buffer.
@@ -357,12 +363,7 @@ async def _channel_receive(
 async def _timed_links(payload: bytes, chunks: int) -> float:
     """``chunks`` chunks of ``payload`` from one :class:`Link` to another over loopback,
     each as AMST's stream carries it; seconds from the first chunk to the last checked."""
-    listeners = await trio.open_tcp_listeners(0, host=_HOST)
-    listener = listeners[0]
-    port = listener.socket.getsockname()[1]
-    client = await trio.open_tcp_stream(_HOST, port)
-    server = await listener.accept()
-    await listener.aclose()
+    client, server = await _loopback_pair()
     shared: dict[str, Any] = {}
     await _handshake(client, server, shared)
     sender, receiver = Link(client, shared["sender"]), Link(server, shared["receiver"])
