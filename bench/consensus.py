@@ -238,9 +238,14 @@ async def _node_main(args: argparse.Namespace) -> None:
 
     # The operator's signatures are made before the measured span, as an operator
     # makes them on its own machine (dwcp bench authz measures what one costs):
-    # the node's CPU is what its own path spends. A run that outlasts them signs
-    # the rest in the loop, counted in ``signed_in_run``.
-    presigned = collections.deque(make_command() for _ in range(args.presign))
+    # the node's CPU is what its own path spends. They are made once the links are
+    # up, in a worker thread (the event loop goes on answering keepalives), before
+    # READY. A run that outlasts them signs the rest in the loop, counted in
+    # ``signed_in_run``.
+    presigned: collections.deque[Any] = collections.deque()
+
+    def presign() -> None:
+        presigned.extend(make_command() for _ in range(args.presign))
 
     def next_command() -> Any:
         if presigned:
@@ -289,6 +294,7 @@ async def _node_main(args: argparse.Namespace) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
         await linked.wait()
+        await trio.to_thread.run_sync(presign)
         print("READY", flush=True)
         async with trio.open_nursery() as work:
             work.start_soon(status_loop)
