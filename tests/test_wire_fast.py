@@ -119,3 +119,13 @@ def test_written_out_codecs_check_what_the_generic_kinds_check() -> None:
             dec(bad)
     with pytest.raises(wire._Decline):
         enc(Prepare(1, 2, b"\x01" * 31))
+
+
+def test_wire_bench_measures_every_frame_it_names() -> None:
+    from bench.wire_codec import frames, run
+
+    out = run(passes=1)
+    for name, data in frames().items():
+        assert out[name]["bytes"] == len(data)
+        assert out[name]["decode_us"] > 0 and out[name]["encode_us"] > 0
+        assert wire._decode_fast(data, None) is not None, f"{name} takes the fast path"
