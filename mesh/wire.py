@@ -295,7 +295,10 @@ def field(kind: Kind, *, default: Any = attrs.NOTHING, factory: Any = None, **kw
         kwargs["factory"] = factory
     else:
         kwargs["default"] = default
-    return attrs.field(metadata=metadata, converter=kind.converter, **kwargs)
+    # A kind whose converter is the identity gets none: attrs would call it for the
+    # field on every construction of every message, for nothing.
+    converter = kind.converter if type(kind).converter is not Kind.converter else None
+    return attrs.field(metadata=metadata, converter=converter, **kwargs)
 
 
 def _fields_of(cls: type) -> tuple[tuple[str, Kind], ...]:
