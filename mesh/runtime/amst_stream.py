@@ -38,8 +38,8 @@ from typing import Any
 
 import trio
 
-from mesh import wire
-from mesh.amst.receiver import Chunk, End, chunk_digest
+from mesh import versions, wire
+from mesh.amst.receiver import Chunk, End, SealedChunk, chunk_digest
 from mesh.channel import FRAME_OVERHEAD, ChannelError, Closed, Data, SecureChannel
 
 __all__ = ["Link", "NET_ERRORS", "HANDSHAKE_TIMEOUT_S"]
@@ -176,17 +176,27 @@ class Link:
 
     # ------------------------------------------------------------------ bulk, in workers
 
-    async def send_chunk(self, message: Chunk) -> None:
+    @property
+    def sealed_chunks(self) -> bool:
+        """Chunks go as :class:`SealedChunk` (no SHA-256): both channel ends offered
+        :data:`mesh.versions.AMST_SEALED`. Else as :class:`Chunk` with its digest."""
+        return versions.both_offer(versions.AMST_SEALED, self.channel.versions,
+                                   self.channel.peer_versions)  # fmt: skip
+
+    async def send_chunk(self, chunk: int, payload: bytes) -> None:
+        """Send chunk ``chunk``: its message (:meth:`_message`) built, sealed and written
+        in a worker."""
         async with self.send_lock:
             if self._bulk_socket() is not None:
-                await self._in_worker(self._seal_and_send, message)
+                await self._in_worker(self._seal_and_send, chunk, payload)
             else:  # not a socket (a test stream, a wrapper): seal in a worker, write here
-                data = await trio.to_thread.run_sync(self._seal, message)
+                data = await trio.to_thread.run_sync(self._seal, chunk, payload)
                 await self.sock.send_all(len(data).to_bytes(4, "big") + data)
 
     async def receive_bulk(self) -> tuple[Any, bool] | None:
         """The next frame, decrypted, decoded and (a Chunk) checked against its digest:
-        ``(message, digest_ok)``; ``(None, False)`` for the peer's final frame; None at EOF."""
+        ``(message, valid)`` (a SealedChunk is valid: the channel authenticated it);
+        ``(None, False)`` for the peer's final frame; None at EOF."""
         if self._bulk_socket() is not None:
             return await self._in_worker(self._read_and_open)  # type: ignore[no-any-return]
         raw = await self._read_frame()
@@ -224,25 +234,30 @@ class Link:
         with self._guard:
             self._spare[use] = buf
 
-    def _plaintext(self, message: Chunk) -> tuple[bytearray, int]:
-        """The message's frame in the link's plaintext buffer (taken: give it back)."""
-        head, tail = wire.encode_parts(message)
+    def _message(self, chunk: int, payload: bytes) -> Chunk | SealedChunk:
+        """The chunk's message for this stream's peer (worker thread: the digest)."""
+        if self.sealed_chunks:
+            return SealedChunk(chunk, payload)
+        return Chunk(chunk, chunk_digest(payload), payload)
+
+    def _plaintext(self, chunk: int, payload: bytes) -> tuple[bytearray, int]:
+        """The chunk's frame in the link's plaintext buffer (taken: give it back)."""
+        head, tail = wire.encode_parts(self._message(chunk, payload))
         n = len(head) + len(tail)
         plain = self._take("plain", n)
         plain[: len(head)] = head
         plain[len(head) : n] = tail
         return plain, n
 
-    def _seal(self, message: Chunk) -> bytes:
-        plain, n = self._plaintext(message)
+    def _seal(self, chunk: int, payload: bytes) -> bytes:
+        plain, n = self._plaintext(chunk, payload)
         try:
             return self.channel.send(memoryview(plain)[:n])
         finally:
             self._give("plain", plain)
 
-    def _seal_and_send(self, message: Chunk) -> None:
-        assert self._raw is not None
-        plain, n = self._plaintext(message)
+    def _seal_and_send(self, chunk: int, payload: bytes) -> None:
+        plain, n = self._plaintext(chunk, payload)
         sealed = self._take("sealed", 4 + n + FRAME_OVERHEAD)
         try:
             size = self.channel.send_into(memoryview(plain)[:n], memoryview(sealed)[4:])
@@ -284,11 +299,12 @@ class Link:
             got = self.channel.receive_frame_into(body, plain)
             if isinstance(got, Closed):
                 return None, False  # the peer's final frame
-            msg = wire.decode(memoryview(plain)[:got], expect=(Chunk, End))
+            msg = wire.decode(memoryview(plain)[:got], expect=(Chunk, SealedChunk, End))
         finally:
             self._give("rx_plain", plain)
-        valid = isinstance(msg, Chunk) and chunk_digest(msg.payload) == msg.digest
-        return msg, valid
+        if isinstance(msg, Chunk):
+            return msg, chunk_digest(msg.payload) == msg.digest
+        return msg, isinstance(msg, SealedChunk)  # authenticated by the channel
 
     def _recv_into(self, view: memoryview) -> bool:
         """Fill ``view`` from the socket; False at a clean end before its first byte."""
