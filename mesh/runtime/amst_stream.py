@@ -152,6 +152,7 @@ class Link:
     async def aclose(self) -> None:
         with self._guard:
             self._closing = True
+            self._spare.clear()  # a closed link holds no frame buffers
             if self._raw is not None:
                 with contextlib.suppress(OSError):  # already shut: nothing to wake
                     self._raw.shutdown(socket.SHUT_RDWR)  # wakes any worker
