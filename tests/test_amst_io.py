@@ -11,13 +11,15 @@ import struct
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
-from mesh import versions
+from mesh import versions, wire
 from mesh.amst.receiver import Chunk, SealedChunk
 from mesh.amst.sender import AmstSender
 from mesh.runtime.amst_stream import Link
 from mesh.runtime.amst_transfer import AmstServer, TransferCut, send_transfer
-from tests.harness.channels import channels
+from tests.harness.channels import channels, handshake, pair
 from tests.harness.data import MiB, chunked, real_bytes
 from tests.harness.waiting import wait_until
 
@@ -281,3 +283,42 @@ async def test_transfer_over_streams_that_are_not_sockets() -> None:
         await rx.server.wait_complete(TRANSFER)
     assert report.chunks == 5
     assert b"".join(rx.got[i] for i in range(5)) == data
+
+
+def _open_links() -> tuple[object, Link]:
+    """An open channel pair: the sending channel, and a Link on the receiving one (its
+    stream is never touched: frames go straight to the bulk decoder)."""
+    a, b = pair(versions_a=SEALED, versions_b=SEALED)
+    handshake(a, b)
+    return a, Link(trio.testing.MemorySendStream(), b)  # type: ignore[arg-type]
+
+
+@given(st.data())
+def test_authenticated_garbage_on_the_bulk_path_gives_only_wire_or_channel_errors(
+    data: st.DataObject,
+) -> None:
+    """A peer that passed the handshake may still send anything: a bulk frame whose
+    plaintext is a mutated chunk (or any bytes) is refused with WireError, never another
+    exception, and a valid one decodes from the link's reused buffer intact."""
+    a, link = _open_links()
+    size = data.draw(st.sampled_from([0, 100, 65535, 65536, 70000]))
+    chunk = data.draw(st.integers(0, 2**63 - 1))
+    payload = bytes([chunk % 251]) * size
+    frame = bytearray(wire.encode(data.draw(st.sampled_from([SealedChunk(chunk, payload),
+                                                          Chunk(chunk, bytes(32), payload)]))))
+    for _ in range(data.draw(st.integers(0, 3))):
+        pos = data.draw(st.integers(0, min(max(0, len(frame) - 1), 48)))
+        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        if op == "flip" and frame:
+            frame[pos] ^= data.draw(st.integers(1, 255))
+        elif op == "cut":
+            del frame[pos:]
+        else:
+            frame[pos:pos] = data.draw(st.binary(min_size=1, max_size=9))
+    sealed = a.send(bytes(frame))  # type: ignore[attr-defined]
+    try:
+        msg, _valid = link._open(sealed)
+    except wire.WireError:
+        return
+    assert type(msg) in (SealedChunk, Chunk)
+    assert wire.encode(msg) == bytes(frame)  # canonical: only the frame that was sent
