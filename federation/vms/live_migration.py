@@ -30,6 +30,7 @@ powered off) and the source resumes with ``cont``, exactly as it was.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -39,11 +40,10 @@ import attrs
 from federation.vms.backend import VmError
 from federation.vms.dirty_scan import SentDigests
 from federation.vms.qemu_backend import QemuBackend
-from mesh.hde.codec import ChunkPlan, decode_chunk, encode_chunk, xor_pages
+from mesh.hde.codec import decode_chunk, encode_chunk, grouped_plans, xor_pages
 from mesh.hde.image import PAGE_SIZE, Image, ImageWriter, Overlay
 from mesh.hde.index import PageIndex, build_index
 from mesh.hde.loopback import Carry, Frame, run_transfer
-from mesh.hde.messages import CHUNK_PAGES
 from mesh.hde.store import PageStore
 
 __all__ = ["LiveMigration", "MigrationReport", "RoundFigures", "DOWNTIME_LIMIT_S",
@@ -289,11 +289,12 @@ class LiveMigration:
             writer = self._writers[img]
             self._transfer += 1
             tid = self._transfer
-            plans = [ChunkPlan.of_pages(i // CHUNK_PAGES, pages[i : i + CHUNK_PAGES])
-                     for i in range(0, len(pages), CHUNK_PAGES)]
-            n = len(plans)
-            frames = self.executor.map(encode_chunk, [tid] * n, plans, [shadow] * n,
-                                       [reference] * n, [self.level] * n)
+            # equal pages in one chunk, each sent once (mesh.hde.codec): 16-20 % of the
+            # pages a round of the bench guest sends equal another page of the round
+            plans = grouped_plans(shadow, pages)
+            encode = functools.partial(encode_chunk, tid, image=shadow, reference=reference,
+                                       level=self.level, copies=True)
+            frames = self.executor.map(encode, plans)
             for frame in self.carry(frames, True):
                 wire += len(frame)
                 chunk = decode_chunk(frame, tid, writer.page_count)
