@@ -41,6 +41,7 @@ import zstandard
 from mesh.hde.compressors import compress
 from mesh.hde.image import PAGE_SIZE, PageSource
 from mesh.hde.messages import CHUNK_PAGES
+from mesh.hde.similar import group_chunks
 
 __all__ = [
     "ChunkError",
@@ -98,24 +99,10 @@ class DecodedChunk:
 
 def grouped_plans(image: PageSource, pages: Sequence[int], first_id: int = 0) -> list[ChunkPlan]:
     """``pages`` of ``image`` in chunks of up to ``CHUNK_PAGES``, pages with equal bytes in
-    the same chunk (a group larger than a chunk fills whole chunks), groups in the order of
-    their first page: with ``encode_chunk(..., copies=True)`` each distinct page of a
-    chunk then goes once. Chunk ids count from ``first_id``."""
-    groups: dict[bytes, list[int]] = {}
-    for p in pages:
-        groups.setdefault(xxhash.xxh3_128_digest(image.view(p)), []).append(p)
-    chunks: list[list[int]] = []
-    cur: list[int] = []
-    for group in groups.values():
-        if cur and len(cur) + len(group) > CHUNK_PAGES:
-            chunks.append(cur)
-            cur = []
-        while len(group) > CHUNK_PAGES:
-            chunks.append(group[:CHUNK_PAGES])
-            group = group[CHUNK_PAGES:]
-        cur += group
-    if cur:
-        chunks.append(cur)
+    the same chunk (:func:`mesh.hde.similar.group_chunks`): with ``encode_chunk(...,
+    copies=True)`` each distinct page of a chunk then goes once. Chunk ids count from
+    ``first_id``."""
+    chunks = group_chunks(pages, lambda p: xxhash.xxh3_128_digest(image.view(p)))
     return [ChunkPlan.of_pages(first_id + k, c) for k, c in enumerate(chunks)]
 
 

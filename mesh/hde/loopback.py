@@ -10,7 +10,7 @@ it; a fault hook may corrupt chunk frames in transit.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import Executor
 
 import attrs
@@ -72,6 +72,7 @@ def run_transfer(
     corrupt: Callable[[int, int, bytes | bytearray], bytes | bytearray] | None = None,
     transfer: int = 1,
     carry: Carry | None = None,
+    similar: Callable[[int], Hashable | None] | None = None,
 ) -> TransferResult:
     """Move ``image`` into a new image at the target holding ``store`` (which holds the new
     image too once it is verified). ``corrupt(chunk_id, attempt, frame)`` may alter a chunk
@@ -79,9 +80,10 @@ def run_transfer(
     the source name pages copied within the target's base (:mod:`mesh.hde.entries`).
     ``carry``: every diff message (each way) and chunk frame crosses it, and the receiving
     core gets the bytes that arrived; a batch of chunks is handed over as it is encoded,
-    so encoding overlaps the path's transmission."""
+    so encoding overlaps the path's transmission. ``similar``: chunk pages by similarity
+    (:class:`~mesh.hde.source.HdeSource`)."""
     refs = dict(references or {})
-    src = HdeSource(transfer, TARGET, name, index, refs, reference_indexes)
+    src = HdeSource(transfer, TARGET, name, index, refs, reference_indexes, similar)
     dst = HdeTarget(transfer, SOURCE, store, make_sink)
     work: deque[tuple[str, object]] = deque((SOURCE, a) for a in src.start())
     encodes: list[EncodeChunk] = []
