@@ -109,3 +109,24 @@ def test_a_corrupted_grouped_chunk_is_resent() -> None:
     r = run_transfer(image=img, index=ix, name="vm", store=PageStore(), level=6,
                      similar=page_sketches(img), corrupt=corrupt)
     assert hits == [1] and r.verified and r.stats["chunks_rejected"] == 1
+
+
+def test_live_bytes_measures_snapshots_without_a_guest(tmp_path) -> None:
+    """bench.live_bytes measure on small stand-in snapshots: every figure present, the
+    grouped round with copies no larger than the round in page order."""
+    from bench.live_bytes import measure
+
+    rng = random.Random(5)
+    base = bytearray(text(3, 64 * P) + rng.randbytes(736 * P))
+    for name in ("t20", "t21", "t22", "t24", "t80", "t82", "t84"):
+        fresh = rng.randbytes(160 * P)
+        for at in (rng.randrange(0, 200), rng.randrange(400, 600)):  # a buffer and its copy
+            base[at * P : (at + 160) * P] = fresh
+        (tmp_path / f"{name}.raw").write_bytes(bytes(base))
+    out = measure(tmp_path, level=3)
+    assert out["snapshots"] == ["t20", "t21", "t22", "t24", "t80", "t82", "t84"]
+    assert out["cold"]["similar"]["wire_bytes"] > 0 and out["cold"]["one_ldm_stream_bytes"] > 0
+    for r in out["rounds"].values():
+        assert r["changed_pages"] >= 320 and r["equal_to_another_page"] >= 160
+        # each distinct page once (160 random pages), where page order sends some twice
+        assert r["grouped_copies_bytes"] < 1.03 * 160 * P < r["page_order_bytes"]
