@@ -298,7 +298,7 @@ class LiveMigration:
             writer = self._writers[img]
             self._transfer += 1
             tid = self._transfer
-            # equal pages in one chunk, each sent once (mesh.hde.codec): 16-20 % of the
+            # equal pages in one chunk, each sent once (mesh.hde.codec): 17-23 % of the
             # pages a round of the bench guest sends equal another page of the round
             plans = grouped_plans(shadow, pages)
             encode = functools.partial(encode_chunk, tid, image=shadow, reference=reference,

@@ -15,7 +15,7 @@ compression would not shrink it.
 With ``copies`` the encoder also sends each distinct page of a chunk once: a page equal
 to an earlier page of the same chunk goes as a pair (page, earlier page) in the header
 and takes no payload (flag ``_COPIES``). A live migration's pre-copy round sends what
-changed since the last round, and on the bench guest 16-20 % of those pages are equal
+changed since the last round, and on the bench guest 17-23 % of those pages are equal
 to another page of the same round (data written through a buffer: the buffer's page
 and the file's page both changed); ``federation.vms.live_migration`` groups equal pages
 into one chunk and asks for copies. The HDE diff does not need it (the target resolves
