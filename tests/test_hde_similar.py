@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.hde.image import PAGE_SIZE, Image
+from mesh.hde.image import PAGE_SIZE, Image, PageSource
 from mesh.hde.index import build_index
 from mesh.hde.loopback import run_transfer
 from mesh.hde.messages import CHUNK_PAGES
@@ -130,3 +130,42 @@ def test_live_bytes_measures_snapshots_without_a_guest(tmp_path) -> None:
         assert r["changed_pages"] >= 320 and r["equal_to_another_page"] >= 160
         # each distinct page once (160 random pages), where page order sends some twice
         assert r["grouped_copies_bytes"] < 1.03 * 160 * P < r["page_order_bytes"]
+
+
+class ChangingPage:
+    """A stored image whose page changes between the target's key check and its copy (as
+    a running VM's RAM does; a fingerprint collision would look the same)."""
+
+    def __init__(self, image: Image) -> None:
+        self.image = image
+        self.page_count = image.page_count
+        self.nbytes = image.nbytes
+        self.looks = 0
+
+    def view(self, page: int, count: int = 1) -> memoryview:
+        self.looks += 1
+        return self.image.view(page if self.looks % 2 else (page + 1) % self.page_count, count)
+
+
+class LyingStore(PageStore):
+    """A store whose dedup answers are wrong by the time they are copied."""
+
+    def lookup(self, key: bytes) -> tuple[PageSource, int] | None:
+        hit = super().lookup(key)
+        return None if hit is None else (ChangingPage(Image(hit[0].view(0, hit[0].page_count))),
+                                         hit[1])
+
+
+def test_a_grouped_transfer_still_refetches_after_a_wrong_dedup_hit() -> None:
+    """The fallback's wants come after the first flush: a source that gathers wants by
+    similarity must plan them at the fallback's own flush, or the transfer would hang."""
+    other = Image(text(4, 30 * P))
+    store = LyingStore()
+    store.add("other", other, build_index(other))
+    data = bytes(other.view(0, 30)) + text(5, P)
+    img = Image(data)
+    r = run_transfer(image=img, index=build_index(img), name="vm", store=store, level=6,
+                     similar=page_sketches(img))
+    assert r.verified and r.image is not None
+    assert bytes(r.image.view(0, img.page_count)) == data
+    assert r.stats["fallback_blocks"] == 1
