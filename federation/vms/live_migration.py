@@ -204,7 +204,7 @@ class LiveMigration:
         src, dst, name = self.source, self.target, self.name
         started = time.monotonic()
         layout = src.info(name).layout
-        base = self._target_base(layout)
+        held_here = self._held(layout)
         self._writers = dst.prepare_incoming(name, layout, self.migration_id,
                                              src.machine_spec(name))
         dst.prepare_machine(name)  # QEMU's start-up happens now, not in the downtime
@@ -220,15 +220,19 @@ class LiveMigration:
             ix = build_index(self._shadow[img], self.executor)
             self._src_ix[img] = ix
             store = PageStore()
-            if img in base:
-                store.add(f"{name}/{img}", base[img], build_index(base[img], self.executor))
+            writer = self._writers[img]
+            base_ix = None
+            if img in held_here:
+                base_ix = build_index(writer, self.executor)
+                store.add(f"{name}/{img}", writer, base_ix)
             self._transfer += 1
             result = run_transfer(image=self._shadow[img], index=ix, name=f"{name}/{img}",
                                   store=store, level=self.level, executor=self.executor,
-                                  make_sink=_sink(self._writers[img]),
-                                  transfer=self._transfer, carry=self.carry,
+                                  make_sink=_sink(writer), transfer=self._transfer,
+                                  carry=self.carry, sink_index=base_ix,
                                   similar=(page_sketches(self._shadow[img])
                                            if self.level >= SIMILAR_FROM_LEVEL else None))
+            writer.written = None  # later rounds refresh over the pages they send
             if not result.verified:
                 raise VmError(f"VM {name!r}: round 1 of {img} failed: {result.failure}")
             held = store.base(f"{name}/{img}")
@@ -249,23 +253,23 @@ class LiveMigration:
         finally:
             self._scan_s = time.monotonic() - started
 
-    def _target_base(self, layout: tuple[tuple[str, int], ...]) -> dict[str, Image]:
-        """A copy of the target's older copy of the VM (a RETIRED one), the diff's base:
-        copied, since the incoming images are written in place over it."""
+    def _held(self, layout: tuple[tuple[str, int], ...]) -> set[str]:
+        """The images of which the target holds an older copy (a RETIRED one) of the same
+        size: the incoming images are mapped over those files, so each is the diff's base
+        as it stands, indexed before round 1 writes a page (mesh.hde.target resolves a
+        page it already overwrote by its key; the root is refreshed over what was
+        written). No copy of it: that copy took ~1.9 s of a return trip's round 1 under
+        load, and round 1's length is what the next round has to send again."""
         try:
             held = self.target.open_images(self.name)
         except VmError:
-            return {}
-        base: dict[str, Image] = {}
+            return set()
         try:
-            for img, count in layout:
-                old = held.get(img)
-                if old is not None and old.page_count == count:
-                    base[img] = Image(bytearray(old.view(0, count)), f"base/{img}")
+            return {img for img, count in layout
+                    if (old := held.get(img)) is not None and old.page_count == count}
         finally:
             for image in held.values():
                 image.close()
-        return base
 
     def next_round(self) -> None:
         """Send what the scan that closed the last round found (one scan per round: the

@@ -73,6 +73,7 @@ def run_transfer(
     transfer: int = 1,
     carry: Carry | None = None,
     similar: Callable[[int], Hashable | None] | None = None,
+    sink_index: PageIndex | None = None,
 ) -> TransferResult:
     """Move ``image`` into a new image at the target holding ``store`` (which holds the new
     image too once it is verified). ``corrupt(chunk_id, attempt, frame)`` may alter a chunk
@@ -81,10 +82,19 @@ def run_transfer(
     ``carry``: every diff message (each way) and chunk frame crosses it, and the receiving
     core gets the bytes that arrived; a batch of chunks is handed over as it is encoded,
     so encoding overlaps the path's transmission. ``similar``: chunk pages by similarity
-    (:class:`~mesh.hde.source.HdeSource`)."""
+    (:class:`~mesh.hde.source.HdeSource`). ``sink_index``: the index of what the sink holds
+    before the transfer (a migration target that is its own base): the sink's ``written``
+    pages are tracked from its creation and the root is recomputed over the blocks
+    written, not over the whole image."""
+
+    def tracked_sink(pages: int) -> ImageWriter:
+        sink = make_sink(pages)
+        sink.written = set()
+        return sink
+
     refs = dict(references or {})
     src = HdeSource(transfer, TARGET, name, index, refs, reference_indexes, similar)
-    dst = HdeTarget(transfer, SOURCE, store, make_sink)
+    dst = HdeTarget(transfer, SOURCE, store, make_sink if sink_index is None else tracked_sink)
     work: deque[tuple[str, object]] = deque((SOURCE, a) for a in src.start())
     encodes: list[EncodeChunk] = []
     attempts: dict[int, int] = {}
@@ -134,7 +144,11 @@ def run_transfer(
             encodes.append(action)
         elif isinstance(action, RecomputeRoot):
             assert dst.sink is not None
-            ix = build_index(dst.sink, executor)
+            if sink_index is not None and dst.sink.written is not None:
+                ix = sink_index.copy()
+                ix.refresh(dst.sink, dst.sink.written, executor)
+            else:
+                ix = build_index(dst.sink, executor)
             deliver(TARGET, RootRecomputed(transfer, bytes(ix.levels[0]), ix.root))
             if dst.verified:
                 # The verified copy now serves dedup and is this image's base next time.
