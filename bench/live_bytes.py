@@ -12,6 +12,8 @@ bytes on those snapshots, without booting again:
   one zstd stream over the same pages with long-distance matching (what a compression
   context across the whole transfer would give);
 - ``return_round1``: ``t80`` to a target holding ``t24`` (the copy the first host kept);
+  its ``work``: CPU and wall seconds of that round as the live migration does it, the
+  target's kept copy as its own base against a copy of it as before;
 - ``rounds``: what changed between two snapshots 1-2 s of guest time apart, sent as a
   pre-copy round sends it (XOR against the page the target holds), in page order
   without copies and grouped with copies (:func:`mesh.hde.codec.grouped_plans`), and
@@ -33,7 +35,7 @@ import xxhash
 import zstandard
 
 from mesh.hde.codec import ChunkPlan, encode_chunk, grouped_plans
-from mesh.hde.image import PAGE_SIZE, Image, open_image
+from mesh.hde.image import PAGE_SIZE, Image, ImageWriter, open_image
 from mesh.hde.index import build_index
 from mesh.hde.loopback import run_transfer
 from mesh.hde.messages import CHUNK_PAGES
@@ -110,6 +112,42 @@ def _transfer(img: Image, level: int, base: Image | None, similar: bool,
             **r.stats}  # fmt: skip
 
 
+def _fixed(writer: ImageWriter) -> Callable[[int], ImageWriter]:
+    return lambda _pages: writer
+
+
+def _return_round1_work(old: Image, live: Image, level: int,
+                        ex: ThreadPoolExecutor) -> dict[str, Any]:
+    """CPU and wall seconds of a return's round 1 as ``LiveMigration.first_round`` does it
+    (shadow copy and index, the target's base, the transfer with its root), ``in_place``
+    (the incoming image is its own base: indexed once, root refreshed over what was
+    written) and as before (a copy of the kept image as base, a full re-index)."""
+    n = old.page_count
+    out: dict[str, Any] = {}
+    for way in ("copied_base", "in_place"):
+        writer = ImageWriter(bytearray(old.view(0, n)), "incoming")  # the kept copy
+        cpu, wall = time.process_time(), time.perf_counter()
+        shadow = ImageWriter(bytearray(live.view(0, n)), "shadow")
+        ix = build_index(shadow, ex)
+        store = PageStore()
+        if way == "in_place":
+            base_ix = build_index(writer, ex)
+            store.add("vm", writer, base_ix)
+        else:
+            base = Image(bytearray(writer.view(0, n)), "base")
+            base_ix = build_index(base, ex)
+            store.add("vm", base, base_ix)
+        r = run_transfer(image=shadow, index=ix, name="vm", store=store, level=level,
+                         executor=ex, make_sink=_fixed(writer),
+                         sink_index=base_ix if way == "in_place" else None)
+        out[way] = {"cpu_s": round(time.process_time() - cpu, 3),
+                    "wall_s": round(time.perf_counter() - wall, 3),
+                    "wire_bytes": r.wire_bytes}
+        if not r.verified or bytes(writer.view(0, n)) != bytes(live.view(0, n)):
+            raise RuntimeError(f"return round 1 ({way}) did not verify: {r.failure}")
+    return out
+
+
 def _ldm_stream(img: Image, level: int) -> int:
     """The distinct non-uniform pages of ``img`` through one zstd stream, 128 MiB window
     with long-distance matching."""
@@ -151,7 +189,8 @@ def measure(d: Path, level: int = 9) -> dict[str, Any]:
                        "one_ldm_stream_bytes": _ldm_stream(snap["t20"], level)}
         out["return_round1"] = {
             "page_order": _transfer(snap["t80"], level, snap["t24"], False, ex),
-            "similar": _transfer(snap["t80"], level, snap["t24"], True, ex)}
+            "similar": _transfer(snap["t80"], level, snap["t24"], True, ex),
+            "work": _return_round1_work(snap["t24"], snap["t80"], level, ex)}
     out["rounds"] = {f"{a}->{b}": _round(snap[a], snap[b], level) for a, b in ROUNDS}
     for img in snap.values():
         img.close()

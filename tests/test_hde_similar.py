@@ -126,6 +126,8 @@ def test_live_bytes_measures_snapshots_without_a_guest(tmp_path) -> None:
     out = measure(tmp_path, level=3)
     assert out["snapshots"] == ["t20", "t21", "t22", "t24", "t80", "t82", "t84"]
     assert out["cold"]["similar"]["wire_bytes"] > 0 and out["cold"]["one_ldm_stream_bytes"] > 0
+    work = out["return_round1"]["work"]
+    assert work["in_place"]["wire_bytes"] == work["copied_base"]["wire_bytes"] > 0
     for r in out["rounds"].values():
         assert r["changed_pages"] >= 320 and r["equal_to_another_page"] >= 160
         # each distinct page once (160 random pages), where page order sends some twice
