@@ -13,6 +13,14 @@ Each DC *offers* a set of transfer versions in its channel handshake (the federa
 the handshake transcript (:mod:`mesh.channel`), and each end keeps the peer's whole
 offer. A migration then uses the highest version of the intersection that the rollout
 policy allows (:mod:`federation.migration.rollout`).
+
+Within v3, HDE's chunk frame (:mod:`mesh.hde.codec`, magic ``HDE\x02``) gained one
+flag, ``copies`` (2: a page named as a copy of an earlier page of its chunk). It is not
+negotiated, so nothing sends it between nodes: only the in-process live migration
+(:mod:`federation.vms.live_migration`, both ends this code) asks for it, and the v3 data
+plane never does. A decoder of an older build refuses such a frame cleanly (flags out of
+bounds: the chunk is asked for again, then the transfer fails), so a node-to-node use
+needs a transfer version above v3 whose offer says its peer decodes the flag.
 """
 
 from __future__ import annotations
