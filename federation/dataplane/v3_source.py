@@ -29,6 +29,7 @@ from typing import Any
 import trio
 
 from federation.dataplane.v3_protocol import AMST_CHUNK_OVERHEAD, ChunkFeed, Overlay
+from federation.dataplane.v3_push import PushSource
 from federation.dataplane.v3_shadow import COPY_PAGES, SourceState, sample_pages
 from federation.migration.round_events import (
     V3Cut,
@@ -250,14 +251,23 @@ class V3RoundSender:
         level = st.level
         assert level is not None, "the level is chosen in the migration's first v3 round"
         refs: list[dict[bytes, Overlay]] = []
-        sources: list[HdeSource] = []
+        sources: list[HdeSource | PushSource] = []
         for i, name in enumerate(names):
             held = st.verified.get(name)
             ref = {} if held is None else {held[0]: Overlay(st.shadows[name], olds.get(name, {}))}
             ref_ix = {} if held is None else {held[0]: held[1]}
             refs.append(ref)
-            sources.append(HdeSource(i + 1, self.target, f"{a.vm}/{name}", indexes[name],
-                                     ref, ref_ix))
+            changed = olds.get(name, {})
+            if held is not None and a.since is not None \
+                    and st.unindexed.get(name, set()) == changed.keys():
+                # the target verified ``held`` last round and this round's refresh is all
+                # that changed since (no cancelled round's pages in between): push what
+                # changed, no diff (federation.dataplane.v3_push)
+                sources.append(PushSource(i, self.target, indexes[name], held[0],
+                                          sorted(changed)))
+            else:
+                sources.append(HdeSource(i + 1, self.target, f"{a.vm}/{name}", indexes[name],
+                                         ref, ref_ix))
 
         def encode(i: int, e: EncodeChunk) -> bytes | bytearray:
             ref = refs[i].get(e.reference_root) if e.reference_root is not None else None
@@ -325,7 +335,7 @@ class V3RoundSender:
             elif isinstance(act, Notify) and act.kind == "hde.failed":
                 raise RoundFailed(f"HDE image {i}: {act.detail['reason']}")
 
-    async def _drive(self, sources: list[HdeSource], feed: ChunkFeed) -> None:
+    async def _drive(self, sources: list[HdeSource | PushSource], feed: ChunkFeed) -> None:
         """Answer the target's diff until every image is verified, reporting what moved
         every _REPORT_S (the rounds core bounds a round where nothing moves)."""
         next_report = trio.current_time() + _REPORT_S
@@ -346,7 +356,7 @@ class V3RoundSender:
                                      feed.pages))
                 moved, frames, next_report = False, feed.frames, now + _REPORT_S
 
-    def _on_diff(self, now: float, msg: V3Hde, sources: list[HdeSource],
+    def _on_diff(self, now: float, msg: V3Hde, sources: list[HdeSource | PushSource],
                  feed: ChunkFeed) -> None:
         self.control_bytes += len(wire.encode(msg))
         if msg.image >= len(sources):
