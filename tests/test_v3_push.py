@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from federation.dataplane.v3_protocol import Overlay
 from federation.dataplane.v3_push import (
+    HeldPages,
     PushSource,
     PushTarget,
     V3PushOffer,
@@ -45,6 +46,9 @@ def _pair(seed: int, changed: list[int]) -> tuple[ImageWriter, ImageWriter, dict
             page[rng.randrange(PAGE_SIZE)] = rng.randrange(256)
         if rng.random() < 0.2:
             page = bytearray(os.urandom(PAGE_SIZE))  # a page rewritten whole
+        elif rng.random() < 0.3:
+            q = rng.randrange(PAGES)  # a page moved: the target may hold it elsewhere
+            page = bytearray(base[q * PAGE_SIZE : (q + 1) * PAGE_SIZE])
         shadow.write(p, bytes(page))
     return shadow, target, old
 
@@ -54,7 +58,7 @@ def _run(shadow: ImageWriter, target: ImageWriter, old: dict[int, bytes], order:
          ) -> tuple[PushSource, PushTarget, list[object]]:
     held = build_index(target)
     src = PushSource(0, "tgt", build_index(shadow), held.root if base is None else base,
-                     sorted(old))
+                     sorted(old), HeldPages(held))
     dst = PushTarget(0, "src", target, held.root)
     acts = src.start()
     offer = acts[0]
@@ -90,7 +94,8 @@ def test_a_pushed_image_arrives_whole_in_any_order(changed: set[int], seed: int)
     assert dst.failed is None and src.failed is None
     assert dst.verified and src.verified
     assert bytes(target.view(0, PAGES)) == bytes(shadow.view(0, PAGES))
-    assert dst.stats["pages_wanted"] == len(changed)
+    assert dst.stats["pages_wanted"] + dst.stats["pages_dedup"] == len(changed)
+    assert dst.stats["pages_wanted"] == len(src.data)
     assert any(isinstance(a, Notify) and a.kind == "hde.verified" for a in out)
 
 
@@ -148,3 +153,42 @@ def test_transfer_ids_and_plans() -> None:
     plans = push_plans(list(range(0, 2 * CHUNK_PAGES + 1)))
     assert [p.chunk_id for p in plans] == [0, 1, 2]
     assert sum(p.count for p in plans) == 2 * CHUNK_PAGES + 1
+
+
+def test_a_moved_page_goes_as_a_copy_from_a_page_the_round_leaves_alone() -> None:
+    rng = random.Random(5)
+    base = bytearray(rng.randbytes(PAGES * PAGE_SIZE))
+    shadow = ImageWriter(bytearray(base), "shadow")
+    target = ImageWriter(bytearray(base), "target")
+    page = lambda q: bytes(base[q * PAGE_SIZE : (q + 1) * PAGE_SIZE])  # noqa: E731
+    # 7 takes 100's content (100 unchanged: a copy); 8 takes 9's, but 9 changes too (data)
+    old = {p: bytes(shadow.view(p)) for p in (7, 8, 9)}
+    shadow.write(7, page(100))
+    shadow.write(8, page(9))
+    shadow.write(9, rng.randbytes(PAGE_SIZE))
+    src, dst, _ = _run(shadow, target, old, random.Random(5))
+    assert src.data == [8, 9] and len(src.copies) == 8
+    assert src.verified and dst.verified and dst.stats["pages_dedup"] == 1
+    assert bytes(target.view(0, PAGES)) == bytes(shadow.view(0, PAGES))
+
+
+def test_held_pages_advance_stays_true_of_the_verified_content() -> None:
+    shadow, target, old = _pair(6, list(range(0, PAGES, 7)))
+    before, after = build_index(target), build_index(shadow)
+    held = HeldPages(before)
+    held.advance(before, after, sorted(old))
+    for fp, p in held.by_fp.items():
+        assert after.fp(p) == fp
+    fresh = HeldPages(after)
+    assert set(held.by_fp) <= set(fresh.by_fp)
+
+
+def test_copies_out_of_bounds_fail() -> None:
+    shadow, target, old = _pair(7, [1])
+    held = build_index(target)
+    dst = PushTarget(0, "src", target, held.root)
+    bad = V3PushOffer(push_transfer(0), PAGES, held.root, held.root, 0, 0,
+                      (5).to_bytes(4, "little") + (PAGES).to_bytes(4, "little"))
+    acts = dst.handle(0.0, Received("src", bad, b""))
+    assert dst.failed and "outside" in dst.failed
+    assert [a.kind for a in acts if isinstance(a, Notify)] == ["hde.failed"]

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from federation.dataplane.v3_protocol import SAMPLE_PAGES
+from federation.dataplane.v3_push import HeldPages
 from federation.vms.dirty_scan import SentDigests
 from federation.vms.sealed_image import SealedWriter
 from federation.vms.sealing import SealKey
@@ -44,6 +45,9 @@ class SourceState:
         #: per image the shadow pages changed since the last verified round's index: the
         #: next index is that one refreshed over them (never a pass over the shadow)
         self.unindexed: dict[str, set[int]] = {}
+        #: per image the target's pages by fingerprint, as verified (a pushed round's
+        #: copies, federation.dataplane.v3_push.HeldPages)
+        self.held_pages: dict[str, HeldPages] = {}
         self.level: int | None = None
         self.mode = ""
 
@@ -63,6 +67,7 @@ class SourceState:
         self.verified = {}
         self.sent = {}
         self.unindexed = {}
+        self.held_pages = {}
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

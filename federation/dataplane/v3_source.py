@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from federation.dataplane.v3_protocol import AMST_CHUNK_OVERHEAD, ChunkFeed, Overlay
-from federation.dataplane.v3_push import PushSource
+from federation.dataplane.v3_push import HeldPages, PushSource
 from federation.dataplane.v3_shadow import COPY_PAGES, SourceState, sample_pages
 from federation.migration.round_events import (
     V3Cut,
@@ -276,8 +276,10 @@ class V3RoundSender:
                 # the target verified ``held`` last round and this round's refresh is all
                 # that changed since (no cancelled round's pages in between): push what
                 # changed, no diff (federation.dataplane.v3_push)
+                if name not in st.held_pages:  # once per migration (O(pages), pre-copy)
+                    st.held_pages[name] = await trio.to_thread.run_sync(HeldPages, held[1])
                 sources.append(PushSource(i, self.target, indexes[name], held[0],
-                                          sorted(changed)))
+                                          sorted(changed), st.held_pages[name]))
             else:
                 sources.append(HdeSource(i + 1, self.target, f"{a.vm}/{name}", indexes[name],
                                          ref, ref_ix))
@@ -299,6 +301,11 @@ class V3RoundSender:
             await self._drive(sources, feed)
             feed.close()
         for name, s in zip(names, sources, strict=True):
+            pages = st.held_pages.get(name)
+            if isinstance(s, PushSource) and pages is not None:
+                pages.advance(st.verified[name][1], s.index, s.pages)
+            else:
+                st.held_pages.pop(name, None)  # an HDE round: built again when needed
             st.verified[name] = (s.index.root, s.index)
         st.unindexed = {}
         # where the round's time went (the final round's is most of the downtime)
