@@ -21,6 +21,7 @@ session aborts in the ledger with the VM still at its source."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from pathlib import Path
@@ -37,6 +38,7 @@ from federation.migration.round_events import (
     V3Moved,
     V3Prepare,
     V3Prepared,
+    V3Preparing,
     V3Verified,
 )
 from federation.migration.round_messages import V3Hde, transfer_id
@@ -137,6 +139,9 @@ class V3RoundSender:
         self.streams = 0
         #: bytes of the chunk frames written whole to AMST streams, every copy counted
         self.chunk_bytes = 0
+        #: pages the preparation went over (copied, digested, indexed), reported when due
+        self._prepared = 0
+        self._next_prepared = time.monotonic() + _REPORT_S
 
     @property
     def migration_id(self) -> str:
@@ -181,8 +186,10 @@ class V3RoundSender:
                     for p in range(0, count, COPY_PAGES):
                         n = min(COPY_PAGES, count - p)
                         st.shadows[name].copy(live[name], p, p, n)
+                        self._preparing(n)
                     if rescans:
                         st.sent[name] = SentDigests(st.shadows[name])
+                        self._preparing(count)
                 return sum(c for _, c in layout), {}, mark
             olds: dict[str, dict[int, bytes]] = {}
             covered = 0
@@ -212,6 +219,16 @@ class V3RoundSender:
             for img in live.values():
                 img.close()
 
+    def _preparing(self, pages: int) -> None:
+        """Worker thread: ``pages`` more prepared; the rounds core hears of it every
+        _REPORT_S (V3Preparing: progress, so a long first preparation is not a stall)."""
+        self._prepared += pages
+        now = time.monotonic()
+        if now >= self._next_prepared:
+            self._next_prepared = now + _REPORT_S
+            trio.from_thread.run_sync(self._report, V3Preparing(
+                self.migration_id, self.round, self._prepared))
+
     def _indexes(self) -> dict[str, PageIndex]:
         """Each shadow's index: the last verified one refreshed over the pages changed
         since (a copy: the verified one stays the round's XOR reference), or built whole
@@ -230,6 +247,7 @@ class V3RoundSender:
             held = st.verified.get(n)
             if held is None:
                 out[n] = build_index(img, self._executor)
+                self._preparing(img.page_count)
             else:
                 ix = held[1].copy()
                 ix.refresh(img, st.unindexed.get(n, ()), self._executor)

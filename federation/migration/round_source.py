@@ -44,6 +44,7 @@ from federation.migration.round_events import (
     V3Moved,
     V3Prepare,
     V3Prepared,
+    V3Preparing,
     V3Resume,
     V3Transfer,
     V3Verified,
@@ -305,6 +306,9 @@ class V3Sending(Sending):
                           transfer_id(self.migration_id, self.round), event.images)
             self.control_bytes += len(wire.encode(msg))
             return [Send(self.target, msg), self.timer("ready", now + ACK_TIMEOUT)]
+        if isinstance(event, V3Preparing) and self.phase == "preparing":
+            return [ToSession(self.migration_id, TransferProgress(self.round, 0, 0, 0,
+                                                                  event.pages))]
         if isinstance(event, V3Moved) and self.phase == "moving":
             out: list[Action] = [self.timer("quiet", now + ACK_TIMEOUT)] if event.moved else []
             return [*out, self.progress(event.pages * PAGE_SIZE, event.pages,

@@ -56,6 +56,7 @@ from federation.migration.round_events import (
     V3ImageVerified,
     V3Moved,
     V3Prepared,
+    V3Preparing,
     V3ReceiveFailed,
     V3RelayFallback,
     V3StreamOpened,
@@ -87,8 +88,8 @@ Action = Any
 #: The session's VM actions after which a migration is over at a DC.
 _ENDINGS = (Retire, Unfence, StartAtTarget, DiscardIncoming)
 #: Replies and reports about a round this DC sends (each names its round).
-_ABOUT_SENDING = (RoundPlanned, ChunkRead, DirtyCounted, RoundIoFailed, V3Prepared, V3Moved,
-                  V3Cut, V3Verified, V3Failed)
+_ABOUT_SENDING = (RoundPlanned, ChunkRead, DirtyCounted, RoundIoFailed, V3Preparing, V3Prepared,
+                  V3Moved, V3Cut, V3Verified, V3Failed)
 
 
 class RoundsCore:

@@ -198,6 +198,7 @@ class SourceSession(SessionBase):
         if self.round == 0:
             self.round_pages = self.total_bytes // PAGE_SIZE
         self.round_started, self.round_bytes, self.round_wire = now, 0, 0
+        self.round_prepared = 0
         # until this round measures its own pace, the last round's estimate stands
         self.live_eta = self.eta if self.round else math.inf
         self.round += 1
@@ -218,6 +219,7 @@ class SourceSession(SessionBase):
             return []
         self.round_bytes = max(self.round_bytes, ev.bytes)
         self.round_wire = max(self.round_wire, ev.wire_bytes)
+        self.round_prepared = max(self.round_prepared, ev.prepared)
         elapsed = now - self.round_started
         if self.round_bytes > 0 and elapsed > 0:
             rate = self.round_bytes / elapsed

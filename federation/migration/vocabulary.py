@@ -305,6 +305,9 @@ class TransferProgress:
     bytes: int
     pages: int = 0
     wire_bytes: int = 0
+    #: pages the round's preparation went over so far (v3 round 1: the shadow's copy,
+    #: digests and index), before anything moves
+    prepared: int = 0
 
 
 @attrs.frozen
@@ -424,6 +427,7 @@ class Progress:
     throughput: float  # logical bytes per second of the last round (or of this one so far)
     eta: float  # seconds until the cut-over, estimated (inf: not measured yet)
     pages: int = 0  # pages sent so far (bytes_sent / 4 KiB), this round's included
+    prepared: int = 0  # pages the current round's preparation went over (v3 round 1)
 
 
 @attrs.frozen
