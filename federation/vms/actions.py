@@ -306,7 +306,10 @@ class VmActions:
             b.fence(a.vm, a.migration_id)  # qemu: QMP stop, the device state saved
             t1 = time.monotonic()
             root = self._fenced_root(a.vm, a.migration_id)
-            self.timings = {"stop_and_device_s": t1 - t0, "root_s": time.monotonic() - t1}
+            self.timings = {"stop_and_device_s": t1 - t0, "root_s": time.monotonic() - t1,
+                            "rehashed_blocks": float(sum(
+                                li.rehashed for li in self.live_indexes.get(a.migration_id,
+                                                                            {}).values()))}
             return [SourceFenced(root)]
         if isinstance(a, Unfence):
             self.read_digests.pop(a.migration_id, None)

@@ -83,6 +83,8 @@ class LiveIndex:
 
     def __init__(self, image: PageSource) -> None:
         self.index, self.groups = _snapshot_index(image)
+        #: blocks the last catch_up re-hashed (what it cost: 1 MiB of SHA-256 each)
+        self.rehashed = 0
 
     def changed(self, image: PageSource) -> list[int]:
         """Pages whose content differs from their fingerprint in the index."""
@@ -100,6 +102,7 @@ class LiveIndex:
         pages that had changed."""
         changed = self.changed(image)
         blocks = sorted({p // BLOCK_PAGES for p in changed})
+        self.rehashed = len(blocks)
         if blocks:
             snaps = _Snapshots(image.page_count, {b: _block(image, b) for b in blocks})
             # Within each snapshot, the groups whose digest differs from the one held get
