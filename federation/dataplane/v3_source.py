@@ -53,7 +53,7 @@ from mesh.channel import SecureChannel
 from mesh.core import Notify, Received, Send
 from mesh.hde.codec import ChunkError, encode_chunk
 from mesh.hde.events import EncodeChunk
-from mesh.hde.image import ImageError
+from mesh.hde.image import Image, ImageError
 from mesh.hde.index import PageIndex, build_index
 from mesh.hde.source import HdeSource
 from mesh.runtime.amst_transfer import TransferCut, send_transfer
@@ -268,9 +268,41 @@ class V3RoundSender:
                     raise
                 self._report(V3Failed(self.migration_id, self.round, str(exc)))
 
-    async def _run(self) -> None:
+    def _fenced_pages(self) -> tuple[dict[str, PageIndex], dict[str, Image],
+                                     dict[str, list[int]]] | None:
+        """Worker thread: a fenced VM's final round, when it can go straight from the
+        stopped images: their index the fence caught up, the images (open: the caller
+        closes them) and per image the pages that differ from what the target verified
+        (the shadow's digests). None: the round goes the usual way."""
         a, st = self.action, self.state
+        if self._fenced_indexes is None or a.since is None or not st.sent:
+            return None
+        if not dirty_by_content(self.backend, a.vm) or any(st.unindexed.values()):
+            return None
+        fenced = self._fenced_indexes(self.migration_id)
+        names = set(st.shadows)
+        if fenced is None or set(fenced) != names or set(st.verified) != names \
+                or set(st.sent) != names:
+            return None
+        live = self.backend.open_images(a.vm)
+        if set(live) != names or any(live[n].page_count != fenced[n].page_count
+                                     for n in names):
+            for img in live.values():
+                img.close()
+            return None
+        return fenced, live, {n: st.sent[n].changed(live[n]) for n in sorted(names)}
+
+    async def _run(self) -> None:
         t0 = trio.current_time()
+        fenced = await trio.to_thread.run_sync(self._fenced_pages)
+        if fenced is not None:
+            try:
+                await self._run_fenced(t0, *fenced)
+            finally:
+                for img in fenced[1].values():
+                    img.close()
+            return
+        a, st = self.action, self.state
         covered, olds, mark = await trio.to_thread.run_sync(self._refresh)
         t1 = trio.current_time()
         indexes = await trio.to_thread.run_sync(self._indexes)
@@ -306,7 +338,43 @@ class V3RoundSender:
             ref = refs[i].get(e.reference_root) if e.reference_root is not None else None
             return encode_chunk(e.transfer, e.plan, st.shadows[names[i]], ref, level)
 
-        feed = ChunkFeed(encode)
+        await self._move(names, sources, ChunkFeed(encode), mark, covered,
+                         {"refresh_s": t1 - t0, "index_s": t2 - t1})
+
+    async def _run_fenced(self, t0: float, indexes: dict[str, PageIndex],
+                          live: dict[str, Image], changed: dict[str, list[int]]) -> None:
+        """The final round of a fenced VM straight from its stopped images: the pages that
+        differ from what the target verified, pushed against it, indexed by the fence's
+        catch-up. The shadow is not written (nothing comes after this round; an abort
+        drops it): no copy, and no read of the old pages for an XOR, whose only gain is
+        bytes (docs/qemu.md, "Downtime")."""
+        a, st = self.action, self.state
+        level = st.level
+        assert level is not None, "a fenced VM had a first round"
+        names = sorted(indexes)
+        sources: list[HdeSource | PushSource] = []
+        for i, name in enumerate(names):
+            if name not in st.held_pages:
+                st.held_pages[name] = await trio.to_thread.run_sync(HeldPages,
+                                                                    st.verified[name][1])
+            sources.append(PushSource(i, self.target, indexes[name], st.verified[name][0],
+                                      changed[name], st.held_pages[name]))
+
+        def encode(i: int, e: EncodeChunk) -> bytes | bytearray:
+            return encode_chunk(e.transfer, e.plan, live[names[i]], None, level)
+
+        assert a.since is not None
+        await self._move(names, sources, ChunkFeed(encode), a.since,
+                         sum(len(p) for p in changed.values()),
+                         {"refresh_s": trio.current_time() - t0, "index_s": 0.0, "fenced": 1})
+
+    async def _move(self, names: list[str], sources: list[HdeSource | PushSource],
+                    feed: ChunkFeed, mark: int, covered: int, timing: dict[str, float]
+                    ) -> None:
+        """Announce the prepared round, then once the target is ready move it: the diff or
+        the pushes over the control link, the chunks over AMST, until every image is
+        verified; the verified indexes become the next round's reference."""
+        a, st, level = self.action, self.state, self.state.level
         self._report(V3Prepared(a.migration_id, a.round, mark, covered, tuple(names)))
         t3 = trio.current_time()
         await self._go.wait()
@@ -327,8 +395,7 @@ class V3RoundSender:
             st.verified[name] = (s.index.root, s.index)
         st.unindexed = {}
         # where the round's time went (the final round's is most of the downtime)
-        timing = {"refresh_s": t1 - t0, "index_s": t2 - t1, "ready_s": t4 - t3,
-                  "transfer_s": trio.current_time() - t4}
+        timing.update(ready_s=t4 - t3, transfer_s=trio.current_time() - t4)
         figures = {**{k: round(v, 4) for k, v in timing.items()},
                    "pushed": sum(isinstance(s, PushSource) for s in sources),
                    "level": level, "mode": st.mode, "chunks": feed.frames,
