@@ -148,8 +148,9 @@ class Sending(abc.ABC):
         return [self.progress(nbytes, nbytes // PAGE_SIZE, nbytes)]
 
     def delivered(self, now: float, pages: int, nbytes: int, wire_bytes: int,
-                  dirty: int) -> list[Action]:
-        self.sent = RoundSent(self.round, pages, nbytes, wire_bytes, now - self.started, dirty)
+                  dirty: int, move_seconds: float | None = None) -> list[Action]:
+        self.sent = RoundSent(self.round, pages, nbytes, wire_bytes, now - self.started, dirty,
+                              move_seconds)
         return self.cancel_timers()
 
     @abc.abstractmethod
@@ -325,8 +326,9 @@ class V3Sending(Sending):
             a = self.action
             return [*self.cancel_timers(), CountDirty(a.migration_id, a.vm, a.round, self.mark)]
         if isinstance(event, DirtyCounted) and self.phase == "counting":
+            move = self.figures.get("transfer_s")
             return self.delivered(now, self.covered, self.covered * PAGE_SIZE, self.wire_bytes,
-                                  event.pages)
+                                  event.pages, float(move) if move is not None else None)
         if isinstance(event, (V3Failed, RoundIoFailed)):
             return self.fail(event.reason)
         return []

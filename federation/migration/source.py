@@ -241,7 +241,12 @@ class SourceSession(SessionBase):
         self.bytes_sent += ev.bytes
         self.wire_bytes += ev.wire_bytes
         seconds = max(ev.seconds, 1e-9)
-        self.throughput = ev.bytes / seconds if ev.bytes else self.throughput
+        # the final round's estimate goes by what moving a page cost (a round's preparation
+        # — the running guest's shadow and its index — is not in a stopped guest's final
+        # round), where the data plane measured it; round 1's pace counts pages the target
+        # already held, so a machine's fence waits for an incremental round anyway
+        moving = max(ev.move_seconds, 1e-9) if ev.move_seconds is not None else seconds
+        self.throughput = ev.bytes / moving if ev.bytes else self.throughput
         self.dirty_rate = ev.dirty_pages / seconds
         pending = ev.dirty_pages * PAGE_SIZE
         if self.throughput > 0:

@@ -294,6 +294,11 @@ class RoundSent:
     wire_bytes: int
     seconds: float
     dirty_pages: int
+    #: of ``seconds``, the time the pages took to move once the round was prepared (v3:
+    #: from the target's word to its verdict), where the data plane measured it: what a
+    #: final round of a stopped guest costs per page (it prepares nothing but a scan),
+    #: so what pre-copy's estimate of the final round goes by (None: ``seconds``)
+    move_seconds: float | None = None
 
 
 @attrs.frozen
