@@ -16,6 +16,7 @@ from federation.dataplane.v3_push import (
     PushSource,
     PushTarget,
     V3PushOffer,
+    differing_pages,
     is_push,
     push_plans,
     push_transfer,
@@ -192,3 +193,13 @@ def test_copies_out_of_bounds_fail() -> None:
     acts = dst.handle(0.0, Received("src", bad, b""))
     assert dst.failed and "outside" in dst.failed
     assert [a.kind for a in acts if isinstance(a, Notify)] == ["hde.failed"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sets(st.integers(0, PAGES - 1), max_size=40), st.integers(0, 2**32))
+def test_differing_pages_are_the_pages_whose_content_changed(changed: set[int],
+                                                             seed: int) -> None:
+    shadow, target, _ = _pair(seed, sorted(changed))
+    got = differing_pages(build_index(target), build_index(shadow))
+    assert got == [p for p in range(PAGES)
+                   if bytes(target.view(p)) != bytes(shadow.view(p))]

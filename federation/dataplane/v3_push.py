@@ -44,7 +44,8 @@ from mesh.hde.messages import CHUNK_PAGES, HdeVerified
 from mesh.wire import U64, Bytes, field
 
 __all__ = ["V3PushOffer", "PushSource", "PushTarget", "HeldPages", "PUSH_FLAG",
-           "push_transfer", "is_push", "push_plans", "apply_chunk", "MAX_COPIES"]
+           "push_transfer", "is_push", "push_plans", "apply_chunk", "differing_pages",
+           "MAX_COPIES"]
 
 #: Set in the HDE transfer id of a pushed image's chunks (and its offer): the target
 #: routes a chunk to the image's push core, not its HDE core, even when the chunk
@@ -80,6 +81,27 @@ class V3PushOffer:
     #: (page, from page) pairs, ``<II`` each: write the target's own page ``from`` (one
     #: this round does not change) at ``page``
     copies: bytes = field(Bytes(MAX_COPIES * _PAIR.size))
+
+
+#: Pages whose fingerprints are compared at once: equal runs are skipped in one compare.
+_RUN = 256
+
+
+def differing_pages(held: PageIndex, now: PageIndex) -> list[int]:
+    """Pages whose fingerprint differs between two indexes of one image's pages (what the
+    target verified, what the image holds now): no pass over the pages themselves."""
+    if held.page_count != now.page_count:
+        raise ValueError(f"indexes of {held.page_count} and {now.page_count} pages")
+    a, b = memoryview(held.fps), memoryview(now.fps)
+    out: list[int] = []
+    step = _RUN * FP_SIZE
+    for off in range(0, len(a), step):
+        if a[off : off + step] == b[off : off + step]:
+            continue
+        for p in range(off // FP_SIZE, min(held.page_count, (off + step) // FP_SIZE)):
+            if a[p * FP_SIZE : (p + 1) * FP_SIZE] != b[p * FP_SIZE : (p + 1) * FP_SIZE]:
+                out.append(p)
+    return out
 
 
 def push_plans(pages: Sequence[int]) -> list[ChunkPlan]:

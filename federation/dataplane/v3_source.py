@@ -30,7 +30,7 @@ from typing import Any
 import trio
 
 from federation.dataplane.v3_protocol import AMST_CHUNK_OVERHEAD, ChunkFeed, Overlay
-from federation.dataplane.v3_push import HeldPages, PushSource
+from federation.dataplane.v3_push import HeldPages, PushSource, differing_pages
 from federation.dataplane.v3_shadow import COPY_PAGES, SourceState, sample_pages
 from federation.migration.round_events import (
     V3Cut,
@@ -273,16 +273,16 @@ class V3RoundSender:
         """Worker thread: a fenced VM's final round, when it can go straight from the
         stopped images: their index the fence caught up, the images (open: the caller
         closes them) and per image the pages that differ from what the target verified
-        (the shadow's digests). None: the round goes the usual way."""
+        (their fingerprints differ between the two indexes: no scan of the images, the
+        fence's catch-up scanned them). None: the round goes the usual way."""
         a, st = self.action, self.state
-        if self._fenced_indexes is None or a.since is None or not st.sent:
+        if self._fenced_indexes is None or a.since is None:
             return None
         if not dirty_by_content(self.backend, a.vm) or any(st.unindexed.values()):
             return None
         fenced = self._fenced_indexes(self.migration_id)
         names = set(st.shadows)
-        if fenced is None or set(fenced) != names or set(st.verified) != names \
-                or set(st.sent) != names:
+        if fenced is None or set(fenced) != names or set(st.verified) != names:
             return None
         live = self.backend.open_images(a.vm)
         if set(live) != names or any(live[n].page_count != fenced[n].page_count
@@ -290,7 +290,8 @@ class V3RoundSender:
             for img in live.values():
                 img.close()
             return None
-        return fenced, live, {n: st.sent[n].changed(live[n]) for n in sorted(names)}
+        return fenced, live, {n: differing_pages(st.verified[n][1], fenced[n])
+                              for n in sorted(names)}
 
     async def _run(self) -> None:
         t0 = trio.current_time()
