@@ -134,7 +134,7 @@ class VmActions:
             if held is None or set(held) != set(images):
                 return images_root(images, self.executor)
             for name, img in images.items():
-                held[name].catch_up(img, self.executor)
+                held[name].catch_up(img, self.executor, stopped=True)  # fenced: no copies
             self._fenced_live.add(migration_id)
             return combined_root({n: held[n].index.root for n in images})
         finally:
