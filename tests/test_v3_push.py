@@ -21,6 +21,7 @@ from federation.dataplane.v3_push import (
     push_plans,
     push_transfer,
 )
+from federation.dataplane.v3_shadow import read_pages
 from mesh import wire
 from mesh.core import Notify, Received, Send
 from mesh.hde.codec import encode_chunk
@@ -203,3 +204,11 @@ def test_differing_pages_are_the_pages_whose_content_changed(changed: set[int],
     got = differing_pages(build_index(target), build_index(shadow))
     assert got == [p for p in range(PAGES)
                    if bytes(target.view(p)) != bytes(shadow.view(p))]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sets(st.integers(0, PAGES - 1), max_size=80))
+def test_read_pages_reads_what_page_views_read(pages: set[int]) -> None:
+    shadow, _, _ = _pair(8, [])
+    got = read_pages(shadow, sorted(pages))
+    assert got == {p: bytes(shadow.view(p)) for p in pages}

@@ -31,7 +31,7 @@ import trio
 
 from federation.dataplane.v3_protocol import AMST_CHUNK_OVERHEAD, ChunkFeed, Overlay
 from federation.dataplane.v3_push import HeldPages, PushSource, differing_pages
-from federation.dataplane.v3_shadow import COPY_PAGES, SourceState, sample_pages
+from federation.dataplane.v3_shadow import COPY_PAGES, SourceState, read_pages, sample_pages
 from federation.migration.round_events import (
     V3Cut,
     V3Failed,
@@ -139,6 +139,8 @@ class V3RoundSender:
         self.streams = 0
         #: bytes of the chunk frames written whole to AMST streams, every copy counted
         self.chunk_bytes = 0
+        #: per image the bytes of the pages this round's refresh copied into the shadow
+        self._news: dict[str, dict[int, bytes]] = {}
         #: pages the preparation went over (copied, digested, indexed), reported when due
         self._prepared = 0
         self._next_prepared = time.monotonic() + _REPORT_S
@@ -197,12 +199,16 @@ class V3RoundSender:
                 # what differs from the shadow, whatever the guest wrote when (an A, B, A
                 # page between two scans is found here, federation.vms.dirty_scan)
                 for name in sorted(st.shadows):
-                    shadow, src, old = st.shadows[name], live[name], olds.setdefault(name, {})
+                    shadow, src = st.shadows[name], live[name]
                     pages = st.sent[name].changed(src)
+                    # the live pages read once, the old ones a chunk of the (sealed) shadow
+                    # at a time; the digests from the bytes written, the encoder served
+                    # from them (a sealed page read costs its 64 KiB chunk's decryption)
+                    new = self._news[name] = {p: bytes(src.view(p)) for p in pages}
+                    old = olds[name] = read_pages(shadow, pages)
                     for p in pages:
-                        old[p] = bytes(shadow.view(p))
-                        shadow.write(p, src.view(p))
-                    st.sent[name].copied(shadow, pages)
+                        shadow.write(p, new[p])
+                    st.sent[name].copied(shadow, pages, new)
                     st.unindexed.setdefault(name, set()).update(pages)
                     covered += len(pages)
                 return covered, olds, mark
@@ -335,9 +341,12 @@ class V3RoundSender:
                 sources.append(HdeSource(i + 1, self.target, f"{a.vm}/{name}", indexes[name],
                                          ref, ref_ix))
 
+        # the round's new pages from memory, the rest from the shadow
+        images = [Overlay(st.shadows[n], self._news.get(n, {})) for n in names]
+
         def encode(i: int, e: EncodeChunk) -> bytes | bytearray:
             ref = refs[i].get(e.reference_root) if e.reference_root is not None else None
-            return encode_chunk(e.transfer, e.plan, st.shadows[names[i]], ref, level)
+            return encode_chunk(e.transfer, e.plan, images[i], ref, level)
 
         await self._move(names, sources, ChunkFeed(encode), mark, covered,
                          {"refresh_s": t1 - t0, "index_s": t2 - t1})

@@ -139,10 +139,14 @@ class SentDigests:
                 digest = _UNKNOWN
             gd[g * DIGEST : (g + 1) * DIGEST] = digest
 
-    def copied(self, shadow: PageSource, pages: list[int]) -> None:
+    def copied(self, shadow: PageSource, pages: list[int],
+               data: Mapping[int, bytes] | None = None) -> None:
+        """``pages`` were copied into ``shadow`` (``data``: the bytes written, page by
+        page, so a page's digest needs no read of the shadow; a group's does)."""
         d, gd = self.pages, self.groups
         for p in pages:
-            d[p * DIGEST : (p + 1) * DIGEST] = _xxh64(shadow.view(p))
+            d[p * DIGEST : (p + 1) * DIGEST] = _xxh64(shadow.view(p) if data is None
+                                                      else data[p])
         for g in sorted({p // GROUP_PAGES for p in pages}):
             first = g * GROUP_PAGES
             n = min(GROUP_PAGES, self.page_count - first)
