@@ -55,6 +55,7 @@ from federation.migration.round_messages import (
     WINDOW,
     PagesAck,
     PagesChunk,
+    V3Preparation,
     V3Round,
     V3Status,
     runs,
@@ -308,8 +309,11 @@ class V3Sending(Sending):
             self.control_bytes += len(wire.encode(msg))
             return [Send(self.target, msg), self.timer("ready", now + ACK_TIMEOUT)]
         if isinstance(event, V3Preparing) and self.phase == "preparing":
+            # progress for both sessions: the target hears nothing else before the round
             return [ToSession(self.migration_id, TransferProgress(self.round, 0, 0, 0,
-                                                                  event.pages))]
+                                                                  event.pages)),
+                    Send(self.target, V3Preparation(self.migration_id, self.round,
+                                                    event.pages))]
         if isinstance(event, V3Moved) and self.phase == "moving":
             out: list[Action] = [self.timer("quiet", now + ACK_TIMEOUT)] if event.moved else []
             return [*out, self.progress(event.pages * PAGE_SIZE, event.pages,

@@ -62,7 +62,13 @@ from federation.migration.round_events import (
     V3StreamOpened,
     V3Verified,
 )
-from federation.migration.round_messages import PagesAck, PagesChunk, V3Round, V3Status
+from federation.migration.round_messages import (
+    PagesAck,
+    PagesChunk,
+    V3Preparation,
+    V3Round,
+    V3Status,
+)
 from federation.migration.round_source import (
     RESUME_BUDGET_S,
     Sending,
@@ -200,6 +206,8 @@ class RoundsCore:
         if isinstance(msg, V3Round):
             self._v3[msg.migration_id] = None
             return self.receiving.on_round(now, peer, msg)
+        if isinstance(msg, V3Preparation):
+            return self.receiving.on_preparation(peer, msg)
         return []
 
     def _timer(self, now: float, key: object) -> list[Action]:
