@@ -185,13 +185,18 @@ class V3RoundSender:
             if a.since is None or set(st.shadows) != {n for n, _ in layout}:
                 st.reset(layout)
                 for name, count in layout:
+                    # the digests of what was copied from the bytes copied: no read of the
+                    # (sealed) shadow back
+                    sent = SentDigests.blank(count) if rescans else None
                     for p in range(0, count, COPY_PAGES):
                         n = min(COPY_PAGES, count - p)
-                        st.shadows[name].copy(live[name], p, p, n)
+                        data = bytes(live[name].view(p, n))
+                        st.shadows[name].write(p, data)
+                        if sent is not None:
+                            sent.read(p, data)
                         self._preparing(n)
-                    if rescans:
-                        st.sent[name] = SentDigests(st.shadows[name])
-                        self._preparing(count)
+                    if sent is not None:
+                        st.sent[name] = sent
                 return sum(c for _, c in layout), {}, mark
             olds: dict[str, dict[int, bytes]] = {}
             covered = 0

@@ -107,6 +107,17 @@ class SentDigests:
         self.groups = bytearray(group_digests(shadow))
         self.pages = bytearray(scan_digests(shadow))
 
+    @classmethod
+    def blank(cls, page_count: int) -> SentDigests:
+        """Digests of an image nothing of which was recorded yet: every group compares page
+        by page until :meth:`read` records it (how a copy made a piece at a time records
+        the bytes it copied, without reading its copy back)."""
+        obj = cls.__new__(cls)
+        obj.page_count = page_count
+        obj.groups = bytearray(_UNKNOWN * -(-page_count // GROUP_PAGES))
+        obj.pages = bytearray(page_count * DIGEST)
+        return obj
+
     def changed(self, live: PageSource) -> list[int]:
         if live.page_count != self.page_count:
             raise ValueError(f"{live.page_count} pages live, {self.page_count} sent")
