@@ -31,6 +31,7 @@ from tests.harness.qemu_nodes import (
     create_guest,
     guest_console,
     qemu_nodes,
+    qemu_process_list,
     qemu_processes,
     running_copies,
 )
@@ -174,8 +175,12 @@ def test_twenty_migrations_with_cancels_and_kills_keep_the_guest_whole(
             nodes.wait(f"one QEMU of the guest, at {owner}",
                        lambda o=owner: running_copies(nodes, "g") == [o], 60)
             # and no other QEMU of it anywhere on the host, pid file or not
-            nodes.wait(f"no QEMU of the guest but the one at {owner}",
-                       lambda o=owner: qemu_processes(nodes, "g") == [o], 60)
+            try:
+                nodes.wait(f"no QEMU of the guest but the one at {owner}",
+                           lambda o=owner: qemu_processes(nodes, "g") == [o], 60)
+            except AssertionError as exc:
+                seen = [line for _, line in qemu_process_list(nodes, "g")]
+                raise AssertionError(f"{what}: QEMUs of the guest: {seen}") from exc
             con = nodes.wait(f"the guest counting on and checking after {what}",
                              lambda b=before: (
                                  (c := console()).last_heartbeat >= b.last_heartbeat + 10

@@ -22,7 +22,7 @@ from federation.vms.qemu_machine import pid_on
 from tests.harness.processes import NAMES, NodeProcesses, node_processes
 
 __all__ = ["qemu_nodes", "create_guest", "console_logs", "guest_console", "running_copies",
-           "qemu_processes", "GUEST_MIB"]
+           "qemu_processes", "qemu_process_list", "GUEST_MIB"]
 
 #: As tests.harness.qemu: the task's 64-128 MiB guest under TCG, a 16 MiB disk.
 GUEST_MIB = 128
@@ -83,6 +83,12 @@ def qemu_processes(nodes: NodeProcesses, vm: str) -> list[str]:
     """The DC of every ``qemu-system`` process on this host that runs ``vm`` for these
     nodes (its command line names the VM's RAM file under the test's RAM directory), pid
     files or not: a QEMU a node lost track of counts too."""
+    return sorted(dc for dc, _ in qemu_process_list(nodes, vm))
+
+
+def qemu_process_list(nodes: NodeProcesses, vm: str) -> list[tuple[str, str]]:
+    """(DC, a line on the process: pid, parent, state, and its pid file's pid) of every
+    ``qemu-system`` process that runs ``vm`` for these nodes: what a failed check shows."""
     ram = _ram_dir(nodes.cfg.parent.parent, "x").parent
     out = []
     for proc in Path("/proc").iterdir():
@@ -90,13 +96,21 @@ def qemu_processes(nodes: NodeProcesses, vm: str) -> list[str]:
             continue
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # exited meanwhile
             continue
         if not argv or b"qemu-system" not in argv[0]:
             continue
         for dc in NAMES:
             if any(f"{ram / dc / vm / 'memory.img'}".encode() in a for a in argv):
-                out.append(dc)
+                pidfile = qemu_dir(nodes, dc) / vm / "qemu.pid"
+                try:
+                    recorded = pidfile.read_text().strip()
+                except OSError:
+                    recorded = "none"
+                incoming = "incoming" if b"-incoming" in argv else "booted"
+                out.append((dc, f"{dc}: pid {proc.name} ppid {stat[1]} state {stat[0]} "
+                                f"{incoming}, pid file {recorded}"))
     return sorted(out)
 
 
