@@ -12,6 +12,10 @@ import pytest
 from bench.consensus import Cluster
 from tests.harness.waiting import poll_until
 
+#: Real replicas with sub-second view timeouts, killed with SIGKILL: never beside another
+#: such test under xdist (tests/harness/groups.py).
+pytestmark = pytest.mark.exclusive
+
 #: The replicas rewrite their status file every 0.2 s (bench/consensus.py).
 STATUS_EVERY = 0.2
 
