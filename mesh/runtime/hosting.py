@@ -4,7 +4,20 @@ A :class:`HostedCore` first calls the core's optional ``start(now)`` hook (as th
 simulator does), then runs one task that takes events from a bounded inbox and
 calls ``core.handle(trio.current_time(), event)`` for each, one at a time. The
 events already waiting in the inbox (at most ``DRAIN_EVENTS``) are handled as
-one *group* before their actions are executed:
+one *group* before their actions are executed.
+
+Who handles a group is whoever holds the core's *turn* (a lock): the core task
+for its inbox and its timers, or, when the core is idle (nothing queued, no
+turn in progress), the task that delivers the events — a link reader handing
+over one frame's messages (:meth:`HostedCore.deliver_many`). That saves the
+hand-off to the core task (its wake-up and one more pass of the event loop per
+frame) without changing what a core sees: one event at a time, in delivery
+order (while anything is queued, deliveries queue behind it), the same groups
+and the same order of writes and actions. A turn is shielded from
+cancellation, so a link that ends mid-turn never leaves events handled with
+their writes or sends not executed; it never waits on the network (sends only
+queue on links), and a failure in it is raised by the core task, which stops
+the node as before rather than only the link that delivered. Actions of a group:
 
 * ``Persist`` -> the group's writes go to the store in one transaction
   (``store.put_many`` where the store has it), synced if any of them asks for

@@ -17,7 +17,8 @@ that ``sim/`` mirrors over its virtual network::
 ``core`` is anything with ``handle(now, event) -> list[Action]``
 (:mod:`mesh.core`). ``tags`` are wire message tags; one ending in ``.`` is a
 prefix. The runtime delivers to the core, one event at a time, with ``now =
-trio.current_time()``:
+trio.current_time()`` (a frame's messages for one core together, handled by the
+link's reader itself when the core is idle: :mod:`mesh.runtime.hosting`):
 
 * ``Received(peer, message, raw)`` for each message whose tag it registered
   (``raw`` is the decrypted frame, for signature checks over received bytes);
