@@ -6,8 +6,8 @@ either worker in any order. A few tests hold a machine-wide resource or measure 
 
 * a booted QEMU guest under TCG eats a whole core (two at once would starve the guests'
   own checks and the migration timeouts);
-* the network-namespace tests use fixed namespace names and a fixed port
-  (``bench.netns``: ``dwtesta``/``dwtestb``, port 5299);
+* the network-namespace tests time copies through a tbf-shaped veth (``bench.netns``)
+  and set up and tear down namespaces and links with ``ip``;
 * tests that kill -9 real replicas or time a real transfer, whose view timeouts and
   figures assume they are not sharing a core with a second such test.
 
