@@ -7,7 +7,6 @@ run in their own sessions and outlive a killed node)."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import signal
@@ -31,12 +30,7 @@ DISK_MIB = 16
 
 
 def _ram_dir(tmp_path: Path, dc: str) -> Path:
-    """Guest RAM of ``dc``'s node in this test. ``tmp_path``'s name alone (the test's name,
-    cut at 30 characters) is the same in every pytest session and xdist worker, so two
-    runs of one test at once (two engineers, or the coordinator beside one) would share,
-    count and remove each other's RAM files and QEMUs; the hash of the whole path is not."""
-    tag = hashlib.sha256(str(tmp_path.resolve()).encode()).hexdigest()[:10]
-    return Path("/dev/shm") / f"dwcp-test-{os.getuid()}-{tmp_path.name}-{tag}" / dc
+    return Path("/dev/shm") / f"dwcp-test-{os.getuid()}-{tmp_path.name}" / dc
 
 
 @contextlib.contextmanager
