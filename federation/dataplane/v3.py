@@ -64,6 +64,7 @@ class V3DataPlane:
         incoming: Callable[[str], dict[str, ImageWriter] | None],
         data_dir: Path,
         index_of: Callable[[str, str], PageIndex] | None = None,
+        fenced_indexes: Callable[[str], dict[str, PageIndex] | None] | None = None,
         log: JsonLog,
         report: Callable[[object], None],
         seal_shadows: bool = False,
@@ -84,7 +85,7 @@ class V3DataPlane:
         self.sender = V3Sender(
             shadow_dir=data_dir / "v3-shadow", backend=backend, send=runtime.send,
             connector=self._connector, new_channel=self._channel, level_for=self._level_for,
-            report=report, executor=self.executor,
+            report=report, executor=self.executor, fenced_indexes=fenced_indexes,
             # the shadows' key lives in this process only (federation.dataplane.v3_shadow)
             scratch_key=SealKey(nacl.utils.random(KEY_SIZE)) if seal_shadows else None)
         self.relay = DataRelay(name, self._address, log)

@@ -218,7 +218,8 @@ class Node:
                               backend=self.backend, incoming=self.vm_actions.incoming.get,
                               data_dir=data_dir, log=self.log, report=events.put,
                               seal_shadows=at_rest_key is not None,
-                              index_of=self.vm_actions.incoming_index)
+                              index_of=self.vm_actions.incoming_index,
+                              fenced_indexes=self.vm_actions.fenced_indexes)
         self.rounds = RoundScheduler(
             runtime=self.runtime, core=RoundsCore(name, self._session_view), events=events,
             vm_actions=self.vm_actions, v3=self.v3, log=self.log, to_session=self.to_session)
@@ -332,6 +333,13 @@ class Node:
             busy = self._busy | {v for v, st in self.imports.copies.items()
                                  if st.state == "copying"}
             for step in reconcile.plan(self.name, self.core.ledger, local, busy):
+                if isinstance(step, VM_ACTIONS):
+                    # a decided migration's step its session did not carry out (killed in
+                    # between): on the VM worker, in order with the sessions' own
+                    self.log.event("vm_reconcile", vm=step.vm, step=type(step).__name__,
+                                   migration_id=step.migration_id)
+                    self.vm_worker.submit(step)
+                    continue
                 try:
                     if isinstance(step, reconcile.StartStaged):
                         await trio.to_thread.run_sync(self.backend.start, step.vm, step.epoch)
