@@ -26,8 +26,8 @@ it, without a new transfer version:
   ``amst.chunk``; a sender uses ``amst.sealed`` only when both channel ends offer it.
 
 Within v3, HDE's chunk frame (:mod:`mesh.hde.codec`, magic ``HDE\x02``) gained one
-flag, ``copies`` (2: a page named as a copy of an earlier page of its chunk). It is not
-negotiated, so nothing sends it between nodes: only the in-process live migration
+flag, ``copies`` (2: a page named as a copy of an earlier page of its chunk). It has no
+capability yet, so nothing sends it between nodes: only the in-process live migration
 (:mod:`federation.vms.live_migration`, both ends this code) asks for it, and the v3 data
 plane never does. A decoder of an older build refuses such a frame cleanly (flags out of
 bounds: the chunk is asked for again, then the transfer fails), so a node-to-node use
