@@ -41,14 +41,30 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import trio
 
 from bench.corpus.relay import CountingRelay
 from bench.frame_pipe import FramePipe, loopback, over_tbf
-from bench.netns import ADDRESS_B, TbfLink, netns_missing
+from bench.netns import ADDRESS_B, FarLink, TbfLink, netns_missing
 from bench.qemu import MAX_BANDWIDTH, MIGRATION_TIMEOUT_S, MigrationError, qemu_version
+from consensus.ledger import SetPolicy
 from federation.dataplane.v3_protocol import choose_chunk_level
-from federation.demo.qemu_guest.build import GuestAssetsMissing, guest_cmdline, load_assets
+from federation.demo.processes import START_BUDGET, DemoFailed, LocalFederation
+from federation.demo.qemu_demo import (
+    create_guest,
+    leg_report,
+    power_off_guests,
+    running_at,
+    write_qemu_configs,
+)
+from federation.demo.qemu_guest.build import (
+    GuestAssets,
+    GuestAssetsMissing,
+    guest_cmdline,
+    load_assets,
+)
 from federation.demo.qemu_guest.console import Console, read_console, wait_console
+from federation.demo.scenario import Demo
 from federation.vms.accel import probe_accel
 from federation.vms.dirty_scan import SentDigests, scan_digests, soft_dirty_available
 from federation.vms.live_migration import LiveMigration
@@ -367,6 +383,138 @@ def _dwcp_run(setup: Setup, work: Path, tbf: bool, return_after_s: int) -> dict[
             link.close()
 
 
+# --------------------------------------------------------------------------- the node path
+
+#: The guest's home DC and the DC behind the measured link (``bench.netns.FarLink``: its
+#: node runs in the far namespace; the three others, and this process, on the near side).
+HOME, FAR = "dc1", "dc3"
+VM = "guest"
+#: How long the link is watched with the federation idle before the first leg: what the
+#: mesh's own traffic (gossip, PBFT, link probes) puts on it, reported beside the figures.
+IDLE_S = 5.0
+#: A leg of a 256 MiB TCG guest at 100 Mbit/s on a shared 2-core machine: 30-120 s.
+NODE_LEG_BUDGET = 600.0
+#: The bench asks the near DC's API for the migration's state this often: 0.1 s is the
+#: resolution of ``total_s`` (request to commit), and no API call crosses the link.
+NODE_POLL = 0.1
+
+
+def _node_run(setup: Setup, assets: GuestAssets, work: Path, tbf: bool,
+              return_after_s: int) -> dict[str, Any]:
+    """DWCP's own path: four ``dwcp node`` processes (the federation's ledger, v3 rounds
+    over AMST, the qemu backend: what ``dwcp demo-qemu`` runs), :data:`FAR` behind a veth
+    pair (unshaped for loopback, tbf at 100 Mbit/s for tbf100) so every byte between it
+    and the others crosses the pair, counted by both ends' tx counters. The guest is
+    created at :data:`HOME` through its API, migrated to :data:`FAR` once ready and,
+    ``return_after_s`` seconds of guest time later, back to :data:`HOME`, which still
+    holds its earlier copy."""
+    link = FarLink(100 if tbf else None).open()
+    directory = Path(tempfile.mkdtemp(prefix="dwcp-bench-live-fed-"))
+    ram = work / "ram"
+    try:
+        fed = LocalFederation(directory, 4, host=link.near, hosts={FAR: link.far},
+                              prefixes={FAR: link.far_prefix()})
+        images = directory / "images"
+        write_qemu_configs(fed, directory, images, ram, assets, setup.accel)
+        return trio.run(_node_scenario, fed, directory, ram, setup, assets, link,
+                        return_after_s)
+    finally:
+        power_off_guests(directory, ram, VM)
+        link.close()
+        shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(ram, ignore_errors=True)
+
+
+def _console(directory: Path, dc: str) -> Path:
+    return directory / "data" / dc / "qemu" / VM / "console.log"
+
+
+async def _node_scenario(fed: LocalFederation, directory: Path, ram: Path, setup: Setup,
+                         assets: GuestAssets, link: FarLink,
+                         return_after_s: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    async with trio.open_nursery() as nursery:
+        try:
+            demo = Demo(fed, directory, DemoFailed)
+            t0 = trio.current_time()
+            await fed.start_all(nursery)
+            await fed.wait_full_mesh(t0 + 4 * START_BUDGET)
+            await demo.wait_ready(t0 + 4 * START_BUDGET)
+            await demo.post(HOME, "/api/policy", SetPolicy(100, (), (), False))
+            await create_guest(demo, HOME, directory / "images", assets,
+                               setup.spec.memory_mib, setup.spec.append, 0, VM)
+            home = _console(directory, HOME)
+            await trio.to_thread.run_sync(
+                lambda: wait_console([home], _ready(setup.at_s), BOOT_TIMEOUT,
+                                     f"the ballast and {setup.at_s} s of guest time",
+                                     alive=lambda: running_at(directory, ram, HOME, VM)
+                                     is not None))
+            before = link.tx_bytes()
+            await trio.sleep(IDLE_S)
+            idle = (link.tx_bytes() - before) / IDLE_S
+            out.update(
+                path="dwcp node processes: ledger (PBFT), v3 rounds (HDE over AMST), qemu "
+                     f"backend; {FAR} behind a veth pair "
+                     + ("shaped to 100 Mbit/s by tbf" if link.rate_mbit else "(unshaped)"),
+                wire="the veth pair's tx counters, both ends: every byte between "
+                     f"{FAR} and the other DCs (IP packets with headers)",
+                link_idle_bytes_per_s=round(idle))
+            there = await _node_leg(demo, fed, directory, ram, link, HOME, FAR)
+            out.update(there)
+            if return_after_s > 0 and there["guest"]["ok"]:
+                far = _console(directory, FAR)
+                at = read_console([far]).last_heartbeat + _heartbeat_at(return_after_s)
+                await trio.to_thread.run_sync(
+                    lambda: wait_console([far], lambda c: c.last_heartbeat >= at,
+                                         BOOT_TIMEOUT,
+                                         f"{return_after_s} s of guest time at {FAR}",
+                                         alive=lambda: running_at(directory, ram, FAR, VM)
+                                         is not None))
+                out["back"] = await _node_leg(demo, fed, directory, ram, link, FAR, HOME)
+                out["return_after_s"] = return_after_s
+            await fed.stop_all(trio.current_time() + 30)
+        finally:
+            fed.kill_all()
+    return out
+
+
+async def _node_leg(demo: Demo, fed: LocalFederation, directory: Path, ram: Path,
+                    link: FarLink, src: str, dst: str) -> dict[str, Any]:
+    """One migration of the guest from ``src`` to ``dst`` through the nodes: the link's
+    bytes while it ran, request to commit, the downtime the target measured, the level
+    the source chose, and whether the guest kept its counter and checks with one QEMU."""
+    logs = [_console(directory, src), _console(directory, dst)]
+    offsets = [p.stat().st_size if p.exists() else 0 for p in logs]
+    before_bytes = link.tx_bytes()
+    doc = await demo.migrate(VM, src, dst, NODE_LEG_BUDGET, show=False, watch=HOME,
+                             poll=NODE_POLL)
+    wire = link.tx_bytes() - before_bytes
+    mid = doc["id"]
+    # the source's own figures (logical bytes, its count of wire bytes, rounds)
+    figures = await demo.get(src, f"/api/migrations/{mid}")
+    figures["elapsed"] = doc["elapsed"]
+    leg = await leg_report(demo, figures, src, dst, show=False)
+    sent = [e for e in fed.nodes[src].events
+            if e["event"] == "round_sent" and e.get("migration_id") == mid]
+    levels = sorted({int(e["level"]) for e in sent if "level" in e})
+    if not levels:
+        raise DemoFailed(f"{src} logged no v3 round with a level for {mid}")
+    before = read_console([logs[0]], [offsets[0]]).last_heartbeat
+    guest = await trio.to_thread.run_sync(
+        _guest_ok, logs, offsets, before,
+        lambda: running_at(directory, ram, dst, VM) is not None)
+    copies = [dc for dc in fed.nodes if running_at(directory, ram, dc, VM) is not None]
+    guest["qemu_copies"] = copies
+    if copies != [dst]:
+        guest["ok"] = False
+    return {"wire_bytes": wire, "node_wire_bytes": leg["wire"],
+            "logical_bytes": leg["bytes"], "total_s": round(leg["time"], 3),
+            "downtime_ms": round(float(leg["downtime_ms"]), 1), "rounds": leg["rounds"],
+            "zstd_level": levels[0], "zstd_levels": levels,
+            "mode": next((e.get("mode") for e in sent if e.get("mode")), None),
+            "migration_id": mid, "guest": guest}
+
+
 def _dirty_tracking(setup: Setup, work: Path) -> dict[str, Any]:
     """The two ways to find the pages a running guest changed, on the booted guest:
     rescanning digests (per page, and per 16 KiB group as SentDigests does) and the
@@ -458,17 +606,21 @@ def compare(result: dict[str, Any], link: str) -> dict[str, Any]:
 
 def measure(mib: int = GUEST_MIB, fill: int = FILL_PERCENT, at_s: int = AT_S,
             level: int = SECOND_LEVEL, tbf: bool = True, dwcp: bool = True,
-            return_after_s: int = RETURN_AFTER_S, only: Sequence[str] = ()) -> dict[str, Any]:
+            return_after_s: int = RETURN_AFTER_S, only: Sequence[str] = (),
+            inproc: bool = False) -> dict[str, Any]:
     """Per link (loopback, then with ``tbf`` the 100 Mbit/s veth pair): DWCP's migration
-    first (its level, chosen for the measured link, is QEMU's third level), then QEMU's
-    contenders. ``level``: QEMU's third level when DWCP does not run. ``only``: run just
-    these contenders (``dwcp`` and the names of :data:`QEMU_CONTENDERS`), e.g. to
-    reproduce one run's failure without the others."""
-    unknown = sorted(set(only) - {"dwcp", *QEMU_CONTENDERS})
+    through ``dwcp node`` processes first (its level, chosen by the source node for the
+    link, is QEMU's third level), with ``inproc`` also the in-process ``LiveMigration``
+    (``dwcp_inproc_<link>``), then QEMU's contenders. ``level``: QEMU's third level when
+    DWCP does not run. ``only``: run just these contenders (``dwcp``, ``dwcp_inproc`` and
+    the names of :data:`QEMU_CONTENDERS`), e.g. to reproduce one run's failure without the
+    others."""
+    unknown = sorted(set(only) - {"dwcp", "dwcp_inproc", *QEMU_CONTENDERS})
     if unknown:
         raise ValueError(f"--only: unknown contender {unknown[0]!r} (one of dwcp, "
-                         f"{', '.join(QEMU_CONTENDERS)})")
+                         f"dwcp_inproc, {', '.join(QEMU_CONTENDERS)})")
     if only:
+        inproc = (dwcp and inproc) or "dwcp_inproc" in only
         dwcp = dwcp and "dwcp" in only
     result: dict[str, Any] = {"bench": "live", "missing": []}
     if shutil.which(QEMU) is None:
@@ -487,20 +639,30 @@ def measure(mib: int = GUEST_MIB, fill: int = FILL_PERCENT, at_s: int = AT_S,
         result.update(qemu_version=qemu_version(), kvm=accel == "kvm", guest_mib=mib,
                       fill_percent=fill, at_s=at_s)
         links = ["loopback"]
-        why = netns_missing() if tbf else "not asked (--no-tbf)"
+        netns = netns_missing()
+        why = netns if tbf else "not asked (--no-tbf)"
         if why is None:
             links.append("tbf100")
         else:
             result["missing"].append(f"tbf100: {why}")
+        if dwcp and netns is not None:
+            result["missing"].append(f"dwcp: the node path puts {FAR} behind a veth pair in "
+                                     f"a network namespace: {netns}")
         for link in links:
             third = level
-            if dwcp:
-                run = _dwcp_run(setup, work / f"dwcp-{link}", link == "tbf100", return_after_s)
+            if inproc:
+                run = _dwcp_run(setup, work / f"inproc-{link}", link == "tbf100",
+                                return_after_s)
+                result[f"dwcp_inproc_{link}"] = run
+                third = run["zstd_level"]
+            if dwcp and netns is None:
+                run = _node_run(setup, assets, work / f"dwcp-{link}", link == "tbf100",
+                                return_after_s)
                 result[f"dwcp_{link}"] = run
                 third = run["zstd_level"]
-                if third < 0:
-                    result["missing"].append(f"qemu_multifd_dwcp_level_{link}: DWCP chose zstd "
-                                             f"level {third}; QEMU's multifd-zstd-level is 1..20")
+            if (dwcp or inproc) and third < 0:
+                result["missing"].append(f"qemu_multifd_dwcp_level_{link}: DWCP chose zstd "
+                                         f"level {third}; QEMU's multifd-zstd-level is 1..20")
             for name, contender in _qemu_contenders(third).items():
                 if only and name not in only:
                     continue
@@ -508,7 +670,7 @@ def measure(mib: int = GUEST_MIB, fill: int = FILL_PERCENT, at_s: int = AT_S,
                                                      link == "tbf100")
                 if name == "qemu_multifd_dwcp_level":
                     result[f"{name}_{link}"]["zstd_level"] = third
-        if dwcp:
+        if dwcp or inproc:
             result["dirty_tracking"] = _dirty_tracking(setup, work / "dirty")
         result["comparison"] = {link: compare(result, link) for link in links}
         loop = result["comparison"]["loopback"]
@@ -527,8 +689,9 @@ def measure(mib: int = GUEST_MIB, fill: int = FILL_PERCENT, at_s: int = AT_S,
                       dwcp_downtime_ms=loop.get("dwcp_downtime_ms"),
                       tbf100_time_ratio=result["comparison"].get("tbf100", {}).get("time_ratio"))
         runs = [v for v in result.values() if isinstance(v, dict) and "guest" in v]
-        runs += [result[f"dwcp_{link}"]["back"] for link in links
-                 if "back" in result.get(f"dwcp_{link}", {})]  # fmt: skip
+        runs += [result[f"{kind}_{link}"]["back"] for link in links
+                 for kind in ("dwcp", "dwcp_inproc")
+                 if "back" in result.get(f"{kind}_{link}", {})]  # fmt: skip
         result["guests_ok"] = all(r["guest"]["ok"] for r in runs)
         # QEMU runs whose target RAM differed from the paused source's: pages QEMU's own
         # migration lost, whether or not the guest's checks happened to read them
@@ -557,15 +720,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--return-after", type=int, default=RETURN_AFTER_S,
                    help="DWCP migrates back after this guest time at the target (s; "
                         "0: no return trip)")
+    p.add_argument("--inproc", action="store_true",
+                   help="also DWCP's in-process LiveMigration (dwcp_inproc_<link>: two qemu "
+                        "backends in this process, every byte over the link)")
     p.add_argument("--only", action="append", default=[], metavar="CONTENDER",
-                   choices=["dwcp", *QEMU_CONTENDERS],
-                   help="run only this contender (repeatable): dwcp, qemu_precopy, "
-                        "qemu_multifd_zstd1, qemu_multifd_dwcp_level (--level without dwcp)")
+                   choices=["dwcp", "dwcp_inproc", *QEMU_CONTENDERS],
+                   help="run only this contender (repeatable): dwcp (the node path), "
+                        "dwcp_inproc, qemu_precopy, qemu_multifd_zstd1, "
+                        "qemu_multifd_dwcp_level (--level without dwcp)")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
     r = measure(args.mib, args.fill, args.at, args.level, not args.no_tbf, not args.no_dwcp,
-                args.return_after, args.only)
+                args.return_after, args.only, args.inproc)
     print(json.dumps(r) if args.json else json.dumps(r, indent=1))
     return 0 if not r["missing"] or "guests_ok" in r else 1

@@ -106,6 +106,100 @@ class TbfLink:
         self.close()
 
 
+#: The subnets of :class:`FarLink`: 10.214.N.0/24, N chosen free (not on any interface
+#: of this namespace), so two links never share a route (TbfLink's 10.213.0.0/24 lives
+#: only inside its own namespaces).
+FAR_SUBNET = "10.214"
+
+
+def _used_far_subnets() -> set[int]:
+    out = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True,
+                         check=False)  # fmt: skip
+    used = set()
+    for word in out.stdout.split():
+        if word.startswith(FAR_SUBNET + "."):
+            used.add(int(word.split(".")[2]))
+    return used
+
+
+class FarLink:
+    """A veth pair between this (the root) namespace and one namespace ``<name>f``, the
+    "far" side: processes started with :meth:`far_prefix` run there and reach this side
+    only through the pair. ``rate_mbit``: tbf on the egress of both ends, as
+    :class:`TbfLink`; None: unshaped (a kernel-local link, like loopback). :meth:`tx_bytes`
+    counts what both ends sent (IP packets with headers): every byte between the two sides.
+
+    ``dwcp bench live`` and the qemu acceptance put one DC's node behind it (the nodes of
+    the other DCs listen on :attr:`near`, that one on :attr:`far`), so every byte of a
+    migration to or from that DC, through any route, crosses the pair once."""
+
+    def __init__(self, rate_mbit: int | None = 100, name: str | None = None) -> None:
+        self.name = name or f"dwf{os.getpid() % 10**8}"
+        self.ns = self.name + "f"
+        self.near_if, self.far_if = self.name + "n", self.name + "f"
+        self.rate_mbit = rate_mbit
+        self.near = self.far = ""
+        self._created = False
+
+    def open(self) -> FarLink:
+        used = _used_far_subnets()
+        n = next((i for i in range(1, 255) if i not in used), None)
+        if n is None:
+            raise NetnsError(f"no free {FAR_SUBNET}.N.0/24 subnet")
+        self.near, self.far = f"{FAR_SUBNET}.{n}.1", f"{FAR_SUBNET}.{n}.2"
+        try:
+            _ip("netns", "add", self.ns)
+            self._created = True
+            _ip("link", "add", self.near_if, "type", "veth", "peer", "name", self.far_if,
+                "netns", self.ns)  # fmt: skip
+            _ip("addr", "add", f"{self.near}/24", "dev", self.near_if)
+            _ip("link", "set", self.near_if, "up")
+            _ip("-n", self.ns, "addr", "add", f"{self.far}/24", "dev", self.far_if)
+            _ip("-n", self.ns, "link", "set", self.far_if, "up")
+            _ip("-n", self.ns, "link", "set", "lo", "up")
+            if self.rate_mbit is not None:
+                shape = ["qdisc", "add", "dev", "IF", "root", "tbf", "rate",
+                         f"{self.rate_mbit}mbit", "burst", BURST, "latency", LATENCY]
+                out = subprocess.run(["tc", *[self.near_if if w == "IF" else w for w in shape]],
+                                     capture_output=True, text=True, check=False)
+                if out.returncode != 0:
+                    raise NetnsError(f"tc qdisc add dev {self.near_if}: {out.stderr.strip()}")
+                _tc(self.ns, *[self.far_if if w == "IF" else w for w in shape])
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def far_prefix(self) -> list[str]:
+        """argv prefix that runs a command on the far side."""
+        return ["ip", "netns", "exec", self.ns]
+
+    def tx_bytes(self) -> int:
+        """Bytes both ends sent so far (IP packets with headers, both directions)."""
+        near = Path("/sys/class/net") / self.near_if / "statistics" / "tx_bytes"
+        out = subprocess.run([*self.far_prefix(), "cat",
+                              f"/sys/class/net/{self.far_if}/statistics/tx_bytes"],
+                             capture_output=True, text=True, check=False)  # fmt: skip
+        if out.returncode != 0:
+            raise NetnsError(f"{self.far_if}: cannot read tx_bytes: {out.stderr.strip()}")
+        return int(near.read_text()) + int(out.stdout)
+
+    def close(self) -> None:
+        """Delete the namespace (and with it the veth pair and its qdiscs); never raises."""
+        if self._created:
+            subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, check=False)
+            # the near end goes with its peer; delete it too in case it was left alone
+            subprocess.run(["ip", "link", "del", self.near_if], capture_output=True,
+                           check=False)  # fmt: skip
+            self._created = False
+
+    def __enter__(self) -> FarLink:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def netns_missing() -> str | None:
     """Why a TbfLink cannot be built here, or None when it can (builds one to check)."""
     if os.geteuid() != 0:

@@ -13,6 +13,24 @@ Each DC *offers* a set of transfer versions in its channel handshake (the federa
 the handshake transcript (:mod:`mesh.channel`), and each end keeps the peer's whole
 offer. A migration then uses the highest version of the intersection that the rollout
 policy allows (:mod:`federation.migration.rollout`).
+
+The same offer carries **capabilities**: numbers from :data:`CAPABILITY_MIN` up, which
+no transfer version reaches. :func:`common` keeps known transfer versions only, so a
+peer that does not know a capability ignores it (an offer keeps numbers it does not
+know), and a format change that only some peers read is used only when both ends offer
+it, without a new transfer version:
+
+* :data:`AMST_SEALED` (offered on the data endpoint's channels): this end reads AMST
+  chunks as ``amst.sealed`` frames, integrity-checked by the channel's AEAD alone,
+  without the SHA-256 per chunk of ``amst.chunk`` (issue 17). Every version reads
+  ``amst.chunk``; a sender uses ``amst.sealed`` only when both channel ends offer it.
+Within v3, HDE's chunk frame (:mod:`mesh.hde.codec`, magic ``HDE\x02``) gained one
+flag, ``copies`` (2: a page named as a copy of an earlier page of its chunk). It is not
+negotiated, so nothing sends it between nodes: only the in-process live migration
+(:mod:`federation.vms.live_migration`, both ends this code) asks for it, and the v3 data
+plane never does. A decoder of an older build refuses such a frame cleanly (flags out of
+bounds: the chunk is asked for again, then the transfer fails), so a node-to-node use
+needs a transfer version above v3 whose offer says its peer decodes the flag.
 """
 
 from __future__ import annotations
@@ -26,8 +44,11 @@ __all__ = [
     "BASELINE",
     "OFFER_MAX",
     "VERSION_MAX",
+    "CAPABILITY_MIN",
+    "AMST_SEALED",
     "VersionError",
     "offer",
+    "both_offer",
     "common",
     "highest_common",
 ]
@@ -43,6 +64,10 @@ BASELINE = V1
 #: wire limits, :class:`mesh.channel.Hello`): room for versions this code does not know.
 OFFER_MAX = 16
 VERSION_MAX = 255
+#: Numbers from here up in an offer are capabilities, never transfer versions.
+CAPABILITY_MIN = 128
+#: AMST chunk frames without a SHA-256 per chunk (``amst.sealed``, mesh.amst.receiver).
+AMST_SEALED = 128
 
 
 class VersionError(Exception):
@@ -69,6 +94,12 @@ def common(local: Iterable[int], peer: Iterable[int]) -> tuple[int, ...]:
     """The known versions both offers list, ascending."""
     both = set(local) & set(peer)
     return tuple(v for v in KNOWN if v in both)
+
+
+def both_offer(capability: int, local: Iterable[int], peer: Iterable[int]) -> bool:
+    """Whether both offers list ``capability`` (a number from :data:`CAPABILITY_MIN` up)."""
+    assert capability >= CAPABILITY_MIN, f"{capability} is a transfer version"
+    return capability in tuple(local) and capability in tuple(peer)
 
 
 def highest_common(local: Iterable[int], peer: Iterable[int]) -> int:

@@ -52,6 +52,14 @@ def test_init_federation_round_trips(tmp_path: Path) -> None:
         assert ident.public == d.public_key
 
 
+def test_init_federation_places_a_dc_on_its_own_address(tmp_path: Path) -> None:
+    fed = config.load(init_federation(tmp_path, 4, base_port=20000, host="10.214.9.1",
+                                      hosts={"dc3": "10.214.9.2"}))
+    for d in fed.dcs:
+        want = "10.214.9.2" if d.name == "dc3" else "10.214.9.1"
+        assert {d.control.host, d.data.host, d.api.host} == {want}, d
+
+
 @pytest.mark.parametrize(
     "text, where",
     [

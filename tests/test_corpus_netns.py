@@ -1,14 +1,17 @@
-"""The network-namespace harness: veth + tbf shapes traffic and is always torn down."""
+"""The network-namespace harness: veth + tbf shapes traffic and is always torn down; a
+FarLink counts every byte between its two sides."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from bench.netns import NetnsError, TbfLink, netns_missing, time_raw_copy
+from bench.netns import FarLink, NetnsError, TbfLink, netns_missing, time_raw_copy
 
 MISSING = netns_missing()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"network namespaces: {MISSING}")
@@ -41,3 +44,42 @@ def test_a_failed_setup_leaves_no_namespace_behind() -> None:
     with pytest.raises(NetnsError, match="ip link add"):
         TbfLink(rate_mbit=100, name=name).open()
     assert name not in namespaces()
+
+
+def _far_copy(link: FarLink, nbytes: int) -> float:
+    """Seconds to send ``nbytes`` from a process on the far side to this one."""
+    with socket.create_server((link.near, 0)) as server:
+        port = server.getsockname()[1]
+        code = (f"import socket; c = socket.create_connection(({link.near!r}, {port})); "
+                f"c.sendall(bytes({nbytes})); c.close()")
+        sender = subprocess.Popen([*link.far_prefix(), sys.executable, "-c", code])
+        try:
+            server.settimeout(30)
+            conn, _ = server.accept()
+            t, got = time.monotonic(), 0
+            with conn:
+                while data := conn.recv(1 << 20):
+                    got += len(data)
+            seconds = time.monotonic() - t
+        finally:
+            sender.wait(timeout=30)
+    assert got == nbytes
+    return seconds
+
+
+@pytest.mark.parametrize("rate_mbit", [None, 50])
+def test_a_far_link_counts_what_crosses_it_shapes_it_and_is_torn_down(
+        rate_mbit: int | None) -> None:
+    nbytes = 1 << 20
+    with FarLink(rate_mbit, name="dwtestf") as link:
+        assert "dwtestff" in namespaces() and link.near != link.far
+        before = link.tx_bytes()
+        seconds = _far_copy(link, nbytes)
+        crossed = link.tx_bytes() - before
+    # the payload, its TCP/IP headers and the acknowledgements going back
+    assert nbytes < crossed < nbytes * 1.2
+    if rate_mbit is not None:  # tbf lets one burst (128 KiB) through at line rate
+        assert seconds >= nbytes * 8 / (rate_mbit * 1e6) * 0.8
+    assert "dwtestff" not in namespaces()
+    assert "dwtestfn" not in subprocess.run(["ip", "link"], capture_output=True,
+                                            text=True).stdout

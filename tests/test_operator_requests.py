@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from consensus.ledger import ImportVm, Ledger
-from consensus.ledger_commands import VmRecord
+from consensus.ledger_commands import MigrationRecord, VmRecord
+from federation.migration.vocabulary import DiscardIncoming, Retire, StartAtTarget, Unfence
 from federation.node import reconcile
 from federation.node.requests import OperatorRequests
 from federation.vms.backend import VmInfo, VmState
@@ -43,6 +44,43 @@ def test_reconcile_starts_late_registers_and_removes_deleted_copies() -> None:
     steps = reconcile.plan("dc1", ledger, local, busy={"copying"})
     assert steps == [reconcile.StartStaged("late", 2), reconcile.RemoveDeleted("gone", 3),
                      reconcile.RemoveDeleted("old", 0)]
+
+
+def _mig(mid: str, vm: str, source: str, target: str, state: str,
+         epoch: int = 4) -> MigrationRecord:
+    return MigrationRecord(mid, vm, source, target, epoch, state, b"")
+
+
+def test_reconcile_finishes_a_decided_migration_a_killed_node_did_not_act_on() -> None:
+    ledger = Ledger(["dc1", "dc2", "dc3", "dc4"])
+    for mid, vm, src, dst, state in (("m-ret", "ret", "dc1", "dc2", "committed"),
+                                     ("m-unf", "unf", "dc1", "dc2", "aborted"),
+                                     ("m-go", "go", "dc2", "dc1", "committed"),
+                                     ("m-drop", "drop", "dc2", "dc1", "aborted"),
+                                     ("m-live", "live", "dc1", "dc2", "begun"),
+                                     ("m-old", "moved", "dc2", "dc1", "committed"),
+                                     ("m-busy", "busy", "dc1", "dc2", "committed")):
+        ledger.migrations[mid] = _mig(mid, vm, src, dst, state)
+    ledger.vms["ret"] = VmRecord("ret", "dc2", 5, None)
+    ledger.vms["unf"] = VmRecord("unf", "dc1", 4, None)
+    ledger.vms["go"] = VmRecord("go", "dc1", 5, None)
+    ledger.vms["drop"] = VmRecord("drop", "dc2", 4, None)
+    ledger.vms["live"] = VmRecord("live", "dc1", 4, "m-live")
+    # committed to dc1, then already on its way elsewhere: dc1 must not start it again
+    ledger.vms["moved"] = VmRecord("moved", "dc1", 5, "m-next")
+
+    def held(name: str, state: VmState, mid: str) -> VmInfo:
+        return VmInfo(name, 4, state, LAYOUT, mid)
+
+    local = [held("ret", VmState.FENCED, "m-ret"), held("unf", VmState.FENCED, "m-unf"),
+             held("go", VmState.INCOMING, "m-go"), held("drop", VmState.INCOMING, "m-drop"),
+             held("live", VmState.FENCED, "m-live"), held("moved", VmState.INCOMING, "m-old"),
+             held("busy", VmState.FENCED, "m-busy")]
+    steps = reconcile.plan("dc1", ledger, local, busy={"busy"})
+    assert steps == [Retire("ret", "m-ret"), Unfence("unf", "m-unf"),
+                     StartAtTarget("go", "m-go", 5), DiscardIncoming("drop", "m-drop")]
+    # another DC's view of the same VMs: none of them is its step to take
+    assert reconcile.plan("dc3", ledger, local) == []
 
 
 def test_a_request_is_pending_until_the_ledger_knows_it_then_unknown_after_the_window(

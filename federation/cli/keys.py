@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from federation import config
@@ -51,8 +52,11 @@ def init_federation(
     fed_id: str = "local",
     host: str = "127.0.0.1",
     base_port: int = 7100,
+    hosts: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write keys/<dc>.key and federation.toml for ``count`` DCs on ``host``, and one
+    """Write keys/<dc>.key and federation.toml for ``count`` DCs on ``host`` (a DC named
+    in ``hosts`` on the address given there: e.g. one DC behind another network
+    namespace's link, ``dwcp bench live``), and one
     operator, ``admin`` (role admin), with its key in keys/admin.key; and for each DC a
     node config, nodes/<dc>.toml, whose import directory is ``images/`` (mode 0700).
 
@@ -65,15 +69,16 @@ def init_federation(
     dcs = []
     for i in range(1, count + 1):
         name = f"dc{i}"
+        at = (hosts or {}).get(name, host)
         ident = identity.generate()
         identity.write_key_file(keys / f"{name}.key", ident, overwrite=True)
         dcs.append(
             {
                 "name": name,
                 "public_key": str(ident.public),
-                "control": f"{host}:{base_port + i}",
-                "data": f"{host}:{base_port + 100 + i}",
-                "api": f"{host}:{base_port + 200 + i}",
+                "control": f"{at}:{base_port + i}",
+                "data": f"{at}:{base_port + 100 + i}",
+                "api": f"{at}:{base_port + 200 + i}",
             }
         )
     admin = identity.generate()

@@ -37,6 +37,7 @@ from federation.migration.round_events import (
 from federation.migration.round_messages import V3Hde
 from federation.vms.backend import VmBackend
 from federation.vms.sealing import KEY_SIZE, SealKey
+from mesh import versions
 from mesh.channel import SecureChannel
 from mesh.hde.image import ImageWriter
 from mesh.hde.index import PageIndex
@@ -92,9 +93,12 @@ class V3DataPlane:
         self._listeners: list[trio.SocketListener] = []
 
     def _channel(self, peer: str | None) -> SecureChannel:
+        """A data channel: the DC's transfer versions, and AMST's sealed chunks (chunks
+        without a SHA-256 each when the peer offers them too, mesh.versions)."""
         rt = self.runtime
+        offer = (*rt.versions, versions.AMST_SEALED)
         return SecureChannel(identity=rt.identity, name=rt.name, federation=rt.federation,
-                             peers=rt.keys, versions=rt.versions, initiator=peer is not None,
+                             peers=rt.keys, versions=offer, initiator=peer is not None,
                              peer=peer)
 
     def _address(self, dc: str) -> tuple[str, int] | None:

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -104,8 +104,11 @@ class NodeProcess:
         changes: Changes | None = None,
         log_path: Path | None = None,
         writers: dict[str, WriterSetting] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.name = name
+        #: argv run before the node's own (e.g. ``ip netns exec NS``: a DC behind a link)
+        self.prefix = list(prefix)
         self.config_path = config_path
         self.log_path = log_path  # every stderr line is also appended here
         #: VM name -> the page writer it runs here (none: a plain ``dwcp node``)
@@ -132,8 +135,8 @@ class NodeProcess:
             args = [sys.executable, "-c", _NODE_MAIN, "node", *node]
         self.started_at = trio.current_time()
         self.process = await trio.lowlevel.open_process(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+            [*self.prefix, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE)
         nursery.start_soon(self._read_log, self.process)
 
     async def _read_log(self, process: trio.Process) -> None:
@@ -210,17 +213,25 @@ class NodeProcess:
 
 
 class LocalFederation:
-    """``count`` DCs on loopback in a fresh directory, as ``dwcp federation init`` makes them."""
+    """``count`` DCs on loopback in a fresh directory, as ``dwcp federation init`` makes them.
 
-    def __init__(self, directory: Path, count: int) -> None:
-        base = free_base_port(count)
-        self.config_path = init_federation(directory, count, fed_id="demo", base_port=base)
+    ``host``: the address every DC listens on, but those in ``hosts``; ``prefixes``: the
+    argv prefix a DC's node runs under (``dwcp bench live`` puts one DC in another network
+    namespace, behind a veth pair: ``bench.netns.FarLink``)."""
+
+    def __init__(self, directory: Path, count: int, host: str = "127.0.0.1",
+                 hosts: Mapping[str, str] | None = None,
+                 prefixes: Mapping[str, Sequence[str]] | None = None) -> None:
+        base = free_base_port(count, host)
+        self.config_path = init_federation(directory, count, fed_id="demo", base_port=base,
+                                           host=host, hosts=hosts)
         self.federation = config.load(self.config_path)
         self.changes = Changes()
         logs = directory / "logs"
         logs.mkdir(exist_ok=True)
         self.nodes = {
-            name: NodeProcess(name, self.config_path, self.changes, logs / f"{name}.log")
+            name: NodeProcess(name, self.config_path, self.changes, logs / f"{name}.log",
+                              prefix=(prefixes or {}).get(name, ()))
             for name in self.federation.names
         }
 

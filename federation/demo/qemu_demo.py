@@ -39,7 +39,8 @@ from federation.demo.scenario import Demo, ms
 from federation.node.node_config import render_node_config
 from federation.vms.qemu_machine import pid_on
 
-__all__ = ["register", "run_demo_qemu"]
+__all__ = ["register", "run_demo_qemu", "write_qemu_configs", "create_guest", "running_at",
+           "power_off_guests", "leg_report", "GuestWatch"]
 
 VM = "guest"
 #: The guest's RAM and disk: the task's 64-128 MiB under TCG (tests.harness.qemu).
@@ -82,7 +83,7 @@ def run_demo_qemu(args: argparse.Namespace) -> int:
               f"kept in {directory})", flush=True)
         return 1
     finally:
-        _power_off_guests(directory, ram)
+        power_off_guests(directory, ram)
         shutil.rmtree(ram, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(directory)
@@ -91,18 +92,54 @@ def run_demo_qemu(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_qemu_configs(fed: LocalFederation, directory: Path, images: Path, ram: Path,
+                       assets: Any, accel: str) -> None:
+    """Every DC's node config: imports from ``images``, a ``[qemu]`` table whose guest
+    files are the self-checking guest's kernel and initramfs, guest RAM under ``ram/DC``."""
+    guest_files = sorted({str(assets.kernel.parent), str(assets.initrd.parent)})
+    files = ", ".join(f'"{d}"' for d in guest_files)
+    for dc in fed.federation.names:
+        (directory / "nodes" / f"{dc}.toml").write_text(
+            render_node_config([str(images)])
+            + f'\n[qemu]\nguest_files = [{files}]\naccel = "{accel}"\n'
+              f'ram_dir = "{ram / dc}"\n')
+
+
+async def create_guest(demo: Demo, dc: str, images: Path, assets: Any, mib: int,
+                       cmdline: str, disk_mib: int = 0, vm: str = VM) -> dict[str, Any]:
+    """Create and boot the self-checking guest ``vm`` at ``dc`` through its API (``dwcp
+    vm create --node``'s path): a spec file and a zeroed disk of ``disk_mib`` (none: 0)
+    under the node's import directory ``images``; the ledger's record of it."""
+    spec = images / f"{vm}.toml"
+    spec.write_text(f'kernel = "{assets.kernel}"\ninitrd = "{assets.initrd}"\n'
+                    f'memory_mib = {mib}\nappend = "{cmdline}"\n')
+    disks: tuple[str, ...] = ()
+    if disk_mib:
+        disk = images / f"{vm}-disk.img"
+        with open(disk, "wb") as f:
+            f.truncate(disk_mib << 20)
+        disks = (str(disk),)
+    try:
+        doc: dict[str, Any] = await trio.to_thread.run_sync(import_vm, demo.apis[dc], vm,
+                                                            str(spec), disks)
+    except (ClientError, CommandError) as exc:
+        raise DemoFailed(f"{dc}: creating {vm}: {exc}") from None
+    return doc
+
+
 def _qemu_root(directory: Path, dc: str) -> Path:
     return directory / "data" / dc / "qemu"
 
 
-def _running(directory: Path, ram: Path, dc: str) -> int | None:
-    return pid_on(_qemu_root(directory, dc) / VM / "qemu.pid", ram / dc / VM / "memory.img")
+def running_at(directory: Path, ram: Path, dc: str, vm: str = VM) -> int | None:
+    """The pid of the QEMU that runs ``vm`` at ``dc`` (in any run state), or None."""
+    return pid_on(_qemu_root(directory, dc) / vm / "qemu.pid", ram / dc / vm / "memory.img")
 
 
-def _power_off_guests(directory: Path, ram: Path) -> None:
+def power_off_guests(directory: Path, ram: Path, vm: str = VM) -> None:
     """QEMU runs in its own session and outlives its node: kill every guest we started."""
     for dc in ("dc1", "dc2", "dc3", "dc4"):
-        pid = _running(directory, ram, dc)
+        pid = running_at(directory, ram, dc, vm)
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -111,14 +148,15 @@ def _power_off_guests(directory: Path, ram: Path) -> None:
 class GuestWatch:
     """The guest's serial console across the DCs it ran at, joined as one line."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, vm: str = VM) -> None:
         self.directory = directory
+        self.vm = vm
         #: (dc, byte offsets its stay starts and ends at, None while there) in the order
         #: the guest ran there (a DC it comes back to appends to the same console)
         self.runs: list[tuple[str, int, int | None]] = []
 
     def log(self, dc: str) -> Path:
-        return _qemu_root(self.directory, dc) / VM / "console.log"
+        return _qemu_root(self.directory, dc) / self.vm / "console.log"
 
     def size(self, dc: str) -> int:
         path = self.log(dc)
@@ -158,13 +196,7 @@ async def _demo(directory: Path, ram: Path, assets: Any, accel: str) -> None:
           flush=True)
     images = directory / "images"
     images.mkdir(exist_ok=True)
-    guest_files = sorted({str(assets.kernel.parent), str(assets.initrd.parent)})
-    for dc in fed.federation.names:
-        files = ", ".join(f'"{d}"' for d in guest_files)
-        (directory / "nodes" / f"{dc}.toml").write_text(
-            render_node_config([str(images)])
-            + f'\n[qemu]\nguest_files = [{files}]\naccel = "{accel}"\n'
-              f'ram_dir = "{ram / dc}"\n')
+    write_qemu_configs(fed, directory, images, ram, assets, accel)
     failure: DemoFailed | None = None
     async with trio.open_nursery() as nursery:
         try:
@@ -194,17 +226,8 @@ async def _scenario(fed: LocalFederation, directory: Path, ram: Path, images: Pa
     print("   rollout policy: v3 (HDE over AMST) for every VM")
 
     print(f"\n2. creating the self-checking guest at {home} through its API ...", flush=True)
-    spec = images / f"{VM}.toml"
-    spec.write_text(f'kernel = "{assets.kernel}"\ninitrd = "{assets.initrd}"\n'
-                    f'memory_mib = {GUEST_MIB}\nappend = "{guest_cmdline(0, True)}"\n')
-    disk = images / f"{VM}-disk.img"
-    with open(disk, "wb") as f:
-        f.truncate(DISK_MIB << 20)
-    try:
-        doc = await trio.to_thread.run_sync(import_vm, demo.apis[home], VM, str(spec),
-                                            (str(disk),))
-    except (ClientError, CommandError) as exc:
-        raise DemoFailed(f"{home}: creating {VM}: {exc}") from None
+    doc = await create_guest(demo, home, images, assets, GUEST_MIB, guest_cmdline(0, True),
+                             DISK_MIB)
     print(f"   {VM}: {GUEST_MIB} MiB RAM, {DISK_MIB} MiB disk, ledger epoch {doc['epoch']}, "
           f"{doc['state']}")
     watch = GuestWatch(directory)
@@ -224,7 +247,7 @@ async def _scenario(fed: LocalFederation, directory: Path, ram: Path, images: Pa
         offset = watch.size(dst)
         doc = await demo.migrate(VM, src, dst, MIGRATE_BUDGET)
         watch.arrive(dst, offset)
-        leg = await _leg_report(demo, doc, src, dst)
+        leg = await leg_report(demo, doc, src, dst)
         con = await watch.wait(
             f"{AFTER_HEARTBEATS} heartbeats and a new check at {dst}",
             lambda c, b=before: c.last_heartbeat >= b.last_heartbeat + AFTER_HEARTBEATS
@@ -232,7 +255,7 @@ async def _scenario(fed: LocalFederation, directory: Path, ram: Path, images: Pa
         if con.boots != 1 or con.counter_gaps():
             raise DemoFailed(f"the guest rebooted or lost count: {con.boots} boots, gaps "
                              f"{con.counter_gaps()[:3]}")
-        copies = [dc for dc in names if _running(directory, ram, dc)]
+        copies = [dc for dc in names if running_at(directory, ram, dc)]
         if copies != [dst]:
             raise DemoFailed(f"the guest runs at {copies}, not only at {dst}")
         print(f"   guest: counter continued without a gap (now {con.last_heartbeat}), "
@@ -254,7 +277,11 @@ async def _scenario(fed: LocalFederation, directory: Path, ram: Path, images: Pa
             raise DemoFailed(f"{dc} exited with status {node.returncode} after SIGTERM")
 
 
-async def _leg_report(demo: Demo, doc: dict[str, Any], src: str, dst: str) -> dict[str, Any]:
+async def leg_report(demo: Demo, doc: dict[str, Any], src: str, dst: str,
+                     show: bool = True) -> dict[str, Any]:
+    """A committed leg's figures: logical and wire bytes (the source's count), request to
+    commit, and the downtime the target measured (its QMP ``cont`` minus the source's
+    ``stop``), read from the target's API once it has it."""
     mid, out = doc["id"], doc["outcome"]
     path = f"/api/migrations/{mid}"
     deadline = trio.current_time() + 30.0
@@ -267,6 +294,9 @@ async def _leg_report(demo: Demo, doc: dict[str, Any], src: str, dst: str) -> di
         await trio.sleep(POLL)
     leg = {"leg": f"{src}->{dst}", "bytes": out["bytes_sent"], "wire": out["wire_bytes"],
            "time": doc["elapsed"], "downtime_ms": there["downtime_ms"]}
+    leg["rounds"] = out["rounds"]
+    if not show:
+        return leg
     print(f"   committed in {out['rounds']} rounds: {_human(leg['bytes'])} logical, "
           f"{_human(leg['wire'])} on the wire, {ms(leg['time'])} request to commit, "
           f"downtime {leg['downtime_ms']:.0f} ms (stop at {src} to cont at {dst})")

@@ -141,31 +141,41 @@ class Demo:
               f"({ms(trio.current_time() - t0)}: staged copy + PBFT register)")
         return doc
 
-    async def migrate(self, vm: str, src: str, dst: str,
-                      budget: float | None = None) -> dict[str, Any]:
-        """Migrate ``vm`` through ``src``'s API, printing progress, until it commits (a
-        failure if it aborts or takes longer than ``budget`` seconds, by default one
-        from the VM's size)."""
+    async def migrate(self, vm: str, src: str, dst: str, budget: float | None = None,
+                      show: bool = True, watch: str | None = None,
+                      poll: float = POLL) -> dict[str, Any]:
+        """Migrate ``vm`` through ``src``'s API, printing progress (unless ``show`` is
+        false), until it commits (a failure if it aborts or takes longer than ``budget``
+        seconds, by default one from the VM's size). ``watch``: the DC whose API is asked
+        for the migration's state (default ``src``; without ``show`` only that one is
+        asked, every ``poll`` seconds: ``dwcp bench live`` keeps the API off the link it
+        measures)."""
         began = trio.current_time()
         try:
             intent = await trio.to_thread.run_sync(migrate_request, self.apis[src], vm, dst)
         except (ClientError, CommandError) as exc:
             raise self.fail(f"{src}: migrating {vm}: {exc}") from None
         mid = (await self._call(src, "POST", "/api/migrations", intent))["id"]
-        print(f"   migration {mid} accepted by {src}")
+        if show:
+            print(f"   migration {mid} accepted by {src}")
         path = f"/api/migrations/{urllib.parse.quote(mid)}"
         last, shown, doc = "", 0, {}
         while True:
-            doc = await self.get(src, path)
+            try:
+                doc = await self.get(watch or src, path)
+            except self.fail:
+                if watch is None or watch == src:
+                    raise
+                doc = {}  # the watching DC has not heard of it yet (the ledger's order)
             line = render_progress(doc)
             # The source counts a round's bytes when it ends; the target counts them as
             # they land, so a long round shows its progress too.
             got = 0
-            if doc.get("outcome") is None:
+            if show and doc.get("outcome") is None:
                 code, there = await trio.to_thread.run_sync(self.apis[dst].call, "GET", path)
                 got = there.get("received_bytes", 0) if code == 200 else 0
             step = (doc.get("total_bytes") or 1) // 10
-            if line != last or got - shown >= step:
+            if show and (line != last or got - shown >= step):
                 print(f"   {trio.current_time() - began:6.1f}s  {_progress(doc, dst, got)}",
                       flush=True)
                 last, shown = line, got
@@ -176,7 +186,7 @@ class Demo:
             if trio.current_time() - began > bound:
                 raise self.fail(f"migration {mid} did not end in {bound:.0f} s "
                                 f"(phase {doc.get('phase')}, round {doc.get('round')})")
-            await trio.sleep(POLL)
+            await trio.sleep(poll)
         doc["elapsed"] = trio.current_time() - began
         outcome = doc["outcome"]
         if outcome["outcome"] != "committed":

@@ -333,6 +333,13 @@ class Node:
             busy = self._busy | {v for v, st in self.imports.copies.items()
                                  if st.state == "copying"}
             for step in reconcile.plan(self.name, self.core.ledger, local, busy):
+                if isinstance(step, VM_ACTIONS):
+                    # a decided migration's step its session did not carry out (killed in
+                    # between): on the VM worker, in order with the sessions' own
+                    self.log.event("vm_reconcile", vm=step.vm, step=type(step).__name__,
+                                   migration_id=step.migration_id)
+                    self.vm_worker.submit(step)
+                    continue
                 try:
                     if isinstance(step, reconcile.StartStaged):
                         await trio.to_thread.run_sync(self.backend.start, step.vm, step.epoch)

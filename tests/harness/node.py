@@ -44,11 +44,14 @@ PAGE = 4096
 DISK_SOURCE = "/usr/lib/python3.11/json"
 
 
-def make_federation(directory: Path, count: int = 4) -> Path:
-    """A federation of ``count`` DCs on free loopback ports; the ``dwcp`` processes the test
-    runs sign as its admin (``$DWCP_CONFIG``, ``$DWCP_OPERATOR_KEY``, reset after each test
-    by tests/conftest.py)."""
-    cfg = init_federation(directory, count, base_port=free_base_port(count))
+def make_federation(directory: Path, count: int = 4, host: str = "127.0.0.1",
+                    hosts: dict[str, str] | None = None) -> Path:
+    """A federation of ``count`` DCs on free ports of ``host`` (loopback; a DC named in
+    ``hosts`` on the address given there); the ``dwcp`` processes the test runs sign as its
+    admin (``$DWCP_CONFIG``, ``$DWCP_OPERATOR_KEY``, reset after each test by
+    tests/conftest.py)."""
+    cfg = init_federation(directory, count, base_port=free_base_port(count, host), host=host,
+                          hosts=hosts)
     os.environ[CONFIG_ENV] = str(cfg)
     os.environ[KEY_ENV] = str(directory / "keys" / f"{INIT_OPERATOR}.key")
     return cfg

@@ -42,11 +42,14 @@ class NodeProcesses:
     test tool, not an API field: such a DC runs as the demo's writer node)."""
 
     def __init__(self, cfg: Path, logs: Path,
-                 writers: dict[str, list[str]] | None = None) -> None:
+                 writers: dict[str, list[str]] | None = None,
+                 prefixes: dict[str, list[str]] | None = None) -> None:
         self.cfg = cfg
         self.logs = logs
         self.fed = config.load(cfg)
         self.writers = writers or {}
+        #: argv a DC's node runs under (``ip netns exec NS``: a DC behind a FarLink)
+        self.prefixes = prefixes or {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def api(self, name: str) -> Api:
@@ -69,6 +72,7 @@ class NodeProcesses:
         writers = [f"--writer={w}" for w in self.writers.get(name, [])]
         argv = ([sys.executable, "-c", WRITER_NODE_MAIN, *node, *writers] if writers
                 else [sys.executable, "-c", DWCP_MAIN, "node", *node])
+        argv = [*self.prefixes.get(name, []), *argv]
         self.procs[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                             stdout=subprocess.DEVNULL, stderr=log)
         log.close()
@@ -164,12 +168,16 @@ def node_processes(tmp_path: Path, writers: dict[str, list[str]] | None = None,
                    views: Callable[[Path], dict[str, Path]] | None = None,
                    ready: tuple[str, ...] = NAMES,
                    node_config: Callable[[str], str] | None = None,
+                   host: str = "127.0.0.1", hosts: dict[str, str] | None = None,
+                   prefixes: dict[str, list[str]] | None = None,
                    ) -> Iterator[NodeProcesses]:
     """A fresh four-DC federation in ``tmp_path``, every node a process, all ready; each
     node imports VM images from anywhere under ``tmp_path`` (its node config, with
     ``node_settings`` and ``node_config(dc)`` added). ``views(cfg)``: DCs that run another
-    federation file than ``cfg``, and that file; ``ready``: the DCs to wait for."""
-    cfg = make_federation(tmp_path / "fed")
+    federation file than ``cfg``, and that file; ``ready``: the DCs to wait for. ``host``:
+    every DC's address but those in ``hosts``; ``prefixes``: argv a DC's node runs under
+    (a DC behind a ``bench.netns.FarLink``)."""
+    cfg = make_federation(tmp_path / "fed", host=host, hosts=hosts)
     configs = views(cfg) if views is not None else {}
     for name in NAMES:
         extra = node_config(name) if node_config is not None else ""
@@ -177,7 +185,7 @@ def node_processes(tmp_path: Path, writers: dict[str, list[str]] | None = None,
             render_node_config([str(tmp_path)]) + node_settings + extra)
     logs = tmp_path / "logs"
     logs.mkdir()
-    nodes = NodeProcesses(cfg, logs, writers)
+    nodes = NodeProcesses(cfg, logs, writers, prefixes)
     try:
         for name in NAMES:
             nodes.start(name, configs.get(name))

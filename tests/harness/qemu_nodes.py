@@ -12,7 +12,9 @@ import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+from bench.netns import FarLink
 from federation.api.client import import_vm
 from federation.demo.qemu_guest.build import guest_cmdline, load_assets
 from federation.demo.qemu_guest.console import Console, read_console
@@ -20,7 +22,7 @@ from federation.vms.qemu_machine import pid_on
 from tests.harness.processes import NAMES, NodeProcesses, node_processes
 
 __all__ = ["qemu_nodes", "create_guest", "console_logs", "guest_console", "running_copies",
-           "GUEST_MIB"]
+           "qemu_processes", "qemu_process_list", "GUEST_MIB"]
 
 #: As tests.harness.qemu: the task's 64-128 MiB guest under TCG, a 16 MiB disk.
 GUEST_MIB = 128
@@ -32,9 +34,13 @@ def _ram_dir(tmp_path: Path, dc: str) -> Path:
 
 
 @contextlib.contextmanager
-def qemu_nodes(tmp_path: Path) -> Iterator[NodeProcesses]:
+def qemu_nodes(tmp_path: Path, far: FarLink | None = None,
+               far_dc: str = "dc3") -> Iterator[NodeProcesses]:
     """Four node processes with the qemu backend (TCG), guest RAM on /dev/shm; every QEMU
-    they started is killed and every RAM file removed at the end."""
+    they started is killed and every RAM file removed at the end. With ``far`` (an open
+    :class:`bench.netns.FarLink`), ``far_dc``'s node runs in its far namespace and the
+    others listen on its near address: every byte to or from ``far_dc`` crosses the link
+    (tbf-shaped or not), the others talk over this host's own stack."""
     assets = load_assets()
     guest_files = sorted({str(assets.kernel.parent), str(assets.initrd.parent)})
 
@@ -45,7 +51,10 @@ def qemu_nodes(tmp_path: Path) -> Iterator[NodeProcesses]:
 
     nodes: NodeProcesses | None = None
     try:
-        with node_processes(tmp_path, node_config=extra) as nodes:
+        placed: dict[str, Any] = {} if far is None else {
+            "host": far.near, "hosts": {far_dc: far.far},
+            "prefixes": {far_dc: far.far_prefix()}}
+        with node_processes(tmp_path, node_config=extra, **placed) as nodes:
             yield nodes
     finally:
         if nodes is not None:
@@ -68,6 +77,41 @@ def running_copies(nodes: NodeProcesses, vm: str) -> list[str]:
         if pid_on(d / "qemu.pid", ram) is not None:
             out.append(dc)
     return out
+
+
+def qemu_processes(nodes: NodeProcesses, vm: str) -> list[str]:
+    """The DC of every ``qemu-system`` process on this host that runs ``vm`` for these
+    nodes (its command line names the VM's RAM file under the test's RAM directory), pid
+    files or not: a QEMU a node lost track of counts too."""
+    return sorted(dc for dc, _ in qemu_process_list(nodes, vm))
+
+
+def qemu_process_list(nodes: NodeProcesses, vm: str) -> list[tuple[str, str]]:
+    """(DC, a line on the process: pid, parent, state, and its pid file's pid) of every
+    ``qemu-system`` process that runs ``vm`` for these nodes: what a failed check shows."""
+    ram = _ram_dir(nodes.cfg.parent.parent, "x").parent
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        if not argv or b"qemu-system" not in argv[0]:
+            continue
+        for dc in NAMES:
+            if any(f"{ram / dc / vm / 'memory.img'}".encode() in a for a in argv):
+                pidfile = qemu_dir(nodes, dc) / vm / "qemu.pid"
+                try:
+                    recorded = pidfile.read_text().strip()
+                except OSError:
+                    recorded = "none"
+                incoming = "incoming" if b"-incoming" in argv else "booted"
+                out.append((dc, f"{dc}: pid {proc.name} ppid {stat[1]} state {stat[0]} "
+                                f"{incoming}, pid file {recorded}"))
+    return sorted(out)
 
 
 def kill_guests(nodes: NodeProcesses, dc: str) -> None:
