@@ -31,7 +31,8 @@ capability yet, so nothing sends it between nodes: only the in-process live migr
 (:mod:`federation.vms.live_migration`, both ends this code) asks for it, and the v3 data
 plane never does. A decoder of an older build refuses such a frame cleanly (flags out of
 bounds: the chunk is asked for again, then the transfer fails), so a node-to-node use
-needs a capability, as ``amst.sealed`` has, that both ends offer.
+needs a transfer version above v3 whose offer says its peer decodes the flag (or a
+capability in the offer, as :data:`AMST_SEALED` does for AMST's chunk frames).
 """
 
 from __future__ import annotations
