@@ -24,13 +24,15 @@ it, without a new transfer version:
   chunks as ``amst.sealed`` frames, integrity-checked by the channel's AEAD alone,
   without the SHA-256 per chunk of ``amst.chunk`` (issue 17). Every version reads
   ``amst.chunk``; a sender uses ``amst.sealed`` only when both channel ends offer it.
+
 Within v3, HDE's chunk frame (:mod:`mesh.hde.codec`, magic ``HDE\x02``) gained one
-flag, ``copies`` (2: a page named as a copy of an earlier page of its chunk). It is not
-negotiated, so nothing sends it between nodes: only the in-process live migration
+flag, ``copies`` (2: a page named as a copy of an earlier page of its chunk). It has no
+capability yet, so nothing sends it between nodes: only the in-process live migration
 (:mod:`federation.vms.live_migration`, both ends this code) asks for it, and the v3 data
 plane never does. A decoder of an older build refuses such a frame cleanly (flags out of
 bounds: the chunk is asked for again, then the transfer fails), so a node-to-node use
-needs a transfer version above v3 whose offer says its peer decodes the flag.
+needs a transfer version above v3 whose offer says its peer decodes the flag (or a
+capability in the offer, as :data:`AMST_SEALED` does for AMST's chunk frames).
 """
 
 from __future__ import annotations

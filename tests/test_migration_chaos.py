@@ -129,13 +129,17 @@ def test_nodes_must_be_3f_plus_1() -> None:
 
 
 def _sweep(seeds: str, capsys: pytest.CaptureFixture[str], jobs: int = 2) -> dict[str, object]:
-    code = main(["sim", "sweep", NAME, "--seeds", seeds, "--jobs", str(jobs), "--json"])
+    # a run that never ends fails as a wall-clock violation naming its seed (a seed takes
+    # about 0.7 s of CPU, 12-18 s at load average 20 on 2 cores)
+    code = main(["sim", "sweep", NAME, "--seeds", seeds, "--jobs", str(jobs), "--json",
+                 "--run-timeout", "120"])
     out = capsys.readouterr().out
     report = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and report["failed"] == 0, [f["replay"] for f in report["failures"]]
     return report
 
 
+@pytest.mark.timeout(900)  # each run has its own 120 s bound; 311-319 s seen at load 20
 @pytest.mark.parametrize("seeds", ["1-25", "26-50", "51-75", "76-100"])
 def test_sweep_100_seeds(seeds: str, capsys: pytest.CaptureFixture[str]) -> None:
     """The acceptance line's `make test` half: seeds 1-100, 0 violations. Four quarters

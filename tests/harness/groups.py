@@ -6,14 +6,16 @@ either worker in any order. A few tests hold a machine-wide resource or measure 
 
 * a booted QEMU guest under TCG eats a whole core (two at once would starve the guests'
   own checks and the migration timeouts);
-* the network-namespace tests use fixed namespace names and a fixed port
-  (``bench.netns``: ``dwtesta``/``dwtestb``, port 5299);
+* the network-namespace tests time copies through a tbf-shaped veth (``bench.netns``)
+  and set up and tear down namespaces and links with ``ip``;
 * tests that kill -9 real replicas or time a real transfer, whose view timeouts and
   figures assume they are not sharing a core with a second such test.
 
 These all go into one xdist group, :data:`EXCLUSIVE`: xdist runs a group's tests one
 after another on one worker, so at most one of them runs at a time, while the other
-worker keeps running the rest of the suite.
+worker keeps running the rest of the suite. ``--dist loadgroup`` hands out the scopes
+with the most tests first, so this group (about 30 tests, some 11 % of the suite's
+test time) starts at once rather than trailing at the end.
 
 A test joins the group by the ``exclusive`` marker, or automatically when its module
 uses the QEMU or network-namespace helpers (:func:`exclusive_reason`), so a new QEMU

@@ -7,6 +7,7 @@ run in their own sessions and outlive a killed node)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -30,7 +31,11 @@ DISK_MIB = 16
 
 
 def _ram_dir(tmp_path: Path, dc: str) -> Path:
-    return Path("/dev/shm") / f"dwcp-test-{os.getuid()}-{tmp_path.name}" / dc
+    """Guest RAM of ``dc`` on tmpfs, in a directory of this test run only: a test's
+    ``tmp_path.name`` is the same in every run of it (other worktrees' runs at the same
+    time included), so the full path's digest names it; the run's teardown removes it."""
+    run = hashlib.sha256(str(tmp_path.resolve()).encode()).hexdigest()[:12]
+    return Path("/dev/shm") / f"dwcp-test-{os.getuid()}-{tmp_path.name[:40]}-{run}" / dc
 
 
 @contextlib.contextmanager
