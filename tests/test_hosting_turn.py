@@ -195,3 +195,15 @@ async def test_events_before_the_start_hook_wait_for_it() -> None:
         assert order == ["start", "a"]
         nursery.cancel_scope.cancel()
 
+
+
+async def test_single_deliveries_of_the_peer_table_go_to_the_core_task() -> None:
+    # PeerUp / PeerDown are delivered under the peer table's lock: never a turn there
+    core = _Core()
+    hosted = _hosted(core, [])
+    async with trio.open_nursery() as nursery:
+        await _started(nursery, hosted)
+        await hosted.deliver("a")  # type: ignore[arg-type]
+        await wait_until(lambda: core.seen, "the event handled")
+        assert core.seen == [("a", "core-task")]
+        nursery.cancel_scope.cancel()

@@ -175,7 +175,9 @@ class HostedCore:
         self._write_cost = {True: INLINE_WRITE, False: INLINE_WRITE}
 
     async def deliver(self, event: Event) -> None:
-        await self.deliver_many([event])
+        """Queue ``event`` for the core task (the peer table's PeerUp / PeerDown: it
+        delivers them under its lock, which a turn taken here would hold longer)."""
+        await self._enqueue([event])
 
     async def deliver_many(self, events: list[Event]) -> None:
         """Deliver ``events`` (in order; a link reader passes one frame's messages).
@@ -205,6 +207,9 @@ class HostedCore:
                 self._turn.release()
                 self._rearm()
             return
+        await self._enqueue(events)
+
+    async def _enqueue(self, events: list[Event]) -> None:
         for event in events:
             self._queued += 1
             try:  # no schedule point per message of a burst while the inbox has room
