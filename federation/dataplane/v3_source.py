@@ -55,6 +55,7 @@ from mesh.hde.codec import ChunkError, encode_chunk
 from mesh.hde.events import EncodeChunk
 from mesh.hde.image import Image, ImageError
 from mesh.hde.index import PageIndex, build_index
+from mesh.hde.similar import similar_at
 from mesh.hde.source import HdeSource
 from mesh.runtime.amst_transfer import TransferCut, send_transfer
 
@@ -325,6 +326,8 @@ class V3RoundSender:
             st.mode, st.level = await trio.to_thread.run_sync(self._choose_level, sample)
         level = st.level
         assert level is not None, "the level is chosen in the migration's first v3 round"
+        # the round's new pages from memory, the rest from the shadow
+        images = [Overlay(st.shadows[n], self._news.get(n, {})) for n in names]
         refs: list[dict[bytes, Overlay]] = []
         sources: list[HdeSource | PushSource] = []
         for i, name in enumerate(names):
@@ -343,11 +346,9 @@ class V3RoundSender:
                 sources.append(PushSource(i, self.target, indexes[name], held[0],
                                           sorted(changed), st.held_pages[name]))
             else:
+                # at a high level, pages chunked by similarity (as LiveMigration's round 1)
                 sources.append(HdeSource(i + 1, self.target, f"{a.vm}/{name}", indexes[name],
-                                         ref, ref_ix))
-
-        # the round's new pages from memory, the rest from the shadow
-        images = [Overlay(st.shadows[n], self._news.get(n, {})) for n in names]
+                                         ref, ref_ix, similar_at(images[i], level)))
 
         def encode(i: int, e: EncodeChunk) -> bytes | bytearray:
             ref = refs[i].get(e.reference_root) if e.reference_root is not None else None
