@@ -58,10 +58,10 @@ def test_node_source_plans_by_similarity_from_the_level(tmp_path: Path,
     plans: list[tuple[int, list[int]]] = []
     real_encode = v3_source.encode_chunk
 
-    def recording(transfer: int, plan: Any, image: Any, ref: Any,
-                  lvl: int) -> bytes | bytearray:
+    def recording(transfer: int, plan: Any, image: Any, ref: Any, lvl: int,
+                  **kw: Any) -> bytes | bytearray:
         plans.append((lvl, plan.pages))
-        return real_encode(transfer, plan, image, ref, lvl)
+        return real_encode(transfer, plan, image, ref, lvl, **kw)
 
     level = [1]
     monkeypatch.setattr(v3_source, "encode_chunk", recording)
