@@ -24,15 +24,13 @@ it, without a new transfer version:
   chunks as ``amst.sealed`` frames, integrity-checked by the channel's AEAD alone,
   without the SHA-256 per chunk of ``amst.chunk`` (issue 17). Every version reads
   ``amst.chunk``; a sender uses ``amst.sealed`` only when both channel ends offer it.
-
-Within v3, HDE's chunk frame (:mod:`mesh.hde.codec`, magic ``HDE\x02``) gained one
-flag, ``copies`` (2: a page named as a copy of an earlier page of its chunk). It has no
-capability yet, so nothing sends it between nodes: only the in-process live migration
-(:mod:`federation.vms.live_migration`, both ends this code) asks for it, and the v3 data
-plane never does. A decoder of an older build refuses such a frame cleanly (flags out of
-bounds: the chunk is asked for again, then the transfer fails), so a node-to-node use
-needs a transfer version above v3 whose offer says its peer decodes the flag (or a
-capability in the offer, as :data:`AMST_SEALED` does for AMST's chunk frames).
+* :data:`HDE_COPIES` (offered on the data endpoint's channels): this end decodes HDE
+  chunk frames with the ``copies`` flag (:mod:`mesh.hde.codec`, magic ``HDE\x02``,
+  flag 2: a page named as a copy of an earlier page of its chunk). A decoder of an older
+  build refuses such a frame cleanly (flags out of bounds: the chunk is asked for again,
+  then the transfer fails), so the v3 source asks for copies only in a migration whose
+  target offered it on a data channel (federation.dataplane.v3_source), and only in
+  pushed rounds (an HDE diff resolves equal pages by key and never sends the flag).
 """
 
 from __future__ import annotations
@@ -48,6 +46,7 @@ __all__ = [
     "VERSION_MAX",
     "CAPABILITY_MIN",
     "AMST_SEALED",
+    "HDE_COPIES",
     "VersionError",
     "offer",
     "both_offer",
@@ -70,6 +69,8 @@ VERSION_MAX = 255
 CAPABILITY_MIN = 128
 #: AMST chunk frames without a SHA-256 per chunk (``amst.sealed``, mesh.amst.receiver).
 AMST_SEALED = 128
+#: HDE chunk frames with the ``copies`` flag (mesh.hde.codec).
+HDE_COPIES = 129
 
 
 class VersionError(Exception):

@@ -56,11 +56,11 @@ def _pair(seed: int, changed: list[int]) -> tuple[ImageWriter, ImageWriter, dict
 
 
 def _run(shadow: ImageWriter, target: ImageWriter, old: dict[int, bytes], order: random.Random,
-         *, base: bytes | None = None, twice: bool = False
+         *, base: bytes | None = None, twice: bool = False, copies: bool = False
          ) -> tuple[PushSource, PushTarget, list[object]]:
     held = build_index(target)
     src = PushSource(0, "tgt", build_index(shadow), held.root if base is None else base,
-                     sorted(old), HeldPages(held))
+                     sorted(old), HeldPages(held), copies=copies)
     dst = PushTarget(0, "src", target, held.root)
     acts = src.start()
     offer = acts[0]
@@ -68,7 +68,8 @@ def _run(shadow: ImageWriter, target: ImageWriter, old: dict[int, bytes], order:
     frames = []
     for e in acts[1:]:
         assert isinstance(e, EncodeChunk) and e.reference_root == src.base
-        frames.append(encode_chunk(e.transfer, e.plan, shadow, Overlay(shadow, old), 1))
+        frames.append(encode_chunk(e.transfer, e.plan, shadow, Overlay(shadow, old), 1,
+                                   copies=copies))
     # the offer crosses the control link, the chunks the AMST streams: any order
     events: list[object] = [Received("src", wire.decode(wire.encode(offer.message)), b"")]
     events += [ChunkArrived(src.transfer, i, f) for i, f in enumerate(frames)]
@@ -89,10 +90,12 @@ def _run(shadow: ImageWriter, target: ImageWriter, old: dict[int, bytes], order:
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.sets(st.integers(0, PAGES - 1), max_size=3 * CHUNK_PAGES), st.integers(0, 2**32))
-def test_a_pushed_image_arrives_whole_in_any_order(changed: set[int], seed: int) -> None:
+@given(st.sets(st.integers(0, PAGES - 1), max_size=3 * CHUNK_PAGES), st.integers(0, 2**32),
+       st.booleans())
+def test_a_pushed_image_arrives_whole_in_any_order(changed: set[int], seed: int,
+                                                   copies: bool) -> None:
     shadow, target, old = _pair(seed, sorted(changed))
-    src, dst, out = _run(shadow, target, old, random.Random(seed), twice=True)
+    src, dst, out = _run(shadow, target, old, random.Random(seed), twice=True, copies=copies)
     assert dst.failed is None and src.failed is None
     assert dst.verified and src.verified
     assert bytes(target.view(0, PAGES)) == bytes(shadow.view(0, PAGES))
@@ -212,3 +215,26 @@ def test_read_pages_reads_what_page_views_read(pages: set[int]) -> None:
     shadow, _, _ = _pair(8, [])
     got = read_pages(shadow, sorted(pages))
     assert got == {p: bytes(shadow.view(p)) for p in pages}
+
+
+def test_equal_changed_pages_share_a_chunk_and_go_once_with_copies() -> None:
+    """A round that writes one new page to 40 far-apart pages: with chunk copies (the
+    target offered mesh.versions.HDE_COPIES) they share a chunk and its data goes once;
+    without, they go in page order, each in full. Both arrive whole."""
+    rng = random.Random(6)
+    same = rng.randbytes(PAGE_SIZE)
+    changed = list(range(0, PAGES, 15))[:40]
+    sizes = {}
+    for copies in (False, True):
+        shadow, target, _ = _pair(6, [])
+        old = {p: bytes(shadow.view(p)) for p in changed}
+        for p in changed:
+            shadow.write(p, same)
+        src, dst, _ = _run(shadow, target, old, random.Random(6), copies=copies)
+        assert src.verified and dst.verified and dst.stats["pages_wanted"] == len(changed)
+        assert bytes(target.view(0, PAGES)) == bytes(shadow.view(0, PAGES))
+        plans = [e.plan for e in src.start() if isinstance(e, EncodeChunk)]
+        sizes[copies] = sum(len(encode_chunk(src.transfer, plan, shadow, None, 0,
+                                             copies=copies)) for plan in plans)
+    # stored (level 0): 40 pages against one page and 39 named copies
+    assert sizes[False] > 40 * PAGE_SIZE and sizes[True] < 2 * PAGE_SIZE, sizes

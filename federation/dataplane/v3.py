@@ -72,6 +72,8 @@ class V3DataPlane:
         self.fed = fed
         self.name = name
         self.runtime = runtime
+        #: capabilities this DC's data channels offer besides its transfer versions
+        self.capabilities: tuple[int, ...] = (versions.AMST_SEALED, versions.HDE_COPIES)
         self.control = control
         self.log = log
         self.report = report
@@ -93,10 +95,11 @@ class V3DataPlane:
         self._listeners: list[trio.SocketListener] = []
 
     def _channel(self, peer: str | None) -> SecureChannel:
-        """A data channel: the DC's transfer versions, and AMST's sealed chunks (chunks
-        without a SHA-256 each when the peer offers them too, mesh.versions)."""
+        """A data channel: the DC's transfer versions and :attr:`capabilities` (AMST's
+        sealed chunks, HDE's chunk copies; each used when the peer offers it too,
+        mesh.versions)."""
         rt = self.runtime
-        offer = (*rt.versions, versions.AMST_SEALED)
+        offer = (*rt.versions, *self.capabilities)
         return SecureChannel(identity=rt.identity, name=rt.name, federation=rt.federation,
                              peers=rt.keys, versions=offer, initiator=peer is not None,
                              peer=peer)

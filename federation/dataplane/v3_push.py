@@ -32,7 +32,7 @@ the v3 driver runs either the same way.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 from mesh import wire
 from mesh.core import Event, Notify, Received, Send
@@ -41,6 +41,7 @@ from mesh.hde.events import ChunkArrived, EncodeChunk, RecomputeRoot, RootRecomp
 from mesh.hde.image import FP_SIZE, PAGE_SIZE, ImageWriter
 from mesh.hde.index import PageIndex
 from mesh.hde.messages import CHUNK_PAGES, HdeVerified
+from mesh.hde.similar import group_chunks
 from mesh.wire import U64, Bytes, field
 
 __all__ = ["V3PushOffer", "PushSource", "PushTarget", "HeldPages", "PUSH_FLAG",
@@ -104,8 +105,13 @@ def differing_pages(held: PageIndex, now: PageIndex) -> list[int]:
     return out
 
 
-def push_plans(pages: Sequence[int]) -> list[ChunkPlan]:
-    """The chunk plans of ``pages`` (ascending): runs of CHUNK_PAGES, numbered from 0."""
+def push_plans(pages: Sequence[int], same: Callable[[int], Hashable] | None = None
+               ) -> list[ChunkPlan]:
+    """The chunk plans of ``pages`` (ascending): runs of CHUNK_PAGES, numbered from 0;
+    with ``same`` (a page's content key), pages with equal keys in one chunk
+    (:func:`mesh.hde.similar.group_chunks`), for chunk copies."""
+    if same is not None:
+        return [ChunkPlan.of_pages(k, c) for k, c in enumerate(group_chunks(pages, same))]
     return [ChunkPlan.of_pages(i // CHUNK_PAGES, pages[i : i + CHUNK_PAGES])
             for i in range(0, len(pages), CHUNK_PAGES)]
 
@@ -158,10 +164,13 @@ class HeldPages:
 
 class PushSource:
     """Pushes image ``image`` (0-based in its round), now indexed as ``index``, to ``peer``
-    against ``base`` (the root the target verified): the ``pages`` that changed."""
+    against ``base`` (the root the target verified): the ``pages`` that changed. With
+    ``copies`` (the target decodes chunk copies), changed pages of equal fingerprints go
+    in one chunk, to be encoded with ``copies=True`` (each sent once)."""
 
     def __init__(self, image: int, peer: str, index: PageIndex, base: bytes,
-                 pages: Sequence[int], held: HeldPages | None = None) -> None:
+                 pages: Sequence[int], held: HeldPages | None = None, *,
+                 copies: bool = False) -> None:
         self.transfer = push_transfer(image)
         self.peer = peer
         self.index = index
@@ -170,11 +179,12 @@ class PushSource:
         self.pages = list(pages)
         self.data, self.copies = (held.copies(index, self.pages) if held is not None
                                   else (self.pages, b""))
+        self.chunk_copies = copies
         self.failed: str | None = None
         self.verified: bool | None = None
 
     def start(self) -> list[Send | EncodeChunk]:
-        plans = push_plans(self.data)
+        plans = push_plans(self.data, self.index.fp if self.chunk_copies else None)
         offer = V3PushOffer(self.transfer, self.index.page_count, self.base, self.index.root,
                             len(plans), len(self.data), self.copies)
         return [Send(self.peer, offer),

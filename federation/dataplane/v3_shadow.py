@@ -50,6 +50,9 @@ class SourceState:
         self.held_pages: dict[str, HeldPages] = {}
         self.level: int | None = None
         self.mode = ""
+        #: the target decodes HDE's chunk copies: it offered mesh.versions.HDE_COPIES on
+        #: the data channels of the migration's last round (none yet: False)
+        self.copies = False
 
     def reset(self, layout: Sequence[tuple[str, int]]) -> None:
         self.close()

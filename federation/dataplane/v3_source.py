@@ -30,7 +30,7 @@ from typing import Any
 import trio
 
 from federation.dataplane.v3_protocol import AMST_CHUNK_OVERHEAD, ChunkFeed, Overlay
-from federation.dataplane.v3_push import HeldPages, PushSource, differing_pages
+from federation.dataplane.v3_push import HeldPages, PushSource, differing_pages, is_push
 from federation.dataplane.v3_shadow import COPY_PAGES, SourceState, read_pages, sample_pages
 from federation.migration.round_events import (
     V3Cut,
@@ -46,7 +46,7 @@ from federation.vms.backend import VmBackend, VmError
 from federation.vms.dirty_scan import SentDigests
 from federation.vms.per_vm import dirty_by_content
 from federation.vms.sealing import SealKey
-from mesh import wire
+from mesh import versions, wire
 from mesh.amst.receiver import AmstError
 from mesh.amst.sender import AmstSender
 from mesh.channel import SecureChannel
@@ -55,6 +55,7 @@ from mesh.hde.codec import ChunkError, encode_chunk
 from mesh.hde.events import EncodeChunk
 from mesh.hde.image import Image, ImageError
 from mesh.hde.index import PageIndex, build_index
+from mesh.hde.similar import similar_at
 from mesh.hde.source import HdeSource
 from mesh.runtime.amst_transfer import TransferCut, send_transfer
 
@@ -144,6 +145,8 @@ class V3RoundSender:
         #: pages the preparation went over (copied, digested, indexed), reported when due
         self._prepared = 0
         self._next_prepared = time.monotonic() + _REPORT_S
+        #: the data channels this round opened to the target (what it offers)
+        self._channels: list[SecureChannel] = []
 
     @property
     def migration_id(self) -> str:
@@ -325,6 +328,8 @@ class V3RoundSender:
             st.mode, st.level = await trio.to_thread.run_sync(self._choose_level, sample)
         level = st.level
         assert level is not None, "the level is chosen in the migration's first v3 round"
+        # the round's new pages from memory, the rest from the shadow
+        images = [Overlay(st.shadows[n], self._news.get(n, {})) for n in names]
         refs: list[dict[bytes, Overlay]] = []
         sources: list[HdeSource | PushSource] = []
         for i, name in enumerate(names):
@@ -341,17 +346,17 @@ class V3RoundSender:
                 if name not in st.held_pages:  # once per migration (O(pages), pre-copy)
                     st.held_pages[name] = await trio.to_thread.run_sync(HeldPages, held[1])
                 sources.append(PushSource(i, self.target, indexes[name], held[0],
-                                          sorted(changed), st.held_pages[name]))
+                                          sorted(changed), st.held_pages[name],
+                                          copies=st.copies))
             else:
+                # at a high level, pages chunked by similarity (as LiveMigration's round 1)
                 sources.append(HdeSource(i + 1, self.target, f"{a.vm}/{name}", indexes[name],
-                                         ref, ref_ix))
-
-        # the round's new pages from memory, the rest from the shadow
-        images = [Overlay(st.shadows[n], self._news.get(n, {})) for n in names]
+                                         ref, ref_ix, similar_at(images[i], level)))
 
         def encode(i: int, e: EncodeChunk) -> bytes | bytearray:
             ref = refs[i].get(e.reference_root) if e.reference_root is not None else None
-            return encode_chunk(e.transfer, e.plan, images[i], ref, level)
+            return encode_chunk(e.transfer, e.plan, images[i], ref, level,
+                                copies=st.copies and is_push(e.transfer))
 
         await self._move(names, sources, ChunkFeed(encode), mark, covered,
                          {"refresh_s": t1 - t0, "index_s": t2 - t1})
@@ -373,10 +378,11 @@ class V3RoundSender:
                 st.held_pages[name] = await trio.to_thread.run_sync(HeldPages,
                                                                     st.verified[name][1])
             sources.append(PushSource(i, self.target, indexes[name], st.verified[name][0],
-                                      changed[name], st.held_pages[name]))
+                                      changed[name], st.held_pages[name], copies=st.copies))
 
         def encode(i: int, e: EncodeChunk) -> bytes | bytearray:
-            return encode_chunk(e.transfer, e.plan, live[names[i]], None, level)
+            return encode_chunk(e.transfer, e.plan, live[names[i]], None, level,
+                                copies=st.copies)
 
         assert a.since is not None
         await self._move(names, sources, ChunkFeed(encode), a.since,
@@ -413,6 +419,8 @@ class V3RoundSender:
         timing.update(ready_s=t4 - t3, transfer_s=trio.current_time() - t4)
         figures = {**{k: round(v, 4) for k, v in timing.items()},
                    "pushed": sum(isinstance(s, PushSource) for s in sources),
+                   "copies": sum(isinstance(s, PushSource) and s.chunk_copies
+                                 for s in sources),
                    "level": level, "mode": st.mode, "chunks": feed.frames,
                    "chunk_bytes": feed.frame_bytes, "control_bytes": self.control_bytes,
                    "resent": self.resent, "replayed": feed.replayed, "streams": self.streams}
@@ -429,13 +437,14 @@ class V3RoundSender:
             done = True
             try:
                 sent = await send_transfer(
-                    tid, feed, connect=self._connect, new_channel=self._new_channel,
+                    tid, feed, connect=self._connect, new_channel=self._channel,
                     prepare=feed.prepare, preparers=PREPARERS, core=core)
             except TransferCut as exc:
                 reason, done = str(exc), False
                 written = (exc.written_chunks, exc.written_bytes)
             else:
                 written = (sent.written_chunks, sent.written_bytes)
+            self._learn_offer()
             self.chunk_bytes += written[0] * AMST_CHUNK_OVERHEAD + written[1]
             self.resent += core.resent
             self.streams = max(self.streams, core.max_streams_up)
@@ -445,6 +454,22 @@ class V3RoundSender:
             self._report(V3Cut(self.migration_id, self.round, core.acked_bytes, reason))
             await self._resume.wait()
             feed.resume()
+
+    def _channel(self) -> SecureChannel:
+        ch = self._new_channel()
+        self._channels.append(ch)
+        return ch
+
+    def _learn_offer(self) -> None:
+        """Whether the target decodes chunk copies, from the offer of the last data
+        channel of this round whose handshake completed (the next rounds use it; a
+        target that restarted with an older build is told apart at its next handshake)."""
+        for ch in reversed(self._channels):
+            if ch.peer_versions:
+                self.state.copies = versions.both_offer(versions.HDE_COPIES, ch.versions,
+                                                        ch.peer_versions)
+                break
+        self._channels.clear()
 
     def _send_control(self, msg: Any) -> None:
         raw = wire.encode(msg)

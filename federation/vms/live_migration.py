@@ -44,7 +44,7 @@ from mesh.hde.codec import decode_chunk, encode_chunk, grouped_plans, xor_pages
 from mesh.hde.image import PAGE_SIZE, Image, ImageWriter, Overlay
 from mesh.hde.index import PageIndex, build_index
 from mesh.hde.loopback import Carry, Frame, run_transfer
-from mesh.hde.similar import page_sketches
+from mesh.hde.similar import similar_at
 from mesh.hde.store import PageStore
 
 __all__ = ["LiveMigration", "MigrationReport", "RoundFigures", "DOWNTIME_LIMIT_S",
@@ -62,11 +62,6 @@ LEVEL = 1
 #: self-checking guest (dwcp bench live, shared machine): stop 1-7 ms, device-state save
 #: 12-20 ms, load and cont 15-42 ms.
 FIXED_STOP_S = 0.07
-#: From this level up, round 1 chunks pages by similarity (mesh.hde.similar): 10-11 %
-#: fewer bytes on the bench guest at levels 6 and 9, 0.3 % on the corpus guest, for ~0.4
-#: CPU s per 148 MB of pages. A level this high is chosen only where the link, not the
-#: CPU, bounds the transfer (mesh.hde.level); at level 1 the same grouping gains 2 %.
-SIMILAR_FROM_LEVEL = 6
 
 
 @attrs.frozen
@@ -229,8 +224,7 @@ class LiveMigration:
                                   store=store, level=self.level, executor=self.executor,
                                   make_sink=_sink(writer), transfer=self._transfer,
                                   carry=self.carry, sink_index=base_ix,
-                                  similar=(page_sketches(self._shadow[img])
-                                           if self.level >= SIMILAR_FROM_LEVEL else None))
+                                  similar=similar_at(self._shadow[img], self.level))
             writer.written = None  # later rounds refresh over the pages they send
             if not result.verified:
                 raise VmError(f"VM {name!r}: round 1 of {img} failed: {result.failure}")

@@ -18,10 +18,11 @@ and takes no payload (flag ``_COPIES``). A live migration's pre-copy round sends
 changed since the last round, and on the bench guest 17-23 % of those pages are equal
 to another page of the same round (data written through a buffer: the buffer's page
 and the file's page both changed); ``federation.vms.live_migration`` groups equal pages
-into one chunk and asks for copies. The HDE diff does not need it (the target resolves
-such pages by key), so its chunks never carry the flag: a v3 peer never sees it. A
-decoder of this version reads both; a node-to-node use of copies needs a transfer
-version whose peers decode the flag (mesh.versions).
+into one chunk and asks for copies, and so do the v3 data plane's pushed rounds
+(federation.dataplane.v3_push) to a target whose data channels offer the capability
+``mesh.versions.HDE_COPIES`` (older decoders refuse the flag). The HDE diff does not need
+it (the target resolves such pages by key), so its chunks never carry the flag. A
+decoder of this version reads both.
 
 An XXH3-128 digest over the header and payload lets the target reject a
 corrupted chunk before it decompresses a byte; decoding raises only
