@@ -16,9 +16,14 @@ demo: $(STAMP)
 	$(BIN)/dwcp demo
 
 # make test: everything but the long runs (marked slow), under 10 minutes on 2 cores;
-# it ends with the 25 slowest tests, so the budget is watched on every run.
+# it ends with the 25 slowest tests, so the budget is watched on every run. It runs on
+# TEST_WORKERS pytest-xdist workers (one per core here); the tests that boot QEMU, build
+# network namespaces or kill -9 real replicas share one group and never overlap
+# (tests/harness/groups.py). `make test TEST_WORKERS=0` runs it in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" --durations=25 tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" --durations=25 \
+		-n $(TEST_WORKERS) --dist loadgroup tests
 
 # make chaos: every test with the long hypothesis profile, then the long runs: the PBFT
 # sweeps of issue 14 (10,000 seeds each, f = 1 and f = 2, on every core).

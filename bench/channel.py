@@ -20,16 +20,20 @@ this process:
   hops per frame (``trio.to_thread`` per frame cost about 70 us of CPU each).
 
 * ``amst_link``: the product's own send path, what an AMST stream runs
-  (:class:`mesh.runtime.amst_stream.Link`, issue 17 item 6): each chunk gets its
-  SHA-256 digest in a worker (as AMST's preparers do), becomes a CBOR ``amst.chunk``
-  message, is sealed and written by :meth:`~mesh.runtime.amst_stream.Link.send_chunk`
-  in a worker; the receiver's :meth:`~mesh.runtime.amst_stream.Link.receive_bulk` reads,
-  decrypts, decodes and checks the digest, in a worker. At AMST's chunk size
+  (:class:`mesh.runtime.amst_stream.Link`, issue 17 item 6): each chunk becomes an
+  ``amst.sealed`` message (both ends offer sealed chunks, as two DCs of this version
+  do: no SHA-256, the channel's AEAD authenticates it), is sealed into the link's
+  reused buffers and written by :meth:`~mesh.runtime.amst_stream.Link.send_chunk` in a
+  worker; the receiver's :meth:`~mesh.runtime.amst_stream.Link.receive_bulk` reads,
+  decrypts and decodes it, in a worker. ``--amst-digest`` adds ``amst_link_sha256_*``:
+  the same with the SHA-256 per chunk (``amst.chunk``) that a peer without sealed
+  chunks gets, hashed at each end. At AMST's chunk size
   (``mesh.amst.policy.CHUNK_MAX``, 1 MiB) unless ``--amst-chunk-kib`` says otherwise,
   whatever ``--frame-kib`` is: this is the figure that says what AMST's streams can do.
 
 The receiver checks that the first chunk decrypts to what was sent and that the
-stream ends with the sender's final frame (``amst_link``: every chunk's digest), so the
+stream ends with the sender's final frame (``amst_link``: every chunk's id and kind, and
+with ``--amst-digest`` its digest), so the
 figure is for authenticated, correctly decrypted data.
 """
 
@@ -45,9 +49,9 @@ from typing import Any
 
 import trio
 
-from mesh import identity
+from mesh import identity, versions
 from mesh.amst.policy import CHUNK_MAX
-from mesh.amst.receiver import Chunk, chunk_digest
+from mesh.amst.receiver import Chunk, SealedChunk
 from mesh.channel import (
     FRAME_OVERHEAD,
     ChannelError,
@@ -83,6 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--amst-chunk-kib", type=int, default=CHUNK_MAX // 1024,
                    help="chunk size of the amst_link run (AMST's send path), KiB (default "
                         f"{CHUNK_MAX // 1024}: AMST's chunk size)")  # fmt: skip
+    p.add_argument("--amst-digest", action="store_true",
+                   help="also run amst_link with a SHA-256 per chunk (amst.chunk, for a peer "
+                        "without sealed chunks): amst_link_sha256_*")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -93,13 +100,13 @@ def run(args: argparse.Namespace) -> int:
               "--amst-chunk-kib in 1..3072")  # fmt: skip
         return 2
     result = measure(args.size_mib * 1024 * 1024, args.frame_kib * 1024,
-                     args.amst_chunk_kib * 1024)  # fmt: skip
+                     args.amst_chunk_kib * 1024, args.amst_digest)  # fmt: skip
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
 
 
 def measure(size: int, frame_size: int = DEFAULT_FRAME,
-            amst_chunk: int = CHUNK_MAX) -> dict[str, Any]:  # fmt: skip
+            amst_chunk: int = CHUNK_MAX, amst_digest: bool = False) -> dict[str, Any]:  # fmt: skip
     chunk = os.urandom(frame_size)
     frames = max(1, size // frame_size)
     total = frames * frame_size
@@ -114,6 +121,13 @@ def measure(size: int, frame_size: int = DEFAULT_FRAME,
     cpu3 = time.process_time()
     link_mb = link_chunks * amst_chunk / 1e6
     mb = total / 1e6
+    digest: dict[str, Any] = {}
+    if amst_digest:
+        digest_s = trio.run(_timed_links, payload, link_chunks, False)
+        cpu4 = time.process_time()
+        digest = {"amst_link_sha256_MBps": round(link_mb / digest_s, 1),
+                  "amst_link_sha256_seconds": round(digest_s, 6),
+                  "amst_link_sha256_cpu_seconds": round(cpu4 - cpu3, 3)}  # fmt: skip
     return {
         "bench": "channel",
         "bytes": total,
@@ -133,8 +147,11 @@ def measure(size: int, frame_size: int = DEFAULT_FRAME,
         "amst_link_chunks": link_chunks,
         "amst_link_seconds": round(link_s, 6),
         "amst_link_cpu_seconds": round(cpu3 - cpu2, 3),
-        "amst_link_path": "mesh.runtime.amst_stream.Link: SHA-256, CBOR amst.chunk, "
-                          "secretstream, sendmsg in a worker; receive_bulk in a worker",
+        "amst_link_path": "mesh.runtime.amst_stream.Link: CBOR amst.sealed (no SHA-256), "
+                          "secretstream into reused buffers, send in a worker; receive_bulk "
+                          "(recv_into, decrypt into a reused buffer, one payload copy) in a "
+                          "worker",
+        **digest,
         "cipher": "XChaCha20-Poly1305 secretstream (libsodium via PyNaCl)",
         "cpus": os.cpu_count(),
     }
@@ -205,7 +222,8 @@ async def _raw_receive(
 
 
 async def _handshake(
-    client: trio.SocketStream, server: trio.SocketStream, shared: dict[str, Any]
+    client: trio.SocketStream, server: trio.SocketStream, shared: dict[str, Any],
+    offer: tuple[int, ...] = (1, 3),
 ) -> None:
     a_id, b_id = identity.generate(), identity.generate()
     peers = {"bench-a": a_id.public, "bench-b": b_id.public}
@@ -214,7 +232,7 @@ async def _handshake(
         name="bench-a",
         federation="bench",
         peers=peers,
-        versions=(1, 3),
+        versions=offer,
         initiator=True,
         peer="bench-b",
     )
@@ -223,7 +241,7 @@ async def _handshake(
         name="bench-b",
         federation="bench",
         peers=peers,
-        versions=(1, 3),
+        versions=offer,
         initiator=False,
     )
     readers = {id(a): FrameReader(), id(b): FrameReader()}
@@ -360,25 +378,23 @@ async def _channel_receive(
 # --------------------------------------------------------------------------- AMST's send path
 
 
-async def _timed_links(payload: bytes, chunks: int) -> float:
+async def _timed_links(payload: bytes, chunks: int, sealed: bool = True) -> float:
     """``chunks`` chunks of ``payload`` from one :class:`Link` to another over loopback,
-    each as AMST's stream carries it; seconds from the first chunk to the last checked."""
+    each as AMST's stream carries it; seconds from the first chunk to the last checked.
+    ``sealed``: both ends offer sealed chunks (no SHA-256, as two DCs of this version do);
+    else each chunk carries its SHA-256, as for a peer that does not read them."""
     client, server = await _loopback_pair()
     shared: dict[str, Any] = {}
-    await _handshake(client, server, shared)
+    offer = (1, 3, versions.AMST_SEALED) if sealed else (1, 3)
+    await _handshake(client, server, shared, offer)
     sender, receiver = Link(client, shared["sender"]), Link(server, shared["receiver"])
-    digests, ready = trio.open_memory_channel[tuple[int, bytes]](2)  # preparers ahead
-
-    async def prepare() -> None:
-        async with digests:
-            for i in range(chunks):
-                digest = await trio.to_thread.run_sync(chunk_digest, payload)
-                await digests.send((i, digest))
+    if sender.sealed_chunks != sealed or receiver.sealed_chunks != sealed:
+        raise ChannelError("malformed", "the links did not agree on the chunk format")
+    kind = SealedChunk if sealed else Chunk
 
     async def write() -> None:
-        async with ready:
-            async for i, digest in ready:
-                await sender.send_chunk(Chunk(i, digest, payload))
+        for i in range(chunks):
+            await sender.send_chunk(i, payload)
         await sender.send_final()
 
     async def read() -> None:
@@ -387,7 +403,8 @@ async def _timed_links(payload: bytes, chunks: int) -> float:
             if got is None:
                 raise ChannelError("truncated", f"stream ended after {i} of {chunks} chunks")
             msg, valid = got
-            if not valid or msg.chunk != i or (i == 0 and msg.payload != payload):
+            if (not valid or type(msg) is not kind or msg.chunk != i
+                    or (i == 0 and msg.payload != payload)):  # fmt: skip
                 raise ChannelError("tampered", f"chunk {i} did not arrive as sent")
         if await receiver.receive_bulk() != (None, False):
             raise ChannelError("truncated", "no final frame after the last chunk")
@@ -395,7 +412,6 @@ async def _timed_links(payload: bytes, chunks: int) -> float:
     try:
         start = time.perf_counter()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(prepare)
             nursery.start_soon(write)
             nursery.start_soon(read)
         return time.perf_counter() - start

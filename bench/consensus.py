@@ -48,6 +48,10 @@ Where the time goes (diagnostics, not targets):
   two cores 3,000 commits/s leave at most 667 us each;
 - ``batched_mean_batch``: commits per executed sequence number;
 - ``batched_commands_per_request``: commands per signed REQUEST on the node's path;
+- ``batched_signed_in_run``: operator requests signed inside the measured span. The
+  operator's signatures are made before it (an operator signs on its own machine;
+  ``dwcp bench authz`` gives ``sign_us``), so the CPU figures are the federation's
+  own; this says whether the presigned ones ran out (then some signing is in them);
 - ``link_one_way_ms``, ``link_cpu_us_per_message``: two node processes (the same
   runtime: websocket link, secure channel, hosted core) bouncing one message
   back and forth; one hop's latency and the CPU both processes spend per
@@ -57,9 +61,11 @@ Where the time goes (diagnostics, not targets):
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import signal
@@ -83,6 +89,14 @@ READY_TIMEOUT = 60.0
 #: Commands of the floor phase: about what the unbatched phase commits in its
 #: 2.5 s at 4-9 ms each (docs/BENCHMARKS.md), so both medians rest on as many.
 FLOOR_COMMANDS = 500
+#: Operator requests signed before a loaded run, per second of it over all loading
+#: nodes: above the 4,000-4,800 commits/s the batched phase has reached
+#: (docs/BENCHMARKS.md), so a run signs nothing inside the measured span; at about
+#: 60 us a signature that is under 0.5 s of CPU per node before a 5 s run at n = 4.
+PRESIGN_RATE = 6000
+#: ... and at most this many per second per caller: one caller has one command in
+#: flight, and a commit takes at least the floor's 7-9 ms (docs/BENCHMARKS.md).
+CALLER_RATE = 500
 
 
 def bench_identity(name: str) -> Any:
@@ -142,6 +156,9 @@ class LoadRecord:
         self.pairs: list[tuple[float, float]] = []
         self.refused: list[str] = []
         self.timeouts = 0
+        #: commands whose operator request was signed during the run (the presigned
+        #: ones ran out)
+        self.signed_in_run = 0
 
 
 async def _node_main(args: argparse.Namespace) -> None:
@@ -211,13 +228,30 @@ async def _node_main(args: argparse.Namespace) -> None:
 
     counter = {"i": 0}
 
-    def next_command() -> Any:
+    def make_command() -> Any:
         counter["i"] += 1
         i = counter["i"]
         vm = f"vm-{args.name}-{args.run}-{i}"
         auth = authorize(operator, "bench", BENCH_OPERATOR, ImportVm(vm, args.name, "/bench"),
                          time.time(), f"{args.name}-{args.run}-{i:08d}")
         return RegisterVm(vm, args.name, auth)
+
+    # The operator's signatures are made before the measured span, as an operator
+    # makes them on its own machine (dwcp bench authz measures what one costs):
+    # the node's CPU is what its own path spends. They are made once the links are
+    # up, in a worker thread (the event loop goes on answering keepalives), before
+    # READY. A run that outlasts them signs the rest in the loop, counted in
+    # ``signed_in_run``.
+    presigned: collections.deque[Any] = collections.deque()
+
+    def presign() -> None:
+        presigned.extend(make_command() for _ in range(args.presign))
+
+    def next_command() -> Any:
+        if presigned:
+            return presigned.popleft()
+        record.signed_in_run += 1
+        return make_command()
 
     async def one_at_a_time(end: float) -> None:
         """One of ``window`` callers: submit, wait for the result, submit the next."""
@@ -248,7 +282,8 @@ async def _node_main(args: argparse.Namespace) -> None:
         tmp.write_text(json.dumps({"latencies": record.latencies,
                                    "commit_walls": record.commit_walls, "pairs": record.pairs,
                                    "refused": record.refused[:5], "refused_count":
-                                   len(record.refused), "timeouts": record.timeouts}))
+                                   len(record.refused), "timeouts": record.timeouts,
+                                   "signed_in_run": record.signed_in_run}))
         tmp.replace(data / f"{args.name}.result")
 
     async def status_loop() -> None:
@@ -259,6 +294,7 @@ async def _node_main(args: argparse.Namespace) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
         await linked.wait()
+        await trio.to_thread.run_sync(presign)
         print("READY", flush=True)
         async with trio.open_nursery() as work:
             work.start_soon(status_loop)
@@ -428,19 +464,21 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.runs = 0
 
-    def start(self, name: str, window: int = 0, duration: float = 0.0) -> None:
+    def start(self, name: str, window: int = 0, duration: float = 0.0,
+              presign: int = 0) -> None:
         self.runs += 1
         self.procs[name] = spawn(
             ["-m", "bench.consensus", "node", "--name", name,
              "--n", str(self.n), "--ports", ",".join(map(str, self.ports)),
              "--dir", str(self.dir), "--window", str(window), "--duration", str(duration),
-             "--view-timeout", str(self.view_timeout), "--run", str(self.runs)],
+             "--view-timeout", str(self.view_timeout), "--run", str(self.runs),
+             "--presign", str(presign)],
             self.dir / f"{name}.stderr")
 
-    def start_all(self, loads: dict[str, tuple[int, float]]) -> None:
+    def start_all(self, loads: dict[str, tuple[int, float]], presign: int = 0) -> None:
         for name in self.names:
             window, duration = loads.get(name, (0, 0.0))
-            self.start(name, window, duration)
+            self.start(name, window, duration, presign if window else 0)
         self.wait_ready(self.names)
 
     def wait_ready(self, names: list[str]) -> None:
@@ -512,6 +550,8 @@ class LoadResult:
     mean_batch: float | None
     #: commands per signed REQUEST on the node's submission path (NodeCore.submit_many)
     commands_per_request: float | None
+    #: commands whose operator request was signed inside the measured span
+    signed_in_run: int = 0
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -525,7 +565,9 @@ def _loaded_run(n: int, window: int, duration: float, loaders: list[str] | None 
         c = Cluster(n, Path(tmp))
         try:
             loaders = loaders if loaders is not None else c.names
-            c.start_all({m: (window, duration) for m in loaders})
+            presign = math.ceil(duration * min(PRESIGN_RATE / len(loaders),
+                                               window * CALLER_RATE))
+            c.start_all({m: (window, duration) for m in loaders}, presign)
             pids = [p.pid for p in c.procs.values()]
             cpu0 = _cpu_seconds(pids)
             c.go(c.names)
@@ -548,7 +590,8 @@ def _loaded_run(n: int, window: int, duration: float, loaders: list[str] | None 
     batches = max(executed, default=0)
     return LoadResult(len(walls) / max(span, 1e-9), lat, cpu,
                       len(walls) / batches if batches else None,
-                      commands / requests if requests else None)
+                      commands / requests if requests else None,
+                      sum(r.get("signed_in_run", 0) for r in results))
 
 
 def _view_change_recovery(duration: float) -> float:
@@ -594,6 +637,7 @@ def run(args: argparse.Namespace) -> int:
         out["batched_cpu_us_per_commit"] = rounded(r.cpu_us_per_commit, 0)
         out["batched_mean_batch"] = rounded(r.mean_batch, 1)
         out["batched_commands_per_request"] = rounded(r.commands_per_request, 2)
+        out["batched_signed_in_run"] = r.signed_in_run
 
     def unbatched() -> None:
         out["unbatched_p50_ms"] = None
@@ -659,6 +703,8 @@ def _node_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=0.0)
     p.add_argument("--view-timeout", type=float, default=2.0)
     p.add_argument("--run", type=int, default=0)
+    p.add_argument("--presign", type=int, default=0,
+                   help="operator requests to sign before READY (see make_command)")
     return p.parse_args(argv)
 
 

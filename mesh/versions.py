@@ -13,6 +13,24 @@ Each DC *offers* a set of transfer versions in its channel handshake (the federa
 the handshake transcript (:mod:`mesh.channel`), and each end keeps the peer's whole
 offer. A migration then uses the highest version of the intersection that the rollout
 policy allows (:mod:`federation.migration.rollout`).
+
+The same offer carries **capabilities**: numbers from :data:`CAPABILITY_MIN` up, which
+no transfer version reaches. :func:`common` keeps known transfer versions only, so a
+peer that does not know a capability ignores it (an offer keeps numbers it does not
+know), and a format change that only some peers read is used only when both ends offer
+it, without a new transfer version:
+
+* :data:`AMST_SEALED` (offered on the data endpoint's channels): this end reads AMST
+  chunks as ``amst.sealed`` frames, integrity-checked by the channel's AEAD alone,
+  without the SHA-256 per chunk of ``amst.chunk`` (issue 17). Every version reads
+  ``amst.chunk``; a sender uses ``amst.sealed`` only when both channel ends offer it.
+* :data:`HDE_COPIES` (offered on the data endpoint's channels): this end decodes HDE
+  chunk frames with the ``copies`` flag (:mod:`mesh.hde.codec`, magic ``HDE\x02``,
+  flag 2: a page named as a copy of an earlier page of its chunk). A decoder of an older
+  build refuses such a frame cleanly (flags out of bounds: the chunk is asked for again,
+  then the transfer fails), so the v3 source asks for copies only in a migration whose
+  target offered it on a data channel (federation.dataplane.v3_source), and only in
+  pushed rounds (an HDE diff resolves equal pages by key and never sends the flag).
 """
 
 from __future__ import annotations
@@ -26,8 +44,12 @@ __all__ = [
     "BASELINE",
     "OFFER_MAX",
     "VERSION_MAX",
+    "CAPABILITY_MIN",
+    "AMST_SEALED",
+    "HDE_COPIES",
     "VersionError",
     "offer",
+    "both_offer",
     "common",
     "highest_common",
 ]
@@ -43,6 +65,12 @@ BASELINE = V1
 #: wire limits, :class:`mesh.channel.Hello`): room for versions this code does not know.
 OFFER_MAX = 16
 VERSION_MAX = 255
+#: Numbers from here up in an offer are capabilities, never transfer versions.
+CAPABILITY_MIN = 128
+#: AMST chunk frames without a SHA-256 per chunk (``amst.sealed``, mesh.amst.receiver).
+AMST_SEALED = 128
+#: HDE chunk frames with the ``copies`` flag (mesh.hde.codec).
+HDE_COPIES = 129
 
 
 class VersionError(Exception):
@@ -69,6 +97,12 @@ def common(local: Iterable[int], peer: Iterable[int]) -> tuple[int, ...]:
     """The known versions both offers list, ascending."""
     both = set(local) & set(peer)
     return tuple(v for v in KNOWN if v in both)
+
+
+def both_offer(capability: int, local: Iterable[int], peer: Iterable[int]) -> bool:
+    """Whether both offers list ``capability`` (a number from :data:`CAPABILITY_MIN` up)."""
+    assert capability >= CAPABILITY_MIN, f"{capability} is a transfer version"
+    return capability in tuple(local) and capability in tuple(peer)
 
 
 def highest_common(local: Iterable[int], peer: Iterable[int]) -> int:

@@ -9,22 +9,27 @@ A frame is the canonical CBOR (RFC 8949 §4.2.1, via cbor2) of the array::
 
     [frame_version, tag, [field_1, field_2, ...]]
 
-Decoding is strict. Before cbor2 sees a byte, :func:`_prescan` walks the CBOR
-item headers and refuses tags, indefinite lengths, unknown simple values,
-non-minimal integer heads, nesting deeper than ``MAX_DEPTH`` and any length
-that claims more bytes than the frame holds. So a decoder never allocates
-more than the frame's size, never recurses without bound, and never builds
-an object other than int, bytes, str, list, dict, bool, None or float. Then
-every field is checked against its kind. Whatever is wrong, the caller gets
-:class:`WireError` and nothing else.
+Decoding is strict, in two steps. The fast path (:func:`_decode_fast`) lets
+cbor2's C decoder read the frame with every tag, indefinite lengths and nesting
+deeper than ``MAX_DEPTH`` refused before their content is read, has cbor2's C
+encoder write the result back in canonical form and takes the frame only if
+that gives back exactly its bytes, then checks every field against its kind
+with a decoder written out per class. Any frame the fast path declines goes to
+the checked path, which says why: :func:`_prescan` walks the CBOR item headers
+and refuses tags, indefinite lengths, unknown simple values, non-minimal
+integer heads, nesting deeper than ``MAX_DEPTH`` and any length that claims
+more bytes than the frame holds, so cbor2 then never allocates more than the
+frame's size, never recurses without bound, and never builds an object other
+than int, bytes, str, list, dict, bool, None or float; then every field is
+checked and a map or a float re-encoded to compare. The fast path takes exactly
+the frames the checked path takes (see :func:`_decode_fast`); whatever is wrong,
+the caller gets :class:`WireError` and nothing else, with the same message.
 
-Speed: every message class gets a compiled encoder and decoder (closures per
-field kind, built once) that check the same limits without building error
-paths; when one declines, the generic checked code runs again and raises the
-:class:`WireError` that names the field. A frame is refused unless it is the
-canonical encoding of what it decodes to: the prescan already refuses every
-non-minimal head and indefinite length, so only frames holding a map (key
-order) or a float (width) are re-encoded to compare.
+Speed: every message class gets a compiled encoder and decoder (one function
+written out per class, closures for the nested kinds, built once) that check
+the same limits without building error paths; when one declines, the generic
+checked code runs again and raises the :class:`WireError` that names the field.
+A frame is refused unless it is the canonical encoding of what it decodes to.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ __all__ = [
     "struct_type",
     "field",
     "encode",
+    "encode_parts",
     "decode",
     "encode_struct",
     "decode_struct",
@@ -78,6 +84,17 @@ MAX_DEPTH = 32
 DEFAULT_MAX_SIZE = 64 * 1024
 #: No frame at all may exceed this (a bulk chunk of 4 MiB plus headers).
 ABSOLUTE_MAX_SIZE = 8 * 1024 * 1024 + 4096
+#: A byte string at least this long that ends a frame (a bulk payload, the last field of
+#: ``amst.chunk``) is copied by hand instead of through cbor2, whose C codec grows its
+#: output by reallocation and reads a long string in pieces: on the reference machine
+#: (2 cores, under load) cbor2 took 1.8 ms to encode and 0.8 ms to decode a 1 MiB chunk,
+#: one copy of it takes 0.08 ms. The frame's bytes are the same either way; 64 KiB keeps
+#: every control message on the plain path.
+TAIL_MIN = 64 * 1024
+#: Frames up to this size are decoded by cbor2's C decoder and taken if they re-encode to
+#: themselves (:func:`_decode_fast`); a larger one (a bulk chunk) goes to the checked path,
+#: whose prescan reads few heads there and which copies the payload once (TAIL_MIN).
+FAST_MAX = TAIL_MIN
 
 
 class WireError(Exception):
@@ -290,7 +307,10 @@ def field(kind: Kind, *, default: Any = attrs.NOTHING, factory: Any = None, **kw
         kwargs["factory"] = factory
     else:
         kwargs["default"] = default
-    return attrs.field(metadata=metadata, converter=kind.converter, **kwargs)
+    # A kind whose converter is the identity gets none: attrs would call it for the
+    # field on every construction of every message, for nothing.
+    converter = kind.converter if type(kind).converter is not Kind.converter else None
+    return attrs.field(metadata=metadata, converter=converter, **kwargs)
 
 
 def _fields_of(cls: type) -> tuple[tuple[str, Kind], ...]:
@@ -429,13 +449,57 @@ def _kind_encoder(kind: Kind) -> Callable[[Any], Any]:
     return lambda v: kind.encode(v, "")
 
 
+def _inline_check(kind: Kind, x: str) -> str | None:
+    """The condition under which the decoded value named ``x`` is refused for ``kind``,
+    as Python source, for the kinds whose check is a type and a bound (else None)."""
+    t = type(kind)
+    if t is U64:
+        return f"type({x}) is not int or {x} < 0 or {x} > {kind.max!r}"  # type: ignore[attr-defined]
+    if t is Bytes:
+        op = "!=" if kind.exact else ">"  # type: ignore[attr-defined]
+        return f"type({x}) is not bytes or len({x}) {op} {kind.max_len!r}"  # type: ignore[attr-defined]
+    if t is Text:
+        return f"type({x}) is not str or len({x}) > {kind.max_len!r}"  # type: ignore[attr-defined]
+    if t is Bool:
+        return f"type({x}) is not bool"
+    return None
+
+
+def _build_function(cls: type, spec: tuple[tuple[str, Kind], ...],
+                    checks: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+    """A decoder of ``cls``'s field list written out as one function, the way attrs
+    writes ``__init__``: the simple kinds' checks inline, the others through their
+    compiled checker, then the slots filled in directly (the converters of every kind
+    leave a checked decoded value as it is, and the class has no validators or
+    post-init hook). The same checks as ``kind.decode``; refusal is :class:`_Decline`."""
+    n = len(spec)
+    names = [f"x{i}" for i in range(n)]
+    lines = ["def build(v):", f"    if type(v) is not list or len(v) != {n}:",
+             "        raise _Decline"]
+    if n:
+        lines.append(f"    ({', '.join(names)},) = v")
+    namespace: dict[str, Any] = {"_Decline": _Decline, "_new": _new, "_set": _set, "cls": cls}
+    for i, ((_, kind), x) in enumerate(zip(spec, names, strict=True)):
+        cond = _inline_check(kind, x)
+        if cond is None:
+            namespace[f"c{i}"] = checks[i]
+            lines.append(f"    {x} = c{i}({x})")
+        else:
+            lines += [f"    if {cond}:", "        raise _Decline"]
+    lines.append("    o = _new(cls)")
+    lines += [f"    _set(o, {name!r}, {x})" for (name, _), x in zip(spec, names, strict=True)]
+    lines.append("    return o")
+    exec(compile("\n".join(lines), f"<wire decoder of {cls.__qualname__}>", "exec"), namespace)  # noqa: S102 - our own source, from attrs field names
+    build: Callable[[Any], Any] = namespace["build"]
+    return build
+
+
 def _class_decoder(cls: type) -> Callable[[Any], Any]:
     cached: Callable[[Any], Any] | None = cls.__dict__.get("_wire_decoder")
     if cached is not None:
         return cached
     spec = _fields_of(cls)
     checks = [_kind_decoder(kind) for _, kind in spec]
-    named = [(name, check) for (name, _), check in zip(spec, checks, strict=True)]
     n = len(spec)
 
     def decode_fields(v: Any) -> Any:
@@ -443,22 +507,13 @@ def _class_decoder(cls: type) -> Callable[[Any], Any]:
             raise _Decline
         return cls(*[check(x) for check, x in zip(checks, v, strict=True)])
 
-    def build(v: Any) -> Any:
-        # The converters of every kind leave a checked decoded value as it is, so a
-        # class without validators or a post-init hook is filled in directly.
-        if type(v) is not list or len(v) != n:
-            raise _Decline
-        obj: Any = _new(cls)
-        for (name, check), x in zip(named, v, strict=True):
-            _set(obj, name, check(x))
-        return obj
-
     fields = attrs.fields(cls)
     positional = all(a.init and not a.kw_only for a in fields)
     plain = positional and not hasattr(cls, "__attrs_post_init__") and all(
         a.validator is None for a in fields
     )
-    result = build if plain else decode_fields if positional else (lambda v: _decline())
+    result = (_build_function(cls, spec, checks) if plain
+              else decode_fields if positional else (lambda v: _decline()))
     cls._wire_decoder = result  # type: ignore[attr-defined]
     return result
 
@@ -468,11 +523,23 @@ def _class_encoder(cls: type) -> Callable[[Any], list[Any]]:
     if cached is not None:
         return cached
     spec = _fields_of(cls)
-    parts = [(name, _kind_encoder(kind)) for name, kind in spec]
-
-    def encode_fields(obj: Any) -> list[Any]:
-        return [enc(getattr(obj, name)) for name, enc in parts]
-
+    # Written out as one function, like the decoder (_build_function): the simple
+    # kinds' checks inline (their values pass unchanged), the others through
+    # their compiled encoder.
+    names = [f"x{i}" for i in range(len(spec))]
+    lines = ["def encode_fields(o):"]
+    namespace: dict[str, Any] = {"_Decline": _Decline}
+    for i, ((name, kind), x) in enumerate(zip(spec, names, strict=True)):
+        lines.append(f"    {x} = o.{name}")
+        cond = _inline_check(kind, x)
+        if cond is None:
+            namespace[f"c{i}"] = _kind_encoder(kind)
+            lines.append(f"    {x} = c{i}({x})")
+        else:
+            lines += [f"    if {cond}:", "        raise _Decline"]
+    lines.append(f"    return [{', '.join(names)}]")
+    exec(compile("\n".join(lines), f"<wire encoder of {cls.__qualname__}>", "exec"), namespace)  # noqa: S102 - our own source, from attrs field names
+    encode_fields: Callable[[Any], list[Any]] = namespace["encode_fields"]
     cls._wire_encoder = encode_fields  # type: ignore[attr-defined]
     return encode_fields
 
@@ -492,24 +559,95 @@ def struct_fields(obj: Any) -> list[Any]:
 
 def encode(msg: Any, version: int = FRAME_VERSION) -> bytes:
     """The canonical frame of a registered message."""
+    head, tail = encode_parts(msg, version)
+    return head + tail if tail else head
+
+
+def encode_parts(msg: Any, version: int = FRAME_VERSION) -> tuple[bytes, bytes]:
+    """The canonical frame of ``msg`` as ``(head, tail)``, ``head + tail == encode(msg)``:
+    ``tail`` is the message's last field when it is a byte string of at least
+    :data:`TAIL_MIN` bytes (the same object, not copied), else ``b""``. A bulk sender
+    copies both into its own buffer, once."""
     tag = tag_of(msg)
-    body = [version, tag, _fields_list(msg, tag)]
-    data: bytes = cbor2.dumps(body, canonical=True)
-    if len(data) > msg.wire_max_size:
-        raise WireError(f"{tag}: encoded frame of {len(data)} bytes exceeds {msg.wire_max_size}")
-    return data
+    fields = _fields_list(msg, tag)
+    tail = fields[-1] if fields and type(fields[-1]) is bytes else b""
+    if len(tail) < TAIL_MIN:
+        data: bytes = cbor2.dumps([version, tag, fields], canonical=True)
+        tail = b""
+    else:
+        # The last field is the frame's last item: encode it empty (the frame then ends
+        # with 0x40, an empty byte string's head) and put the real string's head there.
+        empty = cbor2.dumps([version, tag, [*fields[:-1], b""]], canonical=True)
+        data = empty[:-1] + _bytes_head(len(tail))
+    size = len(data) + len(tail)
+    if size > msg.wire_max_size:
+        raise WireError(f"{tag}: encoded frame of {size} bytes exceeds {msg.wire_max_size}")
+    return data, tail
 
 
-def _load(data: bytes) -> tuple[Any, bool]:
+def _bytes_head(n: int) -> bytes:
+    """The canonical (shortest) CBOR head of a byte string of ``n`` bytes (RFC 8949 §3)."""
+    if n < 24:
+        return bytes((0x40 | n,))
+    for ai, width in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if n < 1 << (8 * width):
+            return bytes((0x40 | ai,)) + n.to_bytes(width, "big")
+    raise WireError(f"a byte string of {n} bytes cannot be encoded")
+
+
+class _NoTags(dict):  # type: ignore[type-arg]
+    """cbor2's ``semantic_decoders``: every tag, the ones cbor2 knows (dates, bignums,
+    regular expressions, shared references, ...) included, is refused before its
+    content is read, so the fast path never builds anything but plain values."""
+
+    def __contains__(self, tag: object) -> bool:
+        return True
+
+    def __getitem__(self, tag: object) -> Any:
+        return _refuse_tag
+
+    def get(self, tag: object, default: Any = None) -> Any:
+        return _refuse_tag
+
+
+def _refuse_tag(*args: Any) -> Any:
+    raise ValueError("CBOR tags are not accepted")
+
+
+_NO_TAGS = _NoTags()
+
+
+def _strict_loads(data: bytes) -> Any:
+    """cbor2's C decoder with tags, indefinite lengths and nesting past MAX_DEPTH refused.
+    Its length claims are bounded by the frame (it reads, it does not preallocate), so
+    only a frame that then re-encodes to itself is taken (:func:`_decode_fast`)."""
+    return cbor2.loads(data, max_depth=MAX_DEPTH, allow_indefinite=False,
+                       semantic_decoders=_NO_TAGS, tag_hook=_refuse_tag)
+
+
+def _load(data: bytes | memoryview) -> tuple[Any, bool]:
     """One CBOR item of ``data``, prescanned; and whether its canonical form must be
-    checked by re-encoding (it holds a map or a float)."""
+    checked by re-encoding (it holds a map or a float). A long byte string that ends the
+    item (:data:`TAIL_MIN`) is copied out of ``data`` once, by hand."""
     if len(data) > ABSOLUTE_MAX_SIZE:
         raise WireError(f"frame of {len(data)} bytes exceeds {ABSOLUTE_MAX_SIZE}")
-    recheck = _prescan(data)
+    recheck, tail = _prescan(data)
     try:
-        return cbor2.loads(data), recheck
+        if tail < 0 or len(data) - tail < TAIL_MIN or recheck:
+            return cbor2.loads(bytes(data)), recheck
+        # Load the item with that string empty (its head replaced by 0x40), then put the
+        # string in: it is the last leaf, at the end of the chain of last list elements.
+        start = tail - len(_bytes_head(len(data) - tail))
+        obj = cbor2.loads(bytes(data[:start]) + b"\x40")
     except Exception as exc:  # the prescan should make this unreachable; never leak it
         raise WireError(f"malformed CBOR: {exc}") from exc
+    last = obj
+    while type(last) is list and last and type(last[-1]) is list:
+        last = last[-1]
+    if type(last) is not list or not last or last[-1] != b"":  # the prescan saw a list
+        raise WireError("malformed CBOR: the frame's trailing string is not a list element")
+    last[-1] = bytes(data[tail:])
+    return obj, recheck
 
 
 def _fields_of_frame(cls: type, fields: Any, path: str) -> Any:
@@ -520,8 +658,62 @@ def _fields_of_frame(cls: type, fields: Any, path: str) -> Any:
 
 
 def decode(data: bytes | bytearray | memoryview, expect: Sequence[type] | None = None) -> Any:
-    """Decode one frame, or raise :class:`WireError` saying what is wrong."""
-    data = bytes(data)
+    """Decode one frame, or raise :class:`WireError` saying what is wrong. A bulk frame
+    may be a view into a buffer the caller reuses: only its payload is copied out.
+
+    A frame of at most :data:`FAST_MAX` bytes goes through :func:`_decode_fast` first
+    (one C decode, one C re-encode); a larger one (a bulk chunk) straight to the checked
+    path, whose prescan reads few heads there and which copies the payload once."""
+    data = _readable(data)
+    if len(data) <= FAST_MAX:
+        small = bytes(data)
+        msg = _decode_fast(small, expect)
+        return msg if msg is not None else _decode_checked(small, expect)
+    return _decode_checked(data, expect)
+
+
+def _decode_fast(data: bytes, expect: Sequence[type] | None) -> Any:
+    """The frame's message if ``data`` is exactly the canonical encoding of a valid
+    message, else None (then :func:`_decode_checked` says what is wrong).
+
+    cbor2's C decoder reads the frame with tags, indefinite lengths and nesting past
+    ``MAX_DEPTH`` refused (:func:`_strict_loads`); cbor2's C encoder writes what it
+    read back in canonical form, and the frame must be exactly that (so no
+    non-minimal head, no other key order or float width, no trailing byte); then
+    the compiled class decoder checks the fields. Every field kind decodes a value
+    to one that encodes to the same CBOR (lists become tuples and back, structs
+    their field lists), so the frame is also ``encode(msg)``. Canonical CBOR has one
+    encoding per value and the checked path accepts the canonical encoding of every
+    valid message (the round-trip property tests/test_wire.py pins), so this takes
+    exactly what the checked path takes, as the same message, without its Python
+    walk over every item head."""
+    if len(data) > ABSOLUTE_MAX_SIZE:
+        return None
+    try:
+        obj = _strict_loads(data)
+        if cbor2.dumps(obj, canonical=True) != data:
+            return None
+    except Exception:  # any refusal: the checked path names it
+        return None
+    if type(obj) is not list or len(obj) != 3:
+        return None
+    version, tag, fields = obj
+    if type(version) is not int or version != FRAME_VERSION or type(tag) is not str:
+        return None
+    cls = registry.get(tag)
+    if cls is None or (expect is not None and cls not in expect):
+        return None
+    if len(data) > cls.wire_max_size:  # type: ignore[attr-defined]
+        return None
+    try:
+        return _class_decoder(cls)(fields)
+    except (_Decline, WireError, TypeError, ValueError, RecursionError):
+        return None
+
+
+def _decode_checked(data: bytes | memoryview, expect: Sequence[type] | None) -> Any:
+    """:func:`decode` the slow way: prescan, decode, check each field, and raise the
+    :class:`WireError` that says what is wrong."""
     obj, recheck = _load(data)
     if type(obj) is not list or len(obj) != 3:
         raise WireError("a frame is the array [version, tag, fields]")
@@ -541,7 +733,8 @@ def decode(data: bytes | bytearray | memoryview, expect: Sequence[type] | None =
     # One value, one encoding: a frame in any other form is refused, so
     # encode(decode(raw)) == raw. The prescan refused non-minimal heads and
     # indefinite lengths; what is left to compare is map key order and float width.
-    if recheck and cbor2.dumps([version, tag, _fields_list(msg, tag)], canonical=True) != data:
+    if recheck and cbor2.dumps([version, tag, _fields_list(msg, tag)],
+                               canonical=True) != bytes(data):  # fmt: skip
         raise WireError(f"{tag}: not in canonical CBOR form (RFC 8949 §4.2)")
     return msg
 
@@ -554,15 +747,35 @@ def encode_struct(obj: Any) -> bytes:
 
 def decode_struct(data: bytes | bytearray | memoryview, cls: type, max_size: int) -> Any:
     """The struct ``cls`` from :func:`encode_struct`'s bytes, checked as strictly as a frame
-    (at most ``max_size`` bytes, canonical, every field of its kind); else WireError."""
-    data = bytes(data)
+    (at most ``max_size`` bytes, canonical, every field of its kind); else WireError.
+    As in :func:`decode`, a frame that is the canonical encoding of a valid struct is
+    taken after one C decode and one re-encode; any other goes to the checked path."""
+    data = _readable(data)
     if len(data) > max_size:
         raise WireError(f"{cls.__name__}: {len(data)} bytes exceeds {max_size}")
+    if len(data) <= FAST_MAX:
+        data = bytes(data)
+        try:
+            raw = _strict_loads(data)
+            if cbor2.dumps(raw, canonical=True) == data:
+                return _class_decoder(cls)(raw)
+        except Exception:  # noqa: S110 - any refusal: the checked path below names it
+            pass
     fields, recheck = _load(data)
     obj = _fields_of_frame(cls, fields, cls.__name__)
-    if recheck and encode_struct(obj) != data:
+    if recheck and encode_struct(obj) != bytes(data):
         raise WireError(f"{cls.__name__}: not in canonical CBOR form (RFC 8949 §4.2)")
     return obj
+
+
+def _readable(data: bytes | bytearray | memoryview) -> bytes | memoryview:
+    """``data`` as bytes, or as a flat read-only byte view of a buffer (not copied)."""
+    if type(data) is bytes:
+        return data
+    view = memoryview(data)
+    if view.format != "B" or view.ndim != 1 or not view.c_contiguous:
+        return bytes(view)
+    return view.toreadonly()
 
 
 def peek_tag(data: bytes) -> str | None:
@@ -590,13 +803,15 @@ _SIMPLE_OK = {20, 21, 22}  # false, true, null (RFC 8949 §3.3)
 _MIN_FOR_AI = {24: 24, 25: 256, 26: 65536, 27: 2**32}
 
 
-def _prescan(data: bytes) -> bool:  # noqa: C901 - one loop over item heads, kept flat for speed
+def _prescan(data: bytes | memoryview) -> tuple[bool, int]:  # noqa: C901 - one loop, kept flat for speed
     """Check that ``data`` is exactly one well-formed CBOR item we accept, with
-    minimal heads and definite lengths; True if it holds a map or a float (whose
-    canonical form the prescan does not check)."""
+    minimal heads and definite lengths. Returns whether it holds a map or a float (whose
+    canonical form the prescan does not check), and where the content of a byte string
+    that ends the item starts (-1 if the item does not end with one)."""
     end = len(data)
     pos = 0
     recheck = False
+    tail = -1
     # Items still expected at the open level (``left``) and at the levels around it.
     outer: list[int] = []
     left = 1
@@ -641,9 +856,11 @@ def _prescan(data: bytes) -> bool:  # noqa: C901 - one loop over item heads, kep
                 raise WireError("CBOR string runs past the end of the frame")
             if major == 3:
                 try:
-                    data[pos : pos + arg].decode("utf-8")
+                    str(data[pos : pos + arg], "utf-8")
                 except UnicodeDecodeError as exc:
                     raise WireError("invalid UTF-8 in CBOR text") from exc
+            elif pos + arg == end:
+                tail = pos
             pos += arg
             continue
         if major == 6:
@@ -660,4 +877,4 @@ def _prescan(data: bytes) -> bool:  # noqa: C901 - one loop over item heads, kep
         left = arg
     if pos != end:
         raise WireError(f"{end - pos} trailing bytes after the CBOR item")
-    return recheck
+    return recheck, tail

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.at_rest import run as run_at_rest
 from bench.authz import run as run_authz
 
@@ -31,3 +33,21 @@ def test_authz_bench_measures_sign_check_and_execute() -> None:
     assert 0 < out["sign_us"] and 0 < out["check_us"] and 0 < out["execute_us"]
     assert out["authorization_bytes"] < out["command_bytes"]
     assert out["per_commit_cpu_us"]["n16"] > out["per_commit_cpu_us"]["n4"]
+
+
+def test_authz_bench_verifies_every_request_in_every_pass(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The passes reuse their requests; the memo of verified signatures
+    (consensus.authz) must not turn the later passes' checks into lookups."""
+    from mesh.identity import PublicKey
+
+    calls = []
+    real = PublicKey.verify
+
+    def counted(self: PublicKey, data: bytes, signature: bytes) -> bool:
+        calls.append(1)
+        return real(self, data, signature)
+
+    monkeypatch.setattr(PublicKey, "verify", counted)
+    run_authz(commands=20, repeats=2)
+    assert len(calls) == 20 * 2 + 20 * 2  # check passes, then execute passes

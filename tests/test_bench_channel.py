@@ -14,11 +14,13 @@ from mesh.channel import ChannelError, SecureChannel
 def test_channel_bench_prints_positive_figures(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     channel.register(parser.add_subparsers())
-    args = parser.parse_args(["channel", "--json", "--size-mib", "8", "--frame-kib", "256"])
+    args = parser.parse_args(["channel", "--json", "--size-mib", "8", "--frame-kib", "256",
+                              "--amst-digest"])  # fmt: skip
     assert args.func(args) == 0
     result = json.loads(capsys.readouterr().out)
     for key in ("raw_tcp_MBps", "channel_MBps", "ratio", "raw_tcp_seconds", "channel_seconds",
-                "amst_link_MBps", "amst_link_seconds"):
+                "amst_link_MBps", "amst_link_seconds", "amst_link_sha256_MBps",
+                "amst_link_sha256_cpu_seconds"):
         assert result[key] > 0, key
     # AMST's send path runs at AMST's chunk size whatever --frame-kib says
     assert result["amst_link_chunk_bytes"] == 1024 * 1024 and result["amst_link_chunks"] == 8

@@ -19,6 +19,7 @@ def test_percent_accuracy_counts_the_buckets() -> None:
 
 
 @pytest.mark.processes
+@pytest.mark.exclusive  # a 5 s bound on real processes (tests/harness/groups.py)
 def test_rollback_reaches_every_ledger_within_5_s() -> None:
     got = run_rollback(samples=2, load_interval=0.05)
     assert got["rollback_samples"] == 2

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh import identity
+from mesh import identity, versions
 from mesh.channel import (
     ChannelError,
     Closed,
@@ -44,6 +44,23 @@ def test_version_negotiation() -> None:
     with pytest.raises(ChannelError) as err:
         handshake(a, b)
     assert err.value.reason == "version_mismatch"
+
+
+def test_a_capability_is_used_only_when_both_offers_list_it() -> None:
+    """Capabilities (mesh.versions.CAPABILITY_MIN up) ride in the signed offer: a peer
+    that does not know one keeps it and never chooses it as a transfer version."""
+    sealed = versions.AMST_SEALED
+    assert sealed >= versions.CAPABILITY_MIN and sealed not in versions.KNOWN
+    for offer_a, offer_b, both in (((1, 3, sealed), (1, 3, sealed), True),
+                                   ((1, 3, sealed), (1, 3), False),
+                                   ((1, 3), (3, sealed), False)):  # fmt: skip
+        a, b = pair(versions_a=offer_a, versions_b=offer_b)
+        handshake(a, b)
+        assert a.version == b.version == 3  # the capability is never a transfer version
+        assert versions.both_offer(sealed, a.versions, a.peer_versions) is both
+        assert versions.both_offer(sealed, b.versions, b.peer_versions) is both
+    with pytest.raises(AssertionError):
+        versions.both_offer(3, (3,), (3,))  # a transfer version is not a capability
 
 
 def test_wrong_federation_is_refused() -> None:

@@ -3,6 +3,7 @@ FarLink counts every byte between its two sides."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -26,8 +27,10 @@ def test_tbf_link_shapes_a_raw_copy_and_is_torn_down(tmp_path: Path) -> None:
     stdlib = sorted(Path(socket.__file__).parent.glob("*.py"))  # real bytes, never random
     payload.write_bytes(b"".join(p.read_bytes() for p in stdlib)[: 1 << 20])
     rate_mbit = 20
-    with TbfLink(rate_mbit=rate_mbit, name="dwtest") as link:
-        assert "dwtesta" in namespaces() and "dwtestb" in namespaces()
+    # the default names carry this process's pid: another run beside this one (another
+    # xdist worker, another checkout) cannot take or tear down the same namespaces
+    with TbfLink(rate_mbit=rate_mbit) as link:
+        assert link.ns_a in namespaces() and link.ns_b in namespaces()
         result = time_raw_copy(link, payload, port=5299)
         sent = link.tx_bytes("a")
     assert result["bytes"] == 1 << 20
@@ -36,11 +39,12 @@ def test_tbf_link_shapes_a_raw_copy_and_is_torn_down(tmp_path: Path) -> None:
     assert result["seconds"] >= ideal * 0.8
     assert result["seconds"] < ideal * 10
     assert sent >= 1 << 20  # payload plus headers went out of the a-side veth
-    assert "dwtesta" not in namespaces() and "dwtestb" not in namespaces()
+    assert link.ns_a not in namespaces() and link.ns_b not in namespaces()
 
 
 def test_a_failed_setup_leaves_no_namespace_behind() -> None:
-    name = "dwfail-name-longer-than-ifnamsiz"  # the namespaces come up, the veth cannot
+    # the namespaces come up, the veth cannot (the name is longer than IFNAMSIZ)
+    name = f"dwfail{os.getpid()}-name-longer-than-ifnamsiz"
     with pytest.raises(NetnsError, match="ip link add"):
         TbfLink(rate_mbit=100, name=name).open()
     assert name not in namespaces()

@@ -163,6 +163,8 @@ def test_progress_and_status_rendering() -> None:
                                                              "bytes_sent": 512 << 10,
                                                              "pages_sent": 128})
     assert "eta ?" in render_progress({"phase": "begun", "eta": None})
+    assert ", preparing: 4096 pages (wire" in render_progress(
+        {"phase": "precopy", "round": 1, "pages_sent": 0, "progress": {"prepared": 4096}})
     doc = {"dc": "dc1", "federation": "f", "data_plane": "v1", "ledger": {"unavailable": "no"},
            "members": {"dc2": "alive"},
            "links": {"dc2": {"connected": True, "rtt_ms": 1.25, "loss": 0.0,

@@ -12,6 +12,10 @@ import pytest
 from bench.consensus import Cluster
 from tests.harness.waiting import poll_until
 
+#: Real replicas with sub-second view timeouts, killed with SIGKILL: never beside another
+#: such test under xdist (tests/harness/groups.py).
+pytestmark = pytest.mark.exclusive
+
 #: The replicas rewrite their status file every 0.2 s (bench/consensus.py).
 STATUS_EVERY = 0.2
 
@@ -63,6 +67,7 @@ def test_bench_smoke_a_short_loaded_run_and_the_link_phase_report_real_figures()
     if r.cpu_us_per_commit is not None:  # None only without /proc
         assert r.cpu_us_per_commit > 0
     assert r.mean_batch is not None and r.mean_batch >= 1.0
+    assert r.signed_in_run == 0, "the operator requests were signed before the run"
     hop, cpu = _link_hop(0.5)
     assert 0 < hop < 0.5 and cpu > 0
 

@@ -40,8 +40,14 @@ def _migrate(nodes: NodeProcesses, vm: str, src: str, dst: str) -> dict:
     nodes.wait(f"{vm} running at {dst}", lambda: nodes.vm_here(dst, vm) == "running")
     # the target measured the guest's downtime (the source's stop to its cont)
     at_target = nodes.wait("the downtime measured at the target", lambda: (
-        (m := nodes.api(dst).ok("GET", f"/api/migrations/{mid}")).get("downtime_ms") and m))
+        (m := nodes.api(dst).ok("GET", f"/api/migrations/{mid}")).get("stop_window_ms")
+        and m.get("downtime_ms") and m))
     assert at_target["downtime_ms"] > 0, at_target
+    # ... and phase by phase: the phases are the whole of it
+    window = at_target["stop_window_ms"]
+    assert set(window) == {"fence_and_final_round_ms", "verify_ms", "commit_ms", "start_ms"}
+    assert all(v >= 0 for v in window.values()), window
+    assert abs(sum(window.values()) - at_target["downtime_ms"]) < 1.0, at_target
     done["downtime_ms"] = at_target["downtime_ms"]
     assert "ms" in render_status(nodes.status(dst))
     return done

@@ -128,13 +128,23 @@ def test_console_joins_source_and_target_and_finds_reboots(tmp_path: Path) -> No
     assert con.counter_gaps() == [(3, 1)] and con.boots == 2 and len(con.errors) == 1
 
 
-@given(st.integers(1, 300), st.lists(st.integers(0, 299), max_size=30), st.integers(0, 99))
+@given(st.integers(1, 300), st.lists(st.integers(0, 299), max_size=30), st.integers(0, 99),
+       st.integers(1, 64), st.booleans())
 def test_sent_digests_report_exactly_what_differs_from_the_copy(
-        n: int, writes: list[int], seed: int) -> None:
+        n: int, writes: list[int], seed: int, piece: int, from_bytes: bool) -> None:
     rng = random.Random(seed)
     live = _image(n, rng)
-    shadow = ImageWriter(bytearray(live.view(0, n)))
-    sent = SentDigests(shadow)
+    shadow = ImageWriter(bytearray(n * PAGE_SIZE))
+    if from_bytes:  # copied a piece at a time, digests from the bytes copied
+        sent = SentDigests.blank(n)
+        for first in range(0, n, piece):
+            data = bytes(live.view(first, min(piece, n - first)))
+            shadow.write(first, data)
+            sent.read(first, data)
+    else:
+        shadow.write(0, live.view(0, n))
+        sent = SentDigests(shadow)
+    assert sent.changed(live) == []
     pages = sorted({w % n for w in writes})
     for p in pages:
         live.write(p, rng.randbytes(PAGE_SIZE))
@@ -142,7 +152,7 @@ def test_sent_digests_report_exactly_what_differs_from_the_copy(
     half = pages[: len(pages) // 2]
     for p in half:
         shadow.write(p, live.view(p))
-    sent.copied(shadow, half)
+    sent.copied(shadow, half, {p: bytes(live.view(p)) for p in half} if from_bytes else None)
     assert sent.changed(live) == pages[len(pages) // 2 :]
 
 

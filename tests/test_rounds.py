@@ -23,6 +23,7 @@ from federation.migration.round_events import (
     V3Moved,
     V3Prepare,
     V3Prepared,
+    V3Preparing,
     V3Resume,
     V3Transfer,
     V3Verified,
@@ -34,6 +35,7 @@ from federation.migration.round_messages import (
     WINDOW,
     PagesAck,
     PagesChunk,
+    V3Preparation,
     V3Round,
     V3Status,
     transfer_id,
@@ -314,6 +316,26 @@ def test_v3_round_starts_when_the_target_is_ready_and_ends_counted() -> None:
     assert p.cores[TGT].counters.wire_bytes_received == 5000
     p.feed(SRC, MigrationOver(MID))
     assert p.v3[SRC][-1] == V3Drop(MID)
+
+
+def test_v3_preparation_is_progress_for_both_sessions() -> None:
+    """Round 1's preparation (the shadow's copy, digests and index) moves nothing for a
+    while: its reports keep both sides' stall timers quiet, and only from the source."""
+    p = RoundPair(version=3)
+    p.send_round(1)
+    p.feed(SRC, V3Preparing(MID, 1, 4096))
+    assert p.to_session[SRC][-1] == TransferProgress(1, 0, 0, 0, 4096)
+    (_, dst, msg), = p.net
+    assert (dst, msg) == (TGT, V3Preparation(MID, 1, 4096))
+    p.deliver_all()
+    assert p.to_session[TGT] == [TransferProgress(1, 0, 0, 0, 4096)]
+    p.feed(TGT, Received("dc9", V3Preparation(MID, 1, 8192)))  # not the source: nothing
+    assert p.to_session[TGT] == [TransferProgress(1, 0, 0, 0, 4096)]
+    # once prepared, a late report is not progress any more
+    p.feed(SRC, V3Prepared(MID, 1, mark=7, covered=PAGES, images=("disk-0", "memory")))
+    before = len(p.to_session[SRC])
+    p.feed(SRC, V3Preparing(MID, 1, 9999))
+    assert len(p.to_session[SRC]) == before
 
 
 def test_v3_target_refusal_and_no_answer_fail_the_round() -> None:

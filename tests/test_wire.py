@@ -194,3 +194,88 @@ def test_a_tag_cannot_be_registered_twice() -> None:
         @wire.message("test.sample")
         class Other:
             x: int = field(U64())
+
+
+# --------------------------------------------------------------------------- bulk frames
+# A long byte string that ends a frame is written and read by hand (wire.TAIL_MIN), not by
+# cbor2: the frame must be byte for byte the one cbor2 writes, and read as strictly.
+
+
+@wire.message("test.bulk", max_size=(1 << 21) + 64)
+class _Bulk:
+    id: int = field(U64())
+    tag4: bytes = field(Bytes(4, exact=True))
+    payload: bytes = field(Bytes(1 << 21))
+
+
+@wire.message("test.bulk-nested", max_size=(1 << 22) + 64)
+class _BulkNested:
+    id: int = field(U64())
+    parts: tuple[bytes, ...] = field(ListOf(Bytes(1 << 21), 4))
+
+
+_SIZES = [0, 23, 24, wire.TAIL_MIN - 1, wire.TAIL_MIN, 65535, 65536, (1 << 20) + 3, 1 << 21]
+
+
+@pytest.mark.parametrize("size", _SIZES)
+def test_bulk_frames_are_the_canonical_cbor_and_read_from_a_reused_buffer(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    msg = _Bulk(7, b"abcd", payload)
+    frame = wire.encode(msg)
+    assert frame == cbor2.dumps([wire.FRAME_VERSION, "test.bulk", [7, b"abcd", payload]],
+                                canonical=True)  # fmt: skip
+    head, tail = wire.encode_parts(msg)
+    assert head + tail == frame
+    assert tail is payload if size >= wire.TAIL_MIN else tail == b""  # not copied
+    buf = bytearray(frame) + b"spare room"
+    got = wire.decode(memoryview(buf)[: len(frame)])
+    buf[:] = bytes(len(buf))  # the caller reuses its buffer: the message keeps its bytes
+    assert got == msg and type(got.payload) is bytes
+    nested = _BulkNested(1, (b"x", payload))
+    assert wire.decode(bytearray(wire.encode(nested))) == nested
+
+
+def test_bulk_frames_keep_every_limit() -> None:
+    big = _Bulk(1, b"abcd", bytes(1 << 20))
+    frame = wire.encode(big)
+    with pytest.raises(WireError, match="exactly 4 bytes"):
+        wire.decode(frame.replace(b"Dabcd", b"Cabc", 1))
+    with pytest.raises(WireError):  # one byte short of what the payload's head claims
+        wire.decode(memoryview(frame)[:-1])
+    with pytest.raises(WireError, match="trailing"):
+        wire.decode(frame + b"\0")
+    with pytest.raises(WireError, match="exceeds"):
+        wire.encode(_Bulk(1, b"abcd", bytes((1 << 21) + 1)))
+    over = cbor2.dumps([wire.FRAME_VERSION, "test.bulk", [1, b"abcd", bytes((1 << 21) + 1)]])
+    with pytest.raises(WireError, match="exceeds"):  # a payload over its field's limit
+        wire.decode(over)
+    nested = cbor2.dumps([wire.FRAME_VERSION, "test.bulk-nested", [1, [b"x", bytes(1 << 20)]]])
+    with pytest.raises(WireError, match="unexpected"):
+        wire.decode(nested, expect=(_Bulk,))
+    # a trailing string whose head is not minimal is refused, as everywhere
+    n = len(big.payload)
+    long_head = frame.replace(b"\x5a" + n.to_bytes(4, "big"), b"\x5b" + n.to_bytes(8, "big"), 1)
+    with pytest.raises(WireError, match="non-canonical"):
+        wire.decode(long_head)
+
+
+@given(st.data())
+def test_mutated_bulk_frames_give_only_wire_error(data: st.DataObject) -> None:
+    size = data.draw(st.sampled_from(_SIZES[3:7]))
+    msg = _Bulk(data.draw(st.integers(0, 2**64 - 1)), b"abcd", bytes([size % 251]) * size)
+    frame = bytearray(wire.encode(msg))
+    for _ in range(data.draw(st.integers(1, 3))):
+        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        last = max(0, len(frame) - 1)
+        pos = data.draw(st.integers(0, min(last, 64)) | st.integers(0, last))
+        if op == "flip" and frame:
+            frame[pos] ^= data.draw(st.integers(1, 255))
+        elif op == "cut":
+            del frame[pos:]
+        else:
+            frame[pos:pos] = data.draw(st.binary(min_size=1, max_size=9))
+    try:
+        out = wire.decode(memoryview(frame))
+    except WireError:
+        return
+    assert type(out) in (_Bulk, *ALL_TYPES)

@@ -286,6 +286,10 @@ def render_progress(m: dict[str, Any], width: int = 24) -> str:
     eta_s = "?" if eta is None or not math.isfinite(eta) else f"{eta:.1f}s"
     pages = m.get("pages_sent")
     pages_s = "" if pages is None else f", {pages} pages"
+    # a round's preparation (v3 round 1: the shadow's copy, digests and index) moves
+    # nothing yet but is progress: say how far it got
+    prepared = (m.get("progress") or {}).get("prepared") or 0
+    pages_s += f", preparing: {prepared} pages" if prepared else ""
     return (f"{m.get('phase', m.get('ledger', '?')):<9} round {m.get('round', 0):>2} "
             f"[{bar}] {_human(sent)}{pages_s} (wire {_human(m.get('wire_bytes') or 0)}) "
             f"dirty {m.get('dirty_rate', 0.0):.0f} pages/s  eta {eta_s}")

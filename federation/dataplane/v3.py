@@ -37,6 +37,7 @@ from federation.migration.round_events import (
 from federation.migration.round_messages import V3Hde
 from federation.vms.backend import VmBackend
 from federation.vms.sealing import KEY_SIZE, SealKey
+from mesh import versions
 from mesh.channel import SecureChannel
 from mesh.hde.image import ImageWriter
 from mesh.hde.index import PageIndex
@@ -63,6 +64,7 @@ class V3DataPlane:
         incoming: Callable[[str], dict[str, ImageWriter] | None],
         data_dir: Path,
         index_of: Callable[[str, str], PageIndex] | None = None,
+        fenced_indexes: Callable[[str], dict[str, PageIndex] | None] | None = None,
         log: JsonLog,
         report: Callable[[object], None],
         seal_shadows: bool = False,
@@ -70,6 +72,8 @@ class V3DataPlane:
         self.fed = fed
         self.name = name
         self.runtime = runtime
+        #: capabilities this DC's data channels offer besides its transfer versions
+        self.capabilities: tuple[int, ...] = (versions.AMST_SEALED, versions.HDE_COPIES)
         self.control = control
         self.log = log
         self.report = report
@@ -83,7 +87,7 @@ class V3DataPlane:
         self.sender = V3Sender(
             shadow_dir=data_dir / "v3-shadow", backend=backend, send=runtime.send,
             connector=self._connector, new_channel=self._channel, level_for=self._level_for,
-            report=report, executor=self.executor,
+            report=report, executor=self.executor, fenced_indexes=fenced_indexes,
             # the shadows' key lives in this process only (federation.dataplane.v3_shadow)
             scratch_key=SealKey(nacl.utils.random(KEY_SIZE)) if seal_shadows else None)
         self.relay = DataRelay(name, self._address, log)
@@ -91,9 +95,13 @@ class V3DataPlane:
         self._listeners: list[trio.SocketListener] = []
 
     def _channel(self, peer: str | None) -> SecureChannel:
+        """A data channel: the DC's transfer versions and :attr:`capabilities` (AMST's
+        sealed chunks, HDE's chunk copies; each used when the peer offers it too,
+        mesh.versions)."""
         rt = self.runtime
+        offer = (*rt.versions, *self.capabilities)
         return SecureChannel(identity=rt.identity, name=rt.name, federation=rt.federation,
-                             peers=rt.keys, versions=rt.versions, initiator=peer is not None,
+                             peers=rt.keys, versions=offer, initiator=peer is not None,
                              peer=peer)
 
     def _address(self, dc: str) -> tuple[str, int] | None:

@@ -21,9 +21,11 @@ each round with the pages dirtied since the last one, so the pages HDE indexed
 are the pages it encodes while the VM keeps writing. The target writes into the
 incoming images; its page store holds the other VMs' images on that node and the
 incoming copy as of the last verified round, so round 1 is a diff against an
-earlier copy of this VM and any other VM, and round k a diff against round k-1,
-its changed pages XORed against the target's old page. Each image's root is
-recomputed and checked by the target before the round is reported.
+earlier copy of this VM and any other VM. Round k needs no diff: the source knows
+what the target verified in round k-1, so it pushes the changed pages (XORed against
+the target's old page, or as copies of pages the target holds) without asking
+(:mod:`federation.dataplane.v3_push`). Each image's root is recomputed and checked
+by the target before the round is reported.
 
 This module holds the pieces both sides of the data plane share.
 """

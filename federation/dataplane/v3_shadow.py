@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from federation.dataplane.v3_protocol import SAMPLE_PAGES
+from federation.dataplane.v3_push import HeldPages
 from federation.vms.dirty_scan import SentDigests
 from federation.vms.sealed_image import SealedWriter
 from federation.vms.sealing import SealKey
@@ -44,8 +45,14 @@ class SourceState:
         #: per image the shadow pages changed since the last verified round's index: the
         #: next index is that one refreshed over them (never a pass over the shadow)
         self.unindexed: dict[str, set[int]] = {}
+        #: per image the target's pages by fingerprint, as verified (a pushed round's
+        #: copies, federation.dataplane.v3_push.HeldPages)
+        self.held_pages: dict[str, HeldPages] = {}
         self.level: int | None = None
         self.mode = ""
+        #: the target decodes HDE's chunk copies: it offered mesh.versions.HDE_COPIES on
+        #: the data channels of the migration's last round (none yet: False)
+        self.copies = False
 
     def reset(self, layout: Sequence[tuple[str, int]]) -> None:
         self.close()
@@ -63,7 +70,31 @@ class SourceState:
         self.verified = {}
         self.sent = {}
         self.unindexed = {}
+        self.held_pages = {}
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+#: Pages read from a shadow at once by read_pages: one chunk of a sealed image
+#: (federation.vms.sealing.CHUNK_PAGES), decrypted once for all its pages wanted.
+_READ_RUN = 16
+
+
+def read_pages(image: ImageWriter, pages: Sequence[int]) -> dict[int, bytes]:
+    """The bytes of ``pages`` (ascending) of ``image``, read a 16-page window at a time."""
+    out: dict[int, bytes] = {}
+    i = 0
+    while i < len(pages):
+        first = pages[i]
+        end = min(image.page_count, (first // _READ_RUN + 1) * _READ_RUN)
+        j = i
+        while j < len(pages) and pages[j] < end:
+            j += 1
+        last = pages[j - 1]
+        mv = image.view(first, last - first + 1)
+        for p in pages[i:j]:
+            out[p] = bytes(mv[(p - first) * PAGE_SIZE : (p - first + 1) * PAGE_SIZE])
+        i = j
+    return out
 
 
 def sample_pages(images: Sequence[ImageWriter]) -> list[bytes]:

@@ -21,6 +21,7 @@ session aborts in the ledger with the VM still at its source."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from pathlib import Path
@@ -29,13 +30,15 @@ from typing import Any
 import trio
 
 from federation.dataplane.v3_protocol import AMST_CHUNK_OVERHEAD, ChunkFeed, Overlay
-from federation.dataplane.v3_shadow import COPY_PAGES, SourceState, sample_pages
+from federation.dataplane.v3_push import HeldPages, PushSource, differing_pages, is_push
+from federation.dataplane.v3_shadow import COPY_PAGES, SourceState, read_pages, sample_pages
 from federation.migration.round_events import (
     V3Cut,
     V3Failed,
     V3Moved,
     V3Prepare,
     V3Prepared,
+    V3Preparing,
     V3Verified,
 )
 from federation.migration.round_messages import V3Hde, transfer_id
@@ -43,15 +46,16 @@ from federation.vms.backend import VmBackend, VmError
 from federation.vms.dirty_scan import SentDigests
 from federation.vms.per_vm import dirty_by_content
 from federation.vms.sealing import SealKey
-from mesh import wire
+from mesh import versions, wire
 from mesh.amst.receiver import AmstError
 from mesh.amst.sender import AmstSender
 from mesh.channel import SecureChannel
 from mesh.core import Notify, Received, Send
 from mesh.hde.codec import ChunkError, encode_chunk
 from mesh.hde.events import EncodeChunk
-from mesh.hde.image import ImageError
+from mesh.hde.image import Image, ImageError
 from mesh.hde.index import PageIndex, build_index
+from mesh.hde.similar import similar_at
 from mesh.hde.source import HdeSource
 from mesh.runtime.amst_transfer import TransferCut, send_transfer
 
@@ -113,8 +117,10 @@ class V3RoundSender:
         choose_level: Callable[[list[bytes]], tuple[str, int]],
         report: Report,
         executor: Executor | None = None,
+        fenced_indexes: Callable[[str], dict[str, PageIndex] | None] | None = None,
     ) -> None:
         self.action = action
+        self._fenced_indexes = fenced_indexes
         self.target = action.target
         self.backend = backend
         self.state = state
@@ -134,6 +140,13 @@ class V3RoundSender:
         self.streams = 0
         #: bytes of the chunk frames written whole to AMST streams, every copy counted
         self.chunk_bytes = 0
+        #: per image the bytes of the pages this round's refresh copied into the shadow
+        self._news: dict[str, dict[int, bytes]] = {}
+        #: pages the preparation went over (copied, digested, indexed), reported when due
+        self._prepared = 0
+        self._next_prepared = time.monotonic() + _REPORT_S
+        #: the data channels this round opened to the target (what it offers)
+        self._channels: list[SecureChannel] = []
 
     @property
     def migration_id(self) -> str:
@@ -175,11 +188,18 @@ class V3RoundSender:
             if a.since is None or set(st.shadows) != {n for n, _ in layout}:
                 st.reset(layout)
                 for name, count in layout:
+                    # the digests of what was copied from the bytes copied: no read of the
+                    # (sealed) shadow back
+                    sent = SentDigests.blank(count) if rescans else None
                     for p in range(0, count, COPY_PAGES):
                         n = min(COPY_PAGES, count - p)
-                        st.shadows[name].copy(live[name], p, p, n)
-                    if rescans:
-                        st.sent[name] = SentDigests(st.shadows[name])
+                        data = bytes(live[name].view(p, n))
+                        st.shadows[name].write(p, data)
+                        if sent is not None:
+                            sent.read(p, data)
+                        self._preparing(n)
+                    if sent is not None:
+                        st.sent[name] = sent
                 return sum(c for _, c in layout), {}, mark
             olds: dict[str, dict[int, bytes]] = {}
             covered = 0
@@ -187,12 +207,16 @@ class V3RoundSender:
                 # what differs from the shadow, whatever the guest wrote when (an A, B, A
                 # page between two scans is found here, federation.vms.dirty_scan)
                 for name in sorted(st.shadows):
-                    shadow, src, old = st.shadows[name], live[name], olds.setdefault(name, {})
+                    shadow, src = st.shadows[name], live[name]
                     pages = st.sent[name].changed(src)
+                    # the live pages read once, the old ones a chunk of the (sealed) shadow
+                    # at a time; the digests from the bytes written, the encoder served
+                    # from them (a sealed page read costs its 64 KiB chunk's decryption)
+                    new = self._news[name] = {p: bytes(src.view(p)) for p in pages}
+                    old = olds[name] = read_pages(shadow, pages)
                     for p in pages:
-                        old[p] = bytes(shadow.view(p))
-                        shadow.write(p, src.view(p))
-                    st.sent[name].copied(shadow, pages)
+                        shadow.write(p, new[p])
+                    st.sent[name].copied(shadow, pages, new)
                     st.unindexed.setdefault(name, set()).update(pages)
                     covered += len(pages)
                 return covered, olds, mark
@@ -209,16 +233,35 @@ class V3RoundSender:
             for img in live.values():
                 img.close()
 
+    def _preparing(self, pages: int) -> None:
+        """Worker thread: ``pages`` more prepared; the rounds core hears of it every
+        _REPORT_S (V3Preparing: progress, so a long first preparation is not a stall)."""
+        self._prepared += pages
+        now = time.monotonic()
+        if now >= self._next_prepared:
+            self._next_prepared = now + _REPORT_S
+            trio.from_thread.run_sync(self._report, V3Preparing(
+                self.migration_id, self.round, self._prepared))
+
     def _indexes(self) -> dict[str, PageIndex]:
         """Each shadow's index: the last verified one refreshed over the pages changed
         since (a copy: the verified one stays the round's XOR reference), or built whole
-        in a migration's first round."""
+        in a migration's first round. A fenced VM's final round takes the index of its
+        stopped images the fence caught up: the refreshed shadow holds the same bytes
+        (a page the shadow's 64-bit digests missed would show as a root that differs at
+        the target, and the round fails)."""
         st = self.state
+        fenced = (self._fenced_indexes(self.migration_id)
+                  if self._fenced_indexes is not None and st.verified else None)
+        if fenced is not None and set(fenced) == set(st.shadows) and all(
+                fenced[n].page_count == img.page_count for n, img in st.shadows.items()):
+            return fenced
         out = {}
         for n, img in st.shadows.items():
             held = st.verified.get(n)
             if held is None:
                 out[n] = build_index(img, self._executor)
+                self._preparing(img.page_count)
             else:
                 ix = held[1].copy()
                 ix.refresh(img, st.unindexed.get(n, ()), self._executor)
@@ -239,33 +282,124 @@ class V3RoundSender:
                     raise
                 self._report(V3Failed(self.migration_id, self.round, str(exc)))
 
+    def _fenced_pages(self) -> tuple[dict[str, PageIndex], dict[str, Image],
+                                     dict[str, list[int]]] | None:
+        """Worker thread: a fenced VM's final round, when it can go straight from the
+        stopped images: their index the fence caught up, the images (open: the caller
+        closes them) and per image the pages that differ from what the target verified
+        (their fingerprints differ between the two indexes: no scan of the images, the
+        fence's catch-up scanned them). None: the round goes the usual way."""
+        a, st = self.action, self.state
+        if self._fenced_indexes is None or a.since is None:
+            return None
+        if not dirty_by_content(self.backend, a.vm) or any(st.unindexed.values()):
+            return None
+        fenced = self._fenced_indexes(self.migration_id)
+        names = set(st.shadows)
+        if fenced is None or set(fenced) != names or set(st.verified) != names:
+            return None
+        live = self.backend.open_images(a.vm)
+        if set(live) != names or any(live[n].page_count != fenced[n].page_count
+                                     for n in names):
+            for img in live.values():
+                img.close()
+            return None
+        return fenced, live, {n: differing_pages(st.verified[n][1], fenced[n])
+                              for n in sorted(names)}
+
     async def _run(self) -> None:
+        t0 = trio.current_time()
+        fenced = await trio.to_thread.run_sync(self._fenced_pages)
+        if fenced is not None:
+            try:
+                await self._run_fenced(t0, *fenced)
+            finally:
+                for img in fenced[1].values():
+                    img.close()
+            return
         a, st = self.action, self.state
         covered, olds, mark = await trio.to_thread.run_sync(self._refresh)
+        t1 = trio.current_time()
         indexes = await trio.to_thread.run_sync(self._indexes)
+        t2 = trio.current_time()
         names = sorted(indexes)
         if st.level is None:
             sample = await trio.to_thread.run_sync(sample_pages, [st.shadows[n] for n in names])
             st.mode, st.level = await trio.to_thread.run_sync(self._choose_level, sample)
         level = st.level
         assert level is not None, "the level is chosen in the migration's first v3 round"
+        # the round's new pages from memory, the rest from the shadow
+        images = [Overlay(st.shadows[n], self._news.get(n, {})) for n in names]
         refs: list[dict[bytes, Overlay]] = []
-        sources: list[HdeSource] = []
+        sources: list[HdeSource | PushSource] = []
         for i, name in enumerate(names):
             held = st.verified.get(name)
             ref = {} if held is None else {held[0]: Overlay(st.shadows[name], olds.get(name, {}))}
             ref_ix = {} if held is None else {held[0]: held[1]}
             refs.append(ref)
-            sources.append(HdeSource(i + 1, self.target, f"{a.vm}/{name}", indexes[name],
-                                     ref, ref_ix))
+            changed = olds.get(name, {})
+            if held is not None and a.since is not None \
+                    and st.unindexed.get(name, set()) == changed.keys():
+                # the target verified ``held`` last round and this round's refresh is all
+                # that changed since (no cancelled round's pages in between): push what
+                # changed, no diff (federation.dataplane.v3_push)
+                if name not in st.held_pages:  # once per migration (O(pages), pre-copy)
+                    st.held_pages[name] = await trio.to_thread.run_sync(HeldPages, held[1])
+                sources.append(PushSource(i, self.target, indexes[name], held[0],
+                                          sorted(changed), st.held_pages[name],
+                                          copies=st.copies))
+            else:
+                # at a high level, pages chunked by similarity (as LiveMigration's round 1)
+                sources.append(HdeSource(i + 1, self.target, f"{a.vm}/{name}", indexes[name],
+                                         ref, ref_ix, similar_at(images[i], level)))
 
         def encode(i: int, e: EncodeChunk) -> bytes | bytearray:
             ref = refs[i].get(e.reference_root) if e.reference_root is not None else None
-            return encode_chunk(e.transfer, e.plan, st.shadows[names[i]], ref, level)
+            return encode_chunk(e.transfer, e.plan, images[i], ref, level,
+                                copies=st.copies and is_push(e.transfer))
 
-        feed = ChunkFeed(encode)
+        await self._move(names, sources, ChunkFeed(encode), mark, covered,
+                         {"refresh_s": t1 - t0, "index_s": t2 - t1})
+
+    async def _run_fenced(self, t0: float, indexes: dict[str, PageIndex],
+                          live: dict[str, Image], changed: dict[str, list[int]]) -> None:
+        """The final round of a fenced VM straight from its stopped images: the pages that
+        differ from what the target verified, pushed against it, indexed by the fence's
+        catch-up. The shadow is not written (nothing comes after this round; an abort
+        drops it): no copy, and no read of the old pages for an XOR, whose only gain is
+        bytes (docs/qemu.md, "Downtime")."""
+        a, st = self.action, self.state
+        level = st.level
+        assert level is not None, "a fenced VM had a first round"
+        names = sorted(indexes)
+        sources: list[HdeSource | PushSource] = []
+        for i, name in enumerate(names):
+            if name not in st.held_pages:
+                st.held_pages[name] = await trio.to_thread.run_sync(HeldPages,
+                                                                    st.verified[name][1])
+            sources.append(PushSource(i, self.target, indexes[name], st.verified[name][0],
+                                      changed[name], st.held_pages[name], copies=st.copies))
+
+        def encode(i: int, e: EncodeChunk) -> bytes | bytearray:
+            return encode_chunk(e.transfer, e.plan, live[names[i]], None, level,
+                                copies=st.copies)
+
+        assert a.since is not None
+        await self._move(names, sources, ChunkFeed(encode), a.since,
+                         sum(len(p) for p in changed.values()),
+                         {"refresh_s": trio.current_time() - t0, "index_s": 0.0, "fenced": 1})
+
+    async def _move(self, names: list[str], sources: list[HdeSource | PushSource],
+                    feed: ChunkFeed, mark: int, covered: int, timing: dict[str, float]
+                    ) -> None:
+        """Announce the prepared round, then once the target is ready move it: the diff or
+        the pushes over the control link, the chunks over AMST, until every image is
+        verified; the verified indexes become the next round's reference."""
+        a, st, level = self.action, self.state, self.state.level
         self._report(V3Prepared(a.migration_id, a.round, mark, covered, tuple(names)))
+        t3 = trio.current_time()
         await self._go.wait()
+        t4 = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._transfer, transfer_id(a.migration_id, a.round), feed,
                                lambda: all(s.verified for s in sources))
@@ -274,9 +408,20 @@ class V3RoundSender:
             await self._drive(sources, feed)
             feed.close()
         for name, s in zip(names, sources, strict=True):
+            pages = st.held_pages.get(name)
+            if isinstance(s, PushSource) and pages is not None:
+                pages.advance(st.verified[name][1], s.index, s.pages)
+            else:
+                st.held_pages.pop(name, None)  # an HDE round: built again when needed
             st.verified[name] = (s.index.root, s.index)
         st.unindexed = {}
-        figures = {"level": level, "mode": st.mode, "chunks": feed.frames,
+        # where the round's time went (the final round's is most of the downtime)
+        timing.update(ready_s=t4 - t3, transfer_s=trio.current_time() - t4)
+        figures = {**{k: round(v, 4) for k, v in timing.items()},
+                   "pushed": sum(isinstance(s, PushSource) for s in sources),
+                   "copies": sum(isinstance(s, PushSource) and s.chunk_copies
+                                 for s in sources),
+                   "level": level, "mode": st.mode, "chunks": feed.frames,
                    "chunk_bytes": feed.frame_bytes, "control_bytes": self.control_bytes,
                    "resent": self.resent, "replayed": feed.replayed, "streams": self.streams}
         self._report(V3Verified(a.migration_id, a.round, self.control_bytes + self.chunk_bytes,
@@ -292,13 +437,14 @@ class V3RoundSender:
             done = True
             try:
                 sent = await send_transfer(
-                    tid, feed, connect=self._connect, new_channel=self._new_channel,
+                    tid, feed, connect=self._connect, new_channel=self._channel,
                     prepare=feed.prepare, preparers=PREPARERS, core=core)
             except TransferCut as exc:
                 reason, done = str(exc), False
                 written = (exc.written_chunks, exc.written_bytes)
             else:
                 written = (sent.written_chunks, sent.written_bytes)
+            self._learn_offer()
             self.chunk_bytes += written[0] * AMST_CHUNK_OVERHEAD + written[1]
             self.resent += core.resent
             self.streams = max(self.streams, core.max_streams_up)
@@ -308,6 +454,22 @@ class V3RoundSender:
             self._report(V3Cut(self.migration_id, self.round, core.acked_bytes, reason))
             await self._resume.wait()
             feed.resume()
+
+    def _channel(self) -> SecureChannel:
+        ch = self._new_channel()
+        self._channels.append(ch)
+        return ch
+
+    def _learn_offer(self) -> None:
+        """Whether the target decodes chunk copies, from the offer of the last data
+        channel of this round whose handshake completed (the next rounds use it; a
+        target that restarted with an older build is told apart at its next handshake)."""
+        for ch in reversed(self._channels):
+            if ch.peer_versions:
+                self.state.copies = versions.both_offer(versions.HDE_COPIES, ch.versions,
+                                                        ch.peer_versions)
+                break
+        self._channels.clear()
 
     def _send_control(self, msg: Any) -> None:
         raw = wire.encode(msg)
@@ -325,7 +487,7 @@ class V3RoundSender:
             elif isinstance(act, Notify) and act.kind == "hde.failed":
                 raise RoundFailed(f"HDE image {i}: {act.detail['reason']}")
 
-    async def _drive(self, sources: list[HdeSource], feed: ChunkFeed) -> None:
+    async def _drive(self, sources: list[HdeSource | PushSource], feed: ChunkFeed) -> None:
         """Answer the target's diff until every image is verified, reporting what moved
         every _REPORT_S (the rounds core bounds a round where nothing moves)."""
         next_report = trio.current_time() + _REPORT_S
@@ -346,7 +508,7 @@ class V3RoundSender:
                                      feed.pages))
                 moved, frames, next_report = False, feed.frames, now + _REPORT_S
 
-    def _on_diff(self, now: float, msg: V3Hde, sources: list[HdeSource],
+    def _on_diff(self, now: float, msg: V3Hde, sources: list[HdeSource | PushSource],
                  feed: ChunkFeed) -> None:
         self.control_bytes += len(wire.encode(msg))
         if msg.image >= len(sources):
@@ -377,10 +539,14 @@ class V3Sender:
         report: Report,
         executor: Executor | None = None,
         scratch_key: SealKey | None = None,
+        fenced_indexes: Callable[[str], dict[str, PageIndex] | None] | None = None,
     ) -> None:
         self.shadow_dir = shadow_dir
         #: seals the shadows (federation.dataplane.v3_shadow); None: plain shadows
         self.scratch_key = scratch_key
+        #: migration id -> the indexes of its fenced VM's images caught up after the stop
+        #: (federation.vms.actions.VmActions.fenced_indexes), or None
+        self.fenced_indexes = fenced_indexes
         self.backend = backend
         self._send = send
         self._connector = connector
@@ -407,7 +573,8 @@ class V3Sender:
         sender = V3RoundSender(
             action, self.backend, state, send=self._send,
             connect=self._connector(mid, target), new_channel=lambda: self._new_channel(target),
-            choose_level=self._level_for(target), report=self._report, executor=self._executor)
+            choose_level=self._level_for(target), report=self._report, executor=self._executor,
+            fenced_indexes=self.fenced_indexes)
         old = self.rounds.get(mid)
         if old is not None:
             old.scope.cancel()

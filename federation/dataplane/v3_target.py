@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from federation.dataplane.v3_protocol import peek_chunk
+from federation.dataplane.v3_push import PUSH_FLAG, PushTarget, V3PushOffer, is_push
 from federation.migration.round_events import (
     V3Accept,
     V3Accepted,
@@ -75,6 +76,8 @@ class _Round:
             HdeTarget(i + 1, self.peer, store.pages, self._sink(w)) for i, w in enumerate(writers)
         ]
         self.locks = [trio.Lock() for _ in writers]
+        #: image -> its push core, for the images the source pushes this round
+        self.pushes: dict[int, PushTarget] = {}
         self.indexes: list[PageIndex | None] = [None] * len(writers)
         self.failed = ""
         self.inbox_send, self.inbox = trio.open_memory_channel[V3Hde](_INBOX)
@@ -98,20 +101,34 @@ class _Round:
     async def chunk(self, chunk: int, payload: bytes) -> None:
         """AMST sink: a verified chunk frame (or a feed's end marker)."""
         ids = peek_chunk(payload)
-        if ids is None or not 1 <= ids[0] <= len(self.targets):
+        if ids is None or not 1 <= ids[0] & ~PUSH_FLAG <= len(self.targets):
             return
         self.receiver.report(V3ChunkLanded(self.mid, self.round, len(payload)))
-        await self.step(ids[0] - 1, ChunkArrived(ids[0], ids[1], payload))
+        await self.step((ids[0] & ~PUSH_FLAG) - 1, ChunkArrived(ids[0], ids[1], payload))
+
+    async def _push_target(self, i: int) -> PushTarget:
+        """Image ``i``'s push core (federation.dataplane.v3_push), made at its first pushed
+        message or chunk, before anything of this round is written: the root the image
+        holds is what the source's base must be."""
+        held = self.pushes.get(i)
+        if held is None:
+            ix = await trio.to_thread.run_sync(self.receiver.index_of, self.mid, self.names[i])
+            held = self.pushes[i] = PushTarget(i, self.peer, self.writers[i], ix.root)
+        return held
 
     async def step(self, i: int, event: Any) -> None:
-        """Feed ``event`` to image ``i``'s HDE target (in a worker thread: decoding and
-        checking chunks is CPU work) and carry out its actions."""
-        target = self.targets[i]
+        """Feed ``event`` to image ``i``'s HDE target, or its push core for a pushed image
+        (in a worker thread: decoding and checking chunks is CPU work), and carry out its
+        actions."""
         async with self.locks[i]:
+            pushed = (isinstance(event, ChunkArrived) and is_push(event.transfer)) or (
+                isinstance(event, Received) and isinstance(event.message, V3PushOffer))
+            target: HdeTarget | PushTarget = (await self._push_target(i) if pushed
+                                              else self.targets[i])
             events: deque[Any] = deque([event])
             while events:
-                acts = await trio.to_thread.run_sync(target.handle, trio.current_time(),
-                                                     events.popleft())
+                acts: list[Any] = await trio.to_thread.run_sync(
+                    target.handle, trio.current_time(), events.popleft())
                 for a in acts:
                     if isinstance(a, Send):
                         body = wire.encode(a.message)
@@ -127,7 +144,7 @@ class _Round:
                     elif isinstance(a, Notify) and a.kind == "hde.failed":
                         self.fail(f"image {self.names[i]}: {a.detail['reason']}")
 
-    async def _verified(self, i: int, target: HdeTarget) -> None:
+    async def _verified(self, i: int, target: HdeTarget | PushTarget) -> None:
         """The image's root matched: it is the base of the next round and serves dedup."""
         ix = self.indexes[i]
         assert ix is not None, "HDE verifies only after the root was recomputed"

@@ -69,6 +69,8 @@ def _progress(m: dict[str, Any], dst: str, received: int, width: int = 20) -> st
     eta_s = "-" if eta is None or not math.isfinite(eta) or m.get("round", 0) < 2 and not sent \
         else f"{eta:.1f}s"
     at = f", at {dst} {_human(received)}" if received else ""
+    prepared = (m.get("progress") or {}).get("prepared") or 0
+    at += f", preparing: {prepared} pages" if prepared else ""
     return (f"{m.get('phase', '?'):<9} round {m.get('round', 0):>2} [{bar}] "
             f"sent {_human(sent)} (wire {_human(m.get('wire_bytes') or 0)}){at}  "
             f"dirty {m.get('dirty_rate', 0.0):.0f} pages/s  eta {eta_s}")

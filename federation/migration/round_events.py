@@ -32,9 +32,9 @@ __all__ = [
     "SessionView", "IncomingReady", "MigrationOver", "ToSession", "RoundReport",
     "PlanRound", "RoundPlanned", "ReadChunk", "ChunkRead", "WriteChunk", "ChunkWritten",
     "CountDirty", "DirtyCounted", "CloseRound", "RoundIoFailed", "PAGE_ACTIONS",
-    "V3Prepare", "V3Prepared", "V3Transfer", "V3Moved", "V3Cut", "V3Resume", "V3Verified",
-    "V3Failed", "V3Cancel", "V3StreamOpened", "V3RelayFallback", "V3Accept", "V3Accepted",
-    "V3ReceiveFailed", "V3ChunkLanded", "V3ImageVerified", "V3Drop", "V3_ACTIONS",
+    "V3Prepare", "V3Preparing", "V3Prepared", "V3Transfer", "V3Moved", "V3Cut", "V3Resume",
+    "V3Verified", "V3Failed", "V3Cancel", "V3StreamOpened", "V3RelayFallback", "V3Accept",
+    "V3Accepted", "V3ReceiveFailed", "V3ChunkLanded", "V3ImageVerified", "V3Drop", "V3_ACTIONS",
 ]
 
 Pages = tuple[tuple[str, tuple[int, ...]], ...]
@@ -228,6 +228,17 @@ class V3Transfer:
 
     migration_id: str
     round: int
+
+
+@attrs.frozen
+class V3Preparing:
+    """Reported while a round's preparation runs (round 1: the copy of every image into
+    the shadow, its digests and index): pages prepared so far. It is progress: a large
+    guest's first preparation on a loaded machine outlasts the sessions' stall bound."""
+
+    migration_id: str
+    round: int
+    pages: int
 
 
 @attrs.frozen

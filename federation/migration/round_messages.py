@@ -24,7 +24,8 @@ from mesh.hde.image import PAGE_SIZE
 from mesh.wire import U64, Bytes, ListOf, Text, field
 
 __all__ = [
-    "PagesChunk", "PagesAck", "V3Round", "V3Status", "V3Hde", "ROUND_TAGS", "HDE_TAG",
+    "PagesChunk", "PagesAck", "V3Round", "V3Status", "V3Preparation", "V3Hde", "ROUND_TAGS",
+    "HDE_TAG",
     "CHUNK_PAGES", "WINDOW", "ACK_TIMEOUT", "RESEND_AFTER", "runs", "transfer_id",
 ]
 
@@ -54,7 +55,7 @@ _HDE_MAX = 1024 * 1024 + 4096
 
 #: What the rounds core consumes (exact tags, or prefixes ending in "."); the HDE diff
 #: (HDE_TAG) goes to the v3 data plane itself.
-ROUND_TAGS = ("data.v1.", "data.v3.round", "data.v3.status")
+ROUND_TAGS = ("data.v1.", "data.v3.round", "data.v3.status", "data.v3.preparation")
 HDE_TAG = "data.v3.hde"
 
 
@@ -94,6 +95,17 @@ class V3Status:
     migration_id: str = field(_ID)
     round: int = field(U64(1000))
     error: str = field(Text(512), default="")
+
+
+@wire.message("data.v3.preparation")
+class V3Preparation:
+    """Source -> target: round ``round`` is being prepared, ``pages`` gone over so far (v3
+    round 1: the shadow's copy, digests and index of every image). News that the source
+    works, for the target's stall bound: nothing else reaches it before the round starts."""
+
+    migration_id: str = field(_ID)
+    round: int = field(U64(1000))
+    pages: int = field(U64())
 
 
 @wire.message(HDE_TAG, max_size=_HDE_MAX + 1024)

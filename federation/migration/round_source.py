@@ -44,6 +44,7 @@ from federation.migration.round_events import (
     V3Moved,
     V3Prepare,
     V3Prepared,
+    V3Preparing,
     V3Resume,
     V3Transfer,
     V3Verified,
@@ -54,6 +55,7 @@ from federation.migration.round_messages import (
     WINDOW,
     PagesAck,
     PagesChunk,
+    V3Preparation,
     V3Round,
     V3Status,
     runs,
@@ -147,8 +149,9 @@ class Sending(abc.ABC):
         return [self.progress(nbytes, nbytes // PAGE_SIZE, nbytes)]
 
     def delivered(self, now: float, pages: int, nbytes: int, wire_bytes: int,
-                  dirty: int) -> list[Action]:
-        self.sent = RoundSent(self.round, pages, nbytes, wire_bytes, now - self.started, dirty)
+                  dirty: int, move_seconds: float | None = None) -> list[Action]:
+        self.sent = RoundSent(self.round, pages, nbytes, wire_bytes, now - self.started, dirty,
+                              move_seconds)
         return self.cancel_timers()
 
     @abc.abstractmethod
@@ -305,6 +308,12 @@ class V3Sending(Sending):
                           transfer_id(self.migration_id, self.round), event.images)
             self.control_bytes += len(wire.encode(msg))
             return [Send(self.target, msg), self.timer("ready", now + ACK_TIMEOUT)]
+        if isinstance(event, V3Preparing) and self.phase == "preparing":
+            # progress for both sessions: the target hears nothing else before the round
+            return [ToSession(self.migration_id, TransferProgress(self.round, 0, 0, 0,
+                                                                  event.pages)),
+                    Send(self.target, V3Preparation(self.migration_id, self.round,
+                                                    event.pages))]
         if isinstance(event, V3Moved) and self.phase == "moving":
             out: list[Action] = [self.timer("quiet", now + ACK_TIMEOUT)] if event.moved else []
             return [*out, self.progress(event.pages * PAGE_SIZE, event.pages,
@@ -321,8 +330,9 @@ class V3Sending(Sending):
             a = self.action
             return [*self.cancel_timers(), CountDirty(a.migration_id, a.vm, a.round, self.mark)]
         if isinstance(event, DirtyCounted) and self.phase == "counting":
+            move = self.figures.get("transfer_s")
             return self.delivered(now, self.covered, self.covered * PAGE_SIZE, self.wire_bytes,
-                                  event.pages)
+                                  event.pages, float(move) if move is not None else None)
         if isinstance(event, (V3Failed, RoundIoFailed)):
             return self.fail(event.reason)
         return []

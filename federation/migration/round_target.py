@@ -42,6 +42,7 @@ from federation.migration.round_messages import (
     WINDOW,
     PagesAck,
     PagesChunk,
+    V3Preparation,
     V3Round,
     V3Status,
 )
@@ -141,6 +142,13 @@ class Receiving:
         if self.ready.get(mid):
             return [self._status(peer, msg, self._unprepared(msg))]
         return [V3Accept(peer, mid, msg.round, msg.transfer, msg.images, view.vm)]
+
+    def on_preparation(self, peer: str, msg: V3Preparation) -> list[Action]:
+        """The source prepares a round (round 1: copies and indexes every image): progress
+        for this side's session, if the migration runs here from ``peer``."""
+        if self._running_from(msg.migration_id, peer) is None:
+            return []
+        return [ToSession(msg.migration_id, TransferProgress(msg.round, 0, 0, 0, msg.pages))]
 
     def on_accepted(self, ev: V3Accepted | V3ReceiveFailed) -> list[Action]:
         why = ev.error if isinstance(ev, V3Accepted) else ev.reason

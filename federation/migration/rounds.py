@@ -56,12 +56,19 @@ from federation.migration.round_events import (
     V3ImageVerified,
     V3Moved,
     V3Prepared,
+    V3Preparing,
     V3ReceiveFailed,
     V3RelayFallback,
     V3StreamOpened,
     V3Verified,
 )
-from federation.migration.round_messages import PagesAck, PagesChunk, V3Round, V3Status
+from federation.migration.round_messages import (
+    PagesAck,
+    PagesChunk,
+    V3Preparation,
+    V3Round,
+    V3Status,
+)
 from federation.migration.round_source import (
     RESUME_BUDGET_S,
     Sending,
@@ -87,8 +94,8 @@ Action = Any
 #: The session's VM actions after which a migration is over at a DC.
 _ENDINGS = (Retire, Unfence, StartAtTarget, DiscardIncoming)
 #: Replies and reports about a round this DC sends (each names its round).
-_ABOUT_SENDING = (RoundPlanned, ChunkRead, DirtyCounted, RoundIoFailed, V3Prepared, V3Moved,
-                  V3Cut, V3Verified, V3Failed)
+_ABOUT_SENDING = (RoundPlanned, ChunkRead, DirtyCounted, RoundIoFailed, V3Preparing, V3Prepared,
+                  V3Moved, V3Cut, V3Verified, V3Failed)
 
 
 class RoundsCore:
@@ -199,6 +206,8 @@ class RoundsCore:
         if isinstance(msg, V3Round):
             self._v3[msg.migration_id] = None
             return self.receiving.on_round(now, peer, msg)
+        if isinstance(msg, V3Preparation):
+            return self.receiving.on_preparation(peer, msg)
         return []
 
     def _timer(self, now: float, key: object) -> list[Action]:

@@ -107,6 +107,8 @@ class SessionBase(abc.ABC):
         self.round_bytes = 0
         self.round_wire = 0
         self.round_pages = 0
+        #: pages the round's preparation went over so far (TransferProgress.prepared)
+        self.round_prepared = 0
         self.live_eta = math.inf
         self.fenced_at: float | None = None
         self.fenced_seconds = 0.0
@@ -212,7 +214,7 @@ class SessionBase(abc.ABC):
         return Notify("migration.progress", Progress(
             self.migration_id, self.vm, self.role.value, self.phase.value, self.round,
             self.moved_bytes, self.moved_wire, self.dirty_rate, self.throughput,
-            self.shown_eta, self.moved_bytes // PAGE_SIZE,
+            self.shown_eta, self.moved_bytes // PAGE_SIZE, self.round_prepared,
         ))
 
     def finish(self, now: float, phase: Phase, reason: str = "") -> list[Action]:

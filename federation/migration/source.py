@@ -198,6 +198,7 @@ class SourceSession(SessionBase):
         if self.round == 0:
             self.round_pages = self.total_bytes // PAGE_SIZE
         self.round_started, self.round_bytes, self.round_wire = now, 0, 0
+        self.round_prepared = 0
         # until this round measures its own pace, the last round's estimate stands
         self.live_eta = self.eta if self.round else math.inf
         self.round += 1
@@ -218,6 +219,7 @@ class SourceSession(SessionBase):
             return []
         self.round_bytes = max(self.round_bytes, ev.bytes)
         self.round_wire = max(self.round_wire, ev.wire_bytes)
+        self.round_prepared = max(self.round_prepared, ev.prepared)
         elapsed = now - self.round_started
         if self.round_bytes > 0 and elapsed > 0:
             rate = self.round_bytes / elapsed
@@ -239,7 +241,12 @@ class SourceSession(SessionBase):
         self.bytes_sent += ev.bytes
         self.wire_bytes += ev.wire_bytes
         seconds = max(ev.seconds, 1e-9)
-        self.throughput = ev.bytes / seconds if ev.bytes else self.throughput
+        # the final round's estimate goes by what moving a page cost (a round's preparation
+        # — the running guest's shadow and its index — is not in a stopped guest's final
+        # round), where the data plane measured it; round 1's pace counts pages the target
+        # already held, so a machine's fence waits for an incremental round anyway
+        moving = max(ev.move_seconds, 1e-9) if ev.move_seconds is not None else seconds
+        self.throughput = ev.bytes / moving if ev.bytes else self.throughput
         self.dirty_rate = ev.dirty_pages / seconds
         pending = ev.dirty_pages * PAGE_SIZE
         if self.throughput > 0:

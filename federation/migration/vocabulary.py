@@ -294,6 +294,11 @@ class RoundSent:
     wire_bytes: int
     seconds: float
     dirty_pages: int
+    #: of ``seconds``, the time the pages took to move once the round was prepared (v3:
+    #: from the target's word to its verdict), where the data plane measured it: what a
+    #: final round of a stopped guest costs per page (it prepares nothing but a scan),
+    #: so what pre-copy's estimate of the final round goes by (None: ``seconds``)
+    move_seconds: float | None = None
 
 
 @attrs.frozen
@@ -305,6 +310,9 @@ class TransferProgress:
     bytes: int
     pages: int = 0
     wire_bytes: int = 0
+    #: pages the round's preparation went over so far (v3 round 1: the shadow's copy,
+    #: digests and index), before anything moves
+    prepared: int = 0
 
 
 @attrs.frozen
@@ -424,6 +432,7 @@ class Progress:
     throughput: float  # logical bytes per second of the last round (or of this one so far)
     eta: float  # seconds until the cut-over, estimated (inf: not measured yet)
     pages: int = 0  # pages sent so far (bytes_sent / 4 KiB), this round's included
+    prepared: int = 0  # pages the current round's preparation went over (v3 round 1)
 
 
 @attrs.frozen

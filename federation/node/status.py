@@ -45,19 +45,26 @@ def policy_doc(policy: SetPolicy) -> dict[str, Any]:
             "rolled_back": policy.rolled_back}
 
 
-def downtime_ms(node: Node, vm: str, mid: str) -> float | None:
-    """The guest's downtime in migration ``mid`` as this target measured it (the source's
-    QMP ``stop`` to this node's ``cont``), where the VM backend measures one (qemu)."""
-    arrival = getattr(node.backend, "arrival", None)
-    if not callable(arrival):
+def arrival(node: Node, vm: str, mid: str) -> dict[str, Any] | None:
+    """How the guest of migration ``mid`` arrived here, where the VM backend measures it
+    (qemu): ``downtime_ms`` and, phase by phase, ``stop_window_ms``."""
+    get = getattr(node.backend, "arrival", None)
+    if not callable(get):
         return None
     try:
-        got = arrival(vm)
+        got = get(vm)
     except VmError:
         return None
     if not got or got.get("migration_id") != mid:
         return None
-    return float(got["downtime_ms"])
+    return dict(got)
+
+
+def downtime_ms(node: Node, vm: str, mid: str) -> float | None:
+    """The guest's downtime in migration ``mid`` as this target measured it (the source's
+    QMP ``stop`` to this node's ``cont``), where the VM backend measures one (qemu)."""
+    got = arrival(node, vm, mid)
+    return None if got is None else float(got["downtime_ms"])
 
 
 def migration_status(node: Node, mid: str) -> dict[str, Any] | None:
@@ -82,6 +89,9 @@ def migration_status(node: Node, mid: str) -> dict[str, Any] | None:
         if session.target == node.name:
             out["received_bytes"] = counters.received.get(mid, 0)
             out["downtime_ms"] = downtime_ms(node, session.vm, mid)
+            got = arrival(node, session.vm, mid)
+            if got is not None and "stop_window_ms" in got:
+                out["stop_window_ms"] = dict(got["stop_window_ms"])
         else:  # rounds delivered per data-plane version ("v1", "v3"), and the v3
             # bulk streams opened per DC that relayed them ("direct" for none)
             out["data_plane"] = dict(counters.paths.get(mid, {}))

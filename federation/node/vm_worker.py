@@ -40,7 +40,8 @@ class VmWorker:
             replies = await trio.to_thread.run_sync(self.vm_actions.carry_out, action)
             mid = action.migration_id
             self.log.event("vm_action", action=type(action).__name__, vm=action.vm,
-                           migration_id=mid, replies=[type(r).__name__ for r in replies])
+                           migration_id=mid, replies=[type(r).__name__ for r in replies],
+                           **{k: round(v, 4) for k, v in self.vm_actions.timings.items()})
             for news in after_vm_action(action, replies):
                 self._to_rounds(news)
             for reply in replies:

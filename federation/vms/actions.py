@@ -21,6 +21,7 @@ retired copy, a start with the epoch it already runs at.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 
@@ -96,6 +97,14 @@ class VmActions:
         #: migration id -> (pages dirtied per round, the throttle in percent): auto-converge
         #: of a source VM whose dirty rate does not fall (federation.vms.throttle)
         self.converging: dict[str, tuple[list[int], int]] = {}
+        #: seconds the phases of the last VM action took (the node logs them with the
+        #: action: the stop window of a migration, docs/qemu.md "Downtime")
+        self.timings: dict[str, float] = {}
+        #: migration id -> wall-clock times of a target's Verify (start, end): with the
+        #: source's stop time and the start, the stop window the target reports
+        self._verified_at: dict[str, tuple[float, float]] = {}
+        #: migrations whose live indexes were caught up after the fence's stop
+        self._fenced_live: set[str] = set()
 
     def incoming_index(self, migration_id: str, image: str) -> PageIndex:
         """The current index of incoming image ``image`` of ``migration_id`` (refreshed over
@@ -106,6 +115,16 @@ class VmActions:
         roots = self.incoming_indexes.setdefault(migration_id, IncomingIndexes(self.executor))
         return roots.index(image, writers[image])
 
+    def fenced_indexes(self, migration_id: str) -> dict[str, PageIndex] | None:
+        """The index of each image of a source VM fenced by ``migration_id``, caught up
+        after its ``stop`` (copies), or None: the final round's shadow holds the same bytes
+        once refreshed, so it needs no index of its own (one SHA-256 pass over the changed
+        blocks less in the downtime)."""
+        held = self.live_indexes.get(migration_id)
+        if held is None or migration_id not in self._fenced_live:
+            return None
+        return {n: li.index.copy() for n, li in held.items()}
+
     def _fenced_root(self, vm: str, migration_id: str) -> bytes:
         """The root of the fenced VM: caught up from the live index over what changed since
         the last round (the VM is stopped: exact), else hashed whole."""
@@ -115,7 +134,8 @@ class VmActions:
             if held is None or set(held) != set(images):
                 return images_root(images, self.executor)
             for name, img in images.items():
-                held[name].catch_up(img, self.executor)
+                held[name].catch_up(img, self.executor, stopped=True)  # fenced: no copies
+            self._fenced_live.add(migration_id)
             return combined_root({n: held[n].index.root for n in images})
         finally:
             for img in images.values():
@@ -169,6 +189,21 @@ class VmActions:
         throttle = getattr(self.backend, "throttle", None)
         if current and callable(throttle):
             throttle(vm, 0)
+
+    def _note_arrival(self, vm: str, migration_id: str, start: float) -> None:
+        """The stop window of an arrived guest, phase by phase, where the backend measured
+        its downtime (qemu: the source's stop time travels in the device image): until this
+        node's Verify began (the source's fence and final round, this node's apply), the
+        Verify, until the start (the ledger's commit), the start (device state, cont)."""
+        note = getattr(self.backend, "note_arrival", None)
+        verified = self._verified_at.pop(migration_id, None)
+        if not callable(note) or verified is None:
+            return
+        note(vm, migration_id, lambda stopped_at, cont_at: {
+            "fence_and_final_round_ms": round((verified[0] - stopped_at) * 1000, 1),
+            "verify_ms": round((verified[1] - verified[0]) * 1000, 1),
+            "commit_ms": round((start - verified[1]) * 1000, 1),
+            "start_ms": round((cont_at - start) * 1000, 1)})
 
     def root(self, vm: str) -> bytes:
         images = self.backend.open_images(vm)
@@ -264,19 +299,29 @@ class VmActions:
 
     def _do(self, a: VmAction) -> list[_Reply]:
         b = self.backend
+        self.timings = {}
         if isinstance(a, Fence):
             self.converging.pop(a.migration_id, None)  # the fence ends any throttle
-            b.fence(a.vm, a.migration_id)
-            return [SourceFenced(self._fenced_root(a.vm, a.migration_id))]
+            t0 = time.monotonic()
+            b.fence(a.vm, a.migration_id)  # qemu: QMP stop, the device state saved
+            t1 = time.monotonic()
+            root = self._fenced_root(a.vm, a.migration_id)
+            self.timings = {"stop_and_device_s": t1 - t0, "root_s": time.monotonic() - t1,
+                            "rehashed_blocks": float(sum(
+                                li.rehashed for li in self.live_indexes.get(a.migration_id,
+                                                                            {}).values()))}
+            return [SourceFenced(root)]
         if isinstance(a, Unfence):
             self.read_digests.pop(a.migration_id, None)
             self.live_indexes.pop(a.migration_id, None)
+            self._fenced_live.discard(a.migration_id)
             self._end_converge(a.vm, a.migration_id)  # aborted before its fence
             b.release_fence(a.vm, a.migration_id)
             return []
         if isinstance(a, Retire):
             self.read_digests.pop(a.migration_id, None)
             self.live_indexes.pop(a.migration_id, None)
+            self._fenced_live.discard(a.migration_id)
             b.retire(a.vm, a.migration_id)
             return []
         if isinstance(a, PrepareIncoming):
@@ -304,10 +349,17 @@ class VmActions:
                     w.flush()
             roots = self.incoming_indexes.setdefault(a.migration_id,
                                                      IncomingIndexes(self.executor))
-            return [TargetVerified(roots.root(writers))]
+            started = time.time()
+            root = roots.root(writers)
+            self._verified_at[a.migration_id] = (started, time.time())
+            self.timings = {"verify_s": time.time() - started}
+            return [TargetVerified(root)]
         if isinstance(a, StartAtTarget):
             self._close_incoming(a.migration_id)
+            started = time.time()
             b.start(a.vm, a.epoch)
+            self.timings = {"start_s": time.time() - started}
+            self._note_arrival(a.vm, a.migration_id, started)
             return []
         self._close_incoming(a.migration_id)
         b.discard_incoming(a.vm, a.migration_id)

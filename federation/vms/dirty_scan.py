@@ -107,6 +107,17 @@ class SentDigests:
         self.groups = bytearray(group_digests(shadow))
         self.pages = bytearray(scan_digests(shadow))
 
+    @classmethod
+    def blank(cls, page_count: int) -> SentDigests:
+        """Digests of an image nothing of which was recorded yet: every group compares page
+        by page until :meth:`read` records it (how a copy made a piece at a time records
+        the bytes it copied, without reading its copy back)."""
+        obj = cls.__new__(cls)
+        obj.page_count = page_count
+        obj.groups = bytearray(_UNKNOWN * -(-page_count // GROUP_PAGES))
+        obj.pages = bytearray(page_count * DIGEST)
+        return obj
+
     def changed(self, live: PageSource) -> list[int]:
         if live.page_count != self.page_count:
             raise ValueError(f"{live.page_count} pages live, {self.page_count} sent")
@@ -139,10 +150,14 @@ class SentDigests:
                 digest = _UNKNOWN
             gd[g * DIGEST : (g + 1) * DIGEST] = digest
 
-    def copied(self, shadow: PageSource, pages: list[int]) -> None:
+    def copied(self, shadow: PageSource, pages: list[int],
+               data: Mapping[int, bytes] | None = None) -> None:
+        """``pages`` were copied into ``shadow`` (``data``: the bytes written, page by
+        page, so a page's digest needs no read of the shadow; a group's does)."""
         d, gd = self.pages, self.groups
         for p in pages:
-            d[p * DIGEST : (p + 1) * DIGEST] = _xxh64(shadow.view(p))
+            d[p * DIGEST : (p + 1) * DIGEST] = _xxh64(shadow.view(p) if data is None
+                                                      else data[p])
         for g in sorted({p // GROUP_PAGES for p in pages}):
             first = g * GROUP_PAGES
             n = min(GROUP_PAGES, self.page_count - first)

@@ -10,7 +10,7 @@ by the other, so a VM never has two copies on one node.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +171,12 @@ class PerVmBackend:
     def arrival(self, name: str) -> dict[str, Any] | None:
         """How the qemu VM's last incoming migration ended (:meth:`QemuBackend.arrival`)."""
         return self.qemu.arrival(name) if self._holds(self.qemu, name) else None
+
+    def note_arrival(self, name: str, migration_id: str,
+                     window: Callable[[float, float], dict[str, float]]) -> None:
+        """The stop window of a qemu VM's arrival (:meth:`QemuBackend.note_arrival`)."""
+        if self._holds(self.qemu, name):
+            self.qemu.note_arrival(name, migration_id, window)
 
     def close(self) -> None:
         try:

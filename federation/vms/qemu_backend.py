@@ -47,7 +47,7 @@ import signal
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -599,9 +599,11 @@ class QemuBackend:
             except QMPError as exc:
                 raise VmError(f"VM {name!r}: QMP cont failed: {exc}") from exc
             if arrived and stopped_at > 0:
-                downtime = max(0.0, time.time() - stopped_at)
+                cont_at = time.time()
+                downtime = max(0.0, cont_at - stopped_at)
                 meta["arrival"] = {"migration_id": arrived,
-                                   "downtime_ms": round(downtime * 1000, 1)}
+                                   "downtime_ms": round(downtime * 1000, 1),
+                                   "stopped_at": stopped_at, "cont_at": cont_at}
                 write_meta(self._dir(name), meta)  # a report: a crash before it loses only it
             return info_of(meta)
 
@@ -674,6 +676,18 @@ class QemuBackend:
             raise VmError(f"VM {name!r}: its device image is cut short ({len(state)} of "
                           f"{size} bytes)")
         return state, stopped
+
+    def note_arrival(self, name: str, migration_id: str,
+                     window: Callable[[float, float], dict[str, float]]) -> None:
+        """Add the stop window's phases to the arrival of ``migration_id``: ``window`` is
+        given the source's stop time and this node's cont time (wall clock)."""
+        with self._lock:
+            meta = self._meta(name)
+            got = meta.get("arrival")
+            if not isinstance(got, dict) or got.get("migration_id") != migration_id:
+                return
+            got["stop_window_ms"] = window(float(got["stopped_at"]), float(got["cont_at"]))
+            write_meta(self._dir(name), meta)
 
     def arrival(self, name: str) -> dict[str, Any] | None:
         """How the VM's last incoming migration ended here: ``migration_id`` and

@@ -83,6 +83,8 @@ class LiveIndex:
 
     def __init__(self, image: PageSource) -> None:
         self.index, self.groups = _snapshot_index(image)
+        #: blocks the last catch_up re-hashed (what it cost: 1 MiB of SHA-256 each)
+        self.rehashed = 0
 
     def changed(self, image: PageSource) -> list[int]:
         """Pages whose content differs from their fingerprint in the index."""
@@ -95,13 +97,17 @@ class LiveIndex:
                     out.append(p)
         return out
 
-    def catch_up(self, image: PageSource, executor: Executor | None = None) -> int:
-        """Re-index the blocks with changed pages from one snapshot each; the number of
-        pages that had changed."""
+    def catch_up(self, image: PageSource, executor: Executor | None = None,
+                 stopped: bool = False) -> int:
+        """Re-index the blocks with changed pages from one snapshot each (``stopped``: the
+        guest writes nothing, so from the image itself, no copy); the number of pages that
+        had changed."""
         changed = self.changed(image)
         blocks = sorted({p // BLOCK_PAGES for p in changed})
+        self.rehashed = len(blocks)
         if blocks:
-            snaps = _Snapshots(image.page_count, {b: _block(image, b) for b in blocks})
+            snaps: PageSource = image if stopped else _Snapshots(
+                image.page_count, {b: _block(image, b) for b in blocks})
             # Within each snapshot, the groups whose digest differs from the one held get
             # new page fingerprints; a group whose digest is the same holds the bytes its
             # fingerprints describe. Then the block's digest is of the same snapshot.

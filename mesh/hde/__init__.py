@@ -6,7 +6,8 @@
 - :mod:`mesh.hde.source`, :mod:`mesh.hde.target`: the sans-I/O diff session cores;
   :mod:`mesh.hde.events`: their events and actions beyond :mod:`mesh.core`'s.
 - :mod:`mesh.hde.entries`: how a diff reply names pages (key, base page, run).
-- :mod:`mesh.hde.codec`: chunk encoding (dedup, XOR delta, zstd) and decoding.
+- :mod:`mesh.hde.codec`: chunk encoding (dedup, XOR delta, zstd, copies) and decoding.
+- :mod:`mesh.hde.similar`: which pages share a chunk (similarity sketches).
 - :mod:`mesh.hde.compressors`: zstd per level, with HDE's own parameters for levels 13-19.
 - :mod:`mesh.hde.level`: the zstd level from link mode and measured speeds.
 - :mod:`mesh.hde.loopback`: an in-process driver (tests, benchmarks).

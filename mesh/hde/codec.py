@@ -12,6 +12,18 @@ at level 1). The chunk is compressed with zstd at the level the driver chose
 and a stored chunk never XORs: it would not be smaller), and stored raw when
 compression would not shrink it.
 
+With ``copies`` the encoder also sends each distinct page of a chunk once: a page equal
+to an earlier page of the same chunk goes as a pair (page, earlier page) in the header
+and takes no payload (flag ``_COPIES``). A live migration's pre-copy round sends what
+changed since the last round, and on the bench guest 17-23 % of those pages are equal
+to another page of the same round (data written through a buffer: the buffer's page
+and the file's page both changed); ``federation.vms.live_migration`` groups equal pages
+into one chunk and asks for copies, and so do the v3 data plane's pushed rounds
+(federation.dataplane.v3_push) to a target whose data channels offer the capability
+``mesh.versions.HDE_COPIES`` (older decoders refuse the flag). The HDE diff does not need
+it (the target resolves such pages by key), so its chunks never carry the flag. A
+decoder of this version reads both.
+
 An XXH3-128 digest over the header and payload lets the target reject a
 corrupted chunk before it decompresses a byte; decoding raises only
 :class:`ChunkError`.
@@ -30,11 +42,13 @@ import zstandard
 from mesh.hde.compressors import compress
 from mesh.hde.image import PAGE_SIZE, PageSource
 from mesh.hde.messages import CHUNK_PAGES
+from mesh.hde.similar import group_chunks
 
 __all__ = [
     "ChunkError",
     "ChunkPlan",
     "DecodedChunk",
+    "grouped_plans",
     "encode_chunk",
     "decode_chunk",
     "delta_body",
@@ -82,6 +96,15 @@ class DecodedChunk:
     pages: tuple[int, ...]
     xor: tuple[bool, ...]
     data: bytes
+
+
+def grouped_plans(image: PageSource, pages: Sequence[int], first_id: int = 0) -> list[ChunkPlan]:
+    """``pages`` of ``image`` in chunks of up to ``CHUNK_PAGES``, pages with equal bytes in
+    the same chunk (:func:`mesh.hde.similar.group_chunks`): with ``encode_chunk(...,
+    copies=True)`` each distinct page of a chunk then goes once. Chunk ids count from
+    ``first_id``."""
+    chunks = group_chunks(pages, lambda p: xxhash.xxh3_128_digest(image.view(p)))
+    return [ChunkPlan.of_pages(first_id + k, c) for k, c in enumerate(chunks)]
 
 
 def to_ranges(pages: Iterable[int]) -> list[int]:
@@ -133,7 +156,10 @@ _local = threading.local()
 #: CBOR: cbor2 copies a 1 MiB payload at 0.4-1.5 GB/s, a tenth of memcpy, and chunks are
 #: the bulk of every transfer. Varints, not (u64, u32) pairs: a warm transfer's wants are
 #: scattered (1,114 ranges in 34 chunks for a 1 GiB guest's t0 -> t0+60 s), and its
-#: ranges then take 3 bytes each instead of 12.
+#: ranges then take 3 bytes each instead of 12. With flag ``_COPIES`` the XOR bitmap is
+#: followed by a varint count of copies and, per copy, two varints: the copy's index in
+#: the chunk and the index of the earlier page it equals (ascending copies, each of a
+#: page that is neither a copy nor XORed); the payload then holds only the other pages.
 MAGIC = b"HDE\x02"
 _HEAD = struct.Struct("<4sQQBH")
 _LEN = struct.Struct("<I")
@@ -141,6 +167,7 @@ _LEN = struct.Struct("<I")
 _VARINT_MAX = 10
 DIGEST = 16
 _COMPRESSED = 1
+_COPIES = 2
 #: Above this level the plain and XOR variants of a chunk are compared at level 1 and only
 #: the smaller is compressed at the chosen level: at levels 13-19 (5-45 MB/s per core,
 #: mesh.hde.compressors) a second full compression doubled a warm chunk's cost, while
@@ -251,13 +278,100 @@ def delta_body(image: PageSource, pages: Sequence[int], reference: PageSource) -
     return bytes(raw) if body is None else body
 
 
+def _copies(raw: memoryview, count: int) -> dict[int, int]:
+    """Index -> index of the first earlier page with the same bytes, for pages of ``raw``."""
+    first: dict[bytes, int] = {}
+    out: dict[int, int] = {}
+    for i in range(count):
+        page = raw[i * PAGE_SIZE : (i + 1) * PAGE_SIZE].tobytes()
+        j = first.setdefault(page, i)
+        if j != i:
+            out[i] = j
+    return out
+
+
 def encode_chunk(transfer: int, plan: ChunkPlan, image: PageSource,
-                 reference: PageSource | None, level: int) -> bytes | bytearray:
+                 reference: PageSource | None, level: int, *,
+                 copies: bool = False) -> bytes | bytearray:
     """The frame of ``plan``'s pages from ``image``. With a ``reference`` (the source's copy
     of the target's base), pages may go XORed against it. Pages are copied once: into the
-    frame itself when stored, into a per-thread buffer when compressed."""
+    frame itself when stored, into a per-thread buffer when compressed. With ``copies``, a
+    page equal to an earlier page of the chunk is named instead of sent (module doc)."""
     if not 0 < plan.count <= CHUNK_PAGES:
         raise ChunkError(f"chunk {plan.chunk_id}: {plan.count} pages, expected 1..{CHUNK_PAGES}")
+    if copies:
+        raw = _scratch()[: plan.count * PAGE_SIZE]
+        _gather_into(raw, image, plan.ranges)
+        dup = _copies(raw, plan.count)
+        if dup and reference is not None and level != 0:
+            # a page whose XOR against the target's page pays goes XORed, as without
+            # copies, and so do its equals: a copy must equal its page as it arrives
+            pages = plan.pages
+            xored = {j for j in set(dup.values()) if pages[j] < reference.page_count
+                     and _xor_pays(raw[j * PAGE_SIZE : (j + 1) * PAGE_SIZE],
+                                   reference.view(pages[j]))}
+            dup = {i: j for i, j in dup.items() if j not in xored}
+        if dup:
+            return _encode_with_copies(transfer, plan, image, reference, level, raw, dup)
+    return _encode(transfer, plan, image, reference, level)
+
+
+def _xor_pays(page: memoryview, ref: bytes | memoryview) -> bool:
+    """The encoder's rule: XOR a page when that leaves more zero bytes than it has."""
+    return xor_pages(page, ref).count(0) > page.tobytes().count(0)
+
+
+def _encode_with_copies(transfer: int, plan: ChunkPlan, image: PageSource,
+                        reference: PageSource | None, level: int, raw: memoryview,
+                        dup: dict[int, int]) -> bytes | bytearray:
+    """The frame of a chunk some of whose pages equal earlier ones (``dup``: index ->
+    earlier index): the other pages go as :func:`_encode` sends pages, except that a page
+    others copy is never XORed (its copies must equal its bytes as they arrive)."""
+    pages = plan.pages
+    kept = [i for i in range(len(pages)) if i not in dup]
+    copied = set(dup.values())
+    body = b"".join(raw[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in kept)
+    xor_bits = bytearray((len(pages) + 7) // 8)
+    if reference is not None and level != 0:
+        parts: list[bytes] = []
+        for i in kept:
+            page = body[len(parts) * PAGE_SIZE : (len(parts) + 1) * PAGE_SIZE]
+            p = pages[i]
+            if i not in copied and p < reference.page_count:
+                x = xor_pages(page, reference.view(p))
+                if x.count(0) > page.count(0):
+                    xor_bits[i // 8] |= 1 << (i % 8)
+                    parts.append(x)
+                    continue
+            parts.append(page)
+        delta = b"".join(parts)
+        if any(xor_bits):
+            trial = 1 if level > TRIAL_ABOVE else level
+            if len(compress(delta, trial)) < len(compress(body, trial)):
+                body = delta
+            else:
+                xor_bits = bytearray(len(xor_bits))
+    payload, flags = body, _COPIES
+    if level != 0:
+        packed = compress(body, level)
+        if len(packed) < len(body):
+            payload, flags = packed, _COPIES | _COMPRESSED
+        elif any(xor_bits):  # stored: the XOR variant is no smaller, send the pages
+            payload = b"".join(raw[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in kept)
+            xor_bits = bytearray(len(xor_bits))
+    pairs = [v for i in sorted(dup) for v in (i, dup[i])]
+    head = b"".join([
+        _HEAD.pack(MAGIC, transfer, plan.chunk_id, flags, len(plan.ranges) // 2),
+        pack_ranges(plan.ranges),
+        xor_bits,
+        varints([len(dup), *pairs]),
+        _LEN.pack(len(payload)),
+    ])
+    return b"".join([head, _digest(head, payload), payload])
+
+
+def _encode(transfer: int, plan: ChunkPlan, image: PageSource,
+            reference: PageSource | None, level: int) -> bytes | bytearray:
     pages = plan.pages
     ranges = plan.ranges
     size = len(pages) * PAGE_SIZE
@@ -319,22 +433,29 @@ def decode_chunk(
         raise ChunkError(f"chunk frame: bad magic {bytes(magic)!r}")
     if xfer != transfer:
         raise ChunkError(f"chunk {cid}: belongs to transfer {xfer}")
-    if flags & ~_COMPRESSED or not 0 < nranges <= CHUNK_PAGES:
+    if flags & ~(_COMPRESSED | _COPIES) or not 0 < nranges <= CHUNK_PAGES:
         raise ChunkError(f"chunk {cid}: flags {flags:#x} or {nranges} ranges out of bounds")
     ranges, pos = unpack_ranges(mv, _HEAD.size, nranges, cid)
     pages = from_ranges(ranges, page_limit, f"chunk {cid}", CHUNK_PAGES)
     nxor = (len(pages) + 7) // 8
-    if len(mv) < pos + nxor + _LEN.size + DIGEST:
+    if len(mv) < pos + nxor:
         raise ChunkError(f"chunk {cid}: frame ends inside its header")
     xor_map = bytes(mv[pos : pos + nxor])
-    (plen,) = _LEN.unpack_from(mv, pos + nxor)
-    head_end = pos + nxor + _LEN.size
+    xor = [bool(xor_map[i // 8] >> (i % 8) & 1) for i in range(len(pages))]
+    pos += nxor
+    dup: dict[int, int] = {}
+    if flags & _COPIES:
+        dup, pos = _read_copies(mv, pos, cid, xor)
+    if len(mv) < pos + _LEN.size + DIGEST:
+        raise ChunkError(f"chunk {cid}: frame ends inside its header")
+    (plen,) = _LEN.unpack_from(mv, pos)
+    head_end = pos + _LEN.size
     if len(mv) != head_end + DIGEST + plen:
         raise ChunkError(f"chunk {cid}: {len(mv)} bytes, header says {head_end + DIGEST + plen}")
     payload = mv[head_end + DIGEST :]
     if _digest(mv[:head_end], payload) != mv[head_end : head_end + DIGEST]:
         raise ChunkError(f"chunk {cid}: digest mismatch (corrupted in transit)")
-    size = len(pages) * PAGE_SIZE
+    size = (len(pages) - len(dup)) * PAGE_SIZE
     data: bytes
     if flags & _COMPRESSED:
         try:
@@ -344,6 +465,42 @@ def decode_chunk(
     else:
         data = bytes(payload)
     if len(data) != size:
-        raise ChunkError(f"chunk {cid}: {len(data)} bytes for {len(pages)} pages")
-    xor = tuple(bool(xor_map[i // 8] >> (i % 8) & 1) for i in range(len(pages)))
-    return DecodedChunk(cid, tuple(pages), xor, data)
+        raise ChunkError(f"chunk {cid}: {len(data)} bytes for {len(pages) - len(dup)} pages")
+    if dup:
+        data = _expand(data, len(pages), dup)
+    return DecodedChunk(cid, tuple(pages), tuple(xor), data)
+
+
+def _read_copies(mv: memoryview, pos: int, cid: int,
+                 xor: list[bool]) -> tuple[dict[int, int], int]:
+    """The copy pairs of a ``_COPIES`` chunk from ``pos`` (checked: ascending copies, each
+    of an earlier page that is neither a copy nor XORed, none XORed itself)."""
+    what = f"chunk {cid} copies"
+    count, pos = read_varint(mv, pos, what)
+    if not 0 < count < len(xor):
+        raise ChunkError(f"{what}: {count} copies in a chunk of {len(xor)} pages")
+    dup: dict[int, int] = {}
+    prev = -1
+    for _ in range(count):
+        i, pos = read_varint(mv, pos, what)
+        j, pos = read_varint(mv, pos, what)
+        if not prev < i < len(xor) or not j < i or j in dup or xor[i] or xor[j]:
+            raise ChunkError(f"{what}: page {i} as a copy of page {j} is out of order, "
+                             f"past the chunk, of a copy or XORed")
+        dup[i] = j
+        prev = i
+    return dup, pos
+
+
+def _expand(data: bytes, count: int, dup: dict[int, int]) -> bytes:
+    """The chunk's pages in full from the sent ones (``data``) and the copies."""
+    out: list[bytes] = []
+    k = 0
+    for i in range(count):
+        j = dup.get(i)
+        if j is None:
+            out.append(data[k * PAGE_SIZE : (k + 1) * PAGE_SIZE])
+            k += 1
+        else:
+            out.append(out[j])
+    return b"".join(out)

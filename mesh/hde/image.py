@@ -162,6 +162,8 @@ class ImageWriter(Image):
         self._wrote(page, count)
 
     def copy(self, src: PageSource, src_page: int, page: int, count: int) -> None:
+        if src is self and src_page == page:
+            return  # a target that is its own base keeps a page in place: nothing changes
         self.view(page, count)[:] = src.view(src_page, count)
         self._wrote(page, count)
 

@@ -10,7 +10,7 @@ it; a fault hook may corrupt chunk frames in transit.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import Executor
 
 import attrs
@@ -72,6 +72,8 @@ def run_transfer(
     corrupt: Callable[[int, int, bytes | bytearray], bytes | bytearray] | None = None,
     transfer: int = 1,
     carry: Carry | None = None,
+    similar: Callable[[int], Hashable | None] | None = None,
+    sink_index: PageIndex | None = None,
 ) -> TransferResult:
     """Move ``image`` into a new image at the target holding ``store`` (which holds the new
     image too once it is verified). ``corrupt(chunk_id, attempt, frame)`` may alter a chunk
@@ -79,10 +81,20 @@ def run_transfer(
     the source name pages copied within the target's base (:mod:`mesh.hde.entries`).
     ``carry``: every diff message (each way) and chunk frame crosses it, and the receiving
     core gets the bytes that arrived; a batch of chunks is handed over as it is encoded,
-    so encoding overlaps the path's transmission."""
+    so encoding overlaps the path's transmission. ``similar``: chunk pages by similarity
+    (:class:`~mesh.hde.source.HdeSource`). ``sink_index``: the index of what the sink holds
+    before the transfer (a migration target that is its own base): the sink's ``written``
+    pages are tracked from its creation and the root is recomputed over the blocks
+    written, not over the whole image."""
+
+    def tracked_sink(pages: int) -> ImageWriter:
+        sink = make_sink(pages)
+        sink.written = set()
+        return sink
+
     refs = dict(references or {})
-    src = HdeSource(transfer, TARGET, name, index, refs, reference_indexes)
-    dst = HdeTarget(transfer, SOURCE, store, make_sink)
+    src = HdeSource(transfer, TARGET, name, index, refs, reference_indexes, similar)
+    dst = HdeTarget(transfer, SOURCE, store, make_sink if sink_index is None else tracked_sink)
     work: deque[tuple[str, object]] = deque((SOURCE, a) for a in src.start())
     encodes: list[EncodeChunk] = []
     attempts: dict[int, int] = {}
@@ -132,7 +144,11 @@ def run_transfer(
             encodes.append(action)
         elif isinstance(action, RecomputeRoot):
             assert dst.sink is not None
-            ix = build_index(dst.sink, executor)
+            if sink_index is not None and dst.sink.written is not None:
+                ix = sink_index.copy()
+                ix.refresh(dst.sink, dst.sink.written, executor)
+            else:
+                ix = build_index(dst.sink, executor)
             deliver(TARGET, RootRecomputed(transfer, bytes(ix.levels[0]), ix.root))
             if dst.verified:
                 # The verified copy now serves dedup and is this image's base next time.

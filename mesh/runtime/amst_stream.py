@@ -9,6 +9,17 @@ loop only schedules. The workers use a duplicate of the socket's descriptor, in
 non-blocking mode like trio's own, waiting with ``poll``; closing the link shuts the
 connection down, which wakes them.
 
+A bulk frame costs its bytes' crypto and one copy at each end, as the tuned channel
+path of ``dwcp bench channel`` does (issue 17): the sender writes the chunk's CBOR head
+and payload into a plaintext buffer (:func:`mesh.wire.encode_parts`: the payload is
+never run through cbor2), encrypts it with :meth:`SecureChannel.send_into` into a
+frame buffer that keeps room for the length prefix, and sends that buffer; the receiver
+reads the frame with ``recv_into`` into a buffer, decrypts it with
+:meth:`SecureChannel.receive_frame_into` into another and decodes the message from that
+view (the payload is copied out once, :func:`mesh.wire.decode`). The buffers belong to
+the link and are reused from frame to frame; a worker abandoned by a cancelled task
+keeps the ones it holds, and the next frame gets new ones.
+
 Frames are read exactly (header, then body), never past the end of a frame, so the
 trio reader and the thread reader can take turns on one connection. A frame's declared
 length is checked against what the channel accepts next (:attr:`SecureChannel.max_frame`:
@@ -27,9 +38,9 @@ from typing import Any
 
 import trio
 
-from mesh import wire
-from mesh.amst.receiver import Chunk, End, chunk_digest
-from mesh.channel import ChannelError, Closed, Data, SecureChannel
+from mesh import versions, wire
+from mesh.amst.receiver import Chunk, End, SealedChunk, chunk_digest
+from mesh.channel import FRAME_OVERHEAD, ChannelError, Closed, Data, SecureChannel
 
 __all__ = ["Link", "NET_ERRORS", "HANDSHAKE_TIMEOUT_S"]
 
@@ -58,6 +69,9 @@ class Link:
         #: the workers' duplicate descriptor is made at the first bulk frame, so a
         #: connection that never gets past its handshake holds one descriptor, not two
         self._can_dup = isinstance(sock, trio.SocketStream)
+        #: the bulk path's reusable buffers, by use ("plain", "sealed", "rx_sealed",
+        #: "rx_plain"); a worker takes one out while it uses it (see _take)
+        self._spare: dict[str, bytearray] = {}
 
     def _bulk_socket(self) -> socket.socket | None:
         """The duplicate of the connection's descriptor that the workers use (made now if
@@ -138,6 +152,7 @@ class Link:
     async def aclose(self) -> None:
         with self._guard:
             self._closing = True
+            self._spare.clear()  # a closed link holds no frame buffers
             if self._raw is not None:
                 with contextlib.suppress(OSError):  # already shut: nothing to wake
                     self._raw.shutdown(socket.SHUT_RDWR)  # wakes any worker
@@ -162,17 +177,27 @@ class Link:
 
     # ------------------------------------------------------------------ bulk, in workers
 
-    async def send_chunk(self, message: Chunk) -> None:
+    @property
+    def sealed_chunks(self) -> bool:
+        """Chunks go as :class:`SealedChunk` (no SHA-256): both channel ends offered
+        :data:`mesh.versions.AMST_SEALED`. Else as :class:`Chunk` with its digest."""
+        return versions.both_offer(versions.AMST_SEALED, self.channel.versions,
+                                   self.channel.peer_versions)  # fmt: skip
+
+    async def send_chunk(self, chunk: int, payload: bytes) -> None:
+        """Send chunk ``chunk``: its message (:meth:`_message`) built, sealed and written
+        in a worker."""
         async with self.send_lock:
             if self._bulk_socket() is not None:
-                await self._in_worker(self._seal_and_send, message)
+                await self._in_worker(self._seal_and_send, chunk, payload)
             else:  # not a socket (a test stream, a wrapper): seal in a worker, write here
-                data = await trio.to_thread.run_sync(self._seal, message)
+                data = await trio.to_thread.run_sync(self._seal, chunk, payload)
                 await self.sock.send_all(len(data).to_bytes(4, "big") + data)
 
     async def receive_bulk(self) -> tuple[Any, bool] | None:
         """The next frame, decrypted, decoded and (a Chunk) checked against its digest:
-        ``(message, digest_ok)``; ``(None, False)`` for the peer's final frame; None at EOF."""
+        ``(message, valid)`` (a SealedChunk is valid: the channel authenticated it);
+        ``(None, False)`` for the peer's final frame; None at EOF."""
         if self._bulk_socket() is not None:
             return await self._in_worker(self._read_and_open)  # type: ignore[no-any-return]
         raw = await self._read_frame()
@@ -197,49 +222,95 @@ class Link:
                 if self._closing and self._users == 0 and self._raw is not None:
                     self._raw.close()
 
-    def _seal(self, message: Chunk) -> bytes:
-        return self.channel.send(wire.encode(message))
+    def _take(self, use: str, size: int) -> bytearray:
+        """The link's buffer for ``use``, at least ``size`` bytes (grown when smaller;
+        a new one when a worker abandoned by a cancelled task still holds it)."""
+        with self._guard:
+            buf = self._spare.pop(use, None)
+        if buf is None or len(buf) < size:
+            buf = bytearray(size)
+        return buf
 
-    def _seal_and_send(self, message: Chunk) -> None:
+    def _give(self, use: str, buf: bytearray) -> None:
+        with self._guard:
+            self._spare[use] = buf
+
+    def _message(self, chunk: int, payload: bytes) -> Chunk | SealedChunk:
+        """The chunk's message for this stream's peer (worker thread: the digest)."""
+        if self.sealed_chunks:
+            return SealedChunk(chunk, payload)
+        return Chunk(chunk, chunk_digest(payload), payload)
+
+    def _plaintext(self, chunk: int, payload: bytes) -> tuple[bytearray, int]:
+        """The chunk's frame in the link's plaintext buffer (taken: give it back)."""
+        head, tail = wire.encode_parts(self._message(chunk, payload))
+        n = len(head) + len(tail)
+        plain = self._take("plain", n)
+        plain[: len(head)] = head
+        plain[len(head) : n] = tail
+        return plain, n
+
+    def _seal(self, chunk: int, payload: bytes) -> bytes:
+        plain, n = self._plaintext(chunk, payload)
+        try:
+            return self.channel.send(memoryview(plain)[:n])
+        finally:
+            self._give("plain", plain)
+
+    def _seal_and_send(self, chunk: int, payload: bytes) -> None:
+        plain, n = self._plaintext(chunk, payload)
+        sealed = self._take("sealed", 4 + n + FRAME_OVERHEAD)
+        try:
+            size = self.channel.send_into(memoryview(plain)[:n], memoryview(sealed)[4:])
+            sealed[:4] = size.to_bytes(4, "big")
+            self._send_all(memoryview(sealed)[: 4 + size])
+        finally:
+            self._give("plain", plain)
+            self._give("sealed", sealed)
+
+    def _send_all(self, view: memoryview) -> None:
         assert self._raw is not None
-        data = self._seal(message)
-        parts = [memoryview(len(data).to_bytes(4, "big")), memoryview(data)]
-        while parts:
+        while view:
             try:
-                sent = self._raw.sendmsg(parts)
+                sent = self._raw.send(view)
             except BlockingIOError:
                 self._wait(select.POLLOUT)
                 continue
-            while sent and parts:
-                if sent >= len(parts[0]):
-                    sent -= len(parts[0])
-                    parts.pop(0)
-                else:
-                    parts[0] = parts[0][sent:]
-                    sent = 0
+            view = view[sent:]
 
     def _read_and_open(self) -> tuple[Any, bool] | None:
-        head = self._recv_exactly(4)
-        if head is None:
+        head = bytearray(4)
+        if not self._recv_into(memoryview(head)):
             self.channel.end_of_stream()
             return None
-        body = self._recv_exactly(_frame_length(head, self.channel.max_frame))
-        if body is None:
-            raise ChannelError("truncated", "stream ended after a frame header")
-        return self._open(body)
+        n = _frame_length(head, self.channel.max_frame)
+        sealed = self._take("rx_sealed", n)
+        try:
+            if not self._recv_into(memoryview(sealed)[:n]):
+                raise ChannelError("truncated", "stream ended after a frame header")
+            return self._open(memoryview(sealed)[:n])
+        finally:
+            self._give("rx_sealed", sealed)
 
-    def _open(self, body: bytes) -> tuple[Any, bool]:
-        for event in self.channel.receive_frame(body):
-            if isinstance(event, Data):
-                msg = wire.decode(event.payload, expect=(Chunk, End))
-                valid = isinstance(msg, Chunk) and chunk_digest(msg.payload) == msg.digest
-                return msg, valid
-        return None, False  # the peer's final frame
+    def _open(self, body: bytes | memoryview) -> tuple[Any, bool]:
+        """Decrypt a frame into the link's plaintext buffer and decode the message from
+        there (a Chunk's payload is copied out, then checked against its digest)."""
+        plain = self._take("rx_plain", len(body))
+        try:
+            got = self.channel.receive_frame_into(body, plain)
+            if isinstance(got, Closed):
+                return None, False  # the peer's final frame
+            msg = wire.decode(memoryview(plain)[:got], expect=(Chunk, SealedChunk, End))
+        finally:
+            self._give("rx_plain", plain)
+        if isinstance(msg, Chunk):
+            return msg, chunk_digest(msg.payload) == msg.digest
+        return msg, isinstance(msg, SealedChunk)  # authenticated by the channel
 
-    def _recv_exactly(self, n: int) -> bytes | None:
+    def _recv_into(self, view: memoryview) -> bool:
+        """Fill ``view`` from the socket; False at a clean end before its first byte."""
         assert self._raw is not None
-        buf = bytearray(n)
-        view = memoryview(buf)
+        n = len(view)
         got = 0
         while got < n:
             try:
@@ -250,9 +321,9 @@ class Link:
             if k == 0:
                 if got:
                     raise ChannelError("truncated", f"stream ended inside a frame ({got}/{n})")
-                return None
+                return False
             got += k
-        return bytes(buf)
+        return True
 
     def _wait(self, events: int) -> None:
         assert self._raw is not None
@@ -263,7 +334,7 @@ class Link:
                 raise trio.ClosedResourceError("link closed")
 
 
-def _frame_length(head: bytes, limit: int) -> int:
+def _frame_length(head: bytes | bytearray, limit: int) -> int:
     """The declared length of the frame whose 4-byte header is ``head``, refused when it
     exceeds ``limit`` (what the channel accepts next)."""
     n = int.from_bytes(head, "big")

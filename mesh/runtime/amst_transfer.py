@@ -3,8 +3,9 @@
 This is glue around the sans-I/O cores (:class:`mesh.amst.sender.AmstSender`,
 :class:`mesh.amst.receiver.AmstReceiver`): it opens and accepts TCP streams, runs the
 channel handshake, and executes the cores' actions. Payload work (the caller's
-``prepare``, e.g. compression; SHA-256; CBOR framing; secretstream encryption and
-decryption) runs in worker threads with ``trio.to_thread.run_sync``: hashlib,
+``prepare``, e.g. compression; CBOR framing; secretstream encryption and decryption;
+SHA-256 only for a peer that does not read sealed chunks, :mod:`mesh.amst.receiver`)
+runs in worker threads with ``trio.to_thread.run_sync``: hashlib,
 libsodium (through cffi) and zstandard release the GIL, so the cores of the
 machine work in parallel while the event loop only moves buffers.
 
@@ -30,7 +31,6 @@ from mesh.amst.receiver import (
     AckArrived,
     AmstError,
     AmstReceiver,
-    Chunk,
     ChunkArrived,
     Deliver,
     End,
@@ -39,7 +39,6 @@ from mesh.amst.receiver import (
     Reply,
     StreamDown,
     StreamUp,
-    chunk_digest,
 )
 from mesh.amst.sender import (
     DEFAULT_WINDOW_BYTES,
@@ -177,7 +176,7 @@ class _SenderRun:
         self.new_channel = new_channel
         self.prepare = prepare
         self.preparers = preparers
-        self.payloads: dict[int, tuple[bytes, bytes]] = {}  # chunk -> (payload, digest)
+        self.payloads: dict[int, bytes] = {}  # chunk -> prepared payload
         self.queues: dict[int, deque[int]] = {}
         self.links: dict[int, Link] = {}
         self.scopes: dict[int, trio.CancelScope] = {}
@@ -255,7 +254,7 @@ class _SenderRun:
     # ------------------------------------------------------------------ producing
 
     async def produce(self) -> None:
-        """One preparer: pull a chunk, prepare and hash it off the event loop, offer it."""
+        """One preparer: pull a chunk, prepare it off the event loop, offer it."""
         while self.source_open:
             bound = _prepared_bound(self.core.chunk_bytes)
             if self.core.room() - self.reserved < bound:
@@ -276,13 +275,13 @@ class _SenderRun:
             self.reserved += bound
             self.pulling += 1
             try:
-                payload, digest = await trio.to_thread.run_sync(_prepare, self.prepare, chunk, raw)
+                payload = await trio.to_thread.run_sync(_prepare, self.prepare, chunk, raw)
             finally:
                 self.reserved -= bound
                 self.pulling -= 1
             if len(payload) > bound:
                 raise AmstError(f"prepare grew chunk {chunk} from {len(raw)} to {len(payload)}")
-            self.payloads[chunk] = (payload, digest)
+            self.payloads[chunk] = payload
             self.feed(ChunkOffered(chunk, len(payload)))
         if self.pulling == 0 and not self.core.done:
             self.feed(SourceDone())
@@ -337,10 +336,9 @@ class _SenderRun:
                 await self._wait_change()
                 continue
             chunk = queue.popleft()
-            held = self.payloads.get(chunk)
-            if held is not None:
-                payload, digest = held
-                await link.send_chunk(Chunk(chunk, digest, payload))
+            payload = self.payloads.get(chunk)
+            if payload is not None:
+                await link.send_chunk(chunk, payload)
                 self.written_chunks += 1
                 self.written_bytes += len(payload)
             self.feed(ChunkWritten(s, chunk))
@@ -353,12 +351,10 @@ def _prepared_bound(size: int) -> int:
     return size + (size >> 8) + 1024
 
 
-def _prepare(
-    prepare: Callable[[int, Buffer], bytes] | None, chunk: int, raw: Buffer
-) -> tuple[bytes, bytes]:
-    """Worker thread: the caller's transform (e.g. compression), then the digest."""
-    payload = bytes(raw) if prepare is None else prepare(chunk, raw)
-    return payload, chunk_digest(payload)
+def _prepare(prepare: Callable[[int, Buffer], bytes] | None, chunk: int, raw: Buffer) -> bytes:
+    """Worker thread: the caller's transform (e.g. compression). The stream adds a digest
+    if its peer needs one (:meth:`mesh.runtime.amst_stream.Link.send_chunk`)."""
+    return bytes(raw) if prepare is None else prepare(chunk, raw)
 
 
 async def send_transfer(

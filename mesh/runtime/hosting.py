@@ -4,7 +4,20 @@ A :class:`HostedCore` first calls the core's optional ``start(now)`` hook (as th
 simulator does), then runs one task that takes events from a bounded inbox and
 calls ``core.handle(trio.current_time(), event)`` for each, one at a time. The
 events already waiting in the inbox (at most ``DRAIN_EVENTS``) are handled as
-one *group* before their actions are executed:
+one *group* before their actions are executed.
+
+Who handles a group is whoever holds the core's *turn* (a lock): the core task
+for its inbox and its timers, or, when the core is idle (nothing queued, no
+turn in progress), the task that delivers the events — a link reader handing
+over one frame's messages (:meth:`HostedCore.deliver_many`). That saves the
+hand-off to the core task (its wake-up and one more pass of the event loop per
+frame) without changing what a core sees: one event at a time, in delivery
+order (while anything is queued, deliveries queue behind it), the same groups
+and the same order of writes and actions. A turn is shielded from
+cancellation, so a link that ends mid-turn never leaves events handled with
+their writes or sends not executed; it never waits on the network (sends only
+queue on links), and a failure in it is raised by the core task, which stops
+the node as before rather than only the link that delivered. Actions of a group:
 
 * ``Persist`` -> the group's writes go to the store in one transaction
   (``store.put_many`` where the store has it), synced if any of them asks for
@@ -135,6 +148,21 @@ class HostedCore:
         self._store = store
         self._log = log
         self._inbox_send, self._inbox_recv = trio.open_memory_channel[Event | _Invoke](INBOX_EVENTS)
+        #: Whose turn it is: held by the task handling events (the core's own task, or
+        #: a delivering task that found the core idle, see :meth:`deliver_many`).
+        self._turn = trio.Lock()
+        #: Items put in the inbox and not yet taken in a turn. While any wait, a
+        #: delivering task queues too, so events keep the order they were delivered in.
+        self._queued = 0
+        #: The start hook has run (no event is handled before it).
+        self._started = False
+        #: The core task's wait for the inbox or its next timer, to move its deadline
+        #: when a turn taken elsewhere set an earlier timer.
+        self._wait: trio.CancelScope | None = None
+        #: A failure met in a turn taken by a delivering task (the core raised, or the
+        #: store did); the core task raises it, so it stops the node as it would have
+        #: on the core's own task, instead of ending only the link that delivered.
+        self._failed: Exception | None = None
         self._timers: dict[Hashable, int] = {}  # key -> sequence of its live entry
         self._heap: list[tuple[float, int, Hashable]] = []
         self._seq = itertools.count()
@@ -147,16 +175,69 @@ class HostedCore:
         self._write_cost = {True: INLINE_WRITE, False: INLINE_WRITE}
 
     async def deliver(self, event: Event) -> None:
-        try:  # no schedule point per message of a burst while the inbox has room
-            self._inbox_send.send_nowait(event)
-        except trio.WouldBlock:
-            await self._inbox_send.send(event)
+        """Queue ``event`` for the core task (the peer table's PeerUp / PeerDown: it
+        delivers them under its lock, which a turn taken here would hold longer)."""
+        await self._enqueue([event])
+
+    async def deliver_many(self, events: list[Event]) -> None:
+        """Deliver ``events`` (in order; a link reader passes one frame's messages).
+
+        When the core is idle (started, nothing queued, no turn in progress) the
+        calling task takes the core's turn and handles them itself, as one group with
+        whatever reaches the inbox meanwhile: the same group commit as the core's
+        own task, without the hand-off to it (two task switches per frame: the
+        reader's wake-up of the core task and the core task's run). The turn is
+        shielded from cancellation (a link that ends mid-turn must not leave a
+        group's events handled and its writes or sends not executed), and it never
+        waits on the network (sends only queue on links), so a reader taking it
+        cannot be held by a slow peer any more than the core task could. Otherwise
+        the events go through the inbox; a full inbox makes the caller wait, which
+        is the readers' backpressure."""
+        if not events:
+            return
+        if self._started and self._queued == 0 and not self._turn.locked():
+            self._turn.acquire_nowait()
+            try:
+                with trio.CancelScope(shield=True):
+                    for start in range(0, len(events), DRAIN_EVENTS):
+                        await self._steps(events[start:start + DRAIN_EVENTS])
+            except Exception as exc:  # a core bug or a failed write: the node's to raise
+                self._failed = exc
+            finally:
+                self._turn.release()
+                self._rearm()
+            return
+        await self._enqueue(events)
+
+    async def _enqueue(self, events: list[Event]) -> None:
+        for event in events:
+            self._queued += 1
+            try:  # no schedule point per message of a burst while the inbox has room
+                self._inbox_send.send_nowait(event)
+            except trio.WouldBlock:
+                try:
+                    await self._inbox_send.send(event)
+                except BaseException:
+                    self._queued -= 1
+                    raise
+
+    def _rearm(self) -> None:
+        """After a turn taken by a delivering task: wake the core task for a core
+        failure, or move its wait to the next timer, which that turn may have set
+        earlier."""
+        if self._wait is not None:
+            self._wait.deadline = -math.inf if self._failed is not None else self.next_deadline()
 
     async def invoke(self, fn: Invocation, label: str) -> None:
         """Run ``fn(core, now)`` in this core's turn (between two events, like the
         simulator's ``World.invoke``), execute the actions it returns, then return."""
         call = _Invoke(fn, label, trio.Event())
-        await self._inbox_send.send(call)
+        self._queued += 1
+        try:
+            await self._inbox_send.send(call)
+        except BaseException:
+            self._queued -= 1
+            raise
         await call.done.wait()
 
     def next_deadline(self) -> float:
@@ -166,26 +247,41 @@ class HostedCore:
 
     async def run(self) -> None:
         start = getattr(self.core, "start", None)
-        if callable(start):  # the optional start hook the simulator calls too
-            await self._call(lambda core, now: start(now), "start")
+        async with self._turn:
+            if callable(start):  # the optional start hook the simulator calls too
+                await self._call(lambda core, now: start(now), "start")
+            self._started = True
         while True:
+            if self._failed is not None:
+                raise self._failed
             item: Event | _Invoke | None = None
-            with trio.move_on_at(self.next_deadline()):
+            with trio.move_on_at(self.next_deadline()) as self._wait:
                 item = await self._inbox_recv.receive()
-            if isinstance(item, _Invoke):
-                try:
-                    await self._call(item.fn, item.label)
-                finally:
-                    item.done.set()
-                continue
-            if item is not None:
-                await self._steps(item)
-                continue
-            # Fire due timers one at a time: each may cancel or re-arm others.
-            while self.next_deadline() <= trio.current_time():
-                _, _, key = heapq.heappop(self._heap)
-                del self._timers[key]
-                await self._execute_group(self._handle(TimerFired(key)))
+            self._wait = None
+            if self._failed is not None:
+                raise self._failed
+            try:  # the turn; a delivering task may hold it (then it is not idle)
+                self._turn.acquire_nowait()
+            except trio.WouldBlock:
+                await self._turn.acquire()
+            try:
+                if item is not None:
+                    self._queued -= 1
+                if isinstance(item, _Invoke):
+                    try:
+                        await self._call(item.fn, item.label)
+                    finally:
+                        item.done.set()
+                elif item is not None:
+                    await self._steps([item])
+                else:
+                    # Fire due timers one at a time: each may cancel or re-arm others.
+                    while self.next_deadline() <= trio.current_time():
+                        _, _, key = heapq.heappop(self._heap)
+                        del self._timers[key]
+                        await self._execute_group(self._handle(TimerFired(key)))
+            finally:
+                self._turn.release()
 
     async def _call(self, fn: Invocation, label: str) -> None:
         try:
@@ -204,17 +300,20 @@ class HostedCore:
         self.events_handled += 1
         return actions
 
-    async def _steps(self, first: Event) -> None:
-        """Handle ``first`` and the events already waiting behind it, then execute
-        their actions as one group (an invocation waiting in between ends the group
-        and runs after it)."""
-        actions = list(self._handle(first))
+    async def _steps(self, first: list[Event]) -> None:
+        """Handle ``first`` (at most DRAIN_EVENTS events) and the events already
+        waiting behind them, then execute their actions as one group (an invocation
+        waiting in between ends the group and runs after it). In the turn."""
+        actions: list[Action] = []
+        for event in first:
+            actions.extend(self._handle(event))
         invoke: _Invoke | None = None
-        for _ in range(DRAIN_EVENTS - 1):
+        for _ in range(DRAIN_EVENTS - len(first)):
             try:
                 item = self._inbox_recv.receive_nowait()
             except trio.WouldBlock:
                 break
+            self._queued -= 1
             if isinstance(item, _Invoke):
                 invoke = item
                 break

@@ -17,7 +17,8 @@ that ``sim/`` mirrors over its virtual network::
 ``core`` is anything with ``handle(now, event) -> list[Action]``
 (:mod:`mesh.core`). ``tags`` are wire message tags; one ending in ``.`` is a
 prefix. The runtime delivers to the core, one event at a time, with ``now =
-trio.current_time()``:
+trio.current_time()`` (a frame's messages for one core together, handled by the
+link's reader itself when the core is idle: :mod:`mesh.runtime.hosting`):
 
 * ``Received(peer, message, raw)`` for each message whose tag it registered
   (``raw`` is the decrypted frame, for signature checks over received bytes);
@@ -581,6 +582,9 @@ class Runtime:
             await hosted.deliver(event)
 
     async def _on_payload(self, link: Link, payload: bytes) -> None:
+        """One frame's plaintext: a message, or a bundle of them. The messages for one
+        core reach it together (:meth:`HostedCore.deliver_many`), in their order, so a
+        bundle is one group for the core, handled in this task when the core is idle."""
         try:
             message = wire.decode(payload)
         except wire.WireError as exc:
@@ -588,23 +592,29 @@ class Runtime:
             self._count("bad_messages")
             self.log.event("bad_message", peer=link.peer, error=str(exc))
             return
+        batches: dict[HostedCore, list[Event]] = {}
         if not isinstance(message, LinkBundle):
-            await self._on_message(link, message, payload)
-            return
-        self._count("bundles_in")
-        for inner in message.messages:
-            try:
-                one = wire.decode(inner)
-                if isinstance(one, LinkBundle):
-                    raise wire.WireError("a bundle inside a bundle")
-            except wire.WireError as exc:
-                self._count("messages_in")
-                self._count("bad_messages")
-                self.log.event("bad_message", peer=link.peer, error=str(exc))
-                continue
-            await self._on_message(link, one, inner)
+            self._on_message(link, message, payload, batches)
+        else:
+            self._count("bundles_in")
+            for inner in message.messages:
+                try:
+                    one = wire.decode(inner)
+                    if isinstance(one, LinkBundle):
+                        raise wire.WireError("a bundle inside a bundle")
+                except wire.WireError as exc:
+                    self._count("messages_in")
+                    self._count("bad_messages")
+                    self.log.event("bad_message", peer=link.peer, error=str(exc))
+                    continue
+                self._on_message(link, one, inner, batches)
+        for hosted, events in batches.items():
+            await hosted.deliver_many(events)
 
-    async def _on_message(self, link: Link, message: Any, payload: bytes) -> None:
+    def _on_message(
+        self, link: Link, message: Any, payload: bytes, batches: dict[HostedCore, list[Event]]
+    ) -> None:
+        """Route one message: a core's go to ``batches``, a handler is called now."""
         self._count("messages_in")
         if isinstance(message, LinkSuperseded):
             link.superseded = True
@@ -621,7 +631,7 @@ class Runtime:
                 self._unrouted_logged.add(tag)
                 self.log.event("unrouted", peer=link.peer, tag=tag)
         elif isinstance(target, HostedCore):
-            await target.deliver(Received(link.peer, message, payload))
+            batches.setdefault(target, []).append(Received(link.peer, message, payload))
         else:
             target(link.peer, message)
 

@@ -81,8 +81,11 @@ AMST_KEYS = {name: identity.Identity.from_seed(bytes([i + 7]) * 32) for i, name 
 AMST_PEERS = {name: ident.public for name, ident in AMST_KEYS.items()}
 
 
-def channels(seed: int = 1) -> tuple[Callable[[], SecureChannel], Callable[[], SecureChannel]]:
-    """Factories of s's (initiator) and t's (responder) channel for AMST streams."""
+def channels(
+    seed: int = 1, *, offer_s: tuple[int, ...] = (1, 3), offer_t: tuple[int, ...] = (1, 3)
+) -> tuple[Callable[[], SecureChannel], Callable[[], SecureChannel]]:
+    """Factories of s's (initiator) and t's (responder) channel for AMST streams, offering
+    ``offer_s`` and ``offer_t`` (transfer versions and capabilities, mesh.versions)."""
     rng = random.Random(seed)
 
     def initiator() -> SecureChannel:
@@ -91,7 +94,7 @@ def channels(seed: int = 1) -> tuple[Callable[[], SecureChannel], Callable[[], S
             name="s",
             federation="amst",
             peers=AMST_PEERS,
-            versions=(1, 3),
+            versions=offer_s,
             initiator=True,
             peer="t",
             random_bytes=rng.randbytes,
@@ -103,7 +106,7 @@ def channels(seed: int = 1) -> tuple[Callable[[], SecureChannel], Callable[[], S
             name="t",
             federation="amst",
             peers=AMST_PEERS,
-            versions=(1, 3),
+            versions=offer_t,
             initiator=False,
             random_bytes=rng.randbytes,
         )

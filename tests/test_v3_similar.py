@@ -1,0 +1,98 @@
+"""The node path's v3 source chunks pages by similarity at a high zstd level, as the
+in-process LiveMigration does (mesh.hde.similar.similar_at): in-process nodes, real TCP
+on loopback, the chunk level forced, the chunk plans the source encodes recorded."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import federation.dataplane.v3 as v3
+import federation.dataplane.v3_source as v3_source
+from mesh.hde.messages import CHUNK_PAGES
+from mesh.hde.similar import SIMILAR_FROM_LEVEL, sketch
+from tests.harness.node import (
+    image_hashes,
+    import_vm,
+    make_federation,
+    migrate,
+    running_nodes,
+    set_policy,
+    wait_outcome,
+    wait_vm,
+)
+
+PAGE = 4096
+#: pages ``j`` and ``j + SPREAD`` hold the same text but for their last bytes: equal
+#: sketches (mesh.hde.similar.SKETCH_SPAN), far more than one chunk apart
+SPREAD = 4 * CHUNK_PAGES
+
+
+def _text_page(rng: random.Random) -> bytes:
+    words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
+             for _ in range(900)]
+    body = b"".join(w + (b"\n" if rng.random() < 0.1 else b" ") for w in words)
+    return body[:PAGE]
+
+
+def _memory(path: Path) -> Path:
+    rng = random.Random(17)
+    firsts = [_text_page(rng) for _ in range(SPREAD)]
+    seconds = [p[:-8] + b"%08d" % j for j, p in enumerate(firsts)]
+    for a, b in zip(firsts, seconds, strict=True):
+        assert a != b and sketch(a) is not None and sketch(a) == sketch(b)
+    path.write_bytes(b"".join(firsts + seconds))
+    return path
+
+
+def test_node_source_plans_by_similarity_from_the_level(tmp_path: Path,
+                                                        monkeypatch: Any) -> None:
+    """vm1 moves at level 1 (pages in ascending order), vm2 at SIMILAR_FROM_LEVEL (every
+    page in one chunk with its look-alike); both arrive intact."""
+    cfg = make_federation(tmp_path / "fed")
+    (tmp_path / "vm").mkdir()
+    memory = _memory(tmp_path / "vm" / "memory.img")
+    plans: list[tuple[int, list[int]]] = []
+    real_encode = v3_source.encode_chunk
+
+    def recording(transfer: int, plan: Any, image: Any, ref: Any, lvl: int,
+                  **kw: Any) -> bytes | bytearray:
+        plans.append((lvl, plan.pages))
+        return real_encode(transfer, plan, image, ref, lvl, **kw)
+
+    level = [1]
+    monkeypatch.setattr(v3_source, "encode_chunk", recording)
+    monkeypatch.setattr(v3, "choose_chunk_level", lambda *_: ("datacenter", level[0]))
+
+    async def main() -> None:
+        async with running_nodes(cfg, tmp_path / "data") as nodes:
+            dc1 = nodes["dc1"]
+            await set_policy(dc1, 100)
+            for vm, target, lvl in (("vm1", "dc2", 1), ("vm2", "dc3", SIMILAR_FROM_LEVEL)):
+                level[0] = lvl
+                await import_vm(dc1, vm, memory, [])
+                mid = await migrate(dc1, vm, target)
+                assert await wait_outcome(dc1, mid) == "committed"
+                await wait_vm(nodes[target], vm, "running")
+                assert image_hashes(nodes[target].backend.path(vm)) \
+                    == image_hashes(dc1.backend.path(vm))
+                rounds = dc1.need_core().outcomes[mid].rounds
+                assert dc1.rounds.counters.paths[mid] == {"v3": rounds}
+
+    trio.run(main)
+    by_level: dict[int, list[list[int]]] = {}
+    for lvl, pages in plans:
+        by_level.setdefault(lvl, []).append(pages)
+    assert sorted(by_level) == [1, SIMILAR_FROM_LEVEL]
+
+    def together(chunks: list[list[int]]) -> int:
+        return sum(1 for pages in chunks for p in pages if p + SPREAD in pages)
+
+    # ascending order: a chunk is a run of neighbouring pages
+    assert together(by_level[1]) == 0
+    assert all(pages[-1] - pages[0] < CHUNK_PAGES for pages in by_level[1])
+    # by similarity: every page shares its chunk with its look-alike
+    assert together(by_level[SIMILAR_FROM_LEVEL]) == SPREAD
