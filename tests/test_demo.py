@@ -13,10 +13,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import trio
 
 from federation.demo import vm_data as demo_data
 from federation.demo.corpus import ManifestError, load_manifest
-from federation.demo.processes import DemoFailed
+from federation.demo.processes import DemoFailed, NodeProcess
 from federation.demo.scenario import Demo
 from federation.demo.vm_data import PAGE, SMALL_RAM_MIB, build_vm_data
 
@@ -138,3 +139,25 @@ def test_the_image_check_fails_on_a_differing_copy_or_a_lost_write(tmp_path: Pat
         page[:PAGE] + bytes(PAGE))
     with pytest.raises(DemoFailed, match="differs from what the writer wrote"):
         demo.check_images("vm", "dc1", "dc3")
+
+
+def test_a_replaced_link_counts_the_kept_connections_dialler() -> None:
+    """Seen in `make demo` (2026-12-07): dc2 took dc4's dial, then the tie-break replaced
+    it by dc2's own (`link_replaced`, no new `peer_up`), while dc4 kept dc2's dial from the
+    start. Both ends kept dc2's connection; the demo must see them agree."""
+    dc2, dc4 = NodeProcess("dc2", Path("unused")), NodeProcess("dc4", Path("unused"))
+
+    async def feed() -> None:  # the log reader stamps each record with trio's clock
+        for line in (
+            '{"event":"peer_up","peer":"dc4","version":3,"initiator":"dc4","link":2}',
+            '{"event":"link_replaced","peer":"dc4","kept":3,"closed":2,"initiator":"dc2"}',
+        ):
+            dc2._on_line(line)
+        for line in (
+            '{"event":"peer_up","peer":"dc2","version":3,"initiator":"dc2","link":2}',
+            '{"event":"link_duplicate","peer":"dc2","kept":2,"closed":3}',
+        ):
+            dc4._on_line(line)
+
+    trio.run(feed)
+    assert dc2.initiators["dc4"] == dc4.initiators["dc2"] == "dc2"

@@ -167,6 +167,8 @@ class NodeProcess:
         if record["event"] == "peer_up":
             self.up[record["peer"]] = record["version"]
             self.initiators[record["peer"]] = record["initiator"]
+        elif record["event"] == "link_replaced":  # the tie-break kept the other connection
+            self.initiators[record["peer"]] = record["initiator"]
         elif record["event"] == "peer_down":
             self.up.pop(record["peer"], None)
         self._wake()

@@ -89,7 +89,8 @@ class PeerTable:
             current.retire(superseded=True)
             if current.claim.peer_incarnation == link.claim.peer_incarnation:
                 self.log.event(
-                    "link_replaced", peer=peer, kept=link.link_id, closed=current.link_id
+                    "link_replaced", peer=peer, kept=link.link_id, closed=current.link_id,
+                    initiator=link.claim.initiator,
                 )
                 return True
             # The peer restarted: the cores must see it go and come back.
