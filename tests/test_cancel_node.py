@@ -6,6 +6,7 @@ follows the migration, and the errors for a finished and an unknown migration.""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -24,6 +25,13 @@ from tests.harness.node import make_federation, real_vm, running_nodes, wait_out
 from tests.harness.waiting import wait_until
 
 _MAIN = "import sys; from federation.cli.main import main; sys.exit(main())"
+
+
+def _as_from_a_terminal() -> None:
+    """The child starts with SIGINT as an operator's shell leaves it (default action,
+    not blocked), whatever this test process's earlier tests did to its own."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 async def dwcp(*args: str) -> tuple[int, str, str]:
@@ -60,7 +68,8 @@ def test_cancel_while_the_target_never_answers_asked_of_another_dc(
             # the operator starts the migration, then gives up following it (Ctrl-C)
             proc = subprocess.Popen(
                 [sys.executable, "-c", _MAIN, "migrate", "web", "--to", "dc2", "--api",
-                 api(dc1)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 api(dc1)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                preexec_fn=_as_from_a_terminal, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
             try:
                 await wait_until(lambda: any(
                     m.state == "begun" for m in dc1.need_core().replica.ledger.migrations.values()),
@@ -71,7 +80,12 @@ def test_cancel_while_the_target_never_answers_asked_of_another_dc(
                                                           abandon_on_cancel=True)
                 assert " round " in first, first  # it has polled the migration once
                 proc.send_signal(signal.SIGINT)
-                _, err = await trio.to_thread.run_sync(proc.communicate, None, 20)
+                try:
+                    _, err = await trio.to_thread.run_sync(proc.communicate, None, 20)
+                except subprocess.TimeoutExpired:  # say where it is: faulthandler's dump
+                    proc.send_signal(signal.SIGABRT)
+                    _, err = await trio.to_thread.run_sync(proc.communicate, None, 10)
+                    raise AssertionError(f"dwcp migrate ignored SIGINT for 20 s:\n{err}")
             finally:
                 if proc.poll() is None:
                     proc.kill()

@@ -82,8 +82,9 @@ def test_a_dc_with_another_federation_file_is_refused_naming_what_differs(
             (d := nodes.ready_doc("dc1"))["problems"] == [mismatch] and d))
         assert doc["ready"] is True  # dc1, dc2, dc3 are a quorum
         assert doc["reason"] == f"ready (a quorum is connected), but; {mismatch}"
-        at_dc4 = nodes.wait("dc4 names the others' file", lambda: (
-            (d := nodes.ready_doc("dc4"))["problems"] and d))
+        # both peers' mismatches: dc1's and dc2's handshakes are refused one after the other
+        at_dc4 = nodes.wait("dc4 names both others' file", lambda: (
+            len((d := nodes.ready_doc("dc4"))["problems"]) == 2 and d))
         assert at_dc4["ready"] is False
         assert at_dc4["reason"].startswith("no ledger in this federation: PBFT needs n = 3f+1")
         assert all(p.endswith(f", ours {theirs.digest.hex()[:16]}: 1 DC(s) only in {dc}'s")
