@@ -85,7 +85,7 @@ def test_cancel_while_the_target_never_answers_asked_of_another_dc(
                 except subprocess.TimeoutExpired:  # say where it is: faulthandler's dump
                     proc.send_signal(signal.SIGABRT)
                     _, err = await trio.to_thread.run_sync(proc.communicate, None, 10)
-                    raise AssertionError(f"dwcp migrate ignored SIGINT for 20 s:\n{err}")
+                    raise AssertionError(f"dwcp migrate ignored SIGINT for 20 s:\n{err}") from None
             finally:
                 if proc.poll() is None:
                     proc.kill()
