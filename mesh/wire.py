@@ -34,6 +34,7 @@ A frame is refused unless it is the canonical encoding of what it decodes to.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, dataclass_transform
@@ -625,6 +626,16 @@ def _strict_loads(data: bytes) -> Any:
                        semantic_decoders=_NO_TAGS, tag_hook=_refuse_tag)
 
 
+def _canonical_load(data: bytes) -> Any:
+    """``data``'s CBOR item if cbor2's C decoder reads it (:func:`_strict_loads`) and its C
+    encoder writes it back as exactly ``data`` (canonical form), else None."""
+    try:
+        obj = _strict_loads(data)
+        return obj if cbor2.dumps(obj, canonical=True) == data else None
+    except Exception:  # any refusal: the checked path names it
+        return None
+
+
 def _load(data: bytes | memoryview) -> tuple[Any, bool]:
     """One CBOR item of ``data``, prescanned; and whether its canonical form must be
     checked by re-encoding (it holds a map or a float). A long byte string that ends the
@@ -689,12 +700,7 @@ def _decode_fast(data: bytes, expect: Sequence[type] | None) -> Any:
     walk over every item head."""
     if len(data) > ABSOLUTE_MAX_SIZE:
         return None
-    try:
-        obj = _strict_loads(data)
-        if cbor2.dumps(obj, canonical=True) != data:
-            return None
-    except Exception:  # any refusal: the checked path names it
-        return None
+    obj = _canonical_load(data)
     if type(obj) is not list or len(obj) != 3:
         return None
     version, tag, fields = obj
@@ -755,12 +761,10 @@ def decode_struct(data: bytes | bytearray | memoryview, cls: type, max_size: int
         raise WireError(f"{cls.__name__}: {len(data)} bytes exceeds {max_size}")
     if len(data) <= FAST_MAX:
         data = bytes(data)
-        try:
-            raw = _strict_loads(data)
-            if cbor2.dumps(raw, canonical=True) == data:
-                return _class_decoder(cls)(raw)
-        except Exception:  # noqa: S110 - any refusal: the checked path below names it
-            pass
+        raw = _canonical_load(data)
+        if raw is not None:
+            with contextlib.suppress(Exception):
+                return _class_decoder(cls)(raw)  # else the checked path below names it
     fields, recheck = _load(data)
     obj = _fields_of_frame(cls, fields, cls.__name__)
     if recheck and encode_struct(obj) != bytes(data):
