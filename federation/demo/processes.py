@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -349,10 +349,17 @@ async def _demo(directory: Path, size: str, rate: float) -> None:
     for dc in fed.federation.dcs:
         print(f"    {dc.name}  control {dc.control.host}:{dc.control.port}  "
               f"api http://{dc.api.host}:{dc.api.port}  key {str(dc.public_key)[:16]}...")
+    await run_scenario(fed, began, partial(_scenario, fed, directory, size, rate))
+
+
+async def run_scenario(fed: LocalFederation, began: float,
+                       scenario: Callable[[trio.Nursery], Awaitable[None]]) -> None:
+    """Run a demo's ``scenario(nursery)`` beside the federation's processes, kill them all
+    whatever happens, raise its :class:`DemoFailed` as itself, and say how long it took."""
     failure: DemoFailed | None = None
     async with trio.open_nursery() as nursery:
         try:
-            await _scenario(fed, directory, size, rate, nursery)
+            await scenario(nursery)
         except DemoFailed as exc:
             failure = exc  # raised below, not wrapped in the nursery's exception group
         finally:

@@ -23,6 +23,7 @@ import signal
 import sys
 import tempfile
 import traceback
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from consensus.ledger import SetPolicy
 from federation.api.client import ClientError, import_vm
 from federation.cli.main import CommandError
 from federation.cli.ops import _human
-from federation.demo.processes import START_BUDGET, DemoFailed, LocalFederation
+from federation.demo.processes import START_BUDGET, DemoFailed, LocalFederation, run_scenario
 from federation.demo.qemu_guest.build import GuestAssetsMissing, guest_cmdline, load_assets
 from federation.demo.qemu_guest.console import Console, read_console
 from federation.demo.scenario import Demo, ms
@@ -197,17 +198,7 @@ async def _demo(directory: Path, ram: Path, assets: Any, accel: str) -> None:
     images = directory / "images"
     images.mkdir(exist_ok=True)
     write_qemu_configs(fed, directory, images, ram, assets, accel)
-    failure: DemoFailed | None = None
-    async with trio.open_nursery() as nursery:
-        try:
-            await _scenario(fed, directory, ram, images, assets, nursery)
-        except DemoFailed as exc:
-            failure = exc
-        finally:
-            fed.kill_all()
-    if failure is not None:
-        raise failure
-    print(f"\nOK: every check passed; the demo took {ms(trio.current_time() - began)}.")
+    await run_scenario(fed, began, partial(_scenario, fed, directory, ram, images, assets))
 
 
 async def _scenario(fed: LocalFederation, directory: Path, ram: Path, images: Path,
