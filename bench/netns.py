@@ -44,6 +44,41 @@ def _ip(*args: str) -> None:
         raise NetnsError(f"ip {' '.join(args)}: {out.stderr.strip()}")
 
 
+#: Namespaces and root-namespace links this process created and has not deleted yet.
+_HELD: set[str] = set()
+
+
+def _add_netns(ns: str) -> None:
+    """``ip netns add ns``; a namespace of that name that this process does not hold is
+    a leftover of a run that died before its ``close`` (a killed test, a CI job cut off):
+    names carry the creating process's pid, so no live process shares one with us. The
+    leftover is deleted (with its links) and the name taken again."""
+    if ns not in _HELD:
+        _delete_leftover(["netns", "del", ns], f"/run/netns/{ns}")
+    _ip("netns", "add", ns)
+    _HELD.add(ns)
+
+
+def _add_near_veth(near_if: str, far_if: str, ns: str) -> None:
+    """A veth pair with ``near_if`` in this namespace and ``far_if`` in ``ns``; a left
+    over ``near_if`` (see :func:`_add_netns`) is deleted first."""
+    if near_if not in _HELD:
+        _delete_leftover(["link", "del", near_if], f"/sys/class/net/{near_if}")
+    _ip("link", "add", near_if, "type", "veth", "peer", "name", far_if, "netns", ns)
+    _HELD.add(near_if)
+
+
+def _delete_leftover(ip_args: list[str], exists: str) -> None:
+    if os.path.lexists(exists):
+        subprocess.run(["ip", *ip_args], capture_output=True, check=False)
+
+
+def _del(ip_args: list[str], name: str) -> None:
+    """Delete a namespace or link this process made; never raises."""
+    subprocess.run(["ip", *ip_args], capture_output=True, check=False)
+    _HELD.discard(name)
+
+
 def _tc(ns: str, *args: str) -> None:
     out = subprocess.run(["ip", "netns", "exec", ns, "tc", *args], capture_output=True,
                          text=True, check=False)  # fmt: skip
@@ -64,7 +99,7 @@ class TbfLink:
     def open(self) -> TbfLink:
         try:
             for ns in (self.ns_a, self.ns_b):
-                _ip("netns", "add", ns)
+                _add_netns(ns)
                 self._created.append(ns)
             _ip("link", "add", self.ns_a, "netns", self.ns_a, "type", "veth",
                 "peer", "name", self.ns_b, "netns", self.ns_b)  # fmt: skip
@@ -96,7 +131,7 @@ class TbfLink:
     def close(self) -> None:
         """Delete both namespaces (and with them the veth pair); never raises."""
         for ns in reversed(self._created):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+            _del(["netns", "del", ns], ns)
         self._created.clear()
 
     def __enter__(self) -> TbfLink:
@@ -148,10 +183,9 @@ class FarLink:
             raise NetnsError(f"no free {FAR_SUBNET}.N.0/24 subnet")
         self.near, self.far = f"{FAR_SUBNET}.{n}.1", f"{FAR_SUBNET}.{n}.2"
         try:
-            _ip("netns", "add", self.ns)
             self._created = True
-            _ip("link", "add", self.near_if, "type", "veth", "peer", "name", self.far_if,
-                "netns", self.ns)  # fmt: skip
+            _add_netns(self.ns)
+            _add_near_veth(self.near_if, self.far_if, self.ns)
             _ip("addr", "add", f"{self.near}/24", "dev", self.near_if)
             _ip("link", "set", self.near_if, "up")
             _ip("-n", self.ns, "addr", "add", f"{self.far}/24", "dev", self.far_if)
@@ -187,10 +221,11 @@ class FarLink:
     def close(self) -> None:
         """Delete the namespace (and with it the veth pair and its qdiscs); never raises."""
         if self._created:
-            subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, check=False)
+            if self.ns in _HELD:
+                _del(["netns", "del", self.ns], self.ns)
             # the near end goes with its peer; delete it too in case it was left alone
-            subprocess.run(["ip", "link", "del", self.near_if], capture_output=True,
-                           check=False)  # fmt: skip
+            if self.near_if in _HELD:
+                _del(["link", "del", self.near_if], self.near_if)
             self._created = False
 
     def __enter__(self) -> FarLink:

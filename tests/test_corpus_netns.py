@@ -75,8 +75,8 @@ def _far_copy(link: FarLink, nbytes: int) -> float:
 def test_a_far_link_counts_what_crosses_it_shapes_it_and_is_torn_down(
         rate_mbit: int | None) -> None:
     nbytes = 1 << 20
-    with FarLink(rate_mbit, name="dwtestf") as link:
-        assert "dwtestff" in namespaces() and link.near != link.far
+    with FarLink(rate_mbit) as link:
+        assert link.ns in namespaces() and link.near != link.far
         before = link.tx_bytes()
         seconds = _far_copy(link, nbytes)
         crossed = link.tx_bytes() - before
@@ -84,6 +84,24 @@ def test_a_far_link_counts_what_crosses_it_shapes_it_and_is_torn_down(
     assert nbytes < crossed < nbytes * 1.2
     if rate_mbit is not None:  # tbf lets one burst (128 KiB) through at line rate
         assert seconds >= nbytes * 8 / (rate_mbit * 1e6) * 0.8
-    assert "dwtestff" not in namespaces()
-    assert "dwtestfn" not in subprocess.run(["ip", "link"], capture_output=True,
+    assert link.ns not in namespaces()
+    assert link.near_if not in subprocess.run(["ip", "link"], capture_output=True,
                                             text=True).stdout
+
+
+def test_a_link_left_over_by_a_killed_run_is_replaced_not_fatal() -> None:
+    """A run killed before its ``close`` leaves its namespace and near veth behind; the
+    next run whose pid gives the same names deletes them instead of failing."""
+    stale = FarLink(None)
+    subprocess.run(["ip", "netns", "add", stale.ns], check=True)
+    subprocess.run(["ip", "link", "add", stale.near_if, "type", "veth", "peer", "name",
+                    "dwstalepeer"], check=True)  # fmt: skip
+    try:
+        with FarLink(None) as link:
+            assert link.ns in namespaces()
+        assert link.ns not in namespaces()
+        assert link.near_if not in subprocess.run(["ip", "link"], capture_output=True,
+                                                  text=True).stdout  # fmt: skip
+    finally:
+        subprocess.run(["ip", "netns", "del", stale.ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", stale.near_if], capture_output=True)
