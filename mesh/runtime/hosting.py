@@ -34,7 +34,9 @@ the node as before rather than only the link that delivered. Actions of a group:
   after it is seen outside before it is durable;
 * ``Send`` -> ``send(peer, message)`` of the runtime (encode, queue on the peer's
   link; never blocks the core, a drop is counted by the runtime). The sends of a
-  group reach a link's outbox together, so its writer can put them in one frame;
+  group go to the runtime together (``send_group``): each link's share leaves in
+  one frame, written from the turn when the link is quiet
+  (:meth:`mesh.runtime.link.Link.release`), else by its writer;
 * ``SetTimer`` / ``CancelTimer`` -> a per-core timer table; a due timer is
   delivered as ``TimerFired(key)`` through the same loop, so a core sees one
   event at a time;
@@ -137,8 +139,12 @@ class HostedCore:
         store: Store | None,
         log: JsonLog,
         effects: Callable[[object], bool] | None = None,
+        send_group: Callable[[list[Send]], None] | None = None,
     ) -> None:
         self.name = name
+        #: sends a group's ``Send`` actions together (each link's share leaves as one
+        #: burst, written from the turn when the link is quiet); else ``send`` each
+        self._send_group = send_group
         #: the host's own actions (e.g. a node's VM work): called in action order,
         #: returns True if it took the action
         self._effects = effects
@@ -347,8 +353,15 @@ class HostedCore:
         if writes and any(w.sync for w in writes):
             await self._write(writes)
             writes = []
+        sends: list[Send] = []
         for action in deferred:
-            self._execute(action)
+            if isinstance(action, Send) and self._send_group is not None:
+                sends.append(action)  # their order with timers and log lines is local
+            else:
+                self._execute(action)
+        if sends:
+            assert self._send_group is not None
+            self._send_group(sends)
         if writes:
             await self._write(writes)
 
