@@ -9,7 +9,8 @@ one *group* before their actions are executed.
 Who handles a group is whoever holds the core's *turn* (a lock): the core task
 for its inbox and its timers, or, when the core is idle (nothing queued, no
 turn in progress), the task that delivers the events — a link reader handing
-over one frame's messages (:meth:`HostedCore.deliver_many`). That saves the
+over one frame's messages (:meth:`HostedCore.deliver_many`) — or the task that
+invokes work in the core's turn (:meth:`HostedCore.invoke`). That saves the
 hand-off to the core task (its wake-up and one more pass of the event loop per
 frame) without changing what a core sees: one event at a time, in delivery
 order (while anything is queued, deliveries queue behind it), the same groups
@@ -236,7 +237,25 @@ class HostedCore:
 
     async def invoke(self, fn: Invocation, label: str) -> None:
         """Run ``fn(core, now)`` in this core's turn (between two events, like the
-        simulator's ``World.invoke``), execute the actions it returns, then return."""
+        simulator's ``World.invoke``), execute the actions it returns, then return.
+
+        When the core is idle the calling task takes the turn itself, as a delivering
+        link reader does (:meth:`deliver_many`): the node's ledger submissions
+        (:class:`federation.node.ledger_client.NodeLedger`) then leave without the
+        hand-off to the core task and back (two task switches and an event-loop pass
+        each). The turn is shielded, and a failure in it is raised by the core task,
+        as when the core task runs the invocation."""
+        if self._started and self._queued == 0 and not self._turn.locked():
+            self._turn.acquire_nowait()
+            try:
+                with trio.CancelScope(shield=True):
+                    await self._call(fn, label)
+            except Exception as exc:  # a core bug or a failed write: the node's to raise
+                self._failed = exc
+            finally:
+                self._turn.release()
+                self._rearm()
+            return
         call = _Invoke(fn, label, trio.Event())
         self._queued += 1
         try:
