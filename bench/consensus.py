@@ -735,13 +735,15 @@ if __name__ == "__main__":
         out = Path(node_args.dir) / f"{node_args.name}.prof"
         cProfile.run("trio.run(_node_main, node_args)", str(out))
     elif os.environ.get("DWCP_BENCH_SAMPLE"):  # the same, by CPU-time samples (see there)
-        from bench.cpu_sampler import CpuSampler
+        from bench.cpu_sampler import CpuSampler, LoopCounter
 
         sampler = CpuSampler()
         sampler.start()
+        counter = LoopCounter()
         try:
-            trio.run(_node_main, node_args)
+            trio.run(_node_main, node_args, instruments=[counter])
         finally:
             sampler.stop(Path(node_args.dir) / f"{node_args.name}.cpu-samples")
+            counter.save(Path(node_args.dir) / f"{node_args.name}.loop-counts")
     else:
         trio.run(_node_main, node_args)

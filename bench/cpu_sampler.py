@@ -5,16 +5,22 @@ stack of the thread the signal lands in (CPython runs handlers in the main threa
 main thread's event loop is what is measured). ``dwcp bench consensus``'s node processes
 start it when ``DWCP_BENCH_SAMPLE`` is set and write ``NAME.cpu-samples`` (one
 ``frame;frame;... count`` line per stack, the collapsed format of flame graphs) next to
-their logs; :func:`summary` groups them."""
+their logs; :func:`summary` groups them. They also count, from GO on, the event loop's
+task steps (task switches) and passes (I/O polls) in ``NAME.loop-counts``
+(:class:`LoopCounter`): counts, unlike times, do not move with the machine's load, so
+runtime changes compare on a shared machine."""
 
 from __future__ import annotations
 
 import collections
+import json
 import signal
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["CpuSampler", "summary", "restart"]
+import trio
+
+__all__ = ["CpuSampler", "LoopCounter", "summary", "restart"]
 
 #: Seconds of process CPU between samples: 1 ms gives ~1,000 samples per CPU second,
 #: and the handler (a stack walk) costs a few microseconds of each.
@@ -62,10 +68,33 @@ def summary(path: Path, groups: dict[str, tuple[str, ...]]) -> dict[str, float]:
     return {k: round(v / max(total, 1), 3) for k, v in counts.items()}
 
 
+class LoopCounter(trio.abc.Instrument):
+    """Task steps and event-loop passes since :func:`restart` (give it to ``trio.run``
+    as an instrument)."""
+
+    def __init__(self) -> None:
+        global _counter
+        _counter = self
+        self.steps = 0
+        self.passes = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.passes += 1
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"task_steps": self.steps, "loop_passes": self.passes}))
+
+
 _running: CpuSampler | None = None
+_counter: LoopCounter | None = None
 
 
 def restart() -> None:
-    """Forget the samples so far (a node's start-up), if a sampler runs here."""
+    """Forget the samples and counts so far (a node's start-up), if they are taken here."""
     if _running is not None:
         _running.stacks.clear()
+    if _counter is not None:
+        _counter.steps = _counter.passes = 0
