@@ -138,6 +138,8 @@ class DirectStream:
         self._inner = inner
         self._pending = b""
         self._sending = False
+        #: the read of every frame, bound here rather than found by __getattr__ each time
+        self.receive_some = inner.receive_some
 
     def __getattr__(self, name: str) -> Any:  # receive_some, aclose, socket, ...
         return getattr(self._inner, name)
@@ -283,6 +285,8 @@ class Link:
         #: whoever puts a message in the outbox (the writer may have been handed it
         #: without having run yet).
         self._parked = False
+        #: messages in the outbox (its statistics() builds an object per call)
+        self._outbox_len = 0
         #: frames written from a turn (:meth:`release`), and how many of them the
         #: kernel did not take at once
         self.direct_frames = 0
@@ -316,6 +320,7 @@ class Link:
             self._out_send.send_nowait(payload)
         except (trio.WouldBlock, trio.ClosedResourceError):
             return False
+        self._outbox_len += 1
         return True
 
     def hold(self, payload: bytes) -> bool:
@@ -323,7 +328,7 @@ class Link:
         (the message is dropped) when the link is retiring or its outbox would be full."""
         if self.retiring:
             return False
-        if len(self._held) + self._out_recv.statistics().current_buffer_used >= OUTBOX_MESSAGES:
+        if len(self._held) + self._outbox_len >= OUTBOX_MESSAGES:
             return False
         self._held.append(payload)
         return True
@@ -348,7 +353,7 @@ class Link:
         return (self._parked and self._direct is not None and self._direct.writable_now
                 and not self.retiring and self.channel.is_open
                 and self.ws._wsproto.state == ConnectionState.OPEN
-                and self._out_recv.statistics().current_buffer_used == 0)
+                and self._outbox_len == 0)
 
     def _write_now(self, held: list[bytes]) -> int:
         """Frame, encrypt and write ``held`` burst by burst while the socket takes it;
@@ -427,6 +432,7 @@ class Link:
                 more = self._out_recv.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
+            self._outbox_len -= 1
             if size + len(more) > BUNDLE_BYTES:
                 return _frame_of(burst), more
             burst.append(more)
@@ -438,13 +444,14 @@ class Link:
             carry: bytes | None = None
             while True:
                 if carry is None:
-                    self._parked = self._out_recv.statistics().current_buffer_used == 0
+                    self._parked = self._outbox_len == 0
                     try:
                         carry = await self._out_recv.receive()
                     except trio.EndOfChannel:
                         break
                     finally:
                         self._parked = False
+                    self._outbox_len -= 1
                 if not carry:  # the wake-up after a write the kernel took only part of
                     carry = None
                     assert self._direct is not None
