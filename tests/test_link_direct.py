@@ -81,6 +81,29 @@ async def test_a_write_is_refused_while_a_send_is_under_way() -> None:
     await stream.aclose()
 
 
+async def test_a_flush_and_another_send_take_turns_in_order() -> None:
+    inner, far = _stream_pair()
+    stream = DirectStream(inner)
+    first = b"a" * 300_000
+    assert stream.try_write(first) and stream.pending
+    pong = b"p" * 100
+    got = b""
+
+    async def read() -> None:
+        nonlocal got
+        got = await _read_all(far, len(first) + len(pong))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream.flush)  # the link writer, woken for the pending bytes
+        await trio.testing.wait_all_tasks_blocked()  # it waits for the socket
+        nursery.start_soon(stream.send_all, pong)  # trio-websocket answering a ping
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(read)
+    assert got == first + pong
+    far.close()
+    await stream.aclose()
+
+
 class _Sink:
     """Records the sequence numbers of the blobs it receives; knows when its peer is up."""
 

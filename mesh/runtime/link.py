@@ -131,13 +131,18 @@ class DirectStream:
     Every byte leaves in the order it was handed over: what :meth:`try_write` could not
     write now is *pending*, and the next :meth:`send_all` (trio-websocket's own sends:
     our frames from the writer task, pings, pongs, the close) writes it before its own
-    data. :meth:`try_write` refuses while a ``send_all`` is under way (it may have written
-    part of its data) or bytes are pending. Everything else is the wrapped stream's."""
+    data; sends take turns (the writer's :meth:`flush` is not under trio-websocket's
+    lock). :meth:`try_write` refuses while a ``send_all`` is under way or waiting (it may
+    have written part of its data) or bytes are pending. Everything else is the wrapped
+    stream's."""
 
     def __init__(self, inner: trio.SocketStream) -> None:
         self._inner = inner
         self._pending = b""
-        self._sending = False
+        #: tasks in or waiting for :meth:`send_all` (trio-websocket's, under its own lock,
+        #: and the link writer's :meth:`flush`, which is not under that lock)
+        self._senders = 0
+        self._lock = trio.StrictFIFOLock()
         #: the read of every frame, bound here rather than found by __getattr__ each time
         self.receive_some = inner.receive_some
 
@@ -152,18 +157,19 @@ class DirectStream:
     @property
     def writable_now(self) -> bool:
         """:meth:`try_write` would try (nothing is being sent, nothing is pending)."""
-        return not self._sending and not self._pending
+        return self._senders == 0 and not self._pending
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        self._sending = True
+        self._senders += 1
         try:
-            while self._pending:
-                pending, self._pending = self._pending, b""
-                await self._inner.send_all(pending)
-            if data:
-                await self._inner.send_all(data)
+            async with self._lock:
+                while self._pending:
+                    pending, self._pending = self._pending, b""
+                    await self._inner.send_all(pending)
+                if data:
+                    await self._inner.send_all(data)
         finally:
-            self._sending = False
+            self._senders -= 1
 
     async def flush(self) -> None:
         """Write the pending bytes (waiting for the socket as ``send_all`` does)."""
