@@ -54,6 +54,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage
+from wsproto.utilities import LocalProtocolError
 
 from mesh import wire
 from mesh.channel import ChannelError, Closed, Data, SecureChannel
@@ -368,11 +369,16 @@ class Link:
         done = 0
         while done < len(held):
             burst, taken = _burst_of(held, done)
-            data = self.ws._wsproto.send(BytesMessage(data=self.channel.send(_frame_of(burst))))
-            if not self._direct.try_write(data):
-                # The socket failed (the peer reset it, ...): nothing was written, and the
-                # link is ending. The rest go to the writer, which meets the same failure
-                # and ends the link; never the turn's task, which delivers for the node.
+            try:
+                frame = self.channel.send(_frame_of(burst))
+                data = self.ws._wsproto.send(BytesMessage(data=frame))
+            except (ChannelError, LocalProtocolError):
+                data = None
+            if data is None or not self._direct.try_write(data):
+                # The channel or the socket failed (the peer reset it, ...): nothing was
+                # written, and the link is ending. The rest go to the writer, which meets
+                # the same failure and ends the link; never the turn's task, which
+                # delivers for the node.
                 self.direct_failed += 1
                 break
             done += taken
@@ -439,6 +445,8 @@ class Link:
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
             self._outbox_len -= 1
+            if not more:  # a wake-up for pending bytes: this frame's send writes them first
+                continue
             if size + len(more) > BUNDLE_BYTES:
                 return _frame_of(burst), more
             burst.append(more)
