@@ -10,7 +10,8 @@ target recomputes the root of what it wrote and compares it with the root the
 source announced *in the ledger* (what the source's message says is not
 evidence: the ledger takes a commit only with the announced root). VERIFIED:
 the roots match and the commit is submitted — from here on the target never
-aborts: the ledger orders its commit against any abort of the source.
+aborts: the ledger orders its commit against any abort of the source; meanwhile
+the VM's device state is loaded (``LoadDevice``: the guest stays paused).
 COMMITTED: the ledger recorded the commit; the VM starts here with the new
 epoch, never earlier.
 
@@ -35,6 +36,7 @@ from federation.migration.vocabulary import (
     LedgerCommitted,
     LedgerRefused,
     LedgerRootAnnounced,
+    LoadDevice,
     MigrationDecline,
     MigrationError,
     MigrationOffer,
@@ -111,9 +113,10 @@ class TargetSession(SessionBase):
                                    "root the source announced")
         self.root = self.announced
         self.phase = Phase.VERIFIED
+        # the device state loads while the ledger orders the commit: only cont waits for it
         return [self.persist(), *self.cancel("stall", "peer"),
                 *self.submit(now, CommitMigration(self.migration_id, self.root)),
-                self.progress()]
+                LoadDevice(self.vm, self.migration_id), self.progress()]
 
     def _abort_side_effects(self) -> list[Action]:
         return []

@@ -41,6 +41,7 @@ from federation.migration.vocabulary import (
     ActionFailed,
     DiscardIncoming,
     Fence,
+    LoadDevice,
     PrepareIncoming,
     Retire,
     SourceFenced,
@@ -60,8 +61,10 @@ from mesh.hde.index import PageIndex, build_index
 
 __all__ = ["VmActions", "images_root", "VM_ACTIONS", "VmAction", "PageAction", "PageReply"]
 
-VM_ACTIONS = (Fence, Unfence, Retire, PrepareIncoming, Verify, StartAtTarget, DiscardIncoming)
-VmAction = Fence | Unfence | Retire | PrepareIncoming | Verify | StartAtTarget | DiscardIncoming
+VM_ACTIONS = (Fence, Unfence, Retire, PrepareIncoming, Verify, LoadDevice, StartAtTarget,
+              DiscardIncoming)
+VmAction = (Fence | Unfence | Retire | PrepareIncoming | Verify | LoadDevice | StartAtTarget
+            | DiscardIncoming)
 _Reply = SourceFenced | TargetVerified | ActionFailed
 PageAction = PlanRound | ReadChunk | WriteChunk | CountDirty | CloseRound
 PageReply = RoundPlanned | ChunkRead | ChunkWritten | DirtyCounted | RoundIoFailed
@@ -103,6 +106,8 @@ class VmActions:
         #: migration id -> wall-clock times of a target's Verify (start, end): with the
         #: source's stop time and the start, the stop window the target reports
         self._verified_at: dict[str, tuple[float, float]] = {}
+        #: migration id -> seconds a target's LoadDevice took (beside the ledger's commit)
+        self._loaded_in: dict[str, float] = {}
         #: migrations whose live indexes were caught up after the fence's stop
         self._fenced_live: set[str] = set()
 
@@ -194,16 +199,24 @@ class VmActions:
         """The stop window of an arrived guest, phase by phase, where the backend measured
         its downtime (qemu: the source's stop time travels in the device image): until this
         node's Verify began (the source's fence and final round, this node's apply), the
-        Verify, until the start (the ledger's commit), the start (device state, cont)."""
+        Verify, until the start (the ledger's commit; the device state's load runs beside
+        it, ``device_load_ms``), the start (cont, and the device state if not loaded)."""
         note = getattr(self.backend, "note_arrival", None)
         verified = self._verified_at.pop(migration_id, None)
+        loaded = self._loaded_in.pop(migration_id, None)
         if not callable(note) or verified is None:
             return
-        note(vm, migration_id, lambda stopped_at, cont_at: {
-            "fence_and_final_round_ms": round((verified[0] - stopped_at) * 1000, 1),
-            "verify_ms": round((verified[1] - verified[0]) * 1000, 1),
-            "commit_ms": round((start - verified[1]) * 1000, 1),
-            "start_ms": round((cont_at - start) * 1000, 1)})
+
+        def window(stopped_at: float, cont_at: float) -> dict[str, float]:
+            out = {"fence_and_final_round_ms": round((verified[0] - stopped_at) * 1000, 1),
+                   "verify_ms": round((verified[1] - verified[0]) * 1000, 1),
+                   "commit_ms": round((start - verified[1]) * 1000, 1),
+                   "start_ms": round((cont_at - start) * 1000, 1)}
+            if loaded is not None:
+                out["device_load_ms"] = round(loaded * 1000, 1)
+            return out
+
+        note(vm, migration_id, window)
 
     def root(self, vm: str) -> bytes:
         images = self.backend.open_images(vm)
@@ -354,6 +367,16 @@ class VmActions:
             self._verified_at[a.migration_id] = (started, time.time())
             self.timings = {"verify_s": time.time() - started}
             return [TargetVerified(root)]
+        if isinstance(a, LoadDevice):
+            # a hypervisor's device state into its waiting process while the ledger commits
+            # (the qemu backend: migrate-incoming; the guest stays paused until the start)
+            load = getattr(b, "load_device", None)
+            if callable(load):
+                started = time.time()
+                load(a.vm, a.migration_id)
+                self._loaded_in[a.migration_id] = time.time() - started
+                self.timings = {"load_s": self._loaded_in[a.migration_id]}
+            return []
         if isinstance(a, StartAtTarget):
             self._close_incoming(a.migration_id)
             started = time.time()
@@ -362,5 +385,7 @@ class VmActions:
             self._note_arrival(a.vm, a.migration_id, started)
             return []
         self._close_incoming(a.migration_id)
+        self._verified_at.pop(a.migration_id, None)
+        self._loaded_in.pop(a.migration_id, None)
         b.discard_incoming(a.vm, a.migration_id)
         return []
