@@ -28,6 +28,7 @@ from federation.migration.vocabulary import (
     LedgerCommitted,
     LedgerRefused,
     LedgerRootAnnounced,
+    LoadDevice,
     MigrationDecline,
     MigrationError,
     MigrationOffer,
@@ -153,6 +154,9 @@ def test_matching_root_commits_and_never_aborts_after() -> None:
     t = target()
     actions = verified(t)
     assert one(actions, SubmitLedger).command == CommitMigration("m1", ROOT)
+    # the device state loads while the ledger commits; the start waits for the commit
+    assert one(actions, LoadDevice) == LoadDevice("vm1", "m1")
+    assert not [a for a in actions if isinstance(a, StartAtTarget)]
     assert t.phase is Phase.VERIFIED
     assert t.handle(4.0, ActionFailed("x", "y"))[0].kind == "migration.error"
     assert t.abort(4.0, "late") == []
