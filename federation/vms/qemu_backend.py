@@ -651,12 +651,23 @@ class QemuBackend:
                 self._spawn(name, incoming=True)
 
     def fence(self, name: str, migration_id: str) -> VmInfo:
+        """:meth:`stop_for_fence`, then the device state saved into the device image (again
+        after a crash that may have cut it short: the save itself happens once)."""
+        with self._lock:
+            info = self.stop_for_fence(name, migration_id)
+            if info.state is VmState.FENCED and info.migration_id == migration_id:
+                self._write_device_image(name, info)
+            return info
+
+    def stop_for_fence(self, name: str, migration_id: str) -> VmInfo:
+        """The first half of :meth:`fence`: QMP ``stop`` and the durable fence, not yet the
+        device state. The guest's RAM and disks no longer change from here, so a caller may
+        scan them while :meth:`fence` saves the device state (QEMU's stream with
+        ``x-ignore-shared`` does not touch the shared RAM file)."""
         with self._lock:
             meta = self._meta(name)
             info = info_of(meta)
             if not fence_needed(info, migration_id):
-                if info.state is VmState.FENCED and info.migration_id == migration_id:
-                    self._write_device_image(name, info)  # a crash may have cut it short
                 return info
             self.throttle(name, 0)
             proc = self._proc(name)
@@ -671,7 +682,6 @@ class QemuBackend:
             # ledger's abort (release_fence) or commit (retire) moves it on.
             meta.update(state=VmState.FENCED.value, migration_id=migration_id)
             write_meta(self._dir(name), meta)
-            self._write_device_image(name, info_of(meta))
             return info_of(meta)
 
     def _write_device_image(self, name: str, info: VmInfo) -> None:
