@@ -9,6 +9,7 @@ The marks, in the order a migration passes them (docs/qemu.md, "Downtime"):
 - ``target final``: the target heard the final round's end (its Verify starts);
 - ``target verified``: its Verify ended (the commit is submitted with its root);
 - ``target device loaded``: the device state is in the waiting QEMU (before the commit);
+- ``target root announced``: the source's root reached the target through the ledger;
 - ``target committed``: the ledger's commit reached the target's session;
 - ``target started``: its StartAtTarget ended (``cont``).
 
@@ -43,6 +44,11 @@ def _progress(mid: str, role: str, phase: str) -> Callable[[Event], bool]:
     return match
 
 
+def _notify(mid: str, kind: str) -> Callable[[Event], bool]:
+    return lambda e: (e.get("event") == "notify" and e.get("kind") == kind
+                      and mid in str(e.get("detail")))
+
+
 def _action(mid: str, name: str) -> Callable[[Event], bool]:
     return lambda e: (e.get("event") == "vm_action" and e.get("action") == name
                       and e.get("migration_id") == mid)
@@ -65,7 +71,8 @@ def stop_timeline(src: Iterable[Event], dst: Iterable[Event], mid: str,
         ("target final", dst, _progress(mid, "target", "final")),
         ("target verified", dst, _action(mid, "Verify")),
         ("target device loaded", dst, _action(mid, "LoadDevice")),
-        ("target committed", dst, _progress(mid, "target", "committed")),
+        ("target root announced", dst, _notify(mid, "migration.root-announced")),
+        ("target committed", dst, _notify(mid, "migration.done")),
         ("target started", dst, _action(mid, "StartAtTarget")),
     )
     out = []
