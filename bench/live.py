@@ -65,7 +65,6 @@ from federation.demo.qemu_guest.build import (
 )
 from federation.demo.qemu_guest.console import Console, read_console, wait_console
 from federation.demo.scenario import Demo
-from federation.demo.stop_window import stop_timeline
 from federation.vms.accel import probe_accel
 from federation.vms.dirty_scan import SentDigests, scan_digests, soft_dirty_available
 from federation.vms.live_migration import LiveMigration
@@ -495,7 +494,6 @@ async def _node_leg(demo: Demo, fed: LocalFederation, directory: Path, ram: Path
     figures = await demo.get(src, f"/api/migrations/{mid}")
     figures["elapsed"] = doc["elapsed"]
     leg = await leg_report(demo, figures, src, dst, show=False)
-    there = await demo.get(dst, f"/api/migrations/{mid}")
     sent = [e for e in fed.nodes[src].events
             if e["event"] == "round_sent" and e.get("migration_id") == mid]
     levels = sorted({int(e["level"]) for e in sent if "level" in e})
@@ -513,9 +511,7 @@ async def _node_leg(demo: Demo, fed: LocalFederation, directory: Path, ram: Path
             "logical_bytes": leg["bytes"], "total_s": round(leg["time"], 3),
             "downtime_ms": round(float(leg["downtime_ms"]), 1), "rounds": leg["rounds"],
             # the target's phases of the stop window, and both nodes' log marks in it
-            "stop_window_ms": there.get("stop_window_ms"),
-            "stop_timeline": stop_timeline(fed.nodes[src].events, fed.nodes[dst].events, mid,
-                                           float(there.get("stopped_at") or 0.0)),
+            "stop_window_ms": leg["stop_window_ms"], "stop_timeline": leg["stop_timeline"],
             "zstd_level": levels[0], "zstd_levels": levels,
             "mode": next((e.get("mode") for e in sent if e.get("mode")), None),
             "migration_id": mid, "guest": guest}
