@@ -510,6 +510,8 @@ async def _node_leg(demo: Demo, fed: LocalFederation, directory: Path, ram: Path
     return {"wire_bytes": wire, "node_wire_bytes": leg["wire"],
             "logical_bytes": leg["bytes"], "total_s": round(leg["time"], 3),
             "downtime_ms": round(float(leg["downtime_ms"]), 1), "rounds": leg["rounds"],
+            # the target's phases of the stop window, and both nodes' log marks in it
+            "stop_window_ms": leg["stop_window_ms"], "stop_timeline": leg["stop_timeline"],
             "zstd_level": levels[0], "zstd_levels": levels,
             "mode": next((e.get("mode") for e in sent if e.get("mode")), None),
             "migration_id": mid, "guest": guest}
