@@ -159,3 +159,52 @@ def test_feed_moves_the_level_with_its_governor_while_the_link_falls_behind() ->
     assert feed.levels == {lv: used.count(lv) for lv in set(used)}
     assert feed.frames == 16 and 0 < feed.acked_bytes < feed.frame_bytes
     assert feed.encode_s >= 0 and feed.starved_s == 0.0
+
+
+def _drive_feed(start: int, link_takes: float, held_back: bool = False) -> list[int]:
+    """A feed whose sender's sockets take ``link_takes`` of each frame's bytes as it is
+    prepared (1.0: everything at once, the encoders are the bottleneck); the levels used."""
+    img = _image(64, 7)
+    now = [0.0]
+    used: list[int] = []
+    written = [0.0]
+
+    def encode(i: int, e: EncodeChunk, level: int) -> bytes | bytearray:
+        used.append(level)
+        return encode_chunk(e.transfer, e.plan, img, None, level)
+
+    feed = ChunkFeed(encode, start, LevelGovernor(start), clock=lambda: now[0])
+    feed.bind(ChunkSet(), lambda: int(written[0]), lambda: held_back)
+    for c in range(24):
+        feed.put(0, EncodeChunk(1, ChunkPlan(c, (c * 2, 2)), None))
+
+    async def main() -> None:
+        for _ in range(24):
+            cid, raw = feed.next_chunk(1 << 20) or (-1, memoryview(b""))
+            frame = await trio.to_thread.run_sync(feed.prepare, cid, raw)
+            written[0] += link_takes * len(frame)
+            now[0] += 0.1
+
+    trio.run(main)
+    return used
+
+
+def _ranks(levels: list[int]) -> list[int]:
+    """Each level's place on the governor's ladder (cheapest first: store, -5, -1, 1...)."""
+    return [LevelGovernor(0).ladder.index(lv) for lv in levels]
+
+
+def test_feed_steps_down_when_the_streams_take_every_frame_at_once() -> None:
+    used = _drive_feed(9, link_takes=1.0)
+    ranks = _ranks(used)
+    assert used[0] == 9 and used[-1] == 0 and ranks == sorted(ranks, reverse=True)
+
+
+def test_feed_steps_up_while_frames_wait_for_the_streams() -> None:
+    used = _drive_feed(1, link_takes=0.25)
+    ranks = _ranks(used)
+    assert used[0] == 1 and used[-1] > 1 and ranks == sorted(ranks)
+
+
+def test_feed_holds_the_level_when_the_window_holds_the_transfer_back() -> None:
+    assert set(_drive_feed(9, link_takes=1.0, held_back=True)) == {9}

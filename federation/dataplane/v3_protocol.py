@@ -131,6 +131,10 @@ class ChunkFeed:
         self.acked_bytes = 0
         #: the backlog as the event loop last saw it (read by the preparers' governor)
         self._backlog = 0
+        #: the running sender's written bytes, and the frame bytes prepared before it
+        self._written: Callable[[], int] | None = None
+        self._written_base = 0
+        self._held_back: Callable[[], bool] | None = None
         #: seconds the preparers waited for a plan (the diff had not asked for more), and
         #: spent encoding (each thread's wall time; two preparers overlap)
         self.starved_s = 0.0
@@ -168,11 +172,21 @@ class ChunkFeed:
         self._closed.set()
         self._queue.put(None)  # wakes one waiting preparer; it passes the word on
 
-    def bind(self, acked: ChunkSet) -> None:
-        """The chunk ids the running sender knows acknowledged (its live set)."""
+    def bind(self, acked: ChunkSet, written: Callable[[], int] | None = None,
+             held_back: Callable[[], bool] | None = None) -> None:
+        """The chunk ids the running sender knows acknowledged (its live set); how many
+        payload bytes it wrote to its streams so far (its ``written_bytes``): the
+        governor's measure of the link (None: acknowledged bytes stand in); and whether
+        its window is nearly full of chunks not acknowledged (the receiver or the link
+        holds the transfer back, not the encoders)."""
         with self._lock:
             self._acked = acked
             self._forget_acked()
+            self._held_back = held_back
+            if written is not None:
+                # a resumed transfer's sender counts from 0: only its own frames count
+                self._written = written
+                self._written_base = self.frame_bytes + self.replayed_bytes
 
     def resume(self) -> None:
         """A new sender takes over a cut transfer: offer again every id handed out and not
@@ -238,6 +252,7 @@ class ChunkFeed:
                 self.replayed_bytes += len(held)
                 return held
         t0 = self._clock()
+        held_back = self._held_back is not None and self._held_back()
         starved = False
         while True:
             try:
@@ -261,7 +276,7 @@ class ChunkFeed:
                 level = self.level
                 if self._governor is not None:
                     level = self.level = self._governor.next_level(
-                        t1, self._backlog, self.acked_bytes, starved)
+                        t1, *self._progress(), starved or held_back)
             frame = bytes(self._encode(*item, level))
             t2 = self._clock()
             with self._lock:
@@ -275,6 +290,18 @@ class ChunkFeed:
                 self.last_frame_at = t2
                 self._keep(chunk, frame)
             return frame
+
+    def _progress(self) -> tuple[int, int]:
+        """(backlog, drained) for the governor, under the lock: with the sender's written
+        bytes, the frames prepared and not yet written to a stream, and the bytes
+        written (a stream's socket buffer keeps the link busy; what waits for a stream
+        is the encoders' lead); without, the frames not acknowledged, and the bytes
+        acknowledged."""
+        if self._written is None:
+            return self._backlog, self.acked_bytes
+        written = self._written()
+        prepared = self.frame_bytes + self.replayed_bytes - self._written_base
+        return max(0, prepared - written), written
 
     def _keep(self, chunk: int, frame: bytes) -> None:
         if chunk in self._issued:

@@ -48,7 +48,7 @@ from federation.vms.per_vm import dirty_by_content
 from federation.vms.sealing import SealKey
 from mesh import versions, wire
 from mesh.amst.receiver import AmstError
-from mesh.amst.sender import AmstSender
+from mesh.amst.sender import CHUNK_MAX, AmstSender
 from mesh.channel import SecureChannel
 from mesh.core import Notify, Received, Send
 from mesh.hde.codec import ChunkError, encode_chunk
@@ -98,6 +98,14 @@ def round_error(exc: BaseException) -> BaseException | None:
                 leaf = leaf.exceptions[0]
             return leaf
     return None
+
+
+def _progress_of(core: AmstSender) -> tuple[Callable[[], int], Callable[[], bool]]:
+    """What the preparers' level governor reads of ``core``: the payload bytes it wrote to
+    its streams so far, and whether its window is within two chunks of full (the
+    receiver or the link holds the transfer back: mesh.hde.level.LevelGovernor)."""
+    return (lambda: core.written_bytes,
+            lambda: core.room() < 2 * CHUNK_MAX)
 
 
 class V3RoundSender:
@@ -455,7 +463,7 @@ class V3RoundSender:
         markers)."""
         while True:
             core = AmstSender(tid, mode=self.state.mode)
-            feed.bind(core.acked)
+            feed.bind(core.acked, *_progress_of(core))
             done = True
             try:
                 sent = await send_transfer(

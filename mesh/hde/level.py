@@ -137,16 +137,18 @@ def measure_ladder(
 class LevelGovernor:
     """The level of each next chunk while a transfer runs, so that the link stays full.
 
-    Sans-I/O: the driver passes the time, the encoded bytes not yet acknowledged by the
-    receiver (the backlog: what AMST holds queued and in flight) and the bytes
-    acknowledged so far. From the acknowledgements it measures the rate the link drains
-    at; the backlog in seconds of that rate says who is ahead. More than
-    :data:`HIGH_S` of backlog: the encoders outrun the link, so the next chunks can
-    afford a slower, smaller level (one step up :data:`LEVELS`). Less than
-    :data:`LOW_S` while the encoders had plans waiting: the link is about to run dry
-    for want of encoded chunks, so one step down (to store at the bottom: never a level
-    slower than sending uncompressed). A backlog that ran low because the plans ran out
-    (the diff had not asked for more) says nothing of the level and moves nothing.
+    Sans-I/O: the driver passes the time, the backlog (encoded bytes the link has not
+    taken yet: in the node, frames prepared and not yet written to a stream, whose
+    socket buffers keep the wire busy meanwhile) and the bytes the link took so far.
+    From the latter it measures the rate the link drains at; the backlog in seconds of
+    that rate says who is ahead. More than :data:`HIGH_S` of backlog: the encoders
+    outrun the link, so the next chunks can afford a slower, smaller level (one step up
+    :data:`LEVELS`). Less than :data:`LOW_S` while the encoders did not wait: the link is
+    about to run dry for want of encoded chunks, so one step down (to store at the
+    bottom: never a level slower than sending uncompressed). A backlog that ran low
+    while the encoders waited — for plans (the diff had not asked for more) or for
+    room in AMST's window (the receiver holds the transfer back) — says nothing of the
+    level and moves nothing.
 
     The rule is buffer-based rate adaptation (Huang et al., "A Buffer-Based Approach to
     Rate Adaptation", SIGCOMM 2014: choose from the buffer's occupancy, not from a rate
@@ -186,17 +188,17 @@ class LevelGovernor:
     def level(self) -> int:
         return self.ladder[self._at]
 
-    def next_level(self, now: float, backlog: int, acked: int, starved: bool) -> int:
-        """The level for the next chunk. ``backlog``: encoded bytes not yet acknowledged;
-        ``acked``: bytes acknowledged so far; ``starved``: the encoder waited for a plan
-        (so a low backlog is the diff's doing, not the level's)."""
+    def next_level(self, now: float, backlog: int, drained: int, waited: bool) -> int:
+        """The level for the next chunk. ``backlog``: encoded bytes the link has not
+        taken; ``drained``: bytes it took so far; ``waited``: the encoder waited for a
+        plan or for room (so a low backlog is not the level's doing)."""
         if self._mark is None:
-            self._mark = (now, acked)
+            self._mark = (now, drained)
         elif now - self._mark[0] >= self.RATE_S:
-            rate = (acked - self._mark[1]) / (now - self._mark[0])
+            rate = (drained - self._mark[1]) / (now - self._mark[0])
             if rate > 0:
                 self.drain = rate
-            self._mark = (now, acked)
+            self._mark = (now, drained)
         if self.drain is None:
             return self.level
         if self._last_step is not None and now - self._last_step < self.HOLD_S:
@@ -205,7 +207,7 @@ class LevelGovernor:
         step = 0
         if ahead > self.HIGH_S and self._at + 1 < len(self.ladder):
             step = 1
-        elif ahead < self.LOW_S and not starved and self._at > 0:
+        elif ahead < self.LOW_S and not waited and self._at > 0:
             step = -1
         if step:
             self._at += step
