@@ -402,8 +402,8 @@ NODE_POLL = 0.1
 #: What each leg reports of every round from the source's ``round_sent`` log: its pages
 #: and bytes, where its time went (preparation, waiting for the target, the transfer) and
 #: how full the link was while the chunks went (federation.dataplane.v3_source).
-ROUND_KEYS = ("round", "pages", "wire_bytes", "seconds", "refresh_s", "index_s", "ready_s",
-              "transfer_s", "level", "level_start", "levels", "chunks", "chunk_bytes",
+ROUND_KEYS = ("round", "pages", "wire_bytes", "seconds", "refresh_s", "index_s", "level_s",
+              "ready_s", "transfer_s", "level", "level_start", "levels", "chunks", "chunk_bytes",
               "first_chunk_s", "wire_MBps", "encode_s", "starved_s", "fenced")
 
 

@@ -337,6 +337,7 @@ class V3RoundSender:
         if st.level is None:
             sample = await trio.to_thread.run_sync(sample_pages, [st.shadows[n] for n in names])
             st.mode, st.level = await trio.to_thread.run_sync(self._choose_level, sample)
+        t_level = trio.current_time()
         level = st.level
         assert level is not None, "the level is chosen in the migration's first v3 round"
         # the round's new pages from memory, the rest from the shadow
@@ -372,7 +373,7 @@ class V3RoundSender:
         # the level moves chunk by chunk so the link stays full (mesh.hde.level)
         feed = ChunkFeed(encode, level, LevelGovernor(level))
         await self._move(names, sources, feed, mark, covered,
-                         {"refresh_s": t1 - t0, "index_s": t2 - t1})
+                         {"refresh_s": t1 - t0, "index_s": t2 - t1, "level_s": t_level - t2})
 
     async def _run_fenced(self, t0: float, indexes: dict[str, PageIndex],
                           live: dict[str, Image], changed: dict[str, list[int]]) -> None:
