@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ from mesh.core import Notify, Received, Send
 from mesh.hde.codec import ChunkError, encode_chunk
 from mesh.hde.events import EncodeChunk
 from mesh.hde.image import Image, ImageError
-from mesh.hde.index import PageIndex, build_index
+from mesh.hde.index import IndexBuilder, PageIndex, build_index
 from mesh.hde.level import LevelGovernor
 from mesh.hde.similar import similar_at
 from mesh.hde.source import HdeSource
@@ -151,6 +151,8 @@ class V3RoundSender:
         self.chunk_bytes = 0
         #: per image the bytes of the pages this round's refresh copied into the shadow
         self._news: dict[str, dict[int, bytes]] = {}
+        #: per image the index round 1's copy built from the bytes it copied
+        self._built: dict[str, PageIndex] = {}
         #: pages the preparation went over (copied, digested, indexed), reported when due
         self._prepared = 0
         self._next_prepared = time.monotonic() + _REPORT_S
@@ -199,16 +201,28 @@ class V3RoundSender:
             if a.since is None or set(st.shadows) != {n for n, _ in layout}:
                 st.reset(layout)
                 for name, count in layout:
-                    # the digests of what was copied from the bytes copied: no read of the
-                    # (sealed) shadow back
+                    # the digests and the index of what was copied from the bytes copied:
+                    # no read of the (sealed) shadow back, and the index's SHA-256 of a
+                    # piece on the other worker while the next piece is copied
                     sent = SentDigests.blank(count) if rescans else None
+                    builder = IndexBuilder(count)
+                    indexing: list[Future[None]] = []
                     for p in range(0, count, COPY_PAGES):
                         n = min(COPY_PAGES, count - p)
                         data = bytes(live[name].view(p, n))
                         st.shadows[name].write(p, data)
                         if sent is not None:
                             sent.read(p, data)
+                        if self._executor is None:
+                            builder.add(p, data)
+                        else:
+                            indexing.append(self._executor.submit(builder.add, p, data))
+                            if len(indexing) > 1:  # at most two pieces held
+                                indexing.pop(0).result()
                         self._preparing(n)
+                    for fut in indexing:
+                        fut.result()
+                    self._built[name] = builder.index()
                     if sent is not None:
                         st.sent[name] = sent
                 return sum(c for _, c in layout), {}, mark
@@ -270,7 +284,10 @@ class V3RoundSender:
         out = {}
         for n, img in st.shadows.items():
             held = st.verified.get(n)
-            if held is None:
+            built = self._built.pop(n, None)
+            if held is None and built is not None and built.page_count == img.page_count:
+                out[n] = built  # round 1: indexed as it was copied (_refresh)
+            elif held is None:
                 out[n] = build_index(img, self._executor)
                 self._preparing(img.page_count)
             else:
