@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from mesh.hde.level import (
     LevelGovernor,
     LevelSample,
     choose_level,
+    measure_ladder,
     measure_levels,
     uncompressed_rate,
 )
@@ -186,3 +188,22 @@ def test_the_governor_stays_on_its_ladder(start: int,
     for (t0, a), (t1, b) in zip(gov.steps, gov.steps[1:], strict=False):
         assert t1 - t0 >= LevelGovernor.HOLD_S
         assert abs(gov.ladder.index(a) - gov.ladder.index(b)) == 1
+
+
+def test_measured_on_the_encoders_threads_a_rate_is_per_core_of_the_wall_clock() -> None:
+    """Timed on ``cores`` threads at once, one second of wall clock for a level is
+    ``cores`` seconds of encoder: a host whose other work holds a core shows it."""
+    sample = [bytes(range(256)) * 1024] * 4
+    ticks = iter(range(1000))
+
+    def clock() -> float:
+        return float(next(ticks))  # every reading one second after the last
+
+    with ThreadPoolExecutor(2) as ex:
+        par = measure_ladder(sample, 1e3, 2, clock, levels=(1,), executor=ex)
+    ticks = iter(range(1000))
+    one = measure_ladder(sample, 1e3, 2, clock, levels=(1,))
+    total = sum(len(c) for c in sample)
+    assert [s.level for s in par] == [0, 1] == [s.level for s in one]
+    assert par[1].bytes_per_s_per_core == total / 2 and one[1].bytes_per_s_per_core == total
+    assert par[1].ratio == one[1].ratio < 0.1

@@ -40,6 +40,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import trio
 
@@ -52,8 +53,11 @@ from mesh.hde.level import MODE_LEVELS, LevelGovernor, choose_level, measure_lad
 from mesh.hde.messages import CHUNK_PAGES
 
 __all__ = ["ChunkFeed", "Overlay", "peek_chunk", "choose_chunk_level", "AMST_CHUNK_OVERHEAD",
-           "SAMPLE_PAGES", "connect_data", "CONNECT_TIMEOUT_S"]
+           "PREPARERS", "SAMPLE_PAGES", "connect_data", "CONNECT_TIMEOUT_S"]
 
+#: Chunks encoded at once: one per core of the reference machine (2 cores); zstd
+#: releases the GIL, so both work (DESIGN.md, "Transport").
+PREPARERS = 2
 #: AMST bytes a chunk costs beyond its payload: the amst.chunk CBOR envelope with its
 #: SHA-256 digest, the secretstream tag (17 bytes) and the 4-byte frame length.
 AMST_CHUNK_OVERHEAD = len(wire.encode(Chunk(2**32, b"\0" * DIGEST_BYTES, b""))) + 17 + 4
@@ -323,8 +327,10 @@ def choose_chunk_level(sample: Sequence[bytes], mode: str | None, bw_mbps: float
     used = mode if mode in MODE_LEVELS else "hybrid"
     mbps = bw_mbps if bw_mbps is not None and bw_mbps > 0 else default_mbps
     link = mbps * 1e6 / 8
-    cores = os.cpu_count() or 1
+    cores = max(1, min(os.cpu_count() or 1, PREPARERS, len(sample)))
     if not sample or math.fsum(len(s) for s in sample) == 0:
         return used, 0
-    samples = measure_ladder(sample, link, cores, time.perf_counter)
+    # timed on as many threads as the encoders run on: what they will get of the host
+    with ThreadPoolExecutor(cores, thread_name_prefix="level") as ex:
+        samples = measure_ladder(sample, link, cores, time.perf_counter, executor=ex)
     return used, choose_level(samples, link, cores)

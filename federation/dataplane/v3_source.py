@@ -29,7 +29,7 @@ from typing import Any
 
 import trio
 
-from federation.dataplane.v3_protocol import AMST_CHUNK_OVERHEAD, ChunkFeed, Overlay
+from federation.dataplane.v3_protocol import AMST_CHUNK_OVERHEAD, PREPARERS, ChunkFeed, Overlay
 from federation.dataplane.v3_push import HeldPages, PushSource, differing_pages, is_push
 from federation.dataplane.v3_shadow import COPY_PAGES, SourceState, read_pages, sample_pages
 from federation.migration.round_events import (
@@ -62,9 +62,6 @@ from mesh.runtime.amst_transfer import TransferCut, send_transfer
 
 __all__ = ["V3RoundSender", "V3Sender", "RoundFailed", "round_error", "PREPARERS"]
 
-#: Chunks encoded at once: one per core of the reference machine (2 cores); zstd
-#: releases the GIL, so both work (DESIGN.md, "Transport").
-PREPARERS = 2
 #: What moved is reported to the rounds core this often while a transfer runs: the
 #: period at which a session hears of a round's progress
 #: (federation.migration.round_source.PROGRESS_EVERY), far inside the round's quiet bound.

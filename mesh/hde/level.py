@@ -27,6 +27,7 @@ feed the link at, never one that lets the link run dry while a cheaper one would
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 
 import attrs
 
@@ -111,22 +112,34 @@ def measure_ladder(
     cores: int,
     clock: Callable[[], float],
     levels: Sequence[int] = LEVELS,
+    executor: Executor | None = None,
 ) -> list[LevelSample]:
     """Store ``sample`` (chunks of the pages to send) as level 0, the uncompressed floor,
     then compress it at ``levels``, cheapest first, timing each with ``clock``.
     Stops after the first compressing level at which the CPU, not the link, bounds the
-    rate: every later level is slower still."""
+    rate: every later level is slower still. With ``executor`` (``cores`` threads, as
+    the encoders will run) the chunks are compressed at once on its threads and the
+    rate per core is the wall-clock rate over ``cores``: on a host where other work
+    holds a core, that is what the encoders will get, not one idle core's speed."""
     total = sum(len(c) for c in sample)
     if total == 0:
         raise ValueError("measure_levels needs a non-empty sample")
     out: list[LevelSample] = []
+    if executor is not None:
+        # start the threads before any is timed (a pool makes them at its first tasks)
+        list(executor.map(len, [b""] * cores))
     for level in (0, *(lv for lv in levels if lv != 0)):
         t0 = clock()
         if level == 0:
             size = sum(len(bytes(c)) for c in sample)
+            elapsed = max(clock() - t0, 1e-9)
+        elif executor is not None:
+            size = sum(executor.map(lambda c, lv=level: min(len(compress(c, lv)), len(c)),
+                                    sample))
+            elapsed = max(clock() - t0, 1e-9) * cores
         else:
             size = sum(min(len(compress(c, level)), len(c)) for c in sample)
-        elapsed = max(clock() - t0, 1e-9)
+            elapsed = max(clock() - t0, 1e-9)
         s = LevelSample(level, total / elapsed, size / total)
         out.append(s)
         if level != 0 and cores * s.bytes_per_s_per_core < link_bytes_per_s / max(s.ratio, 1e-9):
