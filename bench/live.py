@@ -507,7 +507,16 @@ async def _node_leg(demo: Demo, fed: LocalFederation, directory: Path, ram: Path
     guest["qemu_copies"] = copies
     if copies != [dst]:
         guest["ok"] = False
-    return {"wire_bytes": wire, "node_wire_bytes": leg["wire"],
+    # each round as the source logged it, and the round policy's decision after it
+    keep = ("round", "pages", "wire_bytes", "seconds", "dirty_pages", "refresh_s", "index_s",
+            "ready_s", "transfer_s")
+    rounds = [{k: e[k] for k in keep if k in e} for e in sent]
+    decisions = [e["detail"] for e in fed.nodes[src].events
+                 if e["event"] == "notify" and e.get("kind") == "migration.precopy"
+                 and isinstance(e.get("detail"), dict)
+                 and e["detail"].get("migration_id") == mid]
+    return {"round_figures": rounds, "precopy": decisions,
+            "wire_bytes": wire, "node_wire_bytes": leg["wire"],
             "logical_bytes": leg["bytes"], "total_s": round(leg["time"], 3),
             "downtime_ms": round(float(leg["downtime_ms"]), 1), "rounds": leg["rounds"],
             "zstd_level": levels[0], "zstd_levels": levels,
