@@ -40,6 +40,12 @@ def test_boot_fence_unfence_and_power_cycle(lab: QemuLab) -> None:
         for img in images.values():
             img.close()
 
+    # the stop alone (the fence's write comes beside the scan): an abort before the write
+    # resumes the guest as it was
+    a.stop_for_fence("g1", "m0", durable=False)
+    assert not a.guest_running("g1") and a.info("g1").state is VmState.RUNNING
+    assert a.release_fence("g1", "m0").state is VmState.RUNNING and a.guest_running("g1")
+
     a.fence("g1", "m1")
     assert not a.guest_running("g1")  # QMP says paused
     assert a.fence("g1", "m1").state is VmState.FENCED  # idempotent

@@ -168,13 +168,15 @@ class VmActions:
             root = self._fenced_root(a.vm, a.migration_id)
             self.timings = {"stop_and_device_s": t1 - t0, "root_s": time.monotonic() - t1}
             return root
-        stop(a.vm, a.migration_id)  # qemu: QMP stop, the fence durable
+        # qemu: QMP stop; the fence is made durable by the fence below, on the saver's
+        # thread, before this action answers (nothing of it leaves the node before)
+        stop(a.vm, a.migration_id, durable=False)
         t1 = time.monotonic()
         device: list[float] = []
 
         def save() -> None:
-            b.fence(a.vm, a.migration_id)  # fenced already: the device state alone
-            device.append(time.monotonic() - t1)
+            b.fence(a.vm, a.migration_id)  # stopped already: the fence's write, the device
+            device.append(time.monotonic() - t1)  # state
 
         with ThreadPoolExecutor(1, thread_name_prefix="device-state") as saver:
             saving = saver.submit(save)
