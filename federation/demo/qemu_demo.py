@@ -290,6 +290,7 @@ async def leg_report(demo: Demo, doc: dict[str, Any], src: str, dst: str,
     # the stop window: the target's phases, and both nodes' log marks in it (their log
     # lines arrive after the API has the downtime: wait for the target's start line)
     leg["stop_window_ms"] = there.get("stop_window_ms")
+    leg["start_split_ms"] = there.get("start_split_ms")
     node = demo.fed.nodes[dst]
 
     def started() -> bool:

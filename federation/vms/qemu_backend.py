@@ -595,10 +595,12 @@ class QemuBackend:
                 proc = self._spawn(name, incoming=False)
             # Durable before the guest runs: a crash right after this write leaves a paused
             # QEMU that the next backend resumes (_attach_all), or a cold VM it boots again.
+            t_meta = time.time()
             meta = self._meta(name)
             arrived = meta["migration_id"] if info.state is VmState.INCOMING else ""
             meta.update(state=VmState.RUNNING.value, epoch=epoch, migration_id="")
             write_meta(self._dir(name), meta)
+            t_cont = time.time()
             try:
                 if proc.status() not in _RUNNING:
                     proc.qmp.execute("cont")
@@ -607,9 +609,12 @@ class QemuBackend:
             if arrived and stopped_at > 0:
                 cont_at = time.time()
                 downtime = max(0.0, cont_at - stopped_at)
+                # the start's own split: the durable RUNNING write, then QMP status and cont
                 meta["arrival"] = {"migration_id": arrived,
                                    "downtime_ms": round(downtime * 1000, 1),
-                                   "stopped_at": stopped_at, "cont_at": cont_at}
+                                   "stopped_at": stopped_at, "cont_at": cont_at,
+                                   "start_meta_ms": round((t_cont - t_meta) * 1000, 1),
+                                   "start_cont_ms": round((cont_at - t_cont) * 1000, 1)}
                 write_meta(self._dir(name), meta)  # a report: a crash before it loses only it
             return info_of(meta)
 
