@@ -213,6 +213,7 @@ class Node:
         if replica is not None:
             self.core = NodeCore(name, replica, on_ledger_done=self.ledger.done,
                                  mode_of=lambda dst: self.control.modes.mode(name, dst),
+                                 bandwidth_of=lambda dst: self._link_Bps(name, dst),
                                  on_ledger_moved=self._ledger_moved,
                                  regions={dc.name: dc.region for dc in fed.dcs if dc.region})
             self.core.unrestored.update(self._stored_records())
@@ -356,6 +357,12 @@ class Node:
                 except (VmError, OSError) as exc:
                     self.log.event("vm_reconcile_failed", vm=step.vm, step=type(step).__name__,
                                    error=str(exc))
+
+    def _link_Bps(self, me: str, dst: str) -> float | None:
+        """Bytes per second of the link to ``dst`` as the mesh measured it (None: not yet)."""
+        view = self.control.table.view(me, dst)
+        mbps = None if view is None else view.bw_mbps
+        return mbps * 1e6 / 8 if mbps else None
 
     def shutdown(self) -> None:
         """Close every link with its final frame and return from run()."""

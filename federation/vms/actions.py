@@ -47,6 +47,8 @@ from federation.migration.vocabulary import (
     SourceFenced,
     StartAtTarget,
     TargetVerified,
+    Throttle,
+    Throttled,
     Unfence,
     Verify,
 )
@@ -55,17 +57,16 @@ from federation.vms.dirty_scan import SentDigests
 from federation.vms.per_vm import dirty_by_content
 from federation.vms.roots import IncomingIndexes, LiveIndex
 from federation.vms.sealed_image import SealedWriter
-from federation.vms.throttle import next_throttle
 from mesh.hde.image import Image, ImageError, ImageWriter, PageSource
 from mesh.hde.index import PageIndex, build_index
 
 __all__ = ["VmActions", "images_root", "VM_ACTIONS", "VmAction", "PageAction", "PageReply"]
 
-VM_ACTIONS = (Fence, Unfence, Retire, PrepareIncoming, Verify, LoadDevice, StartAtTarget,
-              DiscardIncoming)
-VmAction = (Fence | Unfence | Retire | PrepareIncoming | Verify | LoadDevice | StartAtTarget
-            | DiscardIncoming)
-_Reply = SourceFenced | TargetVerified | ActionFailed
+VM_ACTIONS = (Fence, Throttle, Unfence, Retire, PrepareIncoming, Verify, LoadDevice,
+              StartAtTarget, DiscardIncoming)
+VmAction = (Fence | Throttle | Unfence | Retire | PrepareIncoming | Verify | LoadDevice
+            | StartAtTarget | DiscardIncoming)
+_Reply = SourceFenced | TargetVerified | Throttled | ActionFailed
 PageAction = PlanRound | ReadChunk | WriteChunk | CountDirty | CloseRound
 PageReply = RoundPlanned | ChunkRead | ChunkWritten | DirtyCounted | RoundIoFailed
 #: What a page action meets when the images under it are gone: a closed mapping raises
@@ -97,9 +98,9 @@ class VmActions:
         self.live_indexes: dict[str, dict[str, LiveIndex]] = {}
         #: migration id -> the target's indexes of its incoming images (federation.vms.roots)
         self.incoming_indexes: dict[str, IncomingIndexes] = {}
-        #: migration id -> (pages dirtied per round, the throttle in percent): auto-converge
-        #: of a source VM whose dirty rate does not fall (federation.vms.throttle)
-        self.converging: dict[str, tuple[list[int], int]] = {}
+        #: migration id -> the throttle (percent) its session put on the source VM
+        #: (auto-converge, federation.migration.precopy): lifted at an abort
+        self.converging: dict[str, int] = {}
         #: seconds the phases of the last VM action took (the node logs them with the
         #: action: the stop window of a migration, docs/qemu.md "Downtime")
         self.timings: dict[str, float] = {}
@@ -215,24 +216,30 @@ class VmActions:
         finally:
             for img in images.values():
                 img.close()
-        self._converge(vm, migration_id, count)
         return count
 
-    def _converge(self, vm: str, migration_id: str, dirtied: int) -> None:
-        """Throttle the VM more when a round dirtied about as much as the one before
-        (QEMU's auto-converge rule, federation.vms.throttle), where the backend can."""
+    def _throttle(self, a: Throttle) -> Throttled:
+        """Put the session's throttle on the VM where the backend can (a qemu guest); what
+        it applied. Never a failure: a VM that cannot be throttled is migrated anyway."""
         throttle = getattr(self.backend, "throttle", None)
         if not callable(throttle):
-            return
-        history, current = self.converging.get(migration_id, ([], 0))
-        history.append(dirtied)
-        wanted = next_throttle(current, history)
-        self.converging[migration_id] = (history, wanted)
-        if wanted != current:
-            throttle(vm, wanted)
+            return Throttled(0)
+        try:
+            throttle(a.vm, a.percent)
+        except (VmError, OSError):
+            self.converging.pop(a.migration_id, None)
+            return Throttled(0)
+        throttled = getattr(self.backend, "throttled", None)
+        applied = int(throttled(a.vm)) if callable(throttled) else a.percent
+        if applied:
+            self.converging[a.migration_id] = applied
+        else:
+            self.converging.pop(a.migration_id, None)
+        self.timings = {"throttle_percent": float(applied)}
+        return Throttled(applied)
 
     def _end_converge(self, vm: str, migration_id: str) -> None:
-        _, current = self.converging.pop(migration_id, ([], 0))
+        current = self.converging.pop(migration_id, 0)
         throttle = getattr(self.backend, "throttle", None)
         if current and callable(throttle):
             throttle(vm, 0)
@@ -355,6 +362,8 @@ class VmActions:
     def _do(self, a: VmAction) -> list[_Reply]:
         b = self.backend
         self.timings = {}
+        if isinstance(a, Throttle):
+            return [self._throttle(a)]
         if isinstance(a, Fence):
             root = self._fence(a)
             self.timings["rehashed_blocks"] = float(sum(
@@ -368,6 +377,7 @@ class VmActions:
             b.release_fence(a.vm, a.migration_id)
             return []
         if isinstance(a, Retire):
+            self._end_converge(a.vm, a.migration_id)  # committed before its fence
             self.read_digests.pop(a.migration_id, None)
             self.live_indexes.pop(a.migration_id, None)
             self._fenced_live.discard(a.migration_id)

@@ -181,6 +181,10 @@ class PerVmBackend:
         if self._holds(self.qemu, name):
             self.qemu.throttle(name, percent)
 
+    def throttled(self, name: str) -> int:
+        """The VM's throttle in percent (0: none, and always for an image VM)."""
+        return self.qemu.throttled(name) if self._holds(self.qemu, name) else 0
+
     def arrival(self, name: str) -> dict[str, Any] | None:
         """How the qemu VM's last incoming migration ended (:meth:`QemuBackend.arrival`)."""
         return self.qemu.arrival(name) if self._holds(self.qemu, name) else None
