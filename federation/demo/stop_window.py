@@ -65,6 +65,8 @@ def stop_timeline(src: Iterable[Event], dst: Iterable[Event], mid: str,
     """Each mark of migration ``mid`` that the logs ``src`` and ``dst`` (JSON log records
     with their ``ts``) hold: its name, its milliseconds after ``stopped_at`` (wall clock),
     and its figures. Marks the logs lack are left out."""
+    if stopped_at <= 0:
+        return []  # the target reported no stop time: the marks would have no origin
     src, dst = list(src), list(dst)
     marks: Sequence[tuple[str, list[Event], Callable[[Event], bool]]] = (
         ("source fenced", src, _action(mid, "Fence")),
