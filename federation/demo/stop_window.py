@@ -29,7 +29,7 @@ _ROLE = re.compile(r"role='([a-z_]+)'")
 #: figures of a log line that say where its time went (seconds, counts)
 _FIGURES = ("stop_s", "device_s", "stop_and_device_s", "root_s", "rehashed_blocks",
             "verify_s", "start_s", "load_s", "refresh_s", "index_s", "ready_s", "transfer_s",
-            "pages", "seconds")
+            "pages", "seconds", "waited_s", "close_s", "note_s")
 
 Event = dict[str, Any]
 
