@@ -402,9 +402,9 @@ NODE_POLL = 0.1
 #: What each leg reports of every round from the source's ``round_sent`` log: its pages
 #: and bytes, where its time went (preparation, waiting for the target, the transfer) and
 #: how full the link was while the chunks went (federation.dataplane.v3_source).
-ROUND_KEYS = ("round", "pages", "wire_bytes", "seconds", "refresh_s", "index_s", "level_s",
-              "ready_s", "transfer_s", "level", "level_start", "levels", "chunks", "chunk_bytes",
-              "first_chunk_s", "wire_MBps", "encode_s", "starved_s", "fenced")
+ROUND_KEYS = ("round", "pages", "wire_bytes", "seconds", "dirty_pages", "refresh_s", "index_s",
+              "level_s", "ready_s", "transfer_s", "level", "level_start", "levels", "chunks",
+              "chunk_bytes", "first_chunk_s", "wire_MBps", "encode_s", "starved_s", "fenced")
 
 
 def _round_figures(event: dict[str, Any], rate_mbit: float | None) -> dict[str, Any]:
@@ -529,9 +529,17 @@ async def _node_leg(demo: Demo, fed: LocalFederation, directory: Path, ram: Path
     guest["qemu_copies"] = copies
     if copies != [dst]:
         guest["ok"] = False
-    return {"wire_bytes": wire, "node_wire_bytes": leg["wire"],
+    # the round policy's decision after each round
+    decisions = [e["detail"] for e in fed.nodes[src].events
+                 if e["event"] == "notify" and e.get("kind") == "migration.precopy"
+                 and isinstance(e.get("detail"), dict)
+                 and e["detail"].get("migration_id") == mid]
+    return {"precopy": decisions,
+            "wire_bytes": wire, "node_wire_bytes": leg["wire"],
             "logical_bytes": leg["bytes"], "total_s": round(leg["time"], 3),
             "downtime_ms": round(float(leg["downtime_ms"]), 1), "rounds": leg["rounds"],
+            # the target's phases of the stop window, and both nodes' log marks in it
+            "stop_window_ms": leg["stop_window_ms"], "stop_timeline": leg["stop_timeline"],
             "zstd_level": main_level, "zstd_levels": levels,
             "mode": next((e.get("mode") for e in sent if e.get("mode")), None),
             "round_figures": [_round_figures(e, link.rate_mbit) for e in sent],

@@ -63,7 +63,7 @@ def to_phase(s: SourceSession, phase: Phase) -> None:
     steps = [
         (Phase.BEGUN, LedgerBegun("m1", 3)),
         (Phase.PRECOPY, Received("dc2", MigrationReady("m1"))),
-        (Phase.FENCED, RoundSent(1, 1500, 1500 * 4096, 1000, 1.0, dirty_pages=1)),
+        (Phase.FENCED, RoundSent(1, 1500, 1500 * 4096, 1_000_000, 1.0, dirty_pages=1)),
         (Phase.FINAL, SourceFenced(b"R" * 32)),
         (Phase.VERIFYING, RoundSent(2, 1, 4096, 4096, 0.01, dirty_pages=0)),
     ]

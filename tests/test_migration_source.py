@@ -151,7 +151,8 @@ def test_messages_from_others_are_ignored() -> None:
 def test_rounds_continue_while_the_dirty_set_is_too_big() -> None:
     s = session()
     precopy(s)
-    # 1000 dirty pages (4 MB) at the round's 1 MB/s: a 4 s final round, over 0.5 s
+    # 1000 dirty pages at round 1's cost per page on the wire (500 KB in 1 s: 8.2 ms a
+    # page; its 1 MB covered counts pages the target held): an 8 s final round, over 0.5 s
     actions = s.handle(2.0, RoundSent(1, 100, 1_000_000, 500_000, 1.0, dirty_pages=1000))
     r = one(actions, SendRound)
     assert (r.round, r.dirty, r.final) == (2, True, False)
@@ -159,7 +160,7 @@ def test_rounds_continue_while_the_dirty_set_is_too_big() -> None:
     assert isinstance(done, MigrationRoundDone) and not done.final
     progress = [a.detail for a in of(actions, Notify) if isinstance(a.detail, Progress)][-1]
     assert progress.round == 2 and progress.dirty_rate == 1000.0
-    assert progress.eta == pytest.approx(1000 * 4096 / 1_000_000)
+    assert progress.eta == pytest.approx(1000 * 4096 / 500_000)
     assert s.bytes_sent == 1_000_000 and s.wire_bytes == 500_000
 
 

@@ -1,6 +1,5 @@
-"""Auto-converge (federation.vms.throttle): the throttle rises like QEMU's when a round
-dirties about as much as the one before, and the duty cycle stops a real process part of
-the time and always leaves it running."""
+"""Auto-converge's mechanism (federation.vms.throttle): the duty cycle stops a real process
+part of the time and always leaves it running (the decisions: tests/test_precopy_policy.py)."""
 
 from __future__ import annotations
 
@@ -8,17 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from federation.vms.throttle import INCREMENT, INITIAL, MAXIMUM, DutyCycle, next_throttle
+from federation.vms.throttle import DutyCycle
 from tests.harness.waiting import poll_until
-
-
-def test_the_throttle_rises_only_while_the_dirty_rate_does_not_fall() -> None:
-    assert next_throttle(0, [1000]) == 0  # one round: nothing to compare
-    assert next_throttle(0, [1000, 500]) == 0  # falling
-    assert next_throttle(0, [1000, 950]) == INITIAL
-    assert next_throttle(INITIAL, [1000, 950, 960]) == INITIAL + INCREMENT
-    assert next_throttle(MAXIMUM, [5, 5, 5]) == MAXIMUM
-    assert next_throttle(30, [1000, 0, 0]) == 30  # nothing dirtied: converged
 
 
 def _state(pid: int) -> str:

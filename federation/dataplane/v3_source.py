@@ -197,6 +197,7 @@ class V3RoundSender:
         try:
             if a.since is None or set(st.shadows) != {n for n, _ in layout}:
                 st.reset(layout)
+                copy_started = time.monotonic()
                 for name, count in layout:
                     # the digests and the index of what was copied from the bytes copied:
                     # no read of the (sealed) shadow back, and the index's SHA-256 of a
@@ -222,6 +223,8 @@ class V3RoundSender:
                     self._built[name] = builder.index()
                     if sent is not None:
                         st.sent[name] = sent
+                if rescans:
+                    self._sample_dirty(live, time.monotonic() - copy_started)
                 return sum(c for _, c in layout), {}, mark
             olds: dict[str, dict[int, bytes]] = {}
             covered = 0
@@ -254,6 +257,18 @@ class V3RoundSender:
         finally:
             for img in live.values():
                 img.close()
+
+    def _sample_dirty(self, live: dict[str, Image], copy_seconds: float) -> None:
+        """Worker thread, round 1: the pages the guest wrote while its shadow was copied
+        (they differ from what was copied), reported with their mean exposure — half the
+        copy, then this scan — so the round policy can throttle the guest before the
+        round moves anything (federation.migration.precopy)."""
+        st = self.state
+        started = time.monotonic()
+        dirtied = sum(len(st.sent[n].changed(img)) for n, img in live.items() if n in st.sent)
+        exposure = copy_seconds / 2 + (time.monotonic() - started)
+        trio.from_thread.run_sync(self._report, V3Preparing(
+            self.migration_id, self.round, self._prepared, dirtied, exposure))
 
     def _preparing(self, pages: int) -> None:
         """Worker thread: ``pages`` more prepared; the rounds core hears of it every

@@ -82,8 +82,12 @@ class NodeCore:
         mode_of: Callable[[str], Mode | None],
         on_ledger_moved: Callable[[], None] | None = None,
         regions: Mapping[str, str] | None = None,
+        bandwidth_of: Callable[[str], float | None] | None = None,
     ) -> None:
         self.me = me
+        #: bytes per second of the link to a DC as the mesh measured it (None: unknown);
+        #: a source session's round policy judges round 1's dirty sample against it
+        self.bandwidth_of = bandwidth_of
         #: DC -> region (the federation file's), for the rollout's region targets
         self.regions = dict(regions or {})
         #: wall-clock seconds minus this core's ``now`` (the node sets it once its clock
@@ -190,6 +194,7 @@ class NodeCore:
             ledger.policy, local_versions, peer_versions, authorization,
             regions=self.regions, machine=machine, downtime_limit=downtime_limit,
         )
+        session.link_Bps = (self.bandwidth_of(target) if self.bandwidth_of else None) or 0.0
         self.sessions[migration_id] = self._adopt(session)
         return self._end_step(now, self._session_out(now, session, session.start(now)))
 

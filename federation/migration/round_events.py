@@ -239,6 +239,10 @@ class V3Preparing:
     migration_id: str
     round: int
     pages: int
+    #: a sample of the guest's dirty rate, once (v3 round 1 of a VM tracked by content):
+    #: pages written while the shadow was copied, over their mean exposure in seconds
+    dirtied: int = 0
+    dirty_seconds: float = 0.0
 
 
 @attrs.frozen

@@ -5,11 +5,11 @@ migration (the ledger takes a begin only from the VM's owner, on an operator's
 request). BEGUN: the ledger recorded it; the offer is
 re-sent until the target answers ready. PRECOPY: round 1 sends the diff
 against the target's store, round k the pages dirtied while round k-1 ran.
-After each round the final round's time is estimated as the dirty bytes over
-the round's measured throughput — QEMU's rule (migration/migration.c: stop
-when the pending bytes fit in ``bandwidth * downtime_limit``); pre-copy stops
-when that is under the mode's downtime target or when the next round would be
-the last one the mode allows. FENCED: the VM is stopped (the fence is
+After each round :func:`federation.migration.precopy.decide` says whether to fence
+now (the final round's estimate fits the downtime limit — QEMU's rule; the round
+cap; a round that did not shrink the dirty pages with the throttle at its top) or
+to send another round, with the guest throttled as hard as the measured link and
+dirty rate need (auto-converge, a :class:`Throttle` action). FENCED: the VM is stopped (the fence is
 persisted *before* it is requested, so a crash never forgets it). FINAL: the
 root of the fenced images is announced in the ledger (the target may commit
 only with it) while the remaining dirty pages go; then VERIFYING: the root is
@@ -25,6 +25,12 @@ from collections.abc import Mapping, Sequence
 
 from consensus.authz import Authorization
 from consensus.ledger import AbortMigration, AnnounceRoot, BeginMigration, SetPolicy
+from federation.migration.precopy import (
+    decide,
+    final_estimate,
+    first_round_throttle,
+    page_cost,
+)
 from federation.migration.rollout import choose_version, round_version
 from federation.migration.session import SessionBase
 from federation.migration.vocabulary import (
@@ -56,6 +62,8 @@ from federation.migration.vocabulary import (
     RoundSent,
     SendRound,
     SourceFenced,
+    Throttle,
+    Throttled,
     TransferProgress,
     Unfence,
     abort_cause,
@@ -86,6 +94,20 @@ class SourceSession(SessionBase):
         self.machine = b""
         #: DC -> region, from the federation file (the policy's region targets)
         self.regions = dict(regions or {})
+        # The round policy's state (federation.migration.precopy); not persisted: a node
+        # restarted mid-way runs its guest unthrottled and measures again.
+        #: the pages each round left dirty
+        self.dirty_history: list[int] = []
+        #: the link's seconds per page, as the last round that moved pages measured
+        self.page_cost = 0.0
+        #: the seconds an incremental round spends beside moving pages
+        self.overhead = 0.0
+        #: the throttle asked of the backend (percent), and whether it can go higher
+        self.throttle = 0
+        self.can_throttle = True
+        #: bytes per second of the link to the target as the mesh measured it when the
+        #: migration was planned (0: unknown): what round 1's dirty sample is judged by
+        self.link_Bps = 0.0
 
     @classmethod
     def plan(
@@ -214,9 +236,13 @@ class SourceSession(SessionBase):
 
     def _in_round(self, now: float, ev: TransferProgress) -> list[Action]:
         """A round's progress report: bytes, pages and the estimate move while it runs (the
-        convergence decision still waits for the round's end, RoundSent)."""
+        convergence decision still waits for the round's end, RoundSent; a dirty sample
+        of round 1's preparation may throttle the guest at once)."""
         if self.round_started is None:
             return []
+        out: list[Action] = []
+        if ev.dirty_seconds > 0 and self.phase is Phase.PRECOPY:
+            out += self._sampled(now, ev.dirtied, ev.dirty_seconds)
         self.round_bytes = max(self.round_bytes, ev.bytes)
         self.round_wire = max(self.round_wire, ev.wire_bytes)
         self.round_prepared = max(self.round_prepared, ev.prepared)
@@ -226,7 +252,23 @@ class SourceSession(SessionBase):
             self.throughput = rate
             left = max(0, self.round_pages * PAGE_SIZE - self.round_bytes)
             self.live_eta = left / rate
-        return [self.progress()]
+        return [*out, self.progress()]
+
+    def _sampled(self, now: float, dirtied: int, seconds: float) -> list[Action]:
+        """Round 1's dirty sample (precopy.first_round_throttle): throttle the guest for
+        the rest of the round if it writes more than the final round could carry."""
+        assert self.round_started is not None
+        cost = self.page_cost or (PAGE_SIZE / self.link_Bps if self.link_Bps > 0 else 0.0)
+        wanted = first_round_throttle(dirtied, seconds, now - self.round_started, cost,
+                                      self.limits.downtime)
+        out: list[Action] = [Notify("migration.precopy", {
+            "migration_id": self.migration_id, "round": self.round, "sample_pages": dirtied,
+            "sample_s": round(seconds, 4), "page_cost_ms": round(cost * 1000, 4),
+            "throttle": max(wanted, self.throttle), "fence": False, "why": "sample"})]
+        if self.can_throttle and wanted > self.throttle:
+            self.throttle = wanted
+            out.append(Throttle(self.vm, self.migration_id, wanted))
+        return out
 
     def _fence_deadline(self) -> float:
         """How long a fenced VM waits for the commit (see FENCE_SLACK)."""
@@ -243,16 +285,17 @@ class SourceSession(SessionBase):
         seconds = max(ev.seconds, 1e-9)
         # the final round's estimate goes by what moving a page cost (a round's preparation
         # — the running guest's shadow and its index — is not in a stopped guest's final
-        # round), where the data plane measured it; round 1's pace counts pages the target
-        # already held, so a machine's fence waits for an incremental round anyway
+        # round), where the data plane measured it (precopy.page_cost: round 1's counts
+        # its wire bytes as pages, not the pages the target already held)
         moving = max(ev.move_seconds, 1e-9) if ev.move_seconds is not None else seconds
         self.throughput = ev.bytes / moving if ev.bytes else self.throughput
         self.dirty_rate = ev.dirty_pages / seconds
-        pending = ev.dirty_pages * PAGE_SIZE
-        if self.throughput > 0:
-            self.eta = pending / self.throughput
-        else:
-            self.eta = 0.0 if pending == 0 else math.inf
+        cost = page_cost(self.round, ev.pages, ev.wire_bytes, ev.seconds, ev.move_seconds)
+        if cost > 0:
+            self.page_cost = cost
+        if self.round > 1:
+            self.overhead = max(0.0, ev.seconds - moving)
+        self.eta = final_estimate(ev.dirty_pages, self.page_cost)
         if self.phase is Phase.FINAL:
             self.final_sent = True
             self.phase = Phase.VERIFYING
@@ -260,18 +303,27 @@ class SourceSession(SessionBase):
             return [self.persist(), *self.cancel("stall"), self._round_done(True),
                     self.timer("retransmit", now + RETRANSMIT), self.progress()]
         out: list[Action] = [self._round_done(False)]
-        # A machine (a running guest) fences only after an incremental round: round 1's
-        # throughput counts the pages the target already held, the final round's cost per
-        # changed page is what an incremental round measures (docs/qemu.md, "Downtime").
-        first = bool(self.machine) and self.round < 2
-        if (self.eta <= self.limits.downtime and not first) \
-                or self.round + 1 >= self.limits.max_rounds:
+        self.dirty_history.append(ev.dirty_pages)
+        d = decide(round_=self.round, max_rounds=self.limits.max_rounds,
+                   downtime=self.limits.downtime, dirty=self.dirty_history,
+                   cost=self.page_cost, seconds=ev.seconds, overhead=self.overhead,
+                   throttle=self.throttle, can_throttle=self.can_throttle)
+        out.append(Notify("migration.precopy", {
+            "migration_id": self.migration_id, "round": self.round,
+            "dirty_pages": ev.dirty_pages, "estimate_s": round(self.eta, 4),
+            "page_cost_ms": round(self.page_cost * 1000, 4),
+            "overhead_s": round(self.overhead, 4), "throttle": d.throttle,
+            "fence": d.fence, "why": d.why}))
+        if d.fence:
             self.fenced = True
             self.phase = Phase.FENCED
             # the fence includes hashing the stopped images for the root
             out += [self.persist(), Fence(self.vm, self.migration_id),
                     self.timer("stall", now + self.hash_bound()), self.progress()]
             return out
+        if d.throttle != self.throttle:
+            self.throttle = d.throttle
+            out.append(Throttle(self.vm, self.migration_id, d.throttle))
         return out + self._send_round(now, final=False)
 
     # ------------------------------------------------------------------ events
@@ -320,6 +372,11 @@ class SourceSession(SessionBase):
             self.fenced_at = now
             return [*self._send_round(now, final=True), *self.announce(now),
                     self.timer("fence", now + self._fence_deadline())]
+        if isinstance(ev, Throttled):
+            if ev.percent < self.throttle:  # the backend cannot throttle this VM (more)
+                self.can_throttle = False
+            self.throttle = ev.percent
+            return []
         if isinstance(ev, ActionFailed):
             if self._may_abort():
                 return self.abort(now, f"{ev.action} failed: {ev.reason}")

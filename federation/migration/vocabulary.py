@@ -84,11 +84,14 @@ __all__ = [
     "SendRound",
     "CancelRound",
     "Fence",
+    "Throttle",
+    "Throttled",
     "Unfence",
     "Retire",
     "PrepareIncoming",
     "Verify",
     "StartAtTarget",
+    "LoadDevice",
     "DiscardIncoming",
     "MigrationAction",
     "Progress",
@@ -313,6 +316,10 @@ class TransferProgress:
     #: pages the round's preparation went over so far (v3 round 1: the shadow's copy,
     #: digests and index), before anything moves
     prepared: int = 0
+    #: a sample of the guest's dirty rate taken during the preparation (v3 round 1 of a
+    #: VM tracked by content): pages written meanwhile, over the seconds they had
+    dirtied: int = 0
+    dirty_seconds: float = 0.0
 
 
 @attrs.frozen
@@ -373,6 +380,25 @@ class Fence:
 
 
 @attrs.frozen
+class Throttle:
+    """Source: run the VM's guest only ``100 - percent`` % of the time until its fence, an
+    abort or the commit (auto-converge, federation.migration.precopy); 0 lifts it. Answered
+    with :class:`Throttled`."""
+
+    vm: str
+    migration_id: str
+    percent: int
+
+
+@attrs.frozen
+class Throttled:
+    """Source: the throttle the backend put on the VM after a :class:`Throttle` (0 where
+    it cannot throttle one: an image VM, a guest not running)."""
+
+    percent: int
+
+
+@attrs.frozen
 class Unfence:
     """Source: the ledger aborted; lift this migration's fence (if any) and run the VM."""
 
@@ -414,6 +440,17 @@ class StartAtTarget:
 
 
 @attrs.frozen
+class LoadDevice:
+    """Target: the root matched and the commit is on its way through the ledger; load what
+    the hypervisor needs besides the images (qemu: the device state into the waiting
+    ``-incoming`` QEMU) now, so only ``cont`` waits for the commit. The guest does not run
+    before StartAtTarget; an abort discards the loaded copy like any incoming one."""
+
+    vm: str
+    migration_id: str
+
+
+@attrs.frozen
 class DiscardIncoming:
     vm: str
     migration_id: str
@@ -450,8 +487,8 @@ class Outcome:
 
 #: Everything a migration session may return: its own actions and mesh.core's.
 MigrationAction = (
-    core.Action | SubmitLedger | SendRound | CancelRound | Fence | Unfence | Retire
-    | PrepareIncoming | Verify | StartAtTarget | DiscardIncoming
+    core.Action | SubmitLedger | SendRound | CancelRound | Fence | Throttle | Unfence | Retire
+    | PrepareIncoming | Verify | StartAtTarget | LoadDevice | DiscardIncoming
 )
 
 # --------------------------------------------------------------------------- wire

@@ -47,6 +47,7 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -190,7 +191,10 @@ class Node:
         self.backend: VmBackend = (
             backend if backend is not None
             else ImageBackend(data_dir / "vms", seal_key=at_rest_key, retain_bytes=retained_max))
-        self.vm_actions = VmActions(self.backend)
+        # the fence's catch-up and the target's index refreshes hash changed 1 MiB blocks
+        # on both cores (SHA-256 releases the GIL): they sit in the stop window
+        self._hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vm-index")
+        self.vm_actions = VmActions(self.backend, self._hashing)
         #: imports: the copy from the import directories, before the register
         self.imports = ImportStaging(self.backend, ImportDirs(import_dirs), self.log)
         #: None when the federation cannot run PBFT (n != 3f+1 >= 4); ``no_ledger`` says why
@@ -209,6 +213,7 @@ class Node:
         if replica is not None:
             self.core = NodeCore(name, replica, on_ledger_done=self.ledger.done,
                                  mode_of=lambda dst: self.control.modes.mode(name, dst),
+                                 bandwidth_of=lambda dst: self._link_Bps(name, dst),
                                  on_ledger_moved=self._ledger_moved,
                                  regions={dc.name: dc.region for dc in fed.dcs if dc.region})
             self.core.unrestored.update(self._stored_records())
@@ -353,12 +358,19 @@ class Node:
                     self.log.event("vm_reconcile_failed", vm=step.vm, step=type(step).__name__,
                                    error=str(exc))
 
+    def _link_Bps(self, me: str, dst: str) -> float | None:
+        """Bytes per second of the link to ``dst`` as the mesh measured it (None: not yet)."""
+        view = self.control.table.view(me, dst)
+        mbps = None if view is None else view.bw_mbps
+        return mbps * 1e6 / 8 if mbps else None
+
     def shutdown(self) -> None:
         """Close every link with its final frame and return from run()."""
         self.runtime.shutdown()
 
     def close(self) -> None:
         self.v3.close()
+        self._hashing.shutdown(wait=False)
         self.backend.close()
         self.store.close()
         self.lock.release()

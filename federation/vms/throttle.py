@@ -20,26 +20,13 @@ import os
 import signal
 import threading
 
-__all__ = ["DutyCycle", "PERIOD_S", "INITIAL", "INCREMENT", "MAXIMUM", "next_throttle"]
+__all__ = ["DutyCycle", "PERIOD_S"]
 
 #: The duty cycle's period: 50 ms, short against the guest's 100 ms heartbeat and long
 #: against the cost of two signals.
 PERIOD_S = 0.05
-#: QEMU's auto-converge defaults (migration/options.c): cpu-throttle-initial 20 %,
-#: cpu-throttle-increment 10 %, and at most 99 %; we stop at 90 % so the guest's own
-#: timers and checks still run.
-INITIAL, INCREMENT, MAXIMUM = 20, 10, 90
-#: The dirty rate "does not fall" when a round dirtied at least this share of the pages
-#: the round before it did (QEMU throttles when dirtied bytes exceed 50 % of transferred
-#: ones twice in a row; our rounds are few, so one round without a 10 % fall is enough).
-NOT_FALLING = 0.9
-
-
-def next_throttle(current: int, dirtied: list[int]) -> int:
-    """The throttle (percent) after a round, from the pages each round so far dirtied."""
-    if len(dirtied) < 2 or dirtied[-1] < NOT_FALLING * dirtied[-2] or dirtied[-1] == 0:
-        return current
-    return INITIAL if current == 0 else min(MAXIMUM, current + INCREMENT)
+#: How hard and when to throttle is the round policy's decision
+#: (federation.migration.precopy); this module only carries it out.
 
 
 class DutyCycle:

@@ -85,6 +85,9 @@ class VmCopy:
     #: page -> dirty generation of its last write (see SimBackend.dirty_mark)
     dirty: dict[int, int] = attrs.field(factory=dict)
     generation: int = 0
+    #: percent of the time the guest is held (auto-converge, SimBackend.throttle); only a
+    #: running copy is throttled: whatever stops it lifts the throttle
+    throttle: int = 0
 
 
 @attrs.define
@@ -126,6 +129,8 @@ class VmWorld:
         self.incoming: dict[tuple[str, str], IncomingCopy] = {}
         self.facts = Facts()
         self.writes = 0
+        #: throttles put on a running copy (auto-converge decisions carried out)
+        self.throttles = 0
 
     def create(self, dc: str, vm: str) -> VmCopy:
         copy = self.copies.get((dc, vm))
@@ -151,6 +156,8 @@ class VmWorld:
                 self.facts.max_downtime = max(self.facts.max_downtime, self.clock() - stopped)
         elif state != "running" and was == "running":
             where.remove(copy.dc)
+        if state != "running":
+            copy.throttle = 0
 
     def fence(self, copy: VmCopy, migration_id: str) -> None:
         if copy.fence == migration_id:
@@ -193,7 +200,9 @@ class Writer:
         for copy in list(vms.copies.values()):
             if copy.state != "running" or not self.up(copy.dc):
                 continue
-            for _ in range(rng.randrange(int(2 * self.rate * seconds) + 1)):
+            # a throttled guest runs (and writes) 100 - throttle % of the time
+            rate = self.rate * (100 - copy.throttle) / 100
+            for _ in range(rng.randrange(int(2 * rate * seconds) + 1)):
                 # one draw picks hot or cold and the page within it
                 r = rng.random()
                 if r < HOT_SHARE:
@@ -354,6 +363,19 @@ class SimBackend:
         if owner != self.dc:
             self.world.facts.fail(f"{copy.vm} started at {self.dc}, whose ledger says "
                                   f"{owner} owns it")
+
+    def throttle(self, name: str, percent: int) -> None:
+        """Hold the running guest ``percent`` % of the time (0: not at all), as the qemu
+        backend's duty cycle does; a copy that is not running stays unthrottled."""
+        if not 0 <= percent < 100:
+            raise VmError(f"VM {name!r}: throttle {percent} % is not within 0..99")
+        copy = self._copy(name)
+        copy.throttle = percent if copy.state == "running" else 0
+        if copy.throttle:
+            self.world.throttles += 1
+
+    def throttled(self, name: str) -> int:
+        return self._copy(name).throttle
 
     def fence(self, name: str, migration_id: str) -> VmInfo:
         copy = self._copy(name)

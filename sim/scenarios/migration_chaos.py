@@ -73,6 +73,10 @@ QUIET = 90.0
 WRITE_TICK = 0.2
 #: Page writes per second per VM: a guest dirtying ~0.4 MB/s, a light database load.
 WRITE_RATE = 100.0
+#: The tight downtime limit half the migrations run under (a qemu guest's is 300 ms; the
+#: simulated VMs are 512 KiB, so their final rounds are a few ms on a fast link): low
+#: enough that on the slower links the round policy throttles the guest and stops early.
+TIGHT_DOWNTIME = 0.005
 #: One-way latency of two DCs in one region (the geo table has 0 ms there): the
 #: datacenter link of sim.network.
 SAME_REGION = Normal(0.00025, 0.00005, 0.0001)
@@ -187,6 +191,10 @@ class Federation:
         self.refused = 0
         #: the operator who imports and migrates (the scenario plays the people)
         self.operator = OperatorSigner("ops", prefix="chaos")
+        #: the downtime limit of each migration's VM, drawn from a stream of its own (the
+        #: other draws stay as they were): None (the link mode's) or a running guest's
+        #: tight one, under which the round policy throttles and stops early
+        self._limits = self.world.rng("downtime-limit")
 
     def host(self, name: str) -> DcHost | None:
         node = self.world.nodes[name]
@@ -253,6 +261,7 @@ class Federation:
             others = [m for m in self.names if m != owner]
             target = others[draw % len(others)]
             mid = f"m{k:03d}-{vm}"
+            limit = self.downtime_limit()
             # the operator moves the VM from where the ledger has it (source and epoch)
             intent = MigrateVm(vm, target, owner, ledger.epoch(vm) or 0)
             auth = self.operator.authorize(intent, world.now)
@@ -260,7 +269,8 @@ class Federation:
             def plan(h: DcHost, now: float) -> list[Any]:
                 try:
                     return h.invoke(now, lambda c, t: c.plan_migration(
-                        t, mid, vm, target, LAYOUT, _VERSIONS, _VERSIONS, auth))
+                        t, mid, vm, target, LAYOUT, _VERSIONS, _VERSIONS, auth,
+                        downtime_limit=limit))
                 except (MigrationError, RolloutError):
                     self.refused += 1
                     return []
@@ -270,6 +280,14 @@ class Federation:
                 self.refused += 1
 
         self.world.at(at, go, f"migrate {vm}")
+
+    def downtime_limit(self) -> float | None:
+        """A migration's VM downtime limit: ``--param downtime_limit=S`` for all, else
+        drawn: half the migrations TIGHT_DOWNTIME (a guest's own limit), half the mode's."""
+        given = self.run.param("downtime_limit", None)
+        if given is not None:
+            return float(given)
+        return TIGHT_DOWNTIME if self._limits.random() < 0.5 else None
 
     # ------------------------------------------------------------------ faults
 
@@ -326,6 +344,8 @@ class Federation:
             owner = ledger.owner(vm)
             if owner is None or self.vms.facts.running.get(vm) != [owner]:
                 return False
+            if self.vms.copies[(owner, vm)].throttle:
+                return False  # a throttle outlived its migration
         return len({h.replica.ledger.state_digest() for h in live}) == 1
 
     def summary(self, world: World) -> dict[str, Any]:
@@ -342,6 +362,7 @@ class Federation:
             "aborts_by_reason": oracle.aborts_by_reason(ledger) if oracle and ledger else {},
             "max_downtime": round(self.vms.facts.max_downtime, 6),
             "page_writes": self.vms.writes,
+            "throttles": self.vms.throttles,
         }
 
 

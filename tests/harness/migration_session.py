@@ -58,7 +58,7 @@ def precopy(s: SourceSession) -> list[Any]:
 
 def fenced(s: SourceSession, t: float = 1.0) -> list[Any]:
     precopy(s)
-    return s.handle(t, RoundSent(1, 1500, 1500 * 4096, 1000, 1.0, dirty_pages=1))
+    return s.handle(t, RoundSent(1, 1500, 1500 * 4096, 1_000_000, 1.0, dirty_pages=1))
 
 
 def final(s: SourceSession) -> list[Any]:

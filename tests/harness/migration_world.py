@@ -51,6 +51,7 @@ from federation.migration.vocabulary import (
     LedgerCommitted,
     LedgerRefused,
     LedgerRootAnnounced,
+    LoadDevice,
     Phase,
     PolicyChanged,
     PrecopyLimits,
@@ -62,6 +63,7 @@ from federation.migration.vocabulary import (
     StartAtTarget,
     SubmitLedger,
     TargetVerified,
+    Throttle,
     TransferProgress,
     Unfence,
     Verify,
@@ -127,6 +129,8 @@ class World:
         self.src_running = True
         self.src_fenced = False
         self.src_retired = False
+        #: the throttle the source session put on its running VM (percent)
+        self.src_throttle = 0
         self.content = 0
         self.fenced_content: int | None = None
         self.tgt_prepared = False
@@ -231,15 +235,24 @@ class World:
             self.src_running = False
             self.src_fenced = True
             self.fenced_content = self.content
+            self.src_throttle = 0
             self.fence_pending = True
+        elif isinstance(a, Throttle):
+            # auto-converge holds a running guest in pre-copy, never a fenced one
+            assert node == SRC and self.src_running and not self.src_fenced, \
+                "throttled a VM that is not running at its source"
+            assert 0 <= a.percent < 100
+            self.src_throttle = a.percent
         elif isinstance(a, Unfence):
             assert node == SRC and self.mig_state() == "aborted", "un-fenced without an abort"
             self.src_fenced = False
             self.src_running = True
+            self.src_throttle = 0
         elif isinstance(a, Retire):
             assert node == SRC and self.mig_state() == "committed", "retired without a commit"
             self.src_running = False
             self.src_retired = True
+            self.src_throttle = 0
         elif isinstance(a, PrepareIncoming):
             # The target prepares only while, as far as it has been told, the migration
             # is begun: an abort it has not heard of yet (the source cancelled while its
@@ -253,6 +266,11 @@ class World:
         elif isinstance(a, Verify):
             assert node == TGT
             self.verify_pending = True
+        elif isinstance(a, LoadDevice):
+            # the device state loads beside the commit, into a copy that does not run yet
+            assert node == TGT and self.tgt_prepared, "loaded into a copy never prepared"
+            assert self.src_fenced and self.tgt_content == self.fenced_content, \
+                "loaded before the root matched the fenced copy"
         elif isinstance(a, StartAtTarget):
             assert node == TGT and self.mig_state() == "committed", "started before the commit"
             assert a.epoch == self.ledger.epoch(VM), "started with another epoch than the ledger's"
@@ -319,6 +337,7 @@ class World:
         other = TGT if node == SRC else SRC
         if node == SRC:
             self.src_running = False  # the VM dies with its node
+            self.src_throttle = 0  # and its throttle with the node's process
             self.jobs.clear()
             self.fence_pending = False
         else:
@@ -449,6 +468,7 @@ class World:
         else:
             assert src.phase is Phase.ABORTED
             assert self.src_running and not self.src_fenced
+            assert self.src_throttle == 0, "the aborted migration left its VM throttled"
             assert self.tgt_started is None
             assert not self.tgt_prepared, "the target kept its incoming copy after the abort"
             assert self.ledger.owner(VM) == SRC and self.ledger.epoch(VM) == 0

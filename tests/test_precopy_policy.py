@@ -1,0 +1,239 @@
+"""The pre-copy round policy (federation.migration.precopy): one test per rule, the
+estimates it rests on, and a source session carrying its decisions out (Throttle before
+the next round, the fence, a backend that cannot throttle)."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import trio
+
+from federation.dataplane.v3_source import V3RoundSender
+from federation.migration.precopy import (
+    INCREMENT,
+    INITIAL,
+    MAXIMUM,
+    decide,
+    final_estimate,
+    first_round_throttle,
+    page_cost,
+    throttle_for,
+    unthrottled_rate,
+)
+from federation.migration.round_events import ToSession, V3Prepare, V3Preparing
+from federation.migration.round_source import V3Sending
+from federation.migration.source import SourceSession
+from federation.migration.vocabulary import (
+    Fence,
+    Phase,
+    PrecopyLimits,
+    RoundSent,
+    SendRound,
+    Throttle,
+    Throttled,
+    TransferProgress,
+)
+from federation.vms.dirty_scan import SentDigests
+from mesh.hde.image import PAGE_SIZE, create_image
+from tests.harness.migration_session import of, one, precopy, session
+
+# A 100 Mbit/s link moving incompressible pages: 12.5 MB/s, 0.328 ms a page; a 300 ms
+# downtime limit then carries 915 pages.
+COST = PAGE_SIZE / 12.5e6
+LIMIT = 0.3
+
+
+def _decide(dirty: list[int], **kw: object) -> object:
+    args: dict[str, object] = dict(round_=len(dirty), max_rounds=7, downtime=LIMIT,
+                                   dirty=dirty, cost=COST, seconds=1.0, overhead=0.5,
+                                   throttle=0, can_throttle=True)
+    args.update(kw)
+    return decide(**args)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- the estimates
+
+
+def test_round_1_costs_a_page_by_its_wire_bytes_not_the_pages_the_target_held() -> None:
+    # a return trip's round 1: 65,536 pages covered, 9 MB on the wire in 0.75 s
+    assert page_cost(1, 65_536, 9_000_000, 3.0, 0.75) == pytest.approx(
+        0.75 / (9_000_000 / PAGE_SIZE))
+    # an incremental round: its own pages over its moving time (not its preparation)
+    assert page_cost(2, 2_000, 8_000_000, 1.5, 0.7) == pytest.approx(0.7 / 2_000)
+    assert page_cost(3, 100, 0, 1.0, None) == pytest.approx(1.0 / 100)  # v1: no split
+    assert page_cost(2, 0, 0, 0.2, 0.1) == 0.0  # nothing moved: nothing measured
+
+
+def test_the_final_round_estimate_is_its_pages_at_the_measured_cost() -> None:
+    assert final_estimate(915, COST) == pytest.approx(0.2998, abs=1e-3)
+    assert final_estimate(0, 0.0) == 0.0
+    assert final_estimate(3, 0.0) == math.inf
+
+
+def test_the_unthrottled_rate_counts_the_time_a_throttled_guest_was_held() -> None:
+    assert unthrottled_rate(1_000, 2.0, 0) == 500.0
+    assert unthrottled_rate(100, 2.0, 90) == pytest.approx(500.0)
+    assert unthrottled_rate(5, 0.0, 0) == 0.0
+
+
+def test_the_throttle_goes_straight_to_what_makes_the_round_fit() -> None:
+    assert throttle_for(1_432, 0.5, 915) == 0  # 716 pages fit already
+    # 1,432 pages/s over a 1 s round: 1,432 written, 915 fit: held 37 % of the time
+    assert throttle_for(1_432, 1.0, 915) == 37
+    assert throttle_for(1_432, 1.1, 915) == 42
+    assert throttle_for(1_432, 0.7, 915) == INITIAL  # a little over: at least QEMU's 20 %
+    assert throttle_for(100_000, 5.0, 915) == MAXIMUM  # never more than 90 %
+
+
+# ---------------------------------------------------------------------- one rule each
+
+
+def test_rule_fits_fences_as_soon_as_the_final_round_fits_even_after_round_1() -> None:
+    d = _decide([900])
+    assert d.fence and d.why == "fits" and d.throttle == 0
+    d = _decide([5_000, 900], throttle=40)
+    assert d.fence and d.why == "fits" and d.throttle == 40
+
+
+def test_rule_round_cap_fences_before_the_round_the_mode_would_not_allow() -> None:
+    d = _decide([3_000] * 6, max_rounds=7)
+    assert d.fence and d.why == "round cap"
+    assert not _decide([3_000, 2_000], max_rounds=7).fence
+
+
+def test_rule_no_progress_fences_when_the_throttle_can_go_no_higher() -> None:
+    d = _decide([3_000, 2_900], throttle=MAXIMUM)
+    assert d.fence and d.why == "no progress"
+    d = _decide([3_000, 2_900], can_throttle=False)  # an image VM: no vCPU to hold
+    assert d.fence and d.why == "no progress"
+    # still falling: another round is worth its bytes
+    assert not _decide([3_000, 2_000], throttle=MAXIMUM).fence
+    assert not _decide([3_000, 2_000], can_throttle=False).fence
+
+
+def test_rule_converge_at_once_throttles_against_the_link_after_the_first_round() -> None:
+    # round 1 left 2,000 pages; the guest wrote them in 1 s; the next round moves them
+    # in 0.66 s beside 0.5 s of fixed work: 1.16 s at 2,000 pages/s = 2,312 pages
+    # against 915 that fit: held 61 % at once (QEMU would start at 20 %)
+    d = _decide([2_000], seconds=1.0, overhead=0.5)
+    assert not d.fence and d.why == "throttle"
+    expected = math.ceil(100 * (1 - (LIMIT / COST) / (2_000 * (2_000 * COST + 0.5))))
+    assert d.throttle == expected == 61
+    # a rate the next round can carry: no throttle
+    d = _decide([1_500], seconds=10.0, overhead=0.1)
+    assert not d.fence and d.throttle == 0 and d.why == "converging"
+
+
+def test_rule_converge_rises_at_least_one_step_when_the_dirty_count_did_not_fall() -> None:
+    # the estimate alone would keep 30 %, but the round did not shrink: one step more
+    d = _decide([2_000, 1_950], seconds=10.0, overhead=0.0, throttle=30)
+    assert not d.fence and d.throttle == 30 + INCREMENT
+    d = _decide([2_000, 1_950], seconds=10.0, overhead=0.0, throttle=0)
+    assert d.throttle == INITIAL
+
+
+def test_the_throttle_never_goes_down_within_a_migration() -> None:
+    d = _decide([5_000, 2_000], seconds=100.0, overhead=0.0, throttle=70)
+    assert not d.fence and d.throttle == 70
+
+
+def test_a_vm_that_cannot_be_throttled_is_never_asked_to_be() -> None:
+    d = _decide([2_000], seconds=1.0, overhead=0.5, can_throttle=False)
+    assert not d.fence and d.throttle == 0
+
+
+# ---------------------------------------------------------------------- in the session
+
+
+def _session() -> SourceSession:
+    s = session(PrecopyLimits(7, LIMIT))
+    precopy(s)
+    return s
+
+
+def test_the_session_throttles_before_the_next_round_and_fences_when_it_fits() -> None:
+    s = _session()
+    # round 1: every page covered, 9 MB on the wire, 2,000 pages dirtied meanwhile
+    out = s.handle(10.0, RoundSent(1, 65_536, 65_536 * PAGE_SIZE, 9_000_000, 1.0, 2_000,
+                                   0.75))
+    kinds = [type(a) for a in out]
+    assert Throttle in kinds and SendRound in kinds
+    assert kinds.index(Throttle) < kinds.index(SendRound)
+    throttle = next(a for a in out if isinstance(a, Throttle))
+    assert INITIAL <= throttle.percent <= MAXIMUM and s.throttle == throttle.percent
+    s.handle(10.1, Throttled(throttle.percent))
+    # round 2 moved its 2,000 pages; the throttled guest wrote 300 meanwhile: it fits
+    out = s.handle(11.0, RoundSent(2, 2_000, 2_000 * PAGE_SIZE, 8_200_000, 1.0, 300, 0.66))
+    assert any(isinstance(a, Fence) for a in out) and s.phase is Phase.FENCED
+
+
+def test_a_refused_throttle_lets_the_session_stop_a_round_that_does_not_shrink() -> None:
+    s = _session()
+    out = s.handle(10.0, RoundSent(1, 65_536, 65_536 * PAGE_SIZE, 9_000_000, 1.0, 2_000,
+                                   0.75))
+    assert any(isinstance(a, Throttle) for a in out)
+    s.handle(10.1, Throttled(0))  # an image VM, or a guest that stopped meanwhile
+    assert not s.can_throttle and s.throttle == 0
+    out = s.handle(11.0, RoundSent(2, 2_000, 2_000 * PAGE_SIZE, 8_200_000, 1.0, 1_990, 0.66))
+    assert any(isinstance(a, Fence) for a in out) and s.phase is Phase.FENCED
+    assert not any(isinstance(a, Throttle) for a in out)
+
+
+# ---------------------------------------------------------------------- round 1's sample
+
+
+def test_first_round_throttle_judges_the_sample_against_the_link() -> None:
+    # 700 pages written in 0.5 s of the copy (1,400 pages/s), 0.6 s into round 1: round 1
+    # lasts at least 1.2 s, 1,680 pages against the 915 that fit: held 46 %
+    assert first_round_throttle(700, 0.5, 0.6, COST, LIMIT) == 46
+    assert first_round_throttle(50, 0.5, 0.6, COST, LIMIT) == 0  # 168 pages fit
+    assert first_round_throttle(700, 0.5, 0.6, 0.0, LIMIT) == 0  # no link figure: no call
+    assert first_round_throttle(0, 0.5, 0.6, COST, LIMIT) == 0
+
+
+def test_round_1s_dirty_sample_throttles_the_guest_before_the_round_moves() -> None:
+    s = _session()
+    s.link_Bps = 12.5e6  # the mesh's figure for the link to the target
+    out = s.handle(0.8, TransferProgress(1, 0, 0, 0, 65_536, 700, 0.5))
+    throttle = one(out, Throttle)
+    assert throttle.percent == first_round_throttle(700, 0.5, 0.6, COST, LIMIT) == 46
+    assert s.throttle == 46
+    # a throttle already as high is not asked again; without a link figure none is
+    assert of(s.handle(0.8, TransferProgress(1, 0, 0, 0, 65_536, 700, 0.5)), Throttle) == []
+    s = _session()
+    assert of(s.handle(0.8, TransferProgress(1, 0, 0, 0, 65_536, 700, 0.5)), Throttle) == []
+
+
+def test_the_rounds_core_passes_round_1s_sample_to_the_session() -> None:
+    r = V3Sending(SendRound("m1", "vm1", 1, False, False, 3), "dc2", 0.0, None)
+    out = r.handle(0.5, V3Preparing("m1", 1, 65_536, 700, 0.5))
+    progress = next(a.event for a in out if isinstance(a, ToSession))
+    assert (progress.prepared, progress.dirtied, progress.dirty_seconds) == (65_536, 700, 0.5)
+
+
+def test_round_1_counts_the_pages_written_while_its_shadow_was_copied(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    live = create_image(tmp_path / "memory.img", 64, "memory")
+    try:
+        live.write(0, rng.randbytes(64 * PAGE_SIZE))
+        copied = SentDigests.blank(64)
+        copied.read(0, bytes(live.view(0, 64)))  # the shadow's copy
+        for p in (1, 7, 20, 40, 63):  # the guest writes on meanwhile
+            live.write(p, rng.randbytes(PAGE_SIZE))
+        sender = object.__new__(V3RoundSender)
+        sender.action = V3Prepare("m1", "vm1", 1, "dc2", None)
+        sender.state = SimpleNamespace(sent={"memory": copied})  # type: ignore[assignment]
+        sender._prepared = 64
+        reports: list[object] = []
+        sender._report = reports.append
+        trio.run(trio.to_thread.run_sync, sender._sample_dirty, {"memory": live}, 0.4)
+    finally:
+        live.close()
+    (sample,) = reports
+    assert isinstance(sample, V3Preparing)
+    assert (sample.round, sample.pages, sample.dirtied) == (1, 64, 5)
+    assert 0.2 <= sample.dirty_seconds < 5  # half the copy, then the scan
