@@ -80,6 +80,7 @@ from typing import Any
 
 import attrs
 
+from bench import cpu_sampler
 from bench.pbft_floor import floor_run
 
 __all__ = ["register", "Cluster", "bench_identity", "spawn", "tell", "process_group", "PeersUp"]
@@ -299,6 +300,7 @@ async def _node_main(args: argparse.Namespace) -> None:
         async with trio.open_nursery() as work:
             work.start_soon(status_loop)
             go = await trio.wrap_file(sys.stdin).readline()
+            cpu_sampler.restart()  # DWCP_BENCH_SAMPLE: the run's samples, not the start's
             if go.strip() == "GO" and args.window > 0:
                 work.start_soon(load, args.window, args.duration)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
@@ -732,5 +734,16 @@ if __name__ == "__main__":
 
         out = Path(node_args.dir) / f"{node_args.name}.prof"
         cProfile.run("trio.run(_node_main, node_args)", str(out))
+    elif os.environ.get("DWCP_BENCH_SAMPLE"):  # the same, by CPU-time samples (see there)
+        from bench.cpu_sampler import CpuSampler, LoopCounter
+
+        sampler = CpuSampler()
+        sampler.start()
+        counter = LoopCounter()
+        try:
+            trio.run(_node_main, node_args, instruments=[counter])
+        finally:
+            sampler.stop(Path(node_args.dir) / f"{node_args.name}.cpu-samples")
+            counter.save(Path(node_args.dir) / f"{node_args.name}.loop-counts")
     else:
         trio.run(_node_main, node_args)

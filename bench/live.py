@@ -399,6 +399,14 @@ NODE_LEG_BUDGET = 600.0
 NODE_POLL = 0.1
 
 
+#: What each leg reports of every round from the source's ``round_sent`` log: its pages
+#: and bytes, where its time went (preparation, waiting for the target, the transfer) and
+#: how full the link was while the chunks went (federation.dataplane.v3_source).
+ROUND_KEYS = ("round", "pages", "wire_bytes", "seconds", "dirty_pages", "refresh_s", "index_s",
+              "level_s", "ready_s", "transfer_s", "level", "level_start", "levels", "chunks",
+              "chunk_bytes", "first_chunk_s", "wire_MBps", "encode_s", "starved_s", "fenced")
+
+
 def _node_run(setup: Setup, assets: GuestAssets, work: Path, tbf: bool,
               return_after_s: int) -> dict[str, Any]:
     """DWCP's own path: four ``dwcp node`` processes (the federation's ledger, v3 rounds
@@ -499,6 +507,10 @@ async def _node_leg(demo: Demo, fed: LocalFederation, directory: Path, ram: Path
     levels = sorted({int(e["level"]) for e in sent if "level" in e})
     if not levels:
         raise DemoFailed(f"{src} logged no v3 round with a level for {mid}")
+    # the level of the round that sent the most (round 1 of a cold trip): QEMU's third
+    # contender runs at it; the level moves chunk by chunk (mesh.hde.level.LevelGovernor)
+    main_level = int(max((e for e in sent if "level" in e),
+                         key=lambda e: int(e.get("chunk_bytes", 0)))["level"])
     before = read_console([logs[0]], [offsets[0]]).last_heartbeat
     guest = await trio.to_thread.run_sync(
         _guest_ok, logs, offsets, before,
@@ -507,20 +519,20 @@ async def _node_leg(demo: Demo, fed: LocalFederation, directory: Path, ram: Path
     guest["qemu_copies"] = copies
     if copies != [dst]:
         guest["ok"] = False
-    # each round as the source logged it, and the round policy's decision after it
-    keep = ("round", "pages", "wire_bytes", "seconds", "dirty_pages", "refresh_s", "index_s",
-            "ready_s", "transfer_s")
-    rounds = [{k: e[k] for k in keep if k in e} for e in sent]
+    # the round policy's decision after each round
     decisions = [e["detail"] for e in fed.nodes[src].events
                  if e["event"] == "notify" and e.get("kind") == "migration.precopy"
                  and isinstance(e.get("detail"), dict)
                  and e["detail"].get("migration_id") == mid]
-    return {"round_figures": rounds, "precopy": decisions,
+    return {"precopy": decisions,
             "wire_bytes": wire, "node_wire_bytes": leg["wire"],
             "logical_bytes": leg["bytes"], "total_s": round(leg["time"], 3),
             "downtime_ms": round(float(leg["downtime_ms"]), 1), "rounds": leg["rounds"],
-            "zstd_level": levels[0], "zstd_levels": levels,
+            # the target's phases of the stop window, and both nodes' log marks in it
+            "stop_window_ms": leg["stop_window_ms"], "stop_timeline": leg["stop_timeline"],
+            "zstd_level": main_level, "zstd_levels": levels,
             "mode": next((e.get("mode") for e in sent if e.get("mode")), None),
+            "round_figures": [{k: e[k] for k in ROUND_KEYS if k in e} for e in sent],
             "migration_id": mid, "guest": guest}
 
 
@@ -616,14 +628,14 @@ def compare(result: dict[str, Any], link: str) -> dict[str, Any]:
 def measure(mib: int = GUEST_MIB, fill: int = FILL_PERCENT, at_s: int = AT_S,
             level: int = SECOND_LEVEL, tbf: bool = True, dwcp: bool = True,
             return_after_s: int = RETURN_AFTER_S, only: Sequence[str] = (),
-            inproc: bool = False) -> dict[str, Any]:
+            inproc: bool = False, loopback: bool = True) -> dict[str, Any]:
     """Per link (loopback, then with ``tbf`` the 100 Mbit/s veth pair): DWCP's migration
     through ``dwcp node`` processes first (its level, chosen by the source node for the
     link, is QEMU's third level), with ``inproc`` also the in-process ``LiveMigration``
     (``dwcp_inproc_<link>``), then QEMU's contenders. ``level``: QEMU's third level when
     DWCP does not run. ``only``: run just these contenders (``dwcp``, ``dwcp_inproc`` and
     the names of :data:`QEMU_CONTENDERS`), e.g. to reproduce one run's failure without the
-    others."""
+    others. ``loopback`` False: the tbf link only (with ``tbf``)."""
     unknown = sorted(set(only) - {"dwcp", "dwcp_inproc", *QEMU_CONTENDERS})
     if unknown:
         raise ValueError(f"--only: unknown contender {unknown[0]!r} (one of dwcp, "
@@ -647,7 +659,7 @@ def measure(mib: int = GUEST_MIB, fill: int = FILL_PERCENT, at_s: int = AT_S,
         setup = Setup(spec, accel, at_s, level)
         result.update(qemu_version=qemu_version(), kvm=accel == "kvm", guest_mib=mib,
                       fill_percent=fill, at_s=at_s)
-        links = ["loopback"]
+        links = ["loopback"] if loopback or not tbf else []
         netns = netns_missing()
         why = netns if tbf else "not asked (--no-tbf)"
         if why is None:
@@ -682,11 +694,11 @@ def measure(mib: int = GUEST_MIB, fill: int = FILL_PERCENT, at_s: int = AT_S,
         if dwcp or inproc:
             result["dirty_tracking"] = _dirty_tracking(setup, work / "dirty")
         result["comparison"] = {link: compare(result, link) for link in links}
-        loop = result["comparison"]["loopback"]
+        loop = result["comparison"].get("loopback", {})
         # bytes matter where the link is the bottleneck: the 100 Mbit/s figures when they
         # were measured (on loopback the level picker rightly trades bytes for time)
         bytes_link = "tbf100" if "tbf100" in links else "loopback"
-        by = result["comparison"][bytes_link]
+        by = result["comparison"].get(bytes_link, {})
         result.update(bytes_link=bytes_link,
                       qemu_wire_bytes=by.get("qemu_wire_bytes"),
                       dwcp_wire_bytes=by.get("dwcp_wire_bytes"),
@@ -726,6 +738,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "chosen level on each link)")
     p.add_argument("--no-tbf", action="store_true", help="loopback only")
     p.add_argument("--no-dwcp", action="store_true", help="QEMU's contenders only")
+    p.add_argument("--no-loopback", action="store_true",
+                   help="the 100 Mbit/s tbf link only (the loopback runs are skipped)")
     p.add_argument("--return-after", type=int, default=RETURN_AFTER_S,
                    help="DWCP migrates back after this guest time at the target (s; "
                         "0: no return trip)")
@@ -742,6 +756,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def _main(args: argparse.Namespace) -> int:
     r = measure(args.mib, args.fill, args.at, args.level, not args.no_tbf, not args.no_dwcp,
-                args.return_after, args.only, args.inproc)
+                args.return_after, args.only, args.inproc, not args.no_loopback)
     print(json.dumps(r) if args.json else json.dumps(r, indent=1))
     return 0 if not r["missing"] or "guests_ok" in r else 1

@@ -5,12 +5,15 @@ Two runtimes (:class:`mesh.runtime.node_runtime.Runtime`, the link phase's echo 
 SECONDS (3), with a trio instrument counting, per message: task steps (each a task
 switch), passes of the event loop (each an I/O poll) and the steps of each task. Unlike
 the CPU and latency figures these counts do not depend on the machine's load, so they
-compare runtime changes on a shared machine (docs/BENCHMARKS.md, issue 14)."""
+compare runtime changes on a shared machine (docs/BENCHMARKS.md, issue 14). It also
+prints the process's CPU time per message (both ends; the counting instrument adds to
+it), which load moves less than wall time but still moves."""
 
 from __future__ import annotations
 
 import collections
 import sys
+import time
 from typing import Any
 
 import trio
@@ -77,8 +80,10 @@ async def _main(duration: float) -> None:
             for up in linked:
                 await up.wait()
             count.on = True
+            cpu0 = time.process_time()
             runtimes[0].send(PING_NAMES[1], ping(0))
             await trio.sleep(duration)
+            cpu = time.process_time() - cpu0
             count.on = False
             for rt in runtimes:
                 rt.shutdown()
@@ -88,7 +93,8 @@ async def _main(duration: float) -> None:
     steps = sum(count.steps.values())
     per_task = ", ".join(f"{name} {k / n:.2f}" for name, k in count.steps.most_common(4))
     print(f"messages {n}  task steps/message {steps / n:.2f}  "
-          f"loop passes/message {count.passes / n:.2f}  ({per_task})")
+          f"loop passes/message {count.passes / n:.2f}  ({per_task})  "
+          f"cpu us/message {cpu / n * 1e6:.0f} (both ends, one process, instrument on)")
 
 
 if __name__ == "__main__":

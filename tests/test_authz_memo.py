@@ -6,14 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import cbor2
 import pytest
 
 import consensus.authz as authz
+from consensus import request_frames
 from consensus.authz import (
     AuthError,
     Authorization,
     Operator,
     OperatorTable,
+    RequestHead,
     Role,
     SignedRequest,
     authorize,
@@ -141,3 +144,48 @@ def test_the_door_and_the_ledger_verify_a_request_once(verifications: list[bytes
         RegisterVm("vm1", "dc-a", verified.authorization)), T0))
     assert res.ok, res.error
     assert len(verifications) == 1
+
+
+def test_every_replica_checks_every_command_itself(verifications: list[bytes]) -> None:
+    """A replica runs in its own process, with its own memo: executing a batch verifies
+    each command's operator signature once, through the hand readers of
+    consensus.request_frames (the frames are canonical), whatever another replica did."""
+    commands = [RegisterVm(f"vm{i}", "dc-a", auth(f"vm{i}")) for i in range(4)]
+    for c in commands:
+        assert request_frames.read_signed(c.authorization.request) is not None
+    for replica in range(2):  # the second replica: a fresh process, a cold memo
+        authz._VERIFIED.clear()
+        ledger = Ledger(DCS, TABLE)
+        for i, c in enumerate(commands):
+            assert wire.decode(ledger.execute("dc-a", i + 1, wire.encode(c), T0)).ok
+        assert len(verifications) == 4 * (replica + 1)
+
+
+def test_a_genuine_request_in_another_encoding_is_refused_beside_a_warm_memo() -> None:
+    """The genuine head and signature (verified, in the memo) inside a wrapper that is not
+    canonical CBOR, and a head the operator key signed that is not canonical: both are
+    refused as malformed, by the checked decoder the hand readers leave them to."""
+    good = auth("vm1")
+    open_authorization(TABLE, good)
+    signed = wire.decode(good.request, expect=(SignedRequest,))
+    fields = cbor2.loads(good.request)[2]
+    # the operator's name with a two-byte length where one byte does: not canonical
+    padded = (good.request[:good.request.index(b"\x63ops")] + b"\x78\x03ops"
+              + good.request[good.request.index(b"\x63ops") + 4:])
+    assert cbor2.loads(padded)[2] == fields and padded != good.request
+    assert request_frames.read_signed(padded) is None
+    with pytest.raises(AuthError) as err:
+        open_authorization(TABLE, Authorization(padded, good.body))
+    assert err.value.reason == "malformed"
+    # a head whose float is written as a double where a shorter width holds it
+    head = wire.decode(signed.head, expect=(RequestHead,))
+    wide = cbor2.dumps([1, RequestHead.wire_tag,  # type: ignore[attr-defined]
+                        [head.federation, head.operator, head.method, head.target,
+                         head.body_digest, 0.0, head.nonce]], canonical=True)
+    wide = wide[:-len(head.nonce) - 1 - 3] + b"\xfb" + bytes(8) + wide[-len(head.nonce) - 1:]
+    assert cbor2.loads(wide)[2][5] == 0.0
+    assert request_frames.read_head(wide) is None
+    resigned = wire.encode(SignedRequest("ops", wide, OPS.sign(authz.SIGN_CONTEXT + wide)))
+    with pytest.raises(AuthError) as err:
+        open_authorization(TABLE, Authorization(resigned, good.body))
+    assert err.value.reason == "malformed" and "unreadable head" in str(err.value)

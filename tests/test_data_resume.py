@@ -199,7 +199,7 @@ def test_feed_resumes_with_the_frames_not_acknowledged_held_ones_first() -> None
     plan), then new ids; acknowledged frames are let go."""
     encoded: list[int] = []
 
-    def encode(image: int, e: EncodeChunk) -> bytes:
+    def encode(image: int, e: EncodeChunk, level: int) -> bytes:
         encoded.append(e.plan.chunk_id)
         return b"HDE frame %d" % e.plan.chunk_id
 

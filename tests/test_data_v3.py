@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 from federation.dataplane.v3_protocol import ChunkFeed, Overlay, choose_chunk_level, peek_chunk
 from federation.migration.round_messages import V3Hde, V3Round, V3Status, transfer_id
 from mesh import wire
+from mesh.amst.receiver import ChunkSet
 from mesh.hde.codec import ChunkPlan, decode_chunk, encode_chunk
 from mesh.hde.events import EncodeChunk
 from mesh.hde.image import PAGE_SIZE, ImageWriter
-from mesh.hde.level import MODE_LEVELS
+from mesh.hde.level import LEVELS, MODE_LEVELS, LevelGovernor
 
 
 def _image(pages: int, seed: int) -> ImageWriter:
@@ -45,7 +46,7 @@ def test_overlay_serves_old_pages_and_the_image_elsewhere() -> None:
 
 def test_feed_encodes_in_order_then_ends() -> None:
     img = _image(16, 2)
-    feed = ChunkFeed(lambda i, e: encode_chunk(e.transfer, e.plan, img, None, 1))
+    feed = ChunkFeed(lambda i, e, level: encode_chunk(e.transfer, e.plan, img, None, level))
     plans = [EncodeChunk(1, ChunkPlan(c, (c * 4, 4)), None) for c in range(3)]
 
     async def main() -> list[bytes]:
@@ -81,7 +82,7 @@ class _WatchedQueue(queue.Queue):  # type: ignore[type-arg]
 
 
 def test_feed_ends_a_waiting_preparer_when_closed() -> None:
-    feed = ChunkFeed(lambda i, e: b"never")
+    feed = ChunkFeed(lambda i, e, level: b"never")
     plans = feed._queue = _WatchedQueue()  # watched, so the test closes a waiting preparer
 
     async def main() -> bytes:
@@ -116,10 +117,94 @@ def test_messages_round_trip_and_ids_differ_per_round() -> None:
     assert len(transfer_id("m", 1)) == 16
 
 
-def test_level_from_mode_and_speed() -> None:
+def test_level_from_measured_speed_not_from_the_mode_label() -> None:
     sample = [bytes(_image(64, 3).view(0, 64))]
     mode, level = choose_chunk_level(sample, None, None, 1000.0)
-    assert mode == "hybrid" and level in MODE_LEVELS["hybrid"]
-    mode, level = choose_chunk_level(sample, "internet", 10.0, 1000.0)
-    assert mode == "internet" and level in MODE_LEVELS["internet"] and level >= 1
+    assert mode == "hybrid" and level in LEVELS
+    # a 1 Mbit/s link labelled "datacenter": the label bounds nothing, the measured rate
+    # lets the CPU compress harder than any datacenter level
+    mode, level = choose_chunk_level(sample, "datacenter", 1.0, 1000.0)
+    assert mode == "datacenter" and level in LEVELS and level > max(MODE_LEVELS["datacenter"])
     assert choose_chunk_level([], "datacenter", None, 1000.0) == ("datacenter", 0)
+
+
+def test_feed_moves_the_level_with_its_governor_while_the_link_falls_behind() -> None:
+    """The link drains one frame of four: the backlog of frames not acknowledged grows,
+    so the governor raises the level chunk by chunk; the feed counts what it did."""
+    img = _image(64, 5)
+    now = [0.0]
+    used: list[int] = []
+
+    def encode(i: int, e: EncodeChunk, level: int) -> bytes | bytearray:
+        used.append(level)
+        return encode_chunk(e.transfer, e.plan, img, None, level)
+
+    feed = ChunkFeed(encode, 1, LevelGovernor(1), clock=lambda: now[0])
+    acked = ChunkSet()
+    feed.bind(acked)
+    for c in range(16):
+        feed.put(0, EncodeChunk(1, ChunkPlan(c, (c * 4, 4)), None))
+
+    async def main() -> None:
+        for c in range(16):
+            cid, raw = feed.next_chunk(1 << 20) or (-1, memoryview(b""))
+            assert cid == c
+            await trio.to_thread.run_sync(feed.prepare, cid, raw)
+            now[0] += 0.1
+            if c % 4 == 3:
+                acked.add(c // 4)
+
+    trio.run(main)
+    assert used[0] == 1 and max(used) > 1 and used == sorted(used)
+    assert feed.levels == {lv: used.count(lv) for lv in set(used)}
+    assert feed.frames == 16 and 0 < feed.acked_bytes < feed.frame_bytes
+    assert feed.encode_s >= 0 and feed.starved_s == 0.0
+
+
+def _drive_feed(start: int, link_takes: float, held_back: bool = False) -> list[int]:
+    """A feed whose sender's sockets take ``link_takes`` of each frame's bytes as it is
+    prepared (1.0: everything at once, the encoders are the bottleneck); the levels used."""
+    img = _image(64, 7)
+    now = [0.0]
+    used: list[int] = []
+    written = [0.0]
+
+    def encode(i: int, e: EncodeChunk, level: int) -> bytes | bytearray:
+        used.append(level)
+        return encode_chunk(e.transfer, e.plan, img, None, level)
+
+    feed = ChunkFeed(encode, start, LevelGovernor(start), clock=lambda: now[0])
+    feed.bind(ChunkSet(), lambda: int(written[0]), lambda: held_back)
+    for c in range(24):
+        feed.put(0, EncodeChunk(1, ChunkPlan(c, (c * 2, 2)), None))
+
+    async def main() -> None:
+        for _ in range(24):
+            cid, raw = feed.next_chunk(1 << 20) or (-1, memoryview(b""))
+            frame = await trio.to_thread.run_sync(feed.prepare, cid, raw)
+            written[0] += link_takes * len(frame)
+            now[0] += 0.1
+
+    trio.run(main)
+    return used
+
+
+def _ranks(levels: list[int]) -> list[int]:
+    """Each level's place on the governor's ladder (cheapest first: store, -5, -1, 1...)."""
+    return [LevelGovernor(0).ladder.index(lv) for lv in levels]
+
+
+def test_feed_steps_down_when_the_streams_take_every_frame_at_once() -> None:
+    used = _drive_feed(9, link_takes=1.0)
+    ranks = _ranks(used)
+    assert used[0] == 9 and used[-1] == 0 and ranks == sorted(ranks, reverse=True)
+
+
+def test_feed_steps_up_while_frames_wait_for_the_streams() -> None:
+    used = _drive_feed(1, link_takes=0.25)
+    ranks = _ranks(used)
+    assert used[0] == 1 and used[-1] > 1 and ranks == sorted(ranks)
+
+
+def test_feed_holds_the_level_when_the_window_holds_the_transfer_back() -> None:
+    assert set(_drive_feed(9, link_takes=1.0, held_back=True)) == {9}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,12 @@ from hypothesis import strategies as st
 
 import mesh.hde
 from mesh.hde.level import (
+    LEVELS,
     MODE_LEVELS,
+    LevelGovernor,
     LevelSample,
     choose_level,
+    measure_ladder,
     measure_levels,
     uncompressed_rate,
 )
@@ -120,3 +124,86 @@ def test_measure_levels_names_a_bad_mode_and_an_empty_sample() -> None:
         measure_levels([b"x"], "lan", 1.0, 1, lambda: 0.0)
     with pytest.raises(ValueError, match="non-empty sample"):
         measure_levels([b""], "internet", 1.0, 1, lambda: 0.0)
+
+
+# ---------------------------------------------------------------- the governor
+
+
+def _run(gov: LevelGovernor, steps: int, dt: float, drain: float, encoded: float,
+         backlog: float = 0.0, starved: bool = False) -> float:
+    """Drive ``gov`` as a feed would: every ``dt`` the link drains ``drain`` bytes/s and
+    the encoders add ``encoded`` bytes/s to the backlog. Returns the final backlog."""
+    acked = 0.0
+    for k in range(steps):
+        now = k * dt
+        out = min(backlog, drain * dt)
+        acked += out
+        backlog += encoded * dt - out
+        gov.next_level(now, int(backlog), int(acked), starved)
+    return backlog
+
+
+def test_the_governor_climbs_while_the_encoders_outrun_the_link() -> None:
+    gov = LevelGovernor(3)
+    _run(gov, 40, 0.05, drain=12.5e6, encoded=60e6)
+    assert gov.level > 3 and gov.steps and all(lv > 3 for _, lv in gov.steps)
+    assert gov.drain is not None and abs(gov.drain - 12.5e6) < 1e6
+
+
+def test_the_governor_steps_down_to_store_when_the_link_runs_dry() -> None:
+    gov = LevelGovernor(16)
+    _run(gov, 200, 0.05, drain=1e9, encoded=1e6)
+    assert gov.level == 0  # never slower than sending uncompressed
+    # one step at a time, down the whole ladder
+    assert [lv for _, lv in gov.steps] == list(reversed(gov.ladder[:gov.ladder.index(16)]))
+
+
+def test_a_backlog_low_for_want_of_plans_moves_nothing() -> None:
+    gov = LevelGovernor(9)
+    _run(gov, 100, 0.05, drain=12.5e6, encoded=0.0, backlog=1e6, starved=True)
+    assert gov.level == 9 and not gov.steps
+
+
+def test_the_governor_waits_between_steps_and_before_a_rate() -> None:
+    gov = LevelGovernor(1)
+    # no drain measured yet: the start level, whatever the backlog
+    assert gov.next_level(0.0, 10**9, 0, False) == 1
+    assert gov.next_level(0.1, 10**9, 10**6, False) == 1
+    assert gov.next_level(0.25, 10**9, 2 * 10**6, False) == 3  # the rate is known
+    assert gov.next_level(0.3, 10**9, 3 * 10**6, False) == 3  # held: HOLD_S
+    assert gov.next_level(0.5, 10**9, 4 * 10**6, False) == 6
+
+
+@given(start=st.sampled_from(LEVELS),
+       events=st.lists(st.tuples(st.floats(0.0, 1.0), st.integers(0, 10**9),
+                                 st.integers(0, 10**8), st.booleans()), max_size=60))
+def test_the_governor_stays_on_its_ladder(start: int,
+                                          events: list[tuple[float, int, int, bool]]) -> None:
+    gov = LevelGovernor(start)
+    now, acked = 0.0, 0
+    for dt, backlog, more, starved in events:
+        now, acked = now + dt, acked + more
+        level = gov.next_level(now, backlog, acked, starved)
+        assert level in gov.ladder and level in (*LEVELS, start)
+    for (t0, a), (t1, b) in zip(gov.steps, gov.steps[1:], strict=False):
+        assert t1 - t0 >= LevelGovernor.HOLD_S
+        assert abs(gov.ladder.index(a) - gov.ladder.index(b)) == 1
+
+
+def test_measured_on_the_encoders_threads_a_rate_is_per_core_of_the_wall_clock() -> None:
+    """Timed on ``cores`` threads at once, one second of wall clock for a level is
+    ``cores`` seconds of encoder: a host whose other work holds a core shows it."""
+    sample = [bytes(range(256)) * 1024] * 4
+    ticks = iter(range(1000))
+
+    def clock() -> float:
+        return float(next(ticks))  # every reading one second after the last
+
+    with ThreadPoolExecutor(2) as ex:
+        par = measure_ladder(sample, 1e3, 2, clock, levels=(1,), executor=ex)
+    ticks = iter(range(1000))
+    one = measure_ladder(sample, 1e3, 2, clock, levels=(1,))
+    total = sum(len(c) for c in sample)
+    assert [s.level for s in par] == [0, 1] == [s.level for s in one]
+    assert par[1].bytes_per_s_per_core == total / 2 and one[1].bytes_per_s_per_core == total
+    assert par[1].ratio == one[1].ratio < 0.1

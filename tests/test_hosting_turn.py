@@ -175,6 +175,69 @@ async def test_a_core_failure_in_a_delivering_task_turn_stops_the_core_task() ->
     assert raised.group_contains(CoreFailed, match="boom")
 
 
+async def test_an_idle_cores_invocation_runs_in_the_invoking_task() -> None:
+    log: list[str] = []
+    core = _Core()
+    hosted = _hosted(core, log)
+    ran_in: list[str] = []
+
+    def fn(c: Any, now: float) -> list[Any]:
+        ran_in.append(trio.lowlevel.current_task().name)
+        return [Persist("k", b"v", True), Send("peer", "x")]
+
+    async with trio.open_nursery() as nursery:
+        await _started(nursery, hosted)
+        await hosted.invoke(fn, "submit")
+        # run, written and sent before invoke returned, in this task (no hand-off)
+        assert ran_in == [trio.lowlevel.current_task().name]
+        assert log == ["write ['k']", "send x"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_invocation_while_a_turn_is_taken_queues_behind_the_deliveries() -> None:
+    log: list[str] = []
+    release = threading.Event()
+    core = _Core()
+    hosted = _hosted(core, log, _Store(log, block=release))
+    hosted._write_cost[True] = 1.0  # the synced write goes to a thread, and blocks there
+    order: list[str] = []
+
+    def fn(c: Any, now: float) -> list[Any]:
+        order.append(f"invoked after {[e for e, _ in core.seen]}")
+        return []
+
+    async with trio.open_nursery() as nursery:
+        await _started(nursery, hosted)
+        nursery.start_soon(hosted.deliver_many, ["a"], name="reader-1")
+        await wait_until(lambda: len(core.seen) == 1, "reader-1's turn")
+        nursery.start_soon(hosted.deliver_many, ["b"], name="reader-2")
+        await wait_until(lambda: hosted._queued == 1, "reader-2's frame queued")
+        nursery.start_soon(hosted.invoke, fn, "submit", name="caller")
+        await wait_until(lambda: hosted._queued == 2, "the invocation queued")
+        assert order == []
+        release.set()
+        await wait_until(lambda: order, "the invocation")
+        assert order == ["invoked after ['a', 'b']"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_core_failure_in_an_invoking_task_turn_stops_the_core_task() -> None:
+    hosted = _hosted(_Core(), [])
+
+    def fn(c: Any, now: float) -> list[Any]:
+        raise ValueError("bad invocation")
+
+    returned = False
+    with pytest.raises(BaseExceptionGroup) as raised:
+        async with trio.open_nursery() as nursery:
+            await _started(nursery, hosted)
+            await hosted.invoke(fn, "submit")
+            returned = True  # the caller returns, as when the core task ran it ...
+            await trio.sleep(10)  # ... and the core task raises, which ends this nursery
+    assert returned
+    assert raised.group_contains(CoreFailed, match="bad invocation")
+
+
 async def test_events_before_the_start_hook_wait_for_it() -> None:
     order: list[str] = []
 

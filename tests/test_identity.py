@@ -67,6 +67,35 @@ def test_signatures_verify_only_the_signed_bytes() -> None:
     assert not identity.generate().public.verify(b"payload", sig)
 
 
+#: The eight points of small order on edwards25519 (the torsion subgroup), as the
+#: libsodium source lists them (ed25519_ref10.c, ``blocklist`` of ge25519_has_small_order):
+#: a public key or an R of small order is how a signature "verifies" without the secret
+#: key under the looser rules (ZIP 215, OpenSSL's cofactorless check without the order
+#: test): under the identity key, R = the identity and S = 0 satisfy the equation for
+#: every message. libsodium refuses them; that is why verification stays on PyNaCl
+#: (docs/BENCHMARKS.md, "CPU per command in a replica's execution").
+SMALL_ORDER = [bytes.fromhex(h) for h in (
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0000000000000000000000000000000000000000000000000000000000000080",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+)]
+
+
+@pytest.mark.parametrize("key", SMALL_ORDER)
+@given(message=st.binary(max_size=200), r=st.sampled_from(SMALL_ORDER))
+def test_a_small_order_key_verifies_nothing(key: bytes, message: bytes, r: bytes) -> None:
+    """No signature made without a secret key verifies: a small-order public key with a
+    small-order R and S = 0 (which ZIP 215 and OpenSSL accept for the identity key)."""
+    public = identity.PublicKey(key)
+    assert not public.verify(message, r + bytes(32))
+    assert not public.verify(message, bytes(64))
+
+
 @given(st.text(max_size=80))
 def test_parse_public_key_gives_only_identity_error(text: str) -> None:
     try:

@@ -28,6 +28,7 @@ from federation.migration.vocabulary import (
     LedgerCommitted,
     LedgerRefused,
     LedgerRootAnnounced,
+    LoadDevice,
     MigrationDecline,
     MigrationError,
     MigrationOffer,
@@ -153,6 +154,9 @@ def test_matching_root_commits_and_never_aborts_after() -> None:
     t = target()
     actions = verified(t)
     assert one(actions, SubmitLedger).command == CommitMigration("m1", ROOT)
+    # the device state loads while the ledger commits; the start waits for the commit
+    assert one(actions, LoadDevice) == LoadDevice("vm1", "m1")
+    assert not [a for a in actions if isinstance(a, StartAtTarget)]
     assert t.phase is Phase.VERIFIED
     assert t.handle(4.0, ActionFailed("x", "y"))[0].kind == "migration.error"
     assert t.abort(4.0, "late") == []
@@ -184,6 +188,37 @@ def test_the_root_that_counts_is_the_one_announced_in_the_ledger() -> None:
     actions = t.handle(3.5, LedgerRootAnnounced("m1", ROOT))
     assert one(actions, SubmitLedger).command == CommitMigration("m1", ROOT)
     assert t.phase is Phase.VERIFIED and t.root == ROOT
+
+
+def test_the_commit_goes_before_the_announcement_and_again_after_a_refusal() -> None:
+    # The final round named ROOT and the received images have it: commit at once, while
+    # the source's announcement is still in the ledger's queue (they overlap).
+    t = target()
+    verifying_t(t)
+    actions = t.handle(3.0, TargetVerified(ROOT))
+    assert one(actions, SubmitLedger).command == CommitMigration("m1", ROOT)
+    assert one(actions, LoadDevice) == LoadDevice("vm1", "m1")
+    assert t.phase is Phase.VERIFIED and t.root == ROOT
+    # ordered before the announcement: refused; submitted again once it is in the ledger
+    refused = t.handle(3.2, LedgerRefused(CommitMigration("m1", ROOT), "not announced"))
+    assert of(refused, SubmitLedger) == []
+    again = t.handle(3.5, LedgerRootAnnounced("m1", ROOT))
+    assert one(again, SubmitLedger).command == CommitMigration("m1", ROOT)
+    assert of(t.handle(3.6, LedgerRootAnnounced("m1", ROOT)), SubmitLedger) == []
+    assert of(t.handle(4.0, LedgerCommitted("m1", 4, ROOT)), StartAtTarget) == [
+        StartAtTarget("vm1", "m1", 4)]
+
+
+def test_an_early_commit_is_not_sent_again_for_another_announced_root() -> None:
+    t = target()
+    verifying_t(t)
+    t.handle(3.0, TargetVerified(ROOT))
+    t.handle(3.2, LedgerRefused(CommitMigration("m1", ROOT), "not announced"))
+    # the source announced other bytes than its final round named: the ledger can never
+    # take this commit; nothing runs here, and the ledger's abort discards the copy
+    actions = t.handle(3.5, LedgerRootAnnounced("m1", b"X" * 32))
+    assert of(actions, SubmitLedger) == [] and of(actions, StartAtTarget) == []
+    assert one(t.handle(9.0, LedgerAborted("m1")), DiscardIncoming).vm == "vm1"
 
 
 def test_start_only_after_the_commit_with_its_epoch() -> None:

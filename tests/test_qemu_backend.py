@@ -118,3 +118,59 @@ def test_bad_requests_name_the_vm_and_change_nothing(lab: QemuLab) -> None:
     assert lab.backend("d").info("y").state is VmState.INCOMING
     lab.backend("d").discard_incoming("y", "m9")
     assert lab.backend("d").info("y").state is VmState.RETIRED
+
+
+def _copy_fenced(src: QemuBackend, dst: QemuBackend, vm: str, mid: str) -> None:
+    """What a migration's rounds leave at ``dst``: every image of the fenced ``vm`` (its
+    device image with the saved device state included) in ``dst``'s incoming copy, whose
+    QEMU waits with ``-incoming defer``."""
+    writers = dst.prepare_incoming(vm, src.info(vm).layout, mid, src.machine_spec(vm))
+    images = src.open_images(vm)
+    try:
+        for name, img in images.items():
+            for first in range(0, img.page_count, 256):
+                n = min(256, img.page_count - first)
+                writers[name].write(first, img.view(first, n))
+    finally:
+        for w in [*writers.values(), *images.values()]:
+            w.close()
+    dst.prepare_machine(vm)
+
+
+def test_the_device_state_loads_before_the_start_and_the_guest_runs_only_at_cont(
+        lab: QemuLab) -> None:
+    lab.boot("a", "g3", checks=1)
+    a, b, c = lab.backend("a"), lab.backend("b"), lab.backend("c")
+    a.fence("g3", "m3")
+    hb = lab.read([lab.console("a", "g3")]).last_heartbeat
+    _copy_fenced(a, c, "g3", "m3")
+    _copy_fenced(a, b, "g3", "m3")
+
+    # an abort after the load: the loaded copy is powered off, never run
+    c.load_device("g3", "m3")
+    assert not c.guest_running("g3") and c.qmp("g3").execute("query-status")["status"] \
+        == "paused"
+    c.discard_incoming("g3", "m3")
+    assert c.qemu_pid("g3") is None and c.info("g3").state is VmState.RETIRED
+
+    with pytest.raises(VmError, match="not incoming for migration 'other'"):
+        b.load_device("g3", "other")
+    b.load_device("g3", "m3")
+    pid = b.qemu_pid("g3")
+    b.load_device("g3", "m3")  # idempotent: QEMU says it holds the state
+    assert not b.guest_running("g3") and b.qemu_pid("g3") == pid
+    # a node restarted between the load and the commit: the start loads nothing again
+    b.close()
+    again = QemuBackend(b.root, accel="tcg")
+    lab.backends["b"] = again
+    assert again.qemu_pid("g3") == pid and not again.guest_running("g3")
+    a.retire("g3", "m3")
+    offset = lab.console("b", "g3").stat().st_size
+    again.start("g3", 2)
+    assert again.qemu_pid("g3") == pid and again.info("g3").state is VmState.RUNNING
+    con = wait_console([lab.console("a", "g3"), lab.console("b", "g3")],
+                       lambda c: c.last_heartbeat >= hb + 10 and len(c.checks) >= 2, 120,
+                       "10 heartbeats at the target", offsets=[0, offset])
+    assert con.boots == 1 and con.counter_gaps() == [] and not con.errors
+    assert again.arrival("g3")["migration_id"] == "m3"  # type: ignore[index]
+    again.stop("g3")

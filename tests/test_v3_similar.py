@@ -60,10 +60,12 @@ def test_node_source_plans_by_similarity_from_the_level(tmp_path: Path,
 
     def recording(transfer: int, plan: Any, image: Any, ref: Any, lvl: int,
                   **kw: Any) -> bytes | bytearray:
-        plans.append((lvl, plan.pages))
+        plans.append((level[0], plan.pages))
+        levels.append((level[0], lvl))
         return real_encode(transfer, plan, image, ref, lvl, **kw)
 
     level = [1]
+    levels: list[tuple[int, int]] = []  # (level chosen for the migration, chunk's level)
     monkeypatch.setattr(v3_source, "encode_chunk", recording)
     monkeypatch.setattr(v3, "choose_chunk_level", lambda *_: ("datacenter", level[0]))
 
@@ -87,6 +89,10 @@ def test_node_source_plans_by_similarity_from_the_level(tmp_path: Path,
     for lvl, pages in plans:
         by_level.setdefault(lvl, []).append(pages)
     assert sorted(by_level) == [1, SIMILAR_FROM_LEVEL]
+    # each migration's first chunk at the level chosen for it; the governor may move the
+    # next ones (mesh.hde.level.LevelGovernor), the plan stays the chosen level's
+    firsts = {chosen: lvl for chosen, lvl in reversed(levels)}
+    assert firsts == {1: 1, SIMILAR_FROM_LEVEL: SIMILAR_FROM_LEVEL}
 
     def together(chunks: list[list[int]]) -> int:
         return sum(1 for pages in chunks for p in pages if p + SPREAD in pages)

@@ -156,13 +156,19 @@ class V3DataPlane:
     # ------------------------------------------------------------------ source side
 
     def _level_for(self, target: str) -> Callable[[list[bytes]], tuple[str, int]]:
-        """How a migration's chunk level is chosen: from the link to ``target`` as the
-        mesh sees it when the round starts."""
-        mode = self.control.modes.mode(self.name, target)
-        view = self.control.table.view(self.name, target)
-        default = self.fed.modes.datacenter_bandwidth_mbps
+        """How a migration's chunk level is chosen: encode rates measured here against the
+        link rate measured for ``target`` (the mesh's estimate when the level is chosen,
+        after the round's preparation). A link not measured yet (no transfer to that peer
+        so far) is taken at the slowest rate DESIGN's hybrid range allows, the internet
+        threshold (100 Mbit/s by default): a level too slow for a faster link costs the
+        first second of the transfer, until the chunk-by-chunk governor steps down
+        (mesh.hde.level.LevelGovernor); a level too fast for a slow link costs bytes that
+        are never won back, and decides whether pages are chunked by similarity."""
+        default = self.fed.modes.internet_bandwidth_mbps
 
         def level(sample: list[bytes]) -> tuple[str, int]:
+            mode = self.control.modes.mode(self.name, target)
+            view = self.control.table.view(self.name, target)
             return choose_chunk_level(sample, None if mode is None else mode.value,
                                       None if view is None else view.bw_mbps, default)
 

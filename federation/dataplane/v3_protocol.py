@@ -40,6 +40,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import trio
 
@@ -48,12 +49,15 @@ from mesh.amst.receiver import DIGEST_BYTES, Chunk, ChunkSet
 from mesh.hde.codec import MAGIC
 from mesh.hde.events import EncodeChunk
 from mesh.hde.image import PAGE_SIZE, Overlay
-from mesh.hde.level import MODE_LEVELS, choose_level, measure_levels
+from mesh.hde.level import MODE_LEVELS, LevelGovernor, choose_level, measure_ladder
 from mesh.hde.messages import CHUNK_PAGES
 
 __all__ = ["ChunkFeed", "Overlay", "peek_chunk", "choose_chunk_level", "AMST_CHUNK_OVERHEAD",
-           "SAMPLE_PAGES", "connect_data", "CONNECT_TIMEOUT_S"]
+           "PREPARERS", "SAMPLE_PAGES", "connect_data", "CONNECT_TIMEOUT_S"]
 
+#: Chunks encoded at once: one per core of the reference machine (2 cores); zstd
+#: releases the GIL, so both work (DESIGN.md, "Transport").
+PREPARERS = 2
 #: AMST bytes a chunk costs beyond its payload: the amst.chunk CBOR envelope with its
 #: SHA-256 digest, the secretstream tag (17 bytes) and the 4-byte frame length.
 AMST_CHUNK_OVERHEAD = len(wire.encode(Chunk(2**32, b"\0" * DIGEST_BYTES, b""))) + 17 + 4
@@ -100,7 +104,8 @@ def peek_chunk(payload: bytes | memoryview) -> tuple[int, int] | None:
     return xfer, cid
 
 
-Encoder = Callable[[int, EncodeChunk], bytes | bytearray]
+#: ``encode(image, plan, level)``: a chunk's frame at zstd ``level``
+Encoder = Callable[[int, EncodeChunk, int], bytes | bytearray]
 
 
 class ChunkFeed:
@@ -117,8 +122,31 @@ class ChunkFeed:
     (or, never prepared, with the next plan), and the receiver's first Ack skips the ones
     it holds. What is kept is what AMST holds in flight anyway: at most its window."""
 
-    def __init__(self, encode: Encoder) -> None:
+    def __init__(self, encode: Encoder, level: int = 1, governor: LevelGovernor | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._encode = encode
+        #: the level every chunk is encoded at, unless ``governor`` moves it chunk by chunk
+        self.level = level
+        self._governor = governor
+        self._clock = clock
+        #: bytes of the prepared frames not yet known acknowledged (what AMST holds queued
+        #: and in flight), and of the frames known acknowledged so far
+        self._held_bytes = 0
+        self.acked_bytes = 0
+        #: the backlog as the event loop last saw it (read by the preparers' governor)
+        self._backlog = 0
+        #: the running sender's written bytes, and the frame bytes prepared before it
+        self._written: Callable[[], int] | None = None
+        self._written_base = 0
+        self._held_back: Callable[[], bool] | None = None
+        #: seconds the preparers waited for a plan (the diff had not asked for more), and
+        #: spent encoding (each thread's wall time; two preparers overlap)
+        self.starved_s = 0.0
+        self.encode_s = 0.0
+        #: the time of the first frame prepared, of the last, and the levels used (counts)
+        self.first_frame_at: float | None = None
+        self.last_frame_at: float | None = None
+        self.levels: dict[int, int] = {}
         self._queue: queue.Queue[tuple[int, EncodeChunk] | None] = queue.Queue()
         self._closed = threading.Event()
         self._next = 0
@@ -148,11 +176,21 @@ class ChunkFeed:
         self._closed.set()
         self._queue.put(None)  # wakes one waiting preparer; it passes the word on
 
-    def bind(self, acked: ChunkSet) -> None:
-        """The chunk ids the running sender knows acknowledged (its live set)."""
+    def bind(self, acked: ChunkSet, written: Callable[[], int] | None = None,
+             held_back: Callable[[], bool] | None = None) -> None:
+        """The chunk ids the running sender knows acknowledged (its live set); how many
+        payload bytes it wrote to its streams so far (its ``written_bytes``): the
+        governor's measure of the link (None: acknowledged bytes stand in); and whether
+        its window is nearly full of chunks not acknowledged (the receiver or the link
+        holds the transfer back, not the encoders)."""
         with self._lock:
             self._acked = acked
             self._forget_acked()
+            self._held_back = held_back
+            if written is not None:
+                # a resumed transfer's sender counts from 0: only its own frames count
+                self._written = written
+                self._written_base = self.frame_bytes + self.replayed_bytes
 
     def resume(self) -> None:
         """A new sender takes over a cut transfer: offer again every id handed out and not
@@ -181,16 +219,25 @@ class ChunkFeed:
             if first not in self._acked:
                 break
             del issued[first]
-            self._held.pop(first, None)
+            self._acked_frame(first)
         if sweep or len(issued) >= self._sweep_at:
             for cid in [c for c in issued if c in self._acked]:
                 del issued[cid]
-                self._held.pop(cid, None)
+                self._acked_frame(cid)
             self._sweep_at = max(_SWEEP_MIN, 2 * len(issued))
+        self._backlog = self._held_bytes
+
+    def _acked_frame(self, cid: int) -> None:
+        frame = self._held.pop(cid, None)
+        if frame is not None:
+            self._held_bytes -= len(frame)
+            self.acked_bytes += len(frame)
 
     def next_chunk(self, size_hint: int) -> tuple[int, memoryview] | None:
         with self._lock:
-            self._forget_acked(sweep=False)
+            # a full sweep while a governor reads the backlog: streams acknowledge out of
+            # order, and the sweep is over at most AMST's window of ids
+            self._forget_acked(sweep=self._governor is not None)
             if self._replay:
                 return self._replay.popleft(), self._placeholder
             if self._closed.is_set() and self._pending == 0:
@@ -208,11 +255,16 @@ class ChunkFeed:
                 self.replayed += 1
                 self.replayed_bytes += len(held)
                 return held
+        t0 = self._clock()
+        held_back = self._held_back is not None and self._held_back()
+        starved = False
         while True:
             try:
-                item = self._queue.get(timeout=_POLL_S)
+                item = self._queue.get(timeout=_POLL_S) if starved else self._queue.get_nowait()
             except queue.Empty:
-                trio.from_thread.check_cancelled()  # the round was cancelled: stop waiting
+                if starved:
+                    trio.from_thread.check_cancelled()  # the round was cancelled: stop waiting
+                starved = True
                 continue
             if item is None:
                 self._queue.put(None)
@@ -220,31 +272,65 @@ class ChunkFeed:
                     self.markers += 1
                     self._keep(chunk, _END)
                 return _END
+            t1 = self._clock()
             with self._lock:
                 self._pending -= 1
-            frame = bytes(self._encode(*item))
+                if starved:
+                    self.starved_s += t1 - t0
+                level = self.level
+                if self._governor is not None:
+                    level = self.level = self._governor.next_level(
+                        t1, *self._progress(), starved or held_back)
+            frame = bytes(self._encode(*item, level))
+            t2 = self._clock()
             with self._lock:
                 self.frames += 1
                 self.frame_bytes += len(frame)
                 self.pages += item[1].plan.count
+                self.encode_s += t2 - t1
+                self.levels[level] = self.levels.get(level, 0) + 1
+                if self.first_frame_at is None:
+                    self.first_frame_at = t2
+                self.last_frame_at = t2
                 self._keep(chunk, frame)
             return frame
 
+    def _progress(self) -> tuple[int, int]:
+        """(backlog, drained) for the governor, under the lock: with the sender's written
+        bytes, the frames prepared and not yet written to a stream, and the bytes
+        written (a stream's socket buffer keeps the link busy; what waits for a stream
+        is the encoders' lead); without, the frames not acknowledged, and the bytes
+        acknowledged."""
+        if self._written is None:
+            return self._backlog, self.acked_bytes
+        written = self._written()
+        prepared = self.frame_bytes + self.replayed_bytes - self._written_base
+        return max(0, prepared - written), written
+
     def _keep(self, chunk: int, frame: bytes) -> None:
         if chunk in self._issued:
+            old = self._held.get(chunk)
+            self._held_bytes += len(frame) - (0 if old is None else len(old))
             self._held[chunk] = frame
+            self._backlog = self._held_bytes
 
 
 def choose_chunk_level(sample: Sequence[bytes], mode: str | None, bw_mbps: float | None,
                        default_mbps: float) -> tuple[str, int]:
-    """(mode used, zstd level) for a migration's chunks, measured on ``sample`` (page data
-    that will be sent) as :mod:`mesh.hde.level` prescribes. An unclassified link is taken
-    as hybrid — DESIGN's "anything between" — at ``default_mbps`` until it is measured."""
+    """(mode, zstd level) for a migration's chunks: the level from encode rates measured
+    here on ``sample`` (page data that will be sent) against the link rate measured for
+    the peer (``bw_mbps``; ``default_mbps`` while it has none), over the whole ladder
+    :data:`mesh.hde.level.LEVELS` whatever the mode (issue 17 item 6: never a level slower
+    than sending uncompressed on that link). The mode is the link's label, for AMST's
+    stream bounds; an unclassified link is taken as hybrid — DESIGN's "anything
+    between"."""
     used = mode if mode in MODE_LEVELS else "hybrid"
     mbps = bw_mbps if bw_mbps is not None and bw_mbps > 0 else default_mbps
     link = mbps * 1e6 / 8
-    cores = os.cpu_count() or 1
+    cores = max(1, min(os.cpu_count() or 1, PREPARERS, len(sample)))
     if not sample or math.fsum(len(s) for s in sample) == 0:
-        return used, MODE_LEVELS[used][0]
-    samples = measure_levels(sample, used, link, cores, time.perf_counter)
+        return used, 0
+    # timed on as many threads as the encoders run on: what they will get of the host
+    with ThreadPoolExecutor(cores, thread_name_prefix="level") as ex:
+        samples = measure_ladder(sample, link, cores, time.perf_counter, executor=ex)
     return used, choose_level(samples, link, cores)

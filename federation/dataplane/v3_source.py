@@ -23,13 +23,13 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from federation.dataplane.v3_protocol import AMST_CHUNK_OVERHEAD, ChunkFeed, Overlay
+from federation.dataplane.v3_protocol import AMST_CHUNK_OVERHEAD, PREPARERS, ChunkFeed, Overlay
 from federation.dataplane.v3_push import HeldPages, PushSource, differing_pages, is_push
 from federation.dataplane.v3_shadow import COPY_PAGES, SourceState, read_pages, sample_pages
 from federation.migration.round_events import (
@@ -48,22 +48,20 @@ from federation.vms.per_vm import dirty_by_content
 from federation.vms.sealing import SealKey
 from mesh import versions, wire
 from mesh.amst.receiver import AmstError
-from mesh.amst.sender import AmstSender
+from mesh.amst.sender import CHUNK_MAX, AmstSender
 from mesh.channel import SecureChannel
 from mesh.core import Notify, Received, Send
 from mesh.hde.codec import ChunkError, encode_chunk
 from mesh.hde.events import EncodeChunk
 from mesh.hde.image import Image, ImageError
-from mesh.hde.index import PageIndex, build_index
+from mesh.hde.index import IndexBuilder, PageIndex, build_index
+from mesh.hde.level import LevelGovernor
 from mesh.hde.similar import similar_at
 from mesh.hde.source import HdeSource
 from mesh.runtime.amst_transfer import TransferCut, send_transfer
 
 __all__ = ["V3RoundSender", "V3Sender", "RoundFailed", "round_error", "PREPARERS"]
 
-#: Chunks encoded at once: one per core of the reference machine (2 cores); zstd
-#: releases the GIL, so both work (DESIGN.md, "Transport").
-PREPARERS = 2
 #: What moved is reported to the rounds core this often while a transfer runs: the
 #: period at which a session hears of a round's progress
 #: (federation.migration.round_source.PROGRESS_EVERY), far inside the round's quiet bound.
@@ -97,6 +95,14 @@ def round_error(exc: BaseException) -> BaseException | None:
                 leaf = leaf.exceptions[0]
             return leaf
     return None
+
+
+def _progress_of(core: AmstSender) -> tuple[Callable[[], int], Callable[[], bool]]:
+    """What the preparers' level governor reads of ``core``: the payload bytes it wrote to
+    its streams so far, and whether its window is within two chunks of full (the
+    receiver or the link holds the transfer back: mesh.hde.level.LevelGovernor)."""
+    return (lambda: core.written_bytes,
+            lambda: core.room() < 2 * CHUNK_MAX)
 
 
 class V3RoundSender:
@@ -142,11 +148,15 @@ class V3RoundSender:
         self.chunk_bytes = 0
         #: per image the bytes of the pages this round's refresh copied into the shadow
         self._news: dict[str, dict[int, bytes]] = {}
+        #: per image the index round 1's copy built from the bytes it copied
+        self._built: dict[str, PageIndex] = {}
         #: pages the preparation went over (copied, digested, indexed), reported when due
         self._prepared = 0
         self._next_prepared = time.monotonic() + _REPORT_S
         #: the data channels this round opened to the target (what it offers)
         self._channels: list[SecureChannel] = []
+        #: when the target's word to go came (the feed's clock, time.monotonic)
+        self._go_at = time.monotonic()
 
     @property
     def migration_id(self) -> str:
@@ -189,16 +199,28 @@ class V3RoundSender:
                 st.reset(layout)
                 copy_started = time.monotonic()
                 for name, count in layout:
-                    # the digests of what was copied from the bytes copied: no read of the
-                    # (sealed) shadow back
+                    # the digests and the index of what was copied from the bytes copied:
+                    # no read of the (sealed) shadow back, and the index's SHA-256 of a
+                    # piece on the other worker while the next piece is copied
                     sent = SentDigests.blank(count) if rescans else None
+                    builder = IndexBuilder(count)
+                    indexing: list[Future[None]] = []
                     for p in range(0, count, COPY_PAGES):
                         n = min(COPY_PAGES, count - p)
                         data = bytes(live[name].view(p, n))
                         st.shadows[name].write(p, data)
                         if sent is not None:
                             sent.read(p, data)
+                        if self._executor is None:
+                            builder.add(p, data)
+                        else:
+                            indexing.append(self._executor.submit(builder.add, p, data))
+                            if len(indexing) > 1:  # at most two pieces held
+                                indexing.pop(0).result()
                         self._preparing(n)
+                    for fut in indexing:
+                        fut.result()
+                    self._built[name] = builder.index()
                     if sent is not None:
                         st.sent[name] = sent
                 if rescans:
@@ -274,7 +296,10 @@ class V3RoundSender:
         out = {}
         for n, img in st.shadows.items():
             held = st.verified.get(n)
-            if held is None:
+            built = self._built.pop(n, None)
+            if held is None and built is not None and built.page_count == img.page_count:
+                out[n] = built  # round 1: indexed as it was copied (_refresh)
+            elif held is None:
                 out[n] = build_index(img, self._executor)
                 self._preparing(img.page_count)
             else:
@@ -341,6 +366,7 @@ class V3RoundSender:
         if st.level is None:
             sample = await trio.to_thread.run_sync(sample_pages, [st.shadows[n] for n in names])
             st.mode, st.level = await trio.to_thread.run_sync(self._choose_level, sample)
+        t_level = trio.current_time()
         level = st.level
         assert level is not None, "the level is chosen in the migration's first v3 round"
         # the round's new pages from memory, the rest from the shadow
@@ -368,13 +394,15 @@ class V3RoundSender:
                 sources.append(HdeSource(i + 1, self.target, f"{a.vm}/{name}", indexes[name],
                                          ref, ref_ix, similar_at(images[i], level)))
 
-        def encode(i: int, e: EncodeChunk) -> bytes | bytearray:
+        def encode(i: int, e: EncodeChunk, at: int) -> bytes | bytearray:
             ref = refs[i].get(e.reference_root) if e.reference_root is not None else None
-            return encode_chunk(e.transfer, e.plan, images[i], ref, level,
+            return encode_chunk(e.transfer, e.plan, images[i], ref, at,
                                 copies=st.copies and is_push(e.transfer))
 
-        await self._move(names, sources, ChunkFeed(encode), mark, covered,
-                         {"refresh_s": t1 - t0, "index_s": t2 - t1})
+        # the level moves chunk by chunk so the link stays full (mesh.hde.level)
+        feed = ChunkFeed(encode, level, LevelGovernor(level))
+        await self._move(names, sources, feed, mark, covered,
+                         {"refresh_s": t1 - t0, "index_s": t2 - t1, "level_s": t_level - t2})
 
     async def _run_fenced(self, t0: float, indexes: dict[str, PageIndex],
                           live: dict[str, Image], changed: dict[str, list[int]]) -> None:
@@ -395,12 +423,13 @@ class V3RoundSender:
             sources.append(PushSource(i, self.target, indexes[name], st.verified[name][0],
                                       changed[name], st.held_pages[name], copies=st.copies))
 
-        def encode(i: int, e: EncodeChunk) -> bytes | bytearray:
-            return encode_chunk(e.transfer, e.plan, live[names[i]], None, level,
+        def encode(i: int, e: EncodeChunk, at: int) -> bytes | bytearray:
+            return encode_chunk(e.transfer, e.plan, live[names[i]], None, at,
                                 copies=st.copies)
 
+        # the stop window: the level the last round ended at, held (no time to adapt)
         assert a.since is not None
-        await self._move(names, sources, ChunkFeed(encode), a.since,
+        await self._move(names, sources, ChunkFeed(encode, level), a.since,
                          sum(len(p) for p in changed.values()),
                          {"refresh_s": trio.current_time() - t0, "index_s": 0.0, "fenced": 1})
 
@@ -415,6 +444,7 @@ class V3RoundSender:
         t3 = trio.current_time()
         await self._go.wait()
         t4 = trio.current_time()
+        self._go_at = time.monotonic()  # the feed's clock
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._transfer, transfer_id(a.migration_id, a.round), feed,
                                lambda: all(s.verified for s in sources))
@@ -430,13 +460,28 @@ class V3RoundSender:
                 st.held_pages.pop(name, None)  # an HDE round: built again when needed
             st.verified[name] = (s.index.root, s.index)
         st.unindexed = {}
+        t5 = trio.current_time()
         # where the round's time went (the final round's is most of the downtime)
-        timing.update(ready_s=t4 - t3, transfer_s=trio.current_time() - t4)
+        timing.update(ready_s=t4 - t3, transfer_s=t5 - t4)
+        # how full the link was: the round's bytes over the transfer's time, and what
+        # kept the wire waiting (the first chunk's delay, the preparers' wait for plans)
+        wire_bytes = self.control_bytes + self.chunk_bytes
+        timing.update(encode_s=feed.encode_s, starved_s=feed.starved_s)
+        if feed.first_frame_at is not None:
+            timing.update(first_chunk_s=max(0.0, feed.first_frame_at - self._go_at))
+        if t5 > t4:
+            timing.update(wire_MBps=wire_bytes / (t5 - t4) / 1e6)
+        if feed.levels:
+            # the next round starts where this one's governor left the level
+            st.level = feed.level
         figures = {**{k: round(v, 4) for k, v in timing.items()},
+                   "level_start": level, "levels": {str(k): v for k, v in
+                                                    sorted(feed.levels.items())},
                    "pushed": sum(isinstance(s, PushSource) for s in sources),
                    "copies": sum(isinstance(s, PushSource) and s.chunk_copies
                                  for s in sources),
-                   "level": level, "mode": st.mode, "chunks": feed.frames,
+                   "level": max(feed.levels, key=feed.levels.__getitem__) if feed.levels
+                   else level, "mode": st.mode, "chunks": feed.frames,
                    "chunk_bytes": feed.frame_bytes, "control_bytes": self.control_bytes,
                    "resent": self.resent, "replayed": feed.replayed, "streams": self.streams}
         self._report(V3Verified(a.migration_id, a.round, self.control_bytes + self.chunk_bytes,
@@ -448,7 +493,7 @@ class V3RoundSender:
         markers)."""
         while True:
             core = AmstSender(tid, mode=self.state.mode)
-            feed.bind(core.acked)
+            feed.bind(core.acked, *_progress_of(core))
             done = True
             try:
                 sent = await send_transfer(
@@ -516,15 +561,15 @@ class V3RoundSender:
             now = trio.current_time()
             if msg is not None:
                 moved = True
-                self._on_diff(now, msg, sources, feed)
+                await self._on_diff(now, msg, sources, feed)
             if now >= next_report:
                 moved = moved or feed.frames != frames
                 self._report(V3Moved(self.migration_id, self.round, moved, feed.frame_bytes,
                                      feed.pages))
                 moved, frames, next_report = False, feed.frames, now + _REPORT_S
 
-    def _on_diff(self, now: float, msg: V3Hde, sources: list[HdeSource | PushSource],
-                 feed: ChunkFeed) -> None:
+    async def _on_diff(self, now: float, msg: V3Hde, sources: list[HdeSource | PushSource],
+                       feed: ChunkFeed) -> None:
         self.control_bytes += len(wire.encode(msg))
         if msg.image >= len(sources):
             raise RoundFailed(f"{self.target} named image {msg.image} of {len(sources)}")
@@ -532,8 +577,17 @@ class V3RoundSender:
             inner = wire.decode(msg.body)
         except wire.WireError as exc:
             raise RoundFailed(f"{self.target} sent a bad HDE message: {exc}") from None
-        self._apply(msg.image, sources[msg.image].handle(
-            now, Received(self.target, inner, msg.body)), feed)
+        # in a worker thread: a want planned by similarity sketches every page it names
+        # (~0.5 CPU s for a 256 MiB guest) and a fingerprint reply compresses up to 1 MiB;
+        # on the event loop either would stall the AMST streams' writes meanwhile. The
+        # source's cores are touched by this task only, one message at a time.
+        event = Received(self.target, inner, msg.body)
+        source = sources[msg.image]
+
+        def handle() -> list[Any]:
+            return list(source.handle(now, event))
+
+        self._apply(msg.image, await trio.to_thread.run_sync(handle), feed)
 
 
 class V3Sender:

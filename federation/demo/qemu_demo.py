@@ -37,6 +37,7 @@ from federation.demo.processes import START_BUDGET, DemoFailed, LocalFederation,
 from federation.demo.qemu_guest.build import GuestAssetsMissing, guest_cmdline, load_assets
 from federation.demo.qemu_guest.console import Console, read_console
 from federation.demo.scenario import Demo, ms
+from federation.demo.stop_window import stop_timeline
 from federation.node.node_config import render_node_config
 from federation.vms.qemu_machine import pid_on
 
@@ -286,9 +287,25 @@ async def leg_report(demo: Demo, doc: dict[str, Any], src: str, dst: str,
     leg = {"leg": f"{src}->{dst}", "bytes": out["bytes_sent"], "wire": out["wire_bytes"],
            "time": doc["elapsed"], "downtime_ms": there["downtime_ms"]}
     leg["rounds"] = out["rounds"]
+    # the stop window: the target's phases, and both nodes' log marks in it (their log
+    # lines arrive after the API has the downtime: wait for the target's start line)
+    leg["stop_window_ms"] = there.get("stop_window_ms")
+    node = demo.fed.nodes[dst]
+
+    def started() -> bool:
+        return any(e["event"] == "vm_action" and e.get("action") == "StartAtTarget"
+                   and e.get("migration_id") == mid for e in node.events)
+
+    with contextlib.suppress(DemoFailed):  # the marks it has are reported all the same
+        await node.wait_for(f"{dst}'s start of {mid} in its log", started,
+                            trio.current_time() + 10.0)
+    leg["stop_timeline"] = stop_timeline(demo.fed.nodes[src].events, node.events, mid,
+                                         float(there.get("stopped_at") or 0.0))
     if not show:
         return leg
     print(f"   committed in {out['rounds']} rounds: {_human(leg['bytes'])} logical, "
           f"{_human(leg['wire'])} on the wire, {ms(leg['time'])} request to commit, "
           f"downtime {leg['downtime_ms']:.0f} ms (stop at {src} to cont at {dst})")
+    marks = ", ".join(f"{m['mark']} {m['ms']:.0f}" for m in leg["stop_timeline"])
+    print(f"   stop window (ms after the stop): {marks}")
     return leg

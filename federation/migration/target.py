@@ -8,9 +8,12 @@ the version. PRECOPY: the incoming images are prepared and rounds arrive
 through the data plane. FINAL: the source's final round is delivered; the
 target recomputes the root of what it wrote and compares it with the root the
 source announced *in the ledger* (what the source's message says is not
-evidence: the ledger takes a commit only with the announced root). VERIFIED:
+evidence: the ledger takes a commit only with the announced root; a commit
+submitted while the announcement is still on its way names the root this DC
+verified, and the ledger refuses it unless the source announced the same). VERIFIED:
 the roots match and the commit is submitted — from here on the target never
-aborts: the ledger orders its commit against any abort of the source.
+aborts: the ledger orders its commit against any abort of the source; meanwhile
+the VM's device state is loaded (``LoadDevice``: the guest stays paused).
 COMMITTED: the ledger recorded the commit; the VM starts here with the new
 epoch, never earlier.
 
@@ -35,6 +38,7 @@ from federation.migration.vocabulary import (
     LedgerCommitted,
     LedgerRefused,
     LedgerRootAnnounced,
+    LoadDevice,
     MigrationDecline,
     MigrationError,
     MigrationOffer,
@@ -71,6 +75,9 @@ class TargetSession(SessionBase):
         self.verified = b""
         #: local time after which the ledger should take this target's own abort
         self.timeout_at = 0.0
+        #: the ledger refused a commit submitted before the source's announcement was in
+        #: it (not persisted: a restored VERIFIED session submits its commit again anyway)
+        self.commit_early_refused = False
 
     def arm_timeout(self, now: float) -> None:
         self.timeout_at = now + MIGRATION_DEADLINE
@@ -103,17 +110,27 @@ class TargetSession(SessionBase):
                 self.timer("ledger", max(now, self.timeout_at))]
 
     def _decide(self, now: float) -> list[Action]:
-        """Both roots known: commit with the announced one if they match, else give up."""
-        if self.phase is not Phase.FINAL or not (self.announced and self.verified):
+        """The received images verified: commit with their root once it is the root the
+        source announced, else give up. While the announcement is still on its way through
+        the ledger, commit already if the root is the one the source's final round named:
+        the ledger takes the commit only once the same root is announced (it refuses one
+        ordered before the announcement, and this session submits it again when the
+        announcement comes), so the two ledger commands overlap instead of following each
+        other in the guest's downtime."""
+        if self.phase is not Phase.FINAL or not self.verified:
             return []
-        if self.verified != self.announced:
+        if not self.announced:
+            if self.verified != self.root:
+                return []  # not what the source said it sent: the announcement decides
+        elif self.verified != self.announced:
             return self.abort(now, "the root of the received images does not match the "
                                    "root the source announced")
-        self.root = self.announced
+        self.root = self.verified
         self.phase = Phase.VERIFIED
+        # the device state loads while the ledger orders the commit: only cont waits for it
         return [self.persist(), *self.cancel("stall", "peer"),
                 *self.submit(now, CommitMigration(self.migration_id, self.root)),
-                self.progress()]
+                LoadDevice(self.vm, self.migration_id), self.progress()]
 
     def _abort_side_effects(self) -> list[Action]:
         return []
@@ -138,8 +155,20 @@ class TargetSession(SessionBase):
             return []
         if isinstance(ev, LedgerRootAnnounced):
             self.announced = ev.root
-            return self._decide(now)
+            # logged: when the root came through the ledger is a mark of the stop window
+            note = Notify("migration.root-announced", {"migration_id": self.migration_id,
+                                                       "phase": self.phase.value})
+            if self.phase is Phase.VERIFIED and self.commit_early_refused:
+                # our commit was ordered before the announcement: submit it again now
+                self.commit_early_refused = False
+                if self.announced == self.root:
+                    return [note, *self.submit(now, CommitMigration(self.migration_id,
+                                                                    self.root))]
+            return [note, *self._decide(now)]
         if isinstance(ev, LedgerRefused):
+            if (isinstance(ev.command, CommitMigration) and self.phase is Phase.VERIFIED
+                    and not self.announced):
+                self.commit_early_refused = True  # submitted again on the announcement
             return [Notify("migration.ledger-refused",
                            {"migration_id": self.migration_id, "reason": ev.reason})]
         if isinstance(ev, Received):
@@ -153,9 +182,10 @@ class TargetSession(SessionBase):
             if self.phase is not Phase.FINAL:
                 return []
             self.verified = ev.root
-            if not self.announced:  # the announcement is on its way through the ledger
+            decided = self._decide(now)
+            if not decided:  # the announcement is on its way through the ledger
                 return [self.timer("stall", now + STALL_TIMEOUT)]
-            return self._decide(now)
+            return decided
         if isinstance(ev, ActionFailed):
             if self._may_abort():
                 return self.abort(now, f"{ev.action} failed: {ev.reason}")

@@ -91,6 +91,7 @@ __all__ = [
     "PrepareIncoming",
     "Verify",
     "StartAtTarget",
+    "LoadDevice",
     "DiscardIncoming",
     "MigrationAction",
     "Progress",
@@ -439,6 +440,17 @@ class StartAtTarget:
 
 
 @attrs.frozen
+class LoadDevice:
+    """Target: the root matched and the commit is on its way through the ledger; load what
+    the hypervisor needs besides the images (qemu: the device state into the waiting
+    ``-incoming`` QEMU) now, so only ``cont`` waits for the commit. The guest does not run
+    before StartAtTarget; an abort discards the loaded copy like any incoming one."""
+
+    vm: str
+    migration_id: str
+
+
+@attrs.frozen
 class DiscardIncoming:
     vm: str
     migration_id: str
@@ -476,7 +488,7 @@ class Outcome:
 #: Everything a migration session may return: its own actions and mesh.core's.
 MigrationAction = (
     core.Action | SubmitLedger | SendRound | CancelRound | Fence | Throttle | Unfence | Retire
-    | PrepareIncoming | Verify | StartAtTarget | DiscardIncoming
+    | PrepareIncoming | Verify | StartAtTarget | LoadDevice | DiscardIncoming
 )
 
 # --------------------------------------------------------------------------- wire

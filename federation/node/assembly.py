@@ -47,6 +47,7 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -190,7 +191,10 @@ class Node:
         self.backend: VmBackend = (
             backend if backend is not None
             else ImageBackend(data_dir / "vms", seal_key=at_rest_key, retain_bytes=retained_max))
-        self.vm_actions = VmActions(self.backend)
+        # the fence's catch-up and the target's index refreshes hash changed 1 MiB blocks
+        # on both cores (SHA-256 releases the GIL): they sit in the stop window
+        self._hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vm-index")
+        self.vm_actions = VmActions(self.backend, self._hashing)
         #: imports: the copy from the import directories, before the register
         self.imports = ImportStaging(self.backend, ImportDirs(import_dirs), self.log)
         #: None when the federation cannot run PBFT (n != 3f+1 >= 4); ``no_ledger`` says why
@@ -366,6 +370,7 @@ class Node:
 
     def close(self) -> None:
         self.v3.close()
+        self._hashing.shutdown(wait=False)
         self.backend.close()
         self.store.close()
         self.lock.release()

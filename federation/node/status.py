@@ -92,6 +92,8 @@ def migration_status(node: Node, mid: str) -> dict[str, Any] | None:
             got = arrival(node, session.vm, mid)
             if got is not None and "stop_window_ms" in got:
                 out["stop_window_ms"] = dict(got["stop_window_ms"])
+                # the source's stop (wall clock): where the nodes' log times start the window
+                out["stopped_at"] = float(got["stopped_at"])
         else:  # rounds delivered per data-plane version ("v1", "v3"), and the v3
             # bulk streams opened per DC that relayed them ("direct" for none)
             out["data_plane"] = dict(counters.paths.get(mid, {}))

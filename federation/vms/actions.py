@@ -22,8 +22,8 @@ retired copy, a start with the epoch it already runs at.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import Executor
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 from federation.migration.round_events import (
     ChunkRead,
@@ -41,6 +41,7 @@ from federation.migration.vocabulary import (
     ActionFailed,
     DiscardIncoming,
     Fence,
+    LoadDevice,
     PrepareIncoming,
     Retire,
     SourceFenced,
@@ -51,7 +52,7 @@ from federation.migration.vocabulary import (
     Unfence,
     Verify,
 )
-from federation.vms.backend import VmBackend, VmError, VmState, combined_root
+from federation.vms.backend import DEVICE, VmBackend, VmError, VmState, combined_root
 from federation.vms.dirty_scan import SentDigests
 from federation.vms.per_vm import dirty_by_content
 from federation.vms.roots import IncomingIndexes, LiveIndex
@@ -61,10 +62,10 @@ from mesh.hde.index import PageIndex, build_index
 
 __all__ = ["VmActions", "images_root", "VM_ACTIONS", "VmAction", "PageAction", "PageReply"]
 
-VM_ACTIONS = (Fence, Throttle, Unfence, Retire, PrepareIncoming, Verify, StartAtTarget,
-              DiscardIncoming)
-VmAction = (Fence | Throttle | Unfence | Retire | PrepareIncoming | Verify | StartAtTarget
-            | DiscardIncoming)
+VM_ACTIONS = (Fence, Throttle, Unfence, Retire, PrepareIncoming, Verify, LoadDevice,
+              StartAtTarget, DiscardIncoming)
+VmAction = (Fence | Throttle | Unfence | Retire | PrepareIncoming | Verify | LoadDevice
+            | StartAtTarget | DiscardIncoming)
 _Reply = SourceFenced | TargetVerified | Throttled | ActionFailed
 PageAction = PlanRound | ReadChunk | WriteChunk | CountDirty | CloseRound
 PageReply = RoundPlanned | ChunkRead | ChunkWritten | DirtyCounted | RoundIoFailed
@@ -106,6 +107,8 @@ class VmActions:
         #: migration id -> wall-clock times of a target's Verify (start, end): with the
         #: source's stop time and the start, the stop window the target reports
         self._verified_at: dict[str, tuple[float, float]] = {}
+        #: migration id -> seconds a target's LoadDevice took (beside the ledger's commit)
+        self._loaded_in: dict[str, float] = {}
         #: migrations whose live indexes were caught up after the fence's stop
         self._fenced_live: set[str] = set()
 
@@ -128,21 +131,61 @@ class VmActions:
             return None
         return {n: li.index.copy() for n, li in held.items()}
 
-    def _fenced_root(self, vm: str, migration_id: str) -> bytes:
+    def _fenced_root(self, vm: str, migration_id: str,
+                     device_saved: Callable[[], object] = lambda: None) -> bytes:
         """The root of the fenced VM: caught up from the live index over what changed since
-        the last round (the VM is stopped: exact), else hashed whole."""
+        the last round (the VM is stopped: exact), else hashed whole. ``device_saved``
+        returns once the device image holds the device state (saved meanwhile on another
+        thread): the other images are caught up before it is awaited."""
         held = self.live_indexes.get(migration_id)
         images = self.backend.open_images(vm)
         try:
             if held is None or set(held) != set(images):
+                device_saved()
                 return images_root(images, self.executor)
-            for name, img in images.items():
-                held[name].catch_up(img, self.executor, stopped=True)  # fenced: no copies
+            for name in sorted(images, key=lambda n: n == DEVICE):  # the device image last
+                if name == DEVICE:
+                    device_saved()
+                held[name].catch_up(images[name], self.executor, stopped=True)  # no copies
+            device_saved()  # a layout without a device image: still wait for the save
             self._fenced_live.add(migration_id)
             return combined_root({n: held[n].index.root for n in images})
         finally:
             for img in images.values():
                 img.close()
+
+    def _fence(self, a: Fence) -> bytes:
+        """Stop the VM; its root. The device state (a backend that saves one apart from the
+        stop: the qemu backend's QEMU migration stream) is saved on its own thread while
+        the RAM and disks are caught up, since neither touches the other's bytes; the
+        timings say what each took (the source's share of the stop window)."""
+        b = self.backend
+        self.converging.pop(a.migration_id, None)  # the fence ends any throttle
+        stop = getattr(b, "stop_for_fence", None)
+        t0 = time.monotonic()
+        if not callable(stop):
+            b.fence(a.vm, a.migration_id)
+            t1 = time.monotonic()
+            root = self._fenced_root(a.vm, a.migration_id)
+            self.timings = {"stop_and_device_s": t1 - t0, "root_s": time.monotonic() - t1}
+            return root
+        stop(a.vm, a.migration_id)  # qemu: QMP stop, the fence durable
+        t1 = time.monotonic()
+        device: list[float] = []
+
+        def save() -> None:
+            b.fence(a.vm, a.migration_id)  # fenced already: the device state alone
+            device.append(time.monotonic() - t1)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="device-state") as saver:
+            saving = saver.submit(save)
+            try:
+                root = self._fenced_root(a.vm, a.migration_id, saving.result)
+            finally:
+                saving.cancel()  # (the pool's exit waits for a save under way)
+        self.timings = {"stop_s": t1 - t0, "device_s": device[0] if device else 0.0,
+                        "root_s": time.monotonic() - t1}
+        return root
 
     def _count_dirty(self, vm: str, migration_id: str, mark: int) -> int:
         """Pages written while the round ran: for a VM tracked by content, what changed
@@ -203,16 +246,24 @@ class VmActions:
         """The stop window of an arrived guest, phase by phase, where the backend measured
         its downtime (qemu: the source's stop time travels in the device image): until this
         node's Verify began (the source's fence and final round, this node's apply), the
-        Verify, until the start (the ledger's commit), the start (device state, cont)."""
+        Verify, until the start (the ledger's commit; the device state's load runs beside
+        it, ``device_load_ms``), the start (cont, and the device state if not loaded)."""
         note = getattr(self.backend, "note_arrival", None)
         verified = self._verified_at.pop(migration_id, None)
+        loaded = self._loaded_in.pop(migration_id, None)
         if not callable(note) or verified is None:
             return
-        note(vm, migration_id, lambda stopped_at, cont_at: {
-            "fence_and_final_round_ms": round((verified[0] - stopped_at) * 1000, 1),
-            "verify_ms": round((verified[1] - verified[0]) * 1000, 1),
-            "commit_ms": round((start - verified[1]) * 1000, 1),
-            "start_ms": round((cont_at - start) * 1000, 1)})
+
+        def window(stopped_at: float, cont_at: float) -> dict[str, float]:
+            out = {"fence_and_final_round_ms": round((verified[0] - stopped_at) * 1000, 1),
+                   "verify_ms": round((verified[1] - verified[0]) * 1000, 1),
+                   "commit_ms": round((start - verified[1]) * 1000, 1),
+                   "start_ms": round((cont_at - start) * 1000, 1)}
+            if loaded is not None:
+                out["device_load_ms"] = round(loaded * 1000, 1)
+            return out
+
+        note(vm, migration_id, window)
 
     def root(self, vm: str) -> bytes:
         images = self.backend.open_images(vm)
@@ -312,16 +363,9 @@ class VmActions:
         if isinstance(a, Throttle):
             return [self._throttle(a)]
         if isinstance(a, Fence):
-            # the fence ends any throttle (the backend lifts it as it stops the guest)
-            self.converging.pop(a.migration_id, None)
-            t0 = time.monotonic()
-            b.fence(a.vm, a.migration_id)  # qemu: QMP stop, the device state saved
-            t1 = time.monotonic()
-            root = self._fenced_root(a.vm, a.migration_id)
-            self.timings = {"stop_and_device_s": t1 - t0, "root_s": time.monotonic() - t1,
-                            "rehashed_blocks": float(sum(
-                                li.rehashed for li in self.live_indexes.get(a.migration_id,
-                                                                            {}).values()))}
+            root = self._fence(a)
+            self.timings["rehashed_blocks"] = float(sum(
+                li.rehashed for li in self.live_indexes.get(a.migration_id, {}).values()))
             return [SourceFenced(root)]
         if isinstance(a, Unfence):
             self.read_digests.pop(a.migration_id, None)
@@ -367,6 +411,16 @@ class VmActions:
             self._verified_at[a.migration_id] = (started, time.time())
             self.timings = {"verify_s": time.time() - started}
             return [TargetVerified(root)]
+        if isinstance(a, LoadDevice):
+            # a hypervisor's device state into its waiting process while the ledger commits
+            # (the qemu backend: migrate-incoming; the guest stays paused until the start)
+            load = getattr(b, "load_device", None)
+            if callable(load):
+                started = time.time()
+                load(a.vm, a.migration_id)
+                self._loaded_in[a.migration_id] = time.time() - started
+                self.timings = {"load_s": self._loaded_in[a.migration_id]}
+            return []
         if isinstance(a, StartAtTarget):
             self._close_incoming(a.migration_id)
             started = time.time()
@@ -375,5 +429,7 @@ class VmActions:
             self._note_arrival(a.vm, a.migration_id, started)
             return []
         self._close_incoming(a.migration_id)
+        self._verified_at.pop(a.migration_id, None)
+        self._loaded_in.pop(a.migration_id, None)
         b.discard_incoming(a.vm, a.migration_id)
         return []

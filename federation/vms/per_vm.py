@@ -94,6 +94,12 @@ class PerVmBackend:
         if self._holds(self.qemu, name):
             self.qemu.prepare_machine(name)
 
+    def load_device(self, name: str, migration_id: str) -> None:
+        """A qemu VM's device state into its waiting QEMU (:meth:`QemuBackend.load_device`);
+        an image VM has none."""
+        if self._holds(self.qemu, name):
+            self.qemu.load_device(name, migration_id)
+
     def discard_incoming(self, name: str, migration_id: str) -> None:
         self.of(name).discard_incoming(name, migration_id)
 
@@ -112,6 +118,13 @@ class PerVmBackend:
 
     def fence(self, name: str, migration_id: str) -> VmInfo:
         return self.of(name).fence(name, migration_id)
+
+    def stop_for_fence(self, name: str, migration_id: str) -> VmInfo:
+        """The fence's stop before its device state (:meth:`QemuBackend.stop_for_fence`);
+        an image VM fences whole (it has no device state to save)."""
+        if self._holds(self.qemu, name):
+            return self.qemu.stop_for_fence(name, migration_id)
+        return self.image.fence(name, migration_id)
 
     def device_state(self, name: str, migration_id: str) -> bytes:
         return self.of(name).device_state(name, migration_id)

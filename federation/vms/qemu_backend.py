@@ -572,14 +572,18 @@ class QemuBackend:
                 return info_of(meta)
             stopped_at = 0.0
             if info.state is VmState.INCOMING:
+                given = bool(device_state)
                 if not device_state:
                     device_state, stopped_at = self._read_device_image(name, info)
                 if not device_state:
                     raise VmError(f"VM {name!r} is incoming: it starts from the source's "
                                   "device state")
-                if proc is None:
-                    proc = self._spawn(name, incoming=True)
-                proc.load_device_state(socket_path(self._dir(name), "incoming"), device_state)
+                if given or not self._device_loaded(proc):
+                    if proc is None:
+                        proc = self._spawn(name, incoming=True)
+                    proc.load_device_state(socket_path(self._dir(name), "incoming"),
+                                           device_state)
+                assert proc is not None
             elif device_state:
                 raise VmError(f"VM {name!r} is {info.state.value}: device state is for an "
                               "incoming VM only")
@@ -607,6 +611,34 @@ class QemuBackend:
                 write_meta(self._dir(name), meta)  # a report: a crash before it loses only it
             return info_of(meta)
 
+    def _device_loaded(self, proc: QemuProcess | None) -> bool:
+        """Does ``proc`` (an incoming VM's QEMU) hold a loaded device state already?"""
+        if proc is None:
+            return False
+        try:
+            return proc.device_loaded()
+        except QMPError as exc:
+            raise VmError(f"QMP query-migrate failed: {exc}") from exc
+
+    def load_device(self, name: str, migration_id: str) -> None:
+        """Load the device state the final round carried (the verified device image) into
+        the INCOMING VM's waiting QEMU, while the ledger commits: the guest stays paused
+        until :meth:`start`'s ``cont``, which then loads nothing. Idempotent (QEMU says
+        whether it loaded one); an abort powers the loaded QEMU off (discard_incoming)."""
+        with self._lock:
+            info = self.info(name)
+            if info.state is not VmState.INCOMING or info.migration_id != migration_id:
+                raise VmError(f"VM {name!r} is not incoming for migration {migration_id!r}")
+            proc = self._proc(name)
+            if self._device_loaded(proc):
+                return
+            state, _ = self._read_device_image(name, info)
+            if not state:
+                raise VmError(f"VM {name!r}: its device image holds no device state")
+            if proc is None:
+                proc = self._spawn(name, incoming=True)
+            proc.load_device_state(socket_path(self._dir(name), "incoming"), state)
+
     def prepare_machine(self, name: str) -> None:
         """Start the INCOMING VM's QEMU (``-incoming defer``, paused) ahead of its device
         state, so QEMU's start-up stays out of the downtime. It maps the RAM file the
@@ -619,12 +651,23 @@ class QemuBackend:
                 self._spawn(name, incoming=True)
 
     def fence(self, name: str, migration_id: str) -> VmInfo:
+        """:meth:`stop_for_fence`, then the device state saved into the device image (again
+        after a crash that may have cut it short: the save itself happens once)."""
+        with self._lock:
+            info = self.stop_for_fence(name, migration_id)
+            if info.state is VmState.FENCED and info.migration_id == migration_id:
+                self._write_device_image(name, info)
+            return info
+
+    def stop_for_fence(self, name: str, migration_id: str) -> VmInfo:
+        """The first half of :meth:`fence`: QMP ``stop`` and the durable fence, not yet the
+        device state. The guest's RAM and disks no longer change from here, so a caller may
+        scan them while :meth:`fence` saves the device state (QEMU's stream with
+        ``x-ignore-shared`` does not touch the shared RAM file)."""
         with self._lock:
             meta = self._meta(name)
             info = info_of(meta)
             if not fence_needed(info, migration_id):
-                if info.state is VmState.FENCED and info.migration_id == migration_id:
-                    self._write_device_image(name, info)  # a crash may have cut it short
                 return info
             self.throttle(name, 0)
             proc = self._proc(name)
@@ -639,7 +682,6 @@ class QemuBackend:
             # ledger's abort (release_fence) or commit (retire) moves it on.
             meta.update(state=VmState.FENCED.value, migration_id=migration_id)
             write_meta(self._dir(name), meta)
-            self._write_device_image(name, info_of(meta))
             return info_of(meta)
 
     def _write_device_image(self, name: str, info: VmInfo) -> None:

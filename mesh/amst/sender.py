@@ -218,6 +218,9 @@ class AmstSender:
         # figures
         self.sends: dict[int, int] = {}  # chunk -> times transmitted
         self.acked_bytes = 0
+        #: payload bytes of the chunks written whole to a stream (every copy): what the
+        #: sockets took, so what the link drains once their buffers are full
+        self.written_bytes = 0
         self.refused = 0
         self.resent = 0
         self.streams_opened = 0
@@ -314,6 +317,7 @@ class AmstSender:
             return  # the stream broke meanwhile; its chunks were already re-queued
         st.writing = None
         st.progress = now
+        self.written_bytes += self._size.get(event.chunk, 0)
         if self._on.get(event.chunk) == event.stream:
             st.sent_at[event.chunk] = now
 

@@ -26,7 +26,15 @@ from mesh.hde.image import (
     open_image,
 )
 from mesh.hde.index import BLOCK_PAGES, PageIndex, build_index
-from mesh.hde.level import MODE_LEVELS, LevelSample, choose_level, measure_levels
+from mesh.hde.level import (
+    LEVELS,
+    MODE_LEVELS,
+    LevelGovernor,
+    LevelSample,
+    choose_level,
+    measure_ladder,
+    measure_levels,
+)
 from mesh.hde.source import HdeSource
 from mesh.hde.store import PageStore
 from mesh.hde.target import HdeTarget
@@ -55,7 +63,10 @@ __all__ = [
     "encode_chunk",
     "decode_chunk",
     "MODE_LEVELS",
+    "LEVELS",
+    "LevelGovernor",
     "LevelSample",
     "choose_level",
+    "measure_ladder",
     "measure_levels",
 ]

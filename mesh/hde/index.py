@@ -19,14 +19,16 @@ threads index about twice as fast as one (see ``dwcp bench hde``).
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor
 
 import xxhash
 
-from mesh.hde.image import FP_SIZE, KEY_SIZE, PAGE_SIZE, UNIFORM_FP, ZERO_FP, PageSource
+from mesh.hde.image import FP_SIZE, KEY_SIZE, PAGE_SIZE, UNIFORM_FP, ZERO_FP, Image, PageSource
 
 __all__ = [
+    "IndexBuilder",
     "BLOCK_PAGES",
     "GROUP_PAGES",
     "GROUPS_PER_BLOCK",
@@ -286,3 +288,37 @@ def build_index(image: PageSource, executor: Executor | None = None, window: int
         for s0, fut in pending:
             store(s0, fut.result())
     return PageIndex(image.page_count, fps, blocks)
+
+
+class IndexBuilder:
+    """The index of an image built from its pages as a copy passes over them: pieces of
+    whole blocks, each indexed from the bytes copied, so the copy is not read back (a
+    sealed copy would be decrypted again for it). ``add`` may run on several threads at
+    once, for different pieces; :meth:`index` once every page was added."""
+
+    def __init__(self, page_count: int) -> None:
+        self.page_count = page_count
+        self._fps = bytearray(page_count * FP_SIZE)
+        self._blocks = bytearray(level_sizes(page_count)[0] * DIGEST_SIZE)
+        self._pages = 0
+        self._lock = threading.Lock()
+
+    def add(self, first_page: int, data: bytes | bytearray | memoryview) -> None:
+        """Index pages ``first_page``.. from ``data`` (whole blocks, or the image's end)."""
+        piece = Image(data, "piece")
+        end = first_page + piece.page_count
+        if first_page % BLOCK_PAGES or end > self.page_count or (
+                piece.page_count % BLOCK_PAGES and end != self.page_count):
+            raise ValueError(f"pages {first_page}..{end} are not whole blocks of the image's "
+                             f"{self.page_count} pages")
+        fps, digests = _index_span(piece, 0, -(-piece.page_count // BLOCK_PAGES))
+        self._fps[first_page * FP_SIZE : first_page * FP_SIZE + len(fps)] = fps
+        b = first_page // BLOCK_PAGES * DIGEST_SIZE
+        self._blocks[b : b + len(digests)] = digests
+        with self._lock:
+            self._pages += piece.page_count
+
+    def index(self) -> PageIndex:
+        if self._pages != self.page_count:
+            raise ValueError(f"{self._pages} of {self.page_count} pages indexed")
+        return PageIndex(self.page_count, self._fps, self._blocks)

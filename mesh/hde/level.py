@@ -16,17 +16,25 @@ the floor (issue 17 item 6): :func:`measure_levels` always measures it first, an
 pages uncompressed would move over the same link — level 0's measured rate, or the
 link's bandwidth when store was not measured (a copy outruns any link here: ~10 GB/s
 per core against 10 Gbit/s). A mode's first level is its cheapest *compressing* one.
+
+The node does not go by the mode label (issue 17, task nodecold): it measures the whole
+ladder :data:`LEVELS` on the pages it will send against the link rate measured for that
+peer (:func:`measure_ladder`), and while the chunks go a :class:`LevelGovernor` moves the
+level chunk by chunk so that the link stays full: the highest level the encoders can
+feed the link at, never one that lets the link run dry while a cheaper one would not.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 
 import attrs
 
 from mesh.hde.codec import compress
 
-__all__ = ["MODE_LEVELS", "LevelSample", "choose_level", "measure_levels", "uncompressed_rate"]
+__all__ = ["MODE_LEVELS", "LEVELS", "LevelSample", "LevelGovernor", "choose_level",
+           "measure_levels", "measure_ladder", "uncompressed_rate"]
 
 #: Candidate levels per link mode, cheapest first. Speeds measured here on 1 MiB chunks of
 #: Python source (one core): store ~10 GB/s, -5 ~500 MB/s, 1 ~445 MB/s, 3 ~330 MB/s,
@@ -40,6 +48,11 @@ MODE_LEVELS: dict[str, tuple[int, ...]] = {
     "hybrid": (0, -1, 1, 3, 6, 9),
     "internet": (1, 3, 6, 9, 12, 13, 14, 15, 16, 19),
 }
+
+
+#: Every level the node chooses among, cheaper first, whatever the link's mode: store,
+#: zstd's fast levels, its default ladder and HDE's optimal-parser steps (speeds above).
+LEVELS: tuple[int, ...] = (0, -5, -1, 1, 3, 6, 9, 12, 13, 14, 15, 16, 19)
 
 
 @attrs.frozen
@@ -87,25 +100,138 @@ def measure_levels(
     cores: int,
     clock: Callable[[], float],
 ) -> list[LevelSample]:
-    """Store ``sample`` (chunks of the pages to send) as level 0, the uncompressed floor,
-    then compress it at the mode's levels, cheapest first, timing each with ``clock``.
-    Stops after the first compressing level at which the CPU, not the link, bounds the
-    rate: every later level is slower still."""
+    """:func:`measure_ladder` over the mode's levels (:data:`MODE_LEVELS`)."""
     if mode not in MODE_LEVELS:
         raise ValueError(f"unknown link mode {mode!r}; expected one of {sorted(MODE_LEVELS)}")
+    return measure_ladder(sample, link_bytes_per_s, cores, clock, MODE_LEVELS[mode])
+
+
+def measure_ladder(
+    sample: Sequence[bytes],
+    link_bytes_per_s: float,
+    cores: int,
+    clock: Callable[[], float],
+    levels: Sequence[int] = LEVELS,
+    executor: Executor | None = None,
+) -> list[LevelSample]:
+    """Store ``sample`` (chunks of the pages to send) as level 0, the uncompressed floor,
+    then compress it at ``levels``, cheapest first, timing each with ``clock``.
+    Stops after the first compressing level at which the CPU, not the link, bounds the
+    rate: every later level is slower still. With ``executor`` (``cores`` threads, as
+    the encoders will run) the chunks are compressed at once on its threads and the
+    rate per core is the wall-clock rate over ``cores``: on a host where other work
+    holds a core, that is what the encoders will get, not one idle core's speed."""
     total = sum(len(c) for c in sample)
     if total == 0:
         raise ValueError("measure_levels needs a non-empty sample")
     out: list[LevelSample] = []
-    for level in (0, *(lv for lv in MODE_LEVELS[mode] if lv != 0)):
+    if executor is not None:
+        # start the threads before any is timed (a pool makes them at its first tasks)
+        list(executor.map(len, [b""] * cores))
+    for level in (0, *(lv for lv in levels if lv != 0)):
         t0 = clock()
         if level == 0:
             size = sum(len(bytes(c)) for c in sample)
+            elapsed = max(clock() - t0, 1e-9)
+        elif executor is not None:
+            size = sum(executor.map(lambda c, lv=level: min(len(compress(c, lv)), len(c)),
+                                    sample))
+            elapsed = max(clock() - t0, 1e-9) * cores
         else:
             size = sum(min(len(compress(c, level)), len(c)) for c in sample)
-        elapsed = max(clock() - t0, 1e-9)
+            elapsed = max(clock() - t0, 1e-9)
         s = LevelSample(level, total / elapsed, size / total)
         out.append(s)
         if level != 0 and cores * s.bytes_per_s_per_core < link_bytes_per_s / max(s.ratio, 1e-9):
             break
     return out
+
+
+class LevelGovernor:
+    """The level of each next chunk while a transfer runs, so that the link stays full.
+
+    Sans-I/O: the driver passes the time, the backlog (encoded bytes the link has not
+    taken yet: in the node, frames prepared and not yet written to a stream, whose
+    socket buffers keep the wire busy meanwhile) and the bytes the link took so far.
+    From the latter it measures the rate the link drains at; the backlog in seconds of
+    that rate says who is ahead. More than :data:`HIGH_S` of backlog: the encoders
+    outrun the link, so the next chunks can afford a slower, smaller level (one step up
+    :data:`LEVELS`). Less than :data:`LOW_S` while the encoders did not wait: the link is
+    about to run dry for want of encoded chunks, so one step down (to store at the
+    bottom: never a level slower than sending uncompressed). A backlog that ran low
+    while the encoders waited — for plans (the diff had not asked for more) or for
+    room in AMST's window (the receiver holds the transfer back) — says nothing of the
+    level and moves nothing.
+
+    The rule is buffer-based rate adaptation (Huang et al., "A Buffer-Based Approach to
+    Rate Adaptation", SIGCOMM 2014: choose from the buffer's occupancy, not from a rate
+    estimate) applied to compression as zstd's own ``--adapt`` does (programs/fileio.c:
+    a level up when the output cannot keep up, down when the input waits on compression).
+    A step waits :data:`HOLD_S` after the last so that its effect shows in the backlog
+    first."""
+
+    #: Backlog above which the level goes up: one second of the link's drain keeps the
+    #: link busy through the slowest step's first chunks (a 1 MiB chunk at HDE's level 16
+    #: takes ~0.1 s per core, mesh.hde.compressors).
+    HIGH_S = 1.0
+    #: Backlog below which the level goes down: a quarter second covers a chunk's encode
+    #: at the cheap levels and the thread hand-offs, so the link never waits on them.
+    LOW_S = 0.25
+    #: The least time between two steps: two 1 MiB chunks at 100 Mbit/s.
+    HOLD_S = 0.2
+    #: The drain rate is measured over at least this long (acks come in bursts of a
+    #: window's worth on a fast link).
+    RATE_S = 0.2
+
+    def __init__(self, start: int, levels: Sequence[int] = LEVELS,
+                 ceiling: int | None = None) -> None:
+        ladder = sorted(set(levels) | {0, start}, key=lambda lv: _ORDER.get(lv, lv))
+        if ceiling is not None:
+            ladder = [lv for lv in ladder if _rank(lv) <= _rank(ceiling)] or [0]
+        self.ladder: tuple[int, ...] = tuple(ladder)
+        self._at = self.ladder.index(start) if start in self.ladder else 0
+        self._last_step: float | None = None
+        self._mark: tuple[float, int] | None = None
+        #: bytes per second the link drained at, last measured (None: not yet)
+        self.drain: float | None = None
+        #: (time, level) of every step taken, for the round's figures
+        self.steps: list[tuple[float, int]] = []
+
+    @property
+    def level(self) -> int:
+        return self.ladder[self._at]
+
+    def next_level(self, now: float, backlog: int, drained: int, waited: bool) -> int:
+        """The level for the next chunk. ``backlog``: encoded bytes the link has not
+        taken; ``drained``: bytes it took so far; ``waited``: the encoder waited for a
+        plan or for room (so a low backlog is not the level's doing)."""
+        if self._mark is None:
+            self._mark = (now, drained)
+        elif now - self._mark[0] >= self.RATE_S:
+            rate = (drained - self._mark[1]) / (now - self._mark[0])
+            if rate > 0:
+                self.drain = rate
+            self._mark = (now, drained)
+        if self.drain is None:
+            return self.level
+        if self._last_step is not None and now - self._last_step < self.HOLD_S:
+            return self.level
+        ahead = backlog / self.drain
+        step = 0
+        if ahead > self.HIGH_S and self._at + 1 < len(self.ladder):
+            step = 1
+        elif ahead < self.LOW_S and not waited and self._at > 0:
+            step = -1
+        if step:
+            self._at += step
+            self._last_step = now
+            self.steps.append((now, self.level))
+        return self.level
+
+
+#: Where the negative (fast) levels sit on the ladder: below 1, above store.
+_ORDER = {0: -100, -5: -6, -1: -2}
+
+
+def _rank(level: int) -> int:
+    return _ORDER.get(level, level)

@@ -9,7 +9,8 @@ one *group* before their actions are executed.
 Who handles a group is whoever holds the core's *turn* (a lock): the core task
 for its inbox and its timers, or, when the core is idle (nothing queued, no
 turn in progress), the task that delivers the events — a link reader handing
-over one frame's messages (:meth:`HostedCore.deliver_many`). That saves the
+over one frame's messages (:meth:`HostedCore.deliver_many`) — or the task that
+invokes work in the core's turn (:meth:`HostedCore.invoke`). That saves the
 hand-off to the core task (its wake-up and one more pass of the event loop per
 frame) without changing what a core sees: one event at a time, in delivery
 order (while anything is queued, deliveries queue behind it), the same groups
@@ -34,7 +35,9 @@ the node as before rather than only the link that delivered. Actions of a group:
   after it is seen outside before it is durable;
 * ``Send`` -> ``send(peer, message)`` of the runtime (encode, queue on the peer's
   link; never blocks the core, a drop is counted by the runtime). The sends of a
-  group reach a link's outbox together, so its writer can put them in one frame;
+  group go to the runtime together (``send_group``): each link's share leaves in
+  one frame, written from the turn when the link is quiet
+  (:meth:`mesh.runtime.link.Link.release`), else by its writer;
 * ``SetTimer`` / ``CancelTimer`` -> a per-core timer table; a due timer is
   delivered as ``TimerFired(key)`` through the same loop, so a core sees one
   event at a time;
@@ -137,8 +140,12 @@ class HostedCore:
         store: Store | None,
         log: JsonLog,
         effects: Callable[[object], bool] | None = None,
+        send_group: Callable[[list[Send]], None] | None = None,
     ) -> None:
         self.name = name
+        #: sends a group's ``Send`` actions together (each link's share leaves as one
+        #: burst, written from the turn when the link is quiet); else ``send`` each
+        self._send_group = send_group
         #: the host's own actions (e.g. a node's VM work): called in action order,
         #: returns True if it took the action
         self._effects = effects
@@ -230,7 +237,25 @@ class HostedCore:
 
     async def invoke(self, fn: Invocation, label: str) -> None:
         """Run ``fn(core, now)`` in this core's turn (between two events, like the
-        simulator's ``World.invoke``), execute the actions it returns, then return."""
+        simulator's ``World.invoke``), execute the actions it returns, then return.
+
+        When the core is idle the calling task takes the turn itself, as a delivering
+        link reader does (:meth:`deliver_many`): the node's ledger submissions
+        (:class:`federation.node.ledger_client.NodeLedger`) then leave without the
+        hand-off to the core task and back (two task switches and an event-loop pass
+        each). The turn is shielded, and a failure in it is raised by the core task,
+        as when the core task runs the invocation."""
+        if self._started and self._queued == 0 and not self._turn.locked():
+            self._turn.acquire_nowait()
+            try:
+                with trio.CancelScope(shield=True):
+                    await self._call(fn, label)
+            except Exception as exc:  # a core bug or a failed write: the node's to raise
+                self._failed = exc
+            finally:
+                self._turn.release()
+                self._rearm()
+            return
         call = _Invoke(fn, label, trio.Event())
         self._queued += 1
         try:
@@ -347,8 +372,15 @@ class HostedCore:
         if writes and any(w.sync for w in writes):
             await self._write(writes)
             writes = []
+        sends: list[Send] = []
         for action in deferred:
-            self._execute(action)
+            if isinstance(action, Send) and self._send_group is not None:
+                sends.append(action)  # their order with timers and log lines is local
+            else:
+                self._execute(action)
+        if sends:
+            assert self._send_group is not None
+            self._send_group(sends)
         if writes:
             await self._write(writes)
 

@@ -80,7 +80,7 @@ from wsproto.utilities import LocalProtocolError
 
 from mesh import wire
 from mesh.channel import MAX_PLAINTEXT, ChannelError, Hello, SecureChannel, Welcome
-from mesh.core import Core, Event, Received, Store
+from mesh.core import Core, Event, Received, Send, Store
 from mesh.federation_print import NO_PRINT, FederationPrint
 from mesh.identity import Identity, PublicKey
 from mesh.runtime import admission
@@ -219,7 +219,7 @@ class Runtime:
             raise ValueError(f"a core named {name!r} is already hosted")
         hosted = HostedCore(
             name, core, tuple(tags), send=self.send, store=self.store, log=self.log,
-            effects=effects,
+            effects=effects, send_group=self.send_group,
         )
         self._routes.add(hosted.tags, hosted)
         self._cores[name] = hosted
@@ -259,10 +259,28 @@ class Runtime:
 
     def send(self, peer: str, message: Any) -> bool:
         """Queue ``message`` for ``peer``; False (and counted) if it cannot be sent now."""
+        link = self._hold(peer, message)
+        if link is None:
+            return False
+        self._release(link)
+        return True
+
+    def send_group(self, sends: Sequence[Send]) -> None:
+        """The sends of one group of a core's actions: each link's share leaves together,
+        written from this turn when the link is quiet (:meth:`Link.release`)."""
+        touched: dict[int, Link] = {}
+        for send in sends:
+            link = self._hold(send.peer, send.message)
+            if link is not None:
+                touched[link.link_id] = link
+        for link in touched.values():
+            self._release(link)
+
+    def _hold(self, peer: str, message: Any) -> Link | None:
         link = self._peers.link(peer)
         if link is None:
             self._count("send_no_link")
-            return False
+            return None
         try:
             if message is self._last_sent[0]:  # a broadcast: the same message to each peer
                 payload = self._last_sent[1]
@@ -274,12 +292,20 @@ class Runtime:
         except wire.WireError as exc:
             self._count("send_invalid")
             self.log.event("send_invalid", peer=peer, error=str(exc))
-            return False
-        if not link.enqueue(payload):
+            return None
+        if not link.hold(payload):
             self._count("send_dropped")
-            return False
+            return None
         self._count("messages_out")
-        return True
+        return link
+
+    def _release(self, link: Link) -> None:
+        frames = link.direct_frames
+        for _ in range(link.release()):
+            self._count("send_dropped")
+        if link.direct_frames != frames:  # frames written from a turn, not by the writer
+            self.counters["frames_direct"] = (self.counters.get("frames_direct", 0)
+                                              + link.direct_frames - frames)
 
     def shutdown(self) -> None:
         """Ask :meth:`run` to close every link with its final frame and return."""

@@ -51,6 +51,7 @@ from federation.migration.vocabulary import (
     LedgerCommitted,
     LedgerRefused,
     LedgerRootAnnounced,
+    LoadDevice,
     Phase,
     PolicyChanged,
     PrecopyLimits,
@@ -265,6 +266,11 @@ class World:
         elif isinstance(a, Verify):
             assert node == TGT
             self.verify_pending = True
+        elif isinstance(a, LoadDevice):
+            # the device state loads beside the commit, into a copy that does not run yet
+            assert node == TGT and self.tgt_prepared, "loaded into a copy never prepared"
+            assert self.src_fenced and self.tgt_content == self.fenced_content, \
+                "loaded before the root matched the fenced copy"
         elif isinstance(a, StartAtTarget):
             assert node == TGT and self.mig_state() == "committed", "started before the commit"
             assert a.epoch == self.ledger.epoch(VM), "started with another epoch than the ledger's"
