@@ -237,3 +237,16 @@ def test_round_1_counts_the_pages_written_while_its_shadow_was_copied(tmp_path: 
     assert isinstance(sample, V3Preparing)
     assert (sample.round, sample.pages, sample.dirtied) == (1, 64, 5)
     assert 0.2 <= sample.dirty_seconds < 5  # half the copy, then the scan
+
+
+def test_without_a_link_figure_round_1s_sample_waits_for_the_rounds_own_pace() -> None:
+    s = _session()  # the mesh had no figure for the link when the migration was planned
+    assert of(s.handle(0.8, TransferProgress(1, 0, 0, 0, 65_536, 700, 0.5)), Throttle) == []
+    # the round moves: 1 MB on the wire, then 12.5 MB more in the next second (100 Mbit/s)
+    assert of(s.handle(2.0, TransferProgress(1, 10_000_000, 2_441, 1_000_000)), Throttle) == []
+    out = s.handle(3.0, TransferProgress(1, 60_000_000, 14_648, 13_500_000))
+    throttle = one(out, Throttle)
+    # judged 2.8 s into round 1: 1,400 pages/s over 5.6 s, 7,840 against the 915 that fit
+    assert throttle.percent == first_round_throttle(700, 0.5, 2.8, COST, LIMIT) == 89
+    # judged once
+    assert of(s.handle(4.0, TransferProgress(1, 90_000_000, 21_972, 26_000_000)), Throttle) == []
