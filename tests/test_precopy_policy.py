@@ -250,3 +250,18 @@ def test_without_a_link_figure_round_1s_sample_waits_for_the_rounds_own_pace() -
     assert throttle.percent == first_round_throttle(700, 0.5, 2.8, COST, LIMIT) == 89
     # judged once
     assert of(s.handle(4.0, TransferProgress(1, 90_000_000, 21_972, 26_000_000)), Throttle) == []
+
+
+def test_round_1s_fixed_work_stands_for_the_next_rounds_until_one_is_measured() -> None:
+    s = _session()
+    # round 1 spent 30 s preparing beside 0.75 s of moving: the next round's fixed work
+    # is taken as 30 s until an incremental round measures its own
+    out = s.handle(40.0, RoundSent(1, 65_536, 65_536 * PAGE_SIZE, 9_000_000, 30.75, 2_700,
+                                   0.75))
+    assert s.overhead == pytest.approx(30.0)
+    # 2,700 pages in 30.75 s: 88 pages/s over a 30.9 s round, 2,712 against the 879 that
+    # fit at round 1's 0.34 ms a page: held 68 % (with no fixed work: not at all)
+    assert one(out, Throttle).percent == 68
+    s.handle(40.1, Throttled(MAXIMUM))
+    s.handle(45.0, RoundSent(2, 2_700, 2_700 * PAGE_SIZE, 11_000_000, 5.0, 1_200, 1.0))
+    assert s.overhead == pytest.approx(4.0)

@@ -313,7 +313,11 @@ class SourceSession(SessionBase):
         cost = page_cost(self.round, ev.pages, ev.wire_bytes, ev.seconds, ev.move_seconds)
         if cost > 0:
             self.page_cost = cost
-        if self.round > 1:
+        # the fixed work of a round beside moving pages: an incremental round's; until one
+        # ran, round 1's (its preparation copies and indexes every page, which an
+        # incremental round only scans: an upper bound, so round 1 throttles no less
+        # than the next round will show is needed; seen under load: 30 s against 5-9 s)
+        if self.round > 1 or self.overhead == 0:
             self.overhead = max(0.0, ev.seconds - moving)
         self.eta = final_estimate(ev.dirty_pages, self.page_cost)
         if self.phase is Phase.FINAL:
