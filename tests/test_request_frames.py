@@ -163,3 +163,37 @@ def test_a_frame_with_a_non_minimal_length_is_refused_as_before() -> None:
         open_authorization(TABLE, Authorization(padded, a.body))
     assert err.value.reason == "malformed"
     assert "not a signed operator request" in str(err.value)
+
+
+def _frame(tag: str, fields: list[object]) -> bytes:
+    return cbor2.dumps([wire.FRAME_VERSION, tag, fields], canonical=True)
+
+
+HEAD = ["f", "ops", "POST", "t", b"\x00" * 32, 1.5, "nonce-0001"]
+
+
+@pytest.mark.parametrize("index,value", [
+    (0, "f" * 65), (1, "o" * 65), (2, "M" * 17), (3, "t" * 1025), (4, b"\x00" * 31),
+    (4, b"\x00" * 33), (4, "not bytes"), (5, 1), (6, "n" * 65), (6, b"nonce-0001"),
+])
+def test_a_head_field_out_of_its_limits_is_left_to_wire_decode(index: int,
+                                                               value: object) -> None:
+    fields = list(HEAD)
+    fields[index] = value
+    data = _frame(RequestHead.wire_tag, fields)  # type: ignore[attr-defined]
+    assert request_frames.read_head(data) is None
+    with pytest.raises(wire.WireError):
+        wire.decode(data, expect=(RequestHead,))
+
+
+@pytest.mark.parametrize("fields", [
+    ["o" * 65, b"h", b"\x00" * 64], ["ops", b"h" * 1889, b"\x00" * 64],
+    ["ops", b"h", b"\x00" * 63], ["ops", b"h", b"\x00" * 65], ["ops", "h", b"\x00" * 64],
+    ["ops", b"h"], ["ops", b"h", b"\x00" * 64, b""],
+])
+def test_a_signed_request_out_of_its_limits_is_left_to_wire_decode(fields: list[object]
+                                                                   ) -> None:
+    data = _frame(SignedRequest.wire_tag, fields)  # type: ignore[attr-defined]
+    assert request_frames.read_signed(data) is None
+    with pytest.raises(wire.WireError):
+        wire.decode(data, expect=(SignedRequest,))
