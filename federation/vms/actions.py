@@ -101,6 +101,10 @@ class VmActions:
         #: migration id -> the throttle (percent) its session put on the source VM
         #: (auto-converge, federation.migration.precopy): lifted at an abort
         self.converging: dict[str, int] = {}
+        #: migration id -> per image the index and group digests of its v3 shadow after
+        #: round 1 (set by the node: the v3 data plane's ``shadow_digests``; None: none)
+        self.shadow_digests: Callable[[str], dict[str, tuple[PageIndex, bytes]] | None] \
+            | None = None
         #: seconds the phases of the last VM action took (the node logs them with the
         #: action: the stop window of a migration, docs/qemu.md "Downtime")
         self.timings: dict[str, float] = {}
@@ -189,6 +193,26 @@ class VmActions:
                         "root_s": time.monotonic() - t1}
         return root
 
+    def _live_from_shadow(self, vm: str, migration_id: str) -> dict[str, LiveIndex] | None:
+        """The live indexes of a VM whose round 1 left a shadow (the v3 data plane's
+        ``shadow_digests``: its index and group digests), so the first catch-up is one
+        grouped scan of RAM and a re-index of what changed since the copy, instead of a
+        scan for the count and a copy and index of all of RAM; None where there is none."""
+        shadow = self.shadow_digests(migration_id) if self.shadow_digests else None
+        if shadow is None:
+            return None
+        images = self.backend.open_images(vm)
+        try:
+            if set(shadow) != set(images) or any(
+                    shadow[n][0].page_count != img.page_count for n, img in images.items()):
+                return None
+        finally:
+            for img in images.values():
+                img.close()
+        held = {n: LiveIndex.of(index, groups) for n, (index, groups) in shadow.items()}
+        self.live_indexes[migration_id] = held
+        return held
+
     def _count_dirty(self, vm: str, migration_id: str, mark: int) -> int:
         """Pages written while the round ran: for a VM tracked by content, what changed
         since the live index last caught up (which it does now; built at the first round's
@@ -199,6 +223,8 @@ class VmActions:
         if b.info(vm).state is VmState.FENCED:
             return 0  # the final round's end: a stopped guest writes nothing (no scan)
         held = self.live_indexes.get(migration_id)
+        if held is None:
+            held = self._live_from_shadow(vm, migration_id)
         if held is None:
             count = sum(len(p) for p in b.dirty_since(vm, mark).values())
             images = b.open_images(vm)

@@ -86,6 +86,18 @@ class LiveIndex:
         #: blocks the last catch_up re-hashed (what it cost: 1 MiB of SHA-256 each)
         self.rehashed = 0
 
+    @classmethod
+    def of(cls, index: PageIndex, groups: bytes | bytearray) -> LiveIndex:
+        """The live index of an image whose copy ``index`` and 16 KiB ``groups`` digests
+        describe (a v3 source's shadow after round 1: no second pass over RAM to build
+        it); the first :meth:`catch_up` then finds what changed since the copy."""
+        if len(groups) != -(-index.page_count // GROUP_PAGES) * DIGEST:
+            raise ValueError(f"{len(groups)} bytes of group digests for "
+                             f"{index.page_count} pages")
+        obj = cls.__new__(cls)
+        obj.index, obj.groups, obj.rehashed = index.copy(), bytearray(groups), 0
+        return obj
+
     def changed(self, image: PageSource) -> list[int]:
         """Pages whose content differs from their fingerprint in the index."""
         return self._scan(image)[0]
