@@ -196,20 +196,28 @@ class Writer:
 
     def tick(self, seconds: float) -> None:
         rng = self.rng
+        random_ = rng.random
         vms = self.vms
+        hot = HOT_PAGES / HOT_SHARE
+        cold = PAGES / (1.0 - HOT_SHARE)
         for copy in list(vms.copies.values()):
             if copy.state != "running" or not self.up(copy.dc):
                 continue
             # a throttled guest runs (and writes) 100 - throttle % of the time
             rate = self.rate * (100 - copy.throttle) / 100
+            pages = copy.pages
+            dirty = copy.dirty
+            generation = copy.generation
+            # VmWorld.write inlined: one call less per guest write (tens of thousands a run)
+            writes = vms.writes
             for _ in range(rng.randrange(int(2 * rate * seconds) + 1)):
                 # one draw picks hot or cold and the page within it
-                r = rng.random()
-                if r < HOT_SHARE:
-                    page = int(r * (HOT_PAGES / HOT_SHARE))
-                else:
-                    page = int((r - HOT_SHARE) * (PAGES / (1.0 - HOT_SHARE)))
-                vms.write(copy, page)
+                r = random_()
+                page = int(r * hot) if r < HOT_SHARE else int((r - HOT_SHARE) * cold)
+                writes += 1
+                pages[page] = writes
+                dirty[page] = generation
+            vms.writes = writes
 
 
 class SimBackend:
