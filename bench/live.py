@@ -407,6 +407,16 @@ ROUND_KEYS = ("round", "pages", "wire_bytes", "seconds", "dirty_pages", "refresh
               "chunk_bytes", "first_chunk_s", "wire_MBps", "encode_s", "starved_s", "fenced")
 
 
+def _round_figures(event: dict[str, Any], rate_mbit: float | None) -> dict[str, Any]:
+    """A round's figures from its ``round_sent`` line; on a shaped link also
+    ``link_use``: the round's bytes over its transfer time as a share of the link's rate
+    (1.0: the wire was full from the target's word to its verdict)."""
+    out = {k: event[k] for k in ROUND_KEYS if k in event}
+    if rate_mbit and "wire_MBps" in event:
+        out["link_use"] = round(float(event["wire_MBps"]) * 8 / rate_mbit, 3)
+    return out
+
+
 def _node_run(setup: Setup, assets: GuestAssets, work: Path, tbf: bool,
               return_after_s: int) -> dict[str, Any]:
     """DWCP's own path: four ``dwcp node`` processes (the federation's ledger, v3 rounds
@@ -530,9 +540,10 @@ async def _node_leg(demo: Demo, fed: LocalFederation, directory: Path, ram: Path
             "downtime_ms": round(float(leg["downtime_ms"]), 1), "rounds": leg["rounds"],
             # the target's phases of the stop window, and both nodes' log marks in it
             "stop_window_ms": leg["stop_window_ms"], "stop_timeline": leg["stop_timeline"],
+            "start_split_ms": leg["start_split_ms"],
             "zstd_level": main_level, "zstd_levels": levels,
             "mode": next((e.get("mode") for e in sent if e.get("mode")), None),
-            "round_figures": [{k: e[k] for k in ROUND_KEYS if k in e} for e in sent],
+            "round_figures": [_round_figures(e, link.rate_mbit) for e in sent],
             "migration_id": mid, "guest": guest}
 
 

@@ -207,3 +207,17 @@ def test_measured_on_the_encoders_threads_a_rate_is_per_core_of_the_wall_clock()
     assert [s.level for s in par] == [0, 1] == [s.level for s in one]
     assert par[1].bytes_per_s_per_core == total / 2 and one[1].bytes_per_s_per_core == total
     assert par[1].ratio == one[1].ratio < 0.1
+
+
+def test_no_step_down_to_a_level_that_does_not_encode_faster() -> None:
+    """The encoders are slow for another reason than compression (a starved host, pages
+    read through a sealed shadow): -5 measured no cheaper than 1, so the governor stays
+    at 1 instead of sending bigger chunks for nothing."""
+    gov = LevelGovernor(1)
+    gov.encoded(-1, 0.10, 1 << 20)
+    gov.encoded(1, 0.10, 1 << 20)
+    _run(gov, 100, 0.05, drain=1e9, encoded=1e6)
+    assert gov.level == 1 and not gov.steps
+    gov.encoded(-1, 0.01, 1 << 20)
+    gov.encoded(-1, 0.01, 1 << 20)  # now -1 is measured cheaper: worth the step
+    assert gov.next_level(100.0, 0, 10**9, False) == -1

@@ -46,6 +46,7 @@ def test_a_live_index_caught_up_equals_one_built_from_scratch(rounds, seed, stop
         assert live.catch_up(img, stopped=stopped) == len(changed)
         assert live.index.root == build_index(img).root
         assert live.changed(img) == []
+        assert live.groups == LiveIndex(img).groups  # the scan's digests, kept
 
 
 def test_a_page_that_changes_and_changes_back_leaves_the_index_right() -> None:

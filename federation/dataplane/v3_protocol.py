@@ -289,6 +289,8 @@ class ChunkFeed:
                 self.pages += item[1].plan.count
                 self.encode_s += t2 - t1
                 self.levels[level] = self.levels.get(level, 0) + 1
+                if self._governor is not None:
+                    self._governor.encoded(level, t2 - t1, item[1].plan.count * PAGE_SIZE)
                 if self.first_frame_at is None:
                     self.first_frame_at = t2
                 self.last_frame_at = t2

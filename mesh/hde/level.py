@@ -168,7 +168,11 @@ class LevelGovernor:
     estimate) applied to compression as zstd's own ``--adapt`` does (programs/fileio.c:
     a level up when the output cannot keep up, down when the input waits on compression).
     A step waits :data:`HOLD_S` after the last so that its effect shows in the backlog
-    first."""
+    first. A step down is taken only while it is expected to speed the encoders up: once
+    the cheaper level was measured (:meth:`encoded`, seconds per logical byte of each
+    chunk) and costs more than :data:`CHEAPER` of the current one, the encoders' time is
+    not compression's (reading the pages, a starved host) and a cheaper level would only
+    send more bytes."""
 
     #: Backlog above which the level goes up: one second of the link's drain keeps the
     #: link busy through the slowest step's first chunks (a 1 MiB chunk at HDE's level 16
@@ -182,6 +186,12 @@ class LevelGovernor:
     #: The drain rate is measured over at least this long (acks come in bursts of a
     #: window's worth on a fast link).
     RATE_S = 0.2
+    #: A cheaper level must cost at most this share of the current one's encode time per
+    #: byte to be worth its larger output (zstd's fast levels differ by ~10-30 % in speed,
+    #: level 1 against 3 by ~35 %: mesh.hde.level's table above).
+    CHEAPER = 0.9
+    #: Weight of a chunk's cost in its level's moving average.
+    COST_GAIN = 0.25
 
     def __init__(self, start: int, levels: Sequence[int] = LEVELS,
                  ceiling: int | None = None) -> None:
@@ -196,6 +206,21 @@ class LevelGovernor:
         self.drain: float | None = None
         #: (time, level) of every step taken, for the round's figures
         self.steps: list[tuple[float, int]] = []
+        #: level -> encode seconds per logical byte, a moving average over its chunks
+        self.cost: dict[int, float] = {}
+
+    def encoded(self, level: int, seconds: float, logical: int) -> None:
+        """A chunk of ``logical`` bytes took ``seconds`` to encode at ``level``."""
+        if logical <= 0 or seconds < 0:
+            return
+        c = seconds / logical
+        old = self.cost.get(level)
+        self.cost[level] = c if old is None else old + self.COST_GAIN * (c - old)
+
+    def _worth_stepping_down(self) -> bool:
+        here = self.cost.get(self.level)
+        below = self.cost.get(self.ladder[self._at - 1])
+        return here is None or below is None or below <= self.CHEAPER * here
 
     @property
     def level(self) -> int:
@@ -220,7 +245,8 @@ class LevelGovernor:
         step = 0
         if ahead > self.HIGH_S and self._at + 1 < len(self.ladder):
             step = 1
-        elif ahead < self.LOW_S and not waited and self._at > 0:
+        elif ahead < self.LOW_S and not waited and self._at > 0 \
+                and self._worth_stepping_down():
             step = -1
         if step:
             self._at += step
