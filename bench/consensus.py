@@ -737,13 +737,18 @@ if __name__ == "__main__":
     elif os.environ.get("DWCP_BENCH_SAMPLE"):  # the same, by CPU-time samples (see there)
         from bench.cpu_sampler import CpuSampler, LoopCounter
 
+        # into the directory the variable names (the run's own is deleted at its end),
+        # one pair of files per node process: n{N}-{name}-{pid}
+        keep = Path(os.environ["DWCP_BENCH_SAMPLE"])
+        keep.mkdir(parents=True, exist_ok=True)
+        stem = f"n{node_args.n}-{node_args.name}-{os.getpid()}"
         sampler = CpuSampler()
         sampler.start()
         counter = LoopCounter()
         try:
             trio.run(_node_main, node_args, instruments=[counter])
         finally:
-            sampler.stop(Path(node_args.dir) / f"{node_args.name}.cpu-samples")
-            counter.save(Path(node_args.dir) / f"{node_args.name}.loop-counts")
+            sampler.stop(keep / f"{stem}.cpu-samples")
+            counter.save(keep / f"{stem}.loop-counts")
     else:
         trio.run(_node_main, node_args)

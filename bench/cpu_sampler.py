@@ -3,10 +3,11 @@ user + system CPU time, so a thread waiting on the disk or descheduled by other 
 never sampled, unlike a wall-clock profiler on a shared machine), recording the Python
 stack of the thread the signal lands in (CPython runs handlers in the main thread; the
 main thread's event loop is what is measured). ``dwcp bench consensus``'s node processes
-start it when ``DWCP_BENCH_SAMPLE`` is set and write ``NAME.cpu-samples`` (one
-``frame;frame;... count`` line per stack, the collapsed format of flame graphs) next to
-their logs; :func:`summary` groups them. They also count, from GO on, the event loop's
-task steps (task switches) and passes (I/O polls) in ``NAME.loop-counts``
+start it when ``DWCP_BENCH_SAMPLE`` names a directory and write there, per node process,
+``n{N}-{name}-{pid}.cpu-samples`` (one ``frame;frame;... count`` line per stack, the
+collapsed format of flame graphs; from GO on); :func:`summary` groups them. They also
+count, from GO on, the event loop's task steps (task switches) and passes (I/O polls)
+in ``n{N}-{name}-{pid}.loop-counts``
 (:class:`LoopCounter`): counts, unlike times, do not move with the machine's load, so
 runtime changes compare on a shared machine."""
 

@@ -540,6 +540,7 @@ async def _node_leg(demo: Demo, fed: LocalFederation, directory: Path, ram: Path
             "downtime_ms": round(float(leg["downtime_ms"]), 1), "rounds": leg["rounds"],
             # the target's phases of the stop window, and both nodes' log marks in it
             "stop_window_ms": leg["stop_window_ms"], "stop_timeline": leg["stop_timeline"],
+            "start_split_ms": leg["start_split_ms"],
             "zstd_level": main_level, "zstd_levels": levels,
             "mode": next((e.get("mode") for e in sent if e.get("mode")), None),
             "round_figures": [_round_figures(e, link.rate_mbit) for e in sent],

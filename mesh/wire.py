@@ -51,6 +51,7 @@ __all__ = [
     "field",
     "encode",
     "encode_parts",
+    "enable_decode_memo",
     "decode",
     "encode_struct",
     "decode_struct",
@@ -678,9 +679,42 @@ def decode(data: bytes | bytearray | memoryview, expect: Sequence[type] | None =
     data = _readable(data)
     if len(data) <= FAST_MAX:
         small = bytes(data)
+        memo = _memo
+        if memo is not None and len(small) <= MEMO_MAX_FRAME:
+            msg = memo.get(small)
+            if msg is not None and (expect is None or type(msg) in expect):
+                return msg
+            msg = _decode_fast(small, expect)
+            if msg is not None:
+                if len(memo) >= _memo_capacity:
+                    del memo[next(iter(memo))]
+                memo[small] = msg
+                return msg
+            return _decode_checked(small, expect)
         msg = _decode_fast(small, expect)
         return msg if msg is not None else _decode_checked(small, expect)
     return _decode_checked(data, expect)
+
+
+#: The decode memo (:func:`enable_decode_memo`): frame bytes -> the message they decode
+#: to; None (the default, and always in a node) when off.
+_memo: dict[bytes, Any] | None = None
+_memo_capacity = 0
+#: Only frames up to this size are remembered (votes, requests, certificates' parts).
+MEMO_MAX_FRAME = 8192
+
+
+def enable_decode_memo(capacity: int = 8192) -> None:
+    """Remember the messages of the last ``capacity`` small frames that decoded, and hand
+    the same (frozen, immutable) message back when the same bytes are decoded again;
+    ``capacity`` 0 turns the memo off. Decoding is a pure function of the bytes and
+    ``expect`` (a hit of another type than ``expect`` allows takes the normal path, which
+    refuses it), so this changes no result, only the work: the simulator turns it on,
+    where the n replicas of one process decode every signed body n times or more
+    (``sim.scenario``); a node does not (one replica per process, and bounded memory)."""
+    global _memo, _memo_capacity
+    _memo = {} if capacity > 0 else None
+    _memo_capacity = capacity
 
 
 def _decode_fast(data: bytes, expect: Sequence[type] | None) -> Any:

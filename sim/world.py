@@ -177,6 +177,10 @@ class World:
         decode_frames: bool = True,
     ) -> None:
         self.seed = seed
+        # A fresh decode memo per world: the n replicas hosted here decode every signed
+        # body n times or more, the memo decodes it once (mesh.wire.enable_decode_memo:
+        # same messages, so the same run and trace).
+        wire.enable_decode_memo()
         #: False: an untampered frame hands the receiver the sender's (immutable) message
         #: object instead of decoding the bytes again. The bytes are still encoded, sized,
         #: carried and traced; only the redundant decode is skipped (a third of a long

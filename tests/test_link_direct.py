@@ -154,12 +154,21 @@ async def test_a_quiet_link_writes_a_turns_sends_itself_in_order(tmp_path: Path)
                 return out
             return fn
 
-        await wait_until(lambda: link._parked, "the writer parked")
+        def quiet() -> bool:  # nothing of ours queued or being sent (a keepalive ping
+            assert link._direct is not None  # may be): a turn's sends go out directly
+            return link._parked and link._direct.writable_now
+
+        # wait_until returns right after its check holds, and an idle core runs the
+        # invocation in this task before any other task runs: the link is still quiet
+        await wait_until(quiet, "the writer parked")
         await rts["dc1"].invoke("blob", blast(1, 10), "one small message")
         await wait_until(lambda: sinks["dc2"].seqs == [0], "the first message")
         assert rts["dc1"].counters.get("frames_direct", 0) == 1  # written from the turn
         for _ in range(5):  # groups larger than the socket buffers: partial writes
+            await wait_until(quiet, "the writer parked")
             await rts["dc1"].invoke("blob", blast(12, 60_000), "a burst")
+            assert link.direct_partial > 0  # the kernel took part of the first frame
+            # ... and what follows at once queues behind the pending bytes, in order
             await rts["dc1"].invoke("blob", blast(3, 100), "a small one behind it")
         await wait_until(lambda: len(sinks["dc2"].seqs) == sent, "every message")
         assert sinks["dc2"].seqs == list(range(sent))
@@ -195,9 +204,10 @@ async def test_a_failed_direct_write_ends_the_link_not_the_node(tmp_path: Path) 
             await nursery.start(rt.run)
         await wait_until(lambda: all(s.up for s in sinks.values()), "both links up")
         link = _link(rts["dc1"], "dc2")
-        await wait_until(lambda: link._parked, "the writer parked")
         assert link._direct is not None
-        link._direct.try_write = lambda data: False  # type: ignore[method-assign]
+        direct = link._direct
+        await wait_until(lambda: link._parked and direct.writable_now, "the writer parked")
+        direct.try_write = lambda data: False  # type: ignore[method-assign]
 
         def send(core: Any, now: float) -> list[Action]:
             return [Send("dc2", Blob(7, b"lost"))]

@@ -209,6 +209,20 @@ def test_the_commit_goes_before_the_announcement_and_again_after_a_refusal() -> 
         StartAtTarget("vm1", "m1", 4)]
 
 
+def test_an_early_commit_refused_after_the_announcement_came_is_sent_again_once() -> None:
+    # this DC's ledger executed the refused commit and the announcement after it before
+    # the refusal came back through the replies: the announcement is known first
+    t = target()
+    verifying_t(t)
+    t.handle(3.0, TargetVerified(ROOT))
+    assert of(t.handle(3.1, LedgerRootAnnounced("m1", ROOT)), SubmitLedger) == []
+    again = t.handle(3.2, LedgerRefused(CommitMigration("m1", ROOT), "not announced"))
+    assert one(again, SubmitLedger).command == CommitMigration("m1", ROOT)
+    # a second refusal (the migration ended meanwhile) is left to the ledger's word
+    assert of(t.handle(3.3, LedgerRefused(CommitMigration("m1", ROOT), "aborted")),
+              SubmitLedger) == []
+
+
 def test_an_early_commit_is_not_sent_again_for_another_announced_root() -> None:
     t = target()
     verifying_t(t)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from consensus.ledger import LedgerResult
 from federation.node.errors import LedgerTimeout, NodeError
@@ -36,20 +37,24 @@ class FakeCore:
 
 
 class FakeRuntime:
-    """``invoke`` as the runtime's: the function runs in the core's turn, a hop later."""
+    """``invoke`` as the runtime's: the function runs in the core's turn, a hop later
+    (the core task's), or at once (``immediate``: an idle core's turn taken by the
+    calling task, mesh.runtime.hosting.HostedCore.invoke)."""
 
-    def __init__(self, core: FakeCore) -> None:
+    def __init__(self, core: FakeCore, immediate: bool = False) -> None:
         self.core = core
+        self.immediate = immediate
 
     async def invoke(self, name: str, fn: Any, label: str = "") -> None:
         assert name == "node"
-        await trio.sleep(0)
+        if not self.immediate:
+            await trio.sleep(0)
         fn(self.core, trio.current_time())
 
 
-def _ledger(window: int = 1000) -> tuple[NodeLedger, FakeCore]:
+def _ledger(window: int = 1000, immediate: bool = False) -> tuple[NodeLedger, FakeCore]:
     core = FakeCore(window)
-    return NodeLedger(FakeRuntime(core)), core  # type: ignore[arg-type]
+    return NodeLedger(FakeRuntime(core, immediate)), core  # type: ignore[arg-type]
 
 
 async def _answer_all(ledger: NodeLedger, core: FakeCore, answered: set[int]) -> None:
@@ -81,6 +86,29 @@ async def test_concurrent_callers_share_invocations_and_each_gets_its_own_result
     assert len(core.calls) < 20 and max(len(c) for c in core.calls) > 1
     assert ledger.invocations == len(core.calls)
     assert not ledger._results and not ledger._waiting and not ledger._queue
+
+
+async def test_callers_woken_together_share_a_request_when_the_core_runs_it_at_once() -> None:
+    """An idle core runs an invocation in the caller's task without a hop: the callers a
+    batch's results wake together must still go in one invocation, not one each."""
+    ledger, core = _ledger(immediate=True)
+    go = trio.Event()
+    got: dict[int, LedgerResult] = {}
+
+    async def caller(i: int) -> None:
+        await go.wait()  # all runnable in the same pass, as after a batch's replies
+        got[i] = await ledger.submit(f"cmd{i}")
+
+    async with trio.open_nursery() as n:
+        n.start_soon(_answer_all, ledger, core, set())
+        async with trio.open_nursery() as callers:
+            for i in range(16):
+                callers.start_soon(caller, i)
+            await trio.testing.wait_all_tasks_blocked()
+            go.set()
+        n.cancel_scope.cancel()
+    assert len(got) == 16
+    assert [len(c) for c in core.calls] == [16]
 
 
 async def test_one_caller_alone_is_one_invocation_of_one_command() -> None:

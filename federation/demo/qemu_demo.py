@@ -279,7 +279,9 @@ async def leg_report(demo: Demo, doc: dict[str, Any], src: str, dst: str,
     deadline = trio.current_time() + 30.0
     while True:
         there = await demo.get(dst, path)
-        if there.get("downtime_ms") is not None:
+        # the phases come a moment after the downtime (a second write of the arrival)
+        if there.get("downtime_ms") is not None and (
+                there.get("stop_window_ms") is not None or trio.current_time() > deadline):
             break
         if trio.current_time() > deadline:
             raise DemoFailed(f"{dst} reported no downtime for {mid}")
@@ -290,6 +292,7 @@ async def leg_report(demo: Demo, doc: dict[str, Any], src: str, dst: str,
     # the stop window: the target's phases, and both nodes' log marks in it (their log
     # lines arrive after the API has the downtime: wait for the target's start line)
     leg["stop_window_ms"] = there.get("stop_window_ms")
+    leg["start_split_ms"] = there.get("start_split_ms")
     node = demo.fed.nodes[dst]
 
     def started() -> bool:

@@ -27,9 +27,9 @@ __all__ = ["stop_timeline"]
 _PHASE = re.compile(r"phase='([a-z_]+)'")
 _ROLE = re.compile(r"role='([a-z_]+)'")
 #: figures of a log line that say where its time went (seconds, counts)
-_FIGURES = ("stop_s", "device_s", "stop_and_device_s", "root_s", "rehashed_blocks", "verify_s",
-            "start_s", "load_s", "refresh_s", "index_s", "ready_s", "transfer_s", "pages",
-            "seconds")
+_FIGURES = ("stop_s", "device_s", "stop_and_device_s", "root_s", "rehashed_blocks",
+            "verify_s", "start_s", "load_s", "refresh_s", "index_s", "ready_s", "transfer_s",
+            "pages", "seconds", "waited_s", "close_s", "note_s")
 
 Event = dict[str, Any]
 
@@ -65,6 +65,8 @@ def stop_timeline(src: Iterable[Event], dst: Iterable[Event], mid: str,
     """Each mark of migration ``mid`` that the logs ``src`` and ``dst`` (JSON log records
     with their ``ts``) hold: its name, its milliseconds after ``stopped_at`` (wall clock),
     and its figures. Marks the logs lack are left out."""
+    if stopped_at <= 0:
+        return []  # the target reported no stop time: the marks would have no origin
     src, dst = list(src), list(dst)
     marks: Sequence[tuple[str, list[Event], Callable[[Event], bool]]] = (
         ("source fenced", src, _action(mid, "Fence")),

@@ -138,7 +138,8 @@ def decide(*, round_: int, max_rounds: int, downtime: float, dirty: list[int],
 
     ``dirty``: the pages each round so far left dirty (this round's last); ``cost``: the
     link's seconds per page; ``seconds``: this round's length; ``overhead``: the seconds
-    a round spends beside moving pages (preparing, scanning); ``throttle``: the percent
+    a round spends beside moving pages (preparing, scanning: the last incremental
+    round's, or round 1's until one ran, an upper bound); ``throttle``: the percent
     the guest ran under during this round; ``can_throttle``: whether a higher throttle
     can be had (False once the backend refused one)."""
     pending = dirty[-1]

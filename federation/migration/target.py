@@ -76,8 +76,10 @@ class TargetSession(SessionBase):
         #: local time after which the ledger should take this target's own abort
         self.timeout_at = 0.0
         #: the ledger refused a commit submitted before the source's announcement was in
-        #: it (not persisted: a restored VERIFIED session submits its commit again anyway)
-        self.commit_early_refused = False
+        #: it: submit it again when the announcement comes (once: ``commit_retried``; not
+        #: persisted, a restored VERIFIED session submits its commit again anyway)
+        self.commit_waits = False
+        self.commit_retried = False
 
     def arm_timeout(self, now: float) -> None:
         self.timeout_at = now + MIGRATION_DEADLINE
@@ -158,19 +160,28 @@ class TargetSession(SessionBase):
             # logged: when the root came through the ledger is a mark of the stop window
             note = Notify("migration.root-announced", {"migration_id": self.migration_id,
                                                        "phase": self.phase.value})
-            if self.phase is Phase.VERIFIED and self.commit_early_refused:
+            if self.phase is Phase.VERIFIED and self.commit_waits:
                 # our commit was ordered before the announcement: submit it again now
-                self.commit_early_refused = False
+                self.commit_waits, self.commit_retried = False, True
                 if self.announced == self.root:
                     return [note, *self.submit(now, CommitMigration(self.migration_id,
                                                                     self.root))]
             return [note, *self._decide(now)]
         if isinstance(ev, LedgerRefused):
+            refused: list[Action] = [Notify("migration.ledger-refused",
+                                            {"migration_id": self.migration_id,
+                                             "reason": ev.reason})]
             if (isinstance(ev.command, CommitMigration) and self.phase is Phase.VERIFIED
-                    and not self.announced):
-                self.commit_early_refused = True  # submitted again on the announcement
-            return [Notify("migration.ledger-refused",
-                           {"migration_id": self.migration_id, "reason": ev.reason})]
+                    and not self.commit_retried):
+                if not self.announced:
+                    self.commit_waits = True  # submitted again on the announcement
+                elif self.announced == self.root:
+                    # the announcement came through this DC's ledger before the refusal
+                    # of the commit ordered ahead of it did: submit it again now
+                    self.commit_retried = True
+                    refused += self.submit(now, CommitMigration(self.migration_id,
+                                                                self.root))
+            return refused
         if isinstance(ev, Received):
             return self._on_message(now, ev)
         if isinstance(ev, TransferProgress):

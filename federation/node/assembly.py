@@ -225,6 +225,7 @@ class Node:
                               seal_shadows=at_rest_key is not None,
                               index_of=self.vm_actions.incoming_index,
                               fenced_indexes=self.vm_actions.fenced_indexes)
+        self.vm_actions.shadow_digests = self.v3.sender.shadow_digests
         self.rounds = RoundScheduler(
             runtime=self.runtime, core=RoundsCore(name, self._session_view), events=events,
             vm_actions=self.vm_actions, v3=self.v3, log=self.log, to_session=self.to_session)

@@ -6,8 +6,9 @@ item 5): the commands of every caller waiting when the node core takes its turn 
 it in one invocation (:meth:`federation.migration.dc_core.NodeCore.submit_many`), which
 signs them together, up to ``MAX_REQUEST_COMMANDS`` per REQUEST, each with its own
 request id and result. No task of its own and no timer: the first caller that finds no
-invocation under way makes one, and the callers who arrive meanwhile go with the next
-(flat combining; Hendler et al., SPAA'10). One caller alone waits for nothing more than
+invocation under way makes one (after one yield, so that the callers ready at the same
+moment join it), and the callers who arrive meanwhile go with it or the next (flat
+combining; Hendler et al., SPAA'10). One caller alone waits for nothing more than
 before; many at once share a signature, and one check of it per replica, per eight.
 """
 
@@ -108,9 +109,14 @@ class NodeLedger:
         return result
 
     async def _take_queue(self) -> None:
-        """One invocation in the core's turn that submits every command queued by then."""
+        """One invocation in the core's turn that submits every command queued by then.
+        It first yields once, so the callers ready in the same pass of the event loop
+        (a batch's results wake them together) queue theirs: an idle core runs the
+        invocation in this task at once (:meth:`mesh.runtime.hosting.HostedCore.invoke`),
+        and without the yield each would go alone, one signed REQUEST per command."""
         self._taking = True
         try:
+            await trio.lowlevel.checkpoint()
             await self._runtime.invoke(self._core, self._take, "ledger-submit")
         finally:
             self._taking = False

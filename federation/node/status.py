@@ -90,10 +90,14 @@ def migration_status(node: Node, mid: str) -> dict[str, Any] | None:
             out["received_bytes"] = counters.received.get(mid, 0)
             out["downtime_ms"] = downtime_ms(node, session.vm, mid)
             got = arrival(node, session.vm, mid)
-            if got is not None and "stop_window_ms" in got:
-                out["stop_window_ms"] = dict(got["stop_window_ms"])
+            if got is not None:
                 # the source's stop (wall clock): where the nodes' log times start the window
                 out["stopped_at"] = float(got["stopped_at"])
+                # the start's split: its durable write, then QMP status and cont
+                out["start_split_ms"] = {k: got[k] for k in ("start_meta_ms", "start_cont_ms")
+                                         if k in got}
+            if got is not None and "stop_window_ms" in got:
+                out["stop_window_ms"] = dict(got["stop_window_ms"])
         else:  # rounds delivered per data-plane version ("v1", "v3"), and the v3
             # bulk streams opened per DC that relayed them ("direct" for none)
             out["data_plane"] = dict(counters.paths.get(mid, {}))

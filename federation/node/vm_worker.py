@@ -10,7 +10,9 @@ them are written then) and when a migration ended here (its round state goes).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -29,18 +31,26 @@ class VmWorker:
         self.log = log
         self._to_session = to_session
         self._to_rounds = to_rounds
-        self._send, self._receive = trio.open_memory_channel[VmAction](math.inf)
+        self._send, self._receive = trio.open_memory_channel[tuple[VmAction, float]](
+            math.inf)
 
     def submit(self, action: VmAction) -> None:
         """A session's VM action (from the node core's effects; in order)."""
-        self._send.send_nowait(action)
+        self._send.send_nowait((action, time.monotonic()))
+
+    def _carry_out(self, action: VmAction, submitted: float) -> tuple[list[Any], float]:
+        """Worker thread: the action's replies, and how long it waited from its submission
+        until this thread began it (in the stop window, a wait is downtime too)."""
+        waited = time.monotonic() - submitted
+        return self.vm_actions.carry_out(action), waited
 
     async def run(self) -> None:
-        async for action in self._receive:
-            replies = await trio.to_thread.run_sync(self.vm_actions.carry_out, action)
+        async for action, submitted in self._receive:
+            replies, waited = await trio.to_thread.run_sync(self._carry_out, action, submitted)
             mid = action.migration_id
             self.log.event("vm_action", action=type(action).__name__, vm=action.vm,
                            migration_id=mid, replies=[type(r).__name__ for r in replies],
+                           waited_s=round(waited, 4),
                            **{k: round(v, 4) for k, v in self.vm_actions.timings.items()})
             for news in after_vm_action(action, replies):
                 self._to_rounds(news)

@@ -119,11 +119,11 @@ class PerVmBackend:
     def fence(self, name: str, migration_id: str) -> VmInfo:
         return self.of(name).fence(name, migration_id)
 
-    def stop_for_fence(self, name: str, migration_id: str) -> VmInfo:
+    def stop_for_fence(self, name: str, migration_id: str, durable: bool = True) -> VmInfo:
         """The fence's stop before its device state (:meth:`QemuBackend.stop_for_fence`);
         an image VM fences whole (it has no device state to save)."""
         if self._holds(self.qemu, name):
-            return self.qemu.stop_for_fence(name, migration_id)
+            return self.qemu.stop_for_fence(name, migration_id, durable)
         return self.image.fence(name, migration_id)
 
     def device_state(self, name: str, migration_id: str) -> bytes:

@@ -140,6 +140,8 @@ class QemuBackend:
         self._procs: dict[str, QemuProcess] = {}
         self._throttles: dict[str, DutyCycle] = {}
         self._scans: dict[str, PageScan] = {}
+        #: VM -> (migration id, stop time) of a stop_for_fence whose fence is not written
+        self._stopped: dict[str, tuple[str, float]] = {}
         self.seal_key = seal_key
         self._attach_all()
         self._finish_sealing()
@@ -593,10 +595,12 @@ class QemuBackend:
                 proc = self._spawn(name, incoming=False)
             # Durable before the guest runs: a crash right after this write leaves a paused
             # QEMU that the next backend resumes (_attach_all), or a cold VM it boots again.
+            t_meta = time.time()
             meta = self._meta(name)
             arrived = meta["migration_id"] if info.state is VmState.INCOMING else ""
             meta.update(state=VmState.RUNNING.value, epoch=epoch, migration_id="")
             write_meta(self._dir(name), meta)
+            t_cont = time.time()
             try:
                 if proc.status() not in _RUNNING:
                     proc.qmp.execute("cont")
@@ -605,9 +609,12 @@ class QemuBackend:
             if arrived and stopped_at > 0:
                 cont_at = time.time()
                 downtime = max(0.0, cont_at - stopped_at)
+                # the start's own split: the durable RUNNING write, then QMP status and cont
                 meta["arrival"] = {"migration_id": arrived,
                                    "downtime_ms": round(downtime * 1000, 1),
-                                   "stopped_at": stopped_at, "cont_at": cont_at}
+                                   "stopped_at": stopped_at, "cont_at": cont_at,
+                                   "start_meta_ms": round((t_cont - t_meta) * 1000, 1),
+                                   "start_cont_ms": round((cont_at - t_cont) * 1000, 1)}
                 write_meta(self._dir(name), meta)  # a report: a crash before it loses only it
             return info_of(meta)
 
@@ -659,25 +666,40 @@ class QemuBackend:
                 self._write_device_image(name, info)
             return info
 
-    def stop_for_fence(self, name: str, migration_id: str) -> VmInfo:
+    def stop_for_fence(self, name: str, migration_id: str, durable: bool = True) -> VmInfo:
         """The first half of :meth:`fence`: QMP ``stop`` and the durable fence, not yet the
         device state. The guest's RAM and disks no longer change from here, so a caller may
         scan them while :meth:`fence` saves the device state (QEMU's stream with
-        ``x-ignore-shared`` does not touch the shared RAM file)."""
+        ``x-ignore-shared`` does not touch the shared RAM file).
+
+        ``durable=False``: the stop alone; :meth:`fence` (on another thread, beside the
+        scan) then writes the fence, with this stop's time. Until then meta.json still
+        says RUNNING: a node killed in between leaves a paused guest that the next backend
+        resumes, as before any fence (nothing of this fence left the node: its caller
+        answers only after :meth:`fence`), and :meth:`release_fence` resumes it."""
         with self._lock:
             meta = self._meta(name)
             info = info_of(meta)
             if not fence_needed(info, migration_id):
                 return info
-            self.throttle(name, 0)
-            proc = self._proc(name)
-            if proc is not None:
-                # the guest may stop any moment from here on: the downtime starts now
-                meta["stopped_at"] = time.time()
-                try:
-                    proc.qmp.execute("stop")  # QEMU drains and flushes the disks first
-                except QMPError as exc:
-                    raise VmError(f"VM {name!r}: QMP stop failed: {exc}") from exc
+            held = self._stopped.get(name)
+            if held is None or held[0] != migration_id:
+                self.throttle(name, 0)
+                proc = self._proc(name)
+                stopped_at = 0.0
+                if proc is not None:
+                    # the guest may stop any moment from here on: the downtime starts now
+                    stopped_at = time.time()
+                    try:
+                        proc.qmp.execute("stop")  # QEMU drains and flushes the disks first
+                    except QMPError as exc:
+                        raise VmError(f"VM {name!r}: QMP stop failed: {exc}") from exc
+                held = self._stopped[name] = (migration_id, stopped_at)
+            if not durable:
+                return info
+            del self._stopped[name]
+            if held[1]:
+                meta["stopped_at"] = held[1]
             # A crash right after this write leaves the guest stopped and fenced: only the
             # ledger's abort (release_fence) or commit (retire) moves it on.
             meta.update(state=VmState.FENCED.value, migration_id=migration_id)
@@ -762,7 +784,16 @@ class QemuBackend:
         with self._lock:
             meta = self._meta(name)
             info = info_of(meta)
+            stopped = self._stopped.pop(name, None)
             if not release_needed(info, migration_id):
+                proc = self._proc(name)
+                if stopped is not None and stopped[0] == migration_id and proc is not None \
+                        and info.state is VmState.RUNNING:
+                    # stopped by stop_for_fence, its fence never written: as it was
+                    try:
+                        proc.qmp.execute("cont")
+                    except QMPError as exc:
+                        raise VmError(f"VM {name!r}: QMP cont failed: {exc}") from exc
                 return info
             self.throttle(name, 0)
             proc = self._proc(name)

@@ -86,28 +86,57 @@ class LiveIndex:
         #: blocks the last catch_up re-hashed (what it cost: 1 MiB of SHA-256 each)
         self.rehashed = 0
 
+    @classmethod
+    def of(cls, index: PageIndex, groups: bytes | bytearray) -> LiveIndex:
+        """The live index of an image whose copy ``index`` and 16 KiB ``groups`` digests
+        describe (a v3 source's shadow after round 1: no second pass over RAM to build
+        it); the first :meth:`catch_up` then finds what changed since the copy."""
+        if len(groups) != -(-index.page_count // GROUP_PAGES) * DIGEST:
+            raise ValueError(f"{len(groups)} bytes of group digests for "
+                             f"{index.page_count} pages")
+        obj = cls.__new__(cls)
+        obj.index, obj.groups, obj.rehashed = index.copy(), bytearray(groups), 0
+        return obj
+
     def changed(self, image: PageSource) -> list[int]:
         """Pages whose content differs from their fingerprint in the index."""
+        return self._scan(image)[0]
+
+    def _scan(self, image: PageSource) -> tuple[list[int], bytes, list[int]]:
+        """(the pages that differ from the index, the scan's group digests, the groups
+        whose digest differs from the one held)."""
         fps = memoryview(self.index.fps)
         out = []
-        for g in changed_pages(bytes(self.groups), group_digests(image)):
+        digests = group_digests(image)
+        groups = changed_pages(bytes(self.groups), digests)
+        for g in groups:
             first = g * GROUP_PAGES
             for p in range(first, min(first + GROUP_PAGES, image.page_count)):
                 if _xxh(image.view(p)) != fps[p * FP_SIZE : (p + 1) * FP_SIZE]:
                     out.append(p)
-        return out
+        return out, digests, groups
 
     def catch_up(self, image: PageSource, executor: Executor | None = None,
                  stopped: bool = False) -> int:
         """Re-index the blocks with changed pages from one snapshot each (``stopped``: the
         guest writes nothing, so from the image itself, no copy); the number of pages that
         had changed."""
-        changed = self.changed(image)
+        changed, digests, groups = self._scan(image)
         blocks = sorted({p // BLOCK_PAGES for p in changed})
         self.rehashed = len(blocks)
+        if stopped:
+            # the image holds still: the scan's group digests are of the bytes indexed now,
+            # and its changed pages are every page whose fingerprint moves (no second pass
+            # over the changed blocks' groups in the stop window)
+            for g in groups:
+                self.groups[g * DIGEST : (g + 1) * DIGEST] = digests[g * DIGEST :
+                                                                     (g + 1) * DIGEST]
+            if blocks:
+                self.index.refresh(image, [*changed, *(b * BLOCK_PAGES for b in blocks)],
+                                   executor)
+            return len(changed)
         if blocks:
-            snaps: PageSource = image if stopped else _Snapshots(
-                image.page_count, {b: _block(image, b) for b in blocks})
+            snaps = _Snapshots(image.page_count, {b: _block(image, b) for b in blocks})
             # Within each snapshot, the groups whose digest differs from the one held get
             # new page fingerprints; a group whose digest is the same holds the bytes its
             # fingerprints describe. Then the block's digest is of the same snapshot.
