@@ -3,6 +3,8 @@ state, power-off and cold boot (skips where QEMU or the guest is missing)."""
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -88,6 +90,14 @@ def test_a_new_backend_attaches_to_running_guests(lab: QemuLab) -> None:
     # a crash between a RUNNING meta.json and `cont` leaves a paused QEMU: resumed
     again.qmp("g2").execute("stop")
     assert not again.guest_running("g2")
+    again.close()
+    again = QemuBackend(c.root, accel="tcg")
+    lab.backends["c"] = again
+    assert again.qemu_pid("g2") == pid and again.guest_running("g2")
+
+    # a node killed while it throttled the guest (SIGSTOP/SIGCONT duty cycle) may leave
+    # the whole QEMU process stopped, deaf to QMP: attached and running again
+    os.kill(pid, signal.SIGSTOP)
     again.close()
     again = QemuBackend(c.root, accel="tcg")
     lab.backends["c"] = again

@@ -40,10 +40,8 @@ root attaches to it again through its pid file and QMP socket.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import struct
 import threading
 import time
@@ -542,9 +540,6 @@ class QemuBackend:
                                       socket_path(d, "qmp"))
             if proc is None:
                 continue
-            # a node killed while it throttled the guest may have left QEMU stopped
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGCONT)
             self._procs[d.name] = proc
             if info.state in (VmState.RETIRED, VmState.STOPPED):
                 self._power_off(d.name)

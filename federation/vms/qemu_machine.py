@@ -14,6 +14,7 @@ reads it from the source over a unix socket (``migrate unix:...``) and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -97,10 +98,16 @@ class QemuProcess:
 
     @classmethod
     def attach(cls, pidfile: Path, ram: Path, qmp_path: Path) -> QemuProcess | None:
-        """The QEMU of ``pidfile`` if it still runs on ``ram``, else None."""
+        """The QEMU of ``pidfile`` if it still runs on ``ram``, else None. It is sent
+        SIGCONT first: a node killed while it throttled the guest (federation.vms.throttle
+        stops the whole process for part of every period) may have left it stopped, and
+        a stopped QEMU would not answer the QMP greeting, so it would be taken for gone
+        and left stopped for good."""
         pid = pid_on(pidfile, ram)
         if pid is None:
             return None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
         try:
             return cls(pid, ram, qmp_path)
         except QMPError:
