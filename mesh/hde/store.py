@@ -18,31 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from mesh.hde.image import FP_SIZE, KEY_SIZE, UNIFORM_KEY, PageSource
-from mesh.hde.index import PageIndex
+from mesh.hde.index import PageIndex, changed_pages
 
 __all__ = ["PageStore", "StoredImage"]
-
-#: Pages whose fingerprints are compared at once before a run that differs is halved.
-_RUN = 256
-
-
-def _changed(old: bytes, new: bytes, page_count: int) -> list[int]:
-    """Pages whose fingerprint differs between ``old`` and ``new`` (ascending): equal runs
-    skipped in one compare, a differing run halved until its pages are found."""
-    out: list[int] = []
-    for first in range(0, page_count, _RUN):
-        spans = [(first, min(_RUN, page_count - first))]
-        while spans:
-            p, n = spans.pop()
-            if old[p * FP_SIZE : (p + n) * FP_SIZE] == new[p * FP_SIZE : (p + n) * FP_SIZE]:
-                continue
-            if n == 1:
-                out.append(p)
-                continue
-            half = n // 2
-            spans += [(p + half, n - half), (p, half)]  # the lower half next: ascending
-    return out
-
 
 class StoredImage:
     """One image the store holds, with its index."""
@@ -80,7 +58,7 @@ class PageStore:
         pages = self._pages
         fps = bytes(index.fps)
         if prev is not None and prev.image is image and prev.index.page_count == index.page_count:
-            which: Iterable[int] = _changed(bytes(prev.index.fps), fps, index.page_count)
+            which: Iterable[int] = changed_pages(bytes(prev.index.fps), fps, index.page_count)
         else:
             which = range(index.page_count)
         for p in which:

@@ -54,7 +54,7 @@ import heapq
 import itertools
 import math
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Any
 
 import attrs
@@ -202,19 +202,31 @@ class HostedCore:
         is the readers' backpressure."""
         if not events:
             return
-        if self._started and self._queued == 0 and not self._turn.locked():
-            self._turn.acquire_nowait()
-            try:
-                with trio.CancelScope(shield=True):
-                    for start in range(0, len(events), DRAIN_EVENTS):
-                        await self._steps(events[start:start + DRAIN_EVENTS])
-            except Exception as exc:  # a core bug or a failed write: the node's to raise
-                self._failed = exc
-            finally:
-                self._turn.release()
-                self._rearm()
-            return
-        await self._enqueue(events)
+
+        async def handle() -> None:
+            for start in range(0, len(events), DRAIN_EVENTS):
+                await self._steps(events[start:start + DRAIN_EVENTS])
+
+        if not await self._turn_if_idle(handle):
+            await self._enqueue(events)
+
+    async def _turn_if_idle(self, body: Callable[[], Awaitable[None]]) -> bool:
+        """When the core is idle (started, nothing queued, no turn in progress), take its
+        turn in the calling task, run ``body`` in it shielded, and return True; a
+        failure in it (a core bug or a failed write) is the core task's to raise.
+        False, doing nothing, when the core is busy."""
+        if not (self._started and self._queued == 0 and not self._turn.locked()):
+            return False
+        self._turn.acquire_nowait()
+        try:
+            with trio.CancelScope(shield=True):
+                await body()
+        except Exception as exc:  # a core bug or a failed write: the node's to raise
+            self._failed = exc
+        finally:
+            self._turn.release()
+            self._rearm()
+        return True
 
     async def _enqueue(self, events: list[Event]) -> None:
         for event in events:
@@ -245,16 +257,7 @@ class HostedCore:
         hand-off to the core task and back (two task switches and an event-loop pass
         each). The turn is shielded, and a failure in it is raised by the core task,
         as when the core task runs the invocation."""
-        if self._started and self._queued == 0 and not self._turn.locked():
-            self._turn.acquire_nowait()
-            try:
-                with trio.CancelScope(shield=True):
-                    await self._call(fn, label)
-            except Exception as exc:  # a core bug or a failed write: the node's to raise
-                self._failed = exc
-            finally:
-                self._turn.release()
-                self._rearm()
+        if await self._turn_if_idle(lambda: self._call(fn, label)):
             return
         call = _Invoke(fn, label, trio.Event())
         self._queued += 1
