@@ -55,7 +55,10 @@ def fail_round(m: Membership, now: float = 10.0) -> tuple[str, list]:
 def test_start_joins_every_peer_and_sets_timers() -> None:
     m = make()
     out = m.start(0.0)
-    assert sorted(s.peer for s in sends(out, Sync)) == PEERS
+    syncs = sends(out, Sync)
+    assert sorted(s.peer for s in syncs) == PEERS  # every peer hears our own statement
+    assert all(s.message.members for s in syncs)
+    assert sum(s.message.reply for s in syncs) == min(m.cfg.join_syncs, len(PEERS))
     keys = set(timers(out))
     assert {("swim", "probe"), ("swim", "gossip"), ("swim", "sync")} <= keys
 

@@ -155,18 +155,31 @@ class Membership:
         limit = self.cfg.retransmit_mult * math.ceil(math.log10(self.n_estimate() + 1))
         return max(limit, self.cfg.min_transmits)
 
+    def link_transmit_limit(self) -> int:
+        """How many times this DC passes on one link entry: link_transmit_mult *
+        ceil(log10(N + 1)), the lambda * log N of SWIM §4.1 with a smaller lambda than
+        member updates get (see SwimConfig.link_transmit_mult)."""
+        return self.cfg.link_transmit_mult * math.ceil(math.log10(self.n_estimate() + 1))
+
     # ------------------------------------------------------------------ driver entry
 
     def start(self, now: float) -> list[Action]:
-        """Join: announce ourselves and sync with every configured peer."""
+        """Join: announce ourselves to every configured peer (our own statement in a sync
+        that asks for nothing back) and sync fully with ``join_syncs`` of them."""
         self._broadcast_self()
+        names = list(self.members)
+        full = set(self.rng.sample(names, min(self.cfg.join_syncs, len(names))))
         out: list[Action] = [
             SetTimer(("swim", "probe"), now + self.rng.uniform(0, self.cfg.probe_interval)),
             SetTimer(("swim", "gossip"), now + self.rng.uniform(0, self.cfg.gossip_interval)),
             SetTimer(("swim", "sync"), now + self._push_pull_interval()),
         ]
+        if self.links is not None:
+            out.append(SetTimer(("swim", "link-sync"),
+                                now + self.rng.uniform(0, self.cfg.link_sync_interval)))
+        hello = Sync(False, (self._own_statement(),), (), ())
         for name in self.members:
-            out.append(Send(name, self._sync_message(reply=True)))
+            out.append(Send(name, self._sync_message(reply=True) if name in full else hello))
         return out
 
     def leave(self, now: float) -> list[Action]:
@@ -226,6 +239,8 @@ class Membership:
             return self._gossip(now)
         if kind == "sync":
             return self._push_pull(now)
+        if kind == "link-sync":
+            return self._link_sync(now)
         if kind == "direct":
             return self._indirect(now, key[2])
         if kind == "round":
@@ -368,6 +383,17 @@ class Membership:
             out.append(Send(self.rng.choice(live), self._sync_message(reply=True)))
         return out
 
+    def _link_sync(self, now: float) -> list[Action]:
+        """Link-state anti-entropy: our link digest alone to a random live member, which
+        answers with the entries we lack (and its digest if we hold some it lacks)."""
+        out: list[Action] = [SetTimer(("swim", "link-sync"), now + self.cfg.link_sync_interval)]
+        live = [n for n in self.live() if self.members[n].state == State.ALIVE]
+        if live and not self.leaving and self.links is not None:
+            digest = self.links.digest()
+            if digest:
+                out.append(Send(self.rng.choice(live), Sync(True, (), digest[:SYNC_MAX], ())))
+        return out
+
     def _suspicion_expired(self, now: float, name: str, incarnation: int) -> list[Action]:
         member = self.members.get(name)
         if member is None or member.state != State.SUSPECT or member.incarnation != incarnation:
@@ -483,6 +509,16 @@ class Membership:
         self._merge_links(now, peer, msg.links)
         if msg.reply and not self._may_reply(now, peer):
             self.statements.refuse("rate_limited")
+        elif msg.reply and not msg.members and msg.digest and self.links is not None:
+            # A link-only anti-entropy request (_link_sync): the entries it lacks, and our
+            # digest only if it holds some we lack; nothing at all when both agree.
+            links = self.links.entries_newer_than(msg.digest)
+            digest = self.links.digest() if self.links.lacks(msg.digest) else ()
+            if links or digest:
+                out.append(Send(peer, Sync(False, (), digest[:SYNC_MAX],
+                                           tuple(links[:SYNC_MAX]))))
+            for i in range(SYNC_MAX, len(links), SYNC_MAX):
+                out.append(Send(peer, Sync(False, (), (), tuple(links[i : i + SYNC_MAX]))))
         elif msg.reply:
             reply = self._sync_message(reply=False)
             links = self.links.entries_newer_than(msg.digest) if self.links is not None else []
@@ -668,7 +704,7 @@ class Membership:
 
     def _piggyback(self, peer: str) -> tuple[tuple[Signed, ...], tuple[Signed, ...]]:
         members, links = self.queue.take(PIGGYBACK_MAX, self.transmit_limit(), peer,
-                                         len(self.members))
+                                         len(self.members), self.link_transmit_limit())
         return tuple(members), tuple(links)
 
     def _gossip_for(self, peer: str) -> Gossip:

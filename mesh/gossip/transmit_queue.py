@@ -152,10 +152,13 @@ class TransmitQueue:
             lane.remove(key)
 
     def take(
-        self, max_each: int, limit: int, to: str | None = None, everyone: int = 0
+        self, max_each: int, limit: int, to: str | None = None, everyone: int = 0,
+        link_limit: int | None = None,
     ) -> tuple[list[Signed], list[Signed]]:
         """Up to ``max_each`` member updates and link entries for one packet to peer
-        ``to`` (None: no one in particular) of ``everyone`` peers; each is sent at most
-        ``limit`` times, a link entry never to a peer known to hold it."""
-        links = self._links.take(max_each, limit, to, everyone)
+        ``to`` (None: no one in particular) of ``everyone`` peers; each member update is
+        sent at most ``limit`` times, each link entry at most ``link_limit`` times (default
+        ``limit``) and never to a peer known to hold it."""
+        links = self._links.take(max_each, limit if link_limit is None else link_limit, to,
+                                 everyone)
         return self._members.take(max_each, limit), links
