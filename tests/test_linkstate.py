@@ -248,3 +248,18 @@ def test_merge_is_order_independent(batch: list[LinkEntry], rnd: random.Random) 
         merged(two, [e])
     assert one.entries == two.entries
     assert one.digest() == two.digest()
+
+
+def test_loss_is_republished_only_for_a_step_of_several_pings() -> None:
+    p = prober()
+    cfg = p.cfg
+    old = LinkEntry("a", "b", 1, 10.0, 1.0, 0.0, 0.0, False, None)
+    one, two, three = (1 / cfg.loss_window, 2 / cfg.loss_window, 3 / cfg.loss_window)
+    for loss, expected in ((one, False), (two, False), (three, True)):
+        new = LinkEntry("a", "b", 2, 10.0, 1.0, 0.0, loss, False, None)
+        assert p.significant(old, new) is expected, loss
+    was = LinkEntry("a", "b", 1, 10.0, 1.0, 0.0, three, False, None)
+    assert not p.significant(was, LinkEntry("a", "b", 2, 10.0, 1.0, 0.0, one, False, None))
+    assert p.significant(was, LinkEntry("a", "b", 2, 10.0, 1.0, 0.0, 0.0, False, None))
+    # down is never held back
+    assert p.significant(old, LinkEntry("a", "b", 2, 10.0, 1.0, 0.0, one, True, None))
