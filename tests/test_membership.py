@@ -384,3 +384,13 @@ def test_link_entries_have_their_own_smaller_retransmit_limit() -> None:
     for peer in ["b", "d", "e", "b", "d", "e"]:
         seen += len(m._gossip_for(peer).links)
     assert seen == m.link_transmit_limit()  # never back to c, which sent it
+
+
+def test_only_the_first_k_confirmations_of_a_suspicion_are_passed_on() -> None:
+    m = make(peers=[f"p{i:02d}" for i in range(15)], me="me")
+    for i, accuser in enumerate(["p01", "p02", "p04", "p05", "p06"]):
+        m.handle(5.0 + i, Received(accuser, Gossip((upd("p03", 0, State.SUSPECT, accuser),), ())))
+    members, _ = m.queue.take(16, m.transmit_limit())
+    passed = sorted(member_of(u).source for u in members if member_of(u).name == "p03")
+    k = m.cfg.suspicion_mult - 2  # Lifeguard's K: the timeout is at its minimum after K
+    assert passed == ["p01", "p02", "p04"][: k + 1]  # the suspicion and K confirmations

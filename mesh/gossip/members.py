@@ -67,6 +67,14 @@ class SwimConfig:
     #: is paid N times over, and at N = 64 12 sends per DC and entry were ~10 times the
     #: issue's 50 kbit/s per DC.
     link_transmit_mult: int = 2
+    #: Link entries a DC keeps queued for gossip, per member of the federation: beyond
+    #: link_queue_mult * N the oldest leave the queue (Serf prunes memberlist's
+    #: broadcast queue the same way, past MaxQueueDepth) and reach the DCs that lack
+    #: them by link-state anti-entropy. When a federation starts, every DC publishes an
+    #: entry per peer (4,032 at N = 64) and passes each on link_transmits times: measured
+    #: at N = 64 (crash-one seed 1), that backlog was still draining 25 s after the
+    #: warm-up, ~180 kbit/s per DC. A crash or a cut publishes ~N entries, well inside.
+    link_queue_mult: int = 4
     #: memberlist DefaultLANConfig GossipInterval = 200 ms, GossipNodes = 3.
     gossip_interval: float = 0.2
     gossip_nodes: int = 3
