@@ -64,8 +64,8 @@ class SwimConfig:
     #: link entry on only to peers not known to hold it, and link-state anti-entropy
     #: (link_sync_interval) repairs the pairs gossip misses within seconds, so links do
     #: not need the member updates' floor of 12: each send of a signed entry (~100 bytes)
-    #: is paid N times over, and at N = 64 12 sends per DC and entry were ~10 times the
-    #: issue's 50 kbit/s per DC.
+    #: is paid by every DC that passes it on (at N = 64, with 12 sends per DC and entry,
+    #: 576 kbit/s of control traffic per DC, docs/BENCHMARKS.md).
     link_transmit_mult: int = 2
     #: Link entries a DC keeps queued for gossip, per member of the federation: beyond
     #: link_queue_mult * N the oldest leave the queue (Serf prunes memberlist's
@@ -87,7 +87,8 @@ class SwimConfig:
     #: alone and gets back only the entries it lacks (mesh.links.estimates). Gossip
     #: spreads a link entry a bounded number of times (see link_transmits), so the
     #: (entry, DC) pairs it misses wait for this round, not for the push/pull: issue 18
-    #: bounds update convergence p99.9 at 5 s at N = 64. A digest is ~20 bytes an origin.
+    #: bounds update convergence p99.9 at 5 s at N = 64. A digest is ~18 bytes an origin
+    #: (1,170 bytes for 64 origins), so at N = 64 this costs ~5 kbit/s per DC.
     link_sync_interval: float = 2.0
     #: memberlist AwarenessMaxMultiplier = 8 (Lifeguard's local health multiplier cap).
     awareness_max: int = 8

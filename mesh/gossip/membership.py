@@ -19,6 +19,16 @@ Updates ride on every ping, ack and gossip packet, each retransmitted
 ``retransmit_mult * ceil(log10(N + 1))`` times; a full-state sync with a random member
 every ``push_pull_interval`` repairs whatever gossip missed.
 
+The link-state table (mesh.links.estimates) rides on the same packets with its own
+budget, sized for issue 18's N = 64 (control traffic <= 50 kbit/s per DC, update
+convergence p99.9 <= 5 s): a link entry is passed on ``link_transmit_mult *
+ceil(log10(N + 1))`` times, at most ``link_queue_mult * N`` of them wait in the queue
+(the oldest leave it), and every ``link_sync_interval`` a DC sends a random member its
+link digest alone (a ``Sync`` with no member statements) and gets back only the entries
+it lacks: the (entry, DC) pairs gossip misses wait seconds, not a push/pull. A joining
+DC asks ``join_syncs`` peers, not all, for their whole state; a suspicion's
+confirmations are passed on only up to Lifeguard's K (more do not shorten a timeout).
+
 Departures from memberlist, each for a reason stated where it is made: a member
 probes suspects before its round-robin (faster independent confirmations, and the
 buddy system reaches the suspect sooner); an ack straight from a member carrying a
