@@ -71,6 +71,7 @@ from mesh.runtime.link_stream import (
     DirectStream,
     install,
     prefixed,
+    sealed,
 )
 from mesh.wire import Bytes, ListOf, field
 
@@ -367,9 +368,9 @@ class Link:
         while done < len(held):
             burst, taken = _burst_of(held, done)
             try:
-                frame = self.channel.send(_frame_of(burst))
-                data = (prefixed(frame) if self.framed
-                        else self.ws._wsproto.send(BytesMessage(data=frame)))
+                data = (sealed(self.channel, _frame_of(burst)) if self.framed
+                        else self.ws._wsproto.send(
+                            BytesMessage(data=self.channel.send(_frame_of(burst)))))
             except (ChannelError, LocalProtocolError):
                 data = None
             if data is None or not self._direct.try_write(data):
@@ -501,7 +502,10 @@ class Link:
                         raise ConnectionClosed(None) from None
                     continue
                 plaintext, carry = self._take_burst(carry)
-                await self._send_frame(self.channel.send(plaintext))
+                if self.framed:
+                    await self._send_prefixed(sealed(self.channel, plaintext))
+                else:
+                    await self._send_frame(self.channel.send(plaintext))
             await self._send_frame(self.channel.close())
         except ConnectionClosed:
             self._end("connection_lost", "the websocket closed while sending")
@@ -517,13 +521,17 @@ class Link:
             self._end("truncated", f"no final frame within {DRAIN_TIMEOUT} s of ours")
 
     async def _send_frame(self, frame: bytes) -> None:
-        self.frames_out += 1
         if not self.framed:
+            self.frames_out += 1
             await self.ws.send_message(frame)
             return
+        await self._send_prefixed(prefixed(frame))
+
+    async def _send_prefixed(self, data: bytes | bytearray) -> None:
+        self.frames_out += 1
         assert self._direct is not None
         try:
-            await self._direct.send_all(prefixed(frame))
+            await self._direct.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise ConnectionClosed(None) from None
 

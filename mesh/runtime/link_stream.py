@@ -51,7 +51,7 @@ from typing import Any
 import trio
 from trio_websocket import CloseReason, WebSocketConnection
 
-from mesh.channel import LENGTH_BYTES, ChannelError, FrameReader
+from mesh.channel import FRAME_OVERHEAD, LENGTH_BYTES, ChannelError, FrameReader, SecureChannel
 
 __all__ = [
     "DirectStream",
@@ -62,6 +62,7 @@ __all__ = [
     "IDLE_TIMEOUT",
     "KEEPALIVE_TICK",
     "prefixed",
+    "sealed",
 ]
 
 #: Bytes asked of the socket per read on an open link. trio-websocket's default is 4 KiB,
@@ -83,6 +84,16 @@ KEEPALIVE_TICK = 0.5
 def prefixed(frame: bytes) -> bytes:
     """``frame`` as it goes on a framed stream."""
     return len(frame).to_bytes(LENGTH_BYTES, "big") + frame
+
+
+def sealed(channel: SecureChannel, plaintext: bytes) -> bytearray:
+    """``plaintext`` encrypted into one frame, length-prefixed: ``prefixed(channel.send(
+    plaintext))`` built in place (one buffer, libsodium called directly)."""
+    size = len(plaintext) + FRAME_OVERHEAD
+    out = bytearray(LENGTH_BYTES + size)
+    out[:LENGTH_BYTES] = size.to_bytes(LENGTH_BYTES, "big")
+    channel.send_into(plaintext, memoryview(out)[LENGTH_BYTES:])
+    return out
 
 
 class DirectStream:
@@ -115,6 +126,8 @@ class DirectStream:
         #: frames read and split but not handed to the link yet (:meth:`unread`)
         self._ready: list[bytes] = []
         self.frames: FrameReader | None = None
+        #: the last framed read took all the socket had (wait before the next)
+        self._drained = True
 
     @property
     def inner(self) -> trio.SocketStream:
@@ -151,7 +164,7 @@ class DirectStream:
         """Write the pending bytes (waiting for the socket as ``send_all`` does)."""
         await self.send_all(b"")
 
-    def try_write(self, data: bytes) -> bool:
+    def try_write(self, data: bytes | bytearray) -> bool:
         """Write ``data`` without waiting: True if the stream took it (what the socket
         did not take now is pending, see :attr:`pending`), False if it refused (a send
         is under way, bytes are pending, or the socket failed: the caller sends it the
@@ -229,16 +242,40 @@ class DirectStream:
             if got:
                 return got
         while True:
-            try:
-                data = await self._inner.receive_some(RECEIVE_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return []
+            data = await self._read()
             if not data:
                 return []
             got = self.frames.feed(data)
             if got:
                 return got
 
+    async def _read(self) -> bytes:
+        """One read of the socket, b"" at its end (EOF, reset, closed by us).
+
+        Not trio's ``receive_some``: that tries the read before it waits (a failed
+        ``recv`` per message on a link that is mostly idle between messages) inside an
+        async context manager, and yields after a read that did not wait. Here a read
+        that drained the socket (it returned less than asked) is followed by a wait for
+        readability, and one that may have left bytes behind by a checkpoint and a read:
+        every call is a checkpoint either way, so a peer that floods the link cannot
+        starve the other tasks or delay a cancellation."""
+        while True:
+            fd = self._inner.socket.fileno()
+            if fd < 0:  # closed by us (aclose): never read a reused descriptor
+                return b""
+            try:
+                if self._drained:
+                    await trio.lowlevel.wait_readable(self._inner.socket)
+                else:
+                    await trio.lowlevel.checkpoint()
+                data = os.read(fd, RECEIVE_BYTES)
+            except BlockingIOError:
+                self._drained = True
+                continue
+            except (OSError, trio.ClosedResourceError):  # reset, or closed while waiting
+                return b""
+            self._drained = len(data) < RECEIVE_BYTES
+            return data
 
     def unread(self, frames: list[bytes]) -> None:
         """Frames for the next :meth:`receive_frames`, before anything read later."""
