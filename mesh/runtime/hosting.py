@@ -271,7 +271,9 @@ class HostedCore:
         failure, or move its wait to the next timer, which that turn may have set
         earlier."""
         if self._wait is not None:
-            self._wait.deadline = -math.inf if self._failed is not None else self.next_deadline()
+            deadline = -math.inf if self._failed is not None else self.next_deadline()
+            if self._wait.deadline != deadline:  # trio's setter re-registers it each time
+                self._wait.deadline = deadline
 
     async def invoke(self, fn: Invocation, label: str) -> None:
         """Run ``fn(core, now)`` in this core's turn (between two events, like the
@@ -484,7 +486,10 @@ class HostedCore:
 
 def _plain(actions: list[Action]) -> bool:
     """Only sends, timers and log lines: a group that executes without waiting."""
-    return all(isinstance(a, _PLAIN) for a in actions)
+    for action in actions:
+        if not isinstance(action, _PLAIN):
+            return False
+    return True
 
 
 _PLAIN = (Send, SetTimer, CancelTimer, Notify)
