@@ -214,7 +214,8 @@ class DirectStream:
         stream carries length-prefixed frames of at most ``max_frame`` bytes, read with
         :meth:`receive_frames`. Raises ``malformed`` if the websocket holds anything
         past its last message (the peer broke the order of the module docstring)."""
-        assert self._ws_reads, "installed after trio-websocket's last read began"
+        if not self._ws_reads:  # a read from before install() could take our frames
+            raise ChannelError("malformed", "no websocket read since the handshake began")
         self.framed = True
         if self._ws_read is not None:
             self._ws_read.cancel()
