@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from trio_websocket import WebSocketConnection, connect_websocket
 
+from federation.node.node_config import NodeConfigError, load_node_config
 from mesh import versions, wire
 from mesh.channel import LENGTH_BYTES, ChannelError, FrameReader, SecureChannel, frame
 from mesh.core import Action, Event, PeerUp, Received, Send
@@ -290,3 +291,24 @@ async def test_a_websocket_message_across_the_switch_point_is_refused() -> None:
             assert rt._peers.link("dc2") is None
             conn.cancel_scope.cancel()
         rt.shutdown()
+
+
+@pytest.mark.parametrize("text, framed", [
+    ("", True), ('[control]\nframing = "frames"\n', True),
+    ('[control]\nframing = "websocket"\n', False),
+])
+def test_the_node_config_says_whether_a_node_offers_frames(
+    tmp_path: Path, text: str, framed: bool
+) -> None:
+    path = tmp_path / "dc1.toml"
+    path.write_text(text)
+    assert load_node_config(path).control_frames is framed
+
+
+@pytest.mark.parametrize("text", ['[control]\nframing = "tcp"\n', "[control]\nframing = 1\n",
+                                  '[control]\nframes = "websocket"\n'])
+def test_a_bad_framing_setting_is_refused_by_name(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "dc1.toml"
+    path.write_text(text)
+    with pytest.raises(NodeConfigError, match=r"dc1.toml: control\.frame"):
+        load_node_config(path)
