@@ -310,5 +310,5 @@ def test_the_node_config_says_whether_a_node_offers_frames(
 def test_a_bad_framing_setting_is_refused_by_name(tmp_path: Path, text: str) -> None:
     path = tmp_path / "dc1.toml"
     path.write_text(text)
-    with pytest.raises(NodeConfigError, match=r"dc1.toml: control\.frame"):
+    with pytest.raises(NodeConfigError, match=r"dc1.toml: control\.fram"):
         load_node_config(path)
