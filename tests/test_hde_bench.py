@@ -23,6 +23,8 @@ def test_corpus_free_bench_reports_measured_figures_and_says_what_is_missing() -
                 "encode_fixed_ns_per_byte", "encode_busy_cores_2cores"):
         assert out[key] > 0, key
     assert "10 Gbit/s" in out["encode_link"]
+    phases = out["encode_cpu_s_by_phase_1core_at_zstd_minus5"]
+    assert set(phases) == {"index", "plan", "chunks"} and phases["chunks"] > 0
     # the picker's table gives each level's modelled rate; the chosen one is the fastest
     table = {row["level"]: row["MBps_model"] for row in out["encode_levels_measured"]}
     assert table[out["encode_level"]] == max(table.values())
