@@ -371,7 +371,7 @@ def _encode_with_copies(transfer: int, plan: ChunkPlan, image: PageSource,
 
 
 def _encode(transfer: int, plan: ChunkPlan, image: PageSource,
-            reference: PageSource | None, level: int) -> bytes:
+            reference: PageSource | None, level: int) -> bytes | bytearray:
     pages = plan.pages
     ranges = plan.ranges
     size = len(pages) * PAGE_SIZE
@@ -409,20 +409,21 @@ def _encode(transfer: int, plan: ChunkPlan, image: PageSource,
         xor_bits,
         _LEN.pack(plen),
     ])
-    # One join builds the frame: one allocation and one copy, no zero fill of a bytearray
-    # first, and the frame is bytes, so the v3 feed's bytes(frame) no longer copies it
-    # again (a stored 1 MiB chunk was copied twice more with the GIL held). The digest
-    # runs over the same pieces (XXH3 streams): the frames are byte for byte the same.
-    parts: list[bytes | memoryview]
     if payload is None:
-        parts = [image.view(ranges[i], ranges[i + 1]) for i in range(0, len(ranges), 2)]
-    else:
-        parts = [payload]
-    h = xxhash.xxh3_128()
-    h.update(head)
-    for part in parts:
-        h.update(part)
-    return b"".join([head, h.digest(), *parts])
+        # Stored: the pages are copied into the frame first and the digest is taken over
+        # that copy, never over the image: a running guest may write a page in between
+        # (v3 encodes from live RAM), and the digest must cover the bytes sent.
+        frame = bytearray(len(head) + DIGEST + plen)
+        mv = memoryview(frame)
+        mv[: len(head)] = head
+        body_mv = mv[len(head) + DIGEST :]
+        _gather_into(body_mv, image, ranges)
+        mv[len(head) : len(head) + DIGEST] = _digest(head, body_mv)
+        return frame
+    # Compressed: the payload is already a private bytes object; one join builds the
+    # frame (no zero-filled bytearray, no second copy), and the frame is bytes, so the
+    # v3 feed's bytes(frame) does not copy it again.
+    return b"".join([head, _digest(head, payload), payload])
 
 
 def decode_chunk(
