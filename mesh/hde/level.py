@@ -26,8 +26,9 @@ adds that work to every level's cost, storing's included: a level then moves
 next to storing as it is: on the fuller guest (bench hde, 2026-12-07) zstd -5 compressed
 at ~700 MB/s per core, so ``2 x 700`` beat a 10 Gbit/s link's 1,250 MB/s and -5 was
 chosen, while the whole encode job — the index costs about as much CPU as -5 itself —
-moved 768-816 MB/s at -5 against 1,511 MB/s storing (issue 17: the picker chose a level
-slower than sending uncompressed). Speeds are measured as the least time of
+moved 768-816 MB/s at -5 (two quiet runs) where it had moved 1,096-1,511 MB/s storing
+(two earlier quiet runs): the picker chose a level slower than sending uncompressed
+(issue 17 item 6). Speeds are measured as the least time of
 ``passes`` runs over the sample: one timing of 8 MiB swung the same choice between store
 and -5 from run to run.
 
