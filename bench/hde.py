@@ -22,8 +22,10 @@ The warm transfer's level is chosen the same way, for the same link, from the pa
 sends (XORed against t0 where the encoder would), as a migration chooses its level from
 the pages of its first round; the sibling transfer uses the cold transfer's level.
 ``encode_MBps_*`` time the source's whole job for a cold transfer — index,
-plan, encode every chunk — at the level chosen for a 10 Gbit/s datacenter link
-(``encode_MBps_2cores_at_zstd1``: the same at level 1); ``encode_MB_per_cpu_s``
+plan, encode every chunk — at the level chosen for a 10 Gbit/s datacenter link and 2
+cores, the picker counting the index and plan CPU every level pays besides compression
+(``encode_fixed_ns_per_byte``); one core runs at the same level, and zstd -5 and 1 are
+timed on both (``encode_MBps_2cores_at_zstd1``: level 1); ``encode_MB_per_cpu_s``
 divides by the CPU time used, which a busy shared machine does not depress. Each has a
 ``*_nonzero`` twin over the image's non-zero pages only: a zero page costs a
 fingerprint and no encoding, so logical MB/s on a mostly-zero guest says little about
