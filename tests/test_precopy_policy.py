@@ -12,8 +12,9 @@ from types import SimpleNamespace
 import pytest
 import trio
 
-from federation.dataplane.v3_source import V3RoundSender
+from federation.dataplane.v3_source import V3RoundSender, _EarlySample
 from federation.migration.precopy import (
+    FIRST_ROUND_SHARE,
     INCREMENT,
     INITIAL,
     MAXIMUM,
@@ -37,7 +38,7 @@ from federation.migration.vocabulary import (
     Throttled,
     TransferProgress,
 )
-from federation.vms.dirty_scan import SentDigests
+from federation.vms.dirty_scan import GROUP_PAGES, SentDigests
 from mesh.hde.image import PAGE_SIZE, create_image
 from tests.harness.migration_session import of, one, precopy, session
 
@@ -188,11 +189,23 @@ def test_a_refused_throttle_lets_the_session_stop_a_round_that_does_not_shrink()
 
 def test_first_round_throttle_judges_the_sample_against_the_link() -> None:
     # 700 pages written in 0.5 s of the copy (1,400 pages/s), 0.6 s into round 1: round 1
-    # lasts at least 1.2 s, 1,680 pages against the 915 that fit: held 46 %
-    assert first_round_throttle(700, 0.5, 0.6, COST, LIMIT) == 46
+    # lasts at least 1.2 s, 1,680 pages against half the 915 that fit (FIRST_ROUND_SHARE):
+    # held 73 %
+    assert FIRST_ROUND_SHARE == 0.5
+    assert first_round_throttle(700, 0.5, 0.6, COST, LIMIT) == 73
     assert first_round_throttle(50, 0.5, 0.6, COST, LIMIT) == 0  # 168 pages fit
     assert first_round_throttle(700, 0.5, 0.6, 0.0, LIMIT) == 0  # no link figure: no call
     assert first_round_throttle(0, 0.5, 0.6, COST, LIMIT) == 0
+
+
+def test_an_early_sample_judges_round_1_by_its_copys_projected_length() -> None:
+    # 0.3 s into a copy projected to take 1.8 s: round 1 lasts at least 3.6 s, not 0.6 s;
+    # 200 pages in 0.3 s (667 pages/s) write 2,400 pages against the 457 wanted: 81 %
+    assert first_round_throttle(200, 0.3, 0.3, COST, LIMIT, 1.8) == 81
+    assert first_round_throttle(200, 0.3, 0.3, COST, LIMIT) == 0  # 400 pages in 0.6 s fit
+    # a projection shorter than what has elapsed changes nothing
+    assert first_round_throttle(200, 0.3, 2.0, COST, LIMIT, 0.5) == \
+        first_round_throttle(200, 0.3, 2.0, COST, LIMIT)
 
 
 def test_round_1s_dirty_sample_throttles_the_guest_before_the_round_moves() -> None:
@@ -200,8 +213,8 @@ def test_round_1s_dirty_sample_throttles_the_guest_before_the_round_moves() -> N
     s.link_Bps = 12.5e6  # the mesh's figure for the link to the target
     out = s.handle(0.8, TransferProgress(1, 0, 0, 0, 65_536, 700, 0.5))
     throttle = one(out, Throttle)
-    assert throttle.percent == first_round_throttle(700, 0.5, 0.6, COST, LIMIT) == 46
-    assert s.throttle == 46
+    assert throttle.percent == first_round_throttle(700, 0.5, 0.6, COST, LIMIT) == 73
+    assert s.throttle == 73
     # a throttle already as high is not asked again; without a link figure none is
     assert of(s.handle(0.8, TransferProgress(1, 0, 0, 0, 65_536, 700, 0.5)), Throttle) == []
     s = _session()
@@ -210,9 +223,39 @@ def test_round_1s_dirty_sample_throttles_the_guest_before_the_round_moves() -> N
 
 def test_the_rounds_core_passes_round_1s_sample_to_the_session() -> None:
     r = V3Sending(SendRound("m1", "vm1", 1, False, False, 3), "dc2", 0.0, None)
-    out = r.handle(0.5, V3Preparing("m1", 1, 65_536, 700, 0.5))
+    out = r.handle(0.5, V3Preparing("m1", 1, 65_536, 700, 0.5, 1.8))
     progress = next(a.event for a in out if isinstance(a, ToSession))
-    assert (progress.prepared, progress.dirtied, progress.dirty_seconds) == (65_536, 700, 0.5)
+    assert (progress.prepared, progress.dirtied, progress.dirty_seconds,
+            progress.preparation_s) == (65_536, 700, 0.5, 1.8)
+
+
+def test_an_early_sample_throttles_by_the_copys_projected_length() -> None:
+    s = _session()
+    s.link_Bps = 12.5e6
+    # 0.4 s into round 1, 200 pages in 0.3 s, the copy projected to take 1.8 s
+    out = s.handle(0.6, TransferProgress(1, 0, 0, 0, 8_192, 200, 0.3, 1.8))
+    assert one(out, Throttle).percent == first_round_throttle(200, 0.3, 0.4, COST, LIMIT,
+                                                              1.8) == 81
+    # the sample at the copy's end can only raise it
+    assert of(s.handle(2.0, TransferProgress(1, 0, 0, 0, 65_536, 100, 0.9, 1.8)),
+              Throttle) == []
+    assert s.throttle == 81
+
+
+def test_round_1_samples_the_dirty_rate_early_in_its_copy(tmp_path: Path) -> None:
+    rng = random.Random(6)
+    live = create_image(tmp_path / "memory.img", 64, "memory")
+    try:
+        live.write(0, rng.randbytes(64 * PAGE_SIZE))
+        early = _EarlySample({"memory": live})
+        live.write(8, rng.randbytes(3 * PAGE_SIZE))  # pages 8-10: groups 2 (8-11)
+        live.write(33, rng.randbytes(PAGE_SIZE))  # and 8 (32-35)
+        live.write(63, bytes(live.view(63)))  # rewritten with the same bytes: not counted
+        dirtied, seconds = early.sample({"memory": live})
+    finally:
+        live.close()
+    assert dirtied == 2 * GROUP_PAGES  # a group that differs counts whole: a bound
+    assert 0 < seconds < 5
 
 
 def test_round_1_counts_the_pages_written_while_its_shadow_was_copied(tmp_path: Path) -> None:
@@ -246,8 +289,8 @@ def test_without_a_link_figure_round_1s_sample_waits_for_the_rounds_own_pace() -
     assert of(s.handle(2.0, TransferProgress(1, 10_000_000, 2_441, 1_000_000)), Throttle) == []
     out = s.handle(3.0, TransferProgress(1, 60_000_000, 14_648, 13_500_000))
     throttle = one(out, Throttle)
-    # judged 2.8 s into round 1: 1,400 pages/s over 5.6 s, 7,840 against the 915 that fit
-    assert throttle.percent == first_round_throttle(700, 0.5, 2.8, COST, LIMIT) == 89
+    # judged 2.8 s into round 1: 1,400 pages/s over 5.6 s, 7,840 against the 457 wanted
+    assert throttle.percent == first_round_throttle(700, 0.5, 2.8, COST, LIMIT) == MAXIMUM
     # judged once
     assert of(s.handle(4.0, TransferProgress(1, 90_000_000, 21_972, 26_000_000)), Throttle) == []
 
