@@ -284,7 +284,8 @@ class SourceSession(SessionBase):
                                       self.limits.downtime, preparation)
         out: list[Action] = [Notify("migration.precopy", {
             "migration_id": self.migration_id, "round": self.round, "sample_pages": dirtied,
-            "sample_s": round(seconds, 4), "page_cost_ms": round(cost * 1000, 4),
+            "sample_s": round(seconds, 4), "preparation_s": round(preparation, 4),
+            "page_cost_ms": round(cost * 1000, 4),
             "throttle": max(wanted, self.throttle), "fence": False, "why": "sample"})]
         if self.can_throttle and wanted > self.throttle:
             self.throttle = wanted
