@@ -12,6 +12,8 @@ from types import SimpleNamespace
 import pytest
 import trio
 
+from federation.dataplane import v3_source
+from federation.dataplane.v3_shadow import COPY_PAGES, SourceState
 from federation.dataplane.v3_source import V3RoundSender, _EarlySample
 from federation.migration.precopy import (
     FIRST_ROUND_SHARE,
@@ -39,7 +41,7 @@ from federation.migration.vocabulary import (
     TransferProgress,
 )
 from federation.vms.dirty_scan import GROUP_PAGES, SentDigests
-from mesh.hde.image import PAGE_SIZE, create_image
+from mesh.hde.image import PAGE_SIZE, create_image, open_image
 from tests.harness.migration_session import of, one, precopy, session
 
 # A 100 Mbit/s link moving incompressible pages: 12.5 MB/s, 0.328 ms a page; a 300 ms
@@ -280,6 +282,67 @@ def test_round_1_counts_the_pages_written_while_its_shadow_was_copied(tmp_path: 
     assert isinstance(sample, V3Preparing)
     assert (sample.round, sample.pages, sample.dirtied) == (1, 64, 5)
     assert 0.2 <= sample.dirty_seconds < 5  # half the copy, then the scan
+
+
+class _LiveGuest:
+    """What round 1's refresh asks of a backend, over one image file a test writes to: a
+    VM tracked by content (the qemu backend's answers)."""
+
+    def __init__(self, path: Path, pages: int) -> None:
+        self.path, self.pages = path, pages
+
+    def dirty_by_content(self, name: str) -> bool:
+        return True
+
+    def dirty_mark(self, name: str) -> int:
+        return 0
+
+    def info(self, name: str) -> SimpleNamespace:
+        return SimpleNamespace(layout=(("memory", self.pages),))
+
+    def open_images(self, name: str) -> dict[str, object]:
+        return {"memory": open_image(self.path, "memory")}
+
+
+def test_round_1_reports_the_early_sample_while_its_copy_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pages = 2 * COPY_PAGES  # two pieces: the sample comes after the first
+    live = create_image(tmp_path / "memory.img", pages, "memory")
+    live.write(0, random.Random(7).randbytes(PAGE_SIZE) * pages)
+    monkeypatch.setattr(v3_source, "EARLY_SAMPLE_S", 0.0)
+    sender = object.__new__(V3RoundSender)
+    sender.action = V3Prepare("m1", "vm1", 1, "dc2", None)
+    sender.backend = _LiveGuest(tmp_path / "memory.img", pages)  # type: ignore[assignment]
+    sender.state = SourceState(tmp_path / "shadow")
+    sender._executor = None
+    sender._news, sender._built = {}, {}
+    sender._prepared, sender._next_prepared = 0, math.inf
+    reports: list[object] = []
+    sender._report = reports.append
+    wrote: list[int] = []
+
+    def preparing(n: int) -> None:  # the guest writes while the first piece is copied
+        sender._prepared += n
+        if not wrote:
+            live.write(COPY_PAGES + 5, bytes(PAGE_SIZE))  # one page of group 1025
+            live.write(40, bytes(2 * PAGE_SIZE))  # pages 40-41: group 10
+            wrote.append(n)
+
+    sender._preparing = preparing  # type: ignore[method-assign,assignment]
+    try:
+        covered, olds, _ = trio.run(trio.to_thread.run_sync, sender._refresh)
+    finally:
+        live.close()
+        sender.state.close()
+    assert covered == pages and olds == {}
+    early, late = (r for r in reports if isinstance(r, V3Preparing) and r.dirty_seconds > 0)
+    # after the first piece: the two groups written, counted whole, with the copy's
+    # projected length (twice the first piece's time)
+    assert (early.pages, early.dirtied) == (COPY_PAGES, 2 * GROUP_PAGES)
+    assert 0 < early.preparation_s < 60
+    # after the copy: the pages that differ from what was copied (the second piece was
+    # copied after the write: page 4101 went out new; pages 40-41 were copied before)
+    assert (late.pages, late.dirtied) == (pages, 2)
 
 
 def test_without_a_link_figure_round_1s_sample_waits_for_the_rounds_own_pace() -> None:
