@@ -40,8 +40,12 @@ from federation.migration.vocabulary import (
     Throttled,
     TransferProgress,
 )
+from federation.node.assembly import link_Bps
 from federation.vms.dirty_scan import GROUP_PAGES, SentDigests
+from mesh.gossip.control_msgs import LinkEntry
 from mesh.hde.image import PAGE_SIZE, create_image, open_image
+from mesh.links.estimates import LinkTable
+from tests.harness.gossip import said_link, statements_for
 from tests.harness.migration_session import of, one, precopy, session
 
 # A 100 Mbit/s link moving incompressible pages: 12.5 MB/s, 0.328 ms a page; a 300 ms
@@ -388,3 +392,28 @@ def test_a_seeded_chaos_run_throttles_stops_early_and_leaves_no_guest_throttled(
     assert run.ok, run.violations
     assert run.metrics["migration"]["throttles"] >= 1
     assert run.metrics["migration"]["ledger"].get("committed", 0) >= 5
+
+
+# ---------------------------------------------------------------------- the link's figure
+
+
+def test_round_1s_sample_is_judged_by_the_other_directions_figure_on_a_return() -> None:
+    names = ["dc1", "dc3"]
+    t = LinkTable("dc3", names, statements_for("dc3", names))
+    assert link_Bps(t, "dc3", "dc1") is None  # nothing measured either way
+
+    def merge(origin: str, peer: str, version: int, bw: float | None) -> None:
+        e = LinkEntry(origin, peer, version, 50.0, 5.0, 1.0, 0.0, False, bw)
+        if origin == "dc3":  # this node's own figures, from its prober
+            t.put_own(0.0, e)
+        else:  # dc1's, by gossip
+            t.merge(0.0, t.open(0.0, "dc1", [said_link(e)]))
+
+    # the trip there: dc1 measured dc1 -> dc3 at 100 Mbit/s, dc3 reported what it receives
+    merge("dc1", "dc3", 1, 100.0)
+    merge("dc3", "dc1", 1, None)
+    assert link_Bps(t, "dc3", "dc1") == pytest.approx(12.5e6)  # the return: dc1 -> dc3's
+    assert link_Bps(t, "dc1", "dc3") == pytest.approx(12.5e6)
+    # once dc3 -> dc1 was measured itself, its own figure
+    merge("dc3", "dc1", 2, 40.0)
+    assert link_Bps(t, "dc3", "dc1") == pytest.approx(5e6)
