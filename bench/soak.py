@@ -24,8 +24,10 @@ federation ``dwcp federation init`` wrote):
 Every ``--sample-every`` seconds (60), per node: RSS (``/proc/PID/status`` VmRSS), open
 descriptors (``/proc/PID/fd``), trio tasks (the node's ``dwcp_trio_tasks`` metric),
 the SQLite files' size (``node.sqlite3`` with its WAL) and the data directory's
-allocated size (``st_blocks``: images are sparse). A progress line per sample goes
-to stderr.
+allocated size (``st_blocks``: images are sparse). A sample is taken between
+migrations (new ones wait for it, as for a restart), so it measures what stays, not
+the tasks, descriptors and shadow copies of a migration in flight. A progress line per
+sample goes to stderr.
 
 Slopes (per hour, least squares): a restart starts a new process, so RSS, descriptors
 and tasks are fitted with one common slope and one intercept per process lifetime
@@ -42,6 +44,7 @@ line that is not a JSON log line (a traceback), and a SIGTERM exit status other 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -52,6 +55,7 @@ import tempfile
 import time
 import tracemalloc
 import urllib.parse
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -254,7 +258,7 @@ class Soak:
         self.command_errors: list[str] = []
         self.restarts: list[dict[str, Any]] = []
         self.problems: list[str] = []
-        self.paused = False
+        self.pausers = 0  # restarts and samples under way: migrations wait for them
         self.in_flight = 0
         self.changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -298,9 +302,27 @@ class Soak:
     # ---------------------------------------------------------------- migrations
 
     async def _gate(self) -> None:
-        while self.paused:
+        while self.pausers:
             await self.changed.wait()
         self.in_flight += 1
+
+    @contextlib.asynccontextmanager
+    async def _between_migrations(self, what: str) -> AsyncIterator[None]:
+        """Hold new migrations back and wait for those in flight to end (a restart does
+        not cut one short; a sample does not see the transient tasks, descriptors and
+        shadow copies of one)."""
+        self.pausers += 1
+        try:
+            with trio.move_on_after(PAUSE_BUDGET):
+                while self.in_flight:
+                    await self.changed.wait()
+            if self.in_flight:
+                self.problems.append(f"{self.now():.0f}s: {what} with {self.in_flight} "
+                                     "migrations still in flight")
+            yield
+        finally:
+            self.pausers -= 1
+            self._poke()
 
     def _release(self) -> None:
         self.in_flight -= 1
@@ -403,10 +425,8 @@ class Soak:
         k = 0
         every = self.args.restart_every * 60
         next_at = trio.current_time() + every
-        while True:
+        while next_at < until - 5:
             await trio.sleep_until(next_at)
-            if trio.current_time() >= until - 5:
-                return
             dc = order[k % len(order)]
             how = "SIGTERM" if k % 2 == 0 else "SIGKILL"
             k += 1
@@ -414,38 +434,32 @@ class Soak:
             next_at += every
 
     async def _restart(self, dc: str, how: str) -> None:
-        self.paused = True
-        try:
-            with trio.move_on_after(PAUSE_BUDGET):
-                while self.in_flight:
-                    await self.changed.wait()
-            if self.in_flight:
-                self.problems.append(f"{self.now():.0f}s: restarting {dc} with "
-                                     f"{self.in_flight} migrations still in flight")
+        async with self._between_migrations(f"restarting {dc}"):
             node = self.nodes[dc]
             at = self.now()
             node.down = True
-            if how == "SIGTERM":
-                node.terminate(signal.SIGTERM)
-            else:
-                node.kill()
-            await node.wait_for(f"exit after {how}", node.exited, trio.current_time() + 60)
-            code = node.returncode
-            if how == "SIGTERM" and code != 0:
-                self.problems.append(f"{self.now():.0f}s: {dc} exited {code} after SIGTERM")
-            stopped = self.now()
-            self.incarnation[dc] += 1
-            self.started_at[dc] = self.now()
-            assert self._nursery is not None
-            await node.start(self._nursery)
-            ready = await self._wait_back(dc)
+            try:
+                if how == "SIGTERM":
+                    node.terminate(signal.SIGTERM)
+                else:
+                    node.kill()
+                await node.wait_for(f"exit after {how}", node.exited,
+                                    trio.current_time() + 60)
+                code = node.returncode
+                if how == "SIGTERM" and code != 0:
+                    self.problems.append(f"{self.now():.0f}s: {dc} exited {code} after "
+                                         "SIGTERM")
+                stopped = self.now()
+                self.incarnation[dc] += 1
+                self.started_at[dc] = self.now()
+                assert self._nursery is not None
+                await node.start(self._nursery)
+                ready = await self._wait_back(dc)
+            finally:
+                node.down = False
             self.restarts.append({"dc": dc, "how": how, "at_s": round(at, 1),
                                   "exit_code": code, "down_s": round(stopped - at, 2),
                                   "ready_after_s": None if ready is None else round(ready, 2)})
-        finally:
-            self.nodes[dc].down = False
-            self.paused = False
-            self._poke()
 
     async def _wait_back(self, dc: str) -> float | None:
         """Seconds from the start until ``dc`` is ready with a full mesh again."""
@@ -474,7 +488,8 @@ class Soak:
         every = self.args.sample_every
         next_at = trio.current_time()
         while True:
-            await self._sample()
+            async with self._between_migrations("sampling"):
+                await self._sample()
             self._progress()
             next_at += every
             if next_at > until:
