@@ -22,7 +22,8 @@ federation ``dwcp federation init`` wrote):
   does not (it goes to the other DCs; PBFT keeps a quorum of 3).
 
 Every ``--sample-every`` seconds (60), per node: RSS (``/proc/PID/status`` VmRSS), open
-descriptors (``/proc/PID/fd``), trio tasks (the node's ``dwcp_trio_tasks`` metric),
+descriptors (``/proc/PID/fd``), CPU seconds (``/proc/PID/stat``), trio tasks (the node's
+``dwcp_trio_tasks`` metric),
 the SQLite files' size (``node.sqlite3`` with its WAL) and the data directory's
 allocated size (``st_blocks``: images are sparse). A sample is taken between
 migrations (new ones wait for it, as for a restart), so it measures what stays, not
@@ -35,6 +36,8 @@ and tasks are fitted with one common slope and one intercept per process lifetim
 at least ``--warmup-minutes``; the disk outlives restarts, so its slope is fitted per
 data directory over the samples after the warm-up from the run's start. The JSON's
 top-level slopes pool all four nodes; ``per_node`` has each node's own.
+``cpu_percent_per_hour`` (a diagnostic, no bound) is the slope of each node's CPU use
+between two samples: the same load costing more as the history grows.
 
 Every log line the nodes wrote whose event is in :data:`ERROR_EVENTS`, every stderr
 line that is not a JSON log line (a traceback), and a SIGTERM exit status other than
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -172,8 +176,8 @@ def record_bytes(count: int = 2000) -> dict[str, float]:
 
 
 class SoakNode(NodeProcess):
-    """A node whose log lines are counted, errors kept, and only the events waiting needs
-    retained."""
+    """A node whose log lines are counted and written to its log file, errors kept, and
+    only the events waiting needs retained in memory."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -193,6 +197,9 @@ class SoakNode(NodeProcess):
         elif record["event"] in ERROR_EVENTS:
             self.errors.append(f"{self.name}: {line}")
         if isinstance(record, dict) and record.get("event") not in _KEEP:
+            if self.log_path is not None:  # every line in the log file, as the demo's
+                with self.log_path.open("a", encoding="utf-8") as f:
+                    f.write(line + "\n")
             self._wake()
             return
         super()._on_line(line)
@@ -200,15 +207,19 @@ class SoakNode(NodeProcess):
             del self.other_lines[:-100]
 
 
-def _proc_figures(pid: int) -> tuple[float, int] | None:
-    """(RSS in MiB, open descriptors) of ``pid``; None if it is gone."""
+def _proc_figures(pid: int) -> tuple[float, int, float] | None:
+    """(RSS in MiB, open descriptors, CPU seconds used) of ``pid``; None if it is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
         fds = len(os.listdir(f"/proc/{pid}/fd"))
-    except (OSError, StopIteration):
+        with open(f"/proc/{pid}/stat") as f:
+            # after the command name in parentheses: state is field 3, utime 14, stime 15
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, IndexError, ValueError):
         return None
-    return rss_kib / 1024, fds
+    return rss_kib / 1024, fds, cpu
 
 
 def _allocated(path: Path) -> int:
@@ -520,6 +531,7 @@ class Soak:
                 "incarnation": self.incarnation[dc],
                 "up_s": round(t - self.started_at[dc], 2),
                 "rss_mib": round(figures[0], 2), "fds": figures[1],
+                "cpu_s": round(figures[2], 2),
                 "trio_tasks": None if tasks is None else int(tasks),
                 "sqlite_mib": round(_sqlite_bytes(data) / MIB, 3),
                 "data_dir_mib": round(disk / MIB, 3),
@@ -580,12 +592,18 @@ class Soak:
             slope = pooled_slope(segs)
             return None if slope is None else round(slope * 3600, 3)
 
+        busy = [[{"t_s": b["t_s"], "cpu_percent": 100 * (b["cpu_s"] - a["cpu_s"])
+                  / (b["t_s"] - a["t_s"])} for a, b in itertools.pairwise(g)
+                 if b["t_s"] > a["t_s"]] for g in lives.values()]
         return {
             "rss_mib_per_hour": per_hour(list(lives.values()), "rss_mib"),
             "fds_per_hour": per_hour(list(lives.values()), "fds"),
             "tasks_per_hour": per_hour(list(lives.values()), "trio_tasks"),
             "disk_mib_per_hour": per_hour(list(disks.values()), "data_dir_mib"),
             "sqlite_mib_per_hour": per_hour(list(disks.values()), "sqlite_mib"),
+            # a diagnostic, no bound: a node whose work per command grows with its history
+            # (a scan over every migration ever, say) uses more CPU for the same load
+            "cpu_percent_per_hour": per_hour(busy, "cpu_percent"),
         }
 
     def report(self, began_wall: float, sizes: dict[str, float]) -> dict[str, Any]:
@@ -699,10 +717,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("soak", help="four dwcp nodes for N minutes under migrations, ledger "
                                     "load and restarts; the slope of RSS, descriptors, "
                                     "tasks and disk (issue 18)")
-    p.add_argument("--minutes", type=float, default=60.0)
+    p.add_argument("--minutes", type=float, default=10.0,
+                   help="how long the workload runs (default 10, what make bench runs; the "
+                        "published run: 60)")
     p.add_argument("--warmup-minutes", type=float, default=5.0,
                    help="samples count once their process has run this long (default 5)")
-    p.add_argument("--sample-every", type=float, default=60.0, metavar="SECONDS")
+    p.add_argument("--sample-every", type=float, default=60.0, metavar="SECONDS",
+                   help="seconds between two samples of every node (default 60)")
     p.add_argument("--restart-every", type=float, default=5.0, metavar="MINUTES",
                    help="stop and start one DC (in turn; SIGTERM and kill -9 alternately)")
     p.add_argument("--migrate-every", type=float, default=10.0, metavar="SECONDS",

@@ -57,8 +57,8 @@ def test_short_soak_samples_restarts_and_reports(capsys: pytest.CaptureFixture[s
     doc = run_soak(_args("--minutes", "0.4", "--sample-every", "3", "--restart-every", "0.15",
                          "--warmup-minutes", "0.05", "--migrate-every", "1", "--json"))
     for key in ("rss_mib_per_hour", "fds_per_hour", "tasks_per_hour", "disk_mib_per_hour",
-                "per_node", "migrations", "commands", "restarts", "errors", "bounds",
-                "checks", "ok", "samples", "warmup"):
+                "cpu_percent_per_hour", "per_node", "migrations", "commands", "restarts",
+                "errors", "bounds", "checks", "ok", "samples", "warmup"):
         assert key in doc, key
     assert doc["errors"] == [] and doc["problems"] == [], (doc["errors"], doc["problems"])
     assert doc["migrations"]["committed"] > 0 and doc["migrations"]["failed"] == 0, doc
@@ -72,7 +72,7 @@ def test_short_soak_samples_restarts_and_reports(capsys: pytest.CaptureFixture[s
     assert len({s["t_s"] for s in samples}) >= 4
     assert any(s["incarnation"] == 1 for s in samples), "no sample of a restarted node"
     # the samples move: time, the nodes' memory, the disk the VMs and the ledger take
-    for key in ("t_s", "rss_mib", "data_dir_mib", "sqlite_mib"):
+    for key in ("t_s", "rss_mib", "cpu_s", "data_dir_mib", "sqlite_mib"):
         assert len({s[key] for s in samples}) > 1, key
     assert all(s["fds"] > 0 and s["rss_mib"] > 10 for s in samples)
     assert all(isinstance(s["trio_tasks"], int) and s["trio_tasks"] > 5 for s in samples
