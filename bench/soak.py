@@ -273,6 +273,7 @@ class Soak:
         self.in_flight = 0
         self.changed = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self.failure: str | None = None
 
     @property
     def nodes(self) -> dict[str, SoakNode]:
@@ -553,26 +554,31 @@ class Soak:
     # ---------------------------------------------------------------- run
 
     async def run(self) -> None:
-        until_pad = 0.0
+        """The soak; a step that did not happen in time ends it (``failure``)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
-                await self.setup(nursery)
-                until = trio.current_time() + self.args.minutes * 60 + until_pad
-                async with trio.open_nursery() as work:
-                    for vm, dc in VMS.items():
-                        work.start_soon(self.migrator, vm, dc, until)
-                    for i in range(self.args.loaders):
-                        work.start_soon(self.loader, i, until)
-                    work.start_soon(self.restarter, until)
-                    work.start_soon(self.sampler, until)
-                await self.fed.stop_all(trio.current_time() + 60)
-                for dc, node in self.nodes.items():
-                    if node.returncode != 0:
-                        self.problems.append(f"{dc} exited {node.returncode} after the "
-                                             "final SIGTERM")
+                await self._run(nursery)
+            except* DemoFailed as group:  # from a step in any task: kept as the failure
+                self.failure = str(group.exceptions[0])
             finally:
                 self.fed.kill_all()
+
+    async def _run(self, nursery: trio.Nursery) -> None:
+        await self.setup(nursery)
+        until = trio.current_time() + self.args.minutes * 60
+        async with trio.open_nursery() as work:
+            for vm, dc in VMS.items():
+                work.start_soon(self.migrator, vm, dc, until)
+            for i in range(self.args.loaders):
+                work.start_soon(self.loader, i, until)
+            work.start_soon(self.restarter, until)
+            work.start_soon(self.sampler, until)
+        await self.fed.stop_all(trio.current_time() + 60)
+        for dc, node in self.nodes.items():
+            if node.returncode != 0:
+                self.problems.append(f"{dc} exited {node.returncode} after the "
+                                     "final SIGTERM")
 
     # ---------------------------------------------------------------- report
 
@@ -696,11 +702,8 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
         for name in fed.federation.names
     }
     soak = Soak(fed, directory, args)
-    failure: str | None = None
-    try:
-        trio.run(soak.run)
-    except DemoFailed as exc:
-        failure = str(exc)
+    trio.run(soak.run)
+    failure = soak.failure
     doc = soak.report(began, sizes)
     doc["directory"] = str(directory)
     if failure is not None:
