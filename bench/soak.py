@@ -557,12 +557,24 @@ class Soak:
         """The soak; a step that did not happen in time ends it (``failure``)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            try:
-                await self._run(nursery)
-            except* DemoFailed as group:  # from a step in any task: kept as the failure
-                self.failure = str(group.exceptions[0])
-            finally:
-                self.fed.kill_all()
+            with trio.CancelScope() as scope:
+                nursery.start_soon(self._on_signal, scope)
+                try:
+                    await self._run(nursery)
+                except* DemoFailed as group:  # from a step in any task: kept as the failure
+                    self.failure = str(group.exceptions[0])
+                finally:
+                    self.fed.kill_all()
+            nursery.cancel_scope.cancel()  # the signal watcher and the log readers
+
+    async def _on_signal(self, scope: trio.CancelScope) -> None:
+        """SIGTERM or SIGINT ends the soak early: every node is killed and the JSON says
+        so (a soak killed outright would leave its four nodes running)."""
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                self.failure = f"stopped by {signal.Signals(signum).name}"
+                scope.cancel()
+                return
 
     async def _run(self, nursery: trio.Nursery) -> None:
         await self.setup(nursery)
