@@ -558,6 +558,12 @@ class Link:
     async def _keepalive(self) -> None:
         while True:
             await trio.sleep(KEEPALIVE_INTERVAL)
+            if self.retiring:
+                # No ping after our final frame: the peer closes its websocket once it has
+                # answered that frame, and trio-websocket, receiving a ping on a closing
+                # connection, tries to pong and raises (issue #184, node_runtime's
+                # ws_protocol_error). The drain's own timeout covers a silent peer.
+                return
             with trio.move_on_after(KEEPALIVE_TIMEOUT) as scope:
                 try:
                     await self.ws.ping()

@@ -406,6 +406,14 @@ class Runtime:
             became_link = await self._dial_once(peer, attempt)
         except* LocalProtocolError as group:
             self._ws_protocol_error(peer.name, group)
+        except* HandshakeError as group:
+            # The peer refused the upgrade (a stopping node answers 503): trio-websocket
+            # 0.12 raises ConnectionRejected in its reader task, which cancels
+            # connect_websocket, so it leaves the connection's nursery in a group, past
+            # _dial_once's except. A dial that failed: retried with backoff.
+            self._count("dial_failures")
+            self.log.event("dial_failed", peer=peer.name, attempt=attempt,
+                           error=_describe(group.exceptions[0]))
         except* Exception as group:  # whatever the peer provoked ends this connection only
             self._count("connection_failed")
             exc = group.exceptions[0]
