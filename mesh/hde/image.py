@@ -105,6 +105,10 @@ class PageSource(Protocol):
 class Image:
     """A read-only sequence of pages over a buffer (bytes, bytearray or mmap)."""
 
+    #: a descriptor of the file mapped (open_image), asked where its holes are; a class
+    #: default, so a subclass that builds its own view (a sealed image) has none
+    _fd: int | None = None
+
     def __init__(self, buffer: bytes | bytearray | mmap.mmap | memoryview, name: str = "") -> None:
         mv = memoryview(buffer)
         if mv.ndim != 1 or mv.itemsize != 1:
@@ -118,8 +122,6 @@ class Image:
         self.name = name
         self.page_count = len(mv) // PAGE_SIZE
         self.nbytes = len(mv)
-        #: a descriptor of the file mapped (open_image), asked where its holes are
-        self._fd: int | None = None
 
     def data_runs(self, page: int, count: int) -> list[tuple[int, int]]:
         """(first page, count) runs of pages ``page``..``page + count`` that may hold data;
