@@ -13,8 +13,9 @@ Three phases, each in its own module, each reporting ``null`` and its error if i
 - ``image`` (:mod:`bench.fleet_image`): a ``--image-gib`` GiB sparse image: HDE index
   time, memory and Python objects, and a transfer's planning per GiB on ``--plan-gib``.
 
-``--smoke`` is the short run ``make test`` makes (50 VMs, 5 migrations, 2,000 ledger VMs,
-a 4 GiB image); the defaults are the full run ``make bench`` makes.
+``--smoke`` is a short run (50 VMs, 5 migrations, 2,000 ledger VMs, a 4 GiB image; ``make
+test`` runs its parts in ``tests/test_bench_fleet.py``); the defaults are the full run
+``make bench`` makes.
 """
 
 from __future__ import annotations
@@ -73,10 +74,10 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("fleet", help="fleet scale: 1,000 VMs and 100 migrations on four "
                                      "nodes, a 10,000-VM ledger, a 512 GiB sparse image")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object on one line")
     p.add_argument("--smoke", action="store_true",
-                   help="the short run of make test (50 VMs, 5 migrations, 2,000 ledger "
-                        "VMs, a 4 GiB image)")
+                   help="a short run (50 VMs, 5 migrations, 2,000 ledger VMs, a 4 GiB "
+                        "image); make test runs its parts in tests/test_bench_fleet.py")
     p.add_argument("--only", action="append", choices=PHASES,
                    help="run only this phase (repeatable)")
     p.add_argument("--vms", type=int, help="VMs registered on the nodes (1000)")
