@@ -13,7 +13,7 @@ import trio
 import federation.dataplane.v3 as v3
 import federation.dataplane.v3_source as v3_source
 from mesh.hde.messages import CHUNK_PAGES
-from mesh.hde.similar import SIMILAR_FROM_LEVEL, sketch
+from mesh.hde.similar import SIMILAR_FROM_LEVEL, SketchAhead, sketch
 from tests.harness.node import (
     image_hashes,
     import_vm,
@@ -66,7 +66,15 @@ def test_node_source_plans_by_similarity_from_the_level(tmp_path: Path,
 
     level = [1]
     levels: list[tuple[int, int]] = []  # (level chosen for the migration, chunk's level)
+    sketchers: list[SketchAhead] = []
+
+    class Recorded(SketchAhead):
+        def __init__(self, image: Any) -> None:
+            super().__init__(image)
+            sketchers.append(self)
+
     monkeypatch.setattr(v3_source, "encode_chunk", recording)
+    monkeypatch.setattr(v3_source, "SketchAhead", Recorded)
     monkeypatch.setattr(v3, "choose_chunk_level", lambda *_: ("datacenter", level[0]))
 
     async def main() -> None:
@@ -102,3 +110,8 @@ def test_node_source_plans_by_similarity_from_the_level(tmp_path: Path,
     assert all(pages[-1] - pages[0] < CHUNK_PAGES for pages in by_level[1])
     # by similarity: every page shares its chunk with its look-alike
     assert together(by_level[SIMILAR_FROM_LEVEL]) == SPREAD
+    # the wanted pages were sketched ahead of the plan or at it (SketchAhead; the page
+    # the worker is on when the diff ends may be sketched by both), and only for the
+    # migration that chunks by similarity (the memory image alone)
+    assert len(sketchers) == 1
+    assert 2 * SPREAD <= sketchers[0].ahead + sketchers[0].on_the_spot <= 2 * SPREAD + 1
