@@ -75,7 +75,19 @@ def test_node_source_plans_by_similarity_from_the_level(tmp_path: Path,
 
     monkeypatch.setattr(v3_source, "encode_chunk", recording)
     monkeypatch.setattr(v3_source, "SketchAhead", Recorded)
-    monkeypatch.setattr(v3, "choose_chunk_level", lambda *_: ("datacenter", level[0]))
+    order: list[str] = []  # the first round: announced to the target, then the ladder
+    real_announce = v3_source.V3RoundSender._announce
+
+    def announce(self: Any, *args: Any) -> float:
+        order.append("announced")
+        return real_announce(self, *args)
+
+    def choose(*_: Any) -> tuple[str, int]:
+        order.append("level")
+        return "datacenter", level[0]
+
+    monkeypatch.setattr(v3, "choose_chunk_level", choose)
+    monkeypatch.setattr(v3_source.V3RoundSender, "_announce", announce)
 
     async def main() -> None:
         async with running_nodes(cfg, tmp_path / "data") as nodes:
@@ -93,6 +105,10 @@ def test_node_source_plans_by_similarity_from_the_level(tmp_path: Path,
                 assert dc1.rounds.counters.paths[mid] == {"v3": rounds}
 
     trio.run(main)
+    # each migration's first round is announced before its level is measured (the
+    # target gets ready meanwhile); the rounds after it are announced as prepared
+    assert order[:2] == ["announced", "level"] and order.count("level") == 2
+    assert order[order.index("level", 2) - 1] == "announced"
     by_level: dict[int, list[list[int]]] = {}
     for lvl, pages in plans:
         by_level.setdefault(lvl, []).append(pages)

@@ -367,7 +367,12 @@ class V3RoundSender:
         indexes = await trio.to_thread.run_sync(self._indexes)
         t2 = trio.current_time()
         names = sorted(indexes)
+        announced = None
         if st.level is None:
+            # the round is announced before the level is measured: the target gets ready
+            # (its incoming images, its paused QEMU) while the ladder runs, and the diff
+            # starts at its word (the level is needed only for the first plan)
+            announced = self._announce(names, mark, covered)
             sample = await trio.to_thread.run_sync(sample_pages, [st.shadows[n] for n in names])
             st.mode, st.level = await trio.to_thread.run_sync(self._choose_level, sample)
         t_level = trio.current_time()
@@ -415,7 +420,7 @@ class V3RoundSender:
             try:
                 await self._move(names, sources, feed, mark, covered,
                                  {"refresh_s": t1 - t0, "index_s": t2 - t1,
-                                  "level_s": t_level - t2})
+                                  "level_s": t_level - t2}, announced)
             finally:
                 for sketches in self._sketches.values():
                     sketches.close()
@@ -449,15 +454,22 @@ class V3RoundSender:
                          sum(len(p) for p in changed.values()),
                          {"refresh_s": trio.current_time() - t0, "index_s": 0.0, "fenced": 1})
 
-    async def _move(self, names: list[str], sources: list[HdeSource | PushSource],
-                    feed: ChunkFeed, mark: int, covered: int, timing: dict[str, float]
-                    ) -> None:
-        """Announce the prepared round, then once the target is ready move it: the diff or
-        the pushes over the control link, the chunks over AMST, until every image is
-        verified; the verified indexes become the next round's reference."""
-        a, st, level = self.action, self.state, self.state.level
+    def _announce(self, names: list[str], mark: int, covered: int) -> float:
+        """Report the prepared round (the rounds core announces it to the target); the
+        time it was reported."""
+        a = self.action
         self._report(V3Prepared(a.migration_id, a.round, mark, covered, tuple(names)))
-        t3 = trio.current_time()
+        return trio.current_time()
+
+    async def _move(self, names: list[str], sources: list[HdeSource | PushSource],
+                    feed: ChunkFeed, mark: int, covered: int, timing: dict[str, float],
+                    announced: float | None = None) -> None:
+        """Announce the prepared round (unless it was, at ``announced``), then once the
+        target is ready move it: the diff or the pushes over the control link, the chunks
+        over AMST, until every image is verified; the verified indexes become the next
+        round's reference."""
+        a, st, level = self.action, self.state, self.state.level
+        t3 = announced if announced is not None else self._announce(names, mark, covered)
         await self._go.wait()
         t4 = trio.current_time()
         self._go_at = time.monotonic()  # the feed's clock
