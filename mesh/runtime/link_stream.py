@@ -34,7 +34,7 @@ trio-websocket enforced as its ``max_message_size``), and a read takes at most
 
 **Keepalive.** Without websocket pings, each end sends a :class:`LinkHeartbeat` when
 it has sent nothing for ``HEARTBEAT_INTERVAL``, and ends the link (``keepalive_timeout``)
-when it has received nothing for ``IDLE_TIMEOUT``: a peer that vanished without a FIN
+when no byte arrived for ``IDLE_TIMEOUT``: a peer that vanished without a FIN
 is noticed within the 7.5 s of the websocket keepalive (``KEEPALIVE_INTERVAL +
 KEEPALIVE_TIMEOUT``), and an idle link costs one small frame per direction per 2.5 s.
 
@@ -128,6 +128,9 @@ class DirectStream:
         self.frames: FrameReader | None = None
         #: the last framed read took all the socket had (wait before the next)
         self._drained = True
+        #: framed reads that brought bytes: the keepalive's sign of a live peer (bytes,
+        #: not frames, so a large frame arriving slowly is not taken for silence)
+        self.reads = 0
         #: the framed reads' buffer, reused (created at the switch). A read into a fresh
         #: 256 KiB bytes object cost ~25 us (glibc maps and unmaps it: above its mmap
         #: threshold) against ~5 us into this one; the frame reader copies out each frame.
@@ -283,6 +286,7 @@ class DirectStream:
             except (OSError, trio.ClosedResourceError):  # reset, or closed while waiting
                 return b""
             self._drained = n < RECEIVE_BYTES
+            self.reads += 1
             return self._rview[:n]
 
     def unread(self, frames: list[bytes]) -> None:
