@@ -167,6 +167,7 @@ class Node:
         at_rest_key: SealKey | None = None,
         retained_max: int | None = None,
         downtime_limit: float = DOWNTIME_LIMIT,
+        control_frames: bool = True,
     ) -> None:
         me = fed.dc(name)
         if ident.public != me.public_key:
@@ -201,6 +202,7 @@ class Node:
             peers=peers, listen_host=me.control.host, listen_port=me.control.port,
             versions=self.transfer_versions, store=self.store, log=self.log,
             rng=random.Random(self.rng.getrandbits(64)), fed_print=federation_print(fed),
+            framed=control_frames,
         )
         self.control = control.attach(
             self.runtime, name, [p.name for p in peers], random.Random(self.rng.getrandbits(64)),
