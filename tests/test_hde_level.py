@@ -59,24 +59,67 @@ _levels = st.lists(
 
 
 @given(levels=_levels, store=st.one_of(st.none(), st.floats(1e6, 5e10)),
-       link=st.floats(1e4, 1e10), cores=st.integers(1, 64))
+       link=st.floats(1e4, 1e10), cores=st.integers(1, 64),
+       fixed=st.one_of(st.just(0.0), st.floats(1e-12, 1e-6)))
 def test_the_chosen_level_never_moves_less_than_sending_uncompressed(
         levels: list[tuple[int, float, float]], store: float | None, link: float,
-        cores: int) -> None:
+        cores: int, fixed: float) -> None:
     samples = [LevelSample(lv, speed, ratio) for lv, speed, ratio in levels]
     if store is not None:
         samples.insert(0, LevelSample(0, store, 1.0))
-    chosen = choose_level(samples, link, cores)
-    floor = uncompressed_rate(samples, link, cores)
-    best = max(s.rate(link, cores) for s in samples)
+    chosen = choose_level(samples, link, cores, fixed)
+    floor = uncompressed_rate(samples, link, cores, fixed)
+    best = max(s.rate(link, cores, fixed) for s in samples)
     if chosen == 0:
         # store: measured and the fastest, or no compressing level reached the floor
         assert best <= floor
     else:
         pick = next(s for s in samples if s.level == chosen)
-        assert pick.rate(link, cores) >= floor
+        assert pick.rate(link, cores, fixed) >= floor
         # and it is the fastest measured level
-        assert pick.rate(link, cores) == max(s.rate(link, cores) for s in samples)
+        assert pick.rate(link, cores, fixed) == best
+
+
+def test_the_work_every_level_does_counts_against_a_cheap_level() -> None:
+    # The fuller guest on a 10 Gbit/s link, 2 cores (bench hde, 2026-12-07): zstd -5
+    # compressed ~700 MB/s per core at ratio 0.8, and the index and plan cost ~1.3 ns of
+    # CPU per byte sent. Compression alone: 2 x 700 MB/s beats the link's 1,250 MB/s, so
+    # -5 "wins"; the whole job at -5 moves 2 / (1/700e6 + 1.3e-9) = 0.73 GB/s, storing
+    # min(2 / (1/10e9 + 1.3e-9), 1.25 GB/s) = 1.25 GB/s (measured: 0.8 against 1.5).
+    samples = [LevelSample(0, 10e9, 1.0), LevelSample(-5, 700e6, 0.8)]
+    link = 10e9 / 8
+    assert choose_level(samples, link, 2) == -5
+    assert choose_level(samples, link, 2, fixed_s_per_byte=1.3e-9) == 0
+    assert samples[1].rate(link, 2, 1.3e-9) == pytest.approx(2 / (1 / 700e6 + 1.3e-9))
+    assert uncompressed_rate(samples, link, 2, 1.3e-9) == link
+    # On 1 Gbit/s the link binds storing, and -5's smaller output still pays.
+    assert choose_level(samples, 1e9 / 8, 2, fixed_s_per_byte=1.3e-9) == -5
+    # With no store sample, the floor is the link or what the fixed work allows.
+    assert uncompressed_rate(samples[1:], link, 2, 4e-9) == pytest.approx(2 / 4e-9)
+    with pytest.raises(ValueError, match="fixed_s_per_byte"):
+        choose_level(samples, link, 2, fixed_s_per_byte=-1.0)
+
+
+def test_each_level_is_timed_by_its_fastest_pass() -> None:
+    # Three passes per level: an interrupted pass (5 s) does not count, the fastest does.
+    durations = iter([5.0, 1.0, 3.0,   # store
+                      9.0, 2.0, 4.0])  # level 1
+    now = [0.0]
+    state = {"start": True}
+
+    def clock() -> float:
+        if not state["start"]:
+            now[0] += next(durations)
+        state["start"] = not state["start"]
+        return now[0]
+
+    data = (Path(__file__).read_bytes() * 4)[: 32 * 1024]
+    out = measure_ladder([data], 1.0, 1, clock, levels=(0, 1), passes=3)
+    assert [s.level for s in out] == [0, 1]
+    assert out[0].bytes_per_s_per_core == pytest.approx(len(data) / 1.0)
+    assert out[1].bytes_per_s_per_core == pytest.approx(len(data) / 2.0)
+    with pytest.raises(ValueError, match="passes"):
+        measure_ladder([data], 1.0, 1, clock, levels=(0, 1), passes=0)
 
 
 @given(mode=st.sampled_from(sorted(MODE_LEVELS)),

@@ -498,3 +498,30 @@ async def test_a_websocket_protocol_error_ends_the_connection_not_the_node(
         assert raised == 2 and victim.counters["ws_protocol_errors"] == 2
         assert any(e["event"] == "ws_protocol_error" for e in mesh.events("dc1"))
         victim.shutdown()
+
+
+async def test_a_peer_refusing_the_upgrade_is_a_dial_failure(tmp_path: Path) -> None:
+    # A stopping node answers a websocket upgrade with 503 (Runtime._on_request); the
+    # dialler retries it like any dial that failed, and does not log a connection that
+    # raised (`dwcp bench soak` saw `connection_failed` at every peer of a SIGTERM'd node).
+    from trio_websocket import WebSocketRequest, serve_websocket
+
+    mesh = Mesh(2, tmp_path)
+    dialler = mesh.runtime("dc1")
+    rejected = 0
+
+    async def stopping(request: WebSocketRequest) -> None:
+        nonlocal rejected
+        rejected += 1
+        await request.reject(503)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_websocket, stopping, "127.0.0.1", mesh.ports["dc2"], None)
+        await nursery.start(dialler.run)
+        await wait_until(lambda: dialler.counters.get("dial_failures", 0) >= 2,
+                         "two refused dials counted as dial failures")
+        events = [e["event"] for e in mesh.events("dc1")]
+        assert "dial_failed" in events and "connection_failed" not in events, events
+        assert rejected >= 2 and dialler.counters.get("connection_failed", 0) == 0
+        dialler.shutdown()
+        nursery.cancel_scope.cancel()
