@@ -264,3 +264,55 @@ def test_no_step_down_to_a_level_that_does_not_encode_faster() -> None:
     gov.encoded(-1, 0.01, 1 << 20)
     gov.encoded(-1, 0.01, 1 << 20)  # now -1 is measured cheaper: worth the step
     assert gov.next_level(100.0, 0, 10**9, False) == -1
+
+
+def _link(gov: LevelGovernor, seconds: float, link: float, produce: dict[int, float],
+          backlog: float) -> tuple[float, float]:
+    """Drive ``gov`` against a link of ``link`` bytes/s fed by encoders that produce
+    ``produce[level]`` encoded bytes/s at each level (1 MiB chunks, 0.05 s steps; a
+    level missing from ``produce`` produces as much as the highest one below it).
+    Returns (seconds the link idled, the most backlog seen after the start)."""
+    dt, drained, idle = 0.05, 0.0, 0.0
+    rates = [produce.get(lv, 0.0) for lv in gov.ladder]
+    for i in range(1, len(rates)):
+        rates[i] = rates[i] or rates[i - 1]
+    for k in range(int(seconds / dt)):
+        now = k * dt
+        level = gov.next_level(now, int(backlog), int(drained), False)
+        made = rates[gov.ladder.index(level)] * dt
+        gov.encoded(level, (1 << 20) / max(made / dt, 1.0), 1 << 20)
+        backlog += made
+        out = min(backlog, link * dt)
+        idle += dt - out / link
+        backlog -= out
+        drained += out
+    return idle, backlog
+
+
+def test_a_shrinking_backlog_does_not_climb_and_the_link_never_idles() -> None:
+    """The quiet run of 2026-12-07 21:00 (task livetbf): a window's worth of frames
+    encoded at 9 drained while the governor climbed to 19 on the size of the backlog,
+    and the link then ran at 65 %. At 12 and above these encoders fall behind the link:
+    the governor must not climb while the backlog shrinks, and step back down in time."""
+    link = 12.5e6
+    produce = {9: 20e6, 12: 10e6, 13: 8e6, 14: 6e6, 16: 4e6, 19: 1.5e6}
+    gov = LevelGovernor(9)
+    idle, _ = _link(gov, 30.0, link, produce, backlog=60e6)
+    assert idle == 0.0
+    assert max(gov.ladder.index(lv) for _, lv in gov.steps) <= gov.ladder.index(12)
+    # it still uses the spare CPU: back and forth between 9 and 12 at the link's pace
+    assert {lv for _, lv in gov.steps} == {9, 12}
+
+
+def test_a_climb_waits_for_the_trend_at_the_new_level() -> None:
+    gov = LevelGovernor(3)
+    assert gov.next_level(0.0, 50_000_000, 0, False) == 3
+    assert gov.next_level(0.25, 50_000_000, 3_000_000, False) == 6  # steady: climb
+    # right after the step the trend is the old level's: none yet
+    assert gov.trend is None
+    # a chunk at 6 takes 0.4 s here: the chunks begun before the step are still 3's
+    gov.encoded(6, 0.4, 1 << 20)
+    assert gov.next_level(0.5, 50_000_000, 6_000_000, False) == 6
+    # the backlog shrank at 6: no climb however large it still is
+    assert gov.next_level(0.75, 46_000_000, 9_000_000, False) == 6
+    assert gov.trend is not None and gov.trend < 0

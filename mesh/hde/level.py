@@ -195,20 +195,30 @@ class LevelGovernor:
     Sans-I/O: the driver passes the time, the backlog (encoded bytes the link has not
     taken yet: in the node, frames prepared and not yet written to a stream, whose
     socket buffers keep the wire busy meanwhile) and the bytes the link took so far.
-    From the latter it measures the rate the link drains at; the backlog in seconds of
-    that rate says who is ahead. More than :data:`HIGH_S` of backlog: the encoders
-    outrun the link, so the next chunks can afford a slower, smaller level (one step up
-    :data:`LEVELS`). Less than :data:`LOW_S` while the encoders did not wait: the link is
-    about to run dry for want of encoded chunks, so one step down (to store at the
-    bottom: never a level slower than sending uncompressed). A backlog that ran low
-    while the encoders waited — for plans (the diff had not asked for more) or for
-    room in AMST's window (the receiver holds the transfer back) — says nothing of the
-    level and moves nothing.
+    From the latter it measures the rate the link drains at, and from the backlog's
+    change over the same interval whether the encoders at this level outrun the link
+    (it grows) or fall behind it (it shrinks). The backlog in seconds of that rate says
+    how far ahead the encoders are. More than :data:`HIGH_S` ahead and not shrinking:
+    the encoders outrun the link, so the next chunks can afford a slower, smaller level
+    (one step up :data:`LEVELS`). A backlog that is shrinking does not climb, however
+    large: the level already costs the encoders more than the link gives them time for
+    (issue 17, task livetbf: on the quiet machine of 2026-12-07 21:00 a 64 MiB window
+    of frames encoded at level 9 let the governor climb to 19 while that lead drained,
+    and the link ran at 65 % at levels 12-19 once it had). Less ahead than the
+    encoders need to finish the chunks they are encoding (:data:`LOW_S`, or a chunk's
+    encode time at this level, measured), or shrinking fast enough to run dry within
+    that time and :data:`HOLD_S`, while the encoders did not wait: the link is about
+    to run dry for want of encoded chunks, so one step down (to store at the bottom:
+    never a level slower than sending uncompressed). A backlog that ran low while the
+    encoders waited — for plans (the diff had not asked for more) or for room in
+    AMST's window (the receiver holds the transfer back) — says nothing of the level
+    and moves nothing.
 
     The rule is buffer-based rate adaptation (Huang et al., "A Buffer-Based Approach to
     Rate Adaptation", SIGCOMM 2014: choose from the buffer's occupancy, not from a rate
     estimate) applied to compression as zstd's own ``--adapt`` does (programs/fileio.c:
-    a level up when the output cannot keep up, down when the input waits on compression).
+    a level up when the output cannot keep up, down when the input waits on compression;
+    it too judges the trend of its buffers between two checks, not their level alone).
     A step waits :data:`HOLD_S` after the last so that its effect shows in the backlog
     first. A step down is taken only while it is expected to speed the encoders up: once
     the cheaper level was measured (:meth:`encoded`, seconds per logical byte of each
@@ -234,6 +244,9 @@ class LevelGovernor:
     CHEAPER = 0.9
     #: Weight of a chunk's cost in its level's moving average.
     COST_GAIN = 0.25
+    #: Weight of an interval's backlog trend in its moving average: chunks of ~1 MiB land
+    #: in the backlog one at a time, so a single interval of RATE_S sees a few of them.
+    TREND_GAIN = 0.5
 
     def __init__(self, start: int, levels: Sequence[int] = LEVELS,
                  ceiling: int | None = None) -> None:
@@ -243,13 +256,17 @@ class LevelGovernor:
         self.ladder: tuple[int, ...] = tuple(ladder)
         self._at = self.ladder.index(start) if start in self.ladder else 0
         self._last_step: float | None = None
-        self._mark: tuple[float, int] | None = None
+        self._mark: tuple[float, int, int] | None = None
         #: bytes per second the link drained at, last measured (None: not yet)
         self.drain: float | None = None
         #: (time, level) of every step taken, for the round's figures
         self.steps: list[tuple[float, int]] = []
         #: level -> encode seconds per logical byte, a moving average over its chunks
         self.cost: dict[int, float] = {}
+        #: level -> seconds one chunk takes to encode there, a moving average
+        self.chunk_s: dict[int, float] = {}
+        #: bytes per second the backlog grows at (negative: shrinks), a moving average
+        self.trend: float | None = None
 
     def encoded(self, level: int, seconds: float, logical: int) -> None:
         """A chunk of ``logical`` bytes took ``seconds`` to encode at ``level``."""
@@ -258,6 +275,9 @@ class LevelGovernor:
         c = seconds / logical
         old = self.cost.get(level)
         self.cost[level] = c if old is None else old + self.COST_GAIN * (c - old)
+        old = self.chunk_s.get(level)
+        self.chunk_s[level] = seconds if old is None else \
+            old + self.COST_GAIN * (seconds - old)
 
     def _worth_stepping_down(self) -> bool:
         here = self.cost.get(self.level)
@@ -273,26 +293,43 @@ class LevelGovernor:
         taken; ``drained``: bytes it took so far; ``waited``: the encoder waited for a
         plan or for room (so a low backlog is not the level's doing)."""
         if self._mark is None:
-            self._mark = (now, drained)
+            self._mark = (now, drained, backlog)
         elif now - self._mark[0] >= self.RATE_S:
-            rate = (drained - self._mark[1]) / (now - self._mark[0])
+            dt = now - self._mark[0]
+            rate = (drained - self._mark[1]) / dt
             if rate > 0:
                 self.drain = rate
-            self._mark = (now, drained)
+            grow = (backlog - self._mark[2]) / dt
+            self.trend = grow if self.trend is None else \
+                self.trend + self.TREND_GAIN * (grow - self.trend)
+            self._mark = (now, drained, backlog)
         if self.drain is None:
             return self.level
         if self._last_step is not None and now - self._last_step < self.HOLD_S:
             return self.level
         ahead = backlog / self.drain
+        # the lead the link needs: the chunks the encoders are on now must be done
+        # before the backlog runs out (a 1 MiB chunk at level 19 takes ~0.2 s of an
+        # idle core, seconds of a starved one)
+        lead = max(self.LOW_S, self.chunk_s.get(self.level, 0.0))
+        trend = self.trend
+        dry_in = backlog / -trend if trend is not None and trend < 0 else float("inf")
+        # a climb is judged on the trend at this level: measured since the last step,
+        # and over at least a chunk's encode at it (the chunks begun before the step
+        # were still the old level's)
+        settled = self._last_step is None or now - self._last_step >= lead
         step = 0
-        if ahead > self.HIGH_S and self._at + 1 < len(self.ladder):
+        if ahead > self.HIGH_S and trend is not None and trend >= 0 and settled \
+                and self._at + 1 < len(self.ladder):
             step = 1
-        elif ahead < self.LOW_S and not waited and self._at > 0 \
+        elif (ahead < lead or dry_in < lead + self.HOLD_S) and not waited and self._at > 0 \
                 and self._worth_stepping_down():
             step = -1
         if step:
             self._at += step
             self._last_step = now
+            # the trend is the new level's from here on
+            self.trend, self._mark = None, (now, drained, backlog)
             self.steps.append((now, self.level))
         return self.level
 
