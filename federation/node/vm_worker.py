@@ -17,10 +17,17 @@ from typing import Any
 import trio
 
 from federation.migration.rounds import after_vm_action
+from federation.migration.vocabulary import DiscardIncoming, Retire, StartAtTarget, Unfence
+from federation.node.heap import trim_heap
 from federation.vms.actions import VmAction, VmActions
 from mesh.runtime.log import JsonLog
 
 __all__ = ["VmWorker"]
+
+#: The VM steps that end a migration here (the source's retire or un-fence, the target's
+#: start or discard): after them the migration's buffers are all freed, and the heap's
+#: free memory goes back to the kernel (federation.node.heap).
+_LAST_STEPS = (Retire, Unfence, StartAtTarget, DiscardIncoming)
 
 
 class VmWorker:
@@ -42,7 +49,10 @@ class VmWorker:
         """Worker thread: the action's replies, and how long it waited from its submission
         until this thread began it (in the stop window, a wait is downtime too)."""
         waited = time.monotonic() - submitted
-        return self.vm_actions.carry_out(action), waited
+        replies = self.vm_actions.carry_out(action)
+        if isinstance(action, _LAST_STEPS):
+            trim_heap()
+        return replies, waited
 
     async def run(self) -> None:
         async for action, submitted in self._receive:
