@@ -227,7 +227,7 @@ async def _node_main(args: argparse.Namespace) -> None:
     def write_status() -> None:
         write_file(status_text())
 
-    counter = {"i": 0}
+    counter = {"i": 0, "taken": 0}
 
     def make_command() -> Any:
         counter["i"] += 1
@@ -249,6 +249,7 @@ async def _node_main(args: argparse.Namespace) -> None:
         presigned.extend(make_command() for _ in range(args.presign))
 
     def next_command() -> Any:
+        counter["taken"] += 1
         if presigned:
             return presigned.popleft()
         record.signed_in_run += 1
@@ -256,7 +257,8 @@ async def _node_main(args: argparse.Namespace) -> None:
 
     async def one_at_a_time(end: float) -> None:
         """One of ``window`` callers: submit, wait for the result, submit the next."""
-        while trio.current_time() < end:
+        while trio.current_time() < end and (
+                not args.limit or counter["taken"] < args.limit):
             command = next_command()
             t0, w0 = trio.current_time(), time.time()
             try:
@@ -467,20 +469,24 @@ class Cluster:
         self.runs = 0
 
     def start(self, name: str, window: int = 0, duration: float = 0.0,
-              presign: int = 0) -> None:
+              presign: int = 0, limit: int = 0) -> None:
+        """``limit``: the node's callers stop once they made this many commands (0: the
+        whole ``duration``)."""
         self.runs += 1
         self.procs[name] = spawn(
             ["-m", "bench.consensus", "node", "--name", name,
              "--n", str(self.n), "--ports", ",".join(map(str, self.ports)),
              "--dir", str(self.dir), "--window", str(window), "--duration", str(duration),
              "--view-timeout", str(self.view_timeout), "--run", str(self.runs),
-             "--presign", str(presign)],
+             "--presign", str(presign), "--limit", str(limit)],
             self.dir / f"{name}.stderr")
 
-    def start_all(self, loads: dict[str, tuple[int, float]], presign: int = 0) -> None:
+    def start_all(self, loads: dict[str, tuple[int, float]], presign: int = 0,
+                  limit: int = 0) -> None:
         for name in self.names:
             window, duration = loads.get(name, (0, 0.0))
-            self.start(name, window, duration, presign if window else 0)
+            self.start(name, window, duration, presign if window else 0,
+                       limit if window else 0)
         self.wait_ready(self.names)
 
     def wait_ready(self, names: list[str]) -> None:
@@ -707,6 +713,8 @@ def _node_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--run", type=int, default=0)
     p.add_argument("--presign", type=int, default=0,
                    help="operator requests to sign before READY (see make_command)")
+    p.add_argument("--limit", type=int, default=0,
+                   help="stop loading once this many commands were submitted (0: none)")
     return p.parse_args(argv)
 
 

@@ -189,9 +189,16 @@ class Ledger(LedgerState):
 
         ``now``: the ledger time of the batch this request was ordered in, the same at
         every replica (module docstring); None: the clock follows operator requests."""
+        return self.execute_once(client, request_id, command, now)[0]
+
+    def execute_once(self, client: str, request_id: int, command: bytes,
+                     now: float | None = None) -> tuple[bytes, bool]:
+        """:meth:`execute`, and whether the request was applied now (False: a duplicate,
+        answered from the exactly-once window; the PBFT replica reports only the requests
+        it applied, and asking :meth:`executed_result` first would look it up twice)."""
         known = self.executed_result(client, request_id)
         if known is not None:
-            return known
+            return known, False
         self._touched, self._touched_migrations = [], []
         self._touched_requests, self._touched_deleted = [], []
         self._trusted_now = now is not None
@@ -215,7 +222,7 @@ class Ledger(LedgerState):
         self._encoder.touched_results(client, results, changed)
         self._encoder.touched_rest(self.requests.records, self._touched_requests,
                                    self.deleted, self._touched_deleted)
-        return result
+        return result, True
 
     def _advance(self, now: float) -> None:
         if now > self.clock:

@@ -68,6 +68,7 @@ __all__ = [
     "Closed",
     "FrameReader",
     "frame",
+    "LENGTH_BYTES",
     "MAX_PLAINTEXT",
     "FRAME_OVERHEAD",
     "small_order",
@@ -211,33 +212,66 @@ def small_order(key: bytes) -> bool:
 # --------------------------------------------------------------------------- framing
 
 
+#: Bytes of a frame's length prefix on a byte stream (big-endian).
+LENGTH_BYTES = 4
+
+
 def frame(payload: bytes) -> bytes:
     """Length-prefix a frame for a byte stream."""
-    return len(payload).to_bytes(4, "big") + payload
+    return len(payload).to_bytes(LENGTH_BYTES, "big") + payload
 
 
 class FrameReader:
-    """Splits a byte stream into frames; refuses a frame longer than ``max_frame``."""
+    """Splits a byte stream into frames (a 4-byte big-endian length, then the frame);
+    refuses a frame longer than ``max_frame``.
+
+    The length is unauthenticated (the frame's AEAD is checked later, by the channel), so
+    it is checked as soon as its 4 bytes are in, before a byte of the frame is kept: the
+    reader never holds more than one frame of at most ``max_frame`` bytes plus its
+    prefix, plus what one :meth:`feed` handed over beyond it. After a refusal the reader
+    is dead (every later :meth:`feed` raises again): the stream has lost its framing.
+
+    Bytes that complete frames are sliced straight from what was fed (one copy per
+    frame); only a frame cut by the end of a read is kept, in a buffer that grows as
+    its bytes arrive (no copy of the whole per read)."""
 
     def __init__(self, max_frame: int = MAX_PLAINTEXT + _ABYTES) -> None:
         self._buf = bytearray()
         self._max = max_frame
+        self._refused = ""
 
-    def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
-        out = []
-        while len(self._buf) >= 4:
-            n = int.from_bytes(self._buf[:4], "big")
-            if n > self._max:
-                raise ChannelError("oversized", f"frame of {n} bytes exceeds {self._max}")
-            if len(self._buf) < 4 + n:
+    def feed(self, data: bytes | bytearray) -> list[bytes]:
+        if self._refused:
+            raise ChannelError("oversized", self._refused)
+        if self._buf:
+            self._buf += data
+            source: bytes | bytearray = self._buf
+        else:
+            source = data
+        out: list[bytes] = []
+        pos = 0
+        end = len(source)
+        limit = self._max
+        while end - pos >= LENGTH_BYTES:
+            n = int.from_bytes(source[pos:pos + LENGTH_BYTES], "big")
+            if n > limit:
+                self._refused = f"frame of {n} bytes exceeds {limit}"
+                self._buf = bytearray()
+                raise ChannelError("oversized", self._refused)
+            stop = pos + LENGTH_BYTES + n
+            if stop > end:
                 break
-            out.append(bytes(self._buf[4 : 4 + n]))
-            del self._buf[: 4 + n]
+            out.append(bytes(source[pos + LENGTH_BYTES:stop]))
+            pos = stop
+        if source is self._buf:
+            del self._buf[:pos]
+        elif pos < end:
+            self._buf = bytearray(source[pos:])
         return out
 
     @property
     def pending(self) -> int:
+        """Bytes of a frame not complete yet (its prefix included)."""
         return len(self._buf)
 
 

@@ -31,6 +31,14 @@ it, without a new transfer version:
   then the transfer fails), so the v3 source asks for copies only in a migration whose
   target offered it on a data channel (federation.dataplane.v3_source), and only in
   pushed rounds (an HDE diff resolves equal pages by key and never sends the flag).
+* :data:`CONTROL_FRAMES` (offered on the control endpoint's channels by
+  :class:`mesh.runtime.node_runtime.Runtime`): after the link hello this end carries
+  the channel's frames straight on the TCP stream, each a 4-byte big-endian length and
+  one secretstream frame (:class:`mesh.channel.FrameReader`), instead of one RFC 6455
+  websocket message per frame (issue 14: no websocket reader task, no memory channel per
+  message, no masking). The switch point and the keepalive that replaces websocket pings
+  are in :mod:`mesh.runtime.link_stream`. A peer that does not offer it keeps the
+  websocket for the whole connection.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ __all__ = [
     "CAPABILITY_MIN",
     "AMST_SEALED",
     "HDE_COPIES",
+    "CONTROL_FRAMES",
     "VersionError",
     "offer",
     "both_offer",
@@ -71,6 +80,9 @@ CAPABILITY_MIN = 128
 AMST_SEALED = 128
 #: HDE chunk frames with the ``copies`` flag (mesh.hde.codec).
 HDE_COPIES = 129
+#: Control-link frames length-prefixed on the TCP stream after the link hello
+#: (mesh.runtime.link_stream).
+CONTROL_FRAMES = 130
 
 
 class VersionError(Exception):

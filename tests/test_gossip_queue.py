@@ -163,3 +163,16 @@ def test_holders_rule_matches_the_model(ops: list) -> None:
                 queue.held_by(("l", x, y), slot[0], holder, len(PEER_NAMES))
                 model.held_by(("l", x, y), slot[0], holder)
         assert len(queue) == len(model.items)
+
+
+def test_a_bounded_link_lane_drops_the_oldest_put_and_never_member_updates() -> None:
+    q = TransmitQueue(link_depth=2)
+    q.put(("l", "a", "b"), _link("a", "b", 1))
+    q.put(("m", "a"), _member("a", 1))
+    q.put(("l", "a", "c"), _link("a", "c", 2))
+    q.put(("l", "a", "b"), _link("a", "b", 3))  # a newer a->b: now the newest put
+    q.put(("l", "b", "c"), _link("b", "c", 4))
+    assert q.pruned == 1 and len(q) == 3
+    members, links = q.take(16, 4)
+    assert [u.name for u in members] == ["a"]
+    assert sorted((e.origin, e.peer, e.version) for e in links) == [("a", "b", 3), ("b", "c", 4)]

@@ -17,6 +17,17 @@ def test_corpus_free_bench_reports_measured_figures_and_says_what_is_missing() -
     assert 0 < out["cold_wire_bytes"] < out["zstd1_bytes"]
     assert out["zstd3_bytes"] <= out["zstd1_bytes"]
     assert out["encode_MBps_1core"] > 0 and out["encode_MBps_2cores"] > 0
+    # the cheap levels timed on both core counts, and the work every level pays
+    for key in ("encode_MBps_1core_at_zstd_minus5", "encode_MBps_2cores_at_zstd_minus5",
+                "encode_MBps_1core_at_zstd1", "encode_MBps_2cores_at_zstd1",
+                "encode_fixed_ns_per_byte", "encode_busy_cores_2cores"):
+        assert out[key] > 0, key
+    assert "10 Gbit/s" in out["encode_link"]
+    phases = out["encode_cpu_s_by_phase_1core_at_zstd_minus5"]
+    assert set(phases) == {"index", "plan", "chunks"} and phases["chunks"] > 0
+    # the picker's table gives each level's modelled rate; the chosen one is the fastest
+    table = {row["level"]: row["MBps_model"] for row in out["encode_levels_measured"]}
+    assert table[out["encode_level"]] == max(table.values())
     # the work figures: MB/s over non-zero pages, never above the logical figure
     assert 0 < out["encode_MBps_2cores_nonzero"] <= out["encode_MBps_2cores"]
     assert 0 < out["encode_nonzero_MB_per_cpu_s"] <= out["encode_MB_per_cpu_s"]

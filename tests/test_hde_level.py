@@ -59,24 +59,67 @@ _levels = st.lists(
 
 
 @given(levels=_levels, store=st.one_of(st.none(), st.floats(1e6, 5e10)),
-       link=st.floats(1e4, 1e10), cores=st.integers(1, 64))
+       link=st.floats(1e4, 1e10), cores=st.integers(1, 64),
+       fixed=st.one_of(st.just(0.0), st.floats(1e-12, 1e-6)))
 def test_the_chosen_level_never_moves_less_than_sending_uncompressed(
         levels: list[tuple[int, float, float]], store: float | None, link: float,
-        cores: int) -> None:
+        cores: int, fixed: float) -> None:
     samples = [LevelSample(lv, speed, ratio) for lv, speed, ratio in levels]
     if store is not None:
         samples.insert(0, LevelSample(0, store, 1.0))
-    chosen = choose_level(samples, link, cores)
-    floor = uncompressed_rate(samples, link, cores)
-    best = max(s.rate(link, cores) for s in samples)
+    chosen = choose_level(samples, link, cores, fixed)
+    floor = uncompressed_rate(samples, link, cores, fixed)
+    best = max(s.rate(link, cores, fixed) for s in samples)
     if chosen == 0:
         # store: measured and the fastest, or no compressing level reached the floor
         assert best <= floor
     else:
         pick = next(s for s in samples if s.level == chosen)
-        assert pick.rate(link, cores) >= floor
+        assert pick.rate(link, cores, fixed) >= floor
         # and it is the fastest measured level
-        assert pick.rate(link, cores) == max(s.rate(link, cores) for s in samples)
+        assert pick.rate(link, cores, fixed) == best
+
+
+def test_the_work_every_level_does_counts_against_a_cheap_level() -> None:
+    # The fuller guest on a 10 Gbit/s link, 2 cores (bench hde, 2026-12-07): zstd -5
+    # compressed ~700 MB/s per core at ratio 0.8, and the index and plan cost ~1.3 ns of
+    # CPU per byte sent. Compression alone: 2 x 700 MB/s beats the link's 1,250 MB/s, so
+    # -5 "wins"; the whole job at -5 moves 2 / (1/700e6 + 1.3e-9) = 0.73 GB/s, storing
+    # min(2 / (1/10e9 + 1.3e-9), 1.25 GB/s) = 1.25 GB/s (measured: 0.8 against 1.5).
+    samples = [LevelSample(0, 10e9, 1.0), LevelSample(-5, 700e6, 0.8)]
+    link = 10e9 / 8
+    assert choose_level(samples, link, 2) == -5
+    assert choose_level(samples, link, 2, fixed_s_per_byte=1.3e-9) == 0
+    assert samples[1].rate(link, 2, 1.3e-9) == pytest.approx(2 / (1 / 700e6 + 1.3e-9))
+    assert uncompressed_rate(samples, link, 2, 1.3e-9) == link
+    # On 1 Gbit/s the link binds storing, and -5's smaller output still pays.
+    assert choose_level(samples, 1e9 / 8, 2, fixed_s_per_byte=1.3e-9) == -5
+    # With no store sample, the floor is the link or what the fixed work allows.
+    assert uncompressed_rate(samples[1:], link, 2, 4e-9) == pytest.approx(2 / 4e-9)
+    with pytest.raises(ValueError, match="fixed_s_per_byte"):
+        choose_level(samples, link, 2, fixed_s_per_byte=-1.0)
+
+
+def test_each_level_is_timed_by_its_fastest_pass() -> None:
+    # Three passes per level: an interrupted pass (5 s) does not count, the fastest does.
+    durations = iter([5.0, 1.0, 3.0,   # store
+                      9.0, 2.0, 4.0])  # level 1
+    now = [0.0]
+    state = {"start": True}
+
+    def clock() -> float:
+        if not state["start"]:
+            now[0] += next(durations)
+        state["start"] = not state["start"]
+        return now[0]
+
+    data = (Path(__file__).read_bytes() * 4)[: 32 * 1024]
+    out = measure_ladder([data], 1.0, 1, clock, levels=(0, 1), passes=3)
+    assert [s.level for s in out] == [0, 1]
+    assert out[0].bytes_per_s_per_core == pytest.approx(len(data) / 1.0)
+    assert out[1].bytes_per_s_per_core == pytest.approx(len(data) / 2.0)
+    with pytest.raises(ValueError, match="passes"):
+        measure_ladder([data], 1.0, 1, clock, levels=(0, 1), passes=0)
 
 
 @given(mode=st.sampled_from(sorted(MODE_LEVELS)),
@@ -221,3 +264,55 @@ def test_no_step_down_to_a_level_that_does_not_encode_faster() -> None:
     gov.encoded(-1, 0.01, 1 << 20)
     gov.encoded(-1, 0.01, 1 << 20)  # now -1 is measured cheaper: worth the step
     assert gov.next_level(100.0, 0, 10**9, False) == -1
+
+
+def _link(gov: LevelGovernor, seconds: float, link: float, produce: dict[int, float],
+          backlog: float) -> tuple[float, float]:
+    """Drive ``gov`` against a link of ``link`` bytes/s fed by encoders that produce
+    ``produce[level]`` encoded bytes/s at each level (1 MiB chunks, 0.05 s steps; a
+    level missing from ``produce`` produces as much as the highest one below it).
+    Returns (seconds the link idled, the most backlog seen after the start)."""
+    dt, drained, idle = 0.05, 0.0, 0.0
+    rates = [produce.get(lv, 0.0) for lv in gov.ladder]
+    for i in range(1, len(rates)):
+        rates[i] = rates[i] or rates[i - 1]
+    for k in range(int(seconds / dt)):
+        now = k * dt
+        level = gov.next_level(now, int(backlog), int(drained), False)
+        made = rates[gov.ladder.index(level)] * dt
+        gov.encoded(level, (1 << 20) / max(made / dt, 1.0), 1 << 20)
+        backlog += made
+        out = min(backlog, link * dt)
+        idle += dt - out / link
+        backlog -= out
+        drained += out
+    return idle, backlog
+
+
+def test_a_shrinking_backlog_does_not_climb_and_the_link_never_idles() -> None:
+    """The quiet run of 2026-12-07 21:00 (task livetbf): a window's worth of frames
+    encoded at 9 drained while the governor climbed to 19 on the size of the backlog,
+    and the link then ran at 65 %. At 12 and above these encoders fall behind the link:
+    the governor must not climb while the backlog shrinks, and step back down in time."""
+    link = 12.5e6
+    produce = {9: 20e6, 12: 10e6, 13: 8e6, 14: 6e6, 16: 4e6, 19: 1.5e6}
+    gov = LevelGovernor(9)
+    idle, _ = _link(gov, 30.0, link, produce, backlog=60e6)
+    assert idle == 0.0
+    assert max(gov.ladder.index(lv) for _, lv in gov.steps) <= gov.ladder.index(12)
+    # it still uses the spare CPU: back and forth between 9 and 12 at the link's pace
+    assert {lv for _, lv in gov.steps} == {9, 12}
+
+
+def test_a_climb_waits_for_the_trend_at_the_new_level() -> None:
+    gov = LevelGovernor(3)
+    assert gov.next_level(0.0, 50_000_000, 0, False) == 3
+    assert gov.next_level(0.25, 50_000_000, 3_000_000, False) == 6  # steady: climb
+    # right after the step the trend is the old level's: none yet
+    assert gov.trend is None
+    # a chunk at 6 takes 0.4 s here: the chunks begun before the step are still 3's
+    gov.encoded(6, 0.4, 1 << 20)
+    assert gov.next_level(0.5, 50_000_000, 6_000_000, False) == 6
+    # the backlog shrank at 6: no climb however large it still is
+    assert gov.next_level(0.75, 46_000_000, 9_000_000, False) == 6
+    assert gov.trend is not None and gov.trend < 0

@@ -171,3 +171,32 @@ def test_a_grouped_transfer_still_refetches_after_a_wrong_dedup_hit() -> None:
     assert r.verified and r.image is not None
     assert bytes(r.image.view(0, img.page_count)) == data
     assert r.stats["fallback_blocks"] == 1
+
+
+def test_sketches_computed_ahead_are_the_sketches_and_close_stops_the_worker() -> None:
+    """SketchAhead (issue 17, task livetbf): the pages the target wants are sketched on a
+    worker while the diff runs; the keys are page_sketches', whoever computed them."""
+    import threading
+
+    from mesh.hde.similar import SketchAhead
+
+    n = 96
+    img = Image(text(5, n * P), "s")
+    plain = page_sketches(img)
+    ahead = SketchAhead(img)
+    worker = threading.Thread(target=ahead.run)
+    worker.start()
+    ahead.want((0, 32, 40, 16))
+    ahead.want(())
+    ahead.close()
+    worker.join(5)
+    assert not worker.is_alive()
+    assert ahead.ahead <= 48
+    assert [ahead(p) for p in range(n)] == [plain(p) for p in range(n)]
+    assert ahead.ahead + ahead.on_the_spot == n
+    # a closed one computes nothing more ahead: a new worker returns at once
+    again = threading.Thread(target=ahead.run)
+    ahead.want((0, n))
+    again.start()
+    again.join(5)
+    assert not again.is_alive() and ahead.ahead + ahead.on_the_spot == n

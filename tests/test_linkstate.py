@@ -197,13 +197,37 @@ def test_table_refuses_bad_entries_and_our_own_from_others() -> None:
 
 def test_digest_exchange_finds_what_the_other_lacks() -> None:
     x, y = table("a", ["a", "b", "c"]), table("c", ["a", "b", "c"])
-    merged(x, [entry("b", "a", 3), entry("b", "c", 1)])
+    merged(x, [entry("b", "a", 3), entry("b", "c", 2)])
     merged(y, [entry("b", "a", 1)])
     missing = x.entries_newer_than(y.digest())
-    assert missing == [said_link(entry("b", "a", 3)), said_link(entry("b", "c", 1))]
+    assert missing == [said_link(entry("b", "a", 3)), said_link(entry("b", "c", 2))]
     assert y.entries_newer_than(x.digest()) == []
+    assert y.lacks(x.digest()) and not x.lacks(y.digest())
     y.merge(0.0, y.open(0.0, "a", missing))  # passed on as b signed them
-    assert x.digest() == y.digest()
+    assert x.digest() == y.digest() and not x.lacks(y.digest())
+
+
+def test_digest_exchange_sends_only_the_latest_publications_when_there_is_no_gap() -> None:
+    # An origin's versions come from one counter: b published 1..6 over its three links.
+    x, y = table("a", ["a", "b", "c", "d"]), table("c", ["a", "b", "c", "d"])
+    merged(x, [entry("b", "a", 1), entry("b", "c", 2), entry("b", "d", 3)])
+    merged(y, [entry("b", "a", 1), entry("b", "c", 2), entry("b", "d", 3)])
+    merged(x, [entry("b", "a", 4), entry("b", "c", 5)])  # y missed both republications
+    assert x.entries_newer_than(y.digest()) == [said_link(entry("b", "a", 4)),
+                                               said_link(entry("b", "c", 5))]
+    merged(x, [entry("b", "d", 6)])
+    # still only what lies above y's maximum (5 and 6 replaced 2 and 3, which y holds)
+    merged(y, [entry("b", "a", 4)])
+    assert x.entries_newer_than(y.digest()) == [said_link(entry("b", "c", 5)),
+                                               said_link(entry("b", "d", 6))]
+    z = table("d", ["a", "b", "c", "d"])
+    merged(z, [entry("b", "a", 1), entry("b", "c", 5), entry("b", "d", 3)])
+    # z holds 5 but missed 4 below it: a gap, so z gets every entry of b
+    assert x.entries_newer_than(z.digest()) == [said_link(entry("b", "a", 4)),
+                                               said_link(entry("b", "c", 5)),
+                                               said_link(entry("b", "d", 6))]
+    merged(y, [entry("b", "c", 5), entry("b", "d", 6)])
+    assert x.entries_newer_than(y.digest()) == [] and x.digest() == y.digest()
 
 
 entries = st.builds(
@@ -224,3 +248,18 @@ def test_merge_is_order_independent(batch: list[LinkEntry], rnd: random.Random) 
         merged(two, [e])
     assert one.entries == two.entries
     assert one.digest() == two.digest()
+
+
+def test_loss_is_republished_only_for_a_step_of_several_pings() -> None:
+    p = prober()
+    cfg = p.cfg
+    old = LinkEntry("a", "b", 1, 10.0, 1.0, 0.0, 0.0, False, None)
+    one, two, three = (1 / cfg.loss_window, 2 / cfg.loss_window, 3 / cfg.loss_window)
+    for loss, expected in ((one, False), (two, False), (three, True)):
+        new = LinkEntry("a", "b", 2, 10.0, 1.0, 0.0, loss, False, None)
+        assert p.significant(old, new) is expected, loss
+    was = LinkEntry("a", "b", 1, 10.0, 1.0, 0.0, three, False, None)
+    assert not p.significant(was, LinkEntry("a", "b", 2, 10.0, 1.0, 0.0, one, False, None))
+    assert p.significant(was, LinkEntry("a", "b", 2, 10.0, 1.0, 0.0, 0.0, False, None))
+    # down is never held back
+    assert p.significant(old, LinkEntry("a", "b", 2, 10.0, 1.0, 0.0, one, True, None))

@@ -55,7 +55,10 @@ def fail_round(m: Membership, now: float = 10.0) -> tuple[str, list]:
 def test_start_joins_every_peer_and_sets_timers() -> None:
     m = make()
     out = m.start(0.0)
-    assert sorted(s.peer for s in sends(out, Sync)) == PEERS
+    syncs = sends(out, Sync)
+    assert sorted(s.peer for s in syncs) == PEERS  # every peer hears our own statement
+    assert all(s.message.members for s in syncs)
+    assert sum(s.message.reply for s in syncs) == min(m.cfg.join_syncs, len(PEERS))
     keys = set(timers(out))
     assert {("swim", "probe"), ("swim", "gossip"), ("swim", "sync")} <= keys
 
@@ -318,3 +321,76 @@ def test_probe_soon_jumps_the_round_robin_once() -> None:
     m.probe_soon("c")  # a dead member is not probed
     seen = {probe_once(m, 2.0 + i)[1] for i in range(3)}
     assert "c" not in seen
+
+
+class _Links:
+    """A LinkSync over a real link table (mesh.links.estimates)."""
+
+    def __init__(self, me: str) -> None:
+        from mesh.links.estimates import LinkTable
+
+        self.table = LinkTable(me, ["a", *PEERS], statements_for(me, ["a", *PEERS]))
+
+    def digest(self) -> tuple:
+        return self.table.digest()
+
+    def entries_newer_than(self, digest: object) -> list:
+        return self.table.entries_newer_than(digest)  # type: ignore[arg-type]
+
+    def lacks(self, digest: object) -> bool:
+        return self.table.lacks(digest)  # type: ignore[arg-type]
+
+    def merge(self, now: float, peer: str, statements: object) -> list:
+        return self.table.merge(now, self.table.open(now, peer, statements))  # type: ignore
+
+
+def _link(origin: str, peer: str, version: int) -> Signed:
+    from mesh.gossip.control_msgs import LinkEntry
+
+    return said_link(LinkEntry(origin, peer, version, 10.0, 1.0, 0.0, 0.0, False, None))
+
+
+def test_link_anti_entropy_carries_only_what_the_peer_lacks() -> None:
+    a = make(links=_Links("a"))
+    b = make("b", ["a", "c", "d", "e"], links=_Links("b"))
+    a.handle(0.0, Received("c", Gossip((), (_link("c", "d", 1), _link("d", "c", 2)))))
+    b.handle(0.0, Received("c", Gossip((), (_link("c", "d", 1), _link("e", "c", 3)))))
+    out = a.handle(2.0, TimerFired(("swim", "link-sync")))
+    assert ("swim", "link-sync") in timers(out)
+    (req,) = sends(out, Sync)
+    assert req.message.reply and not req.message.members and req.message.digest
+    # b answers with the entry a lacks and, since a holds one b lacks, its digest
+    (rep,) = sends(b.handle(2.1, Received("a", req.message)), Sync)
+    assert rep.peer == "a" and not rep.message.members and rep.message.digest
+    assert rep.message.links == (_link("e", "c", 3),)
+    # a sends back what b lacks; the exchange ends there (no digest)
+    (back,) = sends(a.handle(2.2, Received("b", rep.message)), Sync)
+    assert back.message.links == (_link("d", "c", 2),) and not back.message.digest
+    b.handle(2.3, Received("a", back.message))
+    assert a.links.digest() == b.links.digest()  # type: ignore[union-attr]
+    # the next round between agreeing tables costs the request alone
+    (req,) = sends(a.handle(4.0, TimerFired(("swim", "link-sync"))), Sync)
+    assert sends(b.handle(4.1, Received("a", req.message)), Sync) == []
+    for s in (req, rep, back):
+        assert wire.decode(wire.encode(s.message)) == s.message
+
+
+def test_link_entries_have_their_own_smaller_retransmit_limit() -> None:
+    m = make(links=_Links("a"))
+    assert m.link_transmit_limit() == m.cfg.link_transmit_mult * 1  # ceil(log10(5 + 1))
+    assert m.link_transmit_limit() < m.transmit_limit()
+    m.handle(1.0, Received("c", Gossip((), (_link("c", "d", 1),))))
+    seen = 0
+    for peer in ["b", "d", "e", "b", "d", "e"]:
+        seen += len(m._gossip_for(peer).links)
+    assert seen == m.link_transmit_limit()  # never back to c, which sent it
+
+
+def test_only_the_first_k_confirmations_of_a_suspicion_are_passed_on() -> None:
+    m = make(peers=[f"p{i:02d}" for i in range(15)], me="me")
+    for i, accuser in enumerate(["p01", "p02", "p04", "p05", "p06"]):
+        m.handle(5.0 + i, Received(accuser, Gossip((upd("p03", 0, State.SUSPECT, accuser),), ())))
+    members, _ = m.queue.take(16, m.transmit_limit())
+    passed = sorted(member_of(u).source for u in members if member_of(u).name == "p03")
+    k = m.cfg.suspicion_mult - 2  # Lifeguard's K: the timeout is at its minimum after K
+    assert passed == ["p01", "p02", "p04"][: k + 1]  # the suspicion and K confirmations

@@ -109,12 +109,15 @@ def test_sweep_crash_one_n16() -> None:
 @pytest.mark.timeout(LONG_TIMEOUT)
 def test_sweep_crash_one_n64() -> None:
     # Issue 4: detection_p99_s <= 15 at N = 64 (the run ends 30 s after the crash, as
-    # ``dwcp bench mesh --nodes 64 --scenarios crash-one --crash-at 25``).
+    # ``dwcp bench mesh --nodes 64 --scenarios crash-one --crash-at 25``); issue 18,
+    # item 4: control_bps_per_node <= 50,000 and update_convergence_p999_s <= 5 there.
     detections: list[float] = []
     for seed in SEEDS:
         r = run_mesh("crash-one", seed, 64, crash_at=25.0, faults_until=55.0)
         assert r.ok and r.metrics["undetected"] == 0, r.replay()
         assert r.metrics["false_positives"] == 0, r.replay()
+        assert r.metrics["control_bps_per_node"] <= 50_000, r.replay()
+        assert r.metrics["update_convergence_p999_s"] <= 5.0, r.replay()
         detections += r.metrics["detections"]
     p99 = percentile(detections, 99)
     assert p99 is not None and p99 <= 15.0

@@ -90,6 +90,15 @@ def test_routes_metrics_and_a_migration(tmp_path: Path) -> None:
             assert set(doc["routes"]) == {"control", "bulk"}
             code, vms = await call(nodes["dc3"], "GET", "/api/vms")
             assert code == 200 and vms[0]["owner"] == "dc2" and vms[0]["here"] is None
+            # one VM, read from its own record and directory (not a listing of the fleet)
+            assert await call(nodes["dc3"], "GET", "/api/vms/web") == (200, vms[0])
+            assert await call(dc1, "GET", "/api/vms/web") == (200, {
+                "name": "web", "owner": "dc2", "epoch": 1, "migrating": None,
+                "here": "retired", "pages": pages})
+            code, doc = await call(dc1, "GET", "/api/vms/nobody")
+            assert code == 404 and "no VM 'nobody'" in doc["error"]
+            code, doc = await call(dc1, "GET", "/api/vms/..%2Fx")
+            assert code == 404
 
     trio.run(main)
 

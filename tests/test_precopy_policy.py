@@ -12,8 +12,11 @@ from types import SimpleNamespace
 import pytest
 import trio
 
-from federation.dataplane.v3_source import V3RoundSender
+from federation.dataplane import v3_source
+from federation.dataplane.v3_shadow import COPY_PAGES, SourceState
+from federation.dataplane.v3_source import V3RoundSender, _EarlySample
 from federation.migration.precopy import (
+    FIRST_ROUND_SHARE,
     INCREMENT,
     INITIAL,
     MAXIMUM,
@@ -37,8 +40,12 @@ from federation.migration.vocabulary import (
     Throttled,
     TransferProgress,
 )
-from federation.vms.dirty_scan import SentDigests
-from mesh.hde.image import PAGE_SIZE, create_image
+from federation.node.assembly import link_Bps
+from federation.vms.dirty_scan import GROUP_PAGES, SentDigests
+from mesh.gossip.control_msgs import LinkEntry
+from mesh.hde.image import PAGE_SIZE, create_image, open_image
+from mesh.links.estimates import LinkTable
+from tests.harness.gossip import said_link, statements_for
 from tests.harness.migration_session import of, one, precopy, session
 
 # A 100 Mbit/s link moving incompressible pages: 12.5 MB/s, 0.328 ms a page; a 300 ms
@@ -188,11 +195,23 @@ def test_a_refused_throttle_lets_the_session_stop_a_round_that_does_not_shrink()
 
 def test_first_round_throttle_judges_the_sample_against_the_link() -> None:
     # 700 pages written in 0.5 s of the copy (1,400 pages/s), 0.6 s into round 1: round 1
-    # lasts at least 1.2 s, 1,680 pages against the 915 that fit: held 46 %
-    assert first_round_throttle(700, 0.5, 0.6, COST, LIMIT) == 46
+    # lasts at least 1.2 s, 1,680 pages against half the 915 that fit (FIRST_ROUND_SHARE):
+    # held 73 %
+    assert FIRST_ROUND_SHARE == 0.5
+    assert first_round_throttle(700, 0.5, 0.6, COST, LIMIT) == 73
     assert first_round_throttle(50, 0.5, 0.6, COST, LIMIT) == 0  # 168 pages fit
     assert first_round_throttle(700, 0.5, 0.6, 0.0, LIMIT) == 0  # no link figure: no call
     assert first_round_throttle(0, 0.5, 0.6, COST, LIMIT) == 0
+
+
+def test_an_early_sample_judges_round_1_by_its_copys_projected_length() -> None:
+    # 0.3 s into a copy projected to take 1.8 s: round 1 lasts at least 3.6 s, not 0.6 s;
+    # 200 pages in 0.3 s (667 pages/s) write 2,400 pages against the 457 wanted: 81 %
+    assert first_round_throttle(200, 0.3, 0.3, COST, LIMIT, 1.8) == 81
+    assert first_round_throttle(200, 0.3, 0.3, COST, LIMIT) == 0  # 400 pages in 0.6 s fit
+    # a projection shorter than what has elapsed changes nothing
+    assert first_round_throttle(200, 0.3, 2.0, COST, LIMIT, 0.5) == \
+        first_round_throttle(200, 0.3, 2.0, COST, LIMIT)
 
 
 def test_round_1s_dirty_sample_throttles_the_guest_before_the_round_moves() -> None:
@@ -200,8 +219,8 @@ def test_round_1s_dirty_sample_throttles_the_guest_before_the_round_moves() -> N
     s.link_Bps = 12.5e6  # the mesh's figure for the link to the target
     out = s.handle(0.8, TransferProgress(1, 0, 0, 0, 65_536, 700, 0.5))
     throttle = one(out, Throttle)
-    assert throttle.percent == first_round_throttle(700, 0.5, 0.6, COST, LIMIT) == 46
-    assert s.throttle == 46
+    assert throttle.percent == first_round_throttle(700, 0.5, 0.6, COST, LIMIT) == 73
+    assert s.throttle == 73
     # a throttle already as high is not asked again; without a link figure none is
     assert of(s.handle(0.8, TransferProgress(1, 0, 0, 0, 65_536, 700, 0.5)), Throttle) == []
     s = _session()
@@ -210,9 +229,39 @@ def test_round_1s_dirty_sample_throttles_the_guest_before_the_round_moves() -> N
 
 def test_the_rounds_core_passes_round_1s_sample_to_the_session() -> None:
     r = V3Sending(SendRound("m1", "vm1", 1, False, False, 3), "dc2", 0.0, None)
-    out = r.handle(0.5, V3Preparing("m1", 1, 65_536, 700, 0.5))
+    out = r.handle(0.5, V3Preparing("m1", 1, 65_536, 700, 0.5, 1.8))
     progress = next(a.event for a in out if isinstance(a, ToSession))
-    assert (progress.prepared, progress.dirtied, progress.dirty_seconds) == (65_536, 700, 0.5)
+    assert (progress.prepared, progress.dirtied, progress.dirty_seconds,
+            progress.preparation_s) == (65_536, 700, 0.5, 1.8)
+
+
+def test_an_early_sample_throttles_by_the_copys_projected_length() -> None:
+    s = _session()
+    s.link_Bps = 12.5e6
+    # 0.4 s into round 1, 200 pages in 0.3 s, the copy projected to take 1.8 s
+    out = s.handle(0.6, TransferProgress(1, 0, 0, 0, 8_192, 200, 0.3, 1.8))
+    assert one(out, Throttle).percent == first_round_throttle(200, 0.3, 0.4, COST, LIMIT,
+                                                              1.8) == 81
+    # the sample at the copy's end can only raise it
+    assert of(s.handle(2.0, TransferProgress(1, 0, 0, 0, 65_536, 100, 0.9, 1.8)),
+              Throttle) == []
+    assert s.throttle == 81
+
+
+def test_round_1_samples_the_dirty_rate_early_in_its_copy(tmp_path: Path) -> None:
+    rng = random.Random(6)
+    live = create_image(tmp_path / "memory.img", 64, "memory")
+    try:
+        live.write(0, rng.randbytes(64 * PAGE_SIZE))
+        early = _EarlySample({"memory": live})
+        live.write(8, rng.randbytes(3 * PAGE_SIZE))  # pages 8-10: groups 2 (8-11)
+        live.write(33, rng.randbytes(PAGE_SIZE))  # and 8 (32-35)
+        live.write(63, bytes(live.view(63)))  # rewritten with the same bytes: not counted
+        dirtied, seconds = early.sample({"memory": live})
+    finally:
+        live.close()
+    assert dirtied == 2 * GROUP_PAGES  # a group that differs counts whole: a bound
+    assert 0 < seconds < 5
 
 
 def test_round_1_counts_the_pages_written_while_its_shadow_was_copied(tmp_path: Path) -> None:
@@ -239,6 +288,67 @@ def test_round_1_counts_the_pages_written_while_its_shadow_was_copied(tmp_path: 
     assert 0.2 <= sample.dirty_seconds < 5  # half the copy, then the scan
 
 
+class _LiveGuest:
+    """What round 1's refresh asks of a backend, over one image file a test writes to: a
+    VM tracked by content (the qemu backend's answers)."""
+
+    def __init__(self, path: Path, pages: int) -> None:
+        self.path, self.pages = path, pages
+
+    def dirty_by_content(self, name: str) -> bool:
+        return True
+
+    def dirty_mark(self, name: str) -> int:
+        return 0
+
+    def info(self, name: str) -> SimpleNamespace:
+        return SimpleNamespace(layout=(("memory", self.pages),))
+
+    def open_images(self, name: str) -> dict[str, object]:
+        return {"memory": open_image(self.path, "memory")}
+
+
+def test_round_1_reports_the_early_sample_while_its_copy_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pages = 2 * COPY_PAGES  # two pieces: the sample comes after the first
+    live = create_image(tmp_path / "memory.img", pages, "memory")
+    live.write(0, random.Random(7).randbytes(PAGE_SIZE) * pages)
+    monkeypatch.setattr(v3_source, "EARLY_SAMPLE_S", 0.0)
+    sender = object.__new__(V3RoundSender)
+    sender.action = V3Prepare("m1", "vm1", 1, "dc2", None)
+    sender.backend = _LiveGuest(tmp_path / "memory.img", pages)  # type: ignore[assignment]
+    sender.state = SourceState(tmp_path / "shadow")
+    sender._executor = None
+    sender._news, sender._built = {}, {}
+    sender._prepared, sender._next_prepared = 0, math.inf
+    reports: list[object] = []
+    sender._report = reports.append
+    wrote: list[int] = []
+
+    def preparing(n: int) -> None:  # the guest writes while the first piece is copied
+        sender._prepared += n
+        if not wrote:
+            live.write(COPY_PAGES + 5, bytes(PAGE_SIZE))  # one page of group 1025
+            live.write(40, bytes(2 * PAGE_SIZE))  # pages 40-41: group 10
+            wrote.append(n)
+
+    sender._preparing = preparing  # type: ignore[method-assign,assignment]
+    try:
+        covered, olds, _ = trio.run(trio.to_thread.run_sync, sender._refresh)
+    finally:
+        live.close()
+        sender.state.close()
+    assert covered == pages and olds == {}
+    early, late = (r for r in reports if isinstance(r, V3Preparing) and r.dirty_seconds > 0)
+    # after the first piece: the two groups written, counted whole, with the copy's
+    # projected length (twice the first piece's time)
+    assert (early.pages, early.dirtied) == (COPY_PAGES, 2 * GROUP_PAGES)
+    assert 0 < early.preparation_s < 60
+    # after the copy: the pages that differ from what was copied (the second piece was
+    # copied after the write: page 4101 went out new; pages 40-41 were copied before)
+    assert (late.pages, late.dirtied) == (pages, 2)
+
+
 def test_without_a_link_figure_round_1s_sample_waits_for_the_rounds_own_pace() -> None:
     s = _session()  # the mesh had no figure for the link when the migration was planned
     assert of(s.handle(0.8, TransferProgress(1, 0, 0, 0, 65_536, 700, 0.5)), Throttle) == []
@@ -246,8 +356,8 @@ def test_without_a_link_figure_round_1s_sample_waits_for_the_rounds_own_pace() -
     assert of(s.handle(2.0, TransferProgress(1, 10_000_000, 2_441, 1_000_000)), Throttle) == []
     out = s.handle(3.0, TransferProgress(1, 60_000_000, 14_648, 13_500_000))
     throttle = one(out, Throttle)
-    # judged 2.8 s into round 1: 1,400 pages/s over 5.6 s, 7,840 against the 915 that fit
-    assert throttle.percent == first_round_throttle(700, 0.5, 2.8, COST, LIMIT) == 89
+    # judged 2.8 s into round 1: 1,400 pages/s over 5.6 s, 7,840 against the 457 wanted
+    assert throttle.percent == first_round_throttle(700, 0.5, 2.8, COST, LIMIT) == MAXIMUM
     # judged once
     assert of(s.handle(4.0, TransferProgress(1, 90_000_000, 21_972, 26_000_000)), Throttle) == []
 
@@ -282,3 +392,28 @@ def test_a_seeded_chaos_run_throttles_stops_early_and_leaves_no_guest_throttled(
     assert run.ok, run.violations
     assert run.metrics["migration"]["throttles"] >= 1
     assert run.metrics["migration"]["ledger"].get("committed", 0) >= 5
+
+
+# ---------------------------------------------------------------------- the link's figure
+
+
+def test_round_1s_sample_is_judged_by_the_other_directions_figure_on_a_return() -> None:
+    names = ["dc1", "dc3"]
+    t = LinkTable("dc3", names, statements_for("dc3", names))
+    assert link_Bps(t, "dc3", "dc1") is None  # nothing measured either way
+
+    def merge(origin: str, peer: str, version: int, bw: float | None) -> None:
+        e = LinkEntry(origin, peer, version, 50.0, 5.0, 1.0, 0.0, False, bw)
+        if origin == "dc3":  # this node's own figures, from its prober
+            t.put_own(0.0, e)
+        else:  # dc1's, by gossip
+            t.merge(0.0, t.open(0.0, "dc1", [said_link(e)]))
+
+    # the trip there: dc1 measured dc1 -> dc3 at 100 Mbit/s, dc3 reported what it receives
+    merge("dc1", "dc3", 1, 100.0)
+    merge("dc3", "dc1", 1, None)
+    assert link_Bps(t, "dc3", "dc1") == pytest.approx(12.5e6)  # the return: dc1 -> dc3's
+    assert link_Bps(t, "dc1", "dc3") == pytest.approx(12.5e6)
+    # once dc3 -> dc1 was measured itself, its own figure
+    merge("dc3", "dc1", 2, 40.0)
+    assert link_Bps(t, "dc3", "dc1") == pytest.approx(5e6)

@@ -13,7 +13,7 @@ import trio
 import federation.dataplane.v3 as v3
 import federation.dataplane.v3_source as v3_source
 from mesh.hde.messages import CHUNK_PAGES
-from mesh.hde.similar import SIMILAR_FROM_LEVEL, sketch
+from mesh.hde.similar import SIMILAR_FROM_LEVEL, SketchAhead, sketch
 from tests.harness.node import (
     image_hashes,
     import_vm,
@@ -66,8 +66,28 @@ def test_node_source_plans_by_similarity_from_the_level(tmp_path: Path,
 
     level = [1]
     levels: list[tuple[int, int]] = []  # (level chosen for the migration, chunk's level)
+    sketchers: list[SketchAhead] = []
+
+    class Recorded(SketchAhead):
+        def __init__(self, image: Any) -> None:
+            super().__init__(image)
+            sketchers.append(self)
+
     monkeypatch.setattr(v3_source, "encode_chunk", recording)
-    monkeypatch.setattr(v3, "choose_chunk_level", lambda *_: ("datacenter", level[0]))
+    monkeypatch.setattr(v3_source, "SketchAhead", Recorded)
+    order: list[str] = []  # the first round: announced to the target, then the ladder
+    real_announce = v3_source.V3RoundSender._announce
+
+    def announce(self: Any, *args: Any) -> float:
+        order.append("announced")
+        return real_announce(self, *args)
+
+    def choose(*_: Any) -> tuple[str, int]:
+        order.append("level")
+        return "datacenter", level[0]
+
+    monkeypatch.setattr(v3, "choose_chunk_level", choose)
+    monkeypatch.setattr(v3_source.V3RoundSender, "_announce", announce)
 
     async def main() -> None:
         async with running_nodes(cfg, tmp_path / "data") as nodes:
@@ -85,6 +105,10 @@ def test_node_source_plans_by_similarity_from_the_level(tmp_path: Path,
                 assert dc1.rounds.counters.paths[mid] == {"v3": rounds}
 
     trio.run(main)
+    # each migration's first round is announced before its level is measured (the
+    # target gets ready meanwhile); the rounds after it are announced as prepared
+    assert order[:2] == ["announced", "level"] and order.count("level") == 2
+    assert order[order.index("level", 2) - 1] == "announced"
     by_level: dict[int, list[list[int]]] = {}
     for lvl, pages in plans:
         by_level.setdefault(lvl, []).append(pages)
@@ -102,3 +126,8 @@ def test_node_source_plans_by_similarity_from_the_level(tmp_path: Path,
     assert all(pages[-1] - pages[0] < CHUNK_PAGES for pages in by_level[1])
     # by similarity: every page shares its chunk with its look-alike
     assert together(by_level[SIMILAR_FROM_LEVEL]) == SPREAD
+    # the wanted pages were sketched ahead of the plan or at it (SketchAhead; the page
+    # the worker is on when the diff ends may be sketched by both), and only for the
+    # migration that chunks by similarity (the memory image alone)
+    assert len(sketchers) == 1
+    assert 2 * SPREAD <= sketchers[0].ahead + sketchers[0].on_the_spot <= 2 * SPREAD + 1

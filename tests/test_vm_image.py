@@ -229,3 +229,18 @@ def test_bad_meta_is_named(backend: ImageBackend, meta: dict[str, object]) -> No
     (backend.root / "x" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(VmError, match="VM 'x'"):
         backend.info("x")
+
+
+def test_an_import_being_staged_is_not_listed(backend: ImageBackend,
+                                              files: tuple[Path, Path]) -> None:
+    """The staging directory holds the new VM's meta.json for an instant before it is
+    renamed into place; a listing at that instant (the node's reconcile after a ledger
+    change, beside concurrent imports) lists the VMs and not it (it raised and stopped the
+    node, found by dwcp bench fleet)."""
+    mem, _ = files
+    backend.import_vm("web-1", mem)
+    staging = backend.root / ".web-2.importing"
+    staging.mkdir()
+    atomic_write(staging / "meta.json", (backend.path("web-1") / "meta.json").read_bytes())
+    assert [v.name for v in backend.list_vms()] == ["web-1"]
+    assert [v.name for v in backend.usage()] == ["web-1"]

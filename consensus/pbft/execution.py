@@ -75,7 +75,8 @@ def execute(st: ReplicaState, out: Outbox, now: float, seq: int, data: bytes,
     rebuilds after a restart; it sends no replies (they went out before the crash, or
     the client asks again and gets the remembered results), and still reports the
     execution and signs its checkpoint."""
-    batch = st.decoded.pop(digest(data), None)
+    dig = digest(data)  # once: the decoded cache's key and the notification's digest
+    batch = st.decoded.pop(dig, None)
     if batch is None:
         try:
             batch = wire.decode(data, expect=(Batch,))
@@ -97,9 +98,10 @@ def execute(st: ReplicaState, out: Outbox, now: float, seq: int, data: bytes,
             continue
         results = replies.setdefault(req.client, [])
         for rid, command in zip(ids, req.commands, strict=True):
-            if st.ledger.executed_result(req.client, rid) is None:
+            result, fresh = st.ledger.execute_once(req.client, rid, command, at)
+            if fresh:  # executed now, not a duplicate answered from the exactly-once window
                 executed.append((req.client, rid))
-            results.append(Result(rid, st.ledger.execute(req.client, rid, command, at)))
+            results.append(Result(rid, result))
         key = (req.client, req.request_id)
         st.drop_pending(key)
         st.proposed.pop(key, None)
@@ -111,13 +113,16 @@ def execute(st: ReplicaState, out: Outbox, now: float, seq: int, data: bytes,
             out.send(client, out.sign(reply))
     st.last_exec = seq
     st.count("executed_batches")
-    out.notify("pbft.executed", {"seq": seq, "digest": digest(data), "requests": executed})
+    out.notify("pbft.executed", {"seq": seq, "digest": dig, "requests": executed})
     if seq % st.cfg.checkpoint_interval == 0:
+        # the snapshot is the whole ledger (megabytes at tens of thousands of VMs): hashed
+        # once, its digest kept with it, signed and counted as this replica's own vote
         snap = st.ledger.snapshot()
-        st.snapshots[seq] = (snap, digest(snap))
-        env = out.sign(Checkpoint(seq, digest(snap)))
+        own = Checkpoint(seq, digest(snap))
+        st.snapshots[seq] = (snap, own.state_digest)
+        env = out.sign(own)
         out.broadcast(env)
-        checkpoint.on_checkpoint(st, out, now, env.signed, Checkpoint(seq, digest(snap)))
+        checkpoint.on_checkpoint(st, out, now, env.signed, own)
 
 
 # --------------------------------------------------------------------------- batches

@@ -65,6 +65,8 @@ def on_state_request(st: ReplicaState, out: Outbox, now: float, peer: str,
 def on_state_reply(st: ReplicaState, out: Outbox, now: float, env: Envelope,
                    sr: StateReply) -> None:
     st.transfer_until = 0.0
+    # what state transfer costs on the wire (dwcp bench fleet reads it)
+    st.count("state_transfer_bytes", len(env.attachment))
     try:
         if digest(env.attachment) != sr.attachment_digest:
             raise wire.WireError("attachment does not match its digest")

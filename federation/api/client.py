@@ -164,7 +164,12 @@ def import_vm(api: ApiClient, vm: str, memory: str, disks: tuple[str, ...] = (),
 def migrate_request(api: ApiClient, vm: str, target: str) -> MigrateVm:
     """The operator's request to move ``vm`` to ``target`` from where the ledger has it
     now: its owner and epoch, as ``api``'s node reports them."""
-    found = next((v for v in api.ok("GET", "/api/vms") if v["name"] == vm), None)
+    code, found = api.call("GET", f"/api/vms/{urllib.parse.quote(vm, safe='')}")
+    if code == 404:
+        found = None
+    elif code >= 400:
+        raise ClientError(f"{found.get('error', found) if isinstance(found, dict) else found} "
+                          f"(HTTP {code})")
     if found is None or found["owner"] is None:
         raise ClientError(f"VM {vm!r} is not in the ledger")
     return MigrateVm(vm, target, found["owner"], found["epoch"])

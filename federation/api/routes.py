@@ -12,6 +12,7 @@ route                              role   body (state-changing: a signed CBOR in
 ``GET /metrics``                   viewer Prometheus text (or the metrics bearer token)
 ``GET /api/status``                viewer members, links, routes, ledger, VMs, migrations
 ``GET /api/vms``                   viewer the ``vms`` part of the status
+``GET /api/vms/NAME``              viewer one VM of it (404 if nobody knows it)
 ``POST /api/imports``              oper.  ``ImportVm``: copy the images (under the node
                                           config's import_dirs) -> 202; a staged VM
 ``GET /api/imports/NAME``          viewer the copy's state: copying, staged, failed
@@ -71,7 +72,14 @@ from federation.node.errors import LedgerTimeout, NodeError, UnknownMigration
 from federation.node.imports import ImportRefused
 from federation.node.intents import PowerVm
 from federation.node.metrics import NodeCollector
-from federation.node.status import migration_status, peer_problems, policy_doc, status
+from federation.node.status import (
+    migration_status,
+    peer_problems,
+    policy_doc,
+    status,
+    vm_doc,
+    vms_doc,
+)
 from federation.vms.retention import PurgeVm
 from mesh import wire
 
@@ -298,10 +306,16 @@ def _read(node: Node, path: str) -> Answer:
     if path == "/api/status":
         return _json(200, status(node))
     if path == "/api/vms":
-        return _json(200, status(node)["vms"])
+        return _json(200, vms_doc(node))
     if path.startswith("/api/vms/") and path.endswith("/console"):
         vm = _tail(path[:-len("/console")], "/api/vms/")
         return _json(200, {"name": vm, "console": node.console(vm)})
+    if path.startswith("/api/vms/") and "/" not in path[len("/api/vms/"):]:
+        vm = _tail(path, "/api/vms/")
+        found = vm_doc(node, vm)
+        if found is None:
+            raise ApiError(404, f"no VM {vm!r} in the ledger or here")
+        return _json(200, found)
     if path == "/api/policy":
         return _json(200, policy_doc(node.need_core().ledger.policy))
     if path.startswith("/api/imports/"):

@@ -114,7 +114,8 @@ def run_node(args: argparse.Namespace,
         node = Node(fed, args.name, ident, data_dir, backend=vms,
                     import_dirs=settings.import_dirs, lock=lock,
                     request_timeout=settings.request_timeout, at_rest_key=seal_key,
-                    retained_max=budget, downtime_limit=limit)
+                    retained_max=budget, downtime_limit=limit,
+                    control_frames=settings.control_frames)
         if made is not None:
             node.log.event("at_rest_key_made", path=str(made),
                            note="back it up with the identity key: the VM images here "

@@ -20,6 +20,7 @@ session aborts in the ledger with the VM still at its source."""
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -43,7 +44,7 @@ from federation.migration.round_events import (
 )
 from federation.migration.round_messages import V3Hde, transfer_id
 from federation.vms.backend import VmBackend, VmError
-from federation.vms.dirty_scan import SentDigests
+from federation.vms.dirty_scan import GROUP_PAGES, SentDigests, changed_pages, group_digests
 from federation.vms.per_vm import dirty_by_content
 from federation.vms.sealing import SealKey
 from mesh import versions, wire
@@ -56,7 +57,8 @@ from mesh.hde.events import EncodeChunk
 from mesh.hde.image import Image, ImageError
 from mesh.hde.index import IndexBuilder, PageIndex, build_index
 from mesh.hde.level import LevelGovernor
-from mesh.hde.similar import similar_at
+from mesh.hde.messages import HdeWant
+from mesh.hde.similar import SketchAhead, similar_at
 from mesh.hde.source import HdeSource
 from mesh.runtime.amst_transfer import TransferCut, send_transfer
 
@@ -95,6 +97,38 @@ def round_error(exc: BaseException) -> BaseException | None:
                 leaf = leaf.exceptions[0]
             return leaf
     return None
+
+
+#: Seconds into round 1's copy at which the guest's dirty rate is sampled the first time
+#: (:class:`_EarlySample`): long against the two scans' own time, short against a copy of
+#: all RAM (1.3-1.8 s for 256 MiB on a quiet 2-core machine beside a TCG guest).
+EARLY_SAMPLE_S = 0.3
+
+
+class _EarlySample:
+    """The guest's dirty rate early in round 1 (worker thread): the XXH3 digest of every
+    16 KiB group of the live images at the copy's start, compared with a second scan once
+    the copy ran :data:`EARLY_SAMPLE_S`. A group that differs counts as its pages written
+    (a bound: a guest's fresh data fills groups, scattered words count up to 4x), over
+    the time between the two scans' midpoints. Two scans at memory speed, so the round
+    policy can throttle the guest for the rest of round 1 instead of after its copy."""
+
+    def __init__(self, live: dict[str, Image]) -> None:
+        started = time.monotonic()
+        self._groups = {n: group_digests(img) for n, img in live.items()}
+        self._at = (started + time.monotonic()) / 2
+
+    def sample(self, live: dict[str, Image]) -> tuple[int, float]:
+        """Pages written since the first scan, and the seconds they had."""
+        started = time.monotonic()
+        dirtied = 0
+        for name, img in live.items():
+            old = self._groups.get(name)
+            if old is None:
+                continue
+            for g in changed_pages(old, group_digests(img)):
+                dirtied += min(GROUP_PAGES, img.page_count - g * GROUP_PAGES)
+        return dirtied, max(1e-3, (started + time.monotonic()) / 2 - self._at)
 
 
 def _progress_of(core: AmstSender) -> tuple[Callable[[], int], Callable[[], bool]]:
@@ -157,6 +191,8 @@ class V3RoundSender:
         self._channels: list[SecureChannel] = []
         #: when the target's word to go came (the feed's clock, time.monotonic)
         self._go_at = time.monotonic()
+        #: per HDE image chunked by similarity, its sketches computed as the wants come
+        self._sketches: dict[int, SketchAhead] = {}
 
     @property
     def migration_id(self) -> str:
@@ -197,6 +233,10 @@ class V3RoundSender:
         try:
             if a.since is None or set(st.shadows) != {n for n, _ in layout}:
                 st.reset(layout)
+                # the guest's dirty rate, early: every page scanned now and again after
+                # the copy's first EARLY_SAMPLE_S (federation.migration.precopy)
+                early = _EarlySample(live) if rescans else None
+                total, copied = sum(c for _, c in layout), 0
                 copy_started = time.monotonic()
                 for name, count in layout:
                     # the digests and the index of what was copied from the bytes copied:
@@ -218,6 +258,14 @@ class V3RoundSender:
                             if len(indexing) > 1:  # at most two pieces held
                                 indexing.pop(0).result()
                         self._preparing(n)
+                        copied += n
+                        elapsed = time.monotonic() - copy_started
+                        if early is not None and elapsed >= EARLY_SAMPLE_S and copied < total:
+                            dirtied, seconds = early.sample(live)
+                            trio.from_thread.run_sync(self._report, V3Preparing(
+                                self.migration_id, self.round, self._prepared, dirtied,
+                                seconds, elapsed * total / copied))
+                            early = None
                     for fut in indexing:
                         fut.result()
                     self._built[name] = builder.index()
@@ -268,7 +316,7 @@ class V3RoundSender:
         dirtied = sum(len(st.sent[n].changed(img)) for n, img in live.items() if n in st.sent)
         exposure = copy_seconds / 2 + (time.monotonic() - started)
         trio.from_thread.run_sync(self._report, V3Preparing(
-            self.migration_id, self.round, self._prepared, dirtied, exposure))
+            self.migration_id, self.round, self._prepared, dirtied, exposure, copy_seconds))
 
     def _preparing(self, pages: int) -> None:
         """Worker thread: ``pages`` more prepared; the rounds core hears of it every
@@ -363,7 +411,12 @@ class V3RoundSender:
         indexes = await trio.to_thread.run_sync(self._indexes)
         t2 = trio.current_time()
         names = sorted(indexes)
+        announced = None
         if st.level is None:
+            # the round is announced before the level is measured: the target gets ready
+            # (its incoming images, its paused QEMU) while the ladder runs, and the diff
+            # starts at its word (the level is needed only for the first plan)
+            announced = self._announce(names, mark, covered)
             sample = await trio.to_thread.run_sync(sample_pages, [st.shadows[n] for n in names])
             st.mode, st.level = await trio.to_thread.run_sync(self._choose_level, sample)
         t_level = trio.current_time()
@@ -390,9 +443,13 @@ class V3RoundSender:
                                           sorted(changed), st.held_pages[name],
                                           copies=st.copies))
             else:
-                # at a high level, pages chunked by similarity (as LiveMigration's round 1)
+                # at a high level, pages chunked by similarity (as LiveMigration's round 1),
+                # each wanted page sketched while the diff still runs (SketchAhead)
+                similar = similar_at(images[i], level)
+                if similar is not None:
+                    similar = self._sketches[i] = SketchAhead(images[i])
                 sources.append(HdeSource(i + 1, self.target, f"{a.vm}/{name}", indexes[name],
-                                         ref, ref_ix, similar_at(images[i], level)))
+                                         ref, ref_ix, similar))
 
         def encode(i: int, e: EncodeChunk, at: int) -> bytes | bytearray:
             ref = refs[i].get(e.reference_root) if e.reference_root is not None else None
@@ -401,8 +458,16 @@ class V3RoundSender:
 
         # the level moves chunk by chunk so the link stays full (mesh.hde.level)
         feed = ChunkFeed(encode, level, LevelGovernor(level))
-        await self._move(names, sources, feed, mark, covered,
-                         {"refresh_s": t1 - t0, "index_s": t2 - t1, "level_s": t_level - t2})
+        async with trio.open_nursery() as nursery:
+            for sketches in self._sketches.values():
+                nursery.start_soon(functools.partial(trio.to_thread.run_sync, sketches.run))
+            try:
+                await self._move(names, sources, feed, mark, covered,
+                                 {"refresh_s": t1 - t0, "index_s": t2 - t1,
+                                  "level_s": t_level - t2}, announced)
+            finally:
+                for sketches in self._sketches.values():
+                    sketches.close()
 
     async def _run_fenced(self, t0: float, indexes: dict[str, PageIndex],
                           live: dict[str, Image], changed: dict[str, list[int]]) -> None:
@@ -433,15 +498,22 @@ class V3RoundSender:
                          sum(len(p) for p in changed.values()),
                          {"refresh_s": trio.current_time() - t0, "index_s": 0.0, "fenced": 1})
 
-    async def _move(self, names: list[str], sources: list[HdeSource | PushSource],
-                    feed: ChunkFeed, mark: int, covered: int, timing: dict[str, float]
-                    ) -> None:
-        """Announce the prepared round, then once the target is ready move it: the diff or
-        the pushes over the control link, the chunks over AMST, until every image is
-        verified; the verified indexes become the next round's reference."""
-        a, st, level = self.action, self.state, self.state.level
+    def _announce(self, names: list[str], mark: int, covered: int) -> float:
+        """Report the prepared round (the rounds core announces it to the target); the
+        time it was reported."""
+        a = self.action
         self._report(V3Prepared(a.migration_id, a.round, mark, covered, tuple(names)))
-        t3 = trio.current_time()
+        return trio.current_time()
+
+    async def _move(self, names: list[str], sources: list[HdeSource | PushSource],
+                    feed: ChunkFeed, mark: int, covered: int, timing: dict[str, float],
+                    announced: float | None = None) -> None:
+        """Announce the prepared round (unless it was, at ``announced``), then once the
+        target is ready move it: the diff or the pushes over the control link, the chunks
+        over AMST, until every image is verified; the verified indexes become the next
+        round's reference."""
+        a, st, level = self.action, self.state, self.state.level
+        t3 = announced if announced is not None else self._announce(names, mark, covered)
         await self._go.wait()
         t4 = trio.current_time()
         self._go_at = time.monotonic()  # the feed's clock
@@ -483,7 +555,9 @@ class V3RoundSender:
                    "level": max(feed.levels, key=feed.levels.__getitem__) if feed.levels
                    else level, "mode": st.mode, "chunks": feed.frames,
                    "chunk_bytes": feed.frame_bytes, "control_bytes": self.control_bytes,
-                   "resent": self.resent, "replayed": feed.replayed, "streams": self.streams}
+                   "resent": self.resent, "replayed": feed.replayed, "streams": self.streams,
+                   "sketched_ahead": sum(sk.ahead for sk in self._sketches.values()),
+                   "sketched_late": sum(sk.on_the_spot for sk in self._sketches.values())}
         self._report(V3Verified(a.migration_id, a.round, self.control_bytes + self.chunk_bytes,
                                 figures))
 
@@ -581,6 +655,12 @@ class V3RoundSender:
         # (~0.5 CPU s for a 256 MiB guest) and a fingerprint reply compresses up to 1 MiB;
         # on the event loop either would stall the AMST streams' writes meanwhile. The
         # source's cores are touched by this task only, one message at a time.
+        sketches = self._sketches.get(msg.image)
+        if sketches is not None and isinstance(inner, HdeWant):
+            if inner.flush:
+                sketches.close()  # the diff is over: the plan sketches what is left
+            else:
+                sketches.want(inner.ranges)
         event = Received(self.target, inner, msg.body)
         source = sources[msg.image]
 

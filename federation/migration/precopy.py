@@ -42,8 +42,11 @@ The rules, in the order :func:`decide` applies them (each has its own unit test 
    (:func:`first_round_throttle`): a VM whose dirty pages are found by content reports
    the pages its guest wrote while round 1 copied its shadow; against the link the mesh
    measured, the guest is throttled for the rest of round 1 when it would write more
-   than the final round may carry — so that a trip whose round 1 is short (a return to a
-   DC that kept its copy) can fence right after it.
+   than half of what the final round may carry (:data:`FIRST_ROUND_SHARE`) — so that a
+   trip whose round 1 is short (a return to a DC that kept its copy) can fence right
+   after it. The data plane samples twice: early in the copy (two scans of every page
+   bracketing its first ~0.3 s, with the copy's projected length), so the guest is held
+   for most of round 1, and once the copy is done.
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ from mesh.hde.image import PAGE_SIZE
 
 __all__ = ["Decision", "decide", "first_round_throttle", "page_cost", "final_estimate",
            "throttle_for",
-           "unthrottled_rate", "NOT_FALLING", "INITIAL", "INCREMENT", "MAXIMUM"]
+           "unthrottled_rate", "NOT_FALLING", "FIRST_ROUND_SHARE", "INITIAL", "INCREMENT",
+           "MAXIMUM"]
 
 #: QEMU's auto-converge bounds (migration/options.c: cpu-throttle-initial 20 %,
 #: cpu-throttle-increment 10 %, at most 99 %); we stop at 90 % so the guest's own timers
@@ -65,6 +69,12 @@ INITIAL, INCREMENT, MAXIMUM = 20, 10, 90
 #: A round "does not fall" when it left at least this share of the dirty pages the round
 #: before it left.
 NOT_FALLING = 0.9
+#: Round 1's sample throttles the guest to write at most this share of what the final
+#: round may carry: every page written after round 1 copied it crosses the link again
+#: (a return trip's round 1 moves ~8 MB: the ~3.7 MB a 300 ms final round may carry at
+#: 100 Mbit/s would be 45 % more), and the final round shares the stop window with the
+#: fence, the device state, the commit and the start (~100 ms of 300 on loopback).
+FIRST_ROUND_SHARE = 0.5
 
 
 @attrs.frozen
@@ -119,16 +129,20 @@ def throttle_for(rate: float, round_seconds: float, budget_pages: float) -> int:
 
 
 def first_round_throttle(dirtied: int, seconds: float, elapsed: float, cost: float,
-                         downtime: float) -> int:
+                         downtime: float, preparation: float = 0.0) -> int:
     """Rule 4 at round 1's dirty sample, before the round moves anything: ``dirtied``
     pages written over ``seconds`` of the preparation, ``elapsed`` seconds into the round,
-    ``cost`` seconds a page on the link (the mesh's estimate; 0: unknown, no decision).
-    Round 1 lasts at least twice what has elapsed (the copy so far; its index, the diff
-    and the move still to come): the throttle under which the guest writes at most what
-    the final round may carry in that time."""
+    ``cost`` seconds a page on the link (the mesh's estimate; 0: unknown, no decision),
+    ``preparation`` the seconds the whole preparation (the copy of every page into the
+    shadow) is expected to take, as projected from its pace so far (0: not known; a
+    sample taken early in the copy gives it). Round 1 lasts at least twice its
+    preparation, and twice what has elapsed (the copy; its index, the diff and the move
+    still to come): the throttle under which the guest writes at most
+    :data:`FIRST_ROUND_SHARE` of what the final round may carry in that time."""
     if cost <= 0 or seconds <= 0 or dirtied <= 0:
         return 0
-    return throttle_for(dirtied / seconds, 2 * elapsed, downtime / cost)
+    return throttle_for(dirtied / seconds, 2 * max(elapsed, preparation),
+                        FIRST_ROUND_SHARE * downtime / cost)
 
 
 def decide(*, round_: int, max_rounds: int, downtime: float, dirty: list[int],

@@ -239,10 +239,12 @@ class V3Preparing:
     migration_id: str
     round: int
     pages: int
-    #: a sample of the guest's dirty rate, once (v3 round 1 of a VM tracked by content):
-    #: pages written while the shadow was copied, over their mean exposure in seconds
+    #: a sample of the guest's dirty rate (v3 round 1 of a VM tracked by content, early
+    #: in the copy and once it is done): pages written, over their exposure in seconds
     dirtied: int = 0
     dirty_seconds: float = 0.0
+    #: with a sample: the seconds the whole copy is expected to take (0: not known)
+    preparation_s: float = 0.0
 
 
 @attrs.frozen

@@ -311,7 +311,8 @@ class V3Sending(Sending):
         if isinstance(event, V3Preparing) and self.phase == "preparing":
             # progress for both sessions: the target hears nothing else before the round
             return [ToSession(self.migration_id, TransferProgress(
-                        self.round, 0, 0, 0, event.pages, event.dirtied, event.dirty_seconds)),
+                        self.round, 0, 0, 0, event.pages, event.dirtied, event.dirty_seconds,
+                        event.preparation_s)),
                     Send(self.target, V3Preparation(self.migration_id, self.round,
                                                     event.pages))]
         if isinstance(event, V3Moved) and self.phase == "moving":

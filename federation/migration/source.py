@@ -108,9 +108,10 @@ class SourceSession(SessionBase):
         #: bytes per second of the link to the target as the mesh measured it when the
         #: migration was planned (0: unknown): what round 1's dirty sample is judged by
         self.link_Bps = 0.0
-        #: round 1's dirty sample (pages, seconds) until it is judged, and the last
-        #: (time, wire bytes) of round 1's progress while it waits for the link's pace
-        self._sample: tuple[int, float] | None = None
+        #: round 1's dirty sample (pages, seconds, the projected preparation) until it is
+        #: judged, and the last (time, wire bytes) of round 1's progress while it waits
+        #: for the link's pace
+        self._sample: tuple[int, float, float] | None = None
         self._wire_seen: tuple[float, int] | None = None
 
     @classmethod
@@ -247,7 +248,7 @@ class SourceSession(SessionBase):
             return []
         out: list[Action] = []
         if ev.dirty_seconds > 0 and self.phase is Phase.PRECOPY:
-            self._sample = (ev.dirtied, ev.dirty_seconds)
+            self._sample = (ev.dirtied, ev.dirty_seconds, ev.preparation_s)
             out += self._sampled(now, self.page_cost or (
                 PAGE_SIZE / self.link_Bps if self.link_Bps > 0 else 0.0))
         elif self._sample is not None and ev.wire_bytes > self.round_wire:
@@ -277,13 +278,14 @@ class SourceSession(SessionBase):
         assert self.round_started is not None and self._sample is not None
         if cost <= 0:
             return []
-        dirtied, seconds = self._sample
+        dirtied, seconds, preparation = self._sample
         self._sample = None
         wanted = first_round_throttle(dirtied, seconds, now - self.round_started, cost,
-                                      self.limits.downtime)
+                                      self.limits.downtime, preparation)
         out: list[Action] = [Notify("migration.precopy", {
             "migration_id": self.migration_id, "round": self.round, "sample_pages": dirtied,
-            "sample_s": round(seconds, 4), "page_cost_ms": round(cost * 1000, 4),
+            "sample_s": round(seconds, 4), "preparation_s": round(preparation, 4),
+            "page_cost_ms": round(cost * 1000, 4),
             "throttle": max(wanted, self.throttle), "fence": False, "why": "sample"})]
         if self.can_throttle and wanted > self.throttle:
             self.throttle = wanted

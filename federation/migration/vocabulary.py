@@ -320,6 +320,8 @@ class TransferProgress:
     #: VM tracked by content): pages written meanwhile, over the seconds they had
     dirtied: int = 0
     dirty_seconds: float = 0.0
+    #: with a sample: the seconds the whole preparation is expected to take (0: unknown)
+    preparation_s: float = 0.0
 
 
 @attrs.frozen

@@ -13,6 +13,10 @@
 
     [ledger]
     request_timeout = 30    # seconds an operation waits for the ledger, then "pending"
+
+    [control]
+    framing = "frames"      # "frames": our own framing on control links with peers that
+                            # offer it (issue 14); "websocket": never offer it (a fallback)
     [qemu]                                # present: this node runs qemu guests too
     guest_files = ["/srv/dwcp/guests"]    # kernels and initramfs a guest may boot from
     allowed_args = ["-cpu", "qemu64"]     # the only extra QEMU arguments a spec may carry
@@ -89,10 +93,14 @@ class NodeConfig:
     retained_max: int | None = None
     #: the qemu backend's settings (None: the node runs the image backend only)
     qemu: QemuSettings | None = None
+    #: offer our own framing on the control links (mesh.versions.CONTROL_FRAMES); False
+    #: keeps the websocket on every link, as a node of an older build does
+    control_frames: bool = True
 
 
 _KEYS = {"storage": {"import_dirs", "at_rest_key", "retained_max"},
          "api": {"metrics_token_file"}, "ledger": {"request_timeout"},
+         "control": {"framing"},
          "qemu": {"guest_files", "allowed_args", "accel", "ram_dir", "downtime_limit_ms"}}
 
 
@@ -149,8 +157,13 @@ def load_node_config(path: Path) -> NodeConfig:
         except ValueError as exc:
             raise NodeConfigError(f"{path}: storage.retained_max: {exc}") from None
     qemu = _qemu(path, doc["qemu"]) if "qemu" in doc else None
+    framing = doc.get("control", {}).get("framing", "frames")
+    if framing not in ("frames", "websocket"):
+        raise NodeConfigError(f"{path}: control.framing: expected \"frames\" or "
+                              f"\"websocket\", got {framing!r}")
     return NodeConfig(str(path), dirs, token, float(timeout),
-                      here / key_file if key_file is not None else None, retained, qemu)
+                      here / key_file if key_file is not None else None, retained, qemu,
+                      framing == "frames")
 
 
 def _qemu(path: Path, table: dict[str, object]) -> QemuSettings:

@@ -23,7 +23,7 @@ from mesh.links.routes import BULK, CONTROL
 if TYPE_CHECKING:
     from federation.node.assembly import Node
 
-__all__ = ["status", "migration_status", "policy_doc"]
+__all__ = ["status", "migration_status", "policy_doc", "vms_doc", "vm_doc"]
 
 
 def _finite(x: float) -> float | None:
@@ -129,21 +129,8 @@ def status(node: Node) -> dict[str, Any]:
     } for p in mesh.peers}
     routes = {kind: {p.peer: None if (hops := p.route(kind)) is None else list(hops)
                      for p in mesh.peers} for kind in (CONTROL, BULK)}
-    local = {i.name: i for i in node.backend.list_vms()}
+    vms = vms_doc(node)
     core = node.core
-    ledger_vms = core.ledger.vms if core is not None else {}
-    vms = []
-    for name in sorted(set(ledger_vms) | set(local)):
-        rec = ledger_vms.get(name)
-        info = local.get(name)
-        vms.append({
-            "name": name,
-            "owner": None if rec is None else rec.owner,
-            "epoch": None if rec is None else rec.epoch,
-            "migrating": None if rec is None else rec.migration_id,
-            "here": None if info is None else info.state.value,
-            "pages": None if info is None else info.total_pages,
-        })
     if core is None:
         ledger_doc: dict[str, Any] = {"unavailable": node.no_ledger}
         migrations: list[Any] = []
@@ -170,6 +157,38 @@ def status(node: Node) -> dict[str, Any]:
         "restoring": core.restoring() if core is not None else [],
         "problems": peer_problems(node),
     }
+
+
+def _vm_doc(name: str, rec: Any, info: Any) -> dict[str, Any]:
+    return {"name": name,
+            "owner": None if rec is None else rec.owner,
+            "epoch": None if rec is None else rec.epoch,
+            "migrating": None if rec is None else rec.migration_id,
+            "here": None if info is None else info.state.value,
+            "pages": None if info is None else info.total_pages}
+
+
+def vms_doc(node: Node) -> list[dict[str, Any]]:
+    """Every VM the ledger or this DC's backend knows (``GET /api/vms``, ``vms`` in the
+    status), by name."""
+    local = {i.name: i for i in node.backend.list_vms()}
+    ledger_vms = node.core.ledger.vms if node.core is not None else {}
+    return [_vm_doc(name, ledger_vms.get(name), local.get(name))
+            for name in sorted(set(ledger_vms) | set(local))]
+
+
+def vm_doc(node: Node, name: str) -> dict[str, Any] | None:
+    """One VM's entry of :func:`vms_doc` (``GET /api/vms/NAME``), from its own record and
+    its own directory: an operator's script asking about one VM of a fleet of thousands
+    does not make the node read every VM's metadata (None: nobody knows it)."""
+    rec = node.core.ledger.vms.get(name) if node.core is not None else None
+    try:
+        info = node.backend.info(name)
+    except VmError:
+        info = None
+    if rec is None and info is None:
+        return None
+    return _vm_doc(name, rec, info)
 
 
 def peer_problems(node: Node) -> list[str]:

@@ -21,6 +21,7 @@ retired copy, a start with the epoch it already runs at.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -105,9 +106,8 @@ class VmActions:
         #: round 1 (set by the node: the v3 data plane's ``shadow_digests``; None: none)
         self.shadow_digests: Callable[[str], dict[str, tuple[PageIndex, bytes]] | None] \
             | None = None
-        #: seconds the phases of the last VM action took (the node logs them with the
-        #: action: the stop window of a migration, docs/qemu.md "Downtime")
-        self.timings: dict[str, float] = {}
+        #: seconds the phases of this thread's last VM action took (:attr:`timings`)
+        self._timings = threading.local()
         #: migration id -> wall-clock times of a target's Verify (start, end): with the
         #: source's stop time and the start, the stop window the target reports
         self._verified_at: dict[str, tuple[float, float]] = {}
@@ -115,6 +115,20 @@ class VmActions:
         self._loaded_in: dict[str, float] = {}
         #: migrations whose live indexes were caught up after the fence's stop
         self._fenced_live: set[str] = set()
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds the phases of the last VM action took, of the calling thread's: the node
+        carries out different VMs' actions on several threads at once and logs each with
+        its own (the stop window of a migration, docs/qemu.md "Downtime")."""
+        got: dict[str, float] | None = getattr(self._timings, "value", None)
+        if got is None:
+            got = self._timings.value = {}
+        return got
+
+    @timings.setter
+    def timings(self, value: dict[str, float]) -> None:
+        self._timings.value = value
 
     def incoming_index(self, migration_id: str, image: str) -> PageIndex:
         """The current index of incoming image ``image`` of ``migration_id`` (refreshed over

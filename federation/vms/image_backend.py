@@ -173,7 +173,7 @@ class ImageBackend:
         with its error where VMs are listed, and never removed or counted)."""
         out = []
         for d in sorted(self.root.iterdir()):
-            if d.is_dir() and (d / META).exists():
+            if not d.name.startswith(".") and d.is_dir() and (d / META).exists():
                 try:
                     out.append(self.info(d.name))
                 except VmError:
@@ -253,9 +253,13 @@ class ImageBackend:
     # ------------------------------------------------------------------ queries
 
     def list_vms(self) -> list[VmInfo]:
+        """Every VM here. An import's staging directory (``.NAME.importing``, which holds
+        its meta.json for an instant before it is renamed into place) and a purge's are
+        not VMs: a dot never starts a VM name. Listing one raised and stopped the node
+        when a ledger change's reconcile ran beside concurrent imports (dwcp bench fleet)."""
         out = []
         for d in sorted(self.root.iterdir()):
-            if d.is_dir() and (d / META).exists():
+            if not d.name.startswith(".") and d.is_dir() and (d / META).exists():
                 out.append(self.info(d.name))
         return out
 

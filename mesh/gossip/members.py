@@ -53,6 +53,28 @@ class SwimConfig:
     #: in crash-one (seed 11: 10 s, over the issue's 3 s bound); 12 closes that tail for
     #: ~3 kbit/s more per DC.
     min_transmits: int = 12
+    #: Peers a starting DC asks for their whole state (members and link table); the
+    #: others get only its own statement. memberlist's Join pushes/pulls with every
+    #: address it is given; here every peer's reply carried the whole link table, and a
+    #: restart at N = 64 cost 63 copies of 4,032 signed entries (~25 MB). Three answers
+    #: survive two of them being down; anti-entropy and gossip fill in the rest.
+    join_syncs: int = 3
+    #: Lambda of the link entries' retransmit limit, link_transmit_mult *
+    #: ceil(log10(N + 1)): 4 sends per DC at N = 16 and 64, 6 at N = 128. A DC passes a
+    #: link entry on only to peers not known to hold it, and link-state anti-entropy
+    #: (link_sync_interval) repairs the pairs gossip misses within seconds, so links do
+    #: not need the member updates' floor of 12: each send of a signed entry (~100 bytes)
+    #: is paid by every DC that passes it on (at N = 64, with 12 sends per DC and entry,
+    #: 576 kbit/s of control traffic per DC, docs/BENCHMARKS.md).
+    link_transmit_mult: int = 2
+    #: Link entries a DC keeps queued for gossip, per member of the federation: beyond
+    #: link_queue_mult * N the oldest leave the queue (Serf prunes memberlist's
+    #: broadcast queue the same way, past MaxQueueDepth) and reach the DCs that lack
+    #: them by link-state anti-entropy. When a federation starts, every DC publishes an
+    #: entry per peer (4,032 at N = 64) and passes each on link_transmits times: measured
+    #: at N = 64 (crash-one seed 1), that backlog was still draining 25 s after the
+    #: warm-up, ~180 kbit/s per DC. A crash or a cut publishes ~N entries, well inside.
+    link_queue_mult: int = 4
     #: memberlist DefaultLANConfig GossipInterval = 200 ms, GossipNodes = 3.
     gossip_interval: float = 0.2
     gossip_nodes: int = 3
@@ -60,6 +82,14 @@ class SwimConfig:
     gossip_to_dead: float = 30.0
     #: memberlist PushPullInterval = 30 s (LAN; WAN 60 s).
     push_pull_interval: float = 30.0
+    #: Link-state anti-entropy (not in memberlist, whose push/pull carries only the
+    #: membership): every this often a DC sends a random member its link-table digest
+    #: alone and gets back only the entries it lacks (mesh.links.estimates). Gossip
+    #: spreads a link entry a bounded number of times (see link_transmits), so the
+    #: (entry, DC) pairs it misses wait for this round, not for the push/pull: issue 18
+    #: bounds update convergence p99.9 at 5 s at N = 64. A digest is ~18 bytes an origin
+    #: (1,170 bytes for 64 origins), so at N = 64 this costs ~5 kbit/s per DC.
+    link_sync_interval: float = 2.0
     #: memberlist AwarenessMaxMultiplier = 8 (Lifeguard's local health multiplier cap).
     awareness_max: int = 8
     #: Direct evidence outranks stale gossip this long: a little over two periods of the
@@ -101,6 +131,10 @@ class LinkSync(Protocol):
     def digest(self) -> tuple[OriginDigest, ...]: ...
 
     def entries_newer_than(self, digest: Sequence[OriginDigest]) -> list[Signed]: ...
+
+    def lacks(self, digest: Sequence[OriginDigest]) -> bool:
+        """Whether the holder of ``digest`` may hold entries this table lacks."""
+        ...
 
     def merge(
         self, now: float, peer: str, statements: Sequence[Signed]

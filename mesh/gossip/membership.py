@@ -19,6 +19,16 @@ Updates ride on every ping, ack and gossip packet, each retransmitted
 ``retransmit_mult * ceil(log10(N + 1))`` times; a full-state sync with a random member
 every ``push_pull_interval`` repairs whatever gossip missed.
 
+The link-state table (mesh.links.estimates) rides on the same packets with its own
+budget, sized for issue 18's N = 64 (control traffic <= 50 kbit/s per DC, update
+convergence p99.9 <= 5 s): a link entry is passed on ``link_transmit_mult *
+ceil(log10(N + 1))`` times, at most ``link_queue_mult * N`` of them wait in the queue
+(the oldest leave it), and every ``link_sync_interval`` a DC sends a random member its
+link digest alone (a ``Sync`` with no member statements) and gets back only the entries
+it lacks: the (entry, DC) pairs gossip misses wait seconds, not a push/pull. A joining
+DC asks ``join_syncs`` peers, not all, for their whole state; a suspicion's
+confirmations are passed on only up to Lifeguard's K (more do not shorten a timeout).
+
 Departures from memberlist, each for a reason stated where it is made: a member
 probes suspects before its round-robin (faster independent confirmations, and the
 buddy system reaches the suspect sooner); an ack straight from a member carrying a
@@ -121,7 +131,8 @@ class Membership:
         self.leaving = False
         self.members: dict[str, Member] = {p: Member(p) for p in sorted(peers)}
         self.awareness = 0
-        self.queue = TransmitQueue()
+        #: link entries queued at most link_queue_mult * N (see SwimConfig)
+        self.queue = TransmitQueue(link_depth=config.link_queue_mult * (len(peers) + 1))
         self.counters: dict[str, int] = {
             "probes": 0, "probe_failures": 0, "suspicions": 0, "deaths": 0, "refutes": 0,
         }
@@ -155,18 +166,31 @@ class Membership:
         limit = self.cfg.retransmit_mult * math.ceil(math.log10(self.n_estimate() + 1))
         return max(limit, self.cfg.min_transmits)
 
+    def link_transmit_limit(self) -> int:
+        """How many times this DC passes on one link entry: link_transmit_mult *
+        ceil(log10(N + 1)), the lambda * log N of SWIM §4.1 with a smaller lambda than
+        member updates get (see SwimConfig.link_transmit_mult)."""
+        return self.cfg.link_transmit_mult * math.ceil(math.log10(self.n_estimate() + 1))
+
     # ------------------------------------------------------------------ driver entry
 
     def start(self, now: float) -> list[Action]:
-        """Join: announce ourselves and sync with every configured peer."""
+        """Join: announce ourselves to every configured peer (our own statement in a sync
+        that asks for nothing back) and sync fully with ``join_syncs`` of them."""
         self._broadcast_self()
+        names = list(self.members)
+        full = set(self.rng.sample(names, min(self.cfg.join_syncs, len(names))))
         out: list[Action] = [
             SetTimer(("swim", "probe"), now + self.rng.uniform(0, self.cfg.probe_interval)),
             SetTimer(("swim", "gossip"), now + self.rng.uniform(0, self.cfg.gossip_interval)),
             SetTimer(("swim", "sync"), now + self._push_pull_interval()),
         ]
+        if self.links is not None:
+            out.append(SetTimer(("swim", "link-sync"),
+                                now + self.rng.uniform(0, self.cfg.link_sync_interval)))
+        hello = Sync(False, (self._own_statement(),), (), ())
         for name in self.members:
-            out.append(Send(name, self._sync_message(reply=True)))
+            out.append(Send(name, self._sync_message(reply=True) if name in full else hello))
         return out
 
     def leave(self, now: float) -> list[Action]:
@@ -226,6 +250,8 @@ class Membership:
             return self._gossip(now)
         if kind == "sync":
             return self._push_pull(now)
+        if kind == "link-sync":
+            return self._link_sync(now)
         if kind == "direct":
             return self._indirect(now, key[2])
         if kind == "round":
@@ -368,6 +394,17 @@ class Membership:
             out.append(Send(self.rng.choice(live), self._sync_message(reply=True)))
         return out
 
+    def _link_sync(self, now: float) -> list[Action]:
+        """Link-state anti-entropy: our link digest alone to a random live member, which
+        answers with the entries we lack (and its digest if we hold some it lacks)."""
+        out: list[Action] = [SetTimer(("swim", "link-sync"), now + self.cfg.link_sync_interval)]
+        live = [n for n in self.live() if self.members[n].state == State.ALIVE]
+        if live and not self.leaving and self.links is not None:
+            digest = self.links.digest()
+            if digest:
+                out.append(Send(self.rng.choice(live), Sync(True, (), digest[:SYNC_MAX], ())))
+        return out
+
     def _suspicion_expired(self, now: float, name: str, incarnation: int) -> list[Action]:
         member = self.members.get(name)
         if member is None or member.state != State.SUSPECT or member.incarnation != incarnation:
@@ -483,6 +520,16 @@ class Membership:
         self._merge_links(now, peer, msg.links)
         if msg.reply and not self._may_reply(now, peer):
             self.statements.refuse("rate_limited")
+        elif msg.reply and not msg.members and msg.digest and self.links is not None:
+            # A link-only anti-entropy request (_link_sync): the entries it lacks, and our
+            # digest only if it holds some we lack; nothing at all when both agree.
+            links = self.links.entries_newer_than(msg.digest)
+            digest = self.links.digest() if self.links.lacks(msg.digest) else ()
+            if links or digest:
+                out.append(Send(peer, Sync(False, (), digest[:SYNC_MAX],
+                                           tuple(links[:SYNC_MAX]))))
+            for i in range(SYNC_MAX, len(links), SYNC_MAX):
+                out.append(Send(peer, Sync(False, (), (), tuple(links[i : i + SYNC_MAX]))))
         elif msg.reply:
             reply = self._sync_message(reply=False)
             links = self.links.entries_newer_than(msg.digest) if self.links is not None else []
@@ -660,7 +707,11 @@ class Membership:
         if source in member.confirmations:
             return []
         member.confirmations.append(source)
-        if signed is not None:
+        # Lifeguard: the timeout reaches its minimum at K independent confirmations, so
+        # more carry nothing; pass on the first K only (memberlist passes on every one:
+        # at N = 64 a crash made each of 63 accusations be sent 12 times by every DC).
+        _, _, k = self._suspicion_bounds()
+        if signed is not None and len(member.confirmations) <= k + 1:
             self.queue.put(("m", member.name, source), signed)
         return [self._suspicion_timer(member)]
 
@@ -668,7 +719,7 @@ class Membership:
 
     def _piggyback(self, peer: str) -> tuple[tuple[Signed, ...], tuple[Signed, ...]]:
         members, links = self.queue.take(PIGGYBACK_MAX, self.transmit_limit(), peer,
-                                         len(self.members))
+                                         len(self.members), self.link_transmit_limit())
         return tuple(members), tuple(links)
 
     def _gossip_for(self, peer: str) -> Gossip:

@@ -42,9 +42,12 @@ class _Lane:
         self.by_sent: dict[int, list[tuple[int, Hashable]]] = {}
         #: key -> the peers known to hold the queued item (see the module docstring)
         self.holders: dict[Hashable, set[str]] = {}
+        #: the queued keys, oldest put first (what a bounded lane drops)
+        self.order: dict[Hashable, None] = {}
 
     def remove(self, key: Hashable) -> None:
         self.holders.pop(key, None)
+        self.order.pop(key, None)
         old = self.items.pop(key, None)
         if old is None:
             return
@@ -92,6 +95,7 @@ class _Lane:
             else:
                 del self.items[key]
                 self.holders.pop(key, None)
+                self.order.pop(key, None)
         return out
 
     def _newest(self, row: list[tuple[int, Hashable]], count: int,
@@ -115,10 +119,15 @@ class _Lane:
 
 
 class TransmitQueue:
-    def __init__(self) -> None:
+    """``link_depth``: most link entries queued; putting one more drops the oldest put
+    (counted in ``pruned``). Member updates are never dropped."""
+
+    def __init__(self, link_depth: int | None = None) -> None:
         self._members = _Lane()
         self._links = _Lane()
         self._counter = 0
+        self.link_depth = link_depth
+        self.pruned = 0
 
     def __len__(self) -> int:
         return len(self._members.items) + len(self._links.items)
@@ -135,8 +144,13 @@ class TransmitQueue:
         self._links.remove(key)
         lane = self._members if key[0] == "m" else self._links
         lane.add(key, item, -1 if prio else 0, self._counter)
+        lane.order[key] = None
         if holder is not None and lane is self._links:
             lane.holders[key] = {holder}
+        if lane is self._links and self.link_depth is not None:
+            while len(lane.order) > self.link_depth:
+                lane.remove(next(iter(lane.order)))
+                self.pruned += 1
 
     def held_by(self, key: tuple[Hashable, ...], item: Signed, holder: str,
                 everyone: int) -> None:
@@ -152,10 +166,13 @@ class TransmitQueue:
             lane.remove(key)
 
     def take(
-        self, max_each: int, limit: int, to: str | None = None, everyone: int = 0
+        self, max_each: int, limit: int, to: str | None = None, everyone: int = 0,
+        link_limit: int | None = None,
     ) -> tuple[list[Signed], list[Signed]]:
         """Up to ``max_each`` member updates and link entries for one packet to peer
-        ``to`` (None: no one in particular) of ``everyone`` peers; each is sent at most
-        ``limit`` times, a link entry never to a peer known to hold it."""
-        links = self._links.take(max_each, limit, to, everyone)
+        ``to`` (None: no one in particular) of ``everyone`` peers; each member update is
+        sent at most ``limit`` times, each link entry at most ``link_limit`` times (default
+        ``limit``) and never to a peer known to hold it."""
+        links = self._links.take(max_each, limit if link_limit is None else link_limit, to,
+                                 everyone)
         return self._members.take(max_each, limit), links

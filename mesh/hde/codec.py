@@ -409,16 +409,21 @@ def _encode(transfer: int, plan: ChunkPlan, image: PageSource,
         xor_bits,
         _LEN.pack(plen),
     ])
-    frame = bytearray(len(head) + DIGEST + plen)
-    mv = memoryview(frame)
-    mv[: len(head)] = head
-    body_mv = mv[len(head) + DIGEST :]
     if payload is None:
+        # Stored: the pages are copied into the frame first and the digest is taken over
+        # that copy, never over the image: a running guest may write a page in between
+        # (v3 encodes from live RAM), and the digest must cover the bytes sent.
+        frame = bytearray(len(head) + DIGEST + plen)
+        mv = memoryview(frame)
+        mv[: len(head)] = head
+        body_mv = mv[len(head) + DIGEST :]
         _gather_into(body_mv, image, ranges)
-    else:
-        body_mv[:] = payload
-    mv[len(head) : len(head) + DIGEST] = _digest(head, body_mv)
-    return frame
+        mv[len(head) : len(head) + DIGEST] = _digest(head, body_mv)
+        return frame
+    # Compressed: the payload is already a private bytes object; one join builds the
+    # frame (no zero-filled bytearray, no second copy), and the frame is bytes, so the
+    # v3 feed's bytes(frame) does not copy it again.
+    return b"".join([head, _digest(head, payload), payload])
 
 
 def decode_chunk(

@@ -20,6 +20,7 @@ check and be re-sent without dedup; it can never put a wrong page in an image.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 from typing import Protocol
@@ -43,6 +44,8 @@ __all__ = [
     "uniform_byte",
     "open_image",
     "create_image",
+    "data_runs",
+    "file_data_runs",
 ]
 
 #: x86-64 base page size: the unit QEMU's RAM migration tracks dirtiness in.
@@ -102,6 +105,10 @@ class PageSource(Protocol):
 class Image:
     """A read-only sequence of pages over a buffer (bytes, bytearray or mmap)."""
 
+    #: a descriptor of the file mapped (open_image), asked where its holes are; a class
+    #: default, so a subclass that builds its own view (a sealed image) has none
+    _fd: int | None = None
+
     def __init__(self, buffer: bytes | bytearray | mmap.mmap | memoryview, name: str = "") -> None:
         mv = memoryview(buffer)
         if mv.ndim != 1 or mv.itemsize != 1:
@@ -116,6 +123,14 @@ class Image:
         self.page_count = len(mv) // PAGE_SIZE
         self.nbytes = len(mv)
 
+    def data_runs(self, page: int, count: int) -> list[tuple[int, int]]:
+        """(first page, count) runs of pages ``page``..``page + count`` that may hold data;
+        every other page of the range is a hole of the file and reads as zeros. An image
+        not over a file answers the whole range."""
+        if self._fd is None:
+            return [(page, count)]
+        return file_data_runs(self._fd, page, count)
+
     def view(self, page: int, count: int = 1) -> memoryview:
         if page < 0 or count < 0 or page + count > self.page_count:
             raise ImageError(
@@ -127,6 +142,9 @@ class Image:
         self._mv.release()
         if isinstance(self._buffer, mmap.mmap):
             self._buffer.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class ImageWriter(Image):
@@ -188,14 +206,50 @@ class Overlay:
         return memoryview(b"".join(bytes(self.view(p)) for p in range(page, page + count)))
 
 
+def file_data_runs(fd: int, page: int, count: int) -> list[tuple[int, int]]:
+    """The runs of pages ``page``..``page + count`` of the file ``fd`` that hold data, as
+    ``lseek(SEEK_DATA)`` / ``lseek(SEEK_HOLE)`` report them (lseek(2)): a sparse image of
+    hundreds of GiB with a few written regions costs a few calls, not a read of every
+    zero page. A file system without hole tracking reports the whole file as data, which
+    is still correct (the pages are then read). Each call names its offset, so threads
+    may share ``fd``."""
+    end = (page + count) * PAGE_SIZE
+    pos = page * PAGE_SIZE
+    runs: list[tuple[int, int]] = []
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data at or after pos
+                break
+            raise
+        if data >= end:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        first, last = data // PAGE_SIZE, -(-hole // PAGE_SIZE)
+        runs.append((first, last - first))
+        pos = last * PAGE_SIZE
+    return runs
+
+
+def data_runs(image: PageSource, page: int, count: int) -> list[tuple[int, int]]:
+    """What :meth:`Image.data_runs` says of ``image``; the whole range for a page source
+    that does not know its holes."""
+    ask = getattr(image, "data_runs", None)
+    return [(page, count)] if ask is None else list(ask(page, count))
+
+
 def open_image(path: str | os.PathLike[str], name: str = "") -> Image:
-    """Map a file read-only. An empty file is refused: mmap cannot map it."""
+    """Map a file read-only. An empty file is refused: mmap cannot map it. The image keeps
+    a descriptor of the file to find its holes (:meth:`Image.data_runs`)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             raise ImageError(f"image {os.fspath(path)!r} is empty")
         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    return Image(m, name or os.fspath(path))
+        img = Image(m, name or os.fspath(path))
+        img._fd = os.dup(f.fileno())
+    return img
 
 
 def create_image(path: str | os.PathLike[str], page_count: int, name: str = "") -> ImageWriter:

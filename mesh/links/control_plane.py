@@ -103,6 +103,9 @@ class MeshControl:
     def entries_newer_than(self, digest: Sequence[OriginDigest]) -> list[Signed]:
         return self.table.entries_newer_than(digest)
 
+    def lacks(self, digest: Sequence[OriginDigest]) -> bool:
+        return self.table.lacks(digest)
+
     def merge(
         self, now: float, peer: str, statements: Sequence[Signed]
     ) -> list[tuple[LinkEntry, Signed]]:

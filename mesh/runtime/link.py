@@ -1,5 +1,8 @@
 """One authenticated control connection: a trio-websocket connection carrying a
-:class:`mesh.channel.SecureChannel`, one websocket message per channel frame.
+:class:`mesh.channel.SecureChannel`, one websocket message per channel frame, or, when
+both ends offer :data:`mesh.versions.CONTROL_FRAMES`, after the link hellos the
+channel's frames length-prefixed straight on the TCP stream (the switch point, limits
+and keepalive: :mod:`mesh.runtime.link_stream`).
 
 :func:`open_link` runs the channel handshake and then exchanges
 :class:`LinkHello` (the sender's *incarnation*, random per process start, which
@@ -16,7 +19,8 @@ dial). :meth:`Link.run` then carries data until either side closes:
   winning connection instead of reporting the peer down and up again;
 * a websocket ping every ``KEEPALIVE_INTERVAL`` must be answered within
   ``KEEPALIVE_TIMEOUT``, so a peer that vanished without a FIN (power loss,
-  partition) is noticed and redialled.
+  partition) is noticed and redialled; a framed link sends :class:`LinkHeartbeat`
+  when it has been silent and ends after ``IDLE_TIMEOUT`` without a frame instead.
 
 Messages queued together leave together: the writer takes every message already
 waiting in the outbox (up to ``BUNDLE_MESSAGES`` and ``BUNDLE_BYTES``) and sends
@@ -49,7 +53,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
@@ -57,9 +60,19 @@ from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage
 from wsproto.utilities import LocalProtocolError
 
-from mesh import wire
+from mesh import versions, wire
 from mesh.channel import ChannelError, Closed, Data, SecureChannel
 from mesh.runtime.link_policy import LinkClaim
+from mesh.runtime.link_stream import (
+    HEARTBEAT_INTERVAL,
+    IDLE_TIMEOUT,
+    KEEPALIVE_TICK,
+    RECEIVE_BYTES,
+    DirectStream,
+    install,
+    prefixed,
+    sealed,
+)
 from mesh.wire import Bytes, ListOf, field
 
 __all__ = [
@@ -69,6 +82,8 @@ __all__ = [
     "BUNDLE_BYTES",
     "LinkHello",
     "LinkSuperseded",
+    "LinkFramed",
+    "LinkHeartbeat",
     "open_link",
     "new_incarnation",
     "INCARNATION_BYTES",
@@ -102,11 +117,6 @@ BUNDLE_MESSAGES = 256
 BUNDLE_BYTES = 256 * 1024
 
 
-#: Bytes asked of the socket per read on an open link. trio-websocket's default is 4 KiB,
-#: so a PBFT burst (a 17-request batch is ~5 KiB, a bundle up to 256 KiB) took several
-#: reads, each a trip through the event loop; 256 KiB is one bundle (BUNDLE_BYTES), read
-#: at once when it has arrived.
-RECEIVE_BYTES = 256 * 1024
 #: ... and before the channel is open: trio-websocket's own default, 4 KiB, which holds
 #: the HTTP upgrade and any handshake frame (at most 2 KiB), so an unauthenticated peer
 #: makes the node hold at most this much beyond the frame limit.
@@ -124,76 +134,6 @@ def bound_messages(ws: WebSocketConnection, channel: SecureChannel) -> None:
     that renames them fails a test instead of silently lifting the bound."""
     ws._max_message_size = max(channel.max_frame, 1)
     ws._receive_buffer_size = RECEIVE_BYTES if channel.is_open else HANDSHAKE_READ_BYTES
-
-
-class DirectStream:
-    """The link's socket stream as trio-websocket sees it (it replaces the connection's
-    ``_stream``), with one more way to send: :meth:`try_write`, a write that never waits.
-
-    Every byte leaves in the order it was handed over: what :meth:`try_write` could not
-    write now is *pending*, and the next :meth:`send_all` (trio-websocket's own sends:
-    our frames from the writer task, pings, pongs, the close) writes it before its own
-    data; sends take turns (the writer's :meth:`flush` is not under trio-websocket's
-    lock). :meth:`try_write` refuses while a ``send_all`` is under way or waiting (it may
-    have written part of its data) or bytes are pending. Everything else is the wrapped
-    stream's."""
-
-    def __init__(self, inner: trio.SocketStream) -> None:
-        self._inner = inner
-        self._pending = b""
-        #: tasks in or waiting for :meth:`send_all` (trio-websocket's, under its own lock,
-        #: and the link writer's :meth:`flush`, which is not under that lock)
-        self._senders = 0
-        self._lock = trio.StrictFIFOLock()
-        #: the read of every frame, bound here rather than found by __getattr__ each time
-        self.receive_some = inner.receive_some
-
-    def __getattr__(self, name: str) -> Any:  # receive_some, aclose, socket, ...
-        return getattr(self._inner, name)
-
-    @property
-    def pending(self) -> bool:
-        """Bytes handed to :meth:`try_write` that the kernel has not taken yet."""
-        return bool(self._pending)
-
-    @property
-    def writable_now(self) -> bool:
-        """:meth:`try_write` would try (nothing is being sent, nothing is pending)."""
-        return self._senders == 0 and not self._pending
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        self._senders += 1
-        try:
-            async with self._lock:
-                while self._pending:
-                    pending, self._pending = self._pending, b""
-                    await self._inner.send_all(pending)
-                if data:
-                    await self._inner.send_all(data)
-        finally:
-            self._senders -= 1
-
-    async def flush(self) -> None:
-        """Write the pending bytes (waiting for the socket as ``send_all`` does)."""
-        await self.send_all(b"")
-
-    def try_write(self, data: bytes) -> bool:
-        """Write ``data`` without waiting: True if the stream took it (what the socket
-        did not take now is pending, see :attr:`pending`), False if it refused (a send
-        is under way, bytes are pending, or the socket failed: the caller sends it the
-        usual way, which meets the same failure and ends the link)."""
-        if not self.writable_now:
-            return False
-        try:
-            # trio's sockets are non-blocking: a full send buffer raises, never waits
-            written = os.write(self._inner.socket.fileno(), data)
-        except BlockingIOError:
-            written = 0
-        except OSError:
-            return False
-        if written < len(data):
-            self._pending = bytes(data[written:])
-        return True
 
 
 def new_incarnation() -> bytes:
@@ -222,6 +162,18 @@ class LinkSuperseded:
     reporting a PeerDown and a PeerUp a moment later."""
 
 
+@wire.message("runtime.link-framed", max_size=64)
+class LinkFramed:
+    """The initiator's first frame on a framed link (:mod:`mesh.runtime.link_stream`):
+    its websocket reader has stopped, the responder may write frames."""
+
+
+@wire.message("runtime.link-heartbeat", max_size=64)
+class LinkHeartbeat:
+    """Sent on a framed link that has sent nothing for a while, so the peer's idle
+    timeout tells a quiet link from a dead one (what websocket pings did)."""
+
+
 async def _send_frames(ws: WebSocketConnection, channel: SecureChannel) -> None:
     for data in channel.frames_to_send():
         await ws.send_message(data)
@@ -238,27 +190,71 @@ async def open_link(
     ws: WebSocketConnection, channel: SecureChannel, incarnation: bytes
 ) -> tuple[str, bytes]:
     """Handshake on ``ws``; returns (peer name, peer incarnation). The transfer versions
-    (the common highest and the peer's offer) are on ``channel``.
+    (the common highest and the peer's offer) are on ``channel``. When both ends offer
+    :data:`mesh.versions.CONTROL_FRAMES`, the connection leaves here switched to frames
+    on the TCP stream (the switch point: :mod:`mesh.runtime.link_stream`).
 
     Raises :class:`ChannelError` for a refused channel and ``ConnectionClosed``
     if the websocket goes away; the caller bounds the time.
     """
+    direct = install(ws)
     await _send_frames(ws, channel)
     while not channel.is_open:
         bound_messages(ws, channel)
         channel.receive_frame(await _next_frame(ws))
         await _send_frames(ws, channel)
     bound_messages(ws, channel)
-    await ws.send_message(channel.send(wire.encode(LinkHello(incarnation))))
-    events = channel.receive_frame(await _next_frame(ws))
+    framed = direct is not None and versions.both_offer(
+        versions.CONTROL_FRAMES, channel.versions, channel.peer_versions)
+    mine = channel.send(wire.encode(LinkHello(incarnation)))
+    if not framed:
+        if direct is not None:
+            direct.websocket_reads_only()
+        await ws.send_message(mine)
+        hello = await _receive_hello(channel, await _next_frame(ws))
+    elif channel.initiator:
+        assert direct is not None
+        await ws.send_message(mine)
+        hello = await _receive_hello(channel, await _next_frame(ws))
+        await direct.stop_websocket_reader(ws, channel.max_frame)
+        await direct.send_all(prefixed(channel.send(wire.encode(LinkFramed()))))
+    else:
+        assert direct is not None
+        hello = await _receive_hello(channel, await _next_frame(ws))
+        await direct.stop_websocket_reader(ws, channel.max_frame)
+        await ws.send_message(mine)
+        await _receive_framed(direct, channel)
+    assert channel.peer is not None
+    return channel.peer, hello.incarnation
+
+
+async def _receive_hello(channel: SecureChannel, frame: bytes) -> LinkHello:
+    events = channel.receive_frame(frame)
     if len(events) != 1 or not isinstance(events[0], Data):
         raise ChannelError("malformed", "the peer closed before its link hello")
     try:
-        hello = wire.decode(events[0].payload, expect=(LinkHello,))
+        hello: LinkHello = wire.decode(events[0].payload, expect=(LinkHello,))
     except wire.WireError as exc:
         raise ChannelError("malformed", f"expected a link hello: {exc}") from exc
-    assert channel.peer is not None
-    return channel.peer, hello.incarnation
+    return hello
+
+
+async def _receive_framed(direct: DirectStream, channel: SecureChannel) -> None:
+    """The responder's wait for the initiator's first frame, :class:`LinkFramed`; frames
+    read with it stay in the reader for the link."""
+    assert direct.frames is not None
+    frames = await direct.receive_frames()
+    if not frames:
+        raise ConnectionClosed(None)
+    first = channel.receive_frame(frames[0])
+    if len(first) != 1 or not isinstance(first[0], Data):
+        raise ChannelError("malformed", "the peer closed before framing")
+    try:
+        wire.decode(first[0].payload, expect=(LinkFramed,))
+    except wire.WireError as exc:
+        raise ChannelError("malformed", f"expected the first frame of a framed link: {exc}") \
+            from exc
+    direct.unread(frames[1:])
 
 
 class Link:
@@ -301,11 +297,12 @@ class Link:
         self.direct_partial = 0
         #: ... and the writes from a turn the socket failed (the link then ends)
         self.direct_failed = 0
-        self._direct: DirectStream | None = None
-        stream = getattr(ws, "_stream", None)  # trio-websocket 0.12.2, pinned by a test
-        if isinstance(stream, trio.SocketStream):
-            self._direct = DirectStream(stream)
-            ws._stream = self._direct  # type: ignore[assignment]
+        self._direct: DirectStream | None = install(ws)
+        #: frames on the TCP stream rather than websocket messages (link_stream)
+        self.framed = self._direct is not None and self._direct.framed
+        #: frames this end sent and received, for the framed keepalive
+        self.frames_out = 0
+        self.frames_in = 0
         self._reader_done = trio.Event()
         self._writer_done = trio.Event()
         self._cancel: trio.CancelScope | None = None
@@ -360,7 +357,7 @@ class Link:
         socket, and the websocket is open: a frame written now is in order."""
         return (self._parked and self._direct is not None and self._direct.writable_now
                 and not self.retiring and self.channel.is_open
-                and self.ws._wsproto.state == ConnectionState.OPEN
+                and (self.framed or self.ws._wsproto.state == ConnectionState.OPEN)
                 and self._outbox_len == 0)
 
     def _write_now(self, held: list[bytes]) -> int:
@@ -371,8 +368,9 @@ class Link:
         while done < len(held):
             burst, taken = _burst_of(held, done)
             try:
-                frame = self.channel.send(_frame_of(burst))
-                data = self.ws._wsproto.send(BytesMessage(data=frame))
+                data = (sealed(self.channel, _frame_of(burst)) if self.framed
+                        else self.ws._wsproto.send(
+                            BytesMessage(data=self.channel.send(_frame_of(burst)))))
             except (ChannelError, LocalProtocolError):
                 data = None
             if data is None or not self._direct.try_write(data):
@@ -384,6 +382,7 @@ class Link:
                 break
             done += taken
             self.direct_frames += 1
+            self.frames_out += 1
             if self._direct.pending:
                 # The kernel took part: the writer writes the rest before anything
                 # else (the wake-up below, then what follows it in the outbox).
@@ -406,9 +405,13 @@ class Link:
         anything the peer or the network does."""
         async with trio.open_nursery() as nursery:
             self._cancel = nursery.cancel_scope
-            nursery.start_soon(self._reader, on_payload)
+            if self.framed:
+                nursery.start_soon(self._framed_reader, on_payload)
+                nursery.start_soon(self._heartbeat)
+            else:
+                nursery.start_soon(self._reader, on_payload)
+                nursery.start_soon(self._keepalive)
             nursery.start_soon(self._writer)
-            nursery.start_soon(self._keepalive)
 
     def _end(self, reason: str, detail: str = "") -> None:
         if self.end_reason is None:
@@ -432,6 +435,29 @@ class Link:
                         self._reader_done.set()
                         self.retire()
                         return
+        except ChannelError as exc:
+            self._end(exc.reason, exc.detail)
+
+    async def _framed_reader(self, on_payload: Callable[[bytes], Awaitable[None]]) -> None:
+        """The reader of a framed link: frames straight from the socket."""
+        assert self._direct is not None
+        receive_frames = self._direct.receive_frames
+        receive_frame = self.channel.receive_frame
+        try:
+            while True:
+                frames = await receive_frames()
+                if not frames:
+                    self.channel.end_of_stream()  # raises "truncated" unless the peer closed
+                    return
+                self.frames_in += len(frames)
+                for frame in frames:
+                    for event in receive_frame(frame):
+                        if isinstance(event, Data):
+                            await on_payload(event.payload)
+                        elif isinstance(event, Closed):
+                            self._reader_done.set()
+                            self.retire()
+                            return
         except ChannelError as exc:
             self._end(exc.reason, exc.detail)
 
@@ -476,8 +502,11 @@ class Link:
                         raise ConnectionClosed(None) from None
                     continue
                 plaintext, carry = self._take_burst(carry)
-                await self.ws.send_message(self.channel.send(plaintext))
-            await self.ws.send_message(self.channel.close())
+                if self.framed:
+                    await self._send_prefixed(sealed(self.channel, plaintext))
+                else:
+                    await self._send_frame(self.channel.send(plaintext))
+            await self._send_frame(self.channel.close())
         except ConnectionClosed:
             self._end("connection_lost", "the websocket closed while sending")
             return
@@ -490,6 +519,41 @@ class Link:
             self._end("clean")
         else:
             self._end("truncated", f"no final frame within {DRAIN_TIMEOUT} s of ours")
+
+    async def _send_frame(self, frame: bytes) -> None:
+        if not self.framed:
+            self.frames_out += 1
+            await self.ws.send_message(frame)
+            return
+        await self._send_prefixed(prefixed(frame))
+
+    async def _send_prefixed(self, data: bytes | bytearray) -> None:
+        self.frames_out += 1
+        assert self._direct is not None
+        try:
+            await self._direct.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ConnectionClosed(None) from None
+
+    async def _heartbeat(self) -> None:
+        """The keepalive of a framed link (:mod:`mesh.runtime.link_stream`): a heartbeat
+        after HEARTBEAT_INTERVAL without a frame sent, the end after IDLE_TIMEOUT without
+        a frame received. Counters, not clocks, on the message path."""
+        send_after = round(HEARTBEAT_INTERVAL / KEEPALIVE_TICK)
+        idle_after = round(IDLE_TIMEOUT / KEEPALIVE_TICK)
+        quiet_out = quiet_in = 0
+        seen_out, seen_in = self.frames_out, self.frames_in
+        while True:
+            await trio.sleep(KEEPALIVE_TICK)
+            quiet_out = quiet_out + 1 if self.frames_out == seen_out else 0
+            quiet_in = quiet_in + 1 if self.frames_in == seen_in else 0
+            seen_out, seen_in = self.frames_out, self.frames_in
+            if quiet_in >= idle_after:
+                self._end("keepalive_timeout", f"nothing received for {IDLE_TIMEOUT} s")
+                return
+            if quiet_out >= send_after and not self.retiring:
+                self.enqueue(_HEARTBEAT)
+                quiet_out = 0
 
     async def _keepalive(self) -> None:
         while True:
@@ -509,6 +573,9 @@ class Link:
             if scope.cancelled_caught:
                 self._end("keepalive_timeout", f"no pong within {KEEPALIVE_TIMEOUT} s")
                 return
+
+
+_HEARTBEAT = wire.encode(LinkHeartbeat())
 
 
 def _burst_of(messages: list[bytes], start: int) -> tuple[list[bytes], int]:

@@ -78,6 +78,7 @@ from trio_websocket import (
 )
 from wsproto.utilities import LocalProtocolError
 
+from mesh import versions as transfer_versions
 from mesh import wire
 from mesh.channel import MAX_PLAINTEXT, ChannelError, Hello, SecureChannel, Welcome
 from mesh.core import Core, Event, Received, Send, Store
@@ -90,12 +91,15 @@ from mesh.runtime.link import (
     HANDSHAKE_READ_BYTES,
     Link,
     LinkBundle,
+    LinkFramed,
+    LinkHeartbeat,
     LinkHello,
     LinkSuperseded,
     new_incarnation,
     open_link,
 )
 from mesh.runtime.link_policy import Backoff
+from mesh.runtime.link_stream import DirectStream, close_connection
 from mesh.runtime.log import JsonLog
 from mesh.runtime.peers import LinkInfo, PeerTable
 
@@ -160,6 +164,7 @@ class Runtime:
         log: JsonLog | None = None,
         rng: random.Random | None = None,
         fed_print: FederationPrint = NO_PRINT,
+        framed: bool = True,
     ) -> None:
         names = [p.name for p in peers]
         if name in names or len(set(names)) != len(names):
@@ -173,6 +178,11 @@ class Runtime:
         self.keys = {p.name: p.public_key for p in self.peers.values()}
         self.keys[name] = public_key
         self.versions = tuple(versions)
+        #: whether this end offers frames of its own on the control links
+        #: (:data:`mesh.versions.CONTROL_FRAMES`); a peer without them keeps the websocket
+        self.framed = framed
+        self._offer = tuple(sorted(set(self.versions) | {transfer_versions.CONTROL_FRAMES})) \
+            if framed else self.versions
         #: this DC's federation file, signed into every handshake (mesh.federation_print)
         self.fed_print = fed_print
         #: peers refused for presenting another key than the federation file's, or for
@@ -474,7 +484,7 @@ class Runtime:
                 # Not shielded: when the node is cut off (cancelled), aclose still
                 # closes the socket before it re-raises the cancellation.
                 with trio.move_on_after(CLOSE_TIMEOUT):
-                    await ws.aclose()
+                    await close_connection(ws)
                 conn_nursery.cancel_scope.cancel()
 
     async def _on_request(
@@ -495,7 +505,7 @@ class Runtime:
             await self._serve(ws, dialled=None, deadline=deadline, startup=startup)
         finally:
             with trio.move_on_after(CLOSE_TIMEOUT):
-                await ws.aclose()
+                await close_connection(ws)
 
     async def _serve(
         self,
@@ -513,7 +523,7 @@ class Runtime:
             name=self.name,
             federation=self.federation,
             peers=self.keys,
-            versions=self.versions,
+            versions=self._offer,
             initiator=dialled is not None,
             peer=dialled,
             fed_print=self.fed_print,
@@ -653,9 +663,12 @@ class Runtime:
         if isinstance(message, LinkSuperseded):
             link.superseded = True
             return
-        if isinstance(message, LinkHello):
+        if isinstance(message, LinkHeartbeat):
+            return
+        if isinstance(message, (LinkHello, LinkFramed)):
             self._count("bad_messages")
-            self.log.event("bad_message", peer=link.peer, error="a second link hello")
+            what = "link hello" if isinstance(message, LinkHello) else "framing notice"
+            self.log.event("bad_message", peer=link.peer, error=f"a second {what}")
             return
         tag: str = message.wire_tag
         target = self._routes.lookup(tag)
@@ -671,7 +684,13 @@ class Runtime:
 
 
 def _remote(ws: WebSocketConnection) -> str:
+    stream = ws._stream
+    if isinstance(stream, DirectStream):
+        stream = stream.inner
     try:
+        if isinstance(stream, trio.SocketStream):
+            host, port, *_ = stream.socket.getpeername()
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         return str(ws.remote)
     except OSError:  # getpeername() after the peer went away
         return "?"

@@ -106,6 +106,7 @@ class PeerTable:
             peer=link.peer,
             version=link.version,
             peer_versions=list(link.peer_versions),
+            framing="frames" if link.framed else "websocket",
             initiator=link.claim.initiator,
             link=link.link_id,
             up=len(self._active),

@@ -39,7 +39,10 @@ class Mesh:
         self.tmp = tmp
         self.logs: dict[str, io.StringIO] = {}
 
-    def runtime(self, name: str, *, federation: str | None = None, seed: int = 0) -> Runtime:
+    def runtime(self, name: str, *, federation: str | None = None, seed: int = 0,
+                framed: bool = True) -> Runtime:
+        """``framed``: offer our own framing on the control links (CONTROL_FRAMES); a
+        runtime without it is a peer of an older build (the websocket throughout)."""
         peers = [
             Peer(n, self.ids[n].public, "127.0.0.1", self.ports[n]) for n in self.names if n != name
         ]
@@ -56,6 +59,7 @@ class Mesh:
             store=SQLiteStore(self.tmp / f"{name}.sqlite3"),
             log=JsonLog(name, self.logs[name]),
             rng=random.Random(seed),
+            framed=framed,
         )
 
     def keys(self) -> dict[str, identity.PublicKey]:
