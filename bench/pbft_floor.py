@@ -6,8 +6,10 @@ n = 4 (OSDI'99 §4.2: REQUEST to the primary, PRE-PREPARE, PREPARE, COMMIT, REPL
 28 messages per command), one command at a time, submitted by a backup as in
 ``dwcp bench consensus``'s unbatched phase, and nothing else: no CBOR checks, no
 secure channel, no replica state, no ledger, no execution. Each message is a
-small CBOR array padded to ``FRAME_BYTES``, sent over the transport DESIGN.md
-prescribes (one trio-websocket connection per pair). Two of issue 5's own
+small CBOR array padded to ``FRAME_BYTES``, sent over one TCP connection per pair
+with the product's control framing (a 4-byte length, then the message, read from the
+socket by the link's own task: the ``CONTROL_FRAMES`` capability, which the node's
+links switch to after their websocket handshake), without its AEAD. Two of issue 5's own
 requirements can be switched on:
 
 - ``signed``: every message carries its sender's Ed25519 signature, checked by
@@ -26,6 +28,7 @@ with the same requirements, whatever it does in between. They say how much of
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -149,7 +152,6 @@ class FloorReplica:
 async def _replica_main(args: argparse.Namespace) -> None:
     import cbor2
     import trio
-    from trio_websocket import connect_websocket_url, serve_websocket
 
     from bench.consensus import bench_identity
     from mesh.runtime.sqlite_store import SQLiteStore
@@ -159,7 +161,9 @@ async def _replica_main(args: argparse.Namespace) -> None:
     idents = [bench_identity(f"floor{i}") for i in range(N)]
     store = SQLiteStore(Path(args.dir) / f"floor{me}.sqlite3") if args.synced else None
     core = FloorReplica(me)
-    conns: dict[int, Any] = {}
+    conns: dict[int, trio.SocketStream] = {}
+    #: one sender at a time per stream (the product's link writes under its own lock)
+    sending: dict[int, trio.Lock] = {}
     linked = trio.Event()
     done: dict[int, trio.Event] = {}
     sent = [0]
@@ -167,7 +171,8 @@ async def _replica_main(args: argparse.Namespace) -> None:
     def frame(kind: str, seq: int) -> bytes:
         bare = len(cbor2.dumps([kind, seq, me, b""]))
         body = cbor2.dumps([kind, seq, me, bytes(max(0, FRAME_BYTES - bare - 2))])
-        return idents[me].sign(body) + body if args.signed else body
+        raw = idents[me].sign(body) + body if args.signed else body
+        return len(raw).to_bytes(4, "big") + raw
 
     async def execute(actions: list[Action]) -> None:
         for a in actions:
@@ -177,48 +182,60 @@ async def _replica_main(args: argparse.Namespace) -> None:
             elif isinstance(a, Out):
                 raw = frame(a.kind, a.seq)
                 for to in a.to:
-                    await conns[to].send_message(raw)
+                    async with sending[to]:
+                        await conns[to].send_all(raw)
                     sent[0] += 1
             else:
                 done[a.seq].set()
 
-    async def read(peer: int, ws: Any) -> None:
-        key = idents[peer].public
-        while True:
-            raw = await ws.get_message()
-            if args.signed:
-                sig, raw = raw[:64], raw[64:]
-                if not key.verify(raw, sig):
-                    raise RuntimeError(f"floor{me}: bad signature from floor{peer}")
-            kind, seq, sender, _ = cbor2.loads(raw)
-            if sender != peer:
-                raise RuntimeError(f"floor{me}: floor{peer} sent a message of floor{sender}")
-            await execute(core.receive(peer, kind, seq))
+    async def deliver(peer: int, raw: bytes) -> None:
+        if args.signed:
+            sig, raw = raw[:64], raw[64:]
+            if not idents[peer].public.verify(raw, sig):
+                raise RuntimeError(f"floor{me}: bad signature from floor{peer}")
+        kind, seq, sender, _ = cbor2.loads(raw)
+        if sender != peer:
+            raise RuntimeError(f"floor{me}: floor{peer} sent a message of floor{sender}")
+        await execute(core.receive(peer, kind, seq))
 
-    def attach(peer: int, ws: Any) -> None:
-        conns[peer] = ws
+    async def read(peer: int, stream: trio.SocketStream) -> None:
+        # The product's control framing (CONTROL_FRAMES): a 4-byte length, then the
+        # message, read from the socket by the link's own task.
+        buf = bytearray()
+        while data := await stream.receive_some(1 << 16):
+            buf += data
+            while len(buf) >= 4 and len(buf) >= 4 + (size := int.from_bytes(buf[:4], "big")):
+                raw = bytes(buf[4:4 + size])
+                del buf[:4 + size]
+                await deliver(peer, raw)
+
+    def attach(peer: int, stream: trio.SocketStream) -> None:
+        conns[peer] = stream
+        sending[peer] = trio.Lock()
         if len(conns) == N - 1:
             linked.set()
 
     async with trio.open_nursery() as nursery:
-        async def accept(request: Any) -> None:
-            peer = int(request.path.strip("/"))
-            ws = await request.accept()
-            attach(peer, ws)
-            await read(peer, ws)
+        async def accept(stream: trio.SocketStream) -> None:
+            hello = await stream.receive_some(1)
+            if len(hello) != 1 or not 0 <= hello[0] < N:
+                raise RuntimeError(f"floor{me}: a connection without a peer index")
+            attach(hello[0], stream)
+            await read(hello[0], stream)
 
-        await nursery.start(serve_websocket, accept, "127.0.0.1", ports[me], None)
+        await nursery.start(functools.partial(trio.serve_tcp, accept, ports[me], host="127.0.0.1"))
         for peer in range(me):  # the higher index dials: one connection per pair
             for _ in range(100):
                 try:
-                    ws = await connect_websocket_url(nursery, f"ws://127.0.0.1:{ports[peer]}/{me}")
+                    stream = await trio.open_tcp_stream("127.0.0.1", ports[peer])
                     break
                 except OSError:
                     await trio.sleep(0.05)  # the peer is not listening yet
             else:
                 raise RuntimeError(f"floor{me}: floor{peer} did not accept")
-            attach(peer, ws)
-            nursery.start_soon(read, peer, ws)
+            await stream.send_all(bytes([me]))
+            attach(peer, stream)
+            nursery.start_soon(read, peer, stream)
         await linked.wait()
         print("READY", flush=True)
         stdin = trio.wrap_file(sys.stdin)

@@ -240,12 +240,14 @@ class FrameReader:
         self._max = max_frame
         self._refused = ""
 
-    def feed(self, data: bytes | bytearray) -> list[bytes]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """The frames ``data`` completes, each its own ``bytes`` (``data`` may be a view of
+        a buffer the caller reuses: nothing of it is kept)."""
         if self._refused:
             raise ChannelError("oversized", self._refused)
         if self._buf:
             self._buf += data
-            source: bytes | bytearray = self._buf
+            source: bytes | bytearray | memoryview = self._buf
         else:
             source = data
         out: list[bytes] = []

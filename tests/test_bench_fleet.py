@@ -35,7 +35,6 @@ def test_agreement_check_finds_a_vm_at_two_places_and_differing_ledgers() -> Non
 
 
 @pytest.mark.processes
-@pytest.mark.exclusive
 def test_fleet_smoke_on_four_nodes(tmp_path: Path) -> None:
     out = run_nodes(tmp_path, vms=50, concurrent=5)
     assert out["migrations_committed"] + out["migrations_aborted"] == 5

@@ -48,13 +48,19 @@ frames_st = st.lists(st.binary(max_size=MAX), max_size=12)
 @given(frames_st, st.lists(st.integers(min_value=0), max_size=30))
 def test_any_split_of_a_stream_gives_back_its_frames(frames: list[bytes], cuts: list[int]) -> None:
     stream = b"".join(frame(f) for f in frames)
-    reader = FrameReader(MAX)
-    got: list[bytes] = []
-    for piece in _split(stream, cuts):
-        got += reader.feed(piece)
-        assert reader.pending < LENGTH_BYTES + MAX
-    assert got == frames
-    assert reader.pending == 0
+    for reuse in (False, True):
+        reader = FrameReader(MAX)
+        got: list[bytes] = []
+        for piece in _split(stream, cuts):
+            if reuse:  # a view of a buffer the link reuses: nothing of it may be kept
+                buf = bytearray(piece)
+                got += reader.feed(memoryview(buf))
+                buf[:] = b"\xee" * len(buf)
+            else:
+                got += reader.feed(piece)
+            assert reader.pending < LENGTH_BYTES + MAX
+        assert got == frames
+        assert reader.pending == 0
 
 
 @given(frames_st, st.integers(min_value=0), st.lists(st.integers(min_value=0), max_size=8))
@@ -312,3 +318,25 @@ def test_a_bad_framing_setting_is_refused_by_name(tmp_path: Path, text: str) -> 
     path.write_text(text)
     with pytest.raises(NodeConfigError, match=r"dc1.toml: control\.fram"):
         load_node_config(path)
+
+
+async def test_a_large_frame_arriving_slowly_is_not_silence(fast_keepalive: None) -> None:
+    """The idle timeout counts bytes, not frames: a peer trickling one large frame for
+    three idle timeouts keeps its link; when the bytes stop, the link ends."""
+    fed = Federation(2)
+    rt = fed.runtime("dc1")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rt.run)
+        async with trio.open_nursery() as conn:
+            ws, direct = await _framed_attacker(fed, fed.ports["dc1"], conn)
+            await wait_until(lambda: rt._peers.link("dc2") is not None, "dc2 adopted")
+            link = _link(rt, "dc2")
+            await direct.send_all((100_000).to_bytes(4, "big"))
+            for _ in range(45):  # 2.25 s, three idle timeouts of the fixture
+                await direct.send_all(b"\0" * 100)
+                await trio.sleep(0.05)  # the slow peer's pace, not a wait for a result
+            assert rt._peers.link("dc2") is link and link.end_reason is None
+            await wait_until(lambda: link.end_reason is not None, "the link ends")
+            assert link.end_reason == "keepalive_timeout"
+            conn.cancel_scope.cancel()
+        rt.shutdown()

@@ -133,7 +133,6 @@ def _tag(intent: type) -> str:
     return str(intent.wire_tag)  # type: ignore[attr-defined]
 
 
-
 def link_Bps(table: LinkTable, me: str, dst: str) -> float | None:
     """Bytes per second of the link ``me`` -> ``dst`` as the mesh measured it, for the round
     policy's judgement of round 1's dirty sample (federation.migration.precopy); where that
@@ -148,6 +147,7 @@ def link_Bps(table: LinkTable, me: str, dst: str) -> float | None:
         if mbps:
             return mbps * 1e6 / 8
     return None
+
 
 class Node:
     def __init__(

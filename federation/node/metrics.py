@@ -18,6 +18,7 @@ from federation.dataplane.relay import DataRelay
 from federation.migration.dc_core import NodeCore
 from federation.migration.rollout import KNOWN_VERSIONS
 from federation.migration.round_counters import TransferCounters, version_label
+from federation.vms.backend import VmInfo
 from federation.vms.retention import VmUsage
 from mesh.gossip.members import State
 from mesh.links.modes import Mode
@@ -48,10 +49,12 @@ def trio_task_count() -> int | None:
 
 
 class NodeCollector(Collector):
-    """The node's Prometheus metrics, computed at scrape time."""
+    """The node's Prometheus metrics, computed at scrape time; ``local``: the backend's
+    VM list if the caller read it already (off the event loop, :mod:`federation.api.routes`)."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, local: list[VmInfo] | None = None) -> None:
         self.node = node
+        self.local = local
 
     def collect(self) -> Iterator[Metric]:
         n = self.node
@@ -95,7 +98,7 @@ class NodeCollector(Collector):
         yield gossip
         vms = GaugeMetricFamily("dwcp_vms", "VMs held here, by state", labels=["state"])
         held: dict[str, int] = {}
-        for info in n.backend.list_vms():
+        for info in self.local if self.local is not None else n.backend.list_vms():
             held[info.state.value] = held.get(info.state.value, 0) + 1
         for state, count in sorted(held.items()):
             vms.add_metric([state], count)

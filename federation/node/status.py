@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from consensus.ledger import SetPolicy
-from federation.vms.backend import VmError
+from federation.vms.backend import VmError, VmInfo
 from mesh.hde.image import PAGE_SIZE
 from mesh.links.routes import BULK, CONTROL
 
@@ -115,7 +115,9 @@ def migration_status(node: Node, mid: str) -> dict[str, Any] | None:
     return out
 
 
-def status(node: Node) -> dict[str, Any]:
+def status(node: Node, local: list[VmInfo] | None = None) -> dict[str, Any]:
+    """The ``/api/status`` document; ``local``: the backend's VM list if the caller read
+    it already (off the event loop)."""
     mesh = node.control.status()
     links = node.runtime.links
     members = {p.peer: p.member.name.lower() for p in mesh.peers}
@@ -129,7 +131,7 @@ def status(node: Node) -> dict[str, Any]:
     } for p in mesh.peers}
     routes = {kind: {p.peer: None if (hops := p.route(kind)) is None else list(hops)
                      for p in mesh.peers} for kind in (CONTROL, BULK)}
-    vms = vms_doc(node)
+    vms = vms_doc(node, local)
     core = node.core
     if core is None:
         ledger_doc: dict[str, Any] = {"unavailable": node.no_ledger}
@@ -168,10 +170,10 @@ def _vm_doc(name: str, rec: Any, info: Any) -> dict[str, Any]:
             "pages": None if info is None else info.total_pages}
 
 
-def vms_doc(node: Node) -> list[dict[str, Any]]:
+def vms_doc(node: Node, listed: list[VmInfo] | None = None) -> list[dict[str, Any]]:
     """Every VM the ledger or this DC's backend knows (``GET /api/vms``, ``vms`` in the
-    status), by name."""
-    local = {i.name: i for i in node.backend.list_vms()}
+    status), by name; ``listed``: the backend's list if the caller read it already."""
+    local = {i.name: i for i in (node.backend.list_vms() if listed is None else listed)}
     ledger_vms = node.core.ledger.vms if node.core is not None else {}
     return [_vm_doc(name, ledger_vms.get(name), local.get(name))
             for name in sorted(set(ledger_vms) | set(local))]

@@ -300,9 +300,8 @@ class Link:
         self._direct: DirectStream | None = install(ws)
         #: frames on the TCP stream rather than websocket messages (link_stream)
         self.framed = self._direct is not None and self._direct.framed
-        #: frames this end sent and received, for the framed keepalive
+        #: frames this end sent, for the framed keepalive
         self.frames_out = 0
-        self.frames_in = 0
         self._reader_done = trio.Event()
         self._writer_done = trio.Event()
         self._cancel: trio.CancelScope | None = None
@@ -449,7 +448,6 @@ class Link:
                 if not frames:
                     self.channel.end_of_stream()  # raises "truncated" unless the peer closed
                     return
-                self.frames_in += len(frames)
                 for frame in frames:
                     for event in receive_frame(frame):
                         if isinstance(event, Data):
@@ -538,16 +536,18 @@ class Link:
     async def _heartbeat(self) -> None:
         """The keepalive of a framed link (:mod:`mesh.runtime.link_stream`): a heartbeat
         after HEARTBEAT_INTERVAL without a frame sent, the end after IDLE_TIMEOUT without
-        a frame received. Counters, not clocks, on the message path."""
+        a byte received. Counters, not clocks, on the message path."""
+        assert self._direct is not None
+        direct = self._direct
         send_after = round(HEARTBEAT_INTERVAL / KEEPALIVE_TICK)
         idle_after = round(IDLE_TIMEOUT / KEEPALIVE_TICK)
         quiet_out = quiet_in = 0
-        seen_out, seen_in = self.frames_out, self.frames_in
+        seen_out, seen_in = self.frames_out, direct.reads
         while True:
             await trio.sleep(KEEPALIVE_TICK)
             quiet_out = quiet_out + 1 if self.frames_out == seen_out else 0
-            quiet_in = quiet_in + 1 if self.frames_in == seen_in else 0
-            seen_out, seen_in = self.frames_out, self.frames_in
+            quiet_in = quiet_in + 1 if direct.reads == seen_in else 0
+            seen_out, seen_in = self.frames_out, direct.reads
             if quiet_in >= idle_after:
                 self._end("keepalive_timeout", f"nothing received for {IDLE_TIMEOUT} s")
                 return
