@@ -66,6 +66,7 @@ def test_routes_metrics_and_a_migration(tmp_path: Path) -> None:
             assert sent == memory.stat().st_size + disk.stat().st_size and wire > sent
             assert m1[("dwcp_members", (("state", "alive"),))] == 3
             assert m1[("dwcp_links_connected", ())] == 3
+            assert m1[("dwcp_trio_tasks", ())] > 10  # every task of the process's trio run
             assert m1[("dwcp_ledger_vms", (("owner", "dc2"),))] == 1
             assert m1[("dwcp_ledger_height", ())] >= 3
             assert m1[("dwcp_vms", (("state", "retired"),))] == 1
@@ -193,3 +194,25 @@ def test_ready_needs_a_quorum_and_a_ledger(tmp_path: Path) -> None:
 
 
 pytestmark = pytest.mark.timeout(120)
+
+
+async def test_trio_task_count_sees_tasks_start_and_end() -> None:
+    import trio.testing
+
+    from federation.node.metrics import trio_task_count
+
+    before = trio_task_count()
+    assert before is not None and before >= 2  # the root task and this test's task
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(trio.sleep_forever)
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio_task_count() == before + 5
+        nursery.cancel_scope.cancel()
+    assert trio_task_count() == before
+
+
+def test_trio_task_count_is_none_outside_trio() -> None:
+    from federation.node.metrics import trio_task_count
+
+    assert trio_task_count() is None

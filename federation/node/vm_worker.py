@@ -23,6 +23,8 @@ from typing import Any
 import trio
 
 from federation.migration.rounds import after_vm_action
+from federation.migration.vocabulary import DiscardIncoming, Retire, StartAtTarget, Unfence
+from federation.node.heap import trim_heap
 from federation.vms.actions import VmAction, VmActions
 from mesh.runtime.log import JsonLog
 
@@ -32,6 +34,11 @@ __all__ = ["VmWorker", "LANES"]
 #: the disk release the GIL): four keep two cores busy while two wait on the disk, and
 #: bound the threads a fleet of migrations holds (trio's own default limiter is 40).
 LANES = 4
+
+#: The VM steps that end a migration here (the source's retire or un-fence, the target's
+#: start or discard): after them the migration's buffers are all freed, and the heap's
+#: free memory goes back to the kernel (federation.node.heap).
+_LAST_STEPS = (Retire, Unfence, StartAtTarget, DiscardIncoming)
 
 
 class VmWorker:
@@ -59,6 +66,8 @@ class VmWorker:
         timings of its phases (VmActions keeps them per thread)."""
         waited = time.monotonic() - submitted
         replies = self.vm_actions.carry_out(action)
+        if isinstance(action, _LAST_STEPS):
+            trim_heap()
         return replies, waited, dict(self.vm_actions.timings)
 
     async def run(self) -> None:
