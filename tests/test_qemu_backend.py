@@ -171,7 +171,17 @@ def test_the_device_state_loads_before_the_start_and_the_guest_runs_only_at_cont
 
     with pytest.raises(VmError, match="not incoming for migration 'other'"):
         b.load_device("g3", "other")
+    # a node killed mid-load: its migrate-incoming began and the state never came. QEMU
+    # takes no second migrate-incoming, so the restarted node's load starts a fresh
+    # -incoming QEMU on the same RAM file (the acceptance run's StartAtTarget failed with
+    # "The incoming migration has already been started" before this)
+    half = b.qemu_pid("g3")
+    b.qmp("g3").execute("migrate-incoming", uri=f"unix:{socket_path(b.root / 'g3', 'incoming')}")
+    b.close()
+    b = QemuBackend(b.root, accel="tcg")
+    lab.backends["b"] = b
     b.load_device("g3", "m3")
+    assert b.qemu_pid("g3") not in (None, half)
     pid = b.qemu_pid("g3")
     b.load_device("g3", "m3")  # idempotent: QEMU says it holds the state
     assert not b.guest_running("g3") and b.qemu_pid("g3") == pid

@@ -575,9 +575,8 @@ class QemuBackend:
                 if not device_state:
                     raise VmError(f"VM {name!r} is incoming: it starts from the source's "
                                   "device state")
-                if given or not self._device_loaded(proc):
-                    if proc is None:
-                        proc = self._spawn(name, incoming=True)
+                proc, loaded = self._incoming(name, proc)
+                if given or not loaded:
                     proc.load_device_state(socket_path(self._dir(name), "incoming"),
                                            device_state)
                 assert proc is not None
@@ -613,14 +612,29 @@ class QemuBackend:
                 write_meta(self._dir(name), meta)  # a report: a crash before it loses only it
             return info_of(meta)
 
-    def _device_loaded(self, proc: QemuProcess | None) -> bool:
-        """Does ``proc`` (an incoming VM's QEMU) hold a loaded device state already?"""
+    def _incoming(self, name: str, proc: QemuProcess | None) -> tuple[QemuProcess, bool]:
+        """The INCOMING VM's QEMU to load the device state into, and whether it holds it
+        already. QEMU takes one ``migrate-incoming`` per process: one that a node killed
+        mid-load began and never finished ("The incoming migration has already been
+        started" to the next) is powered off, and a fresh ``-incoming defer`` QEMU starts
+        on the same RAM file (with ``-incoming`` QEMU writes nothing into it; the device
+        state is in the device image). Seen in the 20-migration acceptance: the target
+        killed between its load's ``migrate-incoming`` and the state's last byte."""
         if proc is None:
-            return False
+            return self._spawn(name, incoming=True), False
         try:
-            return proc.device_loaded()
+            status = proc.incoming_status()
         except QMPError as exc:
             raise VmError(f"QMP query-migrate failed: {exc}") from exc
+        if status == "completed":
+            return proc, True
+        # QEMU reports no status while it listens for a begun load's stream; the load's
+        # socket, which it removes when done, is left by a node killed in between
+        begun = socket_path(self._dir(name), "incoming").exists()
+        if not begun and status in ("", "none"):
+            return proc, False
+        self._power_off(name)
+        return self._spawn(name, incoming=True), False
 
     def load_device(self, name: str, migration_id: str) -> None:
         """Load the device state the final round carried (the verified device image) into
@@ -631,14 +645,12 @@ class QemuBackend:
             info = self.info(name)
             if info.state is not VmState.INCOMING or info.migration_id != migration_id:
                 raise VmError(f"VM {name!r} is not incoming for migration {migration_id!r}")
-            proc = self._proc(name)
-            if self._device_loaded(proc):
+            proc, loaded = self._incoming(name, self._proc(name))
+            if loaded:
                 return
             state, _ = self._read_device_image(name, info)
             if not state:
                 raise VmError(f"VM {name!r}: its device image holds no device state")
-            if proc is None:
-                proc = self._spawn(name, incoming=True)
             proc.load_device_state(socket_path(self._dir(name), "incoming"), state)
 
     def prepare_machine(self, name: str) -> None:

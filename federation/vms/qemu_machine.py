@@ -219,11 +219,13 @@ class QemuProcess:
             raise VmError(f"reading the device state: {errors or 'the stream did not end'}")
         return b"".join(parts)
 
-    def device_loaded(self) -> bool:
-        """Has this ``-incoming`` QEMU loaded a device state (its incoming migration
-        completed; it waits paused for ``cont``)? Asked of QEMU itself, so a node restarted
-        between the load and the start sees it too."""
-        return self.qmp.execute("query-migrate").get("status") == "completed"
+    def incoming_status(self) -> str:
+        """Where this ``-incoming`` QEMU's incoming migration is: "" when none began,
+        "completed" when it loaded a device state (it waits paused for ``cont``), else
+        QEMU's status of one begun and not finished ("setup", "active", "failed").
+        Asked of QEMU itself, so a node restarted between the load and the start sees it
+        too."""
+        return str(self.qmp.execute("query-migrate").get("status", ""))
 
     def load_device_state(self, sock_path: Path, state: bytes) -> None:
         """Feed ``state`` to this ``-incoming defer`` QEMU; it stays paused until ``cont``."""
