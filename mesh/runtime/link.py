@@ -427,21 +427,27 @@ class Link:
                 except ConnectionClosed:
                     self.channel.end_of_stream()  # raises "truncated" unless the peer closed
                     return
-                for event in self.channel.receive_frame(frame):
-                    if isinstance(event, Data):
-                        await on_payload(event.payload)
-                    elif isinstance(event, Closed):
-                        self._reader_done.set()
-                        self.retire()
-                        return
+                if await self._deliver_frame(frame, on_payload):
+                    return
         except ChannelError as exc:
             self._end(exc.reason, exc.detail)
+
+    async def _deliver_frame(self, frame: bytes,
+                             on_payload: Callable[[bytes], Awaitable[None]]) -> bool:
+        """A received frame's messages to ``on_payload``; True once it closed the link."""
+        for event in self.channel.receive_frame(frame):
+            if isinstance(event, Data):
+                await on_payload(event.payload)
+            elif isinstance(event, Closed):
+                self._reader_done.set()
+                self.retire()
+                return True
+        return False
 
     async def _framed_reader(self, on_payload: Callable[[bytes], Awaitable[None]]) -> None:
         """The reader of a framed link: frames straight from the socket."""
         assert self._direct is not None
         receive_frames = self._direct.receive_frames
-        receive_frame = self.channel.receive_frame
         try:
             while True:
                 frames = await receive_frames()
@@ -449,13 +455,8 @@ class Link:
                     self.channel.end_of_stream()  # raises "truncated" unless the peer closed
                     return
                 for frame in frames:
-                    for event in receive_frame(frame):
-                        if isinstance(event, Data):
-                            await on_payload(event.payload)
-                        elif isinstance(event, Closed):
-                            self._reader_done.set()
-                            self.retire()
-                            return
+                    if await self._deliver_frame(frame, on_payload):
+                        return
         except ChannelError as exc:
             self._end(exc.reason, exc.detail)
 
