@@ -81,6 +81,7 @@ from typing import Any
 import attrs
 
 from bench import cpu_sampler
+from bench.measure import cpu_seconds, percentile
 from bench.pbft_floor import floor_run
 
 __all__ = ["register", "Cluster", "bench_identity", "spawn", "tell", "process_group", "PeersUp"]
@@ -539,15 +540,9 @@ class Cluster:
 
 
 def _cpu_seconds(pids: list[int]) -> float | None:
-    """User + system CPU of ``pids`` so far (Linux ``/proc``); None where there is none."""
-    total = 0
-    try:
-        for pid in pids:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (proc(5))
-    except (OSError, IndexError, ValueError):
-        return None
-    return total / os.sysconf("SC_CLK_TCK")
+    """User + system CPU of ``pids`` so far; None where there is none."""
+    each = [cpu_seconds(pid) for pid in pids]
+    return None if None in each else sum(c for c in each if c is not None)
 
 
 @attrs.frozen
@@ -560,11 +555,6 @@ class LoadResult:
     commands_per_request: float | None
     #: commands whose operator request was signed inside the measured span
     signed_in_run: int = 0
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _loaded_run(n: int, window: int, duration: float, loaders: list[str] | None = None
@@ -641,7 +631,7 @@ def run(args: argparse.Namespace) -> int:
         out["batched_commits_per_s"] = out["batched_p99_ms"] = None
         r = _loaded_run(4, args.window, args.duration)
         out["batched_commits_per_s"] = round(r.rate, 1)
-        out["batched_p99_ms"] = round(_percentile(r.latencies, 0.99) * 1000, 2)
+        out["batched_p99_ms"] = round(percentile(r.latencies, 0.99) * 1000, 2)
         out["batched_cpu_us_per_commit"] = rounded(r.cpu_us_per_commit, 0)
         out["batched_mean_batch"] = rounded(r.mean_batch, 1)
         out["batched_commands_per_request"] = rounded(r.commands_per_request, 2)
@@ -650,13 +640,13 @@ def run(args: argparse.Namespace) -> int:
     def unbatched() -> None:
         out["unbatched_p50_ms"] = None
         r = _loaded_run(4, 1, args.duration / 2, loaders=["n01"])
-        out["unbatched_p50_ms"] = round(_percentile(r.latencies, 0.50) * 1000, 2)
+        out["unbatched_p50_ms"] = round(percentile(r.latencies, 0.50) * 1000, 2)
         out["unbatched_cpu_us_per_commit"] = rounded(r.cpu_us_per_commit, 0)
 
     def floor() -> None:
         out["unbatched_floor_p50_ms"] = out["unbatched_vs_floor"] = None
         r = floor_run(FLOOR_COMMANDS, signed=True, synced=True)
-        floor_ms = _percentile(r.latencies, 0.50) * 1000
+        floor_ms = percentile(r.latencies, 0.50) * 1000
         out["unbatched_floor_p50_ms"] = round(floor_ms, 2)
         if out.get("unbatched_p50_ms") is not None:
             out["unbatched_vs_floor"] = round(out["unbatched_p50_ms"] / floor_ms, 2)

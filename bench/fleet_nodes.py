@@ -27,17 +27,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench.measure import percentile, rss_mib
 from consensus.ledger import ImportVm, MigrateVm
 from federation import config
 from federation.api.auth import load_operator_key
 from federation.api.client import ApiClient, Signer
 from federation.cli.keys import INIT_OPERATOR, init_federation
-from federation.demo.processes import free_base_port
+from federation.demo.processes import NODE_MAIN, free_base_port
 from federation.demo.real_data import write_process_memory
 
 __all__ = ["Fleet", "run_nodes", "FleetFailed"]
 
-NODE_MAIN = "import sys; from federation.cli.main import main; sys.exit(main())"
 #: A small VM: 64 pages (256 KiB) of this process's memory, so the data plane's work per
 #: migration is small and the ledger, the sessions and the API carry the load.
 VM_BYTES = 256 * 1024
@@ -59,22 +59,8 @@ class FleetFailed(Exception):
     """A check of the node phase that did not hold; the message says which."""
 
 
-def _rss_mib(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+def _percentile(values: list[float], q: float) -> float | None:
+    return percentile(values, q) if values else None
 
 
 class Calls:
@@ -156,7 +142,7 @@ class Fleet:
         return code, json.loads(raw) if raw else None
 
     def rss(self) -> dict[str, float | None]:
-        return {n: _rss_mib(p.pid) for n, p in self.procs.items()}
+        return {n: rss_mib(p.pid) for n, p in self.procs.items()}
 
     def stop(self) -> dict[str, int | None]:
         for p in self.procs.values():
@@ -265,7 +251,7 @@ def run_nodes(directory: Path, vms: int, concurrent: int) -> dict[str, Any]:
         t1 = time.time()
         out["registered_per_s"] = round(vms / (t1 - t0), 1)
         reg = fleet.calls.between(t0, t1, ("ledger",))
-        out["register_p99_ms"] = _ms(percentile(reg, 0.99))
+        out["register_p99_ms"] = _ms(_percentile(reg, 0.99))
         out["rss_after_register_mib"] = fleet.rss()
         # the migrations: the first ``concurrent`` VMs, each to the next DC
         moving = [f"vm{i:05d}" for i in range(min(concurrent, vms))]
@@ -317,11 +303,11 @@ def run_nodes(directory: Path, vms: int, concurrent: int) -> dict[str, Any]:
         led = fleet.calls.between(m0, m1, ("ledger",))
         allcalls = fleet.calls.between(m0, m1)
         status = fleet.calls.between(m0, m1, ("status",))
-        out["ledger_commit_p99_ms"] = _ms(percentile(reg + led, 0.99))
-        out["api_p99_ms"] = _ms(percentile(allcalls, 0.99))
-        out["api_p50_ms"] = _ms(percentile(allcalls, 0.50))
+        out["ledger_commit_p99_ms"] = _ms(_percentile(reg + led, 0.99))
+        out["api_p99_ms"] = _ms(_percentile(allcalls, 0.99))
+        out["api_p50_ms"] = _ms(_percentile(allcalls, 0.50))
         out["api_calls_during_migrations"] = len(allcalls)
-        out["status_p99_ms"] = _ms(percentile(status, 0.99))
+        out["status_p99_ms"] = _ms(_percentile(status, 0.99))
         out["api_errors"] = fleet.calls.errors[:5]
         out["node_rss_mib_max"] = {n: round(r, 1) for n, r in sorted(rss_max.items())}
         # the end: every ledger agrees, every VM at one place

@@ -315,7 +315,7 @@ def floor_run(commands: int, signed: bool, synced: bool) -> FloorResult:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.consensus import _percentile
+    from bench.measure import percentile
 
     if args.commands < 1:
         raise SystemExit("--commands: at least 1")
@@ -326,8 +326,8 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             print(f"pbft-floor {name}: {exc}", file=sys.stderr)
             return 1
-        out[f"{name}_p50_ms"] = round(_percentile(r.latencies, 0.50) * 1000, 2)
-        out[f"{name}_p90_ms"] = round(_percentile(r.latencies, 0.90) * 1000, 2)
+        out[f"{name}_p50_ms"] = round(percentile(r.latencies, 0.50) * 1000, 2)
+        out[f"{name}_p90_ms"] = round(percentile(r.latencies, 0.90) * 1000, 2)
         if r.cpu_us_per_command is not None:
             out[f"{name}_cpu_us_per_command"] = round(r.cpu_us_per_command)
         out[f"{name}_messages_per_command"] = round(r.messages_per_command, 2)

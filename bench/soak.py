@@ -65,6 +65,7 @@ from typing import Any
 
 import trio
 
+from bench.measure import cpu_seconds, open_fds, rss_mib
 from consensus.ledger import SetPolicy
 from federation.api.client import ClientError, import_vm, migrate_request
 from federation.cli.main import CommandError
@@ -209,17 +210,8 @@ class SoakNode(NodeProcess):
 
 def _proc_figures(pid: int) -> tuple[float, int, float] | None:
     """(RSS in MiB, open descriptors, CPU seconds used) of ``pid``; None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
-        with open(f"/proc/{pid}/stat") as f:
-            # after the command name in parentheses: state is field 3, utime 14, stime 15
-            fields = f.read().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, StopIteration, IndexError, ValueError):
-        return None
-    return rss_kib / 1024, fds, cpu
+    rss, fds, cpu = rss_mib(pid), open_fds(pid), cpu_seconds(pid)
+    return None if rss is None or fds is None or cpu is None else (rss, fds, cpu)
 
 
 def _allocated(path: Path) -> int:

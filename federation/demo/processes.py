@@ -43,12 +43,14 @@ from federation.demo.vm_data import build_vm_data
 from federation.demo.writer_node import writer_args
 from federation.node.node_config import render_node_config
 
-__all__ = ["register", "NodeProcess", "LocalFederation", "free_base_port", "DemoFailed"]
+__all__ = ["register", "NodeProcess", "LocalFederation", "free_base_port", "DemoFailed",
+           "NODE_MAIN"]
 
 #: Ports below Linux's default ephemeral range (32768-60999, ip_local_port_range),
 #: so a listener never collides with the source port of an outgoing connection.
 _PORT_LOW, _PORT_HIGH = 20000, 32000
-_NODE_MAIN = "import sys; from federation.cli.main import main; sys.exit(main())"
+#: The ``dwcp`` command line run in a child Python (``dwcp node ...``).
+NODE_MAIN = "import sys; from federation.cli.main import main; sys.exit(main())"
 #: A node whose VMs may run the demo's page writer (federation.demo.writer_node).
 _WRITER_NODE_MAIN = "import sys; from federation.demo.writer_node import main; sys.exit(main())"
 
@@ -132,7 +134,7 @@ class NodeProcess:
         if self.writers:
             args = [sys.executable, "-c", _WRITER_NODE_MAIN, *node, *writer_args(self.writers)]
         else:
-            args = [sys.executable, "-c", _NODE_MAIN, "node", *node]
+            args = [sys.executable, "-c", NODE_MAIN, "node", *node]
         self.started_at = trio.current_time()
         self.process = await trio.lowlevel.open_process(
             [*self.prefix, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
