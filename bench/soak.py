@@ -72,6 +72,7 @@ from federation.cli.main import CommandError
 from federation.demo.processes import DemoFailed, LocalFederation, NodeProcess
 from federation.demo.real_data import write_process_memory
 from federation.demo.scenario import Demo
+from federation.node import heap_report
 
 __all__ = ["register", "pooled_slope", "run_soak", "ERROR_EVENTS", "record_bytes"]
 
@@ -185,6 +186,9 @@ class SoakNode(NodeProcess):
         self.lines = 0
         self.errors: list[str] = []
         self.down = False  # stopped by the soak, not yet ready again
+        #: the node's ``heap_report`` lines (--heap-report): (incarnation, the record)
+        self.heap_reports: list[dict[str, Any]] = []
+        self.incarnation = 0
 
     def _on_line(self, line: str) -> None:
         self.lines += 1
@@ -197,6 +201,8 @@ class SoakNode(NodeProcess):
                 self.errors.append(f"{self.name}: {line}")
         elif record["event"] in ERROR_EVENTS:
             self.errors.append(f"{self.name}: {line}")
+        elif record["event"] == "heap_report":
+            self.heap_reports.append(_heap_summary(record, self.incarnation))
         if isinstance(record, dict) and record.get("event") not in _KEEP:
             if self.log_path is not None:  # every line in the log file, as the demo's
                 with self.log_path.open("a", encoding="utf-8") as f:
@@ -206,6 +212,35 @@ class SoakNode(NodeProcess):
         super()._on_line(line)
         if len(self.other_lines) > 100:
             del self.other_lines[:-100]
+
+
+def _heap_summary(record: dict[str, Any], incarnation: int) -> dict[str, Any]:
+    """What the soak's JSON keeps of a node's ``heap_report`` line: its figures in MiB
+    and its few most grown types and tracebacks (the full line is in the node's log)."""
+    smaps, malloc = record.get("smaps") or {}, record.get("malloc") or {}
+    traced = record.get("traced") or {}
+    return {
+        "ts": record.get("ts"), "incarnation": incarnation, "n": record.get("n"),
+        "anon_mib": round(smaps.get("Anonymous", 0) / 1024, 2),
+        "malloc_in_use_mib": round(malloc.get("in_use", 0) / MIB, 2),
+        "malloc_free_mib": round(malloc.get("free", 0) / MIB, 2),
+        "traced_mib": round(traced.get("total", 0) / MIB, 2),
+        "objects": (record.get("objects") or {}).get("total"),
+        "types_grown": ((record.get("objects") or {}).get("grown") or [])[:5],
+        "traced_grown": [[g["grew"], g["at"][-3:]] for g in (traced.get("grown") or [])[:5]],
+    }
+
+
+def _anon_mib(pid: int) -> float | None:
+    """``pid``'s anonymous resident memory (heap, arenas, stacks), from smaps_rollup."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Anonymous:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, IndexError, ValueError):
+        return None
+    return None
 
 
 def _proc_figures(pid: int) -> tuple[float, int, float] | None:
@@ -455,6 +490,7 @@ class Soak:
                                          "SIGTERM")
                 stopped = self.now()
                 self.incarnation[dc] += 1
+                node.incarnation = self.incarnation[dc]
                 self.started_at[dc] = self.now()
                 assert self._nursery is not None
                 await node.start(self._nursery)
@@ -517,13 +553,18 @@ class Soak:
                     tasks = _metric(raw.decode(), "dwcp_trio_tasks")
             except ClientError:
                 pass  # the node is between lives; the sample has no task count
+            anon = _anon_mib(proc.pid)
+            if getattr(self.args, "heap_report", None) is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGUSR2)  # its heap_report line follows
             data = self.fed.config_path.parent / "data" / dc
             disk = await trio.to_thread.run_sync(_allocated, data)
             self.samples.append({
                 "t_s": round(t, 2), "dc": dc, "pid": proc.pid,
                 "incarnation": self.incarnation[dc],
                 "up_s": round(t - self.started_at[dc], 2),
-                "rss_mib": round(figures[0], 2), "fds": figures[1],
+                "rss_mib": round(figures[0], 2),
+                "anon_mib": None if anon is None else round(anon, 2), "fds": figures[1],
                 "cpu_s": round(figures[2], 2),
                 "trio_tasks": None if tasks is None else int(tasks),
                 "sqlite_mib": round(_sqlite_bytes(data) / MIB, 3),
@@ -607,6 +648,8 @@ class Soak:
                  if b["t_s"] > a["t_s"]] for g in lives.values()]
         return {
             "rss_mib_per_hour": per_hour(list(lives.values()), "rss_mib"),
+            # a diagnostic: the anonymous part of RSS (heap and arenas, not mapped files)
+            "anon_mib_per_hour": per_hour(list(lives.values()), "anon_mib"),
             "fds_per_hour": per_hour(list(lives.values()), "fds"),
             "tasks_per_hour": per_hour(list(lives.values()), "trio_tasks"),
             "disk_mib_per_hour": per_hour(list(disks.values()), "data_dir_mib"),
@@ -692,6 +735,7 @@ class Soak:
             "checks": checks,
             "ok": all(checks.values()),
             "samples": self.samples,
+            "heap_reports": {dc: n.heap_reports for dc, n in self.nodes.items()},
         }
 
 
@@ -706,7 +750,18 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
         for name in fed.federation.names
     }
     soak = Soak(fed, directory, args)
-    trio.run(soak.run)
+    frames = getattr(args, "heap_report", None)
+    saved = os.environ.get(heap_report.ENV)
+    if frames:  # the nodes inherit it
+        os.environ[heap_report.ENV] = str(frames)
+    try:
+        trio.run(soak.run)
+    finally:
+        if frames:
+            if saved is None:
+                os.environ.pop(heap_report.ENV, None)
+            else:
+                os.environ[heap_report.ENV] = saved
     failure = soak.failure
     doc = soak.report(began, sizes)
     doc["directory"] = str(directory)
@@ -742,6 +797,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                  "when the run is ok)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--heap-report", type=int, default=None, metavar="FRAMES",
+                   help="diagnose growth: start the nodes with DWCP_TRACEMALLOC=FRAMES "
+                        "(0: tracemalloc off) and signal each (SIGUSR2) at every sample "
+                        "for a heap_report line (federation.node.heap_report), summed up "
+                        "in heap_reports; tracemalloc slows the nodes, so slopes measured "
+                        "with it are not the node's")
     p.set_defaults(func=_main)
 
 
@@ -751,6 +812,9 @@ def _main(args: argparse.Namespace) -> int:
             print(f"dwcp bench soak: --{name.replace('_', '-')} must be positive",
                   file=sys.stderr)
             return 2
+    if args.heap_report is not None and not 0 <= args.heap_report <= 100:
+        print("dwcp bench soak: --heap-report must be 0 to 100 frames", file=sys.stderr)
+        return 2
     if args.warmup_minutes < 0 or args.loaders < 1:
         print("dwcp bench soak: --warmup-minutes must be >= 0 and --loaders >= 1",
               file=sys.stderr)

@@ -30,6 +30,7 @@ from federation.cli.main import CommandError
 from federation.node.assembly import DOWNTIME_LIMIT, Node
 from federation.node.data_lock import DataDirLock
 from federation.node.errors import NodeError
+from federation.node.heap_report import HeapReporter, tracemalloc_frames
 from federation.node.node_config import (
     NodeConfig,
     NodeConfigError,
@@ -92,6 +93,10 @@ def run_node(args: argparse.Namespace,
     except OSError as exc:
         raise CommandError(f"{key_path}: {exc.strerror}") from None
     settings = _node_config(args)
+    try:  # before the node is made, so that tracemalloc sees all it allocates
+        heap = HeapReporter(tracemalloc_frames())
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     # everything the node creates (ledger, images, logs of its VMs) is its own alone
     os.umask(0o077)
     data_dir: Path = args.data_dir or args.config.parent / "data" / args.name
@@ -133,7 +138,7 @@ def run_node(args: argparse.Namespace,
         lock.release()
         raise CommandError(f"{data_dir}: {exc}") from None
     try:
-        trio.run(_serve_until_signal, node, settings.metrics_token)
+        trio.run(_serve_until_signal, node, settings.metrics_token, heap)
     except (ListenError, NodeError) as exc:
         raise CommandError(str(exc)) from None
     finally:
@@ -190,7 +195,8 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         raise CommandError(str(exc)) from None
 
 
-async def _serve_until_signal(node: Node, metrics_token: str = "") -> None:
+async def _serve_until_signal(node: Node, metrics_token: str = "",
+                              heap: HeapReporter | None = None) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         # outside the nursery: a busy port stays a plain exception
         await node.bind()
@@ -204,5 +210,14 @@ async def _serve_until_signal(node: Node, metrics_token: str = "") -> None:
                     return
 
             nursery.start_soon(stop_on_signal)
+            if heap is not None:
+                nursery.start_soon(_report_heap_on_signal, node, heap)
             await serve_node(node, api, metrics_token=metrics_token)
             nursery.cancel_scope.cancel()
+
+
+async def _report_heap_on_signal(node: Node, heap: HeapReporter) -> None:
+    """SIGUSR2 logs a ``heap_report`` (federation.node.heap_report): what grew."""
+    with trio.open_signal_receiver(signal.SIGUSR2) as signals:
+        async for _ in signals:
+            node.log.event("heap_report", **heap.report())
