@@ -30,6 +30,7 @@ from federation.cli.main import CommandError
 from federation.node.assembly import DOWNTIME_LIMIT, Node
 from federation.node.data_lock import DataDirLock
 from federation.node.errors import NodeError
+from federation.node.heap import tune_heap
 from federation.node.heap_report import HeapReporter, tracemalloc_frames
 from federation.node.node_config import (
     NodeConfig,
@@ -93,6 +94,7 @@ def run_node(args: argparse.Namespace,
     except OSError as exc:
         raise CommandError(f"{key_path}: {exc.strerror}") from None
     settings = _node_config(args)
+    tune_heap()  # before the node's threads allocate (federation.node.heap)
     try:  # before the node is made, so that tracemalloc sees all it allocates
         heap = HeapReporter(tracemalloc_frames())
     except ValueError as exc:
