@@ -73,6 +73,7 @@ from federation.demo.processes import DemoFailed, LocalFederation, NodeProcess
 from federation.demo.real_data import write_process_memory
 from federation.demo.scenario import Demo
 from federation.node import heap_report
+from federation.node.assembly import ENDED_KEEP_MAX, ENDED_KEEP_SECONDS
 
 __all__ = ["register", "pooled_slope", "run_soak", "ERROR_EVENTS", "record_bytes"]
 
@@ -110,6 +111,10 @@ POLL = 0.25
 # the records the run created per hour times that size, times RECORD_FACTOR (the
 # replica's indexes, the snapshot kept next to the log, SQLite's pages), plus a slack for
 # the allocator and for the noise of a least-squares slope over samples taken under load.
+# A node also keeps its ended migration sessions (source and target: two per migration,
+# spread over the nodes), in memory up to the node's bound (federation.node.assembly,
+# ENDED_KEEP_SECONDS and ENDED_KEEP_MAX: at most that many an hour of the slope) and on
+# disk, their persisted records, for good (a restart restores them).
 RECORD_FACTOR = 3.0
 RSS_SLACK_MIB_PER_HOUR = 8.0
 DISK_SLACK_MIB_PER_HOUR = 4.0
@@ -139,11 +144,16 @@ def pooled_slope(segments: list[list[tuple[float, float]]]) -> float | None:
 
 
 def record_bytes(count: int = 2000) -> dict[str, float]:
-    """Bytes per ledger record the soak makes, measured: the Python memory of ``count``
-    request records in a :class:`consensus.operator_requests.RequestBook` and of
-    ``count`` migration records in a dict (tracemalloc), and their wire encodings."""
+    """Bytes per record the soak makes, measured: the Python memory of ``count`` request
+    records in a :class:`consensus.operator_requests.RequestBook`, of ``count`` migration
+    records in a dict, and of ``count`` ended sessions as a node keeps them (the session
+    rebuilt from its persisted record, its last progress and its outcome; tracemalloc),
+    and the wire encodings of the two ledger records and of a session's record."""
+    from consensus.authz import Authorization
     from consensus.ledger_commands import MigrationRecord, RequestRecord
     from consensus.operator_requests import RequestBook
+    from federation.migration.restore import restore
+    from federation.migration.vocabulary import ImageSize, Outcome, Progress, SessionRecord
     from mesh import wire
 
     def request(i: int) -> RequestRecord:
@@ -154,6 +164,14 @@ def record_bytes(count: int = 2000) -> dict[str, float]:
         return MigrationRecord(f"soak-a-dc1-dc2-{i:08x}", "soak-a", "dc1", "dc2", i,
                                "committed", bytes(32), bytes(32), 1.8e9 + i, 3, "", "")
 
+    def session(i: int) -> bytes:
+        # a source's: the operator's signed request rides along (~300 B as the API signs)
+        return wire.encode(SessionRecord(
+            f"soak-a-dc1-dc2-{i:08x}", "source", "dc1", "soak-a", "dc1", "dc2", i,
+            "committed", 3, 3, (1, 3), (ImageSize("memory", 2048), ImageSize("disk-0", 512)),
+            True, True, bytes(32), 30, 0.3, "", 10 << 20, 3 << 20,
+            Authorization(bytes(240), bytes(60))))
+
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -163,14 +181,25 @@ def record_bytes(count: int = 2000) -> dict[str, float]:
         mid = tracemalloc.get_traced_memory()[0]
         migs = {f"m{i}": migration(i) for i in range(count)}
         after = tracemalloc.get_traced_memory()[0]
+        kept: dict[str, tuple[Any, Progress, Outcome]] = {}
+        for i in range(count):
+            mid_i = f"soak-a-dc1-dc2-{i:08x}"
+            s, _ = restore(session(i), None, 0.0)
+            kept[mid_i] = (s, Progress(mid_i, "soak-a", "source", "committed", 3, 10 << 20,
+                                       3 << 20, 0.0, 1e7, 0.0, 2560, 0),
+                           Outcome(mid_i, "soak-a", "source", "committed", "", 3, 10 << 20,
+                                   3 << 20, 0.1))
+        sessions = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
-    del book, migs
+    del book, migs, kept
     return {
         "request_memory": (mid - before) / count,
         "migration_memory": (after - mid) / count,
+        "session_memory": (sessions - after) / count,
         "request_wire": float(len(wire.encode_struct(request(0)))),
         "migration_wire": float(len(wire.encode_struct(migration(0)))),
+        "session_wire": float(len(session(0))),
     }
 
 
@@ -668,11 +697,15 @@ class Soak:
         requests_per_hour = (self.commands["committed"] + self.commands["pending"]
                              + self.migrations["committed"] + self.migrations["failed"]) / hours
         migrations_per_hour = (self.migrations["committed"] + self.migrations["failed"]) / hours
+        sessions_per_hour = 2 * migrations_per_hour / len(self.nodes)  # per node
+        kept_per_hour = min(sessions_per_hour, ENDED_KEEP_MAX * 3600 / ENDED_KEEP_SECONDS)
         rss_bound = (RECORD_FACTOR * (requests_per_hour * sizes["request_memory"]
                                       + migrations_per_hour * sizes["migration_memory"]) / MIB
+                     + kept_per_hour * sizes["session_memory"] / MIB
                      + RSS_SLACK_MIB_PER_HOUR)
         disk_bound = (RECORD_FACTOR * (requests_per_hour * sizes["request_wire"]
-                                       + migrations_per_hour * sizes["migration_wire"]) / MIB
+                                       + migrations_per_hour * sizes["migration_wire"]
+                                       + sessions_per_hour * sizes["session_wire"]) / MIB
                       + DISK_SLACK_MIB_PER_HOUR)
         bounds = {
             "rss_mib_per_hour": round(rss_bound, 3),
@@ -687,7 +720,11 @@ class Soak:
                 f"on disk, {migrations_per_hour:.0f} migrations x "
                 f"{sizes['migration_memory']:.0f} B / {sizes['migration_wire']:.0f} B "
                 f"(measured, record_bytes), times {RECORD_FACTOR:g} (indexes, the snapshot "
-                f"beside the log, SQLite pages), plus {RSS_SLACK_MIB_PER_HOUR:g} MiB/h (RSS) "
+                f"beside the log, SQLite pages); each node's ended sessions, "
+                f"{sessions_per_hour:.0f} an hour x {sizes['session_wire']:.0f} B on disk "
+                f"(times {RECORD_FACTOR:g}) and in memory {kept_per_hour:.0f} an hour (the "
+                f"node keeps at most {ENDED_KEEP_MAX} and an hour's) x "
+                f"{sizes['session_memory']:.0f} B; plus {RSS_SLACK_MIB_PER_HOUR:g} MiB/h (RSS) "
                 f"and {DISK_SLACK_MIB_PER_HOUR:g} MiB/h (disk) for the allocator and the "
                 "slope's noise under load. Descriptors and tasks have no reason to grow: a "
                 "migration in flight holds a few, and a leak of one per migration or per "
