@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consensus.ledger import DeleteVm, ImportVm, MigrateVm
 from federation.api.http import MAX_BODY
+from mesh.links.control_plane import statement_cache_size
 from tests.harness.api import api_import, api_migrate, call, host, http, request
 from tests.harness.node import make_federation, real_vm, running_nodes, wait_outcome, wait_vm
 
@@ -115,6 +116,8 @@ def test_routes_metrics_and_a_migration(tmp_path: Path) -> None:
                 assert (await call(dc1, "GET", path))[0] == 200
             assert len(threads) >= 3 and threading.get_ident() not in threads
 
+            # a node of 4 DCs remembers 1,024 verified statements, not 64 DCs' worth
+            assert dc1.control.statements.cache_max == statement_cache_size(4) == 1024
             # past the node's bounds an ended session goes (federation.node.assembly,
             # ENDED_KEEP_*): its view is the ledger's record, its outcome still counted
             assert dc1.rounds.counters.paths[mig["id"]]
