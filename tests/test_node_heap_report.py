@@ -7,7 +7,13 @@ import tracemalloc
 
 import pytest
 
-from federation.node.heap_report import ENV, HeapReporter, smaps_rollup, tracemalloc_frames
+from federation.node.heap_report import (
+    ENV,
+    HeapReporter,
+    malloc_arenas,
+    smaps_rollup,
+    tracemalloc_frames,
+)
 
 
 class Grown:
@@ -55,3 +61,12 @@ def test_smaps_rollup_reads_the_kernels_figures(tmp_path: object) -> None:
         pytest.skip("no /proc/self/smaps_rollup (Linux 4.14+) here")
     assert figures["Rss"] > 1000 and "Anonymous" in figures
     assert smaps_rollup("/nonexistent/smaps_rollup") == {}
+
+
+def test_the_arenas_of_glibc_are_listed() -> None:
+    arenas = malloc_arenas()
+    if not arenas:
+        pytest.skip("no glibc malloc_info in this libc")
+    assert arenas[0][0] > 0 and all(0 <= free <= size for size, free in arenas)
+    doc = HeapReporter().report()
+    assert doc["malloc"]["arenas"] and doc["malloc"]["in_use"] > 0

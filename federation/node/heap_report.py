@@ -6,7 +6,9 @@ wants to know by what. Each report is one JSON log line with:
 - ``smaps``: the kernel's view (``/proc/self/smaps_rollup``, kB: Rss, Anonymous,
   Private_Dirty, Swap);
 - ``malloc``: glibc's view (``mallinfo2``: bytes in use, free bytes held in the arenas,
-  mmapped bytes; absent without glibc);
+  mmapped bytes; and from ``malloc_info``, per arena — one per thread that allocated,
+  up to eight per core — its bytes taken from the system and its free bytes; absent
+  without glibc);
 - ``objects``: the Python object counts by type that grew most since the previous report
   (``gc.get_objects``, so containers only, and the total);
 - ``traced``: when the node was started with ``DWCP_TRACEMALLOC=FRAMES`` (tracemalloc
@@ -24,10 +26,13 @@ import collections
 import ctypes
 import gc
 import os
+import tempfile
 import tracemalloc
 from typing import Any
+from xml.etree import ElementTree
 
-__all__ = ["HeapReporter", "ENV", "tracemalloc_frames", "smaps_rollup", "malloc_info"]
+__all__ = ["HeapReporter", "ENV", "tracemalloc_frames", "smaps_rollup", "malloc_info",
+           "malloc_arenas"]
 
 ENV = "DWCP_TRACEMALLOC"
 #: How many of the most grown types and tracebacks a report lists.
@@ -91,6 +96,48 @@ def malloc_info() -> dict[str, int]:
             "mmapped": int(m.hblkhd), "arena": int(m.arena)}
 
 
+def _libc_malloc_info() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fopen, info, fclose = libc.fopen, libc.malloc_info, libc.fclose
+    except (OSError, AttributeError):
+        return None
+    fopen.restype, fopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p]
+    info.restype, info.argtypes = ctypes.c_int, [ctypes.c_int, ctypes.c_void_p]
+    fclose.restype, fclose.argtypes = ctypes.c_int, [ctypes.c_void_p]
+    return fopen, info, fclose
+
+
+_MALLOC_INFO = _libc_malloc_info()
+
+
+def malloc_arenas() -> list[list[int]]:
+    """[bytes taken from the system, free bytes] of each glibc arena (``malloc_info``'s
+    XML; [] without glibc)."""
+    if _MALLOC_INFO is None:
+        return []
+    fopen, info, fclose = _MALLOC_INFO
+    with tempfile.NamedTemporaryFile(prefix="dwcp-malloc-") as tmp:
+        fp = fopen(tmp.name.encode(), b"w")
+        if not fp:
+            return []
+        try:
+            info(0, fp)
+        finally:
+            fclose(fp)
+        try:
+            root = ElementTree.parse(tmp.name).getroot()
+        except ElementTree.ParseError:
+            return []
+    out = []
+    for heap in root.findall("heap"):
+        system = heap.find("system[@type='current']")
+        free = sum(int(t.get("size", 0)) for t in heap.findall("total")
+                   if t.get("type") in ("fast", "rest"))
+        out.append([int(system.get("size", 0)) if system is not None else 0, free])
+    return out
+
+
 class HeapReporter:
     """Reports growth between two calls of :meth:`report` (the first against nothing)."""
 
@@ -111,7 +158,7 @@ class HeapReporter:
         doc: dict[str, Any] = {
             "n": self.reports,
             "smaps": smaps_rollup(),
-            "malloc": malloc_info(),
+            "malloc": {**malloc_info(), "arenas": malloc_arenas()},
             "objects": {"total": sum(types.values()),
                         "grown": [[name, types[name], d] for name, d in grown.most_common(TOP)
                                   if d > 0]},
