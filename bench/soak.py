@@ -253,6 +253,8 @@ def _heap_summary(record: dict[str, Any], incarnation: int) -> dict[str, Any]:
         "anon_mib": round(smaps.get("Anonymous", 0) / 1024, 2),
         "malloc_in_use_mib": round(malloc.get("in_use", 0) / MIB, 2),
         "malloc_free_mib": round(malloc.get("free", 0) / MIB, 2),
+        "arenas": len(malloc.get("arenas") or []),
+        "arenas_mib": round(sum(a[0] for a in malloc.get("arenas") or []) / MIB, 2),
         "traced_mib": round(traced.get("total", 0) / MIB, 2),
         "objects": (record.get("objects") or {}).get("total"),
         "types_grown": ((record.get("objects") or {}).get("grown") or [])[:5],
