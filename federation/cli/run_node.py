@@ -24,6 +24,7 @@ from pathlib import Path
 import trio
 
 from consensus.pbft.durable import LogFormatError
+from consensus.pbft.messages import set_memo_capacity
 from federation import config
 from federation.api.http import open_api, serve_node
 from federation.cli.main import CommandError
@@ -50,6 +51,11 @@ from federation.vms.sealing import SealKey
 from mesh import identity
 from mesh.runtime.node_runtime import ListenError
 from mesh.runtime.sqlite_store import StoreError
+
+#: Verified PBFT signatures a node process remembers (consensus.pbft.messages): its one
+#: replica's Verifier keeps a watermark window's for the re-checks in certificates; the
+#: process memo's simulator size (65,536) would hold ~20 MiB at a steady 3 commands/s.
+SIGNATURE_MEMO = 8192
 
 __all__ = ["register", "add_node_arguments", "run_node", "default_key_path", "node_backend"]
 
@@ -95,6 +101,7 @@ def run_node(args: argparse.Namespace,
         raise CommandError(f"{key_path}: {exc.strerror}") from None
     settings = _node_config(args)
     tune_heap()  # before the node's threads allocate (federation.node.heap)
+    set_memo_capacity(SIGNATURE_MEMO)
     try:  # before the node is made, so that tracemalloc sees all it allocates
         heap = HeapReporter(tracemalloc_frames())
     except ValueError as exc:
