@@ -32,6 +32,7 @@ from federation.migration.stop_costs import (
     StopCosts,
     StopHistory,
     costs_of_arrival,
+    final_round_costs,
 )
 from federation.migration.vocabulary import (
     Fence,
@@ -211,23 +212,23 @@ def test_the_session_reserves_what_it_is_given_and_says_so() -> None:
     assert of(out, Fence)
     s = session(PrecopyLimits(7, 1.0))
     s.use_stop_estimate(StopHistory().estimate("vm1"), HARD_MAXIMUM)
-    assert s.reserve == pytest.approx(0.18) and s.ceiling == HARD_MAXIMUM
-    out = _through_round_1(s, 4_000)  # not within the 0.82 s left
+    assert s.reserve == pytest.approx(0.205) and s.ceiling == HARD_MAXIMUM
+    out = _through_round_1(s, 4_000)  # not within the 0.795 s left
     assert not of(out, Fence) and of(out, SendRound)
     note = next(a for a in out if isinstance(a, Notify) and a.kind == "migration.precopy")
-    assert note.detail["reserve_s"] == pytest.approx(0.18) and not note.detail["fence"]
+    assert note.detail["reserve_s"] == pytest.approx(0.205) and not note.detail["fence"]
     view = SessionStatus.of(s)
-    assert view.stop_reserve == pytest.approx(0.18) and view.reserve_measured == ()
+    assert view.stop_reserve == pytest.approx(0.205) and view.reserve_measured == ()
 
 
 def test_the_session_measures_its_own_stop_window() -> None:
     s = session(PrecopyLimits(7, 1.0))
     s.use_stop_estimate(StopHistory().estimate("vm1"), HARD_MAXIMUM)
-    out = _through_round_1(s, 3_000)  # 0.68 s: within the 0.82 s left
+    out = _through_round_1(s, 3_000)  # 0.68 s: within the 0.795 s left
     assert of(out, Fence) and s.phase is Phase.FENCED
     cost = s.page_cost
     s.handle(10.3, SourceFenced(b"R" * 32))  # the fence took 0.3 s
-    # the final round: 3,100 pages in 0.9 s of which 0.8 s moving them
+    # the final round: 3,100 pages in 0.9 s, estimated at 0.71 s
     s.handle(11.2, RoundSent(2, 3_100, 3_100 * PAGE_SIZE, 12_000_000, 0.9, 0, 0.8))
     assert s.phase is Phase.VERIFYING
     out = s.handle(11.3, LedgerCommitted("m1", 4, b"R" * 32))  # committed 0.1 s after the round
@@ -236,12 +237,24 @@ def test_the_session_measures_its_own_stop_window() -> None:
     c = s.stop_costs
     assert c is not None and note.detail["vm"] == "vm1"
     assert c.fence_s == pytest.approx(0.3)
-    assert c.final_fixed_s == pytest.approx(0.1)
+    assert c.final_fixed_s == pytest.approx(0.9 - 3_100 * cost)  # the excess: fixed
     assert c.after_s == pytest.approx(0.1 + START_PRIOR)
-    assert c.bias == pytest.approx(0.8 / (3_100 * cost))
+    assert c.bias == 1.0
     assert SessionStatus.of(s).stop_costs == {"fence_s": c.fence_s,
                                               "final_fixed_s": c.final_fixed_s,
                                               "after_s": c.after_s, "bias": c.bias}
+
+
+def test_a_final_rounds_excess_is_fixed_and_only_a_faster_one_sets_a_bias() -> None:
+    # under load: 654 pages estimated at 63 ms took 470 ms; its excess is latency
+    fixed, bias = final_round_costs(0.470, 654, 0.0965e-3)
+    assert fixed == pytest.approx(0.470 - 654 * 0.0965e-3) and bias == 1.0
+    # faster than estimated: a bias under 1, nothing fixed
+    fixed, bias = final_round_costs(0.100, 2_000, 0.1e-3)
+    assert fixed == 0.0 and bias == pytest.approx(0.5)
+    # too few pages for a bias; no cost to measure by
+    assert final_round_costs(0.05, 10, 0.1e-3) == (pytest.approx(0.049), None)
+    assert final_round_costs(0.05, 10, 0.0) == (None, None)
 
 
 def test_a_final_round_of_few_pages_measures_no_bias() -> None:

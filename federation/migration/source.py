@@ -36,7 +36,12 @@ from federation.migration.precopy import (
 )
 from federation.migration.rollout import choose_version, round_version
 from federation.migration.session import SessionBase
-from federation.migration.stop_costs import BIAS_PAGES, START_PRIOR, StopCosts, StopEstimate
+from federation.migration.stop_costs import (
+    START_PRIOR,
+    StopCosts,
+    StopEstimate,
+    final_round_costs,
+)
 from federation.migration.vocabulary import (
     FENCE_SLACK,
     PEER_DOWN_GRACE,
@@ -132,7 +137,7 @@ class SourceSession(SessionBase):
         self._fence_asked: float | None = None
         self._fence_s: float | None = None
         self._fence_cost = 0.0
-        self._final: tuple[float, float | None, float] | None = None
+        self._final: tuple[float | None, float | None, float] | None = None
         self.stop_costs: StopCosts | None = None
 
     @classmethod
@@ -344,10 +349,7 @@ class SourceSession(SessionBase):
         cost = page_cost(self.round, ev.pages, ev.wire_bytes, ev.seconds, ev.move_seconds)
         if self.phase is Phase.FINAL:
             # the final round against its estimate at the cost the fence was judged at
-            self._final = (ev.seconds - moving if ev.move_seconds is not None else 0.0,
-                           moving / final_estimate(ev.pages, self._fence_cost)
-                           if ev.pages >= BIAS_PAGES and self._fence_cost > 0 else None,
-                           now)
+            self._final = (*final_round_costs(ev.seconds, ev.pages, self._fence_cost), now)
         if cost > 0:
             self.page_cost = cost
         # the fixed work of a round beside moving pages: an incremental round's; until one

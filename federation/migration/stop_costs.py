@@ -9,23 +9,28 @@ pages on the link and fixed work around them:
 
 - ``fence_s``: the source's fence, from the session asking it to the fenced root (the VM
   worker's wait, QMP ``stop``, the device state saved beside the root's catch-up);
-- ``final_fixed_s``: the final round's seconds beside moving its pages (its plan, the
-  target's readiness, the last acknowledgement);
+- ``final_fixed_s``: what the final round took beyond its estimate (its pages at the
+  cost a page the fence was judged at): its plan, the target's readiness, the chunks'
+  latency, the target's root and verdict;
 - ``after_s``: from the final round's end to the guest's ``cont`` at the target (its
   verification, the ledger's commit with the device state loaded beside it, the start).
   A target measures it exactly (its arrival's ``stop_window_ms``); a source sees the
   commit in its ledger but not the target's ``cont``, so its own view adds
   :data:`START_PRIOR`;
 
-and ``bias``: the final round's moving time over its estimate (its pages at the cost per
-page the policy used), so that a final round slower than the pre-copy rounds' pace (its
-pages are a stopped guest's last writes; the device image's pages are in it) is not
-estimated at their pace again.
+and ``bias``: the final round's time over its estimate where it was *faster* than
+estimated (else 1: the excess is counted in ``final_fixed_s``). The final round's excess
+over its estimate is taken as fixed, not as a factor on its pages: under load
+(2026-12-08 01:11, load 20) a final round of 654 pages estimated at 63 ms took 470 ms,
+13.7 times the estimate, nearly all of it the round's latency through both nodes (a
+factor would have over-reserved a large final round and, bounded, under-reserved a small
+one); on the quiet machine 2,793 pages estimated at 156 ms took 180 ms.
 
 Until a node measured a figure, :data:`PRIOR` stands for it: the quiet-machine stop
 window of 2026-12-08 (docs/BENCHMARKS.md, "Why the loopback downtime is over 300 ms in
-this run": the source's stop, device state and root 103 ms; the target's verification,
-device load and commit 34 ms, its start 46 ms). Each later figure is the last one
+this run": the source's stop, device state and root 103 ms; the final round 180 ms for
+2,793 pages estimated at 0.056 ms a page, 156 ms; the target's verification, device load
+and commit 34 ms, its start 46 ms). Each later figure is the last one
 measured, of this VM where it has one, else of any VM at this node.
 """
 
@@ -34,7 +39,7 @@ from __future__ import annotations
 import attrs
 
 __all__ = ["StopCosts", "StopEstimate", "StopHistory", "PRIOR", "START_PRIOR", "BIAS_MIN",
-           "BIAS_MAX", "costs_of_arrival"]
+           "BIAS_MAX", "BIAS_PAGES", "costs_of_arrival", "final_round_costs"]
 
 #: The target's start (its ``cont``) as a source's own view of the window counts it: the
 #: quiet loopback's 46 ms (a source does not see the target's ``cont``).
@@ -64,10 +69,7 @@ class StopCosts:
 
 
 #: What a node reserves before it measured anything (see the module docstring).
-#: The bias: that window's final round took 180 ms for 2,793 pages, estimated at 0.056 ms
-#: a page (0.156 s): 1.15 (its fixed part included, which the prior's ``final_fixed_s``
-#: therefore leaves at 0).
-PRIOR = StopCosts(fence_s=0.10, final_fixed_s=0.0, after_s=0.08, bias=1.15)
+PRIOR = StopCosts(fence_s=0.10, final_fixed_s=0.025, after_s=0.08, bias=1.0)
 
 
 @attrs.frozen
@@ -130,6 +132,20 @@ def _checked(costs: StopCosts) -> StopCosts:
         bias = min(BIAS_MAX, max(BIAS_MIN, bias)) if bias > 0 else None
     return StopCosts(time(costs.fence_s), time(costs.final_fixed_s), time(costs.after_s),
                      bias)
+
+
+def final_round_costs(seconds: float, pages: int, cost: float
+                      ) -> tuple[float | None, float | None]:
+    """``final_fixed_s`` and ``bias`` of a final round of ``pages`` that took ``seconds``,
+    estimated at ``cost`` seconds a page (see the module docstring); None where there is
+    nothing to measure by (no cost; a bias only over :data:`BIAS_PAGES` pages or more)."""
+    if cost <= 0 or seconds < 0:
+        return None, None
+    estimate = pages * cost
+    big = pages >= BIAS_PAGES
+    if seconds >= estimate:
+        return seconds - estimate, 1.0 if big else None
+    return 0.0, seconds / estimate if big else None
 
 
 def costs_of_arrival(stop_window_ms: dict[str, float]) -> StopCosts:
