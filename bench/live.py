@@ -535,7 +535,12 @@ async def _node_leg(demo: Demo, fed: LocalFederation, directory: Path, ram: Path
                  if e["event"] == "notify" and e.get("kind") == "migration.precopy"
                  and isinstance(e.get("detail"), dict)
                  and e["detail"].get("migration_id") == mid]
-    return {"precopy": decisions,
+    # what the source measured of this stop window (the next migration's reserve)
+    costs = next((e["detail"] for e in fed.nodes[src].events
+                  if e["event"] == "notify" and e.get("kind") == "migration.stop-costs"
+                  and isinstance(e.get("detail"), dict)
+                  and e["detail"].get("migration_id") == mid), None)
+    return {"precopy": decisions, "stop_costs": costs,
             "wire_bytes": wire, "node_wire_bytes": leg["wire"],
             "logical_bytes": leg["bytes"], "total_s": round(leg["time"], 3),
             "downtime_ms": round(float(leg["downtime_ms"]), 1), "rounds": leg["rounds"],
