@@ -752,6 +752,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--no-dwcp", action="store_true", help="QEMU's contenders only")
     p.add_argument("--no-loopback", action="store_true",
                    help="the 100 Mbit/s tbf link only (the loopback runs are skipped)")
+    p.add_argument("--legs", action="append", default=[], choices=list(LEGS),
+                   metavar="LEG",
+                   help="run only these links (repeatable): loopback, tbf (the 100 Mbit/s "
+                        "veth pair); default both (--no-tbf, --no-loopback say the same)")
     p.add_argument("--return-after", type=int, default=RETURN_AFTER_S,
                    help="DWCP migrates back after this guest time at the target (s; "
                         "0: no return trip)")
@@ -766,8 +770,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=_main)
 
 
+#: The links ``--legs`` names: the unshaped one, and the veth pair shaped to 100 Mbit/s
+LEGS = ("loopback", "tbf")
+
+
 def _main(args: argparse.Namespace) -> int:
-    r = measure(args.mib, args.fill, args.at, args.level, not args.no_tbf, not args.no_dwcp,
-                args.return_after, args.only, args.inproc, not args.no_loopback)
+    legs = set(args.legs or LEGS)
+    tbf = "tbf" in legs and not args.no_tbf
+    loopback = "loopback" in legs and not args.no_loopback
+    if not (tbf or loopback):
+        raise SystemExit("dwcp bench live: --legs, --no-tbf and --no-loopback leave no link")
+    r = measure(args.mib, args.fill, args.at, args.level, tbf, not args.no_dwcp,
+                args.return_after, args.only, args.inproc, loopback)
     print(json.dumps(r) if args.json else json.dumps(r, indent=1))
     return 0 if not r["missing"] or "guests_ok" in r else 1
