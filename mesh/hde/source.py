@@ -30,7 +30,7 @@ from mesh.hde.messages import (
     HdeVerified,
     HdeWant,
 )
-from mesh.hde.similar import group_chunks
+from mesh.hde.similar import LEAD_PAGES, group_chunks
 
 __all__ = ["HdeSource", "MAX_RESENDS"]
 
@@ -47,15 +47,6 @@ FP_LEVEL = 1
 #: guest (mesh.hde.similar): near-copies lie far apart, and a window of 16,384 pages kept
 #: 2 % of the 11 % that the whole 65,536-page image gave.
 GROUP_WINDOW = 65536
-#: With ``similar``, the first this many wanted pages of a transfer are planned as their
-#: wants come (grouped within each want), before the window fills: the link starts with
-#: the diff's first want instead of its last. On a cold target the window is the whole
-#: image, so nothing was planned until the target's walk over every block ended (the
-#: first chunk 1.04 s after the target's word on the quiet bench guest over 100 Mbit/s,
-#: issue 17). 4,096 pages (16 MiB, ~7 MB at level 9: ~0.6 s of a 100 Mbit/s link) cover
-#: that walk; they are ~11 % of the bench guest's 36,185 wanted pages, so at most ~1 %
-#: of the grouping's 11 % gain is given up.
-LEAD_PAGES = 4096
 
 
 class HdeSource:
