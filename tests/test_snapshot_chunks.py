@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bench.fleet_ledger import fleet_ledger
 from consensus import snapshot_chunks
 from consensus.ledger import Ledger
 from consensus.pbft.durable import CheckpointRecord, ChunkedCheckpoint, ReplicaLog
@@ -38,7 +39,6 @@ from mesh.core import Persist, Received, Send
 from sim import partitions
 from sim.hosts.pbft_cluster import PbftCluster, identity_for
 from sim.store import SimStore
-from tests.harness.fleet_ledger import fleet_ledger
 from tests.test_pbft_replica import SMALL, cluster, register_many, run_until_settled
 
 NAMES = ("n00", "n01", "n02", "n03")
@@ -144,7 +144,7 @@ def test_manifest_and_fetch_round_trip_within_their_limits(
 
 
 def _past_one_frame(vms: int) -> None:
-    ledger = fleet_ledger(NAMES, vms)
+    ledger = fleet_ledger(list(NAMES), vms)
     snap = ledger.snapshot()
     assert len(snap) > wire.ABSOLUTE_MAX_SIZE  # one frame could not carry it
     again = Ledger.restore(NAMES, snap)
