@@ -164,7 +164,7 @@ def test_a_ledger_past_one_frame_snapshots_and_restores() -> None:
 def test_a_ledger_past_one_frame_snapshots_and_restores_smoke(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(wire, "ABSOLUTE_MAX_SIZE", 16 * 1024)  # the frame limit, scaled down
-    _past_one_frame(200)
+    _past_one_frame(600)  # 95 KB: past decode's fast path (64 KiB) too
 
 
 # --------------------------------------------------------------------------- durable
@@ -311,3 +311,24 @@ def test_a_peer_serves_a_bounded_number_of_chunks_per_interval(small_chunks: int
     for bad in (SnapshotFetch(seq + 1, 0), SnapshotFetch(seq, 999)):
         env = seal(identity_for("n02"), "n02", bad)
         assert not [a for a in r.handle(later, Received("n02", env)) if isinstance(a, Send)]
+
+
+_SNAP = fleet_ledger(list(NAMES), 300).snapshot()  # 48 KB: past decode's fast path
+
+
+@given(st.lists(st.tuples(st.integers(0, len(_SNAP) - 1), st.integers(0, 255)), max_size=4),
+       st.integers(0, 8))
+def test_decode_large_takes_exactly_what_decode_takes(
+        flips: list[tuple[int, int]], cut: int) -> None:
+    data = bytearray(_SNAP)
+    for pos, byte in flips:
+        data[pos] = byte
+    raw = bytes(data[:len(data) - cut])
+    cls = type(wire.decode(_SNAP))
+    try:
+        want = wire.decode(raw, expect=(cls,))
+    except wire.WireError:
+        with pytest.raises(wire.WireError):
+            wire.decode_large(raw, cls, snapshot_chunks.MAX_SNAPSHOT)
+        return
+    assert wire.decode_large(raw, cls, snapshot_chunks.MAX_SNAPSHOT) == want
