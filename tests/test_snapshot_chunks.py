@@ -332,3 +332,38 @@ def test_decode_large_takes_exactly_what_decode_takes(
             wire.decode_large(raw, cls, snapshot_chunks.MAX_SNAPSHOT)
         return
     assert wire.decode_large(raw, cls, snapshot_chunks.MAX_SNAPSHOT) == want
+
+
+def test_a_peer_serves_the_checkpoint_before_its_stable_one_and_no_older(
+        small_chunks: int) -> None:
+    c = cluster()
+    register_many(c, 40, step=0.05)
+    run_until_settled(c)
+    r = c.replica("n00")
+    seqs = [r.low]
+    snaps = [r.state.stable_snapshot]
+    for round_ in range(2):  # two more checkpoints
+        for i in range(3 * SMALL.checkpoint_interval):
+            c.world.at(c.world.now + 0.05 * (i + 1), lambda w, k=round_, i=i: submit_more(
+                c, k, i), "more")
+        target = seqs[-1]
+        assert c.world.run(until=c.world.now + 30.0,
+                           predicate=lambda w, t=target: c.replica("n00").low > t)
+        seqs.append(r.low)
+        snaps.append(r.state.stable_snapshot)
+
+    def served(seq: int) -> list[bytes]:
+        env = seal(identity_for("n02"), "n02", SnapshotFetch(seq, 0))
+        return [a.message.attachment for a in r.handle(c.world.now + 100, Received("n02", env))
+                if isinstance(a, Send)]
+
+    assert served(seqs[2]) == [chunk_of(snaps[2], 0)]
+    assert served(seqs[1]) == [chunk_of(snaps[1], 0)]
+    assert served(seqs[0]) == []
+
+
+def submit_more(c: PbftCluster, k: int, i: int) -> None:
+    from tests.harness.ledger import register
+    from tests.test_pbft_replica import submit
+
+    submit(c, c.names[i % 4], register(f"more{k}-{i}", c.names[i % 4]))

@@ -62,6 +62,7 @@ def make_stable(st: ReplicaState, out: Outbox, seq: int, snapshot: bytes,
     """Move the low watermark to ``seq`` and discard the log at or below it."""
     if seq <= st.low:
         return
+    st.prev_stable = (st.low, st.stable_snapshot)
     st.low, st.stable_proof, st.stable_snapshot = seq, proof, snapshot
     for write in st.log.checkpoint(CheckpointRecord(seq, snapshot, proof)):
         out.persist(write)

@@ -208,6 +208,9 @@ class ReplicaState:
         self.chunked: ChunkTransfer | None = None
         #: peer -> (start of its current status interval, chunks served to it in it)
         self.chunks_served: dict[str, tuple[float, int]] = {}
+        #: the stable checkpoint before the current one and its snapshot: a peer half way
+        #: through fetching its chunks when the checkpoint moved on finishes from it
+        self.prev_stable: tuple[int, bytes] = (-1, b"")
         #: (seq, chunk hashes) of the stable snapshot, computed when first served
         self.stable_hashes: tuple[int, tuple[bytes, ...]] = (-1, ())
 

@@ -18,7 +18,9 @@ a transfer cut anywhere resumes at its first missing chunk, from whichever peer
 the next STATE-REQUEST goes to (:func:`consensus.pbft.checkpoint.request_state`).
 Once the snapshot is installed, a STATE-REQUEST fetches the entries after it.
 A peer serves at most :data:`CHUNKS_PER_INTERVAL` chunks to one requester per
-status interval.
+status interval, of its stable checkpoint or the one before (a requester half way
+through when the checkpoint moved on finishes; one further behind starts again from
+the manifest of the new one).
 """
 
 from __future__ import annotations
@@ -199,10 +201,15 @@ def on_snapshot_manifest(st: ReplicaState, out: Outbox, now: float, env: Envelop
 
 def on_snapshot_fetch(st: ReplicaState, out: Outbox, now: float, peer: str,
                       sf: SnapshotFetch) -> None:
-    size = len(st.stable_snapshot)
-    if (sf.checkpoint_seq != st.low or size <= snapshot_chunks.CHUNK
-            or sf.index >= chunk_count(size)):
-        return  # not the checkpoint we hold (the requester asks another peer)
+    if sf.checkpoint_seq == st.low:
+        snapshot = st.stable_snapshot
+    elif sf.checkpoint_seq == st.prev_stable[0]:
+        snapshot = st.prev_stable[1]  # the checkpoint moved on while the peer fetched
+    else:
+        return  # not a checkpoint we hold (the requester asks another peer)
+    size = len(snapshot)
+    if size <= snapshot_chunks.CHUNK or sf.index >= chunk_count(size):
+        return
     start, served = st.chunks_served.get(peer, (now, 0))
     if now - start >= st.cfg.status_interval:
         start, served = now, 0
@@ -211,8 +218,8 @@ def on_snapshot_fetch(st: ReplicaState, out: Outbox, now: float, peer: str,
         return
     st.chunks_served[peer] = (start, served + 1)
     st.count("snapshot_chunks_served")
-    out.send(peer, out.sign(SnapshotChunk(st.low, sf.index), chunk_of(st.stable_snapshot,
-                                                                      sf.index)))
+    out.send(peer, out.sign(SnapshotChunk(sf.checkpoint_seq, sf.index),
+                            chunk_of(snapshot, sf.index)))
 
 
 def on_snapshot_chunk(st: ReplicaState, out: Outbox, now: float, env: Envelope,
