@@ -1,0 +1,73 @@
+"""The v3 target's round (federation.dataplane.v3_target): what a peer's late or
+misdirected message does when the incoming images are gone or not writable."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import trio
+
+from federation.dataplane.v3_push import PUSH_FLAG
+from federation.dataplane.v3_target import V3Receiver, _Round, _Store
+from federation.migration.round_events import V3Accept, V3Accepted, V3ReceiveFailed
+from federation.vms.backend import VmError
+from mesh.hde.events import ChunkArrived
+from mesh.runtime.log import JsonLog
+
+MID = "vm1-dc1-dc2-0001"
+
+
+def _receiver(reports: list[Any], index_of: Any, incoming: Any = None) -> V3Receiver:
+    return V3Receiver(backend=None, new_channel=lambda: None,  # type: ignore[arg-type]
+                      send=lambda peer, msg: True, incoming=incoming or (lambda mid: None),
+                      report=reports.append, log=JsonLog("dc2", io.StringIO()),
+                      index_of=index_of)
+
+
+def test_a_pushed_chunk_after_the_images_went_fails_the_round_not_the_node() -> None:
+    """The migration ended here (aborted) while a pushed chunk was on its way: the index
+    lookup raises VmError "no incoming image"; the round fails with that reason and the
+    receiver carries on (before: the VmError left the node's nursery and ended the node,
+    found by make netns-chaos seed 1)."""
+    reports: list[Any] = []
+
+    def gone(mid: str, image: str) -> Any:
+        raise VmError(f"migration {mid!r}: no incoming image {image!r}")
+
+    receiver = _receiver(reports, gone)
+    accept = V3Accept("dc1", MID, 2, b"t" * 16, ("memory",), "vm1")
+    r = _Round(receiver, accept, [object()], _Store())  # type: ignore[list-item]
+
+    async def main() -> None:
+        await r.chunk(0, b"")  # not a chunk frame: ignored
+        await r.step(0, ChunkArrived(1 | PUSH_FLAG, 1, b"x" * 64))
+
+    trio.run(main)
+    failed = [x for x in reports if isinstance(x, V3ReceiveFailed)]
+    assert len(failed) == 1 and "no incoming image" in failed[0].reason, reports
+    assert r.failed
+
+
+def test_a_round_whose_images_cannot_be_indexed_is_refused() -> None:
+    """Accepting a round indexes the incoming images; their disappearance (or a full
+    disk) meanwhile is the round's refusal with the reason, not an exception."""
+    reports: list[Any] = []
+
+    def full(mid: str, image: str) -> Any:
+        raise OSError(28, "No space left on device")
+
+    class Backend:
+        def list_vms(self) -> list[Any]:
+            return []
+
+    receiver = _receiver(reports, full, incoming=lambda mid: {"memory": object()})
+    receiver.backend = Backend()  # type: ignore[assignment]
+
+    async def main() -> None:
+        await receiver._accept(V3Accept("dc1", MID, 1, b"t" * 16, ("memory",), "vm1"))
+
+    trio.run(main)
+    assert len(reports) == 1 and isinstance(reports[0], V3Accepted), reports
+    assert "No space left" in reports[0].error
+    assert MID not in receiver.stores
