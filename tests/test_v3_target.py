@@ -1,16 +1,27 @@
-"""The v3 target's round (federation.dataplane.v3_target): what a peer's late or
-misdirected message does when the incoming images are gone or not writable."""
+"""The v3 rounds (federation.dataplane.v3_target and v3_source) where the disk or the
+migration's images fail under them: a peer's late message when the incoming images are
+gone or not writable, a source round that fills the disk."""
 
 from __future__ import annotations
 
+import errno
 import io
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from federation.dataplane.v3_push import PUSH_FLAG
+from federation.dataplane.v3_shadow import SourceState
+from federation.dataplane.v3_source import V3RoundSender
 from federation.dataplane.v3_target import V3Receiver, _Round, _Store
-from federation.migration.round_events import V3Accept, V3Accepted, V3ReceiveFailed
+from federation.migration.round_events import (
+    V3Accept,
+    V3Accepted,
+    V3Failed,
+    V3Prepare,
+    V3ReceiveFailed,
+)
 from federation.vms.backend import VmError
 from mesh.hde.events import ChunkArrived
 from mesh.runtime.log import JsonLog
@@ -71,3 +82,36 @@ def test_a_round_whose_images_cannot_be_indexed_is_refused() -> None:
     assert len(reports) == 1 and isinstance(reports[0], V3Accepted), reports
     assert "No space left" in reports[0].error
     assert MID not in receiver.stores
+
+
+def test_a_source_round_that_fills_the_disk_gives_the_shadow_space_back(
+        tmp_path: Path) -> None:
+    """ENOSPC in a source round (the shadow of a guest on a small data disk): the round
+    fails as any round does, and the shadow's files are removed at once, so the abort's
+    ledger write and the node's other writes find room (make netns-chaos seed 5: the
+    source's store waited for room behind a shadow nothing removed). Another error keeps
+    the shadow for the next round."""
+    reports: list[Any] = []
+
+    def sender(fail: BaseException) -> V3RoundSender:
+        state = SourceState(tmp_path / "shadow")
+        state.reset([("memory", 4)])
+
+        class Failing(V3RoundSender):
+            async def _run(self) -> None:
+                raise fail
+
+        return Failing(V3Prepare(MID, "vm1", 2, "dc2", 1), None,  # type: ignore[arg-type]
+                       state, send=lambda p, m: True, connect=None,  # type: ignore[arg-type]
+                       new_channel=lambda: None,  # type: ignore[arg-type,return-value]
+                       choose_level=lambda s: ("", 0), report=reports.append)
+
+    full = sender(OSError(errno.ENOSPC, "No space left on device"))
+    trio.run(full.run)
+    assert isinstance(reports[-1], V3Failed) and "No space" in reports[-1].reason
+    assert not (tmp_path / "shadow").exists() and full.state.shadows == {}
+    other = sender(OSError(errno.EIO, "I/O error"))
+    trio.run(other.run)
+    assert isinstance(reports[-1], V3Failed) and "I/O error" in reports[-1].reason
+    assert (tmp_path / "shadow" / "memory.img").exists()
+    other.state.close()
