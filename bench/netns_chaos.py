@@ -62,9 +62,11 @@ PROFILES: dict[str, dict[str, int | None]] = {
     "wan": {"dc1": 100, "dc2": 50, "dc3": 100, "dc4": 20},
     "lan": {"dc1": None, "dc2": None, "dc3": None, "dc4": None},
 }
-#: Each DC's data directory: a tmpfs this size (the image VMs are ~1 MiB each; the guest's
-#: disk 16 MiB, its RAM on /dev/shm apart).
-DISK_MIB = 96
+#: Each DC's data directory: a tmpfs this size (the image VMs are ~1 MiB each); with the
+#: guest, GUEST_DISK_MIB: its 16 MiB disk, and at a source the migration's shadow of its
+#: 128 MiB of RAM and the disk, and a retained copy where it ran before (its running RAM
+#: is on /dev/shm apart).
+DISK_MIB, GUEST_DISK_MIB = 96, 512
 IMAGE_VMS = 2
 #: An image VM: memory and one disk of seeded random bytes (random: HDE cannot shrink
 #: them, so every migration sends them whole over the shaped links).
@@ -170,12 +172,12 @@ def _image_vm(directory: Path, rng: random.Random) -> tuple[Path, Path]:
     return memory, disk
 
 
-def _mount_disks(cfg: Path) -> list[Path]:
+def _mount_disks(cfg: Path, mib: int) -> list[Path]:
     mounted = []
     for dc in NAMES:
         d = cfg.parent / "data" / dc
         d.mkdir(parents=True, exist_ok=True)
-        out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_MIB}m,mode=0700",
+        out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0700",
                               "tmpfs", str(d)], capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise RunFailed(f"mount tmpfs on {d}: {out.stderr.strip()}")
@@ -192,7 +194,7 @@ def _umount(mounted: list[Path]) -> None:
 def _federation(root: Path, net: BridgeNet, guest: bool,
                 mounted: list[Path]) -> Iterator[NodeProcesses]:
     def before_start(cfg: Path) -> None:
-        mounted.extend(_mount_disks(cfg))
+        mounted.extend(_mount_disks(cfg, GUEST_DISK_MIB if guest else DISK_MIB))
 
     placed: dict[str, Any] = {
         "host": net.mgmt, "hosts": dict(net.addresses),
