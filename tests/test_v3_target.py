@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from federation.dataplane.v3_push import PUSH_FLAG
@@ -23,6 +25,7 @@ from federation.migration.round_events import (
     V3ReceiveFailed,
 )
 from federation.vms.backend import VmError
+from federation.vms.sealing import SealKey
 from mesh.hde.events import ChunkArrived
 from mesh.runtime.log import JsonLog
 
@@ -115,3 +118,25 @@ def test_a_source_round_that_fills_the_disk_gives_the_shadow_space_back(
     assert isinstance(reports[-1], V3Failed) and "I/O error" in reports[-1].reason
     assert (tmp_path / "shadow" / "memory.img").exists()
     other.state.close()
+
+
+def test_dropping_a_shadow_whose_last_write_fails_never_raises(tmp_path: Path) -> None:
+    """A migration dropped at its source while the disk is full: a shadow's close (its
+    last write) fails with ENOSPC; the state lets go of every shadow, removes the
+    directory and raises nothing (make netns-chaos seed 10: that OSError ended the node).
+    A sealed scratch writer lets go of its descriptor even when its flush fails."""
+    state = SourceState(tmp_path / "shadow", SealKey(bytes(range(32))))
+    state.reset([("memory", 4), ("disk-0", 4)])
+    fds = [w._published.fd for w in state.shadows.values()]  # type: ignore[attr-defined]
+    for w in state.shadows.values():
+        w.write(0, b"\1" * 4096)
+
+        def full(*_: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        w._chunks.write = full  # type: ignore[attr-defined]
+    state.close()
+    assert state.shadows == {} and not (tmp_path / "shadow").exists()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
