@@ -19,6 +19,7 @@ from bench.netns_chaos import (
     make_schedule,
     parse_seeds,
     run_seed,
+    still_migrating,
     undecided,
 )
 
@@ -50,6 +51,13 @@ def test_ledgers_agree_only_at_one_height_with_the_same_records() -> None:
     assert "heights differ" in (ledger_disagreement(behind) or "")
     other = {**same, "dc3": _status(9, ("a", "dc2", 4))}
     assert "VM records differ" in (ledger_disagreement(other) or "")
+
+
+def test_a_vm_still_migrating_after_the_heal_is_named() -> None:
+    docs = {"dc1": _status(9, ("a", "dc1", 3)), "dc2": _status(9, ("a", "dc1", 3))}
+    assert still_migrating(docs) == []
+    docs["dc2"]["vms"][0]["migrating"] = "a-dc1-dc3-1"  # type: ignore[index]
+    assert still_migrating(docs) == ["a (migration a-dc1-dc3-1 at dc2)"]
 
 
 def test_one_running_copy_at_the_owner() -> None:
