@@ -20,6 +20,7 @@ session aborts in the ledger with the VM still at its source."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import re
 import time
@@ -377,6 +378,13 @@ class V3RoundSender:
                 exc = round_error(raised)
                 if exc is None:
                     raise
+                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                    # The shadow filled the disk: its space is given back at once, or the
+                    # abort (a ledger write to the same disk) and every other write of the
+                    # node would wait for room that nothing frees (make netns-chaos, a
+                    # 128 MiB guest's shadow on a small data disk). A later round of this
+                    # migration starts from a fresh shadow (SourceState.reset).
+                    self.state.close()
                 self._report(V3Failed(self.migration_id, self.round, str(exc)))
 
     def _fenced_pages(self) -> tuple[dict[str, PageIndex], dict[str, Image],
