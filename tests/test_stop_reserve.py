@@ -153,8 +153,10 @@ def test_a_fence_on_fits_always_leaves_the_estimate_within_the_budget(
                 ceiling=HARD_MAXIMUM)
     if d.why == "fits":
         assert final_estimate(dirty[-1], COST) * bias <= final_budget(LIMIT, reserve)
-    assert d.throttle >= throttle or not d.fence and not can
-    assert d.throttle <= max(throttle, HARD_MAXIMUM)
+    # the throttle never goes down, and never past the ceiling it was given
+    assert throttle <= d.throttle <= max(throttle, HARD_MAXIMUM)
+    if not can:
+        assert d.throttle == throttle
 
 
 # ---------------------------------------------------------------------- the history
