@@ -10,7 +10,15 @@ idle. A peer that learns from it that the sender is behind helps:
   replica changes view itself, its own VIEW-CHANGE;
 - a sender in the same view at the same height gets this replica's messages
   for the sequence numbers still in progress (lost PRE-PREPAREs, PREPAREs,
-  COMMITs are repaired without a view change);
+  COMMITs are repaired without a view change) once either of the two stands
+  still: the peer's previous STATUS showed the same height, or this replica
+  executed nothing for a status interval. A lost message stops execution in
+  order at its sequence number, so the repair goes out at most an interval
+  later than before; while batches execute nothing is repaired that needs no
+  repair. (Under continuous load a peer at the same height is the normal case,
+  and answering every STATUS with our messages of the batches in flight, the
+  PRE-PREPARE with its whole batch at the primary, sent each slow batch's
+  messages again.)
 - a replica that sees a peer ahead of it asks for state
   (:func:`consensus.pbft.checkpoint.request_state`).
 """
@@ -22,10 +30,11 @@ from consensus.pbft.messages import Envelope, Status, relay
 from consensus.pbft.outbox import Outbox
 from consensus.pbft.state import ReplicaState
 
-__all__ = ["status_message", "busy", "on_status", "retransmit_slots"]
+__all__ = ["status_message", "busy", "on_status", "retransmit_slots", "stalled"]
 
 
 def status_message(st: ReplicaState, out: Outbox) -> Envelope:
+    st.count("status_signed")
     return out.sign(Status(st.view, st.active, st.last_exec, st.low))
 
 
@@ -40,6 +49,7 @@ def busy(st: ReplicaState) -> bool:
 
 
 def on_status(st: ReplicaState, out: Outbox, now: float, peer: str, sts: Status) -> None:
+    before = st.ahead.get(peer)
     st.ahead[peer] = max(sts.last_executed, sts.stable_seq)
     if st.ahead[peer] > st.last_exec:
         checkpoint.request_state(st, out, now)
@@ -55,8 +65,17 @@ def on_status(st: ReplicaState, out: Outbox, now: float, peer: str, sts: Status)
         elif not st.active:
             viewchange.resend_view_change(st, out, peer)
     elif sts.view == st.view and sts.active and st.active:
-        if sts.last_executed == st.last_exec:
+        # the peer's previous STATUS showed this height too, or we executed nothing
+        # for an interval: something in progress may lack a message
+        if sts.last_executed == st.last_exec and (before == st.ahead[peer]
+                                                  or stalled(st, now)):
             retransmit_slots(st, out, peer)
+
+
+def stalled(st: ReplicaState, now: float) -> bool:
+    """Nothing executed here for a status interval (execution is in order, so a
+    sequence number that lacks a message holds up every later one)."""
+    return now - st.progress_at >= st.cfg.status_interval
 
 
 def retransmit_slots(st: ReplicaState, out: Outbox, peer: str) -> None:
@@ -69,9 +88,12 @@ def retransmit_slots(st: ReplicaState, out: Outbox, peer: str) -> None:
         pp = Envelope(slot.pp.sender, slot.pp.body, slot.pp.sig, slot.batch or b"")
         if slot.pp.sender == st.name:
             out.send(peer, pp)
+            st.count("retransmitted")
         own = slot.prepares.get(st.name)
         if own is not None:
             out.send(peer, Envelope(own[1].sender, own[1].body, own[1].sig, relay(pp)))
+            st.count("retransmitted")
         own = slot.commits.get(st.name)
         if own is not None:
             out.send(peer, Envelope(own[1].sender, own[1].body, own[1].sig))
+            st.count("retransmitted")
