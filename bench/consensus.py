@@ -48,6 +48,13 @@ Where the time goes (diagnostics, not targets):
   two cores 3,000 commits/s leave at most 667 us each;
 - ``batched_mean_batch``: commits per executed sequence number;
 - ``batched_commands_per_request``: commands per signed REQUEST on the node's path;
+- ``batched_messages_per_batch``, ``batched_retransmitted_per_batch``,
+  ``batched_status_per_batch`` (and the ``n16_`` ones, with ``n16_cpu_us_per_commit`` and
+  ``n16_mean_batch``): per executed sequence number, over all nodes, the messages sent,
+  those sent again in answer to a STATUS, and the STATUS signed (each goes to n - 1
+  peers). The normal case's own per batch: PRE-PREPARE n - 1, PREPARE (n - 1)^2,
+  COMMIT n(n - 1), REPLY up to n(n - 1) (one per client in the batch), and the REQUESTs
+  (36 + the REQUESTs at n = 4);
 - ``batched_signed_in_run``: operator requests signed inside the measured span. The
   operator's signatures are made before it (an operator signs on its own machine;
   ``dwcp bench authz`` gives ``sign_us``), so the CPU figures are the federation's
@@ -555,6 +562,11 @@ class LoadResult:
     commands_per_request: float | None
     #: commands whose operator request was signed inside the measured span
     signed_in_run: int = 0
+    #: per executed batch, over all nodes: messages sent, messages sent again in answer
+    #: to a STATUS (consensus.pbft.status), STATUS signed (each broadcast to n - 1)
+    messages_per_batch: float | None = None
+    retransmitted_per_batch: float | None = None
+    status_per_batch: float | None = None
 
 
 def _loaded_run(n: int, window: int, duration: float, loaders: list[str] | None = None
@@ -586,10 +598,17 @@ def _loaded_run(n: int, window: int, duration: float, loaders: list[str] | None 
     span = (walls[-1] - walls[0]) if len(walls) > 1 else duration
     cpu = None if cpu0 is None or cpu1 is None or not walls else (cpu1 - cpu0) / len(walls) * 1e6
     batches = max(executed, default=0)
+
+    def per_batch(total: float) -> float | None:
+        return total / batches if batches else None
+
     return LoadResult(len(walls) / max(span, 1e-9), lat, cpu,
                       len(walls) / batches if batches else None,
                       commands / requests if requests else None,
-                      sum(r.get("signed_in_run", 0) for r in results))
+                      sum(r.get("signed_in_run", 0) for r in results),
+                      per_batch(sum(s["runtime"].get("messages_out", 0) for s in statuses)),
+                      per_batch(sum(s["metrics"].get("retransmitted", 0) for s in statuses)),
+                      per_batch(sum(s["metrics"].get("status_signed", 0) for s in statuses)))
 
 
 def _view_change_recovery(duration: float) -> float:
@@ -636,6 +655,9 @@ def run(args: argparse.Namespace) -> int:
         out["batched_mean_batch"] = rounded(r.mean_batch, 1)
         out["batched_commands_per_request"] = rounded(r.commands_per_request, 2)
         out["batched_signed_in_run"] = r.signed_in_run
+        out["batched_messages_per_batch"] = rounded(r.messages_per_batch, 1)
+        out["batched_retransmitted_per_batch"] = rounded(r.retransmitted_per_batch, 2)
+        out["batched_status_per_batch"] = rounded(r.status_per_batch, 2)
 
     def unbatched() -> None:
         out["unbatched_p50_ms"] = None
@@ -655,6 +677,11 @@ def run(args: argparse.Namespace) -> int:
         out["n16_batched_commits_per_s"] = None
         r = _loaded_run(16, args.n16_window, args.duration)
         out["n16_batched_commits_per_s"] = round(r.rate, 1)
+        out["n16_cpu_us_per_commit"] = rounded(r.cpu_us_per_commit, 0)
+        out["n16_mean_batch"] = rounded(r.mean_batch, 1)
+        out["n16_messages_per_batch"] = rounded(r.messages_per_batch, 1)
+        out["n16_retransmitted_per_batch"] = rounded(r.retransmitted_per_batch, 2)
+        out["n16_status_per_batch"] = rounded(r.status_per_batch, 2)
 
     def link() -> None:
         out["link_one_way_ms"] = out["link_cpu_us_per_message"] = None
