@@ -10,15 +10,7 @@ idle. A peer that learns from it that the sender is behind helps:
   replica changes view itself, its own VIEW-CHANGE;
 - a sender in the same view at the same height gets this replica's messages
   for the sequence numbers still in progress (lost PRE-PREPAREs, PREPAREs,
-  COMMITs are repaired without a view change) once either of the two stands
-  still: the peer's previous STATUS showed the same height, or this replica
-  executed nothing for a status interval. A lost message stops execution in
-  order at its sequence number, so the repair goes out at most an interval
-  later than before; while batches execute nothing is repaired that needs no
-  repair. (Under continuous load a peer at the same height is the normal case,
-  and answering every STATUS with our messages of the batches in flight, the
-  PRE-PREPARE with its whole batch at the primary, sent each slow batch's
-  messages again.)
+  COMMITs are repaired without a view change);
 - a replica that sees a peer ahead of it asks for state
   (:func:`consensus.pbft.checkpoint.request_state`).
 """
@@ -30,7 +22,7 @@ from consensus.pbft.messages import Envelope, Status, relay
 from consensus.pbft.outbox import Outbox
 from consensus.pbft.state import ReplicaState
 
-__all__ = ["status_message", "busy", "on_status", "retransmit_slots", "stalled"]
+__all__ = ["status_message", "busy", "on_status", "retransmit_slots"]
 
 
 def status_message(st: ReplicaState, out: Outbox) -> Envelope:
@@ -49,7 +41,6 @@ def busy(st: ReplicaState) -> bool:
 
 
 def on_status(st: ReplicaState, out: Outbox, now: float, peer: str, sts: Status) -> None:
-    before = st.ahead.get(peer)
     st.ahead[peer] = max(sts.last_executed, sts.stable_seq)
     if st.ahead[peer] > st.last_exec:
         checkpoint.request_state(st, out, now)
@@ -65,17 +56,8 @@ def on_status(st: ReplicaState, out: Outbox, now: float, peer: str, sts: Status)
         elif not st.active:
             viewchange.resend_view_change(st, out, peer)
     elif sts.view == st.view and sts.active and st.active:
-        # the peer's previous STATUS showed this height too, or we executed nothing
-        # for an interval: something in progress may lack a message
-        if sts.last_executed == st.last_exec and (before == st.ahead[peer]
-                                                  or stalled(st, now)):
+        if sts.last_executed == st.last_exec:
             retransmit_slots(st, out, peer)
-
-
-def stalled(st: ReplicaState, now: float) -> bool:
-    """Nothing executed here for a status interval (execution is in order, so a
-    sequence number that lacks a message holds up every later one)."""
-    return now - st.progress_at >= st.cfg.status_interval
 
 
 def retransmit_slots(st: ReplicaState, out: Outbox, peer: str) -> None:
