@@ -18,6 +18,9 @@ from consensus.ledger import ImportVm, MigrateVm, RegisterVm
 from consensus.pbft.durable import ReplicaLog
 from consensus.pbft.replica import Replica
 from federation.migration.dc_core import NodeCore
+from federation.migration.precopy import HARD_MAXIMUM
+from federation.migration.source import SourceSession
+from federation.migration.stop_costs import StopHistory
 from federation.migration.vocabulary import (
     Fence,
     MigrationError,
@@ -372,3 +375,44 @@ def test_the_status_lists_the_migrations_begun_last_and_counts_them_all() -> Non
     assert core.recent_migration_ids(10) == (["m-0", "m-1", "m-2", "m-3"], 4)
     w.plan("dc1", "m-4", "vm1", "dc3")  # under way here: listed whatever the bound
     assert core.recent_migration_ids(0) == (["m-4"], 5)
+def test_the_node_core_reserves_the_stop_window_its_last_migration_measured() -> None:
+    w = World(7)
+    _register(w)
+    history = w.cores["dc1"].stop_history = StopHistory()
+    auth = w.ops.authorize(MigrateVm("vm1", "dc3", "dc1", 0), w.now)
+    # a VM with a downtime limit of its own (a qemu guest): the prior is reserved
+    w.call("dc1", lambda c, now: c.plan_migration(now, "m-9", "vm1", "dc3", LAYOUT, (1,),
+                                                  (1,), auth, b"spec", 0.3))
+    s = w.cores["dc1"].sessions["m-9"]
+    assert isinstance(s, SourceSession)
+    assert s.reserve == pytest.approx(history.estimate("vm1").reserve) and s.reserve > 0
+    assert s.ceiling == HARD_MAXIMUM and s.reserve_measured == ()
+    w.run(w.now + 1)
+    w.take("dc1", SendRound)
+    w.feed("dc1", "m-9", RoundSent(1, 24, 24 * 4096, 24 * 4096 + 100, 0.5, 0, 0.4))
+    w.take("dc1", Fence)
+    w.now += 0.25  # the fence: stop, device state, root
+    w.feed("dc1", "m-9", SourceFenced(ROOT))
+    w.take("dc1", SendRound)
+    w.now += 0.05
+    w.feed("dc1", "m-9", RoundSent(2, 0, 0, 0, 0.05, 0, 0.04))
+    w.run(w.now + 1)
+    w.take("dc3", Verify)
+    w.feed("dc3", "m-9", TargetVerified(ROOT))
+    w.run(w.now + 1)
+    w.take("dc1", Retire)
+    assert w.cores["dc1"].outcomes["m-9"].outcome == "committed"
+    measured = history.by_vm["vm1"]
+    assert measured.fence_s == pytest.approx(0.25) and measured.after_s is not None
+    assert measured.final_fixed_s == pytest.approx(0.05)  # no pages: all of it fixed
+    # the next migration of vm1 from here reserves what this one measured
+    est = history.estimate("vm1")
+    assert set(est.measured) == {"fence_s", "final_fixed_s", "after_s"}
+    assert est.reserve == pytest.approx(0.25 + 0.05 + measured.after_s)
+    # a migration without a VM downtime limit of its own (an image VM) reserves nothing
+    w.cores["dc3"].stop_history = StopHistory()
+    auth = w.ops.authorize(MigrateVm("vm1", "dc1", "dc3", 1), w.now)
+    w.call("dc3", lambda c, now: c.plan_migration(now, "m-10", "vm1", "dc1", LAYOUT, (1,),
+                                                  (1,), auth))
+    back = w.cores["dc3"].sessions["m-10"]
+    assert isinstance(back, SourceSession) and back.reserve == 0.0

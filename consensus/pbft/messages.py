@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 
+from consensus.snapshot_chunks import MAX_CHUNKS, MAX_SNAPSHOT
 from mesh import wire
 from mesh.identity import Identity, PublicKey
 from mesh.wire import U64, Bool, Bytes, ListOf, Optional, Struct, Text, field
@@ -51,6 +52,9 @@ __all__ = [
     "CommittedEntry",
     "CatchUp",
     "StateReply",
+    "SnapshotManifest",
+    "SnapshotFetch",
+    "SnapshotChunk",
     "FetchBatch",
     "BatchData",
     "BODY_TYPES",
@@ -270,6 +274,34 @@ class StateReply:
     attachment_digest: bytes = field(_DIGEST)
 
 
+@wire.message("pbft.snapshot-manifest", max_size=_BODY)
+class SnapshotManifest:
+    """The answer to a STATE-REQUEST from below a checkpoint whose snapshot is larger
+    than one chunk (:mod:`consensus.snapshot_chunks`): its size and its chunks' hashes,
+    which hash to the state digest ``checkpoint_proof`` proves. The requester then
+    fetches the chunks one by one (SNAPSHOT-FETCH, SNAPSHOT-CHUNK)."""
+
+    checkpoint_seq: int = field(U64())
+    checkpoint_proof: tuple[Signed, ...] = field(ListOf(Struct(Signed), MAX_SIGNERS))
+    size: int = field(U64(MAX_SNAPSHOT))
+    chunk_hashes: tuple[bytes, ...] = field(ListOf(_DIGEST, MAX_CHUNKS))
+
+
+@wire.message("pbft.snapshot-fetch")
+class SnapshotFetch:
+    checkpoint_seq: int = field(U64())
+    index: int = field(U64(MAX_CHUNKS - 1))
+
+
+@wire.message("pbft.snapshot-chunk")
+class SnapshotChunk:
+    """Carries chunk ``index`` of the snapshot of checkpoint ``checkpoint_seq`` as
+    attachment (checked against the manifest's hash, not against this body)."""
+
+    checkpoint_seq: int = field(U64())
+    index: int = field(U64(MAX_CHUNKS - 1))
+
+
 @wire.message("pbft.fetch-batch")
 class FetchBatch:
     digest: bytes = field(_DIGEST)
@@ -296,6 +328,9 @@ BODY_TYPES: tuple[type, ...] = (
     StateReply,
     FetchBatch,
     BatchData,
+    SnapshotManifest,
+    SnapshotFetch,
+    SnapshotChunk,
 )
 
 

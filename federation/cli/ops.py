@@ -485,9 +485,13 @@ def data_path(migration: dict[str, Any]) -> str:
 
 def downtime(migration: dict[str, Any]) -> str:
     """The guest's measured downtime (stop at the source to cont here), known at the
-    target of a qemu VM's migration; "-" elsewhere."""
+    target of a qemu VM's migration; at its source, the stop window's fixed part the
+    round policy reserved out of the downtime limit; "-" elsewhere."""
     ms = migration.get("downtime_ms")
-    return "-" if ms is None else f"{ms:.0f} ms"
+    if ms is not None:
+        return f"{ms:.0f} ms"
+    reserve = migration.get("stop_reserve_ms")
+    return "-" if reserve is None else f"reserve {reserve:.0f} ms"
 
 
 def render_status(doc: dict[str, Any]) -> str:

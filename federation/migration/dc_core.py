@@ -47,10 +47,12 @@ from consensus.pbft.client import ClientBusy
 from consensus.pbft.messages import MAX_REQUEST_COMMANDS
 from consensus.pbft.replica import Replica
 from federation.migration.dc_status import MigrationView, SessionStatus
+from federation.migration.precopy import HARD_MAXIMUM
 from federation.migration.restore import restore
 from federation.migration.round_events import SessionView
 from federation.migration.session import SessionBase
 from federation.migration.source import SourceSession
+from federation.migration.stop_costs import StopHistory
 from federation.migration.target import TargetSession
 from federation.migration.vocabulary import (
     LedgerAborted,
@@ -89,8 +91,14 @@ class NodeCore:
         on_ledger_moved: Callable[[], None] | None = None,
         regions: Mapping[str, str] | None = None,
         bandwidth_of: Callable[[str], float | None] | None = None,
+        stop_history: StopHistory | None = None,
     ) -> None:
         self.me = me
+        #: the fixed part of this DC's stop windows as measured (None: not measured, as
+        #: in the simulator, whose stop windows have none): a migration with a downtime
+        #: limit of its VM's own (a qemu guest) reserves it out of the limit, and throttles
+        #: up to HARD_MAXIMUM before it fences over the limit
+        self.stop_history = stop_history
         #: bytes per second of the link to a DC as the mesh measured it (None: unknown);
         #: a source session's round policy judges round 1's dirty sample against it
         self.bandwidth_of = bandwidth_of
@@ -205,6 +213,8 @@ class NodeCore:
             regions=self.regions, machine=machine, downtime_limit=downtime_limit,
         )
         session.link_Bps = (self.bandwidth_of(target) if self.bandwidth_of else None) or 0.0
+        if self.stop_history is not None and downtime_limit is not None:
+            session.use_stop_estimate(self.stop_history.estimate(vm), HARD_MAXIMUM)
         self.sessions[migration_id] = self._adopt(session)
         return self._end_step(now, self._session_out(now, session, session.start(now)))
 
@@ -374,6 +384,10 @@ class NodeCore:
                 self.outcomes[s.migration_id] = a.detail
                 self._ended.pop(s.migration_id, None)  # the order they (last) ended in
                 self._ended[s.migration_id] = now
+            elif isinstance(a, Notify) and a.kind == "migration.stop-costs":
+                if self.stop_history is not None and isinstance(s, SourceSession) \
+                        and s.stop_costs is not None:
+                    self.stop_history.record(s.vm, s.stop_costs)
             out.append(a)
         return out
 

@@ -81,6 +81,7 @@ from federation.migration.rollout import V1, V3, RolloutError
 from federation.migration.round_events import SessionView
 from federation.migration.rounds import RoundsCore
 from federation.migration.source import SourceSession
+from federation.migration.stop_costs import StopHistory, costs_of_arrival
 from federation.migration.vocabulary import (
     MAX_MACHINE_SPEC,
     CancelRequested,
@@ -228,6 +229,9 @@ class Node:
         self.imports = ImportStaging(self.backend, ImportDirs(import_dirs), self.log)
         #: None when the federation cannot run PBFT (n != 3f+1 >= 4); ``no_ledger`` says why
         self.core: NodeCore | None = None
+        #: the fixed part of this node's stop windows, as its migrations measured it at
+        #: either end (federation.migration.stop_costs): the round policy reserves it
+        self.stop_history = StopHistory()
         self.no_ledger = ""
         replica: Replica | None = None
         try:
@@ -244,7 +248,8 @@ class Node:
                                  mode_of=lambda dst: self.control.modes.mode(name, dst),
                                  bandwidth_of=lambda dst: self._link_Bps(name, dst),
                                  on_ledger_moved=self._ledger_moved,
-                                 regions={dc.name: dc.region for dc in fed.dcs if dc.region})
+                                 regions={dc.name: dc.region for dc in fed.dcs if dc.region},
+                                 stop_history=self.stop_history)
             self.core.unrestored.update(self._stored_records())
             self.runtime.add_core("node", self.core, TAGS, effects=self._effect)
         events = RoundEvents()
@@ -258,7 +263,8 @@ class Node:
         self.rounds = RoundScheduler(
             runtime=self.runtime, core=RoundsCore(name, self._session_view), events=events,
             vm_actions=self.vm_actions, v3=self.v3, log=self.log, to_session=self.to_session)
-        self.vm_worker = VmWorker(self.vm_actions, self.log, self.to_session, events.put)
+        self.vm_worker = VmWorker(self.vm_actions, self.log, self.to_session, events.put,
+                                  on_arrival=self._arrived)
         self.api_host, self.api_port = me.api.host, me.api.port
         self.data_plane_summary = (f"{DATA_PLANE}; offered here: "
                                    f"{', '.join(f'v{v}' for v in self.transfer_versions)}")
@@ -410,6 +416,13 @@ class Node:
                 except (VmError, OSError) as exc:
                     self.log.event("vm_reconcile_failed", vm=step.vm, step=type(step).__name__,
                                    error=str(exc))
+
+    def _arrived(self, vm: str, arrival: dict[str, Any]) -> None:
+        """A guest started here after its migration: its stop window's part after the
+        final round, as this target measured it, for this node's next migrations."""
+        window = arrival.get("stop_window_ms")
+        if isinstance(window, dict):
+            self.stop_history.record(vm, costs_of_arrival(window))
 
     def _link_Bps(self, me: str, dst: str) -> float | None:
         """Bytes per second of the link to ``dst`` as the mesh measured it (None: not yet);
