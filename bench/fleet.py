@@ -9,7 +9,8 @@ Three phases, each in its own module, each reporting ``null`` and its error if i
   outcome checked, ledgers agree at the end, no VM at two places;
 - ``ledger`` (:mod:`bench.fleet_ledger`): a ledger of ``--ledger-vms`` VMs: checkpoint
   snapshot time and size, restore, and a PBFT state transfer to a replica process that
-  was down;
+  was down; and the chunked state transfer of a ledger of ``--chunked-vms`` VMs (100,000:
+  a 16 MB snapshot) to an empty replica process;
 - ``image`` (:mod:`bench.fleet_image`): a ``--image-gib`` GiB sparse image: HDE index
   time, memory and Python objects, and a transfer's planning per GiB on ``--plan-gib``.
 
@@ -28,14 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.fleet_image import index_figures, plan_figures
-from bench.fleet_ledger import snapshot_figures, transfer_figures
+from bench.fleet_ledger import chunked_transfer_figures, snapshot_figures, transfer_figures
 from bench.fleet_nodes import FleetFailed, run_nodes
 from federation.api.client import ClientError
 
 __all__ = ["register", "run"]
 
-FULL = {"vms": 1000, "concurrent": 100, "ledger_vms": 10_000, "image_gib": 512, "plan_gib": 1}
-SMOKE = {"vms": 50, "concurrent": 5, "ledger_vms": 2000, "image_gib": 4, "plan_gib": 1}
+FULL = {"vms": 1000, "concurrent": 100, "ledger_vms": 10_000, "chunked_vms": 100_000,
+        "image_gib": 512, "plan_gib": 16}
+SMOKE = {"vms": 50, "concurrent": 5, "ledger_vms": 2000, "chunked_vms": 8000, "image_gib": 4,
+         "plan_gib": 1}
 PHASES = ("nodes", "ledger", "image")
 
 
@@ -63,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         phase("nodes", lambda: run_nodes(root / "nodes", sizes["vms"], sizes["concurrent"]))
         phase("ledger.snapshot", lambda: snapshot_figures(sizes["ledger_vms"]))
         phase("ledger.transfer", lambda: transfer_figures(sizes["ledger_vms"]))
+        phase("ledger.chunked", lambda: chunked_transfer_figures(sizes["chunked_vms"]))
         phase("image.index", lambda: index_figures(root, sizes["image_gib"]))
         phase("image.plan", lambda: plan_figures(root, sizes["plan_gib"]))
     if errors:
@@ -83,6 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--vms", type=int, help="VMs registered on the nodes (1000)")
     p.add_argument("--concurrent", type=int, help="migrations submitted at once (100)")
     p.add_argument("--ledger-vms", type=int, help="VMs in the ledger phase (10000)")
+    p.add_argument("--chunked-vms", type=int,
+                   help="VMs in the chunked state transfer's ledger (100000)")
     p.add_argument("--image-gib", type=int, help="the sparse image's size in GiB (512)")
-    p.add_argument("--plan-gib", type=int, help="the planned transfer's image in GiB (1)")
+    p.add_argument("--plan-gib", type=int, help="the planned transfer's image in GiB (16)")
     p.set_defaults(func=run)

@@ -10,9 +10,9 @@ allocated by tracemalloc (``index_tracemalloc_peak_mib``) and the process's RSS 
 before: a Python object per page would show as millions); and the planning of a transfer
 to an empty target over the real HDE cores (:func:`mesh.hde.loopback.run_transfer`:
 the diff's messages encoded and decoded, the wanted pages' chunks encoded and written)
-of a ``plan_gib`` GiB sparse image of the same shape (``plan_s_per_gib``): the target
-side still walks every page of a block it has no base for, so it is measured on a
-smaller image and reported per GiB, not run at 512 GiB.
+of a ``plan_gib`` GiB sparse image of the same shape (``plan_s_per_gib``), into a new
+sparse file as a node's target writes (the target compares the source's tree with the
+zero image's: only blocks with data are listed, the zero ones left as holes).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from mesh.hde.image import PAGE_SIZE, open_image
+from mesh.hde.image import PAGE_SIZE, create_image, open_image
 from mesh.hde.index import DIGEST_SIZE, build_index
-from mesh.hde.loopback import memory_sink, run_transfer
+from mesh.hde.loopback import run_transfer
 from mesh.hde.store import PageStore
 
 __all__ = ["sparse_image", "index_figures", "plan_figures"]
@@ -96,6 +96,8 @@ def index_figures(directory: Path, gib: int) -> dict[str, Any]:
 
 def plan_figures(directory: Path, gib: int) -> dict[str, Any]:
     path = directory / "plan.img"
+    target = directory / "plan-target.img"
+    result = None
     sparse_image(path, gib)
     img = open_image(path)
     try:
@@ -103,11 +105,15 @@ def plan_figures(directory: Path, gib: int) -> dict[str, Any]:
             ix = build_index(img, ex)
             t = time.perf_counter()
             result = run_transfer(image=img, index=ix, name="disk", store=PageStore(),
-                                  level=1, executor=ex, make_sink=memory_sink)
+                                  level=1, executor=ex,
+                                  make_sink=lambda pages: create_image(target, pages))
             took = time.perf_counter() - t
     finally:
         img.close()
         path.unlink()
+        if result is not None and result.image is not None:
+            result.image.close()
+        target.unlink(missing_ok=True)
     if not result.verified:
         raise RuntimeError(f"the planned transfer did not verify: {result.failure}")
     return {"plan_gib": gib, "plan_s": round(took, 2), "plan_s_per_gib": round(took / gib, 3),

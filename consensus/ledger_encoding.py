@@ -10,7 +10,9 @@ and kept while the record object stays the same (records are frozen and
 replaced on every change, so identity says "unchanged").
 
 The bytes are exactly ``wire.encode(LedgerSnapshot(...))`` of the same state
-(tests compare the two); :func:`mesh.wire.decode` reads them as usual.
+(tests compare the two); :func:`mesh.wire.decode` reads them as usual, and
+:func:`mesh.wire.decode_large` those of a ledger larger than one frame (they are
+stored and moved in chunks: :mod:`consensus.snapshot_chunks`).
 """
 
 from __future__ import annotations
@@ -119,13 +121,17 @@ class SnapshotEncoder:
     requests, deleted))`` of a ledger's state without re-encoding the records that did
     not change."""
 
-    def __init__(self, snapshot_cls: type, limits: tuple[int, int, int, int, int]) -> None:
+    def __init__(self, snapshot_cls: type, limits: tuple[int, int, int, int, int],
+                 max_size: int | None = None) -> None:
         self._prefix = (
             cbor_head(4, 3) + cbor2.dumps(wire.FRAME_VERSION)
             + cbor2.dumps(snapshot_cls.wire_tag)  # type: ignore[attr-defined]
             + cbor_head(4, 7)
         )
-        self._max_size: int = snapshot_cls.wire_max_size  # type: ignore[attr-defined]
+        #: (a snapshot larger than a frame is stored and moved in chunks of its bytes:
+        #: consensus.snapshot_chunks)
+        self._max_size: int = (snapshot_cls.wire_max_size  # type: ignore[attr-defined]
+                               if max_size is None else max_size)
         self._limits = limits
         self._vms = _Cache(_record)
         self._migrations = _Cache(_record)

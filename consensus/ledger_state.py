@@ -9,7 +9,6 @@ state encodes to the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from typing import TypeVar
 
@@ -29,6 +28,7 @@ from consensus.ledger_commands import (
 )
 from consensus.ledger_encoding import SnapshotEncoder
 from consensus.operator_requests import RequestBook
+from consensus.snapshot_chunks import MAX_SNAPSHOT, snapshot_digest
 from mesh import wire
 
 __all__ = ["LedgerState", "LedgerInvariantError", "RequestStatus"]
@@ -82,7 +82,7 @@ class LedgerState:
         # per client, a min-heap of its remembered request ids (evicted smallest first)
         self._ids: dict[str, list[int]] = {}
         self._touched_migrations: list[str] = []
-        self._encoder = SnapshotEncoder(LedgerSnapshot, SNAPSHOT_LIMITS)
+        self._encoder = SnapshotEncoder(LedgerSnapshot, SNAPSHOT_LIMITS, MAX_SNAPSHOT)
 
     # ------------------------------------------------------------------ queries
 
@@ -183,14 +183,16 @@ class LedgerState:
         )
 
     def state_digest(self) -> bytes:
-        return hashlib.sha256(self.snapshot()).digest()
+        """What replicas sign in CHECKPOINTs: ``sha256`` of a snapshot of one chunk, the
+        digest of its chunks' manifest above (:mod:`consensus.snapshot_chunks`)."""
+        return snapshot_digest(self.snapshot())
 
     @classmethod
     def restore(cls: type[_S], members: Iterable[str], data: bytes,
                 operators: OperatorTable | None = None) -> _S:
         """Rebuild from :meth:`snapshot` bytes; raises ``wire.WireError`` or
         :class:`LedgerInvariantError` for bytes that are not a valid state."""
-        snap = wire.decode(data, expect=(LedgerSnapshot,))
+        snap = wire.decode_large(data, LedgerSnapshot, MAX_SNAPSHOT)
         ledger = cls(members, operators)
         ledger.vms = {r.vm: r for r in snap.vms}
         ledger.migrations = {m.migration_id: m for m in snap.migrations}

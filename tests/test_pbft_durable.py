@@ -74,7 +74,7 @@ def test_records_at_or_below_the_checkpoint_are_dead_and_the_ring_is_bounded() -
     store = SimStore()
     log = ReplicaLog(store)
     write(store, log.prepared(5, cert(0, 5, D1), None))
-    write(store, log.checkpoint(CheckpointRecord(8, b"snap", ())))
+    write(store, *log.checkpoint(CheckpointRecord(8, b"snap", ())))
     assert log.fits(9) and log.fits(8 + SLOT_RING)
     assert not log.fits(8) and not log.fits(9 + SLOT_RING)
     with pytest.raises(ValueError, match="outside the log's ring"):

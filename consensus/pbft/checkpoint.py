@@ -19,6 +19,7 @@ from consensus.pbft.messages import (
     PreparedCert,
     PrePrepare,
     Signed,
+    SnapshotFetch,
     StateRequest,
 )
 from consensus.pbft.outbox import Outbox
@@ -61,8 +62,10 @@ def make_stable(st: ReplicaState, out: Outbox, seq: int, snapshot: bytes,
     """Move the low watermark to ``seq`` and discard the log at or below it."""
     if seq <= st.low:
         return
+    st.prev_stable = (st.low, st.stable_snapshot)
     st.low, st.stable_proof, st.stable_snapshot = seq, proof, snapshot
-    out.persist(st.log.checkpoint(CheckpointRecord(seq, snapshot, proof)))
+    for write in st.log.checkpoint(CheckpointRecord(seq, snapshot, proof)):
+        out.persist(write)
     st.count("stable_checkpoints")
     for d in (st.slots, st.decided, st.prepared_certs, st.checkpoint_votes):
         for k in [k for k in d if k <= seq]:
@@ -94,3 +97,11 @@ def request_state(st: ReplicaState, out: Outbox, now: float) -> None:
     target = st.rng.choice(ahead or st.others())
     st.count("state_requests")
     out.send(target, out.sign(StateRequest(st.last_exec)))
+    t = st.chunked
+    if t is not None and t.seq > st.last_exec:
+        # a chunked snapshot half fetched: go on from this peer at the first chunk we miss
+        # (if it moved to a later checkpoint, its answer to the request says so)
+        index = t.chunks.missing()
+        if index is not None:
+            t.source = target
+            out.send(target, out.sign(SnapshotFetch(t.seq, index)))

@@ -12,6 +12,8 @@ key                       record
                           NEW-VIEW that started it (none in view 0 or while changing)
 ``pbft/checkpoint``       :class:`CheckpointRecord`: the stable checkpoint, its ledger
                           snapshot and the 2f+1 signed CHECKPOINTs that prove it
+                          (a snapshot larger than one chunk: :class:`ChunkedCheckpoint`,
+                          its chunks under ``pbft/snapshot/<a>/<i>``, see below)
 ``pbft/pp/<r>``           :class:`PrePrepareRecord`: Q, the PRE-PREPARE accepted for
                           the sequence number (outside a NEW-VIEW), with its batch
 ``pbft/prepared/<r>``     :class:`PreparedRecord`: P, the prepared certificate of the
@@ -55,6 +57,12 @@ keeps, and what a crash right after it leaves behind:
   written for seq n only while n is at most ``SLOT_RING`` above the logged
   checkpoint, so the record it replaces is for n - ``SLOT_RING`` or lower, at
   or below the checkpoint. A crash after it restarts from the snapshot.
+  A snapshot larger than one chunk (:mod:`consensus.snapshot_chunks`, a ledger of
+  thousands of VMs) is written as its chunks (not synced) under
+  ``pbft/snapshot/<a>/<i>``, in the one of the two areas ``a`` (0, 1) that the logged
+  checkpoint does not use, then the :class:`ChunkedCheckpoint` (synced) that names the
+  area and every chunk's hash. A crash before that record keeps the logged checkpoint
+  and its area intact; the load checks every chunk against its hash.
 
 The replica writes through ``Persist`` actions, which the driver executes in
 order before any later action of the same step is sent, and reads the log once
@@ -68,11 +76,20 @@ crash-consistent :class:`sim.store.SimStore`. Both implement :class:`mesh.core.S
 
 from __future__ import annotations
 
+import hashlib
 from typing import TypeVar
 
 import attrs
 
+from consensus import snapshot_chunks
 from consensus.pbft.messages import Envelope, PreparedCert, Signed
+from consensus.snapshot_chunks import (
+    MAX_CHUNKS,
+    MAX_SNAPSHOT,
+    chunk_count,
+    chunk_hashes,
+    chunk_of,
+)
 from mesh import wire
 from mesh.core import Persist, Store
 from mesh.wire import U64, Bool, Bytes, ListOf, Optional, Struct, field
@@ -81,6 +98,7 @@ __all__ = [
     "SLOT_RING",
     "ViewRecord",
     "CheckpointRecord",
+    "ChunkedCheckpoint",
     "PrePrepareRecord",
     "PreparedRecord",
     "CommittedRecord",
@@ -118,6 +136,18 @@ class CheckpointRecord:
     seq: int = field(U64())
     snapshot: bytes = field(Bytes(wire.ABSOLUTE_MAX_SIZE - 8192))
     proof: tuple[Signed, ...] = field(_SIGNED_LIST)
+
+
+@wire.message("pbft.log.checkpoint-chunked", max_size=wire.ABSOLUTE_MAX_SIZE)
+class ChunkedCheckpoint:
+    """The stable checkpoint whose snapshot is larger than one chunk: its chunks are
+    in ``pbft/snapshot/<area>/<i>``."""
+
+    seq: int = field(U64())
+    proof: tuple[Signed, ...] = field(_SIGNED_LIST)
+    area: int = field(U64(1))
+    size: int = field(U64(MAX_SNAPSHOT))
+    chunk_hashes: tuple[bytes, ...] = field(ListOf(Bytes(32, exact=True), MAX_CHUNKS))
 
 
 @wire.message("pbft.log.pre-prepare", max_size=wire.ABSOLUTE_MAX_SIZE)
@@ -169,12 +199,17 @@ class ReplicaLog:
     PREPREPARE_PREFIX = "pbft/pp/"
     PREPARED_PREFIX = "pbft/prepared/"
     COMMITTED_PREFIX = "pbft/committed/"
+    SNAPSHOT_PREFIX = "pbft/snapshot/"
     #: keys of the log format before certificates had keys of their own (issue 14)
     OLD_SLOT_PREFIX = "pbft/slot/"
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.low = 0
+        #: the chunk area the logged checkpoint uses (None: its snapshot is in its record)
+        self.area: int | None = None
+        #: chunks held in each area (the stale ones beyond a new snapshot are blanked)
+        self._area_chunks = [0, 0]
 
     def load(self) -> Recovered:
         """Read what survived. A record that does not decode is a corrupt store, and a
@@ -188,7 +223,7 @@ class ReplicaLog:
                 "this DC from an empty data directory so it recovers from its peers")
         view = wire.decode(raw, expect=(ViewRecord,)) if raw else ViewRecord(0, True, None)
         raw = self.store.get(self.CHECKPOINT_KEY)
-        ckpt = wire.decode(raw, expect=(CheckpointRecord,)) if raw else None
+        ckpt = self._load_checkpoint(raw) if raw else None
         self.low = ckpt.seq if ckpt else 0
         return Recovered(
             view, ckpt,
@@ -196,6 +231,35 @@ class ReplicaLog:
             self._ring(self.PREPARED_PREFIX, PreparedRecord),
             self._ring(self.COMMITTED_PREFIX, CommittedRecord),
         )
+
+    def _area_key(self, area: int, index: int) -> str:
+        return f"{self.SNAPSHOT_PREFIX}{area}/{index:04d}"
+
+    def _load_checkpoint(self, raw: bytes) -> CheckpointRecord:
+        for area in (0, 1):
+            self._area_chunks[area] = sum(
+                1 for k in self.store.keys(f"{self.SNAPSHOT_PREFIX}{area}/") if self.store.get(k))
+        rec = wire.decode(raw, expect=(CheckpointRecord, ChunkedCheckpoint))
+        if isinstance(rec, CheckpointRecord):
+            return rec
+        assert isinstance(rec, ChunkedCheckpoint)
+        if (len(rec.chunk_hashes) != chunk_count(rec.size)
+                or rec.size <= snapshot_chunks.CHUNK):
+            raise wire.WireError(f"pbft.log.checkpoint-chunked: {len(rec.chunk_hashes)} chunk"
+                                 f" hashes for {rec.size} bytes")
+        chunks = []
+        for i, h in enumerate(rec.chunk_hashes):
+            data = self.store.get(self._area_key(rec.area, i)) or b""
+            if hashlib.sha256(data).digest() != h:
+                raise wire.WireError(f"pbft.log.checkpoint-chunked: chunk {i} of area"
+                                     f" {rec.area} does not match its hash")
+            chunks.append(data)
+        snapshot = b"".join(chunks)
+        if len(snapshot) != rec.size:
+            raise wire.WireError(f"pbft.log.checkpoint-chunked: chunks of {len(snapshot)}"
+                                 f" bytes, the record says {rec.size}")
+        self.area = rec.area
+        return CheckpointRecord(rec.seq, snapshot, rec.proof)
 
     def _ring(self, prefix: str, cls: type[_Rec]) -> tuple[_Rec, ...]:
         found: list[_Rec] = []
@@ -223,9 +287,29 @@ class ReplicaLog:
         nv = None if new_view is None else new_view.signed
         return Persist(self.VIEW_KEY, wire.encode(ViewRecord(view, active, nv)))
 
-    def checkpoint(self, rec: CheckpointRecord) -> Persist:
+    def checkpoint(self, rec: CheckpointRecord,
+                   hashes: tuple[bytes, ...] | None = None) -> list[Persist]:
+        """The writes that log ``rec``: its record, or for a snapshot larger than one
+        chunk, its chunks in the free area and then the record naming them (see the
+        module docstring). ``hashes``: the snapshot's chunk hashes, if known."""
         self.low = max(self.low, rec.seq)
-        return Persist(self.CHECKPOINT_KEY, wire.encode(rec))
+        size = len(rec.snapshot)
+        if size <= snapshot_chunks.CHUNK:
+            self.area = None
+            return [Persist(self.CHECKPOINT_KEY, wire.encode(rec))]
+        area = 1 if self.area == 0 else 0
+        if hashes is None:
+            hashes = chunk_hashes(rec.snapshot)
+        n = len(hashes)
+        writes = [Persist(self._area_key(area, i), chunk_of(rec.snapshot, i), sync=False)
+                  for i in range(n)]
+        writes += [Persist(self._area_key(area, i), b"", sync=False)
+                   for i in range(n, self._area_chunks[area])]
+        self._area_chunks[area] = n
+        writes.append(Persist(self.CHECKPOINT_KEY, wire.encode(
+            ChunkedCheckpoint(rec.seq, rec.proof, area, size, hashes))))
+        self.area = area
+        return writes
 
     def preprepare(self, seq: int, preprepare: Signed, batch: bytes | None) -> Persist:
         rec = PrePrepareRecord(seq, preprepare, batch or b"")

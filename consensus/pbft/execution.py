@@ -32,6 +32,7 @@ from consensus.pbft.messages import (
 )
 from consensus.pbft.outbox import Outbox
 from consensus.pbft.state import ReplicaState
+from consensus.snapshot_chunks import snapshot_digest
 from mesh import wire
 
 __all__ = [
@@ -118,7 +119,7 @@ def execute(st: ReplicaState, out: Outbox, now: float, seq: int, data: bytes,
         # the snapshot is the whole ledger (megabytes at tens of thousands of VMs): hashed
         # once, its digest kept with it, signed and counted as this replica's own vote
         snap = st.ledger.snapshot()
-        own = Checkpoint(seq, digest(snap))
+        own = Checkpoint(seq, snapshot_digest(snap))
         st.snapshots[seq] = (snap, own.state_digest)
         env = out.sign(own)
         out.broadcast(env)

@@ -79,6 +79,9 @@ from consensus.pbft.messages import (
     Request,
     SignatureError,
     Signed,
+    SnapshotChunk,
+    SnapshotFetch,
+    SnapshotManifest,
     StateReply,
     StateRequest,
     Status,
@@ -415,6 +418,12 @@ class Replica:
             transfer.on_state_request(st, out, now, env.sender, body)
         elif isinstance(body, StateReply):
             transfer.on_state_reply(st, out, now, env, body)
+        elif isinstance(body, SnapshotManifest):
+            transfer.on_snapshot_manifest(st, out, now, env, body)
+        elif isinstance(body, SnapshotFetch):
+            transfer.on_snapshot_fetch(st, out, now, env.sender, body)
+        elif isinstance(body, SnapshotChunk):
+            transfer.on_snapshot_chunk(st, out, now, env, body)
         elif isinstance(body, FetchBatch):
             execution.on_fetch_batch(st, out, env.sender, body)
         elif isinstance(body, BatchData):

@@ -32,11 +32,13 @@ from consensus.pbft.messages import (
     Verifier,
 )
 from consensus.pbft.quorum import Quorum, ValidViewChange
+from consensus.snapshot_chunks import ChunkAssembly
 
 __all__ = [
     "PbftConfig",
     "ReplicaState",
     "Slot",
+    "ChunkTransfer",
     "Decided",
     "CHECKPOINT_INTERVAL",
     "WATERMARK_WINDOW",
@@ -110,6 +112,17 @@ class Slot:
         self.commits: dict[str, tuple[bytes, Signed]] = {}
         self.prepared = False
         self.sent_commit = False
+
+
+@attrs.define
+class ChunkTransfer:
+    """A snapshot larger than one chunk being fetched: the checkpoint that proves it, the
+    chunks held so far, and the peer asked last."""
+
+    seq: int
+    proof: tuple[Signed, ...]
+    chunks: ChunkAssembly
+    source: str
 
 
 @attrs.frozen
@@ -191,6 +204,15 @@ class ReplicaState:
         #: peer -> the height its last STATUS claimed
         self.ahead: dict[str, int] = {}
         self.served: dict[str, float] = {}
+        #: a chunked snapshot being fetched (consensus.pbft.transfer), or None
+        self.chunked: ChunkTransfer | None = None
+        #: peer -> (start of its current status interval, chunks served to it in it)
+        self.chunks_served: dict[str, tuple[float, int]] = {}
+        #: the stable checkpoint before the current one and its snapshot: a peer half way
+        #: through fetching its chunks when the checkpoint moved on finishes from it
+        self.prev_stable: tuple[int, bytes] = (-1, b"")
+        #: (seq, chunk hashes) of the stable snapshot, computed when first served
+        self.stable_hashes: tuple[int, tuple[bytes, ...]] = (-1, ())
 
     @property
     def primary(self) -> str:

@@ -8,10 +8,24 @@ ledger snapshot — proven by the 2f+1 signed CHECKPOINTs of that checkpoint,
 which the requester checks against the snapshot's digest — and then
 committed entries, each proven by 2f+1 matching signed COMMITs and checked
 against its batch digest. Nothing in a reply is trusted because of who sent it.
+
+A snapshot larger than one chunk (:mod:`consensus.snapshot_chunks`: 1 MiB, a
+ledger of about 7,000 VMs) does not ride in the STATE-REPLY: the answer is a
+SNAPSHOT-MANIFEST (its size and its chunks' hashes, which hash to the proven
+state digest), and the requester fetches the chunks one at a time
+(SNAPSHOT-FETCH, SNAPSHOT-CHUNK), each checked against its hash as it arrives;
+a transfer cut anywhere resumes at its first missing chunk, from whichever peer
+the next STATE-REQUEST goes to (:func:`consensus.pbft.checkpoint.request_state`).
+Once the snapshot is installed, a STATE-REQUEST fetches the entries after it.
+A peer serves at most :data:`CHUNKS_PER_INTERVAL` chunks to one requester per
+status interval, of its stable checkpoint or the one before (a requester half way
+through when the checkpoint moved on finishes; one further behind starts again from
+the manifest of the new one).
 """
 
 from __future__ import annotations
 
+from consensus import snapshot_chunks
 from consensus.ledger import Ledger, LedgerInvariantError
 from consensus.pbft import agreement, checkpoint, execution
 from consensus.pbft.messages import (
@@ -19,16 +33,35 @@ from consensus.pbft.messages import (
     CatchUp,
     CommittedEntry,
     Envelope,
+    Signed,
+    SnapshotChunk,
+    SnapshotFetch,
+    SnapshotManifest,
     StateReply,
     StateRequest,
     digest,
 )
 from consensus.pbft.outbox import Outbox
 from consensus.pbft.quorum import CertificateError, check_commit_cert
-from consensus.pbft.state import ReplicaState
+from consensus.pbft.state import ChunkTransfer, ReplicaState
+from consensus.snapshot_chunks import (
+    ChunkAssembly,
+    ChunkError,
+    check_manifest,
+    chunk_count,
+    chunk_hashes,
+    chunk_of,
+    snapshot_digest,
+)
 from mesh import wire
 
-__all__ = ["rate_ok", "on_state_request", "on_state_reply"]
+__all__ = ["rate_ok", "on_state_request", "on_state_reply", "on_snapshot_manifest",
+           "on_snapshot_fetch", "on_snapshot_chunk", "fetch_next_chunk",
+           "CHUNKS_PER_INTERVAL"]
+
+#: Chunks (1 MiB each) served to one peer per status interval: a peer that asks again
+#: and again cannot turn us into an amplifier beyond this.
+CHUNKS_PER_INTERVAL = 64
 
 
 def rate_ok(st: ReplicaState, now: float, key: str) -> bool:
@@ -48,6 +81,11 @@ def on_state_request(st: ReplicaState, out: Outbox, now: float, peer: str,
     snapshot = None
     start = sr.last_executed
     if sr.last_executed < st.low:
+        if len(st.stable_snapshot) > snapshot_chunks.CHUNK:
+            manifest = SnapshotManifest(st.low, st.stable_proof, len(st.stable_snapshot),
+                                        _stable_hashes(st))
+            out.send(peer, out.sign(manifest))
+            return
         snapshot, start = st.stable_snapshot, st.low
     entries: list[CommittedEntry] = []
     for seq in range(start + 1, st.last_exec + 1):
@@ -78,22 +116,14 @@ def on_state_reply(st: ReplicaState, out: Outbox, now: float, env: Envelope,
         try:
             state_digest = checkpoint.check_stable_proof(st, sr.checkpoint_seq,
                                                          sr.checkpoint_proof)
-            if digest(cu.snapshot) != state_digest:
+            if snapshot_digest(cu.snapshot) != state_digest:
                 raise CertificateError("snapshot does not match the proven digest")
             ledger = Ledger.restore(st.q.members, cu.snapshot, st.operators)
         except (CertificateError, wire.WireError, LedgerInvariantError):
             st.evidence.count_malformed(env.sender)
             st.count("bad_state_replies")
             return
-        st.ledger = ledger
-        st.last_exec = sr.checkpoint_seq
-        st.count("state_transfers")
-        # Reported before the checkpoint is logged: a crash right after that write
-        # restarts the replica from it, and whoever follows its executions must know.
-        out.notify("pbft.state-transfer", {"seq": sr.checkpoint_seq})
-        checkpoint.make_stable(st, out, sr.checkpoint_seq, cu.snapshot, sr.checkpoint_proof)
-        for key in [k for k in st.pending if ledger.executed_result(*k) is not None]:
-            st.drop_pending(key)
+        _install(st, out, sr.checkpoint_seq, sr.checkpoint_proof, cu.snapshot, ledger)
     for e in cu.entries:
         if e.seq <= st.last_exec:
             continue
@@ -110,3 +140,118 @@ def on_state_reply(st: ReplicaState, out: Outbox, now: float, env: Envelope,
         st.batches[d] = e.batch
         agreement.decide(st, out, now, e.seq, d, e.commits, e.batch)
     execution.execute_ready(st, out, now)
+
+
+def _install(st: ReplicaState, out: Outbox, seq: int, proof: tuple[Signed, ...],
+             snapshot: bytes, ledger: Ledger) -> None:
+    """Take the proven state of checkpoint ``seq``."""
+    st.ledger = ledger
+    st.last_exec = seq
+    st.count("state_transfers")
+    # Reported before the checkpoint is logged: a crash right after that write
+    # restarts the replica from it, and whoever follows its executions must know.
+    out.notify("pbft.state-transfer", {"seq": seq})
+    checkpoint.make_stable(st, out, seq, snapshot, proof)
+    for key in [k for k in st.pending if ledger.executed_result(*k) is not None]:
+        st.drop_pending(key)
+    if st.chunked is not None and st.chunked.seq <= seq:
+        st.chunked = None
+
+
+def _stable_hashes(st: ReplicaState) -> tuple[bytes, ...]:
+    if st.stable_hashes[0] != st.low:
+        st.stable_hashes = (st.low, chunk_hashes(st.stable_snapshot))
+    return st.stable_hashes[1]
+
+
+def fetch_next_chunk(st: ReplicaState, out: Outbox, now: float) -> None:
+    """Ask the transfer's source for the first chunk we miss."""
+    t = st.chunked
+    if t is None:
+        return
+    index = t.chunks.missing()
+    if index is None:
+        return
+    st.transfer_until = now + 2 * st.cfg.status_interval
+    out.send(t.source, out.sign(SnapshotFetch(t.seq, index)))
+
+
+def on_snapshot_manifest(st: ReplicaState, out: Outbox, now: float, env: Envelope,
+                         sm: SnapshotManifest) -> None:
+    if sm.checkpoint_seq <= st.last_exec:
+        return
+    t = st.chunked
+    if t is not None and t.seq >= sm.checkpoint_seq:
+        if t.seq == sm.checkpoint_seq:  # the same checkpoint: go on from this peer
+            t.source = env.sender
+            fetch_next_chunk(st, out, now)
+        return
+    try:
+        state_digest = checkpoint.check_stable_proof(st, sm.checkpoint_seq, sm.checkpoint_proof)
+        check_manifest(sm.size, sm.chunk_hashes, state_digest)
+    except (CertificateError, ChunkError):
+        st.evidence.count_malformed(env.sender)
+        st.count("bad_state_replies")
+        return
+    st.chunked = ChunkTransfer(sm.checkpoint_seq, sm.checkpoint_proof,
+                               ChunkAssembly(sm.size, sm.chunk_hashes), env.sender)
+    st.count("snapshot_manifests")
+    fetch_next_chunk(st, out, now)
+
+
+def on_snapshot_fetch(st: ReplicaState, out: Outbox, now: float, peer: str,
+                      sf: SnapshotFetch) -> None:
+    if sf.checkpoint_seq == st.low:
+        snapshot = st.stable_snapshot
+    elif sf.checkpoint_seq == st.prev_stable[0]:
+        snapshot = st.prev_stable[1]  # the checkpoint moved on while the peer fetched
+    else:
+        return  # not a checkpoint we hold (the requester asks another peer)
+    size = len(snapshot)
+    if size <= snapshot_chunks.CHUNK or sf.index >= chunk_count(size):
+        return
+    start, served = st.chunks_served.get(peer, (now, 0))
+    if now - start >= st.cfg.status_interval:
+        start, served = now, 0
+    if served >= CHUNKS_PER_INTERVAL:
+        st.count("snapshot_chunks_refused")
+        return
+    st.chunks_served[peer] = (start, served + 1)
+    st.count("snapshot_chunks_served")
+    out.send(peer, out.sign(SnapshotChunk(sf.checkpoint_seq, sf.index),
+                            chunk_of(snapshot, sf.index)))
+
+
+def on_snapshot_chunk(st: ReplicaState, out: Outbox, now: float, env: Envelope,
+                      sc: SnapshotChunk) -> None:
+    t = st.chunked
+    if t is None or sc.checkpoint_seq != t.seq:
+        return
+    if t.seq <= st.last_exec:
+        st.chunked = None
+        return
+    st.count("state_transfer_bytes", len(env.attachment))
+    try:
+        fresh = t.chunks.add(sc.index, env.attachment)
+    except ChunkError:
+        st.evidence.count_malformed(env.sender)
+        st.count("bad_state_replies")
+        if env.sender == t.source:  # ask another peer now
+            st.transfer_until = 0.0
+            checkpoint.request_state(st, out, now)
+        return
+    if t.chunks.missing() is not None:
+        if fresh and env.sender == t.source:
+            fetch_next_chunk(st, out, now)
+        return
+    snapshot = t.chunks.join()
+    st.chunked = None
+    try:
+        ledger = Ledger.restore(st.q.members, snapshot, st.operators)
+    except (wire.WireError, LedgerInvariantError):
+        # every chunk matched the state 2f+1 replicas signed: not a sender's fault
+        st.count("bad_state_replies")
+        return
+    _install(st, out, t.seq, t.proof, snapshot, ledger)
+    st.transfer_until = 0.0
+    checkpoint.request_state(st, out, now)  # the entries after the checkpoint

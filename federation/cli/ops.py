@@ -530,6 +530,10 @@ def render_status(doc: dict[str, Any]) -> str:
               _human(m.get("bytes_sent") or 0), data_path(m), downtime(m)]
              for m in doc["migrations"]]
     out.append(table(migs) if len(migs) > 1 else "no migrations")
+    total = doc.get("migrations_total", len(doc["migrations"]))
+    if total > len(doc["migrations"]):
+        out.append(f"(the {len(doc['migrations'])} begun last or under way of {total}; "
+                   "GET /api/migrations/ID shows any other)")
     # why each aborted migration aborted: the ledger's reason (the deciding DC's words),
     # else this side's; one line each, since a reason does not fit a column
     why = [f"  {m['id']}: aborted: {m['reason']}" for m in doc["migrations"]

@@ -124,6 +124,16 @@ DATA_PLANE = ("v1 single stream over the control link; v3 HDE over AMST on the d
 #: (``[qemu] downtime_limit_ms``): QEMU's default downtime-limit, 300 ms
 #: (migration/options.c, DEFAULT_MIGRATE_SET_DOWNTIME), as issue 17 asks.
 DOWNTIME_LIMIT = 0.3
+#: Ended migration sessions a node keeps (their status, last progress and outcome, for
+#: ``/api/migrations/ID`` and ``/api/status``): those that ended in the last hour, at most
+#: the 1,000 last. A forgotten one's view is then its ledger record alone (the ledger
+#: keeps every migration's record); its outcome stays counted in the metrics. Without a
+#: bound, a node keeps every session that ever ended here: ``dwcp bench soak`` made
+#: ~1,300 an hour per node.
+ENDED_KEEP_SECONDS = 3600.0
+ENDED_KEEP_MAX = 1000
+#: How often the node forgets what is past those bounds.
+ENDED_SWEEP_SECONDS = 60.0
 #: Transfer versions the node's data plane can carry: v1 (the rounds core over the control
 #: link) and v3 (federation.dataplane.v3).
 TRANSFER_VERSIONS = (V1, V3)
@@ -309,6 +319,7 @@ class Node:
             nursery.start_soon(self.vm_worker.run)
             await nursery.start(mesh)
             nursery.start_soon(self._reconcile_loop)
+            nursery.start_soon(self._forget_loop)
             self.log.event("node_ready", api=f"{self.api_host}:{self.api_port}",
                            data_plane=self.data_plane_summary,
                            data=f"{self.v3.host}:{self.v3.port}",
@@ -352,6 +363,28 @@ class Node:
             await self._ledger_changed.wait()
             self._ledger_changed = trio.Event()
             await self.reconcile()
+
+    async def _forget_loop(self) -> None:
+        while True:
+            await trio.sleep(ENDED_SWEEP_SECONDS)
+            await self.forget_ended()
+
+    async def forget_ended(self, keep_for: float = ENDED_KEEP_SECONDS,
+                           keep_most: int = ENDED_KEEP_MAX) -> list[str]:
+        """Forget the ended sessions past the bounds (NodeCore.forget_ended) and their
+        data-plane figures; returns their migration ids."""
+        if self.core is None:
+            return []
+        gone: list[str] = []
+
+        def forget(core: NodeCore, now: float) -> list[Any]:
+            gone.extend(core.forget_ended(now, keep_for, keep_most))
+            return []
+
+        await self.runtime.invoke("node", forget, "forget-ended")
+        if gone:
+            await self.rounds.forget(gone)
+        return gone
 
     async def reconcile(self) -> None:
         """Bring this DC's VMs in line with the ledger (federation.node.reconcile): start

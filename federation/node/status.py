@@ -23,7 +23,14 @@ from mesh.links.routes import BULK, CONTROL
 if TYPE_CHECKING:
     from federation.node.assembly import Node
 
-__all__ = ["status", "migration_status", "policy_doc", "vms_doc", "vm_doc"]
+__all__ = ["status", "migration_status", "policy_doc", "vms_doc", "vm_doc",
+           "STATUS_MIGRATIONS"]
+
+#: The migrations ``/api/status`` lists: the 100 begun last in the ledger, and every one
+#: under way here (``migrations_total`` says how many there are in all; ``GET
+#: /api/migrations/ID`` shows any one). The ledger keeps every migration's record, so a
+#: list of them all grows with the federation's history, and so did the cost of a poll.
+STATUS_MIGRATIONS = 100
 
 
 def _finite(x: float) -> float | None:
@@ -145,6 +152,7 @@ def status(node: Node, local: list[VmInfo] | None = None) -> dict[str, Any]:
     if core is None:
         ledger_doc: dict[str, Any] = {"unavailable": node.no_ledger}
         migrations: list[Any] = []
+        total = 0
         policy = None
     else:
         rstat = core.replica.status_record()
@@ -153,7 +161,8 @@ def status(node: Node, local: list[VmInfo] | None = None) -> dict[str, Any]:
                       "stable_checkpoint": rstat.stable_checkpoint,
                       "byzantine": rstat.evidence}
         policy = policy_doc(core.ledger.policy)
-        migrations = [migration_status(node, m) for m in core.migration_ids()]
+        ids, total = core.recent_migration_ids(STATUS_MIGRATIONS)
+        migrations = [migration_status(node, m) for m in ids]
     return {
         "dc": node.name,
         "federation": node.fed.id,
@@ -165,6 +174,7 @@ def status(node: Node, local: list[VmInfo] | None = None) -> dict[str, Any]:
         "policy": policy,
         "vms": vms,
         "migrations": migrations,
+        "migrations_total": total,
         "restoring": core.restoring() if core is not None else [],
         "problems": peer_problems(node),
     }

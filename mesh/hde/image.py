@@ -157,6 +157,10 @@ class ImageWriter(Image):
         #: pages written through write/fill/copy since the owner set it to a set (None: not
         #: tracked): what an index of this image must be refreshed over
         self.written: set[int] | None = None
+        #: every page this writer did not write reads as zeros (a new sparse file, a new
+        #: anonymous mapping): a target then leaves the zero blocks of an image as they
+        #: are instead of filling them (mesh.hde.target)
+        self.zeroed = False
 
     def _wrote(self, page: int, count: int) -> None:
         if self.written is not None:
@@ -259,4 +263,6 @@ def create_image(path: str | os.PathLike[str], page_count: int, name: str = "") 
     with open(path, "w+b") as f:
         f.truncate(page_count * PAGE_SIZE)
         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE)
-    return ImageWriter(m, name or os.fspath(path))
+    w = ImageWriter(m, name or os.fspath(path))
+    w.zeroed = True  # truncated to 0 and extended: a hole
+    return w

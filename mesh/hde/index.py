@@ -46,7 +46,10 @@ __all__ = [
     "DIGEST_SIZE",
     "PageIndex",
     "build_index",
+    "zero_index",
     "block_digest",
+    "zero_node",
+    "ZERO_BLOCK_DIGEST",
     "node_digest",
     "root_digest",
     "level_sizes",
@@ -89,7 +92,21 @@ def block_digest(data: bytes | memoryview) -> bytes:
     return h.digest()
 
 
-_ZERO_BLOCK_DIGEST = block_digest(_ZERO_BLOCK)
+_ZERO_BLOCK_DIGEST = ZERO_BLOCK_DIGEST = block_digest(_ZERO_BLOCK)
+#: level -> the digest of a node whose every block is a full zero block
+_ZERO_NODES: list[bytes] = [_ZERO_BLOCK_DIGEST]
+
+
+def zero_node(level: int, index: int, page_count: int) -> bytes | None:
+    """The digest node ``index`` at ``level`` of an image of ``page_count`` pages has when
+    all its pages are zero, if it spans full blocks only (FANOUT**level of them); None for
+    the last, partial node of a level (a target compares it the long way)."""
+    span = FANOUT**level * BLOCK_PAGES
+    if (index + 1) * span > page_count:
+        return None
+    while len(_ZERO_NODES) <= level:
+        _ZERO_NODES.append(node_digest(_ZERO_NODES[-1] * FANOUT))
+    return _ZERO_NODES[level]
 
 
 def node_digest(children: bytes | memoryview) -> bytes:
@@ -277,6 +294,17 @@ def _index_span(image: PageSource, first_block: int, nblocks: int) -> tuple[byte
         fps.extend(_xxh(mv[i : i + PAGE_SIZE]) for i in range(0, n * PAGE_SIZE, PAGE_SIZE))
         digests.append(block_digest(mv))
     return b"".join(fps), b"".join(digests)
+
+
+def zero_index(page_count: int) -> PageIndex:
+    """The index of an image of ``page_count`` zero pages, without reading one: what a
+    new, empty image holds before anything is written to it."""
+    fps = bytearray(ZERO_FP * page_count)
+    nblocks = level_sizes(page_count)[0]
+    blocks = bytearray(_ZERO_BLOCK_DIGEST * (page_count // BLOCK_PAGES))
+    if len(blocks) < nblocks * DIGEST_SIZE:  # a last, partial block
+        blocks += block_digest(bytes(page_count % BLOCK_PAGES * PAGE_SIZE))
+    return PageIndex(page_count, fps, blocks)
 
 
 def build_index(image: PageSource, executor: Executor | None = None, window: int = 4) -> PageIndex:

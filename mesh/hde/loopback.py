@@ -9,6 +9,7 @@ it; a fault hook may corrupt chunk frames in transit.
 
 from __future__ import annotations
 
+import mmap
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import Executor
@@ -20,7 +21,7 @@ from mesh.core import Notify, Received, Send
 from mesh.hde.codec import encode_chunk
 from mesh.hde.events import ChunkArrived, EncodeChunk, RecomputeRoot, RootRecomputed
 from mesh.hde.image import ImageWriter, PageSource
-from mesh.hde.index import PageIndex, build_index
+from mesh.hde.index import PageIndex, build_index, zero_index
 from mesh.hde.source import HdeSource
 from mesh.hde.store import PageStore
 from mesh.hde.target import HdeTarget
@@ -55,7 +56,11 @@ Carry = Callable[[Iterable[Frame], bool], list[Frame]]
 
 
 def memory_sink(page_count: int) -> ImageWriter:
-    return ImageWriter(bytearray(page_count * 4096), "target")
+    """A new image in anonymous memory: zero pages until written (a bytearray of a GiB
+    would be written with zeros first, 5 s under load)."""
+    w = ImageWriter(mmap.mmap(-1, page_count * 4096), "target")
+    w.zeroed = True
+    return w
 
 
 def run_transfer(
@@ -85,16 +90,18 @@ def run_transfer(
     (:class:`~mesh.hde.source.HdeSource`). ``sink_index``: the index of what the sink holds
     before the transfer (a migration target that is its own base): the sink's ``written``
     pages are tracked from its creation and the root is recomputed over the blocks
-    written, not over the whole image."""
+    written, not over the whole image; so is it for a new, zero sink (``zeroed``, as
+    :func:`memory_sink` makes), over the pages the transfer wrote."""
 
     def tracked_sink(pages: int) -> ImageWriter:
         sink = make_sink(pages)
-        sink.written = set()
+        if sink_index is not None or sink.zeroed:
+            sink.written = set()
         return sink
 
     refs = dict(references or {})
     src = HdeSource(transfer, TARGET, name, index, refs, reference_indexes, similar)
-    dst = HdeTarget(transfer, SOURCE, store, make_sink if sink_index is None else tracked_sink)
+    dst = HdeTarget(transfer, SOURCE, store, tracked_sink)
     work: deque[tuple[str, object]] = deque((SOURCE, a) for a in src.start())
     encodes: list[EncodeChunk] = []
     attempts: dict[int, int] = {}
@@ -146,6 +153,11 @@ def run_transfer(
             assert dst.sink is not None
             if sink_index is not None and dst.sink.written is not None:
                 ix = sink_index.copy()
+                ix.refresh(dst.sink, dst.sink.written, executor)
+            elif dst.base is None and dst.sink.zeroed and dst.sink.written is not None:
+                # a new image: zero but for what the transfer wrote (its zero blocks were
+                # left as they are), so the tree is the zero tree refreshed over those pages
+                ix = zero_index(dst.sink.page_count)
                 ix.refresh(dst.sink, dst.sink.written, executor)
             else:
                 ix = build_index(dst.sink, executor)

@@ -15,12 +15,27 @@ costs a few MiB.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
-from mesh.hde.image import FP_SIZE, KEY_SIZE, UNIFORM_KEY, PageSource
-from mesh.hde.index import PageIndex, changed_pages
+from mesh.hde.image import FP_SIZE, KEY_SIZE, UNIFORM_KEY, ZERO_FP, PageSource
+from mesh.hde.index import CHANGED_RUN, PageIndex, changed_pages
 
 __all__ = ["PageStore", "StoredImage"]
+
+_ZERO_RUN = ZERO_FP * CHANGED_RUN
+
+
+def _not_zero(fps: bytes, page_count: int) -> Iterator[int]:
+    """Every page but those in runs of CHANGED_RUN zero pages (a zero page is never
+    stored: its key is in UNIFORM_KEY): a sparse image of hundreds of GiB costs one
+    compare per 256 pages, not a Python step per page (0.22 s per GiB under load)."""
+    step = CHANGED_RUN * FP_SIZE
+    for first in range(0, page_count, CHANGED_RUN):
+        end = min(first + CHANGED_RUN, page_count)
+        if end - first == CHANGED_RUN and fps[first * FP_SIZE : first * FP_SIZE + step] \
+                == _ZERO_RUN:
+            continue
+        yield from range(first, end)
 
 class StoredImage:
     """One image the store holds, with its index."""
@@ -60,7 +75,7 @@ class PageStore:
         if prev is not None and prev.image is image and prev.index.page_count == index.page_count:
             which: Iterable[int] = changed_pages(bytes(prev.index.fps), fps, index.page_count)
         else:
-            which = range(index.page_count)
+            which = _not_zero(fps, index.page_count)
         for p in which:
             key = fps[p * FP_SIZE : p * FP_SIZE + KEY_SIZE]
             if key not in pages and key not in UNIFORM_KEY:

@@ -37,8 +37,10 @@ from mesh.hde.index import (
     FANOUT,
     GROUP_DIGEST_SIZE,
     GROUP_PAGES,
+    ZERO_BLOCK_DIGEST,
     level_sizes,
     root_digest,
+    zero_node,
 )
 from mesh.hde.messages import (
     MAX_ENTRY,
@@ -153,7 +155,7 @@ class HdeTarget:
         self.sink = self._make_sink(msg.page_count)
         if self.sink.page_count != msg.page_count:
             return self._fail(f"sink holds {self.sink.page_count} pages, offer {msg.page_count}")
-        sizes = level_sizes(msg.page_count)
+        sizes = self._sizes = level_sizes(msg.page_count)
         self._nblocks = sizes[0]
         self._expected = bytearray(sizes[0] * DIGEST_SIZE)
         base = self.store.base(msg.image)
@@ -162,7 +164,15 @@ class HdeTarget:
         out: list[TargetAction] = [Send(self.peer, HdeBase(
             transfer=self.transfer, base_root=self.base.index.root if self.base else None))]
         if self.base is None:
-            self._want_fps(range(self._nblocks))
+            # No base: the tree is compared with an all-zero image's, whose digests are
+            # known; a zero subtree costs nothing, only blocks with data are listed.
+            top = len(sizes) - 1
+            if msg.top == self._ref_node(top, 0):
+                self._same_subtree(top, 0)
+            elif top == 0:
+                self._want_fps([0])
+            else:
+                self._want_nodes(top, [0])
         elif self.base.index.top == msg.top:
             self._same_subtree(len(sizes) - 1, 0)
         elif len(sizes) == 1:
@@ -220,11 +230,28 @@ class HdeTarget:
             out += self._maybe_finish()
         return out
 
+    def _ref_node(self, level: int, i: int) -> bytes | None:
+        """What node ``i`` at ``level`` is compared with: the base's, or with no base an
+        all-zero image's (None where that is not known: the last, partial node)."""
+        if self.base is not None:
+            return self.base.index.node(level, i)
+        assert self.offer is not None
+        return zero_node(level, i, self.offer.page_count)
+
     def _same_subtree(self, level: int, node: int) -> None:
-        """Node ``node`` at ``level`` equals the base's: copy its pages from the base."""
-        assert self.base is not None and self.sink is not None
+        """Node ``node`` at ``level`` equals the base's: copy its pages from the base (with
+        no base it equals an all-zero subtree: its pages are zeros)."""
+        assert self.sink is not None
         span = FANOUT**level
         b0, b1 = node * span, min((node + 1) * span, self._nblocks)
+        if self.base is None:
+            p0, p1 = b0 * BLOCK_PAGES, min(b1 * BLOCK_PAGES, self.sink.page_count)
+            self._expected[b0 * DIGEST_SIZE : b1 * DIGEST_SIZE] = \
+                ZERO_BLOCK_DIGEST * (b1 - b0)
+            if not self.sink.zeroed:  # (a new image's pages are zeros until written)
+                self.sink.fill(p0, p1 - p0, 0)
+            self.stats["pages_uniform"] += p1 - p0
+            return
         self._expected[b0 * DIGEST_SIZE : b1 * DIGEST_SIZE] = \
             self.base.index.levels[0][b0 * DIGEST_SIZE : b1 * DIGEST_SIZE]
         p0, p1 = b0 * BLOCK_PAGES, min(b1 * BLOCK_PAGES, self.sink.page_count)
@@ -236,9 +263,10 @@ class HdeTarget:
         if key not in self._outstanding:
             return self._fail(f"hde.nodes for level {msg.level} that was not asked for")
         del self._outstanding[key]
-        assert self.base is not None
         below = msg.level - 1
-        n_below = self.base.index.level_size(below)
+        if not 0 <= below < len(self._sizes) - 1:
+            return self._fail(f"hde.nodes: no level {msg.level} below the top")
+        n_below = self._sizes[below]
         differ: list[int] = []
         pos = 0
         for parent in msg.parents:
@@ -248,13 +276,15 @@ class HdeTarget:
                 pos += DIGEST_SIZE
                 if len(d) != DIGEST_SIZE:
                     return self._fail("hde.nodes: fewer digests than children")
-                if d == self.base.index.node(below, child):
+                if d == self._ref_node(below, child):
                     self._same_subtree(below, child)
                 else:
                     differ.append(child)
         if pos != len(msg.digests):
             return self._fail("hde.nodes: more digests than children")
-        if below == 0:
+        if below == 0 and self.base is None:
+            self._want_fps(differ)
+        elif below == 0:
             self._want_groups(differ)
         else:
             self._want_nodes(below, differ)
