@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-qemu test bench chaos lint browser-check alerts-check corpus corpus-small qemu-guest clean
+.PHONY: demo demo-qemu test bench chaos netns-chaos lint browser-check alerts-check corpus corpus-small qemu-guest clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,16 @@ chaos: $(STAMP)
 	$(BIN)/dwcp sim sweep pbft-crashpoints --seeds 0-9999 --nodes 7 --run-timeout 600
 	$(BIN)/dwcp sim sweep pbft-swarm --seeds 0-9999 --run-timeout 600
 	$(BIN)/dwcp sim sweep pbft-swarm --seeds 0-9999 --nodes 7 --run-timeout 600
+	$(MAKE) netns-chaos SEEDS=1-100
+
+# make netns-chaos: every DC's node in its own network namespace behind a tbf-shaped
+# veth link to a bridge, faults by seed (link down, one direction dropped, kill -9,
+# SIGSTOP, restart, full disk) while image VMs and the QEMU guest migrate; the checker
+# after each seed's heal (docs/simulator.md, "Real processes on real links"). Needs root.
+SEEDS ?= 1-100
+netns-chaos: $(STAMP)
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends iproute2
+	nice -n 10 $(BIN)/python -m bench.netns_chaos --seeds $(SEEDS) --json $(NETNS_CHAOS_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.all

@@ -403,9 +403,9 @@ NODE_POLL = 0.1
 #: and bytes, where its time went (preparation, waiting for the target, the transfer) and
 #: how full the link was while the chunks went (federation.dataplane.v3_source).
 ROUND_KEYS = ("round", "pages", "wire_bytes", "seconds", "dirty_pages", "refresh_s", "index_s",
-              "level_s", "ready_s", "transfer_s", "level", "level_start", "levels", "chunks",
-              "chunk_bytes", "first_chunk_s", "wire_MBps", "encode_s", "starved_s", "fenced",
-              "sketched_ahead", "sketched_late")
+              "level_s", "ready_s", "go_wait_s", "transfer_s", "level", "level_start", "levels",
+              "chunks", "chunk_bytes", "first_chunk_s", "wire_MBps", "encode_s", "starved_s",
+              "fenced", "sketched_ahead", "sketched_late")
 
 
 def _round_figures(event: dict[str, Any], rate_mbit: float | None) -> dict[str, Any]:
@@ -535,7 +535,12 @@ async def _node_leg(demo: Demo, fed: LocalFederation, directory: Path, ram: Path
                  if e["event"] == "notify" and e.get("kind") == "migration.precopy"
                  and isinstance(e.get("detail"), dict)
                  and e["detail"].get("migration_id") == mid]
-    return {"precopy": decisions,
+    # what the source measured of this stop window (the next migration's reserve)
+    costs = next((e["detail"] for e in fed.nodes[src].events
+                  if e["event"] == "notify" and e.get("kind") == "migration.stop-costs"
+                  and isinstance(e.get("detail"), dict)
+                  and e["detail"].get("migration_id") == mid), None)
+    return {"precopy": decisions, "stop_costs": costs,
             "wire_bytes": wire, "node_wire_bytes": leg["wire"],
             "logical_bytes": leg["bytes"], "total_s": round(leg["time"], 3),
             "downtime_ms": round(float(leg["downtime_ms"]), 1), "rounds": leg["rounds"],
@@ -752,6 +757,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--no-dwcp", action="store_true", help="QEMU's contenders only")
     p.add_argument("--no-loopback", action="store_true",
                    help="the 100 Mbit/s tbf link only (the loopback runs are skipped)")
+    p.add_argument("--legs", action="append", default=[], choices=list(LEGS),
+                   metavar="LEG",
+                   help="run only these links (repeatable): loopback, tbf (the 100 Mbit/s "
+                        "veth pair); default both (--no-tbf, --no-loopback say the same)")
     p.add_argument("--return-after", type=int, default=RETURN_AFTER_S,
                    help="DWCP migrates back after this guest time at the target (s; "
                         "0: no return trip)")
@@ -766,8 +775,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=_main)
 
 
+#: The links ``--legs`` names: the unshaped one, and the veth pair shaped to 100 Mbit/s
+LEGS = ("loopback", "tbf")
+
+
 def _main(args: argparse.Namespace) -> int:
-    r = measure(args.mib, args.fill, args.at, args.level, not args.no_tbf, not args.no_dwcp,
-                args.return_after, args.only, args.inproc, not args.no_loopback)
+    legs = set(args.legs or LEGS)
+    tbf = "tbf" in legs and not args.no_tbf
+    loopback = "loopback" in legs and not args.no_loopback
+    if not (tbf or loopback):
+        raise SystemExit("dwcp bench live: --legs, --no-tbf and --no-loopback leave no link")
+    r = measure(args.mib, args.fill, args.at, args.level, tbf, not args.no_dwcp,
+                args.return_after, args.only, args.inproc, loopback)
     print(json.dumps(r) if args.json else json.dumps(r, indent=1))
     return 0 if not r["missing"] or "guests_ok" in r else 1

@@ -235,6 +235,131 @@ class FarLink:
         self.close()
 
 
+#: The subnets of :class:`BridgeNet`: 10.215.N.0/24, N chosen free as FarLink's are.
+BRIDGE_SUBNET = "10.215"
+#: A classic-BPF program for tc's ``bpf`` classifier in direct-action mode: one
+#: instruction, ``ret #2`` (TC_ACT_SHOT): every packet through the hook is dropped. This
+#: kernel has neither netem nor the gact/police actions nor the matchall classifier, but
+#: has cls_bpf: this is how a tc filter drops here.
+DROP_ALL_BPF = "1,6 0 0 2,"
+
+
+class BridgeNet:
+    """DCs in namespaces of their own, each joined by a veth pair to one bridge in a hub
+    namespace: a star of WAN links on one machine (``make netns-chaos``).
+
+    Namespace ``<name>h`` holds bridge ``br0``; DC ``d`` gets namespace ``<name>-d``
+    with interface ``wan`` at ``10.215.N.i`` (``i`` its place in ``dcs``, from 1) whose
+    peer ``d`` sits in the hub on the bridge; both ends are shaped with tbf at the DC's
+    rate (``rates[d]`` Mbit/s; None: unshaped). The root namespace joins the bridge too,
+    unshaped, through ``<name>m`` at ``10.215.N.254`` (:attr:`mgmt`): the harness reaches
+    every node's API there; the DCs reach each other only through their shaped links.
+
+    Faults: :meth:`set_link` (``ip link set down|up`` on the hub's end, both directions
+    gone), :meth:`set_drop` (a tc filter on one end's egress: one direction gone, the
+    other still carries packets). Leaving the ``with`` block deletes every namespace and
+    with them every veth pair, qdisc and filter; never raises."""
+
+    def __init__(self, dcs: list[str], rates: dict[str, int | None],
+                 name: str | None = None) -> None:
+        self.name = name or f"dx{os.getpid() % 10**7}"
+        self.hub = self.name + "h"
+        self.mgmt_if = self.name + "m"
+        self.dcs = list(dcs)
+        self.rates = dict(rates)
+        self.addresses: dict[str, str] = {}
+        self.mgmt = ""
+        self._namespaces: list[str] = []
+        self._mgmt_made = False
+
+    def ns(self, dc: str) -> str:
+        return f"{self.name}-{dc}"
+
+    def prefix(self, dc: str) -> list[str]:
+        """argv prefix that runs a command in ``dc``'s namespace."""
+        return ["ip", "netns", "exec", self.ns(dc)]
+
+    def open(self) -> BridgeNet:
+        used = _used_far_subnets() | _used_subnets(BRIDGE_SUBNET)
+        n = next((i for i in range(1, 255) if i not in used), None)
+        if n is None:
+            raise NetnsError(f"no free {BRIDGE_SUBNET}.N.0/24 subnet")
+        net = f"{BRIDGE_SUBNET}.{n}"
+        self.mgmt = f"{net}.254"
+        try:
+            _add_netns(self.hub)
+            self._namespaces.append(self.hub)
+            _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
+            _ip("-n", self.hub, "link", "set", "br0", "up")
+            _ip("-n", self.hub, "link", "set", "lo", "up")
+            for i, dc in enumerate(self.dcs, start=1):
+                ns = self.ns(dc)
+                _add_netns(ns)
+                self._namespaces.append(ns)
+                _ip("link", "add", "wan", "netns", ns, "type", "veth",
+                    "peer", "name", dc, "netns", self.hub)  # fmt: skip
+                self.addresses[dc] = f"{net}.{i}"
+                _ip("-n", ns, "addr", "add", f"{net}.{i}/24", "dev", "wan")
+                for cmd in (["link", "set", "wan", "up"], ["link", "set", "lo", "up"]):
+                    _ip("-n", ns, *cmd)
+                _ip("-n", self.hub, "link", "set", dc, "master", "br0")
+                _ip("-n", self.hub, "link", "set", dc, "up")
+                rate = self.rates.get(dc)
+                for where, dev in ((ns, "wan"), (self.hub, dc)):
+                    if rate is not None:
+                        _tc(where, "qdisc", "add", "dev", dev, "root", "tbf", "rate",
+                            f"{rate}mbit", "burst", BURST, "latency", LATENCY)  # fmt: skip
+                    _tc(where, "qdisc", "add", "dev", dev, "clsact")
+            self._mgmt_made = True
+            _add_near_veth(self.mgmt_if, "mgmt", self.hub)
+            _ip("addr", "add", f"{self.mgmt}/24", "dev", self.mgmt_if)
+            _ip("link", "set", self.mgmt_if, "up")
+            _ip("-n", self.hub, "link", "set", "mgmt", "master", "br0")
+            _ip("-n", self.hub, "link", "set", "mgmt", "up")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def set_link(self, dc: str, up: bool) -> None:
+        """``ip link set down`` (or ``up``) on the hub's end of ``dc``'s link."""
+        _ip("-n", self.hub, "link", "set", dc, "up" if up else "down")
+
+    def set_drop(self, dc: str, direction: str, drop: bool) -> None:
+        """Drop every packet ``dc`` sends (``direction`` "out": a filter on the egress of
+        its own end) or every packet sent to it (``"in"``: on the egress of the hub's end),
+        or remove that filter (``drop`` false; removing one not there is not an error)."""
+        if direction not in ("in", "out"):
+            raise ValueError(f"direction {direction!r}: 'in' or 'out'")
+        where, dev = (self.ns(dc), "wan") if direction == "out" else (self.hub, dc)
+        if drop:
+            _tc(where, "filter", "add", "dev", dev, "egress", "bpf", "da", "bytecode",
+                DROP_ALL_BPF)
+        else:
+            subprocess.run(["ip", "netns", "exec", where, "tc", "filter", "del", "dev", dev,
+                            "egress"], capture_output=True, check=False)  # fmt: skip
+
+    def close(self) -> None:
+        for ns in reversed(self._namespaces):
+            _del(["netns", "del", ns], ns)
+        self._namespaces.clear()
+        if self._mgmt_made and self.mgmt_if in _HELD:
+            _del(["link", "del", self.mgmt_if], self.mgmt_if)
+        self._mgmt_made = False
+
+    def __enter__(self) -> BridgeNet:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _used_subnets(prefix: str) -> set[int]:
+    out = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True,
+                         check=False)  # fmt: skip
+    return {int(w.split(".")[2]) for w in out.stdout.split() if w.startswith(prefix + ".")}
+
+
 def netns_missing() -> str | None:
     """Why a TbfLink cannot be built here, or None when it can (builds one to check)."""
     if os.geteuid() != 0:

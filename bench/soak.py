@@ -72,6 +72,8 @@ from federation.cli.main import CommandError
 from federation.demo.processes import DemoFailed, LocalFederation, NodeProcess
 from federation.demo.real_data import write_process_memory
 from federation.demo.scenario import Demo
+from federation.node import heap_report
+from federation.node.assembly import ENDED_KEEP_MAX, ENDED_KEEP_SECONDS
 
 __all__ = ["register", "pooled_slope", "run_soak", "ERROR_EVENTS", "record_bytes"]
 
@@ -109,6 +111,10 @@ POLL = 0.25
 # the records the run created per hour times that size, times RECORD_FACTOR (the
 # replica's indexes, the snapshot kept next to the log, SQLite's pages), plus a slack for
 # the allocator and for the noise of a least-squares slope over samples taken under load.
+# A node also keeps its ended migration sessions (source and target: two per migration,
+# spread over the nodes), in memory up to the node's bound (federation.node.assembly,
+# ENDED_KEEP_SECONDS and ENDED_KEEP_MAX: at most that many an hour of the slope) and on
+# disk, their persisted records, for good (a restart restores them).
 RECORD_FACTOR = 3.0
 RSS_SLACK_MIB_PER_HOUR = 8.0
 DISK_SLACK_MIB_PER_HOUR = 4.0
@@ -138,11 +144,16 @@ def pooled_slope(segments: list[list[tuple[float, float]]]) -> float | None:
 
 
 def record_bytes(count: int = 2000) -> dict[str, float]:
-    """Bytes per ledger record the soak makes, measured: the Python memory of ``count``
-    request records in a :class:`consensus.operator_requests.RequestBook` and of
-    ``count`` migration records in a dict (tracemalloc), and their wire encodings."""
+    """Bytes per record the soak makes, measured: the Python memory of ``count`` request
+    records in a :class:`consensus.operator_requests.RequestBook`, of ``count`` migration
+    records in a dict, and of ``count`` ended sessions as a node keeps them (the session
+    rebuilt from its persisted record, its last progress and its outcome; tracemalloc),
+    and the wire encodings of the two ledger records and of a session's record."""
+    from consensus.authz import Authorization
     from consensus.ledger_commands import MigrationRecord, RequestRecord
     from consensus.operator_requests import RequestBook
+    from federation.migration.restore import restore
+    from federation.migration.vocabulary import ImageSize, Outcome, Progress, SessionRecord
     from mesh import wire
 
     def request(i: int) -> RequestRecord:
@@ -153,6 +164,14 @@ def record_bytes(count: int = 2000) -> dict[str, float]:
         return MigrationRecord(f"soak-a-dc1-dc2-{i:08x}", "soak-a", "dc1", "dc2", i,
                                "committed", bytes(32), bytes(32), 1.8e9 + i, 3, "", "")
 
+    def session(i: int) -> bytes:
+        # a source's: the operator's signed request rides along (~300 B as the API signs)
+        return wire.encode(SessionRecord(
+            f"soak-a-dc1-dc2-{i:08x}", "source", "dc1", "soak-a", "dc1", "dc2", i,
+            "committed", 3, 3, (1, 3), (ImageSize("memory", 2048), ImageSize("disk-0", 512)),
+            True, True, bytes(32), 30, 0.3, "", 10 << 20, 3 << 20,
+            Authorization(bytes(240), bytes(60))))
+
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -162,14 +181,25 @@ def record_bytes(count: int = 2000) -> dict[str, float]:
         mid = tracemalloc.get_traced_memory()[0]
         migs = {f"m{i}": migration(i) for i in range(count)}
         after = tracemalloc.get_traced_memory()[0]
+        kept: dict[str, tuple[Any, Progress, Outcome]] = {}
+        for i in range(count):
+            mid_i = f"soak-a-dc1-dc2-{i:08x}"
+            s, _ = restore(session(i), None, 0.0)
+            kept[mid_i] = (s, Progress(mid_i, "soak-a", "source", "committed", 3, 10 << 20,
+                                       3 << 20, 0.0, 1e7, 0.0, 2560, 0),
+                           Outcome(mid_i, "soak-a", "source", "committed", "", 3, 10 << 20,
+                                   3 << 20, 0.1))
+        sessions = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
-    del book, migs
+    del book, migs, kept
     return {
         "request_memory": (mid - before) / count,
         "migration_memory": (after - mid) / count,
+        "session_memory": (sessions - after) / count,
         "request_wire": float(len(wire.encode_struct(request(0)))),
         "migration_wire": float(len(wire.encode_struct(migration(0)))),
+        "session_wire": float(len(session(0))),
     }
 
 
@@ -185,6 +215,9 @@ class SoakNode(NodeProcess):
         self.lines = 0
         self.errors: list[str] = []
         self.down = False  # stopped by the soak, not yet ready again
+        #: the node's ``heap_report`` lines (--heap-report): (incarnation, the record)
+        self.heap_reports: list[dict[str, Any]] = []
+        self.incarnation = 0
 
     def _on_line(self, line: str) -> None:
         self.lines += 1
@@ -197,6 +230,8 @@ class SoakNode(NodeProcess):
                 self.errors.append(f"{self.name}: {line}")
         elif record["event"] in ERROR_EVENTS:
             self.errors.append(f"{self.name}: {line}")
+        elif record["event"] == "heap_report":
+            self.heap_reports.append(_heap_summary(record, self.incarnation))
         if isinstance(record, dict) and record.get("event") not in _KEEP:
             if self.log_path is not None:  # every line in the log file, as the demo's
                 with self.log_path.open("a", encoding="utf-8") as f:
@@ -206,6 +241,37 @@ class SoakNode(NodeProcess):
         super()._on_line(line)
         if len(self.other_lines) > 100:
             del self.other_lines[:-100]
+
+
+def _heap_summary(record: dict[str, Any], incarnation: int) -> dict[str, Any]:
+    """What the soak's JSON keeps of a node's ``heap_report`` line: its figures in MiB
+    and its few most grown types and tracebacks (the full line is in the node's log)."""
+    smaps, malloc = record.get("smaps") or {}, record.get("malloc") or {}
+    traced = record.get("traced") or {}
+    return {
+        "ts": record.get("ts"), "incarnation": incarnation, "n": record.get("n"),
+        "anon_mib": round(smaps.get("Anonymous", 0) / 1024, 2),
+        "malloc_in_use_mib": round(malloc.get("in_use", 0) / MIB, 2),
+        "malloc_free_mib": round(malloc.get("free", 0) / MIB, 2),
+        "arenas": len(malloc.get("arenas") or []),
+        "arenas_mib": round(sum(a[0] for a in malloc.get("arenas") or []) / MIB, 2),
+        "traced_mib": round(traced.get("total", 0) / MIB, 2),
+        "objects": (record.get("objects") or {}).get("total"),
+        "types_grown": ((record.get("objects") or {}).get("grown") or [])[:5],
+        "traced_grown": [[g["grew"], g["at"][-3:]] for g in (traced.get("grown") or [])[:5]],
+    }
+
+
+def _anon_mib(pid: int) -> float | None:
+    """``pid``'s anonymous resident memory (heap, arenas, stacks), from smaps_rollup."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Anonymous:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, IndexError, ValueError):
+        return None
+    return None
 
 
 def _proc_figures(pid: int) -> tuple[float, int, float] | None:
@@ -455,6 +521,7 @@ class Soak:
                                          "SIGTERM")
                 stopped = self.now()
                 self.incarnation[dc] += 1
+                node.incarnation = self.incarnation[dc]
                 self.started_at[dc] = self.now()
                 assert self._nursery is not None
                 await node.start(self._nursery)
@@ -517,13 +584,18 @@ class Soak:
                     tasks = _metric(raw.decode(), "dwcp_trio_tasks")
             except ClientError:
                 pass  # the node is between lives; the sample has no task count
+            anon = _anon_mib(proc.pid)
+            if getattr(self.args, "heap_report", None) is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGUSR2)  # its heap_report line follows
             data = self.fed.config_path.parent / "data" / dc
             disk = await trio.to_thread.run_sync(_allocated, data)
             self.samples.append({
                 "t_s": round(t, 2), "dc": dc, "pid": proc.pid,
                 "incarnation": self.incarnation[dc],
                 "up_s": round(t - self.started_at[dc], 2),
-                "rss_mib": round(figures[0], 2), "fds": figures[1],
+                "rss_mib": round(figures[0], 2),
+                "anon_mib": None if anon is None else round(anon, 2), "fds": figures[1],
                 "cpu_s": round(figures[2], 2),
                 "trio_tasks": None if tasks is None else int(tasks),
                 "sqlite_mib": round(_sqlite_bytes(data) / MIB, 3),
@@ -607,6 +679,8 @@ class Soak:
                  if b["t_s"] > a["t_s"]] for g in lives.values()]
         return {
             "rss_mib_per_hour": per_hour(list(lives.values()), "rss_mib"),
+            # a diagnostic: the anonymous part of RSS (heap and arenas, not mapped files)
+            "anon_mib_per_hour": per_hour(list(lives.values()), "anon_mib"),
             "fds_per_hour": per_hour(list(lives.values()), "fds"),
             "tasks_per_hour": per_hour(list(lives.values()), "trio_tasks"),
             "disk_mib_per_hour": per_hour(list(disks.values()), "data_dir_mib"),
@@ -625,11 +699,15 @@ class Soak:
         requests_per_hour = (self.commands["committed"] + self.commands["pending"]
                              + self.migrations["committed"] + self.migrations["failed"]) / hours
         migrations_per_hour = (self.migrations["committed"] + self.migrations["failed"]) / hours
+        sessions_per_hour = 2 * migrations_per_hour / len(self.nodes)  # per node
+        kept_per_hour = min(sessions_per_hour, ENDED_KEEP_MAX * 3600 / ENDED_KEEP_SECONDS)
         rss_bound = (RECORD_FACTOR * (requests_per_hour * sizes["request_memory"]
                                       + migrations_per_hour * sizes["migration_memory"]) / MIB
+                     + kept_per_hour * sizes["session_memory"] / MIB
                      + RSS_SLACK_MIB_PER_HOUR)
         disk_bound = (RECORD_FACTOR * (requests_per_hour * sizes["request_wire"]
-                                       + migrations_per_hour * sizes["migration_wire"]) / MIB
+                                       + migrations_per_hour * sizes["migration_wire"]
+                                       + sessions_per_hour * sizes["session_wire"]) / MIB
                       + DISK_SLACK_MIB_PER_HOUR)
         bounds = {
             "rss_mib_per_hour": round(rss_bound, 3),
@@ -644,7 +722,11 @@ class Soak:
                 f"on disk, {migrations_per_hour:.0f} migrations x "
                 f"{sizes['migration_memory']:.0f} B / {sizes['migration_wire']:.0f} B "
                 f"(measured, record_bytes), times {RECORD_FACTOR:g} (indexes, the snapshot "
-                f"beside the log, SQLite pages), plus {RSS_SLACK_MIB_PER_HOUR:g} MiB/h (RSS) "
+                f"beside the log, SQLite pages); each node's ended sessions, "
+                f"{sessions_per_hour:.0f} an hour x {sizes['session_wire']:.0f} B on disk "
+                f"(times {RECORD_FACTOR:g}) and in memory {kept_per_hour:.0f} an hour (the "
+                f"node keeps at most {ENDED_KEEP_MAX} and an hour's) x "
+                f"{sizes['session_memory']:.0f} B; plus {RSS_SLACK_MIB_PER_HOUR:g} MiB/h (RSS) "
                 f"and {DISK_SLACK_MIB_PER_HOUR:g} MiB/h (disk) for the allocator and the "
                 "slope's noise under load. Descriptors and tasks have no reason to grow: a "
                 "migration in flight holds a few, and a leak of one per migration or per "
@@ -692,6 +774,7 @@ class Soak:
             "checks": checks,
             "ok": all(checks.values()),
             "samples": self.samples,
+            "heap_reports": {dc: n.heap_reports for dc, n in self.nodes.items()},
         }
 
 
@@ -706,7 +789,18 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
         for name in fed.federation.names
     }
     soak = Soak(fed, directory, args)
-    trio.run(soak.run)
+    frames = getattr(args, "heap_report", None)
+    saved = os.environ.get(heap_report.ENV)
+    if frames:  # the nodes inherit it
+        os.environ[heap_report.ENV] = str(frames)
+    try:
+        trio.run(soak.run)
+    finally:
+        if frames:
+            if saved is None:
+                os.environ.pop(heap_report.ENV, None)
+            else:
+                os.environ[heap_report.ENV] = saved
     failure = soak.failure
     doc = soak.report(began, sizes)
     doc["directory"] = str(directory)
@@ -742,6 +836,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                  "when the run is ok)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--heap-report", type=int, default=None, metavar="FRAMES",
+                   help="diagnose growth: start the nodes with DWCP_TRACEMALLOC=FRAMES "
+                        "(0: tracemalloc off) and signal each (SIGUSR2) at every sample "
+                        "for a heap_report line (federation.node.heap_report), summed up "
+                        "in heap_reports; tracemalloc slows the nodes, so slopes measured "
+                        "with it are not the node's")
     p.set_defaults(func=_main)
 
 
@@ -751,6 +851,9 @@ def _main(args: argparse.Namespace) -> int:
             print(f"dwcp bench soak: --{name.replace('_', '-')} must be positive",
                   file=sys.stderr)
             return 2
+    if args.heap_report is not None and not 0 <= args.heap_report <= 100:
+        print("dwcp bench soak: --heap-report must be 0 to 100 frames", file=sys.stderr)
+        return 2
     if args.warmup_minutes < 0 or args.loaders < 1:
         print("dwcp bench soak: --warmup-minutes must be >= 0 and --loaders >= 1",
               file=sys.stderr)

@@ -36,6 +36,33 @@ def test_only_names_a_contender_it_knows() -> None:
         live.measure(tbf=False, only=["qemu_precopy", "qemu_postcopy"])
 
 
+@pytest.mark.parametrize(("argv", "links"), [
+    ([], (True, True)), (["--legs", "tbf"], (True, False)),
+    (["--legs", "loopback"], (False, True)), (["--legs", "tbf", "--legs", "loopback"],
+                                              (True, True)),
+    (["--legs", "tbf", "--no-tbf"], None), (["--no-loopback"], (True, False))])
+def test_legs_choose_the_links(monkeypatch: pytest.MonkeyPatch, argv: list[str],
+                               links: tuple[bool, bool] | None) -> None:
+    """``--legs`` picks the links measure() runs: (tbf, loopback)."""
+    import argparse
+
+    seen: list[tuple[bool, bool]] = []
+
+    def fake(*a: object) -> dict[str, object]:
+        seen.append((bool(a[4]), bool(a[9])))
+        return {"missing": [], "guests_ok": True}
+
+    monkeypatch.setattr(live, "measure", fake)
+    parser = argparse.ArgumentParser()
+    live.register(parser.add_subparsers())
+    args = parser.parse_args(["live", "--json", *argv])
+    if links is None:
+        with pytest.raises(SystemExit, match="leave no link"):
+            args.func(args)
+        return
+    assert args.func(args) == 0 and seen == [links]
+
+
 def test_differing_pages_finds_each_page_a_migration_did_not_deliver(tmp_path: Path) -> None:
     pages = 600  # more than one compared piece (256 pages), and a partial last one
     data = bytearray(os.urandom(pages * 4096))

@@ -36,6 +36,10 @@ def test_record_bytes_are_measured() -> None:
     assert 100 < sizes["request_memory"] < 10_000, sizes
     assert 100 < sizes["migration_memory"] < 10_000, sizes
     assert 50 < sizes["request_wire"] < 1000 and 50 < sizes["migration_wire"] < 1000, sizes
+    # an ended session kept by a node: the session object with its layout, authorization
+    # and timers, its last progress and outcome (3.5 KB when measured)
+    assert 1000 < sizes["session_memory"] < 20_000, sizes
+    assert 300 < sizes["session_wire"] < 2000, sizes
 
 
 def test_error_events_are_documented_events() -> None:
@@ -55,7 +59,8 @@ def test_bad_options_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.exclusive  # kill -9 of real nodes (tests/harness/groups.py)
 def test_short_soak_samples_restarts_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
     doc = run_soak(_args("--minutes", "0.4", "--sample-every", "3", "--restart-every", "0.15",
-                         "--warmup-minutes", "0.05", "--migrate-every", "1", "--json"))
+                         "--warmup-minutes", "0.05", "--migrate-every", "1", "--json",
+                         "--heap-report", "0"))
     for key in ("rss_mib_per_hour", "fds_per_hour", "tasks_per_hour", "disk_mib_per_hour",
                 "cpu_percent_per_hour", "per_node", "migrations", "commands", "restarts",
                 "errors", "bounds", "checks", "ok", "samples", "warmup"):
@@ -82,6 +87,11 @@ def test_short_soak_samples_restarts_and_reports(capsys: pytest.CaptureFixture[s
         assert isinstance(doc[key], float), key
         assert key in doc["bounds"] and key in doc["checks"]
     assert "soak " in capsys.readouterr().err  # the progress lines
+    # --heap-report: every node answered the soak's SIGUSR2 with a heap_report line
+    for dc, reports in doc["heap_reports"].items():
+        assert reports and all(r["anon_mib"] > 5 and r["objects"] > 1000 for r in reports), dc
+        assert all(r["malloc_in_use_mib"] > 1 for r in reports), dc
+    assert all(s["anon_mib"] > 5 for s in samples)
 
 
 @pytest.mark.slow

@@ -21,8 +21,15 @@ from mesh.gossip.control_msgs import (
     Sync,
 )
 from mesh.gossip.membership import SYNC_REPLY_BURST, Membership, State
-from mesh.gossip.statements import ACCUSATION_STEP, COUNTER_MAX, SELF_STEP, TokenBucket
+from mesh.gossip.statements import (
+    ACCUSATION_STEP,
+    CACHE_MAX,
+    COUNTER_MAX,
+    SELF_STEP,
+    TokenBucket,
+)
 from mesh.gossip.transmit_queue import TransmitQueue
+from mesh.links.control_plane import statement_cache_size
 from mesh.links.estimates import LinkTable
 from sim.scenarios.mesh_scenarios import run_mesh
 from tests.harness.gossip import forged, member_of, said, said_link, statements_for
@@ -235,3 +242,9 @@ def test_byzantine_gossip_is_refused_and_counted_and_the_victim_lives() -> None:
     # every lie that arrived was refused (the geo matrix loses 1 % of frames)
     assert m["lies_sent"] * 0.95 <= m["gossip_refused_total"] <= m["lies_sent"]
     assert m["false_positives"] == 0
+
+
+def test_a_node_remembers_statements_in_proportion_to_its_federation() -> None:
+    # a 4-DC node kept 16,384 (the 64-DC size) and filled it in 70 minutes of soak
+    assert [statement_cache_size(n) for n in (1, 4, 16, 32, 64, 200)] == [
+        1024, 1024, 1024, 4096, CACHE_MAX, CACHE_MAX]

@@ -11,7 +11,7 @@ from mesh.hde.image import PAGE_SIZE, Image, PageSource
 from mesh.hde.index import build_index
 from mesh.hde.loopback import run_transfer
 from mesh.hde.messages import CHUNK_PAGES
-from mesh.hde.similar import group_chunks, page_sketches, sketch
+from mesh.hde.similar import LEAD_PAGES, group_chunks, page_sketches, sketch
 from mesh.hde.source import GROUP_WINDOW
 from mesh.hde.store import PageStore
 from mesh.hde.target import MAX_WANTED_PAGES
@@ -186,6 +186,7 @@ def test_sketches_computed_ahead_are_the_sketches_and_close_stops_the_worker() -
     ahead = SketchAhead(img)
     worker = threading.Thread(target=ahead.run)
     worker.start()
+    ahead.want((0, LEAD_PAGES))  # the lead: planned (and sketched) on the spot
     ahead.want((0, 32, 40, 16))
     ahead.want(())
     ahead.close()
@@ -200,3 +201,59 @@ def test_sketches_computed_ahead_are_the_sketches_and_close_stops_the_worker() -
     again.start()
     again.join(5)
     assert not again.is_alive() and ahead.ahead + ahead.on_the_spot == n
+
+
+
+def test_the_first_wanted_pages_are_planned_before_the_window_fills() -> None:
+    """A grouped source plans its first LEAD_PAGES wanted pages as each want comes (the
+    link starts at the diff's first want), the rest once the target flushes; every page
+    wanted is planned once, and pages with one key share a chunk within each part."""
+    from mesh.core import Received
+    from mesh.hde.codec import ChunkPlan
+    from mesh.hde.events import EncodeChunk
+    from mesh.hde.messages import HdeWant
+    from mesh.hde.source import HdeSource
+
+    n = LEAD_PAGES + 2048
+    key = {p: p % 7 for p in range(n)}.__getitem__
+    src = HdeSource(1, "t", "vm", build_index(Image(bytes(n * P))), similar=key)
+    src.start()
+
+    def want(ranges: tuple[int, ...], flush: bool = False) -> list[ChunkPlan]:
+        out = src.handle(0.0, Received("t", HdeWant(transfer=1, ranges=ranges, flush=flush),
+                                       b""))
+        assert all(isinstance(a, EncodeChunk) for a in out)
+        return [a.plan for a in out if isinstance(a, EncodeChunk)]
+
+    def pages(plans: list[ChunkPlan]) -> list[int]:
+        return sorted(p for plan in plans for p in plan.pages)
+
+    def chunks_per_key(plans: list[ChunkPlan]) -> int:
+        return max(len({i for i, plan in enumerate(plans) if k in map(key, plan.pages)})
+                   for k in range(7))
+
+    first = want((0, 300))
+    assert pages(first) == list(range(300))
+    assert chunks_per_key(first) <= 2  # grouped by key within the want: 300 pages, 2 chunks
+    # the lead's last pages are planned at once, the rest waits for the window
+    second = want((300, LEAD_PAGES + 1000))
+    assert pages(second) == list(range(300, LEAD_PAGES))
+    rest = want((), flush=True)
+    assert pages(rest) == list(range(LEAD_PAGES, LEAD_PAGES + 1300))
+    assert chunks_per_key(rest) <= 2  # 1,300 pages of 7 keys: each key's 186 in one or two
+    assert [plan.chunk_id for plan in first + second + rest] == list(
+        range(len(first) + len(second) + len(rest)))
+
+
+def test_sketch_ahead_leaves_the_lead_to_the_plan() -> None:
+    """The first LEAD_PAGES wanted pages are planned (and sketched) as their want comes:
+    SketchAhead's worker is handed only the pages after them."""
+    from mesh.hde.similar import SketchAhead
+
+    sk = SketchAhead(Image(bytes(P)))
+    sk.want((10, LEAD_PAGES - 100))
+    sk.want((LEAD_PAGES, 50, LEAD_PAGES + 200, 300))
+    sk.want((9000, 7))
+    assert sk._todo.get_nowait() == (LEAD_PAGES + 250, 250)
+    assert sk._todo.get_nowait() == (9000, 7)
+    assert sk._todo.empty()

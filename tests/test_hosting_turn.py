@@ -17,6 +17,7 @@ import trio
 from mesh.core import Event, Persist, Send, SetTimer, TimerFired
 from mesh.runtime.hosting import DRAIN_EVENTS, CoreFailed, HostedCore
 from mesh.runtime.log import JsonLog
+from mesh.runtime.sqlite_store import StoreFull
 from tests.harness.waiting import wait_until
 
 
@@ -269,4 +270,29 @@ async def test_single_deliveries_of_the_peer_table_go_to_the_core_task() -> None
         await hosted.deliver("a")  # type: ignore[arg-type]
         await wait_until(lambda: core.seen, "the event handled")
         assert core.seen == [("a", "core-task")]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_write_refused_by_a_full_disk_waits_for_room_and_nothing_leaves_before_it(
+        ) -> None:
+    """StoreFull (nothing kept): the turn makes the same write again after a back-off
+    and the sends that follow it leave only once it is in; the core does not fail."""
+    log: list[str] = []
+
+    class FullStore(_Store):
+        refusals = 2
+
+        def put_many(self, items: list[tuple[str, bytes]], sync: bool = True) -> None:
+            if self.refusals:
+                self.refusals -= 1
+                self.log.append("full")
+                raise StoreFull("node.sqlite3: database or disk is full")
+            super().put_many(items, sync)
+
+    core = _Core()
+    hosted = _hosted(core, log, FullStore(log))
+    async with trio.open_nursery() as nursery:
+        await _started(nursery, hosted)
+        await hosted.deliver_many(["a"])  # type: ignore[list-item]
+        assert log == ["full", "full", "write ['a']", "send a"]
         nursery.cancel_scope.cancel()

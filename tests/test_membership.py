@@ -394,3 +394,26 @@ def test_only_the_first_k_confirmations_of_a_suspicion_are_passed_on() -> None:
     passed = sorted(member_of(u).source for u in members if member_of(u).name == "p03")
     k = m.cfg.suspicion_mult - 2  # Lifeguard's K: the timeout is at its minimum after K
     assert passed == ["p01", "p02", "p04"][: k + 1]  # the suspicion and K confirmations
+
+
+def test_a_reconnect_to_a_member_back_from_the_dead_pulls_but_pushes_no_table() -> None:
+    # Every DC that held d dead reconnects when it hears from d again; d asks its own
+    # join_syncs peers for the table, so a reconnect must not push d the whole table.
+    a = make(links=_Links("a"))
+    a.handle(0.0, Received("c", Gossip((), (_link("c", "b", 1), _link("e", "b", 2)))))
+    a.handle(1.0, Received("c", Gossip((upd("d", 0, State.DEAD, "c"),), ())))
+    assert a.state_of("d") == State.DEAD
+    (ask,) = sends(a.note_heard(10.0, "d"), Sync)
+    assert ask.peer == "d" and ask.message.reply and ask.message.digest
+    d = make("d", ["a", "b", "c", "e"], links=_Links("d"))  # restarted: an empty table
+    d.handle(10.0, Received("e", Gossip((), (_link("e", "c", 5),))))
+    (rep,) = sends(d.handle(10.1, Received("a", ask.message)), Sync)
+    assert rep.message.digest and not rep.message.reply
+    out = a.handle(10.2, Received("d", rep.message))
+    assert sends(out, Sync) == []  # nothing pushed back to d...
+    assert a.links.table.entries[("e", "c")].version == 5  # ...but what d held, pulled
+    # An ordinary push/pull with d (no reconnect pending) still sends back what d lacks.
+    ask = a._sync_message(reply=True)
+    (rep,) = sends(d.handle(60.1, Received("a", ask)), Sync)
+    (back,) = sends(a.handle(60.2, Received("d", rep.message)), Sync)
+    assert {_link("c", "b", 1), _link("e", "b", 2)} <= set(back.message.links)

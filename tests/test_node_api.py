@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consensus.ledger import DeleteVm, ImportVm, MigrateVm
 from federation.api.http import MAX_BODY
+from mesh.links.control_plane import statement_cache_size
 from tests.harness.api import api_import, api_migrate, call, host, http, request
 from tests.harness.node import make_federation, real_vm, running_nodes, wait_outcome, wait_vm
 
@@ -114,6 +115,22 @@ def test_routes_metrics_and_a_migration(tmp_path: Path) -> None:
             for path in ("/api/status", "/api/vms", "/metrics"):
                 assert (await call(dc1, "GET", path))[0] == 200
             assert len(threads) >= 3 and threading.get_ident() not in threads
+
+            # a node of 4 DCs remembers 1,024 verified statements, not 64 DCs' worth
+            assert dc1.control.statements.cache_max == statement_cache_size(4) == 1024
+            # past the node's bounds an ended session goes (federation.node.assembly,
+            # ENDED_KEEP_*): its view is the ledger's record, its outcome still counted
+            assert dc1.rounds.counters.paths[mig["id"]]
+            assert await dc1.forget_ended(keep_for=0, keep_most=0) == [mig["id"]]
+            assert mig["id"] not in dc1.rounds.counters.paths
+            assert dc1.core is not None and dc1.core.sessions == {}
+            code, m = await call(dc1, "GET", f"/api/migrations/{mig['id']}")
+            assert code == 200 and m["ledger"] == "committed" and "outcome" not in m
+            _, text = await call(dc1, "GET", "/metrics")
+            assert _samples(text)[("dwcp_migrations_total", (("outcome", "committed"),
+                                                              ("role", "source")))] == 1
+            code, doc = await call(dc1, "GET", "/api/status")
+            assert doc["migrations_total"] == 1 and doc["migrations"][0]["id"] == mig["id"]
 
     trio.run(main)
 

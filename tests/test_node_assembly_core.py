@@ -11,12 +11,16 @@ import random
 from collections.abc import Hashable
 from typing import Any
 
+import attrs
 import pytest
 
 from consensus.ledger import ImportVm, MigrateVm, RegisterVm
 from consensus.pbft.durable import ReplicaLog
 from consensus.pbft.replica import Replica
 from federation.migration.dc_core import NodeCore
+from federation.migration.precopy import HARD_MAXIMUM
+from federation.migration.source import SourceSession
+from federation.migration.stop_costs import StopHistory
 from federation.migration.vocabulary import (
     Fence,
     MigrationError,
@@ -285,3 +289,130 @@ def test_the_node_hears_of_its_command_once_its_own_ledger_holds_it() -> None:
     w.drop = None  # dc4 catches up (retransmission, state transfer)
     w.run(w.now + 10)
     assert heard == [(rid, "dc4")]
+
+
+def _abort_one(w: World, mid: str, target: str = "dc2") -> None:
+    """A migration of vm1 from dc1 that ends aborted (the target finds another root)."""
+    for effects in w.effects.values():
+        effects.clear()
+    w.plan("dc1", mid, "vm1", target)
+    w.run(w.now + 1)
+    w.take("dc1", SendRound)
+    w.feed("dc1", mid, RoundSent(1, 24, 24 * 4096, 24 * 4096, 0.5, 0))
+    w.take("dc1", Fence)
+    w.feed("dc1", mid, SourceFenced(ROOT))
+    w.feed("dc1", mid, RoundSent(2, 0, 0, 0, 0.01, 0))
+    w.run(w.now + 1)
+    w.feed(target, mid, TargetVerified(b"\x08" * 32))
+    w.run(w.now + 5)
+    assert w.cores["dc1"].outcomes[mid].outcome == "aborted"
+
+
+def test_ended_sessions_are_forgotten_past_the_bounds_and_stay_counted() -> None:
+    """The node keeps ended sessions for a time and up to a count (a node that migrates
+    all day kept every one since its start): beyond them a session, its progress and its
+    outcome go, the outcome still counted, the migration still shown from the ledger."""
+    w = World(7)
+    _register(w)
+    for i in range(3):
+        _abort_one(w, f"m-{i}")
+    core, target = w.cores["dc1"], w.cores["dc2"]
+    counts = core.outcome_counts()
+    assert counts == {("source", "aborted"): 3} and core.ended_sessions() == 3
+    assert core.forget_ended(w.now, 3600, 3) == []  # within both bounds
+    assert core.forget_ended(w.now, 3600, 1) == ["m-0", "m-1"]  # the oldest first
+    assert set(core.sessions) == set(core.outcomes) == set(core.progress) == {"m-2"}
+    assert core.outcome_counts() == counts and core.ended_sessions() == 1
+    view = core.migration("m-0")
+    assert view is not None and view.session is None and view.outcome is None
+    assert view.ledger is not None and view.ledger.state == "aborted"
+    assert core.forget_ended(w.now, 3600, 10) == []
+    assert core.forget_ended(w.now + 3600, 3600, 10) == ["m-2"]
+    assert core.sessions == {} and core.outcome_counts() == counts
+    # the target's sessions go the same way; a later migration is unaffected
+    assert target.forget_ended(w.now, 0, 10) == ["m-0", "m-1", "m-2"]
+    _abort_one(w, "m-3")
+    assert set(core.sessions) == {"m-3"}
+    assert core.outcome_counts() == {("source", "aborted"): 4}
+
+
+def test_a_session_the_ledger_here_shows_begun_is_not_forgotten() -> None:
+    """A session ended but this DC's ledger still shows its migration begun (a replica
+    behind, after a restart): forgetting it would let the record's begin make a target
+    session again (the re-run restore.py guards against), so it stays until it is not."""
+    w = World(8)
+    _register(w)
+    _abort_one(w, "m-0")
+    core = w.cores["dc2"]
+    ledger = core.replica.ledger.migrations
+    decided = ledger["m-0"]
+    ledger["m-0"] = attrs.evolve(decided, state="begun")  # type: ignore[misc]  # as behind
+    assert core.forget_ended(w.now, 0, 0) == []
+    ledger["m-0"] = decided
+    assert core.forget_ended(w.now, 0, 0) == ["m-0"]
+
+
+def test_restored_ended_sessions_are_forgotten_too() -> None:
+    w = World(9)
+    _register(w)
+    _abort_one(w, "m-0")
+    w.cores["dc1"] = core = w.boot("dc1")  # a restart restores every persisted session
+    stored = {k.split("/", 1)[1]: v for k, v in w.stores["dc1"].data.items()
+              if k.startswith("migration/")}
+    w.call("dc1", lambda c, now: c.restore_records(now, stored))
+    w.run(w.now + 5)
+    assert set(core.sessions) == {"m-0"} and core.ended_sessions() == 1
+    assert core.forget_ended(w.now + 3600, 3600, 10) == ["m-0"]
+
+
+def test_the_status_lists_the_migrations_begun_last_and_counts_them_all() -> None:
+    w = World(10)
+    _register(w)
+    for i in range(4):
+        _abort_one(w, f"m-{i}")
+    core = w.cores["dc1"]
+    assert core.recent_migration_ids(2) == (["m-2", "m-3"], 4)
+    assert core.recent_migration_ids(10) == (["m-0", "m-1", "m-2", "m-3"], 4)
+    w.plan("dc1", "m-4", "vm1", "dc3")  # under way here: listed whatever the bound
+    assert core.recent_migration_ids(0) == (["m-4"], 5)
+def test_the_node_core_reserves_the_stop_window_its_last_migration_measured() -> None:
+    w = World(7)
+    _register(w)
+    history = w.cores["dc1"].stop_history = StopHistory()
+    auth = w.ops.authorize(MigrateVm("vm1", "dc3", "dc1", 0), w.now)
+    # a VM with a downtime limit of its own (a qemu guest): the prior is reserved
+    w.call("dc1", lambda c, now: c.plan_migration(now, "m-9", "vm1", "dc3", LAYOUT, (1,),
+                                                  (1,), auth, b"spec", 0.3))
+    s = w.cores["dc1"].sessions["m-9"]
+    assert isinstance(s, SourceSession)
+    assert s.reserve == pytest.approx(history.estimate("vm1").reserve) and s.reserve > 0
+    assert s.ceiling == HARD_MAXIMUM and s.reserve_measured == ()
+    w.run(w.now + 1)
+    w.take("dc1", SendRound)
+    w.feed("dc1", "m-9", RoundSent(1, 24, 24 * 4096, 24 * 4096 + 100, 0.5, 0, 0.4))
+    w.take("dc1", Fence)
+    w.now += 0.25  # the fence: stop, device state, root
+    w.feed("dc1", "m-9", SourceFenced(ROOT))
+    w.take("dc1", SendRound)
+    w.now += 0.05
+    w.feed("dc1", "m-9", RoundSent(2, 0, 0, 0, 0.05, 0, 0.04))
+    w.run(w.now + 1)
+    w.take("dc3", Verify)
+    w.feed("dc3", "m-9", TargetVerified(ROOT))
+    w.run(w.now + 1)
+    w.take("dc1", Retire)
+    assert w.cores["dc1"].outcomes["m-9"].outcome == "committed"
+    measured = history.by_vm["vm1"]
+    assert measured.fence_s == pytest.approx(0.25) and measured.after_s is not None
+    assert measured.final_fixed_s == pytest.approx(0.05)  # no pages: all of it fixed
+    # the next migration of vm1 from here reserves what this one measured
+    est = history.estimate("vm1")
+    assert set(est.measured) == {"fence_s", "final_fixed_s", "after_s"}
+    assert est.reserve == pytest.approx(0.25 + 0.05 + measured.after_s)
+    # a migration without a VM downtime limit of its own (an image VM) reserves nothing
+    w.cores["dc3"].stop_history = StopHistory()
+    auth = w.ops.authorize(MigrateVm("vm1", "dc1", "dc3", 1), w.now)
+    w.call("dc3", lambda c, now: c.plan_migration(now, "m-10", "vm1", "dc1", LAYOUT, (1,),
+                                                  (1,), auth))
+    back = w.cores["dc3"].sessions["m-10"]
+    assert isinstance(back, SourceSession) and back.reserve == 0.0

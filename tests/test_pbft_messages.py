@@ -22,6 +22,7 @@ from consensus.pbft.messages import (
     ViewChange,
     open_signed,
     seal,
+    set_memo_capacity,
     sign,
 )
 from consensus.pbft.quorum import (
@@ -171,3 +172,27 @@ def test_equivocation_proof_is_checkable_by_anyone() -> None:
     assert not check_proof(EquivocationProof("b", first, second), KEYS)
     # different phases of one slot are not a conflict
     assert book.observe(s("a", Prepare(0, 7, D2)), Prepare(0, 7, D2)) is None
+
+
+def test_the_signature_memo_keeps_at_most_its_capacity_the_oldest_going_first() -> None:
+    """A node lowers the process-wide memo to its own size (federation.cli.run_node
+    SIGNATURE_MEMO): remembering fewer changes no outcome, only how often one checks."""
+    from consensus.pbft import messages
+
+    was = messages._GOOD_CAPACITY
+    try:
+        set_memo_capacity(4)
+        assert len(messages._GOOD) <= 4
+        signed = [s("a", Prepare(0, seq, D1)) for seq in range(1, 11)]
+        for x in signed:
+            assert open_signed(x, KEYS) == wire.decode(x.body)
+        memo = list(messages._GOOD)
+        assert len(memo) == 4 and memo[-1][1] == signed[-1].sig  # the newest kept
+        assert open_signed(signed[0], KEYS) is not None  # forgotten: checked again, same
+        set_memo_capacity(0)
+        assert not messages._GOOD and open_signed(signed[1], KEYS) is not None
+        assert not messages._GOOD
+        with pytest.raises(ValueError, match="capacity"):
+            set_memo_capacity(-1)
+    finally:
+        set_memo_capacity(was)

@@ -331,10 +331,21 @@ def test_v3_preparation_is_progress_for_both_sessions() -> None:
     assert p.to_session[TGT] == [TransferProgress(1, 0, 0, 0, 4096)]
     p.feed(TGT, Received("dc9", V3Preparation(MID, 1, 8192)))  # not the source: nothing
     assert p.to_session[TGT] == [TransferProgress(1, 0, 0, 0, 4096)]
-    # once prepared, a late report is not progress any more
+    # round 1 is announced before its copy: the copy's reports (and its dirty sample)
+    # are progress while the target gets ready and after its word, not once counted
     p.feed(SRC, V3Prepared(MID, 1, mark=7, covered=PAGES, images=("disk-0", "memory")))
+    p.feed(SRC, V3Preparing(MID, 1, 9999, 120, 0.25, 1.5))
+    assert p.to_session[SRC][-1] == TransferProgress(1, 0, 0, 0, 9999, 120, 0.25, 1.5)
+    p.prepare()
+    p.deliver_all()
+    p.feed(TGT, V3Accepted(SRC, MID, 1))
+    p.deliver_all()
+    assert p.v3[SRC][-1] == V3Transfer(MID, 1)
+    p.feed(SRC, V3Preparing(MID, 1, 12000))
+    assert p.to_session[SRC][-1] == TransferProgress(1, 0, 0, 0, 12000)
+    p.feed(SRC, V3Verified(MID, 1, 6000, {}))
     before = len(p.to_session[SRC])
-    p.feed(SRC, V3Preparing(MID, 1, 9999))
+    p.feed(SRC, V3Preparing(MID, 1, 13000))
     assert len(p.to_session[SRC]) == before
 
 

@@ -33,7 +33,7 @@ from mesh.core import (
 from mesh.runtime.link import LinkHello, LinkSuperseded, open_link
 from mesh.runtime.link_policy import BACKOFF_CAP, Backoff, LinkClaim, keep_new_link
 from mesh.runtime.node_runtime import RESOURCE, ListenError, Runtime
-from mesh.runtime.sqlite_store import SQLiteStore
+from mesh.runtime.sqlite_store import SQLiteStore, StoreFull
 from mesh.wire import U64, Text, field
 from tests.harness.runtime import Mesh
 from tests.harness.waiting import wait_until
@@ -134,6 +134,28 @@ def test_sqlite_store_round_trip_prefix_and_reopen(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         reopened.put("k", "not bytes")  # type: ignore[arg-type]
     reopened.close()
+
+
+def test_a_full_disk_refuses_the_write_whole_and_the_same_write_goes_in_later(
+        tmp_path: Path) -> None:
+    """SQLITE_FULL (here from max_page_count, as from a full file system): StoreFull, the
+    transaction rolled back (none of the group kept, earlier records intact), the
+    connection still usable; once there is room the same write is made again."""
+    store = SQLiteStore(tmp_path / "node.sqlite3")
+    store.put("a", b"kept")
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count={pages + 2}")
+    big = [(f"k{i}", bytes([i]) * 3000) for i in range(20)]
+    with pytest.raises(StoreFull, match="full"):
+        store.put_many(big)
+    with pytest.raises(StoreFull):
+        store.put("one", bytes(50_000))
+    assert store.keys() == ["a"] and store.get("a") == b"kept"
+    assert not store._db.in_transaction
+    store._db.execute("PRAGMA max_page_count=1073741823")
+    store.put_many(big)
+    assert store.get("k19") == bytes([19]) * 3000
+    store.close()
 
 
 # --------------------------------------------------------------------------- runtimes on loopback

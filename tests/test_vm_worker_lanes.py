@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from federation.migration.vocabulary import Fence, Retire, Unfence
+from federation.migration.vocabulary import Fence, Retire, StartAtTarget, Unfence
 from federation.node.vm_worker import LANES, VmWorker
 from mesh.runtime.log import JsonLog
 
@@ -79,3 +79,31 @@ async def test_one_vm_in_order_and_others_beside_it() -> None:
     logged = [json.loads(line) for line in out.getvalue().splitlines()]
     assert len(logged) == 22
     assert all(rec["n"] == len(rec["vm"]) for rec in logged)
+
+
+async def test_a_started_guests_arrival_is_handed_to_the_node() -> None:
+    """After a StartAtTarget the backend's arrival of that migration (its stop window) goes
+    to the node's ``on_arrival`` (the stop-window history); another migration's does not."""
+    acts = _Actions()
+    arrivals = {"vm1": {"migration_id": "m1", "downtime_ms": 240.0,
+                        "stop_window_ms": {"verify_ms": 1.0, "commit_ms": 30.0,
+                                           "start_ms": 40.0}},
+                "vm2": {"migration_id": "older", "downtime_ms": 300.0}}
+    acts.backend = type("B", (), {"arrival": lambda self, vm: arrivals[vm]})()  # type: ignore[attr-defined]
+    got: list[tuple[str, dict[str, Any]]] = []
+    done: list[object] = []
+
+    async def to_session(mid: str, reply: object) -> None:
+        done.append(reply)
+
+    worker = VmWorker(acts, JsonLog("dc1", io.StringIO()), to_session,  # type: ignore[arg-type]
+                      lambda news: None, on_arrival=lambda vm, a: got.append((vm, a)))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker.run)
+        worker.submit(StartAtTarget("vm1", "m1", 2))
+        worker.submit(StartAtTarget("vm2", "m2", 2))
+        with trio.fail_after(20):
+            while len(done) < 2:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert got == [("vm1", arrivals["vm1"])]

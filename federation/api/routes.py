@@ -10,7 +10,9 @@ route                              role   body (state-changing: a signed CBOR in
 ``GET /ready``                     open   200 once the mesh runs and a PBFT quorum is
                                           connected; else 503 with the reason
 ``GET /metrics``                   viewer Prometheus text (or the metrics bearer token)
-``GET /api/status``                viewer members, links, routes, ledger, VMs, migrations
+``GET /api/status``                viewer members, links, routes, ledger, VMs, the migrations
+                                          begun last (node.status.STATUS_MIGRATIONS) and
+                                          ``migrations_total``
 ``GET /api/vms``                   viewer the ``vms`` part of the status
 ``GET /api/vms/NAME``              viewer one VM of it (404 if nobody knows it)
 ``POST /api/imports``              oper.  ``ImportVm``: copy the images (under the node

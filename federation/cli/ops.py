@@ -485,9 +485,13 @@ def data_path(migration: dict[str, Any]) -> str:
 
 def downtime(migration: dict[str, Any]) -> str:
     """The guest's measured downtime (stop at the source to cont here), known at the
-    target of a qemu VM's migration; "-" elsewhere."""
+    target of a qemu VM's migration; at its source, the stop window's fixed part the
+    round policy reserved out of the downtime limit; "-" elsewhere."""
     ms = migration.get("downtime_ms")
-    return "-" if ms is None else f"{ms:.0f} ms"
+    if ms is not None:
+        return f"{ms:.0f} ms"
+    reserve = migration.get("stop_reserve_ms")
+    return "-" if reserve is None else f"reserve {reserve:.0f} ms"
 
 
 def render_status(doc: dict[str, Any]) -> str:
@@ -526,6 +530,10 @@ def render_status(doc: dict[str, Any]) -> str:
               _human(m.get("bytes_sent") or 0), data_path(m), downtime(m)]
              for m in doc["migrations"]]
     out.append(table(migs) if len(migs) > 1 else "no migrations")
+    total = doc.get("migrations_total", len(doc["migrations"]))
+    if total > len(doc["migrations"]):
+        out.append(f"(the {len(doc['migrations'])} begun last or under way of {total}; "
+                   "GET /api/migrations/ID shows any other)")
     # why each aborted migration aborted: the ledger's reason (the deciding DC's words),
     # else this side's; one line each, since a reason does not fit a column
     why = [f"  {m['id']}: aborted: {m['reason']}" for m in doc["migrations"]

@@ -24,12 +24,15 @@ from pathlib import Path
 import trio
 
 from consensus.pbft.durable import LogFormatError
+from consensus.pbft.messages import set_memo_capacity
 from federation import config
 from federation.api.http import open_api, serve_node
 from federation.cli.main import CommandError
 from federation.node.assembly import DOWNTIME_LIMIT, Node
 from federation.node.data_lock import DataDirLock
 from federation.node.errors import NodeError
+from federation.node.heap import tune_heap
+from federation.node.heap_report import HeapReporter, tracemalloc_frames
 from federation.node.node_config import (
     NodeConfig,
     NodeConfigError,
@@ -48,6 +51,11 @@ from federation.vms.sealing import SealKey
 from mesh import identity
 from mesh.runtime.node_runtime import ListenError
 from mesh.runtime.sqlite_store import StoreError
+
+#: Verified PBFT signatures a node process remembers (consensus.pbft.messages): its one
+#: replica's Verifier keeps a watermark window's for the re-checks in certificates; the
+#: process memo's simulator size (65,536) would hold ~20 MiB at a steady 3 commands/s.
+SIGNATURE_MEMO = 8192
 
 __all__ = ["register", "add_node_arguments", "run_node", "default_key_path", "node_backend"]
 
@@ -92,6 +100,12 @@ def run_node(args: argparse.Namespace,
     except OSError as exc:
         raise CommandError(f"{key_path}: {exc.strerror}") from None
     settings = _node_config(args)
+    tune_heap()  # before the node's threads allocate (federation.node.heap)
+    set_memo_capacity(SIGNATURE_MEMO)
+    try:  # before the node is made, so that tracemalloc sees all it allocates
+        heap = HeapReporter(tracemalloc_frames())
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     # everything the node creates (ledger, images, logs of its VMs) is its own alone
     os.umask(0o077)
     data_dir: Path = args.data_dir or args.config.parent / "data" / args.name
@@ -133,7 +147,7 @@ def run_node(args: argparse.Namespace,
         lock.release()
         raise CommandError(f"{data_dir}: {exc}") from None
     try:
-        trio.run(_serve_until_signal, node, settings.metrics_token)
+        trio.run(_serve_until_signal, node, settings.metrics_token, heap)
     except (ListenError, NodeError) as exc:
         raise CommandError(str(exc)) from None
     finally:
@@ -190,7 +204,8 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         raise CommandError(str(exc)) from None
 
 
-async def _serve_until_signal(node: Node, metrics_token: str = "") -> None:
+async def _serve_until_signal(node: Node, metrics_token: str = "",
+                              heap: HeapReporter | None = None) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         # outside the nursery: a busy port stays a plain exception
         await node.bind()
@@ -204,5 +219,14 @@ async def _serve_until_signal(node: Node, metrics_token: str = "") -> None:
                     return
 
             nursery.start_soon(stop_on_signal)
+            if heap is not None:
+                nursery.start_soon(_report_heap_on_signal, node, heap)
             await serve_node(node, api, metrics_token=metrics_token)
             nursery.cancel_scope.cancel()
+
+
+async def _report_heap_on_signal(node: Node, heap: HeapReporter) -> None:
+    """SIGUSR2 logs a ``heap_report`` (federation.node.heap_report): what grew."""
+    with trio.open_signal_receiver(signal.SIGUSR2) as signals:
+        async for _ in signals:
+            node.log.event("heap_report", **heap.report())

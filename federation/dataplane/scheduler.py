@@ -115,6 +115,13 @@ class RoundScheduler:
         """The data plane's counters (read-only for everyone but the core)."""
         return self.core.counters
 
+    async def forget(self, migration_ids: list[str]) -> None:
+        """Drop the per-migration counters of ended migrations (in the core's turn)."""
+        def drop(core: RoundsCore, now: float) -> list[Any]:
+            core.counters.forget(migration_ids)
+            return []
+        await self.runtime.invoke(CORE, drop, "forget-ended")
+
     async def run(self, nursery: trio.Nursery) -> None:
         """Start the tasks that feed the core and the sessions (until the node stops)."""
         self._nursery = nursery

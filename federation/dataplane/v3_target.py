@@ -119,7 +119,16 @@ class _Round:
     async def step(self, i: int, event: Any) -> None:
         """Feed ``event`` to image ``i``'s HDE target, or its push core for a pushed image
         (in a worker thread: decoding and checking chunks is CPU work), and carry out its
-        actions."""
+        actions. The incoming image gone (the migration ended here meanwhile: a message
+        of the peer's arriving after an abort) or not writable (a full disk) fails the
+        round; it never ends the node (found by ``make netns-chaos``: a late message
+        after an abort raised VmError "no incoming image" out of the node's nursery)."""
+        try:
+            await self._step(i, event)
+        except (OSError, VmError, ImageError) as exc:
+            self.fail(f"image {self.names[i]}: {exc}")
+
+    async def _step(self, i: int, event: Any) -> None:
         async with self.locks[i]:
             pushed = (isinstance(event, ChunkArrived) and is_push(event.transfer)) or (
                 isinstance(event, Received) and isinstance(event.message, V3PushOffer))
@@ -215,8 +224,13 @@ class V3Receiver:
             return
         store = self.stores.get(mid)
         if store is None:
-            store = self.stores[mid] = await trio.to_thread.run_sync(self._new_store, a.vm,
-                                                                     mid, writers)
+            try:
+                store = await trio.to_thread.run_sync(self._new_store, a.vm, mid, writers)
+            except (OSError, VmError, ImageError) as exc:  # ended meanwhile, or a full disk
+                self.report(V3Accepted(a.peer, mid, a.round, f"the incoming images of "
+                                                             f"{mid!r}: {exc}"))
+                return
+            self.stores[mid] = store
         r = _Round(self, a, [writers[n] for n in a.images], store)
         for old in [k for k in self.rounds if k[0] == mid]:  # an earlier round is over
             self._drop(old)
@@ -237,6 +251,15 @@ class V3Receiver:
         """Worker thread: index every other VM held here and the copy of ``vm`` already in
         the incoming images (an earlier copy of it, or nothing), for dedup and as bases."""
         store = _Store()
+        try:
+            self._fill_store(store, vm, mid, writers)
+        except BaseException:
+            store.close()  # the images it opened so far
+            raise
+        return store
+
+    def _fill_store(self, store: _Store, vm: str, mid: str,
+                    writers: dict[str, ImageWriter]) -> None:
         for info in self.backend.list_vms():
             if info.name == vm or info.state is VmState.INCOMING:
                 continue
@@ -250,7 +273,6 @@ class V3Receiver:
                 store.pages.add(f"{info.name}/{name}", img, build_index(img, self.executor))
         for name, w in sorted(writers.items()):
             store.pages.add(f"{vm}/{name}", w, self.index_of(mid, name))
-        return store
 
     def _drop(self, key: tuple[str, int]) -> None:
         r = self.rounds.pop(key, None)

@@ -28,10 +28,16 @@ Wiring (what :mod:`federation.migration.vocabulary` asks of a node):
 
 Records of sessions that cannot be restored yet (the replica is behind them) are
 retried after every ledger change.
+
+Ended sessions stay (with their last progress and outcome, for the API) until the host
+calls :meth:`NodeCore.forget_ended`: the node does, so that a node migrating all day
+keeps a bounded number of them (``federation.node.assembly``: ``ENDED_KEEP_SECONDS``,
+``ENDED_KEEP_MAX``); the simulator does not (its runs are short).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,10 +47,12 @@ from consensus.pbft.client import ClientBusy
 from consensus.pbft.messages import MAX_REQUEST_COMMANDS
 from consensus.pbft.replica import Replica
 from federation.migration.dc_status import MigrationView, SessionStatus
+from federation.migration.precopy import HARD_MAXIMUM
 from federation.migration.restore import restore
 from federation.migration.round_events import SessionView
 from federation.migration.session import SessionBase
 from federation.migration.source import SourceSession
+from federation.migration.stop_costs import StopHistory
 from federation.migration.target import TargetSession
 from federation.migration.vocabulary import (
     LedgerAborted,
@@ -83,8 +91,14 @@ class NodeCore:
         on_ledger_moved: Callable[[], None] | None = None,
         regions: Mapping[str, str] | None = None,
         bandwidth_of: Callable[[str], float | None] | None = None,
+        stop_history: StopHistory | None = None,
     ) -> None:
         self.me = me
+        #: the fixed part of this DC's stop windows as measured (None: not measured, as
+        #: in the simulator, whose stop windows have none): a migration with a downtime
+        #: limit of its VM's own (a qemu guest) reserves it out of the limit, and throttles
+        #: up to HARD_MAXIMUM before it fences over the limit
+        self.stop_history = stop_history
         #: bytes per second of the link to a DC as the mesh measured it (None: unknown);
         #: a source session's round policy judges round 1's dirty sample against it
         self.bandwidth_of = bandwidth_of
@@ -104,6 +118,10 @@ class NodeCore:
         self.progress: dict[str, Progress] = {}
         self.outcomes: dict[str, Outcome] = {}
         self.counters: dict[str, int] = {}
+        #: migration id -> when its session here ended (``now``), in the order they ended
+        self._ended: dict[str, float] = {}
+        #: (role, outcome) -> sessions ended so and then forgotten (forget_ended)
+        self.forgotten_outcomes: dict[tuple[str, str], int] = {}
         self._seen: dict[str, tuple[str, bool]] = {
             mid: _seen(rec) for mid, rec in replica.ledger.migrations.items()
         }
@@ -195,6 +213,8 @@ class NodeCore:
             regions=self.regions, machine=machine, downtime_limit=downtime_limit,
         )
         session.link_Bps = (self.bandwidth_of(target) if self.bandwidth_of else None) or 0.0
+        if self.stop_history is not None and downtime_limit is not None:
+            session.use_stop_estimate(self.stop_history.estimate(vm), HARD_MAXIMUM)
         self.sessions[migration_id] = self._adopt(session)
         return self._end_step(now, self._session_out(now, session, session.start(now)))
 
@@ -235,6 +255,17 @@ class NodeCore:
         """Every migration with a session here or a record in the ledger, sorted."""
         return sorted(set(self.sessions) | set(self.replica.ledger.migrations))
 
+    def recent_migration_ids(self, most: int) -> tuple[list[str], int]:
+        """The ids (sorted) of the ``most`` migrations begun last in this DC's ledger and
+        of every session here still under way, and how many migrations there are in
+        all (:meth:`migration_ids` would list them: the ledger keeps every record). The
+        status document shows these, so its size and cost do not grow with history."""
+        ledger = self.replica.ledger.migrations
+        recent = set(itertools.islice(reversed(ledger), most))
+        recent.update(mid for mid, s in self.sessions.items() if not s.done)
+        total = len(ledger) + sum(1 for mid in self.sessions if mid not in ledger)
+        return sorted(recent), total
+
     def migration(self, migration_id: str) -> MigrationView | None:
         session = self.sessions.get(migration_id)
         rec = self.replica.ledger.migrations.get(migration_id)
@@ -251,10 +282,45 @@ class NodeCore:
 
     def outcome_counts(self) -> dict[tuple[str, str], int]:
         """(role, outcome) -> migrations that ended so at this DC."""
-        ended: dict[tuple[str, str], int] = {}
+        ended = dict(self.forgotten_outcomes)
         for o in self.outcomes.values():
             ended[(o.role, o.outcome)] = ended.get((o.role, o.outcome), 0) + 1
         return ended
+
+    def ended_sessions(self) -> int:
+        """Ended sessions still kept here (their status and outcome)."""
+        return len(self._ended)
+
+    def forget_ended(self, now: float, keep_for: float, keep_most: int) -> list[str]:
+        """Forget the ended sessions (their session, last progress and outcome; their
+        outcome stays counted in :meth:`outcome_counts`) that ended ``keep_for`` seconds
+        ago or more, and the oldest ended beyond the ``keep_most`` most recent. Returns
+        the migration ids forgotten, in the order they ended.
+
+        Only a session whose record in this DC's ledger is decided (committed or
+        aborted) goes: the ledger here never shows it begun again (execution and state
+        transfer only move forward), so no target session is made again for it. One the
+        ledger does not show decided yet (this replica is behind) stays until it does.
+        The persisted record stays: a restart restores it, and it is forgotten again."""
+        excess = len(self._ended) - keep_most
+        gone: list[str] = []
+        for mid, at in list(self._ended.items()):
+            if now - at < keep_for and excess <= 0:
+                break
+            rec = self.replica.ledger.migrations.get(mid)
+            session = self.sessions.get(mid)
+            if rec is None or rec.state == "begun" or (session is not None and not session.done):
+                continue
+            del self._ended[mid]
+            self.sessions.pop(mid, None)
+            self.progress.pop(mid, None)
+            outcome = self.outcomes.pop(mid, None)
+            if outcome is not None:
+                key = (outcome.role, outcome.outcome)
+                self.forgotten_outcomes[key] = self.forgotten_outcomes.get(key, 0) + 1
+            excess -= 1
+            gone.append(mid)
+        return gone
 
     def active_sessions(self) -> int:
         return sum(1 for s in self.sessions.values() if not s.done)
@@ -316,6 +382,12 @@ class NodeCore:
                 self.progress[s.migration_id] = a.detail
             elif isinstance(a, Notify) and a.kind == "migration.done":
                 self.outcomes[s.migration_id] = a.detail
+                self._ended.pop(s.migration_id, None)  # the order they (last) ended in
+                self._ended[s.migration_id] = now
+            elif isinstance(a, Notify) and a.kind == "migration.stop-costs":
+                if self.stop_history is not None and isinstance(s, SourceSession) \
+                        and s.stop_costs is not None:
+                    self.stop_history.record(s.vm, s.stop_costs)
             out.append(a)
         return out
 
@@ -414,6 +486,8 @@ class NodeCore:
                 continue
             del self.unrestored[mid]
             self.sessions[mid] = self._adopt(session)
+            if session.done:  # ended before the restart: counts from now
+                self._ended[mid] = now
             out += self._session_out(now, session, [*acts, session.progress()])
         return out
 

@@ -33,12 +33,24 @@ class SessionStatus:
     eta: float
     version: int
     reason: str
+    #: a source's reserve for the stop window's fixed part, the final round's bias, and
+    #: which of the reserve's figures were measured (federation.migration.stop_costs;
+    #: 0, 1 and none where the round policy was given none)
+    stop_reserve: float = 0.0
+    stop_bias: float = 1.0
+    reserve_measured: tuple[str, ...] = ()
+    #: what the source measured of this migration's own stop window, once committed
+    stop_costs: dict[str, float | None] | None = None
 
     @classmethod
     def of(cls, s: SessionBase) -> SessionStatus:
+        reserve, bias, measured = (getattr(s, "reserve", 0.0), getattr(s, "bias", 1.0),
+                                   getattr(s, "reserve_measured", ()))
+        costs = getattr(s, "stop_costs", None)
         return cls(s.vm, s.source, s.target, s.role.value, s.phase.value, s.round,
                    s.moved_bytes, s.moved_wire, s.total_bytes, s.dirty_rate, s.throughput,
-                   s.shown_eta, s.version, s.reason)
+                   s.shown_eta, s.version, s.reason, reserve, bias, tuple(measured),
+                   None if costs is None else attrs.asdict(costs))
 
 
 @attrs.frozen

@@ -21,13 +21,19 @@ it covered, its wire bytes, its seconds and of them the seconds its pages took t
 The rules, in the order :func:`decide` applies them (each has its own unit test in
 ``tests/test_precopy_policy.py``):
 
-1. **fits**: the final round's estimate is within the downtime limit: fence now. From
+1. **fits**: the final round's estimate is within what the downtime limit leaves it once
+   the stop window's fixed part is reserved (:func:`final_budget`; QEMU's rule counts the
+   transfer alone, but a node's stop window also holds the source's stop, device state
+   and root and the target's verification, commit and start: on the quiet loopback of
+   2026-12-08 ~180 ms of a 365 ms window), the estimate corrected by the last final
+   round's measured bias: fence now. From
    round 1 on (its wire-based cost makes it safe to judge), so a trip whose first round
    left little to send stops there instead of sending a round for nothing.
 2. **round cap**: the next round would be the last the link mode allows: fence now.
 3. **no progress**: the round left at least :data:`NOT_FALLING` of the dirty pages the
-   round before it left, and the throttle can go no higher (at :data:`MAXIMUM`, or the VM
-   cannot be throttled): fence now, since another round re-sends the same working set
+   round before it left, and the throttle can go no higher (at :data:`MAXIMUM`, or at
+   the session's ceiling where it has a higher one, or the VM cannot be throttled):
+   fence now, since another round re-sends the same working set
    (Xen's rule, Clark et al., NSDI 2005, §5: stop when the writable working set will not
    shrink).
 4. **converge at once** (auto-converge against the measured link): otherwise, when the
@@ -58,14 +64,19 @@ import attrs
 from mesh.hde.image import PAGE_SIZE
 
 __all__ = ["Decision", "decide", "first_round_throttle", "page_cost", "final_estimate",
-           "throttle_for",
+           "throttle_for", "final_budget",
            "unthrottled_rate", "NOT_FALLING", "FIRST_ROUND_SHARE", "INITIAL", "INCREMENT",
-           "MAXIMUM"]
+           "MAXIMUM", "HARD_MAXIMUM"]
 
 #: QEMU's auto-converge bounds (migration/options.c: cpu-throttle-initial 20 %,
 #: cpu-throttle-increment 10 %, at most 99 %); we stop at 90 % so the guest's own timers
 #: and checks still run (federation.vms.throttle duty-cycles the whole process).
 INITIAL, INCREMENT, MAXIMUM = 20, 10, 90
+#: QEMU's own ceiling (cpu-throttle-percentage at most 99): where the session is given it
+#: (a guest with a downtime limit of its own, the node's qemu VMs), a guest whose dirty
+#: pages at :data:`MAXIMUM` still do not fit is throttled up to here before the round
+#: policy fences over the limit (rule 3 waits for it).
+HARD_MAXIMUM = 99
 #: A round "does not fall" when it left at least this share of the dirty pages the round
 #: before it left.
 NOT_FALLING = 0.9
@@ -117,19 +128,29 @@ def unthrottled_rate(dirty_pages: int, seconds: float, throttle: int) -> float:
     return dirty_pages / seconds / max(0.01, 1 - throttle / 100)
 
 
-def throttle_for(rate: float, round_seconds: float, budget_pages: float) -> int:
+def throttle_for(rate: float, round_seconds: float, budget_pages: float,
+                 ceiling: int = MAXIMUM) -> int:
     """The throttle (percent) under which a guest writing ``rate`` pages/s unthrottled
     writes at most ``budget_pages`` during a round of ``round_seconds``: 0 if it already
-    does, else between INITIAL and MAXIMUM."""
+    does, else between INITIAL and ``ceiling``."""
     written = rate * round_seconds
     if written <= budget_pages:
         return 0
     wanted = math.ceil(100 * (1 - budget_pages / written))
-    return max(INITIAL, min(MAXIMUM, wanted))
+    return max(INITIAL, min(ceiling, wanted))
+
+
+def final_budget(downtime: float, reserve: float) -> float:
+    """Seconds the final round's pages may take: the downtime limit less ``reserve``, the
+    stop window's fixed part (the source's stop, device state and root, the target's
+    verification, commit and start; :class:`federation.migration.stop_costs.StopHistory`
+    measures it), never below none."""
+    return max(0.0, downtime - reserve)
 
 
 def first_round_throttle(dirtied: int, seconds: float, elapsed: float, cost: float,
-                         downtime: float, preparation: float = 0.0) -> int:
+                         downtime: float, preparation: float = 0.0, reserve: float = 0.0,
+                         bias: float = 1.0) -> int:
     """Rule 4 at round 1's dirty sample, before the round moves anything: ``dirtied``
     pages written over ``seconds`` of the preparation, ``elapsed`` seconds into the round,
     ``cost`` seconds a page on the link (the mesh's estimate; 0: unknown, no decision),
@@ -138,16 +159,19 @@ def first_round_throttle(dirtied: int, seconds: float, elapsed: float, cost: flo
     sample taken early in the copy gives it). Round 1 lasts at least twice its
     preparation, and twice what has elapsed (the copy; its index, the diff and the move
     still to come): the throttle under which the guest writes at most
-    :data:`FIRST_ROUND_SHARE` of what the final round may carry in that time."""
+    :data:`FIRST_ROUND_SHARE` of what the final round may carry in that time (the limit
+    less the stop window's fixed ``reserve``, at ``bias`` times ``cost`` a page: see
+    :func:`decide`)."""
     if cost <= 0 or seconds <= 0 or dirtied <= 0:
         return 0
     return throttle_for(dirtied / seconds, 2 * max(elapsed, preparation),
-                        FIRST_ROUND_SHARE * downtime / cost)
+                        FIRST_ROUND_SHARE * final_budget(downtime, reserve) / (cost * bias))
 
 
 def decide(*, round_: int, max_rounds: int, downtime: float, dirty: list[int],
            cost: float, seconds: float, overhead: float, throttle: int,
-           can_throttle: bool) -> Decision:
+           can_throttle: bool, reserve: float = 0.0, bias: float = 1.0,
+           ceiling: int = MAXIMUM) -> Decision:
     """The decision after round ``round_`` (see the module docstring).
 
     ``dirty``: the pages each round so far left dirty (this round's last); ``cost``: the
@@ -155,23 +179,35 @@ def decide(*, round_: int, max_rounds: int, downtime: float, dirty: list[int],
     a round spends beside moving pages (preparing, scanning: the last incremental
     round's, or round 1's until one ran, an upper bound); ``throttle``: the percent
     the guest ran under during this round; ``can_throttle``: whether a higher throttle
-    can be had (False once the backend refused one)."""
+    can be had (False once the backend refused one).
+
+    The stop window is the final round *and* fixed work around it: ``reserve`` seconds of
+    it (the fence's stop, device state and root; the target's verification, commit and
+    start, as measured) are taken off the limit before the final round's estimate is
+    judged, and the estimate is ``bias`` times the pages at ``cost`` (a final round
+    measured against its estimate: what moving a stopped guest's pages really took).
+    ``ceiling``: the throttle the guest may be driven to when :data:`MAXIMUM` does not
+    bring its dirty pages within the budget (:data:`HARD_MAXIMUM` for a guest with a
+    downtime limit of its own); up to :data:`MAXIMUM` first, beyond it only from there.
+    With reserve 0, bias 1 and the ceiling at MAXIMUM this is the rule without them."""
     pending = dirty[-1]
-    if final_estimate(pending, cost) <= downtime:
+    budget_s = final_budget(downtime, reserve)
+    if final_estimate(pending, cost) * bias <= budget_s:
         return Decision(True, throttle, "fits")
     if round_ + 1 >= max_rounds:
         return Decision(True, throttle, "round cap")
     falling = len(dirty) < 2 or pending < NOT_FALLING * dirty[-2]
-    higher = can_throttle and throttle < MAXIMUM
+    top = MAXIMUM if throttle < MAXIMUM else max(MAXIMUM, ceiling)
+    higher = can_throttle and throttle < top
     if not falling and not higher:
         return Decision(True, throttle, "no progress")
     wanted = throttle
     if can_throttle:
-        budget = downtime / cost if cost > 0 else 0.0
+        budget = budget_s / (cost * bias) if cost > 0 else 0.0
         rate = unthrottled_rate(pending, seconds, throttle)
         # the next round moves what is dirty now, beside its fixed work
-        wanted = max(throttle, throttle_for(rate, pending * cost + overhead, budget))
+        wanted = max(throttle, throttle_for(rate, pending * cost + overhead, budget, top))
         if not falling:
             wanted = max(wanted, INITIAL if throttle == 0 else
-                         min(MAXIMUM, throttle + INCREMENT))
+                         min(top, throttle + INCREMENT))
     return Decision(False, wanted, "converging" if wanted == throttle else "throttle")

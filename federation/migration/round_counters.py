@@ -112,3 +112,11 @@ class TransferCounters:
 
     def relay_fell_back(self) -> None:
         self.relay_fallbacks += 1
+
+    def forget(self, migration_ids: list[str]) -> None:
+        """Drop the per-migration figures of ended migrations the node forgets (their
+        totals stay in the counters above)."""
+        for mid in migration_ids:
+            self.paths.pop(mid, None)
+            self.streams.pop(mid, None)
+            self.received.pop(mid, None)

@@ -308,9 +308,13 @@ class V3Sending(Sending):
                           transfer_id(self.migration_id, self.round), event.images)
             self.control_bytes += len(wire.encode(msg))
             return [Send(self.target, msg), self.timer("ready", now + ACK_TIMEOUT)]
-        if isinstance(event, V3Preparing) and self.phase == "preparing":
-            # progress for both sessions: the target hears nothing else before the round
-            return [ToSession(self.migration_id, TransferProgress(
+        if isinstance(event, V3Preparing) and self.phase in ("preparing", "ready", "moving"):
+            # progress for both sessions: the target hears nothing else before the round.
+            # A migration's first round is announced before its copy of all RAM, so the
+            # copy (and its dirty sample) goes on while the target gets ready and after
+            # its word (federation.dataplane.v3_source): progress then too
+            quiet = [self.timer("quiet", now + ACK_TIMEOUT)] if self.phase == "moving" else []
+            return [*quiet, ToSession(self.migration_id, TransferProgress(
                         self.round, 0, 0, 0, event.pages, event.dirtied, event.dirty_seconds,
                         event.preparation_s)),
                     Send(self.target, V3Preparation(self.migration_id, self.round,

@@ -23,9 +23,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import attrs
+
 from consensus.authz import Authorization
 from consensus.ledger import AbortMigration, AnnounceRoot, BeginMigration, SetPolicy
 from federation.migration.precopy import (
+    MAXIMUM,
     decide,
     final_estimate,
     first_round_throttle,
@@ -33,6 +36,12 @@ from federation.migration.precopy import (
 )
 from federation.migration.rollout import choose_version, round_version
 from federation.migration.session import SessionBase
+from federation.migration.stop_costs import (
+    START_PRIOR,
+    StopCosts,
+    StopEstimate,
+    final_round_costs,
+)
 from federation.migration.vocabulary import (
     FENCE_SLACK,
     PEER_DOWN_GRACE,
@@ -113,6 +122,23 @@ class SourceSession(SessionBase):
         #: for the link's pace
         self._sample: tuple[int, float, float] | None = None
         self._wire_seen: tuple[float, int] | None = None
+        #: the stop window's fixed part reserved out of the downtime limit, the final
+        #: round's bias, and the throttle's ceiling (federation.migration.precopy.decide;
+        #: given by the node from what it measured before, :meth:`use_stop_estimate`)
+        self.reserve = 0.0
+        self.bias = 1.0
+        self.ceiling = MAXIMUM
+        #: which of the reserve's figures were measured (the rest: the prior)
+        self.reserve_measured: tuple[str, ...] = ()
+        #: this migration's own stop window, measured as it goes: when the fence was asked
+        #: and took, the cost a page the fence was judged at, when the final round ended,
+        #: and the whole once the ledger committed (:class:`StopCosts`; the node keeps it
+        #: for the VM's next migration from here)
+        self._fence_asked: float | None = None
+        self._fence_s: float | None = None
+        self._fence_cost = 0.0
+        self._final: tuple[float | None, float | None, float] | None = None
+        self.stop_costs: StopCosts | None = None
 
     @classmethod
     def plan(
@@ -151,6 +177,13 @@ class SourceSession(SessionBase):
         session.authorization = authorization
         session.machine = machine
         return session
+
+    def use_stop_estimate(self, estimate: StopEstimate, ceiling: int) -> None:
+        """Judge the final round against what the node measured of its stop windows (see
+        :mod:`federation.migration.stop_costs`), and throttle up to ``ceiling``."""
+        self.reserve, self.bias = estimate.reserve, estimate.bias
+        self.reserve_measured = estimate.measured
+        self.ceiling = ceiling
 
     def begin_command(self) -> BeginMigration:
         """The begin this session submits (raises MigrationError without an operator's
@@ -281,7 +314,8 @@ class SourceSession(SessionBase):
         dirtied, seconds, preparation = self._sample
         self._sample = None
         wanted = first_round_throttle(dirtied, seconds, now - self.round_started, cost,
-                                      self.limits.downtime, preparation)
+                                      self.limits.downtime, preparation, self.reserve,
+                                      self.bias)
         out: list[Action] = [Notify("migration.precopy", {
             "migration_id": self.migration_id, "round": self.round, "sample_pages": dirtied,
             "sample_s": round(seconds, 4), "preparation_s": round(preparation, 4),
@@ -313,6 +347,9 @@ class SourceSession(SessionBase):
         self.throughput = ev.bytes / moving if ev.bytes else self.throughput
         self.dirty_rate = ev.dirty_pages / seconds
         cost = page_cost(self.round, ev.pages, ev.wire_bytes, ev.seconds, ev.move_seconds)
+        if self.phase is Phase.FINAL:
+            # the final round against its estimate at the cost the fence was judged at
+            self._final = (*final_round_costs(ev.seconds, ev.pages, self._fence_cost), now)
         if cost > 0:
             self.page_cost = cost
         # the fixed work of a round beside moving pages: an incremental round's; until one
@@ -333,14 +370,19 @@ class SourceSession(SessionBase):
         d = decide(round_=self.round, max_rounds=self.limits.max_rounds,
                    downtime=self.limits.downtime, dirty=self.dirty_history,
                    cost=self.page_cost, seconds=ev.seconds, overhead=self.overhead,
-                   throttle=self.throttle, can_throttle=self.can_throttle)
-        out.append(Notify("migration.precopy", {
+                   throttle=self.throttle, can_throttle=self.can_throttle,
+                   reserve=self.reserve, bias=self.bias, ceiling=self.ceiling)
+        detail = {
             "migration_id": self.migration_id, "round": self.round,
             "dirty_pages": ev.dirty_pages, "estimate_s": round(self.eta, 4),
             "page_cost_ms": round(self.page_cost * 1000, 4),
             "overhead_s": round(self.overhead, 4), "throttle": d.throttle,
-            "fence": d.fence, "why": d.why}))
+            "fence": d.fence, "why": d.why}
+        if self.reserve or self.bias != 1.0:
+            detail.update(reserve_s=round(self.reserve, 4), bias=round(self.bias, 4))
+        out.append(Notify("migration.precopy", detail))
         if d.fence:
+            self._fence_asked, self._fence_cost = now, self.page_cost
             self.fenced = True
             self.phase = Phase.FENCED
             # the fence includes hashing the stopped images for the root
@@ -396,6 +438,8 @@ class SourceSession(SessionBase):
             self.root = ev.root
             self.phase = Phase.FINAL
             self.fenced_at = now
+            if self._fence_asked is not None:
+                self._fence_s = now - self._fence_asked
             return [*self._send_round(now, final=True), *self.announce(now),
                     self.timer("fence", now + self._fence_deadline())]
         if isinstance(ev, Throttled):
@@ -440,7 +484,22 @@ class SourceSession(SessionBase):
                                                "reason": "committed before the fence"})]
         self.epoch = ev.epoch
         out.append(Retire(self.vm, self.migration_id))
+        if self._final is not None:
+            out.append(self._stop_measured(now))
         return out + self.finish(now, Phase.COMMITTED)
+
+    def _stop_measured(self, now: float) -> Notify:
+        """This migration's stop window as the source saw it (the target's ``cont`` it
+        does not see: :data:`START_PRIOR` stands for it), kept for the next migration."""
+        assert self._final is not None
+        fixed, bias, ended = self._final
+        self.stop_costs = StopCosts(self._fence_s, fixed, now - ended + START_PRIOR, bias)
+        return Notify("migration.stop-costs", {
+            "migration_id": self.migration_id, "vm": self.vm,
+            **{k: None if v is None else round(v, 4)
+               for k, v in attrs.asdict(self.stop_costs).items()},
+            "reserve_s": round(self.reserve, 4), "reserved_bias": round(self.bias, 4),
+            "reserve_measured": list(self.reserve_measured)})
 
     def _on_message(self, now: float, ev: Received) -> list[Action]:
         msg = ev.message

@@ -81,6 +81,7 @@ from federation.migration.rollout import V1, V3, RolloutError
 from federation.migration.round_events import SessionView
 from federation.migration.rounds import RoundsCore
 from federation.migration.source import SourceSession
+from federation.migration.stop_costs import StopHistory, costs_of_arrival
 from federation.migration.vocabulary import (
     MAX_MACHINE_SPEC,
     CancelRequested,
@@ -123,6 +124,16 @@ DATA_PLANE = ("v1 single stream over the control link; v3 HDE over AMST on the d
 #: (``[qemu] downtime_limit_ms``): QEMU's default downtime-limit, 300 ms
 #: (migration/options.c, DEFAULT_MIGRATE_SET_DOWNTIME), as issue 17 asks.
 DOWNTIME_LIMIT = 0.3
+#: Ended migration sessions a node keeps (their status, last progress and outcome, for
+#: ``/api/migrations/ID`` and ``/api/status``): those that ended in the last hour, at most
+#: the 1,000 last. A forgotten one's view is then its ledger record alone (the ledger
+#: keeps every migration's record); its outcome stays counted in the metrics. Without a
+#: bound, a node keeps every session that ever ended here: ``dwcp bench soak`` made
+#: ~1,300 an hour per node.
+ENDED_KEEP_SECONDS = 3600.0
+ENDED_KEEP_MAX = 1000
+#: How often the node forgets what is past those bounds.
+ENDED_SWEEP_SECONDS = 60.0
 #: Transfer versions the node's data plane can carry: v1 (the rounds core over the control
 #: link) and v3 (federation.dataplane.v3).
 TRANSFER_VERSIONS = (V1, V3)
@@ -218,6 +229,9 @@ class Node:
         self.imports = ImportStaging(self.backend, ImportDirs(import_dirs), self.log)
         #: None when the federation cannot run PBFT (n != 3f+1 >= 4); ``no_ledger`` says why
         self.core: NodeCore | None = None
+        #: the fixed part of this node's stop windows, as its migrations measured it at
+        #: either end (federation.migration.stop_costs): the round policy reserves it
+        self.stop_history = StopHistory()
         self.no_ledger = ""
         replica: Replica | None = None
         try:
@@ -234,7 +248,8 @@ class Node:
                                  mode_of=lambda dst: self.control.modes.mode(name, dst),
                                  bandwidth_of=lambda dst: self._link_Bps(name, dst),
                                  on_ledger_moved=self._ledger_moved,
-                                 regions={dc.name: dc.region for dc in fed.dcs if dc.region})
+                                 regions={dc.name: dc.region for dc in fed.dcs if dc.region},
+                                 stop_history=self.stop_history)
             self.core.unrestored.update(self._stored_records())
             self.runtime.add_core("node", self.core, TAGS, effects=self._effect)
         events = RoundEvents()
@@ -248,7 +263,8 @@ class Node:
         self.rounds = RoundScheduler(
             runtime=self.runtime, core=RoundsCore(name, self._session_view), events=events,
             vm_actions=self.vm_actions, v3=self.v3, log=self.log, to_session=self.to_session)
-        self.vm_worker = VmWorker(self.vm_actions, self.log, self.to_session, events.put)
+        self.vm_worker = VmWorker(self.vm_actions, self.log, self.to_session, events.put,
+                                  on_arrival=self._arrived)
         self.api_host, self.api_port = me.api.host, me.api.port
         self.data_plane_summary = (f"{DATA_PLANE}; offered here: "
                                    f"{', '.join(f'v{v}' for v in self.transfer_versions)}")
@@ -303,6 +319,7 @@ class Node:
             nursery.start_soon(self.vm_worker.run)
             await nursery.start(mesh)
             nursery.start_soon(self._reconcile_loop)
+            nursery.start_soon(self._forget_loop)
             self.log.event("node_ready", api=f"{self.api_host}:{self.api_port}",
                            data_plane=self.data_plane_summary,
                            data=f"{self.v3.host}:{self.v3.port}",
@@ -347,6 +364,28 @@ class Node:
             self._ledger_changed = trio.Event()
             await self.reconcile()
 
+    async def _forget_loop(self) -> None:
+        while True:
+            await trio.sleep(ENDED_SWEEP_SECONDS)
+            await self.forget_ended()
+
+    async def forget_ended(self, keep_for: float = ENDED_KEEP_SECONDS,
+                           keep_most: int = ENDED_KEEP_MAX) -> list[str]:
+        """Forget the ended sessions past the bounds (NodeCore.forget_ended) and their
+        data-plane figures; returns their migration ids."""
+        if self.core is None:
+            return []
+        gone: list[str] = []
+
+        def forget(core: NodeCore, now: float) -> list[Any]:
+            gone.extend(core.forget_ended(now, keep_for, keep_most))
+            return []
+
+        await self.runtime.invoke("node", forget, "forget-ended")
+        if gone:
+            await self.rounds.forget(gone)
+        return gone
+
     async def reconcile(self) -> None:
         """Bring this DC's VMs in line with the ledger (federation.node.reconcile): start
         a staged VM whose register committed after the API stopped waiting, remove the
@@ -377,6 +416,13 @@ class Node:
                 except (VmError, OSError) as exc:
                     self.log.event("vm_reconcile_failed", vm=step.vm, step=type(step).__name__,
                                    error=str(exc))
+
+    def _arrived(self, vm: str, arrival: dict[str, Any]) -> None:
+        """A guest started here after its migration: its stop window's part after the
+        final round, as this target measured it, for this node's next migrations."""
+        window = arrival.get("stop_window_ms")
+        if isinstance(window, dict):
+            self.stop_history.record(vm, costs_of_arrival(window))
 
     def _link_Bps(self, me: str, dst: str) -> float | None:
         """Bytes per second of the link to ``dst`` as the mesh measured it (None: not yet);

@@ -23,7 +23,14 @@ from mesh.links.routes import BULK, CONTROL
 if TYPE_CHECKING:
     from federation.node.assembly import Node
 
-__all__ = ["status", "migration_status", "policy_doc", "vms_doc", "vm_doc"]
+__all__ = ["status", "migration_status", "policy_doc", "vms_doc", "vm_doc",
+           "STATUS_MIGRATIONS"]
+
+#: The migrations ``/api/status`` lists: the 100 begun last in the ledger, and every one
+#: under way here (``migrations_total`` says how many there are in all; ``GET
+#: /api/migrations/ID`` shows any one). The ledger keeps every migration's record, so a
+#: list of them all grows with the federation's history, and so did the cost of a poll.
+STATUS_MIGRATIONS = 100
 
 
 def _finite(x: float) -> float | None:
@@ -99,6 +106,16 @@ def migration_status(node: Node, mid: str) -> dict[str, Any] | None:
             if got is not None and "stop_window_ms" in got:
                 out["stop_window_ms"] = dict(got["stop_window_ms"])
         else:  # rounds delivered per data-plane version ("v1", "v3"), and the v3
+            if session.stop_reserve or session.stop_bias != 1.0:
+                # the stop window's fixed part the round policy reserved out of the limit
+                out["stop_reserve_ms"] = round(session.stop_reserve * 1000, 1)
+                out["stop_bias"] = round(session.stop_bias, 4)
+                out["reserve_measured"] = list(session.reserve_measured)
+            if session.stop_costs is not None:
+                out["stop_costs_ms"] = {k: None if v is None else round(v * 1000, 1)
+                                        for k, v in session.stop_costs.items()
+                                        if k != "bias"}
+                out["stop_costs_ms"]["bias"] = session.stop_costs.get("bias")
             # bulk streams opened per DC that relayed them ("direct" for none)
             out["data_plane"] = dict(counters.paths.get(mid, {}))
             out["streams"] = dict(counters.streams.get(mid, {}))
@@ -136,6 +153,7 @@ def status(node: Node, local: list[VmInfo] | None = None) -> dict[str, Any]:
     if core is None:
         ledger_doc: dict[str, Any] = {"unavailable": node.no_ledger}
         migrations: list[Any] = []
+        total = 0
         policy = None
     else:
         rstat = core.replica.status_record()
@@ -144,7 +162,8 @@ def status(node: Node, local: list[VmInfo] | None = None) -> dict[str, Any]:
                       "stable_checkpoint": rstat.stable_checkpoint,
                       "byzantine": rstat.evidence}
         policy = policy_doc(core.ledger.policy)
-        migrations = [migration_status(node, m) for m in core.migration_ids()]
+        ids, total = core.recent_migration_ids(STATUS_MIGRATIONS)
+        migrations = [migration_status(node, m) for m in ids]
     return {
         "dc": node.name,
         "federation": node.fed.id,
@@ -156,6 +175,7 @@ def status(node: Node, local: list[VmInfo] | None = None) -> dict[str, Any]:
         "policy": policy,
         "vms": vms,
         "migrations": migrations,
+        "migrations_total": total,
         "restoring": core.restoring() if core is not None else [],
         "problems": peer_problems(node),
     }

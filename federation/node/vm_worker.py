@@ -26,6 +26,7 @@ from federation.migration.rounds import after_vm_action
 from federation.migration.vocabulary import DiscardIncoming, Retire, StartAtTarget, Unfence
 from federation.node.heap import trim_heap
 from federation.vms.actions import VmAction, VmActions
+from federation.vms.backend import VmError
 from mesh.runtime.log import JsonLog
 
 __all__ = ["VmWorker", "LANES"]
@@ -44,8 +45,12 @@ _LAST_STEPS = (Retire, Unfence, StartAtTarget, DiscardIncoming)
 class VmWorker:
     def __init__(self, vm_actions: VmActions, log: JsonLog,
                  to_session: Callable[[str, object], Awaitable[None]],
-                 to_rounds: Callable[[object], None]) -> None:
+                 to_rounds: Callable[[object], None],
+                 on_arrival: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.vm_actions = vm_actions
+        #: told of a guest's arrival once started here (the backend's ``arrival``: its
+        #: downtime and stop window), where the backend measures one (qemu)
+        self._on_arrival = on_arrival
         self.log = log
         self._to_session = to_session
         self._to_rounds = to_rounds
@@ -60,15 +65,32 @@ class VmWorker:
         self._send.send_nowait((action, time.monotonic()))
 
     def _carry_out(self, action: VmAction, submitted: float
-                   ) -> tuple[list[Any], float, dict[str, float]]:
+                   ) -> tuple[list[Any], float, dict[str, float], dict[str, Any] | None]:
         """Worker thread: the action's replies, how long it waited from its submission
-        until this thread began it (in the stop window, a wait is downtime too), and the
-        timings of its phases (VmActions keeps them per thread)."""
+        until this thread began it (in the stop window, a wait is downtime too), the
+        timings of its phases (VmActions keeps them per thread), and after a start the
+        arrival it measured (None: none, or of another migration)."""
         waited = time.monotonic() - submitted
         replies = self.vm_actions.carry_out(action)
+        timings = dict(self.vm_actions.timings)
+        arrival = None
+        if isinstance(action, StartAtTarget) and self._on_arrival is not None:
+            arrival = self._arrival(action)
         if isinstance(action, _LAST_STEPS):
             trim_heap()
-        return replies, waited, dict(self.vm_actions.timings)
+        return replies, waited, timings, arrival
+
+    def _arrival(self, action: StartAtTarget) -> dict[str, Any] | None:
+        get = getattr(self.vm_actions.backend, "arrival", None)
+        if not callable(get):
+            return None
+        try:
+            got = get(action.vm)
+        except (VmError, OSError, ValueError):
+            return None
+        if not isinstance(got, dict) or got.get("migration_id") != action.migration_id:
+            return None
+        return got
 
     async def run(self) -> None:
         async with trio.open_nursery() as lanes:
@@ -86,8 +108,10 @@ class VmWorker:
         lane = self._lanes[vm]
         while lane:
             action, submitted = lane[0]
-            replies, waited, timings = await trio.to_thread.run_sync(
+            replies, waited, timings, arrival = await trio.to_thread.run_sync(
                 self._carry_out, action, submitted, limiter=self._limiter)
+            if arrival is not None and self._on_arrival is not None:
+                self._on_arrival(action.vm, arrival)
             lane.popleft()
             mid = action.migration_id
             self.log.event("vm_action", action=type(action).__name__, vm=action.vm,

@@ -420,12 +420,15 @@ class SealedWriter(ImageWriter):
             self._published, self._chunks = work, None  # its fd now names the published file
 
     def close(self) -> None:
-        """Publish (:meth:`flush`) and let go of the file."""
+        """Publish (:meth:`flush`) and let go of the file (its descriptor is let go even
+        when the flush fails, e.g. on a full disk; the failure is raised)."""
         if self._published is None:
             return
-        self.flush()
-        os.close(self._published.fd)
-        self._published = self._chunks = None
+        try:
+            self.flush()
+        finally:
+            os.close(self._published.fd)
+            self._published = self._chunks = None
 
 
 def _write_sealed(dst: Path, key: SealKey, page_count: int,

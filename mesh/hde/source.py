@@ -30,7 +30,7 @@ from mesh.hde.messages import (
     HdeVerified,
     HdeWant,
 )
-from mesh.hde.similar import group_chunks
+from mesh.hde.similar import LEAD_PAGES, group_chunks
 
 __all__ = ["HdeSource", "MAX_RESENDS"]
 
@@ -55,8 +55,9 @@ class HdeSource:
     the indexes of some of them: when the target's base is one of those, the diff names
     pages copied within it instead of sending their keys (:mod:`mesh.hde.entries`).
     ``similar``: a page's similarity key (:func:`mesh.hde.similar.page_sketches`); with
-    it, wanted pages are gathered over :data:`GROUP_WINDOW` pages and chunked with equal
-    keys together (smaller output, at the sketch's CPU: for links slower than the CPU)."""
+    it, wanted pages (after the first :data:`LEAD_PAGES`) are gathered over
+    :data:`GROUP_WINDOW` pages and chunked with equal keys together (smaller output, at
+    the sketch's CPU: for links slower than the CPU)."""
 
     def __init__(self, transfer: int, peer: str, name: str, index: PageIndex,
                  references: Mapping[bytes, object] | None = None,
@@ -73,6 +74,8 @@ class HdeSource:
         self._similar = similar
         self._pending: list[tuple[int, int]] = []
         self._pending_count = 0
+        #: wanted pages planned as they came (LEAD_PAGES), with ``similar``
+        self._lead = 0
         self._plans: dict[int, ChunkPlan] = {}
         self._resends: dict[int, int] = {}
         self.failed: str | None = None
@@ -194,16 +197,29 @@ class HdeSource:
         return out
 
     def _on_want_grouped(self, msg: HdeWant) -> list[Action | EncodeChunk]:
-        """Gather wants until a window is full (or the target flushes), then plan it."""
+        """Plan the first LEAD_PAGES wanted pages as they come, then gather wants until a
+        window is full (or the target flushes) and plan it."""
         r = msg.ranges
+        lead: list[int] = []
         for i in range(0, len(r), 2):
-            self._pending.append((r[i], r[i + 1]))
-            self._pending_count += r[i + 1]
+            start, count = r[i], r[i + 1]
+            take = min(count, LEAD_PAGES - self._lead)
+            if take > 0:
+                lead.extend(range(start, start + take))
+                self._lead += take
+                start, count = start + take, count - take
+            if count:
+                self._pending.append((start, count))
+                self._pending_count += count
+        out = self._plan_grouped(lead)
         if self._pending_count < GROUP_WINDOW and not (msg.flush and self._pending_count):
-            return []
-        assert self._similar is not None
+            return out
         pieces, self._pending, self._pending_count = self._pending, [], 0
-        pages = list(dict.fromkeys(p for s, c in pieces for p in range(s, s + c)))
+        return out + self._plan_grouped([p for s, c in pieces for p in range(s, s + c)])
+
+    def _plan_grouped(self, wanted: list[int]) -> list[Action | EncodeChunk]:
+        assert self._similar is not None
+        pages = list(dict.fromkeys(wanted))
         out: list[Action | EncodeChunk] = []
         for chunk in group_chunks(pages, self._similar):
             plan = ChunkPlan.of_pages(len(self._plans), chunk)

@@ -75,6 +75,7 @@ from mesh.core import (
     TimerFired,
 )
 from mesh.runtime.log import JsonLog
+from mesh.runtime.sqlite_store import StoreFull
 
 __all__ = [
     "HostedCore", "CoreFailed", "Routes", "Handler", "Invocation", "INBOX_EVENTS",
@@ -108,6 +109,9 @@ INLINE_WRITE = 0.0005
 #: thread, 9.5-9.7 ms with this rule. Bounded so a congested disk (a fsync of
 #: tens of milliseconds) never stalls the loop's keepalives and SWIM acks.
 IDLE_INLINE_WRITE = 0.005
+#: A write refused because the disk is full (:class:`StoreFull`) is made again after
+#: 0.25 s, doubling to at most 2 s between tries, until the disk has room.
+FULL_RETRY_S = (0.25, 2.0)
 
 
 Handler = Callable[[str, Any], None]
@@ -463,7 +467,19 @@ class HostedCore:
 
         cost = self._write_cost[sync]
         inline = cost < INLINE_WRITE or (cost < IDLE_INLINE_WRITE and _loop_idle())
-        took = put() if inline else await trio.to_thread.run_sync(put)
+        wait = FULL_RETRY_S[0]
+        while True:
+            try:
+                took = put() if inline else await trio.to_thread.run_sync(put)
+                break
+            except StoreFull as exc:
+                # Nothing of the write was kept and nothing that depends on it has left
+                # (the turn's sends wait for it): the core waits here until the disk has
+                # room, as a stopped process would, rather than end the node.
+                self._log.event("store_full", core=self.name, error=str(exc),
+                                retry_s=wait)
+                await trio.sleep(wait)
+                wait = min(wait * 2, FULL_RETRY_S[1])
         self._write_cost[sync] = cost + (took - cost) / 8
 
     def _execute(self, action: Action) -> None:

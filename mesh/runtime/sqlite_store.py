@@ -21,13 +21,23 @@ import sqlite3
 import threading
 from pathlib import Path
 
-__all__ = ["SQLiteStore", "StoreError"]
+__all__ = ["SQLiteStore", "StoreError", "StoreFull"]
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID"
 
 
 class StoreError(Exception):
     """The store file cannot be opened or used."""
+
+
+class StoreFull(StoreError):
+    """The disk holding the store is full: nothing of the write was kept (its transaction
+    was rolled back), and the same write may be made again once there is room."""
+
+
+def _full(exc: sqlite3.Error) -> bool:
+    return (getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            or "disk is full" in str(exc))
 
 
 class SQLiteStore:
@@ -65,6 +75,11 @@ class SQLiteStore:
                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                     (key, bytes(value)),
                 )
+            except sqlite3.OperationalError as exc:
+                self._undo()
+                if _full(exc):
+                    raise StoreFull(f"{self.path}: writing {key!r}: {exc}") from exc
+                raise
             finally:
                 if not sync:
                     self._db.execute("PRAGMA synchronous=FULL")
@@ -88,12 +103,24 @@ class SQLiteStore:
                         [(key, bytes(value)) for key, value in items],
                     )
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    self._undo()  # SQLITE_FULL rolls it back itself: ROLLBACK would fail
                     raise
                 self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                # a COMMIT that failed (SQLITE_FULL: the WAL could not grow) may leave the
+                # transaction open: rolled back here, so the same write can be made again
+                self._undo()
+                if _full(exc):
+                    raise StoreFull(f"{self.path}: writing {len(items)} records: {exc}") \
+                        from exc
+                raise
             finally:
                 if not sync:
                     self._db.execute("PRAGMA synchronous=FULL")
+
+    def _undo(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     def delete(self, key: str) -> None:
         with self._lock:

@@ -9,6 +9,7 @@ code with a shorter schedule; ``dwcp sim run NAME`` uses the defaults of the iss
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mesh import wire
@@ -288,8 +289,11 @@ def byzantine_gossip(run: Run) -> None:
 # --------------------------------------------------------------------------- runner
 
 
-def run_mesh(name: str, seed: int, nodes: int | None = None, **params: Any) -> RunResult:
-    """``run_scenario`` with parameter overrides (durations, loss) for benches and tests."""
+def run_mesh(name: str, seed: int, nodes: int | None = None, *,
+             observe: Callable[[World], None] | None = None, **params: Any) -> RunResult:
+    """``run_scenario`` with parameter overrides (durations, loss) for benches and tests;
+    ``observe`` is called with the world before the scenario is built (a bench's probe,
+    e.g. bench/mesh_bytes.py; it must not change what the world does)."""
     spec = registry[name]
     count = spec.nodes if nodes is None else nodes
     started = time.perf_counter()
@@ -298,6 +302,8 @@ def run_mesh(name: str, seed: int, nodes: int | None = None, **params: Any) -> R
     if "faults_until" in params:
         run.faults_until = params["faults_until"]
     world = run.world
+    if observe is not None:
+        observe(world)
     violations: list[Violation] = []
     try:
         spec.build(run)

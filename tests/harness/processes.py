@@ -170,13 +170,16 @@ def node_processes(tmp_path: Path, writers: dict[str, list[str]] | None = None,
                    node_config: Callable[[str], str] | None = None,
                    host: str = "127.0.0.1", hosts: dict[str, str] | None = None,
                    prefixes: dict[str, list[str]] | None = None,
+                   before_start: Callable[[Path], None] | None = None,
                    ) -> Iterator[NodeProcesses]:
     """A fresh four-DC federation in ``tmp_path``, every node a process, all ready; each
     node imports VM images from anywhere under ``tmp_path`` (its node config, with
     ``node_settings`` and ``node_config(dc)`` added). ``views(cfg)``: DCs that run another
     federation file than ``cfg``, and that file; ``ready``: the DCs to wait for. ``host``:
     every DC's address but those in ``hosts``; ``prefixes``: argv a DC's node runs under
-    (a DC behind a ``bench.netns.FarLink``)."""
+    (a DC behind a ``bench.netns.FarLink``); ``before_start(cfg)``: called once the
+    federation and node files are written, before any node starts (``make netns-chaos``
+    mounts each DC's small data disk there)."""
     cfg = make_federation(tmp_path / "fed", host=host, hosts=hosts)
     configs = views(cfg) if views is not None else {}
     for name in NAMES:
@@ -185,6 +188,8 @@ def node_processes(tmp_path: Path, writers: dict[str, list[str]] | None = None,
             render_node_config([str(tmp_path)]) + node_settings + extra)
     logs = tmp_path / "logs"
     logs.mkdir()
+    if before_start is not None:
+        before_start(cfg)
     nodes = NodeProcesses(cfg, logs, writers, prefixes)
     try:
         for name in NAMES:

@@ -40,12 +40,14 @@ def _ram_dir(tmp_path: Path, dc: str) -> Path:
 
 @contextlib.contextmanager
 def qemu_nodes(tmp_path: Path, far: FarLink | None = None,
-               far_dc: str = "dc3") -> Iterator[NodeProcesses]:
+               far_dc: str = "dc3", **placed: Any) -> Iterator[NodeProcesses]:
     """Four node processes with the qemu backend (TCG), guest RAM on /dev/shm; every QEMU
     they started is killed and every RAM file removed at the end. With ``far`` (an open
     :class:`bench.netns.FarLink`), ``far_dc``'s node runs in its far namespace and the
     others listen on its near address: every byte to or from ``far_dc`` crosses the link
-    (tbf-shaped or not), the others talk over this host's own stack."""
+    (tbf-shaped or not), the others talk over this host's own stack. ``placed``: passed to
+    :func:`tests.harness.processes.node_processes` as is (``host``, ``hosts``,
+    ``prefixes``, ``before_start``: ``make netns-chaos`` puts every DC in a namespace)."""
     assets = load_assets()
     guest_files = sorted({str(assets.kernel.parent), str(assets.initrd.parent)})
 
@@ -56,9 +58,9 @@ def qemu_nodes(tmp_path: Path, far: FarLink | None = None,
 
     nodes: NodeProcesses | None = None
     try:
-        placed: dict[str, Any] = {} if far is None else {
-            "host": far.near, "hosts": {far_dc: far.far},
-            "prefixes": {far_dc: far.far_prefix()}}
+        if far is not None:
+            placed = {**placed, "host": far.near, "hosts": {far_dc: far.far},
+                      "prefixes": {far_dc: far.far_prefix()}}
         with node_processes(tmp_path, node_config=extra, **placed) as nodes:
             yield nodes
     finally:

@@ -1,0 +1,273 @@
+"""The stop window's fixed part reserved out of the downtime limit (issue 17): the round
+policy with a fixed cost and a bias (federation.migration.precopy.decide), the harder
+throttle before a fence over the limit, the node's measured history
+(federation.migration.stop_costs), a source session measuring its own window, the node
+core handing the estimate to the next migration of a VM, and the status showing it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from federation.cli.ops import downtime
+from federation.migration.dc_status import SessionStatus
+from federation.migration.precopy import (
+    HARD_MAXIMUM,
+    INCREMENT,
+    MAXIMUM,
+    decide,
+    final_budget,
+    final_estimate,
+    first_round_throttle,
+)
+from federation.migration.source import SourceSession
+from federation.migration.stop_costs import (
+    BIAS_MAX,
+    BIAS_MIN,
+    PRIOR,
+    START_PRIOR,
+    StopCosts,
+    StopHistory,
+    costs_of_arrival,
+    final_round_costs,
+)
+from federation.migration.vocabulary import (
+    Fence,
+    LedgerCommitted,
+    Phase,
+    PrecopyLimits,
+    RoundSent,
+    SendRound,
+    SourceFenced,
+)
+from mesh.core import Notify
+from mesh.hde.image import PAGE_SIZE
+from tests.harness.migration_session import of, one, precopy, session
+
+# Loopback as the quiet run of 2026-12-08 measured it: 0.056 ms a page; 300 ms limit.
+COST = 0.056e-3
+LIMIT = 0.3
+
+
+def _decide(dirty: list[int], **kw: object) -> Any:
+    args: dict[str, object] = dict(round_=len(dirty), max_rounds=7, downtime=LIMIT,
+                                   dirty=dirty, cost=COST, seconds=1.0, overhead=0.2,
+                                   throttle=0, can_throttle=True)
+    args.update(kw)
+    return decide(**args)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- the policy
+
+
+def test_the_quiet_runs_fence_no_longer_fits_once_the_fixed_part_is_reserved() -> None:
+    # 2,712 dirty pages at 0.056 ms: 0.152 s, within 300 ms by the transfer alone ...
+    assert final_estimate(2_712, COST) == pytest.approx(0.152, abs=1e-3)
+    d = _decide([5_000, 2_712], throttle=90)
+    assert d.fence and d.why == "fits"
+    # ... but the stop window's measured fixed part took 183 ms of it: not within the
+    # 117 ms left, so another round, not a fence
+    d = _decide([5_000, 2_712], throttle=90, reserve=0.183)
+    assert not d.fence
+    # with the fixed part reserved, a final round within what is left fits
+    d = _decide([5_000, 2_000], throttle=90, reserve=0.183)
+    assert d.fence and d.why == "fits"
+
+
+def test_the_bias_scales_the_final_rounds_estimate() -> None:
+    # 2,000 pages: 0.112 s at the pre-copy pace, within the 117 ms left ...
+    assert _decide([5_000, 2_000], reserve=0.183).fence
+    # ... but the last final round took 1.2x its estimate: 0.134 s, not within
+    d = _decide([5_000, 2_000], reserve=0.183, bias=1.2)
+    assert not d.fence
+    # a bias under 1 (final rounds faster than estimated) lets more through
+    assert _decide([5_000, 2_300], reserve=0.183, bias=0.8).fence
+
+
+def test_with_no_reserve_no_bias_and_the_old_ceiling_the_rule_is_unchanged() -> None:
+    cases: list[tuple[list[int], dict[str, object]]] = [
+        ([900], {}), ([2_712], {"seconds": 0.4}), ([5_000, 4_900], {"throttle": 90}),
+        ([5_000, 4_900], {"throttle": 40}), ([8_000, 3_000], {"throttle": 20}),
+        ([3_000] * 6, {}), ([2_000, 1_950], {"can_throttle": False}),
+    ]
+    for dirty, kw in cases:
+        plain = _decide(dirty, **kw)
+        assert _decide(dirty, reserve=0.0, bias=1.0, ceiling=MAXIMUM, **kw) == plain
+
+
+def test_the_budget_is_the_limit_less_the_reserve_never_below_none() -> None:
+    assert final_budget(0.3, 0.183) == pytest.approx(0.117)
+    assert final_budget(0.3, 0.5) == 0.0
+    # a reserve the whole limit: only a final round of no pages fits
+    assert _decide([0], reserve=0.5).fence
+    assert not _decide([10], reserve=0.5).fence
+
+
+def test_the_budget_of_the_throttle_is_what_the_reserve_leaves() -> None:
+    # 6,000 pages written in 1 s; the next round takes 0.54 s and the guest writes 3,216
+    # pages meanwhile: within the 5,357 the whole limit carries (no throttle), not within
+    # the 2,089 that 117 ms carry (held 36 %)
+    plain = _decide([6_000], seconds=1.0, overhead=0.2)
+    reserved = _decide([6_000], seconds=1.0, overhead=0.2, reserve=0.183)
+    assert not plain.fence and not reserved.fence
+    assert plain.throttle == 0 and reserved.throttle == 36
+
+
+def test_at_the_maximum_a_guest_that_does_not_fit_is_throttled_harder_not_fenced() -> None:
+    # the old rule: at 90 % with the dirty pages not falling, fence over the limit
+    d = _decide([5_000, 4_900], throttle=MAXIMUM, reserve=0.183)
+    assert d.fence and d.why == "no progress"
+    # given the hard ceiling: up to it first
+    d = _decide([5_000, 4_900], throttle=MAXIMUM, reserve=0.183, ceiling=HARD_MAXIMUM)
+    assert not d.fence and MAXIMUM < d.throttle <= HARD_MAXIMUM
+    assert d.throttle >= min(HARD_MAXIMUM, MAXIMUM + INCREMENT)
+    # at the ceiling and still not falling: the fence, over the limit, is all that is left
+    d = _decide([5_000, 4_900], throttle=HARD_MAXIMUM, reserve=0.183, ceiling=HARD_MAXIMUM)
+    assert d.fence and d.why == "no progress"
+
+
+def test_the_hard_ceiling_is_reached_only_from_the_maximum() -> None:
+    # a guest far over the budget is first held at MAXIMUM, not straight at the ceiling
+    d = _decide([40_000], seconds=0.5, overhead=1.0, reserve=0.183, ceiling=HARD_MAXIMUM)
+    assert not d.fence and d.throttle == MAXIMUM
+    d = _decide([40_000, 30_000], seconds=0.5, overhead=1.0, throttle=MAXIMUM,
+                reserve=0.183, ceiling=HARD_MAXIMUM)
+    assert not d.fence and d.throttle == HARD_MAXIMUM
+
+
+def test_round_1s_sample_is_judged_against_what_the_reserve_leaves() -> None:
+    plain = first_round_throttle(700, 0.5, 0.6, COST, LIMIT)
+    reserved = first_round_throttle(700, 0.5, 0.6, COST, LIMIT, reserve=0.183, bias=1.2)
+    assert reserved > plain
+
+
+@given(st.lists(st.integers(0, 50_000), min_size=1, max_size=7),
+       st.floats(0.0, 1.0), st.floats(BIAS_MIN, BIAS_MAX), st.integers(0, HARD_MAXIMUM),
+       st.booleans())
+def test_a_fence_on_fits_always_leaves_the_estimate_within_the_budget(
+        dirty: list[int], reserve: float, bias: float, throttle: int, can: bool) -> None:
+    d = _decide(dirty, reserve=reserve, bias=bias, throttle=throttle, can_throttle=can,
+                ceiling=HARD_MAXIMUM)
+    if d.why == "fits":
+        assert final_estimate(dirty[-1], COST) * bias <= final_budget(LIMIT, reserve)
+    assert d.throttle >= throttle or not d.fence and not can
+    assert d.throttle <= max(throttle, HARD_MAXIMUM)
+
+
+# ---------------------------------------------------------------------- the history
+
+
+def test_the_history_starts_at_the_prior_and_takes_each_figure_as_measured() -> None:
+    h = StopHistory()
+    e = h.estimate("vm1")
+    assert e.measured == () and e.bias == PRIOR.bias
+    assert e.reserve == pytest.approx(PRIOR.fence_s + PRIOR.final_fixed_s + PRIOR.after_s)
+    # a source's migration of vm1 measured its fence and bias; the after-part not
+    h.record("vm1", StopCosts(fence_s=0.25, final_fixed_s=0.01, bias=1.3))
+    e = h.estimate("vm1")
+    assert e.measured == ("fence_s", "final_fixed_s", "bias")
+    assert e.reserve == pytest.approx(0.25 + 0.01 + PRIOR.after_s) and e.bias == 1.3
+    # a target's arrival of vm2 measured the after-part: the node's latest for any VM
+    h.record("vm2", costs_of_arrival({"fence_and_final_round_ms": 250.0, "verify_ms": 2.0,
+                                      "commit_ms": 30.0, "start_ms": 48.0}))
+    assert h.estimate("vm1").reserve == pytest.approx(0.25 + 0.01 + 0.08)
+    # vm2's own figures first, the node's latest for the rest
+    h.record("vm2", StopCosts(fence_s=0.05))
+    e2 = h.estimate("vm2")
+    assert e2.costs.fence_s == 0.05 and e2.costs.final_fixed_s == 0.01
+    # the last measured figure replaces the one before
+    h.record("vm1", StopCosts(fence_s=0.1))
+    assert h.estimate("vm1").costs.fence_s == 0.1
+
+
+def test_the_history_drops_impossible_figures_and_bounds_the_bias() -> None:
+    h = StopHistory()
+    h.record("vm1", StopCosts(fence_s=-0.2, after_s=0.1, bias=40.0))
+    e = h.estimate("vm1")
+    assert e.costs.fence_s == PRIOR.fence_s and e.costs.after_s == 0.1
+    assert e.bias == BIAS_MAX
+    h.record("vm1", StopCosts(bias=0.01))
+    assert h.estimate("vm1").bias == BIAS_MIN
+    assert costs_of_arrival({"verify_ms": 1.0}) == StopCosts()
+    with pytest.raises(ValueError, match="prior"):
+        StopHistory(StopCosts(fence_s=0.1))
+
+
+# ---------------------------------------------------------------------- the session
+
+
+def _through_round_1(s: SourceSession, dirty: int) -> list[Any]:
+    precopy(s)
+    # round 1 of a return trip: 9 MB on the wire moved in 0.5 s (0.23 ms a page)
+    return s.handle(10.0, RoundSent(1, 65_536, 65_536 * PAGE_SIZE, 9_000_000, 1.0, dirty,
+                                    0.5))
+
+
+def test_the_session_reserves_what_it_is_given_and_says_so() -> None:
+    s = session(PrecopyLimits(7, 1.0))
+    out = _through_round_1(s, 4_000)  # 0.91 s at 0.228 ms: within 1 s
+    assert of(out, Fence)
+    s = session(PrecopyLimits(7, 1.0))
+    s.use_stop_estimate(StopHistory().estimate("vm1"), HARD_MAXIMUM)
+    assert s.reserve == pytest.approx(0.205) and s.ceiling == HARD_MAXIMUM
+    out = _through_round_1(s, 4_000)  # not within the 0.795 s left
+    assert not of(out, Fence) and of(out, SendRound)
+    note = next(a for a in out if isinstance(a, Notify) and a.kind == "migration.precopy")
+    assert note.detail["reserve_s"] == pytest.approx(0.205) and not note.detail["fence"]
+    view = SessionStatus.of(s)
+    assert view.stop_reserve == pytest.approx(0.205) and view.reserve_measured == ()
+
+
+def test_the_session_measures_its_own_stop_window() -> None:
+    s = session(PrecopyLimits(7, 1.0))
+    s.use_stop_estimate(StopHistory().estimate("vm1"), HARD_MAXIMUM)
+    out = _through_round_1(s, 3_000)  # 0.68 s: within the 0.795 s left
+    assert of(out, Fence) and s.phase is Phase.FENCED
+    cost = s.page_cost
+    s.handle(10.3, SourceFenced(b"R" * 32))  # the fence took 0.3 s
+    # the final round: 3,100 pages in 0.9 s, estimated at 0.71 s
+    s.handle(11.2, RoundSent(2, 3_100, 3_100 * PAGE_SIZE, 12_000_000, 0.9, 0, 0.8))
+    assert s.phase is Phase.VERIFYING
+    out = s.handle(11.3, LedgerCommitted("m1", 4, b"R" * 32))  # committed 0.1 s after the round
+    note = one([a for a in out if isinstance(a, Notify) and a.kind ==
+                "migration.stop-costs"], Notify)
+    c = s.stop_costs
+    assert c is not None and note.detail["vm"] == "vm1"
+    assert c.fence_s == pytest.approx(0.3)
+    assert c.final_fixed_s == pytest.approx(0.9 - 3_100 * cost)  # the excess: fixed
+    assert c.after_s == pytest.approx(0.1 + START_PRIOR)
+    assert c.bias == 1.0
+    assert SessionStatus.of(s).stop_costs == {"fence_s": c.fence_s,
+                                              "final_fixed_s": c.final_fixed_s,
+                                              "after_s": c.after_s, "bias": c.bias}
+
+
+def test_a_final_rounds_excess_is_fixed_and_only_a_faster_one_sets_a_bias() -> None:
+    # under load: 654 pages estimated at 63 ms took 470 ms; its excess is latency
+    fixed, bias = final_round_costs(0.470, 654, 0.0965e-3)
+    assert fixed == pytest.approx(0.470 - 654 * 0.0965e-3) and bias == 1.0
+    # faster than estimated: a bias under 1, nothing fixed
+    fixed, bias = final_round_costs(0.100, 2_000, 0.1e-3)
+    assert fixed == 0.0 and bias == pytest.approx(0.5)
+    # too few pages for a bias; no cost to measure by
+    assert final_round_costs(0.05, 10, 0.1e-3) == (pytest.approx(0.049), None)
+    assert final_round_costs(0.05, 10, 0.0) == (None, None)
+
+
+def test_a_final_round_of_few_pages_measures_no_bias() -> None:
+    s = session(PrecopyLimits(7, 1.0))
+    _through_round_1(s, 10)
+    s.handle(10.1, SourceFenced(b"R" * 32))
+    s.handle(10.2, RoundSent(2, 10, 10 * PAGE_SIZE, 40_000, 0.1, 0, 0.05))
+    s.handle(10.3, LedgerCommitted("m1", 4, b"R" * 32))
+    assert s.stop_costs is not None and s.stop_costs.bias is None
+
+
+def test_the_status_line_shows_the_downtime_at_the_target_and_the_reserve_at_the_source(
+        ) -> None:
+    assert downtime({"downtime_ms": 243.6}) == "244 ms"
+    assert downtime({"stop_reserve_ms": 183.0}) == "reserve 183 ms"
+    assert downtime({}) == "-"
