@@ -367,3 +367,20 @@ def submit_more(c: PbftCluster, k: int, i: int) -> None:
     from tests.test_pbft_replica import submit
 
     submit(c, c.names[i % 4], register(f"more{k}-{i}", c.names[i % 4]))
+
+
+def test_a_fresh_chunk_from_the_peer_asked_before_a_retry_moves_the_fetch_on(
+        small_chunks: int) -> None:
+    c = cluster()
+    r, manifest, snap = _lagging_with_manifest(c)  # n00 asked for chunk 0
+    assert r.state.chunked is not None
+    r.state.chunked.source = "n01"  # a retry asked n01 for it too (request_state)
+    body = SnapshotChunk(manifest.checkpoint_seq, 0)
+    actions = r.handle(c.world.now, Received("n00", seal(identity_for("n00"), "n00", body,
+                                                             chunk_of(snap, 0))))
+    fetches = [(a.peer, wire.decode(a.message.body)) for a in actions if isinstance(a, Send)]
+    assert fetches == [("n01", SnapshotFetch(manifest.checkpoint_seq, 1))]
+    # n01's answer for chunk 0 comes late: a duplicate, nothing more is asked
+    actions = r.handle(c.world.now, Received("n01", seal(identity_for("n01"), "n01", body,
+                                                             chunk_of(snap, 0))))
+    assert not [a for a in actions if isinstance(a, Send)]
