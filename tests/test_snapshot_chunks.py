@@ -39,7 +39,7 @@ from mesh.core import Persist, Received, Send
 from sim import partitions
 from sim.hosts.pbft_cluster import PbftCluster, identity_for
 from sim.store import SimStore
-from tests.test_pbft_replica import SMALL, cluster, register_many, run_until_settled
+from tests.harness.pbft import SMALL, cluster, register_many, run_until_settled
 
 NAMES = ("n00", "n01", "n02", "n03")
 
@@ -364,7 +364,7 @@ def test_a_peer_serves_the_checkpoint_before_its_stable_one_and_no_older(
 
 def submit_more(c: PbftCluster, k: int, i: int) -> None:
     from tests.harness.ledger import register
-    from tests.test_pbft_replica import submit
+    from tests.harness.pbft import submit
 
     submit(c, c.names[i % 4], register(f"more{k}-{i}", c.names[i % 4]))
 
