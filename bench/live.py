@@ -404,8 +404,8 @@ NODE_POLL = 0.1
 #: how full the link was while the chunks went (federation.dataplane.v3_source).
 ROUND_KEYS = ("round", "pages", "wire_bytes", "seconds", "dirty_pages", "refresh_s", "index_s",
               "level_s", "ready_s", "go_wait_s", "transfer_s", "level", "level_start", "levels",
-              "chunks", "chunk_bytes", "first_chunk_s", "wire_MBps", "encode_s", "starved_s",
-              "fenced", "sketched_ahead", "sketched_late")
+              "level_steps", "chunks", "chunk_bytes", "first_chunk_s", "wire_MBps", "encode_s",
+              "starved_s", "fenced", "sketched_ahead", "sketched_late")
 
 
 def _round_figures(event: dict[str, Any], rate_mbit: float | None) -> dict[str, Any]:

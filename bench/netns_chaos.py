@@ -403,12 +403,21 @@ def check_run(run: Run) -> dict[str, Any]:
         _wait(f"{dc} ready after the heal", lambda dc=dc: nodes.ready(dc), READY_S)
     seen: dict[str, dict[str, str]] = {m.id: {} for m in run.migrations}
 
+    refused: set[str] = set()
+
     def look() -> bool:
         for m in run.migrations:
             for dc in NAMES:
                 doc = _try(nodes.api(dc).ok, "GET", f"/api/migrations/{m.id}")
                 if doc and doc.get("ledger"):
                     seen[m.id][dc] = str(doc["ledger"])
+                elif doc and dc == m.source and (doc.get("outcome") or {}).get(
+                        "outcome") == "refused":
+                    refused.add(m.id)  # the ledger refused its begin (seed 53: the VM
+                    # was in another migration the restarted source had not heard of)
+        for mid in refused:
+            if not seen.get(mid):  # no ledger holds it: it never began
+                seen.pop(mid, None)
         if bad := contradictions(seen):
             raise RunFailed(bad[0])
         return not undecided(seen, NAMES)
@@ -419,6 +428,8 @@ def check_run(run: Run) -> dict[str, Any]:
             raise RunFailed(undecided(seen, NAMES)[0])
         time.sleep(1.0)
     for m in run.migrations:
+        if m.id not in seen:
+            continue  # refused by the ledger: never began
         for dc in (m.source, m.target):  # the sessions end as the ledger decided
             doc = nodes.api(dc).ok("GET", f"/api/migrations/{m.id}")
             got = (doc.get("outcome") or {}).get("outcome")
@@ -458,7 +469,7 @@ def check_run(run: Run) -> dict[str, Any]:
         _check_guest(run, owners["g"])
     committed = sum(1 for s in seen.values() if s.get("dc1") == "committed")
     return {"migrations": len(run.migrations), "committed": committed,
-            "aborted": len(run.migrations) - committed,
+            "aborted": len(seen) - committed, "refused": len(run.migrations) - len(seen),
             "cancel_requests": sum(m.cancelled for m in run.migrations)}
 
 
@@ -621,6 +632,9 @@ def main(argv: list[str] | None = None) -> int:
     if missing is not None:
         print(f"netns-chaos: cannot run: {missing}", file=sys.stderr)
         return 2
+    # SIGTERM ends the run as Ctrl-C does: the seed's nodes, QEMUs, namespaces and
+    # mounts are taken down by the context managers on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = Path(tempfile.mkdtemp(prefix="dwcp-netns-chaos-"))
     started = time.monotonic()
     results = []
@@ -629,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         if r["ok"]:
             print(f"seed {seed}: ok in {r['seconds']} s: {r['migrations']} migrations "
-                  f"({r['committed']} committed, {r['aborted']} aborted), "
+                  f"({r['committed']} committed, {r['aborted']} aborted, {r['refused']} refused), "
                   f"{len(r['faults'])} faults{', guest' if r['guest'] else ''}", flush=True)
         else:
             print(f"FAIL seed {seed}: {r['error']}", flush=True)
@@ -648,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
             "migrations": sum(r.get("migrations", 0) for r in results),
             "committed": sum(r.get("committed", 0) for r in results),
             "aborted": sum(r.get("aborted", 0) for r in results),
+            "refused": sum(r.get("refused", 0) for r in results),
             "faults": sum(len(r.get("faults") or []) for r in results),
             "guest_seeds": sum(r["guest"] for r in results),
             "wall_seconds": round(wall, 1)}, sort_keys=True))

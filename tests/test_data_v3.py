@@ -159,6 +159,10 @@ def test_feed_moves_the_level_with_its_governor_while_the_link_falls_behind() ->
     assert feed.levels == {lv: used.count(lv) for lv in set(used)}
     assert feed.frames == 16 and 0 < feed.acked_bytes < feed.frame_bytes
     assert feed.encode_s >= 0 and feed.starved_s == 0.0
+    # each step up, timed on the feed's clock from a given start, for the round figures
+    steps = feed.level_steps(0.5)
+    assert steps and [lv for _, lv in steps] == sorted(set(used) - {1})
+    assert all(-0.5 <= t <= 1.6 for t, _ in steps)
 
 
 def _drive_feed(start: int, link_takes: float, held_back: bool = False) -> list[int]:

@@ -207,6 +207,23 @@ def test_a_backlog_low_for_want_of_plans_moves_nothing() -> None:
     assert gov.level == 9 and not gov.steps
 
 
+def test_a_backlog_a_wait_left_empty_is_refilled_before_any_step_down() -> None:
+    """After the encoders waited for a plan the link has drained the backlog: the chunks
+    right after (not waiting) find it low through no fault of the level. Only once a
+    chunk's encode and a hold passed without a wait does a low backlog step down."""
+    gov = LevelGovernor(9)
+    _run(gov, 20, 0.05, drain=12.5e6, encoded=0.0, backlog=1e6, starved=True)  # to 0.95 s
+    gov.encoded(9, 0.1, 1 << 20)  # a chunk takes 0.1 s here: the lead is LOW_S
+    gov.encoded(6, 0.01, 1 << 20)
+    grace = LevelGovernor.LOW_S + LevelGovernor.HOLD_S
+    t = 1.0
+    while t < 0.95 + grace - 0.01:
+        assert gov.next_level(t, 0, 12_000_000, False) == 9
+        t += 0.05
+    assert gov.next_level(0.95 + grace + 0.01, 0, 12_000_000, False) < 9
+    assert gov.steps
+
+
 def test_the_governor_waits_between_steps_and_before_a_rate() -> None:
     gov = LevelGovernor(1)
     # no drain measured yet: the start level, whatever the backlog

@@ -39,7 +39,7 @@ from mesh.core import Persist, Received, Send
 from sim import partitions
 from sim.hosts.pbft_cluster import PbftCluster, identity_for
 from sim.store import SimStore
-from tests.test_pbft_replica import SMALL, cluster, register_many, run_until_settled
+from tests.harness.pbft import SMALL, cluster, register_many, run_until_settled
 
 NAMES = ("n00", "n01", "n02", "n03")
 
@@ -364,6 +364,23 @@ def test_a_peer_serves_the_checkpoint_before_its_stable_one_and_no_older(
 
 def submit_more(c: PbftCluster, k: int, i: int) -> None:
     from tests.harness.ledger import register
-    from tests.test_pbft_replica import submit
+    from tests.harness.pbft import submit
 
     submit(c, c.names[i % 4], register(f"more{k}-{i}", c.names[i % 4]))
+
+
+def test_a_fresh_chunk_from_the_peer_asked_before_a_retry_moves_the_fetch_on(
+        small_chunks: int) -> None:
+    c = cluster()
+    r, manifest, snap = _lagging_with_manifest(c)  # n00 asked for chunk 0
+    assert r.state.chunked is not None
+    r.state.chunked.source = "n01"  # a retry asked n01 for it too (request_state)
+    body = SnapshotChunk(manifest.checkpoint_seq, 0)
+    actions = r.handle(c.world.now, Received("n00", seal(identity_for("n00"), "n00", body,
+                                                             chunk_of(snap, 0))))
+    fetches = [(a.peer, wire.decode(a.message.body)) for a in actions if isinstance(a, Send)]
+    assert fetches == [("n01", SnapshotFetch(manifest.checkpoint_seq, 1))]
+    # n01's answer for chunk 0 comes late: a duplicate, nothing more is asked
+    actions = r.handle(c.world.now, Received("n01", seal(identity_for("n01"), "n01", body,
+                                                             chunk_of(snap, 0))))
+    assert not [a for a in actions if isinstance(a, Send)]

@@ -26,6 +26,7 @@ __all__ = ["status_message", "busy", "on_status", "retransmit_slots"]
 
 
 def status_message(st: ReplicaState, out: Outbox) -> Envelope:
+    st.count("status_signed")
     return out.sign(Status(st.view, st.active, st.last_exec, st.low))
 
 
@@ -69,9 +70,12 @@ def retransmit_slots(st: ReplicaState, out: Outbox, peer: str) -> None:
         pp = Envelope(slot.pp.sender, slot.pp.body, slot.pp.sig, slot.batch or b"")
         if slot.pp.sender == st.name:
             out.send(peer, pp)
+            st.count("retransmitted")
         own = slot.prepares.get(st.name)
         if own is not None:
             out.send(peer, Envelope(own[1].sender, own[1].body, own[1].sig, relay(pp)))
+            st.count("retransmitted")
         own = slot.commits.get(st.name)
         if own is not None:
             out.send(peer, Envelope(own[1].sender, own[1].body, own[1].sig))
+            st.count("retransmitted")

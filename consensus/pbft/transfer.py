@@ -241,7 +241,11 @@ def on_snapshot_chunk(st: ReplicaState, out: Outbox, now: float, env: Envelope,
             checkpoint.request_state(st, out, now)
         return
     if t.chunks.missing() is not None:
-        if fresh and env.sender == t.source:
+        # A fresh chunk from anyone moves the fetch on, from the peer asked last (a
+        # retry may have asked another for the same chunk: the first to answer goes on,
+        # the duplicate adds nothing; following only the source stalled the transfer
+        # until the next retry whenever the other answered first).
+        if fresh:
             fetch_next_chunk(st, out, now)
         return
     snapshot = t.chunks.join()

@@ -297,6 +297,13 @@ class ChunkFeed:
                 self._keep(chunk, frame)
             return frame
 
+    def level_steps(self, since: float) -> list[tuple[float, int]]:
+        """The governor's steps as (seconds after ``since`` on the feed's clock, the new
+        level): where a round's level moved, for its figures."""
+        with self._lock:
+            steps = list(self._governor.steps) if self._governor is not None else []
+        return [(round(t - since, 3), level) for t, level in steps]
+
     def _progress(self) -> tuple[int, int]:
         """(backlog, drained) for the governor, under the lock: with the sender's written
         bytes, the frames prepared and not yet written to a stream, and the bytes

@@ -572,6 +572,7 @@ class V3RoundSender:
         figures = {**{k: round(v, 4) for k, v in timing.items()},
                    "level_start": level, "levels": {str(k): v for k, v in
                                                     sorted(feed.levels.items())},
+                   "level_steps": feed.level_steps(self._go_at),
                    "pushed": sum(isinstance(s, PushSource) for s in sources),
                    "copies": sum(isinstance(s, PushSource) and s.chunk_copies
                                  for s in sources),

@@ -46,7 +46,7 @@ from __future__ import annotations
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -124,6 +124,9 @@ DATA_PLANE = ("v1 single stream over the control link; v3 HDE over AMST on the d
 #: (``[qemu] downtime_limit_ms``): QEMU's default downtime-limit, 300 ms
 #: (migration/options.c, DEFAULT_MIGRATE_SET_DOWNTIME), as issue 17 asks.
 DOWNTIME_LIMIT = 0.3
+#: A VM whose resume after a restart failed with an OSError (a full disk) is tried again
+#: after 0.5 s, doubling to 8 s between tries (Node._resume_later).
+RESUME_RETRY_S = (0.5, 8.0)
 #: Ended migration sessions a node keeps (their status, last progress and outcome, for
 #: ``/api/migrations/ID`` and ``/api/status``): those that ended in the last hour, at most
 #: the 1,000 last. A forgotten one's view is then its ledger record alone (the ledger
@@ -313,7 +316,9 @@ class Node:
 
             if self.core is not None:  # the cores' clock is trio's; reasons show UTC
                 self.core.set_wall_offset(time.time() - trio.current_time())
-            await trio.to_thread.run_sync(self._resume_vms)
+            unresumed = await trio.to_thread.run_sync(self._resume_vms)
+            if unresumed:
+                nursery.start_soon(self._resume_later, unresumed)
             await self.v3.serve(nursery)
             await self.rounds.run(nursery)
             nursery.start_soon(self.vm_worker.run)
@@ -338,13 +343,16 @@ class Node:
             raise NodeError(f"cannot listen on the data endpoint {self.v3.host}:"
                             f"{self.v3.port}: {exc.strerror or exc}") from None
 
-    def _resume_vms(self) -> None:
-        """After a restart, run again every VM that ran here and that the recovered ledger
-        says this DC owns. A VM the ledger gives to another DC, or does not know yet, stays
-        stopped."""
+    def _resume_vms(self, only: Collection[str] | None = None) -> list[str]:
+        """After a restart, run again every VM that ran here (of ``only``, if given) and
+        that the recovered ledger says this DC owns. A VM the ledger gives to another DC,
+        or does not know yet, stays stopped. Returns the VMs whose start failed with an
+        OSError (a full disk: make netns-chaos seed 32, where that error ended the node
+        as it started): :meth:`_resume_later` tries them again."""
         ledger = self.core.ledger if self.core is not None else None
+        again = []
         for info in self.backend.list_vms():
-            if info.state is not VmState.RUNNING:
+            if info.state is not VmState.RUNNING or (only is not None and info.name not in only):
                 continue
             owner = ledger.owner(info.name) if ledger is not None else None
             if owner != self.name:
@@ -354,6 +362,19 @@ class Node:
                 self.backend.start(info.name, info.epoch)
             except VmError as exc:
                 self.log.event("vm_resume_failed", vm=info.name, error=str(exc))
+            except OSError as exc:
+                self.log.event("vm_resume_failed", vm=info.name, error=str(exc), retry=True)
+                again.append(info.name)
+        return again
+
+    async def _resume_later(self, names: list[str]) -> None:
+        """Try to resume ``names`` again, 0.5 s doubling to 8 s apart, until none fails
+        with an OSError (each try asks the ledger again who owns the VM)."""
+        wait = RESUME_RETRY_S[0]
+        while names:
+            await trio.sleep(wait)
+            wait = min(wait * 2, RESUME_RETRY_S[1])
+            names = await trio.to_thread.run_sync(self._resume_vms, set(names))
 
     def _ledger_moved(self) -> None:
         self._ledger_changed.set()

@@ -106,19 +106,18 @@ def migration_status(node: Node, mid: str) -> dict[str, Any] | None:
             if got is not None and "stop_window_ms" in got:
                 out["stop_window_ms"] = dict(got["stop_window_ms"])
         else:  # rounds delivered per data-plane version ("v1", "v3"), and the v3
+            # bulk streams opened per DC that relayed them ("direct" for none)
+            out["data_plane"] = dict(counters.paths.get(mid, {}))
+            out["streams"] = dict(counters.streams.get(mid, {}))
             if session.stop_reserve or session.stop_bias != 1.0:
                 # the stop window's fixed part the round policy reserved out of the limit
                 out["stop_reserve_ms"] = round(session.stop_reserve * 1000, 1)
                 out["stop_bias"] = round(session.stop_bias, 4)
                 out["reserve_measured"] = list(session.reserve_measured)
             if session.stop_costs is not None:
-                out["stop_costs_ms"] = {k: None if v is None else round(v * 1000, 1)
-                                        for k, v in session.stop_costs.items()
-                                        if k != "bias"}
-                out["stop_costs_ms"]["bias"] = session.stop_costs.get("bias")
-            # bulk streams opened per DC that relayed them ("direct" for none)
-            out["data_plane"] = dict(counters.paths.get(mid, {}))
-            out["streams"] = dict(counters.streams.get(mid, {}))
+                # what this migration measured of its own stop window (the next one's)
+                out["stop_costs"] = {k: None if v is None else round(v, 4)
+                                     for k, v in session.stop_costs.items()}
     if rec is not None and rec.reason:
         # why it aborted, in the words of the DC that decided, as every ledger holds it
         # (a side that only saw the ledger's abort knows no better reason of its own)

@@ -212,7 +212,8 @@ class LevelGovernor:
     never a level slower than sending uncompressed). A backlog that ran low while the
     encoders waited — for plans (the diff had not asked for more) or for room in
     AMST's window (the receiver holds the transfer back) — says nothing of the level
-    and moves nothing.
+    and moves nothing, nor does one within a chunk's encode and a hold after such a
+    wait (the chunks that refill it are being encoded).
 
     The rule is buffer-based rate adaptation (Huang et al., "A Buffer-Based Approach to
     Rate Adaptation", SIGCOMM 2014: choose from the buffer's occupancy, not from a rate
@@ -256,6 +257,8 @@ class LevelGovernor:
         self.ladder: tuple[int, ...] = tuple(ladder)
         self._at = self.ladder.index(start) if start in self.ladder else 0
         self._last_step: float | None = None
+        #: when the encoders last waited (for a plan or for room), None: never
+        self._waited_at: float | None = None
         self._mark: tuple[float, int, int] | None = None
         #: bytes per second the link drained at, last measured (None: not yet)
         self.drain: float | None = None
@@ -292,6 +295,8 @@ class LevelGovernor:
         """The level for the next chunk. ``backlog``: encoded bytes the link has not
         taken; ``drained``: bytes it took so far; ``waited``: the encoder waited for a
         plan or for room (so a low backlog is not the level's doing)."""
+        if waited:
+            self._waited_at = now
         if self._mark is None:
             self._mark = (now, drained, backlog)
         elif now - self._mark[0] >= self.RATE_S:
@@ -318,12 +323,17 @@ class LevelGovernor:
         # and over at least a chunk's encode at it (the chunks begun before the step
         # were still the old level's)
         settled = self._last_step is None or now - self._last_step >= lead
+        # the backlog a wait left empty is refilled by the next chunks: a low one within
+        # a chunk's encode (and a hold) of the wait is still the wait's doing, not the
+        # level's (a grouped round 1 waits seconds for its window's plan; each chunk
+        # after it then found the link drained and stepped down: 6 -> -5 under load)
+        refilling = self._waited_at is not None and now - self._waited_at < lead + self.HOLD_S
         step = 0
         if ahead > self.HIGH_S and trend is not None and trend >= 0 and settled \
                 and self._at + 1 < len(self.ladder):
             step = 1
-        elif (ahead < lead or dry_in < lead + self.HOLD_S) and not waited and self._at > 0 \
-                and self._worth_stepping_down():
+        elif (ahead < lead or dry_in < lead + self.HOLD_S) and not refilling \
+                and self._at > 0 and self._worth_stepping_down():
             step = -1
         if step:
             self._at += step

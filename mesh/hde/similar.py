@@ -56,9 +56,11 @@ SIMILAR_FROM_LEVEL = 6
 #: the diff's first want instead of its last. On a cold target the window is the whole
 #: image, so nothing was planned until the target's walk over every block ended (the
 #: first chunk 1.04 s after the target's word on the quiet bench guest over 100 Mbit/s,
-#: issue 17). 4,096 pages (16 MiB, ~7 MB at level 9: ~0.6 s of a 100 Mbit/s link) cover
-#: that walk; they are ~11 % of the bench guest's 36,185 wanted pages, so at most ~1 %
-#: of the grouping's 11 % gain is given up.
+#: issue 17). 4,096 pages (16 MiB, ~8 MB at levels 9-12: ~0.65 s of a 100 Mbit/s link)
+#: cover most of that walk; they are ~11 % of the bench guest's 36,185 wanted pages, so
+#: at most ~1 % of the grouping's 11 % gain is given up (twice the lead would cover the
+#: whole walk for up to ~2.5 %: not measured, a quiet run's `first_chunk_s` and
+#: `starved_s` against `cold_bytes_ratio` decide).
 LEAD_PAGES = 4096
 _FEATURE = re.compile(rb"[\n\x00]([^\x00]{%d})" % SKETCH_BYTES, re.S)
 
