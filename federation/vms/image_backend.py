@@ -88,6 +88,8 @@ class MappedImage(ImageWriter):
 
     def flush(self) -> None:
         self._mapping.flush()
+        if self._wfd is not None:  # what went through the descriptor (ImageWriter)
+            os.fdatasync(self._wfd)
 
 
 def map_writable(path: Path, page_count: int, name: str) -> MappedImage:
@@ -97,7 +99,9 @@ def map_writable(path: Path, page_count: int, name: str) -> MappedImage:
         if os.fstat(f.fileno()).st_size != page_count * PAGE_SIZE:
             f.truncate(page_count * PAGE_SIZE)
         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE)
-    return MappedImage(m, name)
+        img = MappedImage(m, name)
+        img._wfd = os.dup(f.fileno())  # writes go through it: a full disk is ENOSPC, not SIGBUS
+    return img
 
 
 class ImageBackend:

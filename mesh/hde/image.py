@@ -148,7 +148,17 @@ class Image:
 
 
 class ImageWriter(Image):
-    """A writable image of a fixed number of pages: the target's copy under construction."""
+    """A writable image of a fixed number of pages: the target's copy under construction.
+
+    A writer over a file mapping (:func:`create_image`, ``map_writable``) writes through a
+    descriptor of the file (``pwrite``), not through the mapping, and reads through the
+    mapping (one page cache: what was written reads back at once). A store into a hole
+    of a shared mapping on a full file system raises SIGBUS, which ends the process; the
+    same write through the descriptor fails with ``OSError(ENOSPC)``, which the round
+    that wrote it handles (a full disk fails a migration, never the node)."""
+
+    #: a descriptor of the mapped file, opened for writing (None: writes go to the buffer)
+    _wfd: int | None = None
 
     def __init__(self, buffer: bytearray | mmap.mmap, name: str = "") -> None:
         super().__init__(buffer, name)
@@ -171,7 +181,11 @@ class ImageWriter(Image):
             raise ImageError(
                 f"image {self.name!r}: a write of {len(data)} bytes is not whole pages"
             )
-        self.view(page, len(data) // PAGE_SIZE)[:] = data
+        if self._wfd is None:
+            self.view(page, len(data) // PAGE_SIZE)[:] = data
+        else:
+            self.view(page, len(data) // PAGE_SIZE)  # the bounds check
+            _pwrite_all(self._wfd, data, page * PAGE_SIZE)
         self._wrote(page, len(data) // PAGE_SIZE)
 
     def fill(self, page: int, count: int, byte: int) -> None:
@@ -180,14 +194,36 @@ class ImageWriter(Image):
         dst = self.view(page, count)
         for off in range(0, len(dst), len(piece)):
             n = min(len(piece), len(dst) - off)
-            dst[off : off + n] = piece[:n]
+            if self._wfd is None:
+                dst[off : off + n] = piece[:n]
+            else:
+                _pwrite_all(self._wfd, memoryview(piece)[:n], page * PAGE_SIZE + off)
         self._wrote(page, count)
 
     def copy(self, src: PageSource, src_page: int, page: int, count: int) -> None:
         if src is self and src_page == page:
             return  # a target that is its own base keeps a page in place: nothing changes
-        self.view(page, count)[:] = src.view(src_page, count)
+        if self._wfd is None:
+            self.view(page, count)[:] = src.view(src_page, count)
+        else:
+            self.view(page, count)  # the bounds check
+            _pwrite_all(self._wfd, src.view(src_page, count), page * PAGE_SIZE)
         self._wrote(page, count)
+
+    def close(self) -> None:
+        super().close()
+        if self._wfd is not None:
+            os.close(self._wfd)
+            self._wfd = None
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` of ``fd`` (a short write goes on where it
+    stopped; a full disk raises ``OSError(ENOSPC)``)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 class Overlay:
@@ -263,6 +299,7 @@ def create_image(path: str | os.PathLike[str], page_count: int, name: str = "") 
     with open(path, "w+b") as f:
         f.truncate(page_count * PAGE_SIZE)
         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE)
-    w = ImageWriter(m, name or os.fspath(path))
+        w = ImageWriter(m, name or os.fspath(path))
+        w._wfd = os.dup(f.fileno())  # writes go through it (ImageWriter: no SIGBUS)
     w.zeroed = True  # truncated to 0 and extended: a hole
     return w
