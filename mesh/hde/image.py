@@ -159,6 +159,11 @@ class ImageWriter(Image):
 
     #: a descriptor of the mapped file, opened for writing (None: writes go to the buffer)
     _wfd: int | None = None
+    #: every page this writer did not write reads as zeros (a new sparse file, a new
+    #: anonymous mapping): a target then leaves the zero blocks of an image as they
+    #: are instead of filling them (mesh.hde.target). A class default, so a subclass
+    #: with its own construction (a sealed writer) says no
+    zeroed = False
 
     def __init__(self, buffer: bytearray | mmap.mmap, name: str = "") -> None:
         super().__init__(buffer, name)
@@ -167,10 +172,6 @@ class ImageWriter(Image):
         #: pages written through write/fill/copy since the owner set it to a set (None: not
         #: tracked): what an index of this image must be refreshed over
         self.written: set[int] | None = None
-        #: every page this writer did not write reads as zeros (a new sparse file, a new
-        #: anonymous mapping): a target then leaves the zero blocks of an image as they
-        #: are instead of filling them (mesh.hde.target)
-        self.zeroed = False
 
     def _wrote(self, page: int, count: int) -> None:
         if self.written is not None:
