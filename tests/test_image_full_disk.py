@@ -68,3 +68,16 @@ def test_a_full_disk_is_enospc_not_sigbus(small_tmpfs: Path, kind: str) -> None:
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
     assert "ENOSPC after" in r.stdout
+
+
+def test_an_image_closed_under_a_reader_raises_image_error() -> None:
+    """A migration ended (its incoming images closed) while a worker thread indexed them:
+    the read fails as an ImageError, which a round takes as its failure, not a bare
+    ValueError that ended the node (the QEMU acceptance, seed 1717, migration 6: a
+    cancel while the target indexed its incoming images)."""
+    from mesh.hde.image import ImageError, ImageWriter
+
+    w = ImageWriter(bytearray(4 * 4096), "incoming")
+    w.close()
+    with pytest.raises(ImageError, match="closed"):
+        w.view(0)

@@ -136,7 +136,10 @@ class Image:
             raise ImageError(
                 f"image {self.name!r}: pages {page}..{page + count} outside 0..{self.page_count}"
             )
-        return self._mv[page * PAGE_SIZE : (page + count) * PAGE_SIZE]
+        try:
+            return self._mv[page * PAGE_SIZE : (page + count) * PAGE_SIZE]
+        except ValueError:  # released: the image was closed meanwhile (a migration ended)
+            raise ImageError(f"image {self.name!r} is closed") from None
 
     def close(self) -> None:
         self._mv.release()
