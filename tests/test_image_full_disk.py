@@ -81,3 +81,19 @@ def test_an_image_closed_under_a_reader_raises_image_error() -> None:
     w.close()
     with pytest.raises(ImageError, match="closed"):
         w.view(0)
+
+
+def test_closing_an_image_a_reader_still_views_does_not_raise(tmp_path: Path) -> None:
+    """The incoming images closed (a cancel) while a worker thread holds a view of one:
+    the close does not raise (it ended the node), the reader's view stays valid, and the
+    image itself reads as closed."""
+    from mesh.hde.image import ImageError, create_image
+
+    w = create_image(tmp_path / "incoming.img", 4)
+    w.write(1, b"\x05" * 4096)
+    held = w.view(1)  # the reader's slice
+    w.close()
+    assert bytes(held[:4]) == b"\x05\x05\x05\x05"
+    with pytest.raises(ImageError):
+        w.view(0)
+    held.release()
