@@ -20,7 +20,11 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bench.netns_wan import LATENCY_MS, routes, view
 from bench.wan_relay import CHUNK, DelayPipe, Relay, Route, RouteError, parse_route
+from federation import config
+from federation.cli.keys import init_federation
+from federation.config_print import federation_print
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -242,3 +246,19 @@ def test_a_killed_relay_process_cuts_the_link_until_it_is_restarted() -> None:
             relay.wait()
             assert relay.stdout is not None
             relay.stdout.close()
+
+
+def test_a_dcs_view_sends_its_peers_through_its_relay_and_keeps_the_digest(
+        tmp_path: Path) -> None:
+    cfg = init_federation(tmp_path / "fed", 4, host="10.215.9.254", base_port=7100,
+                          hosts={f"dc{i}": f"10.215.9.{i}" for i in range(1, 5)})
+    mine = config.load(view(cfg, "dc2"))
+    assert federation_print(mine).digest == federation_print(config.load(cfg)).digest
+    assert str(mine.dc("dc2").control) == "10.215.9.2:7102"  # its own: where it listens
+    assert str(mine.dc("dc3").control) == "127.0.0.1:7103"  # a peer: its relay
+    assert str(mine.dc("dc3").data) == "127.0.0.1:7203"
+    assert str(mine.dc("dc3").api) == "10.215.9.3:7303"  # the harness's way in: direct
+    assert sorted(routes(cfg, "dc2")) == sorted(
+        f"127.0.0.1:{p}=10.215.9.{i}:{p}@{LATENCY_MS[('dc2', f'dc{i}')]:g}"
+        for i in (1, 3, 4) for p in (7100 + i, 7200 + i))
+    assert all(10 <= ms <= 150 for ms in LATENCY_MS.values()) and len(LATENCY_MS) == 12
