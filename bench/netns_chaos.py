@@ -33,6 +33,7 @@ same network, not the same interleaving. Every failing seed prints its replay li
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import hashlib
 import json
@@ -710,6 +711,8 @@ def main(argv: list[str] | None = None) -> int:
             "aborted": sum(r.get("aborted", 0) for r in results),
             "refused": sum(r.get("refused", 0) for r in results),
             "faults": sum(len(r.get("faults") or []) for r in results),
+            "fault_kinds": dict(sorted(collections.Counter(
+                f.split()[1] for r in results for f in r.get("faults") or []).items())),
             "guest_seeds": sum(r["guest"] for r in results),
             "wall_seconds": round(wall, 1)}, sort_keys=True))
     return 1 if failed else 0
