@@ -7,6 +7,9 @@ One seed is one run:
   in a hub namespace by a veth pair shaped with tbf at the DC's rate from the profile
   (:class:`bench.netns.BridgeNet`); this process reaches the nodes' APIs through the
   bridge's unshaped management port;
+* with ``--wan`` (``make netns-chaos-wan``), WAN latency: every connection a DC opens
+  to a peer goes through that DC's delay relay, 13-118 ms one way
+  (:mod:`bench.netns_wan`), and the relay's ``kill -9`` is one more fault;
 * each DC's data directory is a small tmpfs of its own (:data:`DISK_MIB`), so a disk
   can be filled;
 * the VMs: :data:`IMAGE_VMS` image VMs of seeded random content (cheap), and in some
