@@ -112,6 +112,9 @@ class Setup:
     accel: str
     at_s: int
     level: int
+    #: QEMU's contenders with ``auto-converge`` (the default, like DWCP's rounds); off
+    #: only to reproduce plain pre-copy that does not converge (``--qemu-no-auto-converge``)
+    auto_converge: bool = True
 
 
 def _heartbeat_at(at_s: int) -> int:
@@ -155,8 +158,9 @@ DOWNTIME_LIMIT_MS = 300
 
 
 def _configure(g: _Guest, multifd: bool, level: int, source: bool,
-               max_bandwidth: int = MAX_BANDWIDTH) -> None:
-    caps = [{"capability": c, "state": True} for c in QEMU_CAPABILITIES]
+               max_bandwidth: int = MAX_BANDWIDTH, auto_converge: bool = True) -> None:
+    caps = [{"capability": c, "state": True} for c in QEMU_CAPABILITIES
+            if auto_converge or c != "auto-converge"]
     if multifd:
         caps.append({"capability": "multifd", "state": True})
     g.proc.qmp.execute("migrate-set-capabilities", capabilities=caps)
@@ -292,8 +296,8 @@ def _qemu_run(setup: Setup, work: Path, multifd: bool, level: int, tbf: bool,
         guests.append(src)
         dst = _Guest(setup, work / "dst", True, link.exec_prefix("b") if link else ())
         guests.append(dst)
-        _configure(src, multifd, level, True, max_bandwidth)
-        _configure(dst, multifd, level, False)
+        _configure(src, multifd, level, True, max_bandwidth, setup.auto_converge)
+        _configure(dst, multifd, level, False, auto_converge=setup.auto_converge)
         settings = _settings(src)
         relay: CountingRelay | None = None
         if link is None:
@@ -786,7 +790,8 @@ def compare(result: dict[str, Any], link: str) -> dict[str, Any]:
 def measure(mib: int = GUEST_MIB, fill: int = FILL_PERCENT, at_s: int = AT_S,
             level: int = SECOND_LEVEL, tbf: bool = True, dwcp: bool = True,
             return_after_s: int = RETURN_AFTER_S, only: Sequence[str] = (),
-            inproc: bool = False, loopback: bool = True) -> dict[str, Any]:
+            inproc: bool = False, loopback: bool = True,
+            qemu_auto_converge: bool = True) -> dict[str, Any]:
     """Per link (loopback, then with ``tbf`` the 100 Mbit/s veth pair): DWCP's migration
     through ``dwcp node`` processes first (its level, chosen by the source node for the
     link, is QEMU's third level), with ``inproc`` also the in-process ``LiveMigration``
@@ -814,7 +819,7 @@ def measure(mib: int = GUEST_MIB, fill: int = FILL_PERCENT, at_s: int = AT_S,
     work = Path(tempfile.mkdtemp(prefix="dwcp-bench-live-", dir="/dev/shm"))
     try:
         accel = probe_accel(QEMU, spec.kernel, spec.initrd, work / "probe")
-        setup = Setup(spec, accel, at_s, level)
+        setup = Setup(spec, accel, at_s, level, qemu_auto_converge)
         result.update(qemu_version=qemu_version(), kvm=accel == "kvm", guest_mib=mib,
                       fill_percent=fill, at_s=at_s)
         links = ["loopback"] if loopback or not tbf else []
@@ -896,6 +901,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "chosen level on each link)")
     p.add_argument("--no-tbf", action="store_true", help="loopback only")
     p.add_argument("--no-dwcp", action="store_true", help="QEMU's contenders only")
+    p.add_argument("--qemu-no-auto-converge", action="store_true",
+                   help="QEMU's contenders without auto-converge (plain pre-copy of a busy "
+                        "guest may then not converge: it is cancelled at its limit)")
     p.add_argument("--no-loopback", action="store_true",
                    help="the 100 Mbit/s tbf link only (the loopback runs are skipped)")
     p.add_argument("--legs", action="append", default=[], choices=list(LEGS),
@@ -927,6 +935,7 @@ def _main(args: argparse.Namespace) -> int:
     if not (tbf or loopback):
         raise SystemExit("dwcp bench live: --legs, --no-tbf and --no-loopback leave no link")
     r = measure(args.mib, args.fill, args.at, args.level, tbf, not args.no_dwcp,
-                args.return_after, args.only, args.inproc, loopback)
+                args.return_after, args.only, args.inproc, loopback,
+                not args.qemu_no_auto_converge)
     print(json.dumps(r) if args.json else json.dumps(r, indent=1))
     return 0 if not r["missing"] or "guests_ok" in r else 1
