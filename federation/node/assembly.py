@@ -233,8 +233,11 @@ class Node:
         #: None when the federation cannot run PBFT (n != 3f+1 >= 4); ``no_ledger`` says why
         self.core: NodeCore | None = None
         #: the fixed part of this node's stop windows, as its migrations measured it at
-        #: either end (federation.migration.stop_costs): the round policy reserves it
-        self.stop_history = StopHistory()
+        #: either end (federation.migration.stop_costs): the round policy reserves it;
+        #: kept in the node's store, so a restart does not fall back to the prior
+        self.stop_history = StopHistory(store=self.store)
+        if self.stop_history.load_error:
+            self.log.event("stop_history_unreadable", error=self.stop_history.load_error)
         self.no_ledger = ""
         replica: Replica | None = None
         try:
