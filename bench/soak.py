@@ -85,7 +85,7 @@ ERROR_EVENTS = frozenset({
     "core_failed", "api_error", "connection_failed", "ws_protocol_error", "bad_message",
     "unrouted", "send_invalid", "channel_refused", "handshake_failed", "peer_mismatch",
     "accept_backoff", "round_failed", "vm_reconcile_failed", "vm_resume_failed",
-    "vm_import_failed", "vm_staged_kept",
+    "vm_import_failed", "vm_staged_kept", "records_kept",
 })
 #: Log events the harness keeps (what waiting on a node needs); the others are counted
 #: and dropped, so an hour of logs does not fill the soak's own memory.

@@ -13,7 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consensus.ledger import DeleteVm, ImportVm, MigrateVm
 from federation.api.http import MAX_BODY
+from federation.migration.vocabulary import record_key
 from mesh.links.control_plane import statement_cache_size
+from mesh.runtime.sqlite_store import StoreFull
 from tests.harness.api import api_import, api_migrate, call, host, http, request
 from tests.harness.node import make_federation, real_vm, running_nodes, wait_outcome, wait_vm
 
@@ -121,7 +123,25 @@ def test_routes_metrics_and_a_migration(tmp_path: Path) -> None:
             # past the node's bounds an ended session goes (federation.node.assembly,
             # ENDED_KEEP_*): its view is the ledger's record, its outcome still counted
             assert dc1.rounds.counters.paths[mig["id"]]
+            # ... and its persisted record is deleted: a delete that fails (a full disk)
+            # is kept and tried again at the next sweep, the node carries on
+            key = record_key(mig["id"])
+            assert dc1.store.get(key) is not None
+            deleting = dc1.store.delete_many
+
+            def full(keys: list[str]) -> None:
+                raise StoreFull("disk full")
+
+            dc1.store.delete_many = full  # type: ignore[method-assign]
             assert await dc1.forget_ended(keep_for=0, keep_most=0) == [mig["id"]]
+            assert dc1.store.get(key) is not None and dc1.records_dropped == 0
+            dc1.store.delete_many = deleting  # type: ignore[method-assign]
+            assert await dc1.forget_ended(keep_for=0, keep_most=0) == []
+            assert dc1.store.get(key) is None and dc1.records_dropped == 1
+            assert dc1.store.keys(record_key("")) == []
+            assert dc2.store.get(key) is not None  # the target's, until it forgets
+            assert await dc2.forget_ended(keep_for=0, keep_most=0) == [mig["id"]]
+            assert dc2.store.get(key) is None
             assert mig["id"] not in dc1.rounds.counters.paths
             assert dc1.core is not None and dc1.core.sessions == {}
             code, m = await call(dc1, "GET", f"/api/migrations/{mig['id']}")
