@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from consensus.ledger import DeleteVm, ImportVm, MigrateVm
 from federation.api.http import MAX_BODY
 from federation.migration.vocabulary import record_key
+from federation.node.heap_report import node_caches
 from mesh.links.control_plane import statement_cache_size
 from mesh.runtime.sqlite_store import StoreFull
 from tests.harness.api import api_import, api_migrate, call, host, http, request
@@ -123,6 +124,15 @@ def test_routes_metrics_and_a_migration(tmp_path: Path) -> None:
             # past the node's bounds an ended session goes (federation.node.assembly,
             # ENDED_KEEP_*): its view is the ledger's record, its outcome still counted
             assert dc1.rounds.counters.paths[mig["id"]]
+            # what heap_report says of the node's bounded caches: [entries, cap, bytes]
+            caches = node_caches(dc1)
+            assert caches["ledger_migrations"][:2] == [1, None]
+            assert caches["ended_sessions"][:2] == [1, 1000]
+            assert caches["verifier"][1] == 8192 and caches["statements"][1] == 1024
+            for name, (entries, cap, size) in caches.items():
+                assert entries is not None and size is not None
+                assert cap is None or entries <= cap, name
+                assert (size > 100 * entries) if entries else size < 10_000, (name, size)
             # ... and its persisted record is deleted: a delete that fails (a full disk)
             # is kept and tried again at the next sweep, the node carries on
             key = record_key(mig["id"])
