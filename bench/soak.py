@@ -1054,9 +1054,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--heap-report", type=int, default=None, metavar="FRAMES",
                    help="diagnose growth: start the nodes with DWCP_TRACEMALLOC=FRAMES "
-                        "(0: tracemalloc off), so their heap_report lines (every node is "
-                        "signalled, SIGUSR2, at every sample, for its caches: "
-                        "federation.node.heap_report; summed up in heap_reports) also say "
+                        "(0: tracemalloc off) and ask each for a heap_report line "
+                        "(SIGUSR2; federation.node.heap_report; summed up in "
+                        "heap_reports) at every sample, not only every "
+                        f"{CACHES_EVERY:g} s for its caches; with FRAMES > 0 they say "
                         "which tracebacks grew; tracemalloc slows the nodes, so slopes "
                         "measured with it are not the node's")
     p.set_defaults(func=_main)
