@@ -283,8 +283,10 @@ class Node:
         self._vm_lock = trio.Lock()
         #: VMs an operation of this node is handling (the reconciler leaves them alone)
         self._busy: set[str] = set()
-        #: persisted records of forgotten sessions whose delete failed (tried again)
-        self._records_to_drop: list[str] = []
+        #: (ledger height when forgotten, key) of the persisted records of forgotten
+        #: sessions not deleted yet: waiting for a stable checkpoint at that height, or
+        #: after a delete that failed
+        self._records_to_drop: list[tuple[int, str]] = []
         #: persisted records deleted since start (their sessions forgotten)
         self.records_dropped = 0
 
@@ -403,40 +405,49 @@ class Node:
         if self.core is None:
             return []
         gone: list[str] = []
+        marks: list[int] = []
 
         def forget(core: NodeCore, now: float) -> list[Any]:
             gone.extend(core.forget_ended(now, keep_for, keep_most))
+            # the ledger's height now (each forgotten session is decided at or below it)
+            # and the stable checkpoint, whose writes are durable by now (the runtime
+            # writes a step's Persists before it runs an invocation)
+            marks[:] = [core.replica.last_exec, core.replica.low]
             return []
 
         await self.runtime.invoke("node", forget, "forget-ended")
         if gone:
             await self.rounds.forget(gone)
-        await self._drop_records(gone)
+        height, stable = marks
+        self._records_to_drop.extend((height, record_key(mid)) for mid in gone)
+        await self._drop_records(stable)
         return gone
 
-    async def _drop_records(self, migration_ids: list[str]) -> None:
-        """Delete the persisted ``migration/<id>`` records of the sessions just forgotten
-        (and of those a failed delete left), in one transaction.
+    async def _drop_records(self, stable: int) -> None:
+        """Delete the persisted ``migration/<id>`` records of the forgotten sessions whose
+        decision the durable stable checkpoint (``stable``) holds, in one transaction.
 
         A forgotten session is decided in this DC's ledger (NodeCore.forget_ended), and
         this DC's ledger never shows it begun again, so its record has nothing left to
         restore: after a restart the ledger alone says where the VM is (the reconciler
-        carries out a decided migration's VM step the session did not). Kept, every
-        record was restored at each start and a node's table grew by one row per
-        migration it took part in, for good (``dwcp bench soak``: ~1,300 an hour per
-        node). A crash between the forget and the delete leaves the record: the next
-        start restores it as ended and the node forgets and deletes it again. A delete
-        that fails (a full disk) is logged and tried again at the next sweep."""
-        keys = self._records_to_drop + [record_key(mid) for mid in migration_ids]
+        carries out a decided migration's VM step the session did not). But a restart
+        recovers the ledger from its stable checkpoint and replays the log above it, so
+        the record goes only once the checkpoint is at or above the height at which the
+        session was forgotten: no recovery can then show the migration begun and not
+        decided. Kept, every record was restored at each start and a node's table grew
+        by one row per migration it took part in, for good (``dwcp bench soak``: ~1,300
+        an hour per node). A crash between the forget and the delete leaves the record:
+        the next start restores it as ended and the node forgets it again. A delete that
+        fails (a full disk) is logged and tried again at the next sweep."""
+        keys = [key for height, key in self._records_to_drop if height <= stable]
         if not keys:
             return
         try:
             await trio.to_thread.run_sync(self.store.delete_many, keys)
         except (StoreError, sqlite3.Error) as exc:
-            self._records_to_drop = keys
             self.log.event("records_kept", count=len(keys), error=str(exc))
             return
-        self._records_to_drop = []
+        self._records_to_drop = [(h, k) for h, k in self._records_to_drop if h > stable]
         self.records_dropped += len(keys)
 
     async def reconcile(self) -> None:
