@@ -12,6 +12,7 @@ from federation.node.heap_report import (
     HeapReporter,
     deep_size,
     malloc_arenas,
+    sampled_size,
     smaps_rollup,
     tracemalloc_frames,
 )
@@ -85,3 +86,12 @@ def test_deep_size_counts_what_the_entries_hold_once_and_not_their_classes() -> 
     assert deep_size([cache], limit=10) < 200_000
     assert "caches" not in HeapReporter().report()
     assert HeapReporter().report({"x": [1, 2, 3]})["caches"] == {"x": [1, 2, 3]}
+
+
+def test_sampled_size_scales_the_newest_entries_to_all() -> None:
+    cache = {i: bytes(1000) + bytes([i % 256]) for i in range(5000)}
+    full = deep_size([cache])
+    assert abs(sampled_size([cache]) - full) < full * 0.02  # entries alike: within 2 %
+    ring = [(i, bytes(100) + bytes([i % 256])) for i in range(3000)]
+    assert abs(sampled_size([ring], sample=100) - deep_size([ring])) < deep_size([ring]) * 0.05
+    assert sampled_size([{}, []]) == deep_size([{}]) + deep_size([[]])

@@ -13,9 +13,9 @@ wants to know by what. Each report is one JSON log line with:
   (``gc.get_objects``, so containers only, and the total);
 - ``caches``: each bounded cache the node keeps, and the ledger's migration records
   (the one structure kept for good): ``[entries, cap, bytes]``, the bytes the objects
-  reachable from its entries take (:func:`deep_size`; an object two caches share is
-  counted in both), so that ``bytes / entries * cap`` is its size once full
-  (:func:`node_caches`);
+  reachable from its entries take (:func:`sampled_size`: the newest entries walked,
+  scaled to all; an object two caches share is counted in both), so that
+  ``bytes / entries * cap`` is its size once full (:func:`node_caches`);
 - ``traced``: when the node was started with ``DWCP_TRACEMALLOC=FRAMES`` (tracemalloc
   from the start, FRAMES frames per traceback), the tracebacks whose allocated bytes grew
   most since the previous report, and the traced total. tracemalloc costs CPU and memory
@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import gc
+import itertools
 import os
 import sys
 import tempfile
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     from federation.node.assembly import Node
 
 __all__ = ["HeapReporter", "ENV", "tracemalloc_frames", "smaps_rollup", "malloc_info",
-           "malloc_arenas", "deep_size", "node_caches"]
+           "malloc_arenas", "deep_size", "sampled_size", "node_caches"]
 
 ENV = "DWCP_TRACEMALLOC"
 #: How many of the most grown types and tracebacks a report lists.
@@ -177,9 +178,37 @@ def deep_size(roots: Iterable[object], limit: int = 2_000_000) -> int:
     return total
 
 
+#: Entries of a cache whose bytes :func:`sampled_size` walks (the newest), then scales.
+SAMPLE = 256
+
+
+def sampled_size(containers: Iterable[Any], sample: int = SAMPLE) -> int:
+    """Bytes of ``containers`` (dicts and lists, each a cache's entries) and what their
+    entries hold: each container's own size, plus :func:`deep_size` of its newest
+    ``sample`` entries (a dict's keys and values, a list's items) times its entries /
+    ``sample``. A walk of every entry of full caches (tens of thousands) would allocate
+    megabytes for a moment in the node it measures; the newest entries are what the
+    cache holds now, of the same kinds as the rest."""
+    total = 0
+    for c in containers:
+        total += sys.getsizeof(c)
+        n = len(c)
+        if not n:
+            continue
+        if isinstance(c, dict):
+            pairs = list(itertools.islice(reversed(c.items()), sample))
+            some: list[object] = [x for kv in pairs for x in kv]
+            taken = len(pairs)
+        else:
+            some = list(c[-sample:])
+            taken = len(some)
+        total += deep_size(some) * n // taken
+    return total
+
+
 def node_caches(node: Node) -> dict[str, list[int | None]]:
     """``name -> [entries, cap, bytes]`` of the node's bounded caches and of the ledger's
-    migration records (cap None: kept for good), measured now (:func:`deep_size`):
+    migration records (cap None: kept for good), measured now (:func:`sampled_size`):
 
     - ``signature_memo``: signatures known to verify, this process's
       (``consensus.pbft.messages``; the node sets 8,192, ``run_node.SIGNATURE_MEMO``);
@@ -200,33 +229,46 @@ def node_caches(node: Node) -> dict[str, list[int | None]]:
     core = node.core
     out: dict[str, list[int | None]] = {}
     good = pbft_messages._GOOD
-    out["signature_memo"] = [len(good), pbft_messages._GOOD_CAPACITY, deep_size([good])]
+    out["signature_memo"] = [len(good), pbft_messages._GOOD_CAPACITY, sampled_size([good])]
     statements = node.control.statements
     out["statements"] = [len(statements._cache), statements.cache_max,
-                         deep_size([statements._cache])]
+                         sampled_size([statements._cache])]
     memo = ledger_module._RESULT_BYTES
-    out["result_memo"] = [len(memo), ledger_module._RESULT_MEMO, deep_size([memo])]
+    out["result_memo"] = [len(memo), ledger_module._RESULT_MEMO, sampled_size([memo])]
     if core is None:
         return out
     verifier = core.replica.state.verifier
-    out["verifier"] = [len(verifier._seen), verifier.CAPACITY, deep_size([verifier._seen])]
+    out["verifier"] = [len(verifier._seen), verifier.CAPACITY, sampled_size([verifier._seen])]
     ledger = core.replica.ledger
     encoder = ledger._encoder
     book = ledger.requests
-    out["request_book"] = [len(book), MAX_REMEMBERED, deep_size(
+    out["request_book"] = [len(book), MAX_REMEMBERED, sampled_size(
         [book.records, book._order, encoder._requests._enc, encoder._requests._keys])]
     clients = ledger._clients
     out["client_replies"] = [sum(len(r) for _, r in clients.values()),
                              CLIENT_WINDOW * len(core.replica.state.q.members),
-                             deep_size([clients, ledger._ids])]
+                             sampled_size(
+                                 [r for _, r in clients.values()] + list(ledger._ids.values()))]
     ended = list(core._ended)
-    out["ended_sessions"] = [len(ended), ENDED_KEEP_MAX, deep_size(
-        [core._ended] + [x for mid in ended for x in (
-            core.sessions.get(mid), core.progress.get(mid), core.outcomes.get(mid))
-         if x is not None])]
-    out["ledger_migrations"] = [len(ledger.migrations), None, deep_size(
+    out["ended_sessions"] = [len(ended), ENDED_KEEP_MAX, _ended_size(core, ended)]
+    out["ledger_migrations"] = [len(ledger.migrations), None, sampled_size(
         [ledger.migrations, encoder._migrations._enc, encoder._migrations._keys])]
     return out
+
+
+def _ended_size(core: Any, ended: list[str]) -> int:
+    """Bytes of the ended sessions ``ended`` (ids): the index of them, and per session
+    (its session object, last progress and outcome, the three dicts' slots) the newest
+    SAMPLE's walked and scaled."""
+    if not ended:
+        return sys.getsizeof(core._ended)
+    some = ended[-SAMPLE:]
+    held = deep_size([x for mid in some for x in (
+        mid, core.sessions.get(mid), core.progress.get(mid), core.outcomes.get(mid))
+        if x is not None])
+    slots = sum(sys.getsizeof(d) / max(len(d), 1)
+                for d in (core.sessions, core.progress, core.outcomes))
+    return int(sys.getsizeof(core._ended) + len(ended) * (held / len(some) + slots))
 
 
 class HeapReporter:
