@@ -95,3 +95,8 @@ def test_sampled_size_scales_the_newest_entries_to_all() -> None:
     ring = [(i, bytes(100) + bytes([i % 256])) for i in range(3000)]
     assert abs(sampled_size([ring], sample=100) - deep_size([ring])) < deep_size([ring]) * 0.05
     assert sampled_size([{}, []]) == deep_size([{}]) + deep_size([[]])
+    # a mapping and its index in the same order, holding the same records: once each
+    index = list(cache.values())
+    both = sampled_size([cache, index])
+    assert abs(both - deep_size([cache, index])) < deep_size([cache, index]) * 0.02
+    assert both < sampled_size([cache]) + sampled_size([index]) - 4_000_000

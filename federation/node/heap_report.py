@@ -160,12 +160,14 @@ _NOT_DATA = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionTy
              types.MethodType, types.CodeType, types.FrameType)
 
 
-def deep_size(roots: Iterable[object], limit: int = 2_000_000) -> int:
+def deep_size(roots: Iterable[object], limit: int = 2_000_000,
+              seen: set[int] | None = None) -> int:
     """Bytes (``sys.getsizeof``) of ``roots`` and every object reachable from them
     through ``gc.get_referents``, each counted once, not following code, classes and
     modules; at most ``limit`` objects are visited (a cache whose entries reached the
-    whole heap would otherwise take seconds: then the figure is a lower bound)."""
-    seen: set[int] = set()
+    whole heap would otherwise take seconds: then the figure is a lower bound).
+    ``seen``: ids of objects already counted (by an earlier call), not counted again."""
+    seen = set() if seen is None else seen
     stack = list(roots)
     total = 0
     while stack and len(seen) < limit:
@@ -188,8 +190,11 @@ def sampled_size(containers: Iterable[Any], sample: int = SAMPLE) -> int:
     ``sample`` entries (a dict's keys and values, a list's items) times its entries /
     ``sample``. A walk of every entry of full caches (tens of thousands) would allocate
     megabytes for a moment in the node it measures; the newest entries are what the
-    cache holds now, of the same kinds as the rest."""
+    cache holds now, of the same kinds as the rest. Containers that hold the same
+    records side by side (a mapping and its index, in insertion order) are walked with
+    one memory of what was counted, so a record two of them hold is counted once."""
     total = 0
+    seen: set[int] = set()
     for c in containers:
         total += sys.getsizeof(c)
         n = len(c)
@@ -202,7 +207,7 @@ def sampled_size(containers: Iterable[Any], sample: int = SAMPLE) -> int:
         else:
             some = list(c[-sample:])
             taken = len(some)
-        total += deep_size(some) * n // taken
+        total += deep_size(some, seen=seen) * n // taken
     return total
 
 
