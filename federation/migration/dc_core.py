@@ -301,7 +301,8 @@ class NodeCore:
         aborted) goes: the ledger here never shows it begun again (execution and state
         transfer only move forward), so no target session is made again for it. One the
         ledger does not show decided yet (this replica is behind) stays until it does.
-        The persisted record stays: a restart restores it, and it is forgotten again."""
+        The host deletes the persisted record then (the node: Node._drop_records); one
+        left by a crash in between is restored at the next start and forgotten again."""
         excess = len(self._ended) - keep_most
         gone: list[str] = []
         for mid, at in list(self._ended.items()):
