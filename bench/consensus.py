@@ -208,7 +208,8 @@ async def _node_main(args: argparse.Namespace) -> None:
         store=store, log=JsonLog(args.name, logfile),
     )
     replica = Replica(args.name, ident, keys, ReplicaLog(store), random.Random(),
-                      PbftConfig(view_timeout=args.view_timeout), bench_operators(),
+                      PbftConfig(view_timeout=args.view_timeout, offload_restore=True),
+                      bench_operators(),
                       wall=wall_clock)
     operator = bench_identity("operator/" + BENCH_OPERATOR)
     # The node's own ledger path (federation.node.assembly): the node core hosting the

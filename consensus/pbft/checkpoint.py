@@ -90,8 +90,8 @@ def request_state(st: ReplicaState, out: Outbox, now: float) -> None:
     """Ask one peer for what we miss: a random one among those whose last STATUS
     claimed to be ahead (so a faulty peer that always claims to be ahead is not
     always the one asked), or any peer if none did."""
-    if now < st.transfer_until:
-        return
+    if now < st.transfer_until or st.restoring is not None:
+        return  # (a restore running: what follows it is asked for when it is in)
     st.transfer_until = now + 2 * st.cfg.status_interval
     ahead = sorted(p for p, seq in st.ahead.items() if seq > st.last_exec)
     target = st.rng.choice(ahead or st.others())

@@ -68,7 +68,16 @@ from federation.migration.vocabulary import (
     limits_for,
 )
 from mesh import wire
-from mesh.core import Action, Event, Notify, PeerDown, PeerUp, Received, TimerFired
+from mesh.core import (
+    Action,
+    Event,
+    Notify,
+    Offloaded,
+    PeerDown,
+    PeerUp,
+    Received,
+    TimerFired,
+)
 from mesh.links.modes import Mode
 
 __all__ = ["NodeCore", "TAGS", "LedgerDone"]
@@ -161,6 +170,8 @@ class NodeCore:
             key = event.key
             if isinstance(key, tuple) and len(key) == 3 and key[0] == "migration":
                 return self._to_session(now, str(key[1]), event)
+            return self._after_replica(now, self.replica.handle(now, event))
+        if isinstance(event, Offloaded):  # the replica's (a restored ledger)
             return self._after_replica(now, self.replica.handle(now, event))
         if isinstance(event, (PeerUp, PeerDown)):
             out = self._after_replica(now, self.replica.handle(now, event))
