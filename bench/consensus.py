@@ -150,6 +150,8 @@ class PeersUp:
         self.expected = expected
         self.all_up = all_up  # a trio.Event
         self.up: set[str] = set()
+        #: peer links that went down after all were up (a keepalive that timed out)
+        self.downs = 0
 
     def handle(self, now: float, event: Any) -> list[Any]:
         from mesh.core import PeerDown, PeerUp
@@ -160,7 +162,44 @@ class PeersUp:
                 self.all_up.set()
         elif isinstance(event, PeerDown):
             self.up.discard(event.peer)
+            if self.all_up.is_set():
+                self.downs += 1
         return []
+
+
+class LoopStall:
+    """How late the event loop ran a task that asked to wake every ``TICK`` seconds: the
+    longest stretch in which it ran nothing else (a step of a core, a restore done on the
+    loop), which is what a link's keepalive and every other task waited."""
+
+    TICK = 0.01
+
+    def __init__(self) -> None:
+        self.max_s = 0.0
+        self.ticks = 0
+        #: the longest single task step seen (seconds) and the task that took it
+        self.step_s = 0.0
+        self.step_task = ""
+        self._began = 0.0
+
+    def before_task_step(self, task: Any) -> None:
+        self._began = time.perf_counter()
+
+    def after_task_step(self, task: Any) -> None:
+        took = time.perf_counter() - self._began
+        if took > self.step_s:
+            self.step_s, self.step_task = took, task.name
+
+    async def run(self) -> None:
+        import trio
+
+        self._began = time.perf_counter()
+        trio.lowlevel.add_instrument(self)  # type: ignore[arg-type]
+        while True:
+            start = trio.current_time()
+            await trio.sleep(self.TICK)
+            self.ticks += 1
+            self.max_s = max(self.max_s, trio.current_time() - start - self.TICK)
 
 
 class LoadRecord:
@@ -219,7 +258,9 @@ async def _node_main(args: argparse.Namespace) -> None:
     core = NodeCore(args.name, replica, on_ledger_done=ledger.done, mode_of=lambda dst: None)
     rt.add_core("node", core, TAGS)
     linked = trio.Event()
-    rt.add_core("peers", PeersUp(len(peers), linked), ())  # type: ignore[arg-type]
+    watch = PeersUp(len(peers), linked)
+    rt.add_core("peers", watch, ())  # type: ignore[arg-type]
+    stall = LoopStall()
     record = LoadRecord()
 
     quiet: dict[str, Any] = {"last_exec": -1}
@@ -243,7 +284,12 @@ async def _node_main(args: argparse.Namespace) -> None:
         return json.dumps({"last_exec": replica.last_exec, "view": replica.view,
                            "digest": digest, "committed": len(record.latencies),
                            "metrics": replica.metrics, "runtime": rt.counters,
-                           "node": core.counters, "invocations": ledger.invocations})
+                           "node": core.counters, "invocations": ledger.invocations,
+                           "loop_stall_max_ms": round(stall.max_s * 1000, 1),
+                           "loop_ticks": stall.ticks, "peer_downs": watch.downs,
+                           "longest_step_ms": round(stall.step_s * 1000, 1),
+                           "longest_step_task": stall.step_task,
+                           "offloads": rt.offloads()})
 
     def write_file(text: str) -> None:
         tmp = data / f"{args.name}.status.tmp"
@@ -327,6 +373,7 @@ async def _node_main(args: argparse.Namespace) -> None:
         print("READY", flush=True)
         async with trio.open_nursery() as work:
             work.start_soon(status_loop)
+            work.start_soon(stall.run)  # from the links up: what a peer would see
             go = await trio.wrap_file(sys.stdin).readline()
             cpu_sampler.restart()  # DWCP_BENCH_SAMPLE: the run's samples, not the start's
             if go.strip() == "GO" and args.window > 0:

@@ -26,7 +26,6 @@ from consensus.pbft.messages import (
     NULL_BATCH,
     NULL_DIGEST,
     Batch,
-    CommittedEntry,
     Envelope,
     PreparedCert,
     Signed,
@@ -138,14 +137,14 @@ class ChunkTransfer:
 class PendingRestore:
     """A proven checkpoint whose ledger is being rebuilt off the replica's steps
     (``PbftConfig.offload_restore``): its proof and snapshot, installed when the rebuilt
-    ledger comes back; with the STATE-REPLY's sender and the committed entries that
-    came with the snapshot (none for a snapshot fetched in chunks)."""
+    ledger comes back; with the STATE-REPLY's sender (None: fetched in chunks) and the
+    chunks' hashes (None: it came in one piece)."""
 
     seq: int
     proof: tuple[Signed, ...]
     snapshot: bytes
     sender: str | None
-    entries: tuple[CommittedEntry, ...]
+    hashes: tuple[bytes, ...] | None = None
 
 
 @attrs.frozen

@@ -147,8 +147,9 @@ def on_state_reply(st: ReplicaState, out: Outbox, now: float, env: Envelope,
             st.count("bad_state_replies")
             return
         if ledger is None:
+            # (the entries after it are asked for again once it is installed)
             _offload_restore(st, out, PendingRestore(
-                sr.checkpoint_seq, sr.checkpoint_proof, cu.snapshot, env.sender, cu.entries))
+                sr.checkpoint_seq, sr.checkpoint_proof, cu.snapshot, env.sender))
             return
         _install(st, out, sr.checkpoint_seq, sr.checkpoint_proof, cu.snapshot, ledger)
     _take_entries(st, out, now, env.sender, cu.entries)
@@ -177,7 +178,7 @@ def _take_entries(st: ReplicaState, out: Outbox, now: float, sender: str,
 
 
 def _install(st: ReplicaState, out: Outbox, seq: int, proof: tuple[Signed, ...],
-             snapshot: bytes, ledger: Ledger) -> None:
+             snapshot: bytes, ledger: Ledger, hashes: tuple[bytes, ...] | None = None) -> None:
     """Take the proven state of checkpoint ``seq``."""
     st.ledger = ledger
     st.last_exec = seq
@@ -185,7 +186,7 @@ def _install(st: ReplicaState, out: Outbox, seq: int, proof: tuple[Signed, ...],
     # Reported before the checkpoint is logged: a crash right after that write
     # restarts the replica from it, and whoever follows its executions must know.
     out.notify("pbft.state-transfer", {"seq": seq})
-    checkpoint.make_stable(st, out, seq, snapshot, proof)
+    checkpoint.make_stable(st, out, seq, snapshot, proof, hashes)
     for key in [k for k in st.pending if ledger.executed_result(*k) is not None]:
         st.drop_pending(key)
     if st.chunked is not None and st.chunked.seq <= seq:
@@ -286,7 +287,8 @@ def on_snapshot_chunk(st: ReplicaState, out: Outbox, now: float, env: Envelope,
     snapshot = t.chunks.join()
     st.chunked = None
     if st.cfg.offload_restore:
-        _offload_restore(st, out, PendingRestore(t.seq, t.proof, snapshot, None, ()))
+        _offload_restore(st, out, PendingRestore(t.seq, t.proof, snapshot, None,
+                                                 t.chunks.hashes))
         return
     try:
         ledger = Ledger.restore(st.q.members, snapshot, st.operators)
@@ -325,8 +327,10 @@ def _offload_restore(st: ReplicaState, out: Outbox, pending: PendingRestore) -> 
 
 def on_restored(st: ReplicaState, out: Outbox, now: float, done: Offloaded) -> None:
     """The outcome of an offloaded restore: install its ledger if the replica is still
-    below that checkpoint, then take the entries that came with it and ask for what
-    follows; a refused snapshot is counted as the inline path counts it."""
+    below that checkpoint, and ask for what follows; a refused snapshot is counted as
+    the inline path counts it. The install's step executes nothing after it (so the
+    ledger the step leaves is the restored one, which the node's core compares with
+    what it saw using what it computed off the loop: federation.migration.dc_core)."""
     p = st.restoring
     if p is None or done.key != RESTORE + (p.seq,):
         return  # superseded by a later checkpoint's restore
@@ -344,9 +348,5 @@ def on_restored(st: ReplicaState, out: Outbox, now: float, done: Offloaded) -> N
         ledger = done.result
         if not isinstance(ledger, Ledger):
             raise TypeError(f"an offloaded restore returned {type(ledger).__name__}")
-        _install(st, out, p.seq, p.proof, p.snapshot, ledger)
-    if p.sender is not None:
-        _take_entries(st, out, now, p.sender, p.entries)
-    else:
-        execution.execute_ready(st, out, now)
+        _install(st, out, p.seq, p.proof, p.snapshot, ledger, p.hashes)
     checkpoint.request_state(st, out, now)
