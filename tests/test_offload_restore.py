@@ -9,6 +9,7 @@ held the interpreter lock and so the event loop in the restoring thread)."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import random
 import time
@@ -195,7 +196,7 @@ def test_the_node_core_reads_a_restored_ledger_as_its_ordinary_pass_does() -> No
         core = _core(c, me)
         st_ = core.replica.state
         st_.restoring = PendingRestore(8, (), snap, None)
-        work = lambda: restore_ledger(st_.q.members, snap, st_.operators)  # noqa: E731
+        work = functools.partial(restore_ledger, st_.q.members, snap, st_.operators)
         result: Any = _restored_view(me, 8, work) if fast else work()
         actions = core.handle(1.0, Offloaded(RESTORE + (8,), result))
         assert core.replica.last_exec == 8
