@@ -232,8 +232,8 @@ def chunked_transfer_figures(vms: int, timeout: float = 300.0) -> dict[str, Any]
             "chunked_chunks_served": served,
             "chunked_bad_replies": metrics.get("bad_state_replies", 0),
             "chunked_state_transfers": metrics.get("state_transfers"),
-            # the receiver's event loop from its links up to its catching up: the longest
-            # it ran nothing else (keepalives are answered within 5 s), links it lost
+            # the receiver's event loop from its start to its catching up: the longest it
+            # ran nothing else (keepalives are answered within 5 s), links it lost
             "chunked_loop_stall_max_ms": st.get("loop_stall_max_ms"),
             "chunked_loop_ticks": st.get("loop_ticks"),
             "chunked_peer_downs": st.get("peer_downs"),
