@@ -367,7 +367,8 @@ async def _node_main(args: argparse.Namespace) -> None:
 
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
-        nursery.start_soon(stall.run)  # from the runtime's start: what a peer would see
+        if args.watch_loop:
+            nursery.start_soon(stall.run)  # from the runtime's start: what a peer would see
         await linked.wait()
         await trio.to_thread.run_sync(presign)
         print("READY", flush=True)
@@ -540,6 +541,9 @@ class Cluster:
         self.view_timeout = view_timeout
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.runs = 0
+        #: nodes started from now on watch their event loop's stalls (LoopStall; off for
+        #: the consensus figures: a trio instrument on every task step costs CPU)
+        self.watch_loop = False
 
     def start(self, name: str, window: int = 0, duration: float = 0.0,
               presign: int = 0, limit: int = 0) -> None:
@@ -551,7 +555,8 @@ class Cluster:
              "--n", str(self.n), "--ports", ",".join(map(str, self.ports)),
              "--dir", str(self.dir), "--window", str(window), "--duration", str(duration),
              "--view-timeout", str(self.view_timeout), "--run", str(self.runs),
-             "--presign", str(presign), "--limit", str(limit)],
+             "--presign", str(presign), "--limit", str(limit)]
+            + (["--watch-loop"] if self.watch_loop else []),
             self.dir / f"{name}.stderr")
 
     def start_all(self, loads: dict[str, tuple[int, float]], presign: int = 0,
@@ -816,6 +821,8 @@ def _node_args(argv: list[str]) -> argparse.Namespace:
                    help="operator requests to sign before READY (see make_command)")
     p.add_argument("--limit", type=int, default=0,
                    help="stop loading once this many commands were submitted (0: none)")
+    p.add_argument("--watch-loop", action="store_true",
+                   help="report the event loop's longest stall in the status file")
     return p.parse_args(argv)
 
 

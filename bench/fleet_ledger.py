@@ -175,6 +175,7 @@ def fleet_ledger(members: list[str], vms: int, operators: OperatorTable | None =
 def chunked_transfer_figures(vms: int, timeout: float = 300.0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dwcp-bench-fleet-") as tmp:
         c = Cluster(4, Path(tmp))
+        c.watch_loop = True
         t = time.perf_counter()
         ledger = fleet_ledger(c.names, vms, bench_operators())
         snap = ledger.snapshot()

@@ -258,6 +258,8 @@ async def test_the_runtime_runs_an_offload_in_a_thread_while_the_loop_goes_on() 
     # waited the whole work (0.6 s) at once
     assert took >= 0.6 and lag < took / 2
     assert gc.isenabled()  # the collector is back on once the work ended
+    assert gc.get_freeze_count() > 0  # and what was alive then is out of its passes
+    gc.unfreeze()  # (this test process's objects back to the collector)
 
 
 async def test_an_offload_that_raises_reaches_the_core_as_its_error() -> None:
@@ -267,6 +269,7 @@ async def test_an_offload_that_raises_reaches_the_core_as_its_error() -> None:
     core, _, _ = await _run_offload(bad)
     assert core.done[0].result is None and isinstance(core.done[0].error, wire.WireError)
     assert gc.isenabled()
+    gc.unfreeze()
 
 
 # --------------------------------------------------------------------------- decoder
