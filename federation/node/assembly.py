@@ -245,7 +245,10 @@ class Node:
         try:
             replica = Replica(name, ident, self.runtime.keys, ReplicaLog(self.store),
                               random.Random(self.rng.getrandbits(64)),
-                              PbftConfig(client_timeout=request_timeout),
+                              # a transferred checkpoint's ledger is rebuilt in a worker
+                              # thread, not on the event loop (consensus.pbft.transfer)
+                              PbftConfig(client_timeout=request_timeout,
+                                         offload_restore=True),
                               operators=fed.operator_table(), wall=wall_clock,
                               previous_keys=fed.previous_keys())
         except ValueError as exc:
