@@ -273,3 +273,37 @@ def test_pieces_read_before_the_word_are_planned_at_it_in_order() -> None:
         assert d._pending == [] and d.sources is None
 
     trio.run(main)
+
+
+def test_beyond_its_lead_the_stream_plans_pages_grouped_at_the_copy_end() -> None:
+    async def main() -> None:
+        s = _Stream()
+        s.layout = [("memory", PAGES)]
+        image = _guest(10, 0.0)
+        data = bytes(image.view(0, PAGES))
+        src = StreamSource(0, "tgt", PAGES, zero_index(PAGES).root)
+        feed = ChunkFeed(lambda i, e, lvl: b"", 1)
+        s.begin({"memory": src}, feed, lead=100)
+        s.copied("memory", 0, data[: PIECE * PAGE_SIZE])
+        s.copied("memory", PIECE, data[PIECE * PAGE_SIZE :])
+
+        def planned() -> list[list[int]]:
+            out = []
+            while not feed._queue.empty():
+                item = feed._queue.get_nowait()
+                assert item is not None
+                out.append(item[1].plan.pages)
+            return out
+
+        assert planned() == [list(range(100))]  # the lead, in the order read
+        # the rest by key: pages of equal key (p % 3) together, each chunk ascending
+        assert s.plan_rest({"memory": lambda p: p % 3}) == PAGES - 100
+        rest = planned()
+        assert sorted(p for c in rest for p in c) == list(range(100, PAGES))
+        assert all(len({p % 3 for p in c}) <= 2 for c in rest)
+        assert {p % 3 for p in rest[0]} == {100 % 3}
+        (offer,) = src.finish(build_index(image))
+        assert isinstance(offer.message, V3PushOffer)
+        assert offer.message.chunks == 1 + len(rest) and offer.message.pages == PAGES
+
+    trio.run(main)
