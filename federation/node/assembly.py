@@ -112,6 +112,7 @@ from mesh.links.estimates import LinkTable
 from mesh.runtime.log import JsonLog
 from mesh.runtime.node_runtime import Peer, Runtime, wall_clock
 from mesh.runtime.sqlite_store import SQLiteStore, StoreError
+from mesh.versions import COLD_PUSH
 
 __all__ = ["Node", "NodeError", "LedgerTimeout", "UnknownMigration", "NotTheSource",
            "DATA_PLANE", "TRANSFER_VERSIONS", "DOWNTIME_LIMIT", "link_Bps"]
@@ -219,6 +220,8 @@ class Node:
             versions=self.transfer_versions, store=self.store, log=self.log,
             rng=random.Random(self.rng.getrandbits(64)), fed_print=federation_print(fed),
             framed=control_frames,
+            # a v3 source takes the target's incoming roots before round 1 (V3Held)
+            capabilities=(COLD_PUSH,) if V3 in self.transfer_versions else (),
         )
         self.control = control.attach(
             self.runtime, name, [p.name for p in peers], random.Random(self.rng.getrandbits(64)),
