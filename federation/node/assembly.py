@@ -185,6 +185,7 @@ class Node:
         retained_max: int | None = None,
         downtime_limit: float = DOWNTIME_LIMIT,
         control_frames: bool = True,
+        store: SQLiteStore | None = None,
     ) -> None:
         me = fed.dc(name)
         if ident.public != me.public_key:
@@ -208,7 +209,9 @@ class Node:
         # that reads the directory first, e.g. to make a VM backend, takes it itself)
         self.lock = lock if lock is not None else DataDirLock(data_dir)
         try:
-            self.store = SQLiteStore(data_dir / "node.sqlite3")
+            # ``store``: <data dir>/node.sqlite3 opened by the caller (``dwcp node`` waits
+            # for room to open it on a full disk: federation.cli.run_node)
+            self.store = store if store is not None else SQLiteStore(data_dir / "node.sqlite3")
         except BaseException:
             self.lock.release()
             raise
