@@ -538,7 +538,8 @@ NODE_POLL = 0.1
 ROUND_KEYS = ("round", "pages", "wire_bytes", "seconds", "dirty_pages", "refresh_s", "index_s",
               "level_s", "ready_s", "go_wait_s", "transfer_s", "level", "level_start", "levels",
               "level_steps", "chunks", "chunk_bytes", "first_chunk_s", "wire_MBps", "encode_s",
-              "starved_s", "fenced", "sketched_ahead", "sketched_late")
+              "starved_s", "fenced", "sketched_ahead", "sketched_late", "pushed", "streamed",
+              "grouped_pages", "group_s")
 
 
 def _round_figures(event: dict[str, Any], rate_mbit: float | None) -> dict[str, Any]:
