@@ -222,8 +222,8 @@ def test_the_history_keeps_the_vms_measured_last() -> None:
     h.record("new", StopCosts(after_s=0.1))
     assert len(h.samples) == VMS + 1 and "vm5" in h.samples and "vm6" not in h.samples
     assert set(h.by_vm) == set(h.samples) - {""}
-    with pytest.raises(ValueError, match="named VM"):
-        h.record("", StopCosts(after_s=0.1))
+    h.record("", StopCosts(after_s=0.2))  # no VM name: the node's figures only
+    assert len(h.samples) == VMS + 1 and h.samples[""]["after_s"][-1] == 0.2
 
 
 class _Store:
@@ -246,11 +246,13 @@ def test_the_history_is_read_back_from_the_store() -> None:
     for fence in (0.2, 0.11, 0.13):
         h.record("vm1", StopCosts(fence_s=fence, bias=0.9))
     h.record("vm2", StopCosts(after_s=0.06))
+    h.record("vm1", StopCosts(after_s=0.07))  # measured last: dropped last
     again = StopHistory(store=store)
     assert again.samples == h.samples and again.load_error == ""
+    assert list(again.samples) == list(h.samples) == ["", "vm2", "vm1"]
     assert again.estimate("vm1") == h.estimate("vm1")
     assert again.estimate("vm2") == h.estimate("vm2")
-    assert again.by_vm == {"vm1": StopCosts(fence_s=0.13, bias=0.9),
+    assert again.by_vm == {"vm1": StopCosts(fence_s=0.13, after_s=0.07, bias=0.9),
                            "vm2": StopCosts(after_s=0.06)}
     assert again.summary() == h.summary()
     # a record it cannot read is set aside: the prior, and the reason
