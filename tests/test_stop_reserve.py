@@ -54,6 +54,7 @@ from federation.migration.vocabulary import (
 from federation.node.status import migration_status, status
 from mesh.core import Notify
 from mesh.hde.image import PAGE_SIZE
+from mesh.runtime.sqlite_store import StoreFull
 from tests.harness.migration_session import of, one, precopy, session
 from tests.harness.node import build_node, make_federation
 
@@ -434,3 +435,21 @@ def test_a_restarted_node_reserves_what_it_measured_before(tmp_path: Path) -> No
         assert "fence 300 ms (max of 3)" in render_status(status(again))
     finally:
         again.close()
+
+
+def test_a_node_that_cannot_write_its_history_keeps_it_in_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk (netns-chaos's fault) fails the history's write: logged, never raised
+    into the core that measured the stop window; the figures are kept in memory."""
+    cfg = make_federation(tmp_path / "fed")
+    node = build_node(cfg, "dc1", tmp_path / "data")
+    try:
+        def full(key: str, value: bytes, sync: bool = True) -> None:
+            raise StoreFull(f"{key}: database or disk is full (test)")
+
+        monkeypatch.setattr(node.store, "put", full)
+        node.stop_history.record("vm1", StopCosts(fence_s=0.2))
+        assert node.stop_history.samples["vm1"]["fence_s"] == [0.2]
+        assert "store_write_skipped" in node.log._stream.getvalue()  # type: ignore[union-attr]
+    finally:
+        node.close()
