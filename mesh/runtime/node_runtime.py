@@ -237,6 +237,11 @@ class Runtime:
         self._routes.add(hosted.tags, hosted)
         self._cores[name] = hosted
 
+    def offloads(self) -> dict[str, dict[str, float]]:
+        """Per hosted core that offloaded work: works started, ended, the longest's seconds."""
+        return {name: dict(h.offloads) for name, h in self._cores.items()
+                if h.offloads["started"]}
+
     def add_handler(self, tags: Iterable[str], handler: Handler) -> None:
         """Call ``handler(peer, message)`` for every message with one of ``tags``."""
         self._routes.add(tuple(tags), handler)
