@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-qemu test bench chaos netns-chaos lint browser-check alerts-check corpus corpus-small qemu-guest clean
+.PHONY: demo demo-qemu test bench chaos netns-chaos netns-chaos-wan lint browser-check alerts-check corpus corpus-small qemu-guest clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,7 @@ chaos: $(STAMP)
 	$(BIN)/dwcp sim sweep pbft-swarm --seeds 0-9999 --run-timeout 600
 	$(BIN)/dwcp sim sweep pbft-swarm --seeds 0-9999 --nodes 7 --run-timeout 600
 	$(MAKE) netns-chaos SEEDS=1-100
+	$(MAKE) netns-chaos-wan SEEDS=1-20
 
 # make netns-chaos: every DC's node in its own network namespace behind a tbf-shaped
 # veth link to a bridge, faults by seed (link down, one direction dropped, kill -9,
@@ -43,6 +44,13 @@ SEEDS ?= 1-100
 netns-chaos: $(STAMP)
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends iproute2
 	nice -n 10 $(BIN)/python -m bench.netns_chaos --seeds $(SEEDS) --json $(NETNS_CHAOS_ARGS)
+
+# make netns-chaos-wan SEEDS=A-B: the same with WAN latency: every DC's connections
+# through a delay relay in its namespace (bench/netns_wan.py: 13-118 ms one way, the
+# simulator's geo preset), and the relay's kill -9 among the faults.
+netns-chaos-wan: $(STAMP)
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends iproute2
+	nice -n 10 $(BIN)/python -m bench.netns_chaos --seeds $(SEEDS) --json --wan $(NETNS_CHAOS_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.all

@@ -7,6 +7,9 @@ One seed is one run:
   in a hub namespace by a veth pair shaped with tbf at the DC's rate from the profile
   (:class:`bench.netns.BridgeNet`); this process reaches the nodes' APIs through the
   bridge's unshaped management port;
+* with ``--wan`` (``make netns-chaos-wan``), WAN latency: every connection a DC opens
+  to a peer goes through that DC's delay relay, 13-118 ms one way
+  (:mod:`bench.netns_wan`), and the relay's ``kill -9`` is one more fault;
 * each DC's data directory is a small tmpfs of its own (:data:`DISK_MIB`), so a disk
   can be filled;
 * the VMs: :data:`IMAGE_VMS` image VMs of seeded random content (cheap), and in some
@@ -33,6 +36,7 @@ same network, not the same interleaving. Every failing seed prints its replay li
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import hashlib
 import json
@@ -52,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.netns import BridgeNet, netns_missing
+from bench.netns_wan import WanRelays
 from consensus.ledger import CancelMigration, SetPolicy
 from federation.api.client import import_vm, migrate_request
 from federation.vms.sealed_image import content_sha256
@@ -74,6 +79,9 @@ MEMORY_KIB, DISK_KIB = 768, 256
 #: The guest runs in seeds divisible by this (``--guest auto``).
 GUEST_EVERY = 5
 FAULTS = ("link-down", "drop-in", "drop-out", "kill9", "sigstop", "restart", "disk-full")
+#: With ``--wan`` (a delay relay per DC, bench/netns_wan.py): its relay killed too. A
+#: tuple of its own, so the default schedules (of FAULTS) stay what they were.
+WAN_FAULTS = (*FAULTS, "relay-kill9")
 #: A fault holds 2-8 s (long enough for SWIM to suspect and PBFT to time a view out),
 #: the gap between two faults 0.5-3 s.
 HOLD_S, GAP_S = (2.0, 8.0), (0.5, 3.0)
@@ -106,6 +114,7 @@ class Run:
     root: Path
     guest: bool
     chaos_s: float
+    relays: WanRelays | None = None
     migrations: list[Migration] = field(default_factory=list)
     faults: list[str] = field(default_factory=list)
     exits: list[str] = field(default_factory=list)
@@ -199,14 +208,18 @@ def _umount(mounted: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def _federation(root: Path, net: BridgeNet, guest: bool,
-                mounted: list[Path]) -> Iterator[NodeProcesses]:
+def _federation(root: Path, net: BridgeNet, guest: bool, mounted: list[Path],
+                relays: WanRelays | None = None) -> Iterator[NodeProcesses]:
     def before_start(cfg: Path) -> None:
         mounted.extend(_mount_disks(cfg, GUEST_DISK_MIB if guest else DISK_MIB))
+        if relays is not None:
+            relays.start_all(cfg)
 
     placed: dict[str, Any] = {
         "host": net.mgmt, "hosts": dict(net.addresses),
         "prefixes": {dc: net.prefix(dc) for dc in NAMES}, "before_start": before_start}
+    if relays is not None:
+        placed["views"] = relays.views
     if guest:
         from tests.harness.qemu_nodes import qemu_nodes
         with qemu_nodes(root, **placed) as nodes:
@@ -269,6 +282,11 @@ def _apply(run: Run, kind: str, dc: str, hold: float) -> None:
             if proc.returncode not in (0, -signal.SIGTERM):
                 run.exits.append(f"{dc} exited {proc.returncode} after SIGTERM")
         nodes.start(dc)
+    elif kind == "relay-kill9":
+        assert run.relays is not None, "relay faults are drawn with --wan only"
+        run.relays.kill(dc)
+        time.sleep(hold)
+        run.relays.start(dc)
     elif kind == "disk-full":
         filler = _fill(nodes.cfg.parent / "data" / dc)
         try:
@@ -276,7 +294,7 @@ def _apply(run: Run, kind: str, dc: str, hold: float) -> None:
         finally:
             filler.unlink()
     else:
-        raise ValueError(f"fault {kind!r}: one of {FAULTS}")
+        raise ValueError(f"fault {kind!r}: one of {WAN_FAULTS}")
 
 
 def _revive(run: Run, why: str) -> None:
@@ -286,6 +304,10 @@ def _revive(run: Run, why: str) -> None:
         if proc.poll() is not None:
             run.exits.append(f"{dc} exited with {proc.returncode} {why}")
             run.nodes.start(dc)
+    if run.relays is not None:
+        for dc in run.relays.dead():
+            run.exits.append(f"{dc}'s relay exited {why}")
+            run.relays.start(dc)
 
 
 def _chaos(run: Run, schedule: list[tuple[float, str, str, float]], began: float) -> None:
@@ -298,12 +320,13 @@ def _chaos(run: Run, schedule: list[tuple[float, str, str, float]], began: float
         _revive(run, f"during or after {kind} of {dc}")
 
 
-def make_schedule(rng: random.Random, chaos_s: float) -> list[tuple[float, str, str, float]]:
+def make_schedule(rng: random.Random, chaos_s: float, faults: tuple[str, ...] = FAULTS,
+                  ) -> list[tuple[float, str, str, float]]:
     """(gap before, fault, DC, hold) until the chaos phase is over: from the seed alone."""
     out, t = [], 0.0
     while t < chaos_s:
         gap, hold = rng.uniform(*GAP_S), rng.uniform(*HOLD_S)
-        out.append((gap, rng.choice(FAULTS), rng.choice(NAMES), hold))
+        out.append((gap, rng.choice(faults), rng.choice(NAMES), hold))
         t += gap + hold
     return out
 
@@ -470,7 +493,11 @@ def check_run(run: Run) -> dict[str, Any]:
     committed = sum(1 for s in seen.values() if s.get("dc1") == "committed")
     return {"migrations": len(run.migrations), "committed": committed,
             "aborted": len(seen) - committed, "refused": len(run.migrations) - len(seen),
-            "cancel_requests": sum(m.cancelled for m in run.migrations)}
+            "cancel_requests": sum(m.cancelled for m in run.migrations),
+            # each DC's round-trip estimate of each peer after the heal (with --wan: the
+            # relays' latency both ways, plus the links' own)
+            "rtt_ms": {dc: {peer: link.get("rtt_ms") for peer, link in sorted(
+                d.get("links", {}).items())} for dc, d in docs.items()}}
 
 
 def _check_images(run: Run, vm: str, owner: str) -> None:
@@ -515,6 +542,20 @@ def _check_guest(run: Run, owner: str) -> None:
 # ----------------------------------------------------------------------------- one seed
 
 
+@contextlib.contextmanager
+def _relays(net: BridgeNet, root: Path, seed: int, wan: bool) -> Iterator[WanRelays | None]:
+    """With ``wan``, every DC's delay relay (started with the federation, before the
+    nodes); killed on the way out, before the namespaces go."""
+    if not wan:
+        yield None
+        return
+    relays = WanRelays({dc: net.prefix(dc) for dc in NAMES}, root / "logs", seed)
+    try:
+        yield relays
+    finally:
+        relays.close()
+
+
 def guest_wanted(seed: int, mode: str) -> bool:
     if mode == "never":
         return False
@@ -525,21 +566,23 @@ def guest_wanted(seed: int, mode: str) -> bool:
 
 
 def run_seed(seed: int, workdir: Path, chaos_s: float, profile: str, guest_mode: str,
-             keep: bool) -> dict[str, Any]:
-    """One seed from a fresh network and federation to the checker's verdict."""
+             keep: bool, wan: bool = False) -> dict[str, Any]:
+    """One seed from a fresh network and federation to the checker's verdict; ``wan``:
+    every DC's connections through its delay relay (bench/netns_wan.py)."""
     rng = random.Random(seed)
     guest = guest_wanted(seed, guest_mode)
     root = workdir / f"seed-{seed}"
     root.mkdir(parents=True)
     started = time.monotonic()
-    result: dict[str, Any] = {"seed": seed, "guest": guest, "profile": profile}
+    result: dict[str, Any] = {"seed": seed, "guest": guest, "profile": profile, "wan": wan}
     mounted: list[Path] = []
     run: Run | None = None
     try:
         with BridgeNet(list(NAMES), PROFILES[profile],
                        name=f"dx{(os.getpid() + seed) % 10**6}") as net, \
-                _federation(root, net, guest, mounted) as nodes:
-            run = Run(seed, rng, nodes, net, root, guest, chaos_s)
+                _relays(net, root, seed, wan) as relays, \
+                _federation(root, net, guest, mounted, relays) as nodes:
+            run = Run(seed, rng, nodes, net, root, guest, chaos_s, relays)
             nodes.api("dc1").ok("POST", "/api/policy", SetPolicy(100, (), (), False))
             vms = []
             for k in range(IMAGE_VMS):
@@ -556,7 +599,7 @@ def run_seed(seed: int, workdir: Path, chaos_s: float, profile: str, guest_mode:
                 _wait("the guest's first checks", lambda: len(
                     guest_console(nodes, "g", ["dc1"]).checks) >= 2, BOOT_S, every=1.0)
                 vms.append("g")
-            schedule = make_schedule(rng, chaos_s)
+            schedule = make_schedule(rng, chaos_s, WAN_FAULTS if wan else FAULTS)
             seeds = {vm: rng.randrange(1 << 30) for vm in vms}
             began = time.monotonic()
             until = began + chaos_s
@@ -584,7 +627,7 @@ def run_seed(seed: int, workdir: Path, chaos_s: float, profile: str, guest_mode:
     if run is not None:
         result.update(faults=run.faults, exits=run.exits, harness_errors=run.errors)
     result["seconds"] = round(time.monotonic() - started, 1)
-    result["replay"] = replay_line(seed, chaos_s, profile, guest_mode)
+    result["replay"] = replay_line(seed, chaos_s, profile, guest_mode, wan)
     if result["ok"] and not keep:
         shutil.rmtree(root, ignore_errors=True)
     else:
@@ -592,8 +635,10 @@ def run_seed(seed: int, workdir: Path, chaos_s: float, profile: str, guest_mode:
     return result
 
 
-def replay_line(seed: int, chaos_s: float, profile: str, guest_mode: str) -> str:
+def replay_line(seed: int, chaos_s: float, profile: str, guest_mode: str,
+                wan: bool = False) -> str:
     extra = f" --chaos-seconds {chaos_s:g} --profile {profile} --guest {guest_mode}"
+    extra += " --wan" if wan else ""
     return f"python -m bench.netns_chaos --seeds {seed}{extra}"
 
 
@@ -622,6 +667,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guest", choices=("auto", "always", "never"), default="auto",
                    help=f"the QEMU guest: auto = in seeds divisible by {GUEST_EVERY} where "
                    "QEMU and the guest are installed")
+    p.add_argument("--wan", action="store_true",
+                   help="WAN latency: every DC's connections through a delay relay in its "
+                   "namespace, 13-118 ms one way (bench/netns_wan.py), and relay kills "
+                   "among the faults")
     p.add_argument("--keep", action="store_true", help="keep every seed's directory")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     args = p.parse_args(argv)
@@ -639,7 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     results = []
     for seed in seeds:
-        r = run_seed(seed, workdir, args.chaos_seconds, args.profile, args.guest, args.keep)
+        r = run_seed(seed, workdir, args.chaos_seconds, args.profile, args.guest, args.keep,
+                     args.wan)
         results.append(r)
         if r["ok"]:
             print(f"seed {seed}: ok in {r['seconds']} s: {r['migrations']} migrations "
@@ -664,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
             "aborted": sum(r.get("aborted", 0) for r in results),
             "refused": sum(r.get("refused", 0) for r in results),
             "faults": sum(len(r.get("faults") or []) for r in results),
+            "fault_kinds": dict(sorted(collections.Counter(
+                f.split()[1] for r in results for f in r.get("faults") or []).items())),
             "guest_seeds": sum(r["guest"] for r in results),
             "wall_seconds": round(wall, 1)}, sort_keys=True))
     return 1 if failed else 0

@@ -13,6 +13,7 @@ from bench.netns import netns_missing
 from bench.netns_chaos import (
     FAULTS,
     NAMES,
+    WAN_FAULTS,
     contradictions,
     copies_violation,
     ledger_disagreement,
@@ -22,8 +23,11 @@ from bench.netns_chaos import (
     still_migrating,
     undecided,
 )
+from bench.netns_wan import LATENCY_MS
 
 _NETNS = netns_missing()
+_SEED_1_BEFORE_WAN = [("disk-full", "dc1"), ("kill9", "dc4"), ("link-down", "dc4"),
+                      ("kill9", "dc1")]
 
 
 def test_commit_and_abort_of_one_migration_is_a_contradiction() -> None:
@@ -73,6 +77,9 @@ def test_the_schedule_is_the_seeds_and_covers_every_fault() -> None:
     assert make_schedule(random.Random(3), 30) != make_schedule(random.Random(4), 30)
     kinds = {k for s in range(20) for _, k, _, _ in make_schedule(random.Random(s), 30)}
     assert kinds == set(FAULTS)
+    kinds = {k for s in range(20)
+             for _, k, _, _ in make_schedule(random.Random(s), 30, WAN_FAULTS)}
+    assert kinds == set(WAN_FAULTS)
     assert {dc for _, _, dc, _ in make_schedule(random.Random(1), 300)} == set(NAMES)
     assert parse_seeds("3-5") == [3, 4, 5] and parse_seeds("7,9") == [7, 9]
     with pytest.raises(SystemExit, match="--seeds"):
@@ -87,4 +94,26 @@ def test_smoke_one_seed_on_namespaced_nodes(tmp_path: Path) -> None:
     result = run_seed(2, tmp_path, 10.0, "wan", "never", keep=False)
     assert result["ok"], (result.get("error"), result.get("faults"), result["replay"])
     assert result["migrations"] >= 1 and result["faults"]
+    assert not (tmp_path / "seed-2").exists()
+
+
+def test_the_default_schedule_is_the_one_of_before_wan() -> None:
+    """``--wan`` adds a fault of its own; the default runs (seeds 1-100 of ``make
+    netns-chaos``) keep the schedules they had: seed 1's first faults, as drawn at 77d346f."""
+    assert [(k, dc) for _, k, dc, _ in make_schedule(random.Random(1), 30)][:4] == \
+        _SEED_1_BEFORE_WAN
+
+
+@pytest.mark.skipif(_NETNS is not None, reason=f"needs network namespaces: {_NETNS}")
+@pytest.mark.timeout(300)
+@pytest.mark.slow
+def test_smoke_one_wan_seed_through_delay_relays(tmp_path: Path) -> None:
+    """Seed 2 with ``--wan`` for 10 s: the checker's verdict holds, and dc1's round-trip
+    estimate of dc4 (a relay of 112 ms each way, bench/netns_wan.py) is at least the
+    relays' 224 ms: the nodes' links go through them."""
+    result = run_seed(2, tmp_path, 10.0, "wan", "never", keep=False, wan=True)
+    assert result["ok"], (result.get("error"), result.get("faults"), result["replay"])
+    assert result["migrations"] >= 1 and result["replay"].endswith(" --wan")
+    rtt = result["rtt_ms"]["dc1"]["dc4"]
+    assert rtt is not None and rtt >= 2 * LATENCY_MS[("dc1", "dc4")], result["rtt_ms"]
     assert not (tmp_path / "seed-2").exists()

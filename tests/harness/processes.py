@@ -43,13 +43,16 @@ class NodeProcesses:
 
     def __init__(self, cfg: Path, logs: Path,
                  writers: dict[str, list[str]] | None = None,
-                 prefixes: dict[str, list[str]] | None = None) -> None:
+                 prefixes: dict[str, list[str]] | None = None,
+                 views: dict[str, Path] | None = None) -> None:
         self.cfg = cfg
         self.logs = logs
         self.fed = config.load(cfg)
         self.writers = writers or {}
         #: argv a DC's node runs under (``ip netns exec NS``: a DC behind a FarLink)
         self.prefixes = prefixes or {}
+        #: the federation file a DC's node runs if not ``cfg`` (a restart keeps it)
+        self.views = views or {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def api(self, name: str) -> Api:
@@ -60,7 +63,8 @@ class NodeProcesses:
     def start(self, name: str, cfg: Path | None = None,
               argv: list[str] | None = None) -> None:
         """Start ``name``'s node (with the federation file ``cfg`` if given, e.g. a DC
-        whose file differs from the others'; or as ``dwcp ARGV``, a whole command line)."""
+        whose file differs from the others', else the view it was given; or as ``dwcp
+        ARGV``, a whole command line)."""
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
         if argv is not None:
             self.procs[name] = subprocess.Popen(
@@ -68,7 +72,7 @@ class NodeProcesses:
                 stdout=subprocess.DEVNULL, stderr=log)
             log.close()
             return
-        node = ["--config", str(cfg or self.cfg), "--name", name]
+        node = ["--config", str(cfg or self.views.get(name, self.cfg)), "--name", name]
         writers = [f"--writer={w}" for w in self.writers.get(name, [])]
         argv = ([sys.executable, "-c", WRITER_NODE_MAIN, *node, *writers] if writers
                 else [sys.executable, "-c", DWCP_MAIN, "node", *node])
@@ -190,10 +194,10 @@ def node_processes(tmp_path: Path, writers: dict[str, list[str]] | None = None,
     logs.mkdir()
     if before_start is not None:
         before_start(cfg)
-    nodes = NodeProcesses(cfg, logs, writers, prefixes)
+    nodes = NodeProcesses(cfg, logs, writers, prefixes, configs)
     try:
         for name in NAMES:
-            nodes.start(name, configs.get(name))
+            nodes.start(name)
         for name in ready:
             nodes.wait(f"{name} ready", lambda name=name: nodes.ready(name))
         yield nodes
