@@ -150,6 +150,8 @@ class PeersUp:
         self.expected = expected
         self.all_up = all_up  # a trio.Event
         self.up: set[str] = set()
+        #: peer links that went down (a keepalive that timed out)
+        self.downs = 0
 
     def handle(self, now: float, event: Any) -> list[Any]:
         from mesh.core import PeerDown, PeerUp
@@ -160,7 +162,43 @@ class PeersUp:
                 self.all_up.set()
         elif isinstance(event, PeerDown):
             self.up.discard(event.peer)
+            self.downs += 1
         return []
+
+
+class LoopStall:
+    """How late the event loop ran a task that asked to wake every ``TICK`` seconds: the
+    longest stretch in which it ran nothing else (a step of a core, a restore done on the
+    loop), which is what a link's keepalive and every other task waited."""
+
+    TICK = 0.01
+
+    def __init__(self) -> None:
+        self.max_s = 0.0
+        self.ticks = 0
+        #: the longest single task step seen (seconds) and the task that took it
+        self.step_s = 0.0
+        self.step_task = ""
+        self._began = 0.0
+
+    def before_task_step(self, task: Any) -> None:
+        self._began = time.perf_counter()
+
+    def after_task_step(self, task: Any) -> None:
+        took = time.perf_counter() - self._began
+        if took > self.step_s:
+            self.step_s, self.step_task = took, task.name
+
+    async def run(self) -> None:
+        import trio
+
+        self._began = time.perf_counter()
+        trio.lowlevel.add_instrument(self)  # type: ignore[arg-type]
+        while True:
+            start = trio.current_time()
+            await trio.sleep(self.TICK)
+            self.ticks += 1
+            self.max_s = max(self.max_s, trio.current_time() - start - self.TICK)
 
 
 class LoadRecord:
@@ -208,7 +246,8 @@ async def _node_main(args: argparse.Namespace) -> None:
         store=store, log=JsonLog(args.name, logfile),
     )
     replica = Replica(args.name, ident, keys, ReplicaLog(store), random.Random(),
-                      PbftConfig(view_timeout=args.view_timeout), bench_operators(),
+                      PbftConfig(view_timeout=args.view_timeout, offload_restore=True),
+                      bench_operators(),
                       wall=wall_clock)
     operator = bench_identity("operator/" + BENCH_OPERATOR)
     # The node's own ledger path (federation.node.assembly): the node core hosting the
@@ -218,7 +257,9 @@ async def _node_main(args: argparse.Namespace) -> None:
     core = NodeCore(args.name, replica, on_ledger_done=ledger.done, mode_of=lambda dst: None)
     rt.add_core("node", core, TAGS)
     linked = trio.Event()
-    rt.add_core("peers", PeersUp(len(peers), linked), ())  # type: ignore[arg-type]
+    watch = PeersUp(len(peers), linked)
+    rt.add_core("peers", watch, ())  # type: ignore[arg-type]
+    stall = LoopStall()
     record = LoadRecord()
 
     quiet: dict[str, Any] = {"last_exec": -1}
@@ -242,7 +283,12 @@ async def _node_main(args: argparse.Namespace) -> None:
         return json.dumps({"last_exec": replica.last_exec, "view": replica.view,
                            "digest": digest, "committed": len(record.latencies),
                            "metrics": replica.metrics, "runtime": rt.counters,
-                           "node": core.counters, "invocations": ledger.invocations})
+                           "node": core.counters, "invocations": ledger.invocations,
+                           "loop_stall_max_ms": round(stall.max_s * 1000, 1),
+                           "loop_ticks": stall.ticks, "peer_downs": watch.downs,
+                           "longest_step_ms": round(stall.step_s * 1000, 1),
+                           "longest_step_task": stall.step_task,
+                           "offloads": rt.offloads()})
 
     def write_file(text: str) -> None:
         tmp = data / f"{args.name}.status.tmp"
@@ -321,6 +367,8 @@ async def _node_main(args: argparse.Namespace) -> None:
 
     async with trio.open_nursery() as nursery:
         await nursery.start(rt.run)
+        if args.watch_loop:
+            nursery.start_soon(stall.run)  # from the runtime's start: what a peer would see
         await linked.wait()
         await trio.to_thread.run_sync(presign)
         print("READY", flush=True)
@@ -336,6 +384,7 @@ async def _node_main(args: argparse.Namespace) -> None:
             work.cancel_scope.cancel()
         write_status()
         rt.shutdown()
+        nursery.cancel_scope.cancel()  # (the stall watch)
     store.close()
 
 
@@ -492,6 +541,9 @@ class Cluster:
         self.view_timeout = view_timeout
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.runs = 0
+        #: nodes started from now on watch their event loop's stalls (LoopStall; off for
+        #: the consensus figures: a trio instrument on every task step costs CPU)
+        self.watch_loop = False
 
     def start(self, name: str, window: int = 0, duration: float = 0.0,
               presign: int = 0, limit: int = 0) -> None:
@@ -503,7 +555,8 @@ class Cluster:
              "--n", str(self.n), "--ports", ",".join(map(str, self.ports)),
              "--dir", str(self.dir), "--window", str(window), "--duration", str(duration),
              "--view-timeout", str(self.view_timeout), "--run", str(self.runs),
-             "--presign", str(presign), "--limit", str(limit)],
+             "--presign", str(presign), "--limit", str(limit)]
+            + (["--watch-loop"] if self.watch_loop else []),
             self.dir / f"{name}.stderr")
 
     def start_all(self, loads: dict[str, tuple[int, float]], presign: int = 0,
@@ -768,6 +821,8 @@ def _node_args(argv: list[str]) -> argparse.Namespace:
                    help="operator requests to sign before READY (see make_command)")
     p.add_argument("--limit", type=int, default=0,
                    help="stop loading once this many commands were submitted (0: none)")
+    p.add_argument("--watch-loop", action="store_true",
+                   help="report the event loop's longest stall in the status file")
     return p.parse_args(argv)
 
 

@@ -175,6 +175,7 @@ def fleet_ledger(members: list[str], vms: int, operators: OperatorTable | None =
 def chunked_transfer_figures(vms: int, timeout: float = 300.0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dwcp-bench-fleet-") as tmp:
         c = Cluster(4, Path(tmp))
+        c.watch_loop = True
         t = time.perf_counter()
         ledger = fleet_ledger(c.names, vms, bench_operators())
         snap = ledger.snapshot()
@@ -231,7 +232,13 @@ def chunked_transfer_figures(vms: int, timeout: float = 300.0) -> dict[str, Any]
             "chunked_manifests": metrics.get("snapshot_manifests"),
             "chunked_chunks_served": served,
             "chunked_bad_replies": metrics.get("bad_state_replies", 0),
-            "chunked_state_transfers": metrics.get("state_transfers")}
+            "chunked_state_transfers": metrics.get("state_transfers"),
+            # the receiver's event loop from its start to its catching up: the longest it
+            # ran nothing else (keepalives are answered within 5 s), links it lost
+            "chunked_loop_stall_max_ms": st.get("loop_stall_max_ms"),
+            "chunked_loop_ticks": st.get("loop_ticks"),
+            "chunked_peer_downs": st.get("peer_downs"),
+            "chunked_restores_offloaded": metrics.get("restores_offloaded", 0)}
 
 
 def _wait_ready(c: Cluster, timeout: float) -> None:

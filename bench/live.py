@@ -19,6 +19,12 @@ Contenders (:data:`CONTENDERS`), each a function ``(Setup, Path) -> dict``:
   of guest time later, back to the first backend, which still holds its earlier copy
   (``return_bytes_ratio_vs_there``; QEMU sends everything again on a return).
 
+Every QEMU contender runs with ``auto-converge`` and a 300 ms ``downtime-limit``, like
+DWCP's rounds (:data:`QEMU_CAPABILITIES`), and is bounded (:func:`qemu_limit`): one that
+has not converged by its limit is cancelled, reported ``converged: false`` with its time
+and bytes so far (its ``guest``: the source ran on, counter and checks intact) and left
+out of the best QEMU (``comparison.<link>.qemu_left_out``).
+
 Per run: boot a fresh guest (``--fill`` percent of its free RAM in ballast, no disk: QEMU's
 migration moves no disk), wait until it wrote its ballast and its heartbeat counter reached
 ``--at`` seconds of guest time, migrate, resume the target and check that the counter
@@ -34,6 +40,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +53,7 @@ import trio
 from bench.corpus.relay import CountingRelay
 from bench.frame_pipe import FramePipe, loopback, over_tbf
 from bench.netns import ADDRESS_B, FarLink, TbfLink, netns_missing
-from bench.qemu import MAX_BANDWIDTH, MIGRATION_TIMEOUT_S, MigrationError, qemu_version
+from bench.qemu import MAX_BANDWIDTH, MigrationError, qemu_version
 from consensus.ledger import SetPolicy
 from federation.dataplane.v3_protocol import choose_chunk_level
 from federation.demo.processes import START_BUDGET, DemoFailed, LocalFederation
@@ -94,6 +101,8 @@ RETURN_AFTER_S = 60
 #: Heartbeats and verified rounds the target must print after the migration to count as ok.
 AFTER_HEARTBEATS, AFTER_CHECKS = 20, 2
 BOOT_TIMEOUT = 300.0
+#: The shaped link's rate (issue 17: 100 Mbit/s).
+TBF_MBIT = 100
 TARGET_PORT = 4444  # QEMU's documentation examples use tcp:...:4444 for -incoming
 
 
@@ -103,6 +112,9 @@ class Setup:
     accel: str
     at_s: int
     level: int
+    #: QEMU's contenders with ``auto-converge`` (the default, like DWCP's rounds); off
+    #: only to reproduce plain pre-copy that does not converge (``--qemu-no-auto-converge``)
+    auto_converge: bool = True
 
 
 def _heartbeat_at(at_s: int) -> int:
@@ -134,8 +146,21 @@ class _Guest:
         self.proc.quit()
 
 
-def _configure(g: _Guest, multifd: bool, level: int, source: bool) -> None:
-    caps = [{"capability": "events", "state": True}]
+#: QEMU's settings every contender runs with, its best for a live guest and like DWCP's
+#: (docs/BENCHMARKS.md, "QEMU's contenders at their best setting"): ``auto-converge``
+#: (QEMU throttles the vCPUs when the dirty rate outruns the link, as DWCP's round
+#: policy does, federation.migration.precopy; QEMU's own throttle steps, 20 % then
+#: +10 % up to 99 %, are left at their defaults), and ``downtime-limit`` 300 ms, the
+#: limit DWCP's rounds aim at (federation.node.assembly's ``downtime_limit_ms``;
+#: QEMU 7.2's default too, set here so a changed default cannot move the baseline).
+QEMU_CAPABILITIES = ("events", "auto-converge")
+DOWNTIME_LIMIT_MS = 300
+
+
+def _configure(g: _Guest, multifd: bool, level: int, source: bool,
+               max_bandwidth: int = MAX_BANDWIDTH, auto_converge: bool = True) -> None:
+    caps = [{"capability": c, "state": True} for c in QEMU_CAPABILITIES
+            if auto_converge or c != "auto-converge"]
     if multifd:
         caps.append({"capability": "multifd", "state": True})
     g.proc.qmp.execute("migrate-set-capabilities", capabilities=caps)
@@ -149,19 +174,65 @@ def _configure(g: _Guest, multifd: bool, level: int, source: bool) -> None:
     if source:
         # QEMU's default max-bandwidth is 128 MiB/s: never throttle the baseline below
         # what the link carries (bench.qemu.MAX_BANDWIDTH)
-        params["max-bandwidth"] = MAX_BANDWIDTH
+        params["max-bandwidth"] = max_bandwidth
+        params["downtime-limit"] = DOWNTIME_LIMIT_MS
     if params:
         g.proc.qmp.execute("migrate-set-parameters", **params)
 
 
-def _completed(g: _Guest, what: str) -> None:
+def _settings(g: _Guest) -> dict[str, Any]:
+    """What the source QEMU will migrate with, as it reports it (not as we asked)."""
+    caps = {c["capability"]: c["state"]
+            for c in g.proc.qmp.execute("query-migrate-capabilities")}
+    params = g.proc.qmp.execute("query-migrate-parameters")
+    return {"capabilities": sorted(k for k, on in caps.items() if on),
+            **{k: params.get(k) for k in ("downtime-limit", "max-bandwidth",
+                                          "cpu-throttle-initial", "cpu-throttle-increment",
+                                          "max-cpu-throttle", "multifd-channels",
+                                          "multifd-compression", "multifd-zstd-level")}}
+
+
+#: A QEMU contender that has not converged after this long is cancelled (the floor of
+#: :func:`qemu_limit`): plain pre-copy of a guest dirtying faster than the link never
+#: ends on its own (docs/BENCHMARKS.md, the quiet run of 2026-12-08 03:11).
+QEMU_LIMIT_FLOOR_S = 120.0
+#: ... or after this many times the time the guest's whole RAM takes on the link.
+QEMU_LIMIT_RAM_TIMES = 4
+#: The migration's own end after ``migrate_cancel``, and the target's after the source's.
+CANCEL_WAIT_S = 60.0
+
+
+def qemu_limit(mib: int, rate_mbit: float | None) -> tuple[float, str]:
+    """(seconds, how they were derived) a QEMU contender may take before it is cancelled:
+    max(:data:`QEMU_LIMIT_FLOOR_S`, :data:`QEMU_LIMIT_RAM_TIMES` x the guest's RAM over
+    the link's rate); an unshaped link (``rate_mbit`` None) gets the floor."""
+    if rate_mbit is None:
+        return QEMU_LIMIT_FLOOR_S, f"{QEMU_LIMIT_FLOOR_S:g} s (unshaped link: the floor)"
+    ram_s = QEMU_LIMIT_RAM_TIMES * (mib << 20) * 8 / (rate_mbit * 1e6)
+    return (max(QEMU_LIMIT_FLOOR_S, round(ram_s, 1)),
+            f"max({QEMU_LIMIT_FLOOR_S:g} s, {QEMU_LIMIT_RAM_TIMES} x {mib} MiB / "
+            f"{rate_mbit:g} Mbit/s = {ram_s:.1f} s)")
+
+
+#: How often a running migration's state is asked (``query-migrate``): the resolution of
+#: a QEMU contender's ``total_s``. A QMP read that times out closes the session
+#: (federation.vms.qmp), so the limit is kept by asking, not by a timed wait for the event.
+MIGRATION_POLL_S = 0.02
+
+
+def _migration_end(g: _Guest, what: str, deadline: float) -> str | None:
+    """The migration's end at ``g`` ("completed", or "cancelled" after our cancel) or None
+    if ``deadline`` (monotonic) came first; a failure raises MigrationError."""
     while True:
-        status = g.proc.qmp.wait_event("MIGRATION", MIGRATION_TIMEOUT_S)["data"]["status"]
-        if status == "completed":
-            return
-        if status in ("failed", "cancelled"):
-            info = g.proc.qmp.execute("query-migrate")
+        info = g.proc.qmp.execute("query-migrate")
+        status = info.get("status")
+        if status in ("completed", "cancelled"):
+            return str(status)
+        if status == "failed":
             raise MigrationError(f"{what}: {status}: {info.get('error-desc')}")
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(MIGRATION_POLL_S)
 
 
 def _guest_ok(logs: list[Path], offsets: list[int], before: int,
@@ -204,16 +275,30 @@ def _boot_source(setup: Setup, work: Path, prefix: Sequence[str]) -> _Guest:
     return src
 
 
-def _qemu_run(setup: Setup, work: Path, multifd: bool, level: int, tbf: bool) -> dict[str, Any]:
-    link = TbfLink(100).open() if tbf else None
+def _qemu_run(setup: Setup, work: Path, multifd: bool, level: int, tbf: bool,
+              limit_s: float | None = None, max_bandwidth: int = MAX_BANDWIDTH
+              ) -> dict[str, Any]:
+    """One QEMU contender: boot the source, migrate it at ``setup.at_s`` to a fresh target
+    over loopback (the counting relay) or the 100 Mbit/s tbf pair, resume the target and
+    check the guest. A migration not completed after ``limit_s`` (default
+    :func:`qemu_limit` of the guest and the link) is cancelled (``migrate_cancel``): the
+    run is ``converged: false`` with its time and bytes so far, and ``guest`` is then the
+    *source's* check (it must run on, counter and checks intact)."""
+    rate = TBF_MBIT if tbf else None
+    limit, why = qemu_limit(setup.spec.memory_mib, rate) if limit_s is None else (
+        limit_s, f"{limit_s:g} s (given)")
+    print(f"bench live: a QEMU contender is cancelled after {limit:g} s: {why}",
+          file=sys.stderr, flush=True)
+    link = TbfLink(TBF_MBIT).open() if tbf else None
     guests: list[_Guest] = []
     try:
         src = _boot_source(setup, work, link.exec_prefix("a") if link else ())
         guests.append(src)
         dst = _Guest(setup, work / "dst", True, link.exec_prefix("b") if link else ())
         guests.append(dst)
-        _configure(src, multifd, level, True)
-        _configure(dst, multifd, level, False)
+        _configure(src, multifd, level, True, max_bandwidth, setup.auto_converge)
+        _configure(dst, multifd, level, False, auto_converge=setup.auto_converge)
+        settings = _settings(src)
         relay: CountingRelay | None = None
         if link is None:
             port = _free_port()
@@ -225,20 +310,41 @@ def _qemu_run(setup: Setup, work: Path, multifd: bool, level: int, tbf: bool) ->
             dst.proc.qmp.execute("migrate-incoming", uri=f"tcp:{ADDRESS_B}:{TARGET_PORT}")
             uri = f"tcp:{ADDRESS_B}:{TARGET_PORT}"
             sent_before = link.tx_bytes("a") + link.tx_bytes("b")
+
+        def wire_now() -> int:
+            if relay is not None:
+                return relay.forward_bytes + relay.backward_bytes
+            assert link is not None
+            return link.tx_bytes("a") + link.tx_bytes("b") - sent_before
+
         src_offset = src.console.stat().st_size
         try:
             started = time.monotonic()
             src.proc.qmp.execute("migrate", uri=uri)
-            _completed(src, "source")
-            _completed(dst, "target")
+            end = _migration_end(src, "source", started + limit)
+            if end is None:
+                # the limit passed: QEMU's figures so far (a cancelled migration reports
+                # none), then migrate_cancel
+                info = src.proc.qmp.execute("query-migrate")
+                src.proc.qmp.execute("migrate_cancel")
+                end = _migration_end(src, "source", time.monotonic() + CANCEL_WAIT_S)
+                if end is None:
+                    raise MigrationError(f"source: still migrating {CANCEL_WAIT_S:g} s "
+                                         f"after migrate_cancel")
+                if end == "cancelled":
+                    return _not_converged(src, info, time.monotonic() - started,
+                                          wire_now(), limit, why, settings)
+                # "completed": it ended in the moment of the cancel; a run like any other
+            if end != "completed":
+                raise MigrationError(f"source: {end} before its limit, not by the bench")
+            if _migration_end(dst, "target", time.monotonic() + CANCEL_WAIT_S) != "completed":
+                raise MigrationError(f"target: not completed {CANCEL_WAIT_S:g} s after "
+                                     f"the source")
             seconds = time.monotonic() - started
             # both ways, as for DWCP (bench.frame_pipe)
             if relay is not None:
                 relay.wait_drained(60)
-                wire = relay.forward_bytes + relay.backward_bytes
-            else:
-                assert link is not None
-                wire = link.tx_bytes("a") + link.tx_bytes("b") - sent_before
+            wire = wire_now()
         finally:
             if relay is not None:
                 relay.close()
@@ -251,11 +357,13 @@ def _qemu_run(setup: Setup, work: Path, multifd: bool, level: int, tbf: bool) ->
         guest = _guest_ok([src.console, dst.console], [src_offset, offset], before,
                           dst.proc.alive)
         ram = info.get("ram", {})
-        return {"wire_bytes": wire, "total_s": round(seconds, 3),
+        return {"converged": True, "limit_s": limit, "limit_why": why, "settings": settings,
+                "wire_bytes": wire, "total_s": round(seconds, 3),
                 "downtime_ms": info.get("downtime"), "qemu_total_time_ms": info.get("total-time"),
                 "ram_transferred": ram.get("transferred"), "zero_pages": ram.get("duplicate"),
                 "normal_pages": ram.get("normal"),
                 "dirty_sync_count": ram.get("dirty-sync-count"),
+                "cpu_throttle_percentage": info.get("cpu-throttle-percentage"),
                 "ram_pages_differ": ram_differ, "ram_pages_differ_first": ram_first,
                 "guest": guest}
     finally:
@@ -263,6 +371,31 @@ def _qemu_run(setup: Setup, work: Path, multifd: bool, level: int, tbf: bool) ->
             g.close()
         if link is not None:
             link.close()
+
+
+def _not_converged(src: _Guest, info: dict[str, Any], seconds: float, wire: int,
+                   limit: float, why: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """A contender cancelled at its limit: ``info`` (QEMU's ``query-migrate`` just before
+    the cancel) and the wire bytes so far; the source must run on with its counter and
+    checks intact (``guest``)."""
+    status = src.proc.status()
+    offset = src.console.stat().st_size
+    before = read_console([src.console]).last_heartbeat
+    guest = _guest_ok([src.console], [offset], before, src.proc.alive)
+    guest["source_status"] = status
+    if status != "running":
+        guest["ok"] = False
+    ram = info.get("ram", {})
+    print(f"bench live: cancelled after {seconds:.1f} s (not converged), {wire} bytes on "
+          f"the wire; the source {status}, its guest {'ok' if guest['ok'] else 'NOT ok'}",
+          file=sys.stderr, flush=True)
+    return {"converged": False, "limit_s": limit, "limit_why": why, "settings": settings,
+            "wire_bytes": wire, "total_s": round(seconds, 3), "downtime_ms": None,
+            "ram_transferred": ram.get("transferred"), "remaining_bytes": ram.get("remaining"),
+            "dirty_sync_count": ram.get("dirty-sync-count"),
+            "dirty_pages_rate": ram.get("dirty-pages-rate"),
+            "cpu_throttle_percentage": info.get("cpu-throttle-percentage"),
+            "guest": guest}
 
 
 #: Bytes compared at a time when a QEMU target's RAM is set against its source's.
@@ -405,7 +538,8 @@ NODE_POLL = 0.1
 ROUND_KEYS = ("round", "pages", "wire_bytes", "seconds", "dirty_pages", "refresh_s", "index_s",
               "level_s", "ready_s", "go_wait_s", "transfer_s", "level", "level_start", "levels",
               "level_steps", "chunks", "chunk_bytes", "first_chunk_s", "wire_MBps", "encode_s",
-              "starved_s", "fenced", "sketched_ahead", "sketched_late")
+              "starved_s", "fenced", "sketched_ahead", "sketched_late", "pushed", "streamed",
+              "grouped_pages", "group_s")
 
 
 def _round_figures(event: dict[str, Any], rate_mbit: float | None) -> dict[str, Any]:
@@ -613,18 +747,30 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def compare(result: dict[str, Any], link: str) -> dict[str, Any]:
     """DWCP against the best QEMU on ``link``: fewest bytes, shortest time, shortest
-    downtime, each of whichever QEMU contender did best at it."""
-    qemu = {k.removesuffix(f"_{link}"): v for k, v in result.items()
+    downtime, each of whichever QEMU contender did best at it. A contender that did not
+    converge within its limit is left out (``qemu_left_out`` says which and why): it
+    moved no guest, so its bytes and time are no migration's."""
+    runs = {k.removesuffix(f"_{link}"): v for k, v in result.items()
             if k.startswith("qemu_") and k.endswith(f"_{link}") and isinstance(v, dict)}
+    qemu = {k: v for k, v in runs.items() if v.get("converged", True)}
     dwcp = result.get(f"dwcp_{link}")
     out: dict[str, Any] = {}
+    left_out = {k: f"not converged within its limit of {v['limit_s']:g} s "
+                   f"({v['limit_why']}): cancelled after {v['total_s']:g} s, "
+                   f"{v['wire_bytes']} bytes on the wire"
+                for k, v in runs.items() if k not in qemu}  # fmt: skip
+    if left_out:
+        out["qemu_left_out"] = left_out
+        for k, why in left_out.items():
+            print(f"bench live: {k} on {link} is not the best QEMU: {why}", file=sys.stderr,
+                  flush=True)
     if qemu:
         fewest = min(qemu, key=lambda k: qemu[k]["wire_bytes"])
         fastest = min(qemu, key=lambda k: qemu[k]["total_s"])
         out.update(qemu_wire_bytes=qemu[fewest]["wire_bytes"], qemu_fewest_bytes=fewest,
                    qemu_total_s=qemu[fastest]["total_s"], qemu_fastest=fastest,
-                   qemu_downtime_ms=min(v["downtime_ms"] for v in qemu.values()
-                                        if v["downtime_ms"] is not None))  # fmt: skip
+                   qemu_downtime_ms=min((v["downtime_ms"] for v in qemu.values()
+                                         if v["downtime_ms"] is not None), default=None))
     if dwcp is not None and "wire_bytes" in dwcp:
         out.update(dwcp_wire_bytes=dwcp["wire_bytes"], dwcp_total_s=dwcp["total_s"],
                    dwcp_downtime_ms=dwcp["downtime_ms"], dwcp_zstd_level=dwcp["zstd_level"])
@@ -645,7 +791,8 @@ def compare(result: dict[str, Any], link: str) -> dict[str, Any]:
 def measure(mib: int = GUEST_MIB, fill: int = FILL_PERCENT, at_s: int = AT_S,
             level: int = SECOND_LEVEL, tbf: bool = True, dwcp: bool = True,
             return_after_s: int = RETURN_AFTER_S, only: Sequence[str] = (),
-            inproc: bool = False, loopback: bool = True) -> dict[str, Any]:
+            inproc: bool = False, loopback: bool = True,
+            qemu_auto_converge: bool = True) -> dict[str, Any]:
     """Per link (loopback, then with ``tbf`` the 100 Mbit/s veth pair): DWCP's migration
     through ``dwcp node`` processes first (its level, chosen by the source node for the
     link, is QEMU's third level), with ``inproc`` also the in-process ``LiveMigration``
@@ -673,7 +820,7 @@ def measure(mib: int = GUEST_MIB, fill: int = FILL_PERCENT, at_s: int = AT_S,
     work = Path(tempfile.mkdtemp(prefix="dwcp-bench-live-", dir="/dev/shm"))
     try:
         accel = probe_accel(QEMU, spec.kernel, spec.initrd, work / "probe")
-        setup = Setup(spec, accel, at_s, level)
+        setup = Setup(spec, accel, at_s, level, qemu_auto_converge)
         result.update(qemu_version=qemu_version(), kvm=accel == "kvm", guest_mib=mib,
                       fill_percent=fill, at_s=at_s)
         links = ["loopback"] if loopback or not tbf else []
@@ -755,6 +902,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "chosen level on each link)")
     p.add_argument("--no-tbf", action="store_true", help="loopback only")
     p.add_argument("--no-dwcp", action="store_true", help="QEMU's contenders only")
+    p.add_argument("--qemu-no-auto-converge", action="store_true",
+                   help="QEMU's contenders without auto-converge (plain pre-copy of a busy "
+                        "guest may then not converge: it is cancelled at its limit)")
     p.add_argument("--no-loopback", action="store_true",
                    help="the 100 Mbit/s tbf link only (the loopback runs are skipped)")
     p.add_argument("--legs", action="append", default=[], choices=list(LEGS),
@@ -786,6 +936,7 @@ def _main(args: argparse.Namespace) -> int:
     if not (tbf or loopback):
         raise SystemExit("dwcp bench live: --legs, --no-tbf and --no-loopback leave no link")
     r = measure(args.mib, args.fill, args.at, args.level, tbf, not args.no_dwcp,
-                args.return_after, args.only, args.inproc, loopback)
+                args.return_after, args.only, args.inproc, loopback,
+                not args.qemu_no_auto_converge)
     print(json.dumps(r) if args.json else json.dumps(r, indent=1))
     return 0 if not r["missing"] or "guests_ok" in r else 1

@@ -14,6 +14,12 @@ detection p99 <= 15 s; issue 18, item 4: control_bps_per_node <= 50,000 and
 update_convergence_p999_s <= 5 s; the same with ``--nodes 128`` is reported). The defaults
 are shorter so that ``make bench`` stays within minutes. docs/BENCHMARKS.md has the
 figures and the exact commands.
+
+``--record FILE`` appends every finished run to FILE (one JSON object a line: the
+scenario, seed, DC count and parameters, and the run's result) and does not run again a
+run FILE already holds, pooling it into the figures instead: a long sweep (N = 64 seeds
+take minutes each on a loaded machine, 24 flaky-node hours an hour or more) stopped at a
+deadline resumes where it stopped, and its figures are always those of every run so far.
 """
 
 from __future__ import annotations
@@ -41,15 +47,59 @@ def _seeds(text: str) -> list[int]:
             from None
 
 
-def _one(job: tuple[str, int, int, dict[str, Any]]) -> dict[str, Any]:
+Job = tuple[str, int, int, dict[str, Any]]
+
+
+def _one(job: Job) -> dict[str, Any]:
     from sim.scenarios.mesh_scenarios import run_mesh
 
     name, seed, nodes, params = job
     result = run_mesh(name, seed, nodes, **params)
-    return {"scenario": name, "seed": seed, "ok": result.ok,
+    return {"scenario": name, "seed": seed, "nodes": nodes, "params": params, "ok": result.ok,
             "violations": [v.as_json() for v in result.violations],
             "wall_seconds": result.wall_seconds, "sim_seconds": result.sim_seconds,
             "metrics": result.metrics, "replay": result.replay()}
+
+
+def _key(job: Job) -> str:
+    """What identifies a run in a ``--record`` file: equal keys, the same run and trace."""
+    name, seed, nodes, params = job
+    return json.dumps([name, seed, nodes, params], sort_keys=True)
+
+
+def load_record(path: str) -> dict[str, dict[str, Any]]:
+    """The runs a ``--record`` file holds, by ``_key`` (a missing file holds none); a
+    line that is not such a run is refused naming the file, the line and the field."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        return {}
+    except UnicodeDecodeError as e:
+        raise CommandError(f"--record {path}: not UTF-8 text ({e.reason} at byte {e.start})") \
+            from None
+    except OSError as e:
+        raise CommandError(f"--record {path}: cannot read: {e.strerror}") from None
+    held: dict[str, dict[str, Any]] = {}
+    fields = {"scenario": str, "seed": int, "nodes": int, "params": dict, "ok": bool,
+              "metrics": dict, "replay": str, "wall_seconds": (int, float)}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"--record {path}, line {number}"
+        try:
+            run = json.loads(line)
+        except ValueError as e:
+            raise CommandError(f"{where}: not JSON ({e})") from None
+        if not isinstance(run, dict):
+            raise CommandError(f"{where}: expected a JSON object, got {type(run).__name__}")
+        for field, kind in fields.items():
+            value = run.get(field)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise CommandError(f"{where}: field {field!r} missing or not "
+                                   f"{getattr(kind, '__name__', 'a number')}: {value!r}")
+        held[_key((run["scenario"], run["seed"], run["nodes"], run["params"]))] = run
+    return held
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -122,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"--scenarios: unknown {name!r} (known: {known})")
     if args.jobs < 1:
         raise CommandError("--jobs must be at least 1")
-    jobs: list[tuple[str, int, int, dict[str, Any]]] = []
+    jobs: list[Job] = []
     for name in names:
         params: dict[str, Any] = {}
         if name == "flaky-node":
@@ -135,9 +185,16 @@ def run(args: argparse.Namespace) -> int:
         jobs += [(name, seed, args.nodes, params) for seed in seeds]
     started = time.perf_counter()
     runs: list[dict[str, Any]] = []
+    if args.record is not None:
+        held = load_record(args.record)
+        runs = [held[_key(j)] for j in jobs if _key(j) in held]
+        jobs = [j for j in jobs if _key(j) not in held]
 
     def progress(r: dict[str, Any]) -> None:
         runs.append(r)
+        if args.record is not None:
+            with open(args.record, "a", encoding="utf-8") as f:
+                f.write(json.dumps(r, sort_keys=True) + "\n")
         keep = {k: v for k, v in r["metrics"].items() if k != "detections"}
         print(json.dumps({"scenario": r["scenario"], "seed": r["seed"], "ok": r["ok"],
                           "wall_seconds": round(r["wall_seconds"], 1), "metrics": keep}),
@@ -176,4 +233,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="crash time in crash-one (default 60 s; the run ends 30 s later)")
     p.add_argument("--jobs", type=int, default=2, help="parallel processes (default 2)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--record", metavar="FILE", default=None,
+                   help="append every finished run to FILE (JSON lines) and take the "
+                        "runs FILE already holds instead of running them again")
     p.set_defaults(func=run)

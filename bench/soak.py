@@ -15,17 +15,22 @@ federation ``dwcp federation init`` wrote):
   ``SetPolicy``, each a signed operator request that PBFT orders and every replica
   executes and records), sent round the DCs that are up;
 - **gossip**: SWIM membership and the link estimates run on their own all the time;
-- **restarts**: every ``--restart-every`` minutes one DC (dc4, dc3, dc2, dc1, dc4, ...:
-  each in turn, the PBFT primary included) is stopped, alternately with SIGTERM and with
-  ``kill -9``, and started again from its data directory; migrations pause around it
-  (so a migration that fails is a failure, not a casualty of the restart), the load
-  does not (it goes to the other DCs; PBFT keeps a quorum of 3).
+- **restarts**: every ``--restart-every`` minutes one DC (dc3, dc2, dc1, dc3, ...: each
+  in turn but the ``--steady`` one, dc4 by default; the PBFT primary included) is
+  stopped, alternately with SIGTERM and with ``kill -9``, and started again from its
+  data directory; migrations pause around it (so a migration that fails is a failure,
+  not a casualty of the restart), the load does not (it goes to the other DCs; PBFT
+  keeps a quorum of 3). The steady DC runs as one process the whole run: its slope is
+  not cut into lifetimes shorter than its caches take to fill.
 
 Every ``--sample-every`` seconds (60), per node: RSS (``/proc/PID/status`` VmRSS), open
 descriptors (``/proc/PID/fd``), CPU seconds (``/proc/PID/stat``), trio tasks (the node's
 ``dwcp_trio_tasks`` metric),
-the SQLite files' size (``node.sqlite3`` with its WAL) and the data directory's
-allocated size (``st_blocks``: images are sparse). A sample is taken between
+the SQLite files' size (``node.sqlite3`` with its WAL), its ``migration/<id>`` rows
+(the persisted session records, deleted once the session is forgotten) and the data
+directory's allocated size (``st_blocks``: images are sparse); and, at most every
+CACHES_EVERY seconds, the node is asked (SIGUSR2) for a ``heap_report`` line, whose
+``caches`` give each bounded cache's entries, cap and bytes. A sample is taken between
 migrations (new ones wait for it, as for a restart), so it measures what stays, not
 the tasks, descriptors and shadow copies of a migration in flight. A progress line per
 sample goes to stderr.
@@ -35,7 +40,10 @@ and tasks are fitted with one common slope and one intercept per process lifetim
 (the pooled within-lifetime estimator), over the samples of a process that has run
 at least ``--warmup-minutes``; the disk outlives restarts, so its slope is fitted per
 data directory over the samples after the warm-up from the run's start. The JSON's
-top-level slopes pool all four nodes; ``per_node`` has each node's own.
+top-level slopes pool all four nodes; ``per_node`` has each node's own; ``steady`` the
+never-restarted DC's RSS slope over the whole run after its warm-up, its glibc bytes in
+use, and what each of its caches grew by against the RSS growth (``unexplained_mib``:
+the growth no cache or ledger record accounts for).
 ``cpu_percent_per_hour`` (a diagnostic, no bound) is the slope of each node's CPU use
 between two samples: the same load costing more as the history grows.
 
@@ -50,10 +58,12 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import os
 import platform
 import shutil
 import signal
+import sqlite3
 import sys
 import tempfile
 import time
@@ -67,13 +77,14 @@ import trio
 
 from bench.measure import cpu_seconds, open_fds, rss_mib
 from consensus.ledger import SetPolicy
+from consensus.ledger_commands import MAX_REMEMBERED
 from federation.api.client import ClientError, import_vm, migrate_request
 from federation.cli.main import CommandError
 from federation.demo.processes import DemoFailed, LocalFederation, NodeProcess
 from federation.demo.real_data import write_process_memory
 from federation.demo.scenario import Demo
 from federation.node import heap_report
-from federation.node.assembly import ENDED_KEEP_MAX, ENDED_KEEP_SECONDS
+from federation.node.assembly import ENDED_KEEP_MAX, ENDED_SWEEP_SECONDS
 
 __all__ = ["register", "pooled_slope", "run_soak", "ERROR_EVENTS", "record_bytes"]
 
@@ -85,7 +96,7 @@ ERROR_EVENTS = frozenset({
     "core_failed", "api_error", "connection_failed", "ws_protocol_error", "bad_message",
     "unrouted", "send_invalid", "channel_refused", "handshake_failed", "peer_mismatch",
     "accept_backoff", "round_failed", "vm_reconcile_failed", "vm_resume_failed",
-    "vm_import_failed", "vm_staged_kept",
+    "vm_import_failed", "vm_staged_kept", "records_kept",
 })
 #: Log events the harness keeps (what waiting on a node needs); the others are counted
 #: and dropped, so an hour of logs does not fill the soak's own memory.
@@ -104,20 +115,39 @@ START_BUDGET = 90.0
 PAUSE_BUDGET = MIGRATION_BUDGET + 30.0
 POLL = 0.25
 
-# Bounds (``bounds`` in the JSON). RSS and disk may grow by what the ledger must keep:
-# every operator request's outcome (consensus/operator_requests.py: 24 h, at most
-# 16,384) and every migration's record (kept for good). Their size per record is
-# measured at run time (:func:`record_bytes`), in memory and on the wire; the bound is
-# the records the run created per hour times that size, times RECORD_FACTOR (the
-# replica's indexes, the snapshot kept next to the log, SQLite's pages), plus a slack for
-# the allocator and for the noise of a least-squares slope over samples taken under load.
-# A node also keeps its ended migration sessions (source and target: two per migration,
-# spread over the nodes), in memory up to the node's bound (federation.node.assembly,
-# ENDED_KEEP_SECONDS and ENDED_KEEP_MAX: at most that many an hour of the slope) and on
-# disk, their persisted records, for good (a restart restores them).
+# Bounds (``bounds`` in the JSON; :meth:`Soak.bounds` says each term). What a node may
+# grow by is of two kinds:
+#
+# - **a rate**: the one structure kept for good, the ledger's migration records (every
+#   replica keeps a record per migration ever begun): the run's migrations per hour times
+#   a record's bytes, measured in the nodes (``heap_report``'s ``caches``:
+#   ``ledger_migrations`` bytes / entries); on disk the record's encoding
+#   (:func:`record_bytes`) times RECORD_FACTOR (the snapshot beside the log, the log's
+#   copy, SQLite's pages);
+# - **a one-time allowance**: each bounded cache once full, its bytes per entry measured
+#   in the nodes times its cap (``heap_report``'s ``caches``; the largest over the
+#   nodes' last reports): the request book (16,384), the replica's verifier (8,192), the
+#   signature memo (8,192), the gossip statements (1,024 at 4 DCs), the client replies,
+#   the result memo, the ended sessions (1,000). On disk: the request book and the ended
+#   sessions' persisted records (deleted once forgotten, federation.node.assembly), at
+#   their encodings times RECORD_FACTOR.
+#
+# A least-squares slope over a span of L hours of a one-time growth of A MiB is at most
+# STEP_FACTOR * A / L (the worst case: all of it at once in the middle of the span), so
+# a slope's bound is STEP_FACTOR * A / L + the rate + a slack for the allocator (glibc's
+# free lists move by +-10 MiB between two samples) and the noise of a slope under load.
+# For a run long enough the allowance term vanishes: ``long_run`` is the bound then.
 RECORD_FACTOR = 3.0
+STEP_FACTOR = 1.5
 RSS_SLACK_MIB_PER_HOUR = 8.0
 DISK_SLACK_MIB_PER_HOUR = 4.0
+#: A node is asked for its heap report (its caches) at a sample at most this often, so
+#: a short run sampling every few seconds does not spend the nodes' CPU on it (each is a
+#: gc pass and a walk of the caches); with --heap-report, at every sample.
+CACHES_EVERY = 30.0
+#: The DC the soak never restarts by default (``--steady``): not the first PBFT primary
+#: (dc1), so the primary is still restarted in turn with the others.
+STEADY = "dc4"
 #: Descriptors and tasks have no reason to grow: a migration in flight holds a few of
 #: each, and a sample that lands on one sees them; a leak of one per migration (the
 #: soak runs ~700 an hour) or per restart would be far above these.
@@ -215,9 +245,11 @@ class SoakNode(NodeProcess):
         self.lines = 0
         self.errors: list[str] = []
         self.down = False  # stopped by the soak, not yet ready again
-        #: the node's ``heap_report`` lines (--heap-report): (incarnation, the record)
+        #: the node's ``heap_report`` lines, one a sample: their summaries
         self.heap_reports: list[dict[str, Any]] = []
         self.incarnation = 0
+        #: the soak's start (trio clock), once set: a report's ``t_s`` counts from it
+        self.t0: float | None = None
 
     def _on_line(self, line: str) -> None:
         self.lines += 1
@@ -231,7 +263,8 @@ class SoakNode(NodeProcess):
         elif record["event"] in ERROR_EVENTS:
             self.errors.append(f"{self.name}: {line}")
         elif record["event"] == "heap_report":
-            self.heap_reports.append(_heap_summary(record, self.incarnation))
+            t_s = None if self.t0 is None else trio.current_time() - self.t0
+            self.heap_reports.append(_heap_summary(record, self.incarnation, t_s))
         if isinstance(record, dict) and record.get("event") not in _KEEP:
             if self.log_path is not None:  # every line in the log file, as the demo's
                 with self.log_path.open("a", encoding="utf-8") as f:
@@ -243,13 +276,17 @@ class SoakNode(NodeProcess):
             del self.other_lines[:-100]
 
 
-def _heap_summary(record: dict[str, Any], incarnation: int) -> dict[str, Any]:
-    """What the soak's JSON keeps of a node's ``heap_report`` line: its figures in MiB
-    and its few most grown types and tracebacks (the full line is in the node's log)."""
+def _heap_summary(record: dict[str, Any], incarnation: int,
+                  t_s: float | None = None) -> dict[str, Any]:
+    """What the soak's JSON keeps of a node's ``heap_report`` line: its figures in MiB,
+    its caches (``[entries, cap, bytes]``) and its few most grown types and tracebacks
+    (the full line is in the node's log). ``t_s``: when it came, from the soak's start."""
     smaps, malloc = record.get("smaps") or {}, record.get("malloc") or {}
     traced = record.get("traced") or {}
     return {
-        "ts": record.get("ts"), "incarnation": incarnation, "n": record.get("n"),
+        "ts": record.get("ts"), "t_s": None if t_s is None else round(t_s, 2),
+        "incarnation": incarnation, "n": record.get("n"),
+        "caches": record.get("caches") or {},
         "anon_mib": round(smaps.get("Anonymous", 0) / 1024, 2),
         "malloc_in_use_mib": round(malloc.get("in_use", 0) / MIB, 2),
         "malloc_free_mib": round(malloc.get("free", 0) / MIB, 2),
@@ -301,6 +338,21 @@ def _sqlite_bytes(data: Path) -> int:
     return total
 
 
+def _migration_rows(data: Path) -> int | None:
+    """The node's persisted ``migration/<id>`` records (a read-only look at its
+    ``node.sqlite3``; a WAL reader does not stop the node's writes); None if unreadable."""
+    try:
+        db = sqlite3.connect(f"file:{data / 'node.sqlite3'}?mode=ro", uri=True, timeout=5.0)
+        try:
+            row = db.execute("SELECT count(*) FROM kv WHERE key >= 'migration/' "
+                             "AND key < 'migration0'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+    return int(row[0])
+
+
 def _metric(text: str, name: str) -> float | None:
     for line in text.splitlines():
         if line.startswith(name + " "):
@@ -328,6 +380,8 @@ class Soak:
         self.restarts: list[dict[str, Any]] = []
         self.problems: list[str] = []
         self.pausers = 0  # restarts and samples under way: migrations wait for them
+        #: when each node was last asked for a heap report (its caches)
+        self._reported: dict[str, float] = {}
         self.in_flight = 0
         self.changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -351,6 +405,7 @@ class Soak:
         self.t0 = trio.current_time()
         for dc in self.nodes:
             self.started_at[dc] = 0.0
+            self.nodes[dc].t0 = self.t0
         images = self.directory / "images"
         for vm in VMS:
             await trio.to_thread.run_sync(write_process_memory, images / f"{vm}-memory.img",
@@ -491,7 +546,7 @@ class Soak:
     # ---------------------------------------------------------------- restarts
 
     async def restarter(self, until: float) -> None:
-        order = list(reversed(list(self.nodes)))
+        order = [dc for dc in reversed(list(self.nodes)) if dc != self.args.steady]
         k = 0
         every = self.args.restart_every * 60
         next_at = trio.current_time() + every
@@ -585,8 +640,10 @@ class Soak:
             except ClientError:
                 pass  # the node is between lives; the sample has no task count
             anon = _anon_mib(proc.pid)
-            if getattr(self.args, "heap_report", None) is not None:
-                with contextlib.suppress(ProcessLookupError):
+            if (getattr(self.args, "heap_report", None) is not None
+                    or t - self._reported.get(dc, -math.inf) >= CACHES_EVERY):
+                self._reported[dc] = t
+                with contextlib.suppress(ProcessLookupError):  # what its caches hold
                     os.kill(proc.pid, signal.SIGUSR2)  # its heap_report line follows
             data = self.fed.config_path.parent / "data" / dc
             disk = await trio.to_thread.run_sync(_allocated, data)
@@ -599,6 +656,7 @@ class Soak:
                 "cpu_s": round(figures[2], 2),
                 "trio_tasks": None if tasks is None else int(tasks),
                 "sqlite_mib": round(_sqlite_bytes(data) / MIB, 3),
+                "migration_rows": await trio.to_thread.run_sync(_migration_rows, data),
                 "data_dir_mib": round(disk / MIB, 3),
             })
 
@@ -690,62 +748,208 @@ class Soak:
             "cpu_percent_per_hour": per_hour(busy, "cpu_percent"),
         }
 
+    def lifetimes(self, samples: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """The samples of each process lifetime once it has run the warm-up."""
+        warm = self.args.warmup_minutes * 60
+        lives: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for s in samples:
+            if s["up_s"] >= warm:
+                lives.setdefault((s["dc"], s["incarnation"]), []).append(s)
+        return list(lives.values())
+
+    def caches(self) -> dict[str, dict[str, Any]]:
+        """Each cache of the nodes' last heap reports (``[entries, cap, bytes]``):
+        its bytes per entry and, for a capped one, its size once full in MiB (bytes per
+        entry times the cap), the largest over the nodes, with the node it is from."""
+        out: dict[str, dict[str, Any]] = {}
+        for dc, node in self.nodes.items():
+            last = next((r for r in reversed(node.heap_reports) if r["caches"]), None)
+            if last is None:
+                continue
+            for name, (entries, cap, size) in last["caches"].items():
+                if not entries:
+                    continue
+                per = size / entries
+                full = None if cap is None else round(per * cap / MIB, 3)
+                seen = out.get(name)
+                if seen is None or (full or per) > (seen["full_mib"] or seen["bytes_per_entry"]):
+                    out[name] = {"dc": dc, "entries": entries, "cap": cap,
+                                 "mib": round(size / MIB, 3),
+                                 "bytes_per_entry": round(per, 1), "full_mib": full}
+        return out
+
+    def steady(self) -> dict[str, Any] | None:
+        """The DC never restarted (``--steady``): its RSS slope over the whole run after
+        the warm-up, its glibc bytes in use, and what each of its caches grew by in that
+        span (heap reports), against the RSS it grew by."""
+        dc = self.args.steady
+        if dc is None or dc not in self.nodes:
+            return None
+        warm = self.args.warmup_minutes * 60
+        seg = [s for s in self.samples if s["dc"] == dc and s["incarnation"] == 0
+               and s["up_s"] >= warm]
+        if len(seg) < 2:
+            return None
+        span_h = (seg[-1]["t_s"] - seg[0]["t_s"]) / 3600
+
+        def slope(points: list[tuple[float, float]]) -> float | None:
+            b = pooled_slope([points])
+            return None if b is None else round(b * 3600, 3)
+
+        rss = slope([(s["t_s"], s["rss_mib"]) for s in seg])
+        reports = [r for r in self.nodes[dc].heap_reports if r["incarnation"] == 0
+                   and r["t_s"] is not None and r["t_s"] >= warm and r["caches"]]
+        grew: dict[str, float] = {}
+        if len(reports) >= 2:
+            first, last = reports[0]["caches"], reports[-1]["caches"]
+            grew = {name: round((last[name][2] - first.get(name, [0, 0, 0])[2]) / MIB, 3)
+                    for name in last}
+        rss_growth = None if rss is None else round(rss * span_h, 3)
+        explained = round(sum(grew.values()), 3)
+        return {
+            "dc": dc, "pid": seg[0]["pid"], "from_s": seg[0]["t_s"], "to_s": seg[-1]["t_s"],
+            "samples": len(seg), "rss_mib_per_hour": rss,
+            "anon_mib_per_hour": slope([(s["t_s"], s["anon_mib"]) for s in seg
+                                        if s["anon_mib"] is not None]),
+            "malloc_in_use_mib_per_hour": slope([(r["t_s"], r["malloc_in_use_mib"])
+                                                 for r in reports]),
+            "rss_mib": [seg[0]["rss_mib"], seg[-1]["rss_mib"]],
+            "malloc_in_use_mib": ([reports[0]["malloc_in_use_mib"],
+                                   reports[-1]["malloc_in_use_mib"]] if reports else None),
+            "caches_grew_mib": grew,
+            # the slope's growth over the span, less what the caches and the ledger's
+            # records grew by (deep_size, Python objects only): what nothing here explains
+            "rss_growth_mib": rss_growth,
+            "unexplained_mib": None if rss_growth is None else round(rss_growth - explained, 3),
+        }
+
+    def bounds(self, sizes: dict[str, float], migrations_per_hour: float,
+               caches: dict[str, dict[str, Any]], steady: dict[str, Any] | None,
+               ) -> dict[str, Any]:
+        """The bounds of the slopes, each term named (the comment above RECORD_FACTOR)."""
+        lives = self.lifetimes(self.samples)
+        # sum w_i / L_i / sum w_i over the lifetimes, w_i = sum (t - mean t)^2: the
+        # pooled slope weighs each lifetime's own slope so
+        num = den = 0.0
+        for g in lives:
+            ts = [s["t_s"] for s in g]
+            if len(ts) < 2 or ts[-1] <= ts[0]:
+                continue
+            mt = sum(ts) / len(ts)
+            w = sum((t - mt) ** 2 for t in ts)
+            num += w / ((ts[-1] - ts[0]) / 3600)
+            den += w
+        per_hour_pooled = num / den if den else None
+        allowance = sum(c["full_mib"] for c in caches.values() if c["full_mib"] is not None)
+        ledger = caches.get("ledger_migrations")
+        record = ledger["bytes_per_entry"] if ledger else sizes["migration_memory"]
+        rate = migrations_per_hour * record / MIB
+        warm = self.args.warmup_minutes * 60
+        disk_times = [s["t_s"] for s in self.samples if s["t_s"] >= warm]
+        disk_span_h = max(max(disk_times, default=0) - min(disk_times, default=0), 60.0) / 3600
+        disk_allowance = RECORD_FACTOR * (MAX_REMEMBERED * sizes["request_wire"]
+                                          + ENDED_KEEP_MAX * sizes["session_wire"]) / MIB
+        disk_rate = RECORD_FACTOR * migrations_per_hour * sizes["migration_wire"] / MIB
+
+        def bound(allowance_mib: float, per_hour: float | None, rate_mib: float,
+                  slack: float) -> float | None:
+            if per_hour is None:
+                return None
+            return round(STEP_FACTOR * allowance_mib * per_hour + rate_mib + slack, 3)
+
+        steady_per_hour = None
+        if steady is not None and steady["to_s"] > steady["from_s"]:
+            steady_per_hour = 3600 / (steady["to_s"] - steady["from_s"])
+        return {
+            "rss_mib_per_hour": bound(allowance, per_hour_pooled, rate,
+                                      RSS_SLACK_MIB_PER_HOUR),
+            "steady_rss_mib_per_hour": bound(allowance, steady_per_hour, rate,
+                                             RSS_SLACK_MIB_PER_HOUR),
+            "fds_per_hour": FDS_PER_HOUR_BOUND,
+            "tasks_per_hour": TASKS_PER_HOUR_BOUND,
+            "disk_mib_per_hour": bound(disk_allowance, 1 / disk_span_h, disk_rate,
+                                       DISK_SLACK_MIB_PER_HOUR),
+            "long_run": {"rss_mib_per_hour": round(rate + RSS_SLACK_MIB_PER_HOUR, 3),
+                         "disk_mib_per_hour": round(disk_rate + DISK_SLACK_MIB_PER_HOUR, 3)},
+            "terms": {
+                "allowance_mib": round(allowance, 3),
+                "allowance_per_hour_pooled": (None if per_hour_pooled is None
+                                              else round(per_hour_pooled, 3)),
+                "allowance_per_hour_steady": (None if steady_per_hour is None
+                                              else round(steady_per_hour, 3)),
+                "ledger_record_bytes": round(record, 1),
+                "ledger_records_mib_per_hour": round(rate, 3),
+                "disk_allowance_mib": round(disk_allowance, 3),
+                "disk_span_h": round(disk_span_h, 3),
+                "disk_records_mib_per_hour": round(disk_rate, 3),
+            },
+            "why": (
+                f"RSS: {STEP_FACTOR:g} x the caches' one-time allowance "
+                f"({allowance:.1f} MiB: each bounded cache full, its bytes per entry "
+                "measured in the nodes times its cap, caches_mib) / the span the slope is "
+                "fitted over (the steady DC's; for the pooled slope the mean of 1 / each "
+                "lifetime's span, weighted as the slope weighs them): a one-time growth "
+                f"all at once in the middle of a span makes a slope of {STEP_FACTOR:g} x "
+                f"growth / span; + the ledger's migration records, {migrations_per_hour:.0f}"
+                f" an hour x {record:.0f} B (measured in the nodes; kept for good); + "
+                f"{RSS_SLACK_MIB_PER_HOUR:g} MiB/h for glibc's free lists and the slope's "
+                f"noise under load. Disk: {STEP_FACTOR:g} x a one-time allowance "
+                f"({disk_allowance:.1f} MiB: the request book full, {MAX_REMEMBERED} x "
+                f"{sizes['request_wire']:.0f} B, and the {ENDED_KEEP_MAX} ended sessions' "
+                f"records a node keeps, x {sizes['session_wire']:.0f} B, both x "
+                f"{RECORD_FACTOR:g}: the snapshot beside the log, the log, SQLite's pages) "
+                f"/ the span after the warm-up; + the migration records, "
+                f"{migrations_per_hour:.0f} an hour x {sizes['migration_wire']:.0f} B x "
+                f"{RECORD_FACTOR:g}; + {DISK_SLACK_MIB_PER_HOUR:g} MiB/h. long_run: the "
+                "bounds once every cache is full (no allowance). Descriptors and tasks "
+                "have no reason to grow: a migration in flight holds a few, and a leak of "
+                "one per migration or per restart would be hundreds an hour."),
+        }
+
     def report(self, began_wall: float, sizes: dict[str, float]) -> dict[str, Any]:
         minutes = self.args.minutes
         slopes = self.slopes(self.samples)
         per_node = {dc: self.slopes([s for s in self.samples if s["dc"] == dc])
                     for dc in self.nodes}
         hours = minutes / 60
-        requests_per_hour = (self.commands["committed"] + self.commands["pending"]
-                             + self.migrations["committed"] + self.migrations["failed"]) / hours
         migrations_per_hour = (self.migrations["committed"] + self.migrations["failed"]) / hours
-        sessions_per_hour = 2 * migrations_per_hour / len(self.nodes)  # per node
-        kept_per_hour = min(sessions_per_hour, ENDED_KEEP_MAX * 3600 / ENDED_KEEP_SECONDS)
-        rss_bound = (RECORD_FACTOR * (requests_per_hour * sizes["request_memory"]
-                                      + migrations_per_hour * sizes["migration_memory"]) / MIB
-                     + kept_per_hour * sizes["session_memory"] / MIB
-                     + RSS_SLACK_MIB_PER_HOUR)
-        disk_bound = (RECORD_FACTOR * (requests_per_hour * sizes["request_wire"]
-                                       + migrations_per_hour * sizes["migration_wire"]
-                                       + sessions_per_hour * sizes["session_wire"]) / MIB
-                      + DISK_SLACK_MIB_PER_HOUR)
-        bounds = {
-            "rss_mib_per_hour": round(rss_bound, 3),
-            "fds_per_hour": FDS_PER_HOUR_BOUND,
-            "tasks_per_hour": TASKS_PER_HOUR_BOUND,
-            "disk_mib_per_hour": round(disk_bound, 3),
-            "why": (
-                "RSS and disk may grow by the records the ledger keeps: an outcome per "
-                "operator request (24 h, at most 16,384) and a record per migration (kept "
-                f"for good): per hour {requests_per_hour:.0f} requests x "
-                f"{sizes['request_memory']:.0f} B in memory / {sizes['request_wire']:.0f} B "
-                f"on disk, {migrations_per_hour:.0f} migrations x "
-                f"{sizes['migration_memory']:.0f} B / {sizes['migration_wire']:.0f} B "
-                f"(measured, record_bytes), times {RECORD_FACTOR:g} (indexes, the snapshot "
-                f"beside the log, SQLite pages); each node's ended sessions, "
-                f"{sessions_per_hour:.0f} an hour x {sizes['session_wire']:.0f} B on disk "
-                f"(times {RECORD_FACTOR:g}) and in memory {kept_per_hour:.0f} an hour (the "
-                f"node keeps at most {ENDED_KEEP_MAX} and an hour's) x "
-                f"{sizes['session_memory']:.0f} B; plus {RSS_SLACK_MIB_PER_HOUR:g} MiB/h (RSS) "
-                f"and {DISK_SLACK_MIB_PER_HOUR:g} MiB/h (disk) for the allocator and the "
-                "slope's noise under load. Descriptors and tasks have no reason to grow: a "
-                "migration in flight holds a few, and a leak of one per migration or per "
-                "restart would be hundreds an hour."),
-        }
+        caches = self.caches()
+        steady = self.steady()
+        bounds = self.bounds(sizes, migrations_per_hour, caches, steady)
         errors = [e for n in self.nodes.values() for e in n.errors]
+        over_cap = [f"{dc} {name}: {e} > {cap}" for dc, n in self.nodes.items()
+                    for r in n.heap_reports
+                    for name, (e, cap, _) in r["caches"].items() if cap is not None and e > cap]
+        # a node keeps the persisted records of its ended sessions as long as the sessions
+        # (ENDED_KEEP_MAX; the sweep runs every ENDED_SWEEP_SECONDS, so up to a sweep's
+        # worth more), plus those in flight
+        sessions_per_hour = 2 * migrations_per_hour / len(self.nodes)
+        rows_bound = (ENDED_KEEP_MAX + math.ceil(sessions_per_hour * ENDED_SWEEP_SECONDS
+                                                 / 3600) + 2 * len(VMS))
+        rows = [s["migration_rows"] for s in self.samples if s["migration_rows"] is not None]
         checks = {
             "samples": len({s["t_s"] for s in self.samples}) >= 3,
+            "migration_rows_within_retention": bool(rows) and max(rows) <= rows_bound,
             "no_error_lines": not errors,
             "no_problems": not self.problems,
             "migrations_committed": self.migrations["committed"] > 0,
             "no_migration_failed": self.migrations["failed"] == 0,
             "commands_committed": self.commands["committed"] > 0,
             "no_command_refused": self.commands["refused"] == 0,
+            # every node's caches were measured, and none held more than its cap
+            "caches_measured": all(any(r["caches"] for r in n.heap_reports)
+                                   for n in self.nodes.values()),
+            "caches_within_caps": not over_cap,
         }
         for key in ("rss_mib_per_hour", "fds_per_hour", "tasks_per_hour",
                     "disk_mib_per_hour"):
-            value = slopes[key]
-            checks[key] = value is not None and value <= float(bounds[key])  # type: ignore[arg-type]
+            value, limit = slopes[key], bounds[key]
+            checks[key] = value is not None and limit is not None and value <= limit
+        if self.args.steady is not None:
+            value = None if steady is None else steady["rss_mib_per_hour"]
+            limit = bounds["steady_rss_mib_per_hour"]
+            checks["steady_rss_mib_per_hour"] = (value is not None and limit is not None
+                                                 and value <= limit)
         return {
             "bench": "soak",
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(began_wall)),
@@ -754,6 +958,7 @@ class Soak:
             "params": {"minutes": minutes, "warmup_minutes": self.args.warmup_minutes,
                        "sample_every_s": self.args.sample_every,
                        "restart_every_minutes": self.args.restart_every,
+                       "steady": self.args.steady,
                        "migrate_every_s": self.args.migrate_every,
                        "load_rate_per_s": self.args.load_rate, "loaders": self.args.loaders,
                        "vms": {vm: f"{VM_MEMORY_MIB} MiB memory + {VM_DISK_MIB} MiB disk"
@@ -762,13 +967,19 @@ class Soak:
                        " min (RSS, descriptors, tasks; one intercept per process lifetime); "
                        "the disk's after that long from the run's start"),
             **slopes,
+            "steady": steady,
             "per_node": per_node,
+            "caches_mib": caches,
+            "migration_rows": {"max": max(rows, default=None), "bound": rows_bound,
+                               "last": {dc: next((s["migration_rows"] for s in
+                                                  reversed(self.samples) if s["dc"] == dc),
+                                                 None) for dc in self.nodes}},
             "migrations": {**self.migrations, "failures": self.migration_failures},
             "commands": {**self.commands, "errors": self.command_errors},
             "restarts": self.restarts,
             "log_lines": {dc: n.lines for dc, n in self.nodes.items()},
             "errors": errors,
-            "problems": self.problems,
+            "problems": self.problems + over_cap,
             "record_bytes": {k: round(v, 1) for k, v in sizes.items()},
             "bounds": bounds,
             "checks": checks,
@@ -827,6 +1038,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="seconds between two samples of every node (default 60)")
     p.add_argument("--restart-every", type=float, default=5.0, metavar="MINUTES",
                    help="stop and start one DC (in turn; SIGTERM and kill -9 alternately)")
+    p.add_argument("--steady", default=STEADY, metavar="DC",
+                   type=lambda v: None if v == "none" else v,
+                   help=f"the DC never restarted (default {STEADY}; the others are, in turn): "
+                        "its RSS slope over the whole run after the warm-up, with its "
+                        "caches, is the run's honest slope (`steady`); none: all in turn")
     p.add_argument("--migrate-every", type=float, default=10.0, metavar="SECONDS",
                    help="pause between two migrations of one VM (two VMs migrate)")
     p.add_argument("--load-rate", type=float, default=2.0,
@@ -838,10 +1054,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--heap-report", type=int, default=None, metavar="FRAMES",
                    help="diagnose growth: start the nodes with DWCP_TRACEMALLOC=FRAMES "
-                        "(0: tracemalloc off) and signal each (SIGUSR2) at every sample "
-                        "for a heap_report line (federation.node.heap_report), summed up "
-                        "in heap_reports; tracemalloc slows the nodes, so slopes measured "
-                        "with it are not the node's")
+                        "(0: tracemalloc off) and ask each for a heap_report line "
+                        "(SIGUSR2; federation.node.heap_report; summed up in "
+                        "heap_reports) at every sample, not only every "
+                        f"{CACHES_EVERY:g} s for its caches; with FRAMES > 0 they say "
+                        "which tracebacks grew; tracemalloc slows the nodes, so slopes "
+                        "measured with it are not the node's")
     p.set_defaults(func=_main)
 
 
@@ -853,6 +1071,10 @@ def _main(args: argparse.Namespace) -> int:
             return 2
     if args.heap_report is not None and not 0 <= args.heap_report <= 100:
         print("dwcp bench soak: --heap-report must be 0 to 100 frames", file=sys.stderr)
+        return 2
+    if args.steady is not None and args.steady not in {f"dc{i}" for i in range(1, 5)}:
+        print(f"dwcp bench soak: --steady {args.steady}: expected dc1..dc4 or none",
+              file=sys.stderr)
         return 2
     if args.warmup_minutes < 0 or args.loaders < 1:
         print("dwcp bench soak: --warmup-minutes must be >= 0 and --loaders >= 1",

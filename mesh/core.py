@@ -15,7 +15,7 @@ a real node.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
 import attrs
@@ -25,11 +25,13 @@ __all__ = [
     "TimerFired",
     "PeerUp",
     "PeerDown",
+    "Offloaded",
     "Send",
     "SetTimer",
     "CancelTimer",
     "Persist",
     "Notify",
+    "Offload",
     "Event",
     "Action",
     "Core",
@@ -65,7 +67,17 @@ class PeerDown:
     peer: str
 
 
-Event = Received | TimerFired | PeerUp | PeerDown
+@attrs.frozen
+class Offloaded:
+    """The outcome of an :class:`Offload` with ``key``: ``result`` is what its work
+    returned, or ``error`` the exception it raised (then ``result`` is None)."""
+
+    key: Hashable
+    result: Any = None
+    error: Exception | None = None
+
+
+Event = Received | TimerFired | PeerUp | PeerDown | Offloaded
 
 # --------------------------------------------------------------------------- actions
 
@@ -112,7 +124,20 @@ class Notify:
     detail: Any = None
 
 
-Action = Send | SetTimer | CancelTimer | Persist | Notify
+@attrs.frozen(eq=False)
+class Offload:
+    """Run ``work()`` away from the driver's event handling, then hand the core
+    :class:`Offloaded` with ``key`` (its result, or the exception it raised). For work
+    that takes long and touches nothing the core or the driver holds (a pure function of
+    what it was given, e.g. rebuilding a large state from bytes): the node runs it in a
+    worker thread, so its event loop keeps answering peers meanwhile; the core goes on
+    handling events until the outcome arrives, and must expect any of them first."""
+
+    key: Hashable
+    work: Callable[[], Any]
+
+
+Action = Send | SetTimer | CancelTimer | Persist | Notify | Offload
 
 
 class Core(Protocol):

@@ -39,6 +39,13 @@ it, without a new transfer version:
   message, no masking). The switch point and the keepalive that replaces websocket pings
   are in :mod:`mesh.runtime.link_stream`. A peer that does not offer it keeps the
   websocket for the whole connection.
+* :data:`COLD_PUSH` (offered on the control endpoint's channels by a node with v3): this
+  end, as a v3 source, takes :class:`federation.dataplane.v3_push.V3Held` (the roots a
+  target's incoming images hold, before round 1 moves) and then streams round 1 to a
+  cold target as the VM's RAM is read, the root at the end (issue 17); as a v3 target,
+  it sends V3Held to a source that offers it. An older source would fail the round on a
+  diff message it does not know, so a target sends it only when the source offered
+  COLD_PUSH; an older target never sends it, and the source diffs round 1 as before.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ __all__ = [
     "AMST_SEALED",
     "HDE_COPIES",
     "CONTROL_FRAMES",
+    "COLD_PUSH",
     "VersionError",
     "offer",
     "both_offer",
@@ -83,6 +91,9 @@ HDE_COPIES = 129
 #: Control-link frames length-prefixed on the TCP stream after the link hello
 #: (mesh.runtime.link_stream).
 CONTROL_FRAMES = 130
+#: A v3 target tells the root of each incoming image before round 1 moves, and a v3
+#: source streams round 1 to a cold one (federation.dataplane.v3_push.V3Held).
+COLD_PUSH = 131
 
 
 class VersionError(Exception):

@@ -35,6 +35,7 @@ A frame is refused unless it is the canonical encoding of what it decodes to.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, dataclass_transform
@@ -638,6 +639,76 @@ def _canonical_load(data: bytes) -> Any:
         return None
 
 
+#: Array levels :func:`_canonical_load_pieces` walks by hand before it hands items to
+#: cbor2's C decoder: a frame's field list, and each field's array (a ledger snapshot's
+#: VMs, migrations, ...), whose elements are then read one C call each.
+PIECE_LEVELS = 2
+
+
+def _array_head(data: bytes, pos: int) -> tuple[int, int]:
+    """The element count of the definite-length array whose shortest head is at ``pos``,
+    and where its first element starts; ValueError for any other head."""
+    ib = data[pos]
+    ai = ib & 31
+    if ib >> 5 != 4 or ai > 27:
+        raise ValueError("not a definite-length array")
+    if ai < 24:
+        return ai, pos + 1
+    width = 1 << (ai - 24)
+    end = pos + 1 + width
+    if end > len(data):
+        raise ValueError("truncated array head")
+    count = int.from_bytes(data[pos + 1:end], "big")
+    if count < (24 if width == 1 else 1 << (4 * width)):
+        raise ValueError("array head not in its shortest form")
+    return count, end
+
+
+def _canonical_load_pieces(data: bytes, levels: int = PIECE_LEVELS) -> Any:
+    """What :func:`_canonical_load` returns (the item if cbor2's C decoder reads it with
+    :func:`_strict_loads`'s refusals and it is in canonical form, else None), without one
+    C call over the whole of ``data``: the arrays ``levels`` deep are walked by hand and
+    their elements decoded one C call each and re-encoded to compare (canonical CBOR of
+    an array is its shortest head followed by its elements' canonical encodings, RFC 8949
+    §4.2.1). A C call holds the interpreter lock throughout: a 16 MB ledger snapshot's
+    one decode held it for 0.6-1.5 s, so a restore in a worker thread still stalled the
+    event loop that long; element by element, the longest call is one record's."""
+    fp = io.BytesIO(data)
+
+    def elements(pos: int, count: int, depth: int) -> tuple[int, list[Any]]:
+        fp.seek(pos)
+        dec = cbor2.CBORDecoder(fp, max_depth=MAX_DEPTH - depth, allow_indefinite=False,
+                                semantic_decoders=_NO_TAGS, tag_hook=_refuse_tag)
+        out = [dec.decode() for _ in range(count)]
+        end = fp.tell()
+        if b"".join([cbor2.dumps(x, canonical=True) for x in out]) != data[pos:end]:
+            raise ValueError("not in canonical form")
+        return end, out
+
+    def item(pos: int, level: int, depth: int) -> tuple[int, Any]:
+        if pos >= len(data):
+            raise ValueError("truncated")
+        if data[pos] >> 5 != 4:
+            end, one = elements(pos, 1, depth)
+            return end, one[0]
+        count, pos = _array_head(data, pos)
+        if count > len(data) - pos:
+            raise ValueError("array longer than the frame")
+        if level == 0:
+            return elements(pos, count, depth + 1)
+        out = []
+        for _ in range(count):
+            pos, x = item(pos, level - 1, depth + 1)
+            out.append(x)
+        return pos, out
+
+    try:
+        end, obj = item(0, levels, 0)
+    except Exception:  # any refusal: the caller's checked path names it
+        return None
+    return obj if end == len(data) else None
+
+
 def _load(data: bytes | memoryview) -> tuple[Any, bool]:
     """One CBOR item of ``data``, prescanned; and whether its canonical form must be
     checked by re-encoding (it holds a map or a float). A long byte string that ends the
@@ -792,12 +863,13 @@ def decode_large(data: bytes, cls: type, max_size: int) -> Any:
         raise WireError(f"{tag}: frame of {len(data)} bytes exceeds {max_size}")
     if len(data) <= FAST_MAX:
         return decode(data, expect=(cls,))
-    # As decode's fast path (one C decode, one C re-encode compared, the compiled class
+    # As decode's fast path (C decode, C re-encode compared, the compiled class
     # decoder), which takes exactly what the checked path takes, without the checked
     # path's Python prescan of every item head (1.25 s of a 10,000-VM ledger's 4.2 s
     # restore under load); a frame it refuses goes to the checked path, which names
-    # what is wrong.
-    obj = _canonical_load(bytes(data))
+    # what is wrong. Read element by element (_canonical_load_pieces), so a restore in
+    # a worker thread never holds the interpreter lock for long.
+    obj = _canonical_load_pieces(bytes(data))
     if type(obj) is list and len(obj) == 3:
         version, got, fields = obj
         if type(version) is int and version == FRAME_VERSION and got == tag:

@@ -65,6 +65,10 @@ Nodes and cores
   synced write, in the middle of a step (``SimStore.after_sync``, the crash-point
   search): the actions after that write are then not executed, as on a real node
   whose process dies as its fsync returns.
+* ``Offload(key, work)``: ``work()`` runs at once (it is a pure function of what it
+  was given) and its outcome reaches the core as ``Offloaded(key, result, error)``
+  ``world.offload_delay`` seconds later, as a worker thread's would, with other events
+  before it; a crash in between loses it, as it would a thread's.
 * ``PeerUp(peer)`` / ``PeerDown(peer)`` model the authenticated control
   connection: up ``peer_up_after`` seconds after both ends are up and no
   direction between them is blocked, down ``peer_down_after`` seconds after that
@@ -126,6 +130,8 @@ from mesh import wire
 from mesh.core import (
     CancelTimer,
     Notify,
+    Offload,
+    Offloaded,
     PeerDown,
     PeerUp,
     Persist,
@@ -205,6 +211,8 @@ class World:
         #: run's wall-clock time); None: no bound. Checked every ``WALL_CHECK_EVENTS``
         #: events, so it never changes what a run does before it fires.
         self.wall_deadline: float | None = None
+        #: virtual seconds from an ``Offload`` to its ``Offloaded`` (a worker thread's time)
+        self.offload_delay = 0.5
         self.events = 0
         self._heap: list[tuple[float, int, Callable[[Any], None], Any]] = []
         self._seq = 0
@@ -408,9 +416,24 @@ class World:
                 self.notifications.append(record)
                 for listener in self._listeners:
                     listener(record)
+            elif kind is Offload:
+                try:
+                    done = Offloaded(action.key, action.work())
+                except Exception as exc:  # the work's failure is the core's to judge
+                    done = Offloaded(action.key, None, exc)
+                self._schedule(self.now + self.offload_delay, self._offloaded,
+                               (hosted, done, node.incarnation))
             else:
                 raise SimError(f"core {hosted.name!r} on {node.name} returned {action!r}, "
                                f"which is not an action of mesh.core")
+
+    def _offloaded(self, arg: tuple[HostedCore, Offloaded, int]) -> None:
+        hosted, done, incarnation = arg
+        node = hosted.node
+        if node.incarnation != incarnation or not node.up:
+            return  # the node crashed while the work ran: its outcome is lost
+        self._record(node.name, "O", repr(done.key).encode())
+        self._deliver_event(node, hosted, done)
 
     def _fire_timer(self, arg: tuple[HostedCore, Hashable, int, int]) -> None:
         hosted, key, token, incarnation = arg

@@ -7,6 +7,7 @@ contender is the node path (dwcp node processes, dc3 behind the link)."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +17,10 @@ import pytest
 from bench import live
 from bench.frame_pipe import FramePipe, loopback, over_tbf
 from bench.netns import TbfLink, netns_missing
+from federation.demo.qemu_guest.build import guest_cmdline, load_assets
 from federation.demo.qemu_guest.console import wait_console
 from federation.vms.live_migration import LiveMigration
+from federation.vms.qemu_spec import VmSpec
 from tests.harness.qemu import QemuLab, qemu_lab, qemu_missing
 
 _NETNS = netns_missing()
@@ -110,6 +113,61 @@ def test_compare_takes_each_figure_from_the_best_qemu_and_the_return_trip() -> N
     assert "cold_bytes_ratio" not in live.compare(result, "loopback")  # no DWCP run there
 
 
+def test_a_qemu_contender_is_bounded_by_the_link_and_the_guest_size() -> None:
+    # 256 MiB at 100 Mbit/s: 21.5 s a pass, 4 passes under the 120 s floor
+    assert live.qemu_limit(256, 100)[0] == live.QEMU_LIMIT_FLOOR_S
+    limit, why = live.qemu_limit(1024, 100)  # 4 x 85.9 s
+    assert limit == 343.6 and "4 x 1024 MiB / 100 Mbit/s" in why
+    assert live.qemu_limit(1024, None)[0] == live.QEMU_LIMIT_FLOOR_S  # unshaped: the floor
+
+
+def test_compare_leaves_out_a_contender_that_did_not_converge() -> None:
+    result = {
+        "qemu_precopy_tbf100": {"converged": False, "limit_s": 120.0, "limit_why": "max(...)",
+                                "wire_bytes": 50, "total_s": 120.4, "downtime_ms": None},
+        "qemu_multifd_zstd1_tbf100": {"converged": True, "wire_bytes": 100, "total_s": 12.0,
+                                      "downtime_ms": 90},
+        "dwcp_tbf100": {"wire_bytes": 60, "total_s": 6.0, "downtime_ms": 250.0,
+                        "zstd_level": 9},
+    }
+    c = live.compare(result, "tbf100")
+    assert c["qemu_fewest_bytes"] == "qemu_multifd_zstd1" and c["qemu_wire_bytes"] == 100
+    assert c["qemu_downtime_ms"] == 90 and c["cold_bytes_ratio"] == 0.6
+    assert list(c["qemu_left_out"]) == ["qemu_precopy"]
+    assert "not converged within its limit of 120 s" in c["qemu_left_out"]["qemu_precopy"]
+    result["qemu_multifd_zstd1_tbf100"]["converged"] = False
+    result["qemu_multifd_zstd1_tbf100"].update(limit_s=120.0, limit_why="max(...)")
+    c = live.compare(result, "tbf100")  # no QEMU converged: no best QEMU, no ratios
+    assert "qemu_wire_bytes" not in c and "cold_bytes_ratio" not in c
+    assert set(c["qemu_left_out"]) == {"qemu_precopy", "qemu_multifd_zstd1"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(qemu_missing() is not None, reason=str(qemu_missing()))
+def test_a_qemu_migration_past_its_limit_is_cancelled_and_the_source_runs_on() -> None:
+    """A real QEMU pre-copy that cannot converge (max-bandwidth 1 MiB/s for 128 MiB of
+    RAM) is cancelled at its limit: not converged, its time and bytes so far, and the
+    source guest still running with its counter and checks intact."""
+    assets = load_assets()
+    spec = VmSpec(str(assets.kernel), str(assets.initrd), 128, guest_cmdline(0, False))
+    setup = live.Setup(spec, "tcg", 1, 0)
+    work = Path(tempfile.mkdtemp(prefix="dwcp-bench-limit-", dir="/dev/shm"))
+    try:
+        run = live._qemu_run(setup, work, False, 0, False, limit_s=3.0,
+                             max_bandwidth=1 << 20)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    assert run["converged"] is False and run["limit_s"] == 3.0
+    assert 3.0 <= run["total_s"] < 3.0 + live.CANCEL_WAIT_S
+    assert 0 < run["ram_transferred"] < 128 << 20 and run["wire_bytes"] > 0
+    assert run["downtime_ms"] is None
+    assert run["guest"]["ok"], run["guest"]
+    assert run["guest"]["source_status"] == "running"
+    assert "auto-converge" in run["settings"]["capabilities"]
+    assert run["settings"]["downtime-limit"] == live.DOWNTIME_LIMIT_MS
+
+
 @pytest.fixture
 def lab() -> Iterator[QemuLab]:
     with qemu_lab() as running:
@@ -162,7 +220,10 @@ def test_every_contender_migrates_and_every_guest_keeps_counting() -> None:
     for link in ("loopback", "tbf100") if _NETNS is None else ("loopback",):
         for name in ("qemu_precopy", "qemu_multifd_zstd1"):
             run = r[f"{name}_{link}"]
-            assert run["guest"]["ok"] and run["wire_bytes"] > 0 and run["downtime_ms"] >= 0
+            assert run["guest"]["ok"] and run["wire_bytes"] > 0
+            assert "auto-converge" in run["settings"]["capabilities"]
+            assert run["settings"]["downtime-limit"] == live.DOWNTIME_LIMIT_MS
+            assert not run["converged"] or run["downtime_ms"] >= 0
         dwcp = r[f"dwcp_{link}"]  # the node path: dwcp node processes, dc3 behind the link
         assert dwcp["guest"]["ok"] and dwcp["back"]["guest"]["ok"]
         assert dwcp["guest"]["qemu_copies"] == ["dc3"]

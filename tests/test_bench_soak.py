@@ -53,6 +53,10 @@ def test_bad_options_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     args = _args("--minutes", "0")
     assert args.func(args) == 2
     assert "--minutes must be positive" in capsys.readouterr().err
+    args = _args("--steady", "dc9")
+    assert args.func(args) == 2
+    assert "--steady dc9: expected dc1..dc4 or none" in capsys.readouterr().err
+    assert _args("--steady", "none").steady is None
 
 
 @pytest.mark.processes
@@ -92,6 +96,25 @@ def test_short_soak_samples_restarts_and_reports(capsys: pytest.CaptureFixture[s
         assert reports and all(r["anon_mib"] > 5 and r["objects"] > 1000 for r in reports), dc
         assert all(r["malloc_in_use_mib"] > 1 for r in reports), dc
     assert all(s["anon_mib"] > 5 for s in samples)
+    # dc4 (--steady's default) is never restarted: its slope is over one process
+    assert "dc4" not in {r["dc"] for r in doc["restarts"]}
+    # each node's persisted migration records, counted in its node.sqlite3
+    assert all(isinstance(s["migration_rows"], int) for s in samples)
+    assert doc["migration_rows"]["max"] >= 1 and doc["checks"]["migration_rows_within_retention"]
+    steady = doc["steady"]
+    assert steady["dc"] == "dc4" and steady["samples"] >= 2, steady
+    assert isinstance(steady["rss_mib_per_hour"], float), steady
+    assert doc["checks"]["caches_measured"] and doc["checks"]["caches_within_caps"], doc
+    assert "steady_rss_mib_per_hour" in doc["checks"]
+    # every cache measured in the nodes, its size once full from its bytes per entry
+    caches = doc["caches_mib"]
+    for name in ("verifier", "signature_memo", "request_book", "ended_sessions"):
+        assert caches[name]["full_mib"] > 0 and caches[name]["bytes_per_entry"] > 50, caches
+    assert caches["ledger_migrations"]["cap"] is None
+    terms = doc["bounds"]["terms"]
+    assert terms["allowance_mib"] == pytest.approx(
+        sum(c["full_mib"] for c in caches.values() if c["full_mib"] is not None), abs=0.01)
+    assert terms["ledger_record_bytes"] == caches["ledger_migrations"]["bytes_per_entry"]
 
 
 @pytest.mark.slow

@@ -13,7 +13,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consensus.ledger import DeleteVm, ImportVm, MigrateVm
 from federation.api.http import MAX_BODY
+from federation.migration.vocabulary import record_key
+from federation.node.heap_report import node_caches
 from mesh.links.control_plane import statement_cache_size
+from mesh.runtime.sqlite_store import StoreFull
 from tests.harness.api import api_import, api_migrate, call, host, http, request
 from tests.harness.node import make_federation, real_vm, running_nodes, wait_outcome, wait_vm
 
@@ -121,7 +124,44 @@ def test_routes_metrics_and_a_migration(tmp_path: Path) -> None:
             # past the node's bounds an ended session goes (federation.node.assembly,
             # ENDED_KEEP_*): its view is the ledger's record, its outcome still counted
             assert dc1.rounds.counters.paths[mig["id"]]
+            # what heap_report says of the node's bounded caches: [entries, cap, bytes]
+            caches = node_caches(dc1)
+            assert caches["ledger_migrations"][:2] == [1, None]
+            assert caches["ended_sessions"][:2] == [1, 1000]
+            assert caches["verifier"][1] == 8192 and caches["statements"][1] == 1024
+            for name, (entries, cap, size) in caches.items():
+                assert entries is not None and size is not None
+                assert cap is None or entries <= cap, name
+                assert (size > 100 * entries) if entries else size < 10_000, (name, size)
+            # ... and its persisted record is deleted once the stable checkpoint holds
+            # the decision (a restart recovers from it); a delete that fails (a full
+            # disk) is tried again at the next sweep, the node carries on
+            key = record_key(mig["id"])
+            assert dc1.store.get(key) is not None
+            assert dc1.core is not None and dc1.core.replica.low == 0
             assert await dc1.forget_ended(keep_for=0, keep_most=0) == [mig["id"]]
+            assert dc1.store.get(key) is not None and dc1.records_dropped == 0
+            assert dc2.store.get(key) is not None
+            assert await dc2.forget_ended(keep_for=0, keep_most=0) == [mig["id"]]
+            policy = dc1.core.replica.ledger.policy
+            for _ in range(200):  # a checkpoint every 128 sequence numbers
+                if min(n.core.replica.low for n in (dc1, dc2) if n.core) > 0:
+                    break
+                assert (await call(dc1, "POST", "/api/policy", policy))[0] == 200
+            deleting = dc1.store.delete_many
+
+            def full(keys: list[str]) -> None:
+                raise StoreFull("disk full")
+
+            dc1.store.delete_many = full  # type: ignore[method-assign]
+            assert await dc1.forget_ended(keep_for=0, keep_most=0) == []
+            assert dc1.store.get(key) is not None and dc1.records_dropped == 0
+            dc1.store.delete_many = deleting  # type: ignore[method-assign]
+            assert await dc1.forget_ended(keep_for=0, keep_most=0) == []
+            assert dc1.store.get(key) is None and dc1.records_dropped == 1
+            assert dc1.store.keys(record_key("")) == []
+            assert await dc2.forget_ended(keep_for=0, keep_most=0) == []
+            assert dc2.store.get(key) is None
             assert mig["id"] not in dc1.rounds.counters.paths
             assert dc1.core is not None and dc1.core.sessions == {}
             code, m = await call(dc1, "GET", f"/api/migrations/{mig['id']}")

@@ -10,7 +10,9 @@ import pytest
 from federation.node.heap_report import (
     ENV,
     HeapReporter,
+    deep_size,
     malloc_arenas,
+    sampled_size,
     smaps_rollup,
     tracemalloc_frames,
 )
@@ -70,3 +72,31 @@ def test_the_arenas_of_glibc_are_listed() -> None:
     assert arenas[0][0] > 0 and all(0 <= free <= size for size, free in arenas)
     doc = HeapReporter().report()
     assert doc["malloc"]["arenas"] and doc["malloc"]["in_use"] > 0
+
+
+def test_deep_size_counts_what_the_entries_hold_once_and_not_their_classes() -> None:
+    blobs = [bytes([i]) * 10_000 for i in range(100)]
+    cache = {i: (blob, Grown()) for i, blob in enumerate(blobs)}
+    size = deep_size([cache])
+    assert 1_000_000 < size < 1_100_000, size  # 100 x 10 kB, the tuples and the dict
+    # the same blobs twice: counted once; the class Grown and its module not at all
+    assert deep_size([cache, blobs]) < size + 2000
+    assert deep_size([Grown]) == 0
+    # a limit on the objects visited makes it a lower bound
+    assert deep_size([cache], limit=10) < 200_000
+    assert "caches" not in HeapReporter().report()
+    assert HeapReporter().report({"x": [1, 2, 3]})["caches"] == {"x": [1, 2, 3]}
+
+
+def test_sampled_size_scales_the_newest_entries_to_all() -> None:
+    cache = {i: bytes(1000) + bytes([i % 256]) for i in range(5000)}
+    full = deep_size([cache])
+    assert abs(sampled_size([cache]) - full) < full * 0.02  # entries alike: within 2 %
+    ring = [(i, bytes(100) + bytes([i % 256])) for i in range(3000)]
+    assert abs(sampled_size([ring], sample=100) - deep_size([ring])) < deep_size([ring]) * 0.05
+    assert sampled_size([{}, []]) == deep_size([{}]) + deep_size([[]])
+    # a mapping and its index in the same order, holding the same records: once each
+    index = list(cache.values())
+    both = sampled_size([cache, index])
+    assert abs(both - deep_size([cache, index])) < deep_size([cache, index]) * 0.02
+    assert both < sampled_size([cache]) + sampled_size([index]) - 4_000_000

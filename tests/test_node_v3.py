@@ -3,6 +3,8 @@ on the data endpoints, with the rollout policy and the handshake choosing v3 or 
 
 from __future__ import annotations
 
+import io
+import json
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
@@ -49,6 +51,20 @@ def _writer_pages_intact(node: Node, source: Node, vm: str) -> None:
             img.close()
 
 
+def _round_figures(node: Node, mid: str) -> dict[int, dict[str, object]]:
+    """The ``round_sent`` log records of migration ``mid`` at its source ``node``, by
+    round (the harness logs to a StringIO)."""
+    out = {}
+    stream = node.log._stream
+    assert isinstance(stream, io.StringIO)
+    for line in stream.getvalue().splitlines():
+        if '"round_sent"' in line and mid in line:
+            rec = json.loads(line)
+            if rec.get("event") == "round_sent" and rec.get("migration_id") == mid:
+                out[rec["round"]] = rec
+    return out
+
+
 def test_v3_migration_then_back_then_v1_fallback(tmp_path: Path) -> None:
     cfg = make_federation(tmp_path / "fed")
     memory, disk = real_vm(tmp_path / "vm")
@@ -73,6 +89,11 @@ def test_v3_migration_then_back_then_v1_fallback(tmp_path: Path) -> None:
             await wait_vm(dc1, "vm1", "retired")
             assert image_hashes(dc3.backend.path("vm1")) == image_hashes(dc1.backend.path("vm1"))
             _writer_pages_intact(dc3, dc1, "vm1")
+            # dc3 held no copy of vm1: round 1 streamed every image as it was read
+            # (v3_push.StreamSource), the later rounds pushed
+            figures = _round_figures(dc1, mid)
+            assert figures[1]["streamed"] == len(dc1.backend.info("vm1").layout), figures[1]
+            assert figures[1]["pushed"] == 0
             out = dc1.need_core().outcomes[mid]
             assert dc1.rounds.counters.paths[mid] == {"v3": out.rounds}
             assert out.bytes_sent >= logical_size
@@ -94,6 +115,8 @@ def test_v3_migration_then_back_then_v1_fallback(tmp_path: Path) -> None:
             await wait_vm(dc1, "vm1", "running")
             assert image_hashes(dc1.backend.path("vm1")) == image_hashes(dc3.backend.path("vm1"))
             again = dc3.need_core().outcomes[back]
+            # ... and not streamed: dc1 said it holds its old copy (V3Held), the diff found it
+            assert _round_figures(dc3, back)[1]["streamed"] == 0
             assert dc3.rounds.counters.paths[back] == {"v3": again.rounds}
             assert again.wire_bytes < again.bytes_sent / 10, (again.wire_bytes,
                                                               again.bytes_sent)

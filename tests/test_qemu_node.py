@@ -66,6 +66,11 @@ def test_a_guest_migrates_to_another_node_process_and_keeps_counting(tmp_path: P
             guest_console(nodes, "g", ["dc1"]).checks) >= 1, BOOT_S)
         there = _migrate(nodes, "g", "dc1", "dc4")
         assert there["version"] == 3 and running_copies(nodes, "g") == ["dc4"]
+        # dc4 held no copy of the guest: round 1 streamed its images as RAM was read
+        # (federation.dataplane.v3_push.StreamSource), verified by their roots
+        first = [e for e in nodes.log_events("dc1", "round_sent")
+                 if e["migration_id"] == there["id"] and e["round"] == 1]
+        assert len(first) == 1 and first[0]["streamed"] >= 1, first
         before = guest_console(nodes, "g", ["dc1", "dc4"])
         con = nodes.wait("10 heartbeats at dc4", lambda: (
             (c := guest_console(nodes, "g", ["dc1", "dc4"])).last_heartbeat

@@ -122,6 +122,10 @@ def test_sqlite_store_round_trip_prefix_and_reopen(tmp_path: Path) -> None:
     store.put("pbft/view", b"\x00", sync=False)
     store.put("pbft/log/1", b"uno")
     store.put("pbft0", b"not under pbft/")
+    store.put_many([("migration/a", b"a"), ("migration/b", b"b")])
+    store.delete_many(["migration/a", "migration/b", "migration/absent"])
+    store.delete_many([])
+    assert store.keys("migration/") == []
     assert store.get("pbft/log/1") == b"uno"
     assert store.get("missing") is None
     assert store.keys("pbft/") == ["pbft/log/1", "pbft/log/2", "pbft/view"]

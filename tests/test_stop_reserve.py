@@ -6,6 +6,8 @@ core handing the estimate to the next migration of a VM, and the status showing 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from federation.cli.ops import downtime
+from federation.cli.ops import downtime, render_status, stop_reserve
 from federation.migration.dc_status import MigrationView, SessionStatus
 from federation.migration.precopy import (
     HARD_MAXIMUM,
@@ -28,11 +30,16 @@ from federation.migration.source import SourceSession
 from federation.migration.stop_costs import (
     BIAS_MAX,
     BIAS_MIN,
+    HISTORY,
     PRIOR,
     START_PRIOR,
+    STORE_KEY,
+    VMS,
     StopCosts,
     StopHistory,
     costs_of_arrival,
+    decode_history,
+    encode_history,
     final_round_costs,
 )
 from federation.migration.vocabulary import (
@@ -44,10 +51,11 @@ from federation.migration.vocabulary import (
     SendRound,
     SourceFenced,
 )
-from federation.node.status import migration_status
+from federation.node.status import migration_status, status
 from mesh.core import Notify
 from mesh.hde.image import PAGE_SIZE
 from tests.harness.migration_session import of, one, precopy, session
+from tests.harness.node import build_node, make_federation
 
 # Loopback as the quiet run of 2026-12-08 measured it: 0.056 ms a page; 300 ms limit.
 COST = 0.056e-3
@@ -164,27 +172,128 @@ def test_a_fence_on_fits_always_leaves_the_estimate_within_the_budget(
 # ---------------------------------------------------------------------- the history
 
 
-def test_the_history_starts_at_the_prior_and_takes_each_figure_as_measured() -> None:
+def test_the_history_starts_at_the_prior_and_keeps_it_as_a_floor_until_trusted() -> None:
     h = StopHistory()
     e = h.estimate("vm1")
     assert e.measured == () and e.bias == PRIOR.bias
     assert e.reserve == pytest.approx(PRIOR.fence_s + PRIOR.final_fixed_s + PRIOR.after_s)
-    # a source's migration of vm1 measured its fence and bias; the after-part not
+    # a source's migration of vm1 measured its fence and bias; the after-part not. One
+    # figure is not trusted yet: the prior stays a floor under it (a lucky run, 10 ms)
     h.record("vm1", StopCosts(fence_s=0.25, final_fixed_s=0.01, bias=1.3))
     e = h.estimate("vm1")
     assert e.measured == ("fence_s", "final_fixed_s", "bias")
-    assert e.reserve == pytest.approx(0.25 + 0.01 + PRIOR.after_s) and e.bias == 1.3
-    # a target's arrival of vm2 measured the after-part: the node's latest for any VM
+    assert e.costs.fence_s == 0.25 and e.costs.final_fixed_s == PRIOR.final_fixed_s
+    assert e.reserve == pytest.approx(0.25 + PRIOR.final_fixed_s + PRIOR.after_s)
+    assert e.bias == 1.3
+    # a target's arrival of vm2 measured the after-part: the node's for any VM
     h.record("vm2", costs_of_arrival({"fence_and_final_round_ms": 250.0, "verify_ms": 2.0,
                                       "commit_ms": 30.0, "start_ms": 48.0}))
-    assert h.estimate("vm1").reserve == pytest.approx(0.25 + 0.01 + 0.08)
-    # vm2's own figures first, the node's latest for the rest
+    assert h.estimate("vm1").costs.after_s == PRIOR.after_s  # 0.08 against the prior's 0.08
+    # vm2's own figures first, the node's for the rest
     h.record("vm2", StopCosts(fence_s=0.05))
     e2 = h.estimate("vm2")
-    assert e2.costs.fence_s == 0.05 and e2.costs.final_fixed_s == 0.01
-    # the last measured figure replaces the one before
-    h.record("vm1", StopCosts(fence_s=0.1))
-    assert h.estimate("vm1").costs.fence_s == 0.1
+    assert e2.costs.fence_s == PRIOR.fence_s  # 50 ms once: under the prior's floor
+    assert e2.costs.bias == 1.3  # the node's (vm1's) bias
+
+
+def test_the_reserve_is_the_recent_maximum_so_one_lucky_run_does_not_shrink_it() -> None:
+    h = StopHistory()
+    for fence in (0.09, 0.12, 0.07):  # three measured: trusted, the prior no floor
+        h.record("vm1", StopCosts(fence_s=fence))
+    assert h.estimate("vm1").costs.fence_s == 0.12
+    h.record("vm1", StopCosts(fence_s=0.01))  # a lucky run
+    assert h.estimate("vm1").costs.fence_s == 0.12
+    assert h.by_vm["vm1"].fence_s == 0.01  # the last one is still known as the last
+    # only the last HISTORY figures count: the 120 ms one ages out
+    for _ in range(HISTORY - 3):
+        h.record("vm1", StopCosts(fence_s=0.05))
+    assert h.estimate("vm1").costs.fence_s == 0.12  # 90 ms aged out, 120 ms not yet
+    h.record("vm1", StopCosts(fence_s=0.05))
+    assert h.estimate("vm1").costs.fence_s == 0.07
+    assert len(h.samples["vm1"]["fence_s"]) == HISTORY == len(h.samples[""]["fence_s"])
+
+
+def test_the_history_keeps_the_vms_measured_last() -> None:
+    h = StopHistory()
+    for i in range(VMS + 5):
+        h.record(f"vm{i}", StopCosts(after_s=0.1))
+    assert len(h.samples) == VMS + 1 and "vm4" not in h.samples  # and the node's
+    h.record("vm5", StopCosts(after_s=0.1))  # the oldest, measured again: kept
+    h.record("new", StopCosts(after_s=0.1))
+    assert len(h.samples) == VMS + 1 and "vm5" in h.samples and "vm6" not in h.samples
+    assert set(h.by_vm) == set(h.samples) - {""}
+    with pytest.raises(ValueError, match="named VM"):
+        h.record("", StopCosts(after_s=0.1))
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.kv: dict[str, bytes] = {}
+
+    def get(self, key: str) -> bytes | None:
+        return self.kv.get(key)
+
+    def put(self, key: str, value: bytes, sync: bool = True) -> None:
+        self.kv[key] = value
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return sorted(k for k in self.kv if k.startswith(prefix))
+
+
+def test_the_history_is_read_back_from_the_store() -> None:
+    store = _Store()
+    h = StopHistory(store=store)
+    for fence in (0.2, 0.11, 0.13):
+        h.record("vm1", StopCosts(fence_s=fence, bias=0.9))
+    h.record("vm2", StopCosts(after_s=0.06))
+    again = StopHistory(store=store)
+    assert again.samples == h.samples and again.load_error == ""
+    assert again.estimate("vm1") == h.estimate("vm1")
+    assert again.estimate("vm2") == h.estimate("vm2")
+    assert again.by_vm == {"vm1": StopCosts(fence_s=0.13, bias=0.9),
+                           "vm2": StopCosts(after_s=0.06)}
+    assert again.summary() == h.summary()
+    # a record it cannot read is set aside: the prior, and the reason
+    store.kv[STORE_KEY] = b'{"vm1": {"fence_s": [-1]}}'
+    broken = StopHistory(store=store)
+    assert broken.samples == {} and "fence_s" in broken.load_error
+    assert broken.estimate("vm1").measured == ()
+    assert "load_error" in broken.summary()
+
+
+def test_status_shows_the_reserve_and_where_each_part_came_from() -> None:
+    h = StopHistory()
+    assert "prior" in stop_reserve(h.summary())
+    for fence in (0.2, 0.11, 0.13):
+        h.record("vm1", StopCosts(fence_s=fence))
+    h.record("vm1", StopCosts(after_s=0.01))
+    line = stop_reserve(h.summary())
+    assert "fence 200 ms (max of 3)" in line
+    assert "after 80 ms (max of 1, prior as floor)" in line
+    assert "final_fixed 25 ms (prior)" in line
+    assert line.startswith(f"{(0.2 + PRIOR.final_fixed_s + PRIOR.after_s) * 1000:.0f} ms")
+
+
+_FIGURE = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(),
+                    st.booleans(), st.text(max_size=3), st.none())
+
+
+@given(st.one_of(
+    st.binary(max_size=64),
+    st.dictionaries(st.text(max_size=4), st.dictionaries(
+        st.sampled_from(["fence_s", "final_fixed_s", "after_s", "bias", "other"]),
+        st.lists(_FIGURE, max_size=HISTORY + 1), max_size=5), max_size=4).map(
+        lambda d: json.dumps(d).encode())))
+def test_decode_history_takes_a_valid_record_or_names_the_fault(raw: bytes) -> None:
+    try:
+        got = decode_history(raw)
+    except ValueError as exc:
+        assert str(exc)
+        return
+    assert decode_history(encode_history(got)) == got
+    h = StopHistory(store=_Store())
+    h.samples = got
+    h.estimate("x")  # a decoded history always gives an estimate
 
 
 def test_the_history_drops_impossible_figures_and_bounds_the_bias() -> None:
@@ -194,7 +303,10 @@ def test_the_history_drops_impossible_figures_and_bounds_the_bias() -> None:
     assert e.costs.fence_s == PRIOR.fence_s and e.costs.after_s == 0.1
     assert e.bias == BIAS_MAX
     h.record("vm1", StopCosts(bias=0.01))
-    assert h.estimate("vm1").bias == BIAS_MIN
+    assert h.samples["vm1"]["bias"] == [BIAS_MAX, BIAS_MIN]
+    assert h.estimate("vm1").bias == BIAS_MAX  # the recent maximum
+    h.record("vm1", StopCosts(fence_s=float("inf"), after_s=float("nan")))
+    assert h.samples["vm1"]["after_s"] == [0.1]  # a clock gives no such figures
     assert costs_of_arrival({"verify_ms": 1.0}) == StopCosts()
     with pytest.raises(ValueError, match="prior"):
         StopHistory(StopCosts(fence_s=0.1))
@@ -296,3 +408,27 @@ def test_the_sources_status_shows_the_reserve_and_what_it_measured() -> None:
     assert out is not None
     assert out["stop_costs"] == {"fence_s": 0.3, "final_fixed_s": 0.1, "after_s": 0.15,
                                  "bias": None}
+
+
+def test_a_restarted_node_reserves_what_it_measured_before(tmp_path: Path) -> None:
+    """The history lives in the node's SQLite store: a node built again on the same data
+    directory (a restart) judges its next migration with the figures measured before it,
+    not with the prior, and ``dwcp status`` shows them."""
+    cfg = make_federation(tmp_path / "fed")
+    node = build_node(cfg, "dc1", tmp_path / "data")
+    try:
+        for fence, after in ((0.12, 0.05), (0.3, 0.04), (0.1, 0.06)):
+            node.stop_history.record("vm1", StopCosts(fence_s=fence, after_s=after))
+        before = node.stop_history.estimate("vm1")
+    finally:
+        node.close()
+    again = build_node(cfg, "dc1", tmp_path / "data")
+    try:
+        est = again.stop_history.estimate("vm1")
+        assert est == before and est.costs.fence_s == 0.3 and est.costs.after_s == 0.06
+        assert est.measured == ("fence_s", "after_s")
+        doc = status(again)["stop_reserve"]
+        assert doc["measured"]["fence_s"] == 3 and doc["reserved_ms"]["fence_s"] == 300.0
+        assert "fence 300 ms (max of 3)" in render_status(status(again))
+    finally:
+        again.close()

@@ -12,6 +12,7 @@ import trio
 
 import federation.dataplane.v3 as v3
 import federation.dataplane.v3_source as v3_source
+from federation.dataplane.v3_target import V3Receiver
 from mesh.hde.messages import CHUNK_PAGES
 from mesh.hde.similar import SIMILAR_FROM_LEVEL, SketchAhead, sketch
 from tests.harness.node import (
@@ -75,6 +76,9 @@ def test_node_source_plans_by_similarity_from_the_level(tmp_path: Path,
 
     monkeypatch.setattr(v3_source, "encode_chunk", recording)
     monkeypatch.setattr(v3_source, "SketchAhead", Recorded)
+    # the targets say nothing of what they hold (as a build before V3Held): round 1 is
+    # diffed, not streamed to the cold target (v3_push.StreamSource)
+    monkeypatch.setattr(V3Receiver, "_held", staticmethod(lambda *_: []))
     order: list[str] = []  # the first round: announced to the target, then the ladder
     real_announce = v3_source.V3RoundSender._announce
 
@@ -131,3 +135,46 @@ def test_node_source_plans_by_similarity_from_the_level(tmp_path: Path,
     # migration that chunks by similarity (the memory image alone)
     assert len(sketchers) == 1
     assert 2 * SPREAD <= sketchers[0].ahead + sketchers[0].on_the_spot <= 2 * SPREAD + 1
+
+
+def test_round_1_streamed_to_a_cold_target_groups_what_is_beyond_its_lead(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """Round 1 streamed to the cold dc2 at SIMILAR_FROM_LEVEL (v3_source._Stream): the
+    first STREAM_LEAD_PAGES non-zero pages go in the order read, the rest once the copy
+    ended, every page beyond the lead in one chunk with its look-alike."""
+    cfg = make_federation(tmp_path / "fed")
+    (tmp_path / "vm").mkdir()
+    memory = _memory(tmp_path / "vm" / "memory.img")
+    lead = CHUNK_PAGES // 2
+    monkeypatch.setattr(v3_source, "STREAM_LEAD_PAGES", lead)
+    monkeypatch.setattr(v3, "choose_chunk_level", lambda *_: ("datacenter", SIMILAR_FROM_LEVEL))
+    streamed: list[list[int]] = []  # the pages of round 1's chunks (no reference)
+    real_encode = v3_source.encode_chunk
+
+    def recording(transfer: int, plan: Any, image: Any, ref: Any, lvl: int,
+                  **kw: Any) -> bytes | bytearray:
+        if v3_source.is_push(transfer) and ref is None:
+            streamed.append(plan.pages)
+        return real_encode(transfer, plan, image, ref, lvl, **kw)
+
+    monkeypatch.setattr(v3_source, "encode_chunk", recording)
+
+    async def main() -> None:
+        async with running_nodes(cfg, tmp_path / "data") as nodes:
+            dc1 = nodes["dc1"]
+            await set_policy(dc1, 100)
+            await import_vm(dc1, "vm1", memory, [])
+            mid = await migrate(dc1, "vm1", "dc2")
+            assert await wait_outcome(dc1, mid) == "committed"
+            await wait_vm(nodes["dc2"], "vm1", "running")
+            assert image_hashes(nodes["dc2"].backend.path("vm1")) \
+                == image_hashes(dc1.backend.path("vm1"))
+
+    trio.run(main)
+    pages = [p for chunk in streamed for p in chunk]
+    assert sorted(pages) == list(range(2 * SPREAD)), "every page once, in round 1"
+    # the lead in the order read (its chunks hold neighbouring pages only) ...
+    assert list(range(lead)) in streamed
+    # ... the rest grouped: each page beyond the lead with its look-alike
+    beyond = [c for c in streamed if c[0] >= lead]
+    assert sum(1 for c in beyond for p in c if p + SPREAD in c) == SPREAD - lead

@@ -58,13 +58,16 @@ def _cert_digest(cert: PreparedCert) -> bytes:
 
 
 def make_stable(st: ReplicaState, out: Outbox, seq: int, snapshot: bytes,
-                proof: tuple[Signed, ...]) -> None:
-    """Move the low watermark to ``seq`` and discard the log at or below it."""
+                proof: tuple[Signed, ...], hashes: tuple[bytes, ...] | None = None) -> None:
+    """Move the low watermark to ``seq`` and discard the log at or below it. ``hashes``:
+    the snapshot's chunk hashes, if known (a snapshot fetched in chunks)."""
     if seq <= st.low:
         return
     st.prev_stable = (st.low, st.stable_snapshot)
     st.low, st.stable_proof, st.stable_snapshot = seq, proof, snapshot
-    for write in st.log.checkpoint(CheckpointRecord(seq, snapshot, proof)):
+    if hashes is not None:
+        st.stable_hashes = (seq, hashes)
+    for write in st.log.checkpoint(CheckpointRecord(seq, snapshot, proof), hashes):
         out.persist(write)
     st.count("stable_checkpoints")
     for d in (st.slots, st.decided, st.prepared_certs, st.checkpoint_votes):
@@ -90,8 +93,8 @@ def request_state(st: ReplicaState, out: Outbox, now: float) -> None:
     """Ask one peer for what we miss: a random one among those whose last STATUS
     claimed to be ahead (so a faulty peer that always claims to be ahead is not
     always the one asked), or any peer if none did."""
-    if now < st.transfer_until:
-        return
+    if now < st.transfer_until or st.restoring is not None:
+        return  # (a restore running: what follows it is asked for when it is in)
     st.transfer_until = now + 2 * st.cfg.status_interval
     ahead = sorted(p for p, seq in st.ahead.items() if seq > st.last_exec)
     target = st.rng.choice(ahead or st.others())

@@ -13,7 +13,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from consensus.pbft.messages import Envelope, Verifier, seal
-from mesh.core import Action, CancelTimer, Notify, Persist, Send, SetTimer
+from mesh.core import Action, CancelTimer, Notify, Offload, Persist, Send, SetTimer
 from mesh.identity import Identity
 
 __all__ = ["Outbox"]
@@ -53,6 +53,9 @@ class Outbox:
 
     def persist(self, write: Persist) -> None:
         self._actions.append(write)
+
+    def offload(self, work: Offload) -> None:
+        self._actions.append(work)
 
     def notify(self, kind: str, detail: Any) -> None:
         self._actions.append(Notify(kind, detail))

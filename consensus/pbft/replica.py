@@ -102,7 +102,7 @@ from consensus.pbft.state import (
     ReplicaState,
 )
 from mesh import wire
-from mesh.core import Action, Event, PeerDown, PeerUp, Received, TimerFired
+from mesh.core import Action, Event, Offloaded, PeerDown, PeerUp, Received, TimerFired
 from mesh.identity import Identity, PublicKey
 
 __all__ = ["PbftConfig", "Replica", "CHECKPOINT_INTERVAL", "WATERMARK_WINDOW"]
@@ -252,6 +252,8 @@ class Replica:
         elif isinstance(event, PeerUp) and event.peer in st.q.members:
             st.unreachable.pop(event.peer, None)
             out.send(event.peer, status.status_message(st, out))
+        elif isinstance(event, Offloaded):
+            transfer.on_restored(st, out, now, event)
         elif isinstance(event, PeerDown) and event.peer in st.q.members:
             st.unreachable[event.peer] = None
             if event.peer == st.primary and st.active:

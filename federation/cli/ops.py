@@ -494,6 +494,24 @@ def downtime(migration: dict[str, Any]) -> str:
     return "-" if reserve is None else f"reserve {reserve:.0f} ms"
 
 
+def stop_reserve(doc: dict[str, Any]) -> str:
+    """The stop window's fixed part a migration from this DC reserves out of its downtime
+    limit, and what it was taken from (the recent maximum of the node's measurements, or
+    the prior where none or too few were measured)."""
+    parts = doc["reserved_ms"]
+    counts = doc["measured"]
+    def source(n: int) -> str:
+        if not n:
+            return "prior"
+        return f"max of {n}" if n >= doc["trusted"] else f"max of {n}, prior as floor"
+    each = ", ".join(f"{k.removesuffix('_s')} {v:.0f} ms ({source(counts.get(k, 0))})"
+                     for k, v in parts.items())
+    line = f"{doc['reserve_ms']:.0f} ms = {each}; bias {doc['bias']:g}"
+    if doc.get("load_error"):
+        line += f" (stored history unreadable: {doc['load_error']})"
+    return line
+
+
 def render_status(doc: dict[str, Any]) -> str:
     led = doc["ledger"]
     if "unavailable" in led:
@@ -503,6 +521,8 @@ def render_status(doc: dict[str, Any]) -> str:
                   f"checkpoint {led['stable_checkpoint']}")
     out = [f"DC {doc['dc']} of federation {doc['federation']}", f"ledger: {ledger}",
            f"data plane: {doc['data_plane']}"]
+    if doc.get("stop_reserve"):
+        out.append(f"stop window reserve: {stop_reserve(doc['stop_reserve'])}")
     out += [f"PROBLEM: {p}" for p in doc.get("problems", [])]
     out.append("")
     rows = [["PEER", "MEMBER", "LINK", "RTT ms", "LOSS", "Mbit/s", "MODE", "CONTROL", "BULK"]]

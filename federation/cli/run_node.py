@@ -32,7 +32,7 @@ from federation.node.assembly import DOWNTIME_LIMIT, Node
 from federation.node.data_lock import DataDirLock
 from federation.node.errors import NodeError
 from federation.node.heap import tune_heap
-from federation.node.heap_report import HeapReporter, tracemalloc_frames
+from federation.node.heap_report import HeapReporter, node_caches, tracemalloc_frames
 from federation.node.node_config import (
     NodeConfig,
     NodeConfigError,
@@ -229,4 +229,4 @@ async def _report_heap_on_signal(node: Node, heap: HeapReporter) -> None:
     """SIGUSR2 logs a ``heap_report`` (federation.node.heap_report): what grew."""
     with trio.open_signal_receiver(signal.SIGUSR2) as signals:
         async for _ in signals:
-            node.log.event("heap_report", **heap.report())
+            node.log.event("heap_report", **heap.report(node_caches(node)))

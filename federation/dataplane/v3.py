@@ -83,7 +83,7 @@ class V3DataPlane:
         self.receiver = V3Receiver(
             backend=backend, new_channel=lambda: self._channel(None), send=runtime.send,
             incoming=incoming, report=report, log=log, executor=self.executor,
-            index_of=index_of)
+            index_of=index_of, peer_offer=self._peer_offer)
         self.sender = V3Sender(
             shadow_dir=data_dir / "v3-shadow", backend=backend, send=runtime.send,
             connector=self._connector, new_channel=self._channel, level_for=self._level_for,
@@ -103,6 +103,11 @@ class V3DataPlane:
         return SecureChannel(identity=rt.identity, name=rt.name, federation=rt.federation,
                              peers=rt.keys, versions=offer, initiator=peer is not None,
                              peer=peer)
+
+    def _peer_offer(self, peer: str) -> tuple[int, ...]:
+        """``peer``'s whole offer on its control link (none while no link is up)."""
+        link = self.runtime.links.get(peer)
+        return () if link is None else tuple(link.peer_versions)
 
     def _address(self, dc: str) -> tuple[str, int] | None:
         try:

@@ -44,9 +44,9 @@ from mesh.hde.messages import CHUNK_PAGES, HdeVerified
 from mesh.hde.similar import group_chunks
 from mesh.wire import U64, Bytes, field
 
-__all__ = ["V3PushOffer", "PushSource", "PushTarget", "HeldPages", "PUSH_FLAG",
-           "push_transfer", "is_push", "push_plans", "apply_chunk", "differing_pages",
-           "MAX_COPIES"]
+__all__ = ["V3PushOffer", "V3Held", "PushSource", "StreamSource", "PushTarget", "HeldPages",
+           "PUSH_FLAG", "push_transfer", "is_push", "push_plans", "apply_chunk",
+           "differing_pages", "nonzero_pages", "MAX_COPIES"]
 
 #: Set in the HDE transfer id of a pushed image's chunks (and its offer): the target
 #: routes a chunk to the image's push core, not its HDE core, even when the chunk
@@ -82,6 +82,20 @@ class V3PushOffer:
     #: (page, from page) pairs, ``<II`` each: write the target's own page ``from`` (one
     #: this round does not change) at ``page``
     copies: bytes = field(Bytes(MAX_COPIES * _PAIR.size))
+
+
+@wire.message("v3.held")
+class V3Held:
+    """Target -> source, before round 1 moves: incoming image ``transfer`` (its push id) of
+    ``page_count`` pages holds the content whose root is ``root``. A root of zero pages
+    (:func:`mesh.hde.index.zero_index`) is a cold target: the source may then stream the
+    image (:class:`StreamSource`) instead of diffing it. Sent only to a source whose
+    control link offered :data:`mesh.versions.COLD_PUSH` (an older one would fail the
+    round on a diff message it does not know)."""
+
+    transfer: int = field(U64())
+    page_count: int = field(U64())
+    root: bytes = field(Bytes(_ROOT, exact=True))
 
 
 def differing_pages(held: PageIndex, now: PageIndex) -> list[int]:
@@ -149,7 +163,110 @@ class HeldPages:
         return data, bytes(out)
 
 
-class PushSource:
+_ZERO_BLOCK = bytes(CHUNK_PAGES * PAGE_SIZE)
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+def nonzero_pages(first: int, data: bytes) -> list[int]:
+    """The pages of ``data`` (whole pages from page ``first``) that are not all zeros: a
+    block of CHUNK_PAGES compared at once (most of a guest's zero pages lie in zero
+    blocks), then page by page."""
+    out: list[int] = []
+    n = len(data) // PAGE_SIZE
+    block = CHUNK_PAGES * PAGE_SIZE
+    for b in range(0, n, CHUNK_PAGES):
+        at = b * PAGE_SIZE
+        if b + CHUNK_PAGES <= n and data[at : at + block] == _ZERO_BLOCK:
+            continue
+        for q in range(b, min(n, b + CHUNK_PAGES)):
+            if data[q * PAGE_SIZE : (q + 1) * PAGE_SIZE] != _ZERO_PAGE:
+                out.append(first + q)
+    return out
+
+
+class _PushReply:
+    """What both push sources do with the target's answer (:class:`HdeVerified`)."""
+
+    transfer: int
+    peer: str
+    failed: str | None
+    verified: bool | None
+
+    def _root(self) -> bytes | None:
+        """The root the image must have at the target (None: not offered yet)."""
+        raise NotImplementedError
+
+    def handle(self, now: float, event: Event) -> list[Notify]:
+        if self.failed or self.verified is not None or not isinstance(event, Received):
+            return []
+        msg = event.message
+        if event.peer != self.peer or getattr(msg, "transfer", None) != self.transfer:
+            return []
+        root = self._root()
+        if not isinstance(msg, HdeVerified) or root is None:
+            return self._fail(f"unexpected message {type(msg).__name__} to a pushed image")
+        self.verified = msg.ok and msg.root == root
+        return [Notify("hde.sent", {"transfer": self.transfer, "ok": self.verified})]
+
+    def _fail(self, reason: str) -> list[Notify]:
+        self.failed = reason
+        return [Notify("hde.failed", {"transfer": self.transfer, "peer": self.peer,
+                                      "reason": reason})]
+
+
+class StreamSource(_PushReply):
+    """Streams image ``image`` (0-based in its round) of ``page_count`` pages to a target
+    whose copy holds ``base`` (the root of zero pages: a cold target, :class:`V3Held`)
+    while the image is being read: :meth:`add` plans the chunks of pages as they are read
+    (from the first piece on), :meth:`finish` sends the offer with the root once the
+    whole image is read and indexed. The offer follows its chunks, as a pushed round's
+    may; the target applies each chunk as it lands and verifies the root it recomputes
+    against the offer's, as for any pushed image. ``add`` runs on the thread that reads,
+    ``finish`` after it, ``handle`` anywhere after ``finish``."""
+
+    def __init__(self, image: int, peer: str, page_count: int, base: bytes) -> None:
+        self.transfer = push_transfer(image)
+        self.peer = peer
+        self.page_count = page_count
+        self.base = base
+        self.index: PageIndex | None = None
+        self.chunks = 0
+        #: pages planned (sent as data): every page that is not zero
+        self.sent = 0
+        self.chunk_copies = False
+        self.failed: str | None = None
+        self.verified: bool | None = None
+
+    def add(self, pages: Sequence[int]) -> list[EncodeChunk]:
+        """The chunks of ``pages`` (ascending, read since the last call, never zero pages:
+        the target's copy holds zeros there)."""
+        if self.index is not None:
+            raise ValueError(f"pages added to image {self.transfer & ~PUSH_FLAG} after its "
+                             "offer")
+        if pages and (pages[0] < 0 or pages[-1] >= self.page_count):
+            raise ValueError(f"pages {pages[0]}..{pages[-1]} outside {self.page_count}")
+        out = []
+        for i in range(0, len(pages), CHUNK_PAGES):
+            out.append(EncodeChunk(self.transfer, ChunkPlan.of_pages(
+                self.chunks, pages[i : i + CHUNK_PAGES]), None))
+            self.chunks += 1
+        self.sent += len(pages)
+        return out
+
+    def finish(self, index: PageIndex) -> list[Send]:
+        """The image was read whole and indexed as ``index``: the offer."""
+        if index.page_count != self.page_count:
+            raise ValueError(f"an index of {index.page_count} pages for an image of "
+                             f"{self.page_count}")
+        self.index = index
+        return [Send(self.peer, V3PushOffer(self.transfer, self.page_count, self.base,
+                                            index.root, self.chunks, self.sent, b""))]
+
+    def _root(self) -> bytes | None:
+        return None if self.index is None else self.index.root
+
+
+class PushSource(_PushReply):
     """Pushes image ``image`` (0-based in its round), now indexed as ``index``, to ``peer``
     against ``base`` (the root the target verified): the ``pages`` that changed. With
     ``copies`` (the target decodes chunk copies), changed pages of equal fingerprints go
@@ -177,21 +294,8 @@ class PushSource:
         return [Send(self.peer, offer),
                 *(EncodeChunk(self.transfer, plan, self.base) for plan in plans)]
 
-    def handle(self, now: float, event: Event) -> list[Notify]:
-        if self.failed or self.verified is not None or not isinstance(event, Received):
-            return []
-        msg = event.message
-        if event.peer != self.peer or getattr(msg, "transfer", None) != self.transfer:
-            return []
-        if not isinstance(msg, HdeVerified):
-            return self._fail(f"unexpected message {type(msg).__name__} to a pushed image")
-        self.verified = msg.ok and msg.root == self.index.root
-        return [Notify("hde.sent", {"transfer": self.transfer, "ok": self.verified})]
-
-    def _fail(self, reason: str) -> list[Notify]:
-        self.failed = reason
-        return [Notify("hde.failed", {"transfer": self.transfer, "peer": self.peer,
-                                      "reason": reason})]
+    def _root(self) -> bytes | None:
+        return self.index.root
 
 
 PushAction = Send | RecomputeRoot | Notify

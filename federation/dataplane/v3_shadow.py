@@ -20,7 +20,7 @@ from federation.dataplane.v3_push import HeldPages
 from federation.vms.dirty_scan import SentDigests
 from federation.vms.sealed_image import SealedWriter
 from federation.vms.sealing import SealKey
-from mesh.hde.image import PAGE_SIZE, ImageWriter, create_image
+from mesh.hde.image import PAGE_SIZE, Image, ImageWriter, create_image
 from mesh.hde.index import PageIndex
 
 __all__ = ["SourceState", "sample_pages", "COPY_PAGES"]
@@ -103,7 +103,7 @@ def read_pages(image: ImageWriter, pages: Sequence[int]) -> dict[int, bytes]:
     return out
 
 
-def sample_pages(images: Sequence[ImageWriter]) -> list[bytes]:
+def sample_pages(images: Sequence[Image]) -> list[bytes]:
     """Up to SAMPLE_PAGES non-uniform pages spread over the images, in 64-page pieces."""
     total = sum(i.page_count for i in images)
     stride = max(1, total // (4 * SAMPLE_PAGES))

@@ -20,7 +20,14 @@ from typing import Any
 import trio
 
 from federation.dataplane.v3_protocol import peek_chunk
-from federation.dataplane.v3_push import PUSH_FLAG, PushTarget, V3PushOffer, is_push
+from federation.dataplane.v3_push import (
+    PUSH_FLAG,
+    PushTarget,
+    V3Held,
+    V3PushOffer,
+    is_push,
+    push_transfer,
+)
 from federation.migration.round_events import (
     V3Accept,
     V3Accepted,
@@ -30,7 +37,7 @@ from federation.migration.round_events import (
 )
 from federation.migration.round_messages import V3Hde
 from federation.vms.backend import VmBackend, VmError, VmState
-from mesh import wire
+from mesh import versions, wire
 from mesh.channel import SecureChannel
 from mesh.core import Notify, Received, Send
 from mesh.hde.events import ChunkArrived, RecomputeRoot, RootRecomputed
@@ -188,8 +195,11 @@ class V3Receiver:
         log: JsonLog,
         executor: Executor | None = None,
         index_of: Callable[[str, str], PageIndex] | None = None,
+        peer_offer: Callable[[str], tuple[int, ...]] | None = None,
     ) -> None:
         self.backend = backend
+        #: a peer's whole offer on its control link (what its migrations' sources read)
+        self.peer_offer = peer_offer if peer_offer is not None else (lambda peer: ())
         #: (migration id, image) -> the incoming image's current index
         self.index_of = index_of if index_of is not None else self._build_index
         self.server = AmstServer(new_channel)
@@ -223,6 +233,7 @@ class V3Receiver:
                                                          f"are not prepared as {list(a.images)}"))
             return
         store = self.stores.get(mid)
+        held: list[V3Held] = []
         if store is None:
             try:
                 store = await trio.to_thread.run_sync(self._new_store, a.vm, mid, writers)
@@ -231,6 +242,8 @@ class V3Receiver:
                                                              f"{mid!r}: {exc}"))
                 return
             self.stores[mid] = store
+            if versions.COLD_PUSH in self.peer_offer(a.peer):
+                held = self._held(store, a.vm, a.images)
         r = _Round(self, a, [writers[n] for n in a.images], store)
         for old in [k for k in self.rounds if k[0] == mid]:  # an earlier round is over
             self._drop(old)
@@ -239,7 +252,24 @@ class V3Receiver:
         self._transfers[(mid, a.round)] = a.transfer
         assert self.nursery is not None
         self.nursery.start_soon(r.consume)
+        # the migration's first round here: what each incoming image holds, before the
+        # round's status (one link, in order), so the source knows at the round's go
+        # whether it may stream it to a cold copy (v3_push.StreamSource)
+        for i, msg in enumerate(held):
+            self.send(a.peer, V3Hde(mid, a.round, i, wire.encode(msg)))
         self.report(V3Accepted(a.peer, mid, a.round))
+
+    @staticmethod
+    def _held(store: _Store, vm: str, images: tuple[str, ...]) -> list[V3Held]:
+        """Per image of a round (in its order) the root its incoming copy holds: the index
+        the new store was just filled with (nothing of the migration written since)."""
+        out = []
+        for i, name in enumerate(images):
+            stored = store.pages.base(f"{vm}/{name}")
+            assert stored is not None, "a new store holds every incoming image"
+            out.append(V3Held(push_transfer(i), stored.index.page_count, stored.index.root))
+        return out
+
     def _build_index(self, mid: str, image: str) -> PageIndex:
         """An incoming image's index hashed whole (a receiver without a shared index)."""
         writers = self.incoming(mid)

@@ -30,16 +30,33 @@ Until a node measured a figure, :data:`PRIOR` stands for it: the quiet-machine s
 window of 2026-12-08 (docs/BENCHMARKS.md, "Why the loopback downtime is over 300 ms in
 this run": the source's stop, device state and root 103 ms; the final round 180 ms for
 2,793 pages estimated at 0.056 ms a page, 156 ms; the target's verification, device load
-and commit 34 ms, its start 46 ms). Each later figure is the last one
-measured, of this VM where it has one, else of any VM at this node.
+and commit 34 ms, its start 46 ms).
+
+A node keeps a short history of what it measured (:class:`StopHistory`): the last
+:data:`HISTORY` figures of each kind, of each VM and of the node as a whole, written to
+the node's store (:data:`STORE_KEY`, so a restart keeps them) and bounded
+(:data:`HISTORY` figures, :data:`VMS` VMs). The reserve takes each figure's recent
+maximum, of this VM where it has one, else of any VM at this node: one lucky run (a
+quick fence on an idle machine) does not shrink the reserve the next migration is
+judged with, and below :data:`TRUSTED` measurements the prior stays a floor under it.
+Under load the stop window's parts vary by 2-5x from one migration to the next
+(docs/BENCHMARKS.md, the stop windows of 2026-12-08), so the last figure alone is the
+wrong one half of the time.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from typing import Any
+
 import attrs
 
+from mesh.core import Store
+
 __all__ = ["StopCosts", "StopEstimate", "StopHistory", "PRIOR", "START_PRIOR", "BIAS_MIN",
-           "BIAS_MAX", "BIAS_PAGES", "costs_of_arrival", "final_round_costs"]
+           "BIAS_MAX", "BIAS_PAGES", "HISTORY", "TRUSTED", "VMS", "STORE_KEY",
+           "costs_of_arrival", "final_round_costs", "encode_history", "decode_history"]
 
 #: The target's start (its ``cont``) as a source's own view of the window counts it: the
 #: quiet loopback's 46 ms (a source does not see the target's ``cont``).
@@ -85,51 +102,162 @@ class StopEstimate:
     measured: tuple[str, ...]
 
 
-class StopHistory:
-    """A node's last measured stop-window costs, per VM and of the node as a whole."""
+#: Figures of each kind kept per VM and for the node (the reserve is their maximum).
+HISTORY = 8
+#: Below this many measurements of a figure the prior stays a floor under it.
+TRUSTED = 3
+#: VMs whose own figures are kept (the ones measured last); the node's go on regardless.
+VMS = 64
+#: The node store's key of the history (one record, rewritten at each measurement).
+STORE_KEY = "stop_costs/history"
+#: The history's scope of the node as a whole (a VM's name is never empty).
+NODE = ""
+_FIELDS = tuple(f.name for f in attrs.fields(StopCosts))
 
-    def __init__(self, prior: StopCosts = PRIOR) -> None:
+#: scope (a VM, or :data:`NODE`) -> figure name -> its last measurements, oldest first
+Samples = dict[str, dict[str, list[float]]]
+
+
+class StopHistory:
+    """A node's last measured stop-window costs, per VM and of the node as a whole (see
+    the module docstring). With a ``store`` they are read from it at the start and
+    written to it at each measurement; a record it cannot read is set aside
+    (``load_error`` says why) and the history starts from the prior."""
+
+    def __init__(self, prior: StopCosts = PRIOR, store: Store | None = None) -> None:
         if None in attrs.astuple(prior):
             raise ValueError("the stop window's prior needs every figure")
         self.prior = prior
+        self.store = store
+        #: each VM's last measured figures, and the node's (what was measured last)
         self.by_vm: dict[str, StopCosts] = {}
         self.latest = StopCosts()
+        self.samples: Samples = {}
+        self.load_error = ""
+        raw = store.get(STORE_KEY) if store is not None else None
+        if raw is not None:
+            try:
+                self.samples = decode_history(raw)
+            except ValueError as exc:
+                self.load_error = f"{STORE_KEY}: {exc}"
+        for scope, figures in self.samples.items():
+            last = StopCosts(**{k: v[-1] for k, v in figures.items() if v})
+            if scope == NODE:
+                self.latest = last
+            else:
+                self.by_vm[scope] = last
 
     def record(self, vm: str, costs: StopCosts) -> None:
         """Figures measured in a migration of ``vm`` (at either end)."""
+        if not vm:
+            raise ValueError("stop costs are recorded for a named VM")
         costs = _checked(costs)
         self.by_vm[vm] = self.by_vm.get(vm, StopCosts()).merged(costs)
         self.latest = self.latest.merged(costs)
+        measured = {k: v for k, v in attrs.asdict(costs).items() if v is not None}
+        if not measured:
+            return
+        own = self.samples.pop(vm, {})
+        self.samples[vm] = own  # the VM measured last, kept longest
+        for scope in (own, self.samples.setdefault(NODE, {})):
+            for k, v in measured.items():
+                scope.setdefault(k, []).append(v)
+                del scope[k][:-HISTORY]
+        for old in [k for k in self.samples if k != NODE][:-VMS]:
+            del self.samples[old]
+            self.by_vm.pop(old, None)
+        if self.store is not None:
+            # not synced: a crash loses at most the last figures, and the prior or the
+            # figures before stand for them
+            self.store.put(STORE_KEY, encode_history(self.samples), sync=False)
 
     def estimate(self, vm: str) -> StopEstimate:
-        """The reserve and bias for the next migration of ``vm`` from here."""
-        own = self.by_vm.get(vm, StopCosts())
+        """The reserve and bias for the next migration of ``vm`` from here: each figure's
+        recent maximum, the VM's own where it has any, else the node's; the prior's
+        while fewer than :data:`TRUSTED` were measured and the prior is larger."""
+        own = self.samples.get(vm, {}) if vm else {}
+        node = self.samples.get(NODE, {})
         chosen: dict[str, float] = {}
         measured: list[str] = []
-        for field in attrs.fields(StopCosts):
-            got = getattr(own, field.name)
-            if got is None:
-                got = getattr(self.latest, field.name)
-            if got is None:
-                got = getattr(self.prior, field.name)
+        for name in _FIELDS:
+            got = own.get(name) or node.get(name) or []
+            prior = float(getattr(self.prior, name))
+            if got:
+                measured.append(name)
+                top = max(got)
+                chosen[name] = top if len(got) >= TRUSTED else max(top, prior)
             else:
-                measured.append(field.name)
-            chosen[field.name] = float(got)
+                chosen[name] = prior
         costs = StopCosts(**chosen)
         assert costs.fence_s is not None and costs.final_fixed_s is not None
         assert costs.after_s is not None and costs.bias is not None
         return StopEstimate(costs.fence_s + costs.final_fixed_s + costs.after_s,
                             costs.bias, costs, tuple(measured))
 
+    def summary(self) -> dict[str, Any]:
+        """What ``dwcp status`` shows: the reserve a migration from here would be judged
+        with (the node's figures), how many of each figure it was taken from, and the
+        last of each."""
+        est = self.estimate(NODE)
+        node = self.samples.get(NODE, {})
+        return {"reserve_ms": round(est.reserve * 1000, 1), "bias": round(est.bias, 3),
+                "reserved_ms": {k: round(float(getattr(est.costs, k)) * 1000, 1)
+                                for k in _FIELDS if k != "bias"},
+                "measured": {k: len(node.get(k, [])) for k in _FIELDS},
+                "last_ms": {k: round(node[k][-1] * 1000, 1)
+                            for k in _FIELDS if k != "bias" and node.get(k)},
+                "history": HISTORY, "trusted": TRUSTED, "vms": len(self.samples) - (
+                    NODE in self.samples),
+                **({"load_error": self.load_error} if self.load_error else {})}
+
+
+def encode_history(samples: Samples) -> bytes:
+    """The history as the node stores it (JSON: one object per scope)."""
+    return json.dumps(samples, sort_keys=True, separators=(",", ":")).encode()
+
+
+def decode_history(raw: bytes) -> Samples:
+    """A stored history, checked: at most :data:`VMS` VMs and the node, figures of
+    :class:`StopCosts` only, at most :data:`HISTORY` finite ones each, times at least 0,
+    biases within their bounds. ValueError names what is wrong."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"expected an object of scopes, got {type(doc).__name__}")
+    if len(doc) > VMS + 1:
+        raise ValueError(f"{len(doc)} scopes, more than {VMS} VMs and the node")
+    out: Samples = {}
+    for scope, figures in doc.items():
+        if not isinstance(figures, dict):
+            raise ValueError(f"scope {scope!r}: expected an object of figures")
+        out[scope] = {}
+        for name, values in figures.items():
+            where = f"scope {scope!r}, figure {name!r}"
+            if name not in _FIELDS:
+                raise ValueError(f"{where}: not a stop-window figure ({', '.join(_FIELDS)})")
+            if not isinstance(values, list) or len(values) > HISTORY:
+                raise ValueError(f"{where}: expected a list of at most {HISTORY} numbers")
+            for v in values:
+                if (isinstance(v, bool) or not isinstance(v, (int, float))
+                        or not math.isfinite(v)):
+                    raise ValueError(f"{where}: {v!r} is not a finite number")
+                low, high = (BIAS_MIN, BIAS_MAX) if name == "bias" else (0.0, math.inf)
+                if not low <= v <= high:
+                    raise ValueError(f"{where}: {v!r} is outside [{low}, {high}]")
+            out[scope][name] = [float(v) for v in values]
+    return out
+
 
 def _checked(costs: StopCosts) -> StopCosts:
     """Figures that a clock can give: negative times (a wall clock stepped back between
     two marks) are dropped, the bias is kept within its bounds."""
     def time(v: float | None) -> float | None:
-        return v if v is not None and v >= 0 else None
+        return v if v is not None and math.isfinite(v) and v >= 0 else None
     bias = costs.bias
     if bias is not None:
-        bias = min(BIAS_MAX, max(BIAS_MIN, bias)) if bias > 0 else None
+        bias = min(BIAS_MAX, max(BIAS_MIN, bias)) if bias > 0 and math.isfinite(bias) else None
     return StopCosts(time(costs.fence_s), time(costs.final_fixed_s), time(costs.after_s),
                      bias)
 

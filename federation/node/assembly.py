@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import random
 import secrets
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -110,7 +111,8 @@ from mesh.links import control_plane as control
 from mesh.links.estimates import LinkTable
 from mesh.runtime.log import JsonLog
 from mesh.runtime.node_runtime import Peer, Runtime, wall_clock
-from mesh.runtime.sqlite_store import SQLiteStore
+from mesh.runtime.sqlite_store import SQLiteStore, StoreError
+from mesh.versions import COLD_PUSH
 
 __all__ = ["Node", "NodeError", "LedgerTimeout", "UnknownMigration", "NotTheSource",
            "DATA_PLANE", "TRANSFER_VERSIONS", "DOWNTIME_LIMIT", "link_Bps"]
@@ -130,9 +132,10 @@ RESUME_RETRY_S = (0.5, 8.0)
 #: Ended migration sessions a node keeps (their status, last progress and outcome, for
 #: ``/api/migrations/ID`` and ``/api/status``): those that ended in the last hour, at most
 #: the 1,000 last. A forgotten one's view is then its ledger record alone (the ledger
-#: keeps every migration's record); its outcome stays counted in the metrics. Without a
-#: bound, a node keeps every session that ever ended here: ``dwcp bench soak`` made
-#: ~1,300 an hour per node.
+#: keeps every migration's record); its outcome stays counted in the metrics, and its
+#: persisted ``migration/<id>`` record is deleted (Node._drop_records). Without a bound,
+#: a node keeps every session that ever ended here: ``dwcp bench soak`` made ~1,300 an
+#: hour per node.
 ENDED_KEEP_SECONDS = 3600.0
 ENDED_KEEP_MAX = 1000
 #: How often the node forgets what is past those bounds.
@@ -217,6 +220,8 @@ class Node:
             versions=self.transfer_versions, store=self.store, log=self.log,
             rng=random.Random(self.rng.getrandbits(64)), fed_print=federation_print(fed),
             framed=control_frames,
+            # a v3 source takes the target's incoming roots before round 1 (V3Held)
+            capabilities=(COLD_PUSH,) if V3 in self.transfer_versions else (),
         )
         self.control = control.attach(
             self.runtime, name, [p.name for p in peers], random.Random(self.rng.getrandbits(64)),
@@ -233,14 +238,20 @@ class Node:
         #: None when the federation cannot run PBFT (n != 3f+1 >= 4); ``no_ledger`` says why
         self.core: NodeCore | None = None
         #: the fixed part of this node's stop windows, as its migrations measured it at
-        #: either end (federation.migration.stop_costs): the round policy reserves it
-        self.stop_history = StopHistory()
+        #: either end (federation.migration.stop_costs): the round policy reserves it;
+        #: kept in the node's store, so a restart does not fall back to the prior
+        self.stop_history = StopHistory(store=self.store)
+        if self.stop_history.load_error:
+            self.log.event("stop_history_unreadable", error=self.stop_history.load_error)
         self.no_ledger = ""
         replica: Replica | None = None
         try:
             replica = Replica(name, ident, self.runtime.keys, ReplicaLog(self.store),
                               random.Random(self.rng.getrandbits(64)),
-                              PbftConfig(client_timeout=request_timeout),
+                              # a transferred checkpoint's ledger is rebuilt in a worker
+                              # thread, not on the event loop (consensus.pbft.transfer)
+                              PbftConfig(client_timeout=request_timeout,
+                                         offload_restore=True),
                               operators=fed.operator_table(), wall=wall_clock,
                               previous_keys=fed.previous_keys())
         except ValueError as exc:
@@ -281,6 +292,12 @@ class Node:
         self._vm_lock = trio.Lock()
         #: VMs an operation of this node is handling (the reconciler leaves them alone)
         self._busy: set[str] = set()
+        #: (ledger height when forgotten, key) of the persisted records of forgotten
+        #: sessions not deleted yet: waiting for a stable checkpoint at that height, or
+        #: after a delete that failed
+        self._records_to_drop: list[tuple[int, str]] = []
+        #: persisted records deleted since start (their sessions forgotten)
+        self.records_dropped = 0
 
     def _stored_records(self) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
@@ -397,15 +414,50 @@ class Node:
         if self.core is None:
             return []
         gone: list[str] = []
+        marks: list[int] = []
 
         def forget(core: NodeCore, now: float) -> list[Any]:
             gone.extend(core.forget_ended(now, keep_for, keep_most))
+            # the ledger's height now (each forgotten session is decided at or below it)
+            # and the stable checkpoint, whose writes are durable by now (the runtime
+            # writes a step's Persists before it runs an invocation)
+            marks[:] = [core.replica.last_exec, core.replica.low]
             return []
 
         await self.runtime.invoke("node", forget, "forget-ended")
         if gone:
             await self.rounds.forget(gone)
+        height, stable = marks
+        self._records_to_drop.extend((height, record_key(mid)) for mid in gone)
+        await self._drop_records(stable)
         return gone
+
+    async def _drop_records(self, stable: int) -> None:
+        """Delete the persisted ``migration/<id>`` records of the forgotten sessions whose
+        decision the durable stable checkpoint (``stable``) holds, in one transaction.
+
+        A forgotten session is decided in this DC's ledger (NodeCore.forget_ended), and
+        this DC's ledger never shows it begun again, so its record has nothing left to
+        restore: after a restart the ledger alone says where the VM is (the reconciler
+        carries out a decided migration's VM step the session did not). But a restart
+        recovers the ledger from its stable checkpoint and replays the log above it, so
+        the record goes only once the checkpoint is at or above the height at which the
+        session was forgotten: no recovery can then show the migration begun and not
+        decided. Kept, every record was restored at each start and a node's table grew
+        by one row per migration it took part in, for good (``dwcp bench soak``: ~1,300
+        an hour per node). A crash between the forget and the delete leaves the record:
+        the next start restores it as ended and the node forgets it again. A delete that
+        fails (a full disk) is logged and tried again at the next sweep."""
+        keys = [key for height, key in self._records_to_drop if height <= stable]
+        if not keys:
+            return
+        try:
+            await trio.to_thread.run_sync(self.store.delete_many, keys)
+        except (StoreError, sqlite3.Error) as exc:
+            self.log.event("records_kept", count=len(keys), error=str(exc))
+            return
+        self._records_to_drop = [(h, k) for h, k in self._records_to_drop if h > stable]
+        self.records_dropped += len(keys)
 
     async def reconcile(self) -> None:
         """Bring this DC's VMs in line with the ledger (federation.node.reconcile): start

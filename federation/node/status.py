@@ -176,6 +176,9 @@ def status(node: Node, local: list[VmInfo] | None = None) -> dict[str, Any]:
         "migrations": migrations,
         "migrations_total": total,
         "restoring": core.restoring() if core is not None else [],
+        # the stop window's fixed part a migration from here reserves out of its
+        # downtime limit, from this node's recent measurements (stop_costs.StopHistory)
+        "stop_reserve": node.stop_history.summary(),
         "problems": peer_problems(node),
     }
 

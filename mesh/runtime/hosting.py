@@ -26,7 +26,8 @@ only the link that delivered. Actions of a group:
   (``store.put_many`` where the store has it), synced if any of them asks for
   it: on the event loop while the store's recent writes were quick (under
   ``INLINE_WRITE``, or under ``IDLE_INLINE_WRITE`` when no other task is ready
-  to run), else in a worker thread so a slow fsync never stalls the event
+  to run) and the group's values are small (``INLINE_WRITE_BYTES``), else in a
+  worker thread so a slow fsync never stalls the event
   loop. Such a write completes before any other action of the group is
   executed, so a synced ``Persist`` is durable before every ``Send`` that
   follows it, as ``Persist.sync`` promises (a group whose writes are all
@@ -44,6 +45,10 @@ only the link that delivered. Actions of a group:
   delivered as ``TimerFired(key)`` through the same loop, so a core sees one
   event at a time;
 * ``Notify`` -> a ``notify`` log line;
+* ``Offload`` -> its work runs in a worker thread (after the group's writes) while the
+  core goes on handling events; its outcome comes back through the inbox as an
+  ``Offloaded`` event. The cyclic garbage collector is paused while any such work runs
+  (:func:`_gc_paused`);
 * the host's own actions (``effects``) are barriers: the writes before one are
   durable and the actions before it executed before it runs.
 
@@ -52,11 +57,14 @@ only the link that delivered. Actions of a group:
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import heapq
 import itertools
 import math
+import threading
 import time
-from collections.abc import Awaitable, Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -68,6 +76,8 @@ from mesh.core import (
     Core,
     Event,
     Notify,
+    Offload,
+    Offloaded,
     Persist,
     Send,
     SetTimer,
@@ -82,6 +92,7 @@ __all__ = [
     "DRAIN_EVENTS",
     "INLINE_WRITE",
     "IDLE_INLINE_WRITE",
+    "INLINE_WRITE_BYTES",
 ]
 
 #: Events waiting for one core. When full, the link readers feeding it wait, so
@@ -109,6 +120,10 @@ INLINE_WRITE = 0.0005
 #: thread, 9.5-9.7 ms with this rule. Bounded so a congested disk (a fsync of
 #: tens of milliseconds) never stalls the loop's keepalives and SWIM acks.
 IDLE_INLINE_WRITE = 0.005
+#: ... and never a write of more than this many bytes, whatever the recent writes took:
+#: a state transfer's checkpoint (16 MB for 100,000 VMs) written on the loop after a
+#: run of quick PBFT writes held it for seconds under load.
+INLINE_WRITE_BYTES = 256 * 1024
 #: A write refused because the disk is full (:class:`StoreFull`) is made again after
 #: 0.25 s, doubling to at most 2 s between tries, until the disk has room.
 FULL_RETRY_S = (0.25, 2.0)
@@ -129,6 +144,44 @@ class _Invoke:
 def _loop_idle() -> bool:
     """No other task is ready to run (it would wait behind an inline write)."""
     return trio.lowlevel.current_statistics().tasks_runnable == 0
+
+
+_gc_lock = threading.Lock()
+#: [works running, whether the collector was enabled when the first of them began]
+_gc_pause = [0, False]
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while offloaded work runs (in any thread). Such
+    work builds large states of acyclic objects (a restored 100,000-VM ledger is about
+    1.5 million of them), so the collector's passes over the whole heap, each holding
+    the interpreter lock for 100-500 ms at that size, find nothing, and while the
+    worker holds the lock the event loop waits: a restore in a thread with the collector
+    on let the loop's thread wait up to 191-521 ms at a time, with it off 51-76 ms
+    (100,000 VMs, 2 cores under load). Reference counting frees what it always frees.
+
+    When the last such work ends, every object alive is moved out of the collector's
+    view (``gc.freeze``) before it is turned on again: the first allocations after it
+    otherwise ran a full collection over the new state on the event loop (0.57 s for a
+    100,000-VM ledger in process under load; in the node, 2.4 s in the step after the
+    install). The price: a reference cycle among objects alive at that moment that
+    later becomes garbage is not collected (acyclic objects, such as the replaced
+    ledger, are freed by reference counting as always); a node restores a ledger when
+    it fell a checkpoint behind, not in its steady state."""
+    with _gc_lock:
+        if _gc_pause[0] == 0:
+            _gc_pause[1] = gc.isenabled()
+            gc.disable()
+        _gc_pause[0] += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pause[0] -= 1
+            if _gc_pause[0] == 0 and _gc_pause[1]:
+                gc.freeze()
+                gc.enable()
 
 
 class CoreFailed(Exception):
@@ -186,6 +239,10 @@ class HostedCore:
         #: too (1-17 ms under load). The first write of each kind runs in a thread
         #: unless the loop is idle.
         self._write_cost = {True: INLINE_WRITE, False: INLINE_WRITE}
+        #: the core task's nursery: offloaded work (Offload) runs in its tasks
+        self._nursery: trio.Nursery | None = None
+        #: offloaded works started and ended, and the longest one's seconds
+        self.offloads = {"started": 0, "ended": 0, "longest_s": 0.0}
 
     async def deliver(self, event: Event) -> None:
         """Queue ``event`` for the core task (the peer table's PeerUp / PeerDown: it
@@ -317,6 +374,35 @@ class HostedCore:
         return self._heap[0][0] if self._heap else math.inf
 
     async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                await self._run()
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _offload(self, action: Offload) -> None:
+        """Run an Offload's work in a worker thread; its outcome to the core as an event.
+        A node that stops meanwhile abandons the thread (its result is not wanted)."""
+        def work() -> Any:
+            with _gc_paused():
+                return action.work()
+
+        began = time.perf_counter()
+        try:
+            done = Offloaded(action.key, await trio.to_thread.run_sync(
+                work, abandon_on_cancel=True))
+        except Exception as exc:  # the work's failure is the core's to judge
+            done = Offloaded(action.key, None, exc)
+        took = time.perf_counter() - began
+        self.offloads["ended"] += 1
+        self.offloads["longest_s"] = max(self.offloads["longest_s"], took)
+        self._log.event("offloaded", core=self.name, key=repr(action.key),
+                        took_s=round(took, 3),
+                        error=None if done.error is None else repr(done.error))
+        await self._enqueue([done])
+
+    async def _run(self) -> None:
         start = getattr(self.core, "start", None)
         async with self._turn:
             if callable(start):  # the optional start hook the simulator calls too
@@ -416,7 +502,7 @@ class HostedCore:
         for action in actions:
             if isinstance(action, Persist):
                 writes.append(action)
-            elif isinstance(action, (Send, SetTimer, CancelTimer, Notify)):
+            elif isinstance(action, _PLAIN):
                 deferred.append(action)
             else:
                 await self._flush(writes, deferred)
@@ -466,7 +552,8 @@ class HostedCore:
             return time.perf_counter() - start
 
         cost = self._write_cost[sync]
-        inline = cost < INLINE_WRITE or (cost < IDLE_INLINE_WRITE and _loop_idle())
+        small = sum(len(w.value) for w in writes) <= INLINE_WRITE_BYTES
+        inline = small and (cost < INLINE_WRITE or (cost < IDLE_INLINE_WRITE and _loop_idle()))
         wait = FULL_RETRY_S[0]
         while True:
             try:
@@ -480,7 +567,8 @@ class HostedCore:
                                 retry_s=wait)
                 await trio.sleep(wait)
                 wait = min(wait * 2, FULL_RETRY_S[1])
-        self._write_cost[sync] = cost + (took - cost) / 8
+        if small:  # (a large write's time says nothing of the next PBFT write's)
+            self._write_cost[sync] = cost + (took - cost) / 8
 
     def _execute(self, action: Action) -> None:
         if isinstance(action, Send):
@@ -493,6 +581,11 @@ class HostedCore:
             self._timers.pop(action.key, None)
         elif isinstance(action, Notify):
             self._log.event("notify", core=self.name, kind=action.kind, detail=action.detail)
+        elif isinstance(action, Offload):
+            if self._nursery is None:
+                raise CoreFailed(f"core {self.name!r} offloaded work before it started")
+            self.offloads["started"] += 1
+            self._nursery.start_soon(self._offload, action)
 
     def _execute_effect(self, action: object) -> None:
         if self._effects is not None and self._effects(action):
@@ -508,7 +601,7 @@ def _plain(actions: list[Action]) -> bool:
     return True
 
 
-_PLAIN = (Send, SetTimer, CancelTimer, Notify)
+_PLAIN = (Send, SetTimer, CancelTimer, Notify, Offload)
 
 
 class Routes:

@@ -165,6 +165,7 @@ class Runtime:
         rng: random.Random | None = None,
         fed_print: FederationPrint = NO_PRINT,
         framed: bool = True,
+        capabilities: Sequence[int] = (),
     ) -> None:
         names = [p.name for p in peers]
         if name in names or len(set(names)) != len(names):
@@ -181,8 +182,10 @@ class Runtime:
         #: whether this end offers frames of its own on the control links
         #: (:data:`mesh.versions.CONTROL_FRAMES`); a peer without them keeps the websocket
         self.framed = framed
-        self._offer = tuple(sorted(set(self.versions) | {transfer_versions.CONTROL_FRAMES})) \
-            if framed else self.versions
+        framing = {transfer_versions.CONTROL_FRAMES} if framed else set()
+        #: this end's whole offer on its control links: the transfer versions, and the
+        #: capabilities (mesh.versions) the links and the layers above them read
+        self._offer = tuple(sorted(set(self.versions) | framing | set(capabilities)))
         #: this DC's federation file, signed into every handshake (mesh.federation_print)
         self.fed_print = fed_print
         #: peers refused for presenting another key than the federation file's, or for
@@ -233,6 +236,11 @@ class Runtime:
         )
         self._routes.add(hosted.tags, hosted)
         self._cores[name] = hosted
+
+    def offloads(self) -> dict[str, dict[str, float]]:
+        """Per hosted core that offloaded work: works started, ended, the longest's seconds."""
+        return {name: dict(h.offloads) for name, h in self._cores.items()
+                if h.offloads["started"]}
 
     def add_handler(self, tags: Iterable[str], handler: Handler) -> None:
         """Call ``handler(peer, message)`` for every message with one of ``tags``."""

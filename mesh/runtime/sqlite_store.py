@@ -126,6 +126,29 @@ class SQLiteStore:
         with self._lock:
             self._db.execute("DELETE FROM kv WHERE key = ?", (key,))
 
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete every key of ``keys`` (absent ones are no error) in one transaction:
+        all or none. A full disk (the WAL could not grow) raises :class:`StoreFull` with
+        nothing deleted, so the same delete can be made again later."""
+        if not keys:
+            return
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany("DELETE FROM kv WHERE key = ?",
+                                         [(key,) for key in keys])
+                except BaseException:
+                    self._undo()
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._undo()
+                if _full(exc):
+                    raise StoreFull(f"{self.path}: deleting {len(keys)} records: {exc}") \
+                        from exc
+                raise
+
     def keys(self, prefix: str = "") -> list[str]:
         """Every key that starts with ``prefix``, in sorted order."""
         out: list[str] = []

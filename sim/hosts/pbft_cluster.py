@@ -30,6 +30,8 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+import attrs
+
 from consensus.ledger import (
     AbortMigration,
     AnnounceRoot,
@@ -75,7 +77,7 @@ def identity_for(name: str) -> Identity:
 _COUNTED = (
     "invalid_signatures", "malformed", "forged_prepared_certificates", "invalid_view_changes",
     "invalid_new_views", "equivocation_proofs", "view_changes_completed", "f_plus_one_joins",
-    "state_transfers", "stable_checkpoints",
+    "state_transfers", "stable_checkpoints", "restores_offloaded",
 )
 
 
@@ -97,6 +99,11 @@ class PbftCluster:
         self.world.decode_frames = bool(run.param("decode_frames", False))
         self.names = run.names()[: n or run.nodes]
         self.keys: dict[str, PublicKey] = {m: identity_for(m).public for m in self.names}
+        #: ``--param offload_restore=true``: state transfers' ledgers rebuilt off the
+        #: replicas' steps (as in the node), outcomes ``offload_delay`` seconds later
+        if run.param("offload_restore", False):
+            config = attrs.evolve(config, offload_restore=True)
+            self.world.offload_delay = float(run.param("offload_delay", 0.5))
         self.config = config
         #: DCs outside the fault bound's "correct" set: not checked, submit nothing
         self.byzantine: set[str] = set(byzantine)
