@@ -147,10 +147,10 @@ class _Guest:
 
 
 #: QEMU's settings every contender runs with, its best for a live guest and like DWCP's
-#: (docs/BENCHMARKS.md, "QEMU's contenders at their best setting"): ``auto-converge``
-#: (QEMU throttles the vCPUs when the dirty rate outruns the link, as DWCP's round
-#: policy does, federation.migration.precopy; QEMU's own throttle steps, 20 % then
-#: +10 % up to 99 %, are left at their defaults), and ``downtime-limit`` 300 ms, the
+#: (docs/BENCHMARKS.md, "QEMU's contenders: bounded, and at their best setting"):
+#: ``auto-converge`` (QEMU throttles the vCPUs when the dirty rate outruns the link, as
+#: DWCP's round policy does, federation.migration.precopy; QEMU's own throttle steps,
+#: 20 % then +10 % up to 99 %, are left at their defaults), and ``downtime-limit`` 300 ms, the
 #: limit DWCP's rounds aim at (federation.node.assembly's ``downtime_limit_ms``;
 #: QEMU 7.2's default too, set here so a changed default cannot move the baseline).
 QEMU_CAPABILITIES = ("events", "auto-converge")

@@ -18,8 +18,11 @@ import argparse
 import hashlib
 import os
 import signal
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 import trio
 
@@ -49,8 +52,9 @@ from federation.vms.qemu_backend import QemuBackend
 from federation.vms.sealed_image import is_sealed
 from federation.vms.sealing import SealKey
 from mesh import identity
+from mesh.runtime.log import JsonLog
 from mesh.runtime.node_runtime import ListenError
-from mesh.runtime.sqlite_store import StoreError
+from mesh.runtime.sqlite_store import SQLiteStore, StoreError, StoreFull
 
 #: Verified PBFT signatures a node process remembers (consensus.pbft.messages): its one
 #: replica's Verifier keeps a watermark window's for the re-checks in certificates; the
@@ -118,6 +122,15 @@ def run_node(args: argparse.Namespace,
         ) from None
     except NodeError as exc:
         raise CommandError(str(exc)) from None
+    log = JsonLog(args.name)
+    try:
+        store = open_store_waiting(data_dir / "node.sqlite3", log)
+    except StoreError as exc:
+        lock.release()
+        raise CommandError(str(exc)) from None
+    if store is None:  # a signal while it waited for room: nothing was started
+        lock.release()
+        return 0
     try:
         seal_key, made, budget = _at_rest(settings, key_path, data_dir)
         vms = (backend(data_dir) if backend is not None
@@ -129,7 +142,7 @@ def run_node(args: argparse.Namespace,
                     import_dirs=settings.import_dirs, lock=lock,
                     request_timeout=settings.request_timeout, at_rest_key=seal_key,
                     retained_max=budget, downtime_limit=limit,
-                    control_frames=settings.control_frames)
+                    control_frames=settings.control_frames, log=log, store=store)
         if made is not None:
             node.log.event("at_rest_key_made", path=str(made),
                            note="back it up with the identity key: the VM images here "
@@ -153,6 +166,47 @@ def run_node(args: argparse.Namespace,
     finally:
         node.close()
     return 0
+
+
+#: The waits between attempts to open the store on a full disk: doubling up to the last.
+STORE_WAITS = (0.5, 1.0, 2.0, 5.0)
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stopped(signal.Signals(signum).name)
+
+
+def open_store_waiting(path: Path, log: JsonLog,
+                       sleep: Callable[[float], None] = time.sleep) -> SQLiteStore | None:
+    """The node's store at ``path``; while its disk is full (:class:`StoreFull`: a node
+    restarted on a full disk cannot even create the store's shared-memory index), log
+    ``store_full`` and try again after :data:`STORE_WAITS`, so that the node comes up
+    once room is made instead of exiting; None if SIGTERM or SIGINT came meanwhile.
+    Any other store error is raised at once."""
+    old = {}
+    if threading.current_thread() is threading.main_thread():  # signals reach it alone
+        old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    attempt = 0
+    try:
+        while True:
+            try:
+                return SQLiteStore(path)
+            except StoreFull as exc:
+                wait = STORE_WAITS[min(attempt, len(STORE_WAITS) - 1)]
+                log.event("store_full", path=str(path), attempt=attempt, retry_s=wait,
+                          error=str(exc))
+                attempt += 1
+                sleep(wait)
+    except _Stopped as stop:
+        log.event("stopped", signal=str(stop), note="while waiting for room to open the store")
+        return None
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def node_backend(data_dir: Path, settings: NodeConfig, seal_key: SealKey | None = None,

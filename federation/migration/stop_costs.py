@@ -148,18 +148,21 @@ class StopHistory:
                 self.by_vm[scope] = last
 
     def record(self, vm: str, costs: StopCosts) -> None:
-        """Figures measured in a migration of ``vm`` (at either end)."""
-        if not vm:
-            raise ValueError("stop costs are recorded for a named VM")
+        """Figures measured in a migration of ``vm`` (at either end; a VM without a name,
+        which the ledger never admits, counts for the node only)."""
         costs = _checked(costs)
-        self.by_vm[vm] = self.by_vm.get(vm, StopCosts()).merged(costs)
+        if vm:
+            self.by_vm[vm] = self.by_vm.get(vm, StopCosts()).merged(costs)
         self.latest = self.latest.merged(costs)
         measured = {k: v for k, v in attrs.asdict(costs).items() if v is not None}
         if not measured:
             return
-        own = self.samples.pop(vm, {})
-        self.samples[vm] = own  # the VM measured last, kept longest
-        for scope in (own, self.samples.setdefault(NODE, {})):
+        scopes = [self.samples.setdefault(NODE, {})]
+        if vm:
+            own = self.samples.pop(vm, {})
+            self.samples[vm] = own  # the VM measured last, kept longest
+            scopes.append(own)
+        for scope in scopes:
             for k, v in measured.items():
                 scope.setdefault(k, []).append(v)
                 del scope[k][:-HISTORY]
@@ -212,8 +215,9 @@ class StopHistory:
 
 
 def encode_history(samples: Samples) -> bytes:
-    """The history as the node stores it (JSON: one object per scope)."""
-    return json.dumps(samples, sort_keys=True, separators=(",", ":")).encode()
+    """The history as the node stores it (JSON: one object per scope, in the order the
+    VMs were last measured, which decides the next one dropped)."""
+    return json.dumps(samples, separators=(",", ":")).encode()
 
 
 def decode_history(raw: bytes) -> Samples:

@@ -166,6 +166,28 @@ def link_Bps(table: LinkTable, me: str, dst: str) -> float | None:
     return None
 
 
+class _KeptIfItCan:
+    """The node's store for what only helps (the stop window's history): a write that
+    fails (a full disk, netns-chaos's fault) is logged, never raised into the core that
+    measured it; the figures stay in memory."""
+
+    def __init__(self, store: SQLiteStore, log: JsonLog) -> None:
+        self.store = store
+        self.log = log
+
+    def get(self, key: str) -> bytes | None:
+        return self.store.get(key)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return self.store.keys(prefix)
+
+    def put(self, key: str, value: bytes, sync: bool = True) -> None:
+        try:
+            self.store.put(key, value, sync)
+        except (StoreError, sqlite3.Error) as exc:
+            self.log.event("store_write_skipped", key=key, error=str(exc))
+
+
 class Node:
     def __init__(
         self,
@@ -185,6 +207,7 @@ class Node:
         retained_max: int | None = None,
         downtime_limit: float = DOWNTIME_LIMIT,
         control_frames: bool = True,
+        store: SQLiteStore | None = None,
     ) -> None:
         me = fed.dc(name)
         if ident.public != me.public_key:
@@ -208,7 +231,9 @@ class Node:
         # that reads the directory first, e.g. to make a VM backend, takes it itself)
         self.lock = lock if lock is not None else DataDirLock(data_dir)
         try:
-            self.store = SQLiteStore(data_dir / "node.sqlite3")
+            # ``store``: <data dir>/node.sqlite3 opened by the caller (``dwcp node`` waits
+            # for room to open it on a full disk: federation.cli.run_node)
+            self.store = store if store is not None else SQLiteStore(data_dir / "node.sqlite3")
         except BaseException:
             self.lock.release()
             raise
@@ -240,7 +265,7 @@ class Node:
         #: the fixed part of this node's stop windows, as its migrations measured it at
         #: either end (federation.migration.stop_costs): the round policy reserves it;
         #: kept in the node's store, so a restart does not fall back to the prior
-        self.stop_history = StopHistory(store=self.store)
+        self.stop_history = StopHistory(store=_KeptIfItCan(self.store, self.log))
         if self.stop_history.load_error:
             self.log.event("stop_history_unreadable", error=self.stop_history.load_error)
         self.no_ledger = ""

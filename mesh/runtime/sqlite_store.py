@@ -17,6 +17,7 @@ never stalls the event loop; one lock serialises the connection.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -40,21 +41,43 @@ def _full(exc: sqlite3.Error) -> bool:
             or "disk is full" in str(exc))
 
 
+#: Free space below which an I/O error at open is taken for a full disk: opening a WAL
+#: database creates its 32 KiB shared-memory index, whose allocation fails on a full
+#: file system as SQLITE_IOERR_SHMSIZE ("disk I/O error"), not SQLITE_FULL.
+ROOM_TO_OPEN = 1 << 20
+
+
+def _no_room(path: Path) -> bool:
+    try:
+        fs = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return fs.f_bavail * fs.f_frsize < ROOM_TO_OPEN
+
+
 class SQLiteStore:
     """Key/value records in one SQLite file (``<data dir>/node.sqlite3`` in a node)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        db = None
         try:
-            self._db = sqlite3.connect(
+            db = sqlite3.connect(
                 self.path, check_same_thread=False, isolation_level=None, timeout=5.0
             )
-            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute(_SCHEMA)
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute(_SCHEMA)
         except sqlite3.Error as exc:
+            if db is not None:
+                db.close()
+            if _full(exc) or (isinstance(exc, sqlite3.OperationalError) and _no_room(self.path)):
+                # nothing was changed: the same open succeeds once there is room
+                raise StoreFull(f"{self.path}: cannot open the store: the disk is full "
+                                f"({exc})") from exc
             raise StoreError(f"{self.path}: cannot open the store: {exc}") from exc
+        self._db = db
         if str(mode).lower() != "wal":
             raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
 
