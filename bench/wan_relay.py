@@ -30,6 +30,7 @@ import argparse
 import random
 import socket
 import struct
+from collections import deque
 
 import attrs
 import trio
@@ -44,6 +45,8 @@ CHUNK = 64 << 10
 #: How long a relay tries to reach an upstream before it resets the client: TCP's own
 #: SYN retries take ~2 min (tcp_syn_retries 6); a node's handshake gives up well before.
 CONNECT_S = 30.0
+#: How many pipes :attr:`Relay.pipes` keeps for inspection.
+PIPES_KEPT = 64
 
 
 class RouteError(ValueError):
@@ -172,8 +175,9 @@ class Relay:
         self.seed = seed
         self.limit = limit
         self.accepted: dict[tuple[str, int], int] = {r.listen: 0 for r in routes}
-        #: every pipe made so far (the tests read their peaks)
-        self.pipes: list[DelayPipe] = []
+        #: the last pipes made (the tests read their peaks); bounded: a relay lives as
+        #: long as its seed and its DC's nodes open connections again and again
+        self.pipes: deque[DelayPipe] = deque(maxlen=PIPES_KEPT)
 
     def _pipe(self, route: Route, k: int, direction: str) -> DelayPipe:
         rng = random.Random(f"{self.seed}:{route.listen[0]}:{route.listen[1]}:{k}:{direction}")

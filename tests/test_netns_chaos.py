@@ -23,7 +23,9 @@ from bench.netns_chaos import (
     still_migrating,
     undecided,
 )
-from bench.netns_wan import LATENCY_MS
+from bench.netns_wan import LATENCY_MS, view
+from federation.cli.keys import init_federation
+from tests.harness.processes import NodeProcesses
 
 _NETNS = netns_missing()
 _SEED_1_BEFORE_WAN = [("disk-full", "dc1"), ("kill9", "dc4"), ("link-down", "dc4"),
@@ -117,3 +119,21 @@ def test_smoke_one_wan_seed_through_delay_relays(tmp_path: Path) -> None:
     rtt = result["rtt_ms"]["dc1"]["dc4"]
     assert rtt is not None and rtt >= 2 * LATENCY_MS[("dc1", "dc4")], result["rtt_ms"]
     assert not (tmp_path / "seed-2").exists()
+
+
+def test_a_restarted_node_runs_its_view_again(tmp_path: Path) -> None:
+    """``--wan`` gives each node a view of the federation file (its peers behind its
+    relay); the faults' restarts (``nodes.start(dc)``) must start it with that view, not
+    the shared file, or the restarted DC would bypass its relay unnoticed."""
+    cfg = init_federation(tmp_path / "fed", 4)
+    seen = tmp_path / "argv"
+    record = ["sh", "-c", f'echo "$@" >> {seen}', "sh"]  # a prefix that only records
+    views = {"dc2": view(cfg, "dc2")}
+    nodes = NodeProcesses(cfg, tmp_path, prefixes={"dc1": record, "dc2": record},
+                          views=views)
+    for dc in ("dc2", "dc2", "dc1"):
+        nodes.start(dc)
+        nodes.procs[dc].wait()
+    lines = seen.read_text().splitlines()
+    assert [line.split("--config ")[1].split()[0] for line in lines] == \
+        [str(views["dc2"]), str(views["dc2"]), str(cfg)]

@@ -321,6 +321,8 @@ def test_round_1_reports_the_early_sample_while_its_copy_runs(
     sender._executor = None
     sender._news, sender._built = {}, {}
     sender._prepared, sender._next_prepared = 0, math.inf
+    sender._stream = None  # the round diffed (a warm target): no streaming of the copy
+    sender._choose_level = lambda sample: ("zstd", 1)  # chosen before the copy (round 1)
     reports: list[object] = []
     sender._report = reports.append
     wrote: list[int] = []
