@@ -104,6 +104,11 @@ def run_node(args: argparse.Namespace,
     except OSError as exc:
         raise CommandError(f"{key_path}: {exc.strerror}") from None
     settings = _node_config(args)
+    if threading.current_thread() is threading.main_thread():
+        # SIGUSR2 asks for a heap_report while the node serves; before the reporter
+        # listens (start-up) and after it stops (shutdown), its default action would end
+        # the process (the soak's periodic request killed a node stopping on SIGTERM)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     tune_heap()  # before the node's threads allocate (federation.node.heap)
     set_memo_capacity(SIGNATURE_MEMO)
     try:  # before the node is made, so that tracemalloc sees all it allocates
