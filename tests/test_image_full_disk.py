@@ -9,13 +9,14 @@ pytest."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.harness.tmpfs import mounted_tmpfs
 
 CHILD = r"""
 import errno, sys
@@ -47,18 +48,9 @@ sys.exit("the file system never filled")
 
 
 @pytest.fixture
-def small_tmpfs():  # type: ignore[no-untyped-def]
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    d = tempfile.mkdtemp()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", d],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        os.rmdir(d)
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    yield Path(d)
-    subprocess.run(["umount", d], check=False)
-    os.rmdir(d)
+def small_tmpfs() -> Iterator[Path]:
+    with mounted_tmpfs("256k") as d:
+        yield d
 
 
 @pytest.mark.parametrize("kind", ["create", "map_writable"])

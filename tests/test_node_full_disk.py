@@ -11,8 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,22 +19,14 @@ import pytest
 from mesh.runtime.sqlite_store import SQLiteStore, StoreError, StoreFull
 from tests.harness.node import make_federation
 from tests.harness.processes import NodeProcesses
+from tests.harness.tmpfs import mounted_tmpfs
 from tests.harness.waiting import poll_until
 
 
 @pytest.fixture
 def tmpfs() -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    d = tempfile.mkdtemp()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", d],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        os.rmdir(d)
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    yield Path(d)
-    subprocess.run(["umount", "-l", d], check=False)
-    os.rmdir(d)
+    with mounted_tmpfs("16m") as d:
+        yield d
 
 
 def fill(directory: Path) -> Path:

@@ -191,10 +191,12 @@ class _PushReply:
     peer: str
     failed: str | None
     verified: bool | None
+    #: the image's index once it is known (a streamed image's when its copy ended)
+    index: PageIndex | None
 
     def _root(self) -> bytes | None:
         """The root the image must have at the target (None: not offered yet)."""
-        raise NotImplementedError
+        return None if self.index is None else self.index.root
 
     def handle(self, now: float, event: Event) -> list[Notify]:
         if self.failed or self.verified is not None or not isinstance(event, Received):
@@ -262,9 +264,6 @@ class StreamSource(_PushReply):
         return [Send(self.peer, V3PushOffer(self.transfer, self.page_count, self.base,
                                             index.root, self.chunks, self.sent, b""))]
 
-    def _root(self) -> bytes | None:
-        return None if self.index is None else self.index.root
-
 
 class PushSource(_PushReply):
     """Pushes image ``image`` (0-based in its round), now indexed as ``index``, to ``peer``
@@ -277,7 +276,7 @@ class PushSource(_PushReply):
                  copies: bool = False) -> None:
         self.transfer = push_transfer(image)
         self.peer = peer
-        self.index = index
+        self.index: PageIndex = index
         self.base = base
         #: the round's changed pages (ascending); of them, those sent as data
         self.pages = list(pages)
@@ -293,9 +292,6 @@ class PushSource(_PushReply):
                             len(plans), len(self.data), self.copies)
         return [Send(self.peer, offer),
                 *(EncodeChunk(self.transfer, plan, self.base) for plan in plans)]
-
-    def _root(self) -> bytes | None:
-        return self.index.root
 
 
 PushAction = Send | RecomputeRoot | Notify

@@ -118,28 +118,33 @@ class SQLiteStore:
             if not sync:
                 self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    self._db.executemany(
-                        "INSERT INTO kv (key, value) VALUES (?, ?) "
-                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                        [(key, bytes(value)) for key, value in items],
-                    )
-                except BaseException:
-                    self._undo()  # SQLITE_FULL rolls it back itself: ROLLBACK would fail
-                    raise
-                self._db.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
-                # a COMMIT that failed (SQLITE_FULL: the WAL could not grow) may leave the
-                # transaction open: rolled back here, so the same write can be made again
-                self._undo()
-                if _full(exc):
-                    raise StoreFull(f"{self.path}: writing {len(items)} records: {exc}") \
-                        from exc
-                raise
+                self._transaction(
+                    "INSERT INTO kv (key, value) VALUES (?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    [(key, bytes(value)) for key, value in items],
+                    f"writing {len(items)} records")
             finally:
                 if not sync:
                     self._db.execute("PRAGMA synchronous=FULL")
+
+    def _transaction(self, sql: str, rows: list[tuple[object, ...]], what: str) -> None:
+        """``sql`` for every row of ``rows`` in one transaction (the lock held): all or
+        none; a full disk raises :class:`StoreFull` with nothing of it kept."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(sql, rows)
+            except BaseException:
+                self._undo()  # SQLITE_FULL rolls it back itself: ROLLBACK would fail
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            # a COMMIT that failed (SQLITE_FULL: the WAL could not grow) may leave the
+            # transaction open: rolled back here, so the same change can be made again
+            self._undo()
+            if _full(exc):
+                raise StoreFull(f"{self.path}: {what}: {exc}") from exc
+            raise
 
     def _undo(self) -> None:
         if self._db.in_transaction:
@@ -156,21 +161,8 @@ class SQLiteStore:
         if not keys:
             return
         with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    self._db.executemany("DELETE FROM kv WHERE key = ?",
-                                         [(key,) for key in keys])
-                except BaseException:
-                    self._undo()
-                    raise
-                self._db.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
-                self._undo()
-                if _full(exc):
-                    raise StoreFull(f"{self.path}: deleting {len(keys)} records: {exc}") \
-                        from exc
-                raise
+            self._transaction("DELETE FROM kv WHERE key = ?", [(key,) for key in keys],
+                              f"deleting {len(keys)} records")
 
     def keys(self, prefix: str = "") -> list[str]:
         """Every key that starts with ``prefix``, in sorted order."""
